@@ -1,0 +1,202 @@
+"""Training and test inputs as index-aware batches.
+
+Accepted forms (indices always refer to positions in the given data):
+
+* a pair of tensors ``(X, y)`` with a shared first dimension;
+* a ``torch.utils.data.Dataset`` whose items are ``(x, y)`` pairs;
+* a ``Dataset`` (or list) of dicts, Hugging Face style: the ``labels`` key holds the target and
+  the other keys are passed to the model as keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate
+
+from infkit.errors import InvalidInputError, NonFiniteError
+
+LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+
+
+@dataclass
+class Batch:
+    """A batch of examples: ``inputs`` (a tensor or a dict of tensors) and ``targets``."""
+
+    indices: Tensor
+    inputs: Any
+    targets: Any
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _map_tensors(obj: Any, fn) -> Any:
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _leaves(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _leaves(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _leaves(v)]
+    return []
+
+
+def map_tensors(obj: Any, fn) -> Any:
+    """Apply ``fn`` to every tensor in a nested structure of dicts, lists and tuples."""
+    return _map_tensors(obj, fn)
+
+
+class ExampleSet:
+    """A finite, indexable collection of (inputs, targets) examples."""
+
+    def __init__(self, data: Any, *, name: str = "data") -> None:
+        self.name = name
+        self._tensors: tuple[Any, Any] | None = None
+        self._dataset: Any = None
+        if isinstance(data, ExampleSet):
+            self._tensors, self._dataset, self.name = data._tensors, data._dataset, data.name
+        elif (
+            isinstance(data, (tuple, list))
+            and len(data) == 2
+            and isinstance(data[0], (Tensor, dict))
+        ):
+            x, y = data
+            self._tensors = (x, y)
+            sizes = {t.shape[0] for t in _leaves(x) + _leaves(y)}
+            if len(sizes) > 1:
+                raise InvalidInputError(
+                    f"{name}: the tensors of an (X, y) pair must share their first dimension, "
+                    f"got sizes {sorted(sizes)}"
+                )
+            if not sizes:
+                raise InvalidInputError(f"{name}: an (X, y) pair must contain tensors")
+        elif isinstance(data, (Dataset, Sequence)) and hasattr(data, "__getitem__"):
+            self._dataset = data
+        else:
+            raise InvalidInputError(
+                f"{name}: expected a pair of tensors (X, y), a Dataset of (x, y) pairs or a "
+                f"Dataset of dicts; got {type(data).__name__}"
+            )
+        if len(self) == 0:
+            raise InvalidInputError(f"{name} is empty: at least one example is needed")
+
+    def __len__(self) -> int:
+        if self._tensors is not None:
+            return _leaves(self._tensors[0])[0].shape[0]
+        return len(self._dataset)
+
+    def _item_pair(self, item: Any) -> tuple[Any, Any]:
+        if isinstance(item, dict):
+            for key in LABEL_KEYS:
+                if key in item:
+                    return {k: v for k, v in item.items() if k != key}, item[key]
+            return item, None
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            return item[0], item[1]
+        raise InvalidInputError(
+            f"{self.name}: each item must be an (x, y) pair or a dict with a 'labels' key; "
+            f"got {type(item).__name__}"
+        )
+
+    def take(self, indices: Tensor | Sequence[int]) -> Batch:
+        """The examples at ``indices``, collated into one batch."""
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if self._tensors is not None:
+            x, y = self._tensors
+            return Batch(idx, _map_tensors(x, lambda t: t[idx]), _map_tensors(y, lambda t: t[idx]))
+        pairs = [self._item_pair(self._dataset[int(i)]) for i in idx]
+        inputs = default_collate([p[0] for p in pairs])
+        targets = None if pairs[0][1] is None else default_collate([p[1] for p in pairs])
+        return Batch(idx, inputs, targets)
+
+    def batches(
+        self, batch_size: int, indices: Tensor | Sequence[int] | None = None
+    ) -> Iterator[Batch]:
+        """Batches in order over ``indices`` (default: all examples)."""
+        idx = torch.arange(len(self)) if indices is None else torch.as_tensor(indices).reshape(-1)
+        for start in range(0, len(idx), batch_size):
+            yield self.take(idx[start : start + batch_size])
+
+    def subset(self, indices: Tensor | Sequence[int]) -> ExampleSet:
+        """A new ExampleSet of the examples at ``indices`` (positions are renumbered from 0)."""
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if self._tensors is not None:
+            b = self.take(idx)
+            return ExampleSet((b.inputs, b.targets), name=self.name)
+        return ExampleSet(torch.utils.data.Subset(self._dataset, idx.tolist()), name=self.name)
+
+    def example_shape(self) -> Any:
+        """Per-example shapes of the inputs (a torch.Size or a dict of them), from example 0."""
+        first = self.take([0]).inputs
+        return _map_tensors(first, lambda t: tuple(t.shape[1:]))
+
+    def check_finite(self, batch_size: int = 1024) -> None:
+        """Raise NonFiniteError naming the first example with NaN or Inf in a float input."""
+        for b in self.batches(batch_size):
+            for t in _leaves(b.inputs) + _leaves(b.targets):
+                if t.is_floating_point() or t.is_complex():
+                    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+                    if bad.any():
+                        i = int(b.indices[bad.nonzero()[0, 0]])
+                        kind = "NaN" if torch.isnan(t[bad][0]).any() else "Inf"
+                        raise NonFiniteError(
+                            f"{self.name} example {i} contains {kind} in its inputs or targets; "
+                            "remove or repair it before computing influence"
+                        )
+
+
+def _signature(examples: ExampleSet) -> Any:
+    first = examples.take([0]).inputs
+    return _map_tensors(first, lambda t: (tuple(t.shape[1:]), t.is_floating_point()))
+
+
+def _shapes_match(ref: tuple, got: tuple) -> bool:
+    (ref_shape, ref_float), (got_shape, _) = ref, got
+    if len(ref_shape) != len(got_shape):
+        return False
+    # Integer inputs (token ids) may differ in sequence length (dim 0 of an example).
+    comparable = ref_shape if ref_float else ref_shape[1:]
+    return comparable == (got_shape if ref_float else got_shape[1:])
+
+
+def check_compatible(reference: ExampleSet, other: ExampleSet) -> None:
+    """Raise InvalidInputError when ``other``'s per-example inputs differ from ``reference``'s."""
+    ref, got = _signature(reference), _signature(other)
+    if isinstance(ref, tuple) and isinstance(got, tuple):
+        if not _shapes_match(ref, got):
+            shape = ", ".join(map(str, ref[0]))
+            raise InvalidInputError(
+                f"{other.name} inputs have per-example shape {got[0]}, but {reference.name} "
+                f"inputs have per-example shape {ref[0]}; pass a batch shaped [n, {shape}]"
+            )
+    elif isinstance(ref, dict) and isinstance(got, dict):
+        if set(ref) != set(got):
+            raise InvalidInputError(
+                f"{other.name} inputs have keys {sorted(got)}, but {reference.name} inputs have "
+                f"keys {sorted(ref)}"
+            )
+        for key in ref:
+            if isinstance(ref[key], tuple) and not _shapes_match(ref[key], got[key]):
+                raise InvalidInputError(
+                    f"{other.name} input {key!r} has per-example shape {got[key][0]}, but "
+                    f"{reference.name} has {ref[key][0]}"
+                )
+    elif type(ref) is not type(got):
+        raise InvalidInputError(
+            f"{other.name} inputs are of a different kind ({type(got).__name__}) than "
+            f"{reference.name} inputs ({type(ref).__name__})"
+        )

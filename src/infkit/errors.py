@@ -1,0 +1,36 @@
+"""Exceptions that say what went wrong and what to do about it.
+
+Every error raised on bad input derives from ``ValueError`` (or ``MemoryError`` for a problem
+that is too large), so callers can catch the broad class while tests and users can match the
+precise one.
+"""
+
+from __future__ import annotations
+
+
+class InfkitError(Exception):
+    """Base class of all infkit errors."""
+
+
+class InvalidInputError(InfkitError, ValueError):
+    """Training or test data that cannot be used as given (empty, wrong shape, wrong type)."""
+
+
+class NonFiniteError(InvalidInputError):
+    """NaN or Inf in an input, an output, a loss or a gradient; the message names the example."""
+
+
+class UnsupportedError(InfkitError, ValueError):
+    """A method, estimator, option or combination that infkit does not compute."""
+
+
+class CurvatureError(InfkitError, ValueError):
+    """A curvature that cannot be inverted as asked: singular, indefinite, or nearly so."""
+
+
+class ProblemTooLargeError(InfkitError, MemoryError):
+    """A problem whose dense objects would not fit in the memory limit."""
+
+
+class NotFittedError(InfkitError, RuntimeError):
+    """A question asked of an ``Influence`` before ``fit``."""

@@ -1,0 +1,111 @@
+"""The trainable parameters theta of a model as one flat vector of length P.
+
+Only parameters with ``requires_grad=True`` are parameters; frozen parameters and buffers are
+constants. The flat order is ``model.parameters()`` order, which is the order of every ``[P]``
+tensor infkit returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+class ParameterSpace:
+    """Maps between a model's trainable parameters and flat vectors in R^P."""
+
+    def __init__(self, model: nn.Module) -> None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(
+                "the model has no trainable parameters (every parameter has requires_grad=False); "
+                "mark the parameters to attribute with requires_grad=True"
+            )
+        self.model = model
+        self.names: list[str] = [n for n, _ in named]
+        self.shapes: list[torch.Size] = [p.shape for _, p in named]
+        self.numels: list[int] = [p.numel() for _, p in named]
+        self.offsets: list[int] = [0]
+        for k in self.numels:
+            self.offsets.append(self.offsets[-1] + k)
+        self.size: int = self.offsets[-1]
+        dtypes = {p.dtype for _, p in named}
+        if len(dtypes) != 1:
+            raise ValueError(
+                f"trainable parameters have mixed dtypes {sorted(map(str, dtypes))}; "
+                "cast the model to one dtype (e.g. model.double())"
+            )
+        self.dtype: torch.dtype = named[0][1].dtype
+        self.device: torch.device = named[0][1].device
+
+    def params(self) -> dict[str, Tensor]:
+        """Detached current values of the trainable parameters, by name."""
+        current = dict(self.model.named_parameters())
+        return {n: current[n].detach() for n in self.names}
+
+    def constants(self) -> dict[str, Tensor]:
+        """Frozen parameters and buffers: everything functional_call needs besides theta."""
+        consts = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}
+        consts.update(dict(self.model.named_buffers()))
+        return consts
+
+    def flat(self) -> Tensor:
+        """theta as a flat vector [P]."""
+        return torch.cat([t.reshape(-1) for t in self.params().values()])
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """A flat vector [P] as a dict of parameter-shaped views."""
+        if vector.shape[-1] != self.size:
+            raise ValueError(
+                f"expected a vector of length P={self.size}, got {tuple(vector.shape)}"
+            )
+        lead = vector.shape[:-1]
+        return {
+            n: vector[..., a:b].reshape(*lead, *s)
+            for n, s, a, b in zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:])
+        }
+
+    def flatten(self, tensors: Mapping[str, Tensor], batch_dims: int = 0) -> Tensor:
+        """Parameter-shaped tensors (with ``batch_dims`` leading dims) as [..., P]."""
+        parts = []
+        for n in self.names:
+            t = tensors[n]
+            lead = t.shape[:batch_dims]
+            parts.append(t.reshape(*lead, -1))
+        return torch.cat(parts, dim=-1)
+
+    def module_slices(self) -> dict[str, slice]:
+        """Slices of the flat vector belonging to each parameter name."""
+        return {n: slice(a, b) for n, a, b in zip(self.names, self.offsets[:-1], self.offsets[1:])}
+
+    @torch.no_grad()
+    def add_(self, delta: Tensor) -> None:
+        """theta <- theta + delta, in place on the model."""
+        current = dict(self.model.named_parameters())
+        for n, v in self.unflatten(delta.to(self.dtype)).items():
+            current[n].add_(v)
+
+    @torch.no_grad()
+    def assign_(self, vector: Tensor) -> None:
+        """theta <- vector, in place on the model."""
+        current = dict(self.model.named_parameters())
+        for n, v in self.unflatten(vector.to(self.dtype)).items():
+            current[n].copy_(v)
+
+    def bytes_per_float(self) -> int:
+        return torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 8
+
+    def __repr__(self) -> str:
+        return f"ParameterSpace(P={self.size}, tensors={len(self.names)}, dtype={self.dtype})"
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    if n <= 0:
+        return "0 B"
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    k = min(int(math.log(n, 1024)), len(units) - 1)
+    return f"{n / 1024**k:.1f} {units[k]}"

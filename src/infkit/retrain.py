@@ -1,0 +1,248 @@
+"""Ground truth by actual retraining: leave-one-out, group removal and random subsets (LDS).
+
+Removing a set F means retraining on ``mean_{i not in F} l_i + (l2/2)||theta||^2`` (the core
+convention) to a tight optimum, with full-batch L-BFGS warm-started from the trained parameters.
+The model passed in is never modified: retraining happens on a copy.
+
+Long runs can be resumed: with ``cache_dir``, each retrained result is written atomically as one
+safetensors file named by the removed set, and found again on the next call.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from infkit.data import ExampleSet
+from infkit.errors import InvalidInputError
+from infkit.gradients import PerExample
+from infkit.parameters import ParameterSpace
+from infkit.store import load_tensors, save_tensors
+from infkit.task import Task
+from infkit.training import train_to_optimum
+
+
+@dataclass
+class Retrained:
+    """A model retrained without ``removed``.
+
+    Attributes:
+        theta: retrained flat parameters [P]; ``delta``: theta - theta* [P].
+        gradient_norm: ||grad L_R|| at the end (how tight the optimum is).
+    """
+
+    task: Task
+    removed: Tensor
+    theta: Tensor
+    delta: Tensor
+    gradient_norm: float
+    iterations: int
+
+    def model(self) -> torch.nn.Module:
+        clone = copy.deepcopy(self.task.model)
+        ParameterSpace(clone).assign_(self.theta)
+        return clone
+
+    def _evaluate(self, data: Any, which: str) -> Tensor:
+        model = self.model()
+        task = Task(model, self.task.loss, self.task.measurement, output_fn=self.task.output_fn)
+        engine = PerExample(task, ParameterSpace(model))
+        examples = ExampleSet(data, name="data")
+        fn = {"outputs": engine.outputs, "loss": engine.losses, "measurement": engine.measurements}[
+            which
+        ]
+        parts = [fn(b) for b in examples.batches(1024)]
+        return torch.cat([p.reshape(p.shape[0], -1) if which == "outputs" else p for p in parts])
+
+    def outputs(self, data: Any) -> Tensor:
+        """Outputs of the retrained model, [n, C]."""
+        return self._evaluate(data, "outputs")
+
+    def losses(self, data: Any) -> Tensor:
+        """Per-example losses of the retrained model, [n]."""
+        return self._evaluate(data, "loss")
+
+    def measurements(self, data: Any) -> Tensor:
+        """Task measurements of the retrained model, [n]."""
+        return self._evaluate(data, "measurement")
+
+
+def _key(removed: Tensor, l2: float, tolerance: float, n: int) -> str:
+    h = hashlib.sha1(removed.numpy().tobytes())
+    h.update(f"{l2!r}|{tolerance!r}|{n}".encode())
+    return h.hexdigest()[:20]
+
+
+def without(
+    task: Task,
+    train: Any,
+    indices: Sequence[int] | Tensor,
+    l2: float,
+    *,
+    tolerance: float = 1e-10,
+    max_iter: int = 2000,
+    cache_dir: str | Path | None = None,
+) -> Retrained:
+    """Retrain without the training examples ``indices`` (warm start from the trained model)."""
+    examples = ExampleSet(train, name="training set")
+    n = len(examples)
+    removed = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    if bool(((removed < 0) | (removed >= n)).any()):
+        raise InvalidInputError(f"removed indices must lie in [0, {n})")
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[removed] = False
+    if not bool(keep.any()):
+        raise InvalidInputError("cannot retrain without every training example")
+    theta0 = ParameterSpace(task.model).flat().clone()
+    path = None
+    if cache_dir is not None:
+        path = (
+            Path(cache_dir) / f"retrain-{_key(removed.sort().values, l2, tolerance, n)}.safetensors"
+        )
+        if path.exists():
+            saved = load_tensors(path)
+            return Retrained(
+                task,
+                removed,
+                saved["theta"],
+                saved["theta"] - theta0,
+                float(saved["gradient_norm"]),
+                int(saved["iterations"]),
+            )
+    clone = copy.deepcopy(task.model)
+    clone_task = Task(clone, task.loss, task.measurement, output_fn=task.output_fn)
+    result = train_to_optimum(
+        clone_task,
+        examples,
+        l2,
+        indices=keep.nonzero().squeeze(1),
+        max_iter=max_iter,
+        tolerance=tolerance,
+    )
+    out = Retrained(
+        task, removed, result.theta, result.theta - theta0, result.gradient_norm, result.iterations
+    )
+    if path is not None:
+        save_tensors(
+            path,
+            {
+                "theta": result.theta,
+                "gradient_norm": torch.tensor(result.gradient_norm),
+                "iterations": torch.tensor(result.iterations),
+            },
+        )
+    return out
+
+
+@dataclass
+class LeaveOneOut:
+    """Actual leave-one-out changes for a list of training indices.
+
+    Attributes:
+        indices: [k] the training examples removed one at a time.
+        params: [k, P] actual Delta theta for each.
+        measurement: [n_test, k] actual change of each test measurement (``scores``' layout).
+        loss: [n_test, k] actual change of each test loss.
+        gradient_norms: [k] ||grad L_R|| at each retrained optimum.
+    """
+
+    indices: Tensor
+    params: Tensor
+    measurement: Tensor
+    loss: Tensor
+    gradient_norms: Tensor
+
+
+def leave_one_out(
+    task: Task,
+    train: Any,
+    test: Any,
+    indices: Sequence[int] | Tensor,
+    l2: float,
+    *,
+    tolerance: float = 1e-10,
+    max_iter: int = 2000,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> LeaveOneOut:
+    """Retrain once per index without that example; measure parameter and test changes."""
+    idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    base = Retrained(task, idx[:0], ParameterSpace(task.model).flat(), torch.zeros(0), 0.0, 0)
+    base_meas, base_loss = base.measurements(test), base.losses(test)
+    params, meas, loss, norms = [], [], [], []
+    for j in tqdm(idx.tolist(), desc="leave-one-out", disable=not progress):
+        r = without(
+            task, train, [j], l2, tolerance=tolerance, max_iter=max_iter, cache_dir=cache_dir
+        )
+        params.append(r.delta)
+        meas.append(r.measurements(test) - base_meas)
+        loss.append(r.losses(test) - base_loss)
+        norms.append(r.gradient_norm)
+    return LeaveOneOut(
+        idx,
+        torch.stack(params),
+        torch.stack(meas, 1),
+        torch.stack(loss, 1),
+        torch.tensor(norms, dtype=torch.float64),
+    )
+
+
+@dataclass
+class SubsetRetraining:
+    """Models retrained on random subsets: the ground truth of the LDS (methods.md §6.6).
+
+    Attributes:
+        masks: [m, N] bool, True where the example was kept.
+        measurements: [m, n_test] test measurements of each retrained model.
+    """
+
+    masks: Tensor
+    measurements: Tensor
+
+
+def random_masks(n: int, n_subsets: int, alpha: float, seed: int = 0) -> Tensor:
+    """``n_subsets`` random subsets of size floor(alpha * n), as a bool mask [m, n]."""
+    if not 0 < alpha < 1:
+        raise InvalidInputError(f"alpha must lie in (0, 1), got {alpha}")
+    gen = torch.Generator().manual_seed(seed)
+    size = int(alpha * n)
+    masks = torch.zeros(n_subsets, n, dtype=torch.bool)
+    for k in range(n_subsets):
+        masks[k, torch.randperm(n, generator=gen)[:size]] = True
+    return masks
+
+
+def subsets(
+    task: Task,
+    train: Any,
+    test: Any,
+    l2: float,
+    *,
+    n_subsets: int = 50,
+    alpha: float = 0.5,
+    seed: int = 0,
+    masks: Tensor | None = None,
+    tolerance: float = 1e-10,
+    max_iter: int = 2000,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> SubsetRetraining:
+    """Retrain on random subsets (warm-started) and record each model's test measurements."""
+    n = len(ExampleSet(train, name="training set"))
+    masks = random_masks(n, n_subsets, alpha, seed) if masks is None else masks.bool()
+    rows = []
+    for mask in tqdm(masks, desc="subsets", disable=not progress):
+        removed = (~mask).nonzero().squeeze(1)
+        r = without(
+            task, train, removed, l2, tolerance=tolerance, max_iter=max_iter, cache_dir=cache_dir
+        )
+        rows.append(r.measurements(test))
+    return SubsetRetraining(masks, torch.stack(rows))

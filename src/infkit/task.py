@@ -1,0 +1,239 @@
+"""What the model computes and what is measured.
+
+A :class:`Task` bundles a model with
+
+* ``loss(outputs, targets) -> [B]``: the per-example training loss l_i; the model was trained on
+  ``mean_i l_i + (l2/2) * ||theta||^2`` (the ``l2`` lives on :class:`infkit.Influence`);
+* ``measurement(outputs, targets) -> [B]``: the test quantity m whose change is predicted
+  (default: the loss);
+* optionally ``output_hessian(outputs, targets) -> [B, C, C]``: Lambda_i, the Hessian of the loss
+  with respect to the flattened outputs (computed by autodiff when not given).
+
+Outputs are whatever the model returns (a tensor, a tuple whose first item is the output, or an
+object with ``.logits`` as Hugging Face models return); C is the number of output entries per
+example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from infkit.errors import InvalidInputError, UnsupportedError
+
+PerExampleFn = Callable[[Tensor, Any], Tensor]
+
+
+def default_output_fn(raw: Any) -> Tensor:
+    """The output tensor of a model call: itself, ``.logits``, or the first item of a tuple."""
+    if isinstance(raw, Tensor):
+        return raw
+    logits = getattr(raw, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], Tensor):
+        return raw[0]
+    raise InvalidInputError(
+        f"cannot find the output tensor in a model output of type {type(raw).__name__}; "
+        "pass Task(..., output_fn=lambda out: out.<field>)"
+    )
+
+
+def _cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(outputs, targets.long(), reduction="none")
+
+
+def _softmax_hessian(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Lambda_i = diag(p_i) - p_i p_i^T for softmax cross-entropy."""
+    p = torch.softmax(outputs, dim=-1)
+    return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+
+
+def classification_margin(outputs: Tensor, targets: Tensor) -> Tensor:
+    """logit_y - logsumexp_{c != y} logit_c = log(p_y / (1 - p_y)) (higher is better)."""
+    y = targets.long()
+    correct = outputs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    others = outputs.scatter(-1, y.unsqueeze(-1), float("-inf"))
+    return correct - torch.logsumexp(others, dim=-1)
+
+
+def _binary_logits(outputs: Tensor) -> Tensor:
+    if outputs.dim() == 2 and outputs.shape[1] == 1:
+        return outputs[:, 0]
+    if outputs.dim() == 1:
+        return outputs
+    raise InvalidInputError(
+        f"binary classification expects one logit per example (shape [B] or [B, 1]); got "
+        f"{tuple(outputs.shape)}; for several classes use Task.classification"
+    )
+
+
+def _binary_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    z = _binary_logits(outputs)
+    return F.binary_cross_entropy_with_logits(
+        z, targets.to(z.dtype).reshape(z.shape), reduction="none"
+    )
+
+
+def _binary_margin(outputs: Tensor, targets: Tensor) -> Tensor:
+    z = _binary_logits(outputs)
+    return (2 * targets.to(z.dtype).reshape(z.shape) - 1) * z
+
+
+def _binary_hessian(outputs: Tensor, targets: Tensor) -> Tensor:
+    p = torch.sigmoid(outputs.reshape(outputs.shape[0], -1))
+    return torch.diag_embed(p * (1 - p))
+
+
+def _squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
+    y = targets.to(outputs.dtype).reshape(outputs.shape)
+    return 0.5 * (outputs - y).reshape(outputs.shape[0], -1).pow(2).sum(dim=1)
+
+
+def _identity_hessian(outputs: Tensor, targets: Tensor) -> Tensor:
+    b = outputs.shape[0]
+    c = outputs[0].numel()
+    return torch.eye(c, dtype=outputs.dtype, device=outputs.device).expand(b, c, c)
+
+
+class Task:
+    """A model, its per-example training loss, and the measured test quantity.
+
+    Args:
+        model: the trained model; its trainable parameters (``requires_grad=True``) are theta.
+        loss: ``fn(outputs [B, ...], targets) -> [B]``, the per-example training loss l_i.
+        measurement: ``fn(outputs, targets) -> [B]``, the quantity m whose change scores predict
+            (default: ``loss``).
+        output_hessian: ``fn(outputs, targets) -> [B, C, C]``, Lambda_i = d^2 l_i / d f^2 over
+            the flattened outputs; computed by autodiff when omitted.
+        output_fn: extracts the output tensor from what ``model(...)`` returns.
+        higher_is_better: whether a larger measurement is a better prediction (a margin); it
+            only decides which examples ``top_k`` calls proponents.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: PerExampleFn,
+        measurement: PerExampleFn | None = None,
+        *,
+        output_hessian: PerExampleFn | None = None,
+        output_fn: Callable[[Any], Tensor] = default_output_fn,
+        higher_is_better: bool = False,
+        name: str = "custom",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss):
+            raise InvalidInputError("loss must be a callable fn(outputs, targets) -> [B]")
+        self.model = model
+        self.loss = loss
+        self.measurement = measurement if measurement is not None else loss
+        self.output_hessian = output_hessian
+        self.output_fn = output_fn
+        self.higher_is_better = higher_is_better
+        self.measures_loss = measurement is None
+        self.name = name
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def classification(cls, model: nn.Module, measurement: str | PerExampleFn = "loss") -> Task:
+        """Softmax cross-entropy on logits [B, C]; measurement ``"loss"`` or ``"margin"``."""
+        meas, higher = _pick_measurement(measurement, classification_margin)
+        return cls(
+            model,
+            _cross_entropy,
+            meas,
+            output_hessian=_softmax_hessian,
+            higher_is_better=higher,
+            name="classification",
+        )
+
+    @classmethod
+    def binary_classification(
+        cls, model: nn.Module, measurement: str | PerExampleFn = "loss"
+    ) -> Task:
+        """Sigmoid cross-entropy on one logit per example, targets in {0, 1}."""
+        meas, higher = _pick_measurement(measurement, _binary_margin)
+        return cls(
+            model,
+            _binary_cross_entropy,
+            meas,
+            output_hessian=_binary_hessian,
+            higher_is_better=higher,
+            name="binary_classification",
+        )
+
+    @classmethod
+    def regression(cls, model: nn.Module) -> Task:
+        """Per-example loss 0.5 * ||f(x) - y||^2 (Lambda_i = I)."""
+        return cls(model, _squared_error, output_hessian=_identity_hessian, name="regression")
+
+    # ----------------------------------------------------------------- evaluation
+    def call_model(self, model_or_fn: Callable[..., Any], inputs: Any) -> Tensor:
+        """Outputs [B, ...] for a batch of inputs (a tensor, or a dict of keyword tensors)."""
+        raw = model_or_fn(**inputs) if isinstance(inputs, dict) else model_or_fn(inputs)
+        return self.output_fn(raw)
+
+    def checked_loss(self, outputs: Tensor, targets: Any) -> Tensor:
+        return _checked(self.loss, "loss", outputs, targets)
+
+    def checked_measurement(self, outputs: Tensor, targets: Any) -> Tensor:
+        return _checked(self.measurement, "measurement", outputs, targets)
+
+    def lambda_blocks(self, outputs: Tensor, targets: Any) -> Tensor:
+        """Lambda_i for each example of the batch: [B, C, C] (C = flattened output size)."""
+        b = outputs.shape[0]
+        if self.output_hessian is not None:
+            lam = self.output_hessian(outputs, targets)
+        else:
+            shape = outputs.shape[1:]
+
+            def single(f: Tensor, y: Any) -> Tensor:
+                return self.loss(f.reshape(1, *shape), _unsqueeze(y))[0]
+
+            flat = outputs.reshape(b, -1)
+            lam = torch.func.vmap(torch.func.hessian(single))(flat, targets)
+        c = outputs[0].numel()
+        return lam.reshape(b, c, c)
+
+    def __repr__(self) -> str:
+        return f"Task({self.name}, model={type(self.model).__name__})"
+
+
+def _unsqueeze(y: Any) -> Any:
+    if isinstance(y, Tensor):
+        return y.unsqueeze(0)
+    if isinstance(y, dict):
+        return {k: _unsqueeze(v) for k, v in y.items()}
+    return y
+
+
+def _pick_measurement(
+    measurement: str | PerExampleFn, margin: PerExampleFn
+) -> tuple[PerExampleFn | None, bool]:
+    if callable(measurement):
+        return measurement, False
+    if measurement == "loss":
+        return None, False
+    if measurement == "margin":
+        return margin, True
+    raise UnsupportedError(
+        f"unknown measurement {measurement!r}; use 'loss', 'margin' or a callable "
+        "fn(outputs, targets) -> [B]"
+    )
+
+
+def _checked(fn: PerExampleFn, what: str, outputs: Tensor, targets: Any) -> Tensor:
+    values = fn(outputs, targets)
+    if not isinstance(values, Tensor) or values.shape != (outputs.shape[0],):
+        got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise InvalidInputError(
+            f"the task's {what} must return one value per example, shape [{outputs.shape[0]}]; "
+            f"got {got}. Use reduction='none' and sum any extra dimensions per example."
+        )
+    return values
