@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, jacrev, vmap
 
 from infkit.data import Batch, map_tensors
-from infkit.errors import NonFiniteError, UnsupportedError
+from infkit.errors import InfkitError, NonFiniteError, UnsupportedError
 from infkit.parameters import ParameterSpace
 from infkit.task import Task
 
@@ -93,7 +93,7 @@ class PerExample:
         try:
             return vmapped()
         except Exception as exc:  # vmap cannot trace some modules; the loop is exact
-            if self.mode == "vmap":
+            if self.mode == "vmap" or isinstance(exc, InfkitError):
                 raise
             self._vmap_failed = True
             warnings.warn(

@@ -72,12 +72,14 @@ def train_to_optimum(
     tolerance: float = 1e-10,
     history_size: int = 50,
     chunk: int = 4096,
+    newton_polish: int = 3,
 ) -> TrainResult:
     """Minimise ``mean_{i in indices} l_i + (l2/2) ||theta||^2`` in place, full batch, L-BFGS.
 
     Starts from the model's current parameters (a warm start when retraining). Stops when
     ``||grad L||`` falls below ``tolerance`` times its value at the start (or at 1.0 if that is
-    smaller), or after ``max_iter`` iterations.
+    smaller), or after ``max_iter`` iterations. When L-BFGS stalls at float precision, up to
+    ``newton_polish`` matrix-free Newton-CG steps (Hessian-vector products) finish the job.
     """
     examples = ExampleSet(train, name="training set")
     space = ParameterSpace(task.model)
@@ -119,7 +121,66 @@ def train_to_optimum(
             value, grad = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
             if float(grad.norm()) <= target or iterations >= max_iter:
                 break
+        for _ in range(newton_polish):
+            # Near the optimum the objective's decrease falls below float precision and the line
+            # search stalls; Newton-CG steps use gradients only and converge quadratically.
+            if float(grad.norm()) <= target:
+                break
+            if not _newton_cg_step(task, space, examples, l2, idx, chunk, engine, grad):
+                break
+            value, grad = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
     for p in params:
         p.grad = None
     norm = float(grad.norm())
     return TrainResult(space.flat().clone(), value, norm, iterations, norm <= target)
+
+
+def _newton_cg_step(
+    task: Task,
+    space: ParameterSpace,
+    examples: ExampleSet,
+    l2: float,
+    idx: Tensor | None,
+    chunk: int,
+    engine: PerExample,
+    grad: Tensor,
+    cg_iters: int = 100,
+) -> bool:
+    """theta <- theta - H^{-1} grad by conjugate gradients on Hessian-vector products.
+
+    Returns False (and leaves theta unchanged) when the step does not reduce ||grad||.
+    """
+    from scipy.sparse.linalg import LinearOperator, cg
+
+    params = [dict(task.model.named_parameters())[n] for n in space.names]
+    ids = torch.arange(len(examples)) if idx is None else idx
+    n = len(ids)
+
+    def hvp(v_np) -> object:
+        v = torch.as_tensor(v_np, dtype=space.dtype, device=space.device)
+        vs = list(space.unflatten(v).values())
+        out = [torch.zeros_like(p) for p in params]
+        for batch in examples.batches(chunk, ids):
+            inputs, targets = engine.prepare(batch)
+            with torch.enable_grad():
+                loss = task.checked_loss(task.call_model(task.model, inputs), targets).sum() / n
+                gs = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                dot = sum((g * u).sum() for g, u in zip(gs, vs) if g is not None)
+                hv = torch.autograd.grad(dot, params, allow_unused=True)
+            for acc, h in zip(out, hv):
+                if h is not None:
+                    acc += h.detach()
+        flat = torch.cat([o.reshape(-1) for o in out]) + l2 * v
+        return flat.cpu().double().numpy()
+
+    size = space.size
+    operator = LinearOperator((size, size), matvec=hvp, dtype=float)
+    g = grad.detach().cpu().double().numpy()
+    step, _ = cg(operator, -g, rtol=1e-12, atol=0.0, maxiter=cg_iters)
+    theta = space.flat().clone()
+    space.add_(torch.as_tensor(step))
+    _, new_grad = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
+    if not float(new_grad.norm()) < float(grad.norm()):
+        space.assign_(theta)
+        return False
+    return True

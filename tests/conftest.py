@@ -1,0 +1,62 @@
+"""Shared fixtures: small float64 problems with independent ground truth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sklearn.datasets import load_wine
+from sklearn.preprocessing import StandardScaler
+
+import infkit
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def wine_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled wine data (178 x 13, 3 classes), standardised, fixed split."""
+    X, y = load_wine(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=gen)
+    X = torch.as_tensor(X, dtype=torch.float64)[perm]
+    y = torch.as_tensor(y, dtype=torch.long)[perm]
+    return X[:140], y[:140], X[140:], y[140:]
+
+
+@pytest.fixture(scope="module")
+def wine_logreg() -> dict:
+    """L2 multinomial logistic regression on wine, trained to a tight optimum."""
+    torch.manual_seed(0)
+    Xtr, ytr, Xte, yte = wine_split()
+    model = torch.nn.Linear(13, 3).double()
+    task = infkit.Task.classification(model)
+    l2 = 1e-2
+    result = infkit.train_to_optimum(task, (Xtr, ytr), l2, tolerance=1e-12)
+    assert result.converged
+    return {"model": model, "task": task, "l2": l2, "train": (Xtr, ytr), "test": (Xte, yte)}
+
+
+def small_mlp(d_in: int = 5, hidden: int = 8, d_out: int = 3, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(d_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, d_out)
+    ).double()
+
+
+@pytest.fixture(scope="module")
+def mlp_problem() -> dict:
+    """A tanh MLP classifier on synthetic data, trained to a tight optimum."""
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(60, 5, generator=gen, dtype=torch.float64)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).long() + (X[:, 2] > 0.8).long()
+    Xt = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    yt = (Xt[:, 0] + 0.5 * Xt[:, 1] > 0).long()
+    model = small_mlp()
+    task = infkit.Task.classification(model)
+    l2 = 1e-2
+    result = infkit.train_to_optimum(task, (X, y), l2, tolerance=1e-12)
+    assert result.converged
+    return {"model": model, "task": task, "l2": l2, "train": (X, y), "test": (Xt, yt)}

@@ -1,0 +1,180 @@
+"""Bad input gets a clear error that says what was wrong and what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import infkit
+from infkit.errors import (
+    CurvatureError,
+    InvalidInputError,
+    NonFiniteError,
+    NotFittedError,
+    ProblemTooLargeError,
+    UnsupportedError,
+)
+
+
+@pytest.fixture
+def linear_data() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    y = (X[:, 0] + 0.5 * torch.randn(30, generator=gen, dtype=torch.float64) > 0).long()
+    model = torch.nn.Linear(4, 2).double()
+    infkit.train_to_optimum(infkit.Task.classification(model), (X, y), 1e-2)
+    return model, (X, y)
+
+
+def test_nan_in_training_input_names_the_example(linear_data) -> None:
+    model, (X, y) = linear_data
+    X = X.clone()
+    X[7, 2] = float("nan")
+    inf = infkit.Influence(infkit.Task.classification(model), l2=1e-2)
+    with pytest.raises(NonFiniteError, match=r"example 7 contains NaN"):
+        inf.fit((X, y))
+
+
+def test_inf_in_test_input_names_the_example(linear_data) -> None:
+    model, (X, y) = linear_data
+    inf = infkit.Influence(infkit.Task.classification(model), l2=1e-2).fit((X, y))
+    Xt = X[:5].clone()
+    Xt[3, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"test set example 3 contains Inf"):
+        inf.scores((Xt, y[:5]))
+
+
+class SqrtFirstFeature(torch.nn.Module):
+    """Finite inputs, but sqrt of a negative first feature makes that example's output NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.cat([x[:, :1].sqrt(), x[:, 1:]], dim=1))
+
+
+def test_nan_in_a_gradient_names_the_example(linear_data) -> None:
+    _, (X, y) = linear_data
+    X = X.clone()
+    X[:, 0] = X[:, 0].abs() + 0.1
+    X[11, 0] = -1.0
+    inf = infkit.Influence(infkit.Task.classification(SqrtFirstFeature()), l2=1e-2)
+    with pytest.raises(NonFiniteError, match=r"gradient of example 11 contains NaN"):
+        inf.fit((X, y))
+
+
+def test_empty_training_set(linear_data) -> None:
+    model, _ = linear_data
+    empty = (torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(InvalidInputError, match="empty"):
+        infkit.Influence(infkit.Task.classification(model), l2=1e-2).fit(empty)
+
+
+def test_test_inputs_of_the_wrong_shape(linear_data) -> None:
+    model, (X, y) = linear_data
+    inf = infkit.Influence(infkit.Task.classification(model), l2=1e-2).fit((X, y))
+    with pytest.raises(InvalidInputError, match=r"per-example shape \(3,\).*\(4,\)"):
+        inf.scores((X[:5, :3], y[:5]))
+    with pytest.raises(InvalidInputError, match="share their first dimension"):
+        inf.scores((X[:5], y[:4]))
+
+
+def test_unknown_method_and_estimator_list_the_valid_ones(linear_data) -> None:
+    model, _ = linear_data
+    task = infkit.Task.classification(model)
+    with pytest.raises(UnsupportedError, match=r"unknown method 'lisa'.*exact.*identity"):
+        infkit.Influence(task, method="lisa")
+    with pytest.raises(
+        UnsupportedError, match=r"unknown estimator 'ifs'.*if, rif, newton, relatif"
+    ):
+        infkit.Influence(task, estimator="ifs")
+    with pytest.raises(UnsupportedError, match=r"does not take the option.*curvature"):
+        infkit.Influence(task, curvatur="ggn").fit(
+            (torch.zeros(3, 4).double(), torch.zeros(3).long())
+        )
+
+
+def test_method_estimator_pair_that_cannot_be_computed(linear_data) -> None:
+    model, data = linear_data
+    task = infkit.Task.classification(model)
+    with pytest.raises(
+        UnsupportedError, match=r"'identity' cannot compute estimator 'newton'.*exact\+newton"
+    ):
+        infkit.Influence(task, method="identity", estimator="newton", l2=1e-2).fit(data)
+    with pytest.raises(UnsupportedError, match="positive semidefinite"):
+        infkit.Influence(task, estimator="rif", l2=1e-2, curvature="hessian").fit(data)
+    inf = infkit.Influence(task, estimator="relatif", l2=1e-2).fit(data)
+    with pytest.raises(UnsupportedError, match="no counterfactual units"):
+        inf.remove([0])
+
+
+def test_singular_curvature_without_l2_or_damping_suggests_damping(linear_data) -> None:
+    _, (X, _) = linear_data
+    X = torch.cat([X, X[:, :1]], dim=1)  # a duplicated feature: the curvature is singular
+    y = X @ torch.arange(1.0, 6.0, dtype=torch.float64) + torch.randn(30, dtype=torch.float64)
+    model = torch.nn.Linear(5, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(X, y).solution.reshape(1, 5))
+    task = infkit.Task.regression(model)
+    with pytest.raises(CurvatureError, match=r"singular.*damping="):
+        infkit.Influence(task, l2=0.0, damping=0.0).fit((X, y)).scores((X[:2], y[:2]))
+    # With damping the same problem solves.
+    scores = infkit.Influence(task, l2=0.0, damping=1e-3).fit((X, y)).scores((X[:2], y[:2]))
+    assert torch.isfinite(scores).all()
+
+
+def test_indefinite_curvature_is_refused(linear_data) -> None:
+    model, (X, y) = linear_data
+    concave = infkit.Task(model, loss=lambda out, t: -0.5 * out.pow(2).sum(1))
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()  # the stationary point (a maximum) of the concave loss
+    for curvature in ("ggn", "hessian"):
+        inf = infkit.Influence(concave, l2=0.0, curvature=curvature).fit((X, y))
+        with pytest.raises(CurvatureError, match=r"indefinite.*damping greater than"):
+            inf.self_scores()
+
+
+def test_too_large_for_exact_names_the_methods_that_scale(linear_data) -> None:
+    model, data = linear_data
+    inf = infkit.Influence(infkit.Task.classification(model), l2=1e-2, memory_limit=1000)
+    with pytest.raises(
+        ProblemTooLargeError, match=r"10 x 10 curvature.*Use a method that scales: .*'identity'"
+    ):
+        inf.fit(data)
+
+
+def test_loss_without_per_example_values(linear_data) -> None:
+    model, data = linear_data
+    task = infkit.Task(model, loss=torch.nn.functional.cross_entropy)  # reduction='mean'
+    with pytest.raises(InvalidInputError, match="reduction='none'"):
+        infkit.Influence(task, l2=1e-2).fit(data)
+
+
+def test_questions_before_fit_and_bad_indices(linear_data) -> None:
+    model, data = linear_data
+    inf = infkit.Influence(infkit.Task.classification(model), l2=1e-2)
+    with pytest.raises(NotFittedError, match="fit"):
+        inf.self_scores()
+    inf.fit(data)
+    with pytest.raises(InvalidInputError, match="out of range"):
+        inf.remove([30])
+    with pytest.raises(InvalidInputError, match="duplicates"):
+        inf.remove([1, 1])
+    with pytest.raises(InvalidInputError, match="every training example"):
+        inf.remove(list(range(30)))
+
+
+def test_bad_hyperparameters_and_task(linear_data) -> None:
+    model, _ = linear_data
+    task = infkit.Task.classification(model)
+    with pytest.raises(InvalidInputError, match="l2 must be"):
+        infkit.Influence(task, l2=-1.0)
+    with pytest.raises(InvalidInputError, match="damping must be"):
+        infkit.Influence(task, damping=float("nan"))
+    with pytest.raises(InvalidInputError, match=r"infkit\.Task"):
+        infkit.Influence(model)
+    with pytest.raises(UnsupportedError, match="unknown measurement"):
+        infkit.Task.classification(model, measurement="accuracy")

@@ -1,0 +1,147 @@
+"""Every estimator on a nonlinear model against dense float64 matrices built by plain autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import infkit
+from infkit.evaluate import relative_error
+
+
+def _flat_fn(model: torch.nn.Module):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def call(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(theta, sizes)
+        params = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}
+        return torch.func.functional_call(model, params, (x,))
+
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return call, theta
+
+
+@pytest.fixture(scope="module")
+def dense(mlp_problem: dict) -> dict:
+    """Per-example gradients, Jacobians, Lambdas, GGN and Hessian by torch.autograd.functional."""
+    model, l2 = mlp_problem["model"], mlp_problem["l2"]
+    (X, y), (Xt, yt) = mlp_problem["train"], mlp_problem["test"]
+    call, theta = _flat_fn(model)
+    ce = torch.nn.functional.cross_entropy
+
+    def grad_of(x, t):
+        return torch.autograd.functional.jacobian(lambda th: ce(call(th, x[None]), t[None]), theta)
+
+    G = torch.stack([grad_of(X[i], y[i]) for i in range(len(X))])
+    Gt = torch.stack([grad_of(Xt[i], yt[i]) for i in range(len(Xt))])
+    J = torch.stack(
+        [
+            torch.autograd.functional.jacobian(
+                lambda th, x=X[i : i + 1]: call(th, x)[0], theta, vectorize=True
+            )
+            for i in range(len(X))
+        ]
+    )
+    p = torch.softmax(call(theta, X), dim=1).detach()
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    n, P = G.shape
+    per_ggn = torch.einsum("ncp,ncd,ndq->npq", J, lam, J)
+    per_hess = torch.stack(
+        [
+            torch.autograd.functional.hessian(
+                lambda th, x=X[i : i + 1], t=y[i : i + 1]: ce(call(th, x), t), theta, vectorize=True
+            )
+            for i in range(n)
+        ]
+    )
+    eye = torch.eye(P, dtype=torch.float64)
+    return {
+        "G": G,
+        "Gt": Gt,
+        "V": G + l2 * theta,
+        "J": J,
+        "lam": lam,
+        "n": n,
+        "eye": eye,
+        "l2": l2,
+        "ggn": per_ggn,
+        "hess": per_hess,
+        "theta": theta,
+    }
+
+
+def _fit(problem: dict, estimator: str, **options) -> infkit.Influence:
+    task, l2 = problem["task"], problem["l2"]
+    return infkit.Influence(task, "exact", estimator, l2=l2, **options).fit(problem["train"])
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_if_scores_and_self_scores(mlp_problem: dict, dense: dict, curvature: str) -> None:
+    per = dense["ggn"] if curvature == "ggn" else dense["hess"]
+    H = per.mean(0) + dense["l2"] * dense["eye"]
+    U = torch.linalg.solve(H, dense["V"].T) / dense["n"]  # [P, N] removal Delta theta_j
+    inf = _fit(mlp_problem, "if", curvature=curvature)
+    assert relative_error(inf.scores(mlp_problem["test"]), dense["Gt"] @ U) < 1e-9
+    assert relative_error(inf.self_scores(), (dense["G"] * U.T).sum(1)) < 1e-9
+    # The GGN of a nonlinear model is not its Hessian: the two must differ here.
+    assert relative_error(dense["ggn"].mean(0), dense["hess"].mean(0)) > 1e-3
+
+
+def test_rif_removes_the_examples_own_ggn_block(mlp_problem: dict, dense: dict) -> None:
+    n, l2 = dense["n"], dense["l2"]
+    H = dense["ggn"].mean(0) + l2 * dense["eye"]
+    inf = _fit(mlp_problem, "rif")
+    S = inf.scores(mlp_problem["test"])
+    for j in (0, 13, 42):
+        delta = torch.linalg.solve(H - dense["ggn"][j] / n, dense["V"][j]) / n
+        assert relative_error(S[:, j], dense["Gt"] @ delta) < 1e-9
+        assert relative_error(inf.remove([j]).params, delta) < 1e-9
+    h = torch.stack(
+        [
+            torch.trace(dense["lam"][j] @ dense["J"][j] @ torch.linalg.solve(H, dense["J"][j].T))
+            / n
+            for j in range(n)
+        ]
+    )
+    assert relative_error(inf.leverages(), h) < 1e-9
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_newton_group_and_leave_one_out(mlp_problem: dict, dense: dict, curvature: str) -> None:
+    n, l2 = dense["n"], dense["l2"]
+    per = dense["ggn"] if curvature == "ggn" else dense["hess"]
+    # Removing examples makes this MLP's true Hessian indefinite (smallest eigenvalue -1e-4 for
+    # one example, -9e-3 for five; refused with a CurvatureError); damping restores a minimum.
+    damping = 0.0 if curvature == "ggn" else 5e-2
+    inf = _fit(mlp_problem, "newton", curvature=curvature, damping=damping)
+    # grad L(theta*) is ~1e-13 here; the Newton step includes it, as does the reference.
+    grad_L = dense["G"].mean(0) + l2 * dense["theta"]
+    for group in ([5], [1, 2, 3, 30, 59], list(range(0, 60, 3))):
+        keep = [i for i in range(n) if i not in group]
+        H_R = per[keep].sum(0) / n + ((len(keep) / n) * l2 + damping) * dense["eye"]
+        rhs = dense["V"][group].sum(0) / n - grad_L
+        expected = torch.linalg.solve(H_R, rhs)
+        assert relative_error(inf.remove(group).params, expected) < 1e-9
+    S = inf.scores(mlp_problem["test"])
+    for j in (4, 21):
+        keep = [i for i in range(n) if i != j]
+        H_R = per[keep].sum(0) / n + ((n - 1) / n * l2 + damping) * dense["eye"]
+        delta = torch.linalg.solve(H_R, dense["V"][j] / n - grad_L)
+        assert relative_error(S[:, j], dense["Gt"] @ delta) < 1e-9
+
+
+@pytest.mark.parametrize("norm", ["theta", "loss"])
+def test_relatif(mlp_problem: dict, dense: dict, norm: str) -> None:
+    H = dense["ggn"].mean(0) + dense["l2"] * dense["eye"]
+    U = torch.linalg.solve(H, dense["V"].T)  # u_j = H^{-1} v_j, [P, N]
+    scale = U.norm(dim=0) if norm == "theta" else (dense["V"].T * U).sum(0).sqrt()
+    expected = dense["Gt"] @ (U / scale)
+    inf = _fit(mlp_problem, "relatif", relatif=norm)
+    assert relative_error(inf.scores(mlp_problem["test"]), expected) < 1e-9
+    # Ranking by loss-relative RelatIF is ranking by H^{-1}-cosine for each query.
+    if norm == "loss":
+        qnorm = (dense["Gt"] @ torch.linalg.solve(H, dense["Gt"].T)).diagonal().sqrt()
+        cosine = expected / qnorm[:, None]
+        assert cosine.abs().max() <= 1 + 1e-9

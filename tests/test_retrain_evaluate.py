@@ -1,0 +1,108 @@
+"""The retraining ground truth, the faithfulness metrics and atomic artifacts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import infkit
+from infkit import evaluate, retrain, store
+from infkit.errors import InvalidInputError
+
+
+def _ridge_problem(n: int = 60, d: int = 4, l2: float = 0.1, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    y = X @ rng.normal(size=d) + 0.3 * rng.normal(size=n)
+    model = torch.nn.Linear(d, 1, bias=False).double()
+    task = infkit.Task.regression(model)
+    data = (torch.as_tensor(X), torch.as_tensor(y).reshape(n, 1))
+    infkit.train_to_optimum(task, data, l2, tolerance=1e-13)
+    return X, y, task, data, l2
+
+
+def _closed_form(X: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
+    n = len(X)
+    return np.linalg.solve(X.T @ X / n + l2 * np.eye(X.shape[1]), X.T @ y / n)
+
+
+def test_training_and_retraining_reach_the_closed_form_optimum() -> None:
+    X, y, task, data, l2 = _ridge_problem()
+    theta = task.model.weight.detach().reshape(-1).numpy()
+    np.testing.assert_allclose(theta, _closed_form(X, y, l2), rtol=1e-10)
+    removed = [2, 9, 33]
+    r = retrain.without(task, data, removed, l2, tolerance=1e-13)
+    keep = np.setdiff1d(np.arange(len(X)), removed)
+    np.testing.assert_allclose(r.theta.numpy(), _closed_form(X[keep], y[keep], l2), rtol=1e-10)
+    np.testing.assert_allclose(r.delta.numpy(), r.theta.numpy() - theta, atol=1e-15)
+    # The model passed in is left untouched.
+    np.testing.assert_allclose(task.model.weight.detach().reshape(-1).numpy(), theta)
+    np.testing.assert_allclose(r.outputs(data).numpy()[:, 0], X @ r.theta.numpy(), rtol=1e-12)
+
+
+def test_leave_one_out_resumes_from_its_artifacts(tmp_path, monkeypatch) -> None:
+    X, y, task, data, l2 = _ridge_problem()
+    test = (data[0][:5], data[1][:5])
+    first = retrain.leave_one_out(task, data, test, [0, 4, 7], l2, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("retrain-*.safetensors"))) == 3
+    assert not list(tmp_path.glob(".*tmp"))
+
+    def must_not_retrain(*args, **kwargs):
+        raise AssertionError("a cached result was retrained")
+
+    monkeypatch.setattr(retrain, "train_to_optimum", must_not_retrain)
+    second = retrain.leave_one_out(task, data, test, [0, 4, 7], l2, cache_dir=tmp_path)
+    torch.testing.assert_close(first.measurement, second.measurement, rtol=0, atol=0)
+    # Actual LOO loss change: 0.5 (x^T theta_-j - y)^2 - 0.5 (x^T theta - y)^2.
+    theta = _closed_form(X, y, l2)
+    keep = np.delete(np.arange(len(X)), 4)
+    theta_4 = _closed_form(X[keep], y[keep], l2)
+    expected = 0.5 * (X[:5] @ theta_4 - y[:5]) ** 2 - 0.5 * (X[:5] @ theta - y[:5]) ** 2
+    np.testing.assert_allclose(first.loss[:, 1].numpy(), expected, rtol=1e-8, atol=1e-14)
+
+
+def test_lds_is_high_for_newton_on_ridge_and_near_zero_for_noise() -> None:
+    _, _, task, data, l2 = _ridge_problem(n=80)
+    test = (data[0][:6], data[1][:6])
+    sub = retrain.subsets(task, data, test, l2, n_subsets=30, alpha=0.95, seed=1)
+    assert sub.masks.shape == (30, 80) and int(sub.masks[0].sum()) == 76
+    inf = infkit.Influence(task, "exact", "newton", l2=l2).fit(data)
+    score = evaluate.lds(inf.scores(test), sub.masks, sub.measurements)
+    # Removing 5% of a ridge regression is nearly linear in the mask (methods.md §7.9).
+    assert score > 0.8
+    noise = torch.randn(6, 80, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert abs(evaluate.lds(noise, sub.masks, sub.measurements)) < 0.3
+    # Sign matters: flipping the removal effects flips the LDS.
+    assert evaluate.lds(-inf.scores(test), sub.masks, sub.measurements) == pytest.approx(-score)
+
+
+def test_correlation_auc_and_fraction_found() -> None:
+    a = torch.arange(10.0)
+    c = evaluate.correlation(a, 2 * a + 1)
+    assert c.pearson == pytest.approx(1.0) and c.spearman == pytest.approx(1.0) and c.n == 10
+    flags = torch.tensor([0, 0, 0, 1, 1, 0, 0, 0, 0, 1], dtype=torch.bool)
+    scores = torch.tensor([0.1, 0.2, 0.0, 0.9, 0.8, 0.3, 0.1, 0.2, 0.05, 0.7])
+    assert evaluate.detection_auc(scores, flags) == pytest.approx(1.0)
+    assert evaluate.detection_auc(-scores, flags) == pytest.approx(0.0)
+    assert evaluate.fraction_found(scores, flags, 0.2) == pytest.approx(2 / 3)
+    assert evaluate.relative_error(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0])) == 1.0
+    with pytest.raises(InvalidInputError, match="both flagged and unflagged"):
+        evaluate.detection_auc(scores, torch.ones(10, dtype=torch.bool))
+    with pytest.raises(InvalidInputError, match="predicted has 3 values but actual has 4"):
+        evaluate.correlation(torch.ones(3), torch.ones(4))
+
+
+def test_store_writes_atomically_and_round_trips(tmp_path) -> None:
+    t = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2])}
+    store.save_tensors(tmp_path / "x.safetensors", t)
+    loaded = store.load_tensors(tmp_path / "x.safetensors")
+    torch.testing.assert_close(loaded["a"], t["a"])
+    store.save_json(tmp_path / "s.json", {"auc": 0.9, "n": 3})
+    assert store.load_json(tmp_path / "s.json") == {"auc": 0.9, "n": 3}
+    # A failed write leaves neither a partial file nor a temporary behind.
+    circular: list = []
+    circular.append(circular)
+    with pytest.raises(ValueError, match="Circular"):
+        store.save_json(tmp_path / "bad.json", {"x": circular})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "x.safetensors"]
