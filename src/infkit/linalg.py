@@ -122,3 +122,65 @@ def solve_small(A: Tensor, B: Tensor, *, what: str) -> Tensor:
         bad = int((info != 0).nonzero()[0, 0]) if info.dim() else 0
         raise CurvatureError(f"{what} is singular (batch entry {bad})")
     return X
+
+
+class ConjugateGradientResult:
+    """Outcome of :func:`conjugate_gradients`: solutions and per-column convergence."""
+
+    def __init__(self, X: Tensor, iterations: int, residuals: Tensor, converged: Tensor) -> None:
+        self.X = X
+        self.iterations = iterations
+        self.residuals = residuals  # relative residual ||b - A x|| / ||b|| per column
+        self.converged = converged
+
+
+def conjugate_gradients(
+    matmat,
+    B: Tensor,
+    *,
+    tol: float = 1e-10,
+    maxiter: int = 500,
+    precondition=None,
+) -> ConjugateGradientResult:
+    """Solve A X = B for symmetric positive definite A, all columns of B at once.
+
+    Each column runs its own (preconditioned) conjugate-gradient recursion, but all columns share
+    one ``matmat`` call per iteration, so k right-hand sides cost one pass over the data per
+    iteration. A column stops updating once its relative residual is below ``tol`` (it is never
+    iterated past convergence, where the recursion's denominators vanish and produce NaN); a
+    column with a non-positive curvature p^T A p raises :class:`CurvatureError`.
+
+    Args:
+        matmat: X [n, k] -> A X [n, k].
+        B: right-hand sides [n, k].
+        precondition: optional R [n, k] -> M^{-1} R, with M symmetric positive definite.
+    """
+    B = B.to(torch.float64)
+    X = torch.zeros_like(B)
+    R = B.clone()
+    Z = precondition(R) if precondition is not None else R
+    Pdir = Z.clone()
+    rz = (R * Z).sum(0)
+    b_norm = B.norm(dim=0).clamp_min(torch.finfo(B.dtype).tiny)
+    active = R.norm(dim=0) / b_norm > tol
+    iterations = 0
+    while bool(active.any()) and iterations < maxiter:
+        iterations += 1
+        AP = matmat(Pdir)
+        curvature = (Pdir * AP).sum(0)
+        if bool((active & (curvature <= 0)).any()):
+            raise CurvatureError(
+                "conjugate gradients met a direction of non-positive curvature: the damped "
+                "curvature is not positive definite. Increase damping, or use curvature='ggn'"
+            )
+        alpha = torch.where(active, rz / torch.where(active, curvature, 1.0), 0.0)
+        X += alpha * Pdir
+        R -= alpha * AP
+        active = active & (R.norm(dim=0) / b_norm > tol)
+        Z = precondition(R) if precondition is not None else R
+        rz_new = (R * Z).sum(0)
+        beta = torch.where(active, rz_new / torch.where(active, rz, 1.0), 0.0)
+        Pdir = torch.where(active, Z + beta * Pdir, Pdir)
+        rz = torch.where(active, rz_new, rz)
+    residuals = R.norm(dim=0) / b_norm
+    return ConjugateGradientResult(X, iterations, residuals, residuals <= tol)

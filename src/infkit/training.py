@@ -18,6 +18,9 @@ from infkit.gradients import PerExample, evaluation_mode
 from infkit.parameters import ParameterSpace
 from infkit.task import Task
 
+#: L-BFGS hands over to Newton-CG polishing below this relative gradient norm.
+POLISH_FROM = 1e-6
+
 
 @dataclass
 class TrainResult:
@@ -72,7 +75,7 @@ def train_to_optimum(
     tolerance: float = 1e-10,
     history_size: int = 50,
     chunk: int = 4096,
-    newton_polish: int = 3,
+    newton_polish: int = 8,
 ) -> TrainResult:
     """Minimise ``mean_{i in indices} l_i + (l2/2) ||theta||^2`` in place, full batch, L-BFGS.
 
@@ -99,6 +102,7 @@ def train_to_optimum(
         _, g0 = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
         target = tolerance * max(float(g0.norm()), 1.0) if tolerance > 0 else 0.0
         iterations = 0
+        stop_at = target
 
         def closure() -> Tensor:
             nonlocal iterations
@@ -110,25 +114,38 @@ def train_to_optimum(
                 )
             for p, g in zip(params, space.unflatten(grad).values()):
                 p.grad = g.clone()
-            if float(grad.norm()) <= target:
-                # Converged: report a zero gradient so L-BFGS stops without another line search.
+            if float(grad.norm()) <= stop_at:
+                # Reached: report a zero gradient so L-BFGS stops without another line search.
                 for p in params:
                     p.grad.zero_()
             return torch.tensor(value, dtype=space.dtype)
 
-        for _ in range(4):  # L-BFGS can stop early on a flat line search; restart a few times
-            optimizer.step(closure)
-            value, grad = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
-            if float(grad.norm()) <= target or iterations >= max_iter:
-                break
-        for _ in range(newton_polish):
-            # Near the optimum the objective's decrease falls below float precision and the line
-            # search stalls; Newton-CG steps use gradients only and converge quadratically.
-            if float(grad.norm()) <= target:
-                break
-            if not _newton_cg_step(task, space, examples, l2, idx, chunk, engine, grad):
-                break
-            value, grad = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
+        def run_lbfgs() -> tuple[float, Tensor]:
+            for _ in range(4):  # L-BFGS can stop early on a flat line search; restart it
+                optimizer.step(closure)
+                value, grad = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
+                if float(grad.norm()) <= stop_at or iterations >= max_iter:
+                    break
+            return value, grad
+
+        def polish(value: float, grad: Tensor) -> tuple[float, Tensor]:
+            # Near the optimum L-BFGS's line search stalls at float precision of the objective;
+            # Newton-CG steps use gradients only and converge quadratically.
+            for _ in range(newton_polish):
+                if float(grad.norm()) <= target:
+                    break
+                if not _newton_cg_step(task, space, examples, l2, idx, chunk, engine, grad):
+                    break
+                value, grad = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
+            return value, grad
+
+        # L-BFGS to a moderate gradient, Newton-CG from there; L-BFGS again if Newton cannot
+        # finish (a nonconvex region), then one more polish.
+        stop_at = max(target, POLISH_FROM * max(float(g0.norm()), 1.0))
+        value, grad = polish(*run_lbfgs())
+        if float(grad.norm()) > target and iterations < max_iter:
+            stop_at = target
+            value, grad = polish(*run_lbfgs())
     for p in params:
         p.grad = None
     norm = float(grad.norm())

@@ -1,0 +1,96 @@
+"""Matrix-free curvature-vector products over streamed batches (torch.func).
+
+``CurvatureOperator.matmat(V)`` applies the mean-form data curvature
+
+    H V = (1/N) sum_i C_i V,   C_i = J_i^T Lambda_i J_i (GGN) or d^2 l_i / d theta^2 (Hessian),
+
+to many vectors at once (V is [k, P]) without forming H: the GGN product is a JVP (J_i v), a
+C x C multiplication by Lambda_i and a VJP; the Hessian product is forward-over-reverse. Both are
+vmapped over the k vectors, one pass over the data for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp, vmap
+
+from infkit.data import Batch, ExampleSet
+from infkit.errors import UnsupportedError
+from infkit.gradients import PerExample, evaluation_mode
+
+KINDS = ("ggn", "hessian")
+
+
+class CurvatureOperator:
+    """The data curvature H of a training set as a linear operator on [k, P] blocks.
+
+    Args:
+        engine: per-example machinery of the task (model, loss, parameter space).
+        examples: the training set (or a subset with ``indices``).
+        kind: ``"ggn"`` or ``"hessian"``.
+        batch_size: examples per pass.
+        indices: restrict the sum to these examples; the mean still divides by ``normaliser``.
+        normaliser: N in (1/N) sum_i (default: the number of examples summed).
+    """
+
+    def __init__(
+        self,
+        engine: PerExample,
+        examples: ExampleSet,
+        kind: str = "ggn",
+        batch_size: int = 256,
+        indices: Sequence[int] | Tensor | None = None,
+        normaliser: int | None = None,
+    ) -> None:
+        if kind not in KINDS:
+            raise UnsupportedError(f"unknown curvature {kind!r}; valid curvatures: {KINDS}")
+        self.engine = engine
+        self.examples = examples
+        self.kind = kind
+        self.batch_size = batch_size
+        self.indices = None if indices is None else torch.as_tensor(indices).reshape(-1)
+        count = len(examples) if self.indices is None else len(self.indices)
+        self.normaliser = normaliser or count
+        self.size = engine.space.size
+        self.products = 0  # number of vectors multiplied so far (a cost counter)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """H V for V of shape [k, P]; returns float64 [k, P]."""
+        space = self.engine.space
+        V = V.to(space.dtype)
+        out = torch.zeros(V.shape, dtype=torch.float64, device=V.device)
+        for batch in self.examples.batches(self.batch_size, self.indices):
+            out += self.batch_product(batch, V).to(torch.float64)
+        self.products += V.shape[0]
+        return out / self.normaliser
+
+    def batch_product(self, batch: Batch, V: Tensor) -> Tensor:
+        """sum over the batch of C_i V, [k, P] in the model's dtype."""
+        engine, space = self.engine, self.engine.space
+        inputs, targets = engine.prepare(batch)
+        params = space.params()
+        tangents = space.unflatten(V)  # dict of [k, ...]
+
+        def outputs_of(p: dict[str, Tensor]) -> Tensor:
+            out = engine._call(p, inputs)
+            return out.reshape(out.shape[0], -1)
+
+        with evaluation_mode(engine.task.model):
+            if self.kind == "ggn":
+                _, _, lam = engine.output_derivatives(batch)  # [B, C, C]
+                jv = vmap(lambda t: jvp(outputs_of, (params,), (t,))[1])(tangents)  # [k, B, C]
+                weighted = torch.einsum("bcd,kbd->kbc", lam.to(jv.dtype), jv)
+                _, pullback = vjp(outputs_of, params)
+                products = vmap(lambda u: pullback(u)[0])(weighted)
+            else:
+
+                def total_loss(p: dict[str, Tensor]) -> Tensor:
+                    out = engine._call(p, inputs)
+                    return engine.task.checked_loss(out, targets).sum()
+
+                gradient = grad(total_loss)
+                products = vmap(lambda t: jvp(gradient, (params,), (t,))[1])(tangents)
+        return space.flatten(products, batch_dims=1).detach()
