@@ -118,8 +118,9 @@ def test_singular_curvature_without_l2_or_damping_suggests_damping(linear_data) 
     with torch.no_grad():
         model.weight.copy_(torch.linalg.lstsq(X, y).solution.reshape(1, 5))
     task = infkit.Task.regression(model)
+    # Refused at fit, before any score is asked for.
     with pytest.raises(CurvatureError, match=r"singular.*damping="):
-        infkit.Influence(task, l2=0.0, damping=0.0).fit((X, y)).scores((X[:2], y[:2]))
+        infkit.Influence(task, l2=0.0, damping=0.0).fit((X, y))
     # With damping the same problem solves.
     scores = infkit.Influence(task, l2=0.0, damping=1e-3).fit((X, y)).scores((X[:2], y[:2]))
     assert torch.isfinite(scores).all()
@@ -132,9 +133,8 @@ def test_indefinite_curvature_is_refused(linear_data) -> None:
         model.weight.zero_()
         model.bias.zero_()  # the stationary point (a maximum) of the concave loss
     for curvature in ("ggn", "hessian"):
-        inf = infkit.Influence(concave, l2=0.0, curvature=curvature).fit((X, y))
         with pytest.raises(CurvatureError, match=r"indefinite.*damping greater than"):
-            inf.self_scores()
+            infkit.Influence(concave, l2=0.0, curvature=curvature).fit((X, y))
 
 
 def test_too_large_for_exact_names_the_methods_that_scale(linear_data) -> None:

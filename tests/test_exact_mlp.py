@@ -145,3 +145,12 @@ def test_relatif(mlp_problem: dict, dense: dict, norm: str) -> None:
         qnorm = (dense["Gt"] @ torch.linalg.solve(H, dense["Gt"].T)).diagonal().sqrt()
         cosine = expected / qnorm[:, None]
         assert cosine.abs().max() <= 1 + 1e-9
+
+
+def test_with_estimator_reuses_the_fit(mlp_problem: dict) -> None:
+    base = _fit(mlp_problem, "if")
+    for estimator in ("rif", "newton", "relatif"):
+        switched = base.with_estimator(estimator)
+        assert switched.state is base.state and base.estimator == "if"
+        expected = _fit(mlp_problem, estimator).scores(mlp_problem["test"])
+        torch.testing.assert_close(switched.scores(mlp_problem["test"]), expected)

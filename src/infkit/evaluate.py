@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
-from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 from infkit.errors import InvalidInputError
@@ -31,6 +29,8 @@ def correlation(predicted: Tensor | np.ndarray, actual: Tensor | np.ndarray) -> 
         raise InvalidInputError(f"predicted has {p.size} values but actual has {a.size}")
     if p.size < 3:
         raise InvalidInputError("a correlation needs at least 3 pairs")
+    from scipy import stats  # imported here: scipy.stats takes seconds to import
+
     return Correlation(float(stats.pearsonr(p, a)[0]), float(stats.spearmanr(p, a)[0]), p.size)
 
 
@@ -64,6 +64,8 @@ def lds(scores: Tensor, masks: Tensor, actual: Tensor) -> float:
             f"shapes do not line up: scores {S.shape}, masks {M.shape}, actual {Y.shape}; "
             "expected [T, N], [m, N], [m, T]"
         )
+    from scipy import stats
+
     predicted = (~M).astype(float) @ S.T  # [m, T]
     rhos = [stats.spearmanr(predicted[:, t], Y[:, t])[0] for t in range(S.shape[0])]
     return float(np.nanmean(rhos))
@@ -74,13 +76,20 @@ def detection_auc(scores: Tensor | np.ndarray, is_flagged: Tensor | np.ndarray) 
     s, y = _np(scores).reshape(-1), _np(is_flagged).reshape(-1).astype(bool)
     if y.all() or not y.any():
         raise InvalidInputError("detection AUC needs both flagged and unflagged examples")
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(y, s))
 
 
 def fraction_found(
     scores: Tensor | np.ndarray, is_flagged: Tensor | np.ndarray, inspected: float
 ) -> float:
-    """Share of flagged examples among the top ``inspected`` fraction ranked by ``scores``."""
+    """Recall when inspecting the top ``inspected`` fraction ranked by ``scores``.
+
+    The share of all flagged examples that are found among the ``inspected`` fraction of
+    examples with the highest scores (e.g. 0.97 = 97% of the mislabelled examples found when
+    inspecting the top 10%).
+    """
     s, y = _np(scores).reshape(-1), _np(is_flagged).reshape(-1).astype(bool)
     k = max(1, round(inspected * s.size))
     top = np.argsort(-s)[:k]

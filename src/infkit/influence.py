@@ -7,6 +7,7 @@ training example is removed and the model retrained, in that quantity's own unit
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Sequence
@@ -232,6 +233,24 @@ class Influence:
                 stacklevel=3,
             )
         return gradient
+
+    def with_estimator(self, estimator: str, relatif: str | None = None) -> Influence:
+        """The same fitted curvature with another estimator (no refit).
+
+        ``inf.with_estimator("newton").scores(test)`` reuses the factorisation, the cached
+        training gradients and everything else ``fit`` computed.
+        """
+        state = self.state
+        check_estimator(state.method, estimator)
+        other = copy.copy(self)
+        other.estimator = estimator
+        if relatif is not None:
+            if relatif not in RELATIF_NORMS:
+                raise UnsupportedError(
+                    f"unknown relatif norm {relatif!r}; use one of {RELATIF_NORMS}"
+                )
+            other.relatif = relatif
+        return other
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -44,7 +44,7 @@ class Retrained:
     theta: Tensor
     delta: Tensor
     gradient_norm: float
-    iterations: int
+    evaluations: int
 
     def model(self) -> torch.nn.Module:
         clone = copy.deepcopy(self.task.model)
@@ -115,7 +115,7 @@ def without(
                 saved["theta"],
                 saved["theta"] - theta0,
                 float(saved["gradient_norm"]),
-                int(saved["iterations"]),
+                int(saved["evaluations"]),
             )
     clone = copy.deepcopy(task.model)
     clone_task = Task(clone, task.loss, task.measurement, output_fn=task.output_fn)
@@ -128,7 +128,7 @@ def without(
         tolerance=tolerance,
     )
     out = Retrained(
-        task, removed, result.theta, result.theta - theta0, result.gradient_norm, result.iterations
+        task, removed, result.theta, result.theta - theta0, result.gradient_norm, result.evaluations
     )
     if path is not None:
         save_tensors(
@@ -136,7 +136,7 @@ def without(
             {
                 "theta": result.theta,
                 "gradient_norm": torch.tensor(result.gradient_norm),
-                "iterations": torch.tensor(result.iterations),
+                "evaluations": torch.tensor(result.evaluations),
             },
         )
     return out

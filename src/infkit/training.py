@@ -29,7 +29,7 @@ class TrainResult:
     theta: Tensor  # [P], the final flat parameters (model dtype)
     objective: float
     gradient_norm: float  # ||grad L(theta)|| at the end
-    iterations: int
+    evaluations: int  # objective-and-gradient evaluations by L-BFGS (passes over the data)
     converged: bool
 
 

@@ -72,6 +72,7 @@ class Exact(InverseCurvature):
             H += self.batch_curvature(batch)
         self.data_curvature = H / context.n
         self._solvers.clear()
+        self._solver(0.0)  # factorise now: a singular or indefinite curvature fails at fit
 
     def batch_curvature(self, batch) -> Tensor:
         """sum over the batch of C_i, dense [P, P] float64."""
