@@ -11,6 +11,7 @@ from infkit.errors import (
     UnsupportedError,
 )
 from infkit.influence import Influence, TopK
+from infkit.linearize import linearize
 from infkit.methods import methods
 from infkit.removal import RemovalEffect
 from infkit.task import Task
@@ -31,6 +32,7 @@ __all__ = [
     "TopK",
     "UnsupportedError",
     "evaluate",
+    "linearize",
     "methods",
     "retrain",
     "train_to_optimum",

@@ -50,6 +50,8 @@ class FittedState:
     #: step uses the retained objective's actual gradient, so it stays exact when theta* is a
     #: slightly loose optimum.
     objective_gradient: Tensor | None = None
+    #: theta' [P], the regulariser's anchor (None: 0); the objective is (l2/2)||theta - theta'||^2
+    anchor: Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -62,8 +64,9 @@ class FittedState:
         return self.engine.grads(batch, "loss").to(torch.float64)
 
     def attributed_grads(self, batch: Batch) -> Tensor:
-        """v_j = grad l_j + l2 theta, [B, P] float64."""
-        return self.loss_grads(batch) + self.l2 * self.theta
+        """v_j = grad l_j + l2 (theta - theta'), [B, P] float64."""
+        reg = self.theta if self.anchor is None else self.theta - self.anchor
+        return self.loss_grads(batch) + self.l2 * reg
 
     def jacobians_and_lambdas(self, batch: Batch) -> tuple[Tensor, Tensor]:
         J = self.engine.jacobians(batch).to(torch.float64)

@@ -143,8 +143,9 @@ class Influence:
         method = method_registry.create(name, self.method_options)
         check_estimator(method, self.estimator)
         theta = space.flat().to(torch.float64)
-        cache = self._train_gradients(examples, engine, space, show)
-        gradient = self._check_stationarity(examples, engine, theta, cache)
+        direct = isinstance(method, DirectMethod)
+        # Direct (kernel) methods never use parameter-space training gradients: do not cache them.
+        cache = None if direct else self._train_gradients(examples, engine, space, show)
         context = FitContext(
             task=self.task,
             space=space,
@@ -157,6 +158,10 @@ class Influence:
             memory_limit=self.memory_limit,
         )
         method.fit(context)
+        anchor = method.regulariser_anchor()
+        anchor = None if anchor is None else anchor.to(theta)
+        reg_theta = theta if anchor is None else theta - anchor
+        gradient = self._check_stationarity(examples, engine, space, reg_theta, cache)
         self._space = space
         self._state = FittedState(
             method=method,
@@ -167,6 +172,7 @@ class Influence:
             batch_size=self.batch_size,
             train_grad_cache=cache,
             objective_gradient=gradient,
+            anchor=anchor,
         )
         return self
 
@@ -210,17 +216,35 @@ class Influence:
         return out
 
     def _check_stationarity(
-        self, examples: ExampleSet, engine: PerExample, theta: Tensor, cache: Tensor | None
+        self,
+        examples: ExampleSet,
+        engine: PerExample,
+        space: ParameterSpace,
+        reg_theta: Tensor,
+        cache: Tensor | None,
     ) -> Tensor:
-        total = torch.zeros_like(theta)
-        norms = 0.0
-        for batch in examples.batches(self.batch_size):
-            G = cache[batch.indices] if cache is not None else engine.grads(batch).to(torch.float64)
-            total += G.sum(0)
-            norms += float(G.norm(dim=1).sum())
+        """grad L(theta*) [P] float64; warns when it is far from 0 (not a trained optimum).
+
+        ``reg_theta`` is theta* - theta' (theta' the regulariser's anchor, 0 by default).
+        """
         n = len(examples)
-        gradient = total / n + self.l2 * theta
-        scale = norms / n + self.l2 * float(theta.norm())
+        if cache is not None:
+            data_gradient = cache.sum(0) / n
+            typical = float(cache.norm(dim=1).mean())
+        else:
+            from infkit.gradients import evaluation_mode
+            from infkit.training import objective_and_gradient
+
+            with evaluation_mode(self.task.model):
+                _, full = objective_and_gradient(self.task, space, examples, 0.0, engine=engine)
+            data_gradient = full.to(torch.float64)
+            if not bool(torch.isfinite(data_gradient).all()):
+                for batch in examples.batches(self.batch_size):
+                    engine.grads(batch)  # raises NonFiniteError naming the example
+            first = next(examples.batches(self.batch_size))
+            typical = float(engine.grads(first).to(torch.float64).norm(dim=1).mean())
+        gradient = data_gradient + self.l2 * reg_theta
+        scale = typical + self.l2 * float(reg_theta.norm())
         self.stationarity = float(gradient.norm()) / max(scale, 1e-300)
         if self.stationarity > STATIONARITY_TOLERANCE:
             warnings.warn(
@@ -389,9 +413,16 @@ class Influence:
         grads = torch.cat(parts)  # [n_idx, T, *x_shape]
         return self._out(-grads.transpose(0, 1) / state.n)
 
-    def predicted_change(self, data: Any, delta: Tensor, which: str) -> Tensor:
+    def predicted_change(
+        self, data: Any, delta: Tensor, which: str, indices: Tensor | None = None
+    ) -> Tensor:
         """First-order change of ``which`` (outputs / loss / measurement) on ``data`` under delta."""
         examples = self._examples(data, "data")
+        method = self.state.method
+        if indices is not None and isinstance(method, DirectMethod):
+            own = method.removal_change(examples, indices, self.estimator, which)
+            if own is not None:
+                return own.to(self._space.dtype).cpu()
         engine = self.state.engine
         parts = [
             directional_derivatives(engine, b, delta, which)

@@ -28,15 +28,15 @@ class RemovalEffect:
 
     def outputs(self, data: Any) -> Tensor:
         """Predicted change of the model outputs, [n, C]: J(x) Delta theta."""
-        return self._influence.predicted_change(data, self.params, "outputs")
+        return self._influence.predicted_change(data, self.params, "outputs", self.indices)
 
     def loss(self, data: Any) -> Tensor:
         """Predicted change of the per-example loss (no regulariser), [n]: grad l^T Delta theta."""
-        return self._influence.predicted_change(data, self.params, "loss")
+        return self._influence.predicted_change(data, self.params, "loss", self.indices)
 
     def measurement(self, data: Any) -> Tensor:
         """Predicted change of the task's measurement, [n]; ``scores`` columns sum to this for IF."""
-        return self._influence.predicted_change(data, self.params, "measurement")
+        return self._influence.predicted_change(data, self.params, "measurement", self.indices)
 
     def model(self) -> nn.Module:
         """A copy of the model with theta + Delta theta: the predicted retrained (unlearned) model."""

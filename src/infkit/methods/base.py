@@ -78,6 +78,10 @@ class InverseCurvature(ABC):
         """
         return None
 
+    def regulariser_anchor(self) -> Tensor | None:
+        """theta' of the objective's (l2/2)||theta - theta'||^2 after ``fit`` (None means 0)."""
+        return None
+
     @classmethod
     def memory_estimate(cls, n: int, p: int, c: int) -> int:
         """Bytes the method's dense objects need (0 when it forms none)."""
@@ -109,6 +113,14 @@ class DirectMethod(InverseCurvature):
     @abstractmethod
     def group_delta(self, state, indices: Tensor, estimator: str) -> Tensor:
         """[P] parameter change for removing ``indices`` jointly, float64."""
+
+    def removal_change(
+        self, data: ExampleSet, indices: Tensor, estimator: str, which: str
+    ) -> Tensor | None:
+        """Optional: the change of ``which`` ("outputs", "loss", "measurement") on ``data`` when
+        ``indices`` are removed, if the method computes it its own way; None to let the facade
+        use J(theta*) Delta theta."""
+        return None
 
 
 def as_float64(V: Tensor) -> Tensor:

@@ -1,0 +1,142 @@
+"""The empirical NTK against explicit Jacobians contracted densely (independent ground truth)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import infkit
+from infkit.data import ExampleSet
+from infkit.errors import ProblemTooLargeError
+from infkit.gradients import PerExample
+from infkit.ntk import STRATEGIES, TangentModel, empirical_ntk
+from infkit.parameters import ParameterSpace
+
+
+def _explicit(model: torch.nn.Module, X: torch.Tensor, params=None) -> torch.Tensor:
+    """Stacked per-example Jacobians [N*C, P] from the core's PerExample (vmap of jacrev)."""
+    if params is not None:
+        ParameterSpace(model).assign_(params)
+    task = infkit.Task(model, lambda out, y: out.reshape(len(out), -1).sum(1))
+    J = PerExample(task, ParameterSpace(model)).jacobians(
+        ExampleSet((X, torch.zeros(len(X)))).take(torch.arange(len(X)))
+    )
+    return J.reshape(-1, J.shape[-1]).to(torch.float64)
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 12),
+        torch.nn.Tanh(),
+        torch.nn.Linear(12, 9),
+        torch.nn.ReLU(),
+        torch.nn.Linear(9, 3),
+    ).double()
+
+
+class _ConvNet(torch.nn.Module):
+    """A convolution and a layer norm (explicit-Jacobian path) around linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 3, 3)
+        self.norm = torch.nn.LayerNorm(18)
+        self.fc = torch.nn.Linear(18, 6)
+        self.out = torch.nn.Linear(6, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(torch.relu(self.conv(x)).flatten(1))
+        return self.out(torch.tanh(self.fc(h)))
+
+
+class _Tied(torch.nn.Module):
+    """A linear layer applied twice (tied weights) and one frozen layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(5, 5)
+        self.frozen = torch.nn.Linear(5, 5)
+        self.frozen.weight.requires_grad_(False)
+        self.head = torch.nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.a(torch.tanh(self.a(self.frozen(x))))))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_train_and_cross_kernels_equal_explicit_jacobians(strategy: str) -> None:
+    model = _mlp()
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(11, 4, generator=gen, dtype=torch.float64)
+    Xt = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    J, Jt = _explicit(model, X), _explicit(model, Xt)
+    K = empirical_ntk(model, X, strategy=strategy, batch_size=4)
+    assert K.shape == (33, 33)
+    torch.testing.assert_close(K, J @ J.T, rtol=1e-12, atol=1e-12)
+    assert torch.equal(K, K.T)
+    Kt = empirical_ntk(model, Xt, X, strategy=strategy, batch_size=3)
+    torch.testing.assert_close(Kt, Jt @ J.T, rtol=1e-12, atol=1e-12)
+    # block (i, j) is J_i J_j^T
+    torch.testing.assert_close(K[3:6, 9:12], J[3:6] @ J[9:12].T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_cls", [_ConvNet, _Tied])
+def test_structured_rule_falls_back_exactly_where_it_does_not_apply(model_cls) -> None:
+    torch.manual_seed(1)
+    model = model_cls().double()
+    shape = (1, 8) if model_cls is _ConvNet else (5,)
+    X = torch.randn(7, *shape, dtype=torch.float64)
+    J = _explicit(model, X)
+    for strategy in ("structured", "jacobian", "jvp"):
+        K = empirical_ntk(model, X, strategy=strategy, batch_size=3)
+        torch.testing.assert_close(K, J @ J.T, rtol=1e-11, atol=1e-12)
+
+
+def test_kernel_at_another_point_and_in_float64_for_a_float32_model() -> None:
+    model = _mlp()
+    X = torch.randn(6, 4, dtype=torch.float64)
+    theta = ParameterSpace(model).flat()
+    other = theta + 0.3 * torch.randn_like(theta)
+    K_other = empirical_ntk(model, X, params=other)
+    assert torch.equal(ParameterSpace(model).flat(), theta)  # the model is left alone
+    J = _explicit(_mlp(), X, params=other)
+    torch.testing.assert_close(K_other, J @ J.T, rtol=1e-12, atol=1e-12)
+    model32 = _mlp().float()
+    K32 = empirical_ntk(model32, X.float())
+    assert K32.dtype == torch.float64
+    J = _explicit(_mlp(), X.float().double())
+    torch.testing.assert_close(K32, J @ J.T, rtol=1e-6, atol=1e-6)
+
+
+def test_tangent_products_are_the_jacobian() -> None:
+    model = _mlp()
+    X = torch.randn(5, 4, dtype=torch.float64)
+    J = _explicit(model, X)
+    task = infkit.Task.classification(model)
+    tm = TangentModel(task, ParameterSpace(model))
+    batch = ExampleSet((X, torch.zeros(5).long())).take(torch.arange(5))
+    w = torch.randn(3, J.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(tm.jvp(batch, w).reshape(3, -1), w @ J.T, rtol=1e-12, atol=1e-13)
+    u = torch.randn(2, 5, 3, dtype=torch.float64)
+    torch.testing.assert_close(tm.vjp(batch, u), u.reshape(2, -1) @ J, rtol=1e-12, atol=1e-13)
+
+
+def test_memory_is_checked_before_allocation() -> None:
+    model = _mlp()
+    X = torch.randn(50, 4, dtype=torch.float64)
+    with pytest.raises(ProblemTooLargeError, match=r"150 x 150.*scales") as info:
+        empirical_ntk(model, X, memory_limit=100_000)
+    assert "memory limit" in str(info.value)
+
+
+def test_structured_rule_covers_single_use_linear_layers_only() -> None:
+    torch.manual_seed(1)
+    model = _Tied().double()
+    X = torch.randn(4, 5, dtype=torch.float64)
+    tm = TangentModel(infkit.Task.regression(model), ParameterSpace(model))
+    batch = ExampleSet((X, torch.zeros(4, 2))).take(torch.arange(4))
+    assert tm.resolved_strategy(batch) == "structured"
+    covered = sorted(n for layer in tm._layers for n in (layer.weight, layer.bias) if n)
+    assert covered == ["frozen.bias", "head.bias", "head.weight"]
+    assert tm._rest == ["a.weight", "a.bias"]
