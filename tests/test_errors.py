@@ -112,11 +112,12 @@ def test_method_estimator_pair_that_cannot_be_computed(linear_data) -> None:
 
 def test_singular_curvature_without_l2_or_damping_suggests_damping(linear_data) -> None:
     _, (X, _) = linear_data
+    y = X @ torch.arange(1.0, 5.0, dtype=torch.float64) + torch.randn(30, dtype=torch.float64)
+    w = torch.linalg.solve(X.T @ X, X.T @ y)  # least squares on the distinct features
     X = torch.cat([X, X[:, :1]], dim=1)  # a duplicated feature: the curvature is singular
-    y = X @ torch.arange(1.0, 6.0, dtype=torch.float64) + torch.randn(30, dtype=torch.float64)
     model = torch.nn.Linear(5, 1, bias=False).double()
-    with torch.no_grad():
-        model.weight.copy_(torch.linalg.lstsq(X, y).solution.reshape(1, 5))
+    with torch.no_grad():  # a least-squares solution splitting the duplicated weight in two
+        model.weight.copy_(torch.cat([w[:1] / 2, w[1:], w[:1] / 2]).reshape(1, 5))
     task = infkit.Task.regression(model)
     # Refused at fit, before any score is asked for.
     with pytest.raises(CurvatureError, match=r"singular.*damping="):
