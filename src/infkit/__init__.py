@@ -11,8 +11,9 @@ from infkit.errors import (
     UnsupportedError,
 )
 from infkit.influence import Influence, TopK
-from infkit.linearize import linearize
+from infkit.linearize import linearizability, linearize
 from infkit.methods import methods
+from infkit.ntk import empirical_ntk
 from infkit.removal import RemovalEffect
 from infkit.task import Task
 from infkit.training import train_to_optimum
@@ -31,7 +32,9 @@ __all__ = [
     "Task",
     "TopK",
     "UnsupportedError",
+    "empirical_ntk",
     "evaluate",
+    "linearizability",
     "linearize",
     "methods",
     "retrain",
