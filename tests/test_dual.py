@@ -315,6 +315,18 @@ def test_linearize_at_matches_numpy_dual_newton() -> None:
         warnings.simplefilter("ignore", UserWarning)  # not at an exact optimum: irrelevant here
         inf = infkit.Influence(task, "dual", "newton", l2=l2, linearize_at=theta0).fit((X, y))
     assert relative_error(inf.remove(F.tolist()).params, torch.as_tensor(expected)) < 1e-10
+    # Outputs change at the linearisation point: K_0(X_t, X) Delta-alpha = J_0(X_t) Delta theta.
+    Xt = X[:4] + 0.1
+    J0t = (
+        PerExample(
+            infkit.Task.classification(_mlp(3, 10, 3, seed=7)),
+            ParameterSpace(_mlp(3, 10, 3, seed=7)),
+        )
+        .jacobians(infkit.data.ExampleSet((Xt, y[:4])).take(torch.arange(4)))
+        .numpy()
+    )
+    predicted = inf.remove(F.tolist()).outputs((Xt, y[:4]))
+    assert relative_error(predicted, torch.as_tensor(J0t @ expected)) < 1e-10
 
 
 def test_memory_refusal_names_scalable_methods(classifier: dict) -> None:
