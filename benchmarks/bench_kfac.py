@@ -1,0 +1,430 @@
+"""Benchmark: infkit EK-FAC against kronfluence 1.0.1 EK-FAC, same model and data, one run.
+
+For each problem (digits MLP 64-32-10 on sklearn's load_digits, 1,437 train / 360 test; and an
+MNIST MLP 196-32-10 on 2x2-average-pooled images of the real MNIST test set, 8,000 train / 500
+queries drawn with seed 0 from /work/shared/data/mnist, never copied), a tanh MLP is trained in
+float64 to the optimum of mean cross-entropy + (1e-3/2)||theta||^2. Both libraries then score
+every (query, train) pair of the float32 copy of that model, at the same explicit damping
+lambda (kronfluence's ``damping_factor``; infkit ``l2=0, damping=lambda``), and are compared with
+the dense damped GGN reference ``(1/N) u^T g``, ``u = (G + lambda I)^{-1} grad l(query)``, G the
+dense mean-form GGN of infkit ``method="exact"`` (float64 model) and g the training gradients.
+
+Reported per damping: Pearson correlation of all pairs with the reference, and wall time of
+factors + pairwise scores (best of ``--repeats``, runs of the two libraries interleaved; the
+machine is shared, so the minimum is the least-disturbed run). kronfluence runs in its own venv
+(/work/main/.venv-peers, built by ../shared/bench/peers-venv.sh) as a worker process of this
+script, with ``Analyzer(cpu=True)``, its default true Fisher (sampled labels), EK-FAC strategy
+and the same batch sizes; losses passed to it are summed (its convention).
+
+Run:  .venv/bin/python benchmarks/bench_kfac.py [--problems digits mnist] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+L2_TRAIN = 1e-3
+
+
+def make_mlp(sizes: list[int]) -> torch.nn.Module:
+    layers: list[torch.nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.Tanh())
+    return torch.nn.Sequential(*layers)
+
+
+# ============================================================================ kronfluence worker
+def peer_worker(directory: Path) -> None:
+    """Runs inside the peer venv (torch + kronfluence only): factors + pairwise scores."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    config = json.loads((directory / "config.json").read_text())
+    torch.set_num_threads(config["threads"])
+    data = torch.load(directory / "data.pt")
+    model = make_mlp(config["sizes"])
+    model.load_state_dict(data["state"])
+    model.eval()
+
+    class Classification(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            logits = model(x)
+            if sample:
+                with torch.no_grad():
+                    probs = torch.softmax(logits.detach(), dim=-1)
+                    y = torch.multinomial(probs, 1).flatten()
+            return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
+
+    train = torch.utils.data.TensorDataset(data["X_train"], data["y_train"])
+    test = torch.utils.data.TensorDataset(data["X_test"], data["y_test"])
+    task = Classification()
+    model = prepare_model(model, task)
+    out = {}
+    warm = config["batch_size"]
+    warm_train = torch.utils.data.Subset(train, range(min(warm, len(train))))
+    warm_test = torch.utils.data.Subset(test, range(min(8, len(test))))
+    for run in range(-1, config["repeats"]):  # run -1: an untimed warm-up on a small subset
+        torch.manual_seed(max(run, 0))
+        run_train, run_test = (warm_train, warm_test) if run < 0 else (train, test)
+        analyzer = Analyzer(
+            analysis_name="bench",
+            model=model,
+            task=task,
+            cpu=True,
+            disable_tqdm=True,
+            output_dir=str(directory / f"kf{run + 1}"),
+        )
+        start = time.perf_counter()
+        analyzer.fit_all_factors(
+            factors_name="ekfac",
+            dataset=run_train,
+            per_device_batch_size=config["batch_size"],
+            factor_args=FactorArguments(strategy="ekfac"),
+            overwrite_output_dir=True,
+        )
+        factors_time = time.perf_counter() - start
+        for damping in config["dampings"]:
+            start = time.perf_counter()
+            analyzer.compute_pairwise_scores(
+                scores_name=f"s{damping}",
+                factors_name="ekfac",
+                query_dataset=run_test,
+                train_dataset=run_train,
+                per_device_query_batch_size=len(run_test),
+                per_device_train_batch_size=config["batch_size"],
+                score_args=ScoreArguments(damping_factor=damping),
+                overwrite_output_dir=True,
+            )
+            score_time = time.perf_counter() - start
+            if run < 0:
+                continue
+            scores = analyzer.load_pairwise_scores(f"s{damping}")["all_modules"]
+            key = str(damping)
+            entry = out.setdefault(key, {"times": [], "scores": None})
+            entry["times"].append(factors_time + score_time)
+            entry["factors_time"] = factors_time
+            if entry["scores"] is None:
+                entry["scores"] = scores.double().numpy()
+    np.savez(
+        directory / "kronfluence.npz",
+        **{f"scores_{k}": v["scores"] for k, v in out.items()},
+    )
+    (directory / "kronfluence.json").write_text(
+        json.dumps({k: {"times": v["times"]} for k, v in out.items()})
+    )
+
+
+# ============================================================================ problems
+def load_digits_problem() -> dict:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_digits(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=0, stratify=y)
+    scaler = StandardScaler().fit(Xtr)
+    return {
+        "name": "digits MLP 64-32-10",
+        "sizes": [64, 32, 10],
+        "X_train": torch.tensor(scaler.transform(Xtr)),
+        "y_train": torch.tensor(ytr),
+        "X_test": torch.tensor(scaler.transform(Xte)),
+        "y_test": torch.tensor(yte),
+    }
+
+
+def _idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if data[3] == 3:  # images: 16-byte header
+        n, rows, cols = (int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
+        return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+    n = int.from_bytes(data[4:8], "big")
+    return np.frombuffer(data, dtype=np.uint8, offset=8)[:n]
+
+
+def load_mnist_problem(directory: Path, n_train: int, n_test: int, hidden: int) -> dict:
+    images = _idx(directory / "t10k-images-idx3-ubyte.gz").astype(np.float64) / 255.0
+    labels = _idx(directory / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
+    pooled = images.reshape(-1, 14, 2, 14, 2).mean(axis=(2, 4)).reshape(len(images), 196)
+    perm = np.random.default_rng(0).permutation(len(labels))
+    tr, te = perm[:n_train], perm[n_train : n_train + n_test]
+    mean, std = pooled[tr].mean(0), pooled[tr].std(0) + 1e-2
+    X = torch.tensor((pooled - mean) / std)
+    return {
+        "name": f"MNIST MLP 196-{hidden}-10 (14x14)",
+        "sizes": [196, hidden, 10],
+        "X_train": X[tr],
+        "y_train": torch.tensor(labels[tr]),
+        "X_test": X[te],
+        "y_test": torch.tensor(labels[te]),
+    }
+
+
+def train(problem: dict, cache: Path | None = None) -> None:
+    import infkit
+
+    torch.manual_seed(0)
+    model = make_mlp(problem["sizes"]).double()
+    task = infkit.Task.classification(model)
+    X, y = problem["X_train"], problem["y_train"]
+    key = f"{problem['name']}-{len(y)}".replace(" ", "_").replace("/", "_")
+    path = None if cache is None else cache / f"{key}.pt"
+    if path is not None and path.exists():
+        saved = torch.load(path)
+        model.load_state_dict(saved["state"])
+        problem.update(train_time=0.0, converged=saved["converged"] + " (cached)")
+    else:
+        start = time.perf_counter()
+        result = infkit.train_to_optimum(task, (X, y), L2_TRAIN, tolerance=1e-9, max_iter=3000)
+        problem["train_time"] = time.perf_counter() - start
+        problem["converged"] = f"{result.converged}, ||grad L|| = {result.gradient_norm:.1e}"
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state": model.state_dict(), "converged": problem["converged"]}, path)
+    problem["cache_key"] = path
+    problem["model64"] = model
+    with torch.no_grad():
+        problem["accuracy"] = float(
+            (model(problem["X_test"]).argmax(1) == problem["y_test"]).double().mean()
+        )
+
+
+def reference(problem: dict) -> tuple:
+    """Dense GGN (infkit exact, float64), its eigendecomposition, query and train gradients."""
+    import infkit
+
+    task = infkit.Task.classification(problem["model64"])
+    train = (problem["X_train"], problem["y_train"])
+    test = (problem["X_test"], problem["y_test"])
+    path = problem.get("cache_key")
+    path = None if path is None else path.with_suffix(".reference.pt")
+    if path is not None and path.exists():
+        problem["reference_time"] = 0.0
+        return tuple(torch.load(path))
+    start = time.perf_counter()
+    exact = infkit.Influence(task, "exact", l2=0.0, damping=1e-3, batch_size=256).fit(train)
+    H = exact.state.method.data_curvature
+    ev, U = torch.linalg.eigh(H)
+    Q = exact._query_gradients(infkit.data.ExampleSet(test))
+    G = exact.state.train_grad_cache
+    if G is None:
+        G = exact._query_gradients(infkit.data.ExampleSet(train))  # measurement = loss
+    problem["reference_time"] = time.perf_counter() - start
+    out = (ev, Q @ U, G @ U, len(G))
+    if path is not None:
+        torch.save(list(out), path)
+    return out
+
+
+def reference_scores(ref: tuple, damping: float) -> torch.Tensor:
+    ev, QU, GU, n = ref
+    return (QU / (ev + damping)) @ GU.T / n
+
+
+# ============================================================================ infkit side
+def infkit_run(
+    problem: dict, damping: float, fisher: str, batch_size: int, warm_up: bool = False
+) -> tuple:
+    import infkit
+
+    model = make_mlp(problem["sizes"])
+    model.load_state_dict(problem["state32"])
+    task = infkit.Task.classification(model)
+    train = (problem["X_train"].float(), problem["y_train"])
+    test = (problem["X_test"].float(), problem["y_test"])
+    if warm_up:  # untimed, on a small subset, as for kronfluence
+        train = (train[0][:batch_size], train[1][:batch_size])
+        test = (test[0][:8], test[1][:8])
+    start = time.perf_counter()
+    inf = infkit.Influence(
+        task, "ekfac", l2=0.0, damping=damping, batch_size=batch_size, fisher=fisher
+    ).fit(train)
+    S = inf.scores(test)
+    return S.double(), time.perf_counter() - start
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.reshape(-1).double(), b.reshape(-1).double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()))
+
+
+def run_problem(problem: dict, args: argparse.Namespace) -> list[dict]:
+    train(problem, args.cache_dir)
+    print(
+        f"\n== {problem['name']}: N={len(problem['y_train'])}, queries={len(problem['y_test'])}, "
+        f"trained in {problem['train_time']:.1f}s (converged {problem['converged']}), "
+        f"test accuracy {problem['accuracy']:.3f}",
+        flush=True,
+    )
+    problem["state32"] = {k: v.float() for k, v in problem["model64"].state_dict().items()}
+    ref = reference(problem)
+    print(f"   dense GGN reference (P={ref[1].shape[1]:,}) in {problem['reference_time']:.1f}s")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_kfac_") as tmp:
+        directory = Path(tmp)
+        torch.save(
+            {
+                "state": problem["state32"],
+                "X_train": problem["X_train"].float(),
+                "y_train": problem["y_train"],
+                "X_test": problem["X_test"].float(),
+                "y_test": problem["y_test"],
+            },
+            directory / "data.pt",
+        )
+        # Interleave: one kronfluence worker run (all dampings) per infkit round.
+        for fisher in args.fishers:
+            infkit_run(problem, args.dampings[0], fisher, args.batch_size, warm_up=True)
+        ours: dict[tuple[float, str], dict] = {}
+        peer_times: dict[str, list[float]] = {}
+        peer_scores: dict[str, np.ndarray] = {}
+        for round_ in range(args.repeats):
+            config = {
+                "sizes": problem["sizes"],
+                "dampings": args.dampings,
+                "batch_size": args.batch_size,
+                "repeats": 1,
+                "threads": args.threads,
+            }
+            (directory / "config.json").write_text(json.dumps(config))
+            subprocess.run(
+                [str(args.peer_python), __file__, "--peer-worker", str(directory)],
+                check=True,
+                env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            )
+            timing = json.loads((directory / "kronfluence.json").read_text())
+            saved = np.load(directory / "kronfluence.npz")
+            for d in args.dampings:
+                peer_times.setdefault(str(d), []).extend(timing[str(d)]["times"])
+                peer_scores.setdefault(str(d), saved[f"scores_{d}"])
+            for d in args.dampings:
+                for fisher in args.fishers:
+                    S, t = infkit_run(problem, d, fisher, args.batch_size)
+                    entry = ours.setdefault((d, fisher), {"times": [], "scores": S})
+                    entry["times"].append(t)
+            print(f"   round {round_ + 1}/{args.repeats} done", flush=True)
+    for d in args.dampings:
+        R = reference_scores(ref, d)
+        kf = torch.as_tensor(peer_scores[str(d)])
+        kf_corr, kf_time = pearson(kf, R), min(peer_times[str(d)])
+        for fisher in args.fishers:
+            entry = ours[(d, fisher)]
+            corr, t = pearson(entry["scores"], R), min(entry["times"])
+            rows.append(
+                {
+                    "problem": problem["name"],
+                    "damping": d,
+                    "fisher": fisher,
+                    "infkit_corr": corr,
+                    "kron_corr": kf_corr,
+                    "infkit_time": t,
+                    "kron_time": kf_time,
+                    "ratio": t / kf_time,
+                }
+            )
+            print(
+                f"   damping {d:g}, infkit fisher={fisher}: pearson {corr:.4f} vs kronfluence "
+                f"{kf_corr:.4f}; time {t:.2f}s vs {kf_time:.2f}s (ratio {t / kf_time:.2f})",
+                flush=True,
+            )
+    return rows
+
+
+def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
+    lines = [
+        "# EK-FAC: infkit against kronfluence 1.0.1 (benchmarks/bench_kfac.py)",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), "
+        f"torch {torch.__version__}, {args.threads} threads each; times are the best of "
+        f"{args.repeats} interleaved runs of factors + pairwise scores (all queries x all train).",
+        "Correlation: Pearson over all (query, train) pairs with the dense damped GGN reference "
+        '(infkit `method="exact"`, float64) at the same damping. kronfluence: EK-FAC, true Fisher '
+        'with sampled labels (its default), explicit `damping_factor`. infkit: `method="ekfac"`, '
+        '`fisher="ggn"` (exact expected GGN factors, the default for <= 64 outputs) and '
+        '`fisher="sampled"` (kronfluence\'s estimator).',
+        "",
+        "| problem | damping | infkit fisher | infkit Pearson | kronfluence Pearson | infkit s | "
+        "kronfluence s | time ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['problem']} | {r['damping']:g} | {r['fisher']} | {r['infkit_corr']:.4f} | "
+            f"{r['kron_corr']:.4f} | {r['infkit_time']:.2f} | {r['kron_time']:.2f} | "
+            f"{r['ratio']:.2f} |"
+        )
+    lines += ["", "Targets: Pearson >= 0.9 and above kronfluence's; time ratio <= 0.5.", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    print(f"\nwrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--problems", nargs="+", default=["digits", "mnist"])
+    parser.add_argument("--dampings", nargs="+", type=float, default=[1e-3, 1e-2, 3e-2, 1e-1])
+    parser.add_argument("--fishers", nargs="+", default=["ggn", "sampled"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mnist-dir", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
+    parser.add_argument("--mnist-train", type=int, default=8000)
+    parser.add_argument("--mnist-test", type=int, default=500)
+    parser.add_argument("--mnist-hidden", type=int, default=32)
+    parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="reuse trained models and references"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kfac.md")
+    args = parser.parse_args()
+    if not args.peer_python.exists():
+        sys.exit(
+            f"kronfluence venv not found at {args.peer_python}: run ../shared/bench/peers-venv.sh"
+        )
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.problems:
+        problem = (
+            load_digits_problem()
+            if name == "digits"
+            else load_mnist_problem(
+                args.mnist_dir, args.mnist_train, args.mnist_test, args.mnist_hidden
+            )
+        )
+        rows += run_problem(problem, args)
+    write_table(rows, args, args.out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--peer-worker":
+        warnings.simplefilter("ignore")
+        peer_worker(Path(sys.argv[2]))
+    else:
+        main()

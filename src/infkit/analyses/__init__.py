@@ -1,0 +1,7 @@
+"""Applications built on influence scores, one module per analysis.
+
+* :mod:`~infkit.analyses.layer_quality`: LayerIF, per-layer influence on a validation set;
+* :mod:`~infkit.analyses.similarity`: Fisher-kernel (KFE) features and dataset similarity;
+* :mod:`~infkit.analyses.memorisation`: memorisation scores from low-curvature gradient energy
+  and the low-curvature weight edit.
+"""

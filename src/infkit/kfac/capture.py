@@ -1,0 +1,234 @@
+"""Activations and pre-activation gradients of tracked layers, through forward hooks.
+
+One forward pass of the real model (no rewriting) records, for every tracked layer, the
+augmented input activations ``a`` [B, T, cols] (token-flattened: T positions per example; a
+ones-column appended for a trainable bias; unfolded patches for convolutions) and keeps the layer
+output in the autograd graph. :meth:`Capture.backprop` then returns the pre-activation
+gradients ``Ds`` [K, B, T, d_out] for K output-space vectors at once (one vectorised backward),
+so the per-example gradient of a block is ``DW_i = sum_t Ds_it a_it^T``.
+
+An attention mask (``inputs["attention_mask"]``, [B, T]) marks padding positions: they are left
+out of the activation statistics (and the token count). Their gradients are kept, which changes
+nothing when the loss ignores padding (their ``Ds`` is then zero) and keeps ``DW_i`` equal to
+the true per-example gradient otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from infkit.kfac.modules import TrackedModule
+from infkit.task import Task
+
+
+@dataclass
+class Record:
+    """One call of a tracked layer: its activations and (graph-attached) output."""
+
+    a: Tensor  # [B, T, cols], detached
+    out: Tensor  # the layer output, attached to the graph
+    mask: Tensor | None  # [B, T] of 0/1 (float), or None when every position counts
+    to_tokens: Callable[[Tensor], Tensor]  # output-shaped [K, *out] -> [K, B, T, d_out]
+
+
+def _conv_patches(module: torch.nn.Conv2d, x: Tensor) -> Tensor:
+    """Unfolded patches [B, L, C_in*kh*kw] for the output positions of ``module`` on ``x``."""
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = 0
+    elif isinstance(padding, str):  # "same" / "valid"
+        if padding == "valid":
+            padding = 0
+        else:
+            pads = []
+            for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+            padding = 0
+    cols = F.unfold(
+        x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+    )
+    return cols.transpose(1, 2)
+
+
+class Capture:
+    """Context manager recording tracked layers during forward passes.
+
+    Args:
+        tracked: the tracked layers.
+        mask_key: key of the attention mask in dict inputs (None: no masking).
+    """
+
+    def __init__(
+        self, tracked: list[TrackedModule], mask_key: str | None = "attention_mask"
+    ) -> None:
+        self.tracked = tracked
+        self.mask_key = mask_key
+        self.records: dict[str, list[Record]] = {}
+        self._handles: list[Any] = []
+        self._mask: Tensor | None = None
+
+    def __enter__(self) -> Capture:
+        for t in self.tracked:
+            self._handles.append(t.module.register_forward_hook(self._hook(t)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.records = {}
+
+    def _hook(self, t: TrackedModule) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            x = args[0].detach()
+            b = x.shape[0]
+            if t.kind == "conv2d":
+                a = _conv_patches(module, x)
+                c_out = output.shape[1]
+
+                def to_tokens(g: Tensor, b: int = b, c_out: int = c_out) -> Tensor:
+                    return g.reshape(g.shape[0], b, c_out, -1).transpose(-1, -2)
+
+                mask = None
+            else:
+                a = x.reshape(b, -1, x.shape[-1])
+                d_out = output.shape[-1]
+
+                def to_tokens(g: Tensor, b: int = b, d_out: int = d_out) -> Tensor:
+                    return g.reshape(g.shape[0], b, -1, d_out)
+
+                mask = None
+                if self._mask is not None and x.dim() == 3 and self._mask.shape == x.shape[:2]:
+                    mask = self._mask.to(a.dtype)
+            if t.bias is not None:
+                a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+            self.records.setdefault(t.name, []).append(Record(a, output, mask, to_tokens))
+
+        return hook
+
+    def forward(self, task: Task, inputs: Any) -> Tensor:
+        """Run the model on ``inputs`` (recording); returns its outputs flattened to [B, C]."""
+        self.records = {}
+        self._mask = None
+        if self.mask_key is not None and isinstance(inputs, dict):
+            m = inputs.get(self.mask_key)
+            if isinstance(m, Tensor) and m.dim() == 2:
+                self._mask = m.detach()
+        out = task.call_model(task.model, inputs)
+        return out
+
+    def activations(self, name: str) -> tuple[Tensor, Tensor | None]:
+        """All recorded activations of layer ``name``: [B, T_total, cols] and the mask."""
+        recs = self.records.get(name, [])
+        if not recs:
+            raise RuntimeError(
+                f"tracked module {name!r} was not called during the forward pass; it has no "
+                "gradient, so freeze it (requires_grad=False) or leave it out with modules=[...]"
+            )
+        a = torch.cat([r.a for r in recs], dim=1)
+        if all(r.mask is None for r in recs):
+            return a, None
+        masks = [r.mask if r.mask is not None else r.a.new_ones(r.a.shape[:2]) for r in recs]
+        return a, torch.cat(masks, dim=1)
+
+    def backprop(self, outputs: Tensor, grad_outputs: Tensor) -> dict[str, Tensor]:
+        """Pre-activation gradients of every tracked layer for K output-space vectors.
+
+        Args:
+            outputs: the model outputs returned by :meth:`forward` (any shape, B first).
+            grad_outputs: [K, *outputs.shape], the vectors to pull back.
+
+        Returns:
+            name -> Ds [K, B, T_total, d_out] (tokens of repeated calls concatenated).
+        """
+        names = [t.name for t in self.tracked]
+        recs = [(n, r) for n in names for r in self.records.get(n, [])]
+        outs = [r.out for _, r in recs]
+        k = grad_outputs.shape[0]
+        grads: list[Tensor | None]
+        if k == 1:
+            grads = list(
+                torch.autograd.grad(
+                    outputs, outs, grad_outputs[0], retain_graph=True, allow_unused=True
+                )
+            )
+            grads = [None if g is None else g.unsqueeze(0) for g in grads]
+        else:
+            try:
+                grads = list(
+                    torch.autograd.grad(
+                        outputs,
+                        outs,
+                        grad_outputs,
+                        retain_graph=True,
+                        allow_unused=True,
+                        is_grads_batched=True,
+                    )
+                )
+            except (RuntimeError, NotImplementedError):  # no batching rule: one per vector
+                columns = [
+                    torch.autograd.grad(
+                        outputs, outs, grad_outputs[j], retain_graph=True, allow_unused=True
+                    )
+                    for j in range(k)
+                ]
+                grads = [
+                    None if columns[0][i] is None else torch.stack([c[i] for c in columns])
+                    for i in range(len(outs))
+                ]
+        result: dict[str, list[Tensor]] = {}
+        for (name, rec), g in zip(recs, grads):
+            if g is None:
+                g = torch.zeros(k, *rec.out.shape, dtype=rec.out.dtype, device=rec.out.device)
+            result.setdefault(name, []).append(rec.to_tokens(g))
+        return {n: torch.cat(parts, dim=2) for n, parts in result.items()}
+
+    def loss_gradients(self, outputs: Tensor, losses: Tensor) -> dict[str, Tensor]:
+        """Pre-activation gradients of ``losses.sum()``: name -> Ds [1, B, T, d_out]."""
+        g = torch.autograd.grad(losses.sum(), outputs, retain_graph=True)[0]
+        return self.backprop(outputs, g.unsqueeze(0))
+
+
+def layer_terms(
+    engine: Any,
+    tracked: list[TrackedModule],
+    batch: Any,
+    which: str = "loss",
+    mask_key: str | None = "attention_mask",
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-position terms of each example's gradient for every tracked layer.
+
+    Returns name -> (a [B, T, cols], Ds [B, T, d_out]) with ``sum_t Ds_t a_t^T`` the gradient of
+    example b's loss (``which="loss"``) or measurement (``"measurement"``) with respect to the
+    layer's augmented block ``[W | b]``.
+    """
+    from infkit.gradients import evaluation_mode
+
+    task = engine.task
+    inputs, targets = engine.prepare(batch)
+    with Capture(tracked, mask_key) as cap, evaluation_mode(task.model), torch.enable_grad():
+        out = cap.forward(task, inputs)
+        values = (
+            task.checked_loss(out, targets)
+            if which == "loss"
+            else task.checked_measurement(out, targets)
+        )
+        Ds = cap.loss_gradients(out, values)
+        return {t.name: (cap.activations(t.name)[0], Ds[t.name][0].detach()) for t in tracked}
+
+
+def block_gradients(terms: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """Per-example block gradients ``sum_t Ds_t a_t^T``: name -> [B, d_out, cols] float64."""
+    return {
+        name: torch.einsum("bto,bti->boi", ds.to(torch.float64), a.to(torch.float64))
+        for name, (a, ds) in terms.items()
+    }

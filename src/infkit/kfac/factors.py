@@ -1,0 +1,450 @@
+"""Kronecker factors of the mean-form GGN, their eigenbases and the EK-FAC eigenvalues.
+
+For a tracked layer with augmented activations ``a`` [cols] and pre-activation gradients ``Ds``
+[d_out] at positions t of example i, the per-example pseudo-gradient is
+``DW_i = sum_t Ds_it a_it^T`` and the layer's block of the mean-form GGN is
+``G = (1/N) sum_i E[vec(DW_i) vec(DW_i)^T]`` (row-major vec). The factors are (methods.md §4.2)
+
+    A = sum_{i,t} m_it a_it a_it^T / sum_{i,t} m_it      (per-position mean, m = attention mask)
+    S = (1/N) sum_i sum_t E[Ds_it Ds_it^T]                 (per-example sum over positions)
+
+so that ``S (x) A`` approximates G itself: it is exact up to the Kronecker (independence)
+approximation and the cross-position terms, on the same scale as the EK-FAC eigenvalues below.
+(kronfluence averages S over positions as well, which makes its K-FAC eigenvalues smaller by about
+the number of positions than its EK-FAC ones; methods.md §4.3 "scale caveat".)
+
+Where ``E[Ds Ds^T]`` comes from (``fisher``):
+
+* ``"ggn"``: exact and deterministic. With ``Lambda_i = L_i L_i^T`` (eigendecomposition of the
+  output-space loss Hessian), the C columns of ``L_i`` are pulled back through the network, and
+  ``sum_c Ds_c Ds_c^T`` is exactly the GGN's expectation, with no sampling noise;
+* ``"sampled"``: the true Fisher, one (or ``samples``) label(s) drawn from the model's predictive
+  distribution per example (kronfluence's default);
+* ``"empirical"``: the empirical Fisher, with the true labels.
+
+EK-FAC (George et al. 2018; Grosse et al. 2023, Eq. 20) keeps the eigenbases ``Q_S``, ``Q_A`` and
+replaces the eigenvalues ``lambda_S,o lambda_A,i`` by the exact diagonal of G in that basis,
+``Lambda_oi = (1/N) sum_i E[(Q_S^T DW_i Q_A)_oi^2]``. All of it is accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from infkit.data import ExampleSet
+from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.gradients import PerExample, evaluation_mode
+from infkit.kfac.capture import Capture
+from infkit.kfac.modules import TrackedModule
+from infkit.store import load_json, load_tensors, save_json, save_tensors
+
+FISHER = ("auto", "ggn", "sampled", "empirical")
+#: format of saved factors
+FORMAT = 1
+#: elements of the [K, b, d_out, cols] rotated-gradient tensor built at once for EK-FAC
+CHUNK_ELEMENTS = 1 << 24
+
+SampleFn = Callable[[Tensor, Any, torch.Generator], Any]
+
+
+@dataclass
+class ModuleFactors:
+    """The factors of one tracked layer, all float64."""
+
+    A: Tensor  # [cols, cols]
+    S: Tensor  # [d_out, d_out]
+    QA: Tensor  # eigenvectors of A (columns)
+    eig_a: Tensor  # eigenvalues of A, clamped at 0
+    QS: Tensor
+    eig_s: Tensor
+    Lambda: Tensor | None = None  # [d_out, cols] EK-FAC eigenvalues
+    tokens: float = 0.0  # positions counted in A
+
+    def eigenvalues(self, corrected: bool) -> Tensor:
+        """EK-FAC eigenvalues when ``corrected`` (and available), else K-FAC's ``eig_s x eig_a``."""
+        if corrected:
+            if self.Lambda is None:
+                raise UnsupportedError(
+                    "these factors have no EK-FAC eigenvalue correction; fit them with "
+                    "method='ekfac'"
+                )
+            return self.Lambda
+        return torch.outer(self.eig_s, self.eig_a)
+
+
+@dataclass
+class KroneckerFactors:
+    """Kronecker factors of every tracked layer, with the arguments they were fitted with."""
+
+    modules: dict[str, ModuleFactors]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def corrected(self) -> bool:
+        return all(f.Lambda is not None for f in self.modules.values())
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``factors.safetensors`` and ``factors.json`` into ``directory`` (atomically)."""
+        directory = Path(directory)
+        tensors = {}
+        for name, f in self.modules.items():
+            for key in ("A", "S", "QA", "eig_a", "QS", "eig_s", "Lambda"):
+                value = getattr(f, key)
+                if value is not None:
+                    tensors[f"{name}::{key}"] = value
+        tokens = {name: f.tokens for name, f in self.modules.items()}
+        save_tensors(directory / "factors.safetensors", tensors)
+        save_json(directory / "factors.json", {**self.meta, "tokens": tokens, "format": FORMAT})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> KroneckerFactors:
+        directory = Path(directory)
+        meta = load_json(directory / "factors.json")
+        if meta.get("format") != FORMAT:
+            raise InvalidInputError(
+                f"{directory} holds factors of format {meta.get('format')!r}; this infkit reads "
+                f"format {FORMAT}: refit them"
+            )
+        tensors = load_tensors(directory / "factors.safetensors")
+        tokens = meta.pop("tokens", {})
+        meta.pop("format", None)
+        modules = {}
+        for m in meta["modules"]:
+            name = m["name"]
+            get = lambda k, name=name: tensors.get(f"{name}::{k}")  # noqa: E731
+            Lambda = get("Lambda")
+            modules[name] = ModuleFactors(
+                *(get(k).to(device) for k in ("A", "S", "QA", "eig_a", "QS", "eig_s")),
+                Lambda=None if Lambda is None else Lambda.to(device),
+                tokens=float(tokens.get(name, 0.0)),
+            )
+        return cls(modules, meta)
+
+
+# ---------------------------------------------------------------------------------- sampling
+def default_sampler(task_name: str) -> SampleFn | None:
+    """Labels drawn from the model's predictive distribution, for the ready-made tasks."""
+    if task_name == "classification":
+
+        def categorical(out: Tensor, targets: Any, gen: torch.Generator) -> Tensor:
+            probs = torch.softmax(out.detach().double(), dim=-1)
+            flat = probs.reshape(-1, probs.shape[-1])
+            return torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:-1])
+
+        return categorical
+    if task_name == "binary_classification":
+
+        def bernoulli(out: Tensor, targets: Any, gen: torch.Generator) -> Tensor:
+            p = torch.sigmoid(out.detach().double())
+            return torch.bernoulli(p, generator=gen).to(out.dtype).reshape(p.shape[0], -1)
+
+        return bernoulli
+    if task_name == "regression":
+
+        def gaussian(out: Tensor, targets: Any, gen: torch.Generator) -> Tensor:
+            noise = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+            return out.detach() + noise
+
+        return gaussian
+    return None
+
+
+def output_factor(task: Any, out: Tensor, targets: Any) -> Tensor:
+    """L_i [B, C, K] with L_i L_i^T = Lambda_i, the output-space loss Hessian.
+
+    Closed forms for the ready-made tasks (softmax: ``diag(sqrt p) - p sqrt(p)^T``, since
+    ``sum p = 1``; sigmoid: ``diag(sqrt(p (1 - p)))``; squared error: I); otherwise an
+    eigendecomposition of ``task.lambda_blocks``, dropping directions with zero curvature in
+    every example of the batch.
+    """
+    from infkit import task as tasks
+
+    b = out.shape[0]
+    hessian = task.output_hessian
+    if hessian is tasks._softmax_hessian and out.dim() == 2:
+        p = torch.softmax(out.to(torch.float64), dim=-1)
+        r = p.sqrt()
+        return torch.diag_embed(r) - p.unsqueeze(2) * r.unsqueeze(1)
+    if hessian is tasks._binary_hessian:
+        p = torch.sigmoid(out.to(torch.float64).reshape(b, -1))
+        return torch.diag_embed((p * (1 - p)).sqrt())
+    if hessian is tasks._identity_hessian:
+        c = out[0].numel()
+        return torch.eye(c, dtype=torch.float64, device=out.device).expand(b, c, c)
+    lam = task.lambda_blocks(out, targets).to(torch.float64)
+    lam = 0.5 * (lam + lam.transpose(1, 2))
+    ev, U = torch.linalg.eigh(lam)  # ascending
+    L = U * ev.clamp_min(0).sqrt().unsqueeze(1)  # columns = vectors
+    keep = (ev.max(dim=0).values > 0).nonzero().squeeze(1)
+    if keep.numel() == 0:  # zero curvature everywhere: one zero vector
+        keep = torch.tensor([ev.shape[1] - 1], device=ev.device)
+    return L[:, :, keep]
+
+
+# ---------------------------------------------------------------------------------- fitting
+class FactorFitter:
+    """Fits :class:`KroneckerFactors` on a training set, batch by batch.
+
+    Args:
+        engine: per-example machinery of the task (prepare, model, loss).
+        tracked: the tracked layers.
+        fisher: ``"auto"``, ``"ggn"``, ``"sampled"`` or ``"empirical"`` (see module docstring).
+        samples: labels drawn per example for ``"sampled"``.
+        seed: seed of the label sampler.
+        sample_targets: ``fn(outputs, targets, generator) -> targets`` drawing labels from the
+            model's predictive distribution (needed by ``"sampled"`` for custom tasks).
+        max_exact_outputs: ``"auto"`` uses ``"ggn"`` when the flattened output has at most this
+            many entries (one pulled-back vector each), else ``"sampled"``.
+        mask_key: attention-mask key of dict inputs.
+        batch_size: examples per batch.
+        progress: show progress bars.
+        cache_bytes: keep activations and gradients of the first pass in memory for the
+            eigenvalue-correction pass when they fit in this many bytes (0: never).
+    """
+
+    def __init__(
+        self,
+        engine: PerExample,
+        tracked: list[TrackedModule],
+        *,
+        fisher: str = "auto",
+        samples: int = 1,
+        seed: int = 0,
+        sample_targets: SampleFn | None = None,
+        max_exact_outputs: int = 64,
+        mask_key: str | None = "attention_mask",
+        batch_size: int = 64,
+        progress: bool = False,
+        cache_bytes: int = 1 << 30,
+    ) -> None:
+        if fisher not in FISHER:
+            raise UnsupportedError(f"unknown fisher {fisher!r}; valid values: {', '.join(FISHER)}")
+        if samples < 1:
+            raise InvalidInputError(f"samples must be >= 1, got {samples}")
+        self.engine = engine
+        self.task = engine.task
+        self.tracked = tracked
+        self.fisher = fisher
+        self.samples = samples
+        self.seed = seed
+        self.sampler = sample_targets or default_sampler(self.task.name)
+        self.max_exact_outputs = max_exact_outputs
+        self.mask_key = mask_key
+        self.batch_size = batch_size
+        self.progress = progress
+        self.cache_bytes = cache_bytes
+
+    def resolve(self, examples: ExampleSet) -> str:
+        """The fisher mode actually used (``"auto"`` decided by the output size)."""
+        if self.fisher != "auto":
+            mode = self.fisher
+        else:
+            c = self.engine.outputs(examples.take([0]))[0].numel()
+            mode = "ggn" if c <= self.max_exact_outputs else "sampled"
+            if mode == "sampled" and self.sampler is None:
+                raise UnsupportedError(
+                    f"the model has {c} outputs per example, more than max_exact_outputs="
+                    f"{self.max_exact_outputs} for the exact GGN factors, and task "
+                    f"{self.task.name!r} has no label sampler for the true Fisher: pass "
+                    "sample_targets=fn(outputs, targets, generator) -> targets, "
+                    "fisher='empirical', or raise max_exact_outputs"
+                )
+        if mode == "sampled" and self.sampler is None:
+            raise UnsupportedError(
+                f"fisher='sampled' draws labels from the model, and task {self.task.name!r} has "
+                "no sampler: pass sample_targets=fn(outputs, targets, generator) -> targets, or "
+                "use fisher='ggn' (exact) or 'empirical'"
+            )
+        return mode
+
+    # -------------------------------------------------------------- output-space vectors
+    def output_vectors(
+        self, mode: str, out: Tensor, targets: Any, gen: torch.Generator | None
+    ) -> Tensor:
+        """[K, *out.shape] vectors u with sum_k u_k u_k^T = E[g g^T] (the curvature's S-part)."""
+        task = self.task
+        if mode == "ggn":
+            with torch.no_grad():
+                L = output_factor(task, out.detach(), targets)  # [B, C, K]
+            return L.permute(2, 0, 1).reshape(-1, *out.shape).to(out.dtype)
+        with torch.enable_grad():
+            f = out.detach().requires_grad_(True)
+            if mode == "empirical":
+                vectors = [torch.autograd.grad(task.checked_loss(f, targets).sum(), f)[0]]
+            else:
+                vectors = []
+                for _ in range(self.samples):
+                    y = self.sampler(f.detach(), targets, gen)
+                    vectors.append(torch.autograd.grad(task.checked_loss(f, y).sum(), f)[0])
+        scale = 1.0 / math.sqrt(len(vectors))
+        return torch.stack(vectors) * scale
+
+    def pass_over(self, examples: ExampleSet, mode: str, desc: str, stream: int = 0):
+        """Yield (batch size, {name: (a, mask, Ds)}) for every batch.
+
+        ``stream`` selects an independent stream of sampled labels (``"sampled"`` only).
+        """
+        gen = None
+        if mode == "sampled":
+            gen = torch.Generator(device=self.engine.space.device)
+            gen.manual_seed(self.seed + 1_000_003 * stream)
+        total = -(-len(examples) // self.batch_size)
+        model = self.task.model
+        with Capture(self.tracked, self.mask_key) as cap, evaluation_mode(model):
+            for batch in tqdm(
+                examples.batches(self.batch_size), total=total, desc=desc, disable=not self.progress
+            ):
+                inputs, targets = self.engine.prepare(batch)
+                with torch.enable_grad():
+                    out = cap.forward(self.task, inputs)
+                    U = self.output_vectors(mode, out, targets, gen)
+                    Ds = cap.backprop(out, U)
+                items = {}
+                for t in self.tracked:
+                    a, mask = cap.activations(t.name)
+                    items[t.name] = (a, mask, Ds[t.name].detach())
+                yield len(batch), items
+
+    def fit(self, examples: ExampleSet, corrected: bool) -> KroneckerFactors:
+        """Covariances, eigendecompositions and (when ``corrected``) the EK-FAC eigenvalues."""
+        mode = self.resolve(examples)
+        n = len(examples)
+        dev = self.engine.space.device
+        f64 = torch.float64
+        A = {t.name: torch.zeros(t.cols, t.cols, dtype=f64, device=dev) for t in self.tracked}
+        S = {t.name: torch.zeros(t.d_out, t.d_out, dtype=f64, device=dev) for t in self.tracked}
+        tokens = dict.fromkeys(A, 0.0)
+        # The eigenvalue pass reuses the first pass's activations and gradients when they fit in
+        # memory, except with sampled labels: there it draws fresh labels, so that the
+        # eigenvalues are an unbiased estimate of the curvature's diagonal in an eigenbasis that
+        # was fitted to other samples (reusing the samples measured the basis on its own noise
+        # and scored visibly worse against the dense GGN).
+        reuse = corrected and mode != "sampled"
+        cache: list[dict[str, tuple[Tensor, Tensor]]] | None = [] if reuse else None
+        cached = 0
+        for _, items in self.pass_over(examples, mode, "kfac covariances"):
+            for name, (a, mask, ds) in items.items():
+                a64 = a.to(f64)
+                if mask is not None:
+                    m = mask.to(f64)
+                    A[name] += torch.einsum("bti,btj->ij", a64 * m.unsqueeze(-1), a64)
+                    tokens[name] += float(m.sum())
+                else:
+                    flat = a64.reshape(-1, a64.shape[-1])
+                    A[name] += flat.T @ flat
+                    tokens[name] += flat.shape[0]
+                g = ds.to(f64).reshape(-1, ds.shape[-1])
+                S[name] += g.T @ g
+            if cache is not None:
+                size = sum(
+                    a.numel() * a.element_size() + d.numel() * d.element_size()
+                    for a, _, d in items.values()
+                )
+                cached += size
+                if cached <= self.cache_bytes:
+                    cache.append({k: (a, d) for k, (a, _, d) in items.items()})
+                else:
+                    cache = None
+        modules = {}
+        for t in self.tracked:
+            At = A[t.name] / max(tokens[t.name], 1.0)
+            St = S[t.name] / n
+            eig_a, QA = _eigh(At)
+            eig_s, QS = _eigh(St)
+            modules[t.name] = ModuleFactors(At, St, QA, eig_a, QS, eig_s, tokens=tokens[t.name])
+        if corrected:
+            Lam = {
+                t.name: torch.zeros(t.d_out, t.cols, dtype=f64, device=dev) for t in self.tracked
+            }
+            source = (
+                ({k: (a, None, d) for k, (a, d) in c.items()} for c in cache)
+                if cache is not None
+                else (
+                    items
+                    for _, items in self.pass_over(examples, mode, "ekfac eigenvalues", stream=1)
+                )
+            )
+            for items in source:
+                for name, (a, _, ds) in items.items():
+                    f = modules[name]
+                    Lam[name] += rotated_squares(ds, a, f.QS, f.QA)
+            for name, f in modules.items():
+                f.Lambda = Lam[name] / n
+        meta = {
+            "fisher": mode,
+            "samples": self.samples if mode == "sampled" else None,
+            "seed": self.seed if mode == "sampled" else None,
+            "n_train": n,
+            "modules": [t.describe() for t in self.tracked],
+            "mask_key": self.mask_key,
+        }
+        return KroneckerFactors(modules, meta)
+
+
+def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of a symmetric PSD matrix in float64, eigenvalues clamped at 0."""
+    ev, Q = torch.linalg.eigh(0.5 * (M + M.T))
+    return ev.clamp_min(0.0), Q
+
+
+def rotated(ds: Tensor, a: Tensor, QS: Tensor, QA: Tensor) -> Tensor:
+    """Per-example gradients in the Kronecker eigenbasis: Q_S^T (sum_t Ds_t a_t^T) Q_A.
+
+    ``ds`` [K, B, T, d_out], ``a`` [B, T, cols] -> [K, B, d_out, cols] float64.
+    """
+    dr = ds.to(torch.float64) @ QS
+    ar = a.to(torch.float64) @ QA
+    return torch.einsum("kbto,bti->kboi", dr, ar)
+
+
+def rotated_squares(ds: Tensor, a: Tensor, QS: Tensor, QA: Tensor) -> Tensor:
+    """sum over k and b of rotated(ds, a)^2, [d_out, cols], without holding it all at once."""
+    dr = ds.to(torch.float64) @ QS  # [K, B, T, d_out]
+    ar = a.to(torch.float64) @ QA  # [B, T, cols]
+    if ar.shape[1] == 1:  # one position: the square of an outer product is an outer product
+        return torch.einsum("kbo,bi->oi", dr[:, :, 0].square(), ar[:, 0].square())
+    k, b, _, d_out = dr.shape
+    step = max(1, CHUNK_ELEMENTS // max(1, k * d_out * ar.shape[-1]))
+    out = torch.zeros(d_out, ar.shape[-1], dtype=torch.float64, device=dr.device)
+    for s in range(0, b, step):
+        c = torch.einsum("kbto,bti->kboi", dr[:, s : s + step], ar[s : s + step])
+        out += c.square().sum(dim=(0, 1))
+    return out
+
+
+def fingerprint(model: torch.nn.Module, names: list[str]) -> str:
+    """A hash of the trainable parameters' names, shapes and values (detects a changed model)."""
+    h = hashlib.blake2b(digest_size=16)
+    params = dict(model.named_parameters())
+    for n in names:
+        t = params[n].detach().cpu().contiguous()
+        h.update(f"{n}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(examples: ExampleSet) -> str:
+    """A hash of the training set's size and its first and last examples."""
+    h = hashlib.blake2b(digest_size=16)
+    n = len(examples)
+    h.update(str(n).encode())
+    batch = examples.take([0, n - 1])
+    from infkit.data import map_tensors
+
+    def add(t: Tensor) -> Tensor:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return t
+
+    map_tensors(batch.inputs, add)
+    map_tensors(batch.targets, add)
+    return h.hexdigest()

@@ -1,0 +1,202 @@
+"""Which layers Kronecker-factored curvature covers, and how their parameters are laid out.
+
+A *tracked* layer computes ``s = W a (+ b)`` at every position t of its input (a token, a pixel
+patch, or a single position for a plain [B, d] input):
+
+* ``nn.Linear``: weight [d_out, d_in], input [B, ..., d_in];
+* ``nn.Conv2d`` (``groups=1``): weight [C_out, C_in, kh, kw] as a [C_out, C_in*kh*kw] matrix
+  acting on unfolded patches, one position per output pixel;
+* Hugging Face ``Conv1D`` (GPT-2 style, detected by class name, transformers is never imported):
+  weight [d_in, d_out], ``s = a W + b``.
+
+Each layer's trainable weight and bias are viewed together as one *block*, the augmented matrix
+``[W | b]`` of shape [d_out, d_in (+1)], matching the augmented activation ``[a, 1]``. A flat
+vector in R^P (``model.parameters()`` order, trainable parameters only) maps to one block per
+tracked layer plus the *other* trainable parameters, which Kronecker factors do not cover.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from infkit.errors import UnsupportedError
+from infkit.parameters import ParameterSpace
+
+#: what infkit can factor, for error messages
+SUPPORTED = "nn.Linear, nn.Conv2d (groups=1) and Hugging Face Conv1D"
+
+
+@dataclass
+class TrackedModule:
+    """One layer covered by Kronecker factors.
+
+    Attributes:
+        name: the module's name in ``model.named_modules()``.
+        module: the module itself.
+        kind: ``"linear"``, ``"conv2d"`` or ``"conv1d"`` (Hugging Face Conv1D).
+        weight: the weight's name in the parameter space.
+        bias: the bias's name when the bias is trainable, else None (no ones-column).
+        d_out, d_in: the block's rows and its columns before the bias column.
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    weight: str
+    bias: str | None
+    d_out: int
+    d_in: int
+
+    @property
+    def cols(self) -> int:
+        """Columns of the augmented block: d_in, plus one for a trainable bias."""
+        return self.d_in + (1 if self.bias is not None else 0)
+
+    @property
+    def size(self) -> int:
+        return self.d_out * self.cols
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "d_out": self.d_out,
+            "d_in": self.d_in,
+            "bias": self.bias is not None,
+        }
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "weight") and hasattr(module, "nf"):
+        return "conv1d"
+    return None
+
+
+def _dims(module: nn.Module, kind: str) -> tuple[int, int]:
+    w = module.weight
+    if kind == "linear":
+        return w.shape[0], w.shape[1]
+    if kind == "conv1d":
+        return w.shape[1], w.shape[0]
+    return w.shape[0], w[0].numel()  # conv2d: C_out, C_in * kh * kw
+
+
+def find_modules(
+    model: nn.Module, space: ParameterSpace, modules: list[str] | None = None
+) -> tuple[list[TrackedModule], list[str]]:
+    """The tracked layers of ``model`` and the names of the trainable parameters left over.
+
+    Args:
+        model: the model.
+        space: its parameter space (the trainable parameters).
+        modules: restrict tracking to these module names (default: every supported layer whose
+            weight is trainable).
+
+    Returns:
+        the tracked layers in ``named_modules`` order, and the trainable parameter names that no
+        tracked layer covers.
+    """
+    trainable = set(space.names)
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    tracked: list[TrackedModule] = []
+    seen: dict[int, str] = {}
+    wanted = None if modules is None else set(modules)
+    for name, module in model.named_modules():
+        kind = _kind(module)
+        if kind is None or (wanted is not None and name not in wanted):
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter) or param_names.get(id(weight)) not in trainable:
+            continue
+        if kind == "conv2d" and module.groups != 1:
+            if wanted is not None:
+                raise UnsupportedError(
+                    f"module {name!r} is a grouped convolution (groups={module.groups}); Kronecker "
+                    "factors support groups=1 only: freeze it (requires_grad=False)"
+                )
+            continue
+        w_name = param_names[id(weight)]
+        if id(weight) in seen:
+            raise UnsupportedError(
+                f"the weight {w_name!r} is shared by modules {seen[id(weight)]!r} and {name!r} "
+                "(tied weights); Kronecker factors need one module per weight: untie it or "
+                "freeze it (requires_grad=False)"
+            )
+        seen[id(weight)] = name
+        bias = getattr(module, "bias", None)
+        b_name = None
+        if isinstance(bias, nn.Parameter) and param_names.get(id(bias)) in trainable:
+            b_name = param_names[id(bias)]
+        d_out, d_in = _dims(module, kind)
+        tracked.append(TrackedModule(name, module, kind, w_name, b_name, d_out, d_in))
+    if wanted is not None:
+        missing = wanted - {t.name for t in tracked}
+        if missing:
+            raise UnsupportedError(
+                f"modules {sorted(missing)} are not trainable layers of a supported type "
+                f"({SUPPORTED})"
+            )
+    covered = {t.weight for t in tracked} | {t.bias for t in tracked if t.bias}
+    others = [n for n in space.names if n not in covered]
+    return tracked, others
+
+
+class BlockLayout:
+    """Flat vectors [k, P] <-> one [k, d_out, cols] block per tracked layer (and the rest).
+
+    Args:
+        space: the parameter space.
+        tracked: the tracked layers.
+        others: trainable parameter names outside tracked layers.
+    """
+
+    def __init__(
+        self, space: ParameterSpace, tracked: list[TrackedModule], others: list[str]
+    ) -> None:
+        self.space = space
+        self.tracked = tracked
+        self.others = others
+        self.slices = space.module_slices()
+        other_idx = [torch.arange(self.slices[n].start, self.slices[n].stop) for n in others]
+        self.other_index = (
+            torch.cat(other_idx).to(space.device)
+            if other_idx
+            else torch.zeros(0, dtype=torch.long, device=space.device)
+        )
+
+    def block(self, V: Tensor, t: TrackedModule) -> Tensor:
+        """The augmented block [k, d_out, cols] of layer ``t`` in V [k, P]."""
+        k = V.shape[0]
+        w = V[:, self.slices[t.weight]]
+        if t.kind == "conv1d":
+            W = w.reshape(k, t.d_in, t.d_out).transpose(1, 2)
+        else:
+            W = w.reshape(k, t.d_out, t.d_in)
+        if t.bias is None:
+            return W
+        return torch.cat([W, V[:, self.slices[t.bias]].unsqueeze(-1)], dim=-1)
+
+    def put(self, out: Tensor, t: TrackedModule, block: Tensor) -> None:
+        """Write the augmented block [k, d_out, cols] of layer ``t`` into ``out`` [k, P]."""
+        k = out.shape[0]
+        W = block[..., : t.d_in]
+        if t.kind == "conv1d":
+            W = W.transpose(1, 2)
+        out[:, self.slices[t.weight]] = W.reshape(k, -1)
+        if t.bias is not None:
+            out[:, self.slices[t.bias]] = block[..., t.d_in]
+
+    def blocks(self, V: Tensor) -> dict[str, Tensor]:
+        return {t.name: self.block(V, t) for t in self.tracked}
+
+    def flat_index(self, t: TrackedModule) -> Tensor:
+        """Positions in R^P of the augmented block's entries, row-major, [d_out * cols]."""
+        idx = torch.arange(self.space.size, device=self.space.device).unsqueeze(0)
+        return self.block(idx, t).reshape(-1)

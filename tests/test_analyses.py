@@ -1,0 +1,128 @@
+"""Analyses on the Kronecker eigenbasis: LayerIF, KFE features / dataset similarity, and the
+memorisation score and curvature edit (methods.md §6.8-§6.10)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import infkit
+from infkit.analyses.layer_quality import layer_quality
+from infkit.analyses.memorisation import (
+    curvature_edit,
+    curvature_mask,
+    memorisation_loss_change,
+    memorisation_scores,
+)
+from infkit.analyses.similarity import (
+    dataset_embedding,
+    dataset_similarity,
+    fisher_kernel,
+    kfe_features,
+)
+from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.evaluate import relative_error
+
+pytestmark = pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
+
+
+@pytest.fixture(scope="module")
+def problem() -> dict:
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 4)
+    ).double()
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(80, 6, generator=gen, dtype=torch.float64)
+    y = (X[:, 0] > 0).long() + 2 * (X[:, 1] > 0.3).long()
+    task = infkit.Task.classification(model)
+    infkit.train_to_optimum(task, (X[:60], y[:60]), 1e-2, max_iter=60, newton_polish=0)
+    inf = infkit.Influence(task, "ekfac", l2=0.0, damping=1e-2).fit((X[:60], y[:60]))
+    return {"inf": inf, "train": (X[:60], y[:60]), "val": (X[60:], y[60:]), "model": model}
+
+
+def test_layer_quality_decomposes_the_validation_influence(problem: dict) -> None:
+    inf, val = problem["inf"], problem["val"]
+    quality = layer_quality(inf, val)
+    assert quality.layers == ["0", "2"]
+    assert quality.influence.shape == (2, 60)
+    # Per-layer influences sum to the removal effect on the mean validation loss.
+    total = inf.scores(val).mean(0)
+    assert relative_error(quality.influence.sum(0), total) < 1e-10
+    assert torch.allclose(quality.helpful - quality.harmful, quality.influence.sum(1))
+    assert bool((quality.helpful >= 0).all() and (quality.harmful >= 0).all())
+    budget = quality.allocate(10, by="helpful", minimum=1)
+    assert sum(budget.values()) == 10 and min(budget.values()) >= 1
+    shares = quality.shares("helpful")
+    assert float(shares.sum()) == pytest.approx(1.0)
+    heavier = int(shares.argmax())
+    assert budget[quality.layers[heavier]] >= budget[quality.layers[1 - heavier]]
+    with pytest.raises(InvalidInputError, match="by must be"):
+        quality.allocate(4, by="quality")
+
+
+def test_kfe_features_reproduce_the_ekfac_scores(problem: dict) -> None:
+    inf, train, val = problem["inf"], problem["train"], problem["val"]
+    phi_val, phi_train = kfe_features(inf, val), kfe_features(inf, train)
+    assert relative_error(phi_val @ phi_train.T / 60, inf.scores(val)) < 1e-10
+    assert relative_error(fisher_kernel(inf, val, train), phi_val @ phi_train.T) < 1e-12
+    sparse = kfe_features(inf, val, top_k=5)
+    assert bool(((sparse != 0).sum(1) == 5).all())
+    kept = sparse != 0
+    assert torch.equal(sparse[kept], phi_val[kept])
+
+
+def test_dataset_similarity(problem: dict) -> None:
+    inf, (X, y) = problem["inf"], problem["train"]
+    method = inf.state.method
+    # The second moment of the training set in the fit's own curvature is the EK-FAC Lambda.
+    nu = dataset_embedding(inf, (X, y), kind="second_moment")
+    lam = torch.cat([method.factors.modules[t.name].Lambda.reshape(-1) for t in method.tracked])
+    assert relative_error(nu, lam) < 1e-10
+    a, b = (X[:30], y[:30]), (X[30:], y[30:])
+    for kind in ("profile", "second_moment", "gradient_second_moment", "mean"):
+        assert dataset_similarity(inf, a, a, kind) == pytest.approx(1.0, abs=1e-12)
+        ab, ba = dataset_similarity(inf, a, b, kind), dataset_similarity(inf, b, a, kind)
+        assert ab == pytest.approx(ba, abs=1e-12) and -1 <= ab <= 1
+    # A dataset and itself twice have the same profile.
+    doubled = (torch.cat([X[:30], X[:30]]), torch.cat([y[:30], y[:30]]))
+    assert dataset_similarity(inf, a, doubled) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(InvalidInputError, match="kind"):
+        dataset_embedding(inf, a, kind="task2vec")
+
+
+def test_curvature_mask_and_edit_against_a_direct_construction(problem: dict) -> None:
+    inf, train = problem["inf"], problem["train"]
+    method = inf.state.method
+    t = method.tracked[0]
+    f = method.factors.modules[t.name]
+    pi = torch.outer(f.eig_s, f.eig_a)
+    keep = curvature_mask(inf, t.name, keep_mass=0.8)
+    # Minimal and sufficient: the kept products are the largest, reach 80%, and one fewer does not.
+    assert float(pi[keep].sum()) >= 0.8 * float(pi.sum())
+    assert float(pi[keep].min()) >= float(pi[~keep].max())
+    assert float(pi[keep].sum() - pi[keep].min()) < 0.8 * float(pi.sum())
+    edited = curvature_edit(inf, keep_mass=0.8)
+    W = torch.cat([problem["model"][0].weight, problem["model"][0].bias.unsqueeze(1)], 1).detach()
+    expected = f.QS @ ((f.QS.T @ W @ f.QA) * keep) @ f.QA.T
+    got = torch.cat([edited[0].weight, edited[0].bias.unsqueeze(1)], 1).detach()
+    assert relative_error(got, expected) < 1e-12
+    assert not torch.equal(problem["model"][0].weight, edited[0].weight)  # a copy was edited
+    # keep_mass = 1 keeps everything; memorisation shares are 0, the loss does not change.
+    same = curvature_edit(inf, keep_mass=1.0)
+    assert relative_error(same[2].weight.detach(), problem["model"][2].weight.detach()) < 1e-12
+    assert float(memorisation_scores(inf, train, keep_mass=1.0).abs().max()) < 1e-12
+    assert float(memorisation_loss_change(inf, train, keep_mass=1.0).abs().max()) < 1e-10
+    m = memorisation_scores(inf, train, keep_mass=0.5)
+    assert m.shape == (60,) and bool(((m >= 0) & (m <= 1)).all())
+    per_layer = memorisation_scores(inf, train, keep_mass=0.5, per_layer=True)
+    assert set(per_layer) == {"0", "2"}
+    assert memorisation_loss_change(inf, train, keep_mass=0.3).shape == (60,)
+
+
+def test_analyses_need_a_kronecker_method(problem: dict) -> None:
+    task = infkit.Task.classification(problem["model"])
+    exact = infkit.Influence(task, "exact", damping=1e-2).fit(problem["train"])
+    with pytest.raises(UnsupportedError, match="method='ekfac'"):
+        kfe_features(exact, problem["val"])
+    assert layer_quality(exact, problem["val"]).layers == ["0", "2"]  # any primal method

@@ -1,0 +1,82 @@
+"""method="arnoldi": the full Krylov space is exact; Ritz values and embeddings are consistent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import infkit
+from infkit.evaluate import relative_error
+from infkit.methods.arnoldi import lanczos
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(mlp_problem: dict) -> dict:
+    task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
+    exact = infkit.Influence(task, "exact", l2=l2).fit(train)
+    return {"inf": exact, "scores": exact.scores(test), "H": exact.state.method.data_curvature}
+
+
+@pytest.mark.parametrize("complement", ["drop", "ridge"])
+@pytest.mark.parametrize("block", [1, 8])
+def test_full_krylov_space_equals_exact(
+    mlp_problem: dict, reference: dict, complement: str, block: int
+) -> None:
+    task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
+    p = reference["H"].shape[0]
+    inf = infkit.Influence(
+        task, "arnoldi", l2=l2, rank=p, krylov_dim=p, complement=complement, block=block
+    ).fit(train)
+    assert relative_error(inf.scores(test), reference["scores"]) < 1e-8
+    group = [2, 8, 40]
+    assert relative_error(inf.remove(group).params, reference["inf"].remove(group).params) < 1e-8
+
+
+def test_ritz_values_and_embeddings(mlp_problem: dict, reference: dict) -> None:
+    task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
+    inf = infkit.Influence(task, "arnoldi", l2=l2, rank=5, krylov_dim=40).fit(train)
+    method = inf.state.method
+    top = torch.linalg.eigvalsh(reference["H"]).flip(0)[:5]
+    assert relative_error(method.eigenvalues, top) < 1e-8
+    # With the complement dropped, scores are dot products of p-dimensional embeddings.
+    train_emb = method.embeddings()
+    test_emb = method.embeddings(test)
+    assert train_emb.shape == (60, 5) and test_emb.shape == (7, 5)
+    assert relative_error(inf.scores(test), test_emb @ train_emb.T / 60) < 1e-10
+    # The projected inverse keeps only the top directions: it under-inverts, scores shrink.
+    assert inf.scores(test).norm() < reference["scores"].norm()
+
+
+def test_lanczos_on_an_explicit_matrix_with_repeated_eigenvalues() -> None:
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=torch.float64))
+    eig = torch.cat([torch.zeros(10), torch.linspace(0.5, 3.0, 20)]).double()  # a null space
+    A = Q @ torch.diag(eig) @ Q.T
+    basis, T = lanczos(lambda X: X @ A, 30, 30)  # breaks down, continues in fresh directions
+    assert relative_error(basis @ basis.T, torch.eye(30, dtype=torch.float64)) < 1e-12
+    assert relative_error(torch.linalg.eigvalsh(T), eig.sort().values) < 1e-10
+
+
+def test_layer_blocks_with_the_full_space_equal_the_block_diagonal_inverse(
+    mlp_problem: dict, reference: dict
+) -> None:
+    task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
+    H = reference["H"]
+    p = H.shape[0]
+    blocks = torch.zeros_like(H)
+    for sl in reference["inf"].state.method.context.space.module_slices().values():
+        blocks[sl, sl] = H[sl, sl]
+    inf = infkit.Influence(
+        task, "arnoldi", l2=l2, rank=p, krylov_dim=p, blocks="layer", block=8
+    ).fit(train)
+    V = reference["inf"]._query_gradients(infkit.data.ExampleSet(test))
+    expected = torch.linalg.solve(blocks + l2 * torch.eye(p, dtype=H.dtype), V.T).T
+    assert relative_error(inf.state.method.solve(V), expected) < 1e-8

@@ -1,0 +1,156 @@
+"""method="ekfac": eigenvalues against the explicit per-example GGN (methods.md §7.5, §7.6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kfac_helpers import (
+    TinySequenceModel,
+    explicit_ggn,
+    linear_block_index,
+    sequence_data,
+    sequence_loss,
+)
+
+import infkit
+from infkit.evaluate import relative_error
+from infkit.task import _cross_entropy
+
+
+def kfe_diagonal(G: torch.Tensor, QS: torch.Tensor, QA: torch.Tensor) -> torch.Tensor:
+    """diag((Q_S (x) Q_A)^T G (Q_S (x) Q_A)), the GGN block's diagonal in the eigenbasis."""
+    K = torch.kron(QS, QA)
+    return torch.diagonal(K.T @ G @ K).reshape(QS.shape[0], QA.shape[0])
+
+
+def conv_problem() -> dict:
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 3 * 3, 4),
+    ).double()
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(30, 2, 5, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (30,), generator=gen)
+    return {"model": model, "task": infkit.Task.classification(model), "train": (X, y)}
+
+
+def sequence_problem(conv1d: bool = True) -> dict:
+    torch.manual_seed(5)
+    model = TinySequenceModel(conv1d=conv1d).double()
+    task = infkit.Task(model, sequence_loss, name="tokens")
+    return {"model": model, "task": task, "train": sequence_data(n=20)}
+
+
+def _layers(model: torch.nn.Module) -> list[tuple[str, bool]]:
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            out.append((name, False))
+        elif type(module).__name__ == "Conv1D":
+            out.append((name, True))
+    return out
+
+
+@pytest.mark.parametrize("fisher", ["ggn", "empirical"])
+@pytest.mark.parametrize("which", ["one_layer", "mlp", "conv", "sequence"])
+def test_ekfac_eigenvalues_are_the_ggn_diagonal_in_the_eigenbasis(
+    which: str, fisher: str, wine_logreg: dict, mlp_problem: dict
+) -> None:
+    problem = {
+        "one_layer": wine_logreg,
+        "mlp": mlp_problem,
+        "conv": conv_problem(),
+        "sequence": sequence_problem(),
+    }[which]
+    model, task, (X, y) = problem["model"], problem["task"], problem["train"]
+    loss = sequence_loss if which == "sequence" else _cross_entropy
+    n = len(y)
+    inf = infkit.Influence(task, "ekfac", l2=1e-3, fisher=fisher, batch_size=16).fit((X, y))
+    method = inf.state.method
+    G = explicit_ggn(model, loss, X, y, n, empirical=fisher == "empirical")
+    layers = _layers(model)
+    assert [t.name for t in method.tracked] == [name for name, _ in layers]
+    for name, transposed in layers:
+        idx = linear_block_index(model, name, transposed)
+        block = G[idx][:, idx]
+        f = method.factors.modules[name]
+        expected = kfe_diagonal(block, f.QS, f.QA)
+        assert relative_error(f.Lambda, expected) < 1e-10, name
+        # The eigenvalues carry the GGN's scale: their sum is the block's trace.
+        assert float(f.Lambda.sum()) == pytest.approx(float(torch.trace(block)), rel=1e-10)
+
+
+def test_ekfac_scores_equal_the_dense_ekfac_curvature(mlp_problem: dict) -> None:
+    """The whole pipeline against a dense matrix built from the explicit GGN's KFE diagonal."""
+    model, task, train, test = (mlp_problem[k] for k in ("model", "task", "train", "test"))
+    l2, damping = mlp_problem["l2"], 1e-3
+    X, y = train
+    inf = infkit.Influence(task, "ekfac", l2=l2, damping=damping).fit(train)
+    method = inf.state.method
+    G = explicit_ggn(model, _cross_entropy, X, y, len(y))
+    P = G.shape[0]
+    H = torch.zeros(P, P, dtype=torch.float64)
+    for name, transposed in _layers(model):
+        idx = linear_block_index(model, name, transposed)
+        f = method.factors.modules[name]
+        K = torch.kron(f.QS, f.QA)
+        lam = kfe_diagonal(G[idx][:, idx], f.QS, f.QA).reshape(-1)
+        H[idx[:, None], idx[None, :]] = K @ torch.diag(lam) @ K.T
+    H += (l2 + damping) * torch.eye(P, dtype=torch.float64)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def grads(X, y):
+        rows = []
+        for i in range(len(y)):
+            model.zero_grad()
+            _cross_entropy(model(X[i : i + 1]), y[i : i + 1]).sum().backward()
+            rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        return torch.stack(rows)
+
+    Q, V = grads(*test), grads(X, y) + l2 * theta
+    expected = torch.linalg.solve(H, Q.T).T @ V.T / len(y)
+    assert relative_error(inf.scores(test), expected) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_damping_heuristic_is_a_tenth_of_the_mean_eigenvalue_per_module(
+    mlp_problem: dict, method: str
+) -> None:
+    task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
+    damping = 1e-4
+    inf = infkit.Influence(task, method, l2=l2, damping=damping, damping_scale="auto").fit(train)
+    m = inf.state.method
+    assert m.damping_scale == 0.1
+    V = torch.randn(4, inf.n_params, dtype=torch.float64)
+    out = m.solve(V)
+    for t in m.tracked:
+        f = m.factors.modules[t.name]
+        lam = f.Lambda if method == "ekfac" else torch.outer(f.eig_s, f.eig_a)
+        assert m.module_damping[t.name] == pytest.approx(0.1 * float(lam.mean()), rel=1e-12)
+        K = torch.kron(f.QS, f.QA)
+        ridge = l2 + damping + 0.1 * float(lam.mean())
+        dense = K @ torch.diag(lam.reshape(-1) + ridge) @ K.T
+        idx = m.layout.flat_index(t)
+        expected = torch.linalg.solve(dense, V[:, idx].T).T
+        assert relative_error(out[:, idx], expected) < 1e-10
+    # Each module gets its own damping: the two layers' differ.
+    values = list(m.module_damping.values())
+    assert values[0] != pytest.approx(values[1])
+    assert m.describe()["module_damping"] == m.module_damping
+
+
+def test_sampled_fisher_agrees_with_the_exact_ggn_factors(wine_logreg: dict) -> None:
+    task, train = wine_logreg["task"], wine_logreg["train"]
+    exact = infkit.Influence(task, "ekfac", fisher="ggn", damping=1e-3).fit(train)
+    sampled = infkit.Influence(
+        task, "ekfac", fisher="sampled", samples=300, seed=1, damping=1e-3
+    ).fit(train)
+    fe = exact.state.method.factors.modules[""]
+    fs = sampled.state.method.factors.modules[""]
+    assert relative_error(fs.S, fe.S) < 0.05
+    assert relative_error(fs.A, fe.A) < 1e-12  # activations do not depend on labels
+    assert exact.state.method.factors.meta["fisher"] == "ggn"
+    assert sampled.state.method.factors.meta["fisher"] == "sampled"

@@ -1,0 +1,226 @@
+"""method="kfac": layer capture, factors against hand-written formulas, unsupported layers, and
+saved factors (methods.md §4.2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kfac_helpers import TinySequenceModel, sequence_data, sequence_loss
+from test_ekfac import conv_problem
+
+import infkit
+from infkit.data import ExampleSet
+from infkit.errors import CurvatureError, InvalidInputError, UnsupportedError
+from infkit.evaluate import relative_error
+from infkit.kfac.capture import block_gradients, layer_terms
+from infkit.kfac.factors import KroneckerFactors
+from infkit.task import _cross_entropy
+
+pytestmark = pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
+
+
+def per_example_grads(model: torch.nn.Module, loss, X, y) -> torch.Tensor:
+    """Plain autograd, one example at a time: [N, P]."""
+    rows = []
+    for i in range(len(y)):
+        model.zero_grad()
+        xi = {k: v[i : i + 1] for k, v in X.items()} if isinstance(X, dict) else X[i : i + 1]
+        out = model(**xi) if isinstance(xi, dict) else model(xi)
+        loss(out, y[i : i + 1]).sum().backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    return torch.stack(rows)
+
+
+def padded_conv_problem() -> dict:
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(3, 2, 2, stride=2, dilation=1, padding="valid", bias=False),
+        torch.nn.Conv2d(2, 2, 2, padding="same", dilation=2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(2 * 3 * 3, 3),
+    ).double()
+    X = torch.randn(9, 2, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,))
+    return {"model": model, "task": infkit.Task.classification(model), "train": (X, y)}
+
+
+@pytest.mark.parametrize("which", ["mlp", "conv", "padded_conv", "sequence", "conv1d"])
+def test_layer_terms_sum_to_the_per_example_gradients(which: str, mlp_problem: dict) -> None:
+    if which == "mlp":
+        problem, loss = mlp_problem, _cross_entropy
+    elif which == "conv":
+        problem, loss = conv_problem(), _cross_entropy
+    elif which == "padded_conv":
+        problem, loss = padded_conv_problem(), _cross_entropy
+    else:
+        model = TinySequenceModel(conv1d=which == "conv1d").double()
+        problem = {
+            "model": model,
+            "task": infkit.Task(model, sequence_loss),
+            "train": sequence_data(n=6),
+        }
+        loss = sequence_loss
+    model, task, (X, y) = problem["model"], problem["task"], problem["train"]
+    inf = infkit.Influence(task, "kfac", damping=1e-3).fit((X, y))
+    method = inf.state.method
+    batch = ExampleSet((X, y)).take(range(len(y)))
+    blocks = block_gradients(layer_terms(inf.state.engine, method.tracked, batch))
+    flat = torch.zeros(len(y), inf.n_params, dtype=torch.float64)
+    for t in method.tracked:
+        method.layout.put(flat, t, blocks[t.name])
+    assert relative_error(flat, per_example_grads(model, loss, X, y)) < 1e-12
+
+
+def test_kfac_factors_match_hand_written_formulas(mlp_problem: dict) -> None:
+    """A = mean [a, 1][a, 1]^T; S = (1/N) sum_i J_s,i^T Lambda_i J_s,i (exact GGN factors)."""
+    model, task, (X, y) = mlp_problem["model"], mlp_problem["task"], mlp_problem["train"]
+    inf = infkit.Influence(task, "kfac", l2=mlp_problem["l2"], fisher="ggn").fit((X, y))
+    factors = inf.state.method.factors.modules
+    lin1, lin2 = model[0], model[2]
+    with torch.no_grad():
+        s1 = X @ lin1.weight.T + lin1.bias
+        h = torch.tanh(s1)
+        p = torch.softmax(h @ lin2.weight.T + lin2.bias, dim=1)
+    ones = torch.ones(len(y), 1, dtype=torch.float64)
+    a1, a2 = torch.cat([X, ones], 1), torch.cat([h, ones], 1)
+    lam = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)  # softmax Hessian
+    J1 = lin2.weight.detach().unsqueeze(0) * (1 - h**2).unsqueeze(1)  # df/ds1 = W2 diag(tanh')
+    n = len(y)
+    assert relative_error(factors["0"].A, a1.T @ a1 / n) < 1e-12
+    assert relative_error(factors["2"].A, a2.T @ a2 / n) < 1e-12
+    assert relative_error(factors["2"].S, lam.sum(0) / n) < 1e-12
+    S1 = torch.einsum("bco,bcd,bdp->op", J1, lam, J1) / n
+    assert relative_error(factors["0"].S, S1) < 1e-12
+    # solve = block-diagonal (S (x) A + ridge I)^{-1}
+    m = inf.state.method
+    V = torch.randn(3, inf.n_params, dtype=torch.float64)
+    out = m.solve(V)
+    for t, S, A in (
+        (m.tracked[0], S1, a1.T @ a1 / n),
+        (m.tracked[1], lam.sum(0) / n, a2.T @ a2 / n),
+    ):
+        idx = m.layout.flat_index(t)
+        dense = torch.kron(S, A) + mlp_problem["l2"] * torch.eye(len(idx), dtype=torch.float64)
+        assert relative_error(out[:, idx], torch.linalg.solve(dense, V[:, idx].T).T) < 1e-10
+
+
+def test_attention_mask_leaves_padding_out_of_the_activation_factor() -> None:
+    torch.manual_seed(2)
+    model = TinySequenceModel().double()
+    X, y = sequence_data(n=8)
+    task = infkit.Task(model, sequence_loss)
+    inf = infkit.Influence(task, "kfac", fisher="empirical", damping=1e-3).fit((X, y))
+    f = inf.state.method.factors.modules["inp"]
+    mask = X["attention_mask"].bool()
+    a = torch.cat([X["x"][mask], torch.ones(int(mask.sum()), 1, dtype=torch.float64)], 1)
+    assert f.tokens == int(mask.sum())
+    assert relative_error(f.A, a.T @ a / len(a)) < 1e-12
+    # Without masking, the padded positions' activations count too.
+    plain = infkit.Influence(task, "kfac", fisher="empirical", damping=1e-3, mask_key=None)
+    assert plain.fit((X, y)).state.method.factors.modules["inp"].tokens == mask.numel()
+
+
+def test_parameters_outside_supported_layers(mlp_problem: dict) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 6), torch.nn.LayerNorm(6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
+    task = infkit.Task.classification(model)
+    train = mlp_problem["train"]
+    with pytest.raises(UnsupportedError, match=r"1\.weight, 1\.bias.*requires_grad=False"):
+        infkit.Influence(task, "kfac", damping=1e-3).fit(train)
+    inf = infkit.Influence(task, "ekfac", damping=1e-3, l2=1e-2, unsupported="identity").fit(train)
+    m = inf.state.method
+    assert m.others == ["1.weight", "1.bias"]
+    V = torch.randn(2, inf.n_params, dtype=torch.float64)
+    idx = m.layout.other_index
+    assert torch.allclose(m.solve(V)[:, idx], V[:, idx] / (1e-3 + 1e-2), rtol=1e-14)
+    with pytest.raises(CurvatureError, match="ridge"):
+        infkit.Influence(task, "kfac", unsupported="identity", damping_scale="auto").fit(
+            train
+        ).state.method.solve(V)
+    # Freezing them restricts the attribution to the supported layers.
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    frozen = infkit.Influence(task, "kfac", damping=1e-3).fit(train)
+    assert [t.name for t in frozen.state.method.tracked] == ["0", "3"]
+    assert frozen.state.method.others == []
+
+
+def test_bad_options_are_refused(mlp_problem: dict) -> None:
+    task, train = mlp_problem["task"], mlp_problem["train"]
+    with pytest.raises(UnsupportedError, match="unknown fisher"):
+        infkit.Influence(task, "kfac", fisher="true").fit(train)
+    with pytest.raises(UnsupportedError, match="does not take"):
+        infkit.Influence(task, "ekfac", rank=3).fit(train)
+    with pytest.raises(UnsupportedError, match="not trainable layers"):
+        infkit.Influence(task, "kfac", modules=["1"]).fit(train)
+    custom = infkit.Task(task.model, _cross_entropy)
+    with pytest.raises(UnsupportedError, match="sample_targets"):
+        infkit.Influence(custom, "kfac", fisher="sampled").fit(train)
+
+
+def test_factors_saved_reloaded_and_rescored_give_identical_scores(
+    mlp_problem: dict, tmp_path
+) -> None:
+    task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
+    options = {"l2": l2, "damping": 1e-3, "fisher": "sampled", "seed": 3}
+    first = infkit.Influence(task, "ekfac", factors_dir=tmp_path, **options).fit(train)
+    S1 = first.scores(test)
+    assert (tmp_path / "factors.safetensors").exists() and (tmp_path / "factors.json").exists()
+    assert not first.state.method.loaded
+    again = infkit.Influence(task, "ekfac", factors_dir=tmp_path, **options).fit(train)
+    assert again.state.method.loaded
+    assert torch.equal(again.scores(test), S1)
+    loaded = KroneckerFactors.load(tmp_path)
+    assert loaded.meta["fisher"] == "sampled" and loaded.corrected
+    # K-FAC can use EK-FAC's saved factors (same eigenbasis); a changed seed cannot.
+    assert (
+        infkit.Influence(task, "kfac", factors_dir=tmp_path, **options)
+        .fit(train)
+        .state.method.loaded
+    )
+    with pytest.raises(InvalidInputError, match="samples/seed"):
+        infkit.Influence(task, "ekfac", factors_dir=tmp_path, **{**options, "seed": 4}).fit(train)
+    # A changed model is detected, and overwrite=True refits.
+    model = task.model
+    with torch.no_grad():
+        model[0].bias.add_(1e-3)
+    try:
+        with pytest.raises(InvalidInputError, match="parameters differ"):
+            infkit.Influence(task, "ekfac", factors_dir=tmp_path, **options).fit(train)
+        refit = infkit.Influence(task, "ekfac", factors_dir=tmp_path, overwrite=True, **options)
+        assert not refit.fit(train).state.method.loaded
+    finally:
+        with torch.no_grad():
+            model[0].bias.sub_(1e-3)
+
+
+def test_auto_fisher_is_exact_for_small_outputs(mlp_problem: dict) -> None:
+    task, train = mlp_problem["task"], mlp_problem["train"]
+    inf = infkit.Influence(task, "kfac", damping=1e-3).fit(train)
+    assert inf.describe()["fisher"] == "ggn"
+    sampled = infkit.Influence(task, "kfac", damping=1e-3, max_exact_outputs=2).fit(train)
+    assert sampled.describe()["fisher"] == "sampled"
+
+
+def test_output_factors_reproduce_the_output_hessians() -> None:
+    """L_i L_i^T = Lambda_i for the closed forms (softmax, sigmoid, squared error) and eigh."""
+    from infkit.kfac.factors import output_factor
+
+    model = torch.nn.Linear(2, 4).double()
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,), generator=gen)
+    cases = [
+        (infkit.Task.classification(model), out, y),
+        (infkit.Task.binary_classification(model), out[:, :1], (y > 1).double()),
+        (infkit.Task.regression(model), out, out + 1),
+        (infkit.Task(model, _cross_entropy), out, y),  # autodiff Lambda, eigendecomposed
+    ]
+    for task, f, target in cases:
+        L = output_factor(task, f, target)
+        lam = task.lambda_blocks(f, target)
+        assert relative_error(L @ L.transpose(1, 2), lam) < 1e-12, task

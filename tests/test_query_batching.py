@@ -1,0 +1,69 @@
+"""Query batching: rank-R preconditioned queries and the two-stage refinement (§4.5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kfac_helpers import TinySequenceModel, sequence_data, sequence_loss
+
+import infkit
+from infkit.errors import UnsupportedError
+from infkit.evaluate import correlation, relative_error
+from infkit.kfac import batched_scores, low_rank_queries
+
+pytestmark = pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
+
+
+@pytest.fixture(scope="module")
+def wide() -> dict:
+    """A token model whose layers are wider than rank 32 (blocks 48 x 41 and 48 x 49)."""
+    torch.manual_seed(21)
+    model = TinySequenceModel(d=40, hidden=48, vocab=5).double()
+    task = infkit.Task(model, sequence_loss, name="tokens")
+    train = sequence_data(n=40, t=6, d=40, vocab=5, seed=5)
+    test = sequence_data(n=6, t=6, d=40, vocab=5, seed=6)
+    inf = infkit.Influence(task, "ekfac", l2=1e-3, damping=1e-3, batch_size=20).fit(train)
+    return {"inf": inf, "test": test, "full": inf.scores(test)}
+
+
+def test_rank_32_query_batching_correlates_with_full_rank(wide: dict) -> None:
+    inf, test, full = wide["inf"], wide["test"], wide["full"]
+    S = batched_scores(inf, test, rank=32)
+    assert S.shape == full.shape
+    pearson = correlation(S, full).pearson
+    assert pearson >= 0.95
+    assert pearson < 1 - 1e-9  # the truncation did something
+    queries = low_rank_queries(inf, test, rank=32)
+    assert queries.left["inp"].shape == (6, 48, 32) and queries.right["mix"].shape == (6, 49, 32)
+    assert queries.left["out"].shape == (6, 5, 49)  # min(d_out, cols) <= 32: kept exactly
+    # Randomized SVD: same ballpark.
+    assert correlation(batched_scores(inf, test, rank=32, svd="randomized"), full).pearson >= 0.9
+
+
+def test_full_rank_and_refinement_are_exact(wide: dict) -> None:
+    inf, test, full = wide["inf"], wide["test"], wide["full"]
+    assert relative_error(batched_scores(inf, test, rank=64), full) < 1e-10
+    coarse = batched_scores(inf, test, rank=4)
+    refined = batched_scores(inf, test, rank=4, refine=5)
+    changed = refined != coarse
+    # Each query's 5 strongest proponents and opponents (by the rank-4 ranking) are now exact.
+    top = coarse.topk(5, dim=1).indices
+    bottom = (-coarse).topk(5, dim=1).indices
+    chosen = torch.cat([top, bottom], dim=1)
+    assert relative_error(refined.gather(1, chosen), full.gather(1, chosen)) < 1e-10
+    assert int(changed.sum()) <= chosen.numel()
+    keep = torch.ones_like(changed)
+    keep.scatter_(1, chosen, False)
+    assert torch.equal(refined[keep], coarse[keep])
+
+
+def test_query_batching_needs_tracked_layers_only() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 3)
+    ).double()
+    task = infkit.Task.classification(model)
+    X, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    inf = infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+    with pytest.raises(UnsupportedError, match="freeze"):
+        batched_scores(inf, (X[:3], y[:3]))

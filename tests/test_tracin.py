@@ -1,0 +1,110 @@
+"""method="identity": the gradient dot product / N, and TracInCP against a hand-computed sum."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import infkit
+from infkit.errors import InvalidInputError
+from infkit.evaluate import relative_error
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def autograd_gradients(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy gradients [n, P] by plain autograd, one example at a time."""
+    rows = []
+    for i in range(len(y)):
+        loss = torch.nn.functional.cross_entropy(model(X[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows).detach()
+
+
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_identity_is_the_raw_gradient_dot_product_over_n(mlp_problem: dict) -> None:
+    model, task = mlp_problem["model"], mlp_problem["task"]
+    (X, y), (Xt, yt) = mlp_problem["train"], mlp_problem["test"]
+    G, Q = autograd_gradients(model, X, y), autograd_gradients(model, Xt, yt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # l2 = 0 is not this model's optimum
+        plain = infkit.Influence(task, "identity", l2=0.0).fit((X, y))
+    assert relative_error(plain.scores((Xt, yt)), Q @ G.T / 60) < 1e-12
+    assert relative_error(plain.self_scores(), (G * G).sum(1) / 60) < 1e-12
+    # With l2 > 0 the regulariser share l2 * theta is part of the attributed training gradient.
+    l2 = mlp_problem["l2"]
+    inf = infkit.Influence(task, "identity", l2=l2).fit((X, y))
+    V = G + l2 * flat(model)
+    assert relative_error(inf.scores((Xt, yt)), Q @ V.T / 60) < 1e-12
+    assert relative_error(inf.remove([1, 5]).params, V[[1, 5]].sum(0) / 60) < 1e-12
+    # relatif: the training side is normalised (gradient cosine up to the query's norm).
+    rel = infkit.Influence(task, "identity", "relatif", l2=l2).fit((X, y))
+    assert relative_error(rel.scores((Xt, yt)), Q @ (V / V.norm(dim=1, keepdim=True)).T) < 1e-12
+
+
+def test_tracincp_equals_the_hand_computed_sum(mlp_problem: dict) -> None:
+    model, task, l2 = mlp_problem["model"], mlp_problem["task"], mlp_problem["l2"]
+    (X, y), (Xt, yt) = mlp_problem["train"], mlp_problem["test"]
+    final = flat(model).clone()
+    # Checkpoints along a made-up trajectory: state dicts and a flat vector.
+    gen = torch.Generator().manual_seed(3)
+    trajectory = []
+    for k in range(3):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.3 * (3 - k) * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        trajectory.append(m)
+    trajectory.append(model)  # the fitted model itself can be a checkpoint too
+    checkpoints = [
+        trajectory[0].state_dict(),
+        trajectory[1].state_dict(),
+        flat(trajectory[2]),
+        model.state_dict(),
+    ]
+    rates = [0.5, 0.2, 0.05, 0.01]
+    inf = infkit.Influence(
+        task, "identity", l2=l2, checkpoints=checkpoints, learning_rates=rates
+    ).fit((X, y))
+    S, self_s, delta = inf.scores((Xt, yt)), inf.self_scores(), inf.remove([0, 7, 9]).params
+    expected = torch.zeros(7, 60, dtype=torch.float64)
+    expected_self = torch.zeros(60, dtype=torch.float64)
+    expected_delta = torch.zeros_like(final)
+    for m, eta in zip(trajectory, rates):
+        G, Q = autograd_gradients(m, X, y), autograd_gradients(m, Xt, yt)
+        V = G + l2 * flat(m)
+        expected += eta * Q @ V.T / 60
+        expected_self += eta * (G * V).sum(1) / 60
+        expected_delta += eta * V[[0, 7, 9]].sum(0) / 60
+    assert relative_error(S, expected) < 1e-12
+    assert relative_error(self_s, expected_self) < 1e-12
+    assert relative_error(delta, expected_delta) < 1e-12
+    assert torch.equal(flat(model), final)  # the model is left at its own parameters
+    assert inf.describe()["checkpoints"] == 4
+
+
+def test_tracincp_checks_its_inputs(mlp_problem: dict) -> None:
+    task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
+    with pytest.raises(InvalidInputError, match="learning_rates"):
+        infkit.Influence(task, "identity", l2=l2, checkpoints=[torch.zeros(75)]).fit(train)
+    with pytest.raises(InvalidInputError, match="2 checkpoints but 1 learning rates"):
+        infkit.Influence(
+            task, "identity", l2=l2, checkpoints=[torch.zeros(75)] * 2, learning_rates=[1.0]
+        ).fit(train)
+    with pytest.raises(InvalidInputError, match=r"shape \[P\] = \[75\]"):
+        infkit.Influence(
+            task, "identity", l2=l2, checkpoints=[torch.zeros(7)], learning_rates=1.0
+        ).fit(train)
