@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+import infkit
+
 
 def flat_params(model: nn.Module) -> tuple[list[str], list[torch.Size], Tensor]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -88,6 +90,20 @@ def linear_block_index(model: nn.Module, layer: str, transposed: bool = False) -
             row.append(offsets[bname] + o)
         rows.append(row)
     return torch.tensor(rows).reshape(-1)
+
+
+def conv_problem() -> dict:
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 3 * 3, 4),
+    ).double()
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(30, 2, 5, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (30,), generator=gen)
+    return {"model": model, "task": infkit.Task.classification(model), "train": (X, y)}
 
 
 class Conv1D(nn.Module):

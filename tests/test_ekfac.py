@@ -6,6 +6,7 @@ import pytest
 import torch
 from kfac_helpers import (
     TinySequenceModel,
+    conv_problem,
     explicit_ggn,
     linear_block_index,
     sequence_data,
@@ -21,20 +22,6 @@ def kfe_diagonal(G: torch.Tensor, QS: torch.Tensor, QA: torch.Tensor) -> torch.T
     """diag((Q_S (x) Q_A)^T G (Q_S (x) Q_A)), the GGN block's diagonal in the eigenbasis."""
     K = torch.kron(QS, QA)
     return torch.diagonal(K.T @ G @ K).reshape(QS.shape[0], QA.shape[0])
-
-
-def conv_problem() -> dict:
-    torch.manual_seed(3)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(2, 3, 3, stride=2, padding=1),
-        torch.nn.Tanh(),
-        torch.nn.Flatten(),
-        torch.nn.Linear(3 * 3 * 3, 4),
-    ).double()
-    gen = torch.Generator().manual_seed(4)
-    X = torch.randn(30, 2, 5, 5, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 4, (30,), generator=gen)
-    return {"model": model, "task": infkit.Task.classification(model), "train": (X, y)}
 
 
 def sequence_problem(conv1d: bool = True) -> dict:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kfac_helpers import TinySequenceModel, sequence_data, sequence_loss
-from test_ekfac import conv_problem
+from kfac_helpers import TinySequenceModel, conv_problem, sequence_data, sequence_loss
 
 import infkit
 from infkit.data import ExampleSet

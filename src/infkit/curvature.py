@@ -57,6 +57,26 @@ class CurvatureOperator:
         self.size = engine.space.size
         self.products = 0  # number of vectors multiplied so far (a cost counter)
 
+    def retained(self, group: Tensor) -> CurvatureOperator:
+        """The curvature of the retained examples (all but ``group``), still divided by N.
+
+        With the ridge ``(N_R/N) l2 + damping`` this is H_R, the curvature of the Newton step on
+        the retained objective.
+        """
+        keep = torch.ones(len(self.examples), dtype=torch.bool)
+        if self.indices is not None:
+            keep[:] = False
+            keep[self.indices] = True
+        keep[torch.as_tensor(group, dtype=torch.long)] = False
+        return CurvatureOperator(
+            self.engine,
+            self.examples,
+            self.kind,
+            batch_size=self.batch_size,
+            indices=keep.nonzero().squeeze(1),
+            normaliser=self.normaliser,
+        )
+
     def matmat(self, V: Tensor) -> Tensor:
         """H V for V of shape [k, P]; returns float64 [k, P]."""
         space = self.engine.space

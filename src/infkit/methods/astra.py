@@ -180,19 +180,9 @@ class ASTRA(EKFAC):
 
     def solve_retained(self, V: Tensor, group: Tensor) -> Tensor:
         ctx = self.context
-        keep = torch.ones(ctx.n, dtype=torch.bool)
-        keep[group] = False
-        retained = CurvatureOperator(
-            ctx.per_example,
-            ctx.train,
-            self.curvature,
-            batch_size=self.operator.batch_size,
-            indices=keep.nonzero().squeeze(1),
-            normaliser=ctx.n,
-        )
-        ridge = (int(keep.sum()) / ctx.n) * ctx.l2 + ctx.damping
+        ridge = ctx.retained_ridge(len(group))
         shift = ridge - ctx.l2 - ctx.damping
-        return self._iterate(retained, ridge, V, shift)
+        return self._iterate(self.operator.retained(group), ridge, V, shift)
 
     def describe(self) -> dict[str, object]:
         out = super().describe()

@@ -44,6 +44,10 @@ class FitContext:
     def n(self) -> int:
         return len(self.train)
 
+    def retained_ridge(self, n_removed: int) -> float:
+        """(N_R/N) l2 + damping: the ridge of the retained objective's curvature H_R."""
+        return (self.n - n_removed) / self.n * self.l2 + self.damping
+
 
 class InverseCurvature(ABC):
     """A way of applying the inverse damped curvature to vectors in R^P."""

@@ -120,19 +120,8 @@ class ConjugateGradient(InverseCurvature):
         return self._apply(self.operator, ctx.l2 + ctx.damping + shift, V)
 
     def solve_retained(self, V: Tensor, group: Tensor) -> Tensor:
-        ctx = self.context
-        keep = torch.ones(ctx.n, dtype=torch.bool)
-        keep[group] = False
-        retained = CurvatureOperator(
-            ctx.per_example,
-            ctx.train,
-            self.curvature,
-            batch_size=self.operator.batch_size,
-            indices=keep.nonzero().squeeze(1),
-            normaliser=ctx.n,
-        )
-        ridge = (int(keep.sum()) / ctx.n) * ctx.l2 + ctx.damping
-        return self._apply(retained, ridge, V)
+        ridge = self.context.retained_ridge(len(group))
+        return self._apply(self.operator.retained(group), ridge, V)
 
     def describe(self) -> dict[str, object]:
         out = super().describe()
