@@ -133,12 +133,18 @@ class Identity(DirectMethod):
         return state.engine.grads(batch, "loss")
 
     def _train_side(self, state, g: Tensor, theta: Tensor, estimator: str) -> Tensor:
-        """grad l~_j(w_k) / N ([B, P], g's dtype) from the loss gradients g; unit length for
-        relatif."""
+        """grad l~_j(w_k) ([B, P], g's dtype) from the loss gradients g; unit length for relatif.
+
+        The 1/N of the "if" scores is applied by the callers, to the (smaller) results.
+        """
         v = g + state.l2 * theta.to(g.dtype) if state.l2 else g
         if estimator == "relatif":
             return v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
-        return v / state.n
+        return v
+
+    @staticmethod
+    def _unit(state, estimator: str) -> float:
+        return 1.0 if estimator == "relatif" else 1.0 / state.n
 
     def scores(self, state, test: ExampleSet, estimator: str, relatif: str) -> Tensor:
         if not self.tracin:
@@ -148,14 +154,12 @@ class Identity(DirectMethod):
             Q = torch.cat(
                 [state.engine.grads(b, "measurement") for b in test.batches(state.batch_size)]
             )
-            parts = [
-                Q
-                @ self._train_side(
-                    state, self._loss_grads(state, batch, fitted), theta, estimator
-                ).T
-                for batch in state.train.batches(state.batch_size)  # in order: 0, 1, ..., N-1
-            ]
-            S += eta * torch.cat(parts, dim=1).to(torch.float64).cpu()
+            parts = []
+            for batch in state.train.batches(state.batch_size):  # in order: 0, 1, ..., N-1
+                g = self._loss_grads(state, batch, fitted)
+                parts.append(Q @ self._train_side(state, g, theta, estimator).T)
+            weight = eta * self._unit(state, estimator)
+            S += weight * torch.cat(parts, dim=1).to(torch.float64).cpu()
         return S
 
     def self_scores(self, state, estimator: str, relatif: str) -> Tensor:
@@ -165,10 +169,11 @@ class Identity(DirectMethod):
                 out[batch.indices] = (state.loss_grads(batch) * delta).sum(1).cpu()
             return out
         for eta, theta, fitted in self._checkpoint_terms(state):
+            weight = eta * self._unit(state, estimator)
             for batch in state.train.batches(state.batch_size):
                 g = self._loss_grads(state, batch, fitted)
                 side = self._train_side(state, g, theta, estimator)
-                out[batch.indices] += eta * (g * side).sum(1).to(torch.float64).cpu()
+                out[batch.indices] += weight * (g * side).sum(1).to(torch.float64).cpu()
         return out
 
     def group_delta(self, state, indices: Tensor, estimator: str) -> Tensor:
@@ -180,7 +185,7 @@ class Identity(DirectMethod):
         for eta, theta, fitted in self._checkpoint_terms(state):
             for batch in state.train.batches(state.batch_size, indices):
                 g = self._loss_grads(state, batch, fitted).to(torch.float64)
-                total += eta * self._train_side(state, g, theta, estimator).sum(0)
+                total += eta / state.n * self._train_side(state, g, theta, estimator).sum(0)
         return total
 
     def describe(self) -> dict[str, Any]:
