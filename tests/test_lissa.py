@@ -63,8 +63,8 @@ def test_lissa_scores_match_exact(mlp_problem: dict) -> None:
     reference = infkit.Influence(task, "exact", l2=l2).fit(train)
     R = reference.scores(test)
     # Full-batch (deterministic) recursion: the truncation error is what tol says.
-    full = infkit.Influence(task, "lissa", l2=l2, tol=1e-4).fit(train)
-    assert relative_error(full.scores(test), R) < 1e-3
+    full = infkit.Influence(task, "lissa", l2=l2, tol=1e-3).fit(train)
+    assert relative_error(full.scores(test), R) < 2e-3
     info = full.describe()
     lam_max = float(torch.linalg.eigvalsh(reference.state.method.data_curvature)[-1])
     assert info["effective_damping"] == pytest.approx(l2)

@@ -156,12 +156,15 @@ class Influence:
             batch_size=self.batch_size,
             progress=show,
             memory_limit=self.memory_limit,
+            train_gradients=cache,
         )
         method.fit(context)
         anchor = method.regulariser_anchor()
         anchor = None if anchor is None else anchor.to(theta)
         reg_theta = theta if anchor is None else theta - anchor
-        gradient = self._check_stationarity(examples, engine, space, reg_theta, cache)
+        gradient = self._check_stationarity(
+            examples, engine, space, reg_theta, cache, warn=method.assumes_optimum
+        )
         self._space = space
         self._state = FittedState(
             method=method,
@@ -222,6 +225,7 @@ class Influence:
         space: ParameterSpace,
         reg_theta: Tensor,
         cache: Tensor | None,
+        warn: bool = True,
     ) -> Tensor:
         """grad L(theta*) [P] float64; warns when it is far from 0 (not a trained optimum).
 
@@ -246,7 +250,7 @@ class Influence:
         gradient = data_gradient + self.l2 * reg_theta
         scale = typical + self.l2 * float(reg_theta.norm())
         self.stationarity = float(gradient.norm()) / max(scale, 1e-300)
-        if self.stationarity > STATIONARITY_TOLERANCE:
+        if warn and self.stationarity > STATIONARITY_TOLERANCE:
             warnings.warn(
                 f"the model is not at a stationary point of mean_i l_i + (l2/2)||theta||^2 with "
                 f"l2={self.l2:g}: ||grad L|| is {self.stationarity:.1e} of the typical "

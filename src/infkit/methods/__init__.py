@@ -50,7 +50,12 @@ def scalable_methods() -> list[str]:
 def methods() -> dict[str, dict[str, Any]]:
     """Every registered method with the estimators it supports and a one-line summary."""
     return {
-        name: {"estimators": list(cls.estimators), "scales": cls.scales, "summary": cls.summary}
+        name: {
+            "estimators": list(cls.estimators),
+            "quantities": list(cls.quantities),
+            "scales": cls.scales,
+            "summary": cls.summary,
+        }
         for name, cls in sorted(_REGISTRY.items())
     }
 

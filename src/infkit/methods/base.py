@@ -39,6 +39,8 @@ class FitContext:
     batch_size: int
     progress: bool
     memory_limit: int
+    #: the facade's cached training-loss gradients [N, P] float64 (None when not cached)
+    train_gradients: Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -60,6 +62,11 @@ class InverseCurvature(ABC):
     summary: ClassVar[str]
     #: whether the method stays usable when P is large (used in error messages and ``auto``)
     scales: ClassVar[bool] = False
+    #: whether the answers assume theta is a trained optimum (the facade warns when it is not);
+    #: False for trajectory/surrogate methods (TracInCP, TRAK)
+    assumes_optimum: bool = True
+    #: the facade questions the method answers, for ``infkit.methods()``
+    quantities: ClassVar[tuple[str, ...]] = ("scores", "self_scores", "remove")
     #: ``"ggn"`` or ``"hessian"``: which per-example curvature C_i the method represents
     curvature: str = "ggn"
 

@@ -323,7 +323,7 @@ class Lissa(InverseCurvature):
         keep = torch.ones(ctx.n, dtype=torch.bool)
         keep[group] = False
         pool = keep.nonzero().squeeze(1)
-        ridge = (len(pool) / ctx.n) * ctx.l2 + ctx.damping
+        ridge = ctx.retained_ridge(ctx.n - len(pool))
         # (1/N) sum_{i in R} C_i = (N_R / N) * (minibatch mean over R)
         return self._run(V.to(torch.float64), ridge, pool, len(pool) / ctx.n)
 
