@@ -17,6 +17,8 @@ import infkit
 from infkit.evaluate import relative_error
 from infkit.task import _cross_entropy
 
+pytestmark = pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
+
 
 def kfe_diagonal(G: torch.Tensor, QS: torch.Tensor, QA: torch.Tensor) -> torch.Tensor:
     """diag((Q_S (x) Q_A)^T G (Q_S (x) Q_A)), the GGN block's diagonal in the eigenbasis."""
