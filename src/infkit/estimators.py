@@ -45,7 +45,8 @@ class FittedState:
     theta: Tensor  # [P], float64
     l2: float
     batch_size: int
-    train_grad_cache: Tensor | None = None  # [N, P] loss gradients, when they fit in memory
+    #: [N, P] loss gradients when they fit in memory, in :func:`cache_dtype` of the model
+    train_grad_cache: Tensor | None = None
     #: grad L(theta*) [P], the full objective's gradient (0 at an exact optimum). The Newton
     #: step uses the retained objective's actual gradient, so it stays exact when theta* is a
     #: slightly loose optimum.
@@ -57,21 +58,48 @@ class FittedState:
     def n(self) -> int:
         return len(self.train)
 
+    @property
+    def regularised_theta(self) -> Tensor:
+        """theta - theta' [P] float64 (theta' the regulariser's anchor, 0 by default)."""
+        return self.theta if self.anchor is None else self.theta - self.anchor
+
     def loss_grads(self, batch: Batch) -> Tensor:
         """grad l_j for the batch, [B, P] float64 (no regulariser share)."""
         if self.train_grad_cache is not None:
-            return self.train_grad_cache[batch.indices]
+            return self.train_grad_cache[batch.indices].to(torch.float64)
         return self.engine.grads(batch, "loss").to(torch.float64)
 
     def attributed_grads(self, batch: Batch) -> Tensor:
         """v_j = grad l_j + l2 (theta - theta'), [B, P] float64."""
-        reg = self.theta if self.anchor is None else self.theta - self.anchor
-        return self.loss_grads(batch) + self.l2 * reg
+        return self.loss_grads(batch) + self.l2 * self.regularised_theta
+
+    def attributed_products(self, U: Tensor) -> Tensor:
+        """U v_j^T for every training example j: [k, N] float64, for U of shape [k, P].
+
+        With the gradient cache this is one matrix product in the cache's dtype (float32 for a
+        float32 model: the gradients carry no more precision than that), plus the regulariser
+        share l2 U (theta - theta') added in float64; otherwise it streams the gradients.
+        """
+        U = U.to(torch.float64)
+        shared = self.l2 * (U @ self.regularised_theta.to(U)) if self.l2 else None
+        if self.train_grad_cache is not None:
+            G = self.train_grad_cache
+            S = (U.to(G.dtype) @ G.T).to(torch.float64)
+        else:
+            S = torch.empty(U.shape[0], self.n, dtype=torch.float64, device=U.device)
+            for batch in self.train.batches(self.batch_size):
+                S[:, batch.indices] = U @ self.loss_grads(batch).T
+        return S if shared is None else S + shared.unsqueeze(1)
 
     def jacobians_and_lambdas(self, batch: Batch) -> tuple[Tensor, Tensor]:
         J = self.engine.jacobians(batch).to(torch.float64)
         _, _, lam = self.engine.output_derivatives(batch)
         return J, lam.to(torch.float64)
+
+
+def cache_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the [N, P] training-gradient cache: float64 for float64 models, else float32."""
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
 
 
 def check_estimator(method: InverseCurvature, estimator: str) -> None:

@@ -25,6 +25,7 @@ from infkit.estimators import (
     ESTIMATORS,
     RELATIF_NORMS,
     FittedState,
+    cache_dtype,
     check_estimator,
     group_delta,
     leverages,
@@ -145,7 +146,9 @@ class Influence:
         theta = space.flat().to(torch.float64)
         direct = isinstance(method, DirectMethod)
         # Direct (kernel) methods never use parameter-space training gradients: do not cache them.
-        cache = None if direct else self._train_gradients(examples, engine, space, show)
+        cache, summary = (None, None)
+        if not direct:
+            cache, summary = self._train_gradients(examples, engine, space, show)
         context = FitContext(
             task=self.task,
             space=space,
@@ -163,7 +166,7 @@ class Influence:
         anchor = None if anchor is None else anchor.to(theta)
         reg_theta = theta if anchor is None else theta - anchor
         gradient = self._check_stationarity(
-            examples, engine, space, reg_theta, cache, warn=method.assumes_optimum
+            examples, engine, space, reg_theta, summary, warn=method.assumes_optimum
         )
         self._space = space
         self._state = FittedState(
@@ -206,17 +209,31 @@ class Influence:
 
     def _train_gradients(
         self, examples: ExampleSet, engine: PerExample, space: ParameterSpace, show: bool
-    ) -> Tensor | None:
+    ) -> tuple[Tensor | None, tuple[Tensor, float] | None]:
+        """The [N, P] training-loss gradients when they fit in memory (else None), and a summary.
+
+        The cache is kept in :func:`cache_dtype` of the model (float32 for a float32 model: half
+        the memory and twice the speed of the score products; the gradients carry no more
+        precision than that). The summary, accumulated in float64 on the way, is
+        ``(sum_i grad l_i / N, mean_i ||grad l_i||)`` for the stationarity check.
+        """
         n, p = len(examples), space.size
-        if n * p * 8 > min(GRADIENT_CACHE_BYTES, self.memory_limit // 4):
-            return None
-        out = torch.empty(n, p, dtype=torch.float64, device=space.device)
-        total = -(-n // self.batch_size)
+        dtype = cache_dtype(space.dtype)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if n * p * itemsize > min(GRADIENT_CACHE_BYTES, self.memory_limit // 4):
+            return None, None
+        out = torch.empty(n, p, dtype=dtype, device=space.device)
+        total_gradient = torch.zeros(p, dtype=torch.float64, device=space.device)
+        total_norm = 0.0
+        batches = -(-n // self.batch_size)
         for batch in tqdm(
-            examples.batches(self.batch_size), total=total, desc="gradients", disable=not show
+            examples.batches(self.batch_size), total=batches, desc="gradients", disable=not show
         ):
-            out[batch.indices] = engine.grads(batch, "loss").to(torch.float64)
-        return out
+            g = engine.grads(batch, "loss")
+            out[batch.indices] = g.to(dtype)
+            total_gradient += g.sum(0).to(torch.float64)
+            total_norm += float(g.norm(dim=1).sum())
+        return out, (total_gradient / n, total_norm / n)
 
     def _check_stationarity(
         self,
@@ -224,17 +241,16 @@ class Influence:
         engine: PerExample,
         space: ParameterSpace,
         reg_theta: Tensor,
-        cache: Tensor | None,
+        summary: tuple[Tensor, float] | None,
         warn: bool = True,
     ) -> Tensor:
         """grad L(theta*) [P] float64; warns when it is far from 0 (not a trained optimum).
 
-        ``reg_theta`` is theta* - theta' (theta' the regulariser's anchor, 0 by default).
+        ``reg_theta`` is theta* - theta' (theta' the regulariser's anchor, 0 by default);
+        ``summary`` is the gradient cache's (mean gradient, mean gradient norm), if any.
         """
-        n = len(examples)
-        if cache is not None:
-            data_gradient = cache.sum(0) / n
-            typical = float(cache.norm(dim=1).mean())
+        if summary is not None:
+            data_gradient, typical = summary
         else:
             from infkit.gradients import evaluation_mode
             from infkit.training import objective_and_gradient
@@ -340,18 +356,14 @@ class Influence:
         if isinstance(state.method, DirectMethod):
             return self._out(state.method.scores(state, examples, self.estimator, self.relatif))
         Q = self._query_gradients(examples)  # [T, P]
-        S = torch.empty(Q.shape[0], state.n, dtype=torch.float64)
         if self.estimator == "if":
             U = state.method.solve(Q)  # H^{-1} grad m_t, one solve per query
-            for batch in state.train.batches(self.batch_size):
-                S[:, batch.indices] = (U @ state.attributed_grads(batch).T).cpu() / state.n
-        else:
-            deltas = removal_deltas(state, self.estimator, relatif=self.relatif)
-            total = -(-state.n // self.batch_size)
-            for batch, delta in tqdm(
-                deltas, total=total, desc=self.estimator, disable=not self._show()
-            ):
-                S[:, batch.indices] = (Q @ delta.T).cpu()
+            return self._out(state.attributed_products(U) / state.n)
+        S = torch.empty(Q.shape[0], state.n, dtype=torch.float64)
+        deltas = removal_deltas(state, self.estimator, relatif=self.relatif)
+        total = -(-state.n // self.batch_size)
+        for batch, delta in tqdm(deltas, total=total, desc=self.estimator, disable=not self._show()):
+            S[:, batch.indices] = (Q @ delta.T).cpu()
         return self._out(S)
 
     def self_scores(self) -> Tensor:
