@@ -131,6 +131,28 @@ def test_damping_heuristic_is_a_tenth_of_the_mean_eigenvalue_per_module(
     assert m.describe()["module_damping"] == m.module_damping
 
 
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_facade_damping_auto_is_the_per_module_heuristic(mlp_problem: dict, method: str) -> None:
+    task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
+    auto = infkit.Influence(task, method, l2=l2, damping="auto").fit(train)
+    explicit = infkit.Influence(task, method, l2=l2, damping_scale=0.1).fit(train)
+    assert auto.state.method.damping_scale == 0.1
+    assert auto.describe()["damping"] == "auto"
+    test = (train[0][:5], train[1][:5])
+    assert relative_error(auto.scores(test), explicit.scores(test)) < 1e-12
+
+
+def test_damping_auto_is_refused_where_there_is_no_heuristic(mlp_problem: dict) -> None:
+    task, train = mlp_problem["task"], mlp_problem["train"]
+    for method in ("exact", "astra"):
+        with pytest.raises(infkit.errors.UnsupportedError, match="ekfac, kfac"):
+            infkit.Influence(task, method, l2=1e-3, damping="auto").fit(train)
+    with pytest.raises(infkit.errors.InvalidInputError, match="one or the other"):
+        infkit.Influence(task, "ekfac", damping="auto", damping_scale=0.2)
+    with pytest.raises(infkit.errors.InvalidInputError, match="or 'auto'"):
+        infkit.Influence(task, "ekfac", damping="heuristic")
+
+
 def test_sampled_fisher_agrees_with_the_exact_ggn_factors(wine_logreg: dict) -> None:
     task, train = wine_logreg["task"], wine_logreg["train"]
     exact = infkit.Influence(task, "ekfac", fisher="ggn", damping=1e-3).fit(train)

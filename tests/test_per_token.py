@@ -56,6 +56,9 @@ def test_per_token_scores_sum_to_the_sequence_scores(sequences: dict, method: st
     # A subset of training sequences.
     part = per_token_scores(inf, test, indices=[3, 7])
     assert relative_error(part.total, S[:, [3, 7]]) < 1e-10
+    # The facade's shortcut is the same decomposition.
+    facade = inf.token_scores(test, indices=[3, 7])
+    assert torch.equal(facade.tokens, part.tokens) and torch.equal(facade.rest, part.rest)
 
 
 def test_pooled_head_goes_to_the_rest() -> None:
@@ -76,6 +79,8 @@ def test_per_module_scores_sum_to_the_scores(sequences: dict) -> None:
     parts = per_module_scores(inf, test)
     assert list(parts) == ["inp", "mix", "out"]
     assert relative_error(sum(parts.values()), inf.scores(test)) < 1e-10
+    facade = inf.module_scores(test)
+    assert all(torch.equal(facade[k], parts[k]) for k in parts)
     # With a block-diagonal curvature a layer's score is its influence in isolation.
     m = inf.state.method
     t = m.tracked[1]

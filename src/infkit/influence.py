@@ -32,6 +32,7 @@ from infkit.estimators import (
     removal_deltas,
 )
 from infkit.gradients import PerExample, directional_derivatives
+from infkit.kfac.scores import TokenScores, per_module_scores, per_token_scores
 from infkit.methods.base import DirectMethod, FitContext
 from infkit.parameters import ParameterSpace
 from infkit.removal import RemovalEffect
@@ -74,7 +75,9 @@ class Influence:
         estimator: ``"if"``, ``"rif"``, ``"newton"`` or ``"relatif"``.
         l2: the training objective's own L2 coefficient, mean form: the model was trained on
             ``mean_i l_i + (l2/2) ||theta||^2``.
-        damping: extra, purely numerical, added to the curvature.
+        damping: extra, purely numerical, added to the curvature; ``"auto"`` for the methods
+            with a heuristic (K-FAC, EK-FAC, ASTRA: 0.1 x the mean eigenvalue of each module's
+            curvature, methods.md §4.3).
         relatif: ``"theta"`` or ``"loss"`` normalisation for ``estimator="relatif"``.
         batch_size: examples per batch for per-example gradients.
         per_example: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :class:`infkit.gradients.PerExample`).
@@ -89,7 +92,7 @@ class Influence:
         method: str = "exact",
         estimator: str = "if",
         l2: float = 0.0,
-        damping: float = 0.0,
+        damping: float | str = 0.0,
         *,
         relatif: str = "theta",
         batch_size: int = 64,
@@ -109,9 +112,17 @@ class Influence:
             )
         if relatif not in RELATIF_NORMS:
             raise UnsupportedError(f"unknown relatif norm {relatif!r}; use one of {RELATIF_NORMS}")
+        self.auto_damping = damping == "auto"
+        if self.auto_damping:
+            damping = 0.0
+            if "damping_scale" in method_options:
+                raise InvalidInputError(
+                    "damping='auto' sets the method's damping_scale; pass one or the other"
+                )
         for label, value in (("l2", l2), ("damping", damping)):
             if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-                raise InvalidInputError(f"{label} must be a finite number >= 0, got {value!r}")
+                allowed = "a finite number >= 0" + (" or 'auto'" if label == "damping" else "")
+                raise InvalidInputError(f"{label} must be {allowed}, got {value!r}")
         if batch_size < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
         if method != "auto":
@@ -141,7 +152,7 @@ class Influence:
         progress = self.progress if self.progress is not None else None
         show = bool(progress) if progress is not None else _stderr_is_tty()
         name = self._resolve_method(space, examples, engine)
-        method = method_registry.create(name, self.method_options)
+        method = method_registry.create(name, self._options_for(name))
         check_estimator(method, self.estimator)
         theta = space.flat().to(torch.float64)
         direct = isinstance(method, DirectMethod)
@@ -181,6 +192,23 @@ class Influence:
             anchor=anchor,
         )
         return self
+
+    def _options_for(self, name: str) -> dict[str, Any]:
+        """The method options, with ``damping_scale="auto"`` when damping="auto" was asked."""
+        if not self.auto_damping:
+            return self.method_options
+        if not getattr(method_registry.method_class(name), "supports_auto_damping", False):
+            able = [
+                n
+                for n, cls in sorted(method_registry.registered().items())
+                if getattr(cls, "supports_auto_damping", False)
+            ]
+            raise UnsupportedError(
+                f"damping='auto' is a heuristic of the Kronecker-factored methods "
+                f"({', '.join(able)}); method {name!r} needs a number: try l2 + damping around "
+                "1e-3 x the mean curvature eigenvalue, or damping=0 when l2 > 0"
+            )
+        return {**self.method_options, "damping_scale": "auto"}
 
     def _resolve_method(
         self, space: ParameterSpace, examples: ExampleSet, engine: PerExample
@@ -366,6 +394,27 @@ class Influence:
             S[:, batch.indices] = (Q @ delta.T).cpu()
         return self._out(S)
 
+    def module_scores(self, test: Any) -> dict[str, Tensor]:
+        """IF scores split by layer: layer name -> [n_test, n_train], summing to ``scores``.
+
+        See :func:`infkit.kfac.per_module_scores` (methods.md §4.4, §6.8).
+        """
+        return {name: self._out(s) for name, s in per_module_scores(self, test).items()}
+
+    def token_scores(
+        self,
+        test: Any,
+        indices: Sequence[int] | Tensor | None = None,
+        positions: int | None = None,
+    ) -> TokenScores:
+        """Per-position contributions of training sequences to the IF scores (methods.md §4.4).
+
+        ``result.tokens[t, j, s]`` is position s of training sequence ``indices[j]``;
+        ``result.total`` equals ``scores(test)[:, indices]``. See
+        :func:`infkit.kfac.per_token_scores`.
+        """
+        return per_token_scores(self, test, indices, positions)
+
     def self_scores(self) -> Tensor:
         """Removal effect of each training example on its own loss, [n_train].
 
@@ -453,7 +502,7 @@ class Influence:
             **state.method.describe(),
             "estimator": self.estimator,
             "l2": self.l2,
-            "damping": self.damping,
+            "damping": "auto" if self.auto_damping else self.damping,
             "n_train": state.n,
             "n_params": self.n_params,
             "stationarity": self.stationarity,

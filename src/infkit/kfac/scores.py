@@ -157,7 +157,7 @@ def per_token_scores(
     mask_key = getattr(state.method, "mask_key", "attention_mask")
     token_parts, rest_parts = [], []
     layers: set[str] = set()
-    theta_term = state.l2 * (U @ state.theta)  # [q]
+    theta_term = state.l2 * (U @ state.regularised_theta)  # [q]
     for batch in state.train.batches(inf.batch_size, idx):
         terms = layer_terms(state.engine, tracked, batch, "loss", mask_key)
         counts = {name: a.shape[1] for name, (a, _) in terms.items()}

@@ -57,6 +57,9 @@ class ASTRA(EKFAC):
 
     name = "astra"
     summary = "EK-FAC-preconditioned iteration converging to the exact damped GGN/Hessian inverse"
+    #: the per-module heuristic only shapes the preconditioner here, never the answer, so the
+    #: facade's damping="auto" (which promises a damped answer) is refused
+    supports_auto_damping = False
 
     def __init__(
         self,
