@@ -390,7 +390,9 @@ class Influence:
         S = torch.empty(Q.shape[0], state.n, dtype=torch.float64)
         deltas = removal_deltas(state, self.estimator, relatif=self.relatif)
         total = -(-state.n // self.batch_size)
-        for batch, delta in tqdm(deltas, total=total, desc=self.estimator, disable=not self._show()):
+        for batch, delta in tqdm(
+            deltas, total=total, desc=self.estimator, disable=not self._show()
+        ):
             S[:, batch.indices] = (Q @ delta.T).cpu()
         return self._out(S)
 
