@@ -20,6 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,hf]'
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)

@@ -125,6 +125,11 @@ def test_every_data_form_gives_the_same_scores(mlp_problem: dict) -> None:
     S = dicts.scores(DictDataset(Xt, yt))
     assert S.dtype == torch.float64
     torch.testing.assert_close(S, reference, rtol=1e-10, atol=1e-14)
+    # A plain list of two examples is two examples, not an (X, y) pair.
+    two = [{"features": Xt[i], "labels": yt[i]} for i in range(2)]
+    torch.testing.assert_close(dicts.scores(two), reference[:2], rtol=1e-10, atol=1e-14)
+    keyword_pair = ({"features": Xt[:2]}, yt[:2])
+    torch.testing.assert_close(dicts.scores(keyword_pair), reference[:2], rtol=1e-10, atol=1e-14)
 
 
 def test_frozen_parameters_are_constants(mlp_problem: dict) -> None:

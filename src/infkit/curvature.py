@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, vjp, vmap
 
+from infkit.autodiff import Pushforward
 from infkit.data import Batch, ExampleSet
 from infkit.errors import UnsupportedError
 from infkit.gradients import PerExample, evaluation_mode
@@ -56,6 +57,7 @@ class CurvatureOperator:
         self.normaliser = normaliser or count
         self.size = engine.space.size
         self.products = 0  # number of vectors multiplied so far (a cost counter)
+        self.pushforward = Pushforward()  # forward mode, or reverse mode where it is refused
 
     def retained(self, group: Tensor) -> CurvatureOperator:
         """The curvature of the retained examples (all but ``group``), still divided by N.
@@ -101,7 +103,7 @@ class CurvatureOperator:
         with evaluation_mode(engine.task.model):
             if self.kind == "ggn":
                 _, _, lam = engine.output_derivatives(batch)  # [B, C, C]
-                jv = vmap(lambda t: jvp(outputs_of, (params,), (t,))[1])(tangents)  # [k, B, C]
+                jv = self.pushforward(outputs_of, params, tangents)  # [k, B, C]
                 weighted = torch.einsum("bcd,kbd->kbc", lam.to(jv.dtype), jv)
                 _, pullback = vjp(outputs_of, params)
                 products = vmap(lambda u: pullback(u)[0])(weighted)
@@ -112,5 +114,5 @@ class CurvatureOperator:
                     return engine.task.checked_loss(out, targets).sum()
 
                 gradient = grad(total_loss)
-                products = vmap(lambda t: jvp(gradient, (params,), (t,))[1])(tangents)
+                products = self.pushforward.hessian(gradient, params, tangents)
         return space.flatten(products, batch_dims=1).detach()

@@ -60,6 +60,20 @@ def map_tensors(obj: Any, fn) -> Any:
     return _map_tensors(obj, fn)
 
 
+def _is_pair(data: Any) -> bool:
+    """Whether ``data`` is an (X, y) pair of batched tensors rather than a list of examples.
+
+    A dict holding a label key is one example (a list of two such dicts is two examples), while
+    a dict of input tensors without labels is the X of an (X, y) pair.
+    """
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        return False
+    first = data[0]
+    if isinstance(first, Tensor):
+        return True
+    return isinstance(first, dict) and not any(key in first for key in LABEL_KEYS)
+
+
 class ExampleSet:
     """A finite, indexable collection of (inputs, targets) examples."""
 
@@ -69,13 +83,15 @@ class ExampleSet:
         self._dataset: Any = None
         if isinstance(data, ExampleSet):
             self._tensors, self._dataset, self.name = data._tensors, data._dataset, data.name
-        elif (
-            isinstance(data, (tuple, list))
-            and len(data) == 2
-            and isinstance(data[0], (Tensor, dict))
-        ):
+        elif _is_pair(data):
             x, y = data
             self._tensors = (x, y)
+            if any(t.dim() == 0 for t in _leaves(x) + _leaves(y)):
+                raise InvalidInputError(
+                    f"{name}: the tensors of an (X, y) pair need a first (example) dimension; "
+                    "for a list of examples, give each as a dict with a 'labels' key or an "
+                    "(x, y) tuple"
+                )
             sizes = {t.shape[0] for t in _leaves(x) + _leaves(y)}
             if len(sizes) > 1:
                 raise InvalidInputError(

@@ -1,0 +1,96 @@
+"""Jacobian- and Hessian-vector products that survive kernels without higher derivatives.
+
+``torch.func.jvp`` (forward mode) is the cheap way to push tangents through a model, but some
+fused kernels have neither a forward derivative nor a second derivative; PyTorch's fused CPU
+attention, which Hugging Face models use by default (``attn_implementation="sdpa"``), is one.
+:class:`Pushforward` tries forward mode; when an operation refuses it, it reruns with
+``scaled_dot_product_attention`` restricted to its composite "math" implementation (exactly the
+same function, differentiable to any order); when forward mode is still refused, it computes
+``J v`` by two reverse passes (``J v`` is the derivative of the linear map ``u -> J^T u``) and
+``H v`` by reverse-over-reverse (the Hessian is symmetric). The mode that worked is remembered,
+so a model pays a refusal once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.func import jvp, vjp, vmap
+
+#: the product modes, tried in this order
+MODES = ("forward", "forward-math", "reverse-math")
+
+
+def forward_mode_refused(error: BaseException) -> bool:
+    """Whether ``error`` is PyTorch refusing forward-mode AD (or a derivative) for an operation."""
+    text = str(error)
+    return isinstance(error, (NotImplementedError, RuntimeError)) and (
+        "forward AD" in text
+        or "forward mode AD" in text
+        or ("derivative for" in text and "is not implemented" in text)
+    )
+
+
+@contextlib.contextmanager
+def composite_attention(enabled: bool) -> Iterator[None]:
+    """Restrict ``scaled_dot_product_attention`` to its composite math kernel when enabled."""
+    if not enabled:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+class Pushforward:
+    """``J_f(primal) t`` and ``H t`` for tangents t, by the first mode of :data:`MODES` that works.
+
+    Attributes:
+        mode: the mode in use (``"forward"`` until an operation refuses it).
+    """
+
+    def __init__(self) -> None:
+        self.mode = MODES[0]
+
+    def _attempt(self, compute: Callable[[str], Any]) -> Any:
+        while True:
+            try:
+                with composite_attention(self.mode != "forward"):
+                    return compute(self.mode)
+            except (NotImplementedError, RuntimeError) as error:
+                position = MODES.index(self.mode)
+                if not forward_mode_refused(error) or position == len(MODES) - 1:
+                    raise
+                self.mode = MODES[position + 1]
+
+    def __call__(
+        self, fn: Callable[[Any], torch.Tensor], primal: Any, tangents: Any, *, batched: bool = True
+    ) -> torch.Tensor:
+        """J t for ``fn`` returning one tensor; with ``batched`` the tangents carry a leading
+        dimension k and so does J t."""
+
+        def compute(mode: str) -> torch.Tensor:
+            if mode.startswith("forward"):
+                push = lambda t: jvp(fn, (primal,), (t,))[1]  # noqa: E731
+            else:
+                out, pullback = vjp(fn, primal)
+                _, transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))
+                push = lambda t: transpose(t)[0]  # noqa: E731
+            return vmap(push)(tangents) if batched else push(tangents)
+
+        return self._attempt(compute)
+
+    def hessian(self, gradient: Callable[[Any], Any], primal: Any, tangents: Any) -> Any:
+        """H t for a batch of tangents, with ``gradient`` the gradient function of a scalar."""
+
+        def compute(mode: str) -> Any:
+            if mode.startswith("forward"):
+                return vmap(lambda t: jvp(gradient, (primal,), (t,))[1])(tangents)
+            _, pullback = vjp(gradient, primal)
+            return vmap(lambda t: pullback(t)[0])(tangents)
+
+        return self._attempt(compute)

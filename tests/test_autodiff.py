@@ -1,0 +1,120 @@
+"""Curvature products through a layer that refuses forward-mode AD (fused CPU attention)."""
+
+from __future__ import annotations
+
+import torch
+
+import infkit
+from infkit.autodiff import Pushforward, composite_attention
+from infkit.curvature import CurvatureOperator
+from infkit.data import ExampleSet
+from infkit.evaluate import relative_error
+from infkit.gradients import PerExample
+from infkit.parameters import ParameterSpace
+
+
+class TinyAttention(torch.nn.Module):
+    """Self-attention with torch's fused kernel (no forward derivative on CPU), then a head."""
+
+    def __init__(self, width: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, width]
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+        h = torch.nn.functional.scaled_dot_product_attention(q, k, v).squeeze(1)
+        return self.head(h.mean(1))
+
+
+def test_forward_mode_refusal_falls_back_to_exact_reverse_mode() -> None:
+    torch.manual_seed(0)
+    model = TinyAttention().double()
+    X, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    task = infkit.Task.classification(model)
+    space = ParameterSpace(model)
+    engine = PerExample(task, space)
+    V = torch.randn(3, space.size, dtype=torch.float64)
+    for kind in ("ggn", "hessian"):
+        op = CurvatureOperator(engine, ExampleSet((X, y)), kind, batch_size=4)
+        product = op.matmat(V)
+        assert op.pushforward.mode == "forward-math"  # the fused kernel refused forward mode
+        # Dense reference by reverse-mode autograd only.
+        theta = space.flat().detach().clone()
+
+        def mean_loss(flat: torch.Tensor) -> torch.Tensor:
+            out = torch.func.functional_call(model, space.unflatten(flat), (X,))
+            return torch.nn.functional.cross_entropy(out, y)
+
+        def logits(flat: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(model, space.unflatten(flat), (X,))
+
+        with composite_attention(True):  # the fused kernel has no second derivative
+            if kind == "hessian":
+                dense = torch.autograd.functional.hessian(mean_loss, theta)
+            else:
+                J = torch.autograd.functional.jacobian(logits, theta)  # [B, C, P]
+        if kind == "ggn":
+            p = torch.softmax(logits(theta), -1)
+            lam = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+            dense = torch.einsum("bcp,bcd,bdq->pq", J, lam, J) / len(y)
+        assert relative_error(product, V @ dense) < 1e-10
+
+
+def test_pushforward_single_tangent_matches_the_jacobian() -> None:
+    torch.manual_seed(1)
+    model = TinyAttention().double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    tangent = {k: torch.randn_like(v) for k, v in params.items()}
+
+    def f(p: dict) -> torch.Tensor:
+        return torch.func.functional_call(model, p, (x,))
+
+    push = Pushforward()
+    out = push(f, params, tangent, batched=False)
+    assert push.mode == "forward-math"
+    names = list(params)
+    J = torch.autograd.functional.jacobian(
+        lambda *ts: f(dict(zip(names, ts))), tuple(params[k] for k in names)
+    )
+    expected = sum((Jk.reshape(*out.shape, -1) @ tangent[k].reshape(-1)) for k, Jk in zip(names, J))
+    assert relative_error(out, expected) < 1e-12
+
+
+class ReverseOnlyTanh(torch.autograd.Function):
+    """tanh with a (twice differentiable) backward but no forward-mode rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+def test_reverse_mode_when_forward_mode_is_refused_everywhere() -> None:
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(3, 2).double()
+    params = {k: v.detach() for k, v in lin.named_parameters()}
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def f(p: dict) -> torch.Tensor:
+        return ReverseOnlyTanh.apply(torch.func.functional_call(lin, p, (x,)))
+
+    tangents = {k: torch.randn(4, *v.shape, dtype=torch.float64) for k, v in params.items()}
+    push = Pushforward()
+    out = push(f, params, tangents)
+    assert push.mode == "reverse-math"
+    pre = x @ params["weight"].T + params["bias"]
+    dpre = torch.einsum("ni,koi->kno", x, tangents["weight"]) + tangents["bias"].unsqueeze(1)
+    expected = (1 - torch.tanh(pre) ** 2) * dpre
+    assert relative_error(out, expected) < 1e-12
