@@ -176,9 +176,11 @@ class Influence:
         anchor = method.regulariser_anchor()
         anchor = None if anchor is None else anchor.to(theta)
         reg_theta = theta if anchor is None else theta - anchor
-        gradient = self._check_stationarity(
-            examples, engine, space, reg_theta, summary, warn=method.assumes_optimum
-        )
+        # Trajectory/surrogate methods (TracInCP, TRAK) neither assume an optimum nor offer the
+        # Newton step that uses grad L(theta*): skip that pass over the data for them.
+        gradient = None
+        if method.assumes_optimum:
+            gradient = self._check_stationarity(examples, engine, space, reg_theta, summary)
         self._space = space
         self._state = FittedState(
             method=method,
@@ -270,7 +272,6 @@ class Influence:
         space: ParameterSpace,
         reg_theta: Tensor,
         summary: tuple[Tensor, float] | None,
-        warn: bool = True,
     ) -> Tensor:
         """grad L(theta*) [P] float64; warns when it is far from 0 (not a trained optimum).
 
@@ -294,7 +295,7 @@ class Influence:
         gradient = data_gradient + self.l2 * reg_theta
         scale = typical + self.l2 * float(reg_theta.norm())
         self.stationarity = float(gradient.norm()) / max(scale, 1e-300)
-        if warn and self.stationarity > STATIONARITY_TOLERANCE:
+        if self.stationarity > STATIONARITY_TOLERANCE:
             warnings.warn(
                 f"the model is not at a stationary point of mean_i l_i + (l2/2)||theta||^2 with "
                 f"l2={self.l2:g}: ||grad L|| is {self.stationarity:.1e} of the typical "
