@@ -15,6 +15,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread: these problems are small, and the CI machines have two shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def wine_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """scikit-learn's bundled wine data (178 x 13, 3 classes), standardised, fixed split."""
     X, y = load_wine(return_X_y=True)

@@ -10,14 +10,6 @@ from infkit.evaluate import relative_error
 from infkit.methods.arnoldi import lanczos
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reference(mlp_problem: dict) -> dict:
     task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))

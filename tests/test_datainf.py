@@ -12,14 +12,6 @@ from infkit.errors import InvalidInputError
 from infkit.evaluate import relative_error
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def autograd_gradients(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-example cross-entropy gradients [n, P] by plain autograd, one example at a time."""
     rows = []

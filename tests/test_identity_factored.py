@@ -24,14 +24,6 @@ identity_module = importlib.import_module("infkit.methods.identity")
 N, T, L2 = 40, 6, 1e-2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _no_stationarity_warning():
     with warnings.catch_warnings():

@@ -11,15 +11,6 @@ from infkit.evaluate import correlation, relative_error
 from infkit.methods.lissa import lissa, power_iteration
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems run faster on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def spd(size: int = 20, lo: float = 0.05, hi: float = 2.0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(size, size, generator=gen, dtype=torch.float64))

@@ -26,14 +26,6 @@ FAST_OPTIONS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_methods_lists_each_method_with_its_estimators() -> None:
     listed = infkit.methods()
     for name, estimators in MATRIX_FREE.items():

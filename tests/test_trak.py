@@ -13,14 +13,6 @@ from infkit.evaluate import relative_error
 from infkit.task import classification_margin
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def per_example_gradients(model, X, y, fn) -> torch.Tensor:
     """Per-example gradients [n, P] of fn(logits, y) by plain autograd, one example at a time."""
     rows = []
