@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import infkit
@@ -11,6 +12,9 @@ from infkit.data import ExampleSet
 from infkit.evaluate import relative_error
 from infkit.gradients import PerExample
 from infkit.parameters import ParameterSpace
+
+# torch notes that the fused kernel's backward has no vmap batching rule (a loop, still exact)
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
 
 class TinyAttention(torch.nn.Module):
