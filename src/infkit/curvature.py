@@ -5,8 +5,9 @@
     H V = (1/N) sum_i C_i V,   C_i = J_i^T Lambda_i J_i (GGN) or d^2 l_i / d theta^2 (Hessian),
 
 to many vectors at once (V is [k, P]) without forming H: the GGN product is a JVP (J_i v), a
-C x C multiplication by Lambda_i and a VJP; the Hessian product is forward-over-reverse. Both are
-vmapped over the k vectors, one pass over the data for all of them.
+C x C multiplication by Lambda_i and a VJP; the Hessian product is reverse-over-reverse (the
+pullback of the gradient). Both are vmapped over the k vectors, one pass over the data for all of
+them, and survive kernels without forward-mode derivatives (:mod:`infkit.autodiff`).
 """
 
 from __future__ import annotations
