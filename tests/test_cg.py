@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch import Tensor
 
 import infkit
 from infkit.curvature import CurvatureOperator
 from infkit.data import ExampleSet
-from infkit.errors import CurvatureError
+from infkit.errors import CurvatureError, UnsupportedError
 from infkit.evaluate import correlation, relative_error
 from infkit.gradients import PerExample
-from infkit.linalg import conjugate_gradients
+from infkit.linalg import block_conjugate_gradients, conjugate_gradients, orthonormal_basis
 from infkit.parameters import ParameterSpace
 
 
@@ -83,3 +86,133 @@ def test_cg_warns_when_it_does_not_converge(mlp_problem: dict) -> None:
     inf = infkit.Influence(task, "cg", l2=l2, maxiter=2).fit(train)
     with pytest.warns(UserWarning, match="CG stopped after 2 iterations"):
         inf.scores(test)
+
+
+def _spd(n: int, low: float, high: float, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """A = Q diag(eig) Q^T with log-spaced eigenvalues in [low, high]; returns A, Q, eig."""
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    eig = torch.logspace(math.log10(low), math.log10(high), n, dtype=torch.float64)
+    return (Q * eig) @ Q.T, Q, eig
+
+
+def test_block_cg_solves_many_right_hand_sides_in_few_iterations() -> None:
+    A, _, _ = _spd(200, 1e-2, 10.0)
+    B = torch.randn(200, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference = torch.linalg.solve(A, B)
+    products = []
+
+    def matmat(X: Tensor) -> Tensor:
+        products.append(X.shape[1])
+        return A @ X
+
+    block = block_conjugate_gradients(matmat, B, tol=1e-12, maxiter=1000)
+    single = conjugate_gradients(lambda X: A @ X, B, tol=1e-12, maxiter=1000)
+    assert bool(block.converged.all()) and float(block.residuals.max()) <= 1e-12
+    assert relative_error(block.X, reference) <= 1e-8
+    assert relative_error(single.X, reference) <= 1e-8
+    # One product per iteration on at most k columns, and far fewer iterations than k
+    # independent recursions (which need ~ sqrt(condition) log(1/tol) each).
+    assert len(products) == block.iterations and max(products) <= 40
+    assert 3 * block.iterations < single.iterations
+    # More right-hand sides than unknowns: the first block spans the whole space.
+    wide = torch.randn(200, 250, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    result = block_conjugate_gradients(lambda X: A @ X, wide, tol=1e-12)
+    assert result.iterations <= 2
+    assert relative_error(result.X, torch.linalg.solve(A, wide)) <= 1e-8
+
+
+def test_block_cg_drops_dependent_directions_without_nan() -> None:
+    A, Q, eig = _spd(60, 1e-1, 10.0)
+    gen = torch.Generator().manual_seed(3)
+    b = torch.randn(60, generator=gen, dtype=torch.float64)
+    columns = [
+        b,
+        b,  # duplicate
+        torch.zeros(60, dtype=torch.float64),  # zero right-hand side
+        Q[:, 5],  # exact eigenvectors
+        3.0 * Q[:, 7],
+        2.0 * b - 3.0 * Q[:, 7],  # a combination of the others
+        1e-9 * b,  # tiny but in the span
+    ]
+    B = torch.stack(columns, dim=1)
+    result = block_conjugate_gradients(lambda X: A @ X, B, tol=1e-12, maxiter=1000)
+    assert torch.isfinite(result.X).all() and bool(result.converged.all())
+    assert float(result.X[:, 2].abs().max()) == 0.0
+    assert relative_error(result.X, torch.linalg.solve(A, B)) <= 1e-8
+    # Right-hand sides that are all eigenvectors are solved exactly by the first block.
+    E = Q[:, :6] * torch.arange(1.0, 7.0, dtype=torch.float64)
+    result = block_conjugate_gradients(lambda X: A @ X, E, tol=1e-12)
+    assert result.iterations == 1 and torch.isfinite(result.X).all()
+    assert relative_error(result.X, Q[:, :6] * (torch.arange(1.0, 7.0) / eig[:6])) <= 1e-12
+    # Nothing to solve: zero iterations, zero solution.
+    zero = block_conjugate_gradients(lambda X: A @ X, torch.zeros(60, 3, dtype=torch.float64))
+    assert zero.iterations == 0 and bool(zero.converged.all()) and not bool(zero.X.any())
+    # The basis itself: duplicates, zero and dependent columns are truncated away.
+    basis = orthonormal_basis(B)
+    assert basis.shape[1] == 3
+    assert relative_error(basis.T @ basis, torch.eye(3, dtype=torch.float64)) <= 1e-12
+
+
+def test_block_cg_with_a_preconditioner() -> None:
+    A, _, _ = _spd(150, 1e-1, 10.0)
+    d = torch.logspace(-3, 3, 150, dtype=torch.float64)
+    A = d.sqrt()[:, None] * A * d.sqrt()  # badly scaled: Jacobi helps
+    B = torch.randn(150, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    jacobi = A.diagonal()[:, None]
+    plain = block_conjugate_gradients(lambda X: A @ X, B, tol=1e-11, maxiter=5000)
+    pre = block_conjugate_gradients(
+        lambda X: A @ X, B, tol=1e-11, maxiter=5000, precondition=lambda R: R / jacobi
+    )
+    assert bool(pre.converged.all()) and pre.iterations < plain.iterations / 2
+    assert relative_error(pre.X, torch.linalg.solve(A, B)) <= 1e-8
+    # The exact inverse as preconditioner: one iteration.
+    inverse = torch.linalg.inv(A)
+    exact = block_conjugate_gradients(lambda X: A @ X, B, precondition=lambda R: inverse @ R)
+    assert exact.iterations == 1
+
+
+def test_block_cg_raises_and_caps() -> None:
+    A, _, _ = _spd(50, 1e-2, 10.0)
+    B = torch.randn(50, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with pytest.raises(CurvatureError, match=r"non-positive curvature.*Increase damping"):
+        block_conjugate_gradients(lambda X: -A @ X, B)
+    indefinite = A - 0.5 * torch.eye(50, dtype=torch.float64)
+    with pytest.raises(CurvatureError, match="non-positive curvature"):
+        block_conjugate_gradients(lambda X: indefinite @ X, B, maxiter=1000)
+    capped = block_conjugate_gradients(lambda X: A @ X, B, tol=1e-14, maxiter=2)
+    assert capped.iterations == 2 and not bool(capped.converged.any())
+    assert torch.isfinite(capped.X).all()
+
+
+@pytest.mark.parametrize("block", [True, False])
+def test_cg_block_option_matches_exact(mlp_problem: dict, block: bool) -> None:
+    task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
+    reference = infkit.Influence(task, "exact", l2=l2, damping=0.01).fit(train)
+    inf = infkit.Influence(
+        task,
+        "cg",
+        l2=l2,
+        damping=0.01,
+        tol=1e-10,
+        block=block,
+        batch_size=8,
+        product_batch_size=16,
+    ).fit(train)
+    S, R = inf.scores(test), reference.scores(test)
+    assert correlation(S, R).pearson >= 0.999
+    assert relative_error(S, R) <= 1e-6
+    method = inf.state.method
+    # product_batch_size reaches the method through the facade, next to its own batch_size.
+    assert method.operator.batch_size == 16 and inf.batch_size == 8
+    described = inf.describe()
+    assert described["block"] is block and described["iterations"] == method.iterations
+    single = infkit.Influence(task, "cg", l2=l2, damping=0.01, block=False).fit(train)
+    single.scores(test)
+    if block:  # 7 test gradients share one block Krylov space
+        assert method.iterations[-1] < single.state.method.iterations[-1]
+
+
+def test_cg_rejects_an_unknown_block_mode(mlp_problem: dict) -> None:
+    with pytest.raises(UnsupportedError, match="block must be"):
+        infkit.Influence(mlp_problem["task"], "cg", block="yes").fit(mlp_problem["train"])
