@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from problems import tanh_mlp
 
 import infkit
 from infkit.evaluate import relative_error
@@ -65,13 +66,7 @@ def main() -> None:
     y = (X @ proj + 0.5 * torch.randn(n, c, generator=gen, dtype=torch.float64)).argmax(1)
     yt = (Xt @ proj).argmax(1)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(d, h),
-        torch.nn.Tanh(),
-        torch.nn.Linear(h, h),
-        torch.nn.Tanh(),
-        torch.nn.Linear(h, c),
-    ).double()
+    model = tanh_mlp([d, h, h, c]).double()
     p = sum(t.numel() for t in model.parameters())
     print(
         f"MLP {d}-{h}-{h}-{c}: P = {p:,}, N = {n}, C = {c}, N*C = {n * c}, P / (N*C) = "

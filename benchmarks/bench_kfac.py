@@ -25,8 +25,6 @@ Run:  .venv/bin/python benchmarks/bench_kfac.py [--problems digits mnist] [--rep
 from __future__ import annotations
 
 import argparse
-import gzip
-import itertools
 import json
 import os
 import platform
@@ -39,19 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from problems import MNIST_DIR, digits_split, mnist_test_set, pearson, tanh_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 L2_TRAIN = 1e-3
-
-
-def make_mlp(sizes: list[int]) -> torch.nn.Module:
-    layers: list[torch.nn.Module] = []
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(torch.nn.Tanh())
-    return torch.nn.Sequential(*layers)
 
 
 # ============================================================================ kronfluence worker
@@ -64,7 +54,7 @@ def peer_worker(directory: Path) -> None:
     config = json.loads((directory / "config.json").read_text())
     torch.set_num_threads(config["threads"])
     data = torch.load(directory / "data.pt")
-    model = make_mlp(config["sizes"])
+    model = tanh_mlp(config["sizes"])
     model.load_state_dict(data["state"])
     model.eval()
 
@@ -143,36 +133,11 @@ def peer_worker(directory: Path) -> None:
 
 # ============================================================================ problems
 def load_digits_problem() -> dict:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from sklearn.preprocessing import StandardScaler
-
-    X, y = load_digits(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=0, stratify=y)
-    scaler = StandardScaler().fit(Xtr)
-    return {
-        "name": "digits MLP 64-32-10",
-        "sizes": [64, 32, 10],
-        "X_train": torch.tensor(scaler.transform(Xtr)),
-        "y_train": torch.tensor(ytr),
-        "X_test": torch.tensor(scaler.transform(Xte)),
-        "y_test": torch.tensor(yte),
-    }
-
-
-def _idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    if data[3] == 3:  # images: 16-byte header
-        n, rows, cols = (int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
-        return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, rows, cols)
-    n = int.from_bytes(data[4:8], "big")
-    return np.frombuffer(data, dtype=np.uint8, offset=8)[:n]
+    return {"name": "digits MLP 64-32-10", "sizes": [64, 32, 10], **digits_split()}
 
 
 def load_mnist_problem(directory: Path, n_train: int, n_test: int, hidden: int) -> dict:
-    images = _idx(directory / "t10k-images-idx3-ubyte.gz").astype(np.float64) / 255.0
-    labels = _idx(directory / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
+    images, labels = mnist_test_set(directory)
     pooled = images.reshape(-1, 14, 2, 14, 2).mean(axis=(2, 4)).reshape(len(images), 196)
     perm = np.random.default_rng(0).permutation(len(labels))
     tr, te = perm[:n_train], perm[n_train : n_train + n_test]
@@ -192,7 +157,7 @@ def train(problem: dict, cache: Path | None = None) -> None:
     import infkit
 
     torch.manual_seed(0)
-    model = make_mlp(problem["sizes"]).double()
+    model = tanh_mlp(problem["sizes"]).double()
     task = infkit.Task.classification(model)
     X, y = problem["X_train"], problem["y_train"]
     key = f"{problem['name']}-{len(y)}".replace(" ", "_").replace("/", "_")
@@ -267,7 +232,7 @@ def infkit_run(
 ) -> tuple:
     import infkit
 
-    model = make_mlp(problem["sizes"])
+    model = tanh_mlp(problem["sizes"])
     model.load_state_dict(problem["state32"])
     task = infkit.Task.classification(model)
     train = (problem["X_train"].float(), problem["y_train"])
@@ -285,12 +250,6 @@ def infkit_run(
     if damping == "auto" and not warm_up:
         problem.setdefault("auto_damping", {})[fisher] = heuristic_damping(inf)
     return S.double(), (end - start, fitted - start)
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.reshape(-1).double(), b.reshape(-1).double()
-    a, b = a - a.mean(), b - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()))
 
 
 def run_problem(problem: dict, args: argparse.Namespace) -> list[dict]:
@@ -483,7 +442,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--mnist-dir", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
+    parser.add_argument("--mnist-dir", type=Path, default=MNIST_DIR)
     parser.add_argument("--mnist-train", type=int, default=8000)
     parser.add_argument("--mnist-test", type=int, default=500)
     parser.add_argument("--mnist-hidden", type=int, default=32)

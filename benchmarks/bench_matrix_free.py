@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import json
 import os
 import platform
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from problems import MNIST_DIR, digits_split, mnist_test_set, pearson, tanh_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = ROOT / "benchmarks" / ".peers-venv" / "bin" / "python"
@@ -77,22 +77,6 @@ PEER_LABEL = {
 }
 
 
-# ============================================================================ shared: the model
-def make_mlp(sizes: list[int]) -> torch.nn.Module:
-    d_in, hidden, d_out = sizes
-    return torch.nn.Sequential(
-        torch.nn.Linear(d_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, d_out)
-    )
-
-
-def pearson(a, b) -> float:
-    if a is None or b is None:
-        return float("nan")
-    a = np.asarray(a, dtype=np.float64).reshape(-1)
-    b = np.asarray(b, dtype=np.float64).reshape(-1)
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 # ============================================================================ peer mode
 def run_peer(peer: str, workdir: Path, threads: int) -> None:
     """Runs one peer on the saved problem; writes scores [n_test, n_train] and the time."""
@@ -101,7 +85,7 @@ def run_peer(peer: str, workdir: Path, threads: int) -> None:
     settings = json.loads((workdir / "settings.json").read_text())
     Xtr, ytr, Xte, yte = (problem[k] for k in ("X_train", "y_train", "X_test", "y_test"))
     settings["ridge"] = problem["ridge"]
-    model = make_mlp(problem["sizes"])
+    model = tanh_mlp(problem["sizes"])
     model.load_state_dict(problem["state"])
     model.eval()
     info: dict = {}
@@ -284,38 +268,17 @@ def _traker_scores(model, Xtr, ytr, Xte, yte, proj_dim, save_dir, matrix):
 
 # ============================================================================ problems
 def load_digits_problem() -> dict:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from sklearn.preprocessing import StandardScaler
-
-    X, y = load_digits(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=0, stratify=y)
-    scaler = StandardScaler().fit(Xtr)
     return {
         "name": "digits MLP 64-32-10",
         "sizes": [64, 32, 10],
-        "X_train": torch.tensor(scaler.transform(Xtr)),
-        "y_train": torch.tensor(ytr),
-        "X_test": torch.tensor(scaler.transform(Xte)),
-        "y_test": torch.tensor(yte),
+        **digits_split(),
         "reference": "exact",
         "ridge": 1e-2,  # damped curvature H + ridge I (= the training l2: no extra damping)
     }
 
 
-def _idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    if data[2] == 8 and data[3] == 3:  # images
-        n, rows, cols = (int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
-        return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, rows * cols)
-    n = int.from_bytes(data[4:8], "big")
-    return np.frombuffer(data, dtype=np.uint8, offset=8)[:n]
-
-
 def load_mnist_problem(directory: Path, n_train: int, n_test: int, hidden: int) -> dict:
-    images = _idx(directory / "t10k-images-idx3-ubyte.gz").astype(np.float64) / 255.0
-    labels = _idx(directory / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
+    images, labels = mnist_test_set(directory)
     perm = np.random.default_rng(0).permutation(len(labels))
     tr, te = perm[:n_train], perm[n_train : n_train + n_test]
     mean, std = images[tr].mean(), images[tr].std()
@@ -340,7 +303,7 @@ def train(problem: dict, cache: Path | None = None) -> None:
     import infkit
 
     torch.manual_seed(0)
-    model = make_mlp(problem["sizes"]).double()
+    model = tanh_mlp(problem["sizes"]).double()
     key = f"{problem['name']}-{len(problem['y_train'])}".replace(" ", "_")
     path = None if cache is None else cache / f"{key}.pt"
     if path is not None and path.exists():
@@ -377,7 +340,7 @@ def train(problem: dict, cache: Path | None = None) -> None:
 def infkit_run(problem: dict, method: str, options: dict, measurement: str = "loss") -> dict:
     import infkit
 
-    model = make_mlp(problem["sizes"])
+    model = tanh_mlp(problem["sizes"])
     model.load_state_dict(problem["state"])
     task = infkit.Task.classification(model, measurement=measurement)
     train_set = (problem["X_train"].float(), problem["y_train"])
@@ -467,7 +430,7 @@ def main() -> None:
     parser.add_argument("--problems", nargs="+", default=["digits", "mnist"])
     parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--mnist-dir", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
+    parser.add_argument("--mnist-dir", type=Path, default=MNIST_DIR)
     parser.add_argument("--mnist-train", type=int, default=3000)
     parser.add_argument("--mnist-test", type=int, default=100)
     parser.add_argument("--mnist-hidden", type=int, default=16)

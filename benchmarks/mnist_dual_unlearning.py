@@ -26,7 +26,6 @@ Run:  .venv/bin/python benchmarks/mnist_dual_unlearning.py [--data ../shared/dat
 from __future__ import annotations
 
 import argparse
-import gzip
 import itertools
 import platform
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from problems import MNIST_DIR, mnist_test_set
 
 import infkit
 from infkit.linearize import linearize
@@ -45,16 +45,6 @@ PARAMS = {
     "standard": "PyTorch's default nn.Linear parametrisation and initialisation",
 }
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
-
-
-def load_mnist(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Images [n, 784] in [0, 1] and labels [n] from the idx gzip files in ``path``."""
-    with gzip.open(path / "t10k-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)
-    with gzip.open(path / "t10k-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
-    return images.astype(np.float64) / 255.0, labels.astype(np.int64)
 
 
 def split(labels: np.ndarray, per_class: int, n_test: int, seed: int):
@@ -116,7 +106,7 @@ def accuracy(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=MNIST_DIR)
     parser.add_argument("--hidden", default="256,256", help="hidden widths, comma-separated")
     parser.add_argument("--parametrisation", default="ntk", choices=["ntk", "standard"])
     parser.add_argument("--per-class", type=int, default=200)
@@ -138,7 +128,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     start = time.time()
 
-    images, labels = load_mnist(args.data)
+    images, labels = mnist_test_set(args.data)
     train_idx, test_idx = split(labels, args.per_class, args.n_test, args.seed)
     # standardised with the training pixels' mean and standard deviation
     mean, std = images[train_idx].mean(), images[train_idx].std()
