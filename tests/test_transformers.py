@@ -117,5 +117,5 @@ def test_astra_on_minilm_matches_conjugate_gradients(minilm: dict) -> None:
     cg = infkit.Influence(task, "cg", **options).fit(train)
     assert relative_error(astra.scores(queries), cg.scores(queries)) < 1e-5
     # (With 8 examples the GGN has rank <= 16, so plain CG needs ~6 iterations; EK-FAC's
-    # preconditioner spreads that spectrum and ASTRA needs ~70 block iterations: preconditioning pays off on
-    # full-rank curvature, not here.)
+    # preconditioner spreads that spectrum and ASTRA needs ~70 block iterations:
+    # preconditioning pays off on full-rank curvature, not here.)
