@@ -124,6 +124,12 @@ def solve_small(A: Tensor, B: Tensor, *, what: str) -> Tensor:
     return X
 
 
+NOT_POSITIVE_DEFINITE = (
+    "conjugate gradients met a direction of non-positive curvature: the damped curvature is not "
+    "positive definite. Increase damping, or use curvature='ggn'"
+)
+
+
 class ConjugateGradientResult:
     """Outcome of :func:`conjugate_gradients` or :func:`block_conjugate_gradients`."""
 
@@ -169,10 +175,7 @@ def conjugate_gradients(
         AP = matmat(Pdir)
         curvature = (Pdir * AP).sum(0)
         if bool((active & (curvature <= 0)).any()):
-            raise CurvatureError(
-                "conjugate gradients met a direction of non-positive curvature: the damped "
-                "curvature is not positive definite. Increase damping, or use curvature='ggn'"
-            )
+            raise CurvatureError(NOT_POSITIVE_DEFINITE)
         alpha = torch.where(active, rz / torch.where(active, curvature, 1.0), 0.0)
         X += alpha * Pdir
         R -= alpha * AP
@@ -269,10 +272,7 @@ def block_conjugate_gradients(
         PAP = P.T @ AP
         L, info = torch.linalg.cholesky_ex(0.5 * (PAP + PAP.T))
         if int(info) != 0:
-            raise CurvatureError(
-                "conjugate gradients met a direction of non-positive curvature: the damped "
-                "curvature is not positive definite. Increase damping, or use curvature='ggn'"
-            )
+            raise CurvatureError(NOT_POSITIVE_DEFINITE)
         alpha = torch.cholesky_solve(P.T @ R, L)
         X += P @ alpha
         R -= AP @ alpha
