@@ -76,7 +76,7 @@ class Influence:
         l2: the training objective's own L2 coefficient, mean form: the model was trained on
             ``mean_i l_i + (l2/2) ||theta||^2``.
         damping: extra, purely numerical, added to the curvature; ``"auto"`` for the methods
-            with a heuristic (K-FAC, EK-FAC, ASTRA: 0.1 x the mean eigenvalue of each module's
+            with a heuristic (``kfac``, ``ekfac``: 0.1 x the mean eigenvalue of each module's
             curvature, methods.md §4.3).
         relatif: ``"theta"`` or ``"loss"`` normalisation for ``estimator="relatif"``.
         batch_size: examples per batch for per-example gradients.
@@ -249,8 +249,7 @@ class Influence:
         """
         n, p = len(examples), space.size
         dtype = cache_dtype(space.dtype)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if n * p * itemsize > min(GRADIENT_CACHE_BYTES, self.memory_limit // 4):
+        if n * p * dtype.itemsize > min(GRADIENT_CACHE_BYTES, self.memory_limit // 4):
             return None, None
         out = torch.empty(n, p, dtype=dtype, device=space.device)
         total_gradient = torch.zeros(p, dtype=torch.float64, device=space.device)
