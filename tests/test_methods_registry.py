@@ -65,3 +65,16 @@ def test_self_influence_is_a_positive_removal_effect(mlp_problem: dict, method: 
     assert s.shape == (60,) and torch.isfinite(s).all()
     assert float((s > 0).double().mean()) > 0.9
     assert inf.describe()["method"] == method
+
+
+def test_cli_lists_the_methods(capsys) -> None:
+    import json
+
+    from infkit.cli import main
+
+    assert main(["methods", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == infkit.methods()
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["method", "estimators", "quantities", "scales"]
+    assert [line.split()[0] for line in lines[1:]] == sorted(infkit.methods())

@@ -4,6 +4,8 @@ Subcommands:
 
 * ``infkit demo [--out DIR] [--quick] [--seed N] [--threads N]``: the digits analysis of
   :mod:`infkit.demo`, written to a run directory (default ``runs/demo-<timestamp>``).
+* ``infkit methods [--json]``: the registered methods, the estimators and quantities each
+  supports, whether it scales to large models, and a one-line summary.
 """
 
 from __future__ import annotations
@@ -41,7 +43,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--threads", type=_positive_int, default=1, help="torch intra-op threads (default: 1)"
     )
+    methods = sub.add_parser(
+        "methods",
+        help="list the methods with their estimators and quantities",
+        description="The registered methods (infkit.methods()): estimators, quantities, "
+        "whether they scale to large models, and a summary.",
+    )
+    methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def print_methods(as_json: bool = False) -> None:
+    """Print :func:`infkit.methods` as an aligned table, or as JSON."""
+    import json
+
+    from infkit.methods import methods
+
+    table = methods()
+    if as_json:
+        print(json.dumps(table, indent=2))
+        return
+    rows = [
+        (
+            name,
+            ", ".join(info["estimators"]),
+            ", ".join(info["quantities"]),
+            "yes" if info["scales"] else "no",
+            info["summary"],
+        )
+        for name, info in table.items()
+    ]
+    header = ("method", "estimators", "quantities", "scales", "summary")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,4 +87,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         config = DemoConfig.create(args.out, seed=args.seed, quick=args.quick, threads=args.threads)
         run_demo(config)
+    elif args.command == "methods":
+        print_methods(args.json)
     return 0
