@@ -24,7 +24,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks && $(PY) -m ruff format --check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
