@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from autograd_reference import autograd_gradients
 from kfac_helpers import Conv1D
 
 import infkit
@@ -48,24 +49,6 @@ def mlp(seed: int = 0) -> torch.nn.Module:
         torch.nn.Tanh(),
         torch.nn.Linear(4, 3),
     ).double()
-
-
-def autograd_gradients(model, X, y, loss=torch.nn.functional.cross_entropy) -> torch.Tensor:
-    """Per-example gradients [n, P] of the loss by plain autograd, one example at a time."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(len(y)):
-        value = loss(model(X[i : i + 1]), y[i : i + 1])
-        grads = torch.autograd.grad(value, params, allow_unused=True)
-        rows.append(
-            torch.cat(
-                [
-                    (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                    for g, p in zip(grads, params)
-                ]
-            )
-        )
-    return torch.stack(rows).detach()
 
 
 def flat(model) -> torch.Tensor:

@@ -7,20 +7,11 @@ import warnings
 
 import pytest
 import torch
+from autograd_reference import autograd_gradients
 
 import infkit
 from infkit.errors import InvalidInputError
 from infkit.evaluate import relative_error
-
-
-def autograd_gradients(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example cross-entropy gradients [n, P] by plain autograd, one example at a time."""
-    rows = []
-    for i in range(len(y)):
-        loss = torch.nn.functional.cross_entropy(model(X[i : i + 1]), y[i : i + 1])
-        grads = torch.autograd.grad(loss, list(model.parameters()))
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
-    return torch.stack(rows).detach()
 
 
 def flat(model: torch.nn.Module) -> torch.Tensor:
