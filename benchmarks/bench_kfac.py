@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from problems import MNIST_DIR, digits_split, mnist_test_set, pearson, tanh_mlp
+from problems import MNIST_DIR, digits_split, mnist_test_set, pearson, random_split, tanh_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
@@ -139,8 +139,7 @@ def load_digits_problem() -> dict:
 def load_mnist_problem(directory: Path, n_train: int, n_test: int, hidden: int) -> dict:
     images, labels = mnist_test_set(directory)
     pooled = images.reshape(-1, 14, 2, 14, 2).mean(axis=(2, 4)).reshape(len(images), 196)
-    perm = np.random.default_rng(0).permutation(len(labels))
-    tr, te = perm[:n_train], perm[n_train : n_train + n_test]
+    tr, te = random_split(len(labels), n_train, n_test)
     mean, std = pooled[tr].mean(0), pooled[tr].std(0) + 1e-2
     X = torch.tensor((pooled - mean) / std)
     return {

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from problems import MNIST_DIR, digits_split, mnist_test_set, pearson, tanh_mlp
+from problems import MNIST_DIR, digits_split, mnist_test_set, pearson, random_split, tanh_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = ROOT / "benchmarks" / ".peers-venv" / "bin" / "python"
@@ -279,8 +279,7 @@ def load_digits_problem() -> dict:
 
 def load_mnist_problem(directory: Path, n_train: int, n_test: int, hidden: int) -> dict:
     images, labels = mnist_test_set(directory)
-    perm = np.random.default_rng(0).permutation(len(labels))
-    tr, te = perm[:n_train], perm[n_train : n_train + n_test]
+    tr, te = random_split(len(labels), n_train, n_test)
     mean, std = images[tr].mean(), images[tr].std()
     X = torch.tensor((images - mean) / std)
     return {

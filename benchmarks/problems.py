@@ -58,6 +58,12 @@ def mnist_test_set(directory: Path = MNIST_DIR) -> tuple[np.ndarray, np.ndarray]
     return images.astype(np.float64) / 255.0, labels.astype(np.int64)
 
 
+def random_split(n: int, n_train: int, n_test: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Disjoint random train and test indices into n examples (numpy generator ``seed``)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[:n_train], perm[n_train : n_train + n_test]
+
+
 def pearson(a, b) -> float:
     """Pearson correlation of two arrays/tensors of scores, flattened (nan when one is None)."""
     if a is None or b is None:
