@@ -541,6 +541,20 @@ class Dual(DirectMethod):
                 "undefined. Increase l2 or damping"
             )
 
+    def _residual_moved(
+        self, system: KernelSystem, e: Tensor, s: float, mu: float
+    ) -> tuple[Tensor, float]:
+        """The flat right-hand side e - c_r B (J r) of a full-set dual solve, and c_r = s / mu.
+
+        The l2 residual r (theta* = J^T alpha* + r) contributes s (J r) to the right-hand side;
+        moving it over leaves c_r r in Delta theta (c_r = 0 when there is no residual).
+        """
+        rhs = e.reshape(-1)
+        if self.r is None:
+            return rhs, 0.0
+        c_r = s / mu
+        return rhs - c_r * system.bmul(self.Jr.reshape(-1, 1)).reshape(-1), c_r
+
     def _per_example_setup(self, estimator: str, leverage: bool) -> _PerExample:
         """The common part z0, the coefficients gamma_j and the leverage blocks of one estimator.
 
@@ -560,11 +574,7 @@ class Dual(DirectMethod):
                 mu, s = self.ridge - l2 / n, l2 / n - l2
                 e0 = -self.g / n + (l2 / n - l2) * self.alpha
             system = self.system(mu)
-            rhs = e0.reshape(-1)
-            c_r = 0.0
-            if self.r is not None:
-                c_r = s / mu
-                rhs = rhs - c_r * system.bmul(self.Jr.reshape(-1, 1)).reshape(-1)
+            rhs, c_r = self._residual_moved(system, e0, s, mu)
             setup = _PerExample(system=system, z0=system.solve(rhs), c_r=c_r)
             if estimator == "if":
                 setup.gamma = self.g / n
@@ -643,11 +653,7 @@ class Dual(DirectMethod):
             e = (n_f * l2 / n) * self.alpha.clone()
             e[idx] += self.g[idx] / n
             system = self.system(mu)
-            rhs = e.reshape(-1)
-            c_r = 0.0
-            if self.r is not None:
-                c_r = s / mu
-                rhs = rhs - c_r * system.bmul(self.Jr.reshape(-1, 1)).reshape(-1)
+            rhs, c_r = self._residual_moved(system, e, s, mu)
             delta = system.solve(rhs).reshape(n, c)
             return DualRemoval(idx, estimator, delta, c_r)
         if estimator == "rif":
