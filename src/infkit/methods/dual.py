@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infkit.data import ExampleSet
+from infkit.data import Batch, ExampleSet
 from infkit.errors import CurvatureError, InvalidInputError, ProblemTooLargeError, UnsupportedError
 from infkit.estimators import MAX_LEVERAGE
 from infkit.methods import register
@@ -609,13 +609,7 @@ class Dual(DirectMethod):
         chunk = max(1, min(len(test), self.context.memory_limit // 8 // per_query))
         for batch in test.batches(chunk):
             t = len(batch)
-            Ktx = kernel_rows(
-                self.tm,
-                batch,
-                self.context.train,
-                batch_size=self.batch_size,
-                col_features=self._train_features,
-            )  # [t*C, m]
+            Ktx = self._kernel_to_train(batch)  # [t*C, m]
             h = self.tm.measurement_gradients(batch)  # [t, C]
             W = torch.einsum("tc,tcm->tm", h, Ktx.reshape(t, c, m))
             del Ktx
@@ -700,18 +694,22 @@ class Dual(DirectMethod):
             out = out + removal.residual_coef * self.r
         return out
 
+    def _kernel_to_train(self, batch: Batch) -> Tensor:
+        """K(X_batch, X) [B*C, N*C]: the kernel between a batch and the training set."""
+        return kernel_rows(
+            self.tm,
+            batch,
+            self.context.train,
+            batch_size=self.batch_size,
+            col_features=self._train_features,
+        )
+
     def output_change(self, data: Any, removal: DualRemoval) -> Tensor:
         """Delta f = K(X_t, X) Delta alpha (+ residual term), [n, C], at the J point."""
         examples = data if isinstance(data, ExampleSet) else ExampleSet(data, name="data")
         parts = []
         for batch in examples.batches(self.batch_size):
-            Ktx = kernel_rows(
-                self.tm,
-                batch,
-                self.context.train,
-                batch_size=self.batch_size,
-                col_features=self._train_features,
-            )
+            Ktx = self._kernel_to_train(batch)
             df = (Ktx @ removal.delta_alpha.reshape(-1)).reshape(len(batch), self.c)
             if self.r is not None and removal.residual_coef:
                 df = df + removal.residual_coef * self.tm.jvp(batch, self.r)
