@@ -39,7 +39,8 @@ class FitContext:
     batch_size: int
     progress: bool
     memory_limit: int
-    #: the facade's cached training-loss gradients [N, P] float64 (None when not cached)
+    #: the facade's cached training-loss gradients [N, P] (None when not cached), float64 for
+    #: float64 models and float32 otherwise (:func:`infkit.estimators.cache_dtype`)
     train_gradients: Tensor | None = None
 
     @property

@@ -88,7 +88,7 @@ class DataInf(InverseCurvature):
         self.names = [n for n, _ in blocks]
         self.slices = [sl for _, sl in blocks]
         n, p = context.n, context.space.size
-        shared = getattr(context, "train_gradients", None)  # the facade's cache, when it has one
+        shared = context.train_gradients  # the facade's cache, when it has one
         if shared is not None:
             self._cache = shared
             self.sq_norms = self._block_norms(shared).cpu()
@@ -106,14 +106,18 @@ class DataInf(InverseCurvature):
                 G = context.per_example.grads(batch, "loss")
                 if self._cache is not None:
                     self._cache[batch.indices] = G
-                norms[batch.indices] = self._block_norms(G.to(torch.float64)).cpu()
+                norms[batch.indices] = self._block_norms(G).cpu()
             self.sq_norms = norms
         norms = self.sq_norms
         sizes = torch.tensor([sl.stop - sl.start for sl in self.slices], dtype=torch.float64)
         self.layer_damping = self._layer_damping(norms.mean(0) / sizes)
 
     def _block_norms(self, G: Tensor) -> Tensor:
-        return torch.stack([G[:, sl].pow(2).sum(1) for sl in self.slices], dim=1)
+        """||g_il||^2 per example and block, [n, L], accumulated in float64 whatever G's dtype."""
+        norms = [
+            torch.linalg.vector_norm(G[:, sl], dim=1, dtype=torch.float64) for sl in self.slices
+        ]
+        return torch.stack(norms, dim=1).square()
 
     def _layer_damping(self, mean_square: Tensor) -> Tensor:
         option = self.layer_damping_option
