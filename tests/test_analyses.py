@@ -74,7 +74,7 @@ def test_kfe_features_reproduce_the_ekfac_scores(problem: dict) -> None:
 
 def test_dataset_similarity(problem: dict) -> None:
     inf, (X, y) = problem["inf"], problem["train"]
-    method = inf.state.method
+    method = inf.method.kronecker()
     # The second moment of the training set in the fit's own curvature is the EK-FAC Lambda.
     nu = dataset_embedding(inf, (X, y), kind="second_moment")
     lam = torch.cat([method.factors.modules[t.name].Lambda.reshape(-1) for t in method.tracked])
@@ -93,7 +93,7 @@ def test_dataset_similarity(problem: dict) -> None:
 
 def test_curvature_mask_and_edit_against_a_direct_construction(problem: dict) -> None:
     inf, train = problem["inf"], problem["train"]
-    method = inf.state.method
+    method = inf.method.kronecker()
     t = method.tracked[0]
     f = method.factors.modules[t.name]
     pi = torch.outer(f.eig_s, f.eig_a)

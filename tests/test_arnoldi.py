@@ -14,7 +14,7 @@ from infkit.methods.arnoldi import lanczos
 def reference(mlp_problem: dict) -> dict:
     task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
     exact = infkit.Influence(task, "exact", l2=l2).fit(train)
-    return {"inf": exact, "scores": exact.scores(test), "H": exact.state.method.data_curvature}
+    return {"inf": exact, "scores": exact.scores(test), "H": exact.method.data_curvature}
 
 
 @pytest.mark.parametrize("complement", ["drop", "ridge"])
@@ -35,7 +35,7 @@ def test_full_krylov_space_equals_exact(
 def test_ritz_values_and_embeddings(mlp_problem: dict, reference: dict) -> None:
     task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
     inf = infkit.Influence(task, "arnoldi", l2=l2, rank=5, krylov_dim=40).fit(train)
-    method = inf.state.method
+    method = inf.method
     top = torch.linalg.eigvalsh(reference["H"]).flip(0)[:5]
     assert relative_error(method.eigenvalues, top) < 1e-8
     # With the complement dropped, scores are dot products of p-dimensional embeddings.
@@ -64,11 +64,11 @@ def test_layer_blocks_with_the_full_space_equal_the_block_diagonal_inverse(
     H = reference["H"]
     p = H.shape[0]
     blocks = torch.zeros_like(H)
-    for sl in reference["inf"].state.method.context.space.module_slices().values():
+    for sl in reference["inf"].fitted.space.module_slices().values():
         blocks[sl, sl] = H[sl, sl]
     inf = infkit.Influence(
         task, "arnoldi", l2=l2, rank=p, krylov_dim=p, blocks="layer", block=8
     ).fit(train)
-    V = reference["inf"]._query_gradients(infkit.data.ExampleSet(test))
+    V = reference["inf"].fitted.query_gradients(infkit.data.ExampleSet(test))
     expected = torch.linalg.solve(blocks + l2 * torch.eye(p, dtype=H.dtype), V.T).T
-    assert relative_error(inf.state.method.solve(V), expected) < 1e-8
+    assert relative_error(inf.method.solve(V), expected) < 1e-8

@@ -22,14 +22,14 @@ from infkit.parameters import ParameterSpace
 def test_curvature_products_equal_the_dense_curvature(mlp_problem: dict, kind: str) -> None:
     task, train = mlp_problem["task"], mlp_problem["train"]
     exact = infkit.Influence(task, "exact", l2=mlp_problem["l2"], curvature=kind).fit(train)
-    H = exact.state.method.data_curvature  # checked against autograd in test_exact_mlp.py
+    H = exact.method.data_curvature  # checked against autograd in test_exact_mlp.py
     engine = PerExample(task, ParameterSpace(task.model))
     op = CurvatureOperator(engine, ExampleSet(train), kind, batch_size=16)
     V = torch.randn(5, H.shape[0], dtype=torch.float64)
     assert relative_error(op.matmat(V), V @ H) < 1e-12
     # A subset with the full N as normaliser: the retained curvature of the Newton step.
     sub = CurvatureOperator(engine, ExampleSet(train), kind, indices=range(10), normaliser=60)
-    H_sub = exact.state.method.batch_curvature(ExampleSet(train).take(range(10))) / 60
+    H_sub = exact.method.batch_curvature(ExampleSet(train).take(range(10))) / 60
     assert relative_error(sub.matmat(V), V @ H_sub) < 1e-12
 
 
@@ -48,7 +48,7 @@ def test_cg_scores_match_exact(mlp_problem: dict, estimator: str) -> None:
             relative_error(inf.remove([2, 8, 40]).params, reference.remove([2, 8, 40]).params)
             <= 1e-6
         )
-        assert max(inf.state.method.iterations) < 200
+        assert max(inf.method.iterations) < 200
 
 
 def test_cg_newton_with_the_hessian(mlp_problem: dict) -> None:
@@ -202,17 +202,17 @@ def test_cg_block_option_matches_exact(mlp_problem: dict, block: bool) -> None:
     S, R = inf.scores(test), reference.scores(test)
     assert correlation(S, R).pearson >= 0.999
     assert relative_error(S, R) <= 1e-6
-    method = inf.state.method
+    method = inf.method
     # product_batch_size reaches the method through the facade, next to its own batch_size.
     assert method.operator.batch_size == 16 and inf.batch_size == 8
     described = inf.describe()
-    assert described["block"] is block and described["iterations"] == method.iterations
+    assert described["options"]["block"] is block and described["iterations"] == method.iterations
     single = infkit.Influence(task, "cg", l2=l2, damping=0.01, block=False).fit(train)
     single.scores(test)
     if block:  # 7 test gradients share one block Krylov space
-        assert method.iterations[-1] < single.state.method.iterations[-1]
+        assert method.iterations[-1] < single.method.iterations[-1]
 
 
 def test_cg_rejects_an_unknown_block_mode(mlp_problem: dict) -> None:
-    with pytest.raises(UnsupportedError, match="block must be"):
+    with pytest.raises(UnsupportedError, match=r"option 'block' must be True or False or 'auto'"):
         infkit.Influence(mlp_problem["task"], "cg", block="yes").fit(mlp_problem["train"])

@@ -130,7 +130,7 @@ def test_generic_solves_and_leverages_match_exact(classifier: dict) -> None:
     exact = _fit(classifier, "exact", "if")
     dual = _fit(classifier, "dual", "if")
     V = torch.randn(3, exact.n_params, dtype=torch.float64)
-    m_exact, m_dual = exact.state.method, dual.state.method
+    m_exact, m_dual = exact.method, dual.method
     assert relative_error(m_dual.solve(V), m_exact.solve(V)) < TOL
     assert relative_error(m_dual.solve(V, -l2 / 30), m_exact.solve(V, -l2 / 30)) < TOL
     group = torch.tensor(GROUP)
@@ -139,11 +139,11 @@ def test_generic_solves_and_leverages_match_exact(classifier: dict) -> None:
 
 
 def test_dual_output_and_loss_changes_equal_kernel_form(classifier: dict) -> None:
-    """Delta f = K(X_t, X) Delta alpha (§1.5) equals J_t Delta theta (§1.12.5)."""
+    """Delta f = K(X_t, X) Delta alpha (docs/methods/dual.md §7) equals J_t Delta theta."""
     task, l2, test = classifier["task"], classifier["l2"], classifier["test"]
     inf = _fit(classifier, "dual", "newton")
-    method = inf.state.method
-    removal = method.removal(torch.tensor(GROUP), "newton")
+    method = inf.method
+    removal = method.dual_removal(torch.tensor(GROUP), "newton")
     effect = inf.remove(GROUP)
     assert relative_error(method.output_change(test, removal), effect.outputs(test)) < 1e-11
     assert relative_error(method.loss_change(test, removal), effect.loss(test)) < 1e-11
@@ -152,7 +152,7 @@ def test_dual_output_and_loss_changes_equal_kernel_form(classifier: dict) -> Non
     expected = effect.loss(test) + l2 * float(theta @ effect.params)
     got = method.loss_change(test, removal, reg_share=True)
     assert relative_error(got, expected) < 1e-11
-    # the removed dual variables are set to -alpha*_F (methods.md §1.4)
+    # the removed dual variables are set to -alpha*_F (docs/methods/dual.md §4)
     alpha = method.alpha[GROUP]
     assert relative_error(removal.delta_alpha[GROUP], -alpha) < 1e-12
 
@@ -198,9 +198,9 @@ def test_squared_loss_dual_newton_equals_closed_form_retraining() -> None:
     assert relative_error(theta + effect.params, torch.as_tensor(expected_theta)) < 1e-10
     outputs = model(test[0]).detach() + effect.outputs(test)
     assert relative_error(outputs, torch.as_tensor(expected_outputs)) < 1e-10
-    method = inf.state.method
+    method = inf.method
     kernel_outputs = model(test[0]).detach() + method.output_change(
-        test, method.removal(torch.tensor(GROUP), "newton")
+        test, method.dual_removal(torch.tensor(GROUP), "newton")
     )
     assert relative_error(kernel_outputs, torch.as_tensor(expected_outputs)) < 1e-10
 
@@ -229,7 +229,7 @@ def test_representer_identity_linear_softmax() -> None:
     )
     assert err < 1e-10
     inf = infkit.Influence(task, "dual", "newton", l2=l2).fit((X, y))
-    method = inf.state.method
+    method = inf.method
     assert method.representer_error < 1e-10
     np.testing.assert_allclose(method.alpha.numpy(), alpha, rtol=1e-12, atol=1e-15)
 
@@ -266,7 +266,7 @@ def test_representer_identity_linearised_model_with_init_anchor() -> None:
         ).fit((X, y))
     assert inf_abs.stationarity < 1e-8
     inf_off = infkit.Influence(task, "dual", "newton", l2=l2).fit((X, y))
-    assert inf_abs.state.method.representer_error < 1e-10
+    assert inf_abs.method.representer_error < 1e-10
     assert (
         relative_error(inf_abs.remove(GROUP[:3]).params, inf_off.remove(GROUP[:3]).params) < 1e-10
     )
@@ -346,7 +346,7 @@ def test_auto_picks_dual_when_parameters_dwarf_the_data() -> None:
     infkit.train_to_optimum(task, (X, y), 1e-1, tolerance=1e-6)
     # exact's P x P curvature (7.6 MB) is over the limit, dual's (N*C)^2 is not
     inf = infkit.Influence(task, "auto", l2=1e-1, memory_limit=1_000_000).fit((X, y))
-    assert inf.state.method.name == "dual"
+    assert inf.method.name == "dual"
     assert infkit.methods()["dual"]["estimators"] == ["if", "rif", "newton"]
 
 
@@ -373,6 +373,6 @@ def test_damping_and_float32_model(classifier: dict) -> None:
     task32 = infkit.Task.classification(model32)
     X, y = train
     inf32 = infkit.Influence(task32, "dual", "if", l2=l2).fit((X.float(), y))
-    assert inf32.state.method.K.dtype == torch.float64
+    assert inf32.method.K.dtype == torch.float64
     ref = _fit(classifier, "dual", "if")
     assert relative_error(inf32.scores((test[0].float(), test[1])), ref.scores(test)) < 1e-4

@@ -58,7 +58,7 @@ def test_ekfac_eigenvalues_are_the_ggn_diagonal_in_the_eigenbasis(
     loss = sequence_loss if which == "sequence" else _cross_entropy
     n = len(y)
     inf = infkit.Influence(task, "ekfac", l2=1e-3, fisher=fisher, batch_size=16).fit((X, y))
-    method = inf.state.method
+    method = inf.method.kronecker()
     G = explicit_ggn(model, loss, X, y, n, empirical=fisher == "empirical")
     layers = _layers(model)
     assert [t.name for t in method.tracked] == [name for name, _ in layers]
@@ -78,7 +78,7 @@ def test_ekfac_scores_equal_the_dense_ekfac_curvature(mlp_problem: dict) -> None
     l2, damping = mlp_problem["l2"], 1e-3
     X, y = train
     inf = infkit.Influence(task, "ekfac", l2=l2, damping=damping).fit(train)
-    method = inf.state.method
+    method = inf.method.kronecker()
     G = explicit_ggn(model, _cross_entropy, X, y, len(y))
     P = G.shape[0]
     H = torch.zeros(P, P, dtype=torch.float64)
@@ -111,8 +111,8 @@ def test_damping_heuristic_is_a_tenth_of_the_mean_eigenvalue_per_module(
     task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
     damping = 1e-4
     inf = infkit.Influence(task, method, l2=l2, damping=damping, damping_scale="auto").fit(train)
-    m = inf.state.method
-    assert m.damping_scale == 0.1
+    m = inf.method.kronecker()
+    assert m.options.module_damping_scale == 0.1
     V = torch.randn(4, inf.n_params, dtype=torch.float64)
     out = m.solve(V)
     for t in m.tracked:
@@ -122,7 +122,7 @@ def test_damping_heuristic_is_a_tenth_of_the_mean_eigenvalue_per_module(
         K = torch.kron(f.QS, f.QA)
         ridge = l2 + damping + 0.1 * float(lam.mean())
         dense = K @ torch.diag(lam.reshape(-1) + ridge) @ K.T
-        idx = m.layout.flat_index(t)
+        idx = m.layers.layout.flat_index(t)
         expected = torch.linalg.solve(dense, V[:, idx].T).T
         assert relative_error(out[:, idx], expected) < 1e-10
     # Each module gets its own damping: the two layers' differ.
@@ -136,7 +136,7 @@ def test_facade_damping_auto_is_the_per_module_heuristic(mlp_problem: dict, meth
     task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
     auto = infkit.Influence(task, method, l2=l2, damping="auto").fit(train)
     explicit = infkit.Influence(task, method, l2=l2, damping_scale=0.1).fit(train)
-    assert auto.state.method.damping_scale == 0.1
+    assert auto.method.options.module_damping_scale == 0.1
     assert auto.describe()["damping"] == "auto"
     test = (train[0][:5], train[1][:5])
     assert relative_error(auto.scores(test), explicit.scores(test)) < 1e-12
@@ -159,9 +159,9 @@ def test_sampled_fisher_agrees_with_the_exact_ggn_factors(wine_logreg: dict) -> 
     sampled = infkit.Influence(
         task, "ekfac", fisher="sampled", samples=300, seed=1, damping=1e-3
     ).fit(train)
-    fe = exact.state.method.factors.modules[""]
-    fs = sampled.state.method.factors.modules[""]
+    fe = exact.method.kronecker().factors.modules[""]
+    fs = sampled.method.kronecker().factors.modules[""]
     assert relative_error(fs.S, fe.S) < 0.05
     assert relative_error(fs.A, fe.A) < 1e-12  # activations do not depend on labels
-    assert exact.state.method.factors.meta["fisher"] == "ggn"
-    assert sampled.state.method.factors.meta["fisher"] == "sampled"
+    assert exact.method.kronecker().factors.meta["fisher"] == "ggn"
+    assert sampled.method.kronecker().factors.meta["fisher"] == "sampled"

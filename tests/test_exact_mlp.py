@@ -151,6 +151,6 @@ def test_with_estimator_reuses_the_fit(mlp_problem: dict) -> None:
     base = _fit(mlp_problem, "if")
     for estimator in ("rif", "newton", "relatif"):
         switched = base.with_estimator(estimator)
-        assert switched.state is base.state and base.estimator == "if"
+        assert switched.fitted is base.fitted and base.estimator == "if"
         expected = _fit(mlp_problem, estimator).scores(mlp_problem["test"])
         torch.testing.assert_close(switched.scores(mlp_problem["test"]), expected)

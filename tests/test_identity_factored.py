@@ -21,6 +21,7 @@ from infkit.errors import NonFiniteError
 from infkit.evaluate import relative_error
 
 identity_module = importlib.import_module("infkit.methods.identity")
+factored_module = importlib.import_module("infkit.layers.factored")
 
 N, T, L2 = 40, 6, 1e-2
 
@@ -68,7 +69,7 @@ def both_paths(monkeypatch, make, **kwargs):
     """The fitted Influence with the factored products and with per-example gradients."""
     factored = make(**kwargs)
     with monkeypatch.context() as patch:
-        patch.setattr(identity_module, "factored_layers", lambda context: None)
+        patch.setattr(identity_module, "factored_layers", lambda engine, train: None)
         materialised = make(**kwargs)
     assert factored.describe()["gradients"] == "factored"
     assert materialised.describe()["gradients"] == "per-example"
@@ -164,16 +165,16 @@ def test_a_factored_run_abandoned_at_a_checkpoint_restores_the_model(monkeypatch
     ).fit(train)
     assert inf.describe()["gradients"] == "factored"
     calls = {"n": 0}
-    gram = identity_module.Identity._gram
+    gram = factored_module.FactoredGradients.gram
 
     def failing(left, right):
         calls["n"] += 1
         if calls["n"] > 3:  # the second checkpoint's first batch
-            raise identity_module._NotFactoredError
+            raise factored_module.NotFactoredError
         return gram(left, right)
 
     final = flat(model).clone()
-    monkeypatch.setattr(identity_module.Identity, "_gram", staticmethod(failing))
+    monkeypatch.setattr(factored_module.FactoredGradients, "gram", staticmethod(failing))
     S = inf.scores(test)
     assert calls["n"] == 4
     assert torch.equal(flat(model), final)

@@ -11,8 +11,8 @@ import infkit
 from infkit.data import ExampleSet
 from infkit.errors import CurvatureError, InvalidInputError, UnsupportedError
 from infkit.evaluate import relative_error
-from infkit.kfac.capture import block_gradients, layer_terms
 from infkit.kfac.factors import KroneckerFactors
+from infkit.layers.capture import block_gradients, layer_terms
 from infkit.task import _cross_entropy
 
 pytestmark = pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
@@ -63,12 +63,12 @@ def test_layer_terms_sum_to_the_per_example_gradients(which: str, mlp_problem: d
         loss = sequence_loss
     model, task, (X, y) = problem["model"], problem["task"], problem["train"]
     inf = infkit.Influence(task, "kfac", damping=1e-3).fit((X, y))
-    method = inf.state.method
+    method = inf.method.kronecker()
     batch = ExampleSet((X, y)).take(range(len(y)))
-    blocks = block_gradients(layer_terms(inf.state.engine, method.tracked, batch))
+    blocks = block_gradients(layer_terms(inf.fitted.engine, method.tracked, batch))
     flat = torch.zeros(len(y), inf.n_params, dtype=torch.float64)
     for t in method.tracked:
-        method.layout.put(flat, t, blocks[t.name])
+        method.layers.layout.put(flat, t, blocks[t.name])
     assert relative_error(flat, per_example_grads(model, loss, X, y)) < 1e-12
 
 
@@ -76,7 +76,7 @@ def test_kfac_factors_match_hand_written_formulas(mlp_problem: dict) -> None:
     """A = mean [a, 1][a, 1]^T; S = (1/N) sum_i J_s,i^T Lambda_i J_s,i (exact GGN factors)."""
     model, task, (X, y) = mlp_problem["model"], mlp_problem["task"], mlp_problem["train"]
     inf = infkit.Influence(task, "kfac", l2=mlp_problem["l2"], fisher="ggn").fit((X, y))
-    factors = inf.state.method.factors.modules
+    factors = inf.method.kronecker().factors.modules
     lin1, lin2 = model[0], model[2]
     with torch.no_grad():
         s1 = X @ lin1.weight.T + lin1.bias
@@ -93,14 +93,14 @@ def test_kfac_factors_match_hand_written_formulas(mlp_problem: dict) -> None:
     S1 = torch.einsum("bco,bcd,bdp->op", J1, lam, J1) / n
     assert relative_error(factors["0"].S, S1) < 1e-12
     # solve = block-diagonal (S (x) A + ridge I)^{-1}
-    m = inf.state.method
+    m = inf.method.kronecker()
     V = torch.randn(3, inf.n_params, dtype=torch.float64)
     out = m.solve(V)
     for t, S, A in (
         (m.tracked[0], S1, a1.T @ a1 / n),
         (m.tracked[1], lam.sum(0) / n, a2.T @ a2 / n),
     ):
-        idx = m.layout.flat_index(t)
+        idx = m.layers.layout.flat_index(t)
         dense = torch.kron(S, A) + mlp_problem["l2"] * torch.eye(len(idx), dtype=torch.float64)
         assert relative_error(out[:, idx], torch.linalg.solve(dense, V[:, idx].T).T) < 1e-10
 
@@ -111,14 +111,14 @@ def test_attention_mask_leaves_padding_out_of_the_activation_factor() -> None:
     X, y = sequence_data(n=8)
     task = infkit.Task(model, sequence_loss)
     inf = infkit.Influence(task, "kfac", fisher="empirical", damping=1e-3).fit((X, y))
-    f = inf.state.method.factors.modules["inp"]
+    f = inf.method.kronecker().factors.modules["inp"]
     mask = X["attention_mask"].bool()
     a = torch.cat([X["x"][mask], torch.ones(int(mask.sum()), 1, dtype=torch.float64)], 1)
     assert f.tokens == int(mask.sum())
     assert relative_error(f.A, a.T @ a / len(a)) < 1e-12
     # Without masking, the padded positions' activations count too.
     plain = infkit.Influence(task, "kfac", fisher="empirical", damping=1e-3, mask_key=None)
-    assert plain.fit((X, y)).state.method.factors.modules["inp"].tokens == mask.numel()
+    assert plain.fit((X, y)).method.kronecker().factors.modules["inp"].tokens == mask.numel()
 
 
 def test_parameters_outside_supported_layers(mlp_problem: dict) -> None:
@@ -131,29 +131,30 @@ def test_parameters_outside_supported_layers(mlp_problem: dict) -> None:
     with pytest.raises(UnsupportedError, match=r"1\.weight, 1\.bias.*requires_grad=False"):
         infkit.Influence(task, "kfac", damping=1e-3).fit(train)
     inf = infkit.Influence(task, "ekfac", damping=1e-3, l2=1e-2, unsupported="identity").fit(train)
-    m = inf.state.method
-    assert m.others == ["1.weight", "1.bias"]
+    m = inf.method.kronecker()
+    assert m.layers.others == ["1.weight", "1.bias"]
     V = torch.randn(2, inf.n_params, dtype=torch.float64)
-    idx = m.layout.other_index
+    idx = m.layers.layout.other_index
     assert torch.allclose(m.solve(V)[:, idx], V[:, idx] / (1e-3 + 1e-2), rtol=1e-14)
     with pytest.raises(CurvatureError, match="ridge"):
         infkit.Influence(task, "kfac", unsupported="identity", damping_scale="auto").fit(
             train
-        ).state.method.solve(V)
+        ).method.solve(V)
     # Freezing them restricts the attribution to the supported layers.
     for p in model[1].parameters():
         p.requires_grad_(False)
     frozen = infkit.Influence(task, "kfac", damping=1e-3).fit(train)
-    assert [t.name for t in frozen.state.method.tracked] == ["0", "3"]
-    assert frozen.state.method.others == []
+    assert [t.name for t in frozen.method.kronecker().tracked] == ["0", "3"]
+    assert frozen.method.kronecker().layers.others == []
 
 
 def test_bad_options_are_refused(mlp_problem: dict) -> None:
     task, train = mlp_problem["task"], mlp_problem["train"]
-    with pytest.raises(UnsupportedError, match="unknown fisher"):
-        infkit.Influence(task, "kfac", fisher="true").fit(train)
+    # option errors come at construction, before any pass over the data
+    with pytest.raises(UnsupportedError, match=r"option 'fisher' must be 'auto' or 'ggn'"):
+        infkit.Influence(task, "kfac", fisher="true")
     with pytest.raises(UnsupportedError, match="does not take"):
-        infkit.Influence(task, "ekfac", rank=3).fit(train)
+        infkit.Influence(task, "ekfac", rank=3)
     with pytest.raises(UnsupportedError, match="not trainable layers"):
         infkit.Influence(task, "kfac", modules=["1"]).fit(train)
     custom = infkit.Task(task.model, _cross_entropy)
@@ -169,9 +170,9 @@ def test_factors_saved_reloaded_and_rescored_give_identical_scores(
     first = infkit.Influence(task, "ekfac", factors_dir=tmp_path, **options).fit(train)
     S1 = first.scores(test)
     assert (tmp_path / "factors.safetensors").exists() and (tmp_path / "factors.json").exists()
-    assert not first.state.method.loaded
+    assert not first.method.kronecker().loaded
     again = infkit.Influence(task, "ekfac", factors_dir=tmp_path, **options).fit(train)
-    assert again.state.method.loaded
+    assert again.method.kronecker().loaded
     assert torch.equal(again.scores(test), S1)
     loaded = KroneckerFactors.load(tmp_path)
     assert loaded.meta["fisher"] == "sampled" and loaded.corrected
@@ -179,7 +180,8 @@ def test_factors_saved_reloaded_and_rescored_give_identical_scores(
     assert (
         infkit.Influence(task, "kfac", factors_dir=tmp_path, **options)
         .fit(train)
-        .state.method.loaded
+        .method.kronecker()
+        .loaded
     )
     with pytest.raises(InvalidInputError, match="samples/seed"):
         infkit.Influence(task, "ekfac", factors_dir=tmp_path, **{**options, "seed": 4}).fit(train)
@@ -191,7 +193,7 @@ def test_factors_saved_reloaded_and_rescored_give_identical_scores(
         with pytest.raises(InvalidInputError, match="parameters differ"):
             infkit.Influence(task, "ekfac", factors_dir=tmp_path, **options).fit(train)
         refit = infkit.Influence(task, "ekfac", factors_dir=tmp_path, overwrite=True, **options)
-        assert not refit.fit(train).state.method.loaded
+        assert not refit.fit(train).method.kronecker().loaded
     finally:
         with torch.no_grad():
             model[0].bias.sub_(1e-3)

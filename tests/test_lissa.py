@@ -57,7 +57,7 @@ def test_lissa_scores_match_exact(mlp_problem: dict) -> None:
     full = infkit.Influence(task, "lissa", l2=l2, tol=1e-3).fit(train)
     assert relative_error(full.scores(test), R) < 2e-3
     info = full.describe()
-    lam_max = float(torch.linalg.eigvalsh(reference.state.method.data_curvature)[-1])
+    lam_max = float(torch.linalg.eigvalsh(reference.method.data_curvature)[-1])
     assert info["effective_damping"] == pytest.approx(l2)
     assert info["scale"] >= lam_max + l2
     assert info["lissa_damping"] * info["scale"] == pytest.approx(l2)
@@ -77,11 +77,11 @@ def test_lissa_newton_group_removal(mlp_problem: dict) -> None:
 def test_layer_blocks_invert_the_block_diagonal_curvature(mlp_problem: dict) -> None:
     task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
     exact = infkit.Influence(task, "exact", l2=l2).fit(train)
-    H = exact.state.method.data_curvature
+    H = exact.method.data_curvature
     blocks = torch.zeros_like(H)
-    for sl in exact.state.method.context.space.module_slices().values():
+    for sl in exact.fitted.space.module_slices().values():
         blocks[sl, sl] = H[sl, sl]
     inf = infkit.Influence(task, "lissa", l2=l2, blocks="layer", tol=1e-3).fit(train)
-    V = exact._query_gradients(infkit.data.ExampleSet(test))
+    V = exact.fitted.query_gradients(infkit.data.ExampleSet(test))
     expected = torch.linalg.solve(blocks + l2 * torch.eye(H.shape[0], dtype=H.dtype), V.T).T
-    assert relative_error(inf.state.method.solve(V), expected) < 1e-3
+    assert relative_error(inf.method.solve(V), expected) < 1e-3

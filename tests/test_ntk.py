@@ -9,7 +9,7 @@ import infkit
 from infkit.data import ExampleSet
 from infkit.errors import ProblemTooLargeError
 from infkit.gradients import PerExample
-from infkit.ntk import STRATEGIES, TangentModel, empirical_ntk
+from infkit.ntk import STRATEGIES, TangentFeatures, empirical_ntk
 from infkit.parameters import ParameterSpace
 
 
@@ -114,7 +114,7 @@ def test_tangent_products_are_the_jacobian() -> None:
     X = torch.randn(5, 4, dtype=torch.float64)
     J = _explicit(model, X)
     task = infkit.Task.classification(model)
-    tm = TangentModel(task, ParameterSpace(model))
+    tm = PerExample(task, ParameterSpace(model), dtype=torch.float64)
     batch = ExampleSet((X, torch.zeros(5).long())).take(torch.arange(5))
     w = torch.randn(3, J.shape[1], dtype=torch.float64)
     torch.testing.assert_close(tm.jvp(batch, w).reshape(3, -1), w @ J.T, rtol=1e-12, atol=1e-13)
@@ -125,7 +125,7 @@ def test_tangent_products_are_the_jacobian() -> None:
 def test_memory_is_checked_before_allocation() -> None:
     model = _mlp()
     X = torch.randn(50, 4, dtype=torch.float64)
-    with pytest.raises(ProblemTooLargeError, match=r"150 x 150.*scales") as info:
+    with pytest.raises(ProblemTooLargeError, match=r"150 x 150.*scale") as info:
         empirical_ntk(model, X, memory_limit=100_000)
     assert "memory limit" in str(info.value)
 
@@ -134,9 +134,11 @@ def test_structured_rule_covers_single_use_linear_layers_only() -> None:
     torch.manual_seed(1)
     model = _Tied().double()
     X = torch.randn(4, 5, dtype=torch.float64)
-    tm = TangentModel(infkit.Task.regression(model), ParameterSpace(model))
+    engine = PerExample(infkit.Task.regression(model), ParameterSpace(model))
+    tm = TangentFeatures(engine)
     batch = ExampleSet((X, torch.zeros(4, 2))).take(torch.arange(4))
     assert tm.resolved_strategy(batch) == "structured"
-    covered = sorted(n for layer in tm._layers for n in (layer.weight, layer.bias) if n)
+    assert tm.layers is not None
+    covered = sorted(n for layer in tm.layers for n in (layer.weight, layer.bias) if n)
     assert covered == ["frozen.bias", "head.bias", "head.weight"]
-    assert tm._rest == ["a.weight", "a.bias"]
+    assert tm.rest == ["a.weight", "a.bias"]

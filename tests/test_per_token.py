@@ -9,7 +9,6 @@ from kfac_helpers import TinySequenceModel, sequence_data, sequence_loss
 import infkit
 from infkit.errors import UnsupportedError
 from infkit.evaluate import relative_error
-from infkit.kfac import per_module_scores, per_token_scores
 
 pytestmark = pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
 
@@ -43,22 +42,20 @@ def test_per_token_scores_sum_to_the_sequence_scores(sequences: dict, method: st
     task, train, test = sequences["task"], sequences["train"], sequences["test"]
     inf = infkit.Influence(task, method, l2=1e-2, damping=1e-3, batch_size=5).fit(train)
     S = inf.scores(test)
-    tokens = per_token_scores(inf, test)
+    tokens = inf.token_scores(test)
     assert tokens.tokens.shape == (3, 16, 5)
     assert relative_error(tokens.total, S) < 1e-10
     # Padding positions contribute nothing; the l2 share is the only non-token part here.
     pad = train[0]["attention_mask"] == 0
     assert float(tokens.tokens[:, pad].abs().max()) < 1e-14
     assert tokens.layers == ["inp", "mix", "out"]
-    U = inf.state.method.solve(inf._query_gradients(infkit.data.ExampleSet(test)))
-    l2_share = 1e-2 * (U @ inf.state.theta) / 16
+    U = inf.method.precondition_queries(inf.fitted.query_gradients(infkit.data.ExampleSet(test)))
+    l2_share = 1e-2 * (U @ inf.fitted.theta) / 16
     assert relative_error(tokens.rest, l2_share.unsqueeze(1).expand(3, 16)) < 1e-10
     # A subset of training sequences.
-    part = per_token_scores(inf, test, indices=[3, 7])
+    part = inf.token_scores(test, indices=[3, 7])
     assert relative_error(part.total, S[:, [3, 7]]) < 1e-10
-    # The facade's shortcut is the same decomposition.
-    facade = inf.token_scores(test, indices=[3, 7])
-    assert torch.equal(facade.tokens, part.tokens) and torch.equal(facade.rest, part.rest)
+    assert relative_error(part.tokens, tokens.tokens[:, [3, 7]]) < 1e-12
 
 
 def test_pooled_head_goes_to_the_rest() -> None:
@@ -68,7 +65,7 @@ def test_pooled_head_goes_to_the_rest() -> None:
     x, _ = sequence_data(n=12, seed=4)
     y = torch.randint(0, 2, (12,))
     inf = infkit.Influence(task, "kfac", damping=1e-2).fit((x, y))
-    tokens = per_token_scores(inf, (x, y))
+    tokens = inf.token_scores((x, y))
     assert "head" not in tokens.layers
     assert relative_error(tokens.total, inf.scores((x, y))) < 1e-10
 
@@ -76,17 +73,15 @@ def test_pooled_head_goes_to_the_rest() -> None:
 def test_per_module_scores_sum_to_the_scores(sequences: dict) -> None:
     task, train, test = sequences["task"], sequences["train"], sequences["test"]
     inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-3).fit(train)
-    parts = per_module_scores(inf, test)
+    parts = inf.module_scores(test)
     assert list(parts) == ["inp", "mix", "out"]
     assert relative_error(sum(parts.values()), inf.scores(test)) < 1e-10
-    facade = inf.module_scores(test)
-    assert all(torch.equal(facade[k], parts[k]) for k in parts)
     # With a block-diagonal curvature a layer's score is its influence in isolation.
-    m = inf.state.method
-    t = m.tracked[1]
-    idx = m.layout.flat_index(t)
-    Q = inf._query_gradients(infkit.data.ExampleSet(test))
-    V = inf.state.train_grad_cache + 1e-2 * inf.state.theta
+    m = inf.method
+    t = m.tracked_layers().tracked[1]
+    idx = m.tracked_layers().layout.flat_index(t)
+    Q = inf.fitted.query_gradients(infkit.data.ExampleSet(test))
+    V = inf.fitted.train_gradients + 1e-2 * inf.fitted.theta
     Qm = torch.zeros_like(Q)
     Qm[:, idx] = Q[:, idx]
     alone = m.solve(Qm) @ V.T / 16
@@ -96,8 +91,8 @@ def test_per_module_scores_sum_to_the_scores(sequences: dict) -> None:
     task = infkit.Task.classification(model.double())
     X, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
     exact = infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
-    shares = per_module_scores(exact, (X[:4], y[:4]))
-    assert list(shares) == ["0", "2", "1"]
+    shares = exact.module_scores((X[:4], y[:4]))
+    assert list(shares) == ["0", "1", "2"]
     assert relative_error(sum(shares.values()), exact.scores((X[:4], y[:4]))) < 1e-10
     with pytest.raises(UnsupportedError, match="with_estimator"):
-        per_module_scores(exact.with_estimator("rif"), (X[:4], y[:4]))
+        exact.with_estimator("rif").module_scores((X[:4], y[:4]))

@@ -1,4 +1,4 @@
-"""Query batching: rank-R preconditioned queries and the two-stage refinement (§4.5)."""
+"""Query batching: rank-R preconditioned queries and the two-stage refinement."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import torch
 from kfac_helpers import TinySequenceModel, sequence_data, sequence_loss
 
 import infkit
+from infkit.data import ExampleSet
+from infkit.decompositions import low_rank_queries
 from infkit.errors import UnsupportedError
+from infkit.estimators import Estimator
 from infkit.evaluate import correlation, relative_error
-from infkit.kfac import batched_scores, low_rank_queries
 
 pytestmark = pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
 
@@ -28,23 +30,23 @@ def wide() -> dict:
 
 def test_rank_32_query_batching_correlates_with_full_rank(wide: dict) -> None:
     inf, test, full = wide["inf"], wide["test"], wide["full"]
-    S = batched_scores(inf, test, rank=32)
+    S = inf.batched_scores(test, rank=32)
     assert S.shape == full.shape
     pearson = correlation(S, full).pearson
     assert pearson >= 0.95
     assert pearson < 1 - 1e-9  # the truncation did something
-    queries = low_rank_queries(inf, test, rank=32)
+    queries = low_rank_queries(inf.method, inf.fitted, ExampleSet(test), Estimator(), rank=32)
     assert queries.left["inp"].shape == (6, 48, 32) and queries.right["mix"].shape == (6, 49, 32)
     assert queries.left["out"].shape == (6, 5, 49)  # min(d_out, cols) <= 32: kept exactly
     # Randomized SVD: same ballpark.
-    assert correlation(batched_scores(inf, test, rank=32, svd="randomized"), full).pearson >= 0.9
+    assert correlation(inf.batched_scores(test, rank=32, svd="randomized"), full).pearson >= 0.9
 
 
 def test_full_rank_and_refinement_are_exact(wide: dict) -> None:
     inf, test, full = wide["inf"], wide["test"], wide["full"]
-    assert relative_error(batched_scores(inf, test, rank=64), full) < 1e-10
-    coarse = batched_scores(inf, test, rank=4)
-    refined = batched_scores(inf, test, rank=4, refine=5)
+    assert relative_error(inf.batched_scores(test, rank=64), full) < 1e-10
+    coarse = inf.batched_scores(test, rank=4)
+    refined = inf.batched_scores(test, rank=4, refine=5)
     changed = refined != coarse
     # Each query's 5 strongest proponents and opponents (by the rank-4 ranking) are now exact.
     top = coarse.topk(5, dim=1).indices
@@ -66,4 +68,4 @@ def test_query_batching_needs_tracked_layers_only() -> None:
     X, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
     inf = infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
     with pytest.raises(UnsupportedError, match="freeze"):
-        batched_scores(inf, (X[:3], y[:3]))
+        inf.batched_scores((X[:3], y[:3]))

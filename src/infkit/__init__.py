@@ -1,6 +1,7 @@
 """infkit: influence functions and training-data attribution for PyTorch models."""
 
 from infkit import evaluate, retrain
+from infkit._version import __version__
 from infkit.errors import (
     CurvatureError,
     InfkitError,
@@ -12,13 +13,11 @@ from infkit.errors import (
 )
 from infkit.influence import Influence, TopK
 from infkit.linearize import linearizability, linearize
-from infkit.methods import methods
 from infkit.ntk import empirical_ntk
+from infkit.registry import methods
 from infkit.removal import RemovalEffect
 from infkit.task import Task
 from infkit.training import train_to_optimum
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CurvatureError",
@@ -32,6 +31,7 @@ __all__ = [
     "Task",
     "TopK",
     "UnsupportedError",
+    "__version__",
     "empirical_ntk",
     "evaluate",
     "linearizability",

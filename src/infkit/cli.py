@@ -57,7 +57,7 @@ def print_methods(as_json: bool = False) -> None:
     """Print :func:`infkit.methods` as an aligned table, or as JSON."""
     import json
 
-    from infkit.methods import methods
+    from infkit.registry import methods
 
     table = methods()
     if as_json:

@@ -13,6 +13,7 @@ them, and survive kernels without forward-mode derivatives (:mod:`infkit.autodif
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -21,9 +22,11 @@ from torch.func import grad, vjp, vmap
 from infkit.autodiff import Pushforward
 from infkit.data import Batch, ExampleSet
 from infkit.errors import UnsupportedError
-from infkit.gradients import PerExample, evaluation_mode
+from infkit.gradients import PerExample
+from infkit.parameters import evaluation_mode
 
-KINDS = ("ggn", "hessian")
+Curvature = Literal["ggn", "hessian"]
+KINDS: tuple[Curvature, ...] = ("ggn", "hessian")
 
 
 class CurvatureOperator:
@@ -42,7 +45,7 @@ class CurvatureOperator:
         self,
         engine: PerExample,
         examples: ExampleSet,
-        kind: str = "ggn",
+        kind: Curvature = "ggn",
         batch_size: int = 256,
         indices: Sequence[int] | Tensor | None = None,
         normaliser: int | None = None,
@@ -82,8 +85,7 @@ class CurvatureOperator:
 
     def matmat(self, V: Tensor) -> Tensor:
         """H V for V of shape [k, P]; returns float64 [k, P]."""
-        space = self.engine.space
-        V = V.to(space.dtype)
+        V = V.to(self.engine.dtype)
         out = torch.zeros(V.shape, dtype=torch.float64, device=V.device)
         for batch in self.examples.batches(self.batch_size, self.indices):
             out += self.batch_product(batch, V).to(torch.float64)
@@ -94,11 +96,11 @@ class CurvatureOperator:
         """sum over the batch of C_i V, [k, P] in the model's dtype."""
         engine, space = self.engine, self.engine.space
         inputs, targets = engine.prepare(batch)
-        params = space.params()
+        params = engine.params()
         tangents = space.unflatten(V)  # dict of [k, ...]
 
         def outputs_of(p: dict[str, Tensor]) -> Tensor:
-            out = engine._call(p, inputs)
+            out = engine.call(p, inputs)
             return out.reshape(out.shape[0], -1)
 
         with evaluation_mode(engine.task.model):
@@ -111,9 +113,23 @@ class CurvatureOperator:
             else:
 
                 def total_loss(p: dict[str, Tensor]) -> Tensor:
-                    out = engine._call(p, inputs)
+                    out = engine.call(p, inputs)
                     return engine.task.checked_loss(out, targets).sum()
 
                 gradient = grad(total_loss)
                 products = self.pushforward.hessian(gradient, params, tangents)
         return space.flatten(products, batch_dims=1).detach()
+
+
+def ggn_diagonal(engine: PerExample, examples: ExampleSet, batch_size: int) -> Tensor:
+    """diag(H) of the mean-form GGN, ``(1/N) sum_i sum_{c,d} J_icp Lambda_icd J_idp``, [P] float64.
+
+    From per-example Jacobians, one batch at a time: the Jacobi preconditioner of ``cg`` and the
+    curvature of a diagonal method.
+    """
+    diag = torch.zeros(engine.space.size, dtype=torch.float64, device=engine.device)
+    for batch in examples.batches(batch_size):
+        J = engine.jacobians(batch).to(torch.float64)
+        _, _, lam = engine.output_derivatives(batch)
+        diag += torch.einsum("bcp,bcd,bdp->p", J, lam.to(torch.float64), J)
+    return diag / len(examples)

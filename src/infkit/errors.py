@@ -7,6 +7,10 @@ precise one.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 
 class InfkitError(Exception):
     """Base class of all infkit errors."""
@@ -34,3 +38,18 @@ class ProblemTooLargeError(InfkitError, MemoryError):
 
 class NotFittedError(InfkitError, RuntimeError):
     """A question asked of an ``Influence`` before ``fit``."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """Issue a warning attributed to the first caller outside infkit (the user's line).
+
+    Warnings from deep inside a computation (a solver that did not converge, a fallback taken)
+    then point at the call in the user's code that triggered them, wherever they were raised.
+    """
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame = sys._getframe(1)  # the caller of warn(): stacklevel 2
+    level = 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

@@ -47,7 +47,7 @@ def loo_correlation(scores: Tensor, actual: Tensor, indices: Tensor | None = Non
 
 
 def lds(scores: Tensor, masks: Tensor, actual: Tensor) -> float:
-    """Linear datamodeling score (methods.md §6.6), oriented for removal-effect scores.
+    """Linear datamodeling score (docs/evaluation.md §4), oriented for removal-effect scores.
 
     The datamodel prediction for a subset S is m(full) + sum of the removal effects of the
     examples left out of S; LDS is the Spearman correlation of that with the measurement of a
@@ -74,11 +74,16 @@ def lds(scores: Tensor, masks: Tensor, actual: Tensor) -> float:
 def detection_auc(scores: Tensor | np.ndarray, is_flagged: Tensor | np.ndarray) -> float:
     """ROC AUC of ranking examples by ``scores`` (higher = more suspicious) against the truth."""
     s, y = _np(scores).reshape(-1), _np(is_flagged).reshape(-1).astype(bool)
+    if s.shape != y.shape:
+        raise InvalidInputError(f"scores has {s.size} values but is_flagged has {y.size}")
     if y.all() or not y.any():
         raise InvalidInputError("detection AUC needs both flagged and unflagged examples")
-    from sklearn.metrics import roc_auc_score
+    from scipy.stats import rankdata
 
-    return float(roc_auc_score(y, s))
+    # Mann-Whitney: the probability that a flagged example outranks an unflagged one (ties 1/2)
+    ranks = rankdata(s)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def fraction_found(

@@ -1,85 +1,158 @@
-"""Per-example gradients, Jacobians and output-space quantities at the current parameters.
+"""The per-example engine: gradients, Jacobians, tangent products and output-space quantities.
 
-Everything is computed with torch.func (``vmap`` over ``grad`` / ``jacrev``) in the model's dtype,
-one batch at a time. Modules that ``vmap`` cannot trace (data-dependent control flow, ``.item()``,
-in-place updates of batched tensors) fall back, with one warning, to an exact per-example loop
-over plain autograd.
+:class:`PerExample` is the one place where infkit differentiates a model. Everything is computed
+with torch.func (``vmap`` over ``grad`` / ``jacrev``, ``jvp``, ``vjp``) one batch at a time, in a
+working dtype (the model's by default; float64 for the dual method's kernel algebra), without
+modifying the model. Modules that ``vmap`` cannot trace (data-dependent control flow,
+``.item()``, in-place updates of batched tensors) fall back, with one warning, to an exact
+per-example loop over plain autograd.
 
-Notation (methods.md §0): for example i with output f_i in R^C and per-example loss l_i,
-``grad l_i`` is the parameter gradient in R^P, ``J_i`` in R^{C x P} the output Jacobian,
-``g_i = dl_i/df`` in R^C and ``Lambda_i = d^2 l_i/df^2`` in R^{C x C}.
+Two evaluation points (docs/conventions.md §1):
+
+* the trained parameters theta* (always the model's current parameters): outputs, losses,
+  measurements, their gradients, g = dl/df, Lambda = d^2 l/df^2;
+* the *tangent point*, where the output Jacobian J is taken: theta* by default, a given expansion
+  point ``at`` (the dual method's linearised setting), or, for a model made by
+  :func:`infkit.linearize`, the wrapped network at its expansion point (the same Jacobian at
+  every theta, computed on the network directly). Per-example Jacobians, ``J w`` and ``J^T u``
+  are taken there.
+
+Notation: for example i with output f_i in R^C and per-example loss l_i, ``grad l_i`` is the
+parameter gradient in R^P, ``J_i`` in R^{C x P} the output Jacobian, ``g_i = dl_i/df`` in R^C and
+``Lambda_i = d^2 l_i/df^2`` in R^{C x C}.
 """
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar
 
 import torch
-from torch import Tensor
-from torch.func import functional_call, grad, jacrev, vmap
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from infkit.data import Batch, map_tensors
-from infkit.errors import InfkitError, NonFiniteError, UnsupportedError
-from infkit.parameters import ParameterSpace
+from infkit.errors import InfkitError, InvalidInputError, NonFiniteError, UnsupportedError, warn
+from infkit.linearize import LinearizedModel
+from infkit.parameters import ParameterSpace, evaluation_mode
 from infkit.task import Task
 
-MODES = ("auto", "vmap", "loop")
+#: how per-example quantities are computed
+Mode = Literal["auto", "vmap", "loop"]
+MODES: tuple[Mode, ...] = ("auto", "vmap", "loop")
+#: which scalar a gradient is of
+Which = Literal["loss", "measurement"]
+#: tangents pushed through the model at once by :meth:`PerExample.jvp` / :meth:`PerExample.vjp`
+TANGENT_CHUNK = 64
 
-
-@contextlib.contextmanager
-def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Run with ``model.eval()`` (deterministic dropout / batch-norm), restoring the mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+T = TypeVar("T")
 
 
 def _one(obj: Any, i: int) -> Any:
     return map_tensors(obj, lambda t: t[i : i + 1])
 
 
-def _unsqueeze(obj: Any) -> Any:
+def unsqueeze_example(obj: Any) -> Any:
+    """One example's inputs or targets with a batch dimension of 1 added (nested structures)."""
     return map_tensors(obj, lambda t: t.unsqueeze(0))
 
 
+def _flat_rows(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> Tensor:
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(t)).reshape(-1) for g, t in zip(grads, like)]
+    )
+
+
 class PerExample:
-    """Per-example quantities of a task at the model's current parameters.
+    """Per-example quantities of a task, at the trained parameters and at the tangent point.
 
     Args:
         task: the task.
         space: the parameter space of ``task.model``.
-        mode: ``"auto"`` (vmap, falling back to a loop on failure), ``"vmap"`` or ``"loop"``.
+        mode: ``"auto"`` (vmap, falling back to an exact loop on failure), ``"vmap"`` or
+            ``"loop"``.
+        at: the tangent point (where J is taken): None for the model's current parameters, or a
+            flat [P] tensor / a dict by parameter name.
+        dtype: the working dtype (default: the model's). Parameters, buffers and floating-point
+            inputs and targets are cast; the model itself is never modified.
     """
 
-    def __init__(self, task: Task, space: ParameterSpace, mode: str = "auto") -> None:
+    def __init__(
+        self,
+        task: Task,
+        space: ParameterSpace,
+        mode: str = "auto",
+        *,
+        at: Tensor | Mapping[str, Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         if mode not in MODES:
             raise UnsupportedError(f"unknown per-example mode {mode!r}; use one of {MODES}")
         self.task = task
         self.space = space
         self.mode = mode
+        self.dtype: torch.dtype = dtype or space.dtype
+        self.device = space.device
         self._vmap_failed = False
+        model = task.model
+        # The tangent side: the module, its parameter names and point, and its output function.
+        self._fixed_point: dict[str, Tensor] | None
+        if isinstance(model, LinearizedModel):
+            self.tangent_module: nn.Module = model.base
+            self.tangent_names: list[str] = list(model.base_names)
+            self._tangent_output_fn: Callable[[Any], Tensor] = model.output_fn
+            self._fixed_point = self._cast_all(model.params0())
+            self._tangent_consts = self._cast_all(model.base_constants())
+        else:
+            self.tangent_module = model
+            self.tangent_names = list(space.names)
+            self._tangent_output_fn = task.output_fn
+            self._fixed_point = None if at is None else self._cast_all(self._point(at))
+            self._tangent_consts = None
+        sizes = [
+            int(torch.Size(self.tangent_params()[n].shape).numel()) for n in self.tangent_names
+        ]
+        if sum(sizes) != space.size:
+            raise InvalidInputError(
+                "the tangent point does not match the model's trainable parameters "
+                f"({sum(sizes)} values for P = {space.size})"
+            )
 
     # ------------------------------------------------------------------ plumbing
+    def _cast(self, t: Tensor) -> Tensor:
+        t = t.to(self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def _cast_all(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: self._cast(t.detach()) for n, t in tensors.items()}
+
+    def _point(self, at: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+        space = self.space
+        if isinstance(at, Tensor):
+            return space.unflatten(at.reshape(-1).to(space.device))
+        missing = [n for n in space.names if n not in at]
+        if missing:
+            raise InvalidInputError(
+                f"the expansion point has no value for the trainable parameter(s) {missing[:5]}; "
+                "pass a flat [P] tensor or a dict by parameter name"
+            )
+        return {n: at[n] for n in space.names}
+
     def prepare(self, batch: Batch) -> tuple[Any, Any]:
-        """Inputs cast to the model's device (and float inputs to its dtype), and targets."""
-        dev, dt = self.space.device, self.space.dtype
+        """Inputs and targets on the model's device, floating-point ones in the working dtype."""
+        return map_tensors(batch.inputs, self._cast), map_tensors(batch.targets, self._cast)
 
-        def cast(t: Tensor) -> Tensor:
-            t = t.to(dev)
-            return t.to(dt) if t.is_floating_point() else t
+    def params(self) -> dict[str, Tensor]:
+        """theta* (the model's current trainable parameters) in the working dtype, detached."""
+        return self._cast_all(self.space.params())
 
-        inputs = map_tensors(batch.inputs, cast)
-        targets = map_tensors(batch.targets, lambda t: t.to(dev))
-        return inputs, targets
+    def constants(self) -> dict[str, Tensor]:
+        """Frozen parameters and buffers in the working dtype."""
+        return self._cast_all(self.space.constants())
 
-    def _call(self, params: dict[str, Tensor], inputs: Any) -> Tensor:
-        state = {**params, **self.space.constants()}
+    def call(self, params: Mapping[str, Tensor], inputs: Any) -> Tensor:
+        """The task's model outputs [B, ...] with the trainable parameters replaced by ``params``."""
+        state = {**params, **self.constants()}
         model = self.task.model
 
         def fn(*args: Any, **kwargs: Any) -> Any:
@@ -87,7 +160,48 @@ class PerExample:
 
         return self.task.call_model(fn, inputs)
 
-    def _run(self, vmapped: Callable[[], Tensor], looped: Callable[[], Tensor]) -> Tensor:
+    def tangent_params(self) -> dict[str, Tensor]:
+        """The tangent point by tangent-parameter name, in the working dtype."""
+        if self._fixed_point is not None:
+            return self._fixed_point
+        return self.params()
+
+    def tangent_call(self, params: Mapping[str, Tensor], inputs: Any) -> Tensor:
+        """Flattened outputs [B, C] of the tangent module with its parameters set to ``params``."""
+        consts = self._tangent_consts if self._tangent_consts is not None else self.constants()
+        state = {**params, **consts}
+        module = self.tangent_module
+
+        def fn(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(module, state, args, kwargs)
+
+        raw = fn(**inputs) if isinstance(inputs, dict) else fn(inputs)
+        out = self._tangent_output_fn(raw)
+        return out.reshape(out.shape[0], -1)
+
+    def flatten_tangent(self, tensors: Mapping[str, Tensor], batch_dims: int) -> Tensor:
+        """Tangent-parameter-shaped tensors (``batch_dims`` leading dims) as [..., P]."""
+        parts = [tensors[n].reshape(*tensors[n].shape[:batch_dims], -1) for n in self.tangent_names]
+        return torch.cat(parts, dim=-1)
+
+    def unflatten_tangent(self, vectors: Tensor) -> dict[str, Tensor]:
+        """[..., P] as tangent-parameter-shaped views."""
+        point = self.tangent_params()
+        out, start = {}, 0
+        lead = vectors.shape[:-1]
+        for n in self.tangent_names:
+            shape = point[n].shape
+            k = int(torch.Size(shape).numel())
+            out[n] = vectors[..., start : start + k].reshape(*lead, *shape)
+            start += k
+        return out
+
+    def run(self, vmapped: Callable[[], T], looped: Callable[[], T]) -> T:
+        """``vmapped()``, or the exact ``looped()`` when vmap cannot trace the model.
+
+        The loop is remembered (with one warning) only when it succeeds where vmap failed: an
+        error both raise (bad labels, say) is the loop's, and the next call tries vmap again.
+        """
         if self.mode == "loop" or self._vmap_failed:
             return looped()
         try:
@@ -95,69 +209,77 @@ class PerExample:
         except Exception as exc:  # vmap cannot trace some modules; the loop is exact
             if self.mode == "vmap" or isinstance(exc, InfkitError):
                 raise
+            result = looped()
             self._vmap_failed = True
-            warnings.warn(
+            warn(
                 f"torch.func.vmap could not trace the model ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:200]}); falling back to an exact per-example loop, "
-                "which is slower",
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); falling back to an "
+                "exact per-example loop, which is slower",
                 RuntimeWarning,
-                stacklevel=3,
             )
-            return looped()
+            return result
 
     # ------------------------------------------------------------------ forward quantities
     @torch.no_grad()
     def outputs(self, batch: Batch) -> Tensor:
-        """Model outputs [B, ...] at the current parameters."""
+        """Model outputs [B, ...] at theta*."""
         inputs, _ = self.prepare(batch)
         with evaluation_mode(self.task.model):
-            return self._call(self.space.params(), inputs)
+            return self.call(self.params(), inputs)
 
     @torch.no_grad()
     def losses(self, batch: Batch) -> Tensor:
-        """Per-example losses l_i [B]."""
+        """Per-example losses l_i [B] at theta*."""
         inputs, targets = self.prepare(batch)
         with evaluation_mode(self.task.model):
-            out = self._call(self.space.params(), inputs)
-            return self.task.checked_loss(out, targets)
+            return self.task.checked_loss(self.call(self.params(), inputs), targets)
 
     @torch.no_grad()
     def measurements(self, batch: Batch) -> Tensor:
-        """Per-example measurements m_i [B]."""
+        """Per-example measurements m_i [B] at theta*."""
         inputs, targets = self.prepare(batch)
         with evaluation_mode(self.task.model):
-            out = self._call(self.space.params(), inputs)
-            return self.task.checked_measurement(out, targets)
+            return self.task.checked_measurement(self.call(self.params(), inputs), targets)
+
+    def _scalar_fn(self, which: str) -> Callable[[Tensor, Any], Tensor]:
+        return self.task.checked_loss if which == "loss" else self.task.checked_measurement
+
+    @torch.no_grad()
+    def output_gradients(self, batch: Batch, which: Which = "loss") -> Tensor:
+        """g = dl/df (``"loss"``) or h = dm/df (``"measurement"``) at theta*, [B, C]."""
+        inputs, targets = self.prepare(batch)
+        with evaluation_mode(self.task.model):
+            out = self.call(self.params(), inputs)
+        return self._output_gradient(out, targets, which, batch)
+
+    def _output_gradient(self, out: Tensor, targets: Any, which: str, batch: Batch) -> Tensor:
+        b, shape = out.shape[0], out.shape[1:]
+        with torch.enable_grad():
+            f = out.reshape(b, -1).detach().requires_grad_(True)
+            value = self._scalar_fn(which)(f.reshape(b, *shape), targets).sum()
+            (g,) = torch.autograd.grad(value, f)
+        _check_finite(g, batch, f"output-space {which} gradient")
+        return g.detach()
 
     @torch.no_grad()
     def output_derivatives(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Flattened outputs f [B, C], g = dl/df [B, C] and Lambda = d^2 l/df^2 [B, C, C]."""
         inputs, targets = self.prepare(batch)
         with evaluation_mode(self.task.model):
-            out = self._call(self.space.params(), inputs)
-        b = out.shape[0]
-        shape = out.shape[1:]
-        flat = out.reshape(b, -1)
-        with torch.enable_grad():
-            f = flat.detach().requires_grad_(True)
-            loss = self.task.checked_loss(f.reshape(b, *shape), targets).sum()
-            (g,) = torch.autograd.grad(loss, f)
+            out = self.call(self.params(), inputs)
+        g = self._output_gradient(out, targets, "loss", batch)
         lam = self.task.lambda_blocks(out, targets)
-        _check_finite(g, batch, "output-space loss gradient")
-        return flat, g, lam
+        return out.reshape(out.shape[0], -1), g, lam
 
     # ------------------------------------------------------------------ parameter gradients
-    def _scalar_fn(self, which: str) -> Callable[[Tensor, Any], Tensor]:
-        return self.task.checked_loss if which == "loss" else self.task.checked_measurement
-
-    def grads(self, batch: Batch, which: str = "loss") -> Tensor:
-        """Per-example parameter gradients [B, P] of the loss (or the measurement)."""
+    def grads(self, batch: Batch, which: Which = "loss") -> Tensor:
+        """Per-example parameter gradients [B, P] of the loss (or the measurement) at theta*."""
         inputs, targets = self.prepare(batch)
         fn = self._scalar_fn(which)
-        params = self.space.params()
+        params = self.params()
 
         def single(p: dict[str, Tensor], x: Any, y: Any) -> Tensor:
-            return fn(self._call(p, _unsqueeze(x)), _unsqueeze(y))[0]
+            return fn(self.call(p, unsqueeze_example(x)), unsqueeze_example(y))[0]
 
         def vmapped() -> Tensor:
             dims = (None, 0, None if targets is None else 0)
@@ -169,69 +291,23 @@ class PerExample:
             for i in range(len(batch)):
                 p = {n: t.clone().requires_grad_(True) for n, t in params.items()}
                 with torch.enable_grad():
-                    value = fn(self._call(p, _one(inputs, i)), _one(targets, i))[0]
+                    value = fn(self.call(p, _one(inputs, i)), _one(targets, i))[0]
                     gs = torch.autograd.grad(value, list(p.values()), allow_unused=True)
-                rows.append(
-                    torch.cat(
-                        [
-                            (gi if gi is not None else torch.zeros_like(t)).reshape(-1)
-                            for gi, t in zip(gs, p.values())
-                        ]
-                    )
-                )
+                rows.append(_flat_rows(gs, list(p.values())))
             return torch.stack(rows)
 
         with evaluation_mode(self.task.model):
-            G = self._run(vmapped, looped).detach()
-        _check_finite(G, batch, f"{'loss' if which == 'loss' else 'measurement'} gradient")
+            G = self.run(vmapped, looped).detach()
+        _check_finite(G, batch, f"{which} gradient")
         return G
-
-    def jacobians(self, batch: Batch) -> Tensor:
-        """Per-example output Jacobians J_i [B, C, P] (outputs flattened to C entries)."""
-        inputs, _ = self.prepare(batch)
-        params = self.space.params()
-
-        def single(p: dict[str, Tensor], x: Any) -> Tensor:
-            return self._call(p, _unsqueeze(x)).reshape(-1)
-
-        def vmapped() -> Tensor:
-            jac = vmap(jacrev(single), in_dims=(None, 0))(params, inputs)
-            return self.space.flatten(jac, batch_dims=2)
-
-        def looped() -> Tensor:
-            blocks = []
-            for i in range(len(batch)):
-                p = {n: t.clone().requires_grad_(True) for n, t in params.items()}
-                with torch.enable_grad():
-                    out = self._call(p, _one(inputs, i)).reshape(-1)
-                    rows = []
-                    for c in range(out.shape[0]):
-                        gs = torch.autograd.grad(
-                            out[c], list(p.values()), retain_graph=True, allow_unused=True
-                        )
-                        rows.append(
-                            torch.cat(
-                                [
-                                    (gi if gi is not None else torch.zeros_like(t)).reshape(-1)
-                                    for gi, t in zip(gs, p.values())
-                                ]
-                            )
-                        )
-                blocks.append(torch.stack(rows))
-            return torch.stack(blocks)
-
-        with evaluation_mode(self.task.model):
-            J = self._run(vmapped, looped).detach()
-        _check_finite(J, batch, "output Jacobian")
-        return J
 
     def hessian_sum(self, batch: Batch) -> Tensor:
         """sum_{i in batch} d^2 l_i / d theta^2 as a dense [P, P] matrix (the true Hessian)."""
         inputs, targets = self.prepare(batch)
-        flat0 = self.space.flat()
+        flat0 = self.space.flatten(self.params())
 
         def total(flat: Tensor) -> Tensor:
-            out = self._call(self.space.unflatten(flat), inputs)
+            out = self.call(self.space.unflatten(flat), inputs)
             return self.task.checked_loss(out, targets).sum()
 
         def vmapped() -> Tensor:
@@ -245,7 +321,7 @@ class PerExample:
             return torch.stack(rows)
 
         with evaluation_mode(self.task.model):
-            H = self._run(vmapped, looped).detach()
+            H = self.run(vmapped, looped).detach()
         if not torch.isfinite(H).all():
             raise NonFiniteError(
                 f"the loss Hessian of the batch of examples {_span(batch)} contains NaN or Inf"
@@ -256,7 +332,7 @@ class PerExample:
         """d/dx_j <u_t, grad_theta l_j(x_j)> for every example j of the batch and row u_t.
 
         Returns [B, T, *x_shape] for ``directions`` u of shape [T, P]. This is the mixed second
-        derivative Koh & Liang's input-perturbation influence needs (methods.md §3.1).
+        derivative of Koh & Liang's input-perturbation influence (docs/estimators.md).
         """
         inputs, targets = self.prepare(batch)
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
@@ -264,15 +340,16 @@ class PerExample:
                 "input influence needs continuous (floating-point tensor) inputs; token ids and "
                 "dict inputs have no gradient with respect to the input"
             )
-        params = self.space.params()
-        U = self.space.unflatten(directions.to(self.space.dtype))
+        params = self.params()
+        U = self.space.unflatten(directions.to(self.dtype))
 
         def directional(x: Tensor, y: Any, u: dict[str, Tensor]) -> Tensor:
             def loss_of(p: dict[str, Tensor]) -> Tensor:
-                return self.task.checked_loss(self._call(p, x.unsqueeze(0)), _unsqueeze(y))[0]
+                out = self.call(p, x.unsqueeze(0))
+                return self.task.checked_loss(out, unsqueeze_example(y))[0]
 
             g = grad(loss_of)(params)
-            return sum((g[n] * u[n]).sum() for n in g)
+            return sum((g[n] * u[n]).sum() for n in g)  # type: ignore[return-value]
 
         def per_example(x: Tensor, y: Any) -> Tensor:
             return vmap(grad(directional), in_dims=(None, None, 0))(x, y, U)
@@ -289,7 +366,7 @@ class PerExample:
                     x = inputs[i : i + 1].clone().requires_grad_(True)
                     p = {n: v.clone().requires_grad_(True) for n, v in params.items()}
                     with torch.enable_grad():
-                        loss = self.task.checked_loss(self._call(p, x), _one(targets, i))[0]
+                        loss = self.task.checked_loss(self.call(p, x), _one(targets, i))[0]
                         gs = torch.autograd.grad(loss, list(p.values()), create_graph=True)
                         dot = sum((gi * U[n][t]).sum() for gi, n in zip(gs, p))
                         (gx,) = torch.autograd.grad(dot, x)
@@ -298,7 +375,79 @@ class PerExample:
             return torch.stack(out)
 
         with evaluation_mode(self.task.model):
-            return self._run(vmapped, looped).detach()
+            return self.run(vmapped, looped).detach()
+
+    # ------------------------------------------------------------------ the tangent map
+    def jacobians(self, batch: Batch, names: list[str] | None = None) -> Tensor:
+        """Per-example output Jacobians J_i [B, C, P] at the tangent point.
+
+        With ``names``, the Jacobian with respect to those tangent parameters only (their
+        columns, in tangent order).
+        """
+        inputs, _ = self.prepare(batch)
+        point = self.tangent_params()
+        names = self.tangent_names if names is None else names
+        sub = {n: point[n] for n in names}
+        fixed = {n: t for n, t in point.items() if n not in sub}
+
+        def single(p: dict[str, Tensor], x: Any) -> Tensor:
+            return self.tangent_call({**fixed, **p}, unsqueeze_example(x)).reshape(-1)
+
+        def vmapped() -> dict[str, Tensor]:
+            return vmap(jacrev(single), in_dims=(None, 0))(sub, inputs)
+
+        def looped() -> dict[str, Tensor]:
+            rows = [
+                jacrev(single)(sub, map_tensors(inputs, lambda t, i=i: t[i]))
+                for i in range(len(batch))
+            ]
+            return {n: torch.stack([r[n] for r in rows]) for n in names}
+
+        with evaluation_mode(self.task.model), evaluation_mode(self.tangent_module):
+            jac = self.run(vmapped, looped)
+        J = torch.cat([jac[n].reshape(*jac[n].shape[:2], -1) for n in names], dim=-1).detach()
+        _check_finite(J, batch, "output Jacobian")
+        return J
+
+    def jvp(self, batch: Batch, directions: Tensor) -> Tensor:
+        """J w at the tangent point: [B, C] for w [P], or [k, B, C] for w [k, P]."""
+        inputs, _ = self.prepare(batch)
+        W = directions.to(self.device, self.dtype)
+        single = W.dim() == 1
+        W = W.reshape(-1, self.space.size)
+        point = self.tangent_params()
+
+        def push(t: dict[str, Tensor]) -> Tensor:
+            return jvp(lambda p: self.tangent_call(p, inputs), (point,), (t,))[1]
+
+        with evaluation_mode(self.task.model), evaluation_mode(self.tangent_module):
+            parts = []
+            for start in range(0, W.shape[0], TANGENT_CHUNK):
+                chunk = self.unflatten_tangent(W[start : start + TANGENT_CHUNK])
+                if W[start : start + TANGENT_CHUNK].shape[0] == 1:
+                    parts.append(push({n: t[0] for n, t in chunk.items()}).unsqueeze(0))
+                else:
+                    parts.append(vmap(push)(chunk))
+            out = torch.cat(parts).detach()
+        return out[0] if single else out
+
+    def vjp(self, batch: Batch, cotangents: Tensor) -> Tensor:
+        """J^T u at the tangent point: [P] for u [B, C], or [k, P] for u [k, B, C]."""
+        inputs, _ = self.prepare(batch)
+        U = cotangents.to(self.device, self.dtype)
+        single = U.dim() == 2
+        U = U.reshape(-1, *U.shape[-2:])
+        with evaluation_mode(self.task.model), evaluation_mode(self.tangent_module):
+            _, pull = vjp(lambda p: self.tangent_call(p, inputs), self.tangent_params())
+            parts = []
+            for start in range(0, U.shape[0], TANGENT_CHUNK):
+                chunk = U[start : start + TANGENT_CHUNK]
+                if chunk.shape[0] == 1:
+                    parts.append(self.flatten_tangent(pull(chunk[0])[0], 0).unsqueeze(0))
+                else:
+                    parts.append(self.flatten_tangent(vmap(pull)(chunk)[0], 1))
+            out = torch.cat(parts).detach()
+        return out[0] if single else out
 
 
 def _span(batch: Batch) -> str:
@@ -327,11 +476,11 @@ def directional_derivatives(
     ``d/dt q(theta + t * direction)`` at t = 0, one forward-mode pass (falling back to J @ d).
     """
     inputs, targets = engine.prepare(batch)
-    params = engine.space.params()
-    tangent = engine.space.unflatten(direction.to(engine.space.dtype))
+    params = engine.params()
+    tangent = engine.space.unflatten(direction.to(engine.dtype))
 
     def quantity(p: dict[str, Tensor]) -> Tensor:
-        out = engine._call(p, inputs)
+        out = engine.call(p, inputs)
         if which == "outputs":
             return out.reshape(out.shape[0], -1)
         if which == "loss":
@@ -342,9 +491,10 @@ def directional_derivatives(
         return torch.func.jvp(quantity, (params,), (tangent,))[1]
 
     def reverse_mode() -> Tensor:
+        d = direction.to(engine.dtype)
         if which == "outputs":
-            return engine.jacobians(batch) @ direction.to(engine.space.dtype)
-        return engine.grads(batch, which) @ direction.to(engine.space.dtype)
+            return engine.jacobians(batch) @ d
+        return engine.grads(batch, "loss" if which == "loss" else "measurement") @ d
 
     with evaluation_mode(engine.task.model):
-        return engine._run(forward_mode, reverse_mode).detach()
+        return engine.run(forward_mode, reverse_mode).detach()

@@ -1,55 +1,47 @@
 """The facade: ``Influence(task, method, estimator, l2, damping).fit(train)`` and its questions.
 
-Units and sign (design.md): every score is the predicted change of a measured quantity when a
-training example is removed and the model retrained, in that quantity's own units, 1/N included.
-``scores[t, j] > 0`` means removing j would raise test example t's loss: j helped t.
+The facade validates its inputs, builds the :class:`~infkit.fitted.Fitted` record in ``fit`` and
+delegates every question to the fitted method (:class:`infkit.methods.Method`); it never asks what
+kind of method it holds. A question the method does not answer is refused with the list of
+methods that do.
+
+Units and sign (docs/conventions.md §5): every score is the predicted change of a measured
+quantity when a training example is removed and the model retrained, in that quantity's own
+units, 1/N included. ``scores[t, j] > 0`` means removing j would raise test example t's loss:
+j helped t.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import warnings
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from infkit import methods as method_registry
-from infkit.data import ExampleSet, check_compatible
+from infkit import decompositions, registry
+from infkit.data import ExampleSet
+from infkit.decompositions import Svd, TokenScores
 from infkit.errors import InvalidInputError, NotFittedError, UnsupportedError
-from infkit.estimators import (
-    ESTIMATORS,
-    RELATIF_NORMS,
-    FittedState,
-    cache_dtype,
-    check_estimator,
-    group_delta,
-    leverages,
-    removal_deltas,
+from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator
+from infkit.fitted import Fitted, objective_gradient, training_gradients
+from infkit.gradients import MODES, PerExample, directional_derivatives
+from infkit.memory import default_memory_limit
+from infkit.methods.base import (
+    Method,
+    Problem,
+    method_class,
+    methods_with_estimator,
+    registered,
 )
-from infkit.gradients import PerExample, directional_derivatives
-from infkit.kfac.scores import TokenScores, per_module_scores, per_token_scores
-from infkit.methods.base import DirectMethod, FitContext
 from infkit.parameters import ParameterSpace
-from infkit.removal import RemovalEffect
+from infkit.removal import Quantity, RemovalEffect
 from infkit.task import Task
 
-#: Fit warns when ||grad L(theta)|| exceeds this fraction of the typical per-example gradient.
-STATIONARITY_TOLERANCE = 1e-3
-#: Training gradients are cached in memory up to this many bytes.
-GRADIENT_CACHE_BYTES = 1 << 30
-
-
-def default_memory_limit() -> int:
-    """Half of the machine's physical memory, in bytes."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 8 << 30
+__all__ = ["Influence", "TopK", "default_memory_limit"]
 
 
 @dataclass
@@ -77,13 +69,14 @@ class Influence:
             ``mean_i l_i + (l2/2) ||theta||^2``.
         damping: extra, purely numerical, added to the curvature; ``"auto"`` for the methods
             with a heuristic (``kfac``, ``ekfac``: 0.1 x the mean eigenvalue of each module's
-            curvature, methods.md §4.3).
+            curvature, docs/methods/kfac.md).
         relatif: ``"theta"`` or ``"loss"`` normalisation for ``estimator="relatif"``.
-        batch_size: examples per batch for per-example gradients.
+        batch_size: examples per batch of every pass over the data.
         per_example: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :class:`infkit.gradients.PerExample`).
         progress: show progress bars (default: when stderr is a terminal).
         memory_limit: bytes dense objects may take (default: half the machine's memory).
-        **method_options: passed to the method, e.g. ``curvature="hessian"`` for ``"exact"``.
+        **method_options: the method's options (``infkit.methods()[name]["options"]``), e.g.
+            ``curvature="hessian"`` for ``"exact"``; checked here, at construction.
     """
 
     def __init__(
@@ -106,12 +99,7 @@ class Influence:
                 f"task must be an infkit.Task (e.g. Task.classification(model)), got "
                 f"{type(task).__name__}"
             )
-        if estimator not in ESTIMATORS:
-            raise UnsupportedError(
-                f"unknown estimator {estimator!r}; valid estimators: {', '.join(ESTIMATORS)}"
-            )
-        if relatif not in RELATIF_NORMS:
-            raise UnsupportedError(f"unknown relatif norm {relatif!r}; use one of {RELATIF_NORMS}")
+        self._estimator = _estimator(estimator, relatif)
         self.auto_damping = damping == "auto"
         if self.auto_damping:
             damping = 0.0
@@ -120,91 +108,43 @@ class Influence:
                     "damping='auto' sets the method's damping_scale; pass one or the other"
                 )
         for label, value in (("l2", l2), ("damping", damping)):
-            if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not value >= 0
+                or value == float("inf")
+            ):
                 allowed = "a finite number >= 0" + (" or 'auto'" if label == "damping" else "")
                 raise InvalidInputError(f"{label} must be {allowed}, got {value!r}")
-        if batch_size < 1:
-            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
-        if method != "auto":
-            method_registry.method_class(method)  # unknown method: fail now, listing valid ones
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if per_example not in MODES:
+            raise UnsupportedError(
+                f"unknown per_example mode {per_example!r}; use one of {', '.join(MODES)}"
+            )
         self.task = task
         self.method_name = method
-        self.estimator = estimator
         self.l2 = float(l2)
-        self.damping = float(damping)
-        self.relatif = relatif
+        self.damping = float(damping)  # type: ignore[arg-type]
         self.batch_size = batch_size
         self.per_example_mode = per_example
         self.progress = progress
         self.memory_limit = memory_limit or default_memory_limit()
-        self.method_options = method_options
-        self.stationarity: float | None = None
-        self._state: FittedState | None = None
-        self._space: ParameterSpace | None = None
+        self.method_options = dict(method_options)
+        self._method: Method | None = None
+        self._fitted: Fitted | None = None
+        if method == "auto":
+            self._check_auto_options()
+        else:
+            self._method = self._create(method)
 
-    # ------------------------------------------------------------------ fit
-    def fit(self, train: Any) -> Influence:
-        """Prepare the inverse curvature on the training set; returns ``self``."""
-        examples = ExampleSet(train, name="training set")
-        examples.check_finite()
-        space = ParameterSpace(self.task.model)
-        engine = PerExample(self.task, space, self.per_example_mode)
-        progress = self.progress if self.progress is not None else None
-        show = bool(progress) if progress is not None else _stderr_is_tty()
-        name = self._resolve_method(space, examples, engine)
-        method = method_registry.create(name, self._options_for(name))
-        check_estimator(method, self.estimator)
-        theta = space.flat().to(torch.float64)
-        direct = isinstance(method, DirectMethod)
-        # Direct (kernel) methods never use parameter-space training gradients: do not cache them.
-        cache, summary = (None, None)
-        if not direct:
-            cache, summary = self._train_gradients(examples, engine, space, show)
-        context = FitContext(
-            task=self.task,
-            space=space,
-            per_example=engine,
-            train=examples,
-            l2=self.l2,
-            damping=self.damping,
-            batch_size=self.batch_size,
-            progress=show,
-            memory_limit=self.memory_limit,
-            train_gradients=cache,
-        )
-        method.fit(context)
-        anchor = method.regulariser_anchor()
-        anchor = None if anchor is None else anchor.to(theta)
-        reg_theta = theta if anchor is None else theta - anchor
-        # Trajectory/surrogate methods (TracInCP, TRAK) neither assume an optimum nor offer the
-        # Newton step that uses grad L(theta*): skip that pass over the data for them.
-        gradient = None
-        if method.assumes_optimum:
-            gradient = self._check_stationarity(examples, engine, space, reg_theta, summary)
-        self._space = space
-        self._state = FittedState(
-            method=method,
-            engine=engine,
-            train=examples,
-            theta=theta,
-            l2=self.l2,
-            batch_size=self.batch_size,
-            train_grad_cache=cache,
-            objective_gradient=gradient,
-            anchor=anchor,
-        )
-        return self
-
+    # ------------------------------------------------------------------ construction helpers
     def _options_for(self, name: str) -> dict[str, Any]:
         """The method options, with ``damping_scale="auto"`` when damping="auto" was asked."""
         if not self.auto_damping:
             return self.method_options
-        if not getattr(method_registry.method_class(name), "supports_auto_damping", False):
-            able = [
-                n
-                for n, cls in sorted(method_registry.registered().items())
-                if getattr(cls, "supports_auto_damping", False)
-            ]
+        if not method_class(name).supports_auto_damping:
+            able = [n for n, cls in sorted(registered().items()) if cls.supports_auto_damping]
             raise UnsupportedError(
                 f"damping='auto' is a heuristic of the Kronecker-factored methods "
                 f"({', '.join(able)}); method {name!r} needs a number: try l2 + damping around "
@@ -212,138 +152,115 @@ class Influence:
             )
         return {**self.method_options, "damping_scale": "auto"}
 
-    def _resolve_method(
-        self, space: ParameterSpace, examples: ExampleSet, engine: PerExample
-    ) -> str:
-        if self.method_name != "auto":
-            return self.method_name
-        p, n = space.size, len(examples)
-        c = engine.outputs(examples.take([0]))[0].numel()
-        registry = method_registry.registered()
-        exact_bytes = registry["exact"].memory_estimate(n, p, c)
-        if exact_bytes <= self.memory_limit and p <= 20_000:
-            return "exact"
-        if (
-            "dual" in registry
-            and 20 * n * c <= p
-            and registry["dual"].memory_estimate(n, p, c) <= self.memory_limit
-        ):
-            return "dual"
-        for candidate in ("ekfac", "cg"):
-            if candidate in registry:
-                return candidate
-        raise UnsupportedError(
-            f"method='auto' found no registered method for P={p:,}, N={n:,}, C={c}: 'exact' needs "
-            f"a dense P x P curvature; registered methods: {', '.join(sorted(registry))}"
-        )
+    def _create(self, name: str) -> Method:
+        method = registry.create(name, self._options_for(name))
+        _check_estimator(method, self._estimator.name)
+        return method
 
-    def _train_gradients(
-        self, examples: ExampleSet, engine: PerExample, space: ParameterSpace, show: bool
-    ) -> tuple[Tensor | None, tuple[Tensor, float] | None]:
-        """The [N, P] training-loss gradients when they fit in memory (else None), and a summary.
-
-        The cache is kept in :func:`cache_dtype` of the model (float32 for a float32 model: half
-        the memory and twice the speed of the score products; the gradients carry no more
-        precision than that). The summary, accumulated in float64 on the way, is
-        ``(sum_i grad l_i / N, mean_i ||grad l_i||)`` for the stationarity check.
-        """
-        n, p = len(examples), space.size
-        dtype = cache_dtype(space.dtype)
-        if n * p * dtype.itemsize > min(GRADIENT_CACHE_BYTES, self.memory_limit // 4):
-            return None, None
-        out = torch.empty(n, p, dtype=dtype, device=space.device)
-        total_gradient = torch.zeros(p, dtype=torch.float64, device=space.device)
-        total_norm = 0.0
-        batches = -(-n // self.batch_size)
-        for batch in tqdm(
-            examples.batches(self.batch_size), total=batches, desc="gradients", disable=not show
-        ):
-            g = engine.grads(batch, "loss")
-            out[batch.indices] = g.to(dtype)
-            total_gradient += g.sum(0).to(torch.float64)
-            total_norm += float(g.norm(dim=1).sum())
-        return out, (total_gradient / n, total_norm / n)
-
-    def _check_stationarity(
-        self,
-        examples: ExampleSet,
-        engine: PerExample,
-        space: ParameterSpace,
-        reg_theta: Tensor,
-        summary: tuple[Tensor, float] | None,
-    ) -> Tensor:
-        """grad L(theta*) [P] float64; warns when it is far from 0 (not a trained optimum).
-
-        ``reg_theta`` is theta* - theta' (theta' the regulariser's anchor, 0 by default);
-        ``summary`` is the gradient cache's (mean gradient, mean gradient norm), if any.
-        """
-        if summary is not None:
-            data_gradient, typical = summary
-        else:
-            from infkit.gradients import evaluation_mode
-            from infkit.training import objective_and_gradient
-
-            with evaluation_mode(self.task.model):
-                _, full = objective_and_gradient(self.task, space, examples, 0.0, engine=engine)
-            data_gradient = full.to(torch.float64)
-            if not bool(torch.isfinite(data_gradient).all()):
-                for batch in examples.batches(self.batch_size):
-                    engine.grads(batch)  # raises NonFiniteError naming the example
-            first = next(examples.batches(self.batch_size))
-            typical = float(engine.grads(first).to(torch.float64).norm(dim=1).mean())
-        gradient = data_gradient + self.l2 * reg_theta
-        scale = typical + self.l2 * float(reg_theta.norm())
-        self.stationarity = float(gradient.norm()) / max(scale, 1e-300)
-        if self.stationarity > STATIONARITY_TOLERANCE:
-            warnings.warn(
-                f"the model is not at a stationary point of mean_i l_i + (l2/2)||theta||^2 with "
-                f"l2={self.l2:g}: ||grad L|| is {self.stationarity:.1e} of the typical "
-                "per-example gradient. Influence estimates assume a trained optimum: train longer "
-                "(e.g. infkit.train_to_optimum), or pass the l2 (mean-form weight decay) the model "
-                "was trained with",
-                UserWarning,
-                stacklevel=3,
+    def _check_auto_options(self) -> None:
+        """With ``method="auto"``, every option must belong to at least one candidate."""
+        candidates = registry.auto_candidates()
+        known = {o for name in candidates for o in method_class(name).Options.names()}
+        unknown = sorted(set(self.method_options) - known)
+        if unknown:
+            raise UnsupportedError(
+                f"method='auto' chooses among {', '.join(candidates)}, and none of them takes "
+                f"the option(s) {unknown}; name the method to pass its options"
             )
-        return gradient
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train: Any) -> Influence:
+        """Fit the method on the training set (the curvature, factors or kernel); returns ``self``."""
+        examples = ExampleSet(train, name="training set")
+        examples.check_finite()
+        space = ParameterSpace(self.task.model)
+        engine = PerExample(self.task, space, self.per_example_mode)
+        show = self.progress if self.progress is not None else _stderr_is_tty()
+        method = self._method if self._method is not None else self._auto(space, examples, engine)
+        cache, summary = (None, None)
+        if type(method).uses_training_gradients:
+            cache, summary = training_gradients(
+                engine, examples, self.batch_size, self.memory_limit, show
+            )
+        fitted = Fitted(
+            task=self.task,
+            space=space,
+            engine=engine,
+            train=examples,
+            theta=space.flat().to(torch.float64),
+            l2=self.l2,
+            damping=self.damping,
+            batch_size=self.batch_size,
+            progress=show,
+            memory_limit=self.memory_limit,
+            train_gradients=cache,
+        )
+        method.fit(fitted)
+        anchor = method.regulariser_anchor()
+        fitted.anchor = None if anchor is None else anchor.to(fitted.theta)
+        # Trajectory and surrogate methods (TracInCP, TRAK) neither assume an optimum nor use
+        # grad L(theta*): no pass over the data for them.
+        if method.assumes_optimum:
+            fitted.objective_gradient, fitted.stationarity = objective_gradient(fitted, summary)
+        self._method, self._fitted = method, fitted
+        return self
+
+    def _auto(self, space: ParameterSpace, examples: ExampleSet, engine: PerExample) -> Method:
+        c = engine.outputs(examples.take([0]))[0].numel()
+        problem = Problem(len(examples), space.size, c, self.memory_limit, self.task.model, space)
+        name = registry.choose(problem)
+        return self._create(name)
 
     def with_estimator(self, estimator: str, relatif: str | None = None) -> Influence:
-        """The same fitted curvature with another estimator (no refit).
+        """The same fitted method with another estimator (no refit).
 
         ``inf.with_estimator("newton").scores(test)`` reuses the factorisation, the cached
         training gradients and everything else ``fit`` computed.
         """
-        state = self.state
-        check_estimator(state.method, estimator)
+        method = self.method
+        choice = _estimator(estimator, relatif or self._estimator.relatif)
+        _check_estimator(method, choice.name)
         other = copy.copy(self)
-        other.estimator = estimator
-        if relatif is not None:
-            if relatif not in RELATIF_NORMS:
-                raise UnsupportedError(
-                    f"unknown relatif norm {relatif!r}; use one of {RELATIF_NORMS}"
-                )
-            other.relatif = relatif
+        other._estimator = choice
         return other
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ state
     @property
-    def state(self) -> FittedState:
-        if self._state is None:
+    def estimator(self) -> str:
+        """The estimator's name: ``"if"``, ``"rif"``, ``"newton"`` or ``"relatif"``."""
+        return self._estimator.name
+
+    @property
+    def relatif(self) -> str:
+        """RelatIF's normalisation, ``"theta"`` or ``"loss"``."""
+        return self._estimator.relatif
+
+    @property
+    def method(self) -> Method:
+        """The fitted method (its own diagnostics and answers; see :class:`infkit.methods.Method`)."""
+        if self._fitted is None or self._method is None:
             raise NotFittedError("call .fit(train) before asking for scores")
-        return self._state
+        return self._method
+
+    @property
+    def fitted(self) -> Fitted:
+        """The fitted record: training data, theta*, objective, engine (see :class:`Fitted`)."""
+        if self._fitted is None:
+            raise NotFittedError("call .fit(train) before asking for scores")
+        return self._fitted
+
+    @property
+    def stationarity(self) -> float | None:
+        """``||grad L(theta*)||`` relative to the typical per-example gradient (None: unchecked)."""
+        return None if self._fitted is None else self._fitted.stationarity
 
     @property
     def n_train(self) -> int:
-        return self.state.n
+        return self.fitted.n
 
     @property
     def n_params(self) -> int:
-        return self.state.theta.numel()
-
-    def _examples(self, data: Any, name: str) -> ExampleSet:
-        examples = ExampleSet(data, name=name)
-        examples.check_finite()
-        check_compatible(self.state.train, examples)
-        return examples
+        return self.fitted.theta.numel()
 
     def _indices(self, indices: Sequence[int] | Tensor) -> Tensor:
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
@@ -361,17 +278,8 @@ class Influence:
             )
         return idx
 
-    def _query_gradients(self, examples: ExampleSet, which: str = "measurement") -> Tensor:
-        engine = self.state.engine
-        return torch.cat(
-            [engine.grads(b, which).to(torch.float64) for b in examples.batches(self.batch_size)]
-        )
-
-    def _out(self, x: Tensor) -> Tensor:
-        return x.to(self._space.dtype).cpu()
-
-    def _show(self) -> bool:
-        return self.state.method.context.progress if self.state.method.context else False
+    def _queries(self, data: Any, name: str = "test set") -> ExampleSet:
+        return self.fitted.examples(data, name)
 
     # ------------------------------------------------------------------ questions
     def scores(self, test: Any) -> Tensor:
@@ -379,72 +287,49 @@ class Influence:
 
         ``scores[t, j]`` predicts ``m_t(theta without j) - m_t(theta)``.
         """
-        examples = self._examples(test, "test set")
-        state = self.state
-        if isinstance(state.method, DirectMethod):
-            return self._out(state.method.scores(state, examples, self.estimator, self.relatif))
-        Q = self._query_gradients(examples)  # [T, P]
-        if self.estimator == "if":
-            U = state.method.solve(Q)  # H^{-1} grad m_t, one solve per query
-            return self._out(state.attributed_products(U) / state.n)
-        S = torch.empty(Q.shape[0], state.n, dtype=torch.float64)
-        deltas = removal_deltas(state, self.estimator, relatif=self.relatif)
-        total = -(-state.n // self.batch_size)
-        for batch, delta in tqdm(
-            deltas, total=total, desc=self.estimator, disable=not self._show()
-        ):
-            S[:, batch.indices] = (Q @ delta.T).cpu()
-        return self._out(S)
-
-    def module_scores(self, test: Any) -> dict[str, Tensor]:
-        """IF scores split by layer: layer name -> [n_test, n_train], summing to ``scores``.
-
-        See :func:`infkit.kfac.per_module_scores` (methods.md §4.4, §6.8).
-        """
-        return {name: self._out(s) for name, s in per_module_scores(self, test).items()}
-
-    def token_scores(
-        self,
-        test: Any,
-        indices: Sequence[int] | Tensor | None = None,
-        positions: int | None = None,
-    ) -> TokenScores:
-        """Per-position contributions of training sequences to the IF scores (methods.md §4.4).
-
-        ``result.tokens[t, j, s]`` is position s of training sequence ``indices[j]``;
-        ``result.total`` equals ``scores(test)[:, indices]``. See
-        :func:`infkit.kfac.per_token_scores`.
-        """
-        return per_token_scores(self, test, indices, positions)
+        method = self.method
+        method.require("scores")
+        return self.fitted.output(method.scores(self._queries(test), self._estimator))
 
     def self_scores(self) -> Tensor:
         """Removal effect of each training example on its own loss, [n_train].
 
         Large values flag examples the model needs to fit them: mislabelled points and outliers.
         """
-        state = self.state
-        if isinstance(state.method, DirectMethod):
-            return self._out(state.method.self_scores(state, self.estimator, self.relatif))
-        out = torch.empty(state.n, dtype=torch.float64)
-        deltas = removal_deltas(state, self.estimator, relatif=self.relatif)
-        total = -(-state.n // self.batch_size)
-        for batch, delta in tqdm(deltas, total=total, desc="self", disable=not self._show()):
-            out[batch.indices] = (state.loss_grads(batch) * delta).sum(1).cpu()
-        return self._out(out)
+        method = self.method
+        method.require("self_scores")
+        return self.fitted.output(method.self_scores(self._estimator))
 
     def remove(self, indices: Sequence[int] | Tensor) -> RemovalEffect:
         """Predicted effect of removing the training examples ``indices`` jointly."""
         idx = self._indices(indices)
-        if self.estimator == "relatif":
-            group_delta(self.state, "relatif", idx)  # raises: no counterfactual units
-        if isinstance(self.state.method, DirectMethod):
-            delta = self.state.method.group_delta(self.state, idx, self.estimator)
-        else:
-            delta = group_delta(self.state, self.estimator, idx)
-        return RemovalEffect(self, idx, self._out(delta))
+        self._estimator.require_counterfactual()
+        method = self.method
+        method.require("remove")
+        delta = self.fitted.output(method.removal(idx, self._estimator))
+
+        def predict(data: Any, which: Quantity) -> Tensor:
+            return self._predicted_change(data, delta, which, idx)
+
+        return RemovalEffect(idx, delta, self.estimator, predict, self.task.model)
+
+    def _predicted_change(self, data: Any, delta: Tensor, which: Quantity, idx: Tensor) -> Tensor:
+        """Change of ``which`` on ``data`` under the removal: the method's own, or J Delta theta."""
+        examples = self._queries(data, "data")
+        fitted = self.fitted
+        own = self.method.removal_change(examples, idx, self._estimator, which)
+        if own is not None:
+            return fitted.output(own)
+        parts = [
+            directional_derivatives(fitted.engine, b, delta, which)
+            for b in examples.batches(self.batch_size)
+        ]
+        return torch.cat(parts).to(fitted.space.dtype)
 
     def top_k(self, test: Any, k: int = 10) -> TopK:
         """The k strongest proponents and opponents of each test example."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
         S = self.scores(test)
         k = min(k, S.shape[1])
         helpful = -S if self.task.higher_is_better else S
@@ -459,7 +344,9 @@ class Influence:
 
     def leverages(self) -> Tensor:
         """Generalised leverages h_j = tr(Lambda_j J_j H^{-1} J_j^T) / N, [n_train]."""
-        return self._out(leverages(self.state))
+        method = self.method
+        method.require("leverages")
+        return self.fitted.output(method.leverages())
 
     def input_influence(self, test: Any, indices: Sequence[int] | Tensor) -> Tensor:
         """Koh & Liang's input-perturbation influence, [n_test, len(indices), *x_shape].
@@ -469,49 +356,109 @@ class Influence:
         by a small delta changes m_t by about ``<entry, delta>``: the basis of training-set
         attacks. It is the first-order (IF) derivative, whatever the estimator.
         """
-        examples = self._examples(test, "test set")
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        state = self.state
-        U = state.method.solve(self._query_gradients(examples))
-        parts = [
-            state.engine.input_gradients(batch, U).to(torch.float64)
-            for batch in state.train.batches(self.batch_size, idx)
-        ]
-        grads = torch.cat(parts)  # [n_idx, T, *x_shape]
-        return self._out(-grads.transpose(0, 1) / state.n)
+        result = decompositions.input_influence(
+            self.method, self.fitted, self._queries(test), indices
+        )
+        return self.fitted.output(result)
 
-    def predicted_change(
-        self, data: Any, delta: Tensor, which: str, indices: Tensor | None = None
+    def module_scores(self, test: Any) -> dict[str, Tensor]:
+        """IF scores split by module: module name -> [n_test, n_train], summing to ``scores``.
+
+        See :func:`infkit.decompositions.per_module_scores` (docs/decompositions.md §1).
+        """
+        parts = decompositions.per_module_scores(
+            self.method, self.fitted, self._queries(test), self._estimator
+        )
+        return {name: self.fitted.output(s) for name, s in parts.items()}
+
+    def token_scores(
+        self,
+        test: Any,
+        indices: Sequence[int] | Tensor | None = None,
+        positions: int | None = None,
+    ) -> TokenScores:
+        """Per-position contributions of training sequences to the IF scores.
+
+        ``result.tokens[t, j, s]`` is position s of training sequence ``indices[j]``;
+        ``result.total`` equals ``scores(test)[:, indices]`` (docs/decompositions.md §2).
+        """
+        return decompositions.per_token_scores(
+            self.method, self.fitted, self._queries(test), self._estimator, indices, positions
+        )
+
+    def batched_scores(
+        self,
+        test: Any,
+        rank: int = 32,
+        refine: int = 0,
+        svd: Svd = "exact",
+        indices: Sequence[int] | Tensor | None = None,
     ) -> Tensor:
-        """First-order change of ``which`` (outputs / loss / measurement) on ``data`` under delta."""
-        examples = self._examples(data, "data")
-        method = self.state.method
-        if indices is not None and isinstance(method, DirectMethod):
-            own = method.removal_change(examples, indices, self.estimator, which)
-            if own is not None:
-                return own.to(self._space.dtype).cpu()
-        engine = self.state.engine
-        parts = [
-            directional_derivatives(engine, b, delta, which)
-            for b in examples.batches(self.batch_size)
-        ]
-        return torch.cat(parts).to(self._space.dtype)
+        """IF scores [n_test, n] from rank-``rank`` preconditioned queries (query batching).
+
+        ``refine`` rescores the ``refine`` strongest proponents and opponents of each query at
+        full rank (docs/decompositions.md §4).
+        """
+        scores = decompositions.batched_scores(
+            self.method,
+            self.fitted,
+            self._queries(test),
+            self._estimator,
+            rank,
+            refine,
+            svd,
+            indices,
+        )
+        return self.fitted.output(scores)
 
     def describe(self) -> dict[str, Any]:
         """The settings and diagnostics of this fit, for reports."""
-        state = self.state
+        fitted = self.fitted
         return {
-            **state.method.describe(),
+            **self.method.describe(),
             "estimator": self.estimator,
             "l2": self.l2,
             "damping": "auto" if self.auto_damping else self.damping,
-            "n_train": state.n,
+            "batch_size": self.batch_size,
+            "n_train": fitted.n,
             "n_params": self.n_params,
-            "stationarity": self.stationarity,
+            "stationarity": fitted.stationarity,
         }
+
+    def __repr__(self) -> str:
+        state = "fitted" if self._fitted is not None else "not fitted"
+        name = self._method.name if self._method is not None else self.method_name
+        return f"Influence(method={name!r}, estimator={self.estimator!r}, l2={self.l2:g}, {state})"
+
+
+def _estimator(name: str, relatif: str) -> Estimator:
+    if name not in ESTIMATORS:
+        raise UnsupportedError(
+            f"unknown estimator {name!r}; valid estimators: {', '.join(ESTIMATORS)}"
+        )
+    if relatif not in RELATIF_NORMS:
+        raise UnsupportedError(
+            f"unknown relatif norm {relatif!r}; use one of {', '.join(RELATIF_NORMS)}"
+        )
+    return Estimator(name, relatif)  # type: ignore[arg-type]
+
+
+def _check_estimator(method: Method, estimator: str) -> None:
+    """Raise UnsupportedError for a pair the method cannot compute, naming the pairs that can."""
+    if estimator not in type(method).estimators:
+        pairs = [f"{name}+{estimator}" for name in methods_with_estimator(estimator)]
+        raise UnsupportedError(
+            f"method {method.name!r} cannot compute estimator {estimator!r}; it supports "
+            f"{', '.join(type(method).estimators)}. Methods that support {estimator!r}: "
+            f"{', '.join(pairs) or 'none'}"
+        )
+    if estimator == "rif" and method.curvature == "hessian":
+        raise UnsupportedError(
+            "estimator 'rif' needs a positive semidefinite curvature to define leverages; the "
+            "true Hessian can give leverages below 0 or above 1. Use curvature='ggn' with rif, "
+            "or estimator='newton' with the Hessian"
+        )
 
 
 def _stderr_is_tty() -> bool:
-    import sys
-
     return bool(getattr(sys.stderr, "isatty", lambda: False)())

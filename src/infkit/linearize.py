@@ -37,8 +37,7 @@ from torch.func import functional_call, jvp
 
 from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError
-from infkit.gradients import evaluation_mode
-from infkit.parameters import ParameterSpace
+from infkit.parameters import ParameterSpace, evaluation_mode
 from infkit.task import Task, default_output_fn
 
 

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from infkit.data import ExampleSet
 from infkit.errors import NonFiniteError
-from infkit.gradients import PerExample, evaluation_mode
-from infkit.parameters import ParameterSpace
+from infkit.gradients import PerExample
+from infkit.parameters import ParameterSpace, evaluation_mode
 from infkit.task import Task
 
 #: L-BFGS hands over to Newton-CG polishing below this relative gradient norm.

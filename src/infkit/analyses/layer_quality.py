@@ -1,5 +1,5 @@
 """LayerIF: which layers the training data shape for the better (Askari et al., NeurIPS 2025;
-methods.md §6.8).
+docs/analyses.md §1).
 
 For every layer l and training example i, ``influence[l, i]`` is the per-layer IF removal effect
 of i on the mean validation measurement (default: the validation loss),
@@ -7,7 +7,7 @@ of i on the mean validation measurement (default: the validation loss),
     I_l(z_i) = (1/N) grad_l m_val^T (H_l + r)^{-1} grad_l (l_i + l2 share),   m_val = mean_v m_v,
 
 computed with the block-diagonal curvature of ``kfac`` / ``ekfac`` (a layer's influence in
-isolation), or as the layer's share of the full score for other methods (:mod:`infkit.kfac.scores`).
+isolation), or as the layer's share of the full score for other methods (:mod:`infkit.decompositions`).
 Units and sign are infkit's: ``> 0`` means removing i would raise the validation loss (i helps).
 
 Aggregates per layer:
@@ -24,16 +24,14 @@ direction were not verified (methods.md §6.8), so the direction is the caller's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from infkit.errors import InvalidInputError
-from infkit.kfac.scores import _check, module_scores_for
-
-if TYPE_CHECKING:
-    from infkit.influence import Influence
+from infkit.decompositions import module_scores_for
+from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.influence import Influence
 
 
 @dataclass
@@ -99,11 +97,15 @@ def layer_quality(inf: Influence, validation: Any) -> LayerQuality:
             per-layer influence, other primal methods the layer shares of the full score).
         validation: the validation set; its measurements are averaged into one query.
     """
-    _check(inf, "layer quality scores")
-    examples = inf._examples(validation, "validation set")
-    Q = inf._query_gradients(examples).mean(0, keepdim=True)
-    U = inf.state.method.solve(Q)
-    parts = module_scores_for(inf, U)
+    method, fitted = inf.method, inf.fitted
+    method.require("module_scores")
+    if inf.estimator != "if":
+        raise UnsupportedError(
+            "layer quality scores decompose the IF score; use inf.with_estimator('if')"
+        )
+    examples = fitted.examples(validation, "validation set")
+    Q = fitted.query_gradients(examples).mean(0, keepdim=True)
+    parts = module_scores_for(fitted, method.precondition_queries(Q))
     layers = list(parts)
     influence = torch.stack([parts[name][0] for name in layers])
     return LayerQuality(

@@ -1,5 +1,5 @@
 """Memorisation and loss curvature: the bottom of the Kronecker spectrum (Merullo et al.,
-Goodfire 2025; methods.md §6.10).
+Goodfire 2025; docs/analyses.md §4-§5).
 
 For a tracked layer with K-FAC eigenbases ``U`` (of S) and ``V`` (of A), the weight's component
 ``C_ij = (U^T [W | b] V)_ij`` has curvature ``pi_ij = lambda_S,i lambda_A,j`` (or the EK-FAC
@@ -24,16 +24,17 @@ of their gradient in the low-curvature complement). Use the loss change for dete
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from infkit.analyses.similarity import kfe_coordinates, kronecker_method
+from infkit.analyses.similarity import kfe_coordinates, kronecker_curvature
+from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError
-
-if TYPE_CHECKING:
-    from infkit.influence import Influence
+from infkit.gradients import PerExample
+from infkit.influence import Influence
+from infkit.parameters import ParameterSpace
 
 EIGENVALUES = ("kfac", "ekfac")
 
@@ -49,7 +50,7 @@ def curvature_mask(
         raise InvalidInputError(f"keep_mass must be in [0, 1], got {keep_mass}")
     if eigenvalues not in EIGENVALUES:
         raise InvalidInputError(f"eigenvalues must be one of {EIGENVALUES}, got {eigenvalues!r}")
-    method = kronecker_method(inf)
+    method = kronecker_curvature(inf)
     f = method.factors.modules[layer]
     pi = f.eigenvalues(eigenvalues == "ekfac")
     flat = pi.reshape(-1)
@@ -78,7 +79,7 @@ def memorisation_scores(
 
     With ``per_layer=True``, name -> [n] for each tracked layer instead of the pooled share.
     """
-    method = kronecker_method(inf)
+    method = kronecker_curvature(inf)
     coords = kfe_coordinates(inf, data)
     low, total, layers = 0.0, 0.0, {}
     for t in method.tracked:
@@ -108,7 +109,7 @@ def curvature_edit(
         eigenvalues: ``"kfac"`` (Goodfire's ``lambda_i mu_j``) or ``"ekfac"``.
         layers: edit only these tracked layers (default: all).
     """
-    method = kronecker_method(inf)
+    method = kronecker_curvature(inf)
     model = copy.deepcopy(inf.task.model)
     modules = dict(model.named_modules())
     names = [t.name for t in method.tracked] if layers is None else layers
@@ -116,12 +117,12 @@ def curvature_edit(
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise InvalidInputError(f"layers {unknown} are not tracked; tracked: {sorted(by_name)}")
-    theta = inf.state.engine.space.flat().to(torch.float64).unsqueeze(0)
+    theta = inf.fitted.theta.to(torch.float64).unsqueeze(0)
     with torch.no_grad():
         for name in names:
             t = by_name[name]
             f = method.factors.modules[name]
-            W = method.layout.block(theta, t)[0]  # [d_out, cols]
+            W = method.layers.layout.block(theta, t)[0]  # [d_out, cols]
             C = f.QS.T @ W @ f.QA
             keep = curvature_mask(inf, name, keep_mass, eigenvalues)
             edited = f.QS @ (C * keep) @ f.QA.T
@@ -139,14 +140,11 @@ def memorisation_loss_change(
     inf: Influence, data: Any, keep_mass: float = 0.8, eigenvalues: str = "kfac"
 ) -> Tensor:
     """l(z; edited model) - l(z; model) for every example, [n]: high = fitted by low curvature."""
-    from infkit.data import ExampleSet
-    from infkit.gradients import PerExample
-
     edited = curvature_edit(inf, keep_mass, eigenvalues)
     task = copy.copy(inf.task)
     task.model = edited
-    engine = inf.state.engine
-    other = PerExample(task, engine.space.__class__(edited), engine.mode)
+    engine = inf.fitted.engine
+    other = PerExample(task, ParameterSpace(edited), engine.mode)
     examples = ExampleSet(data, name="data")
     parts = [
         (other.losses(b) - engine.losses(b)).to(torch.float64)

@@ -1,4 +1,4 @@
-"""Fisher-kernel features in the Kronecker eigenbasis, and dataset similarity (methods.md §6.9).
+"""Fisher-kernel features in the Kronecker eigenbasis, and dataset similarity (docs/analyses.md §2-§3).
 
 With a Kronecker method fitted (``kfac``, ``ekfac`` or ``astra``'s EK-FAC), every example z gets
 an explicit feature vector, per tracked layer l:
@@ -31,43 +31,40 @@ Datasets are compared through embeddings in the *shared* eigenbasis:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError, UnsupportedError
-from infkit.kfac.capture import block_gradients, layer_terms
+from infkit.influence import Influence
+from infkit.kfac.curvature import KroneckerCurvature
 from infkit.kfac.factors import FactorFitter, rotated
-
-if TYPE_CHECKING:
-    from infkit.influence import Influence
-    from infkit.methods.kfac import KFAC
+from infkit.layers.capture import block_gradients, layer_terms
 
 KINDS = ("profile", "second_moment", "gradient_second_moment", "mean")
 
 
-def kronecker_method(inf: Influence) -> KFAC:
-    """The fitted Kronecker method of ``inf`` (kfac, ekfac or astra), or a clear error."""
-    from infkit.methods.kfac import KFAC
-
-    method = inf.state.method
-    if not isinstance(method, KFAC):
+def kronecker_curvature(inf: Influence) -> KroneckerCurvature:
+    """The fitted Kronecker-factored curvature of ``inf`` (kfac, ekfac or astra's), or an error."""
+    method = inf.method
+    curvature = method.kronecker()
+    if curvature is None:
         raise UnsupportedError(
             f"this analysis works in the Kronecker eigenbasis; fit with method='ekfac', 'kfac' "
             f"or 'astra' (got {method.name!r})"
         )
-    return method
+    return curvature
 
 
 def kfe_coordinates(inf: Influence, data: Any, which: str = "loss") -> dict[str, Tensor]:
     """c_l(z) = Q_S^T DW_l(z) Q_A for every example: name -> [n, d_out, cols] float64."""
-    method = kronecker_method(inf)
+    method = kronecker_curvature(inf)
     examples = ExampleSet(data, name="data")
     out: dict[str, list[Tensor]] = {t.name: [] for t in method.tracked}
     for batch in examples.batches(inf.batch_size):
-        terms = layer_terms(inf.state.engine, method.tracked, batch, which, method.mask_key)
+        terms = layer_terms(inf.fitted.engine, method.tracked, batch, which, method.layers.mask_key)
         for name, G in block_gradients(terms).items():
             f = method.factors.modules[name]
             out[name].append(f.QS.T @ G @ f.QA)
@@ -86,10 +83,10 @@ def kfe_features(
         which: ``"loss"`` (gradients of the loss) or ``"measurement"``.
         top_k: keep only each example's ``top_k`` largest entries in magnitude (the rest 0).
     """
-    method = kronecker_method(inf)
-    if method.others:
+    method = kronecker_curvature(inf)
+    if method.layers.others:
         raise UnsupportedError(
-            f"KFE features cover tracked layers only; parameters {method.others[:5]} are outside "
+            f"KFE features cover tracked layers only; parameters {method.layers.others[:5]} are outside "
             "them: freeze them (requires_grad=False)"
         )
     coords = kfe_coordinates(inf, data, which)
@@ -122,19 +119,19 @@ def dataset_embedding(inf: Influence, data: Any, kind: str = "profile") -> Tenso
         raise InvalidInputError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "mean":
         return kfe_features(inf, data).mean(0)
-    method = kronecker_method(inf)
+    method = kronecker_curvature(inf)
     if kind == "gradient_second_moment":
         coords = kfe_coordinates(inf, data)
         return torch.cat([coords[t.name].square().mean(0).reshape(-1) for t in method.tracked])
     mode = method.factors.meta["fisher"]
     fitter = FactorFitter(
-        inf.state.engine,
+        inf.fitted.engine,
         method.tracked,
         fisher=mode,
-        samples=method.samples,
-        seed=method.seed,
-        sample_targets=method.sample_targets,
-        mask_key=method.mask_key,
+        samples=method.options.samples,
+        seed=method.options.seed,
+        sample_targets=method.options.sample_targets,
+        mask_key=method.layers.mask_key,
         batch_size=inf.batch_size,
     )
     examples = ExampleSet(data, name="data")

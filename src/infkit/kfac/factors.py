@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -42,12 +42,14 @@ from tqdm.auto import tqdm
 
 from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError, UnsupportedError
-from infkit.gradients import PerExample, evaluation_mode
-from infkit.kfac.capture import Capture
-from infkit.kfac.modules import TrackedModule
+from infkit.gradients import PerExample
+from infkit.layers.capture import Capture
+from infkit.layers.tracked import TrackedModule
+from infkit.parameters import evaluation_mode
 from infkit.store import load_json, load_tensors, save_json, save_tensors
 
-FISHER = ("auto", "ggn", "sampled", "empirical")
+Fisher = Literal["auto", "ggn", "sampled", "empirical"]
+FISHER: tuple[Fisher, ...] = get_args(Fisher)
 #: format of saved factors
 FORMAT = 1
 #: elements of the [K, b, d_out, cols] rotated-gradient tensor built at once for EK-FAC
@@ -124,8 +126,8 @@ class KroneckerFactors:
             get = lambda k, name=name: tensors.get(f"{name}::{k}")  # noqa: E731
             Lambda = get("Lambda")
             modules[name] = ModuleFactors(
-                *(get(k).to(device) for k in ("A", "S", "QA", "eig_a", "QS", "eig_s")),
-                Lambda=None if Lambda is None else Lambda.to(device),
+                *(get(k).to(device).contiguous() for k in ("A", "S", "QA", "eig_a", "QS", "eig_s")),
+                Lambda=None if Lambda is None else Lambda.to(device).contiguous(),
                 tokens=float(tokens.get(name, 0.0)),
             )
         return cls(modules, meta)
@@ -392,9 +394,14 @@ class FactorFitter:
 
 
 def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of a symmetric PSD matrix in float64, eigenvalues clamped at 0."""
+    """Eigendecomposition of a symmetric PSD matrix in float64, eigenvalues clamped at 0.
+
+    The eigenvectors are made contiguous: ``eigh`` returns a transposed (column-major) view, and
+    factors reloaded from disk are contiguous, so without this a fitted and a reloaded
+    curvature would multiply along different BLAS paths and differ in the last bits.
+    """
     ev, Q = torch.linalg.eigh(0.5 * (M + M.T))
-    return ev.clamp_min(0.0), Q
+    return ev.clamp_min(0.0).contiguous(), Q.contiguous()
 
 
 def rotated(ds: Tensor, a: Tensor, QS: Tensor, QA: Tensor) -> Tensor:

@@ -24,22 +24,32 @@ embeddings of ``v_j = grad l_j + l2 theta``.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
 import torch
 from torch import Tensor
 
 from infkit.blocks import block_diagonal, layer_slices
-from infkit.curvature import KINDS, CurvatureOperator
-from infkit.data import ExampleSet
-from infkit.errors import CurvatureError, InvalidInputError, ProblemTooLargeError, UnsupportedError
-from infkit.methods import register
-from infkit.methods.base import FitContext, InverseCurvature
-from infkit.parameters import human_bytes
-
-COMPLEMENTS = ("drop", "ridge")
-BLOCKS = (None, "layer")
+from infkit.curvature import Curvature, CurvatureOperator
+from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, ProblemTooLargeError
+from infkit.fitted import Fitted
+from infkit.gradients import Which
+from infkit.memory import FLOAT64_BYTES, human_bytes
+from infkit.methods.base import Fidelity, PrimalMethod, register
+from infkit.options import Options, option
 
 
-def lanczos(matmat, size: int, steps: int, *, block: int = 1, seed: int = 0, tol: float = 1e-10):
+def lanczos(
+    matmat: Callable[[Tensor], Tensor],
+    size: int,
+    steps: int,
+    *,
+    block: int = 1,
+    seed: int = 0,
+    tol: float = 1e-10,
+) -> tuple[Tensor, Tensor]:
     """Block Lanczos with full re-orthogonalisation: a Krylov basis and the projected operator.
 
     Args:
@@ -101,94 +111,98 @@ def lanczos(matmat, size: int, steps: int, *, block: int = 1, seed: int = 0, tol
     return basis, 0.5 * (T + T.T)
 
 
-@register
-class Arnoldi(InverseCurvature):
-    """Projected inverse on the top-p Ritz subspace of the GGN (or Hessian).
+@dataclasses.dataclass(frozen=True)
+class ArnoldiOptions(Options):
+    """Options of ``method="arnoldi"``."""
 
-    Args:
-        rank: p, the number of Ritz pairs kept (captum's ``projection_dim``, default 50).
-        krylov_dim: n >= p, the Krylov basis size (captum's ``arnoldi_dim``, default 200); capped
-            at P. With n = p = P the method is exact.
-        complement: ``"drop"`` (default, as in the paper) or ``"ridge"`` (the complement of the
-            top-p subspace is inverted as 1 / ridge).
-        curvature: ``"ggn"`` (default) or ``"hessian"`` (Ritz values are then ranked by
-            magnitude, and a kept value with lambda + ridge <= 0 raises CurvatureError).
-        block: curvature-vector products per pass over the data (block Lanczos). 1 is the
-            plain Lanczos of the paper; the default 8 makes krylov_dim / 8 passes over the data
-            instead of krylov_dim, several times faster, with top Ritz pairs of the same quality
-            in our benchmarks (benchmarks/results/matrix_free.md).
-        blocks: ``None`` or ``"layer"`` (block-diagonal curvature, one block per tensor).
-        seed: seeds the starting vectors.
+    rank: int = option(50, "p, the Ritz pairs kept (captum's projection_dim)", minimum=1)
+    krylov_dim: int = option(
+        200, "n >= p, the Krylov basis size (captum's arnoldi_dim); capped at P", minimum=1
+    )
+    complement: Literal["drop", "ridge"] = option(
+        "drop", "the complement of the top-p subspace: dropped (the paper), or inverted as 1/ridge"
+    )
+    curvature: Curvature = option(
+        "ggn", "'ggn' or 'hessian' (Ritz values then ranked by magnitude)"
+    )
+    block: int = option(
+        8,
+        "curvature-vector products per pass over the data (1: the paper's plain Lanczos)",
+        minimum=1,
+    )
+    blocks: Literal["layer"] | None = option(
+        None, "None or 'layer' (block-diagonal curvature, one block per parameter tensor)"
+    )
+    product_batch_size: int | None = option(
+        None,
+        "examples per curvature-product batch (default: 4 x the facade's batch_size)",
+        minimum=1,
+    )
+    seed: int = option(0, "seeds the starting vectors")
+
+    def __post_init__(self) -> None:
+        if self.krylov_dim < self.rank:
+            raise InvalidInputError(
+                f"method 'arnoldi': krylov_dim ({self.krylov_dim}) must be >= rank ({self.rank})"
+            )
+
+
+@register
+class Arnoldi(PrimalMethod):
+    """Projected inverse on the top-p Ritz subspace of the GGN or Hessian (docs/methods/arnoldi.md).
+
+    With n = p = P the method is exact. ``block=8`` makes krylov_dim / 8 passes over the data
+    instead of krylov_dim, several times faster, with top Ritz pairs of the same quality in the
+    benchmarks (benchmarks/results/matrix_free.md).
     """
 
     name = "arnoldi"
     estimators = ("if", "relatif")
     summary = "top-p Ritz subspace of the GGN by Lanczos; projected inverse and p-dim embeddings"
+    Options = ArnoldiOptions
     scales = True
+    fidelity = Fidelity(
+        reference="ggn", rtol=None, min_correlation=0.5, test_options={"rank": 20, "krylov_dim": 60}
+    )
+    options: ArnoldiOptions
 
-    def __init__(
-        self,
-        rank: int = 50,
-        krylov_dim: int = 200,
-        complement: str = "drop",
-        curvature: str = "ggn",
-        block: int = 8,
-        blocks: str | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if curvature not in KINDS:
-            raise UnsupportedError(f"unknown curvature {curvature!r}; valid curvatures: {KINDS}")
-        if complement not in COMPLEMENTS:
-            raise UnsupportedError(f"unknown complement {complement!r}; use one of {COMPLEMENTS}")
-        if blocks not in BLOCKS:
-            raise UnsupportedError(f"unknown blocks {blocks!r}; use None or 'layer'")
-        if rank < 1 or krylov_dim < rank or block < 1:
-            raise InvalidInputError(
-                f"need 1 <= rank <= krylov_dim and block >= 1; got rank={rank}, "
-                f"krylov_dim={krylov_dim}, block={block}"
-            )
-        self.curvature = curvature
-        self.rank = rank
-        self.krylov_dim = krylov_dim
-        self.complement = complement
-        self.block = block
-        self.blocks = blocks
-        self.seed = seed
+    def __init__(self, options: ArnoldiOptions | None = None, /, **values: object) -> None:
+        super().__init__(options, **values)
+        self.curvature = self.options.curvature
         self.eigenvalues: Tensor | None = None  # [p], data curvature (no ridge), descending
         self.vectors: Tensor | None = None  # U^T: [p, P]
         self.products = 0
         self._train_embeddings: Tensor | None = None
 
-    @classmethod
-    def memory_estimate(cls, n: int, p: int, c: int) -> int:
-        return 0  # the basis (krylov_dim x P) is checked in fit, where its size is known
-
-    def fit(self, context: FitContext) -> None:
-        self.context = context
-        p = context.space.size
-        n = min(self.krylov_dim, p)
-        need = 2 * n * p * 8
-        if need > context.memory_limit:
+    def fit(self, fitted: Fitted) -> None:
+        super().fit(fitted)
+        options = self.options
+        p = fitted.space.size
+        n = min(options.krylov_dim, p)
+        need = 2 * n * p * FLOAT64_BYTES
+        if need > fitted.memory_limit:
             raise ProblemTooLargeError(
                 f"method='arnoldi' keeps a Krylov basis of {n} x {p:,} floats ({human_bytes(need)} "
                 f"with working copies), above the memory limit of "
-                f"{human_bytes(context.memory_limit)}; lower krylov_dim"
+                f"{human_bytes(fitted.memory_limit)}; lower krylov_dim"
             )
         operator = CurvatureOperator(
-            context.per_example, context.train, self.curvature, batch_size=4 * context.batch_size
+            fitted.engine,
+            fitted.train,
+            self.curvature,
+            batch_size=options.product_batch_size or 4 * fitted.batch_size,
         )
         matmat = operator.matmat
-        if self.blocks == "layer":
-            matmat = block_diagonal(matmat, [sl for _, sl in layer_slices(context.space)])
-        Q, T = lanczos(matmat, p, n, block=self.block, seed=self.seed)
+        if options.blocks == "layer":
+            matmat = block_diagonal(matmat, [sl for _, sl in layer_slices(fitted.space)])
+        Q, T = lanczos(matmat, p, n, block=options.block, seed=options.seed)
         self.products = operator.products
         evals, evecs = torch.linalg.eigh(T)
         key = evals.abs() if self.curvature == "hessian" else evals
-        top = key.argsort(descending=True)[: min(self.rank, len(evals))]
+        top = key.argsort(descending=True)[: min(options.rank, len(evals))]
         self.eigenvalues = evals[top]
-        self.vectors = (evecs[:, top].T @ Q).to(context.space.device)  # [p, P]
-        ridge = context.l2 + context.damping
+        self.vectors = (evecs[:, top].T @ Q).to(fitted.space.device)  # [p, P]
+        ridge = fitted.ridge
         if bool((self.eigenvalues + ridge <= 0).any()):
             worst = float(self.eigenvalues.min())
             raise CurvatureError(
@@ -198,67 +212,63 @@ class Arnoldi(InverseCurvature):
             )
         self._train_embeddings = None
 
+    def _subspace(self) -> tuple[Tensor, Tensor]:
+        if self.eigenvalues is None or self.vectors is None:
+            raise NotFittedError("method 'arnoldi' is not fitted")
+        return self.eigenvalues, self.vectors
+
     def _ridge(self, shift: float) -> float:
-        return self.context.l2 + self.context.damping + shift
+        return self.fitted.ridge + shift
 
     def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:
         V = V.to(torch.float64)
+        eigenvalues, vectors = self._subspace()
         ridge = self._ridge(shift)
-        denom = self.eigenvalues + ridge
+        denom = eigenvalues + ridge
         if bool((denom <= 0).any()):
             raise CurvatureError(
                 f"the projected curvature plus ridge {ridge:.3e} has a non-positive eigenvalue "
                 f"{float(denom.min()):.3e}; add damping"
             )
-        coords = V @ self.vectors.T  # [k, p]
-        out = (coords / denom) @ self.vectors
-        if self.complement == "ridge":
+        coords = V @ vectors.T  # [k, p]
+        out = (coords / denom) @ vectors
+        if self.options.complement == "ridge":
             if ridge <= 0:
                 raise CurvatureError(
                     "complement='ridge' inverts the complement as 1 / (l2 + damping), which is 0; "
                     "pass damping > 0 or use complement='drop'"
                 )
-            out = out + (V - coords @ self.vectors) / ridge
+            out = out + (V - coords @ vectors) / ridge
         return out
 
     def embed(self, V: Tensor) -> Tensor:
         """Gamma V = diag(lambda + ridge)^{-1/2} U^T V for gradients V [k, P]; returns [k, p]."""
-        denom = self.eigenvalues + self._ridge(0.0)
-        return (V.to(torch.float64) @ self.vectors.T) / denom.sqrt()
+        eigenvalues, vectors = self._subspace()
+        denom = eigenvalues + self._ridge(0.0)
+        return (V.to(torch.float64) @ vectors.T) / denom.sqrt()
 
-    def embeddings(self, data=None, which: str = "measurement") -> Tensor:
+    def embeddings(self, data: Any = None, which: Which = "measurement") -> Tensor:
         """Per-example embeddings [n, p].
 
         Without ``data``: the training set's ``Gamma (grad l_j + l2 theta)``, computed once and
         kept. With ``data``: ``Gamma grad m`` (``which="measurement"``) or ``Gamma grad l``
         (``which="loss"``) of those examples.
         """
-        ctx = self.context
+        fitted = self.fitted
         if data is None:
             if self._train_embeddings is None:
-                theta = ctx.space.flat().to(torch.float64)
                 parts = [
-                    self.embed(ctx.per_example.grads(b, "loss").to(torch.float64) + ctx.l2 * theta)
-                    for b in ctx.train.batches(ctx.batch_size)
+                    self.embed(fitted.attributed_grads(b))
+                    for b in fitted.train.batches(fitted.batch_size)
                 ]
                 self._train_embeddings = torch.cat(parts)
             return self._train_embeddings
-        examples = ExampleSet(data, name="data")
-        return torch.cat(
-            [
-                self.embed(ctx.per_example.grads(b, which).to(torch.float64))
-                for b in examples.batches(ctx.batch_size)
-            ]
-        )
+        examples = fitted.examples(data, "data")
+        return self.embed(fitted.query_gradients(examples, which))
 
     def describe(self) -> dict[str, object]:
-        out = super().describe()
+        out: dict[str, object] = super().describe()
         out.update(
-            rank=self.rank,
-            krylov_dim=self.krylov_dim,
-            complement=self.complement,
-            block=self.block,
-            blocks=self.blocks,
             curvature_products=self.products,
             top_eigenvalue=None if self.eigenvalues is None else float(self.eigenvalues[0]),
             smallest_kept_eigenvalue=(

@@ -1,139 +1,346 @@
-"""The interface every primal (parameter-space) method implements.
+"""The one method interface: fit once, then answer the facade's questions.
 
-A method's life is ``fit(context)`` once, then ``solve(V, shift)``: apply the inverse of the
-damped mean-form curvature to a batch of vectors,
+Every method has the same life (docs/architecture.md §3): ``fit(fitted)`` once on the
+:class:`~infkit.fitted.Fitted` record, then it answers questions through the same interface:
 
-    (H + (l2 + damping + shift) I)^{-1} V,     H = (1/N) sum_i C_i,
+* ``scores(queries, estimator)`` [T, N], ``self_scores(estimator)`` [N] and
+  ``removal(indices, estimator)`` [P] (every method);
+* ``removal_change(data, indices, estimator, which)``: a method may compute the change of the
+  outputs or the loss its own way (None: the facade uses ``J Delta theta``);
+* ``leverages()`` and ``precondition_queries(V)`` (``H^{-1} V``, what the decompositions and the input
+  influence are built on), for methods that have them.
 
-where C_i is example i's curvature (GGN J_i^T Lambda_i J_i, or the true Hessian of l_i) and
-``shift`` lets estimators remove a share of the regulariser (the Newton step on the retained
-objective uses shift = -(N_F/N) l2). Estimators (IF, RIF, Newton, RelatIF) are built on ``solve``
-alone, so a new method is one file with one class and one registry line.
+Which of these a method answers is *declared* (:attr:`Method.questions`,
+:attr:`Method.estimators`), so an unanswerable question is refused up front, naming the methods
+that can answer it. :class:`PrimalMethod` is the base of parameter-space methods: they supply
+only ``solve`` (apply the inverse damped curvature to vectors) and get the IF / RIF / Newton /
+RelatIF algebra of :mod:`infkit.estimators` for every answer. Methods that work another way (the
+dual method in N*C space, TracInCP, TRAK) override the answers they compute differently.
+
+Options are a frozen dataclass per method (:mod:`infkit.options`), parsed when the method is
+created, so a misspelled option fails at ``Influence(...)``, not at ``fit``.
+
+Registration: decorate the class with :func:`register`. Adding a method is one file; the
+registry-wide contract test (tests/test_method_contract.py) then checks it against a dense
+float64 reference at the :class:`Fidelity` it declares.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
-import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from infkit import estimators
 from infkit.data import ExampleSet
-from infkit.gradients import PerExample
+from infkit.errors import InvalidInputError, NotFittedError, UnsupportedError
+from infkit.estimators import ESTIMATORS, Estimator, EstimatorName
+from infkit.fitted import Fitted
+from infkit.kfac.curvature import KroneckerCurvature
+from infkit.layers.tracked import TrackedLayers
+from infkit.options import NoOptions, Options
 from infkit.parameters import ParameterSpace
-from infkit.task import Task
+
+#: the questions of the facade a method may answer
+Question = Literal[
+    "scores",
+    "self_scores",
+    "remove",
+    "leverages",
+    "input_influence",
+    "module_scores",
+    "token_scores",
+    "query_batching",
+]
+QUESTIONS: tuple[Question, ...] = get_args(Question)
+#: what every method answers
+BASIC: frozenset[Question] = frozenset({"scores", "self_scores", "remove"})
+#: what needs ``precondition_queries`` (H^{-1} applied to vectors in R^P)
+PRECONDITIONED: frozenset[Question] = frozenset(
+    {"input_influence", "module_scores", "token_scores", "query_batching"}
+)
+#: what a parameter-space method answers
+PRIMAL: frozenset[Question] = BASIC | {"leverages"} | PRECONDITIONED
 
 
-@dataclass
-class FitContext:
-    """Everything a method may use while fitting: the task, the data and the objective."""
+@dataclass(frozen=True)
+class Fidelity:
+    """How a method's answers relate to the dense float64 reference on small problems.
 
-    task: Task
-    space: ParameterSpace
-    per_example: PerExample
-    train: ExampleSet
-    l2: float
-    damping: float
-    batch_size: int
-    progress: bool
+    It is what the registry-wide contract test checks, and what a user may expect.
+
+    Attributes:
+        reference: the dense curvature the method targets: ``"ggn"`` (the damped GGN),
+            ``"hessian"`` (with ``curvature="hessian"``) or ``"identity"`` (no curvature).
+        rtol: exact-class methods: relative error bound of every answer.
+        min_correlation: approximate methods: Pearson floor of the scores against the
+            reference of the same estimator.
+        test_options: method options for the small contract problems (e.g. a projection
+            dimension below N), merged over the defaults.
+    """
+
+    reference: Literal["ggn", "hessian", "identity"] = "ggn"
+    rtol: float | None = 1e-8
+    min_correlation: float | None = None
+    test_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What ``method="auto"`` knows about a problem when it picks a method.
+
+    Attributes:
+        n: training examples; p: trainable parameters; c: outputs per example.
+        memory_limit: bytes dense objects may take.
+        model: the model; space: its trainable parameters.
+    """
+
+    n: int
+    p: int
+    c: int
     memory_limit: int
-    #: the facade's cached training-loss gradients [N, P] (None when not cached), float64 for
-    #: float64 models and float32 otherwise (:func:`infkit.estimators.cache_dtype`)
-    train_gradients: Tensor | None = None
-
-    @property
-    def n(self) -> int:
-        return len(self.train)
-
-    def retained_ridge(self, n_removed: int) -> float:
-        """(N_R/N) l2 + damping: the ridge of the retained objective's curvature H_R."""
-        return (self.n - n_removed) / self.n * self.l2 + self.damping
+    model: nn.Module
+    space: ParameterSpace
 
 
-class InverseCurvature(ABC):
-    """A way of applying the inverse damped curvature to vectors in R^P."""
+_REGISTRY: dict[str, type[Method]] = {}
+M = TypeVar("M", bound="Method")
+
+
+def register(cls: type[M]) -> type[M]:
+    """Class decorator: make a method available by its ``name`` (checks its declarations)."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(f"{cls.__name__} needs a class attribute name = '...'")
+    if name == "auto":
+        raise InvalidInputError("'auto' is reserved for the automatic choice of a method")
+    bad = [e for e in cls.estimators if e not in ESTIMATORS]
+    if bad or not cls.estimators:
+        raise InvalidInputError(
+            f"method {name!r} declares estimators {list(cls.estimators)}; choose from {ESTIMATORS}"
+        )
+    unknown = sorted(set(cls.questions) - set(QUESTIONS))
+    if unknown or not cls.questions >= BASIC:
+        raise InvalidInputError(
+            f"method {name!r} declares questions {sorted(cls.questions)}: it must answer "
+            f"{sorted(BASIC)} and may add {sorted(set(QUESTIONS) - BASIC)}"
+        )
+    if not (isinstance(cls.Options, type) and issubclass(cls.Options, Options)):
+        raise InvalidInputError(f"method {name!r}: Options must derive from infkit.options.Options")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def registered() -> dict[str, type[Method]]:
+    """Every registered method class, by name."""
+    return dict(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    """The registered class of method ``name``, or an error listing the valid names."""
+    if name not in _REGISTRY:
+        raise UnsupportedError(
+            f"unknown method {name!r}; valid methods: {', '.join(sorted(_REGISTRY))} (or 'auto')"
+        )
+    return _REGISTRY[name]
+
+
+def methods_answering(question: str) -> list[str]:
+    """The registered methods that declare ``question``."""
+    return sorted(n for n, cls in _REGISTRY.items() if question in cls.questions)
+
+
+def scalable_methods() -> list[str]:
+    """The registered methods that stay usable when P is large."""
+    return sorted(n for n, cls in _REGISTRY.items() if cls.scales)
+
+
+def methods_with_estimator(estimator: str) -> list[str]:
+    """The registered methods that declare ``estimator``."""
+    return sorted(n for n, cls in _REGISTRY.items() if estimator in cls.estimators)
+
+
+class Method(ABC):
+    """A way of answering the facade's questions; see the module docstring.
+
+    Args:
+        options: an instance of the method's :attr:`Options`, or none and keyword arguments
+            (validated by :meth:`Options.parse`).
+    """
 
     #: registry name, e.g. ``"exact"``
     name: ClassVar[str]
-    #: estimators this method can supply
-    estimators: ClassVar[tuple[str, ...]]
     #: one line for ``infkit.methods()``
     summary: ClassVar[str]
-    #: whether the method stays usable when P is large (used in error messages and ``auto``)
+    #: the method's options: a frozen dataclass of documented fields
+    Options: ClassVar[type[Options]] = NoOptions
+    #: the estimators the method supplies
+    estimators: ClassVar[tuple[EstimatorName, ...]] = ("if",)
+    #: the facade questions the method answers
+    questions: ClassVar[frozenset[Question]] = BASIC
+    #: whether the method stays usable when P is large (error messages, ``auto``)
     scales: ClassVar[bool] = False
-    #: whether the answers assume theta is a trained optimum (the facade warns when it is not);
-    #: False for trajectory/surrogate methods (TracInCP, TRAK)
-    assumes_optimum: bool = True
-    #: the facade questions the method answers, for ``infkit.methods()``
-    quantities: ClassVar[tuple[str, ...]] = ("scores", "self_scores", "remove")
-    #: ``"ggn"`` or ``"hessian"``: which per-example curvature C_i the method represents
+    #: whether ``damping="auto"`` (a per-module heuristic) applies to this method
+    supports_auto_damping: ClassVar[bool] = False
+    #: whether ``fit`` should cache the [N, P] training gradients for this method
+    uses_training_gradients: ClassVar[bool] = True
+    #: whether H contains each example's exact curvature block (RIF / Newton downdates exact)
+    exact_example_curvature: ClassVar[bool] = False
+    #: what the contract test checks and a user may expect
+    fidelity: ClassVar[Fidelity] = Fidelity()
+    #: priority for ``method="auto"`` (lower first; None: never chosen automatically)
+    auto_priority: ClassVar[int | None] = None
+
+    def __init__(self, options: Options | None = None, /, **values: Any) -> None:
+        owner = f"method {self.name!r}"
+        if options is None:
+            options = self.Options.parse(values, owner)
+        elif values or not isinstance(options, self.Options):
+            raise InvalidInputError(
+                f"{owner}: pass either an {self.Options.__name__} instance or keyword options"
+            )
+        self.options = options
+        self._fitted: Fitted | None = None
+
+    # ------------------------------------------------------------------ declarations
+    #: which curvature the method's answers represent (``"ggn"``, ``"hessian"``, ...)
     curvature: str = "ggn"
 
-    def __init__(self) -> None:
-        self.context: FitContext | None = None
+    @property
+    def assumes_optimum(self) -> bool:
+        """Whether the answers assume theta is a trained optimum (the facade then checks)."""
+        return True
 
-    @abstractmethod
-    def fit(self, context: FitContext) -> None:
-        """Build whatever the method needs from the training data."""
+    def answers(self, question: str) -> bool:
+        """Whether this (configured) method answers ``question``."""
+        return question in type(self).questions
 
-    @abstractmethod
-    def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:
-        """(H + (l2 + damping + shift) I)^{-1} V for V of shape [k, P], in float64."""
+    def require(self, question: str) -> None:
+        """Raise UnsupportedError naming the methods that answer ``question``, if this one can't."""
+        if not self.answers(question):
+            able = ", ".join(repr(m) for m in methods_answering(question)) or "none"
+            raise UnsupportedError(
+                f"method {self.name!r} does not answer {question}"
+                f"{self._why_not(question)}; methods that do: {able}"
+            )
 
-    def solve_retained(self, V: Tensor, group: Tensor) -> Tensor | None:
-        """(H_R)^{-1} V with H_R the curvature of the retained objective, if the method has it.
-
-        ``H_R = (1/N) sum_{i not in F} C_i + ((N_R/N) l2 + damping) I``. Methods that return None
-        get the generic low-rank (Woodbury) treatment of the GGN, which needs ``solve`` only.
-        """
-        return None
-
-    def regulariser_anchor(self) -> Tensor | None:
-        """theta' of the objective's (l2/2)||theta - theta'||^2 after ``fit`` (None means 0)."""
-        return None
+    def _why_not(self, question: str) -> str:
+        """Extra words for :meth:`require`'s message (e.g. which option disables it)."""
+        return ""
 
     @classmethod
     def memory_estimate(cls, n: int, p: int, c: int) -> int:
         """Bytes the method's dense objects need (0 when it forms none)."""
         return 0
 
-    def describe(self) -> dict[str, object]:
-        """Settings worth recording next to results."""
-        return {"method": self.name, "curvature": self.curvature}
+    @classmethod
+    def suits(cls, problem: Problem) -> bool:
+        """Whether ``method="auto"`` may pick this method for ``problem``."""
+        return True
 
-
-class DirectMethod(InverseCurvature):
-    """A method that answers the facade's questions itself instead of through ``solve``.
-
-    The dual (kernel) method works in N*C space: it computes scores, self-scores and group
-    removals from the empirical NTK without ever applying an inverse in R^P. ``Influence``
-    delegates to these three hooks when the fitted method is a ``DirectMethod``; everything
-    else (input checks, ``top_k``, ``RemovalEffect.outputs/loss``) stays shared.
-    ``state`` is the facade's :class:`infkit.estimators.FittedState`.
-    """
+    # ------------------------------------------------------------------ fit
+    @property
+    def fitted(self) -> Fitted:
+        """The record the method was fitted on."""
+        if self._fitted is None:
+            raise NotFittedError(f"method {self.name!r} is not fitted: call fit(fitted) first")
+        return self._fitted
 
     @abstractmethod
-    def scores(self, state, test: ExampleSet, estimator: str, relatif: str) -> Tensor:
-        """[n_test, N] removal effects on the test measurements, float64."""
+    def fit(self, fitted: Fitted) -> None:
+        """Build whatever the method needs from the training data (subclasses call super)."""
+        self._fitted = fitted
 
-    @abstractmethod
-    def self_scores(self, state, estimator: str, relatif: str) -> Tensor:
-        """[N] removal effect of each example on its own loss, float64."""
-
-    @abstractmethod
-    def group_delta(self, state, indices: Tensor, estimator: str) -> Tensor:
-        """[P] parameter change for removing ``indices`` jointly, float64."""
-
-    def removal_change(
-        self, data: ExampleSet, indices: Tensor, estimator: str, which: str
-    ) -> Tensor | None:
-        """Optional: the change of ``which`` ("outputs", "loss", "measurement") on ``data`` when
-        ``indices`` are removed, if the method computes it its own way; None to let the facade
-        use J(theta*) Delta theta."""
+    def regulariser_anchor(self) -> Tensor | None:
+        """theta' of the objective's ``(l2/2)||theta - theta'||^2`` after ``fit`` (None: 0)."""
         return None
 
+    # ------------------------------------------------------------------ answers
+    @abstractmethod
+    def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
+        """Removal effects on the query measurements, [T, N] float64."""
 
-def as_float64(V: Tensor) -> Tensor:
-    return V.to(torch.float64)
+    @abstractmethod
+    def self_scores(self, estimator: Estimator) -> Tensor:
+        """Removal effect of each training example on its own loss, [N] float64."""
+
+    @abstractmethod
+    def removal(self, indices: Tensor, estimator: Estimator) -> Tensor:
+        """Parameter change [P] float64 for removing the training examples ``indices`` jointly."""
+
+    def removal_change(
+        self, data: ExampleSet, indices: Tensor, estimator: Estimator, which: str
+    ) -> Tensor | None:
+        """The change of ``which`` (``"outputs"``, ``"loss"``, ``"measurement"``) on ``data`` when
+        ``indices`` are removed, if the method computes it its own way; None otherwise (the
+        facade then uses ``J(theta*) Delta theta``)."""
+        return None
+
+    def leverages(self) -> Tensor:
+        """Generalised leverages ``h_j = tr(Lambda_j J_j H^{-1} J_j^T) / N``, [N] float64."""
+        self.require("leverages")
+        raise NotImplementedError  # pragma: no cover - a method declaring it overrides this
+
+    def precondition_queries(self, V: Tensor) -> Tensor:
+        """``H^{-1} V`` for V [k, P] (float64): the preconditioned queries of the decompositions."""
+        self.require("module_scores")
+        raise NotImplementedError  # pragma: no cover - a method declaring it overrides this
+
+    # ------------------------------------------------------------------ structure
+    def tracked_layers(self) -> TrackedLayers:
+        """The layers the method attributes through (default: every supported layer)."""
+        fitted = self.fitted
+        return TrackedLayers.of(fitted.task.model, fitted.space)
+
+    def kronecker(self) -> KroneckerCurvature | None:
+        """The fitted Kronecker-factored curvature, for methods that have one (else None)."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Settings and diagnostics worth recording next to results."""
+        return {"method": self.name, "curvature": self.curvature, "options": self.options.record()}
+
+
+class PrimalMethod(Method):
+    """A parameter-space method: it applies the inverse damped curvature, the estimators do the rest.
+
+    Subclasses implement :meth:`solve` (and :meth:`solve_retained` when they can form the
+    retained curvature of the Newton step more directly than by the Woodbury downdate).
+    """
+
+    estimators: ClassVar[tuple[EstimatorName, ...]] = ("if", "rif", "newton", "relatif")
+    questions: ClassVar[frozenset[Question]] = PRIMAL
+
+    @abstractmethod
+    def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:
+        """``(H + (l2 + damping + shift) I)^{-1} V`` for V of shape [k, P], in float64.
+
+        ``H = (1/N) sum_i C_i`` is the method's mean-form data curvature; ``shift`` lets
+        estimators remove a share of the regulariser (the Newton step uses
+        ``shift = -(N_F/N) l2``).
+        """
+
+    def solve_retained(self, V: Tensor, group: Tensor) -> Tensor | None:
+        """``H_R^{-1} V`` with ``H_R = (1/N) sum_{i not in F} C_i + ((N_R/N) l2 + damping) I``.
+
+        None (the default) lets the estimators downdate F's curvature from ``solve`` (Woodbury).
+        """
+        return None
+
+    def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
+        return estimators.scores(self, self.fitted, queries, estimator)
+
+    def self_scores(self, estimator: Estimator) -> Tensor:
+        return estimators.self_scores(self, self.fitted, estimator)
+
+    def removal(self, indices: Tensor, estimator: Estimator) -> Tensor:
+        return estimators.group_delta(self, self.fitted, estimator, indices)
+
+    def leverages(self) -> Tensor:
+        return estimators.leverages(self, self.fitted)
+
+    def precondition_queries(self, V: Tensor) -> Tensor:
+        return self.solve(V)

@@ -14,146 +14,132 @@ cost is ``iterations x N`` per-example JVP/VJP pairs on at most k vectors.
 
 from __future__ import annotations
 
-import warnings
+import dataclasses
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from infkit.curvature import KINDS, CurvatureOperator
-from infkit.errors import UnsupportedError
+from infkit.curvature import Curvature, CurvatureOperator, ggn_diagonal
+from infkit.errors import NotFittedError, warn
+from infkit.fitted import Fitted
 from infkit.linalg import block_conjugate_gradients, conjugate_gradients
-from infkit.methods import register
-from infkit.methods.base import FitContext, InverseCurvature
+from infkit.methods.base import Fidelity, PrimalMethod, register
+from infkit.options import Options, option
 
-PRECONDITIONERS = (None, "diagonal")
 #: ``block="auto"`` uses block CG from this many right-hand sides on.
 BLOCK_AUTO_MIN = 2
 #: default examples per curvature pass, as a multiple of the facade's batch size
 PRODUCT_BATCH_FACTOR = 8
 
 
+@dataclasses.dataclass(frozen=True)
+class CGOptions(Options):
+    """Options of ``method="cg"``."""
+
+    curvature: Curvature = option("ggn", "per-example curvature: 'ggn' (PSD) or 'hessian'")
+    tol: float = option(1e-8, "stop a right-hand side when ||v - A x|| <= tol ||v||", above=0)
+    maxiter: int = option(500, "iteration cap (block iterations for block CG)", minimum=1)
+    preconditioner: Literal["diagonal"] | Callable[[Tensor], Tensor] | None = option(
+        None, "None, 'diagonal' (Jacobi with the exact GGN diagonal), or R [P, k] -> M^{-1} R"
+    )
+    block: bool | Literal["auto"] = option(
+        "auto", "block CG sharing one Krylov space (True), per-column CG (False), or 'auto'"
+    )
+    product_batch_size: int | None = option(
+        None,
+        "examples per curvature-product batch (default: 8 x the facade's batch_size)",
+        minimum=1,
+    )
+
+
 @register
-class ConjugateGradient(InverseCurvature):
+class ConjugateGradient(PrimalMethod):
     """Conjugate gradients with a tolerance, an iteration cap and an optional preconditioner.
 
-    Args:
-        curvature: ``"ggn"`` (default, positive semidefinite) or ``"hessian"``.
-        tol: stop a column when ``||v - A x|| <= tol ||v||``.
-        maxiter: iteration cap; a column that has not converged by then triggers a warning.
-        preconditioner: ``None``, ``"diagonal"`` (Jacobi, with the exact GGN diagonal), or a
-            callable ``R [P, k] -> M^{-1} R`` for a symmetric positive definite M.
-        block: ``True``: block CG, the k columns of V sharing one block Krylov space (far
-            fewer iterations when k > 1; ``maxiter`` then counts block iterations);
-            ``False``: one CG recursion per column, sharing each product; ``"auto"``
-            (default): block CG when k >= 2 (measured: fewer iterations and less time from
-            k = 2 on), per-column CG for a single vector.
-        product_batch_size: examples per curvature pass (default: the facade's batch size x 8,
-            i.e. 512; passes of 512 ran 5-20% faster than 256 on the benchmark MLPs).
+    ``block="auto"`` (default) uses block CG when there are k >= 2 right-hand sides (measured:
+    fewer iterations and less time from k = 2 on) and per-column CG for a single vector.
+    Curvature passes of 512 examples (the default ``product_batch_size``) ran 5-20% faster than
+    256 on the benchmark MLPs.
     """
 
     name = "cg"
-    estimators = ("if", "rif", "newton", "relatif")
     summary = "conjugate gradients on GGN/Hessian-vector products; exact to its tolerance"
+    Options = CGOptions
     scales = True
+    exact_example_curvature = True
+    fidelity = Fidelity(reference="ggn", rtol=1e-6, test_options={"tol": 1e-12})
+    auto_priority = 3
+    options: CGOptions
 
-    def __init__(
-        self,
-        curvature: str = "ggn",
-        tol: float = 1e-8,
-        maxiter: int = 500,
-        preconditioner: str | Callable[[Tensor], Tensor] | None = None,
-        block: bool | str = "auto",
-        product_batch_size: int | None = None,
-    ) -> None:
-        super().__init__()
-        if curvature not in KINDS:
-            raise UnsupportedError(f"unknown curvature {curvature!r}; valid curvatures: {KINDS}")
-        if not (callable(preconditioner) or preconditioner in PRECONDITIONERS):
-            raise UnsupportedError(
-                f"unknown preconditioner {preconditioner!r}; use None, 'diagonal' or a callable"
-            )
-        if not (isinstance(block, bool) or block == "auto"):
-            raise UnsupportedError(f"block must be True, False or 'auto', got {block!r}")
-        self.curvature = curvature
-        self.tol = tol
-        self.maxiter = maxiter
-        self.preconditioner = preconditioner
-        self.block = block
-        self.product_batch_size = product_batch_size
+    def __init__(self, options: CGOptions | None = None, /, **values: object) -> None:
+        super().__init__(options, **values)
+        self.curvature = self.options.curvature
         self.operator: CurvatureOperator | None = None
         self._diagonal: Tensor | None = None
         self.iterations: list[int] = []  # iterations of each solve, for reports
         self.solvers: list[str] = []  # "block" or "single" (per-column) for each solve
 
-    def fit(self, context: FitContext) -> None:
-        self.context = context
+    def fit(self, fitted: Fitted) -> None:
+        super().fit(fitted)
         self.operator = CurvatureOperator(
-            context.per_example,
-            context.train,
+            fitted.engine,
+            fitted.train,
             self.curvature,
-            batch_size=self.product_batch_size or PRODUCT_BATCH_FACTOR * context.batch_size,
+            batch_size=self.options.product_batch_size or PRODUCT_BATCH_FACTOR * fitted.batch_size,
         )
-        if self.preconditioner == "diagonal":
-            self._diagonal = self._ggn_diagonal()
-
-    def _ggn_diagonal(self) -> Tensor:
-        """diag(H) for the GGN, (1/N) sum_i sum_{c,d} J_icp Lambda_icd J_idp, [P] float64."""
-        ctx = self.context
-        diag = torch.zeros(ctx.space.size, dtype=torch.float64, device=ctx.space.device)
-        for batch in ctx.train.batches(ctx.batch_size):
-            J = ctx.per_example.jacobians(batch).to(torch.float64)
-            _, _, lam = ctx.per_example.output_derivatives(batch)
-            diag += torch.einsum("bcp,bcd,bdp->p", J, lam.to(torch.float64), J)
-        return diag / ctx.n
+        if self.options.preconditioner == "diagonal":
+            self._diagonal = ggn_diagonal(fitted.engine, fitted.train, fitted.batch_size)
 
     def _apply(self, operator: CurvatureOperator, ridge: float, V: Tensor) -> Tensor:
         def matmat(X: Tensor) -> Tensor:  # columns in, columns out
             rows = X.T.contiguous()  # contiguous tangents: the Hessian product runs ~15% faster
             return (operator.matmat(rows) + ridge * rows).T
 
-        precondition = None
+        precondition: Callable[[Tensor], Tensor] | None = None
         if self._diagonal is not None:
             inverse = 1.0 / (self._diagonal + ridge).clamp_min(torch.finfo(torch.float64).tiny)
-            precondition = lambda R: inverse.unsqueeze(1) * R  # noqa: E731
-        elif callable(self.preconditioner):
-            precondition = self.preconditioner
-        use_block = self.block is True or (self.block == "auto" and len(V) >= BLOCK_AUTO_MIN)
+
+            def precondition(R: Tensor) -> Tensor:
+                return inverse.unsqueeze(1) * R
+
+        elif callable(self.options.preconditioner):
+            precondition = self.options.preconditioner
+        block = self.options.block
+        use_block = block is True or (block == "auto" and len(V) >= BLOCK_AUTO_MIN)
         solver = block_conjugate_gradients if use_block else conjugate_gradients
         result = solver(
             matmat,
             V.to(torch.float64).T,
-            tol=self.tol,
-            maxiter=self.maxiter,
+            tol=self.options.tol,
+            maxiter=self.options.maxiter,
             precondition=precondition,
         )
         self.iterations.append(result.iterations)
         self.solvers.append("block" if use_block else "single")
         if not bool(result.converged.all()):
-            warnings.warn(
-                f"CG stopped after {self.maxiter} iterations with a relative residual of "
-                f"{float(result.residuals.max()):.1e} (tol {self.tol:.0e}); the curvature is "
+            warn(
+                f"CG stopped after {self.options.maxiter} iterations with a relative residual of "
+                f"{float(result.residuals.max()):.1e} (tol {self.options.tol:.0e}); the curvature is "
                 "ill-conditioned: raise maxiter, add damping or use preconditioner='diagonal'",
                 UserWarning,
-                stacklevel=4,
             )
         return result.X.T
 
+    def _operator(self) -> CurvatureOperator:
+        if self.operator is None:
+            raise NotFittedError("method 'cg' is not fitted")
+        return self.operator
+
     def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:
-        ctx = self.context
-        return self._apply(self.operator, ctx.l2 + ctx.damping + shift, V)
+        return self._apply(self._operator(), self.fitted.ridge + shift, V)
 
     def solve_retained(self, V: Tensor, group: Tensor) -> Tensor:
-        ridge = self.context.retained_ridge(len(group))
-        return self._apply(self.operator.retained(group), ridge, V)
+        ridge = self.fitted.retained_ridge(len(group))
+        return self._apply(self._operator().retained(group), ridge, V)
 
     def describe(self) -> dict[str, object]:
-        out = super().describe()
-        out.update(
-            tol=self.tol,
-            maxiter=self.maxiter,
-            block=self.block,
-            iterations=list(self.iterations),
-            solvers=list(self.solvers),
-        )
+        out: dict[str, object] = super().describe()
+        out.update(iterations=list(self.iterations), solvers=list(self.solvers))
         return out

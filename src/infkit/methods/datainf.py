@@ -28,89 +28,90 @@ Training gradients are kept in memory (in the model's dtype) when they fit in
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from infkit.blocks import MODES, layer_slices
-from infkit.errors import CurvatureError, InvalidInputError, UnsupportedError
-from infkit.methods import register
-from infkit.methods.base import FitContext, InverseCurvature
+from infkit.blocks import layer_slices
+from infkit.errors import CurvatureError, InvalidInputError, NotFittedError
+from infkit.fitted import Fitted
+from infkit.methods.base import Fidelity, PrimalMethod, register
+from infkit.options import Options, option
 
 #: gradients are cached up to this many bytes (and at most a quarter of the memory limit)
 CACHE_BYTES = 1 << 30
 
 
+@dataclasses.dataclass(frozen=True)
+class DataInfOptions(Options):
+    """Options of ``method="datainf"``."""
+
+    layer_damping: Literal["auto"] | float | Sequence[float] | Mapping[str, float] = option(
+        "auto",
+        "'auto' (lambda_factor x mean_i ||g_il||^2 / d_l per block), one number, or one per block",
+        minimum=0,
+    )
+    lambda_factor: float = option(0.1, "the constant of the automatic layer damping", minimum=0)
+    blocks: Literal["tensor", "module"] = option(
+        "tensor", "one block per parameter tensor (the authors' code), or per module"
+    )
+
+
 @register
-class DataInf(InverseCurvature):
+class DataInf(PrimalMethod):
     """Layer-wise Sherman-Morrison closed form of the inverse empirical Fisher (no iterations).
 
-    Args:
-        layer_damping: ``"auto"`` (default: ``lambda_factor * mean_i ||g_il||^2 / d_l`` per
-            layer), one number for every layer, or a mapping / sequence with one per block.
-        lambda_factor: the constant of the automatic damping (0.1, as in the authors' code).
-        blocks: ``"tensor"`` (default: one block per parameter tensor) or ``"module"``.
+    See docs/methods/datainf.md.
     """
 
     name = "datainf"
     estimators = ("if", "relatif")
     summary = "DataInf: layer-wise empirical Fisher, closed-form inverse-of-average (no solver)"
+    Options = DataInfOptions
     scales = True
     curvature = "empirical-fisher"
+    fidelity = Fidelity(reference="ggn", rtol=None, min_correlation=0.5)
+    options: DataInfOptions
 
-    def __init__(
-        self,
-        layer_damping: str | float | Sequence[float] | Mapping[str, float] = "auto",
-        lambda_factor: float = 0.1,
-        blocks: str = "tensor",
-    ) -> None:
-        super().__init__()
-        if blocks not in MODES:
-            raise UnsupportedError(f"unknown blocks {blocks!r}; use one of {MODES}")
-        if isinstance(layer_damping, str) and layer_damping != "auto":
-            raise InvalidInputError(
-                f"layer_damping must be 'auto', a number, or one number per block; got "
-                f"{layer_damping!r}"
-            )
-        self.layer_damping_option = layer_damping
-        self.lambda_factor = lambda_factor
-        self.blocks = blocks
+    def __init__(self, options: DataInfOptions | None = None, /, **values: object) -> None:
+        super().__init__(options, **values)
         self.names: list[str] = []
         self.slices: list[slice] = []
         self.layer_damping: Tensor | None = None  # [L], without l2 + damping
         self.sq_norms: Tensor | None = None  # [N, L] ||g_il||^2
         self._cache: Tensor | None = None  # [N, P] loss gradients, model dtype
 
-    def fit(self, context: FitContext) -> None:
-        self.context = context
-        blocks = layer_slices(context.space, self.blocks)
+    def fit(self, fitted: Fitted) -> None:
+        super().fit(fitted)
+        blocks = layer_slices(fitted.space, self.options.blocks)
         self.names = [n for n, _ in blocks]
         self.slices = [sl for _, sl in blocks]
-        n, p = context.n, context.space.size
-        shared = context.train_gradients  # the facade's cache, when it has one
+        n, p = fitted.n, fitted.space.size
+        shared = fitted.train_gradients  # the facade's cache, when it has one
         if shared is not None:
             self._cache = shared
             self.sq_norms = self._block_norms(shared).cpu()
         else:
-            keep = n * p * context.space.bytes_per_float() <= min(
-                CACHE_BYTES, context.memory_limit // 4
+            keep = n * p * fitted.space.bytes_per_float() <= min(
+                CACHE_BYTES, fitted.memory_limit // 4
             )
             self._cache = (
-                torch.empty(n, p, dtype=context.space.dtype, device=context.space.device)
+                torch.empty(n, p, dtype=fitted.space.dtype, device=fitted.space.device)
                 if keep
                 else None
             )
             norms = torch.empty(n, len(self.slices), dtype=torch.float64)
-            for batch in context.train.batches(context.batch_size):
-                G = context.per_example.grads(batch, "loss")
+            for batch in fitted.train.batches(fitted.batch_size):
+                G = fitted.engine.grads(batch, "loss")
                 if self._cache is not None:
                     self._cache[batch.indices] = G
                 norms[batch.indices] = self._block_norms(G).cpu()
             self.sq_norms = norms
-        norms = self.sq_norms
         sizes = torch.tensor([sl.stop - sl.start for sl in self.slices], dtype=torch.float64)
-        self.layer_damping = self._layer_damping(norms.mean(0) / sizes)
+        self.layer_damping = self._layer_damping(self.sq_norms.mean(0) / sizes)
 
     def _block_norms(self, G: Tensor) -> Tensor:
         """||g_il||^2 per example and block, [n, L], accumulated in float64 whatever G's dtype."""
@@ -120,10 +121,10 @@ class DataInf(InverseCurvature):
         return torch.stack(norms, dim=1).square()
 
     def _layer_damping(self, mean_square: Tensor) -> Tensor:
-        option = self.layer_damping_option
+        option = self.options.layer_damping
         count = len(self.slices)
         if option == "auto":
-            return self.lambda_factor * mean_square
+            return self.options.lambda_factor * mean_square
         if isinstance(option, (int, float)):
             values = [float(option)] * count
         elif isinstance(option, Mapping):
@@ -144,10 +145,15 @@ class DataInf(InverseCurvature):
             raise InvalidInputError(f"layer_damping must be >= 0, got {values}")
         return torch.tensor(values, dtype=torch.float64)
 
+    def _fitted_norms(self) -> tuple[Tensor, Tensor]:
+        if self.layer_damping is None or self.sq_norms is None:
+            raise NotFittedError("method 'datainf' is not fitted")
+        return self.layer_damping, self.sq_norms
+
     def lambdas(self, shift: float = 0.0) -> Tensor:
         """lambda_l = layer damping + l2 + damping + shift, per block [L]."""
-        ctx = self.context
-        lam = self.layer_damping + (ctx.l2 + ctx.damping + shift)
+        layer_damping, _ = self._fitted_norms()
+        lam = layer_damping + (self.fitted.ridge + shift)
         if bool((lam <= 0).any()):
             k = int((lam <= 0).nonzero()[0, 0])
             raise CurvatureError(
@@ -156,37 +162,36 @@ class DataInf(InverseCurvature):
             )
         return lam
 
-    def _gradient_batches(self):
+    def _gradient_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """(indices, loss gradients [B, P] in the model's dtype) over the training set."""
-        ctx = self.context
-        for batch in ctx.train.batches(max(ctx.batch_size, 256)):
+        fitted = self.fitted
+        for batch in fitted.train.batches(max(fitted.batch_size, 256)):
             if self._cache is not None:
-                yield batch.indices, self._cache[batch.indices].to(ctx.space.dtype)
+                yield batch.indices, self._cache[batch.indices].to(fitted.space.dtype)
             else:
-                yield batch.indices, ctx.per_example.grads(batch, "loss")
+                yield batch.indices, fitted.engine.grads(batch, "loss")
 
     def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:
         V = V.to(torch.float64)
         lam = self.lambdas(shift).to(V.device)
-        dtype = self.context.space.dtype  # float32 products for float32 models
+        _, sq_norms = self._fitted_norms()
+        dtype = self.fitted.space.dtype  # float32 products for float32 models
         V_low = V.to(dtype)
         correction = torch.zeros_like(V)
         for idx, G in self._gradient_batches():
-            weights = (1.0 / (lam.unsqueeze(0) + self.sq_norms[idx].to(V.device))).to(dtype)
+            weights = (1.0 / (lam.unsqueeze(0) + sq_norms[idx].to(V.device))).to(dtype)
             for b, sl in enumerate(self.slices):
                 Gl = G[:, sl]
                 coef = (V_low[:, sl] @ Gl.T) * weights[:, b]  # [k, B]
                 correction[:, sl] += (coef @ Gl).to(torch.float64)
-        out = V - correction / self.context.n
+        out = V - correction / self.fitted.n
         for b, sl in enumerate(self.slices):
             out[:, sl] /= lam[b]
         return out
 
     def describe(self) -> dict[str, object]:
-        out = super().describe()
+        out: dict[str, object] = super().describe()
         out.update(
-            blocks=self.blocks,
-            lambda_factor=self.lambda_factor,
             layer_damping=(
                 None
                 if self.layer_damping is None

@@ -1,4 +1,4 @@
-"""method="dual": influence in N*C space through the empirical NTK (methods.md §1, §2.3, §5).
+"""method="dual": influence in N*C space through the empirical NTK (docs/methods/dual.md).
 
 Every GGN-based influence quantity has a kernel form (the push-through identity
 ``(J^T B J + mu I)^{-1} J^T = J^T (B K + mu I)^{-1}``, B = Lambda/N, K = J J^T), so the cost grows
@@ -30,263 +30,37 @@ curvature with its C x C leverage block ``M_j = J_j G^{-1} J_j^T = [K (B K + mu 
 Parameters come back by one VJP (``Delta theta = J^T Delta alpha``), outputs as
 ``K(X_t, X) Delta alpha``.
 
-Solvers: ``form="push-through"`` (default) factorises ``B K + mu I`` (LU); ``form="woodbury"``
-uses the symmetric positive definite ``mu I + L^T K L`` (Lambda = L L^T blockwise) with a
-Cholesky factorisation, or conjugate gradients with ``solver="cg"`` (no cubic factorisation).
+The dual systems are :class:`infkit.kernel_linalg.KernelSystem` (``form`` and ``solver`` choose
+the factorisation); the kernel is :mod:`infkit.ntk`, the tangent products are the one
+per-example engine's (:class:`infkit.gradients.PerExample` at the expansion point).
 """
 
 from __future__ import annotations
 
-import warnings
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
-from infkit.errors import CurvatureError, InvalidInputError, ProblemTooLargeError, UnsupportedError
-from infkit.estimators import MAX_LEVERAGE
-from infkit.methods import register
-from infkit.methods.base import DirectMethod, FitContext
-from infkit.ntk import (
-    TangentModel,
-    column_features,
-    kernel_matrix,
-    kernel_rows,
-    scalable_alternatives,
-)
-from infkit.parameters import human_bytes
+from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, ProblemTooLargeError
+from infkit.estimators import Estimator, check_leverage
+from infkit.fitted import Fitted
+from infkit.gradients import PerExample
+from infkit.kernel_linalg import Form, KernelSystem, Solver
+from infkit.linearize import LinearizedModel
+from infkit.memory import FLOAT64_BYTES, human_bytes
+from infkit.methods.base import Fidelity, PrimalMethod, Problem, register, scalable_methods
+from infkit.ntk.kernel import column_features, kernel_matrix, kernel_rows
+from infkit.ntk.structured import Features, Strategy, TangentFeatures
+from infkit.options import Options, option
+from infkit.parameters import ParameterSpace
 
-FORMS = ("push-through", "woodbury")
-SOLVERS = ("direct", "cg")
-#: bytes of one float64 (the working dtype of the kernel algebra)
-F64 = 8
-
-
-def _blocks_apply(blocks: Tensor, Y: Tensor, transpose: bool = False) -> Tensor:
-    """blockdiag(blocks) @ Y for blocks [n, C, C] and Y [n*C, k]."""
-    n, c, _ = blocks.shape
-    b = blocks.transpose(1, 2) if transpose else blocks
-    return (b @ Y.reshape(n, c, -1)).reshape(n * c, -1)
-
-
-def _diag_blocks(X: Tensor, c: int) -> Tensor:
-    """The C x C diagonal blocks [k, C, C] of a [k*C, k*C] matrix."""
-    k = X.shape[0] // c
-    return torch.diagonal(X.reshape(k, c, k, c), dim1=0, dim2=2).permute(2, 0, 1)
-
-
-def batched_cg(matvec, B: Tensor, *, tol: float, maxiter: int, what: str = "dual system") -> Tensor:
-    """Solve A X = B column by column (A symmetric positive definite) by conjugate gradients.
-
-    Stops when every column's residual is below ``tol`` times its right-hand side's norm.
-    """
-    X = torch.zeros_like(B)
-    R = B.clone()
-    P = R.clone()
-    rs = (R * R).sum(0)
-    target = (tol * B.norm(dim=0)) ** 2
-    for _ in range(maxiter):
-        if bool((rs <= target).all()):
-            return X
-        AP = matvec(P)
-        denom = (P * AP).sum(0)
-        alpha = torch.where(denom > 0, rs / torch.where(denom > 0, denom, 1.0), 0.0)
-        X += alpha * P
-        R -= alpha * AP
-        rs_new = (R * R).sum(0)
-        beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
-        P = R + beta * P
-        rs = rs_new
-    if not bool((rs <= target).all()):
-        worst = float((rs / target.clamp_min(1e-300)).max().sqrt()) * tol
-        warnings.warn(
-            f"conjugate gradients on the {what} stopped after {maxiter} iterations with a "
-            f"relative residual of {worst:.1e} (asked {tol:.0e}); raise cg_maxiter or use "
-            "solver='direct'",
-            UserWarning,
-            stacklevel=3,
-        )
-    return X
-
-
-class KernelSystem:
-    """``A = B_R K_RR + mu I`` on the retained examples R, with B = blockdiag(Lambda_i) / N.
-
-    Applies A^{-1} and A^{-T} to blocks of vectors and gives the leverage blocks
-    ``M_j = [K_RR A^{-1}]_jj``. ``K`` is the full N*C Gram matrix; R is given by example indices
-    (None: every example).
-    """
-
-    def __init__(
-        self,
-        K: Tensor,
-        lam: Tensor,
-        n_total: int,
-        mu: float,
-        retained: Tensor | None = None,
-        *,
-        form: str = "push-through",
-        solver: str = "direct",
-        tol: float = 1e-12,
-        maxiter: int | None = None,
-    ) -> None:
-        self.K = K
-        self.c = lam.shape[1]
-        self.n = lam.shape[0] if retained is None else len(retained)
-        self.m = self.n * self.c
-        self.n_total = n_total
-        self.mu = float(mu)
-        self.form = "woodbury" if solver == "cg" else form
-        self.solver = solver
-        self.tol = tol
-        self.maxiter = maxiter or max(10 * self.m, 100)
-        if retained is None:
-            self.rows = None
-            self.lam = lam
-        else:
-            self.rows = (retained.unsqueeze(1) * self.c + torch.arange(self.c)).reshape(-1)
-            self.lam = lam[retained]
-        if self.mu <= 0:
-            raise CurvatureError(
-                f"the dual system has ridge mu = {self.mu:.3e} <= 0, so the curvature is "
-                "singular in the directions the data does not reach (P > N*C); pass l2 > 0 "
-                "(the model's own) or damping > 0"
-            )
-        if self.form == "push-through":
-            A = self._retained_kernel()
-            self._rows_apply(A, self.lam, scale=1.0 / n_total)  # B_R K_RR, in place
-            A.diagonal().add_(self.mu)
-            self.LU, self.pivots = torch.linalg.lu_factor(A)
-            del A
-        else:
-            evals, evecs = torch.linalg.eigh(0.5 * (self.lam + self.lam.transpose(1, 2)))
-            self.L = evecs * evals.clamp_min(0).sqrt().unsqueeze(1) / n_total**0.5
-            if solver == "direct":
-                S = self._retained_kernel()
-                self._rows_apply(S, self.L.transpose(1, 2))  # L^T K, in place
-                self._cols_apply(S, self.L)  # (L^T K) L, in place
-                S.diagonal().add_(self.mu)
-                # Cholesky reads the lower triangle only: no explicit symmetrisation needed
-                chol, info = torch.linalg.cholesky_ex(S)
-                del S
-                if int(info) != 0:
-                    raise CurvatureError(
-                        "the symmetric dual system mu I + L^T K L is not positive definite "
-                        "numerically; use form='push-through' or increase damping"
-                    )
-                self.chol = chol
-
-    def _chunk(self) -> int:
-        return max(1, (1 << 24) // max(self.m * self.c, 1))
-
-    def _rows_apply(self, X: Tensor, blocks: Tensor, scale: float = 1.0) -> None:
-        """X <- blockdiag(blocks) X * scale, in place, a few example rows at a time."""
-        c, step = self.c, self._chunk()
-        for a in range(0, self.n, step):
-            b = min(a + step, self.n)
-            rows = X[a * c : b * c].reshape(b - a, c, -1)
-            X[a * c : b * c] = (blocks[a:b] @ rows).reshape((b - a) * c, -1) * scale
-
-    def _cols_apply(self, X: Tensor, blocks: Tensor) -> None:
-        """X <- X blockdiag(blocks), in place, a few example columns at a time."""
-        c, step = self.c, self._chunk()
-        for a in range(0, self.n, step):
-            b = min(a + step, self.n)
-            cols = X[:, a * c : b * c].reshape(X.shape[0], b - a, c)
-            X[:, a * c : b * c] = torch.einsum("mkc,kcd->mkd", cols, blocks[a:b]).reshape(
-                X.shape[0], -1
-            )
-
-    # ------------------------------------------------------------------ pieces
-    def _retained_kernel(self) -> Tensor:
-        if self.rows is None:
-            return self.K.clone()
-        out = torch.empty(self.m, self.m, dtype=self.K.dtype, device=self.K.device)
-        step = max(1, (1 << 24) // max(self.K.shape[0], 1))
-        for a in range(0, self.m, step):
-            out[a : a + step] = self.K[self.rows[a : a + step]][:, self.rows]
-        return out
-
-    def kmul(self, Y: Tensor) -> Tensor:
-        """K_RR @ Y for Y [m_R, k]."""
-        if self.rows is None:
-            return self.K @ Y
-        full = torch.zeros(self.K.shape[0], Y.shape[1], dtype=Y.dtype, device=Y.device)
-        full[self.rows] = Y
-        return (self.K @ full)[self.rows]
-
-    def bmul(self, Y: Tensor) -> Tensor:
-        """B_R @ Y."""
-        return _blocks_apply(self.lam, Y) / self.n_total
-
-    def _s_inv(self, Y: Tensor) -> Tensor:
-        if self.solver == "direct":
-            return torch.cholesky_solve(Y, self.chol)
-
-        def matvec(X: Tensor) -> Tensor:
-            return self.mu * X + _blocks_apply(
-                self.L, self.kmul(_blocks_apply(self.L, X)), transpose=True
-            )
-
-        return batched_cg(matvec, Y, tol=self.tol, maxiter=self.maxiter)
-
-    # ------------------------------------------------------------------ solves
-    def solve(self, Y: Tensor) -> Tensor:
-        """A^{-1} Y for Y [m_R, k] (or [m_R])."""
-        vec = Y.dim() == 1
-        Y = Y.reshape(self.m, -1)
-        if self.form == "push-through":
-            X = torch.linalg.lu_solve(self.LU, self.pivots, Y)
-        else:
-            inner = self._s_inv(_blocks_apply(self.L, self.kmul(Y), transpose=True))
-            X = (Y - _blocks_apply(self.L, inner)) / self.mu
-        return X.reshape(-1) if vec else X
-
-    def solve_t(self, Y: Tensor) -> Tensor:
-        """A^{-T} Y = (K_RR B_R + mu I)^{-1} Y."""
-        vec = Y.dim() == 1
-        Y = Y.reshape(self.m, -1)
-        if self.form == "push-through":
-            X = torch.linalg.lu_solve(self.LU, self.pivots, Y, adjoint=True)
-        else:
-            inner = self._s_inv(_blocks_apply(self.L, Y, transpose=True))
-            X = (Y - self.kmul(_blocks_apply(self.L, inner))) / self.mu
-        return X.reshape(-1) if vec else X
-
-    def leverage_blocks(self, local: Tensor | None = None, chunk: int | None = None) -> Tensor:
-        """M_j = J_j (H_R)^{-1} J_j^T = [K_RR A^{-1}]_jj for local indices (default all), [k, C, C]."""
-        local = torch.arange(self.n) if local is None else local
-        c = self.c
-        chunk = chunk or max(1, min(len(local), (1 << 25) // max(self.m * c, 1)))
-        out = []
-        for a in range(0, len(local), chunk):
-            sel = local[a : a + chunk]
-            cols = (sel.unsqueeze(1) * c + torch.arange(c)).reshape(-1)
-            Kc = self._columns(cols)  # K_RR[:, cols]
-            Kcc = _diag_blocks(Kc[cols], c)
-            if self.form == "push-through":
-                X = torch.linalg.lu_solve(self.LU, self.pivots, Kc, adjoint=True)  # A^{-T} K e_j
-                M = _diag_blocks(X[cols], c)
-            else:
-                W = _blocks_apply(self.L, Kc, transpose=True)  # L^T K[:, cols]
-                if self.solver == "direct":
-                    Z = torch.linalg.solve_triangular(self.chol, W, upper=False)
-                    quad = torch.einsum("mkc,mkd->kcd", *(Z.reshape(self.m, -1, c),) * 2)
-                else:
-                    V = self._s_inv(W)
-                    quad = torch.einsum(
-                        "mkc,mkd->kcd", W.reshape(self.m, -1, c), V.reshape(self.m, -1, c)
-                    )
-                M = (Kcc - quad) / self.mu
-            out.append(0.5 * (M + M.transpose(1, 2)))
-        return torch.cat(out)
-
-    def _columns(self, cols: Tensor) -> Tensor:
-        if self.rows is None:
-            return self.K[:, cols]
-        return self.K[:, self.rows[cols]][self.rows]
+#: ``method="auto"`` picks ``dual`` when P is at least this many times N*C
+AUTO_RATIO = 20
 
 
 @dataclass
@@ -306,8 +80,8 @@ class DualRemoval:
 
 
 @dataclass
-class _PerExample:
-    """What scores and self-scores need for one estimator (methods.md §1.6, §2.3)."""
+class _PerExampleSetup:
+    """What scores and self-scores need for one estimator (docs/methods/dual.md §4)."""
 
     system: KernelSystem
     z0: Tensor  # [m] common part of Delta alpha_j
@@ -316,126 +90,136 @@ class _PerExample:
     leverage: Tensor | None = None  # [N, C, C]
 
 
+@dataclasses.dataclass(frozen=True)
+class DualOptions(Options):
+    """Options of ``method="dual"``."""
+
+    linearize_at: Tensor | Mapping[str, Tensor] | None = option(
+        None, "evaluate J (and the NTK) at these parameters instead of theta* (flat [P] or dict)"
+    )
+    anchor: Literal["init", "zero"] | Tensor | None = option(
+        None,
+        "the regulariser anchor theta': None/'zero' (0), 'init' (linearize_at), or a [P] tensor",
+    )
+    form: Form = option(
+        "push-through",
+        "'push-through' (LU of B K + mu I) or 'woodbury' (Cholesky of mu I + L^T K L)",
+    )
+    solver: Solver = option("direct", "'direct' or 'cg' (conjugate gradients on the woodbury form)")
+    cg_tol: float = option(1e-10, "relative residual of solver='cg'", above=0)
+    cg_maxiter: int | None = option(
+        None, "iteration cap of solver='cg' (default max(10 N C, 100))", minimum=1
+    )
+    ntk: Strategy = option("auto", "NTK strategy: 'auto', 'structured', 'jacobian' or 'jvp'")
+    representer_residual: bool | None = option(
+        None, "carry r = theta* - theta' - J^T alpha* (None: yes at theta*, no with linearize_at)"
+    )
+    product_batch_size: int | None = option(
+        None, "examples per kernel block and tangent-product batch (default 256)", minimum=1
+    )
+    dtype: torch.dtype = option(torch.float64, "working dtype of the kernel algebra")
+
+
 @register
-class Dual(DirectMethod):
+class Dual(PrimalMethod):
     """Kernel-trick (empirical NTK) influence: exact GGN answers at a cost set by N*C, not P.
 
-    Args:
-        linearize_at: evaluate J (and the NTK) at these parameters instead of theta* (flat [P]
-            tensor or dict): the linearised setting of methods.md §1.2. For a model made by
-            :func:`infkit.linearize` the Jacobian is the same everywhere and this is not needed.
-        anchor: the regulariser anchor theta' the model was trained with: None (0, the core
-            convention), ``"init"`` (``linearize_at``, or a linearised model's expansion point)
-            or a flat [P] tensor. The facade's stationarity check assumes 0.
-        form: ``"push-through"`` (LU of B K + mu I) or ``"woodbury"`` (Cholesky of the symmetric
-            mu I + L^T K L).
-        solver: ``"direct"`` or ``"cg"`` (conjugate gradients on the symmetric form).
-        cg_tol, cg_maxiter: CG relative residual and iteration cap.
-        ntk: NTK strategy, ``"auto"``, ``"structured"``, ``"jacobian"`` or ``"jvp"``.
-        representer_residual: carry r = theta* - theta' - J^T alpha* (None: yes when J is at
-            theta*, no with ``linearize_at``, where the paper assumes the representer).
-        batch_size: examples per batch for the kernel and the tangent products.
+    For a model made by :func:`infkit.linearize` the Jacobian is the same everywhere and
+    ``linearize_at`` is not needed. The facade's stationarity check assumes the anchor the
+    method reports (:meth:`regulariser_anchor`).
     """
 
     name = "dual"
     estimators = ("if", "rif", "newton")
     summary = "empirical NTK (kernel trick) in N*C space; equals exact GGN; for P >> N*C"
+    Options = DualOptions
     scales = True
     curvature = "ggn"
+    exact_example_curvature = True
+    uses_training_gradients = False
+    fidelity = Fidelity(reference="ggn", rtol=1e-8)
+    auto_priority = 1
+    options: DualOptions
 
-    def __init__(
-        self,
-        linearize_at: Tensor | dict[str, Tensor] | None = None,
-        anchor: str | Tensor | None = None,
-        form: str = "push-through",
-        solver: str = "direct",
-        cg_tol: float = 1e-10,
-        cg_maxiter: int | None = None,
-        ntk: str = "auto",
-        representer_residual: bool | None = None,
-        batch_size: int = 256,
-        dtype: torch.dtype = torch.float64,
-    ) -> None:
-        super().__init__()
-        if form not in FORMS:
-            raise UnsupportedError(f"unknown form {form!r}; valid forms: {', '.join(FORMS)}")
-        if solver not in SOLVERS:
-            raise UnsupportedError(f"unknown solver {solver!r}; valid solvers: {SOLVERS}")
-        if isinstance(anchor, str) and anchor not in ("init", "zero"):
-            raise UnsupportedError(
-                f"anchor must be None, 'zero', 'init' or a tensor, not {anchor!r}"
-            )
-        self.linearize_at = linearize_at
-        self.anchor = None if anchor == "zero" else anchor
-        self.form = form
-        self.solver = solver
-        self.cg_tol = cg_tol
-        self.cg_maxiter = cg_maxiter
-        self.ntk = ntk
-        self.representer_residual = representer_residual
-        self.batch_size = batch_size
-        self.dtype = dtype
+    def __init__(self, options: DualOptions | None = None, /, **values: object) -> None:
+        super().__init__(options, **values)
         self._systems: dict[float, KernelSystem] = {}
-        self._per_example: dict[str, _PerExample] = {}
+        self._per_example: dict[str, _PerExampleSetup] = {}
+        self.engine: PerExample | None = None
+        self.tangents: TangentFeatures | None = None
 
     @classmethod
     def memory_estimate(cls, n: int, p: int, c: int) -> int:
         # K, one factorised system (or a retained one) and a working copy, float64
         m = n * c
-        return 3 * m * m * F64
+        return 3 * m * m * FLOAT64_BYTES
+
+    @classmethod
+    def suits(cls, problem: Problem) -> bool:
+        fits = cls.memory_estimate(problem.n, problem.p, problem.c) <= problem.memory_limit
+        return fits and AUTO_RATIO * problem.n * problem.c <= problem.p
+
+    @property
+    def batch_size(self) -> int:
+        """Examples per kernel block and tangent-product batch."""
+        return self.options.product_batch_size or 256
 
     # ------------------------------------------------------------------ fit
-    def fit(self, context: FitContext) -> None:
-        self.context = context
+    def fit(self, fitted: Fitted) -> None:
+        super().fit(fitted)
+        options = self.options
         self._systems.clear()
         self._per_example.clear()
-        space, train, n = context.space, context.train, context.n
-        self.tm = TangentModel(
-            context.task, space, at=self.linearize_at, dtype=self.dtype, strategy=self.ntk
+        space, train, n = fitted.space, fitted.train, fitted.n
+        engine = PerExample(
+            fitted.task, space, fitted.engine.mode, at=options.linearize_at, dtype=options.dtype
         )
+        self.engine = engine
+        self.tangents = TangentFeatures(engine, options.ntk)
         gs, lams = [], []
         for batch in train.batches(self.batch_size):
-            _, g, lam = self.tm.output_derivatives(batch)
+            _, g, lam = engine.output_derivatives(batch)
             gs.append(g)
             lams.append(lam)
         self.g = torch.cat(gs)  # [N, C]
-        self.lam = torch.cat(lams)  # [N, C, C]
-        self.lam = 0.5 * (self.lam + self.lam.transpose(1, 2))
+        lam_all = torch.cat(lams)  # [N, C, C]
+        self.lam = 0.5 * (lam_all + lam_all.transpose(1, 2))
         c = self.g.shape[1]
         self.c, self.n, self.m = c, n, n * c
         need = self.memory_estimate(n, space.size, c)
-        if need > context.memory_limit:
+        if need > fitted.memory_limit:
+            others = ", ".join(repr(m) for m in scalable_methods() if m != self.name)
             raise ProblemTooLargeError(
                 f"method='dual' works with the {self.m:,} x {self.m:,} empirical NTK (N*C = "
                 f"{n:,} x {c}), which with its factorisation needs {human_bytes(need)}, above the "
-                f"memory limit of {human_bytes(context.memory_limit)}. Its memory grows as "
-                f"(N*C)^2: use a method that scales with N instead: {scalable_alternatives()}; "
+                f"memory limit of {human_bytes(fitted.memory_limit)}. Its memory grows as "
+                f"(N*C)^2: use a method that scales with N instead: {others}; "
                 "or attribute a subset of the training data, or raise memory_limit."
             )
-        self.l2, self.damping = context.l2, context.damping
-        self.ridge = self.l2 + self.damping
+        self.l2, self.damping = fitted.l2, fitted.damping
+        self.ridge = fitted.ridge
         if self.ridge <= 0:
             raise CurvatureError(
                 "method='dual' needs l2 + damping > 0: with P > N*C the Gauss-Newton curvature "
                 "is singular. Pass the model's l2, or damping > 0"
             )
-        theta = space.flat().to(self.tm.device, self.dtype)
+        theta = space.flat().to(engine.device, options.dtype)
         anchor = self._anchor_vector(space)
-        self._train_features = column_features(
-            self.tm, train, self.batch_size, context.memory_limit // 8
+        self._train_features: list[Features] | None = column_features(
+            self.tangents, train, self.batch_size, fitted.memory_limit // 8
         )
         self.K = kernel_matrix(
-            self.tm,
+            self.tangents,
             train,
             batch_size=self.batch_size,
-            memory_limit=context.memory_limit,
+            memory_limit=fitted.memory_limit,
             col_features=self._train_features,
-            progress=context.progress,
+            progress=fitted.progress,
         )
         self.alpha = -self.g / (self.l2 * n) if self.l2 > 0 else torch.zeros_like(self.g)  # [N, C]
-        use_r = self.representer_residual
+        use_r = options.representer_residual
         if use_r is None:
-            use_r = self.linearize_at is None
+            use_r = options.linearize_at is None
         self.r: Tensor | None = None
         self.Jr: Tensor | None = None
         if use_r and self.l2 > 0:
@@ -446,66 +230,60 @@ class Dual(DirectMethod):
         self.residual_norm = 0.0 if self.r is None else float(self.r.norm())
         self.representer_error = self.residual_norm / max(float((theta - anchor).norm()), 1e-300)
 
+    def _engine(self) -> PerExample:
+        if self.engine is None:
+            raise NotFittedError("method 'dual' is not fitted")
+        return self.engine
+
     def regulariser_anchor(self) -> Tensor | None:
-        anchor = self._anchor_vector(self.context.space)
+        anchor = self._anchor_vector(self.fitted.space)
         return anchor.to(torch.float64) if bool(anchor.any()) else None
 
-    def removal_change(
-        self, data: ExampleSet, indices: Tensor, estimator: str, which: str
-    ) -> Tensor | None:
-        """With ``linearize_at`` the answer lives at theta_0: K0(X_t, X) Delta alpha."""
-        if self.linearize_at is None or which not in ("outputs", "loss"):
-            return None  # J(theta*) Delta theta is the same at theta*
-        removal = self.removal(indices, estimator)
-        if which == "outputs":
-            return self.output_change(data, removal)
-        return self.loss_change(data, removal)
-
-    def _anchor_vector(self, space) -> Tensor:
-        from infkit.linearize import LinearizedModel
-
-        zeros = torch.zeros(space.size, dtype=self.dtype, device=self.tm.device)
-        if self.anchor is None:
+    def _anchor_vector(self, space: ParameterSpace) -> Tensor:
+        options = self.options
+        zeros = torch.zeros(space.size, dtype=options.dtype, device=space.device)
+        anchor = options.anchor
+        if anchor is None or (isinstance(anchor, str) and anchor == "zero"):
             return zeros
-        if isinstance(self.anchor, str):  # "init"
-            model = self.context.task.model
+        if isinstance(anchor, str):  # "init"
+            model = self.fitted.task.model
             if isinstance(model, LinearizedModel):
                 if model.offset:
                     return zeros  # its parameters are theta - theta_0 already
                 return torch.cat([t.reshape(-1) for t in model.params0().values()]).to(zeros)
-            if self.linearize_at is None:
+            at = options.linearize_at
+            if at is None:
                 raise InvalidInputError(
                     "anchor='init' needs linearize_at (the initial parameters) or a model made by "
                     "infkit.linearize"
                 )
-            at = self.linearize_at
             flat = at if isinstance(at, Tensor) else space.flatten({n: at[n] for n in space.names})
             return flat.reshape(-1).to(zeros)
-        if isinstance(self.anchor, dict):
-            return space.flatten({n: self.anchor[n] for n in space.names}).to(zeros)
-        return self.anchor.reshape(-1).to(zeros)
+        return anchor.reshape(-1).to(zeros)
 
     # ------------------------------------------------------------------ tangent maps
     def jt(self, U: Tensor) -> Tensor:
         """J^T U over the training set: [P] for U [N, C], or [k, P] for U [k, N, C]."""
+        engine = self._engine()
         single = U.dim() == 2
         U = U.reshape(-1, self.n, self.c)
-        out = torch.zeros(U.shape[0], self.tm.size, dtype=self.dtype, device=self.tm.device)
-        for batch in self.context.train.batches(self.batch_size):
-            out += self.tm.vjp(batch, U[:, batch.indices])
+        out = torch.zeros(U.shape[0], engine.space.size, dtype=engine.dtype, device=engine.device)
+        for batch in self.fitted.train.batches(self.batch_size):
+            out += engine.vjp(batch, U[:, batch.indices])
         return out[0] if single else out
 
     def jmul(self, W: Tensor) -> Tensor:
         """J W for W [P] ([N, C]) or [k, P] ([k, N, C]) over the training set."""
+        engine = self._engine()
         single = W.dim() == 1
-        W = W.reshape(-1, self.tm.size)
-        parts = [self.tm.jvp(b, W) for b in self.context.train.batches(self.batch_size)]
+        W = W.reshape(-1, engine.space.size)
+        parts = [engine.jvp(b, W) for b in self.fitted.train.batches(self.batch_size)]
         out = torch.cat(parts, dim=1)
         return out[0] if single else out
 
     # ------------------------------------------------------------------ systems
     def system(self, mu: float, retained: Tensor | None = None) -> KernelSystem:
-        """The dual system for ridge mu on the retained examples (None: all).
+        """The dual system for ridge mu on the retained examples R (None: all).
 
         One full-set system is kept (with the per-example quantities built on it); asking for
         another ridge replaces it, so that at most K, one kept and one temporary (N*C)^2 factor
@@ -516,30 +294,21 @@ class Dual(DirectMethod):
         if retained is None and self._systems:
             self._systems.clear()
             self._per_example.clear()
-        sys_ = KernelSystem(
+        options = self.options
+        system = KernelSystem(
             self.K,
             self.lam,
             self.n,
             mu,
             retained,
-            form=self.form,
-            solver=self.solver,
-            tol=self.cg_tol,
-            maxiter=self.cg_maxiter,
+            form=options.form,
+            solver=options.solver,
+            tol=options.cg_tol,
+            maxiter=options.cg_maxiter,
         )
         if retained is None:
-            self._systems[mu] = sys_
-        return sys_
-
-    def _check_leverage(self, LM: Tensor, indices: Tensor) -> None:
-        worst = torch.linalg.eigvals(LM).real.max(dim=1).values
-        if bool((worst >= MAX_LEVERAGE).any()):
-            k = int(worst.argmax())
-            raise CurvatureError(
-                f"training example {int(indices[k])} has leverage {float(worst[k]):.6f} >= 1: the "
-                "model interpolates it, so removing it is not a small change and rif/newton are "
-                "undefined. Increase l2 or damping"
-            )
+            self._systems[mu] = system
+        return system
 
     def _residual_moved(
         self, system: KernelSystem, e: Tensor, s: float, mu: float
@@ -550,20 +319,19 @@ class Dual(DirectMethod):
         moving it over leaves c_r r in Delta theta (c_r = 0 when there is no residual).
         """
         rhs = e.reshape(-1)
-        if self.r is None:
+        if self.Jr is None:
             return rhs, 0.0
         c_r = s / mu
         return rhs - c_r * system.bmul(self.Jr.reshape(-1, 1)).reshape(-1), c_r
 
-    def _per_example_setup(self, estimator: str, leverage: bool) -> _PerExample:
+    def _per_example_setup(self, estimator: str, leverage: bool) -> _PerExampleSetup:
         """The common part z0, the coefficients gamma_j and the leverage blocks of one estimator.
 
         Delta theta_j = J^T (A^{-1} E_j gamma_j + z0) + c_r r for every example j.
         """
-        key = estimator
-        setup = self._per_example.get(key)
+        setup = self._per_example.get(estimator)
         ready = setup is not None and setup.gamma is not None
-        if ready and (setup.leverage is not None or not leverage):
+        if setup is not None and ready and (setup.leverage is not None or not leverage):
             return setup
         n, l2 = self.n, self.l2
         if setup is None:
@@ -575,17 +343,18 @@ class Dual(DirectMethod):
                 e0 = -self.g / n + (l2 / n - l2) * self.alpha
             system = self.system(mu)
             rhs, c_r = self._residual_moved(system, e0, s, mu)
-            setup = _PerExample(system=system, z0=system.solve(rhs), c_r=c_r)
+            setup = _PerExampleSetup(system=system, z0=system.solve(rhs), c_r=c_r)
             if estimator == "if":
                 setup.gamma = self.g / n
-            self._per_example[key] = setup
+            self._per_example[estimator] = setup
         if leverage and setup.leverage is None:
             setup.leverage = setup.system.leverage_blocks()
         if setup.gamma is None:
             M = setup.leverage
+            assert M is not None  # rif / newton always ask for the leverage blocks
             gamma0 = self.g / n
             q = (M @ gamma0.unsqueeze(-1)).squeeze(-1) + (self.K @ setup.z0).reshape(n, self.c)
-            if self.r is not None:
+            if self.Jr is not None:
                 q = q + setup.c_r * self.Jr
             setup.gamma = gamma0 + self._downdate(M, q, torch.arange(n))
         return setup
@@ -594,51 +363,70 @@ class Dual(DirectMethod):
         """(I - Lambda_j M_j / N)^{-1} (Lambda_j / N) q_j for each j: [k, C]."""
         lam = self.lam[indices]
         LM = lam @ M / self.n
-        self._check_leverage(LM, indices)
+        check_leverage(LM, indices, self)
         eye = torch.eye(self.c, dtype=M.dtype, device=M.device).expand_as(LM)
         rhs = (lam @ q.unsqueeze(-1)) / self.n
         return torch.linalg.solve(eye - LM, rhs).squeeze(-1)
 
-    # ------------------------------------------------------------------ facade hooks
-    def scores(self, state, test: ExampleSet, estimator: str, relatif: str) -> Tensor:
-        self._check(estimator)
-        setup = self._per_example_setup(estimator, leverage=estimator != "if")
+    # ------------------------------------------------------------------ answers
+    def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
+        engine = self._engine()
+        setup = self._per_example_setup(estimator.name, leverage=estimator.name != "if")
+        assert setup.gamma is not None
         n, c, m = self.n, self.c, self.m
-        S = torch.empty(len(test), n, dtype=torch.float64)
-        per_query = c * m * F64 * 3
-        chunk = max(1, min(len(test), self.context.memory_limit // 8 // per_query))
-        for batch in test.batches(chunk):
+        S = torch.empty(len(queries), n, dtype=torch.float64)
+        per_query = c * m * FLOAT64_BYTES * 3
+        chunk = max(1, min(len(queries), self.fitted.memory_limit // 8 // per_query))
+        for batch in queries.batches(chunk):
             t = len(batch)
             Ktx = self._kernel_to_train(batch)  # [t*C, m]
-            h = self.tm.measurement_gradients(batch)  # [t, C]
+            h = engine.output_gradients(batch, "measurement")  # [t, C]
             W = torch.einsum("tc,tcm->tm", h, Ktx.reshape(t, c, m))
             del Ktx
             U = setup.system.solve_t(W.T)  # [m, t]
             block = torch.einsum("nct,nc->tn", U.reshape(n, c, t), setup.gamma)
             const = W @ setup.z0
             if self.r is not None:
-                const = const + setup.c_r * (h * self.tm.jvp(batch, self.r)).sum(1)
+                const = const + setup.c_r * (h * engine.jvp(batch, self.r)).sum(1)
             S[batch.indices] = (block + const.unsqueeze(1)).cpu().to(torch.float64)
         return S
 
-    def self_scores(self, state, estimator: str, relatif: str) -> Tensor:
-        self._check(estimator)
-        setup = self._per_example_setup(estimator, leverage=True)
+    def self_scores(self, estimator: Estimator) -> Tensor:
+        setup = self._per_example_setup(estimator.name, leverage=True)
+        assert setup.leverage is not None and setup.gamma is not None
         n, c = self.n, self.c
         own = (setup.leverage @ setup.gamma.unsqueeze(-1)).squeeze(-1)
         own = own + (self.K @ setup.z0).reshape(n, c)
-        if self.r is not None:
+        if self.Jr is not None:
             own = own + setup.c_r * self.Jr
         return (self.g * own).sum(1).cpu().to(torch.float64)
 
-    def group_delta(self, state, indices: Tensor, estimator: str) -> Tensor:
-        removal = self.removal(indices, estimator)
-        return self.params(removal).cpu().to(torch.float64)
+    def removal(self, indices: Tensor, estimator: Estimator) -> Tensor:
+        estimator.require_counterfactual()
+        return self.params(self.dual_removal(indices, estimator.name)).cpu().to(torch.float64)
+
+    def removal_change(
+        self, data: ExampleSet, indices: Tensor, estimator: Estimator, which: str
+    ) -> Tensor | None:
+        """With ``linearize_at`` the answer lives at theta_0: K0(X_t, X) Delta alpha."""
+        if self.options.linearize_at is None or which not in ("outputs", "loss"):
+            return None  # J(theta*) Delta theta is the same at theta*
+        removal = self.dual_removal(indices, estimator.name)
+        if which == "outputs":
+            return self.output_change(data, removal)
+        return self.loss_change(data, removal)
+
+    def leverages(self) -> Tensor:
+        """Generalised leverages ``h_j = tr(Lambda_j M_j) / N`` from the kernel's leverage blocks."""
+        setup = self._per_example_setup("if", leverage=True)
+        assert setup.leverage is not None
+        LM = self.lam @ setup.leverage
+        return torch.diagonal(LM, dim1=1, dim2=2).sum(-1).cpu().to(torch.float64) / self.n
 
     # ------------------------------------------------------------------ dual answers
-    def removal(self, indices: Tensor, estimator: str = "newton") -> DualRemoval:
+    def dual_removal(self, indices: Tensor, estimator: str = "newton") -> DualRemoval:
         """Delta alpha for removing ``indices`` jointly (the dual form of ``remove``)."""
-        self._check(estimator)
+        Estimator(estimator).require_counterfactual()
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         n, c, l2 = self.n, self.c, self.l2
         n_f = len(idx)
@@ -657,14 +445,14 @@ class Dual(DirectMethod):
             gamma0 = self.g[idx] / n
             q = (M @ gamma0.unsqueeze(-1)).squeeze(-1)
             q = q + (self.K @ setup.z0).reshape(n, c)[idx]
-            if self.r is not None:
+            if self.Jr is not None:
                 q = q + setup.c_r * self.Jr[idx]
             gamma = gamma0 + self._downdate(M, q, idx)
-            E = torch.zeros(n, c, dtype=self.dtype, device=self.K.device)
+            E = torch.zeros(n, c, dtype=self.K.dtype, device=self.K.device)
             E[idx] = gamma
             delta = system.solve(E.reshape(-1)).reshape(n, c) + n_f * setup.z0.reshape(n, c)
             return DualRemoval(idx, estimator, delta, n_f * setup.c_r)
-        # newton: one Newton step on the retained objective (methods.md §1.4)
+        # newton: one Newton step on the retained objective (docs/methods/dual.md §3)
         keep = torch.ones(n, dtype=torch.bool)
         keep[idx] = False
         retained = keep.nonzero().squeeze(1)
@@ -674,14 +462,14 @@ class Dual(DirectMethod):
         e = -(n_r / n) * l2 * self.alpha.clone()
         e[retained] -= self.g[retained] / n
         c_r = s / mu if self.r is not None else 0.0
-        delta = torch.zeros(n, c, dtype=self.dtype, device=self.K.device)
+        delta = torch.zeros(n, c, dtype=self.K.dtype, device=self.K.device)
         delta[idx] = e[idx] / mu
         system = self.system(mu, retained)
         # right-hand side: e_R - B_R (K_RF e_F + s (J r)_R) / mu
         e_forget = torch.zeros_like(e)
         e_forget[idx] = e[idx]
         coupling = (self.K @ e_forget.reshape(-1)).reshape(n, c)[retained].reshape(-1)  # K_RF e_F
-        if self.r is not None:
+        if self.Jr is not None:
             coupling = coupling + s * self.Jr[retained].reshape(-1)
         rhs = e[retained].reshape(-1) - system.bmul(coupling.unsqueeze(1)).reshape(-1) / mu
         delta[retained] = system.solve(rhs).reshape(n_r, c)
@@ -696,41 +484,45 @@ class Dual(DirectMethod):
 
     def _kernel_to_train(self, batch: Batch) -> Tensor:
         """K(X_batch, X) [B*C, N*C]: the kernel between a batch and the training set."""
+        if self.tangents is None:
+            raise NotFittedError("method 'dual' is not fitted")
         return kernel_rows(
-            self.tm,
+            self.tangents,
             batch,
-            self.context.train,
+            self.fitted.train,
             batch_size=self.batch_size,
             col_features=self._train_features,
         )
 
     def output_change(self, data: Any, removal: DualRemoval) -> Tensor:
         """Delta f = K(X_t, X) Delta alpha (+ residual term), [n, C], at the J point."""
+        engine = self._engine()
         examples = data if isinstance(data, ExampleSet) else ExampleSet(data, name="data")
         parts = []
         for batch in examples.batches(self.batch_size):
             Ktx = self._kernel_to_train(batch)
             df = (Ktx @ removal.delta_alpha.reshape(-1)).reshape(len(batch), self.c)
             if self.r is not None and removal.residual_coef:
-                df = df + removal.residual_coef * self.tm.jvp(batch, self.r)
+                df = df + removal.residual_coef * engine.jvp(batch, self.r)
             parts.append(df)
         return torch.cat(parts)
 
     def loss_change(self, data: Any, removal: DualRemoval, reg_share: bool = False) -> Tensor:
-        """First-order change of the per-example loss g_t^T Delta f_t, [n] (methods.md §1.5).
+        """First-order change of the per-example loss g_t^T Delta f_t, [n] (docs/methods/dual.md §5).
 
         With ``reg_share`` the regulariser's share ``l2 (theta* - theta')^T Delta theta`` (the
         same for every point) is added, as the paper's code does.
         """
+        engine = self._engine()
         examples = data if isinstance(data, ExampleSet) else ExampleSet(data, name="data")
         df = self.output_change(examples, removal)
-        g = torch.cat([self.tm.output_derivatives(b)[1] for b in examples.batches(self.batch_size)])
+        g = torch.cat([engine.output_gradients(b) for b in examples.batches(self.batch_size)])
         out = (g * df).sum(1)
         if reg_share and self.l2 > 0:
             da = removal.delta_alpha.reshape(-1)
             a = self.alpha.reshape(-1)
             reg = a @ (self.K @ da)
-            if self.r is not None:
+            if self.r is not None and self.Jr is not None:
                 jr = self.Jr.reshape(-1)
                 reg = reg + jr @ da + removal.residual_coef * (a @ jr + self.r @ self.r)
             out = out + self.l2 * reg
@@ -739,50 +531,44 @@ class Dual(DirectMethod):
     # ------------------------------------------------------------------ generic solves
     def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:
         """(G + shift I)^{-1} V through the kernel: (1/mu)[V - J^T A^{-1} B J V], V [k, P]."""
+        engine = self._engine()
         mu = self.ridge + shift
-        V = V.to(self.tm.device, self.dtype).reshape(-1, self.tm.size)
+        V = V.to(engine.device, engine.dtype).reshape(-1, engine.space.size)
         system = self.system(mu)
         JV = self.jmul(V)  # [k, N, C]
         Y = JV.reshape(V.shape[0], -1).T
         X = system.solve(system.bmul(Y))  # [m, k]
         back = self.jt(X.T.reshape(V.shape[0], self.n, self.c))
-        return (V - back) / mu
+        return ((V - back) / mu).to(torch.float64)
 
     def solve_retained(self, V: Tensor, group: Tensor) -> Tensor:
         """H_R^{-1} V with H_R the retained curvature (drops the group's data and l2 share)."""
+        engine = self._engine()
         idx = torch.as_tensor(group, dtype=torch.long).reshape(-1)
         keep = torch.ones(self.n, dtype=torch.bool)
         keep[idx] = False
         retained = keep.nonzero().squeeze(1)
-        mu = len(retained) / self.n * self.l2 + self.damping
-        V = V.to(self.tm.device, self.dtype).reshape(-1, self.tm.size)
+        mu = self.fitted.retained_ridge(len(idx))
+        V = V.to(engine.device, engine.dtype).reshape(-1, engine.space.size)
         k = V.shape[0]
         system = self.system(mu, retained)
         JV = self.jmul(V)[:, retained]  # [k, N_R, C]
         X = system.solve(system.bmul(JV.reshape(k, -1).T))
-        U = torch.zeros(k, self.n, self.c, dtype=self.dtype, device=self.tm.device)
+        U = torch.zeros(k, self.n, self.c, dtype=engine.dtype, device=engine.device)
         U[:, retained] = X.T.reshape(k, len(retained), self.c)
-        return (V - self.jt(U)) / mu
+        return ((V - self.jt(U)) / mu).to(torch.float64)
 
     # ------------------------------------------------------------------ misc
-    def _check(self, estimator: str) -> None:
-        if estimator not in self.estimators:
-            raise UnsupportedError(
-                f"method 'dual' cannot compute estimator {estimator!r}; it supports "
-                f"{', '.join(self.estimators)}"
-            )
-
     def describe(self) -> dict[str, object]:
-        out = super().describe()
+        out: dict[str, object] = super().describe()
         out.update(
-            {
-                "form": self.form,
-                "solver": self.solver,
-                "ntk": self.ntk,
-                "linearized": self.linearize_at is not None,
-                "anchor": "0" if self.anchor is None else str(self.anchor)[:20],
-                "n_c": getattr(self, "m", None),
-                "representer_error": getattr(self, "representer_error", None),
-            }
+            linearized=self.options.linearize_at is not None,
+            n_c=getattr(self, "m", None),
+            representer_error=getattr(self, "representer_error", None),
+            ntk_strategy=(
+                None
+                if self.tangents is None or self._fitted is None
+                else self.tangents.resolved_strategy(self.fitted.train.take([0]))
+            ),
         )
         return out

@@ -1,29 +1,32 @@
-"""method="ekfac": K-FAC eigenbases with the exact diagonal in them (methods.md §4.3).
+"""method="ekfac": K-FAC eigenbases with the exact diagonal in them (docs/methods/kfac.md §4).
 
-Grosse et al. (2023, Eq. 20) and George et al. (2018): keep the Kronecker eigenbases
-``Q_S``, ``Q_A`` of :mod:`infkit.methods.kfac` and replace the eigenvalues by
+Grosse et al. (2023) and George et al. (2018): keep the Kronecker eigenbases ``Q_S``, ``Q_A`` of
+K-FAC and replace the eigenvalues ``lambda_S lambda_A^T`` by
 
     Lambda_oi = (1/N) sum_i E[(Q_S^T DW_i Q_A)_oi^2],
 
 the exact diagonal of the layer's mean-form GGN block in that basis (one more pass over the
-training data with per-example pseudo-gradients; with ``fisher="ggn"`` it is exact and
-deterministic). This corrects K-FAC's mis-scaled eigenvalues and the correlation between
-positions of a sequence. Everything else (options, damping, saved factors) is as for ``"kfac"``.
+training data; with ``fisher="ggn"`` exact and deterministic). This corrects K-FAC's mis-scaled
+eigenvalues and the correlation between positions of a sequence. Options, damping and saved
+factors are those of ``"kfac"`` (:class:`infkit.kfac.curvature.KroneckerOptions`).
 """
 
 from __future__ import annotations
 
-from infkit.methods import register
-from infkit.methods.kfac import KFAC
+from infkit.methods.base import Fidelity, Problem, register
+from infkit.methods.kfac import KFAC, factorable
 
 
 @register
 class EKFAC(KFAC):
-    __doc__ = KFAC.__doc__.replace(
-        "K-FAC: layerwise Kronecker-factored GGN ``S (x) A``, inverted in its eigenbasis.",
-        "EK-FAC: the K-FAC eigenbasis with the GGN's exact diagonal in it as eigenvalues.",
-    )
+    """EK-FAC: the K-FAC eigenbasis with the GGN's exact diagonal in it as eigenvalues."""
 
     name = "ekfac"
     summary = "eigenvalue-corrected K-FAC (Grosse et al. 2023); Linear/Conv2d/Conv1D; scales"
     corrected = True
+    fidelity = Fidelity(reference="ggn", rtol=None, min_correlation=0.6)
+    auto_priority = 2
+
+    @classmethod
+    def suits(cls, problem: Problem) -> bool:
+        return factorable(problem)

@@ -9,74 +9,88 @@ falling back to the eigendecomposition, which explains a singular or indefinite 
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Literal
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from infkit.errors import ProblemTooLargeError, UnsupportedError
+from infkit.data import Batch
+from infkit.errors import NotFittedError, ProblemTooLargeError
+from infkit.fitted import Fitted
 from infkit.linalg import SymmetricSolver
-from infkit.methods import register
-from infkit.methods.base import FitContext, InverseCurvature
-from infkit.parameters import human_bytes
+from infkit.memory import FLOAT64_BYTES, human_bytes
+from infkit.methods.base import Fidelity, PrimalMethod, Problem, register, scalable_methods
+from infkit.options import Options, option
 
-CURVATURES = ("ggn", "hessian")
+#: ``method="auto"`` picks ``exact`` up to this many parameters (when the memory allows)
+AUTO_MAX_PARAMETERS = 20_000
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactOptions(Options):
+    """Options of ``method="exact"``."""
+
+    curvature: Literal["ggn", "hessian"] = option(
+        "ggn", "per-example curvature: the Gauss-Newton block J^T Lambda J or the true Hessian"
+    )
 
 
 @register
-class Exact(InverseCurvature):
-    """Dense curvature with a Cholesky (or eigendecomposition) solve.
-
-    Args:
-        curvature: ``"ggn"`` (default) or ``"hessian"``.
-    """
+class Exact(PrimalMethod):
+    """Dense curvature with a Cholesky (or eigendecomposition) solve (docs/methods/exact.md)."""
 
     name = "exact"
-    estimators = ("if", "rif", "newton", "relatif")
     summary = "dense P x P GGN or Hessian, Cholesky solve; the reference for small models"
+    Options = ExactOptions
+    exact_example_curvature = True
+    fidelity = Fidelity(reference="ggn", rtol=1e-8)
+    auto_priority = 0
+    options: ExactOptions
 
-    def __init__(self, curvature: str = "ggn") -> None:
-        super().__init__()
-        if curvature not in CURVATURES:
-            raise UnsupportedError(
-                f"unknown curvature {curvature!r}; valid curvatures: {', '.join(CURVATURES)}"
-            )
-        self.curvature = curvature
+    def __init__(self, options: ExactOptions | None = None, /, **values: object) -> None:
+        super().__init__(options, **values)
+        self.curvature = self.options.curvature
         self.data_curvature: Tensor | None = None
         self._solvers: dict[float, SymmetricSolver] = {}
 
     @classmethod
     def memory_estimate(cls, n: int, p: int, c: int) -> int:
         # the curvature, its factor and one working copy, in float64
-        return 3 * p * p * 8
+        return 3 * p * p * FLOAT64_BYTES
 
-    def fit(self, context: FitContext) -> None:
-        from infkit.methods import scalable_methods
+    @classmethod
+    def suits(cls, problem: Problem) -> bool:
+        fits = cls.memory_estimate(problem.n, problem.p, problem.c) <= problem.memory_limit
+        return fits and problem.p <= AUTO_MAX_PARAMETERS
 
-        self.context = context
-        p = context.space.size
-        need = self.memory_estimate(context.n, p, 0)
-        if need > context.memory_limit:
+    def fit(self, fitted: Fitted) -> None:
+        super().fit(fitted)
+        p = fitted.space.size
+        need = self.memory_estimate(fitted.n, p, 0)
+        if need > fitted.memory_limit:
             raise ProblemTooLargeError(
                 f"method='exact' forms a dense {p:,} x {p:,} curvature (P = {p:,} parameters), "
                 f"which needs {human_bytes(need)}, above the memory limit of "
-                f"{human_bytes(context.memory_limit)}. Use a method that scales: "
+                f"{human_bytes(fitted.memory_limit)}. Use a method that scales: "
                 f"{', '.join(repr(m) for m in scalable_methods())}; or restrict the parameters "
                 "to attribute (requires_grad=False on the rest), or raise memory_limit."
             )
-        H = torch.zeros(p, p, dtype=torch.float64, device=context.space.device)
-        batches = context.train.batches(context.batch_size)
-        total = -(-context.n // context.batch_size)
+        H = torch.zeros(p, p, dtype=torch.float64, device=fitted.space.device)
+        batches = fitted.train.batches(fitted.batch_size)
+        total = -(-fitted.n // fitted.batch_size)
         for batch in tqdm(
-            batches, total=total, desc=f"exact {self.curvature}", disable=not context.progress
+            batches, total=total, desc=f"exact {self.curvature}", disable=not fitted.progress
         ):
             H += self.batch_curvature(batch)
-        self.data_curvature = H / context.n
+        self.data_curvature = H / fitted.n
         self._solvers.clear()
         self._solver(0.0)  # factorise now: a singular or indefinite curvature fails at fit
 
-    def batch_curvature(self, batch) -> Tensor:
+    def batch_curvature(self, batch: Batch) -> Tensor:
         """sum over the batch of C_i, dense [P, P] float64."""
-        engine = self.context.per_example
+        engine = self.fitted.engine
         if self.curvature == "hessian":
             return engine.hessian_sum(batch).to(torch.float64)
         J = engine.jacobians(batch).to(torch.float64)  # [B, C, P]
@@ -85,14 +99,18 @@ class Exact(InverseCurvature):
         b, c, p = J.shape
         return J.reshape(b * c, p).T @ LJ.reshape(b * c, p)
 
+    def _data_curvature(self) -> Tensor:
+        if self.data_curvature is None:
+            raise NotFittedError("method 'exact' has no curvature: call fit first")
+        return self.data_curvature
+
     def _solver(self, shift: float) -> SymmetricSolver:
         key = float(shift)
         if key not in self._solvers:
-            ctx = self.context
-            ridge = ctx.l2 + ctx.damping + key
-            A = self.data_curvature + ridge * torch.eye(
-                self.data_curvature.shape[0], dtype=torch.float64, device=self.data_curvature.device
-            )
+            ctx = self.fitted
+            H = self._data_curvature()
+            ridge = ctx.ridge + key
+            A = H + ridge * torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
             hint = (
                 ""
                 if key == 0
@@ -109,13 +127,14 @@ class Exact(InverseCurvature):
         return self._solver(shift).solve(V.to(torch.float64).T).T
 
     def solve_retained(self, V: Tensor, group: Tensor) -> Tensor:
-        ctx = self.context
+        ctx = self.fitted
         n, n_f = ctx.n, len(group)
-        C_F = torch.zeros_like(self.data_curvature)
+        H = self._data_curvature()
+        C_F = torch.zeros_like(H)
         for batch in ctx.train.batches(ctx.batch_size, group):
             C_F += self.batch_curvature(batch)
-        ridge = (n - n_f) / n * ctx.l2 + ctx.damping
-        A = self.data_curvature - C_F / n
+        ridge = ctx.retained_ridge(n_f)
+        A = H - C_F / n
         A = A + ridge * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
         solver = SymmetricSolver(
             A,
@@ -124,7 +143,7 @@ class Exact(InverseCurvature):
         return solver.solve(V.to(torch.float64).T).T
 
     def describe(self) -> dict[str, object]:
-        out = super().describe()
+        out: dict[str, object] = super().describe()
         if self._solvers:
             out["factorisation"] = next(iter(self._solvers.values())).method
         return out

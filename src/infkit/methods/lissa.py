@@ -29,21 +29,22 @@ The core recursion, :func:`lissa`, takes any ``matmat`` so it can be checked on 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from infkit.blocks import block_diagonal, layer_slices
-from infkit.curvature import KINDS, CurvatureOperator
-from infkit.errors import CurvatureError, InvalidInputError, UnsupportedError
-from infkit.methods import register
-from infkit.methods.base import FitContext, InverseCurvature
+from infkit.curvature import Curvature, CurvatureOperator
+from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, warn
+from infkit.fitted import Fitted
+from infkit.methods.base import Fidelity, PrimalMethod, register
+from infkit.options import Options, option
 
-BLOCKS = (None, "layer")
 #: an iterate whose norm exceeds this multiple of the contractive bound counts as diverged
 DIVERGENCE_FACTOR = 10.0
 #: steps between two divergence checks (a non-finite iterate is caught at the next check)
@@ -105,7 +106,7 @@ def lissa(
                 f"s={scale:.4g}, damping d={damping:.4g}, effective damping d*s="
                 f"{damping * scale:.4g}). The series converges only when every minibatch "
                 "curvature plus the damping stays below 2*s: raise the scale (scale=... or "
-                "scale_factor=...), raise the damping, use a larger minibatch (minibatch=...), "
+                "scale_factor=...), raise the damping, use a larger minibatch (product_batch_size=...), "
                 "or use curvature='ggn' (the Hessian may be indefinite)"
             )
     return LissaResult(h / scale, depth)
@@ -138,72 +139,58 @@ def power_iteration(
     return estimate
 
 
-@register
-class Lissa(InverseCurvature):
-    """Stochastic Neumann series on minibatch GGN/Hessian-vector products.
+@dataclasses.dataclass(frozen=True)
+class LissaOptions(Options):
+    """Options of ``method="lissa"``."""
 
-    Args:
-        curvature: ``"ggn"`` (default, positive semidefinite) or ``"hessian"``.
-        scale: s; ``"auto"`` (default) uses ``scale_factor * (lambda_max(H) + l2 + damping)``
-            with lambda_max from power iteration on the full data curvature.
-        scale_factor: safety factor of the automatic scale (default 1.1, i.e. s >= lambda_max).
-        depth: recursion depth J; ``"auto"`` (default) picks the J for which the slowest
-            direction's error ``(1 - ridge/s)^J`` is below ``tol``, capped at ``max_depth``.
-        tol: target truncation error for ``depth="auto"`` (default 1e-2: with minibatches the
-            sampling noise is usually larger; lower it for full-batch, deterministic runs).
-        max_depth: cap of the automatic depth (a warning says when it binds).
-        repeats: independent runs averaged (each with its own minibatch order).
-        minibatch: examples per minibatch curvature H~_j (default 256; the full set when N is
-            smaller, which makes the recursion deterministic).
-        blocks: ``None`` (full curvature) or ``"layer"``: block-diagonal curvature, one block per
-            parameter tensor (cross-layer curvature dropped).
-        power_iterations: iterations of the lambda_max estimate.
-        seed: seeds the minibatch order and the power iteration.
+    aliases: ClassVar[Mapping[str, str]] = {"minibatch": "product_batch_size"}
+
+    curvature: Curvature = option("ggn", "per-example curvature: 'ggn' (PSD) or 'hessian'")
+    scale: float | Literal["auto"] = option(
+        "auto",
+        "s; 'auto' = scale_factor x (lambda_max(H) + l2 + damping), power iteration",
+        above=0,
+    )
+    scale_factor: float = option(1.1, "safety factor of the automatic scale", minimum=1.0)
+    depth: int | Literal["auto"] = option(
+        "auto", "recursion depth J; 'auto': the slowest direction's error below tol", minimum=0
+    )
+    tol: float = option(1e-2, "target truncation error of depth='auto'", above=0)
+    max_depth: int = option(
+        10_000, "cap of the automatic depth (a warning says when it binds)", minimum=1
+    )
+    repeats: int = option(1, "independent runs averaged (each its own minibatch order)", minimum=1)
+    product_batch_size: int | None = option(
+        None, "examples per minibatch curvature product (default 256, or N when smaller)", minimum=1
+    )
+    blocks: Literal["layer"] | None = option(
+        None, "None (full curvature) or 'layer' (block-diagonal: one block per parameter tensor)"
+    )
+    power_iterations: int = option(30, "iterations of the lambda_max estimate", minimum=1)
+    seed: int = option(0, "seeds the minibatch order and the power iteration")
+
+
+@register
+class Lissa(PrimalMethod):
+    """Stochastic Neumann series on minibatch GGN/Hessian-vector products (docs/methods/lissa.md).
+
+    With fewer examples than ``product_batch_size`` every product is over the full set, which
+    makes the recursion deterministic.
     """
 
     name = "lissa"
-    estimators = ("if", "rif", "newton", "relatif")
     summary = "stochastic Neumann series (LiSSA) on minibatch curvature products, automatic scale"
+    Options = LissaOptions
     scales = True
+    exact_example_curvature = True
+    fidelity = Fidelity(
+        reference="ggn", rtol=None, min_correlation=0.98, test_options={"tol": 1e-6}
+    )
+    options: LissaOptions
 
-    def __init__(
-        self,
-        curvature: str = "ggn",
-        scale: float | str = "auto",
-        scale_factor: float = 1.1,
-        depth: int | str = "auto",
-        tol: float = 1e-2,
-        max_depth: int = 10_000,
-        repeats: int = 1,
-        minibatch: int | None = None,
-        blocks: str | None = None,
-        power_iterations: int = 30,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if curvature not in KINDS:
-            raise UnsupportedError(f"unknown curvature {curvature!r}; valid curvatures: {KINDS}")
-        if blocks not in BLOCKS:
-            raise UnsupportedError(f"unknown blocks {blocks!r}; use None or 'layer'")
-        if not (scale == "auto" or (isinstance(scale, (int, float)) and scale > 0)):
-            raise InvalidInputError(f"scale must be 'auto' or a number > 0, got {scale!r}")
-        if not (depth == "auto" or (isinstance(depth, int) and depth >= 0)):
-            raise InvalidInputError(f"depth must be 'auto' or an integer >= 0, got {depth!r}")
-        if repeats < 1:
-            raise InvalidInputError(f"repeats must be >= 1, got {repeats}")
-        if not scale_factor >= 1.0:
-            raise InvalidInputError(f"scale_factor must be >= 1, got {scale_factor}")
-        self.curvature = curvature
-        self.scale_option = scale
-        self.scale_factor = scale_factor
-        self.depth_option = depth
-        self.tol = tol
-        self.max_depth = max_depth
-        self.repeats = repeats
-        self.minibatch = minibatch
-        self.blocks = blocks
-        self.power_iterations = power_iterations
-        self.seed = seed
+    def __init__(self, options: LissaOptions | None = None, /, **values: object) -> None:
+        super().__init__(options, **values)
+        self.curvature = self.options.curvature
         self.lambda_max: float | None = None
         self.scale: float | None = None
         self.products = 0
@@ -212,82 +199,90 @@ class Lissa(InverseCurvature):
         self._slices: list[slice] | None = None
 
     # ------------------------------------------------------------------ fit
-    def fit(self, context: FitContext) -> None:
-        self.context = context
-        if self.blocks == "layer":
-            self._slices = [sl for _, sl in layer_slices(context.space)]
-        ridge = context.l2 + context.damping
-        if self.scale_option == "auto":
+    def fit(self, fitted: Fitted) -> None:
+        super().fit(fitted)
+        options = self.options
+        if options.blocks == "layer":
+            self._slices = [sl for _, sl in layer_slices(fitted.space)]
+        ridge = fitted.ridge
+        if options.scale == "auto":
             full = CurvatureOperator(
-                context.per_example,
-                context.train,
+                fitted.engine,
+                fitted.train,
                 self.curvature,
-                batch_size=max(self._batch(), 4 * context.batch_size),
+                batch_size=max(self._batch(), 4 * fitted.batch_size),
             )
-            matmat = self._wrap(full.matmat)
             self.lambda_max = power_iteration(
-                matmat,
-                context.space.size,
-                iterations=self.power_iterations,
-                seed=self.seed,
-                device=context.space.device,
+                self._wrap(full.matmat),
+                fitted.space.size,
+                iterations=options.power_iterations,
+                seed=options.seed,
+                device=fitted.space.device,
             )
             self.products += full.products
-            self.scale = self.scale_factor * (self.lambda_max + ridge)
+            self.scale = options.scale_factor * (self.lambda_max + ridge)
             if not self.scale > 0:
                 raise CurvatureError(
                     "LiSSA's automatic scale is 0: the data curvature vanishes and l2 + damping "
                     "is 0; pass damping > 0"
                 )
         else:
-            self.scale = float(self.scale_option)
+            self.scale = float(options.scale)
 
     def _batch(self) -> int:
-        n = self.context.n
-        return min(self.minibatch or 256, n)
+        return min(self.options.product_batch_size or 256, self.fitted.n)
+
+    def _scale(self) -> float:
+        if self.scale is None:
+            raise NotFittedError("method 'lissa' is not fitted")
+        return self.scale
 
     def _wrap(self, matmat: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
         return block_diagonal(matmat, self._slices) if self._slices is not None else matmat
 
     def _depth(self, ridge: float) -> int:
-        if self.depth_option != "auto":
-            return int(self.depth_option)
+        options, scale = self.options, self._scale()
+        if options.depth != "auto":
+            return int(options.depth)
         if ridge <= 0:
-            depth = self.max_depth
+            depth = options.max_depth
         else:
-            rate = -math.log1p(-min(ridge / self.scale, 1.0 - 1e-16))
-            depth = math.ceil(math.log(1.0 / self.tol) / rate)
-        if depth > self.max_depth:
-            warnings.warn(
-                f"LiSSA needs depth {depth:,} to reach tol={self.tol:g} with scale "
-                f"{self.scale:.4g} and ridge {ridge:.3g}; capped at max_depth={self.max_depth:,}, "
+            rate = -math.log1p(-min(ridge / scale, 1.0 - 1e-16))
+            depth = math.ceil(math.log(1.0 / options.tol) / rate)
+        if depth > options.max_depth:
+            warn(
+                f"LiSSA needs depth {depth:,} to reach tol={options.tol:g} with scale "
+                f"{scale:.4g} and ridge {ridge:.3g}; capped at max_depth={options.max_depth:,}, "
                 f"which leaves an implicit extra damping of about s/J = "
-                f"{self.scale / self.max_depth:.2g}. Raise max_depth or the damping, or use "
+                f"{scale / options.max_depth:.2g}. Raise max_depth or the damping, or use "
                 "method='cg'",
                 UserWarning,
-                stacklevel=5,
             )
-            depth = self.max_depth
+            depth = options.max_depth
         return depth
 
-    def _minibatch_matmat(self, pool: Tensor, share: float, gen: torch.Generator):
+    def _minibatch_matmat(
+        self, pool: Tensor, share: float, gen: torch.Generator
+    ) -> Callable[[Tensor], Tensor]:
         """X -> H~_j X on the next minibatch of ``pool`` (reshuffled every epoch).
 
         H~_j = share * (1/b) sum_{i in minibatch} C_i, an unbiased estimate of
         ``(1/N) sum_{i in pool} C_i`` when share = |pool| / N.
         """
-        ctx = self.context
+        fitted = self.fitted
         b = min(self._batch(), len(pool))
-        operator = CurvatureOperator(ctx.per_example, ctx.train, self.curvature, batch_size=b)
-        dtype = ctx.space.dtype
-        state = {"order": pool[torch.randperm(len(pool), generator=gen)], "at": 0}
+        operator = CurvatureOperator(fitted.engine, fitted.train, self.curvature, batch_size=b)
+        dtype = fitted.engine.dtype
+        order = pool[torch.randperm(len(pool), generator=gen)]
+        at = 0
 
         def matmat(X: Tensor) -> Tensor:
-            if state["at"] + b > len(pool):
-                state["order"] = pool[torch.randperm(len(pool), generator=gen)]
-                state["at"] = 0
-            batch = ctx.train.take(state["order"][state["at"] : state["at"] + b])
-            state["at"] += b
+            nonlocal order, at
+            if at + b > len(pool):
+                order = pool[torch.randperm(len(pool), generator=gen)]
+                at = 0
+            batch = fitted.train.take(order[at : at + b])
+            at += b
 
             def product(Y: Tensor) -> Tensor:
                 self.products += Y.shape[0]
@@ -300,49 +295,48 @@ class Lissa(InverseCurvature):
     def _run(self, V: Tensor, ridge: float, pool: Tensor, share: float) -> Tensor:
         depth = self._depth(ridge)
         self.depths.append(depth)
+        scale = self._scale()
         # The recursion runs in the model's dtype: float32 models halve its memory traffic, and
         # its rounding (~1e-7 per step) stays far below the minibatch sampling noise.
-        V = V.to(self.context.space.dtype)
+        V = V.to(self.fitted.engine.dtype)
         total = torch.zeros_like(V, dtype=torch.float64)
-        for _ in range(self.repeats):
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._runs)
+        for _ in range(self.options.repeats):
+            gen = torch.Generator().manual_seed(self.options.seed * 1_000_003 + self._runs)
             self._runs += 1
             matmat = self._minibatch_matmat(pool, share, gen)
-            estimate = lissa(matmat, V, scale=self.scale, damping=ridge / self.scale, depth=depth)
+            estimate = lissa(matmat, V, scale=scale, damping=ridge / scale, depth=depth)
             total += estimate.X.to(torch.float64)
-        return total / self.repeats
+        return total / self.options.repeats
 
     # ------------------------------------------------------------------ solves
     def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:
-        ctx = self.context
-        ridge = ctx.l2 + ctx.damping + shift
-        return self._run(V.to(torch.float64), ridge, torch.arange(ctx.n), 1.0)
+        fitted = self.fitted
+        return self._run(V.to(torch.float64), fitted.ridge + shift, torch.arange(fitted.n), 1.0)
 
     def solve_retained(self, V: Tensor, group: Tensor) -> Tensor:
-        ctx = self.context
-        keep = torch.ones(ctx.n, dtype=torch.bool)
+        fitted = self.fitted
+        keep = torch.ones(fitted.n, dtype=torch.bool)
         keep[group] = False
         pool = keep.nonzero().squeeze(1)
-        ridge = ctx.retained_ridge(ctx.n - len(pool))
+        ridge = fitted.retained_ridge(fitted.n - len(pool))
         # (1/N) sum_{i in R} C_i = (N_R / N) * (minibatch mean over R)
-        return self._run(V.to(torch.float64), ridge, pool, len(pool) / ctx.n)
+        return self._run(V.to(torch.float64), ridge, pool, len(pool) / fitted.n)
 
     def describe(self) -> dict[str, object]:
-        out = super().describe()
-        ctx = self.context
-        ridge = (ctx.l2 + ctx.damping) if ctx is not None else None
+        out: dict[str, object] = super().describe()
+        ridge = self.fitted.ridge if self._fitted is not None else None
         out.update(
             scale=self.scale,
             lambda_max=self.lambda_max,
             lissa_damping=None if ridge is None or not self.scale else ridge / self.scale,
             effective_damping=ridge,
-            depth=self.depths[-1] if self.depths else self.depth_option,
+            depth=self.depths[-1] if self.depths else self.options.depth,
             implicit_damping=(
-                self.scale / self.depths[-1] if self.depths and self.depths[-1] else None
+                self.scale / self.depths[-1]
+                if self.scale and self.depths and self.depths[-1]
+                else None
             ),
-            repeats=self.repeats,
-            minibatch=self._batch() if ctx is not None else self.minibatch,
-            blocks=self.blocks,
+            product_batch_size=self._batch() if self._fitted is not None else None,
             curvature_products=self.products,
         )
         return out

@@ -1,4 +1,4 @@
-"""method="trak": random projections and the one-step-Newton logistic surrogate (methods.md §6.5).
+"""method="trak": random projections and the one-step-Newton logistic surrogate (docs/methods/trak.md).
 
 TRAK (Park et al., ICML 2023) linearises each model m around its parameters and replaces the loss
 curvature by the Gram matrix of projected output gradients:
@@ -24,7 +24,7 @@ through the surrogate: removing i changes the surrogate parameters by
 For a margin measurement this is ``-tau_j(z_t)``; for the loss it is about ``(1 - p_t) tau_j(z_t)``
 (> 0: j is a proponent). Phi^T Phi is a sum over examples, so the 1/N of a mean-form curvature is
 built in. infkit's ``l2`` and ``damping`` are not used: TRAK's own ridge is ``lambda_reg`` (sum
-form, default 0 as in trak; then proj_dim must be below N). The global scale is that of a
+form, default 0 as in trak; the default ``proj_dim="auto"`` stays below N / 4). The global scale is that of a
 surrogate model: use TRAK for ranking and LDS rather than to predict absolute changes.
 
 ``checkpoints`` (state dicts or flat vectors of the same architecture: checkpoints of one run, or
@@ -34,24 +34,38 @@ independently trained models) make the ensemble; by default the fitted model alo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from infkit.checkpoints import Checkpoint, checkpoint_vector, parameters_at
 from infkit.data import ExampleSet
-from infkit.errors import CurvatureError, InvalidInputError, ProblemTooLargeError, UnsupportedError
-from infkit.gradients import PerExample
-from infkit.methods import register
-from infkit.methods.base import DirectMethod, FitContext
-from infkit.parameters import human_bytes
+from infkit.errors import (
+    CurvatureError,
+    InvalidInputError,
+    NotFittedError,
+    ProblemTooLargeError,
+    UnsupportedError,
+    warn,
+)
+from infkit.estimators import Estimator
+from infkit.fitted import Fitted
+from infkit.gradients import PerExample, Which
+from infkit.memory import FLOAT64_BYTES, human_bytes
+from infkit.methods.base import Fidelity, Method, register
+from infkit.options import Options, option
 from infkit.task import Task, classification_margin
 
-PROJECTIONS = ("rademacher", "gaussian", "identity")
+Projection = Literal["rademacher", "gaussian", "identity"]
 #: rows of R generated per seeded chunk (fixes R independently of how it is used)
 CHUNK_ROWS = 1024
+#: the largest automatic projection dimension (trak's default proj_dim)
+TRAK_DEFAULT_DIM = 2048
+#: ``proj_dim="auto"`` stays at or below N / this
+AUTO_DIM_DIVISOR = 4
 
 
 def _softmax_out_to_loss(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -124,66 +138,71 @@ class Projector:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class TrakOptions(Options):
+    """Options of ``method="trak"``."""
+
+    proj_dim: int | Literal["auto"] = option(
+        "auto",
+        "k, the projection dimension; 'auto' = min(2048, P, N // 4), safely below N",
+        minimum=1,
+    )
+    projection: Projection = option(
+        "rademacher", "'rademacher', 'gaussian' (entries scaled by 1/sqrt(k)) or 'identity' (k = P)"
+    )
+    lambda_reg: float = option(0.0, "ridge added to Phi^T Phi (sum form; 0 as in trak)", minimum=0)
+    checkpoints: Sequence[Checkpoint] | None = option(
+        None, "models of the ensemble (state dicts or flat [P] vectors); default: the fitted one"
+    )
+    normalise: bool = option(
+        False, "divide each model's (Phi^T Phi + lambda I)^-1 by its mean |entry| (trak's option)"
+    )
+    output: Callable[..., Tensor] | None = option(
+        None, "fn(outputs, targets) -> [B], the model output function f (default: the margin)"
+    )
+    out_to_loss: Callable[..., Tensor] | None = option(
+        None, "fn(outputs, targets) -> [B], the weights Q (default: 1 - p_y)"
+    )
+    seed: int = option(0, "seeds the projection")
+    projection_memory: int = option(
+        512 << 20, "bytes R may take in memory before it is streamed chunk by chunk", minimum=0
+    )
+
+    def __post_init__(self) -> None:
+        if (self.output is None) != (self.out_to_loss is None):
+            raise InvalidInputError("method 'trak': pass both output and out_to_loss, or neither")
+        if self.checkpoints is not None and not list(self.checkpoints):
+            raise InvalidInputError(
+                "method 'trak': checkpoints is empty; pass at least one, or None"
+            )
+
+
+def default_projection_dim(n: int, p: int) -> int:
+    """``proj_dim="auto"``: min(2048, P, N // 4), at least 1 (docs/methods/trak.md §4)."""
+    return max(1, min(TRAK_DEFAULT_DIM, p, n // AUTO_DIM_DIVISOR))
+
+
 @register
-class Trak(DirectMethod):
+class Trak(Method):
     """TRAK: projected output gradients, logistic one-step Newton, ensembled over checkpoints.
 
-    Args:
-        proj_dim: k, the projection dimension (default 2048, as in trak; capped at P).
-        projection: ``"rademacher"`` (default), ``"gaussian"`` or ``"identity"`` (k = P).
-        lambda_reg: ridge added to Phi^T Phi (sum form; default 0, as in trak).
-        checkpoints: models of the ensemble (state dicts or flat [P] vectors); default: the
-            fitted model only.
-        normalise: divide each model's (Phi^T Phi + lambda I)^{-1} by its mean absolute entry
-            before averaging, as trak's ``get_x_xtx_inv`` does (changes the scale, not M = 1
-            rankings).
-        output: ``fn(outputs, targets) -> [B]``, the model output function f (default: the
-            margin for ``Task.classification`` / ``Task.binary_classification``).
-        out_to_loss: ``fn(outputs, targets) -> [B]``, the weights Q (default: 1 - p_y).
-        seed: seeds the projection.
-        projection_memory: bytes R may take in memory before it is streamed (default 512 MiB).
+    See the module docstring and docs/methods/trak.md. With ``proj_dim="auto"`` the projection
+    stays well below the number of training examples (the Gram matrix ``Phi^T Phi`` is then
+    invertible without a ridge); a projection wider than N / 2 with ``lambda_reg=0`` triggers a
+    warning, because ``(Phi^T Phi)^{-1}`` inflates by about ``N / (N - k)`` there.
     """
 
     name = "trak"
-    estimators = ("if",)
     summary = "TRAK: random projections of gradients, one-step-Newton logistic surrogate, ensembles"
+    Options = TrakOptions
     scales = True
     curvature = "feature-gram"
-    #: a surrogate of its own, not a counterfactual at an optimum: no stationarity warning
-    assumes_optimum = False
+    uses_training_gradients = False
+    fidelity = Fidelity(reference="ggn", rtol=None, min_correlation=0.3)
+    options: TrakOptions
 
-    def __init__(
-        self,
-        proj_dim: int = 2048,
-        projection: str = "rademacher",
-        lambda_reg: float = 0.0,
-        checkpoints: Sequence[Checkpoint] | None = None,
-        normalise: bool = False,
-        output: Callable[[Tensor, Any], Tensor] | None = None,
-        out_to_loss: Callable[[Tensor, Any], Tensor] | None = None,
-        seed: int = 0,
-        projection_memory: int = 512 << 20,
-    ) -> None:
-        super().__init__()
-        if projection not in PROJECTIONS:
-            raise UnsupportedError(f"unknown projection {projection!r}; use one of {PROJECTIONS}")
-        if proj_dim < 1:
-            raise InvalidInputError(f"proj_dim must be >= 1, got {proj_dim}")
-        if not lambda_reg >= 0:
-            raise InvalidInputError(f"lambda_reg must be >= 0, got {lambda_reg}")
-        if (output is None) != (out_to_loss is None):
-            raise InvalidInputError("pass both output and out_to_loss, or neither")
-        if checkpoints is not None and not list(checkpoints):
-            raise InvalidInputError("checkpoints is empty; pass at least one, or None")
-        self.proj_dim = proj_dim
-        self.projection = projection
-        self.lambda_reg = float(lambda_reg)
-        self.checkpoints = None if checkpoints is None else list(checkpoints)
-        self.normalise = normalise
-        self.output = output
-        self.out_to_loss = out_to_loss
-        self.seed = seed
-        self.projection_memory = projection_memory
+    def __init__(self, options: TrakOptions | None = None, /, **values: object) -> None:
+        super().__init__(options, **values)
         self.projector: Projector | None = None
         self.weights: Tensor | None = None  # Qbar [N]
         #: per model: Phi_m [N, k], the Cholesky factor of Phi_m^T Phi_m + lambda I, and the
@@ -191,10 +210,16 @@ class Trak(DirectMethod):
         self._models_data: list[tuple[Tensor, Tensor, float]] = []
         self._output_engine: PerExample | None = None
 
+    @property
+    def assumes_optimum(self) -> bool:
+        # a surrogate of its own, not a counterfactual at an optimum: no stationarity check
+        return False
+
     # ------------------------------------------------------------------ fit
-    def _functions(self, task: Task):
-        if self.output is not None:
-            return self.output, self.out_to_loss
+    def _functions(self, task: Task) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+        options = self.options
+        if options.output is not None and options.out_to_loss is not None:
+            return options.output, options.out_to_loss
         if task.name == "classification":
             return classification_margin, _softmax_out_to_loss
         if task.name == "binary_classification":
@@ -205,70 +230,88 @@ class Trak(DirectMethod):
             "pass output=fn(outputs, targets) and out_to_loss=fn(outputs, targets)"
         )
 
-    def _models(self):
+    def _models(self) -> list[contextlib.AbstractContextManager[Any]]:
         """Context managers placing the model at each ensemble member in turn."""
-        space = self.context.space
-        if self.checkpoints is None:
+        space = self.fitted.space
+        if self.options.checkpoints is None:
             return [contextlib.nullcontext()]
-        return [parameters_at(space, w, k) for k, w in enumerate(self.checkpoints)]
+        return [parameters_at(space, w, k) for k, w in enumerate(self.options.checkpoints)]
 
-    def fit(self, context: FitContext) -> None:
-        self.context = context
-        task, space, n = context.task, context.space, context.n
+    def _dimension(self, n: int, p: int) -> int:
+        options = self.options
+        if options.projection == "identity":
+            return p
+        if options.proj_dim == "auto":
+            return default_projection_dim(n, p)
+        k = min(int(options.proj_dim), p)
+        if options.lambda_reg == 0 and k > n:
+            raise CurvatureError(
+                f"with lambda_reg=0, Phi^T Phi ({k} x {k}) is singular because proj_dim {k} "
+                f"exceeds the {n} training examples: lower proj_dim below N (proj_dim='auto' "
+                "picks N // 4) or set lambda_reg > 0"
+            )
+        if options.lambda_reg == 0 and k > n / 2:
+            warn(
+                f"TRAK's proj_dim {k} is close to the {n} training examples: with lambda_reg=0 "
+                f"(Phi^T Phi)^-1 inflates by about N / (N - k) = {n / (n - k):.1f} and the scores "
+                "become noisy; use proj_dim='auto' (N // 4), a smaller proj_dim or lambda_reg > 0",
+                UserWarning,
+            )
+        return k
+
+    def fit(self, fitted: Fitted) -> None:
+        super().fit(fitted)
+        options = self.options
+        task, space, n = fitted.task, fitted.space, fitted.n
         output, out_to_loss = self._functions(task)
         output_task = Task(task.model, task.loss, output, output_fn=task.output_fn)
-        self._output_engine = PerExample(output_task, space, context.per_example.mode)
-        self._out_to_loss = out_to_loss
-        for k, w in enumerate(self.checkpoints or []):
+        self._output_engine = PerExample(output_task, space, fitted.engine.mode)
+        for k, w in enumerate(options.checkpoints or []):
             checkpoint_vector(space, w, k)
-        k = space.size if self.projection == "identity" else min(self.proj_dim, space.size)
-        models = 1 if self.checkpoints is None else len(self.checkpoints)
-        need = (models * n * k + 2 * k * k) * 8
-        if need > context.memory_limit:
+        k = self._dimension(n, space.size)
+        models = 1 if options.checkpoints is None else len(options.checkpoints)
+        need = (models * n * k + 2 * k * k) * FLOAT64_BYTES
+        if need > fitted.memory_limit:
             raise ProblemTooLargeError(
                 f"method='trak' keeps {models} x {n:,} x {k:,} projected features "
                 f"({human_bytes(need)}), above the memory limit of "
-                f"{human_bytes(context.memory_limit)}; lower proj_dim"
-            )
-        if self.lambda_reg == 0 and k > n:
-            raise CurvatureError(
-                f"with lambda_reg=0, Phi^T Phi ({k} x {k}) is singular because proj_dim {k} "
-                f"exceeds the {n} training examples: lower proj_dim below N or set lambda_reg > 0"
+                f"{human_bytes(fitted.memory_limit)}; lower proj_dim"
             )
         self.projector = Projector(
             space.size,
             k,
-            self.projection,
-            self.seed,
+            options.projection,
+            options.seed,
             space.dtype,
             space.device,
-            self.projection_memory,
+            options.projection_memory,
         )
         weights = torch.zeros(n, dtype=torch.float64)
         self._models_data = []
         for m, at in enumerate(self._models()):
             with at:
                 Phi = torch.empty(n, k, dtype=torch.float64, device=space.device)
-                for batch in context.train.batches(context.batch_size):
+                for batch in fitted.train.batches(fitted.batch_size):
                     G = self._output_engine.grads(batch, "measurement")
                     Phi[batch.indices] = self.projector.project(G)
-                    outputs = context.per_example.outputs(batch)
-                    _, targets = context.per_example.prepare(batch)
+                    outputs = fitted.engine.outputs(batch)
+                    _, targets = fitted.engine.prepare(batch)
                     weights[batch.indices] += out_to_loss(outputs, targets).to(torch.float64).cpu()
             self._models_data.append(self._factorise(Phi, m))
         self.weights = weights / len(self._models_data)
 
     def _factorise(self, Phi: Tensor, m: int) -> tuple[Tensor, Tensor, float]:
         k = Phi.shape[1]
-        gram = Phi.T @ Phi + self.lambda_reg * torch.eye(k, dtype=Phi.dtype, device=Phi.device)
+        lam = self.options.lambda_reg
+        gram = Phi.T @ Phi + lam * torch.eye(k, dtype=Phi.dtype, device=Phi.device)
         L, info = torch.linalg.cholesky_ex(gram)
         if int(info) != 0:
             raise CurvatureError(
                 f"TRAK's feature Gram matrix Phi^T Phi + lambda I of model {m} is singular or "
-                f"numerically indefinite (lambda_reg={self.lambda_reg:g}, proj_dim={k}, "
+                f"numerically indefinite (lambda_reg={lam:g}, proj_dim={k}, "
                 f"N={Phi.shape[0]}): raise lambda_reg or lower proj_dim"
             )
-        divisor = float(torch.cholesky_inverse(L).abs().mean()) if self.normalise else 1.0
+        divisor = float(torch.cholesky_inverse(L).abs().mean()) if self.options.normalise else 1.0
         return Phi, L, divisor
 
     @staticmethod
@@ -276,72 +319,72 @@ class Trak(DirectMethod):
         """X (Phi^T Phi + lambda I)^{-1} / divisor for rows X [r, k]."""
         return torch.cholesky_solve(X.T, L).T / divisor
 
-    # ------------------------------------------------------------------ questions
-    def _check(self, estimator: str) -> None:
-        if estimator != "if":  # pragma: no cover - guarded by check_estimator
-            raise UnsupportedError(f"method 'trak' supports estimator 'if' only, not {estimator!r}")
+    def _fitted_parts(self) -> tuple[Projector, Tensor]:
+        if self.projector is None or self.weights is None:
+            raise NotFittedError("method 'trak' is not fitted")
+        return self.projector, self.weights
 
-    def scores(self, state, test: ExampleSet, estimator: str, relatif: str) -> Tensor:
-        self._check(estimator)
-        S = torch.zeros(len(test), state.n, dtype=torch.float64)
+    # ------------------------------------------------------------------ answers
+    def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
+        fitted = self.fitted
+        projector, weights = self._fitted_parts()
+        S = torch.zeros(len(queries), fitted.n, dtype=torch.float64)
         for (Phi, L, divisor), at in zip(self._models_data, self._models()):
             with at:
                 F = torch.cat(
                     [
-                        self.projector.project(state.engine.grads(b, "measurement"))
-                        for b in test.batches(state.batch_size)
+                        projector.project(fitted.engine.grads(b, "measurement"))
+                        for b in queries.batches(fitted.batch_size)
                     ]
                 )
             S += (self._inverse_times(F, L, divisor) @ Phi.T).cpu()
-        return -(S / len(self._models_data)) * self.weights.unsqueeze(0)
+        return -(S / len(self._models_data)) * weights.unsqueeze(0)
 
-    def self_scores(self, state, estimator: str, relatif: str) -> Tensor:
-        self._check(estimator)
-        out = torch.zeros(state.n, dtype=torch.float64)
+    def self_scores(self, estimator: Estimator) -> Tensor:
+        fitted = self.fitted
+        projector, weights = self._fitted_parts()
+        out = torch.zeros(fitted.n, dtype=torch.float64)
         for (Phi, L, divisor), at in zip(self._models_data, self._models()):
             with at:
-                for batch in state.train.batches(state.batch_size):
-                    F = self.projector.project(state.engine.grads(batch, "loss"))
+                for batch in fitted.train.batches(fitted.batch_size):
+                    F = projector.project(fitted.engine.grads(batch, "loss"))
                     W = self._inverse_times(F, L, divisor)
                     out[batch.indices] += (W * Phi[batch.indices]).sum(1).cpu()
-        return -(out / len(self._models_data)) * self.weights
+        return -(out / len(self._models_data)) * weights
 
-    def group_delta(self, state, indices: Tensor, estimator: str) -> Tensor:
-        self._check(estimator)
-        total = 0.0
+    def removal(self, indices: Tensor, estimator: Estimator) -> Tensor:
+        estimator.require_counterfactual()
+        projector, weights = self._fitted_parts()
+        total: Tensor | None = None
         for Phi, L, divisor in self._models_data:
-            q = self.weights[indices].to(Phi.device)
-            total = total + self._inverse_times((Phi[indices].T @ q).unsqueeze(0), L, divisor)[0]
-        return -self.projector.back(total / len(self._models_data))
-
-    def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:
-        raise UnsupportedError(
-            "method 'trak' answers scores, self_scores and remove directly from its projected "
-            "features; it has no inverse curvature to apply (input_influence is not available)"
-        )
+            q = weights[indices].to(Phi.device)
+            part = self._inverse_times((Phi[indices].T @ q).unsqueeze(0), L, divisor)[0]
+            total = part if total is None else total + part
+        assert total is not None  # at least one model
+        return -projector.back(total / len(self._models_data))
 
     def features(self, data: Any, which: str = "measurement", model: int = 0) -> Tensor:
         """Projected gradients R^T grad [n, k] of ``which`` ("measurement", "loss" or "output")."""
-        examples = ExampleSet(data, name="data")
-        ctx = self.context
-        engine = self._output_engine if which == "output" else ctx.per_example
-        kind = "measurement" if which == "output" else which
+        fitted = self.fitted
+        projector, _ = self._fitted_parts()
+        examples = fitted.examples(data, "data")
+        engine = self._output_engine if which == "output" else fitted.engine
+        if engine is None:
+            raise NotFittedError("method 'trak' is not fitted")
+        kind: Which = "loss" if which == "loss" else "measurement"
         with self._models()[model]:
             return torch.cat(
                 [
-                    self.projector.project(engine.grads(b, kind))
-                    for b in examples.batches(ctx.batch_size)
+                    projector.project(engine.grads(b, kind))
+                    for b in examples.batches(fitted.batch_size)
                 ]
             )
 
     def describe(self) -> dict[str, object]:
-        out = super().describe()
+        out: dict[str, object] = super().describe()
         out.update(
             proj_dim=None if self.projector is None else self.projector.dim,
-            projection=self.projection,
-            lambda_reg=self.lambda_reg,
-            models=1 if self.checkpoints is None else len(self.checkpoints),
-            normalise=self.normalise,
+            models=len(self._models_data),
             projection_kept=None if self.projector is None else self.projector.matrix is not None,
         )
         return out

@@ -200,3 +200,32 @@ class BlockLayout:
         """Positions in R^P of the augmented block's entries, row-major, [d_out * cols]."""
         idx = torch.arange(self.space.size, device=self.space.device).unsqueeze(0)
         return self.block(idx, t).reshape(-1)
+
+
+@dataclass
+class TrackedLayers:
+    """The layers a fitted method attributes through, and how flat vectors map onto them.
+
+    Attributes:
+        tracked: the tracked layers, in ``named_modules`` order.
+        others: trainable parameter names outside tracked layers.
+        layout: flat [k, P] vectors <-> per-layer [k, d_out, cols] blocks.
+        mask_key: key of the attention mask in dict inputs ([B, T], 1 = real token), or None.
+    """
+
+    tracked: list[TrackedModule]
+    others: list[str]
+    layout: BlockLayout
+    mask_key: str | None = "attention_mask"
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        space: ParameterSpace,
+        modules: list[str] | None = None,
+        mask_key: str | None = "attention_mask",
+    ) -> TrackedLayers:
+        """The supported layers of ``model`` (or the named ``modules``) and the rest."""
+        tracked, others = find_modules(model, space, modules)
+        return cls(tracked, others, BlockLayout(space, tracked, others), mask_key)

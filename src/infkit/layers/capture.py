@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from infkit.kfac.modules import TrackedModule
+from infkit.data import Batch
+from infkit.gradients import PerExample
+from infkit.layers.tracked import TrackedModule
+from infkit.parameters import evaluation_mode
 from infkit.task import Task
 
 
@@ -199,9 +202,9 @@ class Capture:
 
 
 def layer_terms(
-    engine: Any,
+    engine: PerExample,
     tracked: list[TrackedModule],
-    batch: Any,
+    batch: Batch,
     which: str = "loss",
     mask_key: str | None = "attention_mask",
 ) -> dict[str, tuple[Tensor, Tensor]]:
@@ -211,8 +214,6 @@ def layer_terms(
     example b's loss (``which="loss"``) or measurement (``"measurement"``) with respect to the
     layer's augmented block ``[W | b]``.
     """
-    from infkit.gradients import evaluation_mode
-
     task = engine.task
     inputs, targets = engine.prepare(batch)
     with Capture(tracked, mask_key) as cap, evaluation_mode(task.model), torch.enable_grad():

@@ -1,0 +1,223 @@
+"""The fitted record: everything ``fit`` establishes, handed to every method and estimator.
+
+:class:`Fitted` holds the task, the training data, theta*, the objective (``l2``, ``damping``,
+the regulariser anchor), the per-example engine, the settings of the run and, when it fits in
+memory, the [N, P] cache of training-loss gradients. It is built once by
+:meth:`infkit.Influence.fit`; methods read it in their own ``fit`` and keep it to answer
+questions. The helpers below are the fit-time passes over the data: the gradient cache and the
+stationarity check (docs/conventions.md §2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from infkit.data import Batch, ExampleSet, check_compatible
+from infkit.errors import warn
+from infkit.gradients import PerExample, Which
+from infkit.parameters import ParameterSpace, evaluation_mode, product_dtype
+from infkit.task import Task
+from infkit.training import objective_and_gradient
+
+#: fit warns when ||grad L(theta)|| exceeds this fraction of the typical per-example gradient
+STATIONARITY_TOLERANCE = 1e-3
+#: training gradients are cached in memory up to this many bytes (and a quarter of the limit)
+GRADIENT_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class GradientSummary:
+    """What the stationarity check needs from a pass over the training gradients.
+
+    Attributes:
+        mean_gradient: ``(1/N) sum_i grad l_i`` [P] float64.
+        mean_norm: ``(1/N) sum_i ||grad l_i||``, the typical per-example gradient size.
+    """
+
+    mean_gradient: Tensor
+    mean_norm: float
+
+
+@dataclass
+class Fitted:
+    """The training set, theta*, the objective and the machinery, as ``fit`` established them.
+
+    Attributes:
+        task: the model, its per-example loss and the measurement.
+        space: the trainable parameters theta.
+        engine: per-example gradients, Jacobians and tangent products at theta*.
+        train: the training set.
+        theta: theta* as a flat [P] float64 vector.
+        l2: the objective's own L2 coefficient (mean form).
+        damping: extra, purely numerical ridge of the curvature.
+        batch_size: examples per batch of every pass over data.
+        progress: show progress bars.
+        memory_limit: bytes dense objects may take.
+        train_gradients: the [N, P] training-loss gradients in :func:`~infkit.parameters.product_dtype`, or None when
+            they are not cached (too large, or the method does not use them).
+        anchor: theta' of the regulariser ``(l2/2)||theta - theta'||^2`` (None: 0).
+        objective_gradient: ``grad L(theta*)`` [P] float64 (0 at an exact optimum), when the
+            method assumes an optimum; the Newton step uses it to stay exact at a loose one.
+        stationarity: ``||grad L(theta*)||`` relative to the typical per-example gradient.
+    """
+
+    task: Task
+    space: ParameterSpace
+    engine: PerExample
+    train: ExampleSet
+    theta: Tensor
+    l2: float
+    damping: float
+    batch_size: int
+    progress: bool
+    memory_limit: int
+    train_gradients: Tensor | None = None
+    anchor: Tensor | None = None
+    objective_gradient: Tensor | None = None
+    stationarity: float | None = None
+
+    # ------------------------------------------------------------------ sizes and ridges
+    @property
+    def n(self) -> int:
+        """N, the number of training examples."""
+        return len(self.train)
+
+    @property
+    def ridge(self) -> float:
+        """l2 + damping: the ridge of the damped mean-form curvature."""
+        return self.l2 + self.damping
+
+    def retained_ridge(self, n_removed: int) -> float:
+        """(N_R/N) l2 + damping: the ridge of the retained objective's curvature H_R."""
+        return (self.n - n_removed) / self.n * self.l2 + self.damping
+
+    @property
+    def regularised_theta(self) -> Tensor:
+        """theta* - theta' [P] float64 (theta' the regulariser's anchor, 0 by default)."""
+        return self.theta if self.anchor is None else self.theta - self.anchor
+
+    # ------------------------------------------------------------------ data
+    def examples(self, data: Any, name: str) -> ExampleSet:
+        """``data`` as an ExampleSet, checked finite and shaped like the training inputs."""
+        examples = ExampleSet(data, name=name)
+        examples.check_finite()
+        check_compatible(self.train, examples)
+        return examples
+
+    def query_gradients(self, examples: ExampleSet, which: Which = "measurement") -> Tensor:
+        """grad m_t (or grad l_t) of every example, [n, P] float64."""
+        return torch.cat(
+            [
+                self.engine.grads(b, which).to(torch.float64)
+                for b in examples.batches(self.batch_size)
+            ]
+        )
+
+    # ------------------------------------------------------------------ training gradients
+    def loss_grads(self, batch: Batch) -> Tensor:
+        """grad l_j for a training batch, [B, P] float64 (no regulariser share)."""
+        if self.train_gradients is not None:
+            return self.train_gradients[batch.indices].to(torch.float64)
+        return self.engine.grads(batch, "loss").to(torch.float64)
+
+    def attributed_grads(self, batch: Batch) -> Tensor:
+        """v_j = grad l_j + l2 (theta* - theta'), [B, P] float64."""
+        return self.loss_grads(batch) + self.l2 * self.regularised_theta
+
+    def attributed_products(self, U: Tensor) -> Tensor:
+        """U v_j^T for every training example j: [k, N] float64, for U of shape [k, P].
+
+        With the gradient cache this is one matrix product in the cache's dtype, plus the
+        regulariser share ``l2 U (theta - theta')`` added in float64; otherwise it streams the
+        gradients.
+        """
+        U = U.to(torch.float64)
+        shared = self.l2 * (U @ self.regularised_theta.to(U)) if self.l2 else None
+        if self.train_gradients is not None:
+            G = self.train_gradients
+            S = (U.to(G.dtype) @ G.T).to(torch.float64)
+        else:
+            S = torch.empty(U.shape[0], self.n, dtype=torch.float64, device=U.device)
+            for batch in self.train.batches(self.batch_size):
+                S[:, batch.indices] = U @ self.loss_grads(batch).T
+        return S if shared is None else S + shared.unsqueeze(1)
+
+    def jacobians_and_lambdas(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """J_j [B, C, P] and Lambda_j [B, C, C] of a training batch, float64."""
+        J = self.engine.jacobians(batch).to(torch.float64)
+        _, _, lam = self.engine.output_derivatives(batch)
+        return J, lam.to(torch.float64)
+
+    def output(self, x: Tensor) -> Tensor:
+        """A result in the model's dtype, on the CPU (what the facade returns)."""
+        return x.to(self.space.dtype).cpu()
+
+
+# ---------------------------------------------------------------------------- fit-time passes
+def training_gradients(
+    engine: PerExample, train: ExampleSet, batch_size: int, memory_limit: int, progress: bool
+) -> tuple[Tensor | None, GradientSummary | None]:
+    """The [N, P] training-loss gradients when they fit in memory (else None), and a summary.
+
+    The cache is kept in :func:`~infkit.parameters.product_dtype` of the model; the summary for the stationarity
+    check is accumulated in float64 on the way.
+    """
+    n, p = len(train), engine.space.size
+    dtype = product_dtype(engine.space.dtype)
+    if n * p * dtype.itemsize > min(GRADIENT_CACHE_BYTES, memory_limit // 4):
+        return None, None
+    out = torch.empty(n, p, dtype=dtype, device=engine.device)
+    total_gradient = torch.zeros(p, dtype=torch.float64, device=engine.device)
+    total_norm = 0.0
+    batches = -(-n // batch_size)
+    for batch in tqdm(
+        train.batches(batch_size), total=batches, desc="gradients", disable=not progress
+    ):
+        g = engine.grads(batch, "loss")
+        out[batch.indices] = g.to(dtype)
+        total_gradient += g.sum(0).to(torch.float64)
+        total_norm += float(g.norm(dim=1).sum())
+    return out, GradientSummary(total_gradient / n, total_norm / n)
+
+
+def _summary_by_pass(fitted: Fitted) -> GradientSummary:
+    """The gradient summary without a cache: one objective pass and one batch of gradients."""
+    with evaluation_mode(fitted.task.model):
+        _, full = objective_and_gradient(
+            fitted.task, fitted.space, fitted.train, 0.0, engine=fitted.engine
+        )
+    mean_gradient = full.to(torch.float64)
+    if not bool(torch.isfinite(mean_gradient).all()):
+        for batch in fitted.train.batches(fitted.batch_size):
+            fitted.engine.grads(batch)  # raises NonFiniteError naming the example
+    first = next(fitted.train.batches(fitted.batch_size))
+    typical = float(fitted.engine.grads(first).to(torch.float64).norm(dim=1).mean())
+    return GradientSummary(mean_gradient, typical)
+
+
+def objective_gradient(fitted: Fitted, summary: GradientSummary | None) -> tuple[Tensor, float]:
+    """grad L(theta*) [P] float64 and its size relative to the typical per-example gradient.
+
+    Warns when the relative size exceeds :data:`STATIONARITY_TOLERANCE`: influence estimates
+    assume a trained optimum of ``mean_i l_i + (l2/2)||theta - theta'||^2``.
+    """
+    summary = summary or _summary_by_pass(fitted)
+    reg_theta = fitted.regularised_theta
+    gradient = summary.mean_gradient + fitted.l2 * reg_theta
+    scale = summary.mean_norm + fitted.l2 * float(reg_theta.norm())
+    stationarity = float(gradient.norm()) / max(scale, 1e-300)
+    if stationarity > STATIONARITY_TOLERANCE:
+        warn(
+            f"the model is not at a stationary point of mean_i l_i + (l2/2)||theta||^2 with "
+            f"l2={fitted.l2:g}: ||grad L|| is {stationarity:.1e} of the typical per-example "
+            "gradient. Influence estimates assume a trained optimum: train longer (e.g. "
+            "infkit.train_to_optimum), or pass the l2 (mean-form weight decay) the model was "
+            "trained with",
+            UserWarning,
+        )
+    return gradient, stationarity

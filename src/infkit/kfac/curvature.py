@@ -1,0 +1,271 @@
+"""The fitted Kronecker-factored curvature: K-FAC or EK-FAC blocks, inverted in their eigenbasis.
+
+Each tracked layer (``nn.Linear``, ``nn.Conv2d``, Hugging Face ``Conv1D``; weight and bias as one
+augmented block ``[W | b]``) gets the curvature ``S (x) A`` of :mod:`infkit.kfac.factors`, which
+approximates that layer's block of the mean-form GGN ``(1/N) sum_i J_i^T Lambda_i J_i``. Blocks
+are independent. :meth:`KroneckerCurvature.solve` rotates each block of a flat vector into the
+Kronecker eigenbasis, divides by the eigenvalues plus the ridge and rotates back
+(docs/methods/kfac.md):
+
+    (G_l + r I)^{-1} V = Q_S [ (Q_S^T V Q_A) / (Lambda + r) ] Q_A^T,   r = l2 + damping + shift
+                                                                          (+ the module damping)
+
+with ``Lambda = lambda_S lambda_A^T`` (K-FAC) or the EK-FAC eigenvalues (``corrected``).
+
+The methods ``kfac`` and ``ekfac`` are this curvature; ``astra`` uses it (EK-FAC) as the
+preconditioner of an iteration; the Kronecker analyses (:mod:`infkit.analyses`) read its
+eigenbases. Factors can be saved and reloaded (``factors_dir``): the directory holds
+``factors.safetensors`` and ``factors.json`` with the options and fingerprints of the model and
+the data; a mismatch raises rather than silently reusing stale factors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from infkit.errors import CurvatureError, InvalidInputError, UnsupportedError
+from infkit.fitted import Fitted
+from infkit.kfac.factors import (
+    FactorFitter,
+    Fisher,
+    KroneckerFactors,
+    data_fingerprint,
+    fingerprint,
+)
+from infkit.layers.tracked import SUPPORTED, TrackedLayers
+from infkit.options import Options, option
+
+#: kronfluence's HEURISTIC_DAMPING_SCALE (docs/methods/kfac.md)
+HEURISTIC_DAMPING_SCALE = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class KroneckerOptions(Options):
+    """Options of the Kronecker-factored curvature (methods ``kfac``, ``ekfac``, ``astra``)."""
+
+    fisher: Fisher = option(
+        "auto",
+        "source of the gradient factor: 'ggn' (exact, deterministic), 'sampled' (true Fisher), "
+        "'empirical' (true labels), 'auto' ('ggn' up to max_exact_outputs outputs)",
+    )
+    samples: int = option(1, "labels drawn per example for fisher='sampled'", minimum=1)
+    seed: int = option(0, "seed of the label sampler")
+    sample_targets: Callable[..., Any] | None = option(
+        None, "fn(outputs, targets, generator) -> targets drawing labels from the model"
+    )
+    max_exact_outputs: int = option(
+        64, "fisher='auto' uses the exact GGN up to this many outputs per example", minimum=1
+    )
+    damping_scale: float | Literal["auto"] | None = option(
+        None,
+        "per-module heuristic damping damping_scale x mean(eigenvalues) added to the ridge "
+        "('auto' = 0.1, kronfluence's)",
+        minimum=0,
+    )
+    modules: Sequence[str] | None = option(None, "names of the layers to track (default: all)")
+    unsupported: Literal["error", "identity"] = option(
+        "error",
+        "trainable parameters outside tracked layers: refuse, or give them only the ridge",
+    )
+    mask_key: str | None = option(
+        "attention_mask", "key of the attention mask in dict inputs ([B, T], 1 = real token)"
+    )
+    factors_dir: str | Path | None = option(
+        None, "directory to save the factors to, or to load them from when they match this fit"
+    )
+    overwrite: bool = option(False, "refit and overwrite the factors in factors_dir")
+    cache_bytes: int = option(
+        1 << 30, "memory for keeping the first pass's activations for the EK-FAC pass", minimum=0
+    )
+
+    @property
+    def module_damping_scale(self) -> float:
+        """The per-module heuristic scale as a number (0 for none)."""
+        if self.damping_scale == "auto":
+            return HEURISTIC_DAMPING_SCALE
+        return float(self.damping_scale or 0.0)
+
+
+#: the fields of :class:`KroneckerOptions`, for methods whose options extend it
+KRONECKER_FIELDS = tuple(f.name for f in dataclasses.fields(KroneckerOptions))
+
+
+class KroneckerCurvature:
+    """Layerwise ``S (x) A`` blocks of the damped GGN, fitted (or loaded) on a training set.
+
+    Args:
+        fitted: the fitted record (training data, objective, engine).
+        options: the Kronecker options.
+        corrected: use the EK-FAC eigenvalues (an extra pass over the data) instead of K-FAC's.
+        owner: the method's name, for messages and saved metadata.
+    """
+
+    def __init__(
+        self, fitted: Fitted, options: KroneckerOptions, *, corrected: bool, owner: str
+    ) -> None:
+        self.fitted = fitted
+        self.options = options
+        self.corrected = corrected
+        self.owner = owner
+        modules = None if options.modules is None else list(options.modules)
+        self.layers = TrackedLayers.of(fitted.task.model, fitted.space, modules, options.mask_key)
+        if not self.layers.tracked:
+            raise UnsupportedError(
+                f"method {owner!r} found no trainable layer it can factor ({SUPPORTED}); "
+                "use another method (e.g. 'cg')"
+            )
+        others = self.layers.others
+        if others and options.unsupported == "error":
+            shown = ", ".join(others[:8]) + (" ..." if len(others) > 8 else "")
+            raise UnsupportedError(
+                f"method {owner!r} factors {SUPPORTED} layers only; these trainable "
+                f"parameters are outside them: {shown}. Freeze them (requires_grad=False) to "
+                "attribute through the supported layers only, or pass unsupported='identity' to "
+                "give them no data curvature (only the l2 + damping ridge)"
+            )
+        self.loaded = False
+        self.factors = self._load_or_fit()
+        scale = options.module_damping_scale
+        self.module_damping = {
+            t.name: float(scale * self.eigenvalues(t.name).mean()) for t in self.tracked
+        }
+
+    @property
+    def tracked(self) -> list[Any]:
+        """The tracked layers (:class:`infkit.layers.TrackedModule`)."""
+        return self.layers.tracked
+
+    # ------------------------------------------------------------------ factors on disk
+    def _identity(self) -> dict[str, Any]:
+        fitted = self.fitted
+        return {
+            "fingerprint": fingerprint(fitted.task.model, fitted.space.names),
+            "data": data_fingerprint(fitted.train),
+        }
+
+    def _load_or_fit(self) -> KroneckerFactors:
+        options, fitted = self.options, self.fitted
+        ids = self._identity()
+        directory = None if options.factors_dir is None else Path(options.factors_dir)
+        if (
+            directory is not None
+            and (directory / "factors.json").exists()
+            and not options.overwrite
+        ):
+            factors = KroneckerFactors.load(directory, fitted.space.device)
+            self._check_loaded(factors, ids, directory)
+            self.loaded = True
+            return factors
+        fitter = FactorFitter(
+            fitted.engine,
+            self.tracked,
+            fisher=options.fisher,
+            samples=options.samples,
+            seed=options.seed,
+            sample_targets=options.sample_targets,
+            max_exact_outputs=options.max_exact_outputs,
+            mask_key=options.mask_key,
+            batch_size=fitted.batch_size,
+            progress=fitted.progress,
+            cache_bytes=options.cache_bytes,
+        )
+        factors = fitter.fit(fitted.train, corrected=self.corrected)
+        factors.meta.update(ids, method=self.owner, options=options.record())
+        if directory is not None:
+            factors.save(directory)
+        return factors
+
+    def _check_loaded(
+        self, factors: KroneckerFactors, ids: dict[str, Any], directory: Path
+    ) -> None:
+        meta, options = factors.meta, self.options
+        problems = []
+        if meta.get("fingerprint") != ids["fingerprint"]:
+            problems.append("the model's parameters differ")
+        if meta.get("data") != ids["data"]:
+            problems.append("the training data differ")
+        if meta.get("modules") != [t.describe() for t in self.tracked]:
+            problems.append("the tracked layers differ")
+        if options.fisher != "auto" and meta.get("fisher") != options.fisher:
+            problems.append(f"they were fitted with fisher={meta.get('fisher')!r}")
+        if self.corrected and not factors.corrected:
+            problems.append("they have no EK-FAC eigenvalue correction")
+        if meta.get("fisher") == "sampled" and (
+            meta.get("samples") != options.samples or meta.get("seed") != options.seed
+        ):
+            problems.append("they were sampled with other samples/seed")
+        if problems:
+            raise InvalidInputError(
+                f"the factors in {directory} do not match this fit: {'; '.join(problems)}. "
+                "Pass overwrite=True to refit them, or another factors_dir"
+            )
+
+    # ------------------------------------------------------------------ the curvature
+    def eigenvalues(self, name: str) -> Tensor:
+        """The eigenvalues [d_out, cols] of layer ``name``'s block in its Kronecker eigenbasis."""
+        return self.factors.modules[name].eigenvalues(self.corrected)
+
+    def ridges(self, shift: float = 0.0) -> dict[str, float]:
+        """The ridge added to each layer's eigenvalues: l2 + damping + shift + module damping."""
+        base = self.fitted.ridge + shift
+        return {t.name: base + self.module_damping.get(t.name, 0.0) for t in self.tracked}
+
+    def to_eigenbasis(self, V: Tensor) -> dict[str, Tensor]:
+        """Coordinates of V [k, P] in each layer's Kronecker eigenbasis: name -> [k, d_out, cols]."""
+        V = V.to(torch.float64)
+        out = {}
+        for t in self.tracked:
+            f = self.factors.modules[t.name]
+            out[t.name] = f.QS.T @ self.layers.layout.block(V, t) @ f.QA
+        return out
+
+    def from_eigenbasis(self, coords: dict[str, Tensor], k: int) -> Tensor:
+        """Flat [k, P] vector from eigenbasis coordinates (0 outside tracked layers)."""
+        space = self.fitted.space
+        out = torch.zeros(k, space.size, dtype=torch.float64, device=space.device)
+        for t in self.tracked:
+            f = self.factors.modules[t.name]
+            self.layers.layout.put(out, t, f.QS @ coords[t.name] @ f.QA.T)
+        return out
+
+    def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:
+        """``(G + (l2 + damping + shift) I)^{-1} V`` blockwise, for V [k, P], float64."""
+        V = V.to(torch.float64)
+        ridges = self.ridges(shift)
+        coords = self.to_eigenbasis(V)
+        for t in self.tracked:
+            denom = self.eigenvalues(t.name) + ridges[t.name]
+            if float(denom.min()) <= 0:
+                raise CurvatureError(
+                    f"layer {t.name!r} has a zero (or negative) damped eigenvalue "
+                    f"({float(denom.min()):.2e}): its Kronecker-factored curvature is singular. "
+                    "Add damping (e.g. damping=1e-3 or damping='auto') or l2"
+                )
+            coords[t.name] = coords[t.name] / denom
+        out = self.from_eigenbasis(coords, V.shape[0])
+        if self.layers.others:
+            ridge = self.fitted.ridge + shift
+            if ridge <= 0:
+                raise CurvatureError(
+                    "unsupported='identity' gives the parameters outside tracked layers only "
+                    f"the ridge l2 + damping + shift = {ridge:g}, which must be > 0: add damping"
+                )
+            idx = self.layers.layout.other_index
+            out[:, idx] = V[:, idx] / ridge
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """Settings and diagnostics worth recording next to results."""
+        return {
+            "fisher": self.factors.meta.get("fisher"),
+            "modules": [t.name for t in self.tracked],
+            "unsupported": list(self.layers.others),
+            "module_damping": dict(self.module_damping),
+            "factors_loaded": self.loaded,
+        }

@@ -1,0 +1,147 @@
+"""Gradient dot products of Linear models without per-example gradients.
+
+When every trainable parameter belongs to an ``nn.Linear`` (or Hugging Face ``Conv1D``) layer
+applied once per example to a plain [B, d_in] input, an example's gradient is ``delta_i a_i^T``
+per layer (``a_i`` the layer input with a 1 appended for the bias, ``delta_i`` the gradient of
+the scalar with respect to the layer output), so
+
+    grad_t . grad_j = sum_layers (delta_t . delta_j) (a_t . a_j),
+
+and test x train products are elementwise products of two small Gram matrices, from one hooked
+forward/backward pass per batch: T N (d_in + d_out) work per layer instead of the T N d_in d_out
+of per-example gradients. Norms and products with a fixed vector factor the same way
+(``||grad_j||^2 = sum |delta_j|^2 |a_j|^2``, ``grad_j . w = sum delta_j^T W a_j``).
+(docs/methods/identity.md §3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from infkit.data import Batch, ExampleSet
+from infkit.errors import UnsupportedError
+from infkit.gradients import PerExample, Which
+from infkit.layers.capture import layer_terms
+from infkit.layers.tracked import BlockLayout, TrackedModule, find_modules
+from infkit.parameters import product_dtype
+
+#: layer kinds whose per-example gradient is one outer product delta a^T on a [B, d_in] input
+FACTORED_KINDS = ("linear", "conv1d")
+#: training examples on which the factors are checked against per-example gradients
+CHECK_EXAMPLES = 4
+
+#: per layer: (a [n, cols], delta [n, d_out]) of n examples, in the products' dtype
+Factors = list[tuple[Tensor, Tensor]]
+
+
+class NotFactoredError(Exception):
+    """The factored products do not apply to this call: use per-example gradients."""
+
+
+def factored_layers(engine: PerExample, train: ExampleSet) -> list[TrackedModule] | None:
+    """The layers of the factored gradient products, or None when they do not apply.
+
+    They apply when every trainable parameter is the weight or bias of a layer in
+    :data:`FACTORED_KINDS` called once per example on a [B, d_in] input, and the factored
+    per-example gradients of the first :data:`CHECK_EXAMPLES` training examples, from one
+    batched pass, equal the per-example gradients (within the dtype's precision): that catches
+    layers used outside their module call and examples that interact within a batch.
+    """
+    space = engine.space
+    try:
+        tracked, others = find_modules(engine.task.model, space)
+    except UnsupportedError:  # tied weights
+        return None
+    if others or not tracked or any(t.kind not in FACTORED_KINDS for t in tracked):
+        return None
+    batch = train.take(range(min(CHECK_EXAMPLES, len(train))))
+    try:
+        terms = layer_terms(engine, tracked, batch, "loss")
+    except RuntimeError:  # a tracked layer that the forward pass does not call
+        return None
+    G = engine.grads(batch, "loss")
+    F = torch.zeros_like(G)
+    layout = BlockLayout(space, tracked, [])
+    for t in tracked:
+        a, d = terms[t.name]
+        if a.shape[1] != 1 or d.shape[1] != 1:  # several positions (tokens) per example
+            return None
+        layout.put(F, t, (d[:, 0, :, None] * a[:, 0, None, :]).to(G.dtype))
+    tol = min(1e-2, 10 * torch.finfo(G.dtype).eps ** 0.5)
+    if not bool((F - G).abs().max() <= tol * G.abs().max()):
+        return None
+    return tracked
+
+
+class FactoredGradients:
+    """Per-layer factors of per-example gradients and the products built from them.
+
+    Args:
+        engine: the per-example engine.
+        layers: the layers of :func:`factored_layers`.
+        batch_size: examples per hooked pass.
+    """
+
+    def __init__(self, engine: PerExample, layers: list[TrackedModule], batch_size: int) -> None:
+        self.engine = engine
+        self.layers = layers
+        self.batch_size = batch_size
+        self.layout = BlockLayout(engine.space, layers, [])
+
+    def factors(self, data: ExampleSet, which: Which) -> Iterator[tuple[Batch, Factors]]:
+        """Per batch of ``data``: each layer's (a [B, cols], delta [B, d_out]) of ``which``.
+
+        Raises NotFactoredError when an example has several positions (tokens).
+        """
+        dtype = product_dtype(self.engine.space.dtype)
+        for batch in data.batches(self.batch_size):
+            terms = layer_terms(self.engine, self.layers, batch, which)
+            parts = []
+            for t in self.layers:
+                a, d = terms[t.name]
+                if a.shape[1] != 1 or d.shape[1] != 1:  # several positions per example
+                    raise NotFactoredError
+                parts.append((a[:, 0].to(dtype), d[:, 0].to(dtype)))
+            yield batch, parts
+
+    def all_factors(self, data: ExampleSet, which: Which) -> Factors:
+        """The factors of every example of ``data``, concatenated per layer."""
+        batches = [parts for _, parts in self.factors(data, which)]
+        return [
+            (torch.cat([p[k][0] for p in batches]), torch.cat([p[k][1] for p in batches]))
+            for k in range(len(self.layers))
+        ]
+
+    @staticmethod
+    def gram(left: Factors, right: Factors) -> Tensor:
+        """grad_left . grad_right: sum over layers of (D_l D_r^T) * (A_l A_r^T), factor dtype."""
+        total: Tensor | None = None
+        for (a1, d1), (a2, d2) in zip(left, right):
+            term = (d1 @ d2.T).mul_(a1 @ a2.T)
+            total = term if total is None else total.add_(term)
+        if total is None:
+            raise NotFactoredError
+        return total
+
+    @staticmethod
+    def squared_norms(parts: Factors) -> Tensor:
+        """||grad_i||^2 = sum over layers of |delta_i|^2 |a_i|^2, [n] float64."""
+        total = torch.zeros(parts[0][0].shape[0], dtype=torch.float64, device=parts[0][0].device)
+        for a, d in parts:
+            total += d.to(torch.float64).pow(2).sum(1) * a.to(torch.float64).pow(2).sum(1)
+        return total
+
+    @staticmethod
+    def dots(parts: Factors, blocks: list[Tensor]) -> Tensor:
+        """grad_i . w = sum over layers of delta_i^T W a_i, [n] float64 (blocks: W per layer)."""
+        total = torch.zeros(parts[0][0].shape[0], dtype=torch.float64, device=parts[0][0].device)
+        for (a, d), W in zip(parts, blocks):
+            total += ((d.to(torch.float64) @ W) * a.to(torch.float64)).sum(1)
+        return total
+
+    def blocks(self, w: Tensor) -> list[Tensor]:
+        """The augmented blocks [d_out, cols] of w [P] (float64), one per layer."""
+        return [self.layout.block(w.unsqueeze(0), t)[0].to(torch.float64) for t in self.layers]

@@ -1,0 +1,236 @@
+"""Typed options: each method declares its options once, one validator checks them all.
+
+A method's options are a frozen dataclass deriving from :class:`Options`. Each field is declared
+with :func:`option`, which carries its one-line documentation and, where needed, a lower bound;
+choices are ``Literal`` types. :meth:`Options.parse` turns user keyword arguments into an
+instance, and every problem is reported the same way, naming the owner (``method 'cg'``), the
+option, what it accepts and what was given:
+
+* an unknown option (with the closest valid names and the full list);
+* a value of the wrong type, or outside its ``Literal`` choices;
+* a number below its bound.
+
+Renamed options keep working for a while through ``aliases`` (old name -> new name), with a
+``DeprecationWarning``. ``Options.record()`` gives a JSON-friendly dict for ``describe()`` and for
+every saved artifact.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import PurePath
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
+
+import torch
+
+from infkit.errors import InvalidInputError, UnsupportedError, warn
+
+OptionsT = TypeVar("OptionsT", bound="Options")
+
+
+def option(
+    default: Any,
+    doc: str,
+    *,
+    minimum: float | None = None,
+    above: float | None = None,
+) -> Any:
+    """A documented option field.
+
+    Args:
+        default: the default value (immutable; lists are given as tuples).
+        doc: one line saying what the option does.
+        minimum: numbers must be ``>= minimum``.
+        above: numbers must be ``> above``.
+    """
+    return dataclasses.field(
+        default=default, metadata={"doc": doc, "minimum": minimum, "above": above}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Base class of a method's options (a frozen dataclass of :func:`option` fields)."""
+
+    #: old option name -> current name, accepted with a DeprecationWarning
+    aliases: ClassVar[Mapping[str, str]] = {}
+
+    @classmethod
+    def fields(cls) -> list[dataclasses.Field[Any]]:
+        return list(dataclasses.fields(cls))
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in cls.fields()]
+
+    @classmethod
+    def parse(cls: type[OptionsT], values: Mapping[str, Any], owner: str) -> OptionsT:
+        """An instance from keyword arguments, or an error naming ``owner`` and the option.
+
+        Raises:
+            UnsupportedError: an unknown option, or a value outside an option's choices.
+            InvalidInputError: a value of the wrong type or out of range.
+        """
+        given = dict(values)
+        for old, new in cls.aliases.items():
+            if old in given:
+                if new in given:
+                    raise InvalidInputError(
+                        f"{owner}: options {old!r} and {new!r} are the same option ({old!r} is "
+                        f"the old name); pass {new!r} only"
+                    )
+                warn(f"{owner}: option {old!r} is now called {new!r}", DeprecationWarning)
+                given[new] = given.pop(old)
+        known = cls.names()
+        unknown = [k for k in given if k not in known]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, known, n=2)
+                hints.append(
+                    f"{k!r}"
+                    + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+                )
+            raise UnsupportedError(
+                f"{owner} does not take the option(s) {', '.join(hints)}; its options are: "
+                f"{', '.join(known) or 'none'} (see infkit.methods() or the method's docstring)"
+            )
+        hints_by_name = typing.get_type_hints(cls)
+        for f in cls.fields():
+            if f.name in given:
+                _check_value(owner, f, hints_by_name[f.name], given[f.name])
+        return cls(**given)
+
+    def record(self) -> dict[str, Any]:
+        """The options as JSON-friendly values (tensors and callables summarised)."""
+        return {f.name: _recordable(getattr(self, f.name)) for f in self.fields()}
+
+    @classmethod
+    def documentation(cls) -> list[tuple[str, str, str, str]]:
+        """(name, accepted values, default, one-line doc) of every option."""
+        hints = typing.get_type_hints(cls)
+        return [
+            (f.name, describe_type(hints[f.name]), repr(f.default), f.metadata.get("doc", ""))
+            for f in cls.fields()
+        ]
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions(Options):
+    """A method without options."""
+
+
+# ------------------------------------------------------------------------------ validation
+def _check_value(owner: str, f: dataclasses.Field[Any], hint: Any, value: Any) -> None:
+    doc = f.metadata.get("doc", "")
+    where = f"{owner}: option {f.name!r}"
+    choices = literal_choices(hint)
+    if not conforms(value, hint):
+        accepted = describe_type(hint)
+        error = UnsupportedError if choices and isinstance(value, str) else InvalidInputError
+        raise error(
+            f"{where} must be {accepted}, got {value!r}" + (f" ({f.name}: {doc})" if doc else "")
+        )
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, above = f.metadata.get("minimum"), f.metadata.get("above")
+        if low is not None and not value >= low:
+            raise InvalidInputError(f"{where} must be >= {low}, got {value!r} ({f.name}: {doc})")
+        if above is not None and not value > above:
+            raise InvalidInputError(f"{where} must be > {above}, got {value!r} ({f.name}: {doc})")
+
+
+def literal_choices(hint: Any) -> list[Any]:
+    """The ``Literal`` values a type accepts (inside unions too)."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        return list(get_args(hint))
+    if origin in (Union, types.UnionType):
+        return [c for arg in get_args(hint) for c in literal_choices(arg)]
+    return []
+
+
+def conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type (the subset of typing that options use)."""
+    if hint is Any:
+        return True
+    origin = get_origin(hint)
+    if origin is Literal:
+        return any(value == c and type(value) is type(c) for c in get_args(hint))
+    if origin in (Union, types.UnionType):
+        return any(conforms(value, arg) for arg in get_args(hint))
+    if hint is type(None) or hint is None:
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is collections.abc.Callable or hint is collections.abc.Callable:
+        return callable(value)
+    if origin in (list, tuple, collections.abc.Sequence):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            return False
+        args = get_args(hint)
+        item = args[0] if args else Any
+        return all(conforms(v, item) for v in value)
+    if origin in (dict, collections.abc.Mapping):
+        return isinstance(value, collections.abc.Mapping)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def describe_type(hint: Any) -> str:
+    """Human-readable text for an option type, e.g. ``'ggn' or 'hessian'``."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        return " or ".join(repr(c) for c in get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " or ".join(dict.fromkeys(describe_type(a) for a in get_args(hint)))
+    if hint is type(None) or hint is None:
+        return "None"
+    if hint is bool:
+        return "True or False"
+    if hint is int:
+        return "an integer"
+    if hint is float:
+        return "a number"
+    if hint is str:
+        return "a string"
+    if origin is collections.abc.Callable or hint is collections.abc.Callable:
+        return "a callable"
+    if origin in (list, tuple, collections.abc.Sequence):
+        return "a list"
+    if origin in (dict, collections.abc.Mapping):
+        return "a mapping"
+    if hint is torch.Tensor:
+        return "a tensor"
+    if isinstance(hint, type):
+        return f"a {hint.__name__}"
+    return str(hint)
+
+
+def _recordable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {list(value.shape)} {str(value.dtype).removeprefix('torch.')}>"
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, Mapping):
+        if value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            return f"<state dict of {len(value)} tensors>"
+        return {str(k): _recordable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_recordable(v) for v in value]
+    if callable(value):
+        return f"<callable {getattr(value, '__qualname__', type(value).__name__)}>"
+    return repr(value)

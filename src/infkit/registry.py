@@ -1,0 +1,84 @@
+"""The registry of methods: the built-in ones, the listing, creation and ``method="auto"``.
+
+Importing this module imports every module of :mod:`infkit.methods`; each registers its method
+with :func:`infkit.methods.register`, so a new built-in method is one new file. Methods defined
+outside infkit register the same way and appear here as soon as their module is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from typing import Any
+
+import infkit.methods as package
+from infkit.errors import UnsupportedError
+from infkit.methods.base import Method, Problem, method_class, registered
+
+
+def _import_builtin() -> None:
+    """Import every module of :mod:`infkit.methods`: each registers its method."""
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name != "base":
+            importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+_import_builtin()
+
+
+def methods() -> dict[str, dict[str, Any]]:
+    """Every registered method: its estimators, the questions it answers, its options.
+
+    Returns:
+        name -> {"estimators": [...], "quantities": [...] (the facade questions it answers),
+        "scales": bool, "summary": str, "options": {option: one-line doc}}.
+    """
+    return {
+        name: {
+            "estimators": list(cls.estimators),
+            "quantities": [q for q in package.QUESTIONS if q in cls.questions],
+            "scales": cls.scales,
+            "summary": cls.summary,
+            "options": {option: doc for option, _, _, doc in cls.Options.documentation()},
+        }
+        for name, cls in sorted(registered().items())
+    }
+
+
+def create(name: str, options: Mapping[str, Any]) -> Method:
+    """An instance of method ``name`` with its options (validated now, with clear errors)."""
+    return method_class(name)(**dict(options))
+
+
+def choose(problem: Problem) -> str:
+    """The method ``method="auto"`` picks: the first by ``auto_priority`` that suits the problem.
+
+    With the built-in methods: ``exact`` when the P x P curvature fits in memory (and P is at
+    most 20,000), ``dual`` when 20 N C <= P and the (N C)^2 kernel fits, ``ekfac`` when every
+    trainable parameter is in a layer it can factor, ``cg`` otherwise.
+    """
+    candidates = sorted(
+        (cls.auto_priority, name)
+        for name, cls in registered().items()
+        if cls.auto_priority is not None
+    )
+    for _, name in candidates:
+        if registered()[name].suits(problem):
+            return name
+    raise UnsupportedError(
+        f"method='auto' found no registered method for P={problem.p:,}, N={problem.n:,}, "
+        f"C={problem.c}; registered methods: {', '.join(sorted(registered()))}"
+    )
+
+
+def auto_candidates() -> list[str]:
+    """The methods ``method="auto"`` may choose, in order of preference."""
+    return [
+        name
+        for _, name in sorted(
+            (cls.auto_priority, name)
+            for name, cls in registered().items()
+            if cls.auto_priority is not None
+        )
+    ]
