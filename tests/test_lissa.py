@@ -62,7 +62,9 @@ def test_lissa_scores_match_exact(mlp_problem: dict) -> None:
     assert info["scale"] >= lam_max + l2
     assert info["lissa_damping"] * info["scale"] == pytest.approx(l2)
     # Stochastic minibatches of 30 out of 60 examples, two repeats.
-    noisy = infkit.Influence(task, "lissa", l2=l2, minibatch=30, repeats=2, seed=1).fit(train)
+    noisy = infkit.Influence(task, "lissa", l2=l2, product_batch_size=30, repeats=2, seed=1).fit(
+        train
+    )
     assert correlation(noisy.scores(test), R).pearson >= 0.99
 
 

@@ -6,33 +6,22 @@ import pytest
 import torch
 
 import infkit
-from infkit.errors import UnsupportedError
-
-MATRIX_FREE = {
-    "cg": {"if", "rif", "newton", "relatif"},
-    "lissa": {"if", "rif", "newton", "relatif"},
-    "arnoldi": {"if", "relatif"},
-    "datainf": {"if", "relatif"},
-    "identity": {"if", "relatif"},
-    "trak": {"if"},
-}
-FAST_OPTIONS = {
-    "cg": {},
-    "lissa": {"tol": 1e-2},
-    "arnoldi": {"rank": 10, "krylov_dim": 30},
-    "datainf": {},
-    "identity": {},
-    "trak": {"proj_dim": 30},
-}
+from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.methods import method_class
 
 
-def test_methods_lists_each_method_with_its_estimators() -> None:
+def test_methods_lists_each_method_with_its_declarations() -> None:
     listed = infkit.methods()
-    for name, estimators in MATRIX_FREE.items():
-        assert name in listed, name
-        assert set(listed[name]["estimators"]) == estimators
-        assert listed[name]["scales"] is True
-        assert listed[name]["summary"]
+    assert {"exact", "dual", "cg", "lissa", "arnoldi", "datainf", "kfac", "ekfac", "astra"} <= set(
+        listed
+    ) and {"identity", "trak"} <= set(listed)
+    for name, info in listed.items():
+        cls = method_class(name)
+        assert info["estimators"] == list(cls.estimators)
+        assert set(info["quantities"]) == set(cls.questions)
+        assert info["summary"] and info["scales"] is cls.scales
+        assert set(info["options"]) == set(cls.Options.names())
+        assert all(info["options"].values()), f"{name}: every option has a one-line doc"
 
 
 @pytest.mark.parametrize(
@@ -49,18 +38,43 @@ def test_unsupported_pairs_raise_naming_the_pairs_that_work(
         infkit.Influence(task, method, estimator, l2=l2).fit(train)
 
 
-def test_unknown_options_are_refused(mlp_problem: dict) -> None:
-    task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
+def test_unknown_options_are_refused_at_construction(mlp_problem: dict) -> None:
+    task, l2 = mlp_problem["task"], mlp_problem["l2"]
     for method, option in [("lissa", "recursion_depth"), ("arnoldi", "arnoldi_dim")]:
         with pytest.raises(UnsupportedError, match="does not take the option"):
-            infkit.Influence(task, method, l2=l2, **{option: 10}).fit(train)
+            infkit.Influence(task, method, l2=l2, **{option: 10})
+    with pytest.raises(UnsupportedError, match=r"'tolerance' \(did you mean 'tol'\?\)"):
+        infkit.Influence(task, "cg", l2=l2, tolerance=1e-6)
 
 
-@pytest.mark.parametrize("method", sorted(MATRIX_FREE))
+def test_option_values_are_checked_at_construction(mlp_problem: dict) -> None:
+    task = mlp_problem["task"]
+    with pytest.raises(UnsupportedError, match=r"option 'curvature' must be 'ggn' or 'hessian'"):
+        infkit.Influence(task, "cg", curvature="fisher")
+    with pytest.raises(InvalidInputError, match=r"option 'tol' must be > 0, got -1"):
+        infkit.Influence(task, "cg", tol=-1)
+    with pytest.raises(InvalidInputError, match=r"option 'maxiter' must be an integer"):
+        infkit.Influence(task, "cg", maxiter=2.5)
+    with pytest.raises(InvalidInputError, match=r"krylov_dim \(5\) must be >= rank \(10\)"):
+        infkit.Influence(task, "arnoldi", rank=10, krylov_dim=5)
+
+
+def test_renamed_options_still_work_with_a_warning(mlp_problem: dict) -> None:
+    task = mlp_problem["task"]
+    with pytest.warns(DeprecationWarning, match="'target' is now called 'curvature'"):
+        inf = infkit.Influence(task, "astra", target="hessian", l2=mlp_problem["l2"])
+    assert inf.fit(mlp_problem["train"]).method.curvature == "hessian"
+    with pytest.raises(InvalidInputError, match="same option"):
+        infkit.Influence(task, "astra", target="ggn", curvature="ggn")
+
+
+@pytest.mark.parametrize("method", sorted(infkit.methods()))
 def test_self_influence_is_a_positive_removal_effect(mlp_problem: dict, method: str) -> None:
     """Removing an example raises its own loss, for every method (infkit's orientation)."""
     task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
-    inf = infkit.Influence(task, method, l2=l2, **FAST_OPTIONS[method]).fit(train)
+    fidelity = method_class(method).fidelity
+    options = dict(fidelity.test_options)
+    inf = infkit.Influence(task, method, l2=l2, damping=fidelity.damping, **options).fit(train)
     s = inf.self_scores()
     assert s.shape == (60,) and torch.isfinite(s).all()
     assert float((s > 0).double().mean()) > 0.9

@@ -461,4 +461,7 @@ def _check_estimator(method: Method, estimator: str) -> None:
 
 
 def _stderr_is_tty() -> bool:
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False

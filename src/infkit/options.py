@@ -91,7 +91,10 @@ class Options:
         if unknown:
             hints = []
             for k in unknown:
-                close = difflib.get_close_matches(k, known, n=2)
+                close = (
+                    difflib.get_close_matches(k, known, n=2, cutoff=0.5)
+                    or [name for name in known if k.startswith(name) or name.startswith(k)][:2]
+                )
                 hints.append(
                     f"{k!r}"
                     + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")

@@ -162,7 +162,10 @@ class Arnoldi(PrimalMethod):
     Options = ArnoldiOptions
     scales = True
     fidelity = Fidelity(
-        reference="ggn", rtol=None, min_correlation=0.5, test_options={"rank": 20, "krylov_dim": 60}
+        rtol=None,
+        min_correlation=0.8,
+        removal_correlation=0.45,
+        test_options={"rank": 20, "krylov_dim": 60},
     )
     options: ArnoldiOptions
 

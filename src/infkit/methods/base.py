@@ -70,21 +70,28 @@ PRIMAL: frozenset[Question] = BASIC | {"leverages"} | PRECONDITIONED
 class Fidelity:
     """How a method's answers relate to the dense float64 reference on small problems.
 
-    It is what the registry-wide contract test checks, and what a user may expect.
+    It is what the registry-wide contract test checks (docs/architecture.md §6), and what a
+    user may expect of the method.
 
     Attributes:
-        reference: the dense curvature the method targets: ``"ggn"`` (the damped GGN),
-            ``"hessian"`` (with ``curvature="hessian"``) or ``"identity"`` (no curvature).
-        rtol: exact-class methods: relative error bound of every answer.
-        min_correlation: approximate methods: Pearson floor of the scores against the
-            reference of the same estimator.
-        test_options: method options for the small contract problems (e.g. a projection
-            dimension below N), merged over the defaults.
+        reference: the dense curvature the method targets: ``"ggn"`` (the damped GGN) or
+            ``"identity"`` (no curvature).
+        rtol: exact-class methods: relative error bound of every answer (None: approximate).
+        min_correlation: approximate methods: Pearson floor of scores, self-scores, leverages
+            and per-module scores against the reference of the same estimator.
+        removal_correlation: approximate methods: Pearson floor of a group removal's parameter
+            change (default: ``min_correlation``).
+        damping: the extra damping of the contract problems (approximate curvatures may need
+            it for RIF and the Newton step, whose downdates need H to dominate an example's
+            own curvature block).
+        test_options: method options for the small contract problems, over the defaults.
     """
 
-    reference: Literal["ggn", "hessian", "identity"] = "ggn"
+    reference: Literal["ggn", "identity"] = "ggn"
     rtol: float | None = 1e-8
     min_correlation: float | None = None
+    removal_correlation: float | None = None
+    damping: float = 0.0
     test_options: Mapping[str, Any] = field(default_factory=dict)
 
 

@@ -73,7 +73,7 @@ class DataInf(PrimalMethod):
     Options = DataInfOptions
     scales = True
     curvature = "empirical-fisher"
-    fidelity = Fidelity(reference="ggn", rtol=None, min_correlation=0.5)
+    fidelity = Fidelity(rtol=None, min_correlation=0.45, removal_correlation=0.3)
     options: DataInfOptions
 
     def __init__(self, options: DataInfOptions | None = None, /, **values: object) -> None:

@@ -36,7 +36,7 @@ class KFAC(PrimalMethod):
     Options = KroneckerOptions
     scales = True
     supports_auto_damping = True
-    fidelity = Fidelity(reference="ggn", rtol=None, min_correlation=0.5)
+    fidelity = Fidelity(rtol=None, min_correlation=0.75, removal_correlation=0.5, damping=0.1)
     #: whether the eigenvalues are EK-FAC's corrected ones
     corrected: ClassVar[bool] = False
     options: KroneckerOptions

@@ -183,8 +183,12 @@ class Lissa(PrimalMethod):
     Options = LissaOptions
     scales = True
     exact_example_curvature = True
+    # stochastic (full batch on the small problems); the damping keeps the recursion short
     fidelity = Fidelity(
-        reference="ggn", rtol=None, min_correlation=0.98, test_options={"tol": 1e-6}
+        rtol=None,
+        min_correlation=0.99,
+        damping=0.1,
+        test_options={"tol": 1e-2, "product_batch_size": 256},
     )
     options: LissaOptions
 

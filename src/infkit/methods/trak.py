@@ -198,7 +198,7 @@ class Trak(Method):
     scales = True
     curvature = "feature-gram"
     uses_training_gradients = False
-    fidelity = Fidelity(reference="ggn", rtol=None, min_correlation=0.3)
+    fidelity = Fidelity(rtol=None, min_correlation=0.45, removal_correlation=0.25)
     options: TrakOptions
 
     def __init__(self, options: TrakOptions | None = None, /, **values: object) -> None:

@@ -1,0 +1,175 @@
+"""One contract for every registered method, against a dense float64 reference.
+
+The cases are collected from ``infkit.methods()``: every method, every estimator it declares and
+every question it answers. Registering a method (in src/infkit/methods/ or, like
+examples/diagonal_ggn.py, from outside the package: conftest.py imports it) gets it tested with
+no edit here. Each method's :class:`~infkit.methods.Fidelity` states what it promises on small
+problems: exact-class methods agree with the reference to a relative tolerance, approximate ones
+reach a correlation floor (docs/architecture.md §6). Everything is also checked for internal
+consistency: group removals against the scores they add up, decompositions against the scores
+they split.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from reference import DenseReference
+
+import infkit
+from infkit.evaluate import correlation, relative_error
+from infkit.methods import Fidelity, method_class
+
+GROUP = [3, 17, 40, 41, 55]
+EXTRA = ("leverages", "module_scores", "token_scores", "query_batching", "input_influence")
+
+
+def _cases() -> list[tuple[str, str, str]]:
+    cases = []
+    for name, info in infkit.methods().items():
+        for estimator in info["estimators"]:
+            cases += [(name, estimator, q) for q in ("scores", "self_scores", "remove")]
+        cases += [(name, "if", q) for q in EXTRA if q in info["quantities"]]
+    return cases
+
+
+@functools.cache
+def _problem() -> dict:
+    """A tanh MLP classifier (5-8-3, P = 75) on 60 synthetic examples, at a tight optimum."""
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(60, 5, generator=gen, dtype=torch.float64)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).long() + (X[:, 2] > 0.8).long()
+    Xt = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    yt = (Xt[:, 0] + 0.5 * Xt[:, 1] > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).double()
+    task = infkit.Task.classification(model)
+    l2 = 1e-2
+    assert infkit.train_to_optimum(task, (X, y), l2, tolerance=1e-12).converged
+    return {"model": model, "task": task, "l2": l2, "train": (X, y), "test": (Xt, yt)}
+
+
+@functools.cache
+def _reference(damping: float) -> DenseReference:
+    p = _problem()
+
+    def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+    return DenseReference.build(p["model"], cross_entropy, p["train"], p["test"], p["l2"], damping)
+
+
+@functools.cache
+def _fitted(name: str) -> infkit.Influence:
+    p, fidelity = _problem(), method_class(name).fidelity
+    return infkit.Influence(
+        p["task"], name, l2=p["l2"], damping=fidelity.damping, **dict(fidelity.test_options)
+    ).fit(p["train"])
+
+
+def _agrees(got: torch.Tensor, expected: torch.Tensor, fidelity: Fidelity, floor: float | None):
+    got, expected = got.double().reshape(-1), expected.double().reshape(-1)
+    assert bool(torch.isfinite(got).all())
+    if fidelity.rtol is not None:
+        error = relative_error(got, expected)
+        assert error <= fidelity.rtol, f"relative error {error:.2e} > {fidelity.rtol:.0e}"
+    else:
+        assert floor is not None, "an approximate method must declare a correlation floor"
+        r = correlation(got, expected).pearson
+        assert r >= floor, f"Pearson {r:.4f} below the declared floor {floor}"
+
+
+@pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
+@pytest.mark.parametrize(("name", "estimator", "question"), _cases())
+def test_method_answers_like_the_dense_reference(name: str, estimator: str, question: str) -> None:
+    fidelity = method_class(name).fidelity
+    reference = _reference(fidelity.damping)
+    inf = _fitted(name).with_estimator(estimator)
+    test = _problem()["test"]
+    kind = fidelity.reference
+    floor = fidelity.min_correlation
+    if question == "scores":
+        S = inf.scores(test)
+        assert S.shape == (7, 60)
+        _agrees(S, reference.scores(estimator, kind), fidelity, floor)
+        top = inf.top_k(test, k=3)  # (stochastic methods differ from call to call in rounding)
+        assert relative_error(top.proponent_scores, S.gather(1, top.proponent_indices)) < 1e-6
+    elif question == "self_scores":
+        _agrees(inf.self_scores(), reference.self_scores(estimator, kind), fidelity, floor)
+    elif question == "remove":
+        if estimator == "relatif":
+            with pytest.raises(infkit.UnsupportedError, match="no counterfactual units"):
+                inf.remove(GROUP)
+            return
+        effect = inf.remove(GROUP)
+        expected = reference.removal(GROUP, estimator, kind)
+        _agrees(effect.params, expected, fidelity, fidelity.removal_correlation or floor)
+        if fidelity.rtol is not None:
+            _agrees(effect.loss(test), reference.loss_change(expected), fidelity, None)
+        if estimator in ("if", "rif"):  # linear / additive over the group: the scores add up
+            S = inf.scores(test)
+            assert relative_error(effect.measurement(test), S[:, GROUP].sum(1)) < 1e-8
+    elif question == "leverages":
+        _agrees(inf.leverages(), reference.leverages(kind), fidelity, floor)
+    elif question == "module_scores":
+        parts = inf.module_scores(test)
+        assert list(parts) == list(reference.groups)
+        assert relative_error(sum(parts.values()), inf.scores(test)) < 1e-10
+        # exact given the method's own preconditioned queries, and as close as its fidelity
+        own = reference.module_scores(_own_queries(inf))
+        assert relative_error(_stack(parts), _stack(own)) < 1e-10
+        if fidelity.rtol is not None:
+            expected = reference.module_scores(reference.preconditioned(kind))
+            _agrees(_stack(parts), _stack(expected), fidelity, None)
+    elif question == "token_scores":
+        tokens = inf.token_scores(test, indices=GROUP)
+        assert relative_error(tokens.total, inf.scores(test)[:, GROUP]) < 1e-10
+    elif question == "query_batching":
+        full_rank = inf.batched_scores(test, rank=64)
+        assert relative_error(full_rank, inf.scores(test)) < 1e-10
+    elif question == "input_influence":
+        got = inf.input_influence(test, [0, 5])
+        assert got.shape == (7, 2, 5)
+        own = reference.input_influence(_own_queries(inf), [0, 5])
+        assert relative_error(got, own) < 1e-10
+        if fidelity.rtol is not None:
+            expected = reference.input_influence(reference.preconditioned(kind), [0, 5])
+            _agrees(got, expected, fidelity, None)
+    else:  # pragma: no cover - a new question needs a check here
+        pytest.fail(f"no contract check for question {question!r}")
+
+
+def _own_queries(inf: infkit.Influence) -> torch.Tensor:
+    """The method's own u_t = H^{-1} q_t, from the reference's query gradients."""
+    return inf.method.precondition_queries(_reference(inf.damping).Q)
+
+
+def _stack(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.stack([p.double() for p in parts.values()])
+
+
+def test_every_registered_method_is_covered() -> None:
+    covered = {name for name, _, _ in _cases()}
+    assert covered == set(infkit.methods())
+    assert "diagonal_ggn" in covered  # registered from examples/, outside the package
+    for name in covered:
+        fidelity = method_class(name).fidelity
+        assert fidelity.rtol is not None or fidelity.min_correlation is not None, name
+
+
+def test_a_method_from_outside_the_package_answers_through_the_facade() -> None:
+    p = _problem()
+    inf = infkit.Influence(p["task"], "diagonal_ggn", l2=p["l2"]).fit(p["train"])
+    assert inf.scores(p["test"]).shape == (7, 60)
+    assert inf.self_scores().shape == (60,)
+    assert inf.top_k(p["test"], k=2).proponent_indices.shape == (7, 2)
+    assert inf.remove(GROUP).params.shape == (75,)
+    assert inf.describe()["method"] == "diagonal_ggn"
+    with pytest.raises(infkit.UnsupportedError, match=r"'diagonal_ggn' cannot compute.*rif"):
+        infkit.Influence(p["task"], "diagonal_ggn", "rif", l2=p["l2"])
+    with pytest.raises(infkit.UnsupportedError, match=r"did you mean 'floor'"):
+        infkit.Influence(p["task"], "diagonal_ggn", l2=p["l2"], flor=1.0)
