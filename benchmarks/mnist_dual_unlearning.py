@@ -1,4 +1,4 @@
-"""The dual paper's MNIST unlearning experiment (methods.md §1.11a, §7.10), on this machine.
+"""The dual paper's MNIST unlearning experiment (docs/methods/dual.md §12), on this machine.
 
 Setup (Sun & Valaee, exp_mnist_fcnn_lin.py, scaled to a 2-core CPU):
 
@@ -7,11 +7,11 @@ Setup (Sun & Valaee, exp_mnist_fcnn_lin.py, scaled to a 2-core CPU):
   (N = 2000, C = 10), and a held-out test set is drawn from the remaining 8,000;
 * model: a ReLU MLP (784-256-256-10 by default, PyTorch's default initialisation) linearised at
   its initialisation, ``infkit.linearize(net, offset=True)``: its trainable parameters are
-  theta - theta_0, so the L2 regulariser is anchored at theta_0 (methods.md §1.2);
+  theta - theta_0, so the L2 regulariser is anchored at theta_0 (docs/methods/dual.md §2, §8);
 * objective: mean softmax cross-entropy + (l2/2)||theta - theta_0||^2, l2 = 1e-2, trained to a
   tight optimum with ``infkit.train_to_optimum`` (full-batch L-BFGS), in float64;
 * unlearning: for each forget fraction, a random forget set F; the dual Newton step
-  (``Influence(method="dual", estimator="newton").remove(F)``, methods.md §1.4) against
+  (``Influence(method="dual", estimator="newton").remove(F)``, docs/methods/dual.md §5) against
   retraining on the rest (``infkit.retrain.without``: train_to_optimum warm-started from theta*).
 
 Reported per fraction: ``rel l2 = ||theta_u - theta_r|| / ||theta_r||`` (absolute parameters, the

@@ -159,7 +159,12 @@ class DenseReference:
     # ------------------------------------------------------------------ estimators
     def deltas(self, estimator: str, reference: str) -> Tensor:
         """Per-example removal parameter changes (RelatIF: directions), [N, P]."""
-        A, C, n, V = self.damped_curvature(reference), self.blocks(reference), self.n, self.attributed
+        A, C, n, V = (
+            self.damped_curvature(reference),
+            self.blocks(reference),
+            self.n,
+            self.attributed,
+        )
         if estimator == "if":
             return torch.linalg.solve(A, V.T).T / n
         if estimator == "relatif":

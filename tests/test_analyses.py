@@ -1,5 +1,5 @@
 """Analyses on the Kronecker eigenbasis: LayerIF, KFE features / dataset similarity, and the
-memorisation score and curvature edit (methods.md §6.8-§6.10)."""
+memorisation score and curvature edit (docs/analyses.md §1, §4-§5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""method="datainf" against a dense float64 evaluation of the same formula (methods.md §6.3)."""
+"""method="datainf" against a dense float64 evaluation of the same formula (docs/methods/datainf.md)."""
 
 from __future__ import annotations
 

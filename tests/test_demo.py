@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from infkit.cli import main
-from infkit.demo import flip_labels
+from infkit.demo.data import flip_labels
 from infkit.store import load_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -84,3 +86,22 @@ def test_quick_demo_writes_a_sane_run_directory(tmp_path: Path) -> None:
     assert len(loo) == 10
     agree = [np.sign(float(r["predicted_if"])) == np.sign(float(r["actual"])) for r in loo]
     assert sum(agree) >= 8
+
+
+def test_import_infkit_needs_no_plotting_or_sklearn() -> None:
+    """The core imports torch, numpy, scipy, safetensors and tqdm only (lazily for scipy)."""
+    code = (
+        "import sys, infkit\n"
+        "print('matplotlib' in sys.modules, 'sklearn' in sys.modules, 'pandas' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "False"]
+
+
+def test_demo_without_its_extra_says_how_to_install_it(monkeypatch, capsys) -> None:
+    for name in [m for m in sys.modules if m == "infkit.demo" or m.startswith("infkit.demo.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["demo", "--quick"]) == 2
+    assert 'pip install "infkit[demo]"' in capsys.readouterr().err

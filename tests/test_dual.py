@@ -1,4 +1,4 @@
-"""method="dual" (methods.md §1.12): representer, dual = primal, closed-form retraining, forms.
+"""method="dual" (docs/methods/dual.md §12): representer, dual = primal, closed-form retraining, forms.
 
 Ground truth never comes from the dual code: it is method="exact" (a dense P x P GGN, Cholesky),
 a closed-form ridge regression in numpy, or explicit Jacobians contracted in numpy.

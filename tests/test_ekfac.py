@@ -1,4 +1,4 @@
-"""method="ekfac": eigenvalues against the explicit per-example GGN (methods.md §7.5, §7.6)."""
+"""method="ekfac": eigenvalues against the explicit per-example GGN (docs/testing.md §5, docs/methods/kfac.md §6)."""
 
 from __future__ import annotations
 

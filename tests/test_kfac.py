@@ -1,5 +1,5 @@
 """method="kfac": layer capture, factors against hand-written formulas, unsupported layers, and
-saved factors (methods.md §4.2)."""
+saved factors (docs/methods/kfac.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""method="lissa": the fixed point on an explicit matrix (methods.md §7.4) and scores against exact."""
+"""method="lissa": the fixed point on an explicit matrix (docs/testing.md §5) and scores against exact."""
 
 from __future__ import annotations
 

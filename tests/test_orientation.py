@@ -1,4 +1,4 @@
-"""Sign and orientation (methods.md §7.7): scores are removal effects, positive = helped."""
+"""Sign and orientation (docs/testing.md §4): scores are removal effects, positive = helped."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_top_k_orientation_for_loss_and_margin() -> None:
 
 
 def test_upweighting_is_minus_n_times_removal() -> None:
-    """Koh & Liang's upweighting derivative is -N x the removal effect (methods.md §0).
+    """Koh & Liang's upweighting derivative is -N x the removal effect (docs/conventions.md).
 
     Upweighting j by eps (with its regulariser share) trains on
     mean_i l_i + eps * l_j + (l2/2)(1 + eps)||theta||^2; the test loss then moves by about

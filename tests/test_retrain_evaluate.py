@@ -69,7 +69,7 @@ def test_lds_is_high_for_newton_on_ridge_and_near_zero_for_noise() -> None:
     assert sub.masks.shape == (30, 80) and int(sub.masks[0].sum()) == 76
     inf = infkit.Influence(task, "exact", "newton", l2=l2).fit(data)
     score = evaluate.lds(inf.scores(test), sub.masks, sub.measurements)
-    # Removing 5% of a ridge regression is nearly linear in the mask (methods.md §7.9).
+    # Removing 5% of a ridge regression is nearly linear in the mask (docs/evaluation.md §7).
     assert score > 0.8
     noise = torch.randn(6, 80, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert abs(evaluate.lds(noise, sub.masks, sub.measurements)) < 0.3

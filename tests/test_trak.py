@@ -1,15 +1,16 @@
-"""method="trak": the reduction to the one-step-Newton logistic surrogate (methods.md §7.8)."""
+"""method="trak": the reduction to the one-step-Newton logistic surrogate (docs/testing.md §5)."""
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 
 import infkit
 from infkit.errors import CurvatureError, UnsupportedError
-from infkit.evaluate import relative_error
+from infkit.evaluate import correlation, relative_error
 from infkit.task import classification_margin
 
 
@@ -109,3 +110,26 @@ def test_trak_refusals(mlp_problem: dict) -> None:
     with pytest.raises(UnsupportedError, match="pass output=fn"):
         X, _y = train
         infkit.Influence(regression, "trak", proj_dim=10).fit((X, torch.zeros(60, 3).double()))
+
+
+def test_trak_defaults_work_when_n_is_below_p(mlp_problem: dict) -> None:
+    """N = 60 < P = 75: the default projection stays at N // 4 and needs no ridge."""
+    task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
+    inf = infkit.Influence(task, "trak", l2=l2).fit(train)
+    assert inf.describe()["proj_dim"] == 15
+    S = inf.scores(mlp_problem["test"])
+    assert bool(torch.isfinite(S).all())
+    exact = infkit.Influence(task, "exact", l2=l2).fit(train)
+    # the surrogate agrees with the influence function in direction (see its declared fidelity)
+    assert correlation(S, exact.scores(mlp_problem["test"])).pearson > 0.3
+
+
+@pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
+def test_trak_warns_when_the_projection_is_close_to_n(mlp_problem: dict) -> None:
+    task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
+    with pytest.warns(UserWarning, match=r"inflates by about N / \(N - k\) = 2\.4"):
+        infkit.Influence(task, "trak", l2=l2, proj_dim=35).fit(train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        infkit.Influence(task, "trak", l2=l2, proj_dim=35, lambda_reg=1.0).fit(train)
+        infkit.Influence(task, "trak", l2=l2, proj_dim=25).fit(train)

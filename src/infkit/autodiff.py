@@ -77,8 +77,8 @@ class Pushforward:
             if mode.startswith("forward"):
                 push = lambda t: jvp(fn, (primal,), (t,))[1]  # noqa: E731
             else:
-                out, pullback = vjp(fn, primal)
-                _, transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))
+                out, pullback = vjp(fn, primal)[:2]
+                transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))[1]
                 push = lambda t: transpose(t)[0]  # noqa: E731
             return vmap(push)(tangents) if batched else push(tangents)
 
@@ -94,7 +94,7 @@ class Pushforward:
         """
 
         def compute(mode: str) -> Any:
-            _, pullback = vjp(gradient, primal)
+            pullback = vjp(gradient, primal)[1]
             return vmap(lambda t: pullback(t)[0])(tangents)
 
         return self._attempt(compute)

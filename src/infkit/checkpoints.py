@@ -67,6 +67,7 @@ def parameters_at(space: ParameterSpace, checkpoint: Checkpoint, k: int = 0) -> 
         space.assign_(vector.to(space.device))
         with torch.no_grad():
             for n in saved_buffers:
+                assert isinstance(checkpoint, Mapping)
                 buffers[n].copy_(torch.as_tensor(checkpoint[n]))
         yield vector.to(torch.float64)
     finally:

@@ -3,7 +3,8 @@
 Subcommands:
 
 * ``infkit demo [--out DIR] [--quick] [--seed N] [--threads N]``: the digits analysis of
-  :mod:`infkit.demo`, written to a run directory (default ``runs/demo-<timestamp>``).
+  :mod:`infkit.demo`, written to a run directory (default ``runs/demo-<timestamp>``); it needs
+  the ``demo`` extra (``pip install "infkit[demo]"``: matplotlib and scikit-learn).
 * ``infkit methods [--json]``: the registered methods, the estimators and quantities each
   supports, whether it scales to large models, and a one-line summary.
 """
@@ -11,6 +12,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 
@@ -83,8 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``infkit`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from infkit.demo import DemoConfig, run_demo
-
+        try:
+            from infkit.demo import DemoConfig, run_demo
+        except ImportError as error:
+            print(
+                f"infkit demo needs the 'demo' extra ({error.name or error}): "
+                'pip install "infkit[demo]" (matplotlib and scikit-learn)',
+                file=sys.stderr,
+            )
+            return 2
         config = DemoConfig.create(args.out, seed=args.seed, quick=args.quick, threads=args.threads)
         run_demo(config)
     elif args.command == "methods":

@@ -108,7 +108,7 @@ class CurvatureOperator:
                 _, _, lam = engine.output_derivatives(batch)  # [B, C, C]
                 jv = self.pushforward(outputs_of, params, tangents)  # [k, B, C]
                 weighted = torch.einsum("bcd,kbd->kbc", lam.to(jv.dtype), jv)
-                _, pullback = vjp(outputs_of, params)
+                pullback = vjp(outputs_of, params)[1]
                 products = vmap(lambda u: pullback(u)[0])(weighted)
             else:
 

@@ -211,7 +211,8 @@ def low_rank_queries(
     """Rank-``rank`` factorisations of each tracked layer's block of ``H^{-1} grad m_t``.
 
     Args:
-        method, fitted: the fitted method and record.
+        method: the fitted method.
+        fitted: the fitted record.
         queries: the queries.
         estimator: must be ``"if"``.
         rank: R; layers with ``min(d_out, cols) <= R`` are kept exactly.
@@ -264,7 +265,8 @@ def batched_scores(
     """IF scores [n_queries, n] (float64) from rank-``rank`` preconditioned queries.
 
     Args:
-        method, fitted: the fitted method and record.
+        method: the fitted method.
+        fitted: the fitted record.
         queries: the queries.
         estimator: must be ``"if"``.
         rank: the rank R of each layer's query block (Grosse et al. used 32).

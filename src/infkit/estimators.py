@@ -83,11 +83,20 @@ class Estimator:
 class InverseCurvature(Protocol):
     """A way of applying the inverse of the damped mean-form curvature to vectors in R^P."""
 
-    name: str
-    #: ``"ggn"`` or ``"hessian"`` (or another name for what the method's H approximates)
-    curvature: str
-    #: whether H contains every example's exact curvature block (RIF/Newton downdates exact)
-    exact_example_curvature: bool
+    @property
+    def name(self) -> str:
+        """The method's name, for messages."""
+        ...
+
+    @property
+    def curvature(self) -> str:
+        """``"ggn"`` or ``"hessian"`` (or another name for what the method's H approximates)."""
+        ...
+
+    @property
+    def exact_example_curvature(self) -> bool:
+        """Whether H contains every example's exact curvature block (RIF/Newton exact)."""
+        ...
 
     def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:
         """``(H + (l2 + damping + shift) I)^{-1} V`` for V [k, P], float64."""

@@ -97,8 +97,10 @@ class PerExample:
         model = task.model
         # The tangent side: the module, its parameter names and point, and its output function.
         self._fixed_point: dict[str, Tensor] | None
+        self._tangent_consts: dict[str, Tensor] | None
+        self.tangent_module: nn.Module
         if isinstance(model, LinearizedModel):
-            self.tangent_module: nn.Module = model.base
+            self.tangent_module = model.base
             self.tangent_names: list[str] = list(model.base_names)
             self._tangent_output_fn: Callable[[Any], Tensor] = model.output_fn
             self._fixed_point = self._cast_all(model.params0())
@@ -349,7 +351,7 @@ class PerExample:
                 return self.task.checked_loss(out, unsqueeze_example(y))[0]
 
             g = grad(loss_of)(params)
-            return sum((g[n] * u[n]).sum() for n in g)  # type: ignore[return-value]
+            return torch.stack([(g[n] * u[n]).sum() for n in g]).sum()
 
         def per_example(x: Tensor, y: Any) -> Tensor:
             return vmap(grad(directional), in_dims=(None, None, 0))(x, y, U)
@@ -368,7 +370,7 @@ class PerExample:
                     with torch.enable_grad():
                         loss = self.task.checked_loss(self.call(p, x), _one(targets, i))[0]
                         gs = torch.autograd.grad(loss, list(p.values()), create_graph=True)
-                        dot = sum((gi * U[n][t]).sum() for gi, n in zip(gs, p))
+                        dot = torch.stack([(gi * U[n][t]).sum() for gi, n in zip(gs, p)]).sum()
                         (gx,) = torch.autograd.grad(dot, x)
                     rows.append(gx[0])
                 out.append(torch.stack(rows))
@@ -438,7 +440,7 @@ class PerExample:
         single = U.dim() == 2
         U = U.reshape(-1, *U.shape[-2:])
         with evaluation_mode(self.task.model), evaluation_mode(self.tangent_module):
-            _, pull = vjp(lambda p: self.tangent_call(p, inputs), self.tangent_params())
+            pull = vjp(lambda p: self.tangent_call(p, inputs), self.tangent_params())[1]
             parts = []
             for start in range(0, U.shape[0], TANGENT_CHUNK):
                 chunk = U[start : start + TANGENT_CHUNK]

@@ -125,7 +125,7 @@ class Influence:
         self.task = task
         self.method_name = method
         self.l2 = float(l2)
-        self.damping = float(damping)  # type: ignore[arg-type]
+        self.damping = float(damping)
         self.batch_size = batch_size
         self.per_example_mode = per_example
         self.progress = progress
@@ -440,7 +440,7 @@ def _estimator(name: str, relatif: str) -> Estimator:
         raise UnsupportedError(
             f"unknown relatif norm {relatif!r}; use one of {', '.join(RELATIF_NORMS)}"
         )
-    return Estimator(name, relatif)  # type: ignore[arg-type]
+    return Estimator(name, relatif)  # both checked above
 
 
 def _check_estimator(method: Method, estimator: str) -> None:

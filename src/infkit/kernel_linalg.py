@@ -2,7 +2,7 @@
 
 With the empirical NTK ``K = J J^T`` (N*C x N*C) and ``B = blockdiag(Lambda_i) / N``, every
 GGN-based influence quantity reduces to solves with ``A = B_R K_RR + mu I`` on the retained
-examples R (docs/methods/dual.md §2). :class:`KernelSystem` factorises A once and applies
+examples R (docs/methods/dual.md §3-§4). :class:`KernelSystem` factorises A once and applies
 ``A^{-1}`` and ``A^{-T}`` to blocks of vectors, and gives the C x C leverage blocks
 ``M_j = [K_RR A^{-1}]_jj``. Two forms:
 

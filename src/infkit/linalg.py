@@ -101,6 +101,7 @@ class SymmetricSolver:
         if self._chol is not None:
             X = torch.cholesky_solve(B64, self._chol)
         else:
+            assert self._eig is not None  # one of the two factorisations always exists
             evals, evecs = self._eig
             X = evecs @ ((evecs.T @ B64) / evals.unsqueeze(1))
         return X.reshape(-1) if vec else X

@@ -1,4 +1,4 @@
-"""Linearised models and the linearizability diagnostic (methods.md §1.2).
+"""Linearised models and the linearizability diagnostic (docs/methods/dual.md §2, §8).
 
 ``linearize(model, params0)`` returns the first-order Taylor expansion of a network around
 ``params0``::
@@ -10,7 +10,7 @@ trained with any optimiser, with :func:`infkit.train_to_optimum`, or attributed 
 Its trainable parameters are a ``ParameterList`` in the wrapped network's ``parameters()`` order,
 so its flat [P] vectors line up with the network's.
 
-The regulariser anchor (methods.md §1.2): infkit's objective is ``mean_i l_i + (l2/2)||theta||^2``
+The regulariser anchor (docs/methods/dual.md §2, §8): infkit's objective is ``mean_i l_i + (l2/2)||theta||^2``
 over the module's trainable parameters. With ``offset=False`` these are theta itself (anchor 0);
 with ``offset=True`` they are ``theta - theta_0`` (initialised at 0), so the same objective (and
 the same ``train_to_optimum``, retraining and influence code) is anchored at theta_0, the
@@ -72,6 +72,7 @@ class LinearizedModel(nn.Module):
             if missing:
                 raise InvalidInputError(f"params0 has no value for {missing[:5]}")
             point = {n: params0[n] for n in space.names}
+        self.base: nn.Module
         object.__setattr__(self, "base", model)  # hidden: not a submodule
         self.base_names: list[str] = list(space.names)
         self.offset = offset
@@ -138,7 +139,7 @@ class LinearizedModel(nn.Module):
         def f(p: dict[str, Tensor]) -> Tensor:
             return self.output_fn(functional_call(self.base, {**p, **consts}, args, kwargs))
 
-        out0, tangent = jvp(f, (p0,), (self.delta(),))
+        out0, tangent = jvp(f, (p0,), (self.delta(),))[:2]
         return out0 + tangent
 
     def extra_repr(self) -> str:
@@ -159,7 +160,7 @@ def linearize(
         model: the network (left unmodified).
         params0: the expansion point theta_0, a flat [P] tensor or a dict by parameter name.
         offset: make the trainable parameters ``theta - theta_0`` so that infkit's
-            ``(l2/2)||params||^2`` regulariser is anchored at theta_0 (methods.md §1.2).
+            ``(l2/2)||params||^2`` regulariser is anchored at theta_0 (docs/methods/dual.md §2, §8).
         output_fn: extracts the output tensor from what ``model(...)`` returns.
 
     Returns:
@@ -254,8 +255,14 @@ def linearizability(
 
     Args:
         task: the task (model at theta_0, per-example loss).
-        train: training data; evaluation: data for the output RMSE (default: ``train``).
-        steps, lr, momentum: the recipe; record_every: how often to record (default steps/50).
+        train: training data.
+        evaluation: data for the output RMSE (default: ``train``).
+        steps: full-batch (S)GD steps.
+        lr: the learning rate.
+        momentum: SGD momentum.
+        l2: the mean-form L2 coefficient of the objective.
+        anchor: ``"init"`` (theta' = theta_0) or ``"zero"`` (theta' = 0).
+        record_every: how often to record (default steps/50).
 
     Returns:
         a :class:`LinearizabilityReport`.

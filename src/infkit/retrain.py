@@ -197,7 +197,7 @@ def leave_one_out(
 
 @dataclass
 class SubsetRetraining:
-    """Models retrained on random subsets: the ground truth of the LDS (methods.md §6.6).
+    """Models retrained on random subsets: the ground truth of the LDS (docs/evaluation.md §4).
 
     Attributes:
         masks: [m, N] bool, True where the example was kept.

@@ -117,7 +117,8 @@ def train_to_optimum(
             if float(grad.norm()) <= stop_at:
                 # Reached: report a zero gradient so L-BFGS stops without another line search.
                 for p in params:
-                    p.grad.zero_()
+                    if p.grad is not None:
+                        p.grad.zero_()
             return torch.tensor(value, dtype=space.dtype)
 
         def run_lbfgs() -> tuple[float, Tensor]:
@@ -182,7 +183,7 @@ def _newton_cg_step(
             with torch.enable_grad():
                 loss = task.checked_loss(task.call_model(task.model, inputs), targets).sum() / n
                 gs = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-                dot = sum((g * u).sum() for g, u in zip(gs, vs) if g is not None)
+                dot = torch.stack([(g * u).sum() for g, u in zip(gs, vs) if g is not None]).sum()
                 hv = torch.autograd.grad(dot, params, allow_unused=True)
             for acc, h in zip(out, hv):
                 if h is not None:

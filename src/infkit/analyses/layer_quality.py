@@ -18,7 +18,7 @@ Aggregates per layer:
 
 ``allocate(total, by=...)`` turns one of them into integer per-layer budgets (LoRA experts,
 pruning sparsity) by largest remainders. The paper's exact mapping from S^(l) to budgets and its
-direction were not verified (methods.md §6.8), so the direction is the caller's explicit choice.
+direction were not verified (docs/analyses.md §1), so the direction is the caller's explicit choice.
 """
 
 from __future__ import annotations

@@ -81,7 +81,9 @@ def memorisation_scores(
     """
     method = kronecker_curvature(inf)
     coords = kfe_coordinates(inf, data)
-    low, total, layers = 0.0, 0.0, {}
+    low = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    layers: dict[str, Tensor] = {}
     for t in method.tracked:
         keep = curvature_mask(inf, t.name, keep_mass, eigenvalues)
         energy = coords[t.name].square()

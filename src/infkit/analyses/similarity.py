@@ -21,7 +21,7 @@ Datasets are compared through embeddings in the *shared* eigenbasis:
   from dominating. On digits (64-32-10 MLP) it gave cosine 0.99 between two halves of the test
   set, 0.73 between digits 0-4 and 5-9, 0.57 against Gaussian noise inputs;
 * ``"second_moment"``: ``nu_D = E_D[e(z)]``, the EK-FAC eigenvalues refitted on D in the shared
-  basis (a diagonal Fisher in the KFE basis, Task2Vec-like; methods.md §6.9). Heavy-tailed: the
+  basis (a diagonal Fisher in the KFE basis, Task2Vec-like; docs/analyses.md §2-§3). Heavy-tailed: the
   same comparisons gave 0.83, 0.57 and 0.57;
 * ``"gradient_second_moment"``: ``E_D[c (.) c]`` with the true-label loss gradients ``c(z)``;
 * ``"mean"``: ``mu_D = E_D[phi]``; ``<mu_D, mu_D'>`` is the mean pairwise influence between the
@@ -135,7 +135,7 @@ def dataset_embedding(inf: Influence, data: Any, kind: str = "profile") -> Tenso
         batch_size=inf.batch_size,
     )
     examples = ExampleSet(data, name="data")
-    total: Tensor | float = 0.0
+    total = torch.zeros((), dtype=torch.float64)
     for b, items in fitter.pass_over(examples, mode, "dataset embedding"):
         parts = []
         for name, (a, _, ds) in items.items():

@@ -3,7 +3,7 @@
 For a tracked layer with augmented activations ``a`` [cols] and pre-activation gradients ``Ds``
 [d_out] at positions t of example i, the per-example pseudo-gradient is
 ``DW_i = sum_t Ds_it a_it^T`` and the layer's block of the mean-form GGN is
-``G = (1/N) sum_i E[vec(DW_i) vec(DW_i)^T]`` (row-major vec). The factors are (methods.md §4.2)
+``G = (1/N) sum_i E[vec(DW_i) vec(DW_i)^T]`` (row-major vec). The factors are (docs/methods/kfac.md §2)
 
     A = sum_{i,t} m_it a_it a_it^T / sum_{i,t} m_it      (per-position mean, m = attention mask)
     S = (1/N) sum_i sum_t E[Ds_it Ds_it^T]                 (per-example sum over positions)
@@ -11,7 +11,7 @@ For a tracked layer with augmented activations ``a`` [cols] and pre-activation g
 so that ``S (x) A`` approximates G itself: it is exact up to the Kronecker (independence)
 approximation and the cross-position terms, on the same scale as the EK-FAC eigenvalues below.
 (kronfluence averages S over positions as well, which makes its K-FAC eigenvalues smaller by about
-the number of positions than its EK-FAC ones; methods.md §4.3 "scale caveat".)
+the number of positions than its EK-FAC ones; docs/methods/kfac.md §2 on the scale.)
 
 Where ``E[Ds Ds^T]`` comes from (``fisher``):
 
@@ -123,10 +123,24 @@ class KroneckerFactors:
         modules = {}
         for m in meta["modules"]:
             name = m["name"]
-            get = lambda k, name=name: tensors.get(f"{name}::{k}")  # noqa: E731
-            Lambda = get("Lambda")
+
+            def required(key: str, name: str = name) -> Tensor:
+                value = tensors.get(f"{name}::{key}")
+                if value is None:
+                    raise InvalidInputError(
+                        f"{directory / 'factors.safetensors'} has no {key!r} for module {name!r}: "
+                        "the factors are incomplete; refit them (overwrite=True)"
+                    )
+                return value.to(device).contiguous()
+
+            Lambda = tensors.get(f"{name}::Lambda")
             modules[name] = ModuleFactors(
-                *(get(k).to(device).contiguous() for k in ("A", "S", "QA", "eig_a", "QS", "eig_s")),
+                A=required("A"),
+                S=required("S"),
+                QA=required("QA"),
+                eig_a=required("eig_a"),
+                QS=required("QS"),
+                eig_s=required("eig_s"),
                 Lambda=None if Lambda is None else Lambda.to(device).contiguous(),
                 tokens=float(tokens.get(name, 0.0)),
             )
@@ -285,6 +299,7 @@ class FactorFitter:
                 vectors = [torch.autograd.grad(task.checked_loss(f, targets).sum(), f)[0]]
             else:
                 vectors = []
+                assert self.sampler is not None and gen is not None  # checked by resolve()
                 for _ in range(self.samples):
                     y = self.sampler(f.detach(), targets, gen)
                     vectors.append(torch.autograd.grad(task.checked_loss(f, y).sum(), f)[0])

@@ -42,7 +42,7 @@ class Record:
 
 def _conv_patches(module: torch.nn.Conv2d, x: Tensor) -> Tensor:
     """Unfolded patches [B, L, C_in*kh*kw] for the output positions of ``module`` on ``x``."""
-    padding = module.padding
+    padding: Any = module.padding
     if module.padding_mode != "zeros":
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         padding = 0
@@ -60,6 +60,16 @@ def _conv_patches(module: torch.nn.Conv2d, x: Tensor) -> Tensor:
         x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
     )
     return cols.transpose(1, 2)
+
+
+def _conv_tokens(b: int, c_out: int) -> Callable[[Tensor], Tensor]:
+    """[K, B, C_out, H, W] pre-activation gradients -> [K, B, H*W, C_out] positions."""
+    return lambda g: g.reshape(g.shape[0], b, c_out, -1).transpose(-1, -2)
+
+
+def _sequence_tokens(b: int, d_out: int) -> Callable[[Tensor], Tensor]:
+    """[K, B, ..., d_out] pre-activation gradients -> [K, B, T, d_out] positions."""
+    return lambda g: g.reshape(g.shape[0], b, -1, d_out)
 
 
 class Capture:
@@ -94,22 +104,14 @@ class Capture:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
             x = args[0].detach()
             b = x.shape[0]
+            mask = None
             if t.kind == "conv2d":
+                assert isinstance(module, torch.nn.Conv2d)
                 a = _conv_patches(module, x)
-                c_out = output.shape[1]
-
-                def to_tokens(g: Tensor, b: int = b, c_out: int = c_out) -> Tensor:
-                    return g.reshape(g.shape[0], b, c_out, -1).transpose(-1, -2)
-
-                mask = None
+                to_tokens = _conv_tokens(b, output.shape[1])
             else:
                 a = x.reshape(b, -1, x.shape[-1])
-                d_out = output.shape[-1]
-
-                def to_tokens(g: Tensor, b: int = b, d_out: int = d_out) -> Tensor:
-                    return g.reshape(g.shape[0], b, -1, d_out)
-
-                mask = None
+                to_tokens = _sequence_tokens(b, output.shape[-1])
                 if self._mask is not None and x.dim() == 3 and self._mask.shape == x.shape[:2]:
                     mask = self._mask.to(a.dtype)
             if t.bias is not None:

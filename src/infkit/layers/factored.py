@@ -11,7 +11,7 @@ and test x train products are elementwise products of two small Gram matrices, f
 forward/backward pass per batch: T N (d_in + d_out) work per layer instead of the T N d_in d_out
 of per-example gradients. Norms and products with a fixed vector factor the same way
 (``||grad_j||^2 = sum |delta_j|^2 |a_j|^2``, ``grad_j . w = sum delta_j^T W a_j``).
-(docs/methods/identity.md §3)
+(docs/methods/identity.md §4)
 """
 
 from __future__ import annotations

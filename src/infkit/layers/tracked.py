@@ -81,11 +81,12 @@ def _kind(module: nn.Module) -> str | None:
 
 def _dims(module: nn.Module, kind: str) -> tuple[int, int]:
     w = module.weight
+    assert isinstance(w, Tensor)
     if kind == "linear":
-        return w.shape[0], w.shape[1]
+        return int(w.shape[0]), int(w.shape[1])
     if kind == "conv1d":
-        return w.shape[1], w.shape[0]
-    return w.shape[0], w[0].numel()  # conv2d: C_out, C_in * kh * kw
+        return int(w.shape[1]), int(w.shape[0])
+    return int(w.shape[0]), int(w[0].numel())  # conv2d: C_out, C_in * kh * kw
 
 
 def find_modules(

@@ -1,4 +1,4 @@
-"""method="arnoldi": top-p Ritz subspace of the curvature (Schioppa et al. 2022; methods.md §6.2).
+"""method="arnoldi": top-p Ritz subspace of the curvature (Schioppa et al. 2022; docs/methods/arnoldi.md).
 
 A block Lanczos iteration (the symmetric form of Arnoldi; ``block=1`` is the paper's single-vector
 iteration) builds an orthonormal Krylov basis
@@ -74,7 +74,7 @@ def lanczos(
 
     def orthonormal_rows(W: Tensor, count: int) -> Tensor:
         """Up to ``count`` orthonormal rows spanning W's part orthogonal to the basis."""
-        rows = []
+        rows: list[Tensor] = []
         for w in W:
             for _ in range(2):  # twice is enough (Kahan-Parlett)
                 if len(basis):
@@ -192,10 +192,10 @@ class Arnoldi(PrimalMethod):
         operator = CurvatureOperator(
             fitted.engine,
             fitted.train,
-            self.curvature,
+            self.options.curvature,
             batch_size=options.product_batch_size or 4 * fitted.batch_size,
         )
-        matmat = operator.matmat
+        matmat: Callable[[Tensor], Tensor] = operator.matmat
         if options.blocks == "layer":
             matmat = block_diagonal(matmat, [sl for _, sl in layer_slices(fitted.space)])
         Q, T = lanczos(matmat, p, n, block=options.block, seed=options.seed)

@@ -109,7 +109,7 @@ class ASTRA(PrimalMethod):
         self.operator = CurvatureOperator(
             fitted.engine,
             fitted.train,
-            self.curvature,
+            self.options.curvature,
             batch_size=self.options.product_batch_size or 4 * fitted.batch_size,
         )
 

@@ -41,7 +41,8 @@ from infkit.estimators import ESTIMATORS, Estimator, EstimatorName
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.layers.tracked import TrackedLayers
-from infkit.options import NoOptions, Options
+from infkit.options import NoOptions
+from infkit.options import Options as BaseOptions
 from infkit.parameters import ParameterSpace
 
 #: the questions of the facade a method may answer
@@ -63,7 +64,7 @@ PRECONDITIONED: frozenset[Question] = frozenset(
     {"input_influence", "module_scores", "token_scores", "query_batching"}
 )
 #: what a parameter-space method answers
-PRIMAL: frozenset[Question] = BASIC | {"leverages"} | PRECONDITIONED
+PRIMAL: frozenset[Question] = BASIC | PRECONDITIONED | frozenset({"leverages"})
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def register(cls: type[M]) -> type[M]:
             f"method {name!r} declares questions {sorted(cls.questions)}: it must answer "
             f"{sorted(BASIC)} and may add {sorted(set(QUESTIONS) - BASIC)}"
         )
-    if not (isinstance(cls.Options, type) and issubclass(cls.Options, Options)):
+    if not (isinstance(cls.Options, type) and issubclass(cls.Options, BaseOptions)):
         raise InvalidInputError(f"method {name!r}: Options must derive from infkit.options.Options")
     _REGISTRY[name] = cls
     return cls
@@ -183,7 +184,7 @@ class Method(ABC):
     #: one line for ``infkit.methods()``
     summary: ClassVar[str]
     #: the method's options: a frozen dataclass of documented fields
-    Options: ClassVar[type[Options]] = NoOptions
+    Options: ClassVar[type[BaseOptions]] = NoOptions
     #: the estimators the method supplies
     estimators: ClassVar[tuple[EstimatorName, ...]] = ("if",)
     #: the facade questions the method answers
@@ -201,7 +202,7 @@ class Method(ABC):
     #: priority for ``method="auto"`` (lower first; None: never chosen automatically)
     auto_priority: ClassVar[int | None] = None
 
-    def __init__(self, options: Options | None = None, /, **values: Any) -> None:
+    def __init__(self, options: BaseOptions | None = None, /, **values: Any) -> None:
         owner = f"method {self.name!r}"
         if options is None:
             options = self.Options.parse(values, owner)

@@ -1,4 +1,4 @@
-"""method="cg": conjugate gradients on curvature-vector products (methods.md §3.2).
+"""method="cg": conjugate gradients on curvature-vector products (docs/methods/cg.md).
 
 Solves ``(H + (l2 + damping + shift) I) X = V`` for all k rows of V at once without forming H:
 each iteration is one pass over the training data computing GGN- (or Hessian-) vector products
@@ -86,7 +86,7 @@ class ConjugateGradient(PrimalMethod):
         self.operator = CurvatureOperator(
             fitted.engine,
             fitted.train,
-            self.curvature,
+            self.options.curvature,
             batch_size=self.options.product_batch_size or PRODUCT_BATCH_FACTOR * fitted.batch_size,
         )
         if self.options.preconditioner == "diagonal":

@@ -1,4 +1,4 @@
-"""method="datainf": the layer-wise closed form of DataInf (Kwon et al., ICLR 2024; methods.md §6.3).
+"""method="datainf": the layer-wise closed form of DataInf (Kwon et al., ICLR 2024; docs/methods/datainf.md).
 
 The curvature is the layer-wise (block-diagonal) empirical Fisher ``G_l = (1/N) sum_i g_il g_il^T``
 of the per-example loss gradients g_i = grad l_i restricted to layer l (one block per parameter

@@ -6,14 +6,14 @@ with the data (N examples x C outputs), not with the parameter count P. The answ
 primal GGN answers of ``method="exact"`` (same objective, same estimator) to rounding whenever J
 and Lambda are evaluated at the same point; no P x P or N x P object is ever formed.
 
-Conventions (the core's, methods.md §0): the model was trained on
+Conventions (the core's, docs/conventions.md): the model was trained on
 ``L = mean_i l_i + (l2/2)||theta - theta'||^2`` (anchor theta' = 0 by default), the attributed
 training gradient is ``v_j = grad l_j + l2 (theta* - theta')`` and every answer is a removal effect
 with 1/N included. The regulariser term is carried exactly through the representer split
 
     theta* - theta' = J^T alpha* + r,     alpha* = -g / (l2 N)   (g stacks g_i = dl_i/df),
 
-where r = grad L(theta*) / l2 vanishes at an exact optimum (methods.md §1.2). r is computed (one
+where r = grad L(theta*) / l2 vanishes at an exact optimum (docs/methods/dual.md §2, §8). r is computed (one
 VJP) when J is taken at theta*, so the dual stays equal to the primal at a loose optimum; with
 ``linearize_at`` the representer is assumed (r = 0), as in the paper. Any vector
 ``J^T e + s r`` then maps through the inverse retained curvature
@@ -47,7 +47,7 @@ from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
 from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, ProblemTooLargeError
-from infkit.estimators import Estimator, check_leverage
+from infkit.estimators import Estimator, EstimatorName, check_leverage
 from infkit.fitted import Fitted
 from infkit.gradients import PerExample
 from infkit.kernel_linalg import Form, KernelSystem, Solver
@@ -81,7 +81,7 @@ class DualRemoval:
 
 @dataclass
 class _PerExampleSetup:
-    """What scores and self-scores need for one estimator (docs/methods/dual.md §4)."""
+    """What scores and self-scores need for one estimator (docs/methods/dual.md §4, §6)."""
 
     system: KernelSystem
     z0: Tensor  # [m] common part of Delta alpha_j
@@ -424,7 +424,7 @@ class Dual(PrimalMethod):
         return torch.diagonal(LM, dim1=1, dim2=2).sum(-1).cpu().to(torch.float64) / self.n
 
     # ------------------------------------------------------------------ dual answers
-    def dual_removal(self, indices: Tensor, estimator: str = "newton") -> DualRemoval:
+    def dual_removal(self, indices: Tensor, estimator: EstimatorName = "newton") -> DualRemoval:
         """Delta alpha for removing ``indices`` jointly (the dual form of ``remove``)."""
         Estimator(estimator).require_counterfactual()
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
@@ -452,7 +452,7 @@ class Dual(PrimalMethod):
             E[idx] = gamma
             delta = system.solve(E.reshape(-1)).reshape(n, c) + n_f * setup.z0.reshape(n, c)
             return DualRemoval(idx, estimator, delta, n_f * setup.c_r)
-        # newton: one Newton step on the retained objective (docs/methods/dual.md §3)
+        # newton: one Newton step on the retained objective (docs/methods/dual.md §5)
         keep = torch.ones(n, dtype=torch.bool)
         keep[idx] = False
         retained = keep.nonzero().squeeze(1)
@@ -508,7 +508,7 @@ class Dual(PrimalMethod):
         return torch.cat(parts)
 
     def loss_change(self, data: Any, removal: DualRemoval, reg_share: bool = False) -> Tensor:
-        """First-order change of the per-example loss g_t^T Delta f_t, [n] (docs/methods/dual.md §5).
+        """First-order change of the per-example loss g_t^T Delta f_t, [n] (docs/methods/dual.md §7).
 
         With ``reg_share`` the regulariser's share ``l2 (theta* - theta')^T Delta theta`` (the
         same for every point) is added, as the paper's code does.

@@ -1,4 +1,4 @@
-"""method="ekfac": K-FAC eigenbases with the exact diagonal in them (docs/methods/kfac.md §4).
+"""method="ekfac": K-FAC eigenbases with the exact diagonal in them (docs/methods/kfac.md §5).
 
 Grosse et al. (2023) and George et al. (2018): keep the Kronecker eigenbases ``Q_S``, ``Q_A`` of
 K-FAC and replace the eigenvalues ``lambda_S lambda_A^T`` by

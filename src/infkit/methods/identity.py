@@ -2,11 +2,11 @@
 
 Without checkpoints, scores are ``(1/N) grad m(z_t)^T grad l~_j``: what influence would be if the
 curvature were the identity. With estimator ``"relatif"`` this becomes the gradient cosine
-(docs/estimators.md §5). ``l2`` still enters the attributed training gradient
+(docs/estimators.md §7). ``l2`` still enters the attributed training gradient
 (``grad l~_j = grad l_j + l2 theta``) but not the curvature; ``damping`` is ignored.
 
 With ``checkpoints`` (and their ``learning_rates``), this is **TracInCP** (Pruthi et al. 2020;
-docs/methods/identity.md §2), in infkit's units:
+docs/methods/identity.md §3), in infkit's units:
 
     scores[t, j] = (1/N) sum_k eta_k  grad m_t(w_k)^T (grad l_j(w_k) + l2 w_k).
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 
 import torch
 from torch import Tensor
@@ -197,7 +197,7 @@ class Identity(PrimalMethod):
         return total
 
     # ------------------------------------------------------------------ TracInCP pieces
-    def _checkpoint_terms(self) -> Iterator[tuple[float, Tensor, bool]]:
+    def _checkpoint_terms(self) -> Generator[tuple[float, Tensor, bool], None, None]:
         """(eta_k, w_k as float64, whether w_k is the fitted model) with the model at w_k."""
         fitted = self.fitted
         checkpoints = list(self.options.checkpoints or [])
@@ -230,7 +230,7 @@ class Identity(PrimalMethod):
     def _unit(self, estimator: Estimator) -> float:
         return 1.0 if estimator.name == "relatif" else 1.0 / self.fitted.n
 
-    def _terms(self) -> Iterator[tuple[float, Tensor]]:
+    def _terms(self) -> Generator[tuple[float, Tensor], None, None]:
         """(eta_k, w_k float64) with the model at w_k; (1, theta - theta') without checkpoints.
 
         Callers close it in ``finally``: the model gets its own parameters back before any

@@ -11,7 +11,7 @@ Trainable parameters outside tracked layers (LayerNorm, embeddings, ...): ``unsu
 tracked layers, as kronfluence does.
 
 RIF and the Newton step downdate each example's exact curvature block from K-FAC's approximate
-one: an approximation on top of an approximation (docs/estimators.md §6).
+one: an approximation on top of an approximation (docs/estimators.md §10).
 """
 
 from __future__ import annotations

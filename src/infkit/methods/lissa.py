@@ -1,4 +1,4 @@
-"""method="lissa": the stochastic Neumann series of Agarwal et al. / Koh & Liang (methods.md §3.2).
+"""method="lissa": the stochastic Neumann series of Agarwal et al. / Koh & Liang (docs/methods/lissa.md).
 
 For a right-hand side v the recursion is
 
@@ -21,7 +21,7 @@ the damped curvature, ``s = scale_factor * (lambda_max(H) + ridge)`` (default fa
 makes every factor ``1 - (mu + ridge) / s`` of the iteration lie in (0, 1). The depth J is by
 default the one that shrinks the slowest (lowest-curvature) direction's error
 ``(1 - ridge / s)^J`` below ``tol``; truncating earlier acts as an extra implicit damping of about
-``s / J`` (methods.md §3.2, §6.7). A blow-up of the iterates (a minibatch curvature above
+``s / J`` (docs/methods/lissa.md §4). A blow-up of the iterates (a minibatch curvature above
 ``2 s``, or an indefinite Hessian) is detected and raises :class:`CurvatureError`.
 
 The core recursion, :func:`lissa`, takes any ``matmat`` so it can be checked on an explicit matrix.
@@ -213,7 +213,7 @@ class Lissa(PrimalMethod):
             full = CurvatureOperator(
                 fitted.engine,
                 fitted.train,
-                self.curvature,
+                self.options.curvature,
                 batch_size=max(self._batch(), 4 * fitted.batch_size),
             )
             self.lambda_max = power_iteration(
@@ -275,7 +275,9 @@ class Lissa(PrimalMethod):
         """
         fitted = self.fitted
         b = min(self._batch(), len(pool))
-        operator = CurvatureOperator(fitted.engine, fitted.train, self.curvature, batch_size=b)
+        operator = CurvatureOperator(
+            fitted.engine, fitted.train, self.options.curvature, batch_size=b
+        )
         dtype = fitted.engine.dtype
         order = pool[torch.randperm(len(pool), generator=gen)]
         at = 0

@@ -178,7 +178,7 @@ class TrakOptions(Options):
 
 
 def default_projection_dim(n: int, p: int) -> int:
-    """``proj_dim="auto"``: min(2048, P, N // 4), at least 1 (docs/methods/trak.md §4)."""
+    """``proj_dim="auto"``: min(2048, P, N // 4), at least 1 (docs/methods/trak.md §5)."""
     return max(1, min(TRAK_DEFAULT_DIM, p, n // AUTO_DIM_DIVISOR))
 
 
@@ -251,9 +251,10 @@ class Trak(Method):
                 "picks N // 4) or set lambda_reg > 0"
             )
         if options.lambda_reg == 0 and k > n / 2:
+            inflation = f"{n / (n - k):.1f}" if k < n else "an unbounded factor"
             warn(
                 f"TRAK's proj_dim {k} is close to the {n} training examples: with lambda_reg=0 "
-                f"(Phi^T Phi)^-1 inflates by about N / (N - k) = {n / (n - k):.1f} and the scores "
+                f"(Phi^T Phi)^-1 inflates by about N / (N - k) = {inflation} and the scores "
                 "become noisy; use proj_dim='auto' (N // 4), a smaller proj_dim or lambda_reg > 0",
                 UserWarning,
             )

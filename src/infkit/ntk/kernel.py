@@ -142,7 +142,8 @@ def empirical_ntk(
 
     Args:
         model: a module (or a Task); its trainable parameters are theta.
-        x1, x2: inputs (a tensor [N, ...] or a dict of them); ``x2=None`` means ``x2 = x1``.
+        x1: inputs (a tensor [N, ...] or a dict of them).
+        x2: inputs of the columns; None means ``x2 = x1``.
         params: where to evaluate J (flat [P] or a dict by name); default the current values.
         dtype: working dtype.
         strategy: ``"auto"``, ``"structured"``, ``"jacobian"`` or ``"jvp"``

@@ -1,7 +1,7 @@
 """The factors of per-example Jacobians from which kernel blocks ``J_a J_b^T`` are contracted.
 
 For examples i, j with outputs f in R^C, the empirical NTK block is ``K_ij = J_i J_j^T`` (C x C),
-with J taken at the engine's tangent point (docs/methods/dual.md §1). Three ways to form it
+with J taken at the engine's tangent point (docs/methods/dual.md §3). Three ways to form it
 (``strategy``), all exact:
 
 * ``"structured"``: for an ``nn.Linear`` whose input is one vector per example, the Jacobian of
@@ -118,11 +118,11 @@ class TangentFeatures:
         finally:
             for h in handles:
                 h.remove()
-        b = len(batch)
+        n_examples = len(batch)
         self.layers = [
             layer
             for key, layer in candidates.items()
-            if len(calls[key]) == 1 and calls[key][0] == (2, b, 2)
+            if len(calls[key]) == 1 and calls[key][0] == (2, n_examples, 2)
         ]
         covered = {n for layer in self.layers for n in (layer.weight, layer.bias) if n}
         self.rest = [n for n in engine.tangent_names if n not in covered]

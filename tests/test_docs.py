@@ -1,0 +1,31 @@
+"""The docstrings cite the maths in docs/: every cited page and section exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CITATION = re.compile(r"docs/([\w/]+\.md)((?:[ ,]*§\d+(?:-§\d+)?)*)")
+
+
+def sections(page: Path) -> set[int]:
+    return {int(m) for m in re.findall(r"^## (\d+)\.", page.read_text(), re.M)}
+
+
+def test_every_citation_in_the_code_points_to_an_existing_section() -> None:
+    cited = 0
+    for path in sorted((ROOT / "src").rglob("*.py")) + sorted((ROOT / "tests").glob("*.py")):
+        for match in CITATION.finditer(path.read_text()):
+            page = ROOT / "docs" / match.group(1)
+            assert page.exists(), f"{path.name} cites missing {page}"
+            numbers = [int(n) for n in re.findall(r"§(\d+)", match.group(2))]
+            missing = [n for n in numbers if n not in sections(page)]
+            assert not missing, f"{path.name} cites {page.name} §{missing}, which it lacks"
+            cited += 1
+    assert cited > 40  # the docstrings do cite the docs
+
+
+def test_no_citation_of_a_file_outside_the_repository() -> None:
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        assert "methods.md" not in path.read_text().replace("docs/methods/", ""), path
