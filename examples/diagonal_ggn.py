@@ -45,7 +45,7 @@ class DiagonalGGN(PrimalMethod):
     # downdates would mix exact and approximate curvature: supply the IF and RelatIF only.
     estimators = ("if", "relatif")
     scales = True
-    fidelity = Fidelity(rtol=None, min_correlation=0.45, removal_correlation=0.3)
+    fidelity = Fidelity(rtol=None, min_correlation=0.45, removal_correlation=0.3, scale=(0.5, 10.0))
     options: DiagonalGGNOptions
 
     def __init__(self, options: DiagonalGGNOptions | None = None, /, **values: object) -> None:

@@ -15,6 +15,7 @@ with ``v_j = grad l_j + l2 theta`` and H the mean-form GGN (or 0 for the identit
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -75,18 +76,24 @@ class DenseReference:
         queries: tuple[Tensor, Tensor],
         l2: float,
         damping: float = 0.0,
+        measurement: Loss | None = None,
     ) -> DenseReference:
+        """The reference of ``model`` (taken in float64) trained on ``train`` with ``loss``;
+        query gradients of ``measurement`` (default: the loss)."""
+        model = copy.deepcopy(model).double()
         call, theta, sizes = _functional(model)
-        X, y = train
-        Xq, yq = queries
+        X, y = train[0].double(), train[1]
+        Xq, yq = queries[0].double(), queries[1]
 
-        def grad_of(x: Tensor, t: Tensor) -> Tensor:
+        def grad_of(x: Tensor, t: Tensor, fn: Loss = loss) -> Tensor:
             return torch.autograd.functional.jacobian(
-                lambda th: loss(call(th, x[None]), t[None]).sum(), theta
+                lambda th: fn(call(th, x[None]), t[None]).sum(), theta
             )
 
         G = torch.stack([grad_of(X[i], y[i]) for i in range(len(X))])
-        Q = torch.stack([grad_of(Xq[i], yq[i]) for i in range(len(Xq))])
+        measure = measurement or loss
+        Q = torch.stack([grad_of(Xq[i], yq[i], measure) for i in range(len(Xq))])
+        Qloss = torch.stack([grad_of(Xq[i], yq[i]) for i in range(len(Xq))])
         J = torch.stack(
             [
                 torch.autograd.functional.jacobian(
@@ -114,7 +121,7 @@ class DenseReference:
         return cls(
             G=G,
             Q=Q,
-            Qloss=Q,
+            Qloss=Qloss,
             J=J,
             lam=lam,
             C_ggn=C_ggn,
@@ -124,7 +131,7 @@ class DenseReference:
             groups={k: torch.tensor(v) for k, v in groups.items()},
             call=call,
             loss=loss,
-            train=train,
+            train=(X, y),
         )
 
     # ------------------------------------------------------------------ basics

@@ -25,7 +25,7 @@ def test_full_krylov_space_equals_exact(
     task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
     p = reference["H"].shape[0]
     inf = infkit.Influence(
-        task, "arnoldi", l2=l2, rank=p, krylov_dim=p, complement=complement, block=block
+        task, "arnoldi", l2=l2, rank=p, krylov_dim=p, complement=complement, block_size=block
     ).fit(train)
     assert relative_error(inf.scores(test), reference["scores"]) < 1e-8
     group = [2, 8, 40]
@@ -67,7 +67,7 @@ def test_layer_blocks_with_the_full_space_equal_the_block_diagonal_inverse(
     for sl in reference["inf"].fitted.space.module_slices().values():
         blocks[sl, sl] = H[sl, sl]
     inf = infkit.Influence(
-        task, "arnoldi", l2=l2, rank=p, krylov_dim=p, blocks="layer", block=8
+        task, "arnoldi", l2=l2, rank=p, krylov_dim=p, blocks="tensor", block_size=8
     ).fit(train)
     V = reference["inf"].fitted.query_gradients(infkit.data.ExampleSet(test))
     expected = torch.linalg.solve(blocks + l2 * torch.eye(p, dtype=H.dtype), V.T).T

@@ -29,3 +29,29 @@ def test_every_citation_in_the_code_points_to_an_existing_section() -> None:
 def test_no_citation_of_a_file_outside_the_repository() -> None:
     for path in sorted((ROOT / "src").rglob("*.py")):
         assert "methods.md" not in path.read_text().replace("docs/methods/", ""), path
+
+
+PAGES = {name: name for name in ("exact", "dual", "cg", "lissa", "arnoldi", "datainf")} | {
+    "kfac": "kfac",
+    "ekfac": "kfac",
+    "astra": "astra",
+    "identity": "identity",
+    "trak": "trak",
+}
+
+
+def test_every_built_in_method_has_a_page_whose_options_table_is_its_options() -> None:
+    import infkit
+    from infkit.kfac.curvature import KRONECKER_FIELDS
+    from infkit.methods import method_class
+
+    assert set(PAGES) <= set(infkit.methods())
+    for name, page in PAGES.items():
+        text = (ROOT / "docs" / "methods" / f"{page}.md").read_text()
+        rows = re.findall(r"^\| `(\w+)` \|", text, re.M)
+        expected = set(method_class(name).Options.names())
+        if name == "astra":  # its table points to the EK-FAC options of the kfac page
+            expected -= set(KRONECKER_FIELDS)
+        assert set(rows) >= expected, f"{page}.md lacks options {sorted(expected - set(rows))}"
+        stale = set(rows) - set(method_class(name).Options.names())
+        assert not stale, f"{page}.md documents options {sorted(stale)} that {name!r} lacks"

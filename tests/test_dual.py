@@ -110,7 +110,7 @@ def test_dual_equals_exact_ggn_regression_at_a_loose_optimum(
 
 
 @pytest.mark.parametrize(
-    "options", [{"form": "woodbury"}, {"solver": "cg", "cg_tol": 1e-13}], ids=["woodbury", "cg"]
+    "options", [{"form": "woodbury"}, {"solver": "cg", "tol": 1e-13}], ids=["woodbury", "cg"]
 )
 @pytest.mark.parametrize("estimator", ["if", "rif", "newton"])
 def test_symmetric_woodbury_form_equals_push_through(
@@ -327,6 +327,15 @@ def test_linearize_at_matches_numpy_dual_newton() -> None:
     )
     predicted = inf.remove(F.tolist()).outputs((Xt, y[:4]))
     assert relative_error(predicted, torch.as_tensor(J0t @ expected)) < 1e-10
+    # The loss and the measurement (here the loss) change by g_t^T K_0 Delta-alpha, alike.
+    effect = inf.remove(F.tolist())
+    g_t = torch.softmax(net(Xt), 1).detach() - torch.eye(c, dtype=torch.float64)[y[:4]]
+    loss_change = (g_t * torch.as_tensor(J0t @ expected)).sum(1)
+    assert relative_error(effect.loss((Xt, y[:4])), loss_change) < 1e-10
+    assert relative_error(effect.measurement((Xt, y[:4])), loss_change) < 1e-10
+    # Decompositions use gradients at theta*, not at the expansion point: refused, not wrong.
+    with pytest.raises(UnsupportedError, match=r"with linearize_at.*methods that do"):
+        inf.with_estimator("if").module_scores((Xt, y[:4]))
 
 
 def test_memory_refusal_names_scalable_methods(classifier: dict) -> None:
@@ -354,12 +363,18 @@ def test_errors_are_explicit(classifier: dict) -> None:
     task, train = classifier["task"], classifier["train"]
     with pytest.raises(UnsupportedError, match="relatif"):
         infkit.Influence(task, "dual", "relatif", l2=1e-2).fit(train)
-    with pytest.raises(CurvatureError, match="l2"):
+    with pytest.raises(CurvatureError, match="l2"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # l2=0: not the trained objective
         infkit.Influence(task, "dual", l2=0.0).fit(train)
     with pytest.raises(UnsupportedError, match="form"):
         infkit.Influence(task, "dual", l2=1e-2, form="qr").fit(train)
+    # options are checked against the model when Influence is constructed
     with pytest.raises(InvalidInputError, match="linearize_at"):
-        infkit.Influence(task, "dual", l2=1e-2, anchor="init").fit(train)
+        infkit.Influence(task, "dual", l2=1e-2, anchor="init")
+    with pytest.raises(InvalidInputError, match=r"'anchor' has 3 values.*P = "):
+        infkit.Influence(task, "dual", l2=1e-2, anchor=torch.zeros(3))
+    with pytest.raises(InvalidInputError, match="solver='cg' works on the symmetric"):
+        infkit.Influence(task, "dual", l2=1e-2, solver="cg", form="push-through")
 
 
 def test_damping_and_float32_model(classifier: dict) -> None:

@@ -209,8 +209,6 @@ def test_auto_fisher_is_exact_for_small_outputs(mlp_problem: dict) -> None:
 
 def test_output_factors_reproduce_the_output_hessians() -> None:
     """L_i L_i^T = Lambda_i for the closed forms (softmax, sigmoid, squared error) and eigh."""
-    from infkit.kfac.factors import output_factor
-
     model = torch.nn.Linear(2, 4).double()
     gen = torch.Generator().manual_seed(0)
     out = torch.randn(6, 4, generator=gen, dtype=torch.float64)
@@ -222,6 +220,6 @@ def test_output_factors_reproduce_the_output_hessians() -> None:
         (infkit.Task(model, _cross_entropy), out, y),  # autodiff Lambda, eigendecomposed
     ]
     for task, f, target in cases:
-        L = output_factor(task, f, target)
+        L = task.lambda_factor(f, target)
         lam = task.lambda_blocks(f, target)
         assert relative_error(L @ L.transpose(1, 2), lam) < 1e-12, task

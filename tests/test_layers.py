@@ -66,7 +66,12 @@ def imports_in(source: str, own: str, package: str) -> set[str]:
             for alias in node.names:
                 candidate = f"{target}.{alias.name}"
                 found.add(candidate if is_module(candidate) else target)
+    # importing infkit.a.b runs infkit/a/__init__.py first (the root package excepted)
+    for name in list(found):
+        parts = name.split(".")
+        found.update(".".join(parts[:k]) for k in range(2, len(parts)))
     found.discard(own)
+    found.discard(package)  # a package's own modules are imported by it, not the other way
     return found
 
 

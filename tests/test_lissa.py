@@ -62,9 +62,7 @@ def test_lissa_scores_match_exact(mlp_problem: dict) -> None:
     assert info["scale"] >= lam_max + l2
     assert info["lissa_damping"] * info["scale"] == pytest.approx(l2)
     # Stochastic minibatches of 30 out of 60 examples, two repeats.
-    noisy = infkit.Influence(task, "lissa", l2=l2, product_batch_size=30, repeats=2, seed=1).fit(
-        train
-    )
+    noisy = infkit.Influence(task, "lissa", l2=l2, minibatch_size=30, repeats=2, seed=1).fit(train)
     assert correlation(noisy.scores(test), R).pearson >= 0.99
 
 
@@ -83,7 +81,7 @@ def test_layer_blocks_invert_the_block_diagonal_curvature(mlp_problem: dict) -> 
     blocks = torch.zeros_like(H)
     for sl in exact.fitted.space.module_slices().values():
         blocks[sl, sl] = H[sl, sl]
-    inf = infkit.Influence(task, "lissa", l2=l2, blocks="layer", tol=1e-3).fit(train)
+    inf = infkit.Influence(task, "lissa", l2=l2, blocks="tensor", tol=1e-3).fit(train)
     V = exact.fitted.query_gradients(infkit.data.ExampleSet(test))
     expected = torch.linalg.solve(blocks + l2 * torch.eye(H.shape[0], dtype=H.dtype), V.T).T
     assert relative_error(inf.method.solve(V), expected) < 1e-3

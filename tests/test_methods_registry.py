@@ -92,3 +92,24 @@ def test_cli_lists_the_methods(capsys) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["method", "estimators", "quantities", "scales"]
     assert [line.split()[0] for line in lines[1:]] == sorted(infkit.methods())
+
+
+def test_options_are_checked_against_the_model_at_construction(mlp_problem: dict) -> None:
+    task = mlp_problem["task"]
+    with pytest.raises(UnsupportedError, match=r"modules \['nope'\] are not trainable layers"):
+        infkit.Influence(task, "kfac", modules=["nope"])
+    with pytest.raises(InvalidInputError, match=r"checkpoint 0 is a tensor of shape \(3,\)"):
+        infkit.Influence(task, "identity", checkpoints=[torch.zeros(3)], learning_rates=0.1)
+    with pytest.raises(InvalidInputError, match="checkpoint 1"):
+        infkit.Influence(task, "trak", checkpoints=[task.model.state_dict(), {"0.weight": 1}])
+
+
+@pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
+def test_auto_chooses_among_the_methods_that_take_the_options(mlp_problem: dict) -> None:
+    task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
+    assert infkit.Influence(task, "auto", l2=l2).fit(train).method.name == "exact"
+    # exact takes no tol: among those that do (dual, cg), cg suits a model with P < 20 N C
+    assert infkit.Influence(task, "auto", l2=l2, tol=1e-6).fit(train).method.name == "cg"
+    assert infkit.Influence(task, "auto", l2=l2, damping="auto").fit(train).method.name == "ekfac"
+    with pytest.raises(UnsupportedError, match=r"none of them takes the option\(s\) \['banana'\]"):
+        infkit.Influence(task, "auto", l2=l2, banana=1)

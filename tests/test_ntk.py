@@ -125,7 +125,7 @@ def test_tangent_products_are_the_jacobian() -> None:
 def test_memory_is_checked_before_allocation() -> None:
     model = _mlp()
     X = torch.randn(50, 4, dtype=torch.float64)
-    with pytest.raises(ProblemTooLargeError, match=r"150 x 150.*scale") as info:
+    with pytest.raises(ProblemTooLargeError, match=r"150 x 150.*scales with N") as info:
         empirical_ntk(model, X, memory_limit=100_000)
     assert "memory limit" in str(info.value)
 

@@ -8,6 +8,7 @@ part ``sum_l P_l H P_l``, i.e. the cross-layer curvature is dropped.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -15,10 +16,11 @@ from torch import Tensor
 from infkit.errors import UnsupportedError
 from infkit.parameters import ParameterSpace
 
-MODES = ("tensor", "module")
+BlockMode = Literal["tensor", "module"]
+MODES: tuple[BlockMode, ...] = ("tensor", "module")
 
 
-def layer_slices(space: ParameterSpace, mode: str = "tensor") -> list[tuple[str, slice]]:
+def layer_slices(space: ParameterSpace, mode: BlockMode = "tensor") -> list[tuple[str, slice]]:
     """(name, slice) of the flat parameter vector: one per parameter tensor, or one per module.
 
     With ``mode="module"`` consecutive tensors of the same module (``0.weight``, ``0.bias``) share

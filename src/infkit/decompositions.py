@@ -41,7 +41,8 @@ from infkit.parameters import ParameterSpace
 Svd = Literal["exact", "randomized"]
 
 
-def _require_if(method: Method, estimator: Estimator, question: str, what: str) -> None:
+def require_if(method: Method, estimator: Estimator, question: str, what: str) -> None:
+    """Raise unless ``method`` answers ``question`` and the estimator is the (linear) IF."""
     method.require(question)
     if estimator.name != "if":
         raise UnsupportedError(
@@ -79,7 +80,7 @@ def per_module_scores(
     method: Method, fitted: Fitted, queries: ExampleSet, estimator: Estimator
 ) -> dict[str, Tensor]:
     """IF scores split by module: name -> [n_queries, N] float64; they sum to the scores."""
-    _require_if(method, estimator, "module_scores", "per-module scores")
+    require_if(method, estimator, "module_scores", "per-module scores")
     return module_scores_for(fitted, preconditioned_queries(method, fitted, queries))
 
 
@@ -136,7 +137,7 @@ def per_token_scores(
         positions: the number of positions T of a training sequence (default: the largest
             position count among the tracked layers); layers with another count go to ``rest``.
     """
-    _require_if(method, estimator, "token_scores", "per-token scores")
+    require_if(method, estimator, "token_scores", "per-token scores")
     layers = method.tracked_layers()
     tracked, others, layout = layers.tracked, layers.others, layers.layout
     if not tracked:
@@ -219,7 +220,7 @@ def low_rank_queries(
         svd: ``"exact"`` (full SVD) or ``"randomized"`` (``torch.svd_lowrank``).
         seed: seed of the randomized SVD.
     """
-    _require_if(method, estimator, "query_batching", "batched query scores")
+    require_if(method, estimator, "query_batching", "batched query scores")
     if rank < 1:
         raise InvalidInputError(f"rank must be >= 1, got {rank}")
     if svd not in ("exact", "randomized"):

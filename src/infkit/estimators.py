@@ -162,8 +162,8 @@ def check_leverage(
             f"{who} has leverage {float(worst[k]):.6f} >= 1 against method {inverse.name!r}'s "
             "curvature, which approximates the data curvature and need not contain the example's "
             "own exact curvature block: rif/newton downdate that block, so they are unreliable "
-            "here. Use estimator 'if', or an exact-curvature method ('exact', 'cg', 'dual') for "
-            "rif/newton, or increase damping"
+            "here. Use estimator 'if', or for rif/newton a method whose curvature holds every "
+            "example's exact block ('exact_curvature' in infkit.methods()), or increase damping"
         )
     raise CurvatureError(
         f"{who} has leverage {float(worst[k]):.6f} >= 1: the model interpolates it, so removing "

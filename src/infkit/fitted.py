@@ -43,7 +43,7 @@ class GradientSummary:
     mean_norm: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class Fitted:
     """The training set, theta*, the objective and the machinery, as ``fit`` established them.
 

@@ -1,6 +1,8 @@
 """The per-example engine: gradients, Jacobians, tangent products and output-space quantities.
 
-:class:`PerExample` is the one place where infkit differentiates a model. Everything is computed
+:class:`PerExample` is the one engine for per-example quantities and tangent products; the
+curvature products, the NTK, the estimators and every method build on it (training takes plain
+full-batch gradients, and the Kronecker methods hook layers for their factors). Everything is computed
 with torch.func (``vmap`` over ``grad`` / ``jacrev``, ``jvp``, ``vjp``) one batch at a time, in a
 working dtype (the model's by default; float64 for the dual method's kernel algebra), without
 modifying the model. Modules that ``vmap`` cannot trace (data-dependent control flow,
@@ -29,8 +31,9 @@ from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+from torch.func import functional_call, grad, jacrev, vjp, vmap
 
+from infkit.autodiff import Pushforward
 from infkit.data import Batch, map_tensors
 from infkit.errors import InfkitError, InvalidInputError, NonFiniteError, UnsupportedError, warn
 from infkit.linearize import LinearizedModel
@@ -93,7 +96,12 @@ class PerExample:
         self.mode = mode
         self.dtype: torch.dtype = dtype or space.dtype
         self.device = space.device
+        #: whether the state (buffers, frozen parameters) and targets are recast to a working
+        #: dtype other than the model's; the model's own engine leaves them as they are
+        self._recast = self.dtype != space.dtype
         self._vmap_failed = False
+        #: forward-mode products, or their reverse-mode stand-in where an operation refuses it
+        self.pushforward = Pushforward()
         model = task.model
         # The tangent side: the module, its parameter names and point, and its output function.
         self._fixed_point: dict[str, Tensor] | None
@@ -104,7 +112,9 @@ class PerExample:
             self.tangent_names: list[str] = list(model.base_names)
             self._tangent_output_fn: Callable[[Any], Tensor] = model.output_fn
             self._fixed_point = self._cast_all(model.params0())
-            self._tangent_consts = self._cast_all(model.base_constants())
+            self._tangent_consts = {
+                n: self._cast_state(t.detach()) for n, t in model.base_constants().items()
+            }
         else:
             self.tangent_module = model
             self.tangent_names = list(space.names)
@@ -122,8 +132,14 @@ class PerExample:
 
     # ------------------------------------------------------------------ plumbing
     def _cast(self, t: Tensor) -> Tensor:
+        """On the model's device; floating point in the working dtype (inputs, parameters)."""
         t = t.to(self.device)
         return t.to(self.dtype) if t.is_floating_point() else t
+
+    def _cast_state(self, t: Tensor) -> Tensor:
+        """Buffers, frozen parameters and targets: recast only for another working dtype."""
+        t = t.to(self.device)
+        return t.to(self.dtype) if self._recast and t.is_floating_point() else t
 
     def _cast_all(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {n: self._cast(t.detach()) for n, t in tensors.items()}
@@ -141,16 +157,19 @@ class PerExample:
         return {n: at[n] for n in space.names}
 
     def prepare(self, batch: Batch) -> tuple[Any, Any]:
-        """Inputs and targets on the model's device, floating-point ones in the working dtype."""
-        return map_tensors(batch.inputs, self._cast), map_tensors(batch.targets, self._cast)
+        """Inputs and targets on the model's device; floating-point inputs in the working dtype.
+
+        Targets keep their dtype unless the engine works in a dtype other than the model's.
+        """
+        return map_tensors(batch.inputs, self._cast), map_tensors(batch.targets, self._cast_state)
 
     def params(self) -> dict[str, Tensor]:
         """theta* (the model's current trainable parameters) in the working dtype, detached."""
         return self._cast_all(self.space.params())
 
     def constants(self) -> dict[str, Tensor]:
-        """Frozen parameters and buffers in the working dtype."""
-        return self._cast_all(self.space.constants())
+        """Frozen parameters and buffers (in the working dtype when it is not the model's)."""
+        return {n: self._cast_state(t.detach()) for n, t in self.space.constants().items()}
 
     def call(self, params: Mapping[str, Tensor], inputs: Any) -> Tensor:
         """The task's model outputs [B, ...] with the trainable parameters replaced by ``params``."""
@@ -419,17 +438,14 @@ class PerExample:
         W = W.reshape(-1, self.space.size)
         point = self.tangent_params()
 
-        def push(t: dict[str, Tensor]) -> Tensor:
-            return jvp(lambda p: self.tangent_call(p, inputs), (point,), (t,))[1]
+        def outputs_of(p: dict[str, Tensor]) -> Tensor:
+            return self.tangent_call(p, inputs)
 
         with evaluation_mode(self.task.model), evaluation_mode(self.tangent_module):
             parts = []
             for start in range(0, W.shape[0], TANGENT_CHUNK):
                 chunk = self.unflatten_tangent(W[start : start + TANGENT_CHUNK])
-                if W[start : start + TANGENT_CHUNK].shape[0] == 1:
-                    parts.append(push({n: t[0] for n, t in chunk.items()}).unsqueeze(0))
-                else:
-                    parts.append(vmap(push)(chunk))
+                parts.append(self.pushforward(outputs_of, point, chunk))
             out = torch.cat(parts).detach()
         return out[0] if single else out
 
@@ -475,7 +491,8 @@ def directional_derivatives(
     """First-order change of the outputs [B, C] or the per-example loss / measurement [B].
 
     ``which`` is ``"outputs"``, ``"loss"`` or ``"measurement"``; the change is
-    ``d/dt q(theta + t * direction)`` at t = 0, one forward-mode pass (falling back to J @ d).
+    ``d/dt q(theta + t * direction)`` at t = 0, one forward-mode pass (two reverse passes where
+    an operation refuses forward mode, :class:`infkit.autodiff.Pushforward`).
     """
     inputs, targets = engine.prepare(batch)
     params = engine.params()
@@ -489,14 +506,5 @@ def directional_derivatives(
             return engine.task.checked_loss(out, targets)
         return engine.task.checked_measurement(out, targets)
 
-    def forward_mode() -> Tensor:
-        return torch.func.jvp(quantity, (params,), (tangent,))[1]
-
-    def reverse_mode() -> Tensor:
-        d = direction.to(engine.dtype)
-        if which == "outputs":
-            return engine.jacobians(batch) @ d
-        return engine.grads(batch, "loss" if which == "loss" else "measurement") @ d
-
     with evaluation_mode(engine.task.model):
-        return engine.run(forward_mode, reverse_mode).detach()
+        return engine.pushforward(quantity, params, tangent, batched=False).detach()

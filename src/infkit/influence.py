@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -34,7 +34,6 @@ from infkit.methods.base import (
     Method,
     Problem,
     method_class,
-    methods_with_estimator,
     registered,
 )
 from infkit.parameters import ParameterSpace
@@ -133,10 +132,12 @@ class Influence:
         self.method_options = dict(method_options)
         self._method: Method | None = None
         self._fitted: Fitted | None = None
+        self._candidates: list[str] = []
         if method == "auto":
-            self._check_auto_options()
+            self._candidates = self._auto_candidates()
         else:
             self._method = self._create(method)
+            self._method.check(task, ParameterSpace(task.model))
 
     # ------------------------------------------------------------------ construction helpers
     def _options_for(self, name: str) -> dict[str, Any]:
@@ -154,19 +155,27 @@ class Influence:
 
     def _create(self, name: str) -> Method:
         method = registry.create(name, self._options_for(name))
-        _check_estimator(method, self._estimator.name)
+        method.require_estimator(self._estimator.name)
         return method
 
-    def _check_auto_options(self) -> None:
-        """With ``method="auto"``, every option must belong to at least one candidate."""
-        candidates = registry.auto_candidates()
-        known = {o for name in candidates for o in method_class(name).Options.names()}
-        unknown = sorted(set(self.method_options) - known)
-        if unknown:
+    def _auto_candidates(self) -> list[str]:
+        """The methods ``method="auto"`` may choose: those that take the given options, supply
+        the estimator and, with ``damping="auto"``, have the heuristic."""
+        names = [
+            name
+            for name in registry.auto_candidates()
+            if set(self.method_options) <= set(method_class(name).Options.names())
+            and self._estimator.name in method_class(name).estimators
+            and (not self.auto_damping or method_class(name).supports_auto_damping)
+        ]
+        if not names:
             raise UnsupportedError(
-                f"method='auto' chooses among {', '.join(candidates)}, and none of them takes "
-                f"the option(s) {unknown}; name the method to pass its options"
+                f"method='auto' chooses among {', '.join(registry.auto_candidates())}, and none "
+                f"of them takes the option(s) {sorted(self.method_options)}"
+                + (" with damping='auto'" if self.auto_damping else "")
+                + f" and estimator {self.estimator!r}; name the method to pass its options"
             )
+        return names
 
     # ------------------------------------------------------------------ fit
     def fit(self, train: Any) -> Influence:
@@ -182,34 +191,38 @@ class Influence:
             cache, summary = training_gradients(
                 engine, examples, self.batch_size, self.memory_limit, show
             )
+        theta = space.flat().to(torch.float64)
+        anchor = method.regulariser_anchor(self.task, space)
         fitted = Fitted(
             task=self.task,
             space=space,
             engine=engine,
             train=examples,
-            theta=space.flat().to(torch.float64),
+            theta=theta,
             l2=self.l2,
             damping=self.damping,
             batch_size=self.batch_size,
             progress=show,
             memory_limit=self.memory_limit,
             train_gradients=cache,
+            anchor=None if anchor is None else anchor.to(theta),
         )
-        method.fit(fitted)
-        anchor = method.regulariser_anchor()
-        fitted.anchor = None if anchor is None else anchor.to(fitted.theta)
         # Trajectory and surrogate methods (TracInCP, TRAK) neither assume an optimum nor use
         # grad L(theta*): no pass over the data for them.
         if method.assumes_optimum:
-            fitted.objective_gradient, fitted.stationarity = objective_gradient(fitted, summary)
+            gradient, stationarity = objective_gradient(fitted, summary)
+            fitted = replace(fitted, objective_gradient=gradient, stationarity=stationarity)
+        method.fit(fitted)
         self._method, self._fitted = method, fitted
         return self
 
     def _auto(self, space: ParameterSpace, examples: ExampleSet, engine: PerExample) -> Method:
         c = engine.outputs(examples.take([0]))[0].numel()
         problem = Problem(len(examples), space.size, c, self.memory_limit, self.task.model, space)
-        name = registry.choose(problem)
-        return self._create(name)
+        name = registry.choose(problem, self._candidates)
+        method = self._create(name)
+        method.check(self.task, space)
+        return method
 
     def with_estimator(self, estimator: str, relatif: str | None = None) -> Influence:
         """The same fitted method with another estimator (no refit).
@@ -219,7 +232,7 @@ class Influence:
         """
         method = self.method
         choice = _estimator(estimator, relatif or self._estimator.relatif)
-        _check_estimator(method, choice.name)
+        method.require_estimator(choice.name)
         other = copy.copy(self)
         other._estimator = choice
         return other
@@ -229,6 +242,11 @@ class Influence:
     def estimator(self) -> str:
         """The estimator's name: ``"if"``, ``"rif"``, ``"newton"`` or ``"relatif"``."""
         return self._estimator.name
+
+    @property
+    def estimator_spec(self) -> Estimator:
+        """The estimator and RelatIF's normalisation, as the methods receive them."""
+        return self._estimator
 
     @property
     def relatif(self) -> str:
@@ -441,23 +459,6 @@ def _estimator(name: str, relatif: str) -> Estimator:
             f"unknown relatif norm {relatif!r}; use one of {', '.join(RELATIF_NORMS)}"
         )
     return Estimator(name, relatif)  # both checked above
-
-
-def _check_estimator(method: Method, estimator: str) -> None:
-    """Raise UnsupportedError for a pair the method cannot compute, naming the pairs that can."""
-    if estimator not in type(method).estimators:
-        pairs = [f"{name}+{estimator}" for name in methods_with_estimator(estimator)]
-        raise UnsupportedError(
-            f"method {method.name!r} cannot compute estimator {estimator!r}; it supports "
-            f"{', '.join(type(method).estimators)}. Methods that support {estimator!r}: "
-            f"{', '.join(pairs) or 'none'}"
-        )
-    if estimator == "rif" and method.curvature == "hessian":
-        raise UnsupportedError(
-            "estimator 'rif' needs a positive semidefinite curvature to define leverages; the "
-            "true Hessian can give leverages below 0 or above 1. Use curvature='ggn' with rif, "
-            "or estimator='newton' with the Hessian"
-        )
 
 
 def _stderr_is_tty() -> bool:

@@ -66,7 +66,9 @@ class KernelSystem:
         self.m = self.n * self.c
         self.n_total = n_total
         self.mu = float(mu)
-        self.form = "woodbury" if solver == "cg" else form
+        if solver == "cg" and form == "push-through":
+            raise CurvatureError("solver='cg' works on the symmetric (woodbury) form only")
+        self.form = form
         self.solver = solver
         self.tol = tol
         self.maxiter = maxiter or max(10 * self.m, 100)
@@ -164,7 +166,7 @@ class KernelSystem:
             warn(
                 f"conjugate gradients on the dual system stopped after {result.iterations} "
                 f"iterations with a relative residual of {float(result.residuals.max()):.1e} "
-                f"(asked {self.tol:.0e}); raise cg_maxiter or use solver='direct'",
+                f"(asked {self.tol:.0e}); raise maxiter or use solver='direct'",
                 UserWarning,
             )
         return result.X

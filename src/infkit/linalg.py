@@ -6,6 +6,9 @@ eigenvalues and the damping that would fix it, instead of returning a silently w
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -123,6 +126,19 @@ def solve_small(A: Tensor, B: Tensor, *, what: str) -> Tensor:
         bad = int((info != 0).nonzero()[0, 0]) if info.dim() else 0
         raise CurvatureError(f"{what} is singular (batch entry {bad})")
     return X
+
+
+#: a relative residual below this many machine epsilons of the product dtype is not attainable
+ATTAINABLE_EPSILONS = 100.0
+
+
+def attainable_tolerance(tol: float, dtype: torch.dtype) -> float:
+    """``tol``, raised to what products in ``dtype`` can certify (100 eps: 1.2e-5 in float32).
+
+    Curvature products of a float32 model carry float32 rounding; asking CG for a relative
+    residual of 1e-8 there only makes it iterate to its cap and warn.
+    """
+    return max(tol, ATTAINABLE_EPSILONS * torch.finfo(dtype).eps)
 
 
 NOT_POSITIVE_DEFINITE = (
@@ -284,3 +300,34 @@ def block_conjugate_gradients(
         beta = torch.cholesky_solve(AP.T @ Z, L)
         P = orthonormal_basis(Z - P @ beta, rank_tol)
     return ConjugateGradientResult(X * scale, iterations, residuals, residuals <= tol)
+
+
+def power_iteration(
+    matmat: Callable[[Tensor], Tensor],
+    size: int,
+    *,
+    iterations: int = 30,
+    rtol: float = 1e-3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Estimate of the largest |eigenvalue| of an operator by power iteration (rows in, rows out).
+
+    For a symmetric operator, or one similar to a symmetric positive definite one (such as a
+    preconditioned ``P^{-1} A``), the growth ratio converges to the largest eigenvalue.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, size, generator=gen, dtype=dtype).to(device)
+    x = x / x.norm()
+    estimate = 0.0
+    for _ in range(iterations):
+        y = matmat(x)
+        new = float(y.norm())
+        if new == 0.0 or not math.isfinite(new):
+            return new
+        x = y / new
+        if abs(new - estimate) <= rtol * new:
+            return new
+        estimate = new
+    return estimate

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import numbers
 import types
 import typing
 from collections.abc import Mapping
@@ -59,6 +60,8 @@ class Options:
 
     #: old option name -> current name, accepted with a DeprecationWarning
     aliases: ClassVar[Mapping[str, str]] = {}
+    #: option -> {old value: current value}, accepted with a DeprecationWarning
+    value_aliases: ClassVar[Mapping[str, Mapping[Any, Any]]] = {}
 
     @classmethod
     def fields(cls) -> list[dataclasses.Field[Any]]:
@@ -103,9 +106,19 @@ class Options:
                 f"{owner} does not take the option(s) {', '.join(hints)}; its options are: "
                 f"{', '.join(known) or 'none'} (see infkit.methods() or the method's docstring)"
             )
+        for name, renamed in cls.value_aliases.items():
+            value = given.get(name)
+            if isinstance(value, str) and value in renamed:
+                new_value = renamed[value]
+                warn(
+                    f"{owner}: option {name}={value!r} is now {name}={new_value!r}",
+                    DeprecationWarning,
+                )
+                given[name] = new_value
         hints_by_name = typing.get_type_hints(cls)
         for f in cls.fields():
             if f.name in given:
+                given[f.name] = coerce(given[f.name], hints_by_name[f.name])
                 _check_value(owner, f, hints_by_name[f.name], given[f.name])
         return cls(**given)
 
@@ -145,6 +158,63 @@ def _check_value(owner: str, f: dataclasses.Field[Any], hint: Any, value: Any) -
             raise InvalidInputError(f"{where} must be >= {low}, got {value!r} ({f.name}: {doc})")
         if above is not None and not value > above:
             raise InvalidInputError(f"{where} must be > {above}, got {value!r} ({f.name}: {doc})")
+
+
+def _accepts(hint: Any, kind: Any) -> bool:
+    """Whether ``hint`` (possibly a union) admits the plain type ``kind``."""
+    if hint is kind:
+        return True
+    if get_origin(hint) in (Union, types.UnionType):
+        return any(_accepts(arg, kind) for arg in get_args(hint))
+    return False
+
+
+def _sequence_item(hint: Any) -> Any | None:
+    """The item type of a ``Sequence[...]`` (or list/tuple) in ``hint``, or None."""
+    origin = get_origin(hint)
+    if origin in (list, tuple, collections.abc.Sequence):
+        args = get_args(hint)
+        return args[0] if args else Any
+    if origin in (Union, types.UnionType):
+        for arg in get_args(hint):
+            item = _sequence_item(arg)
+            if item is not None:
+                return item
+    return None
+
+
+def coerce(value: Any, hint: Any) -> Any:
+    """Plain Python values for what a user naturally passes.
+
+    numpy / torch scalars become ``int`` or ``float`` where the option takes one; an array, a
+    tensor or any other iterable (a generator) becomes a tuple where the option takes a
+    sequence. Everything else is returned unchanged, for the type check to judge.
+    """
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    elif type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        value = value.item()  # a numpy scalar
+    if isinstance(value, numbers.Integral) and not isinstance(value, int) and _accepts(hint, int):
+        return int(value)
+    if (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, (int, float))
+        and _accepts(hint, float)
+    ):
+        return float(value)
+    item = _sequence_item(hint)
+    if item is not None and not isinstance(value, (list, tuple, Mapping, torch.Tensor)):
+        if hasattr(value, "tolist") and callable(value.tolist):  # a numpy array
+            return tuple(value.tolist())
+        if isinstance(value, collections.abc.Iterable):
+            return tuple(value)
+    if item is not None and isinstance(value, torch.Tensor):
+        if item in (float, int) or _accepts(item, float):
+            return tuple(value.reshape(-1).tolist())
+        return tuple(value)
+    return value
 
 
 def literal_choices(hint: Any) -> list[Any]:

@@ -39,6 +39,7 @@ def methods() -> dict[str, dict[str, Any]]:
             "estimators": list(cls.estimators),
             "quantities": [q for q in package.QUESTIONS if q in cls.questions],
             "scales": cls.scales,
+            "exact_curvature": cls.exact_example_curvature,
             "summary": cls.summary,
             "options": {option: doc for option, _, _, doc in cls.Options.documentation()},
         }
@@ -51,19 +52,16 @@ def create(name: str, options: Mapping[str, Any]) -> Method:
     return method_class(name)(**dict(options))
 
 
-def choose(problem: Problem) -> str:
-    """The method ``method="auto"`` picks: the first by ``auto_priority`` that suits the problem.
+def choose(problem: Problem, candidates: list[str] | None = None) -> str:
+    """The method ``method="auto"`` picks: the first candidate by ``auto_priority`` that suits the
+    problem (``candidates``: a subset of :func:`auto_candidates`, e.g. those taking some options).
 
     With the built-in methods: ``exact`` when the P x P curvature fits in memory (and P is at
     most 20,000), ``dual`` when 20 N C <= P and the (N C)^2 kernel fits, ``ekfac`` when every
     trainable parameter is in a layer it can factor, ``cg`` otherwise.
     """
-    candidates = sorted(
-        (cls.auto_priority, name)
-        for name, cls in registered().items()
-        if cls.auto_priority is not None
-    )
-    for _, name in candidates:
+    names = auto_candidates() if candidates is None else candidates
+    for name in names:
         if registered()[name].suits(problem):
             return name
     raise UnsupportedError(

@@ -100,6 +100,23 @@ def _identity_hessian(outputs: Tensor, targets: Tensor) -> Tensor:
     return torch.eye(c, dtype=outputs.dtype, device=outputs.device).expand(b, c, c)
 
 
+def _softmax_factor(outputs: Tensor, targets: Tensor) -> Tensor:
+    """L_i = diag(sqrt p) - p sqrt(p)^T, so that L_i L_i^T = diag(p) - p p^T (as sum p = 1)."""
+    p = torch.softmax(outputs.to(torch.float64), dim=-1)
+    r = p.sqrt()
+    return torch.diag_embed(r) - p.unsqueeze(2) * r.unsqueeze(1)
+
+
+def _binary_factor(outputs: Tensor, targets: Tensor) -> Tensor:
+    p = torch.sigmoid(outputs.to(torch.float64).reshape(outputs.shape[0], -1))
+    return torch.diag_embed((p * (1 - p)).sqrt())
+
+
+def _identity_factor(outputs: Tensor, targets: Tensor) -> Tensor:
+    b, c = outputs.shape[0], outputs[0].numel()
+    return torch.eye(c, dtype=torch.float64, device=outputs.device).expand(b, c, c)
+
+
 class Task:
     """A model, its per-example training loss, and the measured test quantity.
 
@@ -110,6 +127,9 @@ class Task:
             (default: ``loss``).
         output_hessian: ``fn(outputs, targets) -> [B, C, C]``, Lambda_i = d^2 l_i / d f^2 over
             the flattened outputs; computed by autodiff when omitted.
+        output_hessian_factor: ``fn(outputs, targets) -> [B, C, K]``, a factor L_i with
+            ``L_i L_i^T = Lambda_i`` (Kronecker factors pull its K columns back through the
+            network); from an eigendecomposition of Lambda_i when omitted.
         output_fn: extracts the output tensor from what ``model(...)`` returns.
         higher_is_better: whether a larger measurement is a better prediction (a margin); it
             only decides which examples ``top_k`` calls proponents.
@@ -122,6 +142,7 @@ class Task:
         measurement: PerExampleFn | None = None,
         *,
         output_hessian: PerExampleFn | None = None,
+        output_hessian_factor: PerExampleFn | None = None,
         output_fn: Callable[[Any], Tensor] = default_output_fn,
         higher_is_better: bool = False,
         name: str = "custom",
@@ -134,6 +155,7 @@ class Task:
         self.loss = loss
         self.measurement = measurement if measurement is not None else loss
         self.output_hessian = output_hessian
+        self.output_hessian_factor = output_hessian_factor
         self.output_fn = output_fn
         self.higher_is_better = higher_is_better
         self.measures_loss = measurement is None
@@ -149,6 +171,7 @@ class Task:
             _cross_entropy,
             meas,
             output_hessian=_softmax_hessian,
+            output_hessian_factor=_softmax_factor,
             higher_is_better=higher,
             name="classification",
         )
@@ -164,6 +187,7 @@ class Task:
             _binary_cross_entropy,
             meas,
             output_hessian=_binary_hessian,
+            output_hessian_factor=_binary_factor,
             higher_is_better=higher,
             name="binary_classification",
         )
@@ -171,7 +195,13 @@ class Task:
     @classmethod
     def regression(cls, model: nn.Module) -> Task:
         """Per-example loss 0.5 * ||f(x) - y||^2 (Lambda_i = I)."""
-        return cls(model, _squared_error, output_hessian=_identity_hessian, name="regression")
+        return cls(
+            model,
+            _squared_error,
+            output_hessian=_identity_hessian,
+            output_hessian_factor=_identity_factor,
+            name="regression",
+        )
 
     # ----------------------------------------------------------------- evaluation
     def call_model(self, model_or_fn: Callable[..., Any], inputs: Any) -> Tensor:
@@ -200,6 +230,24 @@ class Task:
             lam = torch.func.vmap(torch.func.hessian(single))(flat, targets)
         c = outputs[0].numel()
         return lam.reshape(b, c, c)
+
+    def lambda_factor(self, outputs: Tensor, targets: Any) -> Tensor:
+        """L_i [B, C, K] (float64) with ``L_i L_i^T = Lambda_i``, the output-space loss Hessian.
+
+        The task's closed form when it has one (softmax, sigmoid, squared error); otherwise an
+        eigendecomposition of :meth:`lambda_blocks`, dropping the directions with zero curvature
+        in every example of the batch.
+        """
+        if self.output_hessian_factor is not None and outputs.dim() == 2:
+            return self.output_hessian_factor(outputs, targets)
+        lam = self.lambda_blocks(outputs, targets).to(torch.float64)
+        lam = 0.5 * (lam + lam.transpose(1, 2))
+        ev, U = torch.linalg.eigh(lam)  # ascending
+        L = U * ev.clamp_min(0).sqrt().unsqueeze(1)  # columns = vectors
+        keep = (ev.max(dim=0).values > 0).nonzero().squeeze(1)
+        if keep.numel() == 0:  # zero curvature everywhere: one zero vector
+            keep = torch.tensor([ev.shape[1] - 1], device=ev.device)
+        return L[:, :, keep]
 
     def __repr__(self) -> str:
         return f"Task({self.name}, model={type(self.model).__name__})"

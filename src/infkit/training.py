@@ -12,9 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infkit.curvature import CurvatureOperator
 from infkit.data import ExampleSet
-from infkit.errors import NonFiniteError
+from infkit.errors import CurvatureError, NonFiniteError
 from infkit.gradients import PerExample
+from infkit.linalg import conjugate_gradients
 from infkit.parameters import ParameterSpace, evaluation_mode
 from infkit.task import Task
 
@@ -164,39 +166,26 @@ def _newton_cg_step(
     grad: Tensor,
     cg_iters: int = 100,
 ) -> bool:
-    """theta <- theta - H^{-1} grad by conjugate gradients on Hessian-vector products.
+    """theta <- theta - (H + l2 I)^{-1} grad by conjugate gradients on Hessian-vector products.
 
-    Returns False (and leaves theta unchanged) when the step does not reduce ||grad||.
+    H is the Hessian of the mean loss over ``idx`` (:class:`infkit.curvature.CurvatureOperator`).
+    Returns False (and leaves theta unchanged) when the step does not reduce ||grad||, or when
+    CG meets non-positive curvature (a nonconvex region: L-BFGS carries on from there).
     """
-    from scipy.sparse.linalg import LinearOperator, cg
+    operator = CurvatureOperator(engine, examples, "hessian", batch_size=chunk, indices=idx)
 
-    params = [dict(task.model.named_parameters())[n] for n in space.names]
-    ids = torch.arange(len(examples)) if idx is None else idx
-    n = len(ids)
+    def matmat(X: Tensor) -> Tensor:  # columns in, columns out
+        rows = X.T.contiguous()
+        return (operator.matmat(rows) + l2 * rows).T
 
-    def hvp(v_np) -> object:
-        v = torch.as_tensor(v_np, dtype=space.dtype, device=space.device)
-        vs = list(space.unflatten(v).values())
-        out = [torch.zeros_like(p) for p in params]
-        for batch in examples.batches(chunk, ids):
-            inputs, targets = engine.prepare(batch)
-            with torch.enable_grad():
-                loss = task.checked_loss(task.call_model(task.model, inputs), targets).sum() / n
-                gs = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-                dot = torch.stack([(g * u).sum() for g, u in zip(gs, vs) if g is not None]).sum()
-                hv = torch.autograd.grad(dot, params, allow_unused=True)
-            for acc, h in zip(out, hv):
-                if h is not None:
-                    acc += h.detach()
-        flat = torch.cat([o.reshape(-1) for o in out]) + l2 * v
-        return flat.cpu().double().numpy()
-
-    size = space.size
-    operator = LinearOperator((size, size), matvec=hvp, dtype=float)
-    g = grad.detach().cpu().double().numpy()
-    step, _ = cg(operator, -g, rtol=1e-12, atol=0.0, maxiter=cg_iters)
+    try:
+        result = conjugate_gradients(
+            matmat, -grad.detach().to(torch.float64).reshape(-1, 1), tol=1e-12, maxiter=cg_iters
+        )
+    except CurvatureError:
+        return False
     theta = space.flat().clone()
-    space.add_(torch.as_tensor(step))
+    space.add_(result.X[:, 0])
     _, new_grad = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
     if not float(new_grad.norm()) < float(grad.norm()):
         space.assign_(theta)

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infkit.decompositions import module_scores_for
-from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.decompositions import module_scores_for, require_if
+from infkit.errors import InvalidInputError
 from infkit.influence import Influence
 
 
@@ -98,11 +98,7 @@ def layer_quality(inf: Influence, validation: Any) -> LayerQuality:
         validation: the validation set; its measurements are averaged into one query.
     """
     method, fitted = inf.method, inf.fitted
-    method.require("module_scores")
-    if inf.estimator != "if":
-        raise UnsupportedError(
-            "layer quality scores decompose the IF score; use inf.with_estimator('if')"
-        )
+    require_if(method, inf.estimator_spec, "module_scores", "layer quality scores")
     examples = fitted.examples(validation, "validation set")
     Q = fitted.query_gradients(examples).mean(0, keepdim=True)
     parts = module_scores_for(fitted, method.precondition_queries(Q))

@@ -47,15 +47,8 @@ KINDS = ("profile", "second_moment", "gradient_second_moment", "mean")
 
 
 def kronecker_curvature(inf: Influence) -> KroneckerCurvature:
-    """The fitted Kronecker-factored curvature of ``inf`` (kfac, ekfac or astra's), or an error."""
-    method = inf.method
-    curvature = method.kronecker()
-    if curvature is None:
-        raise UnsupportedError(
-            f"this analysis works in the Kronecker eigenbasis; fit with method='ekfac', 'kfac' "
-            f"or 'astra' (got {method.name!r})"
-        )
-    return curvature
+    """The fitted Kronecker-factored curvature of ``inf``, or an error naming the methods with one."""
+    return inf.method.kronecker()
 
 
 def kfe_coordinates(inf: Influence, data: Any, which: str = "loss") -> dict[str, Tensor]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from infkit.errors import CurvatureError, InvalidInputError, UnsupportedError
 from infkit.fitted import Fitted
@@ -40,6 +40,7 @@ from infkit.kfac.factors import (
 )
 from infkit.layers.tracked import SUPPORTED, TrackedLayers
 from infkit.options import Options, option
+from infkit.parameters import ParameterSpace
 
 #: kronfluence's HEURISTIC_DAMPING_SCALE (docs/methods/kfac.md)
 HEURISTIC_DAMPING_SCALE = 0.1
@@ -96,6 +97,32 @@ class KroneckerOptions(Options):
 KRONECKER_FIELDS = tuple(f.name for f in dataclasses.fields(KroneckerOptions))
 
 
+def kronecker_layers(
+    model: nn.Module, space: ParameterSpace, options: KroneckerOptions, owner: str
+) -> TrackedLayers:
+    """The layers the options track in ``model``, or an error naming what cannot be factored.
+
+    Needs no data: it runs when ``Influence(...)`` is constructed.
+    """
+    modules = None if options.modules is None else list(options.modules)
+    layers = TrackedLayers.of(model, space, modules, options.mask_key)
+    if not layers.tracked:
+        raise UnsupportedError(
+            f"method {owner!r} found no trainable layer it can factor ({SUPPORTED}); "
+            "use another method (e.g. 'cg')"
+        )
+    others = layers.others
+    if others and options.unsupported == "error":
+        shown = ", ".join(others[:8]) + (" ..." if len(others) > 8 else "")
+        raise UnsupportedError(
+            f"method {owner!r} factors {SUPPORTED} layers only; these trainable "
+            f"parameters are outside them: {shown}. Freeze them (requires_grad=False) to "
+            "attribute through the supported layers only, or pass unsupported='identity' to "
+            "give them no data curvature (only the l2 + damping ridge)"
+        )
+    return layers
+
+
 class KroneckerCurvature:
     """Layerwise ``S (x) A`` blocks of the damped GGN, fitted (or loaded) on a training set.
 
@@ -113,22 +140,7 @@ class KroneckerCurvature:
         self.options = options
         self.corrected = corrected
         self.owner = owner
-        modules = None if options.modules is None else list(options.modules)
-        self.layers = TrackedLayers.of(fitted.task.model, fitted.space, modules, options.mask_key)
-        if not self.layers.tracked:
-            raise UnsupportedError(
-                f"method {owner!r} found no trainable layer it can factor ({SUPPORTED}); "
-                "use another method (e.g. 'cg')"
-            )
-        others = self.layers.others
-        if others and options.unsupported == "error":
-            shown = ", ".join(others[:8]) + (" ..." if len(others) > 8 else "")
-            raise UnsupportedError(
-                f"method {owner!r} factors {SUPPORTED} layers only; these trainable "
-                f"parameters are outside them: {shown}. Freeze them (requires_grad=False) to "
-                "attribute through the supported layers only, or pass unsupported='identity' to "
-                "give them no data curvature (only the l2 + damping ridge)"
-            )
+        self.layers = kronecker_layers(fitted.task.model, fitted.space, options, owner)
         self.loaded = False
         self.factors = self._load_or_fit()
         scale = options.module_damping_scale

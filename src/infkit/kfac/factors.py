@@ -175,38 +175,6 @@ def default_sampler(task_name: str) -> SampleFn | None:
     return None
 
 
-def output_factor(task: Any, out: Tensor, targets: Any) -> Tensor:
-    """L_i [B, C, K] with L_i L_i^T = Lambda_i, the output-space loss Hessian.
-
-    Closed forms for the ready-made tasks (softmax: ``diag(sqrt p) - p sqrt(p)^T``, since
-    ``sum p = 1``; sigmoid: ``diag(sqrt(p (1 - p)))``; squared error: I); otherwise an
-    eigendecomposition of ``task.lambda_blocks``, dropping directions with zero curvature in
-    every example of the batch.
-    """
-    from infkit import task as tasks
-
-    b = out.shape[0]
-    hessian = task.output_hessian
-    if hessian is tasks._softmax_hessian and out.dim() == 2:
-        p = torch.softmax(out.to(torch.float64), dim=-1)
-        r = p.sqrt()
-        return torch.diag_embed(r) - p.unsqueeze(2) * r.unsqueeze(1)
-    if hessian is tasks._binary_hessian:
-        p = torch.sigmoid(out.to(torch.float64).reshape(b, -1))
-        return torch.diag_embed((p * (1 - p)).sqrt())
-    if hessian is tasks._identity_hessian:
-        c = out[0].numel()
-        return torch.eye(c, dtype=torch.float64, device=out.device).expand(b, c, c)
-    lam = task.lambda_blocks(out, targets).to(torch.float64)
-    lam = 0.5 * (lam + lam.transpose(1, 2))
-    ev, U = torch.linalg.eigh(lam)  # ascending
-    L = U * ev.clamp_min(0).sqrt().unsqueeze(1)  # columns = vectors
-    keep = (ev.max(dim=0).values > 0).nonzero().squeeze(1)
-    if keep.numel() == 0:  # zero curvature everywhere: one zero vector
-        keep = torch.tensor([ev.shape[1] - 1], device=ev.device)
-    return L[:, :, keep]
-
-
 # ---------------------------------------------------------------------------------- fitting
 class FactorFitter:
     """Fits :class:`KroneckerFactors` on a training set, batch by batch.
@@ -291,7 +259,7 @@ class FactorFitter:
         task = self.task
         if mode == "ggn":
             with torch.no_grad():
-                L = output_factor(task, out.detach(), targets)  # [B, C, K]
+                L = task.lambda_factor(out.detach(), targets)  # [B, C, K]
             return L.permute(2, 0, 1).reshape(-1, *out.shape).to(out.dtype)
         with torch.enable_grad():
             f = out.detach().requires_grad_(True)

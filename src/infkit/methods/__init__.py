@@ -16,6 +16,7 @@ outside infkit registers itself the same way::
 
 from infkit.methods.base import (
     BASIC,
+    KRONECKER,
     PRECONDITIONED,
     PRIMAL,
     QUESTIONS,
@@ -31,6 +32,7 @@ from infkit.methods.base import (
 
 __all__ = [
     "BASIC",
+    "KRONECKER",
     "PRECONDITIONED",
     "PRIMAL",
     "QUESTIONS",

@@ -1,6 +1,6 @@
 """method="arnoldi": top-p Ritz subspace of the curvature (Schioppa et al. 2022; docs/methods/arnoldi.md).
 
-A block Lanczos iteration (the symmetric form of Arnoldi; ``block=1`` is the paper's single-vector
+A block Lanczos iteration (the symmetric form of Arnoldi; ``block_size=1`` is the paper's single-vector
 iteration) builds an orthonormal Krylov basis
 Q (n vectors, fully re-orthogonalised) from curvature-vector products over the training data,
 forms the projected curvature ``T = Q^T H Q`` exactly (every basis vector's product is computed)
@@ -25,13 +25,13 @@ embeddings of ``v_j = grad l_j + l2 theta``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from infkit.blocks import block_diagonal, layer_slices
+from infkit.blocks import BlockMode, block_diagonal, layer_slices
 from infkit.curvature import Curvature, CurvatureOperator
 from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, ProblemTooLargeError
 from infkit.fitted import Fitted
@@ -115,6 +115,9 @@ def lanczos(
 class ArnoldiOptions(Options):
     """Options of ``method="arnoldi"``."""
 
+    aliases: ClassVar[Mapping[str, str]] = {"block": "block_size"}
+    value_aliases: ClassVar[Mapping[str, Mapping[Any, Any]]] = {"blocks": {"layer": "tensor"}}
+
     rank: int = option(50, "p, the Ritz pairs kept (captum's projection_dim)", minimum=1)
     krylov_dim: int = option(
         200, "n >= p, the Krylov basis size (captum's arnoldi_dim); capped at P", minimum=1
@@ -125,13 +128,13 @@ class ArnoldiOptions(Options):
     curvature: Curvature = option(
         "ggn", "'ggn' or 'hessian' (Ritz values then ranked by magnitude)"
     )
-    block: int = option(
+    block_size: int = option(
         8,
         "curvature-vector products per pass over the data (1: the paper's plain Lanczos)",
         minimum=1,
     )
-    blocks: Literal["layer"] | None = option(
-        None, "None or 'layer' (block-diagonal curvature, one block per parameter tensor)"
+    blocks: BlockMode | None = option(
+        None, "None (full curvature), or block-diagonal: one block per 'tensor' or per 'module'"
     )
     product_batch_size: int | None = option(
         None,
@@ -151,7 +154,7 @@ class ArnoldiOptions(Options):
 class Arnoldi(PrimalMethod):
     """Projected inverse on the top-p Ritz subspace of the GGN or Hessian (docs/methods/arnoldi.md).
 
-    With n = p = P the method is exact. ``block=8`` makes krylov_dim / 8 passes over the data
+    With n = p = P the method is exact. ``block_size=8`` makes krylov_dim / 8 passes over the data
     instead of krylov_dim, several times faster, with top Ritz pairs of the same quality in the
     benchmarks (benchmarks/results/matrix_free.md).
     """
@@ -165,6 +168,7 @@ class Arnoldi(PrimalMethod):
         rtol=None,
         min_correlation=0.8,
         removal_correlation=0.45,
+        scale=(0.2, 2.0),
         test_options={"rank": 20, "krylov_dim": 60},
     )
     options: ArnoldiOptions
@@ -196,9 +200,10 @@ class Arnoldi(PrimalMethod):
             batch_size=options.product_batch_size or 4 * fitted.batch_size,
         )
         matmat: Callable[[Tensor], Tensor] = operator.matmat
-        if options.blocks == "layer":
-            matmat = block_diagonal(matmat, [sl for _, sl in layer_slices(fitted.space)])
-        Q, T = lanczos(matmat, p, n, block=options.block, seed=options.seed)
+        if options.blocks is not None:
+            slices = [sl for _, sl in layer_slices(fitted.space, options.blocks)]
+            matmat = block_diagonal(matmat, slices)
+        Q, T = lanczos(matmat, p, n, block=options.block_size, seed=options.seed)
         self.products = operator.products
         evals, evecs = torch.linalg.eigh(T)
         key = evals.abs() if self.curvature == "hessian" else evals

@@ -33,11 +33,18 @@ from torch import Tensor
 from infkit.curvature import Curvature, CurvatureOperator
 from infkit.errors import NotFittedError, warn
 from infkit.fitted import Fitted
-from infkit.kfac.curvature import KRONECKER_FIELDS, KroneckerCurvature, KroneckerOptions
+from infkit.kfac.curvature import (
+    KRONECKER_FIELDS,
+    KroneckerCurvature,
+    KroneckerOptions,
+    kronecker_layers,
+)
 from infkit.layers.tracked import TrackedLayers
-from infkit.linalg import block_conjugate_gradients, conjugate_gradients
-from infkit.methods.base import Fidelity, PrimalMethod, register
+from infkit.linalg import attainable_tolerance, block_conjugate_gradients, conjugate_gradients
+from infkit.methods.base import KRONECKER, Fidelity, PrimalMethod, register
 from infkit.options import option
+from infkit.parameters import ParameterSpace
+from infkit.task import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +95,7 @@ class ASTRA(PrimalMethod):
     name = "astra"
     summary = "EK-FAC-preconditioned iteration converging to the exact damped GGN/Hessian inverse"
     Options = AstraOptions
+    questions = KRONECKER
     scales = True
     exact_example_curvature = True
     fidelity = Fidelity(reference="ggn", rtol=1e-6, test_options={"tol": 1e-11})
@@ -100,6 +108,9 @@ class ASTRA(PrimalMethod):
         self.operator: CurvatureOperator | None = None
         self.steps: dict[float, float] = {}
         self.iterations: list[int] = []
+
+    def check(self, task: Task, space: ParameterSpace) -> None:
+        kronecker_layers(task.model, space, self.options.preconditioner(), self.name)
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
@@ -138,6 +149,7 @@ class ASTRA(PrimalMethod):
         def apply(X: Tensor) -> Tensor:  # rows in, rows out
             return operator.matmat(X) + ridge * X
 
+        tol = attainable_tolerance(self.options.tol, self.fitted.engine.dtype)
         x = self._precondition(V, shift)  # the first iterate: EK-FAC's answer
         if self.options.maxiter == 0:
             self.iterations.append(1)
@@ -150,9 +162,7 @@ class ASTRA(PrimalMethod):
             result = solve(
                 lambda X: apply(X.T).T,
                 R.T,
-                tol=self.options.tol
-                * float(v_norm.min())
-                / max(float(R.norm(dim=1).max()), 1e-300),
+                tol=tol * float(v_norm.min()) / max(float(R.norm(dim=1).max()), 1e-300),
                 maxiter=self.options.maxiter,
                 precondition=lambda Z: self._precondition(Z.T, shift).T,
             )
@@ -168,7 +178,7 @@ class ASTRA(PrimalMethod):
                 R = V - apply(x)
                 residual = R.norm(dim=1) / v_norm
                 history.append(float(residual.max()))
-                if bool((residual <= self.options.tol).all()):
+                if bool((residual <= tol).all()):
                     break
                 if len(history) > 3 and history[-1] > history[-4] * 1.5:
                     warn(
@@ -181,10 +191,10 @@ class ASTRA(PrimalMethod):
                 x = x + step * self._precondition(R, shift)
                 iterations += 1
         self.iterations.append(iterations + 1)
-        if bool((residual > self.options.tol).any()):
+        if bool((residual > tol).any()):
             warn(
                 f"ASTRA stopped after {iterations + 1} iterations with a relative residual of "
-                f"{float(residual.max()):.1e} (tol {self.options.tol:.0e}); raise maxiter or add damping",
+                f"{float(residual.max()):.1e} (tol {tol:.0e}); raise maxiter or add damping",
                 UserWarning,
             )
         return x

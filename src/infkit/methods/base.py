@@ -44,6 +44,7 @@ from infkit.layers.tracked import TrackedLayers
 from infkit.options import NoOptions
 from infkit.options import Options as BaseOptions
 from infkit.parameters import ParameterSpace
+from infkit.task import Task
 
 #: the questions of the facade a method may answer
 Question = Literal[
@@ -55,8 +56,21 @@ Question = Literal[
     "module_scores",
     "token_scores",
     "query_batching",
+    "kronecker",
 ]
 QUESTIONS: tuple[Question, ...] = get_args(Question)
+#: how error messages name each question
+QUESTION_TEXT: dict[str, str] = {
+    "scores": "scores",
+    "self_scores": "self-scores",
+    "remove": "group removals",
+    "leverages": "leverages",
+    "input_influence": "input influence",
+    "module_scores": "per-module scores",
+    "token_scores": "per-token scores",
+    "query_batching": "query batching (batched_scores)",
+    "kronecker": "a Kronecker-factored curvature (the analyses in its eigenbasis)",
+}
 #: what every method answers
 BASIC: frozenset[Question] = frozenset({"scores", "self_scores", "remove"})
 #: what needs ``precondition_queries`` (H^{-1} applied to vectors in R^P)
@@ -65,6 +79,8 @@ PRECONDITIONED: frozenset[Question] = frozenset(
 )
 #: what a parameter-space method answers
 PRIMAL: frozenset[Question] = BASIC | PRECONDITIONED | frozenset({"leverages"})
+#: a parameter-space method whose curvature is Kronecker-factored (its eigenbasis is exposed)
+KRONECKER: frozenset[Question] = PRIMAL | frozenset({"kronecker"})
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,9 @@ class Fidelity:
             and per-module scores against the reference of the same estimator.
         removal_correlation: approximate methods: Pearson floor of a group removal's parameter
             change (default: ``min_correlation``).
+        scale: approximate methods: the band ``(low, high)`` of the least-squares slope of the
+            answers against the reference (a correlation cannot see a wrong scale, such as a
+            missing 1/N).
         damping: the extra damping of the contract problems (approximate curvatures may need
             it for RIF and the Newton step, whose downdates need H to dominate an example's
             own curvature block).
@@ -92,6 +111,7 @@ class Fidelity:
     rtol: float | None = 1e-8
     min_correlation: float | None = None
     removal_correlation: float | None = None
+    scale: tuple[float, float] | None = None
     damping: float = 0.0
     test_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -226,12 +246,38 @@ class Method(ABC):
         """Whether this (configured) method answers ``question``."""
         return question in type(self).questions
 
+    def supplies(self, estimator: str) -> bool:
+        """Whether this (configured) method supplies ``estimator``.
+
+        RIF needs leverages, which a positive semidefinite curvature defines: not the Hessian.
+        """
+        if estimator == "rif" and self.curvature == "hessian":
+            return False
+        return estimator in type(self).estimators
+
+    def require_estimator(self, estimator: str) -> None:
+        """Raise UnsupportedError for an estimator this method cannot compute, naming those that can."""
+        if self.supplies(estimator):
+            return
+        if estimator in type(self).estimators:  # declared, but not with this configuration
+            raise UnsupportedError(
+                f"estimator {estimator!r} needs a positive semidefinite curvature to define "
+                "leverages; the true Hessian can give leverages below 0 or above 1. Use "
+                "curvature='ggn' with rif, or estimator='newton' with the Hessian"
+            )
+        pairs = [f"{name}+{estimator}" for name in methods_with_estimator(estimator)]
+        raise UnsupportedError(
+            f"method {self.name!r} cannot compute estimator {estimator!r}; it supports "
+            f"{', '.join(type(self).estimators)}. Methods that support {estimator!r}: "
+            f"{', '.join(pairs) or 'none'}"
+        )
+
     def require(self, question: str) -> None:
         """Raise UnsupportedError naming the methods that answer ``question``, if this one can't."""
         if not self.answers(question):
             able = ", ".join(repr(m) for m in methods_answering(question)) or "none"
             raise UnsupportedError(
-                f"method {self.name!r} does not answer {question}"
+                f"method {self.name!r} does not give {QUESTION_TEXT.get(question, question)}"
                 f"{self._why_not(question)}; methods that do: {able}"
             )
 
@@ -249,6 +295,14 @@ class Method(ABC):
         """Whether ``method="auto"`` may pick this method for ``problem``."""
         return True
 
+    def check(self, task: Task, space: ParameterSpace) -> None:
+        """Check the options against the model before any pass over the data (at construction).
+
+        Subclasses raise an InfkitError naming the option for what the model makes invalid
+        (a missing module, a checkpoint of the wrong shape, ...). The base has nothing to check.
+        """
+        return None
+
     # ------------------------------------------------------------------ fit
     @property
     def fitted(self) -> Fitted:
@@ -262,8 +316,8 @@ class Method(ABC):
         """Build whatever the method needs from the training data (subclasses call super)."""
         self._fitted = fitted
 
-    def regulariser_anchor(self) -> Tensor | None:
-        """theta' of the objective's ``(l2/2)||theta - theta'||^2`` after ``fit`` (None: 0)."""
+    def regulariser_anchor(self, task: Task, space: ParameterSpace) -> Tensor | None:
+        """theta' [P] of the objective ``(l2/2)||theta - theta'||^2`` (None: 0), before ``fit``."""
         return None
 
     # ------------------------------------------------------------------ answers
@@ -303,9 +357,11 @@ class Method(ABC):
         fitted = self.fitted
         return TrackedLayers.of(fitted.task.model, fitted.space)
 
-    def kronecker(self) -> KroneckerCurvature | None:
-        """The fitted Kronecker-factored curvature, for methods that have one (else None)."""
-        return None
+    def kronecker(self) -> KroneckerCurvature:
+        """The fitted Kronecker-factored curvature (question ``"kronecker"``), for the analyses
+        that work in its eigenbasis."""
+        self.require("kronecker")
+        raise NotImplementedError  # pragma: no cover - a method declaring it overrides this
 
     def describe(self) -> dict[str, Any]:
         """Settings and diagnostics worth recording next to results."""

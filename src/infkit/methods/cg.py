@@ -24,7 +24,7 @@ from torch import Tensor
 from infkit.curvature import Curvature, CurvatureOperator, ggn_diagonal
 from infkit.errors import NotFittedError, warn
 from infkit.fitted import Fitted
-from infkit.linalg import block_conjugate_gradients, conjugate_gradients
+from infkit.linalg import attainable_tolerance, block_conjugate_gradients, conjugate_gradients
 from infkit.methods.base import Fidelity, PrimalMethod, register
 from infkit.options import Options, option
 
@@ -109,10 +109,11 @@ class ConjugateGradient(PrimalMethod):
         block = self.options.block
         use_block = block is True or (block == "auto" and len(V) >= BLOCK_AUTO_MIN)
         solver = block_conjugate_gradients if use_block else conjugate_gradients
+        tol = attainable_tolerance(self.options.tol, self.fitted.engine.dtype)
         result = solver(
             matmat,
             V.to(torch.float64).T,
-            tol=self.options.tol,
+            tol=tol,
             maxiter=self.options.maxiter,
             precondition=precondition,
         )
@@ -121,7 +122,7 @@ class ConjugateGradient(PrimalMethod):
         if not bool(result.converged.all()):
             warn(
                 f"CG stopped after {self.options.maxiter} iterations with a relative residual of "
-                f"{float(result.residuals.max()):.1e} (tol {self.options.tol:.0e}); the curvature is "
+                f"{float(result.residuals.max()):.1e} (tol {tol:.0e}); the curvature is "
                 "ill-conditioned: raise maxiter, add damping or use preconditioner='diagonal'",
                 UserWarning,
             )
@@ -142,4 +143,6 @@ class ConjugateGradient(PrimalMethod):
     def describe(self) -> dict[str, object]:
         out: dict[str, object] = super().describe()
         out.update(iterations=list(self.iterations), solvers=list(self.solvers))
+        if self._fitted is not None:
+            out["effective_tol"] = attainable_tolerance(self.options.tol, self.fitted.engine.dtype)
         return out

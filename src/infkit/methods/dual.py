@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -49,15 +49,23 @@ from infkit.data import Batch, ExampleSet
 from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, ProblemTooLargeError
 from infkit.estimators import Estimator, EstimatorName, check_leverage
 from infkit.fitted import Fitted
-from infkit.gradients import PerExample
+from infkit.gradients import PerExample, Which
 from infkit.kernel_linalg import Form, KernelSystem, Solver
 from infkit.linearize import LinearizedModel
 from infkit.memory import FLOAT64_BYTES, human_bytes
-from infkit.methods.base import Fidelity, PrimalMethod, Problem, register, scalable_methods
+from infkit.methods.base import (
+    PRECONDITIONED,
+    Fidelity,
+    PrimalMethod,
+    Problem,
+    register,
+    scalable_methods,
+)
 from infkit.ntk.kernel import column_features, kernel_matrix, kernel_rows
 from infkit.ntk.structured import Features, Strategy, TangentFeatures
 from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
+from infkit.task import Task
 
 #: ``method="auto"`` picks ``dual`` when P is at least this many times N*C
 AUTO_RATIO = 20
@@ -94,6 +102,8 @@ class _PerExampleSetup:
 class DualOptions(Options):
     """Options of ``method="dual"``."""
 
+    aliases: ClassVar[Mapping[str, str]] = {"cg_tol": "tol", "cg_maxiter": "maxiter"}
+
     linearize_at: Tensor | Mapping[str, Tensor] | None = option(
         None, "evaluate J (and the NTK) at these parameters instead of theta* (flat [P] or dict)"
     )
@@ -101,13 +111,14 @@ class DualOptions(Options):
         None,
         "the regulariser anchor theta': None/'zero' (0), 'init' (linearize_at), or a [P] tensor",
     )
-    form: Form = option(
-        "push-through",
-        "'push-through' (LU of B K + mu I) or 'woodbury' (Cholesky of mu I + L^T K L)",
+    form: Form | None = option(
+        None,
+        "'push-through' (LU of B K + mu I) or 'woodbury' (Cholesky or CG on mu I + L^T K L); "
+        "default: push-through, or woodbury with solver='cg'",
     )
     solver: Solver = option("direct", "'direct' or 'cg' (conjugate gradients on the woodbury form)")
-    cg_tol: float = option(1e-10, "relative residual of solver='cg'", above=0)
-    cg_maxiter: int | None = option(
+    tol: float = option(1e-10, "relative residual of solver='cg'", above=0)
+    maxiter: int | None = option(
         None, "iteration cap of solver='cg' (default max(10 N C, 100))", minimum=1
     )
     ntk: Strategy = option("auto", "NTK strategy: 'auto', 'structured', 'jacobian' or 'jvp'")
@@ -118,6 +129,20 @@ class DualOptions(Options):
         None, "examples per kernel block and tangent-product batch (default 256)", minimum=1
     )
     dtype: torch.dtype = option(torch.float64, "working dtype of the kernel algebra")
+
+    def __post_init__(self) -> None:
+        if self.solver == "cg" and self.form == "push-through":
+            raise InvalidInputError(
+                "method 'dual': solver='cg' works on the symmetric woodbury form; pass "
+                "form='woodbury' or leave form unset"
+            )
+
+    @property
+    def effective_form(self) -> Form:
+        """The form in use: ``form``, or its default for the solver."""
+        if self.form is not None:
+            return self.form
+        return "woodbury" if self.solver == "cg" else "push-through"
 
 
 @register
@@ -204,7 +229,7 @@ class Dual(PrimalMethod):
                 "is singular. Pass the model's l2, or damping > 0"
             )
         theta = space.flat().to(engine.device, options.dtype)
-        anchor = self._anchor_vector(space)
+        anchor = self._anchor_vector(fitted.task, space)
         self._train_features: list[Features] | None = column_features(
             self.tangents, train, self.batch_size, fitted.memory_limit // 8
         )
@@ -235,18 +260,48 @@ class Dual(PrimalMethod):
             raise NotFittedError("method 'dual' is not fitted")
         return self.engine
 
-    def regulariser_anchor(self) -> Tensor | None:
-        anchor = self._anchor_vector(self.fitted.space)
+    def regulariser_anchor(self, task: Task, space: ParameterSpace) -> Tensor | None:
+        anchor = self._anchor_vector(task, space)
         return anchor.to(torch.float64) if bool(anchor.any()) else None
 
-    def _anchor_vector(self, space: ParameterSpace) -> Tensor:
+    def answers(self, question: str) -> bool:
+        # With linearize_at the answers live at the expansion point theta_0, while the
+        # decompositions use gradients at theta*: they would not add up to the scores.
+        if self.options.linearize_at is not None and question in PRECONDITIONED:
+            return False
+        return super().answers(question)
+
+    def _why_not(self, question: str) -> str:
+        if self.options.linearize_at is not None:
+            return " with linearize_at (its answers use the Jacobian at the expansion point)"
+        return ""
+
+    def check(self, task: Task, space: ParameterSpace) -> None:
+        options = self.options
+        for label, value in (("linearize_at", options.linearize_at), ("anchor", options.anchor)):
+            if isinstance(value, Tensor) and value.numel() != space.size:
+                raise InvalidInputError(
+                    f"method 'dual': option {label!r} has {value.numel()} values, but the model "
+                    f"has P = {space.size} trainable parameters; pass a flat [P] tensor (or a "
+                    "dict by parameter name)"
+                )
+            if isinstance(value, Mapping):
+                missing = [n for n in space.names if n not in value]
+                if missing:
+                    raise InvalidInputError(
+                        f"method 'dual': option {label!r} has no value for the trainable "
+                        f"parameter(s) {missing[:5]}"
+                    )
+        self._anchor_vector(task, space)  # anchor="init" needs an expansion point
+
+    def _anchor_vector(self, task: Task, space: ParameterSpace) -> Tensor:
         options = self.options
         zeros = torch.zeros(space.size, dtype=options.dtype, device=space.device)
         anchor = options.anchor
         if anchor is None or (isinstance(anchor, str) and anchor == "zero"):
             return zeros
         if isinstance(anchor, str):  # "init"
-            model = self.fitted.task.model
+            model = task.model
             if isinstance(model, LinearizedModel):
                 if model.offset:
                     return zeros  # its parameters are theta - theta_0 already
@@ -301,10 +356,10 @@ class Dual(PrimalMethod):
             self.n,
             mu,
             retained,
-            form=options.form,
+            form=options.effective_form,
             solver=options.solver,
-            tol=options.cg_tol,
-            maxiter=options.cg_maxiter,
+            tol=options.tol,
+            maxiter=options.maxiter,
         )
         if retained is None:
             self._systems[mu] = system
@@ -409,12 +464,14 @@ class Dual(PrimalMethod):
         self, data: ExampleSet, indices: Tensor, estimator: Estimator, which: str
     ) -> Tensor | None:
         """With ``linearize_at`` the answer lives at theta_0: K0(X_t, X) Delta alpha."""
-        if self.options.linearize_at is None or which not in ("outputs", "loss"):
+        if self.options.linearize_at is None:
             return None  # J(theta*) Delta theta is the same at theta*
         removal = self.dual_removal(indices, estimator.name)
         if which == "outputs":
             return self.output_change(data, removal)
-        return self.loss_change(data, removal)
+        return self.loss_change(
+            data, removal, which="measurement" if which == "measurement" else "loss"
+        )
 
     def leverages(self) -> Tensor:
         """Generalised leverages ``h_j = tr(Lambda_j M_j) / N`` from the kernel's leverage blocks."""
@@ -507,16 +564,25 @@ class Dual(PrimalMethod):
             parts.append(df)
         return torch.cat(parts)
 
-    def loss_change(self, data: Any, removal: DualRemoval, reg_share: bool = False) -> Tensor:
+    def loss_change(
+        self,
+        data: Any,
+        removal: DualRemoval,
+        reg_share: bool = False,
+        which: Which = "loss",
+    ) -> Tensor:
         """First-order change of the per-example loss g_t^T Delta f_t, [n] (docs/methods/dual.md §7).
 
-        With ``reg_share`` the regulariser's share ``l2 (theta* - theta')^T Delta theta`` (the
-        same for every point) is added, as the paper's code does.
+        With ``which="measurement"`` the measurement's h_t^T Delta f_t instead. With
+        ``reg_share`` the regulariser's share ``l2 (theta* - theta')^T Delta theta`` (the same
+        for every point) is added, as the paper's code does.
         """
         engine = self._engine()
         examples = data if isinstance(data, ExampleSet) else ExampleSet(data, name="data")
         df = self.output_change(examples, removal)
-        g = torch.cat([engine.output_gradients(b) for b in examples.batches(self.batch_size)])
+        g = torch.cat(
+            [engine.output_gradients(b, which) for b in examples.batches(self.batch_size)]
+        )
         out = (g * df).sum(1)
         if reg_share and self.l2 > 0:
             da = removal.delta_alpha.reshape(-1)
@@ -562,6 +628,7 @@ class Dual(PrimalMethod):
     def describe(self) -> dict[str, object]:
         out: dict[str, object] = super().describe()
         out.update(
+            form=self.options.effective_form,
             linearized=self.options.linearize_at is not None,
             n_c=getattr(self, "m", None),
             representer_error=getattr(self, "representer_error", None),

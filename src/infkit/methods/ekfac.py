@@ -24,7 +24,9 @@ class EKFAC(KFAC):
     name = "ekfac"
     summary = "eigenvalue-corrected K-FAC (Grosse et al. 2023); Linear/Conv2d/Conv1D; scales"
     corrected = True
-    fidelity = Fidelity(rtol=None, min_correlation=0.8, removal_correlation=0.5, damping=0.1)
+    fidelity = Fidelity(
+        rtol=None, min_correlation=0.8, removal_correlation=0.5, scale=(0.8, 4.0), damping=0.1
+    )
     auto_priority = 2
 
     @classmethod

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from infkit.checkpoints import Checkpoint, checkpoint_vector, parameters_at
 from infkit.data import Batch, ExampleSet
-from infkit.errors import InvalidInputError
+from infkit.errors import CurvatureError, InvalidInputError
 from infkit.estimators import Estimator
 from infkit.fitted import Fitted
 from infkit.layers.factored import (
@@ -45,6 +45,8 @@ from infkit.layers.factored import (
 )
 from infkit.methods.base import BASIC, Fidelity, PrimalMethod, register
 from infkit.options import Options, option
+from infkit.parameters import ParameterSpace
+from infkit.task import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +132,12 @@ class Identity(PrimalMethod):
     def _why_not(self, question: str) -> str:
         return " with checkpoints (TracInCP sums over a trajectory)" if self.tracin else ""
 
+    def check(self, task: Task, space: ParameterSpace) -> None:
+        for k, w in enumerate(self.options.checkpoints or []):
+            checkpoint_vector(space, w, k)
+
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
-        for k, w in enumerate(self.options.checkpoints or []):  # validate now, not mid-scoring
-            checkpoint_vector(fitted.space, w, k)
         layers = factored_layers(fitted.engine, fitted.train)
         self.factored = (
             None if layers is None else FactoredGradients(fitted.engine, layers, fitted.batch_size)
@@ -161,7 +165,7 @@ class Identity(PrimalMethod):
             parts = []
             for batch in fitted.train.batches(fitted.batch_size):  # in order: 0, 1, ..., N-1
                 g = self._loss_grads(batch, at_fit)
-                parts.append(Q @ self._train_side(g, theta, estimator).T)
+                parts.append(Q @ self._train_side(g, theta, estimator, batch).T)
             weight = eta * self._unit(estimator)
             S += weight * torch.cat(parts, dim=1).to(torch.float64).cpu()
         return S
@@ -180,7 +184,7 @@ class Identity(PrimalMethod):
             weight = eta * self._unit(estimator)
             for batch in fitted.train.batches(fitted.batch_size):
                 g = self._loss_grads(batch, at_fit)
-                side = self._train_side(g, theta, estimator)
+                side = self._train_side(g, theta, estimator, batch)
                 out[batch.indices] += weight * (g * side).sum(1).to(torch.float64).cpu()
         return out
 
@@ -193,7 +197,7 @@ class Identity(PrimalMethod):
         for eta, theta, at_fit in self._checkpoint_terms():
             for batch in fitted.train.batches(fitted.batch_size, indices):
                 g = self._loss_grads(batch, at_fit).to(torch.float64)
-                total += eta / fitted.n * self._train_side(g, theta, estimator).sum(0)
+                total += eta / fitted.n * self._train_side(g, theta, estimator, batch).sum(0)
         return total
 
     # ------------------------------------------------------------------ TracInCP pieces
@@ -216,7 +220,7 @@ class Identity(PrimalMethod):
             return fitted.train_gradients[batch.indices].to(fitted.space.dtype)
         return fitted.engine.grads(batch, "loss")
 
-    def _train_side(self, g: Tensor, theta: Tensor, estimator: Estimator) -> Tensor:
+    def _train_side(self, g: Tensor, theta: Tensor, estimator: Estimator, batch: Batch) -> Tensor:
         """grad l~_j(w_k) ([B, P], g's dtype) from the loss gradients g; unit length for relatif.
 
         The 1/N of the "if" scores is applied by the callers, to the (smaller) results.
@@ -224,7 +228,15 @@ class Identity(PrimalMethod):
         l2 = self.fitted.l2
         v = g + l2 * theta.to(g.dtype) if l2 else g
         if estimator.name == "relatif":
-            return v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+            norms = v.norm(dim=1, keepdim=True)
+            zero = norms[:, 0] <= torch.finfo(v.dtype).tiny
+            if bool(zero.any()):
+                i = int(batch.indices[zero.nonzero()[0, 0]])
+                raise CurvatureError(
+                    f"training example {i} has a zero attributed gradient at a checkpoint, so "
+                    "its gradient cosine is 0/0; it has no influence at all (exclude it)"
+                )
+            return v / norms
         return v
 
     def _unit(self, estimator: Estimator) -> float:

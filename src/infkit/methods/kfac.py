@@ -22,9 +22,11 @@ from torch import Tensor
 
 from infkit.errors import NotFittedError
 from infkit.fitted import Fitted
-from infkit.kfac.curvature import KroneckerCurvature, KroneckerOptions
+from infkit.kfac.curvature import KroneckerCurvature, KroneckerOptions, kronecker_layers
 from infkit.layers.tracked import TrackedLayers, find_modules
-from infkit.methods.base import Fidelity, PrimalMethod, Problem, register
+from infkit.methods.base import KRONECKER, Fidelity, PrimalMethod, Problem, register
+from infkit.parameters import ParameterSpace
+from infkit.task import Task
 
 
 @register
@@ -34,9 +36,12 @@ class KFAC(PrimalMethod):
     name = "kfac"
     summary = "layerwise Kronecker-factored GGN (K-FAC), Linear/Conv2d/Conv1D; scales to LLMs"
     Options = KroneckerOptions
+    questions = KRONECKER
     scales = True
     supports_auto_damping = True
-    fidelity = Fidelity(rtol=None, min_correlation=0.75, removal_correlation=0.5, damping=0.1)
+    fidelity = Fidelity(
+        rtol=None, min_correlation=0.75, removal_correlation=0.5, scale=(0.8, 4.0), damping=0.1
+    )
     #: whether the eigenvalues are EK-FAC's corrected ones
     corrected: ClassVar[bool] = False
     options: KroneckerOptions
@@ -44,6 +49,9 @@ class KFAC(PrimalMethod):
     def __init__(self, options: KroneckerOptions | None = None, /, **values: object) -> None:
         super().__init__(options, **values)
         self.curvature_: KroneckerCurvature | None = None
+
+    def check(self, task: Task, space: ParameterSpace) -> None:
+        kronecker_layers(task.model, space, self.options, self.name)
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)

@@ -33,15 +33,16 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from infkit.blocks import block_diagonal, layer_slices
+from infkit.blocks import BlockMode, block_diagonal, layer_slices
 from infkit.curvature import Curvature, CurvatureOperator
 from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, warn
 from infkit.fitted import Fitted
+from infkit.linalg import power_iteration
 from infkit.methods.base import Fidelity, PrimalMethod, register
 from infkit.options import Options, option
 
@@ -106,44 +107,21 @@ def lissa(
                 f"s={scale:.4g}, damping d={damping:.4g}, effective damping d*s="
                 f"{damping * scale:.4g}). The series converges only when every minibatch "
                 "curvature plus the damping stays below 2*s: raise the scale (scale=... or "
-                "scale_factor=...), raise the damping, use a larger minibatch (product_batch_size=...), "
+                "scale_factor=...), raise the damping, use a larger minibatch (minibatch_size=...), "
                 "or use curvature='ggn' (the Hessian may be indefinite)"
             )
     return LissaResult(h / scale, depth)
-
-
-def power_iteration(
-    matmat: Callable[[Tensor], Tensor],
-    size: int,
-    *,
-    iterations: int = 30,
-    rtol: float = 1e-3,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
-) -> float:
-    """Estimate of the largest |eigenvalue| of a symmetric operator by power iteration."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, size, generator=gen, dtype=dtype).to(device)
-    x = x / x.norm()
-    estimate = 0.0
-    for _ in range(iterations):
-        y = matmat(x)
-        new = float(y.norm())
-        if new == 0.0 or not math.isfinite(new):
-            return new
-        x = y / new
-        if abs(new - estimate) <= rtol * new:
-            return new
-        estimate = new
-    return estimate
 
 
 @dataclasses.dataclass(frozen=True)
 class LissaOptions(Options):
     """Options of ``method="lissa"``."""
 
-    aliases: ClassVar[Mapping[str, str]] = {"minibatch": "product_batch_size"}
+    aliases: ClassVar[Mapping[str, str]] = {
+        "minibatch": "minibatch_size",
+        "product_batch_size": "minibatch_size",
+    }
+    value_aliases: ClassVar[Mapping[str, Mapping[Any, Any]]] = {"blocks": {"layer": "tensor"}}
 
     curvature: Curvature = option("ggn", "per-example curvature: 'ggn' (PSD) or 'hessian'")
     scale: float | Literal["auto"] = option(
@@ -160,11 +138,14 @@ class LissaOptions(Options):
         10_000, "cap of the automatic depth (a warning says when it binds)", minimum=1
     )
     repeats: int = option(1, "independent runs averaged (each its own minibatch order)", minimum=1)
-    product_batch_size: int | None = option(
-        None, "examples per minibatch curvature product (default 256, or N when smaller)", minimum=1
+    minibatch_size: int | None = option(
+        None,
+        "examples of each stochastic curvature product H~_j (default 256, or N when smaller); "
+        "larger is less noisy",
+        minimum=1,
     )
-    blocks: Literal["layer"] | None = option(
-        None, "None (full curvature) or 'layer' (block-diagonal: one block per parameter tensor)"
+    blocks: BlockMode | None = option(
+        None, "None (full curvature), or block-diagonal: one block per 'tensor' or per 'module'"
     )
     power_iterations: int = option(30, "iterations of the lambda_max estimate", minimum=1)
     seed: int = option(0, "seeds the minibatch order and the power iteration")
@@ -174,7 +155,7 @@ class LissaOptions(Options):
 class Lissa(PrimalMethod):
     """Stochastic Neumann series on minibatch GGN/Hessian-vector products (docs/methods/lissa.md).
 
-    With fewer examples than ``product_batch_size`` every product is over the full set, which
+    With fewer examples than ``minibatch_size`` every product is over the full set, which
     makes the recursion deterministic.
     """
 
@@ -187,8 +168,9 @@ class Lissa(PrimalMethod):
     fidelity = Fidelity(
         rtol=None,
         min_correlation=0.99,
+        scale=(0.9, 1.1),
         damping=0.1,
-        test_options={"tol": 1e-2, "product_batch_size": 256},
+        test_options={"tol": 1e-2, "minibatch_size": 256},
     )
     options: LissaOptions
 
@@ -206,8 +188,8 @@ class Lissa(PrimalMethod):
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
         options = self.options
-        if options.blocks == "layer":
-            self._slices = [sl for _, sl in layer_slices(fitted.space)]
+        if options.blocks is not None:
+            self._slices = [sl for _, sl in layer_slices(fitted.space, options.blocks)]
         ridge = fitted.ridge
         if options.scale == "auto":
             full = CurvatureOperator(
@@ -234,7 +216,7 @@ class Lissa(PrimalMethod):
             self.scale = float(options.scale)
 
     def _batch(self) -> int:
-        return min(self.options.product_batch_size or 256, self.fitted.n)
+        return min(self.options.minibatch_size or 256, self.fitted.n)
 
     def _scale(self) -> float:
         if self.scale is None:
@@ -342,7 +324,7 @@ class Lissa(PrimalMethod):
                 if self.scale and self.depths and self.depths[-1]
                 else None
             ),
-            product_batch_size=self._batch() if self._fitted is not None else None,
+            minibatch_size=self._batch() if self._fitted is not None else None,
             curvature_products=self.products,
         )
         return out

@@ -57,6 +57,7 @@ from infkit.gradients import PerExample, Which
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import Fidelity, Method, register
 from infkit.options import Options, option
+from infkit.parameters import ParameterSpace
 from infkit.task import Task, classification_margin
 
 Projection = Literal["rademacher", "gaussian", "identity"]
@@ -198,7 +199,10 @@ class Trak(Method):
     scales = True
     curvature = "feature-gram"
     uses_training_gradients = False
-    fidelity = Fidelity(rtol=None, min_correlation=0.45, removal_correlation=0.25)
+    # a surrogate of its own scale: about a tenth of the IF on the small problems
+    fidelity = Fidelity(
+        rtol=None, min_correlation=0.45, removal_correlation=0.25, scale=(0.02, 0.5)
+    )
     options: TrakOptions
 
     def __init__(self, options: TrakOptions | None = None, /, **values: object) -> None:
@@ -259,6 +263,11 @@ class Trak(Method):
                 UserWarning,
             )
         return k
+
+    def check(self, task: Task, space: ParameterSpace) -> None:
+        self._functions(task)
+        for k, w in enumerate(self.options.checkpoints or []):
+            checkpoint_vector(space, w, k)
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)

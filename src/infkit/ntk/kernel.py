@@ -32,8 +32,8 @@ def check_kernel_memory(rows: int, cols: int, limit: int, what: str, copies: int
         raise ProblemTooLargeError(
             f"the {what} is a dense {rows:,} x {cols:,} matrix (N*C rows and columns); with its "
             f"working copies it needs {human_bytes(need)}, above the memory limit of "
-            f"{human_bytes(limit)}. Its memory grows as (N*C)^2: use a method whose cost grows "
-            "with N instead (infkit.methods() lists those that scale), attribute a subset of the "
+            f"{human_bytes(limit)}. Its memory grows as (N*C)^2: use a method that scales with "
+            "N instead (infkit.methods() marks them 'scales'), attribute a subset of the "
             "training data, or raise memory_limit."
         )
 
