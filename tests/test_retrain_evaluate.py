@@ -45,8 +45,8 @@ def test_leave_one_out_resumes_from_its_artifacts(tmp_path, monkeypatch) -> None
     X, y, task, data, l2 = _ridge_problem()
     test = (data[0][:5], data[1][:5])
     first = retrain.leave_one_out(task, data, test, [0, 4, 7], l2, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("retrain-*.safetensors"))) == 3
-    assert not list(tmp_path.glob(".*tmp"))
+    assert len(list(tmp_path.glob("retrain-*/manifest.json"))) == 3
+    assert not list(tmp_path.glob(".*"))
 
     def must_not_retrain(*args, **kwargs):
         raise AssertionError("a cached result was retrained")

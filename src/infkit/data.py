@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from infkit.errors import InvalidInputError, NonFiniteError
 
@@ -45,13 +45,14 @@ def _map_tensors(obj: Any, fn) -> Any:
     return obj
 
 
-def _leaves(obj: Any) -> list[Tensor]:
+def leaves(obj: Any) -> list[Tensor]:
+    """The tensors of a nested structure of dicts, lists and tuples, in order."""
     if isinstance(obj, Tensor):
         return [obj]
     if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _leaves(v)]
+        return [t for v in obj.values() for t in leaves(v)]
     if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _leaves(v)]
+        return [t for v in obj for t in leaves(v)]
     return []
 
 
@@ -60,16 +61,31 @@ def map_tensors(obj: Any, fn) -> Any:
     return _map_tensors(obj, fn)
 
 
+def _is_array(obj: Any) -> bool:
+    """Whether ``obj`` is a numpy array (without importing numpy)."""
+    return type(obj).__module__ == "numpy" and hasattr(obj, "__array__") and hasattr(obj, "shape")
+
+
+def _as_tensors(obj: Any) -> Any:
+    """numpy arrays (also inside dicts) as tensors; everything else unchanged."""
+    if _is_array(obj):
+        return torch.as_tensor(obj)
+    if isinstance(obj, dict):
+        return {k: _as_tensors(v) for k, v in obj.items()}
+    return obj
+
+
 def _is_pair(data: Any) -> bool:
     """Whether ``data`` is an (X, y) pair of batched tensors rather than a list of examples.
 
     A dict holding a label key is one example (a list of two such dicts is two examples), while
-    a dict of input tensors without labels is the X of an (X, y) pair.
+    a dict of input tensors without labels is the X of an (X, y) pair. numpy arrays count as
+    tensors.
     """
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         return False
     first = data[0]
-    if isinstance(first, Tensor):
+    if isinstance(first, Tensor) or _is_array(first):
         return True
     return isinstance(first, dict) and not any(key in first for key in LABEL_KEYS)
 
@@ -81,18 +97,20 @@ class ExampleSet:
         self.name = name
         self._tensors: tuple[Any, Any] | None = None
         self._dataset: Any = None
+        if isinstance(data, DataLoader):
+            data = data.dataset  # its examples, in order (its batching and shuffling do not apply)
         if isinstance(data, ExampleSet):
             self._tensors, self._dataset, self.name = data._tensors, data._dataset, data.name
         elif _is_pair(data):
-            x, y = data
+            x, y = (_as_tensors(part) for part in data)
             self._tensors = (x, y)
-            if any(t.dim() == 0 for t in _leaves(x) + _leaves(y)):
+            if any(t.dim() == 0 for t in leaves(x) + leaves(y)):
                 raise InvalidInputError(
                     f"{name}: the tensors of an (X, y) pair need a first (example) dimension; "
                     "for a list of examples, give each as a dict with a 'labels' key or an "
                     "(x, y) tuple"
                 )
-            sizes = {t.shape[0] for t in _leaves(x) + _leaves(y)}
+            sizes = {t.shape[0] for t in leaves(x) + leaves(y)}
             if len(sizes) > 1:
                 raise InvalidInputError(
                     f"{name}: the tensors of an (X, y) pair must share their first dimension, "
@@ -104,15 +122,15 @@ class ExampleSet:
             self._dataset = data
         else:
             raise InvalidInputError(
-                f"{name}: expected a pair of tensors (X, y), a Dataset of (x, y) pairs or a "
-                f"Dataset of dicts; got {type(data).__name__}"
+                f"{name}: expected a pair (X, y) of tensors or numpy arrays, a Dataset (or a "
+                f"DataLoader over one) of (x, y) pairs or of dicts; got {type(data).__name__}"
             )
         if len(self) == 0:
             raise InvalidInputError(f"{name} is empty: at least one example is needed")
 
     def __len__(self) -> int:
         if self._tensors is not None:
-            return _leaves(self._tensors[0])[0].shape[0]
+            return leaves(self._tensors[0])[0].shape[0]
         return len(self._dataset)
 
     def _item_pair(self, item: Any) -> tuple[Any, Any]:
@@ -163,7 +181,7 @@ class ExampleSet:
     def check_finite(self, batch_size: int = 1024) -> None:
         """Raise NonFiniteError naming the first example with NaN or Inf in a float input."""
         for b in self.batches(batch_size):
-            for t in _leaves(b.inputs) + _leaves(b.targets):
+            for t in leaves(b.inputs) + leaves(b.targets):
                 if t.is_floating_point() or t.is_complex():
                     bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
                     if bad.any():
@@ -216,3 +234,49 @@ def check_compatible(reference: ExampleSet, other: ExampleSet) -> None:
             f"{other.name} inputs are of a different kind ({type(got).__name__}) than "
             f"{reference.name} inputs ({type(ref).__name__})"
         )
+
+
+def checked_indices(
+    indices: Any,
+    n: int,
+    *,
+    what: str = "training index",
+    unique: bool = False,
+    allow_empty: bool = False,
+) -> Tensor:
+    """``indices`` as a 1-D long tensor, each an integer in [0, n), or a clear error.
+
+    Floats that are not whole numbers (``1.7``), negative indices (no wrapping to the end),
+    out-of-range ones and, with ``unique``, repeated ones are refused, naming the first offender.
+    """
+    try:
+        raw = torch.as_tensor(indices)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InvalidInputError(
+            f"{what}es must be integers (a list, array or tensor), got {type(indices).__name__}"
+        ) from error
+    raw = raw.reshape(-1)
+    if raw.dtype == torch.bool:
+        raise InvalidInputError(
+            f"{what}es are a boolean mask; pass positions, e.g. mask.nonzero().squeeze(1)"
+        )
+    if raw.is_floating_point() or raw.is_complex():
+        whole = raw.is_floating_point() and bool((raw == raw.round()).all())
+        if not whole:
+            bad = raw[raw != raw.round()][0] if raw.is_floating_point() else raw[0]
+            raise InvalidInputError(f"{what} {bad.item()!r} is not a whole number")
+    idx = raw.to(torch.long)
+    if idx.numel() == 0 and not allow_empty:
+        raise InvalidInputError(f"no {what}es given; pass at least one")
+    outside = (idx < 0) | (idx >= n)
+    if bool(outside.any()):
+        raise InvalidInputError(
+            f"{what} {int(idx[outside][0])} is out of range [0, {n}) (negative indices do not "
+            "count from the end)"
+        )
+    if unique and len(torch.unique(idx)) != len(idx):
+        values, counts = torch.unique(idx, return_counts=True)
+        raise InvalidInputError(
+            f"{what} {int(values[counts > 1][0])} is given twice; pass each index once"
+        )
+    return idx

@@ -36,6 +36,11 @@ class ProblemTooLargeError(InfkitError, MemoryError):
     """A problem whose dense objects would not fit in the memory limit."""
 
 
+class ArtifactError(InfkitError, ValueError):
+    """An artifact on disk that cannot be used: damaged, incomplete, or made for another
+    computation; the message names the file and says what to do."""
+
+
 class NotFittedError(InfkitError, RuntimeError):
     """A question asked of an ``Influence`` before ``fit``."""
 

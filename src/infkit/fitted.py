@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from infkit.data import Batch, ExampleSet, check_compatible
-from infkit.errors import warn
+from infkit.data import LABEL_KEYS, Batch, ExampleSet, check_compatible, leaves
+from infkit.errors import InvalidInputError, warn
 from infkit.gradients import PerExample, Which
 from infkit.parameters import ParameterSpace, evaluation_mode, product_dtype
 from infkit.task import Task
@@ -103,10 +103,12 @@ class Fitted:
 
     # ------------------------------------------------------------------ data
     def examples(self, data: Any, name: str) -> ExampleSet:
-        """``data`` as an ExampleSet, checked finite and shaped like the training inputs."""
+        """``data`` as an ExampleSet, checked: finite, shaped like the training inputs, and
+        with targets the task can use (:func:`check_examples`)."""
         examples = ExampleSet(data, name=name)
         examples.check_finite()
         check_compatible(self.train, examples)
+        check_examples(self.engine, examples)
         return examples
 
     def query_gradients(self, examples: ExampleSet, which: Which = "measurement") -> Tensor:
@@ -156,6 +158,98 @@ class Fitted:
     def output(self, x: Tensor) -> Tensor:
         """A result in the model's dtype, on the CPU (what the facade returns)."""
         return x.to(self.space.dtype).cpu()
+
+
+# ---------------------------------------------------------------------------- checks
+#: modules that compute something else in training mode than in evaluation mode
+MODE_DEPENDENT = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def warn_about_training_mode(model: nn.Module) -> None:
+    """Warn (once per fit) when a model in training mode has mode-dependent modules.
+
+    infkit evaluates every quantity in evaluation mode: dropout off, batch normalisation on its
+    running statistics, which is the deterministic function the scores describe.
+    """
+    if not model.training:
+        return
+    names = [
+        name or type(module).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, MODE_DEPENDENT)
+        or (
+            isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
+        )
+    ]
+    if names:
+        shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+        warn(
+            f"the model is in training mode and has modules that behave differently in "
+            f"evaluation mode ({shown}); infkit evaluates it in evaluation mode (dropout off, "
+            "batch norm on its running statistics). Call model.eval() first to make that "
+            "explicit (and silence this warning)",
+            UserWarning,
+        )
+
+
+def check_examples(engine: PerExample, examples: ExampleSet) -> None:
+    """Check that the model accepts the inputs and the task's targets are usable.
+
+    One forward pass on the first example (integer inputs to a float model, probabilities
+    where logits are expected), then the targets batch by batch against the task's
+    ``check_targets``; every problem names the example and what to do. A set is checked once.
+    """
+    if getattr(examples, "_checked", False):
+        return
+    task = engine.task
+    first = examples.take([0])
+    try:
+        outputs = engine.outputs(first)
+    except RuntimeError as error:
+        integer = [
+            str(t.dtype)
+            for t in leaves(first.inputs)
+            if not (t.is_floating_point() or t.is_complex())
+        ]
+        message = str(error).splitlines()[0][:200]
+        if integer and ("dtype" in message or "Long" in message or "Int" in message):
+            raise InvalidInputError(
+                f"{examples.name}: the model refused its inputs ({message}); they are integer "
+                f"tensors ({', '.join(sorted(set(integer)))}): pass floating-point inputs, e.g. "
+                "X.float(), unless the model embeds token ids"
+            ) from error
+        raise
+    if task.check_outputs is not None:
+        problem = task.check_outputs(outputs.reshape(outputs.shape[0], -1))
+        if problem is not None:
+            raise InvalidInputError(f"{examples.name}: {problem}")
+    if task.check_targets is not None:
+        output_shape = tuple(outputs.shape[1:])
+        for batch in examples.batches(4096):
+            if batch.targets is None:
+                keys = sorted(batch.inputs) if isinstance(batch.inputs, dict) else []
+                raise InvalidInputError(
+                    f"{examples.name} has no labels: a dataset of dicts needs a label key "
+                    f"({', '.join(LABEL_KEYS)}); keys found: {', '.join(keys) or 'none'}"
+                )
+            found = task.check_targets(batch.targets, output_shape)
+            if found is not None:
+                k, message = found
+                raise InvalidInputError(
+                    f"{examples.name} example {int(batch.indices[k])}: {message}"
+                )
+    examples._checked = True  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------- fit-time passes

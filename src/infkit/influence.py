@@ -27,7 +27,13 @@ from infkit.data import ExampleSet
 from infkit.decompositions import Svd, TokenScores
 from infkit.errors import InvalidInputError, NotFittedError, UnsupportedError
 from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator
-from infkit.fitted import Fitted, objective_gradient, training_gradients
+from infkit.fitted import (
+    Fitted,
+    check_examples,
+    objective_gradient,
+    training_gradients,
+    warn_about_training_mode,
+)
 from infkit.gradients import MODES, PerExample, directional_derivatives
 from infkit.memory import default_memory_limit
 from infkit.methods.base import (
@@ -184,6 +190,8 @@ class Influence:
         examples.check_finite()
         space = ParameterSpace(self.task.model)
         engine = PerExample(self.task, space, self.per_example_mode)
+        warn_about_training_mode(self.task.model)
+        check_examples(engine, examples)
         show = self.progress if self.progress is not None else _stderr_is_tty()
         method = self._method if self._method is not None else self._auto(space, examples, engine)
         cache, summary = (None, None)

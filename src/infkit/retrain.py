@@ -4,8 +4,9 @@ Removing a set F means retraining on ``mean_{i not in F} l_i + (l2/2)||theta||^2
 convention) to a tight optimum, with full-batch L-BFGS warm-started from the trained parameters.
 The model passed in is never modified: retraining happens on a copy.
 
-Long runs can be resumed: with ``cache_dir``, each retrained result is written atomically as one
-safetensors file named by the removed set, and found again on the next call.
+Long runs can be resumed: with ``cache_dir``, each retrained result is committed atomically to an
+artifact store (:mod:`infkit.store`), keyed by everything it depends on, and found again by the
+next call that depends on exactly the same things; a damaged file raises an error naming it.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from infkit.data import ExampleSet
+from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError
+from infkit.fingerprint import data_fingerprint, model_fingerprint, task_fingerprint
 from infkit.gradients import PerExample
 from infkit.parameters import ParameterSpace
-from infkit.store import load_tensors, save_tensors
+from infkit.store import ArtifactStore
 from infkit.task import Task
 from infkit.training import train_to_optimum
 
@@ -75,10 +77,50 @@ class Retrained:
         return self._evaluate(data, "measurement")
 
 
-def _key(removed: Tensor, l2: float, tolerance: float, n: int) -> str:
-    h = hashlib.sha1(removed.numpy().tobytes())
-    h.update(f"{l2!r}|{tolerance!r}|{n}".encode())
-    return h.hexdigest()[:20]
+class RetrainCache:
+    """Retraining results of one experiment in an artifact store (``cache_dir``).
+
+    Each result is keyed by everything it depends on: the model's parameters and architecture
+    (the warm start), the task's loss, the full training data, the removed examples, ``l2`` and
+    the stopping rule; a result from another experiment sharing the directory is never read
+    (docs/evaluation.md §1). Results are verified (checksums) when loaded.
+    """
+
+    KIND = "retrain"
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        task: Task,
+        examples: ExampleSet,
+        l2: float,
+        tolerance: float,
+        max_iter: int,
+    ) -> None:
+        self.store = ArtifactStore(cache_dir)
+        self.base = {
+            "model": model_fingerprint(task.model),
+            "task": task_fingerprint(task),
+            "data": data_fingerprint(examples),
+            "l2": float(l2),
+            "tolerance": float(tolerance),
+            "max_iter": int(max_iter),
+        }
+
+    def identity(self, removed: Tensor) -> dict[str, Any]:
+        ordered = removed.sort().values.to(torch.int64).numpy().tobytes()
+        return {
+            **self.base,
+            "removed": hashlib.sha256(ordered).hexdigest()[:32],
+            "n_removed": len(removed),
+        }
+
+    def load(self, removed: Tensor) -> dict[str, Tensor] | None:
+        artifact = self.store.load(self.KIND, self.identity(removed))
+        return None if artifact is None else artifact.tensors()
+
+    def save(self, removed: Tensor, values: dict[str, Tensor]) -> None:
+        self.store.save(self.KIND, self.identity(removed), tensors={"tensors": values})
 
 
 def without(
@@ -91,32 +133,46 @@ def without(
     max_iter: int = 2000,
     cache_dir: str | Path | None = None,
 ) -> Retrained:
-    """Retrain without the training examples ``indices`` (warm start from the trained model)."""
+    """Retrain without the training examples ``indices`` (warm start from the trained model).
+
+    With ``cache_dir`` the result is kept in an artifact store and reused by the next call that
+    depends on exactly the same model, task, data, removed examples and settings.
+    """
     examples = ExampleSet(train, name="training set")
+    cache = (
+        None
+        if cache_dir is None
+        else RetrainCache(cache_dir, task, examples, l2, tolerance, max_iter)
+    )
+    return _retrain(task, examples, indices, l2, tolerance, max_iter, cache)
+
+
+def _retrain(
+    task: Task,
+    examples: ExampleSet,
+    indices: Sequence[int] | Tensor,
+    l2: float,
+    tolerance: float,
+    max_iter: int,
+    cache: RetrainCache | None,
+) -> Retrained:
     n = len(examples)
-    removed = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-    if bool(((removed < 0) | (removed >= n)).any()):
-        raise InvalidInputError(f"removed indices must lie in [0, {n})")
+    removed = checked_indices(indices, n, what="removed index", unique=True, allow_empty=True)
     keep = torch.ones(n, dtype=torch.bool)
     keep[removed] = False
     if not bool(keep.any()):
         raise InvalidInputError("cannot retrain without every training example")
     theta0 = ParameterSpace(task.model).flat().clone()
-    path = None
-    if cache_dir is not None:
-        path = (
-            Path(cache_dir) / f"retrain-{_key(removed.sort().values, l2, tolerance, n)}.safetensors"
+    saved = None if cache is None else cache.load(removed)
+    if saved is not None:
+        return Retrained(
+            task,
+            removed,
+            saved["theta"],
+            saved["theta"] - theta0,
+            float(saved["gradient_norm"]),
+            int(saved["evaluations"]),
         )
-        if path.exists():
-            saved = load_tensors(path)
-            return Retrained(
-                task,
-                removed,
-                saved["theta"],
-                saved["theta"] - theta0,
-                float(saved["gradient_norm"]),
-                int(saved["evaluations"]),
-            )
     clone = copy.deepcopy(task.model)
     clone_task = Task(clone, task.loss, task.measurement, output_fn=task.output_fn)
     result = train_to_optimum(
@@ -127,19 +183,18 @@ def without(
         max_iter=max_iter,
         tolerance=tolerance,
     )
-    out = Retrained(
-        task, removed, result.theta, result.theta - theta0, result.gradient_norm, result.evaluations
-    )
-    if path is not None:
-        save_tensors(
-            path,
+    if cache is not None:
+        cache.save(
+            removed,
             {
                 "theta": result.theta,
                 "gradient_norm": torch.tensor(result.gradient_norm),
                 "evaluations": torch.tensor(result.evaluations),
             },
         )
-    return out
+    return Retrained(
+        task, removed, result.theta, result.theta - theta0, result.gradient_norm, result.evaluations
+    )
 
 
 @dataclass
@@ -174,14 +229,18 @@ def leave_one_out(
     progress: bool = False,
 ) -> LeaveOneOut:
     """Retrain once per index without that example; measure parameter and test changes."""
-    idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    examples = ExampleSet(train, name="training set")
+    idx = checked_indices(indices, len(examples), what="training index")
+    cache = (
+        None
+        if cache_dir is None
+        else RetrainCache(cache_dir, task, examples, l2, tolerance, max_iter)
+    )
     base = Retrained(task, idx[:0], ParameterSpace(task.model).flat(), torch.zeros(0), 0.0, 0)
     base_meas, base_loss = base.measurements(test), base.losses(test)
     params, meas, loss, norms = [], [], [], []
     for j in tqdm(idx.tolist(), desc="leave-one-out", disable=not progress):
-        r = without(
-            task, train, [j], l2, tolerance=tolerance, max_iter=max_iter, cache_dir=cache_dir
-        )
+        r = _retrain(task, examples, [j], l2, tolerance, max_iter, cache)
         params.append(r.delta)
         meas.append(r.measurements(test) - base_meas)
         loss.append(r.losses(test) - base_loss)
@@ -236,13 +295,22 @@ def subsets(
     progress: bool = False,
 ) -> SubsetRetraining:
     """Retrain on random subsets (warm-started) and record each model's test measurements."""
-    n = len(ExampleSet(train, name="training set"))
-    masks = random_masks(n, n_subsets, alpha, seed) if masks is None else masks.bool()
+    examples = ExampleSet(train, name="training set")
+    n = len(examples)
+    masks = random_masks(n, n_subsets, alpha, seed) if masks is None else torch.as_tensor(masks)
+    if masks.dim() != 2 or masks.shape[1] != n or masks.dtype != torch.bool:
+        raise InvalidInputError(
+            f"masks must be a boolean [m, N] tensor (True = kept) with N = {n}, got "
+            f"{masks.dtype} of shape {tuple(masks.shape)}"
+        )
+    cache = (
+        None
+        if cache_dir is None
+        else RetrainCache(cache_dir, task, examples, l2, tolerance, max_iter)
+    )
     rows = []
     for mask in tqdm(masks, desc="subsets", disable=not progress):
         removed = (~mask).nonzero().squeeze(1)
-        r = without(
-            task, train, removed, l2, tolerance=tolerance, max_iter=max_iter, cache_dir=cache_dir
-        )
+        r = _retrain(task, examples, removed, l2, tolerance, max_iter, cache)
         rows.append(r.measurements(test))
     return SubsetRetraining(masks, torch.stack(rows))

@@ -1,28 +1,63 @@
-"""Artifacts on disk: tensors as safetensors, metadata as JSON, always written atomically.
+"""Artifacts on disk: keyed by what they depend on, checksummed, committed atomically.
 
-A write goes to a temporary file in the same directory and is renamed into place, so a crash
-never leaves a half-written artifact; long computations check for an artifact before redoing it.
+An *artifact* is a directory ``<root>/<kind>-<key>/`` holding payload files (tensors as
+safetensors, metadata as JSON) and, written last, ``manifest.json``: the artifact's kind, its
+*identity* (a JSON description of everything the result depends on: model parameters and
+architecture, data content, task, options), and the size and SHA-256 of every payload file. The
+key is a hash of the kind and the identity, so two computations that differ in anything that
+changes the result never share a directory (docs/architecture.md §7).
+
+* **Atomic commits.** A writer fills a private temporary directory (named after its host and
+  process), writes the manifest last, syncs, and renames the directory into place. A reader
+  sees the whole artifact or none of it; a crash leaves only a temporary directory, which the
+  next :class:`ArtifactStore` on that directory removes once its writer is gone.
+* **Concurrent writers** never mix files: each writes its own temporary directory; the first
+  rename wins and a later writer discards its copy and uses the committed one.
+* **Verified loads.** Loading checks the manifest, the identity and every file's size and
+  checksum before any payload is read; a damaged artifact raises :class:`ArtifactError` naming
+  the file, what is wrong and what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shutil
+import socket
 import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from infkit._version import __version__
+from infkit.errors import ArtifactError, InvalidInputError
 
+#: version of the artifact layout; a different one is refused with a clear error
+FORMAT = 1
+MANIFEST = "manifest.json"
+#: temporary directories of writers that are gone (or older than this) are removed
+STALE_SECONDS = 24 * 3600
+_TMP = ".tmp-"
+_TRASH = ".trash-"
+
+
+# ---------------------------------------------------------------------------- single files
 def _atomic_target(path: Path) -> tuple[int, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
 def save_tensors(
-    path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
+    path: str | Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None
 ) -> Path:
     """Write ``tensors`` to ``path`` (safetensors) atomically."""
     path = Path(path)
@@ -40,7 +75,14 @@ def save_tensors(
 
 
 def load_tensors(path: str | Path) -> dict[str, Tensor]:
-    return load_file(str(path))
+    """Read a safetensors file; a damaged or missing file raises ArtifactError naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ArtifactError(
+            f"{path} cannot be read as tensors ({type(error).__name__}: {error}); the file is "
+            "damaged or incomplete: delete it (or pass overwrite=True) to recompute it"
+        ) from error
 
 
 def save_json(path: str | Path, obj: Any) -> Path:
@@ -59,5 +101,316 @@ def save_json(path: str | Path, obj: Any) -> Path:
 
 
 def load_json(path: str | Path) -> Any:
-    with open(path) as fh:
-        return json.load(fh)
+    """Read a JSON file; a damaged or missing file raises ArtifactError naming it."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as error:
+        raise ArtifactError(
+            f"{path} cannot be read as JSON ({type(error).__name__}: {error}); the file is "
+            "damaged or incomplete: delete it (or pass overwrite=True) to recompute it"
+        ) from error
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def canonical(obj: Any) -> str:
+    """A canonical JSON text of an identity (sorted keys, no whitespace)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def differences(expected: Any, found: Any, prefix: str = "") -> list[str]:
+    """The paths at which two identities differ, e.g. ``["data", "options.fisher"]``."""
+    if isinstance(expected, dict) and isinstance(found, dict):
+        out = []
+        for key in sorted(set(expected) | set(found)):
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in expected or key not in found:
+                out.append(where)
+            else:
+                out += differences(expected[key], found[key], where)
+        return out
+    return [] if canonical(expected) == canonical(found) else [prefix or "(value)"]
+
+
+# ---------------------------------------------------------------------------- artifacts
+@dataclass(frozen=True)
+class Artifact:
+    """A committed, verified artifact.
+
+    Attributes:
+        path: its directory.
+        kind: what it is (``"retrain"``, ``"kronecker-factors"``, ...).
+        identity: what it depends on (JSON).
+        info: free JSON written with it (settings, diagnostics).
+    """
+
+    path: Path
+    kind: str
+    identity: dict[str, Any]
+    info: dict[str, Any]
+
+    def tensors(self, name: str = "tensors") -> dict[str, Tensor]:
+        """The tensors of payload ``name`` (verified when the artifact was loaded)."""
+        return load_tensors(self.path / f"{name}.safetensors")
+
+    def json(self, name: str) -> Any:
+        """The JSON of payload ``name``."""
+        return load_json(self.path / f"{name}.json")
+
+
+class ArtifactStore:
+    """A directory of artifacts (see the module docstring).
+
+    Args:
+        root: the directory (created when missing). Opening it removes the temporary
+            directories of writers that have exited (a crash's leftovers).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise InvalidInputError(f"{self.root} is a file, not a directory of artifacts")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.clean()
+
+    # ------------------------------------------------------------------ naming
+    @staticmethod
+    def key(kind: str, identity: Mapping[str, Any]) -> str:
+        """The artifact's key: a hash of its kind, its identity and the layout format."""
+        text = canonical({"kind": kind, "identity": identity, "format": FORMAT})
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def path(self, kind: str, identity: Mapping[str, Any]) -> Path:
+        """Where the artifact of this kind and identity lives."""
+        return self.root / f"{kind}-{self.key(kind, identity)}"
+
+    def committed(self, kind: str) -> list[Path]:
+        """The committed artifact directories of ``kind``."""
+        return sorted(
+            p for p in self.root.glob(f"{kind}-*") if p.is_dir() and not p.name.startswith(".")
+        )
+
+    # ------------------------------------------------------------------ reading
+    def load(self, kind: str, identity: Mapping[str, Any]) -> Artifact | None:
+        """The verified artifact of this kind and identity, or None when there is none.
+
+        Raises:
+            ArtifactError: the directory exists but is damaged, or was made for another
+                identity (it names the file, what differs and what to do).
+        """
+        path = self.path(kind, identity)
+        if not path.exists():
+            return None
+        return self.verify(path, kind, dict(identity))
+
+    def verify(self, path: Path, kind: str, identity: dict[str, Any] | None = None) -> Artifact:
+        """Check an artifact directory: manifest, identity (when given) and every checksum."""
+        manifest_path = path / MANIFEST
+        if not manifest_path.exists():
+            raise ArtifactError(
+                f"{path} has no {MANIFEST}: it was not committed (an older infkit, or files "
+                "copied by hand). Delete the directory or pass overwrite=True to recompute it"
+            )
+        manifest = load_json(manifest_path)
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise ArtifactError(
+                f"{manifest_path} is of format {found!r}; this infkit reads format {FORMAT}. "
+                "Delete the directory or pass overwrite=True to recompute it"
+            )
+        if manifest.get("kind") != kind:
+            raise ArtifactError(
+                f"{manifest_path} describes a {manifest.get('kind')!r} artifact, not {kind!r}"
+            )
+        if identity is not None and canonical(manifest.get("identity")) != canonical(identity):
+            changed = ", ".join(differences(identity, manifest.get("identity")))
+            raise ArtifactError(
+                f"{path} was made for another computation (differs in: {changed}): its manifest "
+                "does not match its name. Delete it or pass overwrite=True"
+            )
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            raise ArtifactError(f"{manifest_path} lists no files; delete the directory")
+        for name, expected in files.items():
+            file = path / name
+            if not file.exists():
+                raise ArtifactError(
+                    f"{file} is missing from a committed artifact; delete {path} or pass "
+                    "overwrite=True to recompute it"
+                )
+            size = file.stat().st_size
+            if size != expected.get("bytes") or file_digest(file) != expected.get("sha256"):
+                raise ArtifactError(
+                    f"{file} is damaged: its size or SHA-256 checksum differs from {MANIFEST} "
+                    f"({size} bytes, {expected.get('bytes')} expected). Delete {path} or pass "
+                    "overwrite=True to recompute it"
+                )
+        return Artifact(path, kind, manifest.get("identity") or {}, manifest.get("info") or {})
+
+    def others(self, kind: str, identity: Mapping[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
+        """Committed artifacts of ``kind`` made for another identity, with their identities."""
+        own = self.path(kind, identity)
+        out = []
+        for path in self.committed(kind):
+            if path == own:
+                continue
+            try:
+                manifest = load_json(path / MANIFEST)
+            except ArtifactError:
+                manifest = {}
+            found = manifest.get("identity") if isinstance(manifest, dict) else None
+            out.append((path, found if isinstance(found, dict) else {}))
+        return out
+
+    # ------------------------------------------------------------------ writing
+    def save(
+        self,
+        kind: str,
+        identity: Mapping[str, Any],
+        *,
+        tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
+        documents: Mapping[str, Any] | None = None,
+        info: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> Artifact:
+        """Commit an artifact atomically; return it as loaded back (verified).
+
+        Args:
+            kind: what it is.
+            identity: what it depends on (JSON).
+            tensors: payload name -> tensors, each written as ``<name>.safetensors``.
+            documents: payload name -> JSON, each written as ``<name>.json``.
+            info: free JSON for the manifest (settings, diagnostics).
+            overwrite: replace a committed artifact of the same identity.
+        """
+        final = self.path(kind, identity)
+        tmp = self.root / f"{_TMP}{kind}-{self.key(kind, identity)}-{_writer()}"
+        tmp.mkdir(parents=True)
+        try:
+            files: dict[str, dict[str, Any]] = {}
+            for name, values in (tensors or {}).items():
+                target = tmp / f"{name}.safetensors"
+                save_file({k: v.detach().contiguous().cpu() for k, v in values.items()}, target)
+                _sync_file(target)
+                files[target.name] = _describe(target)
+            for name, value in (documents or {}).items():
+                target = tmp / f"{name}.json"
+                _write_json(target, value)
+                files[target.name] = _describe(target)
+            manifest = {
+                "format": FORMAT,
+                "kind": kind,
+                "identity": dict(identity),
+                "files": files,
+                "info": dict(info or {}),
+                "written": {
+                    "infkit": __version__,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "host": socket.gethostname(),
+                },
+            }
+            _write_json(tmp / MANIFEST, manifest)
+            _sync_directory(tmp)
+            self._commit(tmp, final, overwrite)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        _sync_directory(self.root)
+        return self.verify(final, kind, dict(identity))
+
+    def _commit(self, tmp: Path, final: Path, overwrite: bool) -> None:
+        if final.exists() and overwrite:
+            trash = self.root / f"{_TRASH}{final.name}-{_writer()}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(final, trash)
+            try:
+                os.rename(tmp, final)
+            finally:
+                shutil.rmtree(trash, ignore_errors=True)
+            return
+        try:
+            os.rename(tmp, final)  # atomic; fails when another writer committed first
+        except OSError:
+            if not final.exists():
+                raise
+            # another writer won the race: its artifact stands, ours is discarded
+
+    def remove(self, path: Path) -> None:
+        """Delete a committed artifact (used by ``overwrite=True`` for stale ones)."""
+        trash = self.root / f"{_TRASH}{path.name}-{_writer()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def clean(self) -> list[Path]:
+        """Remove the temporary and trash directories of writers that are gone."""
+        removed = []
+        for path in list(self.root.glob(f"{_TMP}*")) + list(self.root.glob(f"{_TRASH}*")):
+            if _abandoned(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
+    def __iter__(self) -> Iterator[Path]:
+        return iter(p for p in sorted(self.root.iterdir()) if not p.name.startswith("."))
+
+
+# ---------------------------------------------------------------------------- helpers
+def _writer() -> str:
+    """A name unique to this writer: host, process and a random part."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _abandoned(path: Path) -> bool:
+    """Whether a temporary directory's writer is gone (same host, dead process) or it is old."""
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > STALE_SECONDS:
+        return True
+    parts = path.name.rsplit("-", 3)  # ...-<host>-<pid>-<random>
+    if len(parts) < 4 or parts[1] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OSError):
+        return False
+    return False
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _sync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _sync_directory(path: Path) -> None:
+    """fsync a directory so that renames and new files in it are durable (POSIX)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -43,8 +43,122 @@ def default_output_fn(raw: Any) -> Tensor:
     )
 
 
+#: PyTorch's ignore_index: a label that cross-entropy skips
+IGNORE_INDEX = -100
+
+#: a problem with one example's target: (position in the batch, what is wrong and what to do)
+TargetProblem = tuple[int, str]
+
+
+def class_indices(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Class labels as a long tensor shaped like ``outputs`` without its class dimension.
+
+    Labels given as [N, 1] are accepted (a trailing singleton dimension is dropped).
+    """
+    shape = outputs.shape[:-1]
+    if targets.shape != shape and targets.numel() == shape.numel():
+        targets = targets.reshape(shape)
+    return targets.long()
+
+
 def _cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(outputs, targets.long(), reduction="none")
+    return F.cross_entropy(outputs, class_indices(outputs, targets), reduction="none")
+
+
+def _first(mask: Tensor) -> int:
+    return int(mask.reshape(mask.shape[0], -1).any(dim=1).nonzero()[0, 0])
+
+
+def check_class_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetProblem | None:
+    """Why a batch of classification labels is unusable (the first bad example), or None."""
+    c = output_shape[-1] if output_shape else 1
+    if not isinstance(targets, Tensor):
+        return 0, (
+            f"labels must be a tensor of class indices, got {type(targets).__name__}; "
+            "pass (X, y) with y = torch.tensor(labels)"
+        )
+    y = targets
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.dim() == 2 and y.shape[1] == c and c > 1:
+        return 0, (
+            f"labels have shape [N, {c}]: one-hot or soft labels; Task.classification takes one "
+            "class index per example: pass y.argmax(1)"
+        )
+    if y.dim() != 1:
+        return 0, (
+            f"labels must hold one class index per example (shape [N]), got per-example shape "
+            f"{tuple(y.shape[1:])}"
+        )
+    if y.is_floating_point():
+        fractional = y != y.round()
+        if bool(fractional.any()):
+            k = _first(fractional)
+            return k, (
+                f"label {y[k].item()!r} is not a class index; Task.classification needs integer "
+                f"labels in [0, {c})"
+            )
+    elif y.dtype == torch.bool or y.is_complex():
+        return 0, f"labels must be integer class indices, got dtype {y.dtype}"
+    yi = y.long()
+    ignored = yi == IGNORE_INDEX
+    if bool(ignored.any()):
+        return _first(ignored), (
+            f"label {IGNORE_INDEX} is PyTorch's ignore_index; Task.classification scores every "
+            "example on its own label: drop such examples, or give them a label"
+        )
+    outside = (yi < 0) | (yi >= c)
+    if bool(outside.any()):
+        k = _first(outside)
+        return k, f"label {int(yi[k])} is outside the model's {c} classes [0, {c})"
+    return None
+
+
+def check_class_outputs(outputs: Tensor) -> str | None:
+    """Why classification outputs cannot be logits (rows that are probabilities), or None."""
+    if outputs.dim() != 2 or outputs.shape[1] < 2:
+        return None
+    rows = outputs.detach().to(torch.float64)
+    sums_to_one = (rows.sum(1) - 1).abs().max() <= 1e-5
+    if bool((rows >= 0).all()) and bool(sums_to_one):
+        return (
+            "the model's outputs are probabilities (non-negative, each row sums to 1): it ends "
+            "in a Softmax. Task.classification applies the softmax itself and needs the logits: "
+            "remove the final Softmax (a LogSoftmax is fine)"
+        )
+    return None
+
+
+def check_binary_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetProblem | None:
+    """Why a batch of binary labels (0 or 1, one per example) is unusable, or None."""
+    if not isinstance(targets, Tensor):
+        return 0, f"labels must be a tensor of 0s and 1s, got {type(targets).__name__}"
+    if targets.numel() != targets.shape[0]:
+        return 0, (
+            f"binary labels must be one 0/1 value per example, got per-example shape "
+            f"{tuple(targets.shape[1:])}"
+        )
+    bad = (targets != 0) & (targets != 1)
+    if bool(bad.any()):
+        k = _first(bad)
+        return k, f"label {targets.reshape(-1)[k].item()!r} is not 0 or 1"
+    return None
+
+
+def check_regression_targets(targets: Any, output_shape: tuple[int, ...]) -> TargetProblem | None:
+    """Why a batch of regression targets does not match the outputs, or None."""
+    if not isinstance(targets, Tensor):
+        return 0, f"targets must be a tensor, got {type(targets).__name__}"
+    per_example = int(torch.Size(output_shape).numel())
+    got = targets[0].numel() if targets.dim() else 1
+    if got != per_example:
+        return 0, (
+            f"targets have {got} values per example but the model has {per_example} outputs; "
+            "pass targets shaped like the outputs"
+        )
+    if not (targets.is_floating_point() or targets.dtype in (torch.int32, torch.int64)):
+        return 0, f"regression targets must be numbers, got dtype {targets.dtype}"
+    return None
 
 
 def _softmax_hessian(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -55,7 +169,7 @@ def _softmax_hessian(outputs: Tensor, targets: Tensor) -> Tensor:
 
 def classification_margin(outputs: Tensor, targets: Tensor) -> Tensor:
     """logit_y - logsumexp_{c != y} logit_c = log(p_y / (1 - p_y)) (higher is better)."""
-    y = targets.long()
+    y = class_indices(outputs, targets)
     correct = outputs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     others = outputs.scatter(-1, y.unsqueeze(-1), float("-inf"))
     return correct - torch.logsumexp(others, dim=-1)
@@ -133,6 +247,10 @@ class Task:
         output_fn: extracts the output tensor from what ``model(...)`` returns.
         higher_is_better: whether a larger measurement is a better prediction (a margin); it
             only decides which examples ``top_k`` calls proponents.
+        check_targets: ``fn(targets, output_shape) -> (position, message) | None``: why a batch
+            of targets is unusable (the ready-made tasks check their labels; None: no check).
+        check_outputs: ``fn(outputs) -> message | None``: why the model's outputs do not fit
+            the loss (classification: probabilities instead of logits).
     """
 
     def __init__(
@@ -146,6 +264,8 @@ class Task:
         output_fn: Callable[[Any], Tensor] = default_output_fn,
         higher_is_better: bool = False,
         name: str = "custom",
+        check_targets: Callable[[Any, tuple[int, ...]], TargetProblem | None] | None = None,
+        check_outputs: Callable[[Tensor], str | None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -160,6 +280,8 @@ class Task:
         self.higher_is_better = higher_is_better
         self.measures_loss = measurement is None
         self.name = name
+        self.check_targets = check_targets
+        self.check_outputs = check_outputs
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -174,6 +296,8 @@ class Task:
             output_hessian_factor=_softmax_factor,
             higher_is_better=higher,
             name="classification",
+            check_targets=check_class_labels,
+            check_outputs=check_class_outputs,
         )
 
     @classmethod
@@ -190,6 +314,7 @@ class Task:
             output_hessian_factor=_binary_factor,
             higher_is_better=higher,
             name="binary_classification",
+            check_targets=check_binary_labels,
         )
 
     @classmethod
@@ -201,6 +326,7 @@ class Task:
             output_hessian=_identity_hessian,
             output_hessian_factor=_identity_factor,
             name="regression",
+            check_targets=check_regression_targets,
         )
 
     # ----------------------------------------------------------------- evaluation

@@ -14,9 +14,10 @@ with ``Lambda = lambda_S lambda_A^T`` (K-FAC) or the EK-FAC eigenvalues (``corre
 
 The methods ``kfac`` and ``ekfac`` are this curvature; ``astra`` uses it (EK-FAC) as the
 preconditioner of an iteration; the Kronecker analyses (:mod:`infkit.analyses`) read its
-eigenbases. Factors can be saved and reloaded (``factors_dir``): the directory holds
-``factors.safetensors`` and ``factors.json`` with the options and fingerprints of the model and
-the data; a mismatch raises rather than silently reusing stale factors.
+eigenbases. Factors can be saved and reloaded (``factors_dir``): they are an artifact
+(:mod:`infkit.store`) keyed by everything they depend on (model, task, full data content, tracked
+layers, the Fisher mode and its sampling, dtype), checksummed and committed atomically; a
+directory holding factors for another computation raises rather than serving stale factors.
 """
 
 from __future__ import annotations
@@ -29,19 +30,22 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from infkit.errors import CurvatureError, InvalidInputError, UnsupportedError
-from infkit.fitted import Fitted
-from infkit.kfac.factors import (
-    FactorFitter,
-    Fisher,
-    KroneckerFactors,
+from infkit.errors import ArtifactError, CurvatureError, UnsupportedError
+from infkit.fingerprint import (
+    callable_identity,
     data_fingerprint,
-    fingerprint,
+    model_fingerprint,
+    task_fingerprint,
 )
+from infkit.fitted import Fitted
+from infkit.kfac.factors import FactorFitter, Fisher, KroneckerFactors
 from infkit.layers.tracked import SUPPORTED, TrackedLayers
 from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
+from infkit.store import ArtifactStore, differences
 
+#: the artifact kind of saved factors
+FACTORS = "kronecker-factors"
 #: kronfluence's HEURISTIC_DAMPING_SCALE (docs/methods/kfac.md)
 HEURISTIC_DAMPING_SCALE = 0.1
 
@@ -154,27 +158,9 @@ class KroneckerCurvature:
         return self.layers.tracked
 
     # ------------------------------------------------------------------ factors on disk
-    def _identity(self) -> dict[str, Any]:
-        fitted = self.fitted
-        return {
-            "fingerprint": fingerprint(fitted.task.model, fitted.space.names),
-            "data": data_fingerprint(fitted.train),
-        }
-
-    def _load_or_fit(self) -> KroneckerFactors:
+    def _fitter(self) -> FactorFitter:
         options, fitted = self.options, self.fitted
-        ids = self._identity()
-        directory = None if options.factors_dir is None else Path(options.factors_dir)
-        if (
-            directory is not None
-            and (directory / "factors.json").exists()
-            and not options.overwrite
-        ):
-            factors = KroneckerFactors.load(directory, fitted.space.device)
-            self._check_loaded(factors, ids, directory)
-            self.loaded = True
-            return factors
-        fitter = FactorFitter(
+        return FactorFitter(
             fitted.engine,
             self.tracked,
             fisher=options.fisher,
@@ -187,36 +173,68 @@ class KroneckerCurvature:
             progress=fitted.progress,
             cache_bytes=options.cache_bytes,
         )
-        factors = fitter.fit(fitted.train, corrected=self.corrected)
-        factors.meta.update(ids, method=self.owner, options=options.record())
-        if directory is not None:
-            factors.save(directory)
-        return factors
 
-    def _check_loaded(
-        self, factors: KroneckerFactors, ids: dict[str, Any], directory: Path
-    ) -> None:
-        meta, options = factors.meta, self.options
-        problems = []
-        if meta.get("fingerprint") != ids["fingerprint"]:
-            problems.append("the model's parameters differ")
-        if meta.get("data") != ids["data"]:
-            problems.append("the training data differ")
-        if meta.get("modules") != [t.describe() for t in self.tracked]:
-            problems.append("the tracked layers differ")
-        if options.fisher != "auto" and meta.get("fisher") != options.fisher:
-            problems.append(f"they were fitted with fisher={meta.get('fisher')!r}")
-        if self.corrected and not factors.corrected:
-            problems.append("they have no EK-FAC eigenvalue correction")
-        if meta.get("fisher") == "sampled" and (
-            meta.get("samples") != options.samples or meta.get("seed") != options.seed
-        ):
-            problems.append("they were sampled with other samples/seed")
-        if problems:
-            raise InvalidInputError(
-                f"the factors in {directory} do not match this fit: {'; '.join(problems)}. "
-                "Pass overwrite=True to refit them, or another factors_dir"
+    def identity(self, fitter: FactorFitter, corrected: bool) -> dict[str, Any]:
+        """Everything the factors depend on (their artifact's identity)."""
+        fitted, options = self.fitted, self.options
+        mode = fitter.resolve(fitted.train)
+        sampled = mode == "sampled"
+        return {
+            "model": model_fingerprint(fitted.task.model),
+            "task": task_fingerprint(fitted.task),
+            "data": data_fingerprint(fitted.train),
+            "modules": [t.describe() for t in self.tracked],
+            "fisher": mode,
+            "samples": options.samples if sampled else None,
+            "seed": options.seed if sampled else None,
+            "sample_targets": callable_identity(options.sample_targets) if sampled else None,
+            "batch_size": fitted.batch_size if sampled else None,
+            "mask_key": options.mask_key,
+            "dtype": str(fitted.engine.dtype),
+            "corrected": corrected,
+        }
+
+    def _load_or_fit(self) -> KroneckerFactors:
+        options, fitted = self.options, self.fitted
+        fitter = self._fitter()
+        identity = self.identity(fitter, self.corrected)
+        store = None if options.factors_dir is None else ArtifactStore(options.factors_dir)
+        if store is not None and not options.overwrite:
+            # K-FAC can reuse EK-FAC factors (the same eigenbases, and the correction on top)
+            wanted = [identity] if self.corrected else [identity, {**identity, "corrected": True}]
+            for candidate in wanted:
+                artifact = store.load(FACTORS, candidate)
+                if artifact is not None:
+                    self.loaded = True
+                    where = str(artifact.path)
+                    return KroneckerFactors.from_payload(
+                        artifact.tensors(), artifact.json("meta"), where, fitted.space.device
+                    )
+            others = store.others(FACTORS, identity)
+            if others:
+                path, found = others[0]
+                changed = ", ".join(differences(identity, found))
+                raise ArtifactError(
+                    f"{path} holds Kronecker factors fitted for another computation (differs "
+                    f"in: {changed}). Pass overwrite=True to refit them there, or another "
+                    "factors_dir"
+                )
+        factors = fitter.fit(fitted.train, corrected=self.corrected)
+        factors.meta.update(method=self.owner, options=options.record())
+        if store is not None:
+            if options.overwrite:
+                for path, _ in store.others(FACTORS, identity):
+                    store.remove(path)
+            tensors, document = factors.payload()
+            store.save(
+                FACTORS,
+                identity,
+                tensors={"tensors": tensors},
+                documents={"meta": document},
+                info={"method": self.owner, "options": options.record()},
+                overwrite=options.overwrite,
             )
+        return factors
 
     # ------------------------------------------------------------------ the curvature
     def eigenvalues(self, name: str) -> Tensor:

@@ -29,11 +29,9 @@ replaces the eigenvalues ``lambda_S,o lambda_A,i`` by the exact diagonal of G in
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -41,12 +39,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from infkit.data import ExampleSet
-from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.errors import ArtifactError, InvalidInputError, UnsupportedError
 from infkit.gradients import PerExample
 from infkit.layers.capture import Capture
 from infkit.layers.tracked import TrackedModule
 from infkit.parameters import evaluation_mode
-from infkit.store import load_json, load_tensors, save_json, save_tensors
 
 Fisher = Literal["auto", "ggn", "sampled", "empirical"]
 FISHER: tuple[Fisher, ...] = get_args(Fisher)
@@ -94,9 +91,8 @@ class KroneckerFactors:
     def corrected(self) -> bool:
         return all(f.Lambda is not None for f in self.modules.values())
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``factors.safetensors`` and ``factors.json`` into ``directory`` (atomically)."""
-        directory = Path(directory)
+    def payload(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The factors as tensors (``<module>::<factor>``) and a JSON document (meta, tokens)."""
         tensors = {}
         for name, f in self.modules.items():
             for key in ("A", "S", "QA", "eig_a", "QS", "eig_s", "Lambda"):
@@ -104,32 +100,35 @@ class KroneckerFactors:
                 if value is not None:
                     tensors[f"{name}::{key}"] = value
         tokens = {name: f.tokens for name, f in self.modules.items()}
-        save_tensors(directory / "factors.safetensors", tensors)
-        save_json(directory / "factors.json", {**self.meta, "tokens": tokens, "format": FORMAT})
-        return directory
+        return tensors, {**self.meta, "tokens": tokens, "format": FORMAT}
 
     @classmethod
-    def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> KroneckerFactors:
-        directory = Path(directory)
-        meta = load_json(directory / "factors.json")
+    def from_payload(
+        cls,
+        tensors: dict[str, Tensor],
+        document: dict[str, Any],
+        where: str,
+        device: torch.device | str = "cpu",
+    ) -> KroneckerFactors:
+        """Factors from :meth:`payload`'s two parts (``where`` names the file for errors)."""
+        meta = dict(document)
         if meta.get("format") != FORMAT:
-            raise InvalidInputError(
-                f"{directory} holds factors of format {meta.get('format')!r}; this infkit reads "
-                f"format {FORMAT}: refit them"
+            raise ArtifactError(
+                f"{where} holds factors of format {meta.get('format')!r}; this infkit reads "
+                f"format {FORMAT}: refit them (overwrite=True)"
             )
-        tensors = load_tensors(directory / "factors.safetensors")
         tokens = meta.pop("tokens", {})
         meta.pop("format", None)
         modules = {}
-        for m in meta["modules"]:
+        for m in meta.get("modules", []):
             name = m["name"]
 
             def required(key: str, name: str = name) -> Tensor:
                 value = tensors.get(f"{name}::{key}")
                 if value is None:
-                    raise InvalidInputError(
-                        f"{directory / 'factors.safetensors'} has no {key!r} for module {name!r}: "
-                        "the factors are incomplete; refit them (overwrite=True)"
+                    raise ArtifactError(
+                        f"{where} has no {key!r} for module {name!r}: the factors are "
+                        "incomplete; refit them (overwrite=True)"
                     )
                 return value.to(device).contiguous()
 
@@ -410,31 +409,3 @@ def rotated_squares(ds: Tensor, a: Tensor, QS: Tensor, QA: Tensor) -> Tensor:
         c = torch.einsum("kbto,bti->kboi", dr[:, s : s + step], ar[s : s + step])
         out += c.square().sum(dim=(0, 1))
     return out
-
-
-def fingerprint(model: torch.nn.Module, names: list[str]) -> str:
-    """A hash of the trainable parameters' names, shapes and values (detects a changed model)."""
-    h = hashlib.blake2b(digest_size=16)
-    params = dict(model.named_parameters())
-    for n in names:
-        t = params[n].detach().cpu().contiguous()
-        h.update(f"{n}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def data_fingerprint(examples: ExampleSet) -> str:
-    """A hash of the training set's size and its first and last examples."""
-    h = hashlib.blake2b(digest_size=16)
-    n = len(examples)
-    h.update(str(n).encode())
-    batch = examples.take([0, n - 1])
-    from infkit.data import map_tensors
-
-    def add(t: Tensor) -> Tensor:
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return t
-
-    map_tensors(batch.inputs, add)
-    map_tensors(batch.targets, add)
-    return h.hexdigest()

@@ -1,0 +1,128 @@
+"""Fingerprints: short hashes of what a result depends on, for the identity of artifacts.
+
+* :func:`model_fingerprint`: the architecture (module classes and their configuration) and
+  every parameter and buffer (names, shapes, dtypes, trainability and values);
+* :func:`data_fingerprint`: the full content of an example set, inputs and targets, in order;
+* :func:`callable_identity` and :func:`task_fingerprint`: which loss, measurement and output
+  functions a task uses (their qualified name and the hash of their code, so two lambdas or two
+  versions of a function differ).
+
+Hashes are SHA-256 over the raw bytes of contiguous CPU copies, so they do not depend on the
+device or on memory layout, and any changed value changes them (docs/architecture.md §7).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from infkit.data import ExampleSet
+from infkit.task import Task
+
+#: examples hashed per batch
+BATCH = 4096
+
+
+def stable_repr(value: Any) -> str:
+    """``repr`` without memory addresses (``<object at 0x7f...>``), stable across processes."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+
+
+def _tensor(h: Any, t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}:{tuple(t.shape)};".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _structure(h: Any, obj: Any) -> None:
+    """Hash a nested structure of tensors, dicts, lists and plain values, keys sorted."""
+    if isinstance(obj, Tensor):
+        _tensor(h, obj)
+    elif isinstance(obj, Mapping):
+        for key in sorted(obj, key=str):
+            h.update(f"<{key}>".encode())
+            _structure(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"[{len(obj)}".encode())
+        for item in obj:
+            _structure(h, item)
+    else:
+        h.update(stable_repr(obj).encode())
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, str]:
+    """``{"architecture": ..., "parameters": ...}``: hashes of the module tree and its state."""
+    arch = hashlib.sha256(stable_repr(model).encode())
+    for name, module in model.named_modules():
+        arch.update(f"{name}:{type(module).__module__}.{type(module).__qualname__};".encode())
+    state = hashlib.sha256()
+    for name, p in model.named_parameters():
+        state.update(f"{name}:{p.requires_grad};".encode())
+        _tensor(state, p)
+    for name, b in model.named_buffers():
+        state.update(f"{name};".encode())
+        _tensor(state, b)
+    return {"architecture": arch.hexdigest()[:32], "parameters": state.hexdigest()[:32]}
+
+
+def data_fingerprint(examples: ExampleSet) -> str:
+    """A hash of every example's inputs and targets, in order (one pass over the data)."""
+    cached = getattr(examples, "_fingerprint", None)
+    if isinstance(cached, str):
+        return cached
+    h = hashlib.sha256(f"n={len(examples)};".encode())
+    for batch in examples.batches(BATCH):
+        _structure(h, batch.inputs)
+        h.update(b"|")
+        _structure(h, batch.targets)
+    digest = h.hexdigest()[:32]
+    examples._fingerprint = digest  # type: ignore[attr-defined]  # a set's content is fixed
+    return digest
+
+
+def callable_identity(fn: Callable[..., Any] | None) -> str | None:
+    """``module.qualname`` plus a hash of the code (and bound values) of a function."""
+    if fn is None:
+        return None
+    if isinstance(fn, functools.partial):
+        inner = callable_identity(fn.func)
+        h = hashlib.sha256(stable_repr((fn.args, sorted(fn.keywords.items()))).encode())
+        return f"partial({inner})#{h.hexdigest()[:12]}"
+    target = getattr(fn, "__func__", fn)  # bound methods: the function
+    qualname = getattr(target, "__qualname__", type(fn).__name__)
+    name = f"{getattr(target, '__module__', '?')}.{qualname}"
+    code = getattr(target, "__code__", None)
+    if code is None:  # a callable object: its class and its repr
+        cls = type(fn)
+        digest = hashlib.sha256(stable_repr(fn).encode()).hexdigest()[:12]
+        return f"{cls.__module__}.{cls.__qualname__}#{digest}"
+    h = hashlib.sha256(code.co_code)
+    h.update(stable_repr(code.co_consts).encode())
+    h.update(repr(code.co_names).encode())
+    for cell in getattr(target, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        plain = isinstance(value, (Tensor, Mapping, list, tuple))
+        _structure(h, value if plain else stable_repr(value))
+    return f"{name}#{h.hexdigest()[:12]}"
+
+
+def task_fingerprint(task: Task) -> dict[str, Any]:
+    """Which loss, measurement and output functions the task uses."""
+    return {
+        "name": task.name,
+        "loss": callable_identity(task.loss),
+        "measurement": callable_identity(task.measurement),
+        "output_hessian": callable_identity(task.output_hessian),
+        "output_fn": callable_identity(task.output_fn),
+        "higher_is_better": task.higher_is_better,
+    }
