@@ -162,7 +162,7 @@ def test_questions_before_fit_and_bad_indices(linear_data) -> None:
     inf.fit(data)
     with pytest.raises(InvalidInputError, match="out of range"):
         inf.remove([30])
-    with pytest.raises(InvalidInputError, match="duplicates"):
+    with pytest.raises(InvalidInputError, match="training index 1 is given twice"):
         inf.remove([1, 1])
     with pytest.raises(InvalidInputError, match="every training example"):
         inf.remove(list(range(30)))

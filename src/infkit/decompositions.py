@@ -28,15 +28,15 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from infkit.data import ExampleSet
+from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.estimators import Estimator
 from infkit.fitted import Fitted
 from infkit.layers.capture import layer_terms
 from infkit.methods.base import Method
 from infkit.parameters import ParameterSpace
+from infkit.progress import track
 
 Svd = Literal["exact", "randomized"]
 
@@ -109,13 +109,7 @@ class TokenScores:
 def _indices(fitted: Fitted, indices: Sequence[int] | Tensor | None) -> Tensor:
     if indices is None:
         return torch.arange(fitted.n)
-    idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-    bad = (idx < 0) | (idx >= fitted.n)
-    if bool(bad.any()):
-        raise InvalidInputError(
-            f"training index {int(idx[bad][0])} is out of range [0, {fitted.n})"
-        )
-    return idx
+    return checked_indices(indices, fitted.n, what="training index")
 
 
 def per_token_scores(
@@ -282,11 +276,8 @@ def batched_scores(
     reg = (fitted.l2 * (low.full @ fitted.regularised_theta)).cpu()  # [q]
     parts = []
     total = -(-len(idx) // fitted.batch_size)
-    for batch in tqdm(
-        fitted.train.batches(fitted.batch_size, idx),
-        total=total,
-        desc=f"rank-{rank} scores",
-        disable=not fitted.progress,
+    for batch in track(
+        fitted.train.batches(fitted.batch_size, idx), fitted.progress, f"rank-{rank} scores", total
     ):
         terms = layer_terms(fitted.engine, layers.tracked, batch, "loss", layers.mask_key)
         block = torch.zeros(low.full.shape[0], len(batch), dtype=torch.float64)

@@ -30,11 +30,11 @@ from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from infkit.data import Batch, ExampleSet
 from infkit.errors import CurvatureError, UnsupportedError
 from infkit.fitted import Fitted
+from infkit.progress import track
 
 EstimatorName = Literal["if", "rif", "newton", "relatif"]
 ESTIMATORS: tuple[EstimatorName, ...] = ("if", "rif", "newton", "relatif")
@@ -243,7 +243,7 @@ def scores(
     S = torch.empty(Q.shape[0], fitted.n, dtype=torch.float64)
     total = -(-fitted.n // fitted.batch_size)
     deltas = removal_deltas(inverse, fitted, estimator)
-    for batch, delta in tqdm(deltas, total=total, desc=estimator.name, disable=not fitted.progress):
+    for batch, delta in track(deltas, fitted.progress, estimator.name, total):
         S[:, batch.indices] = (Q @ delta.T).cpu()
     return S
 
@@ -253,7 +253,7 @@ def self_scores(inverse: InverseCurvature, fitted: Fitted, estimator: Estimator)
     out = torch.empty(fitted.n, dtype=torch.float64)
     total = -(-fitted.n // fitted.batch_size)
     deltas = removal_deltas(inverse, fitted, estimator)
-    for batch, delta in tqdm(deltas, total=total, desc="self", disable=not fitted.progress):
+    for batch, delta in track(deltas, fitted.progress, "self-scores", total):
         out[batch.indices] = (fitted.loss_grads(batch) * delta).sum(1).cpu()
     return out
 

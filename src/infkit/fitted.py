@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from infkit.data import LABEL_KEYS, Batch, ExampleSet, check_compatible, leaves
 from infkit.errors import InvalidInputError, warn
 from infkit.gradients import PerExample, Which
 from infkit.parameters import ParameterSpace, evaluation_mode, product_dtype
+from infkit.progress import Mode, track
 from infkit.task import Task
 from infkit.training import objective_and_gradient
 
@@ -56,7 +56,7 @@ class Fitted:
         l2: the objective's own L2 coefficient (mean form).
         damping: extra, purely numerical ridge of the curvature.
         batch_size: examples per batch of every pass over data.
-        progress: show progress bars.
+        progress: how progress is shown (:mod:`infkit.progress`).
         memory_limit: bytes dense objects may take.
         train_gradients: the [N, P] training-loss gradients in :func:`~infkit.parameters.product_dtype`, or None when
             they are not cached (too large, or the method does not use them).
@@ -74,7 +74,7 @@ class Fitted:
     l2: float
     damping: float
     batch_size: int
-    progress: bool
+    progress: Mode
     memory_limit: int
     train_gradients: Tensor | None = None
     anchor: Tensor | None = None
@@ -254,7 +254,7 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
 
 # ---------------------------------------------------------------------------- fit-time passes
 def training_gradients(
-    engine: PerExample, train: ExampleSet, batch_size: int, memory_limit: int, progress: bool
+    engine: PerExample, train: ExampleSet, batch_size: int, memory_limit: int, progress: Mode
 ) -> tuple[Tensor | None, GradientSummary | None]:
     """The [N, P] training-loss gradients when they fit in memory (else None), and a summary.
 
@@ -269,9 +269,7 @@ def training_gradients(
     total_gradient = torch.zeros(p, dtype=torch.float64, device=engine.device)
     total_norm = 0.0
     batches = -(-n // batch_size)
-    for batch in tqdm(
-        train.batches(batch_size), total=batches, desc="gradients", disable=not progress
-    ):
+    for batch in track(train.batches(batch_size), progress, "gradients", batches):
         g = engine.grads(batch, "loss")
         out[batch.indices] = g.to(dtype)
         total_gradient += g.sum(0).to(torch.float64)

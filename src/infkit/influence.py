@@ -14,7 +14,6 @@ j helped t.
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from infkit import decompositions, registry
-from infkit.data import ExampleSet
+from infkit.data import ExampleSet, checked_indices
 from infkit.decompositions import Svd, TokenScores
 from infkit.errors import InvalidInputError, NotFittedError, UnsupportedError
 from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator
@@ -43,6 +42,7 @@ from infkit.methods.base import (
     registered,
 )
 from infkit.parameters import ParameterSpace
+from infkit.progress import resolve as resolve_progress
 from infkit.removal import Quantity, RemovalEffect
 from infkit.task import Task
 
@@ -78,7 +78,8 @@ class Influence:
         relatif: ``"theta"`` or ``"loss"`` normalisation for ``estimator="relatif"``.
         batch_size: examples per batch of every pass over the data.
         per_example: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :class:`infkit.gradients.PerExample`).
-        progress: show progress bars (default: when stderr is a terminal).
+        progress: show progress: None (default) a bar in a terminal or notebook and a line
+            every few seconds in a log; True bars; False nothing (:mod:`infkit.progress`).
         memory_limit: bytes dense objects may take (default: half the machine's memory).
         **method_options: the method's options (``infkit.methods()[name]["options"]``), e.g.
             ``curvature="hessian"`` for ``"exact"``; checked here, at construction.
@@ -134,6 +135,13 @@ class Influence:
         self.batch_size = batch_size
         self.per_example_mode = per_example
         self.progress = progress
+        if memory_limit is not None and (
+            not isinstance(memory_limit, int) or isinstance(memory_limit, bool) or memory_limit < 1
+        ):
+            raise InvalidInputError(
+                f"memory_limit must be a number of bytes >= 1 (or None for half the machine's "
+                f"memory), got {memory_limit!r}"
+            )
         self.memory_limit = memory_limit or default_memory_limit()
         self.method_options = dict(method_options)
         self._method: Method | None = None
@@ -192,7 +200,7 @@ class Influence:
         engine = PerExample(self.task, space, self.per_example_mode)
         warn_about_training_mode(self.task.model)
         check_examples(engine, examples)
-        show = self.progress if self.progress is not None else _stderr_is_tty()
+        show = resolve_progress(self.progress)
         method = self._method if self._method is not None else self._auto(space, examples, engine)
         cache, summary = (None, None)
         if type(method).uses_training_gradients:
@@ -289,15 +297,8 @@ class Influence:
         return self.fitted.theta.numel()
 
     def _indices(self, indices: Sequence[int] | Tensor) -> Tensor:
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         n = self.n_train
-        if idx.numel() == 0:
-            raise InvalidInputError("no training indices given; pass at least one index")
-        if bool(((idx < 0) | (idx >= n)).any()):
-            bad = int(idx[(idx < 0) | (idx >= n)][0])
-            raise InvalidInputError(f"training index {bad} is out of range [0, {n})")
-        if len(torch.unique(idx)) != len(idx):
-            raise InvalidInputError("training indices contain duplicates; pass each index once")
+        idx = checked_indices(indices, n, what="training index", unique=True)
         if len(idx) >= n:
             raise InvalidInputError(
                 "cannot remove every training example: the retained objective would be empty"
@@ -467,10 +468,3 @@ def _estimator(name: str, relatif: str) -> Estimator:
             f"unknown relatif norm {relatif!r}; use one of {', '.join(RELATIF_NORMS)}"
         )
     return Estimator(name, relatif)  # both checked above
-
-
-def _stderr_is_tty() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):  # replaced or closed stderr
-        return False

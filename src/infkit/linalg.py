@@ -164,6 +164,7 @@ def conjugate_gradients(
     tol: float = 1e-10,
     maxiter: int = 500,
     precondition=None,
+    callback: Callable[[int, float], None] | None = None,
 ) -> ConjugateGradientResult:
     """Solve A X = B for symmetric positive definite A, all columns of B at once.
 
@@ -177,6 +178,7 @@ def conjugate_gradients(
         matmat: X [n, k] -> A X [n, k].
         B: right-hand sides [n, k].
         precondition: optional R [n, k] -> M^{-1} R, with M symmetric positive definite.
+        callback: called after every iteration with (iteration, largest relative residual).
     """
     B = B.to(torch.float64)
     X = torch.zeros_like(B)
@@ -202,6 +204,8 @@ def conjugate_gradients(
         beta = torch.where(active, rz_new / torch.where(active, rz, 1.0), 0.0)
         Pdir = torch.where(active, Z + beta * Pdir, Pdir)
         rz = torch.where(active, rz_new, rz)
+        if callback is not None:
+            callback(iterations, float((R.norm(dim=0) / b_norm).max()))
     residuals = R.norm(dim=0) / b_norm
     return ConjugateGradientResult(X, iterations, residuals, residuals <= tol)
 
@@ -245,6 +249,7 @@ def block_conjugate_gradients(
     maxiter: int = 500,
     precondition=None,
     rank_tol: float = BLOCK_RANK_TOL,
+    callback: Callable[[int, float], None] | None = None,
 ) -> ConjugateGradientResult:
     """Solve A X = B for symmetric positive definite A by breakdown-free block CG.
 
@@ -272,6 +277,7 @@ def block_conjugate_gradients(
         maxiter: cap on block iterations (one ``matmat`` each).
         precondition: optional R [n, k] -> M^{-1} R, with M symmetric positive definite.
         rank_tol: relative singular-value threshold of the rank truncation.
+        callback: called after every iteration with (iteration, largest relative residual).
     """
     B = B.to(torch.float64)
     b_norm = B.norm(dim=0)
@@ -294,6 +300,8 @@ def block_conjugate_gradients(
         X += P @ alpha
         R -= AP @ alpha
         residuals = R.norm(dim=0)
+        if callback is not None:
+            callback(iterations, float(residuals.max()))
         if not bool((residuals > tol).any()):
             break
         Z = precondition(R) if precondition is not None else R

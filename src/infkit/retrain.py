@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError
 from infkit.fingerprint import data_fingerprint, model_fingerprint, task_fingerprint
 from infkit.gradients import PerExample
 from infkit.parameters import ParameterSpace
+from infkit.progress import resolve, track
 from infkit.store import ArtifactStore
 from infkit.task import Task
 from infkit.training import train_to_optimum
@@ -226,7 +226,7 @@ def leave_one_out(
     tolerance: float = 1e-10,
     max_iter: int = 2000,
     cache_dir: str | Path | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> LeaveOneOut:
     """Retrain once per index without that example; measure parameter and test changes."""
     examples = ExampleSet(train, name="training set")
@@ -239,7 +239,7 @@ def leave_one_out(
     base = Retrained(task, idx[:0], ParameterSpace(task.model).flat(), torch.zeros(0), 0.0, 0)
     base_meas, base_loss = base.measurements(test), base.losses(test)
     params, meas, loss, norms = [], [], [], []
-    for j in tqdm(idx.tolist(), desc="leave-one-out", disable=not progress):
+    for j in track(idx.tolist(), resolve(progress), "leave-one-out"):
         r = _retrain(task, examples, [j], l2, tolerance, max_iter, cache)
         params.append(r.delta)
         meas.append(r.measurements(test) - base_meas)
@@ -292,7 +292,7 @@ def subsets(
     tolerance: float = 1e-10,
     max_iter: int = 2000,
     cache_dir: str | Path | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> SubsetRetraining:
     """Retrain on random subsets (warm-started) and record each model's test measurements."""
     examples = ExampleSet(train, name="training set")
@@ -309,7 +309,7 @@ def subsets(
         else RetrainCache(cache_dir, task, examples, l2, tolerance, max_iter)
     )
     rows = []
-    for mask in tqdm(masks, desc="subsets", disable=not progress):
+    for mask in track(masks, resolve(progress), "subsets", len(masks)):
         removed = (~mask).nonzero().squeeze(1)
         r = _retrain(task, examples, removed, l2, tolerance, max_iter, cache)
         rows.append(r.measurements(test))

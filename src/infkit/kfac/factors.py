@@ -36,7 +36,6 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from infkit.data import ExampleSet
 from infkit.errors import ArtifactError, InvalidInputError, UnsupportedError
@@ -44,6 +43,7 @@ from infkit.gradients import PerExample
 from infkit.layers.capture import Capture
 from infkit.layers.tracked import TrackedModule
 from infkit.parameters import evaluation_mode
+from infkit.progress import Mode, track
 
 Fisher = Literal["auto", "ggn", "sampled", "empirical"]
 FISHER: tuple[Fisher, ...] = get_args(Fisher)
@@ -190,7 +190,7 @@ class FactorFitter:
             many entries (one pulled-back vector each), else ``"sampled"``.
         mask_key: attention-mask key of dict inputs.
         batch_size: examples per batch.
-        progress: show progress bars.
+        progress: how progress is shown (:mod:`infkit.progress`).
         cache_bytes: keep activations and gradients of the first pass in memory for the
             eigenvalue-correction pass when they fit in this many bytes (0: never).
     """
@@ -207,7 +207,7 @@ class FactorFitter:
         max_exact_outputs: int = 64,
         mask_key: str | None = "attention_mask",
         batch_size: int = 64,
-        progress: bool = False,
+        progress: Mode = "off",
         cache_bytes: int = 1 << 30,
     ) -> None:
         if fisher not in FISHER:
@@ -285,9 +285,7 @@ class FactorFitter:
         total = -(-len(examples) // self.batch_size)
         model = self.task.model
         with Capture(self.tracked, self.mask_key) as cap, evaluation_mode(model):
-            for batch in tqdm(
-                examples.batches(self.batch_size), total=total, desc=desc, disable=not self.progress
-            ):
+            for batch in track(examples.batches(self.batch_size), self.progress, desc, total):
                 inputs, targets = self.engine.prepare(batch)
                 with torch.enable_grad():
                     out = cap.forward(self.task, inputs)

@@ -27,6 +27,7 @@ from infkit.fitted import Fitted
 from infkit.linalg import attainable_tolerance, block_conjugate_gradients, conjugate_gradients
 from infkit.methods.base import Fidelity, PrimalMethod, register
 from infkit.options import Options, option
+from infkit.progress import Progress
 
 #: ``block="auto"`` uses block CG from this many right-hand sides on.
 BLOCK_AUTO_MIN = 2
@@ -110,13 +111,15 @@ class ConjugateGradient(PrimalMethod):
         use_block = block is True or (block == "auto" and len(V) >= BLOCK_AUTO_MIN)
         solver = block_conjugate_gradients if use_block else conjugate_gradients
         tol = attainable_tolerance(self.options.tol, self.fitted.engine.dtype)
-        result = solver(
-            matmat,
-            V.to(torch.float64).T,
-            tol=tol,
-            maxiter=self.options.maxiter,
-            precondition=precondition,
-        )
+        with Progress(self.fitted.progress, None, f"cg ({len(V)} right-hand sides)") as shown:
+            result = solver(
+                matmat,
+                V.to(torch.float64).T,
+                tol=tol,
+                maxiter=self.options.maxiter,
+                precondition=precondition,
+                callback=lambda _, residual: shown.update(note=f"residual {residual:.1e}"),
+            )
         self.iterations.append(result.iterations)
         self.solvers.append("block" if use_block else "single")
         if not bool(result.converged.all()):

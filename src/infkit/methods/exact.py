@@ -14,7 +14,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from infkit.data import Batch
 from infkit.errors import NotFittedError, ProblemTooLargeError
@@ -23,6 +22,7 @@ from infkit.linalg import SymmetricSolver
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import Fidelity, PrimalMethod, Problem, register, scalable_methods
 from infkit.options import Options, option
+from infkit.progress import track
 
 #: ``method="auto"`` picks ``exact`` up to this many parameters (when the memory allows)
 AUTO_MAX_PARAMETERS = 20_000
@@ -80,9 +80,7 @@ class Exact(PrimalMethod):
         H = torch.zeros(p, p, dtype=torch.float64, device=fitted.space.device)
         batches = fitted.train.batches(fitted.batch_size)
         total = -(-fitted.n // fitted.batch_size)
-        for batch in tqdm(
-            batches, total=total, desc=f"exact {self.curvature}", disable=not fitted.progress
-        ):
+        for batch in track(batches, fitted.progress, f"exact {self.curvature}", total):
             H += self.batch_curvature(batch)
         self.data_curvature = H / fitted.n
         self._solvers.clear()

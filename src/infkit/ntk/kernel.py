@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from infkit.data import Batch, ExampleSet
 from infkit.errors import ProblemTooLargeError
@@ -22,6 +21,7 @@ from infkit.gradients import PerExample
 from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes
 from infkit.ntk.structured import Features, TangentFeatures
 from infkit.parameters import ParameterSpace
+from infkit.progress import Mode, track
 from infkit.task import Task, default_output_fn
 
 
@@ -80,7 +80,7 @@ def kernel_matrix(
     memory_limit: int | None = None,
     cache_bytes: int | None = None,
     col_features: list[Features] | None = None,
-    progress: bool = False,
+    progress: Mode = "off",
 ) -> Tensor:
     """The empirical NTK between two example sets, [N_rows*C, N_cols*C] in the working dtype.
 
@@ -103,7 +103,7 @@ def kernel_matrix(
         cached = column_features(tangents, cols, batch_size, budget)
     col_batches = list(cols.batches(batch_size))
     row_batches = col_batches if symmetric else list(rows.batches(batch_size))
-    for ia, ba in enumerate(tqdm(row_batches, desc="NTK", disable=not progress)):
+    for ia, ba in enumerate(track(row_batches, progress, "NTK")):
         fa = cached[ia] if (symmetric and cached is not None) else tangents.features(ba)
         ra = _span(ba, c)
         for ib, bb in enumerate(col_batches):

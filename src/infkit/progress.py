@@ -1,0 +1,108 @@
+"""Progress of long passes: a bar where someone watches, a line every few seconds in a log.
+
+``Influence(progress=None)`` (the default) decides per environment: in a terminal or a notebook a
+tqdm bar; anywhere else (a log file, a batch job) a plain line every :data:`LOG_EVERY` seconds for
+passes that last longer than :data:`LOG_AFTER` seconds, so short passes stay silent.
+``progress=True`` forces bars, ``False`` silences everything.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Literal, TypeVar
+
+from tqdm.auto import tqdm
+
+#: how progress is shown
+Mode = Literal["bar", "log", "off"]
+#: a non-interactive pass reports after this many seconds ...
+LOG_AFTER = 5.0
+#: ... and then every this many seconds
+LOG_EVERY = 10.0
+
+T = TypeVar("T")
+
+
+def interactive() -> bool:
+    """Whether someone is watching: a terminal on stderr, or a Jupyter kernel."""
+    if "ipykernel" in sys.modules:
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
+
+
+def resolve(progress: bool | None) -> Mode:
+    """The mode for a user's ``progress`` setting (None: by environment)."""
+    if progress is None:
+        return "bar" if interactive() else "log"
+    return "bar" if progress else "off"
+
+
+class Progress:
+    """Counts the steps of one pass and shows them in the resolved mode.
+
+    Args:
+        mode: ``"bar"``, ``"log"`` or ``"off"``.
+        total: the number of steps, when known.
+        desc: what the pass does, e.g. ``"gradients"``.
+    """
+
+    def __init__(self, mode: Mode, total: int | None, desc: str) -> None:
+        self.mode, self.total, self.desc = mode, total, desc
+        self.done = 0
+        self.start = time.monotonic()
+        self.last = self.start
+        self.bar = tqdm(total=total, desc=desc) if mode == "bar" else None
+
+    def update(self, steps: int = 1, note: str = "") -> None:
+        """Advance by ``steps``; ``note`` (e.g. a residual) is shown with the count."""
+        self.done += steps
+        if self.bar is not None:
+            self.bar.update(steps)
+            if note:
+                self.bar.set_postfix_str(note, refresh=False)
+            return
+        if self.mode != "log":
+            return
+        now = time.monotonic()
+        if now - self.start < LOG_AFTER or now - self.last < LOG_EVERY:
+            return
+        self.last = now
+        elapsed = now - self.start
+        if self.total:
+            left = elapsed * (self.total - self.done) / max(self.done, 1)
+            count = f"{self.done}/{self.total} ({self.done / self.total:.0%}), ~{left:.0f} s left"
+        else:
+            count = f"{self.done} steps"
+        extra = f", {note}" if note else ""
+        print(f"[infkit] {self.desc}: {count}{extra}, {elapsed:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.mode == "log" and time.monotonic() - self.start >= LOG_AFTER:
+            print(
+                f"[infkit] {self.desc}: done, {time.monotonic() - self.start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def track(iterable: Iterable[T], mode: Mode, desc: str, total: int | None = None) -> Iterator[T]:
+    """Iterate ``iterable``, showing progress in ``mode``."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    with Progress(mode, total, desc) as progress:
+        for item in iterable:
+            yield item
+            progress.update()
