@@ -20,6 +20,7 @@ that venv the NTK section says that neural-tangents was not compared.
 
 Run:  .venv/bin/python benchmarks/bench_dual.py [--n 100 --classes 4 --hidden 80]
       [--jax-python .venv-peers-jax/bin/python] [--out benchmarks/results/bench_dual.md]
+      (results/bench_dual.md: ``--threads 1``, about 5 minutes)
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ PEER_ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "3",
 }
 NTK_REPEATS = 3
+
+
+def peer_versions(args) -> dict:
+    """The peer venv and the packages whose versions the results file records."""
+    return {"JAX venv": (args.jax_python, ["neural-tangents", "jax", "jaxlib"])}
 
 
 def pin_to_one_core() -> set[int] | None:
@@ -71,6 +77,7 @@ def best_of(k: int, fn):
 
 def main() -> None:
     import torch
+    from harness import provenance
     from problems import tanh_mlp
 
     import infkit
@@ -122,7 +129,9 @@ def main() -> None:
     group = torch.randperm(n, generator=gen)[: args.group]
     if args.ntk_only:
         title = f"# Empirical NTK: infkit vs neural-tangents, MLP {d}-{h}-{h}-{c} (tanh)"
-        text = "\n".join([title, "", *ntk_section(model, X, args)])
+        text = "\n".join(
+            [title, "", provenance(peer_versions(args)), "", *ntk_section(model, X, args)]
+        )
         print(text)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
@@ -157,6 +166,8 @@ def main() -> None:
         "",
         f"Produced by `benchmarks/bench_dual.py` on {platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}.",
+        "",
+        provenance(peer_versions(args)),
         "",
         f"MLP {d}-{h}-{h}-{c} (tanh), P = {p:,}; N = {n} training points, C = {c} classes, "
         f"N*C = {n * c} (P / N*C = {p / (n * c):.1f}); {args.n_test} test points; softmax "

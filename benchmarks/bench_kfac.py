@@ -19,7 +19,8 @@ script, with ``Analyzer(cpu=True)``, its default true Fisher (sampled labels), E
 and the same batch sizes; losses passed to it are summed (its convention).
 
 Run:  .venv/bin/python benchmarks/bench_kfac.py [--problems digits mnist] [--repeats 5]
-      [--threads 1] [--cache-dir /tmp/bench_kfac]   (about 15 minutes with a cache, 25 without)
+      [--threads 1] [--cache-dir /tmp/bench_kfac]   (7-25 minutes without a cache,
+      depending on the load)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import provenance
 from problems import MNIST_DIR, digits_split, mnist_test_set, pearson, random_split, tanh_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,12 +197,12 @@ def reference(problem: dict) -> dict:
         return torch.load(path)
     start = time.perf_counter()
     exact = infkit.Influence(task, "exact", l2=0.0, damping=1e-3, batch_size=256).fit(train)
-    H = exact.state.method.data_curvature
+    H = exact.method.data_curvature
     ev, U = torch.linalg.eigh(H)
-    Q = exact._query_gradients(infkit.data.ExampleSet(test))
-    G = exact.state.train_grad_cache
+    Q = exact.fitted.query_gradients(infkit.data.ExampleSet(test))
+    G = exact.fitted.train_gradients
     if G is None:
-        G = exact._query_gradients(infkit.data.ExampleSet(train))  # measurement = loss
+        G = exact.fitted.query_gradients(infkit.data.ExampleSet(train))  # measurement = loss
     problem["reference_time"] = time.perf_counter() - start
     out = {"H": H, "Q": Q, "G": G, "ev": ev, "QU": Q @ U, "GU": G @ U, "n": len(G)}
     if path is not None:
@@ -218,10 +220,10 @@ def reference_scores(ref: dict, damping: float | torch.Tensor) -> torch.Tensor:
 
 def heuristic_damping(inf) -> torch.Tensor:
     """infkit's damping="auto" as a per-parameter vector: 0.1 x mean(Lambda_l) on layer l."""
-    method = inf.state.method
+    curvature = inf.method.kronecker()
     d = torch.zeros(inf.n_params, dtype=torch.float64)
-    for t in method.tracked:
-        d[method.layout.flat_index(t)] = method.module_damping[t.name]
+    for t in curvature.tracked:
+        d[curvature.layers.layout.flat_index(t)] = curvature.module_damping[t.name]
     return d
 
 
@@ -357,6 +359,8 @@ def write_table(results: list[dict], args: argparse.Namespace, path: Path) -> No
         "varied during the runs), "
         f"torch {torch.__version__}, {args.threads} threads each, float32 models, batch size "
         f"{args.batch_size}. Same trained model and data for both libraries in one run.",
+        "",
+        provenance({"kronfluence venv": (args.peer_python, ["kronfluence", "torch"])}),
         "",
         "Correlation: Pearson over all (query, train) pairs with the dense damped GGN reference "
         '(infkit `method="exact"` on the float64 model, same damping, l2 = 0). kronfluence: '

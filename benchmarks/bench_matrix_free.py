@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import provenance
 from problems import MNIST_DIR, digits_split, mnist_test_set, pearson, random_split, tanh_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -361,7 +362,15 @@ def infkit_run(problem: dict, method: str, options: dict, measurement: str = "lo
         best = min(best, time.perf_counter() - start)
         if best > SHORT:
             break
-    return {"seconds": best, "scores": scores.double(), "describe": inf.describe(), "inf": inf}
+    return {"seconds": best, "scores": scores.double(), "describe": flat_describe(inf), "inf": inf}
+
+
+def flat_describe(inf) -> dict:
+    """``inf.describe()`` with the method options (nested under "options") at the top level;
+    a diagnostic of the same name (e.g. LiSSA's resolved ``scale``, ``depth``,
+    ``product_batch_size``; TRAK's ``proj_dim``) wins over the option it resolves."""
+    described = inf.describe()
+    return {**described.get("options", {}), **described}
 
 
 def references(problem: dict) -> dict[str, torch.Tensor]:
@@ -531,7 +540,7 @@ def bench_problem(problem: dict, args, peers: bool) -> list[dict]:
                 desc = ours["describe"]
                 if k == 0:
                     if method == "trak":  # same projection, margin measurement: agreement check
-                        R = ours["inf"].state.method.projector.matrix
+                        R = ours["inf"].method.projector.matrix
                         torch.save(R.detach().float(), workdir / "trak_matrix.pt")
                         margin = infkit_run(problem, method, options, measurement="margin")
                         same_projection = -margin["scores"]  # contribution to the margin
@@ -574,7 +583,7 @@ def peer_settings(problem: dict, method: str, desc: dict) -> dict:
             "pydvl-lissa": {
                 "maxiter": desc["depth"],
                 "scale": desc["scale"],
-                "batch_size": desc["minibatch"],
+                "batch_size": desc["product_batch_size"],
                 "rtol": 1e-4,
             },
             "pydvl-lissa-defaults": {
@@ -604,7 +613,7 @@ def summarise(method: str, options: dict, desc: dict) -> str:
     if method == "lissa":
         return (
             f"{desc['curvature'].upper()}, s={desc['scale']:.3g} (auto), J={desc['depth']} "
-            f"(auto), batch {desc['minibatch']}"
+            f"(auto), batch {desc['product_batch_size']}"
         )
     if method == "arnoldi":
         return f"GGN, p={desc['rank']}, n={desc['krylov_dim']}, block {desc['block']}"
@@ -652,6 +661,15 @@ def write_table(sections, args) -> None:
         "(TRAK: with infkit's projection matrix handed to traker and the margin measurement, "
         "an implementation check; the timed traker run uses its own projector). "
         "ratio = infkit time / peer time (target <= 0.5 at equal or better correlation).",
+        "",
+        provenance(
+            {
+                "peer venv": (
+                    args.peers_python,
+                    ["pydvl", "captum", "traker", "torch"],
+                )
+            }
+        ),
         "",
     ]
     for problem, rows in sections:

@@ -21,6 +21,8 @@ unlearned and the retrained models. Targets: rel l2 <= 1e-3 up to 70 % forgotten
 within 0.6 percentage points.
 
 Run:  .venv/bin/python benchmarks/mnist_dual_unlearning.py [--data ../shared/data/mnist]
+The results files: ``--threads 1`` (results/mnist_dual_unlearning.md) and ``--threads 1
+--parametrisation standard --out benchmarks/results/mnist_dual_unlearning_standard.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import provenance
 from problems import MNIST_DIR, mnist_test_set
 
 import infkit
@@ -167,11 +170,11 @@ def main() -> None:
     options = {"form": args.form, "solver": args.solver, "cg_tol": args.cg_tol}
     inf = infkit.Influence(task, "dual", "newton", l2=args.l2, **options).fit(train)
     t_fit = time.time() - t
-    method = inf.state.method
+    method = inf.method
     print(
         f"dual fit (NTK {method.m:,} x {method.m:,}, strategy "
-        f"{method.tm.resolved_strategy(inf.state.train.take([0]))}): {t_fit:.0f} s; representer "
-        f"error {method.representer_error:.1e}"
+        f"{method.tangents.resolved_strategy(inf.fitted.train.take([0]))}): {t_fit:.0f} s; "
+        f"representer error {method.representer_error:.1e}"
     )
 
     rng = np.random.default_rng(args.seed + 1)
@@ -230,6 +233,8 @@ def main() -> None:
         "",
         f"Produced by `benchmarks/mnist_dual_unlearning.py` on {platform.machine()} "
         f"({torch.get_num_threads()} torch threads), total {total:.0f} s.",
+        "",
+        provenance(),
         "",
         f"* data: MNIST test split (t10k), {args.per_class} per class = {n} training images "
         f"(C = 10), {len(yt)} held-out test images from the rest, seed {args.seed}; pixels "

@@ -1,0 +1,105 @@
+"""What every results file records next to its tables: the machine, the infkit commit, versions.
+
+:func:`provenance` gives one Markdown line: the infkit git commit (``git rev-parse --short
+HEAD``, and whether the working tree was dirty, naming the top-level folders with uncommitted
+changes), the versions of infkit and torch in this process, and those of the peer libraries
+read from each peer venv's installed metadata (``importlib.metadata`` in a subprocess of that
+venv's python, which imports nothing else), and the machine.
+
+Imports only the standard library at module level, so the peer workers, which run the
+benchmark scripts in the separate peer venvs, can import the scripts that use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit(root: Path = ROOT) -> str:
+    """``<short hash>``, plus ``(dirty: ...)`` naming the folders with uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=all"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    if not status:
+        return f"{head} (clean tree)"
+    folders = sorted({_folder(line[3:]) for line in status})
+    return f"{head} (dirty tree: uncommitted changes in {', '.join(folders)})"
+
+
+def _folder(path: str) -> str:
+    path = path.split(" -> ")[-1].strip('"')
+    parts = path.split("/")
+    if parts[0] == "benchmarks" and len(parts) > 2:
+        return "/".join(parts[:2]) + "/"  # benchmarks/ vs benchmarks/results/
+    return parts[0] + ("/" if len(parts) > 1 else "")
+
+
+def installed_versions(python: Path | str, packages: Sequence[str]) -> dict[str, str]:
+    """The installed versions of ``packages`` in the venv of ``python`` ("missing" if absent)."""
+    code = (
+        "import importlib.metadata as m, json, sys\n"
+        "out = {}\n"
+        "for p in sys.argv[1:]:\n"
+        "    try:\n"
+        "        out[p] = m.version(p)\n"
+        "    except m.PackageNotFoundError:\n"
+        "        out[p] = 'missing'\n"
+        "print(json.dumps(out))\n"
+    )
+    try:
+        proc = subprocess.run(
+            [str(python), "-c", code, *packages], capture_output=True, text=True, timeout=120
+        )
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return dict.fromkeys(packages, "unknown")
+
+
+def machine() -> str:
+    """Architecture, OS, core count, Python version."""
+    return (
+        f"{platform.machine()}, {platform.system()} {platform.release()}, "
+        f"{os.cpu_count()} CPU cores, Python {platform.python_version()}"
+    )
+
+
+def provenance(peers: Mapping[str, tuple[Path | str, Sequence[str]]] | None = None) -> str:
+    """One Markdown line: machine, infkit commit and version, torch, and each peer's versions.
+
+    Args:
+        peers: label -> (python of the peer venv, the packages to report), e.g.
+            ``{"peer venv .venv-peers": (path, ["kronfluence", "torch"])}``. A missing python
+            is reported as such.
+    """
+    ours = installed_versions(sys.executable, ["infkit", "torch"])
+    parts = [
+        f"infkit {ours['infkit']} at git {git_commit()}",
+        f"torch {ours['torch']}",
+    ]
+    for label, (python, packages) in (peers or {}).items():
+        if not Path(python).exists():
+            parts.append(f"{label}: not found at {python}")
+            continue
+        versions = installed_versions(python, packages)
+        parts.append(f"{label}: " + ", ".join(f"{p} {v}" for p, v in versions.items()))
+    return "Provenance: " + "; ".join(parts) + f". Machine: {machine()}."
