@@ -170,8 +170,12 @@ class ExampleSet:
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         if self._tensors is not None:
             b = self.take(idx)
-            return ExampleSet((b.inputs, b.targets), name=self.name)
-        return ExampleSet(torch.utils.data.Subset(self._dataset, idx.tolist()), name=self.name)
+            out = ExampleSet((b.inputs, b.targets), name=self.name)
+        else:
+            out = ExampleSet(torch.utils.data.Subset(self._dataset, idx.tolist()), name=self.name)
+        if getattr(self, "_checked", False):  # the examples were checked once (check_examples)
+            out._checked = True  # type: ignore[attr-defined]
+        return out
 
     def example_shape(self) -> Any:
         """Per-example shapes of the inputs (a torch.Size or a dict of them), from example 0."""

@@ -24,7 +24,7 @@ from infkit.progress import Mode, track
 from infkit.task import Task
 from infkit.training import objective_and_gradient
 
-#: fit warns when ||grad L(theta)|| exceeds this fraction of the typical per-example gradient
+#: above this ||grad L(theta)|| / typical per-example gradient, fit measures the drift
 STATIONARITY_TOLERANCE = 1e-3
 #: training gradients are cached in memory up to this many bytes (and a quarter of the limit)
 GRADIENT_CACHE_BYTES = 1 << 30
@@ -147,7 +147,7 @@ class Fitted:
             S = torch.empty(U.shape[0], self.n, dtype=torch.float64, device=U.device)
             for batch in self.train.batches(self.batch_size):
                 S[:, batch.indices] = U @ self.loss_grads(batch).T
-        return S if shared is None else S + shared.unsqueeze(1)
+        return S if shared is None else S.add_(shared.unsqueeze(1))
 
     def jacobians_and_lambdas(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """J_j [B, C, P] and Lambda_j [B, C, C] of a training batch, float64."""
@@ -214,9 +214,15 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
         return
     task = engine.task
     first = examples.take([0])
+    if first.targets is None and task.check_targets is not None:
+        keys = sorted(first.inputs) if isinstance(first.inputs, dict) else []
+        raise InvalidInputError(
+            f"{examples.name} has no labels: a dataset of dicts needs a label key "
+            f"({', '.join(LABEL_KEYS)}); keys found: {', '.join(keys) or 'none'}"
+        )
     try:
         outputs = engine.outputs(first)
-    except RuntimeError as error:
+    except (RuntimeError, TypeError) as error:
         integer = [
             str(t.dtype)
             for t in leaves(first.inputs)
@@ -229,7 +235,16 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
                 f"tensors ({', '.join(sorted(set(integer)))}): pass floating-point inputs, e.g. "
                 "X.float(), unless the model embeds token ids"
             ) from error
-        raise
+        given = (
+            f" (input keys: {', '.join(sorted(first.inputs))})"
+            if isinstance(first.inputs, dict)
+            else ""
+        )
+        raise InvalidInputError(
+            f"the model could not be called on {examples.name} example 0{given}: "
+            f"{type(error).__name__}: {message}. Check that the data holds the model's inputs "
+            "(a dict of inputs is passed as keyword arguments)"
+        ) from error
     if task.check_outputs is not None:
         problem = task.check_outputs(outputs.reshape(outputs.shape[0], -1))
         if problem is not None:
@@ -295,21 +310,13 @@ def _summary_by_pass(fitted: Fitted) -> GradientSummary:
 def objective_gradient(fitted: Fitted, summary: GradientSummary | None) -> tuple[Tensor, float]:
     """grad L(theta*) [P] float64 and its size relative to the typical per-example gradient.
 
-    Warns when the relative size exceeds :data:`STATIONARITY_TOLERANCE`: influence estimates
-    assume a trained optimum of ``mean_i l_i + (l2/2)||theta - theta'||^2``.
+    Influence estimates assume a trained optimum of ``mean_i l_i + (l2/2)||theta - theta'||^2``;
+    above :data:`STATIONARITY_TOLERANCE` the methods measure whether the distance to it changes
+    their answer (:meth:`infkit.methods.Method.diagnose`) and warn only then.
     """
     summary = summary or _summary_by_pass(fitted)
     reg_theta = fitted.regularised_theta
     gradient = summary.mean_gradient + fitted.l2 * reg_theta
     scale = summary.mean_norm + fitted.l2 * float(reg_theta.norm())
     stationarity = float(gradient.norm()) / max(scale, 1e-300)
-    if stationarity > STATIONARITY_TOLERANCE:
-        warn(
-            f"the model is not at a stationary point of mean_i l_i + (l2/2)||theta||^2 with "
-            f"l2={fitted.l2:g}: ||grad L|| is {stationarity:.1e} of the typical per-example "
-            "gradient. Influence estimates assume a trained optimum: train longer (e.g. "
-            "infkit.train_to_optimum), or pass the l2 (mean-form weight decay) the model was "
-            "trained with",
-            UserWarning,
-        )
     return gradient, stationarity

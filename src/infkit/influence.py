@@ -14,7 +14,8 @@ j helped t.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch import Tensor
 from infkit import decompositions, registry
 from infkit.data import ExampleSet, checked_indices
 from infkit.decompositions import Svd, TokenScores
-from infkit.errors import InvalidInputError, NotFittedError, UnsupportedError
+from infkit.errors import InvalidInputError, NotFittedError, ProblemTooLargeError, UnsupportedError
 from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator
 from infkit.fitted import (
     Fitted,
@@ -34,7 +35,7 @@ from infkit.fitted import (
     warn_about_training_mode,
 )
 from infkit.gradients import MODES, PerExample, directional_derivatives
-from infkit.memory import default_memory_limit
+from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes, row_chunks
 from infkit.methods.base import (
     Method,
     Problem,
@@ -43,8 +44,12 @@ from infkit.methods.base import (
 )
 from infkit.parameters import ParameterSpace
 from infkit.progress import resolve as resolve_progress
+from infkit.progress import track
 from infkit.removal import Quantity, RemovalEffect
 from infkit.task import Task
+
+#: ``method="auto"`` logs its choice here (INFO)
+logger = logging.getLogger("infkit")
 
 __all__ = ["Influence", "TopK", "default_memory_limit"]
 
@@ -145,6 +150,7 @@ class Influence:
         self.memory_limit = memory_limit or default_memory_limit()
         self.method_options = dict(method_options)
         self._method: Method | None = None
+        self._choice: registry.Choice | None = None  # what method="auto" picked, and why
         self._fitted: Fitted | None = None
         self._candidates: list[str] = []
         if method == "auto":
@@ -201,7 +207,10 @@ class Influence:
         warn_about_training_mode(self.task.model)
         check_examples(engine, examples)
         show = resolve_progress(self.progress)
-        method = self._method if self._method is not None else self._auto(space, examples, engine)
+        c = engine.outputs(examples.take([0]))[0].numel()
+        problem = Problem(len(examples), space.size, c, self.memory_limit, self.task.model, space)
+        method = self._method if self._method is not None else self._auto(problem)
+        method.check_memory(problem)  # before any pass over the data
         cache, summary = (None, None)
         if type(method).uses_training_gradients:
             cache, summary = training_gradients(
@@ -229,15 +238,16 @@ class Influence:
             gradient, stationarity = objective_gradient(fitted, summary)
             fitted = replace(fitted, objective_gradient=gradient, stationarity=stationarity)
         method.fit(fitted)
+        method.diagnose()
         self._method, self._fitted = method, fitted
         return self
 
-    def _auto(self, space: ParameterSpace, examples: ExampleSet, engine: PerExample) -> Method:
-        c = engine.outputs(examples.take([0]))[0].numel()
-        problem = Problem(len(examples), space.size, c, self.memory_limit, self.task.model, space)
-        name = registry.choose(problem, self._candidates)
-        method = self._create(name)
-        method.check(self.task, space)
+    def _auto(self, problem: Problem) -> Method:
+        choice = registry.explain_choice(problem, self._candidates)
+        logger.info("%s", choice)
+        self._choice = choice
+        method = self._create(choice.method)
+        method.check(self.task, problem.space)
         return method
 
     def with_estimator(self, estimator: str, relatif: str | None = None) -> Influence:
@@ -312,11 +322,45 @@ class Influence:
     def scores(self, test: Any) -> Tensor:
         """Removal effect of each training example on each test measurement, [n_test, n_train].
 
-        ``scores[t, j]`` predicts ``m_t(theta without j) - m_t(theta)``.
+        ``scores[t, j]`` predicts ``m_t(theta without j) - m_t(theta)``. Computed in chunks of
+        test examples written into the result (in the model's dtype), so the peak memory stays
+        near the result's size plus the method's own state; a result larger than
+        ``memory_limit`` is refused before anything is computed (use :meth:`top_k`).
         """
-        method = self.method
-        method.require("scores")
-        return self.fitted.output(method.scores(self._queries(test), self._estimator))
+        self.method.require("scores")
+        queries = self._queries(test)
+        fitted = self.fitted
+        t, n = len(queries), fitted.n
+        need = t * n * fitted.space.bytes_per_float()
+        if need > fitted.memory_limit:
+            raise ProblemTooLargeError(
+                f"scores for {t:,} test x {n:,} training examples take {human_bytes(need)}, above "
+                f"the memory limit of {human_bytes(fitted.memory_limit)}: use top_k (it keeps "
+                "only the strongest k per test example), pass fewer test examples at a time, or "
+                "raise memory_limit"
+            )
+        out = torch.empty(t, n, dtype=fitted.space.dtype)
+        for start, stop, S in self._score_chunks(queries):
+            out[start:stop] = S
+            del S  # before the next chunk is computed
+        return out
+
+    def _score_chunks(self, queries: ExampleSet) -> Iterator[tuple[int, int, Tensor]]:
+        """(start, stop, scores [stop - start, N] float64) over chunks of the queries.
+
+        A chunk's temporaries (query gradients, solved queries and score rows in float64, about
+        ``8 (3 N + 3 P)`` bytes a query) stay within a tenth of the [T, N] result
+        (:func:`infkit.memory.row_chunks`).
+        """
+        method, fitted = self.method, self.fitted
+        t, n, p = len(queries), fitted.n, fitted.space.size
+        row_bytes = FLOAT64_BYTES * 3 * (n + p)
+        output_bytes = t * n * fitted.space.bytes_per_float()
+        chunks = row_chunks(t, row_bytes, output_bytes, fitted.memory_limit)
+        shown = track(chunks, fitted.progress, "scores", len(chunks)) if len(chunks) > 1 else chunks
+        for start, stop in shown:
+            part = queries if stop - start == t else queries.subset(torch.arange(start, stop))
+            yield start, stop, method.scores(part, self._estimator)
 
     def self_scores(self) -> Tensor:
         """Removal effect of each training example on its own loss, [n_train].
@@ -357,16 +401,22 @@ class Influence:
         """The k strongest proponents and opponents of each test example."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
-        S = self.scores(test)
-        k = min(k, S.shape[1])
-        helpful = -S if self.task.higher_is_better else S
-        pro = helpful.topk(k, dim=1)
-        con = (-helpful).topk(k, dim=1)
+        self.method.require("scores")
+        queries = self._queries(test)
+        k = min(k, self.fitted.n)
+        parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        for _, _, S in self._score_chunks(queries):  # never the whole [T, N] matrix
+            helpful = -S if self.task.higher_is_better else S
+            pro = helpful.topk(k, dim=1).indices
+            con = (-helpful).topk(k, dim=1).indices
+            parts.append((pro, S.gather(1, pro), con, S.gather(1, con)))
+            del S, helpful  # before the next chunk is computed
+        dtype = self.fitted.space.dtype
         return TopK(
-            proponent_indices=pro.indices,
-            proponent_scores=S.gather(1, pro.indices),
-            opponent_indices=con.indices,
-            opponent_scores=S.gather(1, con.indices),
+            proponent_indices=torch.cat([part[0] for part in parts]),
+            proponent_scores=torch.cat([part[1] for part in parts]).to(dtype),
+            opponent_indices=torch.cat([part[2] for part in parts]),
+            opponent_scores=torch.cat([part[3] for part in parts]).to(dtype),
         )
 
     def leverages(self) -> Tensor:
@@ -450,6 +500,7 @@ class Influence:
             "n_train": fitted.n,
             "n_params": self.n_params,
             "stationarity": fitted.stationarity,
+            **({"auto": self._choice.record()} if self._choice is not None else {}),
         }
 
     def __repr__(self) -> str:

@@ -24,3 +24,24 @@ def human_bytes(n: float) -> str:
     units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
     k = min(int(math.log(n, 1024)), len(units) - 1)
     return f"{n / 1024**k:.1f} {units[k]}"
+
+
+#: a chunk's temporaries may take this share of the output they fill ...
+CHUNK_SHARE = 0.1
+#: ... or this many bytes when that is more (small outputs are not cut into tiny chunks) ...
+CHUNK_MIN_BYTES = 32 << 20
+#: ... and never more than this share of the memory limit
+CHUNK_LIMIT_SHARE = 0.25
+
+
+def row_chunks(
+    rows: int, row_bytes: int, output_bytes: int, memory_limit: int
+) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges over ``rows`` whose temporaries (``row_bytes`` per row) take at
+    most ``max(CHUNK_SHARE x output_bytes, CHUNK_MIN_BYTES)``, capped at a quarter of the
+    limit; at least one row per chunk."""
+    budget = min(
+        max(int(CHUNK_SHARE * output_bytes), CHUNK_MIN_BYTES), int(CHUNK_LIMIT_SHARE * memory_limit)
+    )
+    step = max(1, min(rows, budget // max(row_bytes, 1)))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]

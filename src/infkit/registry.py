@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import infkit.methods as package
@@ -50,6 +51,41 @@ def methods() -> dict[str, dict[str, Any]]:
 def create(name: str, options: Mapping[str, Any]) -> Method:
     """An instance of method ``name`` with its options (validated now, with clear errors)."""
     return method_class(name)(**dict(options))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What ``method="auto"`` picked and why (logged, and in ``describe()["auto"]``).
+
+    Attributes:
+        method: the chosen method's name.
+        reason: why it suits the problem.
+        passed_over: the methods preferred to it, each with why it does not suit.
+    """
+
+    method: str
+    reason: str
+    passed_over: dict[str, str]
+
+    def __str__(self) -> str:
+        skipped = "; ".join(f"not {name}: {why}" for name, why in self.passed_over.items())
+        return f"method='auto' chose {self.method!r}: {self.reason}" + (
+            f" ({skipped})" if skipped else ""
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The choice as a plain dict."""
+        return {"method": self.method, "reason": self.reason, "passed_over": self.passed_over}
+
+
+def explain_choice(problem: Problem, candidates: list[str] | None = None) -> Choice:
+    """:func:`choose`, with the reasons for the choice and for each method passed over."""
+    method = choose(problem, candidates)
+    names = auto_candidates() if candidates is None else candidates
+    passed = {
+        name: registered()[name].suitability(problem) for name in names[: names.index(method)]
+    }
+    return Choice(method, registered()[method].suitability(problem), passed)
 
 
 def choose(problem: Problem, candidates: list[str] | None = None) -> str:

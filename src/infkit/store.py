@@ -364,9 +364,14 @@ class ArtifactStore:
 
 
 # ---------------------------------------------------------------------------- helpers
+def _host() -> str:
+    """This machine's name, without the dashes that separate the parts of a writer's name."""
+    return socket.gethostname().replace("-", "_")
+
+
 def _writer() -> str:
     """A name unique to this writer: host, process and a random part."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _abandoned(path: Path) -> bool:
@@ -378,7 +383,7 @@ def _abandoned(path: Path) -> bool:
     if age > STALE_SECONDS:
         return True
     parts = path.name.rsplit("-", 3)  # ...-<host>-<pid>-<random>
-    if len(parts) < 4 or parts[1] != socket.gethostname():
+    if len(parts) < 4 or parts[1] != _host():
         return False
     try:
         os.kill(int(parts[2]), 0)

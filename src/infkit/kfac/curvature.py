@@ -86,7 +86,10 @@ class KroneckerOptions(Options):
     )
     overwrite: bool = option(False, "refit and overwrite the factors in factors_dir")
     cache_bytes: int = option(
-        1 << 30, "memory for keeping the first pass's activations for the EK-FAC pass", minimum=0
+        1 << 30,
+        "memory for keeping the first pass's activations for the EK-FAC pass (at most a "
+        "quarter of memory_limit)",
+        minimum=0,
     )
 
     @property
@@ -171,7 +174,7 @@ class KroneckerCurvature:
             mask_key=options.mask_key,
             batch_size=fitted.batch_size,
             progress=fitted.progress,
-            cache_bytes=options.cache_bytes,
+            cache_bytes=min(options.cache_bytes, fitted.memory_limit // 4),
         )
 
     def identity(self, fitter: FactorFitter, corrected: bool) -> dict[str, Any]:

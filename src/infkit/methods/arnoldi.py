@@ -37,7 +37,7 @@ from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, Pro
 from infkit.fitted import Fitted
 from infkit.gradients import Which
 from infkit.memory import FLOAT64_BYTES, human_bytes
-from infkit.methods.base import Fidelity, PrimalMethod, register
+from infkit.methods.base import Fidelity, PrimalMethod, Problem, register
 from infkit.options import Options, option
 
 
@@ -164,6 +164,7 @@ class Arnoldi(PrimalMethod):
     summary = "top-p Ritz subspace of the GGN by Lanczos; projected inverse and p-dim embeddings"
     Options = ArnoldiOptions
     scales = True
+    checks_scale = True  # describe() reports energy_ratio
     fidelity = Fidelity(
         rtol=None,
         min_correlation=0.8,
@@ -181,18 +182,21 @@ class Arnoldi(PrimalMethod):
         self.products = 0
         self._train_embeddings: Tensor | None = None
 
+    def check_memory(self, problem: Problem) -> None:
+        n = min(self.options.krylov_dim, problem.p)
+        need = 2 * n * problem.p * FLOAT64_BYTES
+        if need > problem.memory_limit:
+            raise ProblemTooLargeError(
+                f"method='arnoldi' keeps a Krylov basis of {n} x {problem.p:,} floats "
+                f"({human_bytes(need)} with working copies), above the memory limit of "
+                f"{human_bytes(problem.memory_limit)}; lower krylov_dim"
+            )
+
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
         options = self.options
         p = fitted.space.size
         n = min(options.krylov_dim, p)
-        need = 2 * n * p * FLOAT64_BYTES
-        if need > fitted.memory_limit:
-            raise ProblemTooLargeError(
-                f"method='arnoldi' keeps a Krylov basis of {n} x {p:,} floats ({human_bytes(need)} "
-                f"with working copies), above the memory limit of "
-                f"{human_bytes(fitted.memory_limit)}; lower krylov_dim"
-            )
         operator = CurvatureOperator(
             fitted.engine,
             fitted.train,

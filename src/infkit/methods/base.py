@@ -28,19 +28,27 @@ float64 reference at the :class:`Fidelity` it declares.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar, get_args
 
 from torch import Tensor, nn
 
-from infkit import estimators
+from infkit import diagnostics, estimators
 from infkit.data import ExampleSet
-from infkit.errors import InvalidInputError, NotFittedError, UnsupportedError
+from infkit.errors import (
+    CurvatureError,
+    InvalidInputError,
+    NotFittedError,
+    ProblemTooLargeError,
+    UnsupportedError,
+    warn,
+)
 from infkit.estimators import ESTIMATORS, Estimator, EstimatorName
-from infkit.fitted import Fitted
+from infkit.fitted import STATIONARITY_TOLERANCE, Fitted
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.layers.tracked import TrackedLayers
+from infkit.memory import human_bytes
 from infkit.options import NoOptions
 from infkit.options import Options as BaseOptions
 from infkit.parameters import ParameterSpace
@@ -71,6 +79,13 @@ QUESTION_TEXT: dict[str, str] = {
     "query_batching": "query batching (batched_scores)",
     "kronecker": "a Kronecker-factored curvature (the analyses in its eigenbasis)",
 }
+#: curvatures a damping competes with (TRAK's feature Gram and the identity have no ridge)
+DAMPED_CURVATURES = frozenset({"ggn", "hessian", "empirical-fisher"})
+#: fit warns when the damping exceeds this multiple of the curvature scale plus l2
+DAMPING_WARNING = 1e6
+#: fit warns when the step to the optimum would change the training residuals this much
+DRIFT_WARNING = 0.25
+
 #: what every method answers
 BASIC: frozenset[Question] = frozenset({"scores", "self_scores", "remove"})
 #: what needs ``precondition_queries`` (H^{-1} applied to vectors in R^P)
@@ -221,6 +236,10 @@ class Method(ABC):
     fidelity: ClassVar[Fidelity] = Fidelity()
     #: priority for ``method="auto"`` (lower first; None: never chosen automatically)
     auto_priority: ClassVar[int | None] = None
+    #: whether :meth:`diagnose` measures the answers' scale against the GGN (approximations)
+    checks_scale: ClassVar[bool] = False
+    #: :meth:`diagnose` warns when the answers come out this many times too large (None: never)
+    scale_warning: ClassVar[float | None] = None
 
     def __init__(self, options: BaseOptions | None = None, /, **values: Any) -> None:
         owner = f"method {self.name!r}"
@@ -232,6 +251,8 @@ class Method(ABC):
             )
         self.options = options
         self._fitted: Fitted | None = None
+        #: figures of :meth:`diagnose`, reported by :meth:`describe`
+        self.checks: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ declarations
     #: which curvature the method's answers represent (``"ggn"``, ``"hessian"``, ...)
@@ -290,10 +311,33 @@ class Method(ABC):
         """Bytes the method's dense objects need (0 when it forms none)."""
         return 0
 
+    def check_memory(self, problem: Problem) -> None:
+        """Refuse ``problem`` before any pass over the data when the method's dense objects
+        (:meth:`memory_estimate`) exceed ``memory_limit``, with :meth:`memory_message`."""
+        need = self.memory_estimate(problem.n, problem.p, problem.c)
+        if need > problem.memory_limit:
+            raise ProblemTooLargeError(self.memory_message(problem, need))
+
+    @classmethod
+    def memory_message(cls, problem: Problem, need: int) -> str:
+        """What :meth:`check_memory` says when ``need`` bytes exceed the limit."""
+        others = ", ".join(repr(m) for m in scalable_methods() if m != cls.name)
+        return (
+            f"method {cls.name!r} needs {human_bytes(need)} for its dense objects here (N = "
+            f"{problem.n:,}, P = {problem.p:,}, C = {problem.c}), above the memory limit of "
+            f"{human_bytes(problem.memory_limit)}. Use a method that scales: {others}; or "
+            "raise memory_limit"
+        )
+
     @classmethod
     def suits(cls, problem: Problem) -> bool:
         """Whether ``method="auto"`` may pick this method for ``problem``."""
         return True
+
+    @classmethod
+    def suitability(cls, problem: Problem) -> str:
+        """Why :meth:`suits` says what it says for ``problem``, in a few words (``auto``'s log)."""
+        return "suits any problem" if cls.suits(problem) else "does not suit this problem"
 
     def check(self, task: Task, space: ParameterSpace) -> None:
         """Check the options against the model before any pass over the data (at construction).
@@ -315,6 +359,65 @@ class Method(ABC):
     def fit(self, fitted: Fitted) -> None:
         """Build whatever the method needs from the training data (subclasses call super)."""
         self._fitted = fitted
+
+    def diagnose(self) -> None:
+        """Check the fitted answer where it can be off without failing (docs/conventions.md §9).
+
+        Run by the facade after :meth:`fit`; the figures go to :attr:`checks` (and
+        ``describe()``), and a warning says what to do when an answer is unreliable:
+
+        * ``curvature_scale`` (with ``damping > 0``): the GGN's Rayleigh quotient along gradient
+          directions; a damping :data:`DAMPING_WARNING` times larger than it plus l2 makes every
+          score vanish next to its undamped size;
+        * ``energy_ratio`` (methods with :attr:`checks_scale`): how many times too large the
+          answers are along gradient directions (1 for an exact solve);
+        * ``drift`` (methods that assume an optimum, theta* not stationary): how much the step
+          to the optimum would change the training residuals, hence the scores.
+        """
+        fitted = self.fitted
+        checks: dict[str, Any] = {}
+        if self.curvature in DAMPED_CURVATURES and fitted.damping > 0:
+            scale = diagnostics.curvature_scale(fitted)
+            checks["curvature_scale"] = scale
+            if fitted.damping > DAMPING_WARNING * (scale + fitted.l2):
+                warn(
+                    f"damping={fitted.damping:g} is {fitted.damping / (scale + fitted.l2):.1e} "
+                    f"times the curvature (about {scale:.3g} along gradient directions, plus "
+                    f"l2={fitted.l2:g}): every score is that many times smaller than without "
+                    "it, and their order is the plain gradient similarity's. Pass a damping "
+                    "of the order of the curvature or smaller (describe()['curvature_scale'])",
+                    UserWarning,
+                )
+        if type(self).checks_scale:
+            ratio = diagnostics.energy_ratio(fitted, self.inverse())
+            checks["energy_ratio"] = ratio
+            limit = type(self).scale_warning
+            if limit is not None and ratio > limit:
+                warn(self.scale_message(ratio), UserWarning)
+        stationarity = fitted.stationarity or 0.0
+        if self.assumes_optimum and stationarity > STATIONARITY_TOLERANCE:
+            try:
+                drift = diagnostics.drift(fitted, self.inverse())
+            except CurvatureError:  # no ridge and a singular sample curvature: no step
+                drift = None
+            if drift is not None:
+                checks["drift"] = drift.record()
+                if drift.residual_shift > DRIFT_WARNING:
+                    warn(drift_message(fitted, drift), UserWarning)
+        self.checks = checks
+
+    def inverse(self) -> Callable[[Tensor], Tensor]:
+        """An (approximate) ``(H + ridge)^{-1}`` on [k, P] blocks for :meth:`diagnose`; methods
+        that do not solve in parameter space get CG on the GGN of a sample."""
+        return diagnostics.sample_solve(self.fitted)
+
+    def scale_message(self, ratio: float) -> str:
+        """The warning of :meth:`diagnose` when the answers are ``ratio`` times too large."""
+        return (
+            f"method {self.name!r} gives answers about {ratio:.0f}x too large here along gradient "
+            "directions (energy ratio u^T (H + ridge) u / u^T v on a sample, 1 for an exact "
+            "solve): use a method that solves (cg, ekfac, exact) for removal effects"
+        )
 
     def regulariser_anchor(self, task: Task, space: ParameterSpace) -> Tensor | None:
         """theta' [P] of the objective ``(l2/2)||theta - theta'||^2`` (None: 0), before ``fit``."""
@@ -365,7 +468,29 @@ class Method(ABC):
 
     def describe(self) -> dict[str, Any]:
         """Settings and diagnostics worth recording next to results."""
-        return {"method": self.name, "curvature": self.curvature, "options": self.options.record()}
+        return {
+            "method": self.name,
+            "curvature": self.curvature,
+            "options": self.options.record(),
+            **self.checks,
+        }
+
+
+def drift_message(fitted: Fitted, drift: diagnostics.Drift) -> str:
+    """The warning of :meth:`Method.diagnose` when theta* is too far from its optimum."""
+    return (
+        f"the model is not at a stationary point of mean_i l_i + (l2/2)||theta||^2 with "
+        f"l2={fitted.l2:g} "
+        f"(||grad L|| is {fitted.stationarity:.2g} of the typical per-example gradient), and it "
+        f"matters here: the step to the optimum (with this curvature and damping) would change "
+        f"the training residuals dl/df, on which every score depends, by "
+        f"{drift.residual_shift:.0%}, the scores by about twice that. What helps: a larger "
+        "damping (it keeps the answer local to theta*: the proximal reading of the influence "
+        "function, docs/conventions.md §9), training closer to the optimum "
+        "(infkit.train_to_optimum, more epochs or a decaying learning rate), passing the l2 the "
+        "model was trained with (mean-form weight decay), and for removal predictions "
+        "estimator='newton', which takes the step into account"
+    )
 
 
 class PrimalMethod(Method):
@@ -408,3 +533,6 @@ class PrimalMethod(Method):
 
     def precondition_queries(self, V: Tensor) -> Tensor:
         return self.solve(V)
+
+    def inverse(self) -> Callable[[Tensor], Tensor]:
+        return self.solve

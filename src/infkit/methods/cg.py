@@ -25,7 +25,7 @@ from infkit.curvature import Curvature, CurvatureOperator, ggn_diagonal
 from infkit.errors import NotFittedError, warn
 from infkit.fitted import Fitted
 from infkit.linalg import attainable_tolerance, block_conjugate_gradients, conjugate_gradients
-from infkit.methods.base import Fidelity, PrimalMethod, register
+from infkit.methods.base import Fidelity, PrimalMethod, Problem, register
 from infkit.options import Options, option
 from infkit.progress import Progress
 
@@ -72,6 +72,11 @@ class ConjugateGradient(PrimalMethod):
     exact_example_curvature = True
     fidelity = Fidelity(reference="ggn", rtol=1e-6, test_options={"tol": 1e-12})
     auto_priority = 3
+
+    @classmethod
+    def suitability(cls, problem: Problem) -> str:
+        return "matrix-free: needs only curvature-vector products, any model"
+
     options: CGOptions
 
     def __init__(self, options: CGOptions | None = None, /, **values: object) -> None:

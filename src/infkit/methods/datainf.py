@@ -77,6 +77,8 @@ class DataInf(PrimalMethod):
     Options = DataInfOptions
     scales = True
     curvature = "empirical-fisher"
+    checks_scale = True
+    scale_warning = 10.0
     # the inverse-of-average swap overestimates scores by 5-25x on the small problems
     fidelity = Fidelity(
         rtol=None, min_correlation=0.45, removal_correlation=0.3, scale=(1.0, 100.0)
@@ -119,6 +121,16 @@ class DataInf(PrimalMethod):
             self.sq_norms = norms
         sizes = torch.tensor([sl.stop - sl.start for sl in self.slices], dtype=torch.float64)
         self.layer_damping = self._layer_damping(self.sq_norms.mean(0) / sizes)
+
+    def scale_message(self, ratio: float) -> str:
+        return (
+            f"DataInf's scores come out about {ratio:.0f}x too large here: its inverse-of-average "
+            "swap and empirical Fisher leave the curvature that much too small along gradient "
+            "directions (energy ratio u^T (H + ridge) u / u^T v on a sample, 1 for an exact "
+            "solve; docs/methods/datainf.md). Its order can be off too. Use it for rankings at "
+            "most, raise the damping (damping, or l2 if the model was trained with it), or use "
+            "a method that solves (cg, ekfac, exact)"
+        )
 
     def _block_norms(self, G: Tensor) -> Tensor:
         """||g_il||^2 per example and block, [n, L], accumulated in float64 whatever G's dtype."""

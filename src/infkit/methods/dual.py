@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
-from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, ProblemTooLargeError
+from infkit.errors import CurvatureError, InvalidInputError, NotFittedError
 from infkit.estimators import Estimator, EstimatorName, check_leverage
 from infkit.fitted import Fitted
 from infkit.gradients import PerExample, Which
@@ -184,6 +184,29 @@ class Dual(PrimalMethod):
         fits = cls.memory_estimate(problem.n, problem.p, problem.c) <= problem.memory_limit
         return fits and AUTO_RATIO * problem.n * problem.c <= problem.p
 
+    @classmethod
+    def memory_message(cls, problem: Problem, need: int) -> str:
+        others = ", ".join(repr(m) for m in scalable_methods() if m != cls.name)
+        m = problem.n * problem.c
+        return (
+            f"method='dual' works with the {m:,} x {m:,} empirical NTK (N*C = {problem.n:,} x "
+            f"{problem.c}), which with its factorisation needs {human_bytes(need)}, above the "
+            f"memory limit of {human_bytes(problem.memory_limit)}. Its memory grows as "
+            f"(N*C)^2: use a method that scales with N instead: {others}; "
+            "or attribute a subset of the training data, or raise memory_limit."
+        )
+
+    @classmethod
+    def suitability(cls, problem: Problem) -> str:
+        need = cls.memory_estimate(problem.n, problem.p, problem.c)
+        fits = "fits within" if need <= problem.memory_limit else "exceeds"
+        m = AUTO_RATIO * problem.n * problem.c
+        return (
+            f"{AUTO_RATIO} N C = {m:,} {'<=' if m <= problem.p else '>'} P = {problem.p:,}, and "
+            f"the NC x NC kernel ({human_bytes(need)}) {fits} the memory limit "
+            f"({human_bytes(problem.memory_limit)})"
+        )
+
     @property
     def batch_size(self) -> int:
         """Examples per kernel block and tangent-product batch."""
@@ -211,16 +234,6 @@ class Dual(PrimalMethod):
         self.lam = 0.5 * (lam_all + lam_all.transpose(1, 2))
         c = self.g.shape[1]
         self.c, self.n, self.m = c, n, n * c
-        need = self.memory_estimate(n, space.size, c)
-        if need > fitted.memory_limit:
-            others = ", ".join(repr(m) for m in scalable_methods() if m != self.name)
-            raise ProblemTooLargeError(
-                f"method='dual' works with the {self.m:,} x {self.m:,} empirical NTK (N*C = "
-                f"{n:,} x {c}), which with its factorisation needs {human_bytes(need)}, above the "
-                f"memory limit of {human_bytes(fitted.memory_limit)}. Its memory grows as "
-                f"(N*C)^2: use a method that scales with N instead: {others}; "
-                "or attribute a subset of the training data, or raise memory_limit."
-            )
         self.l2, self.damping = fitted.l2, fitted.damping
         self.ridge = fitted.ridge
         if self.ridge <= 0:

@@ -32,3 +32,9 @@ class EKFAC(KFAC):
     @classmethod
     def suits(cls, problem: Problem) -> bool:
         return factorable(problem)
+
+    @classmethod
+    def suitability(cls, problem: Problem) -> str:
+        if factorable(problem):
+            return "every trainable parameter is in a layer it factors (Linear, Conv2d, Conv1D)"
+        return "some trainable parameters are outside the layers it factors"

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import Batch
-from infkit.errors import NotFittedError, ProblemTooLargeError
+from infkit.errors import NotFittedError
 from infkit.fitted import Fitted
 from infkit.linalg import SymmetricSolver
 from infkit.memory import FLOAT64_BYTES, human_bytes
@@ -65,18 +65,31 @@ class Exact(PrimalMethod):
         fits = cls.memory_estimate(problem.n, problem.p, problem.c) <= problem.memory_limit
         return fits and problem.p <= AUTO_MAX_PARAMETERS
 
+    @classmethod
+    def suitability(cls, problem: Problem) -> str:
+        need = cls.memory_estimate(problem.n, problem.p, problem.c)
+        fits = "fits within" if need <= problem.memory_limit else "exceeds"
+        size = "<=" if problem.p <= AUTO_MAX_PARAMETERS else ">"
+        return (
+            f"the dense P x P curvature ({human_bytes(need)}) {fits} the memory limit "
+            f"({human_bytes(problem.memory_limit)}), P = {problem.p:,} {size} "
+            f"{AUTO_MAX_PARAMETERS:,}"
+        )
+
+    @classmethod
+    def memory_message(cls, problem: Problem, need: int) -> str:
+        p = problem.p
+        return (
+            f"method='exact' forms a dense {p:,} x {p:,} curvature (P = {p:,} parameters), "
+            f"which needs {human_bytes(need)}, above the memory limit of "
+            f"{human_bytes(problem.memory_limit)}. Use a method that scales: "
+            f"{', '.join(repr(m) for m in scalable_methods())}; or restrict the parameters "
+            "to attribute (requires_grad=False on the rest), or raise memory_limit."
+        )
+
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
         p = fitted.space.size
-        need = self.memory_estimate(fitted.n, p, 0)
-        if need > fitted.memory_limit:
-            raise ProblemTooLargeError(
-                f"method='exact' forms a dense {p:,} x {p:,} curvature (P = {p:,} parameters), "
-                f"which needs {human_bytes(need)}, above the memory limit of "
-                f"{human_bytes(fitted.memory_limit)}. Use a method that scales: "
-                f"{', '.join(repr(m) for m in scalable_methods())}; or restrict the parameters "
-                "to attribute (requires_grad=False on the rest), or raise memory_limit."
-            )
         H = torch.zeros(p, p, dtype=torch.float64, device=fitted.space.device)
         batches = fitted.train.batches(fitted.batch_size)
         total = -(-fitted.n // fitted.batch_size)

@@ -20,10 +20,11 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from infkit.errors import NotFittedError
+from infkit.errors import NotFittedError, ProblemTooLargeError
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import KroneckerCurvature, KroneckerOptions, kronecker_layers
 from infkit.layers.tracked import TrackedLayers, find_modules
+from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import KRONECKER, Fidelity, PrimalMethod, Problem, register
 from infkit.parameters import ParameterSpace
 from infkit.task import Task
@@ -39,6 +40,7 @@ class KFAC(PrimalMethod):
     questions = KRONECKER
     scales = True
     supports_auto_damping = True
+    checks_scale = True  # describe() reports energy_ratio
     fidelity = Fidelity(
         rtol=None, min_correlation=0.75, removal_correlation=0.5, scale=(0.8, 4.0), damping=0.1
     )
@@ -52,6 +54,26 @@ class KFAC(PrimalMethod):
 
     def check(self, task: Task, space: ParameterSpace) -> None:
         kronecker_layers(task.model, space, self.options, self.name)
+
+    def check_memory(self, problem: Problem) -> None:
+        # per layer: A, S and their eigenbases in float64 (EK-FAC: + corrected eigenvalues)
+        modules = None if self.options.modules is None else list(self.options.modules)
+        tracked, _ = find_modules(problem.model, problem.space, modules)
+        if not tracked:
+            return
+        need = sum(
+            2 * (t.cols**2 + t.d_out**2) * FLOAT64_BYTES
+            + (t.cols * t.d_out * FLOAT64_BYTES if self.corrected else 0)
+            for t in tracked
+        )
+        if need > problem.memory_limit:
+            raise ProblemTooLargeError(
+                f"method {self.name!r} keeps two Kronecker factors and their eigenbases per layer, "
+                f"{human_bytes(need)} for the {len(tracked)} tracked layers (the largest: "
+                f"{max(tracked, key=lambda t: t.cols**2 + t.d_out**2).name!r}), above the memory "
+                f"limit of {human_bytes(problem.memory_limit)}: track fewer layers (modules=...), "
+                "freeze the largest (requires_grad=False), or raise memory_limit"
+            )
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)

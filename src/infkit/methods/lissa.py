@@ -226,10 +226,35 @@ class Lissa(PrimalMethod):
     def _wrap(self, matmat: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
         return block_diagonal(matmat, self._slices) if self._slices is not None else matmat
 
+    def truncation(self, ridge: float, depth: int) -> float:
+        """``(1 - ridge/s)^J``: the share of the slowest direction's answer the series misses."""
+        scale = self._scale()
+        if ridge <= 0:
+            return 1.0
+        return float((1.0 - min(ridge / scale, 1.0)) ** depth)
+
     def _depth(self, ridge: float) -> int:
         options, scale = self.options, self._scale()
+        if ridge <= 0:
+            warn(
+                f"LiSSA with l2 + damping = {ridge:g} has no damping: its Neumann series does not "
+                f"converge along flat directions and is truncated at depth J, which acts as an "
+                f"implicit damping of about s/J = {scale / options.max_depth:.2g}; its answer is "
+                "not the undamped inverse. Pass damping > 0 (or the l2 the model was trained "
+                "with), or use method='cg' or 'exact'",
+                UserWarning,
+            )
         if options.depth != "auto":
-            return int(options.depth)
+            depth = int(options.depth)
+            missed = self.truncation(ridge, depth)
+            if missed > 0.5:
+                warn(
+                    f"LiSSA's depth {depth} leaves {missed:.0%} of the slowest direction's answer "
+                    f"out (scale {scale:.4g}, ridge {ridge:.3g}); use depth='auto' or a larger "
+                    "depth, or more damping",
+                    UserWarning,
+                )
+            return depth
         if ridge <= 0:
             depth = options.max_depth
         else:
@@ -319,6 +344,11 @@ class Lissa(PrimalMethod):
             lissa_damping=None if ridge is None or not self.scale else ridge / self.scale,
             effective_damping=ridge,
             depth=self.depths[-1] if self.depths else self.options.depth,
+            truncation=(
+                self.truncation(ridge, self.depths[-1])
+                if ridge is not None and self.depths and self.scale
+                else None
+            ),
             implicit_damping=(
                 self.scale / self.depths[-1]
                 if self.scale and self.depths and self.depths[-1]

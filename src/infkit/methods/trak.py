@@ -294,7 +294,7 @@ class Trak(Method):
             options.seed,
             space.dtype,
             space.device,
-            options.projection_memory,
+            min(options.projection_memory, fitted.memory_limit // 4),
         )
         weights = torch.zeros(n, dtype=torch.float64)
         self._models_data = []

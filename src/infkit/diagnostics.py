@@ -1,0 +1,186 @@
+"""Cheap checks of a fitted answer along a few probe directions (docs/conventions.md §9).
+
+Approximate and iterative methods can be off by orders of magnitude without failing; these
+checks measure how far, on a small sample, so that ``describe()`` can report the figure and
+``fit`` can warn only when it matters:
+
+* :func:`probe_directions`: ``J_i^T r_i`` for a few training examples and Gaussian output
+  cotangents r_i, vectors in the range of the GGN, where query gradients live (a random
+  parameter vector mostly sees directions of no curvature, where every method gives v / ridge);
+* :func:`energy_ratio`: ``rho = u^T (H + ridge) u / u^T v`` with ``u = A^{-1} v`` the method's
+  answer. rho = 1 when A is the damped GGN; an A too small by a factor c in the directions that
+  matter gives rho ~ c, so rho is how many times too large the scores come out;
+* :func:`curvature_scale`: the Rayleigh quotient of the GGN along probe directions, the scale
+  the damping is compared with (a damping 1e12 times larger makes every score vanish);
+* :func:`drift`: the step ``d = (H + ridge)^{-1} grad L(theta*)`` that would take a loosely
+  trained model to its optimum, and how much it would change the training residuals
+  ``dl_i/df``, on which every score depends (``grad l_i = J_i^T dl_i/df``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from infkit.curvature import CurvatureOperator
+from infkit.data import Batch
+from infkit.fitted import Fitted
+from infkit.linalg import conjugate_gradients
+
+#: directions of :func:`probe_directions`
+PROBE_DIRECTIONS = 16
+#: training examples of the curvature sample in :func:`energy_ratio`
+CURVATURE_SAMPLE = 256
+#: training examples on which :func:`drift` measures the residual shift
+DRIFT_SAMPLE = 256
+#: relative residual and iterations of :func:`sample_solve`
+SAMPLE_SOLVE_TOL = 1e-3
+SAMPLE_SOLVE_MAXITER = 100
+
+
+def _sample(fitted: Fitted, count: int, skip: int = 0, seed: int = 0) -> Tensor:
+    """``count`` training indices from a fixed permutation, after its first ``skip``, sorted."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(fitted.n, generator=gen)
+    chosen = order[skip : skip + count]
+    if len(chosen) == 0:
+        chosen = order[:count]
+    return chosen.sort().values
+
+
+def probe_directions(fitted: Fitted, count: int = PROBE_DIRECTIONS, seed: int = 0) -> Tensor:
+    """``J_i^T r_i`` [count, P] float64 for ``count`` training examples, ``r_i ~ N(0, I_C)``.
+
+    One example at a time, so that only a [1, 1, C] cotangent is ever built (C may be a
+    sequence of vocabulary logits).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in _sample(fitted, count, seed=seed):
+        batch = fitted.train.take(i.reshape(1))
+        c = fitted.engine.outputs(batch).reshape(1, -1).shape[1]
+        r = torch.randn(1, 1, c, generator=gen, dtype=torch.float64)
+        rows.append(fitted.engine.vjp(batch, r).reshape(-1).to(torch.float64))
+    return torch.stack(rows)
+
+
+def _sample_curvature(fitted: Fitted, sample: int) -> CurvatureOperator:
+    """The mean GGN of ``sample`` training examples (not those of the probe directions)."""
+    indices = _sample(fitted, sample, skip=PROBE_DIRECTIONS)
+    return CurvatureOperator(
+        fitted.engine, fitted.train, "ggn", batch_size=fitted.batch_size, indices=indices
+    )
+
+
+def damped_products(fitted: Fitted, U: Tensor, sample: int = CURVATURE_SAMPLE) -> Tensor:
+    """``(H_s + ridge) U`` [k, P] float64, H_s the mean GGN of a sample of training examples."""
+    return _sample_curvature(fitted, sample).matmat(U) + fitted.ridge * U.to(torch.float64)
+
+
+def curvature_scale(fitted: Fitted, directions: int = 4, sample: int = 64) -> float:
+    """``sum_k v_k^T H_s v_k / sum_k v_k^T v_k`` over a few probe directions: the curvature the
+    ridge competes with along gradient directions (undamped GGN on a small sample)."""
+    V = probe_directions(fitted, directions)
+    HV = _sample_curvature(fitted, sample).matmat(V)
+    return float((V * HV).sum() / (V * V).sum().clamp_min(1e-300))
+
+
+def sample_solve(fitted: Fitted, sample: int = CURVATURE_SAMPLE) -> Callable[[Tensor], Tensor]:
+    """An approximate ``(H + ridge)^{-1}``: CG on the damped GGN of a sample of training examples
+    (to :data:`SAMPLE_SOLVE_TOL`), for checks of methods that do not solve in parameter space."""
+    operator = _sample_curvature(fitted, sample)
+
+    def solve(V: Tensor) -> Tensor:
+        def matmat(X: Tensor) -> Tensor:
+            return (operator.matmat(X.T) + fitted.ridge * X.T).T
+
+        result = conjugate_gradients(
+            matmat, V.to(torch.float64).T, tol=SAMPLE_SOLVE_TOL, maxiter=SAMPLE_SOLVE_MAXITER
+        )
+        return result.X.T
+
+    return solve
+
+
+def energy_ratio(
+    fitted: Fitted, solve: Callable[[Tensor], Tensor], directions: Tensor | None = None
+) -> float:
+    """``rho = sum_k u_k^T (H + ridge) u_k / sum_k u_k^T v_k`` with ``u_k = solve(v_k)``.
+
+    ``solve`` is the method's inverse damped curvature; H is the GGN on a sample of
+    :data:`CURVATURE_SAMPLE` training examples (an unbiased estimate of the mean). rho is 1
+    (within the sample's noise, a few percent) for an exact solve, and ~c when the answer is c
+    times too large along the probe directions (:func:`probe_directions` by default).
+    """
+    V = probe_directions(fitted) if directions is None else directions
+    U = solve(V).to(torch.float64)
+    numerator = float((U * damped_products(fitted, U)).sum())
+    denominator = float((U * V).sum())
+    return numerator / denominator if denominator > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How far theta* is from the optimum of its objective, in what the scores depend on.
+
+    Attributes:
+        step: ``||d||``, ``d = (H + ridge)^{-1} grad L(theta*)`` (the Newton step to the
+            optimum, with the method's curvature and damping).
+        relative_step: ``||d|| / ||theta*||``.
+        residual_shift: ``sqrt(sum_i ||Lambda_i J_i d||^2 / sum_i ||dl_i/df||^2)`` on a sample of
+            training examples: how much the output-space loss gradients (the residuals), and
+            with them every score, would change on the way to the optimum, to first order.
+    """
+
+    step: float
+    relative_step: float
+    residual_shift: float
+
+    def record(self) -> dict[str, float]:
+        """The figures as a plain dict (for ``describe()``)."""
+        return {
+            "step": self.step,
+            "relative_step": self.relative_step,
+            "residual_shift": self.residual_shift,
+        }
+
+
+def drift(
+    fitted: Fitted, solve: Callable[[Tensor], Tensor], sample: int = DRIFT_SAMPLE
+) -> Drift | None:
+    """The :class:`Drift` of ``fitted`` (None when it has no objective gradient)."""
+    if fitted.objective_gradient is None:
+        return None
+    d = solve(fitted.objective_gradient.reshape(1, -1)).reshape(-1).to(torch.float64)
+    shifted = 0.0
+    residual = 0.0
+    for batch in fitted.train.batches(fitted.batch_size, _sample(fitted, sample)):
+        g, lam_jd = _residual_and_shift(fitted, batch, d)
+        shifted += float(lam_jd.to(torch.float64).square().sum())
+        residual += float(g.to(torch.float64).square().sum())
+    step = float(d.norm())
+    theta = float(fitted.theta.norm())
+    return Drift(
+        step=step,
+        relative_step=step / max(theta, 1e-300),
+        residual_shift=(shifted / residual) ** 0.5 if residual > 0 else float("inf"),
+    )
+
+
+def _residual_and_shift(fitted: Fitted, batch: Batch, d: Tensor) -> tuple[Tensor, Tensor]:
+    """``dl_i/df`` and ``Lambda_i J_i d`` [B, C] (Lambda_i applied by double backward, never
+    formed: C may be a sequence of vocabulary logits)."""
+    engine = fitted.engine
+    _, targets = engine.prepare(batch)
+    out = engine.outputs(batch)
+    jd = engine.jvp(batch, d).reshape(out.shape)
+    with torch.enable_grad():
+        f = out.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(fitted.task.checked_loss(f, targets).sum(), f, create_graph=True)
+        if not g.requires_grad:  # a loss linear in the outputs: Lambda = 0
+            return g.detach(), torch.zeros_like(g)
+        (shift,) = torch.autograd.grad((g * jd.to(g.dtype)).sum(), f)
+    return g.detach(), shift.detach()
