@@ -9,7 +9,7 @@ from kfac_helpers import TinySequenceModel, conv_problem, sequence_data, sequenc
 
 import infkit
 from infkit.data import ExampleSet
-from infkit.errors import ArtifactError, CurvatureError, UnsupportedError
+from infkit.errors import ArtifactError, CurvatureError, Notice, UnsupportedError
 from infkit.evaluate import relative_error
 from infkit.layers.capture import block_gradients, layer_terms
 from infkit.task import _cross_entropy
@@ -128,7 +128,11 @@ def test_parameters_outside_supported_layers(mlp_problem: dict) -> None:
     task = infkit.Task.classification(model)
     train = mlp_problem["train"]
     with pytest.raises(UnsupportedError, match=r"1\.weight, 1\.bias.*requires_grad=False"):
-        infkit.Influence(task, "kfac", damping=1e-3).fit(train)
+        infkit.Influence(task, "kfac", damping=1e-3, unsupported="error").fit(train)
+    # The default leaves them out, with a notice: the same as freezing them (below).
+    with pytest.warns(Notice, match=r"1\.weight, 1\.bias"):
+        skipped = infkit.Influence(task, "kfac", damping=1e-3).fit(train)
+    skipped_scores = skipped.scores(mlp_problem["test"])
     inf = infkit.Influence(task, "ekfac", damping=1e-3, l2=1e-2, unsupported="identity").fit(train)
     m = inf.method.kronecker()
     assert m.layers.others == ["1.weight", "1.bias"]
@@ -145,6 +149,7 @@ def test_parameters_outside_supported_layers(mlp_problem: dict) -> None:
     frozen = infkit.Influence(task, "kfac", damping=1e-3).fit(train)
     assert [t.name for t in frozen.method.kronecker().tracked] == ["0", "3"]
     assert frozen.method.kronecker().layers.others == []
+    torch.testing.assert_close(skipped_scores, frozen.scores(mlp_problem["test"]))
 
 
 def test_bad_options_are_refused(mlp_problem: dict) -> None:

@@ -468,6 +468,9 @@ def test_progress_lines_in_a_log_file(digits: dict, monkeypatch, capsys) -> None
     infkit.Influence(digits["task"], "exact", l2=L2, batch_size=50).fit(digits["train"])
     err = capsys.readouterr().err
     assert "exact ggn" in err and "3/3" in err
+    monkeypatch.setenv("RANK", "1")  # a second process under torchrun stays quiet
+    infkit.Influence(digits["task"], "exact", l2=L2, batch_size=50).fit(digits["train"])
+    assert capsys.readouterr().err == ""
 
 
 # ============================================================================ 7. error types

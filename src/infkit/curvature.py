@@ -105,9 +105,12 @@ class CurvatureOperator:
 
         with evaluation_mode(engine.task.model):
             if self.kind == "ggn":
-                _, _, lam = engine.output_derivatives(batch)  # [B, C, C]
+                with torch.no_grad():
+                    out = engine.call(params, inputs)  # [B, ...]
                 jv = self.pushforward(outputs_of, params, tangents)  # [k, B, C]
-                weighted = torch.einsum("bcd,kbd->kbc", lam.to(jv.dtype), jv)
+                weighted = engine.task.hessian_product(
+                    out, targets, jv.reshape(jv.shape[0], *out.shape)
+                ).reshape(jv.shape)
                 pullback = vjp(outputs_of, params)[1]
                 products = vmap(lambda u: pullback(u)[0])(weighted)
             else:

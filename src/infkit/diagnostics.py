@@ -80,7 +80,7 @@ def damped_products(fitted: Fitted, U: Tensor, sample: int = CURVATURE_SAMPLE) -
     return _sample_curvature(fitted, sample).matmat(U) + fitted.ridge * U.to(torch.float64)
 
 
-def curvature_scale(fitted: Fitted, directions: int = 4, sample: int = 64) -> float:
+def curvature_scale(fitted: Fitted, directions: int = 2, sample: int = 32) -> float:
     """``sum_k v_k^T H_s v_k / sum_k v_k^T v_k`` over a few probe directions: the curvature the
     ridge competes with along gradient directions (undamped GGN on a small sample)."""
     V = probe_directions(fitted, directions)

@@ -45,6 +45,10 @@ class NotFittedError(InfkitError, RuntimeError):
     """A question asked of an ``Influence`` before ``fit``."""
 
 
+class Notice(UserWarning):
+    """Something infkit decided for you that you may want to know (filter it to silence it)."""
+
+
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """Issue a warning attributed to the first caller outside infkit (the user's line).
 

@@ -317,7 +317,7 @@ class PerExample:
                 rows.append(_flat_rows(gs, list(p.values())))
             return torch.stack(rows)
 
-        with evaluation_mode(self.task.model):
+        with evaluation_mode(self.task.model), self.task.mixed_precision():
             G = self.run(vmapped, looped).detach()
         _check_finite(G, batch, f"{which} gradient")
         return G

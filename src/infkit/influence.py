@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -35,7 +36,7 @@ from infkit.fitted import (
     warn_about_training_mode,
 )
 from infkit.gradients import MODES, PerExample, directional_derivatives
-from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes, row_chunks
+from infkit.memory import default_memory_limit, human_bytes, row_chunks
 from infkit.methods.base import (
     Method,
     Problem,
@@ -43,6 +44,7 @@ from infkit.methods.base import (
     registered,
 )
 from infkit.parameters import ParameterSpace
+from infkit.plan import Plan, RunShape
 from infkit.progress import resolve as resolve_progress
 from infkit.progress import track
 from infkit.removal import Quantity, RemovalEffect
@@ -86,6 +88,11 @@ class Influence:
         progress: show progress: None (default) a bar in a terminal or notebook and a line
             every few seconds in a log; True bars; False nothing (:mod:`infkit.progress`).
         memory_limit: bytes dense objects may take (default: half the machine's memory).
+        device: where the model runs: it is moved there (``model.to(device)``) and every batch
+            follows it (default: where the model is; CUDA when the model is on it).
+        dtype: the precision of the forward and backward passes: ``torch.bfloat16`` (or
+            ``torch.float16``) runs them under ``torch.autocast`` with the outputs, products and
+            statistics in float32 (mixed precision); None (default): the model's own dtype.
         **method_options: the method's options (``infkit.methods()[name]["options"]``), e.g.
             ``curvature="hessian"`` for ``"exact"``; checked here, at construction.
     """
@@ -103,6 +110,8 @@ class Influence:
         per_example: str = "auto",
         progress: bool | None = None,
         memory_limit: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
         **method_options: Any,
     ) -> None:
         if not isinstance(task, Task):
@@ -110,6 +119,18 @@ class Influence:
                 f"task must be an infkit.Task (e.g. Task.classification(model)), got "
                 f"{type(task).__name__}"
             )
+        if device is not None:
+            try:
+                task.model.to(torch.device(device))
+            except (RuntimeError, TypeError) as exc:
+                raise InvalidInputError(
+                    f"device={device!r} is not usable here ({exc}); use 'cpu', 'cuda' or "
+                    "'cuda:N' on a machine that has it"
+                ) from exc
+        if dtype is not None:
+            model_dtype = next(iter(task.model.parameters()), torch.empty(0)).dtype
+            if dtype != model_dtype:
+                task = task.with_autocast(dtype)
         self._estimator = _estimator(estimator, relatif)
         self.auto_damping = damping == "auto"
         if self.auto_damping:
@@ -210,6 +231,11 @@ class Influence:
         c = engine.outputs(examples.take([0]))[0].numel()
         problem = Problem(len(examples), space.size, c, self.memory_limit, self.task.model, space)
         method = self._method if self._method is not None else self._auto(problem)
+        names = method.attributed_parameters(self.task, space)
+        if names is not None:  # the method attributes through part of the model
+            space = ParameterSpace(self.task.model, names)
+            engine = PerExample(self.task, space, self.per_example_mode)
+            problem = replace(problem, p=space.size, space=space)
         method.check_memory(problem)  # before any pass over the data
         cache, summary = (None, None)
         if type(method).uses_training_gradients:
@@ -234,7 +260,7 @@ class Influence:
         )
         # Trajectory and surrogate methods (TracInCP, TRAK) neither assume an optimum nor use
         # grad L(theta*): no pass over the data for them.
-        if method.assumes_optimum:
+        if method.assumes_optimum and (summary is not None or type(method).stationarity_pass):
             gradient, stationarity = objective_gradient(fitted, summary)
             fitted = replace(fitted, objective_gradient=gradient, stationarity=stationarity)
         method.fit(fitted)
@@ -354,7 +380,7 @@ class Influence:
         """
         method, fitted = self.method, self.fitted
         t, n, p = len(queries), fitted.n, fitted.space.size
-        row_bytes = FLOAT64_BYTES * 3 * (n + p)
+        row_bytes = method.query_row_bytes(n, p)
         output_bytes = t * n * fitted.space.bytes_per_float()
         chunks = row_chunks(t, row_bytes, output_bytes, fitted.memory_limit)
         shown = track(chunks, fitted.progress, "scores", len(chunks)) if len(chunks) > 1 else chunks
@@ -488,6 +514,65 @@ class Influence:
         )
         return self.fitted.output(scores)
 
+    # ------------------------------------------------------------------ plan
+    def plan(
+        self,
+        train: Any = None,
+        test: Any = None,
+        *,
+        n_train: int | None = None,
+        n_queries: int | None = None,
+        sequence_length: int | None = None,
+        world_size: int = 1,
+        timed: bool = True,
+    ) -> Plan:
+        """What ``fit`` and ``scores`` will do, before they run (docs/methods/language_models.md §6).
+
+        Passes over the data, bytes per stage and process, the largest object and, when the model
+        is real and ``timed``, the time from one timed forward and backward pass of a batch.
+        Give the data, or for a model on the meta device (no weights) its size: ``n_train``,
+        ``n_queries`` and ``sequence_length``. Needs a named method (not ``"auto"``).
+        """
+        if self._method is None:
+            raise UnsupportedError("plan needs a named method; method='auto' chooses at fit")
+        if not isinstance(world_size, int) or world_size < 1:
+            raise InvalidInputError(f"world_size must be an integer >= 1, got {world_size!r}")
+        method = self._method
+        model = self.task.model
+        space = ParameterSpace(model)
+        names = method.attributed_parameters(self.task, space)
+        if names is not None:
+            space = ParameterSpace(model, names)
+        examples = None if train is None else ExampleSet(train, name="training set")
+        if examples is None and (n_train is None or sequence_length is None):
+            raise InvalidInputError(
+                "plan needs the training data, or n_train and sequence_length (a model on the "
+                "meta device)"
+            )
+        n = len(examples) if examples is not None else int(n_train or 0)
+        q = len(ExampleSet(test, name="test set")) if test is not None else int(n_queries or 1)
+        tokens = sequence_length or _tokens(examples)
+        itemsize = torch.empty(0, dtype=space.dtype).element_size()
+        model_bytes = sum(t.numel() * t.element_size() for t in model.parameters()) + sum(
+            t.numel() * t.element_size() for t in model.buffers()
+        )
+        shape = RunShape(
+            n_train=n,
+            n_queries=q,
+            tokens=tokens,
+            outputs=tokens,
+            batch_size=self.batch_size,
+            world_size=world_size,
+            parameters=space.size,
+            itemsize=itemsize,
+            model_bytes=model_bytes,
+            memory_limit=self.memory_limit,
+        )
+        out = Plan(method.name, shape, method.stages(shape, self.task, space))
+        if timed and examples is not None and space.device.type != "meta":
+            out.seconds_per_batch = _time_batch(self.task, space, examples, self.batch_size)
+        return out
+
     def describe(self) -> dict[str, Any]:
         """The settings and diagnostics of this fit, for reports."""
         fitted = self.fitted
@@ -497,6 +582,11 @@ class Influence:
             "l2": self.l2,
             "damping": "auto" if self.auto_damping else self.damping,
             "batch_size": self.batch_size,
+            "device": str(fitted.space.device),
+            "dtype": str(fitted.space.dtype).removeprefix("torch."),
+            "autocast": None
+            if self.task.autocast is None
+            else str(self.task.autocast).removeprefix("torch."),
             "n_train": fitted.n,
             "n_params": self.n_params,
             "stationarity": fitted.stationarity,
@@ -519,3 +609,31 @@ def _estimator(name: str, relatif: str) -> Estimator:
             f"unknown relatif norm {relatif!r}; use one of {', '.join(RELATIF_NORMS)}"
         )
     return Estimator(name, relatif)  # both checked above
+
+
+def _tokens(examples: ExampleSet | None) -> int:
+    """Positions per example: the length of ``input_ids`` (or of the inputs' second axis)."""
+    if examples is None:
+        return 1
+    inputs = examples.take([0]).inputs
+    first = (
+        inputs.get("input_ids", next(iter(inputs.values()))) if isinstance(inputs, dict) else inputs
+    )
+    return int(first.shape[1]) if first.dim() >= 2 else 1
+
+
+def _time_batch(task: Task, space: ParameterSpace, examples: ExampleSet, batch_size: int) -> float:
+    """Seconds of one forward and backward pass of the summed loss over one batch (the second
+    of two, the first warming up)."""
+    engine = PerExample(task, space)
+    batch = examples.take(torch.arange(min(batch_size, len(examples))))
+    params = dict(task.model.named_parameters())
+    seconds = 0.0
+    for _ in range(2):
+        start = time.perf_counter()
+        inputs, targets = engine.prepare(batch)
+        with torch.enable_grad():
+            loss = task.checked_loss(task.call_model(task.model, inputs), targets).sum()
+            torch.autograd.grad(loss, [params[n] for n in space.names])
+        seconds = time.perf_counter() - start
+    return seconds

@@ -9,7 +9,7 @@ mode (:func:`evaluation_mode`: deterministic dropout and batch normalisation).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,10 +38,23 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
 
 
 class ParameterSpace:
-    """Maps between a model's trainable parameters and flat vectors in R^P."""
+    """Maps between a model's trainable parameters and flat vectors in R^P.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``names`` restricts theta to those trainable parameters (the others are held fixed, like
+    frozen ones): how a method attributes through part of a model.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str] | None = None) -> None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if names is not None:
+            wanted = set(names)
+            unknown = sorted(wanted - {n for n, _ in named})
+            if unknown:
+                raise InvalidInputError(
+                    f"{unknown[:5]} are not trainable parameters of the model; "
+                    "attributed parameters must have requires_grad=True"
+                )
+            named = [(n, p) for n, p in named if n in wanted]
         if not named:
             raise InvalidInputError(
                 "the model has no trainable parameters (every parameter has requires_grad=False); "

@@ -3,11 +3,13 @@
 ``Influence(progress=None)`` (the default) decides per environment: in a terminal or a notebook a
 tqdm bar; anywhere else (a log file, a batch job) a plain line every :data:`LOG_EVERY` seconds for
 passes that last longer than :data:`LOG_AFTER` seconds, so short passes stay silent.
-``progress=True`` forces bars, ``False`` silences everything.
+``progress=True`` forces bars, ``False`` silences everything. Under ``torchrun`` (or any
+launcher that sets ``RANK``) only rank 0 shows progress.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -36,7 +38,9 @@ def interactive() -> bool:
 
 
 def resolve(progress: bool | None) -> Mode:
-    """The mode for a user's ``progress`` setting (None: by environment)."""
+    """The mode for a user's ``progress`` setting (None: by environment); off on ranks > 0."""
+    if os.environ.get("RANK", "0") != "0":
+        return "off"
     if progress is None:
         return "bar" if interactive() else "log"
     return "bar" if progress else "off"

@@ -16,14 +16,20 @@ example.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from infkit import language_modeling as lm
 from infkit.errors import InvalidInputError, UnsupportedError
+
+AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
+"""Precisions of ``Task(autocast=...)``: off, bfloat16, float16."""
 
 PerExampleFn = Callable[[Tensor, Any], Tensor]
 
@@ -251,6 +257,12 @@ class Task:
             of targets is unusable (the ready-made tasks check their labels; None: no check).
         check_outputs: ``fn(outputs) -> message | None``: why the model's outputs do not fit
             the loss (classification: probabilities instead of logits).
+        output_hessian_product: ``fn(outputs, targets, V [K, *outputs.shape]) -> Lambda V``,
+            for outputs too large for a dense Lambda_i (language models); when given, curvature
+            products use it instead of :meth:`lambda_blocks`.
+        autocast: run the model's forward and backward passes in this lower precision
+            (``torch.bfloat16`` or ``torch.float16``, ``torch.autocast``) with the outputs and
+            every statistic in float32 (mixed precision); None: the model's own dtype.
     """
 
     def __init__(
@@ -266,6 +278,8 @@ class Task:
         name: str = "custom",
         check_targets: Callable[[Any, tuple[int, ...]], TargetProblem | None] | None = None,
         check_outputs: Callable[[Tensor], str | None] | None = None,
+        output_hessian_product: Callable[[Tensor, Any, Tensor], Tensor] | None = None,
+        autocast: torch.dtype | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -282,6 +296,13 @@ class Task:
         self.name = name
         self.check_targets = check_targets
         self.check_outputs = check_outputs
+        self.output_hessian_product = output_hessian_product
+        if autocast not in AUTOCAST_DTYPES:
+            raise InvalidInputError(
+                f"autocast must be torch.bfloat16, torch.float16 or None, got {autocast!r}"
+            )
+        self.autocast = autocast
+        self._mixed = False
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -318,6 +339,25 @@ class Task:
         )
 
     @classmethod
+    def language_modeling(cls, model: nn.Module) -> Task:
+        """Causal language modelling: logits [B, T, V], labels [B, T] aligned with the inputs.
+
+        The per-example loss (and measurement) is the summed next-token cross-entropy of the
+        sequence, labels shifted inside the loss and -100 not scored (Hugging Face's
+        convention; :mod:`infkit.language_modeling`). Inputs are token ids [N, T] or dicts with
+        ``input_ids`` and ``attention_mask``; ``infkit.language_modeling.examples(input_ids,
+        attention_mask, prompt_lengths)`` builds the labels, masking padding and prompts (the
+        loss of a completion given its prompt).
+        """
+        return cls(
+            model,
+            lm.next_token_loss,
+            output_hessian_product=lm.hessian_product,
+            name="language_modeling",
+            check_targets=lm.check_labels,
+        )
+
+    @classmethod
     def regression(cls, model: nn.Module) -> Task:
         """Per-example loss 0.5 * ||f(x) - y||^2 (Lambda_i = I)."""
         return cls(
@@ -332,8 +372,40 @@ class Task:
     # ----------------------------------------------------------------- evaluation
     def call_model(self, model_or_fn: Callable[..., Any], inputs: Any) -> Tensor:
         """Outputs [B, ...] for a batch of inputs (a tensor, or a dict of keyword tensors)."""
-        raw = model_or_fn(**inputs) if isinstance(inputs, dict) else model_or_fn(inputs)
-        return self.output_fn(raw)
+        if self.autocast is None or not self._mixed:
+            raw = model_or_fn(**inputs) if isinstance(inputs, dict) else model_or_fn(inputs)
+            return self.output_fn(raw)
+        device = next(iter(self.model.parameters()), torch.empty(0)).device.type
+        with torch.autocast(device, dtype=self.autocast):
+            raw = model_or_fn(**inputs) if isinstance(inputs, dict) else model_or_fn(inputs)
+            out = self.output_fn(raw)
+        return out.float()
+
+    @contextlib.contextmanager
+    def mixed_precision(self) -> Iterator[None]:
+        """Within: model calls run under ``torch.autocast(self.autocast)`` (when set).
+
+        The passes over the data that take gradients by backpropagation (the Kronecker methods'
+        hooked passes, per-example gradients) enter it; curvature products by forward-mode
+        differentiation run in the model's own dtype, where autocast's casts do not compose
+        with ``torch.func``'s transforms.
+        """
+        was, self._mixed = self._mixed, True
+        try:
+            yield
+        finally:
+            self._mixed = was
+
+    def with_autocast(self, dtype: torch.dtype | None) -> Task:
+        """A copy of this task whose passes run under ``torch.autocast(dtype)`` (None: off)."""
+        if dtype not in AUTOCAST_DTYPES:
+            raise InvalidInputError(
+                f"dtype must be torch.bfloat16, torch.float16 or None (the model's own), got "
+                f"{dtype!r}"
+            )
+        twin = copy.copy(self)
+        twin.autocast = dtype
+        return twin
 
     def checked_loss(self, outputs: Tensor, targets: Any) -> Tensor:
         return _checked(self.loss, "loss", outputs, targets)
@@ -356,6 +428,14 @@ class Task:
             lam = torch.func.vmap(torch.func.hessian(single))(flat, targets)
         c = outputs[0].numel()
         return lam.reshape(b, c, c)
+
+    def hessian_product(self, outputs: Tensor, targets: Any, vectors: Tensor) -> Tensor:
+        """``Lambda_i v`` for vectors [K, *outputs.shape] (each example's own block)."""
+        if self.output_hessian_product is not None:
+            return self.output_hessian_product(outputs, targets, vectors)
+        lam = self.lambda_blocks(outputs, targets)  # [B, C, C]
+        flat = vectors.reshape(vectors.shape[0], outputs.shape[0], -1)
+        return torch.einsum("bcd,kbd->kbc", lam.to(flat.dtype), flat).reshape(vectors.shape)
 
     def lambda_factor(self, outputs: Tensor, targets: Any) -> Tensor:
         """L_i [B, C, K] (float64) with ``L_i L_i^T = Lambda_i``, the output-space loss Hessian.

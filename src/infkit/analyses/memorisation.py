@@ -125,9 +125,10 @@ def curvature_edit(
             t = by_name[name]
             f = method.factors.modules[name]
             W = method.layers.layout.block(theta, t)[0]  # [d_out, cols]
-            C = f.QS.T @ W @ f.QA
+            QS, QA = f.QS.to(W.dtype), f.QA.to(W.dtype)
+            C = QS.T @ W @ QA
             keep = curvature_mask(inf, name, keep_mass, eigenvalues)
-            edited = f.QS @ (C * keep) @ f.QA.T
+            edited = QS @ (C * keep) @ QA.T
             module = modules[name]
             weight = edited[:, : t.d_in]
             if t.kind == "conv1d":

@@ -60,7 +60,7 @@ def kfe_coordinates(inf: Influence, data: Any, which: str = "loss") -> dict[str,
         terms = layer_terms(inf.fitted.engine, method.tracked, batch, which, method.layers.mask_key)
         for name, G in block_gradients(terms).items():
             f = method.factors.modules[name]
-            out[name].append(f.QS.T @ G @ f.QA)
+            out[name].append(f.QS.T.to(G.dtype) @ G @ f.QA.to(G.dtype))
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 

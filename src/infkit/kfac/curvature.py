@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from infkit.errors import ArtifactError, CurvatureError, UnsupportedError
+from infkit.errors import ArtifactError, CurvatureError, Notice, UnsupportedError, warn
 from infkit.fingerprint import (
     callable_identity,
     data_fingerprint,
@@ -74,9 +74,10 @@ class KroneckerOptions(Options):
         minimum=0,
     )
     modules: Sequence[str] | None = option(None, "names of the layers to track (default: all)")
-    unsupported: Literal["error", "identity"] = option(
-        "error",
-        "trainable parameters outside tracked layers: refuse, or give them only the ridge",
+    unsupported: Literal["skip", "error", "identity"] = option(
+        "skip",
+        "trainable parameters outside tracked layers: leave them out of the attribution (with "
+        "a notice naming them), refuse, or keep them with only the l2 + damping ridge",
     )
     mask_key: str | None = option(
         "attention_mask", "key of the attention mask in dict inputs ([B, T], 1 = real token)"
@@ -85,6 +86,12 @@ class KroneckerOptions(Options):
         None, "directory to save the factors to, or to load them from when they match this fit"
     )
     overwrite: bool = option(False, "refit and overwrite the factors in factors_dir")
+    query_rank: int | None = option(
+        None,
+        "rank per layer of the preconditioned query gradients (None: full rank while they fit "
+        "in a quarter of memory_limit, else the largest rank that fits)",
+        minimum=1,
+    )
     cache_bytes: int = option(
         1 << 30,
         "memory for keeping the first pass's activations for the EK-FAC pass (at most a "
@@ -128,6 +135,31 @@ def kronecker_layers(
             "give them no data curvature (only the l2 + damping ridge)"
         )
     return layers
+
+
+def attributed_parameters(
+    model: nn.Module, space: ParameterSpace, options: KroneckerOptions, owner: str
+) -> list[str] | None:
+    """With ``unsupported="skip"``: the parameters of the tracked layers, after a notice naming
+    the trainable parameters left out of the attribution (None when nothing is left out)."""
+    layers = kronecker_layers(model, space, options, owner)
+    if options.unsupported != "skip" or not layers.others:
+        return None
+    others = layers.others
+    shown = ", ".join(others[:6]) + (f" and {len(others) - 6} more" if len(others) > 6 else "")
+    warn(
+        f"method {owner!r} attributes through the {len(layers.tracked)} {SUPPORTED} layers it "
+        f"factors and leaves {len(others)} trainable parameter tensors out of the attribution, "
+        f"as if frozen: {shown} (unsupported='error' refuses instead, 'identity' keeps them "
+        "with only the ridge)",
+        Notice,
+    )
+    names = []
+    for t in layers.tracked:
+        names.append(t.weight)
+        if t.bias is not None:
+            names.append(t.bias)
+    return names
 
 
 class KroneckerCurvature:
@@ -255,7 +287,7 @@ class KroneckerCurvature:
         out = {}
         for t in self.tracked:
             f = self.factors.modules[t.name]
-            out[t.name] = f.QS.T @ self.layers.layout.block(V, t) @ f.QA
+            out[t.name] = f.QS.T.to(V.dtype) @ self.layers.layout.block(V, t) @ f.QA.to(V.dtype)
         return out
 
     def from_eigenbasis(self, coords: dict[str, Tensor], k: int) -> Tensor:
@@ -264,7 +296,8 @@ class KroneckerCurvature:
         out = torch.zeros(k, space.size, dtype=torch.float64, device=space.device)
         for t in self.tracked:
             f = self.factors.modules[t.name]
-            self.layers.layout.put(out, t, f.QS @ coords[t.name] @ f.QA.T)
+            QS, QA = f.QS.to(out.dtype), f.QA.to(out.dtype)
+            self.layers.layout.put(out, t, QS @ coords[t.name] @ QA.T)
         return out
 
     def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:

@@ -37,12 +37,13 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
+from infkit import language_modeling as lm
 from infkit.data import ExampleSet
 from infkit.errors import ArtifactError, InvalidInputError, UnsupportedError
 from infkit.gradients import PerExample
 from infkit.layers.capture import Capture
 from infkit.layers.tracked import TrackedModule
-from infkit.parameters import evaluation_mode
+from infkit.parameters import evaluation_mode, product_dtype
 from infkit.progress import Mode, track
 
 Fisher = Literal["auto", "ggn", "sampled", "empirical"]
@@ -164,6 +165,8 @@ def default_sampler(task_name: str) -> SampleFn | None:
             return torch.bernoulli(p, generator=gen).to(out.dtype).reshape(p.shape[0], -1)
 
         return bernoulli
+    if task_name == "language_modeling":
+        return lm.sample_labels
     if task_name == "regression":
 
         def gaussian(out: Tensor, targets: Any, gen: torch.Generator) -> Tensor:
@@ -302,9 +305,11 @@ class FactorFitter:
         mode = self.resolve(examples)
         n = len(examples)
         dev = self.engine.space.device
-        f64 = torch.float64
-        A = {t.name: torch.zeros(t.cols, t.cols, dtype=f64, device=dev) for t in self.tracked}
-        S = {t.name: torch.zeros(t.d_out, t.d_out, dtype=f64, device=dev) for t in self.tracked}
+        # products and sums in the model's precision (float32 for float32 and bfloat16 models,
+        # as kronfluence keeps them), eigendecompositions in float64 (:func:`_eigh`)
+        work = product_dtype(self.engine.space.dtype)
+        A = {t.name: torch.zeros(t.cols, t.cols, dtype=work, device=dev) for t in self.tracked}
+        S = {t.name: torch.zeros(t.d_out, t.d_out, dtype=work, device=dev) for t in self.tracked}
         tokens = dict.fromkeys(A, 0.0)
         # The eigenvalue pass reuses the first pass's activations and gradients when they fit in
         # memory, except with sampled labels: there it draws fresh labels, so that the
@@ -316,16 +321,15 @@ class FactorFitter:
         cached = 0
         for _, items in self.pass_over(examples, mode, "kfac covariances"):
             for name, (a, mask, ds) in items.items():
-                a64 = a.to(f64)
+                flat = a.to(work).reshape(-1, a.shape[-1])
                 if mask is not None:
-                    m = mask.to(f64)
-                    A[name] += torch.einsum("bti,btj->ij", a64 * m.unsqueeze(-1), a64)
+                    m = mask.to(work).reshape(-1, 1)
+                    A[name] += (flat * m).T @ flat
                     tokens[name] += float(m.sum())
                 else:
-                    flat = a64.reshape(-1, a64.shape[-1])
                     A[name] += flat.T @ flat
                     tokens[name] += flat.shape[0]
-                g = ds.to(f64).reshape(-1, ds.shape[-1])
+                g = ds.to(work).reshape(-1, ds.shape[-1])
                 S[name] += g.T @ g
             if cache is not None:
                 size = sum(
@@ -346,7 +350,7 @@ class FactorFitter:
             modules[t.name] = ModuleFactors(At, St, QA, eig_a, QS, eig_s, tokens=tokens[t.name])
         if corrected:
             Lam = {
-                t.name: torch.zeros(t.d_out, t.cols, dtype=f64, device=dev) for t in self.tracked
+                t.name: torch.zeros(t.d_out, t.cols, dtype=work, device=dev) for t in self.tracked
             }
             source = (
                 ({k: (a, None, d) for k, (a, d) in c.items()} for c in cache)
@@ -359,7 +363,7 @@ class FactorFitter:
             for items in source:
                 for name, (a, _, ds) in items.items():
                     f = modules[name]
-                    Lam[name] += rotated_squares(ds, a, f.QS, f.QA)
+                    Lam[name] += rotated_squares(ds, a, f.QS, f.QA, work).to(work)
             for name, f in modules.items():
                 f.Lambda = Lam[name] / n
         meta = {
@@ -374,36 +378,44 @@ class FactorFitter:
 
 
 def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of a symmetric PSD matrix in float64, eigenvalues clamped at 0.
+    """Eigendecomposition of a symmetric PSD matrix in float64, eigenvalues clamped at 0, returned
+    in M's dtype.
 
     The eigenvectors are made contiguous: ``eigh`` returns a transposed (column-major) view, and
     factors reloaded from disk are contiguous, so without this a fitted and a reloaded
     curvature would multiply along different BLAS paths and differ in the last bits.
     """
-    ev, Q = torch.linalg.eigh(0.5 * (M + M.T))
-    return ev.clamp_min(0.0).contiguous(), Q.contiguous()
+    M64 = M.to(torch.float64)
+    ev, Q = torch.linalg.eigh(0.5 * (M64 + M64.T))
+    return ev.clamp_min(0.0).to(M.dtype).contiguous(), Q.to(M.dtype).contiguous()
 
 
-def rotated(ds: Tensor, a: Tensor, QS: Tensor, QA: Tensor) -> Tensor:
+def rotated(
+    ds: Tensor, a: Tensor, QS: Tensor, QA: Tensor, dtype: torch.dtype = torch.float64
+) -> Tensor:
     """Per-example gradients in the Kronecker eigenbasis: Q_S^T (sum_t Ds_t a_t^T) Q_A.
 
-    ``ds`` [K, B, T, d_out], ``a`` [B, T, cols] -> [K, B, d_out, cols] float64.
+    ``ds`` [K, B, T, d_out], ``a`` [B, T, cols] -> [K, B, d_out, cols] in ``dtype``.
     """
-    dr = ds.to(torch.float64) @ QS
-    ar = a.to(torch.float64) @ QA
-    return torch.einsum("kbto,bti->kboi", dr, ar)
+    dr = ds.to(dtype) @ QS.to(dtype)
+    ar = a.to(dtype) @ QA.to(dtype)
+    return dr.transpose(-1, -2) @ ar.unsqueeze(0)
 
 
-def rotated_squares(ds: Tensor, a: Tensor, QS: Tensor, QA: Tensor) -> Tensor:
-    """sum over k and b of rotated(ds, a)^2, [d_out, cols], without holding it all at once."""
-    dr = ds.to(torch.float64) @ QS  # [K, B, T, d_out]
-    ar = a.to(torch.float64) @ QA  # [B, T, cols]
+def rotated_squares(
+    ds: Tensor, a: Tensor, QS: Tensor, QA: Tensor, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """sum over k and b of rotated(ds, a)^2, [d_out, cols] float64, without holding it all at
+    once; products in ``dtype``."""
+    dr = ds.to(dtype) @ QS.to(dtype)  # [K, B, T, d_out]
+    ar = a.to(dtype) @ QA.to(dtype)  # [B, T, cols]
     if ar.shape[1] == 1:  # one position: the square of an outer product is an outer product
-        return torch.einsum("kbo,bi->oi", dr[:, :, 0].square(), ar[:, 0].square())
+        outer = dr[:, :, 0].square().sum(0).T @ ar[:, 0].square()
+        return outer.to(torch.float64)
     k, b, _, d_out = dr.shape
     step = max(1, CHUNK_ELEMENTS // max(1, k * d_out * ar.shape[-1]))
     out = torch.zeros(d_out, ar.shape[-1], dtype=torch.float64, device=dr.device)
     for s in range(0, b, step):
-        c = torch.einsum("kbto,bti->kboi", dr[:, s : s + step], ar[s : s + step])
-        out += c.square().sum(dim=(0, 1))
+        c = dr[:, s : s + step].transpose(-1, -2) @ ar[s : s + step].unsqueeze(0)
+        out += c.square().sum(dim=(0, 1)).to(torch.float64)
     return out

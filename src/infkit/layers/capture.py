@@ -128,8 +128,8 @@ class Capture:
             m = inputs.get(self.mask_key)
             if isinstance(m, Tensor) and m.dim() == 2:
                 self._mask = m.detach()
-        out = task.call_model(task.model, inputs)
-        return out
+        with task.mixed_precision():
+            return task.call_model(task.model, inputs)
 
     def activations(self, name: str) -> tuple[Tensor, Tensor | None]:
         """All recorded activations of layer ``name``: [B, T_total, cols] and the mask."""

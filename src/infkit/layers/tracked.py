@@ -17,6 +17,7 @@ tracked layer plus the *other* trainable parameters, which Kronecker factors do 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -165,12 +166,14 @@ class BlockLayout:
         self.tracked = tracked
         self.others = others
         self.slices = space.module_slices()
-        other_idx = [torch.arange(self.slices[n].start, self.slices[n].stop) for n in others]
-        self.other_index = (
-            torch.cat(other_idx).to(space.device)
-            if other_idx
-            else torch.zeros(0, dtype=torch.long, device=space.device)
-        )
+
+    @functools.cached_property
+    def other_index(self) -> Tensor:
+        """Flat indices of the parameters outside tracked layers (built on first use)."""
+        other_idx = [torch.arange(self.slices[n].start, self.slices[n].stop) for n in self.others]
+        if not other_idx:
+            return torch.zeros(0, dtype=torch.long, device=self.space.device)
+        return torch.cat(other_idx).to(self.space.device)
 
     def block(self, V: Tensor, t: TrackedModule) -> Tensor:
         """The augmented block [k, d_out, cols] of layer ``t`` in V [k, P]."""

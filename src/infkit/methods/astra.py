@@ -37,6 +37,7 @@ from infkit.kfac.curvature import (
     KRONECKER_FIELDS,
     KroneckerCurvature,
     KroneckerOptions,
+    attributed_parameters,
     kronecker_layers,
 )
 from infkit.layers.tracked import TrackedLayers
@@ -97,6 +98,7 @@ class ASTRA(PrimalMethod):
     Options = AstraOptions
     questions = KRONECKER
     scales = True
+    cheap_solve = False
     exact_example_curvature = True
     fidelity = Fidelity(reference="ggn", rtol=1e-6, test_options={"tol": 1e-11})
     options: AstraOptions
@@ -111,6 +113,9 @@ class ASTRA(PrimalMethod):
 
     def check(self, task: Task, space: ParameterSpace) -> None:
         kronecker_layers(task.model, space, self.options.preconditioner(), self.name)
+
+    def attributed_parameters(self, task: Task, space: ParameterSpace) -> list[str] | None:
+        return attributed_parameters(task.model, space, self.options.preconditioner(), self.name)
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)

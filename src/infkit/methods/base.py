@@ -52,6 +52,7 @@ from infkit.memory import human_bytes
 from infkit.options import NoOptions
 from infkit.options import Options as BaseOptions
 from infkit.parameters import ParameterSpace
+from infkit.plan import RunShape, Stage
 from infkit.task import Task
 
 #: the questions of the facade a method may answer
@@ -230,6 +231,10 @@ class Method(ABC):
     supports_auto_damping: ClassVar[bool] = False
     #: whether ``fit`` should cache the [N, P] training gradients for this method
     uses_training_gradients: ClassVar[bool] = True
+    #: whether ``fit`` may spend a pass over the data on the stationarity check when the training
+    #: gradients are not cached (the Kronecker methods, damped and built for large models, skip
+    #: it: describe() then reports stationarity None)
+    stationarity_pass: ClassVar[bool] = True
     #: whether H contains each example's exact curvature block (RIF / Newton downdates exact)
     exact_example_curvature: ClassVar[bool] = False
     #: what the contract test checks and a user may expect
@@ -305,6 +310,27 @@ class Method(ABC):
     def _why_not(self, question: str) -> str:
         """Extra words for :meth:`require`'s message (e.g. which option disables it)."""
         return ""
+
+    def stages(self, shape: RunShape, task: Task, space: ParameterSpace) -> list[Stage]:
+        """The run's stages for :meth:`infkit.Influence.plan` (a generic outline by default:
+        the gradient cache, the method's dense objects, the queries and the scores)."""
+        n, q, p = shape.n_train, shape.n_queries, shape.parameters
+        out = []
+        cache = n * p * shape.itemsize
+        if type(self).uses_training_gradients:
+            out.append(Stage("training gradients", 1, cache, ("[N, P] gradients", cache)))
+        dense = self.memory_estimate(n, p, shape.outputs)
+        out.append(Stage(f"fit {self.name}", 1, dense, ("dense curvature or kernel", dense)))
+        queries = 3 * q * p * 8
+        out.append(Stage("queries", 0, queries, ("[Q, P] query gradients, float64", queries)))
+        scores = q * n * 8
+        out.append(Stage("scores", 1, scores + queries, ("[Q, N] scores, float64", scores)))
+        return out
+
+    def query_row_bytes(self, n: int, p: int) -> int:
+        """Bytes ``scores`` needs per query (the facade chunks the queries by it): the query
+        gradient, its solve and the score row, in float64."""
+        return 3 * (n + p) * 8
 
     @classmethod
     def memory_estimate(cls, n: int, p: int, c: int) -> int:
@@ -388,7 +414,9 @@ class Method(ABC):
                     "of the order of the curvature or smaller (describe()['curvature_scale'])",
                     UserWarning,
                 )
-        if type(self).checks_scale:
+        # the report-only scale check costs 16 x 256 curvature products: small problems only
+        report_only = type(self).scale_warning is None
+        if type(self).checks_scale and not (report_only and fitted.train_gradients is None):
             ratio = diagnostics.energy_ratio(fitted, self.inverse())
             checks["energy_ratio"] = ratio
             limit = type(self).scale_warning
@@ -418,6 +446,13 @@ class Method(ABC):
             "directions (energy ratio u^T (H + ridge) u / u^T v on a sample, 1 for an exact "
             "solve): use a method that solves (cg, ekfac, exact) for removal effects"
         )
+
+    def attributed_parameters(self, task: Task, space: ParameterSpace) -> list[str] | None:
+        """The trainable parameters the method attributes through, before ``fit`` (None: all).
+
+        The facade restricts theta to them; the others are held fixed, as if frozen.
+        """
+        return None
 
     def regulariser_anchor(self, task: Task, space: ParameterSpace) -> Tensor | None:
         """theta' [P] of the objective ``(l2/2)||theta - theta'||^2`` (None: 0), before ``fit``."""
@@ -534,5 +569,9 @@ class PrimalMethod(Method):
     def precondition_queries(self, V: Tensor) -> Tensor:
         return self.solve(V)
 
+    #: whether :meth:`solve` is cheap enough for the fit-time checks (iterative solvers are not:
+    #: the checks then use CG on the GGN of a sample, to a loose tolerance)
+    cheap_solve: ClassVar[bool] = True
+
     def inverse(self) -> Callable[[Tensor], Tensor]:
-        return self.solve
+        return self.solve if type(self).cheap_solve else super().inverse()

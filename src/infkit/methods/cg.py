@@ -72,6 +72,7 @@ class ConjugateGradient(PrimalMethod):
     exact_example_curvature = True
     fidelity = Fidelity(reference="ggn", rtol=1e-6, test_options={"tol": 1e-12})
     auto_priority = 3
+    cheap_solve = False
 
     @classmethod
     def suitability(cls, problem: Problem) -> str:

@@ -20,13 +20,22 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from infkit.data import ExampleSet
 from infkit.errors import NotFittedError, ProblemTooLargeError
+from infkit.estimators import Estimator
 from infkit.fitted import Fitted
-from infkit.kfac.curvature import KroneckerCurvature, KroneckerOptions, kronecker_layers
+from infkit.kfac.curvature import (
+    KroneckerCurvature,
+    KroneckerOptions,
+    attributed_parameters,
+    kronecker_layers,
+)
+from infkit.kfac.streaming import StreamingScorer
 from infkit.layers.tracked import TrackedLayers, find_modules
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import KRONECKER, Fidelity, PrimalMethod, Problem, register
-from infkit.parameters import ParameterSpace
+from infkit.parameters import ParameterSpace, product_dtype
+from infkit.plan import RunShape, Stage
 from infkit.task import Task
 
 
@@ -40,6 +49,7 @@ class KFAC(PrimalMethod):
     questions = KRONECKER
     scales = True
     supports_auto_damping = True
+    stationarity_pass = False
     checks_scale = True  # describe() reports energy_ratio
     fidelity = Fidelity(
         rtol=None, min_correlation=0.75, removal_correlation=0.5, scale=(0.8, 4.0), damping=0.1
@@ -51,21 +61,27 @@ class KFAC(PrimalMethod):
     def __init__(self, options: KroneckerOptions | None = None, /, **values: object) -> None:
         super().__init__(options, **values)
         self.curvature_: KroneckerCurvature | None = None
+        #: the lowest rank of the preconditioned query gradients so far (None: always full)
+        self.query_rank: int | None = None
 
     def check(self, task: Task, space: ParameterSpace) -> None:
         kronecker_layers(task.model, space, self.options, self.name)
 
+    def attributed_parameters(self, task: Task, space: ParameterSpace) -> list[str] | None:
+        return attributed_parameters(task.model, space, self.options, self.name)
+
     def check_memory(self, problem: Problem) -> None:
-        # per layer: A, S and their eigenbases in float64 (EK-FAC: + corrected eigenvalues)
+        # per layer: A, S and their eigenbases in the product precision (EK-FAC: + corrected
+        # eigenvalues), and the largest layer's float64 eigendecomposition
         modules = None if self.options.modules is None else list(self.options.modules)
         tracked, _ = find_modules(problem.model, problem.space, modules)
         if not tracked:
             return
+        item = product_dtype(problem.space.dtype).itemsize
         need = sum(
-            2 * (t.cols**2 + t.d_out**2) * FLOAT64_BYTES
-            + (t.cols * t.d_out * FLOAT64_BYTES if self.corrected else 0)
+            2 * (t.cols**2 + t.d_out**2) * item + (t.cols * t.d_out * item if self.corrected else 0)
             for t in tracked
-        )
+        ) + max(2 * max(t.cols, t.d_out) ** 2 * FLOAT64_BYTES for t in tracked)
         if need > problem.memory_limit:
             raise ProblemTooLargeError(
                 f"method {self.name!r} keeps two Kronecker factors and their eigenbases per layer, "
@@ -92,8 +108,120 @@ class KFAC(PrimalMethod):
     def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:
         return self.kronecker().solve(V, shift)
 
+    # ------------------------------------------------------------------ streaming answers
+    def _streaming(self, estimator: Estimator) -> StreamingScorer | None:
+        """The layer-by-layer scorer, when it applies: IF scores, every trainable parameter in a
+        tracked layer, and training gradients not cached (a large problem)."""
+        curvature = self.kronecker()
+        fitted = self.fitted
+        if estimator.name != "if" or curvature.layers.others:
+            return None
+        if fitted.train_gradients is not None and self.options.query_rank is None:
+            return None  # small: the cached gradients answer in one product
+        return StreamingScorer(fitted, curvature, fitted.memory_limit // 4, self.options.query_rank)
+
+    def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
+        scorer = self._streaming(estimator)
+        if scorer is None:
+            return super().scores(queries, estimator)
+        prepared = scorer.queries(queries)
+        if prepared.rank is not None:
+            ranks = [r for r in (self.query_rank, prepared.rank) if r is not None]
+            self.query_rank = min(ranks)
+        return scorer.scores(prepared)
+
+    def self_scores(self, estimator: Estimator) -> Tensor:
+        scorer = self._streaming(estimator)
+        if scorer is None:
+            return super().self_scores(estimator)
+        return scorer.self_scores()
+
+    def stages(self, shape: RunShape, task: Task, space: ParameterSpace) -> list[Stage]:
+        # data split across processes; factors and eigenbases (in the product precision) on
+        # every process; EK-FAC's eigenvalues, the query blocks and the score columns split
+        tracked = kronecker_layers(task.model, space, self.options, self.name).tracked
+        w, item, b, t = shape.world_size, shape.itemsize, shape.batch_size, shape.tokens
+        work = product_dtype(space.dtype).itemsize
+        factor = {x.name: (x.cols**2 + x.d_out**2) * work for x in tracked}
+        factors = sum(factor.values())
+        biggest = max(tracked, key=lambda x: factor[x.name])
+        # eigh of the largest factor runs in float64: the matrix and its eigenvectors
+        eigh = 2 * max(max(x.cols, x.d_out) ** 2 for x in tracked) * FLOAT64_BYTES
+        hooks = b * t * sum(x.cols + x.d_out for x in tracked) * item
+        block = max(tracked, key=lambda x: x.cols * x.d_out)
+        block_bytes = b * block.cols * block.d_out * work
+        p = sum(x.cols * x.d_out for x in tracked)
+        out = [
+            Stage(
+                "covariances A, S",
+                1,
+                factors + hooks,
+                (f"A, S of {biggest.name!r}", factor[biggest.name]),
+                "factors summed across processes",
+            ),
+            Stage(
+                "eigendecompositions",
+                0,
+                2 * factors + eigh,
+                (f"A, S and eigenbases of {biggest.name!r}", 2 * factor[biggest.name]),
+                "layers split across processes, eigenbases gathered; float64 one layer at a time",
+            ),
+        ]
+        lam = 0
+        if self.corrected:
+            lam = p * work // w
+            out.append(
+                Stage(
+                    "eigenvalue correction",
+                    1,
+                    2 * factors + lam + block_bytes + hooks,
+                    (f"a batch's gradients of {block.name!r}", block_bytes),
+                    "corrected eigenvalues split by layer",
+                )
+            )
+        # the preconditioned queries: full rank within a quarter of memory_limit, else rank r
+        # per layer (as StreamingScorer chooses it)
+        full = shape.n_queries * p * work // w
+        rank = self.options.query_rank
+        budget = None if shape.memory_limit is None else shape.memory_limit // 4
+        if rank is None and budget is not None and full > budget:
+            per_rank = shape.n_queries * sum(x.d_out + x.cols for x in tracked) * work // w
+            rank = max(1, budget // max(per_rank, 1))
+        queries = (
+            full
+            if rank is None
+            else min(full, shape.n_queries * rank * sum(x.cols + x.d_out for x in tracked) * work)
+            // w
+        )
+        scores = shape.n_queries * shape.n_train * FLOAT64_BYTES // w
+        resident = 2 * factors + lam
+        out.append(
+            Stage(
+                "queries",
+                0,
+                resident + queries,
+                ("preconditioned queries", queries),
+                "full rank" if rank is None else f"rank {rank} per layer (SVD)",
+            )
+        )
+        out.append(
+            Stage(
+                "scores",
+                1,
+                resident + queries + scores + block_bytes + hooks,
+                ("[Q, N] scores", scores),
+                "training data split across processes",
+            )
+        )
+        return out
+
+    def query_row_bytes(self, n: int, p: int) -> int:
+        # streaming keeps the preconditioned queries within their own budget (low rank beyond)
+        return 3 * n * FLOAT64_BYTES
+
     def describe(self) -> dict[str, object]:
         out: dict[str, object] = super().describe()
+        out["query_rank"] = self.query_rank
         if self.curvature_ is not None:
             out.update(self.curvature_.describe())
         return out

@@ -163,6 +163,7 @@ class Lissa(PrimalMethod):
     summary = "stochastic Neumann series (LiSSA) on minibatch curvature products, automatic scale"
     Options = LissaOptions
     scales = True
+    cheap_solve = False
     exact_example_curvature = True
     # stochastic (full batch on the small problems); the damping keeps the recursion short
     fidelity = Fidelity(

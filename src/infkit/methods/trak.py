@@ -41,6 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from infkit import language_modeling
 from infkit.checkpoints import Checkpoint, checkpoint_vector, parameters_at
 from infkit.data import ExampleSet
 from infkit.errors import (
@@ -228,9 +229,11 @@ class Trak(Method):
             return classification_margin, _softmax_out_to_loss
         if task.name == "binary_classification":
             return _binary_margin, _binary_out_to_loss
+        if task.name == "language_modeling":
+            return language_modeling.margin, language_modeling.margin_to_loss
         raise UnsupportedError(
             f"TRAK's default output (the margin) and out-to-loss weights are defined for "
-            f"Task.classification and Task.binary_classification; this task is {task.name!r}: "
+            f"Task.classification, binary_classification and language_modeling; this task is {task.name!r}: "
             "pass output=fn(outputs, targets) and out_to_loss=fn(outputs, targets)"
         )
 

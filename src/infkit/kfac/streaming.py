@@ -1,0 +1,223 @@
+"""Scores of the Kronecker methods from layer hooks, one layer at a time, in the model's precision.
+
+The per-example gradient of a tracked layer is ``G_j = sum_t Ds_jt a_jt^T`` [d_out, cols]: the
+layer's input activations times its pre-activation gradients, both recorded by hooks during one
+ordinary forward and backward pass of the batch (:mod:`infkit.layers.capture`); no per-example
+gradient of the whole model, no vmap over it, nothing of size N x P. With the queries
+preconditioned once, ``U_t = A^{-1} grad m_t`` blockwise in the Kronecker eigenbasis, the IF
+score of training example j is (docs/methods/kfac.md §10)
+
+    S[t, j] = (1/N) (sum_l <U_tl, G_jl> + l2 <U_t, theta - theta'>),
+
+accumulated layer by layer over batches of training examples. Products run in
+:func:`~infkit.parameters.product_dtype` of the model (float32 for float32 and bfloat16 models),
+the rotations with the float64 eigenbases cast to it; sums over examples accumulate in float64.
+
+When the preconditioned queries of a layer exceed their memory budget they are kept at rank r per
+query and layer (``U_tl ~ L_tl R_tl^T`` by SVD, the query batching of Grosse et al. 2023), and the
+score is ``sum_s (Ds_js^T L_tl)(R_tl^T a_js)``, never forming G_j (:class:`LayerQueries`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from infkit.data import Batch, ExampleSet
+from infkit.errors import Notice, warn
+from infkit.fitted import Fitted
+from infkit.kfac.curvature import KroneckerCurvature
+from infkit.layers.capture import layer_terms
+from infkit.memory import human_bytes
+from infkit.parameters import product_dtype
+from infkit.progress import track
+
+
+@dataclass
+class LayerQueries:
+    """Preconditioned query gradients ``U_t = A^{-1} grad m_t``, one entry per tracked layer.
+
+    Attributes:
+        full: name -> [T, d_out, cols] (layers kept at full rank).
+        low_rank: name -> (L [T, d_out, r], R [T, cols, r]) with ``U_tl ~ L_tl R_tl^T``.
+        shared: [T] float64, ``l2 <U_t, theta - theta'>``, the regulariser share of every score.
+        rank: the rank of the low-rank layers (None: all at full rank).
+    """
+
+    full: dict[str, Tensor]
+    low_rank: dict[str, tuple[Tensor, Tensor]]
+    shared: Tensor
+    rank: int | None
+
+    @property
+    def count(self) -> int:
+        if self.full:
+            return next(iter(self.full.values())).shape[0]
+        return next(iter(self.low_rank.values()))[0].shape[0]
+
+
+def block_gradients(a: Tensor, ds: Tensor, dtype: torch.dtype) -> Tensor:
+    """``G_j = sum_t Ds_jt a_jt^T`` for a batch: [B, d_out, cols] in ``dtype``."""
+    return torch.einsum("bto,bti->boi", ds.to(dtype), a.to(dtype))
+
+
+def precondition(
+    curvature: KroneckerCurvature, blocks: dict[str, Tensor], dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """``A^{-1}`` applied blockwise to per-layer gradients [k, d_out, cols], in ``dtype``."""
+    ridges = curvature.ridges()
+    out = {}
+    for t in curvature.tracked:
+        f = curvature.factors.modules[t.name]
+        QS, QA = f.QS.to(dtype), f.QA.to(dtype)
+        denom = (curvature.eigenvalues(t.name) + ridges[t.name]).to(dtype)
+        out[t.name] = QS @ ((QS.T @ blocks[t.name] @ QA) / denom) @ QA.T
+    return out
+
+
+def _low_rank(U: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``U ~ L R^T`` per query by truncated SVD: L [T, d_out, r], R [T, cols, r]."""
+    left, values, right_t = torch.linalg.svd(U.to(torch.float32), full_matrices=False)
+    r = min(rank, values.shape[-1])
+    L = left[..., :r] * values[..., None, :r]
+    return L.to(U.dtype), right_t[..., :r, :].transpose(-1, -2).to(U.dtype)
+
+
+class StreamingScorer:
+    """IF scores and self-scores of a Kronecker method, layer by layer from hooks.
+
+    Args:
+        fitted: the fitted record (its parameter space holds only tracked layers).
+        curvature: the fitted Kronecker curvature.
+        query_bytes: the budget for the preconditioned queries; beyond it, layers are kept at
+            ``rank`` (or the largest rank that fits).
+        rank: the rank of low-rank query layers (None: chosen to fit ``query_bytes``).
+    """
+
+    def __init__(
+        self,
+        fitted: Fitted,
+        curvature: KroneckerCurvature,
+        query_bytes: int,
+        rank: int | None = None,
+    ) -> None:
+        self.fitted = fitted
+        self.curvature = curvature
+        self.tracked = curvature.tracked
+        self.dtype = product_dtype(fitted.space.dtype)
+        self.query_bytes = query_bytes
+        self.rank = rank
+        self.mask_key = curvature.options.mask_key
+
+    # ------------------------------------------------------------------ per-example blocks
+    def gradients(self, batch: Batch, which: str) -> Iterator[tuple[str, Tensor]]:
+        """(layer, per-example gradient blocks [B, d_out, cols]) of a batch, one layer at a time."""
+        terms = layer_terms(self.fitted.engine, self.tracked, batch, which, self.mask_key)
+        for t in self.tracked:
+            a, ds = terms.pop(t.name)
+            yield t.name, block_gradients(a, ds, self.dtype)
+
+    def _theta_blocks(self) -> dict[str, Tensor]:
+        fitted = self.fitted
+        theta = fitted.regularised_theta.unsqueeze(0)
+        return {
+            t.name: self.curvature.layers.layout.block(theta, t)[0].to(self.dtype)
+            for t in self.tracked
+        }
+
+    # ------------------------------------------------------------------ queries
+    def queries(self, queries: ExampleSet) -> LayerQueries:
+        """Precondition the query gradients, keeping layers at low rank beyond the budget."""
+        fitted = self.fitted
+        parts: dict[str, list[Tensor]] = {t.name: [] for t in self.tracked}
+        for batch in queries.batches(fitted.batch_size):
+            blocks = dict(self.gradients(batch, "measurement"))
+            for name, U in precondition(self.curvature, blocks, self.dtype).items():
+                parts[name].append(U)
+        full = {name: torch.cat(chunks) for name, chunks in parts.items()}
+        theta = self._theta_blocks()
+        shared = torch.zeros(len(queries), dtype=torch.float64, device=fitted.space.device)
+        if fitted.l2:
+            for name, U in full.items():
+                shared += fitted.l2 * (U * theta[name]).sum((1, 2)).to(torch.float64)
+        t_count = len(queries)
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        total = sum(U.numel() for U in full.values()) * item
+        rank = self.rank
+        if rank is None and total > self.query_bytes:
+            # the largest rank whose factors fit: sum over layers of T r (d_out + cols) items
+            per_rank = t_count * sum(t.d_out + t.cols for t in self.tracked) * item
+            rank = max(1, self.query_bytes // max(per_rank, 1))
+            warn(
+                f"the {t_count} preconditioned query gradients take {human_bytes(total)}, more "
+                f"than their budget of {human_bytes(self.query_bytes)} (a quarter of "
+                f"memory_limit): each layer's is kept at rank {rank} (SVD), which approximates "
+                "the scores; pass fewer queries at a time, raise memory_limit, or set "
+                "query_rank explicitly (describe()['query_rank'] reports it)",
+                Notice,
+            )
+        low_rank = {}
+        if rank is not None:
+            for t in self.tracked:
+                if rank * (t.d_out + t.cols) < t.d_out * t.cols:  # cheaper than the block
+                    low_rank[t.name] = _low_rank(full.pop(t.name), rank)
+        return LayerQueries(full, low_rank, shared, rank if low_rank else None)
+
+    # ------------------------------------------------------------------ scores
+    def scores(self, prepared: LayerQueries) -> Tensor:
+        """``S [T, N]`` float64: the removal effect of every training example on every query."""
+        fitted = self.fitted
+        n = fitted.n
+        device = fitted.space.device
+        S = torch.empty(prepared.count, n, dtype=torch.float64, device=device)
+        total = -(-n // fitted.batch_size)
+        batches = track(fitted.train.batches(fitted.batch_size), fitted.progress, "scores", total)
+        for batch in batches:
+            part = self._batch_scores(batch, prepared)
+            S[:, batch.indices.to(device)] = part
+        S += prepared.shared.unsqueeze(1)
+        return S / n
+
+    def _batch_scores(self, batch: Batch, prepared: LayerQueries) -> Tensor:
+        """``sum_l <U_tl, G_jl>`` for the batch, [T, B] float64."""
+        out = torch.zeros(
+            prepared.count, len(batch.indices), dtype=torch.float64, device=self.fitted.space.device
+        )
+        terms = layer_terms(self.fitted.engine, self.tracked, batch, "loss", self.mask_key)
+        for t in self.tracked:
+            a, ds = terms.pop(t.name)
+            if t.name in prepared.low_rank:
+                L, R = prepared.low_rank[t.name]
+                left = torch.einsum("bso,qor->qbsr", ds.to(self.dtype), L)
+                right = torch.einsum("bsi,qir->qbsr", a.to(self.dtype), R)
+                out += (left * right).sum((2, 3)).to(torch.float64)
+            else:
+                G = block_gradients(a, ds, self.dtype)
+                U = prepared.full[t.name]
+                out += (U.reshape(U.shape[0], -1) @ G.reshape(G.shape[0], -1).T).to(torch.float64)
+        return out
+
+    def self_scores(self) -> Tensor:
+        """``(1/N) g_j^T A^{-1} v_j`` for every training example, [N] float64."""
+        fitted = self.fitted
+        n = fitted.n
+        theta = self._theta_blocks()
+        out = torch.empty(n, dtype=torch.float64, device=fitted.space.device)
+        total = -(-n // fitted.batch_size)
+        batches = track(
+            fitted.train.batches(fitted.batch_size), fitted.progress, "self-scores", total
+        )
+        for batch in batches:
+            blocks = dict(self.gradients(batch, "loss"))
+            attributed = {
+                name: G + fitted.l2 * theta[name] if fitted.l2 else G for name, G in blocks.items()
+            }
+            solved = precondition(self.curvature, attributed, self.dtype)
+            values = sum(
+                (blocks[name] * U).sum((1, 2)).to(torch.float64) for name, U in solved.items()
+            )
+            out[batch.indices.to(out.device)] = torch.as_tensor(values) / n
+        return out

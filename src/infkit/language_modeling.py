@@ -1,0 +1,156 @@
+"""Causal language modelling: the next-token loss of a sequence and what the methods need of it.
+
+The conventions are Hugging Face's: a model maps token ids ``input_ids`` [B, T] (and an
+``attention_mask``) to logits [B, T, V]; ``labels`` [B, T] are aligned with the inputs and
+shifted inside the loss, so the logits at position t are scored against label t + 1; a label
+of -100 (PyTorch's ``ignore_index``) is not scored. The per-example loss is the *summed*
+next-token loss of the sequence (docs/methods/language_models.md §1),
+
+    l_i = sum_{t : y_{i,t+1} != -100} CE(z_{i,t}, y_{i,t+1}),
+
+so that a sequence weighs by its scored tokens, as in the mean-over-tokens training loss up to
+the constant number of tokens. A completion given a prompt is scored by the same loss with the
+prompt's labels set to -100 (:func:`examples` with ``prompt_lengths``).
+
+The output Hessian of position t is the softmax block ``diag(p_t) - p_t p_t^T`` of the scored
+positions, applied as a product (:func:`hessian_product`; a dense [TV, TV] block is never
+formed), and :func:`sample_labels` draws next tokens from the model for the true Fisher.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from infkit.errors import InvalidInputError
+
+#: PyTorch's ignore_index, Hugging Face's label for positions that are not scored
+IGNORE_INDEX = -100
+
+
+def _shifted(outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits [B, T-1, V] of positions 0..T-2 and the labels they predict [B, T-1]."""
+    if outputs.dim() != 3:
+        raise InvalidInputError(
+            f"a language model returns logits [B, T, V]; got shape {tuple(outputs.shape)}"
+        )
+    labels = targets.reshape(outputs.shape[:2]).long()
+    return outputs[:, :-1], labels[:, 1:]
+
+
+def next_token_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``l_i``: the summed next-token cross-entropy of each sequence, [B]."""
+    logits, labels = _shifted(outputs, targets)
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return losses.reshape(labels.shape).sum(dim=1)
+
+
+def hessian_product(outputs: Tensor, targets: Tensor, vectors: Tensor) -> Tensor:
+    """``Lambda_i v`` for vectors [K, B, T, V]: ``p_t * v_t - p_t (p_t . v_t)`` at each scored
+    position t (its label t + 1 is not -100), zero elsewhere; in the vectors' dtype."""
+    logits, labels = _shifted(outputs, targets)
+    p = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    v = vectors[:, :, :-1].to(p.dtype)
+    product = p * v - p * (p * v).sum(-1, keepdim=True)
+    product = product * (labels != IGNORE_INDEX).unsqueeze(-1).to(p.dtype)
+    out = torch.zeros_like(vectors)
+    out[:, :, :-1] = product.to(vectors.dtype)
+    return out
+
+
+def margin(outputs: Tensor, targets: Tensor) -> Tensor:
+    """TRAK's model output for a sequence: ``sum_t log(p_t / (1 - p_t))`` over scored positions,
+    p_t the probability of token t + 1 (the multi-class margin of each position), [B]."""
+    logits, labels = _shifted(outputs, targets)
+    scored = labels != IGNORE_INDEX
+    picked = labels.clamp_min(0).unsqueeze(-1)
+    true = logits.gather(-1, picked).squeeze(-1)
+    others = logits.scatter(-1, picked, float("-inf")).logsumexp(-1)
+    return ((true - others) * scored.to(logits.dtype)).sum(dim=1)
+
+
+def margin_to_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """TRAK's weight Q for a sequence: the mean of ``1 - p_t`` over its scored positions, [B]."""
+    logits, labels = _shifted(outputs, targets)
+    scored = (labels != IGNORE_INDEX).to(logits.dtype)
+    p = torch.softmax(logits, -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return ((1 - p) * scored).sum(dim=1) / scored.sum(dim=1).clamp_min(1)
+
+
+def sample_labels(outputs: Tensor, targets: Any, generator: torch.Generator) -> Tensor:
+    """Labels drawn from the model: position t + 1 from ``softmax(z_t)`` where it is scored."""
+    logits, labels = _shifted(outputs, targets)
+    probs = torch.softmax(logits.detach().to(torch.float32), dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    drawn = torch.multinomial(flat, 1, generator=generator).reshape(labels.shape)
+    sampled = targets.reshape(outputs.shape[:2]).long().clone()
+    sampled[:, 1:] = torch.where(labels == IGNORE_INDEX, labels, drawn)
+    return sampled
+
+
+def check_labels(targets: Any, output_shape: tuple[int, ...]) -> tuple[int, str] | None:
+    """Why a batch of token labels is unusable (the first bad sequence), or None."""
+    if len(output_shape) != 2:
+        return 0, (
+            f"a language model must return logits [B, T, V]; its outputs have per-example "
+            f"shape {output_shape}"
+        )
+    length, vocabulary = output_shape
+    if not isinstance(targets, Tensor):
+        return 0, (
+            f"labels must be a tensor of token ids [N, T], got {type(targets).__name__}; "
+            "infkit.language_modeling.examples(input_ids) builds them"
+        )
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        return 0, f"labels must be integer token ids, got dtype {targets.dtype}"
+    if tuple(targets.shape[1:]) != (length,):
+        return 0, (
+            f"labels have per-example shape {tuple(targets.shape[1:])}, the logits {length} "
+            "positions: labels are aligned with input_ids (the loss shifts them)"
+        )
+    y = targets.long()
+    scored = y[:, 1:] != IGNORE_INDEX
+    outside = scored & ((y[:, 1:] < 0) | (y[:, 1:] >= vocabulary))
+    if bool(outside.any()):
+        k = int(outside.any(dim=1).nonzero()[0, 0])
+        bad = int(y[k, 1:][outside[k]][0])
+        return k, (
+            f"label {bad} is outside the vocabulary of {vocabulary} tokens (and is not -100, "
+            "the ignored label)"
+        )
+    return None
+
+
+def examples(
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    prompt_lengths: Tensor | list[int] | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """An ``(inputs, labels)`` pair for :meth:`infkit.Task.language_modeling`.
+
+    Labels are the input ids, with -100 at padding (``attention_mask == 0``) and, for
+    completions, at the first ``prompt_lengths[i]`` positions of sequence i, so that only the
+    completion's tokens are scored.
+    """
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() != 2:
+        raise InvalidInputError(f"input_ids must be [N, T], got shape {tuple(ids.shape)}")
+    labels = ids.clone().long()
+    inputs = {"input_ids": ids}
+    if attention_mask is not None:
+        mask = torch.as_tensor(attention_mask)
+        labels[mask == 0] = IGNORE_INDEX
+        inputs["attention_mask"] = mask
+    if prompt_lengths is not None:
+        lengths = torch.as_tensor(prompt_lengths).reshape(-1)
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        labels[positions < lengths.unsqueeze(1)] = IGNORE_INDEX
+    return inputs, labels

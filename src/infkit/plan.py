@@ -1,0 +1,157 @@
+"""The plan of a run before it starts: passes over the data, bytes per stage, time.
+
+:meth:`infkit.Influence.plan` asks the method for its :class:`Stage` list for a :class:`RunShape`
+(how many training and query examples, their length in tokens, the batch size, how many
+processes share the work) and, when the model is real (not on PyTorch's meta device), times one
+forward and backward pass of a batch to estimate the time. A model built on the meta device from
+a configuration (``with torch.device("meta"): AutoModelForCausalLM.from_config(config)``) gets the
+same plan without any weight allocated: how large a run would be on machines you do not have
+(docs/methods/language_models.md §6).
+
+Bytes are per process; the layout they assume is the method's (the Kronecker methods: data split
+across processes, factors and eigenbases on every process, EK-FAC's eigenvalues, the preconditioned
+queries' layers and the scores' columns split across processes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from infkit.memory import human_bytes
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The size of a run.
+
+    Attributes:
+        n_train: training examples N.
+        n_queries: query examples Q.
+        tokens: positions per example T (1 for non-sequence models).
+        outputs: flattened outputs per example C (T x V for a language model).
+        batch_size: examples per batch.
+        world_size: processes sharing the work.
+        parameters: P, the attributed parameters.
+        itemsize: bytes of one number in the model's precision.
+        model_bytes: bytes of the model's parameters and buffers.
+        memory_limit: the budget of one process in bytes (None: not bounded).
+    """
+
+    n_train: int
+    n_queries: int
+    tokens: int
+    outputs: int
+    batch_size: int
+    world_size: int
+    parameters: int
+    itemsize: int
+    model_bytes: int
+    memory_limit: int | None = None
+
+    @property
+    def batches(self) -> int:
+        """Batches of training data per process per pass."""
+        per_rank = -(-self.n_train // self.world_size)
+        return -(-per_rank // self.batch_size)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a run.
+
+    Attributes:
+        name: what it does.
+        passes: passes over the training data (0 for work without data).
+        bytes: the stage's own objects per process, beyond the model.
+        largest: the largest object, and its bytes.
+        note: how it is laid out across processes, or what would reduce it.
+    """
+
+    name: str
+    passes: float
+    bytes: int
+    largest: tuple[str, int]
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """The stages of a run, its passes, its peak and (for a real model) an estimate of its time.
+
+    Attributes:
+        method: the method's name.
+        shape: the run's size.
+        stages: in order.
+        seconds_per_batch: a timed forward and backward pass of one batch (None: not timed).
+    """
+
+    method: str
+    shape: RunShape
+    stages: list[Stage] = field(default_factory=list)
+    seconds_per_batch: float | None = None
+
+    @property
+    def passes(self) -> float:
+        """Passes over the training data in all."""
+        return sum(s.passes for s in self.stages)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The model plus the largest stage, per process."""
+        return self.shape.model_bytes + max((s.bytes for s in self.stages), default=0)
+
+    @property
+    def largest(self) -> tuple[str, int]:
+        """The largest single object of the run."""
+        return max((s.largest for s in self.stages), key=lambda item: item[1], default=("", 0))
+
+    @property
+    def seconds(self) -> float | None:
+        """Estimated time: passes x batches per process x the timed batch (hooks included)."""
+        if self.seconds_per_batch is None:
+            return None
+        return self.passes * self.shape.batches * self.seconds_per_batch
+
+    def record(self) -> dict[str, Any]:
+        """The plan as plain data."""
+        return {
+            "method": self.method,
+            "shape": self.shape.__dict__,
+            "stages": [s.__dict__ for s in self.stages],
+            "passes": self.passes,
+            "peak_bytes": self.peak_bytes,
+            "largest": self.largest,
+            "seconds": self.seconds,
+        }
+
+    def __str__(self) -> str:
+        s = self.shape
+        head = (
+            f"plan of method {self.method!r}: N = {s.n_train:,} examples x {s.tokens} tokens, "
+            f"{s.n_queries:,} queries, P = {s.parameters:,}, batch {s.batch_size}, "
+            f"{s.world_size} process{'es' if s.world_size > 1 else ''}"
+        )
+        rows = [head, f"  {'stage':<28} {'passes':>6} {'bytes/process':>14}  largest object"]
+        for stage in self.stages:
+            name, size = stage.largest
+            rows.append(
+                f"  {stage.name:<28} {stage.passes:>6g} {human_bytes(stage.bytes):>14}  "
+                f"{name} ({human_bytes(size)})" + (f"; {stage.note}" if stage.note else "")
+            )
+        rows.append(
+            f"  model {human_bytes(s.model_bytes)}; peak per process about "
+            f"{human_bytes(self.peak_bytes)}; {self.passes:g} passes of {s.batches:,} batches"
+        )
+        limit = s.memory_limit
+        if limit is not None and self.peak_bytes - s.model_bytes > limit:
+            rows.append(
+                f"  above memory_limit ({human_bytes(limit)} per process): track fewer layers, "
+                "set query_rank, or use more processes"
+            )
+        if self.seconds is not None:
+            rows.append(
+                f"  time: about {self.seconds / 60:.1f} min ({self.seconds_per_batch:.2f} s per "
+                "batch, timed)"
+            )
+        return "\n".join(rows)

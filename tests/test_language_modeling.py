@@ -1,0 +1,431 @@
+"""Causal language modelling: the task, its output Hessian and sampler, and EK-FAC streamed
+layer by layer from hooks, against autodiff, dense solves and the cached path.
+
+A small causal LM written here (embedding, a causal running mean, a tanh MLP, an output head)
+keeps the default run free of transformers; the Llama case at the end needs it (skipped
+otherwise, run by ``make test-slow``).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import infkit
+from infkit import language_modeling as lm
+from infkit.errors import InvalidInputError, Notice, UnsupportedError
+
+VOCAB, LENGTH, N, Q = 11, 7, 20, 4
+
+
+class TinyLM(nn.Module):
+    """Token embedding, a causal running mean over positions, a tanh MLP and a head: [B, T, V]."""
+
+    def __init__(self, vocab: int = VOCAB, width: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        h = self.embed(input_ids)
+        steps = torch.arange(1, h.shape[1] + 1, dtype=h.dtype).reshape(1, -1, 1)
+        h = torch.tanh(self.mix(h.cumsum(1) / steps))
+        return self.head(self.norm(h))
+
+
+@pytest.fixture(scope="module")
+def problem() -> dict:
+    torch.manual_seed(0)
+    model = TinyLM().double().eval()
+    ids = torch.randint(0, VOCAB, (N + Q, LENGTH))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0  # a padded training sequence
+    inputs, labels = lm.examples(ids, mask, prompt_lengths=[0] * N + [3] * Q)
+    split = lambda lo, hi: ({k: v[lo:hi] for k, v in inputs.items()}, labels[lo:hi])  # noqa: E731
+    return {"model": model, "train": split(0, N), "test": split(N, N + Q)}
+
+
+# ============================================================================ the task
+def test_loss_is_the_summed_next_token_loss(problem: dict) -> None:
+    inputs, labels = problem["train"]
+    logits = problem["model"](**inputs)
+    losses = lm.next_token_loss(logits, labels)
+    for i in (0, 2):
+        scored = [
+            nn.functional.cross_entropy(logits[i, t], labels[i, t + 1])
+            for t in range(LENGTH - 1)
+            if labels[i, t + 1] != lm.IGNORE_INDEX
+        ]
+        torch.testing.assert_close(losses[i], torch.stack(scored).sum())
+    assert int((labels[2] == lm.IGNORE_INDEX).sum()) == 2  # the padding is not scored
+
+
+def test_trak_margin_and_weight_by_hand(problem: dict) -> None:
+    inputs, labels = problem["test"]
+    logits = problem["model"](**inputs).detach()
+    margins, weights = [], []
+    for b in range(len(labels)):
+        total, ones, count = 0.0, 0.0, 0
+        for t in range(LENGTH - 1):
+            y = int(labels[b, t + 1])
+            if y == -100:
+                continue
+            p = torch.softmax(logits[b, t], -1)[y]
+            total += float(torch.log(p / (1 - p)))
+            ones, count = ones + float(1 - p), count + 1
+        margins.append(total)
+        weights.append(ones / count)
+    torch.testing.assert_close(lm.margin(logits, labels), torch.tensor(margins).double())
+    torch.testing.assert_close(lm.margin_to_loss(logits, labels), torch.tensor(weights).double())
+
+
+def test_completion_labels_mask_the_prompt(problem: dict) -> None:
+    _, labels = problem["test"]
+    assert bool((labels[:, :3] == lm.IGNORE_INDEX).all())
+    assert bool((labels[:, 3:] != lm.IGNORE_INDEX).all())
+
+
+def test_hessian_product_equals_autodiff(problem: dict) -> None:
+    inputs, labels = problem["train"]
+    logits = problem["model"](**inputs).detach()
+    V = torch.randn(3, *logits.shape, dtype=logits.dtype)
+    got = lm.hessian_product(logits, labels, V)
+    for k in range(3):
+        f = logits.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(lm.next_token_loss(f, labels).sum(), f, create_graph=True)
+        (hv,) = torch.autograd.grad((g * V[k]).sum(), f)
+        torch.testing.assert_close(got[k], hv, rtol=1e-5, atol=1e-7)
+
+
+def test_sampled_labels_follow_the_model_and_keep_the_mask() -> None:
+    logits = torch.zeros(4000, 3, 2)
+    logits[..., 0] = torch.log(torch.tensor(0.7 / 0.3))  # p = (0.7, 0.3) at every position
+    labels = torch.zeros(4000, 3, dtype=torch.long)
+    labels[:, 2] = lm.IGNORE_INDEX
+    drawn = lm.sample_labels(logits, labels, torch.Generator().manual_seed(0))
+    assert bool((drawn[:, 2] == lm.IGNORE_INDEX).all())
+    share = float((drawn[:, 1] == 0).double().mean())
+    assert abs(share - 0.7) < 0.03  # 4,000 draws: the standard error is 0.007
+
+
+@pytest.mark.parametrize(
+    ("labels", "words"),
+    [
+        (torch.full((2, LENGTH), 40), ["sequence 0", "outside the vocabulary"]),
+        (torch.zeros(2, LENGTH).double(), ["integer token ids"]),
+        (torch.zeros(2, LENGTH + 1, dtype=torch.long), ["aligned with input_ids"]),
+    ],
+    ids=["out-of-vocabulary", "float", "misaligned"],
+)
+def test_bad_token_labels_are_named(problem: dict, labels: torch.Tensor, words: list[str]) -> None:
+    task = infkit.Task.language_modeling(problem["model"])
+    inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(problem["train"])
+    inputs = {k: v[:2] for k, v in problem["test"][0].items()}
+    with pytest.raises(InvalidInputError) as info:
+        inf.scores((inputs, labels))
+    message = str(info.value).replace("test set example", "sequence")
+    for word in words:
+        assert word in message, message
+
+
+# ============================================================================ curvature
+def test_cg_with_the_token_hessian_product_equals_exact(problem: dict) -> None:
+    # exact forms Lambda densely by autodiff; cg uses lm.hessian_product: the same GGN
+    task = infkit.Task.language_modeling(problem["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exact = infkit.Influence(task, "exact", l2=1e-2, damping=1e-2).fit(problem["train"])
+        cg = infkit.Influence(task, "cg", l2=1e-2, damping=1e-2, tol=1e-11).fit(problem["train"])
+    S = exact.scores(problem["test"])
+    assert float((cg.scores(problem["test"]) - S).norm() / S.norm()) < 1e-7
+
+
+def test_ekfac_leaves_unsupported_parameters_out_with_a_notice(problem: dict) -> None:
+    task = infkit.Task.language_modeling(problem["model"])
+    with pytest.warns(Notice, match="embed.weight") as record:
+        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(problem["train"])
+    assert "norm.weight" in str(record[0].message)
+    assert inf.n_params == sum(
+        p.numel() for m in (task.model.mix, task.model.head) for p in m.parameters()
+    )
+    with pytest.raises(UnsupportedError, match="outside them"):
+        infkit.Influence(task, "ekfac", l2=1e-2, unsupported="error")
+
+
+# ============================================================================ streaming
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_streamed_scores_equal_the_cached_path(problem: dict, dtype: torch.dtype) -> None:
+    model = TinyLM().to(dtype).eval()
+    model.load_state_dict(problem["model"].state_dict())
+    task = infkit.Task.language_modeling(model)
+    options = {"l2": 1e-2, "damping": 1e-2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        cached = infkit.Influence(task, "ekfac", **options).fit(problem["train"])
+        # a memory limit below the [N, P] gradient cache: scores stream from layer hooks
+        streamed = infkit.Influence(task, "ekfac", memory_limit=20_000, **options).fit(
+            problem["train"]
+        )
+    assert cached.fitted.train_gradients is not None
+    assert streamed.fitted.train_gradients is None
+    tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
+    torch.testing.assert_close(
+        streamed.scores(problem["test"]).double(), cached.scores(problem["test"]).double(), **tol
+    )
+    torch.testing.assert_close(
+        streamed.self_scores().double(), cached.self_scores().double(), **tol
+    )
+    assert streamed.describe()["query_rank"] is None
+
+
+def test_low_rank_queries(problem: dict) -> None:
+    task = infkit.Task.language_modeling(problem["model"])
+    options = {"l2": 1e-2, "damping": 1e-2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        full = infkit.Influence(task, "ekfac", **options).fit(problem["train"])
+        S = full.scores(problem["test"])
+        errors = []
+        for rank in (1, 3, 6):  # 6 = the smallest block dimension: exact
+            inf = infkit.Influence(task, "ekfac", query_rank=rank, **options).fit(problem["train"])
+            errors.append(float((inf.scores(problem["test"]) - S).norm() / S.norm()))
+            # rank 6 stores no layer at low rank: its factors would be larger than the blocks
+            assert inf.describe()["query_rank"] == (rank if rank < 6 else None)
+    assert errors[-1] < 1e-10
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_queries_beyond_the_budget_go_low_rank_with_a_notice(problem: dict) -> None:
+    task = infkit.Task.language_modeling(problem["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, memory_limit=9_000)
+        inf.fit(problem["train"])
+    with pytest.warns(Notice, match="rank"):
+        inf.scores(problem["test"])
+    assert inf.describe()["query_rank"] is not None
+
+
+def test_module_and_token_scores_of_a_language_model(problem: dict) -> None:
+    task = infkit.Task.language_modeling(problem["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(problem["train"])
+    S = inf.scores(problem["test"])
+    parts = inf.module_scores(problem["test"])
+    torch.testing.assert_close(sum(parts.values()), S, rtol=1e-8, atol=1e-12)
+    tokens = inf.token_scores(problem["test"], [0, 2, 5])
+    torch.testing.assert_close(tokens.total, S[:, [0, 2, 5]], rtol=1e-8, atol=1e-12)
+
+
+# ============================================================================ a real model class
+@pytest.mark.slow
+def test_llama_from_transformers() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    ids = torch.randint(0, 40, (28, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    inputs, labels = lm.examples(ids, mask)
+    train = ({k: v[:24] for k, v in inputs.items()}, labels[:24])
+    test = ({k: v[24:] for k, v in inputs.items()}, labels[24:])
+    task = infkit.Task.language_modeling(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cached = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(train)
+        streamed = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, memory_limit=800_000)
+        streamed.fit(train)
+    torch.testing.assert_close(streamed.scores(test), cached.scores(test), rtol=1e-9, atol=1e-12)
+    # the loss is Hugging Face's own, summed over the scored tokens
+    out = model(input_ids=ids[:1], attention_mask=mask[:1], labels=labels[:1])
+    ours = task.loss(out.logits, labels[:1])
+    expected = out.loss.double() * int((labels[0, 1:] != -100).sum())
+    torch.testing.assert_close(ours[0], expected, rtol=1e-6, atol=1e-7)
+
+
+# ============================================================================ the plan
+def _factor_bytes(model: nn.Module, itemsize: int) -> int:
+    """sum over the model's Linear layers of (cols^2 + d_out^2) items, cols = d_in (+1 bias)."""
+    out = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            cols = m.in_features + (m.bias is not None)
+            out += (cols**2 + m.out_features**2) * itemsize
+    return out
+
+
+def test_plan_counts_passes_and_factor_bytes_and_times_a_batch(problem: dict) -> None:
+    model = TinyLM().float().eval()
+    task = infkit.Task.language_modeling(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        plan = infkit.Influence(task, "ekfac", damping="auto", batch_size=4).plan(
+            problem["train"], problem["test"]
+        )
+        kfac = infkit.Influence(task, "kfac", damping="auto").plan(n_train=N, sequence_length=7)
+    assert plan.passes == 3 and kfac.passes == 2  # covariances, eigenvalues, scores
+    assert plan.shape.tokens == LENGTH and plan.shape.n_queries == Q
+    assert plan.shape.batches == -(-N // 4)
+    stages = {s.name: s for s in plan.stages}
+    assert stages["covariances A, S"].bytes >= _factor_bytes(model, 4)
+    assert plan.seconds_per_batch is not None and plan.seconds_per_batch > 0
+    assert plan.seconds == pytest.approx(3 * plan.shape.batches * plan.seconds_per_batch)
+    assert "3 passes" in str(plan)
+
+
+def test_plan_on_the_meta_device_equals_the_real_model_and_splits_across_processes() -> None:
+    torch.manual_seed(0)
+    real = TinyLM(vocab=50, width=16)
+    with torch.device("meta"):
+        meta = TinyLM(vocab=50, width=16)
+    plans = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        for name, model in (("real", real), ("meta", meta)):
+            inf = infkit.Influence(infkit.Task.language_modeling(model), "ekfac", damping="auto")
+            plans[name] = [
+                inf.plan(n_train=1000, n_queries=8, sequence_length=32, world_size=w)
+                for w in (1, 4)
+            ]
+    for a, b in zip(plans["real"], plans["meta"], strict=True):
+        assert [s.bytes for s in a.stages] == [s.bytes for s in b.stages]
+    one, four = plans["meta"]
+    assert one.shape.batches == 4 * four.shape.batches  # 1000 / 32 per process
+    by_name = lambda p: {s.name: s.bytes for s in p.stages}  # noqa: E731
+    assert by_name(four)["queries"] < by_name(one)["queries"]
+    with pytest.raises(InvalidInputError, match="world_size"):
+        infkit.Influence(infkit.Task.language_modeling(meta), "ekfac").plan(
+            n_train=10, sequence_length=4, world_size=0
+        )
+
+
+def test_plan_foresees_the_query_rank_that_scoring_chooses(problem: dict) -> None:
+    task = infkit.Task.language_modeling(problem["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, memory_limit=9_000)
+        plan = inf.plan(problem["train"], problem["test"], timed=False)
+        inf.fit(problem["train"])
+        inf.scores(problem["test"])
+    rank = inf.describe()["query_rank"]
+    assert rank is not None
+    queries = next(s for s in plan.stages if s.name == "queries")
+    assert queries.note == f"rank {rank} per layer (SVD)"
+    assert "above memory_limit" in str(plan)  # factors, eigenbases and scores exceed 9 kB
+
+
+# ============================================================================ precision
+def test_bfloat16_autocast_runs_the_layers_in_bfloat16_and_keeps_the_scores(problem: dict) -> None:
+    model = TinyLM().float().eval()
+    model.load_state_dict(problem["model"].state_dict())
+    seen: list[torch.dtype] = []
+    model.mix.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    train = problem["train"]
+    test = problem["test"]
+    scores = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for dtype in (None, torch.bfloat16):
+            task = infkit.Task.language_modeling(model)
+            for method in ("ekfac", "identity"):
+                inf = infkit.Influence(task, method, l2=1e-2, damping=1e-2, dtype=dtype).fit(train)
+                scores[dtype, method] = inf.scores(test).double()
+                assert inf.describe()["autocast"] == (None if dtype is None else "bfloat16")
+            # the gradient passes run in bfloat16 (curvature products stay in float32)
+            assert (torch.bfloat16 in seen) == (dtype is not None)
+            seen.clear()
+    for method in ("ekfac", "identity"):
+        full, half = scores[None, method].flatten(), scores[torch.bfloat16, method].flatten()
+        assert torch.corrcoef(torch.stack([full, half]))[0, 1] > 0.99
+        assert float((half - full).norm() / full.norm()) < 0.1  # bfloat16: 3 significant digits
+    with pytest.raises(InvalidInputError, match="dtype"):
+        infkit.Influence(infkit.Task.language_modeling(model), "ekfac", dtype=torch.int8)
+    with pytest.raises(InvalidInputError, match="device"):
+        infkit.Influence(infkit.Task.language_modeling(model), "ekfac", device="nowhere")
+
+
+# ============================================================================ every method
+def _gradients(
+    model: nn.Module, data: tuple, names: list[str], fn=lm.next_token_loss
+) -> torch.Tensor:
+    """Per-example gradients [N, P] of ``fn`` (the loss) in the named parameters, by autograd."""
+    inputs, labels = data
+    params = [dict(model.named_parameters())[n] for n in names]
+    rows = []
+    for i in range(len(labels)):
+        one = {k: v[i : i + 1] for k, v in inputs.items()}
+        loss = fn(model(**one), labels[i : i + 1])[0]
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def test_trak_identity_and_astra_on_a_language_model(problem: dict) -> None:
+    model = problem["model"]
+    task = infkit.Task.language_modeling(model)
+    train, test = problem["train"], problem["test"]
+    names = [n for n, _ in model.named_parameters()]
+    G, Gt = _gradients(model, train, names), _gradients(model, test, names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        identity = infkit.Influence(task, "identity").fit(train).scores(test)
+        # identity: the raw gradient dot product / N
+        torch.testing.assert_close(identity, Gt @ G.T / N, rtol=1e-8, atol=1e-12)
+        # ASTRA converges to the exact damped solve over the layers EK-FAC tracks
+        opts = {"l2": 1e-2, "damping": 1e-2}
+        astra = infkit.Influence(task, "astra", **opts).fit(train).scores(test)
+        linear_only = copy.deepcopy(model)  # the parameters EK-FAC tracks, the rest frozen
+        for name, p in linear_only.named_parameters():
+            p.requires_grad_(name.startswith(("mix.", "head.")))
+        exact_task = infkit.Task.language_modeling(linear_only)
+        exact = infkit.Influence(exact_task, "exact", **opts).fit(train).scores(test)
+        assert float((astra - exact).norm() / exact.norm()) < 1e-3
+        # TRAK: the one-step Newton surrogate on the sequence margin sum_t log(p_t / (1 - p_t))
+        lam = 1e-2
+        trak = infkit.Influence(task, "trak", projection="identity", lambda_reg=lam)
+        S = trak.fit(train).scores(test)
+    Phi = _gradients(model, train, names, lm.margin)
+    inputs, labels = train
+    q = lm.margin_to_loss(model(**inputs), labels).detach()
+    gram = Phi.T @ Phi + lam * torch.eye(Phi.shape[1], dtype=torch.float64)
+    tau = Gt @ torch.linalg.solve(gram, Phi.T) * q
+    torch.testing.assert_close(S, -tau, rtol=1e-7, atol=1e-10)
+
+
+# ============================================================================ the documented code
+def _python_block(path: str, heading: str) -> str:
+    """The first ```python block after ``heading`` in a Markdown file of the repository."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / path).read_text()
+    after = text[text.index(heading) :]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start : after.index("```\n", start)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("path", "heading"),
+    [("README.md", "## Language models"), ("docs/methods/language_models.md", "## 6.")],
+)
+def test_the_documented_language_model_code_runs(path: str, heading: str, capsys) -> None:
+    pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        exec(compile(_python_block(path, heading), path, "exec"), {})
+    assert "plan of method 'ekfac'" in capsys.readouterr().out
