@@ -298,7 +298,11 @@ class FactorFitter:
                 for t in self.tracked:
                     a, mask = cap.activations(t.name)
                     items[t.name] = (a, mask, Ds[t.name].detach())
+                # free this batch's graph before the next forward pass builds its own
+                del out, U, Ds
+                cap.records = {}
                 yield len(batch), items
+                del items  # the consumer is done with it
 
     def fit(self, examples: ExampleSet, corrected: bool) -> KroneckerFactors:
         """Covariances, eigendecompositions and (when ``corrected``) the EK-FAC eigenvalues."""
@@ -341,6 +345,7 @@ class FactorFitter:
                     cache.append({k: (a, d) for k, (a, _, d) in items.items()})
                 else:
                     cache = None
+            del items  # before the next batch's forward pass
         modules = {}
         for t in self.tracked:
             At = A[t.name] / max(tokens[t.name], 1.0)
@@ -364,6 +369,7 @@ class FactorFitter:
                 for name, (a, _, ds) in items.items():
                     f = modules[name]
                     Lam[name] += rotated_squares(ds, a, f.QS, f.QA, work).to(work)
+                del items
             for name, f in modules.items():
                 f.Lambda = Lam[name] / n
         meta = {

@@ -64,18 +64,16 @@ def block_gradients(a: Tensor, ds: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.einsum("bto,bti->boi", ds.to(dtype), a.to(dtype))
 
 
-def precondition(
-    curvature: KroneckerCurvature, blocks: dict[str, Tensor], dtype: torch.dtype
-) -> dict[str, Tensor]:
-    """``A^{-1}`` applied blockwise to per-layer gradients [k, d_out, cols], in ``dtype``."""
-    ridges = curvature.ridges()
-    out = {}
-    for t in curvature.tracked:
-        f = curvature.factors.modules[t.name]
-        QS, QA = f.QS.to(dtype), f.QA.to(dtype)
-        denom = (curvature.eigenvalues(t.name) + ridges[t.name]).to(dtype)
-        out[t.name] = QS @ ((QS.T @ blocks[t.name] @ QA) / denom) @ QA.T
-    return out
+def precondition_layer(
+    curvature: KroneckerCurvature, name: str, G: Tensor, ridge: float, dtype: torch.dtype
+) -> Tensor:
+    """``Q_S ((Q_S^T G Q_A) / (Lambda + ridge)) Q_A^T`` for one layer's blocks [k, d_out, cols]."""
+    f = curvature.factors.modules[name]
+    QS, QA = f.QS.to(dtype), f.QA.to(dtype)
+    denom = (curvature.eigenvalues(name) + ridge).to(dtype)
+    rotated = QS.T @ G.to(dtype) @ QA
+    rotated /= denom
+    return QS @ rotated @ QA.T
 
 
 def _low_rank(U: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -132,12 +130,19 @@ class StreamingScorer:
     def queries(self, queries: ExampleSet) -> LayerQueries:
         """Precondition the query gradients, keeping layers at low rank beyond the budget."""
         fitted = self.fitted
-        parts: dict[str, list[Tensor]] = {t.name: [] for t in self.tracked}
+        device, ridges = fitted.space.device, self.curvature.ridges()
+        # one layer's blocks at a time, written into their place (no concatenated copy)
+        full = {
+            t.name: torch.empty(len(queries), t.d_out, t.cols, dtype=self.dtype, device=device)
+            for t in self.tracked
+        }
         for batch in queries.batches(fitted.batch_size):
-            blocks = dict(self.gradients(batch, "measurement"))
-            for name, U in precondition(self.curvature, blocks, self.dtype).items():
-                parts[name].append(U)
-        full = {name: torch.cat(chunks) for name, chunks in parts.items()}
+            rows = batch.indices.to(device)
+            for name, G in self.gradients(batch, "measurement"):
+                full[name][rows] = precondition_layer(
+                    self.curvature, name, G, ridges[name], self.dtype
+                )
+                del G
         theta = self._theta_blocks()
         shared = torch.zeros(len(queries), dtype=torch.float64, device=fitted.space.device)
         if fitted.l2:
@@ -210,14 +215,12 @@ class StreamingScorer:
         batches = track(
             fitted.train.batches(fitted.batch_size), fitted.progress, "self-scores", total
         )
+        ridges = self.curvature.ridges()
         for batch in batches:
-            blocks = dict(self.gradients(batch, "loss"))
-            attributed = {
-                name: G + fitted.l2 * theta[name] if fitted.l2 else G for name, G in blocks.items()
-            }
-            solved = precondition(self.curvature, attributed, self.dtype)
-            values = sum(
-                (blocks[name] * U).sum((1, 2)).to(torch.float64) for name, U in solved.items()
-            )
-            out[batch.indices.to(out.device)] = torch.as_tensor(values) / n
+            values = torch.zeros(len(batch.indices), dtype=torch.float64, device=out.device)
+            for name, G in self.gradients(batch, "loss"):
+                attributed = G + fitted.l2 * theta[name] if fitted.l2 else G
+                U = precondition_layer(self.curvature, name, attributed, ridges[name], self.dtype)
+                values += (G * U).sum((1, 2)).to(torch.float64)
+            out[batch.indices.to(out.device)] = values / n
         return out

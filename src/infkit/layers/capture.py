@@ -139,7 +139,7 @@ class Capture:
                 f"tracked module {name!r} was not called during the forward pass; it has no "
                 "gradient, so freeze it (requires_grad=False) or leave it out with modules=[...]"
             )
-        a = torch.cat([r.a for r in recs], dim=1)
+        a = recs[0].a if len(recs) == 1 else torch.cat([r.a for r in recs], dim=1)
         if all(r.mask is None for r in recs):
             return a, None
         masks = [r.mask if r.mask is not None else r.a.new_ones(r.a.shape[:2]) for r in recs]
@@ -195,7 +195,10 @@ class Capture:
             if g is None:
                 g = torch.zeros(k, *rec.out.shape, dtype=rec.out.dtype, device=rec.out.device)
             result.setdefault(name, []).append(rec.to_tokens(g))
-        return {n: torch.cat(parts, dim=2) for n, parts in result.items()}
+        return {
+            n: parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+            for n, parts in result.items()
+        }
 
     def loss_gradients(self, outputs: Tensor, losses: Tensor) -> dict[str, Tensor]:
         """Pre-activation gradients of ``losses.sum()``: name -> Ds [1, B, T, d_out]."""
