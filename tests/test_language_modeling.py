@@ -17,7 +17,9 @@ from torch import nn
 
 import infkit
 from infkit import language_modeling as lm
+from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError, Notice, UnsupportedError
+from infkit.kfac.streaming import StreamingScorer, query_budget
 
 VOCAB, LENGTH, N, Q = 11, 7, 20, 4
 
@@ -164,14 +166,14 @@ def test_streamed_scores_equal_the_cached_path(problem: dict, dtype: torch.dtype
     model = TinyLM().to(dtype).eval()
     model.load_state_dict(problem["model"].state_dict())
     task = infkit.Task.language_modeling(model)
-    options = {"l2": 1e-2, "damping": 1e-2}
+    options = {"l2": 1e-2, "damping": 1e-2, "batch_size": 2}
+    # a memory limit below the [N, P] gradient cache, holding the Q queries: scores stream
+    limit = _limit_for_queries({**problem, "model": model}, Q, batch_size=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)
         cached = infkit.Influence(task, "ekfac", **options).fit(problem["train"])
-        # a memory limit below the [N, P] gradient cache: scores stream from layer hooks
-        streamed = infkit.Influence(task, "ekfac", memory_limit=20_000, **options).fit(
-            problem["train"]
-        )
+        streamed = infkit.Influence(task, "ekfac", memory_limit=limit, **options)
+        streamed.fit(problem["train"])
     assert cached.fitted.train_gradients is not None
     assert streamed.fitted.train_gradients is None
     tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
@@ -201,15 +203,49 @@ def test_low_rank_queries(problem: dict) -> None:
     assert errors[0] > errors[1] > errors[2]
 
 
-def test_queries_beyond_the_budget_go_low_rank_with_a_notice(problem: dict) -> None:
+def _limit_for_queries(problem: dict, k: int, batch_size: int = 64) -> int:
+    """A memory_limit whose query budget (the limit less the factors and a pass's working
+    memory) holds k preconditioned queries of the tiny LM (119 numbers each)."""
+    model = problem["model"]
+    task = infkit.Task.language_modeling(model)
+    big = 10**9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = infkit.Influence(
+            task, "ekfac", l2=1e-2, damping=1e-2, memory_limit=big, batch_size=batch_size
+        ).fit(problem["train"])
+    overhead = big - query_budget(inf.fitted, inf.method.kronecker())
+    item = next(model.parameters()).element_size()
+    return overhead + k * 119 * item + 4
+
+
+def test_queries_beyond_the_budget_are_scored_in_groups_with_the_same_scores(
+    problem: dict,
+) -> None:
+    task = infkit.Task.language_modeling(problem["model"])
+    opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        free = infkit.Influence(task, "ekfac", **opts).fit(problem["train"])
+        limit = _limit_for_queries(problem, 2, batch_size=2)  # below the gradient cache
+        bounded = infkit.Influence(task, "ekfac", memory_limit=limit, **opts)
+        bounded.fit(problem["train"])
+        expected = free.method.scores(ExampleSet(problem["test"]), free.estimator_spec)
+    torch.testing.assert_close(bounded.scores(problem["test"]), expected, rtol=1e-10, atol=1e-13)
+    assert bounded.describe()["query_groups"] == 2
+    assert bounded.describe()["query_rank"] is None
+
+
+def test_a_query_beyond_the_budget_goes_low_rank_with_a_notice(problem: dict) -> None:
     task = infkit.Task.language_modeling(problem["model"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)
-        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, memory_limit=9_000)
-        inf.fit(problem["train"])
+        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(problem["train"])
+    scorer = StreamingScorer(inf.fitted, inf.method.kronecker(), query_bytes=500)
+    assert scorer.query_groups(Q) == [(0, Q)]
     with pytest.warns(Notice, match="rank"):
-        inf.scores(problem["test"])
-    assert inf.describe()["query_rank"] is not None
+        prepared = scorer.queries(ExampleSet(problem["test"]))
+    assert prepared.rank is not None and prepared.low_rank
 
 
 def test_module_and_token_scores_of_a_language_model(problem: dict) -> None:
@@ -315,19 +351,21 @@ def test_plan_on_the_meta_device_equals_the_real_model_and_splits_across_process
         )
 
 
-def test_plan_foresees_the_query_rank_that_scoring_chooses(problem: dict) -> None:
+def test_plan_foresees_the_query_groups_that_scoring_takes(problem: dict) -> None:
     task = infkit.Task.language_modeling(problem["model"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)
-        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, memory_limit=9_000)
+        limit = _limit_for_queries(problem, 2, batch_size=2)
+        inf = infkit.Influence(
+            task, "ekfac", l2=1e-2, damping=1e-2, memory_limit=limit, batch_size=2
+        )
         plan = inf.plan(problem["train"], problem["test"], timed=False)
         inf.fit(problem["train"])
         inf.scores(problem["test"])
-    rank = inf.describe()["query_rank"]
-    assert rank is not None
+    groups = inf.describe()["query_groups"]
     queries = next(s for s in plan.stages if s.name == "queries")
-    assert queries.note == f"rank {rank} per layer (SVD)"
-    assert "above memory_limit" in str(plan)  # factors, eigenbases and scores exceed 9 kB
+    assert queries.note == f"full rank, {groups} groups of up to 2 queries (a pass each)"
+    assert groups == 2 and plan.passes == 2 + groups  # covariances, eigenvalues, 2 scoring
 
 
 # ============================================================================ precision

@@ -84,14 +84,40 @@ def _low_rank(U: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return L.to(U.dtype), right_t[..., :r, :].transpose(-1, -2).to(U.dtype)
 
 
+#: a scoring pass's working memory, as a multiple of one batch's hook terms (activations and output
+#: gradients of every tracked layer) and largest gradient block: the terms, and as much again
+#: for the autograd graph that produces them
+WORKING_FACTOR = 2
+
+
+def query_budget(fitted: Fitted, curvature: KroneckerCurvature) -> int:
+    """Bytes the preconditioned queries may take: ``memory_limit`` less the fitted factors and a
+    scoring pass's working memory (a batch's hook terms and gradient blocks), at least 0."""
+    factors = sum(
+        t.numel() * t.element_size()
+        for f in curvature.factors.modules.values()
+        for t in (f.A, f.S, f.QA, f.QS, f.eig_a, f.eig_s, f.Lambda)
+        if t is not None
+    )
+    tracked = curvature.tracked
+    item = torch.empty(0, dtype=product_dtype(fitted.space.dtype)).element_size()
+    first = fitted.train.take([0]).inputs
+    ids = first.get("input_ids", next(iter(first.values()))) if isinstance(first, dict) else first
+    tokens = int(ids.shape[1]) if ids.dim() >= 2 else 1
+    hooks = fitted.batch_size * tokens * sum(t.d_out + t.cols for t in tracked) * item
+    block = fitted.batch_size * max(t.d_out * t.cols for t in tracked) * item
+    return max(0, fitted.memory_limit - factors - WORKING_FACTOR * (hooks + block))
+
+
 class StreamingScorer:
     """IF scores and self-scores of a Kronecker method, layer by layer from hooks.
 
     Args:
         fitted: the fitted record (its parameter space holds only tracked layers).
         curvature: the fitted Kronecker curvature.
-        query_bytes: the budget for the preconditioned queries; beyond it, layers are kept at
-            ``rank`` (or the largest rank that fits).
+        query_bytes: the budget for the preconditioned queries (:func:`query_budget`); beyond
+            it the queries are scored in groups (:meth:`query_groups`), and when one query does
+            not fit, layers are kept at ``rank`` (or the largest rank that fits).
         rank: the rank of low-rank query layers (None: chosen to fit ``query_bytes``).
     """
 
@@ -127,6 +153,16 @@ class StreamingScorer:
         }
 
     # ------------------------------------------------------------------ queries
+    def query_groups(self, count: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` groups of queries whose full-rank preconditioned gradients fit the
+        budget; each group is one pass over the training data. One group when ``rank`` is set
+        or when not even one query fits (then :meth:`queries` keeps them at low rank)."""
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        per_query = sum(t.d_out * t.cols for t in self.tracked) * item
+        size = count if self.rank is not None else self.query_bytes // max(per_query, 1)
+        size = count if size < 1 else min(size, count)
+        return [(start, min(start + size, count)) for start in range(0, count, size)]
+
     def queries(self, queries: ExampleSet) -> LayerQueries:
         """Precondition the query gradients, keeping layers at low rank beyond the budget."""
         fitted = self.fitted
@@ -157,11 +193,11 @@ class StreamingScorer:
             per_rank = t_count * sum(t.d_out + t.cols for t in self.tracked) * item
             rank = max(1, self.query_bytes // max(per_rank, 1))
             warn(
-                f"the {t_count} preconditioned query gradients take {human_bytes(total)}, more "
-                f"than their budget of {human_bytes(self.query_bytes)} (a quarter of "
-                f"memory_limit): each layer's is kept at rank {rank} (SVD), which approximates "
-                "the scores; pass fewer queries at a time, raise memory_limit, or set "
-                "query_rank explicitly (describe()['query_rank'] reports it)",
+                f"the preconditioned gradient of one query takes {human_bytes(total // t_count)}"
+                f", more than the budget of {human_bytes(self.query_bytes)} (memory_limit "
+                f"less the factors and a pass's working memory): each layer's is kept at rank {rank} (SVD), which approximates "
+                "the scores; raise memory_limit, track fewer layers, or set query_rank "
+                "explicitly (describe()['query_rank'] reports it)",
                 Notice,
             )
         low_rank = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet
@@ -30,7 +31,7 @@ from infkit.kfac.curvature import (
     attributed_parameters,
     kronecker_layers,
 )
-from infkit.kfac.streaming import StreamingScorer
+from infkit.kfac.streaming import WORKING_FACTOR, StreamingScorer, query_budget
 from infkit.layers.tracked import TrackedLayers, find_modules
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import KRONECKER, Fidelity, PrimalMethod, Problem, register
@@ -63,6 +64,8 @@ class KFAC(PrimalMethod):
         self.curvature_: KroneckerCurvature | None = None
         #: the lowest rank of the preconditioned query gradients so far (None: always full)
         self.query_rank: int | None = None
+        #: the most passes over the training data one scores() call took (query groups)
+        self.query_groups = 0
 
     def check(self, task: Task, space: ParameterSpace) -> None:
         kronecker_layers(task.model, space, self.options, self.name)
@@ -118,17 +121,26 @@ class KFAC(PrimalMethod):
             return None
         if fitted.train_gradients is not None and self.options.query_rank is None:
             return None  # small: the cached gradients answer in one product
-        return StreamingScorer(fitted, curvature, fitted.memory_limit // 4, self.options.query_rank)
+        budget = query_budget(fitted, curvature)
+        return StreamingScorer(fitted, curvature, budget, self.options.query_rank)
 
     def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
         scorer = self._streaming(estimator)
         if scorer is None:
             return super().scores(queries, estimator)
-        prepared = scorer.queries(queries)
-        if prepared.rank is not None:
-            ranks = [r for r in (self.query_rank, prepared.rank) if r is not None]
-            self.query_rank = min(ranks)
-        return scorer.scores(prepared)
+        groups = scorer.query_groups(len(queries))
+        device = self.fitted.space.device
+        out = torch.empty(len(queries), self.fitted.n, dtype=torch.float64, device=device)
+        for start, stop in groups:  # beyond the queries' budget: one pass per group, exact
+            part = queries if len(groups) == 1 else queries.subset(torch.arange(start, stop))
+            prepared = scorer.queries(part)
+            if prepared.rank is not None:
+                ranks = [r for r in (self.query_rank, prepared.rank) if r is not None]
+                self.query_rank = min(ranks)
+            out[start:stop] = scorer.scores(prepared)
+            del prepared
+        self.query_groups = max(self.query_groups, len(groups))
+        return out
 
     def self_scores(self, estimator: Estimator) -> Tensor:
         scorer = self._streaming(estimator)
@@ -179,35 +191,46 @@ class KFAC(PrimalMethod):
                     "corrected eigenvalues split by layer",
                 )
             )
-        # the preconditioned queries: full rank within a quarter of memory_limit, else rank r
-        # per layer (as StreamingScorer chooses it)
-        full = shape.n_queries * p * work // w
-        rank = self.options.query_rank
-        budget = None if shape.memory_limit is None else shape.memory_limit // 4
-        if rank is None and budget is not None and full > budget:
-            per_rank = shape.n_queries * sum(x.d_out + x.cols for x in tracked) * work // w
-            rank = max(1, budget // max(per_rank, 1))
-        queries = (
-            full
-            if rank is None
-            else min(full, shape.n_queries * rank * sum(x.cols + x.d_out for x in tracked) * work)
-            // w
-        )
+        # the preconditioned queries (split across processes): full rank in groups that fit
+        # memory_limit less the factors and a pass's working memory (query_budget), one pass
+        # over the data each; rank r per layer when one query does not fit or query_rank is set
+        # (as StreamingScorer decides)
+        local = -(-shape.n_queries // w)
+        per_query = p * work
+        per_rank = sum(x.d_out + x.cols for x in tracked) * work
+        rank, groups, size = self.options.query_rank, 1, local
+        eigenvalues = sum(x.cols + x.d_out for x in tracked) * work
+        resident = 2 * factors + eigenvalues + lam
+        working = WORKING_FACTOR * (hooks + block_bytes)
+        limit = shape.memory_limit
+        budget = None if limit is None else max(0, limit - resident - working)
+        if rank is None and budget is not None and local * per_query > budget:
+            size = budget // per_query
+            if size >= 1:
+                groups = -(-local // size)
+            else:
+                size, rank = local, max(1, budget // max(local * per_rank, 1))
+        queries = size * (per_query if rank is None else min(per_query, rank * per_rank))
+        if rank is not None:
+            note = f"rank {rank} per layer (SVD)"
+        elif groups > 1:
+            note = f"full rank, {groups} groups of up to {size} queries (a pass each)"
+        else:
+            note = "full rank"
         scores = shape.n_queries * shape.n_train * FLOAT64_BYTES // w
-        resident = 2 * factors + lam
         out.append(
             Stage(
                 "queries",
                 0,
                 resident + queries,
                 ("preconditioned queries", queries),
-                "full rank" if rank is None else f"rank {rank} per layer (SVD)",
+                note,
             )
         )
         out.append(
             Stage(
                 "scores",
-                1,
+                groups,
                 resident + queries + scores + block_bytes + hooks,
                 ("[Q, N] scores", scores),
                 "training data split across processes",
@@ -216,12 +239,13 @@ class KFAC(PrimalMethod):
         return out
 
     def query_row_bytes(self, n: int, p: int) -> int:
-        # streaming keeps the preconditioned queries within their own budget (low rank beyond)
+        # streaming keeps the preconditioned queries within their own budget (query groups)
         return 3 * n * FLOAT64_BYTES
 
     def describe(self) -> dict[str, object]:
         out: dict[str, object] = super().describe()
         out["query_rank"] = self.query_rank
+        out["query_groups"] = self.query_groups
         if self.curvature_ is not None:
             out.update(self.curvature_.describe())
         return out

@@ -1,0 +1,168 @@
+"""Benchmark: a scoring run under a memory budget, at the 50M size of bench_lm.py.
+
+The Llama-style LM of ``bench_lm.py --size large`` (about 50M tracked parameters), EK-FAC with
+the true Fisher and heuristic damping, factors fitted once and saved (``factors_dir``). Then
+three fresh processes, each under ``/usr/bin/time -v``:
+
+* ``baseline``: imports, loads the model and the data, nothing else (the runtime and the model);
+* ``unbounded``: reloads the factors and scores the queries with a generous ``memory_limit``
+  (every preconditioned query held at once: the largest object of the run);
+* ``bounded``: the same with ``memory_limit`` = a quarter of the unbounded run's peak. The
+  queries are then scored in groups that fit the limit less the factors and a pass's working
+  memory, one pass over the training data each.
+
+Targets (issue): the bounded run finishes, its peak stays under the limit plus the model (read:
+plus the baseline process, the runtime with the model loaded), and its scores equal the
+unbounded run's.
+
+Run:  .venv/bin/python benchmarks/bench_lm_budget.py [--train 16] [--queries 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lm import BATCH, load_problem, run, tracked_modules, write_problem
+from harness import ROOT, provenance
+
+RESULTS = ROOT / "benchmarks" / "results" / "lm_budget.md"
+GENEROUS = 20 << 30
+
+
+def _influence(model: torch.nn.Module, directory: Path, limit: int):  # type: ignore[no-untyped-def]
+    import infkit
+
+    return infkit.Influence(
+        infkit.Task.language_modeling(model),
+        "ekfac",
+        damping="auto",
+        batch_size=BATCH,
+        modules=tracked_modules(model),
+        fisher="sampled",
+        factors_dir=str(directory / "factors"),
+        memory_limit=limit,
+        progress=False,
+    )
+
+
+def factors_worker(directory: Path) -> dict:
+    import infkit
+
+    model, train, _, _ = load_problem(directory)
+    start = time.perf_counter()
+    _influence(model, directory, GENEROUS).fit(infkit.language_modeling.examples(train))
+    return {"seconds": time.perf_counter() - start}
+
+
+def baseline_worker(directory: Path) -> dict:
+    import infkit  # noqa: F401  (the runtime a scoring run has)
+
+    model, *_ = load_problem(directory)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"seconds": 0.0, "model_bytes": model_bytes}
+
+
+def score_worker(directory: Path) -> dict:
+    import infkit
+
+    limit = int(os.environ["BUDGET_LIMIT"])
+    model, train, queries, _ = load_problem(directory)
+    start = time.perf_counter()
+    inf = _influence(model, directory, limit).fit(infkit.language_modeling.examples(train))
+    scores = inf.scores(infkit.language_modeling.examples(queries))
+    seconds = time.perf_counter() - start
+    torch.save(scores, directory / f"scores-{limit}.pt")
+    describe = inf.describe()
+    return {
+        "seconds": seconds,
+        "limit": limit,
+        "query_groups": describe["query_groups"],
+        "query_rank": describe["query_rank"],
+    }
+
+
+WORKERS = {
+    "factors": factors_worker,
+    "baseline": baseline_worker,
+    "unbounded": score_worker,
+    "bounded": score_worker,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", nargs=2, metavar=("KIND", "DIR"))
+    parser.add_argument("--size", choices=["tiny", "small", "large"], default="large")
+    parser.add_argument("--train", type=int, default=16)
+    parser.add_argument("--queries", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.worker:
+        kind, directory = args.worker
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        print(json.dumps(WORKERS[kind](Path(directory))), flush=True)
+        return
+    directory = Path(tempfile.mkdtemp(prefix="bench-lm-budget-"))
+    write_problem(directory, args.size, args.train, args.queries)
+    model, *_ = load_problem(directory)
+    tracked = sum(m.weight.numel() for n, m in model.named_modules() if n in tracked_modules(model))
+    results = {}
+    for kind in ("factors", "baseline", "unbounded", "bounded"):
+        if kind == "unbounded":
+            os.environ["BUDGET_LIMIT"] = str(GENEROUS)
+        if kind == "bounded":
+            os.environ["BUDGET_LIMIT"] = str(results["unbounded"]["peak_bytes"] // 4)
+        results[kind] = run(kind, directory, args.threads, script=__file__)
+        print(kind, json.dumps(results[kind]), flush=True)
+    report(args, tracked, results, directory)
+
+
+def report(args: argparse.Namespace, tracked: int, results: dict, directory: Path) -> None:
+    gib = 1 << 30
+    free, bounded, base = results["unbounded"], results["bounded"], results["baseline"]
+    S0 = torch.load(directory / f"scores-{free['limit']}.pt").double()
+    S1 = torch.load(directory / f"scores-{bounded['limit']}.pt").double()
+    error = float((S1 - S0).norm() / S0.norm())
+    allowed = bounded["limit"] + base["peak_bytes"]
+    lines = [
+        f"## {args.size}: {tracked / 1e6:.1f}M tracked parameters, N = {args.train} sequences of 128 tokens, "
+        f"{args.queries} queries, batch {BATCH}, {args.threads} threads",
+        "",
+        provenance(),
+        "",
+        "| run | memory_limit (GiB) | peak RSS (GiB) | time (s) | query groups | query rank |",
+        "|---|---|---|---|---|---|",
+        f"| factors (fit once, saved) | | {results['factors']['peak_bytes'] / gib:.2f} | "
+        f"{results['factors']['seconds']:.1f} | | |",
+        f"| baseline (runtime + model) | | {base['peak_bytes'] / gib:.2f} | | | |",
+    ]
+    for kind in ("unbounded", "bounded"):
+        r = results[kind]
+        lines.append(
+            f"| {kind} | {r['limit'] / gib:.2f} | {r['peak_bytes'] / gib:.2f} | "
+            f"{r['seconds']:.1f} | {r['query_groups']} | {r['query_rank']} |"
+        )
+    lines += [
+        "",
+        f"bounded peak {bounded['peak_bytes'] / gib:.2f} GiB against limit + baseline "
+        f"{allowed / gib:.2f} GiB ({'within' if bounded['peak_bytes'] <= allowed else 'ABOVE'}); "
+        f"scores' relative difference to the unbounded run {error:.1e}; the model's parameters "
+        f"take {base['model_bytes'] / gib:.2f} GiB.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with RESULTS.open("a") as out:
+        out.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
