@@ -19,7 +19,7 @@ import infkit
 from infkit import language_modeling as lm
 from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError, Notice, UnsupportedError
-from infkit.kfac.streaming import StreamingScorer, query_budget
+from infkit.kfac.streaming import StreamingScorer, plan_groups, query_budget
 
 VOCAB, LENGTH, N, Q = 11, 7, 20, 4
 
@@ -161,8 +161,13 @@ def test_ekfac_leaves_unsupported_parameters_out_with_a_notice(problem: dict) ->
 
 
 # ============================================================================ streaming
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_streamed_scores_equal_the_cached_path(problem: dict, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    ("method", "dtype"),
+    [("ekfac", torch.float64), ("ekfac", torch.float32), ("kfac", torch.float64)],
+)
+def test_streamed_scores_equal_the_cached_path(
+    problem: dict, method: str, dtype: torch.dtype
+) -> None:
     model = TinyLM().to(dtype).eval()
     model.load_state_dict(problem["model"].state_dict())
     task = infkit.Task.language_modeling(model)
@@ -171,8 +176,8 @@ def test_streamed_scores_equal_the_cached_path(problem: dict, dtype: torch.dtype
     limit = _limit_for_queries({**problem, "model": model}, Q, batch_size=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)
-        cached = infkit.Influence(task, "ekfac", **options).fit(problem["train"])
-        streamed = infkit.Influence(task, "ekfac", memory_limit=limit, **options)
+        cached = infkit.Influence(task, method, **options).fit(problem["train"])
+        streamed = infkit.Influence(task, method, memory_limit=limit, **options)
         streamed.fit(problem["train"])
     assert cached.fitted.train_gradients is not None
     assert streamed.fitted.train_gradients is None
@@ -203,7 +208,7 @@ def test_low_rank_queries(problem: dict) -> None:
     assert errors[0] > errors[1] > errors[2]
 
 
-def _limit_for_queries(problem: dict, k: int, batch_size: int = 64) -> int:
+def _limit_for_queries(problem: dict, k: float, batch_size: int = 64) -> int:
     """A memory_limit whose query budget (the limit less the factors and a pass's working
     memory) holds k preconditioned queries of the tiny LM (119 numbers each)."""
     model = problem["model"]
@@ -216,7 +221,23 @@ def _limit_for_queries(problem: dict, k: int, batch_size: int = 64) -> int:
         ).fit(problem["train"])
     overhead = big - query_budget(inf.fitted, inf.method.kronecker())
     item = next(model.parameters()).element_size()
-    return overhead + k * 119 * item + 4
+    return overhead + int(k * 119 * item) + 4
+
+
+def test_plan_groups_by_hand() -> None:
+    # layer blocks of 3, 5 and 4 bytes per query
+    assert plan_groups(4, [3, 5, 4], None) == [(0, 4, (0, 1, 2))]
+    assert plan_groups(4, [3, 5, 4], 48) == [(0, 4, (0, 1, 2))]
+    assert plan_groups(4, [3, 5, 4], 24) == [(0, 2, (0, 1, 2)), (2, 4, (0, 1, 2))]
+    # one query (12 bytes) does not fit 9: layers packed in order, as many queries as fit
+    assert plan_groups(3, [3, 5, 4], 9) == [
+        (0, 1, (0, 1)),
+        (1, 2, (0, 1)),
+        (2, 3, (0, 1)),
+        (0, 2, (2,)),
+        (2, 3, (2,)),
+    ]
+    assert plan_groups(3, [3, 5, 4], 4) is None  # the 5-byte layer alone does not fit
 
 
 def test_queries_beyond_the_budget_are_scored_in_groups_with_the_same_scores(
@@ -234,6 +255,15 @@ def test_queries_beyond_the_budget_are_scored_in_groups_with_the_same_scores(
     torch.testing.assert_close(bounded.scores(problem["test"]), expected, rtol=1e-10, atol=1e-13)
     assert bounded.describe()["query_groups"] == 2
     assert bounded.describe()["query_rank"] is None
+    # 0.75 of one query: layer by layer (mix: 42 numbers, two queries a pass; head: 77, one)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        limit = _limit_for_queries(problem, 0.75, batch_size=2)
+        layered = infkit.Influence(task, "ekfac", memory_limit=limit, **opts)
+        S = layered.fit(problem["train"]).scores(problem["test"])
+    torch.testing.assert_close(S, expected, rtol=1e-10, atol=1e-13)
+    assert layered.describe()["query_groups"] == 2 + 4
+    assert layered.describe()["query_rank"] is None
 
 
 def test_a_query_beyond_the_budget_goes_low_rank_with_a_notice(problem: dict) -> None:
@@ -242,7 +272,7 @@ def test_a_query_beyond_the_budget_goes_low_rank_with_a_notice(problem: dict) ->
         warnings.simplefilter("ignore", Notice)
         inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(problem["train"])
     scorer = StreamingScorer(inf.fitted, inf.method.kronecker(), query_bytes=500)
-    assert scorer.query_groups(Q) == [(0, Q)]
+    assert scorer.groups(Q) == [(0, Q, (0, 1))]  # the 77-number head does not fit 500 bytes
     with pytest.warns(Notice, match="rank"):
         prepared = scorer.queries(ExampleSet(problem["test"]))
     assert prepared.rank is not None and prepared.low_rank
@@ -284,10 +314,14 @@ def test_llama_from_transformers() -> None:
     task = infkit.Task.language_modeling(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cached = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(train)
-        streamed = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, memory_limit=800_000)
+        opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 4}
+        cached = infkit.Influence(task, "ekfac", **opts).fit(train)
+        # below the gradient cache (24 x 20 kB > a quarter of the limit), above the queries
+        streamed = infkit.Influence(task, "ekfac", memory_limit=800_000, **opts)
         streamed.fit(train)
+        assert streamed.fitted.train_gradients is None
     torch.testing.assert_close(streamed.scores(test), cached.scores(test), rtol=1e-9, atol=1e-12)
+    assert streamed.describe()["query_groups"] == 1 and streamed.describe()["query_rank"] is None
     # the loss is Hugging Face's own, summed over the scored tokens
     out = model(input_ids=ids[:1], attention_mask=mask[:1], labels=labels[:1])
     ours = task.loss(out.logits, labels[:1])
@@ -364,7 +398,7 @@ def test_plan_foresees_the_query_groups_that_scoring_takes(problem: dict) -> Non
         inf.scores(problem["test"])
     groups = inf.describe()["query_groups"]
     queries = next(s for s in plan.stages if s.name == "queries")
-    assert queries.note == f"full rank, {groups} groups of up to 2 queries (a pass each)"
+    assert queries.note == f"full rank, {groups} passes over groups of queries and layers"
     assert groups == 2 and plan.passes == 2 + groups  # covariances, eigenvalues, 2 scoring
 
 

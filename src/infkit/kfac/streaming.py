@@ -31,6 +31,7 @@ from infkit.errors import Notice, warn
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.layers.capture import layer_terms
+from infkit.layers.tracked import TrackedModule
 from infkit.memory import human_bytes
 from infkit.parameters import product_dtype
 from infkit.progress import track
@@ -109,6 +110,45 @@ def query_budget(fitted: Fitted, curvature: KroneckerCurvature) -> int:
     return max(0, fitted.memory_limit - factors - WORKING_FACTOR * (hooks + block))
 
 
+#: queries [start, stop) and the indices of the tracked layers one scoring pass covers
+Group = tuple[int, int, tuple[int, ...]]
+
+
+def plan_groups(count: int, layer_bytes: list[int], budget: int | None) -> list[Group] | None:
+    """Passes that score ``count`` queries exactly with their preconditioned gradients (one
+    query's block of layer l takes ``layer_bytes[l]``) within ``budget`` bytes.
+
+    Every query and layer at once when they fit; else groups of queries with every layer; else,
+    when one query does not fit, groups of layers (packed in order) with as many queries as
+    fit. Scores add over layers, so the passes' sums are the scores. None when one layer of
+    one query exceeds the budget (then only a low rank fits).
+    """
+    everything = tuple(range(len(layer_bytes)))
+    if budget is None or count * sum(layer_bytes) <= budget:
+        return [(0, count, everything)]
+    if max(layer_bytes) > budget:
+        return None
+    chunks: list[tuple[int, ...]] = []
+    if sum(layer_bytes) <= budget:
+        chunks = [everything]
+    else:
+        current: list[int] = []
+        size = 0
+        for i, b in enumerate(layer_bytes):
+            if current and size + b > budget:
+                chunks.append(tuple(current))
+                current, size = [], 0
+            current.append(i)
+            size += b
+        chunks.append(tuple(current))
+    out: list[Group] = []
+    for chunk in chunks:
+        per = sum(layer_bytes[i] for i in chunk)
+        step = max(1, min(count, budget // per))
+        out += [(start, min(start + step, count), chunk) for start in range(0, count, step)]
+    return out
+
+
 class StreamingScorer:
     """IF scores and self-scores of a Kronecker method, layer by layer from hooks.
 
@@ -137,10 +177,14 @@ class StreamingScorer:
         self.mask_key = curvature.options.mask_key
 
     # ------------------------------------------------------------------ per-example blocks
-    def gradients(self, batch: Batch, which: str) -> Iterator[tuple[str, Tensor]]:
-        """(layer, per-example gradient blocks [B, d_out, cols]) of a batch, one layer at a time."""
-        terms = layer_terms(self.fitted.engine, self.tracked, batch, which, self.mask_key)
-        for t in self.tracked:
+    def gradients(
+        self, batch: Batch, which: str, layers: list[TrackedModule] | None = None
+    ) -> Iterator[tuple[str, Tensor]]:
+        """(layer, per-example gradient blocks [B, d_out, cols]) of a batch, one layer at a time
+        (every tracked layer, or ``layers``)."""
+        layers = self.tracked if layers is None else layers
+        terms = layer_terms(self.fitted.engine, layers, batch, which, self.mask_key)
+        for t in layers:
             a, ds = terms.pop(t.name)
             yield t.name, block_gradients(a, ds, self.dtype)
 
@@ -153,28 +197,31 @@ class StreamingScorer:
         }
 
     # ------------------------------------------------------------------ queries
-    def query_groups(self, count: int) -> list[tuple[int, int]]:
-        """``(start, stop)`` groups of queries whose full-rank preconditioned gradients fit the
-        budget; each group is one pass over the training data. One group when ``rank`` is set
-        or when not even one query fits (then :meth:`queries` keeps them at low rank)."""
+    def groups(self, count: int) -> list[Group]:
+        """The scoring passes for ``count`` queries (:func:`plan_groups`); one pass over every
+        layer when ``rank`` is set or when one layer of one query does not fit the budget
+        (then :meth:`queries` keeps the queries at low rank)."""
+        everything = [(0, count, tuple(range(len(self.tracked))))]
+        if self.rank is not None:
+            return everything
         item = torch.empty(0, dtype=self.dtype).element_size()
-        per_query = sum(t.d_out * t.cols for t in self.tracked) * item
-        size = count if self.rank is not None else self.query_bytes // max(per_query, 1)
-        size = count if size < 1 else min(size, count)
-        return [(start, min(start + size, count)) for start in range(0, count, size)]
+        sizes = [t.d_out * t.cols * item for t in self.tracked]
+        return plan_groups(count, sizes, self.query_bytes) or everything
 
-    def queries(self, queries: ExampleSet) -> LayerQueries:
-        """Precondition the query gradients, keeping layers at low rank beyond the budget."""
+    def queries(self, queries: ExampleSet, layers: tuple[int, ...] | None = None) -> LayerQueries:
+        """Precondition the query gradients of every tracked layer (or of the ``layers``-th),
+        keeping them at low rank when one query exceeds the budget."""
         fitted = self.fitted
         device, ridges = fitted.space.device, self.curvature.ridges()
+        tracked = self.tracked if layers is None else [self.tracked[i] for i in layers]
         # one layer's blocks at a time, written into their place (no concatenated copy)
         full = {
             t.name: torch.empty(len(queries), t.d_out, t.cols, dtype=self.dtype, device=device)
-            for t in self.tracked
+            for t in tracked
         }
         for batch in queries.batches(fitted.batch_size):
             rows = batch.indices.to(device)
-            for name, G in self.gradients(batch, "measurement"):
+            for name, G in self.gradients(batch, "measurement", tracked):
                 full[name][rows] = precondition_layer(
                     self.curvature, name, G, ridges[name], self.dtype
                 )
@@ -190,7 +237,7 @@ class StreamingScorer:
         rank = self.rank
         if rank is None and total > self.query_bytes:
             # the largest rank whose factors fit: sum over layers of T r (d_out + cols) items
-            per_rank = t_count * sum(t.d_out + t.cols for t in self.tracked) * item
+            per_rank = t_count * sum(t.d_out + t.cols for t in tracked) * item
             rank = max(1, self.query_bytes // max(per_rank, 1))
             warn(
                 f"the preconditioned gradient of one query takes {human_bytes(total // t_count)}"
@@ -202,7 +249,7 @@ class StreamingScorer:
             )
         low_rank = {}
         if rank is not None:
-            for t in self.tracked:
+            for t in tracked:
                 if rank * (t.d_out + t.cols) < t.d_out * t.cols:  # cheaper than the block
                     low_rank[t.name] = _low_rank(full.pop(t.name), rank)
         return LayerQueries(full, low_rank, shared, rank if low_rank else None)
@@ -227,8 +274,9 @@ class StreamingScorer:
         out = torch.zeros(
             prepared.count, len(batch.indices), dtype=torch.float64, device=self.fitted.space.device
         )
-        terms = layer_terms(self.fitted.engine, self.tracked, batch, "loss", self.mask_key)
-        for t in self.tracked:
+        layers = [t for t in self.tracked if t.name in prepared.full or t.name in prepared.low_rank]
+        terms = layer_terms(self.fitted.engine, layers, batch, "loss", self.mask_key)
+        for t in layers:
             a, ds = terms.pop(t.name)
             if t.name in prepared.low_rank:
                 L, R = prepared.low_rank[t.name]

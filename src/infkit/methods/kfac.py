@@ -31,7 +31,7 @@ from infkit.kfac.curvature import (
     attributed_parameters,
     kronecker_layers,
 )
-from infkit.kfac.streaming import WORKING_FACTOR, StreamingScorer, query_budget
+from infkit.kfac.streaming import WORKING_FACTOR, StreamingScorer, plan_groups, query_budget
 from infkit.layers.tracked import TrackedLayers, find_modules
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import KRONECKER, Fidelity, PrimalMethod, Problem, register
@@ -128,16 +128,18 @@ class KFAC(PrimalMethod):
         scorer = self._streaming(estimator)
         if scorer is None:
             return super().scores(queries, estimator)
-        groups = scorer.query_groups(len(queries))
+        groups = scorer.groups(len(queries))
         device = self.fitted.space.device
-        out = torch.empty(len(queries), self.fitted.n, dtype=torch.float64, device=device)
-        for start, stop in groups:  # beyond the queries' budget: one pass per group, exact
-            part = queries if len(groups) == 1 else queries.subset(torch.arange(start, stop))
-            prepared = scorer.queries(part)
+        out = torch.zeros(len(queries), self.fitted.n, dtype=torch.float64, device=device)
+        # beyond the queries' budget: one pass per group of queries and layers, exact
+        for start, stop, layers in groups:
+            whole = stop - start == len(queries)
+            part = queries if whole else queries.subset(torch.arange(start, stop))
+            prepared = scorer.queries(part, layers)
             if prepared.rank is not None:
                 ranks = [r for r in (self.query_rank, prepared.rank) if r is not None]
                 self.query_rank = min(ranks)
-            out[start:stop] = scorer.scores(prepared)
+            out[start:stop] += scorer.scores(prepared)
             del prepared
         self.query_groups = max(self.query_groups, len(groups))
         return out
@@ -191,32 +193,34 @@ class KFAC(PrimalMethod):
                     "corrected eigenvalues split by layer",
                 )
             )
-        # the preconditioned queries (split across processes): full rank in groups that fit
-        # memory_limit less the factors and a pass's working memory (query_budget), one pass
-        # over the data each; rank r per layer when one query does not fit or query_rank is set
-        # (as StreamingScorer decides)
+        # the preconditioned queries (split across processes): full rank in groups of queries
+        # and layers that fit memory_limit less the factors and a pass's working memory
+        # (query_budget, plan_groups), one pass over the data each; rank r per layer when one
+        # layer of one query does not fit or query_rank is set (as StreamingScorer decides)
         local = -(-shape.n_queries // w)
-        per_query = p * work
+        sizes = [x.d_out * x.cols * work for x in tracked]
         per_rank = sum(x.d_out + x.cols for x in tracked) * work
-        rank, groups, size = self.options.query_rank, 1, local
         eigenvalues = sum(x.cols + x.d_out for x in tracked) * work
         resident = 2 * factors + eigenvalues + lam
         working = WORKING_FACTOR * (hooks + block_bytes)
         limit = shape.memory_limit
         budget = None if limit is None else max(0, limit - resident - working)
-        if rank is None and budget is not None and local * per_query > budget:
-            size = budget // per_query
-            if size >= 1:
-                groups = -(-local // size)
-            else:
-                size, rank = local, max(1, budget // max(local * per_rank, 1))
-        queries = size * (per_query if rank is None else min(per_query, rank * per_rank))
-        if rank is not None:
-            note = f"rank {rank} per layer (SVD)"
-        elif groups > 1:
-            note = f"full rank, {groups} groups of up to {size} queries (a pass each)"
+        rank = self.options.query_rank
+        groups = None if rank is not None else plan_groups(local, sizes, budget)
+        if groups is None:  # low rank: every query and layer in one pass
+            if rank is None:
+                rank = max(1, (budget or 0) // max(local * per_rank, 1))
+            queries = local * sum(
+                min(b, rank * (x.d_out + x.cols) * work)
+                for b, x in zip(sizes, tracked, strict=True)
+            )
+            passes, note = 1, f"rank {rank} per layer (SVD)"
         else:
+            queries = max((stop - start) * sum(sizes[i] for i in ls) for start, stop, ls in groups)
+            passes = len(groups)
             note = "full rank"
+            if passes > 1:
+                note = f"full rank, {passes} passes over groups of queries and layers"
         scores = shape.n_queries * shape.n_train * FLOAT64_BYTES // w
         out.append(
             Stage(
@@ -230,7 +234,7 @@ class KFAC(PrimalMethod):
         out.append(
             Stage(
                 "scores",
-                groups,
+                passes,
                 resident + queries + scores + block_bytes + hooks,
                 ("[Q, N] scores", scores),
                 "training data split across processes",
