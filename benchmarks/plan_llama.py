@@ -3,7 +3,7 @@
 Builds 1B, 8B and 70B-parameter Llama configurations (the shapes of Llama 3.2 1B, Llama 3.1 8B
 and 70B) with ``transformers`` on the meta device (no weight allocated), in bfloat16, tracks every
 ``nn.Linear`` of the decoder layers, and prints ``Influence(...).plan(...)`` for N = 100,000
-training sequences of 2,048 tokens, 64 queries, batch 8 per process, on 1, 8 and 64 processes,
+training sequences of 2,048 tokens, 64 queries, batch 1 per process (2,048-token sequences), on 1, 8 and 64 processes,
 with a budget of 64 GiB per process (an 80 GB GPU less the model and working room).
 The table goes to benchmarks/results/plan_llama.md (and docs/methods/language_models.md §6).
 
@@ -30,7 +30,7 @@ CONFIGS = {
     "8B": (4096, 14336, 32, 32, 8, 128256),
     "70B": (8192, 28672, 80, 64, 8, 128256),
 }
-N_TRAIN, N_QUERIES, LENGTH, BATCH = 100_000, 64, 2048, 8
+N_TRAIN, N_QUERIES, LENGTH, BATCH = 100_000, 64, 2048, 1
 LIMIT = 64 * 2**30  # per process: an 80 GB GPU, less the bf16 model of the 8B and room to work
 
 

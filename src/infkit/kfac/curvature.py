@@ -88,8 +88,9 @@ class KroneckerOptions(Options):
     overwrite: bool = option(False, "refit and overwrite the factors in factors_dir")
     query_rank: int | None = option(
         None,
-        "rank per layer of the preconditioned query gradients (None: full rank, in groups "
-        "that fit memory_limit, a pass each; the largest rank that fits when one query does not)",
+        "rank per layer of the preconditioned query gradients (None: full rank, in groups of "
+        "queries and layers that fit memory_limit, a pass each; the largest rank that fits when "
+        "one layer of one query does not)",
         minimum=1,
     )
     cache_bytes: int = option(
