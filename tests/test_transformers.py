@@ -80,7 +80,7 @@ def test_ekfac_on_minilm_respects_the_attention_mask(minilm: dict, tmp_path) -> 
     queries = encode(tok, QUERIES, [1, 0], None)
     options = {"l2": 1e-2, "damping": 1e-2, "batch_size": 4}
     inf = infkit.Influence(task, "ekfac", factors_dir=tmp_path / "f", **options).fit(short)
-    tracked = [t.name for t in inf.method.tracked]
+    tracked = [t.name for t in inf.method.tracked_layers().tracked]
     assert tracked == [
         "encoder.encoder.layer.5.attention.self.query",
         "encoder.encoder.layer.5.attention.self.value",
