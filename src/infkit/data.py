@@ -157,6 +157,14 @@ class ExampleSet:
         targets = None if pairs[0][1] is None else default_collate([p[1] for p in pairs])
         return Batch(idx, inputs, targets)
 
+    def positions(self) -> int:
+        """Positions per example: the length of the first example's ``input_ids`` (or of its
+        inputs' second axis); 1 for inputs without a sequence axis."""
+        inputs = self.take([0]).inputs
+        if isinstance(inputs, dict):
+            inputs = inputs.get("input_ids", next(iter(inputs.values())))
+        return int(inputs.shape[1]) if inputs.dim() >= 2 else 1
+
     def batches(
         self, batch_size: int, indices: Tensor | Sequence[int] | None = None
     ) -> Iterator[Batch]:

@@ -231,9 +231,9 @@ class Influence:
         c = engine.outputs(examples.take([0]))[0].numel()
         problem = Problem(len(examples), space.size, c, self.memory_limit, self.task.model, space)
         method = self._method if self._method is not None else self._auto(problem)
-        names = method.attributed_parameters(self.task, space)
-        if names is not None:  # the method attributes through part of the model
-            space = ParameterSpace(self.task.model, names)
+        attributed = _attributed_space(method, self.task, space)
+        if attributed is not space:  # the method attributes through part of the model
+            space = attributed
             engine = PerExample(self.task, space, self.per_example_mode)
             problem = replace(problem, p=space.size, space=space)
         method.check_memory(problem)  # before any pass over the data
@@ -539,10 +539,7 @@ class Influence:
             raise InvalidInputError(f"world_size must be an integer >= 1, got {world_size!r}")
         method = self._method
         model = self.task.model
-        space = ParameterSpace(model)
-        names = method.attributed_parameters(self.task, space)
-        if names is not None:
-            space = ParameterSpace(model, names)
+        space = _attributed_space(method, self.task, ParameterSpace(model))
         examples = None if train is None else ExampleSet(train, name="training set")
         if examples is None and (n_train is None or sequence_length is None):
             raise InvalidInputError(
@@ -551,7 +548,7 @@ class Influence:
             )
         n = len(examples) if examples is not None else int(n_train or 0)
         q = len(ExampleSet(test, name="test set")) if test is not None else int(n_queries or 1)
-        tokens = sequence_length or _tokens(examples)
+        tokens = sequence_length or (1 if examples is None else examples.positions())
         itemsize = torch.empty(0, dtype=space.dtype).element_size()
         model_bytes = sum(t.numel() * t.element_size() for t in model.parameters()) + sum(
             t.numel() * t.element_size() for t in model.buffers()
@@ -611,15 +608,11 @@ def _estimator(name: str, relatif: str) -> Estimator:
     return Estimator(name, relatif)  # both checked above
 
 
-def _tokens(examples: ExampleSet | None) -> int:
-    """Positions per example: the length of ``input_ids`` (or of the inputs' second axis)."""
-    if examples is None:
-        return 1
-    inputs = examples.take([0]).inputs
-    first = (
-        inputs.get("input_ids", next(iter(inputs.values()))) if isinstance(inputs, dict) else inputs
-    )
-    return int(first.shape[1]) if first.dim() >= 2 else 1
+def _attributed_space(method: Method, task: Task, space: ParameterSpace) -> ParameterSpace:
+    """The parameters ``method`` attributes through: ``space`` itself, or the part of it the
+    method names (:meth:`Method.attributed_parameters`)."""
+    names = method.attributed_parameters(task, space)
+    return space if names is None else ParameterSpace(task.model, names)
 
 
 def _time_batch(task: Task, space: ParameterSpace, examples: ExampleSet, batch_size: int) -> float:

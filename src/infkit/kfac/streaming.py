@@ -13,9 +13,11 @@ accumulated layer by layer over batches of training examples. Products run in
 :func:`~infkit.parameters.product_dtype` of the model (float32 for float32 and bfloat16 models),
 the rotations with the float64 eigenbases cast to it; sums over examples accumulate in float64.
 
-When the preconditioned queries of a layer exceed their memory budget they are kept at rank r per
-query and layer (``U_tl ~ L_tl R_tl^T`` by SVD, the query batching of Grosse et al. 2023), and the
-score is ``sum_s (Ds_js^T L_tl)(R_tl^T a_js)``, never forming G_j (:class:`LayerQueries`).
+The preconditioned queries get a budget (:func:`query_budget`); beyond it the scores are computed
+exactly in passes over groups of queries and layers (:func:`plan_groups`). Only when one layer of
+one query exceeds the budget, or with ``query_rank``, are they kept at rank r per query and layer
+(``U_tl ~ L_tl R_tl^T`` by SVD, the query batching of Grosse et al. 2023), and the score is
+``sum_s (Ds_js^T L_tl)(R_tl^T a_js)``, never forming G_j (:class:`LayerQueries`).
 """
 
 from __future__ import annotations
@@ -91,9 +93,16 @@ def _low_rank(U: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 WORKING_FACTOR = 2
 
 
+def budget_after(limit: int, resident: int, hooks: int, block: int) -> int:
+    """Bytes left for the preconditioned queries: ``limit`` less the ``resident`` state (the
+    factors) and a scoring pass's working memory (``WORKING_FACTOR`` x a batch's ``hooks``
+    terms and largest gradient ``block``), at least 0. The run and its plan both use it."""
+    return max(0, limit - resident - WORKING_FACTOR * (hooks + block))
+
+
 def query_budget(fitted: Fitted, curvature: KroneckerCurvature) -> int:
-    """Bytes the preconditioned queries may take: ``memory_limit`` less the fitted factors and a
-    scoring pass's working memory (a batch's hook terms and gradient blocks), at least 0."""
+    """Bytes the preconditioned queries may take in this fitted run (:func:`budget_after` of the
+    fitted factors' bytes and a batch of the training set's sequence length)."""
     factors = sum(
         t.numel() * t.element_size()
         for f in curvature.factors.modules.values()
@@ -101,13 +110,10 @@ def query_budget(fitted: Fitted, curvature: KroneckerCurvature) -> int:
         if t is not None
     )
     tracked = curvature.tracked
-    item = torch.empty(0, dtype=product_dtype(fitted.space.dtype)).element_size()
-    first = fitted.train.take([0]).inputs
-    ids = first.get("input_ids", next(iter(first.values()))) if isinstance(first, dict) else first
-    tokens = int(ids.shape[1]) if ids.dim() >= 2 else 1
-    hooks = fitted.batch_size * tokens * sum(t.d_out + t.cols for t in tracked) * item
-    block = fitted.batch_size * max(t.d_out * t.cols for t in tracked) * item
-    return max(0, fitted.memory_limit - factors - WORKING_FACTOR * (hooks + block))
+    item = product_dtype(fitted.space.dtype).itemsize
+    hooks = fitted.batch_size * fitted.train.positions() * sum(t.d_out + t.cols for t in tracked)
+    block = fitted.batch_size * max(t.d_out * t.cols for t in tracked)
+    return budget_after(fitted.memory_limit, factors, hooks * item, block * item)
 
 
 #: queries [start, stop) and the indices of the tracked layers one scoring pass covers
@@ -156,8 +162,9 @@ class StreamingScorer:
         fitted: the fitted record (its parameter space holds only tracked layers).
         curvature: the fitted Kronecker curvature.
         query_bytes: the budget for the preconditioned queries (:func:`query_budget`); beyond
-            it the queries are scored in groups (:meth:`query_groups`), and when one query does
-            not fit, layers are kept at ``rank`` (or the largest rank that fits).
+            it the queries are scored in passes over groups of queries and layers
+            (:meth:`groups`), and when one layer of one query does not fit, layers are kept at
+            ``rank`` (or the largest rank that fits).
         rank: the rank of low-rank query layers (None: chosen to fit ``query_bytes``).
     """
 
@@ -204,7 +211,7 @@ class StreamingScorer:
         everything = [(0, count, tuple(range(len(self.tracked))))]
         if self.rank is not None:
             return everything
-        item = torch.empty(0, dtype=self.dtype).element_size()
+        item = self.dtype.itemsize
         sizes = [t.d_out * t.cols * item for t in self.tracked]
         return plan_groups(count, sizes, self.query_bytes) or everything
 
@@ -232,7 +239,7 @@ class StreamingScorer:
             for name, U in full.items():
                 shared += fitted.l2 * (U * theta[name]).sum((1, 2)).to(torch.float64)
         t_count = len(queries)
-        item = torch.empty(0, dtype=self.dtype).element_size()
+        item = self.dtype.itemsize
         total = sum(U.numel() for U in full.values()) * item
         rank = self.rank
         if rank is None and total > self.query_bytes:

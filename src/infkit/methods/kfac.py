@@ -31,7 +31,7 @@ from infkit.kfac.curvature import (
     attributed_parameters,
     kronecker_layers,
 )
-from infkit.kfac.streaming import WORKING_FACTOR, StreamingScorer, plan_groups, query_budget
+from infkit.kfac.streaming import StreamingScorer, budget_after, plan_groups, query_budget
 from infkit.layers.tracked import TrackedLayers, find_modules
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import KRONECKER, Fidelity, PrimalMethod, Problem, register
@@ -202,9 +202,8 @@ class KFAC(PrimalMethod):
         per_rank = sum(x.d_out + x.cols for x in tracked) * work
         eigenvalues = sum(x.cols + x.d_out for x in tracked) * work
         resident = 2 * factors + eigenvalues + lam
-        working = WORKING_FACTOR * (hooks + block_bytes)
         limit = shape.memory_limit
-        budget = None if limit is None else max(0, limit - resident - working)
+        budget = None if limit is None else budget_after(limit, resident, hooks, block_bytes)
         rank = self.options.query_rank
         groups = None if rank is not None else plan_groups(local, sizes, budget)
         if groups is None:  # low rank: every query and layer in one pass
