@@ -153,8 +153,6 @@ def infkit_worker(directory: Path) -> dict:
 
 
 def kronfluence_worker(directory: Path) -> dict:
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
 
     model, train, queries, _ = load_problem(directory)
@@ -188,10 +186,22 @@ def kronfluence_worker(directory: Path) -> dict:
         def __getitem__(self, i: int) -> dict:
             return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
-    task = LanguageModeling()
+    return kronfluence_ekfac(
+        model, LanguageModeling(), Sequences(train), Sequences(queries), directory, "lm", BATCH
+    )
+
+
+def kronfluence_ekfac(  # type: ignore[no-untyped-def]
+    model, task, train, queries, directory: Path, name: str, batch_size: int
+) -> dict:
+    """kronfluence's EK-FAC factors (``fit_all_factors``) and pairwise scores of ``queries``
+    against ``train`` on CPU, timed; the scores saved as ``kronfluence_scores.pt``."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
     model = prepare_model(model, task)
     analyzer = Analyzer(
-        analysis_name="lm",
+        analysis_name=name,
         model=model,
         task=task,
         cpu=True,
@@ -201,8 +211,8 @@ def kronfluence_worker(directory: Path) -> dict:
     start = time.perf_counter()
     analyzer.fit_all_factors(
         factors_name="ekfac",
-        dataset=Sequences(train),
-        per_device_batch_size=BATCH,
+        dataset=train,
+        per_device_batch_size=batch_size,
         factor_args=FactorArguments(strategy="ekfac"),
         overwrite_output_dir=True,
     )
@@ -210,10 +220,10 @@ def kronfluence_worker(directory: Path) -> dict:
     analyzer.compute_pairwise_scores(
         scores_name="scores",
         factors_name="ekfac",
-        query_dataset=Sequences(queries),
-        train_dataset=Sequences(train),
+        query_dataset=queries,
+        train_dataset=train,
         per_device_query_batch_size=len(queries),
-        per_device_train_batch_size=BATCH,
+        per_device_train_batch_size=batch_size,
         score_args=ScoreArguments(damping_factor=None),
         overwrite_output_dir=True,
     )

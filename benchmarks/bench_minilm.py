@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lm import WORKERS, run, write_report
+from bench_lm import WORKERS, kronfluence_ekfac, run, write_report
 from harness import ROOT
 
 RESULTS = ROOT / "benchmarks" / "results" / "minilm.md"
@@ -160,8 +160,6 @@ def infkit_worker(directory: Path) -> dict:
 
 
 def kronfluence_worker(directory: Path) -> dict:
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
 
     model, split = load_problem(directory)
@@ -200,40 +198,15 @@ def kronfluence_worker(directory: Path) -> dict:
                 "labels": self.labels[i],
             }
 
-    task = Classification()
-    model = prepare_model(model, task)
-    analyzer = Analyzer(
-        analysis_name="minilm",
-        model=model,
-        task=task,
-        cpu=True,
-        disable_tqdm=True,
-        output_dir=str(directory / "kronfluence"),
+    return kronfluence_ekfac(
+        model,
+        Classification(),
+        Sentences("train"),
+        Sentences("query"),
+        directory,
+        "minilm",
+        BATCH,
     )
-    start = time.perf_counter()
-    analyzer.fit_all_factors(
-        factors_name="ekfac",
-        dataset=Sentences("train"),
-        per_device_batch_size=BATCH,
-        factor_args=FactorArguments(strategy="ekfac"),
-        overwrite_output_dir=True,
-    )
-    fit_seconds = time.perf_counter() - start
-    queries = Sentences("query")
-    analyzer.compute_pairwise_scores(
-        scores_name="scores",
-        factors_name="ekfac",
-        query_dataset=queries,
-        train_dataset=Sentences("train"),
-        per_device_query_batch_size=len(queries),
-        per_device_train_batch_size=BATCH,
-        score_args=ScoreArguments(damping_factor=None),
-        overwrite_output_dir=True,
-    )
-    total = time.perf_counter() - start
-    scores = analyzer.load_pairwise_scores("scores")["all_modules"]
-    torch.save(scores.double(), directory / "kronfluence_scores.pt")
-    return {"seconds": total, "fit_seconds": fit_seconds}
 
 
 MINILM_WORKERS = {"pass": pass_worker, "infkit": infkit_worker, "kronfluence": kronfluence_worker}
