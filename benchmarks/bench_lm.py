@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, provenance
+from harness import ROOT, measured_worker, provenance
 
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 RESULTS = ROOT / "benchmarks" / "results" / "lm.md"
@@ -252,13 +250,9 @@ def run(kind: str, directory: Path, threads: int, script: str = __file__) -> dic
     its JSON result with its peak resident memory."""
     python = PEER_PYTHON if kind == "kronfluence" else Path(sys.executable)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
-    cmd = ["/usr/bin/time", "-v", str(python), script, "--worker", kind, str(directory)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    result["peak_bytes"] = int(peak.group(1)) * 1024 if peak else 0
+    cmd = [str(python), script, "--worker", kind, str(directory)]
+    result, peak = measured_worker(cmd, env, kind)
+    result["peak_bytes"] = peak
     return result
 
 

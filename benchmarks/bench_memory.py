@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, provenance
+from harness import ROOT, measured_worker, provenance
 
 N_TRAIN, N_TEST, FEATURES, HIDDEN, CLASSES = 50_000, 2_000, 64, 32, 10
 RESULTS = ROOT / "benchmarks" / "results" / "memory.md"
@@ -92,13 +92,9 @@ def worker(method: str) -> None:
 def measure(method: str, src: Path) -> dict:
     """Run the worker under /usr/bin/time -v with ``src`` on the path."""
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "2"}
-    cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--worker", method]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{method} worker failed:\n{proc.stderr[-3000:]}")
-    figures = json.loads(proc.stdout.strip().splitlines()[-1])
-    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    figures["peak_time_v"] = int(peak.group(1)) * 1024 if peak else 0
+    cmd = [sys.executable, __file__, "--worker", method]
+    figures, peak = measured_worker(cmd, env, f"{method} worker")
+    figures["peak_time_v"] = peak
     return figures
 
 

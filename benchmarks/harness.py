@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -103,3 +104,16 @@ def provenance(peers: Mapping[str, tuple[Path | str, Sequence[str]]] | None = No
         versions = installed_versions(python, packages)
         parts.append(f"{label}: " + ", ".join(f"{p} {v}" for p, v in versions.items()))
     return "Provenance: " + "; ".join(parts) + f". Machine: {machine()}."
+
+
+def measured_worker(cmd: Sequence[str], env: Mapping[str, str], label: str) -> tuple[dict, int]:
+    """Run ``cmd`` (a worker printing one JSON line last) under ``/usr/bin/time -v``: its result
+    and its peak resident memory in bytes (0 when time did not report it)."""
+    proc = subprocess.run(
+        ["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=dict(env), check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    return result, int(peak.group(1)) * 1024 if peak else 0
