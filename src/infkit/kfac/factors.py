@@ -300,7 +300,7 @@ class FactorFitter:
                     items[t.name] = (a, mask, Ds[t.name].detach())
                 # free this batch's graph before the next forward pass builds its own
                 del out, U, Ds
-                cap.records = {}
+                cap.release()
                 yield len(batch), items
                 del items  # the consumer is done with it
 

@@ -98,6 +98,11 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.release()
+
+    def release(self) -> None:
+        """Drop the recorded activations and outputs (and the graph they hold) of the last
+        forward pass."""
         self.records = {}
 
     def _hook(self, t: TrackedModule) -> Callable[..., None]:
