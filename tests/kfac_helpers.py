@@ -153,3 +153,29 @@ def sequence_data(n: int = 24, t: int = 5, d: int = 4, vocab: int = 3, seed: int
     labels = torch.randint(0, vocab, (n, t), generator=gen)
     labels[mask == 0] = -100
     return {"x": x, "attention_mask": mask}, labels
+
+
+class SharedInputModel(nn.Module):
+    """Layers that read one input tensor, as an attention's q, k, v projections and a gated
+    MLP's gate and up do (``v`` has no bias, so its augmented activations differ from q's)."""
+
+    def __init__(self, d: int = 4, hidden: int = 5, classes: int = 3) -> None:
+        super().__init__()
+        self.q = nn.Linear(d, hidden)
+        self.k = nn.Linear(d, hidden)
+        self.v = nn.Linear(d, hidden, bias=False)
+        self.gate = nn.Linear(hidden, hidden)
+        self.up = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.q(x)) * torch.sigmoid(self.k(x)) + self.v(x)
+        return self.out(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def shared_input_problem(n: int = 30, seed: int = 4) -> dict:
+    torch.manual_seed(seed)
+    model = SharedInputModel().double()
+    X = torch.randn(n, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,))
+    return {"model": model, "task": infkit.Task.classification(model), "train": (X, y)}

@@ -11,6 +11,7 @@ from kfac_helpers import (
     linear_block_index,
     sequence_data,
     sequence_loss,
+    shared_input_problem,
 )
 
 import infkit
@@ -44,7 +45,7 @@ def _layers(model: torch.nn.Module) -> list[tuple[str, bool]]:
 
 
 @pytest.mark.parametrize("fisher", ["ggn", "empirical"])
-@pytest.mark.parametrize("which", ["one_layer", "mlp", "conv", "sequence"])
+@pytest.mark.parametrize("which", ["one_layer", "mlp", "conv", "sequence", "shared_input"])
 def test_ekfac_eigenvalues_are_the_ggn_diagonal_in_the_eigenbasis(
     which: str, fisher: str, wine_logreg: dict, mlp_problem: dict
 ) -> None:
@@ -53,6 +54,7 @@ def test_ekfac_eigenvalues_are_the_ggn_diagonal_in_the_eigenbasis(
         "mlp": mlp_problem,
         "conv": conv_problem(),
         "sequence": sequence_problem(),
+        "shared_input": shared_input_problem(),
     }[which]
     model, task, (X, y) = problem["model"], problem["task"], problem["train"]
     loss = sequence_loss if which == "sequence" else _cross_entropy
@@ -70,6 +72,29 @@ def test_ekfac_eigenvalues_are_the_ggn_diagonal_in_the_eigenbasis(
         assert relative_error(f.Lambda, expected) < 1e-10, name
         # The eigenvalues carry the GGN's scale: their sum is the block's trace.
         assert float(f.Lambda.sum()) == pytest.approx(float(torch.trace(block)), rel=1e-10)
+
+
+def test_layers_reading_one_input_share_its_factor_and_eigenbasis(tmp_path) -> None:
+    """q, k (same input, both with a bias) share A and its eigenbasis; v (no bias: other
+    augmented activations) and the gated MLP's gate and up have theirs; the shared factor is
+    the hand-written mean of a a^T; saved and reloaded factors score the same."""
+    problem = shared_input_problem()
+    task, (X, y) = problem["task"], problem["train"]
+    options = {"l2": 1e-3, "damping": 1e-3, "fisher": "ggn", "batch_size": 8}
+    inf = infkit.Influence(task, "ekfac", factors_dir=tmp_path, **options).fit((X, y))
+    f = inf.method.kronecker().factors.modules
+    ones = torch.ones(len(y), 1, dtype=torch.float64)
+    a = torch.cat([X, ones], 1)
+    assert relative_error(f["q"].A, a.T @ a / len(y)) < 1e-12
+    assert relative_error(f["v"].A, X.T @ X / len(y)) < 1e-12
+    assert f["q"].QA is f["k"].QA and f["q"].eig_a is f["k"].eig_a
+    assert f["gate"].QA is f["up"].QA
+    assert f["v"].QA is not f["q"].QA and f["v"].QA.shape != f["q"].QA.shape
+    assert not torch.equal(f["q"].S, f["k"].S)  # the output sides stay their own
+    S1 = inf.scores((X[:4], y[:4]))
+    again = infkit.Influence(task, "ekfac", factors_dir=tmp_path, **options).fit((X, y))
+    assert again.method.kronecker().loaded
+    assert relative_error(again.scores((X[:4], y[:4])), S1) < 1e-12
 
 
 def test_ekfac_scores_equal_the_dense_ekfac_curvature(mlp_problem: dict) -> None:

@@ -177,5 +177,7 @@ def test_bad_hyperparameters_and_task(linear_data) -> None:
         infkit.Influence(task, damping=float("nan"))
     with pytest.raises(InvalidInputError, match=r"infkit\.Task"):
         infkit.Influence(model)
+    with pytest.raises(InvalidInputError, match=r"progress must be None.*got 'off'"):
+        infkit.Influence(task, progress="off")  # type: ignore[arg-type]
     with pytest.raises(UnsupportedError, match="unknown measurement"):
         infkit.Task.classification(model, measurement="accuracy")

@@ -232,3 +232,19 @@ def test_output_factors_reproduce_the_output_hessians() -> None:
         L = task.lambda_factor(f, target)
         lam = task.lambda_blocks(f, target)
         assert relative_error(L @ L.transpose(1, 2), lam) < 1e-12, task
+
+
+@pytest.mark.parametrize("d", [5, 96, 200, 385])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gram_equals_the_dense_weighted_product(d: int, weighted: bool) -> None:
+    """linalg.gram computes the upper block triangle only; the whole matrix must equal
+    X^T diag(w) X (float64) and be exactly symmetric."""
+    from infkit.linalg import gram
+
+    gen = torch.Generator().manual_seed(d)
+    X = torch.randn(50, d, generator=gen, dtype=torch.float64)
+    w = torch.randint(0, 2, (50,), generator=gen).to(torch.float64) if weighted else None
+    expected = X.T @ (X if w is None else X * w[:, None])
+    G = gram(X, w)
+    assert relative_error(G, expected) < 1e-13
+    assert relative_error(G, G.T) < 1e-14  # mirrored blocks, and diagonal blocks to rounding

@@ -160,6 +160,11 @@ class Influence:
         self.damping = float(damping)
         self.batch_size = batch_size
         self.per_example_mode = per_example
+        if progress not in (None, True, False):
+            raise InvalidInputError(
+                f"progress must be None (by environment), True (bars) or False (nothing), got "
+                f"{progress!r}"
+            )
         self.progress = progress
         if memory_limit is not None and (
             not isinstance(memory_limit, int) or isinstance(memory_limit, bool) or memory_limit < 1

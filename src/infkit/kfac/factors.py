@@ -43,6 +43,7 @@ from infkit.errors import ArtifactError, InvalidInputError, UnsupportedError
 from infkit.gradients import PerExample
 from infkit.layers.capture import Capture
 from infkit.layers.tracked import TrackedModule
+from infkit.linalg import gram
 from infkit.parameters import evaluation_mode, product_dtype
 from infkit.progress import Mode, track
 
@@ -95,11 +96,16 @@ class KroneckerFactors:
     def payload(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """The factors as tensors (``<module>::<factor>``) and a JSON document (meta, tokens)."""
         tensors = {}
+        written: set[int] = set()
         for name, f in self.modules.items():
             for key in ("A", "S", "QA", "eig_a", "QS", "eig_s", "Lambda"):
                 value = getattr(f, key)
                 if value is not None:
-                    tensors[f"{name}::{key}"] = value
+                    # layers with a shared input share their eigenbasis in memory; a file
+                    # holds one copy per name (safetensors refuses shared storage)
+                    address = value.untyped_storage().data_ptr()
+                    tensors[f"{name}::{key}"] = value.clone() if address in written else value
+                    written.add(address)
         tokens = {name: f.tokens for name, f in self.modules.items()}
         return tensors, {**self.meta, "tokens": tokens, "format": FORMAT}
 
@@ -324,17 +330,22 @@ class FactorFitter:
         cache: list[dict[str, tuple[Tensor, Tensor]]] | None = [] if reuse else None
         cached = 0
         for _, items in self.pass_over(examples, mode, "kfac covariances"):
+            # layers sharing an input tensor (q, k, v; gate, up) share its covariance
+            shared: dict[tuple[int, int], tuple[Tensor, float]] = {}
             for name, (a, mask, ds) in items.items():
-                flat = a.to(work).reshape(-1, a.shape[-1])
-                if mask is not None:
-                    m = mask.to(work).reshape(-1, 1)
-                    A[name] += (flat * m).T @ flat
-                    tokens[name] += float(m.sum())
-                else:
-                    A[name] += flat.T @ flat
-                    tokens[name] += flat.shape[0]
-                g = ds.to(work).reshape(-1, ds.shape[-1])
-                S[name] += g.T @ g
+                key = (id(a), id(mask))
+                if key not in shared:
+                    flat = a.to(work).reshape(-1, a.shape[-1])
+                    if mask is not None:
+                        m = mask.to(work).reshape(-1)
+                        shared[key] = (gram(flat, m), float(m.sum()))
+                    else:
+                        shared[key] = (gram(flat), float(flat.shape[0]))
+                covariance, count = shared[key]
+                A[name] += covariance
+                tokens[name] += count
+                S[name] += gram(ds.to(work).reshape(-1, ds.shape[-1]))
+            del shared
             if cache is not None:
                 size = sum(
                     a.numel() * a.element_size() + d.numel() * d.element_size()
@@ -347,12 +358,14 @@ class FactorFitter:
                     cache = None
             del items  # before the next batch's forward pass
         modules = {}
+        bases: list[tuple[Tensor, tuple[Tensor, Tensor]]] = []  # decomposed A's, reused
         for t in self.tracked:
             At = A[t.name] / max(tokens[t.name], 1.0)
             St = S[t.name] / n
-            eig_a, QA = _eigh(At)
+            eig_a, QA = _eigh_once(At, bases)
             eig_s, QS = _eigh(St)
             modules[t.name] = ModuleFactors(At, St, QA, eig_a, QS, eig_s, tokens=tokens[t.name])
+        del bases
         if corrected:
             Lam = {
                 t.name: torch.zeros(t.d_out, t.cols, dtype=work, device=dev) for t in self.tracked
@@ -366,10 +379,16 @@ class FactorFitter:
                 )
             )
             for items in source:
+                # Q_A^T a once per shared input and shared basis
+                turned: dict[tuple[int, int], Tensor] = {}
                 for name, (a, _, ds) in items.items():
                     f = modules[name]
-                    Lam[name] += rotated_squares(ds, a, f.QS, f.QA, work).to(work)
-                del items
+                    key = (id(a), id(f.QA))
+                    if key not in turned:
+                        turned[key] = a.to(work) @ f.QA.to(work)
+                    dr = ds.to(work) @ f.QS.to(work)
+                    Lam[name] += squares_in_eigenbasis(dr, turned[key]).to(work)
+                del items, turned
             for name, f in modules.items():
                 f.Lambda = Lam[name] / n
         meta = {
@@ -381,6 +400,20 @@ class FactorFitter:
             "mask_key": self.mask_key,
         }
         return KroneckerFactors(modules, meta)
+
+
+def _eigh_once(
+    M: Tensor, done: list[tuple[Tensor, tuple[Tensor, Tensor]]]
+) -> tuple[Tensor, Tensor]:
+    """:func:`_eigh` of ``M``, or the decomposition in ``done`` of a matrix equal to it (the
+    activation covariances of layers that share their input are equal): the same tensors,
+    so that the eigenvalue pass rotates a shared input once. ``done`` grows by M's entry."""
+    for seen, decomposition in done:
+        if seen.shape == M.shape and torch.equal(seen, M):
+            return decomposition
+    decomposition = _eigh(M)
+    done.append((M, decomposition))
+    return decomposition
 
 
 def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
@@ -413,8 +446,13 @@ def rotated_squares(
 ) -> Tensor:
     """sum over k and b of rotated(ds, a)^2, [d_out, cols] float64, without holding it all at
     once; products in ``dtype``."""
-    dr = ds.to(dtype) @ QS.to(dtype)  # [K, B, T, d_out]
-    ar = a.to(dtype) @ QA.to(dtype)  # [B, T, cols]
+    return squares_in_eigenbasis(ds.to(dtype) @ QS.to(dtype), a.to(dtype) @ QA.to(dtype))
+
+
+def squares_in_eigenbasis(dr: Tensor, ar: Tensor) -> Tensor:
+    """``sum_{k,b} (sum_t dr_kbt ar_bt^T)^2`` [d_out, cols] float64 of rotated gradients
+    ``dr = Ds Q_S`` [K, B, T, d_out] and activations ``ar = a Q_A`` [B, T, cols], in chunks of
+    examples (:data:`CHUNK_ELEMENTS`)."""
     if ar.shape[1] == 1:  # one position: the square of an outer product is an outer product
         outer = dr[:, :, 0].square().sum(0).T @ ar[:, 0].square()
         return outer.to(torch.float64)

@@ -88,6 +88,8 @@ class Capture:
         self.records: dict[str, list[Record]] = {}
         self._handles: list[Any] = []
         self._mask: Tensor | None = None
+        # (storage, layout, version, bias) of this forward pass's layer inputs -> (x, a)
+        self._inputs: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
 
     def __enter__(self) -> Capture:
         for t in self.tracked:
@@ -104,6 +106,7 @@ class Capture:
         """Drop the recorded activations and outputs (and the graph they hold) of the last
         forward pass."""
         self.records = {}
+        self._inputs = {}
 
     def _hook(self, t: TrackedModule) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
@@ -113,21 +116,50 @@ class Capture:
             if t.kind == "conv2d":
                 assert isinstance(module, torch.nn.Conv2d)
                 a = _conv_patches(module, x)
+                if t.bias is not None:
+                    a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
                 to_tokens = _conv_tokens(b, output.shape[1])
             else:
-                a = x.reshape(b, -1, x.shape[-1])
+                a = self._sequence_input(x, t.bias is not None)
                 to_tokens = _sequence_tokens(b, output.shape[-1])
                 if self._mask is not None and x.dim() == 3 and self._mask.shape == x.shape[:2]:
-                    mask = self._mask.to(a.dtype)
-            if t.bias is not None:
-                a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+                    mask = self._mask_as(x.dtype)
             self.records.setdefault(t.name, []).append(Record(a, output, mask, to_tokens))
 
         return hook
 
+    def _sequence_input(self, x: Tensor, bias: bool) -> Tensor:
+        """``a`` [B, T, cols] of a linear layer's input ``x`` (a ones-column when ``bias``).
+
+        Layers that read the same input in this forward pass (an attention's q, k and v
+        projections, a gated MLP's gate and up) get the same tensor object, so that what
+        depends only on ``a`` (the activation covariance, its rotation into the eigenbasis)
+        can be computed once for all of them. The same storage, layout and version counter
+        means the same values: ``x`` is held until the pass is released, so no other tensor
+        can take its address meanwhile.
+        """
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version, bias)
+        seen = self._inputs.get(key)
+        if seen is not None:
+            return seen[1]
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
+        if bias:
+            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+        self._inputs[key] = (x, a)
+        return a
+
+    def _mask_as(self, dtype: torch.dtype) -> Tensor:
+        """The attention mask in ``dtype``, converted once per forward pass (one object, so
+        that layers with a shared input also share their mask)."""
+        assert self._mask is not None
+        if self._mask.dtype != dtype:
+            self._mask = self._mask.to(dtype)
+        return self._mask
+
     def forward(self, task: Task, inputs: Any) -> Tensor:
         """Run the model on ``inputs`` (recording); returns its outputs flattened to [B, C]."""
         self.records = {}
+        self._inputs = {}
         self._mask = None
         if self.mask_key is not None and isinstance(inputs, dict):
             m = inputs.get(self.mask_key)
