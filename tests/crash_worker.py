@@ -2,11 +2,13 @@
 
     python tests/crash_worker.py JOB DIRECTORY OUT KILL
 
-JOB is ``retrain`` (leave-one-out for six examples with ``cache_dir=DIRECTORY``) or ``factors``
-(EK-FAC with ``factors_dir=DIRECTORY``, then scores). KILL says where the process SIGKILLs
-itself: ``none``; ``save:N`` in the N-th artifact save, after its payload is written and before
-the commit (the manifest's write); ``train:N`` inside the N-th retraining; ``fit`` in the middle
-of the factor fit's pass over the data. Without a kill the results go to OUT (torch.save).
+JOB is ``retrain`` (leave-one-out for six examples with ``cache_dir=DIRECTORY``), ``factors``
+(EK-FAC with ``factors_dir=DIRECTORY``, then scores) or ``lmscores`` (EK-FAC on a small causal
+LM with ``workdir=DIRECTORY``: factors, preconditioned queries and score shards). KILL says where
+the process SIGKILLs itself: ``none``; ``save:N`` in the N-th artifact save, after its payload
+is written and before the commit (the manifest's write); ``train:N`` inside the N-th
+retraining; ``fit`` in the middle of the factor fit's pass over the data; ``score:N`` inside the
+N-th batch of the scoring pass. Without a kill the results go to OUT (torch.save).
 """
 
 from __future__ import annotations
@@ -54,6 +56,36 @@ def _problem() -> tuple:
     return task, (X[:150], y[:150]), (X[150:160], y[150:160])
 
 
+def _kill_in_fit() -> None:
+    """SIGKILL after the second batch of the factor fit's covariance pass."""
+    from infkit.kfac.factors import FactorFitter
+
+    original = FactorFitter.pass_over
+
+    def dying(self: FactorFitter, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        for count, item in enumerate(original(self, *args, **kwargs)):
+            if count == 2:
+                _die()
+            yield item
+
+    FactorFitter.pass_over = dying  # type: ignore[method-assign]
+
+
+def _language_model_problem() -> tuple:
+    """A small causal LM (tests/lm_helpers.py), 40 training sequences and 3 queries."""
+    from lm_helpers import LENGTH, VOCAB, TinyLM
+
+    from infkit import language_modeling as lm
+
+    torch.manual_seed(0)
+    model = TinyLM().double().eval()
+    ids = torch.randint(0, VOCAB, (43, LENGTH))
+    inputs, labels = lm.examples(ids)
+    train = ({k: v[:40] for k, v in inputs.items()}, labels[:40])
+    test = ({k: v[40:] for k, v in inputs.items()}, labels[40:])
+    return infkit.Task.language_modeling(model), train, test
+
+
 def main() -> None:
     job, directory, out, kill = sys.argv[1:5]
     warnings.simplefilter("ignore")
@@ -72,19 +104,23 @@ def main() -> None:
             task, train, test, [0, 3, 7, 11, 20, 42], 1e-2, cache_dir=directory
         )
         torch.save({"params": result.params, "measurement": result.measurement}, out)
+    elif job == "lmscores":
+        if kill.startswith("score:"):  # inside the N-th batch of the scoring pass
+            from infkit.kfac.streaming import StreamingScorer
+
+            _kill_on_call(StreamingScorer, "_batch_scores", int(kill[6:]))
+        if kill == "fit":
+            _kill_in_fit()
+        task, train, test = _language_model_problem()
+        inf = infkit.Influence(
+            task, "ekfac", l2=1e-2, damping=1e-2, batch_size=2, workdir=directory, shard_batches=3
+        )
+        scores = inf.fit(train).scores(test)
+        tally = inf.describe()["score_shards"]
+        torch.save({"scores": scores, "tally": [tally["computed"], tally["reused"]]}, out)
     else:
         if kill == "fit":  # after the second batch of the covariance pass
-            from infkit.kfac.factors import FactorFitter
-
-            original = FactorFitter.pass_over
-
-            def dying(self: FactorFitter, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-                for count, item in enumerate(original(self, *args, **kwargs)):
-                    if count == 2:
-                        _die()
-                    yield item
-
-            FactorFitter.pass_over = dying  # type: ignore[method-assign]
+            _kill_in_fit()
         inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-3, factors_dir=directory)
         scores = inf.fit(train).scores(test)
         torch.save({"scores": scores}, out)

@@ -1,4 +1,5 @@
-"""kill -9 at any point of a retraining or a factor fit, then the same call again.
+"""kill -9 at any point of a retraining, a factor fit or a sharded scoring run, then the same call
+again.
 
 Each case runs tests/crash_worker.py in a subprocess that SIGKILLs itself at a chosen point (in
 an artifact save between payload and manifest, inside a retraining, in the middle of a factor
@@ -46,7 +47,7 @@ def _stray(directory: Path) -> list[str]:
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("uninterrupted")
     out = {}
-    for job in ("retrain", "factors"):
+    for job in ("retrain", "factors", "lmscores"):
         _run(job, root / job, root / f"{job}.pt")
         out[job] = torch.load(root / f"{job}.pt")
     return out
@@ -54,7 +55,18 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.mark.parametrize(
     ("job", "kill"),
-    [("retrain", "save:3"), ("retrain", "train:4"), ("factors", "save:1"), ("factors", "fit")],
+    [
+        ("retrain", "save:3"),
+        ("retrain", "train:4"),
+        ("factors", "save:1"),
+        ("factors", "fit"),
+        # a causal LM with a workdir, 20 scoring batches in shards of 3: killed in the fit
+        # (about 30% of the run's time), in the commit of the second score shard, and at 70%
+        # of the scoring pass
+        ("lmscores", "fit"),
+        ("lmscores", "save:4"),
+        ("lmscores", "score:14"),
+    ],
 )
 def test_killed_run_resumes_bit_identically(
     uninterrupted: dict, tmp_path: Path, job: str, kill: str
@@ -65,8 +77,13 @@ def test_killed_run_resumes_bit_identically(
     assert not (tmp_path / "killed.pt").exists()
     _run(job, directory, tmp_path / "resumed.pt")
     resumed = torch.load(tmp_path / "resumed.pt")
+    tally = resumed.pop("tally", None)
     for name, expected in uninterrupted[job].items():
-        assert torch.equal(resumed[name], expected), name
+        if name != "tally":
+            assert torch.equal(resumed[name], expected), name
+    if tally is not None:  # [computed, reused] score shards of the resumed run
+        finished = {"fit": 0, "save:4": 1, "score:14": 4}[kill]  # shards committed before
+        assert tally == [7 - finished, finished]
     assert _stray(directory) == []
 
 

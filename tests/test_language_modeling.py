@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from lm_helpers import LENGTH, VOCAB, TinyLM
 from torch import nn
 
 import infkit
@@ -21,24 +22,7 @@ from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError, Notice, UnsupportedError
 from infkit.kfac.streaming import StreamingScorer, plan_groups, query_budget
 
-VOCAB, LENGTH, N, Q = 11, 7, 20, 4
-
-
-class TinyLM(nn.Module):
-    """Token embedding, a causal running mean over positions, a tanh MLP and a head: [B, T, V]."""
-
-    def __init__(self, vocab: int = VOCAB, width: int = 6) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.mix = nn.Linear(width, width)
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        h = self.embed(input_ids)
-        steps = torch.arange(1, h.shape[1] + 1, dtype=h.dtype).reshape(1, -1, 1)
-        h = torch.tanh(self.mix(h.cumsum(1) / steps))
-        return self.head(self.norm(h))
+N, Q = 20, 4
 
 
 @pytest.fixture(scope="module")

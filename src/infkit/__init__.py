@@ -16,6 +16,7 @@ from infkit.linearize import linearizability, linearize
 from infkit.ntk import empirical_ntk
 from infkit.registry import methods
 from infkit.removal import RemovalEffect
+from infkit.shards import SavedScores, read_scores
 from infkit.task import Task
 from infkit.training import train_to_optimum
 
@@ -28,6 +29,7 @@ __all__ = [
     "NotFittedError",
     "ProblemTooLargeError",
     "RemovalEffect",
+    "SavedScores",
     "Task",
     "TopK",
     "UnsupportedError",
@@ -37,6 +39,7 @@ __all__ = [
     "linearizability",
     "linearize",
     "methods",
+    "read_scores",
     "retrain",
     "train_to_optimum",
 ]

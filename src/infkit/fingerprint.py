@@ -72,6 +72,13 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
     return {"architecture": arch.hexdigest()[:32], "parameters": state.hexdigest()[:32]}
 
 
+def tensor_digest(t: Tensor) -> str:
+    """A hash of a tensor's dtype, shape and values."""
+    h = hashlib.sha256()
+    _tensor(h, t)
+    return h.hexdigest()[:32]
+
+
 def data_fingerprint(examples: ExampleSet) -> str:
     """A hash of every example's inputs and targets, in order (one pass over the data)."""
     cached = getattr(examples, "_fingerprint", None)

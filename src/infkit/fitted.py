@@ -11,6 +11,7 @@ stationarity check (docs/conventions.md §2).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,6 +65,8 @@ class Fitted:
         objective_gradient: ``grad L(theta*)`` [P] float64 (0 at an exact optimum), when the
             method assumes an optimum; the Newton step uses it to stay exact at a loose one.
         stationarity: ``||grad L(theta*)||`` relative to the typical per-example gradient.
+        workdir: the directory of a resumable run's artifacts (factors, score shards), or None
+            (:mod:`infkit.shards`).
     """
 
     task: Task
@@ -80,6 +83,7 @@ class Fitted:
     anchor: Tensor | None = None
     objective_gradient: Tensor | None = None
     stationarity: float | None = None
+    workdir: Path | None = None
 
     # ------------------------------------------------------------------ sizes and ridges
     @property

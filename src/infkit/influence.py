@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,6 +94,10 @@ class Influence:
         dtype: the precision of the forward and backward passes: ``torch.bfloat16`` (or
             ``torch.float16``) runs them under ``torch.autocast`` with the outputs, products and
             statistics in float32 (mixed precision); None (default): the model's own dtype.
+        workdir: a directory for a resumable run: the Kronecker methods keep their factors
+            there (unless ``factors_dir`` says otherwise) and commit streamed scores shard by
+            shard with the queries they precondition, so that the same call after a crash
+            reuses everything finished and gives bit-identical scores (docs/distributed.md).
         **method_options: the method's options (``infkit.methods()[name]["options"]``), e.g.
             ``curvature="hessian"`` for ``"exact"``; checked here, at construction.
     """
@@ -112,6 +117,7 @@ class Influence:
         memory_limit: int | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        workdir: str | Path | None = None,
         **method_options: Any,
     ) -> None:
         if not isinstance(task, Task):
@@ -166,6 +172,9 @@ class Influence:
                 f"{progress!r}"
             )
         self.progress = progress
+        self.workdir = None if workdir is None else Path(workdir)
+        if self.workdir is not None and self.workdir.exists() and not self.workdir.is_dir():
+            raise InvalidInputError(f"workdir {self.workdir} is a file, not a directory")
         if memory_limit is not None and (
             not isinstance(memory_limit, int) or isinstance(memory_limit, bool) or memory_limit < 1
         ):
@@ -187,9 +196,17 @@ class Influence:
 
     # ------------------------------------------------------------------ construction helpers
     def _options_for(self, name: str) -> dict[str, Any]:
-        """The method options, with ``damping_scale="auto"`` when damping="auto" was asked."""
+        """The method options, with ``damping_scale="auto"`` when damping="auto" was asked and
+        ``factors_dir`` in the workdir for the methods that keep factors."""
+        options = dict(self.method_options)
+        if (
+            self.workdir is not None
+            and "factors_dir" in method_class(name).Options.names()
+            and options.get("factors_dir") is None
+        ):
+            options["factors_dir"] = str(self.workdir)
         if not self.auto_damping:
-            return self.method_options
+            return options
         if not method_class(name).supports_auto_damping:
             able = [n for n, cls in sorted(registered().items()) if cls.supports_auto_damping]
             raise UnsupportedError(
@@ -197,7 +214,7 @@ class Influence:
                 f"({', '.join(able)}); method {name!r} needs a number: try l2 + damping around "
                 "1e-3 x the mean curvature eigenvalue, or damping=0 when l2 > 0"
             )
-        return {**self.method_options, "damping_scale": "auto"}
+        return {**options, "damping_scale": "auto"}
 
     def _create(self, name: str) -> Method:
         method = registry.create(name, self._options_for(name))
@@ -261,6 +278,7 @@ class Influence:
             progress=show,
             memory_limit=self.memory_limit,
             train_gradients=cache,
+            workdir=self.workdir,
             anchor=None if anchor is None else anchor.to(theta),
         )
         # Trajectory and surrogate methods (TracInCP, TRAK) neither assume an optimum nor use
@@ -350,18 +368,27 @@ class Influence:
         return self.fitted.examples(data, name)
 
     # ------------------------------------------------------------------ questions
-    def scores(self, test: Any) -> Tensor:
+    def scores(self, test: Any, among: Sequence[int] | Tensor | None = None) -> Tensor:
         """Removal effect of each training example on each test measurement, [n_test, n_train].
 
         ``scores[t, j]`` predicts ``m_t(theta without j) - m_t(theta)``. Computed in chunks of
         test examples written into the result (in the model's dtype), so the peak memory stays
         near the result's size plus the method's own state; a result larger than
         ``memory_limit`` is refused before anything is computed (use :meth:`top_k`).
+
+        ``among``: training indices to score instead of all of them; the result is then
+        ``[n_test, len(among)]``, column c for training example ``among[c]``. The streamed
+        Kronecker scores pass over those examples only (a prefilter's candidates,
+        :mod:`infkit.analyses.prefilter`).
         """
         self.method.require("scores")
         queries = self._queries(test)
         fitted = self.fitted
-        t, n = len(queries), fitted.n
+        columns = None
+        if among is not None:
+            columns = checked_indices(among, fitted.n, what="training index", unique=True)
+        t = len(queries)
+        n = fitted.n if columns is None else len(columns)
         need = t * n * fitted.space.bytes_per_float()
         if need > fitted.memory_limit:
             raise ProblemTooLargeError(
@@ -371,12 +398,41 @@ class Influence:
                 "raise memory_limit"
             )
         out = torch.empty(t, n, dtype=fitted.space.dtype)
-        for start, stop, S in self._score_chunks(queries):
+        for start, stop, S in self._score_chunks(queries, columns):
             out[start:stop] = S
             del S  # before the next chunk is computed
         return out
 
-    def _score_chunks(self, queries: ExampleSet) -> Iterator[tuple[int, int, Tensor]]:
+    def score_shards(self, test: Any, part: tuple[int, int]) -> dict[str, int]:
+        """Compute and commit only part ``i`` of ``K`` of the score shards of ``test`` in the
+        workdir, returning nothing but a count: the share of one job of an array (a SLURM array
+        task: ``part=(SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT)``). A later ``scores(test)``
+        with the same settings reads every committed shard and computes only what is missing.
+
+        Returns:
+            ``{"computed": ..., "reused": ...}``: this call's shards, by how they were got.
+        """
+        method = self.method
+        if self.workdir is None:
+            raise InvalidInputError(
+                "score_shards commits shards to a workdir: pass workdir=PATH to Influence"
+            )
+        if not type(method).shards_scores:
+            raise UnsupportedError(
+                f"method {method.name!r} does not compute scores in shards; the Kronecker "
+                "methods (kfac, ekfac) do"
+            )
+        before = dict(method.shard_tally)
+        method.shard_part = part
+        try:
+            self.scores(test)  # this part's columns only: not a result, never returned
+        finally:
+            method.shard_part = None
+        return {k: method.shard_tally[k] - before[k] for k in before}
+
+    def _score_chunks(
+        self, queries: ExampleSet, among: Tensor | None = None
+    ) -> Iterator[tuple[int, int, Tensor]]:
         """(start, stop, scores [stop - start, N] float64) over chunks of the queries.
 
         A chunk's temporaries (query gradients, solved queries and score rows in float64, about
@@ -391,7 +447,10 @@ class Influence:
         shown = track(chunks, fitted.progress, "scores", len(chunks)) if len(chunks) > 1 else chunks
         for start, stop in shown:
             part = queries if stop - start == t else queries.subset(torch.arange(start, stop))
-            yield start, stop, method.scores(part, self._estimator)
+            if among is None:
+                yield start, stop, method.scores(part, self._estimator)
+            else:
+                yield start, stop, method.scores_among(part, self._estimator, among)
 
     def self_scores(self) -> Tensor:
         """Removal effect of each training example on its own loss, [n_train].

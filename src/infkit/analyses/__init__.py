@@ -3,5 +3,7 @@
 * :mod:`~infkit.analyses.layer_quality`: LayerIF, per-layer influence on a validation set;
 * :mod:`~infkit.analyses.similarity`: Fisher-kernel (KFE) features and dataset similarity;
 * :mod:`~infkit.analyses.memorisation`: memorisation scores from low-curvature gradient energy
-  and the low-curvature weight edit.
+  and the low-curvature weight edit;
+* :mod:`~infkit.analyses.prefilter`: two-stage text attribution, TF-IDF candidates then exact
+  influence on them.
 """

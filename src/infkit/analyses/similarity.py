@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet
+from infkit.distributed import sum_across
 from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.influence import Influence
 from infkit.kfac.curvature import KroneckerCurvature
@@ -128,7 +129,8 @@ def dataset_embedding(inf: Influence, data: Any, kind: str = "profile") -> Tenso
         batch_size=inf.batch_size,
     )
     examples = ExampleSet(data, name="data")
-    total = torch.zeros((), dtype=torch.float64)
+    size = sum(t.d_out * t.cols for t in method.tracked)
+    total = torch.zeros(size, dtype=torch.float64, device=inf.fitted.space.device)
     for b, items in fitter.pass_over(examples, mode, "dataset embedding"):
         parts = []
         for name, (a, _, ds) in items.items():
@@ -138,6 +140,7 @@ def dataset_embedding(inf: Influence, data: Any, kind: str = "profile") -> Tenso
         if kind == "profile":
             energy = energy / energy.sum(1, keepdim=True).clamp_min(torch.finfo(energy.dtype).tiny)
         total = total + energy.sum(0)
+    sum_across(total)  # the batches of the other processes under torchrun
     return total / len(examples)
 
 

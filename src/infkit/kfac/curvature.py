@@ -93,6 +93,12 @@ class KroneckerOptions(Options):
         "one layer of one query does not)",
         minimum=1,
     )
+    shard_batches: int = option(
+        16,
+        "batches of training examples per score shard committed to the facade's workdir (a "
+        "resumed run recomputes at most one shard's worth per process)",
+        minimum=1,
+    )
     cache_bytes: int = option(
         1 << 30,
         "memory for keeping the first pass's activations for the EK-FAC pass (at most a "
@@ -210,6 +216,10 @@ class KroneckerCurvature:
             cache_bytes=min(options.cache_bytes, fitted.memory_limit // 4),
         )
 
+    def factors_identity(self) -> dict[str, Any]:
+        """The identity of these factors' artifact (what they depend on)."""
+        return self.identity(self._fitter(), self.corrected)
+
     def identity(self, fitter: FactorFitter, corrected: bool) -> dict[str, Any]:
         """Everything the factors depend on (their artifact's identity)."""
         fitted, options = self.fitted, self.options
@@ -225,6 +235,8 @@ class KroneckerCurvature:
             "seed": options.seed if sampled else None,
             "sample_targets": callable_identity(options.sample_targets) if sampled else None,
             "batch_size": fitted.batch_size if sampled else None,
+            # labels seeded per batch (distributed.batch_seed), not by one running stream
+            "label_seeds": "per-batch" if sampled else None,
             "mask_key": options.mask_key,
             "dtype": str(fitted.engine.dtype),
             "corrected": corrected,

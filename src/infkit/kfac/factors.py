@@ -39,6 +39,7 @@ from torch import Tensor
 
 from infkit import language_modeling as lm
 from infkit.data import ExampleSet
+from infkit.distributed import batch_count, batch_seed, shard_batches, sum_across
 from infkit.errors import ArtifactError, InvalidInputError, UnsupportedError
 from infkit.gradients import PerExample
 from infkit.layers.capture import Capture
@@ -283,18 +284,22 @@ class FactorFitter:
         return torch.stack(vectors) * scale
 
     def pass_over(self, examples: ExampleSet, mode: str, desc: str, stream: int = 0):
-        """Yield (batch size, {name: (a, mask, Ds)}) for every batch.
+        """Yield (batch size, {name: (a, mask, Ds)}) for every batch of this process
+        (:func:`~infkit.distributed.shard_batches`: all of them without a process group).
 
-        ``stream`` selects an independent stream of sampled labels (``"sampled"`` only).
+        ``stream`` selects an independent stream of sampled labels (``"sampled"`` only); each
+        batch's labels are seeded by the seed, the stream and the batch's number.
         """
         gen = None
         if mode == "sampled":
             gen = torch.Generator(device=self.engine.space.device)
-            gen.manual_seed(self.seed + 1_000_003 * stream)
-        total = -(-len(examples) // self.batch_size)
+        total = batch_count(len(examples), self.batch_size)
         model = self.task.model
+        batches = shard_batches(examples, self.batch_size)  # this process's share
         with Capture(self.tracked, self.mask_key) as cap, evaluation_mode(model):
-            for batch in track(examples.batches(self.batch_size), self.progress, desc, total):
+            for number, batch in track(batches, self.progress, desc, total):
+                if gen is not None:  # labels drawn per batch: the same on any process
+                    gen.manual_seed(batch_seed(self.seed, stream, number))
                 inputs, targets = self.engine.prepare(batch)
                 with torch.enable_grad():
                     out = cap.forward(self.task, inputs)
@@ -357,6 +362,10 @@ class FactorFitter:
                 else:
                     cache = None
             del items  # before the next batch's forward pass
+        sum_across(*A.values(), *S.values())  # the other processes' batches
+        counted = torch.tensor(list(tokens.values()), dtype=torch.float64)
+        sum_across(counted)
+        tokens = dict(zip(tokens, counted.tolist(), strict=True))
         modules = {}
         bases: list[tuple[Tensor, tuple[Tensor, Tensor]]] = []  # decomposed A's, reused
         for t in self.tracked:
@@ -389,6 +398,7 @@ class FactorFitter:
                     dr = ds.to(work) @ f.QS.to(work)
                     Lam[name] += squares_in_eigenbasis(dr, turned[key]).to(work)
                 del items, turned
+            sum_across(*Lam.values())
             for name, f in modules.items():
                 f.Lambda = Lam[name] / n
         meta = {

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
+from infkit.distributed import batch_count, shard_batches, sum_across, world
 from infkit.errors import Notice, warn
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import KroneckerCurvature
@@ -37,6 +40,7 @@ from infkit.layers.tracked import TrackedModule
 from infkit.memory import human_bytes
 from infkit.parameters import product_dtype
 from infkit.progress import track
+from infkit.shards import ScoreShards
 
 
 @dataclass
@@ -60,6 +64,26 @@ class LayerQueries:
         if self.full:
             return next(iter(self.full.values())).shape[0]
         return next(iter(self.low_rank.values()))[0].shape[0]
+
+    def payload(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The queries as tensors and a JSON document (:meth:`from_payload` reads them)."""
+        tensors = {"shared": self.shared}
+        tensors.update({f"full::{name}": U for name, U in self.full.items()})
+        for name, (L, R) in self.low_rank.items():
+            tensors[f"L::{name}"], tensors[f"R::{name}"] = L, R
+        document = {"rank": self.rank, "full": list(self.full), "low_rank": list(self.low_rank)}
+        return tensors, document
+
+    @classmethod
+    def from_payload(
+        cls, tensors: dict[str, Tensor], document: dict[str, Any], device: torch.device
+    ) -> LayerQueries:
+        def get(key: str) -> Tensor:
+            return tensors[key].to(device)
+
+        full = {name: get(f"full::{name}") for name in document["full"]}
+        low = {name: (get(f"L::{name}"), get(f"R::{name}")) for name in document["low_rank"]}
+        return cls(full, low, get("shared"), document["rank"])
 
 
 def block_gradients(a: Tensor, ds: Tensor, dtype: torch.dtype) -> Tensor:
@@ -262,19 +286,51 @@ class StreamingScorer:
         return LayerQueries(full, low_rank, shared, rank if low_rank else None)
 
     # ------------------------------------------------------------------ scores
-    def scores(self, prepared: LayerQueries) -> Tensor:
-        """``S [T, N]`` float64: the removal effect of every training example on every query."""
+    def scores(
+        self,
+        prepared: LayerQueries,
+        shards: ScoreShards | None = None,
+        among: Tensor | None = None,
+    ) -> Tensor:
+        """``S [T, N]`` float64: the removal effect of every training example on every query
+        (of the training examples ``among`` only, ``[T, len(among)]``, when given).
+
+        With ``shards``, column shard by column shard, each committed when done and reused
+        when already committed (:mod:`infkit.shards`).
+        """
         fitted = self.fitted
         n = fitted.n
-        device = fitted.space.device
-        S = torch.empty(prepared.count, n, dtype=torch.float64, device=device)
-        total = -(-n // fitted.batch_size)
-        batches = track(fitted.train.batches(fitted.batch_size), fitted.progress, "scores", total)
-        for batch in batches:
-            part = self._batch_scores(batch, prepared)
-            S[:, batch.indices.to(device)] = part
+        if among is not None:
+            S = self._columns(prepared, among, split=True)
+        elif shards is None:
+            S = self._columns(prepared, torch.arange(n), split=True)
+        else:
+            # this process's shards; the others' columns are filled in by the sum below
+            S = torch.zeros(prepared.count, n, dtype=torch.float64, device=fitted.space.device)
+            mine = shards.mine()
+            for start, stop in track(mine, fitted.progress, "score shards", len(mine)):
+                compute = partial(self._columns, prepared, torch.arange(start, stop))
+                S[:, start:stop] = shards.columns(start, stop, compute).to(S.device)
+        sum_across(S)
         S += prepared.shared.unsqueeze(1)
         return S / n
+
+    def _columns(self, prepared: LayerQueries, indices: Tensor, split: bool = False) -> Tensor:
+        """``sum_l <U_tl, G_jl>`` for the training examples ``indices``, [T, len(indices)], in
+        batches of consecutive entries of ``indices``; with ``split``, only this process's
+        batches (:func:`~infkit.distributed.shard_batches`: the others' columns stay 0)."""
+        fitted = self.fitted
+        size = fitted.batch_size
+        block = torch.zeros(
+            prepared.count, len(indices), dtype=torch.float64, device=fitted.space.device
+        )
+        rank, world_size = world() if split else (0, 1)
+        starts = range(0, len(indices), size)[rank::world_size]
+        desc = "scores" if split else "shard"
+        for start in track(starts, fitted.progress if split else "off", desc, len(starts)):
+            batch = fitted.train.take(indices[start : start + size])
+            block[:, start : start + len(batch.indices)] = self._batch_scores(batch, prepared)
+        return block
 
     def _batch_scores(self, batch: Batch, prepared: LayerQueries) -> Tensor:
         """``sum_l <U_tl, G_jl>`` for the batch, [T, B] float64."""
@@ -301,17 +357,16 @@ class StreamingScorer:
         fitted = self.fitted
         n = fitted.n
         theta = self._theta_blocks()
-        out = torch.empty(n, dtype=torch.float64, device=fitted.space.device)
-        total = -(-n // fitted.batch_size)
-        batches = track(
-            fitted.train.batches(fitted.batch_size), fitted.progress, "self-scores", total
-        )
+        out = torch.zeros(n, dtype=torch.float64, device=fitted.space.device)
+        total = batch_count(n, fitted.batch_size)
+        batches = shard_batches(fitted.train, fitted.batch_size)
         ridges = self.curvature.ridges()
-        for batch in batches:
+        for _, batch in track(batches, fitted.progress, "self-scores", total):
             values = torch.zeros(len(batch.indices), dtype=torch.float64, device=out.device)
             for name, G in self.gradients(batch, "loss"):
                 attributed = G + fitted.l2 * theta[name] if fitted.l2 else G
                 U = precondition_layer(self.curvature, name, attributed, ridges[name], self.dtype)
                 values += (G * U).sum((1, 2)).to(torch.float64)
             out[batch.indices.to(out.device)] = values / n
+        sum_across(out)
         return out

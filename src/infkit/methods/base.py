@@ -237,6 +237,11 @@ class Method(ABC):
     stationarity_pass: ClassVar[bool] = True
     #: whether H contains each example's exact curvature block (RIF / Newton downdates exact)
     exact_example_curvature: ClassVar[bool] = False
+    #: whether the method commits its scores to a workdir in shards (:mod:`infkit.shards`),
+    #: with ``shard_part`` (one part of an array job) and ``shard_tally`` (counts)
+    shards_scores: ClassVar[bool] = False
+    shard_part: tuple[int, int] | None = None
+    shard_tally: dict[str, int]
     #: what the contract test checks and a user may expect
     fidelity: ClassVar[Fidelity] = Fidelity()
     #: priority for ``method="auto"`` (lower first; None: never chosen automatically)
@@ -462,6 +467,14 @@ class Method(ABC):
     @abstractmethod
     def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
         """Removal effects on the query measurements, [T, N] float64."""
+
+    def scores_among(self, queries: ExampleSet, estimator: Estimator, among: Tensor) -> Tensor:
+        """Removal effects of the training examples ``among`` only, [T, len(among)] float64.
+
+        By default the columns of :meth:`scores`; methods that pass over the training data
+        (the streamed Kronecker scores) pass over ``among`` alone.
+        """
+        return self.scores(queries, estimator)[:, among.to(self.fitted.space.device)]
 
     @abstractmethod
     def self_scores(self, estimator: Estimator) -> Tensor:

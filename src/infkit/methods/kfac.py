@@ -5,10 +5,14 @@ The curvature itself, its factors, damping and storage are
 inverse and gets the estimators from :class:`~infkit.methods.base.PrimalMethod`. Damping:
 ``damping`` (the facade's) is absolute and shared by all blocks; ``damping_scale=0.1`` (or the
 facade's ``damping="auto"``) adds kronfluence's per-module heuristic ``0.1 x mean(Lambda_l)``.
-Trainable parameters outside tracked layers (LayerNorm, embeddings, ...): ``unsupported="error"``
-(default) refuses with their names; ``unsupported="identity"`` gives them only the
-``l2 + damping`` ridge. Freezing them (``requires_grad=False``) restricts the attribution to the
-tracked layers, as kronfluence does.
+Trainable parameters outside tracked layers (LayerNorm, embeddings, ...): ``unsupported="skip"``
+(default) leaves them out of the attribution with a notice naming them, as kronfluence does (as
+if frozen); ``"error"`` refuses with their names; ``"identity"`` gives them only the
+``l2 + damping`` ridge.
+
+With the facade's ``workdir``, streamed scores are committed shard by shard and resume after a
+crash (:mod:`infkit.shards`); :attr:`KFAC.shard_part` restricts a run to one part of an array
+job.
 
 RIF and the Newton step downdate each example's exact curvature block from K-FAC's approximate
 one: an approximation on top of an approximation (docs/estimators.md §10).
@@ -16,7 +20,8 @@ one: an approximation on top of an approximation (docs/estimators.md §10).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from functools import partial
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -24,6 +29,7 @@ from torch import Tensor
 from infkit.data import ExampleSet
 from infkit.errors import NotFittedError, ProblemTooLargeError
 from infkit.estimators import Estimator
+from infkit.fingerprint import data_fingerprint, tensor_digest
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import (
     KroneckerCurvature,
@@ -31,12 +37,20 @@ from infkit.kfac.curvature import (
     attributed_parameters,
     kronecker_layers,
 )
-from infkit.kfac.streaming import StreamingScorer, budget_after, plan_groups, query_budget
+from infkit.kfac.streaming import (
+    LayerQueries,
+    StreamingScorer,
+    budget_after,
+    plan_groups,
+    query_budget,
+)
 from infkit.layers.tracked import TrackedLayers, find_modules
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import KRONECKER, Fidelity, PrimalMethod, Problem, register
 from infkit.parameters import ParameterSpace, product_dtype
 from infkit.plan import RunShape, Stage
+from infkit.shards import QUERIES, SCORES, ScoreShards
+from infkit.store import ArtifactStore
 from infkit.task import Task
 
 
@@ -51,6 +65,7 @@ class KFAC(PrimalMethod):
     scales = True
     supports_auto_damping = True
     stationarity_pass = False
+    shards_scores = True
     checks_scale = True  # describe() reports energy_ratio
     fidelity = Fidelity(
         rtol=None, min_correlation=0.75, removal_correlation=0.5, scale=(0.8, 4.0), damping=0.1
@@ -66,6 +81,11 @@ class KFAC(PrimalMethod):
         self.query_rank: int | None = None
         #: the most passes over the training data one scores() call took (query groups)
         self.query_groups = 0
+        #: ``(i, K)``: with a workdir, compute only the score shards of part i of K (an array
+        #: job's share; :meth:`infkit.Influence.score_shards`); None: this process's share
+        self.shard_part = None
+        #: score shards computed and reused from the workdir, over every scores() call
+        self.shard_tally = {"computed": 0, "reused": 0}
 
     def check(self, task: Task, space: ParameterSpace) -> None:
         kronecker_layers(task.model, space, self.options, self.name)
@@ -119,7 +139,11 @@ class KFAC(PrimalMethod):
         fitted = self.fitted
         if estimator.name != "if" or curvature.layers.others:
             return None
-        if fitted.train_gradients is not None and self.options.query_rank is None:
+        if (
+            fitted.train_gradients is not None
+            and self.options.query_rank is None
+            and fitted.workdir is None
+        ):
             return None  # small: the cached gradients answer in one product
         budget = query_budget(fitted, curvature)
         return StreamingScorer(fitted, curvature, budget, self.options.query_rank)
@@ -128,21 +152,92 @@ class KFAC(PrimalMethod):
         scorer = self._streaming(estimator)
         if scorer is None:
             return super().scores(queries, estimator)
+        shards = self._shards(queries)
+        if shards is None or self.shard_part is not None:  # (a part's columns are no result)
+            return self._grouped_scores(queries, scorer, shards)
+        # the whole result is committed too: the same call again reads it back, no pass
+        info = {"method": self.name, "n_queries": len(queries), "n_train": self.fitted.n}
+        compute = partial(self._scores_payload, queries, scorer, shards, info)
+        tensors, _ = shards.piece(SCORES, {}, compute)
+        return tensors["scores"].to(self.fitted.space.device)
+
+    def _scores_payload(
+        self,
+        queries: ExampleSet,
+        scorer: StreamingScorer,
+        shards: ScoreShards,
+        info: dict[str, Any],
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return {"scores": self._grouped_scores(queries, scorer, shards)}, info
+
+    def scores_among(self, queries: ExampleSet, estimator: Estimator, among: Tensor) -> Tensor:
+        scorer = self._streaming(estimator)
+        if scorer is None:
+            return super().scores_among(queries, estimator, among)
+        return self._grouped_scores(queries, scorer, None, among)
+
+    def _grouped_scores(
+        self,
+        queries: ExampleSet,
+        scorer: StreamingScorer,
+        shards: ScoreShards | None,
+        among: Tensor | None = None,
+    ) -> Tensor:
+        """The streamed scores, one pass per group of queries and layers (exact) beyond the
+        queries' budget; with ``shards``, the queries and score columns are committed; with
+        ``among``, the columns of those training examples only."""
         groups = scorer.groups(len(queries))
         device = self.fitted.space.device
-        out = torch.zeros(len(queries), self.fitted.n, dtype=torch.float64, device=device)
-        # beyond the queries' budget: one pass per group of queries and layers, exact
+        columns = self.fitted.n if among is None else len(among)
+        out = torch.zeros(len(queries), columns, dtype=torch.float64, device=device)
         for start, stop, layers in groups:
             whole = stop - start == len(queries)
             part = queries if whole else queries.subset(torch.arange(start, stop))
-            prepared = scorer.queries(part, layers)
+            group = None if shards is None else shards.of_group([start, stop, list(layers)])
+            if group is None:
+                prepared = scorer.queries(part, layers)
+            else:  # committed once, reused by a resumed run
+                compute = partial(_query_payload, scorer, part, layers)
+                tensors, document = group.piece(QUERIES, {}, compute)
+                prepared = LayerQueries.from_payload(tensors, document, device)
             if prepared.rank is not None:
                 ranks = [r for r in (self.query_rank, prepared.rank) if r is not None]
                 self.query_rank = min(ranks)
-            out[start:stop] += scorer.scores(prepared)
+            out[start:stop] += scorer.scores(prepared, group, among)
             del prepared
         self.query_groups = max(self.query_groups, len(groups))
         return out
+
+    def _shards(self, queries: ExampleSet) -> ScoreShards | None:
+        """The score shards of these queries in the workdir (None without one)."""
+        fitted = self.fitted
+        if fitted.workdir is None:
+            return None
+        curvature = self.kronecker()
+        # where the factors live and whether to refit them do not change the scores
+        options = {
+            k: v for k, v in self.options.record().items() if k not in ("factors_dir", "overwrite")
+        }
+        identity = {
+            "factors": curvature.factors_identity(),
+            "method": self.name,
+            "options": options,
+            "l2": fitted.l2,
+            "damping": fitted.damping,
+            "anchor": None if fitted.anchor is None else tensor_digest(fitted.anchor),
+            "memory_limit": fitted.memory_limit,  # the query budget: groups and ranks
+            "queries": data_fingerprint(queries),
+        }
+        store = ArtifactStore(fitted.workdir)
+        return ScoreShards(
+            store,
+            identity,
+            fitted.n,
+            fitted.batch_size,
+            self.options.shard_batches,
+            part=self.shard_part,
+            tally=self.shard_tally,
+        )
 
     def self_scores(self, estimator: Estimator) -> Tensor:
         scorer = self._streaming(estimator)
@@ -249,9 +344,18 @@ class KFAC(PrimalMethod):
         out: dict[str, object] = super().describe()
         out["query_rank"] = self.query_rank
         out["query_groups"] = self.query_groups
+        if self._fitted is not None and self._fitted.workdir is not None:
+            out["score_shards"] = dict(self.shard_tally)
         if self.curvature_ is not None:
             out.update(self.curvature_.describe())
         return out
+
+
+def _query_payload(
+    scorer: StreamingScorer, queries: ExampleSet, layers: tuple[int, ...]
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The preconditioned ``queries`` of ``layers`` as tensors and a document."""
+    return scorer.queries(queries, layers).payload()
 
 
 def factorable(problem: Problem) -> bool:

@@ -1,0 +1,128 @@
+"""Two-stage attribution for text: TF-IDF candidates first, influence on the survivors only.
+
+Scoring every query against every training document costs a pass over the whole corpus, and for
+a given query most documents are irrelevant. Grosse et al. (2023) score a query only against the
+training sequences that share its rarer words: the top M by TF-IDF cosine similarity. Here
+
+1. stage 1 ranks the corpus for each query by the cosine similarity of TF-IDF vectors
+   (scikit-learn's ``TfidfVectorizer``, fitted on the training texts; optional dependency,
+   ``pip install infkit[demo]`` or ``scikit-learn``) and keeps the top M, ``candidates [Q, M]``;
+2. stage 2 computes the influence of the union of all queries' candidates on the queries,
+   exactly and at full rank (``Influence.scores(queries, among=union)``: the streamed Kronecker
+   scores pass over the union only), and keeps each query's own candidates.
+
+The prefiltered top k misses an influential document that shares no vocabulary with the query;
+:func:`recall_at_k` measures how often, against full scoring (docs/analyses.md §8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.influence import Influence
+
+
+@dataclass(frozen=True)
+class Prefiltered:
+    """Scores of each query's TF-IDF candidates.
+
+    Attributes:
+        candidates: [Q, M] training indices, the most similar by TF-IDF first.
+        scores: [Q, M] float64 influence scores (removal effects) of those candidates.
+        similarity: [Q, M] their TF-IDF cosine similarities to the query.
+        scored: how many distinct training examples stage 2 scored (the union).
+    """
+
+    candidates: Tensor
+    scores: Tensor
+    similarity: Tensor
+    scored: int
+
+    def top_k(self, k: int, largest: bool = True) -> tuple[Tensor, Tensor]:
+        """The k candidates with the largest (``largest=False``: smallest) scores per query:
+        training indices [Q, k] and their scores [Q, k]."""
+        if not 1 <= k <= self.candidates.shape[1]:
+            raise InvalidInputError(
+                f"k must be between 1 and the {self.candidates.shape[1]} candidates per query, "
+                f"got {k}"
+            )
+        values, order = self.scores.topk(k, dim=1, largest=largest)
+        return self.candidates.gather(1, order), values
+
+
+def tfidf_candidates(
+    train_texts: Sequence[str], query_texts: Sequence[str], m: int, **vectorizer: Any
+) -> tuple[Tensor, Tensor]:
+    """The ``m`` training texts most similar to each query by TF-IDF cosine similarity:
+    indices [Q, m] (most similar first) and similarities [Q, m] float64.
+
+    ``vectorizer``: options of scikit-learn's ``TfidfVectorizer`` (default: English stop words
+    removed, sublinear term frequency), fitted on the training texts.
+    """
+    try:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+    except ImportError as exc:  # pragma: no cover - sklearn is in the test environment
+        raise UnsupportedError(
+            "the TF-IDF prefilter needs scikit-learn: pip install scikit-learn (or infkit[demo])"
+        ) from exc
+    _check_texts(train_texts, "train_texts")
+    _check_texts(query_texts, "query_texts")
+    if not 1 <= m <= len(train_texts):
+        raise InvalidInputError(
+            f"m must be between 1 and the {len(train_texts)} training texts, got {m}"
+        )
+    options = {"stop_words": "english", "sublinear_tf": True, **vectorizer}
+    tfidf = TfidfVectorizer(**options)
+    train = tfidf.fit_transform(train_texts)  # rows L2-normalised: products are cosines
+    queries = tfidf.transform(query_texts)
+    similarity = torch.from_numpy((queries @ train.T).toarray()).to(torch.float64)
+    values, indices = similarity.topk(m, dim=1)
+    return indices, values
+
+
+def prefiltered_scores(
+    inf: Influence,
+    queries: Any,
+    train_texts: Sequence[str],
+    query_texts: Sequence[str],
+    m: int,
+    **vectorizer: Any,
+) -> Prefiltered:
+    """Stage 1 (:func:`tfidf_candidates`) and stage 2 (the influence of every query's
+    candidates) for a fitted ``inf``; ``train_texts[j]`` is training example j's text and
+    ``query_texts[t]`` query t's."""
+    if len(train_texts) != inf.n_train:
+        raise InvalidInputError(
+            f"train_texts has {len(train_texts)} texts for {inf.n_train} training examples: "
+            "give one text per training example, in the same order"
+        )
+    candidates, similarity = tfidf_candidates(train_texts, query_texts, m, **vectorizer)
+    union, position = torch.unique(candidates, return_inverse=True)  # sorted training indices
+    scores = inf.scores(queries, among=union).to(torch.float64)  # [Q, |union|]
+    if scores.shape[0] != len(query_texts):
+        raise InvalidInputError(
+            f"query_texts has {len(query_texts)} texts for {scores.shape[0]} queries"
+        )
+    return Prefiltered(candidates, scores.gather(1, position), similarity, len(union))
+
+
+def recall_at_k(
+    prefiltered: Prefiltered, full_scores: Tensor, k: int, largest: bool = True
+) -> float:
+    """Mean over queries of the share of the full scores' top k that the prefiltered top k
+    finds: ``|top_k(prefiltered) & top_k(full)| / k``."""
+    found, _ = prefiltered.top_k(k, largest)
+    truth = full_scores.topk(k, dim=1, largest=largest).indices
+    hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth, strict=True)]
+    return sum(hits) / (k * len(hits))
+
+
+def _check_texts(texts: Sequence[str], name: str) -> None:
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise InvalidInputError(f"{name} must be a sequence of strings, one per example")

@@ -1,0 +1,104 @@
+"""Scores against chosen training examples (``scores(test, among=...)``) and the TF-IDF
+two-stage prefilter: against full scoring, on the streamed and the cached paths
+(docs/analyses.md §8)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from lm_helpers import LENGTH, VOCAB, TinyLM
+
+import infkit
+from infkit import language_modeling as lm
+from infkit.analyses.prefilter import prefiltered_scores, recall_at_k, tfidf_candidates
+from infkit.errors import InvalidInputError
+from infkit.evaluate import relative_error
+
+N, Q = 24, 3
+
+
+@pytest.fixture(scope="module")
+def problem() -> dict:
+    torch.manual_seed(11)
+    model = TinyLM().double().eval()
+    ids = torch.randint(0, VOCAB, (N + Q, LENGTH))
+    inputs, labels = lm.examples(ids)
+    split = lambda lo, hi: ({k: v[lo:hi] for k, v in inputs.items()}, labels[lo:hi])  # noqa: E731
+    # each text: its tokens as words, and a word shared only by training doc 5 t + 1 and query t
+    texts = [" ".join(f"tok{int(i)}" for i in row) for row in ids]
+    for t in range(Q):
+        texts[5 * t + 1] += f" rare{t} rare{t}"
+        texts[N + t] += f" rare{t}"
+    return {
+        "task": infkit.Task.language_modeling(model),
+        "train": split(0, N),
+        "test": split(N, N + Q),
+        "train_texts": texts[:N],
+        "query_texts": texts[N:],
+    }
+
+
+def _fit(problem: dict, method: str, **options: object) -> infkit.Influence:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = infkit.Influence(
+            problem["task"], method, l2=1e-2, damping=1e-2, batch_size=4, **options
+        )
+        return inf.fit(problem["train"])
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("ekfac", {"memory_limit": 60_000}), ("ekfac", {}), ("exact", {})],
+    ids=["ekfac-streamed", "ekfac-cached", "exact"],
+)
+def test_scores_among_chosen_examples_are_the_full_scores_columns(
+    problem: dict, method: str, options: dict
+) -> None:
+    inf = _fit(problem, method, **options)
+    assert (inf.fitted.train_gradients is None) == ("memory_limit" in options)
+    full = inf.scores(problem["test"])
+    among = [17, 3, 9, 22, 0]  # any order: column c is training example among[c]
+    assert relative_error(inf.scores(problem["test"], among=among), full[:, among]) < 1e-12
+    with pytest.raises(InvalidInputError, match="training index"):
+        inf.scores(problem["test"], among=[N])
+
+
+def test_tfidf_candidates_find_the_document_sharing_a_rare_word(problem: dict) -> None:
+    indices, similarity = tfidf_candidates(problem["train_texts"], problem["query_texts"], 4)
+    assert indices.shape == similarity.shape == (Q, 4)
+    assert indices[:, 0].tolist() == [5 * t + 1 for t in range(Q)]
+    assert bool((similarity[:, :-1] >= similarity[:, 1:]).all())  # most similar first
+    assert bool((similarity <= 1 + 1e-12).all())  # cosines of L2-normalised rows
+
+
+def test_two_stage_scores_are_the_candidates_full_scores_and_recall_counts_hits(
+    problem: dict,
+) -> None:
+    inf = _fit(problem, "ekfac", memory_limit=60_000)
+    full = inf.scores(problem["test"])
+    pre = prefiltered_scores(
+        inf, problem["test"], problem["train_texts"], problem["query_texts"], 6
+    )
+    assert relative_error(pre.scores, full.gather(1, pre.candidates)) < 1e-12
+    assert pre.scored == len(torch.unique(pre.candidates)) <= Q * 6
+    # every candidate kept (m = N): the prefiltered top k is the full top k
+    whole = prefiltered_scores(
+        inf, problem["test"], problem["train_texts"], problem["query_texts"], N
+    )
+    assert recall_at_k(whole, full, 5) == 1.0
+    # recall by hand: the share of the full top 3 among the prefiltered top 3
+    top, _ = pre.top_k(3)
+    truth = full.topk(3, dim=1).indices
+    expected = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top, truth)) / (3 * Q)
+    assert recall_at_k(pre, full, 3) == pytest.approx(expected)
+    with pytest.raises(InvalidInputError, match="one text per training example"):
+        prefiltered_scores(
+            inf, problem["test"], problem["train_texts"][:-1], problem["query_texts"], 3
+        )
+    with pytest.raises(InvalidInputError, match="m must be between 1 and"):
+        tfidf_candidates(problem["train_texts"], problem["query_texts"], N + 1)
+    with pytest.raises(InvalidInputError, match="sequence of strings"):
+        tfidf_candidates("one text", problem["query_texts"], 2)

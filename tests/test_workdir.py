@@ -1,0 +1,91 @@
+"""A resumable run in a workdir: factors, preconditioned queries and score shards committed as
+artifacts, a finished run's scores read back without the model, and one array job's share of the
+shards (docs/distributed.md §3). The kill -9 cases are in tests/test_crash_resume.py."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from lm_helpers import LENGTH, VOCAB, TinyLM
+
+import infkit
+from infkit import language_modeling as lm
+from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.evaluate import relative_error
+
+N, Q, BATCH, SHARD = 26, 3, 2, 3  # 13 batches: shards of 3 batches, the last of one
+OPTIONS = {"l2": 1e-2, "damping": 1e-2, "batch_size": BATCH, "shard_batches": SHARD}
+
+
+@pytest.fixture(scope="module")
+def problem() -> dict:
+    torch.manual_seed(3)
+    model = TinyLM().double().eval()
+    inputs, labels = lm.examples(torch.randint(0, VOCAB, (N + Q, LENGTH)))
+    split = lambda lo, hi: ({k: v[lo:hi] for k, v in inputs.items()}, labels[lo:hi])  # noqa: E731
+    return {
+        "task": infkit.Task.language_modeling(model),
+        "train": split(0, N),
+        "test": split(N, N + Q),
+    }
+
+
+def _influence(problem: dict, **extra: object) -> infkit.Influence:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return infkit.Influence(problem["task"], "ekfac", **OPTIONS, **extra).fit(problem["train"])
+
+
+def test_a_finished_run_is_read_back_and_not_recomputed(problem: dict, tmp_path: Path) -> None:
+    reference = _influence(problem, memory_limit=60_000)  # streamed, no workdir
+    assert reference.fitted.train_gradients is None
+    expected = reference.scores(problem["test"])
+    first = _influence(problem, workdir=tmp_path)
+    scores = first.scores(problem["test"])
+    assert relative_error(scores, expected) < 1e-12
+    assert first.describe()["score_shards"] == {"computed": 5, "reused": 0}
+    again = _influence(problem, workdir=tmp_path)
+    assert again.method.kronecker().loaded  # the factors come from the workdir
+    assert torch.equal(again.scores(problem["test"]), scores)  # read back: the same bytes
+    assert again.describe()["score_shards"] == {"computed": 0, "reused": 0}
+    (saved,) = infkit.read_scores(tmp_path)
+    assert torch.equal(saved.scores, scores.double())
+    assert saved.info == {"method": "ekfac", "n_queries": Q, "n_train": N}
+    # other queries are another computation: their own shards, nothing reused
+    other = again.scores((problem["test"][0], problem["test"][1].flip(0)))
+    assert again.describe()["score_shards"] == {"computed": 5, "reused": 0}
+    assert not torch.equal(other, scores)
+
+
+def test_array_jobs_commit_their_parts_and_a_last_call_assembles_them(
+    problem: dict, tmp_path: Path
+) -> None:
+    expected = _influence(problem).scores(problem["test"])
+    counts = [
+        _influence(problem, workdir=tmp_path).score_shards(problem["test"], (i, 2)) for i in (0, 1)
+    ]
+    assert counts == [{"computed": 3, "reused": 0}, {"computed": 2, "reused": 0}]
+    final = _influence(problem, workdir=tmp_path)
+    assert relative_error(final.scores(problem["test"]), expected) < 1e-12
+    assert final.describe()["score_shards"] == {"computed": 0, "reused": 5}
+
+
+def test_shards_need_a_workdir_a_valid_part_and_a_sharding_method(
+    problem: dict, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidInputError, match="workdir=PATH"):
+        _influence(problem).score_shards(problem["test"], (0, 2))
+    with pytest.raises(InvalidInputError, match=r"part must be \(i, K\)"):
+        _influence(problem, workdir=tmp_path).score_shards(problem["test"], (2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exact = infkit.Influence(problem["task"], "identity", l2=1e-2, workdir=tmp_path)
+        exact.fit(problem["train"])
+    with pytest.raises(UnsupportedError, match="does not compute scores in shards"):
+        exact.score_shards(problem["test"], (0, 2))
+    with pytest.raises(InvalidInputError, match="is a file"):
+        (tmp_path / "file").write_text("")
+        infkit.Influence(problem["task"], "ekfac", workdir=tmp_path / "file")
