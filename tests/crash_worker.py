@@ -7,8 +7,8 @@ JOB is ``retrain`` (leave-one-out for six examples with ``cache_dir=DIRECTORY``)
 LM with ``workdir=DIRECTORY``: factors, preconditioned queries and score shards). KILL says where
 the process SIGKILLs itself: ``none``; ``save:N`` in the N-th artifact save, after its payload
 is written and before the commit (the manifest's write); ``train:N`` inside the N-th
-retraining; ``fit`` in the middle of the factor fit's pass over the data; ``score:N`` inside the
-N-th batch of the scoring pass. Without a kill the results go to OUT (torch.save).
+retraining; ``fit`` in the middle of the factor fit's pass over the data (``eigen``: of its
+eigenvalue-correction pass); ``score:N`` inside the N-th batch of the scoring pass. Without a kill the results go to OUT (torch.save).
 """
 
 from __future__ import annotations
@@ -56,15 +56,18 @@ def _problem() -> tuple:
     return task, (X[:150], y[:150]), (X[150:160], y[150:160])
 
 
-def _kill_in_fit() -> None:
-    """SIGKILL after the second batch of the factor fit's covariance pass."""
+def _kill_in_fit(second_pass: bool = False) -> None:
+    """SIGKILL after the second batch of the factor fit's covariance pass (``second_pass``:
+    of its eigenvalue-correction pass)."""
     from infkit.kfac.factors import FactorFitter
 
     original = FactorFitter.pass_over
+    passes = {"n": 0}
 
     def dying(self: FactorFitter, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        passes["n"] += 1
         for count, item in enumerate(original(self, *args, **kwargs)):
-            if count == 2:
+            if count == 2 and passes["n"] == (2 if second_pass else 1):
                 _die()
             yield item
 
@@ -111,13 +114,17 @@ def main() -> None:
             _kill_on_call(StreamingScorer, "_batch_scores", int(kill[6:]))
         if kill == "fit":
             _kill_in_fit()
+        if kill == "eigen":
+            _kill_in_fit(second_pass=True)
         task, train, test = _language_model_problem()
         inf = infkit.Influence(
             task, "ekfac", l2=1e-2, damping=1e-2, batch_size=2, workdir=directory, shard_batches=3
         )
         scores = inf.fit(train).scores(test)
-        tally = inf.describe()["score_shards"]
-        torch.save({"scores": scores, "tally": [tally["computed"], tally["reused"]]}, out)
+        described = inf.describe()
+        tally = described["score_shards"]
+        resumed = int(described["factors_resumed"])
+        torch.save({"scores": scores, "tally": [tally["computed"], tally["reused"], resumed]}, out)
     else:
         if kill == "fit":  # after the second batch of the covariance pass
             _kill_in_fit()

@@ -60,11 +60,13 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ("retrain", "train:4"),
         ("factors", "save:1"),
         ("factors", "fit"),
-        # a causal LM with a workdir, 20 scoring batches in shards of 3: killed in the fit
-        # (about 30% of the run's time), in the commit of the second score shard, and at 70%
-        # of the scoring pass
+        # a causal LM with a workdir, 20 scoring batches in shards of 3: killed in the fit's
+        # first pass (about 30% of the run's time) and in its second (the committed K-FAC
+        # stage is reused), in the commit of the second score shard, and at 70% of the
+        # scoring pass
         ("lmscores", "fit"),
-        ("lmscores", "save:4"),
+        ("lmscores", "eigen"),
+        ("lmscores", "save:5"),
         ("lmscores", "score:14"),
     ],
 )
@@ -81,9 +83,9 @@ def test_killed_run_resumes_bit_identically(
     for name, expected in uninterrupted[job].items():
         if name != "tally":
             assert torch.equal(resumed[name], expected), name
-    if tally is not None:  # [computed, reused] score shards of the resumed run
-        finished = {"fit": 0, "save:4": 1, "score:14": 4}[kill]  # shards committed before
-        assert tally == [7 - finished, finished]
+    if tally is not None:  # [computed, reused] score shards, and a resumed fit, of the rerun
+        finished = {"fit": 0, "eigen": 0, "save:5": 1, "score:14": 4}[kill]  # shards committed
+        assert tally == [7 - finished, finished, int(kill == "eigen")]
     assert _stray(directory) == []
 
 

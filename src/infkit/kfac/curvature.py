@@ -42,7 +42,7 @@ from infkit.kfac.factors import FactorFitter, Fisher, KroneckerFactors
 from infkit.layers.tracked import SUPPORTED, TrackedLayers
 from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
-from infkit.store import ArtifactStore, differences
+from infkit.store import Artifact, ArtifactStore, differences
 
 #: the artifact kind of saved factors
 FACTORS = "kronecker-factors"
@@ -188,6 +188,8 @@ class KroneckerCurvature:
         self.owner = owner
         self.layers = kronecker_layers(fitted.task.model, fitted.space, options, owner)
         self.loaded = False
+        #: whether an interrupted EK-FAC fit resumed from its committed K-FAC stage
+        self.resumed = False
         self.factors = self._load_or_fit()
         scale = options.module_damping_scale
         self.module_damping = {
@@ -246,7 +248,11 @@ class KroneckerCurvature:
         options, fitted = self.options, self.fitted
         fitter = self._fitter()
         identity = self.identity(fitter, self.corrected)
+        # EK-FAC's first stage: the K-FAC factors (covariances and eigenbases), committed before
+        # the eigenvalue pass so that an interrupted fit resumes there
+        stage = {**identity, "corrected": False}
         store = None if options.factors_dir is None else ArtifactStore(options.factors_dir)
+        resume = None
         if store is not None and not options.overwrite:
             # K-FAC can reuse EK-FAC factors (the same eigenbases, and the correction on top)
             wanted = [identity] if self.corrected else [identity, {**identity, "corrected": True}]
@@ -254,11 +260,13 @@ class KroneckerCurvature:
                 artifact = store.load(FACTORS, candidate)
                 if artifact is not None:
                     self.loaded = True
-                    where = str(artifact.path)
-                    return KroneckerFactors.from_payload(
-                        artifact.tensors(), artifact.json("meta"), where, fitted.space.device
-                    )
-            others = store.others(FACTORS, identity)
+                    return self._from_artifact(artifact)
+            if self.corrected:
+                artifact = store.load(FACTORS, stage)
+                if artifact is not None:
+                    self.resumed = True
+                    resume = self._from_artifact(artifact)
+            others = [(p, found) for p, found in store.others(FACTORS, identity) if found != stage]
             if others:
                 path, found = others[0]
                 changed = ", ".join(differences(identity, found))
@@ -267,12 +275,14 @@ class KroneckerCurvature:
                     f"in: {changed}). Pass overwrite=True to refit them there, or another "
                     "factors_dir"
                 )
-        factors = fitter.fit(fitted.train, corrected=self.corrected)
-        factors.meta.update(method=self.owner, options=options.record())
-        if store is not None:
-            if options.overwrite:
-                for path, _ in store.others(FACTORS, identity):
-                    store.remove(path)
+        if store is not None and options.overwrite:
+            for path, _ in store.others(FACTORS, identity):
+                store.remove(path)
+
+        def commit(factors: KroneckerFactors, identity: dict[str, Any]) -> None:
+            if store is None:
+                return
+            factors.meta.update(method=self.owner, options=options.record())
             tensors, document = factors.payload()
             store.save(
                 FACTORS,
@@ -282,7 +292,23 @@ class KroneckerCurvature:
                 info={"method": self.owner, "options": options.record()},
                 overwrite=options.overwrite,
             )
+
+        factors = fitter.fit(
+            fitted.train,
+            corrected=self.corrected,
+            resume=resume,
+            on_stage=lambda first: commit(first, stage),
+        )
+        factors.meta.update(method=self.owner, options=options.record())
+        commit(factors, identity)
+        if store is not None and self.corrected:  # the final factors hold the stage's too
+            store.remove(store.path(FACTORS, stage))
         return factors
+
+    def _from_artifact(self, artifact: Artifact) -> KroneckerFactors:
+        return KroneckerFactors.from_payload(
+            artifact.tensors(), artifact.json("meta"), str(artifact.path), self.fitted.space.device
+        )
 
     # ------------------------------------------------------------------ the curvature
     def eigenvalues(self, name: str) -> Tensor:
@@ -347,4 +373,5 @@ class KroneckerCurvature:
             "unsupported": list(self.layers.others),
             "module_damping": dict(self.module_damping),
             "factors_loaded": self.loaded,
+            "factors_resumed": self.resumed,
         }

@@ -315,9 +315,40 @@ class FactorFitter:
                 yield len(batch), items
                 del items  # the consumer is done with it
 
-    def fit(self, examples: ExampleSet, corrected: bool) -> KroneckerFactors:
-        """Covariances, eigendecompositions and (when ``corrected``) the EK-FAC eigenvalues."""
+    def fit(
+        self,
+        examples: ExampleSet,
+        corrected: bool,
+        *,
+        resume: KroneckerFactors | None = None,
+        on_stage: Callable[[KroneckerFactors], None] | None = None,
+    ) -> KroneckerFactors:
+        """Covariances, eigendecompositions and (when ``corrected``) the EK-FAC eigenvalues.
+
+        Args:
+            resume: K-FAC factors of this fit committed by an earlier, interrupted run: only
+                the eigenvalue correction is computed (the same numbers as without the
+                interruption).
+            on_stage: called with the K-FAC factors (covariances and eigenbases) before the
+                eigenvalue-correction pass, e.g. to commit them.
+        """
         mode = self.resolve(examples)
+        cache = None
+        if resume is not None:
+            factors = resume
+        else:
+            factors, cache = self._covariances(examples, mode, keep=corrected)
+            if corrected and on_stage is not None:
+                on_stage(factors)
+        if corrected:
+            self._correct(factors, examples, mode, cache)
+        return factors
+
+    def _covariances(
+        self, examples: ExampleSet, mode: str, keep: bool
+    ) -> tuple[KroneckerFactors, list[dict[str, tuple[Tensor, Tensor]]] | None]:
+        """The first pass (A, S) and the eigendecompositions: K-FAC's factors, with the pass's
+        activations and gradients when ``keep`` and they fit in ``cache_bytes``."""
         n = len(examples)
         dev = self.engine.space.device
         # products and sums in the model's precision (float32 for float32 and bfloat16 models,
@@ -331,7 +362,7 @@ class FactorFitter:
         # eigenvalues are an unbiased estimate of the curvature's diagonal in an eigenbasis that
         # was fitted to other samples (reusing the samples measured the basis on its own noise
         # and scored visibly worse against the dense GGN).
-        reuse = corrected and mode != "sampled"
+        reuse = keep and mode != "sampled"
         cache: list[dict[str, tuple[Tensor, Tensor]]] | None = [] if reuse else None
         cached = 0
         for _, items in self.pass_over(examples, mode, "kfac covariances"):
@@ -374,33 +405,6 @@ class FactorFitter:
             eig_a, QA = _eigh_once(At, bases)
             eig_s, QS = _eigh(St)
             modules[t.name] = ModuleFactors(At, St, QA, eig_a, QS, eig_s, tokens=tokens[t.name])
-        del bases
-        if corrected:
-            Lam = {
-                t.name: torch.zeros(t.d_out, t.cols, dtype=work, device=dev) for t in self.tracked
-            }
-            source = (
-                ({k: (a, None, d) for k, (a, d) in c.items()} for c in cache)
-                if cache is not None
-                else (
-                    items
-                    for _, items in self.pass_over(examples, mode, "ekfac eigenvalues", stream=1)
-                )
-            )
-            for items in source:
-                # Q_A^T a once per shared input and shared basis
-                turned: dict[tuple[int, int], Tensor] = {}
-                for name, (a, _, ds) in items.items():
-                    f = modules[name]
-                    key = (id(a), id(f.QA))
-                    if key not in turned:
-                        turned[key] = a.to(work) @ f.QA.to(work)
-                    dr = ds.to(work) @ f.QS.to(work)
-                    Lam[name] += squares_in_eigenbasis(dr, turned[key]).to(work)
-                del items, turned
-            sum_across(*Lam.values())
-            for name, f in modules.items():
-                f.Lambda = Lam[name] / n
         meta = {
             "fisher": mode,
             "samples": self.samples if mode == "sampled" else None,
@@ -409,7 +413,42 @@ class FactorFitter:
             "modules": [t.describe() for t in self.tracked],
             "mask_key": self.mask_key,
         }
-        return KroneckerFactors(modules, meta)
+        return KroneckerFactors(modules, meta), cache
+
+    def _correct(
+        self,
+        factors: KroneckerFactors,
+        examples: ExampleSet,
+        mode: str,
+        cache: list[dict[str, tuple[Tensor, Tensor]]] | None,
+    ) -> None:
+        """The EK-FAC eigenvalues ``Lambda`` of ``factors``, in place: from the first pass's
+        ``cache``, or a pass of their own (fresh labels when sampled)."""
+        modules = factors.modules
+        dev = self.engine.space.device
+        work = product_dtype(self.engine.space.dtype)
+        Lam = {t.name: torch.zeros(t.d_out, t.cols, dtype=work, device=dev) for t in self.tracked}
+        source = (
+            ({k: (a, None, d) for k, (a, d) in c.items()} for c in cache)
+            if cache is not None
+            else (
+                items for _, items in self.pass_over(examples, mode, "ekfac eigenvalues", stream=1)
+            )
+        )
+        for items in source:
+            # Q_A^T a once per shared input and shared basis
+            turned: dict[tuple[int, int], Tensor] = {}
+            for name, (a, _, ds) in items.items():
+                f = modules[name]
+                key = (id(a), id(f.QA))
+                if key not in turned:
+                    turned[key] = a.to(work) @ f.QA.to(work)
+                dr = ds.to(work) @ f.QS.to(work)
+                Lam[name] += squares_in_eigenbasis(dr, turned[key]).to(work)
+            del items, turned
+        sum_across(*Lam.values())
+        for name, f in modules.items():
+            f.Lambda = Lam[name] / len(examples)
 
 
 def _eigh_once(
