@@ -29,7 +29,7 @@ import torch
 from sklearn.datasets import load_digits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, provenance
+from harness import ROOT, append_section, provenance
 
 import infkit
 from infkit.evaluate import detection_auc, fraction_found
@@ -117,10 +117,7 @@ def main() -> None:
     for kind, name, auc, found, seconds in rows:
         shown = "" if seconds is None else f"{seconds:.2f}"
         lines.append(f"| {kind} | {name} | {auc:.3f} | {found:.2f} | {shown} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with RESULTS.open("a") as out:
-        out.write(("\n" if RESULTS.exists() else "") + text)
+    append_section(RESULTS, lines)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, provenance
+from harness import ROOT, append_section, provenance
 
 import infkit
 from infkit import language_modeling as lm
@@ -193,10 +193,7 @@ def main() -> None:
             f"| {m} | {scored:,} ({scored / args.train:.0%}) | {recall:.3f} | {opponents:.3f} "
             f"| {seconds:.1f} | {seconds / full_seconds:.2f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with RESULTS.open("a") as out:
-        out.write(("\n" if RESULTS.exists() else "") + text)
+    append_section(RESULTS, lines)
 
 
 if __name__ == "__main__":

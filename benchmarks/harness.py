@@ -117,3 +117,14 @@ def measured_worker(cmd: Sequence[str], env: Mapping[str, str], label: str) -> t
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     return result, int(peak.group(1)) * 1024 if peak else 0
+
+
+def append_section(path: Path, lines: Sequence[str]) -> str:
+    """Print a result section (its lines) and append it to the results file ``path``, after a
+    blank line when the file has content; returns the text."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    separator = "\n" if path.exists() and path.stat().st_size else ""
+    with path.open("a") as out:
+        out.write(separator + text)
+    return text

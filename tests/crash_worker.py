@@ -76,7 +76,7 @@ def _kill_in_fit(second_pass: bool = False) -> None:
 
 def _language_model_problem() -> tuple:
     """A small causal LM (tests/lm_helpers.py), 40 training sequences and 3 queries."""
-    from lm_helpers import LENGTH, VOCAB, TinyLM
+    from lm_helpers import LENGTH, VOCAB, TinyLM, rows
 
     from infkit import language_modeling as lm
 
@@ -84,9 +84,8 @@ def _language_model_problem() -> tuple:
     model = TinyLM().double().eval()
     ids = torch.randint(0, VOCAB, (43, LENGTH))
     inputs, labels = lm.examples(ids)
-    train = ({k: v[:40] for k, v in inputs.items()}, labels[:40])
-    test = ({k: v[40:] for k, v in inputs.items()}, labels[40:])
-    return infkit.Task.language_modeling(model), train, test
+    task = infkit.Task.language_modeling(model)
+    return task, rows(inputs, labels, 0, 40), rows(inputs, labels, 40, 43)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from lm_helpers import LENGTH, VOCAB, TinyLM
+from lm_helpers import LENGTH, VOCAB, TinyLM, rows
 
 import infkit
 from infkit import language_modeling as lm
@@ -51,8 +51,7 @@ def main() -> None:
     mask = torch.ones_like(ids)
     mask[2, 5:] = 0  # a padded training sequence
     inputs, labels = lm.examples(ids, mask)
-    train = ({k: v[:N] for k, v in inputs.items()}, labels[:N])
-    queries = ({k: v[N:] for k, v in inputs.items()}, labels[N:])
+    train, queries = rows(inputs, labels, 0, N), rows(inputs, labels, N, N + Q)
     task = infkit.Task.language_modeling(model)
     result: dict[str, object] = {}
     for fisher in ("sampled", "empirical"):

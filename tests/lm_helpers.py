@@ -23,3 +23,25 @@ class TinyLM(nn.Module):
         steps = torch.arange(1, h.shape[1] + 1, dtype=h.dtype).reshape(1, -1, 1)
         h = torch.tanh(self.mix(h.cumsum(1) / steps))
         return self.head(self.norm(h))
+
+
+def rows(inputs: dict[str, torch.Tensor], labels: torch.Tensor, lo: int, hi: int):  # type: ignore[no-untyped-def]
+    """Examples ``lo:hi`` of a language-modelling set: (inputs dict, labels)."""
+    return {k: v[lo:hi] for k, v in inputs.items()}, labels[lo:hi]
+
+
+def llama_config(**values: object):  # type: ignore[no-untyped-def]
+    """A small transformers LlamaConfig (eager attention), with ``values`` overriding."""
+    import transformers
+
+    small = {
+        "vocab_size": 40,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32,
+        "attn_implementation": "eager",
+    }
+    return transformers.LlamaConfig(**{**small, **values})

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from lm_helpers import LENGTH, VOCAB, TinyLM
+from lm_helpers import LENGTH, VOCAB, TinyLM, llama_config
 from torch import nn
 
 import infkit
@@ -278,15 +278,7 @@ def test_module_and_token_scores_of_a_language_model(problem: dict) -> None:
 @pytest.mark.slow
 def test_llama_from_transformers() -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
+    config = llama_config(attn_implementation=None)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).double().eval()
     ids = torch.randint(0, 40, (28, 10))

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from lm_helpers import llama_config
 from test_ekfac import kfe_diagonal
 
 import infkit
@@ -21,15 +22,8 @@ def _lora_model() -> torch.nn.Module:
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=11,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-        attn_implementation="eager",
+    config = llama_config(
+        vocab_size=11, hidden_size=8, intermediate_size=16, max_position_embeddings=16
     )
     base = transformers.LlamaForCausalLM(config).double().eval()
     adapters = peft.LoraConfig(

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from lm_helpers import LENGTH, VOCAB, TinyLM
+from lm_helpers import LENGTH, VOCAB, TinyLM, rows
 
 import infkit
 from infkit import language_modeling as lm
@@ -25,7 +25,6 @@ def problem() -> dict:
     model = TinyLM().double().eval()
     ids = torch.randint(0, VOCAB, (N + Q, LENGTH))
     inputs, labels = lm.examples(ids)
-    split = lambda lo, hi: ({k: v[lo:hi] for k, v in inputs.items()}, labels[lo:hi])  # noqa: E731
     # each text: its tokens as words, and a word shared only by training doc 5 t + 1 and query t
     texts = [" ".join(f"tok{int(i)}" for i in row) for row in ids]
     for t in range(Q):
@@ -33,8 +32,8 @@ def problem() -> dict:
         texts[N + t] += f" rare{t}"
     return {
         "task": infkit.Task.language_modeling(model),
-        "train": split(0, N),
-        "test": split(N, N + Q),
+        "train": rows(inputs, labels, 0, N),
+        "test": rows(inputs, labels, N, N + Q),
         "train_texts": texts[:N],
         "query_texts": texts[N:],
     }

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lm_helpers import LENGTH, VOCAB, TinyLM
+from lm_helpers import LENGTH, VOCAB, TinyLM, rows
 
 import infkit
 from infkit import language_modeling as lm
@@ -25,11 +25,10 @@ def problem() -> dict:
     torch.manual_seed(3)
     model = TinyLM().double().eval()
     inputs, labels = lm.examples(torch.randint(0, VOCAB, (N + Q, LENGTH)))
-    split = lambda lo, hi: ({k: v[lo:hi] for k, v in inputs.items()}, labels[lo:hi])  # noqa: E731
     return {
         "task": infkit.Task.language_modeling(model),
-        "train": split(0, N),
-        "test": split(N, N + Q),
+        "train": rows(inputs, labels, 0, N),
+        "test": rows(inputs, labels, N, N + Q),
     }
 
 

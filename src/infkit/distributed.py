@@ -30,14 +30,17 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def shard_batches(examples: ExampleSet, batch_size: int) -> Iterator[tuple[int, Batch]]:
+def shard_batches(
+    examples: ExampleSet, batch_size: int, indices: Tensor | None = None
+) -> Iterator[tuple[int, Batch]]:
     """``(b, batch)`` for this process's batches of ``examples``: the b-th batch of
-    ``batch_size`` consecutive examples, for every b with ``b mod size == rank``."""
+    ``batch_size`` consecutive examples (consecutive entries of ``indices``, when given), for
+    every b with ``b mod size == rank``."""
     rank, size = world()
-    n = len(examples)
-    for number, start in enumerate(range(0, n, batch_size)):
+    order = torch.arange(len(examples)) if indices is None else indices
+    for number, start in enumerate(range(0, len(order), batch_size)):
         if number % size == rank:
-            yield number, examples.take(torch.arange(start, min(start + batch_size, n)))
+            yield number, examples.take(order[start : start + batch_size])
 
 
 def batch_count(n: int, batch_size: int) -> int:

@@ -174,7 +174,7 @@ def _retrain(
             int(saved["evaluations"]),
         )
     clone = copy.deepcopy(task.model)
-    clone_task = Task(clone, task.loss, task.measurement, output_fn=task.output_fn)
+    clone_task = task.with_model(clone)
     result = train_to_optimum(
         clone_task,
         examples,

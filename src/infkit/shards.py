@@ -75,7 +75,7 @@ class ScoreShards:
     Args:
         store: where they are committed.
         identity: everything the scores depend on (model, data, task, method and its options,
-            the queries), the columns aside.
+            the queries, the batch size), the columns aside.
         n: training examples (columns).
         batch_size: examples per batch.
         shard_batches: batches per shard.
@@ -117,7 +117,7 @@ class ScoreShards:
 
     # ------------------------------------------------------------------ score columns
     def _shard_identity(self, start: int, stop: int) -> dict[str, Any]:
-        return {**self.identity, "columns": [start, stop], "batch_size": self.batch_size}
+        return {**self.identity, "columns": [start, stop]}
 
     def columns(self, start: int, stop: int, compute: Callable[[], Tensor]) -> Tensor:
         """The committed scores of columns ``[start, stop)``, or ``compute()``'s, committed."""
@@ -135,14 +135,6 @@ class ScoreShards:
         )
         self.tally["computed"] += 1
         return block
-
-    def missing(self) -> list[tuple[int, int]]:
-        """Shards not committed yet (by any process)."""
-        return [
-            r
-            for r in self.ranges()
-            if not self.store.path(SCORE_SHARD, self._shard_identity(*r)).exists()
-        ]
 
     def of_group(self, group: Any) -> ScoreShards:
         """The shards of one group of queries and layers (:func:`~infkit.kfac.streaming.plan_groups`)

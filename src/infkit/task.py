@@ -396,6 +396,15 @@ class Task:
         finally:
             self._mixed = was
 
+    def with_model(self, model: nn.Module) -> Task:
+        """A copy of this task on another model (a retrained copy): the same loss,
+        measurement, outputs and checks."""
+        if not isinstance(model, nn.Module):
+            raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        twin = copy.copy(self)
+        twin.model = model
+        return twin
+
     def with_autocast(self, dtype: torch.dtype | None) -> Task:
         """A copy of this task whose passes run under ``torch.autocast(dtype)`` (None: off)."""
         if dtype not in AUTOCAST_DTYPES:

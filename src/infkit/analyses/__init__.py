@@ -5,5 +5,7 @@
 * :mod:`~infkit.analyses.memorisation`: memorisation scores from low-curvature gradient energy
   and the low-curvature weight edit;
 * :mod:`~infkit.analyses.prefilter`: two-stage text attribution, TF-IDF candidates then exact
-  influence on them.
+  influence on them;
+* :mod:`~infkit.analyses.attacks`: training-set attacks from input influence, checked by
+  retraining.
 """

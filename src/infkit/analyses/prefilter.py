@@ -6,7 +6,7 @@ training sequences that share its rarer words: the top M by TF-IDF cosine simila
 
 1. stage 1 ranks the corpus for each query by the cosine similarity of TF-IDF vectors
    (scikit-learn's ``TfidfVectorizer``, fitted on the training texts; optional dependency,
-   ``pip install infkit[demo]`` or ``scikit-learn``) and keeps the top M, ``candidates [Q, M]``;
+   ``pip install infkit[text]``) and keeps the top M, ``candidates [Q, M]``;
 2. stage 2 computes the influence of the union of all queries' candidates on the queries,
    exactly and at full rank (``Influence.scores(queries, among=union)``: the streamed Kronecker
    scores pass over the union only), and keeps each query's own candidates.
@@ -69,7 +69,7 @@ def tfidf_candidates(
         from sklearn.feature_extraction.text import TfidfVectorizer
     except ImportError as exc:  # pragma: no cover - sklearn is in the test environment
         raise UnsupportedError(
-            "the TF-IDF prefilter needs scikit-learn: pip install scikit-learn (or infkit[demo])"
+            "the TF-IDF prefilter needs scikit-learn: pip install infkit[text] (or scikit-learn)"
         ) from exc
     _check_texts(train_texts, "train_texts")
     _check_texts(query_texts, "query_texts")

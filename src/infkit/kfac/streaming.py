@@ -13,6 +13,10 @@ accumulated layer by layer over batches of training examples. Products run in
 :func:`~infkit.parameters.product_dtype` of the model (float32 for float32 and bfloat16 models),
 the rotations with the float64 eigenbases cast to it; sums over examples accumulate in float64.
 
+Under torchrun each process scores its share of the batches and the columns are summed across
+processes (:mod:`infkit.distributed`); with a workdir the columns are committed in shards
+(:mod:`infkit.shards`); ``among`` scores chosen training examples only.
+
 The preconditioned queries get a budget (:func:`query_budget`); beyond it the scores are computed
 exactly in passes over groups of queries and layers (:func:`plan_groups`). Only when one layer of
 one query exceeds the budget, or with ``query_rank``, are they kept at rank r per query and layer
@@ -31,7 +35,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
-from infkit.distributed import batch_count, shard_batches, sum_across, world
+from infkit.distributed import batch_count, shard_batches, sum_across
 from infkit.errors import Notice, warn
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import KroneckerCurvature
@@ -324,11 +328,17 @@ class StreamingScorer:
         block = torch.zeros(
             prepared.count, len(indices), dtype=torch.float64, device=fitted.space.device
         )
-        rank, world_size = world() if split else (0, 1)
-        starts = range(0, len(indices), size)[rank::world_size]
-        desc = "scores" if split else "shard"
-        for start in track(starts, fitted.progress if split else "off", desc, len(starts)):
-            batch = fitted.train.take(indices[start : start + size])
+        if split:
+            batches = track(
+                shard_batches(fitted.train, size, indices),
+                fitted.progress,
+                "scores",
+                batch_count(len(indices), size),
+            )
+        else:  # a shard: every batch, its progress counted by shard
+            batches = enumerate(fitted.train.batches(size, indices))
+        for number, batch in batches:
+            start = number * size
             block[:, start : start + len(batch.indices)] = self._batch_scores(batch, prepared)
         return block
 

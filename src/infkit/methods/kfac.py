@@ -226,6 +226,7 @@ class KFAC(PrimalMethod):
             "damping": fitted.damping,
             "anchor": None if fitted.anchor is None else tensor_digest(fitted.anchor),
             "memory_limit": fitted.memory_limit,  # the query budget: groups and ranks
+            "batch_size": fitted.batch_size,  # the batches the products run over
             "queries": data_fingerprint(queries),
         }
         store = ArtifactStore(fitted.workdir)

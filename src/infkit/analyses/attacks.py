@@ -1,0 +1,120 @@
+"""Training-set attacks from input influence (Koh & Liang 2017, §5.2), checked by retraining.
+
+``Influence.input_influence(test, indices)`` is the derivative of each test measurement, after
+retraining, with respect to each training input: ``g_tj = d m_t / d x_j``
+(docs/estimators.md §8). An attacker who may move k training inputs within a norm budget eps
+raises the summed test measurement ``sum_t m_t`` (a loss: the model gets the test examples
+wrong) most, to first order, by
+
+* choosing the k training examples whose summed derivative ``G_j = sum_t g_tj`` has the largest
+  dual norm (``||G_j||_2`` for an L2 budget, ``||G_j||_1`` for an L-infinity one), and
+* moving each by ``eps G_j / ||G_j||_2`` (L2) or ``eps sign(G_j)`` (L-infinity),
+
+with the predicted change of measurement t ``sum_j <g_tj, delta_j>``. :func:`retrained_change`
+retrains a copy of the model on the perturbed training set (warm start, the same objective) and
+returns the actual change, the ground truth the prediction is judged against
+(docs/analyses.md §10).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from infkit.data import ExampleSet
+from infkit.errors import InvalidInputError
+from infkit.influence import Influence
+from infkit.task import Task
+from infkit.training import train_to_optimum
+
+Norm = Literal["l2", "linf"]
+
+
+@dataclass(frozen=True)
+class Attack:
+    """Perturbations of k training inputs and their predicted effect.
+
+    Attributes:
+        indices: [k] the attacked training examples.
+        delta: [k, *x_shape] the perturbation of each (norm ``epsilon`` in ``norm``).
+        predicted: [n_test] the predicted change of each test measurement (first order).
+    """
+
+    indices: Tensor
+    delta: Tensor
+    predicted: Tensor
+
+    def apply(self, inputs: Tensor) -> Tensor:
+        """A copy of the training ``inputs`` [N, *x_shape] with the perturbations added."""
+        if not isinstance(inputs, Tensor) or inputs.shape[1:] != self.delta.shape[1:]:
+            raise InvalidInputError(
+                "apply takes the training inputs as one tensor [N, *x_shape] shaped like the "
+                f"perturbations {tuple(self.delta.shape[1:])}"
+            )
+        out = inputs.clone()
+        out[self.indices] += self.delta.to(out.dtype)
+        return out
+
+
+def training_set_attack(
+    inf: Influence,
+    test: Any,
+    k: int,
+    epsilon: float,
+    norm: Norm = "l2",
+    candidates: Tensor | None = None,
+) -> Attack:
+    """The first-order attack on the summed test measurement of ``test`` (module docstring):
+    ``k`` training inputs (among ``candidates``, default all) moved by ``epsilon`` in ``norm``."""
+    if norm not in ("l2", "linf"):
+        raise InvalidInputError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    if not epsilon > 0:
+        raise InvalidInputError(f"epsilon must be > 0, got {epsilon!r}")
+    pool = torch.arange(inf.n_train) if candidates is None else torch.as_tensor(candidates)
+    if not 1 <= k <= len(pool):
+        raise InvalidInputError(f"k must be between 1 and {len(pool)}, got {k}")
+    g = inf.input_influence(test, pool).to(torch.float64)  # [T, n_pool, *x_shape]
+    G = g.sum(0).reshape(len(pool), -1)
+    strength = G.norm(dim=1) if norm == "l2" else G.abs().sum(1)
+    chosen = strength.topk(k).indices
+    direction = G[chosen]
+    if norm == "l2":
+        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    else:
+        direction = direction.sign()
+    delta = (epsilon * direction).reshape(k, *g.shape[2:])
+    predicted = (g[:, chosen].reshape(g.shape[0], k, -1) * delta.reshape(1, k, -1)).sum((1, 2))
+    return Attack(pool[chosen], delta, predicted)
+
+
+def retrain_attacked(task: Task, train: tuple[Tensor, Tensor], attack: Attack, l2: float) -> Task:
+    """A copy of the task's model retrained (warm start, ``mean_i l_i + (l2/2)||theta||^2``)
+    on the training set with the attack applied, as a task."""
+    inputs, targets = train
+    attacked = task.with_model(copy.deepcopy(task.model))
+    train_to_optimum(attacked, (attack.apply(inputs), targets), l2)
+    return attacked
+
+
+def measurement_change(task: Task, retrained: Task, test: Any) -> Tensor:
+    """``m_t(retrained) - m_t(task's model)`` for every example of ``test``, [n_test]."""
+    examples = ExampleSet(test, name="test set")
+    batch = examples.take(torch.arange(len(examples)))
+    with torch.no_grad():
+        before = task.checked_measurement(task.call_model(task.model, batch.inputs), batch.targets)
+        after = task.checked_measurement(
+            task.call_model(retrained.model, batch.inputs), batch.targets
+        )
+    return (after - before).to(torch.float64)
+
+
+def retrained_change(
+    task: Task, train: tuple[Tensor, Tensor], attack: Attack, test: Any, l2: float
+) -> Tensor:
+    """The actual change of each test measurement when the model is retrained on the attacked
+    training set (:func:`retrain_attacked`, :func:`measurement_change`)."""
+    return measurement_change(task, retrain_attacked(task, train, attack, l2), test)

@@ -1,0 +1,79 @@
+"""Training-set attacks from input influence, judged by retraining: the predicted change of the
+test loss has the actual change's sign and size (docs/analyses.md §10)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+import infkit
+from infkit.analyses.attacks import retrained_change, training_set_attack
+from infkit.errors import InvalidInputError
+
+L2 = 1e-2
+
+
+@pytest.fixture(scope="module")
+def problem() -> dict:
+    X, y = load_digits(return_X_y=True)
+    keep = (y == 1) | (y == 7)
+    X = torch.tensor(X[keep] / 16.0)
+    y = torch.tensor(y[keep] == 7).long()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 2).double()
+    task = infkit.Task.classification(model)
+    train, test = (X[:150], y[:150]), (X[150:156], y[150:156])
+    infkit.train_to_optimum(task, train, L2)
+    inf = infkit.Influence(task, "exact", l2=L2).fit(train)
+    return {"task": task, "train": train, "test": test, "inf": inf}
+
+
+@pytest.mark.parametrize(("norm", "epsilon"), [("l2", 0.05), ("linf", 0.01)])
+def test_small_attacks_are_predicted_to_first_order(
+    problem: dict, norm: str, epsilon: float
+) -> None:
+    attack = training_set_attack(problem["inf"], problem["test"], k=3, epsilon=epsilon, norm=norm)
+    actual = retrained_change(problem["task"], problem["train"], attack, problem["test"], L2)
+    predicted = attack.predicted
+    assert float(predicted.sum()) > 0  # it raises the summed test loss
+    assert float(actual.sum()) == pytest.approx(float(predicted.sum()), rel=0.1)
+    size = (
+        attack.delta.reshape(3, -1).norm(dim=1) if norm == "l2" else attack.delta.abs().amax((1,))
+    )
+    assert torch.allclose(size, torch.full((3,), epsilon, dtype=torch.float64))
+
+
+def test_a_large_attack_keeps_the_sign_within_a_factor_two(problem: dict) -> None:
+    attack = training_set_attack(problem["inf"], problem["test"], k=5, epsilon=0.5)
+    actual = float(
+        retrained_change(problem["task"], problem["train"], attack, problem["test"], L2).sum()
+    )
+    predicted = float(attack.predicted.sum())
+    assert actual > 0 and 0.5 <= actual / predicted <= 2.0, (actual, predicted)
+
+
+def test_the_attacked_examples_have_the_largest_input_influence(problem: dict) -> None:
+    inf = problem["inf"]
+    g = (
+        inf.input_influence(problem["test"], torch.arange(inf.n_train))
+        .sum(0)
+        .reshape(inf.n_train, -1)
+    )
+    attack = training_set_attack(inf, problem["test"], k=4, epsilon=0.1)
+    assert set(attack.indices.tolist()) == set(g.norm(dim=1).topk(4).indices.tolist())
+    linf = training_set_attack(inf, problem["test"], k=4, epsilon=0.1, norm="linf")
+    assert set(linf.indices.tolist()) == set(g.abs().sum(1).topk(4).indices.tolist())
+
+
+def test_bad_attacks_are_refused(problem: dict) -> None:
+    inf = problem["inf"]
+    with pytest.raises(InvalidInputError, match="norm must be"):
+        training_set_attack(inf, problem["test"], k=1, epsilon=0.1, norm="l1")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="epsilon must be > 0"):
+        training_set_attack(inf, problem["test"], k=1, epsilon=0.0)
+    with pytest.raises(InvalidInputError, match="k must be between 1 and 150"):
+        training_set_attack(inf, problem["test"], k=151, epsilon=0.1)
+    attack = training_set_attack(inf, problem["test"], k=1, epsilon=0.1)
+    with pytest.raises(InvalidInputError, match="shaped like the perturbations"):
+        attack.apply(torch.zeros(3, 8))
