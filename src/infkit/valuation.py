@@ -53,8 +53,9 @@ class Kairos:
         train_features: [N, D] features of the training examples (raw inputs, a model's
             penultimate layer, a sentence embedding; flattened beyond the first dimension).
         reference_features: [M, D] features of the clean reference examples.
-        train_labels, reference_labels: class labels [N] and [M] (both or neither): the
-            kernel becomes ``k(x, x') [y == y']``.
+        train_labels: class labels [N] (with ``reference_labels``, or neither): the kernel
+            becomes ``k(x, x') [y == y']``.
+        reference_labels: class labels [M].
         kernel: ``"rbf"`` (Gaussian) or ``"linear"`` (``<x, x'>``, the difference of means).
         bandwidth: the Gaussian's bandwidth (default: the median heuristic, module docstring).
 
