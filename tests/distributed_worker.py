@@ -79,7 +79,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.save(result, out / f"rank{rank}.pt")
     if dist.is_initialized():
+        dist.barrier()  # every process done before the group goes
         dist.destroy_process_group()
+        # Gloo's worker threads can abort the interpreter's own teardown ("terminate called
+        # without an active exception", pytorch/pytorch#179291); the results are written and
+        # the group is gone, so leave without it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

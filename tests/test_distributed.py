@@ -23,10 +23,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+#: failures of the launcher's rendezvous on a busy machine (a port taken between torchrun
+#: choosing it and binding it), not of the code under test: such a run is started once more
+RENDEZVOUS_ERRORS = ("Address already in use", "DistNetworkError", "RendezvousConnectionError")
+
+
 def _run(args: list[str], tmp: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
+    for attempt in range(2):  # noqa: B007 - reported below
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        output = done.stdout[-3000:] + done.stderr[-3000:]
+        if done.returncode == 0 or not any(e in output for e in RENDEZVOUS_ERRORS):
+            break
+    assert done.returncode == 0, f"attempt {attempt + 1}: {output}"
 
 
 def test_torchrun_gives_every_process_the_single_process_answer(tmp_path: Path) -> None:
