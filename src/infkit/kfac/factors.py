@@ -490,14 +490,6 @@ def rotated(
     return dr.transpose(-1, -2) @ ar.unsqueeze(0)
 
 
-def rotated_squares(
-    ds: Tensor, a: Tensor, QS: Tensor, QA: Tensor, dtype: torch.dtype = torch.float64
-) -> Tensor:
-    """sum over k and b of rotated(ds, a)^2, [d_out, cols] float64, without holding it all at
-    once; products in ``dtype``."""
-    return squares_in_eigenbasis(ds.to(dtype) @ QS.to(dtype), a.to(dtype) @ QA.to(dtype))
-
-
 def squares_in_eigenbasis(dr: Tensor, ar: Tensor) -> Tensor:
     """``sum_{k,b} (sum_t dr_kbt ar_bt^T)^2`` [d_out, cols] float64 of rotated gradients
     ``dr = Ds Q_S`` [K, B, T, d_out] and activations ``ar = a Q_A`` [B, T, cols], in chunks of
