@@ -46,6 +46,8 @@ class DiagonalGGN(PrimalMethod):
     estimators = ("if", "relatif")
     scales = True
     fidelity = Fidelity(rtol=None, min_correlation=0.45, removal_correlation=0.3, scale=(0.5, 10.0))
+    # What fit computes and the answers need: saved by inf.save, set back by Influence.load.
+    fitted_state = ("diagonal",)
     options: DiagonalGGNOptions
 
     def __init__(self, options: DiagonalGGNOptions | None = None, /, **values: object) -> None:

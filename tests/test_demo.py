@@ -87,6 +87,20 @@ def test_quick_demo_writes_a_sane_run_directory(tmp_path: Path) -> None:
     agree = [np.sign(float(r["predicted_if"])) == np.sign(float(r["actual"])) for r in loo]
     assert sum(agree) >= 8
 
+    # The report: a config the user can rerun, and its page, of the same model and settings.
+    assert summary["report"] == str(out / "report" / "report.html")
+    assert (out / "report.toml").is_file()
+    page = (out / "report" / "report.html").read_text()
+    assert 'id="explanations"' in page and "ROC AUC" in page
+    from infkit.report import load_results
+
+    data, tensors = load_results(out / "report")
+    assert data["summary"]["n_train"] == settings["n_train"]
+    assert sorted(tensors["flagged"].nonzero().squeeze(1).tolist()) == settings["flipped_indices"]
+    # the same model retrained by the report's factory: the same ranking up to rounding
+    auc = data["self_influence"]["detection"]["self_influence_auc"]
+    assert abs(auc - det["self_influence_auc"]) < 1e-3
+
 
 def test_import_infkit_needs_no_plotting_or_sklearn() -> None:
     """The core imports torch, numpy, scipy, safetensors and tqdm only (lazily for scipy)."""

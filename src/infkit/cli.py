@@ -7,6 +7,13 @@ Subcommands:
   the ``demo`` extra (``pip install "infkit[demo]"``: matplotlib and scikit-learn).
 * ``infkit methods [--json]``: the registered methods, the estimators and quantities each
   supports, whether it scales to large models, and a one-line summary.
+* ``infkit run CONFIG.toml [--out DIR] [--threads N] [--quiet]``: the analysis a config file
+  describes, written to a workdir with ``report.html`` (:mod:`infkit.report`; ``--help`` lists
+  every key).
+* ``infkit report WORKDIR [--out FILE]``: rebuild ``report.html`` from a run's workdir.
+
+Bad input (an unknown config key, a factory that fails, data the task cannot use) exits with
+status 2 and a message saying what to change.
 """
 
 from __future__ import annotations
@@ -52,7 +59,35 @@ def build_parser() -> argparse.ArgumentParser:
         "whether they scale to large models, and a summary.",
     )
     methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    run = sub.add_parser(
+        "run",
+        help="run the analysis a TOML config describes and write an HTML report",
+        description="Fit an influence on your own model and data (factories named in the "
+        "config), explain test examples, rank self-influence, predict group removals, check "
+        "against retraining; write a workdir with the scores, CSV tables and report.html. "
+        "Paths are relative to the config file; its folder is on sys.path.",
+        epilog=_config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("config", help="the TOML configuration file")
+    run.add_argument("--out", default=None, help="the workdir (default: [output] workdir)")
+    run.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    report = sub.add_parser(
+        "report",
+        help="rebuild report.html from a run's workdir (no recomputation)",
+        description="Rebuild the HTML report of an `infkit run` from the results in its "
+        "workdir (verified against their checksums); the model and data are not needed.",
+    )
+    report.add_argument("workdir", help="the workdir of an infkit run")
+    report.add_argument("--out", default=None, help="the HTML file (default: WORKDIR/report.html)")
     return parser
+
+
+def _config_help() -> str:
+    from infkit.report.config import help_text
+
+    return help_text()
 
 
 def print_methods(as_json: bool = False) -> None:
@@ -98,4 +133,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_demo(config)
     elif args.command == "methods":
         print_methods(args.json)
+    elif args.command in ("run", "report"):
+        return _run_or_report(args)
+    return 0
+
+
+def _run_or_report(args: argparse.Namespace) -> int:
+    """``infkit run`` / ``infkit report``: InfkitErrors exit with status 2 and their message."""
+    import torch
+
+    from infkit.errors import InfkitError
+
+    try:
+        import matplotlib  # noqa: F401  (the report's figures)
+
+        from infkit import report
+    except ImportError as error:
+        print(
+            f'infkit {args.command} needs matplotlib ({error}): pip install "infkit[report]"',
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if args.command == "report":
+            path = report.write_report(args.workdir, args.out)
+        else:
+            config = report.parse(args.config)
+            if args.threads is not None:
+                torch.set_num_threads(args.threads)
+            path = report.run(config, args.out, progress=False if args.quiet else None)
+    except InfkitError as error:
+        print(f"infkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
     return 0

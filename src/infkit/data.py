@@ -157,6 +157,16 @@ class ExampleSet:
         targets = None if pairs[0][1] is None else default_collate([p[1] for p in pairs])
         return Batch(idx, inputs, targets)
 
+    def collated(self) -> tuple[Any, Any]:
+        """Every example as one batch, ``(inputs, targets)``: an (X, y) pair as given (numpy
+        arrays as tensors), or the items of a dataset collated like the batches of
+        :meth:`take`, so that ``ExampleSet(set.collated())`` gives the same batches when the
+        items collate to tensors."""
+        if self._tensors is not None:
+            return self._tensors
+        batch = self.take(torch.arange(len(self)))
+        return batch.inputs, batch.targets
+
     def positions(self) -> int:
         """Positions per example: the length of the first example's ``input_ids`` (or of its
         inputs' second axis); 1 for inputs without a sequence axis."""

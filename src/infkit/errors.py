@@ -20,6 +20,11 @@ class InvalidInputError(InfkitError, ValueError):
     """Training or test data that cannot be used as given (empty, wrong shape, wrong type)."""
 
 
+class ConfigError(InvalidInputError):
+    """A run configuration (``infkit run CONFIG.toml``) that cannot be used: an unknown or
+    mistyped key, a missing section, a factory that cannot be imported or that raises."""
+
+
 class NonFiniteError(InvalidInputError):
     """NaN or Inf in an input, an output, a loss or a gradient; the message names the example."""
 

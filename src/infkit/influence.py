@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infkit import decompositions, registry
+from infkit import decompositions, registry, saved
 from infkit.data import ExampleSet, checked_indices
 from infkit.decompositions import Svd, TokenScores
 from infkit.errors import InvalidInputError, NotFittedError, ProblemTooLargeError, UnsupportedError
@@ -188,6 +188,7 @@ class Influence:
         self._choice: registry.Choice | None = None  # what method="auto" picked, and why
         self._fitted: Fitted | None = None
         self._candidates: list[str] = []
+        self._loaded_from: Path | None = None  # the saved Influence this one was loaded from
         if method == "auto":
             self._candidates = self._auto_candidates()
         else:
@@ -311,6 +312,140 @@ class Influence:
         other = copy.copy(self)
         other._estimator = choice
         return other
+
+    # ------------------------------------------------------------------ save and load
+    def save(self, path: str | Path, *, overwrite: bool = False, data: bool = True) -> Path:
+        """Save the fitted Influence to the directory ``path``, to reload it without refitting.
+
+        One artifact of the artifact store (docs/saving.md): the fit's identity (model, task and
+        training-data fingerprints, method, options and settings), the method's fitted state,
+        the record's tensors (theta*, cached training gradients, ...), the checks and, when it
+        is made of tensors, the training data. It is committed atomically: a reader sees the
+        whole save or none of it.
+
+        Args:
+            path: a directory (created when missing); it may hold other artifacts, e.g. a
+                ``workdir``'s, but one saved Influence.
+            overwrite: replace the Influence saved in ``path`` before (the new one is committed
+                first, then the old one removed); without it a second save there is refused.
+            data: save the training data when it is made of tensors; with False (or data of
+                other objects) :meth:`load` needs ``train=``.
+
+        Returns:
+            The artifact's directory inside ``path``.
+
+        Raises:
+            ArtifactError: ``path`` already holds a saved Influence (and not ``overwrite``), or
+                the model's parameters changed since ``fit``.
+            UnsupportedError: the method (or a method option) cannot be saved.
+        """
+        method, fitted = self.method, self.fitted
+        settings = saved.Settings(
+            method=method.name,
+            requested=self.method_name,
+            estimator=self.estimator,
+            relatif=self.relatif,
+            l2=self.l2,
+            damping=self.damping,
+            auto_damping=self.auto_damping,
+            batch_size=self.batch_size,
+            per_example=self.per_example_mode,
+            memory_limit=self.memory_limit,
+            autocast=self.task.autocast,
+            workdir=self.workdir,
+            method_options=self.method_options,
+            choice=self._choice,
+        )
+        return saved.save(
+            path,
+            settings,
+            method,
+            fitted,
+            describe=self.describe(),
+            overwrite=overwrite,
+            data=data,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        task: Task,
+        train: Any = None,
+        *,
+        options: dict[str, Any] | None = None,
+        progress: bool | None = None,
+        memory_limit: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> Influence:
+        """An Influence saved by :meth:`save`, fitted again without any pass over the data.
+
+        The manifest and every checksum are verified, then ``task``'s model and task
+        fingerprints against the saved ones; the method's state, the fitted record and the
+        settings are restored as they were, so every answer equals the original's bit for bit
+        (docs/saving.md).
+
+        Args:
+            path: the directory given to :meth:`save` (or the artifact directory it returned).
+            task: the task the Influence was fitted with: the same model (architecture and
+                parameter values) and the same loss and measurement functions.
+            train: the training data, needed when it was not saved (its content and order are
+                checked against the saved fingerprint); None: the saved copy.
+            options: the method options that are functions (they cannot be saved), given
+                again; each is checked against the saved name and code hash.
+            progress: how progress is shown (as for ``Influence``).
+            memory_limit: bytes dense objects may take (None: the saved limit, which keeps the
+                chunking, and so the answers, as they were).
+            device: where the model runs (as for ``Influence``; default: where it is). The
+                saved tensors that were on the model's device go there, the others to the CPU.
+
+        Returns:
+            The fitted Influence; ``describe()`` adds ``"loaded_from"``.
+
+        Raises:
+            ArtifactError: no saved Influence at ``path``, a damaged one (a file that fails its
+                checksum), another model or task (the message names what differs), or a
+                ``train`` that is not the saved training data.
+            UnsupportedError: the saved method is not registered in this process.
+        """
+        record = saved.read(path)
+        if not isinstance(task, Task):
+            raise InvalidInputError(
+                f"task must be an infkit.Task (the one the Influence was fitted with), got "
+                f"{type(task).__name__}"
+            )
+        record.check_task(task)
+        settings = record.settings(options)
+        examples = record.examples(train)
+        inf = cls(
+            task,
+            settings.method,
+            settings.estimator,
+            settings.l2,
+            "auto" if settings.auto_damping else settings.damping,
+            relatif=settings.relatif,
+            batch_size=settings.batch_size,
+            per_example=settings.per_example,
+            progress=progress,
+            memory_limit=memory_limit or settings.memory_limit,
+            device=device,
+            dtype=settings.autocast,
+            workdir=settings.workdir,
+            **settings.method_options,
+        )
+        inf.method_name, inf._choice = settings.requested, settings.choice
+        method = inf._method
+        assert method is not None  # a named method is created at construction
+        inf._fitted = record.restore(
+            method,
+            inf.task,
+            examples,
+            progress=resolve_progress(progress),
+            memory_limit=inf.memory_limit,
+            workdir=inf.workdir,
+        )
+        inf._loaded_from = record.path
+        return inf
 
     # ------------------------------------------------------------------ state
     @property
@@ -652,6 +787,7 @@ class Influence:
             "n_params": self.n_params,
             "stationarity": fitted.stationarity,
             **({"auto": self._choice.record()} if self._choice is not None else {}),
+            **({"loaded_from": str(self._loaded_from)} if self._loaded_from is not None else {}),
         }
 
     def __repr__(self) -> str:

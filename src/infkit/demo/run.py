@@ -309,6 +309,24 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "models": sections,
         "wall_seconds": round(time.perf_counter() - start, 2),
     }
+    summary["report"] = str(write_report(config, data, out))
+    summary["wall_seconds"] = round(time.perf_counter() - start, 2)
     save_json(out / "summary.json", summary)
     print(f"\ndone in {summary['wall_seconds']:.1f} s; results in {out}")
+    print(f"report: {summary['report']}")
     return summary
+
+
+def write_report(config: DemoConfig, data: DigitsData, out: Path) -> Path:
+    """Write ``report.toml`` (the analysis of the last model, the MLP unless ``quick``, as an
+    ``infkit run`` config) and run it: ``out/report/report.html``."""
+    from infkit.demo.project import report_config
+    from infkit.report import parse, run
+
+    flipped = data.flipped.nonzero().squeeze(1).tolist()
+    path = out / "report.toml"
+    spec = config.models[-1]
+    path.write_text(report_config(spec, config.seed, flipped, config.n_loo // 3, "report"))
+    print(f"\n== report: the {spec.name} analysis as `infkit run {path}`")
+    with torch_threads(config.threads):
+        return run(parse(path), progress=False)

@@ -177,10 +177,18 @@ class KroneckerCurvature:
         options: the Kronecker options.
         corrected: use the EK-FAC eigenvalues (an extra pass over the data) instead of K-FAC's.
         owner: the method's name, for messages and saved metadata.
+        factors: factors fitted before (:meth:`restored`): taken as they are, with no pass over
+            the data and no access to ``factors_dir``.
     """
 
     def __init__(
-        self, fitted: Fitted, options: KroneckerOptions, *, corrected: bool, owner: str
+        self,
+        fitted: Fitted,
+        options: KroneckerOptions,
+        *,
+        corrected: bool,
+        owner: str,
+        factors: KroneckerFactors | None = None,
     ) -> None:
         self.fitted = fitted
         self.options = options
@@ -190,11 +198,52 @@ class KroneckerCurvature:
         self.loaded = False
         #: whether an interrupted EK-FAC fit resumed from its committed K-FAC stage
         self.resumed = False
-        self.factors = self._load_or_fit()
+        self.factors = self._load_or_fit() if factors is None else factors
         scale = options.module_damping_scale
         self.module_damping = {
             t.name: float(scale * self.eigenvalues(t.name).mean()) for t in self.tracked
         }
+
+    # ------------------------------------------------------------------ saved state
+    def state(self) -> dict[str, Any]:
+        """The fitted curvature as tensors and JSON (for a saved ``Influence``): the factors'
+        own payload (:meth:`KroneckerFactors.payload`, as in ``factors_dir``) and how they were
+        obtained."""
+        tensors, document = self.factors.payload()
+        return {
+            "factors": tensors,
+            "document": document,
+            "loaded": self.loaded,
+            "resumed": self.resumed,
+        }
+
+    @classmethod
+    def restored(
+        cls,
+        fitted: Fitted,
+        options: KroneckerOptions,
+        state: dict[str, Any],
+        *,
+        corrected: bool,
+        owner: str,
+        where: str = "the saved Influence",
+    ) -> KroneckerCurvature:
+        """The curvature :meth:`state` describes, on ``fitted``, with no pass over the data.
+
+        Args:
+            fitted: the fitted record.
+            options: the Kronecker options it was fitted with.
+            state: what :meth:`state` returned, read back.
+            corrected: use the EK-FAC eigenvalues.
+            owner: the method's name.
+            where: names the saved copy in errors.
+        """
+        factors = KroneckerFactors.from_payload(
+            state["factors"], state["document"], where, fitted.space.device
+        )
+        out = cls(fitted, options, corrected=corrected, owner=owner, factors=factors)
+        out.loaded, out.resumed = bool(state["loaded"]), bool(state["resumed"])
+        return out
 
     @property
     def tracked(self) -> list[Any]:

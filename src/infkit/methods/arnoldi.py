@@ -172,6 +172,8 @@ class Arnoldi(PrimalMethod):
         scale=(0.2, 2.0),
         test_options={"rank": 20, "krylov_dim": 60},
     )
+    #: the Ritz pairs (the training embeddings are recomputed when asked for)
+    fitted_state = ("eigenvalues", "vectors", "products")
     options: ArnoldiOptions
 
     def __init__(self, options: ArnoldiOptions | None = None, /, **values: object) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -101,6 +101,9 @@ class ASTRA(PrimalMethod):
     cheap_solve = False
     exact_example_curvature = True
     fidelity = Fidelity(reference="ggn", rtol=1e-6, test_options={"tol": 1e-11})
+    #: the Neumann steps and iteration counts; :meth:`state` adds the EK-FAC preconditioner
+    #: (the curvature operator is rebuilt on restore: it holds no data)
+    fitted_state = ("steps", "iterations")
     options: AstraOptions
 
     def __init__(self, options: AstraOptions | None = None, /, **values: object) -> None:
@@ -122,7 +125,24 @@ class ASTRA(PrimalMethod):
         self.preconditioner = KroneckerCurvature(
             fitted, self.options.preconditioner(), corrected=True, owner=self.name
         )
-        self.operator = CurvatureOperator(
+        self.operator = self._curvature_operator(fitted)
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "preconditioner": self.kronecker().state()}
+
+    def restore(self, fitted: Fitted, state: Mapping[str, Any]) -> None:
+        super().restore(fitted, state)
+        self.preconditioner = KroneckerCurvature.restored(
+            fitted,
+            self.options.preconditioner(),
+            state["preconditioner"],
+            corrected=True,
+            owner=self.name,
+        )
+        self.operator = self._curvature_operator(fitted)
+
+    def _curvature_operator(self, fitted: Fitted) -> CurvatureOperator:
+        return CurvatureOperator(
             fitted.engine,
             fitted.train,
             self.options.curvature,

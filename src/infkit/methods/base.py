@@ -250,6 +250,11 @@ class Method(ABC):
     checks_scale: ClassVar[bool] = False
     #: :meth:`diagnose` warns when the answers come out this many times too large (None: never)
     scale_warning: ClassVar[float | None] = None
+    #: the attributes :meth:`fit` sets that the answers need: what the default :meth:`state`
+    #: saves and :meth:`restore` sets back (``inf.save`` / ``Influence.load``). ``()``: fit keeps
+    #: nothing beyond the record; None (the default): not declared, and the method cannot be
+    #: saved
+    fitted_state: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, options: BaseOptions | None = None, /, **values: Any) -> None:
         owner = f"method {self.name!r}"
@@ -390,6 +395,46 @@ class Method(ABC):
     def fit(self, fitted: Fitted) -> None:
         """Build whatever the method needs from the training data (subclasses call super)."""
         self._fitted = fitted
+
+    # ------------------------------------------------------------------ saved state
+    def state(self) -> dict[str, Any]:
+        """The fitted state: everything :meth:`fit` computed that the answers need, by name.
+
+        Values are tensors, JSON values (None, booleans, numbers, strings) and lists, tuples
+        and dicts of them; ``inf.save`` writes the tensors as safetensors and the rest as JSON
+        (docs/architecture.md §7). The default returns the attributes named by
+        :attr:`fitted_state`; a method holding structured objects (an operator, a projector, a
+        Kronecker curvature) overrides this and :meth:`restore`, and gives their tensors.
+
+        Raises:
+            UnsupportedError: the method does not declare its fitted state.
+            NotFittedError: the method is not fitted.
+        """
+        names = type(self).fitted_state
+        if names is None:
+            raise UnsupportedError(
+                f"method {self.name!r} does not declare its fitted state, so it cannot be saved: "
+                "its class should name the attributes fit sets (fitted_state = ('...',)) or "
+                "override state() and restore() (CONTRIBUTING.md)"
+            )
+        self.fitted  # noqa: B018 - raises NotFittedError before fit
+        return {name: getattr(self, name) for name in names}
+
+    def restore(self, fitted: Fitted, state: Mapping[str, Any]) -> None:
+        """Take up a fitted state from :meth:`state` instead of fitting: no pass over the data.
+
+        The default keeps the record and sets the attributes named by :attr:`fitted_state`;
+        methods that override :meth:`state` rebuild their objects here (and call this).
+
+        Args:
+            fitted: the record rebuilt from the saved one (the same training set, theta*,
+                objective and cached gradients as at fit).
+            state: what :meth:`state` returned, read back (tensors on the device they were on:
+                the CPU, or the model's).
+        """
+        self._fitted = fitted
+        for name in type(self).fitted_state or ():
+            setattr(self, name, state[name])
 
     def diagnose(self) -> None:
         """Check the fitted answer where it can be off without failing (docs/conventions.md §9).

@@ -15,8 +15,8 @@ cost is ``iterations x N`` per-example JVP/VJP pairs on at most k vectors.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -73,6 +73,9 @@ class ConjugateGradient(PrimalMethod):
     fidelity = Fidelity(reference="ggn", rtol=1e-6, test_options={"tol": 1e-12})
     auto_priority = 3
     cheap_solve = False
+    #: the diagonal preconditioner, and the solves so far (for describe()); the curvature
+    #: operator is rebuilt on restore (it holds no data)
+    fitted_state = ("_diagonal", "iterations", "solvers")
 
     @classmethod
     def suitability(cls, problem: Problem) -> str:
@@ -90,14 +93,21 @@ class ConjugateGradient(PrimalMethod):
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
-        self.operator = CurvatureOperator(
+        self.operator = self._curvature_operator(fitted)
+        if self.options.preconditioner == "diagonal":
+            self._diagonal = ggn_diagonal(fitted.engine, fitted.train, fitted.batch_size)
+
+    def restore(self, fitted: Fitted, state: Mapping[str, Any]) -> None:
+        super().restore(fitted, state)
+        self.operator = self._curvature_operator(fitted)
+
+    def _curvature_operator(self, fitted: Fitted) -> CurvatureOperator:
+        return CurvatureOperator(
             fitted.engine,
             fitted.train,
             self.options.curvature,
             batch_size=self.options.product_batch_size or PRODUCT_BATCH_FACTOR * fitted.batch_size,
         )
-        if self.options.preconditioner == "diagonal":
-            self._diagonal = ggn_diagonal(fitted.engine, fitted.train, fitted.batch_size)
 
     def _apply(self, operator: CurvatureOperator, ridge: float, V: Tensor) -> Tensor:
         def matmat(X: Tensor) -> Tensor:  # columns in, columns out

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -83,6 +83,9 @@ class DataInf(PrimalMethod):
     fidelity = Fidelity(
         rtol=None, min_correlation=0.45, removal_correlation=0.3, scale=(1.0, 100.0)
     )
+    #: the blocks' names, dampings and squared gradient norms; :meth:`state` adds the gradient
+    #: cache when it is the method's own (the facade's cache is saved with the record)
+    fitted_state = ("names", "layer_damping", "sq_norms")
     options: DataInfOptions
 
     def __init__(self, options: DataInfOptions | None = None, /, **values: object) -> None:
@@ -121,6 +124,18 @@ class DataInf(PrimalMethod):
             self.sq_norms = norms
         sizes = torch.tensor([sl.stop - sl.start for sl in self.slices], dtype=torch.float64)
         self.layer_damping = self._layer_damping(self.sq_norms.mean(0) / sizes)
+
+    def state(self) -> dict[str, Any]:
+        out = super().state()
+        shared = self._cache is not None and self._cache is self.fitted.train_gradients
+        out["cache"] = None if shared else self._cache
+        out["cache_shared"] = shared
+        return out
+
+    def restore(self, fitted: Fitted, state: Mapping[str, Any]) -> None:
+        super().restore(fitted, state)
+        self.slices = [sl for _, sl in layer_slices(fitted.space, self.options.blocks)]
+        self._cache = fitted.train_gradients if state["cache_shared"] else state["cache"]
 
     def scale_message(self, ratio: float) -> str:
         return (

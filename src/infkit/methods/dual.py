@@ -164,6 +164,25 @@ class Dual(PrimalMethod):
     uses_training_gradients = False
     fidelity = Fidelity(reference="ggn", rtol=1e-8)
     auto_priority = 1
+    #: the kernel, the output derivatives and the representer split; :meth:`state` adds the
+    #: training set's Jacobian factors when they were kept (the engine at the tangent point and
+    #: the factorised dual systems are rebuilt on restore and on demand)
+    fitted_state = (
+        "g",
+        "lam",
+        "c",
+        "n",
+        "m",
+        "l2",
+        "damping",
+        "ridge",
+        "K",
+        "alpha",
+        "r",
+        "Jr",
+        "residual_norm",
+        "representer_error",
+    )
     options: DualOptions
 
     def __init__(self, options: DualOptions | None = None, /, **values: object) -> None:
@@ -172,6 +191,7 @@ class Dual(PrimalMethod):
         self._per_example: dict[str, _PerExampleSetup] = {}
         self.engine: PerExample | None = None
         self.tangents: TangentFeatures | None = None
+        self._train_features: list[Features] | None = None
 
     @classmethod
     def memory_estimate(cls, n: int, p: int, c: int) -> int:
@@ -216,14 +236,9 @@ class Dual(PrimalMethod):
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
         options = self.options
-        self._systems.clear()
-        self._per_example.clear()
         space, train, n = fitted.space, fitted.train, fitted.n
-        engine = PerExample(
-            fitted.task, space, fitted.engine.mode, at=options.linearize_at, dtype=options.dtype
-        )
-        self.engine = engine
-        self.tangents = TangentFeatures(engine, options.ntk)
+        engine = self._tangent_machinery(fitted)
+        assert self.tangents is not None
         gs, lams = [], []
         for batch in train.batches(self.batch_size):
             _, g, lam = engine.output_derivatives(batch)
@@ -243,7 +258,7 @@ class Dual(PrimalMethod):
             )
         theta = space.flat().to(engine.device, options.dtype)
         anchor = self._anchor_vector(fitted.task, space)
-        self._train_features: list[Features] | None = column_features(
+        self._train_features = column_features(
             self.tangents, train, self.batch_size, fitted.memory_limit // 8
         )
         self.K = kernel_matrix(
@@ -267,6 +282,55 @@ class Dual(PrimalMethod):
                 self.Jr = self.jmul(r)  # [N, C]
         self.residual_norm = 0.0 if self.r is None else float(self.r.norm())
         self.representer_error = self.residual_norm / max(float((theta - anchor).norm()), 1e-300)
+
+    def _tangent_machinery(self, fitted: Fitted) -> PerExample:
+        """The engine at the tangent point and the NTK's features on it (no pass over data)."""
+        options = self.options
+        self._systems.clear()
+        self._per_example.clear()
+        engine = PerExample(
+            fitted.task,
+            fitted.space,
+            fitted.engine.mode,
+            at=options.linearize_at,
+            dtype=options.dtype,
+        )
+        self.engine = engine
+        self.tangents = TangentFeatures(engine, options.ntk)
+        return engine
+
+    def state(self) -> dict[str, Any]:
+        out = super().state()
+        features = None
+        if self._train_features is not None:
+            features = [
+                {
+                    "size": f.size,
+                    "deltas": list(f.deltas),
+                    "acts": list(f.acts),
+                    "rest": f.rest,
+                    "indices": None if f.inputs is None else f.inputs.indices,
+                }
+                for f in self._train_features
+            ]
+        return {**out, "train_features": features}
+
+    def restore(self, fitted: Fitted, state: Mapping[str, Any]) -> None:
+        super().restore(fitted, state)
+        self._tangent_machinery(fitted)
+        saved = state["train_features"]
+        self._train_features = None
+        if saved is not None:
+            self._train_features = [
+                Features(
+                    int(f["size"]),
+                    list(f["deltas"]),
+                    list(f["acts"]),
+                    f["rest"],
+                    None if f["indices"] is None else fitted.train.take(f["indices"]),
+                )
+                for f in saved
+            ]
 
     def _engine(self) -> PerExample:
         if self.engine is None:

@@ -10,7 +10,8 @@ falling back to the eigendecomposition, which explains a singular or indefinite 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -47,6 +48,7 @@ class Exact(PrimalMethod):
     exact_example_curvature = True
     fidelity = Fidelity(reference="ggn", rtol=1e-8)
     auto_priority = 0
+    fitted_state = ("data_curvature",)
     options: ExactOptions
 
     def __init__(self, options: ExactOptions | None = None, /, **values: object) -> None:
@@ -98,6 +100,11 @@ class Exact(PrimalMethod):
         self.data_curvature = H / fitted.n
         self._solvers.clear()
         self._solver(0.0)  # factorise now: a singular or indefinite curvature fails at fit
+
+    def restore(self, fitted: Fitted, state: Mapping[str, Any]) -> None:
+        super().restore(fitted, state)
+        self._solvers.clear()
+        self._solver(0.0)  # the same factorisation as at fit (describe() reports it)
 
     def batch_curvature(self, batch: Batch) -> Tensor:
         """sum over the batch of C_i, dense [P, P] float64."""

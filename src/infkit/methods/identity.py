@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,6 +44,7 @@ from infkit.layers.factored import (
     NotFactoredError,
     factored_layers,
 )
+from infkit.layers.tracked import find_modules
 from infkit.methods.base import BASIC, Fidelity, PrimalMethod, register
 from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
@@ -107,6 +109,8 @@ class Identity(PrimalMethod):
     #: the factored path and the streamed path need no [N, P] cache
     uses_training_gradients = False
     fidelity = Fidelity(reference="identity", rtol=1e-8)
+    #: nothing but whether the factored products apply (:meth:`state`)
+    fitted_state = ()
     options: IdentityOptions
 
     def __init__(self, options: IdentityOptions | None = None, /, **values: object) -> None:
@@ -142,6 +146,21 @@ class Identity(PrimalMethod):
         self.factored = (
             None if layers is None else FactoredGradients(fitted.engine, layers, fitted.batch_size)
         )
+
+    def state(self) -> dict[str, Any]:
+        layers = None if self.factored is None else [t.name for t in self.factored.layers]
+        return {**super().state(), "factored_layers": layers}
+
+    def restore(self, fitted: Fitted, state: Mapping[str, Any]) -> None:
+        """The factored products without their check on a few examples: fit made it."""
+        super().restore(fitted, state)
+        names = state["factored_layers"]
+        self.factored = None
+        if names is not None:
+            tracked, _ = find_modules(fitted.task.model, fitted.space)
+            by_name = {t.name: t for t in tracked}
+            layers = [by_name[name] for name in names]
+            self.factored = FactoredGradients(fitted.engine, layers, fitted.batch_size)
 
     def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:
         return V.to(torch.float64)

@@ -20,6 +20,7 @@ one: an approximation on top of an approximation (docs/estimators.md §10).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from typing import Any, ClassVar
 
@@ -72,6 +73,8 @@ class KFAC(PrimalMethod):
     )
     #: whether the eigenvalues are EK-FAC's corrected ones
     corrected: ClassVar[bool] = False
+    #: the counters describe() reports; :meth:`state` adds the Kronecker curvature
+    fitted_state = ("query_rank", "query_groups", "shard_tally")
     options: KroneckerOptions
 
     def __init__(self, options: KroneckerOptions | None = None, /, **values: object) -> None:
@@ -118,6 +121,15 @@ class KFAC(PrimalMethod):
         super().fit(fitted)
         self.curvature_ = KroneckerCurvature(
             fitted, self.options, corrected=self.corrected, owner=self.name
+        )
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "curvature": self.kronecker().state()}
+
+    def restore(self, fitted: Fitted, state: Mapping[str, Any]) -> None:
+        super().restore(fitted, state)
+        self.curvature_ = KroneckerCurvature.restored(
+            fitted, self.options, state["curvature"], corrected=self.corrected, owner=self.name
         )
 
     def kronecker(self) -> KroneckerCurvature:

@@ -173,6 +173,9 @@ class Lissa(PrimalMethod):
         damping=0.1,
         test_options={"tol": 1e-2, "minibatch_size": 256},
     )
+    #: the scale and its eigenvalue estimate, and the counters that seed the next solve's
+    #: minibatch order (so that a reloaded fit draws the same minibatches)
+    fitted_state = ("lambda_max", "scale", "products", "depths", "_runs")
     options: LissaOptions
 
     def __init__(self, options: LissaOptions | None = None, /, **values: object) -> None:
@@ -189,8 +192,7 @@ class Lissa(PrimalMethod):
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
         options = self.options
-        if options.blocks is not None:
-            self._slices = [sl for _, sl in layer_slices(fitted.space, options.blocks)]
+        self._slices = self._block_slices(fitted)
         ridge = fitted.ridge
         if options.scale == "auto":
             full = CurvatureOperator(
@@ -215,6 +217,14 @@ class Lissa(PrimalMethod):
                 )
         else:
             self.scale = float(options.scale)
+
+    def restore(self, fitted: Fitted, state: Mapping[str, Any]) -> None:
+        super().restore(fitted, state)
+        self._slices = self._block_slices(fitted)
+
+    def _block_slices(self, fitted: Fitted) -> list[slice] | None:
+        blocks = self.options.blocks
+        return None if blocks is None else [sl for _, sl in layer_slices(fitted.space, blocks)]
 
     def _batch(self) -> int:
         return min(self.options.minibatch_size or 256, self.fitted.n)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -204,6 +204,9 @@ class Trak(Method):
     fidelity = Fidelity(
         rtol=None, min_correlation=0.45, removal_correlation=0.25, scale=(0.02, 0.5)
     )
+    #: the out-to-loss weights; :meth:`state` adds each model's features and Cholesky factor
+    #: and the projection's size (R itself is regenerated from its seed on restore)
+    fitted_state = ("weights",)
     options: TrakOptions
 
     def __init__(self, options: TrakOptions | None = None, /, **values: object) -> None:
@@ -276,9 +279,8 @@ class Trak(Method):
         super().fit(fitted)
         options = self.options
         task, space, n = fitted.task, fitted.space, fitted.n
-        output, out_to_loss = self._functions(task)
-        output_task = Task(task.model, task.loss, output, output_fn=task.output_fn)
-        self._output_engine = PerExample(output_task, space, fitted.engine.mode)
+        _, out_to_loss = self._functions(task)
+        self._output_engine = self._output_gradients(fitted)
         for k, w in enumerate(options.checkpoints or []):
             checkpoint_vector(space, w, k)
         k = self._dimension(n, space.size)
@@ -312,6 +314,36 @@ class Trak(Method):
                     weights[batch.indices] += out_to_loss(outputs, targets).to(torch.float64).cpu()
             self._models_data.append(self._factorise(Phi, m))
         self.weights = weights / len(self._models_data)
+
+    def _output_gradients(self, fitted: Fitted) -> PerExample:
+        """The engine of the output function's gradients (the features)."""
+        task = fitted.task
+        output, _ = self._functions(task)
+        output_task = Task(task.model, task.loss, output, output_fn=task.output_fn)
+        return PerExample(output_task, fitted.space, fitted.engine.mode)
+
+    def state(self) -> dict[str, Any]:
+        out = super().state()
+        projector, _ = self._fitted_parts()
+        out["models"] = [list(model) for model in self._models_data]
+        out["projection"] = {"dim": projector.dim, "kept": projector.matrix is not None}
+        return out
+
+    def restore(self, fitted: Fitted, state: Mapping[str, Any]) -> None:
+        super().restore(fitted, state)
+        space, options = fitted.space, self.options
+        projection = state["projection"]
+        self.projector = Projector(
+            space.size,
+            int(projection["dim"]),
+            options.projection,
+            options.seed,
+            space.dtype,
+            space.device,
+            1 << 62 if projection["kept"] else -1,  # kept (or streamed) as at fit
+        )
+        self._models_data = [(Phi, L, float(divisor)) for Phi, L, divisor in state["models"]]
+        self._output_engine = self._output_gradients(fitted)
 
     def _factorise(self, Phi: Tensor, m: int) -> tuple[Tensor, Tensor, float]:
         k = Phi.shape[1]

@@ -1,0 +1,579 @@
+"""``infkit run``: a whole analysis from a checked configuration, written to a workdir.
+
+:func:`run` builds the model, data and task from the config's factories, fits (or reloads) the
+influence, answers the questions the config asks (explanations by the estimator and by
+RelatIF, self-influence and detection, group removal, a leave-one-out retraining check,
+per-layer and per-token scores) and writes the workdir (docs/report.md §3):
+
+* ``config.toml`` (a copy) and ``settings.json`` (every key, defaults filled in);
+* ``influence/``: the fitted influence (:meth:`infkit.Influence.save`), reloaded by the next
+  run on the same model, data and settings;
+* ``report-*/``: one artifact (identity, checksums, manifest) with ``scores.safetensors``
+  (the queries' scores by the estimator and RelatIF, self-influence, losses, per-layer shares)
+  and ``report.json`` (everything the page shows), from which ``infkit report`` rebuilds it;
+* CSV tables (``top_k.csv``, ``self_influence.csv``, ``group_removal.csv``, ``loo.csv``,
+  ``layers.csv``) and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from infkit import evaluate
+from infkit import retrain as retraining
+from infkit._version import __version__
+from infkit.data import ExampleSet, checked_indices
+from infkit.errors import ArtifactError, ConfigError, InfkitError, Notice, warn
+from infkit.fingerprint import data_fingerprint, model_fingerprint
+from infkit.gradients import PerExample
+from infkit.influence import Influence
+from infkit.parameters import ParameterSpace
+from infkit.report import factories
+from infkit.report.config import RunConfig
+from infkit.report.views import Display, guess_kind
+from infkit.store import ArtifactStore, save_json
+from infkit.task import Task
+
+#: the artifact kind of a run's results
+KIND = "report"
+SAVED = "influence"
+
+
+class Stopwatch:
+    """Wall-clock seconds per named step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Record the time since the previous lap under ``name``."""
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
+
+
+# ---------------------------------------------------------------------------- inputs
+def build_model(config: RunConfig) -> nn.Module:
+    """The trained model from ``[model] factory``."""
+    section = config["model"]
+    model = factories.call(section["factory"], "[model] factory", config.folder, **section["args"])
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"[model] factory = {section['factory']!r} returned {type(model).__name__}, not a "
+            "torch.nn.Module"
+        )
+    return model
+
+
+def build_data(config: RunConfig) -> tuple[ExampleSet, ExampleSet]:
+    """The (train, test) example sets from ``[data] factory``."""
+    section = config["data"]
+    data = factories.call(section["factory"], "[data] factory", config.folder, **section["args"])
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise ConfigError(
+            f"[data] factory = {section['factory']!r} must return (train, test), got "
+            f"{type(data).__name__}"
+            + (f" of length {len(data)}" if hasattr(data, "__len__") else "")
+        )
+    try:
+        return ExampleSet(data[0], name="training set"), ExampleSet(data[1], name="test set")
+    except InfkitError as error:
+        raise ConfigError(f"[data] factory = {section['factory']!r}: {error}") from error
+
+
+def build_task(config: RunConfig, model: nn.Module) -> Task:
+    """The task: ``[task] factory``, or the constructor ``[task] kind`` names."""
+    section = config["task"]
+    if section["factory"]:
+        task = factories.call(section["factory"], "[task] factory", config.folder, model)
+        if not isinstance(task, Task):
+            raise ConfigError(
+                f"[task] factory = {section['factory']!r} returned {type(task).__name__}, not an "
+                "infkit.Task"
+            )
+        return task
+    kind, measurement = section["kind"], section["measurement"]
+    try:
+        if kind in ("classification", "binary_classification"):
+            return getattr(Task, kind)(model, measurement=measurement)
+        if measurement != "loss":
+            raise ConfigError(
+                f"[task] measurement = {measurement!r}: kind {kind!r} measures the loss"
+            )
+        return getattr(Task, kind)(model)
+    except ConfigError:
+        raise
+    except InfkitError as error:
+        raise ConfigError(f"[task]: {error}") from error
+
+
+def build_influence(config: RunConfig, task: Task) -> Influence:
+    """An unfitted Influence with the ``[influence]`` settings (checked at construction)."""
+    s = config["influence"]
+    try:
+        return Influence(
+            task,
+            s["method"],
+            s["estimator"],
+            l2=s["l2"],
+            damping=s["damping"],
+            relatif=s["relatif"],
+            batch_size=s["batch_size"],
+            **s["options"],
+        )
+    except InfkitError as error:
+        raise ConfigError(f"[influence]: {error}") from error
+
+
+def build_display(config: RunConfig, train: ExampleSet, test: ExampleSet) -> Display:
+    """How the report shows examples (``[data] kind``, ``display``, ``decode``, names)."""
+    d = config["data"]
+    items = None
+    if d["display"]:
+        shown = factories.call(d["display"], "[data] display", config.folder, **d["args"])
+        if not isinstance(shown, (tuple, list)) or len(shown) != 2:
+            raise ConfigError(
+                f"[data] display = {d['display']!r} must return (train_items, test_items)"
+            )
+        for name, part, examples in (("train", shown[0], train), ("test", shown[1], test)):
+            if len(part) != len(examples):
+                raise ConfigError(
+                    f"[data] display = {d['display']!r}: {len(part)} {name} items for "
+                    f"{len(examples)} {name} examples"
+                )
+        items = {"train": shown[0], "test": shown[1]}
+    decode: Callable[[list[int]], Sequence[str]] | None = None
+    if d["decode"]:
+        decode = factories.resolve(d["decode"], "[data] decode", config.folder)
+    kind = d["kind"]
+    if kind == "auto":
+        if items is not None:
+            kind = "text" if isinstance(items["train"][0], str) else "image"
+        else:
+            sample = train.take([0]).inputs
+            first = sample[0] if isinstance(sample, Tensor) else sample
+            kind = guess_kind(first, config["task"]["kind"], d["image_shape"])
+    return Display(
+        kind,
+        train,
+        test,
+        items=items,
+        image_shape=tuple(d["image_shape"]),
+        decode=decode,
+        class_names=d["class_names"],
+        feature_names=d["feature_names"],
+    )
+
+
+# ---------------------------------------------------------------------------- helpers
+def per_example(task: Task, examples: ExampleSet, which: str, batch_size: int) -> Tensor:
+    """Per-example losses, measurements or outputs of the model, without gradients."""
+    engine = PerExample(task, ParameterSpace(task.model))
+    fn = {"loss": engine.losses, "measurement": engine.measurements, "outputs": engine.outputs}
+    with torch.no_grad():
+        parts = [fn[which](batch).detach() for batch in examples.batches(batch_size)]
+    return torch.cat([p.reshape(p.shape[0], -1) if which == "outputs" else p for p in parts])
+
+
+def predictions(
+    task: Task, examples: ExampleSet, batch_size: int, class_names: Sequence[str]
+) -> list[str] | None:
+    """What the model predicts for each example, as text: the class (by name when given) for
+    the classification tasks, the output values for regression; None otherwise."""
+    if task.name not in ("classification", "binary_classification", "regression"):
+        return None
+    outputs = per_example(task, examples, "outputs", batch_size)
+    if task.name == "regression":
+        return [", ".join(f"{v:.4g}" for v in row.tolist()[:4]) for row in outputs]
+    classes = (
+        (outputs.reshape(-1) > 0).long().tolist()
+        if task.name == "binary_classification"
+        else outputs.argmax(-1).tolist()
+    )
+    return [class_names[c] if c < len(class_names) else str(c) for c in classes]
+
+
+def fit_or_reload(
+    inf: Influence, config: RunConfig, train: ExampleSet, workdir: Path
+) -> tuple[Influence, str]:
+    """Reload the influence saved in the workdir when it belongs to this model, data and
+    settings; otherwise fit and save. Returns the influence and how it was obtained."""
+    saved = workdir / SAVED
+    if config["influence"]["reuse"] and saved.exists():
+        try:
+            loaded = Influence.load(saved, inf.task, train)
+        except ArtifactError as error:
+            warn(f"not reusing the saved influence in {saved}: {error}; fitting again", Notice)
+        else:
+            if _same_settings(loaded, inf):
+                return loaded, "reloaded"
+            warn(f"the influence saved in {saved} has other settings; fitting again", Notice)
+    try:
+        inf.fit(train)
+    except InfkitError as error:
+        raise type(error)(f"fitting the influence: {error}") from error
+    inf.save(saved, overwrite=True)
+    return inf, "fitted"
+
+
+def _same_settings(a: Influence, b: Influence) -> bool:
+    keys = ("method_name", "l2", "damping", "auto_damping", "batch_size", "method_options")
+    return all(getattr(a, k) == getattr(b, k) for k in keys) and a.estimator == b.estimator
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` as CSV (nothing when empty)."""
+    if not rows:
+        return
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _flagged(config: RunConfig, n: int) -> Tensor | None:
+    spec = config["self_influence"]["flagged"]
+    if isinstance(spec, str):
+        spec = factories.call(spec, "[self_influence] flagged", config.folder)
+    if spec is None or len(spec) == 0:
+        return None
+    try:
+        idx = checked_indices(spec, n, what="[self_influence] flagged index", unique=True)
+    except InfkitError as error:
+        raise ConfigError(str(error)) from error
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[idx] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------- the run
+def run(config: RunConfig, out: str | Path | None = None, progress: bool | None = None) -> Path:
+    """Run the analysis ``config`` describes; write the workdir and ``report.html``.
+
+    Args:
+        config: a checked configuration (:func:`infkit.report.config.parse`).
+        out: the workdir, overriding ``[output] workdir``.
+        progress: progress bars, as :class:`infkit.Influence` takes them.
+
+    Returns:
+        the path of ``report.html``.
+    """
+    from infkit.report.html import write_report
+
+    watch = Stopwatch()
+    workdir = config.workdir(out)
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config.path, workdir / "config.toml")
+    save_json(workdir / "settings.json", config.record())
+    model = build_model(config)
+    train, test = build_data(config)
+    task = build_task(config, model)
+    display = build_display(config, train, test)
+    inf = build_influence(config, task)
+    inf.progress = progress
+    watch.lap("load")
+    inf, origin = fit_or_reload(inf, config, train, workdir)
+    watch.lap("fit")
+
+    batch = config["influence"]["batch_size"]
+    rep = config["report"]
+    test_losses = per_example(task, test, "loss", batch)
+    if rep["queries"]:
+        try:
+            queries = checked_indices(rep["queries"], len(test), what="[report] queries index")
+        except InfkitError as error:
+            raise ConfigError(str(error)) from error
+    else:
+        queries = test_losses.argsort(descending=True)[: rep["n_queries"]]
+    query_set = test.subset(queries)
+    k = min(rep["top_k"], len(train))
+    scores = inf.scores(query_set)
+    top = inf.top_k(query_set, k=k)
+    relatif = inf.method.supplies("relatif") and inf.estimator != "relatif"
+    rel_inf = inf.with_estimator("relatif") if relatif else None
+    rel_scores = rel_inf.scores(query_set) if rel_inf is not None else None
+    rel_top = rel_inf.top_k(query_set, k=k) if rel_inf is not None else None
+    watch.lap("explain")
+
+    train_losses = per_example(task, train, "loss", batch)
+    predicted = predictions(task, query_set, batch, display.class_names)
+    tensors: dict[str, Tensor] = {
+        "queries": queries,
+        "scores": scores,
+        "train_losses": train_losses,
+        "query_losses": test_losses[queries],
+    }
+    if rel_scores is not None:
+        tensors["relatif_scores"] = rel_scores
+    flagged = _flagged(config, len(train))
+    if flagged is not None:
+        tensors["flagged"] = flagged
+
+    data: dict[str, Any] = {
+        "title": rep["title"] or config.path.stem,
+        "display_kind": display.kind,
+        "origin": origin,
+    }
+    data["queries"] = _explanations(inf, display, queries, query_set, top, rel_top, predicted)
+    watch.lap("views")
+
+    # self-influence and detection
+    si = config["self_influence"]
+    if si["enabled"] and inf.method.answers("self_scores"):
+        self_scores = inf.self_scores()
+        tensors["self_scores"] = self_scores
+        order = self_scores.argsort(descending=True)[: si["top"]].tolist()
+        data["self_influence"] = {
+            "rows": [
+                {
+                    "index": j,
+                    "score": float(self_scores[j]),
+                    "loss": float(train_losses[j]),
+                    "label": display.label("train", j),
+                    "flagged": bool(flagged[j]) if flagged is not None else None,
+                    "view": display.view("train", j),
+                }
+                for j in order
+            ],
+        }
+        if flagged is not None and 0 < int(flagged.sum()) < len(flagged):
+            data["self_influence"]["detection"] = {
+                "self_influence_auc": evaluate.detection_auc(self_scores, flagged),
+                "loss_auc": evaluate.detection_auc(train_losses, flagged),
+                "n_flagged": int(flagged.sum()),
+            }
+        watch.lap("self_influence")
+
+    # group removal
+    groups = config["group_removal"]["groups"]
+    if groups:
+        data["groups"] = _groups(inf, groups, query_set, scores, len(train))
+        watch.lap("group_removal")
+
+    # leave-one-out retraining check on the first query
+    n_loo = min(config["retraining"]["n"], len(train))
+    if n_loo:
+        loo_idx = scores[0].abs().topk(n_loo).indices
+        loo = retraining.leave_one_out(
+            task,
+            train,
+            query_set.subset([0]),
+            loo_idx,
+            inf.l2,
+            tolerance=config["retraining"]["tolerance"],
+            max_iter=config["retraining"]["max_iter"],
+            cache_dir=workdir / "retrain",
+            progress=progress,
+        )
+        tensors["loo_indices"] = loo_idx
+        tensors["loo_predicted"] = scores[0, loo_idx]
+        tensors["loo_actual"] = loo.measurement[0]
+        stats = evaluate.correlation(scores[0, loo_idx], loo.measurement[0])
+        write_csv(
+            workdir / "loo.csv",
+            [
+                {"train_index": int(j), "predicted": float(p), "actual": float(a)}
+                for j, p, a in zip(loo_idx, scores[0, loo_idx], loo.measurement[0])
+            ],
+        )
+        data["retraining"] = {
+            "query": int(queries[0]),
+            "n": n_loo,
+            "pearson": stats.pearson,
+            "spearman": stats.spearman,
+            "max_gradient_norm": float(loo.gradient_norms.max()),
+        }
+        watch.lap("retraining")
+
+    # per-layer shares of the score mass
+    if config["layers"]["enabled"] and inf.method.answers("module_scores"):
+        base = inf if inf.estimator == "if" else inf.with_estimator("if")
+        parts = base.module_scores(query_set)
+        mass = {name: float(part.abs().sum()) for name, part in parts.items()}
+        total = sum(mass.values()) or 1.0
+        data["layers"] = {name: m / total for name, m in mass.items()}
+        watch.lap("layers")
+
+    data["summary"] = _summary(inf, model, train, test, origin, workdir)
+    data["summary"]["seconds"] = watch.seconds
+    _write_tables(workdir, data)
+    store = ArtifactStore(workdir)
+    identity = {
+        "settings": config.record(),
+        "model": model_fingerprint(model)["parameters"],
+        "train": data_fingerprint(train),
+        "test": data_fingerprint(test),
+    }
+    store.save(
+        KIND, identity, tensors={"scores": tensors}, documents={"report": data}, overwrite=True
+    )
+    for path, _ in store.others(KIND, identity):  # one report per workdir: the latest
+        store.remove(path)
+    return write_report(workdir)
+
+
+def _explanations(
+    inf: Influence,
+    display: Display,
+    queries: Tensor,
+    query_set: ExampleSet,
+    top: Any,
+    rel_top: Any,
+    predicted: list[str] | None,
+) -> list[dict[str, Any]]:
+    """One record per explained query: its view, label, prediction and both ranked lists."""
+    token_scores = None
+    if display.kind == "text" and inf.method.answers("token_scores"):
+        token_scores = inf if inf.estimator == "if" else inf.with_estimator("if")
+    out = []
+    for q, t in enumerate(queries.tolist()):
+        lists = {}
+        for name, ranked in (("if", top), ("relatif", rel_top)):
+            if ranked is None:
+                continue
+            lists[name] = {
+                kind: [
+                    {
+                        "index": int(j),
+                        "score": float(s),
+                        "label": display.label("train", int(j)),
+                        "view": display.view("train", int(j)),
+                    }
+                    for j, s in zip(
+                        getattr(ranked, f"{kind}_indices")[q], getattr(ranked, f"{kind}_scores")[q]
+                    )
+                ]
+                for kind in ("proponent", "opponent")
+            }
+        if token_scores is not None:
+            _add_token_scores(token_scores, query_set.subset([q]), lists["if"])
+        record: dict[str, Any] = {
+            "index": t,
+            "label": display.label("test", t),
+            "view": display.view("test", t),
+            "lists": lists,
+        }
+        if predicted is not None:
+            record["predicted"] = predicted[q]
+        out.append(record)
+    return out
+
+
+def _add_token_scores(inf: Influence, query: ExampleSet, lists: dict[str, Any]) -> None:
+    """Per-token contributions of each listed training sequence to the query's score."""
+    rows = lists["proponent"] + lists["opponent"]
+    split = inf.token_scores(query, [r["index"] for r in rows])
+    for r, tokens in zip(rows, split.tokens[0]):
+        n = len(r["view"].get("tokens", []))
+        r["view"]["token_scores"] = tokens[:n].tolist()
+
+
+def _groups(
+    inf: Influence, groups: dict[str, list[int]], query_set: ExampleSet, scores: Tensor, n: int
+) -> list[dict[str, Any]]:
+    """Each group's predicted joint removal effect on the queries' measurements: by one Newton
+    step on the retained objective where the method supplies it (it accounts for the group's
+    own curvature), else by the run's estimator; beside the sum of the members' scores."""
+    joint = inf.with_estimator("newton") if inf.method.supplies("newton") else inf
+    out = []
+    for name, members in groups.items():
+        try:
+            idx = checked_indices(
+                members, n, what=f"[group_removal] groups.{name} index", unique=True
+            )
+        except InfkitError as error:
+            raise ConfigError(str(error)) from error
+        effect = joint.remove(idx)
+        out.append(
+            {
+                "name": name,
+                "size": len(idx),
+                "joint": effect.measurement(query_set).tolist(),
+                "additive": scores[:, idx].sum(1).tolist(),
+                "estimator": joint.estimator,
+            }
+        )
+    return out
+
+
+def _summary(
+    inf: Influence,
+    model: nn.Module,
+    train: ExampleSet,
+    test: ExampleSet,
+    origin: str,
+    workdir: Path,
+) -> dict[str, Any]:
+    described = inf.describe()
+    return {
+        "infkit": __version__,
+        "torch": torch.__version__,
+        "model": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "attributed_parameters": inf.n_params,
+        "n_train": len(train),
+        "n_test": len(test),
+        "task": inf.task.name,
+        "method": described.get("method", inf.method.name),
+        "estimator": inf.estimator,
+        "l2": inf.l2,
+        "damping": described.get("damping"),
+        "stationarity": inf.stationarity,
+        "influence": origin,
+        "diagnostics": inf.method.checks,
+        "describe": described,
+        "workdir": str(workdir),
+    }
+
+
+def _write_tables(workdir: Path, data: dict[str, Any]) -> None:
+    rows = []
+    for q in data["queries"]:
+        for estimator, lists in q["lists"].items():
+            for kind, items in lists.items():
+                for rank, item in enumerate(items, start=1):
+                    rows.append(
+                        {
+                            "query": q["index"],
+                            "estimator": estimator,
+                            "kind": kind,
+                            "rank": rank,
+                            "train_index": item["index"],
+                            "label": item["label"],
+                            "score": item["score"],
+                        }
+                    )
+    write_csv(workdir / "top_k.csv", rows)
+    if "self_influence" in data:
+        write_csv(
+            workdir / "self_influence.csv",
+            [{k: v for k, v in r.items() if k != "view"} for r in data["self_influence"]["rows"]],
+        )
+    if "groups" in data:
+        write_csv(
+            workdir / "group_removal.csv",
+            [
+                {
+                    "group": g["name"],
+                    "size": g["size"],
+                    "query": q["index"],
+                    "joint": j,
+                    "additive": a,
+                }
+                for g in data["groups"]
+                for q, j, a in zip(data["queries"], g["joint"], g["additive"])
+            ],
+        )
+    if "layers" in data:
+        write_csv(
+            workdir / "layers.csv", [{"layer": k, "share": v} for k, v in data["layers"].items()]
+        )

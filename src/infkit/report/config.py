@@ -1,0 +1,325 @@
+"""The run configuration of ``infkit run CONFIG.toml``: every key, its type, default and meaning.
+
+:data:`SCHEMA` is the one description of the file: :func:`parse` checks a configuration against
+it (an unknown section or key, a value of the wrong type, a missing required key: a
+:class:`~infkit.errors.ConfigError` naming the key and what it accepts) and fills the defaults;
+:func:`help_text` prints it for ``infkit run --help`` (docs/report.md §2).
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infkit.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its type (``str``, ``int``, ``float``, ``bool``, ``list[int]``,
+    ``list[str]``, ``table``, or alternatives joined by ``|``), default and meaning."""
+
+    type: str
+    default: Any
+    doc: str
+    required: bool = False
+
+
+TASK_KINDS = ("classification", "binary_classification", "regression", "language_modeling")
+DISPLAY_KINDS = ("auto", "image", "text", "tabular")
+
+#: section -> key -> :class:`Key`; the order is the order of ``infkit run --help``
+SCHEMA: dict[str, dict[str, Key]] = {
+    "model": {
+        "factory": Key(
+            "str",
+            None,
+            '"module:callable" returning the trained torch.nn.Module (the module is imported with '
+            "the config's folder on sys.path)",
+            required=True,
+        ),
+        "args": Key("table", {}, "keyword arguments passed to the model factory"),
+    },
+    "data": {
+        "factory": Key(
+            "str",
+            None,
+            '"module:callable" returning (train, test), each in any form Influence accepts: '
+            "(X, y) tensors or arrays, a Dataset of (x, y) pairs or of dicts",
+            required=True,
+        ),
+        "args": Key("table", {}, "keyword arguments passed to the data factory"),
+        "kind": Key(
+            "str",
+            "auto",
+            "how examples are shown in the report: auto, image, text or tabular (auto: inputs "
+            "[N, H, W] or [N, C, H, W] are images, token ids or a language-modelling task text, "
+            "other inputs tabular)",
+        ),
+        "image_shape": Key("list[int]", [], "(H, W) or (C, H, W) to show flat inputs as images"),
+        "display": Key(
+            "str",
+            "",
+            '"module:callable" returning (train_items, test_items) to show instead of the '
+            "inputs: strings (text) or arrays (images), one per example; called with the data "
+            "factory's args",
+        ),
+        "decode": Key(
+            "str",
+            "",
+            '"module:callable" mapping a list of token ids to a list of strings (text shown '
+            "token by token; default: the ids)",
+        ),
+        "class_names": Key("list[str]", [], "a name per class, shown instead of label numbers"),
+        "feature_names": Key("list[str]", [], "a name per input feature (tabular data)"),
+    },
+    "task": {
+        "kind": Key("str", "classification", "one of: " + ", ".join(TASK_KINDS)),
+        "measurement": Key(
+            "str", "loss", 'what a score measures: "loss", or "margin" for the classification kinds'
+        ),
+        "factory": Key(
+            "str",
+            "",
+            '"module:callable" taking the model and returning an infkit.Task (replaces kind)',
+        ),
+    },
+    "influence": {
+        "method": Key("str", "auto", "a registered method (infkit methods) or auto"),
+        "estimator": Key("str", "if", "if, rif or newton (RelatIF is shown beside IF anyway)"),
+        "l2": Key("float", 0.0, "the L2 coefficient the model was trained with (mean form)"),
+        "damping": Key("float|str", 0.0, 'extra numerical damping, or "auto" (Kronecker methods)'),
+        "batch_size": Key("int", 64, "examples per batch of every pass over the data"),
+        "relatif": Key("str", "theta", "RelatIF's normalisation: theta or loss"),
+        "options": Key("table", {}, "the method's options (infkit methods --json lists them)"),
+        "reuse": Key(
+            "bool",
+            True,
+            "reload the fitted influence saved in the workdir when it belongs to this model, "
+            "data and settings (otherwise fit again)",
+        ),
+    },
+    "report": {
+        "title": Key("str", "", "the report's title (default: the config file's name)"),
+        "queries": Key(
+            "list[int]", [], "test examples to explain (default: the n_queries highest-loss ones)"
+        ),
+        "n_queries": Key("int", 3, "how many test examples to explain when queries is not given"),
+        "top_k": Key("int", 8, "proponents and opponents shown per query"),
+    },
+    "self_influence": {
+        "enabled": Key("bool", True, "rank the training set by self-influence"),
+        "top": Key("int", 20, "how many of the highest-ranked examples the report shows"),
+        "flagged": Key(
+            "list[int]|str",
+            [],
+            'known-bad training indices (flipped labels, planted poison), or "module:callable" '
+            "returning them: detection AUC and curve against them",
+        ),
+    },
+    "group_removal": {
+        "groups": Key(
+            "table",
+            {},
+            "name = [training indices]: each group's predicted joint removal effect on the "
+            "explained queries",
+        ),
+    },
+    "retraining": {
+        "n": Key(
+            "int",
+            0,
+            "leave-one-out check: retrain without each of the n training examples with the "
+            "largest |score| for the first query, and compare (0: off)",
+        ),
+        "tolerance": Key("float", 1e-8, "gradient-norm tolerance of each retraining"),
+        "max_iter": Key("int", 2000, "iterations allowed per retraining"),
+    },
+    "layers": {
+        "enabled": Key("bool", True, "per-layer scores when the method gives them"),
+    },
+    "output": {
+        "workdir": Key(
+            "str",
+            "",
+            "the run directory, relative to the config (default: runs/<config name> beside it)",
+        ),
+    },
+}
+
+
+@dataclass
+class RunConfig:
+    """A checked configuration: every section with every key (defaults filled in)."""
+
+    path: Path
+    sections: dict[str, dict[str, Any]]
+
+    @property
+    def folder(self) -> Path:
+        """The folder of the config file: relative paths and factory modules start here."""
+        return self.path.parent
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.sections[section]
+
+    def workdir(self, override: str | Path | None = None) -> Path:
+        """The run directory: ``override`` (``--out``), ``[output] workdir``, or the default."""
+        chosen = override or self.sections["output"]["workdir"]
+        if not chosen:
+            return self.folder / "runs" / self.path.stem
+        path = Path(chosen)
+        return path if path.is_absolute() or override else self.folder / path
+
+    def record(self) -> dict[str, Any]:
+        """The settings as JSON (for ``settings.json`` and the report)."""
+        return {"config": str(self.path), **self.sections}
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    for alternative in kind.split("|"):
+        if alternative == "str" and isinstance(value, str):
+            return True
+        if alternative == "bool" and isinstance(value, bool):
+            return True
+        if alternative == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if (
+            alternative == "float"
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
+        ):
+            return True
+        if alternative == "table" and isinstance(value, dict):
+            return True
+        if alternative.startswith("list[") and isinstance(value, list):
+            inner = alternative[5:-1]
+            if all(_type_ok(v, inner) for v in value):
+                return True
+    return False
+
+
+def check(raw: dict[str, Any], path: Path) -> RunConfig:
+    """Check a parsed TOML document against :data:`SCHEMA`; fill the defaults.
+
+    Raises:
+        ConfigError: naming the section and key, what was found and what is accepted.
+    """
+    where = path.name
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in raw.items():
+        if not isinstance(value, dict):
+            owners = [s for s, keys in SCHEMA.items() if name in keys]
+            hint = f" (it belongs in {', '.join(f'[{s}]' for s in owners)})" if owners else ""
+            raise ConfigError(
+                f"{where}: {name} = {value!r} is outside any section{hint}; every key belongs "
+                "to a section (infkit run --help documents them)"
+            )
+        if name not in SCHEMA:
+            raise ConfigError(
+                f"{where}: unknown section [{name}]{_suggest(name, list(SCHEMA))}; sections: "
+                + ", ".join(f"[{s}]" for s in SCHEMA)
+                + " (infkit run --help documents every key)"
+            )
+    for section, keys in SCHEMA.items():
+        given = dict(raw.get(section, {}))
+        for key, value in given.items():
+            if key not in keys:
+                raise ConfigError(
+                    f"{where}: unknown key {key!r} in [{section}]{_suggest(key, list(keys))}; "
+                    f"[{section}] takes: {', '.join(keys)}"
+                )
+            spec = keys[key]
+            if not _type_ok(value, spec.type):
+                raise ConfigError(
+                    f"{where}: [{section}] {key} must be {spec.type.replace('|', ' or ')}, got "
+                    f"{value!r}"
+                )
+        for key, spec in keys.items():
+            if spec.required and key not in given:
+                raise ConfigError(
+                    f"{where}: [{section}] {key} is required: {spec.doc}"
+                    if section in raw
+                    else f"{where}: the section [{section}] with its key {key} is required: "
+                    f"{spec.doc}"
+                )
+        sections[section] = {key: given.get(key, spec.default) for key, spec in keys.items()}
+    _check_values(sections, where)
+    return RunConfig(path, sections)
+
+
+def _check_values(sections: dict[str, dict[str, Any]], where: str) -> None:
+    """The checks a type cannot express: choices and ranges."""
+    choices = {("task", "kind"): TASK_KINDS, ("data", "kind"): DISPLAY_KINDS}
+    for (section, key), allowed in choices.items():
+        value = sections[section][key]
+        if value not in allowed:
+            raise ConfigError(
+                f"{where}: [{section}] {key} = {value!r} is not one of {', '.join(allowed)}"
+                f"{_suggest(value, list(allowed))}"
+            )
+    for section, key, low in (
+        ("report", "n_queries", 1),
+        ("report", "top_k", 1),
+        ("self_influence", "top", 1),
+        ("retraining", "n", 0),
+        ("influence", "batch_size", 1),
+    ):
+        if sections[section][key] < low:
+            raise ConfigError(f"{where}: [{section}] {key} must be >= {low}")
+    damping = sections["influence"]["damping"]
+    if isinstance(damping, str) and damping != "auto":
+        raise ConfigError(
+            f'{where}: [influence] damping must be a number or "auto", got {damping!r}'
+        )
+    shape = sections["data"]["image_shape"]
+    if shape and len(shape) not in (2, 3):
+        raise ConfigError(f"{where}: [data] image_shape must be (H, W) or (C, H, W), got {shape}")
+    for name, indices in sections["group_removal"]["groups"].items():
+        if not _type_ok(indices, "list[int]") or not indices:
+            raise ConfigError(
+                f"{where}: [group_removal] groups.{name} must be a non-empty list of training "
+                f"indices, got {indices!r}"
+            )
+
+
+def parse(path: str | Path) -> RunConfig:
+    """Read and check a TOML run configuration.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or does not match :data:`SCHEMA`.
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path.name} is not valid TOML: {error}") from error
+    return check(raw, path)
+
+
+def help_text() -> str:
+    """Every section and key with its type, default and meaning (``infkit run --help``)."""
+    lines = ["configuration keys (TOML), by section:"]
+    for section, keys in SCHEMA.items():
+        lines.append(f"\n  [{section}]")
+        for key, spec in keys.items():
+            default = "required" if spec.required else f"default {spec.default!r}"
+            lines.append(f"    {key} ({spec.type}, {default})")
+            lines.append(f"        {spec.doc}")
+    return "\n".join(lines)

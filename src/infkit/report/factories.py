@@ -1,0 +1,80 @@
+"""The user's code a run configuration names: ``"module:callable"`` factories.
+
+A factory is imported with the config's folder first on ``sys.path`` and called there (the
+working directory is the config's folder while it runs, so relative paths in it start at the
+config). An import that fails, a name that is missing or not callable, and a factory that
+raises each give a :class:`~infkit.errors.ConfigError` naming the config key and the factory
+(docs/report.md §2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from infkit.errors import ConfigError
+
+
+@contextlib.contextmanager
+def on_path(folder: Path) -> Iterator[None]:
+    """For the duration: ``folder`` first on ``sys.path`` (the config's own modules) and the
+    working directory, so that relative paths in the user's code start at the config."""
+    entry, before = str(folder), os.getcwd()
+    sys.path.insert(0, entry)
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+        with contextlib.suppress(ValueError):
+            sys.path.remove(entry)
+
+
+def resolve(spec: str, key: str, folder: Path) -> Callable[..., Any]:
+    """The callable named by ``spec`` (``"module:attribute"``, dots allowed in both parts).
+
+    Args:
+        spec: ``"module:callable"``.
+        key: the config key that named it, e.g. ``"[model] factory"`` (for the message).
+        folder: the config's folder, searched first for the module.
+    """
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(f'{key} = {spec!r} must have the form "module:callable"')
+    with on_path(folder):
+        try:
+            target: Any = importlib.import_module(module_name)
+        except Exception as error:
+            raise ConfigError(
+                f"{key} = {spec!r}: module {module_name!r} cannot be imported "
+                f"({type(error).__name__}: {error}); it is looked for in {folder} and on "
+                "sys.path"
+            ) from error
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"{key} = {spec!r}: {module_name} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(f"{key} = {spec!r} is not callable ({type(target).__name__})")
+    return target
+
+
+def call(spec: str, key: str, folder: Path, *args: Any, **kwargs: Any) -> Any:
+    """Resolve ``spec`` and call it; an exception inside it becomes a ConfigError naming it,
+    with the last line of its traceback in the user's code."""
+    fn = resolve(spec, key, folder)
+    with on_path(folder):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:
+            frames = traceback.extract_tb(error.__traceback__)
+            where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+            raise ConfigError(
+                f"{key} = {spec!r} raised {type(error).__name__}: {error}{where}"
+            ) from error

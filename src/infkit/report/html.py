@@ -1,0 +1,437 @@
+"""``report.html``: one self-contained page from a run's results (docs/report.md §4).
+
+The page is built from the workdir's report artifact alone (``report.json`` and
+``scores.safetensors``), so ``infkit report WORKDIR`` rebuilds it without the model. Everything
+is inline: the CSS, the figures (PNG data URIs drawn by :mod:`infkit.plot`) and the thumbnails.
+It has no script, and a Content-Security-Policy that forbids any request, so opening it
+contacts no address. Sections: run summary, explanations (IF and RelatIF side by side),
+score distribution, self-influence, group removal, retraining check, per-layer scores.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from infkit import plot
+from infkit.errors import ArtifactError
+from infkit.store import MANIFEST, ArtifactStore
+
+KIND = "report"
+
+#: (id, heading) of every section, in order
+SECTIONS = (
+    ("summary", "Run summary"),
+    ("explanations", "Explanations"),
+    ("distribution", "Score distribution"),
+    ("self-influence", "Self-influence"),
+    ("group-removal", "Group removal"),
+    ("retraining", "Retraining check"),
+    ("layers", "Per-layer scores"),
+)
+
+CSS = """
+*{box-sizing:border-box}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1b1f24;background:#fafafa}
+header{background:#1f3a5f;color:#fff;padding:14px 24px}
+header h1{margin:0;font-size:22px}
+header p{margin:4px 0 0;opacity:.85}
+nav{background:#fff;border-bottom:1px solid #ddd;padding:8px 24px;position:sticky;top:0}
+nav a{margin-right:14px;color:#1f3a5f;text-decoration:none}
+main{padding:8px 24px 40px;max-width:1400px}
+section{background:#fff;border:1px solid #e2e2e2;border-radius:6px;margin:16px 0;padding:10px 18px}
+h2{font-size:18px;margin:6px 0 10px}
+h3{font-size:15px;margin:14px 0 6px}
+table{border-collapse:collapse;font-size:13px}
+td,th{border-bottom:1px solid #eee;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f4f6f8}
+.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
+.note{color:#666;font-style:italic}
+.query{border-top:2px solid #1f3a5f;padding-top:8px;margin-top:14px}
+.query-head{display:flex;gap:16px;align-items:flex-start}
+.sides{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:18px}
+.scroll{overflow-x:auto;max-width:100%}
+tr.query-row td{background:#eef3f8;font-weight:600}
+.side h4{margin:6px 0;font-size:14px}
+.items{display:flex;flex-wrap:wrap;gap:8px}
+.item{border:1px solid #ddd;border-radius:4px;padding:4px;background:#fff;font-size:12px;max-width:100%}
+.item.flagged{border:2px solid #d62728}
+.items:not(.rows) .item{width:92px;font-size:11px}
+.item .meta{color:#333}
+.item.flagged .meta,tr.flagged td{color:#d62728}
+img.thumb{width:64px;height:64px;min-width:64px;image-rendering:pixelated;display:block}
+.query img.thumb.big{width:96px;height:96px}
+.text{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-word;max-width:560px}
+.tok{border-radius:2px}
+.tok.off{color:#999}
+.items.rows{flex-direction:column}
+.tab td{padding:1px 5px;font-size:11px}
+img.figure{max-width:100%}
+.pos{color:#b2182b}.neg{color:#2166ac}
+footer{color:#777;font-size:12px;padding:0 24px 24px}
+"""
+
+
+def find_results(workdir: str | Path) -> Path:
+    """The workdir's report artifact (or ``workdir`` itself when it is one)."""
+    workdir = Path(workdir)
+    if (workdir / MANIFEST).exists():
+        return workdir
+    if not workdir.is_dir():
+        raise ArtifactError(f"{workdir} is not a directory: give the workdir of an infkit run")
+    found = ArtifactStore(workdir).committed(KIND)
+    if not found:
+        raise ArtifactError(
+            f"{workdir} holds no finished infkit run (no {KIND}-* directory with a manifest): "
+            "run `infkit run CONFIG.toml` first, or give its workdir"
+        )
+    return max(found, key=lambda p: (p / MANIFEST).stat().st_mtime)
+
+
+def load_results(workdir: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The report data and tensors of a run, verified (manifest and checksums)."""
+    path = find_results(workdir)
+    artifact = ArtifactStore(path.parent).verify(path, KIND)
+    return artifact.json("report"), artifact.tensors("scores")
+
+
+def write_report(workdir: str | Path, out: str | Path | None = None) -> Path:
+    """Build ``report.html`` from a run's results; returns its path.
+
+    Args:
+        workdir: the run's workdir (or its report artifact directory).
+        out: where to write the page (default: ``report.html`` in the workdir).
+    """
+    path = find_results(workdir)
+    data, tensors = load_results(path)
+    target = Path(out) if out is not None else path.parent / "report.html"
+    page = render(data, tensors)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(target)
+    return target
+
+
+# ---------------------------------------------------------------------------- pieces
+def esc(value: Any) -> str:
+    """HTML-escaped text of a value."""
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: Any) -> str:
+    """A number in a short, exact-enough form (others as text)."""
+    if isinstance(value, bool) or value is None:
+        return esc(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value == 0 or math.isnan(value) or math.isinf(value):
+            return esc(value)
+        return f"{value:.4g}" if 1e-3 <= abs(value) < 1e5 else f"{value:.3e}"
+    return esc(value)
+
+
+def figure(fig: Any, alt: str) -> str:
+    """A matplotlib figure as an inline PNG."""
+    data = base64.b64encode(plot.png(fig)).decode("ascii")
+    return f'<img class="figure" alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _color(score: float, scale: float) -> str:
+    """Background of a token: red for a positive contribution, blue for a negative one."""
+    alpha = 0.0 if scale <= 0 else min(1.0, abs(score) / scale) * 0.85
+    rgb = "214,39,40" if score > 0 else "33,102,172"
+    return f"rgba({rgb},{alpha:.2f})"
+
+
+def view_html(view: dict[str, Any], big: bool = False) -> str:
+    """One example's view: a thumbnail, a text (with per-token colours) or a small table."""
+    kind = view.get("kind")
+    if kind == "image":
+        cls = "thumb big" if big else "thumb"
+        return f'<img class="{cls}" alt="example" src="{esc(view["png"])}">'
+    if kind == "text":
+        if "tokens" not in view:
+            return f'<div class="text">{esc(view.get("text", ""))}</div>'
+        tokens, scored = view["tokens"], view.get("scored") or [True] * len(view["tokens"])
+        weights = view.get("token_scores")
+        scale = max((abs(w) for w in weights), default=0.0) if weights else 0.0
+        spans = []
+        for i, token in enumerate(tokens):
+            cls = "tok" if i >= len(scored) or scored[i] else "tok off"
+            if weights is not None and i < len(weights):
+                spans.append(
+                    f'<span class="{cls}" style="background:{_color(weights[i], scale)}" '
+                    f'title="{weights[i]:+.3e}">{esc(token)}</span>'
+                )
+            else:
+                spans.append(f'<span class="{cls}">{esc(token)}</span>')
+        return f'<div class="text">{" ".join(spans)}</div>'
+    if kind == "tabular":
+        names = "".join(f"<th>{esc(n)}</th>" for n in view["names"])
+        values = "".join(f'<td class="num">{fmt(v)}</td>' for v in view["values"])
+        more = f'<span class="note">+{view["more"]} more</span>' if view.get("more") else ""
+        return f'<table class="tab"><tr>{names}</tr><tr>{values}</tr></table>{more}'
+    return f'<span class="note">{esc(kind)}</span>'
+
+
+def _flags(tensors: dict[str, Tensor]) -> set[int]:
+    flagged = tensors.get("flagged")
+    return set() if flagged is None else {int(i) for i in flagged.nonzero().reshape(-1)}
+
+
+def item_html(item: dict[str, Any], flags: set[int], kind: str) -> str:
+    """A ranked training example: its view, index, label and score."""
+    flagged = item["index"] in flags
+    label = f" · y={esc(item['label'])}" if item.get("label") else ""
+    mark = "<br>flagged" if flagged else ""
+    cls = "item flagged" if flagged else "item"
+    sign = "pos" if item["score"] > 0 else "neg"
+    return (
+        f'<div class="{cls}" data-kind="{kind}" data-index="{item["index"]}">{view_html(item["view"])}'
+        f'<div class="meta">#{item["index"]}{label}<br>'
+        f'<span class="{sign}">{item["score"]:+.3e}</span>{mark}</div></div>'
+    )
+
+
+def tabular_list_html(
+    query: dict[str, Any], items: list[dict[str, Any]], flags: set[int], kind: str
+) -> str:
+    """Ranked tabular examples as one table under a row with the query's own values."""
+    names = "".join(f"<th>{esc(n)}</th>" for n in query["names"])
+    head = f"<tr><th>#</th><th>y</th><th>score</th>{names}</tr>"
+    first = "".join(f'<td class="num">{fmt(v)}</td>' for v in query["values"])
+    rows = [f'<tr class="query-row"><td>query</td><td></td><td></td>{first}</tr>']
+    for item in items:
+        flagged = item["index"] in flags
+        values = "".join(f'<td class="num">{fmt(v)}</td>' for v in item["view"]["values"])
+        sign = "pos" if item["score"] > 0 else "neg"
+        rows.append(
+            f'<tr class="item-row{" flagged" if flagged else ""}" data-kind="{kind}" '
+            f'data-index="{item["index"]}"><td class="num">#{item["index"]}</td>'
+            f'<td>{esc(item.get("label", ""))}</td><td class="num {sign}">{item["score"]:+.3e}'
+            f"</td>{values}</tr>"
+        )
+    return f'<div class="scroll"><table class="tab">{head}{"".join(rows)}</table></div>'
+
+
+def table(rows: list[tuple[str, Any]]) -> str:
+    """A two-column key/value table."""
+    body = "".join(f"<tr><th>{esc(k)}</th><td>{fmt(v)}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+# ---------------------------------------------------------------------------- sections
+def summary_section(data: dict[str, Any]) -> str:
+    """Model size, data sizes, method, estimator, damping, stationarity, diagnostics, timings."""
+    s = data["summary"]
+    rows = [
+        ("model", s["model"]),
+        ("parameters (attributed)", f"{s['parameters']:,} ({s['attributed_parameters']:,})"),
+        ("training examples", s["n_train"]),
+        ("test examples", s["n_test"]),
+        ("task", s["task"]),
+        ("method", s["method"]),
+        ("estimator", s["estimator"]),
+        ("l2", s["l2"]),
+        ("damping", s["damping"]),
+        ("stationarity ||grad L|| (relative)", s["stationarity"]),
+        ("fitted or reloaded", s["influence"]),
+        ("infkit / torch", f"{s['infkit']} / {s['torch']}"),
+    ]
+    auto = s["describe"].get("auto")
+    if auto:
+        rows.insert(6, ("method=auto chose", auto.get("reason", auto)))
+    diag = s.get("diagnostics") or {}
+    diag_rows = [
+        (k, v if not isinstance(v, dict) else ", ".join(f"{a}={fmt(b)}" for a, b in v.items()))
+        for k, v in diag.items()
+    ]
+    out = "<h3>Settings</h3>" + table(rows)
+    out += "<h3>The method's quality diagnostics</h3>" + (
+        table(diag_rows)
+        if diag_rows
+        else '<p class="note">none reported (an exact solve, or checks that do not apply)</p>'
+    )
+    out += "<h3>Timings (seconds)</h3>" + table(list(s.get("seconds", {}).items()))
+    return out
+
+
+def explanations_section(data: dict[str, Any], tensors: dict[str, Tensor]) -> str:
+    """Each query with its proponents and opponents by IF and by RelatIF, side by side."""
+    flags = _flags(tensors)
+    losses = tensors["query_losses"].tolist()
+    est = data["summary"]["estimator"].upper()
+    parts = [
+        "<p>A proponent's removal is predicted to raise the query's loss (it helped); an "
+        "opponent's to lower it. Scores are predicted changes of the measured quantity, 1/N "
+        "included. RelatIF normalises each training example's influence by its own, so the "
+        "lists are not dominated by high-loss outliers.</p>"
+    ]
+    for q, query in enumerate(data["queries"]):
+        predicted = f" · predicted {esc(query['predicted'])}" if "predicted" in query else ""
+        label = f"y = {esc(query['label'])}" if query.get("label") else ""
+        tabular = query["view"].get("kind") == "tabular"
+        shown = "" if tabular else view_html(query["view"], big=True)
+        head = (
+            f'<div class="query-head">{shown}<div>'
+            f"<h3>Test example #{query['index']}</h3>{label}{predicted}<br>"
+            f"loss {fmt(losses[q])}</div></div>"
+        )
+        sides = []
+        for name, title in (("if", est), ("relatif", "RelatIF")):
+            lists = query["lists"].get(name)
+            if lists is None:
+                sides.append(
+                    f'<div class="side"><h4>{title}</h4><p class="note">not available for '
+                    "this method</p></div>"
+                )
+                continue
+            rows = "rows" if data["display_kind"] != "image" else ""
+            blocks = "".join(
+                f"<h4>{title}: {kind}s</h4>"
+                + (
+                    tabular_list_html(query["view"], lists[kind], flags, kind)
+                    if tabular
+                    else f'<div class="items {rows}">'
+                    + "".join(item_html(item, flags, kind) for item in lists[kind])
+                    + "</div>"
+                )
+                for kind in ("proponent", "opponent")
+            )
+            sides.append(f'<div class="side">{blocks}</div>')
+        parts.append(f'<div class="query">{head}<div class="sides">{"".join(sides)}</div></div>')
+    return "".join(parts)
+
+
+def distribution_section(tensors: dict[str, Tensor]) -> str:
+    """The histogram of the queries' scores and |score| against rank on log-log axes."""
+    fig = plot.score_distribution(tensors["scores"])
+    return (
+        "<p>Scores of every training example for the explained queries. Influence is sparse: "
+        "on log-log axes |score| against rank falls like a power law.</p>"
+        + figure(fig, "score distribution")
+    )
+
+
+def self_influence_section(data: dict[str, Any], tensors: dict[str, Tensor]) -> str:
+    """The training examples ranked by self-influence (mislabel candidates) and detection."""
+    si = data.get("self_influence")
+    if si is None:
+        return '<p class="note">not computed ([self_influence] enabled = false, or the method does not give self-scores)</p>'
+    out = ""
+    det = si.get("detection")
+    if det:
+        out += (
+            f"<p>Detection of the {det['n_flagged']} flagged training examples: ROC AUC "
+            f"<b>{det['self_influence_auc']:.4f}</b> by self-influence, "
+            f"{det['loss_auc']:.4f} by the training loss.</p>"
+        )
+        fig = plot.detection_curve(
+            {"self-influence": tensors["self_scores"], "training loss": tensors["train_losses"]},
+            tensors["flagged"],
+        )
+        out += figure(fig, "detection curve")
+    flags = _flags(tensors)
+    rows = "".join(
+        f"<tr{' class=flagged' if r['index'] in flags else ''}><td class=num>{rank}</td>"
+        f"<td class=num>#{r['index']}</td><td>{esc(r['label'])}</td>"
+        f"<td class=num>{fmt(r['score'])}</td><td class=num>{fmt(r['loss'])}</td>"
+        f"<td>{'yes' if r['index'] in flags else ''}</td><td>{view_html(r['view'])}</td></tr>"
+        for rank, r in enumerate(si["rows"], start=1)
+    )
+    out += (
+        "<p>The training examples whose removal would most raise their own loss: candidates "
+        "for mislabelled or atypical examples.</p><table><tr><th>rank</th><th>index</th>"
+        "<th>label</th><th>self-influence</th><th>training loss</th><th>flagged</th>"
+        f"<th>example</th></tr>{rows}</table>"
+    )
+    return out
+
+
+def groups_section(data: dict[str, Any]) -> str:
+    """Each group's predicted joint removal effect on each explained query."""
+    groups = data.get("groups")
+    if not groups:
+        return '<p class="note">no groups given ([group_removal] groups = {name = [indices]})</p>'
+    queries = [q["index"] for q in data["queries"]]
+    head = "".join(f"<th>test #{t}</th>" for t in queries)
+    rows = "".join(
+        f"<tr><td>{esc(g['name'])}</td><td class=num>{g['size']}</td>"
+        + "".join(
+            f"<td class=num>{fmt(j)}<br><span class=note>sum {fmt(a)}</span></td>"
+            for j, a in zip(g["joint"], g["additive"])
+        )
+        + "</tr>"
+        for g in groups
+    )
+    return (
+        f"<p>Predicted change of each query's measurement when the whole group is removed "
+        f"(estimator {esc(groups[0]['estimator'])}), above the sum of the members' single "
+        f"scores.</p><table><tr><th>group</th><th>size</th>{head}</tr>{rows}</table>"
+    )
+
+
+def retraining_section(data: dict[str, Any], tensors: dict[str, Tensor]) -> str:
+    """Predicted against actual leave-one-out change with y = x."""
+    r = data.get("retraining")
+    if r is None:
+        return '<p class="note">no retraining check ran ([retraining] n = 20 runs one)</p>'
+    fig = plot.loo_scatter(
+        tensors["loo_predicted"],
+        tensors["loo_actual"],
+        title=f"test #{r['query']}: {r['n']} leave-one-out retrainings",
+    )
+    return (
+        f"<p>The {r['n']} training examples with the largest |score| for test example "
+        f"#{r['query']}, each left out and the model retrained (largest final gradient norm "
+        f"{fmt(r['max_gradient_norm'])}): Pearson <b>{r['pearson']:.4f}</b>, Spearman "
+        f"<b>{r['spearman']:.4f}</b>.</p>" + figure(fig, "predicted against actual")
+    )
+
+
+def layers_section(data: dict[str, Any]) -> str:
+    """Each layer's share of the explained queries' |score| mass."""
+    layers = data.get("layers")
+    if not layers:
+        return '<p class="note">not computed (the method does not split scores by module, or [layers] enabled = false)</p>'
+    fig = plot.layer_bars(layers, title="share of the queries' |IF score| mass per layer")
+    return figure(fig, "per-layer scores")
+
+
+def render(data: dict[str, Any], tensors: dict[str, Tensor]) -> str:
+    """The whole page."""
+    bodies = {
+        "summary": summary_section(data),
+        "explanations": explanations_section(data, tensors),
+        "distribution": distribution_section(tensors),
+        "self-influence": self_influence_section(data, tensors),
+        "group-removal": groups_section(data),
+        "retraining": retraining_section(data, tensors),
+        "layers": layers_section(data),
+    }
+    nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title in SECTIONS)
+    sections = "".join(
+        f'<section id="{sid}"><h2>{esc(title)}</h2>{bodies[sid]}</section>'
+        for sid, title in SECTIONS
+    )
+    s = data["summary"]
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(data['title'])}: infkit report</title><style>{CSS}</style></head><body>"
+        f"<header><h1>{esc(data['title'])}</h1><p>{esc(s['model'])}, {s['n_train']:,} "
+        f"training examples, method {esc(s['method'])}, estimator {esc(s['estimator'])}</p>"
+        f"</header><nav>{nav}</nav><main>{sections}</main>"
+        f"<footer>infkit {esc(s['infkit'])} · built {when} from {esc(s['workdir'])}</footer>"
+        "</body></html>\n"
+    )

@@ -1,0 +1,177 @@
+"""How the report shows an example: an image thumbnail, a text (token by token), a table row.
+
+:class:`Display` decides once per run what the data is (``[data] kind``, or from the inputs'
+shape and the task) and turns an example into a *view*: a small JSON record the HTML renderer
+draws without the model or the data (so ``infkit report`` rebuilds the page from the workdir):
+
+* ``{"kind": "image", "png": "data:image/png;base64,..."}``;
+* ``{"kind": "text", "tokens": [...], "scored": [...]}`` (``scored``: whether each position
+  enters the loss), to which the run adds per-token scores where the method gives them;
+* ``{"kind": "tabular", "names": [...], "values": [...]}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from infkit.data import ExampleSet
+from infkit.errors import ConfigError
+from infkit.language_modeling import IGNORE_INDEX
+
+#: at most this many features of a tabular example are shown
+MAX_FEATURES = 40
+
+
+def image_uri(image: np.ndarray) -> str:
+    """A PNG data URI of an image array ([H, W] grey, [H, W, 3] colour, values in [0, 1])."""
+    from matplotlib.image import imsave
+
+    buffer = io.BytesIO()
+    imsave(buffer, image, cmap="gray_r" if image.ndim == 2 else None, format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _first(inputs: Any) -> Any:
+    """The first (only) example of a one-example batch, without its batch dimension."""
+    if isinstance(inputs, Tensor):
+        return inputs[0]
+    if isinstance(inputs, dict):
+        return {k: _first(v) for k, v in inputs.items()}
+    return inputs
+
+
+def _token_ids(inputs: Any) -> tuple[Tensor, Tensor | None]:
+    """Token ids [T] and the attention mask [T] (or None) of one example."""
+    if isinstance(inputs, dict):
+        if "input_ids" not in inputs:
+            raise ConfigError(
+                f"[data] kind = 'text' needs inputs with 'input_ids', got keys {sorted(inputs)}; "
+                "or give [data] display to show texts"
+            )
+        return inputs["input_ids"].reshape(-1), inputs.get("attention_mask")
+    return torch.as_tensor(inputs).reshape(-1), None
+
+
+def guess_kind(sample: Any, task_kind: str, image_shape: Sequence[int]) -> str:
+    """``[data] kind = "auto"``: text for language models and token ids, images for inputs
+    [H, W] or [C, H, W] (or flat ones with ``image_shape``), tabular otherwise."""
+    if task_kind == "language_modeling" or (isinstance(sample, dict) and "input_ids" in sample):
+        return "text"
+    if isinstance(sample, Tensor):
+        if not sample.is_floating_point() and sample.dim() == 1:
+            return "text"
+        if sample.dim() == 2 or (sample.dim() == 3 and sample.shape[0] in (1, 3)):
+            return "image"
+        if image_shape and sample.numel() == int(np.prod(image_shape)):
+            return "image"
+    return "tabular"
+
+
+@dataclass
+class Display:
+    """What the data is and how its examples are shown.
+
+    Attributes:
+        kind: ``"image"``, ``"text"`` or ``"tabular"``.
+        train: the training examples; test: the test examples.
+        items: optional per-split items to show instead of the inputs (``[data] display``).
+        image_shape: (H, W) or (C, H, W) for flat image inputs.
+        decode: token ids -> strings (text), or None to show the ids.
+        class_names: a name per class (labels shown as names).
+        feature_names: a name per feature (tabular).
+    """
+
+    kind: str
+    train: ExampleSet
+    test: ExampleSet
+    items: dict[str, Sequence[Any]] | None = None
+    image_shape: Sequence[int] = ()
+    decode: Callable[[list[int]], Sequence[str]] | None = None
+    class_names: Sequence[str] = ()
+    feature_names: Sequence[str] = ()
+    _cache: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+
+    def _examples(self, split: str) -> ExampleSet:
+        return self.train if split == "train" else self.test
+
+    def target(self, split: str, index: int) -> Any:
+        """The label (or target) of one example, as the data gives it."""
+        return self._examples(split).take([index]).targets
+
+    def label(self, split: str, index: int) -> str:
+        """The label of one example as text: a class name, a class number or target values."""
+        y = self.target(split, index)
+        if isinstance(y, Tensor) and y.numel() == 1 and not y.is_floating_point():
+            c = int(y)
+            return self.class_names[c] if 0 <= c < len(self.class_names) else str(c)
+        if isinstance(y, Tensor) and y.numel() <= 4 and self.kind != "text":
+            values = y.reshape(-1).tolist()
+            return ", ".join(f"{v:.4g}" for v in values)
+        return ""
+
+    def view(self, split: str, index: int) -> dict[str, Any]:
+        """The JSON view of example ``index`` of ``split`` (``"train"`` or ``"test"``)."""
+        key = (split, index)
+        if key not in self._cache:
+            self._cache[key] = self._view(split, index)
+        return dict(self._cache[key])
+
+    def _view(self, split: str, index: int) -> dict[str, Any]:
+        if self.items is not None:
+            item = self.items[split][index]
+            if isinstance(item, str):
+                return {"kind": "text", "text": item}
+            return self._image(item)
+        batch = self._examples(split).take([index])
+        inputs = _first(batch.inputs)
+        if self.kind == "image":
+            return self._image(inputs)
+        if self.kind == "text":
+            ids, mask = _token_ids(inputs)
+            targets = batch.targets
+            scored = [True] * len(ids)
+            if isinstance(targets, Tensor) and targets.dim() == 2 and targets.shape[1] == len(ids):
+                scored = (targets[0] != IGNORE_INDEX).tolist()
+            keep = len(ids) if mask is None else int(mask.reshape(-1).sum())
+            tokens = self._decode(ids[:keep].tolist())
+            return {"kind": "text", "tokens": tokens, "scored": scored[:keep]}
+        values = (
+            torch.as_tensor(inputs).reshape(-1).tolist()
+            if isinstance(inputs, Tensor)
+            else [str(inputs)]
+        )
+        names = list(self.feature_names) or [f"x{i}" for i in range(len(values))]
+        return {
+            "kind": "tabular",
+            "names": names[:MAX_FEATURES],
+            "values": values[:MAX_FEATURES],
+            "more": max(0, len(values) - MAX_FEATURES),
+        }
+
+    def _image(self, inputs: Any) -> dict[str, Any]:
+        from infkit.plot import as_image
+
+        try:
+            image = as_image(torch.as_tensor(np.asarray(inputs)), self.image_shape or None)
+        except ValueError as error:
+            raise ConfigError(f"[data] kind = 'image': {error}") from error
+        return {"kind": "image", "png": image_uri(image)}
+
+    def _decode(self, ids: list[int]) -> list[str]:
+        if self.decode is None:
+            return [str(i) for i in ids]
+        tokens = [str(t) for t in self.decode(ids)]
+        if len(tokens) != len(ids):
+            raise ConfigError(
+                f"[data] decode returned {len(tokens)} strings for {len(ids)} token ids; it must "
+                "map a list of ids to one string per id"
+            )
+        return tokens

@@ -1,0 +1,817 @@
+"""A fitted ``Influence`` on disk: saved once, loaded back without refitting (docs/saving.md).
+
+``inf.save(path)`` commits one artifact of kind :data:`KIND` to the artifact store at ``path``
+(:mod:`infkit.store`: payload files written in a private directory, checksummed, the manifest
+last, renamed into place). Its *identity* is everything the fit depends on: the model's
+fingerprint (architecture and every parameter and buffer value), the task's (loss, measurement
+and output functions), the training data's, the method and its options, the estimator and
+RelatIF's norm, ``l2``, ``damping`` (and whether it was ``"auto"``), ``batch_size``, the
+per-example mode, the dtype and autocast, the memory limit, infkit's version and the layout
+:data:`SAVE_FORMAT`, plus an id of the save itself. Its payload:
+
+* ``state``: the method's fitted state (:meth:`infkit.methods.Method.state`), its ``checks``
+  and the record's results (stationarity, ``method="auto"``'s choice); tensors in
+  ``state.safetensors``, the rest in ``state.json``;
+* ``fitted``: what the record's passes computed: theta*, the regulariser anchor, the cached
+  [N, P] training gradients, ``grad L(theta*)``;
+* ``data``: the training set itself, when it is made of tensors (an (X, y) pair, dicts of
+  tensors, a dataset whose items collate to tensors), collated so that the example set rebuilt
+  from it gives the same batches (checked at save by its fingerprint); otherwise ``data.json``
+  says why, and loading needs ``train=``;
+* ``options``: tensor-valued method options (expansion points, checkpoints); functions cannot
+  be saved, only their identity (name and code hash): they are given again at load;
+* ``model`` (per-tensor digests and the module tree, to say what differs) and ``describe``.
+
+Tensors are encoded with their layout (the strides of a transposed one) and device (the CPU, or
+the model's), so that every answer after a load runs the same arithmetic as before it and is
+bit-identical. Values are encoded as JSON with markers for tensors (``{"__tensor__": key}``),
+tuples, dicts (their order kept), dtypes, paths and functions.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from infkit._version import __version__
+from infkit.data import ExampleSet
+from infkit.errors import ArtifactError, InfkitError, InvalidInputError, UnsupportedError
+from infkit.fingerprint import (
+    callable_identity,
+    data_fingerprint,
+    model_fingerprint,
+    stable_repr,
+    task_fingerprint,
+    tensor_digest,
+)
+from infkit.fitted import Fitted
+from infkit.gradients import PerExample
+from infkit.methods.base import Method, method_class, registered
+from infkit.parameters import ParameterSpace
+from infkit.progress import Mode
+from infkit.registry import Choice
+from infkit.store import MANIFEST, Artifact, ArtifactStore, differences, load_json
+from infkit.task import Task
+
+#: the artifact kind of a saved Influence
+KIND = "influence"
+#: the layout of a saved Influence; another one is refused at load
+SAVE_FORMAT = 1
+#: the record's tensors that fit computed
+FITTED_TENSORS = ("theta", "anchor", "train_gradients", "objective_gradient")
+#: how messages name the parts of a task's fingerprint
+TASK_PARTS = {
+    "name": "the kind of task",
+    "loss": "the loss function",
+    "measurement": "the measurement function",
+    "output_hessian": "the output-Hessian function",
+    "output_fn": "the output function",
+    "higher_is_better": "higher_is_better",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The facade's settings: what ``Influence(...)`` is rebuilt with.
+
+    Attributes:
+        method: the fitted method's name (the one ``"auto"`` chose).
+        requested: the method asked for (``"auto"`` or ``method``).
+        estimator: the estimator's name.
+        relatif: RelatIF's normalisation.
+        l2: the objective's L2 coefficient.
+        damping: the numerical damping (0 with ``auto_damping``).
+        auto_damping: whether ``damping="auto"`` was asked.
+        batch_size: examples per batch of every pass over the data.
+        per_example: the per-example mode.
+        memory_limit: bytes dense objects may take.
+        autocast: the autocast dtype of the passes, or None.
+        workdir: the resumable run's directory, or None.
+        method_options: the method options as given (aliases renamed).
+        choice: what ``method="auto"`` chose and why, or None.
+    """
+
+    method: str
+    requested: str
+    estimator: str
+    relatif: str
+    l2: float
+    damping: float
+    auto_damping: bool
+    batch_size: int
+    per_example: str
+    memory_limit: int
+    autocast: torch.dtype | None
+    workdir: Path | None
+    method_options: dict[str, Any]
+    choice: Choice | None
+
+
+# ---------------------------------------------------------------------------- encoding
+class _Writer:
+    """The tensors met while encoding values, by key, each in storage of its own."""
+
+    def __init__(self, model_device: torch.device, digests: bool = False) -> None:
+        self.model_device = model_device
+        self.digests = digests  # a hash of each tensor in its reference (for identities)
+        self.tensors: dict[str, Tensor] = {}
+        self._storages: set[int] = set()
+
+    def tensor(self, t: Tensor, where: str) -> dict[str, Any]:
+        key, n = where, 1
+        while key in self.tensors:
+            key, n = f"{where}#{n}", n + 1
+        t = t.detach()
+        ref: dict[str, Any] = {
+            "__tensor__": key,
+            "device": "model" if t.device == self.model_device or t.device.type != "cpu" else "cpu",
+        }
+        if self.digests:
+            ref["digest"] = tensor_digest(t)
+        if not t.is_contiguous() and _dense(t):
+            ref["stride"] = list(t.stride())  # restored: the same arithmetic after a load
+        cpu = t.cpu()
+        storage = cpu.untyped_storage()
+        whole = (
+            cpu.is_contiguous()
+            and cpu.storage_offset() == 0
+            and storage.nbytes() == cpu.numel() * cpu.element_size()
+        )
+        if not whole or storage.data_ptr() in self._storages:  # safetensors refuses sharing
+            cpu = cpu.clone(memory_format=torch.contiguous_format)
+        self._storages.add(cpu.untyped_storage().data_ptr())
+        self.tensors[key] = cpu
+        return ref
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` covers its memory without gaps or overlaps (a permuted contiguous tensor)."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def encode(value: Any, writer: _Writer, where: str, what: str, functions: bool = False) -> Any:
+    """``value`` as JSON, its tensors handed to ``writer`` (see the module docstring).
+
+    Args:
+        value: tensors, JSON values and lists, tuples and dicts of them (and dtypes, paths,
+            and with ``functions`` callables, recorded by their identity).
+        writer: collects the tensors.
+        where: the value's name, for tensor keys and messages.
+        what: what the value is, for messages (``"method 'exact''s fitted state"``).
+        functions: record callables by :func:`~infkit.fingerprint.callable_identity`.
+
+    Raises:
+        UnsupportedError: a value of another kind, naming where it is.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, Tensor):
+        return writer.tensor(value, where)
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
+    if isinstance(value, PurePath):
+        return {"__path__": str(value)}
+    if isinstance(value, (list, tuple)):
+        items = [encode(v, writer, f"{where}.{i}", what, functions) for i, v in enumerate(value)]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if isinstance(value, Mapping):
+        return {
+            "__dict__": [
+                [
+                    encode(k, writer, f"{where}.key", what, functions),
+                    encode(v, writer, f"{where}.{k}", what, functions),
+                ]
+                for k, v in value.items()
+            ]
+        }
+    if functions and callable(value):
+        return {"__callable__": callable_identity(value)}
+    raise UnsupportedError(
+        f"{what} holds a {type(value).__name__} at {where!r}, which cannot be saved: tensors, "
+        "numbers, strings, None and lists, tuples and dicts of them can. A method holding other "
+        "objects overrides state() and restore() (CONTRIBUTING.md)"
+    )
+
+
+def decode(
+    obj: Any,
+    tensors: Mapping[str, Tensor],
+    device: torch.device,
+    where: str = "",
+    function: Callable[[str, str], Any] | None = None,
+) -> Any:
+    """The value :func:`encode` wrote, with its tensors (on the CPU, or on ``device`` for those
+    that were on the model's device) in their saved layout.
+
+    Args:
+        obj: the JSON.
+        tensors: the tensors by key.
+        device: the model's device now.
+        where: the value's name, for messages.
+        function: ``(where, identity) -> callable`` for recorded functions.
+    """
+    if isinstance(obj, list):
+        return [decode(v, tensors, device, f"{where}.{i}", function) for i, v in enumerate(obj)]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        key = obj["__tensor__"]
+        if key not in tensors:
+            raise ArtifactError(f"the saved tensor {key!r} is missing from its payload file")
+        t = tensors[key]
+        target = torch.device("cpu") if obj.get("device") == "cpu" else device
+        stride = obj.get("stride")
+        if stride is None:
+            return t.to(target)
+        out = torch.empty_strided(tuple(t.shape), tuple(stride), dtype=t.dtype, device=target)
+        return out.copy_(t)
+    if "__tuple__" in obj:
+        return tuple(
+            decode(v, tensors, device, f"{where}.{i}", function)
+            for i, v in enumerate(obj["__tuple__"])
+        )
+    if "__dict__" in obj:
+        out_dict = {}
+        for k, v in obj["__dict__"]:
+            key = decode(k, tensors, device, where, function)
+            out_dict[key] = decode(v, tensors, device, f"{where}.{key}", function)
+        return out_dict
+    if "__dtype__" in obj:
+        return getattr(torch, obj["__dtype__"])
+    if "__path__" in obj:
+        return Path(obj["__path__"])
+    if "__callable__" in obj:
+        if function is None:
+            raise ArtifactError(f"{where!r} is a function, which was not saved")
+        return function(where, obj["__callable__"])
+    raise ArtifactError(f"unknown encoded value at {where!r}: {sorted(obj)}")
+
+
+# ---------------------------------------------------------------------------- the model
+def model_details(model: nn.Module) -> dict[str, Any]:
+    """The module tree and a digest of every parameter and buffer, to name what differs."""
+    tensors: dict[str, dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        tensors[name] = _tensor_details(p, p.requires_grad)
+    for name, b in model.named_buffers():
+        tensors[name] = _tensor_details(b, None)
+    return {
+        "modules": {
+            name or "(root)": f"{type(m).__module__}.{type(m).__qualname__}"
+            for name, m in model.named_modules()
+        },
+        "tensors": tensors,
+        "repr": stable_repr(model),
+    }
+
+
+def _tensor_details(t: Tensor, trainable: bool | None) -> dict[str, Any]:
+    return {
+        "shape": list(t.shape),
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "trainable": trainable,
+        "digest": tensor_digest(t),
+    }
+
+
+def _shown(items: list[str], limit: int = 5) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _architecture_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    parts = []
+    m0, m1 = saved["modules"], now["modules"]
+    missing = [repr(n) for n in m0 if n not in m1]
+    extra = [repr(n) for n in m1 if n not in m0]
+    changed = [f"{n!r} is a {m1[n]}, saved a {m0[n]}" for n in m0 if n in m1 and m0[n] != m1[n]]
+    if missing:
+        parts.append(f"modules missing: {_shown(missing)}")
+    if extra:
+        parts.append(f"modules not in the saved model: {_shown(extra)}")
+    if changed:
+        parts.append(_shown(changed, 3))
+    t0, t1 = saved["tensors"], now["tensors"]
+    shapes = [
+        f"{n} has shape {t1[n]['shape']}, saved {t0[n]['shape']}"
+        for n in t0
+        if n in t1 and t0[n]["shape"] != t1[n]["shape"]
+    ]
+    if shapes:
+        parts.append(_shown(shapes, 3))
+    if not parts:
+        lines0, lines1 = saved["repr"].splitlines(), now["repr"].splitlines()
+        for a, b in zip(lines0 + [""] * len(lines1), lines1 + [""] * len(lines0)):
+            if a != b:
+                parts.append(f"a module's configuration: {b.strip()!r}, saved {a.strip()!r}")
+                break
+        else:
+            parts.append("the module classes")
+    return "the architecture differs (" + "; ".join(parts) + ")"
+
+
+def _parameter_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    t0, t1 = saved["tensors"], now["tensors"]
+    items = []
+    for name in t0:
+        if name not in t1:
+            items.append(f"{name} (missing)")
+            continue
+        a, b = t0[name], t1[name]
+        if a == b:
+            continue
+        if a["shape"] != b["shape"]:
+            items.append(f"{name} (shape {b['shape']}, saved {a['shape']})")
+        elif a["dtype"] != b["dtype"]:
+            items.append(f"{name} (dtype {b['dtype']}, saved {a['dtype']})")
+        elif a["trainable"] != b["trainable"]:
+            items.append(f"{name} (requires_grad={b['trainable']}, saved {a['trainable']})")
+        else:
+            items.append(f"{name} (values)")
+    items += [f"{name} (not in the saved model)" for name in t1 if name not in t0]
+    kind = "parameters and buffers"
+    return f"the model's {kind} differ from the saved ones: {_shown(items)}"
+
+
+# ---------------------------------------------------------------------------- saving
+def save(
+    path: str | Path,
+    settings: Settings,
+    method: Method,
+    fitted: Fitted,
+    *,
+    describe: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    data: bool = True,
+) -> Path:
+    """Commit a fitted Influence to the artifact store at ``path``; return its directory.
+
+    Args:
+        path: the store's directory (created when missing).
+        settings: the facade's settings.
+        method: the fitted method.
+        fitted: its record.
+        describe: the facade's ``describe()``, kept for reading (default: the method's).
+        overwrite: replace a save already in ``path`` (the new one is committed first, then the
+            old one removed: a reader sees one or the other, never neither or a mix).
+        data: save the training data when it is made of tensors (False: never; loading then
+            needs ``train=``).
+
+    Raises:
+        ArtifactError: ``path`` holds a save and ``overwrite`` is False, or the model's
+            parameters changed since ``fit``.
+        UnsupportedError: the method's fitted state (or an option) cannot be saved.
+    """
+    root = Path(path)
+    store = ArtifactStore(root)
+    existing = store.committed(KIND)
+    if existing and not overwrite:
+        raise ArtifactError(
+            f"{root} already holds a saved Influence ({existing[0].name}): pass overwrite=True "
+            "to replace it, or save to another directory"
+        )
+    space, task = fitted.space, fitted.task
+    if not torch.equal(space.flat().to(fitted.theta), fitted.theta):
+        raise ArtifactError(
+            "the model's parameters changed since fit: the fitted state describes the model at "
+            "fit time. Restore its parameters (or fit again) before saving"
+        )
+    owner = f"method {method.name!r}'s fitted state"
+    state_writer = _Writer(space.device)
+    state_doc = {
+        "method": encode(method.state(), state_writer, "state", owner),
+        "checks": encode(method.checks, state_writer, "checks", f"method {method.name!r}'s checks"),
+        "stationarity": fitted.stationarity,
+        "choice": None if settings.choice is None else settings.choice.record(),
+    }
+    fitted_writer = _Writer(space.device)
+    fitted_doc = {
+        name: encode(getattr(fitted, name), fitted_writer, name, "the fitted record")
+        for name in FITTED_TENSORS
+    }
+    options_writer = _Writer(space.device, digests=True)
+    options_doc = encode(
+        _normalised_options(settings.method, settings.method_options),
+        options_writer,
+        "options",
+        f"method {method.name!r}'s options",
+        functions=True,
+    )
+    data_writer = _Writer(space.device)
+    data_doc = _data_document(fitted.train, data, data_writer)
+    identity = {
+        "format": SAVE_FORMAT,
+        "infkit": __version__,
+        "model": model_fingerprint(task.model),
+        "task": task_fingerprint(task),
+        "data": data_fingerprint(fitted.train),
+        "n_train": fitted.n,
+        "dtype": str(space.dtype).removeprefix("torch."),
+        "autocast": None
+        if settings.autocast is None
+        else str(settings.autocast).removeprefix("torch."),
+        "parameters": list(space.names),
+        "method": settings.method,
+        "requested": settings.requested,
+        "options": options_doc,
+        "estimator": settings.estimator,
+        "relatif": settings.relatif,
+        "l2": settings.l2,
+        "damping": settings.damping,
+        "auto_damping": settings.auto_damping,
+        "batch_size": settings.batch_size,
+        "per_example": settings.per_example,
+        "memory_limit": settings.memory_limit,
+        "workdir": None if settings.workdir is None else str(settings.workdir),
+        # each save is an artifact of its own: a new one is committed by one rename
+        "save": {"id": uuid.uuid4().hex, "time_ns": time.time_ns()},
+    }
+    tensors = {
+        name: writer.tensors
+        for name, writer in (
+            ("state", state_writer),
+            ("fitted", fitted_writer),
+            ("options", options_writer),
+            ("data", data_writer),
+        )
+        if writer.tensors
+    }
+    artifact = store.save(
+        KIND,
+        identity,
+        tensors=tensors,
+        documents={
+            "state": state_doc,
+            "fitted": fitted_doc,
+            "data": data_doc,
+            "model": model_details(task.model),
+            "describe": dict(describe or method.describe()),
+        },
+        info={
+            "method": settings.method,
+            "estimator": settings.estimator,
+            "n_train": fitted.n,
+            "n_params": space.size,
+            "data_saved": data_doc["saved"],
+        },
+    )
+    for old in existing:
+        if old != artifact.path:
+            store.remove(old)
+    return artifact.path
+
+
+def _normalised_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The method options with renamed ones under their current names (no warning at load)."""
+    cls = method_class(name).Options
+    out = {cls.aliases.get(k, k): v for k, v in options.items()}
+    for option, renamed in cls.value_aliases.items():
+        value = out.get(option)
+        if isinstance(value, str) and value in renamed:
+            out[option] = renamed[value]
+    return out
+
+
+def _data_document(examples: ExampleSet, wanted: bool, writer: _Writer) -> dict[str, Any]:
+    """The training set collated into tensors, or why it is not saved."""
+    n = len(examples)
+    if not wanted:
+        return {"saved": False, "reason": "save(..., data=False) was asked", "n": n}
+    inputs, targets = examples.collated()
+    try:
+        structure = encode(
+            {"inputs": inputs, "targets": targets}, writer, "data", "the training set"
+        )
+    except UnsupportedError as error:
+        writer.tensors.clear()
+        return {"saved": False, "reason": f"its examples are not all tensors ({error})", "n": n}
+    rebuilt = _rebuilt(structure, writer.tensors)
+    if rebuilt is None or data_fingerprint(rebuilt) != data_fingerprint(examples):
+        writer.tensors.clear()
+        return {
+            "saved": False,
+            "reason": "its collated tensors do not rebuild the same batches (a structure "
+            "other than an (X, y) pair, a dict of tensors or a dataset of (x, y) or dicts)",
+            "n": n,
+        }
+    return {"saved": True, "reason": None, "n": n, "structure": structure, "name": examples.name}
+
+
+def _functions_in(obj: Any, where: str = "") -> list[tuple[str, str]]:
+    """(top-level option, identity) of every function recorded in encoded options."""
+    if isinstance(obj, list):
+        return [f for v in obj for f in _functions_in(v, where)]
+    if not isinstance(obj, dict):
+        return []
+    if "__callable__" in obj:
+        return [(where, str(obj["__callable__"]))]
+    if "__dict__" in obj:
+        found = []
+        for k, v in obj["__dict__"]:
+            found += _functions_in(v, where or str(k))
+        return found
+    return _functions_in(obj.get("__tuple__"), where)
+
+
+def _rebuilt(structure: Any, tensors: Mapping[str, Tensor]) -> ExampleSet | None:
+    """The example set of saved training data (None when the structure does not make one)."""
+    value = decode(structure, tensors, torch.device("cpu"), "data")
+    try:
+        return ExampleSet((value["inputs"], value["targets"]), name="training set")
+    except InfkitError:
+        return None
+
+
+# ---------------------------------------------------------------------------- loading
+class SavedInfluence:
+    """A verified saved Influence (:func:`read`), before it is restored on a task.
+
+    Args:
+        artifact: the verified artifact.
+        requested_path: the path the user gave, for messages.
+    """
+
+    def __init__(self, artifact: Artifact, requested_path: Path) -> None:
+        self.artifact = artifact
+        self.path = artifact.path
+        self.requested_path = requested_path
+        identity = artifact.identity
+        found = identity.get("format")
+        if found != SAVE_FORMAT:
+            raise ArtifactError(
+                f"{self.path} is a saved Influence of layout {found!r} (infkit "
+                f"{identity.get('infkit')}); this infkit reads layout {SAVE_FORMAT}: fit and save "
+                "it again"
+            )
+        self.identity = identity
+        self._tensors: dict[str, dict[str, Tensor]] = {}
+
+    # ------------------------------------------------------------------ parts
+    def tensors(self, name: str) -> dict[str, Tensor]:
+        """The tensors of payload ``name`` (none when it had none)."""
+        if name not in self._tensors:
+            file = self.path / f"{name}.safetensors"
+            self._tensors[name] = self.artifact.tensors(name) if file.exists() else {}
+        return self._tensors[name]
+
+    def document(self, name: str) -> Any:
+        """The JSON of payload ``name``."""
+        return self.artifact.json(name)
+
+    @property
+    def method(self) -> str:
+        """The fitted method's name."""
+        return str(self.identity["method"])
+
+    def settings(self, functions: Mapping[str, Any] | None = None) -> Settings:
+        """The facade's settings, the method options decoded (``functions``: the callable
+        options, given again).
+
+        Raises:
+            UnsupportedError: the method is not registered in this process.
+            InvalidInputError: a function option is missing from ``functions`` or is another.
+        """
+        ident = self.identity
+        if self.method not in registered():
+            raise UnsupportedError(
+                f"{self.path} holds an Influence fitted with method {self.method!r}, which is not "
+                "registered in this process: import the module that defines it before loading "
+                f"(registered: {', '.join(sorted(registered()))})"
+            )
+        given = dict(functions or {})
+        needed = dict(_functions_in(ident["options"]))
+        missing = [name for name in needed if name not in given]
+        if missing:
+            shown = ", ".join(f"{name!r} ({needed[name]})" for name in missing)
+            keys = ", ".join(f"{name!r}: ..." for name in missing)
+            raise InvalidInputError(
+                f"the saved Influence's option(s) {shown} are functions, which cannot be saved: "
+                f"pass them again, Influence.load(path, task, options={{{keys}}})"
+            )
+        for name, identity in needed.items():
+            found = callable_identity(given[name])
+            if found != identity:
+                raise InvalidInputError(
+                    f"option {name!r} given to load is {found}, but the Influence was fitted with "
+                    f"{identity}: pass the same function (its name and code are compared)"
+                )
+
+        def function(where: str, identity: str) -> Any:
+            return given[where.removeprefix("options.").split(".")[0]]
+
+        options = decode(
+            ident["options"], self.tensors("options"), torch.device("cpu"), "options", function
+        )
+        unknown = sorted(set(given) - set(options))
+        if unknown:
+            raise InvalidInputError(
+                f"options {unknown} given to load were not options of the saved Influence "
+                f"(method {self.method!r} was fitted with {sorted(options) or 'none'}); load "
+                "takes only its function options again"
+            )
+        choice = self.document("state").get("choice")
+        autocast = ident.get("autocast")
+        workdir = ident.get("workdir")
+        return Settings(
+            method=self.method,
+            requested=str(ident["requested"]),
+            estimator=str(ident["estimator"]),
+            relatif=str(ident["relatif"]),
+            l2=float(ident["l2"]),
+            damping=float(ident["damping"]),
+            auto_damping=bool(ident["auto_damping"]),
+            batch_size=int(ident["batch_size"]),
+            per_example=str(ident["per_example"]),
+            memory_limit=int(ident["memory_limit"]),
+            autocast=None if autocast is None else getattr(torch, autocast),
+            workdir=None if workdir is None else Path(workdir),
+            method_options=options,
+            choice=None if choice is None else Choice(**choice),
+        )
+
+    # ------------------------------------------------------------------ checks
+    def check_task(self, task: Task) -> None:
+        """Raise ArtifactError naming what differs when ``task`` is not the saved one's (its
+        model's architecture or parameter values, its loss or measurement functions)."""
+        ident = self.identity
+        problems = []
+        found = model_fingerprint(task.model)
+        saved = ident["model"]
+        if found != saved:
+            details, now = self.document("model"), model_details(task.model)
+            if found["architecture"] != saved["architecture"]:
+                problems.append(_architecture_difference(details, now))
+            else:
+                problems.append(_parameter_difference(details, now))
+        saved_task, task_now = ident["task"], task_fingerprint(task)
+        changed = differences(saved_task, task_now)
+        if changed:
+            parts = [
+                f"{TASK_PARTS.get(k, k)} (given {task_now.get(k)!r}, saved {saved_task.get(k)!r})"
+                for k in changed
+            ]
+            problems.append("the task differs: " + "; ".join(parts))
+        if problems:
+            raise ArtifactError(
+                f"{self.requested_path} was saved for another model or task: "
+                + "; ".join(problems)
+                + ". Load it with the model and task it was fitted with (the same architecture, "
+                "parameter values, loss and measurement), or fit and save anew"
+            )
+
+    def examples(self, train: Any) -> ExampleSet:
+        """The training set: ``train`` (checked against the saved fingerprint) or the saved copy.
+
+        Raises:
+            ArtifactError: ``train`` is not the saved training data, or it is None and the
+                data was not saved.
+        """
+        data_doc = self.document("data")
+        saved_fp, n = self.identity["data"], int(self.identity["n_train"])
+        if train is None:
+            if not data_doc.get("saved"):
+                raise ArtifactError(
+                    f"{self.requested_path} holds no copy of its training data "
+                    f"({data_doc.get('reason')}): pass it again, Influence.load(path, task, "
+                    f"train=...), the same {n} examples in the same order (their content is "
+                    "checked)"
+                )
+            examples = _rebuilt(data_doc["structure"], self.tensors("data"))
+            if examples is None:
+                raise ArtifactError(f"{self.path}: the saved training data cannot be rebuilt")
+            examples.name = str(data_doc.get("name") or "training set")
+            # its content is the saved one (checksummed): the fingerprint need not be recomputed
+            examples._fingerprint = saved_fp  # type: ignore[attr-defined]
+        else:
+            examples = ExampleSet(train, name="training set")
+            found = data_fingerprint(examples)
+            if found != saved_fp:
+                size = (
+                    f"{len(examples)} examples given, {n} saved"
+                    if len(examples) != n
+                    else f"the same number of examples ({n}) but other content or order"
+                )
+                keep = ", or leave train out to use the saved copy" if data_doc.get("saved") else ""
+                raise ArtifactError(
+                    f"the training data given as train= differs from the data {self.requested_path}"
+                    f" was fitted on ({size}; content fingerprint {found}, saved {saved_fp}): "
+                    f"pass the same examples in the same order{keep}"
+                )
+        examples._checked = True  # type: ignore[attr-defined]  # checked at fit
+        return examples
+
+    # ------------------------------------------------------------------ restoring
+    def restore(
+        self,
+        method: Method,
+        task: Task,
+        examples: ExampleSet,
+        *,
+        progress: Mode,
+        memory_limit: int,
+        workdir: Path | None,
+    ) -> Fitted:
+        """The fitted record rebuilt on ``task``, with ``method`` restored on it (no pass over the
+        data, no fit).
+
+        Args:
+            method: the unfitted method, created with the saved options.
+            task: the task (checked by :meth:`check_task`).
+            examples: the training set (:meth:`examples`).
+            progress: how progress is shown.
+            memory_limit: bytes dense objects may take.
+            workdir: the resumable run's directory, or None.
+        """
+        ident = self.identity
+        space = ParameterSpace(task.model, list(ident["parameters"]))
+        engine = PerExample(task, space, ident["per_example"])
+        device = space.device
+        values = {
+            name: decode(value, self.tensors("fitted"), device, name)
+            for name, value in self.document("fitted").items()
+        }
+        state_doc = self.document("state")
+        fitted = Fitted(
+            task=task,
+            space=space,
+            engine=engine,
+            train=examples,
+            theta=values["theta"],
+            l2=float(ident["l2"]),
+            damping=float(ident["damping"]),
+            batch_size=int(ident["batch_size"]),
+            progress=progress,
+            memory_limit=memory_limit,
+            train_gradients=values["train_gradients"],
+            anchor=values["anchor"],
+            objective_gradient=values["objective_gradient"],
+            stationarity=state_doc["stationarity"],
+            workdir=workdir,
+        )
+        tensors = self.tensors("state")
+        state = decode(state_doc["method"], tensors, device, "state")
+        try:
+            method.restore(fitted, state)
+        except KeyError as error:
+            raise ArtifactError(
+                f"{self.path}: the saved state of method {method.name!r} has no {error}; it was "
+                f"saved by infkit {ident.get('infkit')} with another version of the method. Fit "
+                "and save it again"
+            ) from error
+        method.checks = decode(state_doc["checks"], tensors, device, "checks")
+        return fitted
+
+
+def read(path: str | Path) -> SavedInfluence:
+    """The saved Influence at ``path`` (the directory given to ``save``, or the artifact
+    directory it returned), verified: manifest, kind and every checksum.
+
+    Raises:
+        ArtifactError: ``path`` holds no saved Influence, or it is damaged.
+    """
+    given = Path(path)
+    if not given.is_dir():
+        state = "is a file" if given.exists() else "does not exist"
+        raise ArtifactError(
+            f"{given} {state}: it is not a saved Influence. Save one with inf.save(path) and "
+            "load that directory"
+        )
+    if (given / MANIFEST).exists():  # the artifact directory itself
+        return SavedInfluence(ArtifactStore(given.parent).verify(given, KIND), given)
+    store = ArtifactStore(given)
+    candidates = store.committed(KIND)
+    if not candidates:
+        others = sorted({p.name.rsplit("-", 1)[0] for p in store if p.is_dir()})
+        found = f" (it holds: {', '.join(others)})" if others else ""
+        raise ArtifactError(
+            f"{given} holds no saved Influence: no {KIND}-* artifact in it{found}. Save one with "
+            "inf.save(path) and load that directory"
+        )
+    newest = max(candidates, key=_saved_at)  # an interrupted overwrite: the new save
+    return SavedInfluence(store.verify(newest, KIND), given)
+
+
+def _saved_at(path: Path) -> tuple[int, str]:
+    try:
+        manifest = load_json(path / MANIFEST)
+        stamp = int(manifest["identity"]["save"]["time_ns"])
+    except (ArtifactError, KeyError, TypeError, ValueError):
+        stamp = -1
+    return stamp, path.name

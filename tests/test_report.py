@@ -1,0 +1,377 @@
+"""``infkit run`` and ``infkit report``: a tester-style project end to end, config errors, the
+page's content checked against the library's own answers (docs/report.md)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import infkit
+from infkit import cli
+from infkit.errors import ConfigError
+from infkit.report import config as run_config
+from infkit.report import load_results
+
+PROJECT = """
+import torch
+from sklearn.datasets import load_digits
+
+import infkit
+
+L2 = 1e-2
+
+
+def splits(n_train=150, n_test=40):
+    X, y = load_digits(return_X_y=True)
+    X, y = torch.tensor(X / 16.0), torch.tensor(y)
+    return (X[:n_train], y[:n_train]), (X[n_train : n_train + n_test], y[n_train : n_train + n_test])
+
+
+def model():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(64, 10).double()
+    infkit.train_to_optimum(infkit.Task.classification(net), splits()[0], L2)
+    return net
+
+
+def bad_labels():
+    return [3, 5, 8, 13]
+
+
+def raises():
+    raise RuntimeError("the data server is down")
+"""
+
+CONFIG = """
+[model]
+factory = "tester_project:model"
+
+[data]
+factory = "tester_project:splits"
+image_shape = [8, 8]
+
+[influence]
+method = "exact"
+l2 = 1e-2
+
+[report]
+top_k = 4
+n_queries = 2
+
+[self_influence]
+flagged = "tester_project:bad_labels"
+
+[group_removal]
+groups = {{ some = [0, 1, 2, 3, 4] }}
+
+[retraining]
+n = {n_loo}
+"""
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("project")
+    (folder / "tester_project.py").write_text(PROJECT)
+    (folder / "infkit.toml").write_text(CONFIG.format(n_loo=5))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finished(project: Path) -> Path:
+    """The workdir of one run of the tester's config (3 leave-one-out retrainings)."""
+    workdir = project / "out"
+    assert cli.main(["run", str(project / "infkit.toml"), "--out", str(workdir), "--quiet"]) == 0
+    return workdir
+
+
+def _reference(project: Path) -> tuple[infkit.Influence, tuple[torch.Tensor, torch.Tensor]]:
+    """The same analysis through the library: the project's model and data, same settings."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(project))
+    try:
+        module = importlib.import_module("tester_project")
+    finally:
+        sys.path.remove(str(project))
+    train, test = module.splits()
+    task = infkit.Task.classification(module.model())
+    inf = infkit.Influence(task, "exact", l2=1e-2, progress=False).fit(train)
+    return inf, test
+
+
+def test_run_writes_the_workdir_and_a_self_contained_report(finished: Path) -> None:
+    for name in ("report.html", "config.toml", "settings.json", "top_k.csv", "loo.csv"):
+        assert (finished / name).is_file(), name
+    page = (finished / "report.html").read_text()
+    for sid in ("summary", "explanations", "distribution", "self-influence", "group-removal"):
+        assert f'id="{sid}"' in page
+    # nothing is fetched: every src is a data URI, no stylesheet or script is linked
+    assert all(src.startswith("data:") for src in re.findall(r'src="([^"]+)"', page))
+    assert "<link" not in page and "<script" not in page
+    assert "default-src 'none'" in page
+
+
+def test_proponents_match_influence_top_k(project: Path, finished: Path) -> None:
+    """The report's lists are the library's own top_k for the same settings and queries
+    (the highest-loss test examples by default)."""
+    data, tensors = load_results(finished)
+    inf, test = _reference(project)
+    losses = torch.nn.functional.cross_entropy(
+        inf.task.model(test[0]), test[1], reduction="none"
+    ).detach()
+    queries = losses.argsort(descending=True)[:2]
+    assert torch.equal(tensors["queries"], queries)
+    top = inf.top_k((test[0][queries], test[1][queries]), k=4)
+    rel = inf.with_estimator("relatif").top_k((test[0][queries], test[1][queries]), k=4)
+    for q, record in enumerate(data["queries"]):
+        for name, ranked in (("if", top), ("relatif", rel)):
+            for kind in ("proponent", "opponent"):
+                shown = [item["index"] for item in record["lists"][name][kind]]
+                assert shown == getattr(ranked, f"{kind}_indices")[q].tolist()
+                scores = torch.tensor(
+                    [item["score"] for item in record["lists"][name][kind]], dtype=torch.float64
+                )
+                expected = getattr(ranked, f"{kind}_scores")[q]
+                torch.testing.assert_close(scores, expected, rtol=1e-9, atol=0.0)
+    torch.testing.assert_close(tensors["scores"], inf.scores((test[0][queries], test[1][queries])))
+
+
+def test_self_influence_groups_and_retraining_sections(project: Path, finished: Path) -> None:
+    data, tensors = load_results(finished)
+    inf, test = _reference(project)
+    torch.testing.assert_close(tensors["self_scores"], inf.self_scores(), rtol=1e-9, atol=1e-12)
+    assert data["self_influence"]["detection"]["n_flagged"] == 4
+    queries = tensors["queries"]
+    newton = inf.with_estimator("newton")
+    joint = newton.remove([0, 1, 2, 3, 4]).measurement((test[0][queries], test[1][queries]))
+    shown = torch.tensor(data["groups"][0]["joint"], dtype=torch.float64)
+    torch.testing.assert_close(shown, joint, rtol=1e-9, atol=1e-15)
+    additive = tensors["scores"][:, [0, 1, 2, 3, 4]].sum(1)
+    torch.testing.assert_close(
+        torch.tensor(data["groups"][0]["additive"], dtype=torch.float64), additive
+    )
+    # the retraining check: the predicted changes against actual retraining, as retrain gives
+    assert len(tensors["loo_actual"]) == 5
+    assert data["retraining"]["pearson"] > 0.9
+    page = (finished / "report.html").read_text()
+    assert "Pearson" in page and "ROC AUC" in page
+
+
+def test_report_rebuilds_without_recomputing(finished: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    (copy / "report.html").unlink()
+    assert cli.main(["report", str(copy)]) == 0
+    page = (copy / "report.html").read_text()
+    assert 'id="explanations"' in page and page.count('class="query"') == 2
+    # a damaged result is refused, naming the file
+    scores = next(copy.glob("report-*/scores.safetensors"))
+    raw = bytearray(scores.read_bytes())
+    raw[-1] ^= 0xFF
+    scores.write_bytes(bytes(raw))
+    assert cli.main(["report", str(copy)]) == 2
+
+
+def test_second_run_reloads_the_saved_influence(project: Path, finished: Path) -> None:
+    before = load_results(finished)[1]
+    assert cli.main(["run", str(project / "infkit.toml"), "--out", str(finished), "--quiet"]) == 0
+    data, after = load_results(finished)
+    assert data["summary"]["influence"] == "reloaded"
+    assert torch.equal(before["scores"], after["scores"])
+
+
+# ---------------------------------------------------------------------------- bad configs
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c + "\n[reprot]\n", "unknown section [reprot] (did you mean 'report'?)"),
+        (lambda c: c.replace("top_k = 4", "topk = 4"), "unknown key 'topk' in [report]"),
+        (lambda c: c.replace("top_k = 4", 'top_k = "four"'), "[report] top_k must be int"),
+        (lambda c: c.replace("tester_project:model", "tester_project:nothing"), "no attribute"),
+        (lambda c: c.replace("tester_project:model", "missing_module:model"), "cannot be imported"),
+        (
+            lambda c: c.replace("tester_project:splits", "tester_project:raises"),
+            "[data] factory = 'tester_project:raises' raised RuntimeError: the data server is down",
+        ),
+        (lambda c: c.replace('method = "exact"', 'method = "exactt"'), "[influence]"),
+        (
+            lambda c: c.replace('[model]\nfactory = "tester_project:model"\n', ""),
+            "the section [model] with its key factory is required",
+        ),
+        (lambda c: "top_k = 3\n" + c, "top_k = 3 is outside any section (it belongs in [report])"),
+        (lambda c: c.replace("n = 5", "n = -1"), "[retraining] n must be >= 0"),
+    ],
+)
+def test_a_broken_config_exits_2_with_a_clear_message(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], edit, message: str
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(edit(CONFIG.format(n_loo=5)))
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "w"), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_key_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = capsys.readouterr().out
+    for section, keys in run_config.SCHEMA.items():
+        assert f"[{section}]" in text
+        for key, spec in keys.items():
+            assert key in text and spec.doc.split()[0] in text
+
+
+def test_every_key_is_in_the_docs_table() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "report.md").read_text()
+    for section, keys in run_config.SCHEMA.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| `[{section}]` |"))
+        for key in keys:
+            assert f"`{key}`" in row, (section, key)
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "x.toml"
+    bad.write_text("[model\nfactory=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        run_config.parse(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_config.parse(tmp_path / "none.toml")
+
+
+def test_report_of_a_folder_without_results(tmp_path: Path, capsys) -> None:
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "no finished infkit run" in capsys.readouterr().err
+
+
+TEXT_PROJECT = textwrap.dedent(
+    """
+    import torch
+    import infkit
+    from infkit import language_modeling as lm
+
+    WORDS = ["<pad>", "a", "b", "c", "d", "e", "f", "g"]
+
+    def splits():
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1, len(WORDS), (48, 6), generator=g)
+        return lm.examples(ids[:40]), lm.examples(ids[40:], prompt_lengths=[2] * 8)
+
+    def decode(ids):
+        return [WORDS[i] for i in ids]
+
+    class Bigram(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(len(WORDS), 8)
+            self.out = torch.nn.Linear(8, len(WORDS))
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.out(torch.tanh(self.embed(input_ids)))
+
+    def model():
+        torch.manual_seed(0)
+        return Bigram().double()
+    """
+)
+
+
+def test_text_with_per_token_scores(tmp_path: Path) -> None:
+    """A language model: texts shown token by token, each listed sequence's per-token scores
+    sum to its score (the per-token split is exact for a model whose only tracked layer acts
+    position by position, with l2 = 0)."""
+    (tmp_path / "text_project.py").write_text(TEXT_PROJECT)
+    (tmp_path / "infkit.toml").write_text(
+        textwrap.dedent(
+            """
+            [model]
+            factory = "text_project:model"
+            [data]
+            factory = "text_project:splits"
+            decode = "text_project:decode"
+            [task]
+            kind = "language_modeling"
+            [influence]
+            method = "kfac"
+            damping = 1e-3
+            [report]
+            n_queries = 1
+            top_k = 3
+            """
+        )
+    )
+    assert cli.main(["run", str(tmp_path / "infkit.toml"), "--quiet"]) == 0
+    data, _ = load_results(tmp_path / "runs" / "infkit")
+    assert data["display_kind"] == "text"
+    query = data["queries"][0]
+    assert query["view"]["scored"][:2] == [False, False]  # the prompt is not scored
+    for item in query["lists"]["if"]["proponent"] + query["lists"]["if"]["opponent"]:
+        tokens = item["view"]["tokens"]
+        assert set(tokens) <= {"a", "b", "c", "d", "e", "f", "g"}
+        assert sum(item["view"]["token_scores"]) == pytest.approx(item["score"], rel=1e-9)
+    page = (tmp_path / "runs" / "infkit" / "report.html").read_text()
+    assert 'class="tok"' in page and "rgba(" in page
+
+
+# ---------------------------------------------------------------------------- a real browser
+def _chromium() -> str | None:
+    import os
+
+    for name in (
+        os.environ.get("INFKIT_CHROMIUM"),
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+    ):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_report_renders_in_headless_chromium(finished: Path) -> None:
+    """The page opened in Chromium: not blank, every section heading in the DOM, every
+    thumbnail and figure decoded, no console error, no request but the file itself."""
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run does it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    import io
+
+    from matplotlib.image import imread
+
+    from infkit.report.html import SECTIONS
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1600})
+        errors: list[str] = []
+        requests: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto((finished / "report.html").resolve().as_uri())
+        page.wait_for_load_state("load")
+        headings = page.evaluate("[...document.querySelectorAll('h2')].map(h => h.textContent)")
+        images = page.evaluate(
+            "[...document.images].map(i => [i.className, i.complete && i.naturalWidth > 0])"
+        )
+        shot = page.screenshot()
+        browser.close()
+    assert headings == [title for _, title in SECTIONS]
+    thumbs = [ok for cls, ok in images if "thumb" in cls]
+    figures = [ok for cls, ok in images if cls == "figure"]
+    # 2 queries x (the query + 2 lists x 2 kinds x 4), and the self-influence table
+    assert len(thumbs) >= 2 * (1 + 16) and all(thumbs)
+    assert len(figures) >= 3 and all(figures)
+    assert errors == []
+    assert requests and all(url.startswith(("file:", "data:")) for url in requests), requests
+    pixels = imread(io.BytesIO(shot))[..., :3]
+    assert pixels.std() > 0.05  # not blank
+    assert (pixels.mean(-1) < 0.5).mean() > 0.01  # text and images drawn

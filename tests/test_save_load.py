@@ -1,0 +1,367 @@
+"""Saving a fitted Influence and loading it back (infkit.saved, docs/saving.md).
+
+A reloaded Influence runs the same arithmetic on the same numbers as the original, so its
+answers are compared bit for bit (``torch.equal``): the same code path, not two computations.
+Every registered method is covered (the cases are collected from ``infkit.methods()``, so a new
+method is tested with no edit here), and loading must neither call the method's ``fit`` nor run
+the model. Then the refusals: another model, architecture, task or training set, a damaged file,
+a directory without a save, a second save without ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lm_helpers import LENGTH, VOCAB, TinyLM
+
+import infkit
+from infkit import language_modeling as lm
+from infkit.errors import ArtifactError, InvalidInputError, Notice, UnsupportedError
+from infkit.methods import PrimalMethod, method_class, registered
+from infkit.saved import KIND
+
+GROUP = [3, 17, 40]
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> Any:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "the model is not at a stationary point")
+        warnings.filterwarnings("ignore", category=Notice)
+        warnings.filterwarnings("ignore", "DataInf's scores come out")
+        yield
+
+
+def _fit(problem: dict, name: str, **options: Any) -> infkit.Influence:
+    fidelity = method_class(name).fidelity
+    settings = {"damping": fidelity.damping, **dict(fidelity.test_options), **options}
+    return infkit.Influence(problem["task"], name, l2=problem["l2"], **settings).fit(
+        problem["train"]
+    )
+
+
+def _copy_task(problem: dict, **kwargs: Any) -> infkit.Task:
+    return infkit.Task.classification(copy.deepcopy(problem["model"]), **kwargs)
+
+
+def _forward_calls(model: torch.nn.Module) -> list[int]:
+    calls: list[int] = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def _same_answers(a: infkit.Influence, b: infkit.Influence, test: Any) -> None:
+    """Every answer of ``b`` equals ``a``'s bit for bit (the two run the same calls in turn)."""
+    method = a.method
+    for estimator in type(method).estimators:
+        if not method.supplies(estimator):
+            continue
+        x, y = a.with_estimator(estimator), b.with_estimator(estimator)
+        assert torch.equal(x.scores(test), y.scores(test)), estimator
+        assert torch.equal(x.self_scores(), y.self_scores()), estimator
+        if estimator != "relatif":
+            assert torch.equal(x.remove(GROUP).params, y.remove(GROUP).params), estimator
+    top_a, top_b = a.top_k(test, k=4), b.top_k(test, k=4)
+    for field in ("proponent_indices", "proponent_scores", "opponent_indices", "opponent_scores"):
+        assert torch.equal(getattr(top_a, field), getattr(top_b, field)), field
+    if method.answers("module_scores"):
+        parts_a, parts_b = a.module_scores(test), b.module_scores(test)
+        assert list(parts_a) == list(parts_b)
+        assert all(torch.equal(parts_a[k], parts_b[k]) for k in parts_a)
+    if method.answers("leverages"):
+        assert torch.equal(a.leverages(), b.leverages())
+
+
+def _without_origin(description: dict) -> dict:
+    return {k: v for k, v in description.items() if k != "loaded_from"}
+
+
+# ============================================================================ every method
+@pytest.mark.parametrize("name", sorted(infkit.methods()))
+def test_a_reloaded_influence_answers_bit_for_bit(
+    name: str, mlp_problem: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = _fit(mlp_problem, name)
+    artifact = original.save(tmp_path / "saved")
+    assert artifact.parent == tmp_path / "saved" and artifact.name.startswith(f"{KIND}-")
+
+    def no_fit(*_: Any) -> None:
+        raise AssertionError("load must not fit the method")
+
+    monkeypatch.setattr(registered()[name], "fit", no_fit)
+    task = _copy_task(mlp_problem)
+    calls = _forward_calls(task.model)
+    loaded = infkit.Influence.load(tmp_path / "saved", task)
+    assert not calls, "load ran the model"
+    assert _without_origin(loaded.describe()) == original.describe()
+    assert loaded.describe()["loaded_from"] == str(artifact)
+    _same_answers(original, loaded, mlp_problem["test"])
+
+
+def test_auto_saves_the_method_it_chose(mlp_problem: dict, tmp_path: Path) -> None:
+    original = infkit.Influence(mlp_problem["task"], "auto", l2=mlp_problem["l2"])
+    original.fit(mlp_problem["train"])
+    original.save(tmp_path)
+    loaded = infkit.Influence.load(tmp_path, _copy_task(mlp_problem))
+    assert loaded.method_name == "auto" and loaded.method.name == original.method.name
+    assert loaded.describe()["auto"] == original.describe()["auto"]
+    assert torch.equal(loaded.scores(mlp_problem["test"]), original.scores(mlp_problem["test"]))
+
+
+def test_settings_and_a_float32_model_come_back(mlp_problem: dict, tmp_path: Path) -> None:
+    """RelatIF's norm, batch size, damping='auto' and float32 factors, products and scores."""
+    model = copy.deepcopy(mlp_problem["model"]).float()
+    task = infkit.Task.classification(model, measurement="margin")
+    X, y = mlp_problem["train"]
+    test = (mlp_problem["test"][0].float(), mlp_problem["test"][1])
+    original = infkit.Influence(
+        task, "ekfac", "relatif", mlp_problem["l2"], "auto", relatif="loss", batch_size=16
+    ).fit((X.float(), y))
+    original.save(tmp_path)
+    twin = infkit.Task.classification(copy.deepcopy(model), measurement="margin")
+    loaded = infkit.Influence.load(tmp_path, twin)
+    assert (loaded.estimator, loaded.relatif, loaded.batch_size) == ("relatif", "loss", 16)
+    assert loaded.auto_damping and loaded.describe() == {
+        **original.describe(),
+        "loaded_from": loaded.describe()["loaded_from"],
+    }
+    assert torch.equal(loaded.scores(test), original.scores(test))
+    assert torch.equal(
+        loaded.with_estimator("if").self_scores(), original.with_estimator("if").self_scores()
+    )
+
+
+# ============================================================================ options and data
+def _checkpoints(problem: dict) -> list[dict[str, torch.Tensor]]:
+    """Two perturbed copies of the trained parameters, as state dicts."""
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for scale in (0.05, 0.1):
+        state = {k: v.detach().clone() for k, v in problem["model"].state_dict().items()}
+        for v in state.values():
+            v.add_(scale * torch.randn(v.shape, generator=gen, dtype=v.dtype))
+        out.append(state)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("identity", "checkpoints"),
+        ("trak", "checkpoints"),
+        ("dual", "linearize_at"),
+        ("cg", "diagonal"),
+    ],
+)
+def test_options_holding_tensors_are_saved(
+    name: str, options: str, mlp_problem: dict, tmp_path: Path
+) -> None:
+    values: dict[str, Any]
+    if options == "checkpoints":
+        values = {"checkpoints": _checkpoints(mlp_problem)}
+        if name == "identity":
+            values["learning_rates"] = [0.5, 0.25]
+    elif options == "linearize_at":
+        flat = torch.cat([p.detach().reshape(-1) for p in mlp_problem["model"].parameters()])
+        values = {"linearize_at": flat * 0.9, "anchor": "init"}
+    else:
+        values = {"preconditioner": "diagonal"}
+    original = _fit(mlp_problem, name, **values)
+    original.save(tmp_path)
+    loaded = infkit.Influence.load(tmp_path, _copy_task(mlp_problem))
+    assert _without_origin(loaded.describe()) == original.describe()
+    _same_answers(original, loaded, mlp_problem["test"])
+
+
+def test_function_options_are_given_again(mlp_problem: dict, tmp_path: Path) -> None:
+    def margin(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return infkit.task.classification_margin(outputs, targets)
+
+    def weights(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return 1.0 - torch.softmax(outputs, -1).gather(1, targets.unsqueeze(1)).squeeze(1)
+
+    original = _fit(mlp_problem, "trak", output=margin, out_to_loss=weights)
+    original.save(tmp_path)
+    with pytest.raises(InvalidInputError, match=r"'out_to_loss' .* are functions.*pass them"):
+        infkit.Influence.load(tmp_path, _copy_task(mlp_problem))
+    with pytest.raises(InvalidInputError, match=r"option 'output' given to load is .*margin"):
+        infkit.Influence.load(
+            tmp_path, _copy_task(mlp_problem), options={"output": weights, "out_to_loss": weights}
+        )
+    loaded = infkit.Influence.load(
+        tmp_path, _copy_task(mlp_problem), options={"output": margin, "out_to_loss": weights}
+    )
+    assert torch.equal(loaded.scores(mlp_problem["test"]), original.scores(mlp_problem["test"]))
+
+
+class _Dicts(torch.utils.data.Dataset):
+    """A Hugging Face style dataset: one dict per example, the label under "labels"."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.X, self.y = X, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"x": self.X[i], "labels": int(self.y[i])}
+
+
+class _Keyword(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_a_dataset_is_saved_collated_or_given_again(mlp_problem: dict, tmp_path: Path) -> None:
+    X, y = mlp_problem["train"]
+    model = _Keyword(copy.deepcopy(mlp_problem["model"]))
+    task = infkit.Task.classification(model)
+    test = _Dicts(*mlp_problem["test"])
+    original = infkit.Influence(task, "exact", l2=mlp_problem["l2"]).fit(_Dicts(X, y))
+    original.save(tmp_path / "with")
+    original.save(tmp_path / "without", data=False)
+    twin = infkit.Task.classification(copy.deepcopy(model))
+    loaded = infkit.Influence.load(tmp_path / "with", twin)
+    assert torch.equal(loaded.scores(test), original.scores(test))
+    with pytest.raises(ArtifactError, match=r"no copy of its training data.*train="):
+        infkit.Influence.load(tmp_path / "without", twin)
+    given = infkit.Influence.load(tmp_path / "without", twin, train=_Dicts(X, y))
+    assert torch.equal(given.scores(test), original.scores(test))
+
+
+def test_an_ekfac_language_model_comes_back(tmp_path: Path) -> None:
+    """A causal LM (token ids and a mask in dict inputs; embedding and norm left out)."""
+    torch.manual_seed(0)
+    model = TinyLM().double().eval()
+    ids = torch.randint(0, VOCAB, (14, LENGTH))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    inputs, labels = lm.examples(ids, mask)
+    train = ({k: v[:10] for k, v in inputs.items()}, labels[:10])
+    test = ({k: v[10:] for k, v in inputs.items()}, labels[10:])
+    task = infkit.Task.language_modeling(model)
+    original = infkit.Influence(task, "ekfac", damping="auto").fit(train)
+    original.save(tmp_path)
+    twin = infkit.Task.language_modeling(copy.deepcopy(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Notice)  # the attributed layers come back silently
+        loaded = infkit.Influence.load(tmp_path, twin)
+    assert loaded.fitted.space.names == original.fitted.space.names
+    assert _without_origin(loaded.describe()) == original.describe()
+    assert torch.equal(loaded.scores(test), original.scores(test))
+    assert torch.equal(loaded.self_scores(), original.self_scores())
+
+
+# ============================================================================ refusals
+@pytest.fixture
+def saved_exact(mlp_problem: dict, tmp_path: Path) -> Path:
+    _fit(mlp_problem, "exact").save(tmp_path / "saved")
+    return tmp_path / "saved"
+
+
+def test_a_changed_parameter_is_named(mlp_problem: dict, saved_exact: Path) -> None:
+    task = _copy_task(mlp_problem)
+    with torch.no_grad():
+        task.model[2].bias[1] += 1e-6
+    with pytest.raises(ArtifactError, match=r"parameters and buffers differ.*2\.bias \(values\)"):
+        infkit.Influence.load(saved_exact, task)
+
+
+def test_a_changed_architecture_is_named(mlp_problem: dict, saved_exact: Path) -> None:
+    model = copy.deepcopy(mlp_problem["model"])
+    model[1] = torch.nn.ReLU()
+    with pytest.raises(ArtifactError, match=r"architecture differs.*'1' is a .*ReLU"):
+        infkit.Influence.load(saved_exact, infkit.Task.classification(model))
+    wider = torch.nn.Sequential(
+        torch.nn.Linear(5, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3)
+    ).double()
+    with pytest.raises(ArtifactError, match=r"architecture differs.*0\.weight has shape \[9, 5\]"):
+        infkit.Influence.load(saved_exact, infkit.Task.classification(wider))
+
+
+def test_another_task_is_named(mlp_problem: dict, saved_exact: Path) -> None:
+    with pytest.raises(ArtifactError, match=r"task differs: .*the measurement function \(given"):
+        infkit.Influence.load(saved_exact, _copy_task(mlp_problem, measurement="margin"))
+
+
+def test_another_training_set_is_named(mlp_problem: dict, saved_exact: Path) -> None:
+    X, y = mlp_problem["train"]
+    with pytest.raises(ArtifactError, match=r"training data given as train= differs.*order"):
+        infkit.Influence.load(saved_exact, _copy_task(mlp_problem), train=(X.flip(0), y.flip(0)))
+    with pytest.raises(ArtifactError, match=r"59 examples given, 60 saved"):
+        infkit.Influence.load(saved_exact, _copy_task(mlp_problem), train=(X[1:], y[1:]))
+    same = infkit.Influence.load(saved_exact, _copy_task(mlp_problem), train=(X.clone(), y))
+    assert same.n_train == len(y)
+
+
+def test_a_damaged_file_fails_its_checksum(mlp_problem: dict, saved_exact: Path) -> None:
+    (artifact,) = saved_exact.glob(f"{KIND}-*")
+    payload = artifact / "state.safetensors"
+    raw = bytearray(payload.read_bytes())
+    raw[-3] ^= 0xFF
+    payload.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match=r"state\.safetensors is damaged.*SHA-256"):
+        infkit.Influence.load(saved_exact, _copy_task(mlp_problem))
+
+
+def test_a_directory_without_a_save_is_refused(mlp_problem: dict, tmp_path: Path) -> None:
+    task = _copy_task(mlp_problem)
+    with pytest.raises(ArtifactError, match=r"does not exist: it is not a saved Influence"):
+        infkit.Influence.load(tmp_path / "missing", task)
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match=r"holds no saved Influence"):
+        infkit.Influence.load(tmp_path / "empty", task)
+    factors = tmp_path / "factors"
+    _fit(mlp_problem, "kfac", factors_dir=str(factors))
+    with pytest.raises(ArtifactError, match=r"holds no saved Influence.*kronecker-factors"):
+        infkit.Influence.load(factors, task)
+    (artifact,) = factors.glob("kronecker-factors-*")
+    with pytest.raises(ArtifactError, match=r"'kronecker-factors' artifact, not 'influence'"):
+        infkit.Influence.load(artifact, task)
+
+
+def test_a_second_save_needs_overwrite(mlp_problem: dict, saved_exact: Path) -> None:
+    other = _fit(mlp_problem, "exact", curvature="hessian")
+    with pytest.raises(ArtifactError, match=r"already holds a saved Influence.*overwrite=True"):
+        other.save(saved_exact)
+    other.save(saved_exact, overwrite=True)
+    assert len(list(saved_exact.glob(f"{KIND}-*"))) == 1
+    loaded = infkit.Influence.load(saved_exact, _copy_task(mlp_problem))
+    assert loaded.method.curvature == "hessian"
+    assert torch.equal(loaded.scores(mlp_problem["test"]), other.scores(mlp_problem["test"]))
+
+
+def test_a_model_changed_after_fit_is_not_saved(mlp_problem: dict, tmp_path: Path) -> None:
+    task = _copy_task(mlp_problem)
+    inf = infkit.Influence(task, "identity", l2=mlp_problem["l2"]).fit(mlp_problem["train"])
+    with torch.no_grad():
+        task.model[0].weight.mul_(2)
+    with pytest.raises(ArtifactError, match=r"parameters changed since fit"):
+        inf.save(tmp_path)
+
+
+def test_a_method_without_a_declared_state_cannot_be_saved(mlp_problem: dict) -> None:
+    class Undeclared(PrimalMethod):
+        name = "undeclared"
+        summary = "a method that does not declare its fitted state"
+
+        def fit(self, fitted: Any) -> None:
+            super().fit(fitted)
+
+        def solve(self, V: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+            return V
+
+    method = Undeclared()
+    method._fitted = _fit(mlp_problem, "identity").fitted
+    with pytest.raises(UnsupportedError, match=r"does not declare its fitted state.*fitted_state"):
+        method.state()
