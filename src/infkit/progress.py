@@ -110,3 +110,17 @@ def track(iterable: Iterable[T], mode: Mode, desc: str, total: int | None = None
         for item in iterable:
             yield item
             progress.update()
+
+
+class Stopwatch:
+    """Wall-clock seconds per named step of a run (the demo's and ``infkit run``'s timings)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Record the time since the previous lap under ``name``."""
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now

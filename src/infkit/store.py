@@ -21,6 +21,7 @@ changes the result never share a directory (docs/architecture.md §7).
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,27 @@ def save_json(path: str | Path, obj: Any) -> Path:
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=True, default=str)
             fh.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write ``rows`` (mappings with the same keys) as CSV to ``path`` atomically; floats with
+    every digit (``repr``). Nothing is written for no rows."""
+    path = Path(path)
+    if not rows:
+        return path
+    fd, tmp = _atomic_target(path)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(
+                {k: repr(v) if isinstance(v, float) else v for k, v in r.items()} for r in rows
+            )
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -7,5 +7,7 @@
 * :mod:`~infkit.analyses.prefilter`: two-stage text attribution, TF-IDF candidates then exact
   influence on them;
 * :mod:`~infkit.analyses.attacks`: training-set attacks from input influence, checked by
-  retraining.
+  retraining;
+* :mod:`~infkit.analyses.poisoning`: high-leverage poison that the influence function underrates
+  and RIF does not, detected by ranking and checked by retraining.
 """

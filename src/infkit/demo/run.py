@@ -24,10 +24,10 @@ from infkit.demo.tables import (
     loo_rows,
     print_explanations,
     self_influence_rows,
-    write_csv,
 )
 from infkit.influence import Influence
-from infkit.store import save_json
+from infkit.progress import Stopwatch
+from infkit.store import save_csv, save_json
 from infkit.task import Task
 from infkit.training import TrainResult, train_to_optimum
 
@@ -91,20 +91,6 @@ def detection(
         "loss_fraction_found": evaluate.fraction_found(train_losses, flipped, inspect),
         "inspected_fraction": inspect,
     }
-
-
-class Stopwatch:
-    """Wall-clock seconds per named step."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        """Record the time since the previous lap under ``name``."""
-        now = time.perf_counter()
-        self.seconds[name] = round(now - self._last, 3)
-        self._last = now
 
 
 def train_model(spec: ModelSpec, data: DigitsData, config: DemoConfig) -> tuple[Task, TrainResult]:
@@ -242,11 +228,11 @@ def analyse_model(
     watch.lap("leave_one_out")
 
     name = spec.name
-    write_csv(
+    save_csv(
         out / f"{name}_self_influence.csv", self_influence_rows(data, self_scores, train_losses)
     )
-    write_csv(out / f"{name}_top_k.csv", rows)
-    write_csv(out / f"{name}_loo.csv", loo_rows(data, faith))
+    save_csv(out / f"{name}_top_k.csv", rows)
+    save_csv(out / f"{name}_loo.csv", loo_rows(data, faith))
     plot_explanations(out / f"{name}_explanations.png", data, rows, predicted, name)
     watch.lap("write")
 

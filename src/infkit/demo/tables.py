@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -54,17 +52,6 @@ def print_explanations(rows: list[dict[str, Any]], predicted: dict[int, int]) ->
                 mark = f" FLIPPED (true {r['true_label']})" if r["flipped"] else ""
                 cells.append(f"#{r['train_index']} y={r['given_label']}{mark} {r['score']:+.2e}")
             print(f"    {kind}s: " + "; ".join(cells))
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """Write ``rows`` (dicts with the same keys) as CSV; floats with full precision."""
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(
-            {k: repr(v) if isinstance(v, float) else v for k, v in r.items()} for r in rows
-        )
-    return path
 
 
 def self_influence_rows(

@@ -17,9 +17,7 @@ per-layer and per-token scores) and writes the workdir (docs/report.md §3):
 
 from __future__ import annotations
 
-import csv
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,29 +34,16 @@ from infkit.fingerprint import data_fingerprint, model_fingerprint
 from infkit.gradients import PerExample
 from infkit.influence import Influence
 from infkit.parameters import ParameterSpace
+from infkit.progress import Stopwatch
 from infkit.report import factories
 from infkit.report.config import RunConfig
 from infkit.report.views import Display, guess_kind
-from infkit.store import ArtifactStore, save_json
+from infkit.store import ArtifactStore, save_csv, save_json
 from infkit.task import Task
 
 #: the artifact kind of a run's results
 KIND = "report"
 SAVED = "influence"
-
-
-class Stopwatch:
-    """Wall-clock seconds per named step."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        """Record the time since the previous lap under ``name``."""
-        now = time.perf_counter()
-        self.seconds[name] = round(now - self._last, 3)
-        self._last = now
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -230,16 +215,6 @@ def _same_settings(a: Influence, b: Influence) -> bool:
     return all(getattr(a, k) == getattr(b, k) for k in keys) and a.estimator == b.estimator
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """``rows`` as CSV (nothing when empty)."""
-    if not rows:
-        return
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _flagged(config: RunConfig, n: int) -> Tensor | None:
     spec = config["self_influence"]["flagged"]
     if isinstance(spec, str):
@@ -378,7 +353,7 @@ def run(config: RunConfig, out: str | Path | None = None, progress: bool | None 
         tensors["loo_predicted"] = scores[0, loo_idx]
         tensors["loo_actual"] = loo.measurement[0]
         stats = evaluate.correlation(scores[0, loo_idx], loo.measurement[0])
-        write_csv(
+        save_csv(
             workdir / "loo.csv",
             [
                 {"train_index": int(j), "predicted": float(p), "actual": float(a)}
@@ -552,14 +527,14 @@ def _write_tables(workdir: Path, data: dict[str, Any]) -> None:
                             "score": item["score"],
                         }
                     )
-    write_csv(workdir / "top_k.csv", rows)
+    save_csv(workdir / "top_k.csv", rows)
     if "self_influence" in data:
-        write_csv(
+        save_csv(
             workdir / "self_influence.csv",
             [{k: v for k, v in r.items() if k != "view"} for r in data["self_influence"]["rows"]],
         )
     if "groups" in data:
-        write_csv(
+        save_csv(
             workdir / "group_removal.csv",
             [
                 {
@@ -574,6 +549,6 @@ def _write_tables(workdir: Path, data: dict[str, Any]) -> None:
             ],
         )
     if "layers" in data:
-        write_csv(
+        save_csv(
             workdir / "layers.csv", [{"layer": k, "share": v} for k, v in data["layers"].items()]
         )
