@@ -8,6 +8,10 @@
   influence on them;
 * :mod:`~infkit.analyses.attacks`: training-set attacks from input influence, checked by
   retraining;
+* :mod:`~infkit.analyses.behaviour`: IF-Guide, the training tokens that teach a language model a
+  behaviour (differential per-token influence) and training that suppresses them;
 * :mod:`~infkit.analyses.poisoning`: high-leverage poison that the influence function underrates
-  and RIF does not, detected by ranking and checked by retraining.
+  and RIF does not, detected by ranking and checked by retraining;
+* :mod:`~infkit.analyses.airrep`: AirRep, attribution by a learned encoder (dot products of
+  embeddings, attention pooling over groups) trained to rank retrained subsets.
 """

@@ -1,15 +1,19 @@
 """Poisoning that the influence function underrates and RIF does not (Rubinstein & Hopkins 2025).
 
-The attack (docs/analyses.md §11). To move a binary classifier's logit on one target test
-example ``(x_t, y_t)``, the attacker adds to the training set ``copies`` points with the target's
+The attack (docs/analyses.md §11). To move a binary classifier's logit on a target test example
+``(x_t, y_t)``, the attacker adds to the training set ``copies`` points with the target's
 features and the flipped label ``1 - y_t``, and the model is retrained. Optionally each poison
 is moved by ``delta``, ``||delta|| = epsilon ||x_t||``, in the direction that raises its
-leverage: the quadratic form ``q(x) = J(x) (H + ridge)^{-1} J(x)^T`` of the clean model, J the
-gradient of the logit with respect to the parameters (``[x, 1]`` for logistic regression on
-features ``x``), moving only orthogonally to the clean logit's input gradient at ``x_t`` so that
-the clean model finds the flipped label as wrong for the poison as for an exact copy. The
-leverage of the planted point in the poisoned model is ``a q / N``, up to the point's own share
-of the curvature, with ``a = p (1 - p)`` (docs/estimators.md §3).
+leverage (the paper's "embedding augmentation"): the quadratic form
+``q(x) = J(x) (H + ridge)^{-1} J(x)^T``, J the gradient of the logit with respect to the
+parameters (``[x, 1]`` for logistic regression on features ``x``), moving only orthogonally to
+the clean logit's input gradient at ``x_t`` so that the clean model finds the flipped label as
+wrong for the poison as for an exact copy. :func:`plant_poison` poisons one target;
+:func:`plant_poisons` poisons several at once in one training set, raising each poison's
+leverage against the clean examples' curvature plus that of the poisons planted before it (so
+that the poisons do not crowd into one low-curvature direction and share it), and retrains
+once. The leverage of a planted point in the poisoned model is about ``a q / N``, up to its own
+share of the curvature, with ``a = p (1 - p)`` (docs/estimators.md §3).
 
 Why it hides. The influence function inverts a curvature that still contains the removed
 point's own share, which resists its removal: for one logit the true removal effect is about the
@@ -18,17 +22,27 @@ weaker to the IF than it is, while RIF, which divides by ``1 - h_j``, sees its r
 Identical copies share their curvature: each one's leverage is lower, and only the joint Newton
 step (``estimator="newton"`` on the group) predicts removing them together.
 
-Detection (:func:`detect_poison`) measures the target's logit (:func:`logit`), ranks the
-poisoned training set by the absolute score of each estimator (``"if"``, ``"rif"``,
-``"newton"``), reports where the planted points land (rank, ROC AUC, top-k hits) and sets each
-estimator's predicted effect of removing them beside the actual change after retraining without
-them (:func:`infkit.retrain.without`).
+Detection, two ways.
+
+* Knowing the target (:func:`detect_poison`): rank the poisoned training set by the absolute
+  score of each estimator (``"if"``, ``"rif"``, ``"newton"``) on the target's logit
+  (:func:`logit`), report where the planted points land (rank, ROC AUC, top-k hits) and set each
+  estimator's predicted effect of removing them beside the actual change after retraining
+  without them (:func:`infkit.retrain.without`).
+* Not knowing the targets (:func:`detect_by_self_influence`): rank the training set by
+  self-influence, each example's removal effect on its own loss
+  (:meth:`~infkit.Influence.self_scores`), per estimator, beside the training loss and the
+  leverage as baselines, and report the ROC AUC and top-k recall of the planted points. For one
+  logit the loss gradient is parallel to ``J_j``, so RIF's self-score is exactly the IF's
+  divided by ``1 - h_j``: the leverage-raised poison, which the model fits through its own
+  leverage (small loss, small IF self-score), is what RIF lifts above the clean examples.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +60,12 @@ from infkit.training import train_to_optimum
 
 #: the estimators that predict a removal effect, in the order they are reported
 ESTIMATORS: tuple[str, ...] = ("if", "rif", "newton")
+#: the estimators whose self-scores :func:`detect_by_self_influence` can rank by
+SELF_ESTIMATORS: tuple[str, ...] = ("if", "rif", "newton", "relatif")
+#: the baselines :func:`detect_by_self_influence` reports beside the estimators
+BASELINES: tuple[str, ...] = ("loss", "leverage")
+#: the default perturbation budget of :func:`plant_poisons` (relative to ``||x_t||``)
+DEFAULT_EPSILON = 1.0
 
 
 def logit(outputs: Tensor, targets: Any) -> Tensor:
@@ -73,13 +93,16 @@ class Poisoning:
     """A training set with planted poison and the model retrained on it.
 
     Attributes:
-        train: the poisoned training set ``(X, y)``: the clean examples first, then the poison.
+        train: the poisoned training set ``(X, y)``: the clean examples first, then the poison,
+            target by target (``copies`` points each).
         planted: [k] indices of the planted points in ``train`` (the last k).
+        owners: [k] for each planted point, the index of the target it serves (into
+            :attr:`targets`).
         leverages: [N + k] float64 leverages of every training example in the poisoned model
             (``Influence.leverages``); the planted points' are :attr:`planted_leverages`.
-        delta: the perturbation added to the target's features (zeros when ``epsilon=0``),
-            shaped like one input.
-        target: the target test example ``(x [1, ...], y [1])``.
+        deltas: [T, ...] the perturbation added to each target's features (zeros when
+            ``epsilon=0``).
+        targets: the T target test examples ``(x [T, ...], y [T])``.
         task: the poisoned model (retrained to the optimum on ``train``) with the logit as its
             measurement.
         influence: an :class:`~infkit.Influence` fitted on ``task`` and ``train`` (estimator
@@ -90,13 +113,38 @@ class Poisoning:
 
     train: tuple[Tensor, Tensor]
     planted: Tensor
+    owners: Tensor
     leverages: Tensor
-    delta: Tensor
-    target: tuple[Tensor, Tensor]
+    deltas: Tensor
+    targets: tuple[Tensor, Tensor]
     task: Task
     influence: Influence
     l2: float
     gradient_norm: float
+
+    @property
+    def n_targets(self) -> int:
+        """The number T of poisoned targets."""
+        return len(self.targets[0])
+
+    @property
+    def target(self) -> tuple[Tensor, Tensor]:
+        """The target test example ``(x [1, ...], y [1])`` of a one-target poisoning."""
+        self._one("target", "targets")
+        return self.targets
+
+    @property
+    def delta(self) -> Tensor:
+        """The perturbation of a one-target poisoning, shaped like one input."""
+        self._one("delta", "deltas")
+        return self.deltas[0]
+
+    def _one(self, name: str, instead: str) -> None:
+        if self.n_targets != 1:
+            raise InvalidInputError(
+                f"this poisoning has {self.n_targets} targets: use .{instead} (one row per "
+                f"target) instead of .{name}"
+            )
 
     @property
     def planted_leverages(self) -> Tensor:
@@ -110,22 +158,32 @@ class Poisoning:
         clean = self.leverages[: len(self.leverages) - len(self.planted)]
         return (clean.unsqueeze(0) < self.planted_leverages.unsqueeze(1)).double().mean(1)
 
+    @property
+    def is_planted(self) -> Tensor:
+        """[N + k] bool: True for the planted points."""
+        flags = torch.zeros(len(self.leverages), dtype=torch.bool)
+        flags[self.planted] = True
+        return flags
+
 
 @dataclass(frozen=True)
 class Detection:
-    """Where the planted points rank under each estimator, and their predicted removal effect.
+    """Where one target's planted points rank under each estimator, and their predicted removal
+    effect on that target's logit.
 
     Attributes:
         scores: estimator -> [N + k] float64 predicted change of the target's logit when each
             training example is removed (``Influence.scores``).
-        ranks: estimator -> [k] position of each planted point when the training set is sorted
-            by |score|, largest first: 1 is the top; ties put clean examples first.
-        auc: estimator -> ROC AUC of |score| separating the planted points from the clean ones.
-        predicted: estimator -> predicted change of the target's logit when all the planted
-            points are removed together (``Influence.remove(planted).measurement``).
-        actual: the change of the target's logit after retraining without the planted points,
-            from the poisoned model (None when :func:`detect_poison` did not retrain).
-        planted_leverages: [k] the planted points' leverages in the poisoned model.
+        ranks: estimator -> [k_t] position of each of the target's planted points when the
+            training set is sorted by |score|, largest first: 1 is the top; ties put clean
+            examples first; the points planted for other targets are left out of the ranking.
+        auc: estimator -> ROC AUC of |score| separating the target's planted points from the
+            clean examples.
+        predicted: estimator -> predicted change of the target's logit when the target's
+            planted points are removed together (``Influence.remove(planted).measurement``).
+        actual: the change of the target's logit after retraining without those points, from
+            the poisoned model (None when :func:`detect_poison` did not retrain).
+        planted_leverages: [k_t] the target's planted points' leverages in the poisoned model.
         logit: the target's logit in the poisoned model.
     """
 
@@ -156,8 +214,7 @@ class Detection:
             A number in [0, 1]: top-k recall of the planted points.
         """
         self._check(estimator)
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
+        _check_k(k)
         return float((self.ranks[estimator] <= k).double().mean())
 
     def ratio(self, estimator: str) -> float:
@@ -201,6 +258,50 @@ class Detection:
         return (self.logit + self.predicted[estimator] > 0) == (after > 0)
 
 
+@dataclass(frozen=True)
+class SelfInfluenceDetection:
+    """How well ranking the poisoned training set by a suspicion score finds the planted points,
+    without knowing the targets.
+
+    Attributes:
+        scores: name -> [N + k] float64 suspicion scores, higher is more suspicious: for each
+            estimator its self-scores (:meth:`~infkit.Influence.self_scores`, the predicted
+            rise of each example's own loss when it is removed), for ``"loss"`` the poisoned
+            model's training loss, for ``"leverage"`` the leverage.
+        auc: name -> ROC AUC of the score separating the planted points from the clean ones
+            (:func:`infkit.evaluate.detection_auc`; ties count one half).
+        recall: name -> top-k recall for k the number of planted points: the share of them
+            among the k highest scores (ties put clean examples first); with that k it is also
+            the precision.
+        is_planted: [N + k] True for the planted points.
+    """
+
+    scores: dict[str, Tensor]
+    auc: dict[str, float]
+    recall: dict[str, float]
+    is_planted: Tensor
+
+    def recall_at(self, name: str, k: int) -> float:
+        """The share of the planted points among the ``k`` training examples with the highest
+        score ``name``.
+
+        Args:
+            name: an estimator of the detection or a baseline (``"loss"``, ``"leverage"``).
+            k: how many of the top-ranked training examples are inspected (>= 1).
+
+        Returns:
+            A number in [0, 1]: top-k recall of the planted points (ties put clean examples
+            first).
+        """
+        if name not in self.scores:
+            raise InvalidInputError(
+                f"{name!r} was not part of this detection; it has {', '.join(self.scores)}"
+            )
+        _check_k(k)
+        ranks = _ranks(self.scores[name], self.is_planted)[self.is_planted]
+        return float((ranks <= k).double().mean())
+
+
 def plant_poison(
     task: Task,
     train: tuple[Tensor, Tensor],
@@ -215,16 +316,11 @@ def plant_poison(
     tolerance: float = 1e-10,
     max_iter: int = 2000,
 ) -> Poisoning:
-    """Plant label-flipped, optionally leverage-raised copies of ``target`` and retrain.
+    """Plant label-flipped, optionally leverage-raised copies of one ``target`` and retrain.
 
-    The poison is ``x_t + delta`` with the label ``1 - y_t``, ``copies`` times. With
-    ``epsilon > 0``, ``delta`` (``||delta|| = epsilon ||x_t||``) is found by ``steps`` rounds
-    of the minorise-maximise ascent ``delta <- epsilon ||x_t|| grad q / ||grad q||`` of the
-    clean model's quadratic form ``q(x) = J(x) (H + ridge)^{-1} J(x)^T`` at ``x_t + delta``,
-    with ``grad q`` projected orthogonally to the clean logit's input gradient at ``x_t`` (each
-    round never lowers a convex q, such as logistic regression's); the best point seen is
-    kept. The poisoned model is a copy of ``task``'s, retrained (warm start) on
-    ``mean_i l_i + (l2/2)||theta||^2`` over the poisoned set. docs/analyses.md §11.
+    The paper's poisoning experiment: one target at a time, by default one exact label-flipped
+    copy (``epsilon=0``), detected on the target's logit by :func:`detect_poison`. It is
+    :func:`plant_poisons` with one target; see there for the attack.
 
     Args:
         task: a :meth:`~infkit.Task.binary_classification` task on the clean model, trained to
@@ -246,11 +342,87 @@ def plant_poison(
 
     Returns:
         The poisoned data, the planted indices, the leverages, the perturbation and the
-        retrained, fitted model.
+        retrained, fitted model (one target: :attr:`Poisoning.target` and
+        :attr:`Poisoning.delta` apply).
+    """
+    X, _ = _checked_train(train)
+    x_t, y_t = _checked_targets(target, X, one=True)
+    return plant_poisons(
+        task,
+        train,
+        (x_t, y_t),
+        l2,
+        epsilon=epsilon,
+        copies=copies,
+        steps=steps,
+        method=method,
+        damping=damping,
+        tolerance=tolerance,
+        max_iter=max_iter,
+    )
+
+
+def plant_poisons(
+    task: Task,
+    train: tuple[Tensor, Tensor],
+    targets: tuple[Tensor, Tensor],
+    l2: float,
+    *,
+    epsilon: float = DEFAULT_EPSILON,
+    copies: int = 1,
+    steps: int = 20,
+    method: str = "exact",
+    damping: float = 0.0,
+    tolerance: float = 1e-10,
+    max_iter: int = 2000,
+) -> Poisoning:
+    """Poison several targets at once: plant leverage-raised, label-flipped copies of each
+    target in one training set and retrain once.
+
+    For target t the poison is ``x_t + delta_t`` with the label ``1 - y_t``, ``copies`` times,
+    appended target by target after the clean examples. With ``epsilon > 0``, ``delta_t``
+    (``||delta_t|| = epsilon ||x_t||``) is found by ``steps`` rounds of the
+    minorise-maximise ascent ``delta <- epsilon ||x_t|| grad q / ||grad q||`` of
+    ``q(x) = J(x) (H + ridge)^{-1} J(x)^T`` at ``x_t + delta``, with ``grad q`` projected
+    orthogonally to the clean logit's input gradient at ``x_t`` (each round never lowers a
+    convex q, such as logistic regression's); the best point seen is kept. H is the curvature
+    of the clean model on the clean examples and the poisons planted for the earlier targets,
+    so that each poison seeks a direction that the earlier ones have not taken. The poisoned
+    model is a copy of ``task``'s, retrained (warm start) on
+    ``mean_i l_i + (l2/2)||theta||^2`` over the poisoned set. docs/analyses.md §11.
+
+    The default ``epsilon=1`` is the paper's leverage-raising variant ("embedding
+    augmentation"), applied to the model's own inputs: it makes the poisons high-leverage
+    points that the model fits through their own share of the curvature, which is what
+    self-influence by the IF underrates and RIF does not (:func:`detect_by_self_influence`).
+    Exact label-flipped copies (``epsilon=0``) have a large loss and a moderate leverage, and
+    the IF's self-influence ranks them as well as RIF's (docs/analyses.md §11 has the numbers).
+
+    Args:
+        task: a :meth:`~infkit.Task.binary_classification` task on the clean model, trained to
+            the optimum of the same objective on ``train``; it is not modified.
+        train: the clean training set, a pair of tensors ``(X [N, ...], y [N])`` with
+            floating-point inputs and labels 0 or 1.
+        targets: the T target test examples ``(x [T, ...], y [T])`` (one example may be given
+            as ``x`` shaped like one input and one label), labels 0 or 1.
+        l2: the training objective's L2 coefficient (mean form).
+        epsilon: each perturbation's L2 norm relative to its target's ``||x_t||`` (0: exact
+            label-flipped copies of the targets).
+        copies: how many poison points are planted per target (identical copies).
+        steps: rounds of the leverage ascent per target (only with ``epsilon > 0``).
+        method: the influence method for the curvature (``"exact"`` by default); it must
+            supply leverages and the ``"rif"`` and ``"newton"`` estimators to detect later.
+        damping: extra numerical damping of the curvature (not part of the objective).
+        tolerance: relative gradient tolerance of the retraining (:func:`infkit.train_to_optimum`).
+        max_iter: the most L-BFGS iterations of the retraining.
+
+    Returns:
+        The poisoned data, the planted indices and the target each serves, the leverages, the
+        perturbations and the retrained, fitted model.
     """
     X, y = _checked_train(train)
-    x_t, y_t = _checked_target(target, X)
-    _check_task(task, x_t)
+    xs, ys = _checked_targets(targets, X)
+    _check_task(task, xs[:1])
     for name, value in (("l2", l2), ("epsilon", epsilon), ("damping", damping)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise InvalidInputError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -260,13 +432,28 @@ def plant_poison(
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise InvalidInputError(f"{name} must be an integer >= 1, got {count!r}")
 
-    delta = torch.zeros_like(x_t[0])
-    if epsilon > 0:
-        delta = _leverage_ascent(task, (X, y), x_t, l2, epsilon, steps, method, damping)
-    poison = (x_t[0] + delta).expand(copies, *x_t.shape[1:]).clone()
-    flipped = (1 - y_t).to(y.dtype).expand(copies).clone()
-    poisoned_train = (torch.cat([X, poison]), torch.cat([y, flipped]))
-    planted = torch.arange(len(X), len(X) + copies)
+    deltas = torch.zeros_like(xs)
+    poison_x: list[Tensor] = []
+    poison_y: list[Tensor] = []
+    stuck = 0
+    for t in range(len(xs)):
+        if epsilon > 0:
+            base = (torch.cat([X, *poison_x]), torch.cat([y, *poison_y]))
+            deltas[t] = _leverage_ascent(
+                task, base, xs[t : t + 1], l2, epsilon, steps, method, damping
+            )
+            stuck += not bool(deltas[t].abs().sum() > 0)
+        poison_x.append((xs[t] + deltas[t]).expand(copies, *xs.shape[1:]).clone())
+        poison_y.append((1 - ys[t]).to(y.dtype).expand(copies).clone())
+    if stuck:
+        warn(
+            f"the leverage ascent found no direction that raises the poison's leverage for "
+            f"{stuck} of {len(xs)} targets (the logit's parameter gradient does not depend on "
+            "the input here); those poisons are unperturbed copies of their targets"
+        )
+    poisoned_train = (torch.cat([X, *poison_x]), torch.cat([y, *poison_y]))
+    planted = torch.arange(len(X), len(poisoned_train[0]))
+    owners = torch.arange(len(xs)).repeat_interleave(copies)
 
     poisoned = _logit_task(task, copy.deepcopy(task.model))
     result = train_to_optimum(poisoned, poisoned_train, l2, tolerance=tolerance, max_iter=max_iter)
@@ -282,9 +469,10 @@ def plant_poison(
     return Poisoning(
         train=poisoned_train,
         planted=planted,
+        owners=owners,
         leverages=leverages,
-        delta=delta,
-        target=(x_t, y_t),
+        deltas=deltas,
+        targets=(xs, ys),
         task=poisoned,
         influence=inf,
         l2=float(l2),
@@ -296,18 +484,22 @@ def detect_poison(
     poisoning: Poisoning,
     estimators: Sequence[str] = ESTIMATORS,
     *,
+    target: int | None = None,
     retrain: bool = True,
     tolerance: float = 1e-10,
     max_iter: int = 2000,
 ) -> Detection:
-    """Rank the poisoned training set by |score| on the target's logit, per estimator, and
-    compare the predicted effect of removing the planted points with retraining.
+    """Rank the poisoned training set by |score| on a target's logit, per estimator, and
+    compare the predicted effect of removing that target's planted points with retraining.
 
     Args:
-        poisoning: the result of :func:`plant_poison`.
+        poisoning: the result of :func:`plant_poison` or :func:`plant_poisons`.
         estimators: which of ``"if"``, ``"rif"`` and ``"newton"`` to rank and predict with.
-        retrain: retrain without the planted points (warm start from the poisoned model,
-            :func:`infkit.retrain.without`) for the actual change; False leaves
+        target: which target (an index into :attr:`Poisoning.targets`); None for a one-target
+            poisoning. The points planted for the other targets are left out of the ranking
+            and the AUC, and stay in the training set when retraining.
+        retrain: retrain without the target's planted points (warm start from the poisoned
+            model, :func:`infkit.retrain.without`) for the actual change; False leaves
             :attr:`Detection.actual` None.
         tolerance: relative gradient tolerance of that retraining.
         max_iter: the most L-BFGS iterations of that retraining.
@@ -315,20 +507,18 @@ def detect_poison(
     Returns:
         Ranks, AUCs, predicted and actual changes of the target's logit.
     """
-    if not isinstance(poisoning, Poisoning):
-        raise InvalidInputError(
-            f"poisoning must be the result of plant_poison, got {type(poisoning).__name__}"
-        )
-    names = [estimators] if isinstance(estimators, str) else list(estimators)
-    unknown = [e for e in names if e not in ESTIMATORS]
-    if not names or unknown or len(set(names)) != len(names):
-        raise InvalidInputError(
-            f"estimators must be distinct names among {', '.join(ESTIMATORS)}, got {estimators!r}"
-        )
-    planted = poisoning.planted
+    _check_poisoning(poisoning)
+    names = _checked_estimators(estimators, ESTIMATORS)
+    index = _target_index(poisoning, target)
+    mine = poisoning.planted[poisoning.owners == index]
+    others = poisoning.planted[poisoning.owners != index]
     n = len(poisoning.leverages)
-    is_planted = torch.zeros(n, dtype=torch.bool)
-    is_planted[planted] = True
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[others] = False
+    is_mine = torch.zeros(n, dtype=torch.bool)
+    is_mine[mine] = True
+    is_mine = is_mine[keep]
+    x_t = (poisoning.targets[0][index : index + 1], poisoning.targets[1][index : index + 1])
     scores: dict[str, Tensor] = {}
     ranks: dict[str, Tensor] = {}
     auc: dict[str, float] = {}
@@ -337,27 +527,73 @@ def detect_poison(
         inf = poisoning.influence
         if inf.estimator != name:
             inf = inf.with_estimator(name)
-        s = inf.scores(poisoning.target)[0].to(torch.float64)
-        strength = s.abs()
-        ranks[name] = _ranks(strength, is_planted)[planted]
-        auc[name] = detection_auc(strength, is_planted)
+        s = inf.scores(x_t)[0].to(torch.float64)
+        strength = s.abs()[keep]
+        ranks[name] = _ranks(strength, is_mine)[is_mine]
+        auc[name] = detection_auc(strength, is_mine)
         scores[name] = s
-        predicted[name] = float(inf.remove(planted).measurement(poisoning.target)[0])
+        predicted[name] = float(inf.remove(mine).measurement(x_t)[0])
     actual = None
-    before = _logit_of(poisoning.task, poisoning.target[0])
+    before = _logit_of(poisoning.task, x_t[0])
     if retrain:
         retrained = without(
             poisoning.task,
             poisoning.train,
-            planted,
+            mine,
             poisoning.l2,
             tolerance=tolerance,
             max_iter=max_iter,
         )
-        actual = float(retrained.measurements(poisoning.target)[0]) - before
+        actual = float(retrained.measurements(x_t)[0]) - before
     return Detection(
-        scores, ranks, auc, predicted, actual, poisoning.planted_leverages.clone(), before
+        scores, ranks, auc, predicted, actual, poisoning.leverages[mine].clone(), before
     )
+
+
+def detect_by_self_influence(
+    poisoning: Poisoning,
+    estimators: Sequence[str] = ESTIMATORS,
+    *,
+    batch_size: int = 1024,
+) -> SelfInfluenceDetection:
+    """Rank the poisoned training set by self-influence, as a defender who does not know the
+    targets would, and measure how well each ranking finds the planted points.
+
+    Each estimator's score is :meth:`~infkit.Influence.self_scores` of the poisoned model: the
+    predicted rise of each example's own loss when it is removed and the model retrained. For
+    one logit the loss gradient is parallel to ``J_j``, so RIF's self-score is the IF's divided
+    by ``1 - h_j`` exactly (docs/estimators.md §4), whatever the l2 share. The training loss
+    and the leverage are reported beside them as baselines.
+
+    Args:
+        poisoning: the result of :func:`plant_poisons` (or :func:`plant_poison`).
+        estimators: which of ``"if"``, ``"rif"``, ``"newton"`` and ``"relatif"`` to rank by.
+        batch_size: examples per forward pass when computing the training loss.
+
+    Returns:
+        Per estimator and baseline: the scores, the ROC AUC and the top-k recall of the
+        planted points against the clean ones.
+    """
+    _check_poisoning(poisoning)
+    names = _checked_estimators(estimators, SELF_ESTIMATORS)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    is_planted = poisoning.is_planted
+    scores: dict[str, Tensor] = {}
+    for name in names:
+        inf = poisoning.influence
+        if inf.estimator != name:
+            inf = inf.with_estimator(name)
+        scores[name] = inf.self_scores().to(torch.float64)
+    scores["loss"] = _training_loss(poisoning.task, poisoning.train, batch_size)
+    scores["leverage"] = poisoning.leverages.clone()
+    k = len(poisoning.planted)
+    auc = {name: detection_auc(s, is_planted) for name, s in scores.items()}
+    recall = {
+        name: float((_ranks(s, is_planted)[is_planted] <= k).double().mean())
+        for name, s in scores.items()
+    }
+    return SelfInfluenceDetection(scores, auc, recall, is_planted)
 
 
 def summarise(
@@ -431,30 +667,90 @@ def _checked_train(train: Any) -> tuple[Tensor, Tensor]:
     return X, y
 
 
-def _checked_target(target: Any, X: Tensor) -> tuple[Tensor, Tensor]:
+def _checked_targets(targets: Any, X: Tensor, *, one: bool = False) -> tuple[Tensor, Tensor]:
+    what = "target" if one else "targets"
     if (
-        not isinstance(target, (tuple, list))
-        or len(target) != 2
-        or not isinstance(target[0], Tensor)
+        not isinstance(targets, (tuple, list))
+        or len(targets) != 2
+        or not isinstance(targets[0], Tensor)
     ):
         raise InvalidInputError(
-            "target must be one test example as a pair (x, y): x a tensor shaped like one "
-            f"training input {tuple(X.shape[1:])}, y its label 0 or 1"
+            f"{what} must be a pair (x, y): x a tensor of test inputs, each shaped like one "
+            f"training input {tuple(X.shape[1:])} (x [T, ...] for T targets), y their labels "
+            "0 or 1"
         )
-    x, y = target
+    x, y = targets
     if x.shape == X.shape[1:]:
         x = x.unsqueeze(0)
-    if x.shape != (1, *X.shape[1:]):
+    if x.dim() != X.dim() or x.shape[1:] != X.shape[1:] or len(x) == 0:
+        raise InvalidInputError(
+            f"{what} x must be examples shaped like a training input {tuple(X.shape[1:])}: "
+            f"one such input or [T, ...]; got {tuple(x.shape)}"
+        )
+    if one and len(x) != 1:
         raise InvalidInputError(
             f"target x must be one example shaped like a training input {tuple(X.shape[1:])} "
-            f"(or [1, ...]); got {tuple(x.shape)}: poison one target at a time"
+            f"(or [1, ...]); got {tuple(x.shape)}: plant_poison poisons one target at a time, "
+            "plant_poisons several"
         )
     y = torch.as_tensor(y).reshape(-1)
-    if y.numel() != 1 or float(y[0]) not in (0.0, 1.0):
-        raise InvalidInputError(f"target y must be one label 0 or 1, got {target[1]!r}")
+    if y.numel() != len(x) or bool(((y != 0) & (y != 1)).any()):
+        count = "one label" if one else f"{len(x)} labels, one per target,"
+        raise InvalidInputError(f"{what} y must be {count} 0 or 1; got {targets[1]!r}")
     if not bool(torch.isfinite(x).all()):
-        raise InvalidInputError("target x holds NaN or Inf")
+        raise InvalidInputError(f"{what} x holds NaN or Inf")
     return x.to(X.dtype), y.to(X.device)
+
+
+def _check_poisoning(poisoning: Any) -> None:
+    if not isinstance(poisoning, Poisoning):
+        raise InvalidInputError(
+            "poisoning must be the result of plant_poison or plant_poisons, got "
+            f"{type(poisoning).__name__}"
+        )
+
+
+def _checked_estimators(estimators: Any, allowed: tuple[str, ...]) -> list[str]:
+    names = [estimators] if isinstance(estimators, str) else list(estimators)
+    unknown = [e for e in names if e not in allowed]
+    if not names or unknown or len(set(names)) != len(names):
+        raise InvalidInputError(
+            f"estimators must be distinct names among {', '.join(allowed)}, got {estimators!r}"
+        )
+    return names
+
+
+def _target_index(poisoning: Poisoning, target: Any) -> int:
+    count = poisoning.n_targets
+    if target is None:
+        if count != 1:
+            raise InvalidInputError(
+                f"this poisoning has {count} targets: say which one to detect on, "
+                f"detect_poison(poisoning, target=i) with 0 <= i < {count}"
+            )
+        return 0
+    if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < count:
+        raise InvalidInputError(
+            f"target must be an integer index 0 <= target < {count} (the poisoning's targets), "
+            f"got {target!r}"
+        )
+    return target
+
+
+def _check_k(k: Any) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
+
+
+def _training_loss(task: Task, train: tuple[Tensor, Tensor], batch_size: int) -> Tensor:
+    """[N] float64 per-example training loss of ``task``'s model."""
+    X, y = train
+    parts = []
+    with torch.no_grad(), evaluation_mode(task.model):
+        for start in range(0, len(X), batch_size):
+            stop = start + batch_size
+            parts.append(task.loss(task.call_model(task.model, X[start:stop]), y[start:stop]))
+    return torch.cat(parts).to(torch.float64).reshape(-1)
 
 
 def _check_task(task: Task, x: Tensor) -> None:
@@ -518,8 +814,13 @@ def _leverage_ascent(
     damping: float,
 ) -> Tensor:
     """The perturbation ``delta`` (``||delta|| = epsilon ||x_t||``) that raises the clean
-    model's ``q(x) = J(x) (H + ridge)^{-1} J(x)^T`` (module docstring)."""
-    clean = Influence(task, method, "if", l2=l2, damping=damping, progress=False).fit(train)
+    model's ``q(x) = J(x) (H + ridge)^{-1} J(x)^T``, H its curvature on ``train`` (the clean
+    examples and the poisons planted so far; module docstring)."""
+    with warnings.catch_warnings():
+        # With earlier poisons in ``train`` the clean model is not at that set's optimum, and
+        # need not be: only its curvature is used here.
+        warnings.filterwarnings("ignore", message="the model is not at a stationary point")
+        clean = Influence(task, method, "if", l2=l2, damping=damping, progress=False).fit(train)
     inverse = clean.method.inverse()
     space = clean.fitted.space
     named = dict(task.model.named_parameters())
@@ -566,10 +867,4 @@ def _leverage_ascent(
         if torch.allclose(step, delta, rtol=1e-10, atol=1e-12 * radius):
             break
         delta = step
-    if not bool(best.abs().sum() > 0):
-        warn(
-            "the leverage ascent found no direction that raises the poison's leverage (the "
-            "logit's parameter gradient does not depend on the input here); the poison is an "
-            "unperturbed copy of the target"
-        )
     return best[0].detach()
