@@ -1,4 +1,10 @@
-"""Faithfulness metrics: correlation with leave-one-out, LDS, detection AUC."""
+"""Faithfulness metrics: correlation with leave-one-out, LDS, detection AUC.
+
+The per-query metrics (LDS, the leave-one-out correlation of each test example) come with a
+bootstrap confidence interval of their mean over test examples (:func:`lds_interval`,
+:func:`loo_interval`, docs/evaluation.md §6): a benchmark of a few dozen queries otherwise reads
+differences that are noise.
+"""
 
 from __future__ import annotations
 
@@ -58,8 +64,19 @@ def lds(scores: Tensor, masks: Tensor, actual: Tensor) -> float:
         masks: [m, n_train] bool, True for kept examples.
         actual: [m, n_test] measurements of the models retrained on each subset.
     """
+    return float(np.nanmean(lds_per_query(scores, masks, actual)))
+
+
+def lds_per_query(scores: Tensor, masks: Tensor, actual: Tensor) -> np.ndarray:
+    """The LDS of each test example, [n_test] (NaN where the correlation is undefined, e.g. a
+    constant measurement); :func:`lds` is their mean. Arguments as for :func:`lds`."""
     S, M, Y = _np(scores), _np(masks).astype(bool), _np(actual)
-    if M.shape[1] != S.shape[1] or Y.shape != (M.shape[0], S.shape[0]):
+    if (
+        S.ndim != 2
+        or M.ndim != 2
+        or M.shape[1] != S.shape[1]
+        or Y.shape != (M.shape[0], S.shape[0])
+    ):
         raise InvalidInputError(
             f"shapes do not line up: scores {S.shape}, masks {M.shape}, actual {Y.shape}; "
             "expected [T, N], [m, N], [m, T]"
@@ -67,8 +84,129 @@ def lds(scores: Tensor, masks: Tensor, actual: Tensor) -> float:
     from scipy import stats
 
     predicted = (~M).astype(float) @ S.T  # [m, T]
-    rhos = [stats.spearmanr(predicted[:, t], Y[:, t])[0] for t in range(S.shape[0])]
-    return float(np.nanmean(rhos))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.array(
+            [stats.spearmanr(predicted[:, t], Y[:, t])[0] for t in range(S.shape[0])], dtype=float
+        )
+
+
+@dataclass
+class Interval:
+    """The mean of a per-query metric with a percentile-bootstrap confidence interval.
+
+    Attributes:
+        mean: the mean over the queries with a defined value.
+        low: the lower end of the interval.
+        high: the upper end.
+        confidence: the interval's nominal coverage, e.g. 0.95.
+        values: [n_test] the per-query values (NaN where undefined).
+        n: how many queries have a defined value.
+    """
+
+    mean: float
+    low: float
+    high: float
+    confidence: float
+    values: np.ndarray
+    n: int
+
+    def __str__(self) -> str:
+        level = f"{100 * self.confidence:g}%"
+        return f"{self.mean:.3f} [{level}: {self.low:.3f}, {self.high:.3f}] over {self.n} queries"
+
+
+def bootstrap_mean(
+    values: Tensor | np.ndarray,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> Interval:
+    """The mean of ``values`` (NaN skipped) with a percentile-bootstrap interval: the queries
+    are resampled with replacement ``resamples`` times and the interval is the central
+    ``confidence`` share of the resampled means.
+
+    Args:
+        values: [n] per-query values.
+        confidence: nominal coverage, in (0, 1).
+        resamples: bootstrap resamples (at least 100).
+        seed: seed of the resampling.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise InvalidInputError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence!r}")
+    if not isinstance(resamples, int) or resamples < 100:
+        raise InvalidInputError(f"resamples must be an integer >= 100, got {resamples!r}")
+    all_values = _np(values).reshape(-1)
+    defined = all_values[~np.isnan(all_values)]
+    if defined.size < 2:
+        raise InvalidInputError(
+            f"a bootstrap interval needs at least 2 queries with a defined value, got "
+            f"{defined.size} (of {all_values.size}): use more test examples"
+        )
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, defined.size, size=(resamples, defined.size))
+    means = defined[draws].mean(axis=1)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return Interval(
+        float(defined.mean()), float(low), float(high), confidence, all_values, int(defined.size)
+    )
+
+
+def lds_interval(
+    scores: Tensor,
+    masks: Tensor,
+    actual: Tensor,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> Interval:
+    """:func:`lds` with a bootstrap interval over test examples (docs/evaluation.md §6).
+
+    Args:
+        scores: [n_test, n_train] removal effects.
+        masks: [m, n_train] bool, True for kept examples (``retrain.subsets(...).masks``).
+        actual: [m, n_test] measurements of the retrained models.
+        confidence: nominal coverage of the interval.
+        resamples: bootstrap resamples.
+        seed: seed of the resampling.
+    """
+    values = lds_per_query(scores, masks, actual)
+    return bootstrap_mean(values, confidence=confidence, resamples=resamples, seed=seed)
+
+
+def loo_interval(
+    scores: Tensor,
+    actual: Tensor,
+    indices: Tensor | None = None,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> Interval:
+    """The Spearman correlation of predicted with actual leave-one-out changes, per test
+    example, averaged with a bootstrap interval over test examples (docs/evaluation.md §6).
+
+    Args:
+        scores: [n_test, n_train] predicted changes (``Influence.scores``).
+        actual: [n_test, k] actual changes (``retrain.leave_one_out(...).measurement``).
+        indices: the k training indices ``actual`` covers (default: all).
+        confidence: nominal coverage of the interval.
+        resamples: bootstrap resamples.
+        seed: seed of the resampling.
+    """
+    pred = _np(scores if indices is None else scores[..., torch.as_tensor(indices)])
+    act = _np(actual)
+    if pred.ndim != 2 or pred.shape != act.shape:
+        raise InvalidInputError(
+            f"predicted {pred.shape} and actual {act.shape} must both be [n_test, k]"
+        )
+    from scipy import stats
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = np.array([stats.spearmanr(p, a)[0] for p, a in zip(pred, act)], dtype=float)
+    return bootstrap_mean(values, confidence=confidence, resamples=resamples, seed=seed)
 
 
 def detection_auc(scores: Tensor | np.ndarray, is_flagged: Tensor | np.ndarray) -> float:
