@@ -405,6 +405,17 @@ class Task:
         twin.model = model
         return twin
 
+    def with_measurement(self, measurement: PerExampleFn, higher_is_better: bool = False) -> Task:
+        """A copy of this task measuring ``measurement`` (``fn(outputs, targets) -> [B]``)
+        instead: the same model, loss, curvature and checks."""
+        if not callable(measurement):
+            raise InvalidInputError("measurement must be a callable fn(outputs, targets) -> [B]")
+        twin = copy.copy(self)
+        twin.measurement = measurement
+        twin.higher_is_better = higher_is_better
+        twin.measures_loss = False
+        return twin
+
     def with_autocast(self, dtype: torch.dtype | None) -> Task:
         """A copy of this task whose passes run under ``torch.autocast(dtype)`` (None: off)."""
         if dtype not in AUTOCAST_DTYPES:

@@ -455,7 +455,7 @@ def plant_poisons(
     planted = torch.arange(len(X), len(poisoned_train[0]))
     owners = torch.arange(len(xs)).repeat_interleave(copies)
 
-    poisoned = _logit_task(task, copy.deepcopy(task.model))
+    poisoned = task.with_model(copy.deepcopy(task.model)).with_measurement(logit)
     result = train_to_optimum(poisoned, poisoned_train, l2, tolerance=tolerance, max_iter=max_iter)
     if not result.converged:
         warn(
@@ -780,22 +780,6 @@ def _ranks(strength: Tensor, is_planted: Tensor) -> Tensor:
     ranks = torch.empty(len(strength), dtype=torch.long)
     ranks[torch.tensor(order)] = torch.arange(1, len(strength) + 1)
     return ranks
-
-
-def _logit_task(task: Task, model: torch.nn.Module) -> Task:
-    """``task`` on ``model``, measuring the logit instead of the loss."""
-    return Task(
-        model,
-        task.loss,
-        logit,
-        output_hessian=task.output_hessian,
-        output_hessian_factor=task.output_hessian_factor,
-        output_fn=task.output_fn,
-        name=task.name,
-        check_targets=task.check_targets,
-        check_outputs=task.check_outputs,
-        autocast=task.autocast,
-    )
 
 
 def _logit_of(task: Task, x: Tensor) -> float:
