@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,6 +73,25 @@ def small_mlp(d_in: int = 5, hidden: int = 8, d_out: int = 3, seed: int = 0) -> 
     return torch.nn.Sequential(
         torch.nn.Linear(d_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, d_out)
     ).double()
+
+
+def fit_registered(problem: dict, name: str, **settings: Any) -> infkit.Influence:
+    """Fit method ``name`` on ``problem`` (an ``mlp_problem``) with its contract settings.
+
+    A method that differentiates a training run (``Fidelity(reference="trajectory")``) needs a
+    model trained by a recipe: a fresh copy of the architecture is trained by full-batch gradient
+    descent on the same data (same l2) and fitted with its run.
+    """
+    from infkit.methods import method_class
+
+    fidelity = method_class(name).fidelity
+    options = {"damping": fidelity.damping, **dict(fidelity.test_options), **settings}
+    task, train, l2 = problem["task"], problem["train"], problem["l2"]
+    if fidelity.reference == "trajectory":
+        model = small_mlp()
+        task = infkit.Task.classification(model)
+        options["run"] = infkit.Recipe(steps=300, lr=0.5, l2=l2).train(task, train)
+    return infkit.Influence(task, name, l2=l2, **options).fit(train)
 
 
 @pytest.fixture(scope="module")

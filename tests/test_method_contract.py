@@ -37,6 +37,8 @@ def _cases() -> list[tuple[str, str, str, str]]:
     cases = []
     for problem in PROBLEMS:
         for name, info in infkit.methods().items():
+            if method_class(name).fidelity.reference == "trajectory":
+                continue  # differentiates a training run: tests/test_unrolled.py checks it
             for estimator in info["estimators"]:
                 cases += [
                     (problem, name, estimator, q) for q in ("scores", "self_scores", "remove")

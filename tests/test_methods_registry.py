@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import fit_registered
 
 import infkit
 from infkit.errors import InvalidInputError, UnsupportedError
@@ -71,10 +72,7 @@ def test_renamed_options_still_work_with_a_warning(mlp_problem: dict) -> None:
 @pytest.mark.parametrize("method", sorted(infkit.methods()))
 def test_self_influence_is_a_positive_removal_effect(mlp_problem: dict, method: str) -> None:
     """Removing an example raises its own loss, for every method (infkit's orientation)."""
-    task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
-    fidelity = method_class(method).fidelity
-    options = dict(fidelity.test_options)
-    inf = infkit.Influence(task, method, l2=l2, damping=fidelity.damping, **options).fit(train)
+    inf = fit_registered(mlp_problem, method)
     s = inf.self_scores()
     assert s.shape == (60,) and torch.isfinite(s).all()
     assert float((s > 0).double().mean()) > 0.9

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +28,13 @@ from torch import Tensor
 from infkit import decompositions, registry, saved
 from infkit.data import ExampleSet, checked_indices
 from infkit.decompositions import Svd, TokenScores
-from infkit.errors import InvalidInputError, NotFittedError, ProblemTooLargeError, UnsupportedError
+from infkit.errors import (
+    InvalidInputError,
+    NotFittedError,
+    ProblemTooLargeError,
+    UnsupportedError,
+    warn,
+)
 from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator
 from infkit.fitted import (
     Fitted,
@@ -42,14 +49,16 @@ from infkit.methods.base import (
     Method,
     Problem,
     method_class,
+    methods_answering,
     registered,
 )
-from infkit.parameters import ParameterSpace
+from infkit.parameters import ParameterSpace, evaluation_mode
 from infkit.plan import Plan, RunShape
 from infkit.progress import resolve as resolve_progress
 from infkit.progress import track
 from infkit.removal import Quantity, RemovalEffect
 from infkit.task import Task
+from infkit.training import objective_and_gradient
 
 #: ``method="auto"`` logs its choice here (INFO)
 logger = logging.getLogger("infkit")
@@ -596,18 +605,148 @@ class Influence:
         method.require("self_scores")
         return self.fitted.output(method.self_scores(self._estimator))
 
-    def remove(self, indices: Sequence[int] | Tensor) -> RemovalEffect:
-        """Predicted effect of removing the training examples ``indices`` jointly."""
+    def remove(self, indices: Sequence[int] | Tensor, *, steps: int = 1) -> RemovalEffect:
+        """Predicted effect of removing the training examples ``indices`` jointly.
+
+        With ``steps=1`` (the default) ``Delta theta`` is the estimator's one-step answer
+        (docs/estimators.md §6), and the changes of outputs, losses and measurements are first
+        order in it (``J(x) Delta theta``, or the method's own prediction).
+
+        With ``steps=K > 1`` the estimator's answer is the first iterate
+        ``theta_1 = theta* + Delta theta_1``, and K - 1 Newton steps on the retained objective
+        ``L_R(theta) = mean_{i not in F} l_i(theta) + (l2/2) ||theta - theta'||^2`` follow:
+
+            theta_{k+1} = theta_k - H_R(theta_k)^{-1} grad L_R(theta_k)
+
+        ``H_R(theta_k)`` is this method's curvature fitted again, with the same options, ``l2``
+        and damping, on the retained examples at ``theta_k`` (one refit of the method per step,
+        on a copy of the model: the model and the workdir are left alone), and
+        ``grad L_R(theta_k)`` is exact. The fixed point is the retained optimum, whatever the
+        damping, so for a convex loss ``theta_K`` approaches retraining
+        (:func:`infkit.retrain.without`), quadratically with an exact curvature
+        (docs/estimators.md §12). The result's ``params`` is ``theta_K - theta*``, its
+        ``gradient_norms`` the ``||grad L_R(theta_k)||`` of the iterates, and its ``outputs``,
+        ``loss`` and ``measurement`` are the actual changes of the model at ``theta_K`` against
+        the model at ``theta*`` (not first-order ones: ``theta_K`` stands for the retrained
+        model). Needs a method that applies its inverse curvature to vectors
+        (``precondition_queries``).
+
+        Args:
+            indices: the training examples removed together (distinct, not all of them).
+            steps: the number of Newton steps, the estimator's own first (an integer >= 1).
+
+        Returns:
+            The removal's :class:`~infkit.removal.RemovalEffect`.
+
+        Raises:
+            InvalidInputError: ``steps`` is not an integer >= 1, or bad ``indices``.
+            UnsupportedError: ``steps > 1`` with a method that cannot solve with its curvature
+                at a new point (the message names those that can), or estimator ``"relatif"``.
+        """
+        _check_steps(steps)
         idx = self._indices(indices)
         self._estimator.require_counterfactual()
         method = self.method
         method.require("remove")
+        if steps > 1:
+            return self._remove_in_steps(idx, steps)
         delta = self.fitted.output(method.removal(idx, self._estimator))
 
         def predict(data: Any, which: Quantity) -> Tensor:
             return self._predicted_change(data, delta, which, idx)
 
         return RemovalEffect(idx, delta, self.estimator, predict, self.task.model)
+
+    def _remove_in_steps(self, idx: Tensor, steps: int) -> RemovalEffect:
+        """:meth:`remove` with ``steps > 1``: the estimator's step, then ``steps - 1`` Newton
+        steps on the retained objective, each with the method refitted at the iterate."""
+        method, fitted = self.method, self.fitted
+        _require_newton_iteration(method, steps)
+        first = method.removal(idx, self._estimator).to(fitted.theta)
+        keep = torch.ones(fitted.n, dtype=torch.bool)
+        keep[idx.cpu()] = False
+        retained = fitted.train.subset(keep.nonzero().squeeze(1))
+        clone = copy.deepcopy(self.task.model)
+        task = self.task.with_model(clone)
+        space = ParameterSpace(clone, fitted.space.names)
+        theta = fitted.theta + first  # theta_1, float64
+        norms: list[float] = []
+        for _ in track(range(steps - 1), fitted.progress, "newton steps", steps - 1):
+            space.assign_(theta)
+            refit = self._refit_at(task, retained)
+            gradient = _retained_gradient(
+                refit.fitted.engine, retained, self.l2, fitted.anchor, self.batch_size
+            )
+            norms.append(float(gradient.norm()))
+            step = refit.method.precondition_queries(gradient.unsqueeze(0))[0]
+            theta = theta - step.to(theta)
+        space.assign_(theta)
+        engine = PerExample(task, space, self.per_example_mode)
+        final = _retained_gradient(engine, retained, self.l2, fitted.anchor, self.batch_size)
+        norms.append(float(final.norm()))
+        if not norms[-1] < norms[0]:
+            warn(
+                f"{steps} Newton steps on the retained objective did not converge: "
+                f"||grad L_R|| went from {norms[0]:.3g} at the first iterate to {norms[-1]:.3g} "
+                "(gradient_norms has every iterate). A non-convex loss or an approximate "
+                "curvature can make plain Newton steps diverge; use fewer steps, a larger "
+                "damping, or retrain (infkit.retrain.without)",
+                UserWarning,
+            )
+        delta = fitted.output(theta - fitted.theta)
+
+        def predict(data: Any, which: Quantity) -> Tensor:
+            return self._actual_change(data, engine, which)
+
+        return RemovalEffect(
+            idx,
+            delta,
+            self.estimator,
+            predict,
+            self.task.model,
+            steps=steps,
+            gradient_norms=norms,
+        )
+
+    def _refit_at(self, task: Task, retained: ExampleSet) -> Influence:
+        """This Influence's method and settings fitted again on ``retained`` with ``task``'s
+        model (a copy at a Newton iterate): no progress, no workdir, no saved factors."""
+        method = self.method
+        options = dict(self.method_options)
+        if "factors_dir" in type(method).Options.names():
+            options["factors_dir"] = None  # the user's factors are theta*'s, not the iterate's
+        refit = Influence(
+            task,
+            method.name,
+            "if",
+            self.l2,
+            "auto" if self.auto_damping else self.damping,
+            batch_size=self.batch_size,
+            per_example=self.per_example_mode,
+            progress=False,
+            memory_limit=self.memory_limit,
+            **options,
+        )
+        # The iterate is not the retained optimum (the fit's drift check would say so at every
+        # step), and the other fit-time warnings repeat this Influence's own fit.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return refit.fit(retained)
+
+    def _actual_change(self, data: Any, engine: PerExample, which: Quantity) -> Tensor:
+        """Change of ``which`` on ``data`` from the model at theta* to ``engine``'s model."""
+        examples = self._queries(data, "data")
+        before, after = self.fitted.engine, engine
+        parts = []
+        for batch in examples.batches(self.batch_size):
+            if which == "outputs":
+                change = after.outputs(batch) - before.outputs(batch)
+                parts.append(change.reshape(change.shape[0], -1))
+            elif which == "loss":
+                parts.append(after.losses(batch) - before.losses(batch))
+            else:
+                parts.append(after.measurements(batch) - before.measurements(batch))
+        return torch.cat(parts).to(self.fitted.space.dtype).cpu()
 
     def _predicted_change(self, data: Any, delta: Tensor, which: Quantity, idx: Tensor) -> Tensor:
         """Change of ``which`` on ``data`` under the removal: the method's own, or J Delta theta."""
@@ -806,6 +945,57 @@ def _estimator(name: str, relatif: str) -> Estimator:
             f"unknown relatif norm {relatif!r}; use one of {', '.join(RELATIF_NORMS)}"
         )
     return Estimator(name, relatif)  # both checked above
+
+
+def _check_steps(steps: Any) -> None:
+    """Refuse a ``steps`` of :meth:`Influence.remove` that is not an integer >= 1."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise InvalidInputError(
+            f"remove(..., steps=...) must be an integer >= 1 (1: the estimator's step; K > 1: "
+            f"K - 1 more Newton steps on the retained objective), got steps={steps!r}"
+        )
+
+
+def _iterating_methods() -> list[str]:
+    """The registered methods that can take further Newton steps: those that apply their
+    inverse curvature to vectors (``precondition_queries``) and have a curvature."""
+    return [
+        name
+        for name in methods_answering("query_batching")
+        if method_class(name).curvature != "identity"
+    ]
+
+
+def _require_newton_iteration(method: Method, steps: int) -> None:
+    """Raise UnsupportedError when ``method`` cannot take the Newton steps of ``steps > 1``."""
+    if method.answers("query_batching") and method.curvature != "identity":
+        return
+    why = (
+        "has no curvature (H = I): its steps would be plain gradient steps"
+        if method.curvature == "identity"
+        else f"does not apply its inverse curvature to vectors{method._why_not('query_batching')}"
+    )
+    able = ", ".join(repr(m) for m in _iterating_methods()) or "none"
+    raise UnsupportedError(
+        f"remove(..., steps={steps}) takes Newton steps with the method's curvature refitted at "
+        f"each iterate, and method {method.name!r} {why}; methods that can: {able}. Or use "
+        "steps=1"
+    )
+
+
+def _retained_gradient(
+    engine: PerExample, retained: ExampleSet, l2: float, anchor: Tensor | None, batch_size: int
+) -> Tensor:
+    """``grad L_R(theta)`` [P] float64 at the parameters of ``engine``'s model: the mean loss
+    gradient over the ``retained`` examples plus ``l2 (theta - theta')``, theta' = ``anchor``."""
+    task, space = engine.task, engine.space
+    with evaluation_mode(task.model):
+        _, mean = objective_and_gradient(
+            task, space, retained, 0.0, chunk=batch_size, engine=engine
+        )
+    theta = space.flat().to(torch.float64)
+    shift = theta if anchor is None else theta - anchor.to(theta)
+    return mean.to(torch.float64) + l2 * shift
 
 
 def _attributed_space(method: Method, task: Task, space: ParameterSpace) -> ParameterSpace:

@@ -20,13 +20,24 @@ Predictor = Callable[[Any, Quantity], Tensor]
 class RemovalEffect:
     """What removing the training examples ``indices`` (jointly) is predicted to change.
 
+    With ``steps=1`` (one estimator step, :meth:`infkit.Influence.remove`'s default) the changes
+    of outputs, losses and measurements are first order in Delta theta: ``J(x) Delta theta`` and
+    the like (or the method's own prediction). With ``steps > 1`` theta* + Delta theta is the
+    K-th Newton iterate on the retained objective, an approximation of the retrained model
+    itself, and they are the actual changes of the model at theta* + Delta theta against the
+    model at theta* (docs/estimators.md §12).
+
     Args:
         indices: the removed training indices.
         params: Delta theta [P], trainable parameters flattened in ``model.parameters()`` order.
-        estimator: the estimator that predicted it.
+        estimator: the estimator that predicted it (of the first step when ``steps > 1``).
         predict: ``(data, quantity) -> change``: how the fitted method predicts the change of the
             outputs, the loss or the measurement on ``data``.
         model: the trained model (``model()`` returns an edited copy of it).
+        steps: the number of Newton steps taken, the estimator's own step first.
+        gradient_norms: with ``steps > 1``, ``||grad L_R(theta_k)||`` at the iterates
+            theta_1 ... theta_K (L_R the retained objective, mean form): how close each is to
+            the retained optimum; None for ``steps=1`` (not computed).
     """
 
     def __init__(
@@ -36,23 +47,31 @@ class RemovalEffect:
         estimator: str,
         predict: Predictor,
         model: nn.Module,
+        *,
+        steps: int = 1,
+        gradient_norms: list[float] | None = None,
     ) -> None:
         self.indices = indices
         self.params = params
         self.estimator = estimator
+        self.steps = steps
+        self.gradient_norms = gradient_norms
         self._predict = predict
         self._model = model
 
     def outputs(self, data: Any) -> Tensor:
-        """Predicted change of the model outputs, [n, C]: J(x) Delta theta."""
+        """Predicted change of the model outputs, [n, C]: J(x) Delta theta (``steps=1``), the
+        actual change at theta* + Delta theta (``steps > 1``)."""
         return self._predict(data, "outputs")
 
     def loss(self, data: Any) -> Tensor:
-        """Predicted change of the per-example loss (no regulariser), [n]: grad l^T Delta theta."""
+        """Predicted change of the per-example loss (no regulariser), [n]: grad l^T Delta theta
+        (``steps=1``), the actual change at theta* + Delta theta (``steps > 1``)."""
         return self._predict(data, "loss")
 
     def measurement(self, data: Any) -> Tensor:
-        """Predicted change of the task's measurement, [n]; ``scores`` columns sum to this for IF."""
+        """Predicted change of the task's measurement, [n]; ``scores`` columns sum to this for IF
+        (``steps=1``); the actual change at theta* + Delta theta for ``steps > 1``."""
         return self._predict(data, "measurement")
 
     def model(self) -> nn.Module:
@@ -65,5 +84,5 @@ class RemovalEffect:
     def __repr__(self) -> str:
         return (
             f"RemovalEffect(n_removed={len(self.indices)}, estimator={self.estimator!r}, "
-            f"|Delta theta|={float(self.params.norm()):.3e})"
+            f"steps={self.steps}, |Delta theta|={float(self.params.norm()):.3e})"
         )

@@ -2,7 +2,11 @@
 
 Removing a set F means retraining on ``mean_{i not in F} l_i + (l2/2)||theta||^2`` (the core
 convention) to a tight optimum, with full-batch L-BFGS warm-started from the trained parameters.
-The model passed in is never modified: retraining happens on a copy.
+With ``run=`` (a :class:`~infkit.recipe.TrainingRun`, the model trained by a
+:class:`~infkit.recipe.Recipe`), retraining is instead the same recipe replayed from the same
+initial parameters with the removed examples' weights set to 0: the ground truth of networks
+trained by SGD, and what ``method="unrolled"`` differentiates. The model passed in is never
+modified: retraining happens on a copy.
 
 Long runs can be resumed: with ``cache_dir``, each retrained result is committed atomically to an
 artifact store (:mod:`infkit.store`), keyed by everything it depends on, and found again by the
@@ -27,6 +31,7 @@ from infkit.fingerprint import data_fingerprint, model_fingerprint, task_fingerp
 from infkit.gradients import PerExample
 from infkit.parameters import ParameterSpace
 from infkit.progress import resolve, track
+from infkit.recipe import Replay, TrainingRun
 from infkit.store import ArtifactStore
 from infkit.task import Task
 from infkit.training import train_to_optimum
@@ -96,6 +101,7 @@ class RetrainCache:
         l2: float,
         tolerance: float,
         max_iter: int,
+        run: TrainingRun | None = None,
     ) -> None:
         self.store = ArtifactStore(cache_dir)
         self.base = {
@@ -106,6 +112,10 @@ class RetrainCache:
             "tolerance": float(tolerance),
             "max_iter": int(max_iter),
         }
+        if run is not None:
+            self.base["recipe"] = run.recipe.record()
+            self.base["initial"] = _digest(run.initial)
+            self.base["weights"] = _digest(run.weights)
 
     def identity(self, removed: Tensor) -> dict[str, Any]:
         ordered = removed.sort().values.to(torch.int64).numpy().tobytes()
@@ -123,6 +133,44 @@ class RetrainCache:
         self.store.save(self.KIND, self.identity(removed), tensors={"tensors": values})
 
 
+def _digest(tensor: Tensor) -> str:
+    data = tensor.detach().cpu().contiguous().to(torch.float64).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _cache(
+    cache_dir: str | Path | None,
+    task: Task,
+    examples: ExampleSet,
+    l2: float,
+    tolerance: float,
+    max_iter: int,
+    run: TrainingRun | None,
+) -> RetrainCache | None:
+    if run is not None:
+        _check_run(run, examples, l2)
+    if cache_dir is None:
+        return None
+    return RetrainCache(cache_dir, task, examples, l2, tolerance, max_iter, run)
+
+
+def _check_run(run: TrainingRun, examples: ExampleSet, l2: float) -> None:
+    if not isinstance(run, TrainingRun):
+        raise InvalidInputError(
+            f"run must be the TrainingRun that Recipe.train returned, got {type(run).__name__}"
+        )
+    if run.n != len(examples):
+        raise InvalidInputError(
+            f"the run trained on {run.n} examples, the training set has {len(examples)}: pass "
+            "the data the run was trained on"
+        )
+    if float(l2) != float(run.recipe.l2):
+        raise InvalidInputError(
+            f"l2={l2} differs from the recipe's l2={run.recipe.l2}: retraining by the recipe "
+            "uses the recipe's objective; pass the same l2"
+        )
+
+
 def without(
     task: Task,
     train: Any,
@@ -132,19 +180,18 @@ def without(
     tolerance: float = 1e-10,
     max_iter: int = 2000,
     cache_dir: str | Path | None = None,
+    run: TrainingRun | None = None,
 ) -> Retrained:
     """Retrain without the training examples ``indices`` (warm start from the trained model).
 
-    With ``cache_dir`` the result is kept in an artifact store and reused by the next call that
+    With ``run`` (the model's :class:`~infkit.recipe.TrainingRun`), the recipe is replayed from
+    its initial parameters with the removed examples' weights set to 0 instead. With
+    ``cache_dir`` the result is kept in an artifact store and reused by the next call that
     depends on exactly the same model, task, data, removed examples and settings.
     """
     examples = ExampleSet(train, name="training set")
-    cache = (
-        None
-        if cache_dir is None
-        else RetrainCache(cache_dir, task, examples, l2, tolerance, max_iter)
-    )
-    return _retrain(task, examples, indices, l2, tolerance, max_iter, cache)
+    cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
+    return _retrain(task, examples, indices, l2, tolerance, max_iter, cache, run)
 
 
 def _retrain(
@@ -155,6 +202,7 @@ def _retrain(
     tolerance: float,
     max_iter: int,
     cache: RetrainCache | None,
+    run: TrainingRun | None = None,
 ) -> Retrained:
     n = len(examples)
     removed = checked_indices(indices, n, what="removed index", unique=True, allow_empty=True)
@@ -175,26 +223,39 @@ def _retrain(
         )
     clone = copy.deepcopy(task.model)
     clone_task = task.with_model(clone)
-    result = train_to_optimum(
-        clone_task,
-        examples,
-        l2,
-        indices=keep.nonzero().squeeze(1),
-        max_iter=max_iter,
-        tolerance=tolerance,
-    )
+    if run is not None:
+        theta, gradient_norm, evaluations = _replay(clone_task, examples, run, keep)
+    else:
+        result = train_to_optimum(
+            clone_task,
+            examples,
+            l2,
+            indices=keep.nonzero().squeeze(1),
+            max_iter=max_iter,
+            tolerance=tolerance,
+        )
+        theta, gradient_norm, evaluations = result.theta, result.gradient_norm, result.evaluations
     if cache is not None:
         cache.save(
             removed,
             {
-                "theta": result.theta,
-                "gradient_norm": torch.tensor(result.gradient_norm),
-                "evaluations": torch.tensor(result.evaluations),
+                "theta": theta,
+                "gradient_norm": torch.tensor(gradient_norm),
+                "evaluations": torch.tensor(evaluations),
             },
         )
-    return Retrained(
-        task, removed, result.theta, result.theta - theta0, result.gradient_norm, result.evaluations
-    )
+    return Retrained(task, removed, theta, theta - theta0, gradient_norm, evaluations)
+
+
+def _replay(
+    task: Task, examples: ExampleSet, run: TrainingRun, keep: Tensor
+) -> tuple[Tensor, float, int]:
+    """The run's recipe replayed from its initial parameters with the removed weights at 0:
+    theta_T, nan (no optimum is sought) and the number of steps."""
+    replay = Replay(run.recipe, task, examples)
+    weights = run.weights.to(replay.space.dtype) * keep.to(replay.space.dtype)
+    theta, _ = replay.final(run.initial.to(replay.space.dtype), weights)
+    return theta.detach().clone(), float("nan"), run.recipe.steps
 
 
 @dataclass
@@ -227,20 +288,20 @@ def leave_one_out(
     max_iter: int = 2000,
     cache_dir: str | Path | None = None,
     progress: bool | None = False,
+    run: TrainingRun | None = None,
 ) -> LeaveOneOut:
-    """Retrain once per index without that example; measure parameter and test changes."""
+    """Retrain once per index without that example; measure parameter and test changes.
+
+    With ``run``, each retraining replays the model's recipe (see :func:`without`).
+    """
     examples = ExampleSet(train, name="training set")
     idx = checked_indices(indices, len(examples), what="training index")
-    cache = (
-        None
-        if cache_dir is None
-        else RetrainCache(cache_dir, task, examples, l2, tolerance, max_iter)
-    )
+    cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
     base = Retrained(task, idx[:0], ParameterSpace(task.model).flat(), torch.zeros(0), 0.0, 0)
     base_meas, base_loss = base.measurements(test), base.losses(test)
     params, meas, loss, norms = [], [], [], []
     for j in track(idx.tolist(), resolve(progress), "leave-one-out"):
-        r = _retrain(task, examples, [j], l2, tolerance, max_iter, cache)
+        r = _retrain(task, examples, [j], l2, tolerance, max_iter, cache, run)
         params.append(r.delta)
         meas.append(r.measurements(test) - base_meas)
         loss.append(r.losses(test) - base_loss)
@@ -293,8 +354,15 @@ def subsets(
     max_iter: int = 2000,
     cache_dir: str | Path | None = None,
     progress: bool | None = False,
+    run: TrainingRun | None = None,
 ) -> SubsetRetraining:
-    """Retrain on random subsets (warm-started) and record each model's test measurements."""
+    """Retrain on random subsets and record each model's test measurements.
+
+    Warm-started L-BFGS to the subset's optimum by default; with ``run``, the model's recipe
+    replayed from its initial parameters on the subset (see :func:`without`). With
+    ``cache_dir``, every retrained model is committed to the artifact store as it finishes, so an
+    interrupted bank resumes where it stopped.
+    """
     examples = ExampleSet(train, name="training set")
     n = len(examples)
     masks = random_masks(n, n_subsets, alpha, seed) if masks is None else torch.as_tensor(masks)
@@ -303,14 +371,10 @@ def subsets(
             f"masks must be a boolean [m, N] tensor (True = kept) with N = {n}, got "
             f"{masks.dtype} of shape {tuple(masks.shape)}"
         )
-    cache = (
-        None
-        if cache_dir is None
-        else RetrainCache(cache_dir, task, examples, l2, tolerance, max_iter)
-    )
+    cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
     rows = []
     for mask in track(masks, resolve(progress), "subsets", len(masks)):
         removed = (~mask).nonzero().squeeze(1)
-        r = _retrain(task, examples, removed, l2, tolerance, max_iter, cache)
+        r = _retrain(task, examples, removed, l2, tolerance, max_iter, cache, run)
         rows.append(r.measurements(test))
     return SubsetRetraining(masks, torch.stack(rows))

@@ -108,7 +108,9 @@ class Fidelity:
 
     Attributes:
         reference: the dense curvature the method targets: ``"ggn"`` (the damped GGN) or
-            ``"identity"`` (no curvature).
+            ``"identity"`` (no curvature); ``"trajectory"``: the method differentiates a recorded
+            training run, not a curvature at an optimum, and its own tests check it against
+            finite differences of reweighted retraining (tests/test_unrolled.py).
         rtol: exact-class methods: relative error bound of every answer (None: approximate).
         min_correlation: approximate methods: Pearson floor of scores, self-scores, leverages
             and per-module scores against the reference of the same estimator.
@@ -123,7 +125,7 @@ class Fidelity:
         test_options: method options for the small contract problems, over the defaults.
     """
 
-    reference: Literal["ggn", "identity"] = "ggn"
+    reference: Literal["ggn", "identity", "trajectory"] = "ggn"
     rtol: float | None = 1e-8
     min_correlation: float | None = None
     removal_correlation: float | None = None

@@ -1,0 +1,254 @@
+"""Benchmark: how well each method predicts retraining (LDS with intervals, LOO, time).
+
+The protocol of dattri's MNIST benchmarks on the real MNIST test set (``../shared/data/mnist``,
+read in place; split into train and test with seed 0):
+
+* ``--problem lr``: softmax regression (784 -> 10, float64) trained to its optimum of the
+  mean-form objective with ``--l2``; the bank: ``--subsets`` random halves retrained to their
+  optima (``infkit.retrain.subsets``, warm-started L-BFGS), and ``--loo`` examples each left out.
+  Every registered method with its defaults (and RIF / Newton of ``exact``), and the multi-step
+  Newton step for the removal of half the training set against retraining without it.
+* ``--problem mlp``: dattri's MLP shape (784 -> 128 -> 64 -> 10, ReLU; no dropout: training is
+  deterministic) trained by a recorded recipe (``infkit.Recipe``: full-batch gradient descent with
+  momentum, ``--steps`` steps, from one initialisation); the banks: the recipe replayed from the
+  same initialisation on random halves (dattri's protocol) and on subsets holding out 1%
+  (EleutherAI's protocol for MAGIC) (``retrain.subsets(..., run=run)``). Methods: ``unrolled``
+  (metagradients through the run), EK-FAC, damped IF by CG on the GGN, TRAK and the gradient dot
+  product, each at the final parameters.
+
+LDS: Spearman correlation over the subsets of predicted against actual test measurements (the
+loss), per test example, mean with a 95% bootstrap interval over test examples
+(``infkit.evaluate.lds_interval``). Times are wall-clock on the machine named in the table
+(noisy when shared); every method's fit and scores, the bank excluded.
+
+Run: .venv/bin/python benchmarks/faithfulness.py --problem lr mlp [--n-train 5000]
+[--n-test 500] [--queries 100] [--subsets 50] [--steps 300] [--out benchmarks/results/...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import append_section, provenance
+from problems import mnist_test_set, random_split
+
+import infkit
+from infkit.evaluate import Interval, lds_interval, loo_interval
+
+RESULTS = Path(__file__).resolve().parent / "results" / "faithfulness.md"
+
+
+def split(n_train: int, n_test: int, dtype: torch.dtype) -> tuple[tuple, tuple]:
+    images, labels = mnist_test_set()
+    train_idx, test_idx = random_split(len(labels), n_train, n_test, seed=0)
+    X = torch.tensor(images, dtype=dtype)
+    y = torch.tensor(labels)
+    return (X[train_idx], y[train_idx]), (X[test_idx], y[test_idx])
+
+
+def timed(fn):  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def row(name: str, lds: Interval, seconds: float, extra: str = "") -> str:
+    return f"| {name} | {lds.mean:.3f} [{lds.low:.3f}, {lds.high:.3f}] | {extra} | {seconds:.1f} |"
+
+
+# ---------------------------------------------------------------------------- MNIST-LR
+LR_METHODS: list[tuple[str, str, dict]] = [
+    ("exact", "if", {}),
+    ("exact", "rif", {}),
+    ("exact", "newton", {}),
+    ("cg", "if", {}),
+    ("lissa", "if", {}),
+    ("arnoldi", "if", {}),
+    ("datainf", "if", {}),
+    ("kfac", "if", {}),
+    ("ekfac", "if", {}),
+    ("astra", "if", {}),
+    ("identity", "if", {}),
+    ("trak", "if", {}),
+]
+
+
+def mnist_lr(args: argparse.Namespace) -> list[str]:
+    train, test = split(args.n_train, args.n_test, torch.float64)
+    queries = (test[0][: args.queries], test[1][: args.queries])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(784, 10).double()
+    task = infkit.Task.classification(model)
+    infkit.train_to_optimum(task, train, args.l2)
+    cache = Path(args.cache) / "lr"
+    bank, bank_time = timed(
+        lambda: infkit.retrain.subsets(
+            task,
+            train,
+            queries,
+            args.l2,
+            n_subsets=args.subsets,
+            alpha=0.5,
+            cache_dir=cache,
+            progress=True,
+        )
+    )
+    base = infkit.retrain.without(task, train, [], args.l2).measurements(queries)
+    gen = torch.Generator().manual_seed(1)
+    loo_idx = torch.randperm(args.n_train, generator=gen)[: args.loo]
+    loo = infkit.retrain.leave_one_out(
+        task, train, queries, loo_idx, args.l2, cache_dir=cache, progress=True
+    )
+    lines = [
+        f"### MNIST-LR: N = {args.n_train}, {args.queries} test queries, l2 = {args.l2}, "
+        f"{args.subsets} half subsets (bank {bank_time:.0f} s), LOO over {args.loo} examples",
+        "",
+        "| method | LDS [95% interval] | LOO Spearman [95%] | seconds |",
+        "|---|---|---|---|",
+    ]
+    for method, estimator, options in LR_METHODS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inf = infkit.Influence(task, method, estimator, l2=args.l2, progress=False, **options)
+            scores, seconds = timed(lambda inf=inf: inf.fit(train).scores(queries))
+        lds = lds_interval(scores, bank.masks, bank.measurements - base)
+        loo_ci = loo_interval(scores[:, loo_idx], loo.measurement)
+        name = f"{method}" + ("" if estimator == "if" else f" + {estimator}")
+        lines.append(
+            row(name, lds, seconds, f"{loo_ci.mean:.3f} [{loo_ci.low:.3f}, {loo_ci.high:.3f}]")
+        )
+        print(lines[-1], flush=True)
+    lines += ["", *half_removal(task, train, test, args)]
+    return lines
+
+
+def half_removal(
+    task: infkit.Task, train: tuple, test: tuple, args: argparse.Namespace
+) -> list[str]:
+    """Multi-step Newton: removing a random half, predicted test-loss changes vs retraining."""
+    gen = torch.Generator().manual_seed(2)
+    removed = torch.randperm(args.n_train, generator=gen)[: args.n_train // 2]
+    actual = infkit.retrain.without(task, train, removed, args.l2)
+    base = infkit.retrain.without(task, train, [], args.l2).losses(test)
+    change = actual.losses(test) - base
+    inf = infkit.Influence(task, "exact", "newton", l2=args.l2, progress=False).fit(train)
+    lines = ["| Newton steps (half removed) | Pearson with retraining | seconds |", "|---|---|---|"]
+    for steps in (1, 2, 3, 5):
+        try:
+            effect, seconds = timed(lambda steps=steps: inf.remove(removed, steps=steps))
+        except TypeError:  # remove() without steps
+            lines.append(f"| {steps} | (not available) | |")
+            continue
+        r = infkit.evaluate.correlation(effect.loss(test), change).pearson
+        lines.append(f"| {steps} | {r:.3f} | {seconds:.1f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+# ---------------------------------------------------------------------------- MNIST-MLP
+def mlp_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(784, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 10),
+    )
+
+
+def mnist_mlp(args: argparse.Namespace) -> list[str]:
+    train, test = split(args.n_train, args.n_test, torch.float32)
+    queries = (test[0][: args.queries], test[1][: args.queries])
+    recipe = infkit.Recipe(
+        steps=args.steps, lr=args.lr, optimizer="momentum", momentum=0.9, l2=args.l2
+    )
+    task = infkit.Task.classification(mlp_model(args.seed))
+    run, train_time = timed(lambda: recipe.train(task, train))
+    with torch.no_grad():
+        accuracy = float((task.model(test[0]).argmax(1) == test[1]).double().mean())
+    base = infkit.retrain.without(task, train, [], args.l2, run=run).measurements(queries)
+    banks = {}
+    for label, alpha in (("50% subsets", 0.5), ("1% held out", 0.99)):
+        bank, seconds = timed(
+            lambda alpha=alpha: infkit.retrain.subsets(
+                task,
+                train,
+                queries,
+                args.l2,
+                n_subsets=args.subsets,
+                alpha=alpha,
+                run=run,
+                cache_dir=Path(args.cache) / f"mlp-{args.seed}",
+                progress=True,
+            )
+        )
+        banks[label] = bank
+        print(f"bank {label}: {seconds:.0f} s", flush=True)
+    methods: list[tuple[str, dict]] = [
+        ("unrolled", {"run": run, "query_batch": args.query_batch}),
+        ("ekfac", {}),
+        ("cg", {"maxiter": 100, "tol": 1e-6}),
+        ("trak", {}),
+        ("identity", {}),
+    ]
+    lines = [
+        f"### MNIST-MLP: 784-128-64-10 ReLU, N = {args.n_train}, {args.queries} test queries, "
+        f"recipe full-batch momentum 0.9, lr {args.lr}, {args.steps} steps, l2 {args.l2} "
+        f"(train {train_time:.0f} s, test accuracy {accuracy:.3f}), {args.subsets} subsets per "
+        "bank",
+        "",
+        "| method | LDS, 50% subsets [95%] | LDS, 1% held out [95%] | seconds |",
+        "|---|---|---|---|",
+    ]
+    for method, options in methods:
+        damping = args.damping if method in ("cg",) else 0.0
+        l2 = args.l2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inf = infkit.Influence(task, method, l2=l2, damping=damping, progress=False, **options)
+            scores, seconds = timed(lambda inf=inf: inf.fit(train).scores(queries))
+        cells = []
+        for bank in banks.values():
+            ci = lds_interval(scores, bank.masks, bank.measurements - base)
+            cells.append(f"{ci.mean:.3f} [{ci.low:.3f}, {ci.high:.3f}]")
+        name = method if method != "cg" else f"cg (damped IF, damping {damping})"
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {seconds:.1f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--problem", nargs="+", default=["lr", "mlp"], choices=["lr", "mlp"])
+    parser.add_argument("--n-train", type=int, default=5000)
+    parser.add_argument("--n-test", type=int, default=500)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--subsets", type=int, default=50)
+    parser.add_argument("--loo", type=int, default=40)
+    parser.add_argument("--l2", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--damping", type=float, default=1e-3)
+    parser.add_argument("--query-batch", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", default="runs/faithfulness-cache")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lines = ["## Faithfulness: LDS with intervals against retraining", "", provenance(), ""]
+    for problem in args.problem:
+        lines += [*(mnist_lr if problem == "lr" else mnist_mlp)(args), ""]
+    print(append_section(args.out, lines))
+
+
+if __name__ == "__main__":
+    main()

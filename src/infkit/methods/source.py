@@ -1,0 +1,255 @@
+"""method="source": segmented unrolled differentiation (SOURCE, Bae et al. 2024).
+
+Between the exact metagradients of ``unrolled`` and an influence function at the final
+parameters: the recorded run (:mod:`infkit.recipe`) is cut into L segments; within segment l the
+curvature ``H_l`` (the GGN of the step objective, l2 included) and the per-example gradients
+``g_{l,j}`` are held at their values at the segment's middle step, so the K_l steps of gradient
+descent with learning rates eta_t have a closed form. With ``c_l = sum_{t in l} eta_t / (1 - mu)``
+(mu the momentum; 0 for SGD) and ``S_l = exp(-c_l H_l)``:
+
+    d theta_T / d w_j = -(1/N) sum_l (S_L ... S_{l+1}) (I - S_l) H_l^{-1} (g_{l,j} - g_l_bar)
+
+(``g_l_bar``: the mean gradient, from the retained-mean normaliser; 0 with ``"nominal"``), and
+``scores[t, j] = -grad m_t(theta_T)^T d theta_T / d w_j``. One segment at a converged run is the
+influence function (``(I - S) H^{-1} -> H^{-1}``). ``H_l`` is EK-FAC's (``segment_curvature=
+"ekfac"``, scales) or the dense GGN (``"exact"``, small models); every function of it is applied
+in its eigenbasis (docs/methods/unrolled.md §8).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from infkit.data import ExampleSet
+from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.estimators import Estimator
+from infkit.fitted import Fitted
+from infkit.gradients import PerExample
+from infkit.kfac.curvature import KroneckerCurvature, KroneckerOptions
+from infkit.methods.base import Fidelity, Method, register
+from infkit.methods.exact import Exact
+from infkit.methods.unrolled import check_replayed, checked_replay
+from infkit.options import option
+from infkit.parameters import ParameterSpace
+from infkit.progress import track
+from infkit.recipe import SGD, Momentum, TrainingRun
+
+#: a function of the eigenvalues (ridge included), applied elementwise
+Spectral = Callable[[Tensor], Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceOptions(KroneckerOptions):
+    """Options of ``method="source"`` (and the Kronecker options of its EK-FAC curvature)."""
+
+    run: TrainingRun | None = option(
+        None, "the recorded training run (Recipe.train returns it): what is approximated"
+    )
+    segments: int = option(3, "segments L the run is cut into (curvature held in each)", minimum=1)
+    segment_curvature: Literal["ekfac", "exact"] = option(
+        "ekfac", "each segment's curvature: EK-FAC (scales) or the dense GGN (small models)"
+    )
+
+
+class SegmentCurvature:
+    """H_l of one segment and its per-example gradients, at the segment's middle parameters."""
+
+    def __init__(self, fitted: Fitted, options: SourceOptions) -> None:
+        self.fitted = fitted
+        self.kronecker: KroneckerCurvature | None = None
+        self.basis: Tensor | None = None
+        self.values: Tensor | None = None
+        if options.segment_curvature == "ekfac":
+            self.kronecker = KroneckerCurvature(fitted, options, corrected=True, owner="source")
+        else:
+            exact = Exact()
+            exact.fit(fitted)
+            assert exact.data_curvature is not None
+            values, self.basis = torch.linalg.eigh(exact.data_curvature)
+            self.values = values.clamp_min(0.0) + fitted.ridge
+
+    def apply(self, V: Tensor, fn: Spectral) -> Tensor:
+        """fn(H_l) V for V [k, P] (float64)."""
+        V = V.to(torch.float64)
+        if self.basis is not None and self.values is not None:
+            return ((V @ self.basis) * fn(self.values)) @ self.basis.T
+        assert self.kronecker is not None
+        curvature = self.kronecker
+        ridges = curvature.ridges()
+        coords = curvature.to_eigenbasis(V)
+        for t in curvature.tracked:
+            coords[t.name] = coords[t.name] * fn(curvature.eigenvalues(t.name) + ridges[t.name])
+        out = curvature.from_eigenbasis(coords, V.shape[0])
+        if curvature.layers.others:
+            idx = curvature.layers.layout.other_index
+            ridge = torch.tensor(self.fitted.ridge, dtype=torch.float64)
+            out[:, idx] = V[:, idx] * fn(ridge)
+        return out
+
+
+def _integrated(c: float) -> Spectral:
+    """lambda -> (1 - exp(-c lambda)) / lambda (c at lambda = 0): the steps' summed effect."""
+
+    def fn(values: Tensor) -> Tensor:
+        safe = torch.where(values.abs() > 1e-300, values, torch.ones_like(values))
+        out = -torch.expm1(-c * values) / safe
+        return torch.where(values.abs() > 1e-300, out, torch.full_like(values, c))
+
+    return fn
+
+
+def _decay(c: float) -> Spectral:
+    """lambda -> exp(-c lambda): how a segment carries what came before."""
+    return lambda values: torch.exp(-c * values)
+
+
+@register
+class Source(Method):
+    """SOURCE: the run cut into segments of constant curvature (module docstring)."""
+
+    name = "source"
+    summary = (
+        "SOURCE: the recorded run cut into segments, curvature and gradients held in each, "
+        "closed form per segment (EK-FAC or exact curvature)"
+    )
+    Options = SourceOptions
+    uses_training_gradients = False
+    stationarity_pass = False
+    fidelity = Fidelity(reference="trajectory")
+    options: SourceOptions
+
+    def __init__(self, options: SourceOptions | None = None, /, **values: Any) -> None:
+        super().__init__(options, **values)
+        self.curvature = "trajectory"
+        self.parts: list[tuple[SegmentCurvature, float]] = []
+        self.mean_gradients: list[Tensor] = []
+
+    @property
+    def assumes_optimum(self) -> bool:
+        return False
+
+    def fit(self, fitted: Fitted) -> None:
+        super().fit(fitted)
+        run = self.options.run
+        if run is None:
+            raise InvalidInputError(
+                "method 'source' needs run=: the recorded training run, from "
+                "infkit.Recipe(...).train(task, train) (docs/methods/unrolled.md)"
+            )
+        update = run.recipe.update
+        if isinstance(update, SGD):
+            scale = 1.0
+        elif isinstance(update, Momentum):
+            scale = 1.0 / (1.0 - update.momentum)
+        else:
+            raise UnsupportedError(
+                f"method 'source' has a closed form for SGD and momentum runs, not for "
+                f"{type(update).__name__}; use method='unrolled' (exact for any optimiser)"
+            )
+        replay, weights = checked_replay("source", run, fitted)
+        steps = run.recipe.steps
+        bounds = [
+            round(k * steps / self.options.segments) for k in range(self.options.segments + 1)
+        ]
+        bounds = sorted(set(bounds))
+        middles = {(a + b) // 2: (a, b) for a, b in itertools.pairwise(bounds)}
+        states: dict[int, Tensor] = {}
+        final = run.initial
+        for t, theta, _buffers, _loss in replay.trajectory(run.initial, weights):
+            if t in middles:
+                states[t] = theta
+            final = theta
+        check_replayed("source", final, fitted)
+        self.parts, self.mean_gradients = [], []
+        for middle in sorted(middles):
+            a, b = middles[middle]
+            c = scale * sum(run.recipe.learning_rate(t) for t in range(a, b))
+            segment = self._record_at(fitted, states[middle])
+            self.parts.append((SegmentCurvature(segment, self.options), c))
+            self.mean_gradients.append(self._mean_gradient(segment, run))
+
+    def _record_at(self, fitted: Fitted, theta: Tensor) -> Fitted:
+        """The fitted record with the model at ``theta`` (a copy; factors never saved)."""
+        model = copy.deepcopy(fitted.task.model)
+        space = ParameterSpace(model, fitted.space.names)
+        space.assign_(theta)
+        task = fitted.task.with_model(model)
+        return dataclasses.replace(
+            fitted,
+            task=task,
+            space=space,
+            engine=PerExample(task, space),
+            theta=space.flat().to(torch.float64),
+            train_gradients=None,
+            objective_gradient=None,
+            stationarity=None,
+            workdir=None,
+        )
+
+    def _mean_gradient(self, segment: Fitted, run: TrainingRun) -> Tensor:
+        """g_l_bar: the (weighted) mean training-loss gradient, for the retained normaliser."""
+        total = torch.zeros(segment.space.size, dtype=torch.float64)
+        if run.recipe.normalise != "retained":
+            return total
+        weights = run.weights.to(torch.float64)
+        for batch in segment.train.batches(segment.batch_size):
+            total += weights[batch.indices] @ segment.loss_grads(batch)
+        return total / weights.sum()
+
+    # ------------------------------------------------------------------ answers
+    def _effects(self, U: Tensor) -> Tensor:
+        """-d(u_q^T theta_T)/dw for the rows u_q of U [Q, P]: [Q, N] float64."""
+        fitted = self.fitted
+        U = U.to(torch.float64)
+        out = torch.zeros(U.shape[0], fitted.n, dtype=torch.float64)
+        for (part, c), mean in zip(reversed(self.parts), reversed(self.mean_gradients)):
+            V = part.apply(U, _integrated(c))
+            for batch in part.fitted.train.batches(fitted.batch_size):
+                out[:, batch.indices] += V @ part.fitted.loss_grads(batch).T
+            out -= (V @ mean)[:, None]
+            U = part.apply(U, _decay(c))
+        return out / fitted.n
+
+    def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
+        return self._effects(self.fitted.query_gradients(queries, "measurement"))
+
+    def self_scores(self, estimator: Estimator) -> Tensor:
+        fitted = self.fitted
+        out = torch.empty(fitted.n, dtype=torch.float64)
+        size = max(1, fitted.batch_size)
+        starts = list(range(0, fitted.n, size))
+        for start in track(starts, fitted.progress, "source self-scores", len(starts)):
+            idx = torch.arange(start, min(start + size, fitted.n))
+            effects = self._effects(fitted.loss_grads(fitted.train.take(idx)))
+            out[idx] = effects[torch.arange(len(idx)), idx]
+        return out
+
+    def removal(self, indices: Tensor, estimator: Estimator) -> Tensor:
+        fitted = self.fitted
+        delta = torch.zeros(1, fitted.space.size, dtype=torch.float64)
+        for (part, c), mean in zip(self.parts, self.mean_gradients):
+            removed = part.fitted.loss_grads(part.fitted.train.take(indices)).sum(0)
+            push = (removed - len(indices) * mean)[None] / fitted.n
+            delta = part.apply(delta, _decay(c)) + part.apply(push, _integrated(c))
+        return delta[0]
+
+    def state(self) -> dict[str, Any]:
+        raise UnsupportedError(
+            "method 'source' is not saved with Influence.save: its state is the training run "
+            "and one curvature per segment. keep the TrainingRun and fit again"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        record = super().describe()
+        run = self.options.run
+        if run is not None:
+            record["recipe"] = run.recipe.record()
+        record["segment_learning_rates"] = [round(c, 6) for _, c in self.parts]
+        return record

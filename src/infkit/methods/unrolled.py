@@ -1,0 +1,224 @@
+"""method="unrolled": metagradients, the derivative of the test measurement through training.
+
+Where influence functions assume an optimum, this method differentiates the recorded training
+run itself (:mod:`infkit.recipe`, :mod:`infkit.unroll`): with data weights ``w`` (1 when trained
+normally) entering every step's loss, the score of training example j for test example t is
+
+    scores[t, j] = - d m_t(theta_T(w)) / d w_j   at w = 1,
+
+the first-order change of m_t when j's weight goes from 1 to 0, that is, when j is removed and
+the same recipe is rerun from the same initial parameters (docs/methods/unrolled.md). The 1/N of the
+mean-form objective is inside the derivative (``normalise="retained"``: a batch's loss is the
+weighted mean over its examples). A group removal ``remove(F)`` is the forward-mode derivative
+of theta_T along ``-1_F``.
+
+Cost: one reverse pass through every step per batch of ``query_batch`` queries (each step a
+Hessian-vector product and per-example gradient dot products, batched over the queries); memory:
+the states at ``ceil(steps / checkpoint_every)`` checkpoints plus one segment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from infkit.data import ExampleSet
+from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.estimators import Estimator
+from infkit.fitted import Fitted
+from infkit.methods.base import Fidelity, Method, register
+from infkit.options import Options, option
+from infkit.parameters import ParameterSpace
+from infkit.plan import RunShape, Stage
+from infkit.progress import track
+from infkit.recipe import Replay, TrainingRun
+from infkit.task import Task
+from infkit.unroll import Checkpoints, checkpoint, metagradients, tangent
+
+#: fit refuses a run whose replay ends further than this (relative) from the model's parameters
+REPLAY_TOLERANCE = 1e-6
+
+
+def checked_replay(name: str, run: TrainingRun | None, fitted: Fitted) -> tuple[Replay, Tensor]:
+    """The run's replay on the fitted training set, after checking that the run is this
+    model's: the same N, P and l2, and the model's parameters are the run's final ones."""
+    if run is None:
+        raise InvalidInputError(
+            f"method {name!r} needs run=: the recorded training run, from "
+            "infkit.Recipe(...).train(task, train) (docs/methods/unrolled.md)"
+        )
+    if fitted.n != run.n:
+        raise InvalidInputError(
+            f"method {name!r}: the run trained on {run.n} examples, the training set has "
+            f"{fitted.n}: fit on the data the run was trained on"
+        )
+    if fitted.l2 != run.recipe.l2:
+        raise InvalidInputError(
+            f"method {name!r} describes the run's own objective: pass l2={run.recipe.l2} (the "
+            f"recipe's), got l2={fitted.l2}"
+        )
+    if fitted.space.size != run.final.numel():
+        raise InvalidInputError(
+            f"method {name!r}: the run covers {run.final.numel()} parameters, the model "
+            f"attributes {fitted.space.size}: attribute through the whole model"
+        )
+    theta = fitted.space.flat().detach()
+    scale = float(theta.norm()) or 1.0
+    if float((theta - run.final.to(theta)).norm()) > REPLAY_TOLERANCE * scale:
+        raise InvalidInputError(
+            f"method {name!r}: the model's parameters are not the run's final parameters; the "
+            "run must be the one that trained this model (Recipe.train)"
+        )
+    replay = Replay(run.recipe, fitted.task, fitted.train)
+    return replay, run.weights.to(fitted.space.dtype)
+
+
+def check_replayed(name: str, final: Tensor, fitted: Fitted) -> None:
+    """Refuse a replay that does not end at the model's parameters (other data, another model,
+    or a training that is not deterministic)."""
+    theta = fitted.space.flat().detach()
+    drift = float((final - theta).norm()) / (float(theta.norm()) or 1.0)
+    if drift > REPLAY_TOLERANCE:
+        raise InvalidInputError(
+            f"method {name!r}: replaying the run on this training set ends {drift:.2e} "
+            "(relative) from the model's parameters: the data, the model or the recipe differs "
+            "from the recorded run's, or training is not deterministic"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class UnrolledOptions(Options):
+    """Options of ``method="unrolled"``."""
+
+    run: TrainingRun | None = option(
+        None, "the recorded training run (Recipe.train returns it): what is differentiated"
+    )
+    checkpoint_every: int | None = option(
+        None, "keep the training state every this many steps (None: ceil(sqrt(steps)))", minimum=1
+    )
+    query_batch: int = option(16, "queries differentiated together in one reverse pass", minimum=1)
+
+
+@register
+class Unrolled(Method):
+    """Exact metagradients through a recorded training run (docs/methods/unrolled.md)."""
+
+    name = "unrolled"
+    summary = (
+        "metagradients: the exact derivative of each test measurement in each training "
+        "example's weight through every step of a recorded training run"
+    )
+    Options = UnrolledOptions
+    uses_training_gradients = False
+    stationarity_pass = False
+    fidelity = Fidelity(reference="trajectory")
+    options: UnrolledOptions
+
+    def __init__(self, options: UnrolledOptions | None = None, /, **values: Any) -> None:
+        super().__init__(options, **values)
+        self.replay: Replay | None = None
+        self.checkpoints: Checkpoints | None = None
+        self.weights: Tensor | None = None
+        self.curvature = "trajectory"
+
+    @property
+    def assumes_optimum(self) -> bool:
+        return False
+
+    @property
+    def run(self) -> TrainingRun:
+        checked_run = self.options.run
+        if checked_run is None:
+            raise InvalidInputError(
+                "method 'unrolled' needs run=: the recorded training run, from "
+                "infkit.Recipe(...).train(task, train) (docs/methods/unrolled.md)"
+            )
+        return checked_run
+
+    def check(self, task: Task, space: ParameterSpace) -> None:
+        run = self.run
+        if run.final.shape != (space.size,):
+            raise InvalidInputError(
+                f"method 'unrolled': the run has {run.final.numel()} parameters, the model "
+                f"{space.size}: pass the run that trained this model"
+            )
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, fitted: Fitted) -> None:
+        super().fit(fitted)
+        if fitted.damping != 0:
+            raise InvalidInputError(
+                f"method 'unrolled' differentiates the run's own objective: damping must be 0, "
+                f"got {fitted.damping}"
+            )
+        replay, weights = checked_replay("unrolled", self.run, fitted)
+        kept = checkpoint(replay, self.run.initial, weights, self.options.checkpoint_every)
+        check_replayed("unrolled", kept.final, fitted)
+        self.replay, self.checkpoints, self.weights = replay, kept, weights
+
+    # ------------------------------------------------------------------ answers
+    def _parts(self) -> tuple[Replay, Checkpoints, Tensor]:
+        if self.replay is None or self.checkpoints is None or self.weights is None:
+            self.fit(self.fitted)
+        assert self.replay is not None and self.checkpoints is not None
+        assert self.weights is not None
+        return self.replay, self.checkpoints, self.weights
+
+    def _removal_effects(self, cotangents: Tensor) -> Tensor:
+        """-d(c_q^T theta_T)/dw for the rows of ``cotangents`` [Q, P]: [Q, N] float64."""
+        replay, kept, weights = self._parts()
+        size = self.options.query_batch
+        chunks = list(torch.split(cotangents, size))
+        rows = [
+            -metagradients(replay, kept, weights, c).to(torch.float64)
+            for c in track(chunks, self.fitted.progress, "unrolled queries", len(chunks))
+        ]
+        return torch.cat(rows) if rows else torch.zeros(0, self.fitted.n, dtype=torch.float64)
+
+    def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
+        return self._removal_effects(self.fitted.query_gradients(queries, "measurement"))
+
+    def self_scores(self, estimator: Estimator) -> Tensor:
+        fitted = self.fitted
+        out = torch.empty(fitted.n, dtype=torch.float64)
+        size = self.options.query_batch
+        for start in range(0, fitted.n, size):
+            idx = torch.arange(start, min(start + size, fitted.n))
+            effects = self._removal_effects(fitted.loss_grads(fitted.train.take(idx)))
+            out[idx] = effects[torch.arange(len(idx)), idx]
+        return out
+
+    def removal(self, indices: Tensor, estimator: Estimator) -> Tensor:
+        replay, _, weights = self._parts()
+        direction = torch.zeros_like(weights)
+        direction[indices] = -weights[indices]
+        return tangent(replay, self.run.initial, weights, direction).to(torch.float64)
+
+    def state(self) -> dict[str, Any]:
+        raise UnsupportedError(
+            "method 'unrolled' is not saved with Influence.save: its state is the training run "
+            "itself. keep the TrainingRun (its initial and final parameters, the recipe) and fit "
+            "again, which replays the run once"
+        )
+
+    # ------------------------------------------------------------------ plans and records
+    def stages(self, shape: RunShape, task: Task, space: ParameterSpace) -> list[Stage]:
+        run = self.run
+        steps = run.recipe.steps
+        every = self.options.checkpoint_every or max(1, int(steps**0.5 + 0.999))
+        states = (steps // every + every) * space.size * shape.itemsize * 3
+        passes = -(-shape.n_queries // self.options.query_batch)
+        return [
+            Stage("replay with checkpoints", 1, states, ("states", states)),
+            Stage("reverse passes", passes, states, ("states", states)),
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        record = super().describe()
+        record["recipe"] = self.run.recipe.record()
+        if self.checkpoints is not None:
+            record["checkpoints"] = self.checkpoints.count
+        return record

@@ -1,0 +1,428 @@
+"""A deterministic training recipe that infkit can replay, reweight and differentiate through.
+
+Influence functions assume an optimum; networks trained by SGD are not at one. Attribution
+through the training run itself (``method="unrolled"``, docs/methods/unrolled.md) needs the run to be a
+pure function of the data weights ``w`` (one per training example, 1 when trained normally):
+
+    theta_{t+1}, b_{t+1} = U(theta_t, b_t, g_t(w), eta_t, t),
+    g_t(w) = grad_theta [ sum_{i in B_t} w_i l_i(theta_t) / nu_t(w) + (l2/2) ||theta_t||^2 ]
+
+with ``B_t`` the batch of step t (fixed by ``seed``; every example in full-batch training),
+``nu_t`` the normaliser (``"retained"``: ``sum_{i in B_t} w_i``, so a removed example leaves the
+batch mean of the others; ``"nominal"``: ``|B_t|``), ``eta_t`` the schedule and ``U`` the
+optimiser's update with its buffers ``b`` (momentum, Adam's moments). A :class:`Recipe` says all
+of this; :meth:`Recipe.train` runs it on a model and returns a :class:`TrainingRun` that records
+the initial parameters, so the same run can be replayed with other weights: retraining without
+a set F is the same recipe with ``w_F = 0`` from the same initial parameters
+(``infkit.retrain`` accepts the run), and its derivative in ``w`` is what ``unrolled`` computes.
+
+The model runs in evaluation mode (no dropout), so every replay is deterministic. A user's own
+optimiser stands in for the built-in ones by the :class:`Optimizer` contract: pure tensor
+functions ``init`` and ``update`` with no in-place operation, so ``torch.func`` can
+differentiate through them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from infkit.data import ExampleSet
+from infkit.errors import InvalidInputError
+from infkit.gradients import PerExample
+from infkit.parameters import ParameterSpace, evaluation_mode
+from infkit.task import Task
+
+#: optimiser buffers (momentum, moments): a tuple of [P] tensors
+Buffers = tuple[Tensor, ...]
+
+
+@runtime_checkable
+class Optimizer(Protocol):
+    """The contract of an optimiser a :class:`Recipe` can replay and differentiate through.
+
+    Both functions must be pure (no in-place operation, no state outside their arguments) and
+    built from differentiable tensor operations: the unrolled method runs them under
+    ``torch.func.vjp``, ``jvp`` and ``vmap``.
+    """
+
+    def init(self, theta: Tensor) -> Buffers:
+        """The buffers at step 0 for flat parameters ``theta`` [P]."""
+        ...
+
+    def update(
+        self, theta: Tensor, buffers: Buffers, gradient: Tensor, lr: float, t: int
+    ) -> tuple[Tensor, Buffers]:
+        """One step: the new parameters and buffers from the gradient [P] at step ``t``."""
+        ...
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Plain gradient descent: theta <- theta - eta g."""
+
+    def init(self, theta: Tensor) -> Buffers:
+        return ()
+
+    def update(
+        self, theta: Tensor, buffers: Buffers, gradient: Tensor, lr: float, t: int
+    ) -> tuple[Tensor, Buffers]:
+        return theta - lr * gradient, ()
+
+
+@dataclass(frozen=True)
+class Momentum:
+    """Heavy-ball momentum as ``torch.optim.SGD`` does it: m <- mu m + g; theta <- theta - eta m."""
+
+    momentum: float = 0.9
+
+    def init(self, theta: Tensor) -> Buffers:
+        return (torch.zeros_like(theta),)
+
+    def update(
+        self, theta: Tensor, buffers: Buffers, gradient: Tensor, lr: float, t: int
+    ) -> tuple[Tensor, Buffers]:
+        m = self.momentum * buffers[0] + gradient
+        return theta - lr * m, (m,)
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam with bias correction and the epsilon inside the square root.
+
+    ``theta <- theta - eta m_hat / sqrt(v_hat + eps^2)``: smooth everywhere (``sqrt(v) + eps`` has
+    an infinite derivative where a gradient coordinate is exactly 0), and within eps of Adam.
+    """
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def init(self, theta: Tensor) -> Buffers:
+        return torch.zeros_like(theta), torch.zeros_like(theta)
+
+    def update(
+        self, theta: Tensor, buffers: Buffers, gradient: Tensor, lr: float, t: int
+    ) -> tuple[Tensor, Buffers]:
+        m = self.beta1 * buffers[0] + (1 - self.beta1) * gradient
+        v = self.beta2 * buffers[1] + (1 - self.beta2) * gradient * gradient
+        m_hat = m / (1 - self.beta1 ** (t + 1))
+        v_hat = v / (1 - self.beta2 ** (t + 1))
+        return theta - lr * m_hat / torch.sqrt(v_hat + self.eps**2), (m, v)
+
+
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {"sgd": SGD, "momentum": Momentum, "adam": Adam}
+Schedule = Literal["constant", "cosine", "linear"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is trained, exactly: replayable with any data weights (module docstring).
+
+    Args:
+        steps: optimiser steps.
+        lr: the peak learning rate eta.
+        optimizer: ``"sgd"``, ``"momentum"``, ``"adam"``, or an object with the
+            :class:`Optimizer` contract.
+        batch_size: examples per step; None: full batch.
+        l2: the objective's own L2 coefficient (mean form, as everywhere in infkit).
+        momentum: mu of ``"momentum"``.
+        betas, eps: Adam's.
+        schedule: ``"constant"``, ``"cosine"`` (to 0 at the last step) or ``"linear"`` (to 0),
+            after ``warmup`` steps of linear warm-up.
+        warmup: steps of linear warm-up from eta / warmup.
+        seed: the data order of minibatches (a new permutation each epoch).
+        normalise: ``"retained"`` (a batch's loss is the weighted mean over its examples: removing
+            an example leaves the mean of the others) or ``"nominal"`` (divided by the batch size).
+    """
+
+    steps: int
+    lr: float
+    optimizer: str | Optimizer = "sgd"
+    batch_size: int | None = None
+    l2: float = 0.0
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Schedule = "constant"
+    warmup: int = 0
+    seed: int = 0
+    normalise: Literal["retained", "nominal"] = "retained"
+    _update: Optimizer = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise InvalidInputError(f"Recipe: steps must be an integer >= 1, got {self.steps!r}")
+        for name in ("lr", "l2", "eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise InvalidInputError(f"Recipe: {name} must be a number >= 0, got {value!r}")
+        if self.batch_size is not None and (
+            not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
+            raise InvalidInputError(
+                f"Recipe: batch_size must be an integer >= 1 or None (full batch), got "
+                f"{self.batch_size!r}"
+            )
+        if self.schedule not in ("constant", "cosine", "linear"):
+            raise InvalidInputError(
+                f"Recipe: schedule must be 'constant', 'cosine' or 'linear', got {self.schedule!r}"
+            )
+        if self.normalise not in ("retained", "nominal"):
+            raise InvalidInputError(
+                f"Recipe: normalise must be 'retained' or 'nominal', got {self.normalise!r}"
+            )
+        if not isinstance(self.warmup, int) or not 0 <= self.warmup < self.steps:
+            raise InvalidInputError(
+                f"Recipe: warmup must be an integer in [0, steps), got {self.warmup!r}"
+            )
+        object.__setattr__(self, "_update", self._make_optimizer())
+
+    def _make_optimizer(self) -> Optimizer:
+        if isinstance(self.optimizer, str):
+            if self.optimizer == "sgd":
+                return SGD()
+            if self.optimizer == "momentum":
+                return Momentum(self.momentum)
+            if self.optimizer == "adam":
+                return Adam(self.betas[0], self.betas[1], self.eps)
+            raise InvalidInputError(
+                f"Recipe: unknown optimizer {self.optimizer!r}; use one of "
+                f"{', '.join(OPTIMIZERS)} or an object with init() and update() "
+                "(infkit.recipe.Optimizer)"
+            )
+        if not isinstance(self.optimizer, Optimizer):
+            raise InvalidInputError(
+                "Recipe: optimizer must be 'sgd', 'momentum', 'adam' or an object with pure "
+                f"init(theta) and update(theta, buffers, gradient, lr, t); got "
+                f"{type(self.optimizer).__name__}"
+            )
+        return self.optimizer
+
+    @property
+    def update(self) -> Optimizer:
+        """The optimiser's pure update functions."""
+        return self._update
+
+    def learning_rate(self, t: int) -> float:
+        """eta_t: warm-up, then the schedule."""
+        if t < self.warmup:
+            return self.lr * (t + 1) / self.warmup
+        if self.schedule == "constant":
+            return self.lr
+        progress = (t - self.warmup) / max(1, self.steps - self.warmup)
+        if self.schedule == "linear":
+            return self.lr * (1.0 - progress)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def batches_per_epoch(self, n: int) -> int:
+        return 1 if self.batch_size is None else math.ceil(n / self.batch_size)
+
+    def batch(self, n: int, t: int) -> Tensor | None:
+        """The training indices of step t (None: all of them, full batch)."""
+        if self.batch_size is None or self.batch_size >= n:
+            return None
+        per_epoch = self.batches_per_epoch(n)
+        epoch, k = divmod(t, per_epoch)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+        return order[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def record(self) -> dict[str, Any]:
+        """The recipe as JSON values (fingerprints, describe())."""
+        optimizer = self.optimizer if isinstance(self.optimizer, str) else repr(self.optimizer)
+        return {
+            "steps": self.steps,
+            "lr": float(self.lr),
+            "optimizer": optimizer,
+            "batch_size": self.batch_size,
+            "l2": float(self.l2),
+            "momentum": float(self.momentum),
+            "betas": [float(b) for b in self.betas],
+            "eps": float(self.eps),
+            "schedule": self.schedule,
+            "warmup": self.warmup,
+            "seed": self.seed,
+            "normalise": self.normalise,
+        }
+
+    def train(
+        self,
+        task: Task,
+        train: Any,
+        *,
+        weights: Tensor | None = None,
+        initial: Tensor | None = None,
+        record_every: int | None = None,
+    ) -> TrainingRun:
+        """Train ``task.model`` in place by this recipe and return the recorded run.
+
+        Args:
+            task: the model (its current parameters are theta_0 unless ``initial``) and its loss.
+            train: the training set (any form :class:`~infkit.data.ExampleSet` accepts).
+            weights: the data weights w [N] (default: all 1).
+            initial: theta_0 as a flat [P] vector (default: the model's current parameters).
+            record_every: keep the parameters every this many steps in ``run.checkpoints``
+                (TracInCP, SOURCE); None: only theta_0 and the final parameters.
+        """
+        examples = ExampleSet(train, name="training set")
+        replay = Replay(self, task, examples)
+        theta0 = replay.space.flat().detach().clone() if initial is None else initial
+        theta0 = replay.check_vector(theta0, "initial")
+        w = replay.weights(weights)
+        kept: list[tuple[int, Tensor]] = []
+        losses: list[float] = []
+        theta = theta0
+        for t, theta, _buffers, loss in replay.trajectory(theta0, w):
+            if record_every is not None and t % record_every == 0:
+                kept.append((t, theta))
+            if loss is not None:
+                losses.append(loss)
+        replay.space.assign_(theta)
+        if not kept or kept[-1][0] != self.steps:
+            kept.append((self.steps, theta))
+        return TrainingRun(
+            recipe=self,
+            initial=theta0,
+            final=theta.detach().clone(),
+            weights=w,
+            n=len(examples),
+            losses=torch.tensor(losses, dtype=torch.float64),
+            checkpoints=kept,
+        )
+
+
+@dataclass
+class TrainingRun:
+    """A model trained by a :class:`Recipe`: what is needed to replay and differentiate it.
+
+    Attributes:
+        recipe: the recipe.
+        initial: theta_0, flat [P] (model dtype).
+        final: theta_T, flat [P]: the trained model's parameters.
+        weights: the data weights it was trained with [N] (all 1 normally).
+        n: N, the number of training examples.
+        losses: the training objective before each step [steps].
+        checkpoints: (step, theta_step) pairs kept by ``record_every`` (and the final one).
+    """
+
+    recipe: Recipe
+    initial: Tensor
+    final: Tensor
+    weights: Tensor
+    n: int
+    losses: Tensor
+    checkpoints: list[tuple[int, Tensor]]
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainingRun({self.recipe!r}, N={self.n}, P={self.final.numel()}, "
+            f"final objective {float(self.losses[-1]) if len(self.losses) else float('nan'):.4g})"
+        )
+
+
+class Replay:
+    """The recipe as pure functions of (theta, buffers, w) on one training set and model.
+
+    ``step`` is one optimiser step (``torch.func``-differentiable in all three arguments);
+    ``trajectory`` runs the recipe; ``checkpoints`` keeps every k-th state for the reverse pass.
+    """
+
+    def __init__(self, recipe: Recipe, task: Task, examples: ExampleSet) -> None:
+        self.recipe = recipe
+        self.task = task
+        self.examples = examples
+        self.n = len(examples)
+        self.space = ParameterSpace(task.model)
+        self.engine = PerExample(task, self.space)
+        self._full: tuple[Any, Any] | None = None
+
+    def check_vector(self, theta: Tensor, what: str) -> Tensor:
+        theta = torch.as_tensor(theta)
+        if theta.shape != (self.space.size,):
+            raise InvalidInputError(
+                f"{what} parameters must be a flat vector of length P = {self.space.size}, got "
+                f"shape {tuple(theta.shape)}"
+            )
+        return theta.detach().to(self.space.dtype).clone()
+
+    def weights(self, weights: Tensor | None) -> Tensor:
+        """w [N] in the model's dtype (default all 1), checked."""
+        if weights is None:
+            return torch.ones(self.n, dtype=self.space.dtype)
+        w = torch.as_tensor(weights).detach().to(self.space.dtype)
+        if w.shape != (self.n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise InvalidInputError(
+                f"weights must be {self.n} finite numbers >= 0 (one per training example), got "
+                f"shape {tuple(w.shape)}"
+            )
+        return w
+
+    def _batch(self, t: int) -> tuple[Tensor | None, Any, Any]:
+        idx = self.recipe.batch(self.n, t)
+        if idx is None:
+            if self._full is None:
+                self._full = self.engine.prepare(self.examples.take(torch.arange(self.n)))
+            return None, *self._full
+        inputs, targets = self.engine.prepare(self.examples.take(idx))
+        return idx, inputs, targets
+
+    def objective(self, theta: Tensor, w: Tensor, t: int) -> Tensor:
+        """The step-t objective at theta: the weighted batch loss over nu_t(w) plus the ridge."""
+        idx, inputs, targets = self._batch(t)
+        outputs = self.engine.call(self.space.unflatten(theta), inputs)
+        losses = self.task.checked_loss(outputs, targets)
+        wb = w if idx is None else w[idx]
+        if self.recipe.normalise == "retained":
+            data = (wb * losses).sum() / wb.sum().clamp_min(torch.finfo(wb.dtype).tiny)
+        else:
+            data = (wb * losses).sum() / len(wb)
+        return data + 0.5 * self.recipe.l2 * (theta * theta).sum()
+
+    def step(self, theta: Tensor, buffers: Buffers, w: Tensor, t: int) -> tuple[Tensor, Buffers]:
+        """One optimiser step from (theta_t, b_t) with data weights w: pure."""
+        gradient = torch.func.grad(self.objective)(theta, w, t)
+        return self.recipe.update.update(theta, buffers, gradient, self.recipe.learning_rate(t), t)
+
+    def _step_and_objective(
+        self, theta: Tensor, buffers: Buffers, w: Tensor, t: int
+    ) -> tuple[Tensor, Buffers, float]:
+        """:meth:`step` and the objective before it, from one forward and backward pass."""
+        gradient, value = torch.func.grad_and_value(self.objective)(theta, w, t)
+        theta, buffers = self.recipe.update.update(
+            theta, buffers, gradient, self.recipe.learning_rate(t), t
+        )
+        return theta, buffers, float(value)
+
+    def trajectory(
+        self,
+        theta0: Tensor,
+        w: Tensor,
+        start: int = 0,
+        stop: int | None = None,
+        buffers: Buffers | None = None,
+    ) -> Iterator[tuple[int, Tensor, Buffers, float | None]]:
+        """(t, theta_t, b_t, objective before step t) for t = start .. stop, no graph kept.
+
+        The last item is the state after the final step, with objective None.
+        """
+        stop = self.recipe.steps if stop is None else stop
+        theta = theta0
+        state = self.recipe.update.init(theta0) if buffers is None else buffers
+        with evaluation_mode(self.task.model), torch.no_grad():
+            for t in range(start, stop):
+                with torch.enable_grad():
+                    new_theta, new_state, loss = self._step_and_objective(theta, state, w, t)
+                yield t, theta, state, loss
+                theta, state = new_theta.detach(), tuple(b.detach() for b in new_state)
+            yield stop, theta, state, None
+
+    def final(self, theta0: Tensor, w: Tensor) -> tuple[Tensor, Buffers]:
+        """theta_T and b_T of a replay from theta0 with weights w."""
+        *_, (_, theta, buffers, _loss) = self.trajectory(theta0, w)
+        return theta, buffers

@@ -1,0 +1,111 @@
+"""Derivatives of a replayed training run in its data weights: metagradients.
+
+With the run written as ``s_{t+1} = Phi_t(s_t, w)`` (``s = (theta, b)``, :mod:`infkit.recipe`),
+the derivative of a function ``c^T theta_T`` of the final parameters with respect to the data
+weights ``w`` is accumulated backwards through every step (reverse mode, the adjoint method):
+
+    a_T = (c, 0);    a_t = (d Phi_t / d s_t)^T a_{t+1};    dc/dw = sum_t (d Phi_t / d w)^T a_{t+1}
+
+Each term is one ``torch.func.vjp`` of a step (a Hessian-vector product and the per-example
+gradients dotted with the adjoint), batched over many ``c`` with ``vmap``. The reverse pass needs
+the states in reverse order; they are recomputed from checkpoints kept every k steps
+(:func:`checkpoint`; k = ceil(sqrt(T)) by default: O(sqrt T) states in memory, one extra forward
+replay). The forward mode (:func:`tangent`, one ``torch.func.jvp`` through the whole run) gives
+the derivative of theta_T along one direction of ``w``: a group removal in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from infkit.parameters import evaluation_mode
+from infkit.recipe import Buffers, Replay
+
+
+@dataclass
+class Checkpoints:
+    """States ``(theta_t, b_t)`` of a replay kept every ``every`` steps, and theta_T."""
+
+    every: int
+    states: dict[int, tuple[Tensor, Buffers]]
+    final: Tensor
+
+    @property
+    def count(self) -> int:
+        return len(self.states)
+
+
+def default_interval(steps: int) -> int:
+    """k = ceil(sqrt(steps)): the memory-optimal checkpoint interval of a single reverse pass."""
+    return max(1, math.ceil(math.sqrt(steps)))
+
+
+def checkpoint(replay: Replay, theta0: Tensor, w: Tensor, every: int | None = None) -> Checkpoints:
+    """Replay the run from theta0 with weights w, keeping the state every ``every`` steps."""
+    every = default_interval(replay.recipe.steps) if every is None else every
+    states: dict[int, tuple[Tensor, Buffers]] = {}
+    final = theta0
+    for t, theta, buffers, _loss in replay.trajectory(theta0, w):
+        if t % every == 0 and t < replay.recipe.steps:
+            states[t] = (theta, buffers)
+        final = theta
+    return Checkpoints(every, states, final)
+
+
+def _segment(replay: Replay, start: tuple[Tensor, Buffers], w: Tensor, s: int, e: int) -> list:
+    """The states of steps s .. e-1 recomputed from the state at step s."""
+    theta, buffers = start
+    states = [(theta, buffers)]
+    with torch.no_grad():
+        for t in range(s, e - 1):
+            theta, buffers = replay.step(theta, buffers, w, t)
+            states.append((theta, buffers))
+    return states
+
+
+def metagradients(
+    replay: Replay, checkpoints: Checkpoints, w: Tensor, cotangents: Tensor
+) -> Tensor:
+    """d (c_q^T theta_T) / d w for each row c_q of ``cotangents`` [Q, P]: [Q, N].
+
+    Reverse mode through every step of the replay (module docstring), states recomputed from
+    ``checkpoints`` one segment at a time.
+    """
+    steps = replay.recipe.steps
+    a_theta = cotangents.to(replay.space.dtype)
+    q = a_theta.shape[0]
+    first = checkpoints.states[0][1]
+    a_buffers: Buffers = tuple(torch.zeros(q, *b.shape, dtype=b.dtype) for b in first)
+    a_w = torch.zeros(q, replay.n, dtype=replay.space.dtype)
+    with evaluation_mode(replay.task.model):
+        for s in sorted(checkpoints.states, reverse=True):
+            e = min(s + checkpoints.every, steps)
+            states = _segment(replay, checkpoints.states[s], w, s, e)
+            for t in range(e - 1, s - 1, -1):
+                theta, buffers = states[t - s]
+
+                def phi(th: Tensor, b: Buffers, weights: Tensor, t: int = t) -> tuple:
+                    return replay.step(th, b, weights, t)
+
+                pullback = torch.func.vjp(phi, theta, buffers, w)[1]
+                a_theta, a_buffers, d_w = torch.func.vmap(pullback)((a_theta, a_buffers))
+                a_w += d_w
+    return a_w
+
+
+def tangent(replay: Replay, theta0: Tensor, w: Tensor, direction: Tensor) -> Tensor:
+    """d theta_T / d w along ``direction`` [N]: [P], forward mode through the whole run."""
+
+    def run(weights: Tensor) -> Tensor:
+        theta, buffers = theta0, replay.recipe.update.init(theta0)
+        for t in range(replay.recipe.steps):
+            theta, buffers = replay.step(theta, buffers, weights, t)
+        return theta
+
+    with evaluation_mode(replay.task.model):
+        derivative = torch.func.jvp(run, (w,), (direction.to(w.dtype),))[1]
+    return derivative
