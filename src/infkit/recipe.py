@@ -132,7 +132,8 @@ class Recipe:
         batch_size: examples per step; None: full batch.
         l2: the objective's own L2 coefficient (mean form, as everywhere in infkit).
         momentum: mu of ``"momentum"``.
-        betas, eps: Adam's.
+        betas: Adam's (beta1, beta2).
+        eps: Adam's epsilon (inside the square root, see :class:`Adam`).
         schedule: ``"constant"``, ``"cosine"`` (to 0 at the last step) or ``"linear"`` (to 0),
             after ``warmup`` steps of linear warm-up.
         warmup: steps of linear warm-up from eta / warmup.
