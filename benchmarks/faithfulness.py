@@ -15,7 +15,8 @@ read in place; split into train and test with seed 0):
   for ``unrolled`` against 0.83 / 0.75 with the cosine schedule at N = 1,000); the banks: the recipe replayed from the
   same initialisation on random halves (dattri's protocol) and on subsets holding out 1%
   (EleutherAI's protocol for MAGIC) (``retrain.subsets(..., run=run)``). Methods: ``unrolled``
-  (metagradients through the run), ``source`` (``--segments`` segments of EK-FAC curvature),
+  (metagradients through the run), ``source`` (``--segments`` segments, curvature by Krylov
+  products of the GGN),
   EK-FAC, damped IF by CG on the GGN, TRAK and the gradient dot
   product, each at the final parameters.
 
@@ -219,6 +220,8 @@ def mnist_mlp(args: argparse.Namespace) -> list[str]:
         "|---|---|---|---|",
     ]
     for method, options in methods:
+        if args.methods and method not in args.methods:
+            continue
         damping = args.damping if method in ("cg",) else 0.0
         l2 = args.l2
         with warnings.catch_warnings():
@@ -251,6 +254,7 @@ def main() -> None:
     parser.add_argument("--schedule", default="cosine", choices=["constant", "cosine", "linear"])
     parser.add_argument("--query-batch", type=int, default=25)
     parser.add_argument("--segments", type=int, default=4)
+    parser.add_argument("--methods", nargs="*", help="MNIST-MLP: only these methods")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default="runs/faithfulness-cache")

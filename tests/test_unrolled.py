@@ -171,7 +171,8 @@ def test_source_is_the_influence_function_at_a_converged_run() -> None:
     task, run, train, test = _digits_run(1500)
     exact = infkit.Influence(task, "exact", l2=1e-2).fit(train).scores(test)
     ekfac = infkit.Influence(task, "ekfac", l2=1e-2).fit(train).scores(test)
-    for curvature, reference, tolerance in (("exact", exact, 1e-6), ("ekfac", ekfac, 1e-4)):
+    cases = (("exact", exact, 1e-6), ("krylov", exact, 1e-6), ("ekfac", ekfac, 1e-4))
+    for curvature, reference, tolerance in cases:
         inf = infkit.Influence(
             task, "source", l2=1e-2, run=run, segments=2, segment_curvature=curvature
         )
@@ -190,6 +191,9 @@ def test_source_approaches_metagradients_as_segments_shorten() -> None:
         errors.append(relative_error(inf.scores(test), exact_metagradients))
     # measured 0.12, 0.071, 0.048: curvature and gradients vary within a segment
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.06, errors
+    # the matrix-free curvature: functions of the GGN by block Lanczos from the queries
+    krylov = infkit.Influence(task, "source", l2=1e-2, run=run, segments=10).fit(train)
+    assert relative_error(krylov.scores(test), inf.scores(test)) < 1e-8
     group = [3, 17, 40, 41]
     S = inf.scores(test)
     assert relative_error(inf.remove(group).measurement(test), S[:, group].sum(1)) < 1e-8

@@ -11,9 +11,10 @@ descent with learning rates eta_t have a closed form. With ``c_l = sum_{t in l} 
 
 (``g_l_bar``: the mean gradient, from the retained-mean normaliser; 0 with ``"nominal"``), and
 ``scores[t, j] = -grad m_t(theta_T)^T d theta_T / d w_j``. One segment at a converged run is the
-influence function (``(I - S) H^{-1} -> H^{-1}``). ``H_l`` is EK-FAC's (``segment_curvature=
-"ekfac"``, scales) or the dense GGN (``"exact"``, small models); every function of it is applied
-in its eigenbasis (docs/methods/unrolled.md §8).
+influence function (``(I - S) H^{-1} -> H^{-1}``). Functions of ``H_l`` are applied by block
+Lanczos on GGN-vector products (``segment_curvature="krylov"``, matrix-free, the default), in
+EK-FAC's Kronecker eigenbasis (``"ekfac"``) or in the dense GGN's (``"exact"``, small models)
+(docs/methods/unrolled.md §8).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from infkit.curvature import CurvatureOperator
 from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.estimators import Estimator
@@ -53,8 +55,13 @@ class SourceOptions(KroneckerOptions):
         None, "the recorded training run (Recipe.train returns it): what is approximated"
     )
     segments: int = option(3, "segments L the run is cut into (curvature held in each)", minimum=1)
-    segment_curvature: Literal["ekfac", "exact"] = option(
-        "ekfac", "each segment's curvature: EK-FAC (scales) or the dense GGN (small models)"
+    segment_curvature: Literal["krylov", "ekfac", "exact"] = option(
+        "krylov",
+        "each segment's curvature: the GGN through Krylov products (matrix-free), EK-FAC's "
+        "Kronecker eigenbasis, or the dense GGN (small models)",
+    )
+    krylov_steps: int = option(
+        20, "Lanczos steps per block of vectors for segment_curvature='krylov'", minimum=1
     )
 
 
@@ -66,7 +73,13 @@ class SegmentCurvature:
         self.kronecker: KroneckerCurvature | None = None
         self.basis: Tensor | None = None
         self.values: Tensor | None = None
-        if options.segment_curvature == "ekfac":
+        self.operator: CurvatureOperator | None = None
+        self.krylov_steps = options.krylov_steps
+        if options.segment_curvature == "krylov":
+            self.operator = CurvatureOperator(
+                fitted.engine, fitted.train, "ggn", batch_size=8 * fitted.batch_size
+            )
+        elif options.segment_curvature == "ekfac":
             self.kronecker = KroneckerCurvature(fitted, options, corrected=True, owner="source")
         else:
             exact = Exact()
@@ -75,9 +88,22 @@ class SegmentCurvature:
             values, self.basis = torch.linalg.eigh(exact.data_curvature)
             self.values = values.clamp_min(0.0) + fitted.ridge
 
+    def apply_many(self, V: Tensor, fns: list[Spectral]) -> list[Tensor]:
+        """[fn(H_l) V for fn in fns] for V [k, P] (float64); one Krylov space for all."""
+        if self.operator is None:
+            return [self.apply(V, fn) for fn in fns]
+        operator, ridge = self.operator, self.fitted.ridge
+
+        def product(X: Tensor) -> Tensor:
+            return operator.matmat(X).to(torch.float64) + ridge * X
+
+        return krylov_functions(product, V.to(torch.float64), self.krylov_steps, fns)
+
     def apply(self, V: Tensor, fn: Spectral) -> Tensor:
         """fn(H_l) V for V [k, P] (float64)."""
         V = V.to(torch.float64)
+        if self.operator is not None:
+            return self.apply_many(V, [fn])[0]
         if self.basis is not None and self.values is not None:
             return ((V @ self.basis) * fn(self.values)) @ self.basis.T
         assert self.kronecker is not None
@@ -92,6 +118,33 @@ class SegmentCurvature:
             ridge = torch.tensor(self.fitted.ridge, dtype=torch.float64)
             out[:, idx] = V[:, idx] * fn(ridge)
         return out
+
+
+def krylov_functions(
+    product: Callable[[Tensor], Tensor], V: Tensor, steps: int, fns: list[Spectral]
+) -> list[Tensor]:
+    """[fn(A) V for fn in fns] by block Lanczos from the rows of V [k, P] (A symmetric PSD,
+    given by ``product``): the functions of the projected matrix T = Q A Q^T, mapped back
+    (exact when the Krylov space holds V's whole reach; fully re-orthogonalised)."""
+    scale = V.norm(dim=1).max().clamp_min(1e-300)
+    rows: list[Tensor] = []
+    block = V
+    for _ in range(steps):
+        for _twice in range(2):
+            for previous in rows:
+                block = block - (block @ previous.T) @ previous
+        q, r = torch.linalg.qr(block.T)
+        keep = r.diagonal().abs() > 1e-10 * scale
+        if not bool(keep.any()):
+            break
+        rows.append(q.T[keep])
+        block = product(rows[-1])
+        scale = max(float(scale), float(block.norm(dim=1).max()))
+    basis = torch.cat(rows)
+    T = basis @ product(basis).T
+    values, vectors = torch.linalg.eigh(0.5 * (T + T.T))
+    coords = vectors.T @ (basis @ V.T)
+    return [(basis.T @ (vectors @ (fn(values.clamp_min(0.0))[:, None] * coords))).T for fn in fns]
 
 
 def _integrated(c: float) -> Spectral:
@@ -210,11 +263,11 @@ class Source(Method):
         U = U.to(torch.float64)
         out = torch.zeros(U.shape[0], fitted.n, dtype=torch.float64)
         for (part, c), mean in zip(reversed(self.parts), reversed(self.mean_gradients)):
-            V = part.apply(U, _integrated(c))
+            V, carried = part.apply_many(U, [_integrated(c), _decay(c)])
             for batch in part.fitted.train.batches(fitted.batch_size):
                 out[:, batch.indices] += V @ part.fitted.loss_grads(batch).T
             out -= (V @ mean)[:, None]
-            U = part.apply(U, _decay(c))
+            U = carried
         return out / fitted.n
 
     def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
@@ -237,7 +290,9 @@ class Source(Method):
         for (part, c), mean in zip(self.parts, self.mean_gradients):
             removed = part.fitted.loss_grads(part.fitted.train.take(indices)).sum(0)
             push = (removed - len(indices) * mean)[None] / fitted.n
-            delta = part.apply(delta, _decay(c)) + part.apply(push, _integrated(c))
+            both = torch.cat([delta, push])
+            decayed, integrated = part.apply_many(both, [_decay(c), _integrated(c)])
+            delta = decayed[:1] + integrated[1:]
         return delta[0]
 
     def state(self) -> dict[str, Any]:
