@@ -34,7 +34,9 @@ def test_full_krylov_space_equals_exact(
 
 def test_ritz_values_and_embeddings(mlp_problem: dict, reference: dict) -> None:
     task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
-    inf = infkit.Influence(task, "arnoldi", l2=l2, rank=5, krylov_dim=40).fit(train)
+    inf = infkit.Influence(task, "arnoldi", l2=l2, rank=5, krylov_dim=40, complement="drop").fit(
+        train
+    )
     method = inf.method
     top = torch.linalg.eigvalsh(reference["H"]).flip(0)[:5]
     assert relative_error(method.eigenvalues, top) < 1e-8
@@ -45,6 +47,38 @@ def test_ritz_values_and_embeddings(mlp_problem: dict, reference: dict) -> None:
     assert relative_error(inf.scores(test), test_emb @ train_emb.T / 60) < 1e-10
     # The projected inverse keeps only the top directions: it under-inverts, scores shrink.
     assert inf.scores(test).norm() < reference["scores"].norm()
+
+
+def test_the_scaled_complement_is_closer_to_the_exact_inverse(
+    mlp_problem: dict, reference: dict
+) -> None:
+    """The default inverts the complement at its curvature along training gradients: closer to
+    the exact damped inverse than dropping it (the paper) or taking it as curvature-free.
+    Measured here (rank 5 of P = 75): relative error 0.60 against 0.95 and 14.3; Pearson 0.80
+    against 0.34 and 0.70."""
+    task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
+    exact = reference["scores"]
+    scores = {
+        complement: infkit.Influence(
+            task, "arnoldi", l2=l2, rank=5, krylov_dim=40, complement=complement
+        )
+        .fit(train)
+        .scores(test)
+        for complement in ("scaled", "drop", "ridge")
+    }
+    errors = {c: relative_error(s, exact) for c, s in scores.items()}
+    assert errors["scaled"] < 0.75 * min(errors["drop"], errors["ridge"]), errors
+    r = {
+        c: torch.corrcoef(torch.stack([s.flatten(), exact.flatten()]))[0, 1]
+        for c, s in scores.items()
+    }
+    assert r["scaled"] > max(r["drop"], r["ridge"]) + 0.05, r
+    default = infkit.Influence(task, "arnoldi", l2=l2, rank=5, krylov_dim=40).fit(train)
+    assert torch.equal(default.scores(test), scores["scaled"])
+    # mu is the Rayleigh quotient of the complement parts of training gradients: between the
+    # complement's smallest and largest eigenvalue (the 6th largest of H)
+    eig = torch.linalg.eigvalsh(reference["H"]).flip(0)
+    assert 0.0 <= default.method.complement_curvature <= float(eig[5]) * (1 + 1e-8)
 
 
 def test_lanczos_on_an_explicit_matrix_with_repeated_eigenvalues() -> None:

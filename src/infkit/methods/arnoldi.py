@@ -8,12 +8,14 @@ and keeps the p Ritz pairs ``(lambda_k, u_k)`` of largest eigenvalue ("distillat
 
     solve(V) = U diag(1 / (lambda_k + ridge)) U^T V,     ridge = l2 + damping + shift,
 
-the paper's *projected* inverse: the complement of the top-p subspace is dropped
-(``complement="drop"``, default), so influence is measured only through the p highest-curvature
+the paper's *projected* inverse when the complement of the top-p subspace is dropped
+(``complement="drop"``), so influence is measured only through the p highest-curvature
 directions. This is a strongly truncated IF and can disagree with the full damped inverse, which
-is dominated by low-curvature directions. ``complement="ridge"`` instead treats the complement as
-curvature-free, adding ``(I - U U^T) V / ridge``; with p = P (the full Krylov space) either choice
-equals ``method="exact"``.
+is dominated by low-curvature directions. ``complement="ridge"`` treats the complement as
+curvature-free, adding ``(I - U U^T) V / ridge``, which overshoots where the complement still has
+curvature. The default, ``complement="scaled"``, adds ``(I - U U^T) V / (mu + ridge)`` with mu the
+complement's curvature along training gradients (a Rayleigh quotient over 16 of them, one
+curvature product). With p = P (the full Krylov space) every choice equals ``method="exact"``.
 
 Each example becomes a p-dimensional embedding ``Gamma v`` with
 ``Gamma = diag(lambda + ridge)^{-1/2} U^T``, so that (with the complement dropped) influence is a
@@ -122,8 +124,10 @@ class ArnoldiOptions(Options):
     krylov_dim: int = option(
         200, "n >= p, the Krylov basis size (captum's arnoldi_dim); capped at P", minimum=1
     )
-    complement: Literal["drop", "ridge"] = option(
-        "drop", "the complement of the top-p subspace: dropped (the paper), or inverted as 1/ridge"
+    complement: Literal["drop", "ridge", "scaled"] = option(
+        "scaled",
+        "the complement of the top-p subspace: dropped (the paper), inverted as 1/ridge, or as "
+        "1/(its curvature along training gradients + ridge)",
     )
     curvature: Curvature = option(
         "ggn", "'ggn' or 'hessian' (Ritz values then ranked by magnitude)"
@@ -173,13 +177,14 @@ class Arnoldi(PrimalMethod):
         test_options={"rank": 20, "krylov_dim": 60},
     )
     #: the Ritz pairs (the training embeddings are recomputed when asked for)
-    fitted_state = ("eigenvalues", "vectors", "products")
+    fitted_state = ("eigenvalues", "vectors", "products", "complement_curvature")
     options: ArnoldiOptions
 
     def __init__(self, options: ArnoldiOptions | None = None, /, **values: object) -> None:
         super().__init__(options, **values)
         self.curvature = self.options.curvature
         self.eigenvalues: Tensor | None = None  # [p], data curvature (no ridge), descending
+        self.complement_curvature = 0.0  # complement="scaled": its curvature along gradients
         self.vectors: Tensor | None = None  # U^T: [p, P]
         self.products = 0
         self._train_embeddings: Tensor | None = None
@@ -224,7 +229,23 @@ class Arnoldi(PrimalMethod):
                 f"l2 + damping is {ridge:.3e}: the projected curvature is not positive definite. "
                 f"Add damping greater than {-worst:.3e}, or use curvature='ggn'"
             )
+        self.complement_curvature = 0.0
+        if options.complement == "scaled":
+            self.complement_curvature = self._complement_curvature(fitted, matmat)
         self._train_embeddings = None
+
+    def _complement_curvature(self, fitted: Fitted, matmat: Callable[[Tensor], Tensor]) -> float:
+        """The curvature of the complement along training gradients: the Rayleigh quotient
+        sum_j g_j^T H g_j / sum_j ||g_j||^2 of the complement parts g_j = (I - U U^T) grad l_j
+        of 16 evenly spaced training examples (one curvature product of 16 vectors)."""
+        assert self.vectors is not None
+        idx = torch.linspace(0, fitted.n - 1, min(16, fitted.n)).round().long().unique()
+        G = fitted.loss_grads(fitted.train.take(idx)).to(self.vectors)
+        G = G - (G @ self.vectors.T) @ self.vectors
+        norm = float((G * G).sum())
+        if norm <= 0:
+            return 0.0
+        return max(0.0, float((G * matmat(G).to(G)).sum()) / norm)
 
     def _subspace(self) -> tuple[Tensor, Tensor]:
         if self.eigenvalues is None or self.vectors is None:
@@ -246,7 +267,9 @@ class Arnoldi(PrimalMethod):
             )
         coords = V @ vectors.T  # [k, p]
         out = (coords / denom) @ vectors
-        if self.options.complement == "ridge":
+        if self.options.complement == "scaled" and self.complement_curvature + ridge > 0:
+            out = out + (V - coords @ vectors) / (self.complement_curvature + ridge)
+        elif self.options.complement == "ridge":
             if ridge <= 0:
                 raise CurvatureError(
                     "complement='ridge' inverts the complement as 1 / (l2 + damping), which is 0; "
