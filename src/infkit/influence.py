@@ -674,9 +674,12 @@ class Influence:
         for _ in track(range(steps - 1), fitted.progress, "newton steps", steps - 1):
             space.assign_(theta)
             refit = self._refit_at(task, retained)
-            gradient = _retained_gradient(
-                refit.fitted.engine, retained, self.l2, fitted.anchor, self.batch_size
-            )
+            # the refit's fit already measured grad L_R(theta_k) (its stationarity check)
+            gradient = refit.fitted.objective_gradient
+            if gradient is None:
+                gradient = _retained_gradient(
+                    refit.fitted.engine, retained, self.l2, fitted.anchor, self.batch_size
+                )
             norms.append(float(gradient.norm()))
             step = refit.method.precondition_queries(gradient.unsqueeze(0))[0]
             theta = theta - step.to(theta)

@@ -25,7 +25,7 @@ differentiate through them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -116,7 +116,8 @@ class Adam:
         return theta - lr * m_hat / torch.sqrt(v_hat + self.eps**2), (m, v)
 
 
-OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {"sgd": SGD, "momentum": Momentum, "adam": Adam}
+#: the built-in optimisers, by name
+OPTIMIZERS = ("sgd", "momentum", "adam")
 Schedule = Literal["constant", "cosine", "linear"]
 
 

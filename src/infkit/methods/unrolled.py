@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet
-from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.errors import InvalidInputError, NotFittedError, UnsupportedError
 from infkit.estimators import Estimator
 from infkit.fitted import Fitted
 from infkit.methods.base import Fidelity, Method, register
@@ -36,7 +36,7 @@ from infkit.plan import RunShape, Stage
 from infkit.progress import track
 from infkit.recipe import Replay, TrainingRun
 from infkit.task import Task
-from infkit.unroll import Checkpoints, checkpoint, metagradients, tangent
+from infkit.unroll import Checkpoints, checkpoint, default_interval, metagradients, tangent
 
 #: fit refuses a run whose replay ends further than this (relative) from the model's parameters
 REPLAY_TOLERANCE = 1e-6
@@ -162,9 +162,7 @@ class Unrolled(Method):
     # ------------------------------------------------------------------ answers
     def _parts(self) -> tuple[Replay, Checkpoints, Tensor]:
         if self.replay is None or self.checkpoints is None or self.weights is None:
-            self.fit(self.fitted)
-        assert self.replay is not None and self.checkpoints is not None
-        assert self.weights is not None
+            raise NotFittedError("method 'unrolled' is not fitted: call fit(fitted) first")
         return self.replay, self.checkpoints, self.weights
 
     def _removal_effects(self, cotangents: Tensor) -> Tensor:
@@ -208,7 +206,7 @@ class Unrolled(Method):
     def stages(self, shape: RunShape, task: Task, space: ParameterSpace) -> list[Stage]:
         run = self.run
         steps = run.recipe.steps
-        every = self.options.checkpoint_every or max(1, int(steps**0.5 + 0.999))
+        every = self.options.checkpoint_every or default_interval(steps)
         states = (steps // every + every) * space.size * shape.itemsize * 3
         passes = -(-shape.n_queries // self.options.query_batch)
         return [
