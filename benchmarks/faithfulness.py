@@ -274,6 +274,7 @@ def mnist_mlp_seeds(args: argparse.Namespace) -> list[str]:
     bank = torch.stack(actual).double()
     bank_time = time.perf_counter() - start
     members: dict[str, list[infkit.Influence]] = {"unrolled": [], "ekfac": []}
+    member_scores: dict[str, list[torch.Tensor]] = {"unrolled": [], "ekfac": []}
     seconds: dict[str, float] = {"unrolled": 0.0, "ekfac": 0.0}
     for seed in range(args.models):
         task = infkit.Task.classification(mlp_model(seed))
@@ -285,8 +286,9 @@ def mnist_mlp_seeds(args: argparse.Namespace) -> list[str]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 inf = infkit.Influence(task, method, l2=args.l2, progress=False, **options)
-                _, spent = timed(lambda inf=inf: inf.fit(train).scores(queries))
+                scores, spent = timed(lambda inf=inf: inf.fit(train).scores(queries))
             members[method].append(inf)
+            member_scores[method].append(scores)
             seconds[method] += spent
     lines = [
         f"### dattri's protocol: MNIST-MLP, minibatch SGD (momentum 0.9, batch {args.batch_size}, "
@@ -298,7 +300,7 @@ def mnist_mlp_seeds(args: argparse.Namespace) -> list[str]:
         "|---|---|---|---|",
     ]
     for method, fitted in members.items():
-        single = [lds_interval(m.scores(queries), masks, bank).mean for m in fitted]
+        single = [lds_interval(s, masks, bank).mean for s in member_scores[method]]
         ensemble = infkit.Ensemble(fitted).scores(queries)
         ci = lds_interval(ensemble, masks, bank)
         lines.append(
