@@ -17,10 +17,32 @@ after the other on the same model and data (written once by this script):
 * ``kronfluence``: ``fit_all_factors`` then ``compute_pairwise_scores`` (its own venv,
   ``Analyzer(cpu=True)``).
 
+* ``astra`` (opt-in: name it in ``--only``): the reference both EK-FACs approximate, infkit's
+  ``method="astra"`` (EK-FAC-preconditioned block CG towards the exact damped GGN solve) on the
+  first ``--astra-queries`` queries with ``maxiter=--astra-iterations``. ASTRA takes no
+  ``damping="auto"`` (its answer has one ridge for every parameter, not kronfluence's per-module
+  heuristic), so the worker first fits EK-FAC with ``damping="auto"`` (the same factors as
+  ``infkit``, kept in the problem directory and then reused by ASTRA, no refit) and gives ASTRA
+  the scalar damping ``0.1 x`` the mean of all the EK-FAC eigenvalues of the tracked
+  parameters (the per-module heuristic's values averaged over the parameters); the preconditioner
+  is EK-FAC with that same scalar damping. It also scores the queries with that EK-FAC (ASTRA's
+  first iterate), which separates the approximation's error from the damping convention's.
+  Each iteration is one GGN-product pass over the training data for all the queries (plus one
+  for the first residual and one for the last). The worker leaves out infkit's stationarity
+  pass and drift check for ASTRA: diagnostics that do not change the scores and, on this
+  untrained model, would cost more than the iteration (up to 100 CG iterations on the GGN of
+  256 training sequences). It also scores the queries in one block (the facade would solve
+  them one by one at this number of parameters) and multiplies by the GGN ``BATCH`` sequences
+  at a time (ASTRA's default, 4 x that, takes about three times the memory, no faster).
+
 Targets (issue): infkit / kronfluence total time <= 0.5 and peak memory <= 1.0; infkit total
 time <= 4 passes and peak memory <= 2x a pass's; the two libraries' scores correlate >= 0.95.
+ASTRA has no target: the report gives the Pearson r of its scores with each library's (all the
+scores of its queries, and the mean over the queries of each query's r) and the relative
+residual it reached.
 
 Run:  .venv/bin/python benchmarks/bench_lm.py --size small|large [--train 1000] [--queries 16]
+      [--only pass infkit kronfluence astra] [--astra-queries 4] [--astra-iterations 2]
 """
 
 from __future__ import annotations
@@ -28,10 +50,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -231,6 +256,92 @@ def kronfluence_ekfac(  # type: ignore[no-untyped-def]
     return {"seconds": total, "fit_seconds": fit_seconds}
 
 
+def astra_worker(directory: Path) -> dict:
+    """ASTRA's scores of the first queries (settings in ``astra.json``): EK-FAC with
+    ``damping="auto"`` for the heuristic's per-module values, then ASTRA with their
+    parameter-weighted mean as its scalar damping, on the same factors (loaded, not refitted)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _astra(directory)
+    texts = list(dict.fromkeys(str(w.message) for w in caught))  # each once, in order
+    # ASTRA reports the residual it stopped at only in its warning (none: converged to tol)
+    found = [re.search(r"ASTRA stopped .* relative residual of ([0-9.e+-]+)", t) for t in texts]
+    residuals = [float(f.group(1)) for f in found if f is not None]
+    return {**result, "relative_residual": max(residuals) if residuals else None, "warnings": texts}
+
+
+def _astra(directory: Path) -> dict:
+    import infkit
+    from infkit import diagnostics
+    from infkit.methods.astra import ASTRA
+
+    settings = json.loads((directory / "astra.json").read_text())
+    model, train, queries, _ = load_problem(directory)
+    queries = infkit.language_modeling.examples(queries[: settings["queries"]])
+    train = infkit.language_modeling.examples(train)
+    task = infkit.Task.language_modeling(model)
+    modules = tracked_modules(model)
+    common: dict[str, Any] = {
+        "l2": 0.0,
+        "batch_size": BATCH,
+        "modules": modules,
+        "fisher": "sampled",
+        "factors_dir": str(directory / "astra-factors"),
+    }
+    start, cpu = time.perf_counter(), time.process_time()
+    ekfac = infkit.Influence(task, "ekfac", damping="auto", **common).fit(train)
+    fit_seconds = time.perf_counter() - start
+    module_damping = ekfac.describe()["module_damping"]
+    sizes = {
+        name: sum(p.numel() for p in model.get_submodule(name).parameters()) for name in modules
+    }
+    damping = sum(sizes[m] * module_damping[m] for m in modules) / sum(sizes.values())
+    # EK-FAC at that scalar damping: ASTRA's first iterate (and its preconditioner)
+    scalar = infkit.Influence(task, "ekfac", damping=damping, **common).fit(train)
+    torch.save(scalar.scores(queries), directory / "ekfac_scalar_scores.pt")
+    # Not part of the answer, and left out: the stationarity pass (a pass over the data) and the
+    # drift check that follows it on this untrained model (up to 100 CG iterations on the GGN of
+    # 256 examples, for a method without a cheap solve): neither changes the IF scores.
+    ASTRA.stationarity_pass = False
+    diagnostics.drift = lambda *args, **kwargs: None
+    # One block CG for all the queries (one GGN pass per iteration for all of them): the facade
+    # sizes its chunks of queries by 24 bytes per parameter a query, above its 32 MiB budget
+    # here, and would solve (and score) them one by one, each its own CG.
+    ASTRA.query_row_bytes = lambda self, n, p: 3 * n * 8  # type: ignore[method-assign]
+    mark = time.perf_counter()
+    # GGN products BATCH sequences at a time: the default, 4 x batch_size, takes about 3.7 GiB
+    # per query on the small model (a 19-22 GiB peak at 4 queries, 6.4 GiB with BATCH), no faster
+    astra = infkit.Influence(
+        task,
+        "astra",
+        damping=damping,
+        maxiter=settings["iterations"],
+        product_batch_size=BATCH,
+        **common,
+    ).fit(train)
+    astra_fit = time.perf_counter()
+    scores = astra.scores(queries)
+    end = time.perf_counter()
+    torch.save(scores, directory / "astra_scores.pt")
+    described = astra.describe()
+    return {
+        "seconds": end - start,
+        "cpu_seconds": time.process_time() - cpu,  # all threads: a check on a busy machine
+        "fit_seconds": fit_seconds,
+        "ekfac_scalar_seconds": mark - start - fit_seconds,
+        "astra_fit_seconds": astra_fit - mark,
+        "astra_scores_seconds": end - astra_fit,
+        "queries": settings["queries"],
+        "maxiter": settings["iterations"],
+        "damping": damping,
+        "module_damping_range": [min(module_damping.values()), max(module_damping.values())],
+        "iterations": described.get("iterations"),
+        "factors_loaded": described.get("preconditioner", {}).get("factors_loaded"),
+        "checks": _plain({k: described[k] for k in ("curvature_scale", "drift") if k in described}),
+        "stationarity": described.get("stationarity"),
+    }
+
+
 def _plain(obj: object) -> object:
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
@@ -242,6 +353,8 @@ def _plain(obj: object) -> object:
 
 
 WORKERS = {"pass": pass_worker, "infkit": infkit_worker, "kronfluence": kronfluence_worker}
+#: run only when named in --only (bench_minilm.py takes its default --only from WORKERS)
+OPT_IN_WORKERS = {"astra": astra_worker}
 
 
 # ============================================================================ driver
@@ -263,21 +376,32 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", nargs="+", default=["pass", "infkit", "kronfluence"])
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=list(WORKERS),
+        choices=[*WORKERS, *OPT_IN_WORKERS],
+        help="the workers to run, in order (astra only when named)",
+    )
+    parser.add_argument("--astra-queries", type=int, default=4, help="queries ASTRA scores")
+    parser.add_argument("--astra-iterations", type=int, default=2, help="ASTRA's maxiter")
     args = parser.parse_args()
     if args.worker:
         kind, directory = args.worker
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        print(json.dumps(WORKERS[kind](Path(directory))), flush=True)
+        print(json.dumps({**WORKERS, **OPT_IN_WORKERS}[kind](Path(directory))), flush=True)
         return
     directory = Path(tempfile.mkdtemp(prefix="bench-lm-"))
     write_problem(directory, args.size, args.train, args.queries)
+    astra = {"queries": min(args.astra_queries, args.queries), "iterations": args.astra_iterations}
+    (directory / "astra.json").write_text(json.dumps(astra))
     model, *_ = load_problem(directory)
     tracked = sum(m.weight.numel() for n, m in model.named_modules() if n in tracked_modules(model))
     results = {}
     for kind in args.only:
         results[kind] = run(kind, directory, args.threads)
-        print(kind, json.dumps({k: v for k, v in results[kind].items() if k != "describe"}))
+        shown = {k: v for k, v in results[kind].items() if k not in ("describe", "warnings")}
+        print(kind, json.dumps(shown))
     report(args, tracked, results, directory)
 
 
@@ -326,10 +450,43 @@ def write_report(title: str, results: dict, directory: Path, path: Path) -> None
             f"(target <= 4), peak memory {ours['peak_bytes'] / unit['peak_bytes']:.2f} "
             "(target <= 2)."
         )
+    if "astra" in results:
+        lines += [""] if lines[-1].startswith("|") else []
+        lines.append(astra_line(results["astra"], results, directory))
     text = "\n".join(lines) + "\n"
     print(text)
     with path.open("a") as out:
         out.write("\n" + text)
+
+
+def astra_line(astra: dict, results: dict, directory: Path) -> str:
+    """ASTRA's settings and residual, and the Pearson r of its scores [Q, N] with each EK-FAC's
+    on the same queries: over all the scores, and the mean of the per-query r."""
+    A = torch.load(directory / "astra_scores.pt").double()
+    compared = [("EK-FAC at ASTRA's scalar damping", "ekfac_scalar_scores.pt")]
+    compared += [
+        (kind, f"{kind}_scores.pt") for kind in ("infkit", "kronfluence") if kind in results
+    ]
+    parts = []
+    for label, name in compared:
+        B = torch.load(directory / name).double()[: len(A)]
+        assert B.shape == A.shape, (name, B.shape, A.shape)
+        overall = float(torch.corrcoef(torch.stack([A.flatten(), B.flatten()]))[0, 1])
+        rows = [float(torch.corrcoef(torch.stack([a, b]))[0, 1]) for a, b in zip(A, B)]
+        parts.append(f"{label} {overall:.4f} (per-query mean {sum(rows) / len(rows):.4f})")
+    residual = astra.get("relative_residual")
+    if astra["maxiter"] == 0:
+        reached = "not computed (maxiter 0 is EK-FAC's answer)"
+    else:
+        reached = "below tol" if residual is None else f"{residual:.2e}"
+    return (
+        f"ASTRA (block CG, maxiter {astra['maxiter']}, first {astra['queries']} queries, scalar "
+        f"damping {astra['damping']:.3g} = the heuristic's per-module values "
+        f"{astra['module_damping_range'][0]:.3g} to {astra['module_damping_range'][1]:.3g} "
+        f"averaged over the parameters): relative residual {reached}; scores' Pearson r with "
+        + ", ".join(parts)
+        + "."
+    )
 
 
 if __name__ == "__main__":
