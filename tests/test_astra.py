@@ -48,11 +48,18 @@ def test_astra_neumann_series_converges(wine_logreg: dict) -> None:
     assert relative_error(astra.method.solve(V), exact.method.solve(V)) <= 1e-6
     m = astra.method
     assert 0 < m.steps[l2] <= 1.5 and m.iterations[-1] < 500
+    # describe() reports each solve's largest relative residual ||v - (H + ridge) x|| / ||v||
+    X = astra.method.solve(V)
+    A = exact.method.solve(torch.eye(exact.n_params, dtype=torch.float64)).inverse()
+    measured = float(((V - X @ A.T).norm(dim=1) / V.norm(dim=1)).max())
+    assert astra.describe()["residuals"][-1] == pytest.approx(measured, rel=0.5, abs=1e-10)
+    assert astra.describe()["residuals"][-1] <= 1e-9
     diverging = infkit.Influence(task, "astra", l2=l2, solver="neumann", step=50.0).fit(train)
     with pytest.warns(UserWarning) as record:
         diverging.method.solve(V)
     messages = " ".join(str(w.message) for w in record)
     assert "diverges" in messages and "stopped after" in messages
+    assert diverging.describe()["residuals"][-1] > 1e-3
 
 
 def test_astra_newton_step_with_the_ggn_and_the_hessian(mlp_problem: dict) -> None:

@@ -152,6 +152,42 @@ def test_parameters_outside_supported_layers(mlp_problem: dict) -> None:
     torch.testing.assert_close(skipped_scores, frozen.scores(mlp_problem["test"]))
 
 
+class TiedLM(torch.nn.Module):
+    """An output head that reads the token embedding's matrix (GPT-2's tied weights)."""
+
+    def __init__(self, vocab: int = 9, width: int = 5) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.mix = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        return self.head(torch.tanh(self.mix(self.embed(input_ids))))
+
+
+def test_tied_weights_are_left_out_by_default_and_refused_by_name() -> None:
+    """The head's hooks see only its own use of the shared matrix, not the embedding's: it is
+    not tracked (the notice names it), which attributes exactly as freezing the matrix does."""
+    from infkit import language_modeling as lm
+
+    torch.manual_seed(0)
+    model = TiedLM().double().eval()
+    ids = torch.randint(0, 9, (14, 6))
+    train, test = lm.examples(ids[:10]), lm.examples(ids[10:])
+    task = infkit.Task.language_modeling(model)
+    with pytest.warns(Notice, match=r"embed\.weight.*'head' \(with 'embed'\)"):
+        tied = infkit.Influence(task, "ekfac", damping=1e-2).fit(train)
+    assert [t.name for t in tied.method.kronecker().tracked] == ["mix"]
+    assert tied.n_params == sum(p.numel() for p in model.mix.parameters())
+    scores = tied.scores(test)
+    with pytest.raises(UnsupportedError, match=r"'head'.*'embed' use too \(tied weights"):
+        infkit.Influence(task, "ekfac", damping=1e-2, modules=["mix", "head"])
+    model.embed.weight.requires_grad_(False)
+    frozen = infkit.Influence(task, "ekfac", damping=1e-2).fit(train)
+    torch.testing.assert_close(frozen.scores(test), scores, rtol=1e-10, atol=1e-12)
+
+
 def test_bad_options_are_refused(mlp_problem: dict) -> None:
     task, train = mlp_problem["task"], mlp_problem["train"]
     # option errors come at construction, before any pass over the data

@@ -19,7 +19,7 @@ from torch import nn
 import infkit
 from infkit import language_modeling as lm
 from infkit.data import ExampleSet
-from infkit.errors import InvalidInputError, Notice, UnsupportedError
+from infkit.errors import InvalidInputError, Notice, ProblemTooLargeError, UnsupportedError
 from infkit.kfac.streaming import StreamingScorer, plan_groups, query_budget
 
 N, Q = 20, 4
@@ -144,6 +144,30 @@ def test_ekfac_leaves_unsupported_parameters_out_with_a_notice(problem: dict) ->
         infkit.Influence(task, "ekfac", l2=1e-2, unsupported="error")
 
 
+def test_rif_and_newton_refuse_output_jacobians_beyond_the_memory_limit(problem: dict) -> None:
+    """rif and newton hold each example's output Jacobian J_j [C = T x V, P]: within the
+    memory limit rif runs; beyond it rif is refused at fit, before the method's own fit, and
+    rif/newton answers of an IF fit at their first use, naming C, P and 'if'."""
+    task = infkit.Task.language_modeling(problem["model"])
+    settings = {"l2": 1e-2, "damping": 1e-2, "batch_size": 4}
+    tight = {"memory_limit": 512 << 10, **settings}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        roomy = infkit.Influence(task, "cg", estimator="rif", **settings).fit(problem["train"])
+        plain = infkit.Influence(task, "cg", **tight).fit(problem["train"])
+    assert roomy.scores(problem["test"]).isfinite().all()
+    c, p = LENGTH * VOCAB, plain.n_params
+    assert 4 * 2 * c * p * 8 > 512 << 10  # four examples' J and H^-1 J^T overflow the limit
+    shapes = rf"C = {LENGTH} x {VOCAB} = {c} outputs and P = {p}.*estimator 'if'"
+    with pytest.raises(UnsupportedError, match=shapes):
+        infkit.Influence(task, "cg", estimator="rif", **tight).fit(problem["train"])
+    with pytest.raises(UnsupportedError, match=shapes):
+        plain.with_estimator("rif").scores(problem["test"])
+    with pytest.raises(UnsupportedError, match="estimator 'newton' needs"):
+        plain.with_estimator("newton").self_scores()
+    assert plain.scores(problem["test"]).isfinite().all()  # IF needs no Jacobian
+
+
 # ============================================================================ streaming
 @pytest.mark.parametrize(
     ("method", "dtype"),
@@ -256,10 +280,19 @@ def test_a_query_beyond_the_budget_goes_low_rank_with_a_notice(problem: dict) ->
         warnings.simplefilter("ignore", Notice)
         inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(problem["train"])
     scorer = StreamingScorer(inf.fitted, inf.method.kronecker(), query_bytes=500)
-    assert scorer.groups(Q) == [(0, Q, (0, 1))]  # the 77-number head does not fit 500 bytes
-    with pytest.warns(Notice, match="rank"):
-        prepared = scorer.queries(ExampleSet(problem["test"]))
-    assert prepared.rank is not None and prepared.low_rank
+    assert scorer.groups(1) == [(0, 1, (0, 1))]  # the 77-number head does not fit 500 bytes
+    one = ExampleSet(problem["test"]).subset([0])
+    with pytest.warns(Notice, match="rank 2"):  # rank 1 of both layers: (13 + 18) x 8 bytes
+        prepared = scorer.queries(one)
+    assert prepared.rank == 2 and set(prepared.low_rank) == {"mix", "head"}
+    L, R = prepared.low_rank["head"]
+    exact = StreamingScorer(inf.fitted, inf.method.kronecker(), query_bytes=10**9).queries(one)
+    U = exact.full["head"]
+    expected = torch.linalg.svdvals(U[0])[2:].square().sum().sqrt()  # the best rank-2 error
+    torch.testing.assert_close((U - L @ R.transpose(1, 2)).norm(), expected)
+    # not even rank 1 of every query fits: memory_limit cannot be met, so the scores refuse
+    with pytest.raises(ProblemTooLargeError, match=r"rank 1.*raise memory_limit"):
+        scorer.queries(ExampleSet(problem["test"]))
 
 
 def test_module_and_token_scores_of_a_language_model(problem: dict) -> None:
@@ -325,14 +358,22 @@ def test_plan_counts_passes_and_factor_bytes_and_times_a_batch(problem: dict) ->
             problem["train"], problem["test"]
         )
         kfac = infkit.Influence(task, "kfac", damping="auto").plan(n_train=N, sequence_length=7)
-    assert plan.passes == 3 and kfac.passes == 2  # covariances, eigenvalues, scores
+    stages = {s.name: s for s in plan.stages}
+    # the N x P gradient cache fits here: a pass for it, and the energy-ratio check runs on it
+    data_passes = ["training gradients", "covariances A, S", "eigenvalue correction", "scores"]
+    assert [stages[name].passes for name in data_passes] == [1, 1, 1, 1]
+    # 16 probes + 16 directions x N / 16 examples (the report-only check's sample); with
+    # damping="auto" the facade's damping is 0, so no damping-scale check
+    products = stages["post-fit checks"].passes * N
+    assert products == pytest.approx(16 + 16 * (N // 16))
+    assert kfac.passes == pytest.approx(3 + products / N)  # cache, covariances, scores, checks
+    assert plan.passes == pytest.approx(4 + products / N)
     assert plan.shape.tokens == LENGTH and plan.shape.n_queries == Q
     assert plan.shape.batches == -(-N // 4)
-    stages = {s.name: s for s in plan.stages}
     assert stages["covariances A, S"].bytes >= _factor_bytes(model, 4)
     assert plan.seconds_per_batch is not None and plan.seconds_per_batch > 0
-    assert plan.seconds == pytest.approx(3 * plan.shape.batches * plan.seconds_per_batch)
-    assert "3 passes" in str(plan)
+    assert plan.seconds == pytest.approx(plan.passes * plan.shape.batches * plan.seconds_per_batch)
+    assert f"{plan.passes:g} passes" in str(plan)
 
 
 def test_plan_on_the_meta_device_equals_the_real_model_and_splits_across_processes() -> None:
@@ -354,11 +395,37 @@ def test_plan_on_the_meta_device_equals_the_real_model_and_splits_across_process
     one, four = plans["meta"]
     assert one.shape.batches == 4 * four.shape.batches  # 1000 / 32 per process
     by_name = lambda p: {s.name: s.bytes for s in p.stages}  # noqa: E731
-    assert by_name(four)["queries"] < by_name(one)["queries"]
+    # the queries and the [Q, N] scores are whole on every process (docs/distributed.md §1)
+    assert by_name(four)["queries"] == by_name(one)["queries"]
+    assert by_name(four)["scores"] == by_name(one)["scores"]
     with pytest.raises(InvalidInputError, match="world_size"):
         infkit.Influence(infkit.Task.language_modeling(meta), "ekfac").plan(
             n_train=10, sequence_length=4, world_size=0
         )
+
+
+def test_the_plan_lists_the_checks_the_fit_runs(problem: dict) -> None:
+    """The post-fit checks are in the plan exactly when fit runs them; checks=False skips
+    both (and their figures in describe())."""
+    task = infkit.Task.language_modeling(problem["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for checks in (True, False):
+            for damping, limit in ((1e-2, None), (0.0, None), (1e-2, 200_000)):
+                inf = infkit.Influence(
+                    task, "ekfac", l2=1e-2, damping=damping, memory_limit=limit, checks=checks
+                )
+                planned = {s.name for s in inf.plan(problem["train"], timed=False).stages}
+                ran = set(inf.fit(problem["train"]).method.checks) & {
+                    "curvature_scale",
+                    "energy_ratio",
+                }
+                assert ("post-fit checks" in planned) == bool(ran)
+                assert ("training gradients" in planned) == (inf.fitted.train_gradients is not None)
+                if not checks:
+                    assert not ran and "energy_ratio" not in inf.describe()
+    with pytest.raises(InvalidInputError, match="checks must be True or False"):
+        infkit.Influence(task, "ekfac", checks="no")  # type: ignore[arg-type]
 
 
 def test_plan_foresees_the_query_groups_that_scoring_takes(problem: dict) -> None:
@@ -374,8 +441,10 @@ def test_plan_foresees_the_query_groups_that_scoring_takes(problem: dict) -> Non
         inf.scores(problem["test"])
     groups = inf.describe()["query_groups"]
     queries = next(s for s in plan.stages if s.name == "queries")
-    assert queries.note == f"full rank, {groups} passes over groups of queries and layers"
-    assert groups == 2 and plan.passes == 2 + groups  # covariances, eigenvalues, 2 scoring
+    assert queries.note.startswith(f"full rank, {groups} passes over groups of queries and")
+    passes = {s.name: s.passes for s in plan.stages}
+    assert groups == 2 and passes["scores"] == groups
+    assert "training gradients" not in passes  # the cache does not fit this limit
 
 
 # ============================================================================ precision

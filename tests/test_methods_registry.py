@@ -103,11 +103,39 @@ def test_options_are_checked_against_the_model_at_construction(mlp_problem: dict
 
 
 @pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
+@pytest.mark.parametrize(("vocabulary", "expected"), [(50, "ekfac"), (20_000, "cg")])
+def test_auto_takes_ekfac_when_the_factored_layers_hold_most_parameters(
+    vocabulary: int, expected: str
+) -> None:
+    """Beyond exact and dual: EK-FAC when its layers hold at least half of the parameters
+    (a language model's embedding and norm are left out with a notice), else CG."""
+    from infkit import registry
+    from infkit.methods.base import Problem
+    from infkit.parameters import ParameterSpace
+
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(vocabulary, 8),
+        torch.nn.LayerNorm(8),
+        torch.nn.Linear(8, 2000),
+        torch.nn.Linear(2000, 8),
+    )
+    space = ParameterSpace(model)
+    factored = sum(p.numel() for m in (model[2], model[3]) for p in m.parameters())
+    problem = Problem(1000, space.size, 10, 1 << 30, model, space)  # 20 N C > P: not dual
+    choice = registry.explain_choice(problem)
+    assert choice.method == expected
+    share = f"{factored / space.size:.0%}"
+    assert share in registry.registered()["ekfac"].suitability(problem)
+    assert (factored / space.size >= 0.5) == (expected == "ekfac")
+
+
 def test_auto_chooses_among_the_methods_that_take_the_options(mlp_problem: dict) -> None:
     task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
     assert infkit.Influence(task, "auto", l2=l2).fit(train).method.name == "exact"
     # exact takes no tol: among those that do (dual, cg), cg suits a model with P < 20 N C
     assert infkit.Influence(task, "auto", l2=l2, tol=1e-6).fit(train).method.name == "cg"
     assert infkit.Influence(task, "auto", l2=l2, damping="auto").fit(train).method.name == "ekfac"
-    with pytest.raises(UnsupportedError, match=r"none of them takes the option\(s\) \['banana'\]"):
+    with pytest.raises(UnsupportedError, match=r"none of them takes the option\(s\) 'banana' "):
         infkit.Influence(task, "auto", l2=l2, banana=1)
+    with pytest.raises(UnsupportedError, match=r"'tool' \(did you mean 'tol'\?\)"):
+        infkit.Influence(task, "auto", l2=l2, tool=1e-6)

@@ -154,6 +154,7 @@ def test_self_influence_groups_and_retraining_sections(project: Path, finished: 
     joint = newton.remove([0, 1, 2, 3, 4]).measurement((test[0][queries], test[1][queries]))
     shown = torch.tensor(data["groups"][0]["joint"], dtype=torch.float64)
     torch.testing.assert_close(shown, joint, rtol=1e-9, atol=1e-15)
+    assert data["groups"][0]["estimator"] == "newton" and "fallback" not in data["groups"][0]
     additive = tensors["scores"][:, [0, 1, 2, 3, 4]].sum(1)
     torch.testing.assert_close(
         torch.tensor(data["groups"][0]["additive"], dtype=torch.float64), additive
@@ -319,6 +320,46 @@ def test_text_with_per_token_scores(tmp_path: Path) -> None:
         assert sum(item["view"]["token_scores"]) == pytest.approx(item["score"], rel=1e-9)
     page = (tmp_path / "runs" / "infkit" / "report.html").read_text()
     assert 'class="tok"' in page and "rgba(" in page
+
+
+@pytest.mark.parametrize("memory_limit", [None, 256 << 10])
+def test_groups_fall_back_to_the_run_estimator_when_newton_is_out_of_reach(
+    memory_limit: int | None,
+) -> None:
+    """EK-FAC on a language model: the group's Newton step meets leverage >= 1 against the
+    approximate curvature (default limit) or output Jacobians beyond the memory limit; the
+    report then gives the run's estimator ('if': exactly the sum of the members' scores) and
+    says why, instead of failing after the fit."""
+    import warnings
+
+    from lm_helpers import LENGTH, VOCAB, TinyLM
+
+    from infkit import language_modeling as lm
+    from infkit.data import ExampleSet
+    from infkit.report.analysis import _groups
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (24, LENGTH))
+    inputs, labels = lm.examples(ids, torch.ones_like(ids))
+    train = ({k: v[:20] for k, v in inputs.items()}, labels[:20])
+    test = ExampleSet(({k: v[20:] for k, v in inputs.items()}, labels[20:]))
+    task = infkit.Task.language_modeling(TinyLM().double().eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = infkit.Influence(
+            task, "ekfac", l2=1e-2, damping=1e-2, batch_size=4, memory_limit=memory_limit
+        ).fit(train)
+    scores = inf.scores(test)
+    (group,) = _groups(inf, {"first": [0, 1, 2]}, test, scores, 20)
+    assert group["estimator"] == "if"
+    reason = "leverage" if memory_limit is None else "output Jacobian"
+    assert group["fallback"].startswith("no newton step") and reason in group["fallback"]
+    torch.testing.assert_close(
+        torch.tensor(group["joint"], dtype=torch.float64),
+        scores[:, :3].sum(1),
+        rtol=1e-9,
+        atol=1e-12,
+    )
 
 
 # ---------------------------------------------------------------------------- a real browser

@@ -22,7 +22,7 @@ from torch.func import grad, vjp, vmap
 from infkit.autodiff import Pushforward
 from infkit.data import Batch, ExampleSet
 from infkit.errors import UnsupportedError
-from infkit.gradients import PerExample
+from infkit.gradients import PerExample, batching_rule_notice
 from infkit.parameters import evaluation_mode
 
 Curvature = Literal["ggn", "hessian"]
@@ -103,7 +103,7 @@ class CurvatureOperator:
             out = engine.call(p, inputs)
             return out.reshape(out.shape[0], -1)
 
-        with evaluation_mode(engine.task.model):
+        with evaluation_mode(engine.task.model), batching_rule_notice(engine.task.model):
             if self.kind == "ggn":
                 with torch.no_grad():
                     out = engine.call(params, inputs)  # [B, ...]

@@ -25,11 +25,16 @@ LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 
 @dataclass
 class Batch:
-    """A batch of examples: ``inputs`` (a tensor or a dict of tensors) and ``targets``."""
+    """A batch of examples: ``inputs`` (a tensor or a dict of tensors) and ``targets``.
+
+    ``indices`` are the examples' positions in their set, and ``source`` is the set's name
+    (``"training set"``, ``"test set"``), for messages that name an example.
+    """
 
     indices: Tensor
     inputs: Any
     targets: Any
+    source: str = "data"
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -120,6 +125,13 @@ class ExampleSet:
                 raise InvalidInputError(f"{name}: an (X, y) pair must contain tensors")
         elif isinstance(data, (Dataset, Sequence)) and hasattr(data, "__getitem__"):
             self._dataset = data
+        elif isinstance(data, Tensor) or _is_array(data):
+            raise InvalidInputError(
+                f"{name} is a single {type(data).__name__} of shape {tuple(data.shape)}: give "
+                "the inputs together with their labels, as a pair (X, y); for a language model, "
+                "infkit.language_modeling.examples(input_ids, attention_mask) builds the pair "
+                "from the token ids"
+            )
         else:
             raise InvalidInputError(
                 f"{name}: expected a pair (X, y) of tensors or numpy arrays, a Dataset (or a "
@@ -151,11 +163,16 @@ class ExampleSet:
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         if self._tensors is not None:
             x, y = self._tensors
-            return Batch(idx, _map_tensors(x, lambda t: t[idx]), _map_tensors(y, lambda t: t[idx]))
+            return Batch(
+                idx,
+                _map_tensors(x, lambda t: t[idx]),
+                _map_tensors(y, lambda t: t[idx]),
+                self.name,
+            )
         pairs = [self._item_pair(self._dataset[int(i)]) for i in idx]
         inputs = default_collate([p[0] for p in pairs])
         targets = None if pairs[0][1] is None else default_collate([p[1] for p in pairs])
-        return Batch(idx, inputs, targets)
+        return Batch(idx, inputs, targets, self.name)
 
     def collated(self) -> tuple[Any, Any]:
         """Every example as one batch, ``(inputs, targets)``: an (X, y) pair as given (numpy
@@ -215,47 +232,139 @@ class ExampleSet:
                         )
 
 
+@dataclass(frozen=True)
+class _Leaf:
+    """One input tensor of an example: its per-example shape and whether it holds floats."""
+
+    shape: tuple[int, ...]
+    floating: bool
+
+
 def _signature(examples: ExampleSet) -> Any:
+    """The inputs of example 0 with every tensor replaced by its :class:`_Leaf`."""
     first = examples.take([0]).inputs
-    return _map_tensors(first, lambda t: (tuple(t.shape[1:]), t.is_floating_point()))
+    return _map_tensors(
+        first, lambda t: _Leaf(tuple(t.shape[1:]), t.is_floating_point() or t.is_complex())
+    )
 
 
-def _shapes_match(ref: tuple, got: tuple) -> bool:
-    (ref_shape, ref_float), (got_shape, _) = ref, got
-    if len(ref_shape) != len(got_shape):
+def _shapes_match(ref: _Leaf, got: _Leaf) -> bool:
+    if len(ref.shape) != len(got.shape):
         return False
     # Integer inputs (token ids) may differ in sequence length (dim 0 of an example).
-    comparable = ref_shape if ref_float else ref_shape[1:]
-    return comparable == (got_shape if ref_float else got_shape[1:])
+    return ref.shape == got.shape if ref.floating else ref.shape[1:] == got.shape[1:]
+
+
+def _form(signature: Any) -> str:
+    """How a set's inputs are given, in words: ``a tensor [n, 7] of integers``."""
+    if isinstance(signature, _Leaf):
+        dims = ", ".join(["n", *map(str, signature.shape)])
+        return f"a tensor [{dims}] of {'floats' if signature.floating else 'integers'}"
+    if isinstance(signature, dict):
+        return f"a dict with keys {', '.join(sorted(map(str, signature)))}"
+    if isinstance(signature, (tuple, list)):
+        return f"a {type(signature).__name__} of {len(signature)} items"
+    return f"a {type(signature).__name__}"
+
+
+def _owner(name: str) -> str:
+    """The possessive of a set's name: ``the test set's``, ``the behaviour queries'``."""
+    return f"the {name}'" if name.endswith("s") else f"the {name}'s"
+
+
+#: how a language model's (inputs, labels) pair is built, for messages about dict inputs
+_LM_EXAMPLES = "infkit.language_modeling.examples(input_ids, attention_mask)"
+
+
+def _mismatch(ref: Any, got: Any, reference: str, other: str, where: str = "") -> str | None:
+    """Why inputs of signature ``got`` (set ``other``) cannot stand in for ``ref``'s, or None.
+
+    ``where`` names the part being compared (``" input 'input_ids'"``) inside nested inputs.
+    """
+    if isinstance(ref, _Leaf) and isinstance(got, _Leaf):
+        if _shapes_match(ref, got):
+            return None
+        if not where:
+            shape = ", ".join(map(str, ref.shape))
+            return (
+                f"{other} inputs have per-example shape {got.shape}, but {reference} inputs "
+                f"have per-example shape {ref.shape}; pass a batch shaped [n, {shape}]"
+            )
+        return (
+            f"{other}{where} has per-example shape {got.shape}, but {reference}{where} has "
+            f"{ref.shape}"
+        )
+    if isinstance(ref, dict) and isinstance(got, dict):
+        if set(ref) != set(got):
+            return _key_mismatch(set(ref), set(got), reference, other, where)
+        for key in ref:
+            found = _mismatch(ref[key], got[key], reference, other, f"{where} input {key!r}")
+            if found is not None:
+                return found
+        return None
+    if isinstance(ref, (tuple, list)) and isinstance(got, (tuple, list)) and len(ref) == len(got):
+        for i, (r, g) in enumerate(zip(ref, got)):
+            found = _mismatch(r, g, reference, other, f"{where} input {i}")
+            if found is not None:
+                return found
+        return None
+    if isinstance(ref, (_Leaf, dict, tuple, list)) or isinstance(got, (_Leaf, dict, tuple, list)):
+        if where:
+            message = f"{other}{where} is {_form(got)}, but {reference}{where} is {_form(ref)}"
+        else:
+            message = (
+                f"{_owner(other)} inputs are {_form(got)}, but {_owner(reference)} are {_form(ref)}"
+            )
+        message += ": give both in the same form"
+        if any(isinstance(s, dict) and "input_ids" in s for s in (ref, got)):
+            message += f" ({_LM_EXAMPLES} builds the dict inputs and labels of a language model)"
+        return message
+    return None
+
+
+def _key_mismatch(ref: set[Any], got: set[Any], reference: str, other: str, where: str) -> str:
+    """The message for dict inputs whose keys differ: which set lacks which key."""
+    lacking, extra = sorted(map(str, ref - got)), sorted(map(str, got - ref))
+    if where:  # a dict inside the inputs: "test set input 'x' lacks ..."
+        subject, lack, have, owner = f"{other}{where}", "lacks", "has", f"{reference}{where}"
+        do_not = "does not"
+    else:
+        subject, lack, have = f"{_owner(other)} inputs", "lack", "have"
+        owner, do_not = _owner(reference), "do not"
+    clauses = []
+    if lacking:
+        keys = ", ".join(map(repr, lacking))
+        clauses.append(
+            f"{lack} the key{'s' if len(lacking) > 1 else ''} {keys} that {owner} {have}"
+        )
+    if extra:
+        keys = ", ".join(map(repr, extra))
+        clauses.append(
+            f"{have} the key{'s' if len(extra) > 1 else ''} {keys} that {owner} {do_not}"
+        )
+    message = f"{subject} {' and '.join(clauses)}: give both sets the same input keys"
+    if "attention_mask" in lacking:
+        message += (
+            f"; {_LM_EXAMPLES} includes the mask, and attention_mask=torch.ones_like(input_ids) "
+            "marks every token as real when nothing is padded"
+        )
+    elif "attention_mask" in extra:
+        message += (
+            f"; drop {_owner(other)} attention_mask (infkit.language_modeling.examples("
+            f"input_ids) leaves it out), or give {reference} one too"
+        )
+    return message
 
 
 def check_compatible(reference: ExampleSet, other: ExampleSet) -> None:
-    """Raise InvalidInputError when ``other``'s per-example inputs differ from ``reference``'s."""
-    ref, got = _signature(reference), _signature(other)
-    if isinstance(ref, tuple) and isinstance(got, tuple):
-        if not _shapes_match(ref, got):
-            shape = ", ".join(map(str, ref[0]))
-            raise InvalidInputError(
-                f"{other.name} inputs have per-example shape {got[0]}, but {reference.name} "
-                f"inputs have per-example shape {ref[0]}; pass a batch shaped [n, {shape}]"
-            )
-    elif isinstance(ref, dict) and isinstance(got, dict):
-        if set(ref) != set(got):
-            raise InvalidInputError(
-                f"{other.name} inputs have keys {sorted(got)}, but {reference.name} inputs have "
-                f"keys {sorted(ref)}"
-            )
-        for key in ref:
-            if isinstance(ref[key], tuple) and not _shapes_match(ref[key], got[key]):
-                raise InvalidInputError(
-                    f"{other.name} input {key!r} has per-example shape {got[key][0]}, but "
-                    f"{reference.name} has {ref[key][0]}"
-                )
-    elif type(ref) is not type(got):
-        raise InvalidInputError(
-            f"{other.name} inputs are of a different kind ({type(got).__name__}) than "
-            f"{reference.name} inputs ({type(ref).__name__})"
-        )
+    """Raise InvalidInputError when ``other``'s per-example inputs differ from ``reference``'s.
+
+    The message names both forms (a tensor, a dict and its keys, a tuple), which set lacks
+    which dict key, or which input has another per-example shape.
+    """
+    problem = _mismatch(_signature(reference), _signature(other), reference.name, other.name)
+    if problem is not None:
+        raise InvalidInputError(problem)
 
 
 def checked_indices(

@@ -51,6 +51,28 @@ def _sample(fitted: Fitted, count: int, skip: int = 0, seed: int = 0) -> Tensor:
     return chosen.sort().values
 
 
+def report_sample(n: int) -> int:
+    """The curvature sample of an :func:`energy_ratio` that only reports (no warning hangs on
+    it): N / 16 examples, between 1 and :data:`CURVATURE_SAMPLE`, so that its 16 directions
+    cost about one pass over the data. Noisier than the full sample, enough for the
+    order-of-magnitude errors the figure is for."""
+    return max(1, min(CURVATURE_SAMPLE, n // PROBE_DIRECTIONS))
+
+
+def check_products(n: int, scale: bool, energy_sample: int) -> int:
+    """Per-example curvature products (each about one forward and backward pass of one
+    example) of the post-fit checks on N = ``n`` training examples: :func:`curvature_scale`
+    (``scale``) and :func:`energy_ratio` on ``energy_sample`` examples (0: not run), their
+    probe directions included. :meth:`infkit.Influence.plan` counts them as passes."""
+    total = 0
+    if scale:
+        total += 2 + 2 * min(32, n)
+    if energy_sample:
+        sample = min(energy_sample, n - PROBE_DIRECTIONS if n > PROBE_DIRECTIONS else n)
+        total += PROBE_DIRECTIONS + PROBE_DIRECTIONS * sample
+    return total
+
+
 def probe_directions(fitted: Fitted, count: int = PROBE_DIRECTIONS, seed: int = 0) -> Tensor:
     """``J_i^T r_i`` [count, P] float64 for ``count`` training examples, ``r_i ~ N(0, I_C)``.
 
@@ -106,18 +128,21 @@ def sample_solve(fitted: Fitted, sample: int = CURVATURE_SAMPLE) -> Callable[[Te
 
 
 def energy_ratio(
-    fitted: Fitted, solve: Callable[[Tensor], Tensor], directions: Tensor | None = None
+    fitted: Fitted,
+    solve: Callable[[Tensor], Tensor],
+    directions: Tensor | None = None,
+    sample: int = CURVATURE_SAMPLE,
 ) -> float:
     """``rho = sum_k u_k^T (H + ridge) u_k / sum_k u_k^T v_k`` with ``u_k = solve(v_k)``.
 
     ``solve`` is the method's inverse damped curvature; H is the GGN on a sample of
-    :data:`CURVATURE_SAMPLE` training examples (an unbiased estimate of the mean). rho is 1
+    ``sample`` training examples (an unbiased estimate of the mean). rho is 1
     (within the sample's noise, a few percent) for an exact solve, and ~c when the answer is c
     times too large along the probe directions (:func:`probe_directions` by default).
     """
     V = probe_directions(fitted) if directions is None else directions
     U = solve(V).to(torch.float64)
-    numerator = float((U * damped_products(fitted, U)).sum())
+    numerator = float((U * damped_products(fitted, U, sample)).sum())
     denominator = float((U * V).sum())
     return numerator / denominator if denominator > 0 else float("inf")
 

@@ -213,7 +213,7 @@ def removal_deltas(
         elif estimator.name == "relatif":
             yield batch, relatif_directions(inverse.solve(v), v, estimator.relatif, batch)
         elif estimator.name == "rif":
-            J, lam = fitted.jacobians_and_lambdas(batch)
+            J, lam = fitted.jacobians_and_lambdas(batch, estimator.name)
             delta, _ = downdate_solve(inverse, v, J, lam, n, 0.0, batch.indices)
             yield batch, delta / n
         else:  # newton
@@ -226,7 +226,7 @@ def removal_deltas(
                 ]
                 yield batch, torch.cat(rows)
             else:
-                J, lam = fitted.jacobians_and_lambdas(batch)
+                J, lam = fitted.jacobians_and_lambdas(batch, estimator.name)
                 delta, _ = downdate_solve(inverse, v, J, lam, n, -fitted.l2 / n, batch.indices)
                 yield batch, delta / n
 
@@ -287,9 +287,10 @@ def group_delta(
         return direct[0]
     if inverse.curvature == "hessian":
         _retained_or_raise(inverse, v, indices)
+    fitted.require_jacobian_room(len(indices), estimator.name, joint=True)
     Js, lams = [], []
     for batch in fitted.train.batches(fitted.batch_size, indices):
-        J, lam = fitted.jacobians_and_lambdas(batch)
+        J, lam = fitted.jacobians_and_lambdas(batch, estimator.name, checked=True)
         Js.append(J)
         lams.append(lam)
     J = torch.cat(Js)  # [N_F, C, P]
@@ -308,7 +309,7 @@ def leverages(inverse: InverseCurvature, fitted: Fitted) -> Tensor:
     """
     out = torch.empty(fitted.n, dtype=torch.float64)
     for batch in fitted.train.batches(fitted.batch_size):
-        J, lam = fitted.jacobians_and_lambdas(batch)
+        J, lam = fitted.jacobians_and_lambdas(batch, "rif")
         b, c, p = J.shape
         W = inverse.solve(J.reshape(b * c, p)).reshape(b, c, p)
         M = torch.einsum("bcp,bdp->bcd", J, W)

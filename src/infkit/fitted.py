@@ -10,7 +10,9 @@ stationarity check (docs/conventions.md §2).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from infkit.data import LABEL_KEYS, Batch, ExampleSet, check_compatible, leaves
-from infkit.errors import InvalidInputError, warn
+from infkit.errors import InvalidInputError, UnsupportedError, warn
 from infkit.gradients import PerExample, Which
+from infkit.memory import human_bytes
 from infkit.parameters import ParameterSpace, evaluation_mode, product_dtype
 from infkit.progress import Mode, track
 from infkit.task import Task
@@ -153,8 +156,46 @@ class Fitted:
                 S[:, batch.indices] = U @ self.loss_grads(batch).T
         return S if shared is None else S.add_(shared.unsqueeze(1))
 
-    def jacobians_and_lambdas(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """J_j [B, C, P] and Lambda_j [B, C, C] of a training batch, float64."""
+    @cached_property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of one training example's output f(x) (C = its product)."""
+        inputs, _ = self.engine.prepare(next(iter(self.train.batches(1))))
+        with torch.no_grad(), evaluation_mode(self.task.model):
+            out = self.engine.call(self.engine.params(), inputs)
+        return tuple(out.shape[1:])
+
+    def require_jacobian_room(self, rows: int, estimator: str, *, joint: bool = False) -> None:
+        """Raise UnsupportedError before ``rows`` examples' output Jacobians would overflow.
+
+        ``joint``: the rows are one removed group, whose Lambda is one [rows C, rows C] block.
+
+        rif and newton downdate each example's own curvature block ``J_j^T Lambda_j J_j``: they
+        hold ``J_j`` [C, P] and ``H^{-1} J_j^T`` in float64 and ``Lambda_j`` [C, C]. For a
+        language model C is the sequence length times the vocabulary, so these are out of reach
+        beyond toy sizes; the check names the sizes and the way out instead of running for hours.
+        """
+        shape = self.output_shape
+        c, p = math.prod(shape), self.space.size
+        need = (rows * 2 * c * p + (rows * c) ** 2 if joint else rows * (2 * c * p + c * c)) * 8
+        if need <= self.memory_limit:
+            return
+        outputs = f"{' x '.join(str(d) for d in shape)} = {c}" if len(shape) > 1 else str(c)
+        raise UnsupportedError(
+            f"estimator {estimator!r} needs each training example's output Jacobian J_j "
+            f"[C, P] in float64, with C = {outputs} outputs and P = {p} parameters: "
+            f"{human_bytes(need)} for {rows} example(s), more than memory_limit "
+            f"({human_bytes(self.memory_limit)}). Use estimator 'if' (its scores, self-influence "
+            "and group removals need no Jacobian; a group's joint effect under 'if' is the sum "
+            "of its members' scores), or raise memory_limit if the machine has the room"
+        )
+
+    def jacobians_and_lambdas(
+        self, batch: Batch, estimator: str, *, checked: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """J_j [B, C, P] and Lambda_j [B, C, C] of a training batch, float64, for ``estimator``
+        (``checked``: the caller has already verified the room)."""
+        if not checked:
+            self.require_jacobian_room(len(batch), estimator)
         J = self.engine.jacobians(batch).to(torch.float64)
         _, _, lam = self.engine.output_derivatives(batch)
         return J, lam.to(torch.float64)
@@ -210,9 +251,11 @@ def warn_about_training_mode(model: nn.Module) -> None:
 def check_examples(engine: PerExample, examples: ExampleSet) -> None:
     """Check that the model accepts the inputs and the task's targets are usable.
 
-    One forward pass on the first example (integer inputs to a float model, probabilities
-    where logits are expected), then the targets batch by batch against the task's
-    ``check_targets``; every problem names the example and what to do. A set is checked once.
+    The inputs batch by batch against the task's ``check_inputs`` (token ids outside a language
+    model's vocabulary), one forward pass on the first example (integer inputs to a float
+    model, an index out of an embedding's range, probabilities where logits are expected), then
+    the targets batch by batch against the task's ``check_targets``; every problem names the
+    example and what to do. A set is checked once.
     """
     if getattr(examples, "_checked", False):
         return
@@ -224,9 +267,17 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
             f"{examples.name} has no labels: a dataset of dicts needs a label key "
             f"({', '.join(LABEL_KEYS)}); keys found: {', '.join(keys) or 'none'}"
         )
+    if task.check_inputs is not None:  # all of them, before the model sees any
+        for batch in examples.batches(4096):
+            found = task.input_problem(batch.inputs)
+            if found is not None:
+                k, message = found
+                raise InvalidInputError(
+                    f"{examples.name} example {int(batch.indices[k])}: {message}"
+                )
     try:
         outputs = engine.outputs(first)
-    except (RuntimeError, TypeError) as error:
+    except (RuntimeError, TypeError, IndexError) as error:
         integer = [
             str(t.dtype)
             for t in leaves(first.inputs)
@@ -272,6 +323,13 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
 
 
 # ---------------------------------------------------------------------------- fit-time passes
+def gradient_cache_fits(n: int, p: int, dtype: torch.dtype, memory_limit: int) -> bool:
+    """Whether fit keeps the [N, P] training gradients of a model in ``dtype`` in memory: up
+    to :data:`GRADIENT_CACHE_BYTES` and a quarter of ``memory_limit``."""
+    itemsize = product_dtype(dtype).itemsize
+    return n * p * itemsize <= min(GRADIENT_CACHE_BYTES, memory_limit // 4)
+
+
 def training_gradients(
     engine: PerExample, train: ExampleSet, batch_size: int, memory_limit: int, progress: Mode
 ) -> tuple[Tensor | None, GradientSummary | None]:
@@ -282,7 +340,7 @@ def training_gradients(
     """
     n, p = len(train), engine.space.size
     dtype = product_dtype(engine.space.dtype)
-    if n * p * dtype.itemsize > min(GRADIENT_CACHE_BYTES, memory_limit // 4):
+    if not gradient_cache_fits(n, p, engine.space.dtype, memory_limit):
         return None, None
     out = torch.empty(n, p, dtype=dtype, device=engine.device)
     total_gradient = torch.zeros(p, dtype=torch.float64, device=engine.device)

@@ -26,6 +26,9 @@ parameter gradient in R^P, ``J_i`` in R^{C x P} the output Jacobian, ``g_i = dl_
 
 from __future__ import annotations
 
+import re
+import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar
 
@@ -35,7 +38,14 @@ from torch.func import functional_call, grad, jacrev, vjp, vmap
 
 from infkit.autodiff import Pushforward
 from infkit.data import Batch, map_tensors
-from infkit.errors import InfkitError, InvalidInputError, NonFiniteError, UnsupportedError, warn
+from infkit.errors import (
+    InfkitError,
+    InvalidInputError,
+    NonFiniteError,
+    Notice,
+    UnsupportedError,
+    warn,
+)
 from infkit.linearize import LinearizedModel
 from infkit.parameters import ParameterSpace, evaluation_mode
 from infkit.task import Task
@@ -49,6 +59,126 @@ Which = Literal["loss", "measurement"]
 TANGENT_CHUNK = 64
 
 T = TypeVar("T")
+
+#: how PyTorch's warning begins when vmap runs an operation one example at a time
+BATCHING_RULE_WARNING = (
+    "There is a performance drop because we have not yet implemented the batching rule for"
+)
+_BATCHING_RULE_OP = re.compile(r"batching rule for ([\w.:]+)")
+#: the models already told about operations without a batching rule (one notice per model)
+_TOLD_ABOUT_BATCHING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+class batching_rule_notice:  # noqa: N801 (used as a function: ``with batching_rule_notice(m)``)
+    """Within: PyTorch's "performance drop ... batching rule" warnings become one infkit notice.
+
+    ``torch.func.vmap`` runs an operation that has no batching rule (the fused attention
+    kernels of ``attn_implementation="sdpa"``, say) one example at a time, and PyTorch warns
+    about it from several places of one fit. Within this context such warnings are not shown;
+    on leaving it, one :class:`~infkit.errors.Notice` per model names the operations and what
+    to do (``model`` None: PyTorch's warnings are left alone). Only the display is intercepted (``warnings.showwarning``):
+    filters and the once-per-location memory of warnings are left as they are, and every other
+    warning is shown as before.
+    """
+
+    def __init__(self, model: nn.Module | None) -> None:
+        self.model = model
+        self.operations: list[str] = []
+        self._previous: Callable[..., Any] | None = None
+
+    def _intercept(
+        self,
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
+        text = str(message)
+        if issubclass(category, UserWarning) and text.startswith(BATCHING_RULE_WARNING):
+            found = _BATCHING_RULE_OP.search(text)
+            operation = found.group(1).rstrip(".") if found else "an operation"
+            if operation not in self.operations:
+                self.operations.append(operation)
+            return
+        assert self._previous is not None
+        self._previous(message, category, filename, lineno, file, line)
+
+    def __enter__(self) -> batching_rule_notice:
+        if self.model is not None:  # no model, no notice: PyTorch's warnings pass unchanged
+            self._previous = warnings.showwarning
+            warnings.showwarning = self._intercept
+        return self
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        model = self.model
+        if model is None:
+            return
+        assert self._previous is not None
+        warnings.showwarning = self._previous
+        if error is not None or not self.operations:
+            return
+        if model in _TOLD_ABOUT_BATCHING:
+            return
+        _TOLD_ABOUT_BATCHING.add(model)
+        operations = self.operations
+        message = (
+            f"torch.func.vmap has no batching rule for {', '.join(operations)}, so PyTorch runs "
+            f"{'it' if len(operations) == 1 else 'them'} one example at a time inside vmap: the "
+            "results are exact, only slower (this notice stands for PyTorch's 'performance "
+            "drop' warnings and is shown once per model)"
+        )
+        if any("attention" in op for op in operations):
+            message += (
+                '. The fused attention of attn_implementation="sdpa" is one; a Hugging Face '
+                'model loaded with attn_implementation="eager" avoids it'
+            )
+        warn(message, Notice)
+
+
+#: the longest error text quoted in a warning before it is cut at a sentence or clause
+QUOTED_ERROR_CHARS = 240
+
+
+def error_summary(error: BaseException, limit: int = QUOTED_ERROR_CHARS) -> str:
+    """``Type: text`` of an error, its text cut to whole sentences (or clauses) of its first line.
+
+    PyTorch's errors run to several sentences ("vmap: It looks like you're either (1) calling
+    .item() ... For (1): ..."); a warning quotes the whole sentences that fit in ``limit``
+    characters or, when the first sentence alone is longer, its whole clauses (else words) that
+    fit, followed by " ...": never a word cut in two.
+    """
+    lines = str(error).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    name = type(error).__name__
+    if len(text) <= limit:
+        return f"{name}: {text}" if text else name
+    head = text[: limit + 1]
+    sentence = max(head.rfind(end) for end in (". ", "? ", "! "))
+    if sentence > limit // 3:  # whole sentences, their full stop kept
+        return f"{name}: {head[: sentence + 1]}"
+    for boundaries in (("; ", ": ", ", "), (" ",)):  # else whole clauses, else whole words
+        cut = max(head.rfind(b) for b in boundaries)
+        if cut > limit // 3:
+            return f"{name}: {head[:cut].rstrip()} ..."
+    return f"{name}: {head[:limit].rstrip()} ..."
+
+
+def vmap_fallback_message(error: BaseException) -> str:
+    """The warning given when vmap cannot trace a model and the exact loop takes over."""
+    summary = error_summary(error)
+    if not summary.endswith((".", "?", "!")):
+        summary += "."
+    return (
+        "torch.func.vmap could not batch the model over examples; falling back to an exact "
+        "per-example loop (the same results, one example at a time, slower). The error: "
+        f'{summary} Hugging Face models with attn_implementation="sdpa" (their '
+        "default) typically refuse vmap, as their attention code branches on the data; loaded "
+        'with attn_implementation="eager" they usually batch. Influence(..., '
+        'per_example="loop") takes the loop from the start, without trying vmap and without '
+        "this warning"
+    )
 
 
 def _one(obj: Any, i: int) -> Any:
@@ -160,7 +290,14 @@ class PerExample:
         """Inputs and targets on the model's device; floating-point inputs in the working dtype.
 
         Targets keep their dtype unless the engine works in a dtype other than the model's.
+        Inputs the task's ``check_inputs`` refuses (token ids outside a language model's
+        vocabulary) raise InvalidInputError naming the set and the example, before the model
+        sees them.
         """
+        found = self.task.input_problem(batch.inputs)
+        if found is not None:
+            k, message = found
+            raise InvalidInputError(f"{batch.source} example {int(batch.indices[k])}: {message}")
         return map_tensors(batch.inputs, self._cast), map_tensors(batch.targets, self._cast_state)
 
     def params(self) -> dict[str, Tensor]:
@@ -222,23 +359,21 @@ class PerExample:
 
         The loop is remembered (with one warning) only when it succeeds where vmap failed: an
         error both raise (bad labels, say) is the loop's, and the next call tries vmap again.
+        PyTorch's warnings about operations without a batching rule become one notice
+        (:func:`batching_rule_notice`).
         """
-        if self.mode == "loop" or self._vmap_failed:
-            return looped()
-        try:
-            return vmapped()
-        except Exception as exc:  # vmap cannot trace some modules; the loop is exact
-            if self.mode == "vmap" or isinstance(exc, InfkitError):
-                raise
-            result = looped()
-            self._vmap_failed = True
-            warn(
-                f"torch.func.vmap could not trace the model ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); falling back to an "
-                "exact per-example loop, which is slower",
-                RuntimeWarning,
-            )
-            return result
+        with batching_rule_notice(self.task.model):
+            if self.mode == "loop" or self._vmap_failed:
+                return looped()
+            try:
+                return vmapped()
+            except Exception as exc:  # vmap cannot trace some modules; the loop is exact
+                if self.mode == "vmap" or isinstance(exc, InfkitError):
+                    raise
+                result = looped()
+                self._vmap_failed = True
+                warn(vmap_fallback_message(exc), RuntimeWarning)
+                return result
 
     # ------------------------------------------------------------------ forward quantities
     @torch.no_grad()
@@ -441,7 +576,11 @@ class PerExample:
         def outputs_of(p: dict[str, Tensor]) -> Tensor:
             return self.tangent_call(p, inputs)
 
-        with evaluation_mode(self.task.model), evaluation_mode(self.tangent_module):
+        with (
+            evaluation_mode(self.task.model),
+            evaluation_mode(self.tangent_module),
+            batching_rule_notice(self.task.model),
+        ):
             parts = []
             for start in range(0, W.shape[0], TANGENT_CHUNK):
                 chunk = self.unflatten_tangent(W[start : start + TANGENT_CHUNK])
@@ -455,7 +594,11 @@ class PerExample:
         U = cotangents.to(self.device, self.dtype)
         single = U.dim() == 2
         U = U.reshape(-1, *U.shape[-2:])
-        with evaluation_mode(self.task.model), evaluation_mode(self.tangent_module):
+        with (
+            evaluation_mode(self.task.model),
+            evaluation_mode(self.tangent_module),
+            batching_rule_notice(self.task.model),
+        ):
             pull = vjp(lambda p: self.tangent_call(p, inputs), self.tangent_params())[1]
             parts = []
             for start in range(0, U.shape[0], TANGENT_CHUNK):
@@ -506,5 +649,5 @@ def directional_derivatives(
             return engine.task.checked_loss(out, targets)
         return engine.task.checked_measurement(out, targets)
 
-    with evaluation_mode(engine.task.model):
+    with evaluation_mode(engine.task.model), batching_rule_notice(engine.task.model):
         return engine.pushforward(quantity, params, tangent, batched=False).detach()

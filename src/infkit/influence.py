@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infkit import decompositions, registry, saved
+from infkit import decompositions, diagnostics, registry, saved
 from infkit.data import ExampleSet, checked_indices
 from infkit.decompositions import Svd, TokenScores
 from infkit.errors import (
     InvalidInputError,
     NotFittedError,
+    Notice,
     ProblemTooLargeError,
     UnsupportedError,
     warn,
@@ -39,12 +40,13 @@ from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator
 from infkit.fitted import (
     Fitted,
     check_examples,
+    gradient_cache_fits,
     objective_gradient,
     training_gradients,
     warn_about_training_mode,
 )
 from infkit.gradients import MODES, PerExample, directional_derivatives
-from infkit.memory import default_memory_limit, human_bytes, row_chunks
+from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes, row_chunks
 from infkit.methods.base import (
     Method,
     Problem,
@@ -52,8 +54,9 @@ from infkit.methods.base import (
     methods_answering,
     registered,
 )
+from infkit.options import suggest_option
 from infkit.parameters import ParameterSpace, evaluation_mode
-from infkit.plan import Plan, RunShape
+from infkit.plan import Plan, RunShape, Stage
 from infkit.progress import resolve as resolve_progress
 from infkit.progress import track
 from infkit.removal import Quantity, RemovalEffect
@@ -107,6 +110,10 @@ class Influence:
             there (unless ``factors_dir`` says otherwise) and commit streamed scores shard by
             shard with the queries they precondition, so that the same call after a crash
             reuses everything finished and gives bit-identical scores (docs/distributed.md).
+        checks: run the post-fit checks of the answer (docs/conventions.md §9; their figures
+            go to ``describe()``, a warning when an answer is unreliable). They cost a few
+            passes' worth of curvature products on a sample, which ``plan()`` counts; False
+            skips them, and with them those warnings.
         **method_options: the method's options (``infkit.methods()[name]["options"]``), e.g.
             ``curvature="hessian"`` for ``"exact"``; checked here, at construction.
     """
@@ -127,6 +134,7 @@ class Influence:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         workdir: str | Path | None = None,
+        checks: bool = True,
         **method_options: Any,
     ) -> None:
         if not isinstance(task, Task):
@@ -181,6 +189,9 @@ class Influence:
                 f"{progress!r}"
             )
         self.progress = progress
+        if not isinstance(checks, bool):
+            raise InvalidInputError(f"checks must be True or False, got {checks!r}")
+        self.checks = checks
         self.workdir = None if workdir is None else Path(workdir)
         if self.workdir is not None and self.workdir.exists() and not self.workdir.is_dir():
             raise InvalidInputError(f"workdir {self.workdir} is a file, not a directory")
@@ -196,6 +207,7 @@ class Influence:
         self._method: Method | None = None
         self._choice: registry.Choice | None = None  # what method="auto" picked, and why
         self._fitted: Fitted | None = None
+        self._told: set[str] = set()  # methods whose attributed-parameters notice was given
         self._candidates: list[str] = []
         self._loaded_from: Path | None = None  # the saved Influence this one was loaded from
         if method == "auto":
@@ -242,9 +254,19 @@ class Influence:
             and (not self.auto_damping or method_class(name).supports_auto_damping)
         ]
         if not names:
+            known = sorted(
+                {
+                    option
+                    for name in registry.auto_candidates()
+                    for option in method_class(name).Options.names()
+                }
+            )
+            given = ", ".join(
+                f"{k!r}{suggest_option(k, known)}" for k in sorted(self.method_options)
+            )
             raise UnsupportedError(
                 f"method='auto' chooses among {', '.join(registry.auto_candidates())}, and none "
-                f"of them takes the option(s) {sorted(self.method_options)}"
+                f"of them takes the option(s) {given}"
                 + (" with damping='auto'" if self.auto_damping else "")
                 + f" and estimator {self.estimator!r}; name the method to pass its options"
             )
@@ -263,7 +285,7 @@ class Influence:
         c = engine.outputs(examples.take([0]))[0].numel()
         problem = Problem(len(examples), space.size, c, self.memory_limit, self.task.model, space)
         method = self._method if self._method is not None else self._auto(problem)
-        attributed = _attributed_space(method, self.task, space)
+        attributed = self._attributed_space(method, space)
         if attributed is not space:  # the method attributes through part of the model
             space = attributed
             engine = PerExample(self.task, space, self.per_example_mode)
@@ -291,13 +313,16 @@ class Influence:
             workdir=self.workdir,
             anchor=None if anchor is None else anchor.to(theta),
         )
+        if self.estimator == "rif":  # its downdates need every example's output Jacobian
+            fitted.require_jacobian_room(min(self.batch_size, fitted.n), "rif")
         # Trajectory and surrogate methods (TracInCP, TRAK) neither assume an optimum nor use
         # grad L(theta*): no pass over the data for them.
         if method.assumes_optimum and (summary is not None or type(method).stationarity_pass):
             gradient, stationarity = objective_gradient(fitted, summary)
             fitted = replace(fitted, objective_gradient=gradient, stationarity=stationarity)
         method.fit(fitted)
-        method.diagnose()
+        if self.checks:
+            method.diagnose()
         self._method, self._fitted = method, fitted
         return self
 
@@ -308,6 +333,17 @@ class Influence:
         method = self._create(choice.method)
         method.check(self.task, problem.space)
         return method
+
+    def _attributed_space(self, method: Method, space: ParameterSpace) -> ParameterSpace:
+        """The parameters ``method`` attributes through: ``space`` itself, or the part of it the
+        method names (:meth:`Method.attributed_parameters`). Its notice of what is left out is
+        given once per method, whether ``plan`` or ``fit`` asks first."""
+        with warnings.catch_warnings():
+            if method.name in self._told:
+                warnings.simplefilter("ignore", Notice)
+            names = method.attributed_parameters(self.task, space)
+        self._told.add(method.name)
+        return space if names is None else ParameterSpace(self.task.model, names)
 
     def with_estimator(self, estimator: str, relatif: str | None = None) -> Influence:
         """The same fitted method with another estimator (no refit).
@@ -880,7 +916,7 @@ class Influence:
             raise InvalidInputError(f"world_size must be an integer >= 1, got {world_size!r}")
         method = self._method
         model = self.task.model
-        space = _attributed_space(method, self.task, ParameterSpace(model))
+        space = self._attributed_space(method, ParameterSpace(model))
         examples = None if train is None else ExampleSet(train, name="training set")
         if examples is None and (n_train is None or sequence_length is None):
             raise InvalidInputError(
@@ -906,7 +942,26 @@ class Influence:
             model_bytes=model_bytes,
             memory_limit=self.memory_limit,
         )
-        out = Plan(method.name, shape, method.stages(shape, self.task, space))
+        stages = method.stages(shape, self.task, space)
+        if self.checks:
+            cached = type(method).uses_training_gradients and gradient_cache_fits(
+                n, space.size, space.dtype, self.memory_limit
+            )
+            products = diagnostics.check_products(n, *method.runs_checks(self.damping, n, cached))
+            if products:
+                probes = diagnostics.PROBE_DIRECTIONS * space.size * FLOAT64_BYTES * 3
+                stages.append(
+                    Stage(
+                        "post-fit checks",
+                        # every process runs them whole: passes of its share of the batches
+                        round(products * world_size / max(n, 1), 2),
+                        probes,
+                        ("probe directions, answers and products", probes),
+                        f"{products:,} curvature products of single examples "
+                        "(checks=False skips them)",
+                    )
+                )
+        out = Plan(method.name, shape, stages)
         if timed and examples is not None and space.device.type != "meta":
             out.seconds_per_batch = _time_batch(self.task, space, examples, self.batch_size)
         return out
@@ -999,13 +1054,6 @@ def _retained_gradient(
     theta = space.flat().to(torch.float64)
     shift = theta if anchor is None else theta - anchor.to(theta)
     return mean.to(torch.float64) + l2 * shift
-
-
-def _attributed_space(method: Method, task: Task, space: ParameterSpace) -> ParameterSpace:
-    """The parameters ``method`` attributes through: ``space`` itself, or the part of it the
-    method names (:meth:`Method.attributed_parameters`)."""
-    names = method.attributed_parameters(task, space)
-    return space if names is None else ParameterSpace(task.model, names)
 
 
 def _time_batch(task: Task, space: ParameterSpace, examples: ExampleSet, batch_size: int) -> float:

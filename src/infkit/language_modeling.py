@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from infkit.errors import InvalidInputError
 
@@ -129,6 +129,81 @@ def check_labels(targets: Any, output_shape: tuple[int, ...]) -> tuple[int, str]
             "the ignored label)"
         )
     return None
+
+
+def vocabulary_size(model: nn.Module) -> int | None:
+    """The number of token ids ``model`` embeds, or None when it has no ``nn.Embedding``.
+
+    A Hugging Face model's input embedding (``get_input_embeddings()``) when it is an
+    ``nn.Embedding``; otherwise the largest ``num_embeddings`` among the model's embeddings, so
+    that an id is refused only when no embedding of the model could take it (a position
+    embedding that comes first is not mistaken for the vocabulary).
+    """
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter):
+        try:
+            embedding = getter()
+        except (AttributeError, NotImplementedError):  # a model without one
+            embedding = None
+        if isinstance(embedding, nn.Embedding):
+            return int(embedding.num_embeddings)
+    sizes = [int(m.num_embeddings) for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(sizes) if sizes else None
+
+
+def _token_ids(inputs: Any) -> Tensor | None:
+    """The token ids of a batch of inputs: ``inputs["input_ids"]`` of dict inputs, or the
+    inputs themselves when they are one integer tensor; None otherwise."""
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex():
+        return None
+    if ids.dtype == torch.bool or ids.dim() < 1:
+        return None
+    return ids
+
+
+def check_token_ids(inputs: Any, model: nn.Module) -> tuple[int, str] | None:
+    """Why a batch's token ids cannot be embedded (the first bad sequence), or None.
+
+    A token id must lie in [0, V), V the model's vocabulary (:func:`vocabulary_size`); beyond
+    it an ``nn.Embedding`` fails with a bare ``IndexError`` on the CPU and a device-side assert
+    on a GPU. Negative ids are refused even when V is unknown.
+    """
+    ids = _token_ids(inputs)
+    if ids is None or ids.numel() == 0:
+        return None
+    vocabulary = vocabulary_size(model)
+    flat = ids.reshape(ids.shape[0], -1)
+    outside = flat < 0
+    if vocabulary is not None:
+        outside = outside | (flat >= vocabulary)
+    if not bool(outside.any()):
+        return None
+    k = int(outside.any(dim=1).nonzero()[0, 0])
+    position = int(outside[k].nonzero()[0, 0])
+    bad = int(flat[k, position])
+    where = "input_ids" if isinstance(inputs, dict) else "the token ids"
+    if vocabulary is None:
+        size = "token ids index an embedding and cannot be negative"
+    else:
+        size = (
+            f"the model embeds {vocabulary} tokens (its input embedding's num_embeddings), "
+            f"so ids must lie in [0, {vocabulary})"
+        )
+    if bad == IGNORE_INDEX:
+        advice = (
+            "-100 marks a label that is not scored, never an input: pad input_ids with a real "
+            "token (the tokenizer's pad_token_id) and mark padding with attention_mask = 0"
+        )
+    else:
+        advice = (
+            "check that the tokenizer is the model's own (or resize the model's embeddings "
+            "after adding tokens: model.resize_token_embeddings(len(tokenizer)))"
+        )
+    return (
+        k,
+        f"token id {bad} at position {position} of {where} is outside the vocabulary: {size}; {advice}",
+    )
 
 
 def examples(

@@ -33,6 +33,59 @@ from infkit.errors import InvalidInputError, UnsupportedError, warn
 
 OptionsT = TypeVar("OptionsT", bound="Options")
 
+#: the keyword arguments of ``infkit.Influence(...)`` other than the method's options. A
+#: misspelt one arrives among the method's options, so an unknown option is matched against
+#: these too, and a close one is suggested first (a test keeps this list equal to the
+#: signature of ``Influence.__init__``; options.py cannot import influence.py)
+FACADE_KEYWORDS = (
+    "task",
+    "method",
+    "estimator",
+    "l2",
+    "damping",
+    "relatif",
+    "batch_size",
+    "per_example",
+    "progress",
+    "memory_limit",
+    "device",
+    "dtype",
+    "workdir",
+    "checks",
+)
+#: how close (difflib's ratio) a misspelt name must be to an Influence keyword to suggest it
+FACADE_CUTOFF = 0.75
+
+
+def suggest_option(name: str, known: list[str]) -> str:
+    """`` (did you mean ...?)`` for an unknown option ``name``, or ``""`` when nothing is close.
+
+    An ``Influence(...)`` keyword (:data:`FACADE_KEYWORDS`) that is close comes first unless a
+    method option is closer: ``dampng`` is ``damping``, not ``damping_scale``.
+    """
+
+    def ratio(candidate: str) -> float:
+        return difflib.SequenceMatcher(None, name, candidate).ratio()
+
+    facade = [
+        k
+        for k in difflib.get_close_matches(name, FACADE_KEYWORDS, n=1, cutoff=FACADE_CUTOFF)
+        if k not in known
+    ]
+    close = (
+        difflib.get_close_matches(name, known, n=2, cutoff=0.5)
+        or [k for k in known if name.startswith(k) or k.startswith(name)][:2]
+    )
+    options = f"the option {' or '.join(map(repr, close))}" if close else ""
+    if not facade:
+        return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    keyword = f"infkit.Influence(..., {facade[0]}=...), a keyword of Influence itself"
+    if not close:
+        return f" (did you mean {keyword}?)"
+    if ratio(facade[0]) >= ratio(close[0]):
+        return f" (did you mean {keyword}, or {options}?)"
+    return f" (did you mean {options}, or {keyword}?)"
+
 
 def option(
     default: Any,
@@ -92,16 +145,7 @@ class Options:
         known = cls.names()
         unknown = [k for k in given if k not in known]
         if unknown:
-            hints = []
-            for k in unknown:
-                close = (
-                    difflib.get_close_matches(k, known, n=2, cutoff=0.5)
-                    or [name for name in known if k.startswith(name) or name.startswith(k)][:2]
-                )
-                hints.append(
-                    f"{k!r}"
-                    + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
-                )
+            hints = [f"{k!r}{suggest_option(k, known)}" for k in unknown]
             raise UnsupportedError(
                 f"{owner} does not take the option(s) {', '.join(hints)}; its options are: "
                 f"{', '.join(known) or 'none'} (see infkit.methods() or the method's docstring)"

@@ -8,9 +8,11 @@ a configuration (``with torch.device("meta"): AutoModelForCausalLM.from_config(c
 same plan without any weight allocated: how large a run would be on machines you do not have
 (docs/methods/language_models.md §6).
 
-Bytes are per process; the layout they assume is the method's (the Kronecker methods: data split
-across processes, factors and eigenbases on every process, EK-FAC's eigenvalues, the preconditioned
-queries' layers and the scores' columns split across processes).
+Bytes are per process; the layout they assume is the method's, as a run under ``torchrun`` holds
+it (the Kronecker methods: every pass over the data split by batches across processes; the
+factors, eigenbases, EK-FAC's eigenvalues, the preconditioned queries and the scores whole on every
+process; docs/distributed.md §1). The time counts the passes of the fit's own checks too: the
+training-gradient cache when it fits and the post-fit checks' curvature products.
 """
 
 from __future__ import annotations
@@ -146,12 +148,12 @@ class Plan:
         limit = s.memory_limit
         if limit is not None and self.peak_bytes - s.model_bytes > limit:
             rows.append(
-                f"  above memory_limit ({human_bytes(limit)} per process): track fewer layers, "
-                "set query_rank, or use more processes"
+                f"  above memory_limit ({human_bytes(limit)} per process): track fewer layers "
+                "(modules=), set query_rank, or use a smaller batch_size (more processes split "
+                "the passes, not these bytes)"
             )
         if self.seconds is not None:
-            rows.append(
-                f"  time: about {self.seconds / 60:.1f} min ({self.seconds_per_batch:.2f} s per "
-                "batch, timed)"
-            )
+            seconds = self.seconds
+            took = f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+            rows.append(f"  time: about {took} ({self.seconds_per_batch:.3g} s per batch, timed)")
         return "\n".join(rows)

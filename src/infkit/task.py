@@ -257,6 +257,9 @@ class Task:
             of targets is unusable (the ready-made tasks check their labels; None: no check).
         check_outputs: ``fn(outputs) -> message | None``: why the model's outputs do not fit
             the loss (classification: probabilities instead of logits).
+        check_inputs: ``fn(inputs, model) -> (position, message) | None``: why a batch of
+            inputs cannot be fed to the model (a language model: token ids outside its
+            vocabulary); every pass over the data checks its batches with it (None: no check).
         output_hessian_product: ``fn(outputs, targets, V [K, *outputs.shape]) -> Lambda V``,
             for outputs too large for a dense Lambda_i (language models); when given, curvature
             products use it instead of :meth:`lambda_blocks`.
@@ -280,6 +283,7 @@ class Task:
         check_outputs: Callable[[Tensor], str | None] | None = None,
         output_hessian_product: Callable[[Tensor, Any, Tensor], Tensor] | None = None,
         autocast: torch.dtype | None = None,
+        check_inputs: Callable[[Any, nn.Module], TargetProblem | None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -296,6 +300,7 @@ class Task:
         self.name = name
         self.check_targets = check_targets
         self.check_outputs = check_outputs
+        self.check_inputs = check_inputs
         self.output_hessian_product = output_hessian_product
         if autocast not in AUTOCAST_DTYPES:
             raise InvalidInputError(
@@ -355,6 +360,7 @@ class Task:
             output_hessian_product=lm.hessian_product,
             name="language_modeling",
             check_targets=lm.check_labels,
+            check_inputs=lm.check_token_ids,
         )
 
     @classmethod
@@ -370,6 +376,10 @@ class Task:
         )
 
     # ----------------------------------------------------------------- evaluation
+    def input_problem(self, inputs: Any) -> TargetProblem | None:
+        """Why a batch of inputs cannot be fed to the model (``check_inputs``), or None."""
+        return None if self.check_inputs is None else self.check_inputs(inputs, self.model)
+
     def call_model(self, model_or_fn: Callable[..., Any], inputs: Any) -> Tensor:
         """Outputs [B, ...] for a batch of inputs (a tensor, or a dict of keyword tensors)."""
         if self.autocast is None or not self._mixed:

@@ -39,7 +39,7 @@ from infkit.fingerprint import (
 )
 from infkit.fitted import Fitted
 from infkit.kfac.factors import FactorFitter, Fisher, KroneckerFactors
-from infkit.layers.tracked import SUPPORTED, TrackedLayers
+from infkit.layers.tracked import SUPPORTED, TrackedLayers, kinds_of, tied_layers
 from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
 from infkit.store import Artifact, ArtifactStore, differences
@@ -154,9 +154,14 @@ def attributed_parameters(
         return None
     others = layers.others
     shown = ", ".join(others[:6]) + (f" and {len(others) - 6} more" if len(others) > 6 else "")
+    tied = tied_layers(model)
+    if tied:
+        shown += "; not tracked because their weights are tied: " + ", ".join(
+            f"{name!r} (with {', '.join(map(repr, users))})" for name, users in tied.items()
+        )
     warn(
-        f"method {owner!r} attributes through the {len(layers.tracked)} {SUPPORTED} layers it "
-        f"factors and leaves {len(others)} trainable parameter tensors out of the attribution, "
+        f"method {owner!r} attributes through the {len(layers.tracked)} "
+        f"{kinds_of(layers.tracked)} layers it factors and leaves {len(others)} trainable parameter tensors out of the attribution, "
         f"as if frozen: {shown} (unsupported='error' refuses instead, 'identity' keeps them "
         "with only the ridge)",
         Notice,

@@ -502,5 +502,5 @@ def squares_in_eigenbasis(dr: Tensor, ar: Tensor) -> Tensor:
     out = torch.zeros(d_out, ar.shape[-1], dtype=torch.float64, device=dr.device)
     for s in range(0, b, step):
         c = dr[:, s : s + step].transpose(-1, -2) @ ar[s : s + step].unsqueeze(0)
-        out += c.square().sum(dim=(0, 1)).to(torch.float64)
+        out += c.square_().sum(dim=(0, 1)).to(torch.float64)
     return out

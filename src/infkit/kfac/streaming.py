@@ -36,7 +36,7 @@ from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
 from infkit.distributed import batch_count, shard_batches, sum_across
-from infkit.errors import Notice, warn
+from infkit.errors import Notice, ProblemTooLargeError, warn
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.layers.capture import layer_terms
@@ -245,48 +245,77 @@ class StreamingScorer:
 
     def queries(self, queries: ExampleSet, layers: tuple[int, ...] | None = None) -> LayerQueries:
         """Precondition the query gradients of every tracked layer (or of the ``layers``-th),
-        keeping them at low rank when one query exceeds the budget."""
+        keeping them at low rank when one query exceeds the budget.
+
+        Each query batch's block of a layer is preconditioned and stored (or reduced to rank r)
+        at once, so that no more than the kept queries and one batch's block exist at a time.
+
+        Raises:
+            ProblemTooLargeError: the budget does not hold even rank 1 of every query (and
+                ``rank`` is not set): ``memory_limit`` cannot be met.
+        """
         fitted = self.fitted
         device, ridges = fitted.space.device, self.curvature.ridges()
         tracked = self.tracked if layers is None else [self.tracked[i] for i in layers]
-        # one layer's blocks at a time, written into their place (no concatenated copy)
-        full = {
-            t.name: torch.empty(len(queries), t.d_out, t.cols, dtype=self.dtype, device=device)
-            for t in tracked
-        }
-        for batch in queries.batches(fitted.batch_size):
-            rows = batch.indices.to(device)
-            for name, G in self.gradients(batch, "measurement", tracked):
-                full[name][rows] = precondition_layer(
-                    self.curvature, name, G, ridges[name], self.dtype
-                )
-                del G
-        theta = self._theta_blocks()
-        shared = torch.zeros(len(queries), dtype=torch.float64, device=fitted.space.device)
-        if fitted.l2:
-            for name, U in full.items():
-                shared += fitted.l2 * (U * theta[name]).sum((1, 2)).to(torch.float64)
-        t_count = len(queries)
-        item = self.dtype.itemsize
-        total = sum(U.numel() for U in full.values()) * item
+        t_count, item = len(queries), self.dtype.itemsize
+        total = t_count * sum(t.d_out * t.cols for t in tracked) * item
         rank = self.rank
         if rank is None and total > self.query_bytes:
             # the largest rank whose factors fit: sum over layers of T r (d_out + cols) items
             per_rank = t_count * sum(t.d_out + t.cols for t in tracked) * item
-            rank = max(1, self.query_bytes // max(per_rank, 1))
+            rank = self.query_bytes // per_rank
+            if rank < 1:
+                raise ProblemTooLargeError(
+                    f"the preconditioned gradients of {t_count} queries need "
+                    f"{human_bytes(total)} at full rank and {human_bytes(per_rank)} at rank 1, "
+                    f"but memory_limit ({human_bytes(fitted.memory_limit)}) leaves "
+                    f"{human_bytes(self.query_bytes)} for them after the factors and a scoring "
+                    "pass's working memory: raise memory_limit, track fewer layers (modules=), "
+                    "use a smaller batch_size, or score fewer queries per call (plan() shows "
+                    "the bytes of each stage)"
+                )
             warn(
                 f"the preconditioned gradient of one query takes {human_bytes(total // t_count)}"
                 f", more than the budget of {human_bytes(self.query_bytes)} (memory_limit "
-                f"less the factors and a pass's working memory): each layer's is kept at rank {rank} (SVD), which approximates "
-                "the scores; raise memory_limit, track fewer layers, or set query_rank "
-                "explicitly (describe()['query_rank'] reports it)",
+                f"less the factors and a pass's working memory): each layer's is kept at rank "
+                f"{rank} (SVD), which approximates the scores; raise memory_limit, track fewer "
+                "layers, or set query_rank explicitly (describe()['query_rank'] reports it)",
                 Notice,
             )
-        low_rank = {}
-        if rank is not None:
-            for t in tracked:
-                if rank * (t.d_out + t.cols) < t.d_out * t.cols:  # cheaper than the block
-                    low_rank[t.name] = _low_rank(full.pop(t.name), rank)
+        # a layer goes low rank when its factors are smaller than its block (then r < both sides)
+        low = {
+            t.name
+            for t in tracked
+            if rank is not None and rank * (t.d_out + t.cols) < t.d_out * t.cols
+        }
+        full, low_rank = {}, {}
+        for t in tracked:
+            if t.name in low:
+                assert rank is not None
+                low_rank[t.name] = (
+                    torch.empty(t_count, t.d_out, rank, dtype=self.dtype, device=device),
+                    torch.empty(t_count, t.cols, rank, dtype=self.dtype, device=device),
+                )
+            else:
+                full[t.name] = torch.empty(
+                    t_count, t.d_out, t.cols, dtype=self.dtype, device=device
+                )
+        theta = self._theta_blocks()
+        shared = torch.zeros(t_count, dtype=torch.float64, device=device)
+        for batch in queries.batches(fitted.batch_size):
+            rows = batch.indices.to(device)
+            for name, G in self.gradients(batch, "measurement", tracked):
+                U = precondition_layer(self.curvature, name, G, ridges[name], self.dtype)
+                del G
+                if fitted.l2:
+                    shared[rows] += fitted.l2 * (U * theta[name]).sum((1, 2)).to(torch.float64)
+                if name in low:
+                    assert rank is not None
+                    L, R = low_rank[name]
+                    L[rows], R[rows] = _low_rank(U, rank)
+                else:
+                    full[name][rows] = U
+                del U
         return LayerQueries(full, low_rank, shared, rank if low_rank else None)
 
     # ------------------------------------------------------------------ scores

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infkit.data import Batch
-from infkit.gradients import PerExample
+from infkit.gradients import PerExample, batching_rule_notice
 from infkit.layers.tracked import TrackedModule
 from infkit.parameters import evaluation_mode
 from infkit.task import Task
@@ -90,6 +90,8 @@ class Capture:
         self._mask: Tensor | None = None
         # (storage, layout, version, bias) of this forward pass's layer inputs -> (x, a)
         self._inputs: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+        #: the model of the last forward pass (whose notice about batching rules is given)
+        self._model: torch.nn.Module | None = None
 
     def __enter__(self) -> Capture:
         for t in self.tracked:
@@ -161,6 +163,7 @@ class Capture:
         self.records = {}
         self._inputs = {}
         self._mask = None
+        self._model = task.model
         if self.mask_key is not None and isinstance(inputs, dict):
             m = inputs.get(self.mask_key)
             if isinstance(m, Tensor) and m.dim() == 2:
@@ -185,6 +188,10 @@ class Capture:
     def backprop(self, outputs: Tensor, grad_outputs: Tensor) -> dict[str, Tensor]:
         """Pre-activation gradients of every tracked layer for K output-space vectors.
 
+        This is the last use of the forward pass's graph: the backward frees its saved tensors
+        as it goes (as a training step's does), so the peak memory is one graph, not the
+        graph and every layer's gradients on top of it; a second call needs a new forward.
+
         Args:
             outputs: the model outputs returned by :meth:`forward` (any shape, B first).
             grad_outputs: [K, *outputs.shape], the vectors to pull back.
@@ -198,28 +205,27 @@ class Capture:
         k = grad_outputs.shape[0]
         grads: list[Tensor | None]
         if k == 1:
-            grads = list(
-                torch.autograd.grad(
-                    outputs, outs, grad_outputs[0], retain_graph=True, allow_unused=True
-                )
-            )
+            grads = list(torch.autograd.grad(outputs, outs, grad_outputs[0], allow_unused=True))
             grads = [None if g is None else g.unsqueeze(0) for g in grads]
         else:
             try:
-                grads = list(
-                    torch.autograd.grad(
-                        outputs,
-                        outs,
-                        grad_outputs,
-                        retain_graph=True,
-                        allow_unused=True,
-                        is_grads_batched=True,
+                # the graph is kept: a missing batching rule raises partway through (one that
+                # PyTorch emulates by a loop warns instead: one notice per model)
+                with batching_rule_notice(self._model):
+                    grads = list(
+                        torch.autograd.grad(
+                            outputs,
+                            outs,
+                            grad_outputs,
+                            retain_graph=True,
+                            allow_unused=True,
+                            is_grads_batched=True,
+                        )
                     )
-                )
             except (RuntimeError, NotImplementedError):  # no batching rule: one per vector
                 columns = [
                     torch.autograd.grad(
-                        outputs, outs, grad_outputs[j], retain_graph=True, allow_unused=True
+                        outputs, outs, grad_outputs[j], retain_graph=j < k - 1, allow_unused=True
                     )
                     for j in range(k)
                 ]
@@ -239,7 +245,8 @@ class Capture:
 
     def loss_gradients(self, outputs: Tensor, losses: Tensor) -> dict[str, Tensor]:
         """Pre-activation gradients of ``losses.sum()``: name -> Ds [1, B, T, d_out]."""
-        g = torch.autograd.grad(losses.sum(), outputs, retain_graph=True)[0]
+        # frees only the loss's part of the graph, between the losses and the outputs
+        g = torch.autograd.grad(losses.sum(), outputs)[0]
         return self.backprop(outputs, g.unsqueeze(0))
 
 

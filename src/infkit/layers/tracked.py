@@ -70,6 +70,17 @@ class TrackedModule:
         }
 
 
+#: how each kind of tracked layer is named in messages
+KIND_NAMES = {"linear": "nn.Linear", "conv2d": "nn.Conv2d", "conv1d": "Hugging Face Conv1D"}
+
+
+def kinds_of(tracked: list[TrackedModule]) -> str:
+    """The kinds of layers in ``tracked`` for a message: ``"nn.Linear"``, ``"nn.Linear and
+    nn.Conv2d"``."""
+    names = [KIND_NAMES[k] for k in KIND_NAMES if any(t.kind == k for t in tracked)]
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
@@ -107,8 +118,8 @@ def find_modules(
     """
     trainable = set(space.names)
     param_names = {id(p): n for n, p in model.named_parameters()}
+    owners = _owners(model)
     tracked: list[TrackedModule] = []
-    seen: dict[int, str] = {}
     wanted = None if modules is None else set(modules)
     for name, module in model.named_modules():
         kind = _kind(module)
@@ -125,13 +136,17 @@ def find_modules(
                 )
             continue
         w_name = param_names[id(weight)]
-        if id(weight) in seen:
+        tied = [other for other in owners[id(weight)] if other != name]
+        if tied:
+            if wanted is None:  # left out: its parameter joins the others of the notice
+                continue
             raise UnsupportedError(
-                f"the weight {w_name!r} is shared by modules {seen[id(weight)]!r} and {name!r} "
-                "(tied weights); Kronecker factors need one module per weight: untie it or "
-                "freeze it (requires_grad=False)"
+                f"module {name!r} uses the weight {w_name!r}, which module(s) "
+                f"{', '.join(map(repr, tied))} use too (tied weights, as a language model's "
+                "output head and its token embedding): the layer's hooks see only its own use, "
+                "so its Kronecker factors and gradients would be wrong. Leave it out of modules, "
+                "untie the weights, or freeze them (requires_grad=False)"
             )
-        seen[id(weight)] = name
         bias = getattr(module, "bias", None)
         b_name = None
         if isinstance(bias, nn.Parameter) and param_names.get(id(bias)) in trainable:
@@ -148,6 +163,30 @@ def find_modules(
     covered = {t.weight for t in tracked} | {t.bias for t in tracked if t.bias}
     others = [n for n in space.names if n not in covered]
     return tracked, others
+
+
+def tied_layers(model: nn.Module) -> dict[str, list[str]]:
+    """Layers of a supported kind whose weight other modules use too (tied weights), each with
+    those modules' names: left out of tracking by default (:func:`find_modules`)."""
+    owners = _owners(model)
+    out = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if _kind(module) is not None and isinstance(weight, nn.Parameter):
+            tied = [other for other in owners[id(weight)] if other != name]
+            if tied:
+                out[name] = tied
+    return out
+
+
+def _owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> the names of the distinct modules holding it directly (more than one:
+    tied weights). A module reachable under two names counts once, by its first name."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for parameter in module.parameters(recurse=False):
+            owners.setdefault(id(parameter), []).append(name)
+    return owners
 
 
 class BlockLayout:

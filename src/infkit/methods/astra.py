@@ -113,6 +113,9 @@ class ASTRA(PrimalMethod):
         self.operator: CurvatureOperator | None = None
         self.steps: dict[float, float] = {}
         self.iterations: list[int] = []
+        #: the largest relative residual ||v - (H + ridge) x|| / ||v|| of each solve (NaN when
+        #: maxiter=0 skips the iteration; not saved: a loaded influence starts a new record)
+        self.residuals: list[float] = []
 
     def check(self, task: Task, space: ParameterSpace) -> None:
         kronecker_layers(task.model, space, self.options.preconditioner(), self.name)
@@ -178,6 +181,7 @@ class ASTRA(PrimalMethod):
         x = self._precondition(V, shift)  # the first iterate: EK-FAC's answer
         if self.options.maxiter == 0:
             self.iterations.append(1)
+            self.residuals.append(float("nan"))
             return x
         v_norm = V.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
         if self.options.solver == "cg":
@@ -216,6 +220,7 @@ class ASTRA(PrimalMethod):
                 x = x + step * self._precondition(R, shift)
                 iterations += 1
         self.iterations.append(iterations + 1)
+        self.residuals.append(float(residual.max()))
         if bool((residual > tol).any()):
             warn(
                 f"ASTRA stopped after {iterations + 1} iterations with a relative residual of "
@@ -257,4 +262,5 @@ class ASTRA(PrimalMethod):
         if self.preconditioner is not None:
             out["preconditioner"] = self.preconditioner.describe()
         out["iterations"] = list(self.iterations)
+        out["residuals"] = list(self.residuals)
         return out

@@ -454,7 +454,10 @@ class Method(ABC):
         """
         fitted = self.fitted
         checks: dict[str, Any] = {}
-        if self.curvature in DAMPED_CURVATURES and fitted.damping > 0:
+        scale_check, energy_check = self.runs_checks(
+            fitted.damping, fitted.n, fitted.train_gradients is not None
+        )
+        if scale_check:
             scale = diagnostics.curvature_scale(fitted)
             checks["curvature_scale"] = scale
             if fitted.damping > DAMPING_WARNING * (scale + fitted.l2):
@@ -466,10 +469,8 @@ class Method(ABC):
                     "of the order of the curvature or smaller (describe()['curvature_scale'])",
                     UserWarning,
                 )
-        # the report-only scale check costs 16 x 256 curvature products: small problems only
-        report_only = type(self).scale_warning is None
-        if type(self).checks_scale and not (report_only and fitted.train_gradients is None):
-            ratio = diagnostics.energy_ratio(fitted, self.inverse())
+        if energy_check:
+            ratio = diagnostics.energy_ratio(fitted, self.inverse(), sample=energy_check)
             checks["energy_ratio"] = ratio
             limit = type(self).scale_warning
             if limit is not None and ratio > limit:
@@ -485,6 +486,24 @@ class Method(ABC):
                 if drift.residual_shift > DRIFT_WARNING:
                     warn(drift_message(fitted, drift), UserWarning)
         self.checks = checks
+
+    def runs_checks(self, damping: float, n: int, cached: bool) -> tuple[bool, int]:
+        """Which costly checks :meth:`diagnose` runs for a fit on ``n`` examples with this
+        ``damping`` and with (``cached``) or without the training-gradient cache: whether
+        ``curvature_scale`` runs, and the curvature sample of ``energy_ratio`` (0: not run).
+
+        The energy ratio costs 16 curvature products per sampled example. Where a warning
+        hangs on it (:attr:`scale_warning`) it takes the full sample; where it only reports,
+        it runs on problems small enough for the cache, on a sample of about one pass's cost
+        (:func:`~infkit.diagnostics.report_sample`)."""
+        scale = self.curvature in DAMPED_CURVATURES and damping > 0
+        energy = 0
+        if type(self).checks_scale:
+            if type(self).scale_warning is not None:
+                energy = diagnostics.CURVATURE_SAMPLE
+            elif cached:
+                energy = diagnostics.report_sample(n)
+        return scale, energy
 
     def inverse(self) -> Callable[[Tensor], Tensor]:
         """An (approximate) ``(H + ridge)^{-1}`` on [k, P] blocks for :meth:`diagnose`; methods

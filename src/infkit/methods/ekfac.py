@@ -14,7 +14,7 @@ factors are those of ``"kfac"`` (:class:`infkit.kfac.curvature.KroneckerOptions`
 from __future__ import annotations
 
 from infkit.methods.base import Fidelity, Problem, register
-from infkit.methods.kfac import KFAC, factorable
+from infkit.methods.kfac import AUTO_TRACKED_SHARE, KFAC, tracked_share
 
 
 @register
@@ -31,10 +31,19 @@ class EKFAC(KFAC):
 
     @classmethod
     def suits(cls, problem: Problem) -> bool:
-        return factorable(problem)
+        return tracked_share(problem) >= AUTO_TRACKED_SHARE
 
     @classmethod
     def suitability(cls, problem: Problem) -> str:
-        if factorable(problem):
+        share = tracked_share(problem)
+        if share == 1.0:
             return "every trainable parameter is in a layer it factors (Linear, Conv2d, Conv1D)"
-        return "some trainable parameters are outside the layers it factors"
+        if share >= AUTO_TRACKED_SHARE:
+            return (
+                f"the layers it factors (Linear, Conv2d, Conv1D) hold {share:.0%} of the "
+                "trainable parameters; the rest are left out of the attribution with a notice"
+            )
+        return (
+            f"the layers it factors hold only {share:.0%} of the trainable parameters (it "
+            f"takes at least {AUTO_TRACKED_SHARE:.0%})"
+        )

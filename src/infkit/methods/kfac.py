@@ -31,7 +31,7 @@ from infkit.data import ExampleSet
 from infkit.errors import NotFittedError, ProblemTooLargeError
 from infkit.estimators import Estimator
 from infkit.fingerprint import data_fingerprint, tensor_digest
-from infkit.fitted import Fitted
+from infkit.fitted import Fitted, gradient_cache_fits
 from infkit.kfac.curvature import (
     KroneckerCurvature,
     KroneckerOptions,
@@ -259,10 +259,11 @@ class KFAC(PrimalMethod):
         return scorer.self_scores()
 
     def stages(self, shape: RunShape, task: Task, space: ParameterSpace) -> list[Stage]:
-        # data split across processes; factors and eigenbases (in the product precision) on
-        # every process; EK-FAC's eigenvalues, the query blocks and the score columns split
+        # as a distributed run holds them (docs/distributed.md §1): every pass over the data
+        # split by batches across processes; the factors, eigenbases, EK-FAC's eigenvalues,
+        # the preconditioned queries and the [Q, N] scores whole on every process
         tracked = kronecker_layers(task.model, space, self.options, self.name).tracked
-        w, item, b, t = shape.world_size, shape.itemsize, shape.batch_size, shape.tokens
+        item, b, t = shape.itemsize, shape.batch_size, shape.tokens
         work = product_dtype(space.dtype).itemsize
         factor = {x.name: (x.cols**2 + x.d_out**2) * work for x in tracked}
         factors = sum(factor.values())
@@ -272,70 +273,92 @@ class KFAC(PrimalMethod):
         hooks = b * t * sum(x.cols + x.d_out for x in tracked) * item
         block = max(tracked, key=lambda x: x.cols * x.d_out)
         block_bytes = b * block.cols * block.d_out * work
+        out = []
+        limit = shape.memory_limit
         p = sum(x.cols * x.d_out for x in tracked)
-        out = [
+        if limit is not None and gradient_cache_fits(shape.n_train, p, space.dtype, limit):
+            # small enough for the [N, P] cache: one more pass, and the post-fit checks run
+            cache = shape.n_train * p * work
+            out.append(
+                Stage(
+                    "training gradients",
+                    shape.world_size,  # every process computes the whole cache
+                    cache,
+                    ("[N, P] gradient cache", cache),
+                    "repeated on every process; the energy-ratio check runs on it",
+                )
+            )
+        out += [
             Stage(
                 "covariances A, S",
                 1,
                 factors + hooks,
                 (f"A, S of {biggest.name!r}", factor[biggest.name]),
-                "factors summed across processes",
+                "data split across processes, factors summed",
             ),
             Stage(
                 "eigendecompositions",
                 0,
                 2 * factors + eigh,
                 (f"A, S and eigenbases of {biggest.name!r}", 2 * factor[biggest.name]),
-                "layers split across processes, eigenbases gathered; float64 one layer at a time",
+                "repeated on every process; float64 one layer at a time",
             ),
         ]
         lam = 0
         if self.corrected:
-            lam = p * work // w
+            lam = p * work
             out.append(
                 Stage(
                     "eigenvalue correction",
                     1,
                     2 * factors + lam + block_bytes + hooks,
                     (f"a batch's gradients of {block.name!r}", block_bytes),
-                    "corrected eigenvalues split by layer",
+                    "data split across processes, eigenvalues summed",
                 )
             )
-        # the preconditioned queries (split across processes): full rank in groups of queries
-        # and layers that fit memory_limit less the factors and a pass's working memory
+        # the preconditioned queries (all of them on every process): full rank in groups of
+        # queries and layers that fit memory_limit less the factors and a pass's working memory
         # (query_budget, plan_groups), one pass over the data each; rank r per layer when one
         # layer of one query does not fit or query_rank is set (as StreamingScorer decides)
-        local = -(-shape.n_queries // w)
+        local = shape.n_queries
         sizes = [x.d_out * x.cols * work for x in tracked]
         per_rank = sum(x.d_out + x.cols for x in tracked) * work
         eigenvalues = sum(x.cols + x.d_out for x in tracked) * work
         resident = 2 * factors + eigenvalues + lam
-        limit = shape.memory_limit
         budget = None if limit is None else budget_after(limit, resident, hooks, block_bytes)
         rank = self.options.query_rank
         groups = None if rank is not None else plan_groups(local, sizes, budget)
         if groups is None:  # low rank: every query and layer in one pass
+            note = ""
             if rank is None:
-                rank = max(1, (budget or 0) // max(local * per_rank, 1))
+                rank = (budget or 0) // max(local * per_rank, 1)
+                if rank < 1:  # StreamingScorer.queries refuses: the limit cannot be met
+                    rank, note = (
+                        1,
+                        (
+                            "no room even at rank 1 after the factors and a pass's working memory: "
+                            "scoring would refuse (ProblemTooLargeError); "
+                        ),
+                    )
             queries = local * sum(
                 min(b, rank * (x.d_out + x.cols) * work)
                 for b, x in zip(sizes, tracked, strict=True)
             )
-            passes, note = 1, f"rank {rank} per layer (SVD)"
+            passes, note = 1, note + f"rank {rank} per layer (SVD)"
         else:
             queries = max((stop - start) * sum(sizes[i] for i in ls) for start, stop, ls in groups)
             passes = len(groups)
             note = "full rank"
             if passes > 1:
                 note = f"full rank, {passes} passes over groups of queries and layers"
-        scores = shape.n_queries * shape.n_train * FLOAT64_BYTES // w
+        scores = shape.n_queries * shape.n_train * FLOAT64_BYTES
         out.append(
             Stage(
                 "queries",
                 0,
                 resident + queries,
                 ("preconditioned queries", queries),
-                note,
+                note + "; repeated on every process",
             )
         )
         out.append(
@@ -344,7 +367,7 @@ class KFAC(PrimalMethod):
                 passes,
                 resident + queries + scores + block_bytes + hooks,
                 ("[Q, N] scores", scores),
-                "training data split across processes",
+                "data split across processes, score columns summed",
             )
         )
         return out
@@ -371,7 +394,16 @@ def _query_payload(
     return scorer.queries(queries, layers).payload()
 
 
-def factorable(problem: Problem) -> bool:
-    """Whether every trainable parameter sits in a layer the Kronecker methods can factor."""
-    tracked, others = find_modules(problem.model, problem.space)
-    return bool(tracked) and not others
+#: ``method="auto"`` takes EK-FAC for a model whose factored layers hold at least this share
+#: of the trainable parameters (the rest left out with a notice, as for a language model's
+#: embeddings and norms)
+AUTO_TRACKED_SHARE = 0.5
+
+
+def tracked_share(problem: Problem) -> float:
+    """The share of the trainable parameters that sit in layers the Kronecker methods factor."""
+    tracked, _ = find_modules(problem.model, problem.space)
+    covered = {t.weight for t in tracked} | {t.bias for t in tracked if t.bias}
+    space = problem.space
+    inside = sum(k for name, k in zip(space.names, space.numels, strict=True) if name in covered)
+    return inside / max(space.size, 1)

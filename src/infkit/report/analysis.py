@@ -29,7 +29,15 @@ from infkit import evaluate
 from infkit import retrain as retraining
 from infkit._version import __version__
 from infkit.data import ExampleSet, checked_indices
-from infkit.errors import ArtifactError, ConfigError, InfkitError, Notice, warn
+from infkit.errors import (
+    ArtifactError,
+    ConfigError,
+    CurvatureError,
+    InfkitError,
+    Notice,
+    UnsupportedError,
+    warn,
+)
 from infkit.fingerprint import data_fingerprint, model_fingerprint
 from infkit.gradients import PerExample
 from infkit.influence import Influence
@@ -113,6 +121,7 @@ def build_influence(config: RunConfig, task: Task) -> Influence:
             damping=s["damping"],
             relatif=s["relatif"],
             batch_size=s["batch_size"],
+            checks=s["checks"],
             **s["options"],
         )
     except InfkitError as error:
@@ -457,7 +466,11 @@ def _groups(
 ) -> list[dict[str, Any]]:
     """Each group's predicted joint removal effect on the queries' measurements: by one Newton
     step on the retained objective where the method supplies it (it accounts for the group's
-    own curvature), else by the run's estimator; beside the sum of the members' scores."""
+    own curvature), else by the run's estimator; beside the sum of the members' scores.
+
+    When the Newton step is out of reach (a group with leverage >= 1 against an approximate
+    curvature, or output Jacobians too large, as for a language model) the group falls back to
+    the run's estimator, and its record says why."""
     joint = inf.with_estimator("newton") if inf.method.supplies("newton") else inf
     out = []
     for name, members in groups.items():
@@ -467,16 +480,24 @@ def _groups(
             )
         except InfkitError as error:
             raise ConfigError(str(error)) from error
-        effect = joint.remove(idx)
-        out.append(
-            {
-                "name": name,
-                "size": len(idx),
-                "joint": effect.measurement(query_set).tolist(),
-                "additive": scores[:, idx].sum(1).tolist(),
-                "estimator": joint.estimator,
-            }
-        )
+        used, fallback = joint, None
+        try:
+            effect = joint.remove(idx)
+        except (CurvatureError, UnsupportedError) as error:
+            if joint is inf:
+                raise
+            used, fallback = inf, f"no newton step: {error}"
+            effect = inf.remove(idx)
+        record = {
+            "name": name,
+            "size": len(idx),
+            "joint": effect.measurement(query_set).tolist(),
+            "additive": scores[:, idx].sum(1).tolist(),
+            "estimator": used.estimator,
+        }
+        if fallback is not None:
+            record["fallback"] = fallback
+        out.append(record)
     return out
 
 
@@ -540,6 +561,7 @@ def _write_tables(workdir: Path, data: dict[str, Any]) -> None:
                 {
                     "group": g["name"],
                     "size": g["size"],
+                    "estimator": g["estimator"],
                     "query": q["index"],
                     "joint": j,
                     "additive": a,

@@ -100,6 +100,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "batch_size": Key("int", 64, "examples per batch of every pass over the data"),
         "relatif": Key("str", "theta", "RelatIF's normalisation: theta or loss"),
         "options": Key("table", {}, "the method's options (infkit methods --json lists them)"),
+        "checks": Key(
+            "bool",
+            True,
+            "run the post-fit checks of the answer (false skips them: on large models they "
+            "cost passes over a sample)",
+        ),
         "reuse": Key(
             "bool",
             True,

@@ -364,6 +364,7 @@ def groups_section(data: dict[str, Any]) -> str:
     head = "".join(f"<th>test #{t}</th>" for t in queries)
     rows = "".join(
         f"<tr><td>{esc(g['name'])}</td><td class=num>{g['size']}</td>"
+        f"<td>{esc(g['estimator'])}</td>"
         + "".join(
             f"<td class=num>{fmt(j)}<br><span class=note>sum {fmt(a)}</span></td>"
             for j, a in zip(g["joint"], g["additive"])
@@ -371,10 +372,15 @@ def groups_section(data: dict[str, Any]) -> str:
         + "</tr>"
         for g in groups
     )
+    notes = "".join(
+        f'<p class="note">group {esc(g["name"])}: {esc(g["fallback"])}</p>'
+        for g in groups
+        if "fallback" in g
+    )
     return (
-        f"<p>Predicted change of each query's measurement when the whole group is removed "
-        f"(estimator {esc(groups[0]['estimator'])}), above the sum of the members' single "
-        f"scores.</p><table><tr><th>group</th><th>size</th>{head}</tr>{rows}</table>"
+        "<p>Predicted change of each query's measurement when the whole group is removed, by "
+        "the estimator named in its row, above the sum of the members' single scores.</p>"
+        f"<table><tr><th>group</th><th>size</th><th>estimator</th>{head}</tr>{rows}</table>" + notes
     )
 
 

@@ -1,0 +1,326 @@
+"""Messages for the input mistakes of a causal-language-model script written from the docs.
+
+Each mistake gets an InfkitError (or one warning) that names the set, the example or the
+option, and says what to do: queries in another form than the training set, a missing
+attention mask, token ids outside the vocabulary, a misspelt ``Influence`` keyword, and the
+warnings of ``torch.func.vmap`` on Hugging Face attention.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import pytest
+import torch
+from lm_helpers import LENGTH, VOCAB, TinyLM, llama_config
+from torch import nn
+
+import infkit
+from infkit import language_modeling as lm
+from infkit.data import ExampleSet
+from infkit.errors import InvalidInputError, Notice, UnsupportedError
+from infkit.gradients import (
+    BATCHING_RULE_WARNING,
+    PerExample,
+    batching_rule_notice,
+    error_summary,
+    vmap_fallback_message,
+)
+from infkit.options import FACADE_KEYWORDS
+from infkit.parameters import ParameterSpace
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:the model is not at a stationary point", "ignore:method 'ekfac' attributes through"
+)
+
+N = 6
+
+
+@pytest.fixture(scope="module")
+def lm_problem() -> dict:
+    torch.manual_seed(0)
+    model = TinyLM().double().eval()
+    ids = torch.randint(0, VOCAB, (N, LENGTH))
+    mask = torch.ones_like(ids)
+    task = infkit.Task.language_modeling(model)
+    inf = infkit.Influence(task, "identity", progress=False).fit(lm.examples(ids, mask))
+    return {"model": model, "task": task, "ids": ids, "mask": mask, "inf": inf}
+
+
+# ============================================================================ query forms
+def test_queries_as_a_tensor_pair_name_both_forms(lm_problem: dict) -> None:
+    ids, labels = lm_problem["ids"][:2], lm_problem["ids"][:2]
+    with pytest.raises(
+        InvalidInputError,
+        match=r"the test set's inputs are a tensor \[n, 7\] of integers, but the training "
+        r"set's are a dict with keys attention_mask, input_ids: give both in the same form "
+        r"\(infkit\.language_modeling\.examples\(input_ids, attention_mask\) builds",
+    ):
+        lm_problem["inf"].scores((ids, labels))
+
+
+def test_queries_as_bare_token_ids_ask_for_labels(lm_problem: dict) -> None:
+    with pytest.raises(
+        InvalidInputError,
+        match=r"test set is a single Tensor of shape \(2, 7\): give the inputs together with "
+        r"their labels.*infkit\.language_modeling\.examples\(input_ids, attention_mask\)",
+    ):
+        lm_problem["inf"].scores(lm_problem["ids"][:2])
+
+
+def test_queries_with_other_keys_say_which_are_missing_and_extra(lm_problem: dict) -> None:
+    ids, mask = lm_problem["ids"][:2], lm_problem["mask"][:2]
+    with pytest.raises(
+        InvalidInputError,
+        match=r"the test set's inputs lack the key 'attention_mask' that the training set's "
+        r"have and have the key 'token_type_ids' that the training set's do not",
+    ):
+        lm_problem["inf"].scores(({"input_ids": ids, "token_type_ids": mask}, ids))
+
+
+def test_per_key_shapes_name_the_key() -> None:
+    train = ExampleSet(({"x": torch.zeros(3, 4), "m": torch.ones(3, 2)}, torch.zeros(3)))
+    test = ExampleSet(({"x": torch.zeros(2, 5), "m": torch.ones(2, 2)}, torch.zeros(2)))
+    train.name, test.name = "training set", "test set"
+    with pytest.raises(
+        InvalidInputError,
+        match=r"test set input 'x' has per-example shape \(5,\), but training set input 'x' "
+        r"has \(4,\)",
+    ):
+        infkit.data.check_compatible(train, test)
+
+
+# ============================================================================ attention mask
+def test_queries_without_the_attention_mask_say_so(lm_problem: dict) -> None:
+    with pytest.raises(
+        InvalidInputError,
+        match=r"the test set's inputs lack the key 'attention_mask' that the training set's "
+        r"have: give both sets the same input keys; .*attention_mask=torch\.ones_like\(input_ids\)",
+    ):
+        lm_problem["inf"].scores(lm.examples(lm_problem["ids"][:2]))
+
+
+def test_queries_with_an_attention_mask_the_training_set_lacks_say_so(lm_problem: dict) -> None:
+    ids = lm_problem["ids"]
+    inf = infkit.Influence(lm_problem["task"], "identity", progress=False).fit(lm.examples(ids))
+    with pytest.raises(
+        InvalidInputError,
+        match=r"the test set's inputs have the key 'attention_mask' that the training set's do "
+        r"not: .*drop the test set's attention_mask",
+    ):
+        inf.scores(lm.examples(ids[:2], torch.ones_like(ids[:2])))
+
+
+# ============================================================================ token ids
+def test_token_id_beyond_the_vocabulary_in_example_0(lm_problem: dict) -> None:
+    ids = lm_problem["ids"].clone()
+    ids[0, 0] = VOCAB
+    with pytest.raises(
+        InvalidInputError,
+        match=rf"training set example 0: token id {VOCAB} at position 0 of input_ids is outside "
+        rf"the vocabulary: the model embeds {VOCAB} tokens .*\[0, {VOCAB}\); check that the "
+        "tokenizer is the model's own",
+    ):
+        infkit.Influence(lm_problem["task"], "identity").fit(lm.examples(ids, lm_problem["mask"]))
+
+
+def test_token_id_beyond_the_vocabulary_in_a_later_unscored_position(lm_problem: dict) -> None:
+    ids = lm_problem["ids"].clone()
+    ids[4, 0] = 40  # position 0 is no label (the loss shifts): only the input check sees it
+    with pytest.raises(
+        InvalidInputError, match=r"training set example 4: token id 40 at position 0"
+    ):
+        infkit.Influence(lm_problem["task"], "ekfac", progress=False).fit(
+            lm.examples(ids, lm_problem["mask"])
+        )
+
+
+def test_negative_padding_id_in_a_query(lm_problem: dict) -> None:
+    ids = lm_problem["ids"][:3].clone()
+    mask = torch.ones_like(ids)
+    ids[1, 5:], mask[1, 5:] = lm.IGNORE_INDEX, 0  # padded with -100, the ignored label
+    with pytest.raises(
+        InvalidInputError,
+        match=r"test set example 1: token id -100 at position 5 of input_ids is outside the "
+        r"vocabulary.*-100 marks a label that is not scored, never an input: pad input_ids with "
+        r"a real token",
+    ):
+        lm_problem["inf"].scores(lm.examples(ids, mask))
+
+
+def test_plain_token_id_inputs_are_checked(lm_problem: dict) -> None:
+    ids = lm_problem["ids"].clone()
+    task = lm_problem["task"]
+    inf = infkit.Influence(task, "identity", progress=False).fit((ids, ids.clone()))
+    bad = ids[:2].clone()
+    bad[1, 3] = 99
+    with pytest.raises(
+        InvalidInputError, match=r"test set example 1: token id 99 at position 3 of the token ids"
+    ):
+        inf.scores((bad, ids[:2].clone()))
+
+
+def test_vocabulary_is_the_input_embedding_not_the_first_embedding() -> None:
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.positions = nn.Embedding(64, 3)  # the first nn.Embedding, not the vocabulary
+            self.tokens = nn.Embedding(5, 3)
+
+        def get_input_embeddings(self) -> nn.Module:
+            return self.tokens
+
+    class NoGetter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.positions = nn.Embedding(7, 3)  # first, but smaller than the token embedding
+            self.tokens = nn.Embedding(50, 3)
+
+    assert lm.vocabulary_size(Positions()) == 5
+    assert lm.vocabulary_size(NoGetter()) == 50  # no id that some embedding takes is refused
+    assert lm.vocabulary_size(TinyLM()) == VOCAB
+    assert lm.vocabulary_size(nn.Linear(2, 2)) is None
+    ids = torch.tensor([[0, 1, 5], [0, 1, 2]])
+    assert lm.check_token_ids({"input_ids": ids}, Positions()) is not None
+    assert lm.check_token_ids({"input_ids": ids}, TinyLM()) is None
+    assert lm.check_token_ids({"input_ids": ids.float()}, TinyLM()) is None  # not token ids
+
+
+# ============================================================================ option typos
+def test_facade_keywords_are_the_influence_signature() -> None:
+    parameters = inspect.signature(infkit.Influence.__init__).parameters
+    named = [
+        name
+        for name, p in parameters.items()
+        if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    assert sorted(FACADE_KEYWORDS) == sorted(named)
+
+
+def test_misspelt_influence_keyword_is_suggested_first(lm_problem: dict) -> None:
+    task = lm_problem["task"]
+    with pytest.raises(
+        UnsupportedError,
+        match=r"'dampng' \(did you mean infkit\.Influence\(\.\.\., damping=\.\.\.\), a keyword "
+        r"of Influence itself, or the option 'damping_scale'\?\)",
+    ):
+        infkit.Influence(task, "ekfac", dampng=1e-3)
+    with pytest.raises(
+        UnsupportedError, match=r"'batchsize' \(did you mean infkit\.Influence\(\.\.\., batch_size"
+    ):
+        infkit.Influence(task, "exact", batchsize=8)
+
+
+def test_misspelt_method_option_is_still_suggested(lm_problem: dict) -> None:
+    with pytest.raises(UnsupportedError, match=r"'fishr' \(did you mean 'fisher'\?\)"):
+        infkit.Influence(lm_problem["task"], "ekfac", fishr="empirical")
+
+
+# ============================================================================ vmap warnings
+VMAP_ERROR = (
+    "vmap: It looks like you're either (1) calling .item() on a Tensor or (2) attempting to use "
+    "a Tensor in some data-dependent control flow or (3) encountering this error in PyTorch "
+    "internals. For (1): we don't support vmap over calling .item() on a Tensor, please try to "
+    "rewrite what you're doing with other operations. For (2): we don't support data-dependent "
+    "control flow in vmap yet, please file an issue at https://github.com/pytorch/pytorch/issues ."
+)
+
+
+def test_quoted_errors_end_at_a_sentence_or_clause() -> None:
+    summary = error_summary(RuntimeError(VMAP_ERROR))
+    assert summary == "RuntimeError: " + VMAP_ERROR.split(" For (1)")[0]
+    long_clause = "a very long clause " * 20 + ", and more"
+    cut = error_summary(ValueError(long_clause + "\nsecond line"), limit=100)
+    assert cut.endswith(" ...") and "second line" not in cut
+    kept = cut[len("ValueError: ") : -len(" ...")]
+    assert long_clause.startswith(kept) and long_clause[len(kept)] == " "  # whole words
+    assert error_summary(RuntimeError("short\nmore")) == "RuntimeError: short"
+    message = vmap_fallback_message(RuntimeError(VMAP_ERROR))
+    assert "PyTorch internals. Hugging Face" in message and "For (1)" not in message
+    assert 'per_example="loop"' in message
+
+
+def test_batching_rule_warnings_become_one_notice_per_model() -> None:
+    model = nn.Linear(2, 2)
+    torch_warning = (
+        f"{BATCHING_RULE_WARNING} aten::_fused_attention_backward. Please file an issue."
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with batching_rule_notice(model):
+                warnings.warn(torch_warning, UserWarning, stacklevel=1)
+                warnings.warn(torch_warning, UserWarning, stacklevel=1)
+                warnings.warn("something else", UserWarning, stacklevel=1)
+    texts = [str(w.message) for w in caught]
+    assert not any(t.startswith(BATCHING_RULE_WARNING) for t in texts)
+    assert texts.count("something else") == 2  # other warnings pass as before
+    notices = [w for w in caught if issubclass(w.category, Notice)]
+    assert len(notices) == 1
+    assert "no batching rule for aten::_fused_attention_backward" in str(notices[0].message)
+    assert 'attn_implementation="eager"' in str(notices[0].message)
+
+
+def _tiny_bert(transformers, attention: str) -> nn.Module:  # type: ignore[no-untyped-def]
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        is_decoder=True,
+        attn_implementation=attention,
+    )
+    return transformers.BertLMHeadModel(config).eval()
+
+
+def test_bert_vmap_fallback_warning_quotes_whole_sentences() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = _tiny_bert(transformers, "sdpa")
+    ids = torch.randint(0, 40, (3, 6))
+    task = infkit.Task.language_modeling(model)
+    engine = PerExample(task, ParameterSpace(model))
+    batch = ExampleSet(lm.examples(ids, torch.ones_like(ids))).take(range(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.grads(batch)
+    [fallback] = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    text = str(fallback.message)
+    assert "could not batch the model over examples; falling back to an exact" in text
+    summary = text.split("The error: ")[1].split(" Hugging Face")[0]
+    assert summary.endswith("."), summary  # a whole sentence, not cut mid-word
+    assert 'attn_implementation="eager"' in text and 'per_example="loop"' in text
+
+
+def test_llama_sdpa_batching_rule_warning_once() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config(attn_implementation="sdpa")).eval()
+    ids = torch.randint(0, 40, (2, 5))
+    task = infkit.Task.language_modeling(model)
+    engine = PerExample(task, ParameterSpace(model))
+    batch = ExampleSet(lm.examples(ids, torch.ones_like(ids))).take(range(2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.jacobians(batch)  # jacrev's vmap over the outputs meets the fused attention
+        engine.jacobians(batch)
+        engine.vjp(batch, torch.ones(3, 2, 5 * 40))
+    texts = [str(w.message) for w in caught]
+    assert not any(t.startswith(BATCHING_RULE_WARNING) for t in texts)
+    notices = [t for t, w in zip(texts, caught) if issubclass(w.category, Notice)]
+    assert len(notices) == 1, texts
+    assert "scaled_dot_product" in notices[0]
+
+
+def test_out_of_vocabulary_ids_for_a_llama(lm_problem: dict) -> None:
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM(llama_config()).eval()
+    ids = torch.randint(0, 40, (2, 5))
+    ids[1, 0] = 40  # position 0 is no label: the input check finds it
+    with pytest.raises(
+        InvalidInputError, match=r"training set example 1: token id 40 .*the model embeds 40 tokens"
+    ):
+        infkit.Influence(infkit.Task.language_modeling(model), "identity").fit(lm.examples(ids))
