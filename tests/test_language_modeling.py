@@ -132,6 +132,26 @@ def test_cg_with_the_token_hessian_product_equals_exact(problem: dict) -> None:
     assert float((cg.scores(problem["test"]) - S).norm() / S.norm()) < 1e-7
 
 
+def test_ggn_products_in_chunks_of_directions_equal_all_at_once(
+    problem: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A language model's output products are [k, B, T x V]: taken a direction or two at a
+    time beyond PRODUCT_OUTPUT_ELEMENTS, with the same result as all k at once."""
+    from infkit import curvature
+    from infkit.gradients import PerExample
+    from infkit.parameters import ParameterSpace
+
+    task = infkit.Task.language_modeling(problem["model"])
+    space = ParameterSpace(task.model)
+    operator = curvature.CurvatureOperator(
+        PerExample(task, space), ExampleSet(problem["train"]), "ggn", batch_size=8
+    )
+    V = torch.randn(5, space.size, dtype=torch.float64)
+    whole = operator.matmat(V)
+    monkeypatch.setattr(curvature, "PRODUCT_OUTPUT_ELEMENTS", 2 * 8 * LENGTH * VOCAB)
+    torch.testing.assert_close(operator.matmat(V), whole, rtol=1e-12, atol=1e-14)
+
+
 def test_ekfac_leaves_unsupported_parameters_out_with_a_notice(problem: dict) -> None:
     task = infkit.Task.language_modeling(problem["model"])
     with pytest.warns(Notice, match="embed.weight") as record:

@@ -26,6 +26,9 @@ from infkit.gradients import PerExample, batching_rule_notice
 from infkit.parameters import evaluation_mode
 
 Curvature = Literal["ggn", "hessian"]
+#: output-space elements (directions x examples x outputs) a GGN batch product holds at once;
+#: the directions are taken in chunks below it (at least one direction at a time)
+PRODUCT_OUTPUT_ELEMENTS = 1 << 25
 KINDS: tuple[Curvature, ...] = ("ggn", "hessian")
 
 
@@ -107,12 +110,21 @@ class CurvatureOperator:
             if self.kind == "ggn":
                 with torch.no_grad():
                     out = engine.call(params, inputs)  # [B, ...]
-                jv = self.pushforward(outputs_of, params, tangents)  # [k, B, C]
-                weighted = engine.task.hessian_product(
-                    out, targets, jv.reshape(jv.shape[0], *out.shape)
-                ).reshape(jv.shape)
                 pullback = vjp(outputs_of, params)[1]
-                products = vmap(lambda u: pullback(u)[0])(weighted)
+                # [k, B, C] output-space products, a few directions at a time: a language
+                # model's C is T x V, so all k at once can take tens of GB
+                step = max(1, PRODUCT_OUTPUT_ELEMENTS // max(out.numel(), 1))
+                parts = [V.new_zeros(0, space.size)]
+                for start in range(0, V.shape[0], step):
+                    chunk = {n: t[start : start + step] for n, t in tangents.items()}
+                    jv = self.pushforward(outputs_of, params, chunk)  # [k', B, C]
+                    weighted = engine.task.hessian_product(
+                        out, targets, jv.reshape(jv.shape[0], *out.shape)
+                    ).reshape(jv.shape)
+                    del jv
+                    parts.append(space.flatten(vmap(lambda u: pullback(u)[0])(weighted), 1))
+                    del weighted
+                return torch.cat(parts).detach()
             else:
 
                 def total_loss(p: dict[str, Tensor]) -> Tensor:
