@@ -616,14 +616,17 @@ class Influence:
         """(start, stop, scores [stop - start, N] float64) over chunks of the queries.
 
         A chunk's temporaries (query gradients, solved queries and score rows in float64, about
-        ``8 (3 N + 3 P)`` bytes a query) stay within a tenth of the [T, N] result
-        (:func:`infkit.memory.row_chunks`).
+        ``8 (3 N + 3 P)`` bytes a query) stay within a tenth of the [T, N] result, or a quarter
+        of ``memory_limit`` for a method whose solves pass over the data once for all the
+        queries of a chunk (``Method.solves_together``; :func:`infkit.memory.row_chunks`).
         """
         method, fitted = self.method, self.fitted
         t, n, p = len(queries), fitted.n, fitted.space.size
         row_bytes = method.query_row_bytes(n, p)
         output_bytes = t * n * fitted.space.bytes_per_float()
-        chunks = row_chunks(t, row_bytes, output_bytes, fitted.memory_limit)
+        chunks = row_chunks(
+            t, row_bytes, output_bytes, fitted.memory_limit, together=method.solves_together
+        )
         shown = track(chunks, fitted.progress, "scores", len(chunks)) if len(chunks) > 1 else chunks
         for start, stop in shown:
             part = queries if stop - start == t else queries.subset(torch.arange(start, stop))

@@ -35,13 +35,18 @@ CHUNK_LIMIT_SHARE = 0.25
 
 
 def row_chunks(
-    rows: int, row_bytes: int, output_bytes: int, memory_limit: int
+    rows: int, row_bytes: int, output_bytes: int, memory_limit: int, *, together: bool = False
 ) -> list[tuple[int, int]]:
     """``(start, stop)`` ranges over ``rows`` whose temporaries (``row_bytes`` per row) take at
     most ``max(CHUNK_SHARE x output_bytes, CHUNK_MIN_BYTES)``, capped at a quarter of the
-    limit; at least one row per chunk."""
-    budget = min(
-        max(int(CHUNK_SHARE * output_bytes), CHUNK_MIN_BYTES), int(CHUNK_LIMIT_SHARE * memory_limit)
-    )
+    limit; at least one row per chunk.
+
+    ``together``: rows cost little more together than one alone (an iterative solve whose every
+    step is a pass over the data, shared by all its right-hand sides), so chunks take up to the
+    quarter of the limit.
+    """
+    budget = int(CHUNK_LIMIT_SHARE * memory_limit)
+    if not together:
+        budget = min(max(int(CHUNK_SHARE * output_bytes), CHUNK_MIN_BYTES), budget)
     step = max(1, min(rows, budget // max(row_bytes, 1)))
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]

@@ -99,6 +99,7 @@ class ASTRA(PrimalMethod):
     questions = KRONECKER
     scales = True
     cheap_solve = False
+    solves_together = True
     exact_example_curvature = True
     fidelity = Fidelity(reference="ggn", rtol=1e-6, test_options={"tol": 1e-11})
     #: the Neumann steps and iteration counts; :meth:`state` adds the EK-FAC preconditioner

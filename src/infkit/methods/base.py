@@ -249,6 +249,11 @@ class Method(ABC):
     #: priority for ``method="auto"`` (lower first; None: never chosen automatically)
     auto_priority: ClassVar[int | None] = None
     #: whether :meth:`diagnose` measures the answers' scale against the GGN (approximations)
+    #: whether solving many queries at once costs little more than one (an iterative solve,
+    #: each step a pass over the training data shared by all right-hand sides): the facade
+    #: then scores queries in chunks up to a quarter of ``memory_limit`` instead of a tenth of
+    #: the result, so that a 10M-parameter model does not solve its queries one by one
+    solves_together: ClassVar[bool] = False
     checks_scale: ClassVar[bool] = False
     #: :meth:`diagnose` warns when the answers come out this many times too large (None: never)
     scale_warning: ClassVar[float | None] = None

@@ -73,6 +73,7 @@ class ConjugateGradient(PrimalMethod):
     fidelity = Fidelity(reference="ggn", rtol=1e-6, test_options={"tol": 1e-12})
     auto_priority = 3
     cheap_solve = False
+    solves_together = True
     #: the diagonal preconditioner, and the solves so far (for describe()); the curvature
     #: operator is rebuilt on restore (it holds no data)
     fitted_state = ("_diagonal", "iterations", "solvers")

@@ -164,6 +164,7 @@ class Lissa(PrimalMethod):
     Options = LissaOptions
     scales = True
     cheap_solve = False
+    solves_together = True
     exact_example_curvature = True
     # stochastic (full batch on the small problems); the damping keeps the recursion short
     fidelity = Fidelity(
