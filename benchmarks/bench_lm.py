@@ -31,9 +31,10 @@ after the other on the same model and data (written once by this script):
   for the first residual and one for the last). The worker leaves out infkit's stationarity
   pass and drift check for ASTRA: diagnostics that do not change the scores and, on this
   untrained model, would cost more than the iteration (up to 100 CG iterations on the GGN of
-  256 training sequences). It also scores the queries in one block (the facade would solve
-  them one by one at this number of parameters) and multiplies by the GGN ``BATCH`` sequences
-  at a time (ASTRA's default, 4 x that, takes about three times the memory, no faster).
+  256 training sequences). It scores the queries in one block (as the facade does for the
+  iterative solvers, ``Method.solves_together``) and multiplies by the GGN ``BATCH`` sequences
+  at a time (ASTRA's default is 4 x that; the products take a few directions at a time, see
+  ``infkit.curvature.PRODUCT_OUTPUT_ELEMENTS``).
 
 Targets (issue): infkit / kronfluence total time <= 0.5 and peak memory <= 1.0; infkit total
 time <= 4 passes and peak memory <= 2x a pass's; the two libraries' scores correlate >= 0.95.
