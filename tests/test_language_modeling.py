@@ -164,7 +164,9 @@ def test_ekfac_leaves_unsupported_parameters_out_with_a_notice(problem: dict) ->
         infkit.Influence(task, "ekfac", l2=1e-2, unsupported="error")
 
 
-def test_rif_and_newton_refuse_output_jacobians_beyond_the_memory_limit(problem: dict) -> None:
+def test_rif_and_newton_refuse_output_jacobians_beyond_the_memory_limit(
+    problem: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """rif and newton hold each example's output Jacobian J_j [C = T x V, P]: within the
     memory limit rif runs; beyond it rif is refused at fit, before the method's own fit, and
     rif/newton answers of an IF fit at their first use, naming C, P and 'if'."""
@@ -177,6 +179,10 @@ def test_rif_and_newton_refuse_output_jacobians_beyond_the_memory_limit(problem:
         plain = infkit.Influence(task, "cg", **tight).fit(problem["train"])
     assert roomy.scores(problem["test"]).isfinite().all()
     c, p = LENGTH * VOCAB, plain.n_params
+    # beyond JACOBIAN_WARNING_OUTPUTS outputs an example, the cost is said before it is paid
+    monkeypatch.setattr("infkit.fitted.JACOBIAN_WARNING_OUTPUTS", c - 1)
+    with pytest.warns(UserWarning, match=rf"{c} backward passes each, {N * c:,} in all"):
+        roomy.self_scores()
     assert 4 * 2 * c * p * 8 > 512 << 10  # four examples' J and H^-1 J^T overflow the limit
     shapes = rf"C = {LENGTH} x {VOCAB} = {c} outputs and P = {p}.*estimator 'if'"
     with pytest.raises(UnsupportedError, match=shapes):

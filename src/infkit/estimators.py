@@ -206,6 +206,8 @@ def removal_deltas(
     For ``"relatif"`` the rows are the normalised directions instead (no units).
     """
     n = fitted.n
+    if estimator.name == "rif" or (estimator.name == "newton" and inverse.curvature != "hessian"):
+        fitted.warn_jacobian_cost(estimator.name, n if indices is None else len(indices))
     for batch in fitted.train.batches(fitted.batch_size, indices):
         v = fitted.attributed_grads(batch)
         if estimator.name == "if":
@@ -288,6 +290,7 @@ def group_delta(
     if inverse.curvature == "hessian":
         _retained_or_raise(inverse, v, indices)
     fitted.require_jacobian_room(len(indices), estimator.name, joint=True)
+    fitted.warn_jacobian_cost(estimator.name, len(indices))
     Js, lams = [], []
     for batch in fitted.train.batches(fitted.batch_size, indices):
         J, lam = fitted.jacobians_and_lambdas(batch, estimator.name, checked=True)

@@ -30,6 +30,9 @@ from infkit.training import objective_and_gradient
 
 #: above this ||grad L(theta)|| / typical per-example gradient, fit measures the drift
 STATIONARITY_TOLERANCE = 1e-3
+#: rif and newton warn of their cost when an example has more outputs than this (each output
+#: of each example is one backward pass of its Jacobian)
+JACOBIAN_WARNING_OUTPUTS = 256
 #: training gradients are cached in memory up to this many bytes (and a quarter of the limit)
 GRADIENT_CACHE_BYTES = 1 << 30
 
@@ -187,6 +190,22 @@ class Fitted:
             f"({human_bytes(self.memory_limit)}). Use estimator 'if' (its scores, self-influence "
             "and group removals need no Jacobian; a group's joint effect under 'if' is the sum "
             "of its members' scores), or raise memory_limit if the machine has the room"
+        )
+
+    def warn_jacobian_cost(self, estimator: str, examples: int) -> None:
+        """Warn before ``examples`` output Jacobians of more than :data:`JACOBIAN_WARNING_OUTPUTS`
+        outputs each: one backward pass per output, where IF needs one gradient per example."""
+        shape = self.output_shape
+        c = math.prod(shape)
+        if c <= JACOBIAN_WARNING_OUTPUTS:
+            return
+        outputs = f"{' x '.join(str(d) for d in shape)} = {c}" if len(shape) > 1 else str(c)
+        warn(
+            f"estimator {estimator!r} forms the output Jacobian of each of {examples:,} "
+            f"training examples: C = {outputs} backward passes each, {examples * c:,} in all, "
+            "where estimator 'if' needs one gradient per example. For a language model (C = "
+            "sequence length x vocabulary) this takes hours beyond toy sizes: use 'if'",
+            UserWarning,
         )
 
     def jacobians_and_lambdas(
