@@ -324,3 +324,34 @@ def test_out_of_vocabulary_ids_for_a_llama(lm_problem: dict) -> None:
         InvalidInputError, match=r"training set example 1: token id 40 .*the model embeds 40 tokens"
     ):
         infkit.Influence(infkit.Task.language_modeling(model), "identity").fit(lm.examples(ids))
+
+
+# ============================================================================ lm.examples
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda ids: lm.examples(ids.float()), r"integer token ids, got dtype torch\.float32"),
+        (
+            lambda ids: lm.examples(ids, torch.ones(4, 3)),
+            rf"attention_mask must have the shape of input_ids, \[4, {LENGTH}\], got \[4, 3\]",
+        ),
+        (lambda ids: lm.examples(ids, prompt_lengths=[2] * 3), "must be 4 integers, one per"),
+        (
+            lambda ids: lm.examples(ids, prompt_lengths=[2, 2, LENGTH, 2]),
+            rf"prompt_lengths\[2\] = {LENGTH} is not in \[0, {LENGTH - 1}\]",
+        ),
+        (lambda ids: lm.examples(ids, prompt_lengths=[-3] * 4), r"prompt_lengths\[0\] = -3"),
+        (
+            lambda ids: lm.examples(ids, torch.tensor([[1] * LENGTH] * 3 + [[1] + [0] * 6])),
+            "sequence 3 has no token to score",
+        ),
+    ],
+)
+def test_examples_refuse_what_would_score_nothing_or_fail_later(call, message: str) -> None:  # type: ignore[no-untyped-def]
+    """lm.examples names each mistake instead of a bare IndexError or labels that are all
+    -100 (a query scoring exactly 0 against every training example)."""
+    ids = torch.randint(0, VOCAB, (4, LENGTH))
+    with pytest.raises(InvalidInputError, match=message):
+        call(ids)
+    _, labels = lm.examples(ids, prompt_lengths=[LENGTH - 1] * 4)  # the last token scored
+    assert bool((labels[:, -1] == ids[:, -1]).all()) and bool((labels[:, :-1] == -100).all())

@@ -333,6 +333,28 @@ def test_module_and_token_scores_of_a_language_model(problem: dict) -> None:
     torch.testing.assert_close(tokens.total, S[:, [0, 2, 5]], rtol=1e-8, atol=1e-12)
 
 
+def test_the_removed_model_of_a_kronecker_method_edits_the_tracked_layers_only(
+    problem: dict,
+) -> None:
+    """remove(...).model() adds Delta theta, which covers the tracked layers, to those layers;
+    the embedding and norm left out of the attribution keep their values."""
+    task = infkit.Task.language_modeling(problem["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(problem["train"])
+    effect = inf.remove([0, 1, 2])
+    edited = dict(effect.model().named_parameters())
+    original = dict(task.model.named_parameters())
+    offsets = inf.fitted.space.module_slices()
+    for name, before in original.items():
+        if name in offsets:
+            delta = effect.params[offsets[name]].reshape(before.shape).to(before)
+            torch.testing.assert_close(edited[name], before + delta, rtol=0, atol=1e-15)
+        else:
+            assert torch.equal(edited[name], before), name
+    assert set(offsets) < set(original)  # the embedding and the norm are left out
+
+
 # ============================================================================ a real model class
 @pytest.mark.slow
 def test_llama_from_transformers() -> None:

@@ -694,7 +694,9 @@ class Influence:
         def predict(data: Any, which: Quantity) -> Tensor:
             return self._predicted_change(data, delta, which, idx)
 
-        return RemovalEffect(idx, delta, self.estimator, predict, self.task.model)
+        return RemovalEffect(
+            idx, delta, self.estimator, predict, self.task.model, names=self.fitted.space.names
+        )
 
     def _remove_in_steps(self, idx: Tensor, steps: int) -> RemovalEffect:
         """:meth:`remove` with ``steps > 1``: the estimator's step, then ``steps - 1`` Newton
@@ -748,6 +750,7 @@ class Influence:
             self.task.model,
             steps=steps,
             gradient_norms=norms,
+            names=self.fitted.space.names,
         )
 
     def _refit_at(self, task: Task, retained: ExampleSet) -> Influence:

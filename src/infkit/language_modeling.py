@@ -216,18 +216,57 @@ def examples(
     Labels are the input ids, with -100 at padding (``attention_mask == 0``) and, for
     completions, at the first ``prompt_lengths[i]`` positions of sequence i, so that only the
     completion's tokens are scored.
+
+    Raises:
+        InvalidInputError: ids that are not an integer [N, T] tensor, a mask of another shape,
+            prompt lengths that are not N integers in [0, T - 1], or a sequence left with no
+            scored token after position 0 (the first token is never a label: nothing
+            predicts it).
     """
     ids = torch.as_tensor(input_ids)
     if ids.dim() != 2:
         raise InvalidInputError(f"input_ids must be [N, T], got shape {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise InvalidInputError(
+            f"input_ids must hold integer token ids, got dtype {ids.dtype}: pass the "
+            "tokenizer's ids (e.g. ids.long())"
+        )
+    n, t = ids.shape
     labels = ids.clone().long()
     inputs = {"input_ids": ids}
     if attention_mask is not None:
         mask = torch.as_tensor(attention_mask)
+        if tuple(mask.shape) != (n, t):
+            raise InvalidInputError(
+                f"attention_mask must have the shape of input_ids, [{n}, {t}], got "
+                f"{list(mask.shape)}"
+            )
         labels[mask == 0] = IGNORE_INDEX
         inputs["attention_mask"] = mask
     if prompt_lengths is not None:
         lengths = torch.as_tensor(prompt_lengths).reshape(-1)
-        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        if len(lengths) != n or lengths.is_floating_point():
+            raise InvalidInputError(
+                f"prompt_lengths must be {n} integers, one per sequence, got "
+                f"{len(lengths)} of dtype {lengths.dtype}"
+            )
+        outside = (lengths < 0) | (lengths >= t)
+        if bool(outside.any()):
+            i = int(outside.nonzero()[0, 0])
+            raise InvalidInputError(
+                f"prompt_lengths[{i}] = {int(lengths[i])} is not in [0, {t - 1}]: a prompt "
+                f"must leave at least one of the {t} positions to score as the completion"
+            )
+        positions = torch.arange(t).unsqueeze(0)
         labels[positions < lengths.unsqueeze(1)] = IGNORE_INDEX
+    unscored = (
+        (labels[:, 1:] == IGNORE_INDEX).all(dim=1) if t > 1 else torch.ones(n, dtype=torch.bool)
+    )
+    if bool(unscored.any()):
+        i = int(unscored.nonzero()[0, 0])
+        raise InvalidInputError(
+            f"sequence {i} has no token to score: every label after position 0 is masked (by "
+            "its attention_mask or prompt length), so its loss is 0 and every score against it "
+            "would be 0. Drop it, or shorten its prompt"
+        )
     return inputs, labels

@@ -29,7 +29,8 @@ class RemovalEffect:
 
     Args:
         indices: the removed training indices.
-        params: Delta theta [P], trainable parameters flattened in ``model.parameters()`` order.
+        params: Delta theta [P], the attributed parameters (``names``) flattened in
+            ``model.parameters()`` order.
         estimator: the estimator that predicted it (of the first step when ``steps > 1``).
         predict: ``(data, quantity) -> change``: how the fitted method predicts the change of the
             outputs, the loss or the measurement on ``data``.
@@ -38,6 +39,8 @@ class RemovalEffect:
         gradient_norms: with ``steps > 1``, ``||grad L_R(theta_k)||`` at the iterates
             theta_1 ... theta_K (L_R the retained objective, mean form): how close each is to
             the retained optimum; None for ``steps=1`` (not computed).
+        names: the parameters ``params`` covers (None: every trainable parameter), e.g. the
+            tracked layers of a Kronecker method; ``model()`` leaves the others as they are.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class RemovalEffect:
         *,
         steps: int = 1,
         gradient_norms: list[float] | None = None,
+        names: list[str] | None = None,
     ) -> None:
         self.indices = indices
         self.params = params
@@ -58,6 +62,7 @@ class RemovalEffect:
         self.gradient_norms = gradient_norms
         self._predict = predict
         self._model = model
+        self._names = names
 
     def outputs(self, data: Any) -> Tensor:
         """Predicted change of the model outputs, [n, C]: J(x) Delta theta (``steps=1``), the
@@ -75,10 +80,11 @@ class RemovalEffect:
         return self._predict(data, "measurement")
 
     def model(self) -> nn.Module:
-        """A copy of the model with theta + Delta theta: the predicted retrained (unlearned) model."""
+        """A copy of the model with theta + Delta theta: the predicted retrained (unlearned) model
+        (the parameters left out of the attribution unchanged)."""
         clone = copy.deepcopy(self._model)
         with torch.no_grad():
-            ParameterSpace(clone).add_(self.params)
+            ParameterSpace(clone, self._names).add_(self.params)
         return clone
 
     def __repr__(self) -> str:
