@@ -94,7 +94,7 @@ def test_cli_lists_the_methods(capsys) -> None:
 
 def test_options_are_checked_against_the_model_at_construction(mlp_problem: dict) -> None:
     task = mlp_problem["task"]
-    with pytest.raises(UnsupportedError, match=r"modules \['nope'\] are not trainable layers"):
+    with pytest.raises(UnsupportedError, match=r"'nope' is no module of the model"):
         infkit.Influence(task, "kfac", modules=["nope"])
     with pytest.raises(InvalidInputError, match=r"checkpoint 0 is a tensor of shape \(3,\)"):
         infkit.Influence(task, "identity", checkpoints=[torch.zeros(3)], learning_rates=0.1)

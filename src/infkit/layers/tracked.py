@@ -17,6 +17,7 @@ tracked layer plus the *other* trainable parameters, which Kronecker factors do 
 
 from __future__ import annotations
 
+import difflib
 import functools
 from dataclasses import dataclass
 
@@ -154,15 +155,38 @@ def find_modules(
         d_out, d_in = _dims(module, kind)
         tracked.append(TrackedModule(name, module, kind, w_name, b_name, d_out, d_in))
     if wanted is not None:
-        missing = wanted - {t.name for t in tracked}
+        missing = sorted(wanted - {t.name for t in tracked})
         if missing:
-            raise UnsupportedError(
-                f"modules {sorted(missing)} are not trainable layers of a supported type "
-                f"({SUPPORTED})"
-            )
+            raise UnsupportedError(_why_not_tracked(model, missing, trainable, param_names))
     covered = {t.weight for t in tracked} | {t.bias for t in tracked if t.bias}
     others = [n for n in space.names if n not in covered]
     return tracked, others
+
+
+def _why_not_tracked(
+    model: nn.Module, missing: list[str], trainable: set[str], param_names: dict[int, str]
+) -> str:
+    """What is wrong with each name of ``modules=`` that no tracked layer answers."""
+    modules = dict(model.named_modules())
+    reasons = []
+    for name in missing:
+        module = modules.get(name)
+        if module is None:
+            close = difflib.get_close_matches(name, list(modules), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            reasons.append(f"{name!r} is no module of the model{hint}")
+        elif _kind(module) is None:
+            reasons.append(f"{name!r} is a {type(module).__name__}, not a supported layer")
+        else:
+            weight = getattr(module, "weight", None)
+            if param_names.get(id(weight)) not in trainable:
+                reasons.append(f"{name!r} has a frozen weight (requires_grad=False)")
+            else:
+                reasons.append(f"{name!r} cannot be factored")
+    return (
+        f"modules= names layers the Kronecker methods cannot track: {'; '.join(reasons)}. They "
+        f"factor trainable {SUPPORTED} layers (model.named_modules() lists the names)"
+    )
 
 
 def tied_layers(model: nn.Module) -> dict[str, list[str]]:
