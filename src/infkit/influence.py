@@ -829,7 +829,12 @@ class Influence:
         )
 
     def leverages(self) -> Tensor:
-        """Generalised leverages h_j = tr(Lambda_j J_j H^{-1} J_j^T) / N, [n_train]."""
+        """Generalised leverages h_j = tr(Lambda_j J_j H^{-1} J_j^T) / N, [n_train].
+
+        For C outputs an example, h_j is the sum of the eigenvalues of its leverage block
+        ``Lambda_j J_j H^{-1} J_j^T / N``; rif and newton need each eigenvalue below 1 (their
+        CurvatureError reports the largest), not the sum.
+        """
         method = self.method
         method.require("leverages")
         return self.fitted.output(method.leverages())
