@@ -807,7 +807,13 @@ class Influence:
         return torch.cat(parts).to(fitted.space.dtype)
 
     def top_k(self, test: Any, k: int = 10) -> TopK:
-        """The k strongest proponents and opponents of each test example."""
+        """The k strongest proponents and opponents of each test example.
+
+        Proponents are the k most helpful training examples by score and opponents the k most
+        harmful, whatever their sign: when fewer than k examples help a query, its last
+        proponents have scores of the other sign. ``k`` above the number of training examples
+        is taken as that number (both lists then rank the whole training set).
+        """
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
         self.method.require("scores")
