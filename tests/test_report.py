@@ -322,14 +322,11 @@ def test_text_with_per_token_scores(tmp_path: Path) -> None:
     assert 'class="tok"' in page and "rgba(" in page
 
 
-@pytest.mark.parametrize("memory_limit", [None, 256 << 10])
-def test_groups_fall_back_to_the_run_estimator_when_newton_is_out_of_reach(
-    memory_limit: int | None,
-) -> None:
-    """EK-FAC on a language model: the group's Newton step meets leverage >= 1 against the
-    approximate curvature (default limit) or output Jacobians beyond the memory limit; the
-    report then gives the run's estimator ('if': exactly the sum of the members' scores) and
-    says why, instead of failing after the fit."""
+def test_groups_fall_back_to_the_run_estimator_when_newton_is_out_of_reach() -> None:
+    """EK-FAC on a language model: its curvature does not hold the group's exact block that
+    the Newton step would remove (the step met leverage >= 1 here, or blew up below it), so the
+    report gives the run's estimator ('if': exactly the sum of the members' scores) and says
+    why, instead of failing after the fit or showing a blown-up number."""
     import warnings
 
     from lm_helpers import LENGTH, VOCAB, TinyLM
@@ -346,14 +343,11 @@ def test_groups_fall_back_to_the_run_estimator_when_newton_is_out_of_reach(
     task = infkit.Task.language_modeling(TinyLM().double().eval())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        inf = infkit.Influence(
-            task, "ekfac", l2=1e-2, damping=1e-2, batch_size=4, memory_limit=memory_limit
-        ).fit(train)
+        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, batch_size=4).fit(train)
     scores = inf.scores(test)
     (group,) = _groups(inf, {"first": [0, 1, 2]}, test, scores, 20)
     assert group["estimator"] == "if"
-    reason = "leverage" if memory_limit is None else "output Jacobian"
-    assert group["fallback"].startswith("no newton step") and reason in group["fallback"]
+    assert group["fallback"].startswith("no newton step: method 'ekfac' approximates")
     torch.testing.assert_close(
         torch.tensor(group["joint"], dtype=torch.float64),
         scores[:, :3].sum(1),

@@ -468,10 +468,21 @@ def _groups(
     step on the retained objective where the method supplies it (it accounts for the group's
     own curvature), else by the run's estimator; beside the sum of the members' scores.
 
-    When the Newton step is out of reach (a group with leverage >= 1 against an approximate
-    curvature, or output Jacobians too large, as for a language model) the group falls back to
-    the run's estimator, and its record says why."""
-    joint = inf.with_estimator("newton") if inf.method.supplies("newton") else inf
+    The Newton step downdates the group's own exact curvature block, so it is taken only with a
+    method whose curvature holds every example's (``exact_example_curvature``): against K-FAC's
+    or EK-FAC's approximation a block near the whole curvature makes it blow up. Where it is
+    out of reach (that, or a step that raises: leverage >= 1, output Jacobians beyond the
+    memory limit) the group falls back to the run's estimator, and its record says why."""
+    method = inf.method
+    newton = method.supplies("newton") and type(method).exact_example_curvature
+    joint = inf.with_estimator("newton") if newton else inf
+    approximate = None
+    if method.supplies("newton") and not newton:
+        approximate = (
+            f"no newton step: method {method.name!r} approximates the curvature and does not "
+            "hold each example's exact block, which the step removes (a method marked "
+            "exact_curvature in infkit.methods() does)"
+        )
     out = []
     for name, members in groups.items():
         try:
@@ -480,7 +491,7 @@ def _groups(
             )
         except InfkitError as error:
             raise ConfigError(str(error)) from error
-        used, fallback = joint, None
+        used, fallback = joint, approximate
         try:
             effect = joint.remove(idx)
         except (CurvatureError, UnsupportedError) as error:
