@@ -276,14 +276,17 @@ def _tiny_bert(transformers, attention: str) -> nn.Module:  # type: ignore[no-un
     return transformers.BertLMHeadModel(config).eval()
 
 
+def _engine_and_batch(model: nn.Module, n: int, length: int):  # type: ignore[no-untyped-def]
+    """The per-example engine of a 40-token language model and a batch of n random sequences."""
+    ids = torch.randint(0, 40, (n, length))
+    engine = PerExample(infkit.Task.language_modeling(model), ParameterSpace(model))
+    return engine, ExampleSet(lm.examples(ids, torch.ones_like(ids))).take(range(n))
+
+
 def test_bert_vmap_fallback_warning_quotes_whole_sentences() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = _tiny_bert(transformers, "sdpa")
-    ids = torch.randint(0, 40, (3, 6))
-    task = infkit.Task.language_modeling(model)
-    engine = PerExample(task, ParameterSpace(model))
-    batch = ExampleSet(lm.examples(ids, torch.ones_like(ids))).take(range(3))
+    engine, batch = _engine_and_batch(_tiny_bert(transformers, "sdpa"), 3, 6)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         engine.grads(batch)
@@ -299,10 +302,7 @@ def test_llama_sdpa_batching_rule_warning_once() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(llama_config(attn_implementation="sdpa")).eval()
-    ids = torch.randint(0, 40, (2, 5))
-    task = infkit.Task.language_modeling(model)
-    engine = PerExample(task, ParameterSpace(model))
-    batch = ExampleSet(lm.examples(ids, torch.ones_like(ids))).take(range(2))
+    engine, batch = _engine_and_batch(model, 2, 5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         engine.jacobians(batch)  # jacrev's vmap over the outputs meets the fused attention

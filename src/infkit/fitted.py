@@ -162,10 +162,7 @@ class Fitted:
     @cached_property
     def output_shape(self) -> tuple[int, ...]:
         """The shape of one training example's output f(x) (C = its product)."""
-        inputs, _ = self.engine.prepare(next(iter(self.train.batches(1))))
-        with torch.no_grad(), evaluation_mode(self.task.model):
-            out = self.engine.call(self.engine.params(), inputs)
-        return tuple(out.shape[1:])
+        return tuple(self.engine.outputs(self.train.take([0])).shape[1:])
 
     def require_jacobian_room(self, rows: int, estimator: str, *, joint: bool = False) -> None:
         """Raise UnsupportedError before ``rows`` examples' output Jacobians would overflow.
@@ -177,32 +174,35 @@ class Fitted:
         language model C is the sequence length times the vocabulary, so these are out of reach
         beyond toy sizes; the check names the sizes and the way out instead of running for hours.
         """
-        shape = self.output_shape
-        c, p = math.prod(shape), self.space.size
+        c, p = math.prod(self.output_shape), self.space.size
         need = (rows * 2 * c * p + (rows * c) ** 2 if joint else rows * (2 * c * p + c * c)) * 8
         if need <= self.memory_limit:
             return
-        outputs = f"{' x '.join(str(d) for d in shape)} = {c}" if len(shape) > 1 else str(c)
         raise UnsupportedError(
             f"estimator {estimator!r} needs each training example's output Jacobian J_j "
-            f"[C, P] in float64, with C = {outputs} outputs and P = {p} parameters: "
+            f"[C, P] in float64, with C = {self._outputs_text()} outputs and P = {p} parameters: "
             f"{human_bytes(need)} for {rows} example(s), more than memory_limit "
             f"({human_bytes(self.memory_limit)}). Use estimator 'if' (its scores, self-influence "
             "and group removals need no Jacobian; a group's joint effect under 'if' is the sum "
             "of its members' scores), or raise memory_limit if the machine has the room"
         )
 
+    def _outputs_text(self) -> str:
+        """C for a message: ``"7 x 11 = 77"`` for sequence outputs, ``"10"`` for flat ones."""
+        shape = self.output_shape
+        c = math.prod(shape)
+        return f"{' x '.join(str(d) for d in shape)} = {c}" if len(shape) > 1 else str(c)
+
     def warn_jacobian_cost(self, estimator: str, examples: int) -> None:
         """Warn before ``examples`` output Jacobians of more than :data:`JACOBIAN_WARNING_OUTPUTS`
         outputs each: one backward pass per output, where IF needs one gradient per example."""
-        shape = self.output_shape
-        c = math.prod(shape)
+        c = math.prod(self.output_shape)
         if c <= JACOBIAN_WARNING_OUTPUTS:
             return
-        outputs = f"{' x '.join(str(d) for d in shape)} = {c}" if len(shape) > 1 else str(c)
         warn(
             f"estimator {estimator!r} forms the output Jacobian of each of {examples:,} "
-            f"training examples: C = {outputs} backward passes each, {examples * c:,} in all, "
+            f"training examples: C = {self._outputs_text()} backward passes each, "
+            f"{examples * c:,} in all, "
             "where estimator 'if' needs one gradient per example. For a language model (C = "
             "sequence length x vocabulary) this takes hours beyond toy sizes: use 'if'",
             UserWarning,

@@ -119,7 +119,7 @@ def find_modules(
     """
     trainable = set(space.names)
     param_names = {id(p): n for n, p in model.named_parameters()}
-    owners = _owners(model)
+    tied_with = tied_layers(model)
     tracked: list[TrackedModule] = []
     wanted = None if modules is None else set(modules)
     for name, module in model.named_modules():
@@ -137,7 +137,7 @@ def find_modules(
                 )
             continue
         w_name = param_names[id(weight)]
-        tied = [other for other in owners[id(weight)] if other != name]
+        tied = tied_with.get(name)
         if tied:
             if wanted is None:  # left out: its parameter joins the others of the notice
                 continue
