@@ -190,3 +190,51 @@ def test_sampled_fisher_agrees_with_the_exact_ggn_factors(wine_logreg: dict) -> 
     assert relative_error(fs.A, fe.A) < 1e-12  # activations do not depend on labels
     assert exact.method.kronecker().factors.meta["fisher"] == "ggn"
     assert sampled.method.kronecker().factors.meta["fisher"] == "sampled"
+
+
+def test_fitted_factors_hold_eigendecompositions_only_and_read_format_1(tmp_path) -> None:
+    """Each covariance is freed once decomposed: the layers hold Q and eigenvalues (shared
+    eigenbases once), A and S are rebuilt from them, a saved file has no covariances, and
+    factors written in format 1 (with the covariances) still load and score the same."""
+    from infkit.kfac.factors import FORMAT, KroneckerFactors
+
+    problem = shared_input_problem()
+    task, (X, y) = problem["task"], problem["train"]
+    inf = infkit.Influence(task, "ekfac", l2=1e-3, damping=1e-3, fisher="ggn", batch_size=8)
+    inf.fit((X, y))
+    factors = inf.method.kronecker().factors
+    a = torch.cat([X, torch.ones(len(y), 1, dtype=torch.float64)], 1)
+    f = factors.modules["q"]
+    assert len(f.stored()) == 5 and f.QA is factors.modules["k"].QA
+    assert relative_error(f.A, a.T @ a / len(y)) < 1e-12  # rebuilt from Q_A diag(lambda_A) Q_A^T
+    tensors, document = factors.payload()
+    assert not [k for k in tensors if k.endswith(("::A", "::S"))] and document["format"] == FORMAT
+    # a format-1 file: the same factors and their covariances
+    old = dict(tensors)
+    for name, m in factors.modules.items():
+        old[f"{name}::A"], old[f"{name}::S"] = m.A, m.S
+    read = KroneckerFactors.from_payload(old, {**document, "format": 1}, "old.safetensors")
+    for name, m in factors.modules.items():
+        assert torch.equal(read.modules[name].QS, m.QS)
+        assert torch.equal(read.modules[name].Lambda, m.Lambda)
+    with pytest.raises(infkit.errors.ArtifactError, match=r"format 3.*reads formats 1, 2"):
+        KroneckerFactors.from_payload(tensors, {**document, "format": 3}, "new.safetensors")
+
+
+def test_theta_snapshot_keeps_the_parameters_dtype() -> None:
+    """theta* of a float32 model is kept in float32 (exact: the parameters' own values); what
+    is computed from it is float64, and the edited model is theta* + Delta theta."""
+    torch.manual_seed(0)
+    model = TinySequenceModel()  # float32
+    X, y = sequence_data(n=12)
+    X = {k: v.float() if v.is_floating_point() else v for k, v in X.items()}
+    task = infkit.Task(model, sequence_loss, name="tokens")
+    inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, fisher="empirical").fit((X, y))
+    fitted = inf.fitted
+    assert fitted.theta.dtype == torch.float32
+    assert torch.equal(fitted.theta, fitted.space.flat())
+    assert fitted.regularised_theta.dtype == torch.float64
+    assert torch.equal(fitted.regularised_theta, fitted.theta.double())
+    effect = inf.remove([0, 1])  # results in the model's dtype, as every result
+    shift = infkit.parameters.ParameterSpace(effect.model()).flat().double() - fitted.theta.double()
+    assert relative_error(shift, effect.params.to(shift)) < 1e-6  # float32 model edit

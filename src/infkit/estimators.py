@@ -268,7 +268,7 @@ def group_delta(
     n = fitted.n
     if estimator.name in ("if", "rif"):
         # IF is linear in the group; RIF is additive over the group (Rubinstein & Hopkins).
-        total = torch.zeros_like(fitted.theta)
+        total = fitted.zeros()
         if estimator.name == "if":
             for batch in fitted.train.batches(fitted.batch_size, indices):
                 total += fitted.attributed_grads(batch).sum(0)
@@ -277,7 +277,7 @@ def group_delta(
             total += delta.sum(0)
         return total
     # Newton step on the retained objective.
-    v = torch.zeros_like(fitted.theta)
+    v = fitted.zeros()
     for batch in fitted.train.batches(fitted.batch_size, indices):
         v += fitted.attributed_grads(batch).sum(0)
     v = v / n

@@ -59,7 +59,10 @@ class Fitted:
         space: the trainable parameters theta.
         engine: per-example gradients, Jacobians and tangent products at theta*.
         train: the training set.
-        theta: theta* as a flat [P] float64 vector.
+        theta: theta* as a flat [P] vector in the parameters' own dtype: an exact snapshot
+            that takes no more room than the parameters (a float64 copy would double a float32
+            model's and quadruple a bfloat16 one's); arithmetic takes it to float64
+            (:meth:`zeros`, :attr:`regularised_theta`).
         l2: the objective's own L2 coefficient (mean form).
         damping: extra, purely numerical ridge of the curvature.
         batch_size: examples per batch of every pass over data.
@@ -109,7 +112,12 @@ class Fitted:
     @property
     def regularised_theta(self) -> Tensor:
         """theta* - theta' [P] float64 (theta' the regulariser's anchor, 0 by default)."""
-        return self.theta if self.anchor is None else self.theta - self.anchor
+        theta = self.theta.to(torch.float64)
+        return theta if self.anchor is None else theta - self.anchor
+
+    def zeros(self) -> Tensor:
+        """A [P] float64 vector of zeros on the parameters' device (an accumulator)."""
+        return torch.zeros(self.theta.shape, dtype=torch.float64, device=self.theta.device)
 
     # ------------------------------------------------------------------ data
     def examples(self, data: Any, name: str) -> ExampleSet:

@@ -296,7 +296,7 @@ class Influence:
             cache, summary = training_gradients(
                 engine, examples, self.batch_size, self.memory_limit, show
             )
-        theta = space.flat().to(torch.float64)
+        theta = space.flat()  # theta*, an exact snapshot in the parameters' dtype
         anchor = method.regulariser_anchor(self.task, space)
         fitted = Fitted(
             task=self.task,
@@ -311,7 +311,7 @@ class Influence:
             memory_limit=self.memory_limit,
             train_gradients=cache,
             workdir=self.workdir,
-            anchor=None if anchor is None else anchor.to(theta),
+            anchor=None if anchor is None else anchor.to(theta.device, torch.float64),
         )
         if self.estimator == "rif":  # its downdates need every example's output Jacobian
             fitted.require_jacobian_room(min(self.batch_size, fitted.n), "rif")
@@ -703,7 +703,7 @@ class Influence:
         steps on the retained objective, each with the method refitted at the iterate."""
         method, fitted = self.method, self.fitted
         _require_newton_iteration(method, steps)
-        first = method.removal(idx, self._estimator).to(fitted.theta)
+        first = method.removal(idx, self._estimator).to(fitted.theta.device, torch.float64)
         keep = torch.ones(fitted.n, dtype=torch.bool)
         keep[idx.cpu()] = False
         retained = fitted.train.subset(keep.nonzero().squeeze(1))

@@ -1,9 +1,14 @@
-"""Memory limits and sizes: how much dense objects may take, and how to print a byte count."""
+"""Memory limits and sizes: how much dense objects may take, how to print a byte count, and
+giving freed memory back to the system between the stages of a run."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 import os
+from collections.abc import Callable
 
 #: bytes of one float64, the working precision of the dense linear algebra
 FLOAT64_BYTES = 8
@@ -15,6 +20,32 @@ def default_memory_limit() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
         return 8 << 30
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the pages of freed memory back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere).
+
+    The C allocator keeps what a pass freed for its own reuse: after a pass over the data, whose
+    batches allocate and free the same sizes over and over, the process holds hundreds of MB that
+    nothing uses (on a 10M-parameter language model, 1.4 GiB resident for 0.4 GiB of live
+    tensors), and the next stage's objects are placed around them instead of in them. Called
+    between stages (a few milliseconds), so that the peak is the live objects', not the passes'
+    leftovers.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def human_bytes(n: float) -> str:

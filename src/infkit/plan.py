@@ -52,6 +52,11 @@ class RunShape:
     memory_limit: int | None = None
 
     @property
+    def snapshot_bytes(self) -> int:
+        """Bytes of the run's copy of theta* (the attributed parameters, in their dtype)."""
+        return self.parameters * self.itemsize
+
+    @property
     def batches(self) -> int:
         """Batches of training data per process per pass."""
         per_rank = -(-self.n_train // self.world_size)
@@ -65,7 +70,8 @@ class Stage:
     Attributes:
         name: what it does.
         passes: passes over the training data (0 for work without data).
-        bytes: the stage's own objects per process, beyond the model.
+        bytes: the stage's own objects per process, beyond the model and the run's copy of
+            theta* (:attr:`RunShape.snapshot_bytes`).
         largest: the largest object, and its bytes.
         note: how it is laid out across processes, or what would reduce it.
     """
@@ -100,8 +106,9 @@ class Plan:
 
     @property
     def peak_bytes(self) -> int:
-        """The model plus the largest stage, per process."""
-        return self.shape.model_bytes + max((s.bytes for s in self.stages), default=0)
+        """The model, the copy of theta* and the largest stage, per process."""
+        largest = max((s.bytes for s in self.stages), default=0)
+        return self.shape.model_bytes + self.shape.snapshot_bytes + largest
 
     @property
     def largest(self) -> tuple[str, int]:
@@ -142,7 +149,8 @@ class Plan:
                 f"{name} ({human_bytes(size)})" + (f"; {stage.note}" if stage.note else "")
             )
         rows.append(
-            f"  model {human_bytes(s.model_bytes)}; peak per process about "
+            f"  model {human_bytes(s.model_bytes)}, theta* copy {human_bytes(s.snapshot_bytes)}; "
+            "peak per process about "
             f"{human_bytes(self.peak_bytes)}; {self.passes:g} passes of {s.batches:,} batches"
         )
         limit = s.memory_limit

@@ -24,7 +24,12 @@ Where ``E[Ds Ds^T]`` comes from (``fisher``):
 
 EK-FAC (George et al. 2018; Grosse et al. 2023, Eq. 20) keeps the eigenbases ``Q_S``, ``Q_A`` and
 replaces the eigenvalues ``lambda_S,o lambda_A,i`` by the exact diagonal of G in that basis,
-``Lambda_oi = (1/N) sum_i E[(Q_S^T DW_i Q_A)_oi^2]``. All of it is accumulated in float64.
+``Lambda_oi = (1/N) sum_i E[(Q_S^T DW_i Q_A)_oi^2]``. Sums and products run in the model's
+precision (float32 for float32 and bfloat16 models), the eigendecompositions in float64.
+
+Only the eigendecompositions are kept: each covariance is freed as soon as it is decomposed
+(``A = Q_A diag(lambda_A) Q_A^T`` gives it back when asked), so the factors take one square per
+side of a layer, not two, from the decomposition on.
 """
 
 from __future__ import annotations
@@ -45,13 +50,16 @@ from infkit.gradients import PerExample
 from infkit.layers.capture import Capture
 from infkit.layers.tracked import TrackedModule
 from infkit.linalg import gram
+from infkit.memory import release_freed_memory
 from infkit.parameters import evaluation_mode, product_dtype
 from infkit.progress import Mode, track
 
 Fisher = Literal["auto", "ggn", "sampled", "empirical"]
 FISHER: tuple[Fisher, ...] = get_args(Fisher)
-#: format of saved factors
-FORMAT = 1
+#: format of saved factors (2: eigendecompositions only; 1 also held the covariances A and S)
+FORMAT = 2
+#: formats this infkit reads
+READABLE_FORMATS = (1, 2)
 #: elements of the [K, b, d_out, cols] rotated-gradient tensor built at once for EK-FAC
 CHUNK_ELEMENTS = 1 << 24
 
@@ -60,16 +68,29 @@ SampleFn = Callable[[Tensor, Any, torch.Generator], Any]
 
 @dataclass
 class ModuleFactors:
-    """The factors of one tracked layer, all float64."""
+    """The factors of one tracked layer as their eigendecompositions, in the model's precision
+    (float32 for float32 and bfloat16 models)."""
 
-    A: Tensor  # [cols, cols]
-    S: Tensor  # [d_out, d_out]
-    QA: Tensor  # eigenvectors of A (columns)
+    QA: Tensor  # eigenvectors of A (columns) [cols, cols]
     eig_a: Tensor  # eigenvalues of A, clamped at 0
-    QS: Tensor
+    QS: Tensor  # eigenvectors of S [d_out, d_out]
     eig_s: Tensor
     Lambda: Tensor | None = None  # [d_out, cols] EK-FAC eigenvalues
     tokens: float = 0.0  # positions counted in A
+
+    @property
+    def A(self) -> Tensor:  # noqa: N802 - the symbol of docs/methods/kfac.md
+        """The activation covariance ``Q_A diag(lambda_A) Q_A^T`` [cols, cols] (rebuilt)."""
+        return (self.QA * self.eig_a) @ self.QA.T
+
+    @property
+    def S(self) -> Tensor:  # noqa: N802 - the symbol of docs/methods/kfac.md
+        """The output-gradient covariance ``Q_S diag(lambda_S) Q_S^T`` [d_out, d_out], rebuilt."""
+        return (self.QS * self.eig_s) @ self.QS.T
+
+    def stored(self) -> list[Tensor]:
+        """The tensors this layer holds (eigenbases shared with other layers among them)."""
+        return [t for t in (self.QA, self.eig_a, self.QS, self.eig_s, self.Lambda) if t is not None]
 
     def eigenvalues(self, corrected: bool) -> Tensor:
         """EK-FAC eigenvalues when ``corrected`` (and available), else K-FAC's ``eig_s x eig_a``."""
@@ -99,7 +120,7 @@ class KroneckerFactors:
         tensors = {}
         written: set[int] = set()
         for name, f in self.modules.items():
-            for key in ("A", "S", "QA", "eig_a", "QS", "eig_s", "Lambda"):
+            for key in ("QA", "eig_a", "QS", "eig_s", "Lambda"):
                 value = getattr(f, key)
                 if value is not None:
                     # layers with a shared input share their eigenbasis in memory; a file
@@ -120,10 +141,10 @@ class KroneckerFactors:
     ) -> KroneckerFactors:
         """Factors from :meth:`payload`'s two parts (``where`` names the file for errors)."""
         meta = dict(document)
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in READABLE_FORMATS:
             raise ArtifactError(
                 f"{where} holds factors of format {meta.get('format')!r}; this infkit reads "
-                f"format {FORMAT}: refit them (overwrite=True)"
+                f"formats {', '.join(map(str, READABLE_FORMATS))}: refit them (overwrite=True)"
             )
         tokens = meta.pop("tokens", {})
         meta.pop("format", None)
@@ -140,10 +161,9 @@ class KroneckerFactors:
                     )
                 return value.to(device).contiguous()
 
+            # format 1 also holds the covariances "A" and "S": not needed, not read
             Lambda = tensors.get(f"{name}::Lambda")
             modules[name] = ModuleFactors(
-                A=required("A"),
-                S=required("S"),
                 QA=required("QA"),
                 eig_a=required("eig_a"),
                 QS=required("QS"),
@@ -341,7 +361,9 @@ class FactorFitter:
             if corrected and on_stage is not None:
                 on_stage(factors)
         if corrected:
+            release_freed_memory()  # the covariance pass's leftovers
             self._correct(factors, examples, mode, cache)
+        release_freed_memory()
         return factors
 
     def _covariances(
@@ -397,14 +419,13 @@ class FactorFitter:
         counted = torch.tensor(list(tokens.values()), dtype=torch.float64)
         sum_across(counted)
         tokens = dict(zip(tokens, counted.tolist(), strict=True))
+        # each covariance is freed once decomposed: the accumulators give way to the eigenbases
+        decomposed_a = _decompose_shared(A, tokens)
         modules = {}
-        bases: list[tuple[Tensor, tuple[Tensor, Tensor]]] = []  # decomposed A's, reused
         for t in self.tracked:
-            At = A[t.name] / max(tokens[t.name], 1.0)
-            St = S[t.name] / n
-            eig_a, QA = _eigh_once(At, bases)
-            eig_s, QS = _eigh(St)
-            modules[t.name] = ModuleFactors(At, St, QA, eig_a, QS, eig_s, tokens=tokens[t.name])
+            eig_s, QS = _eigh(S.pop(t.name) / n)
+            eig_a, QA = decomposed_a[t.name]
+            modules[t.name] = ModuleFactors(QA, eig_a, QS, eig_s, tokens=tokens[t.name])
         meta = {
             "fisher": mode,
             "samples": self.samples if mode == "sampled" else None,
@@ -451,18 +472,32 @@ class FactorFitter:
             f.Lambda = Lam[name] / len(examples)
 
 
-def _eigh_once(
-    M: Tensor, done: list[tuple[Tensor, tuple[Tensor, Tensor]]]
-) -> tuple[Tensor, Tensor]:
-    """:func:`_eigh` of ``M``, or the decomposition in ``done`` of a matrix equal to it (the
-    activation covariances of layers that share their input are equal): the same tensors,
-    so that the eigenvalue pass rotates a shared input once. ``done`` grows by M's entry."""
-    for seen, decomposition in done:
-        if seen.shape == M.shape and torch.equal(seen, M):
-            return decomposition
-    decomposition = _eigh(M)
-    done.append((M, decomposition))
-    return decomposition
+def _decompose_shared(
+    sums: dict[str, Tensor], tokens: dict[str, float]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """:func:`_eigh` of every layer's mean activation covariance ``sums[name] / tokens[name]``,
+    emptying ``sums`` as it goes (each sum is freed once decomposed).
+
+    Layers that share their input (q, k, v; gate, up) have equal sums: they get one
+    decomposition, the same tensors, so that the eigenvalue pass rotates a shared input once.
+    """
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    while sums:
+        name, total = next(iter(sums.items()))
+        del sums[name]
+        count = tokens[name]
+        decomposition = _eigh(total / max(count, 1.0))
+        out[name] = decomposition
+        twins = [
+            other
+            for other, m in sums.items()
+            if tokens[other] == count and m.shape == total.shape and torch.equal(m, total)
+        ]
+        for other in twins:
+            del sums[other]
+            out[other] = decomposition
+        del total
+    return out
 
 
 def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:

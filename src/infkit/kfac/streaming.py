@@ -41,7 +41,7 @@ from infkit.fitted import Fitted
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.layers.capture import layer_terms
 from infkit.layers.tracked import TrackedModule
-from infkit.memory import human_bytes
+from infkit.memory import human_bytes, release_freed_memory
 from infkit.parameters import product_dtype
 from infkit.progress import track
 from infkit.shards import ScoreShards
@@ -130,18 +130,19 @@ def budget_after(limit: int, resident: int, hooks: int, block: int) -> int:
 
 def query_budget(fitted: Fitted, curvature: KroneckerCurvature) -> int:
     """Bytes the preconditioned queries may take in this fitted run (:func:`budget_after` of the
-    fitted factors' bytes and a batch of the training set's sequence length)."""
-    factors = sum(
-        t.numel() * t.element_size()
+    fitted factors' and theta*'s bytes and a batch of the training set's sequence length)."""
+    held = {  # shared eigenbases counted once
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
         for f in curvature.factors.modules.values()
-        for t in (f.A, f.S, f.QA, f.QS, f.eig_a, f.eig_s, f.Lambda)
-        if t is not None
-    )
+        for t in f.stored()
+    }
+    # the factors and the run's copy of theta*
+    resident = sum(held.values()) + fitted.theta.numel() * fitted.theta.element_size()
     tracked = curvature.tracked
     item = product_dtype(fitted.space.dtype).itemsize
     hooks = fitted.batch_size * fitted.train.positions() * sum(t.d_out + t.cols for t in tracked)
     block = fitted.batch_size * max(t.d_out * t.cols for t in tracked)
-    return budget_after(fitted.memory_limit, factors, hooks * item, block * item)
+    return budget_after(fitted.memory_limit, resident, hooks * item, block * item)
 
 
 #: queries [start, stop) and the indices of the tracked layers one scoring pass covers
@@ -316,6 +317,7 @@ class StreamingScorer:
                 else:
                     full[name][rows] = U
                 del U
+        release_freed_memory()  # the query passes' leftovers, before the scoring pass
         return LayerQueries(full, low_rank, shared, rank if low_rank else None)
 
     # ------------------------------------------------------------------ scores

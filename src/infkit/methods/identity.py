@@ -212,7 +212,7 @@ class Identity(PrimalMethod):
             return super().removal(indices, estimator)
         estimator.require_counterfactual()
         fitted = self.fitted
-        total = torch.zeros_like(fitted.theta)
+        total = fitted.zeros()
         for eta, theta, at_fit in self._checkpoint_terms():
             for batch in fitted.train.batches(fitted.batch_size, indices):
                 g = self._loss_grads(batch, at_fit).to(torch.float64)
@@ -226,8 +226,8 @@ class Identity(PrimalMethod):
         checkpoints = list(self.options.checkpoints or [])
         for k, (w, eta) in enumerate(zip(checkpoints, self.options.rates())):
             vector = checkpoint_vector(fitted.space, w, k).to(torch.float64)
-            if torch.equal(vector, fitted.theta):  # the fitted model: reuse its cached gradients
-                yield eta, fitted.theta, True
+            if torch.equal(vector, fitted.theta.to(vector)):  # the fitted model: its cache
+                yield eta, vector, True
                 continue
             with parameters_at(fitted.space, w, k) as theta:
                 yield eta, theta, False

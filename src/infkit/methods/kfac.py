@@ -299,9 +299,10 @@ class KFAC(PrimalMethod):
             Stage(
                 "eigendecompositions",
                 0,
-                2 * factors + eigh,
-                (f"A, S and eigenbases of {biggest.name!r}", 2 * factor[biggest.name]),
-                "repeated on every process; float64 one layer at a time",
+                factors + eigh,
+                (f"A, S of {biggest.name!r}", factor[biggest.name]),
+                "repeated on every process; float64 one layer at a time, each covariance "
+                "freed once decomposed",
             ),
         ]
         lam = 0
@@ -311,7 +312,7 @@ class KFAC(PrimalMethod):
                 Stage(
                     "eigenvalue correction",
                     1,
-                    2 * factors + lam + block_bytes + hooks,
+                    factors + lam + block_bytes + hooks,
                     (f"a batch's gradients of {block.name!r}", block_bytes),
                     "data split across processes, eigenvalues summed",
                 )
@@ -324,8 +325,9 @@ class KFAC(PrimalMethod):
         sizes = [x.d_out * x.cols * work for x in tracked]
         per_rank = sum(x.d_out + x.cols for x in tracked) * work
         eigenvalues = sum(x.cols + x.d_out for x in tracked) * work
-        resident = 2 * factors + eigenvalues + lam
-        budget = None if limit is None else budget_after(limit, resident, hooks, block_bytes)
+        resident = factors + eigenvalues + lam
+        held = resident + shape.snapshot_bytes  # as query_budget counts them
+        budget = None if limit is None else budget_after(limit, held, hooks, block_bytes)
         rank = self.options.query_rank
         groups = None if rank is not None else plan_groups(local, sizes, budget)
         if groups is None:  # low rank: every query and layer in one pass

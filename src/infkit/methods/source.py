@@ -239,7 +239,7 @@ class Source(Method):
             task=task,
             space=space,
             engine=PerExample(task, space),
-            theta=space.flat().to(torch.float64),
+            theta=space.flat(),
             train_gradients=None,
             objective_gradient=None,
             stationarity=None,
