@@ -238,3 +238,31 @@ def test_theta_snapshot_keeps_the_parameters_dtype() -> None:
     effect = inf.remove([0, 1])  # results in the model's dtype, as every result
     shift = infkit.parameters.ParameterSpace(effect.model()).flat().double() - fitted.theta.double()
     assert relative_error(shift, effect.params.to(shift)) < 1e-6  # float32 model edit
+
+
+def test_the_plan_foresees_the_query_groups_of_layers_sharing_an_input() -> None:
+    """Layers that read one input (q, k; gate, up) share its eigenbasis in a run; the plan of a
+    real model learns which from one forward pass, so over a sweep of memory limits through the
+    group boundaries it foresees exactly the scoring passes the run takes, with the same scores."""
+    from infkit.kfac.streaming import query_budget
+
+    problem = shared_input_problem(n=24)
+    task, (X, y) = problem["task"], problem["train"]
+    test = (X[:3], y[:3])
+    options = {"l2": 1e-3, "damping": 1e-3, "fisher": "ggn", "batch_size": 4}
+    big = 10**9
+    ref = infkit.Influence(task, "ekfac", memory_limit=big, **options).fit((X, y))
+    base = big - query_budget(ref.fitted, ref.method.kronecker())  # bytes besides the queries
+    per_query = ref.fitted.space.size * 8  # float64 model: one query's preconditioned gradient
+    S = ref.scores(test)
+    seen = set()
+    for share in torch.linspace(0.3, 3.3, 11).tolist():
+        limit = base + int(share * per_query)
+        inf = infkit.Influence(task, "ekfac", memory_limit=limit, **options)
+        planned = {s.name: s.passes for s in inf.plan((X, y), test, timed=False).stages}
+        inf.fit((X, y))
+        assert relative_error(inf.scores(test), S) < 1e-10
+        groups = inf.describe()["query_groups"]
+        assert groups == planned["scores"]
+        seen.add(groups)
+    assert len(seen) >= 3  # the sweep crossed group boundaries

@@ -19,7 +19,13 @@ from torch import nn
 import infkit
 from infkit import language_modeling as lm
 from infkit.data import ExampleSet
-from infkit.errors import InvalidInputError, Notice, ProblemTooLargeError, UnsupportedError
+from infkit.errors import (
+    CurvatureError,
+    InvalidInputError,
+    Notice,
+    ProblemTooLargeError,
+    UnsupportedError,
+)
 from infkit.kfac.streaming import StreamingScorer, plan_groups, query_budget
 
 N, Q = 20, 4
@@ -594,3 +600,52 @@ def test_the_documented_language_model_code_runs(path: str, heading: str, capsys
         warnings.simplefilter("ignore", Notice)
         exec(compile(_python_block(path, heading), path, "exec"), {})
     assert "plan of method 'ekfac'" in capsys.readouterr().out
+
+
+def test_undamped_kronecker_curvature_singular_in_its_precision_is_refused(problem: dict) -> None:
+    """The output head's softmax-shift direction has an EK-FAC eigenvalue near 0: undamped, the
+    solve divides rounding noise by it. Refused at fit, naming the layer; damping='auto' fits."""
+    model = TinyLM().float().eval()
+    model.load_state_dict(problem["model"].state_dict())
+    task = infkit.Task.language_modeling(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for method in ("ekfac", "kfac"):
+            inf = infkit.Influence(task, method, l2=0.0, damping=0.0, fisher="ggn")
+            with pytest.raises(CurvatureError, match=r"layer 'head' .*damped eigenvalue"):
+                inf.fit(problem["train"])
+        damped = infkit.Influence(task, "ekfac", l2=0.0, damping="auto", fisher="ggn")
+        assert torch.isfinite(damped.fit(problem["train"]).scores(problem["test"])).all()
+
+
+@pytest.mark.parametrize("ratio", [-3.8, float("nan")])
+def test_an_energy_ratio_that_is_not_positive_warns(
+    problem: dict, ratio: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A negative energy ratio (an inverse that is not positive along gradient directions) or
+    a non-finite one (overflow) is not a scale to report quietly."""
+    monkeypatch.setattr(infkit.diagnostics, "energy_ratio", lambda *a, **k: ratio)
+    task = infkit.Task.language_modeling(problem["model"])
+    expected = "not reliable" if ratio < 0 else "overflowed or lost all precision"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        with pytest.warns(UserWarning, match=expected):
+            infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(problem["train"])
+
+
+def test_a_bfloat16_model_gets_float32_results_and_cg_says_it_cannot_converge(
+    problem: dict,
+) -> None:
+    """Scores accumulated in float32 come back in float32 for a bfloat16 model (not rounded to
+    3 digits); CG, whose products run in bfloat16, says that it can certify 0.78 at best."""
+    model = TinyLM().to(torch.bfloat16).eval()
+    model.load_state_dict(problem["model"].state_dict())
+    task = infkit.Task.language_modeling(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        warnings.filterwarnings("ignore", "the model is not at a stationary point")
+        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(problem["train"])
+        assert inf.scores(problem["test"]).dtype == torch.float32
+        assert inf.top_k(problem["test"], k=2).proponent_scores.dtype == torch.float32
+        with pytest.warns(UserWarning, match=r"bfloat16, whose products certify .* 0\.78"):
+            infkit.Influence(task, "cg", l2=1e-2, damping=1e-2, maxiter=3).fit(problem["train"])

@@ -68,6 +68,13 @@ def test_pooled_head_goes_to_the_rest() -> None:
     tokens = inf.token_scores((x, y))
     assert "head" not in tokens.layers
     assert relative_error(tokens.total, inf.scores((x, y))) < 1e-10
+    # positions=1 decomposes the head instead (it sees one position); a count that no layer
+    # has would leave every token score 0, and is refused naming the counts there are
+    head = inf.token_scores((x, y), positions=1)
+    assert head.layers == ["head"] and head.tokens.shape[-1] == 1
+    assert relative_error(head.total, tokens.total) < 1e-10
+    with pytest.raises(infkit.errors.InvalidInputError, match=r"positions=3 .*theirs: 1, 5"):
+        inf.token_scores((x, y), positions=3)
 
 
 def test_per_module_scores_sum_to_the_scores(sequences: dict) -> None:

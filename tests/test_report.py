@@ -14,7 +14,7 @@ import torch
 
 import infkit
 from infkit import cli
-from infkit.errors import ConfigError
+from infkit.errors import ConfigError, Notice
 from infkit.report import config as run_config
 from infkit.report import load_results
 
@@ -209,6 +209,11 @@ def test_second_run_reloads_the_saved_influence(project: Path, finished: Path) -
         ),
         (lambda c: "top_k = 3\n" + c, "top_k = 3 is outside any section (it belongs in [report])"),
         (lambda c: c.replace("n = 5", "n = -1"), "[retraining] n must be >= 0"),
+        (
+            lambda c: c.replace("n = 5", "n = 2"),
+            "bad.toml: [retraining] n = 2 is too few: the check correlates predicted with actual "
+            "leave-one-out changes, which needs at least 3 retrainings",
+        ),
     ],
 )
 def test_a_broken_config_exits_2_with_a_clear_message(
@@ -219,6 +224,77 @@ def test_a_broken_config_exits_2_with_a_clear_message(
     shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
     assert cli.main(["run", str(config), "--out", str(tmp_path / "w"), "--quiet"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_too_few_retrainings_stop_before_any_fitting(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """[retraining] n = 2 is refused by the configuration check, naming the option and the file,
+    before the model is even built (it used to retrain twice, then fail to correlate)."""
+    config = tmp_path / "two.toml"
+    config.write_text(CONFIG.format(n_loo=2))
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+
+    def no_fit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("fitted before the configuration was refused")
+
+    monkeypatch.setattr(infkit.Influence, "fit", no_fit)
+    monkeypatch.setattr("infkit.retrain.leave_one_out", no_fit)
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "w"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "two.toml: [retraining] n = 2 is too few" in err and "n = 0" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_unconverged_retrainings_are_flagged(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Retrainings that stop short of their tolerance (here one it cannot reach in float64)
+    give a warning and a page that says the correlations are not ground truth."""
+    config = tmp_path / "loose.toml"
+    config.write_text(
+        CONFIG.format(n_loo=3).replace("n = 3", "n = 3\ntolerance = 1e-30\nmax_iter = 2")
+    )
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    workdir = tmp_path / "w"
+    with pytest.warns(UserWarning, match="3 of the 3 leave-one-out retrainings did not converge"):
+        assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
+    data, _ = load_results(workdir)
+    late = data["retraining"]["not_converged"]
+    assert len(late) == 3 and all(r["gradient_norm"] > r["target"] for r in late)
+    page = (workdir / "report.html").read_text()
+    assert "The retrained models did not converge:" in page
+    assert "not ground truth" in page and "Raise [retraining] max_iter" in page
+    assert "converged" in (workdir / "loo.csv").read_text().splitlines()[0]
+
+
+def test_converged_retrainings_are_not_flagged(finished: Path) -> None:
+    data, _ = load_results(finished)
+    assert data["retraining"]["not_converged"] == []
+    assert "did not converge" not in (finished / "report.html").read_text()
+
+
+def test_a_refit_names_the_settings_that_changed(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second run with another damping, batch size and RelatIF normalisation says which
+    settings differ from the saved influence's, with both values, before fitting again."""
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    first = CONFIG.format(n_loo=0)
+    (tmp_path / "a.toml").write_text(first)
+    (tmp_path / "b.toml").write_text(
+        first.replace("l2 = 1e-2", 'l2 = 1e-2\ndamping = 1e-3\nbatch_size = 32\nrelatif = "loss"')
+    )
+    workdir = str(tmp_path / "w")
+    assert cli.main(["run", str(tmp_path / "a.toml"), "--out", workdir, "--quiet"]) == 0
+    with pytest.warns(Notice, match="other settings") as caught:
+        assert cli.main(["run", str(tmp_path / "b.toml"), "--out", workdir, "--quiet"]) == 0
+    (message,) = [str(w.message) for w in caught if "other settings" in str(w.message)]
+    assert "batch_size: 64 saved, 32 now" in message
+    assert "damping: 0.0 saved, 0.001 now" in message
+    assert "relatif: 'theta' saved, 'loss' now" in message
+    assert message.count(" saved, ") == 3  # nothing else is named
+    assert load_results(workdir)[0]["summary"]["influence"] == "fitted"
 
 
 def test_every_key_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -38,7 +38,9 @@ def _influence(problem: dict, **extra: object) -> infkit.Influence:
         return infkit.Influence(problem["task"], "ekfac", **OPTIONS, **extra).fit(problem["train"])
 
 
-def test_a_finished_run_is_read_back_and_not_recomputed(problem: dict, tmp_path: Path) -> None:
+def test_a_finished_run_is_read_back_and_not_recomputed(
+    problem: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     reference = _influence(problem, memory_limit=60_000)  # streamed, no workdir
     assert reference.fitted.train_gradients is None
     expected = reference.scores(problem["test"])
@@ -46,8 +48,10 @@ def test_a_finished_run_is_read_back_and_not_recomputed(problem: dict, tmp_path:
     scores = first.scores(problem["test"])
     assert relative_error(scores, expected) < 1e-12
     assert first.describe()["score_shards"] == {"computed": 5, "reused": 0}
-    again = _influence(problem, workdir=tmp_path)
-    assert again.method.kronecker().loaded  # the factors come from the workdir
+    with caplog.at_level("INFO", logger="infkit"):
+        again = _influence(problem, workdir=tmp_path)
+    assert again.method.kronecker().loaded  # the factors come from the workdir, and it says so
+    assert f"Kronecker factors reused from {tmp_path}" in caplog.text
     assert torch.equal(again.scores(problem["test"]), scores)  # read back: the same bytes
     assert again.describe()["score_shards"] == {"computed": 0, "reused": 0}
     (saved,) = infkit.read_scores(tmp_path)

@@ -185,12 +185,20 @@ class ExampleSet:
         return batch.inputs, batch.targets
 
     def positions(self) -> int:
-        """Positions per example: the length of the first example's ``input_ids`` (or of its
-        inputs' second axis); 1 for inputs without a sequence axis."""
+        """Positions per example: the length of the first example's token ids (``input_ids``
+        of dict inputs, or integer inputs [B, T]), the second axis of float sequences
+        [B, T, d], the pixels of images [B, C, H, W]; 1 for feature vectors [B, d]."""
         inputs = self.take([0]).inputs
         if isinstance(inputs, dict):
             inputs = inputs.get("input_ids", next(iter(inputs.values())))
-        return int(inputs.shape[1]) if inputs.dim() >= 2 else 1
+        shape = tuple(inputs.shape)
+        if len(shape) == 2 and not inputs.is_floating_point():
+            return int(shape[1])  # token ids
+        if len(shape) == 3:
+            return int(shape[1])
+        if len(shape) == 4:
+            return int(shape[2] * shape[3])
+        return 1
 
     def batches(
         self, batch_size: int, indices: Tensor | Sequence[int] | None = None

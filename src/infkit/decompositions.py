@@ -130,6 +130,9 @@ def per_token_scores(
         indices: training examples to decompose (default: all).
         positions: the number of positions T of a training sequence (default: the largest
             position count among the tracked layers); layers with another count go to ``rest``.
+
+    Raises:
+        InvalidInputError: ``positions`` is the position count of no tracked layer.
     """
     require_if(method, estimator, "token_scores", "per-token scores")
     layers = method.tracked_layers()
@@ -146,6 +149,13 @@ def per_token_scores(
     for batch in fitted.train.batches(fitted.batch_size, idx):
         terms = layer_terms(fitted.engine, tracked, batch, "loss", layers.mask_key)
         counts = {name: a.shape[1] for name, (a, _) in terms.items()}
+        if positions is not None and positions not in counts.values():
+            raise InvalidInputError(
+                f"positions={positions} is the position count of no tracked layer (theirs: "
+                f"{', '.join(map(str, sorted(set(counts.values()))))}), so every layer would go "
+                "to `rest` and every per-token score would be 0: pass one of those counts, or "
+                "leave positions out (the largest)"
+            )
         T = positions or max(counts.values())
         tok = torch.zeros(q, len(batch), T, dtype=torch.float64)
         rest = theta_term.unsqueeze(1).expand(q, len(batch)).clone().cpu()

@@ -229,9 +229,9 @@ class Ensemble:
                 ) from None
         self._members: tuple[Influence, ...] = tuple(members)
         self._check(check_data)
-        self._dtype = self._members[0].fitted.space.dtype
+        self._dtype = self._members[0].fitted.result_dtype
         for member in self._members[1:]:
-            self._dtype = torch.promote_types(self._dtype, member.fitted.space.dtype)
+            self._dtype = torch.promote_types(self._dtype, member.fitted.result_dtype)
 
     def _check(self, check_data: bool) -> None:
         """The members answer the same questions about the same training set, in one sign."""

@@ -16,6 +16,9 @@ from torch import Tensor
 
 from infkit.errors import InvalidInputError
 
+#: the fewest pairs a correlation is computed from
+MIN_PAIRS = 3
+
 
 @dataclass
 class Correlation:
@@ -33,8 +36,8 @@ def correlation(predicted: Tensor | np.ndarray, actual: Tensor | np.ndarray) -> 
     p, a = _np(predicted).reshape(-1), _np(actual).reshape(-1)
     if p.shape != a.shape:
         raise InvalidInputError(f"predicted has {p.size} values but actual has {a.size}")
-    if p.size < 3:
-        raise InvalidInputError("a correlation needs at least 3 pairs")
+    if p.size < MIN_PAIRS:
+        raise InvalidInputError(f"a correlation needs at least {MIN_PAIRS} pairs")
     from scipy import stats  # imported here: scipy.stats takes seconds to import
 
     return Correlation(float(stats.pearsonr(p, a)[0]), float(stats.spearmanr(p, a)[0]), p.size)

@@ -227,9 +227,15 @@ class Fitted:
         _, _, lam = self.engine.output_derivatives(batch)
         return J, lam.to(torch.float64)
 
+    @property
+    def result_dtype(self) -> torch.dtype:
+        """The dtype of the facade's results: the model's, at least float32 (a bfloat16 score
+        would keep 3 significant digits of what was accumulated in float32 or float64)."""
+        return torch.promote_types(self.space.dtype, torch.float32)
+
     def output(self, x: Tensor) -> Tensor:
-        """A result in the model's dtype, on the CPU (what the facade returns)."""
-        return x.to(self.space.dtype).cpu()
+        """A result in :attr:`result_dtype`, on the CPU (what the facade returns)."""
+        return x.to(self.result_dtype).cpu()
 
 
 # ---------------------------------------------------------------------------- checks

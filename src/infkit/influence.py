@@ -577,7 +577,7 @@ class Influence:
                 "only the strongest k per test example), pass fewer test examples at a time, or "
                 "raise memory_limit"
             )
-        out = torch.empty(t, n, dtype=fitted.space.dtype)
+        out = torch.empty(t, n, dtype=fitted.result_dtype)
         for start, stop, S in self._score_chunks(queries, columns):
             out[start:stop] = S
             del S  # before the next chunk is computed
@@ -791,7 +791,7 @@ class Influence:
                 parts.append(after.losses(batch) - before.losses(batch))
             else:
                 parts.append(after.measurements(batch) - before.measurements(batch))
-        return torch.cat(parts).to(self.fitted.space.dtype).cpu()
+        return self.fitted.output(torch.cat(parts))
 
     def _predicted_change(self, data: Any, delta: Tensor, which: Quantity, idx: Tensor) -> Tensor:
         """Change of ``which`` on ``data`` under the removal: the method's own, or J Delta theta."""
@@ -804,7 +804,7 @@ class Influence:
             directional_derivatives(fitted.engine, b, delta, which)
             for b in examples.batches(self.batch_size)
         ]
-        return torch.cat(parts).to(fitted.space.dtype)
+        return torch.cat(parts).to(fitted.result_dtype)
 
     def top_k(self, test: Any, k: int = 10) -> TopK:
         """The k strongest proponents and opponents of each test example.
@@ -826,7 +826,7 @@ class Influence:
             con = (-helpful).topk(k, dim=1).indices
             parts.append((pro, S.gather(1, pro), con, S.gather(1, con)))
             del S, helpful  # before the next chunk is computed
-        dtype = self.fitted.space.dtype
+        dtype = self.fitted.result_dtype
         return TopK(
             proponent_indices=torch.cat([part[0] for part in parts]),
             proponent_scores=torch.cat([part[1] for part in parts]).to(dtype),
@@ -878,6 +878,9 @@ class Influence:
 
         ``result.tokens[t, j, s]`` is position s of training sequence ``indices[j]``;
         ``result.total`` equals ``scores(test)[:, indices]`` (docs/decompositions.md §2).
+        ``positions`` picks the layers decomposed by position: those that see that many
+        positions per example (default: the largest count, a language model's sequence
+        length); the others' share is ``result.rest``.
         """
         return decompositions.per_token_scores(
             self.method, self.fitted, self._queries(test), self._estimator, indices, positions
@@ -958,6 +961,7 @@ class Influence:
             itemsize=itemsize,
             model_bytes=model_bytes,
             memory_limit=self.memory_limit,
+            sample_inputs=_sample_inputs(self.task, space, examples),
         )
         stages = method.stages(shape, self.task, space)
         if self.checks:
@@ -1071,6 +1075,14 @@ def _retained_gradient(
     theta = space.flat().to(torch.float64)
     shift = theta if anchor is None else theta - anchor.to(theta)
     return mean.to(torch.float64) + l2 * shift
+
+
+def _sample_inputs(task: Task, space: ParameterSpace, examples: ExampleSet | None) -> Any:
+    """The model inputs of the first training example, for a plan on a real model (None for a
+    model on the meta device or a plan from sizes only)."""
+    if examples is None or space.device.type == "meta":
+        return None
+    return PerExample(task, space).prepare(examples.take([0]))[0]
 
 
 def _time_batch(task: Task, space: ParameterSpace, examples: ExampleSet, batch_size: int) -> float:

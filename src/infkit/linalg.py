@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from infkit.errors import CurvatureError
+from infkit.errors import CurvatureError, warn
 
 #: columns per block of :func:`gram` (fewer, larger products below twice this width)
 GRAM_BLOCK = 96
@@ -168,6 +168,28 @@ def attainable_tolerance(tol: float, dtype: torch.dtype) -> float:
     residual of 1e-8 there only makes it iterate to its cap and warn.
     """
     return max(tol, ATTAINABLE_EPSILONS * torch.finfo(dtype).eps)
+
+
+#: a tolerance that the products' precision raises above this is warned about: the solve then
+#: certifies less than two significant digits (a bfloat16 model's 100 eps is 0.78)
+IMPRECISE_TOLERANCE = 1e-2
+
+
+def imprecise_solve_warning(method: str, tol: float, dtype: torch.dtype) -> None:
+    """Warn when curvature products in ``dtype`` leave ``method``'s solve (asked for ``tol``)
+    unable to certify two significant digits (:func:`attainable_tolerance`)."""
+    reached = attainable_tolerance(tol, dtype)
+    if reached > IMPRECISE_TOLERANCE and reached > tol:
+        name = str(dtype).removeprefix("torch.")
+        warn(
+            f"method {method!r} multiplies by the curvature in the model's dtype, {name}, whose "
+            f"products certify a relative residual of {reached:.2g} at best (100 x its machine "
+            f"epsilon), against tol={tol:g}: its iterations stop almost at once and the answers "
+            "are approximate to that order. Fit a float32 copy of the model (with "
+            "dtype=torch.bfloat16 the hooked passes still run in bfloat16), or use a Kronecker "
+            "method (kfac, ekfac), whose statistics accumulate in float32",
+            UserWarning,
+        )
 
 
 NOT_POSITIVE_DEFINITE = (

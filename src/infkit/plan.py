@@ -38,6 +38,8 @@ class RunShape:
         itemsize: bytes of one number in the model's precision.
         model_bytes: bytes of the model's parameters and buffers.
         memory_limit: the budget of one process in bytes (None: not bounded).
+        sample_inputs: one training example's model inputs, for methods that learn the model's
+            structure from a forward pass (None: a model on the meta device, or sizes only).
     """
 
     n_train: int
@@ -50,6 +52,7 @@ class RunShape:
     itemsize: int
     model_bytes: int
     memory_limit: int | None = None
+    sample_inputs: Any = None
 
     @property
     def snapshot_bytes(self) -> int:

@@ -793,8 +793,14 @@ def read(path: str | Path) -> SavedInfluence:
             f"{given} {state}: it is not a saved Influence. Save one with inf.save(path) and "
             "load that directory"
         )
+    # a saved Influence is not recomputed by loading it: what to do when it is damaged
+    remedy = (
+        "The saved Influence cannot be used: save it again from the fitted Influence "
+        f"(inf.save({str(given)!r}, overwrite=True)), or fit again"
+    )
     if (given / MANIFEST).exists():  # the artifact directory itself
-        return SavedInfluence(ArtifactStore(given.parent).verify(given, KIND), given)
+        artifact = ArtifactStore(given.parent).verify(given, KIND, remedy=remedy)
+        return SavedInfluence(artifact, given)
     store = ArtifactStore(given)
     candidates = store.committed(KIND)
     if not candidates:
@@ -805,7 +811,7 @@ def read(path: str | Path) -> SavedInfluence:
             "inf.save(path) and load that directory"
         )
     newest = max(candidates, key=_saved_at)  # an interrupted overwrite: the new save
-    return SavedInfluence(store.verify(newest, KIND), given)
+    return SavedInfluence(store.verify(newest, KIND, remedy=remedy), given)
 
 
 def _saved_at(path: Path) -> tuple[int, str]:

@@ -233,20 +233,31 @@ class ArtifactStore:
             return None
         return self.verify(path, kind, dict(identity))
 
-    def verify(self, path: Path, kind: str, identity: dict[str, Any] | None = None) -> Artifact:
-        """Check an artifact directory: manifest, identity (when given) and every checksum."""
+    def verify(
+        self,
+        path: Path,
+        kind: str,
+        identity: dict[str, Any] | None = None,
+        remedy: str = "",
+    ) -> Artifact:
+        """Check an artifact directory: manifest, identity (when given) and every checksum.
+
+        ``remedy`` ends the messages about a damaged artifact (default: delete the directory or
+        recompute it with ``overwrite=True``, the option of the computations that write it).
+        """
+        remedy = remedy or f"Delete {path} or pass overwrite=True to recompute it"
         manifest_path = path / MANIFEST
         if not manifest_path.exists():
             raise ArtifactError(
                 f"{path} has no {MANIFEST}: it was not committed (an older infkit, or files "
-                "copied by hand). Delete the directory or pass overwrite=True to recompute it"
+                "copied by hand). " + remedy
             )
         manifest = load_json(manifest_path)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             found = manifest.get("format") if isinstance(manifest, dict) else None
             raise ArtifactError(
                 f"{manifest_path} is of format {found!r}; this infkit reads format {FORMAT}. "
-                "Delete the directory or pass overwrite=True to recompute it"
+                + remedy
             )
         if manifest.get("kind") != kind:
             raise ArtifactError(
@@ -264,16 +275,12 @@ class ArtifactStore:
         for name, expected in files.items():
             file = path / name
             if not file.exists():
-                raise ArtifactError(
-                    f"{file} is missing from a committed artifact; delete {path} or pass "
-                    "overwrite=True to recompute it"
-                )
+                raise ArtifactError(f"{file} is missing from a committed artifact. " + remedy)
             size = file.stat().st_size
             if size != expected.get("bytes") or file_digest(file) != expected.get("sha256"):
                 raise ArtifactError(
                     f"{file} is damaged: its size or SHA-256 checksum differs from {MANIFEST} "
-                    f"({size} bytes, {expected.get('bytes')} expected). Delete {path} or pass "
-                    "overwrite=True to recompute it"
+                    f"({size} bytes, {expected.get('bytes')} expected). " + remedy
                 )
         return Artifact(path, kind, manifest.get("identity") or {}, manifest.get("info") or {})
 

@@ -23,6 +23,7 @@ directory holding factors for another computation raises rather than serving sta
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +47,9 @@ from infkit.store import Artifact, ArtifactStore, differences
 
 #: the artifact kind of saved factors
 FACTORS = "kronecker-factors"
+
+logger = logging.getLogger("infkit")
+
 #: kronfluence's HEURISTIC_DAMPING_SCALE (docs/methods/kfac.md)
 HEURISTIC_DAMPING_SCALE = 0.1
 
@@ -208,6 +212,35 @@ class KroneckerCurvature:
         self.module_damping = {
             t.name: float(scale * self.eigenvalues(t.name).mean()) for t in self.tracked
         }
+        self._check_conditioning()
+
+    def _check_conditioning(self) -> None:
+        """Refuse a damped curvature that is singular in the precision of its products.
+
+        A layer whose smallest damped eigenvalue is at most the product dtype's epsilon times
+        its largest (an output layer's softmax-shift direction has an EK-FAC eigenvalue near 0)
+        divides rounding noise by that eigenvalue: without damping its scores come out
+        several times too large and uncorrelated with the damped ones, with nothing to show it.
+
+        Raises:
+            CurvatureError: naming the layer, its eigenvalues and what to add.
+        """
+        ridges = self.ridges()
+        for t in self.tracked:
+            values = self.eigenvalues(t.name)
+            eps = torch.finfo(values.dtype).eps
+            damped = values + ridges[t.name]
+            low, high = float(damped.min()), float(damped.max())
+            if low <= 0 or low <= eps * high:
+                kind = "zero (or negative)" if low <= 0 else "numerically zero"
+                raise CurvatureError(
+                    f"layer {t.name!r} has a {kind} damped eigenvalue ({low:.2e}, against a "
+                    f"largest of {high:.2e}, ratio below {str(values.dtype).removeprefix('torch.')}"
+                    f"'s epsilon {eps:.1e}): its Kronecker-factored curvature is singular, "
+                    "and solving with it would divide rounding noise by that eigenvalue. Add "
+                    "damping (damping='auto': a tenth of each layer's mean eigenvalue, or e.g. "
+                    "damping=1e-3) or l2; factors saved in factors_dir or a workdir are reused"
+                )
 
     # ------------------------------------------------------------------ saved state
     def state(self) -> dict[str, Any]:
@@ -314,11 +347,19 @@ class KroneckerCurvature:
                 artifact = store.load(FACTORS, candidate)
                 if artifact is not None:
                     self.loaded = True
+                    logger.info(
+                        "Kronecker factors reused from %s (no pass over the data)", artifact.path
+                    )
                     return self._from_artifact(artifact)
             if self.corrected:
                 artifact = store.load(FACTORS, stage)
                 if artifact is not None:
                     self.resumed = True
+                    logger.info(
+                        "EK-FAC fit resumed from its committed K-FAC stage in %s (the "
+                        "eigenvalue pass only)",
+                        artifact.path,
+                    )
                     resume = self._from_artifact(artifact)
             others = [(p, found) for p, found in store.others(FACTORS, identity) if found != stage]
             if others:
@@ -326,8 +367,9 @@ class KroneckerCurvature:
                 changed = ", ".join(differences(identity, found))
                 raise ArtifactError(
                     f"{path} holds Kronecker factors fitted for another computation (differs "
-                    f"in: {changed}). Pass overwrite=True to refit them there, or another "
-                    "factors_dir"
+                    f"in: {changed}). Pass overwrite=True (a method option: "
+                    "Influence(..., overwrite=True)) to refit them there, or use another "
+                    "factors_dir (or workdir)"
                 )
         if store is not None and options.overwrite:
             for path, _ in store.others(FACTORS, identity):

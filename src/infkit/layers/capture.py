@@ -276,6 +276,22 @@ def layer_terms(
         return {t.name: (cap.activations(t.name)[0], Ds[t.name][0].detach()) for t in tracked}
 
 
+def shared_inputs(
+    task: Task, tracked: list[TrackedModule], inputs: Any, mask_key: str | None = "attention_mask"
+) -> list[list[str]]:
+    """Groups of tracked layers that read one input tensor (an attention's q, k and v, a gated
+    MLP's gate and up), from one forward pass of ``inputs`` without gradients: the layers a fit
+    gives one activation covariance and eigenbasis."""
+    with Capture(tracked, mask_key) as cap, evaluation_mode(task.model), torch.no_grad():
+        cap.forward(task, inputs)
+        groups: dict[int, list[str]] = {}
+        for t in tracked:
+            records = cap.records.get(t.name)
+            if records:
+                groups.setdefault(id(records[0].a), []).append(t.name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
 def block_gradients(terms: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
     """Per-example block gradients ``sum_t Ds_t a_t^T``: name -> [B, d_out, cols] float64."""
     return {

@@ -41,7 +41,12 @@ from infkit.kfac.curvature import (
     kronecker_layers,
 )
 from infkit.layers.tracked import TrackedLayers
-from infkit.linalg import attainable_tolerance, block_conjugate_gradients, conjugate_gradients
+from infkit.linalg import (
+    attainable_tolerance,
+    block_conjugate_gradients,
+    conjugate_gradients,
+    imprecise_solve_warning,
+)
 from infkit.methods.base import KRONECKER, Fidelity, PrimalMethod, register
 from infkit.options import option
 from infkit.parameters import ParameterSpace
@@ -126,6 +131,7 @@ class ASTRA(PrimalMethod):
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
+        imprecise_solve_warning(self.name, self.options.tol, fitted.engine.dtype)
         self.preconditioner = KroneckerCurvature(
             fitted, self.options.preconditioner(), corrected=True, owner=self.name
         )

@@ -27,11 +27,13 @@ float64 reference at the :class:`Fidelity` it declares.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar, get_args
 
+import torch
 from torch import Tensor, nn
 
 from infkit import diagnostics, estimators
@@ -478,7 +480,9 @@ class Method(ABC):
             ratio = diagnostics.energy_ratio(fitted, self.inverse(), sample=energy_check)
             checks["energy_ratio"] = ratio
             limit = type(self).scale_warning
-            if limit is not None and ratio > limit:
+            if not math.isfinite(ratio) or ratio <= 0:
+                warn(energy_failure_message(ratio, fitted.engine.dtype), UserWarning)
+            elif limit is not None and ratio > limit:
                 warn(self.scale_message(ratio), UserWarning)
         stationarity = fitted.stationarity or 0.0
         if self.assumes_optimum and stationarity > STATIONARITY_TOLERANCE:
@@ -593,6 +597,24 @@ class Method(ABC):
             "options": self.options.record(),
             **self.checks,
         }
+
+
+def energy_failure_message(ratio: float, dtype: torch.dtype) -> str:
+    """The warning of :meth:`Method.diagnose` when the energy ratio is not a positive number:
+    the method's inverse is not positive along gradient directions (or the check overflowed)."""
+    if math.isfinite(ratio):
+        return (
+            f"the answers are not reliable: along gradient directions the method's inverse "
+            f"curvature is not positive (energy ratio {ratio:.3g}, 1 for an exact solve), so "
+            "the curvature it solves with is singular or indefinite in this precision. Add "
+            "damping (damping='auto' for the Kronecker methods, or e.g. damping=1e-3) or l2"
+        )
+    name = str(dtype).removeprefix("torch.")
+    return (
+        f"the fit-time check of the answers' scale gave {ratio} (energy ratio): the curvature "
+        f"products overflowed or lost all precision in {name}, so nothing checks the answers. "
+        "Fit in float32 or bfloat16 (a float16 model overflows easily), or add damping"
+    )
 
 
 def drift_message(fitted: Fitted, drift: diagnostics.Drift) -> str:

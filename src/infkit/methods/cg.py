@@ -24,7 +24,12 @@ from torch import Tensor
 from infkit.curvature import Curvature, CurvatureOperator, ggn_diagonal
 from infkit.errors import NotFittedError, warn
 from infkit.fitted import Fitted
-from infkit.linalg import attainable_tolerance, block_conjugate_gradients, conjugate_gradients
+from infkit.linalg import (
+    attainable_tolerance,
+    block_conjugate_gradients,
+    conjugate_gradients,
+    imprecise_solve_warning,
+)
 from infkit.methods.base import Fidelity, PrimalMethod, Problem, register
 from infkit.options import Options, option
 from infkit.progress import Progress
@@ -94,6 +99,7 @@ class ConjugateGradient(PrimalMethod):
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
+        imprecise_solve_warning(self.name, self.options.tol, fitted.engine.dtype)
         self.operator = self._curvature_operator(fitted)
         if self.options.preconditioner == "diagonal":
             self._diagonal = ggn_diagonal(fitted.engine, fitted.train, fitted.batch_size)

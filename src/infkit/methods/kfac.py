@@ -20,6 +20,7 @@ one: an approximation on top of an approximation (docs/estimators.md §10).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, ClassVar
@@ -45,6 +46,7 @@ from infkit.kfac.streaming import (
     plan_groups,
     query_budget,
 )
+from infkit.layers.capture import shared_inputs
 from infkit.layers.tracked import TrackedLayers, find_modules
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import KRONECKER, Fidelity, PrimalMethod, Problem, register
@@ -53,6 +55,8 @@ from infkit.plan import RunShape, Stage
 from infkit.shards import QUERIES, SCORES, ScoreShards
 from infkit.store import ArtifactStore
 from infkit.task import Task
+
+logger = logging.getLogger("infkit")
 
 
 @register
@@ -218,6 +222,13 @@ class KFAC(PrimalMethod):
             out[start:stop] += scorer.scores(prepared, group, among)
             del prepared
         self.query_groups = max(self.query_groups, len(groups))
+        if shards is not None and shards.tally["reused"]:
+            logger.info(
+                "score shards: %d reused from %s, %d computed",
+                shards.tally["reused"],
+                shards.store.root,
+                shards.tally["computed"],
+            )
         return out
 
     def _shards(self, queries: ExampleSet) -> ScoreShards | None:
@@ -265,7 +276,14 @@ class KFAC(PrimalMethod):
         tracked = kronecker_layers(task.model, space, self.options, self.name).tracked
         item, b, t = shape.itemsize, shape.batch_size, shape.tokens
         work = product_dtype(space.dtype).itemsize
-        factor = {x.name: (x.cols**2 + x.d_out**2) * work for x in tracked}
+        # layers that read one input share its eigenbasis (known from a forward pass of a real
+        # model; on the meta device each layer is counted alone, an upper bound)
+        followers: set[str] = set()
+        if shape.sample_inputs is not None:
+            shared = shared_inputs(task, tracked, shape.sample_inputs, self.options.mask_key)
+            followers = {name for names in shared for name in names[1:]}
+        cols = {x.name: 0 if x.name in followers else x.cols for x in tracked}
+        factor = {x.name: (cols[x.name] ** 2 + x.d_out**2) * work for x in tracked}
         factors = sum(factor.values())
         biggest = max(tracked, key=lambda x: factor[x.name])
         # eigh of the largest factor runs in float64: the matrix and its eigenvectors
@@ -324,7 +342,7 @@ class KFAC(PrimalMethod):
         local = shape.n_queries
         sizes = [x.d_out * x.cols * work for x in tracked]
         per_rank = sum(x.d_out + x.cols for x in tracked) * work
-        eigenvalues = sum(x.cols + x.d_out for x in tracked) * work
+        eigenvalues = sum(cols[x.name] + x.d_out for x in tracked) * work
         resident = factors + eigenvalues + lam
         held = resident + shape.snapshot_bytes  # as query_budget counts them
         budget = None if limit is None else budget_after(limit, held, hooks, block_bytes)

@@ -41,13 +41,14 @@ from infkit.errors import (
 from infkit.fingerprint import data_fingerprint, model_fingerprint
 from infkit.gradients import PerExample
 from infkit.influence import Influence
-from infkit.parameters import ParameterSpace
+from infkit.parameters import ParameterSpace, evaluation_mode
 from infkit.progress import Stopwatch
 from infkit.report import factories
-from infkit.report.config import RunConfig
+from infkit.report.config import MIN_RETRAININGS, RunConfig
 from infkit.report.views import Display, guess_kind
-from infkit.store import ArtifactStore, save_csv, save_json
+from infkit.store import ArtifactStore, differences, save_csv, save_json
 from infkit.task import Task
+from infkit.training import objective_and_gradient
 
 #: the artifact kind of a run's results
 KIND = "report"
@@ -208,9 +209,15 @@ def fit_or_reload(
         except ArtifactError as error:
             warn(f"not reusing the saved influence in {saved}: {error}; fitting again", Notice)
         else:
-            if _same_settings(loaded, inf):
+            changed = setting_changes(loaded, inf)
+            if not changed:
                 return loaded, "reloaded"
-            warn(f"the influence saved in {saved} has other settings; fitting again", Notice)
+            warn(
+                f"the influence saved in {saved} was fitted with other settings ("
+                + "; ".join(changed)
+                + "); fitting again with the config's ([influence] reuse = false always refits)",
+                Notice,
+            )
     try:
         inf.fit(train)
     except InfkitError as error:
@@ -219,9 +226,37 @@ def fit_or_reload(
     return inf, "fitted"
 
 
-def _same_settings(a: Influence, b: Influence) -> bool:
-    keys = ("method_name", "l2", "damping", "auto_damping", "batch_size", "method_options")
-    return all(getattr(a, k) == getattr(b, k) for k in keys) and a.estimator == b.estimator
+def influence_settings(inf: Influence) -> dict[str, Any]:
+    """The settings a saved influence must share with the config's to be reused, by the names
+    of their ``[influence]`` keys."""
+    return {
+        "method": inf.method_name,
+        "estimator": inf.estimator,
+        "relatif": inf.relatif,
+        "l2": inf.l2,
+        "damping": "auto" if inf.auto_damping else inf.damping,
+        "batch_size": inf.batch_size,
+        "options": inf.method_options,
+    }
+
+
+def setting_changes(saved: Influence, wanted: Influence) -> list[str]:
+    """Each setting in which the saved influence differs from the wanted one, as
+    ``"damping: 0.01 saved, 0.001 now"``; empty when it can be reused."""
+    old, new = influence_settings(saved), influence_settings(wanted)
+    return [
+        f"{path}: {_at(old, path)} saved, {_at(new, path)} now" for path in differences(old, new)
+    ]
+
+
+def _at(settings: dict[str, Any], path: str) -> str:
+    """The value at a dotted path of ``settings`` as text (``unset`` where it is missing)."""
+    value: Any = settings
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return "unset"
+        value = value[part]
+    return repr(value)
 
 
 def _flagged(config: RunConfig, n: int) -> Tensor | None:
@@ -260,6 +295,7 @@ def run(config: RunConfig, out: str | Path | None = None, progress: bool | None 
     save_json(workdir / "settings.json", config.record())
     model = build_model(config)
     train, test = build_data(config)
+    check_retraining_size(config, len(train))
     task = build_task(config, model)
     display = build_display(config, train, test)
     inf = build_influence(config, task)
@@ -346,36 +382,9 @@ def run(config: RunConfig, out: str | Path | None = None, progress: bool | None 
     # leave-one-out retraining check on the first query
     n_loo = min(config["retraining"]["n"], len(train))
     if n_loo:
-        loo_idx = scores[0].abs().topk(n_loo).indices
-        loo = retraining.leave_one_out(
-            task,
-            train,
-            query_set.subset([0]),
-            loo_idx,
-            inf.l2,
-            tolerance=config["retraining"]["tolerance"],
-            max_iter=config["retraining"]["max_iter"],
-            cache_dir=workdir / "retrain",
-            progress=progress,
+        data["retraining"] = _retraining(
+            config, task, train, query_set, scores, queries, inf.l2, tensors, workdir, progress
         )
-        tensors["loo_indices"] = loo_idx
-        tensors["loo_predicted"] = scores[0, loo_idx]
-        tensors["loo_actual"] = loo.measurement[0]
-        stats = evaluate.correlation(scores[0, loo_idx], loo.measurement[0])
-        save_csv(
-            workdir / "loo.csv",
-            [
-                {"train_index": int(j), "predicted": float(p), "actual": float(a)}
-                for j, p, a in zip(loo_idx, scores[0, loo_idx], loo.measurement[0])
-            ],
-        )
-        data["retraining"] = {
-            "query": int(queries[0]),
-            "n": n_loo,
-            "pearson": stats.pearson,
-            "spearman": stats.spearman,
-            "max_gradient_norm": float(loo.gradient_norms.max()),
-        }
         watch.lap("retraining")
 
     # per-layer shares of the score mass
@@ -403,6 +412,127 @@ def run(config: RunConfig, out: str | Path | None = None, progress: bool | None 
     for path, _ in store.others(KIND, identity):  # one report per workdir: the latest
         store.remove(path)
     return write_report(workdir)
+
+
+def check_retraining_size(config: RunConfig, n_train: int) -> None:
+    """Refuse, before any fitting, a retraining check the training set is too small for: it
+    makes min(n, N) retrainings and needs ``MIN_RETRAININGS`` of them to correlate."""
+    n = config["retraining"]["n"]
+    if n and n_train < MIN_RETRAININGS:
+        raise ConfigError(
+            f"{config.path.name}: [retraining] n = {n}, but the training set has only {n_train} "
+            f"examples and the check needs at least {MIN_RETRAININGS} retrainings to correlate; "
+            "set [retraining] n = 0"
+        )
+
+
+def _retraining(
+    config: RunConfig,
+    task: Task,
+    train: ExampleSet,
+    query_set: ExampleSet,
+    scores: Tensor,
+    queries: Tensor,
+    l2: float,
+    tensors: dict[str, Tensor],
+    workdir: Path,
+    progress: bool | None,
+) -> dict[str, Any]:
+    """The leave-one-out check on the first query: retrain without each of the training
+    examples with the largest |score|, correlate predicted with actual changes, and say
+    (a warning, and the record the page shows) which retrainings did not converge."""
+    section = config["retraining"]
+    loo_idx = scores[0].abs().topk(min(section["n"], len(train))).indices
+    loo = retraining.leave_one_out(
+        task,
+        train,
+        query_set.subset([0]),
+        loo_idx,
+        l2,
+        tolerance=section["tolerance"],
+        max_iter=section["max_iter"],
+        cache_dir=workdir / "retrain",
+        progress=progress,
+    )
+    predicted, actual = scores[0, loo_idx], loo.measurement[0]
+    tensors.update(loo_indices=loo_idx, loo_predicted=predicted, loo_actual=actual)
+    stats = evaluate.correlation(predicted, actual)
+    unconverged = not_converged(task, train, loo, l2, section["tolerance"])
+    late = {r["index"] for r in unconverged}
+    save_csv(
+        workdir / "loo.csv",
+        [
+            {
+                "train_index": j,
+                "predicted": float(p),
+                "actual": float(a),
+                "gradient_norm": float(g),
+                "converged": j not in late,
+            }
+            for j, p, a, g in zip(loo_idx.tolist(), predicted, actual, loo.gradient_norms)
+        ],
+    )
+    record = {
+        "query": int(queries[0]),
+        "n": len(loo_idx),
+        "pearson": stats.pearson,
+        "spearman": stats.spearman,
+        "max_gradient_norm": float(loo.gradient_norms.max()),
+        "tolerance": section["tolerance"],
+        "max_iter": section["max_iter"],
+        "not_converged": unconverged,
+    }
+    if unconverged:
+        warn(not_converged_message(record, config.path.name))
+    return record
+
+
+def not_converged(
+    task: Task, train: ExampleSet, loo: retraining.LeaveOneOut, l2: float, tolerance: float
+) -> list[dict[str, Any]]:
+    """The retrainings that stopped short of their tolerance: ``index``, final
+    ``gradient_norm`` and the ``target`` it had to reach.
+
+    The target is :func:`infkit.train_to_optimum`'s own stopping rule, ``tolerance`` times the
+    retained objective's gradient norm at the warm start (or times 1 when that is smaller);
+    ``infkit.retrain`` keeps each final gradient norm but not whether it met the target, so the
+    starting norm is computed again here, only for a norm above ``tolerance`` (every target is
+    at least ``tolerance``)."""
+    out = []
+    for j, norm in zip(loo.indices.tolist(), loo.gradient_norms.tolist()):
+        if norm <= tolerance:
+            continue
+        target = tolerance * max(_starting_gradient_norm(task, train, j, l2), 1.0)
+        if not norm <= target:  # a NaN norm did not converge either
+            out.append({"index": j, "gradient_norm": norm, "target": target})
+    return out
+
+
+def _starting_gradient_norm(task: Task, train: ExampleSet, removed: int, l2: float) -> float:
+    """||grad L_R|| at the trained parameters (the retraining's warm start), R = all but
+    ``removed``."""
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[removed] = False
+    with evaluation_mode(task.model):
+        _, grad = objective_and_gradient(
+            task, ParameterSpace(task.model), train, l2, keep.nonzero().squeeze(1)
+        )
+    return float(grad.norm())
+
+
+def not_converged_message(record: dict[str, Any], where: str) -> str:
+    """What the unconverged retrainings mean for the check, and what to change."""
+    worst = max(record["not_converged"], key=lambda r: r["gradient_norm"])
+    return (
+        f"{len(record['not_converged'])} of the {record['n']} leave-one-out retrainings did not "
+        f"converge ([retraining] max_iter = {record['max_iter']}; largest "
+        f"final gradient norm {worst['gradient_norm']:.4g} against a target of "
+        f"{worst['target']:.3g}, from tolerance = {record['tolerance']:g}): their actual "
+        "changes are not those of a retrained optimum, so the retraining check's correlations "
+        f"are not ground truth. Raise [retraining] max_iter in {where}; if the gradient norm "
+        "stalls instead, loosen tolerance (a float32 model stops near its precision) or train "
+        "the model closer to its optimum (retraining starts from it)"
+    )
 
 
 def _explanations(

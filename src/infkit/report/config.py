@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from infkit.errors import ConfigError
+from infkit.evaluate import MIN_PAIRS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,6 +33,10 @@ class Key:
     doc: str
     required: bool = False
 
+
+#: the fewest leave-one-out retrainings a retraining check can use: it correlates predicted with
+#: actual changes, and :func:`infkit.evaluate.correlation` needs at least this many pairs
+MIN_RETRAININGS = MIN_PAIRS
 
 TASK_KINDS = ("classification", "binary_classification", "regression", "language_modeling")
 DISPLAY_KINDS = ("auto", "image", "text", "tabular")
@@ -144,10 +149,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "int",
             0,
             "leave-one-out check: retrain without each of the n training examples with the "
-            "largest |score| for the first query, and compare (0: off)",
+            f"largest |score| for the first query, and compare (0: off; otherwise at least "
+            f"{MIN_RETRAININGS}, the fewest a correlation takes)",
         ),
         "tolerance": Key("float", 1e-8, "gradient-norm tolerance of each retraining"),
-        "max_iter": Key("int", 2000, "iterations allowed per retraining"),
+        "max_iter": Key(
+            "int",
+            2000,
+            "iterations allowed per retraining (a retraining that does not reach its tolerance "
+            "within them is reported as not converged)",
+        ),
     },
     "layers": {
         "enabled": Key("bool", True, "per-layer scores when the method gives them"),
@@ -282,10 +293,12 @@ def _check_values(sections: dict[str, dict[str, Any]], where: str) -> None:
         ("report", "top_k", 1),
         ("self_influence", "top", 1),
         ("retraining", "n", 0),
+        ("retraining", "max_iter", 1),
         ("influence", "batch_size", 1),
     ):
         if sections[section][key] < low:
             raise ConfigError(f"{where}: [{section}] {key} must be >= {low}")
+    _check_retraining(sections["retraining"], where)
     damping = sections["influence"]["damping"]
     if isinstance(damping, str) and damping != "auto":
         raise ConfigError(
@@ -300,6 +313,21 @@ def _check_values(sections: dict[str, dict[str, Any]], where: str) -> None:
                 f"{where}: [group_removal] groups.{name} must be a non-empty list of training "
                 f"indices, got {indices!r}"
             )
+
+
+def _check_retraining(section: dict[str, Any], where: str) -> None:
+    """A retraining check is off (``n = 0``) or has enough retrainings to correlate."""
+    n = section["n"]
+    if 0 < n < MIN_RETRAININGS:
+        raise ConfigError(
+            f"{where}: [retraining] n = {n} is too few: the check correlates predicted with "
+            f"actual leave-one-out changes, which needs at least {MIN_RETRAININGS} retrainings; "
+            f"set n >= {MIN_RETRAININGS} (20 is a good start) or n = 0 to turn the check off"
+        )
+    if section["tolerance"] < 0:
+        raise ConfigError(
+            f"{where}: [retraining] tolerance must be >= 0, got {section['tolerance']!r}"
+        )
 
 
 def parse(path: str | Path) -> RunConfig:

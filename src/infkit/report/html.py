@@ -53,6 +53,7 @@ td,th{border-bottom:1px solid #eee;padding:3px 8px;text-align:left;vertical-alig
 th{background:#f4f6f8}
 .num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
 .note{color:#666;font-style:italic}
+.warning{background:#fdecea;border-left:4px solid #d62728;padding:6px 10px}
 .query{border-top:2px solid #1f3a5f;padding-top:8px;margin-top:14px}
 .query-head{display:flex;gap:16px;align-items:flex-start}
 .sides{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:18px}
@@ -385,7 +386,8 @@ def groups_section(data: dict[str, Any]) -> str:
 
 
 def retraining_section(data: dict[str, Any], tensors: dict[str, Tensor]) -> str:
-    """Predicted against actual leave-one-out change with y = x."""
+    """Predicted against actual leave-one-out change with y = x; a warning first when some
+    retrainings did not converge (their changes, and the correlations, are not ground truth)."""
     r = data.get("retraining")
     if r is None:
         return '<p class="note">no retraining check ran ([retraining] n = 20 runs one)</p>'
@@ -395,10 +397,31 @@ def retraining_section(data: dict[str, Any], tensors: dict[str, Tensor]) -> str:
         title=f"test #{r['query']}: {r['n']} leave-one-out retrainings",
     )
     return (
-        f"<p>The {r['n']} training examples with the largest |score| for test example "
+        not_converged_html(r)
+        + f"<p>The {r['n']} training examples with the largest |score| for test example "
         f"#{r['query']}, each left out and the model retrained (largest final gradient norm "
         f"{fmt(r['max_gradient_norm'])}): Pearson <b>{r['pearson']:.4f}</b>, Spearman "
         f"<b>{r['spearman']:.4f}</b>.</p>" + figure(fig, "predicted against actual")
+    )
+
+
+def not_converged_html(r: dict[str, Any]) -> str:
+    """The warning of a retraining check whose retrainings stopped short of their tolerance
+    (empty when all converged, or for results written before convergence was recorded)."""
+    late = r.get("not_converged")
+    if not late:
+        return ""
+    worst = max(late, key=lambda x: x["gradient_norm"])
+    return (
+        f'<p class="warning"><b>The retrained models did not converge:</b> {len(late)} of the '
+        f"{r['n']} retrainings did not reach their tolerance ([retraining] max_iter = "
+        f"{r['max_iter']}; largest final gradient norm "
+        f"{fmt(worst['gradient_norm'])} against a target of {fmt(worst['target'])}, from "
+        f"tolerance = {fmt(r['tolerance'])}). Their actual changes are not those of the "
+        "retrained optimum, so the correlations below are <b>not ground truth</b>. Raise "
+        "[retraining] max_iter and run again; if the gradient norm stalls instead, loosen "
+        "tolerance (a float32 model stops near its precision) or train the model closer to "
+        "its optimum, from which each retraining starts.</p>"
     )
 
 
