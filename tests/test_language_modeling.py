@@ -649,3 +649,17 @@ def test_a_bfloat16_model_gets_float32_results_and_cg_says_it_cannot_converge(
         assert inf.top_k(problem["test"], k=2).proponent_scores.dtype == torch.float32
         with pytest.warns(UserWarning, match=r"bfloat16, whose products certify .* 0\.78"):
             infkit.Influence(task, "cg", l2=1e-2, damping=1e-2, maxiter=3).fit(problem["train"])
+
+
+def test_auto_passes_over_ekfac_when_its_factors_do_not_fit(problem: dict) -> None:
+    """method='auto' takes EK-FAC for a language model only when its factors fit memory_limit
+    (the reason is recorded); below that it takes the matrix-free cg instead of failing."""
+    task = infkit.Task.language_modeling(problem["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        roomy = infkit.Influence(task, "auto", l2=1e-2, damping=1e-2, memory_limit=20_000)
+        assert roomy.fit(problem["train"]).method.name == "ekfac"
+        tight = infkit.Influence(task, "auto", l2=1e-2, damping=1e-2, memory_limit=4_000)
+        assert tight.fit(problem["train"]).method.name == "cg"
+    reason = tight.describe()["auto"]["passed_over"]["ekfac"]
+    assert reason.startswith("its factors do not fit") and "memory limit of 3.9 KiB" in reason

@@ -95,8 +95,8 @@ def choose(problem: Problem, candidates: list[str] | None = None) -> str:
     With the built-in methods: ``exact`` when the P x P curvature fits in memory (and P is at
     most 20,000), ``dual`` when 20 N C <= P and the (N C)^2 kernel fits, ``ekfac`` when the
     layers it can factor hold at least half of the trainable parameters (the rest left out of
-    the attribution with a notice, as a language model's embeddings and norms), ``cg``
-    otherwise.
+    the attribution with a notice, as a language model's embeddings and norms) and its factors
+    fit the memory limit, ``cg`` otherwise.
     """
     names = auto_candidates() if candidates is None else candidates
     for name in names:

@@ -13,6 +13,7 @@ factors are those of ``"kfac"`` (:class:`infkit.kfac.curvature.KroneckerOptions`
 
 from __future__ import annotations
 
+from infkit.errors import ProblemTooLargeError
 from infkit.methods.base import Fidelity, Problem, register
 from infkit.methods.kfac import AUTO_TRACKED_SHARE, KFAC, tracked_share
 
@@ -31,11 +32,23 @@ class EKFAC(KFAC):
 
     @classmethod
     def suits(cls, problem: Problem) -> bool:
-        return tracked_share(problem) >= AUTO_TRACKED_SHARE
+        return tracked_share(problem) >= AUTO_TRACKED_SHARE and cls._too_large(problem) is None
+
+    @classmethod
+    def _too_large(cls, problem: Problem) -> str | None:
+        """Why the factors do not fit ``memory_limit`` (None when they do)."""
+        try:
+            cls().check_memory(problem)
+        except ProblemTooLargeError as error:
+            return str(error)
+        return None
 
     @classmethod
     def suitability(cls, problem: Problem) -> str:
         share = tracked_share(problem)
+        too_large = cls._too_large(problem) if share >= AUTO_TRACKED_SHARE else None
+        if too_large is not None:
+            return f"its factors do not fit: {too_large}"
         if share == 1.0:
             return "every trainable parameter is in a layer it factors (Linear, Conv2d, Conv1D)"
         if share >= AUTO_TRACKED_SHARE:

@@ -101,7 +101,8 @@ class KFAC(PrimalMethod):
         return attributed_parameters(task.model, space, self.options, self.name)
 
     def check_memory(self, problem: Problem) -> None:
-        # per layer: A, S and their eigenbases in the product precision (EK-FAC: + corrected
+        # per layer: A and S (the covariance pass), then their eigenbases in their place (each
+        # covariance is freed once decomposed), in the product precision (EK-FAC: + corrected
         # eigenvalues), and the largest layer's float64 eigendecomposition
         modules = None if self.options.modules is None else list(self.options.modules)
         tracked, _ = find_modules(problem.model, problem.space, modules)
@@ -109,12 +110,12 @@ class KFAC(PrimalMethod):
             return
         item = product_dtype(problem.space.dtype).itemsize
         need = sum(
-            2 * (t.cols**2 + t.d_out**2) * item + (t.cols * t.d_out * item if self.corrected else 0)
+            (t.cols**2 + t.d_out**2) * item + (t.cols * t.d_out * item if self.corrected else 0)
             for t in tracked
         ) + max(2 * max(t.cols, t.d_out) ** 2 * FLOAT64_BYTES for t in tracked)
         if need > problem.memory_limit:
             raise ProblemTooLargeError(
-                f"method {self.name!r} keeps two Kronecker factors and their eigenbases per layer, "
+                f"method {self.name!r} keeps two Kronecker factors (then their eigenbases) per layer, "
                 f"{human_bytes(need)} for the {len(tracked)} tracked layers (the largest: "
                 f"{max(tracked, key=lambda t: t.cols**2 + t.d_out**2).name!r}), above the memory "
                 f"limit of {human_bytes(problem.memory_limit)}: track fewer layers (modules=...), "
