@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 import infkit
+import infkit.errors
 from infkit import evaluate, retrain, store
 from infkit.errors import InvalidInputError
 
@@ -60,6 +63,45 @@ def test_leave_one_out_resumes_from_its_artifacts(tmp_path, monkeypatch) -> None
     theta_4 = _closed_form(X[keep], y[keep], l2)
     expected = 0.5 * (X[:5] @ theta_4 - y[:5]) ** 2 - 0.5 * (X[:5] @ theta - y[:5]) ** 2
     np.testing.assert_allclose(first.loss[:, 1].numpy(), expected, rtol=1e-8, atol=1e-14)
+
+
+def test_retrainings_short_of_their_optimum_are_flagged_and_named(tmp_path, monkeypatch) -> None:
+    X, y, task, data, l2 = _ridge_problem()
+    test = (data[0][:5], data[1][:5])
+    tight = {"tolerance": 1e-30, "max_iter": 2}  # a target no float64 retraining reaches
+    with pytest.warns(infkit.errors.NotConvergedWarning, match="without example 4") as seen:
+        loo = retrain.leave_one_out(task, data, test, [0, 4], l2, cache_dir=tmp_path, **tight)
+    assert "2 leave-one-out retraining(s) did not reach the optimum within max_iter=2" in str(
+        seen[0].message
+    )
+    assert loo.converged.tolist() == [False, False]
+    # the target is the stopping rule: tolerance x ||grad L_R|| at the warm start (here > 1)
+    theta = _closed_form(X, y, l2)
+    for k, j in enumerate([0, 4]):
+        keep = np.delete(np.arange(len(X)), j)
+        start = X[keep].T @ (X[keep] @ theta - y[keep]) / len(keep) + l2 * theta
+        expected = 1e-30 * max(float(np.linalg.norm(start)), 1.0)
+        assert float(loo.targets[k]) == pytest.approx(expected, rel=1e-6)
+        assert float(loo.gradient_norms[k]) > float(loo.targets[k])
+    # the flag travels with the cached result
+    monkeypatch.setattr(retrain, "train_to_optimum", None)  # a retraining would fail
+    with pytest.warns(infkit.errors.NotConvergedWarning):
+        again = retrain.leave_one_out(task, data, test, [0, 4], l2, cache_dir=tmp_path, **tight)
+    assert again.converged.tolist() == [False, False]
+    torch.testing.assert_close(again.targets, loo.targets, rtol=0, atol=0)
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", infkit.errors.NotConvergedWarning)
+        done = retrain.leave_one_out(task, data, test, [0, 4], l2, tolerance=1e-12)
+        bank = retrain.subsets(task, data, test, l2, n_subsets=2, alpha=0.9, tolerance=1e-12)
+    assert done.converged.all() and bool((done.gradient_norms <= done.targets).all())
+    assert bank.converged is not None and bank.converged.all()
+    with pytest.warns(infkit.errors.NotConvergedWarning, match="2 subset retraining"):
+        short = retrain.subsets(task, data, test, l2, n_subsets=2, alpha=0.9, **tight)
+    assert short.converged is not None and not short.converged.any()
+    with pytest.warns(infkit.errors.NotConvergedWarning, match="1 group-removal retraining"):
+        r = retrain.without(task, data, [3], l2, **tight)
+    assert not r.converged and r.gradient_norm > r.target > 0
 
 
 def test_lds_is_high_for_newton_on_ridge_and_near_zero_for_noise() -> None:

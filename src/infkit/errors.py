@@ -54,6 +54,11 @@ class Notice(UserWarning):
     """Something infkit decided for you that you may want to know (filter it to silence it)."""
 
 
+class NotConvergedWarning(UserWarning):
+    """A retraining (the ground truth of leave-one-out, group removal or an LDS bank) stopped
+    at its iteration limit short of the optimum: its changes are not ground truth."""
+
+
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """Issue a warning attributed to the first caller outside infkit (the user's line).
 

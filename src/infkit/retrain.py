@@ -19,6 +19,7 @@ import copy
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from math import inf
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet, checked_indices
-from infkit.errors import InvalidInputError
+from infkit.errors import InvalidInputError, NotConvergedWarning, warn
 from infkit.fingerprint import data_fingerprint, model_fingerprint, task_fingerprint
 from infkit.gradients import PerExample
 from infkit.parameters import ParameterSpace
@@ -44,6 +45,11 @@ class Retrained:
     Attributes:
         theta: retrained flat parameters [P]; ``delta``: theta - theta* [P].
         gradient_norm: ||grad L_R|| at the end (how tight the optimum is).
+        target: the gradient norm the retraining had to reach (``tolerance`` times the norm at
+            the warm start, or times 1 when that is smaller); NaN for a replayed recipe, which
+            seeks no optimum.
+        converged: whether it reached ``target`` (always True for a replayed recipe). A result
+            that did not is not the retrained optimum, so not ground truth.
     """
 
     task: Task
@@ -52,6 +58,8 @@ class Retrained:
     delta: Tensor
     gradient_norm: float
     evaluations: int
+    target: float = float("nan")
+    converged: bool = True
 
     def model(self) -> torch.nn.Module:
         clone = copy.deepcopy(self.task.model)
@@ -105,6 +113,7 @@ class RetrainCache:
     ) -> None:
         self.store = ArtifactStore(cache_dir)
         self.base = {
+            "result": "theta, gradient_norm, evaluations, target, converged",
             "model": model_fingerprint(task.model),
             "task": task_fingerprint(task),
             "data": data_fingerprint(examples),
@@ -187,11 +196,16 @@ def without(
     With ``run`` (the model's :class:`~infkit.recipe.TrainingRun`), the recipe is replayed from
     its initial parameters with the removed examples' weights set to 0 instead. With
     ``cache_dir`` the result is kept in an artifact store and reused by the next call that
-    depends on exactly the same model, task, data, removed examples and settings.
+    depends on exactly the same model, task, data, removed examples and settings. A retraining
+    that stops at ``max_iter`` short of ``tolerance`` is flagged (``converged``) and warned about.
     """
     examples = ExampleSet(train, name="training set")
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
-    return _retrain(task, examples, indices, l2, tolerance, max_iter, cache, run)
+    r = _retrain(task, examples, indices, l2, tolerance, max_iter, cache, run)
+    if not r.converged:
+        removed = f"without {len(r.removed)} example(s)"
+        warn_unconverged("group-removal", [removed], [r.gradient_norm], [r.target], max_iter)
+    return r
 
 
 def _retrain(
@@ -220,11 +234,14 @@ def _retrain(
             saved["theta"] - theta0,
             float(saved["gradient_norm"]),
             int(saved["evaluations"]),
+            float(saved["target"]),
+            bool(saved["converged"]),
         )
     clone = copy.deepcopy(task.model)
     clone_task = task.with_model(clone)
     if run is not None:
         theta, gradient_norm, evaluations = _replay(clone_task, examples, run, keep)
+        target, converged = float("nan"), True
     else:
         result = train_to_optimum(
             clone_task,
@@ -235,16 +252,41 @@ def _retrain(
             tolerance=tolerance,
         )
         theta, gradient_norm, evaluations = result.theta, result.gradient_norm, result.evaluations
+        target, converged = result.target, result.converged
     if cache is not None:
         cache.save(
             removed,
             {
                 "theta": theta,
-                "gradient_norm": torch.tensor(gradient_norm),
+                "gradient_norm": torch.tensor(gradient_norm, dtype=torch.float64),
                 "evaluations": torch.tensor(evaluations),
+                "target": torch.tensor(target, dtype=torch.float64),
+                "converged": torch.tensor(converged),
             },
         )
-    return Retrained(task, removed, theta, theta - theta0, gradient_norm, evaluations)
+    return Retrained(
+        task, removed, theta, theta - theta0, gradient_norm, evaluations, target, converged
+    )
+
+
+def warn_unconverged(
+    what: str, removed: list[str], norms: list[float], targets: list[float], max_iter: int
+) -> None:
+    """Warn that the retrainings of ``removed`` (descriptions, one per retraining) stopped
+    short of their target gradient norms: their changes are not ground truth."""
+    if not removed:
+        return
+    worst = max(range(len(norms)), key=lambda k: norms[k] if norms[k] == norms[k] else inf)
+    shown = ", ".join(removed[:5]) + (", ..." if len(removed) > 5 else "")
+    warn(
+        f"{len(removed)} {what} retraining(s) did not reach the optimum within max_iter="
+        f"{max_iter} ({shown}; the worst ended at ||grad L|| = {norms[worst]:.3g} against a "
+        f"target of {targets[worst]:.3g}): their changes are not those of a retrained optimum, "
+        "so they are not ground truth. Raise max_iter; if the gradient norm stalls instead, "
+        "loosen tolerance (a float32 model stops near its precision) or train the model closer "
+        "to its optimum (retraining starts from it)",
+        NotConvergedWarning,
+    )
 
 
 def _replay(
@@ -268,6 +310,9 @@ class LeaveOneOut:
         measurement: [n_test, k] actual change of each test measurement (``scores``' layout).
         loss: [n_test, k] actual change of each test loss.
         gradient_norms: [k] ||grad L_R|| at each retrained optimum.
+        targets: [k] the gradient norm each retraining had to reach (NaN for a replayed recipe).
+        converged: [k] bool, whether it did; the warning :func:`leave_one_out` gives names those
+            that did not.
     """
 
     indices: Tensor
@@ -275,6 +320,8 @@ class LeaveOneOut:
     measurement: Tensor
     loss: Tensor
     gradient_norms: Tensor
+    targets: Tensor
+    converged: Tensor
 
 
 def leave_one_out(
@@ -292,26 +339,39 @@ def leave_one_out(
 ) -> LeaveOneOut:
     """Retrain once per index without that example; measure parameter and test changes.
 
-    With ``run``, each retraining replays the model's recipe (see :func:`without`).
+    With ``run``, each retraining replays the model's recipe (see :func:`without`). Retrainings
+    that stop at ``max_iter`` short of ``tolerance`` are flagged in ``converged`` and named in a
+    warning: their changes are not ground truth.
     """
     examples = ExampleSet(train, name="training set")
     idx = checked_indices(indices, len(examples), what="training index")
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
     base = Retrained(task, idx[:0], ParameterSpace(task.model).flat(), torch.zeros(0), 0.0, 0)
     base_meas, base_loss = base.measurements(test), base.losses(test)
-    params, meas, loss, norms = [], [], [], []
+    params, meas, loss, results = [], [], [], []
     for j in track(idx.tolist(), resolve(progress), "leave-one-out"):
         r = _retrain(task, examples, [j], l2, tolerance, max_iter, cache, run)
         params.append(r.delta)
         meas.append(r.measurements(test) - base_meas)
         loss.append(r.losses(test) - base_loss)
-        norms.append(r.gradient_norm)
+        results.append(r)
+    converged = torch.tensor([r.converged for r in results], dtype=torch.bool)
+    late = [r for r in results if not r.converged]
+    warn_unconverged(
+        "leave-one-out",
+        [f"without example {int(r.removed[0])}" for r in late],
+        [r.gradient_norm for r in late],
+        [r.target for r in late],
+        max_iter,
+    )
     return LeaveOneOut(
         idx,
         torch.stack(params),
         torch.stack(meas, 1),
         torch.stack(loss, 1),
-        torch.tensor(norms, dtype=torch.float64),
+        torch.tensor([r.gradient_norm for r in results], dtype=torch.float64),
+        torch.tensor([r.target for r in results], dtype=torch.float64),
+        converged,
     )
 
 
@@ -322,10 +382,14 @@ class SubsetRetraining:
     Attributes:
         masks: [m, N] bool, True where the example was kept.
         measurements: [m, n_test] test measurements of each retrained model.
+        converged: [m] bool, whether each retraining reached its optimum (see
+            :class:`Retrained`); :func:`subsets` warns about those that did not. None for a
+            bank built by hand from measurements made elsewhere.
     """
 
     masks: Tensor
     measurements: Tensor
+    converged: Tensor | None = None
 
 
 def random_masks(n: int, n_subsets: int, alpha: float, seed: int = 0) -> Tensor:
@@ -372,9 +436,19 @@ def subsets(
             f"{masks.dtype} of shape {tuple(masks.shape)}"
         )
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
-    rows = []
+    rows, results = [], []
     for mask in track(masks, resolve(progress), "subsets", len(masks)):
         removed = (~mask).nonzero().squeeze(1)
         r = _retrain(task, examples, removed, l2, tolerance, max_iter, cache, run)
         rows.append(r.measurements(test))
-    return SubsetRetraining(masks, torch.stack(rows))
+        results.append(r)
+    late = [k for k, r in enumerate(results) if not r.converged]
+    warn_unconverged(
+        "subset",
+        [f"subset {k}" for k in late],
+        [results[k].gradient_norm for k in late],
+        [results[k].target for k in late],
+        max_iter,
+    )
+    converged = torch.tensor([r.converged for r in results], dtype=torch.bool)
+    return SubsetRetraining(masks, torch.stack(rows), converged)

@@ -32,7 +32,8 @@ class TrainResult:
     objective: float
     gradient_norm: float  # ||grad L(theta)|| at the end
     evaluations: int  # objective-and-gradient evaluations by L-BFGS (passes over the data)
-    converged: bool
+    converged: bool  # gradient_norm <= target
+    target: float  # the gradient norm it had to reach: tolerance * max(||grad L(theta_0)||, 1)
 
 
 def objective_and_gradient(
@@ -152,7 +153,7 @@ def train_to_optimum(
     for p in params:
         p.grad = None
     norm = float(grad.norm())
-    return TrainResult(space.flat().clone(), value, norm, iterations, norm <= target)
+    return TrainResult(space.flat().clone(), value, norm, iterations, norm <= target, target)
 
 
 def _newton_cg_step(

@@ -21,7 +21,7 @@ one: an approximation on top of an approximation (docs/estimators.md §10).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from functools import partial
 from typing import Any, ClassVar
 
@@ -47,7 +47,7 @@ from infkit.kfac.streaming import (
     query_budget,
 )
 from infkit.layers.capture import shared_inputs
-from infkit.layers.tracked import TrackedLayers, find_modules
+from infkit.layers.tracked import TrackedLayers, TrackedModule, find_modules
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import KRONECKER, Fidelity, PrimalMethod, Problem, register
 from infkit.parameters import ParameterSpace, product_dtype
@@ -109,15 +109,15 @@ class KFAC(PrimalMethod):
         if not tracked:
             return
         item = product_dtype(problem.space.dtype).itemsize
-        need = sum(
-            (t.cols**2 + t.d_out**2) * item + (t.cols * t.d_out * item if self.corrected else 0)
-            for t in tracked
-        ) + max(2 * max(t.cols, t.d_out) ** 2 * FLOAT64_BYTES for t in tracked)
+        factor = factor_bytes(tracked, item)
+        need = sum(factor.values()) + eigh_bytes(tracked)
+        if self.corrected:  # EK-FAC's eigenvalues, one per parameter
+            need += sum(t.cols * t.d_out for t in tracked) * item
         if need > problem.memory_limit:
             raise ProblemTooLargeError(
                 f"method {self.name!r} keeps two Kronecker factors (then their eigenbases) per layer, "
                 f"{human_bytes(need)} for the {len(tracked)} tracked layers (the largest: "
-                f"{max(tracked, key=lambda t: t.cols**2 + t.d_out**2).name!r}), above the memory "
+                f"{max(tracked, key=lambda t: factor[t.name]).name!r}), above the memory "
                 f"limit of {human_bytes(problem.memory_limit)}: track fewer layers (modules=...), "
                 "freeze the largest (requires_grad=False), or raise memory_limit"
             )
@@ -284,11 +284,10 @@ class KFAC(PrimalMethod):
             shared = shared_inputs(task, tracked, shape.sample_inputs, self.options.mask_key)
             followers = {name for names in shared for name in names[1:]}
         cols = {x.name: 0 if x.name in followers else x.cols for x in tracked}
-        factor = {x.name: (cols[x.name] ** 2 + x.d_out**2) * work for x in tracked}
+        factor = factor_bytes(tracked, work, followers)
         factors = sum(factor.values())
         biggest = max(tracked, key=lambda x: factor[x.name])
-        # eigh of the largest factor runs in float64: the matrix and its eigenvectors
-        eigh = 2 * max(max(x.cols, x.d_out) ** 2 for x in tracked) * FLOAT64_BYTES
+        eigh = eigh_bytes(tracked)
         hooks = b * t * sum(x.cols + x.d_out for x in tracked) * item
         block = max(tracked, key=lambda x: x.cols * x.d_out)
         block_bytes = b * block.cols * block.d_out * work
@@ -419,6 +418,25 @@ def _query_payload(
 #: of the trainable parameters (the rest left out with a notice, as for a language model's
 #: embeddings and norms)
 AUTO_TRACKED_SHARE = 0.5
+
+
+def factor_bytes(
+    tracked: list[TrackedModule], itemsize: int, followers: Collection[str] = ()
+) -> dict[str, int]:
+    """Bytes of each layer's two Kronecker factors ``A`` [cols, cols] and ``S`` [d_out, d_out]
+    (then of their eigenbases, which take their place), at ``itemsize`` bytes an entry.
+
+    ``followers`` are layers that read the input of an earlier tracked layer (an attention's
+    k and v after q): they share its ``A`` and are counted with ``S`` alone."""
+    return {
+        t.name: ((0 if t.name in followers else t.cols**2) + t.d_out**2) * itemsize for t in tracked
+    }
+
+
+def eigh_bytes(tracked: list[TrackedModule]) -> int:
+    """The float64 eigendecomposition of the largest factor: the matrix and its eigenvectors
+    (one layer is decomposed at a time)."""
+    return 2 * max(max(t.cols, t.d_out) ** 2 for t in tracked) * FLOAT64_BYTES
 
 
 def tracked_share(problem: Problem) -> float:

@@ -18,6 +18,7 @@ per-layer and per-token scores) and writes the workdir (docs/report.md §3):
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from infkit.errors import (
     ConfigError,
     CurvatureError,
     InfkitError,
+    NotConvergedWarning,
     Notice,
     UnsupportedError,
     warn,
@@ -41,14 +43,13 @@ from infkit.errors import (
 from infkit.fingerprint import data_fingerprint, model_fingerprint
 from infkit.gradients import PerExample
 from infkit.influence import Influence
-from infkit.parameters import ParameterSpace, evaluation_mode
+from infkit.parameters import ParameterSpace
 from infkit.progress import Stopwatch
 from infkit.report import factories
 from infkit.report.config import MIN_RETRAININGS, RunConfig
 from infkit.report.views import Display, guess_kind
 from infkit.store import ArtifactStore, differences, save_csv, save_json
 from infkit.task import Task
-from infkit.training import objective_and_gradient
 
 #: the artifact kind of a run's results
 KIND = "report"
@@ -443,21 +444,23 @@ def _retraining(
     (a warning, and the record the page shows) which retrainings did not converge."""
     section = config["retraining"]
     loo_idx = scores[0].abs().topk(min(section["n"], len(train))).indices
-    loo = retraining.leave_one_out(
-        task,
-        train,
-        query_set.subset([0]),
-        loo_idx,
-        l2,
-        tolerance=section["tolerance"],
-        max_iter=section["max_iter"],
-        cache_dir=workdir / "retrain",
-        progress=progress,
-    )
+    with warnings.catch_warnings():  # said below, in the configuration's terms
+        warnings.simplefilter("ignore", NotConvergedWarning)
+        loo = retraining.leave_one_out(
+            task,
+            train,
+            query_set.subset([0]),
+            loo_idx,
+            l2,
+            tolerance=section["tolerance"],
+            max_iter=section["max_iter"],
+            cache_dir=workdir / "retrain",
+            progress=progress,
+        )
     predicted, actual = scores[0, loo_idx], loo.measurement[0]
     tensors.update(loo_indices=loo_idx, loo_predicted=predicted, loo_actual=actual)
     stats = evaluate.correlation(predicted, actual)
-    unconverged = not_converged(task, train, loo, l2, section["tolerance"])
+    unconverged = not_converged(loo)
     late = {r["index"] for r in unconverged}
     save_csv(
         workdir / "loo.csv",
@@ -487,37 +490,19 @@ def _retraining(
     return record
 
 
-def not_converged(
-    task: Task, train: ExampleSet, loo: retraining.LeaveOneOut, l2: float, tolerance: float
-) -> list[dict[str, Any]]:
-    """The retrainings that stopped short of their tolerance: ``index``, final
-    ``gradient_norm`` and the ``target`` it had to reach.
-
-    The target is :func:`infkit.train_to_optimum`'s own stopping rule, ``tolerance`` times the
-    retained objective's gradient norm at the warm start (or times 1 when that is smaller);
-    ``infkit.retrain`` keeps each final gradient norm but not whether it met the target, so the
-    starting norm is computed again here, only for a norm above ``tolerance`` (every target is
-    at least ``tolerance``)."""
-    out = []
-    for j, norm in zip(loo.indices.tolist(), loo.gradient_norms.tolist()):
-        if norm <= tolerance:
-            continue
-        target = tolerance * max(_starting_gradient_norm(task, train, j, l2), 1.0)
-        if not norm <= target:  # a NaN norm did not converge either
-            out.append({"index": j, "gradient_norm": norm, "target": target})
-    return out
-
-
-def _starting_gradient_norm(task: Task, train: ExampleSet, removed: int, l2: float) -> float:
-    """||grad L_R|| at the trained parameters (the retraining's warm start), R = all but
-    ``removed``."""
-    keep = torch.ones(len(train), dtype=torch.bool)
-    keep[removed] = False
-    with evaluation_mode(task.model):
-        _, grad = objective_and_gradient(
-            task, ParameterSpace(task.model), train, l2, keep.nonzero().squeeze(1)
+def not_converged(loo: retraining.LeaveOneOut) -> list[dict[str, Any]]:
+    """The retrainings that stopped short of their target: ``index``, final ``gradient_norm``
+    and the ``target`` it had to reach (:func:`infkit.train_to_optimum`'s stopping rule)."""
+    return [
+        {"index": j, "gradient_norm": norm, "target": target}
+        for j, norm, target, done in zip(
+            loo.indices.tolist(),
+            loo.gradient_norms.tolist(),
+            loo.targets.tolist(),
+            loo.converged.tolist(),
         )
-    return float(grad.norm())
+        if not done
+    ]
 
 
 def not_converged_message(record: dict[str, Any], where: str) -> str:
