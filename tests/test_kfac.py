@@ -291,3 +291,25 @@ def test_gram_equals_the_dense_weighted_product(d: int, weighted: bool) -> None:
     G = gram(X, w)
     assert relative_error(G, expected) < 1e-13
     assert relative_error(G, G.T) < 1e-14  # mirrored blocks, and diagonal blocks to rounding
+
+
+@pytest.mark.parametrize("positions", [2, 40])
+def test_blocks_rotated_into_the_eigenbasis_by_either_order(positions: int) -> None:
+    """kfac.streaming.rotated_blocks rotates each position's terms first for short sequences
+    (2 positions here) and forms the block first for long ones (40): both give Q_S^T G Q_A of
+    G = sum_t Ds_t a_t^T, computed here densely per example in float64."""
+    from infkit.kfac.streaming import rotated_blocks
+
+    gen = torch.Generator().manual_seed(positions)
+    b, d_out, cols = 3, 12, 9
+    a = torch.randn(b, positions, cols, generator=gen, dtype=torch.float64)
+    ds = torch.randn(b, positions, d_out, generator=gen, dtype=torch.float64)
+    QS = torch.linalg.qr(torch.randn(d_out, d_out, generator=gen, dtype=torch.float64))[0]
+    QA = torch.linalg.qr(torch.randn(cols, cols, generator=gen, dtype=torch.float64))[0]
+    expected = torch.stack(
+        [
+            QS.T @ sum(torch.outer(ds[j, t], a[j, t]) for t in range(positions)) @ QA
+            for j in range(b)
+        ]
+    )
+    assert relative_error(rotated_blocks(a, ds, QS, QA, torch.float64), expected) < 1e-13

@@ -95,14 +95,31 @@ def block_gradients(a: Tensor, ds: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.einsum("bto,bti->boi", ds.to(dtype), a.to(dtype))
 
 
+def rotated_blocks(a: Tensor, ds: Tensor, QS: Tensor, QA: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Q_S^T G_j Q_A`` [B, d_out, cols] of the blocks ``G_j = sum_t Ds_jt a_jt^T``, in the
+    cheaper order: each position's terms rotated first (``T (d_out^2 + cols^2)`` products per
+    example, fewer for short sequences) or the block formed first (``d_out cols (d_out + cols)``).
+    """
+    t, d_out, cols = a.shape[1], ds.shape[-1], a.shape[-1]
+    if t * (d_out**2 + cols**2) < d_out * cols * (d_out + cols):
+        return (ds.to(dtype) @ QS).transpose(-1, -2) @ (a.to(dtype) @ QA)
+    return QS.T @ block_gradients(a, ds, dtype) @ QA
+
+
 def precondition_layer(
-    curvature: KroneckerCurvature, name: str, G: Tensor, ridge: float, dtype: torch.dtype
+    curvature: KroneckerCurvature,
+    name: str,
+    G: Tensor | tuple[Tensor, Tensor],
+    ridge: float,
+    dtype: torch.dtype,
 ) -> Tensor:
-    """``Q_S ((Q_S^T G Q_A) / (Lambda + ridge)) Q_A^T`` for one layer's blocks [k, d_out, cols]."""
+    """``Q_S ((Q_S^T G Q_A) / (Lambda + ridge)) Q_A^T`` for one layer's blocks [k, d_out, cols],
+    given as the blocks ``G`` or as their per-position terms ``(a, Ds)``
+    (:func:`rotated_blocks`)."""
     f = curvature.factors.modules[name]
     QS, QA = f.QS.to(dtype), f.QA.to(dtype)
     denom = (curvature.eigenvalues(name) + ridge).to(dtype)
-    rotated = QS.T @ G.to(dtype) @ QA
+    rotated = rotated_blocks(*G, QS, QA, dtype) if isinstance(G, tuple) else QS.T @ G.to(dtype) @ QA
     rotated /= denom
     return QS @ rotated @ QA.T
 
@@ -305,9 +322,12 @@ class StreamingScorer:
         shared = torch.zeros(t_count, dtype=torch.float64, device=device)
         for batch in queries.batches(fitted.batch_size):
             rows = batch.indices.to(device)
-            for name, G in self.gradients(batch, "measurement", tracked):
-                U = precondition_layer(self.curvature, name, G, ridges[name], self.dtype)
-                del G
+            terms = layer_terms(fitted.engine, tracked, batch, "measurement", self.mask_key)
+            for t in tracked:
+                name = t.name
+                U = precondition_layer(
+                    self.curvature, name, terms.pop(name), ridges[name], self.dtype
+                )
                 if fitted.l2:
                     shared[rows] += fitted.l2 * (U * theta[name]).sum((1, 2)).to(torch.float64)
                 if name in low:
