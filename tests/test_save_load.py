@@ -266,6 +266,32 @@ def test_an_ekfac_language_model_comes_back(tmp_path: Path) -> None:
     assert torch.equal(loaded.self_scores(), original.self_scores())
 
 
+def test_a_smaller_memory_limit_at_load_drops_the_gradient_cache(tmp_path: Path) -> None:
+    """A save holds the [N, P] gradient cache its fit kept; loaded under a memory_limit that the
+    cache does not fit (a quarter of the limit, as fit decides), the gradients are computed
+    again batch by batch: the same scores (another summation path: to float64 rounding)."""
+    torch.manual_seed(0)
+    model = TinyLM().double().eval()
+    ids = torch.randint(0, VOCAB, (124, LENGTH))
+    train, test = lm.examples(ids[:120]), lm.examples(ids[120:])
+    task = infkit.Task.language_modeling(model)
+    original = infkit.Influence(task, "ekfac", damping="auto").fit(train)
+    cache = original.fitted.train_gradients
+    assert cache is not None
+    original.save(tmp_path)
+    twin = infkit.Task.language_modeling(copy.deepcopy(model))
+    small = 4 * cache.numel() * cache.element_size() - 8  # the cache is just too large
+    loaded = infkit.Influence.load(tmp_path, twin, memory_limit=small)
+    assert loaded.fitted.train_gradients is None
+    expected = original.scores(test)
+    assert torch.allclose(
+        loaded.scores(test), expected, rtol=1e-10, atol=1e-12 * expected.abs().max()
+    )
+    roomy = infkit.Influence.load(tmp_path, twin, memory_limit=small + 8)
+    assert roomy.fitted.train_gradients is not None
+    assert torch.equal(roomy.scores(test), expected)  # the same cache, the same path
+
+
 # ============================================================================ refusals
 @pytest.fixture
 def saved_exact(mlp_problem: dict, tmp_path: Path) -> Path:

@@ -440,7 +440,9 @@ class Influence:
                 again; each is checked against the saved name and code hash.
             progress: how progress is shown (as for ``Influence``).
             memory_limit: bytes dense objects may take (None: the saved limit, which keeps the
-                chunking, and so the answers, as they were).
+                chunking, and so the answers, as they were). A saved [N, P] gradient cache that
+                this limit does not hold (a quarter of it) is not loaded: the gradients are
+                computed again when needed.
             device: where the model runs (as for ``Influence``; default: where it is). The
                 saved tensors that were on the model's device go there, the others to the CPU.
 

@@ -52,7 +52,7 @@ from infkit.fingerprint import (
     task_fingerprint,
     tensor_digest,
 )
-from infkit.fitted import Fitted
+from infkit.fitted import Fitted, gradient_cache_fits
 from infkit.gradients import PerExample
 from infkit.methods.base import Method, method_class, registered
 from infkit.parameters import ParameterSpace
@@ -743,8 +743,13 @@ class SavedInfluence:
         space = ParameterSpace(task.model, list(ident["parameters"]))
         engine = PerExample(task, space, ident["per_example"])
         device = space.device
+        # the [N, P] gradient cache is kept when it fits this memory_limit (as fit decides);
+        # otherwise the gradients are computed again batch by batch, the same numbers
+        fits = gradient_cache_fits(len(examples), space.size, space.dtype, memory_limit)
         values = {
-            name: decode(value, self.tensors("fitted"), device, name)
+            name: None
+            if name == "train_gradients" and not fits
+            else decode(value, self.tensors("fitted"), device, name)
             for name, value in self.document("fitted").items()
         }
         state_doc = self.document("state")
