@@ -181,3 +181,35 @@ def test_bad_hyperparameters_and_task(linear_data) -> None:
         infkit.Influence(task, progress="off")  # type: ignore[arg-type]
     with pytest.raises(UnsupportedError, match="unknown measurement"):
         infkit.Task.classification(model, measurement="accuracy")
+
+
+@pytest.mark.parametrize("method", ["ekfac", "exact"])
+def test_outputs_that_do_not_depend_on_the_attributed_parameters_are_named(method: str) -> None:
+    """A zero output layer (as a fresh LoRA adapter's B) leaves the attributed first layer
+    without gradients: the fit says so instead of dividing by the zero curvature."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    torch.nn.init.zeros_(model[2].weight)
+    model[2].requires_grad_(False)
+    X, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    task = infkit.Task.classification(model.double().eval())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        inf = infkit.Influence(task, method, damping=1e-2).fit((X.double(), y))
+    messages = [str(w.message) for w in seen]
+    assert any("the curvature along output directions is 0" in m for m in messages)
+    assert not any("energy ratio" in m for m in messages)
+    assert not bool(inf.scores((X[:3].double(), y[:3])).any())
+
+
+def test_a_layer_without_curvature_under_auto_damping_is_named() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    torch.nn.init.zeros_(model[2].weight)
+    model[2].requires_grad_(False)
+    X, y = torch.randn(30, 4).double(), torch.randint(0, 3, (30,))
+    task = infkit.Task.classification(model.double().eval())
+    with pytest.raises(CurvatureError, match=r"layer '0' has no curvature at all.*modules="):
+        infkit.Influence(task, "ekfac", damping="auto").fit((X, y))

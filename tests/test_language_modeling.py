@@ -663,3 +663,39 @@ def test_auto_passes_over_ekfac_when_its_factors_do_not_fit(problem: dict) -> No
         assert tight.fit(problem["train"]).method.name == "cg"
     reason = tight.describe()["auto"]["passed_over"]["ekfac"]
     assert reason.startswith("its factors do not fit") and "memory limit of 3.9 KiB" in reason
+
+
+def test_output_fn_picks_the_logits_and_their_absence_names_the_fields(problem: dict) -> None:
+    class Hidden(nn.Module):  # returns a dict, as a ...Model without an output head does
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None):  # type: ignore[no-untyped-def]
+            return {"scores": self.inner(input_ids), "hidden": torch.zeros(1)}
+
+    wrapped = Hidden(problem["model"])
+    with pytest.raises(InvalidInputError, match=r"its fields: scores, hidden.*output_fn="):
+        infkit.Influence(infkit.Task.language_modeling(wrapped), "identity").fit(problem["train"])
+    direct = infkit.Influence(infkit.Task.language_modeling(problem["model"]), "identity")
+    picked = infkit.Influence(
+        infkit.Task.language_modeling(wrapped, output_fn=lambda out: out["scores"]), "identity"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = direct.fit(problem["train"]).scores(problem["test"])
+        got = picked.fit(problem["train"]).scores(problem["test"])
+    assert torch.equal(got, expected)
+
+
+def test_a_plan_above_the_limit_suggests_the_methods_own_levers(problem: dict) -> None:
+    task = infkit.Task.language_modeling(problem["model"])
+    shown = {}
+    for method in ("ekfac", "identity"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Notice)
+            inf = infkit.Influence(task, method, damping=1e-2, memory_limit=1)
+            shown[method] = str(inf.plan(n_train=N, n_queries=Q, sequence_length=LENGTH))
+    assert "above memory_limit (1.0 B per process): track fewer layers (modules=)" in shown["ekfac"]
+    assert "query_rank" not in shown["identity"] and "modules=" not in shown["identity"]
+    assert "requires_grad=False" in shown["identity"]

@@ -170,9 +170,31 @@ class ExampleSet:
                 self.name,
             )
         pairs = [self._item_pair(self._dataset[int(i)]) for i in idx]
-        inputs = default_collate([p[0] for p in pairs])
-        targets = None if pairs[0][1] is None else default_collate([p[1] for p in pairs])
+        inputs = self._collate([p[0] for p in pairs], idx, "inputs")
+        targets = (
+            None if pairs[0][1] is None else self._collate([p[1] for p in pairs], idx, "labels")
+        )
         return Batch(idx, inputs, targets, self.name)
+
+    def _collate(self, values: list[Any], idx: Tensor, what: str) -> Any:
+        """``default_collate`` of items' inputs or labels; items whose tensors differ in shape
+        (sequences of several lengths) are named."""
+        try:
+            return default_collate(values)
+        except RuntimeError as error:
+            shapes = [[tuple(t.shape) for t in leaves(v)] for v in values]
+            differs = [k for k in range(1, len(values)) if shapes[k] != shapes[0]]
+            if not differs:
+                raise
+            k = differs[0]
+            raise InvalidInputError(
+                f"{self.name} examples {int(idx[0])} and {int(idx[k])} have {what} of different "
+                f"shapes ({', '.join(map(str, shapes[0]))} and {', '.join(map(str, shapes[k]))}):"
+                " examples are batched together, so their tensors need one shape. Pad sequences "
+                "to one length and mark the padding with attention_mask = 0 (for token ids, "
+                "infkit.language_modeling.examples(ids, attention_mask) masks it out of the "
+                "labels), or resize images to one size"
+            ) from error
 
     def collated(self) -> tuple[Any, Any]:
         """Every example as one batch, ``(inputs, targets)``: an (X, y) pair as given (numpy

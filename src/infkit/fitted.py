@@ -347,6 +347,8 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
                     f"({', '.join(LABEL_KEYS)}); keys found: {', '.join(keys) or 'none'}"
                 )
             found = task.check_targets(batch.targets, output_shape)
+            if found is None and task.check_pairs is not None:
+                found = task.check_pairs(batch.inputs, batch.targets)
             if found is not None:
                 k, message = found
                 raise InvalidInputError(

@@ -984,7 +984,7 @@ class Influence:
                         "(checks=False skips them)",
                     )
                 )
-        out = Plan(method.name, shape, stages)
+        out = Plan(method.name, shape, stages, remedy=method.plan_remedy)
         if timed and examples is not None and space.device.type != "meta":
             out.seconds_per_batch = _time_batch(self.task, space, examples, self.batch_size)
         return out

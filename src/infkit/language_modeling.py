@@ -120,13 +120,21 @@ def check_labels(targets: Any, output_shape: tuple[int, ...]) -> tuple[int, str]
         )
     y = targets.long()
     scored = y[:, 1:] != IGNORE_INDEX
+    if length > 1 and not bool(scored.any(dim=1).all()):
+        k = int((~scored.any(dim=1)).nonzero()[0, 0])
+        return k, (
+            "the sequence has no token to score: every label after position 0 is -100, so its "
+            "loss is 0 and every score against it would be 0. Drop it (or unmask its labels)"
+        )
     outside = scored & ((y[:, 1:] < 0) | (y[:, 1:] >= vocabulary))
     if bool(outside.any()):
         k = int(outside.any(dim=1).nonzero()[0, 0])
         bad = int(y[k, 1:][outside[k]][0])
         return k, (
-            f"label {bad} is outside the vocabulary of {vocabulary} tokens (and is not -100, "
-            "the ignored label)"
+            f"label {bad} is outside the vocabulary of {vocabulary} tokens, the last dimension "
+            "of the model's outputs (and is not -100, the ignored label); if the model returns "
+            "hidden states rather than logits (a Hugging Face ...Model without its head), use "
+            "its ...ForCausalLM"
         )
     return None
 
@@ -206,6 +214,61 @@ def check_token_ids(inputs: Any, model: nn.Module) -> tuple[int, str] | None:
     )
 
 
+def _mask(inputs: Any) -> Tensor | None:
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    return mask if isinstance(mask, Tensor) else None
+
+
+def check_inputs(inputs: Any, model: nn.Module) -> tuple[int, str] | None:
+    """Why a batch of inputs cannot be fed to a language model (the first bad sequence), or
+    None: token ids outside the vocabulary (:func:`check_token_ids`), or an ``attention_mask``
+    whose shape is not that of ``input_ids`` (the model would broadcast or cut it silently)."""
+    found = check_token_ids(inputs, model)
+    if found is not None:
+        return found
+    ids, mask = _token_ids(inputs), _mask(inputs)
+    if ids is not None and mask is not None and tuple(mask.shape) != tuple(ids.shape):
+        return 0, (
+            f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}: the mask "
+            "marks each position of input_ids (1 a token, 0 padding) and must have its shape"
+        )
+    return None
+
+
+def check_masked_labels(inputs: Any, targets: Any) -> tuple[int, str] | None:
+    """Why a batch's labels disagree with its ``attention_mask`` (the first bad sequence), or
+    None.
+
+    Label ``t + 1`` is predicted from the logits of position ``t``; it may be scored (not -100)
+    only when both positions are tokens. A scored label at padding predicts the pad token, and
+    one right after padding (the first token of a left-padded sequence) is predicted from the
+    logits of a padding position: both change the loss, silently, by what the padding is.
+    """
+    mask = _mask(inputs)
+    if mask is None or not isinstance(targets, Tensor) or mask.dim() != 2:
+        return None
+    if targets.shape != mask.shape or mask.shape[1] < 2:
+        return None
+    scored = targets[:, 1:].long() != IGNORE_INDEX
+    token = mask != 0
+    bad = scored & ~(token[:, 1:] & token[:, :-1])
+    if not bool(bad.any()):
+        return None
+    k = int(bad.any(dim=1).nonzero()[0, 0])
+    t = int(bad[k].nonzero()[0, 0]) + 1
+    where = (
+        "attention_mask is 0 there (padding)"
+        if not bool(token[k, t])
+        else f"it follows padding (attention_mask is 0 at position {t - 1}, as in left padding), "
+        "so it would be predicted from the logits of a padding position"
+    )
+    return k, (
+        f"the label at position {t} is scored (not -100) but {where}. Set labels to -100 at "
+        "padding and at the first token after it; infkit.language_modeling.examples(input_ids, "
+        "attention_mask) builds such labels"
+    )
+
+
 def examples(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
@@ -213,9 +276,12 @@ def examples(
 ) -> tuple[dict[str, Tensor], Tensor]:
     """An ``(inputs, labels)`` pair for :meth:`infkit.Task.language_modeling`.
 
-    Labels are the input ids, with -100 at padding (``attention_mask == 0``) and, for
-    completions, at the first ``prompt_lengths[i]`` positions of sequence i, so that only the
-    completion's tokens are scored.
+    Labels are the input ids, with -100 at padding (``attention_mask == 0``) and at a token
+    that follows padding (the first token of a left-padded sequence: nothing but padding
+    predicts it, as nothing predicts the first token of an unpadded one), and, for completions,
+    at the first ``prompt_lengths[i]`` tokens of sequence i, counted from its first token (after
+    any left padding), so that only the completion's tokens are scored. A sequence padded on
+    either side then has the loss and scores of the same sequence unpadded.
 
     Raises:
         InvalidInputError: ids that are not an integer [N, T] tensor, a mask of another shape,
@@ -223,6 +289,16 @@ def examples(
             scored token after position 0 (the first token is never a label: nothing
             predicts it).
     """
+    if isinstance(input_ids, (list, tuple)) and any(isinstance(x, Tensor) for x in input_ids):
+        lengths = sorted({len(x) for x in input_ids})
+        if len(lengths) > 1:
+            raise InvalidInputError(
+                f"input_ids holds sequences of {len(lengths)} lengths ({lengths[0]} to "
+                f"{lengths[-1]} tokens): pad them to one length [N, T] and pass attention_mask "
+                "(1 for a token, 0 for padding), e.g. tokenizer(texts, padding=True, "
+                "return_tensors='pt')"
+            )
+        input_ids = torch.stack(list(input_ids))
     ids = torch.as_tensor(input_ids)
     if ids.dim() != 2:
         raise InvalidInputError(f"input_ids must be [N, T], got shape {tuple(ids.shape)}")
@@ -241,7 +317,9 @@ def examples(
                 f"attention_mask must have the shape of input_ids, [{n}, {t}], got "
                 f"{list(mask.shape)}"
             )
-        labels[mask == 0] = IGNORE_INDEX
+        padding = mask == 0
+        labels[padding] = IGNORE_INDEX
+        labels[:, 1:][padding[:, :-1]] = IGNORE_INDEX  # predicted from a padding position
         inputs["attention_mask"] = mask
     if prompt_lengths is not None:
         lengths = torch.as_tensor(prompt_lengths).reshape(-1)
@@ -250,15 +328,23 @@ def examples(
                 f"prompt_lengths must be {n} integers, one per sequence, got "
                 f"{len(lengths)} of dtype {lengths.dtype}"
             )
-        outside = (lengths < 0) | (lengths >= t)
+        # the prompt starts at the first token: after the left padding, if any
+        start = (
+            torch.zeros(n, dtype=torch.long)
+            if attention_mask is None
+            else (torch.as_tensor(attention_mask) != 0).long().argmax(dim=1)
+        )
+        outside = (lengths < 0) | (start + lengths >= t)
         if bool(outside.any()):
             i = int(outside.nonzero()[0, 0])
+            room = t - 1 - int(start[i])
             raise InvalidInputError(
-                f"prompt_lengths[{i}] = {int(lengths[i])} is not in [0, {t - 1}]: a prompt "
-                f"must leave at least one of the {t} positions to score as the completion"
+                f"prompt_lengths[{i}] = {int(lengths[i])} is not in [0, {room}]: a prompt "
+                f"must leave at least one of the {t - int(start[i])} positions from its first "
+                "token to score as the completion"
             )
         positions = torch.arange(t).unsqueeze(0)
-        labels[positions < lengths.unsqueeze(1)] = IGNORE_INDEX
+        labels[positions < (start + lengths).unsqueeze(1)] = IGNORE_INDEX
     unscored = (
         (labels[:, 1:] == IGNORE_INDEX).all(dim=1) if t > 1 else torch.ones(n, dtype=torch.bool)
     )

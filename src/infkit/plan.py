@@ -101,6 +101,8 @@ class Plan:
     shape: RunShape
     stages: list[Stage] = field(default_factory=list)
     seconds_per_batch: float | None = None
+    #: what to change when the peak exceeds ``memory_limit`` (the method's levers)
+    remedy: str = "attribute fewer parameters or score fewer queries per call"
 
     @property
     def passes(self) -> float:
@@ -158,11 +160,7 @@ class Plan:
         )
         limit = s.memory_limit
         if limit is not None and self.peak_bytes - s.model_bytes > limit:
-            rows.append(
-                f"  above memory_limit ({human_bytes(limit)} per process): track fewer layers "
-                "(modules=), set query_rank, or use a smaller batch_size (more processes split "
-                "the passes, not these bytes)"
-            )
+            rows.append(f"  above memory_limit ({human_bytes(limit)} per process): {self.remedy}")
         if self.seconds is not None:
             seconds = self.seconds
             took = f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

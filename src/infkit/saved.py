@@ -746,7 +746,7 @@ class SavedInfluence:
         # the [N, P] gradient cache is kept when it fits this memory_limit (as fit decides);
         # otherwise the gradients are computed again batch by batch, the same numbers
         fits = gradient_cache_fits(len(examples), space.size, space.dtype, memory_limit)
-        values = {
+        values: dict[str, Any] = {
             name: None
             if name == "train_gradients" and not fits
             else decode(value, self.tensors("fitted"), device, name)

@@ -43,9 +43,13 @@ def default_output_fn(raw: Any) -> Tensor:
         return logits
     if isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], Tensor):
         return raw[0]
+    keys = getattr(raw, "keys", None)
+    fields = f" (its fields: {', '.join(map(str, keys()))})" if callable(keys) else ""
     raise InvalidInputError(
-        f"cannot find the output tensor in a model output of type {type(raw).__name__}; "
-        "pass Task(..., output_fn=lambda out: out.<field>)"
+        f"cannot find the output tensor in a model output of type {type(raw).__name__}"
+        f"{fields}: it has no .logits. Pass output_fn=lambda out: out.<field> to Task or "
+        "Task.language_modeling; a model without an output head (a Hugging Face ...Model "
+        "rather than ...ForCausalLM) returns hidden states, not logits"
     )
 
 
@@ -260,6 +264,9 @@ class Task:
         check_inputs: ``fn(inputs, model) -> (position, message) | None``: why a batch of
             inputs cannot be fed to the model (a language model: token ids outside its
             vocabulary); every pass over the data checks its batches with it (None: no check).
+        check_pairs: ``fn(inputs, targets) -> (position, message) | None``: why a batch's
+            targets disagree with its inputs (a language model: a label scored at padding);
+            checked once per set, with the targets (None: no check).
         output_hessian_product: ``fn(outputs, targets, V [K, *outputs.shape]) -> Lambda V``,
             for outputs too large for a dense Lambda_i (language models); when given, curvature
             products use it instead of :meth:`lambda_blocks`.
@@ -284,6 +291,7 @@ class Task:
         output_hessian_product: Callable[[Tensor, Any, Tensor], Tensor] | None = None,
         autocast: torch.dtype | None = None,
         check_inputs: Callable[[Any, nn.Module], TargetProblem | None] | None = None,
+        check_pairs: Callable[[Any, Any], TargetProblem | None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -301,6 +309,7 @@ class Task:
         self.check_targets = check_targets
         self.check_outputs = check_outputs
         self.check_inputs = check_inputs
+        self.check_pairs = check_pairs
         self.output_hessian_product = output_hessian_product
         if autocast not in AUTOCAST_DTYPES:
             raise InvalidInputError(
@@ -344,7 +353,9 @@ class Task:
         )
 
     @classmethod
-    def language_modeling(cls, model: nn.Module) -> Task:
+    def language_modeling(
+        cls, model: nn.Module, *, output_fn: Callable[[Any], Tensor] = default_output_fn
+    ) -> Task:
         """Causal language modelling: logits [B, T, V], labels [B, T] aligned with the inputs.
 
         The per-example loss (and measurement) is the summed next-token cross-entropy of the
@@ -352,15 +363,18 @@ class Task:
         convention; :mod:`infkit.language_modeling`). Inputs are token ids [N, T] or dicts with
         ``input_ids`` and ``attention_mask``; ``infkit.language_modeling.examples(input_ids,
         attention_mask, prompt_lengths)`` builds the labels, masking padding and prompts (the
-        loss of a completion given its prompt).
+        loss of a completion given its prompt). ``output_fn`` picks the logits out of what the
+        model returns (default: itself, its ``.logits``, or the first item of a tuple).
         """
         return cls(
             model,
             lm.next_token_loss,
             output_hessian_product=lm.hessian_product,
+            output_fn=output_fn,
             name="language_modeling",
             check_targets=lm.check_labels,
-            check_inputs=lm.check_token_ids,
+            check_inputs=lm.check_inputs,
+            check_pairs=lm.check_masked_labels,
         )
 
     @classmethod

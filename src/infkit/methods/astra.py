@@ -229,9 +229,17 @@ class ASTRA(PrimalMethod):
         self.iterations.append(iterations + 1)
         self.residuals.append(float(residual.max()))
         if bool((residual > tol).any()):
+            limit = self.options.maxiter
+            remedy = (
+                "raise maxiter or add damping"
+                if limit is not None and iterations >= limit
+                else "it stalled before maxiter: the curvature products are not precise enough "
+                "for this tol (a model that computes in float32 inside, as Hugging Face's rotary "
+                "embeddings do, limits a float64 one); loosen tol or add damping"
+            )
             warn(
                 f"ASTRA stopped after {iterations + 1} iterations with a relative residual of "
-                f"{float(residual.max()):.1e} (tol {tol:.0e}); raise maxiter or add damping",
+                f"{float(residual.max()):.1e} (tol {tol:.0e}); {remedy}",
                 UserWarning,
             )
         return x

@@ -250,12 +250,17 @@ class Method(ABC):
     fidelity: ClassVar[Fidelity] = Fidelity()
     #: priority for ``method="auto"`` (lower first; None: never chosen automatically)
     auto_priority: ClassVar[int | None] = None
-    #: whether :meth:`diagnose` measures the answers' scale against the GGN (approximations)
+    #: what :meth:`infkit.Influence.plan` suggests when the plan exceeds ``memory_limit``
+    plan_remedy: ClassVar[str] = (
+        "attribute fewer parameters (freeze some: requires_grad=False), score fewer queries "
+        "per call, or use a method that scales (ekfac, trak)"
+    )
     #: whether solving many queries at once costs little more than one (an iterative solve,
     #: each step a pass over the training data shared by all right-hand sides): the facade
     #: then scores queries in chunks up to a quarter of ``memory_limit`` instead of a tenth of
     #: the result, so that a 10M-parameter model does not solve its queries one by one
     solves_together: ClassVar[bool] = False
+    #: whether :meth:`diagnose` measures the answers' scale against the GGN (approximations)
     checks_scale: ClassVar[bool] = False
     #: :meth:`diagnose` warns when the answers come out this many times too large (None: never)
     scale_warning: ClassVar[float | None] = None
@@ -467,7 +472,18 @@ class Method(ABC):
         if scale_check:
             scale = diagnostics.curvature_scale(fitted)
             checks["curvature_scale"] = scale
-            if fitted.damping > DAMPING_WARNING * (scale + fitted.l2):
+            if scale + fitted.l2 <= 0:
+                warn(
+                    "the curvature along output directions is 0 for every probe (and l2 = 0): "
+                    "the scored outputs do not depend on the attributed parameters, so every "
+                    "gradient and every score is 0. Check that the labels score some positions "
+                    "(not all -100) and that the attributed layers have gradients (a fresh LoRA "
+                    "adapter, B = 0, gives its A matrices none: attribute through B, or after "
+                    "training)",
+                    UserWarning,
+                )
+                energy_check = 0  # nothing to measure: 0 / 0
+            elif fitted.damping > DAMPING_WARNING * (scale + fitted.l2):
                 warn(
                     f"damping={fitted.damping:g} is {fitted.damping / (scale + fitted.l2):.1e} "
                     f"times the curvature (about {scale:.3g} along gradient directions, plus "

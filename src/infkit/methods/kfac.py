@@ -72,6 +72,10 @@ class KFAC(PrimalMethod):
     stationarity_pass = False
     shards_scores = True
     checks_scale = True  # describe() reports energy_ratio
+    plan_remedy = (
+        "track fewer layers (modules=), set query_rank, or use a smaller batch_size (more "
+        "processes split the passes, not these bytes)"
+    )
     fidelity = Fidelity(
         rtol=None, min_correlation=0.75, removal_correlation=0.5, scale=(0.8, 4.0), damping=0.1
     )

@@ -1,0 +1,173 @@
+"""Padded sequences: a set padded on the left or on the right scores as the sequences unpadded,
+and labels that disagree with the attention mask are refused (docs/methods/language_models.md
+§1).
+
+The model here respects its attention mask (a masked causal running mean), so that the logits
+of a real position do not depend on the padding; the ground truth is each sequence's loss
+computed alone, without padding.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from lm_helpers import LENGTH, VOCAB
+from torch import nn
+
+import infkit
+from infkit import language_modeling as lm
+from infkit.errors import InvalidInputError, Notice
+
+LENGTHS = [7, 3, 5, 4, 6, 2, 7, 5, 3, 6]
+N = 7  # the first N sequences train, the rest are queries
+PAD = 0
+
+
+class MaskedLM(nn.Module):
+    """Embedding, a causal running mean over the positions the mask keeps, a tanh layer and a
+    head: [B, T, V]; a real position's logits do not depend on padding."""
+
+    def __init__(self, vocab: int = VOCAB, width: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        h = self.embed(input_ids)
+        m = (
+            torch.ones_like(h[..., :1])
+            if attention_mask is None
+            else attention_mask.to(h.dtype).unsqueeze(-1)
+        )
+        mean = (h * m).cumsum(1) / m.cumsum(1).clamp_min(1.0)
+        return self.head(torch.tanh(self.mix(mean)))
+
+
+@pytest.fixture(scope="module")
+def padded() -> dict:
+    torch.manual_seed(3)
+    model = MaskedLM().double().eval()
+    sequences = [torch.randint(1, VOCAB, (n,)) for n in LENGTHS]
+    sides = {}
+    for side in ("left", "right"):
+        ids = torch.full((len(LENGTHS), LENGTH), PAD)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(sequences):
+            cols = slice(LENGTH - len(s), LENGTH) if side == "left" else slice(0, len(s))
+            ids[i, cols], mask[i, cols] = s, 1
+        sides[side] = (ids, mask)
+    return {"model": model, "sequences": sequences, "sides": sides}
+
+
+def _split(padded: dict, side: str, prompt: int = 0) -> tuple:
+    ids, mask = padded["sides"][side]
+    prompts = [0] * N + [prompt] * (len(LENGTHS) - N)
+    inputs, labels = lm.examples(ids, mask, prompt_lengths=prompts)
+    rows = lambda lo, hi: ({k: v[lo:hi] for k, v in inputs.items()}, labels[lo:hi])  # noqa: E731
+    return rows(0, N), rows(N, len(LENGTHS))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_the_loss_of_a_padded_sequence_is_its_loss_unpadded(padded: dict, side: str) -> None:
+    model = padded["model"]
+    ids, mask = padded["sides"][side]
+    inputs, labels = lm.examples(ids, mask)
+    losses = lm.next_token_loss(model(**inputs), labels)
+    for i, s in enumerate(padded["sequences"]):
+        alone = lm.next_token_loss(model(s.unsqueeze(0)), s.unsqueeze(0))
+        torch.testing.assert_close(losses[i], alone[0], rtol=1e-12, atol=0)
+    # each sequence scores its tokens after the first, wherever the padding is
+    scored = (labels[:, 1:] != lm.IGNORE_INDEX).sum(1)
+    assert scored.tolist() == [n - 1 for n in LENGTHS]
+
+
+@pytest.mark.parametrize("method", ["exact", "ekfac"])
+def test_left_and_right_padding_give_the_same_scores(padded: dict, method: str) -> None:
+    task = infkit.Task.language_modeling(padded["model"])
+    options = {"fisher": "ggn"} if method == "ekfac" else {}
+    results = {}
+    for side in ("left", "right"):
+        train, test = _split(padded, side, prompt=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # not at an optimum; layers left out
+            inf = infkit.Influence(task, method, l2=1e-2, damping=1e-2, **options).fit(train)
+            results[side] = (inf.scores(test), inf.token_scores(test))
+    (left, left_tokens), (right, right_tokens) = results["left"], results["right"]
+    torch.testing.assert_close(left, right, rtol=1e-9, atol=1e-12 * float(right.abs().max()))
+    # per position: the same contributions, shifted by the padding; exactly 0 at padding
+    for j in range(N):
+        n = LENGTHS[j]
+        torch.testing.assert_close(
+            left_tokens.tokens[:, j, LENGTH - n :],
+            right_tokens.tokens[:, j, :n],
+            rtol=1e-9,
+            atol=1e-12 * float(right.abs().max()),
+        )
+        assert not bool(left_tokens.tokens[:, j, : LENGTH - n].any())
+        assert not bool(right_tokens.tokens[:, j, n:].any())
+
+
+def test_a_prompt_counts_from_the_first_token_after_left_padding(padded: dict) -> None:
+    ids, mask = padded["sides"]["left"]
+    prompts = [2 if n > 2 else 1 for n in LENGTHS]
+    _, labels = lm.examples(ids, mask, prompt_lengths=prompts)
+    for i, (n, k) in enumerate(zip(LENGTHS, prompts)):
+        start = LENGTH - n
+        assert bool((labels[i, : start + k] == lm.IGNORE_INDEX).all())
+        assert bool((labels[i, start + k :] != lm.IGNORE_INDEX).all())
+    with pytest.raises(InvalidInputError, match=r"prompt_lengths\[5\] = 2 is not in \[0, 1\]"):
+        lm.examples(ids, mask, prompt_lengths=[2] * len(LENGTHS))  # sequence 5 has 2 tokens
+
+
+def _fit(model: nn.Module, train: tuple) -> None:
+    task = infkit.Task.language_modeling(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        infkit.Influence(task, "identity").fit(train)
+
+
+def test_labels_scored_at_padding_are_refused(padded: dict) -> None:
+    ids, mask = padded["sides"]["right"]
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    with pytest.raises(InvalidInputError, match="example 1: the label at position 3 is scored"):
+        _fit(padded["model"], (inputs, ids.clone()))  # Hugging Face's labels = input_ids
+
+
+def test_the_first_token_after_left_padding_is_refused_as_a_label(padded: dict) -> None:
+    ids, mask = padded["sides"]["left"]
+    labels = ids.clone()
+    labels[mask == 0] = lm.IGNORE_INDEX  # padding masked, but not the token after it
+    with pytest.raises(InvalidInputError, match=r"example 1: .* it follows padding"):
+        _fit(padded["model"], ({"input_ids": ids, "attention_mask": mask}, labels))
+
+
+def test_a_mask_of_another_shape_is_refused(padded: dict) -> None:
+    ids, mask = padded["sides"]["right"]
+    inputs, labels = lm.examples(ids, mask)
+    inputs["attention_mask"] = mask[:, :-1]
+    with pytest.raises(InvalidInputError, match=r"attention_mask has shape \[10, 6\], input_ids"):
+        _fit(padded["model"], (inputs, labels))
+
+
+def test_a_sequence_with_no_scored_token_is_refused(padded: dict) -> None:
+    ids, mask = padded["sides"]["right"]
+    inputs, labels = lm.examples(ids, mask)
+    labels[4, 1:] = lm.IGNORE_INDEX
+    with pytest.raises(InvalidInputError, match="example 4: the sequence has no token to score"):
+        _fit(padded["model"], (inputs, labels))
+
+
+def test_sequences_of_several_lengths_without_padding_are_refused(padded: dict) -> None:
+    sequences = padded["sequences"]
+    items = [{"input_ids": s, "labels": s} for s in sequences]
+    with pytest.raises(InvalidInputError, match=r"examples 0 and 1 have inputs of different"):
+        _fit(padded["model"], items)
+    with pytest.raises(InvalidInputError, match=r"sequences of 6 lengths \(2 to 7 tokens\): pad"):
+        lm.examples(sequences)
+    same = [s for s in sequences if len(s) == LENGTH]
+    inputs, labels = lm.examples(same)  # one length: stacked
+    assert inputs["input_ids"].shape == (len(same), LENGTH)
+    assert torch.equal(labels, torch.stack(same))
