@@ -58,7 +58,8 @@ def test_astra_neumann_series_converges(wine_logreg: dict) -> None:
     with pytest.warns(UserWarning) as record:
         diverging.method.solve(V)
     messages = " ".join(str(w.message) for w in record)
-    assert "diverges" in messages and "stopped after" in messages
+    # one warning that says why, not a second that would blame imprecise products
+    assert "diverges" in messages and "stopped after" not in messages
     assert diverging.describe()["residuals"][-1] > 1e-3
 
 

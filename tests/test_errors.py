@@ -213,3 +213,23 @@ def test_a_layer_without_curvature_under_auto_damping_is_named() -> None:
     task = infkit.Task.classification(model.double().eval())
     with pytest.raises(CurvatureError, match=r"layer '0' has no curvature at all.*modules="):
         infkit.Influence(task, "ekfac", damping="auto").fit((X, y))
+
+
+def test_a_task_check_of_targets_against_inputs_runs_on_its_own() -> None:
+    """Task(check_pairs=...) without check_targets still checks every set, naming the example."""
+    model = torch.nn.Linear(3, 1).double()
+
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (out[:, 0] - y).square()
+
+    def sign_agrees(x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
+        bad = (torch.sign(x[:, 0]) != torch.sign(y)).nonzero()
+        return None if len(bad) == 0 else (int(bad[0, 0]), "its label's sign is not its input's")
+
+    task = infkit.Task(model, loss, check_pairs=sign_agrees)
+    X = torch.ones(6, 3, dtype=torch.float64)
+    y = torch.ones(6, dtype=torch.float64)
+    infkit.Influence(task, "exact", l2=0.1).fit((X, y))  # consistent: accepted
+    y[4] = -1.0
+    with pytest.raises(InvalidInputError, match="training set example 4: its label's sign"):
+        infkit.Influence(task, "exact", l2=0.1).fit((X, y))

@@ -171,3 +171,11 @@ def test_sequences_of_several_lengths_without_padding_are_refused(padded: dict) 
     inputs, labels = lm.examples(same)  # one length: stacked
     assert inputs["input_ids"].shape == (len(same), LENGTH)
     assert torch.equal(labels, torch.stack(same))
+
+
+def test_items_with_other_keys_are_named(padded: dict) -> None:
+    ids, mask = padded["sides"]["right"]
+    items = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": ids[i]} for i in range(4)]
+    del items[2]["attention_mask"]
+    with pytest.raises(InvalidInputError, match=r"examples 0 and 2 have inputs with other keys"):
+        _fit(padded["model"], items)

@@ -71,7 +71,7 @@ def test_retrainings_short_of_their_optimum_are_flagged_and_named(tmp_path, monk
     tight = {"tolerance": 1e-30, "max_iter": 2}  # a target no float64 retraining reaches
     with pytest.warns(infkit.errors.NotConvergedWarning, match="without example 4") as seen:
         loo = retrain.leave_one_out(task, data, test, [0, 4], l2, cache_dir=tmp_path, **tight)
-    assert "2 leave-one-out retraining(s) did not reach the optimum within max_iter=2" in str(
+    assert "2 leave-one-out retraining(s) stopped short of the optimum, at max_iter=2" in str(
         seen[0].message
     )
     assert loo.converged.tolist() == [False, False]

@@ -11,6 +11,7 @@ a directory without a save, a second save without ``overwrite``.
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -266,10 +267,17 @@ def test_an_ekfac_language_model_comes_back(tmp_path: Path) -> None:
     assert torch.equal(loaded.self_scores(), original.self_scores())
 
 
-def test_a_smaller_memory_limit_at_load_drops_the_gradient_cache(tmp_path: Path) -> None:
+def test_a_smaller_memory_limit_at_load_drops_the_gradient_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A save holds the [N, P] gradient cache its fit kept; loaded under a memory_limit that the
-    cache does not fit (a quarter of the limit, as fit decides), the gradients are computed
-    again batch by batch: the same scores (another summation path: to float64 rounding)."""
+    cache does not fit (a quarter of the limit, as fit decides), the cache is not read and the
+    gradients are computed again batch by batch: the same scores (another summation path: to
+    float64 rounding)."""
+    from safetensors import safe_open
+
+    from infkit import store
+
     torch.manual_seed(0)
     model = TinyLM().double().eval()
     ids = torch.randint(0, VOCAB, (124, LENGTH))
@@ -281,8 +289,31 @@ def test_a_smaller_memory_limit_at_load_drops_the_gradient_cache(tmp_path: Path)
     original.save(tmp_path)
     twin = infkit.Task.language_modeling(copy.deepcopy(model))
     small = 4 * cache.numel() * cache.element_size() - 8  # the cache is just too large
+    read: list[str] = []
+
+    class Spy:  # safe_open, recording the tensors read
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.inner = safe_open(*args, **kwargs)
+
+        def __enter__(self) -> Spy:
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.inner.__exit__(*exc)
+
+        def keys(self) -> list[str]:
+            return list(self.inner.keys())
+
+        def get_tensor(self, key: str) -> torch.Tensor:
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+    monkeypatch.setattr(store, "safe_open", Spy)
     loaded = infkit.Influence.load(tmp_path, twin, memory_limit=small)
+    monkeypatch.undo()
     assert loaded.fitted.train_gradients is None
+    assert read and not any("train_gradients" in key for key in read), read
     expected = original.scores(test)
     assert torch.allclose(
         loaded.scores(test), expected, rtol=1e-10, atol=1e-12 * expected.abs().max()
@@ -290,6 +321,32 @@ def test_a_smaller_memory_limit_at_load_drops_the_gradient_cache(tmp_path: Path)
     roomy = infkit.Influence.load(tmp_path, twin, memory_limit=small + 8)
     assert roomy.fitted.train_gradients is not None
     assert torch.equal(roomy.scores(test), expected)  # the same cache, the same path
+
+
+#: the identities of the ready-made tasks' functions, as saved with every artifact (a code hash
+#: under CPython 3.11): editing one of these functions orphans every saved Influence, factor
+#: cache and retraining cache made with the task. Change a pin only for a change of behaviour.
+READY_MADE_TASKS = {
+    "classification": ("infkit.task._cross_entropy#c8c963f7d03a", "_softmax_hessian#17fc2b013619"),
+    "binary_classification": (
+        "infkit.task._binary_cross_entropy#8bd0dc7d755e",
+        "_binary_hessian#a3d92e0a897a",
+    ),
+    "regression": ("infkit.task._squared_error#01376cf1e710", "_identity_hessian#e74c742200ce"),
+    "language_modeling": ("infkit.language_modeling.next_token_loss#096f049fce5f", None),
+}
+
+
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="code hashes are CPython 3.11's")
+@pytest.mark.parametrize("kind", sorted(READY_MADE_TASKS))
+def test_the_ready_made_tasks_keep_their_identity(kind: str) -> None:
+    from infkit.fingerprint import task_fingerprint
+
+    loss, hessian = READY_MADE_TASKS[kind]
+    found = task_fingerprint(getattr(infkit.Task, kind)(torch.nn.Linear(2, 2)))
+    assert found["loss"] == found["measurement"] == loss
+    assert found["output_hessian"] == (None if hessian is None else f"infkit.task.{hessian}")
+    assert found["output_fn"] == "infkit.task.default_output_fn#f048b5f51fe8"
 
 
 # ============================================================================ refusals

@@ -177,8 +177,19 @@ class ExampleSet:
         return Batch(idx, inputs, targets, self.name)
 
     def _collate(self, values: list[Any], idx: Tensor, what: str) -> Any:
-        """``default_collate`` of items' inputs or labels; items whose tensors differ in shape
-        (sequences of several lengths) are named."""
+        """``default_collate`` of items' inputs or labels; items whose dicts have other keys
+        (an ``attention_mask`` on some items only) or whose tensors differ in shape (sequences
+        of several lengths) are named."""
+        if all(isinstance(v, dict) for v in values):
+            keys = [sorted(v) for v in values]
+            other = next((k for k in range(1, len(values)) if keys[k] != keys[0]), None)
+            if other is not None:
+                raise InvalidInputError(
+                    f"{self.name} examples {int(idx[0])} and {int(idx[other])} have {what} with "
+                    f"other keys ({', '.join(keys[0])} against {', '.join(keys[other])}): every "
+                    "example of a set needs the same keys (give each an attention_mask, all "
+                    "ones where nothing is padded)"
+                )
         try:
             return default_collate(values)
         except RuntimeError as error:

@@ -71,8 +71,9 @@ class Fitted:
         train_gradients: the [N, P] training-loss gradients in :func:`~infkit.parameters.product_dtype`, or None when
             they are not cached (too large, or the method does not use them).
         anchor: theta' of the regulariser ``(l2/2)||theta - theta'||^2`` (None: 0).
-        objective_gradient: ``grad L(theta*)`` [P] float64 (0 at an exact optimum), when the
-            method assumes an optimum; the Newton step uses it to stay exact at a loose one.
+        objective_gradient: ``grad L(theta*)`` [P] in :func:`~infkit.parameters.product_dtype`
+            (0 at an exact optimum), when the method assumes an optimum; the Newton step uses it
+            to stay exact at a loose one.
         stationarity: ``||grad L(theta*)||`` relative to the typical per-example gradient.
         workdir: the directory of a resumable run's artifacts (factors, score shards), or None
             (:mod:`infkit.shards`).
@@ -347,8 +348,14 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
                     f"({', '.join(LABEL_KEYS)}); keys found: {', '.join(keys) or 'none'}"
                 )
             found = task.check_targets(batch.targets, output_shape)
-            if found is None and task.check_pairs is not None:
-                found = task.check_pairs(batch.inputs, batch.targets)
+            if found is not None:
+                k, message = found
+                raise InvalidInputError(
+                    f"{examples.name} example {int(batch.indices[k])}: {message}"
+                )
+    if task.check_pairs is not None:  # targets against inputs, once the targets are usable
+        for batch in examples.batches(4096):
+            found = task.check_pairs(batch.inputs, batch.targets)
             if found is not None:
                 k, message = found
                 raise InvalidInputError(
@@ -405,7 +412,11 @@ def _summary_by_pass(fitted: Fitted) -> GradientSummary:
 
 
 def objective_gradient(fitted: Fitted, summary: GradientSummary | None) -> tuple[Tensor, float]:
-    """grad L(theta*) [P] float64 and its size relative to the typical per-example gradient.
+    """grad L(theta*) [P] and its size relative to the typical per-example gradient.
+
+    The gradient is summed in float64 and kept in :func:`~infkit.parameters.product_dtype`
+    (float32 for a float32 or bfloat16 model: the per-example gradients it averages carry no
+    more precision, and it is one more [P] vector held for the whole run).
 
     Influence estimates assume a trained optimum of ``mean_i l_i + (l2/2)||theta - theta'||^2``;
     above :data:`STATIONARITY_TOLERANCE` the methods measure whether the distance to it changes
@@ -416,4 +427,4 @@ def objective_gradient(fitted: Fitted, summary: GradientSummary | None) -> tuple
     gradient = summary.mean_gradient + fitted.l2 * reg_theta
     scale = summary.mean_norm + fitted.l2 * float(reg_theta.norm())
     stationarity = float(gradient.norm()) / max(scale, 1e-300)
-    return gradient, stationarity
+    return gradient.to(product_dtype(fitted.space.dtype)), stationarity

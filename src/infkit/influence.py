@@ -723,6 +723,7 @@ class Influence:
                 gradient = _retained_gradient(
                     refit.fitted.engine, retained, self.l2, fitted.anchor, self.batch_size
                 )
+            gradient = gradient.to(torch.float64)  # the refit keeps it in product precision
             norms.append(float(gradient.norm()))
             step = refit.method.precondition_queries(gradient.unsqueeze(0))[0]
             theta = theta - step.to(theta)

@@ -269,6 +269,24 @@ def check_masked_labels(inputs: Any, targets: Any) -> tuple[int, str] | None:
     )
 
 
+def _stacked(rows: Any, name: str) -> Any:
+    """A list of sequences (tensors or lists) of one length as an [N, T] tensor; sequences of
+    several lengths are refused with what to do. Anything else is returned as it is."""
+    if not isinstance(rows, (list, tuple)) or not rows:
+        return rows
+    if not all(isinstance(x, (Tensor, list, tuple)) for x in rows):
+        return rows
+    lengths = sorted({len(x) for x in rows})
+    if len(lengths) > 1:
+        raise InvalidInputError(
+            f"{name} holds sequences of {len(lengths)} lengths ({lengths[0]} to "
+            f"{lengths[-1]} tokens): pad them to one length [N, T] and pass attention_mask "
+            "(1 for a token, 0 for padding), e.g. tokenizer(texts, padding=True, "
+            "return_tensors='pt')"
+        )
+    return torch.stack([torch.as_tensor(x) for x in rows])
+
+
 def examples(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
@@ -284,21 +302,15 @@ def examples(
     either side then has the loss and scores of the same sequence unpadded.
 
     Raises:
-        InvalidInputError: ids that are not an integer [N, T] tensor, a mask of another shape,
-            prompt lengths that are not N integers in [0, T - 1], or a sequence left with no
-            scored token after position 0 (the first token is never a label: nothing
-            predicts it).
+        InvalidInputError: ids that are not an integer [N, T] tensor (or a list of sequences
+            of several lengths), a mask of another shape, prompt lengths that are not N
+            integers that leave each sequence at least one position after its prompt, or a
+            sequence left with no scored token after its first (the first token is never a
+            label: nothing predicts it).
     """
-    if isinstance(input_ids, (list, tuple)) and any(isinstance(x, Tensor) for x in input_ids):
-        lengths = sorted({len(x) for x in input_ids})
-        if len(lengths) > 1:
-            raise InvalidInputError(
-                f"input_ids holds sequences of {len(lengths)} lengths ({lengths[0]} to "
-                f"{lengths[-1]} tokens): pad them to one length [N, T] and pass attention_mask "
-                "(1 for a token, 0 for padding), e.g. tokenizer(texts, padding=True, "
-                "return_tensors='pt')"
-            )
-        input_ids = torch.stack(list(input_ids))
+    input_ids = _stacked(input_ids, "input_ids")
+    if attention_mask is not None:
+        attention_mask = _stacked(attention_mask, "attention_mask")
     ids = torch.as_tensor(input_ids)
     if ids.dim() != 2:
         raise InvalidInputError(f"input_ids must be [N, T], got shape {tuple(ids.shape)}")

@@ -276,12 +276,18 @@ def warn_unconverged(
     short of their target gradient norms: their changes are not ground truth."""
     if not removed:
         return
-    worst = max(range(len(norms)), key=lambda k: norms[k] if norms[k] == norms[k] else inf)
+
+    def shortfall(k: int) -> float:  # how many times its target the final norm is
+        ratio = norms[k] / targets[k] if targets[k] > 0 else inf
+        return ratio if ratio == ratio else inf  # a NaN norm is the worst
+
+    worst = max(range(len(norms)), key=shortfall)
     shown = ", ".join(removed[:5]) + (", ..." if len(removed) > 5 else "")
     warn(
-        f"{len(removed)} {what} retraining(s) did not reach the optimum within max_iter="
-        f"{max_iter} ({shown}; the worst ended at ||grad L|| = {norms[worst]:.3g} against a "
-        f"target of {targets[worst]:.3g}): their changes are not those of a retrained optimum, "
+        f"{len(removed)} {what} retraining(s) stopped short of the optimum, at max_iter="
+        f"{max_iter} or where L-BFGS and the Newton polish could not progress ({shown}; the "
+        f"worst ended at ||grad L|| = {norms[worst]:.3g} against a target of "
+        f"{targets[worst]:.3g}): their changes are not those of a retrained optimum, "
         "so they are not ground truth. Raise max_iter; if the gradient norm stalls instead, "
         "loosen tolerance (a float32 model stops near its precision) or train the model closer "
         "to its optimum (retraining starts from it)",

@@ -743,14 +743,18 @@ class SavedInfluence:
         space = ParameterSpace(task.model, list(ident["parameters"]))
         engine = PerExample(task, space, ident["per_example"])
         device = space.device
-        # the [N, P] gradient cache is kept when it fits this memory_limit (as fit decides);
-        # otherwise the gradients are computed again batch by batch, the same numbers
+        # the [N, P] gradient cache is read when it fits this memory_limit (as fit decides);
+        # otherwise it stays on disk and the gradients are computed again batch by batch
         fits = gradient_cache_fits(len(examples), space.size, space.dtype, memory_limit)
+        document = dict(self.document("fitted"))
+        skip: set[str] = set()
+        cache = document.get("train_gradients")
+        if not fits and isinstance(cache, dict) and "__tensor__" in cache:
+            skip.add(cache["__tensor__"])
+            document["train_gradients"] = None
+        tensors = self.artifact.tensors("fitted", skip) if skip else self.tensors("fitted")
         values: dict[str, Any] = {
-            name: None
-            if name == "train_gradients" and not fits
-            else decode(value, self.tensors("fitted"), device, name)
-            for name, value in self.document("fitted").items()
+            name: decode(value, tensors, device, name) for name, value in document.items()
         }
         state_doc = self.document("state")
         fitted = Fitted(

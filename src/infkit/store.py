@@ -30,12 +30,12 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -75,10 +75,14 @@ def save_tensors(
     return path
 
 
-def load_tensors(path: str | Path) -> dict[str, Tensor]:
-    """Read a safetensors file; a damaged or missing file raises ArtifactError naming it."""
+def load_tensors(path: str | Path, skip: Collection[str] = ()) -> dict[str, Tensor]:
+    """Read a safetensors file (but the tensors named in ``skip``, which stay on disk); a
+    damaged or missing file raises ArtifactError naming it."""
     try:
-        return load_file(str(path))
+        if not skip:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k not in skip}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as error:
         raise ArtifactError(
             f"{path} cannot be read as tensors ({type(error).__name__}: {error}); the file is "
@@ -179,9 +183,10 @@ class Artifact:
     identity: dict[str, Any]
     info: dict[str, Any]
 
-    def tensors(self, name: str = "tensors") -> dict[str, Tensor]:
-        """The tensors of payload ``name`` (verified when the artifact was loaded)."""
-        return load_tensors(self.path / f"{name}.safetensors")
+    def tensors(self, name: str = "tensors", skip: Collection[str] = ()) -> dict[str, Tensor]:
+        """The tensors of payload ``name`` (verified when the artifact was loaded), but those
+        named in ``skip``."""
+        return load_tensors(self.path / f"{name}.safetensors", skip)
 
     def json(self, name: str) -> Any:
         """The JSON of payload ``name``."""

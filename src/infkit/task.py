@@ -43,13 +43,9 @@ def default_output_fn(raw: Any) -> Tensor:
         return logits
     if isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], Tensor):
         return raw[0]
-    keys = getattr(raw, "keys", None)
-    fields = f" (its fields: {', '.join(map(str, keys()))})" if callable(keys) else ""
     raise InvalidInputError(
-        f"cannot find the output tensor in a model output of type {type(raw).__name__}"
-        f"{fields}: it has no .logits. Pass output_fn=lambda out: out.<field> to Task or "
-        "Task.language_modeling; a model without an output head (a Hugging Face ...Model "
-        "rather than ...ForCausalLM) returns hidden states, not logits"
+        f"cannot find the output tensor in a model output of type {type(raw).__name__}; "
+        "pass Task(..., output_fn=lambda out: out.<field>)"
     )
 
 

@@ -232,13 +232,17 @@ class KroneckerCurvature:
             damped = values + ridges[t.name]
             low, high = float(damped.min()), float(damped.max())
             if float(values.abs().max()) == 0 and low <= 0:
+                auto = (
+                    "damping='auto' scales with each layer's mean eigenvalue, 0 here: "
+                    if self.options.module_damping_scale > 0
+                    else ""
+                )
                 raise CurvatureError(
                     f"layer {t.name!r} has no curvature at all (every eigenvalue of its factors is "
                     "0): its output does not change the scored outputs, so its gradients are 0 "
                     "(a fresh LoRA adapter's lora_A while lora_B = 0; a layer whose every label "
-                    "is ignored). damping='auto' scales with each layer's mean eigenvalue, 0 "
-                    "here: leave the layer out (modules=...), attribute after training, or give "
-                    "a number (damping=1e-3) or l2"
+                    f"is ignored). {auto}leave the layer out (modules=...), attribute after "
+                    "training, or give a number (damping=1e-3) or l2"
                 )
             if low <= 0 or low <= eps * high:
                 kind = "zero (or negative)" if low <= 0 else "numerically zero"

@@ -111,6 +111,10 @@ class ASTRA(PrimalMethod):
     #: (the curvature operator is rebuilt on restore: it holds no data)
     fitted_state = ("steps", "iterations")
     options: AstraOptions
+    plan_remedy = (
+        "track fewer layers (modules=, the EK-FAC preconditioner's factors) or use a smaller "
+        "batch_size"
+    )
 
     def __init__(self, options: AstraOptions | None = None, /, **values: object) -> None:
         super().__init__(options, **values)
@@ -191,6 +195,7 @@ class ASTRA(PrimalMethod):
             self.residuals.append(float("nan"))
             return x
         v_norm = V.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+        diverged = False  # the Neumann series' own warning says so
         if self.options.solver == "cg":
             R = V - apply(x)
             # many right-hand sides share one block Krylov space (far fewer iterations)
@@ -223,19 +228,21 @@ class ASTRA(PrimalMethod):
                         "for this curvature; lower step=, or use solver='cg'",
                         UserWarning,
                     )
+                    diverged = True
                     break
                 x = x + step * self._precondition(R, shift)
                 iterations += 1
         self.iterations.append(iterations + 1)
         self.residuals.append(float(residual.max()))
-        if bool((residual > tol).any()):
+        if bool((residual > tol).any()) and not diverged:
             limit = self.options.maxiter
             remedy = (
                 "raise maxiter or add damping"
                 if limit is not None and iterations >= limit
-                else "it stalled before maxiter: the curvature products are not precise enough "
-                "for this tol (a model that computes in float32 inside, as Hugging Face's rotary "
-                "embeddings do, limits a float64 one); loosen tol or add damping"
+                else "it stopped before maxiter, when the residual it tracks met tol while the "
+                "true one had not: the curvature products are less precise than this tol asks "
+                "(a model that computes in float32 inside, as Hugging Face's rotary embeddings "
+                "do, limits a float64 one); loosen tol or add damping"
             )
             warn(
                 f"ASTRA stopped after {iterations + 1} iterations with a relative residual of "

@@ -474,12 +474,12 @@ class Method(ABC):
             checks["curvature_scale"] = scale
             if scale + fitted.l2 <= 0:
                 warn(
-                    "the curvature along output directions is 0 for every probe (and l2 = 0): "
-                    "the scored outputs do not depend on the attributed parameters, so every "
-                    "gradient and every score is 0. Check that the labels score some positions "
-                    "(not all -100) and that the attributed layers have gradients (a fresh LoRA "
-                    "adapter, B = 0, gives its A matrices none: attribute through B, or after "
-                    "training)",
+                    "the curvature along output directions is 0 at every probe (and l2 = 0): "
+                    "the scored outputs of the probed examples do not depend on the attributed "
+                    "parameters, whose gradients, and the scores they give, are then 0 too. "
+                    "Check that the labels score some positions (not all -100) and that the "
+                    "attributed layers have gradients (a fresh LoRA adapter, B = 0, gives its "
+                    "A matrices none: attribute through B, or after training)",
                     UserWarning,
                 )
                 energy_check = 0  # nothing to measure: 0 / 0

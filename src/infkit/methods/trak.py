@@ -200,6 +200,10 @@ class Trak(Method):
     scales = True
     curvature = "feature-gram"
     uses_training_gradients = False
+    plan_remedy = (
+        "lower proj_dim, attribute fewer parameters (freeze some: requires_grad=False), or "
+        "score fewer queries per call"
+    )
     # a surrogate of its own scale: about a tenth of the IF on the small problems
     fidelity = Fidelity(
         rtol=None, min_correlation=0.45, removal_correlation=0.25, scale=(0.02, 0.5)
