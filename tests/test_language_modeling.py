@@ -699,3 +699,41 @@ def test_a_plan_above_the_limit_suggests_the_methods_own_levers(problem: dict) -
     assert "above memory_limit (1.0 B per process): track fewer layers (modules=)" in shown["ekfac"]
     assert "query_rank" not in shown["identity"] and "modules=" not in shown["identity"]
     assert "requires_grad=False" in shown["identity"]
+
+
+def test_decompositions_add_up_to_the_scores_of_low_rank_queries(problem: dict) -> None:
+    """With query_rank=r the scores are those of rank-r queries: the per-module and per-token
+    splits decompose the same numbers (the regulariser's share at full rank, as the scores)."""
+    task = infkit.Task.language_modeling(problem["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        full = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(problem["train"])
+        low = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, query_rank=1)
+        low.fit(problem["train"])
+    test = problem["test"]
+    S = low.scores(test)
+    assert float((S - full.scores(test)).norm() / S.norm()) > 1e-3  # the truncation matters
+    torch.testing.assert_close(sum(low.module_scores(test).values()), S, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(low.token_scores(test).total, S, rtol=1e-9, atol=1e-12)
+
+
+def test_decompositions_split_their_queries_by_the_memory_limit(
+    problem: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from infkit import decompositions
+
+    task = infkit.Task.language_modeling(problem["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(problem["train"])
+    test = problem["test"]
+    whole, tokens = inf.module_scores(test), inf.token_scores(test)
+    rows = decompositions.row_chunks
+    monkeypatch.setattr(  # as a limit that holds one query's gradients at a time would give
+        decompositions, "row_chunks", lambda n, *args, **kwargs: rows(n, 1, 0, 4)
+    )
+    assert len(decompositions.query_chunks(inf.fitted, ExampleSet(test))) == Q
+    split = inf.module_scores(test)
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-12, atol=0)
+    torch.testing.assert_close(inf.token_scores(test).tokens, tokens.tokens, rtol=1e-12, atol=0)

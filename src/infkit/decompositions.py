@@ -34,6 +34,8 @@ from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.estimators import Estimator
 from infkit.fitted import Fitted
 from infkit.layers.capture import layer_terms
+from infkit.layers.tracked import TrackedLayers
+from infkit.memory import FLOAT64_BYTES, row_chunks
 from infkit.methods.base import Method
 from infkit.parameters import ParameterSpace
 from infkit.progress import track
@@ -65,15 +67,44 @@ def module_groups(space: ParameterSpace) -> dict[str, Tensor]:
     return {k: torch.cat(v) for k, v in groups.items()}
 
 
-def module_scores_for(fitted: Fitted, U: Tensor) -> dict[str, Tensor]:
-    """Per-module scores [k, N] (float64) for preconditioned queries U [k, P]."""
+def module_scores_for(
+    fitted: Fitted, U: Tensor, regulariser_queries: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Per-module scores [k, N] (float64) for preconditioned queries U [k, P]: each module's
+    share of ``U v_j`` with ``v_j = grad l_j + l2 (theta* - theta')``. The regulariser's share
+    is taken with ``regulariser_queries`` when given (the full-rank queries, as the scores of
+    low-rank queries take it)."""
     groups = module_groups(fitted.space)
+    W = U if regulariser_queries is None else regulariser_queries
+    shared = fitted.l2 * (W * fitted.regularised_theta) if fitted.l2 else None  # [k, P]
     out = {g: torch.empty(U.shape[0], fitted.n, dtype=torch.float64) for g in groups}
     for batch in fitted.train.batches(fitted.batch_size):
-        V = fitted.attributed_grads(batch)
+        G = fitted.loss_grads(batch)
         for g, idx in groups.items():
-            out[g][:, batch.indices] = (U[:, idx] @ V[:, idx].T).cpu() / fitted.n
+            part = U[:, idx] @ G[:, idx].T
+            if shared is not None:
+                part = part + shared[:, idx].sum(1, keepdim=True)
+            out[g][:, batch.indices] = part.cpu() / fitted.n
     return out
+
+
+def query_chunks(fitted: Fitted, queries: ExampleSet) -> list[ExampleSet]:
+    """The queries in chunks whose float64 [k, P] preconditioned gradients (with their query
+    gradients and a copy) take at most a quarter of ``memory_limit``; one pass over the
+    training data per chunk."""
+    row_bytes = 3 * fitted.space.size * FLOAT64_BYTES
+    ranges = row_chunks(len(queries), row_bytes, 0, fitted.memory_limit, together=True)
+    if len(ranges) == 1:
+        return [queries]
+    return [queries.subset(torch.arange(start, stop)) for start, stop in ranges]
+
+
+def scored_queries(method: Method, fitted: Fitted, queries: ExampleSet) -> tuple[Tensor, Tensor]:
+    """The preconditioned queries as ``scores`` uses them (:meth:`Method.as_scored`: at rank r
+    with K-FAC's ``query_rank``) and at full rank (for the regulariser's share, which the
+    scores take at full rank), both [n_queries, P] float64."""
+    full = preconditioned_queries(method, fitted, queries)
+    return method.as_scored(full), full
 
 
 def per_module_scores(
@@ -81,7 +112,11 @@ def per_module_scores(
 ) -> dict[str, Tensor]:
     """IF scores split by module: name -> [n_queries, N] float64; they sum to the scores."""
     require_if(method, estimator, "module_scores", "per-module scores")
-    return module_scores_for(fitted, preconditioned_queries(method, fitted, queries))
+    parts = [
+        module_scores_for(fitted, *scored_queries(method, fitted, chunk))
+        for chunk in query_chunks(fitted, queries)
+    ]
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
 @dataclass
@@ -136,16 +171,40 @@ def per_token_scores(
     """
     require_if(method, estimator, "token_scores", "per-token scores")
     layers = method.tracked_layers()
-    tracked, others, layout = layers.tracked, layers.others, layers.layout
-    if not tracked:
+    if not layers.tracked:
         raise UnsupportedError("per-token scores need nn.Linear / Conv2d / Conv1D layers")
-    U = preconditioned_queries(method, fitted, queries)
-    blocks = {t.name: layout.block(U, t) for t in tracked}  # [q, d_out, cols]
     idx = _indices(fitted, indices)
+    parts = [
+        _token_scores(method, fitted, chunk, layers, idx, positions)
+        for chunk in query_chunks(fitted, queries)
+    ]
+    width = max(p.tokens.shape[-1] for p in parts)
+    return TokenScores(
+        torch.cat(
+            [torch.nn.functional.pad(p.tokens, (0, width - p.tokens.shape[-1])) for p in parts]
+        ),
+        torch.cat([p.rest for p in parts]),
+        idx,
+        sorted(set().union(*(p.layers for p in parts))),
+    )
+
+
+def _token_scores(
+    method: Method,
+    fitted: Fitted,
+    queries: ExampleSet,
+    layers: TrackedLayers,
+    idx: Tensor,
+    positions: int | None,
+) -> TokenScores:
+    """:func:`per_token_scores` of one chunk of queries."""
+    tracked, others, layout = layers.tracked, layers.others, layers.layout
+    U, full = scored_queries(method, fitted, queries)
+    blocks = {t.name: layout.block(U, t) for t in tracked}  # [q, d_out, cols]
     n, q = fitted.n, U.shape[0]
     token_parts, rest_parts = [], []
     per_position: set[str] = set()
-    theta_term = fitted.l2 * (U @ fitted.regularised_theta)  # [q]
+    theta_term = fitted.l2 * (full @ fitted.regularised_theta)  # [q]
     for batch in fitted.train.batches(fitted.batch_size, idx):
         terms = layer_terms(fitted.engine, tracked, batch, "loss", layers.mask_key)
         counts = {name: a.shape[1] for name, (a, _) in terms.items()}

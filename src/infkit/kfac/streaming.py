@@ -124,7 +124,7 @@ def precondition_layer(
     return QS @ rotated @ QA.T
 
 
-def _low_rank(U: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+def truncated_svd(U: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """``U ~ L R^T`` per query by truncated SVD: L [T, d_out, r], R [T, cols, r]."""
     left, values, right_t = torch.linalg.svd(U.to(torch.float32), full_matrices=False)
     r = min(rank, values.shape[-1])
@@ -333,7 +333,7 @@ class StreamingScorer:
                 if name in low:
                     assert rank is not None
                     L, R = low_rank[name]
-                    L[rows], R[rows] = _low_rank(U, rank)
+                    L[rows], R[rows] = truncated_svd(U, rank)
                 else:
                     full[name][rows] = U
                 del U

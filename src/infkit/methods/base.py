@@ -593,6 +593,12 @@ class Method(ABC):
         self.require("module_scores")
         raise NotImplementedError  # pragma: no cover - a method declaring it overrides this
 
+    def as_scored(self, U: Tensor) -> Tensor:
+        """Preconditioned queries U [k, P] as :meth:`scores` uses them (the decompositions split
+        these, so that their parts add up to the scores): U itself unless the method
+        approximates its queries (K-FAC's ``query_rank``)."""
+        return U
+
     # ------------------------------------------------------------------ structure
     def tracked_layers(self) -> TrackedLayers:
         """The layers the method attributes through (default: every supported layer)."""

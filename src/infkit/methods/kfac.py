@@ -45,6 +45,7 @@ from infkit.kfac.streaming import (
     budget_after,
     plan_groups,
     query_budget,
+    truncated_svd,
 )
 from infkit.layers.capture import shared_inputs
 from infkit.layers.tracked import TrackedLayers, TrackedModule, find_modules
@@ -394,6 +395,22 @@ class KFAC(PrimalMethod):
                 "data split across processes, score columns summed",
             )
         )
+        return out
+
+    def as_scored(self, U: Tensor) -> Tensor:
+        """With ``query_rank=r``, each tracked layer's block of U at rank r (truncated SVD), as
+        the streamed scores keep them (a layer is left whole when its rank-r factors would not
+        be smaller than its block)."""
+        rank = self.options.query_rank
+        if rank is None:
+            return U
+        layers = self.tracked_layers()
+        layout = layers.layout
+        out = U.clone()
+        for t in layers.tracked:
+            if rank * (t.d_out + t.cols) < t.d_out * t.cols:
+                L, R = truncated_svd(layout.block(U, t), rank)
+                layout.put(out, t, L @ R.transpose(-1, -2))
         return out
 
     def query_row_bytes(self, n: int, p: int) -> int:
