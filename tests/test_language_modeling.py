@@ -737,3 +737,24 @@ def test_decompositions_split_their_queries_by_the_memory_limit(
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-12, atol=0)
     torch.testing.assert_close(inf.token_scores(test).tokens, tokens.tokens, rtol=1e-12, atol=0)
+
+
+def test_progress_names_the_query_group_of_each_scoring_pass(
+    problem: dict, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from infkit import progress
+
+    monkeypatch.setattr(progress, "LOG_AFTER", 0.0)  # log even these short passes
+    task = infkit.Task.language_modeling(problem["model"])
+    limit = _limit_for_queries(problem, 2, batch_size=2)  # two groups of queries
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        inf = infkit.Influence(
+            task, "ekfac", l2=1e-2, damping=1e-2, batch_size=2, memory_limit=limit, progress=None
+        )
+        inf.fit(problem["train"])
+        capsys.readouterr()
+        inf.scores(problem["test"])
+    printed = capsys.readouterr().err
+    assert "[infkit] scores, group 1/2: done" in printed, printed
+    assert "[infkit] scores, group 2/2: done" in printed, printed

@@ -346,31 +346,35 @@ class StreamingScorer:
         prepared: LayerQueries,
         shards: ScoreShards | None = None,
         among: Tensor | None = None,
+        label: str = "scores",
     ) -> Tensor:
         """``S [T, N]`` float64: the removal effect of every training example on every query
         (of the training examples ``among`` only, ``[T, len(among)]``, when given).
 
         With ``shards``, column shard by column shard, each committed when done and reused
-        when already committed (:mod:`infkit.shards`).
+        when already committed (:mod:`infkit.shards`). ``label`` names the pass in the
+        progress display (which query group it is).
         """
         fitted = self.fitted
         n = fitted.n
         if among is not None:
-            S = self._columns(prepared, among, split=True)
+            S = self._columns(prepared, among, split=True, label=label)
         elif shards is None:
-            S = self._columns(prepared, torch.arange(n), split=True)
+            S = self._columns(prepared, torch.arange(n), split=True, label=label)
         else:
             # this process's shards; the others' columns are filled in by the sum below
             S = torch.zeros(prepared.count, n, dtype=torch.float64, device=fitted.space.device)
             mine = shards.mine()
-            for start, stop in track(mine, fitted.progress, "score shards", len(mine)):
+            for start, stop in track(mine, fitted.progress, f"{label}: shards", len(mine)):
                 compute = partial(self._columns, prepared, torch.arange(start, stop))
                 S[:, start:stop] = shards.columns(start, stop, compute).to(S.device)
         sum_across(S)
         S += prepared.shared.unsqueeze(1)
         return S / n
 
-    def _columns(self, prepared: LayerQueries, indices: Tensor, split: bool = False) -> Tensor:
+    def _columns(
+        self, prepared: LayerQueries, indices: Tensor, split: bool = False, label: str = "scores"
+    ) -> Tensor:
         """``sum_l <U_tl, G_jl>`` for the training examples ``indices``, [T, len(indices)], in
         batches of consecutive entries of ``indices``; with ``split``, only this process's
         batches (:func:`~infkit.distributed.shard_batches`: the others' columns stay 0)."""
@@ -383,7 +387,7 @@ class StreamingScorer:
             batches = track(
                 shard_batches(fitted.train, size, indices),
                 fitted.progress,
-                "scores",
+                label,
                 batch_count(len(indices), size),
             )
         else:  # a shard: every batch, its progress counted by shard

@@ -212,7 +212,8 @@ class KFAC(PrimalMethod):
         device = self.fitted.space.device
         columns = self.fitted.n if among is None else len(among)
         out = torch.zeros(len(queries), columns, dtype=torch.float64, device=device)
-        for start, stop, layers in groups:
+        for number, (start, stop, layers) in enumerate(groups):
+            label = "scores" if len(groups) == 1 else f"scores, group {number + 1}/{len(groups)}"
             whole = stop - start == len(queries)
             part = queries if whole else queries.subset(torch.arange(start, stop))
             group = None if shards is None else shards.of_group([start, stop, list(layers)])
@@ -225,7 +226,7 @@ class KFAC(PrimalMethod):
             if prepared.rank is not None:
                 ranks = [r for r in (self.query_rank, prepared.rank) if r is not None]
                 self.query_rank = min(ranks)
-            out[start:stop] += scorer.scores(prepared, group, among)
+            out[start:stop] += scorer.scores(prepared, group, among, label)
             del prepared
         self.query_groups = max(self.query_groups, len(groups))
         if shards is not None and shards.tally["reused"]:
