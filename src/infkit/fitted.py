@@ -338,24 +338,20 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
         problem = task.check_outputs(outputs.reshape(outputs.shape[0], -1))
         if problem is not None:
             raise InvalidInputError(f"{examples.name}: {problem}")
-    if task.check_targets is not None:
+    if task.check_targets is not None or task.check_pairs is not None:
         output_shape = tuple(outputs.shape[1:])
         for batch in examples.batches(4096):
-            if batch.targets is None:
-                keys = sorted(batch.inputs) if isinstance(batch.inputs, dict) else []
-                raise InvalidInputError(
-                    f"{examples.name} has no labels: a dataset of dicts needs a label key "
-                    f"({', '.join(LABEL_KEYS)}); keys found: {', '.join(keys) or 'none'}"
-                )
-            found = task.check_targets(batch.targets, output_shape)
-            if found is not None:
-                k, message = found
-                raise InvalidInputError(
-                    f"{examples.name} example {int(batch.indices[k])}: {message}"
-                )
-    if task.check_pairs is not None:  # targets against inputs, once the targets are usable
-        for batch in examples.batches(4096):
-            found = task.check_pairs(batch.inputs, batch.targets)
+            found = None
+            if task.check_targets is not None:
+                if batch.targets is None:
+                    keys = sorted(batch.inputs) if isinstance(batch.inputs, dict) else []
+                    raise InvalidInputError(
+                        f"{examples.name} has no labels: a dataset of dicts needs a label key "
+                        f"({', '.join(LABEL_KEYS)}); keys found: {', '.join(keys) or 'none'}"
+                    )
+                found = task.check_targets(batch.targets, output_shape)
+            if found is None and task.check_pairs is not None:  # once the targets are usable
+                found = task.check_pairs(batch.inputs, batch.targets)
             if found is not None:
                 k, message = found
                 raise InvalidInputError(

@@ -322,6 +322,7 @@ def examples(
     n, t = ids.shape
     labels = ids.clone().long()
     inputs = {"input_ids": ids}
+    start = torch.zeros(n, dtype=torch.long)  # each sequence's first token
     if attention_mask is not None:
         mask = torch.as_tensor(attention_mask)
         if tuple(mask.shape) != (n, t):
@@ -333,6 +334,7 @@ def examples(
         labels[padding] = IGNORE_INDEX
         labels[:, 1:][padding[:, :-1]] = IGNORE_INDEX  # predicted from a padding position
         inputs["attention_mask"] = mask
+        start = (~padding).long().argmax(dim=1)  # after the left padding, if any
     if prompt_lengths is not None:
         lengths = torch.as_tensor(prompt_lengths).reshape(-1)
         if len(lengths) != n or lengths.is_floating_point():
@@ -340,12 +342,6 @@ def examples(
                 f"prompt_lengths must be {n} integers, one per sequence, got "
                 f"{len(lengths)} of dtype {lengths.dtype}"
             )
-        # the prompt starts at the first token: after the left padding, if any
-        start = (
-            torch.zeros(n, dtype=torch.long)
-            if attention_mask is None
-            else (torch.as_tensor(attention_mask) != 0).long().argmax(dim=1)
-        )
         outside = (lengths < 0) | (start + lengths >= t)
         if bool(outside.any()):
             i = int(outside.nonzero()[0, 0])

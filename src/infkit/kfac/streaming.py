@@ -124,6 +124,12 @@ def precondition_layer(
     return QS @ rotated @ QA.T
 
 
+def kept_at_rank(t: TrackedModule, rank: int | None) -> bool:
+    """Whether layer ``t``'s queries are kept at rank ``rank``: when the rank-r factors,
+    ``r (d_out + cols)`` numbers, are smaller than its block (then r is below both sides)."""
+    return rank is not None and rank * (t.d_out + t.cols) < t.d_out * t.cols
+
+
 def truncated_svd(U: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """``U ~ L R^T`` per query by truncated SVD: L [T, d_out, r], R [T, cols, r]."""
     left, values, right_t = torch.linalg.svd(U.to(torch.float32), full_matrices=False)
@@ -300,12 +306,7 @@ class StreamingScorer:
                 "layers, or set query_rank explicitly (describe()['query_rank'] reports it)",
                 Notice,
             )
-        # a layer goes low rank when its factors are smaller than its block (then r < both sides)
-        low = {
-            t.name
-            for t in tracked
-            if rank is not None and rank * (t.d_out + t.cols) < t.d_out * t.cols
-        }
+        low = {t.name for t in tracked if kept_at_rank(t, rank)}
         full, low_rank = {}, {}
         for t in tracked:
             if t.name in low:

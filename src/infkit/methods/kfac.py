@@ -43,6 +43,7 @@ from infkit.kfac.streaming import (
     LayerQueries,
     StreamingScorer,
     budget_after,
+    kept_at_rank,
     plan_groups,
     query_budget,
     truncated_svd,
@@ -400,8 +401,7 @@ class KFAC(PrimalMethod):
 
     def as_scored(self, U: Tensor) -> Tensor:
         """With ``query_rank=r``, each tracked layer's block of U at rank r (truncated SVD), as
-        the streamed scores keep them (a layer is left whole when its rank-r factors would not
-        be smaller than its block)."""
+        the streamed scores keep them (:func:`~infkit.kfac.streaming.kept_at_rank`)."""
         rank = self.options.query_rank
         if rank is None:
             return U
@@ -409,7 +409,7 @@ class KFAC(PrimalMethod):
         layout = layers.layout
         out = U.clone()
         for t in layers.tracked:
-            if rank * (t.d_out + t.cols) < t.d_out * t.cols:
+            if kept_at_rank(t, rank):
                 L, R = truncated_svd(layout.block(U, t), rank)
                 layout.put(out, t, L @ R.transpose(-1, -2))
         return out
