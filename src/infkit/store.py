@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from infkit._version import __version__
@@ -79,10 +79,11 @@ def load_tensors(path: str | Path, skip: Collection[str] = ()) -> dict[str, Tens
     """Read a safetensors file (but the tensors named in ``skip``, which stay on disk); a
     damaged or missing file raises ArtifactError naming it."""
     try:
-        if not skip:
-            return load_file(str(path))
+        # each tensor copied, one at a time, into memory of PyTorch's own allocator: the file's
+        # buffer may sit at any alignment, and BLAS kernels can round differently on unaligned
+        # data, so a reloaded answer would not be bit-identical to the saved run's
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if k not in skip}  # noqa: SIM118
+            return {k: f.get_tensor(k).clone() for k in f.keys() if k not in skip}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as error:
         raise ArtifactError(
             f"{path} cannot be read as tensors ({type(error).__name__}: {error}); the file is "
