@@ -61,7 +61,9 @@ def test_nan_in_a_gradient_names_the_example(linear_data) -> None:
     X[:, 0] = X[:, 0].abs() + 0.1
     X[11, 0] = -1.0
     inf = infkit.Influence(infkit.Task.classification(SqrtFirstFeature()), l2=1e-2)
-    with pytest.raises(NonFiniteError, match=r"gradient of example 11 contains NaN"):
+    with pytest.raises(
+        NonFiniteError, match=r"gradient of example 11 of the training set contains NaN"
+    ):
         inf.fit((X, y))
 
 

@@ -126,6 +126,78 @@ def test_bad_token_labels_are_named(problem: dict, labels: torch.Tensor, words: 
         assert word in message, message
 
 
+class WrappedLM(nn.Module):
+    """TinyLM's outputs turned into another form: ``"probabilities"`` (a final softmax),
+    ``"tuple"`` (hidden states first, then the logits) or ``"bidirectional"`` (the logits of
+    every position read the mean of the whole sequence: not causal)."""
+
+    def __init__(self, base: nn.Module, form: str) -> None:
+        super().__init__()
+        self.base, self.form = base, form
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        logits = self.base(input_ids, attention_mask)
+        if self.form == "probabilities":
+            return logits.softmax(-1)
+        if self.form == "tuple":
+            return torch.cat([logits, logits], dim=-1), logits  # 2V "hidden" entries first
+        whole = self.base.embed(input_ids).mean(1, keepdim=True)  # every position sees all
+        return logits + self.base.head(whole)
+
+
+def _fit_identity(task: infkit.Task, train: tuple) -> infkit.Influence:
+    return infkit.Influence(task, "identity", l2=1e-2, checks=False).fit(train)
+
+
+def _fit_quietly(task: infkit.Task, train: tuple) -> infkit.Influence:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        return _fit_identity(task, train)
+
+
+def test_probabilities_are_refused_as_logits(problem: dict) -> None:
+    task = infkit.Task.language_modeling(WrappedLM(problem["model"], "probabilities"))
+    with pytest.raises(InvalidInputError, match=r"outputs are probabilities .* softmax"):
+        _fit_quietly(task, problem["train"])
+
+
+def test_a_tuple_with_the_logits_second_is_named_and_output_fn_picks_them(problem: dict) -> None:
+    wrapped = WrappedLM(problem["model"], "tuple")
+    with pytest.warns(Notice, match=rf"{2 * VOCAB} entries per position, its input embedding "):
+        _fit_identity(infkit.Task.language_modeling(wrapped), problem["train"])
+    picked = infkit.Task.language_modeling(wrapped, output_fn=lambda out: out[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no notice: the logits have the embedding's width
+        S = _fit_identity(picked, problem["train"]).scores(problem["test"])
+    expected = _fit_quietly(infkit.Task.language_modeling(problem["model"]), problem["train"])
+    torch.testing.assert_close(S, expected.scores(problem["test"]), rtol=1e-12, atol=1e-15)
+
+
+def test_a_model_that_is_not_causal_is_named(problem: dict) -> None:
+    wrapped = WrappedLM(problem["model"], "bidirectional")
+    with pytest.warns(UserWarning, match=r"training set: the model is not causal: changing the "):
+        _fit_quietly(infkit.Task.language_modeling(wrapped), problem["train"])
+    with warnings.catch_warnings():  # the causal model itself passes the probe
+        warnings.simplefilter("error")
+        _fit_quietly(infkit.Task.language_modeling(problem["model"]), problem["train"])
+
+
+def test_the_exact_ggn_factors_of_many_outputs_warn_of_their_cost(problem: dict) -> None:
+    task = infkit.Task.language_modeling(problem["model"])
+    c = LENGTH * VOCAB  # 77 outputs per sequence, above max_exact_outputs=64
+    with pytest.warns(UserWarning, match=rf"fisher='ggn' pulls back every one of the {c} outputs"):
+        _fit_kfac(task, problem["train"], fisher="ggn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _fit_kfac(task, problem["train"], fisher="ggn", max_exact_outputs=c)
+
+
+def _fit_kfac(task: infkit.Task, train: tuple, **options: object) -> infkit.Influence:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        return infkit.Influence(task, "kfac", damping=1e-2, checks=False, **options).fit(train)
+
+
 # ============================================================================ curvature
 def test_cg_with_the_token_hessian_product_equals_exact(problem: dict) -> None:
     # exact forms Lambda densely by autodiff; cg uses lm.hessian_product: the same GGN
@@ -529,6 +601,9 @@ def test_bfloat16_autocast_runs_the_layers_in_bfloat16_and_keeps_the_scores(prob
         infkit.Influence(infkit.Task.language_modeling(model), "ekfac", dtype=torch.int8)
     with pytest.raises(InvalidInputError, match="device"):
         infkit.Influence(infkit.Task.language_modeling(model), "ekfac", device="nowhere")
+    if not torch.cuda.is_available():  # PyTorch asserts; the error names the option
+        with pytest.raises(InvalidInputError, match="device='cuda' is not usable here"):
+            infkit.Influence(infkit.Task.language_modeling(model), "ekfac", device="cuda")
 
 
 # ============================================================================ every method
@@ -699,6 +774,51 @@ def test_a_plan_above_the_limit_suggests_the_methods_own_levers(problem: dict) -
     assert "above memory_limit (1.0 B per process): track fewer layers (modules=)" in shown["ekfac"]
     assert "query_rank" not in shown["identity"] and "modules=" not in shown["identity"]
     assert "requires_grad=False" in shown["identity"]
+
+
+def test_the_plan_of_a_method_without_the_gradient_cache_shows_its_objective_pass(
+    problem: dict,
+) -> None:
+    # cg keeps the [N, P] training gradients when they fit; where they do not, fit spends a
+    # pass on grad L(theta*) instead (the stationarity check), and the plan says which
+    task = infkit.Task.language_modeling(problem["model"])
+    params = list(problem["model"].parameters())
+    cache = N * sum(x.numel() for x in params) * max(params[0].element_size(), 4)
+    stages = {}
+    for limit in (64 * cache, 2 * cache):  # a quarter of the limit holds the cache, or not
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Notice)
+            inf = infkit.Influence(task, "cg", damping=1e-2, memory_limit=limit)
+            plan = inf.plan(n_train=N, n_queries=Q, sequence_length=LENGTH)
+        stages[limit] = {s.name: s for s in plan.stages}
+    assert stages[64 * cache]["training gradients"].bytes == cache
+    assert "objective gradient" not in stages[64 * cache]
+    assert "training gradients" not in stages[2 * cache]
+    objective = stages[2 * cache]["objective gradient"]
+    assert objective.passes == 1 and objective.bytes <= 3 * cache / N  # a few [P] vectors
+
+
+def test_the_plan_says_above_the_limit_where_scoring_would_refuse(problem: dict) -> None:
+    # the plan's verdict against the run's: at a limit that leaves the queries no room the
+    # scoring refuses, and the plan says so even where its peak is under the limit; with room
+    # for the queries in two groups both go through (the post-fit checks, whose probe
+    # directions would be this tiny run's largest object, are left out)
+    task = infkit.Task.language_modeling(problem["model"])
+    opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 4, "checks": False}
+    for k, refuses in ((0.0, True), (2.5, False)):
+        limit = _limit_for_queries(problem, k, batch_size=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Notice)
+            inf = infkit.Influence(task, "ekfac", memory_limit=limit, **opts)
+            plan = inf.plan(problem["train"], problem["test"], timed=False)
+            inf.fit(problem["train"])
+        assert plan.within_limit is not refuses
+        assert ("above memory_limit" in str(plan)) is refuses
+        if refuses:
+            with pytest.raises(ProblemTooLargeError):
+                inf.scores(problem["test"])
+        else:
+            assert inf.scores(problem["test"]).shape == (Q, N)
 
 
 def test_decompositions_add_up_to_the_scores_of_low_rank_queries(problem: dict) -> None:

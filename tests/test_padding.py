@@ -179,3 +179,58 @@ def test_items_with_other_keys_are_named(padded: dict) -> None:
     del items[2]["attention_mask"]
     with pytest.raises(InvalidInputError, match=r"examples 0 and 2 have inputs with other keys"):
         _fit(padded["model"], items)
+
+
+class NaNAtPaddingLM(MaskedLM):
+    """A model whose outputs are NaN on every position of a padded sequence (as Hugging Face's
+    eager attention in float64 gives at a fully masked row, which then spreads)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        logits = super().forward(input_ids, attention_mask)
+        if attention_mask is None:
+            return logits
+        poison = attention_mask.to(logits.dtype).log().sum(1) * 0.0  # -inf x 0: NaN if padded
+        return logits + poison[:, None, None]
+
+
+def test_outputs_that_are_not_finite_at_padding_name_the_cause(padded: dict) -> None:
+    torch.manual_seed(0)
+    model = NaNAtPaddingLM().double().eval()
+    (inputs, labels), _ = _split(padded, "left")
+    first = next(i for i, n in enumerate(LENGTHS[:N]) if n < LENGTH)  # the first padded one
+    with pytest.raises(InvalidInputError, match=rf"example {first} of the training set .* NaN"):
+        _fit(model, (inputs, labels))
+    with pytest.raises(InvalidInputError, match="attn_implementation='sdpa'"):
+        _fit(model, (inputs, labels))
+    # the sequences without padding fit: the same model is finite on them
+    clean = [i for i, n in enumerate(LENGTHS[:N]) if n == LENGTH]
+    assert len(clean) >= 2
+    _fit(model, ({k: v[clean] for k, v in inputs.items()}, labels[clean]))
+
+
+class PaddingReadsAllLM(MaskedLM):
+    """Causal at real positions; a padding position's logits read the whole sequence (as a
+    fully masked row of eager attention attends uniformly everywhere)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        logits = super().forward(input_ids, attention_mask)
+        if attention_mask is None:
+            return logits
+        everything = self.head(self.embed(input_ids).mean(1, keepdim=True))
+        return torch.where(attention_mask.unsqueeze(-1) == 0, everything, logits)
+
+
+def test_the_causality_probe_looks_at_real_positions_only(padded: dict) -> None:
+    (inputs, labels), _ = _split(padded, "left")
+    first = 1  # the probe reads a set's first sequence: make it a padded one
+    assert LENGTHS[first] < LENGTH
+    inputs, labels = {k: v[first:] for k, v in inputs.items()}, labels[first:]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "not causal" would be a UserWarning
+        warnings.simplefilter("ignore", Notice)
+        infkit.Influence(
+            infkit.Task.language_modeling(PaddingReadsAllLM().double().eval()),
+            "identity",
+            checks=False,
+        ).fit((inputs, labels))

@@ -157,6 +157,9 @@ def test_factors_of_other_data_or_fisher_are_refused(mlp_problem: dict, tmp_path
         _ekfac(mlp_problem["task"], (X_mid, y), tmp_path, fisher="empirical")
     with pytest.raises(ArtifactError, match="fisher"):
         _ekfac(mlp_problem["task"], (X, y), tmp_path, fisher="auto")
+    # the same model and data run under autocast: other factors, not these
+    with pytest.raises(ArtifactError, match=r"differs in: task\.autocast"):
+        _ekfac(mlp_problem["task"], (X, y), tmp_path, fisher="empirical", dtype=torch.bfloat16)
 
 
 def test_factors_reload_bit_identical_and_damage_is_named(
@@ -407,6 +410,32 @@ def test_stationarity_is_reported_and_quiet_at_an_optimum(digits: dict) -> None:
         inf = infkit.Influence(digits["task"], "exact", l2=L2).fit(digits["train"])
     assert inf.describe()["stationarity"] < 1e-6
     assert "drift" not in inf.describe()
+
+
+def test_stationarity_pass_without_the_cache_goes_batch_by_batch(
+    mlp_problem: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without the gradient cache, grad L(theta*) comes from its own pass over the data: in
+    # batches of batch_size (a language model's sequences cannot all go through at once), and
+    # the same gradient as the cache's summary.
+    X, y = mlp_problem["train"]
+    model = mlp_problem["model"]
+    task = infkit.Task.classification(model)
+    cached = infkit.Influence(task, "cg", l2=L2, batch_size=16).fit((X, y))
+    sizes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, args: sizes.append(len(args[0])))
+    monkeypatch.setattr(infkit.fitted, "GRADIENT_CACHE_BYTES", 0)
+    try:
+        streamed = infkit.Influence(task, "cg", l2=L2, batch_size=16).fit((X, y))
+    finally:
+        hook.remove()
+    assert streamed.fitted.train_gradients is None and sizes and max(sizes) <= 16
+    g, g_cached = streamed.fitted.objective_gradient, cached.fitted.objective_gradient
+    assert g is not None and g_cached is not None
+    assert float((g - g_cached).norm()) <= 1e-10 * float(g_cached.norm()) + 1e-14
+    assert streamed.describe()["stationarity"] == pytest.approx(
+        cached.describe()["stationarity"], rel=1e-8
+    )
 
 
 def _sgd(model: nn.Module, X: torch.Tensor, y: torch.Tensor, epochs: int) -> None:

@@ -38,7 +38,6 @@ from infkit.layers.tracked import TrackedLayers
 from infkit.memory import FLOAT64_BYTES, row_chunks
 from infkit.methods.base import Method
 from infkit.parameters import ParameterSpace
-from infkit.progress import track
 
 Svd = Literal["exact", "randomized"]
 
@@ -78,7 +77,7 @@ def module_scores_for(
     W = U if regulariser_queries is None else regulariser_queries
     shared = fitted.l2 * (W * fitted.regularised_theta) if fitted.l2 else None  # [k, P]
     out = {g: torch.empty(U.shape[0], fitted.n, dtype=torch.float64) for g in groups}
-    for batch in fitted.train.batches(fitted.batch_size):
+    for batch in fitted.train_batches("module scores"):
         G = fitted.loss_grads(batch)
         for g, idx in groups.items():
             part = U[:, idx] @ G[:, idx].T
@@ -205,7 +204,7 @@ def _token_scores(
     token_parts, rest_parts = [], []
     per_position: set[str] = set()
     theta_term = fitted.l2 * (full @ fitted.regularised_theta)  # [q]
-    for batch in fitted.train.batches(fitted.batch_size, idx):
+    for batch in fitted.train_batches("token scores", idx):
         terms = layer_terms(fitted.engine, tracked, batch, "loss", layers.mask_key)
         counts = {name: a.shape[1] for name, (a, _) in terms.items()}
         if positions is not None and positions not in counts.values():
@@ -344,10 +343,7 @@ def batched_scores(
     idx = _indices(fitted, indices)
     reg = (fitted.l2 * (low.full @ fitted.regularised_theta)).cpu()  # [q]
     parts = []
-    total = -(-len(idx) // fitted.batch_size)
-    for batch in track(
-        fitted.train.batches(fitted.batch_size, idx), fitted.progress, f"rank-{rank} scores", total
-    ):
+    for batch in fitted.train_batches(f"rank-{rank} scores", idx):
         terms = layer_terms(fitted.engine, layers.tracked, batch, "loss", layers.mask_key)
         block = torch.zeros(low.full.shape[0], len(batch), dtype=torch.float64)
         for name, (a, ds) in terms.items():
@@ -387,7 +383,7 @@ def input_influence(
     U = preconditioned_queries(method, fitted, queries)
     parts = [
         fitted.engine.input_gradients(batch, U).to(torch.float64)
-        for batch in fitted.train.batches(fitted.batch_size, idx)
+        for batch in fitted.train_batches("input influence", idx)
     ]
     grads = torch.cat(parts)  # [n_idx, T, *x_shape]
     return -grads.transpose(0, 1) / fitted.n

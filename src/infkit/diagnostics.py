@@ -32,6 +32,8 @@ from infkit.linalg import conjugate_gradients
 
 #: directions of :func:`probe_directions`
 PROBE_DIRECTIONS = 16
+#: probe directions and curvature sample of :func:`curvature_scale`
+SCALE_DIRECTIONS, SCALE_SAMPLE = 2, 32
 #: training examples of the curvature sample in :func:`energy_ratio`
 CURVATURE_SAMPLE = 256
 #: training examples on which :func:`drift` measures the residual shift
@@ -66,7 +68,7 @@ def check_products(n: int, scale: bool, energy_sample: int) -> int:
     probe directions included. :meth:`infkit.Influence.plan` counts them as passes."""
     total = 0
     if scale:
-        total += 2 + 2 * min(32, n)
+        total += SCALE_DIRECTIONS + SCALE_DIRECTIONS * min(SCALE_SAMPLE, n)
     if energy_sample:
         sample = min(energy_sample, n - PROBE_DIRECTIONS if n > PROBE_DIRECTIONS else n)
         total += PROBE_DIRECTIONS + PROBE_DIRECTIONS * sample
@@ -102,7 +104,9 @@ def damped_products(fitted: Fitted, U: Tensor, sample: int = CURVATURE_SAMPLE) -
     return _sample_curvature(fitted, sample).matmat(U) + fitted.ridge * U.to(torch.float64)
 
 
-def curvature_scale(fitted: Fitted, directions: int = 2, sample: int = 32) -> float:
+def curvature_scale(
+    fitted: Fitted, directions: int = SCALE_DIRECTIONS, sample: int = SCALE_SAMPLE
+) -> float:
     """``sum_k v_k^T H_s v_k / sum_k v_k^T v_k`` over a few probe directions: the curvature the
     ridge competes with along gradient directions (undamped GGN on a small sample)."""
     V = probe_directions(fitted, directions)

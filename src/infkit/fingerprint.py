@@ -124,8 +124,10 @@ def callable_identity(fn: Callable[..., Any] | None) -> str | None:
 
 
 def task_fingerprint(task: Task) -> dict[str, Any]:
-    """Which loss, measurement and output functions the task uses."""
-    return {
+    """Which loss, measurement and output functions the task uses, and the precision of its
+    passes when it runs them under autocast (a key only then: the identities of the tasks
+    without it are those of earlier versions)."""
+    out = {
         "name": task.name,
         "loss": callable_identity(task.loss),
         "measurement": callable_identity(task.measurement),
@@ -133,3 +135,6 @@ def task_fingerprint(task: Task) -> dict[str, Any]:
         "output_fn": callable_identity(task.output_fn),
         "higher_is_better": task.higher_is_better,
     }
+    if task.autocast is not None:
+        out["autocast"] = str(task.autocast).removeprefix("torch.")
+    return out

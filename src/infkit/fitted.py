@@ -11,8 +11,9 @@ stationarity check (docs/conventions.md §2).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,12 @@ class Fitted:
             ]
         )
 
+    def train_batches(self, desc: str, indices: Tensor | None = None) -> Iterator[Batch]:
+        """The training batches (of ``indices``: default all), with progress named ``desc``."""
+        count = self.n if indices is None else len(indices)
+        batches = self.train.batches(self.batch_size, indices)
+        return track(batches, self.progress, desc, -(-count // self.batch_size))
+
     # ------------------------------------------------------------------ training gradients
     def loss_grads(self, batch: Batch) -> Tensor:
         """grad l_j for a training batch, [B, P] float64 (no regulariser share)."""
@@ -164,7 +171,7 @@ class Fitted:
             S = (U.to(G.dtype) @ G.T).to(torch.float64)
         else:
             S = torch.empty(U.shape[0], self.n, dtype=torch.float64, device=U.device)
-            for batch in self.train.batches(self.batch_size):
+            for batch in self.train_batches("scores"):
                 S[:, batch.indices] = U @ self.loss_grads(batch).T
         return S if shared is None else S.add_(shared.unsqueeze(1))
 
@@ -282,6 +289,13 @@ def warn_about_training_mode(model: nn.Module) -> None:
         )
 
 
+def _call_at_theta(engine: PerExample, inputs: Any) -> Tensor:
+    """The model's outputs for prepared ``inputs`` at theta*, as :meth:`PerExample.outputs`
+    computes them."""
+    with evaluation_mode(engine.task.model):
+        return engine.call(engine.params(), inputs)
+
+
 def check_examples(engine: PerExample, examples: ExampleSet) -> None:
     """Check that the model accepts the inputs and the task's targets are usable.
 
@@ -335,9 +349,14 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
             "(a dict of inputs is passed as keyword arguments)"
         ) from error
     if task.check_outputs is not None:
-        problem = task.check_outputs(outputs.reshape(outputs.shape[0], -1))
+        problem = task.check_outputs(outputs)
         if problem is not None:
             raise InvalidInputError(f"{examples.name}: {problem}")
+    if task.check_model is not None:
+        inputs = engine.prepare(first)[0]
+        problem = task.check_model(partial(_call_at_theta, engine), inputs, outputs)
+        if problem is not None:
+            warn(f"{examples.name}: {problem}", UserWarning)
     if task.check_targets is not None or task.check_pairs is not None:
         output_shape = tuple(outputs.shape[1:])
         for batch in examples.batches(4096):
@@ -393,18 +412,27 @@ def training_gradients(
 
 
 def _summary_by_pass(fitted: Fitted) -> GradientSummary:
-    """The gradient summary without a cache: one objective pass and one batch of gradients."""
+    """The gradient summary without a cache: one objective pass over the data in batches, and
+    the per-example gradients of the first batch's examples (their mean norm)."""
     with evaluation_mode(fitted.task.model):
         _, full = objective_and_gradient(
-            fitted.task, fitted.space, fitted.train, 0.0, engine=fitted.engine
+            fitted.task,
+            fitted.space,
+            fitted.train,
+            0.0,
+            chunk=fitted.batch_size,
+            engine=fitted.engine,
+            progress=fitted.progress,
         )
     mean_gradient = full.to(torch.float64)
     if not bool(torch.isfinite(mean_gradient).all()):
         for batch in fitted.train.batches(fitted.batch_size):
             fitted.engine.grads(batch)  # raises NonFiniteError naming the example
-    first = next(fitted.train.batches(fitted.batch_size))
-    typical = float(fitted.engine.grads(first).to(torch.float64).norm(dim=1).mean())
-    return GradientSummary(mean_gradient, typical)
+    # the typical per-example gradient from the first batch's examples, one at a time (a
+    # [B, P] block of a language model's gradients would be the run's largest object)
+    first = range(min(fitted.batch_size, fitted.n))
+    norms = [float(fitted.engine.grads(fitted.train.take([i])).norm()) for i in first]
+    return GradientSummary(mean_gradient, sum(norms) / len(norms))
 
 
 def objective_gradient(fitted: Fitted, summary: GradientSummary | None) -> tuple[Tensor, float]:

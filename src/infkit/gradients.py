@@ -621,11 +621,25 @@ def _check_finite(values: Tensor, batch: Batch, what: str) -> None:
         return
     bad = ~torch.isfinite(flat).all(dim=1)  # a row sum overflowed, or a row is not finite
     if bad.any():
-        i = int(batch.indices[bad.nonzero()[0, 0]])
+        row = int(bad.nonzero()[0, 0])
         raise NonFiniteError(
-            f"the {what} of example {i} contains NaN or Inf; check that example's inputs and "
-            "label, and that the model's outputs are finite on it"
+            f"the {what} of example {int(batch.indices[row])} of the {batch.source} contains "
+            "NaN or Inf; check that example's inputs and label, and that the model's outputs "
+            f"are finite on it{_padding_hint(batch, row)}"
         )
+
+
+def _padding_hint(batch: Batch, row: int) -> str:
+    """Why a padded sequence's outputs may not be finite, when row ``row`` has padding."""
+    mask = batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
+    if not isinstance(mask, Tensor) or mask.dim() < 2 or not bool((mask[row] == 0).any()):
+        return ""
+    return (
+        ". Its attention_mask masks positions, and some attention implementations give NaN at "
+        "a fully masked row, which then spreads to every position (Hugging Face's eager "
+        "attention in float64 with left padding does): pad on the right, load the model with "
+        "attn_implementation='sdpa', or run it in float32"
+    )
 
 
 def directional_derivatives(

@@ -145,7 +145,7 @@ class Influence:
         if device is not None:
             try:
                 task.model.to(torch.device(device))
-            except (RuntimeError, TypeError) as exc:
+            except (RuntimeError, TypeError, AssertionError) as exc:  # no CUDA: an assertion
                 raise InvalidInputError(
                     f"device={device!r} is not usable here ({exc}); use 'cpu', 'cuda' or "
                     "'cuda:N' on a machine that has it"
@@ -953,6 +953,9 @@ class Influence:
         model_bytes = sum(t.numel() * t.element_size() for t in model.parameters()) + sum(
             t.numel() * t.element_size() for t in model.buffers()
         )
+        cached = type(method).uses_training_gradients and gradient_cache_fits(
+            n, space.size, space.dtype, self.memory_limit
+        )
         shape = RunShape(
             n_train=n,
             n_queries=q,
@@ -965,15 +968,18 @@ class Influence:
             model_bytes=model_bytes,
             memory_limit=self.memory_limit,
             sample_inputs=_sample_inputs(self.task, space, examples),
+            gradient_cache=cached,
         )
         stages = method.stages(shape, self.task, space)
         if self.checks:
-            cached = type(method).uses_training_gradients and gradient_cache_fits(
-                n, space.size, space.dtype, self.memory_limit
-            )
-            products = diagnostics.check_products(n, *method.runs_checks(self.damping, n, cached))
+            scale, energy = method.runs_checks(self.damping, n, cached)
+            products = diagnostics.check_products(n, scale, energy)
             if products:
-                probes = diagnostics.PROBE_DIRECTIONS * space.size * FLOAT64_BYTES * 3
+                # the energy ratio's directions, answers and products; else the scale check's
+                directions = (
+                    diagnostics.PROBE_DIRECTIONS if energy else diagnostics.SCALE_DIRECTIONS
+                )
+                probes = 3 * directions * space.size * FLOAT64_BYTES
                 stages.append(
                     Stage(
                         "post-fit checks",

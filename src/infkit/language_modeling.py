@@ -19,16 +19,20 @@ formed), and :func:`sample_labels` draws next tokens from the model for the true
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from infkit.errors import InvalidInputError
+from infkit.errors import InvalidInputError, Notice, warn
 
 #: PyTorch's ignore_index, Hugging Face's label for positions that are not scored
 IGNORE_INDEX = -100
+#: :func:`check_causal` calls a model causal when changing a token moves the earlier logits by
+#: at most this much, relative to their largest (float32 rounding of a recomputed pass)
+CAUSAL_TOLERANCE = 1e-4
 
 
 def _shifted(outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,6 +100,82 @@ def sample_labels(outputs: Tensor, targets: Any, generator: torch.Generator) -> 
     sampled = targets.reshape(outputs.shape[:2]).long().clone()
     sampled[:, 1:] = torch.where(labels == IGNORE_INDEX, labels, drawn)
     return sampled
+
+
+def check_logits(outputs: Tensor, vocabulary: int | None = None) -> str | None:
+    """Why a language model's outputs [B, T, V] cannot be its logits, or None.
+
+    Probabilities (non-negative, summing to 1 at every position) are refused: the loss applies
+    the softmax itself. Logits over another number of tokens than the model's input embedding
+    holds (``vocabulary``) get a notice: the labels are the inputs shifted, so the two are one
+    vocabulary, and the usual cause is a model returning a tuple whose first item is not the
+    logits (hidden states first), which the default ``output_fn`` takes.
+    """
+    if outputs.dim() != 3 or outputs.shape[-1] < 2:
+        return None  # check_labels names the shape
+    rows = outputs.detach().to(torch.float64)
+    if bool((rows >= 0).all()) and float((rows.sum(-1) - 1).abs().max()) <= 1e-4:
+        return (
+            "the model's outputs are probabilities (non-negative, summing to 1 at every "
+            "position): it ends in a softmax. Task.language_modeling applies the softmax in "
+            "its loss and needs the logits: remove the final softmax, or pick the logits with "
+            "output_fn="
+        )
+    if vocabulary is not None and outputs.shape[-1] != vocabulary:
+        warn(
+            f"the model's outputs have {outputs.shape[-1]} entries per position, its input "
+            f"embedding {vocabulary} tokens, and the labels are the inputs shifted: if the "
+            "model returns a tuple whose first item is not the logits (hidden states first), "
+            "the loss is taken of the wrong tensor. Pick the logits with "
+            "Task.language_modeling(model, output_fn=lambda out: out[k])",
+            Notice,
+        )
+    return None
+
+
+def check_causal(
+    call: Callable[[Any], Tensor], inputs: Any, outputs: Tensor, vocabulary: int | None = None
+) -> str | None:
+    """Why the model is not a causal language model, from one sequence's model inputs and
+    outputs [1, T, V] (``call`` runs the model as the outputs were computed), or None.
+
+    The sequence's last token (its last real one, under an ``attention_mask``) is replaced and
+    the model run again: a causal model's logits at the earlier real positions do not move. A
+    bidirectional model (a masked LM such as BERT) sees token t + 1 at position t, so its
+    next-token loss, and every score built on it, measures nothing.
+    """
+    ids = _token_ids(inputs)
+    if ids is None or ids.dim() != 2 or ids.shape[0] != 1 or outputs.dim() != 3:
+        return None
+    mask = _mask(inputs)
+    if mask is None or mask.shape != ids.shape:
+        real = torch.arange(ids.shape[1], device=ids.device)
+    else:
+        real = (mask[0] != 0).nonzero()[:, 0]
+    if len(real) < 2:
+        return None
+    last = int(real[-1])
+    changed = ids.clone()
+    changed[0, last] = (changed[0, last] + 1) % (vocabulary or int(ids.max()) + 2)
+    probe = {**inputs, "input_ids": changed} if isinstance(inputs, dict) else changed
+    with torch.no_grad():
+        again = call(probe).detach()
+    if again.shape != outputs.shape:
+        return None
+    earlier = real[:-1]  # the real positions only: a fully masked (padding) row may attend
+    # anywhere in some implementations (uniformly, eager attention), but nothing scores it
+    before = outputs[0, earlier].detach().to(torch.float64)
+    moved = float((again[0, earlier].to(torch.float64) - before).abs().max())
+    scale = float(before.abs().max())
+    if moved <= CAUSAL_TOLERANCE * max(scale, 1.0):
+        return None
+    return (
+        f"the model is not causal: changing the token at position {last} of the first sequence "
+        f"moved the logits of earlier positions by up to {moved:.3g} (of {scale:.3g}). "
+        "Task.language_modeling scores each position's logits against the next token, which "
+        "a bidirectional model (a masked LM such as BERT) already sees: its scores measure "
+        "nothing. Use a causal LM (...ForCausalLM), or pass a task of your own"
+    )
 
 
 def check_labels(targets: Any, output_shape: tuple[int, ...]) -> tuple[int, str] | None:

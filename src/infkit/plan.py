@@ -40,6 +40,8 @@ class RunShape:
         memory_limit: the budget of one process in bytes (None: not bounded).
         sample_inputs: one training example's model inputs, for methods that learn the model's
             structure from a forward pass (None: a model on the meta device, or sizes only).
+        gradient_cache: whether fit keeps the [N, P] training gradients in memory
+            (:func:`infkit.fitted.gradient_cache_fits`, for methods that use them).
     """
 
     n_train: int
@@ -53,6 +55,7 @@ class RunShape:
     model_bytes: int
     memory_limit: int | None = None
     sample_inputs: Any = None
+    gradient_cache: bool = False
 
     @property
     def snapshot_bytes(self) -> int:
@@ -77,6 +80,8 @@ class Stage:
             theta* (:attr:`RunShape.snapshot_bytes`).
         largest: the largest object, and its bytes.
         note: how it is laid out across processes, or what would reduce it.
+        refused: the stage cannot meet ``memory_limit`` whatever its bytes say (the run would
+            stop there with :class:`~infkit.errors.ProblemTooLargeError`).
     """
 
     name: str
@@ -84,6 +89,7 @@ class Stage:
     bytes: int
     largest: tuple[str, int]
     note: str = ""
+    refused: bool = False
 
 
 @dataclass
@@ -116,6 +122,16 @@ class Plan:
         return self.shape.model_bytes + self.shape.snapshot_bytes + largest
 
     @property
+    def within_limit(self) -> bool:
+        """Whether the run keeps to ``memory_limit`` (beyond the model): no stage refuses and
+        the peak less the model is under the limit (True when there is no limit)."""
+        limit = self.shape.memory_limit
+        if limit is None:
+            return True
+        over = self.peak_bytes - self.shape.model_bytes > limit
+        return not over and not any(stage.refused for stage in self.stages)
+
+    @property
     def largest(self) -> tuple[str, int]:
         """The largest single object of the run."""
         return max((s.largest for s in self.stages), key=lambda item: item[1], default=("", 0))
@@ -135,6 +151,7 @@ class Plan:
             "stages": [s.__dict__ for s in self.stages],
             "passes": self.passes,
             "peak_bytes": self.peak_bytes,
+            "within_limit": self.within_limit,
             "largest": self.largest,
             "seconds": self.seconds,
         }
@@ -158,9 +175,9 @@ class Plan:
             "peak per process about "
             f"{human_bytes(self.peak_bytes)}; {self.passes:g} passes of {s.batches:,} batches"
         )
-        limit = s.memory_limit
-        if limit is not None and self.peak_bytes - s.model_bytes > limit:
-            rows.append(f"  above memory_limit ({human_bytes(limit)} per process): {self.remedy}")
+        if not self.within_limit:
+            limit = human_bytes(s.memory_limit or 0)
+            rows.append(f"  above memory_limit ({limit} per process): {self.remedy}")
         if self.seconds is not None:
             seconds = self.seconds
             took = f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

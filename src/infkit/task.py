@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -121,10 +122,11 @@ def check_class_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetPro
 
 
 def check_class_outputs(outputs: Tensor) -> str | None:
-    """Why classification outputs cannot be logits (rows that are probabilities), or None."""
-    if outputs.dim() != 2 or outputs.shape[1] < 2:
+    """Why classification outputs [B, ...] cannot be logits (rows that are probabilities), or
+    None."""
+    rows = outputs.detach().reshape(outputs.shape[0], -1).to(torch.float64)
+    if rows.shape[1] < 2:
         return None
-    rows = outputs.detach().to(torch.float64)
     sums_to_one = (rows.sum(1) - 1).abs().max() <= 1e-5
     if bool((rows >= 0).all()) and bool(sums_to_one):
         return (
@@ -255,14 +257,19 @@ class Task:
             only decides which examples ``top_k`` calls proponents.
         check_targets: ``fn(targets, output_shape) -> (position, message) | None``: why a batch
             of targets is unusable (the ready-made tasks check their labels; None: no check).
-        check_outputs: ``fn(outputs) -> message | None``: why the model's outputs do not fit
-            the loss (classification: probabilities instead of logits).
+        check_outputs: ``fn(outputs) -> message | None``: why the model's outputs [B, ...] do
+            not fit the loss (classification, language modelling: probabilities instead of
+            logits).
         check_inputs: ``fn(inputs, model) -> (position, message) | None``: why a batch of
             inputs cannot be fed to the model (a language model: token ids outside its
             vocabulary); every pass over the data checks its batches with it (None: no check).
         check_pairs: ``fn(inputs, targets) -> (position, message) | None``: why a batch's
             targets disagree with its inputs (a language model: a label scored at padding);
             checked once per set, with the targets (None: no check).
+        check_model: ``fn(call, inputs, outputs) -> message | None``: why the model does not
+            behave as the task assumes, from the first example of a set (its model inputs and
+            outputs, and ``call(inputs)`` to run the model as they were computed); a warning (a
+            language model: later tokens change earlier logits, so it is not causal).
         output_hessian_product: ``fn(outputs, targets, V [K, *outputs.shape]) -> Lambda V``,
             for outputs too large for a dense Lambda_i (language models); when given, curvature
             products use it instead of :meth:`lambda_blocks`.
@@ -288,6 +295,7 @@ class Task:
         autocast: torch.dtype | None = None,
         check_inputs: Callable[[Any, nn.Module], TargetProblem | None] | None = None,
         check_pairs: Callable[[Any, Any], TargetProblem | None] | None = None,
+        check_model: Callable[[Callable[[Any], Tensor], Any, Tensor], str | None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -306,6 +314,7 @@ class Task:
         self.check_outputs = check_outputs
         self.check_inputs = check_inputs
         self.check_pairs = check_pairs
+        self.check_model = check_model
         self.output_hessian_product = output_hessian_product
         if autocast not in AUTOCAST_DTYPES:
             raise InvalidInputError(
@@ -369,8 +378,10 @@ class Task:
             output_fn=output_fn,
             name="language_modeling",
             check_targets=lm.check_labels,
+            check_outputs=partial(lm.check_logits, vocabulary=lm.vocabulary_size(model)),
             check_inputs=lm.check_inputs,
             check_pairs=lm.check_masked_labels,
+            check_model=partial(lm.check_causal, vocabulary=lm.vocabulary_size(model)),
         )
 
     @classmethod

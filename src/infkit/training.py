@@ -18,6 +18,7 @@ from infkit.errors import CurvatureError, NonFiniteError
 from infkit.gradients import PerExample
 from infkit.linalg import conjugate_gradients
 from infkit.parameters import ParameterSpace, evaluation_mode
+from infkit.progress import Mode, track
 from infkit.task import Task
 
 #: L-BFGS hands over to Newton-CG polishing below this relative gradient norm.
@@ -44,15 +45,21 @@ def objective_and_gradient(
     indices: Tensor | None = None,
     chunk: int = 4096,
     engine: PerExample | None = None,
+    progress: Mode = "off",
 ) -> tuple[float, Tensor]:
-    """L(theta) = mean over ``indices`` of l_i + (l2/2)||theta||^2 and its gradient [P]."""
+    """L(theta) = mean over ``indices`` of l_i + (l2/2)||theta||^2 and its gradient [P].
+
+    ``chunk`` examples per forward and backward pass (a fit passes its ``batch_size``: a
+    language model's sequences cannot all go through at once); ``progress`` shows the pass.
+    """
     engine = engine or PerExample(task, space)
     params = list(dict(task.model.named_parameters())[n] for n in space.names)
     idx = torch.arange(len(examples)) if indices is None else indices
     n = len(idx)
     total = 0.0
     grads = [torch.zeros_like(p) for p in params]
-    for batch in examples.batches(chunk, idx):
+    batches = track(examples.batches(chunk, idx), progress, "objective gradient", -(-n // chunk))
+    for batch in batches:
         inputs, targets = engine.prepare(batch)
         with torch.enable_grad():
             out = task.call_model(task.model, inputs)

@@ -45,12 +45,12 @@ from torch import Tensor
 from infkit import language_modeling as lm
 from infkit.data import ExampleSet
 from infkit.distributed import batch_count, batch_seed, shard_batches, sum_across
-from infkit.errors import ArtifactError, InvalidInputError, UnsupportedError
+from infkit.errors import ArtifactError, InvalidInputError, UnsupportedError, warn
 from infkit.gradients import PerExample
 from infkit.layers.capture import Capture
 from infkit.layers.tracked import TrackedModule
 from infkit.linalg import gram
-from infkit.memory import release_freed_memory
+from infkit.memory import human_bytes, release_freed_memory
 from infkit.parameters import evaluation_mode, product_dtype
 from infkit.progress import Mode, track
 
@@ -258,11 +258,25 @@ class FactorFitter:
         self.cache_bytes = cache_bytes
 
     def resolve(self, examples: ExampleSet) -> str:
-        """The fisher mode actually used (``"auto"`` decided by the output size)."""
+        """The fisher mode actually used (``"auto"`` decided by the output size); a warning
+        when ``"ggn"`` is asked for outputs beyond ``max_exact_outputs`` (its cost grows with
+        their square)."""
+        c = self.engine.outputs(examples.take([0]))[0].numel()
         if self.fisher != "auto":
             mode = self.fisher
+            if mode == "ggn" and c > self.max_exact_outputs:
+                block = c * c * self.batch_size * self.engine.space.dtype.itemsize
+                warn(
+                    f"fisher='ggn' pulls back every one of the {c:,} outputs of an example (a "
+                    f"language model's positions x vocabulary): {c:,} backward directions per "
+                    f"example and a [{c:,}, B, {c:,}] block of output vectors per batch "
+                    f"({human_bytes(block)} at batch_size={self.batch_size}), where "
+                    "fisher='sampled' takes one per sample. Use fisher='sampled' (more samples= "
+                    "for less noise) unless the outputs are few (max_exact_outputs="
+                    f"{self.max_exact_outputs})",
+                    UserWarning,
+                )
         else:
-            c = self.engine.outputs(examples.take([0]))[0].numel()
             mode = "ggn" if c <= self.max_exact_outputs else "sampled"
             if mode == "sampled" and self.sampler is None:
                 raise UnsupportedError(

@@ -50,11 +50,12 @@ from infkit.estimators import ESTIMATORS, Estimator, EstimatorName
 from infkit.fitted import STATIONARITY_TOLERANCE, Fitted
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.layers.tracked import TrackedLayers
-from infkit.memory import human_bytes
+from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.options import NoOptions
 from infkit.options import Options as BaseOptions
 from infkit.parameters import ParameterSpace
 from infkit.plan import RunShape, Stage
+from infkit.progress import Progress
 from infkit.task import Task
 
 #: the questions of the facade a method may answer
@@ -340,9 +341,22 @@ class Method(ABC):
         the gradient cache, the method's dense objects, the queries and the scores)."""
         n, q, p = shape.n_train, shape.n_queries, shape.parameters
         out = []
-        cache = n * p * shape.itemsize
-        if type(self).uses_training_gradients:
+        if shape.gradient_cache:
+            cache = n * p * max(shape.itemsize, 4)  # product_dtype: float32 or float64
             out.append(Stage("training gradients", 1, cache, ("[N, P] gradients", cache)))
+        elif self.assumes_optimum and type(self).stationarity_pass:
+            # grad L(theta*) by its own pass: the parameters' gradients, a float64 sum, and one
+            # example's gradient at a time for the typical size
+            mean = p * FLOAT64_BYTES
+            out.append(
+                Stage(
+                    "objective gradient",
+                    1,
+                    mean + 2 * p * shape.itemsize,
+                    ("grad L(theta*) [P], float64", mean),
+                    "the stationarity check (no [N, P] gradient cache: it does not fit)",
+                )
+            )
         dense = self.memory_estimate(n, p, shape.outputs)
         out.append(Stage(f"fit {self.name}", 1, dense, ("dense curvature or kernel", dense)))
         queries = 3 * q * p * 8
@@ -469,47 +483,53 @@ class Method(ABC):
         scale_check, energy_check = self.runs_checks(
             fitted.damping, fitted.n, fitted.train_gradients is not None
         )
-        if scale_check:
-            scale = diagnostics.curvature_scale(fitted)
-            checks["curvature_scale"] = scale
-            if scale + fitted.l2 <= 0:
-                warn(
-                    "the curvature along output directions is 0 at every probe (and l2 = 0): "
-                    "the scored outputs of the probed examples do not depend on the attributed "
-                    "parameters, whose gradients, and the scores they give, are then 0 too. "
-                    "Check that the labels score some positions (not all -100) and that the "
-                    "attributed layers have gradients (a fresh LoRA adapter, B = 0, gives its "
-                    "A matrices none: attribute through B, or after training)",
-                    UserWarning,
-                )
-                energy_check = 0  # nothing to measure: 0 / 0
-            elif fitted.damping > DAMPING_WARNING * (scale + fitted.l2):
-                warn(
-                    f"damping={fitted.damping:g} is {fitted.damping / (scale + fitted.l2):.1e} "
-                    f"times the curvature (about {scale:.3g} along gradient directions, plus "
-                    f"l2={fitted.l2:g}): every score is that many times smaller than without "
-                    "it, and their order is the plain gradient similarity's. Pass a damping "
-                    "of the order of the curvature or smaller (describe()['curvature_scale'])",
-                    UserWarning,
-                )
-        if energy_check:
-            ratio = diagnostics.energy_ratio(fitted, self.inverse(), sample=energy_check)
-            checks["energy_ratio"] = ratio
-            limit = type(self).scale_warning
-            if not math.isfinite(ratio) or ratio <= 0:
-                warn(energy_failure_message(ratio, fitted.engine.dtype), UserWarning)
-            elif limit is not None and ratio > limit:
-                warn(self.scale_message(ratio), UserWarning)
         stationarity = fitted.stationarity or 0.0
-        if self.assumes_optimum and stationarity > STATIONARITY_TOLERANCE:
-            try:
-                drift = diagnostics.drift(fitted, self.inverse())
-            except CurvatureError:  # no ridge and a singular sample curvature: no step
-                drift = None
-            if drift is not None:
-                checks["drift"] = drift.record()
-                if drift.residual_shift > DRIFT_WARNING:
-                    warn(drift_message(fitted, drift), UserWarning)
+        drift_check = self.assumes_optimum and stationarity > STATIONARITY_TOLERANCE
+        steps = int(scale_check) + int(energy_check > 0) + int(drift_check)
+        with Progress(fitted.progress if steps else "off", steps, "checks") as shown:
+            if scale_check:
+                scale = diagnostics.curvature_scale(fitted)
+                checks["curvature_scale"] = scale
+                shown.update(note="curvature scale")
+                if scale + fitted.l2 <= 0:
+                    warn(
+                        "the curvature along output directions is 0 at every probe (and l2 = 0): "
+                        "the scored outputs of the probed examples do not depend on the attributed "
+                        "parameters, whose gradients, and the scores they give, are then 0 too. "
+                        "Check that the labels score some positions (not all -100) and that the "
+                        "attributed layers have gradients (a fresh LoRA adapter, B = 0, gives its "
+                        "A matrices none: attribute through B, or after training)",
+                        UserWarning,
+                    )
+                    energy_check = 0  # nothing to measure: 0 / 0
+                elif fitted.damping > DAMPING_WARNING * (scale + fitted.l2):
+                    warn(
+                        f"damping={fitted.damping:g} is {fitted.damping / (scale + fitted.l2):.1e} "
+                        f"times the curvature (about {scale:.3g} along gradient directions, plus "
+                        f"l2={fitted.l2:g}): every score is that many times smaller than without "
+                        "it, and their order is the plain gradient similarity's. Pass a damping "
+                        "of the order of the curvature or smaller (describe()['curvature_scale'])",
+                        UserWarning,
+                    )
+            if energy_check:
+                ratio = diagnostics.energy_ratio(fitted, self.inverse(), sample=energy_check)
+                checks["energy_ratio"] = ratio
+                shown.update(note="energy ratio")
+                limit = type(self).scale_warning
+                if not math.isfinite(ratio) or ratio <= 0:
+                    warn(energy_failure_message(ratio, fitted.engine.dtype), UserWarning)
+                elif limit is not None and ratio > limit:
+                    warn(self.scale_message(ratio), UserWarning)
+            if drift_check:
+                try:
+                    drift = diagnostics.drift(fitted, self.inverse())
+                except CurvatureError:  # no ridge and a singular sample curvature: no step
+                    drift = None
+                shown.update(note="drift")
+                if drift is not None:
+                    checks["drift"] = drift.record()
+                    if drift.residual_shift > DRIFT_WARNING:
+                        warn(drift_message(fitted, drift), UserWarning)
         self.checks = checks
 
     def runs_checks(self, damping: float, n: int, cached: bool) -> tuple[bool, int]:

@@ -355,11 +355,13 @@ class KFAC(PrimalMethod):
         budget = None if limit is None else budget_after(limit, held, hooks, block_bytes)
         rank = self.options.query_rank
         groups = None if rank is not None else plan_groups(local, sizes, budget)
+        refused = False
         if groups is None:  # low rank: every query and layer in one pass
             note = ""
             if rank is None:
                 rank = (budget or 0) // max(local * per_rank, 1)
                 if rank < 1:  # StreamingScorer.queries refuses: the limit cannot be met
+                    refused = True
                     rank, note = (
                         1,
                         (
@@ -386,6 +388,7 @@ class KFAC(PrimalMethod):
                 resident + queries,
                 ("preconditioned queries", queries),
                 note + "; repeated on every process",
+                refused,
             )
         )
         out.append(
