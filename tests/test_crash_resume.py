@@ -55,18 +55,20 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.mark.parametrize(
     ("job", "kill"),
+    # one kill point per job by default (each case is two worker processes, about 20 s on a
+    # 2-core machine); the others behind the slow marker (make test-slow)
     [
         ("retrain", "save:3"),
-        ("retrain", "train:4"),
-        ("factors", "save:1"),
+        pytest.param("retrain", "train:4", marks=pytest.mark.slow),
+        pytest.param("factors", "save:1", marks=pytest.mark.slow),
         ("factors", "fit"),
         # a causal LM with a workdir, 20 scoring batches in shards of 3: killed in the fit's
         # first pass (about 30% of the run's time) and in its second (the committed K-FAC
         # stage is reused), in the commit of the second score shard, and at 70% of the
         # scoring pass
-        ("lmscores", "fit"),
+        pytest.param("lmscores", "fit", marks=pytest.mark.slow),
         ("lmscores", "eigen"),
-        ("lmscores", "save:5"),
+        pytest.param("lmscores", "save:5", marks=pytest.mark.slow),
         ("lmscores", "score:14"),
     ],
 )
@@ -89,6 +91,7 @@ def test_killed_run_resumes_bit_identically(
     assert _stray(directory) == []
 
 
+@pytest.mark.slow  # two retraining workers at once: about 50 s on a 2-core machine
 def test_concurrent_writers_share_a_directory(uninterrupted: dict, tmp_path: Path) -> None:
     directory = tmp_path / "store"
     procs = [
