@@ -261,7 +261,9 @@ class FactorFitter:
         """The fisher mode actually used (``"auto"`` decided by the output size); a warning
         when ``"ggn"`` is asked for outputs beyond ``max_exact_outputs`` (its cost grows with
         their square)."""
-        c = self.engine.outputs(examples.take([0]))[0].numel()
+        c = 0  # outputs per example, where the mode depends on them
+        if self.fisher in ("auto", "ggn"):
+            c = self.engine.outputs(examples.take([0]))[0].numel()
         if self.fisher != "auto":
             mode = self.fisher
             if mode == "ggn" and c > self.max_exact_outputs:
