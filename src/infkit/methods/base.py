@@ -53,7 +53,7 @@ from infkit.layers.tracked import TrackedLayers
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.options import NoOptions
 from infkit.options import Options as BaseOptions
-from infkit.parameters import ParameterSpace
+from infkit.parameters import ParameterSpace, product_dtype
 from infkit.plan import RunShape, Stage
 from infkit.progress import Progress
 from infkit.task import Task
@@ -342,7 +342,7 @@ class Method(ABC):
         n, q, p = shape.n_train, shape.n_queries, shape.parameters
         out = []
         if shape.gradient_cache:
-            cache = n * p * max(shape.itemsize, 4)  # product_dtype: float32 or float64
+            cache = n * p * product_dtype(space.dtype).itemsize  # as fit keeps it
             out.append(Stage("training gradients", 1, cache, ("[N, P] gradients", cache)))
         elif self.assumes_optimum and type(self).stationarity_pass:
             # grad L(theta*) by its own pass: the parameters' gradients, a float64 sum, and one
