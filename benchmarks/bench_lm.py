@@ -34,7 +34,7 @@ after the other on the same model and data (written once by this script):
   256 training sequences). It scores the queries in one block (as the facade does for the
   iterative solvers, ``Method.solves_together``) and multiplies by the GGN ``BATCH`` sequences
   at a time (ASTRA's default is 4 x that; the products take a few directions at a time, see
-  ``infkit.curvature.PRODUCT_OUTPUT_ELEMENTS``).
+  ``infkit.curvature.PRODUCT_WORK_BYTES``).
 
 Targets (issue): infkit / kronfluence total time <= 0.5 and peak memory <= 1.0; infkit total
 time <= 4 passes and peak memory <= 2x a pass's; the two libraries' scores correlate >= 0.95.

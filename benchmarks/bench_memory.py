@@ -28,15 +28,12 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, measured_worker, provenance
+from harness import ROOT, export_source, measured_worker, provenance
 
 N_TRAIN, N_TEST, FEATURES, HIDDEN, CLASSES = 50_000, 2_000, 64, 32, 10
 RESULTS = ROOT / "benchmarks" / "results" / "memory.md"
@@ -98,18 +95,6 @@ def measure(method: str, src: Path) -> dict:
     return figures
 
 
-def export(revision: str) -> Path:
-    """The library's src/ at ``revision``, exported into a temporary folder."""
-    folder = Path(tempfile.mkdtemp(prefix="infkit-baseline-"))
-    archive = folder / "src.tar"
-    subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "-o", str(archive), revision, "src"], check=True
-    )
-    with tarfile.open(archive) as tar:
-        tar.extractall(folder, filter="data")
-    return folder / "src"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker")
@@ -120,7 +105,10 @@ def main() -> None:
         worker(args.worker)
         return
     mib = 1 << 20
-    versions = {"this tree": ROOT / "src", f"baseline {args.baseline}": export(args.baseline)}
+    versions = {
+        "this tree": ROOT / "src",
+        f"baseline {args.baseline}": export_source(args.baseline),
+    }
     rows = []
     for method in args.methods:
         for label, src in versions.items():

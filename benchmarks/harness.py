@@ -18,6 +18,8 @@ import platform
 import re
 import subprocess
 import sys
+import tarfile
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -128,3 +130,16 @@ def append_section(path: Path, lines: Sequence[str]) -> str:
     with path.open("a") as out:
         out.write(separator + text)
     return text
+
+
+def export_source(revision: str) -> Path:
+    """The library's src/ at ``revision``, exported into a temporary folder (put it first on
+    ``PYTHONPATH`` to run a worker on that version of the library)."""
+    folder = Path(tempfile.mkdtemp(prefix="infkit-baseline-"))
+    archive = folder / "src.tar"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "-o", str(archive), revision, "src"], check=True
+    )
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    return folder / "src"

@@ -74,7 +74,8 @@ def main() -> None:
                 plan = inf.plan(
                     n_train=N_TRAIN, n_queries=N_QUERIES, sequence_length=LENGTH, world_size=world
                 )
-                stages = {s.name: s.bytes for s in plan.stages}
+                # what a process holds in each stage (its own objects and those held before)
+                stages = dict(zip([s.name for s in plan.stages], plan.stage_bytes, strict=True))
                 largest, size = plan.largest
                 rows.append(
                     f"| {name} | {plan.shape.parameters / 1e9:.2f}B | {world} | "

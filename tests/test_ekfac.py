@@ -252,7 +252,8 @@ def test_the_plan_foresees_the_query_groups_of_layers_sharing_an_input() -> None
     options = {"l2": 1e-3, "damping": 1e-3, "fisher": "ggn", "batch_size": 4}
     big = 10**9
     ref = infkit.Influence(task, "ekfac", memory_limit=big, **options).fit((X, y))
-    base = big - query_budget(ref.fitted, ref.method.kronecker())  # bytes besides the queries
+    # bytes besides the queries (the factors, a pass's working memory, the [3, N] scores)
+    base = big - query_budget(ref.fitted, ref.method.kronecker(), 3 * len(X) * 8)
     per_query = ref.fitted.space.size * 8  # float64 model: one query's preconditioned gradient
     S = ref.scores(test)
     seen = set()

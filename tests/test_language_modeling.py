@@ -210,24 +210,22 @@ def test_cg_with_the_token_hessian_product_equals_exact(problem: dict) -> None:
     assert float((cg.scores(problem["test"]) - S).norm() / S.norm()) < 1e-7
 
 
-def test_ggn_products_in_chunks_of_directions_equal_all_at_once(
-    problem: dict, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A language model's output products are [k, B, T x V]: taken a direction or two at a
-    time beyond PRODUCT_OUTPUT_ELEMENTS, with the same result as all k at once."""
+def test_ggn_products_in_chunks_of_directions_equal_all_at_once(problem: dict) -> None:
+    """A language model's output products are [k, B, T x V]: taken two directions at a time
+    when ``work_bytes`` holds two, with the same result as all k at once."""
     from infkit import curvature
     from infkit.gradients import PerExample
     from infkit.parameters import ParameterSpace
 
     task = infkit.Task.language_modeling(problem["model"])
     space = ParameterSpace(task.model)
-    operator = curvature.CurvatureOperator(
-        PerExample(task, space), ExampleSet(problem["train"]), "ggn", batch_size=8
-    )
+    engine, train = PerExample(task, space), ExampleSet(problem["train"])
     V = torch.randn(5, space.size, dtype=torch.float64)
-    whole = operator.matmat(V)
-    monkeypatch.setattr(curvature, "PRODUCT_OUTPUT_ELEMENTS", 2 * 8 * LENGTH * VOCAB)
-    torch.testing.assert_close(operator.matmat(V), whole, rtol=1e-12, atol=1e-14)
+    whole = curvature.CurvatureOperator(engine, train, "ggn", batch_size=8).matmat(V)
+    two = 2 * curvature.product_direction_bytes(8 * LENGTH * VOCAB, space.size, 4)
+    assert curvature.product_chunk(5, 8 * LENGTH * VOCAB, space.size, 4, two) == 2
+    chunked = curvature.CurvatureOperator(engine, train, "ggn", batch_size=8, work_bytes=two)
+    torch.testing.assert_close(chunked.matmat(V), whole, rtol=1e-12, atol=1e-14)
 
 
 def test_ekfac_leaves_unsupported_parameters_out_with_a_notice(problem: dict) -> None:
@@ -321,8 +319,9 @@ def test_low_rank_queries(problem: dict) -> None:
 
 
 def _limit_for_queries(problem: dict, k: float, batch_size: int = 64) -> int:
-    """A memory_limit whose query budget (the limit less the factors and a pass's working
-    memory) holds k preconditioned queries of the tiny LM (119 numbers each)."""
+    """A memory_limit whose query budget (the limit less the factors, a pass's working memory
+    and the [Q, N] float64 scores of the test set) holds k preconditioned queries of the tiny
+    LM (119 numbers each)."""
     model = problem["model"]
     task = infkit.Task.language_modeling(model)
     big = 10**9
@@ -331,7 +330,7 @@ def _limit_for_queries(problem: dict, k: float, batch_size: int = 64) -> int:
         inf = infkit.Influence(
             task, "ekfac", l2=1e-2, damping=1e-2, memory_limit=big, batch_size=batch_size
         ).fit(problem["train"])
-    overhead = big - query_budget(inf.fitted, inf.method.kronecker())
+    overhead = big - query_budget(inf.fitted, inf.method.kronecker(), Q * N * 8)
     item = next(model.parameters()).element_size()
     return overhead + int(k * 119 * item) + 4
 
@@ -485,15 +484,16 @@ def test_plan_counts_passes_and_factor_bytes_and_times_a_batch(problem: dict) ->
         )
         kfac = infkit.Influence(task, "kfac", damping="auto").plan(n_train=N, sequence_length=7)
     stages = {s.name: s for s in plan.stages}
-    # the N x P gradient cache fits here: a pass for it, and the energy-ratio check runs on it
+    # the N x P gradient cache fits here: a pass for it, the energy-ratio check runs on it,
+    # and it answers the scores in one product (no pass)
     data_passes = ["training gradients", "covariances A, S", "eigenvalue correction", "scores"]
-    assert [stages[name].passes for name in data_passes] == [1, 1, 1, 1]
+    assert [stages[name].passes for name in data_passes] == [1, 1, 1, 0]
     # 16 probes + 16 directions x N / 16 examples (the report-only check's sample); with
     # damping="auto" the facade's damping is 0, so no damping-scale check
     products = stages["post-fit checks"].passes * N
     assert products == pytest.approx(16 + 16 * (N // 16))
-    assert kfac.passes == pytest.approx(3 + products / N)  # cache, covariances, scores, checks
-    assert plan.passes == pytest.approx(4 + products / N)
+    assert kfac.passes == pytest.approx(2 + products / N)  # cache, covariances, checks
+    assert plan.passes == pytest.approx(3 + products / N)
     assert plan.shape.tokens == LENGTH and plan.shape.n_queries == Q
     assert plan.shape.batches == -(-N // 4)
     assert stages["covariances A, S"].bytes >= _factor_bytes(model, 4)
@@ -552,6 +552,71 @@ def test_the_plan_lists_the_checks_the_fit_runs(problem: dict) -> None:
                     assert not ran and "energy_ratio" not in inf.describe()
     with pytest.raises(InvalidInputError, match="checks must be True or False"):
         infkit.Influence(task, "ekfac", checks="no")  # type: ignore[arg-type]
+
+
+def test_the_plan_holds_the_gradient_cache_through_the_checks_and_the_queries(
+    problem: dict,
+) -> None:
+    """With the [N, P] cache, every later stage counts it (it is held to the end of the run);
+    the post-fit checks come before the queries and count their probe arrays and a curvature
+    product's working memory; the cached path answers the scores without a pass, its queries
+    in the facade's chunks."""
+    from infkit import curvature, diagnostics
+
+    task = infkit.Task.language_modeling(problem["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, batch_size=4)
+        plan = inf.plan(problem["train"], problem["test"], timed=False)
+    names = [s.name for s in plan.stages]
+    totals = dict(zip(names, plan.stage_bytes, strict=True))
+    p, item = plan.shape.parameters, 8  # a float64 model
+    cache = N * p * item
+    assert plan.stages[0].name == "training gradients" and plan.stages[0].held == cache
+    assert all(totals[name] >= cache for name in names)
+    assert names.index("post-fit checks") == names.index("queries") - 1
+    probes = diagnostics.PROBE_DIRECTIONS * p * (3 * 8 + item)
+    outputs = LENGTH * VOCAB  # T x V of one sequence
+    assert plan.shape.outputs == outputs
+    product = curvature.product_direction_bytes(4 * outputs, p, item)
+    assert totals["post-fit checks"] >= cache + probes + product
+    assert plan.peak_bytes >= plan.shape.model_bytes + totals["post-fit checks"]
+    stages = {s.name: s for s in plan.stages}
+    assert stages["scores"].passes == 0
+    record = plan.record()
+    assert [s["total_bytes"] for s in record["stages"]] == plan.stage_bytes
+    # the run's chunks of queries are the plan's (the generic path's row bytes)
+    fitted = inf.fit(problem["train"])
+    estimator = inf._estimator
+    assert fitted.method.query_row_bytes(N, p, estimator) == 3 * (N + p) * 8
+
+
+def test_the_checks_curvature_products_keep_to_the_memory_limit(problem: dict) -> None:
+    """Under a small memory_limit the energy ratio's products take a few directions at a time
+    (1/8 of the limit) and give the same ratio as all at once."""
+    from infkit import curvature, diagnostics
+
+    task = infkit.Task.language_modeling(problem["model"])
+    ratios = {}
+    for limit in (None, 2_000_000):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, memory_limit=limit)
+            inf.fit(problem["train"])
+        fitted = inf.fitted
+        operator = diagnostics._sample_curvature(fitted, 8)
+        assert operator.work_bytes == curvature.product_work_bytes(fitted.memory_limit)
+        chunk = curvature.product_chunk(
+            diagnostics.PROBE_DIRECTIONS,
+            fitted.batch_size * LENGTH * VOCAB,
+            fitted.space.size,
+            8,
+            operator.work_bytes,
+        )
+        ratios[limit] = (chunk, diagnostics.energy_ratio(fitted, inf.method.inverse(), sample=8))
+    (all_at_once, whole), (few, chunked) = ratios[None], ratios[2_000_000]
+    assert all_at_once == diagnostics.PROBE_DIRECTIONS and few < all_at_once
+    assert chunked == pytest.approx(whole, rel=1e-10)
 
 
 def test_plan_foresees_the_query_groups_that_scoring_takes(problem: dict) -> None:
@@ -791,7 +856,7 @@ def test_the_plan_of_a_method_without_the_gradient_cache_shows_its_objective_pas
             inf = infkit.Influence(task, "cg", damping=1e-2, memory_limit=limit)
             plan = inf.plan(n_train=N, n_queries=Q, sequence_length=LENGTH)
         stages[limit] = {s.name: s for s in plan.stages}
-    assert stages[64 * cache]["training gradients"].bytes == cache
+    assert stages[64 * cache]["training gradients"].held == cache  # held to the end
     assert "objective gradient" not in stages[64 * cache]
     assert "training gradients" not in stages[2 * cache]
     objective = stages[2 * cache]["objective gradient"]

@@ -25,10 +25,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from infkit.curvature import CurvatureOperator
+from infkit.curvature import (
+    CurvatureOperator,
+    product_chunk,
+    product_direction_bytes,
+    product_work_bytes,
+)
 from infkit.data import Batch
 from infkit.fitted import Fitted
 from infkit.linalg import conjugate_gradients
+from infkit.memory import FLOAT64_BYTES
 
 #: directions of :func:`probe_directions`
 PROBE_DIRECTIONS = 16
@@ -75,6 +81,22 @@ def check_products(n: int, scale: bool, energy_sample: int) -> int:
     return total
 
 
+def check_bytes(
+    p: int, outputs: int, batch_size: int, itemsize: int, memory_limit: int, energy: bool
+) -> int:
+    """Bytes the post-fit checks hold at their peak for P = ``p`` parameters in a model of
+    ``itemsize`` whose examples have ``outputs`` outputs each: the energy ratio's
+    (``energy``; else the scale check's) probe directions, answers and curvature products in
+    float64 and the directions in the model's precision, and a batch product's working memory
+    (:func:`~infkit.curvature.product_chunk` of :func:`~infkit.curvature.product_work_bytes`).
+    :meth:`infkit.Influence.plan` reports them."""
+    directions = PROBE_DIRECTIONS if energy else SCALE_DIRECTIONS
+    arrays = directions * p * ((3 if energy else 2) * FLOAT64_BYTES + itemsize)
+    batch_outputs = batch_size * outputs
+    chunk = product_chunk(directions, batch_outputs, p, itemsize, product_work_bytes(memory_limit))
+    return arrays + chunk * product_direction_bytes(batch_outputs, p, itemsize)
+
+
 def probe_directions(fitted: Fitted, count: int = PROBE_DIRECTIONS, seed: int = 0) -> Tensor:
     """``J_i^T r_i`` [count, P] float64 for ``count`` training examples, ``r_i ~ N(0, I_C)``.
 
@@ -82,26 +104,34 @@ def probe_directions(fitted: Fitted, count: int = PROBE_DIRECTIONS, seed: int = 
     sequence of vocabulary logits).
     """
     gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in _sample(fitted, count, seed=seed):
+    chosen = _sample(fitted, count, seed=seed)
+    out = torch.empty(
+        len(chosen), fitted.space.size, dtype=torch.float64, device=fitted.space.device
+    )
+    for row, i in enumerate(chosen):
         batch = fitted.train.take(i.reshape(1))
         c = fitted.engine.outputs(batch).reshape(1, -1).shape[1]
         r = torch.randn(1, 1, c, generator=gen, dtype=torch.float64)
-        rows.append(fitted.engine.vjp(batch, r).reshape(-1).to(torch.float64))
-    return torch.stack(rows)
+        out[row] = fitted.engine.vjp(batch, r).reshape(-1)
+    return out
 
 
 def _sample_curvature(fitted: Fitted, sample: int) -> CurvatureOperator:
     """The mean GGN of ``sample`` training examples (not those of the probe directions)."""
     indices = _sample(fitted, sample, skip=PROBE_DIRECTIONS)
     return CurvatureOperator(
-        fitted.engine, fitted.train, "ggn", batch_size=fitted.batch_size, indices=indices
+        fitted.engine,
+        fitted.train,
+        "ggn",
+        batch_size=fitted.batch_size,
+        indices=indices,
+        work_bytes=product_work_bytes(fitted.memory_limit),
     )
 
 
 def damped_products(fitted: Fitted, U: Tensor, sample: int = CURVATURE_SAMPLE) -> Tensor:
     """``(H_s + ridge) U`` [k, P] float64, H_s the mean GGN of a sample of training examples."""
-    return _sample_curvature(fitted, sample).matmat(U) + fitted.ridge * U.to(torch.float64)
+    return _sample_curvature(fitted, sample).matmat(U).add_(U, alpha=fitted.ridge)
 
 
 def curvature_scale(
@@ -146,8 +176,9 @@ def energy_ratio(
     """
     V = probe_directions(fitted) if directions is None else directions
     U = solve(V).to(torch.float64)
-    numerator = float((U * damped_products(fitted, U, sample)).sum())
-    denominator = float((U * V).sum())
+    # sums of elementwise products as dot products of the flattened blocks: no third [k, P]
+    numerator = float(U.reshape(-1) @ damped_products(fitted, U, sample).reshape(-1))
+    denominator = float(U.reshape(-1) @ V.to(torch.float64).reshape(-1))
     return numerator / denominator if denominator > 0 else float("inf")
 
 

@@ -133,12 +133,14 @@ class Fitted:
 
     def query_gradients(self, examples: ExampleSet, which: Which = "measurement") -> Tensor:
         """grad m_t (or grad l_t) of every example, [n, P] float64."""
-        return torch.cat(
-            [
-                self.engine.grads(b, which).to(torch.float64)
-                for b in examples.batches(self.batch_size)
-            ]
-        )
+        space = self.space
+        out = torch.empty(len(examples), space.size, dtype=torch.float64, device=space.device)
+        start = 0
+        for batch in examples.batches(self.batch_size):  # in order
+            grads = self.engine.grads(batch, which)
+            out[start : start + grads.shape[0]] = grads
+            start += grads.shape[0]
+        return out
 
     def train_batches(self, desc: str, indices: Tensor | None = None) -> Iterator[Batch]:
         """The training batches (of ``indices``: default all), with progress named ``desc``."""

@@ -624,7 +624,7 @@ class Influence:
         """
         method, fitted = self.method, self.fitted
         t, n, p = len(queries), fitted.n, fitted.space.size
-        row_bytes = method.query_row_bytes(n, p)
+        row_bytes = method.query_row_bytes(n, p, self._estimator)
         output_bytes = t * n * fitted.space.bytes_per_float()
         chunks = row_chunks(
             t, row_bytes, output_bytes, fitted.memory_limit, together=method.solves_together
@@ -956,41 +956,53 @@ class Influence:
         cached = type(method).uses_training_gradients and gradient_cache_fits(
             n, space.size, space.dtype, self.memory_limit
         )
+        sample = _sample_inputs(self.task, space, examples)
         shape = RunShape(
             n_train=n,
             n_queries=q,
             tokens=tokens,
-            outputs=tokens,
+            outputs=_outputs_per_example(self.task, sample, tokens),
             batch_size=self.batch_size,
             world_size=world_size,
             parameters=space.size,
             itemsize=itemsize,
             model_bytes=model_bytes,
             memory_limit=self.memory_limit,
-            sample_inputs=_sample_inputs(self.task, space, examples),
+            sample_inputs=sample,
             gradient_cache=cached,
+            workdir=self.workdir is not None,
         )
         stages = method.stages(shape, self.task, space)
         if self.checks:
             scale, energy = method.runs_checks(self.damping, n, cached)
             products = diagnostics.check_products(n, scale, energy)
             if products:
-                # the energy ratio's directions, answers and products; else the scale check's
+                # the energy ratio's directions, answers, products and a batch product's
+                # working memory; else the scale check's
+                held = diagnostics.check_bytes(
+                    space.size,
+                    shape.outputs,
+                    self.batch_size,
+                    itemsize,
+                    self.memory_limit,
+                    energy=bool(energy),
+                )
                 directions = (
                     diagnostics.PROBE_DIRECTIONS if energy else diagnostics.SCALE_DIRECTIONS
                 )
-                probes = 3 * directions * space.size * FLOAT64_BYTES
-                stages.append(
-                    Stage(
-                        "post-fit checks",
-                        # every process runs them whole: passes of its share of the batches
-                        round(products * world_size / max(n, 1), 2),
-                        probes,
-                        ("probe directions, answers and products", probes),
-                        f"{products:,} curvature products of single examples "
-                        "(checks=False skips them)",
-                    )
+                probes = directions * space.size * FLOAT64_BYTES
+                checks = Stage(
+                    "post-fit checks",
+                    # every process runs them whole: passes of its share of the batches
+                    round(products * world_size / max(n, 1), 2),
+                    held,
+                    ("probe directions, float64", probes),
+                    f"{products:,} curvature products of single examples (checks=False skips them)",
                 )
+                # they run at the end of fit, before any query
+                names = [stage.name for stage in stages]
+                at = names.index("queries") if "queries" in names else len(stages)
+                stages.insert(at, checks)
         out = Plan(method.name, shape, stages, remedy=method.plan_remedy)
         if timed and examples is not None and space.device.type != "meta":
             out.seconds_per_batch = _time_batch(self.task, space, examples, self.batch_size)
@@ -1092,6 +1104,17 @@ def _sample_inputs(task: Task, space: ParameterSpace, examples: ExampleSet | Non
     if examples is None or space.device.type == "meta":
         return None
     return PerExample(task, space).prepare(examples.take([0]))[0]
+
+
+def _outputs_per_example(task: Task, inputs: Any, tokens: int) -> int:
+    """C, the outputs of one example (T x V for a language model): from a forward pass of
+    the sample ``inputs`` when there are some, else ``tokens`` x the configuration's
+    ``vocab_size`` where the model has one (a model on the meta device), else ``tokens``."""
+    if inputs is not None:
+        with torch.no_grad(), evaluation_mode(task.model):
+            return task.call_model(task.model, inputs).numel()
+    vocabulary = getattr(getattr(task.model, "config", None), "vocab_size", None)
+    return tokens * vocabulary if isinstance(vocabulary, int) else tokens
 
 
 def _time_batch(task: Task, space: ParameterSpace, examples: ExampleSet, batch_size: int) -> float:

@@ -42,6 +42,8 @@ class RunShape:
             structure from a forward pass (None: a model on the meta device, or sizes only).
         gradient_cache: whether fit keeps the [N, P] training gradients in memory
             (:func:`infkit.fitted.gradient_cache_fits`, for methods that use them).
+        workdir: whether the run commits its artifacts to a workdir (the Kronecker methods
+            then score in committed shards, layer by layer, even with the gradient cache).
     """
 
     n_train: int
@@ -56,6 +58,7 @@ class RunShape:
     memory_limit: int | None = None
     sample_inputs: Any = None
     gradient_cache: bool = False
+    workdir: bool = False
 
     @property
     def snapshot_bytes(self) -> int:
@@ -76,12 +79,14 @@ class Stage:
     Attributes:
         name: what it does.
         passes: passes over the training data (0 for work without data).
-        bytes: the stage's own objects per process, beyond the model and the run's copy of
-            theta* (:attr:`RunShape.snapshot_bytes`).
+        bytes: the stage's own objects per process, beyond the model, the run's copy of
+            theta* (:attr:`RunShape.snapshot_bytes`) and what earlier stages hold (``held``).
         largest: the largest object, and its bytes.
         note: how it is laid out across processes, or what would reduce it.
         refused: the stage cannot meet ``memory_limit`` whatever its bytes say (the run would
             stop there with :class:`~infkit.errors.ProblemTooLargeError`).
+        held: of its bytes, those it leaves in memory for every later stage (the [N, P]
+            gradient cache, the fitted factors): :meth:`Plan.stage_bytes` adds them to theirs.
     """
 
     name: str
@@ -90,6 +95,7 @@ class Stage:
     largest: tuple[str, int]
     note: str = ""
     refused: bool = False
+    held: int = 0
 
 
 @dataclass
@@ -116,9 +122,19 @@ class Plan:
         return sum(s.passes for s in self.stages)
 
     @property
+    def stage_bytes(self) -> list[int]:
+        """What the process holds in each stage beyond the model and theta*: the stage's own
+        bytes and what the stages before it hold (:attr:`Stage.held`)."""
+        out, held = [], 0
+        for stage in self.stages:
+            out.append(held + stage.bytes)
+            held += stage.held
+        return out
+
+    @property
     def peak_bytes(self) -> int:
         """The model, the copy of theta* and the largest stage, per process."""
-        largest = max((s.bytes for s in self.stages), default=0)
+        largest = max(self.stage_bytes, default=0)
         return self.shape.model_bytes + self.shape.snapshot_bytes + largest
 
     @property
@@ -148,7 +164,10 @@ class Plan:
         return {
             "method": self.method,
             "shape": self.shape.__dict__,
-            "stages": [s.__dict__ for s in self.stages],
+            "stages": [
+                {**s.__dict__, "total_bytes": total}
+                for s, total in zip(self.stages, self.stage_bytes, strict=True)
+            ],
             "passes": self.passes,
             "peak_bytes": self.peak_bytes,
             "within_limit": self.within_limit,
@@ -164,10 +183,10 @@ class Plan:
             f"{s.world_size} process{'es' if s.world_size > 1 else ''}"
         )
         rows = [head, f"  {'stage':<28} {'passes':>6} {'bytes/process':>14}  largest object"]
-        for stage in self.stages:
+        for stage, total in zip(self.stages, self.stage_bytes, strict=True):
             name, size = stage.largest
             rows.append(
-                f"  {stage.name:<28} {stage.passes:>6g} {human_bytes(stage.bytes):>14}  "
+                f"  {stage.name:<28} {stage.passes:>6g} {human_bytes(total):>14}  "
                 f"{name} ({human_bytes(size)})" + (f"; {stage.note}" if stage.note else "")
             )
         rows.append(

@@ -452,7 +452,10 @@ class KroneckerCurvature:
         """``(G + (l2 + damping + shift) I)^{-1} V`` blockwise, for V [k, P], float64."""
         V = V.to(torch.float64)
         ridges = self.ridges(shift)
-        coords = self.to_eigenbasis(V)
+        layout = self.layers.layout
+        # layer by layer (rotate, divide, rotate back into out): beside V and the answer only
+        # one layer's block is held, never a second [k, P] of eigenbasis coordinates
+        out = torch.zeros(V.shape, dtype=torch.float64, device=V.device)
         for t in self.tracked:
             denom = self.eigenvalues(t.name) + ridges[t.name]
             if float(denom.min()) <= 0:
@@ -461,8 +464,11 @@ class KroneckerCurvature:
                     f"({float(denom.min()):.2e}): its Kronecker-factored curvature is singular. "
                     "Add damping (e.g. damping=1e-3 or damping='auto') or l2"
                 )
-            coords[t.name] = coords[t.name] / denom
-        out = self.from_eigenbasis(coords, V.shape[0])
+            f = self.factors.modules[t.name]
+            QS, QA = f.QS.to(torch.float64), f.QA.to(torch.float64)
+            coords = QS.T @ layout.block(V, t) @ QA
+            coords /= denom
+            layout.put(out, t, QS @ coords @ QA.T)
         if self.layers.others:
             ridge = self.fitted.ridge + shift
             if ridge <= 0:

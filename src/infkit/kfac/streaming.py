@@ -151,16 +151,17 @@ def budget_after(limit: int, resident: int, hooks: int, block: int) -> int:
     return max(0, limit - resident - WORKING_FACTOR * (hooks + block))
 
 
-def query_budget(fitted: Fitted, curvature: KroneckerCurvature) -> int:
+def query_budget(fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0) -> int:
     """Bytes the preconditioned queries may take in this fitted run (:func:`budget_after` of the
-    fitted factors' and theta*'s bytes and a batch of the training set's sequence length)."""
+    fitted factors' and theta*'s bytes, the ``scores`` bytes of the result the call fills, and
+    a batch of the training set's sequence length)."""
     held = {  # shared eigenbases counted once
         t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
         for f in curvature.factors.modules.values()
         for t in f.stored()
     }
-    # the factors and the run's copy of theta*
-    resident = sum(held.values()) + fitted.theta.numel() * fitted.theta.element_size()
+    # the factors, the run's copy of theta* and the scores
+    resident = sum(held.values()) + fitted.theta.numel() * fitted.theta.element_size() + scores
     tracked = curvature.tracked
     item = product_dtype(fitted.space.dtype).itemsize
     hooks = fitted.batch_size * fitted.train.positions() * sum(t.d_out + t.cols for t in tracked)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from infkit.blocks import BlockMode, block_diagonal, layer_slices
-from infkit.curvature import Curvature, CurvatureOperator
+from infkit.curvature import Curvature, CurvatureOperator, product_work_bytes
 from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, ProblemTooLargeError
 from infkit.fitted import Fitted
 from infkit.gradients import Which
@@ -209,6 +209,7 @@ class Arnoldi(PrimalMethod):
             fitted.train,
             self.options.curvature,
             batch_size=options.product_batch_size or 4 * fitted.batch_size,
+            work_bytes=product_work_bytes(fitted.memory_limit),
         )
         matmat: Callable[[Tensor], Tensor] = operator.matmat
         if options.blocks is not None:

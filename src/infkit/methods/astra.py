@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from infkit.curvature import Curvature, CurvatureOperator
+from infkit.curvature import Curvature, CurvatureOperator, product_work_bytes
 from infkit.errors import NotFittedError, warn
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import (
@@ -161,6 +161,7 @@ class ASTRA(PrimalMethod):
             fitted.train,
             self.options.curvature,
             batch_size=self.options.product_batch_size or 4 * fitted.batch_size,
+            work_bytes=product_work_bytes(fitted.memory_limit),
         )
 
     def kronecker(self) -> KroneckerCurvature:

@@ -48,9 +48,10 @@ from infkit.errors import (
 )
 from infkit.estimators import ESTIMATORS, Estimator, EstimatorName
 from infkit.fitted import STATIONARITY_TOLERANCE, Fitted
+from infkit.gradients import GRADIENT_WORK_FACTOR
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.layers.tracked import TrackedLayers
-from infkit.memory import FLOAT64_BYTES, human_bytes
+from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes, row_chunks
 from infkit.options import NoOptions
 from infkit.options import Options as BaseOptions
 from infkit.parameters import ParameterSpace, product_dtype
@@ -339,11 +340,22 @@ class Method(ABC):
     def stages(self, shape: RunShape, task: Task, space: ParameterSpace) -> list[Stage]:
         """The run's stages for :meth:`infkit.Influence.plan` (a generic outline by default:
         the gradient cache, the method's dense objects, the queries and the scores)."""
-        n, q, p = shape.n_train, shape.n_queries, shape.parameters
+        n, p = shape.n_train, shape.parameters
         out = []
+        # a batch's per-example gradients (vmap over the model) and their working memory
+        grads = GRADIENT_WORK_FACTOR * shape.batch_size * p * shape.itemsize
         if shape.gradient_cache:
             cache = n * p * product_dtype(space.dtype).itemsize  # as fit keeps it
-            out.append(Stage("training gradients", 1, cache, ("[N, P] gradients", cache)))
+            out.append(
+                Stage(
+                    "training gradients",
+                    1,
+                    cache + grads,
+                    ("[N, P] gradients", cache),
+                    "held to the end of the run",
+                    held=cache,
+                )
+            )
         elif self.assumes_optimum and type(self).stationarity_pass:
             # grad L(theta*) by its own pass: the parameters' gradients, a float64 sum, and one
             # example's gradient at a time for the typical size
@@ -359,14 +371,43 @@ class Method(ABC):
             )
         dense = self.memory_estimate(n, p, shape.outputs)
         out.append(Stage(f"fit {self.name}", 1, dense, ("dense curvature or kernel", dense)))
-        queries = 3 * q * p * 8
-        out.append(Stage("queries", 0, queries, ("[Q, P] query gradients, float64", queries)))
-        scores = q * n * 8
-        out.append(Stage("scores", 1, scores + queries, ("[Q, N] scores, float64", scores)))
+        out += self.generic_query_stages(shape)
         return out
 
-    def query_row_bytes(self, n: int, p: int) -> int:
-        """Bytes ``scores`` needs per query (the facade chunks the queries by it): the query
+    def generic_query_stages(self, shape: RunShape) -> list[Stage]:
+        """The queries and scores of :func:`infkit.estimators.scores` as the facade runs them:
+        the queries in chunks (:meth:`query_row_bytes`, :func:`~infkit.memory.row_chunks`),
+        each chunk's query gradients and solves in float64, the scores in one product with the
+        gradient cache (else one pass over the training data)."""
+        n, q, p = shape.n_train, shape.n_queries, shape.parameters
+        grads = GRADIENT_WORK_FACTOR * shape.batch_size * p * shape.itemsize
+        limit = shape.memory_limit or default_memory_limit()
+        row = self.query_row_bytes(n, p)
+        chunks = row_chunks(q, row, q * n * FLOAT64_BYTES, limit, together=self.solves_together)
+        rows = max(stop - start for start, stop in chunks)
+        chunk = rows * row
+        note = f"{len(chunks)} chunks of {rows} queries" if len(chunks) > 1 else ""
+        scores = q * n * FLOAT64_BYTES
+        return [
+            Stage(
+                "queries",
+                0,
+                chunk + grads,
+                ("a chunk's query gradients and solves, float64", chunk),
+                note,
+            ),
+            Stage(
+                "scores",
+                0 if shape.gradient_cache else len(chunks),
+                scores + chunk,
+                ("[Q, N] scores, float64", scores),
+                "one product with the gradient cache" if shape.gradient_cache else "",
+            ),
+        ]
+
+    def query_row_bytes(self, n: int, p: int, estimator: Estimator | None = None) -> int:
+        """Bytes ``scores`` needs per query with ``estimator`` (the facade chunks the queries
+        by it; None: the generic path of :func:`infkit.estimators.scores`): the query
         gradient, its solve and the score row, in float64."""
         return 3 * (n + p) * 8
 

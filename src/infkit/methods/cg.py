@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from infkit.curvature import Curvature, CurvatureOperator, ggn_diagonal
+from infkit.curvature import Curvature, CurvatureOperator, ggn_diagonal, product_work_bytes
 from infkit.errors import NotFittedError, warn
 from infkit.fitted import Fitted
 from infkit.linalg import (
@@ -114,6 +114,7 @@ class ConjugateGradient(PrimalMethod):
             fitted.train,
             self.options.curvature,
             batch_size=self.options.product_batch_size or PRODUCT_BATCH_FACTOR * fitted.batch_size,
+            work_bytes=product_work_bytes(fitted.memory_limit),
         )
 
     def _apply(self, operator: CurvatureOperator, ridge: float, V: Tensor) -> Tensor:

@@ -32,7 +32,8 @@ from infkit.data import ExampleSet
 from infkit.errors import NotFittedError, ProblemTooLargeError
 from infkit.estimators import Estimator
 from infkit.fingerprint import data_fingerprint, tensor_digest
-from infkit.fitted import Fitted, gradient_cache_fits
+from infkit.fitted import Fitted
+from infkit.gradients import GRADIENT_WORK_FACTOR
 from infkit.kfac.curvature import (
     KroneckerCurvature,
     KroneckerOptions,
@@ -40,6 +41,7 @@ from infkit.kfac.curvature import (
     kronecker_layers,
 )
 from infkit.kfac.streaming import (
+    WORKING_FACTOR,
     LayerQueries,
     StreamingScorer,
     budget_after,
@@ -155,24 +157,31 @@ class KFAC(PrimalMethod):
         return self.kronecker().solve(V, shift)
 
     # ------------------------------------------------------------------ streaming answers
-    def _streaming(self, estimator: Estimator) -> StreamingScorer | None:
-        """The layer-by-layer scorer, when it applies: IF scores, every trainable parameter in a
-        tracked layer, and training gradients not cached (a large problem)."""
-        curvature = self.kronecker()
+    def _streams(self, estimator: Estimator) -> bool:
+        """Whether the layer-by-layer scorer answers: IF scores, every trainable parameter in a
+        tracked layer, and training gradients not cached (a large problem), or a query rank or
+        a workdir."""
         fitted = self.fitted
-        if estimator.name != "if" or curvature.layers.others:
+        if estimator.name != "if" or self.kronecker().layers.others:
+            return False
+        # small: the cached gradients answer in one product
+        return (
+            fitted.train_gradients is None
+            or self.options.query_rank is not None
+            or fitted.workdir is not None
+        )
+
+    def _streaming(self, estimator: Estimator, scores: int = 0) -> StreamingScorer | None:
+        """The layer-by-layer scorer, when it applies (:meth:`_streams`), with the query budget
+        left beside the ``scores`` bytes of the call's result."""
+        if not self._streams(estimator):
             return None
-        if (
-            fitted.train_gradients is not None
-            and self.options.query_rank is None
-            and fitted.workdir is None
-        ):
-            return None  # small: the cached gradients answer in one product
-        budget = query_budget(fitted, curvature)
+        curvature, fitted = self.kronecker(), self.fitted
+        budget = query_budget(fitted, curvature, scores)
         return StreamingScorer(fitted, curvature, budget, self.options.query_rank)
 
     def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
-        scorer = self._streaming(estimator)
+        scorer = self._streaming(estimator, len(queries) * self.fitted.n * FLOAT64_BYTES)
         if scorer is None:
             return super().scores(queries, estimator)
         shards = self._shards(queries)
@@ -194,7 +203,7 @@ class KFAC(PrimalMethod):
         return {"scores": self._grouped_scores(queries, scorer, shards)}, info
 
     def scores_among(self, queries: ExampleSet, estimator: Estimator, among: Tensor) -> Tensor:
-        scorer = self._streaming(estimator)
+        scorer = self._streaming(estimator, len(queries) * len(among) * FLOAT64_BYTES)
         if scorer is None:
             return super().scores_among(queries, estimator, among)
         return self._grouped_scores(queries, scorer, None, among)
@@ -281,7 +290,8 @@ class KFAC(PrimalMethod):
         # as a distributed run holds them (docs/distributed.md §1): every pass over the data
         # split by batches across processes; the factors, eigenbases, EK-FAC's eigenvalues,
         # the preconditioned queries and the [Q, N] scores whole on every process
-        tracked = kronecker_layers(task.model, space, self.options, self.name).tracked
+        layers = kronecker_layers(task.model, space, self.options, self.name)
+        tracked = layers.tracked
         item, b, t = shape.itemsize, shape.batch_size, shape.tokens
         work = product_dtype(space.dtype).itemsize
         # layers that read one input share its eigenbasis (known from a forward pass of a real
@@ -300,24 +310,29 @@ class KFAC(PrimalMethod):
         block_bytes = b * block.cols * block.d_out * work
         out = []
         limit = shape.memory_limit
-        p = sum(x.cols * x.d_out for x in tracked)
-        if limit is not None and gradient_cache_fits(shape.n_train, p, space.dtype, limit):
-            # small enough for the [N, P] cache: one more pass, and the post-fit checks run
-            cache = shape.n_train * p * work
+        if shape.gradient_cache:
+            # small enough for the [N, P] cache: one more pass, held to the end of the run
+            cache = shape.n_train * shape.parameters * work
+            grads = GRADIENT_WORK_FACTOR * b * shape.parameters * item
             out.append(
                 Stage(
                     "training gradients",
                     shape.world_size,  # every process computes the whole cache
-                    cache,
+                    cache + grads,
                     ("[N, P] gradient cache", cache),
-                    "repeated on every process; the energy-ratio check runs on it",
+                    "repeated on every process, held to the end of the run; the energy-ratio "
+                    "check runs on it",
+                    held=cache,
                 )
             )
+        lam = shape.parameters * work if self.corrected else 0
+        eigenvalues = sum(cols[x.name] + x.d_out for x in tracked) * work
+        resident = factors + eigenvalues + lam  # held from the fit to the end of the run
         out += [
             Stage(
                 "covariances A, S",
                 1,
-                factors + hooks,
+                factors + WORKING_FACTOR * hooks,
                 (f"A, S of {biggest.name!r}", factor[biggest.name]),
                 "data split across processes, factors summed",
             ),
@@ -328,20 +343,28 @@ class KFAC(PrimalMethod):
                 (f"A, S of {biggest.name!r}", factor[biggest.name]),
                 "repeated on every process; float64 one layer at a time, each covariance "
                 "freed once decomposed",
+                held=0 if self.corrected else resident,
             ),
         ]
-        lam = 0
         if self.corrected:
-            lam = p * work
             out.append(
                 Stage(
                     "eigenvalue correction",
                     1,
-                    factors + lam + block_bytes + hooks,
+                    factors + lam + WORKING_FACTOR * (block_bytes + hooks),
                     (f"a batch's gradients of {block.name!r}", block_bytes),
                     "data split across processes, eigenvalues summed",
+                    held=resident,
                 )
             )
+        if (
+            shape.gradient_cache
+            and self.options.query_rank is None
+            and not shape.workdir
+            and not layers.others
+        ):
+            # the cached gradients answer in one product (as _streaming decides)
+            return out + self.generic_query_stages(shape)
         # the preconditioned queries (all of them on every process): full rank in groups of
         # queries and layers that fit memory_limit less the factors and a pass's working memory
         # (query_budget, plan_groups), one pass over the data each; rank r per layer when one
@@ -349,10 +372,9 @@ class KFAC(PrimalMethod):
         local = shape.n_queries
         sizes = [x.d_out * x.cols * work for x in tracked]
         per_rank = sum(x.d_out + x.cols for x in tracked) * work
-        eigenvalues = sum(cols[x.name] + x.d_out for x in tracked) * work
-        resident = factors + eigenvalues + lam
-        held = resident + shape.snapshot_bytes  # as query_budget counts them
-        budget = None if limit is None else budget_after(limit, held, hooks, block_bytes)
+        scores = shape.n_queries * shape.n_train * FLOAT64_BYTES
+        kept = resident + shape.snapshot_bytes + scores  # as query_budget counts them
+        budget = None if limit is None else budget_after(limit, kept, hooks, block_bytes)
         rank = self.options.query_rank
         groups = None if rank is not None else plan_groups(local, sizes, budget)
         refused = False
@@ -380,12 +402,11 @@ class KFAC(PrimalMethod):
             note = "full rank"
             if passes > 1:
                 note = f"full rank, {passes} passes over groups of queries and layers"
-        scores = shape.n_queries * shape.n_train * FLOAT64_BYTES
         out.append(
             Stage(
                 "queries",
                 0,
-                resident + queries,
+                queries,
                 ("preconditioned queries", queries),
                 note + "; repeated on every process",
                 refused,
@@ -395,7 +416,7 @@ class KFAC(PrimalMethod):
             Stage(
                 "scores",
                 passes,
-                resident + queries + scores + block_bytes + hooks,
+                queries + scores + WORKING_FACTOR * (block_bytes + hooks),
                 ("[Q, N] scores", scores),
                 "data split across processes, score columns summed",
             )
@@ -417,9 +438,11 @@ class KFAC(PrimalMethod):
                 layout.put(out, t, L @ R.transpose(-1, -2))
         return out
 
-    def query_row_bytes(self, n: int, p: int) -> int:
-        # streaming keeps the preconditioned queries within their own budget (query groups)
-        return 3 * n * FLOAT64_BYTES
+    def query_row_bytes(self, n: int, p: int, estimator: Estimator | None = None) -> int:
+        if estimator is not None and self._streams(estimator):
+            # streaming keeps the preconditioned queries within their own budget (query groups)
+            return 3 * n * FLOAT64_BYTES
+        return super().query_row_bytes(n, p, estimator)
 
     def describe(self) -> dict[str, object]:
         out: dict[str, object] = super().describe()

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from infkit.blocks import BlockMode, block_diagonal, layer_slices
-from infkit.curvature import Curvature, CurvatureOperator
+from infkit.curvature import Curvature, CurvatureOperator, product_work_bytes
 from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, warn
 from infkit.fitted import Fitted
 from infkit.linalg import power_iteration
@@ -201,6 +201,7 @@ class Lissa(PrimalMethod):
                 fitted.train,
                 self.options.curvature,
                 batch_size=max(self._batch(), 4 * fitted.batch_size),
+                work_bytes=product_work_bytes(fitted.memory_limit),
             )
             self.lambda_max = power_iteration(
                 self._wrap(full.matmat),
@@ -295,7 +296,11 @@ class Lissa(PrimalMethod):
         fitted = self.fitted
         b = min(self._batch(), len(pool))
         operator = CurvatureOperator(
-            fitted.engine, fitted.train, self.options.curvature, batch_size=b
+            fitted.engine,
+            fitted.train,
+            self.options.curvature,
+            batch_size=b,
+            work_bytes=product_work_bytes(fitted.memory_limit),
         )
         dtype = fitted.engine.dtype
         order = pool[torch.randperm(len(pool), generator=gen)]

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from infkit.curvature import CurvatureOperator
+from infkit.curvature import CurvatureOperator, product_work_bytes
 from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.estimators import Estimator
@@ -77,7 +77,11 @@ class SegmentCurvature:
         self.krylov_steps = options.krylov_steps
         if options.segment_curvature == "krylov":
             self.operator = CurvatureOperator(
-                fitted.engine, fitted.train, "ggn", batch_size=8 * fitted.batch_size
+                fitted.engine,
+                fitted.train,
+                "ggn",
+                batch_size=8 * fitted.batch_size,
+                work_bytes=product_work_bytes(fitted.memory_limit),
             )
         elif options.segment_curvature == "ekfac":
             self.kronecker = KroneckerCurvature(fitted, options, corrected=True, owner="source")
