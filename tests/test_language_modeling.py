@@ -530,6 +530,19 @@ def test_plan_on_the_meta_device_equals_the_real_model_and_splits_across_process
         )
 
 
+def test_the_plan_sizes_a_language_models_outputs_from_its_configuration() -> None:
+    """Without data (a model on the meta device) C = T x the configuration's vocab_size, which
+    the checks' product memory depends on; with data, a forward pass tells."""
+    from types import SimpleNamespace
+
+    from infkit.plan import sized_outputs
+
+    model = TinyLM()
+    assert sized_outputs(model, LENGTH) == LENGTH  # no configuration: positions only
+    model.config = SimpleNamespace(vocab_size=VOCAB)  # as a transformers model carries it
+    assert sized_outputs(model, LENGTH) == LENGTH * VOCAB
+
+
 def test_the_plan_lists_the_checks_the_fit_runs(problem: dict) -> None:
     """The post-fit checks are in the plan exactly when fit runs them; checks=False skips
     both (and their figures in describe())."""

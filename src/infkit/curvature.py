@@ -32,11 +32,9 @@ PRODUCT_WORK_BYTES = 256 << 20
 #: a GGN batch product's working memory per direction, in multiples of one direction's outputs
 #: of the batch plus its P parameters, in the model's precision (the forward-mode tangents, the
 #: weighted outputs and the vmapped pullback): measured as growth of a fresh process's resident
-#: memory, 3-5x on causal LMs of 0.6M-3.7M parameters attributed whole, about 9x with only
+#: memory, 3-5x on causal LMs of 0.6M-3.7M parameters attributed whole, about 11x with only
 #: their linear layers attributed (EK-FAC's space)
 PRODUCT_WORK_FACTOR = 10
-
-
 #: the share of ``memory_limit`` a run's GGN products may take for their directions at once
 PRODUCT_LIMIT_SHARE = 8
 

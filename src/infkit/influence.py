@@ -56,7 +56,7 @@ from infkit.methods.base import (
 )
 from infkit.options import suggest_option
 from infkit.parameters import ParameterSpace, evaluation_mode
-from infkit.plan import Plan, RunShape, Stage
+from infkit.plan import Plan, RunShape, Stage, sized_outputs
 from infkit.progress import resolve as resolve_progress
 from infkit.progress import track
 from infkit.removal import Quantity, RemovalEffect
@@ -1113,8 +1113,7 @@ def _outputs_per_example(task: Task, inputs: Any, tokens: int) -> int:
     if inputs is not None:
         with torch.no_grad(), evaluation_mode(task.model):
             return task.call_model(task.model, inputs).numel()
-    vocabulary = getattr(getattr(task.model, "config", None), "vocab_size", None)
-    return tokens * vocabulary if isinstance(vocabulary, int) else tokens
+    return sized_outputs(task.model, tokens)
 
 
 def _time_batch(task: Task, space: ParameterSpace, examples: ExampleSet, batch_size: int) -> float:

@@ -23,6 +23,14 @@ from typing import Any
 from infkit.memory import human_bytes
 
 
+def sized_outputs(model: Any, tokens: int) -> int:
+    """C, the outputs of one example of ``tokens`` positions, from sizes alone (a model on the
+    meta device): ``tokens`` x the configuration's ``vocab_size`` where the model has one (a
+    ``transformers`` language model), else ``tokens``."""
+    vocabulary = getattr(getattr(model, "config", None), "vocab_size", None)
+    return tokens * vocabulary if isinstance(vocabulary, int) else tokens
+
+
 @dataclass(frozen=True)
 class RunShape:
     """The size of a run.
