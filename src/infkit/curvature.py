@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 
-from infkit.autodiff import Pushforward
+from infkit.autodiff import Pushforward, transforms_only
 from infkit.data import Batch, ExampleSet
 from infkit.errors import UnsupportedError
 from infkit.gradients import PerExample, batching_rule_notice
@@ -32,9 +32,9 @@ PRODUCT_WORK_BYTES = 256 << 20
 #: a GGN batch product's working memory per direction, in multiples of one direction's outputs
 #: of the batch plus its P parameters, in the model's precision (the forward-mode tangents, the
 #: weighted outputs and the vmapped pullback): measured as growth of a fresh process's resident
-#: memory, 3-5x on causal LMs of 0.6M-3.7M parameters attributed whole, about 11x with only
-#: their linear layers attributed (EK-FAC's space)
-PRODUCT_WORK_FACTOR = 10
+#: memory, 4.4-4.6x on causal LMs of 0.5M-3.7M parameters, attributed whole or only their
+#: linear layers (:func:`~infkit.autodiff.transforms_only`), counted with a margin
+PRODUCT_WORK_FACTOR = 6
 #: the share of ``memory_limit`` a run's GGN products may take for their directions at once
 PRODUCT_LIMIT_SHARE = 8
 
@@ -145,10 +145,13 @@ class CurvatureOperator:
             out = engine.call(p, inputs)
             return out.reshape(out.shape[0], -1)
 
-        with evaluation_mode(engine.task.model), batching_rule_notice(engine.task.model):
+        with (
+            transforms_only(),
+            evaluation_mode(engine.task.model),
+            batching_rule_notice(engine.task.model),
+        ):
             if self.kind == "ggn":
-                with torch.no_grad():
-                    outputs = engine.call(params, inputs)  # [B, ...]
+                outputs = engine.call(params, inputs)  # [B, ...]
                 pullback = vjp(outputs_of, params)[1]
                 # a few directions at a time: each holds [B, C] output-space products (a
                 # language model's C is T x V) and its pullback, so all k at once can take GBs

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vjp, vmap
 
-from infkit.autodiff import Pushforward
+from infkit.autodiff import Pushforward, transforms_only
 from infkit.data import Batch, map_tensors
 from infkit.errors import (
     InfkitError,
@@ -370,7 +370,8 @@ class PerExample:
             if self.mode == "loop" or self._vmap_failed:
                 return looped()
             try:
-                return vmapped()
+                with transforms_only():
+                    return vmapped()
             except Exception as exc:  # vmap cannot trace some modules; the loop is exact
                 if self.mode == "vmap" or isinstance(exc, InfkitError):
                     raise
@@ -599,6 +600,7 @@ class PerExample:
         single = U.dim() == 2
         U = U.reshape(-1, *U.shape[-2:])
         with (
+            transforms_only(),
             evaluation_mode(self.task.model),
             evaluation_mode(self.tangent_module),
             batching_rule_notice(self.task.model),
