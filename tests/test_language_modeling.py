@@ -22,6 +22,7 @@ from infkit.data import ExampleSet
 from infkit.errors import (
     CurvatureError,
     InvalidInputError,
+    NonFiniteError,
     Notice,
     ProblemTooLargeError,
     UnsupportedError,
@@ -226,6 +227,69 @@ def test_ggn_products_in_chunks_of_directions_equal_all_at_once(problem: dict) -
     assert curvature.product_chunk(5, 8 * LENGTH * VOCAB, space.size, 4, two) == 2
     chunked = curvature.CurvatureOperator(engine, train, "ggn", batch_size=8, work_bytes=two)
     torch.testing.assert_close(chunked.matmat(V), whole, rtol=1e-12, atol=1e-14)
+
+
+def test_a_model_changed_after_fit_is_refused_by_every_question(problem: dict) -> None:
+    """A weight edited after fit (attributed, or left out of the attribution like the
+    embeddings under EK-FAC) is named by every question; restored, the answers come back
+    unchanged."""
+    model = TinyLM().double().eval()
+    model.load_state_dict(problem["model"].state_dict())
+    task = infkit.Task.language_modeling(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(problem["train"])
+    before = inf.scores(problem["test"])
+    questions = [
+        lambda: inf.scores(problem["test"]),
+        inf.self_scores,
+        lambda: inf.top_k(problem["test"], 3),
+        lambda: inf.remove([0, 1]),
+        lambda: inf.module_scores(problem["test"]),
+        lambda: inf.token_scores(problem["test"]),
+    ]
+    for parameter in (model.head.weight, model.embed.weight):  # attributed, left out
+        saved = parameter.detach().clone()
+        with torch.no_grad():
+            parameter.mul_(1.5)
+        name = "head.weight" if parameter is model.head.weight else "embed.weight"
+        for ask in questions:
+            with pytest.raises(InvalidInputError, match=rf"'{name}' changed since fit"):
+                ask()
+        with torch.no_grad():
+            parameter.copy_(saved)
+    assert torch.equal(inf.scores(problem["test"]), before)
+
+
+class _NanWherePadded(TinyLM):
+    """TinyLM whose logits are NaN for every sequence with padding (as Hugging Face's eager
+    attention gives in float64 with left padding)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        logits = super().forward(input_ids, attention_mask)
+        if attention_mask is None:
+            return logits
+        padded = (attention_mask == 0).any(dim=1).reshape(-1, 1, 1)
+        return torch.where(padded, torch.full_like(logits, float("nan")), logits)
+
+
+def test_non_finite_outputs_on_the_streamed_kronecker_path_name_the_example(
+    problem: dict,
+) -> None:
+    """Without the gradient cache (a large model's path) a NaN output is named before any
+    covariance is formed, as on the cached path: the example and the padding hint."""
+    from infkit.kfac import factors
+
+    model = _NanWherePadded().double().eval()
+    model.load_state_dict(problem["model"].state_dict())
+    task = infkit.Task.language_modeling(model)
+    limit = _limit_for_queries(problem, 2, batch_size=2)  # below the gradient cache
+    for method in ("ekfac", "kfac"):
+        inf = infkit.Influence(task, method, l2=1e-2, damping=1e-2, memory_limit=limit)
+        with pytest.raises(NonFiniteError, match=r"example 2 of the training set.*attention_mask"):
+            inf.fit(problem["train"])  # example 2 is the padded one
+    with pytest.raises(NonFiniteError, match="Kronecker factor"):  # a backward that overflowed
+        factors._eigh(torch.tensor([[1.0, float("inf")], [float("inf"), 1.0]]))
 
 
 def test_ekfac_leaves_unsupported_parameters_out_with_a_notice(problem: dict) -> None:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from infkit.data import LABEL_KEYS, Batch, ExampleSet, check_compatible, leaves
 from infkit.errors import InvalidInputError, UnsupportedError, warn
+from infkit.fingerprint import tensor_digest
 from infkit.gradients import PerExample, Which
 from infkit.memory import human_bytes
 from infkit.parameters import ParameterSpace, evaluation_mode, product_dtype
@@ -95,6 +96,42 @@ class Fitted:
     objective_gradient: Tensor | None = None
     stationarity: float | None = None
     workdir: Path | None = None
+
+    def __post_init__(self) -> None:
+        # digests of the model's tensors outside theta, as fit found them (changed_since_fit)
+        object.__setattr__(self, "_outside", _outside_digests(self.task.model, self.space))
+
+    def changed_since_fit(self) -> str | None:
+        """The name of the first parameter or buffer of the model that differs from fit time
+        (theta against the snapshot :attr:`theta`, the others against their digests), or None.
+
+        Every answer combines the fitted state (curvature, cached gradients, theta*) with the
+        model as it is when asked; a model trained further or edited after ``fit`` would give
+        answers that describe neither.
+        """
+        model = self.task.model
+        current = dict(model.named_parameters())
+        snapshot = self.space.unflatten(self.theta)
+        for name in self.space.names:
+            now = current.get(name)
+            if now is None or not torch.equal(now.detach(), snapshot[name]):
+                return name
+        found = _outside_digests(model, self.space)
+        expected: dict[str, str] = self._outside  # type: ignore[attr-defined]
+        for name in sorted(found.keys() | expected.keys()):
+            if found.get(name) != expected.get(name):
+                return name
+        return None
+
+    def require_unchanged(self) -> None:
+        """Raise InvalidInputError when the model changed since fit (:meth:`changed_since_fit`)."""
+        name = self.changed_since_fit()
+        if name is not None:
+            raise InvalidInputError(
+                f"the model's {name!r} changed since fit: the fitted state (curvature, training "
+                "gradients, theta*) describes the model as it was, and answers would mix it with "
+                "the new values. Restore the model's parameters, or fit again"
+            )
 
     # ------------------------------------------------------------------ sizes and ridges
     @property
@@ -382,6 +419,15 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
 
 
 # ---------------------------------------------------------------------------- fit-time passes
+def _outside_digests(model: nn.Module, space: ParameterSpace) -> dict[str, str]:
+    """``tensor_digest`` of every parameter and buffer of ``model`` outside ``space``, by name
+    (the frozen and unattributed parameters and the buffers the answers also depend on)."""
+    attributed = set(space.names)
+    tensors: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if n not in attributed}
+    tensors.update(model.named_buffers())
+    return {name: tensor_digest(t) for name, t in tensors.items()}
+
+
 def gradient_cache_fits(n: int, p: int, dtype: torch.dtype, memory_limit: int) -> bool:
     """Whether fit keeps the [N, P] training gradients of a model in ``dtype`` in memory: up
     to :data:`GRADIENT_CACHE_BYTES` and a quarter of ``memory_limit``."""

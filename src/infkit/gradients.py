@@ -419,7 +419,7 @@ class PerExample:
             f = out.reshape(b, -1).detach().requires_grad_(True)
             value = self._scalar_fn(which)(f.reshape(b, *shape), targets).sum()
             (g,) = torch.autograd.grad(value, f)
-        _check_finite(g, batch, f"output-space {which} gradient")
+        check_finite_rows(g, batch, f"output-space {which} gradient")
         return g.detach()
 
     @torch.no_grad()
@@ -459,7 +459,7 @@ class PerExample:
 
         with evaluation_mode(self.task.model), self.task.mixed_precision():
             G = self.run(vmapped, looped).detach()
-        _check_finite(G, batch, f"{which} gradient")
+        check_finite_rows(G, batch, f"{which} gradient")
         return G
 
     def hessian_sum(self, batch: Batch) -> Tensor:
@@ -567,7 +567,7 @@ class PerExample:
         with evaluation_mode(self.task.model), evaluation_mode(self.tangent_module):
             jac = self.run(vmapped, looped)
         J = torch.cat([jac[n].reshape(*jac[n].shape[:2], -1) for n in names], dim=-1).detach()
-        _check_finite(J, batch, "output Jacobian")
+        check_finite_rows(J, batch, "output Jacobian")
         return J
 
     def jvp(self, batch: Batch, directions: Tensor) -> Tensor:
@@ -621,7 +621,9 @@ def _span(batch: Batch) -> str:
     return f"{int(batch.indices[0])}..{int(batch.indices[-1])}"
 
 
-def _check_finite(values: Tensor, batch: Batch, what: str) -> None:
+def check_finite_rows(values: Tensor, batch: Batch, what: str) -> None:
+    """Raise NonFiniteError naming the first example of ``batch`` whose row of ``values``
+    ([B, ...]) has a NaN or Inf, with a hint where that example is padded."""
     flat = values.reshape(values.shape[0], -1)
     if bool(torch.isfinite(flat.sum(dim=1)).all()):  # NaN/Inf propagate through sums: fast path
         return

@@ -563,6 +563,7 @@ class Influence:
         Kronecker scores pass over those examples only (a prefilter's candidates,
         :mod:`infkit.analyses.prefilter`).
         """
+        self.fitted.require_unchanged()
         self.method.require("scores")
         queries = self._queries(test)
         fitted = self.fitted
@@ -594,6 +595,7 @@ class Influence:
         Returns:
             ``{"computed": ..., "reused": ...}``: this call's shards, by how they were got.
         """
+        self.fitted.require_unchanged()
         method = self.method
         if self.workdir is None:
             raise InvalidInputError(
@@ -642,6 +644,7 @@ class Influence:
 
         Large values flag examples the model needs to fit them: mislabelled points and outliers.
         """
+        self.fitted.require_unchanged()
         method = self.method
         method.require("self_scores")
         return self.fitted.output(method.self_scores(self._estimator))
@@ -663,9 +666,12 @@ class Influence:
         and damping, on the retained examples at ``theta_k`` (one refit of the method per step,
         on a copy of the model: the model and the workdir are left alone), and
         ``grad L_R(theta_k)`` is exact. The fixed point is the retained optimum, whatever the
-        damping, so for a convex loss ``theta_K`` approaches retraining
-        (:func:`infkit.retrain.without`), quadratically with an exact curvature
-        (docs/estimators.md §12). The result's ``params`` is ``theta_K - theta*``, its
+        damping, so for a convex loss and an exact curvature (``exact``, ``cg``)
+        ``theta_K`` approaches retraining (:func:`infkit.retrain.without`) quadratically
+        (docs/estimators.md §12). An approximate curvature (the Kronecker methods, a sampled
+        Fisher) only converges where it is close enough to the Hessian, and plain Newton
+        steps with it can move away even on a convex loss: ``gradient_norms`` shows the
+        iterates, and a warning says when the last is no better than the first. The result's ``params`` is ``theta_K - theta*``, its
         ``gradient_norms`` the ``||grad L_R(theta_k)||`` of the iterates, and its ``outputs``,
         ``loss`` and ``measurement`` are the actual changes of the model at ``theta_K`` against
         the model at ``theta*`` (not first-order ones: ``theta_K`` stands for the retrained
@@ -684,6 +690,7 @@ class Influence:
             UnsupportedError: ``steps > 1`` with a method that cannot solve with its curvature
                 at a new point (the message names those that can), or estimator ``"relatif"``.
         """
+        self.fitted.require_unchanged()
         _check_steps(steps)
         idx = self._indices(indices)
         self._estimator.require_counterfactual()
@@ -817,6 +824,7 @@ class Influence:
         proponents have scores of the other sign. ``k`` above the number of training examples
         is taken as that number (both lists then rank the whole training set).
         """
+        self.fitted.require_unchanged()
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
         self.method.require("scores")
@@ -844,6 +852,7 @@ class Influence:
         ``Lambda_j J_j H^{-1} J_j^T / N``; rif and newton need each eigenvalue below 1 (their
         CurvatureError reports the largest), not the sum.
         """
+        self.fitted.require_unchanged()
         method = self.method
         method.require("leverages")
         return self.fitted.output(method.leverages())
@@ -856,6 +865,7 @@ class Influence:
         by a small delta changes m_t by about ``<entry, delta>``: the basis of training-set
         attacks. It is the first-order (IF) derivative, whatever the estimator.
         """
+        self.fitted.require_unchanged()
         result = decompositions.input_influence(
             self.method, self.fitted, self._queries(test), indices
         )
@@ -866,6 +876,7 @@ class Influence:
 
         See :func:`infkit.decompositions.per_module_scores` (docs/decompositions.md §1).
         """
+        self.fitted.require_unchanged()
         parts = decompositions.per_module_scores(
             self.method, self.fitted, self._queries(test), self._estimator
         )
@@ -885,6 +896,7 @@ class Influence:
         positions per example (default: the largest count, a language model's sequence
         length); the others' share is ``result.rest``.
         """
+        self.fitted.require_unchanged()
         return decompositions.per_token_scores(
             self.method, self.fitted, self._queries(test), self._estimator, indices, positions
         )
@@ -902,6 +914,7 @@ class Influence:
         ``refine`` rescores the ``refine`` strongest proponents and opponents of each query at
         full rank (docs/decompositions.md §4).
         """
+        self.fitted.require_unchanged()
         scores = decompositions.batched_scores(
             self.method,
             self.fitted,

@@ -388,9 +388,10 @@ def save(
             "to replace it, or save to another directory"
         )
     space, task = fitted.space, fitted.task
-    if not torch.equal(space.flat().to(fitted.theta), fitted.theta):
+    changed = fitted.changed_since_fit()
+    if changed is not None:
         raise ArtifactError(
-            "the model's parameters changed since fit: the fitted state describes the model at "
+            f"the model's {changed!r} changed since fit: the fitted state describes the model at "
             "fit time. Restore its parameters (or fit again) before saving"
         )
     owner = f"method {method.name!r}'s fitted state"

@@ -45,8 +45,14 @@ from torch import Tensor
 from infkit import language_modeling as lm
 from infkit.data import ExampleSet
 from infkit.distributed import batch_count, batch_seed, shard_batches, sum_across
-from infkit.errors import ArtifactError, InvalidInputError, UnsupportedError, warn
-from infkit.gradients import PerExample
+from infkit.errors import (
+    ArtifactError,
+    InvalidInputError,
+    NonFiniteError,
+    UnsupportedError,
+    warn,
+)
+from infkit.gradients import PerExample, check_finite_rows
 from infkit.layers.capture import Capture
 from infkit.layers.tracked import TrackedModule
 from infkit.linalg import gram
@@ -339,6 +345,7 @@ class FactorFitter:
                 inputs, targets = self.engine.prepare(batch)
                 with torch.enable_grad():
                     out = cap.forward(self.task, inputs)
+                    check_finite_rows(out.detach(), batch, "model output")
                     U = self.output_vectors(mode, out, targets, gen)
                     Ds = cap.backprop(out, U)
                 items = {}
@@ -525,6 +532,13 @@ def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
     curvature would multiply along different BLAS paths and differ in the last bits.
     """
     M64 = M.to(torch.float64)
+    if not bool(torch.isfinite(M64).all()):
+        raise NonFiniteError(
+            "a Kronecker factor (a covariance of layer inputs or output gradients) has NaN or "
+            "Inf: the model's outputs were finite, so a backward pass overflowed. Run the model "
+            "in float32 (or dtype=None instead of bfloat16 autocast), or check the loss of "
+            "extreme examples"
+        )
     ev, Q = torch.linalg.eigh(0.5 * (M64 + M64.T))
     return ev.clamp_min(0.0).to(M.dtype).contiguous(), Q.to(M.dtype).contiguous()
 

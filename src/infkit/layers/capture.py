@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infkit.data import Batch
-from infkit.gradients import PerExample, batching_rule_notice
+from infkit.gradients import PerExample, batching_rule_notice, check_finite_rows
 from infkit.layers.tracked import TrackedModule
 from infkit.parameters import evaluation_mode
 from infkit.task import Task
@@ -267,6 +267,7 @@ def layer_terms(
     inputs, targets = engine.prepare(batch)
     with Capture(tracked, mask_key) as cap, evaluation_mode(task.model), torch.enable_grad():
         out = cap.forward(task, inputs)
+        check_finite_rows(out.detach(), batch, "model output")
         values = (
             task.checked_loss(out, targets)
             if which == "loss"

@@ -366,7 +366,12 @@ class Method(ABC):
                     1,
                     mean + 2 * p * shape.itemsize,
                     ("grad L(theta*) [P], float64", mean),
-                    "the stationarity check (no [N, P] gradient cache: it does not fit)",
+                    "the stationarity check ("
+                    + (
+                        "no [N, P] gradient cache: it does not fit)"
+                        if type(self).uses_training_gradients
+                        else "this method keeps no [N, P] gradient cache)"
+                    ),
                 )
             )
         dense = self.memory_estimate(n, p, shape.outputs)
