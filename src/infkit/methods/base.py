@@ -213,6 +213,13 @@ def methods_with_estimator(estimator: str) -> list[str]:
     return sorted(n for n, cls in _REGISTRY.items() if estimator in cls.estimators)
 
 
+def batch_gradient_bytes(shape: RunShape) -> int:
+    """A batch's per-example gradients (vmap over the model) with their working memory, as
+    the plan counts them: :data:`~infkit.gradients.GRADIENT_WORK_FACTOR` x [B, P] in the
+    model's precision."""
+    return GRADIENT_WORK_FACTOR * shape.batch_size * shape.parameters * shape.itemsize
+
+
 class Method(ABC):
     """A way of answering the facade's questions; see the module docstring.
 
@@ -342,15 +349,13 @@ class Method(ABC):
         the gradient cache, the method's dense objects, the queries and the scores)."""
         n, p = shape.n_train, shape.parameters
         out = []
-        # a batch's per-example gradients (vmap over the model) and their working memory
-        grads = GRADIENT_WORK_FACTOR * shape.batch_size * p * shape.itemsize
         if shape.gradient_cache:
             cache = n * p * product_dtype(space.dtype).itemsize  # as fit keeps it
             out.append(
                 Stage(
                     "training gradients",
                     1,
-                    cache + grads,
+                    cache + batch_gradient_bytes(shape),
                     ("[N, P] gradients", cache),
                     "held to the end of the run",
                     held=cache,
@@ -385,7 +390,6 @@ class Method(ABC):
         each chunk's query gradients and solves in float64, the scores in one product with the
         gradient cache (else one pass over the training data)."""
         n, q, p = shape.n_train, shape.n_queries, shape.parameters
-        grads = GRADIENT_WORK_FACTOR * shape.batch_size * p * shape.itemsize
         limit = shape.memory_limit or default_memory_limit()
         row = self.query_row_bytes(n, p)
         chunks = row_chunks(q, row, q * n * FLOAT64_BYTES, limit, together=self.solves_together)
@@ -397,7 +401,7 @@ class Method(ABC):
             Stage(
                 "queries",
                 0,
-                chunk + grads,
+                chunk + batch_gradient_bytes(shape),
                 ("a chunk's query gradients and solves, float64", chunk),
                 note,
             ),

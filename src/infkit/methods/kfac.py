@@ -33,7 +33,6 @@ from infkit.errors import NotFittedError, ProblemTooLargeError
 from infkit.estimators import Estimator
 from infkit.fingerprint import data_fingerprint, tensor_digest
 from infkit.fitted import Fitted
-from infkit.gradients import GRADIENT_WORK_FACTOR
 from infkit.kfac.curvature import (
     KroneckerCurvature,
     KroneckerOptions,
@@ -53,7 +52,14 @@ from infkit.kfac.streaming import (
 from infkit.layers.capture import shared_inputs
 from infkit.layers.tracked import TrackedLayers, TrackedModule, find_modules
 from infkit.memory import FLOAT64_BYTES, human_bytes
-from infkit.methods.base import KRONECKER, Fidelity, PrimalMethod, Problem, register
+from infkit.methods.base import (
+    KRONECKER,
+    Fidelity,
+    PrimalMethod,
+    Problem,
+    batch_gradient_bytes,
+    register,
+)
 from infkit.parameters import ParameterSpace, product_dtype
 from infkit.plan import RunShape, Stage
 from infkit.shards import QUERIES, SCORES, ScoreShards
@@ -157,19 +163,23 @@ class KFAC(PrimalMethod):
         return self.kronecker().solve(V, shift)
 
     # ------------------------------------------------------------------ streaming answers
+    def _generic_scores(self, cached: bool, workdir: bool, others: bool) -> bool:
+        """Whether IF scores take the generic path (:func:`infkit.estimators.scores`) rather
+        than the layer-by-layer scorer: parameters outside the tracked layers (``others``), or
+        the training gradients cached (a small problem: they answer in one product) with no
+        query rank and no workdir (whose shards the scorer commits). The run and its plan
+        both decide by it."""
+        return others or (cached and self.options.query_rank is None and not workdir)
+
     def _streams(self, estimator: Estimator) -> bool:
-        """Whether the layer-by-layer scorer answers: IF scores, every trainable parameter in a
-        tracked layer, and training gradients not cached (a large problem), or a query rank or
-        a workdir."""
+        """Whether the layer-by-layer scorer answers (IF scores not on the generic path)."""
         fitted = self.fitted
-        if estimator.name != "if" or self.kronecker().layers.others:
-            return False
-        # small: the cached gradients answer in one product
-        return (
-            fitted.train_gradients is None
-            or self.options.query_rank is not None
-            or fitted.workdir is not None
+        generic = self._generic_scores(
+            fitted.train_gradients is not None,
+            fitted.workdir is not None,
+            bool(self.kronecker().layers.others),
         )
+        return estimator.name == "if" and not generic
 
     def _streaming(self, estimator: Estimator, scores: int = 0) -> StreamingScorer | None:
         """The layer-by-layer scorer, when it applies (:meth:`_streams`), with the query budget
@@ -313,12 +323,11 @@ class KFAC(PrimalMethod):
         if shape.gradient_cache:
             # small enough for the [N, P] cache: one more pass, held to the end of the run
             cache = shape.n_train * shape.parameters * work
-            grads = GRADIENT_WORK_FACTOR * b * shape.parameters * item
             out.append(
                 Stage(
                     "training gradients",
                     shape.world_size,  # every process computes the whole cache
-                    cache + grads,
+                    cache + batch_gradient_bytes(shape),
                     ("[N, P] gradient cache", cache),
                     "repeated on every process, held to the end of the run; the energy-ratio "
                     "check runs on it",
@@ -357,13 +366,7 @@ class KFAC(PrimalMethod):
                     held=resident,
                 )
             )
-        if (
-            shape.gradient_cache
-            and self.options.query_rank is None
-            and not shape.workdir
-            and not layers.others
-        ):
-            # the cached gradients answer in one product (as _streaming decides)
+        if self._generic_scores(shape.gradient_cache, shape.workdir, bool(layers.others)):
             return out + self.generic_query_stages(shape)
         # the preconditioned queries (all of them on every process): full rank in groups of
         # queries and layers that fit memory_limit less the factors and a pass's working memory
