@@ -176,7 +176,9 @@ def test_a_tuple_with_the_logits_second_is_named_and_output_fn_picks_them(proble
 
 def test_a_model_that_is_not_causal_is_named(problem: dict) -> None:
     wrapped = WrappedLM(problem["model"], "bidirectional")
-    with pytest.warns(UserWarning, match=r"training set: the model is not causal: changing the "):
+    with pytest.warns(
+        UserWarning, match=r"training set example 0: the model is not causal: changing the "
+    ):
         _fit_quietly(infkit.Task.language_modeling(wrapped), problem["train"])
     with warnings.catch_warnings():  # the causal model itself passes the probe
         warnings.simplefilter("error")

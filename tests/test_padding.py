@@ -222,7 +222,7 @@ class PaddingReadsAllLM(MaskedLM):
 
 def test_the_causality_probe_looks_at_real_positions_only(padded: dict) -> None:
     (inputs, labels), _ = _split(padded, "left")
-    first = 1  # the probe reads a set's first sequence: make it a padded one
+    first = 1  # make the set's first sequence a padded one too
     assert LENGTHS[first] < LENGTH
     inputs, labels = {k: v[first:] for k, v in inputs.items()}, labels[first:]
     torch.manual_seed(0)
@@ -234,3 +234,94 @@ def test_the_causality_probe_looks_at_real_positions_only(padded: dict) -> None:
             "identity",
             checks=False,
         ).fit((inputs, labels))
+
+
+class PositionalLM(MaskedLM):
+    """MaskedLM with absolute position embeddings, as GPT-2 has: positions count from the first
+    column unless ``position_ids`` say otherwise, so left padding moves every token's."""
+
+    def __init__(self, vocab: int = VOCAB, width: int = 6) -> None:
+        super().__init__(vocab, width)
+        self.position = nn.Embedding(LENGTH, width)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ):
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        h = self.embed(input_ids) + self.position(position_ids)
+        m = (
+            torch.ones_like(h[..., :1])
+            if attention_mask is None
+            else attention_mask.to(h.dtype).unsqueeze(-1)
+        )
+        mean = (h * m).cumsum(1) / m.cumsum(1).clamp_min(1.0)
+        return self.head(torch.tanh(self.mix(mean)))
+
+
+def test_the_first_left_padded_sequence_is_found() -> None:
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [0, 0, 1]])
+    assert lm.first_left_padded({"attention_mask": mask}) == 2  # a gap counts too
+    assert lm.first_left_padded({"attention_mask": mask[:2]}) is None  # right padding only
+    assert lm.first_left_padded({"attention_mask": torch.zeros(2, 3)}) is None  # no token
+    assert lm.first_left_padded(torch.ones(2, 3, dtype=torch.long)) is None  # no mask
+
+
+def test_left_padding_that_moves_absolute_positions_is_named(padded: dict) -> None:
+    """Without position_ids, left padding shifts the position embeddings of a sequence's tokens:
+    the probe (the first left-padded sequence, run again unpadded) names it and the remedy;
+    with ``examples(position_ids=True)`` the scores are those of the sequences padded on the
+    right, where the positions are right without any."""
+    torch.manual_seed(5)
+    task = infkit.Task.language_modeling(PositionalLM().double().eval())
+    ids, mask = padded["sides"]["left"]
+    first = next(i for i, n in enumerate(LENGTHS) if n < LENGTH)
+    assert first > 0  # the probe looks past the set's first sequence
+    train = lm.examples(ids[:N], mask[:N])
+    with pytest.warns(UserWarning) as caught:
+        infkit.Influence(task, "identity", checks=False).fit(train)
+    messages = [str(w.message) for w in caught if "padding positions" in str(w.message)]
+    assert len(messages) == 1
+    assert messages[0].startswith(f"training set example {first}: its {LENGTH - LENGTHS[first]} ")
+    assert "position_ids=True" in messages[0]
+
+    scores = {}
+    for side, positions in (("left", True), ("right", False)):
+        ids, mask = padded["sides"][side]
+        prompts = [0] * N + [2] * (len(LENGTHS) - N)
+        inputs, labels = lm.examples(ids, mask, prompt_lengths=prompts, position_ids=positions)
+        train = ({k: v[:N] for k, v in inputs.items()}, labels[:N])
+        test = ({k: v[N:] for k, v in inputs.items()}, labels[N:])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # the probe is satisfied
+            warnings.simplefilter("ignore", Notice)
+            inf = infkit.Influence(task, "exact", l2=1e-2, damping=1e-2, checks=False)
+            scores[side] = inf.fit(train).scores(test)
+    right = scores["right"]
+    torch.testing.assert_close(
+        scores["left"], right, rtol=1e-9, atol=1e-12 * float(right.abs().max())
+    )
+
+
+def test_gpt2_left_padded_without_position_ids_is_named() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=LENGTH, n_embd=8, n_layer=1, n_head=2
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(1, VOCAB, (4, LENGTH))
+    mask = torch.ones_like(ids)
+    mask[2, :3] = 0  # the third sequence is left-padded
+    task = infkit.Task.language_modeling(model)
+    with pytest.warns(UserWarning, match=r"training set example 2: its 3 padding positions"):
+        infkit.Influence(task, "identity", checks=False).fit(lm.examples(ids, mask))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("ignore", Notice)
+        infkit.Influence(task, "identity", checks=False).fit(
+            lm.examples(ids, mask, position_ids=True)
+        )

@@ -340,9 +340,11 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
 
     The inputs batch by batch against the task's ``check_inputs`` (token ids outside a language
     model's vocabulary), one forward pass on the first example (integer inputs to a float
-    model, an index out of an embedding's range, probabilities where logits are expected), then
-    the targets batch by batch against the task's ``check_targets``; every problem names the
-    example and what to do. A set is checked once.
+    model, an index out of an embedding's range, probabilities where logits are expected), the
+    task's ``check_model`` on the example its ``probe_example`` picks (a language model's first
+    left-padded sequence: one more forward pass or two), then the targets batch by batch
+    against the task's ``check_targets``; every problem names the example and what to do. A
+    set is checked once.
     """
     if getattr(examples, "_checked", False):
         return
@@ -354,14 +356,18 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
             f"{examples.name} has no labels: a dataset of dicts needs a label key "
             f"({', '.join(LABEL_KEYS)}); keys found: {', '.join(keys) or 'none'}"
         )
-    if task.check_inputs is not None:  # all of them, before the model sees any
-        for batch in examples.batches(4096):
-            found = task.input_problem(batch.inputs)
+    probe: int | None = None  # the example check_model looks at (None: the first)
+    if task.check_inputs is not None or task.probe_example is not None:
+        for batch in examples.batches(4096):  # all of them, before the model sees any
+            found = task.input_problem(batch.inputs) if task.check_inputs is not None else None
             if found is not None:
                 k, message = found
                 raise InvalidInputError(
                     f"{examples.name} example {int(batch.indices[k])}: {message}"
                 )
+            if probe is None and task.probe_example is not None:
+                picked = task.probe_example(batch.inputs)
+                probe = None if picked is None else int(batch.indices[picked])
     try:
         outputs = engine.outputs(first)
     except (RuntimeError, TypeError, IndexError) as error:
@@ -392,10 +398,14 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
         if problem is not None:
             raise InvalidInputError(f"{examples.name}: {problem}")
     if task.check_model is not None:
-        inputs = engine.prepare(first)[0]
-        problem = task.check_model(partial(_call_at_theta, engine), inputs, outputs)
+        probed = first if probe is None else examples.take([probe])
+        problem = task.check_model(
+            partial(_call_at_theta, engine),
+            engine.prepare(probed)[0],
+            outputs if probe is None else engine.outputs(probed),
+        )
         if problem is not None:
-            warn(f"{examples.name}: {problem}", UserWarning)
+            warn(f"{examples.name} example {probe or 0}: {problem}", UserWarning)
     if task.check_targets is not None or task.check_pairs is not None:
         output_shape = tuple(outputs.shape[1:])
         for batch in examples.batches(4096):

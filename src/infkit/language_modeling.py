@@ -170,12 +170,98 @@ def check_causal(
     if moved <= CAUSAL_TOLERANCE * max(scale, 1.0):
         return None
     return (
-        f"the model is not causal: changing the token at position {last} of the first sequence "
+        f"the model is not causal: changing the token at position {last} of the sequence "
         f"moved the logits of earlier positions by up to {moved:.3g} (of {scale:.3g}). "
         "Task.language_modeling scores each position's logits against the next token, which "
         "a bidirectional model (a masked LM such as BERT) already sees: its scores measure "
         "nothing. Use a causal LM (...ForCausalLM), or pass a task of your own"
     )
+
+
+def first_left_padded(inputs: Any) -> int | None:
+    """The first sequence of a batch with padding before a token (``attention_mask`` 0 before
+    a 1), or None."""
+    mask = _mask(inputs)
+    if mask is None or mask.dim() != 2 or mask.shape[1] < 2:
+        return None
+    real = mask != 0
+    # padding before a token: a 0 followed, anywhere later, by a 1
+    later = real.flip(1).cumsum(1).flip(1) > 0  # a token at or after each position
+    before = (~real[:, :-1]) & later[:, 1:]
+    rows = before.any(dim=1).nonzero()
+    return int(rows[0, 0]) if len(rows) else None
+
+
+def check_padding(call: Callable[[Any], Tensor], inputs: Any, outputs: Tensor) -> str | None:
+    """Why the padding of a left-padded sequence changes the logits of its tokens, from the
+    sequence's model inputs and outputs [1, T, V] (``call`` runs the model as they were
+    computed), or None.
+
+    The sequence is run again with its padding removed (its tokens only, mask all ones); a
+    model that respects its mask gives its tokens the same logits. One that counts positions
+    from the first padding token (absolute position embeddings, GPT-2, unless the inputs carry
+    ``position_ids``), or that reads the padding, does not: every loss and score of the
+    sequence then depends on how much padding it has. Inputs with keys other than
+    ``input_ids``, ``attention_mask``, ``position_ids`` and ``token_type_ids`` are not
+    probed (what removing the padding means for them is not known).
+    """
+    ids, mask = _token_ids(inputs), _mask(inputs)
+    if ids is None or mask is None or not isinstance(inputs, dict) or outputs.dim() != 3:
+        return None
+    if ids.dim() != 2 or ids.shape[0] != 1 or mask.shape != ids.shape:
+        return None
+    known = {"input_ids", "attention_mask", "position_ids", "token_type_ids"}
+    if set(inputs) - known or first_left_padded(inputs) != 0:
+        return None
+    real = (mask[0] != 0).nonzero()[:, 0]
+    if len(real) == 0:
+        return None
+    alone: dict[str, Any] = {}
+    for key, value in inputs.items():
+        if not isinstance(value, Tensor) or tuple(value.shape[:2]) != tuple(ids.shape):
+            return None
+        alone[key] = value[:, real]
+    alone["attention_mask"] = torch.ones_like(alone["attention_mask"])
+    if "position_ids" in alone:  # the positions the inputs give, counted from the first token
+        alone["position_ids"] = alone["position_ids"] - alone["position_ids"][:, :1]
+    with torch.no_grad():
+        again = call(alone).detach()
+    if again.dim() != 3 or again.shape[1] != len(real):
+        return None
+    padded = outputs[0, real].detach().to(torch.float64)
+    unpadded = again[0].to(torch.float64)
+    if not (bool(padded.isfinite().all()) and bool(unpadded.isfinite().all())):
+        return None  # the outputs' own check names non-finite logits
+    moved = float((padded - unpadded).abs().max())
+    scale = float(unpadded.abs().max())
+    rounding = 8 * torch.finfo(outputs.dtype).eps if outputs.is_floating_point() else 0.0
+    if moved <= max(CAUSAL_TOLERANCE, rounding) * max(scale, 1.0):
+        return None
+    pad = int(real[0])
+    return (
+        f"its {pad} padding positions before the first token change the logits of its tokens "
+        f"by up to {moved:.3g} (of {scale:.3g}) against the same sequence unpadded, so its "
+        "loss and every score of it depend on how much padding it has. A model with absolute "
+        "position embeddings (GPT-2) counts positions from the first padding token unless the "
+        "inputs carry position_ids: build the set with infkit.language_modeling.examples(ids, "
+        "mask, position_ids=True), or pad on the right (tokenizer.padding_side = 'right')"
+    )
+
+
+def check_model(
+    call: Callable[[Any], Tensor], inputs: Any, outputs: Tensor, vocabulary: int | None = None
+) -> str | None:
+    """Why a model is not a causal language model whose logits ignore padding
+    (:func:`check_causal`, :func:`check_padding`), from one sequence, or None."""
+    problems = [
+        problem
+        for problem in (
+            check_causal(call, inputs, outputs, vocabulary),
+            check_padding(call, inputs, outputs),
+        )
+        if problem is not None
+    ]
+    return "; and ".join(problems) or None
 
 
 def check_labels(targets: Any, output_shape: tuple[int, ...]) -> tuple[int, str] | None:
@@ -371,6 +457,7 @@ def examples(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     prompt_lengths: Tensor | list[int] | None = None,
+    position_ids: bool = False,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """An ``(inputs, labels)`` pair for :meth:`infkit.Task.language_modeling`.
 
@@ -379,7 +466,11 @@ def examples(
     predicts it, as nothing predicts the first token of an unpadded one), and, for completions,
     at the first ``prompt_lengths[i]`` tokens of sequence i, counted from its first token (after
     any left padding), so that only the completion's tokens are scored. A sequence padded on
-    either side then has the loss and scores of the same sequence unpadded.
+    either side then has the loss and scores of the same sequence unpadded, with a model that
+    respects its mask and, under left padding, positions counted from each sequence's first
+    token: with ``position_ids=True`` the inputs carry them (``attention_mask.cumsum(1) - 1``,
+    0 at padding), which models with absolute position embeddings (GPT-2) need under left
+    padding; rotary ones (Llama) do not, and take them too.
 
     Raises:
         InvalidInputError: ids that are not an integer [N, T] tensor (or a list of sequences
@@ -415,6 +506,10 @@ def examples(
         labels[:, 1:][padding[:, :-1]] = IGNORE_INDEX  # predicted from a padding position
         inputs["attention_mask"] = mask
         start = (~padding).long().argmax(dim=1)  # after the left padding, if any
+        if position_ids:
+            inputs["position_ids"] = ((~padding).long().cumsum(1) - 1).clamp_min(0)
+    elif position_ids:
+        inputs["position_ids"] = torch.arange(t).expand(n, t).clone()
     if prompt_lengths is not None:
         lengths = torch.as_tensor(prompt_lengths).reshape(-1)
         if len(lengths) != n or lengths.is_floating_point():

@@ -267,9 +267,13 @@ class Task:
             targets disagree with its inputs (a language model: a label scored at padding);
             checked once per set, with the targets (None: no check).
         check_model: ``fn(call, inputs, outputs) -> message | None``: why the model does not
-            behave as the task assumes, from the first example of a set (its model inputs and
+            behave as the task assumes, from one example of a set (its model inputs and
             outputs, and ``call(inputs)`` to run the model as they were computed); a warning (a
-            language model: later tokens change earlier logits, so it is not causal).
+            language model: later tokens change earlier logits, so it is not causal; the
+            padding changes the logits of a left-padded sequence's tokens).
+        probe_example: ``fn(inputs) -> position | None``: the example of a batch of inputs
+            that ``check_model`` should look at, the first one found in the set (a language
+            model: the first left-padded sequence); None, or none found: the set's first.
         output_hessian_product: ``fn(outputs, targets, V [K, *outputs.shape]) -> Lambda V``,
             for outputs too large for a dense Lambda_i (language models); when given, curvature
             products use it instead of :meth:`lambda_blocks`.
@@ -296,6 +300,7 @@ class Task:
         check_inputs: Callable[[Any, nn.Module], TargetProblem | None] | None = None,
         check_pairs: Callable[[Any, Any], TargetProblem | None] | None = None,
         check_model: Callable[[Callable[[Any], Tensor], Any, Tensor], str | None] | None = None,
+        probe_example: Callable[[Any], int | None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -315,6 +320,7 @@ class Task:
         self.check_inputs = check_inputs
         self.check_pairs = check_pairs
         self.check_model = check_model
+        self.probe_example = probe_example
         self.output_hessian_product = output_hessian_product
         if autocast not in AUTOCAST_DTYPES:
             raise InvalidInputError(
@@ -381,7 +387,8 @@ class Task:
             check_outputs=partial(lm.check_logits, vocabulary=lm.vocabulary_size(model)),
             check_inputs=lm.check_inputs,
             check_pairs=lm.check_masked_labels,
-            check_model=partial(lm.check_causal, vocabulary=lm.vocabulary_size(model)),
+            check_model=partial(lm.check_model, vocabulary=lm.vocabulary_size(model)),
+            probe_example=lm.first_left_padded,
         )
 
     @classmethod
