@@ -295,10 +295,10 @@ def test_gram_equals_the_dense_weighted_product(d: int, weighted: bool) -> None:
 
 @pytest.mark.parametrize("positions", [2, 40])
 def test_blocks_rotated_into_the_eigenbasis_by_either_order(positions: int) -> None:
-    """kfac.streaming.rotated_blocks rotates each position's terms first for short sequences
+    """kfac.curvature.rotated_blocks rotates each position's terms first for short sequences
     (2 positions here) and forms the block first for long ones (40): both give Q_S^T G Q_A of
     G = sum_t Ds_t a_t^T, computed here densely per example in float64."""
-    from infkit.kfac.streaming import rotated_blocks
+    from infkit.kfac.curvature import rotated_blocks
 
     gen = torch.Generator().manual_seed(positions)
     b, d_out, cols = 3, 12, 9

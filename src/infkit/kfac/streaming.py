@@ -39,7 +39,7 @@ from infkit.distributed import batch_count, shard_batches, sum_across
 from infkit.errors import Notice, ProblemTooLargeError, warn
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import KroneckerCurvature
-from infkit.layers.capture import layer_terms
+from infkit.layers.capture import block_gradient, layer_terms
 from infkit.layers.tracked import TrackedModule
 from infkit.memory import human_bytes, release_freed_memory
 from infkit.parameters import product_dtype
@@ -88,40 +88,6 @@ class LayerQueries:
         full = {name: get(f"full::{name}") for name in document["full"]}
         low = {name: (get(f"L::{name}"), get(f"R::{name}")) for name in document["low_rank"]}
         return cls(full, low, get("shared"), document["rank"])
-
-
-def block_gradients(a: Tensor, ds: Tensor, dtype: torch.dtype) -> Tensor:
-    """``G_j = sum_t Ds_jt a_jt^T`` for a batch: [B, d_out, cols] in ``dtype``."""
-    return torch.einsum("bto,bti->boi", ds.to(dtype), a.to(dtype))
-
-
-def rotated_blocks(a: Tensor, ds: Tensor, QS: Tensor, QA: Tensor, dtype: torch.dtype) -> Tensor:
-    """``Q_S^T G_j Q_A`` [B, d_out, cols] of the blocks ``G_j = sum_t Ds_jt a_jt^T``, in the
-    cheaper order: each position's terms rotated first (``T (d_out^2 + cols^2)`` products per
-    example, fewer for short sequences) or the block formed first (``d_out cols (d_out + cols)``).
-    """
-    t, d_out, cols = a.shape[1], ds.shape[-1], a.shape[-1]
-    if t * (d_out**2 + cols**2) < d_out * cols * (d_out + cols):
-        return (ds.to(dtype) @ QS).transpose(-1, -2) @ (a.to(dtype) @ QA)
-    return QS.T @ block_gradients(a, ds, dtype) @ QA
-
-
-def precondition_layer(
-    curvature: KroneckerCurvature,
-    name: str,
-    G: Tensor | tuple[Tensor, Tensor],
-    ridge: float,
-    dtype: torch.dtype,
-) -> Tensor:
-    """``Q_S ((Q_S^T G Q_A) / (Lambda + ridge)) Q_A^T`` for one layer's blocks [k, d_out, cols],
-    given as the blocks ``G`` or as their per-position terms ``(a, Ds)``
-    (:func:`rotated_blocks`)."""
-    f = curvature.factors.modules[name]
-    QS, QA = f.QS.to(dtype), f.QA.to(dtype)
-    denom = (curvature.eigenvalues(name) + ridge).to(dtype)
-    rotated = rotated_blocks(*G, QS, QA, dtype) if isinstance(G, tuple) else QS.T @ G.to(dtype) @ QA
-    rotated /= denom
-    return QS @ rotated @ QA.T
 
 
 def kept_at_rank(t: TrackedModule, rank: int | None) -> bool:
@@ -246,7 +212,7 @@ class StreamingScorer:
         terms = layer_terms(self.fitted.engine, layers, batch, which, self.mask_key)
         for t in layers:
             a, ds = terms.pop(t.name)
-            yield t.name, block_gradients(a, ds, self.dtype)
+            yield t.name, block_gradient(a, ds, self.dtype)
 
     def _theta_blocks(self) -> dict[str, Tensor]:
         fitted = self.fitted
@@ -327,9 +293,7 @@ class StreamingScorer:
             terms = layer_terms(fitted.engine, tracked, batch, "measurement", self.mask_key)
             for t in tracked:
                 name = t.name
-                U = precondition_layer(
-                    self.curvature, name, terms.pop(name), ridges[name], self.dtype
-                )
+                U = self.curvature.precondition(name, terms.pop(name), ridges[name], self.dtype)
                 if fitted.l2:
                     shared[rows] += fitted.l2 * (U * theta[name]).sum((1, 2)).to(torch.float64)
                 if name in low:
@@ -414,7 +378,7 @@ class StreamingScorer:
                 right = torch.einsum("bsi,qir->qbsr", a.to(self.dtype), R)
                 out += (left * right).sum((2, 3)).to(torch.float64)
             else:
-                G = block_gradients(a, ds, self.dtype)
+                G = block_gradient(a, ds, self.dtype)
                 U = prepared.full[t.name]
                 out += (U.reshape(U.shape[0], -1) @ G.reshape(G.shape[0], -1).T).to(torch.float64)
         return out
@@ -432,7 +396,7 @@ class StreamingScorer:
             values = torch.zeros(len(batch.indices), dtype=torch.float64, device=out.device)
             for name, G in self.gradients(batch, "loss"):
                 attributed = G + fitted.l2 * theta[name] if fitted.l2 else G
-                U = precondition_layer(self.curvature, name, attributed, ridges[name], self.dtype)
+                U = self.curvature.precondition(name, attributed, ridges[name], self.dtype)
                 values += (G * U).sum((1, 2)).to(torch.float64)
             out[batch.indices.to(out.device)] = values / n
         sum_across(out)

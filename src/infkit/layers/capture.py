@@ -293,9 +293,12 @@ def shared_inputs(
     return [names for names in groups.values() if len(names) > 1]
 
 
+def block_gradient(a: Tensor, ds: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """One layer's per-example block gradients ``G_j = sum_t Ds_jt a_jt^T`` from its terms
+    ``a`` [B, T, cols] and ``Ds`` [B, T, d_out]: [B, d_out, cols] in ``dtype``."""
+    return torch.einsum("bto,bti->boi", ds.to(dtype), a.to(dtype))
+
+
 def block_gradients(terms: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
     """Per-example block gradients ``sum_t Ds_t a_t^T``: name -> [B, d_out, cols] float64."""
-    return {
-        name: torch.einsum("bto,bti->boi", ds.to(torch.float64), a.to(torch.float64))
-        for name, (a, ds) in terms.items()
-    }
+    return {name: block_gradient(a, ds) for name, (a, ds) in terms.items()}
