@@ -36,7 +36,10 @@ class MaskedLM(nn.Module):
         self.head = nn.Linear(width, vocab)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        h = self.embed(input_ids)
+        return self.logits(self.embed(input_ids), attention_mask)
+
+    def logits(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The logits of the embedded tokens h [B, T, width]."""
         m = (
             torch.ones_like(h[..., :1])
             if attention_mask is None
@@ -252,14 +255,7 @@ class PositionalLM(MaskedLM):
     ):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-        h = self.embed(input_ids) + self.position(position_ids)
-        m = (
-            torch.ones_like(h[..., :1])
-            if attention_mask is None
-            else attention_mask.to(h.dtype).unsqueeze(-1)
-        )
-        mean = (h * m).cumsum(1) / m.cumsum(1).clamp_min(1.0)
-        return self.head(torch.tanh(self.mix(mean)))
+        return self.logits(self.embed(input_ids) + self.position(position_ids), attention_mask)
 
 
 def test_the_first_left_padded_sequence_is_found() -> None:
