@@ -17,6 +17,7 @@ from lm_helpers import LENGTH, VOCAB, TinyLM, llama_config
 from torch import nn
 
 import infkit
+from infkit import diagnostics
 from infkit import language_modeling as lm
 from infkit.data import ExampleSet
 from infkit.errors import (
@@ -556,15 +557,26 @@ def test_plan_counts_passes_and_factor_bytes_and_times_a_batch(problem: dict) ->
     assert [stages[name].passes for name in data_passes] == [1, 1, 1, 0]
     # 16 probes + 16 directions x N / 16 examples (the report-only check's sample); with
     # damping="auto" the facade's damping is 0, so no damping-scale check
-    products = stages["post-fit checks"].passes * N
+    # (each priced at PRODUCT_PASS_COST of an example's share of a batch's pass)
+    checks = stages["post-fit checks"].passes
+    products = checks * N / diagnostics.PRODUCT_PASS_COST
     assert products == pytest.approx(16 + 16 * (N // 16))
-    assert kfac.passes == pytest.approx(2 + products / N)  # cache, covariances, checks
-    assert plan.passes == pytest.approx(3 + products / N)
+    assert kfac.passes == pytest.approx(2 + checks)  # cache, covariances, checks
+    assert plan.passes == pytest.approx(3 + checks)
     assert plan.shape.tokens == LENGTH and plan.shape.n_queries == Q
     assert plan.shape.batches == -(-N // 4)
     assert stages["covariances A, S"].bytes >= _factor_bytes(model, 4)
+    # the hooks' products: a Gram product's half (d^2 per position) for each covariance
+    assert stages["covariances A, S"].flops == pytest.approx(N * LENGTH * _factor_bytes(model, 1))
+    # the cached scores: one [Q, P] x [P, N] product
+    assert stages["scores"].flops == pytest.approx(2 * Q * N * plan.shape.parameters)
     assert plan.seconds_per_batch is not None and plan.seconds_per_batch > 0
-    assert plan.seconds == pytest.approx(plan.passes * plan.shape.batches * plan.seconds_per_batch)
+    assert plan.flops_per_second is not None and plan.flops_per_second > 0
+    batches = plan.passes * plan.shape.batches + -(-Q // 4)  # the queries' batches too
+    assert plan.seconds == pytest.approx(
+        batches * plan.seconds_per_batch + plan.flops / plan.flops_per_second
+    )
+    assert "GFLOP/s" in str(plan)
     assert f"{plan.passes:g} passes" in str(plan)
 
 

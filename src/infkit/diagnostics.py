@@ -67,9 +67,16 @@ def report_sample(n: int) -> int:
     return max(1, min(CURVATURE_SAMPLE, n // PROBE_DIRECTIONS))
 
 
+#: a curvature product of one example in one direction costs about this many of the example's
+#: share of a batch's forward and backward pass (a forward-mode pass, the output Hessian's
+#: product and a backward pass, one example at a time; measured 4.5 on a small language model,
+#: whose vocabulary's products dominate): :meth:`infkit.Influence.plan` prices the checks by it
+PRODUCT_PASS_COST = 4.0
+
+
 def check_products(n: int, scale: bool, energy_sample: int) -> int:
-    """Per-example curvature products (each about one forward and backward pass of one
-    example) of the post-fit checks on N = ``n`` training examples: :func:`curvature_scale`
+    """Per-example curvature products (each about :data:`PRODUCT_PASS_COST` of the example's
+    share of a batch's forward and backward pass) of the post-fit checks on N = ``n`` training examples: :func:`curvature_scale`
     (``scale``) and :func:`energy_ratio` on ``energy_sample`` examples (0: not run), their
     probe directions included. :meth:`infkit.Influence.plan` counts them as passes."""
     total = 0

@@ -55,7 +55,7 @@ from infkit.methods.base import (
     registered,
 )
 from infkit.options import suggest_option
-from infkit.parameters import ParameterSpace, evaluation_mode
+from infkit.parameters import ParameterSpace, evaluation_mode, product_dtype
 from infkit.plan import Plan, RunShape, Stage, sized_outputs
 from infkit.progress import resolve as resolve_progress
 from infkit.progress import track
@@ -1007,7 +1007,7 @@ class Influence:
                 checks = Stage(
                     "post-fit checks",
                     # every process runs them whole: passes of its share of the batches
-                    round(products * world_size / max(n, 1), 2),
+                    round(products * diagnostics.PRODUCT_PASS_COST * world_size / max(n, 1), 2),
                     held,
                     ("probe directions, float64", probes),
                     f"{products:,} curvature products of single examples (checks=False skips them)",
@@ -1019,6 +1019,8 @@ class Influence:
         out = Plan(method.name, shape, stages, remedy=method.plan_remedy)
         if timed and examples is not None and space.device.type != "meta":
             out.seconds_per_batch = _time_batch(self.task, space, examples, self.batch_size)
+            if out.flops:
+                out.flops_per_second = _product_rate(product_dtype(space.dtype), space.device)
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -1127,6 +1129,18 @@ def _outputs_per_example(task: Task, inputs: Any, tokens: int) -> int:
         with torch.no_grad(), evaluation_mode(task.model):
             return task.call_model(task.model, inputs).numel()
     return sized_outputs(task.model, tokens)
+
+
+def _product_rate(dtype: torch.dtype, device: torch.device, size: int = 512) -> float:
+    """Floating-point operations per second of a [size, size] matrix product in ``dtype`` on
+    ``device`` (the best of a few, the first warming up), for the plan's product time."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(4):
+        start = time.perf_counter()
+        (a @ a).sum().item()  # item(): wait for an asynchronous device
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / max(best, 1e-9)
 
 
 def _time_batch(task: Task, space: ParameterSpace, examples: ExampleSet, batch_size: int) -> float:

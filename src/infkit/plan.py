@@ -12,7 +12,10 @@ Bytes are per process; the layout they assume is the method's, as a run under ``
 it (the Kronecker methods: every pass over the data split by batches across processes; the
 factors, eigenbases, EK-FAC's eigenvalues, the preconditioned queries and the scores whole on every
 process; docs/distributed.md §1). The time counts the passes of the fit's own checks too: the
-training-gradient cache when it fits and the post-fit checks' curvature products.
+training-gradient cache when it fits and the post-fit checks' curvature products; and the
+arithmetic beyond the passes that a method counts from the shapes (:attr:`Stage.flops`: the
+Kronecker methods' covariance, rotation and score products and their eigendecompositions) at
+the rate of a timed matrix product.
 """
 
 from __future__ import annotations
@@ -79,6 +82,16 @@ class RunShape:
         per_rank = -(-self.n_train // self.world_size)
         return -(-per_rank // self.batch_size)
 
+    @property
+    def query_batches(self) -> int:
+        """Batches of queries, every process computing all of them (their gradients)."""
+        return -(-self.n_queries // self.batch_size)
+
+    @property
+    def examples_per_process(self) -> int:
+        """Training examples one process reads per pass."""
+        return -(-self.n_train // self.world_size)
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -95,6 +108,10 @@ class Stage:
             stop there with :class:`~infkit.errors.ProblemTooLargeError`).
         held: of its bytes, those it leaves in memory for every later stage (the [N, P]
             gradient cache, the fitted factors): :meth:`Plan.stage_bytes` adds them to theirs.
+        flops: floating-point operations per process beyond its passes' forward and backward
+            work (the hooks' covariance and rotation products, the eigendecompositions, the
+            score products), counted from the shapes; :attr:`Plan.seconds` prices them at the
+            machine's timed product rate.
     """
 
     name: str
@@ -104,6 +121,7 @@ class Stage:
     note: str = ""
     refused: bool = False
     held: int = 0
+    flops: float = 0.0
 
 
 @dataclass
@@ -115,12 +133,15 @@ class Plan:
         shape: the run's size.
         stages: in order.
         seconds_per_batch: a timed forward and backward pass of one batch (None: not timed).
+        flops_per_second: the rate of a timed matrix product in the model's precision on
+            this machine (None: not timed).
     """
 
     method: str
     shape: RunShape
     stages: list[Stage] = field(default_factory=list)
     seconds_per_batch: float | None = None
+    flops_per_second: float | None = None
     #: what to change when the peak exceeds ``memory_limit`` (the method's levers)
     remedy: str = "attribute fewer parameters or score fewer queries per call"
 
@@ -161,11 +182,19 @@ class Plan:
         return max((s.largest for s in self.stages), key=lambda item: item[1], default=("", 0))
 
     @property
+    def flops(self) -> float:
+        """Floating-point operations per process beyond the passes' forward and backward work."""
+        return sum(s.flops for s in self.stages)
+
+    @property
     def seconds(self) -> float | None:
-        """Estimated time: passes x batches per process x the timed batch (hooks included)."""
+        """Estimated time per process: the passes over the training data and the queries'
+        batches at the timed batch's pace, and :attr:`flops` at the timed product rate."""
         if self.seconds_per_batch is None:
             return None
-        return self.passes * self.shape.batches * self.seconds_per_batch
+        batches = self.passes * self.shape.batches + self.shape.query_batches
+        products = self.flops / self.flops_per_second if self.flops_per_second else 0.0
+        return batches * self.seconds_per_batch + products
 
     def record(self) -> dict[str, Any]:
         """The plan as plain data."""
@@ -180,6 +209,7 @@ class Plan:
             "peak_bytes": self.peak_bytes,
             "within_limit": self.within_limit,
             "largest": self.largest,
+            "flops": self.flops,
             "seconds": self.seconds,
         }
 
@@ -208,5 +238,11 @@ class Plan:
         if self.seconds is not None:
             seconds = self.seconds
             took = f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-            rows.append(f"  time: about {took} ({self.seconds_per_batch:.3g} s per batch, timed)")
+            how = f"{self.seconds_per_batch:.3g} s per batch"
+            if self.flops and self.flops_per_second:
+                how += (
+                    f" and {self.flops / 1e9:,.0f} GFLOP of products at "
+                    f"{self.flops_per_second / 1e9:.3g} GFLOP/s"
+                )
+            rows.append(f"  time: about {took} ({how}, timed)")
         return "\n".join(rows)

@@ -411,6 +411,7 @@ class Method(ABC):
                 scores + chunk,
                 ("[Q, N] scores, float64", scores),
                 "one product with the gradient cache" if shape.gradient_cache else "",
+                flops=2.0 * q * n * p,
             ),
         ]
 

@@ -41,6 +41,7 @@ from infkit.kfac.curvature import (
 )
 from infkit.kfac.streaming import (
     WORKING_FACTOR,
+    Group,
     LayerQueries,
     StreamingScorer,
     budget_after,
@@ -67,6 +68,49 @@ from infkit.store import ArtifactStore
 from infkit.task import Task
 
 logger = logging.getLogger("infkit")
+
+
+#: a float64 symmetric eigendecomposition of a d x d matrix costs about this many d^3
+#: operations of float32 matrix products (17-26, d from 256 to 2048, on one CPU core)
+EIGH_PRODUCT_FLOPS = 20.0
+
+
+def _rotation_flops(t: TrackedModule, tokens: int) -> float:
+    """Operations of ``Q_S^T G Q_A`` for one example of layer ``t`` from its per-position terms,
+    in the cheaper order :func:`~infkit.kfac.curvature.rotated_blocks` picks: the block
+    ``sum_t Ds_t a_t^T`` and two rotations, of the terms or of the block."""
+    d, c = t.d_out, t.cols
+    return 2 * tokens * d * c + 2 * min(tokens * (d * d + c * c), d * c * (d + c))
+
+
+def _stage_flops(
+    tracked: list[TrackedModule],
+    followers: set[str],
+    shape: RunShape,
+    groups: list[Group] | None,
+) -> dict[str, float]:
+    """Operations per process of each Kronecker stage beyond its passes' forward and backward
+    work, from the shapes: the covariances' Gram products (a symmetric half), the
+    eigendecompositions, EK-FAC's rotated gradients, the queries' preconditioning (rotations
+    in and out) and the scores (each pass over a group of ``groups`` forms its layers' blocks,
+    None: one pass over all; one product per query and layer)."""
+    n, q, t = shape.examples_per_process, shape.n_queries, shape.tokens
+    inputs = [x for x in tracked if x.name not in followers]
+    rotations = sum(_rotation_flops(x, t) for x in tracked)
+    formed = [2 * t * x.d_out * x.cols for x in tracked]
+    blocks = (
+        sum(formed) if groups is None else sum(formed[i] for _, _, layers in groups for i in layers)
+    )
+    sizes = sum(x.d_out * x.cols for x in tracked)
+    return {
+        "covariances": n * t * (sum(x.cols**2 for x in inputs) + sum(x.d_out**2 for x in tracked)),
+        "eigendecompositions": EIGH_PRODUCT_FLOPS
+        * (sum(x.cols**3 for x in inputs) + sum(x.d_out**3 for x in tracked)),
+        "correction": n * rotations,
+        "queries": q
+        * (rotations + sum(2 * x.d_out * x.cols * (x.d_out + x.cols) for x in tracked)),
+        "scores": n * (blocks + 2 * q * sizes),
+    }
 
 
 @register
@@ -334,6 +378,7 @@ class KFAC(PrimalMethod):
                     held=cache,
                 )
             )
+        flops = _stage_flops(tracked, followers, shape, None)
         lam = shape.parameters * work if self.corrected else 0
         eigenvalues = sum(cols[x.name] + x.d_out for x in tracked) * work
         resident = factors + eigenvalues + lam  # held from the fit to the end of the run
@@ -344,6 +389,7 @@ class KFAC(PrimalMethod):
                 factors + WORKING_FACTOR * hooks,
                 (f"A, S of {biggest.name!r}", factor[biggest.name]),
                 "data split across processes, factors summed",
+                flops=flops["covariances"],
             ),
             Stage(
                 "eigendecompositions",
@@ -353,6 +399,7 @@ class KFAC(PrimalMethod):
                 "repeated on every process; float64 one layer at a time, each covariance "
                 "freed once decomposed",
                 held=0 if self.corrected else resident,
+                flops=flops["eigendecompositions"],
             ),
         ]
         if self.corrected:
@@ -364,6 +411,7 @@ class KFAC(PrimalMethod):
                     (f"a batch's gradients of {block.name!r}", block_bytes),
                     "data split across processes, eigenvalues summed",
                     held=resident,
+                    flops=flops["correction"],
                 )
             )
         if self._generic_scores(shape.gradient_cache, shape.workdir, bool(layers.others)):
@@ -413,6 +461,7 @@ class KFAC(PrimalMethod):
                 ("preconditioned queries", queries),
                 note + "; repeated on every process",
                 refused,
+                flops=flops["queries"],
             )
         )
         out.append(
@@ -422,6 +471,7 @@ class KFAC(PrimalMethod):
                 queries + scores + WORKING_FACTOR * (block_bytes + hooks),
                 ("[Q, N] scores", scores),
                 "data split across processes, score columns summed",
+                flops=_stage_flops(tracked, followers, shape, groups)["scores"],
             )
         )
         return out
