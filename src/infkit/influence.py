@@ -595,8 +595,7 @@ class Influence:
         Returns:
             ``{"computed": ..., "reused": ...}``: this call's shards, by how they were got.
         """
-        self.fitted.require_unchanged()
-        method = self.method
+        method = self.method  # scores() refuses a model changed since fit
         if self.workdir is None:
             raise InvalidInputError(
                 "score_shards commits shards to a workdir: pass workdir=PATH to Influence"
