@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from infkit.data import Batch
+from infkit.data import Batch, leaves
+from infkit.errors import UnsupportedError
 from infkit.gradients import PerExample, batching_rule_notice, check_finite_rows
 from infkit.layers.tracked import TrackedModule
 from infkit.parameters import evaluation_mode
@@ -72,6 +73,19 @@ def _sequence_tokens(b: int, d_out: int) -> Callable[[Tensor], Tensor]:
     return lambda g: g.reshape(g.shape[0], b, -1, d_out)
 
 
+def _batch_shape(inputs: Any, mask: Tensor | None) -> tuple[int | None, int | None]:
+    """The examples B of a batch of model inputs and, for token sequences, their positions T:
+    the attention mask's [B, T], else the first integer [B, T] tensor's (token ids), else the
+    first tensor's leading size and no positions."""
+    if mask is not None:
+        return mask.shape[0], mask.shape[1]
+    tensors = [x for x in leaves(inputs) if x.dim() > 0]
+    ids = [x for x in tensors if x.dim() == 2 and not (x.is_floating_point() or x.is_complex())]
+    if ids:
+        return ids[0].shape[0], ids[0].shape[1]
+    return (tensors[0].shape[0], None) if tensors else (None, None)
+
+
 class Capture:
     """Context manager recording tracked layers during forward passes.
 
@@ -92,6 +106,10 @@ class Capture:
         self._inputs: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
         #: the model of the last forward pass (whose notice about batching rules is given)
         self._model: torch.nn.Module | None = None
+        #: the examples of this forward pass and their positions (token ids' or the mask's
+        #: second dimension; None: not a sequence model), to place a layer's input rows
+        self._batch: int | None = None
+        self._tokens: int | None = None
 
     def __enter__(self) -> Capture:
         for t in self.tracked:
@@ -122,6 +140,8 @@ class Capture:
                     a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
                 to_tokens = _conv_tokens(b, output.shape[1])
             else:
+                x = self._by_example(t, x)
+                b = x.shape[0]
                 a = self._sequence_input(x, t.bias is not None)
                 to_tokens = _sequence_tokens(b, output.shape[-1])
                 if self._mask is not None and x.dim() == 3 and self._mask.shape == x.shape[:2]:
@@ -129,6 +149,29 @@ class Capture:
             self.records.setdefault(t.name, []).append(Record(a, output, mask, to_tokens))
 
         return hook
+
+    def _by_example(self, t: TrackedModule, x: Tensor) -> Tensor:
+        """A linear layer's input ``x`` with the examples of the batch first.
+
+        Most layers see ``[B, ..., cols]``. Some models flatten a sequence's positions into the
+        batch before a layer (Hugging Face's OPT before its MLP, a mixture-of-experts' shared
+        expert): ``[B T, cols]``, batch-major, is put back as ``[B, T, cols]`` so that its
+        positions count for their sequence (and its attention mask applies). Any other leading
+        size would assign rows to the wrong examples: refused, naming the layer.
+        """
+        b, tokens = self._batch, self._tokens
+        if b is None or x.shape[0] == b:
+            return x
+        if x.dim() == 2 and tokens is not None and x.shape[0] == b * tokens:
+            return x.reshape(b, tokens, x.shape[-1])
+        shown = f"{b} x {tokens} = {b * tokens} positions" if tokens else "positions"
+        raise UnsupportedError(
+            f"tracked layer {t.name!r} received an input of shape {list(x.shape)} in a batch of "
+            f"{b} examples: its rows are neither the examples nor their {shown} flattened, so "
+            "they cannot be assigned to examples (a layer applied to routed tokens, or a "
+            "sequence-first [T, B, ...] layout). Leave it out of the attribution: modules=[...] "
+            "without it, or requires_grad=False on its parameters"
+        )
 
     def _sequence_input(self, x: Tensor, bias: bool) -> Tensor:
         """``a`` [B, T, cols] of a linear layer's input ``x`` (a ones-column when ``bias``).
@@ -168,6 +211,7 @@ class Capture:
             m = inputs.get(self.mask_key)
             if isinstance(m, Tensor) and m.dim() == 2:
                 self._mask = m.detach()
+        self._batch, self._tokens = _batch_shape(inputs, self._mask)
         with task.mixed_precision():
             return task.call_model(task.model, inputs)
 

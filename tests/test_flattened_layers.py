@@ -1,0 +1,153 @@
+"""Layers that read a sequence's positions flattened into the batch ([B T, width], as Hugging
+Face's OPT feeds its MLP and a mixture-of-experts its shared expert): their positions count for
+their sequence, under its attention mask, as if the layer read [B, T, width]
+(docs/methods/kfac.md §3); a layer whose rows cannot be assigned to examples is refused.
+
+The ground truth is the same model and weights with the MLP applied to [B, T, width], which the
+hooks see batch-first.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from lm_helpers import LENGTH, VOCAB, rows
+from torch import nn
+
+import infkit
+from infkit import language_modeling as lm
+from infkit.errors import UnsupportedError
+
+LENGTHS = [7, 3, 5, 4, 6, 2, 7, 5, 3, 6]
+N = 7  # the first N sequences train, the rest are queries
+
+
+class FlatMLPLM(nn.Module):
+    """Embedding, a causal running mean over the positions its mask keeps, and a residual MLP
+    that reads the positions flattened into the batch (``flatten``) or batch-first."""
+
+    def __init__(self, flatten: bool, vocab: int = VOCAB, width: int = 5) -> None:
+        super().__init__()
+        self.flatten = flatten
+        self.embed = nn.Embedding(vocab, width)
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        h = self.embed(input_ids)
+        m = torch.ones_like(h[..., :1]) if attention_mask is None else attention_mask[..., None]
+        h = (h * m).cumsum(1) / m.cumsum(1).clamp_min(1.0)
+        x = h.reshape(-1, h.shape[-1]) if self.flatten else h
+        x = self.fc2(torch.tanh(self.fc1(x)))
+        return self.head(x.reshape(h.shape) + h)
+
+
+class RoutedLM(FlatMLPLM):
+    """The MLP applied only to the positions whose token id is even (a router's choice)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        h = self.embed(input_ids)
+        chosen = input_ids % 2 == 0
+        routed = torch.zeros_like(h)
+        routed[chosen] = self.fc2(torch.tanh(self.fc1(h[chosen])))
+        return self.head(h + routed)
+
+
+@pytest.fixture(scope="module")
+def sets() -> dict:
+    torch.manual_seed(4)
+    ids = torch.zeros(len(LENGTHS), LENGTH, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(LENGTHS):  # padded on the left
+        ids[i, LENGTH - n :] = torch.randint(1, VOCAB, (n,))
+        mask[i, LENGTH - n :] = 1
+    inputs, labels = lm.examples(ids, mask, prompt_lengths=[0] * N + [1] * (len(LENGTHS) - N))
+    return {"train": rows(inputs, labels, 0, N), "test": rows(inputs, labels, N, len(LENGTHS))}
+
+
+def _answers(model: nn.Module, sets: dict, **options) -> tuple:
+    task = infkit.Task.language_modeling(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # not at an optimum; the embedding left out
+        inf = infkit.Influence(task, "ekfac", fisher="ggn", damping=1e-2, **options)
+        inf.fit(sets["train"])
+        return inf, inf.scores(sets["test"]), inf.token_scores(sets["test"]).tokens
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_flattened_positions_count_for_their_sequence(sets: dict, streamed: bool, tmp_path) -> None:
+    torch.manual_seed(0)
+    batch_first = FlatMLPLM(flatten=False).double().eval()
+    flattened = FlatMLPLM(flatten=True).double().eval()
+    flattened.load_state_dict(batch_first.state_dict())
+    # a workdir scores in committed shards layer by layer: the streamed path
+    options = lambda name: {"workdir": tmp_path / name} if streamed else {}  # noqa: E731
+    inf, S, tokens = _answers(flattened, sets, **options("flat"))
+    ref, S_ref, tokens_ref = _answers(batch_first, sets, **options("first"))
+    scale = float(S_ref.abs().max())
+    torch.testing.assert_close(S, S_ref, rtol=1e-9, atol=1e-12 * scale)
+    torch.testing.assert_close(tokens, tokens_ref, rtol=1e-9, atol=1e-12 * scale)
+    # the factors count the real tokens only (padding masked), and EK-FAC's eigenvalues are
+    # per-sequence squares, as for the batch-first layer
+    real = float(sum(LENGTHS[:N]))
+    for name in ("fc1", "fc2"):
+        mine = inf.method.kronecker().factors.modules[name]
+        theirs = ref.method.kronecker().factors.modules[name]
+        assert float(mine.tokens) == real
+        torch.testing.assert_close(mine.A, theirs.A, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(
+            mine.eigenvalues(True), theirs.eigenvalues(True), rtol=1e-8, atol=1e-14
+        )
+
+
+def test_a_layer_whose_rows_are_not_the_examples_is_refused(sets: dict) -> None:
+    torch.manual_seed(0)
+    task = infkit.Task.language_modeling(RoutedLM(flatten=False).double().eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the embedding left out; not at an optimum
+        inf = infkit.Influence(task, "ekfac", fisher="ggn", damping=1e-2, per_example="loop")
+        with pytest.raises(
+            UnsupportedError, match=r"tracked layer 'fc1' received an input of shape"
+        ):
+            inf.fit(sets["train"])
+        # left out, the rest is attributed
+        inf = infkit.Influence(
+            task, "ekfac", fisher="ggn", damping=1e-2, modules=["head"], per_example="loop"
+        )
+        assert inf.fit(sets["train"]).scores(sets["test"]).isfinite().all()
+
+
+def test_hugging_face_opt_scores_as_the_same_model_padded_otherwise() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        ffn_dim=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        word_embed_proj_dim=8,
+    )
+    model = transformers.OPTForCausalLM(config).double().eval()
+    base = torch.randint(1, VOCAB, (len(LENGTHS), LENGTH))
+    scores = []
+    for width in (LENGTH, LENGTH + 3):  # padded on the right to two widths
+        ids = torch.zeros(len(LENGTHS), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, n in enumerate(LENGTHS):
+            ids[i, :n], mask[i, :n] = base[i, :n], 1
+        inputs, labels = lm.examples(ids, mask)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inf = infkit.Influence(
+                infkit.Task.language_modeling(model), "ekfac", fisher="ggn", damping=1e-2
+            )
+            inf.fit(rows(inputs, labels, 0, N))
+            scores.append(inf.scores(rows(inputs, labels, N, len(LENGTHS))))
+    torch.testing.assert_close(
+        scores[1], scores[0], rtol=1e-7, atol=1e-10 * float(scores[0].abs().max())
+    )
