@@ -18,7 +18,7 @@ from torch import nn
 
 import infkit
 from infkit import language_modeling as lm
-from infkit.errors import InvalidInputError, Notice
+from infkit.errors import InvalidInputError, NonFiniteError, Notice
 
 LENGTHS = [7, 3, 5, 4, 6, 2, 7, 5, 3, 6]
 N = 7  # the first N sequences train, the rest are queries
@@ -40,13 +40,17 @@ class MaskedLM(nn.Module):
 
     def logits(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The logits of the embedded tokens h [B, T, width]."""
+        return self.head(self.states(h, attention_mask))
+
+    def states(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The hidden states the head reads, from the embedded tokens h [B, T, width]."""
         m = (
             torch.ones_like(h[..., :1])
             if attention_mask is None
             else attention_mask.to(h.dtype).unsqueeze(-1)
         )
         mean = (h * m).cumsum(1) / m.cumsum(1).clamp_min(1.0)
-        return self.head(torch.tanh(self.mix(mean)))
+        return torch.tanh(self.mix(mean))
 
 
 @pytest.fixture(scope="module")
@@ -321,3 +325,27 @@ def test_gpt2_left_padded_without_position_ids_is_named() -> None:
         infkit.Influence(task, "identity", checks=False).fit(
             lm.examples(ids, mask, position_ids=True)
         )
+
+
+class NaNOnlyAtPaddingLM(MaskedLM):
+    """NaN hidden states, so logits, at padding positions only (as a fully masked row of eager
+    attention gives): the loss, which skips them, is finite, and its gradient is not (the head's
+    weight gradient multiplies their zero output gradients by the NaN states)."""
+
+    def states(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        z = super().states(h, attention_mask)
+        if attention_mask is None:
+            return z
+        return torch.where(attention_mask[..., None] == 0, float("nan"), z)
+
+
+def test_training_names_an_example_whose_outputs_are_not_finite(padded: dict) -> None:
+    torch.manual_seed(0)
+    task = infkit.Task.language_modeling(NaNOnlyAtPaddingLM().double().eval())
+    (inputs, labels), _ = _split(padded, "left")
+    assert bool(lm.next_token_loss(task.model(**inputs), labels).isfinite().all())
+    first = next(i for i, n in enumerate(LENGTHS[:N]) if n < LENGTH)
+    with pytest.raises(
+        NonFiniteError, match=rf"model output of example {first} of the training set .*sdpa"
+    ):
+        infkit.train_to_optimum(task, (inputs, labels), 1e-2)

@@ -15,7 +15,7 @@ from torch import Tensor
 from infkit.curvature import CurvatureOperator
 from infkit.data import ExampleSet
 from infkit.errors import CurvatureError, NonFiniteError
-from infkit.gradients import PerExample
+from infkit.gradients import PerExample, check_finite_rows
 from infkit.linalg import conjugate_gradients
 from infkit.parameters import ParameterSpace, evaluation_mode
 from infkit.progress import Mode, track
@@ -75,6 +75,20 @@ def objective_and_gradient(
     return total, grad
 
 
+def _name_non_finite_outputs(
+    engine: PerExample, examples: ExampleSet, indices: Tensor | None, chunk: int
+) -> None:
+    """Raise NonFiniteError naming the first example whose model outputs are not finite (with
+    a hint when it is padded): outputs that the loss skips (a padding position's logits) still
+    spread NaN into the gradient, as 0 x NaN."""
+    idx = torch.arange(len(examples)) if indices is None else indices
+    with torch.no_grad():
+        for batch in examples.batches(chunk, idx):
+            inputs, _ = engine.prepare(batch)
+            outputs = engine.task.call_model(engine.task.model, inputs)
+            check_finite_rows(outputs, batch, "model output")
+
+
 def train_to_optimum(
     task: Task,
     train: Any,
@@ -119,8 +133,12 @@ def train_to_optimum(
             iterations += 1
             value, grad = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
             if not torch.isfinite(grad).all() or value != value:
+                _name_non_finite_outputs(engine, examples, idx, chunk)
                 raise NonFiniteError(
-                    "the training objective became NaN/Inf during L-BFGS; check the data and l2"
+                    f"the training objective or its gradient became NaN/Inf at L-BFGS's "
+                    f"evaluation {iterations} (the model's outputs are finite on every example): "
+                    "check the data and l2, and that the model's loss is finite for all its "
+                    "parameters"
                 )
             for p, g in zip(params, space.unflatten(grad).values()):
                 p.grad = g.clone()
