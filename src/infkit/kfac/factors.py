@@ -262,11 +262,19 @@ class FactorFitter:
         self.batch_size = batch_size
         self.progress = progress
         self.cache_bytes = cache_bytes
+        self._resolved: tuple[ExampleSet, str] | None = None  # the last set and its mode
 
     def resolve(self, examples: ExampleSet) -> str:
         """The fisher mode actually used (``"auto"`` decided by the output size); a warning
         when ``"ggn"`` is asked for outputs beyond ``max_exact_outputs`` (its cost grows with
-        their square)."""
+        their square), once per set (the factors' identity and their fit both ask)."""
+        if self._resolved is not None and self._resolved[0] is examples:
+            return self._resolved[1]
+        mode = self._resolve(examples)
+        self._resolved = (examples, mode)
+        return mode
+
+    def _resolve(self, examples: ExampleSet) -> str:
         c = 0  # outputs per example, where the mode depends on them
         if self.fisher in ("auto", "ggn"):
             c = self.engine.outputs(examples.take([0]))[0].numel()
