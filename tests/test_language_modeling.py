@@ -973,6 +973,8 @@ def test_the_plan_says_above_the_limit_where_scoring_would_refuse(problem: dict)
             inf.fit(problem["train"])
         assert plan.within_limit is not refuses
         assert ("above memory_limit" in str(plan)) is refuses
+        # where not even rank-1 queries fit, query_rank is not offered as the remedy
+        assert ("query_rank cannot help" in str(plan)) is refuses
         if refuses:
             with pytest.raises(ProblemTooLargeError):
                 inf.scores(problem["test"])

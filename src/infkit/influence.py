@@ -1015,7 +1015,7 @@ class Influence:
                 names = [stage.name for stage in stages]
                 at = names.index("queries") if "queries" in names else len(stages)
                 stages.insert(at, checks)
-        out = Plan(method.name, shape, stages, remedy=method.plan_remedy)
+        out = Plan(method.name, shape, stages, remedy=method.plan_advice(stages))
         if timed and examples is not None and space.device.type != "meta":
             out.seconds_per_batch = _time_batch(self.task, space, examples, self.batch_size)
             if out.flops:

@@ -384,6 +384,11 @@ class Method(ABC):
         out += self.generic_query_stages(shape)
         return out
 
+    def plan_advice(self, stages: list[Stage]) -> str:
+        """What :meth:`infkit.Influence.plan` suggests when the plan of ``stages`` exceeds
+        ``memory_limit`` (default: :attr:`plan_remedy`)."""
+        return self.plan_remedy
+
     def generic_query_stages(self, shape: RunShape) -> list[Stage]:
         """The queries and scores of :func:`infkit.estimators.scores` as the facade runs them:
         the queries in chunks (:meth:`query_row_bytes`, :func:`~infkit.memory.row_chunks`),

@@ -476,6 +476,16 @@ class KFAC(PrimalMethod):
         )
         return out
 
+    def plan_advice(self, stages: list[Stage]) -> str:
+        """:attr:`plan_remedy`, without ``query_rank`` when not even rank-1 queries fit."""
+        if any(stage.refused for stage in stages):
+            return (
+                "track fewer layers (modules=) or use a smaller batch_size: not even rank-1 "
+                "queries fit beside the factors, so query_rank cannot help (more processes "
+                "split the passes, not these bytes)"
+            )
+        return self.plan_remedy
+
     def as_scored(self, U: Tensor) -> Tensor:
         """With ``query_rank=r``, each tracked layer's block of U at rank r (truncated SVD), as
         the streamed scores keep them (:func:`~infkit.kfac.streaming.kept_at_rank`)."""
