@@ -10,6 +10,7 @@ computed alone, without padding.
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -304,6 +305,23 @@ def test_left_padding_that_moves_absolute_positions_is_named(padded: dict) -> No
     torch.testing.assert_close(
         scores["left"], right, rtol=1e-9, atol=1e-12 * float(right.abs().max())
     )
+
+
+def test_sequences_longer_than_a_learned_position_table_are_refused(padded: dict) -> None:
+    torch.manual_seed(0)
+    model = PositionalLM().double().eval()
+    model.config = SimpleNamespace(n_positions=LENGTH)  # as transformers' GPT-2 has
+    task = infkit.Task.language_modeling(model)
+    ids, mask = padded["sides"]["right"]
+    wider = lm.examples(torch.cat([ids, ids[:, :1]], 1), torch.cat([mask, mask[:, :1] * 0], 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        with pytest.raises(
+            InvalidInputError,
+            match=rf"example 0: its {LENGTH + 1} positions exceed the {LENGTH} the model's",
+        ):
+            infkit.Influence(task, "identity", checks=False).fit(wider)
+        infkit.Influence(task, "identity", checks=False).fit(lm.examples(ids, mask))
 
 
 def test_gpt2_left_padded_without_position_ids_is_named() -> None:

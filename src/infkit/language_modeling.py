@@ -325,6 +325,24 @@ def vocabulary_size(model: nn.Module) -> int | None:
     return max(sizes) if sizes else None
 
 
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions a model with a learned position embedding takes (GPT-2's
+    ``n_positions``, OPT's ``max_position_embeddings``), or None: its configuration's limit,
+    when an ``nn.Embedding`` other than the input embedding has that many rows (OPT adds 2).
+    Rotary and other computed positions have no such table and no hard limit."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        tokens = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        tokens = None
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding) and m is not tokens]
+    return limit if any(limit <= m.num_embeddings <= limit + 2 for m in tables) else None
+
+
 def _token_ids(inputs: Any) -> Tensor | None:
     """The token ids of a batch of inputs: ``inputs["input_ids"]`` of dict inputs, or the
     inputs themselves when they are one integer tensor; None otherwise."""
@@ -385,14 +403,25 @@ def _mask(inputs: Any) -> Tensor | None:
     return mask if isinstance(mask, Tensor) else None
 
 
-def check_inputs(inputs: Any, model: nn.Module) -> tuple[int, str] | None:
+def check_inputs(
+    inputs: Any, model: nn.Module, positions: int | None = None
+) -> tuple[int, str] | None:
     """Why a batch of inputs cannot be fed to a language model (the first bad sequence), or
-    None: token ids outside the vocabulary (:func:`check_token_ids`), or an ``attention_mask``
-    whose shape is not that of ``input_ids`` (the model would broadcast or cut it silently)."""
+    None: token ids outside the vocabulary (:func:`check_token_ids`), sequences longer than
+    the ``positions`` of a learned position embedding (:func:`learned_positions`), or an
+    ``attention_mask`` whose shape is not that of ``input_ids`` (the model would broadcast or
+    cut it silently)."""
     found = check_token_ids(inputs, model)
     if found is not None:
         return found
     ids, mask = _token_ids(inputs), _mask(inputs)
+    if positions is not None and ids is not None and ids.dim() == 2 and ids.shape[1] > positions:
+        return 0, (
+            f"its {ids.shape[1]} positions exceed the {positions} the model's position "
+            "embedding holds (its configuration's n_positions / max_position_embeddings): "
+            f"truncate the sequences to {positions} tokens, e.g. tokenizer(texts, "
+            f"truncation=True, max_length={positions})"
+        )
     if ids is not None and mask is not None and tuple(mask.shape) != tuple(ids.shape):
         return 0, (
             f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}: the mask "

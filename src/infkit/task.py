@@ -385,7 +385,7 @@ class Task:
             name="language_modeling",
             check_targets=lm.check_labels,
             check_outputs=partial(lm.check_logits, vocabulary=lm.vocabulary_size(model)),
-            check_inputs=lm.check_inputs,
+            check_inputs=partial(lm.check_inputs, positions=lm.learned_positions(model)),
             check_pairs=lm.check_masked_labels,
             check_model=partial(lm.check_model, vocabulary=lm.vocabulary_size(model)),
             probe_example=lm.first_left_padded,
