@@ -1,7 +1,9 @@
 """Layers that read a sequence's positions flattened into the batch ([B T, width], as Hugging
-Face's OPT feeds its MLP and a mixture-of-experts its shared expert): their positions count for
-their sequence, under its attention mask, as if the layer read [B, T, width]
-(docs/methods/kfac.md §3); a layer whose rows cannot be assigned to examples is refused.
+Face's OPT feeds its MLP and a mixture-of-experts its shared expert), and other dimensions of
+the inputs folded into the batch (points of a point set, the choices of a multiple-choice
+model): their rows count for their example, under its attention mask, as if the layer read
+[B, T, width] (docs/methods/kfac.md §1); a layer whose rows cannot be assigned to examples is
+refused.
 
 The ground truth is the same model and weights with the MLP applied to [B, T, width], which the
 hooks see batch-first.
@@ -103,6 +105,62 @@ def test_flattened_positions_count_for_their_sequence(sets: dict, streamed: bool
         )
 
 
+class PointsModel(nn.Module):
+    """A classifier of point sets [B, N, 3]: a layer per point, then the mean over points;
+    ``flatten`` feeds the layer the points folded into the batch, [B N, 3]."""
+
+    def __init__(self, flatten: bool) -> None:
+        super().__init__()
+        self.flatten = flatten
+        self.f1, self.f2 = nn.Linear(3, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.f1(x.reshape(b * n, 3)).reshape(b, n, 8) if self.flatten else self.f1(x)
+        return self.f2(torch.tanh(h).mean(1))
+
+
+class ChoicesModel(nn.Module):
+    """Multiple choice: ids [B, C, T], a score per choice; ``flatten`` feeds the layer the
+    choices folded into the batch, [B C, T, width], as Hugging Face's ...ForMultipleChoice."""
+
+    def __init__(self, flatten: bool) -> None:
+        super().__init__()
+        self.flatten = flatten
+        self.embed, self.f1, self.f2 = nn.Embedding(VOCAB, 4), nn.Linear(4, 6), nn.Linear(6, 1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        b, c, t = input_ids.shape
+        e = self.embed(input_ids)
+        h = self.f1(e.reshape(b * c, t, 4)).reshape(b, c, t, 6) if self.flatten else self.f1(e)
+        return self.f2(torch.tanh(h).mean(2)).reshape(b, c)
+
+
+@pytest.mark.parametrize("kind", ["points", "choices"])
+def test_other_dimensions_folded_into_the_batch_count_for_their_example(kind: str) -> None:
+    torch.manual_seed(0)
+    if kind == "points":
+        cls, x = PointsModel, torch.randn(40, 5, 3, dtype=torch.float64)
+    else:
+        cls, x = ChoicesModel, {"input_ids": torch.randint(0, VOCAB, (40, 3, 4))}
+    y = torch.randint(0, 3, (40,))
+
+    def part(lo: int, hi: int) -> tuple:
+        inputs = {k: v[lo:hi] for k, v in x.items()} if isinstance(x, dict) else x[lo:hi]
+        return inputs, y[lo:hi]
+
+    scores = []
+    for flatten in (False, True):
+        torch.manual_seed(1)
+        task = infkit.Task.classification(cls(flatten).double().eval())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # not at an optimum; the embedding left out
+            inf = infkit.Influence(task, "ekfac", damping=1e-2, checks=False)
+            scores.append(inf.fit(part(0, 30)).scores(part(30, 40)))
+    scale = float(scores[0].abs().max())
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-10, atol=1e-13 * scale)
+
+
 def test_a_layer_whose_rows_are_not_the_examples_is_refused(sets: dict) -> None:
     torch.manual_seed(0)
     task = infkit.Task.language_modeling(RoutedLM(flatten=False).double().eval())
@@ -110,7 +168,8 @@ def test_a_layer_whose_rows_are_not_the_examples_is_refused(sets: dict) -> None:
         warnings.simplefilter("ignore")  # the embedding left out; not at an optimum
         inf = infkit.Influence(task, "ekfac", fisher="ggn", damping=1e-2, per_example="loop")
         with pytest.raises(
-            UnsupportedError, match=r"tracked layer 'fc1' received an input of shape"
+            UnsupportedError,
+            match=r"tracked layer 'fc1' received an input of \d+ rows in a batch of \d+ examples",
         ):
             inf.fit(sets["train"])
         # left out, the rest is attributed

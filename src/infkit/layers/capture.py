@@ -68,22 +68,44 @@ def _conv_tokens(b: int, c_out: int) -> Callable[[Tensor], Tensor]:
     return lambda g: g.reshape(g.shape[0], b, c_out, -1).transpose(-1, -2)
 
 
+def _regrouped(to_tokens: Callable[[Tensor], Tensor], b: int) -> Callable[[Tensor], Tensor]:
+    """``to_tokens`` ([K, R, L, d] for R rows) with the rows grouped into ``b`` examples in
+    order: [K, b, R L / b, d]."""
+
+    def grouped(g: Tensor) -> Tensor:
+        tokens = to_tokens(g)
+        return tokens.reshape(tokens.shape[0], b, -1, tokens.shape[-1])
+
+    return grouped
+
+
 def _sequence_tokens(b: int, d_out: int) -> Callable[[Tensor], Tensor]:
     """[K, B, ..., d_out] pre-activation gradients -> [K, B, T, d_out] positions."""
     return lambda g: g.reshape(g.shape[0], b, -1, d_out)
 
 
-def _batch_shape(inputs: Any, mask: Tensor | None) -> tuple[int | None, int | None]:
-    """The examples B of a batch of model inputs and, for token sequences, their positions T:
-    the attention mask's [B, T], else the first integer [B, T] tensor's (token ids), else the
-    first tensor's leading size and no positions."""
-    if mask is not None:
-        return mask.shape[0], mask.shape[1]
+def _batch_shape(inputs: Any, mask: Tensor | None) -> tuple[int | None, set[int]]:
+    """The examples B of a batch of model inputs (the attention mask's rows, else the first
+    integer [B, T] tensor's (token ids), else the first tensor's) and the sizes an input's
+    dimensions after the batch flatten to (each leading run of them: T of ids [B, T]; C and
+    C T of multiple-choice ids [B, C, T]; N of points [B, N, 3]): the rows per example a
+    layer may see when a model folds them into the batch."""
     tensors = [x for x in leaves(inputs) if x.dim() > 0]
     ids = [x for x in tensors if x.dim() == 2 and not (x.is_floating_point() or x.is_complex())]
-    if ids:
-        return ids[0].shape[0], ids[0].shape[1]
-    return (tensors[0].shape[0], None) if tensors else (None, None)
+    if mask is not None:
+        b: int | None = mask.shape[0]
+    elif ids:
+        b = ids[0].shape[0]
+    else:
+        b = tensors[0].shape[0] if tensors else None
+    spans: set[int] = set()
+    for x in tensors + ([] if mask is None else [mask]):
+        if x.shape[0] == b:
+            size = 1
+            for d in x.shape[1:]:
+                size *= d
+                spans.add(size)
+    return b, spans
 
 
 class Capture:
@@ -106,10 +128,10 @@ class Capture:
         self._inputs: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
         #: the model of the last forward pass (whose notice about batching rules is given)
         self._model: torch.nn.Module | None = None
-        #: the examples of this forward pass and their positions (token ids' or the mask's
-        #: second dimension; None: not a sequence model), to place a layer's input rows
+        #: the examples of this forward pass, and the rows per example a layer may see when
+        #: the model folds the inputs' other dimensions into the batch (:func:`_batch_shape`)
         self._batch: int | None = None
-        self._tokens: int | None = None
+        self._spans: set[int] = set()
 
     def __enter__(self) -> Capture:
         for t in self.tracked:
@@ -131,50 +153,56 @@ class Capture:
     def _hook(self, t: TrackedModule) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
             x = args[0].detach()
-            b = x.shape[0]
+            rows = x.shape[0]
+            b = self._examples(t, rows)
             mask = None
             if t.kind == "conv2d":
                 assert isinstance(module, torch.nn.Conv2d)
                 a = _conv_patches(module, x)
                 if t.bias is not None:
                     a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-                to_tokens = _conv_tokens(b, output.shape[1])
+                to_tokens = _conv_tokens(rows, output.shape[1])
+                if rows != b:  # images folded into the batch (a video's frames): batch-major
+                    a = a.reshape(b, -1, a.shape[-1])
+                    to_tokens = _regrouped(to_tokens, b)
             else:
-                x = self._by_example(t, x)
-                b = x.shape[0]
-                a = self._sequence_input(x, t.bias is not None)
+                a = self._sequence_input(x, t.bias is not None, b)
                 to_tokens = _sequence_tokens(b, output.shape[-1])
-                if self._mask is not None and x.dim() == 3 and self._mask.shape == x.shape[:2]:
-                    mask = self._mask_as(x.dtype)
+                if self._mask is not None and self._mask.shape == a.shape[:2]:
+                    mask = self._mask_as(a.dtype)
             self.records.setdefault(t.name, []).append(Record(a, output, mask, to_tokens))
 
         return hook
 
-    def _by_example(self, t: TrackedModule, x: Tensor) -> Tensor:
-        """A linear layer's input ``x`` with the examples of the batch first.
+    def _examples(self, t: TrackedModule, rows: int) -> int:
+        """The examples that the ``rows`` of layer ``t``'s input belong to, batch-major.
 
-        Most layers see ``[B, ..., cols]``. Some models flatten a sequence's positions into the
-        batch before a layer (Hugging Face's OPT before its MLP, a mixture-of-experts' shared
-        expert): ``[B T, cols]``, batch-major, is put back as ``[B, T, cols]`` so that its
-        positions count for their sequence (and its attention mask applies). Any other leading
-        size would assign rows to the wrong examples: refused, naming the layer.
+        Most layers see the examples first (``[B, ..., cols]``). Some models fold an input's
+        other dimensions into the batch before a layer (Hugging Face's OPT its positions before
+        its MLP, ``[B T, cols]``; a mixture-of-experts model for its shared expert; a
+        multiple-choice model its choices): B k rows, with k a size the inputs' dimensions after
+        the batch flatten to, are read as k rows of each example, in order, so that they count
+        for their example (and an attention mask of their shape applies). Any other number of
+        rows would assign them to the wrong examples: refused, naming the layer.
         """
-        b, tokens = self._batch, self._tokens
-        if b is None or x.shape[0] == b:
-            return x
-        if x.dim() == 2 and tokens is not None and x.shape[0] == b * tokens:
-            return x.reshape(b, tokens, x.shape[-1])
-        shown = f"{b} x {tokens} = {b * tokens} positions" if tokens else "positions"
+        b = self._batch
+        if b is None or rows == b:
+            return rows
+        if rows % b == 0 and rows // b in self._spans:
+            return b
         raise UnsupportedError(
-            f"tracked layer {t.name!r} received an input of shape {list(x.shape)} in a batch of "
-            f"{b} examples: its rows are neither the examples nor their {shown} flattened, so "
-            "they cannot be assigned to examples (a layer applied to routed tokens, or a "
-            "sequence-first [T, B, ...] layout). Leave it out of the attribution: modules=[...] "
-            "without it, or requires_grad=False on its parameters"
+            f"tracked layer {t.name!r} received an input of {rows} rows in a batch of {b} "
+            "examples: neither the examples nor the examples times a size of the inputs' other "
+            f"dimensions ({', '.join(map(str, sorted(self._spans))) or 'none'}) folded into "
+            "the batch, so its rows cannot be assigned to examples (a layer applied to routed "
+            "tokens, or to tokens the model adds, or a sequence-first [T, B, ...] layout). "
+            "Leave it out of the attribution: modules=[...] without it, or "
+            "requires_grad=False on its parameters"
         )
 
-    def _sequence_input(self, x: Tensor, bias: bool) -> Tensor:
-        """``a`` [B, T, cols] of a linear layer's input ``x`` (a ones-column when ``bias``).
+    def _sequence_input(self, x: Tensor, bias: bool, b: int) -> Tensor:
+        """``a`` [B, T, cols] of a linear layer's input ``x`` (a ones-column when ``bias``),
+        its rows read as ``b`` examples' in order (:meth:`_examples`).
 
         Layers that read the same input in this forward pass (an attention's q, k and v
         projections, a gated MLP's gate and up) get the same tensor object, so that what
@@ -187,7 +215,7 @@ class Capture:
         seen = self._inputs.get(key)
         if seen is not None:
             return seen[1]
-        a = x.reshape(x.shape[0], -1, x.shape[-1])
+        a = x.reshape(b, -1, x.shape[-1])
         if bias:
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
         self._inputs[key] = (x, a)
@@ -211,7 +239,7 @@ class Capture:
             m = inputs.get(self.mask_key)
             if isinstance(m, Tensor) and m.dim() == 2:
                 self._mask = m.detach()
-        self._batch, self._tokens = _batch_shape(inputs, self._mask)
+        self._batch, self._spans = _batch_shape(inputs, self._mask)
         with task.mixed_precision():
             return task.call_model(task.model, inputs)
 

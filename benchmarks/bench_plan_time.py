@@ -1,0 +1,114 @@
+"""Benchmark: the plan's time estimate against the run's time (issue: "an estimate of the time
+from a timed first batch").
+
+Llama-style causal LMs of ``bench_lm.py`` (random initialisation, float32, every decoder
+``nn.Linear`` tracked, sequences of 128 tokens, Q = 16 queries, batch 8), EK-FAC with the
+sampled Fisher and ``damping="auto"``:
+
+* ``tiny`` (0.1M tracked parameters, N = 64): small enough for the [N, P] gradient cache, so
+  the post-fit checks run on it (their curvature products of single examples are most of it);
+* ``small`` (10.6M, N = 96): the streamed path of every real-sized model: three hooked passes,
+  the eigendecompositions, the queries' preconditioning.
+
+Each setting is a fresh process: it builds the model and data, asks ``plan()`` (which times one
+batch and, for the arithmetic beyond the passes, one matrix product), then fits and scores,
+and reports the run's time over the estimate. The same settings run on the library at
+``--baseline`` (exported with ``git archive``) in the same run, for the change's before and
+after.
+
+Run:  .venv/bin/python benchmarks/bench_plan_time.py [--baseline REV] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lm import BATCH, LENGTH, VOCAB, make_config, tracked_modules
+from harness import ROOT, append_section, export_source, provenance
+
+RESULTS = ROOT / "benchmarks" / "results" / "plan_time.md"
+Q = 16
+#: (size of bench_lm.py, training sequences)
+SETTINGS = [("tiny", 64), ("small", 96)]
+
+
+def worker(size: str, n: int) -> dict:
+    from transformers import LlamaForCausalLM
+
+    import infkit
+    from infkit import language_modeling as lm
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(make_config(size)).eval()
+    ids = torch.randint(0, VOCAB, (n + Q, LENGTH), generator=torch.Generator().manual_seed(0))
+    train, test = lm.examples(ids[:n]), lm.examples(ids[n:])
+    warnings.simplefilter("ignore")  # not at an optimum; embeddings and norms left out
+    inf = infkit.Influence(
+        infkit.Task.language_modeling(model),
+        "ekfac",
+        l2=0.0,
+        damping="auto",
+        batch_size=BATCH,
+        modules=tracked_modules(model),
+        fisher="sampled",
+        progress=False,
+    )
+    plan = inf.plan(train, test)
+    start = time.perf_counter()
+    inf.fit(train).scores(test)
+    return {"plan": plan.seconds, "seconds": time.perf_counter() - start, "passes": plan.passes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", nargs=2, metavar=("SIZE", "N"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--baseline", default="dd9aed5")
+    args = parser.parse_args()
+    if args.worker:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        size, n = args.worker
+        print(json.dumps(worker(size, int(n))), flush=True)
+        return
+    versions = {"this tree": ROOT / "src", f"at {args.baseline}": export_source(args.baseline)}
+    rows = []
+    for size, n in SETTINGS:
+        for version, src in versions.items():
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(src)}
+            cmd = [sys.executable, __file__, "--worker", size, str(n)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{size} ({version}) failed:\n{proc.stderr[-4000:]}")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(size, version, result, flush=True)
+            rows.append((size, n, version, result))
+    lines = [
+        f"## EK-FAC on Llama-style LMs, Q = {Q} queries of {LENGTH} tokens, batch {BATCH}, "
+        f"{args.threads} threads",
+        "",
+        provenance(),
+        "",
+        "| size | N | library | plan (s) | run (s) | run / plan |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size, n, version, r in rows:
+        lines.append(
+            f"| {size} | {n} | {version} | {r['plan']:.1f} | {r['seconds']:.1f} | "
+            f"{r['seconds'] / r['plan']:.2f} |"
+        )
+    lines += ["", "Run: fit and scores, after the plan (which is not counted)."]
+    append_section(RESULTS, lines)
+
+
+if __name__ == "__main__":
+    main()
