@@ -318,10 +318,16 @@ def test_sequences_longer_than_a_learned_position_table_are_refused(padded: dict
         warnings.simplefilter("ignore", Notice)
         with pytest.raises(
             InvalidInputError,
-            match=rf"example 0: its {LENGTH + 1} positions exceed the {LENGTH} the model's",
+            match=rf"example 0: it reads {LENGTH + 1} positions, more than the {LENGTH} the",
         ):
             infkit.Influence(task, "identity", checks=False).fit(wider)
         infkit.Influence(task, "identity", checks=False).fit(lm.examples(ids, mask))
+        # wider only by padding, with positions counted from each sequence's first token
+        wider_ids = torch.cat([ids, ids[:, :1]], 1)
+        wider_mask = torch.cat([mask, mask[:, :1] * 0], 1)
+        infkit.Influence(task, "identity", checks=False).fit(
+            lm.examples(wider_ids, wider_mask, position_ids=True)
+        )
 
 
 def test_gpt2_left_padded_without_position_ids_is_named() -> None:
@@ -367,3 +373,22 @@ def test_training_names_an_example_whose_outputs_are_not_finite(padded: dict) ->
         NonFiniteError, match=rf"model output of example {first} of the training set .*sdpa"
     ):
         infkit.train_to_optimum(task, (inputs, labels), 1e-2)
+
+
+def test_no_padding_warning_for_rounding_of_a_bfloat16_model_with_float32_logits() -> None:
+    """Left padding shifts a rotary model's absolute positions: exact in exact arithmetic, a
+    bfloat16 model's rounding in practice, which float32 logits carry: not a warning."""
+    transformers = pytest.importorskip("transformers")
+    from lm_helpers import llama_config
+
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(llama_config(hidden_size=64, num_hidden_layers=4))
+    model = model.to(torch.bfloat16).eval()
+    ids = torch.randint(1, 40, (4, 24))
+    mask = torch.ones_like(ids)
+    mask[0, :10] = 0
+    task = infkit.Task.language_modeling(model, output_fn=lambda out: out.logits.float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("ignore", Notice)
+        infkit.Influence(task, "identity", checks=False).fit(lm.examples(ids, mask))

@@ -76,9 +76,10 @@ PRODUCT_PASS_COST = 4.0
 
 def check_products(n: int, scale: bool, energy_sample: int) -> int:
     """Per-example curvature products (each about :data:`PRODUCT_PASS_COST` of the example's
-    share of a batch's forward and backward pass) of the post-fit checks on N = ``n`` training examples: :func:`curvature_scale`
-    (``scale``) and :func:`energy_ratio` on ``energy_sample`` examples (0: not run), their
-    probe directions included. :meth:`infkit.Influence.plan` counts them as passes."""
+    share of a batch's forward and backward pass) of the post-fit checks on N = ``n``
+    training examples: :func:`curvature_scale` (``scale``) and :func:`energy_ratio` on
+    ``energy_sample`` examples (0: not run), their probe directions included.
+    :meth:`infkit.Influence.plan` counts them as passes."""
     total = 0
     if scale:
         total += SCALE_DIRECTIONS + SCALE_DIRECTIONS * min(SCALE_SAMPLE, n)

@@ -33,6 +33,10 @@ IGNORE_INDEX = -100
 #: :func:`check_causal` calls a model causal when changing a token moves the earlier logits by
 #: at most this much, relative to their largest (float32 rounding of a recomputed pass)
 CAUSAL_TOLERANCE = 1e-4
+#: :func:`check_padding` calls a left-padded sequence's logits moved when they differ from the
+#: unpadded ones by more than this many times as much as the same tokens padded on the right do
+#: (the model's own rounding: bfloat16 weights with float32 logits round far above the logits')
+NOISE_MARGIN = 10.0
 
 
 def _shifted(outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -192,13 +196,22 @@ def first_left_padded(inputs: Any) -> int | None:
     return int(rows[0, 0]) if len(rows) else None
 
 
-def check_padding(call: Callable[[Any], Tensor], inputs: Any, outputs: Tensor) -> str | None:
+def check_padding(
+    call: Callable[[Any], Tensor],
+    inputs: Any,
+    outputs: Tensor,
+    precision: torch.dtype | None = None,
+) -> str | None:
     """Why the padding of a left-padded sequence changes the logits of its tokens, from the
     sequence's model inputs and outputs [1, T, V] (``call`` runs the model as they were
     computed), or None.
 
     The sequence is run again with its padding removed (its tokens only, mask all ones); a
-    model that respects its mask gives its tokens the same logits. One that counts positions
+    model that respects its mask gives its tokens the same logits, up to its rounding, which
+    the same tokens padded on the right instead measure (a third run: the logits move when they
+    differ by :data:`NOISE_MARGIN` times that, and by more than rounding in the outputs' dtype
+    or ``precision``, the model's own: a bfloat16 model whose logits are cast to float32 rounds
+    its positions' rotations as a bfloat16 one does). One that counts positions
     from the first padding token (absolute position embeddings, GPT-2, unless the inputs carry
     ``position_ids``), or that reads the padding, does not: every loss and score of the
     sequence then depends on how much padding it has. Inputs with keys other than
@@ -222,20 +235,28 @@ def check_padding(call: Callable[[Any], Tensor], inputs: Any, outputs: Tensor) -
             return None
         alone[key] = value[:, real]
     alone["attention_mask"] = torch.ones_like(alone["attention_mask"])
-    if "position_ids" in alone:  # the positions the inputs give, counted from the first token
+    # the same tokens padded on the right, as wide as the sequence: its logits differ from the
+    # unpadded ones by the model's rounding only (in its own precision, whatever the logits')
+    order = torch.cat([real, (mask[0] == 0).nonzero()[:, 0]])
+    right = {key: value[:, order] for key, value in inputs.items()}
+    if "position_ids" in inputs:  # the positions the inputs give, counted from the first token
         alone["position_ids"] = alone["position_ids"] - alone["position_ids"][:, :1]
+        right["position_ids"] = (right["attention_mask"].cumsum(1) - 1).clamp_min(0)
     with torch.no_grad():
-        again = call(alone).detach()
-    if again.dim() != 3 or again.shape[1] != len(real):
+        again, shifted = call(alone).detach(), call(right).detach()
+    if again.dim() != 3 or again.shape[1] != len(real) or shifted.shape != outputs.shape:
         return None
     padded = outputs[0, real].detach().to(torch.float64)
     unpadded = again[0].to(torch.float64)
-    if not (bool(padded.isfinite().all()) and bool(unpadded.isfinite().all())):
+    on_the_right = shifted[0, : len(real)].to(torch.float64)
+    if not all(bool(x.isfinite().all()) for x in (padded, unpadded, on_the_right)):
         return None  # the outputs' own check names non-finite logits
     moved = float((padded - unpadded).abs().max())
+    noise = float((on_the_right - unpadded).abs().max())
     scale = float(unpadded.abs().max())
-    rounding = 8 * torch.finfo(outputs.dtype).eps if outputs.is_floating_point() else 0.0
-    if moved <= max(CAUSAL_TOLERANCE, rounding) * max(scale, 1.0):
+    dtypes = [d for d in (outputs.dtype, precision) if d is not None and d.is_floating_point]
+    rounding = max((8 * torch.finfo(d).eps for d in dtypes), default=0.0)
+    if moved <= max(max(CAUSAL_TOLERANCE, rounding) * max(scale, 1.0), NOISE_MARGIN * noise):
         return None
     pad = int(real[0])
     return (
@@ -244,20 +265,34 @@ def check_padding(call: Callable[[Any], Tensor], inputs: Any, outputs: Tensor) -
         "loss and every score of it depend on how much padding it has. A model with absolute "
         "position embeddings (GPT-2) counts positions from the first padding token unless the "
         "inputs carry position_ids: build the set with infkit.language_modeling.examples(ids, "
-        "mask, position_ids=True), or pad on the right (tokenizer.padding_side = 'right')"
+        "mask, position_ids=True); a model that reads its padding (one without attention-mask "
+        "support) needs padding on the right (tokenizer.padding_side = 'right')"
     )
 
 
+def coarsest_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating-point dtype of ``model``'s parameters with the largest rounding (bfloat16
+    before float16 before float32), or None when it has none."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=None)
+
+
 def check_model(
-    call: Callable[[Any], Tensor], inputs: Any, outputs: Tensor, vocabulary: int | None = None
+    call: Callable[[Any], Tensor],
+    inputs: Any,
+    outputs: Tensor,
+    vocabulary: int | None = None,
+    model: nn.Module | None = None,
 ) -> str | None:
     """Why a model is not a causal language model whose logits ignore padding
-    (:func:`check_causal`, :func:`check_padding`), from one sequence, or None."""
+    (:func:`check_causal`, :func:`check_padding` at ``model``'s precision), from one sequence,
+    or None."""
+    precision = None if model is None else coarsest_dtype(model)
     problems = [
         problem
         for problem in (
             check_causal(call, inputs, outputs, vocabulary),
-            check_padding(call, inputs, outputs),
+            check_padding(call, inputs, outputs, precision),
         )
         if problem is not None
     ]
@@ -415,13 +450,22 @@ def check_inputs(
     if found is not None:
         return found
     ids, mask = _token_ids(inputs), _mask(inputs)
-    if positions is not None and ids is not None and ids.dim() == 2 and ids.shape[1] > positions:
-        return 0, (
-            f"its {ids.shape[1]} positions exceed the {positions} the model's position "
-            "embedding holds (its configuration's n_positions / max_position_embeddings): "
-            f"truncate the sequences to {positions} tokens, e.g. tokenizer(texts, "
-            f"truncation=True, max_length={positions})"
-        )
+    if positions is not None and ids is not None and ids.dim() == 2:
+        given = inputs.get("position_ids") if isinstance(inputs, dict) else None
+        if isinstance(given, Tensor) and given.numel():  # the positions the model will read
+            needed = given.reshape(given.shape[0], -1).amax(dim=1) + 1
+        else:  # counted over every column, padding included
+            needed = torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
+        if bool((needed > positions).any()):
+            k = int((needed > positions).nonzero()[0, 0])
+            return k, (
+                f"it reads {int(needed[k])} positions, more than the {positions} the model's "
+                "position embedding holds (its configuration's n_positions / "
+                f"max_position_embeddings): truncate the sequences to {positions} tokens, e.g. "
+                f"tokenizer(texts, truncation=True, max_length={positions}); when the padding "
+                "makes them wider than that, give each its own positions "
+                "(examples(..., position_ids=True))"
+            )
     if ids is not None and mask is not None and tuple(mask.shape) != tuple(ids.shape):
         return 0, (
             f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}: the mask "

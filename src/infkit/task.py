@@ -387,7 +387,7 @@ class Task:
             check_outputs=partial(lm.check_logits, vocabulary=lm.vocabulary_size(model)),
             check_inputs=partial(lm.check_inputs, positions=lm.learned_positions(model)),
             check_pairs=lm.check_masked_labels,
-            check_model=partial(lm.check_model, vocabulary=lm.vocabulary_size(model)),
+            check_model=partial(lm.check_model, vocabulary=lm.vocabulary_size(model), model=model),
             probe_example=lm.first_left_padded,
         )
 
