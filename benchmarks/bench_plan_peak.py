@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, append_section, export_source, provenance
+from harness import ROOT, append_section, export_source, library_worker, provenance
 
 RESULTS = ROOT / "benchmarks" / "results" / "plan_peak.md"
 VOCAB, HIDDEN, LAYERS, LENGTH, N, Q, BATCH = 1000, 128, 2, 64, 64, 16, 8
@@ -122,12 +121,8 @@ def main() -> None:
     rows = []
     for label, checks, limit in SETTINGS:
         for version, src in versions.items():
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(src)}
-            cmd = [sys.executable, __file__, "--worker", str(int(checks)), str(limit or "none")]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{label} ({version}) failed:\n{proc.stderr[-4000:]}")
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            arguments = [str(int(checks)), str(limit or "none")]
+            result = library_worker(__file__, arguments, src, args.threads, f"{label} ({version})")
             print(label, version, result, flush=True)
             rows.append((label, version, limit, result))
     lines = [

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -33,8 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lm import BATCH, LENGTH, VOCAB, make_config, tracked_modules
-from harness import ROOT, append_section, export_source, provenance
+from bench_lm import BATCH, LENGTH, VOCAB, benchmark_influence, make_config
+from harness import ROOT, append_section, export_source, library_worker, provenance
 
 RESULTS = ROOT / "benchmarks" / "results" / "plan_time.md"
 Q = 16
@@ -45,7 +44,6 @@ SETTINGS = [("tiny", 64), ("small", 96)]
 def worker(size: str, n: int) -> dict:
     from transformers import LlamaForCausalLM
 
-    import infkit
     from infkit import language_modeling as lm
 
     torch.manual_seed(0)
@@ -53,16 +51,7 @@ def worker(size: str, n: int) -> dict:
     ids = torch.randint(0, VOCAB, (n + Q, LENGTH), generator=torch.Generator().manual_seed(0))
     train, test = lm.examples(ids[:n]), lm.examples(ids[n:])
     warnings.simplefilter("ignore")  # not at an optimum; embeddings and norms left out
-    inf = infkit.Influence(
-        infkit.Task.language_modeling(model),
-        "ekfac",
-        l2=0.0,
-        damping="auto",
-        batch_size=BATCH,
-        modules=tracked_modules(model),
-        fisher="sampled",
-        progress=False,
-    )
+    inf = benchmark_influence(model, progress=False)
     plan = inf.plan(train, test)
     start = time.perf_counter()
     inf.fit(train).scores(test)
@@ -84,12 +73,9 @@ def main() -> None:
     rows = []
     for size, n in SETTINGS:
         for version, src in versions.items():
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(src)}
-            cmd = [sys.executable, __file__, "--worker", size, str(n)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{size} ({version}) failed:\n{proc.stderr[-4000:]}")
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            result = library_worker(
+                __file__, [size, str(n)], src, args.threads, f"{size} ({version})"
+            )
             print(size, version, result, flush=True)
             rows.append((size, n, version, result))
     lines = [

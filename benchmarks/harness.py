@@ -143,3 +143,17 @@ def export_source(revision: str) -> Path:
     with tarfile.open(archive) as tar:
         tar.extractall(folder, filter="data")
     return folder / "src"
+
+
+def library_worker(
+    script: str, arguments: Sequence[str], src: Path, threads: int, label: str
+) -> dict:
+    """Run ``script --worker ARGUMENTS`` in a fresh process on the library at ``src`` (first on
+    ``PYTHONPATH``; :func:`export_source` for another revision) with ``threads`` threads: the
+    JSON object it prints last."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(src)}
+    cmd = [sys.executable, script, "--worker", *arguments]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -349,20 +349,37 @@ def layer_terms(
         return {t.name: (cap.activations(t.name)[0], Ds[t.name][0].detach()) for t in tracked}
 
 
-def shared_inputs(
+@dataclass
+class InputLayout:
+    """What one forward pass of one example shows of the tracked layers' inputs.
+
+    Attributes:
+        shared: groups of layers that read one input tensor (an attention's q, k and v, a
+            gated MLP's gate and up): the layers a fit gives one activation covariance and
+            eigenbasis.
+        positions: each layer's positions per example, its calls' together (a sequence's
+            tokens, a convolution's output pixels, 1 for a pooled head).
+    """
+
+    shared: list[list[str]]
+    positions: dict[str, int]
+
+
+def input_layout(
     task: Task, tracked: list[TrackedModule], inputs: Any, mask_key: str | None = "attention_mask"
-) -> list[list[str]]:
-    """Groups of tracked layers that read one input tensor (an attention's q, k and v, a gated
-    MLP's gate and up), from one forward pass of ``inputs`` without gradients: the layers a fit
-    gives one activation covariance and eigenbasis."""
+) -> InputLayout:
+    """The :class:`InputLayout` of the tracked layers, from one forward pass of one example's
+    ``inputs`` without gradients."""
     with Capture(tracked, mask_key) as cap, evaluation_mode(task.model), torch.no_grad():
         cap.forward(task, inputs)
         groups: dict[int, list[str]] = {}
+        positions: dict[str, int] = {}
         for t in tracked:
             records = cap.records.get(t.name)
             if records:
                 groups.setdefault(id(records[0].a), []).append(t.name)
-    return [names for names in groups.values() if len(names) > 1]
+                positions[t.name] = sum(r.a.shape[1] for r in records)
+    return InputLayout([names for names in groups.values() if len(names) > 1], positions)
 
 
 def block_gradient(a: Tensor, ds: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:

@@ -41,7 +41,6 @@ from infkit.kfac.curvature import (
 )
 from infkit.kfac.streaming import (
     WORKING_FACTOR,
-    Group,
     LayerQueries,
     StreamingScorer,
     budget_after,
@@ -50,7 +49,8 @@ from infkit.kfac.streaming import (
     query_budget,
     truncated_svd,
 )
-from infkit.layers.capture import shared_inputs
+from infkit.kfac.work import KroneckerWork
+from infkit.layers.capture import input_layout
 from infkit.layers.tracked import TrackedLayers, TrackedModule, find_modules
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import (
@@ -70,47 +70,14 @@ from infkit.task import Task
 logger = logging.getLogger("infkit")
 
 
-#: a float64 symmetric eigendecomposition of a d x d matrix costs about this many d^3
-#: operations of float32 matrix products (17-26, d from 256 to 2048, on one CPU core)
-EIGH_PRODUCT_FLOPS = 20.0
-
-
-def _rotation_flops(t: TrackedModule, tokens: int) -> float:
-    """Operations of ``Q_S^T G Q_A`` for one example of layer ``t`` from its per-position terms,
-    in the cheaper order :func:`~infkit.kfac.curvature.rotated_blocks` picks: the block
-    ``sum_t Ds_t a_t^T`` and two rotations, of the terms or of the block."""
-    d, c = t.d_out, t.cols
-    return 2 * tokens * d * c + 2 * min(tokens * (d * d + c * c), d * c * (d + c))
-
-
-def _stage_flops(
-    tracked: list[TrackedModule],
-    followers: set[str],
-    shape: RunShape,
-    groups: list[Group] | None,
-) -> dict[str, float]:
-    """Operations per process of each Kronecker stage beyond its passes' forward and backward
-    work, from the shapes: the covariances' Gram products (a symmetric half), the
-    eigendecompositions, EK-FAC's rotated gradients, the queries' preconditioning (rotations
-    in and out) and the scores (each pass over a group of ``groups`` forms its layers' blocks,
-    None: one pass over all; one product per query and layer)."""
-    n, q, t = shape.examples_per_process, shape.n_queries, shape.tokens
-    inputs = [x for x in tracked if x.name not in followers]
-    rotations = sum(_rotation_flops(x, t) for x in tracked)
-    formed = [2 * t * x.d_out * x.cols for x in tracked]
-    blocks = (
-        sum(formed) if groups is None else sum(formed[i] for _, _, layers in groups for i in layers)
-    )
-    sizes = sum(x.d_out * x.cols for x in tracked)
-    return {
-        "covariances": n * t * (sum(x.cols**2 for x in inputs) + sum(x.d_out**2 for x in tracked)),
-        "eigendecompositions": EIGH_PRODUCT_FLOPS
-        * (sum(x.cols**3 for x in inputs) + sum(x.d_out**3 for x in tracked)),
-        "correction": n * rotations,
-        "queries": q
-        * (rotations + sum(2 * x.d_out * x.cols * (x.d_out + x.cols) for x in tracked)),
-        "scores": n * (blocks + 2 * q * sizes),
-    }
+def _backward_flops(task: Task, tokens: int) -> float:
+    """Operations of one backward pass of one example of ``tokens`` positions through the
+    model's matrices (every parameter of two or more dimensions but an embedding's: the
+    gradients of their inputs, 2 per weight and position)."""
+    model = task.model
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    weights = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in lookups)
+    return 2.0 * weights * tokens
 
 
 @register
@@ -351,9 +318,11 @@ class KFAC(PrimalMethod):
         # layers that read one input share its eigenbasis (known from a forward pass of a real
         # model; on the meta device each layer is counted alone, an upper bound)
         followers: set[str] = set()
+        positions = {x.name: t for x in tracked}  # each layer's, known from a forward pass
         if shape.sample_inputs is not None:
-            shared = shared_inputs(task, tracked, shape.sample_inputs, self.options.mask_key)
-            followers = {name for names in shared for name in names[1:]}
+            layout = input_layout(task, tracked, shape.sample_inputs, self.options.mask_key)
+            followers = {name for names in layout.shared for name in names[1:]}
+            positions.update(layout.positions)
         cols = {x.name: 0 if x.name in followers else x.cols for x in tracked}
         factor = factor_bytes(tracked, work, followers)
         factors = sum(factor.values())
@@ -378,7 +347,14 @@ class KFAC(PrimalMethod):
                     held=cache,
                 )
             )
-        flops = _stage_flops(tracked, followers, shape, None)
+        options, n = self.options, shape.examples_per_process
+        fisher = options.fisher
+        if fisher == "auto":
+            fisher = "ggn" if shape.outputs <= options.max_exact_outputs else "sampled"
+        vectors = {"ggn": shape.outputs, "sampled": options.samples}.get(fisher, 1)
+        ops = KroneckerWork(
+            tracked, frozenset(followers), positions, vectors, _backward_flops(task, t)
+        )
         lam = shape.parameters * work if self.corrected else 0
         eigenvalues = sum(cols[x.name] + x.d_out for x in tracked) * work
         resident = factors + eigenvalues + lam  # held from the fit to the end of the run
@@ -389,7 +365,7 @@ class KFAC(PrimalMethod):
                 factors + WORKING_FACTOR * hooks,
                 (f"A, S of {biggest.name!r}", factor[biggest.name]),
                 "data split across processes, factors summed",
-                flops=flops["covariances"],
+                flops=ops.covariances(n),
             ),
             Stage(
                 "eigendecompositions",
@@ -399,7 +375,7 @@ class KFAC(PrimalMethod):
                 "repeated on every process; float64 one layer at a time, each covariance "
                 "freed once decomposed",
                 held=0 if self.corrected else resident,
-                flops=flops["eigendecompositions"],
+                flops=ops.eigendecompositions(),
             ),
         ]
         if self.corrected:
@@ -411,7 +387,7 @@ class KFAC(PrimalMethod):
                     (f"a batch's gradients of {block.name!r}", block_bytes),
                     "data split across processes, eigenvalues summed",
                     held=resident,
-                    flops=flops["correction"],
+                    flops=ops.correction(n),
                 )
             )
         if self._generic_scores(shape.gradient_cache, shape.workdir, bool(layers.others)):
@@ -461,7 +437,7 @@ class KFAC(PrimalMethod):
                 ("preconditioned queries", queries),
                 note + "; repeated on every process",
                 refused,
-                flops=flops["queries"],
+                flops=ops.queries(local, rank if groups is None else None),
             )
         )
         out.append(
@@ -471,7 +447,7 @@ class KFAC(PrimalMethod):
                 queries + scores + WORKING_FACTOR * (block_bytes + hooks),
                 ("[Q, N] scores", scores),
                 "data split across processes, score columns summed",
-                flops=_stage_flops(tracked, followers, shape, groups)["scores"],
+                flops=ops.scores(n, local, groups, rank if groups is None else None),
             )
         )
         return out
