@@ -192,6 +192,48 @@ def test_tied_weights_are_left_out_by_default_and_refused_by_name() -> None:
     torch.testing.assert_close(frozen.scores(test), scores, rtol=1e-10, atol=1e-12)
 
 
+class AttentionLM(torch.nn.Module):
+    """A causal LM on PyTorch's nn.TransformerEncoderLayer, whose nn.MultiheadAttention applies
+    its out_proj's weight itself (F.multi_head_attention_forward), never calling the layer."""
+
+    def __init__(self, vocab: int = 9, width: int = 8) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.block = torch.nn.TransformerEncoderLayer(width, 2, 16, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1]
+        causal = torch.triu(torch.full((t, t), float("-inf"), dtype=torch.float64), 1)
+        return self.head(self.block(self.embed(input_ids), src_mask=causal))
+
+
+def test_a_layer_whose_weight_its_parent_applies_is_left_out_and_refused_by_name() -> None:
+    """Its hooks never run: left out with a notice naming it and its parent, as tied weights
+    are, refused by name; the layers that remain track as they do with it frozen."""
+    from infkit import language_modeling as lm
+
+    torch.manual_seed(0)
+    model = AttentionLM().double().eval()
+    ids = torch.randint(0, 9, (14, 6))
+    train, test = lm.examples(ids[:10]), lm.examples(ids[10:])
+    task = infkit.Task.language_modeling(model)
+    options = {"damping": 1e-2, "fisher": "ggn", "checks": False}
+    with pytest.warns(Notice, match=r"'block\.self_attn\.out_proj' \(with 'block\.self_attn'\)"):
+        left_out = infkit.Influence(task, "ekfac", **options).fit(train)
+    tracked = [t.name for t in left_out.method.kronecker().tracked]
+    assert tracked == ["block.linear1", "block.linear2", "head"]
+    with pytest.raises(UnsupportedError, match=r"'block\.self_attn\.out_proj'.*functionally"):
+        infkit.Influence(task, "ekfac", modules=["block.self_attn.out_proj"], **options)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in tracked:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    frozen = infkit.Influence(task, "ekfac", **options).fit(train)
+    torch.testing.assert_close(left_out.scores(test), frozen.scores(test), rtol=1e-10, atol=1e-12)
+
+
 def test_bad_options_are_refused(mlp_problem: dict) -> None:
     task, train = mlp_problem["task"], mlp_problem["train"]
     # option errors come at construction, before any pass over the data

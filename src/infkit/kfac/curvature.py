@@ -161,7 +161,7 @@ def attributed_parameters(
     shown = ", ".join(others[:6]) + (f" and {len(others) - 6} more" if len(others) > 6 else "")
     tied = tied_layers(model)
     if tied:
-        shown += "; not tracked because their weights are tied: " + ", ".join(
+        shown += "; not tracked because another module uses their weights: " + ", ".join(
             f"{name!r} (with {', '.join(map(repr, users))})" for name, users in tied.items()
         )
     warn(

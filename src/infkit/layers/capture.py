@@ -247,9 +247,11 @@ class Capture:
         """All recorded activations of layer ``name``: [B, T_total, cols] and the mask."""
         recs = self.records.get(name, [])
         if not recs:
-            raise RuntimeError(
-                f"tracked module {name!r} was not called during the forward pass; it has no "
-                "gradient, so freeze it (requires_grad=False) or leave it out with modules=[...]"
+            raise UnsupportedError(
+                f"tracked module {name!r} was not called during the forward pass: either it "
+                "takes no part in the outputs (then it has no gradient: freeze it, "
+                "requires_grad=False), or a parent module applies its weight itself, without "
+                "calling it, so its hooks never run (leave it out of modules=[...])"
             )
         a = recs[0].a if len(recs) == 1 else torch.cat([r.a for r in recs], dim=1)
         if all(r.mask is None for r in recs):

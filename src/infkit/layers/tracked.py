@@ -144,9 +144,11 @@ def find_modules(
             raise UnsupportedError(
                 f"module {name!r} uses the weight {w_name!r}, which module(s) "
                 f"{', '.join(map(repr, tied))} use too (tied weights, as a language model's "
-                "output head and its token embedding): the layer's hooks see only its own use, "
-                "so its Kronecker factors and gradients would be wrong. Leave it out of modules, "
-                "untie the weights, or freeze them (requires_grad=False)"
+                "output head and its token embedding, or a parent that applies it "
+                "functionally, as nn.MultiheadAttention its out_proj): the layer's hooks see "
+                "only its own calls, so its Kronecker factors and gradients would be wrong. "
+                "Leave it out of modules, untie the weights, or freeze them "
+                "(requires_grad=False)"
             )
         bias = getattr(module, "bias", None)
         b_name = None
@@ -190,8 +192,10 @@ def _why_not_tracked(
 
 
 def tied_layers(model: nn.Module) -> dict[str, list[str]]:
-    """Layers of a supported kind whose weight other modules use too (tied weights), each with
-    those modules' names: left out of tracking by default (:func:`find_modules`)."""
+    """Layers of a supported kind whose weight other modules use too, each with those modules'
+    names: tied weights, and the output projection of ``nn.MultiheadAttention``, which its
+    parent applies functionally (the layer's own forward, so its hooks, never run). Left out of
+    tracking by default (:func:`find_modules`)."""
     owners = _owners(model)
     out = {}
     for name, module in model.named_modules():
@@ -200,6 +204,8 @@ def tied_layers(model: nn.Module) -> dict[str, list[str]]:
             tied = [other for other in owners[id(weight)] if other != name]
             if tied:
                 out[name] = tied
+        if isinstance(module, nn.MultiheadAttention):
+            out[f"{name}.out_proj" if name else "out_proj"] = [name or "(the model)"]
     return out
 
 
