@@ -161,6 +161,37 @@ def test_other_dimensions_folded_into_the_batch_count_for_their_example(kind: st
     torch.testing.assert_close(scores[1], scores[0], rtol=1e-10, atol=1e-13 * scale)
 
 
+class SequenceFirstLM(FlatMLPLM):
+    """The MLP reads the positions first: ``[T, B, width]`` (``"first"``), or flattened
+    sequence-major ``[T B, width]`` (``"major"``), rows that a batch-major reading would give
+    to the wrong examples (with T equal to the batch, or always)."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__(flatten=False)
+        self.layout = layout
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        h = self.embed(input_ids)
+        x = h.transpose(0, 1)
+        if self.layout == "major":
+            x = x.reshape(-1, x.shape[-1])
+        x = self.fc2(torch.tanh(self.fc1(x))).reshape(h.shape[1], h.shape[0], -1)
+        return self.head(x.transpose(0, 1) + h)
+
+
+@pytest.mark.parametrize("layout", ["first", "major"])
+def test_rows_in_another_order_than_the_examples_are_refused(layout: str) -> None:
+    torch.manual_seed(0)
+    task = infkit.Task.language_modeling(SequenceFirstLM(layout).double().eval())
+    # T = 3 = the probe's examples: a sequence-first input has a batch-major shape
+    ids = torch.randint(0, VOCAB, (8, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the embedding left out
+        inf = infkit.Influence(task, "ekfac", fisher="ggn", damping=1e-2, modules=["fc1"])
+        with pytest.raises(UnsupportedError, match=r"'fc1' reads its input's rows in another"):
+            inf.fit(lm.examples(ids))
+
+
 def test_a_layer_whose_rows_are_not_the_examples_is_refused(sets: dict) -> None:
     torch.manual_seed(0)
     task = infkit.Task.language_modeling(RoutedLM(flatten=False).double().eval())

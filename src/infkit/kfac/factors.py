@@ -53,7 +53,7 @@ from infkit.errors import (
     warn,
 )
 from infkit.gradients import PerExample, check_finite_rows
-from infkit.layers.capture import Capture
+from infkit.layers.capture import ROW_PROBE_EXAMPLES, Capture, check_rows_follow_examples
 from infkit.layers.tracked import TrackedModule
 from infkit.linalg import gram
 from infkit.memory import human_bytes, release_freed_memory
@@ -388,6 +388,8 @@ class FactorFitter:
         if resume is not None:
             factors = resume
         else:
+            probe = examples.take(torch.arange(min(len(examples), ROW_PROBE_EXAMPLES)))
+            check_rows_follow_examples(self.engine, self.tracked, probe, self.mask_key)
             factors, cache = self._covariances(examples, mode, keep=corrected)
             if corrected and on_stage is not None:
                 on_stage(factors)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from infkit.data import Batch, leaves
+from infkit.data import Batch, leaves, map_tensors
 from infkit.errors import UnsupportedError
 from infkit.gradients import PerExample, batching_rule_notice, check_finite_rows
 from infkit.layers.tracked import TrackedModule
@@ -349,6 +349,55 @@ def layer_terms(
         )
         Ds = cap.loss_gradients(out, values)
         return {t.name: (cap.activations(t.name)[0], Ds[t.name][0].detach()) for t in tracked}
+
+
+#: :func:`check_rows_follow_examples` takes this many examples (at most) for its two passes
+ROW_PROBE_EXAMPLES = 3
+
+
+def check_rows_follow_examples(
+    engine: PerExample,
+    tracked: list[TrackedModule],
+    batch: Batch,
+    mask_key: str | None = "attention_mask",
+) -> None:
+    """Refuse a tracked layer whose input rows do not follow the examples, batch-major.
+
+    Two forward passes of ``batch`` (a few examples), the second with the examples in reverse
+    order: each layer's activations, read per example as the hooks read them
+    (:meth:`Capture._examples`), must come back reversed by example. A sequence-first layout
+    ``[T, B, d]`` whose length T equals the batch, or positions flattened sequence-major
+    ``[T B, d]``, have the row counts of a batch-major input and would otherwise give every
+    example other examples' rows.
+
+    Raises:
+        UnsupportedError: naming the layer and what to do.
+    """
+    if len(batch.indices) < 2:
+        return
+    task = engine.task
+    inputs, _ = engine.prepare(batch)
+    seen = []
+    for given in (inputs, map_tensors(inputs, lambda x: x.flip(0))):
+        with Capture(tracked, mask_key) as cap, evaluation_mode(task.model), torch.no_grad():
+            cap.forward(task, given)
+            seen.append({t.name: [r.a for r in cap.records.get(t.name, [])] for t in tracked})
+    for t in tracked:
+        for a, reversed_a in zip(seen[0][t.name], seen[1][t.name], strict=False):
+            if not a.is_floating_point() or a.shape != reversed_a.shape:
+                continue
+            scale = float(a.abs().max())
+            tolerance = max(1e-4, 16 * torch.finfo(a.dtype).eps) * scale
+            if float((a.flip(0) - reversed_a).abs().max()) > tolerance:
+                raise UnsupportedError(
+                    f"tracked layer {t.name!r} reads its input's rows in another order than "
+                    "the examples': with the batch's examples reversed, its rows did not come "
+                    "back reversed by example. Its input is not [B, ...] nor [B k, ...] "
+                    "batch-major (a sequence-first [T, B, d] layout, or positions flattened "
+                    "sequence-major), so its rows cannot be assigned to examples. Leave it out "
+                    "of the attribution: modules=[...] without it, or requires_grad=False on "
+                    "its parameters"
+                )
 
 
 @dataclass
