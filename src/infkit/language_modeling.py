@@ -201,6 +201,7 @@ def check_padding(
     inputs: Any,
     outputs: Tensor,
     precision: torch.dtype | None = None,
+    computed_positions: bool = False,
 ) -> str | None:
     """Why the padding of a left-padded sequence changes the logits of its tokens, from the
     sequence's model inputs and outputs [1, T, V] (``call`` runs the model as they were
@@ -211,7 +212,10 @@ def check_padding(
     the same tokens padded on the right instead measure (a third run: the logits move when they
     differ by :data:`NOISE_MARGIN` times that, and by more than rounding in the outputs' dtype
     or ``precision``, the model's own: a bfloat16 model whose logits are cast to float32 rounds
-    its positions' rotations as a bfloat16 one does). One that counts positions
+    its positions' rotations as a bfloat16 one does). With ``computed_positions`` (a model
+    without a learned position table: rotary positions, whose shift changes nothing in exact
+    arithmetic), the unpadded sequence run at the padded one's positions measures the rounding
+    of the shift too (a fourth run). One that counts positions
     from the first padding token (absolute position embeddings, GPT-2, unless the inputs carry
     ``position_ids``), or that reads the padding, does not: every loss and score of the
     sequence then depends on how much padding it has. Inputs with keys other than
@@ -248,11 +252,20 @@ def check_padding(
         return None
     padded = outputs[0, real].detach().to(torch.float64)
     unpadded = again[0].to(torch.float64)
-    on_the_right = shifted[0, : len(real)].to(torch.float64)
-    if not all(bool(x.isfinite().all()) for x in (padded, unpadded, on_the_right)):
+    references = [shifted[0, : len(real)].to(torch.float64)]
+    if computed_positions:  # the padded sequence's positions, without its padding
+        moved_on = {**alone, "position_ids": real.unsqueeze(0)}
+        if "position_ids" in inputs:
+            moved_on["position_ids"] = inputs["position_ids"][:, real]
+        try:
+            with torch.no_grad():
+                references.append(call(moved_on).detach()[0].to(torch.float64))
+        except (TypeError, RuntimeError, ValueError):  # a model that takes no position_ids
+            pass
+    if not all(bool(x.isfinite().all()) for x in (padded, unpadded, *references)):
         return None  # the outputs' own check names non-finite logits
     moved = float((padded - unpadded).abs().max())
-    noise = float((on_the_right - unpadded).abs().max())
+    noise = max(float((r - unpadded).abs().max()) for r in references if r.shape == unpadded.shape)
     scale = float(unpadded.abs().max())
     dtypes = [d for d in (outputs.dtype, precision) if d is not None and d.is_floating_point]
     rounding = max((8 * torch.finfo(d).eps for d in dtypes), default=0.0)
@@ -288,11 +301,13 @@ def check_model(
     (:func:`check_causal`, :func:`check_padding` at ``model``'s precision), from one sequence,
     or None."""
     precision = None if model is None else coarsest_dtype(model)
+    # one embedding table, the tokens': positions are computed (rotary), not looked up
+    computed = model is not None and sum(isinstance(m, nn.Embedding) for m in model.modules()) <= 1
     problems = [
         problem
         for problem in (
             check_causal(call, inputs, outputs, vocabulary),
-            check_padding(call, inputs, outputs, precision),
+            check_padding(call, inputs, outputs, precision, computed),
         )
         if problem is not None
     ]
