@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from infkit.data import LABEL_KEYS, Batch, ExampleSet, check_compatible, leaves
 from infkit.errors import InvalidInputError, UnsupportedError, warn
 from infkit.fingerprint import tensor_digest
-from infkit.gradients import PerExample, Which
+from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, Which
 from infkit.memory import human_bytes
 from infkit.parameters import ParameterSpace, evaluation_mode, product_dtype
 from infkit.progress import Mode, track
@@ -438,11 +438,19 @@ def _outside_digests(model: nn.Module, space: ParameterSpace) -> dict[str, str]:
     return {name: tensor_digest(t) for name, t in tensors.items()}
 
 
-def gradient_cache_fits(n: int, p: int, dtype: torch.dtype, memory_limit: int) -> bool:
+def gradient_cache_fits(
+    n: int, p: int, dtype: torch.dtype, memory_limit: int, batch_size: int = 1
+) -> bool:
     """Whether fit keeps the [N, P] training gradients of a model in ``dtype`` in memory: up
-    to :data:`GRADIENT_CACHE_BYTES` and a quarter of ``memory_limit``."""
-    itemsize = product_dtype(dtype).itemsize
-    return n * p * itemsize <= min(GRADIENT_CACHE_BYTES, memory_limit // 4)
+    to :data:`GRADIENT_CACHE_BYTES` and a quarter of ``memory_limit``, and with the pass that
+    fills it (a batch's per-example gradients and their working memory,
+    :data:`~infkit.gradients.GRADIENT_WORK_FACTOR` x [``batch_size``, P]) within half of it: a
+    larger limit never makes a run cache what a smaller one would not."""
+    cache = n * p * product_dtype(dtype).itemsize
+    work = GRADIENT_WORK_FACTOR * batch_size * p * torch.empty(0, dtype=dtype).element_size()
+    return cache <= min(GRADIENT_CACHE_BYTES, memory_limit // 4) and (
+        cache + work <= memory_limit // 2
+    )
 
 
 def training_gradients(
@@ -455,7 +463,7 @@ def training_gradients(
     """
     n, p = len(train), engine.space.size
     dtype = product_dtype(engine.space.dtype)
-    if not gradient_cache_fits(n, p, engine.space.dtype, memory_limit):
+    if not gradient_cache_fits(n, p, engine.space.dtype, memory_limit, batch_size):
         return None, None
     out = torch.empty(n, p, dtype=dtype, device=engine.device)
     total_gradient = torch.zeros(p, dtype=torch.float64, device=engine.device)

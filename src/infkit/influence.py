@@ -966,7 +966,7 @@ class Influence:
             t.numel() * t.element_size() for t in model.buffers()
         )
         cached = type(method).uses_training_gradients and gradient_cache_fits(
-            n, space.size, space.dtype, self.memory_limit
+            n, space.size, space.dtype, self.memory_limit, self.batch_size
         )
         sample = _sample_inputs(self.task, space, examples)
         shape = RunShape(

@@ -746,7 +746,9 @@ class SavedInfluence:
         device = space.device
         # the [N, P] gradient cache is read when it fits this memory_limit (as fit decides);
         # otherwise it stays on disk and the gradients are computed again batch by batch
-        fits = gradient_cache_fits(len(examples), space.size, space.dtype, memory_limit)
+        fits = gradient_cache_fits(
+            len(examples), space.size, space.dtype, memory_limit, int(ident["batch_size"])
+        )
         document = dict(self.document("fitted"))
         skip: set[str] = set()
         cache = document.get("train_gradients")
