@@ -24,6 +24,7 @@ from lm_helpers import LENGTH, VOCAB, TinyLM
 import infkit
 from infkit import language_modeling as lm
 from infkit.errors import ArtifactError, InvalidInputError, Notice, UnsupportedError
+from infkit.gradients import GRADIENT_WORK_FACTOR
 from infkit.methods import PrimalMethod, method_class, registered
 from infkit.saved import KIND
 
@@ -271,7 +272,7 @@ def test_a_smaller_memory_limit_at_load_drops_the_gradient_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A save holds the [N, P] gradient cache its fit kept; loaded under a memory_limit that the
-    cache does not fit (a quarter of the limit, as fit decides), the cache is not read and the
+    cache does not fit (as fit decides), the cache is not read and the
     gradients are computed again batch by batch: the same scores (another summation path: to
     float64 rounding)."""
     from safetensors import safe_open
@@ -288,7 +289,11 @@ def test_a_smaller_memory_limit_at_load_drops_the_gradient_cache(
     assert cache is not None
     original.save(tmp_path)
     twin = infkit.Task.language_modeling(copy.deepcopy(model))
-    small = 4 * cache.numel() * cache.element_size() - 8  # the cache is just too large
+    # the smallest limit that keeps the cache: a quarter of it holds the cache, half of it the
+    # cache and the pass that fills it (a batch's per-example gradients, GRADIENT_WORK_FACTOR x)
+    size = cache.numel() * cache.element_size()
+    work = GRADIENT_WORK_FACTOR * original.batch_size * cache.shape[1] * cache.element_size()
+    small = max(4 * size, 2 * (size + work)) - 8  # the cache is just too large
     read: list[str] = []
 
     class Spy:  # safe_open, recording the tensors read
