@@ -183,6 +183,8 @@ def test_bad_hyperparameters_and_task(linear_data) -> None:
         infkit.Influence(task, progress="off")  # type: ignore[arg-type]
     with pytest.raises(UnsupportedError, match="unknown measurement"):
         infkit.Task.classification(model, measurement="accuracy")
+    with pytest.raises(InvalidInputError, match=r"memory_limit must be an int .*got 2621440\.0"):
+        infkit.Influence(task, memory_limit=2.5 * 2**20)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("method", ["ekfac", "exact"])

@@ -199,8 +199,8 @@ class Influence:
             not isinstance(memory_limit, int) or isinstance(memory_limit, bool) or memory_limit < 1
         ):
             raise InvalidInputError(
-                f"memory_limit must be a number of bytes >= 1 (or None for half the machine's "
-                f"memory), got {memory_limit!r}"
+                f"memory_limit must be an int number of bytes >= 1 (or None for half the "
+                f"machine's memory), got {memory_limit!r}: e.g. int(2.5 * 2**30) for 2.5 GiB"
             )
         self.memory_limit = memory_limit or default_memory_limit()
         self.method_options = dict(method_options)
