@@ -359,7 +359,7 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
     probe: int | None = None  # the example check_model looks at (None: the first)
     if task.check_inputs is not None or task.probe_example is not None:
         for batch in examples.batches(4096):  # all of them, before the model sees any
-            found = task.input_problem(batch.inputs) if task.check_inputs is not None else None
+            found = task.input_problem(batch.inputs)
             if found is not None:
                 k, message = found
                 raise InvalidInputError(
@@ -398,14 +398,15 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
         if problem is not None:
             raise InvalidInputError(f"{examples.name}: {problem}")
     if task.check_model is not None:
-        probed = first if probe is None else examples.take([probe])
+        probe = probe or 0
+        probed = first if probe == 0 else examples.take([probe])
         problem = task.check_model(
             partial(_call_at_theta, engine),
             engine.prepare(probed)[0],
-            outputs if probe is None else engine.outputs(probed),
+            outputs if probe == 0 else engine.outputs(probed),  # the first's: computed above
         )
         if problem is not None:
-            warn(f"{examples.name} example {probe or 0}: {problem}", UserWarning)
+            warn(f"{examples.name} example {probe}: {problem}", UserWarning)
     if task.check_targets is not None or task.check_pairs is not None:
         output_shape = tuple(outputs.shape[1:])
         for batch in examples.batches(4096):
@@ -447,7 +448,7 @@ def gradient_cache_fits(
     :data:`~infkit.gradients.GRADIENT_WORK_FACTOR` x [``batch_size``, P]) within half of it: a
     larger limit never makes a run cache what a smaller one would not."""
     cache = n * p * product_dtype(dtype).itemsize
-    work = GRADIENT_WORK_FACTOR * batch_size * p * torch.empty(0, dtype=dtype).element_size()
+    work = GRADIENT_WORK_FACTOR * batch_size * p * dtype.itemsize
     return cache <= min(GRADIENT_CACHE_BYTES, memory_limit // 4) and (
         cache + work <= memory_limit // 2
     )

@@ -79,8 +79,7 @@ class RunShape:
     @property
     def batches(self) -> int:
         """Batches of training data per process per pass."""
-        per_rank = -(-self.n_train // self.world_size)
-        return -(-per_rank // self.batch_size)
+        return -(-self.examples_per_process // self.batch_size)
 
     @property
     def query_batches(self) -> int:

@@ -81,12 +81,9 @@ def _name_non_finite_outputs(
     """Raise NonFiniteError naming the first example whose model outputs are not finite (with
     a hint when it is padded): outputs that the loss skips (a padding position's logits) still
     spread NaN into the gradient, as 0 x NaN."""
-    idx = torch.arange(len(examples)) if indices is None else indices
     with torch.no_grad():
-        for batch in examples.batches(chunk, idx):
-            inputs, _ = engine.prepare(batch)
-            outputs = engine.task.call_model(engine.task.model, inputs)
-            check_finite_rows(outputs, batch, "model output")
+        for batch in examples.batches(chunk, indices):
+            check_finite_rows(engine.outputs(batch), batch, "model output")
 
 
 def train_to_optimum(

@@ -181,6 +181,12 @@ class KroneckerFactors:
 
 
 # ---------------------------------------------------------------------------------- sampling
+def auto_fisher(outputs: int, max_exact_outputs: int) -> Literal["ggn", "sampled"]:
+    """What ``fisher="auto"`` takes for ``outputs`` per example: the exact GGN up to
+    ``max_exact_outputs`` (its cost grows with their square), else the sampled Fisher."""
+    return "ggn" if outputs <= max_exact_outputs else "sampled"
+
+
 def default_sampler(task_name: str) -> SampleFn | None:
     """Labels drawn from the model's predictive distribution, for the ready-made tasks."""
     if task_name == "classification":
@@ -293,7 +299,7 @@ class FactorFitter:
                     UserWarning,
                 )
         else:
-            mode = "ggn" if c <= self.max_exact_outputs else "sampled"
+            mode = auto_fisher(c, self.max_exact_outputs)
             if mode == "sampled" and self.sampler is None:
                 raise UnsupportedError(
                     f"the model has {c} outputs per example, more than max_exact_outputs="

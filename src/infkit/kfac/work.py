@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from infkit.kfac.streaming import Group, kept_at_rank
 from infkit.layers.tracked import TrackedModule
 
@@ -30,6 +32,15 @@ from infkit.layers.tracked import TrackedModule
 #: about this many d^3 operations of float32 matrix products (17-26, d from 256 to 2048, on
 #: one CPU core; not measured on a GPU)
 EIGH_PRODUCT_FLOPS = 20.0
+
+
+def backward_flops(model: nn.Module, tokens: int) -> float:
+    """Operations of one backward pass of one example of ``tokens`` positions through
+    ``model``'s matrices (every parameter of two or more dimensions but an embedding's: the
+    gradients of their inputs, 2 per weight and position)."""
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    weights = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in lookups)
+    return 2.0 * weights * tokens
 
 
 def rotation_flops(t: TrackedModule, tokens: int) -> float:

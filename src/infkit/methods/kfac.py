@@ -39,6 +39,7 @@ from infkit.kfac.curvature import (
     attributed_parameters,
     kronecker_layers,
 )
+from infkit.kfac.factors import auto_fisher
 from infkit.kfac.streaming import (
     WORKING_FACTOR,
     LayerQueries,
@@ -49,7 +50,7 @@ from infkit.kfac.streaming import (
     query_budget,
     truncated_svd,
 )
-from infkit.kfac.work import KroneckerWork
+from infkit.kfac.work import KroneckerWork, backward_flops
 from infkit.layers.capture import input_layout
 from infkit.layers.tracked import TrackedLayers, TrackedModule, find_modules
 from infkit.memory import FLOAT64_BYTES, human_bytes
@@ -68,16 +69,6 @@ from infkit.store import ArtifactStore
 from infkit.task import Task
 
 logger = logging.getLogger("infkit")
-
-
-def _backward_flops(task: Task, tokens: int) -> float:
-    """Operations of one backward pass of one example of ``tokens`` positions through the
-    model's matrices (every parameter of two or more dimensions but an embedding's: the
-    gradients of their inputs, 2 per weight and position)."""
-    model = task.model
-    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    weights = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in lookups)
-    return 2.0 * weights * tokens
 
 
 @register
@@ -350,10 +341,10 @@ class KFAC(PrimalMethod):
         options, n = self.options, shape.examples_per_process
         fisher = options.fisher
         if fisher == "auto":
-            fisher = "ggn" if shape.outputs <= options.max_exact_outputs else "sampled"
+            fisher = auto_fisher(shape.outputs, options.max_exact_outputs)
         vectors = {"ggn": shape.outputs, "sampled": options.samples}.get(fisher, 1)
         ops = KroneckerWork(
-            tracked, frozenset(followers), positions, vectors, _backward_flops(task, t)
+            tracked, frozenset(followers), positions, vectors, backward_flops(task.model, t)
         )
         lam = shape.parameters * work if self.corrected else 0
         eigenvalues = sum(cols[x.name] + x.d_out for x in tracked) * work
