@@ -63,6 +63,25 @@ def test_astra_neumann_series_converges(wine_logreg: dict) -> None:
     assert diverging.describe()["residuals"][-1] > 1e-3
 
 
+def test_a_short_solve_warns_once_per_right_hand_side(wine_logreg: dict) -> None:
+    """Solving the same queries again (module or token scores after the scores) does not
+    repeat the warning that the solve stopped short; other queries get their own."""
+    import warnings
+
+    task, train, l2 = wine_logreg["task"], wine_logreg["train"], wine_logreg["l2"]
+    short = infkit.Influence(task, "astra", l2=l2, solver="neumann", tol=1e-12, maxiter=1)
+    short.fit(train)
+    V = torch.randn(3, short.n_params, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")  # every warning given is seen, not once per place
+        short.method.solve(V)
+        short.method.solve(V.clone())
+        short.method.solve(2 * V)
+    said = [str(w.message) for w in record if "ASTRA stopped after" in str(w.message)]
+    assert len(said) == 2 and "raise maxiter" in said[0]
+    assert len(short.describe()["residuals"]) >= 3  # every solve is still reported
+
+
 def test_astra_newton_step_with_the_ggn_and_the_hessian(mlp_problem: dict) -> None:
     task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
     group = [1, 5, 9, 30]

@@ -136,6 +136,23 @@ def test_token_id_beyond_the_vocabulary_in_a_later_unscored_position(lm_problem:
         )
 
 
+def test_a_subset_names_its_examples_as_the_user_numbers_them(lm_problem: dict) -> None:
+    """Messages about an example of a subset (the report's chosen queries, a group of them)
+    give its number in the set the user gave, not its place in the subset."""
+    ids = lm_problem["ids"].clone()
+    ids[4, 0] = VOCAB
+    queries = ExampleSet(lm.examples(ids, lm_problem["mask"]), name="test set")
+    with pytest.raises(InvalidInputError, match=rf"test set example 4: token id {VOCAB} at"):
+        lm_problem["inf"].scores(queries.subset([2, 4]))
+    nested = queries.subset([5, 3, 4]).subset([2, 0])  # a subset of a subset: example 4 again
+    assert [nested.number(i) for i in range(2)] == [4, 5]
+    assert nested.take([0]).number(0) == 4
+    features = torch.zeros(8, 3)
+    features[6, 1] = float("nan")
+    with pytest.raises(InvalidInputError, match=r"data example 6 contains NaN"):
+        ExampleSet((features, torch.zeros(8))).subset([1, 6]).check_finite()
+
+
 def test_negative_padding_id_in_a_query(lm_problem: dict) -> None:
     ids = lm_problem["ids"][:3].clone()
     mask = torch.ones_like(ids)

@@ -475,6 +475,119 @@ class _Page(HTMLParser):
             self.headings[-1] += data
 
 
+PADDED_PROJECT = textwrap.dedent(
+    """
+    import torch
+    import infkit
+    from infkit import language_modeling as lm
+
+    WORDS = ["<pad>", "a", "b", "c", "d", "e", "f", "g"]
+    LENGTH = 8
+
+    def _left_padded(ids, pads):
+        mask = torch.ones_like(ids)
+        for i, p in enumerate(pads):
+            ids[i, :p] = 0
+            mask[i, :p] = 0
+        return lm.examples(ids, mask)
+
+    def splits():
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1, len(WORDS), (40, LENGTH), generator=g)
+        train = _left_padded(ids[:32], [i % 3 for i in range(32)])
+        # test examples 0-3 unpadded, 4-7 left-padded by 1-4 tokens
+        test = _left_padded(ids[32:], [0, 0, 0, 0, 1, 2, 3, 4])
+        return train, test
+
+    def decode(ids):
+        return [WORDS[i] for i in ids]
+
+    class LearnedPositions(torch.nn.Module):
+        # positions counted from column 0: left padding moves every real token's position
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(len(WORDS), 8)
+            self.position = torch.nn.Embedding(LENGTH, 8)
+            self.out = torch.nn.Linear(8, len(WORDS))
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.embed(input_ids) + self.position(torch.arange(input_ids.shape[1]))
+            return self.out(torch.tanh(h))
+
+    def model():
+        torch.manual_seed(0)
+        return LearnedPositions().double()
+    """
+)
+
+
+def test_a_left_padded_run_reports_its_warnings_and_shows_the_real_tokens(
+    tmp_path: Path,
+) -> None:
+    """The padding probe's warning (padding moves this model's logits) reaches the page, naming
+    the user's test example (7, the first padded one of the report's queries [7, 6]), not its
+    place among the queries; left-padded texts show their real tokens, and the per-token
+    scores of the shown tokens sum to the listed scores (only the padding is left out)."""
+    (tmp_path / "padded_project.py").write_text(PADDED_PROJECT)
+    (tmp_path / "infkit.toml").write_text(
+        textwrap.dedent(
+            """
+            [model]
+            factory = "padded_project:model"
+            [data]
+            factory = "padded_project:splits"
+            decode = "padded_project:decode"
+            [task]
+            kind = "language_modeling"
+            [influence]
+            method = "kfac"
+            damping = 1e-3
+            [report]
+            queries = [7, 6]
+            top_k = 3
+            """
+        )
+    )
+    with pytest.warns(UserWarning, match="padding") as caught:
+        assert cli.main(["run", str(tmp_path / "infkit.toml"), "--quiet"]) == 0
+    workdir = tmp_path / "runs" / "infkit"
+    data, _ = load_results(workdir)
+    said = [w["message"] for w in data["warnings"]]
+    console = {str(w.message) for w in caught}
+    assert set(said) <= console and len(said) == len(set(said))
+    padded = [m for m in said if "padding" in m]
+    assert any(m.startswith("test set example 7:") for m in padded), padded
+    # the token scores' query, a subset of the subset, is named as the user numbers it too
+    assert any(m.startswith("test set example 6:") for m in padded), padded
+    assert any(m.startswith("training set example 1:") for m in padded), padded
+    assert not any("deprecated" in m for m in said)  # warnings about code are left out
+    assert not any(m.startswith("test set example 0:") for m in said), said
+    query = data["queries"][0]
+    assert query["index"] == 7
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        project = importlib.import_module("padded_project")
+        _, (test_inputs, _) = project.splits()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("padded_project", None)
+    real = test_inputs["input_ids"][7, 4:].tolist()
+    assert query["view"]["tokens"] == project.decode(real)
+    assert query["view"]["positions"] == [4, 5, 6, 7]
+    for item in query["lists"]["if"]["proponent"] + query["lists"]["if"]["opponent"]:
+        view = item["view"]
+        assert "<pad>" not in view["tokens"]
+        assert len(view["token_scores"]) == len(view["tokens"]) == len(view["positions"])
+        assert sum(view["token_scores"]) == pytest.approx(item["score"], rel=1e-9)
+    page = (workdir / "report.html").read_text()
+    assert 'class="alert"' in page and "during the run" in page
+    assert page.count('class="warning"') >= len(padded)
+    assert "test set example 7:" in page
+
+
 def test_report_renders_in_headless_chromium(finished: Path) -> None:
     """The page read as HTML (always): every section heading, every image a PNG data URI that
     decodes, no reference outside the file. Then opened in Chromium (when it and playwright

@@ -28,16 +28,23 @@ class Batch:
     """A batch of examples: ``inputs`` (a tensor or a dict of tensors) and ``targets``.
 
     ``indices`` are the examples' positions in their set, and ``source`` is the set's name
-    (``"training set"``, ``"test set"``), for messages that name an example.
+    (``"training set"``, ``"test set"``), for messages that name an example; ``numbers`` are
+    the examples' numbers in the set the user gave when their set is a subset of it
+    (:meth:`ExampleSet.subset`; None: the positions).
     """
 
     indices: Tensor
     inputs: Any
     targets: Any
     source: str = "data"
+    numbers: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def number(self, k: int) -> int:
+        """The number by which messages name the batch's ``k``-th example."""
+        return int((self.indices if self.numbers is None else self.numbers)[k])
 
 
 def _map_tensors(obj: Any, fn) -> Any:
@@ -100,12 +107,16 @@ class ExampleSet:
 
     def __init__(self, data: Any, *, name: str = "data") -> None:
         self.name = name
+        #: each example's number in the set it was taken from (:meth:`subset`), by which
+        #: messages name it; None: its position here
+        self.numbers: Tensor | None = None
         self._tensors: tuple[Any, Any] | None = None
         self._dataset: Any = None
         if isinstance(data, DataLoader):
             data = data.dataset  # its examples, in order (its batching and shuffling do not apply)
         if isinstance(data, ExampleSet):
             self._tensors, self._dataset, self.name = data._tensors, data._dataset, data.name
+            self.numbers = data.numbers
         elif _is_pair(data):
             x, y = (_as_tensors(part) for part in data)
             self._tensors = (x, y)
@@ -168,13 +179,22 @@ class ExampleSet:
                 _map_tensors(x, lambda t: t[idx]),
                 _map_tensors(y, lambda t: t[idx]),
                 self.name,
+                self._numbers_of(idx),
             )
         pairs = [self._item_pair(self._dataset[int(i)]) for i in idx]
         inputs = self._collate([p[0] for p in pairs], idx, "inputs")
         targets = (
             None if pairs[0][1] is None else self._collate([p[1] for p in pairs], idx, "labels")
         )
-        return Batch(idx, inputs, targets, self.name)
+        return Batch(idx, inputs, targets, self.name, self._numbers_of(idx))
+
+    def _numbers_of(self, idx: Tensor) -> Tensor | None:
+        return None if self.numbers is None else self.numbers[idx]
+
+    def number(self, i: int) -> int:
+        """The number by which messages name example ``i``: its number in the set it was taken
+        from (:meth:`subset`), else ``i``."""
+        return i if self.numbers is None else int(self.numbers[i])
 
     def _collate(self, values: list[Any], idx: Tensor, what: str) -> Any:
         """``default_collate`` of items' inputs or labels; items whose dicts have other keys
@@ -185,7 +205,8 @@ class ExampleSet:
             other = next((k for k in range(1, len(values)) if keys[k] != keys[0]), None)
             if other is not None:
                 raise InvalidInputError(
-                    f"{self.name} examples {int(idx[0])} and {int(idx[other])} have {what} with "
+                    f"{self.name} examples {self.number(int(idx[0]))} and "
+                    f"{self.number(int(idx[other]))} have {what} with "
                     f"other keys ({', '.join(keys[0])} against {', '.join(keys[other])}): every "
                     "example of a set needs the same keys (give each an attention_mask, all "
                     "ones where nothing is padded)"
@@ -199,7 +220,8 @@ class ExampleSet:
                 raise
             k = differs[0]
             raise InvalidInputError(
-                f"{self.name} examples {int(idx[0])} and {int(idx[k])} have {what} of different "
+                f"{self.name} examples {self.number(int(idx[0]))} and {self.number(int(idx[k]))} "
+                f"have {what} of different "
                 f"shapes ({', '.join(map(str, shapes[0]))} and {', '.join(map(str, shapes[k]))}):"
                 " examples are batched together, so their tensors need one shape. Pad sequences "
                 "to one length and mark the padding with attention_mask = 0 (for token ids, "
@@ -242,13 +264,15 @@ class ExampleSet:
             yield self.take(idx[start : start + batch_size])
 
     def subset(self, indices: Tensor | Sequence[int]) -> ExampleSet:
-        """A new ExampleSet of the examples at ``indices`` (positions are renumbered from 0)."""
+        """A new ExampleSet of the examples at ``indices``: positions are renumbered from 0, and
+        messages name each example by its number here (:attr:`numbers`)."""
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         if self._tensors is not None:
             b = self.take(idx)
             out = ExampleSet((b.inputs, b.targets), name=self.name)
         else:
             out = ExampleSet(torch.utils.data.Subset(self._dataset, idx.tolist()), name=self.name)
+        out.numbers = idx if self.numbers is None else self.numbers[idx]
         if getattr(self, "_checked", False):  # the examples were checked once (check_examples)
             out._checked = True  # type: ignore[attr-defined]
         return out
@@ -265,7 +289,7 @@ class ExampleSet:
                 if t.is_floating_point() or t.is_complex():
                     bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
                     if bad.any():
-                        i = int(b.indices[bad.nonzero()[0, 0]])
+                        i = b.number(int(bad.nonzero()[0, 0]))
                         kind = "NaN" if torch.isnan(t[bad][0]).any() else "Inf"
                         raise NonFiniteError(
                             f"{self.name} example {i} contains {kind} in its inputs or targets; "

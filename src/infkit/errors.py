@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 
 class InfkitError(Exception):
@@ -72,3 +75,30 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+#: warning categories about code rather than results, which :func:`shown_warnings` leaves out
+ABOUT_CODE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+@contextmanager
+def shown_warnings() -> Iterator[list[dict[str, str]]]:
+    """Record the warnings shown during the block, each once, while still showing them.
+
+    Yields a list that fills with ``{"category": ..., "message": ...}`` as warnings are shown:
+    what the warning filters let through (a warning the user filters out is not recorded), so
+    that a report can say what the console said about the results; warnings about code
+    (:data:`ABOUT_CODE`: a library's deprecations) are shown but not recorded.
+    """
+    shown: list[dict[str, str]] = []
+    with warnings.catch_warnings():  # restores showwarning on exit
+        original = warnings.showwarning
+
+        def record(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+            entry = {"category": category.__name__, "message": str(message)}
+            if not issubclass(category, ABOUT_CODE) and entry not in shown:
+                shown.append(entry)
+            original(message, category, *rest, **kw)
+
+        warnings.showwarning = record
+        yield shown

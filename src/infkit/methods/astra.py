@@ -32,6 +32,7 @@ from torch import Tensor
 
 from infkit.curvature import Curvature, CurvatureOperator, product_work_bytes
 from infkit.errors import NotFittedError, warn
+from infkit.fingerprint import tensor_digest
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import (
     KRONECKER_FIELDS,
@@ -126,6 +127,9 @@ class ASTRA(PrimalMethod):
         #: the largest relative residual ||v - (H + ridge) x|| / ||v|| of each solve (NaN when
         #: maxiter=0 skips the iteration; not saved: a loaded influence starts a new record)
         self.residuals: list[float] = []
+        #: right-hand sides (digest, shift, ridge) whose short solve was warned about: the
+        #: same queries solved again (module or token scores after the scores) warn once
+        self._warned: set[tuple[str, float, float]] = set()
 
     def check(self, task: Task, space: ParameterSpace) -> None:
         kronecker_layers(task.model, space, self.options.preconditioner(), self.name)
@@ -235,7 +239,7 @@ class ASTRA(PrimalMethod):
                 iterations += 1
         self.iterations.append(iterations + 1)
         self.residuals.append(float(residual.max()))
-        if bool((residual > tol).any()) and not diverged:
+        if bool((residual > tol).any()) and not diverged and self._first_warning(V, shift, ridge):
             limit = self.options.maxiter
             remedy = (
                 "raise maxiter or add damping"
@@ -251,6 +255,13 @@ class ASTRA(PrimalMethod):
                 UserWarning,
             )
         return x
+
+    def _first_warning(self, V: Tensor, shift: float, ridge: float) -> bool:
+        """Whether a short solve of ``V`` is not yet warned about (and now is)."""
+        key = (tensor_digest(V), shift, ridge)
+        first = key not in self._warned
+        self._warned.add(key)
+        return first
 
     def _step(
         self, apply: Callable[[Tensor], Tensor], ridge: float, shift: float, V: Tensor

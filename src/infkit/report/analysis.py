@@ -38,6 +38,7 @@ from infkit.errors import (
     NotConvergedWarning,
     Notice,
     UnsupportedError,
+    shown_warnings,
     warn,
 )
 from infkit.fingerprint import data_fingerprint, model_fingerprint
@@ -287,6 +288,14 @@ def run(config: RunConfig, out: str | Path | None = None, progress: bool | None 
     Returns:
         the path of ``report.html``.
     """
+    with shown_warnings() as shown:
+        return _run(config, out, progress, shown)
+
+
+def _run(
+    config: RunConfig, out: str | Path | None, progress: bool | None, shown: list[dict[str, str]]
+) -> Path:
+    """:func:`run`, with ``shown`` the warnings shown so far (the page lists them)."""
     from infkit.report.html import write_report
 
     watch = Stopwatch()
@@ -399,6 +408,7 @@ def run(config: RunConfig, out: str | Path | None = None, progress: bool | None 
 
     data["summary"] = _summary(inf, model, train, test, origin, workdir)
     data["summary"]["seconds"] = watch.seconds
+    data["warnings"] = shown
     _write_tables(workdir, data)
     store = ArtifactStore(workdir)
     identity = {
@@ -572,8 +582,9 @@ def _add_token_scores(inf: Influence, query: ExampleSet, lists: dict[str, Any]) 
     rows = lists["proponent"] + lists["opponent"]
     split = inf.token_scores(query, [r["index"] for r in rows])
     for r, tokens in zip(rows, split.tokens[0]):
-        n = len(r["view"].get("tokens", []))
-        r["view"]["token_scores"] = tokens[:n].tolist()
+        # the positions the view shows (padding left out, wherever it is; none for a text
+        # given by [data] display)
+        r["view"]["token_scores"] = tokens[r["view"].get("positions", [])].tolist()
 
 
 def _groups(

@@ -42,6 +42,8 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:
 header{background:#1f3a5f;color:#fff;padding:14px 24px}
 header h1{margin:0;font-size:22px}
 header p{margin:4px 0 0;opacity:.85}
+header .alert{opacity:1;font-weight:600}
+header .alert a{color:#ffd166}
 nav{background:#fff;border-bottom:1px solid #ddd;padding:8px 24px;position:sticky;top:0}
 nav a{margin-right:14px;color:#1f3a5f;text-decoration:none}
 main{padding:8px 24px 40px;max-width:1400px}
@@ -54,6 +56,7 @@ th{background:#f4f6f8}
 .num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
 .note{color:#666;font-style:italic}
 .warning{background:#fdecea;border-left:4px solid #d62728;padding:6px 10px}
+.notice{background:#eef3f9;border-left:4px solid #1f3a5f;padding:6px 10px}
 .query{border-top:2px solid #1f3a5f;padding-top:8px;margin-top:14px}
 .query-head{display:flex;gap:16px;align-items:flex-start}
 .sides{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:18px}
@@ -228,9 +231,30 @@ def table(rows: list[tuple[str, Any]]) -> str:
     return f"<table>{body}</table>"
 
 
+def warnings_list(shown: list[dict[str, str]]) -> str:
+    """What the run warned about, as its console showed it: warnings first, then the notices
+    (what infkit decided for you)."""
+    if not shown:
+        return ""
+    notices = [w for w in shown if w["category"] == "Notice"]
+    warned = [w for w in shown if w["category"] != "Notice"]
+    out = ""
+    if warned:
+        out += f"<h3>Warnings ({len(warned)})</h3>" + "".join(
+            f'<p class="warning"><b>{esc(w["category"])}:</b> {esc(w["message"])}</p>'
+            for w in warned
+        )
+    if notices:
+        out += f"<h3>Notices ({len(notices)})</h3>" + "".join(
+            f'<p class="notice">{esc(w["message"])}</p>' for w in notices
+        )
+    return out
+
+
 # ---------------------------------------------------------------------------- sections
 def summary_section(data: dict[str, Any]) -> str:
-    """Model size, data sizes, method, estimator, damping, stationarity, diagnostics, timings."""
+    """The run's warnings and notices; model size, data sizes, method, estimator, damping,
+    stationarity, diagnostics, timings."""
     s = data["summary"]
     rows = [
         ("model", s["model"]),
@@ -254,7 +278,7 @@ def summary_section(data: dict[str, Any]) -> str:
         (k, v if not isinstance(v, dict) else ", ".join(f"{a}={fmt(b)}" for a, b in v.items()))
         for k, v in diag.items()
     ]
-    out = "<h3>Settings</h3>" + table(rows)
+    out = warnings_list(data.get("warnings") or []) + "<h3>Settings</h3>" + table(rows)
     out += "<h3>The method's quality diagnostics</h3>" + (
         table(diag_rows)
         if diag_rows
@@ -434,6 +458,17 @@ def layers_section(data: dict[str, Any]) -> str:
     return figure(fig, "per-layer scores")
 
 
+def warned_line(data: dict[str, Any]) -> str:
+    """A line under the title pointing to the run's warnings, when there are any."""
+    count = sum(w["category"] != "Notice" for w in data.get("warnings") or [])
+    if not count:
+        return ""
+    return (
+        f'<p class="alert"><a href="#summary">{count} warning{"s" * (count != 1)}</a> during '
+        "the run: read them before the scores</p>"
+    )
+
+
 def render(data: dict[str, Any], tensors: dict[str, Tensor]) -> str:
     """The whole page."""
     bodies = {
@@ -460,7 +495,7 @@ def render(data: dict[str, Any], tensors: dict[str, Tensor]) -> str:
         f"<title>{esc(data['title'])}: infkit report</title><style>{CSS}</style></head><body>"
         f"<header><h1>{esc(data['title'])}</h1><p>{esc(s['model'])}, {s['n_train']:,} "
         f"training examples, method {esc(s['method'])}, estimator {esc(s['estimator'])}</p>"
-        f"</header><nav>{nav}</nav><main>{sections}</main>"
+        f"{warned_line(data)}</header><nav>{nav}</nav><main>{sections}</main>"
         f"<footer>infkit {esc(s['infkit'])} · built {when} from {esc(s['workdir'])}</footer>"
         "</body></html>\n"
     )

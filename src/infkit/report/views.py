@@ -5,8 +5,10 @@ shape and the task) and turns an example into a *view*: a small JSON record the 
 draws without the model or the data (so ``infkit report`` rebuilds the page from the workdir):
 
 * ``{"kind": "image", "png": "data:image/png;base64,..."}``;
-* ``{"kind": "text", "tokens": [...], "scored": [...]}`` (``scored``: whether each position
-  enters the loss), to which the run adds per-token scores where the method gives them;
+* ``{"kind": "text", "tokens": [...], "scored": [...], "positions": [...]}`` (the tokens that
+  are not padding, wherever the padding is; ``scored``: whether each enters the loss;
+  ``positions``: where each is in the padded sequence), to which the run adds per-token
+  scores where the method gives them;
 * ``{"kind": "tabular", "names": [...], "values": [...]}``.
 """
 
@@ -140,9 +142,15 @@ class Display:
             scored = [True] * len(ids)
             if isinstance(targets, Tensor) and targets.dim() == 2 and targets.shape[1] == len(ids):
                 scored = (targets[0] != IGNORE_INDEX).tolist()
-            keep = len(ids) if mask is None else int(mask.reshape(-1).sum())
-            tokens = self._decode(ids[:keep].tolist())
-            return {"kind": "text", "tokens": tokens, "scored": scored[:keep]}
+            # the tokens that are not padding, wherever the padding is (left or right)
+            kept = torch.arange(len(ids)) if mask is None else mask.reshape(-1).nonzero()[:, 0]
+            positions = kept.tolist()
+            return {
+                "kind": "text",
+                "tokens": self._decode(ids[kept].tolist()),
+                "scored": [scored[i] for i in positions],
+                "positions": positions,
+            }
         values = (
             torch.as_tensor(inputs).reshape(-1).tolist()
             if isinstance(inputs, Tensor)
