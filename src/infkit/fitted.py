@@ -435,6 +435,12 @@ def _outside_digests(model: nn.Module, space: ParameterSpace) -> dict[str, str]:
     return {name: tensor_digest(t) for name, t in tensors.items()}
 
 
+def gradient_cache_bytes(n: int, p: int, dtype: torch.dtype) -> int:
+    """Bytes of the [N, P] training-gradient cache of a model in ``dtype``, as fit keeps it
+    (in :func:`~infkit.parameters.product_dtype`)."""
+    return n * p * product_dtype(dtype).itemsize
+
+
 def gradient_cache_fits(
     n: int, p: int, dtype: torch.dtype, memory_limit: int, batch_size: int = 1
 ) -> bool:
@@ -443,7 +449,7 @@ def gradient_cache_fits(
     fills it (a batch's per-example gradients and their working memory,
     :data:`~infkit.gradients.GRADIENT_WORK_FACTOR` x [``batch_size``, P]) within half of it: a
     larger limit never makes a run cache what a smaller one would not."""
-    cache = n * p * product_dtype(dtype).itemsize
+    cache = gradient_cache_bytes(n, p, dtype)
     work = GRADIENT_WORK_FACTOR * batch_size * p * dtype.itemsize
     return cache <= min(GRADIENT_CACHE_BYTES, memory_limit // 4) and (
         cache + work <= memory_limit // 2

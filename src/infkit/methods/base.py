@@ -47,14 +47,14 @@ from infkit.errors import (
     warn,
 )
 from infkit.estimators import ESTIMATORS, Estimator, EstimatorName
-from infkit.fitted import STATIONARITY_TOLERANCE, Fitted
+from infkit.fitted import STATIONARITY_TOLERANCE, Fitted, gradient_cache_bytes
 from infkit.gradients import GRADIENT_WORK_FACTOR
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.layers.tracked import TrackedLayers
 from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes, row_chunks
 from infkit.options import NoOptions
 from infkit.options import Options as BaseOptions
-from infkit.parameters import ParameterSpace, product_dtype
+from infkit.parameters import ParameterSpace
 from infkit.plan import RunShape, Stage
 from infkit.progress import Progress
 from infkit.task import Task
@@ -350,7 +350,7 @@ class Method(ABC):
         n, p = shape.n_train, shape.parameters
         out = []
         if shape.gradient_cache:
-            cache = n * p * product_dtype(space.dtype).itemsize  # as fit keeps it
+            cache = gradient_cache_bytes(n, p, space.dtype)
             out.append(
                 Stage(
                     "training gradients",

@@ -32,7 +32,7 @@ from infkit.data import ExampleSet
 from infkit.errors import NotFittedError, ProblemTooLargeError
 from infkit.estimators import Estimator
 from infkit.fingerprint import data_fingerprint, tensor_digest
-from infkit.fitted import Fitted
+from infkit.fitted import Fitted, gradient_cache_bytes
 from infkit.kfac.curvature import (
     KroneckerCurvature,
     KroneckerOptions,
@@ -326,7 +326,7 @@ class KFAC(PrimalMethod):
         limit = shape.memory_limit
         if shape.gradient_cache:
             # small enough for the [N, P] cache: one more pass, held to the end of the run
-            cache = shape.n_train * shape.parameters * work
+            cache = gradient_cache_bytes(shape.n_train, shape.parameters, space.dtype)
             out.append(
                 Stage(
                     "training gradients",
