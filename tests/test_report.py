@@ -357,6 +357,37 @@ TEXT_PROJECT = textwrap.dedent(
     def model():
         torch.manual_seed(0)
         return Bigram().double()
+
+    LENGTH = 8
+
+    def _left_padded(ids, pads):
+        mask = torch.ones_like(ids)
+        for i, p in enumerate(pads):
+            ids[i, :p] = 0
+            mask[i, :p] = 0
+        return lm.examples(ids, mask)
+
+    def padded_splits():
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1, len(WORDS), (40, LENGTH), generator=g)
+        train = _left_padded(ids[:32], [i % 3 for i in range(32)])
+        # test examples 0-3 unpadded, 4-7 left-padded by 1-4 tokens
+        test = _left_padded(ids[32:], [0, 0, 0, 0, 1, 2, 3, 4])
+        return train, test
+
+    class LearnedPositions(Bigram):
+        # positions counted from column 0: left padding moves every real token's position
+        def __init__(self):
+            super().__init__()
+            self.position = torch.nn.Embedding(LENGTH, 8)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.embed(input_ids) + self.position(torch.arange(input_ids.shape[1]))
+            return self.out(torch.tanh(h))
+
+    def positions_model():
+        torch.manual_seed(0)
+        return LearnedPositions().double()
     """
 )
 
@@ -396,6 +427,48 @@ def test_text_with_per_token_scores(tmp_path: Path) -> None:
         assert sum(item["view"]["token_scores"]) == pytest.approx(item["score"], rel=1e-9)
     page = (tmp_path / "runs" / "infkit" / "report.html").read_text()
     assert 'class="tok"' in page and "rgba(" in page
+
+
+def test_two_projects_with_a_module_of_the_same_name_in_one_process(tmp_path: Path) -> None:
+    """Each config's factories come from its own folder: the second project's ``project.py``
+    is not the first one's, already imported (its data would be used without a word)."""
+    sized = TEXT_PROJECT + textwrap.dedent(
+        """
+        def sized_splits():
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(1, len(WORDS), (SIZE + 4, 6), generator=g)
+            return lm.examples(ids[:SIZE]), lm.examples(ids[SIZE:])
+        """
+    )
+    sizes = {}
+    for name, size in (("first", 20), ("second", 30)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "project.py").write_text(sized + f"\nSIZE = {size}\n")
+        (folder / "infkit.toml").write_text(
+            textwrap.dedent(
+                """
+                [model]
+                factory = "project:model"
+                [data]
+                factory = "project:sized_splits"
+                [task]
+                kind = "language_modeling"
+                [influence]
+                method = "kfac"
+                damping = 1e-3
+                [report]
+                n_queries = 1
+                top_k = 2
+                [retraining]
+                n = 0
+                """
+            )
+        )
+        assert cli.main(["run", str(folder / "infkit.toml"), "--quiet"]) == 0
+        data, _ = load_results(folder / "runs" / "infkit")
+        sizes[name] = data["summary"]["n_train"]
+    assert sizes == {"first": 20, "second": 30}
 
 
 def test_groups_fall_back_to_the_run_estimator_when_newton_is_out_of_reach() -> None:
@@ -475,52 +548,6 @@ class _Page(HTMLParser):
             self.headings[-1] += data
 
 
-PADDED_PROJECT = textwrap.dedent(
-    """
-    import torch
-    import infkit
-    from infkit import language_modeling as lm
-
-    WORDS = ["<pad>", "a", "b", "c", "d", "e", "f", "g"]
-    LENGTH = 8
-
-    def _left_padded(ids, pads):
-        mask = torch.ones_like(ids)
-        for i, p in enumerate(pads):
-            ids[i, :p] = 0
-            mask[i, :p] = 0
-        return lm.examples(ids, mask)
-
-    def splits():
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(1, len(WORDS), (40, LENGTH), generator=g)
-        train = _left_padded(ids[:32], [i % 3 for i in range(32)])
-        # test examples 0-3 unpadded, 4-7 left-padded by 1-4 tokens
-        test = _left_padded(ids[32:], [0, 0, 0, 0, 1, 2, 3, 4])
-        return train, test
-
-    def decode(ids):
-        return [WORDS[i] for i in ids]
-
-    class LearnedPositions(torch.nn.Module):
-        # positions counted from column 0: left padding moves every real token's position
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Embedding(len(WORDS), 8)
-            self.position = torch.nn.Embedding(LENGTH, 8)
-            self.out = torch.nn.Linear(8, len(WORDS))
-
-        def forward(self, input_ids, attention_mask=None):
-            h = self.embed(input_ids) + self.position(torch.arange(input_ids.shape[1]))
-            return self.out(torch.tanh(h))
-
-    def model():
-        torch.manual_seed(0)
-        return LearnedPositions().double()
-    """
-)
-
-
 def test_a_left_padded_run_reports_its_warnings_and_shows_the_real_tokens(
     tmp_path: Path,
 ) -> None:
@@ -528,15 +555,15 @@ def test_a_left_padded_run_reports_its_warnings_and_shows_the_real_tokens(
     the user's test example (7, the first padded one of the report's queries [7, 6]), not its
     place among the queries; left-padded texts show their real tokens, and the per-token
     scores of the shown tokens sum to the listed scores (only the padding is left out)."""
-    (tmp_path / "padded_project.py").write_text(PADDED_PROJECT)
+    (tmp_path / "text_project.py").write_text(TEXT_PROJECT)
     (tmp_path / "infkit.toml").write_text(
         textwrap.dedent(
             """
             [model]
-            factory = "padded_project:model"
+            factory = "text_project:positions_model"
             [data]
-            factory = "padded_project:splits"
-            decode = "padded_project:decode"
+            factory = "text_project:padded_splits"
+            decode = "text_project:decode"
             [task]
             kind = "language_modeling"
             [influence]
@@ -569,11 +596,11 @@ def test_a_left_padded_run_reports_its_warnings_and_shows_the_real_tokens(
 
     sys.path.insert(0, str(tmp_path))
     try:
-        project = importlib.import_module("padded_project")
-        _, (test_inputs, _) = project.splits()
+        project = importlib.import_module("text_project")
+        _, (test_inputs, _) = project.padded_splits()
     finally:
         sys.path.remove(str(tmp_path))
-        sys.modules.pop("padded_project", None)
+        sys.modules.pop("text_project", None)
     real = test_inputs["input_ids"][7, 4:].tolist()
     assert query["view"]["tokens"] == project.decode(real)
     assert query["view"]["positions"] == [4, 5, 6, 7]

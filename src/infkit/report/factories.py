@@ -2,9 +2,10 @@
 
 A factory is imported with the config's folder first on ``sys.path`` and called there (the
 working directory is the config's folder while it runs, so relative paths in it start at the
-config). An import that fails, a name that is missing or not callable, and a factory that
-raises each give a :class:`~infkit.errors.ConfigError` naming the config key and the factory
-(docs/report.md §2).
+config). A module of the config's folder is that folder's, even when a module of the same name
+was imported from elsewhere before in the same process (another project's ``project.py``). An
+import that fails, a name that is missing or not callable, and a factory that raises each give
+a :class:`~infkit.errors.ConfigError` naming the config key and the factory (docs/report.md §2).
 """
 
 from __future__ import annotations
@@ -36,6 +37,24 @@ def on_path(folder: Path) -> Iterator[None]:
             sys.path.remove(entry)
 
 
+def forget_other_copy(module_name: str, folder: Path) -> None:
+    """Drop from ``sys.modules`` a module (and its submodules) that ``folder`` holds but that
+    was imported from another place, so that importing it gives the folder's own: two projects'
+    configs run in one process would otherwise share the first one's factories."""
+    top = module_name.split(".")[0]
+    here = next(
+        (p for p in (folder / f"{top}.py", folder / top / "__init__.py") if p.exists()), None
+    )
+    cached = sys.modules.get(top)
+    if here is None or cached is None:
+        return
+    origin = getattr(cached, "__file__", None)
+    if origin is not None and Path(origin).resolve() == here.resolve():
+        return
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        del sys.modules[name]
+
+
 def resolve(spec: str, key: str, folder: Path) -> Callable[..., Any]:
     """The callable named by ``spec`` (``"module:attribute"``, dots allowed in both parts).
 
@@ -47,6 +66,7 @@ def resolve(spec: str, key: str, folder: Path) -> Callable[..., Any]:
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ConfigError(f'{key} = {spec!r} must have the form "module:callable"')
+    forget_other_copy(module_name, folder)
     with on_path(folder):
         try:
             target: Any = importlib.import_module(module_name)
