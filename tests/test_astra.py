@@ -80,6 +80,17 @@ def test_a_short_solve_warns_once_per_right_hand_side(wine_logreg: dict) -> None
     said = [str(w.message) for w in record if "ASTRA stopped after" in str(w.message)]
     assert len(said) == 2 and "raise maxiter" in said[0]
     assert len(short.describe()["residuals"]) >= 3  # every solve is still reported
+    # the self-scores solve a batch at a time: one warning for the call, saying so
+    solves = len(short.describe()["residuals"])
+    small_batches = infkit.Influence(
+        task, "astra", l2=l2, solver="neumann", tol=1e-12, maxiter=1, batch_size=16
+    ).fit(train)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        small_batches.self_scores()
+    said = [str(w.message) for w in record if "ASTRA stopped after" in str(w.message)]
+    assert len(small_batches.describe()["residuals"]) > 2 and solves >= 3
+    assert len(said) == 1 and "the self-scores solve batch by batch" in said[0]
 
 
 def test_astra_newton_step_with_the_ggn_and_the_hessian(mlp_problem: dict) -> None:

@@ -142,14 +142,21 @@ def test_a_subset_names_its_examples_as_the_user_numbers_them(lm_problem: dict) 
     ids = lm_problem["ids"].clone()
     ids[4, 0] = VOCAB
     queries = ExampleSet(lm.examples(ids, lm_problem["mask"]), name="test set")
-    with pytest.raises(InvalidInputError, match=rf"test set example 4: token id {VOCAB} at"):
+    # and its position there, which the results' indices take
+    said = rf"test set example 4 \(position 1 of the subset given\): token id {VOCAB} at"
+    with pytest.raises(InvalidInputError, match=said):
         lm_problem["inf"].scores(queries.subset([2, 4]))
     nested = queries.subset([5, 3, 4]).subset([2, 0])  # a subset of a subset: example 4 again
     assert [nested.number(i) for i in range(2)] == [4, 5]
     assert nested.take([0]).number(0) == 4
+    unnamed = ExampleSet(lm.examples(ids, lm_problem["mask"]))  # named by its role
+    with pytest.raises(InvalidInputError, match=r"test set example 4 \(position 0 of the"):
+        lm_problem["inf"].scores(unnamed.subset([4]))
     features = torch.zeros(8, 3)
     features[6, 1] = float("nan")
-    with pytest.raises(InvalidInputError, match=r"data example 6 contains NaN"):
+    with pytest.raises(
+        InvalidInputError, match=r"data example 6 \(position 1 of the subset given\) contains NaN"
+    ):
         ExampleSet((features, torch.zeros(8))).subset([1, 6]).check_finite()
 
 

@@ -246,6 +246,39 @@ def test_too_few_retrainings_stop_before_any_fitting(
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(
+    ("queries", "message"),
+    [
+        ("[40]", "[report] queries index 40 is out of range [0, 40)"),
+        ("[-1]", "[report] queries index -1 is out of range"),
+        ("[3, 3]", "[report] queries index"),
+    ],
+)
+def test_bad_report_queries_stop_before_any_fitting(
+    project: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    queries: str,
+    message: str,
+) -> None:
+    """[report] queries out of range or repeated (the page would explain one example twice)
+    are refused, naming the file, before the fit (they were refused only after it)."""
+    config = tmp_path / "bad.toml"
+    config.write_text(CONFIG.format(n_loo=5).replace("n_queries = 2", f"queries = {queries}"))
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+
+    def no_fit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("fitted before the configuration was refused")
+
+    monkeypatch.setattr(infkit.Influence, "fit", no_fit)
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "w"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"bad.toml: {message}" in err, err
+    if queries == "[3, 3]":
+        assert "[report] queries index 3 is given twice" in err
+
+
 def test_unconverged_retrainings_are_flagged(
     project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -429,6 +462,34 @@ def test_text_with_per_token_scores(tmp_path: Path) -> None:
     assert 'class="tok"' in page and "rgba(" in page
 
 
+def test_a_decode_that_does_not_fit_stops_before_any_fitting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "text_project.py").write_text(
+        TEXT_PROJECT + "\ndef short_decode(ids):\n    return decode(ids)[:-1]\n"
+    )
+    (tmp_path / "infkit.toml").write_text(
+        textwrap.dedent(
+            """
+            [model]
+            factory = "text_project:model"
+            [data]
+            factory = "text_project:splits"
+            decode = "text_project:short_decode"
+            [task]
+            kind = "language_modeling"
+            """
+        )
+    )
+
+    def no_fit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("fitted before the configuration was refused")
+
+    monkeypatch.setattr(infkit.Influence, "fit", no_fit)
+    assert cli.main(["run", str(tmp_path / "infkit.toml"), "--quiet"]) == 2
+    assert "[data] decode returned 5 strings for 6 token ids" in capsys.readouterr().err
+
+
 def test_two_projects_with_a_module_of_the_same_name_in_one_process(tmp_path: Path) -> None:
     """Each config's factories come from its own folder: the second project's ``project.py``
     is not the first one's, already imported (its data would be used without a word)."""
@@ -583,16 +644,18 @@ def test_a_left_padded_run_reports_its_warnings_and_shows_the_real_tokens(
     console = {str(w.message) for w in caught}
     assert set(said) <= console and len(said) == len(set(said))
     padded = [m for m in said if "padding" in m]
-    assert any(m.startswith("test set example 7:") for m in padded), padded
+    at_0 = "(position 0 of the subset given):"  # its place among the queries, said second
+    assert any(m.startswith(f"test set example 7 {at_0}") for m in padded), padded
     # the token scores' query, a subset of the subset, is named as the user numbers it too
-    assert any(m.startswith("test set example 6:") for m in padded), padded
+    assert any(m.startswith(f"test set example 6 {at_0}") for m in padded), padded
     assert any(m.startswith("training set example 1:") for m in padded), padded
     assert not any("deprecated" in m for m in said)  # warnings about code are left out
-    assert not any(m.startswith("test set example 0:") for m in said), said
+    assert not any(m.startswith("test set example 0") for m in said), said
     query = data["queries"][0]
     assert query["index"] == 7
     import importlib
     import sys
+    import warnings
 
     sys.path.insert(0, str(tmp_path))
     try:
@@ -612,7 +675,18 @@ def test_a_left_padded_run_reports_its_warnings_and_shows_the_real_tokens(
     page = (workdir / "report.html").read_text()
     assert 'class="alert"' in page and "during the run" in page
     assert page.count('class="warning"') >= len(padded)
-    assert "test set example 7:" in page
+    assert "test set example 7 (position 0" in page
+    # run again: the saved fit is reloaded, and its warnings (not given again) stay on the page
+    fit_said = [m for m in said if m.startswith("training set") or "leaves 2 trainable" in m]
+    assert len(fit_said) == 2, said
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["run", str(tmp_path / "infkit.toml"), "--quiet"]) == 0
+    again, _ = load_results(workdir)
+    assert again["origin"] == "reloaded"
+    reloaded = {w["message"]: w.get("from") for w in again["warnings"]}
+    assert all(reloaded.get(m) == "the saved fit" for m in fit_said), again["warnings"]
+    assert "(given by the saved fit)" in (workdir / "report.html").read_text()
 
 
 def test_report_renders_in_headless_chromium(finished: Path) -> None:

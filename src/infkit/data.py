@@ -46,6 +46,10 @@ class Batch:
         """The number by which messages name the batch's ``k``-th example."""
         return int((self.indices if self.numbers is None else self.numbers)[k])
 
+    def example(self, k: int) -> str:
+        """The batch's ``k``-th example as messages name it (:func:`example_name`)."""
+        return example_name(self.number(k), int(self.indices[k]))
+
 
 def _map_tensors(obj: Any, fn) -> Any:
     if isinstance(obj, Tensor):
@@ -102,10 +106,23 @@ def _is_pair(data: Any) -> bool:
     return isinstance(first, dict) and not any(key in first for key in LABEL_KEYS)
 
 
+def example_name(number: int, position: int) -> str:
+    """``"example 25"``, and where the example's number in the user's data differs from its
+    position in the set at hand (a subset), that position too, which is what indices into
+    the set's results (score columns, ``remove``) take."""
+    if number == position:
+        return f"example {number}"
+    return f"example {number} (position {position} of the subset given)"
+
+
+#: the name of an :class:`ExampleSet` made without one (messages say "data example k")
+DEFAULT_NAME = "data"
+
+
 class ExampleSet:
     """A finite, indexable collection of (inputs, targets) examples."""
 
-    def __init__(self, data: Any, *, name: str = "data") -> None:
+    def __init__(self, data: Any, *, name: str = DEFAULT_NAME) -> None:
         self.name = name
         #: each example's number in the set it was taken from (:meth:`subset`), by which
         #: messages name it; None: its position here
@@ -115,7 +132,9 @@ class ExampleSet:
         if isinstance(data, DataLoader):
             data = data.dataset  # its examples, in order (its batching and shuffling do not apply)
         if isinstance(data, ExampleSet):
-            self._tensors, self._dataset, self.name = data._tensors, data._dataset, data.name
+            self._tensors, self._dataset = data._tensors, data._dataset
+            # a set given without a name of its own takes the role it is given for
+            self.name = name if data.name == DEFAULT_NAME else data.name
             self.numbers = data.numbers
         elif _is_pair(data):
             x, y = (_as_tensors(part) for part in data)
@@ -195,6 +214,10 @@ class ExampleSet:
         """The number by which messages name example ``i``: its number in the set it was taken
         from (:meth:`subset`), else ``i``."""
         return i if self.numbers is None else int(self.numbers[i])
+
+    def example(self, i: int) -> str:
+        """Example ``i`` as messages name it (:func:`example_name`)."""
+        return example_name(self.number(i), i)
 
     def _collate(self, values: list[Any], idx: Tensor, what: str) -> Any:
         """``default_collate`` of items' inputs or labels; items whose dicts have other keys
@@ -289,10 +312,10 @@ class ExampleSet:
                 if t.is_floating_point() or t.is_complex():
                     bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
                     if bad.any():
-                        i = b.number(int(bad.nonzero()[0, 0]))
+                        named = b.example(int(bad.nonzero()[0, 0]))
                         kind = "NaN" if torch.isnan(t[bad][0]).any() else "Inf"
                         raise NonFiniteError(
-                            f"{self.name} example {i} contains {kind} in its inputs or targets; "
+                            f"{self.name} {named} contains {kind} in its inputs or targets; "
                             "remove or repair it before computing influence"
                         )
 

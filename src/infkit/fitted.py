@@ -362,7 +362,7 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
             found = task.input_problem(batch.inputs)
             if found is not None:
                 k, message = found
-                raise InvalidInputError(f"{examples.name} example {batch.number(k)}: {message}")
+                raise InvalidInputError(f"{examples.name} {batch.example(k)}: {message}")
             if probe is None and task.probe_example is not None:
                 picked = task.probe_example(batch.inputs)
                 probe = None if picked is None else int(batch.indices[picked])
@@ -404,7 +404,7 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
             outputs if probe == 0 else engine.outputs(probed),  # the first's: computed above
         )
         if problem is not None:
-            warn(f"{examples.name} example {examples.number(probe)}: {problem}", UserWarning)
+            warn(f"{examples.name} {examples.example(probe)}: {problem}", UserWarning)
     if task.check_targets is not None or task.check_pairs is not None:
         output_shape = tuple(outputs.shape[1:])
         for batch in examples.batches(4096):
@@ -421,7 +421,7 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
                 found = task.check_pairs(batch.inputs, batch.targets)
             if found is not None:
                 k, message = found
-                raise InvalidInputError(f"{examples.name} example {batch.number(k)}: {message}")
+                raise InvalidInputError(f"{examples.name} {batch.example(k)}: {message}")
     examples._checked = True  # type: ignore[attr-defined]
 
 

@@ -301,7 +301,7 @@ class PerExample:
         found = self.task.input_problem(batch.inputs)
         if found is not None:
             k, message = found
-            raise InvalidInputError(f"{batch.source} example {batch.number(k)}: {message}")
+            raise InvalidInputError(f"{batch.source} {batch.example(k)}: {message}")
         return map_tensors(batch.inputs, self._cast), map_tensors(batch.targets, self._cast_state)
 
     def params(self) -> dict[str, Tensor]:
@@ -631,7 +631,7 @@ def check_finite_rows(values: Tensor, batch: Batch, what: str) -> None:
     if bad.any():
         row = int(bad.nonzero()[0, 0])
         raise NonFiniteError(
-            f"the {what} of example {batch.number(row)} of the {batch.source} contains "
+            f"the {what} of {batch.example(row)} of the {batch.source} contains "
             "NaN or Inf; check that example's inputs and label, and that the model's outputs "
             f"are finite on it{_padding_hint(batch, row)}"
         )

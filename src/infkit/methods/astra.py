@@ -32,6 +32,7 @@ from torch import Tensor
 
 from infkit.curvature import Curvature, CurvatureOperator, product_work_bytes
 from infkit.errors import NotFittedError, warn
+from infkit.estimators import Estimator
 from infkit.fingerprint import tensor_digest
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import (
@@ -130,6 +131,8 @@ class ASTRA(PrimalMethod):
         #: right-hand sides (digest, shift, ridge) whose short solve was warned about: the
         #: same queries solved again (module or token scores after the scores) warn once
         self._warned: set[tuple[str, float, float]] = set()
+        #: within self_scores (a solve per batch), whether a short solve was warned about
+        self._batched: bool | None = None
 
     def check(self, task: Task, space: ParameterSpace) -> None:
         kronecker_layers(task.model, space, self.options.preconditioner(), self.name)
@@ -249,15 +252,33 @@ class ASTRA(PrimalMethod):
                 "(a model that computes in float32 inside, as Hugging Face's rotary embeddings "
                 "do, limits a float64 one); loosen tol or add damping"
             )
+            which = (
+                ""
+                if self._batched is None
+                else " (the self-scores solve batch by batch: the first batch to stop short; "
+                "describe()['residuals'] lists every solve)"
+            )
             warn(
                 f"ASTRA stopped after {iterations + 1} iterations with a relative residual of "
-                f"{float(residual.max()):.1e} (tol {tol:.0e}); {remedy}",
+                f"{float(residual.max()):.1e} (tol {tol:.0e}){which}; {remedy}",
                 UserWarning,
             )
         return x
 
+    def self_scores(self, estimator: Estimator) -> Tensor:
+        # one warning for the call, not one per batch of training examples solved
+        self._batched = False
+        try:
+            return super().self_scores(estimator)
+        finally:
+            self._batched = None
+
     def _first_warning(self, V: Tensor, shift: float, ridge: float) -> bool:
-        """Whether a short solve of ``V`` is not yet warned about (and now is)."""
+        """Whether a short solve of ``V`` is not yet warned about (and now is); within
+        :meth:`self_scores`, whether no solve of the call was."""
+        if self._batched is not None:
+            first, self._batched = not self._batched, True
+            return first
         key = (tensor_digest(V), shift, ridge)
         first = key not in self._warned
         self._warned.add(key)

@@ -55,6 +55,8 @@ from infkit.task import Task
 #: the artifact kind of a run's results
 KIND = "report"
 SAVED = "influence"
+#: the store kind of the warnings the fit of the saved influence gave
+FIT_WARNINGS = "fit-warnings"
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -228,6 +230,30 @@ def fit_or_reload(
     return inf, "fitted"
 
 
+def fit_warnings(
+    inf: Influence, train: ExampleSet, workdir: Path, origin: str, given: list[dict[str, str]]
+) -> list[dict[str, str]]:
+    """The warnings of the fit, kept with the saved influence: a run that fits saves the ones
+    it ``given`` (and returns none); a run that reloads returns the saved fit's, marked
+    ``"from": "the saved fit"``, so that its page says what the fit said (the fit's
+    warnings are not given again when its influence is reloaded)."""
+    store = ArtifactStore(workdir)
+    identity = {
+        "settings": influence_settings(inf),
+        "model": model_fingerprint(inf.task.model)["parameters"],
+        "train": data_fingerprint(train),
+    }
+    if origin == "fitted":
+        store.save(FIT_WARNINGS, identity, documents={"warnings": given}, overwrite=True)
+        for path, _ in store.others(FIT_WARNINGS, identity):  # those of earlier fits
+            store.remove(path)
+        return []
+    saved = store.load(FIT_WARNINGS, identity)
+    if saved is None:  # a workdir from before the fit's warnings were kept
+        return []
+    return [{**w, "from": "the saved fit"} for w in saved.json("warnings") if w not in given]
+
+
 def influence_settings(inf: Influence) -> dict[str, Any]:
     """The settings a saved influence must share with the config's to be reused, by the names
     of their ``[influence]`` keys."""
@@ -310,18 +336,19 @@ def _run(
     display = build_display(config, train, test)
     inf = build_influence(config, task)
     inf.progress = progress
+    rep = config["report"]
+    chosen = chosen_queries(config, len(test))  # refused here, before any fitting
+    display.view("test", 0)  # a decode that does not fit the token ids, too
     watch.lap("load")
+    before = len(shown)
     inf, origin = fit_or_reload(inf, config, train, workdir)
+    shown += fit_warnings(inf, train, workdir, origin, shown[before:])
     watch.lap("fit")
 
     batch = config["influence"]["batch_size"]
-    rep = config["report"]
     test_losses = per_example(task, test, "loss", batch)
-    if rep["queries"]:
-        try:
-            queries = checked_indices(rep["queries"], len(test), what="[report] queries index")
-        except InfkitError as error:
-            raise ConfigError(str(error)) from error
+    if chosen is not None:
+        queries = chosen
     else:
         queries = test_losses.argsort(descending=True)[: rep["n_queries"]]
     query_set = test.subset(queries)
@@ -423,6 +450,18 @@ def _run(
     for path, _ in store.others(KIND, identity):  # one report per workdir: the latest
         store.remove(path)
     return write_report(workdir)
+
+
+def chosen_queries(config: RunConfig, n_test: int) -> Tensor | None:
+    """The test examples ``[report] queries`` names (None: the highest-loss ones are
+    explained), each in range and named once, else a ConfigError."""
+    named = config["report"]["queries"]
+    if not named:
+        return None
+    try:
+        return checked_indices(named, n_test, what="[report] queries index", unique=True)
+    except InfkitError as error:
+        raise ConfigError(f"{config.path.name}: {error}") from error
 
 
 def check_retraining_size(config: RunConfig, n_train: int) -> None:

@@ -232,21 +232,25 @@ def table(rows: list[tuple[str, Any]]) -> str:
 
 
 def warnings_list(shown: list[dict[str, str]]) -> str:
-    """What the run warned about, as its console showed it: warnings first, then the notices
-    (what infkit decided for you)."""
+    """What the run warned about, as its console showed it, and what the fit it reloaded warned
+    about: warnings first, then the notices (what infkit decided for you)."""
     if not shown:
         return ""
+
+    def said(w: dict[str, str]) -> str:  # a reloaded fit's warnings say so
+        where = f' <span class="note">(given by {esc(w["from"])})</span>' if "from" in w else ""
+        return esc(w["message"]) + where
+
     notices = [w for w in shown if w["category"] == "Notice"]
     warned = [w for w in shown if w["category"] != "Notice"]
     out = ""
     if warned:
         out += f"<h3>Warnings ({len(warned)})</h3>" + "".join(
-            f'<p class="warning"><b>{esc(w["category"])}:</b> {esc(w["message"])}</p>'
-            for w in warned
+            f'<p class="warning"><b>{esc(w["category"])}:</b> {said(w)}</p>' for w in warned
         )
     if notices:
         out += f"<h3>Notices ({len(notices)})</h3>" + "".join(
-            f'<p class="notice">{esc(w["message"])}</p>' for w in notices
+            f'<p class="notice">{said(w)}</p>' for w in notices
         )
     return out
 
