@@ -236,6 +236,13 @@ def test_misspelt_influence_keyword_is_suggested_first(lm_problem: dict) -> None
         infkit.Influence(task, "exact", batchsize=8)
 
 
+def test_an_options_table_is_told_to_be_keywords(lm_problem: dict) -> None:
+    """``options={...}`` (the config file's form) is not taken for a misspelt option."""
+    with pytest.raises(UnsupportedError, match=r"'options' \(give the options as keywords") as e:
+        infkit.Influence(lm_problem["task"], "astra", options={"maxiter": 5})
+    assert "did you mean" not in str(e.value)
+
+
 def test_misspelt_method_option_is_still_suggested(lm_problem: dict) -> None:
     with pytest.raises(UnsupportedError, match=r"'fishr' \(did you mean 'fisher'\?\)"):
         infkit.Influence(lm_problem["task"], "ekfac", fishr="empirical")

@@ -166,7 +166,9 @@ def test_self_influence_groups_and_retraining_sections(project: Path, finished: 
     assert "Pearson" in page and "ROC AUC" in page
 
 
-def test_report_rebuilds_without_recomputing(finished: Path, tmp_path: Path) -> None:
+def test_report_rebuilds_without_recomputing(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)
     (copy / "report.html").unlink()
@@ -179,6 +181,9 @@ def test_report_rebuilds_without_recomputing(finished: Path, tmp_path: Path) -> 
     raw[-1] ^= 0xFF
     scores.write_bytes(bytes(raw))
     assert cli.main(["report", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "scores.safetensors is damaged" in err and "run `infkit run" in err
+    assert "overwrite=True" not in err  # a keyword of the Python API, not of the command
 
 
 def test_second_run_reloads_the_saved_influence(project: Path, finished: Path) -> None:

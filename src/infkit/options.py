@@ -145,7 +145,13 @@ class Options:
         known = cls.names()
         unknown = [k for k in given if k not in known]
         if unknown:
-            hints = [f"{k!r}{suggest_option(k, known)}" for k in unknown]
+            hints = [
+                f"{k!r} (give the options as keywords: Influence(task, method, maxiter=...); "
+                "an options table is the [influence] options of an infkit run config)"
+                if k == "options"
+                else f"{k!r}{suggest_option(k, known)}"
+                for k in unknown
+            ]
             raise UnsupportedError(
                 f"{owner} does not take the option(s) {', '.join(hints)}; its options are: "
                 f"{', '.join(known) or 'none'} (see infkit.methods() or the method's docstring)"

@@ -101,7 +101,11 @@ def find_results(workdir: str | Path) -> Path:
 def load_results(workdir: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The report data and tensors of a run, verified (manifest and checksums)."""
     path = find_results(workdir)
-    artifact = ArtifactStore(path.parent).verify(path, KIND)
+    remedy = (
+        f"The page cannot be built from it: run `infkit run {path.parent / 'config.toml'}` again "
+        f"to recompute the results (it replaces {path.name})"
+    )
+    artifact = ArtifactStore(path.parent).verify(path, KIND, remedy=remedy)
     return artifact.json("report"), artifact.tensors("scores")
 
 
