@@ -617,10 +617,10 @@ class _Page(HTMLParser):
 def test_a_left_padded_run_reports_its_warnings_and_shows_the_real_tokens(
     tmp_path: Path,
 ) -> None:
-    """The padding probe's warning (padding moves this model's logits) reaches the page, naming
-    the user's test example (7, the first padded one of the report's queries [7, 6]), not its
-    place among the queries; left-padded texts show their real tokens, and the per-token
-    scores of the shown tokens sum to the listed scores (only the padding is left out)."""
+    """The padding probe's warning (padding moves this model's logits) reaches the page, once
+    per set, naming the user's test example; left-padded texts show their real tokens, and the
+    per-token scores of the shown tokens sum to the listed scores (only the padding is left
+    out); a rerun that reloads the fit keeps the fit's warnings on the page."""
     (tmp_path / "text_project.py").write_text(TEXT_PROJECT)
     (tmp_path / "infkit.toml").write_text(
         textwrap.dedent(
@@ -649,11 +649,13 @@ def test_a_left_padded_run_reports_its_warnings_and_shows_the_real_tokens(
     console = {str(w.message) for w in caught}
     assert set(said) <= console and len(said) == len(set(said))
     padded = [m for m in said if "padding" in m]
-    at_0 = "(position 0 of the subset given):"  # its place among the queries, said second
-    assert any(m.startswith(f"test set example 7 {at_0}") for m in padded), padded
-    # the token scores' query, a subset of the subset, is named as the user numbers it too
-    assert any(m.startswith(f"test set example 6 {at_0}") for m in padded), padded
-    assert any(m.startswith("training set example 1:") for m in padded), padded
+    # the test set is probed once, as a whole (its first left-padded example, 4), not again as
+    # the report's queries [7, 6]: a subset of it; and the training set once
+    assert [m for m in padded if m.startswith("test set")] == [
+        m for m in padded if m.startswith("test set example 4: its 1 padding positions")
+    ]
+    assert len([m for m in padded if m.startswith("test set")]) == 1, padded
+    assert len([m for m in padded if m.startswith("training set example 1:")]) == 1, padded
     assert not any("deprecated" in m for m in said)  # warnings about code are left out
     assert not any(m.startswith("test set example 0") for m in said), said
     query = data["queries"][0]
@@ -680,7 +682,7 @@ def test_a_left_padded_run_reports_its_warnings_and_shows_the_real_tokens(
     page = (workdir / "report.html").read_text()
     assert 'class="alert"' in page and "during the run" in page
     assert page.count('class="warning"') >= len(padded)
-    assert "test set example 7 (position 0" in page
+    assert "test set example 4: its 1 padding" in page
     # run again: the saved fit is reloaded, and its warnings (not given again) stay on the page
     fit_said = [m for m in said if m.startswith("training set") or "leaves 2 trainable" in m]
     assert len(fit_said) == 2, said

@@ -127,6 +127,8 @@ class ExampleSet:
         #: each example's number in the set it was taken from (:meth:`subset`), by which
         #: messages name it; None: its position here
         self.numbers: Tensor | None = None
+        #: whether the examples were checked (check_examples): a set is checked once
+        self._checked = False
         self._tensors: tuple[Any, Any] | None = None
         self._dataset: Any = None
         if isinstance(data, DataLoader):
@@ -136,6 +138,7 @@ class ExampleSet:
             # a set given without a name of its own takes the role it is given for
             self.name = name if data.name == DEFAULT_NAME else data.name
             self.numbers = data.numbers
+            self._checked = data._checked  # the same examples
         elif _is_pair(data):
             x, y = (_as_tensors(part) for part in data)
             self._tensors = (x, y)
@@ -296,8 +299,7 @@ class ExampleSet:
         else:
             out = ExampleSet(torch.utils.data.Subset(self._dataset, idx.tolist()), name=self.name)
         out.numbers = idx if self.numbers is None else self.numbers[idx]
-        if getattr(self, "_checked", False):  # the examples were checked once (check_examples)
-            out._checked = True  # type: ignore[attr-defined]
+        out._checked = self._checked
         return out
 
     def example_shape(self) -> Any:

@@ -346,7 +346,7 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
     against the task's ``check_targets``; every problem names the example and what to do. A
     set is checked once.
     """
-    if getattr(examples, "_checked", False):
+    if examples._checked:
         return
     task = engine.task
     first = examples.take([0])
@@ -422,7 +422,7 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
             if found is not None:
                 k, message = found
                 raise InvalidInputError(f"{examples.name} {batch.example(k)}: {message}")
-    examples._checked = True  # type: ignore[attr-defined]
+    examples._checked = True
 
 
 # ---------------------------------------------------------------------------- fit-time passes

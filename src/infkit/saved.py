@@ -715,7 +715,7 @@ class SavedInfluence:
                     f" was fitted on ({size}; content fingerprint {found}, saved {saved_fp}): "
                     f"pass the same examples in the same order{keep}"
                 )
-        examples._checked = True  # type: ignore[attr-defined]  # checked at fit
+        examples._checked = True  # checked at fit
         return examples
 
     # ------------------------------------------------------------------ restoring

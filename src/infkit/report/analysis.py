@@ -42,6 +42,7 @@ from infkit.errors import (
     warn,
 )
 from infkit.fingerprint import data_fingerprint, model_fingerprint
+from infkit.fitted import check_examples
 from infkit.gradients import PerExample
 from infkit.influence import Influence
 from infkit.parameters import ParameterSpace
@@ -339,6 +340,9 @@ def _run(
     rep = config["report"]
     chosen = chosen_queries(config, len(test))  # refused here, before any fitting
     display.view("test", 0)  # a decode that does not fit the token ids, too
+    # the test set checked (and a language model's padding probed) once, as a whole: the
+    # queries, a subset of it, are not probed again
+    check_examples(PerExample(task, ParameterSpace(model)), test)
     watch.lap("load")
     before = len(shown)
     inf, origin = fit_or_reload(inf, config, train, workdir)
