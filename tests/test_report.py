@@ -467,11 +467,22 @@ def test_text_with_per_token_scores(tmp_path: Path) -> None:
     assert 'class="tok"' in page and "rgba(" in page
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("decode(ids)[:-1]", "[data] decode returned 5 strings for 6 token ids"),
+        ('" ".join(decode(ids))', "[data] decode returned one string for the whole sequence"),
+    ],
+)
 def test_a_decode_that_does_not_fit_stops_before_any_fitting(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    body: str,
+    message: str,
 ) -> None:
     (tmp_path / "text_project.py").write_text(
-        TEXT_PROJECT + "\ndef short_decode(ids):\n    return decode(ids)[:-1]\n"
+        TEXT_PROJECT + f"\ndef short_decode(ids):\n    return {body}\n"
     )
     (tmp_path / "infkit.toml").write_text(
         textwrap.dedent(
@@ -492,7 +503,7 @@ def test_a_decode_that_does_not_fit_stops_before_any_fitting(
 
     monkeypatch.setattr(infkit.Influence, "fit", no_fit)
     assert cli.main(["run", str(tmp_path / "infkit.toml"), "--quiet"]) == 2
-    assert "[data] decode returned 5 strings for 6 token ids" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_two_projects_with_a_module_of_the_same_name_in_one_process(tmp_path: Path) -> None:

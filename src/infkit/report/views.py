@@ -176,7 +176,14 @@ class Display:
     def _decode(self, ids: list[int]) -> list[str]:
         if self.decode is None:
             return [str(i) for i in ids]
-        tokens = [str(t) for t in self.decode(ids)]
+        decoded = self.decode(ids)
+        if isinstance(decoded, str):  # a tokenizer's decode: one string for the whole sequence
+            raise ConfigError(
+                "[data] decode returned one string for the whole sequence; it must map a list of "
+                "ids to one string per id (with a Hugging Face tokenizer: "
+                "tokenizer.convert_ids_to_tokens)"
+            )
+        tokens = [str(t) for t in decoded]
         if len(tokens) != len(ids):
             raise ConfigError(
                 f"[data] decode returned {len(tokens)} strings for {len(ids)} token ids; it must "
