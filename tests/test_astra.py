@@ -90,7 +90,17 @@ def test_a_short_solve_warns_once_per_right_hand_side(wine_logreg: dict) -> None
         small_batches.self_scores()
     said = [str(w.message) for w in record if "ASTRA stopped after" in str(w.message)]
     assert len(small_batches.describe()["residuals"]) > 2 and solves >= 3
-    assert len(said) == 1 and "the self-scores solve batch by batch" in said[0]
+    assert len(said) == 1 and "this question solves batch by batch" in said[0]
+    # so do RelatIF's and RIF's scores, which solve each training batch's gradients (after a
+    # refit, whose solves warn afresh: these are the self-scores' right-hand sides again)
+    Xte, yte = wine_logreg["test"]
+    for estimator in ("relatif", "rif"):
+        small_batches.fit(train)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            small_batches.with_estimator(estimator).scores((Xte[:2], yte[:2]))
+        said = [str(w.message) for w in record if "ASTRA stopped after" in str(w.message)]
+        assert len(said) == 1, (estimator, said)
 
 
 def test_astra_newton_step_with_the_ggn_and_the_hessian(mlp_problem: dict) -> None:

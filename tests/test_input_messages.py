@@ -148,7 +148,15 @@ def test_a_subset_names_its_examples_as_the_user_numbers_them(lm_problem: dict) 
         lm_problem["inf"].scores(queries.subset([2, 4]))
     nested = queries.subset([5, 3, 4]).subset([2, 0])  # a subset of a subset: example 4 again
     assert [nested.number(i) for i in range(2)] == [4, 5]
-    assert nested.take([0]).number(0) == 4
+    assert nested.take([0]).example(0) == "example 4 (position 0 of the subset given)"
+    # infkit's own splits of a set (groups of queries) name examples as in the set given
+    assert queries.part([2, 4]).example(1) == "example 4"
+    assert queries.part([2, 4]).take([1]).example(0) == "example 4"
+    assert (
+        queries.subset([2, 4]).part([1]).example(0) == "example 4 (position 1 of the subset given)"
+    )
+    with pytest.raises(InvalidInputError, match=r"subset index -1 is out of range \[0, 6\)"):
+        queries.subset([-1])
     unnamed = ExampleSet(lm.examples(ids, lm_problem["mask"]))  # named by its role
     with pytest.raises(InvalidInputError, match=r"test set example 4 \(position 0 of the"):
         lm_problem["inf"].scores(unnamed.subset([4]))

@@ -182,8 +182,14 @@ def test_report_rebuilds_without_recomputing(
     scores.write_bytes(bytes(raw))
     assert cli.main(["report", str(copy)]) == 2
     err = capsys.readouterr().err
-    assert "scores.safetensors is damaged" in err and "run `infkit run" in err
+    assert "scores.safetensors is damaged" in err
     assert "overwrite=True" not in err  # a keyword of the Python API, not of the command
+    # the command it gives recomputes the results in the same workdir, and the page rebuilds
+    command = re.search(r"`infkit run (\S+) --out (\S+)`", err)
+    assert command is not None, err
+    assert Path(command.group(2)) == copy
+    assert cli.main(["run", command.group(1), "--out", command.group(2), "--quiet"]) == 0
+    assert cli.main(["report", str(copy)]) == 0
 
 
 def test_second_run_reloads_the_saved_influence(project: Path, finished: Path) -> None:
@@ -333,6 +339,12 @@ def test_a_refit_names_the_settings_that_changed(
     assert "relatif: 'theta' saved, 'loss' now" in message
     assert message.count(" saved, ") == 3  # nothing else is named
     assert load_results(workdir)[0]["summary"]["influence"] == "fitted"
+    # the same config again reloads that fit: the notice about refitting was the run's, not
+    # the fit's, so the page does not list it as the saved fit's
+    assert cli.main(["run", str(tmp_path / "b.toml"), "--out", workdir, "--quiet"]) == 0
+    data = load_results(workdir)[0]
+    assert data["origin"] == "reloaded"
+    assert not any("other settings" in w["message"] for w in data["warnings"]), data["warnings"]
 
 
 def test_every_key_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -509,6 +521,8 @@ def test_a_decode_that_does_not_fit_stops_before_any_fitting(
 def test_two_projects_with_a_module_of_the_same_name_in_one_process(tmp_path: Path) -> None:
     """Each config's factories come from its own folder: the second project's ``project.py``
     is not the first one's, already imported (its data would be used without a word)."""
+    import warnings
+
     sized = TEXT_PROJECT + textwrap.dedent(
         """
         def sized_splits():
@@ -542,10 +556,30 @@ def test_two_projects_with_a_module_of_the_same_name_in_one_process(tmp_path: Pa
                 """
             )
         )
-        assert cli.main(["run", str(folder / "infkit.toml"), "--quiet"]) == 0
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            assert cli.main(["run", str(folder / "infkit.toml"), "--quiet"]) == 0
+        # the first project's module was infkit's import: replaced without a word
+        assert not any("replaced in sys.modules" in str(w.message) for w in record)
         data, _ = load_results(folder / "runs" / "infkit")
         sizes[name] = data["summary"]["n_train"]
     assert sizes == {"first": 20, "second": 30}
+    # a module of that name the user imported is replaced too, with a notice naming both
+    import importlib
+    import sys
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "project.py").write_text("MINE = True\n")
+    sys.modules.pop("project", None)
+    sys.path.insert(0, str(own))
+    try:
+        importlib.import_module("project")
+    finally:
+        sys.path.remove(str(own))
+    with pytest.warns(Notice, match=r"the config's folder holds its own 'project'.* replaced"):
+        assert cli.main(["run", str(tmp_path / "first" / "infkit.toml"), "--quiet"]) == 0
+    sys.modules.pop("project", None)
 
 
 def test_groups_fall_back_to_the_run_estimator_when_newton_is_out_of_reach() -> None:

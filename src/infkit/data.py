@@ -28,9 +28,9 @@ class Batch:
     """A batch of examples: ``inputs`` (a tensor or a dict of tensors) and ``targets``.
 
     ``indices`` are the examples' positions in their set, and ``source`` is the set's name
-    (``"training set"``, ``"test set"``), for messages that name an example; ``numbers`` are
-    the examples' numbers in the set the user gave when their set is a subset of it
-    (:meth:`ExampleSet.subset`; None: the positions).
+    (``"training set"``, ``"test set"``), for messages that name an example; ``numbers`` and
+    ``given_at`` are their numbers in the user's data and their positions in the set the
+    user gave (:attr:`ExampleSet.numbers`, :attr:`ExampleSet.given_at`; None: ``indices``).
     """
 
     indices: Tensor
@@ -38,6 +38,7 @@ class Batch:
     targets: Any
     source: str = "data"
     numbers: Tensor | None = None
+    given_at: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -47,8 +48,10 @@ class Batch:
         return int((self.indices if self.numbers is None else self.numbers)[k])
 
     def example(self, k: int) -> str:
-        """The batch's ``k``-th example as messages name it (:func:`example_name`)."""
-        return example_name(self.number(k), int(self.indices[k]))
+        """The batch's ``k``-th example as messages name it (:func:`example_name`): its
+        position is in the set the user gave (:attr:`ExampleSet.given_at`)."""
+        at = self.indices if self.given_at is None else self.given_at
+        return example_name(self.number(k), int(at[k]))
 
 
 def _map_tensors(obj: Any, fn) -> Any:
@@ -124,9 +127,12 @@ class ExampleSet:
 
     def __init__(self, data: Any, *, name: str = DEFAULT_NAME) -> None:
         self.name = name
-        #: each example's number in the set it was taken from (:meth:`subset`), by which
-        #: messages name it; None: its position here
+        #: each example's number in the data the user gave, when this set was taken from it
+        #: (:meth:`subset`, :meth:`part`), by which messages name it; None: its position here
         self.numbers: Tensor | None = None
+        #: each example's position in the set the user passed, when infkit split that set
+        #: (:meth:`part`: groups of queries); None: its position here
+        self.given_at: Tensor | None = None
         #: whether the examples were checked (check_examples): a set is checked once
         self._checked = False
         self._tensors: tuple[Any, Any] | None = None
@@ -138,6 +144,7 @@ class ExampleSet:
             # a set given without a name of its own takes the role it is given for
             self.name = name if data.name == DEFAULT_NAME else data.name
             self.numbers = data.numbers
+            self.given_at = data.given_at
             self._checked = data._checked  # the same examples
         elif _is_pair(data):
             x, y = (_as_tensors(part) for part in data)
@@ -201,17 +208,21 @@ class ExampleSet:
                 _map_tensors(x, lambda t: t[idx]),
                 _map_tensors(y, lambda t: t[idx]),
                 self.name,
-                self._numbers_of(idx),
+                *self._numbers_of(idx),
             )
         pairs = [self._item_pair(self._dataset[int(i)]) for i in idx]
         inputs = self._collate([p[0] for p in pairs], idx, "inputs")
         targets = (
             None if pairs[0][1] is None else self._collate([p[1] for p in pairs], idx, "labels")
         )
-        return Batch(idx, inputs, targets, self.name, self._numbers_of(idx))
+        return Batch(idx, inputs, targets, self.name, *self._numbers_of(idx))
 
-    def _numbers_of(self, idx: Tensor) -> Tensor | None:
-        return None if self.numbers is None else self.numbers[idx]
+    def _numbers_of(self, idx: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The numbers and positions (as messages give them) of the examples at ``idx``."""
+        return (
+            None if self.numbers is None else self.numbers[idx],
+            None if self.given_at is None else self.given_at[idx],
+        )
 
     def number(self, i: int) -> int:
         """The number by which messages name example ``i``: its number in the set it was taken
@@ -220,7 +231,8 @@ class ExampleSet:
 
     def example(self, i: int) -> str:
         """Example ``i`` as messages name it (:func:`example_name`)."""
-        return example_name(self.number(i), i)
+        at = i if self.given_at is None else int(self.given_at[i])
+        return example_name(self.number(i), at)
 
     def _collate(self, values: list[Any], idx: Tensor, what: str) -> Any:
         """``default_collate`` of items' inputs or labels; items whose dicts have other keys
@@ -290,9 +302,25 @@ class ExampleSet:
             yield self.take(idx[start : start + batch_size])
 
     def subset(self, indices: Tensor | Sequence[int]) -> ExampleSet:
-        """A new ExampleSet of the examples at ``indices``: positions are renumbered from 0, and
-        messages name each example by its number here (:attr:`numbers`)."""
+        """A new ExampleSet of the examples at ``indices`` (in range, not negative): positions
+        are renumbered from 0, and messages name each example by its number in the data it
+        was taken from (:attr:`numbers`) with its position here."""
+        idx = checked_indices(indices, len(self), what="subset index", allow_empty=True)
+        out = self._taken(idx)
+        out.given_at = None
+        return out
+
+    def part(self, indices: Tensor | Sequence[int]) -> ExampleSet:
+        """:meth:`subset` for infkit's own splits of a set the user gave (groups of queries,
+        the examples a removal retains): messages name each example as in the whole set, by
+        its number and its position there (:attr:`given_at`)."""
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        out = self._taken(idx)
+        out.given_at = idx if self.given_at is None else self.given_at[idx]
+        return out
+
+    def _taken(self, idx: Tensor) -> ExampleSet:
+        """The examples at ``idx`` as a new set, with their numbers and checked state."""
         if self._tensors is not None:
             b = self.take(idx)
             out = ExampleSet((b.inputs, b.targets), name=self.name)

@@ -95,7 +95,7 @@ def query_chunks(fitted: Fitted, queries: ExampleSet) -> list[ExampleSet]:
     ranges = row_chunks(len(queries), row_bytes, 0, fitted.memory_limit, together=True)
     if len(ranges) == 1:
         return [queries]
-    return [queries.subset(torch.arange(start, stop)) for start, stop in ranges]
+    return [queries.part(torch.arange(start, stop)) for start, stop in ranges]
 
 
 def scored_queries(method: Method, fitted: Fitted, queries: ExampleSet) -> tuple[Tensor, Tensor]:

@@ -468,7 +468,7 @@ class Ensemble:
         chunks = row_chunks(t, row_bytes, t * n * FLOAT64_BYTES, self.memory_limit)
         parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         for start, stop in chunks:
-            part = queries if stop - start == t else queries.subset(torch.arange(start, stop))
+            part = queries if stop - start == t else queries.part(torch.arange(start, stop))
             S = self._scores(part, None, False).mean()
             helpful = -S if higher_is_better else S
             pro = helpful.topk(k, dim=1).indices

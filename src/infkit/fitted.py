@@ -387,7 +387,7 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
             else ""
         )
         raise InvalidInputError(
-            f"the model could not be called on {examples.name} example 0{given}: "
+            f"the model could not be called on {examples.name} {examples.example(0)}{given}: "
             f"{type(error).__name__}: {message}. Check that the data holds the model's inputs "
             "(a dict of inputs is passed as keyword arguments)"
         ) from error

@@ -632,7 +632,7 @@ class Influence:
         )
         shown = track(chunks, fitted.progress, "scores", len(chunks)) if len(chunks) > 1 else chunks
         for start, stop in shown:
-            part = queries if stop - start == t else queries.subset(torch.arange(start, stop))
+            part = queries if stop - start == t else queries.part(torch.arange(start, stop))
             if among is None:
                 yield start, stop, method.scores(part, self._estimator)
             else:
@@ -714,7 +714,7 @@ class Influence:
         first = method.removal(idx, self._estimator).to(fitted.theta.device, torch.float64)
         keep = torch.ones(fitted.n, dtype=torch.bool)
         keep[idx.cpu()] = False
-        retained = fitted.train.subset(keep.nonzero().squeeze(1))
+        retained = fitted.train.part(keep.nonzero().squeeze(1))
         clone = copy.deepcopy(self.task.model)
         task = self.task.with_model(clone)
         space = ParameterSpace(clone, fitted.space.names)

@@ -24,13 +24,15 @@ application.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from infkit.curvature import Curvature, CurvatureOperator, product_work_bytes
+from infkit.data import ExampleSet
 from infkit.errors import NotFittedError, warn
 from infkit.estimators import Estimator
 from infkit.fingerprint import tensor_digest
@@ -131,7 +133,7 @@ class ASTRA(PrimalMethod):
         #: right-hand sides (digest, shift, ridge) whose short solve was warned about: the
         #: same queries solved again (module or token scores after the scores) warn once
         self._warned: set[tuple[str, float, float]] = set()
-        #: within self_scores (a solve per batch), whether a short solve was warned about
+        #: within a question (:meth:`_one_warning`), whether one of its solves stopped short
         self._batched: bool | None = None
 
     def check(self, task: Task, space: ParameterSpace) -> None:
@@ -142,6 +144,7 @@ class ASTRA(PrimalMethod):
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
+        self._warned.clear()  # another fit: its solves warn afresh
         imprecise_solve_warning(self.name, self.options.tol, fitted.engine.dtype)
         self.preconditioner = KroneckerCurvature(
             fitted, self.options.preconditioner(), corrected=True, owner=self.name
@@ -255,8 +258,8 @@ class ASTRA(PrimalMethod):
             which = (
                 ""
                 if self._batched is None
-                else " (the self-scores solve batch by batch: the first batch to stop short; "
-                "describe()['residuals'] lists every solve)"
+                else " (this question solves batch by batch: the first of its solves to stop "
+                "short; describe()['residuals'] lists every solve)"
             )
             warn(
                 f"ASTRA stopped after {iterations + 1} iterations with a relative residual of "
@@ -265,23 +268,46 @@ class ASTRA(PrimalMethod):
             )
         return x
 
+    # one warning per question, not one per batch of training examples its loop solves (the
+    # self-scores, RelatIF, RIF and Newton estimators, group removal, leverages)
+    def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
+        with self._one_warning():
+            return super().scores(queries, estimator)
+
     def self_scores(self, estimator: Estimator) -> Tensor:
-        # one warning for the call, not one per batch of training examples solved
-        self._batched = False
-        try:
+        with self._one_warning():
             return super().self_scores(estimator)
+
+    def removal(self, indices: Tensor, estimator: Estimator) -> Tensor:
+        with self._one_warning():
+            return super().removal(indices, estimator)
+
+    def leverages(self) -> Tensor:
+        with self._one_warning():
+            return super().leverages()
+
+    @contextmanager
+    def _one_warning(self) -> Iterator[None]:
+        """Within: at most one short-solve warning (a call nested in another shares it)."""
+        outer = self._batched is not None
+        if not outer:
+            self._batched = False
+        try:
+            yield
         finally:
-            self._batched = None
+            if not outer:
+                self._batched = None
 
     def _first_warning(self, V: Tensor, shift: float, ridge: float) -> bool:
-        """Whether a short solve of ``V`` is not yet warned about (and now is); within
-        :meth:`self_scores`, whether no solve of the call was."""
-        if self._batched is not None:
-            first, self._batched = not self._batched, True
-            return first
+        """Whether a short solve of ``V`` is to be warned about: not yet warned about (by its
+        digest), and within a question (:meth:`_one_warning`) the first to stop short."""
+        if self._batched:
+            return False
         key = (tensor_digest(V), shift, ridge)
         first = key not in self._warned
         self._warned.add(key)
+        if self._batched is not None:
+            self._batched = True
         return first
 
     def _step(

@@ -237,7 +237,7 @@ class KFAC(PrimalMethod):
         for number, (start, stop, layers) in enumerate(groups):
             label = "scores" if len(groups) == 1 else f"scores, group {number + 1}/{len(groups)}"
             whole = stop - start == len(queries)
-            part = queries if whole else queries.subset(torch.arange(start, stop))
+            part = queries if whole else queries.part(torch.arange(start, stop))
             group = None if shards is None else shards.of_group([start, stop, list(layers)])
             if group is None:
                 prepared = scorer.queries(part, layers)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from infkit import evaluate
 from infkit import retrain as retraining
 from infkit._version import __version__
-from infkit.data import ExampleSet, checked_indices
+from infkit.data import ExampleSet, check_compatible, checked_indices
 from infkit.errors import (
     ArtifactError,
     ConfigError,
@@ -223,36 +223,45 @@ def fit_or_reload(
                 + "); fitting again with the config's ([influence] reuse = false always refits)",
                 Notice,
             )
-    try:
-        inf.fit(train)
-    except InfkitError as error:
-        raise type(error)(f"fitting the influence: {error}") from error
+    with shown_warnings() as said:  # the fit's own (also shown and recorded by the run)
+        try:
+            inf.fit(train)
+        except InfkitError as error:
+            raise type(error)(f"fitting the influence: {error}") from error
     inf.save(saved, overwrite=True)
+    keep_fit_warnings(inf, train, workdir, said)
     return inf, "fitted"
 
 
-def fit_warnings(
-    inf: Influence, train: ExampleSet, workdir: Path, origin: str, given: list[dict[str, str]]
-) -> list[dict[str, str]]:
-    """The warnings of the fit, kept with the saved influence: a run that fits saves the ones
-    it ``given`` (and returns none); a run that reloads returns the saved fit's, marked
-    ``"from": "the saved fit"``, so that its page says what the fit said (the fit's
-    warnings are not given again when its influence is reloaded)."""
-    store = ArtifactStore(workdir)
-    identity = {
+def _fit_identity(inf: Influence, train: ExampleSet) -> dict[str, Any]:
+    """What the fit's warnings belong to: the saved influence's settings, model and data."""
+    return {
         "settings": influence_settings(inf),
         "model": model_fingerprint(inf.task.model)["parameters"],
         "train": data_fingerprint(train),
     }
-    if origin == "fitted":
-        store.save(FIT_WARNINGS, identity, documents={"warnings": given}, overwrite=True)
-        for path, _ in store.others(FIT_WARNINGS, identity):  # those of earlier fits
-            store.remove(path)
+
+
+def keep_fit_warnings(
+    inf: Influence, train: ExampleSet, workdir: Path, said: list[dict[str, str]]
+) -> None:
+    """Keep the warnings the fit gave (``said``) with the saved influence, in the workdir's
+    store (those of earlier fits removed): a run that reloads it lists them
+    (:func:`saved_fit_warnings`), since the fit does not run again to give them."""
+    store = ArtifactStore(workdir)
+    identity = _fit_identity(inf, train)
+    store.save(FIT_WARNINGS, identity, documents={"warnings": said}, overwrite=True)
+    for path, _ in store.others(FIT_WARNINGS, identity):
+        store.remove(path)
+
+
+def saved_fit_warnings(inf: Influence, train: ExampleSet, workdir: Path) -> list[dict[str, str]]:
+    """The warnings the fit of the reloaded influence gave, marked ``"from": "the saved fit"``
+    (none for a workdir from before they were kept)."""
+    saved = ArtifactStore(workdir).load(FIT_WARNINGS, _fit_identity(inf, train))
+    if saved is None:
         return []
-    saved = store.load(FIT_WARNINGS, identity)
-    if saved is None:  # a workdir from before the fit's warnings were kept
-        return []
-    return [{**w, "from": "the saved fit"} for w in saved.json("warnings") if w not in given]
+    return [{**w, "from": "the saved fit"} for w in saved.json("warnings")]
 
 
 def influence_settings(inf: Influence) -> dict[str, Any]:
@@ -297,7 +306,7 @@ def _flagged(config: RunConfig, n: int) -> Tensor | None:
     try:
         idx = checked_indices(spec, n, what="[self_influence] flagged index", unique=True)
     except InfkitError as error:
-        raise ConfigError(str(error)) from error
+        raise ConfigError(f"{config.path.name}: {error}") from error
     mask = torch.zeros(n, dtype=torch.bool)
     mask[idx] = True
     return mask
@@ -339,14 +348,17 @@ def _run(
     inf.progress = progress
     rep = config["report"]
     chosen = chosen_queries(config, len(test))  # refused here, before any fitting
-    display.view("test", 0)  # a decode that does not fit the token ids, too
-    # the test set checked (and a language model's padding probed) once, as a whole: the
-    # queries, a subset of it, are not probed again
+    flagged = _flagged(config, len(train))
+    # the test set checked (and a language model's padding probed) once, as a whole, before
+    # the fit: the queries, a subset of it, are not probed again
+    test.check_finite()
+    check_compatible(train, test)
     check_examples(PerExample(task, ParameterSpace(model)), test)
+    display.view("test", 0)  # a decode that does not fit the token ids, too
     watch.lap("load")
-    before = len(shown)
     inf, origin = fit_or_reload(inf, config, train, workdir)
-    shown += fit_warnings(inf, train, workdir, origin, shown[before:])
+    if origin == "reloaded":
+        shown += saved_fit_warnings(inf, train, workdir)
     watch.lap("fit")
 
     batch = config["influence"]["batch_size"]
@@ -355,7 +367,7 @@ def _run(
         queries = chosen
     else:
         queries = test_losses.argsort(descending=True)[: rep["n_queries"]]
-    query_set = test.subset(queries)
+    query_set = test.part(queries)
     k = min(rep["top_k"], len(train))
     scores = inf.scores(query_set)
     top = inf.top_k(query_set, k=k)
@@ -375,7 +387,6 @@ def _run(
     }
     if rel_scores is not None:
         tensors["relatif_scores"] = rel_scores
-    flagged = _flagged(config, len(train))
     if flagged is not None:
         tensors["flagged"] = flagged
 
@@ -502,7 +513,7 @@ def _retraining(
         loo = retraining.leave_one_out(
             task,
             train,
-            query_set.subset([0]),
+            query_set.part([0]),
             loo_idx,
             l2,
             tolerance=section["tolerance"],
@@ -607,7 +618,7 @@ def _explanations(
                 for kind in ("proponent", "opponent")
             }
         if token_scores is not None:
-            _add_token_scores(token_scores, query_set.subset([q]), lists["if"])
+            _add_token_scores(token_scores, query_set.part([q]), lists["if"])
         record: dict[str, Any] = {
             "index": t,
             "label": display.label("test", t),

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from infkit.errors import ConfigError
+from infkit.errors import ConfigError, Notice, warn
 
 
 @contextlib.contextmanager
@@ -37,22 +37,36 @@ def on_path(folder: Path) -> Iterator[None]:
             sys.path.remove(entry)
 
 
+#: top-level modules imported from config folders: name -> file (so that another config's
+#: module of the same name replaces it without a word)
+_FROM_CONFIGS: dict[str, Path] = {}
+
+
 def forget_other_copy(module_name: str, folder: Path) -> None:
     """Drop from ``sys.modules`` a module (and its submodules) that ``folder`` holds but that
     was imported from another place, so that importing it gives the folder's own: two projects'
-    configs run in one process would otherwise share the first one's factories."""
+    configs run in one process would otherwise share the first one's factories. A module the
+    user imported (not infkit for another config) is replaced with a notice naming both."""
     top = module_name.split(".")[0]
     here = next(
         (p for p in (folder / f"{top}.py", folder / top / "__init__.py") if p.exists()), None
     )
+    if here is None:
+        return
+    here = here.resolve()
     cached = sys.modules.get(top)
-    if here is None or cached is None:
-        return
     origin = getattr(cached, "__file__", None)
-    if origin is not None and Path(origin).resolve() == here.resolve():
-        return
-    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
-        del sys.modules[name]
+    if cached is not None and (origin is None or Path(origin).resolve() != here):
+        if _FROM_CONFIGS.get(top) != (Path(origin).resolve() if origin else None):
+            warn(
+                f"the config's folder holds its own {top!r} ({here}); the module of that name "
+                f"imported before from {origin or 'elsewhere'} is replaced in sys.modules, so a "
+                f"later `import {top}` gives the config's",
+                Notice,
+            )
+        for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+            del sys.modules[name]
+    _FROM_CONFIGS[top] = here
 
 
 def resolve(spec: str, key: str, folder: Path) -> Callable[..., Any]:

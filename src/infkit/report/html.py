@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -102,11 +103,22 @@ def load_results(workdir: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]
     """The report data and tensors of a run, verified (manifest and checksums)."""
     path = find_results(workdir)
     remedy = (
-        f"The page cannot be built from it: run `infkit run {path.parent / 'config.toml'}` again "
-        f"to recompute the results (it replaces {path.name})"
+        "The page cannot be built from it: run "
+        f"`infkit run {_run_config(path.parent)} --out {path.parent}` again to recompute the "
+        "results (it replaces them)"
     )
     artifact = ArtifactStore(path.parent).verify(path, KIND, remedy=remedy)
     return artifact.json("report"), artifact.tensors("scores")
+
+
+def _run_config(workdir: Path) -> str:
+    """The config file the run of ``workdir`` was made from (its settings record it), else a
+    placeholder."""
+    try:
+        named = json.loads((workdir / "settings.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    return str(named) if named else "CONFIG.toml"
 
 
 def write_report(workdir: str | Path, out: str | Path | None = None) -> Path:
@@ -245,8 +257,11 @@ def warnings_list(shown: list[dict[str, str]]) -> str:
         where = f' <span class="note">(given by {esc(w["from"])})</span>' if "from" in w else ""
         return esc(w["message"]) + where
 
-    notices = [w for w in shown if w["category"] == "Notice"]
-    warned = [w for w in shown if w["category"] != "Notice"]
+    once: dict[tuple[str, str], dict[str, str]] = {}  # a warning given again: listed once
+    for w in shown:
+        once.setdefault((w["category"], w["message"]), w)
+    notices = [w for w in once.values() if w["category"] == "Notice"]
+    warned = [w for w in once.values() if w["category"] != "Notice"]
     out = ""
     if warned:
         out += f"<h3>Warnings ({len(warned)})</h3>" + "".join(
@@ -468,7 +483,7 @@ def layers_section(data: dict[str, Any]) -> str:
 
 def warned_line(data: dict[str, Any]) -> str:
     """A line under the title pointing to the run's warnings, when there are any."""
-    count = sum(w["category"] != "Notice" for w in data.get("warnings") or [])
+    count = len({w["message"] for w in data.get("warnings") or [] if w["category"] != "Notice"})
     if not count:
         return ""
     return (

@@ -176,7 +176,13 @@ class Display:
     def _decode(self, ids: list[int]) -> list[str]:
         if self.decode is None:
             return [str(i) for i in ids]
-        decoded = self.decode(ids)
+        try:
+            decoded = self.decode(ids)
+        except Exception as error:  # the user's function: named, with what it was given
+            raise ConfigError(
+                f"[data] decode raised {type(error).__name__}: {error} (given the token ids "
+                f"{ids[:8]}{' ...' if len(ids) > 8 else ''})"
+            ) from error
         if isinstance(decoded, str):  # a tokenizer's decode: one string for the whole sequence
             raise ConfigError(
                 "[data] decode returned one string for the whole sequence; it must map a list of "
