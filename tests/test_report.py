@@ -442,29 +442,35 @@ TEXT_PROJECT = textwrap.dedent(
 )
 
 
+def text_project(
+    folder: Path,
+    *,
+    model: str = "model",
+    splits: str = "splits",
+    decode: str = "decode",
+    more: str = "",
+    settings: str = '[influence]\nmethod = "kfac"\ndamping = 1e-3\n',
+    module: str = "text_project",
+) -> Path:
+    """Write TEXT_PROJECT (with ``more`` code) as ``module``.py in ``folder`` and a language
+    model config naming its factories, then ``settings``; returns the config's path."""
+    (folder / f"{module}.py").write_text(TEXT_PROJECT + more)
+    config = folder / "infkit.toml"
+    config.write_text(
+        f'[model]\nfactory = "{module}:{model}"\n'
+        f'[data]\nfactory = "{module}:{splits}"\ndecode = "{module}:{decode}"\n'
+        '[task]\nkind = "language_modeling"\n' + settings
+    )
+    return config
+
+
 def test_text_with_per_token_scores(tmp_path: Path) -> None:
     """A language model: texts shown token by token, each listed sequence's per-token scores
     sum to its score (the per-token split is exact for a model whose only tracked layer acts
     position by position, with l2 = 0)."""
-    (tmp_path / "text_project.py").write_text(TEXT_PROJECT)
-    (tmp_path / "infkit.toml").write_text(
-        textwrap.dedent(
-            """
-            [model]
-            factory = "text_project:model"
-            [data]
-            factory = "text_project:splits"
-            decode = "text_project:decode"
-            [task]
-            kind = "language_modeling"
-            [influence]
-            method = "kfac"
-            damping = 1e-3
-            [report]
-            n_queries = 1
-            top_k = 3
-            """
-        )
+    text_project(
+        tmp_path,
+        settings='[influence]\nmethod = "kfac"\ndamping = 1e-3\n[report]\nn_queries = 1\ntop_k = 3\n',
     )
     assert cli.main(["run", str(tmp_path / "infkit.toml"), "--quiet"]) == 0
     data, _ = load_results(tmp_path / "runs" / "infkit")
@@ -493,21 +499,11 @@ def test_a_decode_that_does_not_fit_stops_before_any_fitting(
     body: str,
     message: str,
 ) -> None:
-    (tmp_path / "text_project.py").write_text(
-        TEXT_PROJECT + f"\ndef short_decode(ids):\n    return {body}\n"
-    )
-    (tmp_path / "infkit.toml").write_text(
-        textwrap.dedent(
-            """
-            [model]
-            factory = "text_project:model"
-            [data]
-            factory = "text_project:splits"
-            decode = "text_project:short_decode"
-            [task]
-            kind = "language_modeling"
-            """
-        )
+    text_project(
+        tmp_path,
+        decode="short_decode",
+        more=f"\ndef short_decode(ids):\n    return {body}\n",
+        settings="",
     )
 
     def no_fit(*args: object, **kwargs: object) -> None:
@@ -523,7 +519,7 @@ def test_two_projects_with_a_module_of_the_same_name_in_one_process(tmp_path: Pa
     is not the first one's, already imported (its data would be used without a word)."""
     import warnings
 
-    sized = TEXT_PROJECT + textwrap.dedent(
+    sized = textwrap.dedent(
         """
         def sized_splits():
             g = torch.Generator().manual_seed(0)
@@ -535,26 +531,13 @@ def test_two_projects_with_a_module_of_the_same_name_in_one_process(tmp_path: Pa
     for name, size in (("first", 20), ("second", 30)):
         folder = tmp_path / name
         folder.mkdir()
-        (folder / "project.py").write_text(sized + f"\nSIZE = {size}\n")
-        (folder / "infkit.toml").write_text(
-            textwrap.dedent(
-                """
-                [model]
-                factory = "project:model"
-                [data]
-                factory = "project:sized_splits"
-                [task]
-                kind = "language_modeling"
-                [influence]
-                method = "kfac"
-                damping = 1e-3
-                [report]
-                n_queries = 1
-                top_k = 2
-                [retraining]
-                n = 0
-                """
-            )
+        text_project(
+            folder,
+            module="project",
+            splits="sized_splits",
+            more=sized + f"\nSIZE = {size}\n",
+            settings='[influence]\nmethod = "kfac"\ndamping = 1e-3\n'
+            "[report]\nn_queries = 1\ntop_k = 2\n[retraining]\nn = 0\n",
         )
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
@@ -666,25 +649,11 @@ def test_a_left_padded_run_reports_its_warnings_and_shows_the_real_tokens(
     per set, naming the user's test example; left-padded texts show their real tokens, and the
     per-token scores of the shown tokens sum to the listed scores (only the padding is left
     out); a rerun that reloads the fit keeps the fit's warnings on the page."""
-    (tmp_path / "text_project.py").write_text(TEXT_PROJECT)
-    (tmp_path / "infkit.toml").write_text(
-        textwrap.dedent(
-            """
-            [model]
-            factory = "text_project:positions_model"
-            [data]
-            factory = "text_project:padded_splits"
-            decode = "text_project:decode"
-            [task]
-            kind = "language_modeling"
-            [influence]
-            method = "kfac"
-            damping = 1e-3
-            [report]
-            queries = [7, 6]
-            top_k = 3
-            """
-        )
+    text_project(
+        tmp_path,
+        model="positions_model",
+        splits="padded_splits",
+        settings='[influence]\nmethod = "kfac"\ndamping = 1e-3\n[report]\nqueries = [7, 6]\ntop_k = 3\n',
     )
     with pytest.warns(UserWarning, match="padding") as caught:
         assert cli.main(["run", str(tmp_path / "infkit.toml"), "--quiet"]) == 0
