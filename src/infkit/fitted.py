@@ -163,9 +163,7 @@ class Fitted:
         """``data`` as an ExampleSet, checked: finite, shaped like the training inputs, and
         with targets the task can use (:func:`check_examples`)."""
         examples = ExampleSet(data, name=name)
-        examples.check_finite()
-        check_compatible(self.train, examples)
-        check_examples(self.engine, examples)
+        check_beside(self.engine, self.train, examples)
         return examples
 
     def query_gradients(self, examples: ExampleSet, which: Which = "measurement") -> Tensor:
@@ -333,6 +331,14 @@ def _call_at_theta(engine: PerExample, inputs: Any) -> Tensor:
     computes them."""
     with evaluation_mode(engine.task.model):
         return engine.call(engine.params(), inputs)
+
+
+def check_beside(engine: PerExample, train: ExampleSet, examples: ExampleSet) -> None:
+    """Check a set to be asked about beside the training set ``train``: finite, shaped like
+    its inputs, and usable by the task (:func:`check_examples`)."""
+    examples.check_finite()
+    check_compatible(train, examples)
+    check_examples(engine, examples)
 
 
 def check_examples(engine: PerExample, examples: ExampleSet) -> None:

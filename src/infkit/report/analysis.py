@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from infkit import evaluate
 from infkit import retrain as retraining
 from infkit._version import __version__
-from infkit.data import ExampleSet, check_compatible, checked_indices
+from infkit.data import ExampleSet, checked_indices
 from infkit.errors import (
     ArtifactError,
     ConfigError,
@@ -42,7 +42,7 @@ from infkit.errors import (
     warn,
 )
 from infkit.fingerprint import data_fingerprint, model_fingerprint
-from infkit.fitted import check_examples
+from infkit.fitted import check_beside
 from infkit.gradients import PerExample
 from infkit.influence import Influence
 from infkit.parameters import ParameterSpace
@@ -351,9 +351,7 @@ def _run(
     flagged = _flagged(config, len(train))
     # the test set checked (and a language model's padding probed) once, as a whole, before
     # the fit: the queries, a subset of it, are not probed again
-    test.check_finite()
-    check_compatible(train, test)
-    check_examples(PerExample(task, ParameterSpace(model)), test)
+    check_beside(PerExample(task, ParameterSpace(model)), train, test)
     display.view("test", 0)  # a decode that does not fit the token ids, too
     watch.lap("load")
     inf, origin = fit_or_reload(inf, config, train, workdir)
