@@ -267,3 +267,84 @@ def test_the_plan_foresees_the_query_groups_of_layers_sharing_an_input() -> None
         assert groups == planned["scores"]
         seen.add(groups)
     assert len(seen) >= 3  # the sweep crossed group boundaries
+
+
+class InPlaceModel(torch.nn.Module):
+    """Tracked layers whose outputs the model changes in place (VGG's ``ReLU(inplace=True)``
+    right after a convolution; a scaling written into a linear layer's output) and a layer called
+    twice. ``in_place=False`` is the same function written without in-place operations."""
+
+    def __init__(self, in_place: bool = True) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.conv = torch.nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.relu = torch.nn.ReLU(inplace=in_place)
+        self.inp = torch.nn.Linear(27, 6)
+        self.mix = torch.nn.Linear(6, 6)
+        self.out = torch.nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(self.relu(self.conv(x)).flatten(1)))
+        h = self.mix(h)
+        h = h.mul_(0.5) if self.in_place else h * 0.5
+        return self.out(torch.tanh(self.mix(torch.tanh(h))))
+
+
+def _in_place_problem(in_place: bool = True) -> dict:
+    torch.manual_seed(11)
+    model = InPlaceModel(in_place).double()
+    gen = torch.Generator().manual_seed(12)
+    X = torch.randn(24, 2, 5, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (24,), generator=gen)
+    return {"model": model, "task": infkit.Task.classification(model), "train": (X, y)}
+
+
+def test_scores_of_layers_changed_in_place_or_called_twice_equal_the_dense_ekfac() -> None:
+    """A tracked layer's output changed in place by the model (an in-place ReLU after a
+    convolution) must be differentiated at the values the layer gave, not at the changed ones;
+    a layer called twice sums its two calls. Against the dense EK-FAC curvature built from the
+    explicit GGN and per-example gradients from autograd, for the scores and the self-scores
+    (before the fix, the gradients with respect to the ReLU'd and halved outputs were taken)."""
+    problem = _in_place_problem()
+    model, task, (X, y) = problem["model"], problem["task"], problem["train"]
+    damping = 1e-3
+    inf = infkit.Influence(task, "ekfac", damping=damping).fit((X, y))
+    method = inf.method.kronecker()
+    G = explicit_ggn(model, _cross_entropy, X, y, len(y))
+    P = G.shape[0]
+    H = damping * torch.eye(P, dtype=torch.float64)
+    for name, transposed in _layers(model):
+        idx = linear_block_index(model, name, transposed)
+        f = method.factors.modules[name]
+        K = torch.kron(f.QS, f.QA)
+        lam = kfe_diagonal(G[idx][:, idx], f.QS, f.QA).reshape(-1)
+        H[idx[:, None], idx[None, :]] += K @ torch.diag(lam) @ K.T
+
+    def grads(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for i in range(len(y)):
+            model.zero_grad()
+            _cross_entropy(model(X[i : i + 1]), y[i : i + 1]).sum().backward()
+            rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        return torch.stack(rows)
+
+    test, train = (X[:3], y[:3]), grads(X, y)
+    expected = torch.linalg.solve(H, grads(*test).T).T @ train.T / len(y)
+    assert relative_error(inf.scores(test), expected) < 1e-10
+    expected_self = (torch.linalg.solve(H, train.T).T * train).sum(1) / len(y)
+    assert relative_error(inf.self_scores(), expected_self) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_a_model_changing_outputs_in_place_scores_as_its_out_of_place_twin(method: str) -> None:
+    """The same function with and without in-place operations: the same factors, scores and
+    self-scores (the factor passes, the scoring pass and the self-score pass all read the
+    layers' outputs)."""
+    results = []
+    for in_place in (True, False):
+        problem = _in_place_problem(in_place)
+        inf = infkit.Influence(problem["task"], method, damping=1e-3).fit(problem["train"])
+        X, y = problem["train"]
+        results.append((inf.scores((X[:4], y[:4])), inf.self_scores()))
+    assert relative_error(results[0][0], results[1][0]) < 1e-10
+    assert relative_error(results[0][1], results[1][1]) < 1e-10

@@ -26,7 +26,6 @@ one query exceeds the budget, or with ``query_rank``, are they kept at rank r pe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -39,7 +38,12 @@ from infkit.distributed import batch_count, shard_batches, sum_across
 from infkit.errors import Notice, ProblemTooLargeError, warn
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import KroneckerCurvature
-from infkit.layers.capture import block_gradient, layer_terms
+from infkit.layers.capture import (
+    block_gradient,
+    layer_terms,
+    stream_block_gradients,
+    stream_layer_terms,
+)
 from infkit.layers.tracked import TrackedModule
 from infkit.memory import human_bytes, release_freed_memory
 from infkit.parameters import product_dtype
@@ -202,20 +206,12 @@ class StreamingScorer:
         self.rank = rank
         self.mask_key = curvature.options.mask_key
 
-    # ------------------------------------------------------------------ per-example blocks
-    def gradients(
-        self, batch: Batch, which: str, layers: list[TrackedModule] | None = None
-    ) -> Iterator[tuple[str, Tensor]]:
-        """(layer, per-example gradient blocks [B, d_out, cols]) of a batch, one layer at a time
-        (every tracked layer, or ``layers``)."""
-        layers = self.tracked if layers is None else layers
-        terms = layer_terms(self.fitted.engine, layers, batch, which, self.mask_key)
-        for t in layers:
-            a, ds = terms.pop(t.name)
-            yield t.name, block_gradient(a, ds, self.dtype)
-
     def _theta_blocks(self) -> dict[str, Tensor]:
+        """``fitted.regularised_theta`` per layer block in the product dtype, for the l2
+        share of the scores: nothing without l2 (a copy of the parameters spared)."""
         fitted = self.fitted
+        if not fitted.l2:
+            return {}
         theta = fitted.regularised_theta.unsqueeze(0)
         return {
             t.name: self.curvature.layers.layout.block(theta, t)[0].to(self.dtype)
@@ -283,28 +279,52 @@ class StreamingScorer:
                     torch.empty(t_count, t.cols, rank, dtype=self.dtype, device=device),
                 )
             else:
+                # written batch by batch: its pages are taken as the queries come
                 full[t.name] = torch.empty(
                     t_count, t.d_out, t.cols, dtype=self.dtype, device=device
                 )
+        prepared = LayerQueries(
+            full,
+            low_rank,
+            torch.zeros(t_count, dtype=torch.float64, device=device),
+            rank if low_rank else None,
+        )
         theta = self._theta_blocks()
-        shared = torch.zeros(t_count, dtype=torch.float64, device=device)
         for batch in queries.batches(fitted.batch_size):
-            rows = batch.indices.to(device)
-            terms = layer_terms(fitted.engine, tracked, batch, "measurement", self.mask_key)
-            for t in tracked:
-                name = t.name
-                U = self.curvature.precondition(name, terms.pop(name), ridges[name], self.dtype)
-                if fitted.l2:
-                    shared[rows] += fitted.l2 * (U * theta[name]).sum((1, 2)).to(torch.float64)
-                if name in low:
-                    assert rank is not None
-                    L, R = low_rank[name]
-                    L[rows], R[rows] = truncated_svd(U, rank)
-                else:
-                    full[name][rows] = U
-                del U
+            self._precondition_batch(batch, tracked, prepared, theta, ridges)
         release_freed_memory()  # the query passes' leftovers, before the scoring pass
-        return LayerQueries(full, low_rank, shared, rank if low_rank else None)
+        return prepared
+
+    def _precondition_batch(
+        self,
+        batch: Batch,
+        tracked: list[TrackedModule],
+        prepared: LayerQueries,
+        theta: dict[str, Tensor],
+        ridges: dict[str, float],
+    ) -> None:
+        """Write the preconditioned measurement gradients of a batch of queries into
+        ``prepared`` (its rows ``batch.indices``), layer by layer after the backward.
+
+        Not streamed as the scoring pass is (:func:`stream_layer_terms`): preconditioning a
+        layer takes several blocks of temporaries, and taken during the backward, beside the
+        rest of the graph, they raised the peak of this pass (1.71 against 1.65 GiB on
+        bench_lm's small model) where handing over the output gradients saved less.
+        """
+        l2, rows = self.fitted.l2, batch.indices.to(prepared.shared.device)
+        terms = layer_terms(self.fitted.engine, tracked, batch, "measurement", self.mask_key)
+        for t in tracked:
+            name = t.name
+            U = self.curvature.precondition(name, terms.pop(name), ridges[name], self.dtype)
+            if l2:
+                prepared.shared[rows] += l2 * (U * theta[name]).sum((1, 2)).to(torch.float64)
+            if name in prepared.low_rank:
+                assert prepared.rank is not None
+                L, R = prepared.low_rank[name]
+                L[rows], R[rows] = truncated_svd(U, prepared.rank)
+            else:
+                prepared.full[name][rows] = U
+            del U
 
     # ------------------------------------------------------------------ scores
     def scores(
@@ -364,24 +384,51 @@ class StreamingScorer:
         return block
 
     def _batch_scores(self, batch: Batch, prepared: LayerQueries) -> Tensor:
-        """``sum_l <U_tl, G_jl>`` for the batch, [T, B] float64."""
+        """``sum_l <U_tl, G_jl>`` for the batch, [T, B] float64.
+
+        Each layer's share is taken as the backward reaches it (:func:`stream_layer_terms`), so
+        the pass holds one layer's output gradients at a time.
+        """
         out = torch.zeros(
             prepared.count, len(batch.indices), dtype=torch.float64, device=self.fitted.space.device
         )
         layers = [t for t in self.tracked if t.name in prepared.full or t.name in prepared.low_rank]
-        terms = layer_terms(self.fitted.engine, layers, batch, "loss", self.mask_key)
-        for t in layers:
-            a, ds = terms.pop(t.name)
-            if t.name in prepared.low_rank:
-                L, R = prepared.low_rank[t.name]
+
+        def add_share(name: str, a: Tensor, ds: Tensor) -> None:
+            if name in prepared.low_rank:
+                L, R = prepared.low_rank[name]
                 left = torch.einsum("bso,qor->qbsr", ds.to(self.dtype), L)
                 right = torch.einsum("bsi,qir->qbsr", a.to(self.dtype), R)
-                out += (left * right).sum((2, 3)).to(torch.float64)
+                out.add_((left * right).sum((2, 3)).to(torch.float64))
             else:
                 G = block_gradient(a, ds, self.dtype)
-                U = prepared.full[t.name]
-                out += (U.reshape(U.shape[0], -1) @ G.reshape(G.shape[0], -1).T).to(torch.float64)
+                U = prepared.full[name]
+                out.add_(
+                    (U.reshape(U.shape[0], -1) @ G.reshape(G.shape[0], -1).T).to(torch.float64)
+                )
+
+        stream_layer_terms(self.fitted.engine, layers, batch, add_share, "loss", self.mask_key)
         return out
+
+    def _self_scores_of_batch(
+        self, batch: Batch, theta: dict[str, Tensor], ridges: dict[str, float]
+    ) -> Tensor:
+        """``g_j^T A^{-1} v_j`` [B] float64 for the batch's examples, layer by layer as the
+        backward passes each (:func:`stream_block_gradients`)."""
+        l2 = self.fitted.l2
+        values = torch.zeros(
+            len(batch.indices), dtype=torch.float64, device=self.fitted.space.device
+        )
+
+        def add_layer(name: str, G: Tensor) -> None:
+            attributed = G + l2 * theta[name] if l2 else G
+            U = self.curvature.precondition(name, attributed, ridges[name], self.dtype)
+            values.add_((G * U).sum((1, 2)).to(torch.float64))
+
+        stream_block_gradients(
+            self.fitted.engine, self.tracked, batch, add_layer, "loss", self.mask_key, self.dtype
+        )
+        return values
 
     def self_scores(self) -> Tensor:
         """``(1/N) g_j^T A^{-1} v_j`` for every training example, [N] float64."""
@@ -393,11 +440,7 @@ class StreamingScorer:
         batches = shard_batches(fitted.train, fitted.batch_size)
         ridges = self.curvature.ridges()
         for _, batch in track(batches, fitted.progress, "self-scores", total):
-            values = torch.zeros(len(batch.indices), dtype=torch.float64, device=out.device)
-            for name, G in self.gradients(batch, "loss"):
-                attributed = G + fitted.l2 * theta[name] if fitted.l2 else G
-                U = self.curvature.precondition(name, attributed, ridges[name], self.dtype)
-                values += (G * U).sum((1, 2)).to(torch.float64)
+            values = self._self_scores_of_batch(batch, theta, ridges)
             out[batch.indices.to(out.device)] = values / n
         sum_across(out)
         return out

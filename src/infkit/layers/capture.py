@@ -15,6 +15,7 @@ the true per-example gradient otherwise.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,15 @@ from infkit.parameters import evaluation_mode
 from infkit.task import Task
 
 
+def _not_called(name: str) -> UnsupportedError:
+    return UnsupportedError(
+        f"tracked module {name!r} was not called during the forward pass: either it "
+        "takes no part in the outputs (then it has no gradient: freeze it, "
+        "requires_grad=False), or a parent module applies its weight itself, without "
+        "calling it, so its hooks never run (leave it out of modules=[...])"
+    )
+
+
 @dataclass
 class Record:
     """One call of a tracked layer: its activations and (graph-attached) output."""
@@ -39,6 +49,14 @@ class Record:
     out: Tensor  # the layer output, attached to the graph
     mask: Tensor | None  # [B, T] of 0/1 (float), or None when every position counts
     to_tokens: Callable[[Tensor], Tensor]  # output-shaped [K, *out] -> [K, B, T, d_out]
+    version: int = 0  # ``out._version`` when recorded: changed if the model wrote into it
+
+
+#: tracked layers whose output the model changes in place (an ``nn.ReLU(inplace=True)`` right
+#: after a convolution, as VGG has): a gradient taken with respect to that tensor after the
+#: forward pass would be the gradient with respect to the changed values, so these layers
+#: hand the model a copy of their output and the copy is what changes (:meth:`Capture.forward`)
+_CHANGED_IN_PLACE: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 def _conv_patches(module: torch.nn.Conv2d, x: Tensor) -> Tensor:
@@ -108,19 +126,42 @@ def _batch_shape(inputs: Any, mask: Tensor | None) -> tuple[int | None, set[int]
     return b, spans
 
 
+#: ``consume(layer name, a [B, T, cols], Ds [B, T, d_out])``: one call of a tracked layer's
+#: terms, handed over by a streamed backward (:meth:`Capture.stream`) as soon as it is reached
+Consumer = Callable[[str, Tensor, Tensor], None]
+
+
 class Capture:
     """Context manager recording tracked layers during forward passes.
 
     Args:
         tracked: the tracked layers.
         mask_key: key of the attention mask in dict inputs (None: no masking).
+        consume: when given, the backward is streamed (:meth:`stream`): every call of a tracked
+            layer hands its terms to ``consume`` as the backward reaches it, and they are freed
+            then, instead of every layer's ``Ds`` being held until the backward ends.
+        done: with ``consume``, called with a layer's name once all its calls are handed over
+            (at the end of the backward for a layer whose output took no part in the losses).
     """
 
     def __init__(
-        self, tracked: list[TrackedModule], mask_key: str | None = "attention_mask"
+        self,
+        tracked: list[TrackedModule],
+        mask_key: str | None = "attention_mask",
+        consume: Consumer | None = None,
+        done: Callable[[str], None] | None = None,
     ) -> None:
         self.tracked = tracked
         self.mask_key = mask_key
+        self.consume = consume
+        self.done = done
+        #: device -> a zero scalar leaf added to every tracked output of a streamed pass, so
+        #: that one backward to it reaches every tracked layer (:meth:`stream`)
+        self._anchors: dict[torch.device, Tensor] = {}
+        #: the calls of each tracked layer in the last streamed forward pass (which keeps no
+        #: records), and those not yet handed over in its backward
+        self._called: dict[str, int] = {}
+        self._pending: dict[str, int] = {}
         self.records: dict[str, list[Record]] = {}
         self._handles: list[Any] = []
         self._mask: Tensor | None = None
@@ -150,8 +191,8 @@ class Capture:
         self.records = {}
         self._inputs = {}
 
-    def _hook(self, t: TrackedModule) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+    def _hook(self, t: TrackedModule) -> Callable[..., Tensor | None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
             x = args[0].detach()
             rows = x.shape[0]
             b = self._examples(t, rows)
@@ -170,9 +211,47 @@ class Capture:
                 to_tokens = _sequence_tokens(b, output.shape[-1])
                 if self._mask is not None and self._mask.shape == a.shape[:2]:
                     mask = self._mask_as(a.dtype)
-            self.records.setdefault(t.name, []).append(Record(a, output, mask, to_tokens))
+            if self.consume is not None and torch.is_grad_enabled():
+                # nothing kept here: the hook holds the terms until it hands them over
+                self._called[t.name] = self._called.get(t.name, 0) + 1
+                return self._anchored(t.name, a, output, to_tokens)
+            given = None  # a copy for the model to go on with, if it changes the output
+            if module in _CHANGED_IN_PLACE and torch.is_grad_enabled():
+                given = output.clone()
+            record = Record(a, output, mask, to_tokens, output._version)
+            self.records.setdefault(t.name, []).append(record)
+            return given
 
         return hook
+
+    def _anchored(
+        self, name: str, a: Tensor, output: Tensor, to_tokens: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        """``output + 0`` through the anchor of its device (the values unchanged), with a hook
+        handing the layer's terms to :attr:`consume` when the backward reaches this call.
+
+        The hook is registered here, before the model can change the output in place, so that
+        it receives the gradient with respect to the layer's output as returned. It drops its
+        hold on ``a`` once handed over: the layer's input is then freed when the backward
+        has passed the layer, as in a plain backward, instead of at the end.
+        """
+        consume = self.consume
+        assert consume is not None
+        anchor = self._anchors.get(output.device)
+        if anchor is None:
+            anchor = torch.zeros((), device=output.device, requires_grad=True)
+            self._anchors[output.device] = anchor
+        anchored = output + anchor
+        held = [a]
+
+        def hand_over(g: Tensor) -> None:
+            consume(name, held.pop(), to_tokens(g.unsqueeze(0))[0])
+            self._pending[name] -= 1
+            if self._pending[name] == 0 and self.done is not None:
+                self.done(name)
+
+        anchored.register_hook(hand_over)
+        return anchored
 
     def _examples(self, t: TrackedModule, rows: int) -> int:
         """The examples that the ``rows`` of layer ``t``'s input belong to, batch-major.
@@ -230,8 +309,32 @@ class Capture:
         return self._mask
 
     def forward(self, task: Task, inputs: Any) -> Tensor:
-        """Run the model on ``inputs`` (recording); returns its outputs flattened to [B, C]."""
+        """Run the model on ``inputs`` (recording); returns its outputs flattened to [B, C].
+
+        A tracked layer whose output the model changed in place is remembered, and the pass is
+        run again with that layer handing the model a copy (:data:`_CHANGED_IN_PLACE`), so that
+        its recorded output keeps the values the layer gave. A streamed pass needs no copy: its
+        hooks are registered on the output before the model can change it.
+        """
+        out = self._forward_once(task, inputs)
+        if self.consume is not None or not torch.is_grad_enabled():
+            return out
+        changed = {
+            t.module
+            for t in self.tracked
+            for r in self.records.get(t.name, [])
+            if r.out._version != r.version and t.module not in _CHANGED_IN_PLACE
+        }
+        if not changed:
+            return out
+        _CHANGED_IN_PLACE.update(changed)
+        del out
+        self.release()
+        return self._forward_once(task, inputs)
+
+    def _forward_once(self, task: Task, inputs: Any) -> Tensor:
         self.records = {}
+        self._called = {}
         self._inputs = {}
         self._mask = None
         self._model = task.model
@@ -247,12 +350,7 @@ class Capture:
         """All recorded activations of layer ``name``: [B, T_total, cols] and the mask."""
         recs = self.records.get(name, [])
         if not recs:
-            raise UnsupportedError(
-                f"tracked module {name!r} was not called during the forward pass: either it "
-                "takes no part in the outputs (then it has no gradient: freeze it, "
-                "requires_grad=False), or a parent module applies its weight itself, without "
-                "calling it, so its hooks never run (leave it out of modules=[...])"
-            )
+            raise _not_called(name)
         a = recs[0].a if len(recs) == 1 else torch.cat([r.a for r in recs], dim=1)
         if all(r.mask is None for r in recs):
             return a, None
@@ -317,6 +415,32 @@ class Capture:
             for n, parts in result.items()
         }
 
+    def stream(self, losses: Tensor) -> None:
+        """The backward of ``losses.sum()`` through every tracked layer of the last (streamed)
+        forward pass, handing each call's terms to :attr:`consume` as it is reached.
+
+        Only the tracked layers' output gradients are computed on the way (to the anchors), not
+        the parameters'. A tracked layer that takes no part in the losses is never handed over:
+        its terms are zero. This is the last use of the forward pass's graph.
+
+        Raises:
+            UnsupportedError: a tracked layer was not called by the forward pass.
+        """
+        if self.consume is None:
+            raise RuntimeError("Capture.stream needs a Capture made with consume=")
+        for t in self.tracked:
+            if t.name not in self._called:
+                raise _not_called(t.name)
+        self._inputs = {}  # the forward pass's shared inputs: the graph holds what it needs
+        self._pending = dict(self._called)
+        anchors = list(self._anchors.values())
+        if anchors:
+            torch.autograd.grad(losses.sum(), anchors, allow_unused=True)
+        if self.done is not None:  # layers with calls the backward never reached
+            for name, pending in self._pending.items():
+                if pending > 0:
+                    self.done(name)
+
     def loss_gradients(self, outputs: Tensor, losses: Tensor) -> dict[str, Tensor]:
         """Pre-activation gradients of ``losses.sum()``: name -> Ds [1, B, T, d_out]."""
         # frees only the loss's part of the graph, between the losses and the outputs
@@ -337,18 +461,83 @@ def layer_terms(
     example b's loss (``which="loss"``) or measurement (``"measurement"``) with respect to the
     layer's augmented block ``[W | b]``.
     """
-    task = engine.task
-    inputs, targets = engine.prepare(batch)
-    with Capture(tracked, mask_key) as cap, evaluation_mode(task.model), torch.enable_grad():
-        out = cap.forward(task, inputs)
-        check_finite_rows(out.detach(), batch, "model output")
-        values = (
-            task.checked_loss(out, targets)
-            if which == "loss"
-            else task.checked_measurement(out, targets)
-        )
+    with Capture(tracked, mask_key) as cap, evaluation_mode(engine.task.model), torch.enable_grad():
+        out, values = _recorded_values(cap, engine, batch, which)
         Ds = cap.loss_gradients(out, values)
         return {t.name: (cap.activations(t.name)[0], Ds[t.name][0].detach()) for t in tracked}
+
+
+def stream_layer_terms(
+    engine: PerExample,
+    tracked: list[TrackedModule],
+    batch: Batch,
+    consume: Consumer,
+    which: str = "loss",
+    mask_key: str | None = "attention_mask",
+    done: Callable[[str], None] | None = None,
+) -> None:
+    """:func:`layer_terms`, handed over one layer call at a time as the backward reaches it.
+
+    ``consume(name, a, Ds)`` is called once for every call of a tracked layer (a layer called
+    twice in the forward pass gives two calls, each with its own positions); what it computes
+    must therefore add up over calls, as ``sum_t Ds_t a_t^T`` does. Each call's ``Ds`` is freed
+    after its hand-over, so the backward holds one layer's terms at a time rather than every
+    layer's until it ends (the peak of a scoring pass). ``done(name)``, when given, follows a
+    layer's last call.
+    """
+    with (
+        Capture(tracked, mask_key, consume, done) as cap,
+        evaluation_mode(engine.task.model),
+        torch.enable_grad(),
+    ):
+        values = _recorded_values(cap, engine, batch, which)[1]
+        cap.stream(values)
+
+
+def stream_block_gradients(
+    engine: PerExample,
+    tracked: list[TrackedModule],
+    batch: Batch,
+    consume: Callable[[str, Tensor], None],
+    which: str = "loss",
+    mask_key: str | None = "attention_mask",
+    dtype: torch.dtype = torch.float64,
+) -> None:
+    """Each tracked layer's per-example block gradients ``G_j = sum_t Ds_jt a_jt^T``
+    [B, d_out, cols] in ``dtype``, handed to ``consume(name, G)`` once per layer as soon as the
+    backward has passed all its calls (:func:`stream_layer_terms`), for what is not linear in
+    the gradient (a quadratic form) and so cannot be taken one call at a time."""
+    shapes = {t.name: (len(batch.indices), t.d_out, t.cols) for t in tracked}
+    sums: dict[str, Tensor] = {}
+
+    def add(name: str, a: Tensor, ds: Tensor) -> None:
+        G = block_gradient(a, ds, dtype)
+        sums[name] = sums.pop(name).add_(G) if name in sums else G
+
+    def finish(name: str) -> None:
+        G = sums.pop(name, None)
+        if G is None:  # the layer's output took no part in the losses
+            G = torch.zeros(shapes[name], dtype=dtype, device=engine.space.device)
+        consume(name, G)
+
+    stream_layer_terms(engine, tracked, batch, add, which, mask_key, finish)
+
+
+def _recorded_values(
+    cap: Capture, engine: PerExample, batch: Batch, which: str
+) -> tuple[Tensor, Tensor]:
+    """The model's outputs [B, C] on ``batch`` (recorded by ``cap``) and each example's loss
+    (``which="loss"``) or measurement (``"measurement"``), both checked finite."""
+    task = engine.task
+    inputs, targets = engine.prepare(batch)
+    out = cap.forward(task, inputs)
+    check_finite_rows(out.detach(), batch, "model output")
+    values = (
+        task.checked_loss(out, targets)
+        if which == "loss"
+        else task.checked_measurement(out, targets)
+    )
+    return out, values
 
 
 #: :func:`check_rows_follow_examples` takes this many examples (at most) for its two passes
