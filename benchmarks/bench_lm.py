@@ -175,7 +175,8 @@ def infkit_worker(directory: Path) -> dict:
 
     model, train, queries, _ = load_problem(directory)
     start = time.perf_counter()
-    inf = benchmark_influence(model)
+    # the factors committed to disk, as kronfluence keeps them: the scoring pass sets them aside
+    inf = benchmark_influence(model, factors_dir=directory / "infkit-factors")
     inf.fit(infkit.language_modeling.examples(train))
     fit_seconds = time.perf_counter() - start
     scores = inf.scores(infkit.language_modeling.examples(queries))

@@ -348,3 +348,41 @@ def test_a_model_changing_outputs_in_place_scores_as_its_out_of_place_twin(metho
         results.append((inf.scores((X[:4], y[:4])), inf.self_scores()))
     assert relative_error(results[0][0], results[1][0]) < 1e-10
     assert relative_error(results[0][1], results[1][1]) < 1e-10
+
+
+def test_committed_factors_are_set_aside_for_the_scoring_pass_and_read_back_verified(
+    tmp_path,
+) -> None:
+    """With the factors committed (a workdir, or ``factors_dir``) the scoring pass drops the
+    in-memory factors (it reads only the preconditioned queries): the scores are those of a run
+    without a workdir, the next question reads them back, and factors removed or damaged
+    meanwhile are refused, naming the directory, never silently refitted or used."""
+    from infkit.errors import ArtifactError
+
+    problem = shared_input_problem()
+    task, (X, y) = problem["task"], problem["train"]
+    kept = infkit.Influence(task, "ekfac", damping=1e-3).fit((X, y))
+    inf = infkit.Influence(task, "ekfac", damping=1e-3, workdir=tmp_path / "f").fit((X, y))
+    curvature = inf.method.kronecker()
+    assert curvature.sets_aside and not kept.method.kronecker().sets_aside
+    test = (X[:4], y[:4])
+    expected = kept.scores(test)
+    assert relative_error(inf.scores(test), expected) < 1e-10
+    assert curvature._factors is None  # set aside after the pass
+    assert relative_error(inf.self_scores(), kept.self_scores()) < 1e-10  # read back
+    assert curvature._factors is not None
+    other = (X[4:9], y[4:9])  # a pass of its own (the first call's result is committed)
+    assert relative_error(inf.scores(other), kept.scores(other)) < 1e-10
+    # damaged on disk while set aside: refused at the next use
+    curvature.set_aside()
+    [payload] = (tmp_path / "f").glob("kronecker-factors-*/tensors.safetensors")
+    data = bytearray(payload.read_bytes())
+    data[-8:] = bytes(8)
+    payload.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=str(tmp_path / "f")):
+        inf.self_scores()
+    import shutil
+
+    shutil.rmtree(tmp_path / "f")
+    with pytest.raises(ArtifactError, match="removed"):
+        inf.self_scores()

@@ -121,22 +121,50 @@ def budget_after(limit: int, resident: int, hooks: int, block: int) -> int:
     return max(0, limit - resident - WORKING_FACTOR * (hooks + block))
 
 
-def query_budget(fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0) -> int:
-    """Bytes the preconditioned queries may take in this fitted run (:func:`budget_after` of the
-    fitted factors' and theta*'s bytes, the ``scores`` bytes of the result the call fills, and
-    a batch of the training set's sequence length)."""
-    held = {  # shared eigenbases counted once
+def factor_bytes(curvature: KroneckerCurvature) -> int:
+    """Bytes of the fitted factors in memory (eigenbases shared by layers counted once)."""
+    held = {
         t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
         for f in curvature.factors.modules.values()
         for t in f.stored()
     }
-    # the factors, the run's copy of theta* and the scores
-    resident = sum(held.values()) + fitted.theta.numel() * fitted.theta.element_size() + scores
+    return sum(held.values())
+
+
+def pass_working_bytes(fitted: Fitted, curvature: KroneckerCurvature) -> tuple[int, int]:
+    """(hook terms, largest gradient block) of one training batch, in bytes: the terms of a
+    scoring pass's working memory (:func:`budget_after`)."""
     tracked = curvature.tracked
     item = product_dtype(fitted.space.dtype).itemsize
     hooks = fitted.batch_size * fitted.train.positions() * sum(t.d_out + t.cols for t in tracked)
     block = fitted.batch_size * max(t.d_out * t.cols for t in tracked)
-    return budget_after(fitted.memory_limit, resident, hooks * item, block * item)
+    return hooks * item, block * item
+
+
+def query_budget(fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0) -> int:
+    """Bytes the preconditioned queries may take in this fitted run (:func:`budget_after` of the
+    fitted factors' and theta*'s bytes, the ``scores`` bytes of the result the call fills, and
+    a batch of the training set's sequence length)."""
+    # the factors, the run's copy of theta* and the scores
+    resident = factor_bytes(curvature) + fitted.theta.numel() * fitted.theta.element_size() + scores
+    return budget_after(fitted.memory_limit, resident, *pass_working_bytes(fitted, curvature))
+
+
+def query_batch_size(fitted: Fitted, curvature: KroneckerCurvature) -> int:
+    """The batch size of the queries' pass: the training batch size, less when the factors are
+    set aside during the scoring pass (:meth:`KroneckerCurvature.set_aside`).
+
+    The queries' pass is then the one stage that holds the factors and the preconditioned
+    queries together; its batches are made smaller by the factors' share of a pass's working
+    memory (:data:`WORKING_FACTOR` times :func:`pass_working_bytes`), so that its peak stays at
+    the scoring pass's. It passes over the queries only: a few batches more cost little.
+    """
+    size = fitted.batch_size
+    if not curvature.sets_aside:
+        return size
+    working = WORKING_FACTOR * sum(pass_working_bytes(fitted, curvature))
+    spared = factor_bytes(curvature) / max(working, 1)
+    return max(1, min(size, int(size * (1.0 - spared))))
 
 
 #: queries [start, stop) and the indices of the tracked layers one scoring pass covers
@@ -290,7 +318,7 @@ class StreamingScorer:
             rank if low_rank else None,
         )
         theta = self._theta_blocks()
-        for batch in queries.batches(fitted.batch_size):
+        for batch in queries.batches(query_batch_size(fitted, self.curvature)):
             self._precondition_batch(batch, tracked, prepared, theta, ridges)
         release_freed_memory()  # the query passes' leftovers, before the scoring pass
         return prepared

@@ -248,6 +248,7 @@ class KFAC(PrimalMethod):
             if prepared.rank is not None:
                 ranks = [r for r in (self.query_rank, prepared.rank) if r is not None]
                 self.query_rank = min(ranks)
+            scorer.curvature.set_aside()  # the pass reads the queries, not the factors
             out[start:stop] += scorer.scores(prepared, group, among, label)
             del prepared
         self.query_groups = max(self.query_groups, len(groups))
@@ -431,13 +432,16 @@ class KFAC(PrimalMethod):
                 flops=ops.queries(local, rank if groups is None else None),
             )
         )
+        # factors committed to a store are set aside during the scoring pass (set_aside)
+        aside = resident if self.options.factors_dir is not None else 0
         out.append(
             Stage(
                 "scores",
                 passes,
-                queries + scores + WORKING_FACTOR * (block_bytes + hooks),
+                queries + scores + WORKING_FACTOR * (block_bytes + hooks) - aside,
                 ("[Q, N] scores", scores),
-                "data split across processes, score columns summed",
+                "data split across processes, score columns summed"
+                + ("; the factors set aside on disk" if aside else ""),
                 flops=ops.scores(n, local, groups, rank if groups is None else None),
             )
         )
