@@ -358,6 +358,7 @@ def test_committed_factors_are_set_aside_for_the_scoring_pass_and_read_back_veri
     without a workdir, the next question reads them back, and factors removed or damaged
     meanwhile are refused, naming the directory, never silently refitted or used."""
     from infkit.errors import ArtifactError
+    from infkit.kfac.streaming import factor_bytes
 
     problem = shared_input_problem()
     task, (X, y) = problem["task"], problem["train"]
@@ -367,10 +368,14 @@ def test_committed_factors_are_set_aside_for_the_scoring_pass_and_read_back_veri
     assert curvature.sets_aside and not kept.method.kronecker().sets_aside
     test = (X[:4], y[:4])
     expected = kept.scores(test)
+    held = factor_bytes(curvature)
     assert relative_error(inf.scores(test), expected) < 1e-10
     assert curvature._factors is None  # set aside after the pass
+    assert inf.describe()["fisher"] == kept.describe()["fisher"]  # without reading them back
+    assert curvature._factors is None
     assert relative_error(inf.self_scores(), kept.self_scores()) < 1e-10  # read back
     assert curvature._factors is not None
+    assert factor_bytes(curvature) == held  # the layers sharing an input share again
     other = (X[4:9], y[4:9])  # a pass of its own (the first call's result is committed)
     assert relative_error(inf.scores(other), kept.scores(other)) < 1e-10
     # damaged on disk while set aside: refused at the next use
@@ -386,3 +391,20 @@ def test_committed_factors_are_set_aside_for_the_scoring_pass_and_read_back_veri
     shutil.rmtree(tmp_path / "f")
     with pytest.raises(ArtifactError, match="removed"):
         inf.self_scores()
+
+
+def test_kfac_factors_set_aside_are_read_back_after_an_ekfac_fit_replaced_them(tmp_path) -> None:
+    """An EK-FAC fit in the same directory resumes from K-FAC's committed factors (its first
+    stage) and replaces them by its own, which hold the same eigenbases: a K-FAC run whose
+    factors were set aside reads them back from there, with the same scores."""
+    problem = shared_input_problem()
+    task, (X, y) = problem["task"], problem["train"]
+    kfac = infkit.Influence(task, "kfac", damping=1e-3, workdir=tmp_path).fit((X, y))
+    first = kfac.scores((X[:3], y[:3]))
+    assert kfac.method.kronecker()._factors is None
+    ekfac = infkit.Influence(task, "ekfac", damping=1e-3, workdir=tmp_path).fit((X, y))
+    assert ekfac.method.kronecker().resumed
+    again = kfac.scores((X[3:6], y[3:6]))  # reads the factors back: K-FAC's are gone
+    reference = infkit.Influence(task, "kfac", damping=1e-3).fit((X, y))
+    assert relative_error(again, reference.scores((X[3:6], y[3:6]))) < 1e-10
+    assert relative_error(first, reference.scores((X[:3], y[:3]))) < 1e-10

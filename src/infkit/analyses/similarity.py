@@ -117,7 +117,7 @@ def dataset_embedding(inf: Influence, data: Any, kind: str = "profile") -> Tenso
     if kind == "gradient_second_moment":
         coords = kfe_coordinates(inf, data)
         return torch.cat([coords[t.name].square().mean(0).reshape(-1) for t in method.tracked])
-    mode = method.factors.meta["fisher"]
+    mode = method.fisher
     fitter = FactorFitter(
         inf.fitted.engine,
         method.tracked,

@@ -220,10 +220,12 @@ class KroneckerCurvature:
         self.loaded = False
         #: whether an interrupted EK-FAC fit resumed from its committed K-FAC stage
         self.resumed = False
-        #: where the factors are committed (store, identity): they can be set aside
-        #: (:meth:`set_aside`) and read back from there
-        self._source: tuple[ArtifactStore, dict[str, Any]] | None = None
+        #: where the factors are committed (the store, and the identities whose artifact holds
+        #: them, in order): they can be set aside (:meth:`set_aside`) and read back from there
+        self._source: tuple[ArtifactStore, list[dict[str, Any]]] | None = None
         self._factors: KroneckerFactors | None = self._load_or_fit() if factors is None else factors
+        #: the Fisher the factors were fitted with (kept: describe() need not read them back)
+        self.fisher: Fisher = self.factors.meta["fisher"]
         scale = options.module_damping_scale
         self.module_damping = {
             t.name: float(scale * self.eigenvalues(t.name).mean()) for t in self.tracked
@@ -240,15 +242,18 @@ class KroneckerCurvature:
         """
         if self._factors is None:
             assert self._source is not None
-            store, identity = self._source
-            artifact = store.load(FACTORS, identity)
-            if artifact is None:
+            store, identities = self._source
+            for identity in identities:
+                artifact = store.load(FACTORS, identity)
+                if artifact is not None:
+                    self._factors = self._from_artifact(artifact)
+                    break
+            else:
                 raise ArtifactError(
                     f"the Kronecker factors committed in {store.root} were removed after they "
-                    "were set aside for a scoring pass: fit again (and keep the directory for "
-                    "the run's length)"
+                    "were set aside for a scoring pass (another run's overwrite=True, or the "
+                    "directory deleted): fit again, and keep the directory for the run's length"
                 )
-            self._factors = self._from_artifact(artifact)
         return self._factors
 
     @property
@@ -416,7 +421,7 @@ class KroneckerCurvature:
                 artifact = store.load(FACTORS, candidate)
                 if artifact is not None:
                     self.loaded = True
-                    self._source = (store, dict(candidate))
+                    self._source = (store, [dict(c) for c in wanted])
                     logger.info(
                         "Kronecker factors reused from %s (no pass over the data)", artifact.path
                     )
@@ -468,7 +473,10 @@ class KroneckerCurvature:
         factors.meta.update(method=self.owner, options=options.record())
         commit(factors, identity)
         if store is not None:
-            self._source = (store, dict(identity))
+            # K-FAC's factors are also EK-FAC's first stage, which an EK-FAC fit in the same
+            # directory resumes from and then replaces by its own (the same eigenbases)
+            also = [] if self.corrected else [{**identity, "corrected": True}]
+            self._source = (store, [dict(identity), *also])
         if store is not None and self.corrected:  # the final factors hold the stage's too
             store.remove(store.path(FACTORS, stage))
         return factors
@@ -555,7 +563,7 @@ class KroneckerCurvature:
     def describe(self) -> dict[str, Any]:
         """Settings and diagnostics worth recording next to results."""
         return {
-            "fisher": self.factors.meta.get("fisher"),
+            "fisher": self.fisher,
             "modules": [t.name for t in self.tracked],
             "unsupported": list(self.layers.others),
             "module_damping": dict(self.module_damping),

@@ -155,6 +155,18 @@ class KroneckerFactors:
         tokens = meta.pop("tokens", {})
         meta.pop("format", None)
         modules = {}
+        # layers with a shared input share their eigenbasis in memory, as after a fit; the
+        # file holds a copy per layer: equal ones are shared again
+        seen: dict[tuple[Any, ...], list[Tensor]] = {}
+
+        def shared(value: Tensor) -> Tensor:
+            same = seen.setdefault((tuple(value.shape), value.dtype), [])
+            for kept in same:
+                if torch.equal(kept, value):
+                    return kept
+            same.append(value)
+            return value
+
         for m in meta.get("modules", []):
             name = m["name"]
 
@@ -165,7 +177,7 @@ class KroneckerFactors:
                         f"{where} has no {key!r} for module {name!r}: the factors are "
                         "incomplete; refit them (overwrite=True)"
                     )
-                return value.to(device).contiguous()
+                return shared(value.to(device).contiguous())
 
             # format 1 also holds the covariances "A" and "S": not needed, not read
             Lambda = tensors.get(f"{name}::Lambda")

@@ -157,14 +157,17 @@ def query_batch_size(fitted: Fitted, curvature: KroneckerCurvature) -> int:
     The queries' pass is then the one stage that holds the factors and the preconditioned
     queries together; its batches are made smaller by the factors' share of a pass's working
     memory (:data:`WORKING_FACTOR` times :func:`pass_working_bytes`), so that its peak stays at
-    the scoring pass's. It passes over the queries only: a few batches more cost little.
+    the scoring pass's, down to a quarter of the batch size. It passes over the queries only: a
+    few batches more cost little.
     """
     size = fitted.batch_size
     if not curvature.sets_aside:
         return size
     working = WORKING_FACTOR * sum(pass_working_bytes(fitted, curvature))
     spared = factor_bytes(curvature) / max(working, 1)
-    return max(1, min(size, int(size * (1.0 - spared))))
+    # at most 4x more batches: factors as large as a pass's working memory (a large model
+    # with small batches) would otherwise make the queries' pass one example at a time
+    return max(1, size // 4, min(size, int(size * (1.0 - spared))))
 
 
 #: queries [start, stop) and the indices of the tracked layers one scoring pass covers

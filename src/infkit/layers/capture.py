@@ -315,6 +315,10 @@ class Capture:
         run again with that layer handing the model a copy (:data:`_CHANGED_IN_PLACE`), so that
         its recorded output keeps the values the layer gave. A streamed pass needs no copy: its
         hooks are registered on the output before the model can change it.
+
+        A layer's input changed in place after the layer read it needs no such care: autograd
+        saves it for the weight's gradient and refuses the change at any backward that computes
+        one, as infkit's fit does, so such a model gets autograd's error, not wrong scores.
         """
         out = self._forward_once(task, inputs)
         if self.consume is not None or not torch.is_grad_enabled():
