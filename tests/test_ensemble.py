@@ -147,7 +147,6 @@ def test_fit_gives_each_member_its_own_workdir(digits, tmp_path) -> None:
     )
 
 
-@pytest.mark.slow  # 32 retrainings: about 37 s on a 2-core machine (make test-slow)
 def test_the_ensemble_beats_its_members_on_the_lds(digits) -> None:
     """The LDS (docs/evaluation.md §4) of the mean scores of 4 MLPs against that of each
     member's own scores.
