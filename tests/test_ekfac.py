@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from kfac_helpers import (
@@ -42,6 +44,33 @@ def _layers(model: torch.nn.Module) -> list[tuple[str, bool]]:
         elif type(module).__name__ == "Conv1D":
             out.append((name, True))
     return out
+
+
+def dense_ekfac(
+    model: torch.nn.Module, inf: infkit.Influence, X: torch.Tensor, y: torch.Tensor, ridge: float
+) -> torch.Tensor:
+    """The dense EK-FAC curvature [P, P] of a classifier: per layer block, the fitted
+    eigenbasis ``Q_S (x) Q_A`` with the explicit GGN's diagonal in it, plus ``ridge I``."""
+    method = inf.method.kronecker()
+    G = explicit_ggn(model, _cross_entropy, X, y, len(y))
+    H = ridge * torch.eye(G.shape[0], dtype=torch.float64)
+    for name, transposed in _layers(model):
+        idx = linear_block_index(model, name, transposed)
+        f = method.factors.modules[name]
+        K = torch.kron(f.QS, f.QA)
+        lam = kfe_diagonal(G[idx][:, idx], f.QS, f.QA).reshape(-1)
+        H[idx[:, None], idx[None, :]] += K @ torch.diag(lam) @ K.T
+    return H
+
+
+def per_example_gradients(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[N, P] cross-entropy gradients, one backward per example (autograd, no hooks)."""
+    rows = []
+    for i in range(len(y)):
+        model.zero_grad()
+        _cross_entropy(model(X[i : i + 1]), y[i : i + 1]).sum().backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("fisher", ["ggn", "empirical"])
@@ -103,27 +132,9 @@ def test_ekfac_scores_equal_the_dense_ekfac_curvature(mlp_problem: dict) -> None
     l2, damping = mlp_problem["l2"], 1e-3
     X, y = train
     inf = infkit.Influence(task, "ekfac", l2=l2, damping=damping).fit(train)
-    method = inf.method.kronecker()
-    G = explicit_ggn(model, _cross_entropy, X, y, len(y))
-    P = G.shape[0]
-    H = torch.zeros(P, P, dtype=torch.float64)
-    for name, transposed in _layers(model):
-        idx = linear_block_index(model, name, transposed)
-        f = method.factors.modules[name]
-        K = torch.kron(f.QS, f.QA)
-        lam = kfe_diagonal(G[idx][:, idx], f.QS, f.QA).reshape(-1)
-        H[idx[:, None], idx[None, :]] = K @ torch.diag(lam) @ K.T
-    H += (l2 + damping) * torch.eye(P, dtype=torch.float64)
+    H = dense_ekfac(model, inf, X, y, l2 + damping)
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def grads(X, y):
-        rows = []
-        for i in range(len(y)):
-            model.zero_grad()
-            _cross_entropy(model(X[i : i + 1]), y[i : i + 1]).sum().backward()
-            rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-        return torch.stack(rows)
-
+    grads = partial(per_example_gradients, model)
     Q, V = grads(*test), grads(X, y) + l2 * theta
     expected = torch.linalg.solve(H, Q.T).T @ V.T / len(y)
     assert relative_error(inf.scores(test), expected) < 1e-10
@@ -309,25 +320,8 @@ def test_scores_of_layers_changed_in_place_or_called_twice_equal_the_dense_ekfac
     model, task, (X, y) = problem["model"], problem["task"], problem["train"]
     damping = 1e-3
     inf = infkit.Influence(task, "ekfac", damping=damping).fit((X, y))
-    method = inf.method.kronecker()
-    G = explicit_ggn(model, _cross_entropy, X, y, len(y))
-    P = G.shape[0]
-    H = damping * torch.eye(P, dtype=torch.float64)
-    for name, transposed in _layers(model):
-        idx = linear_block_index(model, name, transposed)
-        f = method.factors.modules[name]
-        K = torch.kron(f.QS, f.QA)
-        lam = kfe_diagonal(G[idx][:, idx], f.QS, f.QA).reshape(-1)
-        H[idx[:, None], idx[None, :]] += K @ torch.diag(lam) @ K.T
-
-    def grads(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for i in range(len(y)):
-            model.zero_grad()
-            _cross_entropy(model(X[i : i + 1]), y[i : i + 1]).sum().backward()
-            rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-        return torch.stack(rows)
-
+    H = dense_ekfac(model, inf, X, y, damping)
+    grads = partial(per_example_gradients, model)
     test, train = (X[:3], y[:3]), grads(X, y)
     expected = torch.linalg.solve(H, grads(*test).T).T @ train.T / len(y)
     assert relative_error(inf.scores(test), expected) < 1e-10
