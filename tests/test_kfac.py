@@ -335,6 +335,41 @@ def test_gram_equals_the_dense_weighted_product(d: int, weighted: bool) -> None:
     assert relative_error(G, G.T) < 1e-14  # mirrored blocks, and diagonal blocks to rounding
 
 
+@pytest.mark.parametrize("d", [7, 64, 65, 200])
+def test_wide_inner_sums_its_column_chunks_to_the_product(
+    d: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """linalg.wide_inner adds X Y^T over chunks of columns (16 here, so one product, two, a
+    short last chunk and many): the float64 product X Y^T to rounding."""
+    import infkit.linalg
+    from infkit.linalg import wide_inner
+
+    monkeypatch.setattr(infkit.linalg, "WIDE_INNER_COLUMNS", 16)
+    gen = torch.Generator().manual_seed(d)
+    X = torch.randn(5, d, generator=gen, dtype=torch.float64)
+    Y = torch.randn(3, d, generator=gen, dtype=torch.float64)
+    assert relative_error(wide_inner(X, Y), X @ Y.T) < 1e-14
+
+
+@pytest.mark.parametrize("examples", [1, 3])
+def test_squares_in_eigenbasis_sums_the_squared_rotated_blocks(
+    examples: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kfac.factors.squares_in_eigenbasis: sum over vectors and examples of the squared blocks
+    (sum_t dr_t ar_t^T)^2, in chunks of one example (CHUNK_ELEMENTS small) or all at once,
+    against the dense float64 sum."""
+    import infkit.kfac.factors
+    from infkit.kfac.factors import squares_in_eigenbasis
+
+    gen = torch.Generator().manual_seed(examples)
+    dr = torch.randn(2, 3, 5, 4, generator=gen)  # [K, B, T, d_out]
+    ar = torch.randn(3, 5, 6, generator=gen)  # [B, T, cols]
+    blocks = dr.double().transpose(-1, -2) @ ar.double().unsqueeze(0)
+    expected = blocks.square().sum((0, 1))
+    monkeypatch.setattr(infkit.kfac.factors, "CHUNK_ELEMENTS", 2 * 4 * 6 * examples)
+    assert relative_error(squares_in_eigenbasis(dr, ar), expected) < 1e-6  # float32 products
+
+
 @pytest.mark.parametrize("positions", [2, 40])
 def test_blocks_rotated_into_the_eigenbasis_by_either_order(positions: int) -> None:
     """kfac.curvature.rotated_blocks rotates each position's terms first for short sequences

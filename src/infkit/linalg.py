@@ -47,6 +47,28 @@ def gram(X: Tensor, weights: Tensor | None = None) -> Tensor:
     return out
 
 
+#: columns per product of :func:`wide_inner`
+WIDE_INNER_COLUMNS = 32768
+
+
+def wide_inner(X: Tensor, Y: Tensor) -> Tensor:
+    """``X Y^T`` [m, n] of two short, wide matrices ``X`` [m, d] and ``Y`` [n, d] (a few query
+    blocks against a batch's per-example gradients), summed over column chunks.
+
+    One product over all d columns is a matrix-vector-like shape that BLAS runs far below its
+    speed: at m = 16, n = 8, d = 393,216 on two CPU cores it took 10 ms, against 4.7 ms summed
+    over chunks of :data:`WIDE_INNER_COLUMNS` columns, whose pieces stay in cache.
+    """
+    d = X.shape[-1]
+    if d <= 2 * WIDE_INNER_COLUMNS:
+        return X @ Y.T
+    out = X[:, :WIDE_INNER_COLUMNS] @ Y[:, :WIDE_INNER_COLUMNS].T
+    for start in range(WIDE_INNER_COLUMNS, d, WIDE_INNER_COLUMNS):
+        stop = start + WIDE_INNER_COLUMNS
+        out.addmm_(X[:, start:stop], Y[:, start:stop].T)
+    return out
+
+
 def _singular_threshold(size: int, dtype: torch.dtype) -> float:
     return RCOND_FLOOR * size * torch.finfo(dtype).eps
 

@@ -45,6 +45,7 @@ from infkit.layers.capture import (
     stream_layer_terms,
 )
 from infkit.layers.tracked import TrackedModule
+from infkit.linalg import wide_inner
 from infkit.memory import human_bytes, release_freed_memory
 from infkit.parameters import product_dtype
 from infkit.progress import track
@@ -434,9 +435,7 @@ class StreamingScorer:
             else:
                 G = block_gradient(a, ds, self.dtype)
                 U = prepared.full[name]
-                out.add_(
-                    (U.reshape(U.shape[0], -1) @ G.reshape(G.shape[0], -1).T).to(torch.float64)
-                )
+                out.add_(wide_inner(U.flatten(1), G.flatten(1)).to(torch.float64))
 
         stream_layer_terms(self.fitted.engine, layers, batch, add_share, "loss", self.mask_key)
         return out
