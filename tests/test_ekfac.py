@@ -280,10 +280,18 @@ def test_the_plan_foresees_the_query_groups_of_layers_sharing_an_input() -> None
     assert len(seen) >= 3  # the sweep crossed group boundaries
 
 
+class ViewLinear(torch.nn.Linear):
+    """A linear layer whose output is a view of the product (a subclass that slices it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[:, :]
+
+
 class InPlaceModel(torch.nn.Module):
     """Tracked layers whose outputs the model changes in place (VGG's ``ReLU(inplace=True)``
-    right after a convolution; a scaling written into a linear layer's output) and a layer called
-    twice. ``in_place=False`` is the same function written without in-place operations."""
+    right after a convolution; a scaling written into a linear layer's output, here a view), a
+    layer called twice. ``in_place=False`` is the same function written
+    without in-place operations."""
 
     def __init__(self, in_place: bool = True) -> None:
         super().__init__()
@@ -291,7 +299,7 @@ class InPlaceModel(torch.nn.Module):
         self.conv = torch.nn.Conv2d(2, 3, 3, stride=2, padding=1)
         self.relu = torch.nn.ReLU(inplace=in_place)
         self.inp = torch.nn.Linear(27, 6)
-        self.mix = torch.nn.Linear(6, 6)
+        self.mix = ViewLinear(6, 6)  # its output is a view, changed in place below
         self.out = torch.nn.Linear(6, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -310,16 +318,23 @@ def _in_place_problem(in_place: bool = True) -> dict:
     return {"model": model, "task": infkit.Task.classification(model), "train": (X, y)}
 
 
-def test_scores_of_layers_changed_in_place_or_called_twice_equal_the_dense_ekfac() -> None:
+@pytest.mark.parametrize("streamed", [False, True])
+def test_scores_of_layers_changed_in_place_or_called_twice_equal_the_dense_ekfac(
+    streamed: bool, tmp_path
+) -> None:
     """A tracked layer's output changed in place by the model (an in-place ReLU after a
-    convolution) must be differentiated at the values the layer gave, not at the changed ones;
-    a layer called twice sums its two calls. Against the dense EK-FAC curvature built from the
-    explicit GGN and per-example gradients from autograd, for the scores and the self-scores
-    (before the fix, the gradients with respect to the ReLU'd and halved outputs were taken)."""
+    convolution, an in-place scaling of a view) must be differentiated at the values the layer
+    gave, not at the changed ones; a layer called twice sums its two calls. Against the dense
+    EK-FAC curvature built from the explicit GGN and per-example gradients from autograd, for
+    the scores and the self-scores (before the fix, the gradients with respect to the ReLU'd and
+    halved outputs were taken). Both scoring paths: the training gradients cached (this small
+    problem's default) and the streamed passes (a workdir), whose hooks take each layer's
+    gradient as the backward reaches it."""
     problem = _in_place_problem()
     model, task, (X, y) = problem["model"], problem["task"], problem["train"]
     damping = 1e-3
-    inf = infkit.Influence(task, "ekfac", damping=damping).fit((X, y))
+    workdir = tmp_path if streamed else None
+    inf = infkit.Influence(task, "ekfac", damping=damping, workdir=workdir).fit((X, y))
     H = dense_ekfac(model, inf, X, y, damping)
     grads = partial(per_example_gradients, model)
     test, train = (X[:3], y[:3]), grads(X, y)
@@ -327,17 +342,23 @@ def test_scores_of_layers_changed_in_place_or_called_twice_equal_the_dense_ekfac
     assert relative_error(inf.scores(test), expected) < 1e-10
     expected_self = (torch.linalg.solve(H, train.T).T * train).sum(1) / len(y)
     assert relative_error(inf.self_scores(), expected_self) < 1e-10
+    assert (inf.describe().get("query_groups", 0) > 0) == streamed  # the path taken
 
 
+@pytest.mark.parametrize("streamed", [False, True])
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
-def test_a_model_changing_outputs_in_place_scores_as_its_out_of_place_twin(method: str) -> None:
+def test_a_model_changing_outputs_in_place_scores_as_its_out_of_place_twin(
+    method: str, streamed: bool, tmp_path
+) -> None:
     """The same function with and without in-place operations: the same factors, scores and
     self-scores (the factor passes, the scoring pass and the self-score pass all read the
-    layers' outputs)."""
+    layers' outputs), with the training gradients cached and streamed (a workdir)."""
     results = []
     for in_place in (True, False):
         problem = _in_place_problem(in_place)
-        inf = infkit.Influence(problem["task"], method, damping=1e-3).fit(problem["train"])
+        workdir = tmp_path / str(in_place) if streamed else None
+        inf = infkit.Influence(problem["task"], method, damping=1e-3, workdir=workdir)
+        inf.fit(problem["train"])
         X, y = problem["train"]
         results.append((inf.scores((X[:4], y[:4])), inf.self_scores()))
     assert relative_error(results[0][0], results[1][0]) < 1e-10
