@@ -732,6 +732,32 @@ def test_plan_foresees_the_query_groups_that_scoring_takes(problem: dict) -> Non
     assert "training gradients" not in passes  # the cache does not fit this limit
 
 
+def test_the_plan_sets_the_factors_aside_only_where_the_scoring_pass_will(
+    problem: dict, tmp_path
+) -> None:
+    """The scoring pass sets the factors aside when they are committed in a store. Fitted with
+    a factors_dir, the plan's scoring stage leaves them out; restored from a saved Influence
+    (the factors in its file, no store behind them, though factors_dir is still among the
+    options) it counts them, by exactly their bytes."""
+    task = infkit.Task.language_modeling(problem["model"])
+    options = {"damping": 1e-2, "batch_size": 4, "workdir": tmp_path / "work"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        inf = infkit.Influence(task, "ekfac", factors_dir=tmp_path / "factors", **options)
+        inf.fit(problem["train"])
+        inf.save(tmp_path / "saved")
+        restored = infkit.Influence.load(tmp_path / "saved", task)
+        stages = [
+            {s.name: s for s in i.plan(problem["train"], problem["test"], timed=False).stages}
+            for i in (inf, restored)
+        ]
+    fitted, loaded = (s["scores"] for s in stages)
+    assert "the factors set aside on disk" in fitted.note
+    assert "set aside" not in loaded.note
+    resident = stages[0]["eigenvalue correction"].held  # the factors, as the plan counts them
+    assert resident > 0 and loaded.bytes - fitted.bytes == resident
+
+
 # ============================================================================ precision
 def test_bfloat16_autocast_runs_the_layers_in_bfloat16_and_keeps_the_scores(problem: dict) -> None:
     model = TinyLM().float().eval()

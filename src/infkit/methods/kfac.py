@@ -432,8 +432,12 @@ class KFAC(PrimalMethod):
                 flops=ops.queries(local, rank if groups is None else None),
             )
         )
-        # factors committed to a store are set aside during the scoring pass (set_aside)
-        aside = resident if self.options.factors_dir is not None else 0
+        # factors committed to a store are set aside during the scoring pass (set_aside): a
+        # fitted curvature knows whether it has one (factors restored with a saved Influence
+        # have none, whatever factors_dir says); before the fit, factors_dir decides
+        fitted = self.curvature_
+        sets_aside = self.options.factors_dir is not None if fitted is None else fitted.sets_aside
+        aside = resident if sets_aside else 0
         out.append(
             Stage(
                 "scores",
