@@ -11,7 +11,7 @@ import infkit
 from infkit.data import ExampleSet
 from infkit.errors import ArtifactError, CurvatureError, Notice, UnsupportedError
 from infkit.evaluate import relative_error
-from infkit.layers.capture import block_gradients, layer_terms
+from infkit.layers.capture import block_gradients, layer_terms, stream_block_gradients
 from infkit.task import _cross_entropy
 
 pytestmark = pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
@@ -69,6 +69,59 @@ def test_layer_terms_sum_to_the_per_example_gradients(which: str, mlp_problem: d
     for t in method.tracked:
         method.layers.layout.put(flat, t, blocks[t.name])
     assert relative_error(flat, per_example_grads(model, loss, X, y)) < 1e-12
+
+
+class CheckpointedMLP(torch.nn.Module):
+    """A two-layer MLP whose first layer runs inside ``torch.utils.checkpoint`` (``mode``
+    "reentrant" or "non-reentrant") or plainly ("none"); the mode can change between calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode = "none"
+        self.first = torch.nn.Linear(5, 8)
+        self.second = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def block(z: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.first(z))
+
+        if self.mode == "none":
+            return self.second(block(x))
+        reentrant = self.mode == "reentrant"
+        return self.second(torch.utils.checkpoint.checkpoint(block, x, use_reentrant=reentrant))
+
+
+def test_activation_checkpointing_recomputation_is_left_alone_and_reentrant_refused() -> None:
+    """Non-reentrant checkpointing recomputes the first layer during the backward: the hooks
+    must not record that second call (it would read as the layer called twice). The per-example
+    block gradients, recorded and streamed, equal the unchecked model's (1e-12). Reentrant
+    checkpointing runs the layer under no_grad: refused, naming the layer and the remedy."""
+    torch.manual_seed(0)
+    model = CheckpointedMLP().double()
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=gen)
+    task = infkit.Task.classification(model)
+    inf = infkit.Influence(task, "kfac", damping=1e-3).fit((X, y))
+    tracked, engine = inf.method.kronecker().tracked, inf.fitted.engine
+    batch = ExampleSet((X, y)).take(range(len(y)))
+
+    def both() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        recorded = block_gradients(layer_terms(engine, tracked, batch))
+        streamed: dict[str, torch.Tensor] = {}
+        stream_block_gradients(engine, tracked, batch, streamed.__setitem__)
+        return recorded, streamed
+
+    expected, _ = both()
+    model.mode = "non-reentrant"
+    for got in both():
+        for name, G in expected.items():
+            assert relative_error(got[name], G) < 1e-12, name
+    model.mode = "reentrant"
+    with pytest.raises(UnsupportedError, match=r"'first'.*use_reentrant=False"):
+        layer_terms(engine, tracked, batch)
+    with pytest.raises(UnsupportedError, match=r"'first'.*use_reentrant=False"):
+        infkit.Influence(task, "kfac", damping=1e-3).fit((X, y))
 
 
 def test_kfac_factors_match_hand_written_formulas(mlp_problem: dict) -> None:

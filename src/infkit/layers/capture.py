@@ -15,8 +15,9 @@ the true per-example gradient otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,17 @@ from infkit.gradients import PerExample, batching_rule_notice, check_finite_rows
 from infkit.layers.tracked import TrackedModule
 from infkit.parameters import evaluation_mode
 from infkit.task import Task
+
+
+def _called_without_grad(name: str) -> UnsupportedError:
+    return UnsupportedError(
+        f"tracked module {name!r} ran with gradients turned off inside a forward pass that "
+        "takes them: the model calls it under torch.no_grad, as reentrant activation "
+        "checkpointing does (torch.utils.checkpoint(..., use_reentrant=True)), so its "
+        "gradient cannot be taken from this forward pass. Checkpoint with use_reentrant=False "
+        "(infkit leaves its recomputation alone) or turn checkpointing off; a layer that is "
+        "truly run without gradients takes no part in them: freeze it (requires_grad=False)"
+    )
 
 
 def _not_called(name: str) -> UnsupportedError:
@@ -175,6 +187,12 @@ class Capture:
         self.mask_key = mask_key
         self.consume = consume
         self.done = done
+        #: set while this capture's own backward runs: a tracked layer called then is the
+        #: recomputation of activation checkpointing, which the hooks leave alone
+        self._in_backward = False
+        #: whether the last forward pass began with gradients on (a tracked layer called
+        #: without them inside it is refused)
+        self._forward_with_grad = False
         #: device -> a zero scalar leaf added to every tracked output of a streamed pass, so
         #: that one backward to it reaches every tracked layer (:meth:`stream`)
         self._anchors: dict[torch.device, Tensor] = {}
@@ -213,6 +231,10 @@ class Capture:
 
     def _hook(self, t: TrackedModule) -> Callable[..., Tensor | None]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+            if self._in_backward:  # recomputed by activation checkpointing: already recorded
+                return None
+            if self._forward_with_grad and not torch.is_grad_enabled():
+                raise _called_without_grad(t.name)
             x = args[0].detach()
             rows = x.shape[0]
             b = self._examples(t, rows)
@@ -370,8 +392,18 @@ class Capture:
             if isinstance(m, Tensor) and m.dim() == 2:
                 self._mask = m.detach()
         self._batch, self._spans = _batch_shape(inputs, self._mask)
+        self._forward_with_grad = torch.is_grad_enabled()
         with task.mixed_precision():
             return task.call_model(task.model, inputs)
+
+    @contextlib.contextmanager
+    def _backward(self) -> Iterator[None]:
+        """Within: this capture's backward runs (:attr:`_in_backward`)."""
+        self._in_backward = True
+        try:
+            yield
+        finally:
+            self._in_backward = False
 
     def activations(self, name: str) -> tuple[Tensor, Tensor | None]:
         """All recorded activations of layer ``name``: [B, T_total, cols] and the mask."""
@@ -404,13 +436,14 @@ class Capture:
         k = grad_outputs.shape[0]
         grads: list[Tensor | None]
         if k == 1:
-            grads = list(torch.autograd.grad(outputs, outs, grad_outputs[0], allow_unused=True))
+            with self._backward():
+                grads = list(torch.autograd.grad(outputs, outs, grad_outputs[0], allow_unused=True))
             grads = [None if g is None else g.unsqueeze(0) for g in grads]
         else:
             try:
                 # the graph is kept: a missing batching rule raises partway through (one that
                 # PyTorch emulates by a loop warns instead: one notice per model)
-                with batching_rule_notice(self._model):
+                with batching_rule_notice(self._model), self._backward():
                     grads = list(
                         torch.autograd.grad(
                             outputs,
@@ -422,12 +455,17 @@ class Capture:
                         )
                     )
             except (RuntimeError, NotImplementedError):  # no batching rule: one per vector
-                columns = [
-                    torch.autograd.grad(
-                        outputs, outs, grad_outputs[j], retain_graph=j < k - 1, allow_unused=True
-                    )
-                    for j in range(k)
-                ]
+                with self._backward():
+                    columns = [
+                        torch.autograd.grad(
+                            outputs,
+                            outs,
+                            grad_outputs[j],
+                            retain_graph=j < k - 1,
+                            allow_unused=True,
+                        )
+                        for j in range(k)
+                    ]
                 grads = [
                     None if columns[0][i] is None else torch.stack([c[i] for c in columns])
                     for i in range(len(outs))
@@ -462,7 +500,8 @@ class Capture:
         self._pending = dict(self._called)
         anchors = list(self._anchors.values())
         if anchors:
-            torch.autograd.grad(losses.sum(), anchors, allow_unused=True)
+            with self._backward():
+                torch.autograd.grad(losses.sum(), anchors, allow_unused=True)
         if self.done is not None:  # layers with calls the backward never reached
             for name, pending in self._pending.items():
                 if pending > 0:
