@@ -68,10 +68,10 @@ class _Anchored(torch.autograd.Function):
     """An identity on a tracked layer's output that puts the device's anchor (a zero scalar
     leaf) into the graph, so that a backward to the anchors passes through every tracked output.
 
-    It declares itself in place (``mark_dirty``) and returns the output itself: the output is
-    not copied (``output + anchor`` allocated a second output-sized tensor per layer call, which
-    raised a streamed pass's resident memory by some 40 MiB on a small language model). The
-    gradient passes through unchanged; the anchor gets none.
+    It declares itself in place (``mark_dirty``) and returns the output itself, where
+    ``output + anchor`` allocated a second output-sized tensor per layer call and, in the
+    backward, summed each output gradient for the anchor's own. The gradient passes through
+    unchanged; the anchor gets none. Not for views (:meth:`Capture._anchored`).
     """
 
     @staticmethod
