@@ -124,6 +124,27 @@ def test_activation_checkpointing_recomputation_is_left_alone_and_reentrant_refu
         infkit.Influence(task, "kfac", damping=1e-3).fit((X, y))
 
 
+class SlicedLinear(torch.nn.Linear):
+    """A linear layer subclass that returns half of its output: not ``s = W a + b``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[..., : self.out_features // 2]
+
+
+def test_a_tracked_layer_returning_other_than_its_product_is_refused_by_name() -> None:
+    """A subclass of a supported layer that slices its output would break the hooks' algebra
+    (a shape error deep in the fit, or wrong terms): refused at the first forward pass, naming
+    the layer, both shapes and modules=."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(SlicedLinear(5, 8), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    gen = torch.Generator().manual_seed(1)
+    X, y = torch.randn(12, 5, generator=gen), torch.randint(0, 3, (12,), generator=gen)
+    with pytest.raises(
+        UnsupportedError, match=r"'0' returned \[\d+, 4\] where .*\[\d+, 8\].*modules="
+    ):
+        infkit.Influence(infkit.Task.classification(model), "kfac", damping=1e-3).fit((X, y))
+
+
 def test_kfac_factors_match_hand_written_formulas(mlp_problem: dict) -> None:
     """A = mean [a, 1][a, 1]^T; S = (1/N) sum_i J_s,i^T Lambda_i J_s,i (exact GGN factors)."""
     model, task, (X, y) = mlp_problem["model"], mlp_problem["task"], mlp_problem["train"]

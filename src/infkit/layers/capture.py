@@ -44,6 +44,33 @@ def _called_without_grad(name: str) -> UnsupportedError:
     )
 
 
+def _check_output(t: TrackedModule, x: Tensor, output: Any) -> None:
+    """Refuse a tracked layer whose output is not the product of its weight with its input:
+    ``[..., d_out]`` for an input ``[..., d_in]`` (``[B, d_out, H, W]`` for a convolution).
+
+    Raises:
+        UnsupportedError: a subclass returned something else (a slice, a reshape, a tuple),
+            naming the layer and what to do.
+    """
+    if t.kind == "conv2d":
+        expected = f"[B, {t.d_out}, H, W]"
+        fits = isinstance(output, Tensor) and output.dim() == 4 and output.shape[1] == t.d_out
+    else:
+        shape = (*x.shape[:-1], t.d_out)
+        expected = str(list(shape))
+        fits = isinstance(output, Tensor) and tuple(output.shape) == shape
+    if not fits:
+        got = list(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise UnsupportedError(
+            f"tracked layer {t.name!r} returned {got} where its weight gives {expected} for an "
+            f"input of shape {list(x.shape)}: the layer ({type(t.module).__name__}) changes what "
+            "it returns (a slice, a reshape, another output), so it does not compute "
+            "s = W a (+ b) and its gradient cannot be read from its input and output gradient. "
+            "Leave it out of the attribution (modules=[...] without it) or track the plain "
+            "layer inside it"
+        )
+
+
 def _not_called(name: str) -> UnsupportedError:
     return UnsupportedError(
         f"tracked module {name!r} was not called during the forward pass: either it "
@@ -236,6 +263,7 @@ class Capture:
             if self._forward_with_grad and not torch.is_grad_enabled():
                 raise _called_without_grad(t.name)
             x = args[0].detach()
+            _check_output(t, x, output)
             rows = x.shape[0]
             b = self._examples(t, rows)
             mask = None
