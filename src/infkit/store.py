@@ -283,10 +283,16 @@ class ArtifactStore:
             if not file.exists():
                 raise ArtifactError(f"{file} is missing from a committed artifact. " + remedy)
             size = file.stat().st_size
-            if size != expected.get("bytes") or file_digest(file) != expected.get("sha256"):
+            if size != expected.get("bytes"):
                 raise ArtifactError(
-                    f"{file} is damaged: its size or SHA-256 checksum differs from {MANIFEST} "
-                    f"({size} bytes, {expected.get('bytes')} expected). " + remedy
+                    f"{file} is damaged: it has {size} bytes where {MANIFEST} recorded "
+                    f"{expected.get('bytes')}. " + remedy
+                )
+            if file_digest(file) != expected.get("sha256"):
+                raise ArtifactError(
+                    f"{file} is damaged: its contents changed since it was committed (its "
+                    f"SHA-256 checksum differs from the one {MANIFEST} recorded; the size, "
+                    f"{size} bytes, is the same). " + remedy
                 )
         return Artifact(path, kind, manifest.get("identity") or {}, manifest.get("info") or {})
 
