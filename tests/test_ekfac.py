@@ -289,9 +289,9 @@ class ViewLinear(torch.nn.Linear):
 
 class InPlaceModel(torch.nn.Module):
     """Tracked layers whose outputs the model changes in place (VGG's ``ReLU(inplace=True)``
-    right after a convolution; a scaling written into a linear layer's output, here a view), a
-    layer called twice. ``in_place=False`` is the same function written
-    without in-place operations."""
+    right after a convolution; a scaling written into a linear layer's output, here a view) and
+    a layer called twice. ``in_place=False`` is the same function written without in-place
+    operations."""
 
     def __init__(self, in_place: bool = True) -> None:
         super().__init__()
@@ -361,6 +361,7 @@ def test_a_model_changing_outputs_in_place_scores_as_its_out_of_place_twin(
         inf.fit(problem["train"])
         X, y = problem["train"]
         results.append((inf.scores((X[:4], y[:4])), inf.self_scores()))
+        assert (inf.describe().get("query_groups", 0) > 0) == streamed  # the path taken
     assert relative_error(results[0][0], results[1][0]) < 1e-10
     assert relative_error(results[0][1], results[1][1]) < 1e-10
 
