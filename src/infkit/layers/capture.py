@@ -462,42 +462,8 @@ class Capture:
         recs = [(n, r) for n in names for r in self.records.get(n, [])]
         outs = [r.out for _, r in recs]
         k = grad_outputs.shape[0]
-        grads: list[Tensor | None]
-        if k == 1:
-            with self._backward():
-                grads = list(torch.autograd.grad(outputs, outs, grad_outputs[0], allow_unused=True))
-            grads = [None if g is None else g.unsqueeze(0) for g in grads]
-        else:
-            try:
-                # the graph is kept: a missing batching rule raises partway through (one that
-                # PyTorch emulates by a loop warns instead: one notice per model)
-                with batching_rule_notice(self._model), self._backward():
-                    grads = list(
-                        torch.autograd.grad(
-                            outputs,
-                            outs,
-                            grad_outputs,
-                            retain_graph=True,
-                            allow_unused=True,
-                            is_grads_batched=True,
-                        )
-                    )
-            except (RuntimeError, NotImplementedError):  # no batching rule: one per vector
-                with self._backward():
-                    columns = [
-                        torch.autograd.grad(
-                            outputs,
-                            outs,
-                            grad_outputs[j],
-                            retain_graph=j < k - 1,
-                            allow_unused=True,
-                        )
-                        for j in range(k)
-                    ]
-                grads = [
-                    None if columns[0][i] is None else torch.stack([c[i] for c in columns])
-                    for i in range(len(outs))
-                ]
+        with self._backward():
+            grads = _pulled_back(self._model, outputs, outs, grad_outputs)
         result: dict[str, list[Tensor]] = {}
         for (name, rec), g in zip(recs, grads):
             if g is None:
@@ -540,6 +506,44 @@ class Capture:
         # frees only the loss's part of the graph, between the losses and the outputs
         g = torch.autograd.grad(losses.sum(), outputs)[0]
         return self.backprop(outputs, g.unsqueeze(0))
+
+
+def _pulled_back(
+    model: Any, outputs: Tensor, outs: list[Tensor], grad_outputs: Tensor
+) -> list[Tensor | None]:
+    """The gradients [K, *out.shape] of ``outputs`` pulled back along each of the K vectors
+    ``grad_outputs`` to every tensor of ``outs`` (None where one takes no part): one batched
+    backward, or one backward per vector where the model has no batching rule."""
+    k = grad_outputs.shape[0]
+    grads: list[Tensor | None]
+    if k == 1:
+        grads = list(torch.autograd.grad(outputs, outs, grad_outputs[0], allow_unused=True))
+        return [None if g is None else g.unsqueeze(0) for g in grads]
+    try:
+        # the graph is kept: a missing batching rule raises partway through (one that
+        # PyTorch emulates by a loop warns instead: one notice per model)
+        with batching_rule_notice(model):
+            return list(
+                torch.autograd.grad(
+                    outputs,
+                    outs,
+                    grad_outputs,
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            )
+    except (RuntimeError, NotImplementedError):  # no batching rule: one per vector
+        columns = [
+            torch.autograd.grad(
+                outputs, outs, grad_outputs[j], retain_graph=j < k - 1, allow_unused=True
+            )
+            for j in range(k)
+        ]
+        return [
+            None if columns[0][i] is None else torch.stack([c[i] for c in columns])
+            for i in range(len(outs))
+        ]
 
 
 def layer_terms(
