@@ -174,9 +174,13 @@ def infkit_worker(directory: Path) -> dict:
     import infkit
 
     model, train, queries, _ = load_problem(directory)
+    settings = json.loads((directory / "infkit.json").read_text())
     start = time.perf_counter()
     # the factors committed to disk, as kronfluence keeps them: the scoring pass sets them aside
-    inf = benchmark_influence(model, factors_dir=directory / "infkit-factors")
+    # (and, under a memory_limit that the queries exceed, keeps the queries beside them)
+    inf = benchmark_influence(
+        model, factors_dir=directory / "infkit-factors", memory_limit=settings["memory_limit"]
+    )
     inf.fit(infkit.language_modeling.examples(train))
     fit_seconds = time.perf_counter() - start
     scores = inf.scores(infkit.language_modeling.examples(queries))
@@ -393,6 +397,12 @@ def main() -> None:
         choices=[*WORKERS, *OPT_IN_WORKERS],
         help="the workers to run, in order (astra only when named)",
     )
+    parser.add_argument(
+        "--memory-limit",
+        type=float,
+        default=None,
+        help="infkit's memory_limit in GiB (default: none, every query held in memory)",
+    )
     parser.add_argument("--astra-queries", type=int, default=4, help="queries ASTRA scores")
     parser.add_argument("--astra-iterations", type=int, default=2, help="ASTRA's maxiter")
     args = parser.parse_args()
@@ -405,6 +415,8 @@ def main() -> None:
     write_problem(directory, args.size, args.train, args.queries)
     astra = {"queries": min(args.astra_queries, args.queries), "iterations": args.astra_iterations}
     (directory / "astra.json").write_text(json.dumps(astra))
+    limit = None if args.memory_limit is None else int(args.memory_limit * (1 << 30))
+    (directory / "infkit.json").write_text(json.dumps({"memory_limit": limit}))
     model, *_ = load_problem(directory)
     tracked = sum(m.weight.numel() for n, m in model.named_modules() if n in tracked_modules(model))
     results = {}
@@ -420,6 +432,8 @@ def report(args: argparse.Namespace, tracked: int, results: dict, directory: Pat
         f"## {args.size}: {tracked / 1e6:.1f}M tracked parameters, N = {args.train:,} sequences "
         f"of {LENGTH} tokens, {args.queries} queries, batch {BATCH}, {args.threads} threads"
     )
+    if args.memory_limit is not None:
+        title += f", infkit's memory_limit {args.memory_limit:g} GiB"
     write_report(title, results, directory, RESULTS)
 
 
@@ -459,6 +473,14 @@ def write_report(title: str, results: dict, directory: Path, path: Path) -> None
             f"infkit / one forward+backward pass: time {ours['seconds'] / unit['seconds']:.2f} "
             f"(target <= 4), peak memory {ours['peak_bytes'] / unit['peak_bytes']:.2f} "
             "(target <= 2)."
+        )
+    if "infkit" in results and "describe" in results["infkit"]:
+        described = results["infkit"]["describe"]
+        on_disk = described.get("queries_on_disk", 0)
+        lines.append(
+            f"infkit's scoring: {described.get('query_groups')} pass(es) over the training data, "
+            f"query rank {described.get('query_rank')}, "
+            f"{on_disk / (1 << 30):.2f} GiB of preconditioned queries kept on disk."
         )
     if "astra" in results:
         lines += [""] if lines[-1].startswith("|") else []

@@ -447,6 +447,84 @@ def test_queries_beyond_the_budget_are_scored_in_groups_with_the_same_scores(
     assert layered.describe()["query_rank"] is None
 
 
+@pytest.mark.parametrize("fraction", [2, 0.75])  # two queries a chunk; one, layer by layer
+def test_queries_beyond_the_budget_are_kept_on_disk_with_the_same_scores(
+    problem: dict, tmp_path, fraction: float
+) -> None:
+    """On CPU with a factors_dir, queries beyond their budget are written to a scratch directory
+    of its store and read back a chunk at a time for every batch: one pass instead of a pass per
+    group, the scores of the queries held in memory, the scratch files gone afterwards, and the
+    plan foreseeing it; queries_on_disk=False keeps the groups."""
+    task = infkit.Task.language_modeling(problem["model"])
+    opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 2}
+    factors = tmp_path / "factors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        free = infkit.Influence(task, "ekfac", **opts).fit(problem["train"])
+        expected = free.method.scores(ExampleSet(problem["test"]), free.estimator_spec)
+        limit = _limit_for_queries(problem, fraction, batch_size=2)
+        spilled = infkit.Influence(task, "ekfac", memory_limit=limit, factors_dir=factors, **opts)
+        plan = spilled.plan(problem["train"], problem["test"], timed=False)
+        S = spilled.fit(problem["train"]).scores(problem["test"])
+        grouped = infkit.Influence(
+            task, "ekfac", memory_limit=limit, factors_dir=factors, queries_on_disk=False, **opts
+        )
+        grouped_scores = grouped.fit(problem["train"]).scores(problem["test"])
+    torch.testing.assert_close(S, expected, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(grouped_scores, expected, rtol=1e-10, atol=1e-13)
+    described = spilled.describe()
+    assert described["query_groups"] == 1 and described["query_rank"] is None
+    assert described["queries_on_disk"] == Q * 119 * 8  # every query's 119 float64 numbers
+    assert grouped.describe()["query_groups"] == (2 if fraction == 2 else 2 + 4)
+    assert grouped.describe()["queries_on_disk"] == 0
+    assert not [p.name for p in factors.iterdir() if "queries" in p.name]  # scratch removed
+    stages = {stage.name: stage for stage in plan.stages}
+    assert stages["scores"].passes == 1
+    assert "kept on disk and read back layer by layer" in stages["queries"].note
+    # the read buffer, within the budget: as many queries of a layer (77 and 42 numbers) as
+    # fit it, for the layer whose chunk is largest
+    budget = int(fraction * 119 * 8) + 4
+    chunks = [min(Q, budget // (size * 8)) * size * 8 for size in (77, 42)]
+    assert stages["queries"].bytes == max(chunks) <= budget
+
+
+def test_queries_on_disk_in_a_workdir_commit_their_shards_and_leave_no_files(
+    problem: dict, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a workdir the spilled run commits its score shards as the in-memory run does (a run
+    again reuses every one); a pass that fails removes its scratch files."""
+    task = infkit.Task.language_modeling(problem["model"])
+    opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 2}
+    limit = _limit_for_queries(problem, 2, batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        free = infkit.Influence(task, "ekfac", **opts).fit(problem["train"])
+        expected = free.method.scores(ExampleSet(problem["test"]), free.estimator_spec)
+        first = infkit.Influence(task, "ekfac", memory_limit=limit, workdir=tmp_path, **opts)
+        S = first.fit(problem["train"]).scores(problem["test"])
+        again = infkit.Influence(task, "ekfac", memory_limit=limit, workdir=tmp_path, **opts)
+        S_again = again.fit(problem["train"]).scores(problem["test"])
+    torch.testing.assert_close(S, expected, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(S_again, S, rtol=0, atol=0)  # read back from the store
+    assert first.describe()["queries_on_disk"] > 0
+    assert first.describe()["score_shards"]["computed"] > 0
+    leftovers = lambda: [p for p in tmp_path.rglob("*") if "queries-" in p.name]  # noqa: E731
+    assert not leftovers()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        assert leftovers(), "the queries are on disk while the pass runs"
+        raise RuntimeError("the pass failed")
+
+    monkeypatch.setattr(StreamingScorer, "_columns", broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        fresh = infkit.Influence(task, "ekfac", memory_limit=limit, workdir=tmp_path, **opts)
+        fresh.fit(problem["train"])
+        with pytest.raises(RuntimeError, match="the pass failed"):
+            fresh.scores(ExampleSet(problem["test"]).subset([0, 1, 2]))
+    assert not leftovers()
+
+
 def test_a_query_beyond_the_budget_goes_low_rank_with_a_notice(problem: dict) -> None:
     task = infkit.Task.language_modeling(problem["model"])
     with warnings.catch_warnings():

@@ -384,6 +384,15 @@ class ArtifactStore:
                 raise
             # another writer won the race: its artifact stands, ours is discarded
 
+    def scratch(self, label: str) -> Path:
+        """A new private directory for this writer's uncommitted working files (``label`` names
+        what they are). The caller removes it when done; a crash's leftover is removed by the
+        next store opened on this root once the writer is gone, as a writer's temporary
+        directory is."""
+        path = self.root / f"{_TMP}{label}-{_writer()}"
+        path.mkdir(parents=True)
+        return path
+
     def remove(self, path: Path) -> None:
         """Delete a committed artifact (used by ``overwrite=True`` for stale ones)."""
         trash = self.root / f"{_TRASH}{path.name}-{_writer()}"

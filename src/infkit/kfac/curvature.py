@@ -99,6 +99,14 @@ class KroneckerOptions(Options):
         "one layer of one query does not)",
         minimum=1,
     )
+    queries_on_disk: bool | None = option(
+        None,
+        "keep the preconditioned queries that do not fit memory_limit on disk and read them "
+        "back layer by layer in one scoring pass, instead of a pass over the data per group of "
+        "queries (None: on CPU with a workdir or factors_dir, where a pass costs more than the "
+        "reads; True: also on GPUs, in the system's temporary directory without either; False: "
+        "never)",
+    )
     shard_batches: int = option(
         16,
         "batches of training examples per score shard committed to the facade's workdir (a "

@@ -17,8 +17,10 @@ Under torchrun each process scores its share of the batches and the columns are 
 processes (:mod:`infkit.distributed`); with a workdir the columns are committed in shards
 (:mod:`infkit.shards`); ``among`` scores chosen training examples only.
 
-The preconditioned queries get a budget (:func:`query_budget`); beyond it the scores are computed
-exactly in passes over groups of queries and layers (:func:`plan_groups`). Only when one layer of
+The preconditioned queries get a budget (:func:`query_budget`); beyond it they are kept on disk
+and read back layer by layer in one exact pass (:mod:`infkit.kfac.spill`, when the scorer has a
+``scratch`` place), or else the scores are computed exactly in passes over groups of queries and
+layers (:func:`plan_groups`). Only when one layer of
 one query exceeds the budget, or with ``query_rank``, are they kept at rank r per query and layer
 (``U_tl ~ L_tl R_tl^T`` by SVD, the query batching of Grosse et al. 2023), and the score is
 ``sum_s (Ds_js^T L_tl)(R_tl^T a_js)``, never forming G_j (:class:`LayerQueries`).
@@ -26,8 +28,10 @@ one query exceeds the budget, or with ``query_rank``, are they kept at rank r pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +42,7 @@ from infkit.distributed import batch_count, shard_batches, sum_across
 from infkit.errors import Notice, ProblemTooLargeError, warn
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import KroneckerCurvature
+from infkit.kfac.spill import DiskBlocks
 from infkit.layers.capture import (
     block_gradient,
     layer_terms,
@@ -61,21 +66,32 @@ class LayerQueries:
         low_rank: name -> (L [T, d_out, r], R [T, cols, r]) with ``U_tl ~ L_tl R_tl^T``.
         shared: [T] float64, ``l2 <U_t, theta - theta'>``, the regulariser share of every score.
         rank: the rank of the low-rank layers (None: all at full rank).
+        on_disk: the layers' full-rank blocks kept on disk instead of in ``full`` (None: none).
     """
 
     full: dict[str, Tensor]
     low_rank: dict[str, tuple[Tensor, Tensor]]
     shared: Tensor
     rank: int | None
+    on_disk: DiskBlocks | None = None
 
     @property
     def count(self) -> int:
-        if self.full:
-            return next(iter(self.full.values())).shape[0]
-        return next(iter(self.low_rank.values()))[0].shape[0]
+        return int(self.shared.shape[0])
+
+    def layers(self) -> set[str]:
+        """The names of the layers these queries cover."""
+        disk = set() if self.on_disk is None else set(self.on_disk.shapes)
+        return set(self.full) | set(self.low_rank) | disk
+
+    def close(self) -> None:
+        """Remove the blocks kept on disk, if any."""
+        if self.on_disk is not None:
+            self.on_disk.close()
 
     def payload(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """The queries as tensors and a JSON document (:meth:`from_payload` reads them)."""
+        assert self.on_disk is None, "queries kept on disk are working files, not a payload"
         tensors = {"shared": self.shared}
         tensors.update({f"full::{name}": U for name, U in self.full.items()})
         for name, (L, R) in self.low_rank.items():
@@ -221,6 +237,8 @@ class StreamingScorer:
             (:meth:`groups`), and when one layer of one query does not fit, layers are kept at
             ``rank`` (or the largest rank that fits).
         rank: the rank of low-rank query layers (None: chosen to fit ``query_bytes``).
+        scratch: makes a fresh directory for queries kept on disk (None: never on disk; else
+            queries beyond the budget are kept there, :meth:`spills`, in place of groups).
     """
 
     def __init__(
@@ -229,6 +247,7 @@ class StreamingScorer:
         curvature: KroneckerCurvature,
         query_bytes: int,
         rank: int | None = None,
+        scratch: Callable[[], Path] | None = None,
     ) -> None:
         self.fitted = fitted
         self.curvature = curvature
@@ -236,6 +255,7 @@ class StreamingScorer:
         self.dtype = product_dtype(fitted.space.dtype)
         self.query_bytes = query_bytes
         self.rank = rank
+        self.scratch = scratch
         self.mask_key = curvature.options.mask_key
 
     def _theta_blocks(self) -> dict[str, Tensor]:
@@ -256,11 +276,23 @@ class StreamingScorer:
         layer when ``rank`` is set or when one layer of one query does not fit the budget
         (then :meth:`queries` keeps the queries at low rank)."""
         everything = [(0, count, tuple(range(len(self.tracked))))]
-        if self.rank is not None:
+        if self.rank is not None or self.spills(count):
             return everything
-        item = self.dtype.itemsize
-        sizes = [t.d_out * t.cols * item for t in self.tracked]
-        return plan_groups(count, sizes, self.query_bytes) or everything
+        return plan_groups(count, self._layer_bytes(self.tracked), self.query_bytes) or everything
+
+    def _layer_bytes(self, tracked: list[TrackedModule]) -> list[int]:
+        """Bytes of one query's preconditioned block of each of ``tracked``."""
+        return [t.d_out * t.cols * self.dtype.itemsize for t in tracked]
+
+    def spills(self, count: int, layers: tuple[int, ...] | None = None) -> bool:
+        """Whether :meth:`queries` keeps ``count`` queries' blocks of ``layers`` (default all)
+        on disk: they exceed the budget, a scratch place is given, no rank is set, and one
+        query's block of each layer fits the budget (the read buffer's chunk)."""
+        if self.scratch is None or self.rank is not None:
+            return False
+        tracked = self.tracked if layers is None else [self.tracked[i] for i in layers]
+        sizes = self._layer_bytes(tracked)
+        return count * sum(sizes) > self.query_bytes and max(sizes) <= self.query_bytes
 
     def queries(self, queries: ExampleSet, layers: tuple[int, ...] | None = None) -> LayerQueries:
         """Precondition the query gradients of every tracked layer (or of the ``layers``-th),
@@ -277,6 +309,8 @@ class StreamingScorer:
         device, ridges = fitted.space.device, self.curvature.ridges()
         tracked = self.tracked if layers is None else [self.tracked[i] for i in layers]
         t_count, item = len(queries), self.dtype.itemsize
+        if self.spills(t_count, layers):
+            return self._queries_on_disk(queries, tracked)
         total = t_count * sum(t.d_out * t.cols for t in tracked) * item
         rank = self.rank
         if rank is None and total > self.query_bytes:
@@ -327,6 +361,32 @@ class StreamingScorer:
         release_freed_memory()  # the query passes' leftovers, before the scoring pass
         return prepared
 
+    def _queries_on_disk(self, queries: ExampleSet, tracked: list[TrackedModule]) -> LayerQueries:
+        """The preconditioned queries of ``tracked``, written to a scratch directory batch by
+        batch and read back by the scoring pass a chunk at a time (:class:`DiskBlocks`)."""
+        assert self.scratch is not None
+        device = self.fitted.space.device
+        blocks = DiskBlocks(
+            self.scratch(),
+            {t.name: (t.d_out, t.cols) for t in tracked},
+            len(queries),
+            self.dtype,
+            self.query_bytes,
+            device,
+        )
+        prepared = LayerQueries(
+            {}, {}, torch.zeros(len(queries), dtype=torch.float64, device=device), None, blocks
+        )
+        try:
+            theta, ridges = self._theta_blocks(), self.curvature.ridges()
+            for batch in queries.batches(query_batch_size(self.fitted, self.curvature)):
+                self._precondition_batch(batch, tracked, prepared, theta, ridges)
+        except BaseException:
+            blocks.close()
+            raise
+        release_freed_memory()
+        return prepared
+
     def _precondition_batch(
         self,
         batch: Batch,
@@ -350,7 +410,9 @@ class StreamingScorer:
             U = self.curvature.precondition(name, terms.pop(name), ridges[name], self.dtype)
             if l2:
                 prepared.shared[rows] += l2 * (U * theta[name]).sum((1, 2)).to(torch.float64)
-            if name in prepared.low_rank:
+            if prepared.on_disk is not None:
+                prepared.on_disk.write(name, rows, U)
+            elif name in prepared.low_rank:
                 assert prepared.rank is not None
                 L, R = prepared.low_rank[name]
                 L[rows], R[rows] = truncated_svd(U, prepared.rank)
@@ -424,10 +486,16 @@ class StreamingScorer:
         out = torch.zeros(
             prepared.count, len(batch.indices), dtype=torch.float64, device=self.fitted.space.device
         )
-        layers = [t for t in self.tracked if t.name in prepared.full or t.name in prepared.low_rank]
+        covered = prepared.layers()
+        layers = [t for t in self.tracked if t.name in covered]
+        disk = prepared.on_disk
 
         def add_share(name: str, a: Tensor, ds: Tensor) -> None:
-            if name in prepared.low_rank:
+            if disk is not None:  # every layer's queries on disk, read a chunk at a time
+                G = block_gradient(a, ds, self.dtype).flatten(1)
+                for start, stop, U in disk.chunks(name):
+                    out[start:stop].add_(wide_inner(U.flatten(1), G).to(torch.float64))
+            elif name in prepared.low_rank:
                 L, R = prepared.low_rank[name]
                 left = torch.einsum("bso,qor->qbsr", ds.to(self.dtype), L)
                 right = torch.einsum("bsi,qir->qbsr", a.to(self.dtype), R)

@@ -21,8 +21,10 @@ one: an approximation on top of an approximation (docs/estimators.md §10).
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+import tempfile
+from collections.abc import Callable, Collection, Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -94,7 +96,7 @@ class KFAC(PrimalMethod):
     #: whether the eigenvalues are EK-FAC's corrected ones
     corrected: ClassVar[bool] = False
     #: the counters describe() reports; :meth:`state` adds the Kronecker curvature
-    fitted_state = ("query_rank", "query_groups", "shard_tally")
+    fitted_state = ("query_rank", "query_groups", "queries_on_disk", "shard_tally")
     options: KroneckerOptions
 
     def __init__(self, options: KroneckerOptions | None = None, /, **values: object) -> None:
@@ -104,6 +106,8 @@ class KFAC(PrimalMethod):
         self.query_rank: int | None = None
         #: the most passes over the training data one scores() call took (query groups)
         self.query_groups = 0
+        #: the most bytes of preconditioned queries one scores() call kept on disk
+        self.queries_on_disk = 0
         #: ``(i, K)``: with a workdir, compute only the score shards of part i of K (an array
         #: job's share; :meth:`infkit.Influence.score_shards`); None: this process's share
         self.shard_part = None
@@ -148,7 +152,8 @@ class KFAC(PrimalMethod):
         return {**super().state(), "curvature": self.kronecker().state()}
 
     def restore(self, fitted: Fitted, state: Mapping[str, Any]) -> None:
-        super().restore(fitted, state)
+        # (a counter that saves written before it was kept lack)
+        super().restore(fitted, {"queries_on_disk": 0, **state})
         self.curvature_ = KroneckerCurvature.restored(
             fitted, self.options, state["curvature"], corrected=self.corrected, owner=self.name
         )
@@ -190,7 +195,21 @@ class KFAC(PrimalMethod):
             return None
         curvature, fitted = self.kronecker(), self.fitted
         budget = query_budget(fitted, curvature, scores)
-        return StreamingScorer(fitted, curvature, budget, self.options.query_rank)
+        return StreamingScorer(fitted, curvature, budget, self.options.query_rank, self._scratch())
+
+    def _scratch(self) -> Callable[[], Path] | None:
+        """Where queries beyond their budget are kept on disk (``queries_on_disk``): a scratch
+        directory of the workdir's or factors_dir's store, or of the system's temporary
+        directory when forced without either; None: scored in groups instead."""
+        choice = self.options.queries_on_disk
+        fitted = self.fitted
+        place = fitted.workdir if fitted.workdir is not None else self.options.factors_dir
+        if not _keeps_queries_on_disk(choice, place is not None, fitted.space.device.type):
+            return None
+        if place is None:
+            return lambda: Path(tempfile.mkdtemp(prefix="infkit-queries-"))
+        store = ArtifactStore(place)
+        return lambda: store.scratch("queries")
 
     def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
         scorer = self._streaming(estimator, len(queries) * self.fitted.n * FLOAT64_BYTES)
@@ -239,17 +258,23 @@ class KFAC(PrimalMethod):
             whole = stop - start == len(queries)
             part = queries if whole else queries.part(torch.arange(start, stop))
             group = None if shards is None else shards.of_group([start, stop, list(layers)])
-            if group is None:
+            if group is None or scorer.spills(stop - start, layers):
+                # (queries kept on disk are this call's working files: recomputed on resume)
                 prepared = scorer.queries(part, layers)
             else:  # committed once, reused by a resumed run
                 compute = partial(_query_payload, scorer, part, layers)
                 tensors, document = group.piece(QUERIES, {}, compute)
                 prepared = LayerQueries.from_payload(tensors, document, device)
-            if prepared.rank is not None:
-                ranks = [r for r in (self.query_rank, prepared.rank) if r is not None]
-                self.query_rank = min(ranks)
-            scorer.curvature.set_aside()  # the pass reads the queries, not the factors
-            out[start:stop] += scorer.scores(prepared, group, among, label)
+            try:
+                if prepared.rank is not None:
+                    ranks = [r for r in (self.query_rank, prepared.rank) if r is not None]
+                    self.query_rank = min(ranks)
+                if prepared.on_disk is not None:
+                    self.queries_on_disk = max(self.queries_on_disk, prepared.on_disk.nbytes)
+                scorer.curvature.set_aside()  # the pass reads the queries, not the factors
+                out[start:stop] += scorer.scores(prepared, group, among, label)
+            finally:
+                prepared.close()
             del prepared
         self.query_groups = max(self.query_groups, len(groups))
         if shards is not None and shards.tally["reused"]:
@@ -267,10 +292,10 @@ class KFAC(PrimalMethod):
         if fitted.workdir is None:
             return None
         curvature = self.kronecker()
-        # where the factors live and whether to refit them do not change the scores
-        options = {
-            k: v for k, v in self.options.record().items() if k not in ("factors_dir", "overwrite")
-        }
+        # where the factors and the queries live and whether to refit the factors do not
+        # change the scores
+        unchanged = ("factors_dir", "overwrite", "queries_on_disk")
+        options = {k: v for k, v in self.options.record().items() if k not in unchanged}
         identity = {
             "factors": curvature.factors_identity(),
             "method": self.name,
@@ -397,7 +422,23 @@ class KFAC(PrimalMethod):
         rank = self.options.query_rank
         groups = None if rank is not None else plan_groups(local, sizes, budget)
         refused = False
-        if groups is None:  # low rank: every query and layer in one pass
+        # kept on disk instead of groups (as StreamingScorer.spills decides)
+        place = shape.workdir or self.options.factors_dir is not None
+        spilled = (
+            groups is not None
+            and len(groups) > 1
+            and _keeps_queries_on_disk(self.options.queries_on_disk, place, space.device.type)
+        )
+        if spilled:
+            assert budget is not None  # (more than one group: the queries exceed it)
+            groups = [(0, local, tuple(range(len(tracked))))]
+            queries = max(min(local, budget // b) * b for b in sizes)  # the read buffer
+            passes = 1
+            note = (
+                f"full rank, {human_bytes(local * sum(sizes))} kept on disk and read back "
+                "layer by layer for every batch"
+            )
+        elif groups is None:  # low rank: every query and layer in one pass
             note = ""
             if rank is None:
                 rank = (budget or 0) // max(local * per_rank, 1)
@@ -486,11 +527,21 @@ class KFAC(PrimalMethod):
         out: dict[str, object] = super().describe()
         out["query_rank"] = self.query_rank
         out["query_groups"] = self.query_groups
+        out["queries_on_disk"] = self.queries_on_disk
         if self._fitted is not None and self._fitted.workdir is not None:
             out["score_shards"] = dict(self.shard_tally)
         if self.curvature_ is not None:
             out.update(self.curvature_.describe())
         return out
+
+
+def _keeps_queries_on_disk(choice: bool | None, place: bool, device_type: str) -> bool:
+    """Whether queries beyond their budget are kept on disk rather than scored in groups:
+    ``queries_on_disk`` when set, else on CPU with a place for them (a workdir or factors_dir).
+    On a GPU a pass over the data costs less than reading the queries back for every batch."""
+    if choice is not None:
+        return choice
+    return place and device_type == "cpu"
 
 
 def _query_payload(
