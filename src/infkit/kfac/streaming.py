@@ -273,8 +273,9 @@ class StreamingScorer:
     # ------------------------------------------------------------------ queries
     def groups(self, count: int) -> list[Group]:
         """The scoring passes for ``count`` queries (:func:`plan_groups`); one pass over every
-        layer when ``rank`` is set or when one layer of one query does not fit the budget
-        (then :meth:`queries` keeps the queries at low rank)."""
+        layer when ``rank`` is set, when the queries are kept on disk (:meth:`spills`), or when
+        one layer of one query does not fit the budget (then :meth:`queries` keeps the queries
+        at low rank)."""
         everything = [(0, count, tuple(range(len(self.tracked))))]
         if self.rank is not None or self.spills(count):
             return everything
