@@ -9,6 +9,7 @@ otherwise, run by ``make test-slow``).
 from __future__ import annotations
 
 import copy
+import tempfile
 import warnings
 
 import pytest
@@ -449,7 +450,7 @@ def test_queries_beyond_the_budget_are_scored_in_groups_with_the_same_scores(
 
 @pytest.mark.parametrize("fraction", [2, 0.75])  # two queries a chunk; one, layer by layer
 def test_queries_beyond_the_budget_are_kept_on_disk_with_the_same_scores(
-    problem: dict, tmp_path, fraction: float
+    problem: dict, tmp_path, fraction: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On CPU with a factors_dir, queries beyond their budget are written to a scratch directory
     of its store and read back a chunk at a time for every batch: one pass instead of a pass per
@@ -481,6 +482,19 @@ def test_queries_beyond_the_budget_are_kept_on_disk_with_the_same_scores(
     stages = {stage.name: stage for stage in plan.stages}
     assert stages["scores"].passes == 1
     assert "kept on disk and read back layer by layer" in stages["queries"].note
+    if fraction == 2:  # forced, without a workdir or factors_dir: the system's temporary dir
+        system = tmp_path / "system"
+        system.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(system))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Notice)
+            forced = infkit.Influence(
+                task, "ekfac", memory_limit=limit, queries_on_disk=True, **opts
+            )
+            forced_scores = forced.fit(problem["train"]).scores(problem["test"])
+        torch.testing.assert_close(forced_scores, expected, rtol=1e-10, atol=1e-13)
+        assert forced.describe()["queries_on_disk"] == Q * 119 * 8
+        assert list(system.iterdir()) == []  # removed after the scores
     # the read buffer, within the budget: as many queries of a layer (77 and 42 numbers) as
     # fit it, for the layer whose chunk is largest
     budget = int(fraction * 119 * 8) + 4

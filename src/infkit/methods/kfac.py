@@ -208,8 +208,7 @@ class KFAC(PrimalMethod):
             return None
         if place is None:
             return lambda: Path(tempfile.mkdtemp(prefix="infkit-queries-"))
-        store = ArtifactStore(place)
-        return lambda: store.scratch("queries")
+        return lambda: ArtifactStore(place).scratch("queries")
 
     def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
         scorer = self._streaming(estimator, len(queries) * self.fitted.n * FLOAT64_BYTES)
