@@ -307,7 +307,7 @@ class StreamingScorer:
                 ``rank`` is not set): ``memory_limit`` cannot be met.
         """
         fitted = self.fitted
-        device, ridges = fitted.space.device, self.curvature.ridges()
+        device = fitted.space.device
         tracked = self.tracked if layers is None else [self.tracked[i] for i in layers]
         t_count, item = len(queries), self.dtype.itemsize
         if self.spills(t_count, layers):
@@ -356,11 +356,7 @@ class StreamingScorer:
             torch.zeros(t_count, dtype=torch.float64, device=device),
             rank if low_rank else None,
         )
-        theta = self._theta_blocks()
-        for batch in queries.batches(query_batch_size(fitted, self.curvature)):
-            self._precondition_batch(batch, tracked, prepared, theta, ridges)
-        release_freed_memory()  # the query passes' leftovers, before the scoring pass
-        return prepared
+        return self._filled(prepared, queries, tracked)
 
     def _queries_on_disk(self, queries: ExampleSet, tracked: list[TrackedModule]) -> LayerQueries:
         """The preconditioned queries of ``tracked``, written to a scratch directory batch by
@@ -378,14 +374,21 @@ class StreamingScorer:
         prepared = LayerQueries(
             {}, {}, torch.zeros(len(queries), dtype=torch.float64, device=device), None, blocks
         )
+        return self._filled(prepared, queries, tracked)
+
+    def _filled(
+        self, prepared: LayerQueries, queries: ExampleSet, tracked: list[TrackedModule]
+    ) -> LayerQueries:
+        """``prepared`` with every query batch's preconditioned blocks written in; its blocks
+        on disk removed if that fails."""
         try:
             theta, ridges = self._theta_blocks(), self.curvature.ridges()
             for batch in queries.batches(query_batch_size(self.fitted, self.curvature)):
                 self._precondition_batch(batch, tracked, prepared, theta, ridges)
         except BaseException:
-            blocks.close()
+            prepared.close()
             raise
-        release_freed_memory()
+        release_freed_memory()  # the query passes' leftovers, before the scoring pass
         return prepared
 
     def _precondition_batch(
