@@ -1,5 +1,6 @@
 """Memory limits and sizes: how much dense objects may take, how to print a byte count, and
-giving freed memory back to the system between the stages of a run."""
+giving freed memory back to the system (large blocks as they are freed, the rest between the
+stages of a run)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,49 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):
         return None
+
+
+#: allocations of at least this many bytes get pages of their own (see map_large_allocations)
+MAPPED_ALLOCATION_BYTES = 1 << 20
+#: glibc's mallopt parameter number of the mmap threshold (malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+
+@functools.cache
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.cache
+def map_large_allocations() -> bool:
+    """Serve every allocation of at least :data:`MAPPED_ALLOCATION_BYTES` from pages of its
+    own, handed back to the system when it is freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``);
+    True where this was set.
+
+    glibc raises its threshold each time a mapped block is freed, up to 32 MiB, after which a
+    pass's activations and gradients (a few MiB each) come from the heap, whose holes the next
+    batch's tensors of other sizes do not fit: the process grows with every batch of a pass
+    beyond its live objects. On a 50M-parameter language model (EK-FAC, batch 8 x 128 tokens)
+    the eigenvalue pass peaked at 2.99 GiB resident with the default and at 2.36 GiB with the
+    threshold fixed (a ``malloc_trim`` after every batch: 2.82 GiB).
+
+    Process-wide and once per process; called when a pass over the data begins. Left alone
+    where the user has set the threshold (``MALLOC_MMAP_THRESHOLD_`` or ``GLIBC_TUNABLES``'s
+    ``glibc.malloc.mmap_threshold``), which is also how to opt out, and on other C libraries.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    if "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MAPPED_ALLOCATION_BYTES))
 
 
 def release_freed_memory() -> None:

@@ -1,0 +1,63 @@
+"""The C allocator's mmap threshold fixed for a run's passes (``infkit.memory``): a freed block
+of a MiB or more leaves the process's resident memory at once, where glibc's default would keep
+it as a heap hole; the user's own setting is left alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from infkit.memory import _mallopt
+
+pytestmark = pytest.mark.skipif(_mallopt() is None, reason="needs glibc's mallopt")
+
+#: the child: after one 24 MiB block was freed (glibc's default threshold follows it up), eight
+#: 2 MiB blocks are written and freed; prints what freeing them gave back, in MiB
+CHILD = """
+import json, os, sys, torch
+from infkit.memory import map_large_allocations
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+applied = map_large_allocations() if sys.argv[1] == "map" else None
+warm = torch.ones(6 << 20)  # 24 MiB
+del warm
+blocks = [torch.ones(1 << 19) for _ in range(8)]  # 8 x 2 MiB, every page written
+before = resident()
+del blocks
+print(json.dumps({"applied": applied, "released_mib": (before - resident()) / (1 << 20)}))
+"""
+
+
+def _child(mode: str, **env: str) -> dict:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    environ.pop("GLIBC_TUNABLES", None)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, mode],
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_freed_blocks_leave_resident_memory():
+    mapped = _child("map")
+    assert mapped["applied"] is True
+    # 16 MiB freed: all of it returned, give or take a page of bookkeeping
+    assert mapped["released_mib"] >= 15.0
+    # the control: glibc's default kept them (threshold raised to 24 MiB by the warm block)
+    assert _child("default")["released_mib"] <= 2.0
+
+
+def test_the_users_own_setting_is_kept():
+    kept = _child("map", MALLOC_MMAP_THRESHOLD_=str(64 << 20))
+    assert kept["applied"] is False
+    assert kept["released_mib"] <= 2.0  # the user's 64 MiB threshold, not infkit's 1 MiB
+    tunable = _child("map", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=67108864")
+    assert tunable["applied"] is False
