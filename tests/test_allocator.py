@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from infkit.memory import _mallopt
+from infkit.memory import _libc_function
 
-pytestmark = pytest.mark.skipif(_mallopt() is None, reason="needs glibc's mallopt")
+pytestmark = pytest.mark.skipif(_libc_function("mallopt") is None, reason="needs glibc's mallopt")
 
 #: the child: after one 24 MiB block was freed (glibc's default threshold follows it up), eight
 #: 2 MiB blocks are written and freed; prints what freeing them gave back, in MiB

@@ -24,11 +24,12 @@ def default_memory_limit() -> int:
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
-    name = ctypes.util.find_library("c")
+def _libc_function(name: str) -> Callable[..., int] | None:
+    """The C library's function ``name`` (glibc's ``malloc_trim``, ``mallopt``), or None where
+    the C library has none (musl has no ``malloc_trim``; macOS, Windows)."""
+    library = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        return getattr(ctypes.CDLL(library), name) if library else None
     except (OSError, AttributeError):
         return None
 
@@ -37,16 +38,6 @@ def _malloc_trim() -> Callable[[int], int] | None:
 MAPPED_ALLOCATION_BYTES = 1 << 20
 #: glibc's mallopt parameter number of the mmap threshold (malloc.h)
 _M_MMAP_THRESHOLD = -3
-
-
-@functools.cache
-def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's ``mallopt``, or None where the C library has none."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        return None
 
 
 @functools.cache
@@ -70,7 +61,7 @@ def map_large_allocations() -> bool:
         return False
     if "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
-    mallopt = _mallopt()
+    mallopt = _libc_function("mallopt")
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MAPPED_ALLOCATION_BYTES))
@@ -87,7 +78,7 @@ def release_freed_memory() -> None:
     between stages (a few milliseconds), so that the peak is the live objects', not the passes'
     leftovers.
     """
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
 
