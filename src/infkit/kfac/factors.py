@@ -56,7 +56,7 @@ from infkit.gradients import PerExample, check_finite_rows
 from infkit.layers.capture import ROW_PROBE_EXAMPLES, Capture, check_rows_follow_examples
 from infkit.layers.tracked import TrackedModule
 from infkit.linalg import gram
-from infkit.memory import human_bytes, map_large_allocations, release_freed_memory
+from infkit.memory import human_bytes, release_freed_memory
 from infkit.parameters import evaluation_mode, product_dtype
 from infkit.progress import Mode, track
 
@@ -358,7 +358,6 @@ class FactorFitter:
         ``stream`` selects an independent stream of sampled labels (``"sampled"`` only); each
         batch's labels are seeded by the seed, the stream and the batch's number.
         """
-        map_large_allocations()  # each batch's blocks given back as freed, not left as holes
         gen = None
         if mode == "sampled":
             gen = torch.Generator(device=self.engine.space.device)

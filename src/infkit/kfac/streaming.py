@@ -51,7 +51,7 @@ from infkit.layers.capture import (
 )
 from infkit.layers.tracked import TrackedModule
 from infkit.linalg import wide_inner
-from infkit.memory import human_bytes, map_large_allocations, release_freed_memory
+from infkit.memory import human_bytes, release_freed_memory
 from infkit.parameters import product_dtype
 from infkit.progress import track
 from infkit.shards import ScoreShards
@@ -257,7 +257,6 @@ class StreamingScorer:
         self.rank = rank
         self.scratch = scratch
         self.mask_key = curvature.options.mask_key
-        map_large_allocations()  # the passes' blocks given back as freed, not left as holes
 
     def _theta_blocks(self) -> dict[str, Tensor]:
         """``fitted.regularised_theta`` per layer block in the product dtype, for the l2
