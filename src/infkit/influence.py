@@ -46,7 +46,13 @@ from infkit.fitted import (
     warn_about_training_mode,
 )
 from infkit.gradients import MODES, PerExample, directional_derivatives
-from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes, row_chunks
+from infkit.memory import (
+    FLOAT64_BYTES,
+    default_memory_limit,
+    human_bytes,
+    map_large_allocations,
+    row_chunks,
+)
 from infkit.methods.base import (
     Method,
     Problem,
@@ -100,7 +106,10 @@ class Influence:
         per_example: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :class:`infkit.gradients.PerExample`).
         progress: show progress: None (default) a bar in a terminal or notebook and a line
             every few seconds in a log; True bars; False nothing (:mod:`infkit.progress`).
-        memory_limit: bytes dense objects may take (default: half the machine's memory).
+        memory_limit: bytes dense objects may take (default: half the machine's memory). A
+            tighter limit also fixes glibc's mmap threshold for the process
+            (:func:`infkit.memory.map_large_allocations`), so that each batch's freed blocks
+            leave it instead of staying as heap holes, at the cost of page faults.
         device: where the model runs: it is moved there (``model.to(device)``) and every batch
             follows it (default: where the model is; CUDA when the model is on it).
         dtype: the precision of the forward and backward passes: ``torch.bfloat16`` (or
@@ -203,6 +212,10 @@ class Influence:
                 f"machine's memory), got {memory_limit!r}: e.g. int(2.5 * 2**30) for 2.5 GiB"
             )
         self.memory_limit = memory_limit or default_memory_limit()
+        if self.memory_limit < default_memory_limit():
+            # a bound tighter than the default: freed blocks go back to the system, so that the
+            # peak is the live objects' that the budget counts (at some time per pass)
+            map_large_allocations()
         self.method_options = dict(method_options)
         self._method: Method | None = None
         self._choice: registry.Choice | None = None  # what method="auto" picked, and why

@@ -29,7 +29,6 @@ from infkit.data import Batch, leaves, map_tensors
 from infkit.errors import UnsupportedError
 from infkit.gradients import PerExample, batching_rule_notice, check_finite_rows
 from infkit.layers.tracked import TrackedModule
-from infkit.memory import map_large_allocations
 from infkit.parameters import evaluation_mode
 from infkit.task import Task
 
@@ -241,9 +240,6 @@ class Capture:
         self._spans: set[int] = set()
 
     def __enter__(self) -> Capture:
-        # every hooked pass comes through here: its batches' blocks are given back to the
-        # system as they are freed, not left as holes the next batch does not fit
-        map_large_allocations()
         for t in self.tracked:
             self._handles.append(t.module.register_forward_hook(self._hook(t)))
         return self
