@@ -211,8 +211,9 @@ class Influence:
                 f"memory_limit must be an int number of bytes >= 1 (or None for half the "
                 f"machine's memory), got {memory_limit!r}: e.g. int(2.5 * 2**30) for 2.5 GiB"
             )
-        self.memory_limit = memory_limit or default_memory_limit()
-        if self.memory_limit < default_memory_limit():
+        default_limit = default_memory_limit()
+        self.memory_limit = memory_limit or default_limit
+        if self.memory_limit < default_limit:
             # a bound tighter than the default: freed blocks go back to the system, so that the
             # peak is the live objects' that the budget counts (at some time per pass)
             map_large_allocations()
