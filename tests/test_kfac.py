@@ -433,7 +433,7 @@ def test_squares_in_eigenbasis_sums_the_squared_rotated_blocks(
     (sum_t dr_t ar_t^T)^2, in chunks of one example (CHUNK_ELEMENTS small) or all at once,
     against the dense float64 sum."""
     import infkit.kfac.factors
-    from infkit.kfac.factors import squares_in_eigenbasis
+    from infkit.kfac.factors import ScratchSpace, squares_in_eigenbasis
 
     gen = torch.Generator().manual_seed(examples)
     dr = torch.randn(2, 3, 5, 4, generator=gen)  # [K, B, T, d_out]
@@ -442,6 +442,18 @@ def test_squares_in_eigenbasis_sums_the_squared_rotated_blocks(
     expected = blocks.square().sum((0, 1))
     monkeypatch.setattr(infkit.kfac.factors, "CHUNK_ELEMENTS", 2 * 4 * 6 * examples)
     assert relative_error(squares_in_eigenbasis(dr, ar), expected) < 1e-6  # float32 products
+    # the blocks made in one reused buffer: the same sums, call after call (the second call's
+    # blocks overwrite the first's), and the buffer is not grown for a call that fits it
+    scratch = ScratchSpace()
+    first = squares_in_eigenbasis(dr, ar, scratch)
+    buffer = scratch.view((1,), dr).data_ptr()
+    other = torch.randn(1, 3, 5, 4, generator=gen)  # K = 1: smaller blocks, the same buffer
+    expected_other = (other.double().transpose(-1, -2) @ ar.double().unsqueeze(0)).square()
+    assert (
+        relative_error(squares_in_eigenbasis(other, ar, scratch), expected_other.sum((0, 1))) < 1e-6
+    )
+    assert scratch.view((1,), dr).data_ptr() == buffer
+    assert relative_error(first, expected) < 1e-6
 
 
 @pytest.mark.parametrize("positions", [2, 40])
