@@ -14,6 +14,9 @@ three fresh processes, each under ``/usr/bin/time -v``:
 * ``grouped``: the same limit with ``queries_on_disk=False``: the queries scored in
   groups that fit, one pass over the training data each.
 
+A run that cannot meet the limit in its way (the groups need the factors in memory beside
+each group of queries) is reported as refused, with infkit's message.
+
 Targets (issue): the bounded run finishes, its peak stays under the limit plus the model (read:
 plus the baseline process, the runtime with the model loaded), and its scores equal the
 unbounded run's.
@@ -86,7 +89,10 @@ def score_worker(directory: Path) -> dict:
     start = time.perf_counter()
     inf = _influence(model, directory, limit, on_disk)
     inf.fit(infkit.language_modeling.examples(train))
-    scores = inf.scores(infkit.language_modeling.examples(queries))
+    try:
+        scores = inf.scores(infkit.language_modeling.examples(queries))
+    except infkit.errors.ProblemTooLargeError as error:  # the limit cannot be met this way
+        return {"seconds": time.perf_counter() - start, "limit": limit, "refused": str(error)}
     seconds = time.perf_counter() - start
     name = f"scores-{limit}-{os.environ.get('BUDGET_ON_DISK', 'default')}.pt"
     torch.save(scores, directory / name)
@@ -160,6 +166,12 @@ def report(args: argparse.Namespace, tracked: int, results: dict, directory: Pat
     ]
     for kind in ("unbounded", "bounded", "grouped"):
         r = results[kind]
+        if "refused" in r:
+            lines.append(
+                f"| {kind} | {r['limit'] / gib:.2f} | {r['peak_bytes'] / gib:.2f} | "
+                f"{r['seconds']:.1f} | refused | | |"
+            )
+            continue
         lines.append(
             f"| {kind} | {r['limit'] / gib:.2f} | {r['peak_bytes'] / gib:.2f} | "
             f"{r['seconds']:.1f} | {r['query_groups']} | {r['query_rank']} | "
@@ -168,6 +180,9 @@ def report(args: argparse.Namespace, tracked: int, results: dict, directory: Pat
     lines.append("")
     for kind in ("bounded", "grouped"):
         r = results[kind]
+        if "refused" in r:
+            lines.append(f"{kind}: refused (ProblemTooLargeError): {r['refused']}")
+            continue
         S1 = torch.load(directory / r["scores"]).double()
         error = float((S1 - S0).norm() / S0.norm())
         lines.append(

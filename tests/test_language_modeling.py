@@ -29,7 +29,7 @@ from infkit.errors import (
     ProblemTooLargeError,
     UnsupportedError,
 )
-from infkit.kfac.streaming import StreamingScorer, plan_groups, query_budget
+from infkit.kfac.streaming import StreamingScorer, factor_bytes, plan_groups, query_budget
 
 N, Q = 20, 4
 
@@ -495,11 +495,56 @@ def test_queries_beyond_the_budget_are_kept_on_disk_with_the_same_scores(
         torch.testing.assert_close(forced_scores, expected, rtol=1e-10, atol=1e-13)
         assert forced.describe()["queries_on_disk"] == Q * 119 * 8
         assert list(system.iterdir()) == []  # removed after the scores
-    # the read buffer, within the budget: as many queries of a layer (77 and 42 numbers) as
-    # fit it, for the layer whose chunk is largest
-    budget = int(fraction * 119 * 8) + 4
-    chunks = [min(Q, budget // (size * 8)) * size * 8 for size in (77, 42)]
-    assert stages["queries"].bytes == max(chunks) <= budget
+    # the read buffer: as many queries of a layer (77 and 42 numbers) as fit the budget, for
+    # the layer whose chunk is largest; with the factors set aside during the scoring pass
+    # (committed in factors_dir) their room is the buffer's too
+    room = int(fraction * 119 * 8) + 4 + factor_bytes(spilled.method.kronecker())
+    chunks = [min(Q, room // (size * 8)) * size * 8 for size in (77, 42)]
+    assert stages["queries"].largest == ("queries' read buffer", max(chunks))
+    assert max(chunks) <= room
+
+
+def test_factors_set_aside_leave_their_room_to_the_queries_on_disk(problem: dict, tmp_path) -> None:
+    """A limit whose query budget, after the factors, holds not even rank 1 of every query: kept
+    in memory the scores refuse, and the plan says so. With the factors committed in
+    factors_dir, the scoring pass sets them aside, so the queries are kept on disk and read back
+    in a buffer that takes the factors' room: the exact scores, in one pass."""
+    task = infkit.Task.language_modeling(problem["model"])
+    opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 2}
+    # 289 bytes: under one query's head block (77 x 8) and every query at rank 1 (4 x 31 x 8)
+    limit = _limit_for_queries(problem, 0.3, batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        free = infkit.Influence(task, "ekfac", **opts).fit(problem["train"])
+        expected = free.method.scores(ExampleSet(problem["test"]), free.estimator_spec)
+        held = infkit.Influence(task, "ekfac", memory_limit=limit, **opts)
+        held_plan = held.plan(problem["train"], problem["test"], timed=False)
+        held.fit(problem["train"])
+        with pytest.raises(ProblemTooLargeError, match="at rank 1"):
+            held.scores(problem["test"])
+        spilled = infkit.Influence(
+            task, "ekfac", memory_limit=limit, factors_dir=tmp_path / "factors", **opts
+        )
+        plan = spilled.plan(problem["train"], problem["test"], timed=False)
+        S = spilled.fit(problem["train"]).scores(problem["test"])
+    assert [s.name for s in held_plan.stages if s.refused] == ["queries"]
+    torch.testing.assert_close(S, expected, rtol=1e-10, atol=1e-13)
+    described = spilled.describe()
+    assert described["queries_on_disk"] == Q * 119 * 8
+    assert described["query_groups"] == 1 and described["query_rank"] is None
+    stages = {stage.name: stage for stage in plan.stages}
+    assert not any(stage.refused for stage in plan.stages)
+    assert "kept on disk" in stages["queries"].note and stages["scores"].passes == 1
+    # the buffer holds what the factors' room and the 289 bytes fit (the head's 77 numbers a
+    # query: every query of the head at once needs 2,464 bytes)
+    room = int(0.3 * 119 * 8) + 4 + factor_bytes(spilled.method.kronecker())
+    assert stages["queries"].largest[1] == max(
+        min(Q, room // (size * 8)) * size * 8 for size in (77, 42)
+    )
+    # the scoring pass, its read buffer included, within the limit (the plan's other stages,
+    # the fit's post-fit checks among them, are not the scoring run's)
+    scoring = plan.stage_bytes[[stage.name for stage in plan.stages].index("scores")]
+    assert scoring + plan.shape.snapshot_bytes <= limit
 
 
 def test_queries_on_disk_in_a_workdir_commit_their_shards_and_leave_no_files(

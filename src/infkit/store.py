@@ -79,11 +79,20 @@ def load_tensors(path: str | Path, skip: Collection[str] = ()) -> dict[str, Tens
     """Read a safetensors file (but the tensors named in ``skip``, which stay on disk); a
     damaged or missing file raises ArtifactError naming it."""
     try:
-        # each tensor copied, one at a time, into memory of PyTorch's own allocator: the file's
-        # buffer may sit at any alignment, and BLAS kernels can round differently on unaligned
-        # data, so a reloaded answer would not be bit-identical to the saved run's
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k).clone() for k in f.keys() if k not in skip}  # noqa: SIM118
+            names = [k for k in f.keys() if k not in skip]  # noqa: SIM118
+        out = {}
+        for name in names:
+            # each tensor copied into memory of PyTorch's own allocator: the file's buffer may
+            # sit at any alignment, and BLAS kernels can round differently on unaligned data,
+            # so a reloaded answer would not be bit-identical to the saved run's. The file is
+            # opened (memory-mapped) for one tensor at a time: the mapped pages a copy reads
+            # stay resident until the file is closed, and with one open for every tensor the
+            # load's peak was twice the tensors' bytes (1.59 against 0.91 GiB for 0.68 GiB of
+            # Kronecker factors)
+            with safe_open(str(path), framework="pt") as f:
+                out[name] = f.get_tensor(name).clone()
+        return out
     except (SafetensorError, OSError, ValueError) as error:
         raise ArtifactError(
             f"{path} cannot be read as tensors ({type(error).__name__}: {error}); the file is "

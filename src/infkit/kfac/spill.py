@@ -62,9 +62,9 @@ class DiskBlocks:
             raise ValueError(f"buffer of {buffer_bytes} bytes below one query's {largest}")
         #: queries per chunk of each layer, as many as the buffer holds
         self.rows = {name: min(count, buffer_bytes // b) for name, b in self.row_bytes.items()}
-        self._buffer = torch.empty(
-            max(self.rows[n] * b for n, b in self.row_bytes.items()), dtype=torch.uint8
-        )
+        # made at the first read: the blocks are written while the factors are in memory, and
+        # read while they are set aside, whose room the buffer may take
+        self._buffer: Tensor | None = None
         self._files: dict[str, int] = {}
         for index, name in enumerate(shapes):
             path = directory / f"layer-{index}.bin"
@@ -79,8 +79,8 @@ class DiskBlocks:
 
     @property
     def buffer_bytes(self) -> int:
-        """Bytes of the one reused read buffer (the memory these blocks take)."""
-        return self._buffer.numel()
+        """Bytes of the one reused read buffer (the memory these blocks take while read)."""
+        return max(self.rows[name] * size for name, size in self.row_bytes.items())
 
     def write(self, name: str, rows: Tensor, blocks: Tensor) -> None:
         """Store ``blocks`` [len(rows), *shape] as the queries ``rows`` of layer ``name``."""
@@ -100,6 +100,8 @@ class DiskBlocks:
         """``(start, stop, U)`` over layer ``name``'s queries, ``U`` [stop - start, *shape] a
         view of the reused buffer (valid until the next chunk is read)."""
         size, step, fd = self.row_bytes[name], self.rows[name], self._files[name]
+        if self._buffer is None:
+            self._buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8)
         for start in range(0, self.count, step):
             stop = min(start + step, self.count)
             want = (stop - start) * size
@@ -113,6 +115,7 @@ class DiskBlocks:
         for fd in self._files.values():
             os.close(fd)
         self._files = {}
+        self._buffer = None
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

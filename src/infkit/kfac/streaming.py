@@ -162,8 +162,20 @@ def query_budget(fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0)
     """Bytes the preconditioned queries may take in this fitted run (:func:`budget_after` of the
     fitted factors' and theta*'s bytes, the ``scores`` bytes of the result the call fills, and
     a batch of the training set's sequence length)."""
-    # the factors, the run's copy of theta* and the scores
-    resident = factor_bytes(curvature) + fitted.theta.numel() * fitted.theta.element_size() + scores
+    return _budget(fitted, curvature, scores, factor_bytes(curvature))
+
+
+def read_budget(fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0) -> int:
+    """Bytes the read buffer of queries kept on disk may take: :func:`query_budget`, less the
+    factors when the curvature sets them aside during the scoring pass
+    (:meth:`KroneckerCurvature.set_aside`), the one pass the buffer is read in."""
+    factors = 0 if curvature.sets_aside else factor_bytes(curvature)
+    return _budget(fitted, curvature, scores, factors)
+
+
+def _budget(fitted: Fitted, curvature: KroneckerCurvature, scores: int, factors: int) -> int:
+    # the factors (or none), the run's copy of theta* and the scores
+    resident = factors + fitted.theta.numel() * fitted.theta.element_size() + scores
     return budget_after(fitted.memory_limit, resident, *pass_working_bytes(fitted, curvature))
 
 
@@ -239,6 +251,8 @@ class StreamingScorer:
         rank: the rank of low-rank query layers (None: chosen to fit ``query_bytes``).
         scratch: makes a fresh directory for queries kept on disk (None: never on disk; else
             queries beyond the budget are kept there, :meth:`spills`, in place of groups).
+        read_bytes: the budget of the read buffer of queries kept on disk
+            (:func:`read_budget`; None: ``query_bytes``).
     """
 
     def __init__(
@@ -248,12 +262,14 @@ class StreamingScorer:
         query_bytes: int,
         rank: int | None = None,
         scratch: Callable[[], Path] | None = None,
+        read_bytes: int | None = None,
     ) -> None:
         self.fitted = fitted
         self.curvature = curvature
         self.tracked = curvature.tracked
         self.dtype = product_dtype(fitted.space.dtype)
         self.query_bytes = query_bytes
+        self.read_bytes = query_bytes if read_bytes is None else read_bytes
         self.rank = rank
         self.scratch = scratch
         self.mask_key = curvature.options.mask_key
@@ -288,12 +304,12 @@ class StreamingScorer:
     def spills(self, count: int, layers: tuple[int, ...] | None = None) -> bool:
         """Whether :meth:`queries` keeps ``count`` queries' blocks of ``layers`` (default all)
         on disk: they exceed the budget, a scratch place is given, no rank is set, and one
-        query's block of each layer fits the budget (the read buffer's chunk)."""
+        query's block of each layer fits the read buffer's budget (:attr:`read_bytes`)."""
         if self.scratch is None or self.rank is not None:
             return False
         tracked = self.tracked if layers is None else [self.tracked[i] for i in layers]
         sizes = self._layer_bytes(tracked)
-        return count * sum(sizes) > self.query_bytes and max(sizes) <= self.query_bytes
+        return count * sum(sizes) > self.query_bytes and max(sizes) <= self.read_bytes
 
     def queries(self, queries: ExampleSet, layers: tuple[int, ...] | None = None) -> LayerQueries:
         """Precondition the query gradients of every tracked layer (or of the ``layers``-th),
@@ -368,7 +384,7 @@ class StreamingScorer:
             {t.name: (t.d_out, t.cols) for t in tracked},
             len(queries),
             self.dtype,
-            self.query_bytes,
+            self.read_bytes,
             device,
         )
         prepared = LayerQueries(

@@ -50,6 +50,7 @@ from infkit.kfac.streaming import (
     kept_at_rank,
     plan_groups,
     query_budget,
+    read_budget,
     truncated_svd,
 )
 from infkit.kfac.work import KroneckerWork, backward_flops
@@ -194,8 +195,14 @@ class KFAC(PrimalMethod):
         if not self._streams(estimator):
             return None
         curvature, fitted = self.kronecker(), self.fitted
-        budget = query_budget(fitted, curvature, scores)
-        return StreamingScorer(fitted, curvature, budget, self.options.query_rank, self._scratch())
+        return StreamingScorer(
+            fitted,
+            curvature,
+            query_budget(fitted, curvature, scores),
+            self.options.query_rank,
+            self._scratch(),
+            read_budget(fitted, curvature, scores),
+        )
 
     def _scratch(self) -> Callable[[], Path] | None:
         """Where queries beyond their budget are kept on disk (``queries_on_disk``): a scratch
@@ -416,26 +423,39 @@ class KFAC(PrimalMethod):
         sizes = [x.d_out * x.cols * work for x in tracked]
         per_rank = sum(x.d_out + x.cols for x in tracked) * work
         scores = shape.n_queries * shape.n_train * FLOAT64_BYTES
+        # factors committed to a store are set aside during the scoring pass (set_aside): a
+        # fitted curvature knows whether it has one (factors restored with a saved Influence
+        # have none, whatever factors_dir says); before the fit, factors_dir decides
+        fitted = self.curvature_
+        sets_aside = self.options.factors_dir is not None if fitted is None else fitted.sets_aside
+        aside = resident if sets_aside else 0
         kept = resident + shape.snapshot_bytes + scores  # as query_budget counts them
         budget = None if limit is None else budget_after(limit, kept, hooks, block_bytes)
         rank = self.options.query_rank
         groups = None if rank is not None else plan_groups(local, sizes, budget)
         refused = False
-        # kept on disk instead of groups (as StreamingScorer.spills decides)
+        # kept on disk instead of groups or a low rank (as StreamingScorer.spills decides),
+        # read back in a buffer that may take the room of the factors set aside (read_budget)
         place = shape.workdir or self.options.factors_dir is not None
+        read = None if limit is None else budget_after(limit, kept - aside, hooks, block_bytes)
         spilled = (
-            groups is not None
-            and len(groups) > 1
+            rank is None
+            and budget is not None
+            and read is not None
+            and local * sum(sizes) > budget
+            and max(sizes) <= read
             and _keeps_queries_on_disk(self.options.queries_on_disk, place, space.device.type)
         )
+        buffer = 0  # the read buffer of queries kept on disk, in the scoring pass only
         if spilled:
-            assert budget is not None  # (more than one group: the queries exceed it)
+            assert read is not None
             groups = [(0, local, tuple(range(len(tracked))))]
-            queries = max(min(local, budget // b) * b for b in sizes)  # the read buffer
+            buffer = max(min(local, read // size) * size for size in sizes)
+            queries = min(b, local) * max(sizes)  # a query batch's block, written once made
             passes = 1
             note = (
                 f"full rank, {human_bytes(local * sum(sizes))} kept on disk and read back "
-                "layer by layer for every batch"
+                f"layer by layer for every batch (a read buffer of {human_bytes(buffer)})"
             )
         elif groups is None:  # low rank: every query and layer in one pass
             note = ""
@@ -461,28 +481,28 @@ class KFAC(PrimalMethod):
             note = "full rank"
             if passes > 1:
                 note = f"full rank, {passes} passes over groups of queries and layers"
+        largest = (
+            ("queries' read buffer", buffer) if spilled else ("preconditioned queries", queries)
+        )
         out.append(
             Stage(
                 "queries",
                 0,
                 queries,
-                ("preconditioned queries", queries),
+                largest,
                 note + "; repeated on every process",
                 refused,
                 flops=ops.queries(local, rank if groups is None else None),
             )
         )
-        # factors committed to a store are set aside during the scoring pass (set_aside): a
-        # fitted curvature knows whether it has one (factors restored with a saved Influence
-        # have none, whatever factors_dir says); before the fit, factors_dir decides
-        fitted = self.curvature_
-        sets_aside = self.options.factors_dir is not None if fitted is None else fitted.sets_aside
-        aside = resident if sets_aside else 0
         out.append(
             Stage(
                 "scores",
                 passes,
-                queries + scores + WORKING_FACTOR * (block_bytes + hooks) - aside,
+                (buffer if spilled else queries)
+                + scores
+                + WORKING_FACTOR * (block_bytes + hooks)
+                - aside,
                 ("[Q, N] scores", scores),
                 "data split across processes, score columns summed"
                 + ("; the factors set aside on disk" if aside else ""),
