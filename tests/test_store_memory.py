@@ -1,11 +1,13 @@
 """Reading an artifact's tensors costs their bytes, not twice them (``infkit.store.load_tensors``):
 the safetensors file is memory-mapped, and the pages a copy reads stay resident until the file
 is closed, so it is opened for one tensor at a time. Measured in a fresh process: its peak
-resident memory while loading 64 MiB of tensors."""
+resident memory while loading 64 MiB of tensors. A file replaced between those opens is
+refused."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from infkit import store
+from infkit.errors import ArtifactError
 from infkit.store import load_tensors, save_tensors
 
 pytestmark = pytest.mark.skipif(
@@ -57,3 +61,26 @@ def test_loading_tensors_takes_their_bytes_once(tmp_path: Path) -> None:
     # and the values are the saved ones
     for name, value in load_tensors(path).items():
         torch.testing.assert_close(value, tensors[name], rtol=0, atol=0)
+
+
+def test_a_file_replaced_while_read_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opened once per tensor, a load could take tensors from two files if another run replaced
+    the file meanwhile: that is refused, naming the file, rather than mixed."""
+    path = save_tensors(tmp_path / "tensors.safetensors", {"a": torch.zeros(4), "b": torch.ones(4)})
+    other = save_tensors(tmp_path / "other.safetensors", {"a": torch.ones(4), "b": torch.zeros(4)})
+    opened = []
+    real = store.safe_open
+
+    def replaced_after_the_first_tensor(file: str, framework: str) -> object:
+        opened.append(file)
+        if len(opened) == 3:  # the names, the first tensor, then another run replaces the file
+            os.replace(other, path)
+        return real(file, framework=framework)
+
+    monkeypatch.setattr(store, "safe_open", replaced_after_the_first_tensor)
+    with pytest.raises(ArtifactError, match="replaced while its tensors were read"):
+        load_tensors(path)
+    monkeypatch.setattr(store, "safe_open", real)
+    assert load_tensors(path)["a"].sum() == 4  # the new file, read whole

@@ -79,6 +79,7 @@ def load_tensors(path: str | Path, skip: Collection[str] = ()) -> dict[str, Tens
     """Read a safetensors file (but the tensors named in ``skip``, which stay on disk); a
     damaged or missing file raises ArtifactError naming it."""
     try:
+        before = _file_state(path)
         with safe_open(str(path), framework="pt") as f:
             names = [k for k in f.keys() if k not in skip]  # noqa: SIM118
         out = {}
@@ -87,17 +88,30 @@ def load_tensors(path: str | Path, skip: Collection[str] = ()) -> dict[str, Tens
             # sit at any alignment, and BLAS kernels can round differently on unaligned data,
             # so a reloaded answer would not be bit-identical to the saved run's. The file is
             # opened (memory-mapped) for one tensor at a time: the mapped pages a copy reads
-            # stay resident until the file is closed, and with one open for every tensor the
+            # stay resident until the file is closed, and opened once for all of them the
             # load's peak was twice the tensors' bytes (1.59 against 0.91 GiB for 0.68 GiB of
             # Kronecker factors)
             with safe_open(str(path), framework="pt") as f:
                 out[name] = f.get_tensor(name).clone()
-        return out
+        changed = _file_state(path) != before
     except (SafetensorError, OSError, ValueError) as error:
         raise ArtifactError(
             f"{path} cannot be read as tensors ({type(error).__name__}: {error}); the file is "
             "damaged or incomplete: delete it (or pass overwrite=True) to recompute it"
         ) from error
+    if changed:  # the tensors would come from two files
+        raise ArtifactError(
+            f"{path} was replaced while its tensors were read (another run writing the same "
+            "directory, with overwrite=True?): run again once that run is done, or give each "
+            "run a directory of its own"
+        )
+    return out
+
+
+def _file_state(path: str | Path) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced or rewritten: device, inode, size, mtime (ns)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def save_json(path: str | Path, obj: Any) -> Path:

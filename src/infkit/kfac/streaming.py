@@ -166,8 +166,8 @@ def query_budget(fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0)
 
 
 def read_budget(fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0) -> int:
-    """Bytes the read buffer of queries kept on disk may take: :func:`query_budget`, less the
-    factors when the curvature sets them aside during the scoring pass
+    """Bytes the read buffer of queries kept on disk may take: :func:`query_budget`, without
+    counting the factors when the curvature sets them aside during the scoring pass
     (:meth:`KroneckerCurvature.set_aside`), the one pass the buffer is read in."""
     factors = 0 if curvature.sets_aside else factor_bytes(curvature)
     return _budget(fitted, curvature, scores, factors)
