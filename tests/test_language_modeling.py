@@ -891,8 +891,47 @@ def test_the_plan_sets_the_factors_aside_only_where_the_scoring_pass_will(
     fitted, loaded = (s["scores"] for s in stages)
     assert "the factors set aside on disk" in fitted.note
     assert "set aside" not in loaded.note
-    resident = stages[0]["eigenvalue correction"].held  # the factors, as the plan counts them
+    resident = stages[0]["factors"].held  # the factors read back, as the plan counts them
     assert resident > 0 and loaded.bytes - fitted.bytes == resident
+
+
+def test_the_plan_reads_back_the_factors_a_fit_would_reuse(problem: dict, tmp_path) -> None:
+    """With the factors of this model, data and settings committed in factors_dir, the fit
+    reads them back: the plan shows no pass for them and its time counts only the scoring pass;
+    EK-FAC over a K-FAC fit's factors (its own first stage) plans the eigenvalue pass only; other
+    data, or overwrite=True, plan the whole fit."""
+    task = infkit.Task.language_modeling(problem["model"])
+    options = {"damping": 1e-2, "batch_size": 4}
+    train, test = problem["train"], problem["test"]
+
+    def planned(method: str, data: object = train, **extra: object) -> dict:
+        inf = infkit.Influence(task, method, factors_dir=tmp_path / "f", **options, **extra)
+        plan = inf.plan(data, test, timed=False)
+        # (the tiny LM's [N, P] gradient cache is a pass of every plan's, as its checks are)
+        names = [s.name for s in plan.stages if s.name != "training gradients"]
+        return {"passes": plan.passes, "stages": names, "plan": plan}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        fresh = planned("ekfac")
+        infkit.Influence(task, "kfac", factors_dir=tmp_path / "f", **options).fit(train)
+        resumed = planned("ekfac")
+        infkit.Influence(task, "ekfac", factors_dir=tmp_path / "f", **options).fit(train)
+        reused = planned("ekfac")
+        kfac = planned("kfac")  # K-FAC reads EK-FAC's factors too
+        overwritten = planned("ekfac", overwrite=True)
+        inputs, labels = train
+        other = planned("ekfac", ({k: v[:-1] for k, v in inputs.items()}, labels[:-1]))
+    whole = ["covariances A, S", "eigendecompositions", "eigenvalue correction"]
+    assert fresh["stages"][:3] == whole and overwritten["stages"][:3] == whole
+    assert other["stages"][:3] == whole
+    assert resumed["stages"][:2] == ["K-FAC factors", "eigenvalue correction"]
+    assert reused["stages"][0] == "factors" and kfac["stages"][0] == "factors"
+    others = fresh["passes"] - 3  # the gradient cache's pass and the checks', in every plan
+    assert reused["passes"] == pytest.approx(1 + others)  # the scoring pass only
+    assert resumed["passes"] == pytest.approx(2 + others)
+    factors = next(s for s in reused["plan"].stages if s.name == "factors")
+    assert "read back from factors_dir" in factors.note
 
 
 # ============================================================================ precision

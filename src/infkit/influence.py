@@ -983,6 +983,10 @@ class Influence:
             n, space.size, space.dtype, self.memory_limit, self.batch_size
         )
         sample = _sample_inputs(self.task, space, examples)
+        committed = None
+        if examples is not None and space.device.type != "meta":
+            engine = PerExample(self.task, space, self.per_example_mode)
+            committed = method.committed_fit(engine, examples, self.batch_size)
         shape = RunShape(
             n_train=n,
             n_queries=q,
@@ -997,6 +1001,7 @@ class Influence:
             sample_inputs=sample,
             gradient_cache=cached,
             workdir=self.workdir is not None,
+            committed=committed,
         )
         stages = method.stages(shape, self.task, space)
         if self.checks:

@@ -55,6 +55,9 @@ class RunShape:
             (:func:`infkit.fitted.gradient_cache_fits`, for methods that use them).
         workdir: whether the run commits its artifacts to a workdir (the Kronecker methods
             then score in committed shards, layer by layer, even with the gradient cache).
+        committed: what the fit would read back from its store instead of computing
+            (:meth:`infkit.methods.Method.committed_fit`: the Kronecker methods' ``"factors"``
+            or EK-FAC's ``"first stage"``); None: nothing, or not known (no training data).
     """
 
     n_train: int
@@ -70,6 +73,7 @@ class RunShape:
     sample_inputs: Any = None
     gradient_cache: bool = False
     workdir: bool = False
+    committed: str | None = None
 
     @property
     def snapshot_bytes(self) -> int:

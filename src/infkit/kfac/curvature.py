@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from infkit.data import ExampleSet
 from infkit.errors import ArtifactError, CurvatureError, Notice, UnsupportedError, warn
 from infkit.fingerprint import (
     callable_identity,
@@ -39,12 +40,14 @@ from infkit.fingerprint import (
     task_fingerprint,
 )
 from infkit.fitted import Fitted
+from infkit.gradients import PerExample
 from infkit.kfac.factors import FactorFitter, Fisher, KroneckerFactors
 from infkit.layers.capture import block_gradient
-from infkit.layers.tracked import SUPPORTED, TrackedLayers, kinds_of, tied_layers
+from infkit.layers.tracked import SUPPORTED, TrackedLayers, TrackedModule, kinds_of, tied_layers
 from infkit.memory import release_freed_memory
 from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
+from infkit.progress import Mode
 from infkit.store import Artifact, ArtifactStore, differences
 
 #: the artifact kind of saved factors
@@ -373,16 +376,11 @@ class KroneckerCurvature:
     # ------------------------------------------------------------------ factors on disk
     def _fitter(self) -> FactorFitter:
         options, fitted = self.options, self.fitted
-        return FactorFitter(
+        return factor_fitter(
             fitted.engine,
             self.tracked,
-            fisher=options.fisher,
-            samples=options.samples,
-            seed=options.seed,
-            sample_targets=options.sample_targets,
-            max_exact_outputs=options.max_exact_outputs,
-            mask_key=options.mask_key,
-            batch_size=fitted.batch_size,
+            options,
+            fitted.batch_size,
             progress=fitted.progress,
             cache_bytes=min(options.cache_bytes, fitted.memory_limit // 4),
         )
@@ -393,25 +391,7 @@ class KroneckerCurvature:
 
     def identity(self, fitter: FactorFitter, corrected: bool) -> dict[str, Any]:
         """Everything the factors depend on (their artifact's identity)."""
-        fitted, options = self.fitted, self.options
-        mode = fitter.resolve(fitted.train)
-        sampled = mode == "sampled"
-        return {
-            "model": model_fingerprint(fitted.task.model),
-            "task": task_fingerprint(fitted.task),
-            "data": data_fingerprint(fitted.train),
-            "modules": [t.describe() for t in self.tracked],
-            "fisher": mode,
-            "samples": options.samples if sampled else None,
-            "seed": options.seed if sampled else None,
-            "sample_targets": callable_identity(options.sample_targets) if sampled else None,
-            "batch_size": fitted.batch_size if sampled else None,
-            # labels seeded per batch (distributed.batch_seed), not by one running stream
-            "label_seeds": "per-batch" if sampled else None,
-            "mask_key": options.mask_key,
-            "dtype": str(fitted.engine.dtype),
-            "corrected": corrected,
-        }
+        return factors_identity(fitter, self.options, self.fitted.train, corrected)
 
     def _load_or_fit(self) -> KroneckerFactors:
         options, fitted = self.options, self.fitted
@@ -578,3 +558,72 @@ class KroneckerCurvature:
             "factors_loaded": self.loaded,
             "factors_resumed": self.resumed,
         }
+
+
+def factor_fitter(
+    engine: PerExample,
+    tracked: list[TrackedModule],
+    options: KroneckerOptions,
+    batch_size: int,
+    progress: Mode = "off",
+    cache_bytes: int = 0,
+) -> FactorFitter:
+    """The :class:`FactorFitter` of a Kronecker method with these options."""
+    return FactorFitter(
+        engine,
+        tracked,
+        fisher=options.fisher,
+        samples=options.samples,
+        seed=options.seed,
+        sample_targets=options.sample_targets,
+        max_exact_outputs=options.max_exact_outputs,
+        mask_key=options.mask_key,
+        batch_size=batch_size,
+        progress=progress,
+        cache_bytes=cache_bytes,
+    )
+
+
+def factors_identity(
+    fitter: FactorFitter, options: KroneckerOptions, train: ExampleSet, corrected: bool
+) -> dict[str, Any]:
+    """Everything the factors ``fitter`` fits on ``train`` depend on: their artifact's identity
+    (the model, task and data fingerprints, the tracked layers, the Fisher and its labels' seeds,
+    the precision, and whether the eigenvalues are corrected)."""
+    mode = fitter.resolve(train)
+    sampled = mode == "sampled"
+    return {
+        "model": model_fingerprint(fitter.task.model),
+        "task": task_fingerprint(fitter.task),
+        "data": data_fingerprint(train),
+        "modules": [t.describe() for t in fitter.tracked],
+        "fisher": mode,
+        "samples": options.samples if sampled else None,
+        "seed": options.seed if sampled else None,
+        "sample_targets": callable_identity(options.sample_targets) if sampled else None,
+        "batch_size": fitter.batch_size if sampled else None,
+        # labels seeded per batch (distributed.batch_seed), not by one running stream
+        "label_seeds": "per-batch" if sampled else None,
+        "mask_key": options.mask_key,
+        "dtype": str(fitter.engine.dtype),
+        "corrected": corrected,
+    }
+
+
+def committed_factors(
+    fitter: FactorFitter, options: KroneckerOptions, train: ExampleSet, corrected: bool
+) -> Literal["factors", "first stage"] | None:
+    """What a fit with ``fitter`` on ``train`` would read back from ``options.factors_dir``
+    instead of computing, as :meth:`KroneckerCurvature._load_or_fit` decides (for a plan; the
+    fit verifies them): ``"factors"`` (no pass), ``"first stage"`` (EK-FAC's K-FAC factors: the
+    eigenvalue pass only) or None (everything, also with ``overwrite``)."""
+    if options.factors_dir is None or options.overwrite or not Path(options.factors_dir).is_dir():
+        return None
+    store = ArtifactStore(options.factors_dir)
+    identity = factors_identity(fitter, options, train, corrected)
+    wanted = [identity] if corrected else [identity, {**identity, "corrected": True}]
+    if any(store.path(FACTORS, candidate).exists() for candidate in wanted):
+        return "factors"
+    if corrected and store.path(FACTORS, {**identity, "corrected": False}).exists():
+        return "first stage"
+    return None

@@ -48,7 +48,7 @@ from infkit.errors import (
 )
 from infkit.estimators import ESTIMATORS, Estimator, EstimatorName
 from infkit.fitted import STATIONARITY_TOLERANCE, Fitted, gradient_cache_bytes
-from infkit.gradients import GRADIENT_WORK_FACTOR
+from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.layers.tracked import TrackedLayers
 from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes, row_chunks
@@ -383,6 +383,11 @@ class Method(ABC):
         out.append(Stage(f"fit {self.name}", 1, dense, ("dense curvature or kernel", dense)))
         out += self.generic_query_stages(shape)
         return out
+
+    def committed_fit(self, engine: PerExample, train: ExampleSet, batch_size: int) -> str | None:
+        """What :meth:`fit` on ``train`` would read back from a store instead of computing, for
+        :meth:`infkit.Influence.plan` (:attr:`RunShape.committed`; None by default: nothing)."""
+        return None
 
     def plan_advice(self, stages: list[Stage]) -> str:
         """What :meth:`infkit.Influence.plan` suggests when the plan of ``stages`` exceeds

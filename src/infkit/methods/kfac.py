@@ -35,10 +35,13 @@ from infkit.errors import NotFittedError, ProblemTooLargeError
 from infkit.estimators import Estimator
 from infkit.fingerprint import data_fingerprint, tensor_digest
 from infkit.fitted import Fitted, gradient_cache_bytes
+from infkit.gradients import PerExample
 from infkit.kfac.curvature import (
     KroneckerCurvature,
     KroneckerOptions,
     attributed_parameters,
+    committed_factors,
+    factor_fitter,
     kronecker_layers,
 )
 from infkit.kfac.factors import auto_fisher
@@ -381,27 +384,50 @@ class KFAC(PrimalMethod):
         lam = shape.parameters * work if self.corrected else 0
         eigenvalues = sum(cols[x.name] + x.d_out for x in tracked) * work
         resident = factors + eigenvalues + lam  # held from the fit to the end of the run
-        out += [
-            Stage(
-                "covariances A, S",
-                1,
-                factors + WORKING_FACTOR * hooks,
-                (f"A, S of {biggest.name!r}", factor[biggest.name]),
-                "data split across processes, factors summed",
-                flops=ops.covariances(n),
-            ),
-            Stage(
-                "eigendecompositions",
-                0,
-                factors + eigh,
-                (f"A, S of {biggest.name!r}", factor[biggest.name]),
-                "repeated on every process; float64 one layer at a time, each covariance "
-                "freed once decomposed",
-                held=0 if self.corrected else resident,
-                flops=ops.eigendecompositions(),
-            ),
-        ]
-        if self.corrected:
+        read_back = f"read back from factors_dir ({self.options.factors_dir}), verified"
+        if shape.committed == "factors":  # the whole fit reused: no pass, no decomposition
+            out.append(
+                Stage(
+                    "factors",
+                    0,
+                    resident,
+                    (f"A, S of {biggest.name!r}", factor[biggest.name]),
+                    read_back + "; no pass over the data",
+                    held=resident,
+                )
+            )
+        elif shape.committed == "first stage":  # EK-FAC resumes at the eigenvalue pass
+            out.append(
+                Stage(
+                    "K-FAC factors",
+                    0,
+                    factors,
+                    (f"A, S of {biggest.name!r}", factor[biggest.name]),
+                    read_back + " (EK-FAC's first stage); the eigenvalue pass follows",
+                )
+            )
+        else:
+            out += [
+                Stage(
+                    "covariances A, S",
+                    1,
+                    factors + WORKING_FACTOR * hooks,
+                    (f"A, S of {biggest.name!r}", factor[biggest.name]),
+                    "data split across processes, factors summed",
+                    flops=ops.covariances(n),
+                ),
+                Stage(
+                    "eigendecompositions",
+                    0,
+                    factors + eigh,
+                    (f"A, S of {biggest.name!r}", factor[biggest.name]),
+                    "repeated on every process; float64 one layer at a time, each covariance "
+                    "freed once decomposed",
+                    held=0 if self.corrected else resident,
+                    flops=ops.eigendecompositions(),
+                ),
+            ]
+        if self.corrected and shape.committed != "factors":
             out.append(
                 Stage(
                     "eigenvalue correction",
@@ -510,6 +536,15 @@ class KFAC(PrimalMethod):
             )
         )
         return out
+
+    def committed_fit(self, engine: PerExample, train: ExampleSet, batch_size: int) -> str | None:
+        """What the fit would read back from ``factors_dir`` (:func:`committed_factors`)."""
+        if self.options.factors_dir is None:
+            return None
+        model = engine.task.model
+        tracked = kronecker_layers(model, engine.space, self.options, self.name).tracked
+        fitter = factor_fitter(engine, tracked, self.options, batch_size)
+        return committed_factors(fitter, self.options, train, self.corrected)
 
     def plan_advice(self, stages: list[Stage]) -> str:
         """:attr:`plan_remedy`, without ``query_rank`` when not even rank-1 queries fit."""
