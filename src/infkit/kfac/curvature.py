@@ -404,7 +404,7 @@ class KroneckerCurvature:
         resume = None
         if store is not None and not options.overwrite:
             # K-FAC can reuse EK-FAC factors (the same eigenbases, and the correction on top)
-            wanted = [identity] if self.corrected else [identity, {**identity, "corrected": True}]
+            wanted = reusable_identities(identity, self.corrected)
             for candidate in wanted:
                 artifact = store.load(FACTORS, candidate)
                 if artifact is not None:
@@ -610,6 +610,12 @@ def factors_identity(
     }
 
 
+def reusable_identities(identity: dict[str, Any], corrected: bool) -> list[dict[str, Any]]:
+    """The identities of committed factors a fit of ``identity`` reads back instead of fitting:
+    its own, and for K-FAC also EK-FAC's (the same eigenbases, the correction on top)."""
+    return [identity] if corrected else [identity, {**identity, "corrected": True}]
+
+
 def committed_factors(
     fitter: FactorFitter, options: KroneckerOptions, train: ExampleSet, corrected: bool
 ) -> Literal["factors", "first stage"] | None:
@@ -621,7 +627,7 @@ def committed_factors(
         return None
     store = ArtifactStore(options.factors_dir)
     identity = factors_identity(fitter, options, train, corrected)
-    wanted = [identity] if corrected else [identity, {**identity, "corrected": True}]
+    wanted = reusable_identities(identity, corrected)
     if any(store.path(FACTORS, candidate).exists() for candidate in wanted):
         return "factors"
     if corrected and store.path(FACTORS, {**identity, "corrected": False}).exists():
