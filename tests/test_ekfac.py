@@ -18,6 +18,8 @@ from kfac_helpers import (
 
 import infkit
 from infkit.evaluate import relative_error
+from infkit.memory import default_memory_limit
+from infkit.store import TensorFile
 from infkit.task import _cross_entropy
 
 pytestmark = pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
@@ -124,6 +126,55 @@ def test_layers_reading_one_input_share_its_factor_and_eigenbasis(tmp_path) -> N
     again = infkit.Influence(task, "ekfac", factors_dir=tmp_path, **options).fit((X, y))
     assert again.method.kronecker().loaded
     assert relative_error(again.scores((X[:4], y[:4])), S1) < 1e-12
+
+
+def test_a_bounded_fit_reads_its_eigenbases_back_from_the_committed_stage(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a memory_limit, with a store, the eigenvalue pass reads each layer's eigenbases
+    back from the K-FAC stage it has just committed instead of holding them all: the factors
+    and scores of the fit that holds them, layers sharing an input sharing their eigenbasis
+    again afterwards, a shared input's basis read once per batch."""
+    problem = shared_input_problem()
+    task, (X, y) = problem["task"], problem["train"]
+    options = {"l2": 1e-3, "damping": 1e-3, "fisher": "sampled", "batch_size": 8}
+    reads: list[str] = []
+    real = TensorFile.get
+
+    def counted(file: TensorFile, name: str) -> torch.Tensor:
+        reads.append(name)
+        return real(file, name)
+
+    monkeypatch.setattr(TensorFile, "get", counted)
+    held = infkit.Influence(task, "ekfac", factors_dir=tmp_path / "held", **options).fit((X, y))
+    assert reads == []  # without a limit: in memory
+    limit = default_memory_limit() // 2
+    bounded = infkit.Influence(
+        task, "ekfac", factors_dir=tmp_path / "bounded", memory_limit=limit, **options
+    ).fit((X, y))
+    batches = -(-len(y) // 8)
+    # each batch: every layer's Q_S, and Q_A once per input (q for q and k, gate for gate and
+    # up); then once more each, to put them back
+    assert reads.count("q::QS") == reads.count("k::QS") == batches + 1
+    assert reads.count("q::QA") == reads.count("gate::QA") == batches + 1
+    assert reads.count("k::QA") == reads.count("up::QA") == 0
+    f, g = (i.method.kronecker().factors.modules for i in (held, bounded))
+    for name in f:
+        for key in ("QA", "QS", "Lambda"):
+            torch.testing.assert_close(getattr(g[name], key), getattr(f[name], key))
+    assert g["q"].QA is g["k"].QA and g["gate"].QA is g["up"].QA
+    S = held.scores((X[:4], y[:4]))
+    assert relative_error(bounded.scores((X[:4], y[:4])), S) < 1e-10
+    # the plan foresees it: the pass holds the largest layer's eigenbases, not every layer's
+    plans = [
+        infkit.Influence(task, "ekfac", factors_dir=tmp_path / "plan", **extra, **options).plan(
+            (X, y), timed=False
+        )
+        for extra in ({}, {"memory_limit": limit})
+    ]
+    free, tight = ({s.name: s for s in plan.stages}["eigenvalue correction"] for plan in plans)
+    assert "read back from the committed K-FAC stage" in tight.note
+    assert "read back" not in free.note and tight.bytes < free.bytes
 
 
 def test_ekfac_scores_equal_the_dense_ekfac_curvature(mlp_problem: dict) -> None:

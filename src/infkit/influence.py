@@ -48,6 +48,7 @@ from infkit.fitted import (
 from infkit.gradients import MODES, PerExample, directional_derivatives
 from infkit.memory import (
     FLOAT64_BYTES,
+    bounded,
     default_memory_limit,
     human_bytes,
     map_large_allocations,
@@ -211,11 +212,10 @@ class Influence:
                 f"memory_limit must be an int number of bytes >= 1 (or None for half the "
                 f"machine's memory), got {memory_limit!r}: e.g. int(2.5 * 2**30) for 2.5 GiB"
             )
-        default_limit = default_memory_limit()
-        self.memory_limit = memory_limit or default_limit
-        if self.memory_limit < default_limit:
-            # a bound tighter than the default: freed blocks go back to the system, so that the
-            # peak is the live objects' that the budget counts (at some time per pass)
+        self.memory_limit = memory_limit or default_memory_limit()
+        if bounded(self.memory_limit):
+            # freed blocks go back to the system, so that the peak is the live objects' that
+            # the budget counts (at some time per pass)
             map_large_allocations()
         self.method_options = dict(method_options)
         self._method: Method | None = None

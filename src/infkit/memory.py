@@ -23,6 +23,13 @@ def default_memory_limit() -> int:
         return 8 << 30
 
 
+def bounded(memory_limit: int) -> bool:
+    """Whether ``memory_limit`` is tighter than :func:`default_memory_limit`: the user bounds
+    memory, and a run trades some time for keeping to it (:func:`map_large_allocations`, EK-FAC
+    reading its eigenbases back from disk in the eigenvalue pass)."""
+    return memory_limit < default_memory_limit()
+
+
 @functools.cache
 def _libc_function(name: str) -> Callable[..., int] | None:
     """The C library's function ``name`` (glibc's ``malloc_trim``, ``mallopt``), or None where

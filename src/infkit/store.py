@@ -30,10 +30,10 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -49,6 +49,7 @@ MANIFEST = "manifest.json"
 STALE_SECONDS = 24 * 3600
 _TMP = ".tmp-"
 _TRASH = ".trash-"
+_T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------------------- single files
@@ -78,37 +79,65 @@ def save_tensors(
 def load_tensors(path: str | Path, skip: Collection[str] = ()) -> dict[str, Tensor]:
     """Read a safetensors file (but the tensors named in ``skip``, which stay on disk); a
     damaged or missing file raises ArtifactError naming it."""
-    try:
-        before = _file_state(path)
-        with safe_open(str(path), framework="pt") as f:
-            names = [k for k in f.keys() if k not in skip]  # noqa: SIM118
-        out = {}
-        for name in names:
-            # each tensor copied into memory of PyTorch's own allocator: the file's buffer may
-            # sit at any alignment, and BLAS kernels can round differently on unaligned data,
-            # so a reloaded answer would not be bit-identical to the saved run's. The file is
-            # opened (memory-mapped) for one tensor at a time: the mapped pages a copy reads
-            # stay resident until the file is closed, and opened once for all of them the
-            # load's peak was twice the tensors' bytes (1.59 against 0.91 GiB for 0.68 GiB of
-            # Kronecker factors)
-            with safe_open(str(path), framework="pt") as f:
-                out[name] = f.get_tensor(name).clone()
-        changed = _file_state(path) != before
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ArtifactError(
-            f"{path} cannot be read as tensors ({type(error).__name__}: {error}); the file is "
-            "damaged or incomplete: delete it (or pass overwrite=True) to recompute it"
-        ) from error
-    if changed:  # the tensors would come from two files
-        raise ArtifactError(
-            f"{path} was replaced while its tensors were read (another run writing the same "
-            "directory, with overwrite=True?): run again once that run is done, or give each "
-            "run a directory of its own"
-        )
-    return out
+    file = TensorFile(path)
+    return {name: file.get(name) for name in file.names() if name not in skip}
 
 
-def _file_state(path: str | Path) -> tuple[int, int, int, int]:
+class TensorFile:
+    """A safetensors file read one tensor at a time (:meth:`get`), refused once replaced.
+
+    Each tensor is copied into memory of PyTorch's own allocator: the file's buffer may sit at
+    any alignment, and BLAS kernels can round differently on unaligned data, so a reloaded
+    answer would not be bit-identical to the saved run's. The file is opened (memory-mapped) for
+    one tensor at a time: the mapped pages a copy reads stay resident until the file is closed,
+    and opened once for all of them a load's peak was twice the tensors' bytes (1.59 against
+    0.91 GiB for 0.68 GiB of Kronecker factors). A file replaced or rewritten after this object
+    was made (another run writing the same directory) raises ArtifactError rather than mix
+    tensors of two files.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._state: tuple[int, int, int, int] | None = None  # (none yet to compare with)
+        self._state = self._checked(lambda: _file_state(self.path))
+
+    def names(self) -> list[str]:
+        """The names of the file's tensors."""
+
+        def read() -> list[str]:
+            with safe_open(str(self.path), framework="pt") as f:
+                return list(f.keys())
+
+        return self._checked(read)
+
+    def get(self, name: str) -> Tensor:
+        """The tensor ``name``, a copy of its own."""
+
+        def read() -> Tensor:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor(name).clone()
+
+        return self._checked(read)
+
+    def _checked(self, read: Callable[[], _T]) -> _T:
+        try:
+            value = read()
+            changed = self._state is not None and _file_state(self.path) != self._state
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ArtifactError(
+                f"{self.path} cannot be read as tensors ({type(error).__name__}: {error}); the "
+                "file is damaged or incomplete: delete it (or pass overwrite=True) to recompute it"
+            ) from error
+        if changed:  # its tensors would come from two files
+            raise ArtifactError(
+                f"{self.path} was replaced while its tensors were read (another run writing the "
+                "same directory, with overwrite=True?): run again once that run is done, or give "
+                "each run a directory of its own"
+            )
+        return value
+
+
+def _file_state(path: Path) -> tuple[int, int, int, int]:
     """What changes when a file is replaced or rewritten: device, inode, size, mtime (ns)."""
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns

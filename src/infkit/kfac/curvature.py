@@ -44,7 +44,7 @@ from infkit.gradients import PerExample
 from infkit.kfac.factors import FactorFitter, Fisher, KroneckerFactors
 from infkit.layers.capture import block_gradient
 from infkit.layers.tracked import SUPPORTED, TrackedLayers, TrackedModule, kinds_of, tied_layers
-from infkit.memory import release_freed_memory
+from infkit.memory import bounded, release_freed_memory
 from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
 from infkit.progress import Mode
@@ -452,11 +452,17 @@ class KroneckerCurvature:
                 overwrite=options.overwrite,
             )
 
+        # under a memory_limit the eigenvalue pass reads the eigenbases back from the committed
+        # K-FAC stage, a layer's at a time, rather than hold them all beside its own terms
+        stage_file = None
+        if store is not None and self.corrected and bounded(fitted.memory_limit):
+            stage_file = store.path(FACTORS, stage) / "tensors.safetensors"
         factors = fitter.fit(
             fitted.train,
             corrected=self.corrected,
             resume=resume,
             on_stage=lambda first: commit(first, stage),
+            stage_file=stage_file,
         )
         factors.meta.update(method=self.owner, options=options.record())
         commit(factors, identity)

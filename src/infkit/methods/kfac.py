@@ -59,7 +59,7 @@ from infkit.kfac.streaming import (
 from infkit.kfac.work import KroneckerWork, backward_flops
 from infkit.layers.capture import input_layout
 from infkit.layers.tracked import TrackedLayers, TrackedModule, find_modules
-from infkit.memory import FLOAT64_BYTES, human_bytes
+from infkit.memory import FLOAT64_BYTES, bounded, human_bytes
 from infkit.methods.base import (
     KRONECKER,
     Fidelity,
@@ -428,13 +428,27 @@ class KFAC(PrimalMethod):
                 ),
             ]
         if self.corrected and shape.committed != "factors":
+            # under a memory_limit, with a store, the pass reads each layer's eigenbases back
+            # from the committed K-FAC stage (sampled labels: no cache of the first pass)
+            reread = (
+                limit is not None
+                and bounded(limit)
+                and self.options.factors_dir is not None
+                and fisher == "sampled"
+            )
+            bases = factor[biggest.name] if reread else factors
+            note = "data split across processes, eigenvalues summed"
+            if reread:
+                note += (
+                    "; the eigenbases read back from the committed K-FAC stage, a layer's at a time"
+                )
             out.append(
                 Stage(
                     "eigenvalue correction",
                     1,
-                    factors + lam + WORKING_FACTOR * (block_bytes + hooks),
+                    bases + eigenvalues + lam + WORKING_FACTOR * (block_bytes + hooks),
                     (f"a batch's gradients of {block.name!r}", block_bytes),
-                    "data split across processes, eigenvalues summed",
+                    note,
                     held=resident,
                     flops=ops.correction(n),
                 )
