@@ -69,8 +69,14 @@ def test_set_where_the_user_bounds_memory():
 
 
 def test_the_users_own_setting_is_kept():
-    kept = _child("map", MALLOC_MMAP_THRESHOLD_=str(64 << 20))
+    # A threshold the user set turns glibc's dynamic thresholds off, the trim threshold's too
+    # (left at 128 KiB): freed blocks at the top of the heap would then go back to the system or
+    # not by where the child's other allocations fell. A trim threshold of 1 GiB beside it keeps
+    # them in the heap, so only infkit's own threshold (1 MiB, mapped blocks) would return them.
+    keep = 1 << 30
+    kept = _child("map", MALLOC_MMAP_THRESHOLD_=str(64 << 20), MALLOC_TRIM_THRESHOLD_=str(keep))
     assert kept["applied"] is False
     assert kept["released_mib"] <= 2.0  # the user's 64 MiB threshold, not infkit's 1 MiB
-    tunable = _child("map", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=67108864")
+    tunables = f"glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold={keep}"
+    tunable = _child("map", GLIBC_TUNABLES=tunables)
     assert tunable["applied"] is False

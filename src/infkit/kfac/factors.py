@@ -573,14 +573,15 @@ class EigenbasesOnDisk(Eigenbases):
     def __init__(self, path: Path, modules: dict[str, ModuleFactors]) -> None:
         super().__init__(modules)
         self.file = TensorFile(path)
+        self.device = next(iter(modules.values())).QA.device  # where they were, and go back
         for f in modules.values():
             f.QA = f.QS = _SET_ASIDE
 
     def QA(self, name: str) -> Tensor:  # noqa: N802 - the symbol of docs/methods/kfac.md
-        return self.file.get(f"{self.shared[name]}::QA")
+        return self.file.get(f"{self.shared[name]}::QA").to(self.device)
 
     def QS(self, name: str) -> Tensor:  # noqa: N802 - the symbol of docs/methods/kfac.md
-        return self.file.get(f"{name}::QS")
+        return self.file.get(f"{name}::QS").to(self.device)
 
     def restore(self, modules: dict[str, ModuleFactors]) -> None:
         """Put every layer's eigenbases back into ``modules``, from the file."""
