@@ -406,6 +406,19 @@ def _limit_for_queries(problem: dict, k: float, batch_size: int = 64) -> int:
     return overhead + int(k * 119 * item) + 4
 
 
+def _unbounded_scores(task: infkit.Task, problem: dict, opts: dict) -> torch.Tensor:
+    """The test set's scores of an EK-FAC fit without a memory_limit, every query held."""
+    free = infkit.Influence(task, "ekfac", **opts).fit(problem["train"])
+    return free.method.scores(ExampleSet(problem["test"]), free.estimator_spec)
+
+
+def _read_buffer(room: int) -> int:
+    """The read buffer of the tiny LM's queries kept on disk within ``room`` bytes: as many
+    queries of a layer (77 and 42 float64 numbers) as fit, for the layer whose chunk is
+    largest."""
+    return max(min(Q, room // (size * 8)) * size * 8 for size in (77, 42))
+
+
 def test_plan_groups_by_hand() -> None:
     # layer blocks of 3, 5 and 4 bytes per query
     assert plan_groups(4, [3, 5, 4], None) == [(0, 4, (0, 1, 2))]
@@ -429,11 +442,10 @@ def test_queries_beyond_the_budget_are_scored_in_groups_with_the_same_scores(
     opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 2}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)
-        free = infkit.Influence(task, "ekfac", **opts).fit(problem["train"])
         limit = _limit_for_queries(problem, 2, batch_size=2)  # below the gradient cache
         bounded = infkit.Influence(task, "ekfac", memory_limit=limit, **opts)
         bounded.fit(problem["train"])
-        expected = free.method.scores(ExampleSet(problem["test"]), free.estimator_spec)
+        expected = _unbounded_scores(task, problem, opts)
     torch.testing.assert_close(bounded.scores(problem["test"]), expected, rtol=1e-10, atol=1e-13)
     assert bounded.describe()["query_groups"] == 2
     assert bounded.describe()["query_rank"] is None
@@ -461,8 +473,7 @@ def test_queries_beyond_the_budget_are_kept_on_disk_with_the_same_scores(
     factors = tmp_path / "factors"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)
-        free = infkit.Influence(task, "ekfac", **opts).fit(problem["train"])
-        expected = free.method.scores(ExampleSet(problem["test"]), free.estimator_spec)
+        expected = _unbounded_scores(task, problem, opts)
         limit = _limit_for_queries(problem, fraction, batch_size=2)
         spilled = infkit.Influence(task, "ekfac", memory_limit=limit, factors_dir=factors, **opts)
         plan = spilled.plan(problem["train"], problem["test"], timed=False)
@@ -499,9 +510,8 @@ def test_queries_beyond_the_budget_are_kept_on_disk_with_the_same_scores(
     # the layer whose chunk is largest; with the factors set aside during the scoring pass
     # (committed in factors_dir) their room is the buffer's too
     room = int(fraction * 119 * 8) + 4 + factor_bytes(spilled.method.kronecker())
-    chunks = [min(Q, room // (size * 8)) * size * 8 for size in (77, 42)]
-    assert stages["queries"].largest == ("queries' read buffer", max(chunks))
-    assert max(chunks) <= room
+    assert stages["queries"].largest == ("queries' read buffer", _read_buffer(room))
+    assert _read_buffer(room) <= room
 
 
 def test_factors_set_aside_leave_their_room_to_the_queries_on_disk(problem: dict, tmp_path) -> None:
@@ -515,8 +525,7 @@ def test_factors_set_aside_leave_their_room_to_the_queries_on_disk(problem: dict
     limit = _limit_for_queries(problem, 0.3, batch_size=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)
-        free = infkit.Influence(task, "ekfac", **opts).fit(problem["train"])
-        expected = free.method.scores(ExampleSet(problem["test"]), free.estimator_spec)
+        expected = _unbounded_scores(task, problem, opts)
         held = infkit.Influence(task, "ekfac", memory_limit=limit, **opts)
         held_plan = held.plan(problem["train"], problem["test"], timed=False)
         held.fit(problem["train"])
@@ -538,9 +547,7 @@ def test_factors_set_aside_leave_their_room_to_the_queries_on_disk(problem: dict
     # the buffer holds what the factors' room and the 289 bytes fit (the head's 77 numbers a
     # query: every query of the head at once needs 2,464 bytes)
     room = int(0.3 * 119 * 8) + 4 + factor_bytes(spilled.method.kronecker())
-    assert stages["queries"].largest[1] == max(
-        min(Q, room // (size * 8)) * size * 8 for size in (77, 42)
-    )
+    assert stages["queries"].largest[1] == _read_buffer(room)
     # the scoring pass, its read buffer included, within the limit (the plan's other stages,
     # the fit's post-fit checks among them, are not the scoring run's)
     scoring = plan.stage_bytes[[stage.name for stage in plan.stages].index("scores")]
@@ -557,8 +564,7 @@ def test_queries_on_disk_in_a_workdir_commit_their_shards_and_leave_no_files(
     limit = _limit_for_queries(problem, 2, batch_size=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)
-        free = infkit.Influence(task, "ekfac", **opts).fit(problem["train"])
-        expected = free.method.scores(ExampleSet(problem["test"]), free.estimator_spec)
+        expected = _unbounded_scores(task, problem, opts)
         first = infkit.Influence(task, "ekfac", memory_limit=limit, workdir=tmp_path, **opts)
         S = first.fit(problem["train"]).scores(problem["test"])
         again = infkit.Influence(task, "ekfac", memory_limit=limit, workdir=tmp_path, **opts)

@@ -58,7 +58,14 @@ from infkit.methods.base import Method, method_class, registered
 from infkit.parameters import ParameterSpace
 from infkit.progress import Mode
 from infkit.registry import Choice
-from infkit.store import MANIFEST, Artifact, ArtifactStore, differences, load_json
+from infkit.store import (
+    MANIFEST,
+    Artifact,
+    ArtifactStore,
+    differences,
+    load_json,
+    tensors_file,
+)
 from infkit.task import Task
 
 #: the artifact kind of a saved Influence
@@ -568,7 +575,7 @@ class SavedInfluence:
     def tensors(self, name: str) -> dict[str, Tensor]:
         """The tensors of payload ``name`` (none when it had none)."""
         if name not in self._tensors:
-            file = self.path / f"{name}.safetensors"
+            file = tensors_file(self.path, name)
             self._tensors[name] = self.artifact.tensors(name) if file.exists() else {}
         return self._tensors[name]
 

@@ -76,6 +76,11 @@ def save_tensors(
     return path
 
 
+def tensors_file(directory: Path, name: str = "tensors") -> Path:
+    """The file of an artifact's tensor payload ``name`` in its ``directory``."""
+    return directory / f"{name}.safetensors"
+
+
 def load_tensors(path: str | Path, skip: Collection[str] = ()) -> dict[str, Tensor]:
     """Read a safetensors file (but the tensors named in ``skip``, which stay on disk); a
     damaged or missing file raises ArtifactError naming it."""
@@ -239,7 +244,7 @@ class Artifact:
     def tensors(self, name: str = "tensors", skip: Collection[str] = ()) -> dict[str, Tensor]:
         """The tensors of payload ``name`` (verified when the artifact was loaded), but those
         named in ``skip``."""
-        return load_tensors(self.path / f"{name}.safetensors", skip)
+        return load_tensors(tensors_file(self.path, name), skip)
 
     def json(self, name: str) -> Any:
         """The JSON of payload ``name``."""
@@ -390,7 +395,7 @@ class ArtifactStore:
         try:
             files: dict[str, dict[str, Any]] = {}
             for name, values in (tensors or {}).items():
-                target = tmp / f"{name}.safetensors"
+                target = tensors_file(tmp, name)
                 save_file({k: v.detach().contiguous().cpu() for k, v in values.items()}, target)
                 _sync_file(target)
                 files[target.name] = _describe(target)

@@ -48,7 +48,7 @@ from infkit.memory import bounded, release_freed_memory
 from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
 from infkit.progress import Mode
-from infkit.store import Artifact, ArtifactStore, differences
+from infkit.store import Artifact, ArtifactStore, differences, tensors_file
 
 #: the artifact kind of saved factors
 FACTORS = "kronecker-factors"
@@ -456,7 +456,7 @@ class KroneckerCurvature:
         # K-FAC stage, a layer's at a time, rather than hold them all beside its own terms
         stage_file = None
         if store is not None and self.corrected and bounded(fitted.memory_limit):
-            stage_file = store.path(FACTORS, stage) / "tensors.safetensors"
+            stage_file = tensors_file(store.path(FACTORS, stage))
         factors = fitter.fit(
             fitted.train,
             corrected=self.corrected,

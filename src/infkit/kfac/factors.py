@@ -424,7 +424,7 @@ class FactorFitter:
             if stage_file is not None and cache is None and stage_file.exists():
                 bases = EigenbasesOnDisk(stage_file, factors.modules)
                 self._correct(factors, examples, mode, None, bases)
-                bases.restore(factors.modules)
+                bases.restore()
             else:
                 self._correct(factors, examples, mode, cache)
         release_freed_memory()
@@ -583,10 +583,10 @@ class EigenbasesOnDisk(Eigenbases):
     def QS(self, name: str) -> Tensor:  # noqa: N802 - the symbol of docs/methods/kfac.md
         return self.file.get(f"{name}::QS").to(self.device)
 
-    def restore(self, modules: dict[str, ModuleFactors]) -> None:
-        """Put every layer's eigenbases back into ``modules``, from the file."""
+    def restore(self) -> None:
+        """Put every layer's eigenbases back into its factors, from the file."""
         read: dict[str, Tensor] = {}
-        for name, f in modules.items():
+        for name, f in self.modules.items():
             first = self.shared[name]
             if first not in read:
                 read[first] = self.QA(name)
