@@ -455,7 +455,7 @@ class KroneckerCurvature:
         # under a memory_limit the eigenvalue pass reads the eigenbases back from the committed
         # K-FAC stage, a layer's at a time, rather than hold them all beside its own terms
         stage_file = None
-        if store is not None and self.corrected and bounded(fitted.memory_limit):
+        if store is not None and self.corrected and reads_bases_back(options, fitted.memory_limit):
             stage_file = tensors_file(store.path(FACTORS, stage))
         factors = fitter.fit(
             fitted.train,
@@ -614,6 +614,14 @@ def factors_identity(
         "dtype": str(fitter.engine.dtype),
         "corrected": corrected,
     }
+
+
+def reads_bases_back(options: KroneckerOptions, memory_limit: int) -> bool:
+    """Whether EK-FAC's eigenvalue pass reads each layer's eigenbases back from the committed
+    K-FAC stage instead of holding them all: under a bounded ``memory_limit``
+    (:func:`~infkit.memory.bounded`), with a store for the factors (when the first pass's cache
+    serves the eigenvalues instead, no pass reads them)."""
+    return options.factors_dir is not None and bounded(memory_limit)
 
 
 def reusable_identities(identity: dict[str, Any], corrected: bool) -> list[dict[str, Any]]:

@@ -43,6 +43,7 @@ from infkit.kfac.curvature import (
     committed_factors,
     factor_fitter,
     kronecker_layers,
+    reads_bases_back,
 )
 from infkit.kfac.factors import auto_fisher
 from infkit.kfac.streaming import (
@@ -59,7 +60,7 @@ from infkit.kfac.streaming import (
 from infkit.kfac.work import KroneckerWork, backward_flops
 from infkit.layers.capture import input_layout
 from infkit.layers.tracked import TrackedLayers, TrackedModule, find_modules
-from infkit.memory import FLOAT64_BYTES, bounded, human_bytes
+from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import (
     KRONECKER,
     Fidelity,
@@ -431,10 +432,7 @@ class KFAC(PrimalMethod):
             # under a memory_limit, with a store, the pass reads each layer's eigenbases back
             # from the committed K-FAC stage (sampled labels: no cache of the first pass)
             reread = (
-                limit is not None
-                and bounded(limit)
-                and self.options.factors_dir is not None
-                and fisher == "sampled"
+                limit is not None and reads_bases_back(self.options, limit) and fisher == "sampled"
             )
             bases = factor[biggest.name] if reread else factors
             note = "data split across processes, eigenvalues summed"
