@@ -113,3 +113,24 @@ def test_astra_newton_step_with_the_ggn_and_the_hessian(mlp_problem: dict) -> No
     exact = infkit.Influence(task, "exact", "newton", **options).fit(train)
     astra = infkit.Influence(task, "astra", "newton", **options).fit(train)
     assert relative_error(astra.remove([2, 8]).params, exact.remove([2, 8]).params) <= 1e-5
+
+
+def test_a_float32_model_raises_tol_to_what_its_products_certify_and_says_so(
+    wine_logreg: dict,
+) -> None:
+    """tol 1e-9 on a float32 model is raised to 100 float32 epsilons (1.2e-5), reported in
+    describe() and, when a solve stops above it, in the warning beside the tol asked."""
+    import copy
+
+    model = copy.deepcopy(wine_logreg["model"]).float()
+    Xtr, ytr = wine_logreg["train"]
+    task = infkit.Task.classification(model)
+    short = infkit.Influence(task, "astra", l2=1e-2, solver="neumann", tol=1e-9, maxiter=1)
+    short.fit((Xtr.float(), ytr))
+    assert short.describe()["effective_tol"] == pytest.approx(100 * 2.0**-23)
+    with pytest.warns(
+        UserWarning,
+        match=r"tol 1\.2e-05, what torch\.float32 products certify, "
+        r"above the 1e-09 asked",
+    ):
+        short.method.solve(torch.randn(2, short.n_params))

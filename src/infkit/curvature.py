@@ -47,8 +47,9 @@ def product_work_bytes(memory_limit: int) -> int:
 
 def product_direction_bytes(outputs: int, parameters: int, itemsize: int) -> int:
     """Working memory of one direction of a GGN batch product (:data:`PRODUCT_WORK_FACTOR`)
-    whose batch has ``outputs`` output elements in all (B x C), for P = ``parameters``."""
-    return PRODUCT_WORK_FACTOR * (outputs + parameters) * itemsize
+    whose batch has ``outputs`` output elements in all (B x C), for P = ``parameters`` of
+    ``itemsize`` bytes; outputs at least in float32 (:func:`~infkit.task.at_least_float32`)."""
+    return PRODUCT_WORK_FACTOR * (outputs * max(itemsize, 4) + parameters * itemsize)
 
 
 def product_chunk(directions: int, outputs: int, parameters: int, itemsize: int, work: int) -> int:

@@ -10,6 +10,7 @@ stationarity check (docs/conventions.md §2).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -297,6 +298,22 @@ MODE_DEPENDENT = (
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
+
+
+def check_weights_present(model: nn.Module) -> None:
+    """Refuse a model with tensors on PyTorch's meta device (built from a configuration under
+    ``torch.device("meta")``): it has shapes and no values, so nothing can be run on it."""
+    empty = [
+        name
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+        if t.is_meta
+    ]
+    if empty:
+        raise InvalidInputError(
+            f"the model has {len(empty)} tensors on the meta device (shapes without values, "
+            f"e.g. {empty[0]!r}): load its weights first (from_pretrained, or to_empty() and "
+            "load_state_dict); plan() works on it as it is"
+        )
 
 
 def warn_about_training_mode(model: nn.Module) -> None:

@@ -48,7 +48,7 @@ from infkit.errors import (
 )
 from infkit.linearize import LinearizedModel
 from infkit.parameters import ParameterSpace, evaluation_mode
-from infkit.task import Task
+from infkit.task import Task, at_least_float32
 
 #: how per-example quantities are computed
 Mode = Literal["auto", "vmap", "loop"]
@@ -338,7 +338,7 @@ class PerExample:
             return functional_call(module, state, args, kwargs)
 
         raw = fn(**inputs) if isinstance(inputs, dict) else fn(inputs)
-        out = self._tangent_output_fn(raw)
+        out = at_least_float32(self._tangent_output_fn(raw))
         return out.reshape(out.shape[0], -1)
 
     def flatten_tangent(self, tensors: Mapping[str, Tensor], batch_dims: int) -> Tensor:

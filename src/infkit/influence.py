@@ -40,6 +40,7 @@ from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator
 from infkit.fitted import (
     Fitted,
     check_examples,
+    check_weights_present,
     gradient_cache_fits,
     objective_gradient,
     training_gradients,
@@ -291,6 +292,7 @@ class Influence:
         """Fit the method on the training set (the curvature, factors or kernel); returns ``self``."""
         examples = ExampleSet(train, name="training set")
         examples.check_finite()
+        check_weights_present(self.task.model)
         space = ParameterSpace(self.task.model)
         engine = PerExample(self.task, space, self.per_example_mode)
         warn_about_training_mode(self.task.model)
@@ -469,12 +471,13 @@ class Influence:
                 ``train`` that is not the saved training data.
             UnsupportedError: the saved method is not registered in this process.
         """
-        record = saved.read(path)
         if not isinstance(task, Task):
             raise InvalidInputError(
                 f"task must be an infkit.Task (the one the Influence was fitted with), got "
                 f"{type(task).__name__}"
             )
+        check_weights_present(task.model)
+        record = saved.read(path)
         record.check_task(task)
         settings = record.settings(options)
         examples = record.examples(train)

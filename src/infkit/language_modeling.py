@@ -489,6 +489,45 @@ def check_inputs(
     return None
 
 
+def check_label_pairs(inputs: Any, targets: Any) -> tuple[int, str] | None:
+    """Why a batch's labels disagree with its inputs (the first bad sequence), or None: labels
+    scored at padding (:func:`check_masked_labels`) or shifted already
+    (:func:`check_shifted_labels`)."""
+    return check_masked_labels(inputs, targets) or check_shifted_labels(inputs, targets)
+
+
+def check_shifted_labels(inputs: Any, targets: Any) -> tuple[int, str] | None:
+    """The first sequence of a batch whose labels are its ``input_ids`` shifted left by one
+    (label t is token t + 1), when every sequence with two or more such labels has them so, or
+    None.
+
+    The loss shifts the labels itself (Hugging Face's convention), so pre-shifted labels would
+    score each position against the token two ahead, silently. A sequence counts when it has
+    at least two scored labels among its first T - 1, all equal to the next input token and
+    not all equal to their own: a run of one repeated token is aligned either way.
+    """
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
+    if not isinstance(ids, Tensor) or not isinstance(targets, Tensor) or ids.dim() != 2:
+        return None
+    if targets.shape != ids.shape or ids.shape[1] < 3:
+        return None
+    labels = targets.long()
+    scored = labels[:, :-1] != IGNORE_INDEX
+    ahead = ((labels[:, :-1] == ids[:, 1:]) | ~scored).all(dim=1)
+    own = ((labels[:, :-1] == ids[:, :-1]) | ~scored).all(dim=1)
+    counted = scored.sum(dim=1) >= 2
+    shifted = counted & ahead & ~own
+    if not bool(shifted.any()) or bool((counted & ~shifted).any()):
+        return None
+    k = int(shifted.nonzero()[0, 0])
+    return k, (
+        "its labels are its input_ids shifted left by one (label t is token t + 1), but the "
+        "language-modelling loss shifts them itself (Hugging Face's convention): pass labels "
+        "aligned with input_ids (labels = input_ids, -100 where a token is not scored); "
+        "infkit.language_modeling.examples(input_ids, attention_mask) builds them"
+    )
+
+
 def check_masked_labels(inputs: Any, targets: Any) -> tuple[int, str] | None:
     """Why a batch's labels disagree with its ``attention_mask`` (the first bad sequence), or
     None.

@@ -50,6 +50,16 @@ def default_output_fn(raw: Any) -> Tensor:
     )
 
 
+def at_least_float32(outputs: Tensor) -> Tensor:
+    """``outputs`` in float32 when they come in a lower floating precision (a bfloat16 or
+    float16 model's logits), else as they are: the loss, its output Hessian and the label
+    sampler then work in float32, as under autocast. In bfloat16 a softmax near 1 is
+    resolved to 2^-8, so a confident model's ``p - onehot`` (about 1e-3) would be rounding."""
+    if outputs.is_floating_point() and torch.finfo(outputs.dtype).bits < 32:
+        return outputs.float()
+    return outputs
+
+
 #: PyTorch's ignore_index: a label that cross-entropy skips
 IGNORE_INDEX = -100
 
@@ -386,7 +396,7 @@ class Task:
             check_targets=lm.check_labels,
             check_outputs=partial(lm.check_logits, vocabulary=lm.vocabulary_size(model)),
             check_inputs=partial(lm.check_inputs, positions=lm.learned_positions(model)),
-            check_pairs=lm.check_masked_labels,
+            check_pairs=lm.check_label_pairs,
             check_model=partial(lm.check_model, vocabulary=lm.vocabulary_size(model), model=model),
             probe_example=lm.first_left_padded,
         )
@@ -409,10 +419,11 @@ class Task:
         return None if self.check_inputs is None else self.check_inputs(inputs, self.model)
 
     def call_model(self, model_or_fn: Callable[..., Any], inputs: Any) -> Tensor:
-        """Outputs [B, ...] for a batch of inputs (a tensor, or a dict of keyword tensors)."""
+        """Outputs [B, ...] for a batch of inputs (a tensor, or a dict of keyword tensors), at
+        least in float32 (:func:`at_least_float32`)."""
         if self.autocast is None or not self._mixed:
             raw = model_or_fn(**inputs) if isinstance(inputs, dict) else model_or_fn(inputs)
-            return self.output_fn(raw)
+            return at_least_float32(self.output_fn(raw))
         device = next(iter(self.model.parameters()), torch.empty(0)).device.type
         with torch.autocast(device, dtype=self.autocast):
             raw = model_or_fn(**inputs) if isinstance(inputs, dict) else model_or_fn(inputs)

@@ -255,6 +255,12 @@ class ASTRA(PrimalMethod):
                 "(a model that computes in float32 inside, as Hugging Face's rotary embeddings "
                 "do, limits a float64 one); loosen tol or add damping"
             )
+            asked = (
+                ""
+                if tol == self.options.tol
+                else f", what {self.fitted.engine.dtype} products certify, above the "
+                f"{self.options.tol:.0e} asked"
+            )
             which = (
                 ""
                 if self._batched is None
@@ -263,7 +269,7 @@ class ASTRA(PrimalMethod):
             )
             warn(
                 f"ASTRA stopped after {iterations + 1} iterations with a relative residual of "
-                f"{float(residual.max()):.1e} (tol {tol:.0e}){which}; {remedy}",
+                f"{float(residual.max()):.1e} (tol {tol:.1e}{asked}){which}; {remedy}",
                 UserWarning,
             )
         return x
@@ -344,4 +350,6 @@ class ASTRA(PrimalMethod):
             out["preconditioner"] = self.preconditioner.describe()
         out["iterations"] = list(self.iterations)
         out["residuals"] = list(self.residuals)
+        if self._fitted is not None:
+            out["effective_tol"] = attainable_tolerance(self.options.tol, self.fitted.engine.dtype)
         return out
