@@ -460,3 +460,19 @@ def test_a_method_without_a_declared_state_cannot_be_saved(mlp_problem: dict) ->
     method._fitted = _fit(mlp_problem, "identity").fitted
     with pytest.raises(UnsupportedError, match=r"does not declare its fitted state.*fitted_state"):
         method.state()
+
+
+def test_a_lower_precision_models_task_says_its_outputs_reach_the_loss_in_float32() -> None:
+    """Since its outputs are cast to float32 before the loss, a bfloat16 model's task identity
+    says so (artifacts fitted before, on bfloat16 logits, are not taken for today's); a float32
+    model's identity, and one under autocast (which said so already), are unchanged."""
+    from infkit.fingerprint import task_fingerprint
+
+    for kind in READY_MADE_TASKS:
+        make = getattr(infkit.Task, kind)
+        assert task_fingerprint(make(torch.nn.Linear(2, 2).bfloat16()))["outputs"] == "float32"
+        assert "outputs" not in task_fingerprint(make(torch.nn.Linear(2, 2)))
+    mixed = infkit.Task.classification(torch.nn.Linear(2, 2).bfloat16()).with_autocast(
+        torch.bfloat16
+    )
+    assert "outputs" not in task_fingerprint(mixed) and "autocast" in task_fingerprint(mixed)

@@ -124,9 +124,12 @@ def callable_identity(fn: Callable[..., Any] | None) -> str | None:
 
 
 def task_fingerprint(task: Task) -> dict[str, Any]:
-    """Which loss, measurement and output functions the task uses, and the precision of its
-    passes when it runs them under autocast (a key only then: the identities of the tasks
-    without it are those of earlier versions)."""
+    """Which loss, measurement and output functions the task uses, the precision of its
+    passes when it runs them under autocast, and, for a model whose parameters are in a lower
+    precision than float32, that its outputs reach the loss in float32
+    (:func:`~infkit.task.at_least_float32`; before, in the model's precision, so artifacts of
+    such a model fitted then are not taken for today's). Both are keys only then: the
+    identities of the other tasks are those of earlier versions."""
     out = {
         "name": task.name,
         "loss": callable_identity(task.loss),
@@ -137,4 +140,15 @@ def task_fingerprint(task: Task) -> dict[str, Any]:
     }
     if task.autocast is not None:
         out["autocast"] = str(task.autocast).removeprefix("torch.")
+    elif _below_float32(task.model):
+        out["outputs"] = "float32"
     return out
+
+
+def _below_float32(model: nn.Module) -> bool:
+    """Whether ``model``'s first floating-point parameter is in a lower precision than float32
+    (bfloat16, float16)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return torch.finfo(p.dtype).bits < 32
+    return False
