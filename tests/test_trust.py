@@ -9,6 +9,7 @@ error types. Crash-and-resume cases (kill -9) are in tests/test_crash_resume.py.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -517,6 +518,28 @@ def test_progress_lines_in_a_log_file(digits: dict, monkeypatch, capsys) -> None
     assert "exact ggn" in err and "3/3" in err
     monkeypatch.setenv("RANK", "1")  # a second process under torchrun stays quiet
     infkit.Influence(digits["task"], "exact", l2=L2, batch_size=50).fit(digits["train"])
+    assert capsys.readouterr().err == ""
+
+
+def test_a_step_that_outlasts_the_log_period_gets_a_line_of_its_own(monkeypatch, capsys) -> None:
+    """A log is never silent for long: a step (one post-fit check took 96 s in a tester's log)
+    that runs past LOG_EVERY is reported while it runs, and nothing more after close."""
+    import time
+
+    import infkit.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_AFTER", 0.0)
+    monkeypatch.setattr(progress, "LOG_EVERY", 1.0)  # the watcher looks every 0.5 s
+    with progress.Progress("log", 2, "checks") as shown:
+        time.sleep(1.6)
+        shown.update(note="energy ratio")
+    err = capsys.readouterr().err
+    assert re.search(r"\[infkit\] checks: step 1 of 2 still running, \d+ s\n", err), err
+    assert re.search(r"\[infkit\] checks: done, \d+ s$", err.rstrip()), err
+    time.sleep(1.1)  # the watcher has stopped
+    assert capsys.readouterr().err == ""
+    with progress.Progress("off", 2, "quiet"):
+        time.sleep(1.1)
     assert capsys.readouterr().err == ""
 
 

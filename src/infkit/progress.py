@@ -3,6 +3,8 @@
 ``Influence(progress=None)`` (the default) decides per environment: in a terminal or a notebook a
 tqdm bar; anywhere else (a log file, a batch job) a plain line every :data:`LOG_EVERY` seconds for
 passes that last longer than :data:`LOG_AFTER` seconds, so short passes stay silent.
+A step that outlasts :data:`LOG_EVERY` (one post-fit check, one large batch) gets a line of its
+own from a watcher thread, so that a log never falls silent for long.
 ``progress=True`` forces bars, ``False`` silences everything. Under ``torchrun`` (or any
 launcher that sets ``RANK``) only rank 0 shows progress.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Literal, TypeVar
@@ -61,6 +64,10 @@ class Progress:
         self.start = time.monotonic()
         self.last = self.start
         self.bar = tqdm(total=total, desc=desc) if mode == "bar" else None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        if mode == "log":  # a line for a step that outlasts LOG_EVERY, from a watcher
+            threading.Thread(target=self._watch, name=f"infkit {desc}", daemon=True).start()
 
     def update(self, steps: int = 1, note: str = "") -> None:
         """Advance by ``steps``; ``note`` (e.g. a residual) is shown with the count."""
@@ -72,20 +79,41 @@ class Progress:
             return
         if self.mode != "log":
             return
-        now = time.monotonic()
-        if now - self.start < LOG_AFTER or now - self.last < LOG_EVERY:
-            return
-        self.last = now
-        elapsed = now - self.start
-        if self.total:
-            left = elapsed * (self.total - self.done) / max(self.done, 1)
-            count = f"{self.done}/{self.total} ({self.done / self.total:.0%}), ~{left:.0f} s left"
-        else:
-            count = f"{self.done} steps"
-        extra = f", {note}" if note else ""
-        print(f"[infkit] {self.desc}: {count}{extra}, {elapsed:.0f} s", file=sys.stderr, flush=True)
+        with self._lock:
+            now = time.monotonic()
+            if now - self.start < LOG_AFTER or now - self.last < LOG_EVERY:
+                return
+            self.last = now
+            elapsed = now - self.start
+            if self.total:
+                left = elapsed * (self.total - self.done) / max(self.done, 1)
+                count = (
+                    f"{self.done}/{self.total} ({self.done / self.total:.0%}), ~{left:.0f} s left"
+                )
+            else:
+                count = f"{self.done} steps"
+            extra = f", {note}" if note else ""
+            self._say(f"{count}{extra}, {elapsed:.0f} s")
+
+    def _watch(self) -> None:
+        """Until :meth:`close`: a line when no step has ended for :data:`LOG_EVERY` seconds
+        (checked twice a period, at least 0.5 s apart)."""
+        while not self._closed.wait(max(LOG_EVERY, 1.0) / 2):
+            with self._lock:
+                now = time.monotonic()
+                if self._closed.is_set() or now - self.start < LOG_AFTER:
+                    continue
+                if now - self.last < LOG_EVERY:
+                    continue
+                self.last = now
+                of = f" of {self.total}" if self.total else ""
+                self._say(f"step {self.done + 1}{of} still running, {now - self.start:.0f} s")
+
+    def _say(self, text: str) -> None:
+        print(f"[infkit] {self.desc}: {text}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        self._closed.set()
         if self.bar is not None:
             self.bar.close()
         elif self.mode == "log" and time.monotonic() - self.start >= LOG_AFTER:
