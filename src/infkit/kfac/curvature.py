@@ -397,9 +397,7 @@ class KroneckerCurvature:
         options, fitted = self.options, self.fitted
         fitter = self._fitter()
         identity = self.identity(fitter, self.corrected)
-        # EK-FAC's first stage: the K-FAC factors (covariances and eigenbases), committed before
-        # the eigenvalue pass so that an interrupted fit resumes there
-        stage = {**identity, "corrected": False}
+        stage = first_stage_identity(identity)
         store = None if options.factors_dir is None else ArtifactStore(options.factors_dir)
         resume = None
         if store is not None and not options.overwrite:
@@ -630,6 +628,12 @@ def reusable_identities(identity: dict[str, Any], corrected: bool) -> list[dict[
     return [identity] if corrected else [identity, {**identity, "corrected": True}]
 
 
+def first_stage_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """The identity of EK-FAC's first stage, its K-FAC factors (covariances and eigenbases),
+    committed before the eigenvalue pass so that an interrupted fit resumes there."""
+    return {**identity, "corrected": False}
+
+
 def committed_factors(
     fitter: FactorFitter, options: KroneckerOptions, train: ExampleSet, corrected: bool
 ) -> Literal["factors", "first stage"] | None:
@@ -644,6 +648,6 @@ def committed_factors(
     wanted = reusable_identities(identity, corrected)
     if any(store.path(FACTORS, candidate).exists() for candidate in wanted):
         return "factors"
-    if corrected and store.path(FACTORS, {**identity, "corrected": False}).exists():
+    if corrected and store.path(FACTORS, first_stage_identity(identity)).exists():
         return "first stage"
     return None
