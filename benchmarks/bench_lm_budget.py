@@ -14,6 +14,11 @@ three fresh processes, each under ``/usr/bin/time -v``:
 * ``grouped``: the same limit with ``queries_on_disk=False``: the queries scored in
   groups that fit, one pass over the training data each.
 
+With ``--split modules`` or ``--split tokens`` each scoring run asks for the per-module or
+per-token scores (``module_scores``, ``token_scores`` of every training sequence) instead, which
+take the scoring passes of ``scores`` within a budget that counts their larger results; the
+runs' splits are compared with the unbounded run's.
+
 A run that cannot meet the limit in its way (the groups need the factors in memory beside
 each group of queries) is reported as refused, with infkit's message.
 
@@ -21,7 +26,7 @@ Targets (issue): the bounded run finishes, its peak stays under the limit plus t
 plus the baseline process, the runtime with the model loaded), and its scores equal the
 unbounded run's.
 
-Run:  .venv/bin/python benchmarks/bench_lm_budget.py [--train 16] [--queries 32]
+Run:  .venv/bin/python benchmarks/bench_lm_budget.py [--train 16] [--queries 32] [--split modules]
 """
 
 from __future__ import annotations
@@ -89,8 +94,17 @@ def score_worker(directory: Path) -> dict:
     start = time.perf_counter()
     inf = _influence(model, directory, limit, on_disk)
     inf.fit(infkit.language_modeling.examples(train))
+    split = os.environ.get("BUDGET_SPLIT", "scores")
+    examples = infkit.language_modeling.examples(queries)
     try:
-        scores = inf.scores(infkit.language_modeling.examples(queries))
+        if split == "modules":
+            parts = inf.module_scores(examples)
+            scores = torch.stack([parts[name] for name in sorted(parts)])
+        elif split == "tokens":
+            tokens = inf.token_scores(examples)
+            scores = torch.cat([tokens.tokens, tokens.rest.unsqueeze(-1)], dim=-1)
+        else:
+            scores = inf.scores(examples)
     except infkit.errors.ProblemTooLargeError as error:  # the limit cannot be met this way
         return {"seconds": time.perf_counter() - start, "limit": limit, "refused": str(error)}
     seconds = time.perf_counter() - start
@@ -123,12 +137,14 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=16)
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--split", choices=["scores", "modules", "tokens"], default="scores")
     args = parser.parse_args()
     if args.worker:
         kind, directory = args.worker
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
         print(json.dumps(WORKERS[kind](Path(directory))), flush=True)
         return
+    os.environ["BUDGET_SPLIT"] = args.split
     directory = Path(tempfile.mkdtemp(prefix="bench-lm-budget-"))
     write_problem(directory, args.size, args.train, args.queries)
     model, *_ = load_problem(directory)
@@ -153,7 +169,8 @@ def report(args: argparse.Namespace, tracked: int, results: dict, directory: Pat
     allowed = results["bounded"]["limit"] + base["peak_bytes"]
     lines = [
         f"## {args.size}: {tracked / 1e6:.1f}M tracked parameters, N = {args.train} sequences of 128 tokens, "
-        f"{args.queries} queries, batch {BATCH}, {args.threads} threads",
+        f"{args.queries} queries, batch {BATCH}, {args.threads} threads"
+        + ("" if args.split == "scores" else f", {args.split[:-1]} scores"),
         "",
         provenance(),
         "",
@@ -188,8 +205,9 @@ def report(args: argparse.Namespace, tracked: int, results: dict, directory: Pat
         lines.append(
             f"{kind}: peak {r['peak_bytes'] / gib:.2f} GiB against limit + baseline "
             f"{allowed / gib:.2f} GiB ({'within' if r['peak_bytes'] <= allowed else 'ABOVE'}); "
-            f"{r['seconds'] / free['seconds']:.2f}x the unbounded run's time; scores' relative "
-            f"difference to the unbounded run {error:.1e}."
+            f"{r['seconds'] / free['seconds']:.2f}x the unbounded run's time; "
+            f"{args.split if args.split != 'scores' else 'scores'}' relative difference to the "
+            f"unbounded run {error:.1e}."
         )
     lines.append(f"The model's parameters take {base['model_bytes'] / gib:.2f} GiB.")
     text = "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ otherwise, run by ``make test-slow``).
 from __future__ import annotations
 
 import copy
+import sys
 import tempfile
 import warnings
 
@@ -644,6 +645,82 @@ def test_module_and_token_scores_of_a_language_model(problem: dict) -> None:
     torch.testing.assert_close(sum(parts.values()), S, rtol=1e-8, atol=1e-12)
     tokens = inf.token_scores(problem["test"], [0, 2, 5])
     torch.testing.assert_close(tokens.total, S[:, [0, 2, 5]], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("where", ["groups", "layers", "disk", "rank"])
+def test_module_and_token_scores_under_a_limit_take_the_passes_of_the_scores(
+    problem: dict, tmp_path, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a memory_limit the per-module and per-token scores of EK-FAC come from the passes
+    of its scores: one with the queries kept on disk or at a low rank, one per group of queries
+    (and of layers, when one query does not fit) otherwise; a tester measured 39 to 54 passes,
+    a pass per small chunk of float64 queries, where the scores took one. They equal the
+    decompositions of the unbounded fit's float64 preconditioned queries."""
+    task = infkit.Task.language_modeling(problem["model"])
+    opts: dict = {"l2": 1e-2, "damping": 1e-2, "batch_size": 2}
+    if where == "rank":
+        opts["query_rank"] = 2
+    # room for `fraction` queries beside the largest result, the modules' two [Q, N]
+    fraction = 0.75 if where == "layers" else 2
+    limit = _limit_for_queries(problem, fraction, batch_size=2) + Q * N * 8
+    place = {"factors_dir": tmp_path / "factors"} if where == "disk" else {}
+    test, some = problem["test"], [0, 2, 5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        bounded = infkit.Influence(task, "ekfac", memory_limit=limit, **place, **opts)
+        bounded.fit(problem["train"])
+        free = infkit.Influence(task, "ekfac", **opts).fit(problem["train"])
+    assert bounded.fitted.train_gradients is None
+    passes: list[str] = []
+    each_batch = StreamingScorer._each_batch
+
+    def counted(self: StreamingScorer, *args: object) -> None:
+        passes.append(str(args[-1]))
+        each_batch(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StreamingScorer, "_each_batch", counted)
+    S = bounded.scores(test)
+    scored, passes[:] = len(passes), []
+    parts = bounded.module_scores(test)
+    split, passes[:] = len(passes), []
+    tokens = bounded.token_scores(test, some)
+    # each call's passes: one, or the groups of queries and layers (mix: 42 numbers a query,
+    # head: 77) that its query budget holds beside its result, [Q, N] for the scores, one per
+    # module, [Q, 3, LENGTH + 1] for the tokens (the limit leaves `room` beside [Q, N])
+    room = int(fraction * 119 * 8) + 4 + 2 * Q * N * 8
+
+    def planned(result: int) -> int:
+        groups = plan_groups(Q, [42 * 8, 77 * 8], room - result)
+        return 1 if where in ("disk", "rank") or groups is None else len(groups)
+
+    results = (Q * N * 8, 2 * Q * N * 8, Q * len(some) * (LENGTH + 1) * 8)
+    assert [scored, split, len(passes)] == [planned(result) for result in results]
+    if where == "groups":  # (the scores have room for two queries, the splits for two)
+        assert [scored, split, len(passes)] == [2, 2, 2]
+    # the reference: the decompositions of the float64 preconditioned queries, a pass each
+    for name in ("streamed_module_scores", "streamed_token_scores"):
+        monkeypatch.setattr(free.method, name, lambda *args: None)
+    reference = free.module_scores(test)
+    # (at rank 2 both truncate their queries by a float32 SVD, of float64 blocks that differ in
+    # their last digits: the truncations agree to about 1e-6)
+    tol = {"rtol": 1e-5, "atol": 1e-9} if where == "rank" else {"rtol": 1e-9, "atol": 1e-12}
+    assert list(parts) == list(reference) == ["mix", "head"]
+    for name, part in parts.items():
+        torch.testing.assert_close(part, reference[name], **tol)
+    torch.testing.assert_close(sum(parts.values()), S, rtol=1e-9, atol=1e-12)
+    whole = free.token_scores(test, some)
+    assert tokens.layers == whole.layers == ["head", "mix"]
+    torch.testing.assert_close(tokens.tokens, whole.tokens, **tol)
+    torch.testing.assert_close(tokens.rest, whole.rest, **tol)
+    torch.testing.assert_close(tokens.total, S[:, some], rtol=1e-9, atol=1e-12)
+    assert float(tokens.tokens[:, 1, 5:].abs().max()) == 0.0  # training sequence 2's padding
+    if where == "layers":  # the tokens by layer too (room for one query's mix, not its head)
+        monkeypatch.setattr(sys.modules["infkit.methods.kfac"], "query_budget", lambda *a: 700)
+        passes[:] = []
+        layered = bounded.token_scores(test, some)
+        assert len(passes) == 2 + 4 and layered.layers == ["head", "mix"]
+        torch.testing.assert_close(layered.tokens, whole.tokens, **tol)
+        torch.testing.assert_close(layered.rest, whole.rest, **tol)
 
 
 def test_the_removed_model_of_a_kronecker_method_edits_the_tracked_layers_only(

@@ -58,14 +58,20 @@ def test_per_token_scores_sum_to_the_sequence_scores(sequences: dict, method: st
     assert relative_error(part.tokens, tokens.tokens[:, [3, 7]]) < 1e-12
 
 
-def test_pooled_head_goes_to_the_rest() -> None:
+@pytest.mark.parametrize("streamed", [False, True])
+def test_pooled_head_goes_to_the_rest(streamed: bool, tmp_path) -> None:
+    """Both ways of splitting: from the preconditioned queries and the cached gradients, and in
+    the Kronecker scorer's pass (with a workdir), which hands each layer's terms over as the
+    backward reaches it."""
     torch.manual_seed(3)
     model = PooledClassifier().double()
     task = infkit.Task.classification(model)
     x, _ = sequence_data(n=12, seed=4)
     y = torch.randint(0, 2, (12,))
-    inf = infkit.Influence(task, "kfac", damping=1e-2).fit((x, y))
+    place = {"workdir": tmp_path} if streamed else {}
+    inf = infkit.Influence(task, "kfac", damping=1e-2, **place).fit((x, y))
     tokens = inf.token_scores((x, y))
+    assert inf.describe()["query_groups"] == int(streamed)  # the scorer's pass, or none
     assert "head" not in tokens.layers
     assert relative_error(tokens.total, inf.scores((x, y))) < 1e-10
     # positions=1 decomposes the head instead (it sees one position); a count that no layer

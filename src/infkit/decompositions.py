@@ -33,7 +33,7 @@ from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.estimators import Estimator
 from infkit.fitted import Fitted
-from infkit.layers.capture import layer_terms
+from infkit.layers.capture import layer_terms, position_count
 from infkit.layers.tracked import TrackedLayers
 from infkit.memory import FLOAT64_BYTES, row_chunks
 from infkit.methods.base import Method
@@ -109,8 +109,17 @@ def scored_queries(method: Method, fitted: Fitted, queries: ExampleSet) -> tuple
 def per_module_scores(
     method: Method, fitted: Fitted, queries: ExampleSet, estimator: Estimator
 ) -> dict[str, Tensor]:
-    """IF scores split by module: name -> [n_queries, N] float64; they sum to the scores."""
+    """IF scores split by module: name -> [n_queries, N] float64; they sum to the scores.
+
+    From the method's own passes where it streams its scores (the Kronecker methods: the
+    passes of ``scores``, within its query budget), else from the preconditioned queries in
+    chunks (:func:`query_chunks`), a pass over the training data each."""
     require_if(method, estimator, "module_scores", "per-module scores")
+    streamed = method.streamed_module_scores(queries, estimator)
+    if streamed is not None:
+        groups = module_groups(fitted.space)
+        assert set(streamed) == set(groups), "the streamed modules are the parameters' modules"
+        return {name: streamed[name] for name in groups}
     parts = [
         module_scores_for(fitted, *scored_queries(method, fitted, chunk))
         for chunk in query_chunks(fitted, queries)
@@ -173,6 +182,10 @@ def per_token_scores(
     if not layers.tracked:
         raise UnsupportedError("per-token scores need nn.Linear / Conv2d / Conv1D layers")
     idx = _indices(fitted, indices)
+    streamed = method.streamed_token_scores(queries, estimator, idx, positions)
+    if streamed is not None:
+        tokens, rest, names = streamed
+        return TokenScores(tokens, rest, idx, sorted(names))
     parts = [
         _token_scores(method, fitted, chunk, layers, idx, positions)
         for chunk in query_chunks(fitted, queries)
@@ -207,14 +220,7 @@ def _token_scores(
     for batch in fitted.train_batches("token scores", idx):
         terms = layer_terms(fitted.engine, tracked, batch, "loss", layers.mask_key)
         counts = {name: a.shape[1] for name, (a, _) in terms.items()}
-        if positions is not None and positions not in counts.values():
-            raise InvalidInputError(
-                f"positions={positions} is the position count of no tracked layer (theirs: "
-                f"{', '.join(map(str, sorted(set(counts.values()))))}), so every layer would go "
-                "to `rest` and every per-token score would be 0: pass one of those counts, or "
-                "leave positions out (the largest)"
-            )
-        T = positions or max(counts.values())
+        T = position_count(positions, set(counts.values()))
         tok = torch.zeros(q, len(batch), T, dtype=torch.float64)
         rest = theta_term.unsqueeze(1).expand(q, len(batch)).clone().cpu()
         for name, (a, ds) in terms.items():

@@ -28,8 +28,8 @@ one query exceeds the budget, or with ``query_rank``, are they kept at rank r pe
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
-from infkit.distributed import batch_count, shard_batches, sum_across
+from infkit.distributed import batch_count, shard_batches, sum_across, world
 from infkit.errors import Notice, ProblemTooLargeError, warn
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import KroneckerCurvature
@@ -46,6 +46,7 @@ from infkit.kfac.spill import DiskBlocks
 from infkit.layers.capture import (
     block_gradient,
     layer_terms,
+    position_count,
     stream_block_gradients,
     stream_layer_terms,
 )
@@ -67,6 +68,8 @@ class LayerQueries:
         shared: [T] float64, ``l2 <U_t, theta - theta'>``, the regulariser share of every score.
         rank: the rank of the low-rank layers (None: all at full rank).
         on_disk: the layers' full-rank blocks kept on disk instead of in ``full`` (None: none).
+        shares: name -> [T] float64, each layer's part of ``shared`` (the per-module scores'
+            regulariser shares; they sum to ``shared``).
     """
 
     full: dict[str, Tensor]
@@ -74,6 +77,7 @@ class LayerQueries:
     shared: Tensor
     rank: int | None
     on_disk: DiskBlocks | None = None
+    shares: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -93,10 +97,16 @@ class LayerQueries:
         """The queries as tensors and a JSON document (:meth:`from_payload` reads them)."""
         assert self.on_disk is None, "queries kept on disk are working files, not a payload"
         tensors = {"shared": self.shared}
+        tensors.update({f"share::{name}": share for name, share in self.shares.items()})
         tensors.update({f"full::{name}": U for name, U in self.full.items()})
         for name, (L, R) in self.low_rank.items():
             tensors[f"L::{name}"], tensors[f"R::{name}"] = L, R
-        document = {"rank": self.rank, "full": list(self.full), "low_rank": list(self.low_rank)}
+        document = {
+            "rank": self.rank,
+            "full": list(self.full),
+            "low_rank": list(self.low_rank),
+            "shares": list(self.shares),
+        }
         return tensors, document
 
     @classmethod
@@ -108,7 +118,10 @@ class LayerQueries:
 
         full = {name: get(f"full::{name}") for name in document["full"]}
         low = {name: (get(f"L::{name}"), get(f"R::{name}")) for name in document["low_rank"]}
-        return cls(full, low, get("shared"), document["rank"])
+        # (queries committed before the layers' shares were kept have none: the scores of
+        # such queries need only their sum, and the per-module scores never read them back)
+        shares = {name: get(f"share::{name}") for name in document.get("shares", [])}
+        return cls(full, low, get("shared"), document["rank"], shares=shares)
 
 
 def kept_at_rank(t: TrackedModule, rank: int | None) -> bool:
@@ -123,6 +136,37 @@ def truncated_svd(U: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     r = min(rank, values.shape[-1])
     L = left[..., :r] * values[..., None, :r]
     return L.to(U.dtype), right_t[..., :r, :].transpose(-1, -2).to(U.dtype)
+
+
+def position_shares(
+    queries: Tensor | tuple[Tensor, Tensor], a: Tensor, ds: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """``<U_k, Ds_bs a_bs^T>`` [k, B, S] in ``dtype``: each position's term of a layer's share
+    of the scores, for the layer's terms ``a`` [B, S, cols] and ``Ds`` [B, S, d_out] and its
+    preconditioned queries, a block U [k, d_out, cols] or low-rank factors ``U_k = L_k R_k^T``
+    (L [k, d_out, r], R [k, cols, r]).
+
+    A block is applied to the positions a few queries at a time along its narrower side, so
+    that the temporaries stay within a batch's block gradients (B x d_out x cols numbers).
+    """
+    ds, a = ds.to(dtype), a.to(dtype)
+    if isinstance(queries, tuple):
+        L, R = queries
+        left = torch.einsum("bso,kor->kbsr", ds, L)
+        return (left * torch.einsum("bsi,kir->kbsr", a, R)).sum(-1)
+    U = queries.to(dtype)
+    k, d_out, cols = U.shape
+    B, S = ds.shape[0], ds.shape[1]
+    flat_ds, flat_a = ds.reshape(B * S, d_out), a.reshape(B * S, cols)
+    out = torch.empty(k, B * S, dtype=dtype, device=U.device)
+    step = max(1, max(d_out, cols) // max(S, 1))
+    for start in range(0, k, step):
+        part = U[start : start + step]
+        if cols <= d_out:  # (Ds U) [k, BS, cols], then against a
+            out[start : start + step] = ((flat_ds @ part) * flat_a).sum(-1)
+        else:  # (U a^T) [k, d_out, BS], then against Ds
+            out[start : start + step] = ((part @ flat_a.T) * flat_ds.T).sum(-2)
+    return out.view(k, B, S)
 
 
 #: a scoring pass's working memory, as a multiple of one batch's hook terms (activations and output
@@ -397,6 +441,12 @@ class StreamingScorer:
     ) -> LayerQueries:
         """``prepared`` with every query batch's preconditioned blocks written in; its blocks
         on disk removed if that fails."""
+        if self.fitted.l2:
+            device = prepared.shared.device
+            prepared.shares = {
+                t.name: torch.zeros(prepared.count, dtype=torch.float64, device=device)
+                for t in tracked
+            }
         try:
             theta, ridges = self._theta_blocks(), self.curvature.ridges()
             for batch in queries.batches(query_batch_size(self.fitted, self.curvature)):
@@ -429,7 +479,9 @@ class StreamingScorer:
             name = t.name
             U = self.curvature.precondition(name, terms.pop(name), ridges[name], self.dtype)
             if l2:
-                prepared.shared[rows] += l2 * (U * theta[name]).sum((1, 2)).to(torch.float64)
+                share = l2 * (U * theta[name]).sum((1, 2)).to(torch.float64)
+                prepared.shared[rows] += share
+                prepared.shares[name][rows] += share
             if prepared.on_disk is not None:
                 prepared.on_disk.write(name, rows, U)
             elif name in prepared.low_rank:
@@ -478,11 +530,24 @@ class StreamingScorer:
         """``sum_l <U_tl, G_jl>`` for the training examples ``indices``, [T, len(indices)], in
         batches of consecutive entries of ``indices``; with ``split``, only this process's
         batches (:func:`~infkit.distributed.shard_batches`: the others' columns stay 0)."""
+        block = torch.zeros(
+            prepared.count, len(indices), dtype=torch.float64, device=self.fitted.space.device
+        )
+
+        def fill(batch: Batch, start: int) -> None:
+            block[:, start : start + len(batch.indices)] = self._batch_scores(batch, prepared)
+
+        self._each_batch(indices, fill, split, label)
+        return block
+
+    def _each_batch(
+        self, indices: Tensor, visit: Callable[[Batch, int], None], split: bool, label: str
+    ) -> None:
+        """``visit(batch, start)`` for the batches of consecutive entries of ``indices``, the
+        batch's first entry at ``start``; with ``split``, only this process's batches
+        (:func:`~infkit.distributed.shard_batches`) with their progress named ``label``."""
         fitted = self.fitted
         size = fitted.batch_size
-        block = torch.zeros(
-            prepared.count, len(indices), dtype=torch.float64, device=fitted.space.device
-        )
         if split:
             batches = track(
                 shard_batches(fitted.train, size, indices),
@@ -493,40 +558,183 @@ class StreamingScorer:
         else:  # a shard: every batch, its progress counted by shard
             batches = enumerate(fitted.train.batches(size, indices))
         for number, batch in batches:
-            start = number * size
-            block[:, start : start + len(batch.indices)] = self._batch_scores(batch, prepared)
-        return block
+            visit(batch, number * size)
 
     def _batch_scores(self, batch: Batch, prepared: LayerQueries) -> Tensor:
-        """``sum_l <U_tl, G_jl>`` for the batch, [T, B] float64.
-
-        Each layer's share is taken as the backward reaches it (:func:`stream_layer_terms`), so
-        the pass holds one layer's output gradients at a time.
-        """
+        """``sum_l <U_tl, G_jl>`` for the batch, [T, B] float64."""
         out = torch.zeros(
             prepared.count, len(batch.indices), dtype=torch.float64, device=self.fitted.space.device
         )
+
+        def add(name: str, start: int, stop: int, values: Tensor) -> None:
+            out[start:stop].add_(values)
+
+        self._stream_shares(batch, prepared, add)
+        return out
+
+    def _stream_shares(
+        self,
+        batch: Batch,
+        prepared: LayerQueries,
+        take: Callable[[str, int, int, Tensor], None],
+        per_position: bool = False,
+        done: Callable[[str], None] | None = None,
+    ) -> None:
+        """Hand ``take(name, start, stop, values)`` each tracked layer's share of the batch's
+        scores for the queries ``start:stop``: ``<U_tl, G_jl>`` [stop - start, B] float64, or
+        with ``per_position`` its terms ``<U_tl, Ds_js a_js^T>`` [stop - start, B, S] of the
+        call's S positions.
+
+        Each layer's share is taken as the backward reaches it (:func:`stream_layer_terms`), so
+        the pass holds one layer's output gradients at a time; a layer called twice in the
+        forward pass hands over a share per call, and ``done(name)`` follows its last. With
+        ``per_position``, the layers without queries here (another group's) hand over their
+        calls too, with no rows (``start == stop == 0``), so that every layer's position count
+        is known to the split whichever layers a pass covers.
+        """
         covered = prepared.layers()
-        layers = [t for t in self.tracked if t.name in covered]
-        disk = prepared.on_disk
+        layers = [t for t in self.tracked if per_position or t.name in covered]
 
         def add_share(name: str, a: Tensor, ds: Tensor) -> None:
-            if disk is not None:  # every layer's queries on disk, read a chunk at a time
-                G = block_gradient(a, ds, self.dtype).flatten(1)
-                for start, stop, U in disk.chunks(name):
-                    out[start:stop].add_(wide_inner(U.flatten(1), G).to(torch.float64))
-            elif name in prepared.low_rank:
-                L, R = prepared.low_rank[name]
-                left = torch.einsum("bso,qor->qbsr", ds.to(self.dtype), L)
-                right = torch.einsum("bsi,qir->qbsr", a.to(self.dtype), R)
-                out.add_((left * right).sum((2, 3)).to(torch.float64))
-            else:
-                G = block_gradient(a, ds, self.dtype)
-                U = prepared.full[name]
-                out.add_(wide_inner(U.flatten(1), G.flatten(1)).to(torch.float64))
+            if name not in covered:
+                take(name, 0, 0, a.new_zeros((0, a.shape[0], a.shape[1]), dtype=torch.float64))
+                return
+            G = None  # the batch's block gradients, made once for every chunk of queries
+            for start, stop, queries in self._layer_queries(prepared, name):
+                if per_position:
+                    values = position_shares(queries, a, ds, self.dtype)
+                elif isinstance(queries, tuple):
+                    values = position_shares(queries, a, ds, self.dtype).sum(-1)
+                else:
+                    if G is None:
+                        G = block_gradient(a, ds, self.dtype).flatten(1)
+                    values = wide_inner(queries.flatten(1), G)
+                take(name, start, stop, values.to(torch.float64))
 
-        stream_layer_terms(self.fitted.engine, layers, batch, add_share, "loss", self.mask_key)
+        stream_layer_terms(
+            self.fitted.engine, layers, batch, add_share, "loss", self.mask_key, done
+        )
+
+    @staticmethod
+    def _layer_queries(
+        prepared: LayerQueries, name: str
+    ) -> Iterator[tuple[int, int, Tensor | tuple[Tensor, Tensor]]]:
+        """``(start, stop, queries)`` over layer ``name``'s preconditioned queries: the block
+        [k, d_out, cols] (a chunk at a time when kept on disk, valid until the next) or its
+        low-rank factors (L, R)."""
+        if prepared.on_disk is not None:  # every layer's queries on disk
+            yield from prepared.on_disk.chunks(name)
+        elif name in prepared.low_rank:
+            yield 0, prepared.count, prepared.low_rank[name]
+        else:
+            yield 0, prepared.count, prepared.full[name]
+
+    # ------------------------------------------------------------------ decompositions
+    def module_scores(
+        self, prepared: LayerQueries, among: Tensor | None = None, label: str = "module scores"
+    ) -> dict[str, Tensor]:
+        """The scores split by tracked layer: name -> [T, N] float64 (``[T, len(among)]``
+        with ``among``), summing to :meth:`scores`; each layer's regulariser share is its own
+        (docs/decompositions.md §1). One pass over the training data, split across
+        processes as the scores are."""
+        fitted = self.fitted
+        indices = torch.arange(fitted.n) if among is None else among
+        device = fitted.space.device
+        covered = prepared.layers()
+        out = {
+            t.name: torch.zeros(prepared.count, len(indices), dtype=torch.float64, device=device)
+            for t in self.tracked
+            if t.name in covered
+        }
+
+        def fill(batch: Batch, first: int) -> None:
+            columns = slice(first, first + len(batch.indices))
+
+            def add(name: str, start: int, stop: int, values: Tensor) -> None:
+                out[name][start:stop, columns].add_(values)
+
+            self._stream_shares(batch, prepared, add)
+
+        self._each_batch(indices, fill, True, label)
+        sum_across(*out.values())
+        for name, S in out.items():
+            if fitted.l2:
+                assert name in prepared.shares, "queries without their layers' l2 shares"
+                S += prepared.shares[name].unsqueeze(1)
+            S /= fitted.n
         return out
+
+    def token_scores(
+        self,
+        prepared: LayerQueries,
+        among: Tensor | None = None,
+        positions: int | None = None,
+        label: str = "token scores",
+    ) -> tuple[Tensor, Tensor, set[str]]:
+        """The scores split by position of the training sequences: ``(tokens [T, n, S],
+        rest [T, n], layers)`` float64 for the n training examples ``among`` (default all),
+        ``tokens.sum(-1) + rest`` the scores (docs/decompositions.md §2).
+
+        A batch's positions S are those of the layers that see ``positions`` of them (default:
+        the most any layer sees; a layer's count adds up its calls'), whose terms are
+        ``layers``; the other layers' shares and the regulariser's go to ``rest``. One pass
+        over the training data, split across processes as the scores are.
+
+        Raises:
+            InvalidInputError: no tracked layer sees ``positions`` positions.
+        """
+        fitted = self.fitted
+        indices = torch.arange(fitted.n) if among is None else among
+        device, count = fitted.space.device, prepared.count
+        rest = torch.zeros(count, len(indices), dtype=torch.float64, device=device)
+        pieces: list[tuple[int, Tensor]] = []  # (first column, [T, B, S] of a batch)
+        per_position: set[str] = set()
+
+        def fill(batch: Batch, first: int) -> None:
+            size = len(batch.indices)
+            calls: dict[str, list[Tensor]] = {}  # a layer's calls' terms, [T, B, S_call] each
+            by_count: dict[int, Tensor] = {}  # the layers' terms summed by position count
+            names: dict[int, set[str]] = {}
+
+            def add(name: str, start: int, stop: int, values: Tensor) -> None:
+                if start == 0:  # the first chunk of queries of a new call
+                    shape = (count, size, values.shape[-1])
+                    calls.setdefault(name, []).append(
+                        torch.zeros(shape, dtype=torch.float64, device=device)
+                    )
+                calls[name][-1][start:stop] = values
+
+            def finish(name: str) -> None:
+                if name not in calls:  # no call of the layer reached by the backward
+                    return
+                terms = torch.cat(calls.pop(name), dim=-1)
+                width = terms.shape[-1]
+                by_count[width] = terms if width not in by_count else by_count[width] + terms
+                names.setdefault(width, set()).add(name)
+
+            self._stream_shares(batch, prepared, add, per_position=True, done=finish)
+            width = position_count(positions, set(by_count))
+            columns = slice(first, first + size)
+            for other, terms in by_count.items():
+                if other != width:
+                    rest[:, columns] += terms.sum(-1)
+            if width in by_count:
+                pieces.append((first, by_count[width]))
+                per_position.update(names[width])
+
+        self._each_batch(indices, fill, True, label)
+        # the widest batch's positions, agreed across processes (their batches differ)
+        widths = torch.zeros(world()[1], dtype=torch.float64, device=device)
+        widths[world()[0]] = max((p.shape[-1] for _, p in pieces), default=0)
+        sum_across(widths)
+        tokens = torch.zeros(
+            count, len(indices), int(widths.max()), dtype=torch.float64, device=device
+        )
+        for first, piece in pieces:
+            tokens[:, first : first + piece.shape[1], : piece.shape[-1]] = piece
+        sum_across(tokens, rest)
+        rest += prepared.shared.unsqueeze(1)
+        return tokens / fitted.n, rest / fitted.n, per_position
 
     def _self_scores_of_batch(
         self, batch: Batch, theta: dict[str, Tensor], ridges: dict[str, float]

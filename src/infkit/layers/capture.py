@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infkit.data import Batch, leaves, map_tensors
-from infkit.errors import UnsupportedError
+from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.gradients import PerExample, batching_rule_notice, check_finite_rows
 from infkit.layers.tracked import TrackedModule
 from infkit.parameters import evaluation_mode
@@ -718,6 +718,25 @@ def input_layout(
                 groups.setdefault(id(records[0].a), []).append(t.name)
                 positions[t.name] = sum(r.a.shape[1] for r in records)
     return InputLayout([names for names in groups.values() if len(names) > 1], positions)
+
+
+def position_count(positions: int | None, counts: set[int]) -> int:
+    """The position count whose layers a per-token split decomposes: ``positions``, or when
+    None the largest of the tracked layers' ``counts`` (positions per example; 0 for none).
+
+    Raises:
+        InvalidInputError: ``positions`` is none of ``counts``.
+    """
+    if positions is None:
+        return max(counts, default=0)
+    if positions not in counts:
+        raise InvalidInputError(
+            f"positions={positions} is the position count of no tracked layer (theirs: "
+            f"{', '.join(map(str, sorted(counts)))}), so every layer would go to `rest` and "
+            "every per-token score would be 0: pass one of those counts, or leave positions "
+            "out (the largest)"
+        )
+    return positions
 
 
 def block_gradient(a: Tensor, ds: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:

@@ -680,6 +680,23 @@ class Method(ABC):
         approximates its queries (K-FAC's ``query_rank``)."""
         return U
 
+    def streamed_module_scores(
+        self, queries: ExampleSet, estimator: Estimator
+    ) -> dict[str, Tensor] | None:
+        """The per-module IF scores (module name -> [T, N] float64) from the method's own
+        passes over the training data, or None where the decompositions form them from
+        :meth:`precondition_queries` (:func:`infkit.decompositions.per_module_scores`)."""
+        return None
+
+    def streamed_token_scores(
+        self, queries: ExampleSet, estimator: Estimator, indices: Tensor, positions: int | None
+    ) -> tuple[Tensor, Tensor, set[str]] | None:
+        """The per-token IF scores of the training examples ``indices``, ``(tokens [T, n, S],
+        rest [T, n], layers decomposed by position)`` float64, from the method's own passes
+        over the training data, or None where the decompositions form them from
+        :meth:`precondition_queries` (:func:`infkit.decompositions.per_token_scores`)."""
+        return None
+
     # ------------------------------------------------------------------ structure
     def tracked_layers(self) -> TrackedLayers:
         """The layers the method attributes through (default: every supported layer)."""

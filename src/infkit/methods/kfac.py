@@ -259,12 +259,41 @@ class KFAC(PrimalMethod):
         """The streamed scores, one pass per group of queries and layers (exact) beyond the
         queries' budget; with ``shards``, the queries and score columns are committed; with
         ``among``, the columns of those training examples only."""
+        columns = self.fitted.n if among is None else len(among)
+        out = torch.zeros(
+            len(queries), columns, dtype=torch.float64, device=self.fitted.space.device
+        )
+
+        def add(prepared: LayerQueries, start: int, stop: int, group: Any, label: str) -> None:
+            out[start:stop] += scorer.scores(prepared, group, among, label)
+
+        self._each_group(queries, scorer, shards, add, "scores")
+        if shards is not None and shards.tally["reused"]:
+            logger.info(
+                "score shards: %d reused from %s, %d computed",
+                shards.tally["reused"],
+                shards.store.root,
+                shards.tally["computed"],
+            )
+        return out
+
+    def _each_group(
+        self,
+        queries: ExampleSet,
+        scorer: StreamingScorer,
+        shards: ScoreShards | None,
+        visit: Callable[[LayerQueries, int, int, Any, str], None],
+        label: str,
+    ) -> None:
+        """``visit(prepared, start, stop, group, label)`` for each group of queries and layers
+        (:meth:`StreamingScorer.groups`), ``prepared`` the preconditioned queries
+        ``start:stop`` of the group's layers and ``group`` its shards (None without
+        ``shards``); ``label`` names the passes in the progress display. Each group's queries
+        are removed from disk after its visit; ``describe()`` counts the passes and ranks."""
         groups = scorer.groups(len(queries))
         device = self.fitted.space.device
-        columns = self.fitted.n if among is None else len(among)
-        out = torch.zeros(len(queries), columns, dtype=torch.float64, device=device)
         for number, (start, stop, layers) in enumerate(groups):
-            label = "scores" if len(groups) == 1 else f"scores, group {number + 1}/{len(groups)}"
+            named = label if len(groups) == 1 else f"{label}, group {number + 1}/{len(groups)}"
             whole = stop - start == len(queries)
             part = queries if whole else queries.part(torch.arange(start, stop))
             group = None if shards is None else shards.of_group([start, stop, list(layers)])
@@ -282,19 +311,71 @@ class KFAC(PrimalMethod):
                 if prepared.on_disk is not None:
                     self.queries_on_disk = max(self.queries_on_disk, prepared.on_disk.nbytes)
                 scorer.curvature.set_aside()  # the pass reads the queries, not the factors
-                out[start:stop] += scorer.scores(prepared, group, among, label)
+                visit(prepared, start, stop, group, named)
             finally:
                 prepared.close()
             del prepared
         self.query_groups = max(self.query_groups, len(groups))
-        if shards is not None and shards.tally["reused"]:
-            logger.info(
-                "score shards: %d reused from %s, %d computed",
-                shards.tally["reused"],
-                shards.store.root,
-                shards.tally["computed"],
-            )
-        return out
+
+    def streamed_module_scores(
+        self, queries: ExampleSet, estimator: Estimator
+    ) -> dict[str, Tensor] | None:
+        """The per-module scores in the passes of :meth:`scores` (one, with the queries kept
+        on disk; one per group of queries and layers otherwise), where the scores stream."""
+        fitted = self.fitted
+        tracked = self.kronecker().tracked
+        result = len(tracked) * len(queries) * fitted.n * FLOAT64_BYTES
+        scorer = self._streaming(estimator, result)
+        if scorer is None:
+            return None
+        out: dict[str, Tensor] = {}
+
+        def add(prepared: LayerQueries, start: int, stop: int, group: Any, label: str) -> None:
+            for name, S in scorer.module_scores(prepared, None, label).items():
+                if name not in out and stop - start == len(queries):
+                    out[name] = S  # every query at once: the result itself, not a copy
+                    continue
+                if name not in out:
+                    out[name] = torch.zeros(
+                        len(queries), *S.shape[1:], dtype=S.dtype, device=S.device
+                    )
+                out[name][start:stop] += S
+
+        self._each_group(queries, scorer, None, add, "module scores")
+        return {t.name: out[t.name] for t in tracked}
+
+    def streamed_token_scores(
+        self, queries: ExampleSet, estimator: Estimator, indices: Tensor, positions: int | None
+    ) -> tuple[Tensor, Tensor, set[str]] | None:
+        """The per-token scores in the passes of :meth:`scores` over ``indices``, where the
+        scores stream (:meth:`StreamingScorer.token_scores`)."""
+        fitted = self.fitted
+        width = fitted.train.positions()
+        scorer = self._streaming(
+            estimator, len(queries) * len(indices) * (width + 1) * FLOAT64_BYTES
+        )
+        if scorer is None:
+            return None
+        parts: list[tuple[int, int, Tensor, Tensor]] = []
+        layers: set[str] = set()
+
+        def add(prepared: LayerQueries, start: int, stop: int, group: Any, label: str) -> None:
+            tokens, rest, names = scorer.token_scores(prepared, indices, positions, label)
+            parts.append((start, stop, tokens, rest))
+            layers.update(names)
+
+        self._each_group(queries, scorer, None, add, "token scores")
+        if len(parts) == 1:  # every query and layer in one pass
+            return parts[0][2], parts[0][3], layers
+        # (every pass sees each layer's positions, so the passes' widths agree)
+        widest = max(tokens.shape[-1] for *_, tokens, _ in parts)
+        shape, device = (len(queries), len(indices)), fitted.space.device
+        tokens = torch.zeros(*shape, widest, dtype=torch.float64, device=device)
+        rest = torch.zeros(*shape, dtype=torch.float64, device=device)
+        for start, stop, part_tokens, part_rest in parts:
+            tokens[start:stop, :, : part_tokens.shape[-1]] += part_tokens
+            rest[start:stop] += part_rest
+        return tokens, rest, layers
 
     def _shards(self, queries: ExampleSet) -> ScoreShards | None:
         """The score shards of these queries in the workdir (None without one)."""
