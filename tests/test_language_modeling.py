@@ -9,7 +9,6 @@ otherwise, run by ``make test-slow``).
 from __future__ import annotations
 
 import copy
-import sys
 import tempfile
 import warnings
 
@@ -578,6 +577,32 @@ def test_factors_set_aside_leave_their_room_to_the_queries_on_disk(problem: dict
     assert scoring + plan.shape.snapshot_bytes <= limit
 
 
+def test_a_limit_without_room_for_one_query_is_told_at_the_fit(problem: dict, tmp_path) -> None:
+    """A limit whose query budget holds not even rank 1 of one query (31 numbers) warns at the
+    fit that the scores will refuse (a tester's run fitted, then refused at scores()); with room
+    for it, or with a factors_dir whose scoring pass reads the queries back from disk, the fit
+    says nothing and one query is scored."""
+    task = infkit.Task.language_modeling(problem["model"])
+    opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 2}
+    # the query budget at the fit counts one query's [1, N] scores; 4 bytes are left beside them
+    tight = _limit_for_queries(problem, 0, batch_size=2) - (Q - 1) * N * 8
+    one = ExampleSet(problem["test"]).subset([0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        held = infkit.Influence(task, "ekfac", memory_limit=tight, **opts)
+        with pytest.warns(UserWarning, match=r"at rank 1.*leaves 4.0 B.*scores\(\).* will refuse"):
+            held.fit(problem["train"])
+        with pytest.raises(ProblemTooLargeError, match="at rank 1"):
+            held.scores(one)
+        for limit, place in ((tight + 31 * 8, {}), (tight, {"factors_dir": tmp_path / "f"})):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                inf = infkit.Influence(task, "ekfac", memory_limit=limit, **place, **opts)
+                inf.fit(problem["train"])
+            assert not [w for w in caught if "will refuse" in str(w.message)]
+            assert inf.scores(one).shape == (1, N)
+
+
 def test_queries_on_disk_in_a_workdir_commit_their_shards_and_leave_no_files(
     problem: dict, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -660,11 +685,12 @@ def test_module_and_token_scores_under_a_limit_take_the_passes_of_the_scores(
     opts: dict = {"l2": 1e-2, "damping": 1e-2, "batch_size": 2}
     if where == "rank":
         opts["query_rank"] = 2
-    # room for `fraction` queries beside the largest result, the modules' two [Q, N]
-    fraction = 0.75 if where == "layers" else 2
-    limit = _limit_for_queries(problem, fraction, batch_size=2) + Q * N * 8
-    place = {"factors_dir": tmp_path / "factors"} if where == "disk" else {}
     test, some = problem["test"], [0, 2, 5]
+    # room for `fraction` queries beside the largest result, the tokens' (below)
+    fraction = 0.75 if where == "layers" else 2
+    largest = Q * len(some) * (2 * LENGTH + 1) * 8
+    limit = _limit_for_queries(problem, fraction, batch_size=2) + largest - Q * N * 8
+    place = {"factors_dir": tmp_path / "factors"} if where == "disk" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)
         bounded = infkit.Influence(task, "ekfac", memory_limit=limit, **place, **opts)
@@ -686,17 +712,21 @@ def test_module_and_token_scores_under_a_limit_take_the_passes_of_the_scores(
     tokens = bounded.token_scores(test, some)
     # each call's passes: one, or the groups of queries and layers (mix: 42 numbers a query,
     # head: 77) that its query budget holds beside its result, [Q, N] for the scores, one per
-    # module, [Q, 3, LENGTH + 1] for the tokens (the limit leaves `room` beside [Q, N])
-    room = int(fraction * 119 * 8) + 4 + 2 * Q * N * 8
+    # module, [Q, 3, 2 LENGTH + 1] for the tokens, counted twice, and the rest (the limit
+    # leaves `room` beside [Q, N])
+    room = int(fraction * 119 * 8) + 4 + largest
 
     def planned(result: int) -> int:
         groups = plan_groups(Q, [42 * 8, 77 * 8], room - result)
         return 1 if where in ("disk", "rank") or groups is None else len(groups)
 
-    results = (Q * N * 8, 2 * Q * N * 8, Q * len(some) * (LENGTH + 1) * 8)
+    results = (Q * N * 8, 2 * Q * N * 8, largest)
     assert [scored, split, len(passes)] == [planned(result) for result in results]
-    if where == "groups":  # (the scores have room for two queries, the splits for two)
-        assert [scored, split, len(passes)] == [2, 2, 2]
+    # by hand: two queries a pass; with 0.75 of one, the tokens and modules by layer (mix: two
+    # queries a pass, head: one), the scores, with more room, one query a pass
+    assert [scored, split, len(passes)] == {"groups": [2, 2, 2], "layers": [4, 6, 6]}.get(
+        where, [1, 1, 1]
+    )
     # the reference: the decompositions of the float64 preconditioned queries, a pass each
     for name in ("streamed_module_scores", "streamed_token_scores"):
         monkeypatch.setattr(free.method, name, lambda *args: None)
@@ -714,13 +744,6 @@ def test_module_and_token_scores_under_a_limit_take_the_passes_of_the_scores(
     torch.testing.assert_close(tokens.rest, whole.rest, **tol)
     torch.testing.assert_close(tokens.total, S[:, some], rtol=1e-9, atol=1e-12)
     assert float(tokens.tokens[:, 1, 5:].abs().max()) == 0.0  # training sequence 2's padding
-    if where == "layers":  # the tokens by layer too (room for one query's mix, not its head)
-        monkeypatch.setattr(sys.modules["infkit.methods.kfac"], "query_budget", lambda *a: 700)
-        passes[:] = []
-        layered = bounded.token_scores(test, some)
-        assert len(passes) == 2 + 4 and layered.layers == ["head", "mix"]
-        torch.testing.assert_close(layered.tokens, whole.tokens, **tol)
-        torch.testing.assert_close(layered.rest, whole.rest, **tol)
 
 
 def test_the_removed_model_of_a_kronecker_method_edits_the_tracked_layers_only(

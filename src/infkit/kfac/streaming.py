@@ -13,6 +13,10 @@ accumulated layer by layer over batches of training examples. Products run in
 :func:`~infkit.parameters.product_dtype` of the model (float32 for float32 and bfloat16 models),
 the rotations with the float64 eigenbases cast to it; sums over examples accumulate in float64.
 
+The per-module and per-token scores (:meth:`StreamingScorer.module_scores`,
+:meth:`StreamingScorer.token_scores`) are taken in the same passes, each layer's share, or each
+position's term of it, kept apart instead of summed (docs/decompositions.md §1-2).
+
 Under torchrun each process scores its share of the batches and the columns are summed across
 processes (:mod:`infkit.distributed`); with a workdir the columns are committed in shards
 (:mod:`infkit.shards`); ``among`` scores chosen training examples only.
@@ -354,6 +358,25 @@ class StreamingScorer:
         tracked = self.tracked if layers is None else [self.tracked[i] for i in layers]
         sizes = self._layer_bytes(tracked)
         return count * sum(sizes) > self.query_bytes and max(sizes) <= self.read_bytes
+
+    def room_for_one_query(self) -> str | None:
+        """Why not even one query could be scored within the budget, or None when it could:
+        not kept on disk (:meth:`spills`), no ``rank`` set, neither its largest layer's block
+        (the passes by layer of :meth:`groups`) nor rank 1 of every layer (:meth:`queries`)
+        fits :attr:`query_bytes`. The fit says so (:meth:`infkit.methods.kfac.KFAC.fit`),
+        before a scoring call refuses."""
+        if self.rank is not None or self.spills(1):
+            return None
+        largest = max(self._layer_bytes(self.tracked))
+        per_rank = sum(t.d_out + t.cols for t in self.tracked) * self.dtype.itemsize
+        if min(largest, per_rank) <= self.query_bytes:
+            return None
+        return (
+            f"one query's preconditioned gradient needs {human_bytes(per_rank)} at rank 1 "
+            f"(its largest layer {human_bytes(largest)} at full rank), but memory_limit "
+            f"({human_bytes(self.fitted.memory_limit)}) leaves {human_bytes(self.query_bytes)} "
+            "for the queries after the factors and a scoring pass's working memory"
+        )
 
     def queries(self, queries: ExampleSet, layers: tuple[int, ...] | None = None) -> LayerQueries:
         """Precondition the query gradients of every tracked layer (or of the ``layers``-th),

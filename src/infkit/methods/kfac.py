@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet
-from infkit.errors import NotFittedError, ProblemTooLargeError
+from infkit.errors import NotFittedError, ProblemTooLargeError, warn
 from infkit.estimators import Estimator
 from infkit.fingerprint import data_fingerprint, tensor_digest
 from infkit.fitted import Fitted, gradient_cache_bytes
@@ -152,6 +152,23 @@ class KFAC(PrimalMethod):
         self.curvature_ = KroneckerCurvature(
             fitted, self.options, corrected=self.corrected, owner=self.name
         )
+        self._check_room_for_queries()
+
+    def _check_room_for_queries(self) -> None:
+        """Warn, as soon as the factors are fitted, when the streamed IF scores of even one
+        query would refuse under ``memory_limit`` (:meth:`StreamingScorer.room_for_one_query`)
+        rather than after the fit, at the first scoring call; the plan foresees it too."""
+        if not self._scores_stream():
+            return
+        reason = self._scorer(self.fitted.n * FLOAT64_BYTES).room_for_one_query()
+        if reason is not None:
+            warn(
+                f"{reason}: scores(), module_scores() and token_scores() will refuse "
+                "(ProblemTooLargeError), as plan() foresees; self_scores() and the removal "
+                "effects need no queries. Raise memory_limit, track fewer layers (modules=) "
+                "or use a smaller batch_size; on CPU a factors_dir or workdir lets the scoring "
+                "pass set the factors aside and read the queries back from disk"
+            )
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "curvature": self.kronecker().state()}
@@ -183,21 +200,29 @@ class KFAC(PrimalMethod):
         both decide by it."""
         return others or (cached and self.options.query_rank is None and not workdir)
 
-    def _streams(self, estimator: Estimator) -> bool:
-        """Whether the layer-by-layer scorer answers (IF scores not on the generic path)."""
+    def _scores_stream(self) -> bool:
+        """Whether the IF scores take the layer-by-layer scorer (not the generic path)."""
         fitted = self.fitted
         generic = self._generic_scores(
             fitted.train_gradients is not None,
             fitted.workdir is not None,
             bool(self.kronecker().layers.others),
         )
-        return estimator.name == "if" and not generic
+        return not generic
+
+    def _streams(self, estimator: Estimator) -> bool:
+        """Whether the layer-by-layer scorer answers for ``estimator`` (the IF's scores)."""
+        return estimator.name == "if" and self._scores_stream()
 
     def _streaming(self, estimator: Estimator, scores: int = 0) -> StreamingScorer | None:
         """The layer-by-layer scorer, when it applies (:meth:`_streams`), with the query budget
         left beside the ``scores`` bytes of the call's result."""
         if not self._streams(estimator):
             return None
+        return self._scorer(scores)
+
+    def _scorer(self, scores: int) -> StreamingScorer:
+        """The layer-by-layer scorer with the query budget left beside ``scores`` bytes."""
         curvature, fitted = self.kronecker(), self.fitted
         return StreamingScorer(
             fitted,
@@ -350,9 +375,10 @@ class KFAC(PrimalMethod):
         """The per-token scores in the passes of :meth:`scores` over ``indices``, where the
         scores stream (:meth:`StreamingScorer.token_scores`)."""
         fitted = self.fitted
+        # the tokens twice (the batches' or groups' pieces, then the whole) and the rest
         width = fitted.train.positions()
         scorer = self._streaming(
-            estimator, len(queries) * len(indices) * (width + 1) * FLOAT64_BYTES
+            estimator, len(queries) * len(indices) * (2 * width + 1) * FLOAT64_BYTES
         )
         if scorer is None:
             return None
