@@ -839,13 +839,22 @@ def test_plan_counts_passes_and_factor_bytes_and_times_a_batch(problem: dict) ->
     assert stages["covariances A, S"].flops == pytest.approx(N * LENGTH * _factor_bytes(model, 1))
     # the cached scores: one [Q, P] x [P, N] product
     assert stages["scores"].flops == pytest.approx(2 * Q * N * plan.shape.parameters)
+    # the float64 solves of the cached path: the queries' and the energy ratio's 16 probes,
+    # each layer's block rotated into the eigenbasis and back, 4 d_out cols (d_out + cols):
+    # mix 6 x 7 (its bias a column), head 11 x 7 (a tester found the time 2.6-3.8x short)
+    solve = 4 * 6 * 7 * 13 + 4 * 11 * 7 * 18
+    assert stages["queries"].float64_flops == Q * solve
+    assert stages["post-fit checks"].float64_flops == 16 * solve
     assert plan.seconds_per_batch is not None and plan.seconds_per_batch > 0
     assert plan.flops_per_second is not None and plan.flops_per_second > 0
+    assert plan.float64_flops_per_second is not None and plan.float64_flops_per_second > 0
     batches = plan.passes * plan.shape.batches + -(-Q // 4)  # the queries' batches too
     assert plan.seconds == pytest.approx(
-        batches * plan.seconds_per_batch + plan.flops / plan.flops_per_second
+        batches * plan.seconds_per_batch
+        + plan.flops / plan.flops_per_second
+        + (Q + 16) * solve / plan.float64_flops_per_second
     )
-    assert "GFLOP/s" in str(plan)
+    assert "GFLOP/s" in str(plan) and "float64 solves" in str(plan)
     assert f"{plan.passes:g} passes" in str(plan)
 
 

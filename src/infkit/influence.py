@@ -1032,6 +1032,11 @@ class Influence:
                     held,
                     ("probe directions, float64", probes),
                     f"{products:,} curvature products of single examples (checks=False skips them)",
+                    # the energy ratio solves its probe directions with the method
+                    float64_flops=diagnostics.PROBE_DIRECTIONS
+                    * method.solve_flops(self.task, space)
+                    if energy
+                    else 0.0,
                 )
                 # they run at the end of fit, before any query
                 names = [stage.name for stage in stages]
@@ -1042,6 +1047,8 @@ class Influence:
             out.seconds_per_batch = _time_batch(self.task, space, examples, self.batch_size)
             if out.flops:
                 out.flops_per_second = _product_rate(product_dtype(space.dtype), space.device)
+            if out.float64_flops:
+                out.float64_flops_per_second = _product_rate(torch.float64, space.device)
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -115,6 +115,9 @@ class Stage:
             work (the hooks' covariance and rotation products, the eigendecompositions, the
             score products), counted from the shapes; :attr:`Plan.seconds` prices them at the
             machine's timed product rate.
+        float64_flops: of those, the ones taken in float64 whatever the model's precision
+            (the solves of the queries and of the checks on the generic path), priced at a
+            timed float64 product's rate (about half float32's on a CPU).
     """
 
     name: str
@@ -125,6 +128,7 @@ class Stage:
     refused: bool = False
     held: int = 0
     flops: float = 0.0
+    float64_flops: float = 0.0
 
 
 @dataclass
@@ -138,6 +142,8 @@ class Plan:
         seconds_per_batch: a timed forward and backward pass of one batch (None: not timed).
         flops_per_second: the rate of a timed matrix product in the model's precision on
             this machine (None: not timed).
+        float64_flops_per_second: the same in float64, where stages take float64 operations
+            (None: not timed, or none taken).
     """
 
     method: str
@@ -145,6 +151,7 @@ class Plan:
     stages: list[Stage] = field(default_factory=list)
     seconds_per_batch: float | None = None
     flops_per_second: float | None = None
+    float64_flops_per_second: float | None = None
     #: what to change when the peak exceeds ``memory_limit`` (the method's levers)
     remedy: str = "attribute fewer parameters or score fewer queries per call"
 
@@ -186,18 +193,27 @@ class Plan:
 
     @property
     def flops(self) -> float:
-        """Floating-point operations per process beyond the passes' forward and backward work."""
+        """Floating-point operations per process beyond the passes' forward and backward work
+        in the model's precision (:attr:`float64_flops` apart)."""
         return sum(s.flops for s in self.stages)
+
+    @property
+    def float64_flops(self) -> float:
+        """Floating-point operations per process taken in float64 (:attr:`Stage.float64_flops`)."""
+        return sum(s.float64_flops for s in self.stages)
 
     @property
     def seconds(self) -> float | None:
         """Estimated time per process: the passes over the training data and the queries'
-        batches at the timed batch's pace, and :attr:`flops` at the timed product rate."""
+        batches at the timed batch's pace, :attr:`flops` at the timed product rate and
+        :attr:`float64_flops` at the timed float64 rate."""
         if self.seconds_per_batch is None:
             return None
         batches = self.passes * self.shape.batches + self.shape.query_batches
         products = self.flops / self.flops_per_second if self.flops_per_second else 0.0
-        return batches * self.seconds_per_batch + products
+        rate64 = self.float64_flops_per_second
+        solves = self.float64_flops / rate64 if rate64 else 0.0
+        return batches * self.seconds_per_batch + products + solves
 
     def record(self) -> dict[str, Any]:
         """The plan as plain data."""
@@ -213,6 +229,7 @@ class Plan:
             "within_limit": self.within_limit,
             "largest": self.largest,
             "flops": self.flops,
+            "float64_flops": self.float64_flops,
             "seconds": self.seconds,
         }
 
@@ -246,6 +263,11 @@ class Plan:
                 how += (
                     f" and {self.flops / 1e9:,.0f} GFLOP of products at "
                     f"{self.flops_per_second / 1e9:.3g} GFLOP/s"
+                )
+            if self.float64_flops and self.float64_flops_per_second:
+                how += (
+                    f" and {self.float64_flops / 1e9:,.0f} GFLOP of float64 solves at "
+                    f"{self.float64_flops_per_second / 1e9:.3g} GFLOP/s"
                 )
             rows.append(f"  time: about {took} ({how}, timed)")
         return "\n".join(rows)

@@ -394,11 +394,18 @@ class Method(ABC):
         ``memory_limit`` (default: :attr:`plan_remedy`)."""
         return self.plan_remedy
 
-    def generic_query_stages(self, shape: RunShape) -> list[Stage]:
+    def solve_flops(self, task: Task, space: ParameterSpace) -> float:
+        """Floating-point operations of one solve ``(H + ridge)^{-1} v`` [P] in float64, for
+        the plan's time of the solves on the generic path (the queries' and the checks'); 0
+        where it is not counted."""
+        return 0.0
+
+    def generic_query_stages(self, shape: RunShape, solve: float = 0.0) -> list[Stage]:
         """The queries and scores of :func:`infkit.estimators.scores` as the facade runs them:
         the queries in chunks (:meth:`query_row_bytes`, :func:`~infkit.memory.row_chunks`),
-        each chunk's query gradients and solves in float64, the scores in one product with the
-        gradient cache (else one pass over the training data)."""
+        each chunk's query gradients and solves in float64 (``solve`` operations a query,
+        :meth:`solve_flops`), the scores in one product with the gradient cache (else one pass
+        over the training data)."""
         n, q, p = shape.n_train, shape.n_queries, shape.parameters
         limit = shape.memory_limit or default_memory_limit()
         row = self.query_row_bytes(n, p)
@@ -414,6 +421,7 @@ class Method(ABC):
                 chunk + batch_gradient_bytes(shape),
                 ("a chunk's query gradients and solves, float64", chunk),
                 note,
+                float64_flops=q * solve,
             ),
             Stage(
                 "scores",

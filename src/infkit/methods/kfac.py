@@ -357,14 +357,12 @@ class KFAC(PrimalMethod):
 
         def add(prepared: LayerQueries, start: int, stop: int, group: Any, label: str) -> None:
             for name, S in scorer.module_scores(prepared, None, label).items():
-                if name not in out and stop - start == len(queries):
+                if stop - start == len(queries):
                     out[name] = S  # every query at once: the result itself, not a copy
                     continue
                 if name not in out:
-                    out[name] = torch.zeros(
-                        len(queries), *S.shape[1:], dtype=S.dtype, device=S.device
-                    )
-                out[name][start:stop] += S
+                    out[name] = S.new_zeros(len(queries), S.shape[1])
+                out[name][start:stop] = S
 
         self._each_group(queries, scorer, None, add, "module scores")
         return {t.name: out[t.name] for t in tracked}
@@ -559,7 +557,7 @@ class KFAC(PrimalMethod):
                 )
             )
         if self._generic_scores(shape.gradient_cache, shape.workdir, bool(layers.others)):
-            return out + self.generic_query_stages(shape)
+            return out + self.generic_query_stages(shape, self.solve_flops(task, space))
         # the preconditioned queries (all of them on every process): full rank in groups of
         # queries and layers that fit memory_limit less the factors and a pass's working memory
         # (query_budget, plan_groups), one pass over the data each; rank r per layer when one
@@ -655,6 +653,12 @@ class KFAC(PrimalMethod):
             )
         )
         return out
+
+    def solve_flops(self, task: Task, space: ParameterSpace) -> float:
+        """Each tracked layer's block rotated into the Kronecker eigenbasis and back, in the
+        cheaper order: ``4 d_out cols (d_out + cols)`` (:meth:`KroneckerCurvature.solve`)."""
+        tracked = kronecker_layers(task.model, space, self.options, self.name).tracked
+        return float(sum(4 * t.d_out * t.cols * (t.d_out + t.cols) for t in tracked))
 
     def committed_fit(self, engine: PerExample, train: ExampleSet, batch_size: int) -> str | None:
         """What the fit would read back from ``factors_dir`` (:func:`committed_factors`)."""
