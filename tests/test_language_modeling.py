@@ -686,17 +686,7 @@ def test_module_and_token_scores_under_a_limit_take_the_passes_of_the_scores(
     if where == "rank":
         opts["query_rank"] = 2
     test, some = problem["test"], [0, 2, 5]
-    # room for `fraction` queries beside the largest result, the tokens' (below)
-    fraction = 0.75 if where == "layers" else 2
-    largest = Q * len(some) * (2 * LENGTH + 1) * 8
-    limit = _limit_for_queries(problem, fraction, batch_size=2) + largest - Q * N * 8
     place = {"factors_dir": tmp_path / "factors"} if where == "disk" else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Notice)
-        bounded = infkit.Influence(task, "ekfac", memory_limit=limit, **place, **opts)
-        bounded.fit(problem["train"])
-        free = infkit.Influence(task, "ekfac", **opts).fit(problem["train"])
-    assert bounded.fitted.train_gradients is None
     passes: list[str] = []
     each_batch = StreamingScorer._each_batch
 
@@ -705,28 +695,40 @@ def test_module_and_token_scores_under_a_limit_take_the_passes_of_the_scores(
         each_batch(self, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(StreamingScorer, "_each_batch", counted)
-    S = bounded.scores(test)
-    scored, passes[:] = len(passes), []
-    parts = bounded.module_scores(test)
-    split, passes[:] = len(passes), []
-    tokens = bounded.token_scores(test, some)
-    # each call's passes: one, or the groups of queries and layers (mix: 42 numbers a query,
-    # head: 77) that its query budget holds beside its result, [Q, N] for the scores, one per
-    # module, [Q, 3, 2 LENGTH + 1] for the tokens, counted twice, and the rest (the limit
-    # leaves `room` beside [Q, N])
-    room = int(fraction * 119 * 8) + 4 + largest
+    # the groups fill one result: the storage of the tokens each pass adds into
+    add_tokens = StreamingScorer.add_token_scores
+    filled: set[int] = set()
 
-    def planned(result: int) -> int:
-        groups = plan_groups(Q, [42 * 8, 77 * 8], room - result)
-        return 1 if where in ("disk", "rank") or groups is None else len(groups)
+    def recorded(self: StreamingScorer, prepared: object, tokens: torch.Tensor, *args: object):  # type: ignore[no-untyped-def]
+        filled.add(tokens.untyped_storage().data_ptr())
+        return add_tokens(self, prepared, tokens, *args)  # type: ignore[arg-type]
 
-    results = (Q * N * 8, 2 * Q * N * 8, largest)
-    assert [scored, split, len(passes)] == [planned(result) for result in results]
-    # by hand: two queries a pass; with 0.75 of one, the tokens and modules by layer (mix: two
-    # queries a pass, head: one), the scores, with more room, one query a pass
-    assert [scored, split, len(passes)] == {"groups": [2, 2, 2], "layers": [4, 6, 6]}.get(
-        where, [1, 1, 1]
-    )
+    monkeypatch.setattr(StreamingScorer, "add_token_scores", recorded)
+    # each call under a limit with room for `fraction` queries beside its result ([Q, N] for
+    # the scores, one per module, [Q, 3, LENGTH + 1] for the tokens and their rest): the same
+    # passes, two queries a pass, or with 0.75 of one by layer (mix: two queries a pass, 42
+    # numbers each; head: one, 77); one on disk or at rank 2
+    fraction = 0.75 if where == "layers" else 2
+    answers: list = []
+    counts = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        free = infkit.Influence(task, "ekfac", **opts).fit(problem["train"])
+        for result, call in (
+            (Q * N * 8, lambda inf: inf.scores(test)),
+            (2 * Q * N * 8, lambda inf: inf.module_scores(test)),
+            (Q * len(some) * (LENGTH + 1) * 8, lambda inf: inf.token_scores(test, some)),
+        ):
+            limit = _limit_for_queries(problem, fraction, batch_size=2) + result - Q * N * 8
+            bounded = infkit.Influence(task, "ekfac", memory_limit=limit, **place, **opts)
+            bounded.fit(problem["train"])
+            assert bounded.fitted.train_gradients is None
+            passes[:] = []
+            answers.append(call(bounded))
+            counts.append(len(passes))
+    S, parts, tokens = answers
+    assert counts == {"groups": [2, 2, 2], "layers": [6, 6, 6]}.get(where, [1, 1, 1])
+    assert len(filled) == 1
     # the reference: the decompositions of the float64 preconditioned queries, a pass each
     for name in ("streamed_module_scores", "streamed_token_scores"):
         monkeypatch.setattr(free.method, name, lambda *args: None)

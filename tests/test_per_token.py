@@ -27,6 +27,22 @@ class PooledClassifier(torch.nn.Module):
         return self.head((h * m).sum(1) / m.sum(1))
 
 
+class TwiceApplied(torch.nn.Module):
+    """A hidden layer applied twice (a shared block): its terms are its two calls' positions,
+    2T per example, the first call's first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(4, 6)
+        self.mix = torch.nn.Linear(6, 6)
+        self.out = torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.mix(h))
+        return self.out(torch.tanh(self.mix(h) + h))
+
+
 @pytest.fixture(scope="module")
 def sequences() -> dict:
     torch.manual_seed(11)
@@ -109,3 +125,26 @@ def test_per_module_scores_sum_to_the_scores(sequences: dict) -> None:
     assert relative_error(sum(shares.values()), exact.scores((X[:4], y[:4]))) < 1e-10
     with pytest.raises(UnsupportedError, match="with_estimator"):
         exact.with_estimator("rif").module_scores((X[:4], y[:4]))
+
+
+@pytest.mark.parametrize("positions", [None, 5])
+def test_a_layer_applied_twice_keeps_its_calls_in_the_forward_order(positions, tmp_path) -> None:
+    """The Kronecker scorer's pass (a workdir) hands a layer's calls over in the backward's
+    order, the reverse of the forward's: placed by their forward order, its per-token scores
+    are those of the cached path (a reviewer found the two calls' halves swapped)."""
+    torch.manual_seed(5)
+    task = infkit.Task(TwiceApplied().double(), sequence_loss, name="tokens")
+    train, test = sequence_data(n=10, seed=1), sequence_data(n=2, seed=2)
+    cached = infkit.Influence(task, "kfac", damping=1e-2).fit(train)
+    streamed = infkit.Influence(task, "kfac", damping=1e-2, workdir=tmp_path).fit(train)
+    expected = cached.token_scores(test, positions=positions)
+    split = streamed.token_scores(test, positions=positions)
+    assert streamed.describe()["query_groups"] == 1 and cached.describe()["query_groups"] == 0
+    # by default the largest count, the shared layer's 2 x 5; with 5, the others
+    assert split.layers == expected.layers == (["mix"] if positions is None else ["inp", "out"])
+    assert split.tokens.shape == expected.tokens.shape == (2, 10, positions or 10)
+    assert relative_error(split.tokens, expected.tokens) < 1e-10
+    assert relative_error(split.rest, expected.rest) < 1e-10
+    if positions is None:  # the halves differ, so a swap would show
+        halves = expected.tokens[..., :5], expected.tokens[..., 5:]
+        assert relative_error(*halves) > 0.1

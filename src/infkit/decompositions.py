@@ -184,8 +184,8 @@ def per_token_scores(
     idx = _indices(fitted, indices)
     streamed = method.streamed_token_scores(queries, estimator, idx, positions)
     if streamed is not None:
-        tokens, rest, names = streamed
-        return TokenScores(tokens, rest, idx, sorted(names))
+        tokens, rest, names = streamed  # (on the CPU, as the split below gives them)
+        return TokenScores(tokens.cpu(), rest.cpu(), idx, sorted(names))
     parts = [
         _token_scores(method, fitted, chunk, layers, idx, positions)
         for chunk in query_chunks(fitted, queries)

@@ -115,9 +115,10 @@ class Stage:
             work (the hooks' covariance and rotation products, the eigendecompositions, the
             score products), counted from the shapes; :attr:`Plan.seconds` prices them at the
             machine's timed product rate.
-        float64_flops: of those, the ones taken in float64 whatever the model's precision
-            (the solves of the queries and of the checks on the generic path), priced at a
-            timed float64 product's rate (about half float32's on a CPU).
+        float64_flops: floating-point operations taken in float64 whatever the model's
+            precision, apart from ``flops`` (the solves of the queries and of the checks on the
+            generic path), priced at a timed float64 product's rate (about half float32's on a
+            CPU).
     """
 
     name: str

@@ -43,14 +43,14 @@ from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
 from infkit.distributed import batch_count, shard_batches, sum_across, world
-from infkit.errors import Notice, ProblemTooLargeError, warn
+from infkit.errors import InvalidInputError, Notice, ProblemTooLargeError, warn
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.kfac.spill import DiskBlocks
 from infkit.layers.capture import (
+    Call,
     block_gradient,
     layer_terms,
-    position_count,
     stream_block_gradients,
     stream_layer_terms,
 )
@@ -73,7 +73,8 @@ class LayerQueries:
         rank: the rank of the low-rank layers (None: all at full rank).
         on_disk: the layers' full-rank blocks kept on disk instead of in ``full`` (None: none).
         shares: name -> [T] float64, each layer's part of ``shared`` (the per-module scores'
-            regulariser shares; they sum to ``shared``).
+            regulariser shares; they sum to ``shared``); not in the :meth:`payload`, whose
+            committed queries serve the scores, which take the sum only.
     """
 
     full: dict[str, Tensor]
@@ -101,16 +102,10 @@ class LayerQueries:
         """The queries as tensors and a JSON document (:meth:`from_payload` reads them)."""
         assert self.on_disk is None, "queries kept on disk are working files, not a payload"
         tensors = {"shared": self.shared}
-        tensors.update({f"share::{name}": share for name, share in self.shares.items()})
         tensors.update({f"full::{name}": U for name, U in self.full.items()})
         for name, (L, R) in self.low_rank.items():
             tensors[f"L::{name}"], tensors[f"R::{name}"] = L, R
-        document = {
-            "rank": self.rank,
-            "full": list(self.full),
-            "low_rank": list(self.low_rank),
-            "shares": list(self.shares),
-        }
+        document = {"rank": self.rank, "full": list(self.full), "low_rank": list(self.low_rank)}
         return tensors, document
 
     @classmethod
@@ -122,10 +117,7 @@ class LayerQueries:
 
         full = {name: get(f"full::{name}") for name in document["full"]}
         low = {name: (get(f"L::{name}"), get(f"R::{name}")) for name in document["low_rank"]}
-        # (queries committed before the layers' shares were kept have none: the scores of
-        # such queries need only their sum, and the per-module scores never read them back)
-        shares = {name: get(f"share::{name}") for name in document.get("shares", [])}
-        return cls(full, low, get("shared"), document["rank"], shares=shares)
+        return cls(full, low, get("shared"), document["rank"])
 
 
 def kept_at_rank(t: TrackedModule, rank: int | None) -> bool:
@@ -349,6 +341,10 @@ class StreamingScorer:
         """Bytes of one query's preconditioned block of each of ``tracked``."""
         return [t.d_out * t.cols * self.dtype.itemsize for t in tracked]
 
+    def _rank_one_bytes(self, tracked: list[TrackedModule]) -> int:
+        """Bytes of one query's rank-1 factors (``d_out + cols`` numbers) of all ``tracked``."""
+        return sum(t.d_out + t.cols for t in tracked) * self.dtype.itemsize
+
     def spills(self, count: int, layers: tuple[int, ...] | None = None) -> bool:
         """Whether :meth:`queries` keeps ``count`` queries' blocks of ``layers`` (default all)
         on disk: they exceed the budget, a scratch place is given, no rank is set, and one
@@ -368,7 +364,7 @@ class StreamingScorer:
         if self.rank is not None or self.spills(1):
             return None
         largest = max(self._layer_bytes(self.tracked))
-        per_rank = sum(t.d_out + t.cols for t in self.tracked) * self.dtype.itemsize
+        per_rank = self._rank_one_bytes(self.tracked)
         if min(largest, per_rank) <= self.query_bytes:
             return None
         return (
@@ -399,7 +395,7 @@ class StreamingScorer:
         rank = self.rank
         if rank is None and total > self.query_bytes:
             # the largest rank whose factors fit: sum over layers of T r (d_out + cols) items
-            per_rank = t_count * sum(t.d_out + t.cols for t in tracked) * item
+            per_rank = t_count * self._rank_one_bytes(tracked)
             rank = self.query_bytes // per_rank
             if rank < 1:
                 raise ProblemTooLargeError(
@@ -589,7 +585,7 @@ class StreamingScorer:
             prepared.count, len(batch.indices), dtype=torch.float64, device=self.fitted.space.device
         )
 
-        def add(name: str, start: int, stop: int, values: Tensor) -> None:
+        def add(name: str, start: int, stop: int, values: Tensor, call: Call) -> None:
             out[start:stop].add_(values)
 
         self._stream_shares(batch, prepared, add)
@@ -599,29 +595,23 @@ class StreamingScorer:
         self,
         batch: Batch,
         prepared: LayerQueries,
-        take: Callable[[str, int, int, Tensor], None],
+        take: Callable[[str, int, int, Tensor, Call], None],
         per_position: bool = False,
         done: Callable[[str], None] | None = None,
     ) -> None:
-        """Hand ``take(name, start, stop, values)`` each tracked layer's share of the batch's
-        scores for the queries ``start:stop``: ``<U_tl, G_jl>`` [stop - start, B] float64, or
-        with ``per_position`` its terms ``<U_tl, Ds_js a_js^T>`` [stop - start, B, S] of the
-        call's S positions.
+        """Hand ``take(name, start, stop, values, call)`` each tracked layer's share of the
+        batch's scores for the queries ``start:stop``: ``<U_tl, G_jl>`` [stop - start, B]
+        float64, or with ``per_position`` its terms ``<U_tl, Ds_js a_js^T>``
+        [stop - start, B, S] of the S positions of the layer's ``call`` (:class:`Call`).
 
         Each layer's share is taken as the backward reaches it (:func:`stream_layer_terms`), so
         the pass holds one layer's output gradients at a time; a layer called twice in the
-        forward pass hands over a share per call, and ``done(name)`` follows its last. With
-        ``per_position``, the layers without queries here (another group's) hand over their
-        calls too, with no rows (``start == stop == 0``), so that every layer's position count
-        is known to the split whichever layers a pass covers.
+        forward pass hands over a share per call, and ``done(name)`` follows its last.
         """
         covered = prepared.layers()
-        layers = [t for t in self.tracked if per_position or t.name in covered]
+        layers = [t for t in self.tracked if t.name in covered]
 
-        def add_share(name: str, a: Tensor, ds: Tensor) -> None:
-            if name not in covered:
-                take(name, 0, 0, a.new_zeros((0, a.shape[0], a.shape[1]), dtype=torch.float64))
-                return
+        def add_share(name: str, a: Tensor, ds: Tensor, call: Call) -> None:
             G = None  # the batch's block gradients, made once for every chunk of queries
             for start, stop, queries in self._layer_queries(prepared, name):
                 if per_position:
@@ -632,7 +622,7 @@ class StreamingScorer:
                     if G is None:
                         G = block_gradient(a, ds, self.dtype).flatten(1)
                     values = wide_inner(queries.flatten(1), G)
-                take(name, start, stop, values.to(torch.float64))
+                take(name, start, stop, values.to(torch.float64), call)
 
         stream_layer_terms(
             self.fitted.engine, layers, batch, add_share, "loss", self.mask_key, done
@@ -653,111 +643,100 @@ class StreamingScorer:
             yield 0, prepared.count, prepared.full[name]
 
     # ------------------------------------------------------------------ decompositions
-    def module_scores(
-        self, prepared: LayerQueries, among: Tensor | None = None, label: str = "module scores"
-    ) -> dict[str, Tensor]:
-        """The scores split by tracked layer: name -> [T, N] float64 (``[T, len(among)]``
-        with ``among``), summing to :meth:`scores`; each layer's regulariser share is its own
-        (docs/decompositions.md §1). One pass over the training data, split across
-        processes as the scores are."""
-        fitted = self.fitted
-        indices = torch.arange(fitted.n) if among is None else among
-        device = fitted.space.device
-        covered = prepared.layers()
-        out = {
-            t.name: torch.zeros(prepared.count, len(indices), dtype=torch.float64, device=device)
-            for t in self.tracked
-            if t.name in covered
-        }
+    def add_module_scores(
+        self,
+        prepared: LayerQueries,
+        out: dict[str, Tensor],
+        among: Tensor | None = None,
+        label: str = "module scores",
+    ) -> None:
+        """Add each covered layer's share of the scores, ``N`` times, into ``out[name]``
+        [T, n] float64 for the training examples ``among`` (default all): this process's
+        batches, and on the first process the layer's regulariser share, so that the sum
+        across processes (the caller's, once every group is in) counts it once. One pass over
+        the training data (docs/decompositions.md §1)."""
+        indices = torch.arange(self.fitted.n) if among is None else among
+        first = world()[0] == 0
 
-        def fill(batch: Batch, first: int) -> None:
-            columns = slice(first, first + len(batch.indices))
+        def fill(batch: Batch, start: int) -> None:
+            columns = slice(start, start + len(batch.indices))
 
-            def add(name: str, start: int, stop: int, values: Tensor) -> None:
-                out[name][start:stop, columns].add_(values)
+            def add(name: str, first_query: int, stop: int, values: Tensor, call: Call) -> None:
+                out[name][first_query:stop, columns].add_(values)
 
             self._stream_shares(batch, prepared, add)
 
         self._each_batch(indices, fill, True, label)
-        sum_across(*out.values())
-        for name, S in out.items():
-            if fitted.l2:
+        if self.fitted.l2 and first:
+            for name in prepared.layers():
                 assert name in prepared.shares, "queries without their layers' l2 shares"
-                S += prepared.shares[name].unsqueeze(1)
-            S /= fitted.n
-        return out
+                out[name] += prepared.shares[name].unsqueeze(1)
 
-    def token_scores(
+    def add_token_scores(
         self,
         prepared: LayerQueries,
+        tokens: Tensor,
+        rest: Tensor,
+        width: int,
+        largest: bool,
         among: Tensor | None = None,
-        positions: int | None = None,
         label: str = "token scores",
-    ) -> tuple[Tensor, Tensor, set[str]]:
-        """The scores split by position of the training sequences: ``(tokens [T, n, S],
-        rest [T, n], layers)`` float64 for the n training examples ``among`` (default all),
-        ``tokens.sum(-1) + rest`` the scores (docs/decompositions.md §2).
+    ) -> set[str]:
+        """Add the scores split by position of the training sequences, ``N`` times, into
+        ``tokens`` [T, n, width] and ``rest`` [T, n] float64 (n the training examples
+        ``among``, default all): this process's batches, and on the first process the
+        regulariser share into ``rest``, so that the sum across processes (the caller's)
+        counts it once. Returns the layers decomposed by position.
 
-        A batch's positions S are those of the layers that see ``positions`` of them (default:
-        the most any layer sees; a layer's count adds up its calls'), whose terms are
-        ``layers``; the other layers' shares and the regulariser's go to ``rest``. One pass
-        over the training data, split across processes as the scores are.
+        A layer's terms are its calls' positions in the forward pass's order (:class:`Call`,
+        as :func:`layer_terms` joins them); the layers with ``width`` positions go to
+        ``tokens``, the others (a pooled head) to ``rest`` (docs/decompositions.md §2). One
+        pass over the training data.
 
         Raises:
-            InvalidInputError: no tracked layer sees ``positions`` positions.
+            InvalidInputError: ``width`` is the ``largest`` count of the first example's layers
+                and a layer of a batch sees more (the batches' positions differ).
         """
-        fitted = self.fitted
-        indices = torch.arange(fitted.n) if among is None else among
-        device, count = fitted.space.device, prepared.count
-        rest = torch.zeros(count, len(indices), dtype=torch.float64, device=device)
-        pieces: list[tuple[int, Tensor]] = []  # (first column, [T, B, S] of a batch)
+        indices = torch.arange(self.fitted.n) if among is None else among
+        count, device = prepared.count, self.fitted.space.device
         per_position: set[str] = set()
 
-        def fill(batch: Batch, first: int) -> None:
+        def fill(batch: Batch, start: int) -> None:
             size = len(batch.indices)
-            calls: dict[str, list[Tensor]] = {}  # a layer's calls' terms, [T, B, S_call] each
-            by_count: dict[int, Tensor] = {}  # the layers' terms summed by position count
-            names: dict[int, set[str]] = {}
+            columns = slice(start, start + size)
+            terms: dict[str, Tensor] = {}  # a layer's calls' terms in forward order [T, B, S]
 
-            def add(name: str, start: int, stop: int, values: Tensor) -> None:
-                if start == 0:  # the first chunk of queries of a new call
-                    shape = (count, size, values.shape[-1])
-                    calls.setdefault(name, []).append(
-                        torch.zeros(shape, dtype=torch.float64, device=device)
-                    )
-                calls[name][-1][start:stop] = values
+            def add(name: str, first: int, stop: int, values: Tensor, call: Call) -> None:
+                if name not in terms:
+                    shape = (count, size, call.positions)
+                    terms[name] = torch.zeros(shape, dtype=torch.float64, device=device)
+                place = slice(call.offset, call.offset + values.shape[-1])
+                terms[name][first:stop, :, place] = values
 
             def finish(name: str) -> None:
-                if name not in calls:  # no call of the layer reached by the backward
+                if name not in terms:  # no call of the layer reached by the backward
                     return
-                terms = torch.cat(calls.pop(name), dim=-1)
-                width = terms.shape[-1]
-                by_count[width] = terms if width not in by_count else by_count[width] + terms
-                names.setdefault(width, set()).add(name)
+                layer = terms.pop(name)
+                if layer.shape[-1] == width:
+                    per_position.add(name)
+                    tokens[:, columns].add_(layer)
+                elif largest and layer.shape[-1] > width:
+                    raise InvalidInputError(
+                        f"layer {name!r} sees {layer.shape[-1]} positions in the batch of "
+                        f"training example {int(batch.indices[0])}, more than the {width} it "
+                        "sees in the first example: per-token scores need the same positions "
+                        "in every training batch (pad the sequences to one length, or pass "
+                        "positions=)"
+                    )
+                else:
+                    rest[:, columns].add_(layer.sum(-1))
 
             self._stream_shares(batch, prepared, add, per_position=True, done=finish)
-            width = position_count(positions, set(by_count))
-            columns = slice(first, first + size)
-            for other, terms in by_count.items():
-                if other != width:
-                    rest[:, columns] += terms.sum(-1)
-            if width in by_count:
-                pieces.append((first, by_count[width]))
-                per_position.update(names[width])
 
         self._each_batch(indices, fill, True, label)
-        # the widest batch's positions, agreed across processes (their batches differ)
-        widths = torch.zeros(world()[1], dtype=torch.float64, device=device)
-        widths[world()[0]] = max((p.shape[-1] for _, p in pieces), default=0)
-        sum_across(widths)
-        tokens = torch.zeros(
-            count, len(indices), int(widths.max()), dtype=torch.float64, device=device
-        )
-        for first, piece in pieces:
-            tokens[:, first : first + piece.shape[1], : piece.shape[-1]] = piece
-        sum_across(tokens, rest)
-        rest += prepared.shared.unsqueeze(1)
-        return tokens / fitted.n, rest / fitted.n, per_position
+        if world()[0] == 0:
+            rest += prepared.shared.unsqueeze(1)
+        return per_position
 
     def _self_scores_of_batch(
         self, batch: Batch, theta: dict[str, Tensor], ridges: dict[str, float]

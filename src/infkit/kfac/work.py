@@ -51,6 +51,12 @@ def rotation_flops(t: TrackedModule, tokens: int) -> float:
     return 2 * tokens * d * c + 2 * min(tokens * (d * d + c * c), d * c * (d + c))
 
 
+def block_rotation_flops(t: TrackedModule) -> float:
+    """Operations of rotating one ``d_out x cols`` block of layer ``t`` into its Kronecker
+    eigenbasis, ``Q_S^T U Q_A``, or back: ``2 d_out cols (d_out + cols)``."""
+    return 2.0 * t.d_out * t.cols * (t.d_out + t.cols)
+
+
 @dataclass(frozen=True)
 class KroneckerWork:
     """The operations of each Kronecker stage beyond its passes' forward and backward work.
@@ -96,7 +102,7 @@ class KroneckerWork:
         total = 0.0
         for t in self.tracked:
             d, c = t.d_out, t.cols
-            total += rotation_flops(t, self.positions[t.name]) + 2 * d * c * (d + c)
+            total += rotation_flops(t, self.positions[t.name]) + block_rotation_flops(t)
             if kept_at_rank(t, rank):
                 total += EIGH_PRODUCT_FLOPS * d * c * min(d, c)
         return q * total

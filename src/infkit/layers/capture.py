@@ -185,9 +185,27 @@ def _batch_shape(inputs: Any, mask: Tensor | None) -> tuple[int | None, set[int]
     return b, spans
 
 
-#: ``consume(layer name, a [B, T, cols], Ds [B, T, d_out])``: one call of a tracked layer's
-#: terms, handed over by a streamed backward (:meth:`Capture.stream`) as soon as it is reached
-Consumer = Callable[[str, Tensor, Tensor], None]
+@dataclass(frozen=True)
+class Call:
+    """Where one call of a tracked layer sits among the layer's calls in a forward pass.
+
+    Attributes:
+        index: its place in the forward pass's order (0 for the first call).
+        offset: the positions of the layer's calls before it.
+        positions: the positions of all the layer's calls, which :func:`layer_terms` joins in
+            the forward pass's order (a streamed backward hands them over in its own order,
+            usually the reverse).
+    """
+
+    index: int
+    offset: int
+    positions: int
+
+
+#: ``consume(layer name, a [B, T, cols], Ds [B, T, d_out], call)``: one call of a tracked
+#: layer's terms, handed over by a streamed backward (:meth:`Capture.stream`) as soon as it is
+#: reached
+Consumer = Callable[[str, Tensor, Tensor, Call], None]
 
 
 class Capture:
@@ -227,6 +245,8 @@ class Capture:
         #: records), and those not yet handed over in its backward
         self._called: dict[str, int] = {}
         self._pending: dict[str, int] = {}
+        #: the positions of each call of each tracked layer in the last streamed forward pass
+        self._call_positions: dict[str, list[int]] = {}
         self.records: dict[str, list[Record]] = {}
         self._handles: list[Any] = []
         self._mask: Tensor | None = None
@@ -284,6 +304,7 @@ class Capture:
             if self.consume is not None and torch.is_grad_enabled():
                 # nothing kept here: the hook holds the terms until it hands them over
                 self._called[t.name] = self._called.get(t.name, 0) + 1
+                self._call_positions.setdefault(t.name, []).append(int(a.shape[1]))
                 return self._anchored(t.name, a, output, to_tokens)
             given = None  # a copy for the model to go on with, if it changes the output
             if module in _CHANGED_IN_PLACE and torch.is_grad_enabled():
@@ -316,9 +337,12 @@ class Capture:
         # in place on a view would hand the history to its base: the hook would never be called
         anchored = output + anchor if output._is_view() else _Anchored.apply(output, anchor)
         held = [a]
+        index = self._called[name] - 1
 
         def hand_over(g: Tensor) -> None:
-            consume(name, held.pop(), to_tokens(g.unsqueeze(0))[0])
+            sizes = self._call_positions[name]
+            call = Call(index, sum(sizes[:index]), sum(sizes))
+            consume(name, held.pop(), to_tokens(g.unsqueeze(0))[0], call)
             self._pending[name] -= 1
             if self._pending[name] == 0 and self.done is not None:
                 self.done(name)
@@ -412,6 +436,7 @@ class Capture:
     def _forward_once(self, task: Task, inputs: Any) -> Tensor:
         self.records = {}
         self._called = {}
+        self._call_positions = {}
         self._inputs = {}
         self._mask = None
         self._model = task.model
@@ -576,9 +601,10 @@ def stream_layer_terms(
 ) -> None:
     """:func:`layer_terms`, handed over one layer call at a time as the backward reaches it.
 
-    ``consume(name, a, Ds)`` is called once for every call of a tracked layer (a layer called
-    twice in the forward pass gives two calls, each with its own positions); what it computes
-    must therefore add up over calls, as ``sum_t Ds_t a_t^T`` does. Each call's ``Ds`` is freed
+    ``consume(name, a, Ds, call)`` is called once for every call of a tracked layer (a layer
+    called twice in the forward pass gives two calls, each with its own positions, and
+    :class:`Call` says where they sit among the layer's calls); what it computes must therefore
+    add up over calls, as ``sum_t Ds_t a_t^T`` does. Each call's ``Ds`` is freed
     after its hand-over, so the backward holds one layer's terms at a time rather than every
     layer's until it ends (the peak of a scoring pass). ``done(name)``, when given, follows a
     layer's last call.
@@ -608,7 +634,7 @@ def stream_block_gradients(
     shapes = {t.name: (len(batch.indices), t.d_out, t.cols) for t in tracked}
     sums: dict[str, Tensor] = {}
 
-    def add(name: str, a: Tensor, ds: Tensor) -> None:
+    def add(name: str, a: Tensor, ds: Tensor, call: Call) -> None:
         G = block_gradient(a, ds, dtype)
         sums[name] = sums.pop(name).add_(G) if name in sums else G
 

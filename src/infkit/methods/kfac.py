@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet
+from infkit.distributed import sum_across
 from infkit.errors import NotFittedError, ProblemTooLargeError, warn
 from infkit.estimators import Estimator
 from infkit.fingerprint import data_fingerprint, tensor_digest
@@ -57,8 +58,8 @@ from infkit.kfac.streaming import (
     read_budget,
     truncated_svd,
 )
-from infkit.kfac.work import KroneckerWork, backward_flops
-from infkit.layers.capture import input_layout
+from infkit.kfac.work import KroneckerWork, backward_flops, block_rotation_flops
+from infkit.layers.capture import input_layout, position_count
 from infkit.layers.tracked import TrackedLayers, TrackedModule, find_modules
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import (
@@ -109,7 +110,8 @@ class KFAC(PrimalMethod):
         self.curvature_: KroneckerCurvature | None = None
         #: the lowest rank of the preconditioned query gradients so far (None: always full)
         self.query_rank: int | None = None
-        #: the most passes over the training data one scores() call took (query groups)
+        #: the most passes over the training data one scores() call (or a split of its
+        #: scores: module_scores, token_scores) took (query groups)
         self.query_groups = 0
         #: the most bytes of preconditioned queries one scores() call kept on disk
         self.queries_on_disk = 0
@@ -163,8 +165,9 @@ class KFAC(PrimalMethod):
         reason = self._scorer(self.fitted.n * FLOAT64_BYTES).room_for_one_query()
         if reason is not None:
             warn(
-                f"{reason}: scores(), module_scores() and token_scores() will refuse "
-                "(ProblemTooLargeError), as plan() foresees; self_scores() and the removal "
+                f"{reason}: scores() will refuse (ProblemTooLargeError) even for one query, "
+                "and module_scores() and token_scores(), whose results are larger, as plan() "
+                "foresees; self_scores() and the removal "
                 "effects need no queries. Raise memory_limit, track fewer layers (modules=) "
                 "or use a smaller batch_size; on CPU a factors_dir or workdir lets the scoring "
                 "pass set the factors aside and read the queries back from disk"
@@ -346,59 +349,61 @@ class KFAC(PrimalMethod):
         self, queries: ExampleSet, estimator: Estimator
     ) -> dict[str, Tensor] | None:
         """The per-module scores in the passes of :meth:`scores` (one, with the queries kept
-        on disk; one per group of queries and layers otherwise), where the scores stream."""
+        on disk; one per group of queries and layers otherwise), where the scores stream; the
+        groups fill their blocks of the one result (:meth:`StreamingScorer.add_module_scores`)."""
         fitted = self.fitted
         tracked = self.kronecker().tracked
-        result = len(tracked) * len(queries) * fitted.n * FLOAT64_BYTES
-        scorer = self._streaming(estimator, result)
+        scorer = self._streaming(estimator, len(tracked) * len(queries) * fitted.n * FLOAT64_BYTES)
         if scorer is None:
             return None
-        out: dict[str, Tensor] = {}
+        shape, device = (len(queries), fitted.n), fitted.space.device
+        out = {t.name: torch.zeros(shape, dtype=torch.float64, device=device) for t in tracked}
 
         def add(prepared: LayerQueries, start: int, stop: int, group: Any, label: str) -> None:
-            for name, S in scorer.module_scores(prepared, None, label).items():
-                if stop - start == len(queries):
-                    out[name] = S  # every query at once: the result itself, not a copy
-                    continue
-                if name not in out:
-                    out[name] = S.new_zeros(len(queries), S.shape[1])
-                out[name][start:stop] = S
+            views = {name: out[name][start:stop] for name in prepared.layers()}
+            scorer.add_module_scores(prepared, views, label=label)
 
         self._each_group(queries, scorer, None, add, "module scores")
-        return {t.name: out[t.name] for t in tracked}
+        sum_across(*out.values())
+        for S in out.values():
+            S /= fitted.n
+        return out
 
     def streamed_token_scores(
         self, queries: ExampleSet, estimator: Estimator, indices: Tensor, positions: int | None
     ) -> tuple[Tensor, Tensor, set[str]] | None:
         """The per-token scores in the passes of :meth:`scores` over ``indices``, where the
-        scores stream (:meth:`StreamingScorer.token_scores`)."""
-        fitted = self.fitted
-        # the tokens twice (the batches' or groups' pieces, then the whole) and the rest
-        width = fitted.train.positions()
-        scorer = self._streaming(
-            estimator, len(queries) * len(indices) * (2 * width + 1) * FLOAT64_BYTES
-        )
-        if scorer is None:
+        scores stream (:meth:`StreamingScorer.add_token_scores`), their positions those of the
+        first training example's layers (``positions`` is checked against them before any
+        pass)."""
+        if not self._streams(estimator):
             return None
-        parts: list[tuple[int, int, Tensor, Tensor]] = []
+        fitted, tracked = self.fitted, self.kronecker().tracked
+        sample = fitted.engine.prepare(fitted.train.take([0]))[0]
+        layout = input_layout(fitted.task, tracked, sample, self.options.mask_key)
+        width = position_count(positions, set(layout.positions.values()))
+        shape, device = (len(queries), len(indices)), fitted.space.device
+        scorer = self._scorer(shape[0] * shape[1] * (width + 1) * FLOAT64_BYTES)
+        tokens = torch.zeros(*shape, width, dtype=torch.float64, device=device)
+        rest = torch.zeros(shape, dtype=torch.float64, device=device)
         layers: set[str] = set()
 
         def add(prepared: LayerQueries, start: int, stop: int, group: Any, label: str) -> None:
-            tokens, rest, names = scorer.token_scores(prepared, indices, positions, label)
-            parts.append((start, stop, tokens, rest))
-            layers.update(names)
+            named = scorer.add_token_scores(
+                prepared,
+                tokens[start:stop],
+                rest[start:stop],
+                width,
+                positions is None,
+                indices,
+                label,
+            )
+            layers.update(named)
 
         self._each_group(queries, scorer, None, add, "token scores")
-        if len(parts) == 1:  # every query and layer in one pass
-            return parts[0][2], parts[0][3], layers
-        # (every pass sees each layer's positions, so the passes' widths agree)
-        widest = max(tokens.shape[-1] for *_, tokens, _ in parts)
-        shape, device = (len(queries), len(indices)), fitted.space.device
-        tokens = torch.zeros(*shape, widest, dtype=torch.float64, device=device)
-        rest = torch.zeros(*shape, dtype=torch.float64, device=device)
-        for start, stop, part_tokens, part_rest in parts:
-            tokens[start:stop, :, : part_tokens.shape[-1]] += part_tokens
-            rest[start:stop] += part_rest
+        sum_across(tokens, rest)
+        tokens /= fitted.n
+        rest /= fitted.n
         return tokens, rest, layers
 
     def _shards(self, queries: ExampleSet) -> ScoreShards | None:
@@ -655,10 +660,10 @@ class KFAC(PrimalMethod):
         return out
 
     def solve_flops(self, task: Task, space: ParameterSpace) -> float:
-        """Each tracked layer's block rotated into the Kronecker eigenbasis and back, in the
-        cheaper order: ``4 d_out cols (d_out + cols)`` (:meth:`KroneckerCurvature.solve`)."""
+        """Each tracked layer's block rotated into the Kronecker eigenbasis and back,
+        ``4 d_out cols (d_out + cols)`` (:meth:`KroneckerCurvature.solve`)."""
         tracked = kronecker_layers(task.model, space, self.options, self.name).tracked
-        return float(sum(4 * t.d_out * t.cols * (t.d_out + t.cols) for t in tracked))
+        return sum(2 * block_rotation_flops(t) for t in tracked)
 
     def committed_fit(self, engine: PerExample, train: ExampleSet, batch_size: int) -> str | None:
         """What the fit would read back from ``factors_dir`` (:func:`committed_factors`)."""
