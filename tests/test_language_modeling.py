@@ -210,6 +210,18 @@ def test_a_model_that_is_not_causal_is_named(problem: dict) -> None:
         _fit_quietly(infkit.Task.language_modeling(problem["model"]), problem["train"])
 
 
+def test_the_causality_probe_leaves_non_finite_logits_to_the_finite_check() -> None:
+    """A model whose logits are NaN (a tester's left-padded float64 Llama with eager attention)
+    got "not causal ... moved by up to nan" before the finite check named the cause; the probe
+    now says nothing about such logits, and a bidirectional model is still named."""
+    ids = torch.tensor([[1, 2, 3, 4]])
+    nan = torch.full((1, 4, VOCAB), float("nan"))
+    assert lm.check_causal(lambda inputs: nan, ids, nan) is None
+    logits = torch.randn(1, 4, VOCAB)
+    moved = lm.check_causal(lambda inputs: logits + 1.0, ids, logits)
+    assert moved is not None and "not causal" in moved
+
+
 def test_the_exact_ggn_factors_of_many_outputs_warn_of_their_cost(problem: dict) -> None:
     task = infkit.Task.language_modeling(problem["model"])
     c = LENGTH * VOCAB  # 77 outputs per sequence, above max_exact_outputs=64
@@ -1334,6 +1346,18 @@ def test_a_plan_above_the_limit_suggests_the_methods_own_levers(problem: dict) -
     assert "above memory_limit (1.0 B per process): track fewer layers (modules=)" in shown["ekfac"]
     assert "query_rank" not in shown["identity"] and "modules=" not in shown["identity"]
     assert "requires_grad=False" in shown["identity"]
+    # factors beyond the limit: the fit refuses before any pass, and the plan says so and
+    # blames them (a tester's plan blamed the queries), with the fit's own count
+    assert "alone exceed it, so the fit refuses before any pass" in shown["ekfac"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        inf = infkit.Influence(task, "ekfac", damping=1e-2, memory_limit=1)
+        plan = inf.plan(problem["train"], problem["test"], timed=False)
+        with pytest.raises(ProblemTooLargeError, match="keeps two Kronecker factors"):
+            inf.fit(problem["train"])
+    stages = {stage.name: stage for stage in plan.stages}
+    assert stages["eigendecompositions"].refused
+    assert "the fit refuses before any pass" in stages["eigendecompositions"].note
 
 
 def test_the_plan_of_a_method_without_the_gradient_cache_shows_its_objective_pass(

@@ -72,6 +72,9 @@ def test_per_token_scores_sum_to_the_sequence_scores(sequences: dict, method: st
     part = inf.token_scores(test, indices=[3, 7])
     assert relative_error(part.total, S[:, [3, 7]]) < 1e-10
     assert relative_error(part.tokens, tokens.tokens[:, [3, 7]]) < 1e-12
+    # each index once, as scores(among=) and remove() take them (a tester found repeats taken)
+    with pytest.raises(infkit.errors.InvalidInputError, match="training index 3 is given twice"):
+        inf.token_scores(test, indices=[3, 3])
 
 
 @pytest.mark.parametrize("streamed", [False, True])

@@ -152,7 +152,8 @@ class TokenScores:
 def _indices(fitted: Fitted, indices: Sequence[int] | Tensor | None) -> Tensor:
     if indices is None:
         return torch.arange(fitted.n)
-    return checked_indices(indices, fitted.n, what="training index")
+    # each once, as scores(among=) and remove() take them (a repeat is a mistake, not a copy)
+    return checked_indices(indices, fitted.n, what="training index", unique=True)
 
 
 def per_token_scores(

@@ -169,6 +169,8 @@ def check_causal(
     earlier = real[:-1]  # the real positions only: a fully masked (padding) row may attend
     # anywhere in some implementations (uniformly, eager attention), but nothing scores it
     before = outputs[0, earlier].detach().to(torch.float64)
+    if not (bool(torch.isfinite(before).all()) and bool(torch.isfinite(again[0, earlier]).all())):
+        return None  # non-finite logits are refused by the finite check, which names the cause
     moved = float((again[0, earlier].to(torch.float64) - before).abs().max())
     scale = float(before.abs().max())
     if moved <= CAUSAL_TOLERANCE * max(scale, 1.0):

@@ -633,15 +633,20 @@ def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
     factors reloaded from disk are contiguous, so without this a fitted and a reloaded
     curvature would multiply along different BLAS paths and differ in the last bits.
     """
-    M64 = M.to(torch.float64)
-    if not bool(torch.isfinite(M64).all()):
+    if not bool(torch.isfinite(M).all()):
         raise NonFiniteError(
             "a Kronecker factor (a covariance of layer inputs or output gradients) has NaN or "
             "Inf: the model's outputs were finite, so a backward pass overflowed. Run the model "
             "in float32 (or dtype=None instead of bfloat16 autocast), or check the loss of "
             "extreme examples"
         )
-    ev, Q = torch.linalg.eigh(0.5 * (M64 + M64.T))
+    # (M + M^T) / 2 in float64 made in one new matrix, without a float64 copy of M beside it:
+    # the eigendecomposition's peak, with LAPACK's eigenvectors and workspace, is about
+    # EIGH_WORK of these matrices (eigh_bytes)
+    symmetric = M.T.to(torch.float64, copy=True)
+    symmetric.add_(M).mul_(0.5)
+    ev, Q = torch.linalg.eigh(symmetric)
+    del symmetric
     return ev.clamp_min(0.0).to(M.dtype).contiguous(), Q.to(M.dtype).contiguous()
 
 

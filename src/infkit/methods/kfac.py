@@ -137,17 +137,25 @@ class KFAC(PrimalMethod):
             return
         item = product_dtype(problem.space.dtype).itemsize
         factor = factor_bytes(tracked, item)
-        need = sum(factor.values()) + eigh_bytes(tracked)
-        if self.corrected:  # EK-FAC's eigenvalues, one per parameter
-            need += sum(t.cols * t.d_out for t in tracked) * item
+        need = self._fit_bytes(tracked, item)
         if need > problem.memory_limit:
             raise ProblemTooLargeError(
-                f"method {self.name!r} keeps two Kronecker factors (then their eigenbases) per layer, "
-                f"{human_bytes(need)} for the {len(tracked)} tracked layers (the largest: "
-                f"{max(tracked, key=lambda t: factor[t.name]).name!r}), above the memory "
-                f"limit of {human_bytes(problem.memory_limit)}: track fewer layers (modules=...), "
-                "freeze the largest (requires_grad=False), or raise memory_limit"
+                f"method {self.name!r} keeps two Kronecker factors (then their eigenbases) per layer "
+                f"and decomposes each in float64: {human_bytes(need)} for the {len(tracked)} "
+                f"tracked layers (the largest: {max(tracked, key=lambda t: factor[t.name]).name!r}"
+                f"; the largest eigendecomposition alone {human_bytes(eigh_bytes(tracked))}), above the "
+                f"memory limit of {human_bytes(problem.memory_limit)}: track fewer layers "
+                "(modules=...), freeze the largest (requires_grad=False), or raise memory_limit"
             )
+
+    def _fit_bytes(self, tracked: list[TrackedModule], item: int) -> int:
+        """What the fit must hold whatever the limit, as :meth:`check_memory` counts it before
+        any pass: every layer's two factors (then their eigenbases), the largest float64
+        eigendecomposition, and EK-FAC's eigenvalues, one per parameter."""
+        need = sum(factor_bytes(tracked, item).values()) + eigh_bytes(tracked)
+        if self.corrected:
+            need += sum(t.cols * t.d_out for t in tracked) * item
+        return need
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
@@ -518,6 +526,9 @@ class KFAC(PrimalMethod):
                 )
             )
         else:
+            # the fit refuses before any pass when the factors alone exceed the limit
+            # (check_memory), whatever query_rank, a place on disk or more processes would do
+            too_large = limit is not None and self._fit_bytes(tracked, work) > limit
             out += [
                 Stage(
                     "covariances A, S",
@@ -533,7 +544,13 @@ class KFAC(PrimalMethod):
                     factors + eigh,
                     (f"A, S of {biggest.name!r}", factor[biggest.name]),
                     "repeated on every process; float64 one layer at a time, each covariance "
-                    "freed once decomposed",
+                    "freed once decomposed"
+                    + (
+                        "; above memory_limit, so the fit refuses before any pass"
+                        if too_large
+                        else ""
+                    ),
+                    too_large,
                     held=0 if self.corrected else resident,
                     flops=ops.eigendecompositions(),
                 ),
@@ -675,7 +692,15 @@ class KFAC(PrimalMethod):
         return committed_factors(fitter, self.options, train, self.corrected)
 
     def plan_advice(self, stages: list[Stage]) -> str:
-        """:attr:`plan_remedy`, without ``query_rank`` when not even rank-1 queries fit."""
+        """:attr:`plan_remedy`; without ``query_rank`` when not even rank-1 queries fit; the
+        factors' own levers when they alone exceed the limit."""
+        if any(stage.refused and stage.name == "eigendecompositions" for stage in stages):
+            return (
+                "track fewer layers (modules=), freeze the largest (requires_grad=False) or raise "
+                "memory_limit: the factors and their largest eigendecomposition alone exceed it, "
+                "so the fit refuses before any pass (query_rank, queries on disk and more "
+                "processes cannot help)"
+            )
         if any(stage.refused for stage in stages):
             return (
                 "track fewer layers (modules=) or use a smaller batch_size: not even rank-1 "
@@ -752,10 +777,19 @@ def factor_bytes(
     }
 
 
+#: the peak of one factor's eigendecomposition (:func:`~infkit.kfac.factors._eigh`), in float64
+#: matrices of its size: the symmetrised float64 copy, LAPACK's eigenvectors and workspace and
+#: the results in the factor's precision (measured by VmHWM: 4.4 to 5.5 for d = 2,000 and
+#: 1,000; 6.2 before the copy was made in one matrix; a tester found the fit of a
+#: 2,000-token vocabulary's head above a small memory_limit when this counted 2)
+EIGH_MATRICES = 5.5
+
+
 def eigh_bytes(tracked: list[TrackedModule]) -> int:
-    """The float64 eigendecomposition of the largest factor: the matrix and its eigenvectors
-    (one layer is decomposed at a time)."""
-    return 2 * max(max(t.cols, t.d_out) ** 2 for t in tracked) * FLOAT64_BYTES
+    """The float64 eigendecomposition of the largest factor, :data:`EIGH_MATRICES` matrices of
+    its size (one layer is decomposed at a time)."""
+    largest = max(max(t.cols, t.d_out) ** 2 for t in tracked)
+    return int(EIGH_MATRICES * largest * FLOAT64_BYTES)
 
 
 def tracked_share(problem: Problem) -> float:

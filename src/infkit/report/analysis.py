@@ -632,8 +632,11 @@ def _explanations(
 def _add_token_scores(inf: Influence, query: ExampleSet, lists: dict[str, Any]) -> None:
     """Per-token contributions of each listed training sequence to the query's score."""
     rows = lists["proponent"] + lists["opponent"]
-    split = inf.token_scores(query, [r["index"] for r in rows])
-    for r, tokens in zip(rows, split.tokens[0]):
+    # (a small training set can list an example as both: its tokens are split once)
+    indices = sorted({r["index"] for r in rows})
+    split = inf.token_scores(query, indices)
+    for r in rows:
+        tokens = split.tokens[0, indices.index(r["index"])]
         # the positions the view shows (padding left out, wherever it is; none for a text
         # given by [data] display)
         r["view"]["token_scores"] = tokens[r["view"].get("positions", [])].tolist()
