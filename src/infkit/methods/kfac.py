@@ -175,10 +175,10 @@ class KFAC(PrimalMethod):
             warn(
                 f"{reason}: scores() will refuse (ProblemTooLargeError) even for one query, "
                 "and module_scores() and token_scores(), whose results are larger, as plan() "
-                "foresees; self_scores() and the removal "
-                "effects need no queries. Raise memory_limit, track fewer layers (modules=) "
-                "or use a smaller batch_size; on CPU a factors_dir or workdir lets the scoring "
-                "pass set the factors aside and read the queries back from disk"
+                "foresees; self_scores() and the removal effects need no queries. Raise "
+                "memory_limit, track fewer layers (modules=) or use a smaller batch_size; on "
+                "CPU a factors_dir or workdir lets the scoring pass set the factors aside and "
+                "read the queries back from disk"
             )
 
     def state(self) -> dict[str, Any]:
