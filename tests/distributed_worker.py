@@ -5,9 +5,9 @@
 
 As a user's script would, it initialises the default process group (gloo, CPU) when torchrun's
 variables are set and otherwise uses the public API unchanged: EK-FAC on a small causal LM in
-float64, fitted with sampled and with empirical Fisher labels, then the scores of the queries
-and the self-influence of every training example, streamed layer by layer (a memory limit below
-the training-gradient cache). Each process writes what it got, with the number of training
+float64, fitted with sampled and with empirical Fisher labels, then the scores of the queries,
+their per-module and per-token splits and the self-influence of every training example,
+streamed layer by layer (a memory limit below the training-gradient cache). Each process writes what it got, with the number of training
 sequences its model saw, to ``OUT/rank<r>.pt``.
 """
 
@@ -67,9 +67,13 @@ def main() -> None:
         ).fit(train)
         assert inf.fitted.train_gradients is None  # the streamed path
         factors = inf.method.kronecker().factors.modules
+        split = inf.token_scores(queries, [0, 2, 5, 21])  # the padded sequence among them
         result[fisher] = {
             "scores": inf.scores(queries),
             "self_scores": inf.self_scores(),
+            "modules": inf.module_scores(queries),
+            "tokens": split.tokens,
+            "rest": split.rest,
             "factors": {
                 name: {"A": f.A, "S": f.S, "Lambda": f.Lambda} for name, f in factors.items()
             },

@@ -51,6 +51,14 @@ def test_torchrun_gives_every_process_the_single_process_answer(tmp_path: Path) 
             # sums over the processes' batches in another order: equal to rounding
             assert relative_error(got["scores"], expected["scores"]) < 1e-10, fisher
             assert relative_error(got["self_scores"], expected["self_scores"]) < 1e-10, fisher
+            # the splits: each process's batches summed, the l2 shares counted once
+            for name, part in expected["modules"].items():
+                assert relative_error(got["modules"][name], part) < 1e-10, (fisher, name)
+            assert relative_error(sum(got["modules"].values()), got["scores"]) < 1e-10
+            for key in ("tokens", "rest"):
+                assert relative_error(got[key], expected[key]) < 1e-10, (fisher, key)
+            total = got["tokens"].sum(-1) + got["rest"]
+            assert relative_error(total, got["scores"][:, [0, 2, 5, 21]]) < 1e-10, fisher
             for name, factors in expected["factors"].items():
                 for key, value in factors.items():
                     assert relative_error(got["factors"][name][key], value) < 1e-10, (name, key)
