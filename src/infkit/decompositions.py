@@ -57,12 +57,17 @@ def preconditioned_queries(method: Method, fitted: Fitted, queries: ExampleSet) 
     return method.precondition_queries(fitted.query_gradients(queries))
 
 
+def owning_module(name: str) -> str:
+    """The module that owns parameter ``name``: ``"0.weight"`` and ``"0.bias"`` are ``"0"``'s."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
 def module_groups(space: ParameterSpace) -> dict[str, Tensor]:
-    """Flat parameter positions of each module: ``"0.weight"`` and ``"0.bias"`` form ``"0"``."""
+    """Flat parameter positions of each module (:func:`owning_module`), in parameter order."""
     groups: dict[str, list[Tensor]] = {}
     for name, sl in space.module_slices().items():
-        module = name.rsplit(".", 1)[0] if "." in name else ""
-        groups.setdefault(module, []).append(torch.arange(sl.start, sl.stop, device=space.device))
+        positions = torch.arange(sl.start, sl.stop, device=space.device)
+        groups.setdefault(owning_module(name), []).append(positions)
     return {k: torch.cat(v) for k, v in groups.items()}
 
 
@@ -117,9 +122,10 @@ def per_module_scores(
     require_if(method, estimator, "module_scores", "per-module scores")
     streamed = method.streamed_module_scores(queries, estimator)
     if streamed is not None:
-        groups = module_groups(fitted.space)
-        assert set(streamed) == set(groups), "the streamed modules are the parameters' modules"
-        return {name: streamed[name] for name in groups}
+        # the modules in parameter order, by name (no [P] positions: this path bounds memory)
+        modules = list(dict.fromkeys(owning_module(name) for name in fitted.space.names))
+        assert set(streamed) == set(modules), "the streamed modules are the parameters' modules"
+        return {name: streamed[name] for name in modules}
     parts = [
         module_scores_for(fitted, *scored_queries(method, fitted, chunk))
         for chunk in query_chunks(fitted, queries)

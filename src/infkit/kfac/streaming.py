@@ -13,8 +13,8 @@ accumulated layer by layer over batches of training examples. Products run in
 :func:`~infkit.parameters.product_dtype` of the model (float32 for float32 and bfloat16 models),
 the rotations with the float64 eigenbases cast to it; sums over examples accumulate in float64.
 
-The per-module and per-token scores (:meth:`StreamingScorer.module_scores`,
-:meth:`StreamingScorer.token_scores`) are taken in the same passes, each layer's share, or each
+The per-module and per-token scores (:meth:`StreamingScorer.add_module_scores`,
+:meth:`StreamingScorer.add_token_scores`) are taken in the same passes, each layer's share, or each
 position's term of it, kept apart instead of summed (docs/decompositions.md §1-2).
 
 Under torchrun each process scores its share of the batches and the columns are summed across
