@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -898,6 +899,10 @@ def test_plan_on_the_meta_device_equals_the_real_model_and_splits_across_process
         infkit.Influence(infkit.Task.language_modeling(meta), "ekfac").plan(
             n_train=10, sequence_length=4, world_size=0
         )
+    for bad in ({"n_train": 0}, {"sequence_length": -3}, {"n_queries": 2.5}):
+        sizes = {"n_train": 10, "sequence_length": 4, **bad}
+        with pytest.raises(InvalidInputError, match=f"{next(iter(bad))} must be an integer >= 1"):
+            infkit.Influence(infkit.Task.language_modeling(meta), "ekfac").plan(**sizes)
     # fitting it is refused before any pass (a pass would fail deep in PyTorch: ".item()
     # cannot be called on meta tensors"), and so is loading a saved Influence onto it
     ids = torch.randint(0, 50, (4, 6))
@@ -905,12 +910,23 @@ def test_plan_on_the_meta_device_equals_the_real_model_and_splits_across_process
         infkit.Influence(infkit.Task.language_modeling(meta), "ekfac").fit(lm.examples(ids))
     with pytest.raises(InvalidInputError, match="plan\\(\\) works on it as it is"):
         infkit.Influence.load(tempfile.gettempdir(), infkit.Task.language_modeling(meta))
+    # a learned position embedding of 12 rows (GPT-2's n_positions): a planned sequence longer
+    # than that is refused, as fit refuses the sequences themselves; 12 is planned
+
+    with torch.device("meta"):
+        meta.positions = nn.Embedding(12, 16)
+    meta.config = SimpleNamespace(n_positions=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        inf = infkit.Influence(infkit.Task.language_modeling(meta), "ekfac", damping="auto")
+        assert inf.plan(n_train=10, sequence_length=12).shape.tokens == 12
+        with pytest.raises(InvalidInputError, match=r"sequence_length=13\): it reads 13 pos"):
+            inf.plan(n_train=10, sequence_length=13)
 
 
 def test_the_plan_sizes_a_language_models_outputs_from_its_configuration() -> None:
     """Without data (a model on the meta device) C = T x the configuration's vocab_size, which
     the checks' product memory depends on; with data, a forward pass tells."""
-    from types import SimpleNamespace
 
     from infkit.plan import sized_outputs
 
@@ -1324,6 +1340,21 @@ def test_output_fn_picks_the_logits_and_their_absence_names_the_fields(problem: 
     wrapped = Hidden(problem["model"])
     with pytest.raises(InvalidInputError, match=r"cannot find the output tensor.*output_fn="):
         infkit.Influence(infkit.Task.language_modeling(wrapped), "identity").fit(problem["train"])
+
+    class Body(nn.Module):  # hidden states only, as a Hugging Face ...Model returns them
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None):  # type: ignore[no-untyped-def]
+            return SimpleNamespace(last_hidden_state=self.inner(input_ids))
+
+    body = Body(problem["model"])
+    with pytest.raises(InvalidInputError, match=r"returns SimpleNamespace: hidden states.*ForCaus"):
+        infkit.Influence(infkit.Task.language_modeling(body), "identity").fit(problem["train"])
+    classifier = infkit.Task.classification(body)
+    with pytest.raises(InvalidInputError, match=r"hidden states.*ForSequenceClassification"):
+        infkit.Influence(classifier, "identity").fit((problem["train"][0], torch.zeros(N).long()))
     direct = infkit.Influence(infkit.Task.language_modeling(problem["model"]), "identity")
     picked = infkit.Influence(
         infkit.Task.language_modeling(wrapped, output_fn=lambda out: out["scores"]), "identity"
@@ -1333,6 +1364,11 @@ def test_output_fn_picks_the_logits_and_their_absence_names_the_fields(problem: 
         expected = direct.fit(problem["train"]).scores(problem["test"])
         got = picked.fit(problem["train"]).scores(problem["test"])
     assert torch.equal(got, expected)
+
+
+def _identity_plan(task: infkit.Task) -> infkit.plan.Plan:
+    inf = infkit.Influence(task, "identity")
+    return inf.plan(n_train=N, n_queries=Q, sequence_length=LENGTH, timed=False)
 
 
 def test_a_plan_above_the_limit_suggests_the_methods_own_levers(problem: dict) -> None:
@@ -1346,6 +1382,26 @@ def test_a_plan_above_the_limit_suggests_the_methods_own_levers(problem: dict) -
     assert "above memory_limit (1.0 B per process): track fewer layers (modules=)" in shown["ekfac"]
     assert "query_rank" not in shown["identity"] and "modules=" not in shown["identity"]
     assert "requires_grad=False" in shown["identity"]
+    # TRAK's largest object is named by stage: the projected features [M, N, k] of the fit (one
+    # pass a model), else the queries' P-sized gradients, which proj_dim does not reduce;
+    # identity's fit makes no pass and holds nothing, so the plan has no stage for it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        for proj_dim, models, expected in (
+            (8, 1, "score fewer queries"),
+            (32, 3, "lower proj_dim"),
+        ):
+            checkpoints = [copy.deepcopy(problem["model"].state_dict())] * models
+            inf = infkit.Influence(
+                task, "trak", proj_dim=proj_dim, memory_limit=1, checkpoints=checkpoints
+            )
+            plan = inf.plan(n_train=10_000, n_queries=1, sequence_length=LENGTH)
+            fit = next(stage for stage in plan.stages if stage.name == "fit trak")
+            assert fit.passes == models
+            assert fit.bytes == (models * 10_000 * proj_dim + 2 * proj_dim**2) * 8
+            assert expected in str(plan)
+        names = [stage.name for stage in _identity_plan(task).stages]
+    assert "fit identity" not in names and names[-2:] == ["queries", "scores"]
     # factors beyond the limit: the fit refuses before any pass, and the plan says so and
     # blames them (a tester's plan blamed the queries), with the fit's own count
     assert "alone exceed it, so the fit refuses before any pass" in shown["ekfac"]

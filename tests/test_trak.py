@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import infkit
-from infkit.errors import CurvatureError, UnsupportedError
+from infkit.errors import CurvatureError, Notice, UnsupportedError
 from infkit.evaluate import correlation, relative_error
 from infkit.task import classification_margin
 
@@ -113,10 +113,17 @@ def test_trak_refusals(mlp_problem: dict) -> None:
 
 
 def test_trak_defaults_work_when_n_is_below_p(mlp_problem: dict) -> None:
-    """N = 60 < P = 75: the default projection stays at N // 4 and needs no ridge."""
+    """N = 60 < P = 75: the default projection stays at N // 4 and needs no ridge; so narrow
+    a projection (below 64 dimensions and P) is told, a proj_dim given is not."""
     task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
-    inf = infkit.Influence(task, "trak", l2=l2).fit(train)
+    with pytest.warns(
+        Notice, match=r"projects the 75 gradient coordinates to k = 15 \(N // 4 of 60"
+    ):
+        inf = infkit.Influence(task, "trak", l2=l2).fit(train)
     assert inf.describe()["proj_dim"] == 15
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Notice)
+        infkit.Influence(task, "trak", l2=l2, proj_dim=15).fit(train)
     S = inf.scores(mlp_problem["test"])
     assert bool(torch.isfinite(S).all())
     exact = infkit.Influence(task, "exact", l2=l2).fit(train)

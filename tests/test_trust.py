@@ -476,6 +476,13 @@ def test_drift_warns_where_it_changes_the_answer(mlp_problem: dict) -> None:
         )
     change = float((S - S_step).norm() / S_step.norm())
     assert 0.7 < change / drift["residual_shift"] < 4.0, (change, drift)
+    # with H = I the "step to the optimum" would be one gradient step of no particular length,
+    # not a Newton step: the gradient dot product reports the stationarity and no drift
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = infkit.Influence(task, "identity", l2=L2).fit((X, y))
+    assert plain.describe()["stationarity"] > 0.1  # reported, as far from 0 as for exact
+    assert "drift" not in plain.describe()
 
 
 def test_a_damping_silences_a_drift_that_does_not_matter(mlp_problem: dict) -> None:

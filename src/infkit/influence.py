@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from infkit import decompositions, diagnostics, registry, saved
+from infkit import language_modeling as lm
 from infkit.data import ExampleSet, checked_indices
 from infkit.decompositions import Svd, TokenScores
 from infkit.errors import (
@@ -944,6 +945,18 @@ class Influence:
         return self.fitted.output(scores)
 
     # ------------------------------------------------------------------ plan
+    def _check_sequence_length(self, sequence_length: int | None) -> None:
+        """Refuse a planned ``sequence_length`` that the model's learned position embedding
+        cannot read, as ``fit`` refuses such sequences (the data's own are checked there)."""
+        if sequence_length is None or self.task.name != "language_modeling":
+            return
+        positions = lm.learned_positions(self.task.model)
+        if positions is not None and sequence_length > positions:
+            raise InvalidInputError(
+                f"plan(sequence_length={sequence_length}): "
+                + lm.too_many_positions(sequence_length, positions)
+            )
+
     def plan(
         self,
         train: Any = None,
@@ -964,8 +977,16 @@ class Influence:
         """
         if self._method is None:
             raise UnsupportedError("plan needs a named method; method='auto' chooses at fit")
-        if not isinstance(world_size, int) or world_size < 1:
-            raise InvalidInputError(f"world_size must be an integer >= 1, got {world_size!r}")
+        for option, value in (
+            ("world_size", world_size),
+            ("n_train", n_train),
+            ("n_queries", n_queries),
+            ("sequence_length", sequence_length),
+        ):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise InvalidInputError(f"{option} must be an integer >= 1, got {value!r}")
         method = self._method
         model = self.task.model
         space = self._attributed_space(method, ParameterSpace(model))
@@ -978,6 +999,7 @@ class Influence:
         n = len(examples) if examples is not None else int(n_train or 0)
         q = len(ExampleSet(test, name="test set")) if test is not None else int(n_queries or 1)
         tokens = sequence_length or (1 if examples is None else examples.positions())
+        self._check_sequence_length(sequence_length)
         itemsize = torch.empty(0, dtype=space.dtype).element_size()
         model_bytes = sum(t.numel() * t.element_size() for t in model.parameters()) + sum(
             t.numel() * t.element_size() for t in model.buffers()

@@ -423,12 +423,33 @@ class Task:
         least in float32 (:func:`at_least_float32`)."""
         if self.autocast is None or not self._mixed:
             raw = model_or_fn(**inputs) if isinstance(inputs, dict) else model_or_fn(inputs)
-            return at_least_float32(self.output_fn(raw))
+            return at_least_float32(self._outputs(raw))
         device = next(iter(self.model.parameters()), torch.empty(0)).device.type
         with torch.autocast(device, dtype=self.autocast):
             raw = model_or_fn(**inputs) if isinstance(inputs, dict) else model_or_fn(inputs)
-            out = self.output_fn(raw)
+            out = self._outputs(raw)
         return out.float()
+
+    def _outputs(self, raw: Any) -> Tensor:
+        """``output_fn(raw)``; a model body's hidden states (a Hugging Face ``...Model``
+        without its head) refused by the default with the head to use."""
+        try:
+            return self.output_fn(raw)
+        except InvalidInputError as error:
+            if self.output_fn is not default_output_fn or not hasattr(raw, "last_hidden_state"):
+                raise
+            head = (
+                "its ...ForCausalLM (AutoModelForCausalLM), whose logits [B, T, V] the "
+                "language-modelling loss reads"
+                if self.name == "language_modeling"
+                else "a head that maps them to the outputs the loss reads (e.g. its "
+                "...ForSequenceClassification)"
+            )
+            raise InvalidInputError(
+                f"the model returns {type(raw).__name__}: hidden states, with no .logits (a "
+                f"Hugging Face ...Model is a model's body, without its head). Use {head}, or "
+                "pass Task(..., output_fn=lambda out: ...) returning the outputs"
+            ) from error
 
     @contextlib.contextmanager
     def mixed_precision(self) -> Iterator[None]:

@@ -380,9 +380,17 @@ class Method(ABC):
                 )
             )
         dense = self.memory_estimate(n, p, shape.outputs)
-        out.append(Stage(f"fit {self.name}", 1, dense, ("dense curvature or kernel", dense)))
+        passes = self.fit_passes()
+        if passes or dense:
+            label = ("dense curvature or kernel", dense)
+            out.append(Stage(f"fit {self.name}", passes, dense, label))
         out += self.generic_query_stages(shape)
         return out
+
+    def fit_passes(self) -> float:
+        """Passes over the training data :meth:`fit` makes beyond the stationarity pass and
+        the gradient cache (the plan's generic outline; default 1)."""
+        return 1.0
 
     def committed_fit(self, engine: PerExample, train: ExampleSet, batch_size: int) -> str | None:
         """What :meth:`fit` on ``train`` would read back from a store instead of computing, for
@@ -544,8 +552,9 @@ class Method(ABC):
           score vanish next to its undamped size;
         * ``energy_ratio`` (methods with :attr:`checks_scale`): how many times too large the
           answers are along gradient directions (1 for an exact solve);
-        * ``drift`` (methods that assume an optimum, theta* not stationary): how much the step
-          to the optimum would change the training residuals, hence the scores.
+        * ``drift`` (methods that assume an optimum with a curvature of the model, theta* not
+          stationary): how much the step to the optimum would change the training residuals,
+          hence the scores.
         """
         fitted = self.fitted
         checks: dict[str, Any] = {}
@@ -553,7 +562,13 @@ class Method(ABC):
             fitted.damping, fitted.n, fitted.train_gradients is not None
         )
         stationarity = fitted.stationarity or 0.0
-        drift_check = self.assumes_optimum and stationarity > STATIONARITY_TOLERANCE
+        # the step to the optimum is a Newton step only with a curvature of the model's (with
+        # H = I it would be one gradient step, of no particular length)
+        drift_check = (
+            self.assumes_optimum
+            and self.curvature in DAMPED_CURVATURES
+            and stationarity > STATIONARITY_TOLERANCE
+        )
         steps = int(scale_check) + int(energy_check > 0) + int(drift_check)
         with Progress(fitted.progress if steps else "off", steps, "checks") as shown:
             if scale_check:

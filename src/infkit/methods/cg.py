@@ -97,6 +97,9 @@ class ConjugateGradient(PrimalMethod):
         self.iterations: list[int] = []  # iterations of each solve, for reports
         self.solvers: list[str] = []  # "block" or "single" (per-column) for each solve
 
+    def fit_passes(self) -> float:
+        return 1.0 if self.options.preconditioner == "diagonal" else 0.0  # the GGN's diagonal
+
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
         imprecise_solve_warning(self.name, self.options.tol, fitted.engine.dtype)

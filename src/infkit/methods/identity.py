@@ -140,6 +140,9 @@ class Identity(PrimalMethod):
         for k, w in enumerate(self.options.checkpoints or []):
             checkpoint_vector(space, w, k)
 
+    def fit_passes(self) -> float:
+        return 0.0  # H = I: nothing to fit beyond the layers' shapes
+
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
         layers = factored_layers(fitted.engine, fitted.train)

@@ -48,6 +48,7 @@ from infkit.errors import (
     CurvatureError,
     InvalidInputError,
     NotFittedError,
+    Notice,
     ProblemTooLargeError,
     UnsupportedError,
     warn,
@@ -59,6 +60,7 @@ from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import Fidelity, Method, register
 from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
+from infkit.plan import RunShape, Stage
 from infkit.task import Task, classification_margin
 
 Projection = Literal["rademacher", "gaussian", "identity"]
@@ -68,6 +70,8 @@ CHUNK_ROWS = 1024
 TRAK_DEFAULT_DIM = 2048
 #: ``proj_dim="auto"`` stays at or below N / this
 AUTO_DIM_DIVISOR = 4
+#: an automatic projection narrower than this (and than P) is told as a Notice: few examples
+FEW_DIMENSIONS = 64
 
 
 def _softmax_out_to_loss(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -251,12 +255,63 @@ class Trak(Method):
             return [contextlib.nullcontext()]
         return [parameters_at(space, w, k) for k, w in enumerate(self.options.checkpoints)]
 
-    def _dimension(self, n: int, p: int) -> int:
+    def projection_dim(self, n: int, p: int) -> int:
+        """k for N = ``n`` training examples and P = ``p`` parameters, as the options say."""
         options = self.options
         if options.projection == "identity":
             return p
         if options.proj_dim == "auto":
             return default_projection_dim(n, p)
+        return min(int(options.proj_dim), p)
+
+    def _model_count(self) -> int:
+        return 1 if self.options.checkpoints is None else len(self.options.checkpoints)
+
+    def _feature_bytes(self, n: int, k: int) -> int:
+        """The fit's projected features [M, N, k] and a k x k Gram and factor, float64."""
+        return (self._model_count() * n * k + 2 * k * k) * FLOAT64_BYTES
+
+    def stages(self, shape: RunShape, task: Task, space: ParameterSpace) -> list[Stage]:
+        n, k = shape.n_train, self.projection_dim(shape.n_train, shape.parameters)
+        features = self._feature_bytes(n, k)
+        fit = Stage(
+            "fit trak",
+            self._model_count(),
+            features,
+            (f"projected features [{self._model_count()}, N, {k}], float64", features),
+            "one pass per model (checkpoint)",
+        )
+        return [fit if s.name == "fit trak" else s for s in super().stages(shape, task, space)]
+
+    def plan_advice(self, stages: list[Stage]) -> str:
+        """The lever of the largest stage: the projected features (proj_dim) or the queries'
+        P-sized float64 gradients (fewer queries a call, fewer parameters)."""
+        largest = max(stages, key=lambda stage: stage.bytes)
+        if largest.name == "fit trak":
+            return self.plan_remedy
+        return (
+            "score fewer queries per call or attribute fewer parameters (freeze some: "
+            "requires_grad=False): each query's gradient is P-sized, in float64, before it is "
+            "projected (proj_dim does not reduce it)"
+        )
+
+    def _dimension(self, n: int, p: int) -> int:
+        options = self.options
+        if options.projection == "identity":
+            return p
+        if options.proj_dim == "auto":
+            k = self.projection_dim(n, p)
+            if k < min(FEW_DIMENSIONS, p):
+                warn(
+                    f"TRAK's proj_dim='auto' projects the {p:,} gradient coordinates to k = {k} "
+                    f"(N // {AUTO_DIM_DIVISOR} of {n} training examples, which keeps Phi^T Phi "
+                    "well conditioned without a ridge): so few dimensions keep little of the "
+                    "gradients, and the scores rank coarsely. With this few examples a method "
+                    "without projection (identity, ekfac, cg) costs little; or pass a larger "
+                    "proj_dim with lambda_reg > 0 (docs/methods/trak.md §5)",
+                    Notice,
+                )
+            return k
         k = min(int(options.proj_dim), p)
         if options.lambda_reg == 0 and k > n:
             raise CurvatureError(
@@ -288,8 +343,8 @@ class Trak(Method):
         for k, w in enumerate(options.checkpoints or []):
             checkpoint_vector(space, w, k)
         k = self._dimension(n, space.size)
-        models = 1 if options.checkpoints is None else len(options.checkpoints)
-        need = (models * n * k + 2 * k * k) * FLOAT64_BYTES
+        models = self._model_count()
+        need = self._feature_bytes(n, k)
         if need > fitted.memory_limit:
             raise ProblemTooLargeError(
                 f"method='trak' keeps {models} x {n:,} x {k:,} projected features "
