@@ -433,7 +433,8 @@ def test_squares_in_eigenbasis_sums_the_squared_rotated_blocks(
     (sum_t dr_t ar_t^T)^2, in chunks of one example (CHUNK_ELEMENTS small) or all at once,
     against the dense float64 sum."""
     import infkit.kfac.factors
-    from infkit.kfac.factors import ScratchSpace, squares_in_eigenbasis
+    from infkit.kfac.factors import squares_in_eigenbasis
+    from infkit.scratch import ScratchSpace
 
     gen = torch.Generator().manual_seed(examples)
     dr = torch.randn(2, 3, 5, 4, generator=gen)  # [K, B, T, d_out]
@@ -454,6 +455,27 @@ def test_squares_in_eigenbasis_sums_the_squared_rotated_blocks(
     )
     assert scratch.view((1,), dr).data_ptr() == buffer
     assert relative_error(first, expected) < 1e-6
+
+
+def test_block_gradients_made_in_a_reused_buffer_equal_the_dense_sums() -> None:
+    """layers.capture.block_gradient with a ScratchSpace (the scoring pass's, one for every
+    layer of every batch): G_j = sum_t Ds_jt a_jt^T as the float64 sums, two layers of other
+    shapes one after the other in the same storage, each valid until the next."""
+    from infkit.layers.capture import block_gradient
+    from infkit.scratch import ScratchSpace
+
+    gen = torch.Generator().manual_seed(0)
+    scratch = ScratchSpace()
+    pointers = []
+    for d_out, cols in ((7, 5), (3, 9)):
+        a, ds = torch.randn(4, 6, cols, generator=gen), torch.randn(4, 6, d_out, generator=gen)
+        expected = torch.einsum("bto,bti->boi", ds.double(), a.double())
+        G = block_gradient(a, ds, torch.float32, scratch)
+        assert G.shape == (4, d_out, cols) and G.dtype == torch.float32
+        assert relative_error(G, expected) < 1e-6
+        assert relative_error(block_gradient(a, ds), expected) < 1e-12  # float64, no buffer
+        pointers.append(G.untyped_storage().data_ptr())
+    assert pointers[0] == pointers[1]
 
 
 @pytest.mark.parametrize("positions", [2, 40])

@@ -60,6 +60,7 @@ from infkit.linalg import gram
 from infkit.memory import human_bytes, release_freed_memory
 from infkit.parameters import evaluation_mode, product_dtype
 from infkit.progress import Mode, track
+from infkit.scratch import ScratchSpace
 from infkit.store import TensorFile
 
 Fisher = Literal["auto", "ggn", "sampled", "empirical"]
@@ -660,34 +661,6 @@ def rotated(
     dr = ds.to(dtype) @ QS.to(dtype)
     ar = a.to(dtype) @ QA.to(dtype)
     return dr.transpose(-1, -2) @ ar.unsqueeze(0)
-
-
-class ScratchSpace:
-    """One flat buffer reused for a temporary at a time (:meth:`view`; each view is valid until
-    the next call).
-
-    A batch's per-layer products made in it rather than each in an allocation of its own: under
-    a fixed mmap threshold (:func:`~infkit.memory.map_large_allocations`) every such allocation
-    maps fresh pages and faults each of them in, and without it the blocks of under 32 MiB go to
-    the heap, whose holes the other sizes do not fit.
-    """
-
-    def __init__(self) -> None:
-        self._flat: Tensor | None = None
-
-    def view(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """A contiguous tensor of ``shape`` with ``like``'s dtype and device; its values are
-        undefined. The buffer grows when ``shape`` does not fit it."""
-        count = math.prod(shape)
-        flat = self._flat
-        if (
-            flat is None
-            or flat.numel() < count
-            or flat.dtype != like.dtype
-            or flat.device != like.device
-        ):
-            flat = self._flat = torch.empty(count, dtype=like.dtype, device=like.device)
-        return flat[:count].view(shape)
 
 
 def squares_in_eigenbasis(dr: Tensor, ar: Tensor, scratch: ScratchSpace | None = None) -> Tensor:

@@ -59,6 +59,7 @@ from infkit.linalg import wide_inner
 from infkit.memory import human_bytes, release_freed_memory
 from infkit.parameters import product_dtype
 from infkit.progress import track
+from infkit.scratch import ScratchSpace
 from infkit.shards import ScoreShards
 
 
@@ -313,6 +314,8 @@ class StreamingScorer:
         self.rank = rank
         self.scratch = scratch
         self.mask_key = curvature.options.mask_key
+        #: the buffer a pass makes each layer's block gradients in (:meth:`_each_batch`)
+        self._blocks: ScratchSpace | None = None
 
     def _theta_blocks(self) -> dict[str, Tensor]:
         """``fitted.regularised_theta`` per layer block in the product dtype, for the l2
@@ -576,8 +579,12 @@ class StreamingScorer:
             )
         else:  # a shard: every batch, its progress counted by shard
             batches = enumerate(fitted.train.batches(size, indices))
-        for number, batch in batches:
-            visit(batch, number * size)
+        self._blocks = ScratchSpace()  # one buffer for the pass, freed with it
+        try:
+            for number, batch in batches:
+                visit(batch, number * size)
+        finally:
+            self._blocks = None
 
     def _batch_scores(self, batch: Batch, prepared: LayerQueries) -> Tensor:
         """``sum_l <U_tl, G_jl>`` for the batch, [T, B] float64."""
@@ -620,7 +627,7 @@ class StreamingScorer:
                     values = position_shares(queries, a, ds, self.dtype).sum(-1)
                 else:
                     if G is None:
-                        G = block_gradient(a, ds, self.dtype).flatten(1)
+                        G = block_gradient(a, ds, self.dtype, self._blocks).flatten(1)
                     values = wide_inner(queries.flatten(1), G)
                 take(name, start, stop, values.to(torch.float64), call)
 

@@ -30,6 +30,7 @@ from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.gradients import PerExample, batching_rule_notice, check_finite_rows
 from infkit.layers.tracked import TrackedModule
 from infkit.parameters import evaluation_mode
+from infkit.scratch import ScratchSpace
 from infkit.task import Task
 
 
@@ -765,10 +766,19 @@ def position_count(positions: int | None, counts: set[int]) -> int:
     return positions
 
 
-def block_gradient(a: Tensor, ds: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+def block_gradient(
+    a: Tensor, ds: Tensor, dtype: torch.dtype = torch.float64, scratch: ScratchSpace | None = None
+) -> Tensor:
     """One layer's per-example block gradients ``G_j = sum_t Ds_jt a_jt^T`` from its terms
-    ``a`` [B, T, cols] and ``Ds`` [B, T, d_out]: [B, d_out, cols] in ``dtype``."""
-    return torch.einsum("bto,bti->boi", ds.to(dtype), a.to(dtype))
+    ``a`` [B, T, cols] and ``Ds`` [B, T, d_out]: [B, d_out, cols] in ``dtype``; made in
+    ``scratch`` when given (valid until its next use: a language model's blocks are tens of MB
+    a layer, and a fresh allocation of that size faults in every page each time)."""
+    if scratch is None:
+        return torch.einsum("bto,bti->boi", ds.to(dtype), a.to(dtype))
+    left, right = ds.to(dtype).transpose(1, 2), a.to(dtype)
+    with torch.no_grad():  # out= takes no part in autograd, and nothing here needs it
+        shape = (left.shape[0], left.shape[1], right.shape[2])
+        return torch.matmul(left, right, out=scratch.view(shape, left))
 
 
 def block_gradients(terms: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
