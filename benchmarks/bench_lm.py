@@ -35,6 +35,9 @@ after the other on the same model and data (written once by this script):
   iterative solvers, ``Method.solves_together``) and multiplies by the GGN ``BATCH`` sequences
   at a time (ASTRA's default is 4 x that; the products take a few directions at a time, see
   ``infkit.curvature.PRODUCT_WORK_BYTES``).
+* ``kronfluence-scalar`` (opt-in, after ``kronfluence``): kronfluence's scores from the factors it
+  fitted at one scalar damping, computed by the rule ASTRA's worker uses from kronfluence's own
+  eigenvalues, so that both EK-FACs meet ASTRA at the same damping convention.
 
 Targets (issue): infkit / kronfluence total time <= 0.5 and peak memory <= 1.0; infkit total
 time <= 4 passes and peak memory <= 2x a pass's; the two libraries' scores correlate >= 0.95.
@@ -43,7 +46,8 @@ scores of its queries, and the mean over the queries of each query's r) and the 
 residual it reached.
 
 Run:  .venv/bin/python benchmarks/bench_lm.py --size small|large [--train 1000] [--queries 16]
-      [--only pass infkit kronfluence astra] [--astra-queries 4] [--astra-iterations 2]
+      [--only pass infkit kronfluence astra kronfluence-scalar] [--astra-queries 4]
+      [--astra-iterations 2]
 """
 
 from __future__ import annotations
@@ -189,7 +193,8 @@ def infkit_worker(directory: Path) -> dict:
     return {"seconds": total, "fit_seconds": fit_seconds, "describe": _plain(inf.describe())}
 
 
-def kronfluence_worker(directory: Path) -> dict:
+def kronfluence_problem(directory: Path):  # type: ignore[no-untyped-def]
+    """The model, kronfluence's task and the training and query datasets (peer venv only)."""
     from kronfluence.task import Task
 
     model, train, queries, _ = load_problem(directory)
@@ -223,9 +228,57 @@ def kronfluence_worker(directory: Path) -> dict:
         def __getitem__(self, i: int) -> dict:
             return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
-    return kronfluence_ekfac(
-        model, LanguageModeling(), Sequences(train), Sequences(queries), directory, "lm", BATCH
+    return model, LanguageModeling(), Sequences(train), Sequences(queries)
+
+
+def kronfluence_worker(directory: Path) -> dict:
+    model, task, train, queries = kronfluence_problem(directory)
+    return kronfluence_ekfac(model, task, train, queries, directory, "lm", BATCH)
+
+
+def kronfluence_scalar_worker(directory: Path) -> dict:
+    """kronfluence's scores at one scalar damping, from the factors ``kronfluence`` fitted (no
+    refit): the damping ASTRA's worker takes, computed the same way from kronfluence's own
+    eigenvalues (each module's heuristic, 0.1 x its mean corrected eigenvalue, averaged over the
+    parameters), so that the two EK-FACs are compared with ASTRA at one convention each."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import ScoreArguments
+
+    model, task, train, queries = kronfluence_problem(directory)
+    modules = tracked_modules(model)  # before prepare_model wraps each of them
+    model = prepare_model(model, task)
+    analyzer = Analyzer(
+        analysis_name="lm",
+        model=model,
+        task=task,
+        cpu=True,
+        disable_tqdm=True,
+        output_dir=str(directory / "kronfluence"),
     )
+    factors = analyzer.load_all_factors("ekfac")
+    # stored as sums over the examples; kronfluence divides them by the count before damping
+    eigenvalues = {
+        name: factors["lambda_matrix"][name].double() / factors["num_lambda_processed"][name]
+        for name in modules
+    }
+    sizes = {name: eigenvalues[name].numel() for name in modules}
+    heuristic = {name: 0.1 * float(eigenvalues[name].mean()) for name in modules}
+    damping = sum(sizes[m] * heuristic[m] for m in modules) / sum(sizes.values())
+    start = time.perf_counter()
+    analyzer.compute_pairwise_scores(
+        scores_name="scalar",
+        factors_name="ekfac",
+        query_dataset=queries,
+        train_dataset=train,
+        per_device_query_batch_size=len(queries),
+        per_device_train_batch_size=BATCH,
+        score_args=ScoreArguments(damping_factor=damping),
+        overwrite_output_dir=True,
+    )
+    seconds = time.perf_counter() - start
+    scores = analyzer.load_pairwise_scores("scalar")["all_modules"]
+    torch.save(scores.double(), directory / "kronfluence_scalar_scores.pt")
+    return {"seconds": seconds, "damping": damping}
 
 
 def kronfluence_ekfac(  # type: ignore[no-untyped-def]
@@ -321,7 +374,7 @@ def _astra(directory: Path) -> dict:
     # One block CG for all the queries (one GGN pass per iteration for all of them): the facade
     # sizes its chunks of queries by 24 bytes per parameter a query, above its 32 MiB budget
     # here, and would solve (and score) them one by one, each its own CG.
-    ASTRA.query_row_bytes = lambda self, n, p: 3 * n * 8  # type: ignore[method-assign]
+    ASTRA.query_row_bytes = lambda self, n, p, estimator=None: 3 * n * 8  # type: ignore[method-assign]
     mark = time.perf_counter()
     # GGN products BATCH sequences at a time: the default, 4 x batch_size, takes about 3.7 GiB
     # per query on the small model (a 19-22 GiB peak at 4 queries, 6.4 GiB with BATCH), no faster
@@ -368,14 +421,14 @@ def _plain(obj: object) -> object:
 
 WORKERS = {"pass": pass_worker, "infkit": infkit_worker, "kronfluence": kronfluence_worker}
 #: run only when named in --only (bench_minilm.py takes its default --only from WORKERS)
-OPT_IN_WORKERS = {"astra": astra_worker}
+OPT_IN_WORKERS = {"astra": astra_worker, "kronfluence-scalar": kronfluence_scalar_worker}
 
 
 # ============================================================================ driver
 def run(kind: str, directory: Path, threads: int, script: str = __file__) -> dict:
     """Run ``script --worker kind directory`` in a fresh process under ``/usr/bin/time -v``:
     its JSON result with its peak resident memory."""
-    python = PEER_PYTHON if kind == "kronfluence" else Path(sys.executable)
+    python = PEER_PYTHON if kind.startswith("kronfluence") else Path(sys.executable)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
     cmd = [str(python), script, "--worker", kind, str(directory)]
     result, peak = measured_worker(cmd, env, kind)
@@ -496,8 +549,14 @@ def astra_line(astra: dict, results: dict, directory: Path) -> str:
     on the same queries: over all the scores, and the mean of the per-query r."""
     A = torch.load(directory / "astra_scores.pt").double()
     compared = [("EK-FAC at ASTRA's scalar damping", "ekfac_scalar_scores.pt")]
+    if "kronfluence-scalar" in results:
+        damping = results["kronfluence-scalar"]["damping"]
+        label = f"kronfluence at its own scalar damping ({damping:.3g}, the same rule)"
+        compared.append((label, "kronfluence_scalar_scores.pt"))
     compared += [
-        (kind, f"{kind}_scores.pt") for kind in ("infkit", "kronfluence") if kind in results
+        (f"{kind} (per-module damping)", f"{kind}_scores.pt")
+        for kind in ("infkit", "kronfluence")
+        if kind in results
     ]
     parts = []
     for label, name in compared:
