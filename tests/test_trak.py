@@ -117,7 +117,8 @@ def test_trak_defaults_work_when_n_is_below_p(mlp_problem: dict) -> None:
     a projection (below 64 dimensions and P) is told, a proj_dim given is not."""
     task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
     with pytest.warns(
-        Notice, match=r"projects the 75 gradient coordinates to k = 15 \(N // 4 of 60"
+        Notice,
+        match=r"projects the 75 gradient coordinates to k = 15 \(N // 4, at least 1, with N = 60",
     ):
         inf = infkit.Influence(task, "trak", l2=l2).fit(train)
     assert inf.describe()["proj_dim"] == 15
@@ -140,3 +141,31 @@ def test_trak_warns_when_the_projection_is_close_to_n(mlp_problem: dict) -> None
         warnings.simplefilter("error", UserWarning)
         infkit.Influence(task, "trak", l2=l2, proj_dim=35, lambda_reg=1.0).fit(train)
         infkit.Influence(task, "trak", l2=l2, proj_dim=25).fit(train)
+
+
+def test_the_plan_of_trak_counts_what_its_fit_keeps(
+    mlp_problem: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """plan(): the fit holds the features [M, N, k], each model's k x k factor and R as the
+    fitted method keeps them, in one pass a model; the queries and scores read no training
+    data (TRAK scores against its kept features)."""
+    task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
+    checkpoints = [copy.deepcopy(mlp_problem["model"].state_dict()) for _ in range(2)]
+    inf = infkit.Influence(task, "trak", l2=l2, proj_dim=10, checkpoints=checkpoints)
+    stages = {s.name: s for s in inf.plan(train, mlp_problem["test"], timed=False).stages}
+    inf.fit(train)
+    method = inf.method
+    assert method.projector.matrix is not None  # R kept whole at this size
+    kept = method.projector.matrix.nbytes + sum(
+        Phi.nbytes + L.nbytes for Phi, L, _ in method._models_data
+    )
+    assert stages["fit trak"].held == kept and stages["fit trak"].passes == 2
+    assert stages["queries"].passes == stages["scores"].passes == 0
+    training = inf.fitted.train
+    read: list[int] = []
+    batches = training.batches
+    monkeypatch.setattr(training, "batches", lambda *a, **k: read.append(1) or batches(*a, **k))
+    inf.scores(mlp_problem["test"])
+    assert read == []
+    inf.self_scores()  # which does read them: the count works
+    assert read

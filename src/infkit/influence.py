@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import numbers
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -90,6 +91,13 @@ class TopK:
     proponent_scores: Tensor
     opponent_indices: Tensor
     opponent_scores: Tensor
+
+
+def _count(option: str, value: object) -> int:
+    """``value`` as a plan size (an integer >= 1, NumPy's included), or a refusal naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise InvalidInputError(f"{option} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 class Influence:
@@ -953,8 +961,12 @@ class Influence:
         positions = lm.learned_positions(self.task.model)
         if positions is not None and sequence_length > positions:
             raise InvalidInputError(
-                f"plan(sequence_length={sequence_length}): "
-                + lm.too_many_positions(sequence_length, positions)
+                f"plan(sequence_length={sequence_length}): the model's position embedding holds "
+                f"{positions} positions (its configuration's n_positions / "
+                "max_position_embeddings) and a sequence reads one a token, so fit would refuse "
+                f"such sequences: plan at most {positions} tokens (truncate the data to them); "
+                "for sequences padded wider that carry their own positions "
+                "(examples(..., position_ids=True)), give plan the data itself"
             )
 
     def plan(
@@ -977,16 +989,12 @@ class Influence:
         """
         if self._method is None:
             raise UnsupportedError("plan needs a named method; method='auto' chooses at fit")
-        for option, value in (
-            ("world_size", world_size),
-            ("n_train", n_train),
-            ("n_queries", n_queries),
-            ("sequence_length", sequence_length),
-        ):
-            if value is not None and (
-                not isinstance(value, int) or isinstance(value, bool) or value < 1
-            ):
-                raise InvalidInputError(f"{option} must be an integer >= 1, got {value!r}")
+        world_size = _count("world_size", world_size)
+        n_train = None if n_train is None else _count("n_train", n_train)
+        n_queries = None if n_queries is None else _count("n_queries", n_queries)
+        sequence_length = (
+            None if sequence_length is None else _count("sequence_length", sequence_length)
+        )
         method = self._method
         model = self.task.model
         space = self._attributed_space(method, ParameterSpace(model))

@@ -314,7 +314,7 @@ class StreamingScorer:
         self.rank = rank
         self.scratch = scratch
         self.mask_key = curvature.options.mask_key
-        #: the buffer a pass makes each layer's block gradients in (:meth:`_each_batch`)
+        #: the buffer a batch's layers make their block gradients in (:meth:`_each_batch`)
         self._blocks: ScratchSpace | None = None
 
     def _theta_blocks(self) -> dict[str, Tensor]:
@@ -579,10 +579,13 @@ class StreamingScorer:
             )
         else:  # a shard: every batch, its progress counted by shard
             batches = enumerate(fitted.train.batches(size, indices))
-        self._blocks = ScratchSpace()  # one buffer for the pass, freed with it
         try:
             for number, batch in batches:
+                # one buffer for the layers of a batch, freed before the next batch's forward
+                # (whose peak the largest block would otherwise add to)
+                self._blocks = ScratchSpace()
                 visit(batch, number * size)
+                self._blocks = None
         finally:
             self._blocks = None
 

@@ -56,8 +56,8 @@ from infkit.errors import (
 from infkit.estimators import Estimator
 from infkit.fitted import Fitted
 from infkit.gradients import PerExample, Which
-from infkit.memory import FLOAT64_BYTES, human_bytes
-from infkit.methods.base import Fidelity, Method, register
+from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes, row_chunks
+from infkit.methods.base import Fidelity, Method, batch_gradient_bytes, register
 from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
 from infkit.plan import RunShape, Stage
@@ -204,10 +204,6 @@ class Trak(Method):
     scales = True
     curvature = "feature-gram"
     uses_training_gradients = False
-    plan_remedy = (
-        "lower proj_dim, attribute fewer parameters (freeze some: requires_grad=False), or "
-        "score fewer queries per call"
-    )
     # a surrogate of its own scale: about a tenth of the IF on the small problems
     fidelity = Fidelity(
         rtol=None, min_correlation=0.45, removal_correlation=0.25, scale=(0.02, 0.5)
@@ -271,29 +267,80 @@ class Trak(Method):
         """The fit's projected features [M, N, k] and a k x k Gram and factor, float64."""
         return (self._model_count() * n * k + 2 * k * k) * FLOAT64_BYTES
 
+    def _projection_bytes(self, p: int, k: int, itemsize: int, limit: int) -> tuple[int, bool]:
+        """Bytes of R [P, k] as :class:`Projector` holds it, and whether it is kept whole (else
+        a chunk of :data:`CHUNK_ROWS` rows at a time, regenerated from its seed)."""
+        if self.options.projection == "identity":
+            return 0, False
+        whole = p * k * itemsize
+        if whole <= min(self.options.projection_memory, limit // 4):
+            return whole, True
+        return min(CHUNK_ROWS, p) * k * itemsize, False
+
+    def query_row_bytes(self, n: int, p: int, estimator: Estimator | None = None) -> int:
+        """A query's projected gradient [k] and its solve, its score row against each model's
+        features and their sum [N], float64 (the P-sized gradients come a batch at a time)."""
+        k = self.projection_dim(n, p)
+        return (2 * k + 3 * n) * FLOAT64_BYTES
+
     def stages(self, shape: RunShape, task: Task, space: ParameterSpace) -> list[Stage]:
-        n, k = shape.n_train, self.projection_dim(shape.n_train, shape.parameters)
+        """One pass a model (checkpoint) projecting the training gradients, then the queries
+        projected a batch at a time and scored against the kept features: no pass over the
+        training data after the fit."""
+        n, q, p = shape.n_train, shape.n_queries, shape.parameters
+        limit = shape.memory_limit or default_memory_limit()
+        k, models = self.projection_dim(n, p), self._model_count()
         features = self._feature_bytes(n, k)
+        factors = models * k * k * FLOAT64_BYTES  # each model's Cholesky factor, kept
+        projection, kept = self._projection_bytes(p, k, shape.itemsize, limit)
+        gradients = batch_gradient_bytes(shape)
+        objects = [
+            (f"projected features [{models}, N, {k}] and the Gram, float64", features),
+            (f"R [P, {k}]" + (", kept" if kept else ", a chunk at a time"), projection),
+            ("a batch's per-example gradients [B, P]", gradients),
+        ]
         fit = Stage(
             "fit trak",
-            self._model_count(),
-            features,
-            (f"projected features [{self._model_count()}, N, {k}], float64", features),
+            models,
+            features + factors + projection + gradients,
+            max(objects, key=lambda o: o[1]),
             "one pass per model (checkpoint)",
+            held=features - 2 * k * k * FLOAT64_BYTES + factors + (projection if kept else 0),
         )
-        return [fit if s.name == "fit trak" else s for s in super().stages(shape, task, space)]
+        row = self.query_row_bytes(n, p)
+        chunks = row_chunks(q, row, q * n * FLOAT64_BYTES, limit)
+        chunk = max(stop - start for start, stop in chunks) * row
+        result = q * n * FLOAT64_BYTES
+        queries = Stage(
+            "queries",
+            0,
+            gradients + chunk + (0 if kept else projection),
+            ("a batch's per-example gradients [B, P]", gradients),
+            f"{len(chunks)} chunks of queries" if len(chunks) > 1 else "",
+        )
+        scores = Stage(
+            "scores",
+            0,
+            result + chunk,
+            ("[Q, N] scores, float64", result),
+            "against the kept features: no pass over the training data",
+            flops=2.0 * q * n * k * models,
+        )
+        return [fit, queries, scores]
 
     def plan_advice(self, stages: list[Stage]) -> str:
-        """The lever of the largest stage: the projected features (proj_dim) or the queries'
-        P-sized float64 gradients (fewer queries a call, fewer parameters)."""
-        largest = max(stages, key=lambda stage: stage.bytes)
-        if largest.name == "fit trak":
-            return self.plan_remedy
-        return (
-            "score fewer queries per call or attribute fewer parameters (freeze some: "
-            "requires_grad=False): each query's gradient is P-sized, in float64, before it is "
-            "projected (proj_dim does not reduce it)"
-        )
+        """The lever of the largest object of the largest stage."""
+        largest = max(stages, key=lambda stage: stage.bytes).largest[0]
+        if largest.startswith("projected features"):
+            return "lower proj_dim, use fewer checkpoints, or attribute fewer training examples"
+        if largest.startswith("R "):
+            return "lower projection_memory (R is then regenerated from its seed) or proj_dim"
+        if largest.startswith("a batch's"):
+            return (
+                "use a smaller batch_size or attribute fewer parameters (freeze some: "
+                "requires_grad=False): each batch's per-example gradients are [B, P]"
+            )
+        return "score fewer queries per call: the [Q, N] scores are float64"
 
     def _dimension(self, n: int, p: int) -> int:
         options = self.options
@@ -304,9 +351,10 @@ class Trak(Method):
             if k < min(FEW_DIMENSIONS, p):
                 warn(
                     f"TRAK's proj_dim='auto' projects the {p:,} gradient coordinates to k = {k} "
-                    f"(N // {AUTO_DIM_DIVISOR} of {n} training examples, which keeps Phi^T Phi "
-                    "well conditioned without a ridge): so few dimensions keep little of the "
-                    "gradients, and the scores rank coarsely. With this few examples a method "
+                    f"(N // {AUTO_DIM_DIVISOR}, at least 1, with N = {n} training examples, which "
+                    "keeps Phi^T Phi well conditioned without a ridge): so few dimensions keep "
+                    "little of the gradients, and the scores rank coarsely. With this few "
+                    "examples a method "
                     "without projection (identity, ekfac, cg) costs little; or pass a larger "
                     "proj_dim with lambda_reg > 0 (docs/methods/trak.md §5)",
                     Notice,
