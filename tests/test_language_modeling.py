@@ -1389,14 +1389,22 @@ def test_a_plan_above_the_limit_suggests_the_methods_own_levers(problem: dict) -
     # [B, P] (batch_size); identity's fit makes no pass and holds nothing: no stage for it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)
-        for n, q, proj_dim, models, expected in (
-            (10_000, 1, 32, 3, "lower proj_dim"),
-            (10_000, 100_000, 8, 1, "score fewer queries per call"),
-            (100, 1, 8, 1, "use a smaller batch_size"),
+        gradients = "attribute fewer parameters (freeze some: requires_grad=False)"
+        for n, q, proj_dim, models, batch, expected in (
+            (10_000, 1, 32, 3, 8, "lower proj_dim"),
+            (10_000, 100_000, 8, 1, 8, "score fewer queries per call"),
+            (100, 1, 8, 1, 8, f"{gradients}, or use a smaller batch_size: each batch's"),
+            (100, 1, 1, 1, 1, f"{gradients}: each batch's"),  # no smaller batch to suggest
+            (100, 1, 8, 1, 1, "lower proj_dim (R is already regenerated"),  # R's chunk
         ):
             checkpoints = [copy.deepcopy(problem["model"].state_dict())] * models
             inf = infkit.Influence(
-                task, "trak", proj_dim=proj_dim, memory_limit=1, checkpoints=checkpoints
+                task,
+                "trak",
+                proj_dim=proj_dim,
+                memory_limit=1,
+                checkpoints=checkpoints,
+                batch_size=batch,
             )
             plan = inf.plan(n_train=n, n_queries=q, sequence_length=LENGTH)
             assert f"above memory_limit (1.0 B per process): {expected}" in str(plan)

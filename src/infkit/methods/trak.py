@@ -297,7 +297,7 @@ class Trak(Method):
         objects = [
             (f"projected features [{models}, N, {k}] and the Gram, float64", features),
             (f"R [P, {k}]" + (", kept" if kept else ", a chunk at a time"), projection),
-            ("a batch's per-example gradients [B, P]", gradients),
+            (f"a batch's per-example gradients [{shape.batch_size}, P]", gradients),
         ]
         fit = Stage(
             "fit trak",
@@ -315,7 +315,7 @@ class Trak(Method):
             "queries",
             0,
             gradients + chunk + (0 if kept else projection),
-            ("a batch's per-example gradients [B, P]", gradients),
+            (f"a batch's per-example gradients [{shape.batch_size}, P]", gradients),
             f"{len(chunks)} chunks of queries" if len(chunks) > 1 else "",
         )
         scores = Stage(
@@ -333,12 +333,15 @@ class Trak(Method):
         largest = max(stages, key=lambda stage: stage.bytes).largest[0]
         if largest.startswith("projected features"):
             return "lower proj_dim, use fewer checkpoints, or attribute fewer training examples"
-        if largest.startswith("R "):
+        if largest.startswith("R ") and largest.endswith("kept"):
             return "lower projection_memory (R is then regenerated from its seed) or proj_dim"
+        if largest.startswith("R "):
+            return "lower proj_dim (R is already regenerated from its seed a chunk at a time)"
         if largest.startswith("a batch's"):
+            smaller = "" if largest.endswith("[1, P]") else ", or use a smaller batch_size"
             return (
-                "use a smaller batch_size or attribute fewer parameters (freeze some: "
-                "requires_grad=False): each batch's per-example gradients are [B, P]"
+                f"attribute fewer parameters (freeze some: requires_grad=False){smaller}: each "
+                "batch's per-example gradients are [B, P]"
             )
         return "score fewer queries per call: the [Q, N] scores are float64"
 
