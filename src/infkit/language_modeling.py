@@ -395,18 +395,6 @@ def learned_positions(model: nn.Module) -> int | None:
     return limit if any(limit <= m.num_embeddings <= limit + 2 for m in tables) else None
 
 
-def too_many_positions(needed: int, positions: int) -> str:
-    """Why a sequence reading ``needed`` positions cannot be fed to a model whose learned
-    position embedding holds ``positions`` (:func:`learned_positions`), and what to do."""
-    return (
-        f"it reads {needed} positions, more than the {positions} the model's position embedding "
-        "holds (its configuration's n_positions / max_position_embeddings): truncate the "
-        f"sequences to {positions} tokens, e.g. tokenizer(texts, truncation=True, "
-        f"max_length={positions}); when the padding makes them wider than that, give each its "
-        "own positions (examples(..., position_ids=True))"
-    )
-
-
 def _token_ids(inputs: Any) -> Tensor | None:
     """The token ids of a batch of inputs: ``inputs["input_ids"]`` of dict inputs, or the
     inputs themselves when they are one integer tensor; None otherwise."""
@@ -487,7 +475,14 @@ def check_inputs(
             needed = torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
         if bool((needed > positions).any()):
             k = int((needed > positions).nonzero()[0, 0])
-            return k, too_many_positions(int(needed[k]), positions)
+            return k, (
+                f"it reads {int(needed[k])} positions, more than the {positions} the model's "
+                "position embedding holds (its configuration's n_positions / "
+                f"max_position_embeddings): truncate the sequences to {positions} tokens, e.g. "
+                f"tokenizer(texts, truncation=True, max_length={positions}); when the padding "
+                "makes them wider than that, give each its own positions "
+                "(examples(..., position_ids=True))"
+            )
     if ids is not None and mask is not None and tuple(mask.shape) != tuple(ids.shape):
         return 0, (
             f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}: the mask "

@@ -314,8 +314,6 @@ class StreamingScorer:
         self.rank = rank
         self.scratch = scratch
         self.mask_key = curvature.options.mask_key
-        #: the buffer a batch's layers make their block gradients in (:meth:`_each_batch`)
-        self._blocks: ScratchSpace | None = None
 
     def _theta_blocks(self) -> dict[str, Tensor]:
         """``fitted.regularised_theta`` per layer block in the product dtype, for the l2
@@ -579,15 +577,8 @@ class StreamingScorer:
             )
         else:  # a shard: every batch, its progress counted by shard
             batches = enumerate(fitted.train.batches(size, indices))
-        try:
-            for number, batch in batches:
-                # one buffer for the layers of a batch, freed before the next batch's forward
-                # (whose peak the largest block would otherwise add to)
-                self._blocks = ScratchSpace()
-                visit(batch, number * size)
-                self._blocks = None
-        finally:
-            self._blocks = None
+        for number, batch in batches:
+            visit(batch, number * size)
 
     def _batch_scores(self, batch: Batch, prepared: LayerQueries) -> Tensor:
         """``sum_l <U_tl, G_jl>`` for the batch, [T, B] float64."""
@@ -620,6 +611,9 @@ class StreamingScorer:
         """
         covered = prepared.layers()
         layers = [t for t in self.tracked if t.name in covered]
+        # one buffer for the block gradients of the batch's layers, freed with the batch (before
+        # the next batch's forward, whose peak the largest block would otherwise add to)
+        blocks = ScratchSpace()
 
         def add_share(name: str, a: Tensor, ds: Tensor, call: Call) -> None:
             G = None  # the batch's block gradients, made once for every chunk of queries
@@ -630,7 +624,7 @@ class StreamingScorer:
                     values = position_shares(queries, a, ds, self.dtype).sum(-1)
                 else:
                     if G is None:
-                        G = block_gradient(a, ds, self.dtype, self._blocks).flatten(1)
+                        G = block_gradient(a, ds, self.dtype, blocks).flatten(1)
                     values = wide_inner(queries.flatten(1), G)
                 take(name, start, stop, values.to(torch.float64), call)
 

@@ -346,24 +346,24 @@ class Trak(Method):
         return "score fewer queries per call: the [Q, N] scores are float64"
 
     def _dimension(self, n: int, p: int) -> int:
+        """:meth:`projection_dim`, told when "auto" leaves few dimensions and refused when a
+        given one leaves ``Phi^T Phi`` singular without a ridge."""
         options = self.options
+        k = self.projection_dim(n, p)
         if options.projection == "identity":
-            return p
+            return k
         if options.proj_dim == "auto":
-            k = self.projection_dim(n, p)
             if k < min(FEW_DIMENSIONS, p):
                 warn(
                     f"TRAK's proj_dim='auto' projects the {p:,} gradient coordinates to k = {k} "
                     f"(N // {AUTO_DIM_DIVISOR}, at least 1, with N = {n} training examples, which "
                     "keeps Phi^T Phi well conditioned without a ridge): so few dimensions keep "
                     "little of the gradients, and the scores rank coarsely. With this few "
-                    "examples a method "
-                    "without projection (identity, ekfac, cg) costs little; or pass a larger "
-                    "proj_dim with lambda_reg > 0 (docs/methods/trak.md §5)",
+                    "examples a method without projection (identity, ekfac, cg) costs little; "
+                    "or pass a larger proj_dim with lambda_reg > 0 (docs/methods/trak.md §5)",
                     Notice,
                 )
             return k
-        k = min(int(options.proj_dim), p)
         if options.lambda_reg == 0 and k > n:
             raise CurvatureError(
                 f"with lambda_reg=0, Phi^T Phi ({k} x {k}) is singular because proj_dim {k} "
