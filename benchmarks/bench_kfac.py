@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import provenance
+from harness import kronfluence_analyzer, kronfluence_pairwise, provenance
 from problems import MNIST_DIR, digits_split, mnist_test_set, pearson, random_split, tanh_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +49,8 @@ L2_TRAIN = 1e-3
 # ============================================================================ kronfluence worker
 def peer_worker(directory: Path) -> None:
     """Runs inside the peer venv (torch + kronfluence only): factors + pairwise scores."""
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.analyzer import prepare_model
+    from kronfluence.arguments import FactorArguments
     from kronfluence.task import Task
 
     config = json.loads((directory / "config.json").read_text())
@@ -85,14 +85,7 @@ def peer_worker(directory: Path) -> None:
     for run in range(-1, config["repeats"]):  # run -1: an untimed warm-up on a small subset
         torch.manual_seed(max(run, 0))
         run_train, run_test = (warm_train, warm_test) if run < 0 else (train, test)
-        analyzer = Analyzer(
-            analysis_name="bench",
-            model=model,
-            task=task,
-            cpu=True,
-            disable_tqdm=True,
-            output_dir=str(directory / f"kf{run + 1}"),
-        )
+        analyzer = kronfluence_analyzer(model, task, directory / f"kf{run + 1}", "bench")
         start = time.perf_counter()
         analyzer.fit_all_factors(
             factors_name="ekfac",
@@ -104,15 +97,9 @@ def peer_worker(directory: Path) -> None:
         factors_time = time.perf_counter() - start
         for damping in config["dampings"]:
             start = time.perf_counter()
-            analyzer.compute_pairwise_scores(
-                scores_name=f"s{damping}",
-                factors_name="ekfac",
-                query_dataset=run_test,
-                train_dataset=run_train,
-                per_device_query_batch_size=len(run_test),
-                per_device_train_batch_size=config["batch_size"],
-                score_args=ScoreArguments(damping_factor=None if damping == "auto" else damping),
-                overwrite_output_dir=True,
+            scalar = None if damping == "auto" else damping
+            kronfluence_pairwise(
+                analyzer, f"s{damping}", run_train, run_test, config["batch_size"], scalar
             )
             score_time = time.perf_counter() - start
             if run < 0:

@@ -66,7 +66,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, measured_worker, provenance
+from harness import ROOT, kronfluence_analyzer, kronfluence_pairwise, measured_worker, provenance
 
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 RESULTS = ROOT / "benchmarks" / "results" / "lm.md"
@@ -241,20 +241,12 @@ def kronfluence_scalar_worker(directory: Path) -> dict:
     refit): the damping ASTRA's worker takes, computed the same way from kronfluence's own
     eigenvalues (each module's heuristic, 0.1 x its mean corrected eigenvalue, averaged over the
     parameters), so that the two EK-FACs are compared with ASTRA at one convention each."""
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import ScoreArguments
+    from kronfluence.analyzer import prepare_model
 
     model, task, train, queries = kronfluence_problem(directory)
     modules = tracked_modules(model)  # before prepare_model wraps each of them
     model = prepare_model(model, task)
-    analyzer = Analyzer(
-        analysis_name="lm",
-        model=model,
-        task=task,
-        cpu=True,
-        disable_tqdm=True,
-        output_dir=str(directory / "kronfluence"),
-    )
+    analyzer = kronfluence_analyzer(model, task, directory / "kronfluence", "lm")
     factors = analyzer.load_all_factors("ekfac")
     # stored as sums over the examples; kronfluence divides them by the count before damping
     eigenvalues = {
@@ -265,16 +257,7 @@ def kronfluence_scalar_worker(directory: Path) -> dict:
     heuristic = {name: 0.1 * float(eigenvalues[name].mean()) for name in modules}
     damping = sum(sizes[m] * heuristic[m] for m in modules) / sum(sizes.values())
     start = time.perf_counter()
-    analyzer.compute_pairwise_scores(
-        scores_name="scalar",
-        factors_name="ekfac",
-        query_dataset=queries,
-        train_dataset=train,
-        per_device_query_batch_size=len(queries),
-        per_device_train_batch_size=BATCH,
-        score_args=ScoreArguments(damping_factor=damping),
-        overwrite_output_dir=True,
-    )
+    kronfluence_pairwise(analyzer, "scalar", train, queries, BATCH, damping)
     seconds = time.perf_counter() - start
     scores = analyzer.load_pairwise_scores("scalar")["all_modules"]
     torch.save(scores.double(), directory / "kronfluence_scalar_scores.pt")
@@ -286,18 +269,11 @@ def kronfluence_ekfac(  # type: ignore[no-untyped-def]
 ) -> dict:
     """kronfluence's EK-FAC factors (``fit_all_factors``) and pairwise scores of ``queries``
     against ``train`` on CPU, timed; the scores saved as ``kronfluence_scores.pt``."""
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.analyzer import prepare_model
+    from kronfluence.arguments import FactorArguments
 
     model = prepare_model(model, task)
-    analyzer = Analyzer(
-        analysis_name=name,
-        model=model,
-        task=task,
-        cpu=True,
-        disable_tqdm=True,
-        output_dir=str(directory / "kronfluence"),
-    )
+    analyzer = kronfluence_analyzer(model, task, directory / "kronfluence", name)
     start = time.perf_counter()
     analyzer.fit_all_factors(
         factors_name="ekfac",
@@ -307,16 +283,7 @@ def kronfluence_ekfac(  # type: ignore[no-untyped-def]
         overwrite_output_dir=True,
     )
     fit_seconds = time.perf_counter() - start
-    analyzer.compute_pairwise_scores(
-        scores_name="scores",
-        factors_name="ekfac",
-        query_dataset=queries,
-        train_dataset=train,
-        per_device_query_batch_size=len(queries),
-        per_device_train_batch_size=batch_size,
-        score_args=ScoreArguments(damping_factor=None),
-        overwrite_output_dir=True,
-    )
+    kronfluence_pairwise(analyzer, "scores", train, queries, batch_size, None)
     total = time.perf_counter() - start
     scores = analyzer.load_pairwise_scores("scores")["all_modules"]
     torch.save(scores.double(), directory / "kronfluence_scores.pt")

@@ -157,3 +157,40 @@ def library_worker(
     if proc.returncode != 0:
         raise RuntimeError(f"{label} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ============================================================================ kronfluence
+# Run in the peer venv only (kronfluence is never a dependency of infkit).
+def kronfluence_analyzer(model, task, output_dir: Path, name: str):  # type: ignore[no-untyped-def]
+    """kronfluence's ``Analyzer`` for a model already passed through ``prepare_model``: on CPU,
+    without progress bars, its factors and scores under ``output_dir``."""
+    from kronfluence.analyzer import Analyzer
+
+    return Analyzer(
+        analysis_name=name,
+        model=model,
+        task=task,
+        cpu=True,
+        disable_tqdm=True,
+        output_dir=str(output_dir),
+    )
+
+
+def kronfluence_pairwise(  # type: ignore[no-untyped-def]
+    analyzer, scores_name: str, train, queries, batch_size: int, damping: float | None
+) -> None:
+    """kronfluence's pairwise scores of all ``queries`` (one batch) against ``train`` from the
+    factors named "ekfac", at the scalar ``damping`` (None: its per-module heuristic), saved
+    as ``scores_name`` (``analyzer.load_pairwise_scores`` reads them back)."""
+    from kronfluence.arguments import ScoreArguments
+
+    analyzer.compute_pairwise_scores(
+        scores_name=scores_name,
+        factors_name="ekfac",
+        query_dataset=queries,
+        train_dataset=train,
+        per_device_query_batch_size=len(queries),
+        per_device_train_batch_size=batch_size,
+        score_args=ScoreArguments(damping_factor=damping),
+        overwrite_output_dir=True,
+    )
