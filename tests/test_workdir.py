@@ -4,8 +4,10 @@ shards (docs/distributed.md §3). The kill -9 cases are in tests/test_crash_resu
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from lm_helpers import LENGTH, VOCAB, TinyLM, rows
 
 import infkit
 from infkit import language_modeling as lm
-from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.errors import InvalidInputError, Notice, UnsupportedError
 from infkit.evaluate import relative_error
 
 N, Q, BATCH, SHARD = 26, 3, 2, 3  # 13 batches: shards of 3 batches, the last of one
@@ -53,7 +55,7 @@ def test_a_finished_run_is_read_back_and_not_recomputed(
     assert again.method.kronecker().loaded  # the factors come from the workdir, and it says so
     assert f"Kronecker factors reused from {tmp_path}" in caplog.text
     assert torch.equal(again.scores(problem["test"]), scores)  # read back: the same bytes
-    assert again.describe()["score_shards"] == {"computed": 0, "reused": 0}
+    assert again.describe()["score_shards"] == {"computed": 0, "reused": 5}
     (saved,) = infkit.read_scores(tmp_path)
     assert torch.equal(saved.scores, scores.double())
     assert saved.info == {"method": "ekfac", "n_queries": Q, "n_train": N}
@@ -81,10 +83,10 @@ def test_shards_need_a_workdir_a_valid_part_and_a_sharding_method(
 ) -> None:
     with pytest.raises(InvalidInputError, match="workdir=PATH"):
         _influence(problem).score_shards(problem["test"], (0, 2))
-    with pytest.raises(InvalidInputError, match=r"part must be \(i, K\)"):
-        _influence(problem, workdir=tmp_path).score_shards(problem["test"], (2, 2))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    for part in ((2, 2), "0/2", (0,), (0, 1, 2)):
+        with pytest.raises(InvalidInputError, match=r"part must be \(i, K\)"):
+            _influence(problem, workdir=tmp_path).score_shards(problem["test"], part)  # type: ignore[arg-type]
+    with pytest.warns(Notice, match="keeps nothing in workdir"):
         exact = infkit.Influence(problem["task"], "identity", l2=1e-2, workdir=tmp_path)
         exact.fit(problem["train"])
     with pytest.raises(UnsupportedError, match="does not compute scores in shards"):
@@ -92,3 +94,78 @@ def test_shards_need_a_workdir_a_valid_part_and_a_sharding_method(
     with pytest.raises(InvalidInputError, match="is a file"):
         (tmp_path / "file").write_text("")
         infkit.Influence(problem["task"], "ekfac", workdir=tmp_path / "file")
+
+
+def test_damaged_scores_are_named_and_overwrite_recomputes_them(
+    problem: dict, tmp_path: Path
+) -> None:
+    first = _influence(problem, workdir=tmp_path)
+    scores = first.scores(problem["test"])
+    # damage one committed shard and the whole scores: named, never read
+    shard = next(tmp_path.glob("score-shard-*/*.safetensors"))
+    whole = next(tmp_path.glob("scores-*/*.safetensors"))
+    for file in (shard, whole):
+        data = bytearray(file.read_bytes())
+        data[-1] ^= 0xFF
+        file.write_bytes(bytes(data))
+    with pytest.raises(infkit.errors.ArtifactError, match="overwrite=True") as caught:
+        infkit.read_scores(tmp_path)
+    assert str(whole.parent) in str(caught.value)
+    with pytest.raises(infkit.errors.ArtifactError, match=str(whole.parent)):
+        _influence(problem, workdir=tmp_path).scores(problem["test"])
+    # the remedy the message gives: overwrite=True recomputes and replaces what it would read
+    again = _influence(problem, workdir=tmp_path, overwrite=True)
+    assert relative_error(again.scores(problem["test"]), scores) < 1e-12
+    assert again.describe()["score_shards"] == {"computed": 5, "reused": 0}
+    (saved,) = infkit.read_scores(tmp_path)
+    assert relative_error(saved.scores, scores) < 1e-12
+    # describe() counts each call's shards, not the object's total
+    last = _influence(problem, workdir=tmp_path)
+    last.scores(problem["test"])
+    last.scores(problem["test"])
+    assert last.describe()["score_shards"] == {"computed": 0, "reused": 5}
+
+
+def test_a_stage_left_beside_the_final_factors_is_removed(problem: dict, tmp_path: Path) -> None:
+    # EK-FAC's K-FAC stage is K-FAC's factors: one fitted in another directory, copied in,
+    # is what a run killed after committing its final factors leaves behind
+    _influence(problem, workdir=tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        infkit.Influence(problem["task"], "kfac", **OPTIONS, workdir=tmp_path / "kfac").fit(
+            problem["train"]
+        )
+    (stage,) = (tmp_path / "kfac").glob("kronecker-factors-*")
+    shutil.copytree(stage, tmp_path / "run" / stage.name)
+    assert len(list((tmp_path / "run").glob("kronecker-factors-*"))) == 2
+    again = _influence(problem, workdir=tmp_path / "run")
+    assert again.method.kronecker().loaded
+    assert [p.name for p in (tmp_path / "run").glob("kronecker-factors-*")] != [stage.name]
+    assert len(list((tmp_path / "run").glob("kronecker-factors-*"))) == 1
+
+
+def test_the_scoring_progress_counts_batches_in_shards_computed_and_reused(
+    problem: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a tester's bar counted shards: 1/1 with 16 batches in one shard, no progress within it
+    from infkit.kfac import streaming
+
+    seen: list[tuple[str, int | None, list[int]]] = []
+
+    class Recorded(streaming.Progress):
+        def __init__(self, mode: Any, total: int | None, desc: str) -> None:
+            super().__init__(mode, total, desc)
+            seen.append((desc, total, []))
+
+        def update(self, steps: int = 1, note: str = "") -> None:
+            super().update(steps, note)
+            seen[-1][2].append(self.done)
+
+    monkeypatch.setattr(streaming, "Progress", Recorded)
+    _influence(problem, workdir=tmp_path).score_shards(problem["test"], (0, 2))  # shards 0, 2, 4
+    seen.clear()
+    _influence(problem, workdir=tmp_path).scores(problem["test"])
+    ((desc, total, counts),) = seen
+    # 13 batches: shards of 3, 3, 3, 3 and 1 batches; shards 0, 2 and 4 reused (one step each)
+    assert (desc, total) == ("scores", 13)
+    assert counts == [3, 4, 5, 6, 9, 10, 11, 12, 13]

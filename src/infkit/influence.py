@@ -316,6 +316,15 @@ class Influence:
             engine = PerExample(self.task, space, self.per_example_mode)
             problem = replace(problem, p=space.size, space=space)
         method.check_memory(problem)  # before any pass over the data
+        kind = type(method)
+        keeps = kind.shards_scores or "factors_dir" in kind.Options.names()
+        if self.workdir is not None and not keeps:
+            warn(
+                f"method {method.name!r} keeps nothing in workdir {self.workdir}: its fit and "
+                "scores are not resumable there (the Kronecker methods and ASTRA's factors "
+                "are); inf.save(PATH) keeps a fitted run to load again",
+                Notice,
+            )
         cache, summary = (None, None)
         if type(method).uses_training_gradients:
             cache, summary = training_gradients(
@@ -631,13 +640,12 @@ class Influence:
                 f"method {method.name!r} does not compute scores in shards; the Kronecker "
                 "methods (kfac, ekfac) do"
             )
-        before = dict(method.shard_tally)
         method.shard_part = part
         try:
             self.scores(test)  # this part's columns only: not a result, never returned
         finally:
             method.shard_part = None
-        return {k: method.shard_tally[k] - before[k] for k in before}
+        return dict(method.shard_tally)  # counted afresh by each call
 
     def _score_chunks(
         self, queries: ExampleSet, among: Tensor | None = None

@@ -59,7 +59,11 @@ def read_scores(workdir: str | Path) -> list[SavedScores]:
     store = ArtifactStore(workdir)
     out = []
     for path in store.committed(SCORES):
-        artifact = store.verify(path, SCORES)
+        remedy = (
+            f"Delete {path}, or compute these scores again with the model "
+            "(Influence(..., workdir=..., overwrite=True).scores(...))"
+        )
+        artifact = store.verify(path, SCORES, remedy=remedy)
         out.append(
             SavedScores(
                 artifact.tensors()["scores"], artifact.json("meta"), artifact.identity, path
@@ -89,12 +93,15 @@ class ScoreShards:
     batch_size: int
     shard_batches: int = SHARD_BATCHES
     part: tuple[int, int] | None = None
+    #: recompute every shard and piece and replace the committed ones (damaged ones too)
+    overwrite: bool = False
     #: shards computed and shards reused, counted (shared by :meth:`of_group`'s copies)
     tally: dict[str, int] = field(default_factory=lambda: {"computed": 0, "reused": 0})
 
     def __post_init__(self) -> None:
         if self.part is not None:
-            i, k = self.part
+            pair = self.part if isinstance(self.part, (tuple, list)) else ()
+            i, k = pair if len(pair) == 2 else (None, None)
             if not (isinstance(i, int) and isinstance(k, int) and 0 <= i < k):
                 raise InvalidInputError(
                     f"part must be (i, K) with 0 <= i < K, e.g. (SLURM_ARRAY_TASK_ID, "
@@ -122,7 +129,7 @@ class ScoreShards:
     def columns(self, start: int, stop: int, compute: Callable[[], Tensor]) -> Tensor:
         """The committed scores of columns ``[start, stop)``, or ``compute()``'s, committed."""
         identity = self._shard_identity(start, stop)
-        artifact = self.store.load(SCORE_SHARD, identity)
+        artifact = None if self.overwrite else self.store.load(SCORE_SHARD, identity)
         if artifact is not None:
             self.tally["reused"] += 1
             return artifact.tensors()["scores"]
@@ -132,6 +139,7 @@ class ScoreShards:
             identity,
             tensors={"tensors": {"scores": block}},
             info={"columns": [start, stop], "shape": list(block.shape)},
+            overwrite=self.overwrite,
         )
         self.tally["computed"] += 1
         return block
@@ -151,9 +159,15 @@ class ScoreShards:
         """A committed piece of this computation (tensors and a JSON document) named by
         ``kind`` and ``extra``, or ``compute()``'s, committed."""
         identity = {**self.identity, **extra}
-        artifact = self.store.load(kind, identity)
+        artifact = None if self.overwrite else self.store.load(kind, identity)
         if artifact is not None:
             return artifact.tensors(), artifact.json("meta")
         tensors, document = compute()
-        self.store.save(kind, identity, tensors={"tensors": tensors}, documents={"meta": document})
+        self.store.save(
+            kind,
+            identity,
+            tensors={"tensors": tensors},
+            documents={"meta": document},
+            overwrite=self.overwrite,
+        )
         return tensors, document

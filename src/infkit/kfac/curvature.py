@@ -94,7 +94,11 @@ class KroneckerOptions(Options):
     factors_dir: str | Path | None = option(
         None, "directory to save the factors to, or to load them from when they match this fit"
     )
-    overwrite: bool = option(False, "refit and overwrite the factors in factors_dir")
+    overwrite: bool = option(
+        False,
+        "refit and overwrite the factors in factors_dir (in a workdir: the preconditioned "
+        "queries and score shards too, damaged ones included)",
+    )
     query_rank: int | None = option(
         None,
         "rank per layer of the preconditioned query gradients (None: full rank, in groups of "
@@ -411,6 +415,8 @@ class KroneckerCurvature:
                     logger.info(
                         "Kronecker factors reused from %s (no pass over the data)", artifact.path
                     )
+                    if self.corrected:  # a stage a killed run left beside the final factors
+                        self._remove_stage(store, stage)
                     return self._from_artifact(artifact)
             if self.corrected:
                 artifact = store.load(FACTORS, stage)
@@ -470,8 +476,14 @@ class KroneckerCurvature:
             also = [] if self.corrected else [{**identity, "corrected": True}]
             self._source = (store, [dict(identity), *also])
         if store is not None and self.corrected:  # the final factors hold the stage's too
-            store.remove(store.path(FACTORS, stage))
+            self._remove_stage(store, stage)
         return factors
+
+    @staticmethod
+    def _remove_stage(store: ArtifactStore, stage: dict[str, Any]) -> None:
+        """Remove EK-FAC's committed K-FAC stage, if there: the final factors hold its
+        eigenbases (a run killed between committing them and this leaves it behind)."""
+        store.remove(store.path(FACTORS, stage))
 
     def _from_artifact(self, artifact: Artifact) -> KroneckerFactors:
         return KroneckerFactors.from_payload(

@@ -58,7 +58,7 @@ from infkit.layers.tracked import TrackedModule
 from infkit.linalg import wide_inner
 from infkit.memory import human_bytes, release_freed_memory
 from infkit.parameters import product_dtype
-from infkit.progress import track
+from infkit.progress import Progress, track
 from infkit.scratch import ScratchSpace
 from infkit.shards import ScoreShards
 
@@ -279,6 +279,21 @@ def plan_groups(count: int, layer_bytes: list[int], budget: int | None) -> list[
     return out
 
 
+def low_rank_groups(
+    count: int, rank_one_bytes: int, layers: int, budget: int
+) -> tuple[list[Group], int]:
+    """Passes that score ``count`` queries kept at low rank (one layer of one query exceeds
+    ``budget``; one query's rank-1 factors of every layer take ``rank_one_bytes``), and the
+    rank of the full passes: every query and layer in one pass at the largest rank that fits
+    them all; when not even rank 1 of them all fits, passes over groups of as many queries as
+    fit at rank 1 (a smaller last group may hold a higher rank). Rank 0: not even one query
+    fits at rank 1."""
+    step = max(1, min(count, budget // max(rank_one_bytes, 1)))
+    everything = tuple(range(layers))
+    groups = [(start, min(start + step, count), everything) for start in range(0, count, step)]
+    return groups, budget // max(step * rank_one_bytes, 1)
+
+
 class StreamingScorer:
     """IF scores and self-scores of a Kronecker method, layer by layer from hooks.
 
@@ -330,13 +345,16 @@ class StreamingScorer:
     # ------------------------------------------------------------------ queries
     def groups(self, count: int) -> list[Group]:
         """The scoring passes for ``count`` queries (:func:`plan_groups`); one pass over every
-        layer when ``rank`` is set, when the queries are kept on disk (:meth:`spills`), or when
-        one layer of one query does not fit the budget (then :meth:`queries` keeps the queries
-        at low rank)."""
-        everything = [(0, count, tuple(range(len(self.tracked))))]
+        layer when ``rank`` is set or when the queries are kept on disk (:meth:`spills`); when
+        one layer of one query does not fit the budget, :meth:`queries` keeps them at low rank,
+        in groups of queries if not even rank 1 of them all fits (:func:`low_rank_groups`)."""
         if self.rank is not None or self.spills(count):
-            return everything
-        return plan_groups(count, self._layer_bytes(self.tracked), self.query_bytes) or everything
+            return [(0, count, tuple(range(len(self.tracked))))]
+        planned = plan_groups(count, self._layer_bytes(self.tracked), self.query_bytes)
+        if planned is not None:
+            return planned
+        rank_one = self._rank_one_bytes(self.tracked)
+        return low_rank_groups(count, rank_one, len(self.tracked), self.query_bytes)[0]
 
     def _layer_bytes(self, tracked: list[TrackedModule]) -> list[int]:
         """Bytes of one query's preconditioned block of each of ``tracked``."""
@@ -399,14 +417,14 @@ class StreamingScorer:
             per_rank = t_count * self._rank_one_bytes(tracked)
             rank = self.query_bytes // per_rank
             if rank < 1:
+                what = "one query" if t_count == 1 else f"{t_count} queries"
                 raise ProblemTooLargeError(
-                    f"the preconditioned gradients of {t_count} queries need "
-                    f"{human_bytes(total)} at full rank and {human_bytes(per_rank)} at rank 1, "
-                    f"but memory_limit ({human_bytes(fitted.memory_limit)}) leaves "
+                    f"the preconditioned gradients of {what} need {human_bytes(total)} at full "
+                    f"rank and {human_bytes(per_rank)} at rank 1, but memory_limit "
+                    f"({human_bytes(fitted.memory_limit)}) leaves "
                     f"{human_bytes(self.query_bytes)} for them after the factors and a scoring "
-                    "pass's working memory: raise memory_limit, track fewer layers (modules=), "
-                    "use a smaller batch_size, or score fewer queries per call (plan() shows "
-                    "the bytes of each stage)"
+                    "pass's working memory: raise memory_limit, track fewer layers (modules=) "
+                    "or use a smaller batch_size (plan() shows the bytes of each stage)"
                 )
             warn(
                 f"the preconditioned gradient of one query takes {human_bytes(total // t_count)}"
@@ -536,16 +554,29 @@ class StreamingScorer:
         else:
             # this process's shards; the others' columns are filled in by the sum below
             S = torch.zeros(prepared.count, n, dtype=torch.float64, device=fitted.space.device)
-            mine = shards.mine()
-            for start, stop in track(mine, fitted.progress, f"{label}: shards", len(mine)):
-                compute = partial(self._columns, prepared, torch.arange(start, stop))
-                S[:, start:stop] = shards.columns(start, stop, compute).to(S.device)
+            mine, size = shards.mine(), fitted.batch_size
+            total = sum(batch_count(stop - start, size) for start, stop in mine)
+            with Progress(fitted.progress, total, label) as shown:  # by batch, shards reused too
+                for start, stop in mine:
+                    before = shown.done
+                    compute = partial(
+                        self._columns, prepared, torch.arange(start, stop), shown=shown
+                    )
+                    S[:, start:stop] = shards.columns(start, stop, compute).to(S.device)
+                    reused = batch_count(stop - start, size) - (shown.done - before)
+                    if reused:  # a committed shard: its batches at once
+                        shown.update(reused)
         sum_across(S)
         S += prepared.shared.unsqueeze(1)
         return S / n
 
     def _columns(
-        self, prepared: LayerQueries, indices: Tensor, split: bool = False, label: str = "scores"
+        self,
+        prepared: LayerQueries,
+        indices: Tensor,
+        split: bool = False,
+        label: str = "scores",
+        shown: Progress | None = None,
     ) -> Tensor:
         """``sum_l <U_tl, G_jl>`` for the training examples ``indices``, [T, len(indices)], in
         batches of consecutive entries of ``indices``; with ``split``, only this process's
@@ -557,15 +588,21 @@ class StreamingScorer:
         def fill(batch: Batch, start: int) -> None:
             block[:, start : start + len(batch.indices)] = self._batch_scores(batch, prepared)
 
-        self._each_batch(indices, fill, split, label)
+        self._each_batch(indices, fill, split, label, shown)
         return block
 
     def _each_batch(
-        self, indices: Tensor, visit: Callable[[Batch, int], None], split: bool, label: str
+        self,
+        indices: Tensor,
+        visit: Callable[[Batch, int], None],
+        split: bool,
+        label: str,
+        shown: Progress | None = None,
     ) -> None:
         """``visit(batch, start)`` for the batches of consecutive entries of ``indices``, the
         batch's first entry at ``start``; with ``split``, only this process's batches
-        (:func:`~infkit.distributed.shard_batches`) with their progress named ``label``."""
+        (:func:`~infkit.distributed.shard_batches`) with their progress named ``label``;
+        without, every batch (a shard), each counted in ``shown`` when given."""
         fitted = self.fitted
         size = fitted.batch_size
         if split:
@@ -575,10 +612,12 @@ class StreamingScorer:
                 label,
                 batch_count(len(indices), size),
             )
-        else:  # a shard: every batch, its progress counted by shard
+        else:
             batches = enumerate(fitted.train.batches(size, indices))
         for number, batch in batches:
             visit(batch, number * size)
+            if shown is not None and not split:
+                shown.update()
 
     def _batch_scores(self, batch: Batch, prepared: LayerQueries) -> Tensor:
         """``sum_l <U_tl, G_jl>`` for the batch, [T, B] float64."""

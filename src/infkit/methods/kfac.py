@@ -32,7 +32,7 @@ from torch import Tensor
 
 from infkit.data import ExampleSet
 from infkit.distributed import sum_across
-from infkit.errors import NotFittedError, ProblemTooLargeError, warn
+from infkit.errors import NotFittedError, Notice, ProblemTooLargeError, warn
 from infkit.estimators import Estimator
 from infkit.fingerprint import data_fingerprint, tensor_digest
 from infkit.fitted import Fitted, gradient_cache_bytes
@@ -53,6 +53,7 @@ from infkit.kfac.streaming import (
     StreamingScorer,
     budget_after,
     kept_at_rank,
+    low_rank_groups,
     plan_groups,
     query_budget,
     read_budget,
@@ -118,7 +119,7 @@ class KFAC(PrimalMethod):
         #: ``(i, K)``: with a workdir, compute only the score shards of part i of K (an array
         #: job's share; :meth:`infkit.Influence.score_shards`); None: this process's share
         self.shard_part = None
-        #: score shards computed and reused from the workdir, over every scores() call
+        #: score shards computed and reused from the workdir by the last scores() call
         self.shard_tally = {"computed": 0, "reused": 0}
 
     def check(self, task: Task, space: ParameterSpace) -> None:
@@ -262,12 +263,15 @@ class KFAC(PrimalMethod):
         if scorer is None:
             return super().scores(queries, estimator)
         shards = self._shards(queries)
+        self.shard_tally.update(computed=0, reused=0)  # describe() counts this call's
         if shards is None or self.shard_part is not None:  # (a part's columns are no result)
             return self._grouped_scores(queries, scorer, shards)
         # the whole result is committed too: the same call again reads it back, no pass
         info = {"method": self.name, "n_queries": len(queries), "n_train": self.fitted.n}
         compute = partial(self._scores_payload, queries, scorer, shards, info)
         tensors, _ = shards.piece(SCORES, {}, compute)
+        if not any(self.shard_tally.values()):  # read back whole: every shard reused
+            self.shard_tally["reused"] = len(shards.ranges())
         return tensors["scores"].to(self.fitted.space.device)
 
     def _scores_payload(
@@ -327,6 +331,15 @@ class KFAC(PrimalMethod):
         ``shards``); ``label`` names the passes in the progress display. Each group's queries
         are removed from disk after its visit; ``describe()`` counts the passes and ranks."""
         groups = scorer.groups(len(queries))
+        if len(groups) > 1:
+            warn(
+                f"{label}: the preconditioned queries exceed memory_limit's budget for them, so "
+                f"they are scored in {len(groups)} passes over the training data (groups of "
+                "queries and layers; plan() foresees them): raise memory_limit, score fewer "
+                "queries a call, or give a workdir or factors_dir, where on CPU the queries "
+                "are kept on disk and scored in one pass (queries_on_disk)",
+                Notice,
+            )
         device = self.fitted.space.device
         for number, (start, stop, layers) in enumerate(groups):
             named = label if len(groups) == 1 else f"{label}, group {number + 1}/{len(groups)}"
@@ -443,6 +456,7 @@ class KFAC(PrimalMethod):
             fitted.batch_size,
             self.options.shard_batches,
             part=self.shard_part,
+            overwrite=self.options.overwrite,
             tally=self.shard_tally,
         )
 
@@ -612,6 +626,7 @@ class KFAC(PrimalMethod):
             and _keeps_queries_on_disk(self.options.queries_on_disk, place, space.device.type)
         )
         buffer = 0  # the read buffer of queries kept on disk, in the scoring pass only
+        low_rank = None  # the rank of queries kept at low rank
         if spilled:
             assert read is not None
             groups = [(0, local, tuple(range(len(tracked))))]
@@ -622,10 +637,12 @@ class KFAC(PrimalMethod):
                 f"full rank, {human_bytes(local * sum(sizes))} kept on disk and read back "
                 f"layer by layer for every batch (a read buffer of {human_bytes(buffer)})"
             )
-        elif groups is None:  # low rank: every query and layer in one pass
+        elif groups is None:  # low rank: every query and layer in one pass, or query groups
             note = ""
             if rank is None:
-                rank = (budget or 0) // max(local * per_rank, 1)
+                groups, rank = low_rank_groups(local, per_rank, len(tracked), budget or 0)
+                if len(groups) == 1:
+                    groups = None
                 if rank < 1:  # StreamingScorer.queries refuses: the limit cannot be met
                     refused = True
                     rank, note = (
@@ -635,11 +652,16 @@ class KFAC(PrimalMethod):
                             "scoring would refuse (ProblemTooLargeError); "
                         ),
                     )
-            queries = local * sum(
+            held = local if groups is None else groups[0][1]  # the queries of a pass
+            queries = held * sum(
                 min(b, rank * (x.d_out + x.cols) * work)
                 for b, x in zip(sizes, tracked, strict=True)
             )
+            low_rank = rank
             passes, note = 1, note + f"rank {rank} per layer (SVD)"
+            if groups is not None:
+                passes = len(groups)
+                note += f", {passes} passes over groups of {held} queries"
         else:
             queries = max((stop - start) * sum(sizes[i] for i in ls) for start, stop, ls in groups)
             passes = len(groups)
@@ -657,7 +679,7 @@ class KFAC(PrimalMethod):
                 largest,
                 note + "; repeated on every process",
                 refused,
-                flops=ops.queries(local, rank if groups is None else None),
+                flops=ops.queries(local, low_rank),
             )
         )
         out.append(
@@ -671,7 +693,7 @@ class KFAC(PrimalMethod):
                 ("[Q, N] scores", scores),
                 "data split across processes, score columns summed"
                 + ("; the factors set aside on disk" if aside else ""),
-                flops=ops.scores(n, local, groups, rank if groups is None else None),
+                flops=ops.scores(n, local, groups, low_rank),
             )
         )
         return out
