@@ -515,6 +515,18 @@ def test_queries_beyond_rank_one_are_scored_in_groups_at_low_rank(problem: dict)
     queries = next(stage for stage in plan.stages if stage.name == "queries")
     scores = next(stage for stage in plan.stages if stage.name == "scores")
     assert not queries.refused and scores.passes == Q
+    # three queries in groups of two and one: the last, smaller group at the same rank 1
+    three = ExampleSet(problem["test"]).subset([0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # 520 bytes for the queries of three (the [3, N] scores take N * 8 fewer than Q's)
+        limit = _limit_for_queries(problem, (520 - 4 - N * 8) / (119 * 8))
+        bounded = infkit.Influence(task, "ekfac", memory_limit=limit, **opts).fit(problem["train"])
+        scorer = bounded.method._scorer(3 * N * 8)
+        assert scorer.groups(3) == [(0, 2, (0, 1)), (2, 3, (0, 1))], scorer.query_bytes
+        S3 = bounded.scores(three)
+    assert bounded.describe()["query_rank"] == 1
+    assert relative_error(S3, expected[:3]) < 1e-6
 
 
 def test_queries_beyond_the_budget_are_scored_in_groups_with_the_same_scores(

@@ -108,7 +108,7 @@ def test_damaged_scores_are_named_and_overwrite_recomputes_them(
         data = bytearray(file.read_bytes())
         data[-1] ^= 0xFF
         file.write_bytes(bytes(data))
-    with pytest.raises(infkit.errors.ArtifactError, match="overwrite=True") as caught:
+    with pytest.raises(infkit.errors.ArtifactError, match="run the scores") as caught:
         infkit.read_scores(tmp_path)
     assert str(whole.parent) in str(caught.value)
     with pytest.raises(infkit.errors.ArtifactError, match=str(whole.parent)):
@@ -119,11 +119,25 @@ def test_damaged_scores_are_named_and_overwrite_recomputes_them(
     assert again.describe()["score_shards"] == {"computed": 5, "reused": 0}
     (saved,) = infkit.read_scores(tmp_path)
     assert relative_error(saved.scores, scores) < 1e-12
-    # describe() counts each call's shards, not the object's total
+    # describe() counts each call's shards, not the object's total: a computing call, then a
+    # read-back on the same object
     last = _influence(problem, workdir=tmp_path)
-    last.scores(problem["test"])
+    last.scores((problem["test"][0], problem["test"][1].flip(0)))
+    assert last.describe()["score_shards"] == {"computed": 5, "reused": 0}
     last.scores(problem["test"])
     assert last.describe()["score_shards"] == {"computed": 0, "reused": 5}
+
+
+def test_the_shards_of_every_chunk_of_queries_are_counted(problem: dict, tmp_path: Path) -> None:
+    # a small memory_limit makes the facade score the queries in chunks, each its own
+    # computation with its own shards: a call counts them all (the first, per-chunk, reset
+    # counted the last chunk's only)
+    many = rows(*lm.examples(torch.randint(0, VOCAB, (50, LENGTH))), 0, 50)
+    inf = _influence(problem, workdir=tmp_path, memory_limit=120_000)
+    assert inf.score_shards(many, (0, 2)) == {"computed": 6, "reused": 0}
+    inf.scores(many)
+    assert inf.describe()["score_shards"] == {"computed": 4, "reused": 6}
+    assert len(list(tmp_path.glob("score-shard-*"))) == 10
 
 
 def test_a_stage_left_beside_the_final_factors_is_removed(problem: dict, tmp_path: Path) -> None:

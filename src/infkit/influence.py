@@ -602,6 +602,8 @@ class Influence:
         self.method.require("scores")
         queries = self._queries(test)
         fitted = self.fitted
+        if type(self.method).shards_scores:  # describe() counts this call's shards
+            self.method.shard_tally.update(computed=0, reused=0)
         columns = None
         if among is not None:
             columns = checked_indices(among, fitted.n, what="training index", unique=True)

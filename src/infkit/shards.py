@@ -60,8 +60,8 @@ def read_scores(workdir: str | Path) -> list[SavedScores]:
     out = []
     for path in store.committed(SCORES):
         remedy = (
-            f"Delete {path}, or compute these scores again with the model "
-            "(Influence(..., workdir=..., overwrite=True).scores(...))"
+            f"Delete {path} and run the scores() call that made it again: it reads the "
+            "committed shards back, with no pass over the data where they are intact"
         )
         artifact = store.verify(path, SCORES, remedy=remedy)
         out.append(

@@ -49,6 +49,9 @@ MANIFEST = "manifest.json"
 STALE_SECONDS = 24 * 3600
 _TMP = ".tmp-"
 _TRASH = ".trash-"
+#: how long ``save(..., overwrite=True)`` retries reading back an artifact another writer
+#: replaces at the same time (writers of one run replacing one piece: torchrun's ranks)
+OVERWRITE_WAITS, OVERWRITE_WAIT_SECONDS = 100, 0.05
 _T = TypeVar("_T")
 
 
@@ -422,24 +425,28 @@ class ArtifactStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         _sync_directory(self.root)
+        # another writer replacing it too may hold it aside for a moment: read it again
+        for _ in range(OVERWRITE_WAITS - 1 if overwrite else 0):
+            with contextlib.suppress(ArtifactError):
+                return self.verify(final, kind, dict(identity))
+            time.sleep(OVERWRITE_WAIT_SECONDS)
         return self.verify(final, kind, dict(identity))
 
     def _commit(self, tmp: Path, final: Path, overwrite: bool) -> None:
+        trash = self.root / f"{_TRASH}{final.name}-{_writer()}"
         if final.exists() and overwrite:
-            trash = self.root / f"{_TRASH}{final.name}-{_writer()}"
             with contextlib.suppress(FileNotFoundError):
                 os.rename(final, trash)
-            try:
-                os.rename(tmp, final)
-            finally:
-                shutil.rmtree(trash, ignore_errors=True)
-            return
         try:
             os.rename(tmp, final)  # atomic; fails when another writer committed first
         except OSError:
             if not final.exists():
                 raise
-            # another writer won the race: its artifact stands, ours is discarded
+            # another writer won the race (with overwrite: replaced it as this one would
+            # have, the same computation): its artifact stands, ours is discarded
+        finally:
+            if overwrite:
+                shutil.rmtree(trash, ignore_errors=True)
 
     def scratch(self, label: str) -> Path:
         """A new private directory for this writer's uncommitted working files (``label`` names

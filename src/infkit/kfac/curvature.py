@@ -97,13 +97,14 @@ class KroneckerOptions(Options):
     overwrite: bool = option(
         False,
         "refit and overwrite the factors in factors_dir (in a workdir: the preconditioned "
-        "queries and score shards too, damaged ones included)",
+        "queries and score shards too, damaged ones included; for one run: drop it to resume "
+        "or to assemble an array job's shards)",
     )
     query_rank: int | None = option(
         None,
         "rank per layer of the preconditioned query gradients (None: full rank, in groups of "
         "queries and layers that fit memory_limit, a pass each; the largest rank that fits when "
-        "one layer of one query does not)",
+        "one layer of one query does not, in groups of queries at rank 1 when not all fit)",
         minimum=1,
     )
     queries_on_disk: bool | None = option(

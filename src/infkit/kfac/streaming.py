@@ -283,11 +283,10 @@ def low_rank_groups(
     count: int, rank_one_bytes: int, layers: int, budget: int
 ) -> tuple[list[Group], int]:
     """Passes that score ``count`` queries kept at low rank (one layer of one query exceeds
-    ``budget``; one query's rank-1 factors of every layer take ``rank_one_bytes``), and the
-    rank of the full passes: every query and layer in one pass at the largest rank that fits
+    ``budget``; one query's rank-1 factors of every layer take ``rank_one_bytes``), and their
+    rank, one for every pass: every query and layer in one pass at the largest rank that fits
     them all; when not even rank 1 of them all fits, passes over groups of as many queries as
-    fit at rank 1 (a smaller last group may hold a higher rank). Rank 0: not even one query
-    fits at rank 1."""
+    fit at rank 1, each at rank 1. Rank 0: not even one query fits at rank 1."""
     step = max(1, min(count, budget // max(rank_one_bytes, 1)))
     everything = tuple(range(layers))
     groups = [(start, min(start + step, count), everything) for start in range(0, count, step)]
@@ -393,9 +392,16 @@ class StreamingScorer:
             "for the queries after the factors and a scoring pass's working memory"
         )
 
-    def queries(self, queries: ExampleSet, layers: tuple[int, ...] | None = None) -> LayerQueries:
+    def queries(
+        self,
+        queries: ExampleSet,
+        layers: tuple[int, ...] | None = None,
+        group_size: int | None = None,
+    ) -> LayerQueries:
         """Precondition the query gradients of every tracked layer (or of the ``layers``-th),
-        keeping them at low rank when one query exceeds the budget.
+        keeping them at low rank when they exceed the budget: the largest rank at which
+        ``group_size`` queries fit (default: these), so that a call's groups of queries
+        (:meth:`groups`), a smaller last one included, share one rank.
 
         Each query batch's block of a layer is preconditioned and stored (or reduced to rank r)
         at once, so that no more than the kept queries and one batch's block exist at a time.
@@ -414,7 +420,7 @@ class StreamingScorer:
         rank = self.rank
         if rank is None and total > self.query_bytes:
             # the largest rank whose factors fit: sum over layers of T r (d_out + cols) items
-            per_rank = t_count * self._rank_one_bytes(tracked)
+            per_rank = max(t_count, group_size or 0) * self._rank_one_bytes(tracked)
             rank = self.query_bytes // per_rank
             if rank < 1:
                 what = "one query" if t_count == 1 else f"{t_count} queries"
@@ -555,15 +561,17 @@ class StreamingScorer:
             # this process's shards; the others' columns are filled in by the sum below
             S = torch.zeros(prepared.count, n, dtype=torch.float64, device=fitted.space.device)
             mine, size = shards.mine(), fitted.batch_size
-            total = sum(batch_count(stop - start, size) for start, stop in mine)
+            # the process that owns a shard computes every batch of it
+            batches = [-(-(stop - start) // size) for start, stop in mine]
+            total = sum(batches)
             with Progress(fitted.progress, total, label) as shown:  # by batch, shards reused too
-                for start, stop in mine:
+                for (start, stop), count in zip(mine, batches, strict=True):
                     before = shown.done
                     compute = partial(
                         self._columns, prepared, torch.arange(start, stop), shown=shown
                     )
                     S[:, start:stop] = shards.columns(start, stop, compute).to(S.device)
-                    reused = batch_count(stop - start, size) - (shown.done - before)
+                    reused = count - (shown.done - before)
                     if reused:  # a committed shard: its batches at once
                         shown.update(reused)
         sum_across(S)

@@ -263,25 +263,21 @@ class KFAC(PrimalMethod):
         if scorer is None:
             return super().scores(queries, estimator)
         shards = self._shards(queries)
-        self.shard_tally.update(computed=0, reused=0)  # describe() counts this call's
         if shards is None or self.shard_part is not None:  # (a part's columns are no result)
             return self._grouped_scores(queries, scorer, shards)
         # the whole result is committed too: the same call again reads it back, no pass
         info = {"method": self.name, "n_queries": len(queries), "n_train": self.fitted.n}
-        compute = partial(self._scores_payload, queries, scorer, shards, info)
-        tensors, _ = shards.piece(SCORES, {}, compute)
-        if not any(self.shard_tally.values()):  # read back whole: every shard reused
-            self.shard_tally["reused"] = len(shards.ranges())
-        return tensors["scores"].to(self.fitted.space.device)
+        computed = False
 
-    def _scores_payload(
-        self,
-        queries: ExampleSet,
-        scorer: StreamingScorer,
-        shards: ScoreShards,
-        info: dict[str, Any],
-    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return {"scores": self._grouped_scores(queries, scorer, shards)}, info
+        def compute() -> tuple[dict[str, Tensor], dict[str, Any]]:
+            nonlocal computed
+            computed = True
+            return {"scores": self._grouped_scores(queries, scorer, shards)}, info
+
+        tensors, _ = shards.piece(SCORES, {}, compute)
+        if not computed:  # read back whole: this process's shards count as reused
+            self.shard_tally["reused"] += len(shards.mine()) * len(scorer.groups(len(queries)))
+        return tensors["scores"].to(self.fitted.space.device)
 
     def scores_among(self, queries: ExampleSet, estimator: Estimator, among: Tensor) -> Tensor:
         scorer = self._streaming(estimator, len(queries) * len(among) * FLOAT64_BYTES)
@@ -331,15 +327,7 @@ class KFAC(PrimalMethod):
         ``shards``); ``label`` names the passes in the progress display. Each group's queries
         are removed from disk after its visit; ``describe()`` counts the passes and ranks."""
         groups = scorer.groups(len(queries))
-        if len(groups) > 1:
-            warn(
-                f"{label}: the preconditioned queries exceed memory_limit's budget for them, so "
-                f"they are scored in {len(groups)} passes over the training data (groups of "
-                "queries and layers; plan() foresees them): raise memory_limit, score fewer "
-                "queries a call, or give a workdir or factors_dir, where on CPU the queries "
-                "are kept on disk and scored in one pass (queries_on_disk)",
-                Notice,
-            )
+        size = groups[0][1] - groups[0][0]  # the largest group: every group at its rank
         device = self.fitted.space.device
         for number, (start, stop, layers) in enumerate(groups):
             named = label if len(groups) == 1 else f"{label}, group {number + 1}/{len(groups)}"
@@ -348,12 +336,16 @@ class KFAC(PrimalMethod):
             group = None if shards is None else shards.of_group([start, stop, list(layers)])
             if group is None or scorer.spills(stop - start, layers):
                 # (queries kept on disk are this call's working files: recomputed on resume)
-                prepared = scorer.queries(part, layers)
+                prepared = scorer.queries(part, layers, size)
             else:  # committed once, reused by a resumed run
-                compute = partial(_query_payload, scorer, part, layers)
+                compute = partial(_query_payload, scorer, part, layers, size)
                 tensors, document = group.piece(QUERIES, {}, compute)
                 prepared = LayerQueries.from_payload(tensors, document, device)
             try:
+                if number == 0 and len(groups) > 1:  # (once its queries fit: not refused)
+                    disk = self.options.queries_on_disk is not False
+                    low = prepared.rank is not None
+                    warn(_passes_notice(scorer, label, len(groups), low, disk), Notice)
                 if prepared.rank is not None:
                     ranks = [r for r in (self.query_rank, prepared.rank) if r is not None]
                     self.query_rank = min(ranks)
@@ -644,7 +636,7 @@ class KFAC(PrimalMethod):
                 if len(groups) == 1:
                     groups = None
                 if rank < 1:  # StreamingScorer.queries refuses: the limit cannot be met
-                    refused = True
+                    refused, groups = True, None
                     rank, note = (
                         1,
                         (
@@ -764,6 +756,29 @@ class KFAC(PrimalMethod):
         return out
 
 
+def _passes_notice(scorer: StreamingScorer, label: str, passes: int, low: bool, disk: bool) -> str:
+    """What a call that takes ``passes`` passes over the training data for its queries (more
+    than one, :meth:`StreamingScorer.groups`; ``low``: at low rank) says, with the levers that
+    would help it (the queries on disk where they could be and ``disk``: not refused by
+    ``queries_on_disk``)."""
+    if low:  # one layer of one query exceeds the budget
+        levers = "raise memory_limit, track fewer layers (modules=) or use a smaller batch_size"
+        why = "at low rank, in groups of queries"
+    else:
+        levers = "raise memory_limit or score fewer queries a call"
+        if scorer.scratch is None and disk:
+            levers += (
+                "; with a workdir or factors_dir (on a GPU also queries_on_disk=True) the "
+                "queries are kept on disk and scored in one pass"
+            )
+        why = "in groups of queries and layers"
+    return (
+        f"{label}: the preconditioned queries exceed memory_limit's budget for them, so they "
+        f"are scored {why}, in {passes} passes over the training data (plan() foresees "
+        f"them): {levers}"
+    )
+
+
 def _keeps_queries_on_disk(choice: bool | None, place: bool, device_type: str) -> bool:
     """Whether queries beyond their budget are kept on disk rather than scored in groups:
     ``queries_on_disk`` when set, else on CPU with a place for them (a workdir or factors_dir).
@@ -774,10 +789,11 @@ def _keeps_queries_on_disk(choice: bool | None, place: bool, device_type: str) -
 
 
 def _query_payload(
-    scorer: StreamingScorer, queries: ExampleSet, layers: tuple[int, ...]
+    scorer: StreamingScorer, queries: ExampleSet, layers: tuple[int, ...], group_size: int
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The preconditioned ``queries`` of ``layers`` as tensors and a document."""
-    return scorer.queries(queries, layers).payload()
+    """The preconditioned ``queries`` of ``layers`` (at the rank of ``group_size`` queries,
+    :meth:`StreamingScorer.queries`) as tensors and a document."""
+    return scorer.queries(queries, layers, group_size).payload()
 
 
 #: ``method="auto"`` takes EK-FAC for a model whose factored layers hold at least this share
