@@ -91,6 +91,11 @@ def test_shards_need_a_workdir_a_valid_part_and_a_sharding_method(
         exact.fit(problem["train"])
     with pytest.raises(UnsupportedError, match="does not compute scores in shards"):
         exact.score_shards(problem["test"], (0, 2))
+    # a Kronecker method whose scores take the generic path: every job would compute them all
+    # and commit nothing
+    whole = _influence(problem, workdir=tmp_path / "whole", unsupported="identity")
+    with pytest.raises(UnsupportedError, match="computes these scores whole"):
+        whole.score_shards(problem["test"], (0, 2))
     with pytest.raises(InvalidInputError, match="is a file"):
         (tmp_path / "file").write_text("")
         infkit.Influence(problem["task"], "ekfac", workdir=tmp_path / "file")

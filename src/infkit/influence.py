@@ -642,6 +642,14 @@ class Influence:
                 f"method {method.name!r} does not compute scores in shards; the Kronecker "
                 "methods (kfac, ekfac) do"
             )
+        if not method.scores_in_shards(self._estimator):
+            # every job would compute the whole scores and commit nothing
+            raise UnsupportedError(
+                f"method {method.name!r} computes these scores whole, not in shards: the "
+                f"estimator {self._estimator.name!r} or parameters outside its tracked layers "
+                "(unsupported='identity') take the generic path. Shards need the IF estimator "
+                "and the tracked layers only (the default unsupported='skip')"
+            )
         method.shard_part = part
         try:
             self.scores(test)  # this part's columns only: not a result, never returned

@@ -331,6 +331,11 @@ class Method(ABC):
             f"{', '.join(pairs) or 'none'}"
         )
 
+    def scores_in_shards(self, estimator: Estimator) -> bool:
+        """Whether this fitted method's scores for ``estimator`` are computed (and committed
+        to a workdir) shard by shard (:attr:`shards_scores`, and the path it takes)."""
+        return type(self).shards_scores
+
     def require(self, question: str) -> None:
         """Raise UnsupportedError naming the methods that answer ``question``, if this one can't."""
         if not self.answers(question):

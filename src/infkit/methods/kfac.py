@@ -226,6 +226,9 @@ class KFAC(PrimalMethod):
         """Whether the layer-by-layer scorer answers for ``estimator`` (the IF's scores)."""
         return estimator.name == "if" and self._scores_stream()
 
+    def scores_in_shards(self, estimator: Estimator) -> bool:
+        return self._streams(estimator)
+
     def _streaming(self, estimator: Estimator, scores: int = 0) -> StreamingScorer | None:
         """The layer-by-layer scorer, when it applies (:meth:`_streams`), with the query budget
         left beside the ``scores`` bytes of the call's result."""
