@@ -610,7 +610,7 @@ class StreamingScorer:
         """``visit(batch, start)`` for the batches of consecutive entries of ``indices``, the
         batch's first entry at ``start``; with ``split``, only this process's batches
         (:func:`~infkit.distributed.shard_batches`) with their progress named ``label``;
-        without, every batch (a shard), each counted in ``shown`` when given."""
+        without, every batch (a shard's), each counted in ``shown`` when given."""
         fitted = self.fitted
         size = fitted.batch_size
         if split:
@@ -624,7 +624,7 @@ class StreamingScorer:
             batches = enumerate(fitted.train.batches(size, indices))
         for number, batch in batches:
             visit(batch, number * size)
-            if shown is not None and not split:
+            if shown is not None:
                 shown.update()
 
     def _batch_scores(self, batch: Batch, prepared: LayerQueries) -> Tensor:

@@ -88,6 +88,12 @@ def _binary_out_to_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     return 1.0 - torch.sigmoid(_binary_margin(outputs, targets))
 
 
+def keeps_projection(size: int, dim: int, itemsize: int, memory: int) -> bool:
+    """Whether :class:`Projector` keeps R [``size``, ``dim``] whole within ``memory`` bytes
+    (else it regenerates it a chunk of :data:`CHUNK_ROWS` rows at a time from its seed)."""
+    return size * dim * itemsize <= memory
+
+
 class Projector:
     """The seeded P x k projection R (entries +-1/sqrt(k) or N(0, 1/k)), kept or streamed."""
 
@@ -106,7 +112,7 @@ class Projector:
         self.dtype, self.device = dtype, device
         itemsize = torch.finfo(dtype).bits // 8
         self.matrix: Tensor | None = None
-        if kind != "identity" and size * self.dim * itemsize <= memory:
+        if kind != "identity" and keeps_projection(size, self.dim, itemsize, memory):
             self.matrix = torch.cat([self._chunk(c) for c in range(self._chunks())])
 
     def _chunks(self) -> int:
@@ -272,10 +278,13 @@ class Trak(Method):
         a chunk of :data:`CHUNK_ROWS` rows at a time, regenerated from its seed)."""
         if self.options.projection == "identity":
             return 0, False
-        whole = p * k * itemsize
-        if whole <= min(self.options.projection_memory, limit // 4):
-            return whole, True
+        if keeps_projection(p, k, itemsize, self._projection_budget(limit)):
+            return p * k * itemsize, True
         return min(CHUNK_ROWS, p) * k * itemsize, False
+
+    def _projection_budget(self, limit: int) -> int:
+        """The bytes R may take whole under a ``memory_limit`` of ``limit``."""
+        return min(self.options.projection_memory, limit // 4)
 
     def query_row_bytes(self, n: int, p: int, estimator: Estimator | None = None) -> int:
         """A query's projected gradient [k] and its solve, its score row against each model's
@@ -409,7 +418,7 @@ class Trak(Method):
             options.seed,
             space.dtype,
             space.device,
-            min(options.projection_memory, fitted.memory_limit // 4),
+            self._projection_budget(fitted.memory_limit),
         )
         weights = torch.zeros(n, dtype=torch.float64)
         self._models_data = []
