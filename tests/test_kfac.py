@@ -425,23 +425,32 @@ def test_wide_inner_sums_its_column_chunks_to_the_product(
     assert relative_error(wide_inner(X, Y), X @ Y.T) < 1e-14
 
 
-@pytest.mark.parametrize("examples", [1, 3])
+@pytest.mark.parametrize(
+    ("examples", "slab_rows"),
+    [(1, None), (3, None), (None, 3), (None, 4)],  # chunks of examples; slabs of rows (3 + 1)
+)
 def test_squares_in_eigenbasis_sums_the_squared_rotated_blocks(
-    examples: int, monkeypatch: pytest.MonkeyPatch
+    examples: int | None, slab_rows: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """kfac.factors.squares_in_eigenbasis: sum over vectors and examples of the squared blocks
-    (sum_t dr_t ar_t^T)^2, in chunks of one example (CHUNK_ELEMENTS small) or all at once,
-    against the dense float64 sum."""
+    (sum_t dr_t ar_t^T)^2, whole blocks in chunks of one example (CHUNK_ELEMENTS small) or all
+    at once, or with few positions in slabs of rows of every block (the last one shorter), against
+    the dense float64 sum."""
     import infkit.kfac.factors
+    import infkit.layers.capture
     from infkit.kfac.factors import squares_in_eigenbasis
     from infkit.scratch import ScratchSpace
 
-    gen = torch.Generator().manual_seed(examples)
+    gen = torch.Generator().manual_seed(examples or slab_rows or 0)
     dr = torch.randn(2, 3, 5, 4, generator=gen)  # [K, B, T, d_out]
     ar = torch.randn(3, 5, 6, generator=gen)  # [B, T, cols]
     blocks = dr.double().transpose(-1, -2) @ ar.double().unsqueeze(0)
     expected = blocks.square().sum((0, 1))
-    monkeypatch.setattr(infkit.kfac.factors, "CHUNK_ELEMENTS", 2 * 4 * 6 * examples)
+    if slab_rows is None:  # whole blocks: T = 5 above the slabs' positions
+        monkeypatch.setattr(infkit.layers.capture, "SLAB_MAX_POSITIONS", 4)
+        monkeypatch.setattr(infkit.kfac.factors, "CHUNK_ELEMENTS", 2 * 4 * 6 * examples)
+    else:  # a row of the slab holds K x B x cols float32 numbers
+        monkeypatch.setattr(infkit.kfac.factors, "SQUARES_SLAB_BYTES", slab_rows * 2 * 3 * 6 * 4)
     assert relative_error(squares_in_eigenbasis(dr, ar), expected) < 1e-6  # float32 products
     # the blocks made in one reused buffer: the same sums, call after call (the second call's
     # blocks overwrite the first's), and the buffer is not grown for a call that fits it
@@ -455,6 +464,29 @@ def test_squares_in_eigenbasis_sums_the_squared_rotated_blocks(
     )
     assert scratch.view((1,), dr).data_ptr() == buffer
     assert relative_error(first, expected) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_inner_products_in_slabs_equal_the_dense_sums(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """layers.capture.block_inner: <U_k, G_j> with G_j = sum_t Ds_jt a_jt^T made a slab of rows
+    at a time (slabs of 2 rows of 5, the last one shorter; one slab of all 5) equals the float64
+    sums over whole blocks."""
+    import infkit.layers.capture
+    from infkit.layers.capture import block_inner
+
+    gen = torch.Generator().manual_seed(1)
+    a, ds = torch.randn(4, 6, 3, generator=gen), torch.randn(4, 6, 5, generator=gen)
+    U = torch.randn(7, 5, 3, generator=gen)  # [k, d_out, cols]
+    G = torch.einsum("bto,bti->boi", ds.double(), a.double())
+    expected = U.double().flatten(1) @ G.flatten(1).T
+    for rows in (2, 5):  # a row of the slab holds B x cols numbers
+        size = torch.finfo(dtype).bits // 8
+        monkeypatch.setattr(infkit.layers.capture, "INNER_SLAB_BYTES", rows * 4 * 3 * size)
+        got = block_inner(U, a, ds, dtype)
+        assert got.shape == (7, 4) and got.dtype == dtype
+        assert relative_error(got, expected) < (1e-6 if dtype == torch.float32 else 1e-14)
 
 
 def test_block_gradients_made_in_a_reused_buffer_equal_the_dense_sums() -> None:

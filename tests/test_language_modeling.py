@@ -20,6 +20,7 @@ from lm_helpers import LENGTH, VOCAB, TinyLM, llama_config
 from torch import nn
 
 import infkit
+import infkit.layers.capture
 from infkit import diagnostics
 from infkit import language_modeling as lm
 from infkit.data import ExampleSet
@@ -387,12 +388,23 @@ def test_rif_and_newton_refuse_output_jacobians_beyond_the_memory_limit(
 
 # ============================================================================ streaming
 @pytest.mark.parametrize(
-    ("method", "dtype"),
-    [("ekfac", torch.float64), ("ekfac", torch.float32), ("kfac", torch.float64)],
+    ("method", "dtype", "slabs"),
+    [
+        ("ekfac", torch.float64, True),
+        ("ekfac", torch.float32, True),
+        ("ekfac", torch.float32, False),  # blocks made whole, as for long sequences
+        ("kfac", torch.float64, True),
+    ],
 )
 def test_streamed_scores_equal_the_cached_path(
-    problem: dict, method: str, dtype: torch.dtype
+    problem: dict, method: str, dtype: torch.dtype, slabs: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The scores streamed from the layers' hooks (per-example blocks made a slab of rows at a
+    time for these short sequences, or whole) equal those of the cached [N, P] gradients."""
+    if slabs:
+        assert LENGTH <= infkit.layers.capture.SLAB_MAX_POSITIONS
+    else:
+        monkeypatch.setattr(infkit.layers.capture, "SLAB_MAX_POSITIONS", 0)
     model = TinyLM().to(dtype).eval()
     model.load_state_dict(problem["model"].state_dict())
     task = infkit.Task.language_modeling(model)

@@ -50,7 +50,9 @@ from infkit.kfac.spill import DiskBlocks
 from infkit.layers.capture import (
     Call,
     block_gradient,
+    block_inner,
     layer_terms,
+    made_in_slabs,
     stream_block_gradients,
     stream_layer_terms,
 )
@@ -669,6 +671,8 @@ class StreamingScorer:
                     values = position_shares(queries, a, ds, self.dtype)
                 elif isinstance(queries, tuple):
                     values = position_shares(queries, a, ds, self.dtype).sum(-1)
+                elif prepared.on_disk is None and made_in_slabs(a):  # (one chunk of queries)
+                    values = block_inner(queries, a, ds, self.dtype)
                 else:
                     if G is None:
                         G = block_gradient(a, ds, self.dtype, blocks).flatten(1)
