@@ -394,3 +394,37 @@ def test_examples_refuse_what_would_score_nothing_or_fail_later(call, message: s
         call(ids)
     _, labels = lm.examples(ids, prompt_lengths=[LENGTH - 1] * 4)  # the last token scored
     assert bool((labels[:, -1] == ids[:, -1]).all()) and bool((labels[:, :-1] == -100).all())
+
+
+def test_one_token_sequences_given_as_they_are_are_refused(lm_problem: dict) -> None:
+    """(ids, labels) of one token each, not through lm.examples: no next token, a loss of 0,
+    every score 0 (accepted before: only lm.examples refused it)."""
+    ids = torch.randint(0, VOCAB, (4, 1))
+    task = infkit.Task.language_modeling(lm_problem["model"])
+    with pytest.raises(InvalidInputError, match="one token long, so they have no token to score"):
+        infkit.Influence(task, "identity").fit(({"input_ids": ids}, ids.clone()))
+
+
+def test_parameters_that_take_no_part_in_the_outputs_are_refused() -> None:
+    """A model whose only trainable parameters the forward pass never uses (a layer built and
+    not called): every gradient and score would be 0 (exact returned zeros, identity raised
+    PyTorch's own error); refused, naming them, before any pass."""
+
+    class Unused(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = torch.nn.Linear(3, 2).requires_grad_(False)
+            self.spare = torch.nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    task = infkit.Task.classification(Unused())
+    for method in ("identity", "exact", "ekfac"):
+        with pytest.raises(
+            InvalidInputError,
+            match=r"none of the 2 parameters attributed through \('spare.weight', 'spare.bias'\)"
+            r" takes part in the model's outputs for training set example 0",
+        ):
+            infkit.Influence(task, method, damping=1e-2).fit((X, y))

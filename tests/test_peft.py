@@ -13,6 +13,7 @@ from test_ekfac import kfe_diagonal
 
 import infkit
 from infkit import language_modeling as lm
+from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.evaluate import relative_error
 
 pytestmark = pytest.mark.slow
@@ -95,3 +96,42 @@ def test_lora_adapters_are_attributed_through_their_matrices() -> None:
     # and its scores correlate with the exact ones (it drops the cross-layer blocks)
     pair = torch.stack([ekfac.scores(test).flatten(), dense.flatten()])
     assert float(torch.corrcoef(pair)[0, 1]) > 0.9
+
+
+def test_a_merged_adapter_is_refused_with_the_remedy() -> None:
+    """peft's merge_adapter() leaves lora_A and lora_B trainable but uncalled: every gradient
+    would be 0 (identity and the Kronecker methods raised PyTorch's own errors, exact and cg
+    returned zeros); refused before any pass, naming the merge and what to do."""
+    model = _lora_model()
+    model.merge_adapter()
+    train = lm.examples(torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(2)))
+    task = infkit.Task.language_modeling(model)
+    for method in ("identity", "ekfac", "exact"):
+        with pytest.raises(InvalidInputError, match=r"none of the 4 parameters.*unmerge_adapter"):
+            infkit.Influence(task, method, damping=1e-2).fit(train)
+    model.unmerge_adapter()  # the adapters called again: attributed as usual
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert infkit.Influence(task, "identity").fit(train).n_params == 4 * 16
+
+
+def test_dora_adapters_are_refused_by_the_kronecker_methods_and_named() -> None:
+    """peft's DoRA calls lora_A and lora_B on an identity matrix besides the examples (its
+    weight's norm): the Kronecker methods name DoRA and the methods that take its gradients by
+    autograd; identity attributes through it."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = llama_config(
+        vocab_size=11, hidden_size=8, intermediate_size=16, max_position_embeddings=16
+    )
+    base = transformers.LlamaForCausalLM(config).double().eval()
+    adapters = peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
+    model = peft.get_peft_model(base, adapters).eval()
+    train = lm.examples(torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(3)))
+    task = infkit.Task.language_modeling(model)
+    for method in ("kfac", "ekfac"):
+        with pytest.raises(UnsupportedError, match=r"DoRA layer .*q_proj.*identity, exact"):
+            infkit.Influence(task, method, damping=1e-2).fit(train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        infkit.Influence(task, "identity").fit(train)

@@ -10,7 +10,7 @@ import torch
 from autograd_reference import autograd_gradients
 
 import infkit
-from infkit.errors import InvalidInputError
+from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.evaluate import relative_error
 
 
@@ -77,6 +77,12 @@ def test_tracincp_equals_the_hand_computed_sum(mlp_problem: dict) -> None:
     assert relative_error(delta, expected_delta) < 1e-12
     assert torch.equal(flat(model), final)  # the model is left at its own parameters
     assert inf.describe()["checkpoints"] == 4
+    # a sum over checkpoints has no inverse curvature to split: refused, pointing elsewhere
+    # (identity without checkpoints answers it, so it is not listed as a method that does)
+    with pytest.raises(UnsupportedError, match="with checkpoints") as refused:
+        inf.module_scores((Xt, yt))
+    assert "without them it does" in str(refused.value)
+    assert "'identity'" not in str(refused.value).split("methods that do:")[1]
 
 
 def test_tracincp_checks_its_inputs(mlp_problem: dict) -> None:

@@ -358,6 +358,51 @@ def check_beside(engine: PerExample, train: ExampleSet, examples: ExampleSet) ->
     check_examples(engine, examples)
 
 
+def check_parameters_take_part(engine: PerExample, examples: ExampleSet) -> None:
+    """Refuse a parameter space none of whose parameters the model's outputs depend on: every
+    gradient, and so every score, would be 0. One forward pass of the first example, with the
+    parameters of ``engine``'s space requiring gradients.
+
+    Raises:
+        InvalidInputError: the outputs of ``examples``' first example do not depend on them (a
+            peft adapter merged into its base weights is the usual cause: its matrices stay
+            trainable, but the forward pass no longer calls them).
+    """
+    first = examples.take([0])
+    inputs, _ = engine.prepare(first)
+    params = {name: p.requires_grad_() for name, p in engine.params().items()}
+    with torch.enable_grad(), evaluation_mode(engine.task.model):
+        outputs = engine.call(params, inputs)
+    if isinstance(outputs, Tensor) and outputs.requires_grad:
+        return
+    names = list(params)
+    shown = ", ".join(map(repr, names[:3])) + (
+        f" and {len(names) - 3} more" if len(names) > 3 else ""
+    )
+    merged = [
+        name
+        for name, module in engine.task.model.named_modules()
+        if getattr(module, "merged", False) is True and hasattr(module, "lora_A")
+    ]
+    remedy = (
+        "Mark the parameters the forward pass uses as trainable (requires_grad=True) and "
+        "freeze the others, or name layers it calls with modules=[...]"
+    )
+    if merged:
+        others = " and others" if len(merged) > 1 else ""
+        remedy = (
+            f"The peft adapter of {merged[0]!r}{others} is merged into its base weights "
+            "(merge_adapter()): its lora_A and lora_B stay trainable but are no longer called. "
+            "Call unmerge_adapter() to attribute through the adapter, or merge_and_unload() "
+            "and mark the parameters to attribute with requires_grad=True"
+        )
+    raise InvalidInputError(
+        f"none of the {len(names)} parameters attributed through ({shown}) takes part in the "
+        f"model's outputs for {examples.name} {examples.example(0)}: every gradient, and so "
+        f"every score, would be 0. {remedy}"
+    )
+
+
 def check_examples(engine: PerExample, examples: ExampleSet) -> None:
     """Check that the model accepts the inputs and the task's targets are usable.
 

@@ -42,6 +42,7 @@ from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator
 from infkit.fitted import (
     Fitted,
     check_examples,
+    check_parameters_take_part,
     check_weights_present,
     gradient_cache_fits,
     objective_gradient,
@@ -315,6 +316,7 @@ class Influence:
             space = attributed
             engine = PerExample(self.task, space, self.per_example_mode)
             problem = replace(problem, p=space.size, space=space)
+        check_parameters_take_part(engine, examples)
         method.check_memory(problem)  # before any pass over the data
         kind = type(method)
         keeps = kind.shards_scores or "factors_dir" in kind.Options.names()

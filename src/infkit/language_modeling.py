@@ -336,9 +336,15 @@ def check_labels(targets: Any, output_shape: tuple[int, ...]) -> tuple[int, str]
             f"labels have per-example shape {tuple(targets.shape[1:])}, the logits {length} "
             "positions: labels are aligned with input_ids (the loss shifts them)"
         )
+    if length == 1:
+        return 0, (
+            "the sequences are one token long, so they have no token to score: the loss "
+            "predicts token t + 1 from the logits at position t, and a one-token sequence's "
+            "loss and every score against it would be 0. Pass sequences of two tokens or more"
+        )
     y = targets.long()
     scored = y[:, 1:] != IGNORE_INDEX
-    if length > 1 and not bool(scored.any(dim=1).all()):
+    if not bool(scored.any(dim=1).all()):
         k = int((~scored.any(dim=1)).nonzero()[0, 0])
         return k, (
             "the sequence has no token to score: every label after position 0 is -100, so its "

@@ -122,6 +122,7 @@ def find_modules(
     tied_with = tied_layers(model)
     tracked: list[TrackedModule] = []
     wanted = None if modules is None else set(modules)
+    dora = dora_adapters(model)
     for name, module in model.named_modules():
         kind = _kind(module)
         if kind is None or (wanted is not None and name not in wanted):
@@ -129,6 +130,15 @@ def find_modules(
         weight = getattr(module, "weight", None)
         if not isinstance(weight, nn.Parameter) or param_names.get(id(weight)) not in trainable:
             continue
+        if name in dora:
+            raise UnsupportedError(
+                f"module {name!r} is an adapter matrix of the DoRA layer {dora[name]!r} (peft's "
+                "use_dora=True), which calls its lora_A and lora_B on an identity matrix as well "
+                "as on the examples (to take its weight's norm), so the layers' hooks cannot "
+                "tell the examples' rows and the Kronecker methods cannot attribute through "
+                "it. Use LoRA without DoRA, or a method that takes its gradients by autograd "
+                "(identity, exact, cg, arnoldi)"
+            )
         if kind == "conv2d" and module.groups != 1:
             if wanted is not None:
                 raise UnsupportedError(
@@ -163,6 +173,20 @@ def find_modules(
     covered = {t.weight for t in tracked} | {t.bias for t in tracked if t.bias}
     others = [n for n in space.names if n not in covered]
     return tracked, others
+
+
+def dora_adapters(model: nn.Module) -> dict[str, str]:
+    """The adapter matrices (``lora_A`` and ``lora_B``) of peft's DoRA layers, each with its
+    layer's name: a layer whose ``lora_magnitude_vector`` holds the adapter is DoRA."""
+    found = {}
+    for name, module in model.named_modules():
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if not isinstance(magnitudes, nn.ModuleDict):
+            continue
+        for adapter in magnitudes:
+            for matrix in ("lora_A", "lora_B"):
+                found[f"{name}.{matrix}.{adapter}" if name else f"{matrix}.{adapter}"] = name
+    return found
 
 
 def _why_not_tracked(

@@ -339,7 +339,9 @@ class Method(ABC):
     def require(self, question: str) -> None:
         """Raise UnsupportedError naming the methods that answer ``question``, if this one can't."""
         if not self.answers(question):
-            able = ", ".join(repr(m) for m in methods_answering(question)) or "none"
+            # (this method may answer it with other options: its _why_not says which)
+            others = [m for m in methods_answering(question) if m != self.name]
+            able = ", ".join(map(repr, others)) or "none"
             raise UnsupportedError(
                 f"method {self.name!r} does not give {QUESTION_TEXT.get(question, question)}"
                 f"{self._why_not(question)}; methods that do: {able}"

@@ -350,7 +350,10 @@ class Dual(PrimalMethod):
 
     def _why_not(self, question: str) -> str:
         if self.options.linearize_at is not None:
-            return " with linearize_at (its answers use the Jacobian at the expansion point)"
+            return (
+                " with linearize_at (its answers use the Jacobian at the expansion point; "
+                "without it, it does)"
+            )
         return ""
 
     def check(self, task: Task, space: ParameterSpace) -> None:

@@ -134,7 +134,9 @@ class Identity(PrimalMethod):
         return super().answers(question)
 
     def _why_not(self, question: str) -> str:
-        return " with checkpoints (TracInCP sums over a trajectory)" if self.tracin else ""
+        if not self.tracin:
+            return ""
+        return " with checkpoints (TracInCP sums over a trajectory; without them it does)"
 
     def check(self, task: Task, space: ParameterSpace) -> None:
         for k, w in enumerate(self.options.checkpoints or []):
