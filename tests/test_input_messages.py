@@ -428,3 +428,9 @@ def test_parameters_that_take_no_part_in_the_outputs_are_refused() -> None:
             r" takes part in the model's outputs for training set example 0",
         ):
             infkit.Influence(task, method, damping=1e-2).fit((X, y))
+    # other trainable parameters in the outputs do not hide it: the Kronecker methods attribute
+    # through the named layers only (PyTorch's "`inputs` argument to grad() cannot be empty")
+    model = Unused()
+    model.used.requires_grad_(True)
+    with pytest.raises(InvalidInputError, match=r"none of the 2 parameters .*'spare.weight'"):
+        infkit.Influence(infkit.Task.classification(model), "ekfac", modules=["spare"]).fit((X, y))

@@ -360,8 +360,8 @@ def check_beside(engine: PerExample, train: ExampleSet, examples: ExampleSet) ->
 
 def check_parameters_take_part(engine: PerExample, examples: ExampleSet) -> None:
     """Refuse a parameter space none of whose parameters the model's outputs depend on: every
-    gradient, and so every score, would be 0. One forward pass of the first example, with the
-    parameters of ``engine``'s space requiring gradients.
+    gradient, and so every score, would be 0. One forward and backward pass of the first
+    example, with the parameters of ``engine``'s space requiring gradients.
 
     Raises:
         InvalidInputError: the outputs of ``examples``' first example do not depend on them (a
@@ -373,8 +373,11 @@ def check_parameters_take_part(engine: PerExample, examples: ExampleSet) -> None
     params = {name: p.requires_grad_() for name, p in engine.params().items()}
     with torch.enable_grad(), evaluation_mode(engine.task.model):
         outputs = engine.call(params, inputs)
-    if isinstance(outputs, Tensor) and outputs.requires_grad:
-        return
+        # (trainable parameters outside the space, left out by a method, stay in the graph)
+        if isinstance(outputs, Tensor) and outputs.requires_grad:
+            grads = torch.autograd.grad(outputs.sum(), list(params.values()), allow_unused=True)
+            if any(g is not None for g in grads):
+                return
     names = list(params)
     shown = ", ".join(map(repr, names[:3])) + (
         f" and {len(names) - 3} more" if len(names) > 3 else ""

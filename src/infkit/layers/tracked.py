@@ -131,8 +131,9 @@ def find_modules(
         if not isinstance(weight, nn.Parameter) or param_names.get(id(weight)) not in trainable:
             continue
         if name in dora:
+            layer = repr(dora[name]) if dora[name] else "(the model itself)"
             raise UnsupportedError(
-                f"module {name!r} is an adapter matrix of the DoRA layer {dora[name]!r} (peft's "
+                f"module {name!r} is an adapter matrix of the DoRA layer {layer} (peft's "
                 "use_dora=True), which calls its lora_A and lora_B on an identity matrix as well "
                 "as on the examples (to take its weight's norm), so the layers' hooks cannot "
                 "tell the examples' rows and the Kronecker methods cannot attribute through "
