@@ -401,8 +401,9 @@ def test_streamed_scores_equal_the_cached_path(
 ) -> None:
     """The scores streamed from the layers' hooks (per-example blocks made a slab of rows at a
     time for these short sequences, or whole) equal those of the cached [N, P] gradients."""
-    if slabs:
+    if slabs:  # (the products in slabs on any number of threads)
         assert LENGTH <= infkit.layers.capture.SLAB_MAX_POSITIONS
+        monkeypatch.setattr(infkit.layers.capture, "INNER_SLAB_MAX_THREADS", 1 << 10)
     else:
         monkeypatch.setattr(infkit.layers.capture, "SLAB_MAX_POSITIONS", 0)
     model = TinyLM().to(dtype).eval()

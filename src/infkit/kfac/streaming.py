@@ -52,7 +52,7 @@ from infkit.layers.capture import (
     block_gradient,
     block_inner,
     layer_terms,
-    made_in_slabs,
+    products_in_slabs,
     stream_block_gradients,
     stream_layer_terms,
 )
@@ -671,7 +671,7 @@ class StreamingScorer:
                     values = position_shares(queries, a, ds, self.dtype)
                 elif isinstance(queries, tuple):
                     values = position_shares(queries, a, ds, self.dtype).sum(-1)
-                elif prepared.on_disk is None and made_in_slabs(a):  # (one chunk of queries)
+                elif prepared.on_disk is None and products_in_slabs(a):  # (one chunk of queries)
                     values = block_inner(queries, a, ds, self.dtype)
                 else:
                     if G is None:

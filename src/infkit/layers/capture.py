@@ -789,6 +789,11 @@ SLAB_MAX_POSITIONS = 64
 #: bytes of the block gradients' slab in :func:`block_inner` (the fastest of 0.5-8 MiB measured
 #: at T = 16, B = 16, layers of 1536 x 384 on one core: 19 against 38 ms for the whole block)
 INNER_SLAB_BYTES = 1 << 20
+#: threads up to which the scoring pass takes its products with the queries in slabs
+#: (:func:`products_in_slabs`): MiniLM's scores took 2.14 and 2.02 passes in slabs against 2.76
+#: whole on one thread, but 68 and 72 s against 55 s on two, where the slabs' small products
+#: split across threads worse than the whole block's (benchmarks/results/minilm.md)
+INNER_SLAB_MAX_THREADS = 1
 
 
 def made_in_slabs(a: Tensor) -> bool:
@@ -797,6 +802,13 @@ def made_in_slabs(a: Tensor) -> bool:
     where the block's traffic to memory, not its arithmetic, is the cost. (On a GPU the slabs'
     many small kernels would cost more than the traffic they save.)"""
     return a.device.type == "cpu" and a.shape[1] <= SLAB_MAX_POSITIONS
+
+
+def products_in_slabs(a: Tensor) -> bool:
+    """Whether the scoring pass takes a layer's per-example blocks into its products with the
+    queries a slab at a time (:func:`block_inner`): :func:`made_in_slabs`, on at most
+    :data:`INNER_SLAB_MAX_THREADS` threads."""
+    return made_in_slabs(a) and torch.get_num_threads() <= INNER_SLAB_MAX_THREADS
 
 
 def block_inner(U: Tensor, a: Tensor, ds: Tensor, dtype: torch.dtype) -> Tensor:
