@@ -817,18 +817,15 @@ def block_inner(U: Tensor, a: Tensor, ds: Tensor, dtype: torch.dtype) -> Tensor:
     ``Ds`` [B, T, d_out], without forming the whole of G: each slab of rows of the blocks,
     :data:`INNER_SLAB_BYTES` of them, is made and taken into the products while in the cache
     (the whole block, tens of MB a layer, is written and read back from memory)."""
-    left, right = ds.to(dtype).transpose(1, 2), a.to(dtype)
-    batch, d_out, cols = left.shape[0], left.shape[1], right.shape[2]
-    rows = max(1, INNER_SLAB_BYTES // (batch * cols * right.element_size()))
+    a, ds, U = a.to(dtype), ds.to(dtype), U.to(dtype)  # once, not for every slab
+    batch, d_out, cols = ds.shape[0], ds.shape[2], a.shape[2]
+    rows = max(1, INNER_SLAB_BYTES // (batch * cols * a.element_size()))
     out = torch.zeros(U.shape[0], batch, dtype=dtype, device=a.device)
-    U = U.to(dtype)
-    with torch.no_grad():  # out= takes no part in autograd, and nothing here needs it
-        slab = torch.empty(batch * min(rows, d_out) * cols, dtype=dtype, device=a.device)
-        for start in range(0, d_out, rows):
-            stop = min(start + rows, d_out)
-            G = slab[: batch * (stop - start) * cols].view(batch, stop - start, cols)
-            torch.matmul(left[:, start:stop], right, out=G)
-            out.addmm_(U[:, start:stop].flatten(1), G.flatten(1).T)
+    slab = ScratchSpace()  # each slab's blocks in the storage of the one before
+    for start in range(0, d_out, rows):
+        stop = min(start + rows, d_out)
+        G = block_gradient(a, ds[:, :, start:stop], dtype, slab)
+        out.addmm_(U[:, start:stop].flatten(1), G.flatten(1).T)
     return out
 
 
