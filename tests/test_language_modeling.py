@@ -429,6 +429,65 @@ def test_streamed_scores_equal_the_cached_path(
     assert streamed.describe()["query_rank"] is None
 
 
+def test_queries_read_only_through_a_custom_measurement_need_no_scored_token(
+    problem: dict,
+) -> None:
+    """A measurement that reads no label (a logit at the last position) scores one-token
+    queries and queries whose labels are all -100, which the loss refuses: identity against
+    autograd's (1/N) grad m_t . grad l_j, EK-FAC streamed under a memory limit against its
+    cached path. The same sets read through the loss (a training set, the loss's queries)
+    stay refused."""
+    model = problem["model"]
+
+    def last_logit(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return outputs[:, -1, 3]
+
+    task = infkit.Task.language_modeling(model).with_measurement(last_logit, higher_is_better=True)
+    ids = torch.randint(0, VOCAB, (3, 1), generator=torch.Generator().manual_seed(1))
+    one_token = ({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids.clone())
+    inputs, labels = problem["test"]
+    masked = (inputs, torch.full_like(labels, lm.IGNORE_INDEX))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def flat_gradient(value: torch.Tensor) -> torch.Tensor:
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        return torch.cat(
+            [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]
+        )
+
+    train_inputs, train_labels = problem["train"]
+    logits = model(**train_inputs)
+    losses = lm.next_token_loss(logits, train_labels)
+    G = torch.stack([flat_gradient(losses[j]) for j in range(N)])
+    inf = infkit.Influence(task, "identity", l2=0.0).fit(problem["train"])
+    for queries in (one_token, masked):
+        m = last_logit(model(**queries[0]), queries[1])
+        expected = torch.stack([flat_gradient(m[t]) for t in range(len(m))]) @ G.T / N
+        torch.testing.assert_close(inf.scores(queries), expected, rtol=1e-10, atol=1e-12)
+
+    options = {"l2": 1e-2, "damping": 1e-2, "batch_size": 2}
+    limit = _limit_for_queries(problem, Q, batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        cached = infkit.Influence(task, "ekfac", **options).fit(problem["train"])
+        streamed = infkit.Influence(task, "ekfac", memory_limit=limit, **options)
+        streamed.fit(problem["train"])
+    assert streamed.fitted.train_gradients is None
+    for queries in (one_token, masked):
+        scores = streamed.scores(queries)
+        assert bool(scores.abs().max() > 0)
+        torch.testing.assert_close(scores, cached.scores(queries), rtol=1e-9, atol=1e-12)
+
+    with pytest.raises(InvalidInputError, match="one token long, so they have no token to score"):
+        infkit.Influence(task, "identity").fit(one_token)
+    loss_read = infkit.Influence(infkit.Task.language_modeling(model), "identity").fit(
+        problem["train"]
+    )
+    with pytest.raises(InvalidInputError, match="test set example 0: the sequence has no token"):
+        loss_read.scores(masked)
+
+
 def test_low_rank_queries(problem: dict) -> None:
     task = infkit.Task.language_modeling(problem["model"])
     options = {"l2": 1e-2, "damping": 1e-2}

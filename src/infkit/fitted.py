@@ -160,11 +160,12 @@ class Fitted:
         return torch.zeros(self.theta.shape, dtype=torch.float64, device=self.theta.device)
 
     # ------------------------------------------------------------------ data
-    def examples(self, data: Any, name: str) -> ExampleSet:
+    def examples(self, data: Any, name: str, measured: bool = False) -> ExampleSet:
         """``data`` as an ExampleSet, checked: finite, shaped like the training inputs, and
-        with targets the task can use (:func:`check_examples`)."""
+        with targets the task can use (:func:`check_examples`; ``measured``: a set read
+        through the measurement only, the queries)."""
         examples = ExampleSet(data, name=name)
-        check_beside(self.engine, self.train, examples)
+        check_beside(self.engine, self.train, examples, measured)
         return examples
 
     def query_gradients(self, examples: ExampleSet, which: Which = "measurement") -> Tensor:
@@ -350,12 +351,15 @@ def _call_at_theta(engine: PerExample, inputs: Any) -> Tensor:
         return engine.call(engine.params(), inputs)
 
 
-def check_beside(engine: PerExample, train: ExampleSet, examples: ExampleSet) -> None:
+def check_beside(
+    engine: PerExample, train: ExampleSet, examples: ExampleSet, measured: bool = False
+) -> None:
     """Check a set to be asked about beside the training set ``train``: finite, shaped like
-    its inputs, and usable by the task (:func:`check_examples`)."""
+    its inputs, and usable by the task (:func:`check_examples`; ``measured``: read through
+    the measurement only)."""
     examples.check_finite()
     check_compatible(train, examples)
-    check_examples(engine, examples)
+    check_examples(engine, examples, measured)
 
 
 def check_parameters_take_part(engine: PerExample, examples: ExampleSet) -> None:
@@ -406,7 +410,7 @@ def check_parameters_take_part(engine: PerExample, examples: ExampleSet) -> None
     )
 
 
-def check_examples(engine: PerExample, examples: ExampleSet) -> None:
+def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = False) -> None:
     """Check that the model accepts the inputs and the task's targets are usable.
 
     The inputs batch by batch against the task's ``check_inputs`` (token ids outside a language
@@ -414,8 +418,13 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
     model, an index out of an embedding's range, probabilities where logits are expected), the
     task's ``check_model`` on the example its ``probe_example`` picks (a language model's first
     left-padded sequence: one more forward pass or two), then the targets batch by batch
-    against the task's ``check_targets``; every problem names the example and what to do. A
-    set is checked once.
+    against the task's ``check_targets`` and ``check_scored``; every problem names the example
+    and what to do. A set is checked once, for every use.
+
+    ``measured``: the set is read through the measurement only (queries). Under a custom
+    measurement the loss's ``check_scored`` does not refuse it then (a one-token prompt whose
+    measurement reads one logit); the set is not marked checked, so that a later use through
+    the loss checks it again.
     """
     if examples._checked:
         return
@@ -476,6 +485,8 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
         )
         if problem is not None:
             warn(f"{examples.name} {examples.example(probe)}: {problem}", UserWarning)
+    lenient = measured and not task.measures_loss  # the loss never reads this set
+    unscored = False  # a problem check_scored found and, for this use, let pass
     if task.check_targets is not None or task.check_pairs is not None:
         output_shape = tuple(outputs.shape[1:])
         for batch in examples.batches(4096):
@@ -488,12 +499,16 @@ def check_examples(engine: PerExample, examples: ExampleSet) -> None:
                         f"({', '.join(LABEL_KEYS)}); keys found: {', '.join(keys) or 'none'}"
                     )
                 found = task.check_targets(batch.targets, output_shape)
+            if found is None and task.check_scored is not None and not unscored:
+                found = task.check_scored(batch.targets)
+                if found is not None and lenient:
+                    found, unscored = None, True
             if found is None and task.check_pairs is not None:  # once the targets are usable
                 found = task.check_pairs(batch.inputs, batch.targets)
             if found is not None:
                 k, message = found
                 raise InvalidInputError(f"{examples.name} {batch.example(k)}: {message}")
-    examples._checked = True
+    examples._checked = not unscored
 
 
 # ---------------------------------------------------------------------------- fit-time passes

@@ -583,8 +583,9 @@ class Influence:
             )
         return idx
 
-    def _queries(self, data: Any, name: str = "test set") -> ExampleSet:
-        return self.fitted.examples(data, name)
+    def _queries(self, test: Any) -> ExampleSet:
+        """The test set, checked as a set read through the measurement only."""
+        return self.fitted.examples(test, "test set", measured=True)
 
     # ------------------------------------------------------------------ questions
     def scores(self, test: Any, among: Sequence[int] | Tensor | None = None) -> Tensor:
@@ -835,7 +836,7 @@ class Influence:
 
     def _actual_change(self, data: Any, engine: PerExample, which: Quantity) -> Tensor:
         """Change of ``which`` on ``data`` from the model at theta* to ``engine``'s model."""
-        examples = self._queries(data, "data")
+        examples = self.fitted.examples(data, "data")
         before, after = self.fitted.engine, engine
         parts = []
         for batch in examples.batches(self.batch_size):
@@ -850,7 +851,7 @@ class Influence:
 
     def _predicted_change(self, data: Any, delta: Tensor, which: Quantity, idx: Tensor) -> Tensor:
         """Change of ``which`` on ``data`` under the removal: the method's own, or J Delta theta."""
-        examples = self._queries(data, "data")
+        examples = self.fitted.examples(data, "data")
         fitted = self.fitted
         own = self.method.removal_change(examples, idx, self._estimator, which)
         if own is not None:

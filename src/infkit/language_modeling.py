@@ -317,7 +317,9 @@ def check_model(
 
 
 def check_labels(targets: Any, output_shape: tuple[int, ...]) -> tuple[int, str] | None:
-    """Why a batch of token labels is unusable (the first bad sequence), or None."""
+    """Why a batch of token labels is unusable (the first bad sequence), or None: labels that
+    are not integer ids [N, T] aligned with the logits, or a scored label outside the
+    vocabulary. Whether the loss has a token to score is :func:`check_scored_labels`."""
     if len(output_shape) != 2:
         return 0, (
             f"a language model must return logits [B, T, V]; its outputs have per-example "
@@ -336,20 +338,8 @@ def check_labels(targets: Any, output_shape: tuple[int, ...]) -> tuple[int, str]
             f"labels have per-example shape {tuple(targets.shape[1:])}, the logits {length} "
             "positions: labels are aligned with input_ids (the loss shifts them)"
         )
-    if length == 1:
-        return 0, (
-            "the sequences are one token long, so they have no token to score: the loss "
-            "predicts token t + 1 from the logits at position t, and a one-token sequence's "
-            "loss and every score against it would be 0. Pass sequences of two tokens or more"
-        )
     y = targets.long()
     scored = y[:, 1:] != IGNORE_INDEX
-    if not bool(scored.any(dim=1).all()):
-        k = int((~scored.any(dim=1)).nonzero()[0, 0])
-        return k, (
-            "the sequence has no token to score: every label after position 0 is -100, so its "
-            "loss is 0 and every score against it would be 0. Drop it (or unmask its labels)"
-        )
     outside = scored & ((y[:, 1:] < 0) | (y[:, 1:] >= vocabulary))
     if bool(outside.any()):
         k = int(outside.any(dim=1).nonzero()[0, 0])
@@ -359,6 +349,28 @@ def check_labels(targets: Any, output_shape: tuple[int, ...]) -> tuple[int, str]
             "of the model's outputs (and is not -100, the ignored label); if the model returns "
             "hidden states rather than logits (a Hugging Face ...Model without its head), use "
             "its ...ForCausalLM"
+        )
+    return None
+
+
+def check_scored_labels(targets: Tensor) -> tuple[int, str] | None:
+    """Why the next-token loss of a batch of (usable, :func:`check_labels`) labels [N, T] has
+    nothing to score in some sequence (the first such), or None: a one-token sequence, or every
+    label after position 0 -100. Its loss, and every score read through it, would be 0. A set
+    read only through a custom measurement (queries of ``Task.with_measurement``) needs no
+    scored label."""
+    if targets.shape[1] == 1:
+        return 0, (
+            "the sequences are one token long, so they have no token to score: the loss "
+            "predicts token t + 1 from the logits at position t, and a one-token sequence's "
+            "loss and every score against it would be 0. Pass sequences of two tokens or more"
+        )
+    scored = targets[:, 1:] != IGNORE_INDEX
+    if not bool(scored.any(dim=1).all()):
+        k = int((~scored.any(dim=1)).nonzero()[0, 0])
+        return k, (
+            "the sequence has no token to score: every label after position 0 is -100, so its "
+            "loss is 0 and every score against it would be 0. Drop it (or unmask its labels)"
         )
     return None
 

@@ -267,6 +267,11 @@ class Task:
             only decides which examples ``top_k`` calls proponents.
         check_targets: ``fn(targets, output_shape) -> (position, message) | None``: why a batch
             of targets is unusable (the ready-made tasks check their labels; None: no check).
+        check_scored: ``fn(targets) -> (position, message) | None``: why the loss of a batch of
+            (usable) targets has nothing to score, so that its loss and every score read
+            through it would be 0 (a language model: a one-token sequence, every label -100);
+            checked on the sets read through the loss, not on queries read only through a
+            custom measurement (None: no check).
         check_outputs: ``fn(outputs) -> message | None``: why the model's outputs [B, ...] do
             not fit the loss (classification, language modelling: probabilities instead of
             logits).
@@ -304,6 +309,7 @@ class Task:
         higher_is_better: bool = False,
         name: str = "custom",
         check_targets: Callable[[Any, tuple[int, ...]], TargetProblem | None] | None = None,
+        check_scored: Callable[[Any], TargetProblem | None] | None = None,
         check_outputs: Callable[[Tensor], str | None] | None = None,
         output_hessian_product: Callable[[Tensor, Any, Tensor], Tensor] | None = None,
         autocast: torch.dtype | None = None,
@@ -326,6 +332,7 @@ class Task:
         self.measures_loss = measurement is None
         self.name = name
         self.check_targets = check_targets
+        self.check_scored = check_scored
         self.check_outputs = check_outputs
         self.check_inputs = check_inputs
         self.check_pairs = check_pairs
@@ -394,6 +401,7 @@ class Task:
             output_fn=output_fn,
             name="language_modeling",
             check_targets=lm.check_labels,
+            check_scored=lm.check_scored_labels,
             check_outputs=partial(lm.check_logits, vocabulary=lm.vocabulary_size(model)),
             check_inputs=partial(lm.check_inputs, positions=lm.learned_positions(model)),
             check_pairs=lm.check_label_pairs,

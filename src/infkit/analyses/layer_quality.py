@@ -99,7 +99,7 @@ def layer_quality(inf: Influence, validation: Any) -> LayerQuality:
     """
     method, fitted = inf.method, inf.fitted
     require_if(method, inf.estimator_spec, "module_scores", "layer quality scores")
-    examples = fitted.examples(validation, "validation set")
+    examples = fitted.examples(validation, "validation set", measured=True)
     Q = fitted.query_gradients(examples).mean(0, keepdim=True)
     parts = module_scores_for(fitted, method.precondition_queries(Q))
     layers = list(parts)
