@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -122,3 +124,72 @@ def test_reverse_mode_when_forward_mode_is_refused_everywhere() -> None:
     dpre = torch.einsum("ni,koi->kno", x, tangents["weight"]) + tangents["bias"].unsqueeze(1)
     expected = (1 - torch.tanh(pre) ** 2) * dpre
     assert relative_error(out, expected) < 1e-12
+
+
+# ============================================================ functions torch.func cannot take
+class _OldStyleTanh(torch.autograd.Function):
+    """tanh as an autograd.Function written the old way (no setup_context): ordinary backward
+    passes differentiate it, no torch.func transform does (Bloom's GELU is one)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, old_style: bool) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(4, 6)
+        self.head = torch.nn.Linear(6, 3)
+        self.old_style = old_style
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(x)
+        return self.head(_OldStyleTanh.apply(h) if self.old_style else torch.tanh(h))
+
+
+def test_a_function_no_transform_takes_is_answered_by_backward_passes_or_refused_by_name() -> None:
+    """A model calling an old-style autograd.Function: each method either gives the scores of
+    the same model written with torch.tanh (identity, the Kronecker methods from their hooks:
+    their post-fit checks that need torch.func skipped with a warning) or refuses naming the
+    function (cg's curvature products), where PyTorch's own error came before; J^T u by
+    backward passes equals torch.func's."""
+    torch.manual_seed(0)
+    plain = _Net(old_style=False).double()
+    old = _Net(old_style=True).double()
+    old.load_state_dict(plain.state_dict())
+    X, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    queries = (X[:3], y[:3])
+    options = {"l2": 1e-2, "damping": 1e-2}
+    answered, refused = set(), set()
+    for method in ("identity", "ekfac", "kfac", "datainf", "exact", "cg", "lissa", "arnoldi"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reference = infkit.Influence(infkit.Task.classification(plain), method, **options)
+            reference = reference.fit((X, y)).scores(queries)
+            try:
+                inf = infkit.Influence(infkit.Task.classification(old), method, **options)
+                scores = inf.fit((X, y)).scores(queries)
+            except infkit.UnsupportedError as error:
+                assert "_OldStyleTanh, which defines no setup_context" in str(error), method
+                assert "'identity'" in str(error)
+                refused.add(method)
+                continue
+        assert relative_error(scores, reference) < 1e-8, method
+        answered.add(method)
+        text = " ".join(str(w.message) for w in caught)
+        assert "_OldStyleTanh, which defines no setup_context" in text, method
+    assert {"identity", "ekfac", "kfac"} <= answered and "cg" in refused, (answered, refused)
+
+    U = torch.randn(2, 5, 3, dtype=torch.float64)
+    batch = ExampleSet((X[:5], y[:5])).take(list(range(5)))
+    got = PerExample(infkit.Task.classification(old), ParameterSpace(old)).vjp(batch, U)
+    want = PerExample(infkit.Task.classification(plain), ParameterSpace(plain)).vjp(batch, U)
+    assert relative_error(got, want) < 1e-12

@@ -140,6 +140,18 @@ def test_indefinite_curvature_is_refused(linear_data) -> None:
             infkit.Influence(concave, l2=0.0, curvature=curvature).fit((X, y))
 
 
+def test_an_indefinite_matrix_is_named_by_its_smallest_and_largest_eigenvalues() -> None:
+    """The largest eigenvalue, not the largest magnitude (-3 here), beside the smallest."""
+    from infkit.linalg import SymmetricSolver
+
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+    A = Q @ torch.diag(torch.tensor([-3.0, 0.5, 1.0, 2.0], dtype=torch.float64)) @ Q.T
+    with pytest.raises(
+        CurvatureError, match=r"smallest eigenvalue -3\.000e\+00, largest 2\.000e\+00"
+    ):
+        SymmetricSolver(A)
+
+
 def test_too_large_for_exact_names_the_methods_that_scale(linear_data) -> None:
     model, data = linear_data
     inf = infkit.Influence(infkit.Task.classification(model), l2=1e-2, memory_limit=1000)

@@ -208,8 +208,12 @@ def test_outputs_that_are_not_finite_at_padding_name_the_cause(padded: dict) -> 
     first = next(i for i, n in enumerate(LENGTHS[:N]) if n < LENGTH)  # the first padded one
     with pytest.raises(InvalidInputError, match=rf"example {first} of the training set .* NaN"):
         _fit(model, (inputs, labels))
-    with pytest.raises(InvalidInputError, match="attn_implementation='sdpa'"):
+    with pytest.raises(InvalidInputError, match="with left padding does\\): pad on the right"):
         _fit(model, (inputs, labels))
+    # padded on the right already: the sliding window's case, and no advice to pad on the right
+    with pytest.raises(InvalidInputError, match="sliding window") as refused:
+        _fit(model, _split(padded, "right")[0])
+    assert "pad on the right" not in str(refused.value)
     # the sequences without padding fit: the same model is finite on them
     clean = [i for i, n in enumerate(LENGTHS[:N]) if n == LENGTH]
     assert len(clean) >= 2

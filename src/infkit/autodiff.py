@@ -9,16 +9,25 @@ same function, differentiable to any order); when forward mode is still refused,
 ``J v`` by two reverse passes (``J v`` is the derivative of the linear map ``u -> J^T u``).
 ``H v`` is always reverse-over-reverse (the Hessian is symmetric). The mode that worked is
 remembered, so a model pays a refusal once.
+
+A custom ``torch.autograd.Function`` written the old way (``forward(ctx, ...)``, no
+``setup_context``; Bloom's GELU is one) has ordinary backward passes but no ``torch.func``
+transform at all: :func:`untransformable_function` recognises PyTorch's refusal and names the
+function, and :func:`refuse_untransformable` turns it into an :class:`UnsupportedError` saying
+which methods differentiate it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.func import jvp, vjp, vmap
+
+from infkit.errors import UnsupportedError
 
 #: the product modes, tried in this order
 MODES = ("forward", "forward-math", "reverse-math")
@@ -32,6 +41,36 @@ def forward_mode_refused(error: BaseException) -> bool:
         or "forward mode AD" in text
         or ("derivative for" in text and "is not implemented" in text)
     )
+
+
+def untransformable_function(error: BaseException | None) -> str | None:
+    """The name of the custom ``torch.autograd.Function`` that ``error`` says ``torch.func``
+    cannot transform (one without ``setup_context``), "a custom torch.autograd.Function" when
+    the traceback does not show it, or None when ``error`` is another error."""
+    if not (isinstance(error, RuntimeError) and "setup_context" in str(error)):
+        return None
+    name = "a custom torch.autograd.Function"
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        cls = frame.f_locals.get("cls") if frame.f_code.co_name == "apply" else None
+        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
+            name = f"the torch.autograd.Function {cls.__module__}.{cls.__qualname__}"
+    return name
+
+
+def refuse_untransformable(error: BaseException) -> None:
+    """Raise an :class:`UnsupportedError` from ``error`` when it is ``torch.func`` refusing a
+    custom ``torch.autograd.Function`` (:func:`untransformable_function`); else return."""
+    name = untransformable_function(error)
+    if name is None:
+        return
+    raise UnsupportedError(
+        f"the model calls {name}, which defines no setup_context: PyTorch differentiates it "
+        "by ordinary backward passes but not inside torch.func's transforms (vmap, jvp, vjp), "
+        "which this computation needs. Methods that take their gradients by backward passes "
+        "answer: 'identity', 'trak', 'datainf', and 'kfac' / 'ekfac' (their factors and scores "
+        "come from layer hooks). Or rewrite the function with a setup_context staticmethod (PyTorch: "
+        "'Extending torch.func with autograd.Function')"
+    ) from error
 
 
 @contextlib.contextmanager
@@ -71,6 +110,7 @@ class Pushforward:
                 with transforms_only(), composite_attention(self.mode != "forward"):
                     return compute(self.mode)
             except (NotImplementedError, RuntimeError) as error:
+                refuse_untransformable(error)
                 position = MODES.index(self.mode)
                 if not forward_mode_refused(error) or position == len(MODES) - 1:
                     raise

@@ -36,7 +36,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vjp, vmap
 
-from infkit.autodiff import Pushforward, transforms_only
+from infkit.autodiff import (
+    Pushforward,
+    refuse_untransformable,
+    transforms_only,
+    untransformable_function,
+)
 from infkit.data import Batch, map_tensors
 from infkit.errors import (
     InfkitError,
@@ -171,6 +176,14 @@ def error_summary(error: BaseException, limit: int = QUOTED_ERROR_CHARS) -> str:
 
 def vmap_fallback_message(error: BaseException) -> str:
     """The warning given when vmap cannot trace a model and the exact loop takes over."""
+    function = untransformable_function(error)
+    if function is not None:
+        return (
+            f"the model calls {function}, which defines no setup_context, so torch.func's "
+            "transforms cannot take it: per-example quantities by ordinary backward passes, "
+            "one example at a time (the same results, slower), and what needs the transforms "
+            "themselves is refused by name"
+        )
     summary = error_summary(error)
     if not summary.endswith((".", "?", "!")):
         summary += "."
@@ -364,8 +377,17 @@ class PerExample:
         The loop is remembered (with one warning) only when it succeeds where vmap failed: an
         error both raise (bad labels, say) is the loop's, and the next call tries vmap again.
         PyTorch's warnings about operations without a batching rule become one notice
-        (:func:`batching_rule_notice`).
+        (:func:`batching_rule_notice`). A custom autograd.Function that no ``torch.func``
+        transform takes, where the loop needs one too, is refused by name
+        (:func:`~infkit.autodiff.refuse_untransformable`).
         """
+        try:
+            return self._run(vmapped, looped)
+        except RuntimeError as error:
+            refuse_untransformable(error)
+            raise
+
+    def _run(self, vmapped: Callable[[], T], looped: Callable[[], T]) -> T:
         with batching_rule_notice(self.task.model):
             if self.mode == "loop" or self._vmap_failed:
                 return looped()
@@ -599,12 +621,8 @@ class PerExample:
         U = cotangents.to(self.device, self.dtype)
         single = U.dim() == 2
         U = U.reshape(-1, *U.shape[-2:])
-        with (
-            transforms_only(),
-            evaluation_mode(self.task.model),
-            evaluation_mode(self.tangent_module),
-            batching_rule_notice(self.task.model),
-        ):
+
+        def transformed() -> Tensor:
             pull = vjp(lambda p: self.tangent_call(p, inputs), self.tangent_params())[1]
             parts = []
             for start in range(0, U.shape[0], TANGENT_CHUNK):
@@ -613,7 +631,23 @@ class PerExample:
                     parts.append(self.flatten_tangent(pull(chunk[0])[0], 0).unsqueeze(0))
                 else:
                     parts.append(self.flatten_tangent(vmap(pull)(chunk)[0], 1))
-            out = torch.cat(parts).detach()
+            return torch.cat(parts)
+
+        def backward_passes() -> Tensor:  # one forward, a backward pass per row of U
+            point = self.tangent_params()
+            leaves = [point[n].detach().requires_grad_(True) for n in self.tangent_names]
+            with torch.enable_grad():
+                out = self.tangent_call(dict(zip(self.tangent_names, leaves)), inputs)
+                rows = []
+                for k in range(U.shape[0]):
+                    gs = torch.autograd.grad(
+                        out, leaves, U[k].to(out.dtype), retain_graph=True, allow_unused=True
+                    )
+                    rows.append(_flat_rows(gs, leaves))
+            return torch.stack(rows)
+
+        with evaluation_mode(self.task.model), evaluation_mode(self.tangent_module):
+            out = self.run(transformed, backward_passes).detach()
         return out[0] if single else out
 
 
@@ -642,11 +676,20 @@ def _padding_hint(batch: Batch, row: int) -> str:
     mask = batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
     if not isinstance(mask, Tensor) or mask.dim() < 2 or not bool((mask[row] == 0).any()):
         return ""
-    return (
+    cause = (
         ". Its attention_mask masks positions, and some attention implementations give NaN at "
-        "a fully masked row, which then spreads to every position (Hugging Face's eager "
-        "attention in float64 with left padding does): pad on the right, load the model with "
-        "attn_implementation='sdpa', or run it in float32"
+        "a fully masked row, which then spreads to every position"
+    )
+    if bool((mask[row].reshape(-1)[0] == 0).item()):  # left padding
+        return (
+            f"{cause} (Hugging Face's eager attention in float64 with left padding does): pad "
+            "on the right, load the model with attn_implementation='sdpa', or run it in float32"
+        )
+    return (
+        f"{cause} (Hugging Face's eager attention in float64 does where a sliding window, "
+        "Mistral's or Gemma2's, is shorter than the padding: a padded position then has "
+        "nothing to attend to): run the model in float32, or load it with "
+        "attn_implementation='sdpa' where the model offers it"
     )
 
 

@@ -112,7 +112,7 @@ class SymmetricSolver:
         if lo < -tol:
             raise CurvatureError(
                 f"the {self.what} is indefinite: smallest eigenvalue {lo:.3e}, largest "
-                f"{scale:.3e}; influence needs a positive definite curvature. Add damping "
+                f"{float(evals[-1]):.3e}; influence needs a positive definite curvature. Add damping "
                 f"greater than {-lo:.3e} (e.g. damping={_round_up(-lo * 1.5)}), or use the "
                 f"Gauss-Newton curvature (curvature='ggn'), which is positive semidefinite"
                 f"{self.hint}"
