@@ -49,6 +49,20 @@ def lm_problem() -> dict:
 
 
 # ============================================================================ query forms
+def test_a_set_of_dicts_without_labels_names_the_keys_it_has(lm_problem: dict) -> None:
+    """Training data and queries of dicts with no label key: refused naming the keys found,
+    by the fit and by a question (the task reads labels for its loss)."""
+    rows = [
+        {"input_ids": i, "attention_mask": m} for i, m in zip(lm_problem["ids"], lm_problem["mask"])
+    ]
+    found = "has no labels: a dataset of dicts needs a label key .*keys found: attention_mask, input_ids"
+    with pytest.raises(InvalidInputError, match="training set " + found):
+        infkit.Influence(lm_problem["task"], "identity").fit(rows)
+    for queries in (rows[:3], rows[:2]):  # two rows are two examples, not an (X, y) pair
+        with pytest.raises(InvalidInputError, match="test set " + found):
+            lm_problem["inf"].scores(queries)
+
+
 def test_queries_as_a_tensor_pair_name_both_forms(lm_problem: dict) -> None:
     ids, labels = lm_problem["ids"][:2], lm_problem["ids"][:2]
     with pytest.raises(

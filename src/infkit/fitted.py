@@ -430,12 +430,10 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
         return
     task = engine.task
     first = examples.take([0])
-    if first.targets is None and task.check_targets is not None:
-        keys = sorted(first.inputs) if isinstance(first.inputs, dict) else []
-        raise InvalidInputError(
-            f"{examples.name} has no labels: a dataset of dicts needs a label key "
-            f"({', '.join(LABEL_KEYS)}); keys found: {', '.join(keys) or 'none'}"
-        )
+    label_checks = (task.check_targets, task.check_scored)
+    labelled = any(check is not None for check in label_checks)  # the task reads labels
+    if first.targets is None and labelled:
+        raise _unlabelled(examples, first.inputs)
     probe: int | None = None  # the example check_model looks at (None: the first)
     if task.check_inputs is not None or task.probe_example is not None:
         for batch in examples.batches(4096):  # all of them, before the model sees any
@@ -487,17 +485,13 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
             warn(f"{examples.name} {examples.example(probe)}: {problem}", UserWarning)
     lenient = measured and not task.measures_loss  # the loss never reads this set
     unscored = False  # a problem check_scored found and, for this use, let pass
-    if task.check_targets is not None or task.check_pairs is not None:
+    if labelled or task.check_pairs is not None:
         output_shape = tuple(outputs.shape[1:])
         for batch in examples.batches(4096):
             found = None
+            if labelled and batch.targets is None:
+                raise _unlabelled(examples, batch.inputs)
             if task.check_targets is not None:
-                if batch.targets is None:
-                    keys = sorted(batch.inputs) if isinstance(batch.inputs, dict) else []
-                    raise InvalidInputError(
-                        f"{examples.name} has no labels: a dataset of dicts needs a label key "
-                        f"({', '.join(LABEL_KEYS)}); keys found: {', '.join(keys) or 'none'}"
-                    )
                 found = task.check_targets(batch.targets, output_shape)
             if found is None and task.check_scored is not None and not unscored:
                 found = task.check_scored(batch.targets)
@@ -509,6 +503,15 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
                 k, message = found
                 raise InvalidInputError(f"{examples.name} {batch.example(k)}: {message}")
     examples._checked = not unscored
+
+
+def _unlabelled(examples: ExampleSet, inputs: Any) -> InvalidInputError:
+    """The error for a set without the labels its task reads (``inputs``: a batch's)."""
+    keys = sorted(inputs) if isinstance(inputs, dict) else []
+    return InvalidInputError(
+        f"{examples.name} has no labels: a dataset of dicts needs a label key "
+        f"({', '.join(LABEL_KEYS)}); keys found: {', '.join(keys) or 'none'}"
+    )
 
 
 # ---------------------------------------------------------------------------- fit-time passes
