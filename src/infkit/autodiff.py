@@ -67,8 +67,9 @@ def refuse_untransformable(error: BaseException) -> None:
         f"the model calls {name}, which defines no setup_context: PyTorch differentiates it "
         "by ordinary backward passes but not inside torch.func's transforms (vmap, jvp, vjp), "
         "which this computation needs. Methods that take their gradients by backward passes "
-        "answer: 'identity', 'trak', 'datainf', and 'kfac' / 'ekfac' (their factors and scores "
-        "come from layer hooks). Or rewrite the function with a setup_context staticmethod (PyTorch: "
+        "answer: 'identity', 'trak', 'datainf', 'kfac' and 'ekfac' (their factors and scores "
+        "come from layer hooks), and 'exact' with curvature='hessian' (double backward "
+        "passes). Or rewrite the function with a setup_context staticmethod (PyTorch: "
         "'Extending torch.func with autograd.Function')"
     ) from error
 

@@ -98,17 +98,14 @@ def _is_pair(data: Any) -> bool:
     """Whether ``data`` is an (X, y) pair of batched tensors rather than a list of examples.
 
     A dict holding a label key is one example (a list of two such dicts is two examples), while
-    a dict of input tensors without labels is the X of an (X, y) pair, unless y is a dict
-    with the same keys (two examples without labels, which the task's checks then name).
-    numpy arrays count as tensors.
+    a dict of input tensors without labels is the X of an (X, y) pair. numpy arrays count as
+    tensors.
     """
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         return False
-    first, second = data
+    first = data[0]
     if isinstance(first, Tensor) or _is_array(first):
         return True
-    if isinstance(second, dict) and isinstance(first, dict) and second.keys() == first.keys():
-        return False
     return isinstance(first, dict) and not any(key in first for key in LABEL_KEYS)
 
 

@@ -419,12 +419,14 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
     task's ``check_model`` on the example its ``probe_example`` picks (a language model's first
     left-padded sequence: one more forward pass or two), then the targets batch by batch
     against the task's ``check_targets`` and ``check_scored``; every problem names the example
-    and what to do. A set is checked once, for every use.
+    and what to do. An ExampleSet is checked once.
 
     ``measured``: the set is read through the measurement only (queries). Under a custom
     measurement the loss's ``check_scored`` does not refuse it then (a one-token prompt whose
-    measurement reads one logit); the set is not marked checked, so that a later use through
-    the loss checks it again.
+    measurement reads one logit), unless the measurement reads the labels too (its gradient in
+    the outputs is 0 on the first example ``check_scored`` names: a completion's
+    log-likelihood); a set let through so is not marked checked, so that a use of the same
+    ExampleSet through the loss checks it again.
     """
     if examples._checked:
         return
@@ -496,6 +498,13 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
             if found is None and task.check_scored is not None and not unscored:
                 found = task.check_scored(batch.targets)
                 if found is not None and lenient:
+                    k, message = found
+                    if not _measurement_moves(engine, examples, int(batch.indices[k])):
+                        raise InvalidInputError(
+                            f"{examples.name} {batch.example(k)}: {message}. The measurement "
+                            "reads the labels too: its gradient in the model's outputs is 0 on "
+                            "this example, so every score against it would be 0"
+                        )
                     found, unscored = None, True
             if found is None and task.check_pairs is not None:  # once the targets are usable
                 found = task.check_pairs(batch.inputs, batch.targets)
@@ -503,6 +512,13 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
                 k, message = found
                 raise InvalidInputError(f"{examples.name} {batch.example(k)}: {message}")
     examples._checked = not unscored
+
+
+def _measurement_moves(engine: PerExample, examples: ExampleSet, position: int) -> bool:
+    """Whether the measurement of example ``position`` depends on the model's outputs, dm/df
+    not all 0 (one forward pass): a query the loss's check refuses (no scored label) is read
+    through a measurement that does not read its labels."""
+    return bool((engine.output_gradients(examples.take([position]), "measurement") != 0).any())
 
 
 def _unlabelled(examples: ExampleSet, inputs: Any) -> InvalidInputError:

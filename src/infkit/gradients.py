@@ -384,6 +384,13 @@ class PerExample:
         try:
             return self._run(vmapped, looped)
         except RuntimeError as error:
+            function = untransformable_function(error)
+            if function is not None and self.mode == "vmap":
+                raise UnsupportedError(
+                    f"per_example='vmap' asks for torch.func's vmap, which cannot take "
+                    f"{function} (it defines no setup_context): pass per_example='auto' (the "
+                    "default) or 'loop' for per-example quantities by backward passes"
+                ) from error
             refuse_untransformable(error)
             raise
 
@@ -621,33 +628,25 @@ class PerExample:
         U = cotangents.to(self.device, self.dtype)
         single = U.dim() == 2
         U = U.reshape(-1, *U.shape[-2:])
-
-        def transformed() -> Tensor:
-            pull = vjp(lambda p: self.tangent_call(p, inputs), self.tangent_params())[1]
-            parts = []
-            for start in range(0, U.shape[0], TANGENT_CHUNK):
-                chunk = U[start : start + TANGENT_CHUNK]
-                if chunk.shape[0] == 1:
-                    parts.append(self.flatten_tangent(pull(chunk[0])[0], 0).unsqueeze(0))
-                else:
-                    parts.append(self.flatten_tangent(vmap(pull)(chunk)[0], 1))
-            return torch.cat(parts)
-
-        def backward_passes() -> Tensor:  # one forward, a backward pass per row of U
-            point = self.tangent_params()
-            leaves = [point[n].detach().requires_grad_(True) for n in self.tangent_names]
-            with torch.enable_grad():
-                out = self.tangent_call(dict(zip(self.tangent_names, leaves)), inputs)
-                rows = []
-                for k in range(U.shape[0]):
-                    gs = torch.autograd.grad(
-                        out, leaves, U[k].to(out.dtype), retain_graph=True, allow_unused=True
-                    )
-                    rows.append(_flat_rows(gs, leaves))
-            return torch.stack(rows)
-
-        with evaluation_mode(self.task.model), evaluation_mode(self.tangent_module):
-            out = self.run(transformed, backward_passes).detach()
+        with (
+            transforms_only(),
+            evaluation_mode(self.task.model),
+            evaluation_mode(self.tangent_module),
+            batching_rule_notice(self.task.model),
+        ):
+            try:
+                pull = vjp(lambda p: self.tangent_call(p, inputs), self.tangent_params())[1]
+                parts = []
+                for start in range(0, U.shape[0], TANGENT_CHUNK):
+                    chunk = U[start : start + TANGENT_CHUNK]
+                    if chunk.shape[0] == 1:
+                        parts.append(self.flatten_tangent(pull(chunk[0])[0], 0).unsqueeze(0))
+                    else:
+                        parts.append(self.flatten_tangent(vmap(pull)(chunk)[0], 1))
+            except RuntimeError as error:
+                refuse_untransformable(error)
+                raise
+            out = torch.cat(parts).detach()
         return out[0] if single else out
 
 
@@ -680,16 +679,22 @@ def _padding_hint(batch: Batch, row: int) -> str:
         ". Its attention_mask masks positions, and some attention implementations give NaN at "
         "a fully masked row, which then spreads to every position"
     )
-    if bool((mask[row].reshape(-1)[0] == 0).item()):  # left padding
+    real = (mask[row].reshape(-1) != 0).long()
+    if bool(real[0] == 0):  # left padding
         return (
             f"{cause} (Hugging Face's eager attention in float64 with left padding does): pad "
             "on the right, load the model with attn_implementation='sdpa', or run it in float32"
         )
+    if bool((real.diff() <= 0).all()):  # right padding only: real tokens, then padding
+        return (
+            f"{cause} (Hugging Face's eager attention in float64 does where a sliding window, "
+            "Mistral's or Gemma2's, is shorter than the padding: a padded position then has "
+            "nothing to attend to): run the model in float32, or load it with "
+            "attn_implementation='sdpa' where the model offers it"
+        )
     return (
-        f"{cause} (Hugging Face's eager attention in float64 does where a sliding window, "
-        "Mistral's or Gemma2's, is shorter than the padding: a padded position then has "
-        "nothing to attend to): run the model in float32, or load it with "
-        "attn_implementation='sdpa' where the model offers it"
+        f"{cause} (Hugging Face's eager attention in float64 does): load the model with "
+        "attn_implementation='sdpa', or run it in float32"
     )
 
 

@@ -106,8 +106,7 @@ class SymmetricSolver:
 
     def _use_eigh(self, A: Tensor) -> None:
         evals, evecs = torch.linalg.eigh(A)
-        lo, hi = float(evals[0]), float(evals[-1].abs())
-        scale = max(hi, float(evals.abs().max()))
+        lo, scale = float(evals[0]), float(evals.abs().max())
         tol = _singular_threshold(self.size, torch.float64) * scale
         if lo < -tol:
             raise CurvatureError(

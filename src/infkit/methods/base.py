@@ -564,8 +564,26 @@ class Method(ABC):
           stationary): how much the step to the optimum would change the training residuals,
           hence the scores.
         """
-        fitted = self.fitted
         checks: dict[str, Any] = {}
+        try:
+            self._run_checks(checks)
+        except UnsupportedError as error:  # a model no torch.func transform takes
+            function = untransformable_function(error.__cause__)
+            if function is None:
+                raise
+            warn(
+                f"the post-fit checks (docs/conventions.md §9) were not run: their curvature "
+                f"products need torch.func's transforms, which cannot take {function} (it "
+                "defines no setup_context). The answers of identity, trak, datainf, kfac and "
+                "ekfac do not depend on them; the methods whose answers need the transforms "
+                "refuse at their first question",
+                UserWarning,
+            )
+        self.checks = checks
+
+    def _run_checks(self, checks: dict[str, Any]) -> None:
+        """The checks of :meth:`diagnose`, their figures recorded in ``checks``."""
+        fitted = self.fitted
         scale_check, energy_check = self.runs_checks(
             fitted.damping, fitted.n, fitted.train_gradients is not None
         )
@@ -578,60 +596,50 @@ class Method(ABC):
             and stationarity > STATIONARITY_TOLERANCE
         )
         steps = int(scale_check) + int(energy_check > 0) + int(drift_check)
-        try:
-            with Progress(fitted.progress if steps else "off", steps, "checks") as shown:
-                if scale_check:
-                    scale = diagnostics.curvature_scale(fitted)
-                    checks["curvature_scale"] = scale
-                    shown.update(note="curvature scale")
-                    if scale + fitted.l2 <= 0:
-                        warn(
-                            "the curvature along output directions is 0 at every probe (and l2 = 0): "
-                            "the scored outputs of the probed examples do not depend on the attributed "
-                            "parameters, whose gradients, and the scores they give, are then 0 too. "
-                            "Check that the labels score some positions (not all -100) and that the "
-                            "attributed layers have gradients (a fresh LoRA adapter, B = 0, gives its "
-                            "A matrices none: attribute through B, or after training)",
-                            UserWarning,
-                        )
-                        energy_check = 0  # nothing to measure: 0 / 0
-                    elif fitted.damping > DAMPING_WARNING * (scale + fitted.l2):
-                        warn(
-                            f"damping={fitted.damping:g} is {fitted.damping / (scale + fitted.l2):.1e} "
-                            f"times the curvature (about {scale:.3g} along gradient directions, plus "
-                            f"l2={fitted.l2:g}): every score is that many times smaller than without "
-                            "it, and their order is the plain gradient similarity's. Pass a damping "
-                            "of the order of the curvature or smaller (describe()['curvature_scale'])",
-                            UserWarning,
-                        )
-                if energy_check:
-                    ratio = diagnostics.energy_ratio(fitted, self.inverse(), sample=energy_check)
-                    checks["energy_ratio"] = ratio
-                    shown.update(note="energy ratio")
-                    limit = type(self).scale_warning
-                    if not math.isfinite(ratio) or ratio <= 0:
-                        warn(energy_failure_message(ratio, fitted.engine.dtype), UserWarning)
-                    elif limit is not None and ratio > limit:
-                        warn(self.scale_message(ratio), UserWarning)
-                if drift_check:
-                    try:
-                        drift = diagnostics.drift(fitted, self.inverse())
-                    except CurvatureError:  # no ridge and a singular sample curvature: no step
-                        drift = None
-                    shown.update(note="drift")
-                    if drift is not None:
-                        checks["drift"] = drift.record()
-                        if drift.residual_shift > DRIFT_WARNING:
-                            warn(drift_message(fitted, drift), UserWarning)
-        except UnsupportedError as error:  # a model no torch.func transform takes
-            if untransformable_function(error.__cause__) is None:
-                raise
-            warn(
-                f"the post-fit checks (docs/conventions.md §9) were not run: {error}. The "
-                "answers do not depend on them",
-                UserWarning,
-            )
-        self.checks = checks
+        with Progress(fitted.progress if steps else "off", steps, "checks") as shown:
+            if scale_check:
+                scale = diagnostics.curvature_scale(fitted)
+                checks["curvature_scale"] = scale
+                shown.update(note="curvature scale")
+                if scale + fitted.l2 <= 0:
+                    warn(
+                        "the curvature along output directions is 0 at every probe (and l2 = 0): "
+                        "the scored outputs of the probed examples do not depend on the attributed "
+                        "parameters, whose gradients, and the scores they give, are then 0 too. "
+                        "Check that the labels score some positions (not all -100) and that the "
+                        "attributed layers have gradients (a fresh LoRA adapter, B = 0, gives its "
+                        "A matrices none: attribute through B, or after training)",
+                        UserWarning,
+                    )
+                    energy_check = 0  # nothing to measure: 0 / 0
+                elif fitted.damping > DAMPING_WARNING * (scale + fitted.l2):
+                    warn(
+                        f"damping={fitted.damping:g} is {fitted.damping / (scale + fitted.l2):.1e} "
+                        f"times the curvature (about {scale:.3g} along gradient directions, plus "
+                        f"l2={fitted.l2:g}): every score is that many times smaller than without "
+                        "it, and their order is the plain gradient similarity's. Pass a damping "
+                        "of the order of the curvature or smaller (describe()['curvature_scale'])",
+                        UserWarning,
+                    )
+            if energy_check:
+                ratio = diagnostics.energy_ratio(fitted, self.inverse(), sample=energy_check)
+                checks["energy_ratio"] = ratio
+                shown.update(note="energy ratio")
+                limit = type(self).scale_warning
+                if not math.isfinite(ratio) or ratio <= 0:
+                    warn(energy_failure_message(ratio, fitted.engine.dtype), UserWarning)
+                elif limit is not None and ratio > limit:
+                    warn(self.scale_message(ratio), UserWarning)
+            if drift_check:
+                try:
+                    drift = diagnostics.drift(fitted, self.inverse())
+                except CurvatureError:  # no ridge and a singular sample curvature: no step
+                    drift = None
+                shown.update(note="drift")
+                if drift is not None:
+                    checks["drift"] = drift.record()
+                    if drift.residual_shift > DRIFT_WARNING:
+                        warn(drift_message(fitted, drift), UserWarning)
 
     def runs_checks(self, damping: float, n: int, cached: bool) -> tuple[bool, int]:
         """Which costly checks :meth:`diagnose` runs for a fit on ``n`` examples with this
