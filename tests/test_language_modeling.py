@@ -488,13 +488,38 @@ def test_queries_read_only_through_a_custom_measurement_need_no_scored_token(
         loss_read.scores(masked)
     # a measurement that reads the labels (a completion's log-likelihood, the margin) has
     # nothing to measure on them either: refused, where its scores would all be 0
+    nothing_to_read = "the measurement's gradient in the model's outputs is 0 on this example"
     for reads_labels in (lambda out, y: -lm.next_token_loss(out, y), lm.margin):
         measured = infkit.Influence(
             infkit.Task.language_modeling(model).with_measurement(reads_labels), "identity"
         ).fit(problem["train"])
         for queries in (one_token, masked):
-            with pytest.raises(InvalidInputError, match="The measurement reads the labels too"):
+            with pytest.raises(InvalidInputError, match=nothing_to_read):
                 measured.scores(queries)
+
+    # each such query is probed, not the first only: here query 0 carries a token in label 0,
+    # which this measurement reads; query 2 carries none, and is named
+    def answer_or_completion(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        answer = targets[:, 0].clamp_min(0)
+        kept = (targets[:, 0] != lm.IGNORE_INDEX).to(outputs.dtype)
+        last = outputs[:, -1].log_softmax(-1).gather(1, answer[:, None])[:, 0]
+        return kept * last - lm.next_token_loss(outputs, targets)
+
+    mixed = masked[1].clone()
+    mixed[0, 0] = 5
+    measured = infkit.Influence(
+        infkit.Task.language_modeling(model).with_measurement(answer_or_completion), "identity"
+    ).fit(problem["train"])
+    with pytest.raises(InvalidInputError, match="test set example 1: " + nothing_to_read):
+        measured.scores((inputs, mixed))
+    mixed[:, 0] = 5
+    assert bool(measured.scores((inputs, mixed)).abs().amax(dim=1).gt(0).all())
+    # a measurement that does not depend on the outputs at all: named, not PyTorch's error
+    detached = infkit.Task.language_modeling(model).with_measurement(
+        lambda out, y: out.detach()[:, -1, 3]
+    )
+    with pytest.raises(InvalidInputError, match="test set example 0: " + nothing_to_read):
+        infkit.Influence(detached, "identity").fit(problem["train"]).scores(one_token)
 
 
 def test_low_rank_queries(problem: dict) -> None:

@@ -220,6 +220,29 @@ def test_outputs_that_are_not_finite_at_padding_name_the_cause(padded: dict) -> 
     _fit(model, ({k: v[clean] for k, v in inputs.items()}, labels[clean]))
 
 
+def test_the_padding_hint_reads_the_side_from_the_whole_mask() -> None:
+    """Left padding, right padding (a sliding window's case) and a mask with a hole each get
+    their own cause and remedy when a padded example's values are not finite."""
+    from infkit.data import Batch
+    from infkit.errors import NonFiniteError
+    from infkit.gradients import check_finite_rows
+
+    hints = {}
+    for side, mask in {
+        "left": [0, 0, 1, 1, 1, 1],
+        "right": [1, 1, 1, 1, 0, 0],
+        "hole": [1, 1, 0, 0, 1, 1],
+    }.items():
+        batch = Batch(torch.tensor([0]), {"attention_mask": torch.tensor([mask])}, None, "test set")
+        with pytest.raises(NonFiniteError) as refused:
+            check_finite_rows(torch.tensor([[float("nan")]]), batch, "loss gradient")
+        hints[side] = str(refused.value)
+    assert "with left padding does): pad on the right" in hints["left"]
+    assert "sliding window" in hints["right"] and "pad on the right" not in hints["right"]
+    assert "sliding window" not in hints["hole"] and "pad on the right" not in hints["hole"]
+    assert "attn_implementation='sdpa'" in hints["hole"]
+
+
 class PaddingReadsAllLM(MaskedLM):
     """Causal at real positions; a padding position's logits read the whole sequence (as a
     fully masked row of eager attention attends uniformly everywhere)."""

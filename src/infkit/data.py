@@ -53,6 +53,19 @@ class Batch:
         at = self.indices if self.given_at is None else self.given_at
         return example_name(self.number(k), int(at[k]))
 
+    def rows(self, rows: Sequence[int]) -> Batch:
+        """The batch of its examples at positions ``rows``, in that order."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        pick = lambda t: t[idx]  # noqa: E731
+        return Batch(
+            self.indices[idx],
+            _map_tensors(self.inputs, pick),
+            _map_tensors(self.targets, pick),
+            self.source,
+            None if self.numbers is None else self.numbers[idx],
+            None if self.given_at is None else self.given_at[idx],
+        )
+
 
 def _map_tensors(obj: Any, fn) -> Any:
     if isinstance(obj, Tensor):

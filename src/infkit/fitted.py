@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from infkit.data import LABEL_KEYS, Batch, ExampleSet, check_compatible, leaves
+from infkit.data import LABEL_KEYS, Batch, ExampleSet, check_compatible, leaves, map_tensors
 from infkit.errors import InvalidInputError, UnsupportedError, warn
 from infkit.fingerprint import tensor_digest
 from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, Which
@@ -38,6 +38,9 @@ STATIONARITY_TOLERANCE = 1e-3
 JACOBIAN_WARNING_OUTPUTS = 256
 #: training gradients are cached in memory up to this many bytes (and a quarter of the limit)
 GRADIENT_CACHE_BYTES = 1 << 30
+#: the queries with no scored label whose measurement's output gradient one forward pass
+#: takes at a time, in the check that the measurement has something to read on them
+MEASUREMENT_PROBE_BATCH = 8
 
 
 @dataclass
@@ -495,16 +498,10 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
                 raise _unlabelled(examples, batch.inputs)
             if task.check_targets is not None:
                 found = task.check_targets(batch.targets, output_shape)
-            if found is None and task.check_scored is not None and not unscored:
+            if found is None and task.check_scored is not None:
                 found = task.check_scored(batch.targets)
                 if found is not None and lenient:
-                    k, message = found
-                    if not _measurement_moves(engine, examples, int(batch.indices[k])):
-                        raise InvalidInputError(
-                            f"{examples.name} {batch.example(k)}: {message}. The measurement "
-                            "reads the labels too: its gradient in the model's outputs is 0 on "
-                            "this example, so every score against it would be 0"
-                        )
+                    _check_measured_rows(engine, batch, _unscored_rows(task, batch, found[0]))
                     found, unscored = None, True
             if found is None and task.check_pairs is not None:  # once the targets are usable
                 found = task.check_pairs(batch.inputs, batch.targets)
@@ -514,11 +511,40 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
     examples._checked = not unscored
 
 
-def _measurement_moves(engine: PerExample, examples: ExampleSet, position: int) -> bool:
-    """Whether the measurement of example ``position`` depends on the model's outputs, dm/df
-    not all 0 (one forward pass): a query the loss's check refuses (no scored label) is read
-    through a measurement that does not read its labels."""
-    return bool((engine.output_gradients(examples.take([position]), "measurement") != 0).any())
+def _unscored_rows(task: Task, batch: Batch, first: int) -> list[int]:
+    """The rows of ``batch`` whose targets the task's ``check_scored`` refuses, from ``first``
+    (the row it named) on: it names one row at a time, so it is asked again after each."""
+    assert task.check_scored is not None
+    rows, start = [first], first + 1
+    while start < len(batch):
+        rest = map_tensors(batch.targets, lambda t, start=start: t[start:])
+        found = task.check_scored(rest)
+        if found is None:
+            break
+        rows.append(start + found[0])
+        start = rows[-1] + 1
+    return rows
+
+
+def _check_measured_rows(engine: PerExample, batch: Batch, rows: list[int]) -> None:
+    """Refuse the first of ``rows`` (examples of ``batch`` with no label the loss would score)
+    on which the measurement's gradient in the model's outputs, dm/df, is 0: a measurement that
+    reads the labels has nothing to read there, and every score against it would be 0. A forward
+    pass over these rows, :data:`MEASUREMENT_PROBE_BATCH` at a time."""
+    for start in range(0, len(rows), MEASUREMENT_PROBE_BATCH):
+        chunk = rows[start : start + MEASUREMENT_PROBE_BATCH]
+        part = batch.rows(chunk)
+        moves = (engine.output_gradients(part, "measurement") != 0).reshape(len(chunk), -1)
+        still = (~moves.any(dim=1)).nonzero()
+        if len(still):
+            k = chunk[int(still[0, 0])]
+            raise InvalidInputError(
+                f"{batch.source} {batch.example(k)}: the measurement's gradient in the model's "
+                "outputs is 0 on this example, which has no label the loss would score (a "
+                "measurement that reads the labels has nothing to read here), so every score "
+                "against it would be 0. Drop it, unmask its labels, or measure what needs no "
+                "label"
+            )
 
 
 def _unlabelled(examples: ExampleSet, inputs: Any) -> InvalidInputError:

@@ -447,7 +447,8 @@ class PerExample:
         with torch.enable_grad():
             f = out.reshape(b, -1).detach().requires_grad_(True)
             value = self._scalar_fn(which)(f.reshape(b, *shape), targets).sum()
-            (g,) = torch.autograd.grad(value, f)
+            # a value that does not depend on the outputs (a detached measurement) has g = 0
+            (g,) = torch.autograd.grad(value, f) if value.requires_grad else (torch.zeros_like(f),)
         check_finite_rows(g, batch, f"output-space {which} gradient")
         return g.detach()
 

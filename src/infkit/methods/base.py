@@ -574,9 +574,9 @@ class Method(ABC):
             warn(
                 f"the post-fit checks (docs/conventions.md §9) were not run: their curvature "
                 f"products need torch.func's transforms, which cannot take {function} (it "
-                "defines no setup_context). The answers of identity, trak, datainf, kfac and "
-                "ekfac do not depend on them; the methods whose answers need the transforms "
-                "refuse at their first question",
+                "defines no setup_context). The answers of identity, trak, datainf, kfac, "
+                "ekfac and exact with curvature='hessian' do not depend on them; the methods "
+                "whose answers need the transforms refuse at their first question",
                 UserWarning,
             )
         self.checks = checks
