@@ -522,6 +522,37 @@ def test_queries_read_only_through_a_custom_measurement_need_no_scored_token(
         infkit.Influence(detached, "identity").fit(problem["train"]).scores(one_token)
 
 
+def test_a_query_whose_measurement_does_not_move_is_named(problem: dict) -> None:
+    """A query with scored labels whose measurement is flat in the parameters (it reads a label
+    that is -100 there) scores a row of exact zeros: a warning names it, on the cached path
+    (identity) and on the streamed Kronecker path (EK-FAC under a memory limit)."""
+    model = problem["model"]
+
+    def last_label_logit(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        kept = (targets[:, -1] != lm.IGNORE_INDEX).to(outputs.dtype)
+        return kept * outputs[:, -2].gather(1, targets[:, -1:].clamp_min(0))[:, 0]
+
+    task = infkit.Task.language_modeling(model).with_measurement(last_label_logit)
+    inputs, labels = problem["test"]
+    labels = labels.clone()
+    labels[1, -1] = lm.IGNORE_INDEX  # query 1 keeps its other scored labels
+    limit = _limit_for_queries(problem, Q, batch_size=2)
+    options = {"l2": 1e-2, "damping": 1e-2, "batch_size": 2}
+    for method, extra in (("identity", {}), ("ekfac", {"memory_limit": limit})):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inf = infkit.Influence(task, method, **options, **extra).fit(problem["train"])
+        with pytest.warns(
+            UserWarning,
+            match=r"test set example 1: the gradient of the measurement .* every score of it is 0",
+        ) as caught:
+            scores = inf.scores((inputs, labels))
+        assert not any("example 0" in str(w.message) for w in caught), method
+        assert bool((scores[1] == 0).all()) and bool((scores[[0, 2, 3]] != 0).any(dim=1).all())
+        if method == "ekfac":
+            assert inf.fitted.train_gradients is None  # the streamed path
+
+
 def test_low_rank_queries(problem: dict) -> None:
     task = infkit.Task.language_modeling(problem["model"])
     options = {"l2": 1e-2, "damping": 1e-2}

@@ -180,6 +180,8 @@ class Fitted:
             grads = self.engine.grads(batch, which)
             out[start : start + grads.shape[0]] = grads
             start += grads.shape[0]
+        if which == "measurement":
+            warn_about_still_queries(examples, (out != 0).any(dim=1))
         return out
 
     def train_batches(self, desc: str, indices: Tensor | None = None) -> Iterator[Batch]:
@@ -545,6 +547,23 @@ def _check_measured_rows(engine: PerExample, batch: Batch, rows: list[int]) -> N
                 "against it would be 0. Drop it, unmask its labels, or measure what needs no "
                 "label"
             )
+
+
+def warn_about_still_queries(examples: ExampleSet, moved: Tensor) -> None:
+    """Warn, naming the first, of the examples whose measurement's gradient in the attributed
+    parameters is 0 (``moved[k]`` False): every score of theirs is 0."""
+    still = (~moved.cpu()).nonzero()
+    if not len(still):
+        return
+    k, count = int(still[0, 0]), len(still)
+    named = examples.example(k) + (f" and {count - 1} more" if count > 1 else "")
+    warn(
+        f"{examples.name} {named}: the gradient of the measurement in the attributed "
+        f"parameters is 0 there, so {'every score of it is' if count == 1 else 'their scores are'}"
+        " 0 (a measurement that does not depend on them there, or reads labels that score "
+        "nothing there)",
+        UserWarning,
+    )
 
 
 def _unlabelled(examples: ExampleSet, inputs: Any) -> InvalidInputError:

@@ -44,7 +44,7 @@ from torch import Tensor
 from infkit.data import Batch, ExampleSet
 from infkit.distributed import batch_count, shard_batches, sum_across, world
 from infkit.errors import InvalidInputError, Notice, ProblemTooLargeError, warn
-from infkit.fitted import Fitted
+from infkit.fitted import Fitted, warn_about_still_queries
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.kfac.spill import DiskBlocks
 from infkit.layers.capture import (
@@ -493,13 +493,15 @@ class StreamingScorer:
                 t.name: torch.zeros(prepared.count, dtype=torch.float64, device=device)
                 for t in tracked
             }
+        moved = torch.zeros(prepared.count, dtype=torch.bool)  # a query's gradient is not 0
         try:
             theta, ridges = self._theta_blocks(), self.curvature.ridges()
             for batch in queries.batches(query_batch_size(self.fitted, self.curvature)):
-                self._precondition_batch(batch, tracked, prepared, theta, ridges)
+                self._precondition_batch(batch, tracked, prepared, theta, ridges, moved)
         except BaseException:
             prepared.close()
             raise
+        warn_about_still_queries(queries, moved)
         release_freed_memory()  # the query passes' leftovers, before the scoring pass
         return prepared
 
@@ -510,9 +512,11 @@ class StreamingScorer:
         prepared: LayerQueries,
         theta: dict[str, Tensor],
         ridges: dict[str, float],
+        moved: Tensor,
     ) -> None:
         """Write the preconditioned measurement gradients of a batch of queries into
-        ``prepared`` (its rows ``batch.indices``), layer by layer after the backward.
+        ``prepared`` (its rows ``batch.indices``), layer by layer after the backward, and mark
+        in ``moved`` the queries whose gradient is not 0.
 
         Not streamed as the scoring pass is (:func:`stream_layer_terms`): preconditioning a
         layer takes several blocks of temporaries, and taken during the backward, beside the
@@ -524,6 +528,7 @@ class StreamingScorer:
         for t in tracked:
             name = t.name
             U = self.curvature.precondition(name, terms.pop(name), ridges[name], self.dtype)
+            moved[batch.indices] |= (U != 0).reshape(U.shape[0], -1).any(dim=1).cpu()
             if l2:
                 share = l2 * (U * theta[name]).sum((1, 2)).to(torch.float64)
                 prepared.shared[rows] += share
