@@ -75,6 +75,18 @@ def refuse_untransformable(error: BaseException) -> None:
 
 
 @contextlib.contextmanager
+def untransformable_refused() -> Iterator[None]:
+    """Around a ``torch.func`` computation (or as a decorator): PyTorch's refusal of a custom
+    ``torch.autograd.Function`` becomes :func:`refuse_untransformable`'s error; any other
+    error passes unchanged."""
+    try:
+        yield
+    except RuntimeError as error:
+        refuse_untransformable(error)
+        raise
+
+
+@contextlib.contextmanager
 def composite_attention(enabled: bool) -> Iterator[None]:
     """Restrict ``scaled_dot_product_attention`` to its composite math kernel when enabled."""
     if not enabled:

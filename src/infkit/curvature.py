@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 
-from infkit.autodiff import Pushforward, refuse_untransformable, transforms_only
+from infkit.autodiff import Pushforward, transforms_only, untransformable_refused
 from infkit.data import Batch, ExampleSet
 from infkit.errors import UnsupportedError
 from infkit.gradients import PerExample, batching_rule_notice
@@ -133,17 +133,11 @@ class CurvatureOperator:
         """sum over the batch of C_i V, [k, P] in the model's dtype."""
         return self.add_batch_product(batch, V, torch.zeros_like(V))
 
+    @untransformable_refused()
     def add_batch_product(self, batch: Batch, V: Tensor, out: Tensor) -> Tensor:
         """``out += sum over the batch of C_i V`` in place ([k, P], any float dtype; the products
         are formed in the model's dtype, a chunk of directions at a time, and added as they
         come, so that no second [k, P] block is held); returns ``out``."""
-        try:
-            return self._add_batch_product(batch, V, out)
-        except RuntimeError as error:
-            refuse_untransformable(error)
-            raise
-
-    def _add_batch_product(self, batch: Batch, V: Tensor, out: Tensor) -> Tensor:
         engine, space = self.engine, self.engine.space
         inputs, targets = engine.prepare(batch)
         params = engine.params()

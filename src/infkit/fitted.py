@@ -429,7 +429,7 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
     ``measured``: the set is read through the measurement only (queries). Under a custom
     measurement the loss's ``check_scored`` does not refuse it then (a one-token prompt whose
     measurement reads one logit), unless the measurement reads the labels too (its gradient in
-    the outputs is 0 on the first example ``check_scored`` names: a completion's
+    the outputs is 0 on one of the examples ``check_scored`` names: a completion's
     log-likelihood); a set let through so is not marked checked, so that a use of the same
     ExampleSet through the loss checks it again.
     """

@@ -41,6 +41,7 @@ from infkit.autodiff import (
     refuse_untransformable,
     transforms_only,
     untransformable_function,
+    untransformable_refused,
 )
 from infkit.data import Batch, map_tensors
 from infkit.errors import (
@@ -630,23 +631,20 @@ class PerExample:
         single = U.dim() == 2
         U = U.reshape(-1, *U.shape[-2:])
         with (
+            untransformable_refused(),
             transforms_only(),
             evaluation_mode(self.task.model),
             evaluation_mode(self.tangent_module),
             batching_rule_notice(self.task.model),
         ):
-            try:
-                pull = vjp(lambda p: self.tangent_call(p, inputs), self.tangent_params())[1]
-                parts = []
-                for start in range(0, U.shape[0], TANGENT_CHUNK):
-                    chunk = U[start : start + TANGENT_CHUNK]
-                    if chunk.shape[0] == 1:
-                        parts.append(self.flatten_tangent(pull(chunk[0])[0], 0).unsqueeze(0))
-                    else:
-                        parts.append(self.flatten_tangent(vmap(pull)(chunk)[0], 1))
-            except RuntimeError as error:
-                refuse_untransformable(error)
-                raise
+            pull = vjp(lambda p: self.tangent_call(p, inputs), self.tangent_params())[1]
+            parts = []
+            for start in range(0, U.shape[0], TANGENT_CHUNK):
+                chunk = U[start : start + TANGENT_CHUNK]
+                if chunk.shape[0] == 1:
+                    parts.append(self.flatten_tangent(pull(chunk[0])[0], 0).unsqueeze(0))
+                else:
+                    parts.append(self.flatten_tangent(vmap(pull)(chunk)[0], 1))
             out = torch.cat(parts).detach()
         return out[0] if single else out
 

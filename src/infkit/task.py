@@ -270,8 +270,9 @@ class Task:
         check_scored: ``fn(targets) -> (position, message) | None``: why the loss of a batch of
             (usable) targets has nothing to score, so that its loss and every score read
             through it would be 0 (a language model: a one-token sequence, every label -100);
-            checked on the sets read through the loss, not on queries read only through a
-            custom measurement (None: no check).
+            checked on the sets read through the loss; queries read only through a custom
+            measurement pass where the measurement's gradient in the outputs is not 0 on
+            the examples it names (None: no check).
         check_outputs: ``fn(outputs) -> message | None``: why the model's outputs [B, ...] do
             not fit the loss (classification, language modelling: probabilities instead of
             logits).
