@@ -119,3 +119,21 @@ def test_astra_on_minilm_matches_conjugate_gradients(minilm: dict) -> None:
     # (With 8 examples the GGN has rank <= 16, so plain CG needs ~6 iterations; EK-FAC's
     # preconditioner spreads that spectrum and ASTRA needs ~70 block iterations:
     # preconditioning pays off on full-rank curvature, not here.)
+
+
+def test_the_tokenizers_own_output_is_data(minilm: dict) -> None:
+    """What the tokenizer returns is data as it is: the pair ``(tokenizer(texts), labels)``, its
+    ``BatchEncoding`` with the labels added, and its lists (no ``return_tensors``) give the
+    scores of the same sentences as rows of tensors (identity, 1e-12 relative)."""
+    tok, task = minilm["tokenizer"], minilm["task"]
+    texts, labels = POSITIVE + NEGATIVE, [1] * 4 + [0] * 4
+    rows = encode(tok, texts, labels, None)
+    queries = encode(tok, QUERIES, [1, 0], None)
+    reference = infkit.Influence(task, "identity").fit(rows).scores(queries)
+    # (the classifier's forward takes no token_type_ids, which BERT's tokenizer adds)
+    encoding = tok(texts, return_tensors="pt", padding=True, return_token_type_ids=False)
+    lists = tok(texts, padding=True, return_token_type_ids=False)
+    lists["labels"] = labels
+    for train in ((encoding, torch.tensor(labels)), {**encoding, "labels": labels}, lists):
+        scores = infkit.Influence(task, "identity").fit(train).scores(queries)
+        assert relative_error(scores, reference) < 1e-12

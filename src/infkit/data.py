@@ -5,22 +5,33 @@ Accepted forms (indices always refer to positions in the given data):
 * a pair of tensors ``(X, y)`` with a shared first dimension;
 * a ``torch.utils.data.Dataset`` whose items are ``(x, y)`` pairs;
 * a ``Dataset`` (or list) of dicts, Hugging Face style: the ``labels`` key holds the target and
-  the other keys are passed to the model as keyword arguments.
+  the other keys are passed to the model as keyword arguments;
+* a dict of batched inputs holding the labels under a label key (a collated batch, or a
+  tokenizer's ``BatchEncoding`` with ``labels`` added): the ``(X, y)`` pair of its other keys and
+  its labels.
+
+Mappings that are not dicts (``BatchEncoding``) are read as dicts, also as the X of a pair or as
+a dataset's items; lists of numbers in them (a tokenizer's output without ``return_tensors``, a
+Hugging Face ``datasets`` row) as tensors. Any object with ``__len__`` and ``__getitem__``
+whose items are pairs or dicts (a Hugging Face ``datasets.Dataset``) is a dataset.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate, default_convert
 
-from infkit.errors import InvalidInputError, NonFiniteError
+from infkit.errors import InvalidInputError, NonFiniteError, warn
 
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+
+#: how a language model's (inputs, labels) pair is built, for messages about dict inputs
+_LM_EXAMPLES = "infkit.language_modeling.examples(input_ids, attention_mask)"
 
 
 @dataclass
@@ -107,6 +118,52 @@ def _as_tensors(obj: Any) -> Any:
     return obj
 
 
+def _numbers_as_tensor(value: Any) -> Any:
+    """A list (or tuple) of numbers, nested to any depth, as a tensor; anything else, and a list
+    that is not rectangular or holds other things (tensors, strings), unchanged."""
+    if not isinstance(value, (list, tuple)) or not value or not _numbers_only(value):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):  # not rectangular
+        return value
+
+
+def _numbers_only(value: Any) -> bool:
+    """Whether ``value`` is a Python number or a list (or tuple) of them, nested."""
+    if isinstance(value, (list, tuple)):
+        return all(_numbers_only(item) for item in value)
+    return isinstance(value, (bool, int, float))
+
+
+def _is_other_mapping(obj: Any) -> bool:
+    """Whether ``obj`` is a mapping that is not a dict (a tokenizer's ``BatchEncoding``)."""
+    return isinstance(obj, Mapping) and not isinstance(obj, dict)
+
+
+def _as_dict(obj: Any) -> Any:
+    """A mapping that is not a dict (a tokenizer's ``BatchEncoding``) as a dict, its lists of
+    numbers as tensors; anything else unchanged."""
+    if _is_other_mapping(obj):
+        return {key: _numbers_as_tensor(value) for key, value in obj.items()}
+    return obj
+
+
+def _mapping_pair(data: Mapping, name: str) -> tuple[dict[str, Any], Any]:
+    """A dict of batched inputs that holds the labels under a label key, as the ``(X, y)`` pair
+    of its other keys and its labels; without one, refused with the ways to give them."""
+    plain = {key: _numbers_as_tensor(value) for key, value in data.items()}
+    for key in LABEL_KEYS:
+        if key in plain:
+            return {k: v for k, v in plain.items() if k != key}, plain[key]
+    keys = ", ".join(f"'{key}'" for key in plain)
+    raise InvalidInputError(
+        f"{name} is a {type(data).__name__} of inputs ({keys}) without labels: give them with "
+        "it, as a pair (inputs, labels) or under the key 'labels'; for a language model, "
+        f"{_LM_EXAMPLES} makes the labels from the ids (the ids, with -100 at padding)"
+    )
+
+
 def _is_pair(data: Any) -> bool:
     """Whether ``data`` is an (X, y) pair of batched tensors rather than a list of examples.
 
@@ -131,6 +188,41 @@ def example_name(number: int, position: int) -> str:
     return f"example {number} (position {position} of the subset given)"
 
 
+def _warn_unused_collate(loader: DataLoader, name: str) -> None:
+    """Warn that a DataLoader's own ``collate_fn`` is not used (infkit collates the dataset's
+    items itself, by its own batches), since one that pads the examples, or makes or masks
+    their labels, would have made other examples than infkit reads."""
+    collate = loader.collate_fn
+    if collate in (default_collate, default_convert):
+        return
+    named = getattr(collate, "__qualname__", None) or type(collate).__qualname__
+    warn(
+        f"{name}: the DataLoader's collate_fn ({named}) is not used: infkit reads the items of "
+        "its dataset and collates them itself (torch's default_collate), in batches of its own "
+        "batch_size. If the collate_fn changes the examples (pads them, makes or masks their "
+        "labels), give them as it makes them, every example in one batch: "
+        "collate_fn([dataset[i] for i in range(len(dataset))]) (a dict holding the labels, or "
+        "an (inputs, labels) pair)"
+    )
+
+
+def _is_map_style(data: Any) -> bool:
+    """Whether ``data`` is a sized, indexable set of examples that is neither a torch Dataset
+    nor a Sequence (a Hugging Face ``datasets.Dataset``): ``len`` works and its first item is
+    a mapping or an ``(x, y)`` pair, as :meth:`ExampleSet._item_pair` reads them."""
+    if isinstance(data, (str, bytes)) or not (
+        hasattr(data, "__len__") and hasattr(data, "__getitem__")
+    ):
+        return False
+    try:
+        if len(data) == 0:
+            return True  # refused as empty
+        first = data[0]
+    except Exception:  # indexable by other keys (a DataFrame's columns)
+        return False
+    return isinstance(first, Mapping) or (isinstance(first, (tuple, list)) and len(first) == 2)
+
+
 #: the name of an :class:`ExampleSet` made without one (messages say "data example k")
 DEFAULT_NAME = "data"
 
@@ -151,7 +243,14 @@ class ExampleSet:
         self._tensors: tuple[Any, Any] | None = None
         self._dataset: Any = None
         if isinstance(data, DataLoader):
+            _warn_unused_collate(data, name)
             data = data.dataset  # its examples, in order (its batching and shuffling do not apply)
+        if isinstance(data, Mapping):
+            data = _mapping_pair(data, name)
+        elif (
+            isinstance(data, (tuple, list)) and len(data) == 2 and any(map(_is_other_mapping, data))
+        ):
+            data = (_as_dict(data[0]), _as_dict(data[1]))  # (a tokenizer's BatchEncoding, labels)
         if isinstance(data, ExampleSet):
             self._tensors, self._dataset = data._tensors, data._dataset
             # a set given without a name of its own takes the role it is given for
@@ -176,15 +275,16 @@ class ExampleSet:
                 )
             if not sizes:
                 raise InvalidInputError(f"{name}: an (X, y) pair must contain tensors")
-        elif isinstance(data, (Dataset, Sequence)) and hasattr(data, "__getitem__"):
-            self._dataset = data
         elif isinstance(data, Tensor) or _is_array(data):
             raise InvalidInputError(
                 f"{name} is a single {type(data).__name__} of shape {tuple(data.shape)}: give "
                 "the inputs together with their labels, as a pair (X, y); for a language model, "
-                "infkit.language_modeling.examples(input_ids, attention_mask) builds the pair "
-                "from the token ids"
+                f"{_LM_EXAMPLES} builds the pair from the token ids"
             )
+        elif isinstance(data, (Dataset, Sequence)) and hasattr(data, "__getitem__"):
+            self._dataset = data
+        elif _is_map_style(data):
+            self._dataset = data  # a Hugging Face datasets.Dataset, or any sized, indexable set
         else:
             raise InvalidInputError(
                 f"{name}: expected a pair (X, y) of tensors or numpy arrays, a Dataset (or a "
@@ -199,13 +299,16 @@ class ExampleSet:
         return len(self._dataset)
 
     def _item_pair(self, item: Any) -> tuple[Any, Any]:
-        if isinstance(item, dict):
+        if isinstance(item, Mapping):
+            # a row of a Hugging Face dataset holds lists of numbers: tensors, else
+            # default_collate would read a batch of token lists position by position
+            item = {k: _numbers_as_tensor(v) for k, v in item.items()}
             for key in LABEL_KEYS:
                 if key in item:
                     return {k: v for k, v in item.items() if k != key}, item[key]
             return item, None
         if isinstance(item, (tuple, list)) and len(item) == 2:
-            return item[0], item[1]
+            return _numbers_as_tensor(_as_dict(item[0])), _numbers_as_tensor(item[1])
         raise InvalidInputError(
             f"{self.name}: each item must be an (x, y) pair or a dict with a 'labels' key; "
             f"got {type(item).__name__}"
@@ -399,10 +502,6 @@ def _form(signature: Any) -> str:
 def _owner(name: str) -> str:
     """The possessive of a set's name: ``the test set's``, ``the behaviour queries'``."""
     return f"the {name}'" if name.endswith("s") else f"the {name}'s"
-
-
-#: how a language model's (inputs, labels) pair is built, for messages about dict inputs
-_LM_EXAMPLES = "infkit.language_modeling.examples(input_ids, attention_mask)"
 
 
 def _mismatch(ref: Any, got: Any, reference: str, other: str, where: str = "") -> str | None:

@@ -1,0 +1,167 @@
+"""The forms in which a Hugging Face user holds data give the scores of the ``(X, y)`` pair.
+
+A tokenizer returns a ``BatchEncoding`` (a mapping that is not a dict), a collated batch is a
+dict of batched tensors holding its ``labels``, a ``datasets`` row holds lists of numbers, and a
+``datasets.Dataset`` is indexable and sized without being a torch ``Dataset`` or a ``Sequence``.
+Each is read as the pair it stands for; ``collections.UserDict`` (what ``BatchEncoding``
+derives from) and a plain indexable class stand in for them here, so that the tests run
+without transformers. The reference is the same examples given as an ``(inputs, labels)``
+pair of tensors, and identity's scores, which these tests compare, are a closed form of the
+examples' gradients (``tests/test_language_modeling.py`` checks them against autograd).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import UserDict
+from typing import Any
+
+import pytest
+import torch
+from lm_helpers import LENGTH, VOCAB, TinyLM
+from torch.utils.data import DataLoader, default_collate
+
+import infkit
+from infkit import language_modeling as lm
+from infkit.errors import InvalidInputError
+
+N = 6
+
+
+class Rows:
+    """A sized, indexable set of rows that is neither a torch Dataset nor a Sequence, as a
+    Hugging Face ``datasets.Dataset`` is: ``rows[i]`` is a dict of lists of numbers."""
+
+    def __init__(self, columns: dict[str, torch.Tensor]) -> None:
+        self.columns = {key: value.tolist() for key, value in columns.items()}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {key: values[i] for key, values in self.columns.items()}
+
+
+class Columns(Rows):
+    """Indexable by column name only, as a pandas DataFrame is."""
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.columns[key]
+
+
+@pytest.fixture(scope="module")
+def problem() -> dict:
+    torch.manual_seed(0)
+    model = TinyLM().double().eval()
+    ids = torch.randint(0, VOCAB, (N, LENGTH))
+    mask = torch.ones_like(ids)
+    mask[:2, -2:] = 0  # two sequences padded on the right
+    inputs, labels = lm.examples(ids, mask)
+    task = infkit.Task.language_modeling(model)
+    queries = ({k: v[:3] for k, v in inputs.items()}, labels[:3])
+    scores = infkit.Influence(task, "identity", progress=False).fit((inputs, labels))
+    return {
+        "task": task,
+        "inputs": inputs,
+        "labels": labels,
+        "queries": queries,
+        "scores": scores.scores(queries),
+    }
+
+
+def _forms(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, Any]:
+    """The examples ``(inputs, labels)`` in each form a Hugging Face user may hold them."""
+    columns = {**inputs, "labels": labels}
+    return {
+        "a dict of batched tensors with its labels": dict(columns),
+        "a BatchEncoding with its labels": UserDict(columns),
+        "a pair (BatchEncoding, labels)": (UserDict(inputs), labels),
+        "a BatchEncoding of lists": UserDict({k: v.tolist() for k, v in columns.items()}),
+        "a list of BatchEncoding rows of lists": [
+            UserDict({k: v[i].tolist() for k, v in columns.items()}) for i in range(len(labels))
+        ],
+        "a datasets-style set of rows": Rows(columns),
+        "a DataLoader over it": DataLoader(Rows(columns), batch_size=4),
+    }
+
+
+@pytest.mark.parametrize("form", list(_forms({"x": torch.zeros(1)}, torch.zeros(1))))
+def test_each_form_scores_as_the_tensor_pair(problem: dict, form: str) -> None:
+    """Identity's scores of every training-set form, and of the queries in the same form, equal
+    those of the tensor pair (1e-12 relative; the same examples, collated another way). Before,
+    each of these forms was refused, and a row's lists were read position by position."""
+    train = _forms(problem["inputs"], problem["labels"])[form]
+    queries = _forms(*problem["queries"])[form]
+    fitted = infkit.Influence(problem["task"], "identity", progress=False).fit(train)
+    torch.testing.assert_close(
+        fitted.scores(queries),
+        problem["scores"],
+        rtol=1e-12,
+        atol=1e-12 * problem["scores"].abs().max(),
+    )
+
+
+def test_a_mapping_without_labels_says_how_to_give_them(problem: dict) -> None:
+    """A tokenizer's output as it comes holds no labels: refused naming its keys and the two
+    ways to give them, the language-modelling helper among them."""
+    encoding = UserDict(problem["inputs"])
+    with pytest.raises(
+        InvalidInputError,
+        match=r"training set is a UserDict of inputs \('input_ids', 'attention_mask'\) without "
+        r"labels: give them with it, as a pair \(inputs, labels\) or under the key 'labels'.*"
+        r"language_modeling.examples\(input_ids, attention_mask\)",
+    ):
+        infkit.Influence(problem["task"], "identity").fit(encoding)
+    fitted = infkit.Influence(problem["task"], "identity", progress=False)
+    fitted.fit((problem["inputs"], problem["labels"]))
+    with pytest.raises(InvalidInputError, match="test set is a dict of inputs"):
+        fitted.scores(dict(problem["inputs"]))
+
+
+def test_a_set_indexed_by_column_is_refused_by_its_type(problem: dict) -> None:
+    """A table indexed by column names (a DataFrame) is not taken for a set of rows: refused
+    with the forms accepted, not a KeyError from its first item."""
+    with pytest.raises(InvalidInputError, match=r"expected a pair .* got Columns"):
+        infkit.Influence(problem["task"], "identity").fit(
+            Columns({**problem["inputs"], "labels": problem["labels"]})
+        )
+
+
+def test_a_dataloaders_own_collate_fn_is_named_and_its_remedy_works(problem: dict) -> None:
+    """A DataLoader is read through its dataset, so a collate_fn of its own is not used: one
+    that makes the labels (here: the ids with the first two tokens masked, as a completion-only
+    collator does) would have made other examples than infkit reads, so a warning names it. The
+    remedy it gives, every example collated in one batch, scores the examples it makes."""
+    columns = {**problem["inputs"], "labels": problem["labels"]}
+    rows = [{k: v[i] for k, v in problem["inputs"].items()} for i in range(N)]
+
+    def completion_only(batch: list[dict]) -> dict:
+        collated = default_collate(batch)
+        labels = torch.where(collated["attention_mask"] == 1, collated["input_ids"], -100)
+        labels[:, :2] = -100
+        return {**collated, "labels": labels}
+
+    with (
+        pytest.warns(
+            UserWarning,
+            match=r"training set: the DataLoader's collate_fn \(.*completion_only\) is not used",
+        ),
+        pytest.raises(InvalidInputError, match="has no labels"),
+    ):
+        infkit.Influence(problem["task"], "identity").fit(
+            DataLoader(rows, collate_fn=completion_only)
+        )
+    masked = completion_only(rows)
+    fitted = infkit.Influence(problem["task"], "identity", progress=False).fit(masked)
+    expected = columns["labels"].clone()
+    expected[:, :2] = -100
+    reference = infkit.Influence(problem["task"], "identity", progress=False)
+    reference.fit((problem["inputs"], expected))
+    torch.testing.assert_close(
+        fitted.scores(problem["queries"]), reference.scores(problem["queries"]), rtol=1e-12, atol=0
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for a DataLoader collating as infkit does
+        infkit.Influence(problem["task"], "identity", progress=False).fit(
+            DataLoader(Rows(columns), batch_size=2)
+        )
