@@ -165,3 +165,16 @@ def test_a_dataloaders_own_collate_fn_is_named_and_its_remedy_works(problem: dic
         infkit.Influence(problem["task"], "identity", progress=False).fit(
             DataLoader(Rows(columns), batch_size=2)
         )
+
+
+def test_texts_beside_a_pairs_inputs_are_refused_by_key(problem: dict) -> None:
+    """A column of texts among a pair's inputs (a dataset's ``sentence`` beside its ids) was
+    passed whole with every batch; it is refused naming its key, and a column of numbers is
+    read as a tensor."""
+    inputs = {**problem["inputs"], "sentence": ["some text"] * N}
+    with pytest.raises(InvalidInputError, match="training set: input 'sentence' is a list of str"):
+        infkit.Influence(problem["task"], "identity").fit((inputs, problem["labels"]))
+    lists = {k: v.tolist() for k, v in problem["inputs"].items()}
+    fitted = infkit.Influence(problem["task"], "identity", progress=False)
+    scores = fitted.fit((lists, problem["labels"])).scores(problem["queries"])
+    torch.testing.assert_close(scores, problem["scores"], rtol=1e-12, atol=0)

@@ -110,12 +110,24 @@ def _is_array(obj: Any) -> bool:
 
 
 def _as_tensors(obj: Any) -> Any:
-    """numpy arrays (also inside dicts) as tensors; everything else unchanged."""
+    """numpy arrays (also inside dicts) as tensors, and lists of numbers inside dicts; everything
+    else unchanged."""
     if _is_array(obj):
         return torch.as_tensor(obj)
     if isinstance(obj, dict):
-        return {k: _as_tensors(v) for k, v in obj.items()}
+        return {k: _as_tensors(_numbers_as_tensor(v)) for k, v in obj.items()}
     return obj
+
+
+def _unbatched_inputs(inputs: Any) -> str | None:
+    """The first key of a dict of a pair's inputs whose value is a list or tuple not made of
+    tensors (texts, say), which batches could not index but would pass whole; None if none."""
+    if not isinstance(inputs, dict):
+        return None
+    for key, value in inputs.items():
+        if isinstance(value, (list, tuple)) and not all(isinstance(v, Tensor) for v in value):
+            return str(key)
+    return None
 
 
 def _numbers_as_tensor(value: Any) -> Any:
@@ -261,6 +273,15 @@ class ExampleSet:
         elif _is_pair(data):
             x, y = (_as_tensors(part) for part in data)
             self._tensors = (x, y)
+            loose = _unbatched_inputs(x)
+            if loose is not None:
+                raise InvalidInputError(
+                    f"{name}: input '{loose}' is a {type(x[loose]).__name__} of "
+                    f"{type(x[loose][0]).__name__ if len(x[loose]) else 'nothing'}, not a tensor: "
+                    "each input of a pair is batched along its first dimension, so it must be a "
+                    "tensor or numpy array with a row per example (tokenize texts first, or "
+                    "leave the key out if the model does not read it)"
+                )
             if any(t.dim() == 0 for t in leaves(x) + leaves(y)):
                 raise InvalidInputError(
                     f"{name}: the tensors of an (X, y) pair need a first (example) dimension; "
