@@ -12,6 +12,7 @@ examples' gradients (``tests/test_language_modeling.py`` checks them against aut
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import UserDict
 from typing import Any
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, default_collate
 
 import infkit
 from infkit import language_modeling as lm
+from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError
 
 N = 6
@@ -47,6 +49,19 @@ class Columns(Rows):
 
     def __getitem__(self, key: Any) -> Any:
         return self.columns[key]
+
+
+class LabelIndexed(Rows):
+    """Rows indexed by a label of their own, shuffled, with ``iloc`` for positions: a pandas
+    Series of rows after ``sample()``, whose ``[i]`` is the row labelled i."""
+
+    def __init__(self, columns: dict[str, torch.Tensor], labels: list[int]) -> None:
+        super().__init__(columns)
+        self.labels = labels
+        self.iloc = self  # what marks a pandas object
+
+    def __getitem__(self, label: int) -> dict[str, Any]:
+        return super().__getitem__(self.labels.index(label))
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +187,95 @@ def test_texts_beside_a_pairs_inputs_are_refused_by_key(problem: dict) -> None:
     passed whole with every batch; it is refused naming its key, and a column of numbers is
     read as a tensor."""
     inputs = {**problem["inputs"], "sentence": ["some text"] * N}
-    with pytest.raises(InvalidInputError, match="training set: input 'sentence' is a list of str"):
+    with pytest.raises(
+        InvalidInputError, match="training set: input 'sentence' is a list of 6 str, not a tensor"
+    ):
         infkit.Influence(problem["task"], "identity").fit((inputs, problem["labels"]))
     lists = {k: v.tolist() for k, v in problem["inputs"].items()}
     fitted = infkit.Influence(problem["task"], "identity", progress=False)
     scores = fitted.fit((lists, problem["labels"])).scores(problem["queries"])
     torch.testing.assert_close(scores, problem["scores"], rtol=1e-12, atol=0)
+
+
+def test_rows_read_as_torchs_dataloader_reads_them() -> None:
+    """Rows of Python numbers: floats as float64 and ints as int64, as default_collate makes
+    them (float32 lost 1e-7 of a float64 model's precision); an (x, y) row's tuple x as the
+    DataLoader gives it to the model (a list of tensors), not one tensor."""
+    rows = [{"x": [0.1 * i, 1.0 / 3.0], "labels": i % 2} for i in range(4)]
+    batch = ExampleSet(rows).take([0, 1, 2])
+    assert batch.inputs["x"].dtype == torch.float64 and batch.targets.dtype == torch.int64
+    torch.testing.assert_close(
+        batch.inputs["x"][:, 1],
+        torch.full((3,), 1.0 / 3.0, dtype=torch.float64),
+        rtol=1e-15,
+        atol=0,
+    )
+    pairs = [((0.5 * i, float(i)), i % 2) for i in range(4)]
+    loader = next(iter(DataLoader(pairs, batch_size=3)))
+    batch = ExampleSet(pairs).take([0, 1, 2])
+    assert isinstance(batch.inputs, list) and len(batch.inputs) == len(loader[0]) == 2
+    for ours, torchs in zip(batch.inputs, loader[0]):
+        assert ours.dtype == torchs.dtype and torch.equal(ours, torchs)
+
+
+def test_a_pairs_labels_may_be_a_list(problem: dict) -> None:
+    """(tokenizer(texts), labels) with the labels a Python list scores as with a tensor."""
+    labels = problem["labels"].tolist()
+    fitted = infkit.Influence(problem["task"], "identity", progress=False)
+    scores = fitted.fit((UserDict(problem["inputs"]), labels)).scores(problem["queries"])
+    torch.testing.assert_close(scores, problem["scores"], rtol=1e-12, atol=0)
+
+
+def _refusal(problem: dict, data: Any) -> str:
+    with pytest.raises(InvalidInputError) as refused:
+        infkit.Influence(problem["task"], "identity").fit(data)
+    return str(refused.value)
+
+
+def test_what_looks_like_data_but_is_not_says_what_it_looks_like(problem: dict) -> None:
+    """Each refused with what it looks like and what to give: two tokenizer rows without
+    labels (not a pair of X and y), token lists of several lengths, a dict of splits, one row,
+    a row holding two label keys, rows indexed by label (pandas), a set whose item 0 raises."""
+    inputs, labels = problem["inputs"], problem["labels"]
+    rows = [UserDict({k: v[i] for k, v in inputs.items()}) for i in range(2)]
+    assert "has no labels" in _refusal(problem, rows)
+    ragged = {"input_ids": [[1, 2, 3], [4, 5]] + [[1, 2]] * (N - 2)}
+    assert "holds sequences of several lengths: pad them" in _refusal(problem, (ragged, labels))
+    splits = {"train": Rows({**inputs, "labels": labels}), "test": Rows(inputs)}
+    assert "give one of them, data['train']" in _refusal(problem, splits)
+    one = {"input_ids": inputs["input_ids"][0], "labels": 3}
+    assert "is one example" in _refusal(problem, one)
+    both = [
+        {"input_ids": inputs["input_ids"][i], "labels": labels[i], "label": 1} for i in range(N)
+    ]
+    assert "training set example 0 holds labels under 'labels' and 'label'" in _refusal(
+        problem, both
+    )
+    assert "training set (dict) holds labels under 'labels' and 'label'" in _refusal(
+        problem, {**inputs, "labels": labels, "label": labels}
+    )
+    shuffled = LabelIndexed({**inputs, "labels": labels}, [5, 2, 1, 3, 0, 4])
+    assert "a pandas object, whose [i] reads by label" in _refusal(problem, shuffled)
+
+    class Broken(Rows):
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            raise KeyError("'text' (a transform reading a missing column)")
+
+    assert "reading its item 0 raised KeyError" in _refusal(problem, Broken(inputs))
+
+
+def test_a_dataloaders_sampler_and_partial_collate_are_named(problem: dict) -> None:
+    """A sampler drawing some examples is named (infkit reads all of them), and a partial's
+    function; a shuffling loader is not warned about."""
+    rows = Rows({**problem["inputs"], "labels": problem["labels"]})
+    subset = DataLoader(rows, sampler=torch.utils.data.SubsetRandomSampler([0, 1, 2]))
+    with pytest.warns(UserWarning, match=r"sampler \(SubsetRandomSampler\) is not used"):
+        infkit.Influence(problem["task"], "identity", progress=False).fit(subset)
+    partial = DataLoader(rows, collate_fn=functools.partial(default_collate))
+    with pytest.warns(UserWarning, match=r"collate_fn \(a partial of default_collate\)"):
+        infkit.Influence(problem["task"], "identity", progress=False).fit(partial)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        infkit.Influence(problem["task"], "identity", progress=False).fit(
+            DataLoader(rows, shuffle=True, batch_size=2)
+        )

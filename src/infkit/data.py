@@ -10,10 +10,8 @@ Accepted forms (indices always refer to positions in the given data):
   tokenizer's ``BatchEncoding`` with ``labels`` added): the ``(X, y)`` pair of its other keys and
   its labels.
 
-Mappings that are not dicts (``BatchEncoding``) are read as dicts, also as the X of a pair or as
-a dataset's items; lists of numbers in them (a tokenizer's output without ``return_tensors``, a
-Hugging Face ``datasets`` row) as tensors. Any object with ``__len__`` and ``__getitem__``
-whose items are pairs or dicts (a Hugging Face ``datasets.Dataset``) is a dataset.
+and the other forms of :mod:`infkit.data_forms` (a tokenizer's output, a ``datasets.Dataset``,
+rows of lists of numbers), read as these.
 """
 
 from __future__ import annotations
@@ -24,14 +22,23 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate, default_convert
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from infkit.errors import InvalidInputError, NonFiniteError, warn
-
-LABEL_KEYS = ("labels", "label", "targets", "target", "y")
-
-#: how a language model's (inputs, labels) pair is built, for messages about dict inputs
-_LM_EXAMPLES = "infkit.language_modeling.examples(input_ids, attention_mask)"
+from infkit.data_forms import (
+    LABEL_KEYS,
+    LM_EXAMPLES,
+    is_array,
+    is_map_style,
+    is_tokenizer_pair,
+    label_key,
+    mapping_pair,
+    not_a_set,
+    numbers_as_tensor,
+    plain_mapping,
+    unbatched_input,
+    warn_unused_loader_parts,
+)
+from infkit.errors import InvalidInputError, NonFiniteError
 
 
 @dataclass
@@ -104,76 +111,26 @@ def map_tensors(obj: Any, fn) -> Any:
     return _map_tensors(obj, fn)
 
 
-def _is_array(obj: Any) -> bool:
-    """Whether ``obj`` is a numpy array (without importing numpy)."""
-    return type(obj).__module__ == "numpy" and hasattr(obj, "__array__") and hasattr(obj, "shape")
-
-
 def _as_tensors(obj: Any) -> Any:
-    """numpy arrays (also inside dicts) as tensors, and lists of numbers inside dicts; everything
-    else unchanged."""
-    if _is_array(obj):
+    """numpy arrays (also inside dicts) as tensors; everything else unchanged."""
+    if is_array(obj):
         return torch.as_tensor(obj)
     if isinstance(obj, dict):
-        return {k: _as_tensors(_numbers_as_tensor(v)) for k, v in obj.items()}
+        return {k: _as_tensors(v) for k, v in obj.items()}
     return obj
 
 
-def _unbatched_inputs(inputs: Any) -> str | None:
-    """The first key of a dict of a pair's inputs whose value is a list or tuple not made of
-    tensors (texts, say), which batches could not index but would pass whole; None if none."""
+def _columns_as_tensors(inputs: Any, n: int) -> Any:
+    """The lists of ``n`` numbers (or of rows of numbers) among a dict of a pair's inputs, a
+    row per example, as tensors; other values (constants) unchanged."""
     if not isinstance(inputs, dict):
-        return None
-    for key, value in inputs.items():
-        if isinstance(value, (list, tuple)) and not all(isinstance(v, Tensor) for v in value):
-            return str(key)
-    return None
-
-
-def _numbers_as_tensor(value: Any) -> Any:
-    """A list (or tuple) of numbers, nested to any depth, as a tensor; anything else, and a list
-    that is not rectangular or holds other things (tensors, strings), unchanged."""
-    if not isinstance(value, (list, tuple)) or not value or not _numbers_only(value):
-        return value
-    try:
-        return torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):  # not rectangular
-        return value
-
-
-def _numbers_only(value: Any) -> bool:
-    """Whether ``value`` is a Python number or a list (or tuple) of them, nested."""
-    if isinstance(value, (list, tuple)):
-        return all(_numbers_only(item) for item in value)
-    return isinstance(value, (bool, int, float))
-
-
-def _is_other_mapping(obj: Any) -> bool:
-    """Whether ``obj`` is a mapping that is not a dict (a tokenizer's ``BatchEncoding``)."""
-    return isinstance(obj, Mapping) and not isinstance(obj, dict)
-
-
-def _as_dict(obj: Any) -> Any:
-    """A mapping that is not a dict (a tokenizer's ``BatchEncoding``) as a dict, its lists of
-    numbers as tensors; anything else unchanged."""
-    if _is_other_mapping(obj):
-        return {key: _numbers_as_tensor(value) for key, value in obj.items()}
-    return obj
-
-
-def _mapping_pair(data: Mapping, name: str) -> tuple[dict[str, Any], Any]:
-    """A dict of batched inputs that holds the labels under a label key, as the ``(X, y)`` pair
-    of its other keys and its labels; without one, refused with the ways to give them."""
-    plain = {key: _numbers_as_tensor(value) for key, value in data.items()}
-    for key in LABEL_KEYS:
-        if key in plain:
-            return {k: v for k, v in plain.items() if k != key}, plain[key]
-    keys = ", ".join(f"'{key}'" for key in plain)
-    raise InvalidInputError(
-        f"{name} is a {type(data).__name__} of inputs ({keys}) without labels: give them with "
-        "it, as a pair (inputs, labels) or under the key 'labels'; for a language model, "
-        f"{_LM_EXAMPLES} makes the labels from the ids (the ids, with -100 at padding)"
-    )
+        return inputs
+    return {
+        key: numbers_as_tensor(value)
+        if isinstance(value, (list, tuple)) and len(value) == n
+        else value
+        for key, value in inputs.items()
+    }
 
 
 def _is_pair(data: Any) -> bool:
@@ -186,7 +143,7 @@ def _is_pair(data: Any) -> bool:
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         return False
     first = data[0]
-    if isinstance(first, Tensor) or _is_array(first):
+    if isinstance(first, Tensor) or is_array(first):
         return True
     return isinstance(first, dict) and not any(key in first for key in LABEL_KEYS)
 
@@ -198,41 +155,6 @@ def example_name(number: int, position: int) -> str:
     if number == position:
         return f"example {number}"
     return f"example {number} (position {position} of the subset given)"
-
-
-def _warn_unused_collate(loader: DataLoader, name: str) -> None:
-    """Warn that a DataLoader's own ``collate_fn`` is not used (infkit collates the dataset's
-    items itself, by its own batches), since one that pads the examples, or makes or masks
-    their labels, would have made other examples than infkit reads."""
-    collate = loader.collate_fn
-    if collate in (default_collate, default_convert):
-        return
-    named = getattr(collate, "__qualname__", None) or type(collate).__qualname__
-    warn(
-        f"{name}: the DataLoader's collate_fn ({named}) is not used: infkit reads the items of "
-        "its dataset and collates them itself (torch's default_collate), in batches of its own "
-        "batch_size. If the collate_fn changes the examples (pads them, makes or masks their "
-        "labels), give them as it makes them, every example in one batch: "
-        "collate_fn([dataset[i] for i in range(len(dataset))]) (a dict holding the labels, or "
-        "an (inputs, labels) pair)"
-    )
-
-
-def _is_map_style(data: Any) -> bool:
-    """Whether ``data`` is a sized, indexable set of examples that is neither a torch Dataset
-    nor a Sequence (a Hugging Face ``datasets.Dataset``): ``len`` works and its first item is
-    a mapping or an ``(x, y)`` pair, as :meth:`ExampleSet._item_pair` reads them."""
-    if isinstance(data, (str, bytes)) or not (
-        hasattr(data, "__len__") and hasattr(data, "__getitem__")
-    ):
-        return False
-    try:
-        if len(data) == 0:
-            return True  # refused as empty
-        first = data[0]
-    except Exception:  # indexable by other keys (a DataFrame's columns)
-        return False
-    return isinstance(first, Mapping) or (isinstance(first, (tuple, list)) and len(first) == 2)
 
 
 #: the name of an :class:`ExampleSet` made without one (messages say "data example k")
@@ -255,14 +177,12 @@ class ExampleSet:
         self._tensors: tuple[Any, Any] | None = None
         self._dataset: Any = None
         if isinstance(data, DataLoader):
-            _warn_unused_collate(data, name)
+            warn_unused_loader_parts(data, name)
             data = data.dataset  # its examples, in order (its batching and shuffling do not apply)
         if isinstance(data, Mapping):
-            data = _mapping_pair(data, name)
-        elif (
-            isinstance(data, (tuple, list)) and len(data) == 2 and any(map(_is_other_mapping, data))
-        ):
-            data = (_as_dict(data[0]), _as_dict(data[1]))  # (a tokenizer's BatchEncoding, labels)
+            data = mapping_pair(data, name)  # a collated batch, a BatchEncoding with its labels
+        elif is_tokenizer_pair(data):
+            data = (plain_mapping(data[0]), data[1])  # (tokenizer(texts), labels)
         if isinstance(data, ExampleSet):
             self._tensors, self._dataset = data._tensors, data._dataset
             # a set given without a name of its own takes the role it is given for
@@ -271,46 +191,19 @@ class ExampleSet:
             self.given_at = data.given_at
             self._checked = data._checked  # the same examples
         elif _is_pair(data):
-            x, y = (_as_tensors(part) for part in data)
-            self._tensors = (x, y)
-            loose = _unbatched_inputs(x)
-            if loose is not None:
-                raise InvalidInputError(
-                    f"{name}: input '{loose}' is a {type(x[loose]).__name__} of "
-                    f"{type(x[loose][0]).__name__ if len(x[loose]) else 'nothing'}, not a tensor: "
-                    "each input of a pair is batched along its first dimension, so it must be a "
-                    "tensor or numpy array with a row per example (tokenize texts first, or "
-                    "leave the key out if the model does not read it)"
-                )
-            if any(t.dim() == 0 for t in leaves(x) + leaves(y)):
-                raise InvalidInputError(
-                    f"{name}: the tensors of an (X, y) pair need a first (example) dimension; "
-                    "for a list of examples, give each as a dict with a 'labels' key or an "
-                    "(x, y) tuple"
-                )
-            sizes = {t.shape[0] for t in leaves(x) + leaves(y)}
-            if len(sizes) > 1:
-                raise InvalidInputError(
-                    f"{name}: the tensors of an (X, y) pair must share their first dimension, "
-                    f"got sizes {sorted(sizes)}"
-                )
-            if not sizes:
-                raise InvalidInputError(f"{name}: an (X, y) pair must contain tensors")
-        elif isinstance(data, Tensor) or _is_array(data):
+            self._tensors = self._pair(data[0], data[1])
+        elif isinstance(data, Tensor) or is_array(data):
             raise InvalidInputError(
                 f"{name} is a single {type(data).__name__} of shape {tuple(data.shape)}: give "
                 "the inputs together with their labels, as a pair (X, y); for a language model, "
-                f"{_LM_EXAMPLES} builds the pair from the token ids"
+                f"{LM_EXAMPLES} builds the pair from the token ids"
             )
         elif isinstance(data, (Dataset, Sequence)) and hasattr(data, "__getitem__"):
             self._dataset = data
-        elif _is_map_style(data):
+        elif is_map_style(data):
             self._dataset = data  # a Hugging Face datasets.Dataset, or any sized, indexable set
         else:
-            raise InvalidInputError(
-                f"{name}: expected a pair (X, y) of tensors or numpy arrays, a Dataset (or a "
-                f"DataLoader over one) of (x, y) pairs or of dicts; got {type(data).__name__}"
-            )
+            raise not_a_set(data, name)
         if len(self) == 0:
             raise InvalidInputError(f"{name} is empty: at least one example is needed")
 
@@ -319,17 +212,51 @@ class ExampleSet:
             return leaves(self._tensors[0])[0].shape[0]
         return len(self._dataset)
 
-    def _item_pair(self, item: Any) -> tuple[Any, Any]:
+    def _pair(self, inputs: Any, labels: Any) -> tuple[Any, Any]:
+        """An ``(X, y)`` pair's tensors: numpy arrays as tensors, and lists with a row per
+        example (a list of labels, a dict's column of token ids) too; refused when a tensor
+        has no example dimension, when the first dimensions differ, or when an input is a list
+        that cannot be batched (texts)."""
+        x, y = _as_tensors(inputs), _as_tensors(numbers_as_tensor(labels))
+        if any(t.dim() == 0 for t in leaves(x) + leaves(y)):
+            raise InvalidInputError(
+                f"{self.name}: the tensors of an (X, y) pair need a first (example) dimension; "
+                "for a list of examples, give each as a dict with a 'labels' key or an "
+                "(x, y) tuple"
+            )
+        sizes = {t.shape[0] for t in leaves(x) + leaves(y)}
+        if len(sizes) > 1:
+            raise InvalidInputError(
+                f"{self.name}: the tensors of an (X, y) pair must share their first dimension, "
+                f"got sizes {sorted(sizes)}"
+            )
+        if not sizes:
+            lists = [v for v in (x.values() if isinstance(x, dict) else []) if isinstance(v, list)]
+            reason = unbatched_input(x, len(lists[0])) if lists else None  # ragged token lists
+            raise InvalidInputError(
+                f"{self.name}: {reason or 'an (X, y) pair must contain tensors'}"
+            )
+        n = sizes.pop()
+        x = _columns_as_tensors(x, n)
+        reason = unbatched_input(x, n)
+        if reason is not None:
+            raise InvalidInputError(f"{self.name}: {reason}")
+        return x, y
+
+    def _item_pair(self, item: Any, i: int) -> tuple[Any, Any]:
+        """Item ``i`` of a dataset as ``(inputs, labels)``: a dict's label key holds its labels
+        (None without one), and its lists of numbers are tensors (a Hugging Face dataset's row;
+        default_collate would read a batch of token lists position by position); an ``(x, y)``
+        pair as it is, a mapping x as a dict, as torch's DataLoader reads them."""
         if isinstance(item, Mapping):
-            # a row of a Hugging Face dataset holds lists of numbers: tensors, else
-            # default_collate would read a batch of token lists position by position
-            item = {k: _numbers_as_tensor(v) for k, v in item.items()}
-            for key in LABEL_KEYS:
-                if key in item:
-                    return {k: v for k, v in item.items() if k != key}, item[key]
-            return item, None
+            row = plain_mapping(item)
+            key = label_key(row, f"{self.name} {self.example(i)}")
+            if key is None:
+                return row, None
+            return {k: v for k, v in row.items() if k != key}, row[key]
         if isinstance(item, (tuple, list)) and len(item) == 2:
-            return _numbers_as_tensor(_as_dict(item[0])), _numbers_as_tensor(item[1])
+            x = plain_mapping(item[0]) if isinstance(item[0], Mapping) else item[0]
+            return x, item[1]
         raise InvalidInputError(
             f"{self.name}: each item must be an (x, y) pair or a dict with a 'labels' key; "
             f"got {type(item).__name__}"
@@ -347,7 +274,7 @@ class ExampleSet:
                 self.name,
                 *self._numbers_of(idx),
             )
-        pairs = [self._item_pair(self._dataset[int(i)]) for i in idx]
+        pairs = [self._item_pair(self._dataset[int(i)], int(i)) for i in idx]
         inputs = self._collate([p[0] for p in pairs], idx, "inputs")
         targets = (
             None if pairs[0][1] is None else self._collate([p[1] for p in pairs], idx, "labels")
@@ -566,7 +493,7 @@ def _mismatch(ref: Any, got: Any, reference: str, other: str, where: str = "") -
             )
         message += ": give both in the same form"
         if any(isinstance(s, dict) and "input_ids" in s for s in (ref, got)):
-            message += f" ({_LM_EXAMPLES} builds the dict inputs and labels of a language model)"
+            message += f" ({LM_EXAMPLES} builds the dict inputs and labels of a language model)"
         return message
     return None
 
@@ -594,7 +521,7 @@ def _key_mismatch(ref: set[Any], got: set[Any], reference: str, other: str, wher
     message = f"{subject} {' and '.join(clauses)}: give both sets the same input keys"
     if "attention_mask" in lacking:
         message += (
-            f"; {_LM_EXAMPLES} includes the mask, and attention_mask=torch.ones_like(input_ids) "
+            f"; {LM_EXAMPLES} includes the mask, and attention_mask=torch.ones_like(input_ids) "
             "marks every token as real when nothing is padded"
         )
     elif "attention_mask" in extra:

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from infkit.data import LABEL_KEYS, Batch, ExampleSet, check_compatible, leaves, map_tensors
+from infkit.data import Batch, ExampleSet, check_compatible, leaves, map_tensors
+from infkit.data_forms import LABEL_KEYS
 from infkit.errors import InvalidInputError, UnsupportedError, warn
 from infkit.fingerprint import tensor_digest
 from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, Which
