@@ -20,7 +20,8 @@ from torch import nn
 
 import infkit
 from infkit import language_modeling as lm
-from infkit.errors import UnsupportedError
+from infkit.errors import Notice, UnsupportedError
+from infkit.evaluate import relative_error
 
 LENGTHS = [7, 3, 5, 4, 6, 2, 7, 5, 3, 6]
 N = 7  # the first N sequences train, the rest are queries
@@ -200,7 +201,9 @@ def test_a_layer_whose_rows_are_not_the_examples_is_refused(sets: dict) -> None:
         inf = infkit.Influence(task, "ekfac", fisher="ggn", damping=1e-2, per_example="loop")
         with pytest.raises(
             UnsupportedError,
-            match=r"tracked layer 'fc1' received an input of \d+ rows in a batch of \d+ examples",
+            match=r"tracked layers 'fc1' \(\d+ rows\), 'fc2' \(\d+ rows\) received inputs whose "
+            r"rows cannot be "
+            r"assigned to the batch's \d+ examples",
         ):
             inf.fit(sets["train"])
         # left out, the rest is attributed
@@ -241,3 +244,53 @@ def test_hugging_face_opt_scores_as_the_same_model_padded_otherwise() -> None:
     torch.testing.assert_close(
         scores[1], scores[0], rtol=1e-7, atol=1e-10 * float(scores[0].abs().max())
     )
+
+
+class SharedPositionsClassifier(nn.Module):
+    """Two projections of a table shared by the whole batch ([1, T, d], as DeBERTa's
+    relative-position projections read), added to every example's tokens."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.table = nn.Parameter(torch.randn(1, 5, width), requires_grad=False)
+        self.pos_key = nn.Linear(width, width)
+        self.pos_query = nn.Linear(width, width)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids) + self.pos_key(self.table) * self.pos_query(self.table)
+        return self.head(h.mean(1))
+
+
+def test_every_layer_reading_a_tensor_shared_by_the_batch_is_named() -> None:
+    """Each tracked layer whose rows belong to no example is named in one refusal (the first
+    alone before: a tester's DeBERTa had four), with what one row in a batch means."""
+    torch.manual_seed(0)
+    task = infkit.Task.classification(SharedPositionsClassifier().double())
+    X, y = {"input_ids": torch.randint(0, VOCAB, (6, 5))}, torch.randint(0, 2, (6,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the embedding left out
+        inf = infkit.Influence(task, "kfac", damping=1e-2)
+        with pytest.raises(
+            UnsupportedError,
+            match=r"tracked layers 'pos_key' \(1 rows\), 'pos_query' \(1 rows\) received .*"
+            r"a tensor shared by every example",
+        ):
+            inf.fit((X, y))
+        inf = infkit.Influence(task, "kfac", damping=1e-2, modules=["head"])
+        assert inf.fit((X, y)).scores((X, y)).isfinite().all()
+
+
+def test_method_auto_takes_the_next_method_when_its_choice_refuses_the_model() -> None:
+    """method="auto" (here with a memory limit that leaves out exact) chose EK-FAC, which
+    refuses layers whose rows are no example's; it takes CG instead, saying why, and answers as
+    CG named does (a tester's DeBERTa stopped at the refusal)."""
+    torch.manual_seed(0)
+    task = infkit.Task.classification(SharedPositionsClassifier().double())
+    X, y = {"input_ids": torch.randint(0, VOCAB, (6, 5))}, torch.randint(0, 2, (6,))
+    with pytest.warns(Notice, match="method='auto' chose 'ekfac', which refused this model"):
+        auto = infkit.Influence(task, "auto", l2=1e-2, memory_limit=60_000).fit((X, y))
+    assert auto.method.name == "cg"
+    named = infkit.Influence(task, "cg", l2=1e-2).fit((X, y))
+    assert relative_error(auto.scores((X, y)), named.scores((X, y))) < 1e-8

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -447,3 +448,50 @@ def test_parameters_that_take_no_part_in_the_outputs_are_refused() -> None:
     model.used.requires_grad_(True)
     with pytest.raises(InvalidInputError, match=r"none of the 2 parameters .*'spare.weight'"):
         infkit.Influence(infkit.Task.classification(model), "ekfac", modules=["spare"]).fit((X, y))
+
+
+class EncoderClassifier(nn.Module):
+    """Token and token-type embeddings, a mean over positions, a head: a Hugging Face encoder's
+    inputs (``input_ids``, ``token_type_ids``) and its configuration's ``type_vocab_size``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(type_vocab_size=2)
+        self.tokens = nn.Embedding(VOCAB, 4)
+        self.types = nn.Embedding(2, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        return self.head((self.tokens(input_ids) + self.types(token_type_ids)).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "input_ids",
+            VOCAB + 3,
+            "token id 14 at position 2 of input_ids is outside the vocabulary",
+        ),
+        (
+            "token_type_ids",
+            2,
+            "token type id 2 at position 2 of token_type_ids is outside the "
+            "model's token types: the model has 2",
+        ),
+    ],
+)
+def test_a_classifiers_ids_outside_its_embeddings_name_the_example(
+    key: str, value: int, message: str
+) -> None:
+    """A classifier's token (or token type) id beyond its embedding: refused naming the example
+    and position, where nn.Embedding raised a bare IndexError (a tester's BERT)."""
+    torch.manual_seed(0)
+    inputs = {
+        "input_ids": torch.randint(0, VOCAB, (6, 5)),
+        "token_type_ids": torch.zeros(6, 5, dtype=torch.long),
+    }
+    inputs[key][4, 2] = value
+    task = infkit.Task.classification(EncoderClassifier().double())
+    with pytest.raises(InvalidInputError, match=f"training set example 4: {message}"):
+        infkit.Influence(task, "identity").fit((inputs, torch.randint(0, 3, (6,))))

@@ -420,3 +420,164 @@ def test_no_padding_warning_for_rounding_of_a_bfloat16_model_with_float32_logits
         warnings.simplefilter("error", UserWarning)
         warnings.simplefilter("ignore", Notice)
         infkit.Influence(task, "identity", checks=False).fit(lm.examples(ids, mask))
+
+
+# ============================================================ classifiers of padded sequences
+class ChoiceModel(nn.Module):
+    """A multiple-choice model: ids and mask [B, C, T], the choices folded into the batch, a
+    tanh layer over each position, a mean over the positions the mask keeps (``pool=2``: then
+    over pairs of positions, the sequence halved inside as Funnel's pooling does), a score per
+    choice: [B, C]. Its scores do not depend on padding."""
+
+    def __init__(self, pool: int = 1, width: int = 5) -> None:
+        super().__init__()
+        self.pool = pool
+        self.embed = nn.Embedding(VOCAB, width)
+        self.mix = nn.Linear(width, width)
+        self.after_pooling = nn.Linear(width, width) if pool > 1 else None
+        self.score = nn.Linear(width, 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        b, c, t = input_ids.shape
+        mask = attention_mask.reshape(b * c, t, 1).to(self.embed.weight.dtype)
+        h = torch.tanh(self.mix(self.embed(input_ids.reshape(b * c, t))))
+        if self.pool > 1:  # pairs of positions: a pair of padding only is padding
+            h = (h * mask).reshape(b * c, t // 2, 2, -1).sum(2)
+            mask = mask.reshape(b * c, t // 2, 2, 1).amax(2)
+            assert self.after_pooling is not None
+            h = torch.tanh(self.after_pooling(h))
+        pooled = (h * mask).sum(1) / mask.sum(1)
+        return self.score(pooled).reshape(b, c)
+
+
+def _choices(n: int, pad: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """n questions of 3 choices of 4 to 6 tokens, padded on the right to 6 + pad positions."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, 3, 6), generator=gen)
+    ids = torch.cat([ids, torch.zeros(n, 3, pad, dtype=ids.dtype)], dim=-1)
+    lengths = torch.randint(4, 7, (n, 3), generator=gen)
+    mask = (torch.arange(6 + pad) < lengths.unsqueeze(-1)).long()
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    return {"input_ids": ids * mask, "attention_mask": mask}, labels
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_a_multiple_choice_mask_keeps_padding_out_of_the_factors(method: str) -> None:
+    """A mask [B, C, T] applies to the layers that see the choices folded into the batch, as a
+    [B, T] mask does to a sequence classifier's: padding the choices by 4 more positions leaves
+    the Kronecker scores as they are (1e-10), where the padding entered the activation
+    statistics (a tester's BERT: scores moved 7.5-9.3%)."""
+    torch.manual_seed(0)
+    model = ChoiceModel().double().eval()
+    task = infkit.Task.classification(model)
+    scores = []
+    for pad in (0, 4):
+        train, test = _choices(10, pad, seed=1), _choices(3, pad, seed=2)
+        fitted = infkit.Influence(task, method, l2=1e-2, damping=1e-2, batch_size=4).fit(train)
+        scores.append(fitted.scores(test))
+    assert (scores[1] - scores[0]).abs().max() < 1e-10 * scores[0].abs().max()
+    # queries padded to another length than the training choices (refused before: their
+    # per-example shape [3, 6] against [3, 10])
+    shorter = fitted.scores(_choices(3, 0, seed=2))
+    assert (shorter - scores[0]).abs().max() < 1e-10 * scores[0].abs().max()
+
+
+def test_a_layer_seeing_other_positions_than_the_mask_is_named() -> None:
+    """A layer after the sequence is halved inside the model sees 3 positions a choice (9 an
+    example) where the mask has 6 (18): which are padding cannot be told, so it is named in a warning (its factors take the
+    padding as tokens); the layers the mask fits are not."""
+    torch.manual_seed(0)
+    model = ChoiceModel(pool=2).double().eval()
+    task = infkit.Task.classification(model)
+    with pytest.warns(
+        UserWarning,
+        match="tracked layer 'after_pooling' sees 9 positions per example where the attention mask has 18",
+    ) as seen:
+        infkit.Influence(task, "kfac", l2=1e-2, damping=1e-2).fit(_choices(10, 0, seed=1))
+    named = {
+        str(w.message).split("'")[1] for w in seen if "positions per example" in str(w.message)
+    }
+    assert named == {"after_pooling"}
+
+
+def test_a_classifier_with_one_output_is_refused() -> None:
+    """One logit under Task.classification: the softmax over one class is 1, every score 0
+    (a tester's num_labels=1 model scored exactly 0 without a word); refused with the tasks
+    that fit."""
+    model = nn.Linear(3, 1).double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.zeros(8, dtype=torch.long)
+    with pytest.raises(
+        InvalidInputError, match=r"one output per example.*Task.binary_classification"
+    ):
+        infkit.Influence(infkit.Task.classification(model), "identity").fit((X, y))
+
+
+def test_token_classification_is_a_task_of_ones_own() -> None:
+    """A label per token: Task.classification refuses it, naming the task that scores it; the
+    README's task of one's own (summed token cross-entropy, -100 not scored) gives identity's
+    scores as autograd's (1/N) grad l_t . grad l_j to 1e-12."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(VOCAB, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    ids = torch.randint(0, VOCAB, (6, 5))
+    labels = torch.randint(0, 3, (6, 5))
+    labels[:2, -2:] = -100
+    with pytest.raises(InvalidInputError, match=r"one class index per position.*infkit.Task"):
+        infkit.Influence(infkit.Task.classification(model), "identity").fit((ids, labels))
+
+    def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(1)
+
+    scores = infkit.Influence(infkit.Task(model, token_loss), "identity").fit((ids, labels))
+    S = scores.scores((ids[:2], labels[:2]))
+    params = list(model.parameters())
+
+    def gradient(i: int) -> torch.Tensor:
+        loss = token_loss(model(ids[i : i + 1]), labels[i : i + 1])[0]
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+    G = torch.stack([gradient(i) for i in range(6)])
+    torch.testing.assert_close(S, G[:2] @ G.T / 6, rtol=1e-12, atol=1e-14)
+
+
+class PoolingClassifier(nn.Module):
+    """Token embeddings, a tanh layer and a head on a pooled position: the first position
+    (``first=True``, as BERT's pooler reads its [CLS] token) or the mean of the positions the
+    mask keeps."""
+
+    def __init__(self, first: bool) -> None:
+        super().__init__()
+        self.first = first
+        self.embed = nn.Embedding(VOCAB, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(self.embed(input_ids)))
+        if self.first:
+            return self.head(h[:, 0])
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * mask).sum(1) / mask.sum(1))
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_classifier_reading_its_left_padding_is_named(first: bool) -> None:
+    """A left-padded sequence is run again without its padding: a classifier that pools its
+    first position (a pad token there) moves and is named in a warning with the remedy; one
+    that pools the positions its mask keeps does not (a tester's BERT moved 36%, no word)."""
+    torch.manual_seed(0)
+    task = infkit.Task.classification(PoolingClassifier(first).double())
+    ids = torch.randint(1, VOCAB, (6, 5))
+    mask = torch.ones_like(ids)
+    mask[2, :2] = 0  # example 2 padded on the left
+    data = ({"input_ids": ids * mask, "attention_mask": mask}, torch.randint(0, 2, (6,)))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        infkit.Influence(task, "identity").fit(data)
+    named = [
+        str(w.message) for w in seen if "padding positions before the first token" in str(w.message)
+    ]
+    if first:
+        assert named and "training set example 2: its 2 padding positions" in named[0]
+        assert "Pad on the right" in named[0]
+    else:
+        assert not named

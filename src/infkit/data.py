@@ -431,8 +431,11 @@ def _signature(examples: ExampleSet) -> Any:
 def _shapes_match(ref: _Leaf, got: _Leaf) -> bool:
     if len(ref.shape) != len(got.shape):
         return False
-    # Integer inputs (token ids) may differ in sequence length (dim 0 of an example).
-    return ref.shape == got.shape if ref.floating else ref.shape[1:] == got.shape[1:]
+    if ref.floating:
+        return ref.shape == got.shape
+    # Integer inputs (token ids) may differ in sequence length: an example's first dimension
+    # ([T]), or its last (a multiple-choice model's [C, T])
+    return ref.shape[1:] == got.shape[1:] or ref.shape[:-1] == got.shape[:-1]
 
 
 def _form(signature: Any) -> str:

@@ -310,6 +310,7 @@ class Influence:
         show = resolve_progress(self.progress)
         c = engine.outputs(examples.take([0]))[0].numel()
         problem = Problem(len(examples), space.size, c, self.memory_limit, self.task.model, space)
+        chosen, whole = self._method is None, problem  # chosen by method="auto"
         method = self._method if self._method is not None else self._auto(problem)
         attributed = self._attributed_space(method, space)
         if attributed is not space:  # the method attributes through part of the model
@@ -356,11 +357,36 @@ class Influence:
         if method.assumes_optimum and (summary is not None or type(method).stationarity_pass):
             gradient, stationarity = objective_gradient(fitted, summary)
             fitted = replace(fitted, objective_gradient=gradient, stationarity=stationarity)
-        method.fit(fitted)
+        try:
+            method.fit(fitted)
+        except UnsupportedError as error:
+            if not chosen:
+                raise
+            return self._fit_another(method.name, whole, error, train)
         if self.checks:
             method.diagnose()
         self._method, self._fitted = method, fitted
         return self
+
+    def _fit_another(
+        self, refused: str, problem: Problem, error: UnsupportedError, train: Any
+    ) -> Influence:
+        """Fit the next method ``method="auto"`` would choose when the one it chose refused the
+        model in its fit (a Kronecker method, whose tracked layers read rows that are no
+        example's), saying so; the refusal itself when none other suits."""
+        remaining = [name for name in self._candidates if name != refused]
+        try:
+            registry.choose(problem, remaining)
+        except UnsupportedError:
+            raise error from None
+        reason = str(error).split(": ")[0].split(". ")[0]
+        warn(
+            f"method='auto' chose {refused!r}, which refused this model ({reason}); it "
+            "takes the next method that suits instead",
+            Notice,
+        )
+        self._candidates = remaining
+        return self.fit(train)
 
     def _auto(self, problem: Problem) -> Method:
         choice = registry.explain_choice(problem, self._candidates)
@@ -940,7 +966,10 @@ class Influence:
         ``result.total`` equals ``scores(test)[:, indices]`` (docs/decompositions.md §2).
         ``positions`` picks the layers decomposed by position: those that see that many
         positions per example (default: the largest count, a language model's sequence
-        length); the others' share is ``result.rest``.
+        length); the others' share is ``result.rest``. The count is of a layer's positions over
+        all its calls in a forward pass: a layer applied k times to sequences of T positions (the
+        shared layers of ALBERT) sees k T, and its axis s runs call by call (s = call T +
+        position); pass ``positions=T`` to decompose the layers that see the sequence once.
         """
         self.fitted.require_unchanged()
         return decompositions.per_token_scores(

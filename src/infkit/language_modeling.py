@@ -207,7 +207,8 @@ def check_padding(
 ) -> str | None:
     """Why the padding of a left-padded sequence changes the logits of its tokens, from the
     sequence's model inputs and outputs [1, T, V] (``call`` runs the model as they were
-    computed), or None.
+    computed), or None; for outputs [1, C] (a classifier's of the sequence), why it changes
+    them.
 
     The sequence is run again with its padding removed (its tokens only, mask all ones); a
     model that respects its mask gives its tokens the same logits, up to its rounding, which
@@ -225,8 +226,9 @@ def check_padding(
     probed (what removing the padding means for them is not known).
     """
     ids, mask = _token_ids(inputs), _mask(inputs)
-    if ids is None or mask is None or not isinstance(inputs, dict) or outputs.dim() != 3:
+    if ids is None or mask is None or not isinstance(inputs, dict) or outputs.dim() not in (2, 3):
         return None
+    per_position = outputs.dim() == 3  # a language model's logits [1, T, V]; else one row [1, C]
     if ids.dim() != 2 or ids.shape[0] != 1 or mask.shape != ids.shape:
         return None
     known = {"input_ids", "attention_mask", "position_ids", "token_type_ids"}
@@ -250,11 +252,13 @@ def check_padding(
         right["position_ids"] = (right["attention_mask"].cumsum(1) - 1).clamp_min(0)
     with torch.no_grad():
         again, shifted = call(alone).detach(), call(right).detach()
-    if again.dim() != 3 or again.shape[1] != len(real) or shifted.shape != outputs.shape:
+    if shifted.shape != outputs.shape or again.shape != (
+        (1, len(real), outputs.shape[2]) if per_position else outputs.shape
+    ):
         return None
-    padded = outputs[0, real].detach().to(torch.float64)
+    padded = (outputs[0, real] if per_position else outputs[0]).detach().to(torch.float64)
     unpadded = again[0].to(torch.float64)
-    references = [shifted[0, : len(real)].to(torch.float64)]
+    references = [(shifted[0, : len(real)] if per_position else shifted[0]).to(torch.float64)]
     if computed_positions:  # the padded sequence's positions, without its padding
         moved_on = {**alone, "position_ids": real.unsqueeze(0)}
         if "position_ids" in inputs:
@@ -274,6 +278,15 @@ def check_padding(
     if moved <= max(max(CAUSAL_TOLERANCE, rounding) * max(scale, 1.0), NOISE_MARGIN * noise):
         return None
     pad = int(real[0])
+    if not per_position:
+        return (
+            f"its {pad} padding positions before the first token change its outputs by up to "
+            f"{moved:.3g} (of {scale:.3g}) against the same sequence unpadded, so its loss and "
+            "every score of it depend on how much padding it has: the model reads its padding "
+            "(a BERT-style classifier pools its first position, a pad token under left "
+            "padding, and counts absolute positions from it). Pad on the right "
+            "(tokenizer.padding_side = 'right')"
+        )
     return (
         f"its {pad} padding positions before the first token change the logits of its tokens "
         f"by up to {moved:.3g} (of {scale:.3g}) against the same sequence unpadded, so its "
@@ -507,6 +520,42 @@ def check_inputs(
             "marks each position of input_ids (1 a token, 0 padding) and must have its shape"
         )
     return None
+
+
+def check_encoder_inputs(
+    inputs: Any, model: nn.Module, positions: int | None = None
+) -> tuple[int, str] | None:
+    """Why a batch of a classifier's (or regressor's) dict inputs holding ``input_ids``, as a
+    Hugging Face encoder takes them, cannot be fed to it (the first bad example), or None:
+    :func:`check_inputs` (token ids outside the vocabulary, sequences beyond a learned position
+    table, a mask of another shape) and token type ids outside the model's
+    ``type_vocab_size``, where an ``nn.Embedding`` would fail with a bare ``IndexError``.
+    Inputs without ``input_ids`` are the model's own to read."""
+    if not isinstance(inputs, dict) or "input_ids" not in inputs:
+        return None
+    return check_inputs(inputs, model, positions) or _check_token_types(inputs, model)
+
+
+def _check_token_types(inputs: dict[str, Any], model: nn.Module) -> tuple[int, str] | None:
+    """The first example whose ``token_type_ids`` lie outside [0, type_vocab_size) of the
+    model's configuration (of it or of a module inside it), or None."""
+    types = inputs.get("token_type_ids")
+    if not isinstance(types, Tensor) or types.is_floating_point() or types.numel() == 0:
+        return None
+    limits = (getattr(getattr(m, "config", None), "type_vocab_size", None) for m in model.modules())
+    limit = next((n for n in limits if isinstance(n, int)), None)
+    flat = types.reshape(types.shape[0], -1)
+    outside = flat < 0 if limit is None else (flat < 0) | (flat >= limit)
+    if not bool(outside.any()):
+        return None
+    k = int(outside.any(dim=1).nonzero()[0, 0])
+    position = int(outside[k].nonzero()[0, 0])
+    size = "" if limit is None else f": the model has {limit} (its type_vocab_size)"
+    return k, (
+        f"token type id {int(flat[k, position])} at position {position} of token_type_ids is "
+        f"outside the model's token types{size}; pass the token_type_ids of the model's own tokenizer "
+        "(0 for a single sentence), or leave them out"
+    )
 
 
 def check_label_pairs(inputs: Any, targets: Any) -> tuple[int, str] | None:

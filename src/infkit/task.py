@@ -89,6 +89,12 @@ def _first(mask: Tensor) -> int:
 def check_class_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetProblem | None:
     """Why a batch of classification labels is unusable (the first bad example), or None."""
     c = output_shape[-1] if output_shape else 1
+    if c == 1:
+        return 0, (
+            "the model has one output per example: a softmax over one class is 1 whatever the "
+            "logit, so the loss and every score would be 0. For one logit of two classes use "
+            "Task.binary_classification, for a real-valued output Task.regression"
+        )
     if not isinstance(targets, Tensor):
         return 0, (
             f"labels must be a tensor of class indices, got {type(targets).__name__}; "
@@ -101,6 +107,14 @@ def check_class_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetPro
         return 0, (
             f"labels have shape [N, {c}]: one-hot or soft labels; Task.classification takes one "
             "class index per example: pass y.argmax(1)"
+        )
+    if y.dim() != 1 and tuple(y.shape[1:]) == tuple(output_shape[:-1]):
+        return 0, (
+            f"labels have one class index per position (per-example shape {tuple(y.shape[1:])}, "
+            "as the outputs have): a label per token, which Task.classification does not "
+            "score (it takes one per example). A task of your own does: infkit.Task(model, "
+            "loss) with loss(logits, labels) = F.cross_entropy(logits.transpose(1, 2), labels, "
+            "reduction='none').sum(1) (-100 not scored; README, the tasks)"
         )
     if y.dim() != 1:
         return 0, (
@@ -129,6 +143,20 @@ def check_class_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetPro
         k = _first(outside)
         return k, f"label {int(yi[k])} is outside the model's {c} classes [0, {c})"
     return None
+
+
+def _encoder_inputs_check(model: nn.Module) -> Callable[[Any, nn.Module], TargetProblem | None]:
+    """The input check of a classifier's or regressor's task: dict inputs holding
+    ``input_ids`` checked as a Hugging Face encoder reads them (:func:`lm.check_encoder_inputs`)."""
+    return partial(lm.check_encoder_inputs, positions=lm.learned_positions(model))
+
+
+def _padding_check(
+    model: nn.Module,
+) -> Callable[[Callable[[Any], Tensor], Any, Tensor], str | None]:
+    """The model check of a classifier's or regressor's task: a left-padded sequence's outputs
+    must not move when its padding is removed (:func:`lm.check_padding`)."""
+    return partial(lm.check_padding, precision=lm.coarsest_dtype(model))
 
 
 def check_class_outputs(outputs: Tensor) -> str | None:
@@ -362,6 +390,9 @@ class Task:
             name="classification",
             check_targets=check_class_labels,
             check_outputs=check_class_outputs,
+            check_inputs=_encoder_inputs_check(model),
+            check_model=_padding_check(model),
+            probe_example=lm.first_left_padded,
         )
 
     @classmethod
@@ -379,6 +410,9 @@ class Task:
             higher_is_better=higher,
             name="binary_classification",
             check_targets=check_binary_labels,
+            check_inputs=_encoder_inputs_check(model),
+            check_model=_padding_check(model),
+            probe_example=lm.first_left_padded,
         )
 
     @classmethod
@@ -420,6 +454,9 @@ class Task:
             output_hessian_factor=_identity_factor,
             name="regression",
             check_targets=check_regression_targets,
+            check_inputs=_encoder_inputs_check(model),
+            check_model=_padding_check(model),
+            probe_example=lm.first_left_padded,
         )
 
     # ----------------------------------------------------------------- evaluation

@@ -7,8 +7,10 @@ output in the autograd graph. :meth:`Capture.backprop` then returns the pre-acti
 gradients ``Ds`` [K, B, T, d_out] for K output-space vectors at once (one vectorised backward),
 so the per-example gradient of a block is ``DW_i = sum_t Ds_it a_it^T``.
 
-An attention mask (``inputs["attention_mask"]``, [B, T]) marks padding positions: they are left
-out of the activation statistics (and the token count). Their gradients are kept, which changes
+An attention mask (``inputs["attention_mask"]``, [B, T], or a multiple-choice model's [B, C, T])
+marks padding positions: they are left out of the activation statistics (and the token count)
+of the layers that see the positions it marks; a layer seeing another number of positions is
+named in a warning. Their gradients are kept, which changes
 nothing when the loss ignores padding (their ``Ds`` is then zero) and keeps ``DW_i`` equal to
 the true per-example gradient otherwise.
 """
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infkit.data import Batch, leaves, map_tensors
-from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.errors import InvalidInputError, UnsupportedError, warn
 from infkit.gradients import PerExample, batching_rule_notice, check_finite_rows
 from infkit.layers.tracked import TrackedModule
 from infkit.parameters import evaluation_mode
@@ -258,6 +260,8 @@ class Capture:
         #: the examples of this forward pass, and the rows per example a layer may see when
         #: the model folds the inputs' other dimensions into the batch (:func:`_batch_shape`)
         self._batch: int | None = None
+        #: tracked layers of the last forward pass whose rows are no example's: name -> rows
+        self._unassigned: dict[str, int] = {}
         self._spans: set[int] = set()
 
     def __enter__(self) -> Capture:
@@ -287,6 +291,9 @@ class Capture:
             _check_output(t, x, output)
             rows = x.shape[0]
             b = self._examples(t, rows)
+            if b is None:  # named after the forward pass, with every other such layer
+                self._unassigned.setdefault(t.name, rows)
+                return None
             mask = None
             if t.kind == "conv2d":
                 assert isinstance(module, torch.nn.Conv2d)
@@ -302,6 +309,8 @@ class Capture:
                 to_tokens = _sequence_tokens(b, output.shape[-1])
                 if self._mask is not None and self._mask.shape == a.shape[:2]:
                     mask = self._mask_as(a.dtype)
+                elif self._mask is not None:
+                    self._warn_unmasked(t.name, int(a.shape[1]))
             if self.consume is not None and torch.is_grad_enabled():
                 # nothing kept here: the hook holds the terms until it hands them over
                 self._called[t.name] = self._called.get(t.name, 0) + 1
@@ -351,8 +360,9 @@ class Capture:
         anchored.register_hook(hand_over)
         return anchored
 
-    def _examples(self, t: TrackedModule, rows: int) -> int:
-        """The examples that the ``rows`` of layer ``t``'s input belong to, batch-major.
+    def _examples(self, t: TrackedModule, rows: int) -> int | None:
+        """The examples that the ``rows`` of layer ``t``'s input belong to, batch-major, or None
+        when they cannot be told (:meth:`_refuse_unassigned` names such layers).
 
         Most layers see the examples first (``[B, ..., cols]``). Some models fold an input's
         other dimensions into the batch before a layer (Hugging Face's OPT its positions before
@@ -360,21 +370,39 @@ class Capture:
         multiple-choice model its choices): B k rows, with k a size the inputs' dimensions after
         the batch flatten to, are read as k rows of each example, in order, so that they count
         for their example (and an attention mask of their shape applies). Any other number of
-        rows would assign them to the wrong examples: refused, naming the layer.
+        rows would assign them to the wrong examples.
         """
         b = self._batch
         if b is None or rows == b:
             return rows
         if rows % b == 0 and rows // b in self._spans:
             return b
+        return None
+
+    def _refuse_unassigned(self) -> None:
+        """Refuse the tracked layers of the last forward pass whose rows could not be assigned
+        to examples (:meth:`_examples`), naming each."""
+        if not self._unassigned:
+            return
+        names = list(self._unassigned)
+        listed = ", ".join(f"{name!r} ({self._unassigned[name]} rows)" for name in names[:6])
+        more = f" and {len(names) - 6} more" if len(names) > 6 else ""
+        shared = (
+            " One row in a batch of several is a tensor shared by every example (DeBERTa's "
+            "relative-position projections), which belongs to none."
+            if 1 in self._unassigned.values()
+            else ""
+        )
         raise UnsupportedError(
-            f"tracked layer {t.name!r} received an input of {rows} rows in a batch of {b} "
-            "examples: neither the examples nor the examples times a size of the inputs' other "
-            f"dimensions ({', '.join(map(str, sorted(self._spans))) or 'none'}) folded into "
-            "the batch, so its rows cannot be assigned to examples (a layer applied to routed "
-            "tokens, or to tokens the model adds, or a sequence-first [T, B, ...] layout). "
-            "Leave it out of the attribution: modules=[...] without it, or "
-            "requires_grad=False on its parameters"
+            f"tracked layers {listed}{more} received inputs whose rows cannot be assigned to "
+            f"the batch's {self._batch} examples: neither the examples nor the examples times a "
+            "size of the inputs' other dimensions "
+            f"({', '.join(map(str, sorted(self._spans))) or 'none'}) folded into the batch (a "
+            "layer applied to routed tokens, to tokens the model adds or to a tensor shared by "
+            f"the batch, or a sequence-first [T, B, ...] layout).{shared} Leave them out of the "
+            "attribution: modules=[...] without them, or requires_grad=False on their "
+            "parameters; or use a method that takes per-example gradients of the whole model "
+            "(identity, cg, arnoldi, the dual)"
         )
 
     def _sequence_input(self, x: Tensor, bias: bool, b: int) -> Tensor:
@@ -397,6 +425,23 @@ class Capture:
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
         self._inputs[key] = (x, a)
         return a
+
+    def _warn_unmasked(self, name: str, positions: int) -> None:
+        """Warn that tracked layer ``name`` sees ``positions`` positions per example that the
+        attention mask does not mark, unless they are not a sequence's (one: a pooled
+        representation; a size of the inputs' other dimensions: a multiple-choice model's
+        choices, which hold no padding)."""
+        assert self._mask is not None
+        if positions == 1 or positions in self._spans - {int(self._mask.shape[1])}:
+            return
+        warn(
+            f"tracked layer {name!r} sees {positions} positions per example where the attention "
+            f"mask has {int(self._mask.shape[1])}: which of them are padding cannot be told, so "
+            "they enter its activation statistics as tokens, and its scores move with the "
+            "padding's width (a model that shortens or lengthens the sequence inside, as "
+            "Funnel's pooling does). Pad as little as possible (one length per batch), or "
+            "leave the layer out: modules=[...] without it"
+        )
 
     def _mask_as(self, dtype: torch.dtype) -> Tensor:
         """The attention mask in ``dtype``, converted once per forward pass (one object, so
@@ -443,12 +488,17 @@ class Capture:
         self._model = task.model
         if self.mask_key is not None and isinstance(inputs, dict):
             m = inputs.get(self.mask_key)
-            if isinstance(m, Tensor) and m.dim() == 2:
-                self._mask = m.detach()
+            if isinstance(m, Tensor) and m.dim() >= 2:
+                # [B, T], or a multiple-choice model's [B, C, T]: a layer that folds the choices
+                # into the batch reads them per example in this order (:meth:`_examples`)
+                self._mask = m.detach().reshape(m.shape[0], -1)
         self._batch, self._spans = _batch_shape(inputs, self._mask)
+        self._unassigned = {}
         self._forward_with_grad = torch.is_grad_enabled()
         with task.mixed_precision():
-            return task.call_model(task.model, inputs)
+            out = task.call_model(task.model, inputs)
+        self._refuse_unassigned()
+        return out
 
     @contextlib.contextmanager
     def _backward(self) -> Iterator[None]:

@@ -241,10 +241,14 @@ class Arnoldi(PrimalMethod):
         of 16 evenly spaced training examples (one curvature product of 16 vectors)."""
         assert self.vectors is not None
         idx = torch.linspace(0, fitted.n - 1, min(16, fitted.n)).round().long().unique()
-        G = fitted.loss_grads(fitted.train.take(idx)).to(self.vectors)
-        G = G - (G @ self.vectors.T) @ self.vectors
+        grads = fitted.loss_grads(fitted.train.take(idx)).to(self.vectors)
+        G = grads - (grads @ self.vectors.T) @ self.vectors
         norm = float((G * G).sum())
-        if norm <= 0:
+        # Parts at the projection's rounding (the kept vectors span the gradients, as when they
+        # hold the whole range of the GGN) carry no curvature: their quotient is of rounding
+        # errors, which once gave mu = 0.4 ridge where the complement has none (0: 1/ridge).
+        rounding = 1e3 * torch.finfo(G.dtype).eps
+        if norm <= (rounding**2) * float((grads * grads).sum()):
             return 0.0
         return max(0.0, float((G * matmat(G).to(G)).sum()) / norm)
 
