@@ -17,6 +17,7 @@ import pytest
 import torch
 from lm_helpers import LENGTH, VOCAB, rows
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import infkit
 from infkit import language_modeling as lm
@@ -274,7 +275,7 @@ def test_every_layer_reading_a_tensor_shared_by_the_batch_is_named() -> None:
         inf = infkit.Influence(task, "kfac", damping=1e-2)
         with pytest.raises(
             UnsupportedError,
-            match=r"tracked layers 'pos_key' \(1 rows\), 'pos_query' \(1 rows\) received .*"
+            match=r"tracked layers 'pos_key' \(1 row\), 'pos_query' \(1 row\) received .*"
             r"a tensor shared by every example",
         ):
             inf.fit((X, y))
@@ -292,5 +293,37 @@ def test_method_auto_takes_the_next_method_when_its_choice_refuses_the_model() -
     with pytest.warns(Notice, match="method='auto' chose 'ekfac', which refused this model"):
         auto = infkit.Influence(task, "auto", l2=1e-2, memory_limit=60_000).fit((X, y))
     assert auto.method.name == "cg"
+    assert auto.describe()["auto"]["passed_over"]["ekfac"].startswith("refused this model")
     named = infkit.Influence(task, "cg", l2=1e-2).fit((X, y))
     assert relative_error(auto.scores((X, y)), named.scores((X, y))) < 1e-8
+
+
+class ReentrantCheckpointed(nn.Module):
+    """A block under reentrant activation checkpointing, which EK-FAC refuses with its remedy
+    (use_reentrant=False)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 16)
+        self.b = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def block(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.b(torch.tanh(self.a(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(checkpoint(self.block, x, use_reentrant=True))
+
+
+def test_method_auto_keeps_a_refusal_that_is_not_of_rows() -> None:
+    """Only a refusal of rows that are no example's makes method="auto" take another method:
+    EK-FAC's refusal of reentrant checkpointing, whose remedy is the user's, stands (auto took
+    CG, which then refused at scores, pointing back to EK-FAC)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(400, 6, dtype=torch.float64), torch.randint(0, 3, (400,))
+    task = infkit.Task.classification(ReentrantCheckpointed().double())
+    auto = infkit.Influence(task, "auto", l2=1e-2, damping=1e-3, memory_limit=200_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnsupportedError, match="use_reentrant=True"):
+            auto.fit((X, y))

@@ -495,3 +495,18 @@ def test_a_classifiers_ids_outside_its_embeddings_name_the_example(
     task = infkit.Task.classification(EncoderClassifier().double())
     with pytest.raises(InvalidInputError, match=f"training set example 4: {message}"):
         infkit.Influence(task, "identity").fit((inputs, torch.randint(0, 3, (6,))))
+
+
+def test_token_types_of_a_model_without_a_type_embedding_are_its_own() -> None:
+    """A configuration with type_vocab_size = 0 (DeBERTa's: no token type embedding, its
+    tokenizer returns token_type_ids all the same) takes them: not refused as outside."""
+    torch.manual_seed(0)
+    model = EncoderClassifier().double()
+    model.config = SimpleNamespace(type_vocab_size=0)
+    inputs = {
+        "input_ids": torch.randint(0, VOCAB, (6, 5)),
+        "token_type_ids": torch.zeros(6, 5, dtype=torch.long),
+    }
+    fitted = infkit.Influence(infkit.Task.classification(model), "identity")
+    data = (inputs, torch.randint(0, 3, (6,)))
+    assert fitted.fit(data).scores(data).isfinite().all()

@@ -50,6 +50,7 @@ from infkit.fitted import (
     warn_about_training_mode,
 )
 from infkit.gradients import MODES, PerExample, directional_derivatives
+from infkit.layers.capture import UnassignedRowsError
 from infkit.memory import (
     FLOAT64_BYTES,
     bounded,
@@ -234,6 +235,8 @@ class Influence:
         self._fitted: Fitted | None = None
         self._told: set[str] = set()  # methods whose attributed-parameters notice was given
         self._candidates: list[str] = []
+        #: methods method="auto" chose that refused the model in their fit, with why
+        self._refused: dict[str, str] = {}
         self._loaded_from: Path | None = None  # the saved Influence this one was loaded from
         if method == "auto":
             self._candidates = self._auto_candidates()
@@ -359,7 +362,7 @@ class Influence:
             fitted = replace(fitted, objective_gradient=gradient, stationarity=stationarity)
         try:
             method.fit(fitted)
-        except UnsupportedError as error:
+        except UnassignedRowsError as error:
             if not chosen:
                 raise
             return self._fit_another(method.name, whole, error, train)
@@ -369,27 +372,35 @@ class Influence:
         return self
 
     def _fit_another(
-        self, refused: str, problem: Problem, error: UnsupportedError, train: Any
+        self, refused: str, problem: Problem, error: UnassignedRowsError, train: Any
     ) -> Influence:
-        """Fit the next method ``method="auto"`` would choose when the one it chose refused the
-        model in its fit (a Kronecker method, whose tracked layers read rows that are no
-        example's), saying so; the refusal itself when none other suits."""
-        remaining = [name for name in self._candidates if name != refused]
+        """Fit the next method ``method="auto"`` would choose when the Kronecker method it chose
+        refused the model's layers (rows that are no example's), saying so; the refusal itself
+        when none other suits (with ``damping="auto"``, which only they take, saying so)."""
+        self._refused[refused] = f"refused this model: {error}"
+        remaining = [name for name in self._candidates if name not in self._refused]
         try:
             registry.choose(problem, remaining)
         except UnsupportedError:
+            if self.auto_damping:
+                raise UnsupportedError(
+                    f"{error}. With damping='auto', method='auto' chooses among the methods with "
+                    "a damping heuristic only: give damping a number (e.g. 1e-3) for it to "
+                    "choose another"
+                ) from error
             raise error from None
-        reason = str(error).split(": ")[0].split(". ")[0]
         warn(
-            f"method='auto' chose {refused!r}, which refused this model ({reason}); it "
-            "takes the next method that suits instead",
+            f"method='auto' chose {refused!r}, which refused this model: {error}. It takes the "
+            "next method that suits instead",
             Notice,
         )
-        self._candidates = remaining
         return self.fit(train)
 
     def _auto(self, problem: Problem) -> Method:
-        choice = registry.explain_choice(problem, self._candidates)
+        remaining = [name for name in self._candidates if name not in self._refused]
+        choice = registry.explain_choice(problem, remaining)
+        if self._refused:  # the methods that refused this model in their fit, and why
+            choice = replace(choice, passed_over={**self._refused, **choice.passed_over})
         logger.info("%s", choice)
         self._choice = choice
         method = self._create(choice.method)

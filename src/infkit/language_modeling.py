@@ -207,8 +207,9 @@ def check_padding(
 ) -> str | None:
     """Why the padding of a left-padded sequence changes the logits of its tokens, from the
     sequence's model inputs and outputs [1, T, V] (``call`` runs the model as they were
-    computed), or None; for outputs [1, C] (a classifier's of the sequence), why it changes
-    them.
+    computed), or None; for outputs [1, C] or [1] (a classifier's or regressor's of the
+    sequence), why it changes them. A model that cannot run the sequence unpadded (one of a
+    fixed length) is not probed.
 
     The sequence is run again with its padding removed (its tokens only, mask all ones); a
     model that respects its mask gives its tokens the same logits, up to its rounding, which
@@ -226,9 +227,10 @@ def check_padding(
     probed (what removing the padding means for them is not known).
     """
     ids, mask = _token_ids(inputs), _mask(inputs)
-    if ids is None or mask is None or not isinstance(inputs, dict) or outputs.dim() not in (2, 3):
+    if ids is None or mask is None or not isinstance(inputs, dict) or outputs.dim() > 3:
         return None
-    per_position = outputs.dim() == 3  # a language model's logits [1, T, V]; else one row [1, C]
+    # a language model's logits [1, T, V]; else the sequence's outputs, [1, C] or [1]
+    per_position = outputs.dim() == 3
     if ids.dim() != 2 or ids.shape[0] != 1 or mask.shape != ids.shape:
         return None
     known = {"input_ids", "attention_mask", "position_ids", "token_type_ids"}
@@ -250,8 +252,11 @@ def check_padding(
     if "position_ids" in inputs:  # the positions the inputs give, counted from the first token
         alone["position_ids"] = alone["position_ids"] - alone["position_ids"][:, :1]
         right["position_ids"] = (right["attention_mask"].cumsum(1) - 1).clamp_min(0)
-    with torch.no_grad():
-        again, shifted = call(alone).detach(), call(right).detach()
+    try:
+        with torch.no_grad():
+            again, shifted = call(alone).detach(), call(right).detach()
+    except (RuntimeError, TypeError, ValueError, IndexError):  # a model of one length only
+        return None
     if shifted.shape != outputs.shape or again.shape != (
         (1, len(real), outputs.shape[2]) if per_position else outputs.shape
     ):
@@ -284,7 +289,8 @@ def check_padding(
             f"{moved:.3g} (of {scale:.3g}) against the same sequence unpadded, so its loss and "
             "every score of it depend on how much padding it has: the model reads its padding "
             "(a BERT-style classifier pools its first position, a pad token under left "
-            "padding, and counts absolute positions from it). Pad on the right "
+            "padding) or counts absolute positions from the padding (GPT-2, unless the inputs "
+            "carry position_ids counted from each sequence's first token). Pad on the right "
             "(tokenizer.padding_side = 'right')"
         )
     return (
@@ -522,18 +528,16 @@ def check_inputs(
     return None
 
 
-def check_encoder_inputs(
-    inputs: Any, model: nn.Module, positions: int | None = None
-) -> tuple[int, str] | None:
+def check_encoder_inputs(inputs: Any, model: nn.Module) -> tuple[int, str] | None:
     """Why a batch of a classifier's (or regressor's) dict inputs holding ``input_ids``, as a
-    Hugging Face encoder takes them, cannot be fed to it (the first bad example), or None:
-    :func:`check_inputs` (token ids outside the vocabulary, sequences beyond a learned position
-    table, a mask of another shape) and token type ids outside the model's
-    ``type_vocab_size``, where an ``nn.Embedding`` would fail with a bare ``IndexError``.
-    Inputs without ``input_ids`` are the model's own to read."""
+    Hugging Face encoder takes them, cannot be embedded (the first bad example), or None: token
+    ids outside the vocabulary (:func:`check_token_ids`) or token type ids outside the model's
+    ``type_vocab_size``, where an ``nn.Embedding`` would fail with a bare ``IndexError``. Inputs
+    without ``input_ids`` are the model's own to read, and so are its masks (4-D extended ones
+    included) and positions (relative ones have no table to outgrow)."""
     if not isinstance(inputs, dict) or "input_ids" not in inputs:
         return None
-    return check_inputs(inputs, model, positions) or _check_token_types(inputs, model)
+    return check_token_ids(inputs, model) or _check_token_types(inputs, model)
 
 
 def _check_token_types(inputs: dict[str, Any], model: nn.Module) -> tuple[int, str] | None:
@@ -544,6 +548,8 @@ def _check_token_types(inputs: dict[str, Any], model: nn.Module) -> tuple[int, s
         return None
     limits = (getattr(getattr(m, "config", None), "type_vocab_size", None) for m in model.modules())
     limit = next((n for n in limits if isinstance(n, int)), None)
+    if limit == 0:  # no token type embedding (DeBERTa's): the model ignores them
+        return None
     flat = types.reshape(types.shape[0], -1)
     outside = flat < 0 if limit is None else (flat < 0) | (flat >= limit)
     if not bool(outside.any()):

@@ -145,12 +145,6 @@ def check_class_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetPro
     return None
 
 
-def _encoder_inputs_check(model: nn.Module) -> Callable[[Any, nn.Module], TargetProblem | None]:
-    """The input check of a classifier's or regressor's task: dict inputs holding
-    ``input_ids`` checked as a Hugging Face encoder reads them (:func:`lm.check_encoder_inputs`)."""
-    return partial(lm.check_encoder_inputs, positions=lm.learned_positions(model))
-
-
 def _padding_check(
     model: nn.Module,
 ) -> Callable[[Callable[[Any], Tensor], Any, Tensor], str | None]:
@@ -390,7 +384,7 @@ class Task:
             name="classification",
             check_targets=check_class_labels,
             check_outputs=check_class_outputs,
-            check_inputs=_encoder_inputs_check(model),
+            check_inputs=lm.check_encoder_inputs,
             check_model=_padding_check(model),
             probe_example=lm.first_left_padded,
         )
@@ -410,7 +404,7 @@ class Task:
             higher_is_better=higher,
             name="binary_classification",
             check_targets=check_binary_labels,
-            check_inputs=_encoder_inputs_check(model),
+            check_inputs=lm.check_encoder_inputs,
             check_model=_padding_check(model),
             probe_example=lm.first_left_padded,
         )
@@ -454,7 +448,7 @@ class Task:
             output_hessian_factor=_identity_factor,
             name="regression",
             check_targets=check_regression_targets,
-            check_inputs=_encoder_inputs_check(model),
+            check_inputs=lm.check_encoder_inputs,
             check_model=_padding_check(model),
             probe_example=lm.first_left_padded,
         )

@@ -188,6 +188,26 @@ def _batch_shape(inputs: Any, mask: Tensor | None) -> tuple[int | None, set[int]
     return b, spans
 
 
+def _padding_marks(mask: Any, ids: Any) -> Tensor | None:
+    """The attention mask as the padding marks of the examples' positions, [B, positions], or
+    None: a mask [B, T] of 0 and 1 (or bool), or one of the shape of the token ids (a
+    multiple-choice model's [B, C, T], read as [B, C T]: a layer that folds the choices into the
+    batch reads them per example in this order, :meth:`Capture._examples`). Other masks (a
+    model's additive or 4-D extended mask) mark no padding: their values are no weights."""
+    if not isinstance(mask, Tensor) or mask.dim() < 2:
+        return None
+    if mask.dim() > 2 and not (isinstance(ids, Tensor) and ids.shape == mask.shape):
+        return None
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        return None
+    return mask.detach().reshape(mask.shape[0], -1)
+
+
+class UnassignedRowsError(UnsupportedError):
+    """Tracked layers whose input rows cannot be assigned to the batch's examples
+    (:meth:`Capture._examples`): the Kronecker methods cannot attribute through them."""
+
+
 @dataclass(frozen=True)
 class Call:
     """Where one call of a tracked layer sits among the layer's calls in a forward pass.
@@ -262,6 +282,9 @@ class Capture:
         self._batch: int | None = None
         #: tracked layers of the last forward pass whose rows are no example's: name -> rows
         self._unassigned: dict[str, int] = {}
+        #: tracked layers of the last forward pass that see the sequence shortened, whose
+        #: padding cannot be told: name -> positions
+        self._unmasked: dict[str, int] = {}
         self._spans: set[int] = set()
 
     def __enter__(self) -> Capture:
@@ -309,8 +332,8 @@ class Capture:
                 to_tokens = _sequence_tokens(b, output.shape[-1])
                 if self._mask is not None and self._mask.shape == a.shape[:2]:
                     mask = self._mask_as(a.dtype)
-                elif self._mask is not None:
-                    self._warn_unmasked(t.name, int(a.shape[1]))
+                elif self._mask is not None and self._shortened(int(a.shape[1])):
+                    self._unmasked.setdefault(t.name, int(a.shape[1]))
             if self.consume is not None and torch.is_grad_enabled():
                 # nothing kept here: the hook holds the terms until it hands them over
                 self._called[t.name] = self._called.get(t.name, 0) + 1
@@ -385,15 +408,18 @@ class Capture:
         if not self._unassigned:
             return
         names = list(self._unassigned)
-        listed = ", ".join(f"{name!r} ({self._unassigned[name]} rows)" for name in names[:6])
+        rows = self._unassigned
+        listed = ", ".join(
+            f"{name!r} ({rows[name]} row{'s' if rows[name] != 1 else ''})" for name in names[:6]
+        )
         more = f" and {len(names) - 6} more" if len(names) > 6 else ""
         shared = (
             " One row in a batch of several is a tensor shared by every example (DeBERTa's "
             "relative-position projections), which belongs to none."
-            if 1 in self._unassigned.values()
+            if 1 in rows.values()
             else ""
         )
-        raise UnsupportedError(
+        raise UnassignedRowsError(
             f"tracked layers {listed}{more} received inputs whose rows cannot be assigned to "
             f"the batch's {self._batch} examples: neither the examples nor the examples times a "
             "size of the inputs' other dimensions "
@@ -402,7 +428,7 @@ class Capture:
             f"the batch, or a sequence-first [T, B, ...] layout).{shared} Leave them out of the "
             "attribution: modules=[...] without them, or requires_grad=False on their "
             "parameters; or use a method that takes per-example gradients of the whole model "
-            "(identity, cg, arnoldi, the dual)"
+            "(identity, cg, arnoldi, the dual, with a damping that is a number)"
         )
 
     def _sequence_input(self, x: Tensor, bias: bool, b: int) -> Tensor:
@@ -426,21 +452,33 @@ class Capture:
         self._inputs[key] = (x, a)
         return a
 
-    def _warn_unmasked(self, name: str, positions: int) -> None:
-        """Warn that tracked layer ``name`` sees ``positions`` positions per example that the
-        attention mask does not mark, unless they are not a sequence's (one: a pooled
-        representation; a size of the inputs' other dimensions: a multiple-choice model's
-        choices, which hold no padding)."""
+    def _shortened(self, positions: int) -> bool:
+        """Whether a layer seeing ``positions`` positions per example where the mask marks T
+        reads the sequence shortened inside the model by a whole factor (Funnel's pooling), so
+        that which of them are padding cannot be told. One position is a pooled representation,
+        a size of the inputs' other dimensions holds no padding (a multiple-choice model's
+        choices), and other counts are another input's (an image's patches beside a text)."""
         assert self._mask is not None
-        if positions == 1 or positions in self._spans - {int(self._mask.shape[1])}:
+        length = int(self._mask.shape[1])
+        if positions in self._spans:
+            return False
+        return 1 < positions < length and length % positions == 0
+
+    def _warn_unmasked(self) -> None:
+        """Warn, once for the forward pass, of the tracked layers that see the sequence
+        shortened (:meth:`_shortened`): their padding enters their statistics as tokens."""
+        if not self._unmasked or self._mask is None:
             return
+        names = list(self._unmasked)
+        listed = ", ".join(f"{name!r} ({self._unmasked[name]})" for name in names[:6])
+        more = f" and {len(names) - 6} more" if len(names) > 6 else ""
         warn(
-            f"tracked layer {name!r} sees {positions} positions per example where the attention "
-            f"mask has {int(self._mask.shape[1])}: which of them are padding cannot be told, so "
-            "they enter its activation statistics as tokens, and its scores move with the "
-            "padding's width (a model that shortens or lengthens the sequence inside, as "
-            "Funnel's pooling does). Pad as little as possible (one length per batch), or "
-            "leave the layer out: modules=[...] without it"
+            f"tracked layers {listed}{more} see fewer positions per example than the "
+            f"{int(self._mask.shape[1])} the attention mask marks, a whole fraction of them: "
+            "the model shortens the sequence inside (as Funnel's pooling does), so which of "
+            "their positions are padding cannot be told, and padding enters their activation "
+            "statistics as tokens: their scores move with the padding's width. Pad as little as "
+            "possible, or leave them out: modules=[...] without them"
         )
 
     def _mask_as(self, dtype: torch.dtype) -> Tensor:
@@ -487,17 +525,14 @@ class Capture:
         self._mask = None
         self._model = task.model
         if self.mask_key is not None and isinstance(inputs, dict):
-            m = inputs.get(self.mask_key)
-            if isinstance(m, Tensor) and m.dim() >= 2:
-                # [B, T], or a multiple-choice model's [B, C, T]: a layer that folds the choices
-                # into the batch reads them per example in this order (:meth:`_examples`)
-                self._mask = m.detach().reshape(m.shape[0], -1)
+            self._mask = _padding_marks(inputs.get(self.mask_key), inputs.get("input_ids"))
         self._batch, self._spans = _batch_shape(inputs, self._mask)
-        self._unassigned = {}
+        self._unassigned, self._unmasked = {}, {}
         self._forward_with_grad = torch.is_grad_enabled()
         with task.mixed_precision():
             out = task.call_model(task.model, inputs)
         self._refuse_unassigned()
+        self._warn_unmasked()
         return out
 
     @contextlib.contextmanager
