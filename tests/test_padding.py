@@ -485,14 +485,14 @@ def test_a_multiple_choice_mask_keeps_padding_out_of_the_factors(method: str) ->
 def test_a_layer_seeing_the_sequence_shortened_is_named() -> None:
     """A layer after the sequence is halved inside the model sees 3 positions a choice (9 an
     example) where the mask has 6 (18): which are padding cannot be told, so it is named, in one
-    warning for the pass (its factors take the padding as tokens); the layers the mask fits are
-    not, nor a layer seeing another input's count (an image's patches beside the text)."""
+    warning for the pass (its factors take the padding as tokens); the layers the mask fits,
+    and the head, which sees the choices, are not."""
     torch.manual_seed(0)
     model = ChoiceModel(pool=2).double().eval()
     task = infkit.Task.classification(model)
-    with pytest.warns(UserWarning, match=r"tracked layers 'after_pooling' \(9\) see fewer") as seen:
+    with pytest.warns(UserWarning, match=r"tracked layers 'after_pooling' \(9\) see other") as seen:
         infkit.Influence(task, "kfac", l2=1e-2, damping=1e-2).fit(_choices(10, 0, seed=1))
-    named = [str(w.message) for w in seen if "see fewer positions" in str(w.message)]
+    named = [str(w.message) for w in seen if "see other positions" in str(w.message)]
     assert all("'mix'" not in message and "'score'" not in message for message in named)
 
 
@@ -529,6 +529,33 @@ def test_a_mask_that_marks_no_padding_is_not_read_as_weights() -> None:
         task = infkit.Task.classification(ExtendedMaskClassifier(key).double())
         data = ({"input_ids": ids, key: extended}, labels)
         fitted = infkit.Influence(task, "kfac", l2=1e-2, damping=1e-2).fit(data)
+        scores.append(fitted.scores(data))
+    assert (scores[0] - scores[1]).abs().max() < 1e-12 * scores[1].abs().max()
+
+
+def test_an_additive_mask_is_not_read_with_or_without_padding() -> None:
+    """An additive [B, T] mask is all 0 in a batch without padding, which read as 0/1 marks made
+    every position padding (K-FAC 40% off); it is not read in any batch, a Notice says so, and
+    the scores are those of the same mask under a name infkit does not read (1e-12)."""
+
+    class Additive2D(ExtendedMaskClassifier):
+        def forward(self, input_ids: torch.Tensor, **masks: torch.Tensor) -> torch.Tensor:
+            return super().forward(input_ids, **{self.key: masks[self.key][:, None, None]})
+
+    ids = torch.randint(1, VOCAB, (8, 6))
+    additive = torch.zeros(8, 6, dtype=torch.float64)
+    additive[:2, -2:] = -1e4  # the first batch of 4 padded, the second not
+    labels = torch.randint(0, 2, (8,))
+    scores = []
+    for key in ("attention_mask", "extended_mask"):
+        torch.manual_seed(1)
+        task = infkit.Task.classification(Additive2D(key).double())
+        data = ({"input_ids": ids, key: additive}, labels)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            fitted = infkit.Influence(task, "kfac", l2=1e-2, damping=1e-2, batch_size=4).fit(data)
+        told = [w for w in seen if "is not read as padding marks" in str(w.message)]
+        assert bool(told) == (key == "attention_mask")
         scores.append(fitted.scores(data))
     assert (scores[0] - scores[1]).abs().max() < 1e-12 * scores[1].abs().max()
 

@@ -389,9 +389,12 @@ class Influence:
                     "choose another"
                 ) from error
             raise error from None
+        layers = ", ".join(repr(name) for name in error.layers[:3])
+        more = f" and {len(error.layers) - 3} more" if len(error.layers) > 3 else ""
         warn(
-            f"method='auto' chose {refused!r}, which refused this model: {error}. It takes the "
-            "next method that suits instead",
+            f"method='auto' chose {refused!r}, which refused this model: the rows of its "
+            f"tracked layers {layers}{more} are no example's (describe()['auto'] says why). It "
+            "takes the next method that suits instead",
             Notice,
         )
         return self.fit(train)

@@ -421,14 +421,18 @@ def learned_positions(model: nn.Module) -> int | None:
     Rotary and other computed positions have no such table and no hard limit."""
     config = getattr(model, "config", None)
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return None
+    if not isinstance(limit, int) or getattr(config, "position_biased_input", True) is False:
+        return None  # no absolute table (DeBERTa's relative positions: its table is theirs)
     getter = getattr(model, "get_input_embeddings", None)
     try:
         tokens = getter() if callable(getter) else None
     except (AttributeError, NotImplementedError):
         tokens = None
-    tables = [m for m in model.modules() if isinstance(m, nn.Embedding) and m is not tokens]
+    tables = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Embedding) and m is not tokens and "rel_embeddings" not in name
+    ]
     return limit if any(limit <= m.num_embeddings <= limit + 2 for m in tables) else None
 
 
@@ -528,16 +532,23 @@ def check_inputs(
     return None
 
 
-def check_encoder_inputs(inputs: Any, model: nn.Module) -> tuple[int, str] | None:
+def check_encoder_inputs(
+    inputs: Any, model: nn.Module, positions: int | None = None
+) -> tuple[int, str] | None:
     """Why a batch of a classifier's (or regressor's) dict inputs holding ``input_ids``, as a
-    Hugging Face encoder takes them, cannot be embedded (the first bad example), or None: token
-    ids outside the vocabulary (:func:`check_token_ids`) or token type ids outside the model's
-    ``type_vocab_size``, where an ``nn.Embedding`` would fail with a bare ``IndexError``. Inputs
-    without ``input_ids`` are the model's own to read, and so are its masks (4-D extended ones
-    included) and positions (relative ones have no table to outgrow)."""
+    Hugging Face encoder takes them, cannot be fed to it (the first bad example), or None:
+    token ids outside the vocabulary (:func:`check_token_ids`), sequences beyond a learned
+    position table of ``positions`` (:func:`learned_positions`), a [B, T] attention mask of
+    another shape than the ids, and token type ids outside the model's ``type_vocab_size``,
+    where the model would fail with a bare ``IndexError`` or a size mismatch. Inputs without
+    ``input_ids`` are the model's own to read, and so are its other masks (a 4-D extended
+    one)."""
     if not isinstance(inputs, dict) or "input_ids" not in inputs:
         return None
-    return check_token_ids(inputs, model) or _check_token_types(inputs, model)
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() != 2:  # the model's own kind of mask
+        inputs = {key: value for key, value in inputs.items() if key != "attention_mask"}
+    return check_inputs(inputs, model, positions) or _check_token_types(inputs, model)
 
 
 def _check_token_types(inputs: dict[str, Any], model: nn.Module) -> tuple[int, str] | None:

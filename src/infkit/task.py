@@ -384,7 +384,7 @@ class Task:
             name="classification",
             check_targets=check_class_labels,
             check_outputs=check_class_outputs,
-            check_inputs=lm.check_encoder_inputs,
+            check_inputs=partial(lm.check_encoder_inputs, positions=lm.learned_positions(model)),
             check_model=_padding_check(model),
             probe_example=lm.first_left_padded,
         )
@@ -404,7 +404,7 @@ class Task:
             higher_is_better=higher,
             name="binary_classification",
             check_targets=check_binary_labels,
-            check_inputs=lm.check_encoder_inputs,
+            check_inputs=partial(lm.check_encoder_inputs, positions=lm.learned_positions(model)),
             check_model=_padding_check(model),
             probe_example=lm.first_left_padded,
         )
@@ -448,7 +448,7 @@ class Task:
             output_hessian_factor=_identity_factor,
             name="regression",
             check_targets=check_regression_targets,
-            check_inputs=lm.check_encoder_inputs,
+            check_inputs=partial(lm.check_encoder_inputs, positions=lm.learned_positions(model)),
             check_model=_padding_check(model),
             probe_example=lm.first_left_padded,
         )

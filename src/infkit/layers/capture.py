@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infkit.data import Batch, leaves, map_tensors
-from infkit.errors import InvalidInputError, UnsupportedError, warn
+from infkit.errors import InvalidInputError, Notice, UnsupportedError, warn
 from infkit.gradients import PerExample, batching_rule_notice, check_finite_rows
 from infkit.layers.tracked import TrackedModule
 from infkit.parameters import evaluation_mode
@@ -81,6 +81,11 @@ def _not_called(name: str) -> UnsupportedError:
         "requires_grad=False), or a parent module applies its weight itself, without "
         "calling it, so its hooks never run (leave it out of modules=[...])"
     )
+
+
+#: a layer seeing this many positions more or fewer than the attention mask marks reads the
+#: sequence changed inside the model (a token added or dropped; :meth:`Capture._shortened`)
+CHANGED_POSITIONS = 8
 
 
 @dataclass
@@ -192,20 +197,36 @@ def _padding_marks(mask: Any, ids: Any) -> Tensor | None:
     """The attention mask as the padding marks of the examples' positions, [B, positions], or
     None: a mask [B, T] of 0 and 1 (or bool), or one of the shape of the token ids (a
     multiple-choice model's [B, C, T], read as [B, C T]: a layer that folds the choices into the
-    batch reads them per example in this order, :meth:`Capture._examples`). Other masks (a
-    model's additive or 4-D extended mask) mark no padding: their values are no weights."""
+    batch reads them per example in this order, :meth:`Capture._examples`), with a token in
+    every row. Other masks (a model's additive or 4-D extended mask, which is all 0 where
+    nothing is padded) mark no padding: their values are no weights, and a Notice says so."""
     if not isinstance(mask, Tensor) or mask.dim() < 2:
         return None
-    if mask.dim() > 2 and not (isinstance(ids, Tensor) and ids.shape == mask.shape):
-        return None
-    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-        return None
-    return mask.detach().reshape(mask.shape[0], -1)
+    shaped = mask.dim() == 2 or (isinstance(ids, Tensor) and ids.shape == mask.shape)
+    marks = mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all())
+    if shaped and marks and bool(mask.reshape(mask.shape[0], -1).any(dim=1).all()):
+        return mask.detach().reshape(mask.shape[0], -1)
+    warn(
+        f"the inputs' attention_mask (shape {list(mask.shape)}) is not read as padding marks: "
+        "the Kronecker methods read a mask of 1 at tokens and 0 at padding, [B, T] or of "
+        "input_ids' shape, with a token in every sequence; under this one any padding enters "
+        "their activation statistics as tokens",
+        Notice,
+    )
+    return None
 
 
 class UnassignedRowsError(UnsupportedError):
     """Tracked layers whose input rows cannot be assigned to the batch's examples
-    (:meth:`Capture._examples`): the Kronecker methods cannot attribute through them."""
+    (:meth:`Capture._examples`): the Kronecker methods cannot attribute through them.
+
+    Attributes:
+        layers: the layers' names.
+    """
+
+    def __init__(self, message: str, layers: list[str]) -> None:
+        super().__init__(message)
+        self.layers = layers
 
 
 @dataclass(frozen=True)
@@ -428,7 +449,8 @@ class Capture:
             f"the batch, or a sequence-first [T, B, ...] layout).{shared} Leave them out of the "
             "attribution: modules=[...] without them, or requires_grad=False on their "
             "parameters; or use a method that takes per-example gradients of the whole model "
-            "(identity, cg, arnoldi, the dual, with a damping that is a number)"
+            "(identity, cg, arnoldi, the dual)",
+            names,
         )
 
     def _sequence_input(self, x: Tensor, bias: bool, b: int) -> Tensor:
@@ -454,15 +476,19 @@ class Capture:
 
     def _shortened(self, positions: int) -> bool:
         """Whether a layer seeing ``positions`` positions per example where the mask marks T
-        reads the sequence shortened inside the model by a whole factor (Funnel's pooling), so
-        that which of them are padding cannot be told. One position is a pooled representation,
-        a size of the inputs' other dimensions holds no padding (a multiple-choice model's
-        choices), and other counts are another input's (an image's patches beside a text)."""
+        reads the sequence changed inside the model, so that which of them are padding cannot
+        be told: shortened by a factor (Funnel's pooling: T // k or its ceiling), or a few
+        positions added or dropped (a token prepended, prompt tuning's virtual tokens). One
+        position is a pooled representation, a size of the inputs' other dimensions holds no
+        padding (a multiple-choice model's choices), and other counts are taken for another
+        input's (an image's patches beside a text)."""
         assert self._mask is not None
         length = int(self._mask.shape[1])
-        if positions in self._spans:
+        if positions <= 1 or positions == length or positions in self._spans:
             return False
-        return 1 < positions < length and length % positions == 0
+        if abs(positions - length) <= CHANGED_POSITIONS:
+            return True
+        return any(positions in (length // k, -(-length // k)) for k in range(2, length + 1))
 
     def _warn_unmasked(self) -> None:
         """Warn, once for the forward pass, of the tracked layers that see the sequence
@@ -473,12 +499,12 @@ class Capture:
         listed = ", ".join(f"{name!r} ({self._unmasked[name]})" for name in names[:6])
         more = f" and {len(names) - 6} more" if len(names) > 6 else ""
         warn(
-            f"tracked layers {listed}{more} see fewer positions per example than the "
-            f"{int(self._mask.shape[1])} the attention mask marks, a whole fraction of them: "
-            "the model shortens the sequence inside (as Funnel's pooling does), so which of "
-            "their positions are padding cannot be told, and padding enters their activation "
-            "statistics as tokens: their scores move with the padding's width. Pad as little as "
-            "possible, or leave them out: modules=[...] without them"
+            f"tracked layers {listed}{more} see other positions per example than the "
+            f"{int(self._mask.shape[1])} the attention mask marks: the model shortens or "
+            "lengthens the sequence inside (as Funnel's pooling does, or a token it adds), so "
+            "which of their positions are padding cannot be told, and padding enters their "
+            "activation statistics as tokens: their scores move with the padding's width. Pad "
+            "as little as possible, or leave them out: modules=[...] without them"
         )
 
     def _mask_as(self, dtype: torch.dtype) -> Tensor:

@@ -244,11 +244,13 @@ class Arnoldi(PrimalMethod):
         grads = fitted.loss_grads(fitted.train.take(idx)).to(self.vectors)
         G = grads - (grads @ self.vectors.T) @ self.vectors
         norm = float((G * G).sum())
-        # Parts at the rounding of the gradients (the parameters' precision) and of the
-        # projection (the kept vectors span the gradients, as when they hold the whole range of
-        # the GGN) carry no curvature: their quotient is of rounding errors, which once gave
-        # mu = 0.4 ridge where the complement has none (0: 1/ridge).
-        rounding = max(1e3 * torch.finfo(G.dtype).eps, 10 * torch.finfo(fitted.theta.dtype).eps)
+        # Parts at the projection's rounding (the kept vectors span the gradients, as when they
+        # hold the whole range of the GGN) carry no curvature: their quotient is of rounding
+        # errors, which once gave mu = 0.4 ridge where the complement has none (0: 1/ridge).
+        # In float64 terms: a bound in the parameters' precision (7.8e-2 in bfloat16) zeroed
+        # real complements (a reviewer's bfloat16 MLP: 6x off), where a quotient of rounding
+        # errors is small or negative (0).
+        rounding = 1e3 * torch.finfo(G.dtype).eps
         if norm <= (rounding**2) * float((grads * grads).sum()):
             return 0.0
         return max(0.0, float((G * matmat(G).to(G)).sum()) / norm)
