@@ -9,8 +9,9 @@ so the per-example gradient of a block is ``DW_i = sum_t Ds_it a_it^T``.
 
 An attention mask (``inputs["attention_mask"]``, [B, T], or a multiple-choice model's [B, C, T])
 marks padding positions: they are left out of the activation statistics (and the token count)
-of the layers that see the positions it marks; a layer seeing another number of positions is
-named in a warning. Their gradients are kept, which changes
+of the layers that see the positions it marks; a layer that sees the sequence changed inside the
+model (:meth:`Capture._shortened`) is named in a warning, and a mask that marks no padding (a
+model's additive one) in a Notice. Their gradients are kept, which changes
 nothing when the loss ignores padding (their ``Ds`` is then zero) and keeps ``DW_i`` equal to
 the true per-example gradient otherwise.
 """
@@ -334,7 +335,7 @@ class Capture:
             x = args[0].detach()
             _check_output(t, x, output)
             rows = x.shape[0]
-            b = self._examples(t, rows)
+            b = self._examples(rows)
             if b is None:  # named after the forward pass, with every other such layer
                 self._unassigned.setdefault(t.name, rows)
                 return None
@@ -404,8 +405,8 @@ class Capture:
         anchored.register_hook(hand_over)
         return anchored
 
-    def _examples(self, t: TrackedModule, rows: int) -> int | None:
-        """The examples that the ``rows`` of layer ``t``'s input belong to, batch-major, or None
+    def _examples(self, rows: int) -> int | None:
+        """The examples that the ``rows`` of a tracked layer's input belong to, batch-major, or None
         when they cannot be told (:meth:`_refuse_unassigned` names such layers).
 
         Most layers see the examples first (``[B, ..., cols]``). Some models fold an input's
