@@ -250,7 +250,7 @@ class ExampleSet:
         pair as it is, a mapping x as a dict, as torch's DataLoader reads them."""
         if isinstance(item, Mapping):
             row = plain_mapping(item)
-            key = label_key(row, f"{self.name} {self.example(i)}")
+            key = label_key(row, lambda: f"{self.name} {self.example(i)}")
             if key is None:
                 return row, None
             return {k: v for k, v in row.items() if k != key}, row[key]

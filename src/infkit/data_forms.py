@@ -18,7 +18,7 @@ What cannot be read so is refused, saying what it looks like and what to give in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -82,14 +82,15 @@ def plain_mapping(data: Mapping) -> dict[Any, Any]:
     return {key: numbers_as_tensor(value) for key, value in data.items()}
 
 
-def label_key(data: Mapping, where: str) -> Any:
+def label_key(data: Mapping, where: Callable[[], str]) -> Any:
     """The label key of a mapping, or None; two of them are refused (which would be scored and
-    which passed to the model as an input is not for infkit to guess). ``where`` names it."""
+    which passed to the model as an input is not for infkit to guess). ``where()`` names it
+    (made only then: a dataset's rows ask for every item of every batch)."""
     found = [key for key in LABEL_KEYS if key in data]
     if len(found) > 1:
         named = " and ".join(f"'{key}'" for key in found)
         raise InvalidInputError(
-            f"{where} holds labels under {named}: keep only the one to score (infkit reads "
+            f"{where()} holds labels under {named}: keep only the one to score (infkit reads "
             f"the first of {', '.join(LABEL_KEYS)} as the labels and would pass the other to "
             "the model as an input)"
         )
@@ -124,7 +125,7 @@ def mapping_pair(data: Mapping, name: str) -> tuple[dict[Any, Any], Any]:
             f"{name} is a {kind} of {keys}, none of them a batch of inputs: if these are the "
             f"splits of a dataset (a DatasetDict), give one of them, data['{first}']"
         )
-    key = label_key(plain, f"{name} ({kind})")
+    key = label_key(plain, lambda: f"{name} ({kind})")
     if key is None:
         raise InvalidInputError(
             f"{name} is a {kind} of inputs ({keys}) without labels: give them with it, as a "

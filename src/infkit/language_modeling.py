@@ -447,6 +447,19 @@ def _token_ids(inputs: Any) -> Tensor | None:
     return ids
 
 
+def _first_outside(ids: Tensor, size: int | None) -> tuple[int, int, int] | None:
+    """The first id of a batch [B, ...] outside [0, size) (below 0 when ``size`` is None), as
+    ``(example, position, id)`` with the position counted over the example's flattened ids, or
+    None."""
+    flat = ids.reshape(ids.shape[0], -1)
+    outside = flat < 0 if size is None else (flat < 0) | (flat >= size)
+    if not bool(outside.any()):
+        return None
+    k = int(outside.any(dim=1).nonzero()[0, 0])
+    position = int(outside[k].nonzero()[0, 0])
+    return k, position, int(flat[k, position])
+
+
 def check_token_ids(inputs: Any, model: nn.Module) -> tuple[int, str] | None:
     """Why a batch's token ids cannot be embedded (the first bad sequence), or None.
 
@@ -458,15 +471,10 @@ def check_token_ids(inputs: Any, model: nn.Module) -> tuple[int, str] | None:
     if ids is None or ids.numel() == 0:
         return None
     vocabulary = vocabulary_size(model)
-    flat = ids.reshape(ids.shape[0], -1)
-    outside = flat < 0
-    if vocabulary is not None:
-        outside = outside | (flat >= vocabulary)
-    if not bool(outside.any()):
+    found = _first_outside(ids, vocabulary)
+    if found is None:
         return None
-    k = int(outside.any(dim=1).nonzero()[0, 0])
-    position = int(outside[k].nonzero()[0, 0])
-    bad = int(flat[k, position])
+    k, position, bad = found
     where = "input_ids" if isinstance(inputs, dict) else "the token ids"
     if vocabulary is None:
         size = "token ids index an embedding and cannot be negative"
@@ -561,15 +569,13 @@ def _check_token_types(inputs: dict[str, Any], model: nn.Module) -> tuple[int, s
     limit = next((n for n in limits if isinstance(n, int)), None)
     if limit == 0:  # no token type embedding (DeBERTa's): the model ignores them
         return None
-    flat = types.reshape(types.shape[0], -1)
-    outside = flat < 0 if limit is None else (flat < 0) | (flat >= limit)
-    if not bool(outside.any()):
+    found = _first_outside(types, limit)
+    if found is None:
         return None
-    k = int(outside.any(dim=1).nonzero()[0, 0])
-    position = int(outside[k].nonzero()[0, 0])
+    k, position, bad = found
     size = "" if limit is None else f": the model has {limit} (its type_vocab_size)"
     return k, (
-        f"token type id {int(flat[k, position])} at position {position} of token_type_ids is "
+        f"token type id {bad} at position {position} of token_type_ids is "
         f"outside the model's token types{size}; pass the token_type_ids of the model's own tokenizer "
         "(0 for a single sentence), or leave them out"
     )

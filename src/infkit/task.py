@@ -145,12 +145,16 @@ def check_class_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetPro
     return None
 
 
-def _padding_check(
-    model: nn.Module,
-) -> Callable[[Callable[[Any], Tensor], Any, Tensor], str | None]:
-    """The model check of a classifier's or regressor's task: a left-padded sequence's outputs
-    must not move when its padding is removed (:func:`lm.check_padding`)."""
-    return partial(lm.check_padding, precision=lm.coarsest_dtype(model))
+def _encoder_checks(model: nn.Module) -> dict[str, Any]:
+    """The checks of a classifier's or regressor's task that read a Hugging Face encoder's
+    inputs: dict inputs holding ``input_ids`` checked against its embeddings
+    (:func:`lm.check_encoder_inputs`), and a left-padded sequence's outputs, which must not move
+    when its padding is removed (:func:`lm.check_padding`)."""
+    return {
+        "check_inputs": partial(lm.check_encoder_inputs, positions=lm.learned_positions(model)),
+        "check_model": partial(lm.check_padding, precision=lm.coarsest_dtype(model)),
+        "probe_example": lm.first_left_padded,
+    }
 
 
 def check_class_outputs(outputs: Tensor) -> str | None:
@@ -384,9 +388,7 @@ class Task:
             name="classification",
             check_targets=check_class_labels,
             check_outputs=check_class_outputs,
-            check_inputs=partial(lm.check_encoder_inputs, positions=lm.learned_positions(model)),
-            check_model=_padding_check(model),
-            probe_example=lm.first_left_padded,
+            **_encoder_checks(model),
         )
 
     @classmethod
@@ -404,9 +406,7 @@ class Task:
             higher_is_better=higher,
             name="binary_classification",
             check_targets=check_binary_labels,
-            check_inputs=partial(lm.check_encoder_inputs, positions=lm.learned_positions(model)),
-            check_model=_padding_check(model),
-            probe_example=lm.first_left_padded,
+            **_encoder_checks(model),
         )
 
     @classmethod
@@ -448,9 +448,7 @@ class Task:
             output_hessian_factor=_identity_factor,
             name="regression",
             check_targets=check_regression_targets,
-            check_inputs=partial(lm.check_encoder_inputs, positions=lm.learned_positions(model)),
-            check_model=_padding_check(model),
-            probe_example=lm.first_left_padded,
+            **_encoder_checks(model),
         )
 
     # ----------------------------------------------------------------- evaluation
