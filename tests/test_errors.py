@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -129,15 +131,31 @@ def test_singular_curvature_without_l2_or_damping_suggests_damping(linear_data) 
     assert torch.isfinite(scores).all()
 
 
+@pytest.mark.filterwarnings(r"ignore:LiSSA with l2 \+ damping = 0")
 def test_indefinite_curvature_is_refused(linear_data) -> None:
     model, (X, y) = linear_data
     concave = infkit.Task(model, loss=lambda out, t: -0.5 * out.pow(2).sum(1))
     with torch.no_grad():
         model.weight.zero_()
         model.bias.zero_()  # the stationary point (a maximum) of the concave loss
-    for curvature in ("ggn", "hessian"):
-        with pytest.raises(CurvatureError, match=r"indefinite.*damping greater than"):
+    # The second remedy fits the curvature: the Hessian has the GGN to turn to; a GGN that is
+    # indefinite already says the loss is not convex in the outputs, which the GGN cannot mend.
+    remedies = {"hessian": r"curvature='ggn'", "ggn": r"check the task's loss"}
+    for curvature, remedy in remedies.items():
+        with pytest.raises(CurvatureError, match=r"indefinite.*damping greater than") as raised:
             infkit.Influence(concave, l2=0.0, curvature=curvature).fit((X, y))
+        assert re.search(remedy, str(raised.value)), str(raised.value)
+    with torch.no_grad():  # away from the maximum, where the gradients are not 0
+        model.weight.normal_()
+    for curvature, remedy in remedies.items():
+        for method in ("cg", "lissa", "arnoldi"):
+            fitted = infkit.Influence(concave, method=method, l2=0.0, curvature=curvature)
+            with pytest.raises(CurvatureError) as raised:
+                fitted.fit((X, y)).scores((X[:2], y[:2]))
+            message = str(raised.value)
+            assert re.search(remedy, message), message
+            if curvature == "ggn":
+                assert "curvature='ggn'" not in message, message
 
 
 def test_an_indefinite_matrix_is_named_by_its_smallest_and_largest_eigenvalues() -> None:

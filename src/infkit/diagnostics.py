@@ -162,7 +162,11 @@ def sample_solve(fitted: Fitted, sample: int = CURVATURE_SAMPLE) -> Callable[[Te
             return (operator.matmat(X.T) + fitted.ridge * X.T).T
 
         result = conjugate_gradients(
-            matmat, V.to(torch.float64).T, tol=SAMPLE_SOLVE_TOL, maxiter=SAMPLE_SOLVE_MAXITER
+            matmat,
+            V.to(torch.float64).T,
+            tol=SAMPLE_SOLVE_TOL,
+            maxiter=SAMPLE_SOLVE_MAXITER,
+            curvature="ggn",
         )
         return result.X.T
 

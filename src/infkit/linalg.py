@@ -85,14 +85,18 @@ class SymmetricSolver:
         matrix: A, [P, P]; symmetrised and solved in float64.
         what: a short description of A for error messages.
         hint: what the user can change, appended to error messages.
+        curvature: what A is built from, "hessian" or "ggn", for the remedy an indefinite A gets.
     """
 
-    def __init__(self, matrix: Tensor, *, what: str = "curvature", hint: str = "") -> None:
+    def __init__(
+        self, matrix: Tensor, *, what: str = "curvature", hint: str = "", curvature: str = "hessian"
+    ) -> None:
         A = matrix.to(torch.float64)
         A = 0.5 * (A + A.T)
         self.size = A.shape[0]
         self.what = what
         self.hint = hint
+        self.curvature = curvature
         self._chol: Tensor | None = None
         self._eig: tuple[Tensor, Tensor] | None = None
         L, info = torch.linalg.cholesky_ex(A)
@@ -112,9 +116,8 @@ class SymmetricSolver:
             raise CurvatureError(
                 f"the {self.what} is indefinite: smallest eigenvalue {lo:.3e}, largest "
                 f"{float(evals[-1]):.3e}; influence needs a positive definite curvature. Add damping "
-                f"greater than {-lo:.3e} (e.g. damping={_round_up(-lo * 1.5)}), or use the "
-                f"Gauss-Newton curvature (curvature='ggn'), which is positive semidefinite"
-                f"{self.hint}"
+                f"greater than {-lo:.3e} (e.g. damping={_round_up(-lo * 1.5)}), "
+                f"{indefinite_remedy(self.curvature)}{self.hint}"
             )
         if lo <= tol:
             suggestion = _round_up(max(scale, 1e-12) * 1e-3)
@@ -215,8 +218,20 @@ def imprecise_solve_warning(method: str, tol: float, dtype: torch.dtype) -> None
 
 NOT_POSITIVE_DEFINITE = (
     "conjugate gradients met a direction of non-positive curvature: the damped curvature is not "
-    "positive definite. Increase damping, or use curvature='ggn'"
+    "positive definite. Increase damping"
 )
+
+
+def indefinite_remedy(curvature: str = "hessian") -> str:
+    """The second remedy for a damped ``curvature`` ("hessian" or "ggn") that is not positive
+    definite, after "add damping": the Hessian may be indefinite, the GGN only when the task's
+    loss is not convex in the model's outputs."""
+    if curvature == "hessian":
+        return "or use the Gauss-Newton curvature (curvature='ggn'), which is positive semidefinite"
+    return (
+        "or check the task's loss: the GGN is positive semidefinite whenever the loss is convex "
+        "in the model's outputs, so a custom Task whose loss is not has an indefinite one"
+    )
 
 
 class ConjugateGradientResult:
@@ -237,6 +252,7 @@ def conjugate_gradients(
     maxiter: int = 500,
     precondition=None,
     callback: Callable[[int, float], None] | None = None,
+    curvature: str = "hessian",
 ) -> ConjugateGradientResult:
     """Solve A X = B for symmetric positive definite A, all columns of B at once.
 
@@ -251,6 +267,7 @@ def conjugate_gradients(
         B: right-hand sides [n, k].
         precondition: optional R [n, k] -> M^{-1} R, with M symmetric positive definite.
         callback: called after every iteration with (iteration, largest relative residual).
+        curvature: what A is built from, "hessian" or "ggn", for the remedy an indefinite A gets.
     """
     B = B.to(torch.float64)
     X = torch.zeros_like(B)
@@ -264,10 +281,10 @@ def conjugate_gradients(
     while bool(active.any()) and iterations < maxiter:
         iterations += 1
         AP = matmat(Pdir)
-        curvature = (Pdir * AP).sum(0)
-        if bool((active & (curvature <= 0)).any()):
-            raise CurvatureError(NOT_POSITIVE_DEFINITE)
-        alpha = torch.where(active, rz / torch.where(active, curvature, 1.0), 0.0)
+        pap = (Pdir * AP).sum(0)
+        if bool((active & (pap <= 0)).any()):
+            raise CurvatureError(f"{NOT_POSITIVE_DEFINITE}, {indefinite_remedy(curvature)}")
+        alpha = torch.where(active, rz / torch.where(active, pap, 1.0), 0.0)
         X += alpha * Pdir
         R -= alpha * AP
         active = active & (R.norm(dim=0) / b_norm > tol)
@@ -322,6 +339,7 @@ def block_conjugate_gradients(
     precondition=None,
     rank_tol: float = BLOCK_RANK_TOL,
     callback: Callable[[int, float], None] | None = None,
+    curvature: str = "hessian",
 ) -> ConjugateGradientResult:
     """Solve A X = B for symmetric positive definite A by breakdown-free block CG.
 
@@ -350,6 +368,7 @@ def block_conjugate_gradients(
         precondition: optional R [n, k] -> M^{-1} R, with M symmetric positive definite.
         rank_tol: relative singular-value threshold of the rank truncation.
         callback: called after every iteration with (iteration, largest relative residual).
+        curvature: what A is built from, "hessian" or "ggn", for the remedy an indefinite A gets.
     """
     B = B.to(torch.float64)
     b_norm = B.norm(dim=0)
@@ -367,7 +386,7 @@ def block_conjugate_gradients(
         PAP = P.T @ AP
         L, info = torch.linalg.cholesky_ex(0.5 * (PAP + PAP.T))
         if int(info) != 0:
-            raise CurvatureError(NOT_POSITIVE_DEFINITE)
+            raise CurvatureError(f"{NOT_POSITIVE_DEFINITE}, {indefinite_remedy(curvature)}")
         alpha = torch.cholesky_solve(P.T @ R, L)
         X += P @ alpha
         R -= AP @ alpha

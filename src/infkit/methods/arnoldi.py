@@ -38,6 +38,7 @@ from infkit.curvature import Curvature, CurvatureOperator, product_work_bytes
 from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, ProblemTooLargeError
 from infkit.fitted import Fitted
 from infkit.gradients import Which
+from infkit.linalg import indefinite_remedy
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import Fidelity, PrimalMethod, Problem, register
 from infkit.options import Options, option
@@ -228,7 +229,7 @@ class Arnoldi(PrimalMethod):
             raise CurvatureError(
                 f"a kept Ritz value of the {self.curvature.upper()} is {worst:.3e} and the ridge "
                 f"l2 + damping is {ridge:.3e}: the projected curvature is not positive definite. "
-                f"Add damping greater than {-worst:.3e}, or use curvature='ggn'"
+                f"Add damping greater than {-worst:.3e}, {indefinite_remedy(self.curvature)}"
             )
         self.complement_curvature = 0.0
         if options.complement == "scaled":

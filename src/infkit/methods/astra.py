@@ -217,6 +217,7 @@ class ASTRA(PrimalMethod):
                 tol=tol * float(v_norm.min()) / max(float(R.norm(dim=1).max()), 1e-300),
                 maxiter=self.options.maxiter,
                 precondition=lambda Z: self._precondition(Z.T, shift).T,
+                curvature=self.curvature,
             )
             x = x + result.X.T
             iterations = result.iterations

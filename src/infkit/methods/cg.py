@@ -146,6 +146,7 @@ class ConjugateGradient(PrimalMethod):
                 maxiter=self.options.maxiter,
                 precondition=precondition,
                 callback=lambda _, residual: shown.update(note=f"residual {residual:.1e}"),
+                curvature=self.curvature,
             )
         self.iterations.append(result.iterations)
         self.solvers.append("block" if use_block else "single")

@@ -138,6 +138,7 @@ class Exact(PrimalMethod):
                 A,
                 what=f"damped {self.curvature.upper()} (l2={ctx.l2:g}, damping={ctx.damping:g})",
                 hint=hint,
+                curvature=self.curvature,
             )
         return self._solvers[key]
 
@@ -157,6 +158,7 @@ class Exact(PrimalMethod):
         solver = SymmetricSolver(
             A,
             what=f"retained {self.curvature.upper()} after removing {n_f} example(s)",
+            curvature=self.curvature,
         )
         return solver.solve(V.to(torch.float64).T).T
 

@@ -42,7 +42,7 @@ from infkit.blocks import BlockMode, block_diagonal, layer_slices
 from infkit.curvature import Curvature, CurvatureOperator, product_work_bytes
 from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, warn
 from infkit.fitted import Fitted
-from infkit.linalg import power_iteration
+from infkit.linalg import indefinite_remedy, power_iteration
 from infkit.methods.base import Fidelity, PrimalMethod, register
 from infkit.options import Options, option
 
@@ -67,6 +67,7 @@ def lissa(
     scale: float,
     damping: float,
     depth: int,
+    curvature: str = "hessian",
 ) -> LissaResult:
     """One run of the LiSSA recursion for all rows of V at once.
 
@@ -81,6 +82,8 @@ def lissa(
         scale: s > 0.
         damping: d >= 0 (LiSSA's own damping; the effective damping is d * s).
         depth: number of updates J >= 0.
+        curvature: what ``matmat`` multiplies by, "hessian" or "ggn", for the remedy a divergence
+            gets.
 
     Raises:
         CurvatureError: when the iterates blow up or turn non-finite (the series diverges).
@@ -108,7 +111,7 @@ def lissa(
                 f"{damping * scale:.4g}). The series converges only when every minibatch "
                 "curvature plus the damping stays below 2*s: raise the scale (scale=... or "
                 "scale_factor=...), raise the damping, use a larger minibatch (minibatch_size=...), "
-                "or use curvature='ggn' (the Hessian may be indefinite)"
+                f"{indefinite_remedy(curvature)}"
             )
     return LissaResult(h / scale, depth)
 
@@ -334,7 +337,9 @@ class Lissa(PrimalMethod):
             gen = torch.Generator().manual_seed(self.options.seed * 1_000_003 + self._runs)
             self._runs += 1
             matmat = self._minibatch_matmat(pool, share, gen)
-            estimate = lissa(matmat, V, scale=scale, damping=ridge / scale, depth=depth)
+            estimate = lissa(
+                matmat, V, scale=scale, damping=ridge / scale, depth=depth, curvature=self.curvature
+            )
             total += estimate.X.to(torch.float64)
         return total / self.options.repeats
 
