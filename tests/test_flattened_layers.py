@@ -288,10 +288,21 @@ def test_method_auto_takes_the_next_method_when_its_choice_refuses_the_model() -
     refuses layers whose rows are no example's; it takes CG instead, saying why, and answers as
     CG named does (a tester's DeBERTa stopped at the refusal)."""
     torch.manual_seed(0)
-    task = infkit.Task.classification(SharedPositionsClassifier().double())
+    model = SharedPositionsClassifier().double()
+    model.dropout = torch.nn.Dropout(0.0)  # in training mode: the data's checks warn, once
+    task = infkit.Task.classification(model)
     X, y = {"input_ids": torch.randint(0, VOCAB, (6, 5))}, torch.randint(0, 2, (6,))
-    with pytest.warns(Notice, match="method='auto' chose 'ekfac', which refused this model"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         auto = infkit.Influence(task, "auto", l2=1e-2, memory_limit=60_000).fit((X, y))
+    messages = [str(w.message) for w in caught if "torch.jit" not in str(w.message)]
+    refusals = [
+        w for w in caught if "'ekfac', which refused" in str(w.message) and w.category is Notice
+    ]
+    assert len(refusals) == 1, messages
+    # The data's checks run once: the second method fits the checked set, saying nothing twice.
+    assert len(set(messages)) == len(messages), messages
+    assert any("the model is in training mode" in m for m in messages), messages
     assert auto.method.name == "cg"
     assert auto.describe()["auto"]["passed_over"]["ekfac"].startswith("refused this model")
     named = infkit.Influence(task, "cg", l2=1e-2).fit((X, y))

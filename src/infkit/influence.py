@@ -69,8 +69,8 @@ from infkit.methods.base import (
 from infkit.options import suggest_option
 from infkit.parameters import ParameterSpace, evaluation_mode, product_dtype
 from infkit.plan import Plan, RunShape, Stage, sized_outputs
+from infkit.progress import Mode, track
 from infkit.progress import resolve as resolve_progress
-from infkit.progress import track
 from infkit.removal import Quantity, RemovalEffect
 from infkit.task import Task
 from infkit.training import objective_and_gradient
@@ -313,8 +313,25 @@ class Influence:
         show = resolve_progress(self.progress)
         c = engine.outputs(examples.take([0]))[0].numel()
         problem = Problem(len(examples), space.size, c, self.memory_limit, self.task.model, space)
-        chosen, whole = self._method is None, problem  # chosen by method="auto"
-        method = self._method if self._method is not None else self._auto(problem)
+        if self._method is not None:
+            return self._fit_method(self._method, examples, engine, problem, show)
+        while True:  # method="auto": its choice, or the next when a Kronecker method refuses
+            method = self._auto(problem)
+            try:
+                return self._fit_method(method, examples, engine, problem, show)
+            except UnassignedRowsError as error:
+                self._pass_over(method.name, problem, error)
+
+    def _fit_method(
+        self,
+        method: Method,
+        examples: ExampleSet,
+        engine: PerExample,
+        problem: Problem,
+        show: Mode,
+    ) -> Influence:
+        """Fit ``method`` on the checked training set (``fit`` after its checks of the data)."""
+        space = problem.space
         attributed = self._attributed_space(method, space)
         if attributed is not space:  # the method attributes through part of the model
             space = attributed
@@ -360,23 +377,17 @@ class Influence:
         if method.assumes_optimum and (summary is not None or type(method).stationarity_pass):
             gradient, stationarity = objective_gradient(fitted, summary)
             fitted = replace(fitted, objective_gradient=gradient, stationarity=stationarity)
-        try:
-            method.fit(fitted)
-        except UnassignedRowsError as error:
-            if not chosen:
-                raise
-            return self._fit_another(method.name, whole, error, train)
+        method.fit(fitted)
         if self.checks:
             method.diagnose()
         self._method, self._fitted = method, fitted
         return self
 
-    def _fit_another(
-        self, refused: str, problem: Problem, error: UnassignedRowsError, train: Any
-    ) -> Influence:
-        """Fit the next method ``method="auto"`` would choose when the Kronecker method it chose
-        refused the model's layers (rows that are no example's), saying so; the refusal itself
-        when none other suits (with ``damping="auto"``, which only they take, saying so)."""
+    def _pass_over(self, refused: str, problem: Problem, error: UnassignedRowsError) -> None:
+        """Record that the Kronecker method ``method="auto"`` chose refused the model's layers
+        (rows that are no example's), saying that the next method that suits is taken; raise
+        the refusal itself when none other suits (with ``damping="auto"``, which only they
+        take, saying so)."""
         self._refused[refused] = f"refused this model: {error}"
         remaining = [name for name in self._candidates if name not in self._refused]
         try:
@@ -397,7 +408,6 @@ class Influence:
             "takes the next method that suits instead",
             Notice,
         )
-        return self.fit(train)
 
     def _auto(self, problem: Problem) -> Method:
         remaining = [name for name in self._candidates if name not in self._refused]
