@@ -143,6 +143,29 @@ def test_settings_and_a_float32_model_come_back(mlp_problem: dict, tmp_path: Pat
     )
 
 
+def test_a_fit_in_lower_precision_comes_back_with_the_task_it_was_given(
+    mlp_problem: dict, tmp_path: Path
+) -> None:
+    """``Influence(task, dtype=torch.bfloat16)`` saved, then loaded with a task built as at fit
+    time: the precision is one of the run's saved settings, not part of what the user rebuilds
+    (a tester's load was refused: "the task differs: autocast"). A task that asks for another
+    precision is still refused, naming it."""
+    model = copy.deepcopy(mlp_problem["model"]).float()
+    X, y = mlp_problem["train"]
+    test = (mlp_problem["test"][0].float(), mlp_problem["test"][1])
+    task = infkit.Task.classification(model)
+    original = infkit.Influence(
+        task, "ekfac", l2=mlp_problem["l2"], damping=1e-3, dtype=torch.bfloat16
+    ).fit((X.float(), y))
+    original.save(tmp_path)
+    loaded = infkit.Influence.load(tmp_path, infkit.Task.classification(copy.deepcopy(model)))
+    assert loaded.describe()["autocast"] == "bfloat16"
+    assert torch.equal(loaded.scores(test), original.scores(test))
+    half = infkit.Task.classification(copy.deepcopy(model)).with_autocast(torch.float16)
+    with pytest.raises(ArtifactError, match=r"autocast \(given 'float16', saved 'bfloat16'\)"):
+        infkit.Influence.load(tmp_path, half)
+
+
 # ============================================================================ options and data
 def _checkpoints(problem: dict) -> list[dict[str, torch.Tensor]]:
     """Two perturbed copies of the trained parameters, as state dicts."""

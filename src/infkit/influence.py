@@ -519,7 +519,8 @@ class Influence:
         Args:
             path: the directory given to :meth:`save` (or the artifact directory it returned).
             task: the task the Influence was fitted with: the same model (architecture and
-                parameter values) and the same loss and measurement functions.
+                parameter values) and the same loss and measurement functions. The fit's
+                ``dtype=`` precision is a saved setting: a task without one of its own runs in it.
             train: the training data, needed when it was not saved (its content and order are
                 checked against the saved fingerprint); None: the saved copy.
             options: the method options that are functions (they cannot be saved), given
@@ -548,6 +549,7 @@ class Influence:
             )
         check_weights_present(task.model)
         record = saved.read(path)
+        task = record.task_as_fitted(task)
         record.check_task(task)
         settings = record.settings(options)
         examples = record.examples(train)

@@ -588,6 +588,20 @@ class SavedInfluence:
         """The fitted method's name."""
         return str(self.identity["method"])
 
+    @property
+    def autocast(self) -> torch.dtype | None:
+        """The lower precision the fit's passes ran in (``Influence(dtype=...)``), or None."""
+        autocast = self.identity.get("autocast")
+        return None if autocast is None else getattr(torch, autocast)
+
+    def task_as_fitted(self, task: Task) -> Task:
+        """``task`` with the saved run's autocast precision when it names none of its own: the
+        precision is a setting of the run (``Influence(dtype=...)``), saved with it, which a
+        task built as at fit time does not carry."""
+        if task.autocast is None and self.autocast is not None:
+            return task.with_autocast(self.autocast)
+        return task
+
     def settings(self, functions: Mapping[str, Any] | None = None) -> Settings:
         """The facade's settings, the method options decoded (``functions``: the callable
         options, given again).
@@ -635,7 +649,6 @@ class SavedInfluence:
                 "takes only its function options again"
             )
         choice = self.document("state").get("choice")
-        autocast = ident.get("autocast")
         workdir = ident.get("workdir")
         return Settings(
             method=self.method,
@@ -648,7 +661,7 @@ class SavedInfluence:
             batch_size=int(ident["batch_size"]),
             per_example=str(ident["per_example"]),
             memory_limit=int(ident["memory_limit"]),
-            autocast=None if autocast is None else getattr(torch, autocast),
+            autocast=self.autocast,
             workdir=None if workdir is None else Path(workdir),
             method_options=options,
             choice=None if choice is None else Choice(**choice),
