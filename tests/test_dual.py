@@ -391,3 +391,10 @@ def test_damping_and_float32_model(classifier: dict) -> None:
     assert inf32.method.K.dtype == torch.float64
     ref = _fit(classifier, "dual", "if")
     assert relative_error(inf32.scores((test[0].float(), test[1])), ref.scores(test)) < 1e-4
+    # kernel_dtype reaches the method: Influence's own dtype= (the passes' autocast precision)
+    # had taken the option's old name, which left the kernel in float64 without a word.
+    single = infkit.Influence(task32, "dual", "if", l2=l2, kernel_dtype=torch.float32)
+    single.fit((X.float(), y))
+    assert single.method.K.dtype == torch.float32
+    assert single.describe()["options"]["kernel_dtype"] == "float32"
+    assert relative_error(single.scores((test[0].float(), test[1])), ref.scores(test)) < 1e-3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -168,6 +169,24 @@ def test_an_indefinite_matrix_is_named_by_its_smallest_and_largest_eigenvalues()
         CurvatureError, match=r"smallest eigenvalue -3\.000e\+00, largest 2\.000e\+00"
     ):
         SymmetricSolver(A)
+
+
+def test_a_lower_precision_that_would_change_nothing_is_refused(linear_data) -> None:
+    """dtype= runs the passes under torch.autocast, which lowers float32 operations only and
+    does not reach forward-mode products: on a float64 model, or with the dual method, the
+    scores came out as without it while describe() reported autocast bfloat16 (a tester's
+    finding). Both are refused naming the remedy; method="auto" leaves dual out."""
+    model, (X, y) = linear_data
+    with pytest.raises(InvalidInputError, match=r"parameters are float64.*model\.float\(\)"):
+        infkit.Influence(infkit.Task.classification(model), "exact", dtype=torch.bfloat16)
+    single = infkit.Task.classification(copy.deepcopy(model).float())
+    with pytest.raises(UnsupportedError, match=r"method 'dual'.*model\.to\(torch\.float16\)"):
+        infkit.Influence(single, "dual", l2=1e-2, dtype=torch.float16)
+    auto = infkit.Influence(single, "auto", l2=1e-2, dtype=torch.bfloat16)
+    assert "dual" not in auto._candidates
+    assert "dual" in infkit.Influence(single, "auto", l2=1e-2)._candidates
+    named = infkit.Influence(single, "exact", l2=1e-2, dtype=torch.bfloat16).fit((X.float(), y))
+    assert named.describe()["autocast"] == "bfloat16"
 
 
 def test_too_large_for_exact_names_the_methods_that_scale(linear_data) -> None:

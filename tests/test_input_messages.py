@@ -242,6 +242,11 @@ def test_facade_keywords_are_the_influence_signature() -> None:
         if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
     ]
     assert sorted(FACADE_KEYWORDS) == sorted(named)
+    # A method option named as a keyword of Influence's could never be given (the dual
+    # method's `dtype` was taken by Influence's own).
+    for name, info in infkit.methods().items():
+        taken = sorted(set(info["options"]) & set(FACADE_KEYWORDS))
+        assert not taken, f"method {name!r}'s option(s) {taken} are Influence keywords"
 
 
 def test_misspelt_influence_keyword_is_suggested_first(lm_problem: dict) -> None:

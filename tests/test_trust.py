@@ -8,6 +8,7 @@ error types. Crash-and-resume cases (kill -9) are in tests/test_crash_resume.py.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import warnings
@@ -158,9 +159,12 @@ def test_factors_of_other_data_or_fisher_are_refused(mlp_problem: dict, tmp_path
         _ekfac(mlp_problem["task"], (X_mid, y), tmp_path, fisher="empirical")
     with pytest.raises(ArtifactError, match="fisher"):
         _ekfac(mlp_problem["task"], (X, y), tmp_path, fisher="auto")
-    # the same model and data run under autocast: other factors, not these
+    # the same model and data run under autocast: other factors, not these (on a float32 copy:
+    # autocast does not reach a float64 model, which dtype= refuses)
+    task32 = infkit.Task.classification(copy.deepcopy(mlp_problem["model"]).float())
+    _ekfac(task32, (X.float(), y), tmp_path / "f32", fisher="empirical")
     with pytest.raises(ArtifactError, match=r"differs in: task\.autocast"):
-        _ekfac(mlp_problem["task"], (X, y), tmp_path, fisher="empirical", dtype=torch.bfloat16)
+        _ekfac(task32, (X.float(), y), tmp_path / "f32", fisher="empirical", dtype=torch.bfloat16)
 
 
 def test_factors_reload_bit_identical_and_damage_is_named(

@@ -176,6 +176,16 @@ class Influence:
             model_dtype = next(iter(task.model.parameters()), torch.empty(0)).dtype
             if dtype != model_dtype:
                 task = task.with_autocast(dtype)
+                if model_dtype == torch.float64:
+                    precision = str(dtype).removeprefix("torch.")
+                    raise InvalidInputError(
+                        f"dtype=torch.{precision} runs the passes under torch.autocast, which "
+                        "lowers float32 operations only, and this model's parameters are "
+                        f"float64: nothing would run in {precision}. Cast the model to float32 "
+                        f"first (model.float()), or to {precision} itself "
+                        f"(model.to(torch.{precision})) to run it in that precision throughout, "
+                        "or leave dtype out"
+                    )
         self._estimator = _estimator(estimator, relatif)
         self.auto_damping = damping == "auto"
         if self.auto_damping:
@@ -280,6 +290,7 @@ class Influence:
             if set(self.method_options) <= set(method_class(name).Options.names())
             and self._estimator.name in method_class(name).estimators
             and (not self.auto_damping or method_class(name).supports_auto_damping)
+            and (self.task.autocast is None or method_class(name).takes_autocast)
         ]
         if not names:
             known = sorted(

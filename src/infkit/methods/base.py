@@ -254,6 +254,10 @@ class Method(ABC):
     #: whether the method commits its scores to a workdir in shards (:mod:`infkit.shards`),
     #: with ``shard_part`` (one part of an array job) and ``shard_tally`` (counts)
     shards_scores: ClassVar[bool] = False
+    #: whether the method's gradients come from passes under the task's autocast precision
+    #: (``Influence(dtype=...)``); a method whose products all run by forward-mode
+    #: differentiation in the model's own dtype (dual), which autocast does not reach, refuses it
+    takes_autocast: ClassVar[bool] = True
     shard_part: tuple[int, int] | None = None
     shard_tally: dict[str, int]
     #: what the contract test checks and a user may expect

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
-from infkit.errors import CurvatureError, InvalidInputError, NotFittedError
+from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, UnsupportedError
 from infkit.estimators import Estimator, EstimatorName, check_leverage
 from infkit.fitted import Fitted
 from infkit.gradients import PerExample, Which
@@ -59,6 +59,7 @@ from infkit.methods.base import (
     PrimalMethod,
     Problem,
     register,
+    registered,
     scalable_methods,
 )
 from infkit.ntk.kernel import column_features, kernel_matrix, kernel_rows
@@ -102,7 +103,11 @@ class _PerExampleSetup:
 class DualOptions(Options):
     """Options of ``method="dual"``."""
 
-    aliases: ClassVar[Mapping[str, str]] = {"cg_tol": "tol", "cg_maxiter": "maxiter"}
+    aliases: ClassVar[Mapping[str, str]] = {
+        "cg_tol": "tol",
+        "cg_maxiter": "maxiter",
+        "dtype": "kernel_dtype",  # Influence's own dtype= (autocast) took the keyword
+    }
 
     linearize_at: Tensor | Mapping[str, Tensor] | None = option(
         None, "evaluate J (and the NTK) at these parameters instead of theta* (flat [P] or dict)"
@@ -128,7 +133,7 @@ class DualOptions(Options):
     product_batch_size: int | None = option(
         None, "examples per kernel block and tangent-product batch (default 256)", minimum=1
     )
-    dtype: torch.dtype = option(torch.float64, "working dtype of the kernel algebra")
+    kernel_dtype: torch.dtype = option(torch.float64, "working dtype of the kernel algebra")
 
     def __post_init__(self) -> None:
         if self.solver == "cg" and self.form == "push-through":
@@ -162,6 +167,7 @@ class Dual(PrimalMethod):
     curvature = "ggn"
     exact_example_curvature = True
     uses_training_gradients = False
+    takes_autocast = False
     fidelity = Fidelity(reference="ggn", rtol=1e-8)
     auto_priority = 1
     #: the kernel, the output derivatives and the representer split; :meth:`state` adds the
@@ -256,7 +262,7 @@ class Dual(PrimalMethod):
                 "method='dual' needs l2 + damping > 0: with P > N*C the Gauss-Newton curvature "
                 "is singular. Pass the model's l2, or damping > 0"
             )
-        theta = space.flat().to(engine.device, options.dtype)
+        theta = space.flat().to(engine.device, options.kernel_dtype)
         anchor = self._anchor_vector(fitted.task, space)
         self._train_features = column_features(
             self.tangents, train, self.batch_size, fitted.memory_limit // 8
@@ -293,7 +299,7 @@ class Dual(PrimalMethod):
             fitted.space,
             fitted.engine.mode,
             at=options.linearize_at,
-            dtype=options.dtype,
+            dtype=options.kernel_dtype,
         )
         self.engine = engine
         self.tangents = TangentFeatures(engine, options.ntk)
@@ -357,6 +363,16 @@ class Dual(PrimalMethod):
         return ""
 
     def check(self, task: Task, space: ParameterSpace) -> None:
+        if task.autocast is not None:
+            precision = str(task.autocast).removeprefix("torch.")
+            able = [n for n, cls in sorted(registered().items()) if cls.takes_autocast]
+            raise UnsupportedError(
+                f"method 'dual' runs its kernel and every product by forward-mode "
+                f"differentiation in the model's own dtype, which torch.autocast does not reach: "
+                f"dtype=torch.{precision} would change nothing. Cast the model itself "
+                f"(model.to(torch.{precision})) to run it in that precision, or name a method "
+                f"whose passes run under autocast ({', '.join(able)})"
+            )
         options = self.options
         for label, value in (("linearize_at", options.linearize_at), ("anchor", options.anchor)):
             if isinstance(value, Tensor) and value.numel() != space.size:
@@ -376,7 +392,7 @@ class Dual(PrimalMethod):
 
     def _anchor_vector(self, task: Task, space: ParameterSpace) -> Tensor:
         options = self.options
-        zeros = torch.zeros(space.size, dtype=options.dtype, device=space.device)
+        zeros = torch.zeros(space.size, dtype=options.kernel_dtype, device=space.device)
         anchor = options.anchor
         if anchor is None or (isinstance(anchor, str) and anchor == "zero"):
             return zeros
