@@ -121,13 +121,20 @@ class CurvatureOperator:
         )
 
     def matmat(self, V: Tensor) -> Tensor:
-        """H V for V of shape [k, P]; returns float64 [k, P]."""
-        V = V.to(self.engine.dtype)
+        """H V for V of shape [k, P]; returns float64 [k, P].
+
+        In float16 each direction is scaled to a largest entry of 1 before it is cast, and its
+        product scaled back in float64 (H is linear): a direction's entries, and the output-space
+        products ``Lambda J v``, would otherwise leave float16's range (6e-8 to 65504) and round
+        to 0 or Inf, a confident classifier's ``Lambda`` being 1e-7 where ``p`` is near 1."""
+        scale = _float16_scale(V, self.engine.dtype)
+        V = (V if scale is None else V / scale).to(self.engine.dtype)
         out = torch.zeros(V.shape, dtype=torch.float64, device=V.device)
         for batch in self.examples.batches(self.batch_size, self.indices):
             self.add_batch_product(batch, V, out)
         self.products += V.shape[0]
-        return out.div_(self.normaliser)
+        out.div_(self.normaliser)
+        return out if scale is None else out.mul_(scale.to(out.device, torch.float64))
 
     def batch_product(self, batch: Batch, V: Tensor) -> Tensor:
         """sum over the batch of C_i V, [k, P] in the model's dtype."""
@@ -167,10 +174,19 @@ class CurvatureOperator:
                         outputs, targets, jv.reshape(jv.shape[0], *outputs.shape)
                     ).reshape(jv.shape)
                     del jv
+                    # pulled back in the model's dtype: in float16, at a largest entry of 1
+                    scale = _float16_scale(weighted.reshape(weighted.shape[0], -1), space.dtype)
+                    if scale is not None:
+                        shape = (-1, *[1] * (weighted.dim() - 1))
+                        weighted = weighted / scale.to(weighted.dtype).reshape(shape)
                     product = vmap(lambda u: pullback(u)[0])(weighted)
                     del weighted
-                    out[start : start + step] += space.flatten(product, 1).detach()
+                    flat = space.flatten(product, 1).detach()
                     del product
+                    if scale is not None:
+                        flat = flat.to(out.dtype) * scale.to(flat.device, out.dtype)
+                    out[start : start + step] += flat
+                    del flat
                 return out
             else:
 
@@ -181,6 +197,15 @@ class CurvatureOperator:
                 gradient = grad(total_loss)
                 products = self.pushforward.hessian(gradient, params, tangents)
         return out.add_(space.flatten(products, batch_dims=1).detach())
+
+
+def _float16_scale(rows: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """Each row's largest magnitude ([k, 1], 1 for a zero row) when values are to be cast to
+    ``dtype`` float16, whose range they may leave; None for any other dtype."""
+    if dtype != torch.float16:
+        return None
+    largest = rows.detach().abs().amax(dim=1, keepdim=True).to(torch.float64)
+    return torch.where(largest > 0, largest, torch.ones_like(largest))
 
 
 def ggn_diagonal(engine: PerExample, examples: ExampleSet, batch_size: int) -> Tensor:

@@ -182,7 +182,8 @@ class Fitted:
             out[start : start + grads.shape[0]] = grads
             start += grads.shape[0]
         if which == "measurement":
-            warn_about_still_queries(examples, (out != 0).any(dim=1))
+            precision = self.task.autocast or self.engine.dtype
+            warn_about_still_queries(examples, (out != 0).any(dim=1), precision)
         return out
 
     def train_batches(self, desc: str, indices: Tensor | None = None) -> Iterator[Batch]:
@@ -550,19 +551,29 @@ def _check_measured_rows(engine: PerExample, batch: Batch, rows: list[int]) -> N
             )
 
 
-def warn_about_still_queries(examples: ExampleSet, moved: Tensor) -> None:
+def warn_about_still_queries(examples: ExampleSet, moved: Tensor, dtype: torch.dtype) -> None:
     """Warn, naming the first, of the examples whose measurement's gradient in the attributed
-    parameters is 0 (``moved[k]`` False): every score of theirs is 0."""
+    parameters is 0 (``moved[k]`` False): every score of theirs is 0. In float16 (``dtype``, the
+    passes' precision: the autocast one, else the model's), the likelier cause is named first:
+    gradients below its range round to 0."""
     still = (~moved.cpu()).nonzero()
     if not len(still):
         return
     k, count = int(still[0, 0]), len(still)
     named = examples.example(k) + (f" and {count - 1} more" if count > 1 else "")
+    causes = (
+        "a measurement that does not depend on them there, or reads labels that score nothing there"
+    )
+    if dtype == torch.float16:  # the smallest float16 is 6e-8 (subnormal): a confident model's
+        causes = (  # gradients fall below it
+            "in float16, whose smallest number is 6e-8, smaller gradients round to 0, as a "
+            "confident model's often are: score a float32 copy of the model, or use "
+            "dtype=torch.bfloat16 on it, whose range is float32's; else " + causes
+        )
     warn(
         f"{examples.name} {named}: the gradient of the measurement in the attributed "
         f"parameters is 0 there, so {'every score of it is' if count == 1 else 'their scores are'}"
-        " 0 (a measurement that does not depend on them there, or reads labels that score "
-        "nothing there)",
+        f" 0 ({causes})",
         UserWarning,
     )
 

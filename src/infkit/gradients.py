@@ -248,6 +248,9 @@ class PerExample:
         #: dtype other than the model's; the model's own engine leaves them as they are
         self._recast = self.dtype != space.dtype
         self._vmap_failed = False
+        #: the precision the backpropagated passes run in: the task's autocast one, else this
+        #: engine's dtype (error messages name float16's range)
+        self.precision: torch.dtype = task.autocast or self.dtype
         #: forward-mode products, or their reverse-mode stand-in where an operation refuses it
         self.pushforward = Pushforward()
         model = task.model
@@ -450,7 +453,7 @@ class PerExample:
             value = self._scalar_fn(which)(f.reshape(b, *shape), targets).sum()
             # a value that does not depend on the outputs (a detached measurement) has g = 0
             (g,) = torch.autograd.grad(value, f) if value.requires_grad else (torch.zeros_like(f),)
-        check_finite_rows(g, batch, f"output-space {which} gradient")
+        check_finite_rows(g, batch, f"output-space {which} gradient", self.precision)
         return g.detach()
 
     @torch.no_grad()
@@ -490,7 +493,7 @@ class PerExample:
 
         with evaluation_mode(self.task.model), self.task.mixed_precision():
             G = self.run(vmapped, looped).detach()
-        check_finite_rows(G, batch, f"{which} gradient")
+        check_finite_rows(G, batch, f"{which} gradient", self.precision)
         return G
 
     def hessian_sum(self, batch: Batch) -> Tensor:
@@ -598,7 +601,7 @@ class PerExample:
         with evaluation_mode(self.task.model), evaluation_mode(self.tangent_module):
             jac = self.run(vmapped, looped)
         J = torch.cat([jac[n].reshape(*jac[n].shape[:2], -1) for n in names], dim=-1).detach()
-        check_finite_rows(J, batch, "output Jacobian")
+        check_finite_rows(J, batch, "output Jacobian", self.precision)
         return J
 
     def jvp(self, batch: Batch, directions: Tensor) -> Tensor:
@@ -653,9 +656,12 @@ def _span(batch: Batch) -> str:
     return f"{int(batch.indices[0])}..{int(batch.indices[-1])}"
 
 
-def check_finite_rows(values: Tensor, batch: Batch, what: str) -> None:
+def check_finite_rows(
+    values: Tensor, batch: Batch, what: str, precision: torch.dtype | None = None
+) -> None:
     """Raise NonFiniteError naming the first example of ``batch`` whose row of ``values``
-    ([B, ...]) has a NaN or Inf, with a hint where that example is padded."""
+    ([B, ...]) has a NaN or Inf, with a hint where that example is padded, and one on float16's
+    range when the passes ran in ``precision`` float16."""
     flat = values.reshape(values.shape[0], -1)
     if bool(torch.isfinite(flat.sum(dim=1)).all()):  # NaN/Inf propagate through sums: fast path
         return
@@ -665,8 +671,18 @@ def check_finite_rows(values: Tensor, batch: Batch, what: str) -> None:
         raise NonFiniteError(
             f"the {what} of {batch.example(row)} of the {batch.source} contains "
             "NaN or Inf; check that example's inputs and label, and that the model's outputs "
-            f"are finite on it{_padding_hint(batch, row)}"
+            f"are finite on it{_padding_hint(batch, row)}{_range_hint(precision)}"
         )
+
+
+def _range_hint(precision: torch.dtype | None) -> str:
+    """Why values computed in float16 may not be finite on inputs that are."""
+    if precision != torch.float16:
+        return ""
+    return (
+        ". The passes ran in float16, whose largest number is 65504: an output, activation or "
+        "gradient beyond it is Inf. Run the model in float32, or in bfloat16 (float32's range)"
+    )
 
 
 def _padding_hint(batch: Batch, row: int) -> str:

@@ -83,7 +83,7 @@ def _name_non_finite_outputs(
     spread NaN into the gradient, as 0 x NaN."""
     with torch.no_grad():
         for batch in examples.batches(chunk, indices):
-            check_finite_rows(engine.outputs(batch), batch, "model output")
+            check_finite_rows(engine.outputs(batch), batch, "model output", engine.precision)
 
 
 def train_to_optimum(

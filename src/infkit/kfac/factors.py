@@ -382,7 +382,7 @@ class FactorFitter:
                 inputs, targets = self.engine.prepare(batch)
                 with torch.enable_grad():
                     out = cap.forward(self.task, inputs)
-                    check_finite_rows(out.detach(), batch, "model output")
+                    check_finite_rows(out.detach(), batch, "model output", self.engine.precision)
                     U = self.output_vectors(mode, out, targets, gen)
                     Ds = cap.backprop(out, U)
                 items = {}

@@ -501,7 +501,8 @@ class StreamingScorer:
         except BaseException:
             prepared.close()
             raise
-        warn_about_still_queries(queries, moved)
+        fitted = self.fitted
+        warn_about_still_queries(queries, moved, fitted.task.autocast or fitted.engine.dtype)
         release_freed_memory()  # the query passes' leftovers, before the scoring pass
         return prepared
 

@@ -768,7 +768,7 @@ def _recorded_values(
     task = engine.task
     inputs, targets = engine.prepare(batch)
     out = cap.forward(task, inputs)
-    check_finite_rows(out.detach(), batch, "model output")
+    check_finite_rows(out.detach(), batch, "model output", engine.precision)
     values = (
         task.checked_loss(out, targets)
         if which == "loss"

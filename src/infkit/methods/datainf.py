@@ -209,13 +209,16 @@ class DataInf(PrimalMethod):
         V = V.to(torch.float64)
         lam = self.lambdas(shift).to(V.device)
         _, sq_norms = self._fitted_norms()
-        dtype = self.fitted.space.dtype  # float32 products for float32 models
+        # float32 products for float32 models, and for lower precisions too: the weights
+        # 1 / (lambda_l + ||g_il||^2) reach 1e10 where a confident model's gradients are small,
+        # past float16's range (65504: all-NaN scores on a tester's float16 classifier)
+        dtype = torch.promote_types(self.fitted.space.dtype, torch.float32)
         V_low = V.to(dtype)
         correction = torch.zeros_like(V)
         for idx, G in self._gradient_batches():
             weights = (1.0 / (lam.unsqueeze(0) + sq_norms[idx].to(V.device))).to(dtype)
             for b, sl in enumerate(self.slices):
-                Gl = G[:, sl]
+                Gl = G[:, sl].to(dtype)
                 coef = (V_low[:, sl] @ Gl.T) * weights[:, b]  # [k, B]
                 correction[:, sl] += (coef @ Gl).to(torch.float64)
         out = V - correction / self.fitted.n
