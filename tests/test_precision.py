@@ -73,3 +73,28 @@ def test_float16_underflow_and_overflow_are_named(confident: dict) -> None:
     task = infkit.Task.regression(regressor.half())
     with pytest.raises(NonFiniteError, match=r"float16, whose largest number is 65504"):
         infkit.Influence(task, "identity", l2=1e-3).fit((Xr.half(), Yr))
+
+
+def test_an_edited_copy_too_coarse_for_the_step_says_so() -> None:
+    """A removal's step of 1e-4 of each weight rounds away in bfloat16 (resolution 2^-8): the
+    copy warns (a tester's copy left 83% of its parameters unmoved without a word), and
+    ``model(dtype=torch.float32)`` holds the step."""
+    from infkit.removal import RemovalEffect
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3).bfloat16()
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    step = 1e-4 * theta
+
+    def predict(data, quantity):  # not asked here
+        raise AssertionError
+
+    effect = RemovalEffect(torch.tensor([0]), step, "if", predict, model)
+    with pytest.warns(UserWarning, match=r"did not move.*model\(dtype=torch\.float32\)"):
+        effect.model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        edited = effect.model(dtype=torch.float32)
+    moved = torch.cat([p.detach().reshape(-1) for p in edited.parameters()]).double() - theta
+    assert relative_error(moved, step) < 1e-2  # float32 rounding of theta + step
+    assert next(model.parameters()).dtype == torch.bfloat16  # the trained model is untouched
