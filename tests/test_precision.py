@@ -119,3 +119,37 @@ def test_lissa_on_a_bfloat16_model_is_as_close_as_its_products() -> None:
     # measured: lissa 1.6e-2, exact 1.6e-2 (lissa 3.7e-2 with a bfloat16 iterate); LiSSA's own
     # truncation and sampling error against exact in float64 is ~1e-3
     assert lissa < 1.3 * exact + 2e-3, (lissa, exact)
+
+
+def test_the_language_modelling_loss_of_bfloat16_logits_is_taken_in_float32() -> None:
+    """``lm.next_token_loss`` called on a bfloat16 model's logits: its log-softmax in float32,
+    as infkit's own passes take it, not in bfloat16 (a tester's losses were 5.5e-2 off)."""
+    from infkit import language_modeling as lm
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(3, 9, 50, generator=gen)).bfloat16()
+    ids = torch.randint(0, 50, (3, 9), generator=gen)
+    loss = lm.next_token_loss(logits, ids)
+    assert loss.dtype == torch.float32
+    reference = lm.next_token_loss(logits.double(), ids)  # the same rounded logits
+    assert relative_error(loss.double(), reference) < 1e-6
+
+
+def test_token_scores_come_in_the_scores_dtype() -> None:
+    """Every result is in the model's dtype, at least float32 (docs/methods/language_models.md
+    §7): the per-token scores of a float32 model came back in float64."""
+    from lm_helpers import LENGTH, VOCAB, TinyLM
+
+    from infkit import language_modeling as lm
+
+    torch.manual_seed(0)
+    model = TinyLM().float().eval()
+    ids = torch.randint(0, VOCAB, (10, LENGTH))
+    train, test = lm.examples(ids[:8]), lm.examples(ids[8:])
+    task = infkit.Task.language_modeling(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = infkit.Influence(task, "ekfac", damping=1e-3).fit(train)
+        parts, scores = inf.token_scores(test), inf.scores(test)
+    assert parts.tokens.dtype == parts.rest.dtype == scores.dtype == torch.float32
+    assert relative_error(parts.total, scores) < 1e-5

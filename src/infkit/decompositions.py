@@ -189,10 +189,11 @@ def per_token_scores(
     if not layers.tracked:
         raise UnsupportedError("per-token scores need nn.Linear / Conv2d / Conv1D layers")
     idx = _indices(fitted, indices)
+    dtype = fitted.result_dtype  # the scores' (the model's, at least float32)
     streamed = method.streamed_token_scores(queries, estimator, idx, positions)
     if streamed is not None:
         tokens, rest, names = streamed  # (on the CPU, as the split below gives them)
-        return TokenScores(tokens.cpu(), rest.cpu(), idx, sorted(names))
+        return TokenScores(tokens.cpu().to(dtype), rest.cpu().to(dtype), idx, sorted(names))
     parts = [
         _token_scores(method, fitted, chunk, layers, idx, positions)
         for chunk in query_chunks(fitted, queries)
@@ -201,8 +202,8 @@ def per_token_scores(
     return TokenScores(
         torch.cat(
             [torch.nn.functional.pad(p.tokens, (0, width - p.tokens.shape[-1])) for p in parts]
-        ),
-        torch.cat([p.rest for p in parts]),
+        ).to(dtype),
+        torch.cat([p.rest for p in parts]).to(dtype),
         idx,
         sorted(set().union(*(p.layers for p in parts))),
     )

@@ -40,13 +40,16 @@ NOISE_MARGIN = 10.0
 
 
 def _shifted(outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Logits [B, T-1, V] of positions 0..T-2 and the labels they predict [B, T-1]."""
+    """Logits [B, T-1, V] of positions 0..T-2, at least in float32, and the labels they predict
+    [B, T-1]. (infkit's passes hand the loss float32 logits already; a user's call with a
+    bfloat16 model's logits would otherwise take its log-softmax in bfloat16, to its 4e-3.)"""
     if outputs.dim() != 3:
         raise InvalidInputError(
             f"a language model returns logits [B, T, V]; got shape {tuple(outputs.shape)}"
         )
     labels = targets.reshape(outputs.shape[:2]).long()
-    return outputs[:, :-1], labels[:, 1:]
+    logits = outputs[:, :-1]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[:, 1:]
 
 
 def next_token_loss(outputs: Tensor, targets: Tensor) -> Tensor:
