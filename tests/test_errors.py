@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -234,6 +235,9 @@ def test_bad_hyperparameters_and_task(linear_data) -> None:
         infkit.Task.classification(model, measurement="accuracy")
     with pytest.raises(InvalidInputError, match=r"memory_limit must be an int .*got 2621440\.0"):
         infkit.Influence(task, memory_limit=2.5 * 2**20)  # type: ignore[arg-type]
+    # a numpy integer is an integer (a tester's np.int64(2**30) was refused)
+    limit = infkit.Influence(task, memory_limit=np.int64(2**30)).memory_limit  # type: ignore[arg-type]
+    assert limit == 2**30 and type(limit) is int
 
 
 @pytest.mark.parametrize("method", ["ekfac", "exact"])

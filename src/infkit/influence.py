@@ -228,13 +228,15 @@ class Influence:
         if self.workdir is not None and self.workdir.exists() and not self.workdir.is_dir():
             raise InvalidInputError(f"workdir {self.workdir} is a file, not a directory")
         if memory_limit is not None and (
-            not isinstance(memory_limit, int) or isinstance(memory_limit, bool) or memory_limit < 1
+            not isinstance(memory_limit, numbers.Integral)  # numpy's integers too
+            or isinstance(memory_limit, bool)
+            or memory_limit < 1
         ):
             raise InvalidInputError(
                 f"memory_limit must be an int number of bytes >= 1 (or None for half the "
                 f"machine's memory), got {memory_limit!r}: e.g. int(2.5 * 2**30) for 2.5 GiB"
             )
-        self.memory_limit = memory_limit or default_memory_limit()
+        self.memory_limit = int(memory_limit) if memory_limit else default_memory_limit()
         if bounded(self.memory_limit):
             # freed blocks go back to the system, so that the peak is the live objects' that
             # the budget counts (at some time per pass)
