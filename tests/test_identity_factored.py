@@ -375,3 +375,32 @@ def test_a_nan_test_gradient_still_names_the_example() -> None:
     assert inf.describe()["gradients"] == "factored"
     with pytest.raises(NonFiniteError, match=r"example 3 of the test set contains NaN"):
         inf.scores((Xt, yt))
+
+
+def test_queries_are_scored_together_in_one_pass_and_an_oversized_one_is_named(
+    monkeypatch,
+) -> None:
+    """Each chunk of queries is a pass over the training data: the chunks take up to a quarter
+    of memory_limit, not a tenth of the result (a tester's 32 language-model queries took 33
+    passes, one each, under the default limit), and a single query over that quarter is said
+    to run past the limit, not silently (the same tester's run peaked at 3.8x its limit)."""
+    memory = importlib.import_module("infkit.memory")
+    monkeypatch.setattr(memory, "CHUNK_MIN_BYTES", 1)  # a tenth of the result: one query
+    train, test = data()
+    model = mlp()
+    rows: list[int] = []
+    model[0].register_forward_hook(lambda _m, inputs, _o: rows.append(len(inputs[0])))
+    inf = infkit.Influence(infkit.Task.classification(model), "identity", batch_size=N).fit(train)
+    rows.clear()
+    scores = inf.scores(test)
+    assert rows.count(N) == 1, rows  # one pass over the training set for all T queries
+    reference = torch.stack(
+        [inf.scores((test[0][i : i + 1], test[1][i : i + 1]))[0] for i in range(T)]
+    )
+    assert relative_error(scores, reference) < 1e-12
+    row_bytes = inf.method.query_row_bytes(N, inf.fitted.space.size)
+    tight = infkit.Influence(
+        infkit.Task.classification(model), "identity", memory_limit=3 * row_bytes
+    ).fit(train)
+    with pytest.warns(UserWarning, match=r"one query at a time .* runs past the limit"):
+        tight.scores(test)

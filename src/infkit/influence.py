@@ -52,6 +52,7 @@ from infkit.fitted import (
 from infkit.gradients import MODES, PerExample, directional_derivatives
 from infkit.layers.capture import UnassignedRowsError
 from infkit.memory import (
+    CHUNK_LIMIT_SHARE,
     FLOAT64_BYTES,
     bounded,
     default_memory_limit,
@@ -742,6 +743,16 @@ class Influence:
         chunks = row_chunks(
             t, row_bytes, output_bytes, fitted.memory_limit, together=method.solves_together
         )
+        share = int(CHUNK_LIMIT_SHARE * fitted.memory_limit)
+        if row_bytes > share:  # a chunk of one query is over its share: said, not silent
+            warn(
+                f"method {method.name!r} scores one query at a time with "
+                f"{human_bytes(row_bytes)} of temporaries, more than the quarter of memory_limit "
+                f"({human_bytes(fitted.memory_limit)}) a chunk of queries may take, so this call "
+                f"runs past the limit (inf.plan(train, test) gives its peak): "
+                f"{type(method).plan_remedy}",
+                UserWarning,
+            )
         shown = track(chunks, fitted.progress, "scores", len(chunks)) if len(chunks) > 1 else chunks
         for start, stop in shown:
             part = queries if stop - start == t else queries.part(torch.arange(start, stop))

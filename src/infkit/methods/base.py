@@ -269,10 +269,11 @@ class Method(ABC):
         "attribute fewer parameters (freeze some: requires_grad=False), score fewer queries "
         "per call, or use a method that scales (ekfac, trak)"
     )
-    #: whether solving many queries at once costs little more than one (an iterative solve,
-    #: each step a pass over the training data shared by all right-hand sides): the facade
-    #: then scores queries in chunks up to a quarter of ``memory_limit`` instead of a tenth of
-    #: the result, so that a 10M-parameter model does not solve its queries one by one
+    #: whether scoring many queries at once costs little more than one (an iterative solve,
+    #: each step a pass over the training data shared by all right-hand sides, or scores formed
+    #: in a pass over the training data): the facade then scores queries in chunks up to a
+    #: quarter of ``memory_limit`` instead of a tenth of the result, so that a 10M-parameter
+    #: model does not pass over its data once per query
     solves_together: ClassVar[bool] = False
     #: whether :meth:`diagnose` measures the answers' scale against the GGN (approximations)
     checks_scale: ClassVar[bool] = False

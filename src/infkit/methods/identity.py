@@ -108,6 +108,9 @@ class Identity(PrimalMethod):
     curvature = "identity"
     #: the factored path and the streamed path need no [N, P] cache
     uses_training_gradients = False
+    #: every chunk of queries is a pass over the training data (no cache): chunks up to a
+    #: quarter of memory_limit (a tester's 32 language-model queries took 33 passes, one each)
+    solves_together = True
     fidelity = Fidelity(reference="identity", rtol=1e-8)
     #: nothing but whether the factored products apply (:meth:`state`)
     fitted_state = ()
