@@ -40,6 +40,7 @@ from infkit.kfac.streaming import (
     plan_groups,
     query_budget,
 )
+from infkit.methods.kfac import EIGH_MATRICES
 
 N, Q = 20, 4
 
@@ -1047,6 +1048,11 @@ def test_plan_counts_passes_and_factor_bytes_and_times_a_batch(problem: dict) ->
     assert plan.shape.tokens == LENGTH and plan.shape.n_queries == Q
     assert plan.shape.batches == -(-N // 4)
     assert stages["covariances A, S"].bytes >= _factor_bytes(model, 4)
+    # the decompositions' largest object is the float64 decomposition of the widest factor
+    # (head's 11 x 11 S), where a tester found the plan naming its float32 factors instead
+    eigh = stages["eigendecompositions"].largest
+    decomposition = int(EIGH_MATRICES * 11**2 * 8)  # the float64 matrices eigh holds
+    assert eigh == ("float64 eigendecomposition of a 11 x 11 factor ('head')", decomposition)
     # the hooks' products: a Gram product's half (d^2 per position) for each covariance
     assert stages["covariances A, S"].flops == pytest.approx(N * LENGTH * _factor_bytes(model, 1))
     # the cached scores: one [Q, P] x [P, N] product

@@ -482,6 +482,13 @@ class KFAC(PrimalMethod):
         factors = sum(factor.values())
         biggest = max(tracked, key=lambda x: factor[x.name])
         eigh = eigh_bytes(tracked)
+        widest = max(tracked, key=lambda x: max(x.cols, x.d_out))
+        side = max(widest.cols, widest.d_out)
+        decomposed = (  # the stage's largest object: the decomposition, or the factors
+            (f"float64 eigendecomposition of a {side} x {side} factor ({widest.name!r})", eigh)
+            if eigh > factor[biggest.name]
+            else (f"A, S of {biggest.name!r}", factor[biggest.name])
+        )
         hooks = b * t * sum(x.cols + x.d_out for x in tracked) * item
         block = max(tracked, key=lambda x: x.cols * x.d_out)
         block_bytes = b * block.cols * block.d_out * work
@@ -551,7 +558,7 @@ class KFAC(PrimalMethod):
                     "eigendecompositions",
                     0,
                     factors + eigh,
-                    (f"A, S of {biggest.name!r}", factor[biggest.name]),
+                    decomposed,
                     "repeated on every process; float64 one layer at a time, each covariance "
                     "freed once decomposed"
                     + (
