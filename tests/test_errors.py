@@ -178,7 +178,9 @@ def test_a_lower_precision_that_would_change_nothing_is_refused(linear_data) -> 
     scores came out as without it while describe() reported autocast bfloat16 (a tester's
     finding). Both are refused naming the remedy; method="auto" leaves dual out."""
     model, (X, y) = linear_data
-    with pytest.raises(InvalidInputError, match=r"parameters are float64.*model\.float\(\)"):
+    with pytest.raises(
+        InvalidInputError, match=r"every parameter of this model is float64.*model\.float\(\)"
+    ):
         infkit.Influence(infkit.Task.classification(model), "exact", dtype=torch.bfloat16)
     single = infkit.Task.classification(copy.deepcopy(model).float())
     with pytest.raises(UnsupportedError, match=r"method 'dual'.*model\.to\(torch\.float16\)"):
@@ -188,6 +190,16 @@ def test_a_lower_precision_that_would_change_nothing_is_refused(linear_data) -> 
     assert "dual" in infkit.Influence(single, "auto", l2=1e-2)._candidates
     named = infkit.Influence(single, "exact", l2=1e-2, dtype=torch.bfloat16).fit((X.float(), y))
     assert named.describe()["autocast"] == "bfloat16"
+    # the options only dual takes, with dtype=: said so, not "no method takes kernel_dtype"
+    with pytest.raises(UnsupportedError, match=r"dtype=torch\.bfloat16: .*\(dual\) run no pass"):
+        infkit.Influence(single, "auto", dtype=torch.bfloat16, kernel_dtype=torch.float32)
+    # a float32 model with a float64 parameter first (frozen) still takes autocast
+    mixed = torch.nn.Sequential(copy.deepcopy(model).float())
+    mixed.register_parameter("scale", torch.nn.Parameter(torch.ones((), dtype=torch.float64)))
+    mixed.scale.requires_grad_(False)
+    assert next(mixed.parameters()).dtype == torch.float64  # its own come first, as a tester's
+    task = infkit.Task.classification(mixed)
+    assert infkit.Influence(task, "exact", dtype=torch.bfloat16).task.autocast == torch.bfloat16
 
 
 def test_too_large_for_exact_names_the_methods_that_scale(linear_data) -> None:

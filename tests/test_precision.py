@@ -98,6 +98,15 @@ def test_an_edited_copy_too_coarse_for_the_step_says_so() -> None:
     moved = torch.cat([p.detach().reshape(-1) for p in edited.parameters()]).double() - theta
     assert relative_error(moved, step) < 1e-2  # float32 rounding of theta + step
     assert next(model.parameters()).dtype == torch.bfloat16  # the trained model is untouched
+    # a float32 copy too coarse for its step is pointed to float64, which holds it exactly
+    tiny = RemovalEffect(torch.tensor([0]), 1e-9 * theta, "if", predict, model)
+    with pytest.warns(UserWarning, match=r"in float32.*model\(dtype=torch\.float64\)"):
+        tiny.model(dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact = tiny.model(dtype=torch.float64)
+    moved = torch.cat([p.detach().reshape(-1) for p in exact.parameters()]) - theta
+    assert relative_error(moved, 1e-9 * theta) < 1e-6  # float64 rounding of theta + step
 
 
 def test_lissa_on_a_bfloat16_model_is_as_close_as_its_products() -> None:

@@ -166,6 +166,30 @@ def test_a_fit_in_lower_precision_comes_back_with_the_task_it_was_given(
         infkit.Influence.load(tmp_path, half)
 
 
+def test_a_dual_fit_saved_with_a_precision_it_never_took_loads_without_it(
+    mlp_problem: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dual method runs no pass under autocast, and dtype= is refused for it now; a save
+    from before that refusal (made here by lifting it) loads without the precision, saying so,
+    with the answers it gave (a reviewer's old save was refused at load)."""
+    from infkit.methods.dual import Dual
+
+    model = copy.deepcopy(mlp_problem["model"]).float()
+    X, y = mlp_problem["train"]
+    test = (mlp_problem["test"][0].float(), mlp_problem["test"][1])
+    with monkeypatch.context() as old:
+        old.setattr(Dual, "check", lambda self, task, space: None)
+        original = infkit.Influence(
+            infkit.Task.classification(model), "dual", l2=mlp_problem["l2"], dtype=torch.bfloat16
+        ).fit((X.float(), y))
+        original.save(tmp_path)
+    assert original.describe()["autocast"] == "bfloat16"
+    with pytest.warns(Notice, match=r"dtype=torch\.bfloat16, which method 'dual' does not take"):
+        loaded = infkit.Influence.load(tmp_path, infkit.Task.classification(model))
+    assert loaded.describe()["autocast"] is None
+    assert torch.equal(loaded.scores(test), original.scores(test))
+
+
 # ============================================================================ options and data
 def _checkpoints(problem: dict) -> list[dict[str, torch.Tensor]]:
     """Two perturbed copies of the trained parameters, as state dicts."""

@@ -21,7 +21,7 @@ from torch.func import grad, vjp, vmap
 
 from infkit.autodiff import Pushforward, transforms_only, untransformable_refused
 from infkit.data import Batch, ExampleSet
-from infkit.errors import UnsupportedError
+from infkit.errors import NonFiniteError, UnsupportedError
 from infkit.gradients import PerExample, batching_rule_notice
 from infkit.parameters import evaluation_mode
 
@@ -121,34 +121,62 @@ class CurvatureOperator:
         )
 
     def matmat(self, V: Tensor) -> Tensor:
-        """H V for V of shape [k, P]; returns float64 [k, P].
-
-        In float16 each direction is scaled to a largest entry of 1 before it is cast, and its
-        product scaled back in float64 (H is linear): a direction's entries, and the output-space
-        products ``Lambda J v``, would otherwise leave float16's range (6e-8 to 65504) and round
-        to 0 or Inf, a confident classifier's ``Lambda`` being 1e-7 where ``p`` is near 1."""
-        scale = _float16_scale(V, self.engine.dtype)
-        V = (V if scale is None else V / scale).to(self.engine.dtype)
+        """H V for V of shape [k, P]; returns float64 [k, P]."""
+        low, norms = self._directions(V)
         out = torch.zeros(V.shape, dtype=torch.float64, device=V.device)
         for batch in self.examples.batches(self.batch_size, self.indices):
-            self.add_batch_product(batch, V, out)
+            self.add_batch_product(batch, low, out, norms)
         self.products += V.shape[0]
-        out.div_(self.normaliser)
-        return out if scale is None else out.mul_(scale.to(out.device, torch.float64))
+        return out.div_(self.normaliser)
 
     def batch_product(self, batch: Batch, V: Tensor) -> Tensor:
-        """sum over the batch of C_i V, [k, P] in the model's dtype."""
-        return self.add_batch_product(batch, V, torch.zeros_like(V))
+        """sum over the batch of C_i V, [k, P] in V's dtype, at least float32."""
+        dtype = torch.promote_types(V.dtype, torch.float32)
+        low, norms = self._directions(V)
+        out = torch.zeros(V.shape, dtype=dtype, device=V.device)
+        return self.add_batch_product(batch, low, out, norms)
+
+    def _directions(self, V: Tensor) -> tuple[Tensor, Tensor | None]:
+        """V [k, P] in the model's dtype, each row at unit norm in float16 (with the norms,
+        [k, 1] float64, to scale the products back by; None in any other dtype)."""
+        norms = _float16_norms(V, self.engine.space.dtype)
+        if norms is not None:
+            V = V / norms.to(V.device, V.dtype)
+        return V.to(self.engine.dtype), norms
 
     @untransformable_refused()
-    def add_batch_product(self, batch: Batch, V: Tensor, out: Tensor) -> Tensor:
-        """``out += sum over the batch of C_i V`` in place ([k, P], any float dtype; the products
-        are formed in the model's dtype, a chunk of directions at a time, and added as they
-        come, so that no second [k, P] block is held); returns ``out``."""
+    def add_batch_product(
+        self, batch: Batch, V: Tensor, out: Tensor, norms: Tensor | None = None
+    ) -> Tensor:
+        """``out += sum over the batch of C_i V`` in place ([k, P], any float dtype; V in the
+        model's dtype; the products are formed in it, a chunk of directions at a time, and
+        added as they come, so that no second [k, P] block is held); returns ``out``.
+
+        In float16 (:meth:`_directions`) each direction comes at unit norm, with its ``norms``,
+        and each output-space product ``Lambda J v`` is scaled to unit norm before its pullback;
+        the products are scaled back in ``out``'s dtype (they are linear). They would otherwise
+        leave float16's range (6e-8 to 65504) and round to 0 or Inf, a confident classifier's
+        ``Lambda`` being 1e-7 where ``p`` is near 1. A product that is not finite even so is
+        refused, naming float16's range.
+        """
         engine, space = self.engine, self.engine.space
         inputs, targets = engine.prepare(batch)
         params = engine.params()
         tangents = space.unflatten(V)  # dict of [k, ...]
+
+        def back(flat: Tensor, scale: Tensor | None) -> Tensor:
+            """A chunk's products, [k', P], in ``out``'s dtype at their true scale."""
+            if scale is None:
+                return flat
+            flat = flat.to(out.dtype) * scale.to(flat.device, out.dtype)
+            if not bool(torch.isfinite(flat).all()):
+                raise NonFiniteError(
+                    "a curvature product overflowed float16's range (its largest number is "
+                    "65504) on a unit-norm direction: run the model in float32 or bfloat16 "
+                    "(float32's range), or take a method without curvature products (ekfac, "
+                    "kfac, identity)"
+                )
+            return flat
 
         def outputs_of(p: dict[str, Tensor]) -> Tensor:
             out = engine.call(p, inputs)
@@ -174,19 +202,17 @@ class CurvatureOperator:
                         outputs, targets, jv.reshape(jv.shape[0], *outputs.shape)
                     ).reshape(jv.shape)
                     del jv
-                    # pulled back in the model's dtype: in float16, at a largest entry of 1
-                    scale = _float16_scale(weighted.reshape(weighted.shape[0], -1), space.dtype)
+                    # pulled back in the model's dtype: in float16, at unit norm
+                    scale = _float16_norms(weighted.reshape(weighted.shape[0], -1), space.dtype)
                     if scale is not None:
                         shape = (-1, *[1] * (weighted.dim() - 1))
                         weighted = weighted / scale.to(weighted.dtype).reshape(shape)
+                        if norms is not None:
+                            scale = scale * norms[start : start + step]
                     product = vmap(lambda u: pullback(u)[0])(weighted)
                     del weighted
-                    flat = space.flatten(product, 1).detach()
+                    out[start : start + step] += back(space.flatten(product, 1).detach(), scale)
                     del product
-                    if scale is not None:
-                        flat = flat.to(out.dtype) * scale.to(flat.device, out.dtype)
-                    out[start : start + step] += flat
-                    del flat
                 return out
             else:
 
@@ -196,16 +222,16 @@ class CurvatureOperator:
 
                 gradient = grad(total_loss)
                 products = self.pushforward.hessian(gradient, params, tangents)
-        return out.add_(space.flatten(products, batch_dims=1).detach())
+        return out.add_(back(space.flatten(products, batch_dims=1).detach(), norms))
 
 
-def _float16_scale(rows: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """Each row's largest magnitude ([k, 1], 1 for a zero row) when values are to be cast to
-    ``dtype`` float16, whose range they may leave; None for any other dtype."""
+def _float16_norms(rows: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """Each row's Euclidean norm ([k, 1] float64, 1 for a zero row) when the rows are to be
+    cast to ``dtype`` float16, whose range they may leave; None for any other dtype."""
     if dtype != torch.float16:
         return None
-    largest = rows.detach().abs().amax(dim=1, keepdim=True).to(torch.float64)
-    return torch.where(largest > 0, largest, torch.ones_like(largest))
+    norms = torch.linalg.vector_norm(rows.detach(), dim=1, keepdim=True, dtype=torch.float64)
+    return torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
 def ggn_diagonal(engine: PerExample, examples: ExampleSet, batch_size: int) -> Tensor:

@@ -177,11 +177,12 @@ class Influence:
             model_dtype = next(iter(task.model.parameters()), torch.empty(0)).dtype
             if dtype != model_dtype:
                 task = task.with_autocast(dtype)
-                if model_dtype == torch.float64:
+                floating = [p.dtype for p in task.model.parameters() if p.is_floating_point()]
+                if floating and all(d == torch.float64 for d in floating):
                     precision = str(dtype).removeprefix("torch.")
                     raise InvalidInputError(
                         f"dtype=torch.{precision} runs the passes under torch.autocast, which "
-                        "lowers float32 operations only, and this model's parameters are "
+                        "lowers float32 operations only, and every parameter of this model is "
                         f"float64: nothing would run in {precision}. Cast the model to float32 "
                         f"first (model.float()), or to {precision} itself "
                         f"(model.to(torch.{precision})) to run it in that precision throughout, "
@@ -287,14 +288,21 @@ class Influence:
     def _auto_candidates(self) -> list[str]:
         """The methods ``method="auto"`` may choose: those that take the given options, supply
         the estimator and, with ``damping="auto"``, have the heuristic."""
-        names = [
+        suiting = [
             name
             for name in registry.auto_candidates()
             if set(self.method_options) <= set(method_class(name).Options.names())
             and self._estimator.name in method_class(name).estimators
             and (not self.auto_damping or method_class(name).supports_auto_damping)
-            and (self.task.autocast is None or method_class(name).takes_autocast)
         ]
+        names = [n for n in suiting if self.task.autocast is None or method_class(n).takes_autocast]
+        if suiting and not names:  # dtype= left out the only ones that take the options
+            precision = str(self.task.autocast).removeprefix("torch.")
+            raise UnsupportedError(
+                f"method='auto' with dtype=torch.{precision}: the methods that take the "
+                f"option(s) {sorted(self.method_options)} ({', '.join(suiting)}) run no pass "
+                "under autocast; leave dtype out, or name a method"
+            )
         if not names:
             known = sorted(
                 {
@@ -567,6 +575,17 @@ class Influence:
         record.check_task(task)
         settings = record.settings(options)
         examples = record.examples(train)
+        autocast = settings.autocast
+        if autocast is not None and not method_class(settings.method).takes_autocast:
+            # saved before such a run was refused: the precision changed none of its answers
+            warn(
+                f"{record.requested_path} was fitted with dtype=torch."
+                f"{str(autocast).removeprefix('torch.')}, which method {settings.method!r} "
+                "does not take (its products run in the model's own dtype, so the answers are "
+                "those without it): loaded without it",
+                Notice,
+            )
+            task, autocast = task.with_autocast(None), None
         inf = cls(
             task,
             settings.method,
@@ -579,7 +598,7 @@ class Influence:
             progress=progress,
             memory_limit=memory_limit or settings.memory_limit,
             device=device,
-            dtype=settings.autocast,
+            dtype=autocast,
             workdir=settings.workdir,
             **settings.method_options,
         )

@@ -88,30 +88,42 @@ class RemovalEffect:
 
         Args:
             dtype: the copy's dtype (None: the model's). A step smaller than the parameters'
-                resolution rounds away in a lower precision (in bfloat16 one part in 256 of
-                each weight): when the copy holds less than :data:`HELD_FRACTION` of Delta theta
-                a warning says how much, and ``dtype=torch.float32`` keeps it.
+                resolution rounds away (in bfloat16 one part in 256 of each weight): when the
+                copy holds less than :data:`HELD_FRACTION` of Delta theta a warning says how
+                much, and names the wider dtype that keeps it.
         """
         clone = copy.deepcopy(self._model)
         if dtype is not None:
             clone.to(dtype)
         space = ParameterSpace(clone, self._names)
-        with torch.no_grad():
-            before = space.flat().to(torch.float64)
-            space.add_(self.params)
-            held = space.flat().to(torch.float64) - before
-        wanted = self.params.to(held.device, torch.float64)
-        size = float(wanted.norm())
-        lost = float((held - wanted).norm()) / size if size > 0 else 0.0
+        current = dict(clone.named_parameters())
+        missed = wanted = 0.0  # squared norms of the step lost to rounding, and of the step
+        still = 0  # entries with a step that did not move
+        with torch.no_grad():  # a tensor at a time: no [P] float64 copies
+            for name, step in space.unflatten(self.params).items():
+                parameter = current[name]
+                before = parameter.to(torch.float64, copy=True)
+                parameter.add_(step.to(parameter.device, parameter.dtype))
+                step = step.to(parameter.device, torch.float64)
+                held = parameter.to(torch.float64) - before
+                missed += float((held - step).square().sum())
+                wanted += float(step.square().sum())
+                still += int(((held == 0) & (step != 0)).sum())
+        lost = (missed / wanted) ** 0.5 if wanted > 0 else 0.0
         if lost > 1 - HELD_FRACTION:
-            still = float(((held == 0) & (wanted != 0)).double().mean())
             precision = str(space.dtype).removeprefix("torch.")
+            wider = "float64" if space.dtype.itemsize >= 4 else "float32"
+            remedy = (
+                f"model(dtype=torch.{wider}) keeps the step; "
+                if space.dtype != torch.float64
+                else ""
+            )
             warn(
                 f"the edited model holds Delta theta to a relative error of {lost:.2g} in "
-                f"{precision}: {still:.0%} of its parameters did not move, the step being below "
-                "their resolution, so its outputs differ from the prediction by rounding. "
-                "model(dtype=torch.float32) keeps the step; outputs() and loss() predict the "
-                "change without a copy",
+                f"{precision}: {still / max(space.size, 1):.0%} of its parameters did not move, "
+                "the step being below their resolution, so its outputs differ from the "
+                f"prediction by rounding. {remedy}outputs() and loss() predict the change "
+                "without a copy",
                 UserWarning,
             )
         return clone

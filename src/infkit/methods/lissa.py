@@ -305,8 +305,7 @@ class Lissa(PrimalMethod):
             batch_size=b,
             work_bytes=product_work_bytes(fitted.memory_limit),
         )
-        dtype = fitted.engine.dtype
-        work = torch.promote_types(dtype, torch.float32)  # the recursion's (_run)
+        work = torch.promote_types(fitted.engine.dtype, torch.float32)  # the recursion's (_run)
         order = pool[torch.randperm(len(pool), generator=gen)]
         at = 0
 
@@ -320,7 +319,7 @@ class Lissa(PrimalMethod):
 
             def product(Y: Tensor) -> Tensor:
                 self.products += Y.shape[0]
-                return operator.batch_product(batch, Y.to(dtype)).to(work)
+                return operator.batch_product(batch, Y).to(work)
 
             return self._wrap(product)(X).mul_(share / b)
 
