@@ -200,6 +200,12 @@ def test_a_lower_precision_that_would_change_nothing_is_refused(linear_data) -> 
     assert next(mixed.parameters()).dtype == torch.float64  # its own come first, as a tester's
     task = infkit.Task.classification(mixed)
     assert infkit.Influence(task, "exact", dtype=torch.bfloat16).task.autocast == torch.bfloat16
+    # dtype= naming the trainable parameters' own precision is no autocast, whatever a frozen
+    # first parameter's dtype (a reviewer's float16 model was refused the dual method)
+    half = torch.nn.Sequential(copy.deepcopy(model).half())
+    half.register_parameter("scale", torch.nn.Parameter(torch.ones(()), requires_grad=False))
+    inf = infkit.Influence(infkit.Task.classification(half), "dual", dtype=torch.float16)
+    assert inf.task.autocast is None
 
 
 def test_too_large_for_exact_names_the_methods_that_scale(linear_data) -> None:

@@ -162,3 +162,37 @@ def test_token_scores_come_in_the_scores_dtype() -> None:
         parts, scores = inf.token_scores(test), inf.scores(test)
     assert parts.tokens.dtype == parts.rest.dtype == scores.dtype == torch.float32
     assert relative_error(parts.total, scores) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["ggn", "hessian"])
+def test_float16_curvature_products_hold_directions_of_any_norm(kind: str) -> None:
+    """Directions of norm 1e-6, 1 and 1e4 (and 0), given in float64 or in float16 (whose norm
+    of 1.8e5 is Inf there), against the same float16 model's products taken in float64."""
+    from infkit.curvature import CurvatureOperator
+    from infkit.data import ExampleSet
+    from infkit.gradients import PerExample
+    from infkit.parameters import ParameterSpace
+
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+    def operator(dtype: torch.dtype) -> CurvatureOperator:
+        m = copy.deepcopy(model).half().to(dtype)  # the float16 model's weights, in dtype
+        task = infkit.Task.classification(m)
+        data = ExampleSet((X.half().to(dtype), y))
+        return CurvatureOperator(PerExample(task, ParameterSpace(m)), data, kind, batch_size=40)
+
+    P = sum(p.numel() for p in model.parameters())
+    V = torch.randn(4, P, dtype=torch.float64)
+    V[0] *= 1e-6
+    V[2] *= 1e4
+    V[3] = 0
+    reference = operator(torch.float64).matmat(V)
+    half = operator(torch.float16)
+    for directions in (V, V.half().double()):
+        products = half.matmat(directions if directions is V else directions.half())
+        expected = reference if directions is V else operator(torch.float64).matmat(directions)
+        for row in range(3):
+            assert relative_error(products[row], expected[row]) < 5e-3, row
+        assert bool((products[3] == 0).all())

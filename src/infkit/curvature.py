@@ -140,8 +140,9 @@ class CurvatureOperator:
         """V [k, P] in the model's dtype, each row at unit norm in float16 (with the norms,
         [k, 1] float64, to scale the products back by; None in any other dtype)."""
         norms = _float16_norms(V, self.engine.space.dtype)
-        if norms is not None:
-            V = V / norms.to(V.device, V.dtype)
+        if norms is not None:  # divided in float32 at least: a float16 norm may be Inf or 0
+            wide = V.to(torch.promote_types(V.dtype, torch.float32))
+            V = wide / norms.to(V.device, wide.dtype)
         return V.to(self.engine.dtype), norms
 
     @untransformable_refused()
@@ -170,11 +171,12 @@ class CurvatureOperator:
                 return flat
             flat = flat.to(out.dtype) * scale.to(flat.device, out.dtype)
             if not bool(torch.isfinite(flat).all()):
+                what = "overflowed" if bool(torch.isinf(flat).any()) else "came out NaN in"
                 raise NonFiniteError(
-                    "a curvature product overflowed float16's range (its largest number is "
-                    "65504) on a unit-norm direction: run the model in float32 or bfloat16 "
-                    "(float32's range), or take a method without curvature products (ekfac, "
-                    "kfac, identity)"
+                    f"a curvature product {what} float16's range (its largest number is 65504) "
+                    "on a unit-norm direction, summed over a batch: run the model in float32 or "
+                    "bfloat16 (float32's range), pass a smaller batch_size, or take a method "
+                    "without curvature products (ekfac, kfac, identity)"
                 )
             return flat
 
@@ -206,7 +208,8 @@ class CurvatureOperator:
                     scale = _float16_norms(weighted.reshape(weighted.shape[0], -1), space.dtype)
                     if scale is not None:
                         shape = (-1, *[1] * (weighted.dim() - 1))
-                        weighted = weighted / scale.to(weighted.dtype).reshape(shape)
+                        wide = weighted.to(torch.promote_types(weighted.dtype, torch.float32))
+                        weighted = wide / scale.to(wide.dtype).reshape(shape)
                         if norms is not None:
                             scale = scale * norms[start : start + step]
                     product = vmap(lambda u: pullback(u)[0])(weighted)

@@ -174,7 +174,8 @@ class Influence:
                     "'cuda:N' on a machine that has it"
                 ) from exc
         if dtype is not None:
-            model_dtype = next(iter(task.model.parameters()), torch.empty(0)).dtype
+            trainable = [p for p in task.model.parameters() if p.requires_grad]
+            model_dtype = next(iter(trainable or task.model.parameters()), torch.empty(0)).dtype
             if dtype != model_dtype:
                 task = task.with_autocast(dtype)
                 floating = [p.dtype for p in task.model.parameters() if p.is_floating_point()]
