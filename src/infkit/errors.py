@@ -62,6 +62,12 @@ class NotConvergedWarning(UserWarning):
     at its iteration limit short of the optimum: its changes are not ground truth."""
 
 
+def listed(items: list[str], limit: int = 5) -> str:
+    """``items`` joined for a message, the first ``limit`` of them and how many more."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """Issue a warning attributed to the first caller outside infkit (the user's line).
 

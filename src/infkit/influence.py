@@ -36,6 +36,7 @@ from infkit.errors import (
     Notice,
     ProblemTooLargeError,
     UnsupportedError,
+    listed,
     warn,
 )
 from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator
@@ -423,11 +424,10 @@ class Influence:
                     "choose another"
                 ) from error
             raise error from None
-        layers = ", ".join(repr(name) for name in error.layers[:3])
-        more = f" and {len(error.layers) - 3} more" if len(error.layers) > 3 else ""
+        layers = listed([repr(name) for name in error.layers], 3)
         warn(
             f"method='auto' chose {refused!r}, which refused this model: the rows of its "
-            f"tracked layers {layers}{more} are no example's (describe()['auto'] says why). It "
+            f"tracked layers {layers} are no example's (describe()['auto'] says why). It "
             "takes the next method that suits instead",
             Notice,
         )

@@ -43,7 +43,13 @@ from torch import Tensor, nn
 
 from infkit._version import __version__
 from infkit.data import ExampleSet
-from infkit.errors import ArtifactError, InfkitError, InvalidInputError, UnsupportedError
+from infkit.errors import (
+    ArtifactError,
+    InfkitError,
+    InvalidInputError,
+    UnsupportedError,
+    listed,
+)
 from infkit.fingerprint import (
     callable_identity,
     data_fingerprint,
@@ -298,11 +304,6 @@ def _tensor_details(t: Tensor, trainable: bool | None) -> dict[str, Any]:
     }
 
 
-def _shown(items: list[str], limit: int = 5) -> str:
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
 def _architecture_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
     parts = []
     m0, m1 = saved["modules"], now["modules"]
@@ -310,11 +311,11 @@ def _architecture_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
     extra = [repr(n) for n in m1 if n not in m0]
     changed = [f"{n!r} is a {m1[n]}, saved a {m0[n]}" for n in m0 if n in m1 and m0[n] != m1[n]]
     if missing:
-        parts.append(f"modules missing: {_shown(missing)}")
+        parts.append(f"modules missing: {listed(missing)}")
     if extra:
-        parts.append(f"modules not in the saved model: {_shown(extra)}")
+        parts.append(f"modules not in the saved model: {listed(extra)}")
     if changed:
-        parts.append(_shown(changed, 3))
+        parts.append(listed(changed, 3))
     t0, t1 = saved["tensors"], now["tensors"]
     shapes = [
         f"{n} has shape {t1[n]['shape']}, saved {t0[n]['shape']}"
@@ -322,7 +323,7 @@ def _architecture_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
         if n in t1 and t0[n]["shape"] != t1[n]["shape"]
     ]
     if shapes:
-        parts.append(_shown(shapes, 3))
+        parts.append(listed(shapes, 3))
     if not parts:
         lines0, lines1 = saved["repr"].splitlines(), now["repr"].splitlines()
         for a, b in zip(lines0 + [""] * len(lines1), lines1 + [""] * len(lines0)):
@@ -354,7 +355,7 @@ def _parameter_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
             items.append(f"{name} (values)")
     items += [f"{name} (not in the saved model)" for name in t1 if name not in t0]
     kind = "parameters and buffers"
-    return f"the model's {kind} differ from the saved ones: {_shown(items)}"
+    return f"the model's {kind} differ from the saved ones: {listed(items)}"
 
 
 # ---------------------------------------------------------------------------- saving

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from infkit.data import ExampleSet
-from infkit.errors import ArtifactError, CurvatureError, Notice, UnsupportedError, warn
+from infkit.errors import ArtifactError, CurvatureError, Notice, UnsupportedError, listed, warn
 from infkit.fingerprint import (
     callable_identity,
     data_fingerprint,
@@ -175,7 +175,7 @@ def attributed_parameters(
     if options.unsupported != "skip" or not layers.others:
         return None
     others = layers.others
-    shown = ", ".join(others[:6]) + (f" and {len(others) - 6} more" if len(others) > 6 else "")
+    shown = listed(others, 6)
     tied = tied_layers(model)
     if tied:
         shown += "; not tracked because another module uses their weights: " + ", ".join(

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infkit.data import Batch, leaves, map_tensors
-from infkit.errors import InvalidInputError, Notice, UnsupportedError, warn
+from infkit.errors import InvalidInputError, Notice, UnsupportedError, listed, warn
 from infkit.gradients import PerExample, batching_rule_notice, check_finite_rows
 from infkit.layers.tracked import TrackedModule
 from infkit.parameters import evaluation_mode
@@ -429,12 +429,8 @@ class Capture:
         to examples (:meth:`_examples`), naming each."""
         if not self._unassigned:
             return
-        names = list(self._unassigned)
         rows = self._unassigned
-        listed = ", ".join(
-            f"{name!r} ({rows[name]} row{'s' if rows[name] != 1 else ''})" for name in names[:6]
-        )
-        more = f" and {len(names) - 6} more" if len(names) > 6 else ""
+        layers = listed([f"{n!r} ({k} row{'s' if k != 1 else ''})" for n, k in rows.items()], 6)
         shared = (
             " One row in a batch of several is a tensor shared by every example (DeBERTa's "
             "relative-position projections), which belongs to none."
@@ -442,7 +438,7 @@ class Capture:
             else ""
         )
         raise UnassignedRowsError(
-            f"tracked layers {listed}{more} received inputs whose rows cannot be assigned to "
+            f"tracked layers {layers} received inputs whose rows cannot be assigned to "
             f"the batch's {self._batch} examples: neither the examples nor the examples times a "
             "size of the inputs' other dimensions "
             f"({', '.join(map(str, sorted(self._spans))) or 'none'}) folded into the batch (a "
@@ -451,7 +447,7 @@ class Capture:
             "attribution: modules=[...] without them, or requires_grad=False on their "
             "parameters; or use a method that takes per-example gradients of the whole model "
             "(identity, cg, arnoldi, the dual)",
-            names,
+            list(rows),
         )
 
     def _sequence_input(self, x: Tensor, bias: bool, b: int) -> Tensor:
@@ -496,11 +492,9 @@ class Capture:
         shortened (:meth:`_shortened`): their padding enters their statistics as tokens."""
         if not self._unmasked or self._mask is None:
             return
-        names = list(self._unmasked)
-        listed = ", ".join(f"{name!r} ({self._unmasked[name]})" for name in names[:6])
-        more = f" and {len(names) - 6} more" if len(names) > 6 else ""
+        layers = listed([f"{name!r} ({k})" for name, k in self._unmasked.items()], 6)
         warn(
-            f"tracked layers {listed}{more} see other positions per example than the "
+            f"tracked layers {layers} see other positions per example than the "
             f"{int(self._mask.shape[1])} the attention mask marks: the model shortens or "
             "lengthens the sequence inside (as Funnel's pooling does, or a token it adds), so "
             "which of their positions are padding cannot be told, and padding enters their "
