@@ -139,10 +139,7 @@ class CurvatureOperator:
     def _directions(self, V: Tensor) -> tuple[Tensor, Tensor | None]:
         """V [k, P] in the model's dtype, each row at unit norm in float16 (with the norms,
         [k, 1] float64, to scale the products back by; None in any other dtype)."""
-        norms = _float16_norms(V, self.engine.space.dtype)
-        if norms is not None:  # divided in float32 at least: a float16 norm may be Inf or 0
-            wide = V.to(torch.promote_types(V.dtype, torch.float32))
-            V = wide / norms.to(V.device, wide.dtype)
+        V, norms = _float16_unit(V, self.engine.space.dtype)
         return V.to(self.engine.dtype), norms
 
     @untransformable_refused()
@@ -205,13 +202,9 @@ class CurvatureOperator:
                     ).reshape(jv.shape)
                     del jv
                     # pulled back in the model's dtype: in float16, at unit norm
-                    scale = _float16_norms(weighted.reshape(weighted.shape[0], -1), space.dtype)
-                    if scale is not None:
-                        shape = (-1, *[1] * (weighted.dim() - 1))
-                        wide = weighted.to(torch.promote_types(weighted.dtype, torch.float32))
-                        weighted = wide / scale.to(wide.dtype).reshape(shape)
-                        if norms is not None:
-                            scale = scale * norms[start : start + step]
+                    weighted, scale = _float16_unit(weighted, space.dtype)
+                    if scale is not None and norms is not None:
+                        scale = scale * norms[start : start + step]
                     product = vmap(lambda u: pullback(u)[0])(weighted)
                     del weighted
                     out[start : start + step] += back(space.flatten(product, 1).detach(), scale)
@@ -228,13 +221,19 @@ class CurvatureOperator:
         return out.add_(back(space.flatten(products, batch_dims=1).detach(), norms))
 
 
-def _float16_norms(rows: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """Each row's Euclidean norm ([k, 1] float64, 1 for a zero row) when the rows are to be
-    cast to ``dtype`` float16, whose range they may leave; None for any other dtype."""
+def _float16_unit(rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """``rows`` [k, ...] each at unit norm, divided in float32 at least (a float16 norm may be
+    Inf or 0), with their Euclidean norms ([k, 1] float64, 1 for a zero row), when they are to
+    be cast to ``dtype`` float16, whose range they may leave; ``(rows, None)`` for any other
+    dtype."""
     if dtype != torch.float16:
-        return None
-    norms = torch.linalg.vector_norm(rows.detach(), dim=1, keepdim=True, dtype=torch.float64)
-    return torch.where(norms > 0, norms, torch.ones_like(norms))
+        return rows, None
+    flat = rows.detach().reshape(rows.shape[0], -1)
+    norms = torch.linalg.vector_norm(flat, dim=1, keepdim=True, dtype=torch.float64)
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    wide = rows.to(torch.promote_types(rows.dtype, torch.float32))
+    shape = (-1, *[1] * (rows.dim() - 1))
+    return wide / norms.to(wide.device, wide.dtype).reshape(shape), norms
 
 
 def ggn_diagonal(engine: PerExample, examples: ExampleSet, batch_size: int) -> Tensor:

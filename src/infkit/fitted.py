@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from infkit.data import Batch, ExampleSet, check_compatible, leaves, map_tensors
 from infkit.data_forms import LABEL_KEYS
-from infkit.errors import InvalidInputError, UnsupportedError, warn
+from infkit.errors import InvalidInputError, UnsupportedError, listed, warn
 from infkit.fingerprint import tensor_digest
 from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, Which
 from infkit.memory import human_bytes
@@ -182,8 +182,7 @@ class Fitted:
             out[start : start + grads.shape[0]] = grads
             start += grads.shape[0]
         if which == "measurement":
-            precision = self.task.autocast or self.engine.dtype
-            warn_about_still_queries(examples, (out != 0).any(dim=1), precision)
+            warn_about_still_queries(examples, (out != 0).any(dim=1), self.engine.precision)
         return out
 
     def train_batches(self, desc: str, indices: Tensor | None = None) -> Iterator[Batch]:
@@ -390,9 +389,7 @@ def check_parameters_take_part(engine: PerExample, examples: ExampleSet) -> None
             if any(g is not None for g in grads):
                 return
     names = list(params)
-    shown = ", ".join(map(repr, names[:3])) + (
-        f" and {len(names) - 3} more" if len(names) > 3 else ""
-    )
+    shown = listed([repr(name) for name in names], 3)
     merged = [
         name
         for name, module in engine.task.model.named_modules()

@@ -501,8 +501,7 @@ class StreamingScorer:
         except BaseException:
             prepared.close()
             raise
-        fitted = self.fitted
-        warn_about_still_queries(queries, moved, fitted.task.autocast or fitted.engine.dtype)
+        warn_about_still_queries(queries, moved, self.fitted.engine.precision)
         release_freed_memory()  # the query passes' leftovers, before the scoring pass
         return prepared
 
