@@ -526,7 +526,8 @@ def test_queries_read_only_through_a_custom_measurement_need_no_scored_token(
 def test_a_query_whose_measurement_does_not_move_is_named(problem: dict) -> None:
     """A query with scored labels whose measurement is flat in the parameters (it reads a label
     that is -100 there) scores a row of exact zeros: a warning names it, on the cached path
-    (identity) and on the streamed Kronecker path (EK-FAC under a memory limit)."""
+    (identity), at each checkpoint of TracInCP, from TRAK's projected gradients and on the
+    streamed Kronecker path (EK-FAC under a memory limit)."""
     model = problem["model"]
 
     def last_label_logit(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -539,7 +540,14 @@ def test_a_query_whose_measurement_does_not_move_is_named(problem: dict) -> None
     labels[1, -1] = lm.IGNORE_INDEX  # query 1 keeps its other scored labels
     limit = _limit_for_queries(problem, Q, batch_size=2)
     options = {"l2": 1e-2, "damping": 1e-2, "batch_size": 2}
-    for method, extra in (("identity", {}), ("ekfac", {"memory_limit": limit})):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tracin = {"checkpoints": [state, state], "learning_rates": [0.1, 0.2]}
+    for method, extra in (
+        ("identity", {}),
+        ("identity", tracin),  # the gradients at each checkpoint
+        ("trak", {}),
+        ("ekfac", {"memory_limit": limit}),
+    ):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             inf = infkit.Influence(task, method, **options, **extra).fit(problem["train"])
@@ -1595,8 +1603,10 @@ def test_a_plan_above_the_limit_suggests_the_methods_own_levers(problem: dict) -
         for n, q, proj_dim, models, batch, expected in (
             (10_000, 1, 32, 3, 8, "lower proj_dim"),
             (10_000, 100_000, 8, 1, 8, "score fewer queries per call"),
-            (100, 1, 8, 1, 8, f"{gradients}, or use a smaller batch_size: each batch's"),
-            (100, 1, 1, 1, 1, f"{gradients}: each batch's"),  # no smaller batch to suggest
+            # under this limit a batch of 8 forms one example's gradients at a time, as a
+            # batch of 1 does: no smaller batch to suggest for either
+            (100, 1, 1, 1, 8, f"{gradients}: each batch's"),
+            (100, 1, 1, 1, 1, f"{gradients}: each batch's"),
             (100, 1, 8, 1, 1, "lower proj_dim (R is already regenerated"),  # R's chunk
         ):
             checkpoints = [copy.deepcopy(problem["model"].state_dict())] * models
@@ -1624,6 +1634,69 @@ def test_a_plan_above_the_limit_suggests_the_methods_own_levers(problem: dict) -
     stages = {stage.name: stage for stage in plan.stages}
     assert stages["eigendecompositions"].refused
     assert "the fit refuses before any pass" in stages["eigendecompositions"].note
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("trak", {}),
+        ("identity", {"checkpoints": "two"}),  # TracInCP: gradients at each checkpoint
+        ("datainf", {}),
+        ("cg", {}),
+    ],
+)
+def test_per_example_gradients_keep_to_a_quarter_of_the_limit(
+    problem: dict, monkeypatch: pytest.MonkeyPatch, method: str, options: dict
+) -> None:
+    # a batch's per-example gradients [B, P] and their working memory (GRADIENT_WORK_FACTOR x)
+    # are formed a few rows at a time under a limit whose quarter does not hold B of them (a
+    # tester's TRAK went 359 MiB past its limit on a batch of 64): the same scores, and the
+    # plan counts the rows the run forms
+    from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample
+
+    model = problem["model"]
+    task = infkit.Task.language_modeling(model)
+    p = sum(x.numel() for x in model.parameters())
+    limit = 4 * 3 * GRADIENT_WORK_FACTOR * p * 8  # a quarter holds 3 rows of float64
+    if options.get("checkpoints") == "two":
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        moved = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
+        options = {"checkpoints": [moved, state], "learning_rates": [0.1, 0.1]}
+    rows: list[int] = []
+    grads = PerExample.grads
+
+    def counted(self: PerExample, batch, which="loss"):  # type: ignore[no-untyped-def]
+        rows.append(len(batch))
+        return grads(self, batch, which)
+
+    monkeypatch.setattr(PerExample, "grads", counted)
+    scores = {}
+    for memory_limit in (10**9, limit):
+        rows.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inf = infkit.Influence(
+                task,
+                method,
+                l2=1e-2,
+                damping=1e-2,
+                batch_size=8,
+                memory_limit=memory_limit,
+                checks=False,
+                **options,
+            )
+            plan = inf.plan(problem["train"], problem["test"], timed=False)
+            inf.fit(problem["train"])
+            scores[memory_limit] = inf.scores(problem["test"])
+        assert rows, "the run formed no per-example gradients"
+        largest = max(rows)
+        if memory_limit == limit:
+            assert largest == 3  # not the batch of 8
+            if method == "trak":
+                assert "a batch's per-example gradients [3, P]" in str(plan)
+        else:
+            assert largest == 8
+    torch.testing.assert_close(scores[limit], scores[10**9], rtol=1e-9, atol=1e-12)
 
 
 def test_the_plan_of_a_method_without_the_gradient_cache_shows_its_objective_pass(

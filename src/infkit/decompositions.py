@@ -82,7 +82,7 @@ def module_scores_for(
     W = U if regulariser_queries is None else regulariser_queries
     shared = fitted.l2 * (W * fitted.regularised_theta) if fitted.l2 else None  # [k, P]
     out = {g: torch.empty(U.shape[0], fitted.n, dtype=torch.float64) for g in groups}
-    for batch in fitted.train_batches("module scores"):
+    for batch in fitted.gradient_batches("module scores"):
         G = fitted.loss_grads(batch)
         for g, idx in groups.items():
             part = U[:, idx] @ G[:, idx].T

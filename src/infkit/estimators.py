@@ -208,7 +208,7 @@ def removal_deltas(
     n = fitted.n
     if estimator.name == "rif" or (estimator.name == "newton" and inverse.curvature != "hessian"):
         fitted.warn_jacobian_cost(estimator.name, n if indices is None else len(indices))
-    for batch in fitted.train.batches(fitted.batch_size, indices):
+    for batch in fitted.train.batches(fitted.training_gradient_batch_size, indices):
         v = fitted.attributed_grads(batch)
         if estimator.name == "if":
             yield batch, inverse.solve(v) / n
@@ -270,7 +270,7 @@ def group_delta(
         # IF is linear in the group; RIF is additive over the group (Rubinstein & Hopkins).
         total = fitted.zeros()
         if estimator.name == "if":
-            for batch in fitted.train.batches(fitted.batch_size, indices):
+            for batch in fitted.train.batches(fitted.training_gradient_batch_size, indices):
                 total += fitted.attributed_grads(batch).sum(0)
             return inverse.solve(total.unsqueeze(0))[0] / n
         for _, delta in removal_deltas(inverse, fitted, estimator, indices):
@@ -278,7 +278,7 @@ def group_delta(
         return total
     # Newton step on the retained objective.
     v = fitted.zeros()
-    for batch in fitted.train.batches(fitted.batch_size, indices):
+    for batch in fitted.train.batches(fitted.training_gradient_batch_size, indices):
         v += fitted.attributed_grads(batch).sum(0)
     v = v / n
     if fitted.objective_gradient is not None:
@@ -292,7 +292,7 @@ def group_delta(
     fitted.require_jacobian_room(len(indices), estimator.name, joint=True)
     fitted.warn_jacobian_cost(estimator.name, len(indices))
     Js, lams = [], []
-    for batch in fitted.train.batches(fitted.batch_size, indices):
+    for batch in fitted.train.batches(fitted.training_gradient_batch_size, indices):
         J, lam = fitted.jacobians_and_lambdas(batch, estimator.name, checked=True)
         Js.append(J)
         lams.append(lam)

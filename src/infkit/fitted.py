@@ -25,7 +25,7 @@ from infkit.data import Batch, ExampleSet, check_compatible, leaves, map_tensors
 from infkit.data_forms import LABEL_KEYS
 from infkit.errors import InvalidInputError, UnsupportedError, listed, warn
 from infkit.fingerprint import tensor_digest
-from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, Which
+from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, Which, gradient_rows
 from infkit.memory import human_bytes
 from infkit.parameters import ParameterSpace, evaluation_mode, product_dtype
 from infkit.progress import Mode, track
@@ -177,7 +177,7 @@ class Fitted:
         space = self.space
         out = torch.empty(len(examples), space.size, dtype=torch.float64, device=space.device)
         start = 0
-        for batch in examples.batches(self.batch_size):  # in order
+        for batch in examples.batches(self.gradient_batch_size):  # in order
             grads = self.engine.grads(batch, which)
             out[start : start + grads.shape[0]] = grads
             start += grads.shape[0]
@@ -185,11 +185,35 @@ class Fitted:
             warn_about_still_queries(examples, (out != 0).any(dim=1), self.engine.precision)
         return out
 
-    def train_batches(self, desc: str, indices: Tensor | None = None) -> Iterator[Batch]:
-        """The training batches (of ``indices``: default all), with progress named ``desc``."""
+    def train_batches(
+        self, desc: str, indices: Tensor | None = None, size: int | None = None
+    ) -> Iterator[Batch]:
+        """The training batches (of ``indices``: default all) of ``size`` examples (default
+        :attr:`batch_size`), with progress named ``desc``."""
+        size = size or self.batch_size
         count = self.n if indices is None else len(indices)
-        batches = self.train.batches(self.batch_size, indices)
-        return track(batches, self.progress, desc, -(-count // self.batch_size))
+        batches = self.train.batches(size, indices)
+        return track(batches, self.progress, desc, -(-count // size))
+
+    @property
+    def gradient_batch_size(self) -> int:
+        """Examples a batch where per-example gradients [B, P] are formed by vmap over the model:
+        :attr:`batch_size`, lowered to keep them within a quarter of :attr:`memory_limit`
+        (:func:`~infkit.gradients.gradient_rows`)."""
+        return gradient_rows(
+            self.batch_size, self.space.size, self.space.bytes_per_float(), self.memory_limit
+        )
+
+    @property
+    def training_gradient_batch_size(self) -> int:
+        """Examples a batch of training-loss gradients (:meth:`loss_grads`): :attr:`batch_size`
+        where they are read from the cache, else :attr:`gradient_batch_size`."""
+        return self.batch_size if self.train_gradients is not None else self.gradient_batch_size
+
+    def gradient_batches(self, desc: str, indices: Tensor | None = None) -> Iterator[Batch]:
+        """:meth:`train_batches` of :attr:`training_gradient_batch_size` examples, for passes
+        that take the training examples' loss gradients."""
+        return self.train_batches(desc, indices, self.training_gradient_batch_size)
 
     # ------------------------------------------------------------------ training gradients
     def loss_grads(self, batch: Batch) -> Tensor:
@@ -216,7 +240,7 @@ class Fitted:
             S = (U.to(G.dtype) @ G.T).to(torch.float64)
         else:
             S = torch.empty(U.shape[0], self.n, dtype=torch.float64, device=U.device)
-            for batch in self.train_batches("scores"):
+            for batch in self.gradient_batches("scores"):
                 S[:, batch.indices] = U @ self.loss_grads(batch).T
         return S if shared is None else S.add_(shared.unsqueeze(1))
 
@@ -606,7 +630,8 @@ def gradient_cache_fits(
     """Whether fit keeps the [N, P] training gradients of a model in ``dtype`` in memory: up
     to :data:`GRADIENT_CACHE_BYTES` and a quarter of ``memory_limit``, and with the pass that
     fills it (a batch's per-example gradients and their working memory,
-    :data:`~infkit.gradients.GRADIENT_WORK_FACTOR` x [``batch_size``, P]) within half of it: a
+    :data:`~infkit.gradients.GRADIENT_WORK_FACTOR` x [``batch_size``, P], counted whole though
+    the pass takes them :func:`~infkit.gradients.gradient_rows` at a time) within half of it: a
     larger limit never makes a run cache what a smaller one would not."""
     cache = gradient_cache_bytes(n, p, dtype)
     work = GRADIENT_WORK_FACTOR * batch_size * p * dtype.itemsize
@@ -627,11 +652,11 @@ def training_gradients(
     dtype = product_dtype(engine.space.dtype)
     if not gradient_cache_fits(n, p, engine.space.dtype, memory_limit, batch_size):
         return None, None
+    rows = gradient_rows(batch_size, p, engine.space.dtype.itemsize, memory_limit)
     out = torch.empty(n, p, dtype=dtype, device=engine.device)
     total_gradient = torch.zeros(p, dtype=torch.float64, device=engine.device)
     total_norm = 0.0
-    batches = -(-n // batch_size)
-    for batch in track(train.batches(batch_size), progress, "gradients", batches):
+    for batch in track(train.batches(rows), progress, "gradients", -(-n // rows)):
         g = engine.grads(batch, "loss")
         out[batch.indices] = g.to(dtype)
         total_gradient += g.sum(0).to(torch.float64)

@@ -68,6 +68,17 @@ TANGENT_CHUNK = 64
 #: intermediates and the flattening (measured 4-5x on a causal LM of 0.5M parameters)
 GRADIENT_WORK_FACTOR = 5
 
+
+def gradient_rows(batch_size: int, parameters: int, itemsize: int, memory_limit: int) -> int:
+    """Examples whose per-example gradients [b, P] are formed at once (:meth:`PerExample.grads`,
+    vmap over the model): the run's ``batch_size``, lowered so that they and their working
+    memory (:data:`GRADIENT_WORK_FACTOR` x [b, P] at ``itemsize`` bytes a number) take at most a
+    quarter of ``memory_limit``; at least 1. The rows of a batch are independent, so a smaller b
+    changes the order of a few sums, not what is computed."""
+    per_row = GRADIENT_WORK_FACTOR * max(parameters, 1) * itemsize
+    return max(1, min(batch_size, memory_limit // 4 // per_row))
+
+
 T = TypeVar("T")
 
 #: how PyTorch's warning begins when vmap runs an operation one example at a time

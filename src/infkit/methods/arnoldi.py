@@ -305,7 +305,7 @@ class Arnoldi(PrimalMethod):
             if self._train_embeddings is None:
                 parts = [
                     self.embed(fitted.attributed_grads(b))
-                    for b in fitted.train.batches(fitted.batch_size)
+                    for b in fitted.train.batches(fitted.training_gradient_batch_size)
                 ]
                 self._train_embeddings = torch.cat(parts)
             return self._train_embeddings

@@ -49,7 +49,7 @@ from infkit.errors import (
 )
 from infkit.estimators import ESTIMATORS, Estimator, EstimatorName
 from infkit.fitted import STATIONARITY_TOLERANCE, Fitted, gradient_cache_bytes
-from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample
+from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, gradient_rows
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.layers.tracked import TrackedLayers
 from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes, row_chunks
@@ -214,11 +214,18 @@ def methods_with_estimator(estimator: str) -> list[str]:
     return sorted(n for n, cls in _REGISTRY.items() if estimator in cls.estimators)
 
 
+def gradient_batch_rows(shape: RunShape) -> int:
+    """B of a batch's per-example gradients [B, P] in the run of ``shape``
+    (:func:`~infkit.gradients.gradient_rows`: the batch size, lowered under the memory limit)."""
+    limit = shape.memory_limit or default_memory_limit()
+    return gradient_rows(shape.batch_size, shape.parameters, shape.itemsize, limit)
+
+
 def batch_gradient_bytes(shape: RunShape) -> int:
     """A batch's per-example gradients (vmap over the model) with their working memory, as
     the plan counts them: :data:`~infkit.gradients.GRADIENT_WORK_FACTOR` x [B, P] in the
-    model's precision."""
-    return GRADIENT_WORK_FACTOR * shape.batch_size * shape.parameters * shape.itemsize
+    model's precision, B of :func:`gradient_batch_rows`."""
+    return GRADIENT_WORK_FACTOR * gradient_batch_rows(shape) * shape.parameters * shape.itemsize
 
 
 class Method(ABC):

@@ -38,6 +38,7 @@ from torch import Tensor
 from infkit.blocks import BlockMode, layer_slices
 from infkit.errors import CurvatureError, InvalidInputError, NotFittedError
 from infkit.fitted import Fitted
+from infkit.gradients import gradient_rows
 from infkit.methods.base import Fidelity, PrimalMethod, register
 from infkit.options import Options, option
 
@@ -116,7 +117,7 @@ class DataInf(PrimalMethod):
                 else None
             )
             norms = torch.empty(n, len(self.slices), dtype=torch.float64)
-            for batch in fitted.train.batches(fitted.batch_size):
+            for batch in fitted.train.batches(fitted.gradient_batch_size):
                 G = fitted.engine.grads(batch, "loss")
                 if self._cache is not None:
                     self._cache[batch.indices] = G
@@ -199,11 +200,16 @@ class DataInf(PrimalMethod):
     def _gradient_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """(indices, loss gradients [B, P] in the model's dtype) over the training set."""
         fitted = self.fitted
-        for batch in fitted.train.batches(max(fitted.batch_size, 256)):
-            if self._cache is not None:
+        if self._cache is not None:
+            for batch in fitted.train.batches(max(fitted.batch_size, 256)):
                 yield batch.indices, self._cache[batch.indices].to(fitted.space.dtype)
-            else:
-                yield batch.indices, fitted.engine.grads(batch, "loss")
+            return
+        space = fitted.space
+        rows = gradient_rows(
+            max(fitted.batch_size, 256), space.size, space.bytes_per_float(), fitted.memory_limit
+        )
+        for batch in fitted.train.batches(rows):
+            yield batch.indices, fitted.engine.grads(batch, "loss")
 
     def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:
         V = V.to(torch.float64)

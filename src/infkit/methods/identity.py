@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from infkit.checkpoints import Checkpoint, checkpoint_vector, parameters_at
 from infkit.data import Batch, ExampleSet
 from infkit.errors import CurvatureError, InvalidInputError
 from infkit.estimators import Estimator
-from infkit.fitted import Fitted
+from infkit.fitted import Fitted, warn_about_still_queries
 from infkit.layers.factored import (
     FactoredGradients,
     Factors,
@@ -177,24 +177,31 @@ class Identity(PrimalMethod):
     def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
         if self.factored is not None:
             with contextlib.suppress(NotFactoredError):
-                S = self._factored_scores(self.factored, queries, estimator)
+                S, moved = self._factored_scores(self.factored, queries, estimator)
                 if bool(torch.isfinite(S.sum())):  # NaN/Inf propagate through the sum
+                    warn_about_still_queries(queries, moved, self.fitted.engine.precision)
                     return S
         # Per-example gradients: other models, and non-finite values (whose example they name).
         if not self.tracin:
             return super().scores(queries, estimator)
         fitted = self.fitted
         S = torch.zeros(len(queries), fitted.n, dtype=torch.float64)
+        moved = torch.zeros(len(queries), dtype=torch.bool)  # a gradient not 0 at some term
         for eta, theta, at_fit in self._checkpoint_terms():
             Q = torch.cat(
-                [fitted.engine.grads(b, "measurement") for b in queries.batches(fitted.batch_size)]
+                [
+                    fitted.engine.grads(b, "measurement")
+                    for b in queries.batches(fitted.gradient_batch_size)
+                ]
             )
+            moved |= (Q != 0).any(dim=1).cpu()
             parts = []
-            for batch in fitted.train.batches(fitted.batch_size):  # in order: 0, 1, ..., N-1
+            for batch in self._batches(at_fit):  # in order: 0, 1, ..., N-1
                 g = self._loss_grads(batch, at_fit)
                 parts.append(Q @ self._train_side(g, theta, estimator, batch).T)
             weight = eta * self._unit(estimator)
             S += weight * torch.cat(parts, dim=1).to(torch.float64).cpu()
+        warn_about_still_queries(queries, moved, fitted.engine.precision)
         return S
 
     def self_scores(self, estimator: Estimator) -> Tensor:
@@ -209,7 +216,7 @@ class Identity(PrimalMethod):
         out = torch.zeros(fitted.n, dtype=torch.float64)
         for eta, theta, at_fit in self._checkpoint_terms():
             weight = eta * self._unit(estimator)
-            for batch in fitted.train.batches(fitted.batch_size):
+            for batch in self._batches(at_fit):
                 g = self._loss_grads(batch, at_fit)
                 side = self._train_side(g, theta, estimator, batch)
                 out[batch.indices] += weight * (g * side).sum(1).to(torch.float64).cpu()
@@ -222,7 +229,7 @@ class Identity(PrimalMethod):
         fitted = self.fitted
         total = fitted.zeros()
         for eta, theta, at_fit in self._checkpoint_terms():
-            for batch in fitted.train.batches(fitted.batch_size, indices):
+            for batch in self._batches(at_fit, indices):
                 g = self._loss_grads(batch, at_fit).to(torch.float64)
                 total += eta / fitted.n * self._train_side(g, theta, estimator, batch).sum(0)
         return total
@@ -239,6 +246,14 @@ class Identity(PrimalMethod):
                 continue
             with parameters_at(fitted.space, w, k) as theta:
                 yield eta, theta, False
+
+    def _batches(self, at_fit: bool, indices: Tensor | None = None) -> Iterator[Batch]:
+        """The training batches of checkpoint terms: the run's batch size where the gradients
+        are read from the cache, else :attr:`~infkit.fitted.Fitted.gradient_batch_size`."""
+        fitted = self.fitted
+        cached = at_fit and fitted.train_gradients is not None
+        size = fitted.batch_size if cached else fitted.gradient_batch_size
+        return fitted.train.batches(size, indices)
 
     def _loss_grads(self, batch: Batch, at_fit: bool) -> Tensor:
         """grad l_j(w_k) [B, P] in the model's dtype (float32 products are twice as fast)."""
@@ -309,10 +324,13 @@ class Identity(PrimalMethod):
 
     def _factored_scores(
         self, products: FactoredGradients, queries: ExampleSet, estimator: Estimator
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
+        """The scores [Q, N] from the layers' factors, and whether each query's gradient is
+        not 0 at some term (checkpoint)."""
         fitted = self.fitted
         l2 = fitted.l2
         S = torch.zeros(len(queries), fitted.n, dtype=torch.float64)
+        moved = torch.zeros(len(queries), dtype=torch.bool)  # a gradient not 0 at some term
         terms = self._terms()
         try:
             for eta, w in terms:
@@ -320,6 +338,7 @@ class Identity(PrimalMethod):
                 blocks = products.blocks(w) if l2 else None
                 ww = float(w @ w) if l2 else 0.0
                 Q = products.all_factors(queries, "measurement")
+                moved |= (products.squared_norms(Q) > 0).cpu()
                 # grad m_t . l2 w
                 shared = l2 * products.dots(Q, blocks).unsqueeze(1) if blocks is not None else None
                 start = 0
@@ -337,7 +356,7 @@ class Identity(PrimalMethod):
                     start = stop
         finally:
             terms.close()
-        return S
+        return S, moved
 
     def _factored_self_scores(self, products: FactoredGradients, estimator: Estimator) -> Tensor:
         fitted = self.fitted

@@ -256,7 +256,7 @@ class Source(Method):
         if run.recipe.normalise != "retained":
             return total
         weights = run.weights.to(torch.float64)
-        for batch in segment.train.batches(segment.batch_size):
+        for batch in segment.train.batches(segment.training_gradient_batch_size):
             total += weights[batch.indices] @ segment.loss_grads(batch)
         return total / weights.sum()
 
@@ -268,7 +268,7 @@ class Source(Method):
         out = torch.zeros(U.shape[0], fitted.n, dtype=torch.float64)
         for (part, c), mean in zip(reversed(self.parts), reversed(self.mean_gradients)):
             V, carried = part.apply_many(U, [_integrated(c), _decay(c)])
-            for batch in part.fitted.train.batches(fitted.batch_size):
+            for batch in part.fitted.train.batches(part.fitted.training_gradient_batch_size):
                 out[:, batch.indices] += V @ part.fitted.loss_grads(batch).T
             out -= (V @ mean)[:, None]
             U = carried

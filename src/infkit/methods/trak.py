@@ -54,10 +54,16 @@ from infkit.errors import (
     warn,
 )
 from infkit.estimators import Estimator
-from infkit.fitted import Fitted
+from infkit.fitted import Fitted, warn_about_still_queries
 from infkit.gradients import PerExample, Which
 from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes, row_chunks
-from infkit.methods.base import Fidelity, Method, batch_gradient_bytes, register
+from infkit.methods.base import (
+    Fidelity,
+    Method,
+    batch_gradient_bytes,
+    gradient_batch_rows,
+    register,
+)
 from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
 from infkit.plan import RunShape, Stage
@@ -302,11 +308,11 @@ class Trak(Method):
         features = self._feature_bytes(n, k)
         factors = models * k * k * FLOAT64_BYTES  # each model's Cholesky factor, kept
         projection, kept = self._projection_bytes(p, k, shape.itemsize, limit)
-        gradients = batch_gradient_bytes(shape)
+        gradients, rows = batch_gradient_bytes(shape), gradient_batch_rows(shape)
         objects = [
             (f"projected features [{models}, N, {k}] and the Gram, float64", features),
             (f"R [P, {k}]" + (", kept" if kept else ", a chunk at a time"), projection),
-            (f"a batch's per-example gradients [{shape.batch_size}, P]", gradients),
+            (f"a batch's per-example gradients [{rows}, P]", gradients),
         ]
         fit = Stage(
             "fit trak",
@@ -324,7 +330,7 @@ class Trak(Method):
             "queries",
             0,
             gradients + chunk + (0 if kept else projection),
-            (f"a batch's per-example gradients [{shape.batch_size}, P]", gradients),
+            (f"a batch's per-example gradients [{rows}, P]", gradients),
             f"{len(chunks)} chunks of queries" if len(chunks) > 1 else "",
         )
         scores = Stage(
@@ -425,7 +431,7 @@ class Trak(Method):
         for m, at in enumerate(self._models()):
             with at:
                 Phi = torch.empty(n, k, dtype=torch.float64, device=space.device)
-                for batch in fitted.train.batches(fitted.batch_size):
+                for batch in fitted.train.batches(fitted.gradient_batch_size):
                     G = self._output_engine.grads(batch, "measurement")
                     Phi[batch.indices] = self.projector.project(G)
                     outputs = fitted.engine.outputs(batch)
@@ -493,15 +499,16 @@ class Trak(Method):
         fitted = self.fitted
         projector, weights = self._fitted_parts()
         S = torch.zeros(len(queries), fitted.n, dtype=torch.float64)
+        moved = torch.zeros(len(queries), dtype=torch.bool)  # a gradient not 0 in some model
         for (Phi, L, divisor), at in zip(self._models_data, self._models()):
+            features = []
             with at:
-                F = torch.cat(
-                    [
-                        projector.project(fitted.engine.grads(b, "measurement"))
-                        for b in queries.batches(fitted.batch_size)
-                    ]
-                )
-            S += (self._inverse_times(F, L, divisor) @ Phi.T).cpu()
+                for batch in queries.batches(fitted.gradient_batch_size):
+                    G = fitted.engine.grads(batch, "measurement")
+                    features.append(projector.project(G))
+                    moved[batch.indices] |= (G != 0).any(dim=1).cpu()
+            S += (self._inverse_times(torch.cat(features), L, divisor) @ Phi.T).cpu()
+        warn_about_still_queries(queries, moved, fitted.engine.precision)
         return -(S / len(self._models_data)) * weights.unsqueeze(0)
 
     def self_scores(self, estimator: Estimator) -> Tensor:
@@ -510,7 +517,7 @@ class Trak(Method):
         out = torch.zeros(fitted.n, dtype=torch.float64)
         for (Phi, L, divisor), at in zip(self._models_data, self._models()):
             with at:
-                for batch in fitted.train.batches(fitted.batch_size):
+                for batch in fitted.train.batches(fitted.gradient_batch_size):
                     F = projector.project(fitted.engine.grads(batch, "loss"))
                     W = self._inverse_times(F, L, divisor)
                     out[batch.indices] += (W * Phi[batch.indices]).sum(1).cpu()
@@ -540,7 +547,7 @@ class Trak(Method):
             return torch.cat(
                 [
                     projector.project(engine.grads(b, kind))
-                    for b in examples.batches(fitted.batch_size)
+                    for b in examples.batches(fitted.gradient_batch_size)
                 ]
             )
 
