@@ -271,8 +271,12 @@ def test_training_mode_modules_warn_once_naming_them(digits: dict) -> None:
         infkit.Influence(task, "cg", l2=L2, damping=0.1).fit(digits["train"])
     messages = [str(w.message) for w in record if "training mode" in str(w.message)]
     assert len(messages) == 1
-    assert "BatchNorm" in messages[0] or "1" in messages[0]  # the module's name
+    # each module by its name and its kind (a Sequential's names are numbers)
+    assert "'1' (BatchNorm1d), '2' (Dropout)" in messages[0]
     assert "evaluation mode" in messages[0]
+    # a recipe replayed in evaluation mode says so when it trains
+    with pytest.warns(UserWarning, match=r"training mode .*'2' \(Dropout\)"):
+        infkit.Recipe(steps=1, lr=0.1, l2=L2).train(task, digits["train"])
 
 
 # ============================================================================ 3. indices

@@ -15,6 +15,7 @@ import torch
 from conftest import small_mlp
 
 import infkit
+from infkit.errors import Notice
 from infkit.evaluate import correlation, relative_error
 from infkit.parameters import ParameterSpace
 from infkit.recipe import Adam, Momentum, Recipe
@@ -115,9 +116,9 @@ def test_a_subset_bank_by_the_recipe_resumes_from_the_store(tmp_path) -> None:
     again = subsets(task, train, test, 1e-3, n_subsets=3, cache_dir=tmp_path, run=run)
     assert torch.equal(first.measurements, again.measurements)
     other = Recipe(steps=21, lr=0.3, optimizer=Adam(), l2=1e-3)
-    _, other_run = _trained(other, train)
+    other_task, other_run = _trained(other, train)
     store = {p for p in tmp_path.rglob("*") if p.is_file()}
-    subsets(task, train, test, 1e-3, n_subsets=3, cache_dir=tmp_path, run=other_run)
+    subsets(other_task, train, test, 1e-3, n_subsets=3, cache_dir=tmp_path, run=other_run)
     assert {p for p in tmp_path.rglob("*") if p.is_file()} > store  # not reused
     # the bank is the recipe rerun on the subset: weight 0 outside it, from theta_0
     mask = first.masks[1]
@@ -153,6 +154,79 @@ def test_wrong_runs_and_settings_are_refused_with_what_to_do() -> None:
         Recipe(steps=3, lr=0.1, optimizer="adamw")
     with pytest.raises(infkit.InvalidInputError, match="weights must be 40 finite numbers"):
         recipe.train(task, train, weights=-torch.ones(40))
+
+
+def test_retraining_by_a_run_refuses_data_and_models_that_are_not_the_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # the run's N with other labels was replayed without a word: a ground truth of -0.61 where
+    # the run's own data gives -0.0095 (a tester's digits MLP)
+    recipe = Recipe(steps=10, lr=0.3, l2=1e-2)
+    train, test = _data()
+    task, run = _trained(recipe, train)
+    relabelled = (train[0], train[1].clone())
+    relabelled[1][:5] = (relabelled[1][:5] + 1) % 3
+    reordered = (train[0].flip(0), train[1].flip(0))  # full batch: the same run, up to rounding
+    fine = infkit.retrain.leave_one_out(task, reordered, test, [0], 1e-2, run=run)
+    assert bool(torch.isfinite(fine.measurement).all())
+    for retrain in (
+        lambda data: infkit.retrain.without(task, data, [0], 1e-2, run=run),
+        lambda data: infkit.retrain.leave_one_out(task, data, test, [0, 1], 1e-2, run=run),
+        lambda data: infkit.retrain.subsets(task, data, test, 1e-2, n_subsets=2, run=run),
+    ):
+        with pytest.raises(infkit.InvalidInputError, match="replaying the run on this training"):
+            retrain(relabelled)
+    moved = copy.deepcopy(task.model)
+    ParameterSpace(moved).add_(torch.full((ParameterSpace(moved).size,), 1e-3))
+    with pytest.raises(infkit.InvalidInputError, match="not the run's final parameters"):
+        infkit.retrain.without(infkit.Task.classification(moved), train, [0], 1e-2, run=run)
+    # a workdir keeps nothing of the method, and inf.save refuses it: the notice says what does
+    with pytest.warns(Notice, match="keep the TrainingRun and fit again"):
+        infkit.Influence(task, "unrolled", l2=1e-2, run=run, workdir=tmp_path).fit(train)
+
+
+def test_recipes_that_diverge_or_break_the_optimiser_contract_are_named() -> None:
+    train, test = _data()
+    for settings, message in (
+        ({"optimizer": "momentum", "momentum": 1.5}, r"momentum must be in \[0, 1\)"),
+        ({"optimizer": "adam", "betas": (1.0, 0.999)}, r"betas must be two numbers in \[0, 1\)"),
+        ({"optimizer": "adam", "eps": 0.0}, "eps must be a number > 0"),
+        ({"momentum": 0.5}, "read by optimizer='momentum' only; the 'sgd' optimizer"),
+        ({"optimizer": "momentum", "betas": (0.8, 0.9)}, "read by optimizer='adam' only"),
+    ):
+        with pytest.raises(infkit.InvalidInputError, match=message):
+            Recipe(steps=3, lr=0.1, **settings)
+    # a learning rate that diverges: named at training, the model left as it was
+    task = infkit.Task.classification(small_mlp())
+    before = ParameterSpace(task.model).flat().clone()
+    with pytest.raises(infkit.NonFiniteError, match="the run diverged: the training objective"):
+        Recipe(steps=5, lr=1e200, l2=1e-2).train(task, train)  # ||theta||^2 overflows
+    assert torch.equal(ParameterSpace(task.model).flat(), before)
+
+    class InPlace:  # m.mul_(...) works while training, not under torch.func
+        def init(self, theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return (torch.zeros_like(theta),)
+
+        def update(self, theta, buffers, gradient, lr, t):  # type: ignore[no-untyped-def]
+            (m,) = buffers
+            m.mul_(0.9).add_(gradient)
+            return theta - lr * m, (m,)
+
+    task, run = _trained(Recipe(steps=5, lr=0.1, optimizer=InPlace()), train)
+    with pytest.raises(
+        infkit.InvalidInputError, match="InPlace's update\\(\\) changes a tensor in"
+    ):
+        infkit.Influence(task, "unrolled", run=run).fit(train).scores(test)
+
+    class Signed:  # sign(): derivative 0 almost everywhere, so every metagradient is 0
+        def init(self, theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return ()
+
+        def update(self, theta, buffers, gradient, lr, t):  # type: ignore[no-untyped-def]
+            return theta - lr * torch.sign(gradient), ()
+
+    task, run = _trained(Recipe(steps=5, lr=1e-3, optimizer=Signed()), train)
+    inf = infkit.Influence(task, "unrolled", run=run).fit(train)
+    with pytest.warns(UserWarning, match="test set example 0 and 3 more: the metagradients"):
+        assert not bool(inf.scores(test).any())
 
 
 # ---------------------------------------------------------------------------- method="source"

@@ -316,21 +316,6 @@ class Fitted:
 
 
 # ---------------------------------------------------------------------------- checks
-#: modules that compute something else in training mode than in evaluation mode
-MODE_DEPENDENT = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
-
-
 def check_weights_present(model: nn.Module) -> None:
     """Refuse a model with tensors on PyTorch's meta device (built from a configuration under
     ``torch.device("meta")``): it has shapes and no values, so nothing can be run on it."""
@@ -344,33 +329,6 @@ def check_weights_present(model: nn.Module) -> None:
             f"the model has {len(empty)} tensors on the meta device (shapes without values, "
             f"e.g. {empty[0]!r}): load its weights first (from_pretrained, or to_empty() and "
             "load_state_dict); plan() works on it as it is"
-        )
-
-
-def warn_about_training_mode(model: nn.Module) -> None:
-    """Warn (once per fit) when a model in training mode has mode-dependent modules.
-
-    infkit evaluates every quantity in evaluation mode: dropout off, batch normalisation on its
-    running statistics, which is the deterministic function the scores describe.
-    """
-    if not model.training:
-        return
-    names = [
-        name or type(module).__name__
-        for name, module in model.named_modules()
-        if isinstance(module, MODE_DEPENDENT)
-        or (
-            isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
-        )
-    ]
-    if names:
-        shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
-        warn(
-            f"the model is in training mode and has modules that behave differently in "
-            f"evaluation mode ({shown}); infkit evaluates it in evaluation mode (dropout off, "
-            "batch norm on its running statistics). Call model.eval() first to make that "
-            "explicit (and silence this warning)",
-            UserWarning,
         )
 
 

@@ -48,7 +48,6 @@ from infkit.fitted import (
     gradient_cache_fits,
     objective_gradient,
     training_gradients,
-    warn_about_training_mode,
 )
 from infkit.gradients import MODES, PerExample, directional_derivatives
 from infkit.layers.capture import UnassignedRowsError
@@ -69,7 +68,12 @@ from infkit.methods.base import (
     registered,
 )
 from infkit.options import suggest_option
-from infkit.parameters import ParameterSpace, evaluation_mode, product_dtype
+from infkit.parameters import (
+    ParameterSpace,
+    evaluation_mode,
+    product_dtype,
+    warn_about_training_mode,
+)
 from infkit.plan import Plan, RunShape, Stage, sized_outputs
 from infkit.progress import Mode, track
 from infkit.progress import resolve as resolve_progress
@@ -366,10 +370,15 @@ class Influence:
         kind = type(method)
         keeps = kind.shards_scores or "factors_dir" in kind.Options.names()
         if self.workdir is not None and not keeps:
+            instead = (
+                "inf.save(PATH) keeps a fitted run to load again"
+                if kind.savable
+                else "keep the TrainingRun and fit again, which replays it once"
+            )
             warn(
                 f"method {method.name!r} keeps nothing in workdir {self.workdir}: its fit and "
                 "scores are not resumable there (the Kronecker methods and ASTRA's factors "
-                "are); inf.save(PATH) keeps a fitted run to load again",
+                f"are); {instead}",
                 Notice,
             )
         cache, summary = (None, None)

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from infkit.errors import InvalidInputError
+from infkit.errors import InvalidInputError, warn
 
 
 def product_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -136,3 +136,46 @@ class ParameterSpace:
 
     def __repr__(self) -> str:
         return f"ParameterSpace(P={self.size}, tensors={len(self.names)}, dtype={self.dtype})"
+
+
+#: modules that compute something else in training mode than in evaluation mode
+MODE_DEPENDENT = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def warn_about_training_mode(model: nn.Module) -> None:
+    """Warn (once per fit or training run) when a model in training mode has mode-dependent
+    modules, naming them.
+
+    infkit evaluates every quantity, and replays every recipe, in evaluation mode: dropout off, batch normalisation on its
+    running statistics, which is the deterministic function the scores describe.
+    """
+    if not model.training:
+        return
+    names = [
+        f"{name!r} ({type(module).__name__})" if name else type(module).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, MODE_DEPENDENT)
+        or (
+            isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
+        )
+    ]
+    if names:
+        shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+        warn(
+            f"the model is in training mode and has modules that behave differently in "
+            f"evaluation mode ({shown}); infkit runs it in evaluation mode (dropout off, "
+            "batch norm on its running statistics). Call model.eval() first to make that "
+            "explicit (and silence this warning)",
+            UserWarning,
+        )

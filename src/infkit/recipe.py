@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet
-from infkit.errors import InvalidInputError
+from infkit.errors import InvalidInputError, NonFiniteError
 from infkit.gradients import PerExample
-from infkit.parameters import ParameterSpace, evaluation_mode
+from infkit.parameters import ParameterSpace, evaluation_mode, warn_about_training_mode
 from infkit.task import Task
 
 #: optimiser buffers (momentum, moments): a tuple of [P] tensors
@@ -118,6 +118,8 @@ class Adam:
 
 #: the built-in optimisers, by name
 OPTIMIZERS = ("sgd", "momentum", "adam")
+#: the defaults of the settings that one built-in optimiser reads (:class:`Recipe`)
+DEFAULT_MOMENTUM, DEFAULT_BETAS, DEFAULT_EPS = 0.9, (0.9, 0.999), 1e-8
 Schedule = Literal["constant", "cosine", "linear"]
 
 
@@ -148,9 +150,9 @@ class Recipe:
     optimizer: str | Optimizer = "sgd"
     batch_size: int | None = None
     l2: float = 0.0
-    momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    momentum: float = DEFAULT_MOMENTUM
+    betas: tuple[float, float] = DEFAULT_BETAS
+    eps: float = DEFAULT_EPS
     schedule: Schedule = "constant"
     warmup: int = 0
     seed: int = 0
@@ -160,10 +162,11 @@ class Recipe:
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise InvalidInputError(f"Recipe: steps must be an integer >= 1, got {self.steps!r}")
-        for name in ("lr", "l2", "eps"):
+        for name in ("lr", "l2"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
                 raise InvalidInputError(f"Recipe: {name} must be a number >= 0, got {value!r}")
+        self._check_optimizer_settings()
         if self.batch_size is not None and (
             not isinstance(self.batch_size, int) or self.batch_size < 1
         ):
@@ -184,6 +187,39 @@ class Recipe:
                 f"Recipe: warmup must be an integer in [0, steps), got {self.warmup!r}"
             )
         object.__setattr__(self, "_update", self._make_optimizer())
+
+    def _check_optimizer_settings(self) -> None:
+        """Refuse settings outside their range (a momentum or beta of 1 or more diverges or never
+        forgets; Adam's eps of 0 makes ``sqrt(v + eps^2)`` non-differentiable where a gradient
+        coordinate is 0) and settings the chosen optimiser does not read."""
+        number = (int, float)
+        mu, betas, eps = self.momentum, self.betas, self.eps
+        if not isinstance(mu, number) or isinstance(mu, bool) or not 0 <= mu < 1:
+            raise InvalidInputError(f"Recipe: momentum must be in [0, 1), got {mu!r}")
+        if (
+            not isinstance(betas, (tuple, list))
+            or len(betas) != 2
+            or not all(isinstance(b, number) and 0 <= b < 1 for b in betas)
+        ):
+            raise InvalidInputError(f"Recipe: betas must be two numbers in [0, 1), got {betas!r}")
+        if not isinstance(eps, number) or isinstance(eps, bool) or not eps > 0:
+            raise InvalidInputError(
+                f"Recipe: eps must be a number > 0 (Adam's sqrt(v + eps^2) has no derivative "
+                f"where v = 0 with eps = 0), got {eps!r}"
+            )
+        unread = {
+            "momentum": (mu != DEFAULT_MOMENTUM, "momentum"),
+            "betas": (tuple(betas) != DEFAULT_BETAS, "adam"),
+            "eps": (eps != DEFAULT_EPS, "adam"),
+        }
+        for name, (given, reader) in unread.items():
+            if given and self.optimizer != reader:
+                chosen = self.optimizer if isinstance(self.optimizer, str) else "your own"
+                raise InvalidInputError(
+                    f"Recipe: {name}={getattr(self, name)!r} is read by optimizer={reader!r} "
+                    f"only; the {chosen!r} optimizer would ignore it: use "
+                    f"optimizer={reader!r}, or leave {name} out"
+                )
 
     def _make_optimizer(self) -> Optimizer:
         if isinstance(self.optimizer, str):
@@ -210,6 +246,15 @@ class Recipe:
     def update(self) -> Optimizer:
         """The optimiser's pure update functions."""
         return self._update
+
+    def _diverged(self, what: str, losses: list[float]) -> NonFiniteError:
+        """The error of a run that diverged (the model is left as it was)."""
+        start = f" ({losses[0]:.4g} at step 0)" if losses and math.isfinite(losses[0]) else ""
+        return NonFiniteError(
+            f"Recipe.train: the run diverged: {what}{start}; the model is left at its initial "
+            f"parameters. Lower lr (now {self.lr}), add warm-up steps, or check that the loss "
+            "and the data are finite at the initial parameters"
+        )
 
     def learning_rate(self, t: int) -> float:
         """eta_t: warm-up, then the schedule."""
@@ -273,6 +318,7 @@ class Recipe:
                 (TracInCP, SOURCE); None: only theta_0 and the final parameters.
         """
         examples = ExampleSet(train, name="training set")
+        warn_about_training_mode(task.model)
         replay = Replay(self, task, examples)
         theta0 = replay.space.flat().detach().clone() if initial is None else initial
         theta0 = replay.check_vector(theta0, "initial")
@@ -285,6 +331,12 @@ class Recipe:
                 kept.append((t, theta))
             if loss is not None:
                 losses.append(loss)
+                if not math.isfinite(loss):
+                    raise self._diverged(
+                        f"the training objective is {loss} before step {t}", losses
+                    )
+        if not bool(torch.isfinite(theta).all()):
+            raise self._diverged("the final parameters hold NaN or Inf", losses)
         replay.space.assign_(theta)
         if not kept or kept[-1][0] != self.steps:
             kept.append((self.steps, theta))
@@ -297,6 +349,19 @@ class Recipe:
             losses=torch.tensor(losses, dtype=torch.float64),
             checkpoints=kept,
         )
+
+
+#: a replay of a run (or a model said to be its result) further than this from the run's final
+#: parameters, relative to their norm, is not that run: other data, another model or recipe, or
+#: a training that is not deterministic
+REPLAY_TOLERANCE = 1e-6
+
+
+def relative_drift(theta: Tensor, reference: Tensor) -> float:
+    """``||theta - reference|| / ||reference||`` (the plain norm where ``reference`` is 0)."""
+    theta = theta.detach().to(reference.dtype)
+    drift = float((theta - reference).norm()) / (float(reference.norm()) or 1.0)
+    return drift if math.isfinite(drift) else math.inf  # NaN parameters are not the run's
 
 
 @dataclass
@@ -389,16 +454,32 @@ class Replay:
     def step(self, theta: Tensor, buffers: Buffers, w: Tensor, t: int) -> tuple[Tensor, Buffers]:
         """One optimiser step from (theta_t, b_t) with data weights w: pure."""
         gradient = torch.func.grad(self.objective)(theta, w, t)
-        return self.recipe.update.update(theta, buffers, gradient, self.recipe.learning_rate(t), t)
+        return self._update(theta, buffers, gradient, t)
+
+    def _update(
+        self, theta: Tensor, buffers: Buffers, gradient: Tensor, t: int
+    ) -> tuple[Tensor, Buffers]:
+        """The optimiser's update at step t, its contract's breach named: an in-place operation
+        works while training and fails only under ``torch.func``'s transforms."""
+        update = self.recipe.update
+        try:
+            return update.update(theta, buffers, gradient, self.recipe.learning_rate(t), t)
+        except RuntimeError as error:
+            if "in-place" not in str(error) and "inplace" not in str(error):
+                raise
+            raise InvalidInputError(
+                f"the optimiser {type(update).__name__}'s update() changes a tensor in place "
+                f"({error}): infkit differentiates through it with torch.func, so init() and "
+                "update() must be pure, returning new tensors (m = mu * m + g, not "
+                "m.mul_(mu).add_(g)); see infkit.recipe.Optimizer"
+            ) from error
 
     def _step_and_objective(
         self, theta: Tensor, buffers: Buffers, w: Tensor, t: int
     ) -> tuple[Tensor, Buffers, float]:
         """:meth:`step` and the objective before it, from one forward and backward pass."""
         gradient, value = torch.func.grad_and_value(self.objective)(theta, w, t)
-        theta, buffers = self.recipe.update.update(
-            theta, buffers, gradient, self.recipe.learning_rate(t), t
-        )
+        theta, buffers = self._update(theta, buffers, gradient, t)
         return theta, buffers, float(value)
 
     def trajectory(

@@ -32,7 +32,7 @@ from infkit.fingerprint import data_fingerprint, model_fingerprint, task_fingerp
 from infkit.gradients import PerExample
 from infkit.parameters import ParameterSpace
 from infkit.progress import resolve, track
-from infkit.recipe import Replay, TrainingRun
+from infkit.recipe import REPLAY_TOLERANCE, Replay, TrainingRun, relative_drift
 from infkit.store import ArtifactStore
 from infkit.task import Task
 from infkit.training import train_to_optimum
@@ -157,13 +157,17 @@ def _cache(
     run: TrainingRun | None,
 ) -> RetrainCache | None:
     if run is not None:
-        _check_run(run, examples, l2)
+        _check_run(run, task, examples, l2)
     if cache_dir is None:
         return None
     return RetrainCache(cache_dir, task, examples, l2, tolerance, max_iter, run)
 
 
-def _check_run(run: TrainingRun, examples: ExampleSet, l2: float) -> None:
+def _check_run(run: TrainingRun, task: Task, examples: ExampleSet, l2: float) -> None:
+    """Refuse a run that is not the one that trained ``task``'s model on ``examples``: its N,
+    l2 and parameter count, the model at the run's final parameters, and the recipe replayed
+    on ``examples`` ending there (a training set with the run's N but other examples or
+    labels would otherwise be retrained on silently)."""
     if not isinstance(run, TrainingRun):
         raise InvalidInputError(
             f"run must be the TrainingRun that Recipe.train returned, got {type(run).__name__}"
@@ -177,6 +181,26 @@ def _check_run(run: TrainingRun, examples: ExampleSet, l2: float) -> None:
         raise InvalidInputError(
             f"l2={l2} differs from the recipe's l2={run.recipe.l2}: retraining by the recipe "
             "uses the recipe's objective; pass the same l2"
+        )
+    space = ParameterSpace(task.model)
+    if space.size != run.final.numel():
+        raise InvalidInputError(
+            f"the run covers {run.final.numel()} parameters, the model's trainable ones are "
+            f"{space.size}: pass the model the run trained"
+        )
+    if relative_drift(space.flat(), run.final) > REPLAY_TOLERANCE:
+        raise InvalidInputError(
+            "the model's parameters are not the run's final parameters: pass the model the "
+            "run trained, as Recipe.train left it (retraining measures changes from it)"
+        )
+    replay = Replay(run.recipe, task.with_model(copy.deepcopy(task.model)), examples)
+    final, _ = replay.final(run.initial.to(replay.space.dtype), run.weights.to(replay.space.dtype))
+    drift = relative_drift(final, run.final)
+    if drift > REPLAY_TOLERANCE:
+        raise InvalidInputError(
+            f"replaying the run on this training set ends {drift:.2e} (relative) from the run's "
+            "final parameters: these are not the examples and labels it was trained on (or "
+            "not in its order), or training is not deterministic; pass the run's own data"
         )
 
 

@@ -291,6 +291,9 @@ class Method(ABC):
     #: nothing beyond the record; None (the default): not declared, and the method cannot be
     #: saved
     fitted_state: ClassVar[tuple[str, ...] | None] = None
+    #: whether ``inf.save`` keeps a fitted run of the method (those differentiating a recorded
+    #: training run refuse: their state is the run, which the user keeps and fits again)
+    savable: ClassVar[bool] = True
 
     def __init__(self, options: BaseOptions | None = None, /, **values: Any) -> None:
         owner = f"method {self.name!r}"

@@ -172,9 +172,10 @@ class Source(Method):
     """SOURCE: the run cut into segments of constant curvature (module docstring)."""
 
     name = "source"
+    savable = False
     summary = (
         "SOURCE: the recorded run cut into segments, curvature and gradients held in each, "
-        "closed form per segment (EK-FAC or exact curvature)"
+        "closed form per segment (GGN by block Lanczos, EK-FAC or exact curvature)"
     )
     Options = SourceOptions
     uses_training_gradients = False

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet
-from infkit.errors import InvalidInputError, NotFittedError, UnsupportedError
+from infkit.errors import InvalidInputError, NotFittedError, UnsupportedError, warn
 from infkit.estimators import Estimator
 from infkit.fitted import Fitted
 from infkit.methods.base import Fidelity, Method, register
@@ -34,12 +34,9 @@ from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
 from infkit.plan import RunShape, Stage
 from infkit.progress import track
-from infkit.recipe import Replay, TrainingRun
+from infkit.recipe import REPLAY_TOLERANCE, Replay, TrainingRun, relative_drift
 from infkit.task import Task
 from infkit.unroll import Checkpoints, checkpoint, default_interval, metagradients, tangent
-
-#: fit refuses a run whose replay ends further than this (relative) from the model's parameters
-REPLAY_TOLERANCE = 1e-6
 
 
 def checked_replay(name: str, run: TrainingRun | None, fitted: Fitted) -> tuple[Replay, Tensor]:
@@ -65,9 +62,7 @@ def checked_replay(name: str, run: TrainingRun | None, fitted: Fitted) -> tuple[
             f"method {name!r}: the run covers {run.final.numel()} parameters, the model "
             f"attributes {fitted.space.size}: attribute through the whole model"
         )
-    theta = fitted.space.flat().detach()
-    scale = float(theta.norm()) or 1.0
-    if float((theta - run.final.to(theta)).norm()) > REPLAY_TOLERANCE * scale:
+    if relative_drift(run.final, fitted.space.flat().detach()) > REPLAY_TOLERANCE:
         raise InvalidInputError(
             f"method {name!r}: the model's parameters are not the run's final parameters; the "
             "run must be the one that trained this model (Recipe.train)"
@@ -79,8 +74,7 @@ def checked_replay(name: str, run: TrainingRun | None, fitted: Fitted) -> tuple[
 def check_replayed(name: str, final: Tensor, fitted: Fitted) -> None:
     """Refuse a replay that does not end at the model's parameters (other data, another model,
     or a training that is not deterministic)."""
-    theta = fitted.space.flat().detach()
-    drift = float((final - theta).norm()) / (float(theta.norm()) or 1.0)
+    drift = relative_drift(final, fitted.space.flat().detach())
     if drift > REPLAY_TOLERANCE:
         raise InvalidInputError(
             f"method {name!r}: replaying the run on this training set ends {drift:.2e} "
@@ -107,6 +101,7 @@ class Unrolled(Method):
     """Exact metagradients through a recorded training run (docs/methods/unrolled.md)."""
 
     name = "unrolled"
+    savable = False
     summary = (
         "metagradients: the exact derivative of each test measurement in each training "
         "example's weight through every step of a recorded training run"
@@ -177,7 +172,22 @@ class Unrolled(Method):
         return torch.cat(rows) if rows else torch.zeros(0, self.fitted.n, dtype=torch.float64)
 
     def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
-        return self._removal_effects(self.fitted.query_gradients(queries, "measurement"))
+        gradients = self.fitted.query_gradients(queries, "measurement")  # warns where it is 0
+        S = self._removal_effects(gradients)
+        flat = (gradients != 0).any(dim=1).cpu() & ~(S != 0).any(dim=1)
+        if bool(flat.any()):
+            k, count = int(flat.nonzero()[0, 0]), int(flat.sum())
+            more = f" and {count - 1} more" if count > 1 else ""
+            warn(
+                f"{queries.name} {queries.example(k)}{more}: the metagradients in every training "
+                "example's weight are 0 though the measurement's gradient is not: the run's "
+                "updates do not change with the data weights (an update that is piecewise "
+                "constant in the gradient, as sign() in Lion, has derivative 0 almost "
+                "everywhere). The scores are exact and say nothing of removals: retrain by the "
+                "recipe for them (infkit.retrain with run=), or train with a smooth optimiser",
+                UserWarning,
+            )
+        return S
 
     def self_scores(self, estimator: Estimator) -> Tensor:
         fitted = self.fitted
