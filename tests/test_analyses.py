@@ -91,6 +91,27 @@ def test_dataset_similarity(problem: dict) -> None:
         dataset_embedding(inf, a, kind="task2vec")
 
 
+def test_sampled_fisher_similarity_does_not_depend_on_order_or_batches(problem: dict) -> None:
+    # each example draws its labels by its own inputs: a set against itself reordered, doubled
+    # or in other batches is 1, and a set's second moment is the mean of its members' (a
+    # tester's shuffled copy of a set scored 0.96, below random tokens at 0.975)
+    (X, y), model = problem["train"], problem["model"]
+    inf = infkit.Influence(
+        infkit.Task.classification(model), "ekfac", damping=1e-2, fisher="sampled", batch_size=7
+    ).fit((X, y))
+    a = (X[:30], y[:30])
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(0))
+    shuffled = (X[:30][order], y[:30][order])
+    doubled = (torch.cat([X[:30], X[:30]]), torch.cat([y[:30], y[:30]]))
+    for kind in ("profile", "second_moment"):
+        for other in (shuffled, doubled):
+            assert dataset_similarity(inf, a, other, kind) == pytest.approx(1.0, abs=1e-12)
+    single = torch.stack(
+        [dataset_embedding(inf, (X[i : i + 1], y[i : i + 1]), "second_moment") for i in range(30)]
+    )
+    assert relative_error(dataset_embedding(inf, a, "second_moment"), single.mean(0)) < 1e-12
+
+
 def test_curvature_mask_and_edit_against_a_direct_construction(problem: dict) -> None:
     inf, train = problem["inf"], problem["train"]
     method = inf.method.kronecker()

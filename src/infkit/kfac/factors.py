@@ -34,6 +34,8 @@ side of a layer, not two, from the decomposition on.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +46,7 @@ import torch
 from torch import Tensor
 
 from infkit import language_modeling as lm
-from infkit.data import ExampleSet
+from infkit.data import Batch, ExampleSet, leaves, map_tensors
 from infkit.distributed import batch_count, batch_seed, shard_batches, sum_across
 from infkit.errors import (
     ArtifactError,
@@ -239,6 +241,26 @@ def default_sampler(task_name: str) -> SampleFn | None:
     return None
 
 
+def _row(t: Tensor, i: int) -> Tensor:
+    """Example ``i`` of a batched tensor, keeping the batch dimension."""
+    return t[i : i + 1]
+
+
+def example_seeds(batch: Batch, seed: int, stream: int = 0) -> list[int]:
+    """A seed of sampled labels for each example of ``batch``, a function of the example's
+    inputs (their dtypes, shapes and values), ``seed`` and ``stream`` alone: the same example
+    draws the same labels in any set, order or batch."""
+    out = []
+    for i in range(len(batch)):
+        digest = hashlib.blake2b(f"{seed}/{stream}".encode(), digest_size=8)
+        for t in leaves(batch.inputs):
+            row = t[i].detach().cpu().contiguous()
+            digest.update(f"{row.dtype}{tuple(row.shape)}".encode())
+            digest.update(row.reshape(-1).view(torch.uint8).numpy().tobytes())
+        out.append(int.from_bytes(digest.digest(), "little") >> 1)
+    return out
+
+
 # ---------------------------------------------------------------------------------- fitting
 class FactorFitter:
     """Fits :class:`KroneckerFactors` on a training set, batch by batch.
@@ -258,6 +280,9 @@ class FactorFitter:
         progress: how progress is shown (:mod:`infkit.progress`).
         cache_bytes: keep activations and gradients of the first pass in memory for the
             eigenvalue-correction pass when they fit in this many bytes (0: never).
+        per_example_draws: draw each example's labels (``"sampled"``) from a generator seeded
+            by the example's own inputs (:func:`example_seeds`), so that a set's draws do not
+            depend on its order or its batches (dataset embeddings); else per batch.
     """
 
     def __init__(
@@ -274,6 +299,7 @@ class FactorFitter:
         batch_size: int = 64,
         progress: Mode = "off",
         cache_bytes: int = 1 << 30,
+        per_example_draws: bool = False,
     ) -> None:
         if fisher not in FISHER:
             raise UnsupportedError(f"unknown fisher {fisher!r}; valid values: {', '.join(FISHER)}")
@@ -291,6 +317,7 @@ class FactorFitter:
         self.batch_size = batch_size
         self.progress = progress
         self.cache_bytes = cache_bytes
+        self.per_example_draws = per_example_draws
         self._resolved: tuple[ExampleSet, str] | None = None  # the last set and its mode
 
     def resolve(self, examples: ExampleSet) -> str:
@@ -341,9 +368,14 @@ class FactorFitter:
 
     # -------------------------------------------------------------- output-space vectors
     def output_vectors(
-        self, mode: str, out: Tensor, targets: Any, gen: torch.Generator | None
+        self,
+        mode: str,
+        out: Tensor,
+        targets: Any,
+        gen: torch.Generator | list[torch.Generator] | None,
     ) -> Tensor:
-        """[K, *out.shape] vectors u with sum_k u_k u_k^T = E[g g^T] (the curvature's S-part)."""
+        """[K, *out.shape] vectors u with sum_k u_k u_k^T = E[g g^T] (the curvature's S-part);
+        ``gen``: the batch's generator of sampled labels, or one per example."""
         task = self.task
         if mode == "ggn":
             with torch.no_grad():
@@ -357,10 +389,28 @@ class FactorFitter:
                 vectors = []
                 assert self.sampler is not None and gen is not None  # checked by resolve()
                 for _ in range(self.samples):
-                    y = self.sampler(f.detach(), targets, gen)
+                    y = self._draw(f.detach(), targets, gen)
                     vectors.append(torch.autograd.grad(task.checked_loss(f, y).sum(), f)[0])
         scale = 1.0 / math.sqrt(len(vectors))
         return torch.stack(vectors) * scale
+
+    def _draw(self, out: Tensor, targets: Any, gen: torch.Generator | list[torch.Generator]) -> Any:
+        """Labels drawn by the sampler for the batch, from its generator or one per example."""
+        assert self.sampler is not None  # checked by resolve()
+        if isinstance(gen, torch.Generator):
+            return self.sampler(out, targets, gen)
+        rows = [
+            self.sampler(out[i : i + 1], map_tensors(targets, functools.partial(_row, i=i)), g)
+            for i, g in enumerate(gen)
+        ]
+        if all(isinstance(r, Tensor) for r in rows):
+            return torch.cat(rows)
+        if all(isinstance(r, dict) for r in rows):
+            return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+        raise UnsupportedError(
+            "sample_targets returned neither a tensor nor a dict of tensors, which drawing "
+            f"each example's labels on its own needs to join (got {type(rows[0]).__name__})"
+        )
 
     def pass_over(self, examples: ExampleSet, mode: str, desc: str, stream: int = 0):
         """Yield (batch size, {name: (a, mask, Ds)}) for every batch of this process
@@ -377,13 +427,19 @@ class FactorFitter:
         batches = shard_batches(examples, self.batch_size)  # this process's share
         with Capture(self.tracked, self.mask_key) as cap, evaluation_mode(model):
             for number, batch in track(batches, self.progress, desc, total):
-                if gen is not None:  # labels drawn per batch: the same on any process
+                draws: torch.Generator | list[torch.Generator] | None = gen
+                if gen is not None and self.per_example_draws:  # by each example's inputs
+                    draws = [
+                        torch.Generator(device=gen.device).manual_seed(s)
+                        for s in example_seeds(batch, self.seed, stream)
+                    ]
+                elif gen is not None:  # labels drawn per batch: the same on any process
                     gen.manual_seed(batch_seed(self.seed, stream, number))
                 inputs, targets = self.engine.prepare(batch)
                 with torch.enable_grad():
                     out = cap.forward(self.task, inputs)
                     check_finite_rows(out.detach(), batch, "model output", self.engine.precision)
-                    U = self.output_vectors(mode, out, targets, gen)
+                    U = self.output_vectors(mode, out, targets, draws)
                     Ds = cap.backprop(out, U)
                 items = {}
                 for t in self.tracked:
