@@ -1648,16 +1648,16 @@ def test_a_plan_above_the_limit_suggests_the_methods_own_levers(problem: dict) -
 def test_per_example_gradients_keep_to_a_quarter_of_the_limit(
     problem: dict, monkeypatch: pytest.MonkeyPatch, method: str, options: dict
 ) -> None:
-    # a batch's per-example gradients [B, P] and their working memory (GRADIENT_WORK_FACTOR x)
-    # are formed a few rows at a time under a limit whose quarter does not hold B of them (a
+    # a batch's per-example gradients [B, P], their working memory (GRADIENT_WORK_FACTOR x) and
+    # float64 copies are formed a few rows at a time under a limit whose quarter does not hold B of them (a
     # tester's TRAK went 359 MiB past its limit on a batch of 64): the same scores, and the
     # plan counts the rows the run forms
-    from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample
+    from infkit.gradients import PerExample, gradient_row_bytes
 
     model = problem["model"]
     task = infkit.Task.language_modeling(model)
     p = sum(x.numel() for x in model.parameters())
-    limit = 4 * 3 * GRADIENT_WORK_FACTOR * p * 8  # a quarter holds 3 rows of float64
+    limit = 4 * 3 * gradient_row_bytes(p, 8)  # a quarter holds 3 rows of float64
     if options.get("checkpoints") == "two":
         state = {k: v.clone() for k, v in model.state_dict().items()}
         moved = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}

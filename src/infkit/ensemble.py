@@ -40,6 +40,7 @@ from infkit.errors import (
 from infkit.fingerprint import callable_identity, data_fingerprint
 from infkit.influence import Influence, TopK
 from infkit.memory import FLOAT64_BYTES, human_bytes, row_chunks
+from infkit.parameters import dtype_name
 from infkit.removal import Quantity, RemovalEffect
 from infkit.task import Task
 
@@ -497,7 +498,7 @@ class Ensemble:
             "method": methods[0] if len(methods) == 1 else methods,
             "estimator": self.estimator,
             "n_train": self.n_train,
-            "dtype": str(self._dtype).removeprefix("torch."),
+            "dtype": dtype_name(self._dtype),
             "members": [member.describe() for member in self._members],
         }
 

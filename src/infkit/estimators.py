@@ -243,7 +243,7 @@ def scores(
         U = inverse.solve(Q)  # H^{-1} grad m_t, one solve per query
         return fitted.attributed_products(U) / fitted.n
     S = torch.empty(Q.shape[0], fitted.n, dtype=torch.float64)
-    total = -(-fitted.n // fitted.batch_size)
+    total = -(-fitted.n // fitted.training_gradient_batch_size)
     deltas = removal_deltas(inverse, fitted, estimator)
     for batch, delta in track(deltas, fitted.progress, estimator.name, total):
         S[:, batch.indices] = (Q @ delta.T).cpu()
@@ -253,7 +253,7 @@ def scores(
 def self_scores(inverse: InverseCurvature, fitted: Fitted, estimator: Estimator) -> Tensor:
     """Removal effect of each training example on its own loss, [N] float64."""
     out = torch.empty(fitted.n, dtype=torch.float64)
-    total = -(-fitted.n // fitted.batch_size)
+    total = -(-fitted.n // fitted.training_gradient_batch_size)
     deltas = removal_deltas(inverse, fitted, estimator)
     for batch, delta in track(deltas, fitted.progress, "self-scores", total):
         out[batch.indices] = (fitted.loss_grads(batch) * delta).sum(1).cpu()

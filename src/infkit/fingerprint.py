@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from infkit.data import ExampleSet
+from infkit.parameters import dtype_name
 from infkit.task import Task
 
 #: examples hashed per batch
@@ -139,7 +140,7 @@ def task_fingerprint(task: Task) -> dict[str, Any]:
         "higher_is_better": task.higher_is_better,
     }
     if task.autocast is not None:
-        out["autocast"] = str(task.autocast).removeprefix("torch.")
+        out["autocast"] = dtype_name(task.autocast)
     elif _below_float32(task.model):
         out["outputs"] = "float32"
     return out

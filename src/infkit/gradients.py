@@ -69,14 +69,24 @@ TANGENT_CHUNK = 64
 GRADIENT_WORK_FACTOR = 5
 
 
+def gradient_row_bytes(parameters: int, itemsize: int) -> int:
+    """Bytes one example's gradient takes where it is formed: :data:`GRADIENT_WORK_FACTOR` x
+    [P] at ``itemsize`` bytes a number (the gradient and the vmapped backward's working memory),
+    and the two float64 copies the answers make of it (the gradient, and with the regulariser's
+    share)."""
+    return (GRADIENT_WORK_FACTOR * itemsize + 2 * 8) * max(parameters, 1)
+
+
 def gradient_rows(batch_size: int, parameters: int, itemsize: int, memory_limit: int) -> int:
     """Examples whose per-example gradients [b, P] are formed at once (:meth:`PerExample.grads`,
-    vmap over the model): the run's ``batch_size``, lowered so that they and their working
-    memory (:data:`GRADIENT_WORK_FACTOR` x [b, P] at ``itemsize`` bytes a number) take at most a
-    quarter of ``memory_limit``; at least 1. The rows of a batch are independent, so a smaller b
-    changes the order of a few sums, not what is computed."""
-    per_row = GRADIENT_WORK_FACTOR * max(parameters, 1) * itemsize
-    return max(1, min(batch_size, memory_limit // 4 // per_row))
+    vmap over the model): the run's ``batch_size``, lowered so that their
+    :func:`gradient_row_bytes` take at most a quarter of ``memory_limit``; at least 1.
+
+    The rows of a batch are independent: a smaller b changes the order of some sums and, where
+    an iterative solver takes a batch's rows as its right-hand sides (the removal effects of
+    ``cg``), its iterates, so those answers agree within the solver's tolerance, not bit for bit.
+    """
+    return max(1, min(batch_size, memory_limit // 4 // gradient_row_bytes(parameters, itemsize)))
 
 
 T = TypeVar("T")

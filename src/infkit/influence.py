@@ -70,6 +70,7 @@ from infkit.methods.base import (
 from infkit.options import suggest_option
 from infkit.parameters import (
     ParameterSpace,
+    dtype_name,
     evaluation_mode,
     product_dtype,
     warn_about_training_mode,
@@ -185,7 +186,7 @@ class Influence:
                 task = task.with_autocast(dtype)
                 floating = [p.dtype for p in task.model.parameters() if p.is_floating_point()]
                 if floating and all(d == torch.float64 for d in floating):
-                    precision = str(dtype).removeprefix("torch.")
+                    precision = dtype_name(dtype)
                     raise InvalidInputError(
                         f"dtype=torch.{precision} runs the passes under torch.autocast, which "
                         "lowers float32 operations only, and every parameter of this model is "
@@ -301,9 +302,10 @@ class Influence:
             and self._estimator.name in method_class(name).estimators
             and (not self.auto_damping or method_class(name).supports_auto_damping)
         ]
-        names = [n for n in suiting if self.task.autocast is None or method_class(n).takes_autocast]
-        if suiting and not names:  # dtype= left out the only ones that take the options
-            precision = str(self.task.autocast).removeprefix("torch.")
+        autocast = self.task.autocast
+        names = [n for n in suiting if autocast is None or method_class(n).takes_autocast]
+        if autocast is not None and suiting and not names:  # dtype= left out the only ones
+            precision = dtype_name(autocast)  # that take the options
             raise UnsupportedError(
                 f"method='auto' with dtype=torch.{precision}: the methods that take the "
                 f"option(s) {sorted(self.method_options)} ({', '.join(suiting)}) run no pass "
@@ -372,8 +374,13 @@ class Influence:
         if self.workdir is not None and not keeps:
             instead = (
                 "inf.save(PATH) keeps a fitted run to load again"
-                if kind.savable
-                else "keep the TrainingRun and fit again, which replays it once"
+                if kind.fitted_state is not None  # what inf.save keeps of it
+                else "nor does inf.save: fit again"
+                + (
+                    " from the TrainingRun you keep, which replays it once"
+                    if "run" in kind.Options.names()
+                    else ""
+                )
             )
             warn(
                 f"method {method.name!r} keeps nothing in workdir {self.workdir}: its fit and "
@@ -590,7 +597,7 @@ class Influence:
             # saved before such a run was refused: the precision changed none of its answers
             warn(
                 f"{record.requested_path} was fitted with dtype=torch."
-                f"{str(autocast).removeprefix('torch.')}, which method {settings.method!r} "
+                f"{dtype_name(autocast)}, which method {settings.method!r} "
                 "does not take (its products run in the model's own dtype, so the answers are "
                 "those without it): loaded without it",
                 Notice,
@@ -1220,10 +1227,8 @@ class Influence:
             "damping": "auto" if self.auto_damping else self.damping,
             "batch_size": self.batch_size,
             "device": str(fitted.space.device),
-            "dtype": str(fitted.space.dtype).removeprefix("torch."),
-            "autocast": None
-            if self.task.autocast is None
-            else str(self.task.autocast).removeprefix("torch."),
+            "dtype": dtype_name(fitted.space.dtype),
+            "autocast": None if self.task.autocast is None else dtype_name(self.task.autocast),
             "n_train": fitted.n,
             "n_params": self.n_params,
             "stationarity": fitted.stationarity,

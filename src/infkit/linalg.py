@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from infkit.errors import CurvatureError, warn
+from infkit.parameters import dtype_name
 
 #: columns per block of :func:`gram` (fewer, larger products below twice this width)
 GRAM_BLOCK = 96
@@ -204,7 +205,7 @@ def imprecise_solve_warning(method: str, tol: float, dtype: torch.dtype) -> None
     unable to certify two significant digits (:func:`attainable_tolerance`)."""
     reached = attainable_tolerance(tol, dtype)
     if reached > IMPRECISE_TOLERANCE and reached > tol:
-        name = str(dtype).removeprefix("torch.")
+        name = dtype_name(dtype)
         warn(
             f"method {method!r} multiplies by the curvature in the model's dtype, {name}, whose "
             f"products certify a relative residual of {reached:.2g} at best (100 x its machine "

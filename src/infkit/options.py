@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 import torch
 
 from infkit.errors import InvalidInputError, UnsupportedError, warn
+from infkit.parameters import dtype_name
 
 OptionsT = TypeVar("OptionsT", bound="Options")
 
@@ -343,9 +344,9 @@ def _recordable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, torch.Tensor):
-        return f"<tensor {list(value.shape)} {str(value.dtype).removeprefix('torch.')}>"
+        return f"<tensor {list(value.shape)} {dtype_name(value.dtype)}>"
     if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
+        return dtype_name(value)
     if isinstance(value, PurePath):
         return str(value)
     if isinstance(value, Mapping):

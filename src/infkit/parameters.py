@@ -26,6 +26,11 @@ def product_dtype(model_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if model_dtype == torch.float64 else torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype's name without the module, as records and messages write it: ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """Run with ``model.eval()`` (deterministic dropout / batch-norm), restoring the mode after."""
@@ -157,8 +162,9 @@ def warn_about_training_mode(model: nn.Module) -> None:
     """Warn (once per fit or training run) when a model in training mode has mode-dependent
     modules, naming them.
 
-    infkit evaluates every quantity, and replays every recipe, in evaluation mode: dropout off, batch normalisation on its
-    running statistics, which is the deterministic function the scores describe.
+    infkit evaluates every quantity, and replays every recipe, in evaluation mode: dropout off,
+    batch normalisation on its running statistics, which is the deterministic function the
+    scores describe.
     """
     if not model.training:
         return

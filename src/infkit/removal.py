@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from infkit.errors import warn
-from infkit.parameters import ParameterSpace
+from infkit.parameters import ParameterSpace, dtype_name
 
 #: the least part of Delta theta (1 - relative error) an edited copy must hold without a warning
 HELD_FRACTION = 0.9
@@ -111,7 +111,7 @@ class RemovalEffect:
                 still += int(((held == 0) & (step != 0)).sum())
         lost = (missed / wanted) ** 0.5 if wanted > 0 else 0.0
         if lost > 1 - HELD_FRACTION:
-            precision = str(space.dtype).removeprefix("torch.")
+            precision = dtype_name(space.dtype)
             wider = "float64" if space.dtype.itemsize >= 4 else "float32"
             remedy = (
                 f"model(dtype=torch.{wider}) keeps the step; "

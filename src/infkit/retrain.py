@@ -32,7 +32,7 @@ from infkit.fingerprint import data_fingerprint, model_fingerprint, task_fingerp
 from infkit.gradients import PerExample
 from infkit.parameters import ParameterSpace
 from infkit.progress import resolve, track
-from infkit.recipe import REPLAY_TOLERANCE, Replay, TrainingRun, relative_drift
+from infkit.recipe import Replay, TrainingRun, relative_drift, replay_tolerance
 from infkit.store import ArtifactStore
 from infkit.task import Task
 from infkit.training import train_to_optimum
@@ -188,7 +188,8 @@ def _check_run(run: TrainingRun, task: Task, examples: ExampleSet, l2: float) ->
             f"the run covers {run.final.numel()} parameters, the model's trainable ones are "
             f"{space.size}: pass the model the run trained"
         )
-    if relative_drift(space.flat(), run.final) > REPLAY_TOLERANCE:
+    tolerance = replay_tolerance(space.dtype)
+    if relative_drift(space.flat(), run.final) > tolerance:
         raise InvalidInputError(
             "the model's parameters are not the run's final parameters: pass the model the "
             "run trained, as Recipe.train left it (retraining measures changes from it)"
@@ -196,7 +197,7 @@ def _check_run(run: TrainingRun, task: Task, examples: ExampleSet, l2: float) ->
     replay = Replay(run.recipe, task.with_model(copy.deepcopy(task.model)), examples)
     final, _ = replay.final(run.initial.to(replay.space.dtype), run.weights.to(replay.space.dtype))
     drift = relative_drift(final, run.final)
-    if drift > REPLAY_TOLERANCE:
+    if drift > tolerance:
         raise InvalidInputError(
             f"replaying the run on this training set ends {drift:.2e} (relative) from the run's "
             "final parameters: these are not the examples and labels it was trained on (or "

@@ -61,7 +61,7 @@ from infkit.fingerprint import (
 from infkit.fitted import Fitted, gradient_cache_fits
 from infkit.gradients import PerExample
 from infkit.methods.base import Method, method_class, registered
-from infkit.parameters import ParameterSpace
+from infkit.parameters import ParameterSpace, dtype_name
 from infkit.progress import Mode
 from infkit.registry import Choice
 from infkit.store import (
@@ -198,7 +198,7 @@ def encode(value: Any, writer: _Writer, where: str, what: str, functions: bool =
     if isinstance(value, Tensor):
         return writer.tensor(value, where)
     if isinstance(value, torch.dtype):
-        return {"__dtype__": str(value).removeprefix("torch.")}
+        return {"__dtype__": dtype_name(value)}
     if isinstance(value, PurePath):
         return {"__path__": str(value)}
     if isinstance(value, (list, tuple)):
@@ -298,7 +298,7 @@ def model_details(model: nn.Module) -> dict[str, Any]:
 def _tensor_details(t: Tensor, trainable: bool | None) -> dict[str, Any]:
     return {
         "shape": list(t.shape),
-        "dtype": str(t.dtype).removeprefix("torch."),
+        "dtype": dtype_name(t.dtype),
         "trainable": trainable,
         "digest": tensor_digest(t),
     }
@@ -432,10 +432,8 @@ def save(
         "task": task_fingerprint(task),
         "data": data_fingerprint(fitted.train),
         "n_train": fitted.n,
-        "dtype": str(space.dtype).removeprefix("torch."),
-        "autocast": None
-        if settings.autocast is None
-        else str(settings.autocast).removeprefix("torch."),
+        "dtype": dtype_name(space.dtype),
+        "autocast": None if settings.autocast is None else dtype_name(settings.autocast),
         "parameters": list(space.names),
         "method": settings.method,
         "requested": settings.requested,

@@ -46,7 +46,7 @@ from infkit.layers.capture import block_gradient
 from infkit.layers.tracked import SUPPORTED, TrackedLayers, TrackedModule, kinds_of, tied_layers
 from infkit.memory import bounded, release_freed_memory
 from infkit.options import Options, option
-from infkit.parameters import ParameterSpace
+from infkit.parameters import ParameterSpace, dtype_name
 from infkit.progress import Mode
 from infkit.store import Artifact, ArtifactStore, differences, tensors_file
 
@@ -325,7 +325,7 @@ class KroneckerCurvature:
                 kind = "zero (or negative)" if low <= 0 else "numerically zero"
                 raise CurvatureError(
                     f"layer {t.name!r} has a {kind} damped eigenvalue ({low:.2e}, against a "
-                    f"largest of {high:.2e}, ratio below {str(values.dtype).removeprefix('torch.')}"
+                    f"largest of {high:.2e}, ratio below {dtype_name(values.dtype)}"
                     f"'s epsilon {eps:.1e}): its Kronecker-factored curvature is singular, "
                     "and solving with it would divide rounding noise by that eigenvalue. Add "
                     "damping (damping='auto': a tenth of each layer's mean eigenvalue, or e.g. "

@@ -241,6 +241,19 @@ def default_sampler(task_name: str) -> SampleFn | None:
     return None
 
 
+def _joined(rows: list[Any]) -> Any:
+    """One batch's targets from each example's (tensors concatenated along the batch, in the
+    same nesting of dicts, tuples and lists; other values, as constants, taken from the first)."""
+    first = rows[0]
+    if isinstance(first, Tensor):
+        return torch.cat(rows)
+    if isinstance(first, dict):
+        return {k: _joined([r[k] for r in rows]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_joined([r[k] for r in rows]) for k in range(len(first)))
+    return first
+
+
 def _row(t: Tensor, i: int) -> Tensor:
     """Example ``i`` of a batched tensor, keeping the batch dimension."""
     return t[i : i + 1]
@@ -403,14 +416,7 @@ class FactorFitter:
             self.sampler(out[i : i + 1], map_tensors(targets, functools.partial(_row, i=i)), g)
             for i, g in enumerate(gen)
         ]
-        if all(isinstance(r, Tensor) for r in rows):
-            return torch.cat(rows)
-        if all(isinstance(r, dict) for r in rows):
-            return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
-        raise UnsupportedError(
-            "sample_targets returned neither a tensor nor a dict of tensors, which drawing "
-            f"each example's labels on its own needs to join (got {type(rows[0]).__name__})"
-        )
+        return _joined(rows)
 
     def pass_over(self, examples: ExampleSet, mode: str, desc: str, stream: int = 0):
         """Yield (batch size, {name: (a, mask, Ds)}) for every batch of this process

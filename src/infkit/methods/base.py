@@ -49,13 +49,13 @@ from infkit.errors import (
 )
 from infkit.estimators import ESTIMATORS, Estimator, EstimatorName
 from infkit.fitted import STATIONARITY_TOLERANCE, Fitted, gradient_cache_bytes
-from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, gradient_rows
+from infkit.gradients import PerExample, gradient_row_bytes, gradient_rows
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.layers.tracked import TrackedLayers
 from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes, row_chunks
 from infkit.options import NoOptions
 from infkit.options import Options as BaseOptions
-from infkit.parameters import ParameterSpace
+from infkit.parameters import ParameterSpace, dtype_name
 from infkit.plan import RunShape, Stage
 from infkit.progress import Progress
 from infkit.task import Task
@@ -222,10 +222,10 @@ def gradient_batch_rows(shape: RunShape) -> int:
 
 
 def batch_gradient_bytes(shape: RunShape) -> int:
-    """A batch's per-example gradients (vmap over the model) with their working memory, as
-    the plan counts them: :data:`~infkit.gradients.GRADIENT_WORK_FACTOR` x [B, P] in the
-    model's precision, B of :func:`gradient_batch_rows`."""
-    return GRADIENT_WORK_FACTOR * gradient_batch_rows(shape) * shape.parameters * shape.itemsize
+    """A batch's per-example gradients (vmap over the model) with their working memory and
+    float64 copies, as the plan counts them: B of :func:`gradient_batch_rows` rows of
+    :func:`~infkit.gradients.gradient_row_bytes`."""
+    return gradient_batch_rows(shape) * gradient_row_bytes(shape.parameters, shape.itemsize)
 
 
 class Method(ABC):
@@ -291,9 +291,6 @@ class Method(ABC):
     #: nothing beyond the record; None (the default): not declared, and the method cannot be
     #: saved
     fitted_state: ClassVar[tuple[str, ...] | None] = None
-    #: whether ``inf.save`` keeps a fitted run of the method (those differentiating a recorded
-    #: training run refuse: their state is the run, which the user keeps and fits again)
-    savable: ClassVar[bool] = True
 
     def __init__(self, options: BaseOptions | None = None, /, **values: Any) -> None:
         owner = f"method {self.name!r}"
@@ -792,7 +789,7 @@ def energy_failure_message(ratio: float, dtype: torch.dtype) -> str:
             "the curvature it solves with is singular or indefinite in this precision. Add "
             "damping (damping='auto' for the Kronecker methods, or e.g. damping=1e-3) or l2"
         )
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     return (
         f"the fit-time check of the answers' scale gave {ratio} (energy ratio): the curvature "
         f"products overflowed or lost all precision in {name}, so nothing checks the answers. "

@@ -38,7 +38,6 @@ from torch import Tensor
 from infkit.blocks import BlockMode, layer_slices
 from infkit.errors import CurvatureError, InvalidInputError, NotFittedError
 from infkit.fitted import Fitted
-from infkit.gradients import gradient_rows
 from infkit.methods.base import Fidelity, PrimalMethod, register
 from infkit.options import Options, option
 
@@ -204,11 +203,7 @@ class DataInf(PrimalMethod):
             for batch in fitted.train.batches(max(fitted.batch_size, 256)):
                 yield batch.indices, self._cache[batch.indices].to(fitted.space.dtype)
             return
-        space = fitted.space
-        rows = gradient_rows(
-            max(fitted.batch_size, 256), space.size, space.bytes_per_float(), fitted.memory_limit
-        )
-        for batch in fitted.train.batches(rows):
+        for batch in fitted.train.batches(fitted.gradient_batch_size):
             yield batch.indices, fitted.engine.grads(batch, "loss")
 
     def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:

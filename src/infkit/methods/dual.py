@@ -65,7 +65,7 @@ from infkit.methods.base import (
 from infkit.ntk.kernel import column_features, kernel_matrix, kernel_rows
 from infkit.ntk.structured import Features, Strategy, TangentFeatures
 from infkit.options import Options, option
-from infkit.parameters import ParameterSpace
+from infkit.parameters import ParameterSpace, dtype_name
 from infkit.task import Task
 
 #: ``method="auto"`` picks ``dual`` when P is at least this many times N*C
@@ -364,7 +364,7 @@ class Dual(PrimalMethod):
 
     def check(self, task: Task, space: ParameterSpace) -> None:
         if task.autocast is not None:
-            precision = str(task.autocast).removeprefix("torch.")
+            precision = dtype_name(task.autocast)
             able = [n for n, cls in sorted(registered().items()) if cls.takes_autocast]
             raise UnsupportedError(
                 f"method 'dual' runs its kernel and every product by forward-mode "

@@ -251,8 +251,7 @@ class Identity(PrimalMethod):
         """The training batches of checkpoint terms: the run's batch size where the gradients
         are read from the cache, else :attr:`~infkit.fitted.Fitted.gradient_batch_size`."""
         fitted = self.fitted
-        cached = at_fit and fitted.train_gradients is not None
-        size = fitted.batch_size if cached else fitted.gradient_batch_size
+        size = fitted.training_gradient_batch_size if at_fit else fitted.gradient_batch_size
         return fitted.train.batches(size, indices)
 
     def _loss_grads(self, batch: Batch, at_fit: bool) -> Tensor:

@@ -172,7 +172,6 @@ class Source(Method):
     """SOURCE: the run cut into segments of constant curvature (module docstring)."""
 
     name = "source"
-    savable = False
     summary = (
         "SOURCE: the recorded run cut into segments, curvature and gradients held in each, "
         "closed form per segment (GGN by block Lanczos, EK-FAC or exact curvature)"

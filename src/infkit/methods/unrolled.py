@@ -34,7 +34,7 @@ from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
 from infkit.plan import RunShape, Stage
 from infkit.progress import track
-from infkit.recipe import REPLAY_TOLERANCE, Replay, TrainingRun, relative_drift
+from infkit.recipe import Replay, TrainingRun, relative_drift, replay_tolerance
 from infkit.task import Task
 from infkit.unroll import Checkpoints, checkpoint, default_interval, metagradients, tangent
 
@@ -62,7 +62,8 @@ def checked_replay(name: str, run: TrainingRun | None, fitted: Fitted) -> tuple[
             f"method {name!r}: the run covers {run.final.numel()} parameters, the model "
             f"attributes {fitted.space.size}: attribute through the whole model"
         )
-    if relative_drift(run.final, fitted.space.flat().detach()) > REPLAY_TOLERANCE:
+    tolerance = replay_tolerance(fitted.space.dtype)
+    if relative_drift(run.final, fitted.space.flat().detach()) > tolerance:
         raise InvalidInputError(
             f"method {name!r}: the model's parameters are not the run's final parameters; the "
             "run must be the one that trained this model (Recipe.train)"
@@ -75,7 +76,7 @@ def check_replayed(name: str, final: Tensor, fitted: Fitted) -> None:
     """Refuse a replay that does not end at the model's parameters (other data, another model,
     or a training that is not deterministic)."""
     drift = relative_drift(final, fitted.space.flat().detach())
-    if drift > REPLAY_TOLERANCE:
+    if drift > replay_tolerance(fitted.space.dtype):
         raise InvalidInputError(
             f"method {name!r}: replaying the run on this training set ends {drift:.2e} "
             "(relative) from the model's parameters: the data, the model or the recipe differs "
@@ -101,7 +102,6 @@ class Unrolled(Method):
     """Exact metagradients through a recorded training run (docs/methods/unrolled.md)."""
 
     name = "unrolled"
-    savable = False
     summary = (
         "metagradients: the exact derivative of each test measurement in each training "
         "example's weight through every step of a recorded training run"
