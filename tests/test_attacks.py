@@ -74,6 +74,14 @@ def test_bad_attacks_are_refused(problem: dict) -> None:
         training_set_attack(inf, problem["test"], k=1, epsilon=0.0)
     with pytest.raises(InvalidInputError, match="k must be between 1 and 150"):
         training_set_attack(inf, problem["test"], k=151, epsilon=0.1)
+    with pytest.raises(InvalidInputError, match="candidate indexes"):  # said "between 1 and 0"
+        training_set_attack(inf, problem["test"], k=1, epsilon=0.1, candidates=[])
+    with pytest.raises(InvalidInputError, match="is given twice"):
+        training_set_attack(inf, problem["test"], k=1, epsilon=0.1, candidates=[3, 3])
     attack = training_set_attack(inf, problem["test"], k=1, epsilon=0.1)
     with pytest.raises(InvalidInputError, match="shaped like the perturbations"):
         attack.apply(torch.zeros(3, 8))
+    # a training set other than the attack's (a tester's bare IndexError)
+    width = attack.delta.shape[1:]
+    with pytest.raises(InvalidInputError, match="the training set the attack was computed on"):
+        attack.apply(torch.zeros(int(attack.indices.max()), *width))

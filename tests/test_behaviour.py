@@ -24,6 +24,7 @@ from infkit.analyses.behaviour import (
     select_tokens,
     train_with_mask,
 )
+from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.evaluate import relative_error
 
@@ -289,6 +290,9 @@ def test_bad_inputs_are_refused(tiny: dict, planted: dict) -> None:
             select_tokens(D, bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="window"):
         select_tokens(D, window=-1)
+    for offset in (2, -1, True):
+        with pytest.raises(InvalidInputError, match="offset must be 1"):
+            select_tokens(D, offset=offset)
     with pytest.raises(InvalidInputError, match="max_tokens"):
         select_tokens(D, max_tokens=0)
     with pytest.raises(InvalidInputError, match=r"tensor \[N, T\]"):
@@ -300,6 +304,9 @@ def test_bad_inputs_are_refused(tiny: dict, planted: dict) -> None:
     model, train = planted["task"].model, planted["train"]
     with pytest.raises(InvalidInputError, match="mask has shape"):
         train_with_mask(model, train, torch.zeros(3, T, dtype=torch.bool))
+    labels = torch.as_tensor(ExampleSet(train).collated()[1])
+    with pytest.raises(InvalidInputError, match="mask must be bool"):  # a float 0.5 read as True
+        train_with_mask(model, train, torch.full(labels.shape, 0.5))
     with pytest.raises(InvalidInputError, match="objective"):
         train_with_mask(model, train, objective="ascent")  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="penalty"):

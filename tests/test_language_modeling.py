@@ -221,6 +221,29 @@ def test_a_model_that_is_not_causal_is_named(problem: dict) -> None:
         _fit_quietly(infkit.Task.language_modeling(problem["model"]), problem["train"])
 
 
+def test_the_causality_probe_stays_in_the_vocabulary_of_a_model_without_an_embedding() -> None:
+    # a one-hot model has no nn.Embedding to read the vocabulary from: the probe took
+    # max(ids) + 2 and fed the id V to a first sequence ending in V - 1 (a tester's crash,
+    # "Class values must be smaller than num_classes"); it takes the logits' V now
+    class OneHotLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix, self.head = nn.Linear(VOCAB, 6), nn.Linear(6, VOCAB)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            x = nn.functional.one_hot(input_ids, VOCAB).double().cumsum(1)
+            return self.head(torch.tanh(self.mix(x)))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (12, LENGTH))
+    ids[0, -1] = VOCAB - 1
+    task = infkit.Task.language_modeling(OneHotLM().double().eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        inf = infkit.Influence(task, "exact", l2=1e-2, checks=False).fit(lm.examples(ids[:8]))
+        assert inf.scores(lm.examples(ids[[0, 9]])).shape == (2, 8)
+
+
 def test_the_causality_probe_leaves_non_finite_logits_to_the_finite_check() -> None:
     """A model whose logits are NaN (a tester's left-padded float64 Llama with eager attention)
     got "not causal ... moved by up to nan" before the finite check named the cause; the probe

@@ -188,6 +188,8 @@ def test_recovers_asks_whether_the_predicted_removal_undoes_the_flip() -> None:
 def test_bad_inputs_are_refused_with_what_to_do(problem: dict) -> None:
     task, train = problem["task"], problem["train"]
     tgt = target(problem, 0)
+    with pytest.raises(InvalidInputError, match="'identity' cannot plant and detect poisons"):
+        plant_poisons(task, train, tgt, L2, method="identity")
     with pytest.raises(UnsupportedError, match=r"Task\.binary_classification"):
         plant_poison(infkit.Task.classification(torch.nn.Linear(D, 2).double()), train, tgt, L2)
     with pytest.raises(UnsupportedError, match="one logit per example"):

@@ -39,6 +39,8 @@ def test_training_and_retraining_reach_the_closed_form_optimum() -> None:
     keep = np.setdiff1d(np.arange(len(X)), removed)
     np.testing.assert_allclose(r.theta.numpy(), _closed_form(X[keep], y[keep], l2), rtol=1e-10)
     np.testing.assert_allclose(r.delta.numpy(), r.theta.numpy() - theta, atol=1e-15)
+    with pytest.raises(InvalidInputError, match="is given twice"):  # a duplicated column
+        retrain.leave_one_out(task, data, data, [3, 3], l2)
     # The model passed in is left untouched.
     np.testing.assert_allclose(task.model.weight.detach().reshape(-1).numpy(), theta)
     np.testing.assert_allclose(r.outputs(data).numpy()[:, 0], X @ r.theta.numpy(), rtol=1e-12)
@@ -131,6 +133,14 @@ def test_correlation_auc_and_fraction_found() -> None:
     assert evaluate.relative_error(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0])) == 1.0
     with pytest.raises(InvalidInputError, match="both flagged and unflagged"):
         evaluate.detection_auc(scores, torch.ones(10, dtype=torch.bool))
+    assert evaluate.detection_auc(scores, flags.long()) == pytest.approx(1.0)  # 0 and 1
+    with pytest.raises(InvalidInputError, match="example 3 is 2"):
+        evaluate.detection_auc(scores, flags.long() * 2)
+    with pytest.raises(InvalidInputError, match="scores of example 1 is nan"):
+        evaluate.fraction_found(torch.tensor([0.1, float("nan")] + [0.0] * 8), flags, 0.2)
+    for inspected in (0, -0.1, 1.5, True):  # recall 0.033 at 0% inspected, before
+        with pytest.raises(InvalidInputError, match=r"inspected is the fraction"):
+            evaluate.fraction_found(scores, flags, inspected)
     with pytest.raises(InvalidInputError, match="predicted has 3 values but actual has 4"):
         evaluate.correlation(torch.ones(3), torch.ones(4))
 

@@ -8,6 +8,7 @@ differences that are noise.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,11 +213,30 @@ def loo_interval(
     return bootstrap_mean(values, confidence=confidence, resamples=resamples, seed=seed)
 
 
+def _detection_inputs(
+    scores: Tensor | np.ndarray, is_flagged: Tensor | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``scores`` as finite floats and ``is_flagged`` as booleans (given as bool, or 0 and 1),
+    of one length, or an error naming what is wrong."""
+    s, flags = _np(scores).reshape(-1), _np(is_flagged).reshape(-1)
+    if s.shape != flags.shape:
+        raise InvalidInputError(f"scores has {s.size} values but is_flagged has {flags.size}")
+    if not np.isfinite(s).all():
+        bad = int(np.flatnonzero(~np.isfinite(s))[0])
+        raise InvalidInputError(
+            f"scores of example {bad} is {s[bad]}: rank finite scores (a NaN ranks nowhere)"
+        )
+    if flags.dtype != bool and not np.isin(flags, (0, 1)).all():
+        bad = int(np.flatnonzero(~np.isin(flags, (0, 1)))[0])
+        raise InvalidInputError(
+            f"is_flagged must hold booleans (or 0 and 1); example {bad} is {flags[bad]}"
+        )
+    return s, flags.astype(bool)
+
+
 def detection_auc(scores: Tensor | np.ndarray, is_flagged: Tensor | np.ndarray) -> float:
     """ROC AUC of ranking examples by ``scores`` (higher = more suspicious) against the truth."""
-    s, y = _np(scores).reshape(-1), _np(is_flagged).reshape(-1).astype(bool)
-    if s.shape != y.shape:
-        raise InvalidInputError(f"scores has {s.size} values but is_flagged has {y.size}")
+    s, y = _detection_inputs(scores, is_flagged)
     if y.all() or not y.any():
         raise InvalidInputError("detection AUC needs both flagged and unflagged examples")
     from scipy.stats import rankdata
@@ -236,7 +256,15 @@ def fraction_found(
     examples with the highest scores (e.g. 0.97 = 97% of the mislabelled examples found when
     inspecting the top 10%).
     """
-    s, y = _np(scores).reshape(-1), _np(is_flagged).reshape(-1).astype(bool)
+    s, y = _detection_inputs(scores, is_flagged)
+    if (
+        not isinstance(inspected, numbers.Real)
+        or isinstance(inspected, bool)
+        or not (0 < inspected <= 1)
+    ):
+        raise InvalidInputError(
+            f"inspected is the fraction of examples inspected, in (0, 1], got {inspected!r}"
+        )
     k = max(1, round(inspected * s.size))
     top = np.argsort(-s)[:k]
     return float(y[top].sum() / max(y.sum(), 1))

@@ -163,7 +163,9 @@ def check_causal(
         return None
     last = int(real[-1])
     changed = ids.clone()
-    changed[0, last] = (changed[0, last] + 1) % (vocabulary or int(ids.max()) + 2)
+    # another token of the vocabulary: the input embedding's, else the logits' (the labels are
+    # the inputs shifted, so the two are one vocabulary)
+    changed[0, last] = (changed[0, last] + 1) % (vocabulary or int(outputs.shape[-1]))
     probe = {**inputs, "input_ids": changed} if isinstance(inputs, dict) else changed
     with torch.no_grad():
         again = call(probe).detach()

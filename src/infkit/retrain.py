@@ -375,7 +375,7 @@ def leave_one_out(
     warning: their changes are not ground truth.
     """
     examples = ExampleSet(train, name="training set")
-    idx = checked_indices(indices, len(examples), what="training index")
+    idx = checked_indices(indices, len(examples), what="training index", unique=True)
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
     base = Retrained(task, idx[:0], ParameterSpace(task.model).flat(), torch.zeros(0), 0.0, 0)
     base_meas, base_loss = base.measurements(test), base.losses(test)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from infkit.data import ExampleSet
+from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError
 from infkit.influence import Influence
 from infkit.task import Task
@@ -55,6 +55,12 @@ class Attack:
                 "apply takes the training inputs as one tensor [N, *x_shape] shaped like the "
                 f"perturbations {tuple(self.delta.shape[1:])}"
             )
+        reach = int(self.indices.max()) + 1 if len(self.indices) else 0
+        if reach > len(inputs):
+            raise InvalidInputError(
+                f"the attack moves training example {reach - 1}, and these training inputs hold "
+                f"{len(inputs)}: apply it to the training set the attack was computed on"
+            )
         out = inputs.clone()
         out[self.indices] += self.delta.to(out.dtype)
         return out
@@ -74,9 +80,14 @@ def training_set_attack(
         raise InvalidInputError(f"norm must be 'l2' or 'linf', got {norm!r}")
     if not epsilon > 0:
         raise InvalidInputError(f"epsilon must be > 0, got {epsilon!r}")
-    pool = torch.arange(inf.n_train) if candidates is None else torch.as_tensor(candidates)
+    pool = (
+        torch.arange(inf.n_train)
+        if candidates is None
+        else checked_indices(candidates, inf.n_train, what="candidate index", unique=True)
+    )
     if not 1 <= k <= len(pool):
-        raise InvalidInputError(f"k must be between 1 and {len(pool)}, got {k}")
+        among = "the candidates" if candidates is not None else "the training examples"
+        raise InvalidInputError(f"k must be between 1 and {len(pool)} ({among}), got {k}")
     g = inf.input_influence(test, pool).to(torch.float64)  # [T, n_pool, *x_shape]
     G = g.sum(0).reshape(len(pool), -1)
     strength = G.norm(dim=1) if norm == "l2" else G.abs().sum(1)

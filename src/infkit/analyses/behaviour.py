@@ -295,9 +295,13 @@ def select_tokens(
             f"percentile must be a number strictly between 0 and 100 (the paper uses 99), got "
             f"{percentile!r}"
         )
-    for name, value in (("window", window), ("offset", offset)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise InvalidInputError(f"{name} must be an integer >= 0, got {value!r}")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise InvalidInputError(f"window must be an integer >= 0, got {window!r}")
+    if offset not in (0, 1) or isinstance(offset, bool):
+        raise InvalidInputError(
+            f"offset must be 1 (the label the selected position predicts) or 0 (the label at "
+            f"the position, as the paper's code), got {offset!r}"
+        )
     if max_tokens is not None and (
         not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
     ):
@@ -463,6 +467,11 @@ def train_with_mask(
             raise InvalidInputError(
                 f"mask has shape {tuple(mask.shape)}, the training labels {tuple(labels.shape)}: "
                 "one row per training sequence, in the labels' positions"
+            )
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise InvalidInputError(
+                f"mask must be bool (True: a label to penalise), or 0 and 1; got {mask.dtype} "
+                "with other values: TokenSelection.mask is one"
             )
         mask = mask.to(torch.bool)
     if objective not in OBJECTIVES:

@@ -53,6 +53,7 @@ from torch import Tensor
 from infkit.errors import InvalidInputError, UnsupportedError, warn
 from infkit.evaluate import detection_auc
 from infkit.influence import Influence
+from infkit.methods.base import methods_answering, methods_with_estimator
 from infkit.parameters import evaluation_mode
 from infkit.retrain import without
 from infkit.task import Task
@@ -392,8 +393,9 @@ def plant_poisons(
     ``mean_i l_i + (l2/2)||theta||^2`` over the poisoned set. docs/analyses.md §11.
 
     The default ``epsilon=1`` is the paper's leverage-raising variant ("embedding
-    augmentation"), applied to the model's own inputs: it makes the poisons high-leverage
-    points that the model fits through their own share of the curvature, which is what
+    augmentation"), applied to the model's own inputs: it raises the poisons' leverage as far
+    as the budget reaches (not always far: :attr:`Poisoning.leverages` says which took), making
+    them points that the model fits through their own share of the curvature, which is what
     self-influence by the IF underrates and RIF does not (:func:`detect_by_self_influence`).
     Exact label-flipped copies (``epsilon=0``) have a large loss and a moderate leverage, and
     the IF's self-influence ranks them as well as RIF's (docs/analyses.md §11 has the numbers).
@@ -431,6 +433,17 @@ def plant_poisons(
     for name, count in (("copies", copies), ("steps", steps)):
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise InvalidInputError(f"{name} must be an integer >= 1, got {count!r}")
+    able = sorted(
+        set(methods_answering("leverages"))
+        & set(methods_with_estimator("rif"))
+        & set(methods_with_estimator("newton"))
+    )
+    if method not in able:
+        raise InvalidInputError(
+            f"method {method!r} cannot plant and detect poisons: the ascent needs leverages and "
+            f"the detection the 'rif' and 'newton' estimators; methods with all three: "
+            f"{', '.join(able)}"
+        )
 
     deltas = torch.zeros_like(xs)
     poison_x: list[Tensor] = []
