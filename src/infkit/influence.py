@@ -789,6 +789,8 @@ class Influence:
                 f"{type(method).plan_remedy}",
                 UserWarning,
             )
+        if self.checks:
+            method.check_queries(queries)
         shown = track(chunks, fitted.progress, "scores", len(chunks)) if len(chunks) > 1 else chunks
         for start, stop in shown:
             part = queries if stop - start == t else queries.part(torch.arange(start, stop))

@@ -91,6 +91,11 @@ DAMPED_CURVATURES = frozenset({"ggn", "hessian", "empirical-fisher"})
 DAMPING_WARNING = 1e6
 #: fit warns when the step to the optimum would change the training residuals this much
 DRIFT_WARNING = 0.25
+#: queries whose energy ratio :meth:`Method.check_queries` measures (the first of a call)
+QUERY_DIRECTIONS = 16
+#: :meth:`Method.check_queries` warns when the queries' energy ratio is beyond this: their
+#: scores that many times too large
+QUERY_SCALE_WARNING = 4.0
 
 #: what every method answers
 BASIC: frozenset[Question] = frozenset({"scores", "self_scores", "remove"})
@@ -652,6 +657,55 @@ class Method(ABC):
                     checks["drift"] = drift.record()
                     if drift.residual_shift > DRIFT_WARNING:
                         warn(drift_message(fitted, drift), UserWarning)
+
+    def check_queries(self, queries: ExampleSet) -> None:
+        """The energy ratio along the queries' own gradients (docs/conventions.md §9).
+
+        The post-fit ratio probes directions in the range of the training examples' gradients;
+        a query can lie along others, which the approximation gets wrong (a tester's
+        prompt-masked language-model queries: EK-FAC's scores 13x the exact method's, the
+        ratio 0.67 along the probes and 11.9 along the queries). Where the post-fit ratio runs
+        (:meth:`runs_checks`) and the method solves in parameter space, it is measured along one
+        direction, the sum of the first :data:`QUERY_DIRECTIONS` queries' unit gradients, on a
+        curvature sample of up to :data:`~infkit.diagnostics.CURVATURE_SAMPLE` examples (all of
+        a smaller set: a rare direction needs the few examples that carry it; in a larger one
+        the sample estimates it, noisily where few carry it), recorded as
+        ``describe()["query_energy_ratio"]``, and warned beyond :data:`QUERY_SCALE_WARNING`
+        (too large; a ratio below 1 is also what a sample missing those examples reads).
+        """
+        fitted = self.fitted
+        if not type(self).checks_scale or type(self).inverse is Method.inverse:
+            return
+        _, sample = self.runs_checks(fitted.damping, fitted.n, fitted.train_gradients is not None)
+        if not sample or "energy_ratio" not in self.checks:
+            return
+        sample = min(fitted.n, diagnostics.CURVATURE_SAMPLE)
+        first = queries.part(torch.arange(min(len(queries), QUERY_DIRECTIONS)))
+        Q = torch.cat(
+            [
+                fitted.engine.grads(batch, "measurement").to(torch.float64)
+                for batch in first.batches(fitted.gradient_batch_size)
+            ]
+        )
+        norms = Q.norm(dim=1, keepdim=True)
+        Q = Q[norms[:, 0] > 0] / norms[norms[:, 0] > 0]  # a still query: the scores warn
+        if not len(Q):
+            return
+        direction = Q.sum(0, keepdim=True)
+        ratio = diagnostics.energy_ratio(
+            fitted, self.inverse(), directions=direction, sample=sample
+        )
+        self.checks["query_energy_ratio"] = ratio
+        if math.isfinite(ratio) and ratio > QUERY_SCALE_WARNING:
+            warn(
+                f"method {self.name!r} gives these queries' scores about {ratio:.1f}x too large "
+                "along their own gradient directions (energy ratio u^T (H + ridge) u / u^T v on a curvature "
+                f"sample, 1 for an exact solve; {self.checks['energy_ratio']:.2g} along the "
+                "training examples' gradients): the queries lie where the approximation is "
+                "poor. Rank with them if you must; for removal effects use a method that "
+                "solves (cg, exact), or check them against retraining (infkit.retrain)",
+                UserWarning,
+            )
 
     def runs_checks(self, damping: float, n: int, cached: bool) -> tuple[bool, int]:
         """Which costly checks :meth:`diagnose` runs for a fit on ``n`` examples with this
