@@ -676,8 +676,8 @@ class Method(ABC):
         fitted = self.fitted
         if not type(self).checks_scale or type(self).inverse is Method.inverse:
             return
-        _, sample = self.runs_checks(fitted.damping, fitted.n, fitted.train_gradients is not None)
-        if not sample or "energy_ratio" not in self.checks:
+        _, post_fit = self.runs_checks(fitted.damping, fitted.n, fitted.train_gradients is not None)
+        if not post_fit or "energy_ratio" not in self.checks:
             return
         sample = min(fitted.n, diagnostics.CURVATURE_SAMPLE)
         first = queries.part(torch.arange(min(len(queries), QUERY_DIRECTIONS)))
@@ -699,8 +699,8 @@ class Method(ABC):
         if math.isfinite(ratio) and ratio > QUERY_SCALE_WARNING:
             warn(
                 f"method {self.name!r} gives these queries' scores about {ratio:.1f}x too large "
-                "along their own gradient directions (energy ratio u^T (H + ridge) u / u^T v on a curvature "
-                f"sample, 1 for an exact solve; {self.checks['energy_ratio']:.2g} along the "
+                "along their own gradient directions (energy ratio u^T (H + ridge) u / u^T v on "
+                f"a curvature sample, 1 for an exact solve; {self.checks['energy_ratio']:.2g} along the "
                 "training examples' gradients): the queries lie where the approximation is "
                 "poor. Rank with them if you must; for removal effects use a method that "
                 "solves (cg, exact), or check them against retraining (infkit.retrain)",
