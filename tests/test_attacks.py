@@ -85,3 +85,9 @@ def test_bad_attacks_are_refused(problem: dict) -> None:
     width = attack.delta.shape[1:]
     with pytest.raises(InvalidInputError, match="the training set the attack was computed on"):
         attack.apply(torch.zeros(int(attack.indices.max()), *width))
+    # one as long as the attack's, or longer, with other inputs: taken before (a reviewer's)
+    X = problem["train"][0]
+    assert torch.equal(attack.apply(X)[attack.indices], X[attack.indices] + attack.delta)
+    for other in (X.flip(0), torch.cat([X, X[:5]]), X + 1e-3):
+        with pytest.raises(InvalidInputError, match="the training set the attack was computed on"):
+            attack.apply(other)

@@ -290,9 +290,15 @@ def test_bad_inputs_are_refused(tiny: dict, planted: dict) -> None:
             select_tokens(D, bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="window"):
         select_tokens(D, window=-1)
-    for offset in (2, -1, True):
-        with pytest.raises(InvalidInputError, match="offset must be 1"):
+    for offset in (2, -1, True, 1.0, 0.5):  # 1.0 passed and then raised a TypeError
+        with pytest.raises(InvalidInputError, match="offset must be the integer 1"):
             select_tokens(D, offset=offset)
+    # numpy's and torch's numbers are numbers
+    plain = select_tokens(D, 90.0, window=1, offset=1, max_tokens=5)
+    theirs = select_tokens(
+        D, np.float32(90.0), window=np.int64(1), offset=torch.tensor(1), max_tokens=np.int32(5)
+    )
+    assert torch.equal(plain.mask, theirs.mask) and plain.threshold == theirs.threshold
     with pytest.raises(InvalidInputError, match="max_tokens"):
         select_tokens(D, max_tokens=0)
     with pytest.raises(InvalidInputError, match=r"tensor \[N, T\]"):

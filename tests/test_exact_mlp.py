@@ -154,3 +154,30 @@ def test_with_estimator_reuses_the_fit(mlp_problem: dict) -> None:
         assert switched.fitted is base.fitted and base.estimator == "if"
         expected = _fit(mlp_problem, estimator).scores(mlp_problem["test"])
         torch.testing.assert_close(switched.scores(mlp_problem["test"]), expected)
+
+
+@pytest.mark.parametrize("method", ["ekfac", "kfac"])
+def test_the_queries_energy_ratio_is_read_on_every_training_example(
+    mlp_problem: dict, dense: dict, method: str
+) -> None:
+    # rho = u^T (H + ridge) u / u^T v, v the sum of the queries' unit gradients, u the method's
+    # solve of it, H the mean GGN of all N = 60 examples (dense). The check left the probes'
+    # 16 examples out of H, so a training example used as a query read its ratio without its
+    # own curvature (a reviewer's: 11-16 in the sample, 1.4-1.6 out of it, truth 3-5)
+    damping = 1e-3
+    inf = infkit.Influence(mlp_problem["task"], method, l2=dense["l2"], damping=damping)
+    inf.fit(mlp_problem["train"])
+    solve = inf.method.inverse()
+    H = dense["ggn"].mean(0) + (dense["l2"] + damping) * dense["eye"]
+    X, y = mlp_problem["train"]
+    cases = {"test set": (mlp_problem["test"], dense["Gt"])}
+    for i in (0, 7, 33, 59):
+        cases[f"training example {i}"] = ((X[i : i + 1], y[i : i + 1]), dense["G"][i : i + 1])
+    cases["two training examples"] = ((X[[3, 40]], y[[3, 40]]), dense["G"][[3, 40]])
+    for name, (queries, gradients) in cases.items():
+        v = (gradients / gradients.norm(dim=1, keepdim=True)).sum(0)
+        u = solve(v[None]).reshape(-1).to(torch.float64)
+        truth = float(u @ H @ u / (u @ v))
+        inf.scores(queries)
+        figure = inf.describe()["query_energy_ratio"]
+        assert figure == pytest.approx(truth, rel=1e-8), (name, figure, truth)

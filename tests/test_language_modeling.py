@@ -1074,8 +1074,12 @@ def test_plan_counts_passes_and_factor_bytes_and_times_a_batch(problem: dict) ->
     checks = stages["post-fit checks"].passes
     products = checks * N / diagnostics.PRODUCT_PASS_COST
     assert products == pytest.approx(16 + 16 * (N // 16))
-    assert kfac.passes == pytest.approx(2 + checks)  # cache, covariances, checks
-    assert plan.passes == pytest.approx(3 + checks)
+    # and each scores() call measures the queries' energy ratio: a product of every
+    # training example (N <= 256) along one direction
+    queried = stages["queries' check"].passes
+    assert queried * N / diagnostics.PRODUCT_PASS_COST == pytest.approx(N, abs=0.01 * N)
+    assert kfac.passes == pytest.approx(2 + checks + queried)  # cache, covariances, checks
+    assert plan.passes == pytest.approx(3 + checks + queried)
     assert plan.shape.tokens == LENGTH and plan.shape.n_queries == Q
     assert plan.shape.batches == -(-N // 4)
     assert stages["covariances A, S"].bytes >= _factor_bytes(model, 4)
@@ -1094,6 +1098,7 @@ def test_plan_counts_passes_and_factor_bytes_and_times_a_batch(problem: dict) ->
     solve = 4 * 6 * 7 * 13 + 4 * 11 * 7 * 18
     assert stages["queries"].float64_flops == Q * solve
     assert stages["post-fit checks"].float64_flops == 16 * solve
+    assert stages["queries' check"].float64_flops == solve  # one direction
     assert plan.seconds_per_batch is not None and plan.seconds_per_batch > 0
     assert plan.flops_per_second is not None and plan.flops_per_second > 0
     assert plan.float64_flops_per_second is not None and plan.float64_flops_per_second > 0
@@ -1101,7 +1106,7 @@ def test_plan_counts_passes_and_factor_bytes_and_times_a_batch(problem: dict) ->
     assert plan.seconds == pytest.approx(
         batches * plan.seconds_per_batch
         + plan.flops / plan.flops_per_second
-        + (Q + 16) * solve / plan.float64_flops_per_second
+        + (Q + 16 + 1) * solve / plan.float64_flops_per_second
     )
     assert "GFLOP/s" in str(plan) and "float64 solves" in str(plan)
     assert f"{plan.passes:g} passes" in str(plan)
@@ -1188,6 +1193,13 @@ def test_the_plan_lists_the_checks_the_fit_runs(problem: dict) -> None:
                     "energy_ratio",
                 }
                 assert ("post-fit checks" in planned) == bool(ran)
+                # the queries' check runs on every scores() call where the energy ratio ran
+                # (200 kB does not hold the queries: the plan's check is all there is)
+                if limit is None:
+                    inf.scores(problem["test"])
+                    queried = "query_energy_ratio" in inf.describe()
+                    assert ("queries' check" in planned) == queried == ("energy_ratio" in ran)
+                assert ("queries' check" in planned) == ("energy_ratio" in ran)
                 assert ("training gradients" in planned) == (inf.fitted.train_gradients is not None)
                 if not checks:
                     assert not ran and "energy_ratio" not in inf.describe()
@@ -1215,12 +1227,15 @@ def test_the_plan_holds_the_gradient_cache_through_the_checks_and_the_queries(
     cache = N * p * item
     assert plan.stages[0].name == "training gradients" and plan.stages[0].held == cache
     assert all(totals[name] >= cache for name in names)
-    assert names.index("post-fit checks") == names.index("queries") - 1
+    assert names.index("post-fit checks") == names.index("queries' check") - 1
+    assert names.index("queries' check") == names.index("queries") - 1
     probes = diagnostics.PROBE_DIRECTIONS * p * (3 * 8 + item)
     outputs = LENGTH * VOCAB  # T x V of one sequence
     assert plan.shape.outputs == outputs
     product = curvature.product_direction_bytes(4 * outputs, p, item)
     assert totals["post-fit checks"] >= cache + probes + product
+    first = min(Q, diagnostics.QUERY_DIRECTIONS) * p * 8  # the queries' gradients, float64
+    assert totals["queries' check"] >= cache + first + 3 * p * 8 + product
     assert plan.peak_bytes >= plan.shape.model_bytes + totals["post-fit checks"]
     stages = {s.name: s for s in plan.stages}
     assert stages["scores"].passes == 0
@@ -1894,18 +1909,24 @@ def test_queries_where_the_kronecker_factors_are_poor_are_named() -> None:
 
 def test_the_queries_energy_ratio_reads_the_methods_own_scale(problem: dict) -> None:
     # on the tiny LM the EK-FAC answers are right along the queries (no warning); the same
-    # solve made 10x too large reads 10 and warns
+    # solve made 10x too large (in a second fit: a fit measures a direction once) reads 10
+    # and warns
     task = infkit.Task.language_modeling(problem["model"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(problem["train"])
+    fits = []
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fits.append(
+                infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2).fit(problem["train"])
+            )
+    inf, scaled = fits
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         inf.scores(problem["test"])
     honest = inf.describe()["query_energy_ratio"]
     assert 0.25 < honest < 4
-    solve = inf.method.inverse()
-    inf.method.inverse = lambda: lambda V: 10 * solve(V)  # type: ignore[method-assign]
+    solve = scaled.method.inverse()
+    scaled.method.inverse = lambda: lambda V: 10 * solve(V)  # type: ignore[method-assign]
     with pytest.warns(UserWarning, match=r"about \d+\.\dx too large along their own"):
-        inf.scores(problem["test"])
-    assert inf.describe()["query_energy_ratio"] == pytest.approx(10 * honest, rel=1e-6)
+        scaled.scores(problem["test"])
+    assert scaled.describe()["query_energy_ratio"] == pytest.approx(10 * honest, rel=1e-6)

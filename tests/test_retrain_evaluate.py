@@ -138,7 +138,12 @@ def test_correlation_auc_and_fraction_found() -> None:
         evaluate.detection_auc(scores, flags.long() * 2)
     with pytest.raises(InvalidInputError, match="scores of example 1 is nan"):
         evaluate.fraction_found(torch.tensor([0.1, float("nan")] + [0.0] * 8), flags, 0.2)
-    for inspected in (0, -0.1, 1.5, True):  # recall 0.033 at 0% inspected, before
+    for bad in (float("inf"), -float("inf")):  # an overflow is not a rank
+        with pytest.raises(InvalidInputError, match=r"scores of example 1 is .*inf.* overflow"):
+            evaluate.detection_auc(torch.tensor([0.1, bad] + [0.0] * 8), flags)
+    for number in (np.float32(0.2), torch.tensor(0.2), torch.tensor([0.2])):  # refused before
+        assert evaluate.fraction_found(scores, flags, number) == pytest.approx(2 / 3)
+    for inspected in (0, -0.1, 1.5, True, torch.tensor(True)):  # 0.033 at 0% inspected before
         with pytest.raises(InvalidInputError, match=r"inspected is the fraction"):
             evaluate.fraction_found(scores, flags, inspected)
     with pytest.raises(InvalidInputError, match="predicted has 3 values but actual has 4"):

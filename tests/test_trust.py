@@ -593,3 +593,70 @@ def _damaged_json(root: Path, task: infkit.Task, X: torch.Tensor, y: torch.Tenso
 def test_numpy_indices_and_scalars_work(fitted_exact: infkit.Influence) -> None:
     effect = fitted_exact.remove(np.array([2, 5]))
     assert effect.params.shape == (fitted_exact.n_params,)
+
+
+def test_the_queries_check_measures_a_direction_once_and_keeps_its_figure_to_its_call(
+    mlp_problem: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the figure belongs to the call that measured it: queries with no gradient leave none
+    # (a reviewer found the previous call's kept), and a saved run does not carry it; the
+    # same queries again cost their gradients only
+    from infkit import diagnostics
+
+    measured = []
+    ratio = diagnostics.energy_ratio
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        measured.append(kwargs.get("directions") is not None)
+        return ratio(*args, **kwargs)
+
+    monkeypatch.setattr(diagnostics, "energy_ratio", counted)
+
+    def label_two(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return out[:, 2] * (y == 2).to(out.dtype)  # no gradient for the other labels
+
+    task = infkit.Task.classification(mlp_problem["model"], measurement=label_two)
+    inf = infkit.Influence(task, "ekfac", l2=L2, damping=1e-3).fit(mlp_problem["train"])
+    assert measured == [False]  # the post-fit ratio, along the training gradients
+    X, y = mlp_problem["train"]
+    twos, others = (y == 2).nonzero()[:, 0], (y != 2).nonzero()[:, 0]
+    inf.scores((X[twos], y[twos]))
+    figure = inf.describe()["query_energy_ratio"]
+    inf.scores((X[twos], y[twos]))
+    assert inf.describe()["query_energy_ratio"] == figure and measured == [False, True]
+    with pytest.warns(UserWarning, match="gradient of the measurement .* is 0"):
+        inf.scores((X[others], y[others]))
+    assert "query_energy_ratio" not in inf.describe() and measured == [False, True]
+    inf.scores((X[twos[:2]], y[twos[:2]]))  # another direction
+    assert measured == [False, True, True] and "query_energy_ratio" in inf.describe()
+    inf.save(tmp_path / "run")
+    loaded = infkit.Influence.load(tmp_path / "run", task)
+    assert "query_energy_ratio" not in loaded.describe()
+    assert loaded.describe()["energy_ratio"] == inf.describe()["energy_ratio"]
+
+
+def test_the_queries_check_warns_at_the_methods_own_threshold(mlp_problem: dict) -> None:
+    # DataInf warns at fit beyond 10x (its approximation is often a few times off); its
+    # queries' check had 4: the same figure of 6 warns for ekfac and not for datainf
+    def fitted(method: str, factor: float) -> infkit.Influence:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inf = infkit.Influence(mlp_problem["task"], method, l2=L2, damping=1e-3)
+            inf.fit(mlp_problem["train"])
+        solve = inf.method.inverse()
+        inf.method.inverse = lambda: lambda V: factor * solve(V)  # type: ignore[method-assign]
+        return inf
+
+    for method, warns in (("ekfac", True), ("datainf", False)):
+        probe = fitted(method, 1.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe.scores(mlp_problem["test"])
+        honest = probe.describe()["query_energy_ratio"]
+        inf = fitted(method, 6.0 / honest)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            inf.scores(mlp_problem["test"])
+        assert inf.describe()["query_energy_ratio"] == pytest.approx(6.0, rel=1e-6)
+        said = any("gives these queries' scores" in str(w.message) for w in caught)
+        assert said == warns, method

@@ -42,6 +42,9 @@ PROBE_DIRECTIONS = 16
 SCALE_DIRECTIONS, SCALE_SAMPLE = 2, 32
 #: training examples of the curvature sample in :func:`energy_ratio`
 CURVATURE_SAMPLE = 256
+#: queries whose gradients :meth:`infkit.methods.base.Method.check_queries` sums into its
+#: direction (the first of a ``scores()`` call)
+QUERY_DIRECTIONS = 16
 #: training examples on which :func:`drift` measures the residual shift
 DRIFT_SAMPLE = 256
 #: relative residual and iterations of :func:`sample_solve`
@@ -105,6 +108,24 @@ def check_bytes(
     return arrays + chunk * product_direction_bytes(batch_outputs, p, itemsize)
 
 
+def query_check_bytes(
+    p: int,
+    outputs: int,
+    batch_size: int,
+    itemsize: int,
+    memory_limit: int,
+    queries: int = QUERY_DIRECTIONS,
+) -> int:
+    """Bytes :meth:`infkit.methods.base.Method.check_queries` holds at its peak for P = ``p``
+    parameters (as :func:`check_bytes`): the first ``queries`` gradients in float64, their
+    direction, its answer and curvature product in float64 and the direction in the model's
+    precision, and a batch product's working memory for that one direction."""
+    arrays = queries * p * FLOAT64_BYTES + p * (3 * FLOAT64_BYTES + itemsize)
+    batch_outputs = batch_size * outputs
+    chunk = product_chunk(1, batch_outputs, p, itemsize, product_work_bytes(memory_limit))
+    return arrays + chunk * product_direction_bytes(batch_outputs, p, itemsize)
+
+
 def probe_directions(fitted: Fitted, count: int = PROBE_DIRECTIONS, seed: int = 0) -> Tensor:
     """``J_i^T r_i`` [count, P] float64 for ``count`` training examples, ``r_i ~ N(0, I_C)``.
 
@@ -124,9 +145,13 @@ def probe_directions(fitted: Fitted, count: int = PROBE_DIRECTIONS, seed: int = 
     return out
 
 
-def _sample_curvature(fitted: Fitted, sample: int) -> CurvatureOperator:
-    """The mean GGN of ``sample`` training examples (not those of the probe directions)."""
-    indices = _sample(fitted, sample, skip=PROBE_DIRECTIONS)
+def _sample_curvature(
+    fitted: Fitted, sample: int, skip: int = PROBE_DIRECTIONS
+) -> CurvatureOperator:
+    """The mean GGN of ``sample`` training examples, after the first ``skip`` of the fixed
+    permutation (by default those of the probe directions, whose own curvature would weigh
+    on them; 0 for directions that are not training examples')."""
+    indices = _sample(fitted, sample, skip=skip)
     return CurvatureOperator(
         fitted.engine,
         fitted.train,
@@ -137,9 +162,12 @@ def _sample_curvature(fitted: Fitted, sample: int) -> CurvatureOperator:
     )
 
 
-def damped_products(fitted: Fitted, U: Tensor, sample: int = CURVATURE_SAMPLE) -> Tensor:
-    """``(H_s + ridge) U`` [k, P] float64, H_s the mean GGN of a sample of training examples."""
-    return _sample_curvature(fitted, sample).matmat(U).add_(U, alpha=fitted.ridge)
+def damped_products(
+    fitted: Fitted, U: Tensor, sample: int = CURVATURE_SAMPLE, skip: int = PROBE_DIRECTIONS
+) -> Tensor:
+    """``(H_s + ridge) U`` [k, P] float64, H_s the mean GGN of a sample of training examples
+    (:func:`_sample_curvature`)."""
+    return _sample_curvature(fitted, sample, skip).matmat(U).add_(U, alpha=fitted.ridge)
 
 
 def curvature_scale(
@@ -182,14 +210,17 @@ def energy_ratio(
     """``rho = sum_k u_k^T (H + ridge) u_k / sum_k u_k^T v_k`` with ``u_k = solve(v_k)``.
 
     ``solve`` is the method's inverse damped curvature; H is the GGN on a sample of
-    ``sample`` training examples (an unbiased estimate of the mean). rho is 1
-    (within the sample's noise, a few percent) for an exact solve, and ~c when the answer is c
-    times too large along the probe directions (:func:`probe_directions` by default).
+    ``sample`` training examples (an unbiased estimate of the mean; all of them where N is at
+    most ``sample`` and ``directions`` are given: the probe directions' own examples are left
+    out of it). rho is 1 (within the sample's noise, a few percent) for an exact solve, and ~c
+    when the answer is c times too large along the directions (:func:`probe_directions` by
+    default).
     """
     V = probe_directions(fitted) if directions is None else directions
+    skip = PROBE_DIRECTIONS if directions is None else 0
     U = solve(V).to(torch.float64)
     # sums of elementwise products as dot products of the flattened blocks: no third [k, P]
-    numerator = float(U.reshape(-1) @ damped_products(fitted, U, sample).reshape(-1))
+    numerator = float(U.reshape(-1) @ damped_products(fitted, U, sample, skip).reshape(-1))
     denominator = float(U.reshape(-1) @ V.to(torch.float64).reshape(-1))
     return numerator / denominator if denominator > 0 else float("inf")
 

@@ -8,7 +8,6 @@ differences that are noise.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor
 
 from infkit.errors import InvalidInputError
+from infkit.options import real_number
 
 #: the fewest pairs a correlation is computed from
 MIN_PAIRS = 3
@@ -224,7 +224,8 @@ def _detection_inputs(
     if not np.isfinite(s).all():
         bad = int(np.flatnonzero(~np.isfinite(s))[0])
         raise InvalidInputError(
-            f"scores of example {bad} is {s[bad]}: rank finite scores (a NaN ranks nowhere)"
+            f"scores of example {bad} is {s[bad]}: rank finite scores (a NaN ranks nowhere, and "
+            "an infinite score is an overflow to recompute in a wider precision, not a rank)"
         )
     if flags.dtype != bool and not np.isin(flags, (0, 1)).all():
         bad = int(np.flatnonzero(~np.isin(flags, (0, 1)))[0])
@@ -257,15 +258,12 @@ def fraction_found(
     inspecting the top 10%).
     """
     s, y = _detection_inputs(scores, is_flagged)
-    if (
-        not isinstance(inspected, numbers.Real)
-        or isinstance(inspected, bool)
-        or not (0 < inspected <= 1)
-    ):
+    fraction = real_number(inspected)
+    if fraction is None or not (0 < fraction <= 1):
         raise InvalidInputError(
             f"inspected is the fraction of examples inspected, in (0, 1], got {inspected!r}"
         )
-    k = max(1, round(inspected * s.size))
+    k = max(1, round(fraction * s.size))
     top = np.argsort(-s)[:k]
     return float(y[top].sum() / max(y.sum(), 1))
 

@@ -1210,6 +1210,35 @@ class Influence:
                 names = [stage.name for stage in stages]
                 at = names.index("queries") if "queries" in names else len(stages)
                 stages.insert(at, checks)
+            query_sample = method.query_check_sample(self.damping, n, cached)
+            first = min(q, diagnostics.QUERY_DIRECTIONS)
+            if query_sample:
+                # every scores() call, before its queries (once a direction: the same queries
+                # again cost their gradients only)
+                names = [stage.name for stage in stages]
+                at = names.index("queries") if "queries" in names else len(stages)
+                stages.insert(
+                    at,
+                    Stage(
+                        "queries' check",
+                        round(query_sample * diagnostics.PRODUCT_PASS_COST * world_size / n, 2),
+                        diagnostics.query_check_bytes(
+                            space.size,
+                            shape.outputs,
+                            self.batch_size,
+                            itemsize,
+                            self.memory_limit,
+                            first,
+                        ),
+                        (
+                            "the first queries' gradients, float64",
+                            first * space.size * FLOAT64_BYTES,
+                        ),
+                        f"{query_sample:,} curvature products of single examples a scores() "
+                        "call, along the first queries' gradients (checks=False skips them)",
+                        float64_flops=method.solve_flops(self.task, space),
+                    ),
+                )
         out = Plan(method.name, shape, stages, remedy=method.plan_advice(stages))
         if timed and examples is not None and space.device.type != "meta":
             out.seconds_per_batch = _time_batch(self.task, space, examples, self.batch_size)

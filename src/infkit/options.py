@@ -268,6 +268,26 @@ def coerce(value: Any, hint: Any) -> Any:
     return value
 
 
+def real_number(value: Any) -> float | None:
+    """``value`` as a float when it is a real number (Python's or numpy's, or a one-number
+    tensor; not a bool), else None: for arguments checked outside an :class:`Options`."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.reshape(())
+    value = coerce(value, float)
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+
+
+def whole_number(value: Any) -> int | None:
+    """``value`` as an int when it is an integer (Python's or numpy's, or a one-number integer
+    tensor; not a bool, nor a float such as 1.0), else None."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.reshape(())
+    value = coerce(value, int)
+    return (
+        int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+    )
+
+
 def literal_choices(hint: Any) -> list[Any]:
     """The ``Literal`` values a type accepts (inside unions too)."""
     origin = get_origin(hint)

@@ -25,7 +25,6 @@ differentiate through them.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -36,6 +35,7 @@ from torch import Tensor
 from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError, NonFiniteError
 from infkit.gradients import PerExample
+from infkit.options import real_number
 from infkit.parameters import ParameterSpace, evaluation_mode, warn_about_training_mode
 from infkit.task import Task
 
@@ -126,11 +126,10 @@ DEFAULT_MOMENTUM, DEFAULT_BETAS, DEFAULT_EPS = 0.9, (0.9, 0.999), 1e-8
 def _real(name: str, value: Any) -> float:
     """``value`` as a float: a real number (numpy's too) or a one-number tensor, else an error
     naming the setting."""
-    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
-        return float(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    raise InvalidInputError(f"Recipe: {name} must be a number, got {value!r}")
+    number = real_number(value)
+    if number is None:
+        raise InvalidInputError(f"Recipe: {name} must be a number, got {value!r}")
+    return number
 
 
 Schedule = Literal["constant", "cosine", "linear"]
@@ -406,6 +405,44 @@ class TrainingRun:
     n: int
     losses: Tensor
     checkpoints: list[tuple[int, Tensor]]
+
+    def require_model(self, owner: str, n: int, l2: float, theta: Tensor) -> None:
+        """Refuse, naming ``owner``, a training set of ``n`` examples, an ``l2`` or a model's
+        flat parameters ``theta`` [P] that are not this run's: its N, the recipe's l2, its P
+        and, within :func:`replay_tolerance`, its final parameters."""
+        if self.n != n:
+            raise InvalidInputError(
+                f"{owner}: the run trained on {self.n} examples, the training set has {n}: pass "
+                "the data the run was trained on"
+            )
+        if float(l2) != float(self.recipe.l2):
+            raise InvalidInputError(
+                f"{owner}: l2={l2} differs from the recipe's l2={self.recipe.l2}: the run's "
+                f"objective is the recipe's; pass l2={self.recipe.l2}"
+            )
+        if theta.numel() != self.final.numel():
+            raise InvalidInputError(
+                f"{owner}: the run covers {self.final.numel()} parameters, the model attributes "
+                f"{theta.numel()}: pass the model the run trained, attributed through all of it"
+            )
+        if relative_drift(theta, self.final) > replay_tolerance(theta.dtype):
+            raise InvalidInputError(
+                f"{owner}: the model's parameters are not the run's final parameters: pass the "
+                "model the run trained, as Recipe.train left it"
+            )
+
+    def require_replayed(self, owner: str, final: Tensor) -> None:
+        """Refuse, naming ``owner``, a replay of the recipe that ended at ``final`` [P] further
+        than :func:`replay_tolerance` from the run's final parameters: other examples or labels
+        (or another order), or a training that is not deterministic."""
+        drift = relative_drift(final, self.final)
+        if drift > replay_tolerance(final.dtype):
+            raise InvalidInputError(
+                f"{owner}: replaying the run on this training set ends {drift:.2e} (relative) "
+                "from the run's final parameters: these are not the examples and labels it was "
+                "trained on (or not in its order), or training is not deterministic; pass the "
+                "run's own data"
+            )
 
     def __repr__(self) -> str:
         return (

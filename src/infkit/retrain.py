@@ -32,7 +32,7 @@ from infkit.fingerprint import data_fingerprint, model_fingerprint, task_fingerp
 from infkit.gradients import PerExample
 from infkit.parameters import ParameterSpace
 from infkit.progress import resolve, track
-from infkit.recipe import Replay, TrainingRun, relative_drift, replay_tolerance
+from infkit.recipe import Replay, TrainingRun
 from infkit.store import ArtifactStore
 from infkit.task import Task
 from infkit.training import train_to_optimum
@@ -172,37 +172,11 @@ def _check_run(run: TrainingRun, task: Task, examples: ExampleSet, l2: float) ->
         raise InvalidInputError(
             f"run must be the TrainingRun that Recipe.train returned, got {type(run).__name__}"
         )
-    if run.n != len(examples):
-        raise InvalidInputError(
-            f"the run trained on {run.n} examples, the training set has {len(examples)}: pass "
-            "the data the run was trained on"
-        )
-    if float(l2) != float(run.recipe.l2):
-        raise InvalidInputError(
-            f"l2={l2} differs from the recipe's l2={run.recipe.l2}: retraining by the recipe "
-            "uses the recipe's objective; pass the same l2"
-        )
-    space = ParameterSpace(task.model)
-    if space.size != run.final.numel():
-        raise InvalidInputError(
-            f"the run covers {run.final.numel()} parameters, the model's trainable ones are "
-            f"{space.size}: pass the model the run trained"
-        )
-    tolerance = replay_tolerance(space.dtype)
-    if relative_drift(space.flat(), run.final) > tolerance:
-        raise InvalidInputError(
-            "the model's parameters are not the run's final parameters: pass the model the "
-            "run trained, as Recipe.train left it (retraining measures changes from it)"
-        )
+    owner = "retraining by the run"
+    run.require_model(owner, len(examples), l2, ParameterSpace(task.model).flat())
     replay = Replay(run.recipe, task.with_model(copy.deepcopy(task.model)), examples)
     final, _ = replay.final(run.initial.to(replay.space.dtype), run.weights.to(replay.space.dtype))
-    drift = relative_drift(final, run.final)
-    if drift > tolerance:
-        raise InvalidInputError(
-            f"replaying the run on this training set ends {drift:.2e} (relative) from the run's "
-            "final parameters: these are not the examples and labels it was trained on (or "
-            "not in its order), or training is not deterministic; pass the run's own data"
-        )
+    run.require_replayed(owner, final)
 
 
 def without(

@@ -42,11 +42,16 @@ class Attack:
         indices: [k] the attacked training examples.
         delta: [k, *x_shape] the perturbation of each (norm ``epsilon`` in ``norm``).
         predicted: [n_test] the predicted change of each test measurement (first order).
+        n_train: N of the training set it was computed on (None: not recorded).
+        originals: [k, *x_shape] the attacked examples' inputs as they were (None: not
+            recorded); :meth:`apply` checks a training set against both.
     """
 
     indices: Tensor
     delta: Tensor
     predicted: Tensor
+    n_train: int | None = None
+    originals: Tensor | None = None
 
     def apply(self, inputs: Tensor) -> Tensor:
         """A copy of the training ``inputs`` [N, *x_shape] with the perturbations added."""
@@ -56,11 +61,23 @@ class Attack:
                 f"perturbations {tuple(self.delta.shape[1:])}"
             )
         reach = int(self.indices.max()) + 1 if len(self.indices) else 0
-        if reach > len(inputs):
+        if (self.n_train is not None and len(inputs) != self.n_train) or reach > len(inputs):
+            computed = f"on {self.n_train} training examples" if self.n_train else ""
             raise InvalidInputError(
-                f"the attack moves training example {reach - 1}, and these training inputs hold "
-                f"{len(inputs)}: apply it to the training set the attack was computed on"
+                f"the attack was computed {computed} moving example {reach - 1}, and these "
+                f"training inputs hold {len(inputs)}: apply it to the training set the attack "
+                "was computed on"
             )
+        if self.originals is not None:
+            mine = inputs[self.indices].to(self.originals.device, self.originals.dtype)
+            if not torch.equal(mine, self.originals):
+                moved = (mine != self.originals).reshape(len(mine), -1).any(1)
+                first = int(self.indices[int(moved.nonzero()[0, 0])])
+                raise InvalidInputError(
+                    f"training example {first} of these inputs is not the one the attack was "
+                    "computed on (its input differs): apply it to the training set the attack "
+                    "was computed on, in its order"
+                )
         out = inputs.clone()
         out[self.indices] += self.delta.to(out.dtype)
         return out
@@ -99,7 +116,15 @@ def training_set_attack(
         direction = direction.sign()
     delta = (epsilon * direction).reshape(k, *g.shape[2:])
     predicted = (g[:, chosen].reshape(g.shape[0], k, -1) * delta.reshape(1, k, -1)).sum((1, 2))
-    return Attack(pool[chosen], delta, predicted)
+    indices = pool[chosen]
+    originals = inf.fitted.train.take(indices).inputs
+    return Attack(
+        indices,
+        delta,
+        predicted,
+        n_train=inf.n_train,
+        originals=originals.detach().clone() if isinstance(originals, Tensor) else None,
+    )
 
 
 def retrain_attacked(task: Task, train: tuple[Tensor, Tensor], attack: Attack, l2: float) -> Task:

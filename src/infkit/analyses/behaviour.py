@@ -57,6 +57,7 @@ from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.influence import Influence
 from infkit.language_modeling import IGNORE_INDEX
+from infkit.options import real_number, whole_number
 from infkit.progress import track
 from infkit.task import Task
 
@@ -286,39 +287,37 @@ def select_tokens(
         raise InvalidInputError(
             f"scores must be DifferentialScores or a tensor [N, T], got {type(scores).__name__}"
         )
-    if (
-        not isinstance(percentile, (int, float))
-        or isinstance(percentile, bool)
-        or not 0 < percentile < 100
-    ):
+    share = real_number(percentile)
+    if share is None or not 0 < share < 100:
         raise InvalidInputError(
             f"percentile must be a number strictly between 0 and 100 (the paper uses 99), got "
             f"{percentile!r}"
         )
-    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+    width = whole_number(window)
+    if width is None or width < 0:
         raise InvalidInputError(f"window must be an integer >= 0, got {window!r}")
-    if offset not in (0, 1) or isinstance(offset, bool):
+    centre = whole_number(offset)
+    if centre not in (0, 1):
         raise InvalidInputError(
-            f"offset must be 1 (the label the selected position predicts) or 0 (the label at "
-            f"the position, as the paper's code), got {offset!r}"
+            f"offset must be the integer 1 (the label the selected position predicts) or 0 (the "
+            f"label at the position, as the paper's code), got {offset!r}"
         )
-    if max_tokens is not None and (
-        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
-    ):
+    limit = None if max_tokens is None else whole_number(max_tokens)
+    if max_tokens is not None and (limit is None or limit < 1):
         raise InvalidInputError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}")
     values = table[real]
     if values.numel() == 0:
         raise InvalidInputError("no real tokens to select from: every position is padding")
     if not bool(torch.isfinite(values).all()):
         raise InvalidInputError("the scores have NaN or Inf at real tokens")
-    threshold = _percentile(values, float(percentile))
+    threshold = _percentile(values, share)
     selected = (table > threshold) & real
     count = selected.sum(1)
     total = (table * selected).sum(1)
     rank_score = _harmonic_mean(_min_max(count.to(torch.float64)), _min_max(total))
     by_tiebreak = torch.argsort(-tiebreak, stable=True)
     order = by_tiebreak[torch.argsort(-rank_score[by_tiebreak], stable=True)]
-    mask = _mask(selected, real, order, window, offset, max_tokens)
+    mask = _mask(selected, real, order, width, centre, limit)
     return TokenSelection(
         threshold=threshold,
         selected=selected,

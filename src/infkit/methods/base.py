@@ -48,6 +48,7 @@ from infkit.errors import (
     warn,
 )
 from infkit.estimators import ESTIMATORS, Estimator, EstimatorName
+from infkit.fingerprint import tensor_digest
 from infkit.fitted import STATIONARITY_TOLERANCE, Fitted, gradient_cache_bytes
 from infkit.gradients import PerExample, gradient_row_bytes, gradient_rows
 from infkit.kfac.curvature import KroneckerCurvature
@@ -91,8 +92,6 @@ DAMPED_CURVATURES = frozenset({"ggn", "hessian", "empirical-fisher"})
 DAMPING_WARNING = 1e6
 #: fit warns when the step to the optimum would change the training residuals this much
 DRIFT_WARNING = 0.25
-#: queries whose energy ratio :meth:`Method.check_queries` measures (the first of a call)
-QUERY_DIRECTIONS = 16
 #: :meth:`Method.check_queries` warns when the queries' energy ratio is beyond this: their
 #: scores that many times too large
 QUERY_SCALE_WARNING = 4.0
@@ -309,6 +308,10 @@ class Method(ABC):
         self._fitted: Fitted | None = None
         #: figures of :meth:`diagnose`, reported by :meth:`describe`
         self.checks: dict[str, Any] = {}
+        #: figures of :meth:`check_queries` for the last ``scores()`` call (not saved)
+        self.query_checks: dict[str, float] = {}
+        #: the queries' energy ratios of this fit by their direction's digest
+        self._query_ratios: dict[str, float] = {}
 
     # ------------------------------------------------------------------ declarations
     #: which curvature the method's answers represent (``"ggn"``, ``"hessian"``, ...)
@@ -597,6 +600,7 @@ class Method(ABC):
                 UserWarning,
             )
         self.checks = checks
+        self.query_checks, self._query_ratios = {}, {}
 
     def _run_checks(self, checks: dict[str, Any]) -> None:
         """The checks of :meth:`diagnose`, their figures recorded in ``checks``."""
@@ -664,48 +668,68 @@ class Method(ABC):
         The post-fit ratio probes directions in the range of the training examples' gradients;
         a query can lie along others, which the approximation gets wrong (a tester's
         prompt-masked language-model queries: EK-FAC's scores 13x the exact method's, the
-        ratio 0.67 along the probes and 11.9 along the queries). Where the post-fit ratio runs
-        (:meth:`runs_checks`) and the method solves in parameter space, it is measured along one
-        direction, the sum of the first :data:`QUERY_DIRECTIONS` queries' unit gradients, on a
-        curvature sample of up to :data:`~infkit.diagnostics.CURVATURE_SAMPLE` examples (all of
-        a smaller set: a rare direction needs the few examples that carry it; in a larger one
-        the sample estimates it, noisily where few carry it), recorded as
-        ``describe()["query_energy_ratio"]``, and warned beyond :data:`QUERY_SCALE_WARNING`
-        (too large; a ratio below 1 is also what a sample missing those examples reads).
+        ratio 0.67 along the probes and 11.9 along the queries). Where
+        :meth:`query_check_sample` says so, it is measured along one direction, the sum of the
+        unit gradients of the first :data:`~infkit.diagnostics.QUERY_DIRECTIONS` queries (those whose gradient is
+        above the model precision's rounding of the largest one's), on the mean GGN of all the
+        training examples up to :data:`~infkit.diagnostics.CURVATURE_SAMPLE` (a rare direction
+        needs the few examples that carry it; in a larger set a sample estimates it, noisily
+        where few carry it). It is recorded as ``describe()["query_energy_ratio"]`` (for this
+        call only: not saved) and warned beyond :data:`QUERY_SCALE_WARNING`, or the method's
+        own :attr:`scale_warning` where that is larger (too large; a ratio below 1 is also
+        what a sample missing those examples reads). A direction measured once is not measured
+        again until the next fit: the same queries cost their gradients only.
         """
+        self.query_checks = {}
         fitted = self.fitted
-        if not type(self).checks_scale or type(self).inverse is Method.inverse:
+        sample = self.query_check_sample(
+            fitted.damping, fitted.n, fitted.train_gradients is not None
+        )
+        if not sample or "energy_ratio" not in self.checks:
             return
-        _, post_fit = self.runs_checks(fitted.damping, fitted.n, fitted.train_gradients is not None)
-        if not post_fit or "energy_ratio" not in self.checks:
-            return
-        sample = min(fitted.n, diagnostics.CURVATURE_SAMPLE)
-        first = queries.part(torch.arange(min(len(queries), QUERY_DIRECTIONS)))
+        first = queries.part(torch.arange(min(len(queries), diagnostics.QUERY_DIRECTIONS)))
         Q = torch.cat(
             [
                 fitted.engine.grads(batch, "measurement").to(torch.float64)
                 for batch in first.batches(fitted.gradient_batch_size)
             ]
         )
-        norms = Q.norm(dim=1, keepdim=True)
-        Q = Q[norms[:, 0] > 0] / norms[norms[:, 0] > 0]  # a still query: the scores warn
-        if not len(Q):
+        norms = Q.norm(dim=1)
+        # a still query (the scores warn) or one whose gradient is rounding beside another's
+        moved = norms > torch.finfo(fitted.space.dtype).eps * norms.max()
+        if not bool(moved.any()):
             return
-        direction = Q.sum(0, keepdim=True)
-        ratio = diagnostics.energy_ratio(
-            fitted, self.inverse(), directions=direction, sample=sample
-        )
-        self.checks["query_energy_ratio"] = ratio
-        if math.isfinite(ratio) and ratio > QUERY_SCALE_WARNING:
+        direction = (Q[moved] / norms[moved, None]).sum(0, keepdim=True)
+        key = tensor_digest(direction)
+        if key not in self._query_ratios:
+            self._query_ratios[key] = diagnostics.energy_ratio(
+                fitted, self.inverse(), directions=direction, sample=sample
+            )
+        ratio = self._query_ratios[key]
+        self.query_checks = {"query_energy_ratio": ratio}
+        limit = max(QUERY_SCALE_WARNING, type(self).scale_warning or 0.0)
+        if math.isfinite(ratio) and ratio > limit:
             warn(
                 f"method {self.name!r} gives these queries' scores about {ratio:.1f}x too large "
                 "along their own gradient directions (energy ratio u^T (H + ridge) u / u^T v on "
-                f"a curvature sample, 1 for an exact solve; {self.checks['energy_ratio']:.2g} along the "
-                "training examples' gradients): the queries lie where the approximation is "
-                "poor. Rank with them if you must; for removal effects use a method that "
-                "solves (cg, exact), or check them against retraining (infkit.retrain)",
+                f"a curvature sample, 1 for an exact solve; {self.checks['energy_ratio']:.2g} "
+                "along the training examples' gradients): the queries lie where the "
+                "approximation is poor. Rank with them if you must; for removal effects use a "
+                "method that solves (cg, exact), or check them against retraining "
+                "(infkit.retrain)",
                 UserWarning,
             )
+
+    def query_check_sample(self, damping: float, n: int, cached: bool) -> int:
+        """The curvature sample of :meth:`check_queries` for a fit like those of
+        :meth:`runs_checks` (0: it does not run): all N up to
+        :data:`~infkit.diagnostics.CURVATURE_SAMPLE` where the post-fit energy ratio runs and
+        the method solves in parameter space, else 0. One curvature product of a single example
+        each, a ``scores()`` call (:meth:`infkit.Influence.plan` counts them)."""
+        if not type(self).checks_scale or type(self).inverse is Method.inverse:
+            return 0
+        _, post_fit = self.runs_checks(damping, n, cached)
+        return min(n, diagnostics.CURVATURE_SAMPLE) if post_fit else 0
 
     def runs_checks(self, damping: float, n: int, cached: bool) -> tuple[bool, int]:
         """Which costly checks :meth:`diagnose` runs for a fit on ``n`` examples with this
@@ -830,6 +854,7 @@ class Method(ABC):
             "curvature": self.curvature,
             "options": self.options.record(),
             **self.checks,
+            **self.query_checks,
         }
 
 

@@ -37,7 +37,7 @@ from infkit.gradients import PerExample
 from infkit.kfac.curvature import KroneckerCurvature, KroneckerOptions
 from infkit.methods.base import Fidelity, Method, register
 from infkit.methods.exact import Exact
-from infkit.methods.unrolled import check_replayed, checked_replay
+from infkit.methods.unrolled import checked_replay
 from infkit.options import option
 from infkit.parameters import ParameterSpace
 from infkit.progress import track
@@ -223,7 +223,7 @@ class Source(Method):
             if t in middles:
                 states[t] = theta
             final = theta
-        check_replayed("source", final, fitted)
+        run.require_replayed("method 'source'", final)
         self.parts, self.mean_gradients = [], []
         for middle in sorted(middles):
             a, b = middles[middle]

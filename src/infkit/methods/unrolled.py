@@ -34,54 +34,23 @@ from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
 from infkit.plan import RunShape, Stage
 from infkit.progress import track
-from infkit.recipe import Replay, TrainingRun, relative_drift, replay_tolerance
+from infkit.recipe import Replay, TrainingRun
 from infkit.task import Task
 from infkit.unroll import Checkpoints, checkpoint, default_interval, metagradients, tangent
 
 
 def checked_replay(name: str, run: TrainingRun | None, fitted: Fitted) -> tuple[Replay, Tensor]:
     """The run's replay on the fitted training set, after checking that the run is this
-    model's: the same N, P and l2, and the model's parameters are the run's final ones."""
+    model's (:meth:`TrainingRun.require_model`); the caller checks where the replay ends
+    (:meth:`TrainingRun.require_replayed`)."""
     if run is None:
         raise InvalidInputError(
             f"method {name!r} needs run=: the recorded training run, from "
             "infkit.Recipe(...).train(task, train) (docs/methods/unrolled.md)"
         )
-    if fitted.n != run.n:
-        raise InvalidInputError(
-            f"method {name!r}: the run trained on {run.n} examples, the training set has "
-            f"{fitted.n}: fit on the data the run was trained on"
-        )
-    if fitted.l2 != run.recipe.l2:
-        raise InvalidInputError(
-            f"method {name!r} describes the run's own objective: pass l2={run.recipe.l2} (the "
-            f"recipe's), got l2={fitted.l2}"
-        )
-    if fitted.space.size != run.final.numel():
-        raise InvalidInputError(
-            f"method {name!r}: the run covers {run.final.numel()} parameters, the model "
-            f"attributes {fitted.space.size}: attribute through the whole model"
-        )
-    tolerance = replay_tolerance(fitted.space.dtype)
-    if relative_drift(run.final, fitted.space.flat().detach()) > tolerance:
-        raise InvalidInputError(
-            f"method {name!r}: the model's parameters are not the run's final parameters; the "
-            "run must be the one that trained this model (Recipe.train)"
-        )
+    run.require_model(f"method {name!r}", fitted.n, fitted.l2, fitted.space.flat().detach())
     replay = Replay(run.recipe, fitted.task, fitted.train)
     return replay, run.weights.to(fitted.space.dtype)
-
-
-def check_replayed(name: str, final: Tensor, fitted: Fitted) -> None:
-    """Refuse a replay that does not end at the model's parameters (other data, another model,
-    or a training that is not deterministic)."""
-    drift = relative_drift(final, fitted.space.flat().detach())
-    if drift > replay_tolerance(fitted.space.dtype):
-        raise InvalidInputError(
-            f"method {name!r}: replaying the run on this training set ends {drift:.2e} "
-            "(relative) from the model's parameters: the data, the model or the recipe differs "
-            "from the recorded run's, or training is not deterministic"
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +120,7 @@ class Unrolled(Method):
             )
         replay, weights = checked_replay("unrolled", self.run, fitted)
         kept = checkpoint(replay, self.run.initial, weights, self.options.checkpoint_every)
-        check_replayed("unrolled", kept.final, fitted)
+        self.run.require_replayed("method 'unrolled'", kept.final)
         self.replay, self.checkpoints, self.weights = replay, kept, weights
 
     # ------------------------------------------------------------------ answers
