@@ -1203,8 +1203,46 @@ def test_the_plan_lists_the_checks_the_fit_runs(problem: dict) -> None:
                 assert ("training gradients" in planned) == (inf.fitted.train_gradients is not None)
                 if not checks:
                     assert not ran and "energy_ratio" not in inf.describe()
-    with pytest.raises(InvalidInputError, match="checks must be True or False"):
-        infkit.Influence(task, "ekfac", checks="no")  # type: ignore[arg-type]
+    for bad in ("no", "all", 1):
+        with pytest.raises(
+            InvalidInputError, match=r"checks must be True .*, False .* or 'queries'"
+        ):
+            infkit.Influence(task, "ekfac", checks=bad)  # type: ignore[arg-type]
+
+
+def test_checks_queries_measures_the_queries_where_the_fit_checks_do_not(problem: dict) -> None:
+    """On the streamed path (language-model scale) the post-fit ratio does not run, nor the
+    queries' check with it; checks="queries" runs the latter at any size, planned: the same
+    figure as the cached run's (the same solve, direction and curvature of all N)."""
+    task = infkit.Task.language_modeling(problem["model"])
+    options = {"l2": 1e-2, "damping": 1e-2, "batch_size": 2}
+    limit = _limit_for_queries(problem, Q, batch_size=2)
+    train, test = problem["train"], problem["test"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        cached = infkit.Influence(task, "ekfac", **options).fit(train)
+        cached.scores(test)
+        for checks in (True, "queries"):
+            streamed = infkit.Influence(task, "ekfac", memory_limit=limit, checks=checks, **options)
+            planned = {s.name for s in streamed.plan(train, test, timed=False).stages}
+            streamed.fit(train)
+            assert streamed.fitted.train_gradients is None
+            assert "energy_ratio" not in streamed.describe()
+            streamed.scores(test)
+            measured = "query_energy_ratio" in streamed.describe()
+            assert ("queries' check" in planned) == measured == (checks == "queries")
+    figure = streamed.describe()["query_energy_ratio"]
+    assert figure == pytest.approx(cached.describe()["query_energy_ratio"], rel=1e-6)
+    # a solve 10x too large warns, without the probes' figure it does not have
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        scaled = infkit.Influence(task, "ekfac", memory_limit=limit, checks="queries", **options)
+        scaled.fit(train)
+    solve = scaled.method.inverse()
+    scaled.method.inverse = lambda: lambda V: 10 * solve(V)  # type: ignore[method-assign]
+    with pytest.warns(UserWarning, match=r"too large along .* 1 for an exact solve\): the"):
+        scaled.scores(test)
+    assert scaled.describe()["query_energy_ratio"] == pytest.approx(10 * figure, rel=1e-6)
 
 
 def test_the_plan_holds_the_gradient_cache_through_the_checks_and_the_queries(

@@ -221,6 +221,10 @@ def test_second_run_reloads_the_saved_influence(project: Path, finished: Path) -
         (lambda c: "top_k = 3\n" + c, "top_k = 3 is outside any section (it belongs in [report])"),
         (lambda c: c.replace("n = 5", "n = -1"), "[retraining] n must be >= 0"),
         (
+            lambda c: c.replace("l2 = 1e-2", 'l2 = 1e-2\nchecks = "all"'),
+            "[influence] checks must be true, false or \"queries\", got 'all'",
+        ),
+        (
             lambda c: c.replace("n = 5", "n = 2"),
             "bad.toml: [retraining] n = 2 is too few: the check correlates predicted with actual "
             "leave-one-out changes, which needs at least 3 retrainings",

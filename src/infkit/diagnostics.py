@@ -109,18 +109,13 @@ def check_bytes(
 
 
 def query_check_bytes(
-    p: int,
-    outputs: int,
-    batch_size: int,
-    itemsize: int,
-    memory_limit: int,
-    queries: int = QUERY_DIRECTIONS,
+    p: int, outputs: int, batch_size: int, itemsize: int, memory_limit: int
 ) -> int:
     """Bytes :meth:`infkit.methods.base.Method.check_queries` holds at its peak for P = ``p``
-    parameters (as :func:`check_bytes`): the first ``queries`` gradients in float64, their
+    parameters (as :func:`check_bytes`), beyond a batch of the queries' gradients: their
     direction, its answer and curvature product in float64 and the direction in the model's
     precision, and a batch product's working memory for that one direction."""
-    arrays = queries * p * FLOAT64_BYTES + p * (3 * FLOAT64_BYTES + itemsize)
+    arrays = p * (3 * FLOAT64_BYTES + itemsize)
     batch_outputs = batch_size * outputs
     chunk = product_chunk(1, batch_outputs, p, itemsize, product_work_bytes(memory_limit))
     return arrays + chunk * product_direction_bytes(batch_outputs, p, itemsize)

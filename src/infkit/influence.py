@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -63,6 +63,7 @@ from infkit.memory import (
 from infkit.methods.base import (
     Method,
     Problem,
+    batch_gradient_bytes,
     method_class,
     methods_answering,
     registered,
@@ -163,7 +164,7 @@ class Influence:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         workdir: str | Path | None = None,
-        checks: bool = True,
+        checks: bool | Literal["queries"] = True,
         **method_options: Any,
     ) -> None:
         if not isinstance(task, Task):
@@ -230,9 +231,13 @@ class Influence:
                 f"{progress!r}"
             )
         self.progress = progress
-        if not isinstance(checks, bool):
-            raise InvalidInputError(f"checks must be True or False, got {checks!r}")
-        self.checks = checks
+        if not isinstance(checks, bool) and checks != "queries":
+            raise InvalidInputError(
+                "checks must be True (the checks a fit affords), False (none) or 'queries' (those "
+                "and the queries' energy ratio on every scores() call, at any size; plan() prices "
+                f"it), got {checks!r}"
+            )
+        self.checks: bool | Literal["queries"] = checks
         self.workdir = None if workdir is None else Path(workdir)
         if self.workdir is not None and self.workdir.exists() and not self.workdir.is_dir():
             raise InvalidInputError(f"workdir {self.workdir} is a file, not a directory")
@@ -790,7 +795,7 @@ class Influence:
                 UserWarning,
             )
         if self.checks:
-            method.check_queries(queries)
+            method.check_queries(queries, always=self.checks == "queries")
         shown = track(chunks, fitted.progress, "scores", len(chunks)) if len(chunks) > 1 else chunks
         for start, stop in shown:
             part = queries if stop - start == t else queries.part(torch.arange(start, stop))
@@ -1210,32 +1215,28 @@ class Influence:
                 names = [stage.name for stage in stages]
                 at = names.index("queries") if "queries" in names else len(stages)
                 stages.insert(at, checks)
-            query_sample = method.query_check_sample(self.damping, n, cached)
-            first = min(q, diagnostics.QUERY_DIRECTIONS)
+            query_sample = method.query_check_sample(
+                self.damping, n, cached, always=self.checks == "queries"
+            )
             if query_sample:
                 # every scores() call, before its queries (once a direction: the same queries
                 # again cost their gradients only)
                 names = [stage.name for stage in stages]
                 at = names.index("queries") if "queries" in names else len(stages)
+                first = min(q, diagnostics.QUERY_DIRECTIONS)
                 stages.insert(
                     at,
                     Stage(
                         "queries' check",
                         round(query_sample * diagnostics.PRODUCT_PASS_COST * world_size / n, 2),
                         diagnostics.query_check_bytes(
-                            space.size,
-                            shape.outputs,
-                            self.batch_size,
-                            itemsize,
-                            self.memory_limit,
-                            first,
-                        ),
-                        (
-                            "the first queries' gradients, float64",
-                            first * space.size * FLOAT64_BYTES,
-                        ),
+                            space.size, shape.outputs, self.batch_size, itemsize, self.memory_limit
+                        )
+                        + batch_gradient_bytes(shape),
+                        ("the direction, its answer and product, float64", 3 * space.size * 8),
                         f"{query_sample:,} curvature products of single examples a scores() "
-                        "call, along the first queries' gradients (checks=False skips them)",
+                        f"call, along the first {first} queries' gradients (checks=False skips "
+                        "them)",
                         float64_flops=method.solve_flops(self.task, space),
                     ),
                 )

@@ -662,74 +662,93 @@ class Method(ABC):
                     if drift.residual_shift > DRIFT_WARNING:
                         warn(drift_message(fitted, drift), UserWarning)
 
-    def check_queries(self, queries: ExampleSet) -> None:
+    def check_queries(self, queries: ExampleSet, always: bool = False) -> None:
         """The energy ratio along the queries' own gradients (docs/conventions.md §9).
 
         The post-fit ratio probes directions in the range of the training examples' gradients;
         a query can lie along others, which the approximation gets wrong (a tester's
         prompt-masked language-model queries: EK-FAC's scores 13x the exact method's, the
         ratio 0.67 along the probes and 11.9 along the queries). Where
-        :meth:`query_check_sample` says so, it is measured along one direction, the sum of the
-        unit gradients of the first :data:`~infkit.diagnostics.QUERY_DIRECTIONS` queries (those whose gradient is
-        above the model precision's rounding of the largest one's), on the mean GGN of all the
-        training examples up to :data:`~infkit.diagnostics.CURVATURE_SAMPLE` (a rare direction
-        needs the few examples that carry it; in a larger set a sample estimates it, noisily
-        where few carry it). It is recorded as ``describe()["query_energy_ratio"]`` (for this
-        call only: not saved) and warned beyond :data:`QUERY_SCALE_WARNING`, or the method's
-        own :attr:`scale_warning` where that is larger (too large; a ratio below 1 is also
-        what a sample missing those examples reads). A direction measured once is not measured
-        again until the next fit: the same queries cost their gradients only.
+        :meth:`query_check_sample` says so (``always``: ``Influence(checks="queries")``), it is
+        measured along one direction, the sum of the unit gradients of the first
+        :data:`~infkit.diagnostics.QUERY_DIRECTIONS` queries (those whose gradient is above the
+        model precision's rounding of the largest one's), on the mean GGN of all the training
+        examples up to :data:`~infkit.diagnostics.CURVATURE_SAMPLE` (a rare direction needs the
+        few examples that carry it; in a larger set a sample estimates it, noisily where few
+        carry it). It is recorded as ``describe()["query_energy_ratio"]`` (for this call only:
+        not saved) and warned beyond :data:`QUERY_SCALE_WARNING`, or the method's own
+        :attr:`scale_warning` where that is larger (too large; a ratio below 1 is also what a
+        sample missing those examples reads). A direction measured once is not measured again
+        until the next fit: the same queries cost their gradients only.
         """
         self.query_checks = {}
         fitted = self.fitted
-        sample = self.query_check_sample(
-            fitted.damping, fitted.n, fitted.train_gradients is not None
-        )
-        if not sample or "energy_ratio" not in self.checks:
+        cached = fitted.train_gradients is not None
+        sample = self.query_check_sample(fitted.damping, fitted.n, cached, always)
+        if not sample or not (always or "energy_ratio" in self.checks):
             return
-        first = queries.part(torch.arange(min(len(queries), diagnostics.QUERY_DIRECTIONS)))
-        Q = torch.cat(
-            [
-                fitted.engine.grads(batch, "measurement").to(torch.float64)
-                for batch in first.batches(fitted.gradient_batch_size)
-            ]
-        )
-        norms = Q.norm(dim=1)
-        # a still query (the scores warn) or one whose gradient is rounding beside another's
-        moved = norms > torch.finfo(fitted.space.dtype).eps * norms.max()
-        if not bool(moved.any()):
+        direction = self._query_direction(queries)
+        if direction is None:  # every query is still: the scores warn
             return
-        direction = (Q[moved] / norms[moved, None]).sum(0, keepdim=True)
         key = tensor_digest(direction)
         if key not in self._query_ratios:
             self._query_ratios[key] = diagnostics.energy_ratio(
-                fitted, self.inverse(), directions=direction, sample=sample
+                fitted, self.inverse(), directions=direction[None], sample=sample
             )
         ratio = self._query_ratios[key]
         self.query_checks = {"query_energy_ratio": ratio}
         limit = max(QUERY_SCALE_WARNING, type(self).scale_warning or 0.0)
         if math.isfinite(ratio) and ratio > limit:
+            probes = self.checks.get("energy_ratio")
+            beside = (
+                f"; {probes:.2g} along the training examples' gradients"
+                if probes is not None
+                else ""
+            )
             warn(
                 f"method {self.name!r} gives these queries' scores about {ratio:.1f}x too large "
                 "along their own gradient directions (energy ratio u^T (H + ridge) u / u^T v on "
-                f"a curvature sample, 1 for an exact solve; {self.checks['energy_ratio']:.2g} "
-                "along the training examples' gradients): the queries lie where the "
+                f"a curvature sample, 1 for an exact solve{beside}): the queries lie where the "
                 "approximation is poor. Rank with them if you must; for removal effects use a "
                 "method that solves (cg, exact), or check them against retraining "
                 "(infkit.retrain)",
                 UserWarning,
             )
 
-    def query_check_sample(self, damping: float, n: int, cached: bool) -> int:
+    def _query_direction(self, queries: ExampleSet) -> Tensor | None:
+        """``sum_k g_k / ||g_k||`` [P] float64 over the first queries whose measurement's
+        gradient g_k is above the model precision's rounding of the largest one's (None where
+        none is): a batch of gradients at a time, never all of them."""
+        fitted = self.fitted
+        first = queries.part(torch.arange(min(len(queries), diagnostics.QUERY_DIRECTIONS)))
+        direction = torch.zeros(fitted.space.size, dtype=torch.float64, device=fitted.space.device)
+        norms = []
+        for batch in first.batches(fitted.gradient_batch_size):
+            G = fitted.engine.grads(batch, "measurement").to(torch.float64)
+            size = G.norm(dim=1)
+            moved = size > 0
+            direction += (G[moved] / size[moved, None]).sum(0)
+            norms.append(size)
+        size = torch.cat(norms)
+        if not bool((size > 0).any()):
+            return None
+        rounding = (size > 0) & (size <= torch.finfo(fitted.space.dtype).eps * size.max())
+        for k in rounding.nonzero()[:, 0].tolist():  # rare: taken back out, one at a time
+            g = fitted.engine.grads(first.take([k]), "measurement").to(torch.float64)[0]
+            direction -= g / g.norm()
+        return direction
+
+    def query_check_sample(self, damping: float, n: int, cached: bool, always: bool = False) -> int:
         """The curvature sample of :meth:`check_queries` for a fit like those of
         :meth:`runs_checks` (0: it does not run): all N up to
-        :data:`~infkit.diagnostics.CURVATURE_SAMPLE` where the post-fit energy ratio runs and
-        the method solves in parameter space, else 0. One curvature product of a single example
-        each, a ``scores()`` call (:meth:`infkit.Influence.plan` counts them)."""
+        :data:`~infkit.diagnostics.CURVATURE_SAMPLE` where the post-fit energy ratio runs (or
+        ``always``) and the method solves in parameter space, else 0. One curvature product of
+        a single example each, a ``scores()`` call (:meth:`infkit.Influence.plan` counts
+        them)."""
         if not type(self).checks_scale or type(self).inverse is Method.inverse:
             return 0
         _, post_fit = self.runs_checks(damping, n, cached)
-        return min(n, diagnostics.CURVATURE_SAMPLE) if post_fit else 0
+        return min(n, diagnostics.CURVATURE_SAMPLE) if post_fit or always else 0
 
     def runs_checks(self, damping: float, n: int, cached: bool) -> tuple[bool, int]:
         """Which costly checks :meth:`diagnose` runs for a fit on ``n`` examples with this

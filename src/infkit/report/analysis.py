@@ -717,7 +717,7 @@ def _summary(
         "damping": described.get("damping"),
         "stationarity": inf.stationarity,
         "influence": origin,
-        "diagnostics": inf.method.checks,
+        "diagnostics": {**inf.method.checks, **inf.method.query_checks},
         "describe": described,
         "workdir": str(workdir),
     }

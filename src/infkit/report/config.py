@@ -106,10 +106,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "relatif": Key("str", "theta", "RelatIF's normalisation: theta or loss"),
         "options": Key("table", {}, "the method's options (infkit methods --json lists them)"),
         "checks": Key(
-            "bool",
+            "bool|str",
             True,
             "run the post-fit checks of the answer (false skips them: on large models they "
-            "cost passes over a sample)",
+            'cost passes over a sample; "queries" adds the queries\' energy ratio at any size)',
         ),
         "reuse": Key(
             "bool",
@@ -299,6 +299,11 @@ def _check_values(sections: dict[str, dict[str, Any]], where: str) -> None:
         if sections[section][key] < low:
             raise ConfigError(f"{where}: [{section}] {key} must be >= {low}")
     _check_retraining(sections["retraining"], where)
+    checks = sections["influence"]["checks"]
+    if isinstance(checks, str) and checks != "queries":
+        raise ConfigError(
+            f'{where}: [influence] checks must be true, false or "queries", got {checks!r}'
+        )
     damping = sections["influence"]["damping"]
     if isinstance(damping, str) and damping != "auto":
         raise ConfigError(
