@@ -633,6 +633,14 @@ def test_the_queries_check_measures_a_direction_once_and_keeps_its_figure_to_its
     loaded = infkit.Influence.load(tmp_path / "run", task)
     assert "query_energy_ratio" not in loaded.describe()
     assert loaded.describe()["energy_ratio"] == inf.describe()["energy_ratio"]
+    # a loaded run measures its own calls' queries, as its load's checks say
+    again = inf.describe()["query_energy_ratio"]
+    for checks, kept in ((True, True), ("queries", True), (False, False)):
+        loaded = infkit.Influence.load(tmp_path / "run", task, checks=checks)
+        loaded.scores((X[twos[:2]], y[twos[:2]]))
+        assert ("query_energy_ratio" in loaded.describe()) == kept
+        if kept:
+            assert loaded.describe()["query_energy_ratio"] == pytest.approx(again, rel=1e-9)
 
 
 def test_the_queries_check_warns_at_the_methods_own_threshold(mlp_problem: dict) -> None:

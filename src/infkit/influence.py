@@ -552,6 +552,7 @@ class Influence:
         progress: bool | None = None,
         memory_limit: int | None = None,
         device: str | torch.device | None = None,
+        checks: bool | Literal["queries"] = True,
     ) -> Influence:
         """An Influence saved by :meth:`save`, fitted again without any pass over the data.
 
@@ -576,6 +577,9 @@ class Influence:
                 computed again when needed.
             device: where the model runs (as for ``Influence``; default: where it is). The
                 saved tensors that were on the model's device go there, the others to the CPU.
+            checks: the checks of the ``scores()`` calls (as for ``Influence``: ``"queries"``
+                measures the queries' energy ratio at any size, False none); the fit's own
+                checks are not run again, their saved figures are restored.
 
         Returns:
             The fitted Influence; ``describe()`` adds ``"loaded_from"``.
@@ -622,6 +626,7 @@ class Influence:
             device=device,
             dtype=autocast,
             workdir=settings.workdir,
+            checks=checks,
             **settings.method_options,
         )
         inf.method_name, inf._choice = settings.requested, settings.choice
