@@ -8,7 +8,7 @@ import torch
 from sklearn.datasets import load_digits
 
 import infkit
-from infkit.analyses.attacks import retrained_change, training_set_attack
+from infkit.analyses.attacks import Attack, retrained_change, training_set_attack
 from infkit.errors import InvalidInputError
 
 L2 = 1e-2
@@ -91,3 +91,9 @@ def test_bad_attacks_are_refused(problem: dict) -> None:
     for other in (X.flip(0), torch.cat([X, X[:5]]), X + 1e-3):
         with pytest.raises(InvalidInputError, match="the training set the attack was computed on"):
             attack.apply(other)
+    # the same data in float32 is the same training set, values that float32 rounds included
+    # (it was refused as another set)
+    standard = (X - X.mean(0)) / (X.std(0) + 1e-3)
+    plain = Attack(attack.indices, attack.delta, attack.predicted, len(X), standard[attack.indices])
+    moved = plain.apply(standard.float())
+    assert moved.dtype == torch.float32 and not torch.equal(standard.float().double(), standard)

@@ -191,6 +191,19 @@ def test_a_function_no_transform_takes_is_answered_by_backward_passes_or_refused
             assert inf.method.checks == {}
     assert {"identity", "ekfac", "kfac", "datainf"} <= answered, answered
     assert {"exact", "cg", "lissa", "arnoldi"} <= refused, refused
+    # checks="queries" measures the queries' ratio by the same products: skipped with one
+    # warning a fit, the scores given (they raised the products' error before, a reviewer's)
+    for method in ("ekfac", "kfac", "datainf"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            inf = infkit.Influence(
+                infkit.Task.classification(old), method, checks="queries", **options
+            ).fit((X, y))
+            first, again = inf.scores(queries), inf.scores((X[3:6], y[3:6]))
+        assert first.shape == (3, 12) and again.shape == (3, 12), method
+        said = [str(w.message) for w in caught if "queries' energy ratio" in str(w.message)]
+        assert len(said) == 1 and "_OldStyleTanh (it defines no setup_context)" in said[0], method
+        assert "query_energy_ratio" not in inf.describe()
 
     # the exact Hessian comes from double backward passes, which the function has
     hessian = {"l2": 1e-2, "damping": 1.0, "curvature": "hessian"}

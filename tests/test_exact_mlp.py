@@ -160,8 +160,8 @@ def test_with_estimator_reuses_the_fit(mlp_problem: dict) -> None:
 def test_the_queries_energy_ratio_is_read_on_every_training_example(
     mlp_problem: dict, dense: dict, method: str
 ) -> None:
-    # rho = u^T (H + ridge) u / u^T v, v the sum of the queries' unit gradients, u the method's
-    # solve of it, H the mean GGN of all N = 60 examples (dense). The check left the probes'
+    # rho = u^T (H + ridge) u / u^T v, v the signed sum of the queries' unit gradients, u the
+    # method's solve of it, H the mean GGN of all N = 60 examples (dense). The check left the probes'
     # 16 examples out of H, so a training example used as a query read its ratio without its
     # own curvature (a reviewer's: 11-16 in the sample, 1.4-1.6 out of it, truth 3-5)
     damping = 1e-3
@@ -175,7 +175,9 @@ def test_the_queries_energy_ratio_is_read_on_every_training_example(
         cases[f"training example {i}"] = ((X[i : i + 1], y[i : i + 1]), dense["G"][i : i + 1])
     cases["two training examples"] = ((X[[3, 40]], y[[3, 40]]), dense["G"][[3, 40]])
     for name, (queries, gradients) in cases.items():
-        v = (gradients / gradients.norm(dim=1, keepdim=True)).sum(0)
+        v = torch.zeros(gradients.shape[1], dtype=torch.float64)
+        for g in gradients:  # each unit gradient signed to add to those before it
+            v += (-1.0 if float(v @ g) < 0 else 1.0) * g / g.norm()
         u = solve(v[None]).reshape(-1).to(torch.float64)
         truth = float(u @ H @ u / (u @ v))
         inf.scores(queries)

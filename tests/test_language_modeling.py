@@ -1233,6 +1233,17 @@ def test_checks_queries_measures_the_queries_where_the_fit_checks_do_not(problem
             assert ("queries' check" in planned) == measured == (checks == "queries")
     figure = streamed.describe()["query_energy_ratio"]
     assert figure == pytest.approx(cached.describe()["query_energy_ratio"], rel=1e-6)
+    # the per-module, per-token and query-batched scores measure their queries too
+    part = ({k: v[:2] for k, v in test[0].items()}, test[1][:2])
+    streamed.scores(part)
+    of_part = streamed.describe()["query_energy_ratio"]
+    assert of_part != pytest.approx(figure, rel=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        for ask in (streamed.module_scores, streamed.token_scores, streamed.batched_scores):
+            streamed.scores(test)
+            ask(part)
+            assert streamed.describe()["query_energy_ratio"] == of_part, ask
     # a solve 10x too large warns, without the probes' figure it does not have
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)

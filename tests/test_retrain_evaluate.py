@@ -141,8 +141,20 @@ def test_correlation_auc_and_fraction_found() -> None:
     for bad in (float("inf"), -float("inf")):  # an overflow is not a rank
         with pytest.raises(InvalidInputError, match=r"scores of example 1 is .*inf.* overflow"):
             evaluate.detection_auc(torch.tensor([0.1, bad] + [0.0] * 8), flags)
-    for number in (np.float32(0.2), torch.tensor(0.2), torch.tensor([0.2])):  # refused before
+    for number in (np.float32(0.2), torch.tensor(0.2), torch.tensor([0.2]), np.array([0.2])):
         assert evaluate.fraction_found(scores, flags, number) == pytest.approx(2 / 3)
+    with pytest.raises(InvalidInputError, match="inspected is the fraction"):
+        evaluate.fraction_found(scores, flags, torch.empty((), device="meta"))
+    # one number per example: a matrix was flattened, an empty set gave 0.0, strings a
+    # ValueError (a reviewer's)
+    for bad, name in (
+        (scores.reshape(2, 5), "scores"),
+        (torch.zeros(0), "scores"),
+    ):
+        with pytest.raises(InvalidInputError, match=f"{name} must hold one number per example"):
+            evaluate.detection_auc(bad, flags if bad.numel() else flags[:0])
+    with pytest.raises(InvalidInputError, match="is_flagged must be numbers"):
+        evaluate.fraction_found(scores, np.array(["yes"] * 10), 0.2)
     for inspected in (0, -0.1, 1.5, True, torch.tensor(True)):  # 0.033 at 0% inspected before
         with pytest.raises(InvalidInputError, match=r"inspected is the fraction"):
             evaluate.fraction_found(scores, flags, inspected)

@@ -643,6 +643,33 @@ def test_the_queries_check_measures_a_direction_once_and_keeps_its_figure_to_its
             assert loaded.describe()["query_energy_ratio"] == pytest.approx(again, rel=1e-9)
 
 
+def test_the_queries_direction_does_not_cancel_and_a_refit_forgets_the_last_figures(
+    mlp_problem: dict,
+) -> None:
+    # two queries whose gradients are opposite summed to 0 and read inf (a reviewer's); each
+    # unit gradient is signed to add to those before it, so the pair reads its one direction
+    def signed(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return out[:, 0] * (1.0 - 2.0 * y.to(out.dtype))  # y = 0: +f_0, y = 1: -f_0
+
+    task = infkit.Task.classification(mlp_problem["model"], measurement=signed)
+    inf = infkit.Influence(task, "ekfac", l2=L2, damping=1e-3).fit(mlp_problem["train"])
+    x = mlp_problem["test"][0][:1]
+    inf.scores((x, torch.tensor([0])))
+    alone = inf.describe()["query_energy_ratio"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        inf.scores((torch.cat([x, x]), torch.tensor([0, 1])))
+    assert 0 < alone < 4
+    assert inf.describe()["query_energy_ratio"] == pytest.approx(alone, rel=1e-9)
+    # a refit without checks keeps no figure of the fit before it (it kept both)
+    inf.checks = False
+    inf.fit((mlp_problem["train"][0][:40], mlp_problem["train"][1][:40]))
+    inf.checks = True
+    inf.scores((x, torch.tensor([0])))
+    described = inf.describe()
+    assert "energy_ratio" not in described and "query_energy_ratio" not in described
+
+
 def test_the_queries_check_warns_at_the_methods_own_threshold(mlp_problem: dict) -> None:
     # DataInf warns at fit beyond 10x (its approximation is often a few times off); its
     # queries' check had 4: the same figure of 6 warns for ekfac and not for datainf

@@ -102,22 +102,35 @@ def check_bytes(
     (:func:`~infkit.curvature.product_chunk` of :func:`~infkit.curvature.product_work_bytes`).
     :meth:`infkit.Influence.plan` reports them."""
     directions = PROBE_DIRECTIONS if energy else SCALE_DIRECTIONS
-    arrays = directions * p * ((3 if energy else 2) * FLOAT64_BYTES + itemsize)
-    batch_outputs = batch_size * outputs
-    chunk = product_chunk(directions, batch_outputs, p, itemsize, product_work_bytes(memory_limit))
-    return arrays + chunk * product_direction_bytes(batch_outputs, p, itemsize)
+    return _product_bytes(
+        p, outputs, batch_size, itemsize, memory_limit, directions, 3 if energy else 2
+    )
 
 
 def query_check_bytes(
     p: int, outputs: int, batch_size: int, itemsize: int, memory_limit: int
 ) -> int:
     """Bytes :meth:`infkit.methods.base.Method.check_queries` holds at its peak for P = ``p``
-    parameters (as :func:`check_bytes`), beyond a batch of the queries' gradients: their
-    direction, its answer and curvature product in float64 and the direction in the model's
-    precision, and a batch product's working memory for that one direction."""
-    arrays = p * (3 * FLOAT64_BYTES + itemsize)
+    parameters (as :func:`check_bytes`), beyond a batch of the queries' gradients: their one
+    direction, its answer and curvature product in float64, the direction in the model's
+    precision, and a batch product's working memory for it."""
+    return _product_bytes(p, outputs, batch_size, itemsize, memory_limit, 1, 3)
+
+
+def _product_bytes(
+    p: int,
+    outputs: int,
+    batch_size: int,
+    itemsize: int,
+    memory_limit: int,
+    directions: int,
+    float64_arrays: int,
+) -> int:
+    """``directions`` rows of P held ``float64_arrays`` times in float64 and once in the
+    model's precision, and a batch's curvature product's working memory for them."""
+    arrays = directions * p * (float64_arrays * FLOAT64_BYTES + itemsize)
     batch_outputs = batch_size * outputs
-    chunk = product_chunk(1, batch_outputs, p, itemsize, product_work_bytes(memory_limit))
+    chunk = product_chunk(directions, batch_outputs, p, itemsize, product_work_bytes(memory_limit))
     return arrays + chunk * product_direction_bytes(batch_outputs, p, itemsize)
 
 
@@ -144,8 +157,9 @@ def _sample_curvature(
     fitted: Fitted, sample: int, skip: int = PROBE_DIRECTIONS
 ) -> CurvatureOperator:
     """The mean GGN of ``sample`` training examples, after the first ``skip`` of the fixed
-    permutation (by default those of the probe directions, whose own curvature would weigh
-    on them; 0 for directions that are not training examples')."""
+    permutation (by default the examples :func:`probe_directions` draws its directions from,
+    whose own curvature would weigh on them; 0 for directions from elsewhere, the queries',
+    which then take every example up to ``sample``)."""
     indices = _sample(fitted, sample, skip=skip)
     return CurvatureOperator(
         fitted.engine,
@@ -205,11 +219,11 @@ def energy_ratio(
     """``rho = sum_k u_k^T (H + ridge) u_k / sum_k u_k^T v_k`` with ``u_k = solve(v_k)``.
 
     ``solve`` is the method's inverse damped curvature; H is the GGN on a sample of
-    ``sample`` training examples (an unbiased estimate of the mean; all of them where N is at
-    most ``sample`` and ``directions`` are given: the probe directions' own examples are left
-    out of it). rho is 1 (within the sample's noise, a few percent) for an exact solve, and ~c
-    when the answer is c times too large along the directions (:func:`probe_directions` by
-    default).
+    ``sample`` training examples (an unbiased estimate of the mean). Along the default
+    directions, :func:`probe_directions`, the sample leaves out the examples they come from;
+    along given ``directions`` it takes the examples from the start, all of them where N is
+    at most ``sample``. rho is 1 (within the sample's noise, a few percent) for an exact
+    solve, and ~c when the answer is c times too large along the directions.
     """
     V = probe_directions(fitted) if directions is None else directions
     skip = PROBE_DIRECTIONS if directions is None else 0

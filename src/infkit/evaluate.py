@@ -218,7 +218,19 @@ def _detection_inputs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``scores`` as finite floats and ``is_flagged`` as booleans (given as bool, or 0 and 1),
     of one length, or an error naming what is wrong."""
-    s, flags = _np(scores).reshape(-1), _np(is_flagged).reshape(-1)
+    arrays = []
+    for name, given in (("scores", scores), ("is_flagged", is_flagged)):
+        try:
+            values = _np(given)
+        except (TypeError, ValueError) as error:
+            raise InvalidInputError(f"{name} must be numbers, one per example ({error})") from error
+        if values.ndim != 1 or values.size == 0:
+            raise InvalidInputError(
+                f"{name} must hold one number per example (a non-empty 1-D array or tensor), "
+                f"got shape {values.shape}"
+            )
+        arrays.append(values)
+    s, flags = arrays
     if s.shape != flags.shape:
         raise InvalidInputError(f"scores has {s.size} values but is_flagged has {flags.size}")
     if not np.isfinite(s).all():

@@ -422,6 +422,7 @@ class Influence:
         if method.assumes_optimum and (summary is not None or type(method).stationarity_pass):
             gradient, stationarity = objective_gradient(fitted, summary)
             fitted = replace(fitted, objective_gradient=gradient, stationarity=stationarity)
+        method.clear_checks()  # a refit's figures are its own, with or without checks
         method.fit(fitted)
         if self.checks:
             method.diagnose()
@@ -699,6 +700,18 @@ class Influence:
         """The test set, checked as a set read through the measurement only."""
         return self.fitted.examples(test, "test set", measured=True)
 
+    def _check_queries(self, queries: ExampleSet) -> None:
+        """The queries' energy ratio (``Method.check_queries``) as ``checks`` says: where the
+        fit's own checks ran, or at any size with ``checks="queries"``; none with False."""
+        if self.checks:
+            self.method.check_queries(queries, always=self.checks == "queries")
+
+    def _checked_queries(self, test: Any) -> ExampleSet:
+        """:meth:`_queries`, their energy ratio measured (:meth:`_check_queries`)."""
+        queries = self._queries(test)
+        self._check_queries(queries)
+        return queries
+
     # ------------------------------------------------------------------ questions
     def scores(self, test: Any, among: Sequence[int] | Tensor | None = None) -> Tensor:
         """Removal effect of each training example on each test measurement, [n_test, n_train].
@@ -799,8 +812,7 @@ class Influence:
                 f"{type(method).plan_remedy}",
                 UserWarning,
             )
-        if self.checks:
-            method.check_queries(queries, always=self.checks == "queries")
+        self._check_queries(queries)
         shown = track(chunks, fitted.progress, "scores", len(chunks)) if len(chunks) > 1 else chunks
         for start, stop in shown:
             part = queries if stop - start == t else queries.part(torch.arange(start, stop))
@@ -1047,9 +1059,8 @@ class Influence:
         See :func:`infkit.decompositions.per_module_scores` (docs/decompositions.md §1).
         """
         self.fitted.require_unchanged()
-        parts = decompositions.per_module_scores(
-            self.method, self.fitted, self._queries(test), self._estimator
-        )
+        queries = self._checked_queries(test)
+        parts = decompositions.per_module_scores(self.method, self.fitted, queries, self._estimator)
         return {name: self.fitted.output(s) for name, s in parts.items()}
 
     def token_scores(
@@ -1071,7 +1082,12 @@ class Influence:
         """
         self.fitted.require_unchanged()
         return decompositions.per_token_scores(
-            self.method, self.fitted, self._queries(test), self._estimator, indices, positions
+            self.method,
+            self.fitted,
+            self._checked_queries(test),
+            self._estimator,
+            indices,
+            positions,
         )
 
     def batched_scores(
@@ -1091,7 +1107,7 @@ class Influence:
         scores = decompositions.batched_scores(
             self.method,
             self.fitted,
-            self._queries(test),
+            self._checked_queries(test),
             self._estimator,
             rank,
             refine,
@@ -1216,21 +1232,16 @@ class Influence:
                     if energy
                     else 0.0,
                 )
-                # they run at the end of fit, before any query
-                names = [stage.name for stage in stages]
-                at = names.index("queries") if "queries" in names else len(stages)
-                stages.insert(at, checks)
+                _before_queries(stages, checks)  # they run at the end of fit
             query_sample = method.query_check_sample(
                 self.damping, n, cached, always=self.checks == "queries"
             )
             if query_sample:
+                first = min(q, diagnostics.QUERY_DIRECTIONS)
                 # every scores() call, before its queries (once a direction: the same queries
                 # again cost their gradients only)
-                names = [stage.name for stage in stages]
-                at = names.index("queries") if "queries" in names else len(stages)
-                first = min(q, diagnostics.QUERY_DIRECTIONS)
-                stages.insert(
-                    at,
+                _before_queries(
+                    stages,
                     Stage(
                         "queries' check",
                         round(query_sample * diagnostics.PRODUCT_PASS_COST * world_size / n, 2),
@@ -1277,6 +1288,12 @@ class Influence:
         state = "fitted" if self._fitted is not None else "not fitted"
         name = self._method.name if self._method is not None else self.method_name
         return f"Influence(method={name!r}, estimator={self.estimator!r}, l2={self.l2:g}, {state})"
+
+
+def _before_queries(stages: list[Stage], stage: Stage) -> None:
+    """Insert ``stage`` before the plan's "queries" stage (at the end where there is none)."""
+    names = [s.name for s in stages]
+    stages.insert(names.index("queries") if "queries" in names else len(stages), stage)
 
 
 def _estimator(name: str, relatif: str) -> Estimator:

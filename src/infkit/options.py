@@ -268,11 +268,22 @@ def coerce(value: Any, hint: Any) -> Any:
     return value
 
 
+def _one_number(value: Any) -> Any:
+    """A one-number tensor or numpy array as a 0-d one (for :func:`coerce`); a tensor without
+    data (on the meta device) as None; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        if value.is_meta:
+            return None
+        return value.reshape(()) if value.numel() == 1 else value
+    if type(value).__module__ == "numpy" and getattr(value, "size", None) == 1:
+        return value.reshape(())
+    return value
+
+
 def real_number(value: Any) -> float | None:
     """``value`` as a float when it is a real number (Python's or numpy's, or a one-number
     tensor; not a bool), else None: for arguments checked outside an :class:`Options`."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.reshape(())
+    value = _one_number(value)
     value = coerce(value, float)
     return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
 
@@ -280,8 +291,7 @@ def real_number(value: Any) -> float | None:
 def whole_number(value: Any) -> int | None:
     """``value`` as an int when it is an integer (Python's or numpy's, or a one-number integer
     tensor; not a bool, nor a float such as 1.0), else None."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.reshape(())
+    value = _one_number(value)
     value = coerce(value, int)
     return (
         int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None

@@ -434,14 +434,16 @@ class TrainingRun:
     def require_replayed(self, owner: str, final: Tensor) -> None:
         """Refuse, naming ``owner``, a replay of the recipe that ended at ``final`` [P] further
         than :func:`replay_tolerance` from the run's final parameters: other examples or labels
-        (or another order), or a training that is not deterministic."""
+        (or another order), another model with the same parameters, or a training that is not
+        deterministic."""
         drift = relative_drift(final, self.final)
         if drift > replay_tolerance(final.dtype):
             raise InvalidInputError(
                 f"{owner}: replaying the run on this training set ends {drift:.2e} (relative) "
                 "from the run's final parameters: these are not the examples and labels it was "
-                "trained on (or not in its order), or training is not deterministic; pass the "
-                "run's own data"
+                "trained on (or not in its order), the model is not the one it trained (another "
+                "architecture holding its parameters), or training is not deterministic; pass "
+                "the run's own data and model"
             )
 
     def __repr__(self) -> str:

@@ -61,22 +61,33 @@ class Attack:
                 f"perturbations {tuple(self.delta.shape[1:])}"
             )
         reach = int(self.indices.max()) + 1 if len(self.indices) else 0
-        if (self.n_train is not None and len(inputs) != self.n_train) or reach > len(inputs):
-            computed = f"on {self.n_train} training examples" if self.n_train else ""
+        if self.n_train is not None and len(inputs) != self.n_train:
             raise InvalidInputError(
-                f"the attack was computed {computed} moving example {reach - 1}, and these "
+                f"the attack was computed on {self.n_train} training examples, and these "
                 f"training inputs hold {len(inputs)}: apply it to the training set the attack "
                 "was computed on"
             )
+        if reach > len(inputs):
+            raise InvalidInputError(
+                f"the attack moves training example {reach - 1}, and these training inputs hold "
+                f"{len(inputs)}: apply it to the training set the attack was computed on"
+            )
         if self.originals is not None:
-            mine = inputs[self.indices].to(self.originals.device, self.originals.dtype)
-            if not torch.equal(mine, self.originals):
-                moved = (mine != self.originals).reshape(len(mine), -1).any(1)
-                first = int(self.indices[int(moved.nonzero()[0, 0])])
+            mine = inputs[self.indices].to(self.originals.device)
+            # compared in the coarser of the two precisions: the same data in float32 and
+            # float64 is the same training set
+            coarse = min(
+                (mine.dtype, self.originals.dtype),
+                key=lambda d: -torch.finfo(d).eps if d.is_floating_point else 0.0,
+            )
+            if not torch.equal(mine.to(coarse), self.originals.to(coarse)):
+                moved = (mine.to(coarse) != self.originals.to(coarse)).reshape(len(mine), -1)
+                first = int(self.indices[int(moved.any(1).nonzero()[0, 0])])
                 raise InvalidInputError(
                     f"training example {first} of these inputs is not the one the attack was "
-                    "computed on (its input differs): apply it to the training set the attack "
-                    "was computed on, in its order"
+                    "computed on (its input differs, beyond the rounding of the coarser of their "
+                    "two precisions): apply it to the training set the attack was computed on, "
+                    "in its order"
                 )
         out = inputs.clone()
         out[self.indices] += self.delta.to(out.dtype)

@@ -312,6 +312,8 @@ class Method(ABC):
         self.query_checks: dict[str, float] = {}
         #: the queries' energy ratios of this fit by their direction's digest
         self._query_ratios: dict[str, float] = {}
+        #: whether the queries' check failed on this fit's model (torch.func cannot take it)
+        self._queries_unchecked = False
 
     # ------------------------------------------------------------------ declarations
     #: which curvature the method's answers represent (``"ggn"``, ``"hessian"``, ...)
@@ -600,7 +602,12 @@ class Method(ABC):
                 UserWarning,
             )
         self.checks = checks
-        self.query_checks, self._query_ratios = {}, {}
+
+    def clear_checks(self) -> None:
+        """Forget the figures of a previous fit (the facade calls it before every fit, with or
+        without checks): the post-fit checks', the queries' and their measured directions."""
+        self.checks, self.query_checks, self._query_ratios = {}, {}, {}
+        self._queries_unchecked = False
 
     def _run_checks(self, checks: dict[str, Any]) -> None:
         """The checks of :meth:`diagnose`, their figures recorded in ``checks``."""
@@ -670,16 +677,16 @@ class Method(ABC):
         prompt-masked language-model queries: EK-FAC's scores 13x the exact method's, the
         ratio 0.67 along the probes and 11.9 along the queries). Where
         :meth:`query_check_sample` says so (``always``: ``Influence(checks="queries")``), it is
-        measured along one direction, the sum of the unit gradients of the first
-        :data:`~infkit.diagnostics.QUERY_DIRECTIONS` queries (those whose gradient is above the
-        model precision's rounding of the largest one's), on the mean GGN of all the training
-        examples up to :data:`~infkit.diagnostics.CURVATURE_SAMPLE` (a rare direction needs the
-        few examples that carry it; in a larger set a sample estimates it, noisily where few
-        carry it). It is recorded as ``describe()["query_energy_ratio"]`` (for this call only:
-        not saved) and warned beyond :data:`QUERY_SCALE_WARNING`, or the method's own
-        :attr:`scale_warning` where that is larger (too large; a ratio below 1 is also what a
-        sample missing those examples reads). A direction measured once is not measured again
-        until the next fit: the same queries cost their gradients only.
+        measured along one direction (:meth:`_query_direction`), on the mean GGN of all the
+        training examples up to :data:`~infkit.diagnostics.CURVATURE_SAMPLE` (a rare direction
+        needs the few examples that carry it; in a larger set a sample estimates it, noisily
+        where few carry it). It is recorded as ``describe()["query_energy_ratio"]`` (the last
+        call's on this fit: not saved) and warned beyond :data:`QUERY_SCALE_WARNING`, or the
+        method's own :attr:`scale_warning` where that is larger (too large; a ratio below 1 is
+        also what a sample missing those examples reads), or where it is not a positive number
+        (the inverse is not positive along the queries). A direction measured once is not
+        measured again until the next fit: the same queries cost their gradients only. A model
+        that torch.func's transforms cannot take is not checked (one warning a fit).
         """
         self.query_checks = {}
         fitted = self.fitted
@@ -687,18 +694,42 @@ class Method(ABC):
         sample = self.query_check_sample(fitted.damping, fitted.n, cached, always)
         if not sample or not (always or "energy_ratio" in self.checks):
             return
+        if self._queries_unchecked:  # a model no transform takes: said once a fit
+            return
         direction = self._query_direction(queries)
         if direction is None:  # every query is still: the scores warn
             return
         key = tensor_digest(direction)
         if key not in self._query_ratios:
-            self._query_ratios[key] = diagnostics.energy_ratio(
-                fitted, self.inverse(), directions=direction[None], sample=sample
-            )
+            try:
+                self._query_ratios[key] = diagnostics.energy_ratio(
+                    fitted, self.inverse(), directions=direction[None], sample=sample
+                )
+            except UnsupportedError as error:
+                function = untransformable_function(error.__cause__)
+                if function is None:
+                    raise
+                self._queries_unchecked = True
+                warn(
+                    "the queries' energy ratio (docs/conventions.md §9) is not measured: its "
+                    f"curvature products need torch.func's transforms, which cannot take "
+                    f"{function} (it defines no setup_context); the scores do not depend on it",
+                    UserWarning,
+                )
+                return
         ratio = self._query_ratios[key]
         self.query_checks = {"query_energy_ratio": ratio}
         limit = max(QUERY_SCALE_WARNING, type(self).scale_warning or 0.0)
-        if math.isfinite(ratio) and ratio > limit:
+        if not math.isfinite(ratio) or ratio <= 0:
+            warn(
+                f"method {self.name!r}: along these queries' gradients the energy ratio is "
+                f"{ratio:.3g} (1 for an exact solve), so its inverse curvature is not positive "
+                "there (or its products overflowed) and these scores are not reliable: add "
+                "damping (damping='auto' for the Kronecker methods, or e.g. damping=1e-3) or l2, "
+                "or use a method that solves (cg, exact)",
+                UserWarning,
+            )
+        elif ratio > limit:
             probes = self.checks.get("energy_ratio")
             beside = (
                 f"; {probes:.2g} along the training examples' gradients"
@@ -716,27 +747,25 @@ class Method(ABC):
             )
 
     def _query_direction(self, queries: ExampleSet) -> Tensor | None:
-        """``sum_k g_k / ||g_k||`` [P] float64 over the first queries whose measurement's
-        gradient g_k is above the model precision's rounding of the largest one's (None where
-        none is): a batch of gradients at a time, never all of them."""
+        """``v = sum_k s_k g_k / ||g_k||`` [P] float64 over the first
+        :data:`~infkit.diagnostics.QUERY_DIRECTIONS` queries whose measurement's gradient g_k is
+        not 0 (None where none is), a batch of gradients at a time. Each query counts alike,
+        whatever its gradient's size; the signs ``s_k = sign(v_{<k}^T g_k)`` (+1 at 0) add each
+        to the ones before without cancelling them (the ratio along a direction does not depend
+        on its sign; two queries with opposite gradients would sum to 0), so ``||v||^2 >= k``."""
         fitted = self.fitted
         first = queries.part(torch.arange(min(len(queries), diagnostics.QUERY_DIRECTIONS)))
         direction = torch.zeros(fitted.space.size, dtype=torch.float64, device=fitted.space.device)
-        norms = []
+        moved = False
         for batch in first.batches(fitted.gradient_batch_size):
-            G = fitted.engine.grads(batch, "measurement").to(torch.float64)
-            size = G.norm(dim=1)
-            moved = size > 0
-            direction += (G[moved] / size[moved, None]).sum(0)
-            norms.append(size)
-        size = torch.cat(norms)
-        if not bool((size > 0).any()):
-            return None
-        rounding = (size > 0) & (size <= torch.finfo(fitted.space.dtype).eps * size.max())
-        for k in rounding.nonzero()[:, 0].tolist():  # rare: taken back out, one at a time
-            g = fitted.engine.grads(first.take([k]), "measurement").to(torch.float64)[0]
-            direction -= g / g.norm()
-        return direction
+            for g in fitted.engine.grads(batch, "measurement").to(torch.float64):
+                size = g.norm()
+                if not bool(size > 0):
+                    continue
+                sign = -1.0 if float(direction @ g) < 0 else 1.0
+                direction.add_(g, alpha=sign / float(size))
+                moved = True
+        return direction if moved else None
 
     def query_check_sample(self, damping: float, n: int, cached: bool, always: bool = False) -> int:
         """The curvature sample of :meth:`check_queries` for a fit like those of

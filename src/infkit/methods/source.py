@@ -210,7 +210,7 @@ class Source(Method):
                 f"method 'source' has a closed form for SGD and momentum runs, not for "
                 f"{type(update).__name__}; use method='unrolled' (exact for any optimiser)"
             )
-        replay, weights = checked_replay("source", run, fitted)
+        replay, weights = checked_replay(self.name, run, fitted)
         steps = run.recipe.steps
         bounds = [
             round(k * steps / self.options.segments) for k in range(self.options.segments + 1)
@@ -223,7 +223,7 @@ class Source(Method):
             if t in middles:
                 states[t] = theta
             final = theta
-        run.require_replayed("method 'source'", final)
+        run.require_replayed(f"method {self.name!r}", final)
         self.parts, self.mean_gradients = [], []
         for middle in sorted(middles):
             a, b = middles[middle]

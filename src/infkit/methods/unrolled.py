@@ -118,9 +118,9 @@ class Unrolled(Method):
                 f"method 'unrolled' differentiates the run's own objective: damping must be 0, "
                 f"got {fitted.damping}"
             )
-        replay, weights = checked_replay("unrolled", self.run, fitted)
+        replay, weights = checked_replay(self.name, self.run, fitted)
         kept = checkpoint(replay, self.run.initial, weights, self.options.checkpoint_every)
-        self.run.require_replayed("method 'unrolled'", kept.final)
+        self.run.require_replayed(f"method {self.name!r}", kept.final)
         self.replay, self.checkpoints, self.weights = replay, kept, weights
 
     # ------------------------------------------------------------------ answers

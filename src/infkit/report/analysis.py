@@ -210,7 +210,7 @@ def fit_or_reload(
     saved = workdir / SAVED
     if config["influence"]["reuse"] and saved.exists():
         try:
-            loaded = Influence.load(saved, inf.task, train)
+            loaded = Influence.load(saved, inf.task, train, checks=inf.checks)
         except ArtifactError as error:
             warn(f"not reusing the saved influence in {saved}: {error}; fitting again", Notice)
         else:
