@@ -121,7 +121,9 @@ def test_queries_with_an_attention_mask_the_training_set_lacks_say_so(lm_problem
     with pytest.raises(
         InvalidInputError,
         match=r"the test set's inputs have the key 'attention_mask' that the training set's do "
-        r"not: .*drop the test set's attention_mask",
+        r"not: give both sets the same input keys; give the training set one too .*"
+        r"ones_like\(input_ids\) where nothing in it is padded\)\. Drop the test set's "
+        r"attention_mask only where nothing in it is padded either",
     ):
         inf.scores(lm.examples(ids[:2], torch.ones_like(ids[:2])))
 

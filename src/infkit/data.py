@@ -529,8 +529,11 @@ def _key_mismatch(ref: set[Any], got: set[Any], reference: str, other: str, wher
         )
     elif "attention_mask" in extra:
         message += (
-            f"; drop {_owner(other)} attention_mask (infkit.language_modeling.examples("
-            f"input_ids) leaves it out), or give {reference} one too"
+            f"; give the {reference} one too ({LM_EXAMPLES}, with "
+            "attention_mask=torch.ones_like(input_ids) where nothing in it is padded). Drop "
+            f"{_owner(other)} "
+            "attention_mask only where nothing in it is padded either: a padded set without its "
+            "mask reads the padding as tokens, and every score of it is then wrong"
         )
     return message
 

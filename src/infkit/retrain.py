@@ -288,8 +288,9 @@ def warn_unconverged(
         f"worst ended at ||grad L|| = {norms[worst]:.3g} against a target of "
         f"{targets[worst]:.3g}): their changes are not those of a retrained optimum, "
         "so they are not ground truth. Raise max_iter; if the gradient norm stalls instead, "
-        "loosen tolerance (a float32 model stops near its precision) or train the model closer "
-        "to its optimum (retraining starts from it)",
+        "loosen tolerance (a float32 model stops near its precision, and so does a float64 "
+        "model that computes parts in float32, as Hugging Face's RMSNorm does) or train the "
+        "model closer to its optimum (retraining starts from it)",
         NotConvergedWarning,
     )
 
