@@ -183,3 +183,44 @@ def test_store_writes_atomically_and_round_trips(tmp_path) -> None:
     with pytest.raises(ValueError, match="Circular"):
         store.save_json(tmp_path / "bad.json", {"x": circular})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "x.safetensors"]
+
+
+class _Float32Inside(torch.nn.Module):
+    """A float64 MLP whose tanh computes in float32, as Hugging Face's RMSNorm does."""
+
+    def __init__(self, coarse: bool) -> None:
+        super().__init__()
+        self.hidden, self.head, self.coarse = torch.nn.Linear(5, 8), torch.nn.Linear(8, 3), coarse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(x)
+        return self.head(torch.tanh(h.float()).to(h.dtype) if self.coarse else torch.tanh(h))
+
+
+def test_a_float64_model_that_rounds_in_float32_inside_is_named_when_training_stalls() -> None:
+    # a tester's float64 Llama stopped at ||grad L|| 2e-3, unconverged, without a word: its
+    # RMSNorm computes in float32, and the optimiser cannot go on below float32's rounding
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(80, 5, generator=gen, dtype=torch.float64)
+    y = (X[:, 0] + X[:, 1] > 0).long() + (X[:, 2] > 0.5).long()
+    results = {}
+    for coarse in (False, True):
+        torch.manual_seed(0)
+        task = infkit.Task.classification(_Float32Inside(coarse).double())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results[coarse] = infkit.train_to_optimum(task, (X, y), 1e-2, tolerance=1e-10)
+        said = [w for w in caught if "rounds coarser than float64" in str(w.message)]
+        assert len(said) == int(coarse), coarse
+        assert all(w.category is infkit.errors.NotConvergedWarning for w in said)
+    assert results[False].converged and not results[False].coarse_objective
+    assert not results[True].converged and results[True].coarse_objective
+    # a float64 model is not blamed where it stops for other reasons: max_iter, or a target
+    # below float64's own resolution
+    for settings in ({"max_iter": 3}, {"tolerance": 1e-17}):
+        torch.manual_seed(0)
+        task = infkit.Task.classification(_Float32Inside(False).double())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            short = infkit.train_to_optimum(task, (X, y), 1e-2, **settings)
+        assert not short.converged and not short.coarse_objective, settings

@@ -289,8 +289,8 @@ def warn_unconverged(
         f"{targets[worst]:.3g}): their changes are not those of a retrained optimum, "
         "so they are not ground truth. Raise max_iter; if the gradient norm stalls instead, "
         "loosen tolerance (a float32 model stops near its precision, and so does a float64 "
-        "model that computes parts in float32, as Hugging Face's RMSNorm does) or train the "
-        "model closer to its optimum (retraining starts from it)",
+        "model that computes parts in float32, as Hugging Face's RMSNorm and eager attention "
+        "do) or train the model closer to its optimum (retraining starts from it)",
         NotConvergedWarning,
     )
 

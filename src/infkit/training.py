@@ -14,7 +14,7 @@ from torch import Tensor
 
 from infkit.curvature import CurvatureOperator
 from infkit.data import ExampleSet
-from infkit.errors import CurvatureError, NonFiniteError
+from infkit.errors import CurvatureError, NonFiniteError, NotConvergedWarning, warn
 from infkit.gradients import PerExample, check_finite_rows
 from infkit.linalg import conjugate_gradients
 from infkit.parameters import ParameterSpace, evaluation_mode
@@ -23,6 +23,11 @@ from infkit.task import Task
 
 #: L-BFGS hands over to Newton-CG polishing below this relative gradient norm.
 POLISH_FROM = 1e-6
+#: a stalled float64 run measures the objective's slope along its gradient over a step that
+#: changes it by this share of its value: float64's rounding is far below it, float32's above
+SLOPE_PROBE = 1e-9
+#: ... and calls the objective rounded coarser than float64 where that slope is this far off
+SLOPE_MISMATCH = 0.1
 
 
 @dataclass
@@ -35,6 +40,9 @@ class TrainResult:
     evaluations: int  # objective-and-gradient evaluations by L-BFGS (passes over the data)
     converged: bool  # gradient_norm <= target
     target: float  # the gradient norm it had to reach: tolerance * max(||grad L(theta_0)||, 1)
+    #: a float64 run that stalled short of ``target`` on an objective whose own changes along
+    #: its gradient disagree with it there (parts of the model compute in float32)
+    coarse_objective: bool = False
 
 
 def objective_and_gradient(
@@ -172,10 +180,65 @@ def train_to_optimum(
         if float(grad.norm()) > target and iterations < max_iter:
             stop_at = target
             value, grad = polish(*run_lbfgs())
+        norm = float(grad.norm())
+        coarse = (
+            norm > target
+            and iterations < max_iter
+            and space.dtype == torch.float64
+            and _coarse_objective(task, space, examples, l2, idx, chunk, engine, value, grad)
+        )
     for p in params:
         p.grad = None
+    if coarse:
+        warn(
+            "train_to_optimum stalled short of its target on a float64 model whose objective "
+            "rounds coarser than float64: its changes along its own gradient disagree with "
+            "the gradient at a step float64 resolves, so parts of the model compute in a lower "
+            "precision (Hugging Face's RMSNorm always, and its eager attention's softmax, run "
+            "in float32 in a float64 model). Where that rounding sets in the optimiser cannot "
+            "go on, maybe far from the optimum: compute those parts in float64 "
+            "(attn_implementation='sdpa'; an RMSNorm whose forward keeps its input's dtype) for "
+            "a float64 optimum, or read the result as float32's (docs/methods/"
+            "language_models.md §1)",
+            NotConvergedWarning,
+        )
+    return TrainResult(
+        space.flat().clone(), value, norm, iterations, norm <= target, target, coarse
+    )
+
+
+def _coarse_objective(
+    task: Task,
+    space: ParameterSpace,
+    examples: ExampleSet,
+    l2: float,
+    idx: Tensor | None,
+    chunk: int,
+    engine: PerExample,
+    value: float,
+    grad: Tensor,
+) -> bool:
+    """Whether the objective's central difference along its unit gradient, over a step that
+    changes it by :data:`SLOPE_PROBE` of its value (far above float64's rounding, below
+    float32's) or 1e-4 of the parameters' norm if that is shorter (a probe that stays local), is
+    more than :data:`SLOPE_MISMATCH` from ``||grad||``; the parameters are left as they were.
+    False where even float64 would not resolve that change (below 1e-12 of the value)."""
     norm = float(grad.norm())
-    return TrainResult(space.flat().clone(), value, norm, iterations, norm <= target, target)
+    theta = space.flat().clone()
+    scale = max(abs(value), 1.0)
+    step = min(SLOPE_PROBE * scale / norm, 1e-4 * max(float(theta.norm()), 1.0))
+    if step * norm < 1e-12 * scale:
+        return False
+    direction = (grad / norm).to(theta.dtype)
+    try:
+        space.assign_(theta + step * direction)
+        ahead, _ = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
+        space.assign_(theta - step * direction)
+        behind, _ = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
+    finally:
+        space.assign_(theta)
+    slope = (ahead - behind) / (2 * step)
+    return abs(slope - norm) > SLOPE_MISMATCH * norm
 
 
 def _newton_cg_step(
