@@ -517,3 +517,38 @@ def test_token_types_of_a_model_without_a_type_embedding_are_its_own() -> None:
     fitted = infkit.Influence(infkit.Task.classification(model), "identity")
     data = (inputs, torch.randint(0, 3, (6,)))
     assert fitted.fit(data).scores(data).isfinite().all()
+
+
+class _KeywordLM(TinyLM):
+    """TinyLM taking its ids as Hugging Face models do: optional keywords, a ValueError when
+    none is given, and the main input's name on the model."""
+
+    main_input_name = "input_ids"
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        return super().forward(input_ids, attention_mask)
+
+
+def test_a_misspelt_main_input_is_named_with_the_key_given(lm_problem: dict) -> None:
+    # a tester's `input_id` got transformers' bare "You must specify exactly one of input_ids
+    # or inputs_embeds", naming neither the set nor its keys
+    torch.manual_seed(0)
+    task = infkit.Task.language_modeling(_KeywordLM().double())
+    ids = lm_problem["ids"]
+    inputs, labels = lm.examples(ids, torch.ones_like(ids))
+    misspelt = {"input_id": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with pytest.raises(
+        InvalidInputError,
+        match=r"the model could not be called on training set example 0 \(input keys: "
+        r"attention_mask, input_id\): ValueError: You must specify .* The model reads its main "
+        r"input as 'input_ids' \(its main_input_name\), a key the training set's inputs lack: "
+        r"name it so \(given: 'input_id'\)",
+    ):
+        infkit.Influence(task, "identity", progress=False).fit((misspelt, labels))

@@ -10,6 +10,7 @@ stationarity check (docs/conventions.md §2).
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from infkit.data import Batch, ExampleSet, check_compatible, leaves, map_tensors
 from infkit.data_forms import LABEL_KEYS
-from infkit.errors import InvalidInputError, UnsupportedError, listed, warn
+from infkit.errors import InfkitError, InvalidInputError, UnsupportedError, listed, warn
 from infkit.fingerprint import tensor_digest
 from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, Which, gradient_rows
 from infkit.memory import human_bytes
@@ -396,6 +397,13 @@ def check_parameters_take_part(engine: PerExample, examples: ExampleSet) -> None
     )
 
 
+def _nearest(name: str, keys: list[str]) -> str:
+    """The key of ``keys`` closest to ``name`` (by :func:`difflib.get_close_matches`), quoted,
+    or all of them."""
+    close = difflib.get_close_matches(name, keys, n=1, cutoff=0.0)
+    return repr(close[0]) if close else ", ".join(map(repr, keys))
+
+
 def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = False) -> None:
     """Check that the model accepts the inputs and the task's targets are usable.
 
@@ -434,7 +442,9 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
                 probe = None if picked is None else int(batch.indices[picked])
     try:
         outputs = engine.outputs(first)
-    except (RuntimeError, TypeError, IndexError) as error:
+    except InfkitError:  # infkit's own (an output it cannot read) say what they mean
+        raise
+    except (RuntimeError, TypeError, IndexError, ValueError, KeyError) as error:
         integer = [
             str(t.dtype)
             for t in leaves(first.inputs)
@@ -447,15 +457,21 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
                 f"tensors ({', '.join(sorted(set(integer)))}): pass floating-point inputs, e.g. "
                 "X.float(), unless the model embeds token ids"
             ) from error
-        given = (
-            f" (input keys: {', '.join(sorted(first.inputs))})"
-            if isinstance(first.inputs, dict)
-            else ""
-        )
+        given, lacking = "", ""
+        if isinstance(first.inputs, dict):
+            given = f" (input keys: {', '.join(sorted(first.inputs))})"
+            main = getattr(task.model, "main_input_name", None)  # a Hugging Face model's
+            if isinstance(main, str) and main not in first.inputs:
+                lacking = (
+                    f" The model reads its main input as {main!r} (its main_input_name), a key "
+                    f"the {examples.name}'s inputs lack: name it so"
+                    + (f" (given: {_nearest(main, list(first.inputs))})" if first.inputs else "")
+                    + "."
+                )
         raise InvalidInputError(
             f"the model could not be called on {examples.name} {examples.example(0)}{given}: "
-            f"{type(error).__name__}: {message}. Check that the data holds the model's inputs "
-            "(a dict of inputs is passed as keyword arguments)"
+            f"{type(error).__name__}: {message}.{lacking} Check that the data holds the model's "
+            "inputs (a dict of inputs is passed as keyword arguments)"
         ) from error
     if task.check_outputs is not None:
         problem = task.check_outputs(outputs)
