@@ -141,9 +141,11 @@ class Influence:
             shard with the queries they precondition, so that the same call after a crash
             reuses everything finished and gives bit-identical scores (docs/distributed.md).
         checks: run the post-fit checks of the answer (docs/conventions.md §9; their figures
-            go to ``describe()``, a warning when an answer is unreliable). They cost a few
+            go to ``describe()``, a warning when an answer is unreliable), and where they run,
+            the queries' energy ratio of every call that scores queries. They cost a few
             passes' worth of curvature products on a sample, which ``plan()`` counts; False
-            skips them, and with them those warnings.
+            skips them, and with them those warnings; ``"queries"`` measures the queries' ratio
+            at any size, where the fit's checks do not run (language models).
         **method_options: the method's options (``infkit.methods()[name]["options"]``), e.g.
             ``curvature="hessian"`` for ``"exact"``; checked here, at construction.
     """
