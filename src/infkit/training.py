@@ -6,6 +6,7 @@ Influence functions describe an optimum of ``L(theta) = mean_i l_i + (l2/2) ||th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,7 +186,12 @@ def train_to_optimum(
             norm > target
             and iterations < max_iter
             and space.dtype == torch.float64
-            and _coarse_objective(task, space, examples, l2, idx, chunk, engine, value, grad)
+            and _coarse_objective(
+                space,
+                lambda: objective_and_gradient(task, space, examples, l2, idx, chunk, engine),
+                value,
+                grad,
+            )
         )
     for p in params:
         p.grad = None
@@ -208,17 +214,13 @@ def train_to_optimum(
 
 
 def _coarse_objective(
-    task: Task,
     space: ParameterSpace,
-    examples: ExampleSet,
-    l2: float,
-    idx: Tensor | None,
-    chunk: int,
-    engine: PerExample,
+    objective: Callable[[], tuple[float, Tensor]],
     value: float,
     grad: Tensor,
 ) -> bool:
-    """Whether the objective's central difference along its unit gradient, over a step that
+    """Whether the ``objective``'s (at ``space``'s parameters: value and gradient ``grad``)
+    central difference along its unit gradient, over a step that
     changes it by :data:`SLOPE_PROBE` of its value (far above float64's rounding, below
     float32's) or 1e-4 of the parameters' norm if that is shorter (a probe that stays local), is
     more than :data:`SLOPE_MISMATCH` from ``||grad||``; the parameters are left as they were.
@@ -232,9 +234,9 @@ def _coarse_objective(
     direction = (grad / norm).to(theta.dtype)
     try:
         space.assign_(theta + step * direction)
-        ahead, _ = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
+        ahead, _ = objective()
         space.assign_(theta - step * direction)
-        behind, _ = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
+        behind, _ = objective()
     finally:
         space.assign_(theta)
     slope = (ahead - behind) / (2 * step)

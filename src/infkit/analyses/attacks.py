@@ -80,8 +80,9 @@ class Attack:
                 (mine.dtype, self.originals.dtype),
                 key=lambda d: -torch.finfo(d).eps if d.is_floating_point else 0.0,
             )
-            if not torch.equal(mine.to(coarse), self.originals.to(coarse)):
-                moved = (mine.to(coarse) != self.originals.to(coarse)).reshape(len(mine), -1)
+            mine, originals = mine.to(coarse), self.originals.to(coarse)
+            if not torch.equal(mine, originals):
+                moved = (mine != originals).reshape(len(mine), -1)
                 first = int(self.indices[int(moved.any(1).nonzero()[0, 0])])
                 raise InvalidInputError(
                     f"training example {first} of these inputs is not the one the attack was "
