@@ -131,11 +131,19 @@ def test_a_prompt_counts_from_the_first_token_after_left_padding(padded: dict) -
         lm.examples(ids, mask, prompt_lengths=[2] * len(LENGTHS))  # sequence 5 has 2 tokens
 
 
-def _fit(model: nn.Module, train: tuple) -> None:
+def _fit(model: nn.Module, train: tuple) -> infkit.Influence:
     task = infkit.Task.language_modeling(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)
-        infkit.Influence(task, "identity").fit(train)
+        return infkit.Influence(task, "identity").fit(train)
+
+
+def _scores(model: nn.Module, train: tuple) -> torch.Tensor:
+    """K-FAC's self-scores of the training set (the method that reads the mask's padding)."""
+    task = infkit.Task.language_modeling(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return infkit.Influence(task, "kfac", damping=1e-2, batch_size=4).fit(train).self_scores()
 
 
 def test_labels_scored_at_padding_are_refused(padded: dict) -> None:
@@ -159,6 +167,28 @@ def test_a_mask_of_another_shape_is_refused(padded: dict) -> None:
     inputs["attention_mask"] = mask[:, :-1]
     with pytest.raises(InvalidInputError, match=r"attention_mask has shape \[10, 6\], input_ids"):
         _fit(padded["model"], (inputs, labels))
+
+
+def test_a_mask_of_other_values_than_0_and_1_is_refused(padded: dict) -> None:
+    """A weight or count in the mask would be read as a token by infkit and otherwise by the
+    model; bool and float masks of 0 and 1 are the tokenizer's mask and pass."""
+    ids, mask = padded["sides"]["right"]
+    inputs, labels = lm.examples(ids, mask)
+    weighted = mask.clone().float()
+    weighted[3, 1] = 2.0
+    inputs["attention_mask"] = weighted
+    with pytest.raises(
+        InvalidInputError, match=r"example 3: attention_mask holds 2.0 at position 1"
+    ):
+        _fit(padded["model"], (inputs, labels))
+    with pytest.raises(
+        InvalidInputError, match=r"example 3: attention_mask holds 2.0 at position 1"
+    ):
+        lm.examples(ids, weighted)
+    reference = _scores(padded["model"], lm.examples(ids, mask))
+    for kind in (torch.bool, torch.float32):
+        scores = _scores(padded["model"], lm.examples(ids, mask.to(kind)))
+        torch.testing.assert_close(scores, reference, rtol=1e-9, atol=1e-12)
 
 
 def test_a_sequence_with_no_scored_token_is_refused(padded: dict) -> None:

@@ -516,7 +516,7 @@ def check_inputs(
     None: token ids outside the vocabulary (:func:`check_token_ids`), sequences longer than
     the ``positions`` of a learned position embedding (:func:`learned_positions`), or an
     ``attention_mask`` whose shape is not that of ``input_ids`` (the model would broadcast or
-    cut it silently)."""
+    cut it silently) or that holds other values than 0 and 1 (:func:`_check_mask_values`)."""
     found = check_token_ids(inputs, model)
     if found is not None:
         return found
@@ -542,7 +542,27 @@ def check_inputs(
             f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}: the mask "
             "marks each position of input_ids (1 a token, 0 padding) and must have its shape"
         )
+    if mask is not None and mask.numel():
+        return _check_mask_values(mask)
     return None
+
+
+def _check_mask_values(mask: Tensor) -> tuple[int, str] | None:
+    """The first sequence of a [B, T] ``attention_mask`` holding a value other than 0 and 1
+    (a weight, a count, or an additive mask of 0 and -inf), or None. Models read such values
+    each their own way (as padding, as a token, or added to the attention scores), and infkit
+    reads 0 as padding: the two would disagree without an error."""
+    flat = mask.reshape(mask.shape[0], -1)
+    other = (flat != 0) & (flat != 1)
+    if not bool(other.any()):
+        return None
+    k = int(other.any(dim=1).nonzero()[0, 0])
+    position = int(other[k].nonzero()[0, 0])
+    return k, (
+        f"attention_mask holds {flat[k, position].item()!r} at position {position}: it must "
+        "hold 1 at a token and 0 at padding, as a tokenizer returns it (an additive mask of 0 "
+        "and -inf, or weights, are the model's own business: give the tokenizer's 0/1 mask)"
+    )
 
 
 def check_encoder_inputs(
@@ -559,7 +579,9 @@ def check_encoder_inputs(
     if not isinstance(inputs, dict) or "input_ids" not in inputs:
         return None
     mask = inputs.get("attention_mask")
-    if isinstance(mask, Tensor) and mask.dim() != 2:  # the model's own kind of mask
+    if isinstance(mask, Tensor) and (mask.dim() != 2 or _check_mask_values(mask) is not None):
+        # the model's own kind of mask (4-D extended, or additive): not padding marks, as the
+        # Kronecker methods say with a Notice (capture._padding_marks)
         inputs = {key: value for key, value in inputs.items() if key != "attention_mask"}
     return check_inputs(inputs, model, positions) or _check_token_types(inputs, model)
 
@@ -725,6 +747,9 @@ def examples(
                 f"attention_mask must have the shape of input_ids, [{n}, {t}], got "
                 f"{list(mask.shape)}"
             )
+        found = _check_mask_values(mask)
+        if found is not None:
+            raise InvalidInputError(f"example {found[0]}: {found[1]}")
         padding = mask == 0
         labels[padding] = IGNORE_INDEX
         labels[:, 1:][padding[:, :-1]] = IGNORE_INDEX  # predicted from a padding position
