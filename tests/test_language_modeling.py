@@ -1112,6 +1112,36 @@ def test_plan_counts_passes_and_factor_bytes_and_times_a_batch(problem: dict) ->
     assert f"{plan.passes:g} passes" in str(plan)
 
 
+def test_a_layer_the_loss_never_reaches_is_planned_and_scored(problem: dict) -> None:
+    """A tracked layer outside the loss's graph (a BERT pooler under a mean-pooled head):
+    timing the plan's batch raised autograd's bare RuntimeError on it; the layer has no
+    gradient, so the scores are those of the model without it (1e-10)."""
+
+    class WithPooler(TinyLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pooler = nn.Linear(6, 6)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+            self.pooler(self.embed(input_ids)[:, 0])  # run, its output not used (as BERT's)
+            return super().forward(input_ids, attention_mask)
+
+    torch.manual_seed(0)
+    model = WithPooler().double().eval()
+    plain = TinyLM().double().eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    train, test = problem["train"], problem["test"]
+    scores = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m in (model, plain):
+            inf = infkit.Influence(infkit.Task.language_modeling(m), "ekfac", damping=1e-2)
+            plan = inf.plan(train, test)
+            assert plan.seconds is not None and plan.seconds > 0
+            scores.append(inf.fit(train).scores(test))
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-10, atol=1e-12)
+
+
 def test_plan_on_the_meta_device_equals_the_real_model_and_splits_across_processes() -> None:
     torch.manual_seed(0)
     real = TinyLM(vocab=50, width=16)

@@ -583,9 +583,16 @@ class PerExample:
                     p = {n: v.clone().requires_grad_(True) for n, v in params.items()}
                     with torch.enable_grad():
                         loss = self.task.checked_loss(self.call(p, x), _one(targets, i))[0]
-                        gs = torch.autograd.grad(loss, list(p.values()), create_graph=True)
-                        dot = torch.stack([(gi * U[n][t]).sum() for gi, n in zip(gs, p)]).sum()
-                        (gx,) = torch.autograd.grad(dot, x)
+                        gs = torch.autograd.grad(
+                            loss, list(p.values()), create_graph=True, allow_unused=True
+                        )
+                        dot = sum(
+                            ((gi * U[n][t]).sum() for gi, n in zip(gs, p) if gi is not None),
+                            x.new_zeros(()),
+                        )
+                        (gx,) = torch.autograd.grad(dot, x, allow_unused=True)
+                        if gx is None:  # no parameter's gradient depends on the input
+                            gx = torch.zeros_like(x)
                     rows.append(gx[0])
                 out.append(torch.stack(rows))
             return torch.stack(out)
