@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from infkit.curvature import CurvatureOperator
 from infkit.data import ExampleSet
@@ -24,11 +25,8 @@ from infkit.task import Task
 
 #: L-BFGS hands over to Newton-CG polishing below this relative gradient norm.
 POLISH_FROM = 1e-6
-#: a stalled float64 run measures the objective's slope along its gradient over a step that
-#: changes it by this share of its value: float64's rounding is far below it, float32's above
-SLOPE_PROBE = 1e-9
-#: ... and calls the objective rounded coarser than float64 where that slope is this far off
-SLOPE_MISMATCH = 0.1
+#: the precisions coarser than float64 that a float64 model's parts may compute in
+COARSER = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -41,8 +39,8 @@ class TrainResult:
     evaluations: int  # objective-and-gradient evaluations by L-BFGS (passes over the data)
     converged: bool  # gradient_norm <= target
     target: float  # the gradient norm it had to reach: tolerance * max(||grad L(theta_0)||, 1)
-    #: a float64 run that stalled short of ``target`` on an objective whose own changes along
-    #: its gradient disagree with it there (parts of the model compute in float32)
+    #: a float64 run that stalled short of ``target`` on a model that computes a part of its
+    #: loss in a coarser precision (float32 inside: :func:`coarser_part`)
     coarse_objective: bool = False
 
 
@@ -113,6 +111,12 @@ def train_to_optimum(
     ``||grad L||`` falls below ``tolerance`` times its value at the start (or at 1.0 if that is
     smaller), or after ``max_iter`` iterations. When L-BFGS stalls at float precision, up to
     ``newton_polish`` matrix-free Newton-CG steps (Hessian-vector products) finish the job.
+
+    A float64 run that stops short of its target before ``max_iter`` looks for a part of the
+    loss computed in a coarser precision (:func:`coarser_part`: Hugging Face's RMSNorm and
+    eager softmax run in float32 in a float64 model), whose rounding stops the optimiser; if
+    there is one, a :class:`~infkit.errors.NotConvergedWarning` names the value and its module
+    and :attr:`TrainResult.coarse_objective` is True.
     """
     examples = ExampleSet(train, name="training set")
     space = ParameterSpace(task.model)
@@ -182,65 +186,94 @@ def train_to_optimum(
             stop_at = target
             value, grad = polish(*run_lbfgs())
         norm = float(grad.norm())
-        coarse = (
-            norm > target
-            and iterations < max_iter
-            and space.dtype == torch.float64
-            and _coarse_objective(
-                space,
-                lambda: objective_and_gradient(task, space, examples, l2, idx, chunk, engine),
-                value,
-                grad,
-            )
-        )
+        coarse = None
+        if norm > target and iterations < max_iter and space.dtype == torch.float64:
+            coarse = coarser_part(task, space, examples, idx)
     for p in params:
         p.grad = None
-    if coarse:
+    if coarse is not None:
         warn(
-            "train_to_optimum stalled short of its target on a float64 model whose objective "
-            "rounds coarser than float64: its changes along its own gradient disagree with "
-            "the gradient at a step float64 resolves, so parts of the model compute in a lower "
-            "precision (Hugging Face's RMSNorm always, and its eager attention's softmax, run "
-            "in float32 in a float64 model). Where that rounding sets in the optimiser cannot "
-            "go on, maybe far from the optimum: compute those parts in float64 "
+            f"train_to_optimum stalled short of its target (||grad L|| {norm:.3g}, target "
+            f"{target:.3g}) on a float64 model that computes part of its loss in a coarser "
+            f"precision: {coarse}. The objective carries that precision's rounding, and where "
+            "a step's decrease falls below it the optimiser cannot go on, maybe far from the "
+            "optimum (Hugging Face's RMSNorm always, and its eager attention's softmax, run in "
+            "float32 in a float64 model): compute those parts in float64 "
             "(attn_implementation='sdpa'; an RMSNorm whose forward keeps its input's dtype) for "
             "a float64 optimum, or read the result as float32's (docs/methods/"
             "language_models.md §1)",
             NotConvergedWarning,
         )
     return TrainResult(
-        space.flat().clone(), value, norm, iterations, norm <= target, target, coarse
+        space.flat().clone(), value, norm, iterations, norm <= target, target, coarse is not None
     )
 
 
-def _coarse_objective(
-    space: ParameterSpace,
-    objective: Callable[[], tuple[float, Tensor]],
-    value: float,
-    grad: Tensor,
-) -> bool:
-    """Whether the ``objective``'s (at ``space``'s parameters: value and gradient ``grad``)
-    central difference along its unit gradient, over a step that
-    changes it by :data:`SLOPE_PROBE` of its value (far above float64's rounding, below
-    float32's) or 1e-4 of the parameters' norm if that is shorter (a probe that stays local), is
-    more than :data:`SLOPE_MISMATCH` from ``||grad||``; the parameters are left as they were.
-    False where even float64 would not resolve that change (below 1e-12 of the value)."""
-    norm = float(grad.norm())
-    theta = space.flat().clone()
-    scale = max(abs(value), 1.0)
-    step = min(SLOPE_PROBE * scale / norm, 1e-4 * max(float(theta.norm()), 1.0))
-    if step * norm < 1e-12 * scale:
-        return False
-    direction = (grad / norm).to(theta.dtype)
+class _CoarserValues(TorchFunctionMode):
+    """Records the first value that depends on the parameters (requires grad) and is held in a
+    precision of :data:`COARSER`, with the function that made it and the innermost module
+    running then (``modules``, a stack the model's hooks keep)."""
+
+    def __init__(self, modules: list[str]) -> None:
+        super().__init__()
+        self.modules = modules
+        self.found: str | None = None
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if (
+            self.found is None
+            and isinstance(out, Tensor)
+            and out.requires_grad
+            and out.dtype in COARSER
+        ):
+            where = f"in module {self.modules[-1]!r}" if self.modules else "outside any module"
+            name = getattr(func, "__name__", repr(func))
+            self.found = (
+                f"{name}(...) makes a {str(out.dtype).removeprefix('torch.')} value {where}"
+            )
+        return out
+
+
+def coarser_part(
+    task: Task, space: ParameterSpace, examples: ExampleSet, indices: Tensor | None = None
+) -> str | None:
+    """Where a float64 model computes a part of its loss in a coarser precision, or None.
+
+    The loss of a few examples is computed once while every torch function's result is
+    watched: a value that depends on the parameters and is float32 (float16, bfloat16) rounds
+    the objective at that precision, which a float64 optimiser cannot see below. Values that
+    do not depend on the parameters (rotary tables, masks) are constants and do not count.
+    Non-smooth parts (ReLU, max) are float64 and are not named, whatever their kinks do."""
+    chosen = torch.arange(min(len(examples), 4)) if indices is None else indices[:4]
+    inputs, targets = PerExample(task, space).prepare(examples.take(chosen))
+    modules: list[str] = []
+
+    def leave(*_: Any) -> None:  # a forward hook returns None: the output stays the module's
+        if modules:
+            modules.pop()
+
+    handles = []
+    for name, module in task.model.named_modules():
+        label = f"{name or 'the model'} ({type(module).__name__})"
+        handles.append(
+            module.register_forward_pre_hook(lambda *_, label=label: modules.append(label))
+        )
+        handles.append(module.register_forward_hook(leave))
+    watch = _CoarserValues(modules)
     try:
-        space.assign_(theta + step * direction)
-        ahead, _ = objective()
-        space.assign_(theta - step * direction)
-        behind, _ = objective()
+        with torch.enable_grad(), watch:
+            task.checked_loss(task.call_model(task.model, inputs), targets)
     finally:
-        space.assign_(theta)
-    slope = (ahead - behind) / (2 * step)
-    return abs(slope - norm) > SLOPE_MISMATCH * norm
+        for handle in handles:
+            handle.remove()
+    return watch.found
 
 
 def _newton_cg_step(
