@@ -11,6 +11,7 @@ stationarity check (docs/conventions.md §2).
 from __future__ import annotations
 
 import difflib
+import inspect
 import itertools
 import math
 from collections.abc import Iterator
@@ -397,11 +398,52 @@ def check_parameters_take_part(engine: PerExample, examples: ExampleSet) -> None
     )
 
 
-def _nearest(name: str, keys: list[str]) -> str:
-    """The key of ``keys`` closest to ``name`` (by :func:`difflib.get_close_matches`), quoted,
-    or all of them."""
-    close = difflib.get_close_matches(name, keys, n=1, cutoff=0.0)
-    return repr(close[0]) if close else ", ".join(map(repr, keys))
+def _forward_keywords(model: nn.Module) -> tuple[set[str], bool] | None:
+    """The keyword parameters ``model.forward`` names, and whether it also takes ``**kwargs``
+    (a Hugging Face model's, which absorbs any key); None where its signature cannot be read."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = {p.name for p in parameters if p.kind in kinds}
+    return named, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _misspelt(model: nn.Module, keys: list[str], cutoff: float) -> list[tuple[str, str]]:
+    """The input ``keys`` that ``model.forward`` does not name, each with the parameter it names
+    and the inputs lack that is closest to it (:func:`difflib.get_close_matches` at
+    ``cutoff``); none where the signature cannot be read."""
+    found = _forward_keywords(model)
+    if found is None:
+        return []
+    named, _ = found
+    missing = sorted(named - set(keys))
+    out = []
+    for key in keys:
+        if isinstance(key, str) and key not in named:
+            close = difflib.get_close_matches(key, missing, n=1, cutoff=cutoff)
+            if close:
+                out.append((key, close[0]))
+    return out
+
+
+def _warn_absorbed_keys(model: nn.Module, examples: ExampleSet, inputs: Any) -> None:
+    """Warn about input keys a ``forward(..., **kwargs)`` takes without naming them, where each
+    is one letter or two from a parameter it names (``attention_masks``): the model ran, and
+    most likely ignored it (a Hugging Face model reads its mask from ``attention_mask`` only,
+    so the padding would count as tokens)."""
+    found = _forward_keywords(model)
+    if not isinstance(inputs, dict) or found is None or not found[1]:
+        return
+    for key, meant in _misspelt(model, list(inputs), cutoff=0.8):
+        warn(
+            f"the {examples.name}'s input key {key!r} is not a parameter of "
+            f"{type(model).__name__}.forward, which takes it into its **kwargs and most likely "
+            f"ignores it: the model names {meant!r}, which the inputs lack. Rename the key if "
+            "that is what it is (a mask under another name leaves the padding read as tokens)",
+            UserWarning,
+        )
 
 
 def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = False) -> None:
@@ -459,20 +501,26 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
             ) from error
         given, lacking = "", ""
         if isinstance(first.inputs, dict):
-            given = f" (input keys: {', '.join(sorted(first.inputs))})"
+            given = f" (input keys: {', '.join(sorted(map(str, first.inputs)))})"
             main = getattr(task.model, "main_input_name", None)  # a Hugging Face model's
-            if isinstance(main, str) and main not in first.inputs:
+            # named only where a given key is not a parameter of forward and is close to it
+            # (an inputs_embeds the model takes, or its own lookup's KeyError, are not this)
+            near = [
+                key
+                for key, meant in _misspelt(task.model, list(first.inputs), cutoff=0.6)
+                if meant == main
+            ]
+            if isinstance(main, str) and main not in first.inputs and near:
                 lacking = (
                     f" The model reads its main input as {main!r} (its main_input_name), a key "
-                    f"the {examples.name}'s inputs lack: name it so"
-                    + (f" (given: {_nearest(main, list(first.inputs))})" if first.inputs else "")
-                    + "."
+                    f"the {examples.name}'s inputs lack: name it so (given: {near[0]!r})."
                 )
         raise InvalidInputError(
             f"the model could not be called on {examples.name} {examples.example(0)}{given}: "
             f"{type(error).__name__}: {message}.{lacking} Check that the data holds the model's "
             "inputs (a dict of inputs is passed as keyword arguments)"
         ) from error
+    _warn_absorbed_keys(task.model, examples, first.inputs)
     if task.check_outputs is not None:
         problem = task.check_outputs(outputs)
         if problem is not None:
