@@ -35,7 +35,7 @@ from infkit.progress import resolve, track
 from infkit.recipe import Replay, TrainingRun
 from infkit.store import ArtifactStore
 from infkit.task import Task
-from infkit.training import train_to_optimum
+from infkit.training import optimise
 
 
 @dataclass
@@ -242,7 +242,7 @@ def _retrain(
         theta, gradient_norm, evaluations = _replay(clone_task, examples, run, keep)
         target, converged = float("nan"), True
     else:
-        result = train_to_optimum(
+        result = optimise(
             clone_task,
             examples,
             l2,

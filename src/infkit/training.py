@@ -116,8 +116,53 @@ def train_to_optimum(
     loss computed in a coarser precision (:func:`coarser_part`: Hugging Face's RMSNorm and
     eager softmax run in float32 in a float64 model), whose rounding stops the optimiser; if
     there is one, a :class:`~infkit.errors.NotConvergedWarning` names the value and its module
-    and :attr:`TrainResult.coarse_objective` is True.
+    and :attr:`TrainResult.coarse_objective` is True. Any other run that stops short of its
+    target warns too (a ``NotConvergedWarning`` with its gradient norm and why it stopped).
     """
+    result = optimise(
+        task,
+        train,
+        l2,
+        indices=indices,
+        max_iter=max_iter,
+        tolerance=tolerance,
+        history_size=history_size,
+        chunk=chunk,
+        newton_polish=newton_polish,
+    )
+    if not result.converged and not result.coarse_objective:  # the coarse one said why
+        why = (
+            f"max_iter={max_iter} reached"
+            if result.evaluations >= max_iter
+            else "L-BFGS and the Newton polish could not progress"
+        )
+        warn(
+            f"train_to_optimum stopped short of its target: ||grad L|| {result.gradient_norm:.3g} "
+            f"against {result.target:.3g} after {result.evaluations} evaluations ({why}), so the "
+            "model is not at the optimum the influence function describes. Raise max_iter; if "
+            "the gradient norm stalls instead, loosen tolerance (a float32 model stops near its "
+            "precision) or look for what keeps the objective from a minimum (a non-smooth "
+            "activation such as ReLU stalls at its kinks)",
+            NotConvergedWarning,
+        )
+    return result
+
+
+def optimise(
+    task: Task,
+    train: Any,
+    l2: float,
+    *,
+    indices: Tensor | None = None,
+    max_iter: int = 2000,
+    tolerance: float = 1e-10,
+    history_size: int = 50,
+    chunk: int = 4096,
+    newton_polish: int = 8,
+) -> TrainResult:
+    """:func:`train_to_optimum` without its warning that the run stopped short (the warning
+    that names a coarser part stays): for callers that report it their own way (retraining,
+    poisoning)."""
     examples = ExampleSet(train, name="training set")
     space = ParameterSpace(task.model)
     engine = PerExample(task, space)
