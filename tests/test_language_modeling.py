@@ -1109,6 +1109,14 @@ def test_plan_counts_passes_and_factor_bytes_and_times_a_batch(problem: dict) ->
         + (Q + 16 + 1) * solve / plan.float64_flops_per_second
     )
     assert "GFLOP/s" in str(plan) and "float64 solves" in str(plan)
+    assert str(plan).splitlines()[0].endswith(", 1 process, float32")
+    # the precision of the passes is in the plan's first line (a tester found it nowhere)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        half = infkit.Influence(task, "ekfac", dtype=torch.bfloat16).plan(
+            problem["train"], problem["test"], timed=False
+        )
+    assert str(half).splitlines()[0].endswith(", float32, passes under autocast bfloat16")
     assert f"{plan.passes:g} passes" in str(plan)
 
 
@@ -1464,6 +1472,13 @@ def test_bfloat16_autocast_runs_the_layers_in_bfloat16_and_keeps_the_scores(prob
         assert float((half - full).norm() / full.norm()) < 0.1  # bfloat16: 3 significant digits
     with pytest.raises(InvalidInputError, match="dtype"):
         infkit.Influence(infkit.Task.language_modeling(model), "ekfac", dtype=torch.int8)
+    # a bfloat16 model asked for float32 passes is told how to get them (a tester's)
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    with pytest.raises(
+        InvalidInputError,
+        match=r"cannot raise it; to compute a bfloat16 model in float32, give a float32 copy",
+    ):
+        infkit.Influence(infkit.Task.language_modeling(low), "ekfac", dtype=torch.float32)
     with pytest.raises(InvalidInputError, match="device"):
         infkit.Influence(infkit.Task.language_modeling(model), "ekfac", device="nowhere")
     if not torch.cuda.is_available():  # PyTorch asserts; the error names the option

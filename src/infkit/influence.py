@@ -1201,6 +1201,12 @@ class Influence:
             gradient_cache=cached,
             workdir=self.workdir is not None,
             committed=committed,
+            precision=dtype_name(space.dtype)
+            + (
+                ""
+                if self.task.autocast is None
+                else f", passes under autocast {dtype_name(self.task.autocast)}"
+            ),
         )
         stages = method.stages(shape, self.task, space)
         if self.checks:

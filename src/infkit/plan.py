@@ -58,6 +58,9 @@ class RunShape:
         committed: what the fit would read back from its store instead of computing
             (:meth:`infkit.methods.Method.committed_fit`: the Kronecker methods' ``"factors"``
             or EK-FAC's ``"first stage"``); None: nothing, or not known (no training data).
+        precision: the attributed parameters' dtype and, where the passes run under
+            ``torch.autocast``, its dtype, as the plan prints them (``"float32"``,
+            ``"float32, passes under autocast bfloat16"``).
     """
 
     n_train: int
@@ -74,6 +77,7 @@ class RunShape:
     gradient_cache: bool = False
     workdir: bool = False
     committed: str | None = None
+    precision: str = ""
 
     @property
     def snapshot_bytes(self) -> int:
@@ -240,6 +244,7 @@ class Plan:
             f"plan of method {self.method!r}: N = {s.n_train:,} examples x {s.tokens} tokens, "
             f"{s.n_queries:,} queries, P = {s.parameters:,}, batch {s.batch_size}, "
             f"{s.world_size} process{'es' if s.world_size > 1 else ''}"
+            + (f", {s.precision}" if s.precision else "")
         )
         rows = [head, f"  {'stage':<28} {'passes':>6} {'bytes/process':>14}  largest object"]
         for stage, total in zip(self.stages, self.stage_bytes, strict=True):

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from infkit import language_modeling as lm
 from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.parameters import dtype_name
 
 AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
 """Precisions of ``Task(autocast=...)``: off, bfloat16, float16."""
@@ -527,9 +528,21 @@ class Task:
     def with_autocast(self, dtype: torch.dtype | None) -> Task:
         """A copy of this task whose passes run under ``torch.autocast(dtype)`` (None: off)."""
         if dtype not in AUTOCAST_DTYPES:
+            floating = [p.dtype for p in self.model.parameters() if p.is_floating_point()]
+            raise_to = (
+                f"; to compute a {dtype_name(floating[0])} model in {dtype_name(dtype)}, give a "
+                f"{dtype_name(dtype)} copy of it (e.g. model.to(torch.{dtype_name(dtype)})) "
+                "with dtype=None"
+                if isinstance(dtype, torch.dtype)
+                and dtype.is_floating_point
+                and floating
+                and dtype.itemsize > floating[0].itemsize
+                else ""
+            )
             raise InvalidInputError(
                 f"dtype must be torch.bfloat16, torch.float16 or None (the model's own), got "
-                f"{dtype!r}"
+                f"{dtype!r}: it runs the passes under torch.autocast, which lowers a float32 "
+                f"model's precision and cannot raise it{raise_to}"
             )
         twin = copy.copy(self)
         twin.autocast = dtype

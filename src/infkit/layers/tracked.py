@@ -137,8 +137,9 @@ def find_modules(
                 "use_dora=True), which calls its lora_A and lora_B on an identity matrix as well "
                 "as on the examples (to take its weight's norm), so the layers' hooks cannot "
                 "tell the examples' rows and the Kronecker methods cannot attribute through "
-                "it. Use LoRA without DoRA, or a method that takes its gradients by autograd "
-                "(identity, exact, cg, arnoldi)"
+                "it, nor can per-token scores with any method. Use LoRA without DoRA, or, for "
+                "scores, module scores and self-scores, a method that takes its gradients by "
+                "autograd (identity, exact, cg, arnoldi)"
             )
         if kind == "conv2d" and module.groups != 1:
             if wanted is not None:
