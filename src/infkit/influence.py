@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from infkit import decompositions, diagnostics, registry, saved
+from infkit import decompositions, diagnostics, registry, rounding, saved
 from infkit import language_modeling as lm
 from infkit.data import ExampleSet, checked_indices
 from infkit.decompositions import Svd, TokenScores
@@ -707,6 +707,36 @@ class Influence:
         fit's own checks ran, or at any size with ``checks="queries"``; none with False."""
         if self.checks:
             self.method.check_queries(queries, always=self.checks == "queries")
+            self._check_rounding(queries)
+
+    def _check_rounding(self, queries: ExampleSet) -> None:
+        """Under ``dtype=`` (autocast), how far its rounding of the gradients moves a block of
+        scores (:func:`infkit.rounding.autocast_rounding`): recorded with the call's figures as
+        ``describe()["autocast_rounding"]`` and warned above
+        :data:`~infkit.rounding.ROUNDING_WARNING`. Methods that do not precondition queries in
+        parameter space, and blocks above a quarter of ``memory_limit``, are not measured."""
+        method, fitted = self.method, self.fitted
+        if self.task.autocast is None or not method.answers("module_scores"):
+            return
+        if not rounding.measurable(fitted):
+            return
+        change = rounding.autocast_rounding(fitted, method.precondition_queries, queries)
+        if change is None:
+            return
+        method.query_checks["autocast_rounding"] = change
+        if change > rounding.ROUNDING_WARNING:
+            low = dtype_name(self.task.autocast)
+            warn(
+                f"under dtype=torch.{low} the scores carry {low}'s rounding of the gradients, "
+                f"magnified by method {method.name!r}'s inverse curvature: a block of "
+                f"{rounding.QUERIES} queries x {rounding.TRAINING} training examples moved by "
+                f"{change:.0%} of its size against the same scores from the model's own "
+                f"{dtype_name(fitted.space.dtype)} gradients (the inverse weighs the directions "
+                "of small curvature, where a trained model's gradients are small and their "
+                "rounding is not). Where the scores must hold, run without dtype= or with a "
+                "larger damping (docs/methods/language_models.md §7)",
+                UserWarning,
+            )
 
     def _checked_queries(self, test: Any) -> ExampleSet:
         """:meth:`_queries`, their energy ratio measured (:meth:`_check_queries`)."""
