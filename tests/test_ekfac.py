@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from functools import partial
 
 import pytest
@@ -17,6 +18,7 @@ from kfac_helpers import (
 )
 
 import infkit
+from infkit.errors import ArtifactError, ArtifactRemovedError
 from infkit.evaluate import relative_error
 from infkit.memory import default_memory_limit
 from infkit.store import TensorFile
@@ -175,6 +177,46 @@ def test_a_bounded_fit_reads_its_eigenbases_back_from_the_committed_stage(
     free, tight = ({s.name: s for s in plan.stages}["eigenvalue correction"] for plan in plans)
     assert "read back from the committed K-FAC stage" in tight.note
     assert "read back" not in free.note and tight.bytes < free.bytes
+
+
+def test_a_stage_another_run_replaces_mid_pass_gives_way_to_its_final_factors(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs sharing a workdir under a memory_limit: the faster one committed the final
+    factors and removed the K-FAC stage the other's eigenvalue pass was reading its eigenbases
+    from, which then failed telling the user to delete an intact file (a tester's, both of two
+    tries). The slower run uses the committed factors (the store's rule: the first commit
+    wins), and scores as the faster one did."""
+    problem = shared_input_problem()
+    task, (X, y) = problem["task"], problem["train"]
+    options = {"l2": 1e-3, "damping": 1e-3, "fisher": "sampled", "batch_size": 8}
+    limit = default_memory_limit() // 2
+    first = infkit.Influence(
+        task, "ekfac", factors_dir=tmp_path / "first", memory_limit=limit, **options
+    ).fit((X, y))
+    (committed,) = [p for p in (tmp_path / "first").iterdir() if not p.name.startswith(".")]
+    shared = tmp_path / "shared"
+    real = TensorFile.get
+    raced: list[str] = []
+
+    def meanwhile(file: TensorFile, name: str) -> torch.Tensor:
+        if not raced:  # the other run finishes now: its final factors in, the stage out
+            raced.append(name)
+            shutil.copytree(committed, shared / committed.name)
+            shutil.rmtree(file.path.parent)
+        return real(file, name)
+
+    monkeypatch.setattr(TensorFile, "get", meanwhile)
+    second = infkit.Influence(task, "ekfac", factors_dir=shared, memory_limit=limit, **options).fit(
+        (X, y)
+    )
+    assert raced and second.describe()["factors_loaded"]
+    test = (X[:4], y[:4])
+    assert torch.equal(second.scores(test), first.scores(test))
+    # a file that was never there is not taken for one another run removed
+    with pytest.raises(ArtifactError, match="it does not exist") as missing:
+        TensorFile(tmp_path / "nowhere.safetensors")
+    assert not isinstance(missing.value, ArtifactRemovedError)
 
 
 def test_ekfac_scores_equal_the_dense_ekfac_curvature(mlp_problem: dict) -> None:

@@ -49,6 +49,11 @@ class ArtifactError(InfkitError, ValueError):
     computation; the message names the file and says what to do."""
 
 
+class ArtifactRemovedError(ArtifactError):
+    """An artifact removed while it was read: another run sharing the directory committed what
+    replaces it (EK-FAC's final factors replace their K-FAC stage), which the reader can use."""
+
+
 class NotFittedError(InfkitError, RuntimeError):
     """A question asked of an ``Influence`` before ``fit``."""
 

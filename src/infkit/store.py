@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from infkit._version import __version__
-from infkit.errors import ArtifactError, InvalidInputError
+from infkit.errors import ArtifactError, ArtifactRemovedError, InvalidInputError
 
 #: version of the artifact layout; a different one is refused with a clear error
 FORMAT = 1
@@ -131,6 +131,16 @@ class TensorFile:
         try:
             value = read()
             changed = self._state is not None and _file_state(self.path) != self._state
+        except FileNotFoundError as error:
+            if self._state is None:  # never there: the usual message
+                raise ArtifactError(
+                    f"{self.path} cannot be read as tensors (it does not exist): delete its "
+                    "artifact's directory (or pass overwrite=True) to recompute it"
+                ) from error
+            raise ArtifactRemovedError(
+                f"{self.path} was removed while its tensors were read (another run sharing "
+                "the directory committed what replaces it?)"
+            ) from error
         except (SafetensorError, OSError, ValueError) as error:
             raise ArtifactError(
                 f"{self.path} cannot be read as tensors ({type(error).__name__}: {error}); the "

@@ -32,7 +32,15 @@ import torch
 from torch import Tensor, nn
 
 from infkit.data import ExampleSet
-from infkit.errors import ArtifactError, CurvatureError, Notice, UnsupportedError, listed, warn
+from infkit.errors import (
+    ArtifactError,
+    ArtifactRemovedError,
+    CurvatureError,
+    Notice,
+    UnsupportedError,
+    listed,
+    warn,
+)
 from infkit.fingerprint import (
     callable_identity,
     data_fingerprint,
@@ -462,13 +470,26 @@ class KroneckerCurvature:
         stage_file = None
         if store is not None and self.corrected and reads_bases_back(options, fitted.memory_limit):
             stage_file = tensors_file(store.path(FACTORS, stage))
-        factors = fitter.fit(
-            fitted.train,
-            corrected=self.corrected,
-            resume=resume,
-            on_stage=lambda first: commit(first, stage),
-            stage_file=stage_file,
-        )
+        try:
+            factors = fitter.fit(
+                fitted.train,
+                corrected=self.corrected,
+                resume=resume,
+                on_stage=lambda first: commit(first, stage),
+                stage_file=stage_file,
+            )
+        except ArtifactRemovedError:
+            # another run sharing the directory finished this fit first: its final factors
+            # replaced the K-FAC stage this pass read its eigenbases from; the same computation
+            # (the store's rule: the first commit wins and the others use it)
+            assert store is not None  # only a store's files are read back
+            artifact = store.load(FACTORS, identity)
+            if artifact is None:
+                raise
+            logger.info("Kronecker factors committed meanwhile by another run: %s", artifact.path)
+            self.loaded = True
+            self._source = (store, [dict(identity)])
+            return self._from_artifact(artifact)
         factors.meta.update(method=self.owner, options=options.record())
         commit(factors, identity)
         if store is not None:
