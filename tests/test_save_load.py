@@ -11,6 +11,7 @@ a directory without a save, a second save without ``overwrite``.
 from __future__ import annotations
 
 import copy
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -453,6 +454,30 @@ def test_a_damaged_file_fails_its_checksum(mlp_problem: dict, saved_exact: Path)
         ArtifactError, match=r"state\.safetensors is damaged.*SHA-256.*save it again"
     ):
         infkit.Influence.load(saved_exact, _copy_task(mlp_problem))
+
+
+def test_a_save_copied_in_under_another_saves_name_is_refused(
+    mlp_problem: dict, saved_exact: Path, tmp_path: Path
+) -> None:
+    """A tester replaced a save's directory by another fit's (one training example changed),
+    keeping the name: it loaded without a word and scored 14% off. A save's directory is named
+    by the key of the identity its manifest records, and one that is not is refused."""
+    (artifact,) = saved_exact.glob(f"{KIND}-*")
+    X, y = mlp_problem["train"]
+    changed = X.clone()
+    changed[0] += 0.5
+    other = infkit.Influence(mlp_problem["task"], "exact", l2=mlp_problem["l2"], damping=1e-3)
+    other.fit((changed, y)).save(tmp_path / "other")
+    (theirs,) = (tmp_path / "other").glob(f"{KIND}-*")
+    assert theirs.name != artifact.name
+    shutil.rmtree(artifact)
+    shutil.copytree(theirs, artifact)
+    for where in (saved_exact, artifact):  # the save's directory, or the artifact's own
+        with pytest.raises(ArtifactError, match=r"is not named for the computation its manifest"):
+            infkit.Influence.load(where, _copy_task(mlp_problem))
+    shutil.rmtree(artifact)  # the other's under its own name loads
+    shutil.copytree(theirs, saved_exact / theirs.name)
+    assert infkit.Influence.load(saved_exact, _copy_task(mlp_problem)).n_train == len(y)
 
 
 def test_a_directory_without_a_save_is_refused(mlp_problem: dict, tmp_path: Path) -> None:
