@@ -39,7 +39,8 @@ class SavedScores:
     """Scores committed to a workdir by a finished run (:func:`read_scores`).
 
     Attributes:
-        scores: [n_queries, n_train] float64 removal effects, as ``Influence.scores`` returned.
+        scores: [n_queries, n_train] removal effects in float64, as they were accumulated
+            (``Influence.scores`` returned them in the model's precision, at least float32).
         info: the method, the numbers of queries and training examples.
         identity: everything they depend on (model, data, task, method options, queries).
         path: the artifact's directory.
