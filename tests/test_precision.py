@@ -235,3 +235,20 @@ def test_the_rounding_a_solve_magnifies_under_autocast_is_measured_and_warned() 
         said = [str(w.message) for w in caught if "magnified" in str(w.message)]
         assert len(said) == int(warned), method
         assert (actual > 0.2) == warned, (method, actual)
+        # the same queries again are not measured again (a reviewer: a loop of calls paid
+        # the check every time); other queries are
+        calls: list[int] = []
+        real = infkit.rounding.autocast_rounding
+
+        def counted(*args: object, calls: list = calls, real: object = real) -> object:
+            calls.append(1)
+            return real(*args)  # type: ignore[operator]
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(infkit.rounding, "autocast_rounding", counted)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                low.scores(queries)
+                assert calls == [] and low.describe()["autocast_rounding"] == figure
+                low.scores(lm.examples(ids[36:], prompt_lengths=[2] * 4))
+                assert calls == [1]

@@ -475,9 +475,11 @@ def test_a_save_copied_in_under_another_saves_name_is_refused(
     for where in (saved_exact, artifact):  # the save's directory, or the artifact's own
         with pytest.raises(ArtifactError, match=r"is not named for the computation its manifest"):
             infkit.Influence.load(where, _copy_task(mlp_problem))
-    shutil.rmtree(artifact)  # the other's under its own name loads
+    shutil.rmtree(artifact)  # the other's under its own name loads, and through a link
     shutil.copytree(theirs, saved_exact / theirs.name)
     assert infkit.Influence.load(saved_exact, _copy_task(mlp_problem)).n_train == len(y)
+    (tmp_path / "latest").symlink_to(saved_exact / theirs.name)
+    assert infkit.Influence.load(tmp_path / "latest", _copy_task(mlp_problem)).n_train == len(y)
 
 
 def test_a_directory_without_a_save_is_refused(mlp_problem: dict, tmp_path: Path) -> None:

@@ -713,14 +713,20 @@ class Influence:
         """Under ``dtype=`` (autocast), how far its rounding of the gradients moves a block of
         scores (:func:`infkit.rounding.autocast_rounding`): recorded with the call's figures as
         ``describe()["autocast_rounding"]`` and warned above
-        :data:`~infkit.rounding.ROUNDING_WARNING`. Methods that do not precondition queries in
-        parameter space, and blocks above a quarter of ``memory_limit``, are not measured."""
+        :data:`~infkit.rounding.ROUNDING_WARNING`; a set of queries is measured once a fit.
+        Methods that do not precondition queries in parameter space, and blocks above a
+        quarter of ``memory_limit``, are not measured."""
         method, fitted = self.method, self.fitted
         if self.task.autocast is None or not method.answers("module_scores"):
             return
         if not rounding.measurable(fitted):
             return
-        change = rounding.autocast_rounding(fitted, method.precondition_queries, queries)
+        key = rounding.queries_key(queries)
+        if key not in method.roundings:
+            method.roundings[key] = rounding.autocast_rounding(
+                fitted, method.precondition_queries, queries
+            )
+        change = method.roundings[key]
         if change is None:
             return
         method.query_checks["autocast_rounding"] = change

@@ -22,13 +22,16 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet
+from infkit.fingerprint import data_fingerprint
 from infkit.fitted import Fitted
-from infkit.gradients import PerExample, Which
+from infkit.gradients import PerExample
 from infkit.memory import FLOAT64_BYTES
 
 #: queries (with a gradient) and training examples of the measured block of scores
 QUERIES = 4
 TRAINING = 16
+#: the first queries looked at for :data:`QUERIES` with a gradient
+LOOKED_AT = 16
 #: the share of ``memory_limit`` the measurement may take: its preconditioned queries, float64,
 #: in both precisions, and a batch of gradients in both
 SHARE_OF_LIMIT = 0.25
@@ -37,23 +40,23 @@ ROUNDING_WARNING = 0.2
 
 
 def measurable(fitted: Fitted) -> bool:
-    """Whether the block fits :data:`SHARE_OF_LIMIT` of the fit's ``memory_limit``."""
+    """Whether the block fits :data:`SHARE_OF_LIMIT` of the fit's ``memory_limit``: the
+    queries' gradients, their preconditioning (float64, both precisions, in and out) and a
+    batch of gradients in both precisions."""
     size = fitted.space.size
-    held = 2 * QUERIES * size * FLOAT64_BYTES  # the preconditioned queries, both precisions
-    batch = 2 * fitted.gradient_batch_size * size * fitted.space.bytes_per_float()
+    held = 4 * QUERIES * size * FLOAT64_BYTES
+    batch = 2 * _batch_size(fitted) * size * FLOAT64_BYTES
     return held + batch <= SHARE_OF_LIMIT * fitted.memory_limit
 
 
-def _pairs(
-    engine: PerExample, full: PerExample, examples: ExampleSet, which: Which, batch_size: int
-) -> tuple[Tensor, Tensor]:
-    """Each example's gradient under autocast (``engine``) and in the model's precision
-    (``full``), float64 [k, P] each."""
-    low, high = [], []
-    for batch in examples.batches(batch_size):
-        low.append(engine.grads(batch, which).to(torch.float64))
-        high.append(full.grads(batch, which).to(torch.float64))
-    return torch.cat(low), torch.cat(high)
+def _batch_size(fitted: Fitted) -> int:
+    return min(fitted.gradient_batch_size, QUERIES)
+
+
+def queries_key(queries: ExampleSet) -> str:
+    """What the block's queries are (a hash of the first :data:`LOOKED_AT`), to measure a set
+    of queries once a fit."""
+    return data_fingerprint(queries.part(torch.arange(min(len(queries), LOOKED_AT))))
 
 
 def autocast_rounding(
@@ -62,19 +65,31 @@ def autocast_rounding(
     """``||S_low - S_full||_F / ||S_full||_F`` over the block of scores, or None where no query
     has a gradient (the scores warn about those) or the block's scores are all 0.
 
-    ``S[q, j] = u_q^T v_j`` with ``u_q = precondition(g_q)`` (the method's ``H^{-1}``) and
-    ``v_j = grad l_j + l2 (theta - theta')`` (conventions §3); ``S_low`` from the gradients under
-    the task's autocast, ``S_full`` from the same model's without it. The ``1/N`` of the scores
-    cancels in the ratio."""
+    ``S[q, j] = u_q^T v_j`` with ``u_q = precondition(g_q)`` (the method's ``H^{-1}``, one call
+    for both precisions' queries) and ``v_j = grad l_j + l2 (theta - theta')`` (conventions
+    §3); ``S_low`` from the gradients under the task's autocast, ``S_full`` from the same
+    model's without it. The ``1/N`` of the scores cancels in the ratio. Gradients are taken
+    :data:`QUERIES` examples at a time: ``2 (2 QUERIES + batch) P`` float64 numbers at most."""
     full = PerExample(fitted.task.with_autocast(None), fitted.space)
-    size = fitted.gradient_batch_size
-    first = queries.part(torch.arange(min(len(queries), 4 * QUERIES)))
-    g_low, g_full = _pairs(fitted.engine, full, first, "measurement", size)
-    moving = (g_full.norm(dim=1) > 0).nonzero().flatten()[:QUERIES]
-    if len(moving) == 0:
+    size = _batch_size(fitted)
+    low_queries: list[Tensor] = []
+    full_queries: list[Tensor] = []
+    looked = queries.part(torch.arange(min(len(queries), LOOKED_AT)))
+    for batch in looked.batches(size):
+        low = fitted.engine.grads(batch, "measurement").to(torch.float64)
+        high = full.grads(batch, "measurement").to(torch.float64)
+        moving = high.norm(dim=1) > 0
+        low_queries += list(low[moving])
+        full_queries += list(high[moving])
+        del low, high
+        if len(full_queries) >= QUERIES:
+            break
+    if not full_queries:
         return None
-    u_low, u_full = precondition(g_low[moving]), precondition(g_full[moving])
-    del g_low, g_full
+    k = min(len(full_queries), QUERIES)
+    both = precondition(torch.stack(low_queries[:k] + full_queries[:k]))
+    del low_queries, full_queries
+    u_low, u_full = both[:k], both[k:]
     shift = torch.zeros(fitted.space.size, dtype=torch.float64, device=fitted.space.device)
     if fitted.l2:
         theta = fitted.theta.to(torch.float64)

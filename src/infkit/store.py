@@ -139,7 +139,8 @@ class TensorFile:
                 ) from error
             raise ArtifactRemovedError(
                 f"{self.path} was removed while its tensors were read (another run sharing "
-                "the directory committed what replaces it?)"
+                "the directory committed what replaces it?); if it was removed by hand, delete "
+                "its artifact's directory (or pass overwrite=True) to recompute it"
             ) from error
         except (SafetensorError, OSError, ValueError) as error:
             raise ArtifactError(
@@ -340,7 +341,7 @@ class ArtifactStore:
                 f"{manifest_path} describes a {manifest.get('kind')!r} artifact, not {kind!r}"
             )
         recorded = manifest.get("identity")
-        if identity is None and path.name != self.path(kind, recorded or {}).name:
+        if identity is None and path.resolve().name != self.path(kind, recorded or {}).name:
             # read by its directory (a saved Influence): the name is the recorded identity's key
             raise ArtifactError(
                 f"{path} is not named for the computation its manifest records (its key would be "

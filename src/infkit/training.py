@@ -25,6 +25,9 @@ from infkit.task import Task
 
 #: L-BFGS hands over to Newton-CG polishing below this relative gradient norm.
 POLISH_FROM = 1e-6
+#: a float32 (or coarser) run stopped below this many machine epsilons times its starting
+#: gradient norm has gone as far as its precision goes: train_to_optimum does not warn
+PRECISION_FLOOR = 100
 #: the precisions coarser than float64 that a float64 model's parts may compute in
 COARSER = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -117,7 +120,10 @@ def train_to_optimum(
     eager softmax run in float32 in a float64 model), whose rounding stops the optimiser; if
     there is one, a :class:`~infkit.errors.NotConvergedWarning` names the value and its module
     and :attr:`TrainResult.coarse_objective` is True. Any other run that stops short of its
-    target warns too (a ``NotConvergedWarning`` with its gradient norm and why it stopped).
+    target warns too (a ``NotConvergedWarning`` with its gradient norm and why it stopped),
+    except a float32 (or coarser) run stopped within :data:`PRECISION_FLOOR` machine epsilons
+    of its starting gradient norm: it went as far as its precision goes (``converged`` stays
+    False, the default target being float64's).
     """
     result = optimise(
         task,
@@ -130,7 +136,11 @@ def train_to_optimum(
         chunk=chunk,
         newton_polish=newton_polish,
     )
-    if not result.converged and not result.coarse_objective:  # the coarse one said why
+    dtype = ParameterSpace(task.model).dtype
+    scale = result.target / tolerance if tolerance > 0 else 1.0  # max(||grad L(start)||, 1)
+    floor = 0.0 if dtype == torch.float64 else PRECISION_FLOOR * torch.finfo(dtype).eps * scale
+    stalled_at_floor = result.gradient_norm <= floor  # as far as the precision goes
+    if not (result.converged or result.coarse_objective or stalled_at_floor):
         why = (
             f"max_iter={max_iter} reached"
             if result.evaluations >= max_iter
@@ -307,14 +317,19 @@ def coarser_part(
     handles = []
     for name, module in task.model.named_modules():
         label = f"{name or 'the model'} ({type(module).__name__})"
-        handles.append(
-            module.register_forward_pre_hook(lambda *_, label=label: modules.append(label))
-        )
-        handles.append(module.register_forward_hook(leave))
+        try:
+            entered = module.register_forward_pre_hook(
+                lambda *_, label=label: modules.append(label)
+            )
+        except RuntimeError:  # a TorchScript module takes no hooks: its parts go unnamed
+            continue
+        handles += [entered, module.register_forward_hook(leave)]
     watch = _CoarserValues(modules)
     try:
         with torch.enable_grad(), watch:
             task.checked_loss(task.call_model(task.model, inputs), targets)
+    except Exception:  # a diagnostic after training: what it cannot run it does not name
+        return None
     finally:
         for handle in handles:
             handle.remove()

@@ -312,6 +312,8 @@ class Method(ABC):
         self.query_checks: dict[str, float] = {}
         #: the queries' energy ratios of this fit by their direction's digest
         self._query_ratios: dict[str, float] = {}
+        #: ``dtype=``'s rounding figures of this fit by their queries' hash (infkit.rounding)
+        self.roundings: dict[str, float | None] = {}
         #: whether the queries' check failed on this fit's model (torch.func cannot take it)
         self._queries_unchecked = False
 
@@ -606,7 +608,7 @@ class Method(ABC):
     def clear_checks(self) -> None:
         """Forget the figures of a previous fit (the facade calls it before every fit, with or
         without checks): the post-fit checks', the queries' and their measured directions."""
-        self.checks, self.query_checks, self._query_ratios = {}, {}, {}
+        self.checks, self.query_checks, self._query_ratios, self.roundings = {}, {}, {}, {}
         self._queries_unchecked = False
 
     def _run_checks(self, checks: dict[str, Any]) -> None:
