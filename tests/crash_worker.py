@@ -101,7 +101,7 @@ def main() -> None:
             when=lambda path, obj: str(path).endswith("manifest.json"),
         )
     elif kill.startswith("train:"):
-        _kill_on_call(infkit.retrain, "optimise", int(kill[6:]))
+        _kill_on_call(infkit.retrain, "train_to_optimum", int(kill[6:]))
     if job == "retrain":
         result = infkit.retrain.leave_one_out(
             task, train, test, [0, 3, 7, 11, 20, 42], 1e-2, cache_dir=directory

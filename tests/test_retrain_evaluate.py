@@ -56,7 +56,7 @@ def test_leave_one_out_resumes_from_its_artifacts(tmp_path, monkeypatch) -> None
     def must_not_retrain(*args, **kwargs):
         raise AssertionError("a cached result was retrained")
 
-    monkeypatch.setattr(retrain, "optimise", must_not_retrain)
+    monkeypatch.setattr(retrain, "train_to_optimum", must_not_retrain)
     second = retrain.leave_one_out(task, data, test, [0, 4, 7], l2, cache_dir=tmp_path)
     torch.testing.assert_close(first.measurement, second.measurement, rtol=0, atol=0)
     # Actual LOO loss change: 0.5 (x^T theta_-j - y)^2 - 0.5 (x^T theta - y)^2.
@@ -86,7 +86,7 @@ def test_retrainings_short_of_their_optimum_are_flagged_and_named(tmp_path, monk
         assert float(loo.targets[k]) == pytest.approx(expected, rel=1e-6)
         assert float(loo.gradient_norms[k]) > float(loo.targets[k])
     # the flag travels with the cached result
-    monkeypatch.setattr(retrain, "optimise", None)  # a retraining would fail
+    monkeypatch.setattr(retrain, "train_to_optimum", None)  # a retraining would fail
     with pytest.warns(infkit.errors.NotConvergedWarning):
         again = retrain.leave_one_out(task, data, test, [0, 4], l2, cache_dir=tmp_path, **tight)
     assert again.converged.tolist() == [False, False]

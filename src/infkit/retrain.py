@@ -35,7 +35,7 @@ from infkit.progress import resolve, track
 from infkit.recipe import Replay, TrainingRun
 from infkit.store import ArtifactStore
 from infkit.task import Task
-from infkit.training import optimise
+from infkit.training import train_to_optimum
 
 
 @dataclass
@@ -242,13 +242,14 @@ def _retrain(
         theta, gradient_norm, evaluations = _replay(clone_task, examples, run, keep)
         target, converged = float("nan"), True
     else:
-        result = optimise(
+        result = train_to_optimum(
             clone_task,
             examples,
             l2,
             indices=keep.nonzero().squeeze(1),
             max_iter=max_iter,
             tolerance=tolerance,
+            warn_unconverged=False,  # the retrainings are reported together (warn_unconverged)
         )
         theta, gradient_norm, evaluations = result.theta, result.gradient_norm, result.evaluations
         target, converged = result.target, result.converged

@@ -107,6 +107,7 @@ def train_to_optimum(
     history_size: int = 50,
     chunk: int = 4096,
     newton_polish: int = 8,
+    warn_unconverged: bool = True,
 ) -> TrainResult:
     """Minimise ``mean_{i in indices} l_i + (l2/2) ||theta||^2`` in place, full batch, L-BFGS.
 
@@ -123,56 +124,10 @@ def train_to_optimum(
     target warns too (a ``NotConvergedWarning`` with its gradient norm and why it stopped),
     except a float32 (or coarser) run stopped within :data:`PRECISION_FLOOR` machine epsilons
     of its starting gradient norm: it went as far as its precision goes (``converged`` stays
-    False, the default target being float64's).
+    False, the default target being float64's). ``warn_unconverged=False`` leaves that warning
+    to a caller that reports it its own way (retraining, poisoning); the one that names a
+    coarser part stays.
     """
-    result = optimise(
-        task,
-        train,
-        l2,
-        indices=indices,
-        max_iter=max_iter,
-        tolerance=tolerance,
-        history_size=history_size,
-        chunk=chunk,
-        newton_polish=newton_polish,
-    )
-    dtype = ParameterSpace(task.model).dtype
-    scale = result.target / tolerance if tolerance > 0 else 1.0  # max(||grad L(start)||, 1)
-    floor = 0.0 if dtype == torch.float64 else PRECISION_FLOOR * torch.finfo(dtype).eps * scale
-    stalled_at_floor = result.gradient_norm <= floor  # as far as the precision goes
-    if not (result.converged or result.coarse_objective or stalled_at_floor):
-        why = (
-            f"max_iter={max_iter} reached"
-            if result.evaluations >= max_iter
-            else "L-BFGS and the Newton polish could not progress"
-        )
-        warn(
-            f"train_to_optimum stopped short of its target: ||grad L|| {result.gradient_norm:.3g} "
-            f"against {result.target:.3g} after {result.evaluations} evaluations ({why}), so the "
-            "model is not at the optimum the influence function describes. Raise max_iter; if "
-            "the gradient norm stalls instead, loosen tolerance (a float32 model stops near its "
-            "precision) or look for what keeps the objective from a minimum (a non-smooth "
-            "activation such as ReLU stalls at its kinks)",
-            NotConvergedWarning,
-        )
-    return result
-
-
-def optimise(
-    task: Task,
-    train: Any,
-    l2: float,
-    *,
-    indices: Tensor | None = None,
-    max_iter: int = 2000,
-    tolerance: float = 1e-10,
-    history_size: int = 50,
-    chunk: int = 4096,
-    newton_polish: int = 8,
-) -> TrainResult:
-    """:func:`train_to_optimum` without its warning that the run stopped short (the warning
-    that names a coarser part stays): for callers that report it their own way (retraining,
-    poisoning)."""
     examples = ExampleSet(train, name="training set")
     space = ParameterSpace(task.model)
     engine = PerExample(task, space)
@@ -259,9 +214,29 @@ def optimise(
             "language_models.md §1)",
             NotConvergedWarning,
         )
-    return TrainResult(
+    result = TrainResult(
         space.flat().clone(), value, norm, iterations, norm <= target, target, coarse is not None
     )
+    dtype = space.dtype
+    scale = result.target / tolerance if tolerance > 0 else 1.0  # max(||grad L(start)||, 1)
+    floor = 0.0 if dtype == torch.float64 else PRECISION_FLOOR * torch.finfo(dtype).eps * scale
+    stalled_at_floor = result.gradient_norm <= floor  # as far as the precision goes
+    if warn_unconverged and not (result.converged or result.coarse_objective or stalled_at_floor):
+        why = (
+            f"max_iter={max_iter} reached"
+            if result.evaluations >= max_iter
+            else "L-BFGS and the Newton polish could not progress"
+        )
+        warn(
+            f"train_to_optimum stopped short of its target: ||grad L|| {result.gradient_norm:.3g} "
+            f"against {result.target:.3g} after {result.evaluations} evaluations ({why}), so the "
+            "model is not at the optimum the influence function describes. Raise max_iter; if "
+            "the gradient norm stalls instead, loosen tolerance (a float32 model stops near its "
+            "precision) or look for what keeps the objective from a minimum (a non-smooth "
+            "activation such as ReLU stalls at its kinks)",
+            NotConvergedWarning,
+        )
+    return result
 
 
 class _CoarserValues(TorchFunctionMode):

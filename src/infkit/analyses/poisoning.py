@@ -57,7 +57,7 @@ from infkit.methods.base import methods_answering, methods_with_estimator
 from infkit.parameters import evaluation_mode
 from infkit.retrain import without
 from infkit.task import Task
-from infkit.training import optimise
+from infkit.training import train_to_optimum
 
 #: the estimators that predict a removal effect, in the order they are reported
 ESTIMATORS: tuple[str, ...] = ("if", "rif", "newton")
@@ -469,7 +469,9 @@ def plant_poisons(
     owners = torch.arange(len(xs)).repeat_interleave(copies)
 
     poisoned = task.with_model(copy.deepcopy(task.model)).with_measurement(logit)
-    result = optimise(poisoned, poisoned_train, l2, tolerance=tolerance, max_iter=max_iter)
+    result = train_to_optimum(
+        poisoned, poisoned_train, l2, tolerance=tolerance, max_iter=max_iter, warn_unconverged=False
+    )
     if not result.converged:
         warn(
             f"the poisoned model did not reach the optimum (||grad L|| = "
