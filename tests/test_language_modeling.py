@@ -1120,6 +1120,41 @@ def test_plan_counts_passes_and_factor_bytes_and_times_a_batch(problem: dict) ->
     assert f"{plan.passes:g} passes" in str(plan)
 
 
+def test_the_plan_bounds_the_iterative_solves(problem: dict) -> None:
+    """ASTRA, CG and LiSSA solve their queries by iterations, each a curvature product over the
+    data: the plan priced none (0.1 s planned where a run took 6 s, LiSSA 73 s). It bounds them
+    by each method's cap, about two passes a product; direct solves add nothing."""
+    from infkit.methods.base import PRODUCT_PASSES
+
+    task = infkit.Task.language_modeling(TinyLM().double().eval())
+    train, test = problem["train"], problem["test"]
+    n = len(train[1])
+    expected = {
+        ("cg", ()): 500,  # block CG: the queries share one Krylov space
+        ("cg", (("block", False),)): 500 * Q,  # a column at a time
+        ("lissa", (("depth", 40), ("minibatch_size", 4))): 40 * 4 / n,
+        ("astra", (("maxiter", 30),)): 30 + 12,  # and the automatic step's power iterations
+        ("ekfac", ()): 0,
+        ("exact", ()): 0,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for (method, options), products in expected.items():
+            inf = infkit.Influence(task, method, damping=1e-2, **dict(options))
+            plan = inf.plan(train, test)
+            assert plan.at_most_passes == pytest.approx(products * PRODUCT_PASSES), method
+            assert ("iterative solves: up to" in str(plan)) == bool(products), method
+            if products:
+                assert plan.at_most_seconds is not None and plan.seconds is not None
+                assert plan.at_most_seconds > plan.seconds
+                record = plan.record()
+                assert record["at_most_passes"] == plan.at_most_passes
+        # the run's own iterations stay within the bound
+        run = infkit.Influence(task, "cg", damping=1e-2).fit(train)
+        run.scores(test)
+        assert sum(run.describe()["iterations"]) <= 500
+
+
 def test_a_layer_the_loss_never_reaches_is_planned_and_scored(problem: dict) -> None:
     """A tracked layer outside the loss's graph (a BERT pooler under a mean-pooled head):
     timing the plan's batch raised autograd's bare RuntimeError on it; the layer has no

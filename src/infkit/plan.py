@@ -123,6 +123,9 @@ class Stage:
             precision, apart from ``flops`` (the solves of the queries and of the checks on the
             generic path), priced at a timed float64 product's rate (about half float32's on a
             CPU).
+        at_most_passes: passes' worth of curvature products an iterative solve may add, up
+            to its iteration cap (CG's and ASTRA's ``maxiter``, LiSSA's depth): how many it
+            takes depends on the curvature's conditioning, known only as it runs.
     """
 
     name: str
@@ -134,6 +137,7 @@ class Stage:
     held: int = 0
     flops: float = 0.0
     float64_flops: float = 0.0
+    at_most_passes: float = 0.0
 
 
 @dataclass
@@ -220,6 +224,19 @@ class Plan:
         solves = self.float64_flops / rate64 if rate64 else 0.0
         return batches * self.seconds_per_batch + products + solves
 
+    @property
+    def at_most_passes(self) -> float:
+        """Passes' worth of curvature products the iterative solves may add, at most."""
+        return sum(s.at_most_passes for s in self.stages)
+
+    @property
+    def at_most_seconds(self) -> float | None:
+        """:attr:`seconds` with every iterative solve run to its iteration cap (None: not
+        timed)."""
+        if self.seconds is None or self.seconds_per_batch is None:
+            return None
+        return self.seconds + self.at_most_passes * self.shape.batches * self.seconds_per_batch
+
     def record(self) -> dict[str, Any]:
         """The plan as plain data."""
         return {
@@ -236,6 +253,8 @@ class Plan:
             "flops": self.flops,
             "float64_flops": self.float64_flops,
             "seconds": self.seconds,
+            "at_most_passes": self.at_most_passes,
+            "at_most_seconds": self.at_most_seconds,
         }
 
     def __str__(self) -> str:
@@ -263,7 +282,7 @@ class Plan:
             rows.append(f"  above memory_limit ({limit} per process): {self.remedy}")
         if self.seconds is not None:
             seconds = self.seconds
-            took = f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+            took = _duration(seconds)
             how = f"{self.seconds_per_batch:.3g} s per batch"
             if self.flops and self.flops_per_second:
                 how += (
@@ -275,5 +294,21 @@ class Plan:
                     f" and {self.float64_flops / 1e9:,.0f} GFLOP of float64 solves at "
                     f"{self.float64_flops_per_second / 1e9:.3g} GFLOP/s"
                 )
-            rows.append(f"  time: about {took} ({how}, timed)")
+            besides = " besides the iterative solves" if self.at_most_passes else ""
+            rows.append(f"  time: about {took}{besides} ({how}, timed)")
+        if self.at_most_passes:
+            most = self.at_most_seconds
+            bound = "" if most is None else f", up to {_duration(most)} in all"
+            rows.append(
+                f"  iterative solves: up to {self.at_most_passes:,.0f} more passes' worth of "
+                f"curvature products{bound}; how many depends on the curvature's conditioning "
+                "(a larger damping or a preconditioner takes fewer)"
+            )
         return "\n".join(rows)
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as the plan writes them: ``"42.0 s"``, ``"3.5 min"``, ``"2.1 h"``."""
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

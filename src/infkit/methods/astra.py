@@ -51,9 +51,10 @@ from infkit.linalg import (
     conjugate_gradients,
     imprecise_solve_warning,
 )
-from infkit.methods.base import KRONECKER, Fidelity, PrimalMethod, register
+from infkit.methods.base import KRONECKER, PRODUCT_PASSES, Fidelity, PrimalMethod, register
 from infkit.options import option
 from infkit.parameters import ParameterSpace
+from infkit.plan import RunShape
 from infkit.task import Task
 
 
@@ -141,6 +142,18 @@ class ASTRA(PrimalMethod):
 
     def attributed_parameters(self, task: Task, space: ParameterSpace) -> list[str] | None:
         return attributed_parameters(task.model, space, self.options.preconditioner(), self.name)
+
+    def solve_passes_at_most(self, shape: RunShape, chunks: list[int]) -> float:
+        """``maxiter`` iterations a chunk, each a product over the data (and the power
+        iterations of an automatic Neumann step, at the first solve)."""
+        power = self.options.power_iterations if self.options.step == "auto" else 0
+        return (len(chunks) * self.options.maxiter + power) * PRODUCT_PASSES
+
+    def solve_note(self) -> str:
+        return (
+            f"{self.options.solver} to tol={self.options.tol:g}, at most "
+            f"maxiter={self.options.maxiter} iterations after EK-FAC's"
+        )
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)

@@ -61,6 +61,11 @@ from infkit.plan import RunShape, Stage
 from infkit.progress import Progress
 from infkit.task import Task
 
+#: passes' worth of work one curvature product over the training data takes (a per-example
+#: JVP and VJP; measured 1.5-2.5 a CG or ASTRA iteration on a small Llama): prices the
+#: iterative solves' cap in the plan (:meth:`Method.solve_passes_at_most`)
+PRODUCT_PASSES = 2.0
+
 #: the questions of the facade a method may answer
 Question = Literal[
     "scores",
@@ -440,6 +445,16 @@ class Method(ABC):
         where it is not counted."""
         return 0.0
 
+    def solve_passes_at_most(self, shape: RunShape, chunks: list[int]) -> float:
+        """Passes' worth of curvature products the queries' iterative solves may take, at most,
+        for chunks of ``chunks`` queries each solved together (0: a direct solve, priced by
+        :meth:`solve_flops`)."""
+        return 0.0
+
+    def solve_note(self) -> str:
+        """What the plan's queries stage says of the solve's iterations ("" for none)."""
+        return ""
+
     def generic_query_stages(self, shape: RunShape, solve: float = 0.0) -> list[Stage]:
         """The queries and scores of :func:`infkit.estimators.scores` as the facade runs them:
         the queries in chunks (:meth:`query_row_bytes`, :func:`~infkit.memory.row_chunks`),
@@ -450,6 +465,7 @@ class Method(ABC):
         limit = shape.memory_limit or default_memory_limit()
         row = self.query_row_bytes(n, p)
         chunks = row_chunks(q, row, q * n * FLOAT64_BYTES, limit, together=self.solves_together)
+        at_most = self.solve_passes_at_most(shape, [stop - start for start, stop in chunks])
         rows = max(stop - start for start, stop in chunks)
         chunk = rows * row
         note = f"{len(chunks)} chunks of {rows} queries" if len(chunks) > 1 else ""
@@ -460,8 +476,9 @@ class Method(ABC):
                 0,
                 chunk + batch_gradient_bytes(shape),
                 ("a chunk's query gradients and solves, float64", chunk),
-                note,
+                "; ".join(x for x in (note, self.solve_note()) if x),
                 float64_flops=q * solve,
+                at_most_passes=at_most,
             ),
             Stage(
                 "scores",

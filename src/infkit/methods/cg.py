@@ -30,8 +30,9 @@ from infkit.linalg import (
     conjugate_gradients,
     imprecise_solve_warning,
 )
-from infkit.methods.base import Fidelity, PrimalMethod, Problem, register
+from infkit.methods.base import PRODUCT_PASSES, Fidelity, PrimalMethod, Problem, register
 from infkit.options import Options, option
+from infkit.plan import RunShape
 from infkit.progress import Progress
 
 #: ``block="auto"`` uses block CG from this many right-hand sides on.
@@ -99,6 +100,19 @@ class ConjugateGradient(PrimalMethod):
 
     def fit_passes(self) -> float:
         return 1.0 if self.options.preconditioner == "diagonal" else 0.0  # the GGN's diagonal
+
+    def solve_passes_at_most(self, shape: RunShape, chunks: list[int]) -> float:
+        """``maxiter`` products over the data a chunk (block CG), or a query (per column)."""
+        block = self.options.block
+        iterations = sum(
+            self.options.maxiter
+            * (1 if block is True or (block == "auto" and k >= BLOCK_AUTO_MIN) else k)
+            for k in chunks
+        )
+        return iterations * PRODUCT_PASSES
+
+    def solve_note(self) -> str:
+        return f"CG to tol={self.options.tol:g}, at most maxiter={self.options.maxiter} iterations"
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)

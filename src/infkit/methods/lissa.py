@@ -43,8 +43,9 @@ from infkit.curvature import Curvature, CurvatureOperator, product_work_bytes
 from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, warn
 from infkit.fitted import Fitted
 from infkit.linalg import indefinite_remedy, power_iteration
-from infkit.methods.base import Fidelity, PrimalMethod, register
+from infkit.methods.base import PRODUCT_PASSES, Fidelity, PrimalMethod, register
 from infkit.options import Options, option
+from infkit.plan import RunShape
 
 #: an iterate whose norm exceeds this multiple of the contractive bound counts as diverged
 DIVERGENCE_FACTOR = 10.0
@@ -193,6 +194,19 @@ class Lissa(PrimalMethod):
         self._slices: list[slice] | None = None
 
     # ------------------------------------------------------------------ fit
+    def solve_passes_at_most(self, shape: RunShape, chunks: list[int]) -> float:
+        """Each chunk: ``repeats`` recursions of ``depth`` minibatch products (``max_depth``
+        under ``depth="auto"``), a minibatch a share ``m / N`` of a product over the data."""
+        options, n = self.options, max(shape.n_train, 1)
+        depth = options.max_depth if options.depth == "auto" else int(options.depth)
+        share = min(options.minibatch_size or 256, n) / n
+        return len(chunks) * options.repeats * depth * share * PRODUCT_PASSES
+
+    def solve_note(self) -> str:
+        depth = self.options.depth
+        told = f"depth {depth}" if depth != "auto" else f"depth up to {self.options.max_depth:,}"
+        return f"LiSSA, {told} minibatch products a recursion"
+
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
         options = self.options
