@@ -300,9 +300,10 @@ class Plan:
             most = self.at_most_seconds
             bound = "" if most is None else f", up to {_duration(most)} in all"
             rows.append(
-                f"  iterative solves: up to {self.at_most_passes:,.0f} more passes' worth of "
-                f"curvature products{bound}; how many depends on the curvature's conditioning "
-                "(a larger damping or a preconditioner takes fewer)"
+                f"  iterative solves: up to {self.at_most_passes:,.3g} more passes' worth of "
+                f"curvature products{bound} (estimator 'if': 'rif' and 'newton' solve again for "
+                "each batch of training examples); how many depends on the curvature's "
+                "conditioning (a larger damping or a preconditioner takes fewer)"
             )
         return "\n".join(rows)
 

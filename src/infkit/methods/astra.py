@@ -144,10 +144,19 @@ class ASTRA(PrimalMethod):
         return attributed_parameters(task.model, space, self.options.preconditioner(), self.name)
 
     def solve_passes_at_most(self, shape: RunShape, chunks: list[int]) -> float:
-        """``maxiter`` iterations a chunk, each a product over the data (and the power
-        iterations of an automatic Neumann step, at the first solve)."""
-        power = self.options.power_iterations if self.options.step == "auto" else 0
-        return (len(chunks) * self.options.maxiter + power) * PRODUCT_PASSES
+        """A chunk's k vectors through ``maxiter`` products (CG: and the first and last
+        residuals'), and the power iterations of an automatic Neumann step at the first solve;
+        nothing with ``maxiter=0`` (EK-FAC's answer)."""
+        options = self.options
+        if options.maxiter == 0:
+            return 0.0
+        extra = 2 if options.solver == "cg" else 0
+        power = (
+            options.power_iterations
+            if options.solver == "neumann" and options.step == "auto"
+            else 0
+        )
+        return (sum((options.maxiter + extra) * k for k in chunks) + power) * PRODUCT_PASSES
 
     def solve_note(self) -> str:
         return (

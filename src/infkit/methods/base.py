@@ -61,10 +61,11 @@ from infkit.plan import RunShape, Stage
 from infkit.progress import Progress
 from infkit.task import Task
 
-#: passes' worth of work one curvature product over the training data takes (a per-example
-#: JVP and VJP; measured 1.5-2.5 a CG or ASTRA iteration on a small Llama): prices the
-#: iterative solves' cap in the plan (:meth:`Method.solve_passes_at_most`)
-PRODUCT_PASSES = 2.0
+#: passes' worth of work one curvature product of one vector over the training data takes (a
+#: per-example JVP and VJP; measured 1.3-2.5 a CG or ASTRA iteration of 3 vectors on a small
+#: Llama, 3.2 for one vector on a float64 toy, and growing with the vectors): prices the
+#: iterative solves' cap in the plan (:meth:`Method.solve_passes_at_most`), per vector
+PRODUCT_PASSES = 4.0
 
 #: the questions of the facade a method may answer
 Question = Literal[
@@ -447,8 +448,8 @@ class Method(ABC):
 
     def solve_passes_at_most(self, shape: RunShape, chunks: list[int]) -> float:
         """Passes' worth of curvature products the queries' iterative solves may take, at most,
-        for chunks of ``chunks`` queries each solved together (0: a direct solve, priced by
-        :meth:`solve_flops`)."""
+        for chunks of ``chunks`` queries each solved together, :data:`PRODUCT_PASSES` per vector
+        and product (0: a direct solve, priced by :meth:`solve_flops`)."""
         return 0.0
 
     def solve_note(self) -> str:
@@ -465,7 +466,10 @@ class Method(ABC):
         limit = shape.memory_limit or default_memory_limit()
         row = self.query_row_bytes(n, p)
         chunks = row_chunks(q, row, q * n * FLOAT64_BYTES, limit, together=self.solves_together)
-        at_most = self.solve_passes_at_most(shape, [stop - start for start, stop in chunks])
+        # the solves' products run whole on every process (docs/distributed.md §1)
+        at_most = shape.world_size * self.solve_passes_at_most(
+            shape, [stop - start for start, stop in chunks]
+        )
         rows = max(stop - start for start, stop in chunks)
         chunk = rows * row
         note = f"{len(chunks)} chunks of {rows} queries" if len(chunks) > 1 else ""

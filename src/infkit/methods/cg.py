@@ -102,14 +102,9 @@ class ConjugateGradient(PrimalMethod):
         return 1.0 if self.options.preconditioner == "diagonal" else 0.0  # the GGN's diagonal
 
     def solve_passes_at_most(self, shape: RunShape, chunks: list[int]) -> float:
-        """``maxiter`` products over the data a chunk (block CG), or a query (per column)."""
-        block = self.options.block
-        iterations = sum(
-            self.options.maxiter
-            * (1 if block is True or (block == "auto" and k >= BLOCK_AUTO_MIN) else k)
-            for k in chunks
-        )
-        return iterations * PRODUCT_PASSES
+        """``maxiter`` products of a chunk's k vectors (block CG), or of each vector alone
+        (per column): ``maxiter k`` vector products a chunk either way."""
+        return sum(self.options.maxiter * k for k in chunks) * PRODUCT_PASSES
 
     def solve_note(self) -> str:
         return f"CG to tol={self.options.tol:g}, at most maxiter={self.options.maxiter} iterations"

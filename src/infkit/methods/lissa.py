@@ -195,12 +195,13 @@ class Lissa(PrimalMethod):
 
     # ------------------------------------------------------------------ fit
     def solve_passes_at_most(self, shape: RunShape, chunks: list[int]) -> float:
-        """Each chunk: ``repeats`` recursions of ``depth`` minibatch products (``max_depth``
-        under ``depth="auto"``), a minibatch a share ``m / N`` of a product over the data."""
+        """Each chunk's k vectors: ``repeats`` recursions of ``depth`` minibatch products
+        (``max_depth`` under ``depth="auto"``), a minibatch a share ``m / N`` of a product over
+        the data (``blocks=`` multiplies the vectors by the blocks, not counted here)."""
         options, n = self.options, max(shape.n_train, 1)
         depth = options.max_depth if options.depth == "auto" else int(options.depth)
         share = min(options.minibatch_size or 256, n) / n
-        return len(chunks) * options.repeats * depth * share * PRODUCT_PASSES
+        return sum(k for k in chunks) * options.repeats * depth * share * PRODUCT_PASSES
 
     def solve_note(self) -> str:
         depth = self.options.depth
