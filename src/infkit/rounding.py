@@ -90,16 +90,12 @@ def autocast_rounding(
     both = precondition(torch.stack(low_queries[:k] + full_queries[:k]))
     del low_queries, full_queries
     u_low, u_full = both[:k], both[k:]
-    shift = torch.zeros(fitted.space.size, dtype=torch.float64, device=fitted.space.device)
-    if fitted.l2:
-        theta = fitted.theta.to(torch.float64)
-        anchor = 0.0 if fitted.anchor is None else fitted.anchor.to(torch.float64)
-        shift = fitted.l2 * (theta - anchor)
+    shift = fitted.l2 * fitted.regularised_theta  # as Fitted.attributed_grads adds it
     gen = torch.Generator().manual_seed(0)
     chosen = torch.randperm(fitted.n, generator=gen)[:TRAINING].sort().values
     low_columns, full_columns = [], []
     for batch in fitted.train.part(chosen).batches(size):
-        low = fitted.engine.grads(batch, "loss").to(torch.float64) + shift
+        low = fitted.attributed_grads(batch)
         high = full.grads(batch, "loss").to(torch.float64) + shift
         low_columns.append(u_low @ low.T)
         full_columns.append(u_full @ high.T)

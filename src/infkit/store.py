@@ -340,13 +340,13 @@ class ArtifactStore:
             raise ArtifactError(
                 f"{manifest_path} describes a {manifest.get('kind')!r} artifact, not {kind!r}"
             )
-        recorded = manifest.get("identity")
-        if identity is None and path.resolve().name != self.path(kind, recorded or {}).name:
+        named = self.path(kind, manifest.get("identity") or {}).name
+        if identity is None and path.resolve().name != named:
             # read by its directory (a saved Influence): the name is the recorded identity's key
             raise ArtifactError(
                 f"{path} is not named for the computation its manifest records (its key would be "
-                f"{self.path(kind, recorded or {}).name}): an artifact renamed, or copied in by "
-                "hand under another's name, is not read. " + remedy
+                f"{named}): an artifact renamed, or copied in by hand under another's name, is "
+                "not read. " + remedy
             )
         if identity is not None and canonical(manifest.get("identity")) != canonical(identity):
             changed = ", ".join(differences(identity, manifest.get("identity")))

@@ -19,7 +19,7 @@ from infkit.data import ExampleSet
 from infkit.errors import CurvatureError, NonFiniteError, NotConvergedWarning, warn
 from infkit.gradients import PerExample, check_finite_rows
 from infkit.linalg import conjugate_gradients
-from infkit.parameters import ParameterSpace, evaluation_mode
+from infkit.parameters import ParameterSpace, dtype_name, evaluation_mode
 from infkit.progress import Mode, track
 from infkit.task import Task
 
@@ -214,29 +214,27 @@ def train_to_optimum(
             "language_models.md §1)",
             NotConvergedWarning,
         )
-    result = TrainResult(
-        space.flat().clone(), value, norm, iterations, norm <= target, target, coarse is not None
-    )
-    dtype = space.dtype
-    scale = result.target / tolerance if tolerance > 0 else 1.0  # max(||grad L(start)||, 1)
-    floor = 0.0 if dtype == torch.float64 else PRECISION_FLOOR * torch.finfo(dtype).eps * scale
-    stalled_at_floor = result.gradient_norm <= floor  # as far as the precision goes
-    if warn_unconverged and not (result.converged or result.coarse_objective or stalled_at_floor):
+    scale = target / tolerance if tolerance > 0 else 1.0  # max(||grad L(start)||, 1)
+    floor = 0.0 if space.dtype == torch.float64 else PRECISION_FLOOR * torch.finfo(space.dtype).eps
+    at_floor = norm <= floor * scale  # as far as the precision goes
+    if warn_unconverged and not (norm <= target or coarse is not None or at_floor):
         why = (
             f"max_iter={max_iter} reached"
-            if result.evaluations >= max_iter
+            if iterations >= max_iter
             else "L-BFGS and the Newton polish could not progress"
         )
         warn(
-            f"train_to_optimum stopped short of its target: ||grad L|| {result.gradient_norm:.3g} "
-            f"against {result.target:.3g} after {result.evaluations} evaluations ({why}), so the "
+            f"train_to_optimum stopped short of its target: ||grad L|| {norm:.3g} "
+            f"against {target:.3g} after {iterations} evaluations ({why}), so the "
             "model is not at the optimum the influence function describes. Raise max_iter; if "
             "the gradient norm stalls instead, loosen tolerance (a float32 model stops near its "
             "precision) or look for what keeps the objective from a minimum (a non-smooth "
             "activation such as ReLU stalls at its kinks)",
             NotConvergedWarning,
         )
-    return result
+    return TrainResult(
+        space.flat().clone(), value, norm, iterations, norm <= target, target, coarse is not None
+    )
 
 
 class _CoarserValues(TorchFunctionMode):
@@ -265,9 +263,7 @@ class _CoarserValues(TorchFunctionMode):
         ):
             where = f"in module {self.modules[-1]!r}" if self.modules else "outside any module"
             name = getattr(func, "__name__", repr(func))
-            self.found = (
-                f"{name}(...) makes a {str(out.dtype).removeprefix('torch.')} value {where}"
-            )
+            self.found = f"{name}(...) makes a {dtype_name(out.dtype)} value {where}"
         return out
 
 
