@@ -163,6 +163,63 @@ def test_labels_shifted_by_the_user_are_refused_and_aligned_ones_kept(problem: d
     assert lm.check_shifted_labels(inputs, mixed) is None
 
 
+def _with_config(model: nn.Module, pad: int | None, bos: object = None, eos: object = None):  # type: ignore[no-untyped-def]
+    """A copy of ``model`` carrying a Hugging Face-style ``config`` naming its special tokens."""
+    copied = copy.deepcopy(model)
+    copied.config = SimpleNamespace(pad_token_id=pad, bos_token_id=bos, eos_token_id=eos)
+    return copied
+
+
+def _padding_warnings(model: nn.Module, train: tuple) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit_identity(infkit.Task.language_modeling(model), train)
+    return [str(w.message) for w in caught if "pad token" in str(w.message)]
+
+
+def test_padding_without_an_attention_mask_is_warned_of(problem: dict) -> None:
+    """A sequence that starts with the model's pad token (its configuration's pad_token_id), or
+    ends with it scored, and comes without an attention_mask: the model reads the padding as
+    tokens (left) or the loss predicts it (right), so the scores move with the padding. Both
+    are warned of, naming the sequence, once a set; a mask, labels of -100 at right padding, a
+    pad token that is also the first (bos) or, once, the last (eos) token, and a model whose
+    configuration names no pad token, pass in silence."""
+    pad = 5
+    model = _with_config(problem["model"], pad, bos=1, eos=[2, 3])
+    ids = problem["train"][0]["input_ids"].clone()
+    ids[ids == pad] = 6
+    right, left = ids.clone(), ids.clone()
+    right[3, -4:] = pad
+    right[7, -2:] = pad  # a second one: warned once
+    left[4, :3] = pad
+    (found,) = _padding_warnings(model, (right, right))
+    assert found.startswith("training set example 3: its last 4 tokens are the model's pad token")
+    assert "config.pad_token_id = 5" in found and "attention_mask" in found
+    (found,) = _padding_warnings(model, ({"input_ids": left}, left))
+    assert found.startswith("training set example 4: its first 3 tokens are the model's pad")
+    # the padding is truly read: with its labels unscored, the padded sequence's loss is still
+    # not the unpadded one's (the first token after the padding is unscored in both)
+    task = infkit.Task.language_modeling(model)
+    unscored_padding = left[4:5].clone()
+    unscored_padding[:, :4] = lm.IGNORE_INDEX
+    with torch.no_grad():
+        padded = float(task.loss(model(left[4:5]), unscored_padding))
+        unpadded = float(task.loss(model(left[4:5, 3:]), left[4:5, 3:]))
+    assert abs(padded - unpadded) > 1e-3 * abs(unpadded)
+    masked, masked_labels = lm.examples(right, (right != pad).long())
+    unscored = right.clone()
+    unscored[3, -4:] = lm.IGNORE_INDEX
+    unscored[7, -2:] = lm.IGNORE_INDEX
+    assert _padding_warnings(model, (masked, masked_labels)) == []
+    assert _padding_warnings(model, ({"input_ids": right}, unscored)) == []
+    assert _padding_warnings(_with_config(problem["model"], pad, bos=pad), (left, left)) == []
+    one_eos = ids.clone()
+    one_eos[3, -1] = pad
+    assert _padding_warnings(_with_config(problem["model"], pad, eos=pad), (one_eos, one_eos)) == []
+    assert _padding_warnings(_with_config(problem["model"], pad, eos=pad), (right, right)) != []
+    assert _padding_warnings(_with_config(problem["model"], None), (right, right)) == []
+
+
 class WrappedLM(nn.Module):
     """TinyLM's outputs turned into another form: ``"probabilities"`` (a final softmax),
     ``"tuple"`` (hidden states first, then the logits) or ``"bidirectional"`` (the logits of

@@ -62,6 +62,11 @@ class Notice(UserWarning):
     """Something infkit decided for you that you may want to know (filter it to silence it)."""
 
 
+class Suspicion(str):
+    """A check's message about data that is most likely wrong but may be meant so (padding
+    without a mask): the check's caller warns with it instead of raising."""
+
+
 class NotConvergedWarning(UserWarning):
     """A retraining (the ground truth of leave-one-out, group removal or an LDS bank) stopped
     at its iteration limit short of the optimum: its changes are not ground truth."""

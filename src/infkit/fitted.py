@@ -25,7 +25,14 @@ from torch import Tensor, nn
 
 from infkit.data import Batch, ExampleSet, check_compatible, leaves, map_tensors
 from infkit.data_forms import LABEL_KEYS
-from infkit.errors import InfkitError, InvalidInputError, UnsupportedError, listed, warn
+from infkit.errors import (
+    InfkitError,
+    InvalidInputError,
+    Suspicion,
+    UnsupportedError,
+    listed,
+    warn,
+)
 from infkit.fingerprint import tensor_digest
 from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, Which, gradient_rows
 from infkit.memory import human_bytes
@@ -537,6 +544,7 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
             warn(f"{examples.name} {examples.example(probe)}: {problem}", UserWarning)
     lenient = measured and not task.measures_loss  # the loss never reads this set
     unscored = False  # a problem check_scored found and, for this use, let pass
+    suspected = False  # a Suspicion of check_pairs warned of (once a set)
     if labelled or task.check_pairs is not None:
         output_shape = tuple(outputs.shape[1:])
         for batch in examples.batches(4096):
@@ -552,6 +560,10 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
                     found, unscored = None, True
             if found is None and task.check_pairs is not None:  # once the targets are usable
                 found = task.check_pairs(batch.inputs, batch.targets)
+                if found is not None and isinstance(found[1], Suspicion):  # may be meant so
+                    if not suspected:
+                        warn(f"{examples.name} {batch.example(found[0])}: {found[1]}")
+                    found, suspected = None, True
             if found is not None:
                 k, message = found
                 raise InvalidInputError(f"{examples.name} {batch.example(k)}: {message}")

@@ -20,13 +20,13 @@ formed), and :func:`sample_labels` draws next tokens from the model for the true
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from infkit.errors import InvalidInputError, Notice, warn
+from infkit.errors import InvalidInputError, Notice, Suspicion, warn
 
 #: PyTorch's ignore_index, Hugging Face's label for positions that are not scored
 IGNORE_INDEX = -100
@@ -608,11 +608,105 @@ def _check_token_types(inputs: dict[str, Any], model: nn.Module) -> tuple[int, s
     )
 
 
-def check_label_pairs(inputs: Any, targets: Any) -> tuple[int, str] | None:
+def check_label_pairs(
+    inputs: Any, targets: Any, special: SpecialTokens | None = None
+) -> tuple[int, str] | None:
     """Why a batch's labels disagree with its inputs (the first bad sequence), or None: labels
-    scored at padding (:func:`check_masked_labels`) or shifted already
-    (:func:`check_shifted_labels`)."""
-    return check_masked_labels(inputs, targets) or check_shifted_labels(inputs, targets)
+    scored at padding (:func:`check_masked_labels`), labels shifted already
+    (:func:`check_shifted_labels`), or, a :class:`~infkit.errors.Suspicion` to warn of,
+    padding without a mask (:func:`check_unmasked_padding`, the model's ``special`` tokens)."""
+    return (
+        check_masked_labels(inputs, targets)
+        or check_shifted_labels(inputs, targets)
+        or (None if special is None else check_unmasked_padding(inputs, targets, special))
+    )
+
+
+class SpecialTokens(NamedTuple):
+    """The token ids of a model's configuration that mark padding and a sequence's ends:
+    ``config.pad_token_id``, and the ``bos_token_id`` and ``eos_token_id`` (empty when unset)."""
+
+    pad: int
+    bos: frozenset[int]
+    eos: frozenset[int]
+
+
+def _ids(value: Any) -> frozenset[int]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return frozenset(int(v) for v in values if isinstance(v, int) and not isinstance(v, bool))
+
+
+def special_tokens(model: nn.Module) -> SpecialTokens | None:
+    """The padding and end tokens of a Hugging Face model's ``config``, or None when it names
+    no ``pad_token_id`` (a model that is not a Hugging Face one, or one padded with a token its
+    configuration does not name, as GPT-2 and Llama are: nothing tells its padding then)."""
+    config = getattr(model, "config", None)
+    pad = _ids(getattr(config, "pad_token_id", None))
+    if len(pad) != 1:
+        return None
+    return SpecialTokens(
+        next(iter(pad)),
+        _ids(getattr(config, "bos_token_id", None)),
+        _ids(getattr(config, "eos_token_id", None)),
+    )
+
+
+def check_unmasked_padding(
+    inputs: Any, targets: Any, special: SpecialTokens
+) -> tuple[int, Suspicion] | None:
+    """The first sequence of a batch without an ``attention_mask`` that its model's pad token
+    (``special.pad``) seems to pad, or None; a :class:`~infkit.errors.Suspicion` (a warning,
+    as the pad token may be a real one: a configuration's ``pad_token_id = 0`` that is a
+    word of GPT-2's vocabulary).
+
+    Without a mask the model reads padding as tokens: left padding (the sequence starts with
+    the pad token, a token other than it after) changes the logits of every token after it, and
+    right padding whose labels are scored adds the prediction of the pad token to the loss;
+    both move the loss and every score, silently (Hugging Face's models warn of the first).
+    Right padding with labels of -100 changes nothing in a causal model and passes. A pad token
+    that is also the model's first token (``bos``) is not read as left padding, and one that is
+    also its last (``eos``, as when padding with it) counts as right padding from two on.
+    """
+    ids = _token_ids(inputs)
+    if _mask(inputs) is not None or ids is None or ids.dim() != 2 or ids.shape[1] < 2:
+        return None
+    labels = targets.long() if isinstance(targets, Tensor) else None
+    if labels is not None and labels.shape != ids.shape:
+        return None
+    pad: Tensor = ids.eq(special.pad)
+    # the leading and trailing runs of the pad token (a row of padding alone is neither)
+    leading = pad.long().cumprod(dim=1).bool()
+    trailing = pad.flip(1).long().cumprod(dim=1).flip(1).bool()
+    has_token = ~pad.all(dim=1)
+    left = leading[:, 0] & has_token & (special.pad not in special.bos)
+    scored = trailing & (labels != IGNORE_INDEX) if labels is not None else trailing.clone()
+    scored[:, 0] = False  # the first position is never a label
+    enough = trailing.sum(dim=1) >= (2 if special.pad in special.eos else 1)
+    right = scored.any(dim=1) & enough & has_token
+    bad = left | right
+    if not bool(bad.any()):
+        return None
+    k = int(bad.nonzero()[0, 0])
+    if bool(left[k]):
+        n = int(leading[k].sum())
+        what = (
+            f"its first {n} tokens are the model's pad token (config.pad_token_id = "
+            f"{special.pad}) and there is no attention_mask, so the model reads them as "
+            "tokens and every logit after them changes"
+        )
+    else:
+        n = int(trailing[k].sum())
+        what = (
+            f"its last {n} tokens are the model's pad token (config.pad_token_id = "
+            f"{special.pad}), scored, with no attention_mask, so its loss predicts the padding"
+        )
+    where = "its inputs" if isinstance(inputs, dict) else "the token ids"
+    return k, Suspicion(
+        f"{what}. Pass the tokenizer's attention_mask with {where} (1 a token, 0 padding: "
+        "tokenizer(texts, padding=True, return_tensors='pt') returns it) and build the labels "
+        "with infkit.language_modeling.examples(input_ids, attention_mask); if they are real "
+        "tokens, pass inputs {'input_ids': ids, 'attention_mask': torch.ones_like(ids)}"
+    )
 
 
 def check_shifted_labels(inputs: Any, targets: Any) -> tuple[int, str] | None:

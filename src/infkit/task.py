@@ -308,7 +308,9 @@ class Task:
             vocabulary); every pass over the data checks its batches with it (None: no check).
         check_pairs: ``fn(inputs, targets) -> (position, message) | None``: why a batch's
             targets disagree with its inputs (a language model: a label scored at padding);
-            checked once per set, with the targets (None: no check).
+            checked once per set, with the targets; a message that is an
+            :class:`~infkit.errors.Suspicion` is warned of, once a set, not raised (a language
+            model: its pad token without an attention mask) (None: no check).
         check_model: ``fn(call, inputs, outputs) -> message | None``: why the model does not
             behave as the task assumes, from one example of a set (its model inputs and
             outputs, and ``call(inputs)`` to run the model as they were computed); a warning (a
@@ -434,7 +436,7 @@ class Task:
             check_scored=lm.check_scored_labels,
             check_outputs=partial(lm.check_logits, vocabulary=lm.vocabulary_size(model)),
             check_inputs=partial(lm.check_inputs, positions=lm.learned_positions(model)),
-            check_pairs=lm.check_label_pairs,
+            check_pairs=partial(lm.check_label_pairs, special=lm.special_tokens(model)),
             check_model=partial(lm.check_model, vocabulary=lm.vocabulary_size(model), model=model),
             probe_example=lm.first_left_padded,
         )
