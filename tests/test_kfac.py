@@ -3,6 +3,8 @@ saved factors (docs/methods/kfac.md §2)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from kfac_helpers import TinySequenceModel, conv_problem, sequence_data, sequence_loss
@@ -264,6 +266,33 @@ def test_tied_weights_are_left_out_by_default_and_refused_by_name() -> None:
     model.embed.weight.requires_grad_(False)
     frozen = infkit.Influence(task, "ekfac", damping=1e-2).fit(train)
     torch.testing.assert_close(frozen.scores(test), scores, rtol=1e-10, atol=1e-12)
+
+
+def test_torchscript_layers_are_named_as_left_out_and_a_scripted_model_refused() -> None:
+    """A TorchScript part's layers take no hooks: the Kronecker methods leave them out, as if
+    frozen (the scores equal those of the Python model with that part frozen), and the notice
+    names the scripted module. A model scripted whole is refused by the task, naming
+    TorchScript, where every method failed with another's message (no layer found; "check the
+    data")."""
+    torch.manual_seed(0)
+    X = torch.randn(30, 5, dtype=torch.float64)
+    y = (X[:, 0] > 0).long()
+    inner = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh()).double()
+    head = torch.nn.Linear(8, 3).double()
+    part = torch.nn.Sequential(torch.jit.script(copy.deepcopy(inner)), copy.deepcopy(head))
+    task = infkit.Task.classification(part)
+    with pytest.warns(Notice, match=r"0\.0\.weight.*inside TorchScript modules.*: '0' \(give"):
+        scores = infkit.Influence(task, "ekfac", l2=1e-2).fit((X, y)).scores((X[:3], y[:3]))
+    inner.requires_grad_(False)
+    python = infkit.Task.classification(torch.nn.Sequential(inner, head))
+    frozen = infkit.Influence(python, "ekfac", l2=1e-2).fit((X, y)).scores((X[:3], y[:3]))
+    torch.testing.assert_close(scores, frozen, rtol=1e-9, atol=1e-12)
+    for scripted in (
+        torch.jit.script(torch.nn.Sequential(inner, head)),
+        torch.jit.trace(torch.nn.Sequential(inner, head), X[:2]),
+    ):
+        with pytest.raises(UnsupportedError, match="the model is a TorchScript module"):
+            infkit.Task.classification(scripted)
 
 
 class AttentionLM(torch.nn.Module):

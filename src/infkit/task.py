@@ -350,6 +350,14 @@ class Task:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UnsupportedError(
+                f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script "
+                "or torch.jit.trace): infkit calls the model with its parameters swapped in "
+                "(torch.func.functional_call), trains it for ground truth and reads its layers by "
+                "hooks, none of which TorchScript allows; give the task the nn.Module it was "
+                "scripted from (a TorchScript part inside a Python model works)"
+            )
         if not callable(loss):
             raise InvalidInputError("loss must be a callable fn(outputs, targets) -> [B]")
         self.model = model
@@ -512,6 +520,14 @@ class Task:
         measurement, outputs and checks."""
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UnsupportedError(
+                f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script "
+                "or torch.jit.trace): infkit calls the model with its parameters swapped in "
+                "(torch.func.functional_call), trains it for ground truth and reads its layers by "
+                "hooks, none of which TorchScript allows; give the task the nn.Module it was "
+                "scripted from (a TorchScript part inside a Python model works)"
+            )
         twin = copy.copy(self)
         twin.model = model
         return twin

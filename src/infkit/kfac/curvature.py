@@ -189,6 +189,20 @@ def attributed_parameters(
         shown += "; not tracked because another module uses their weights: " + ", ".join(
             f"{name!r} (with {', '.join(map(repr, users))})" for name, users in tied.items()
         )
+    scripted = [
+        name
+        for name, module in model.named_modules()
+        if name
+        and isinstance(module, torch.jit.ScriptModule)
+        and any(other.startswith(name + ".") for other in others)
+    ]
+    outermost = [n for n in scripted if not any(n.startswith(m + ".") for m in scripted)]
+    if outermost:
+        shown += (
+            "; inside TorchScript modules, whose layers take no hooks: "
+            f"{listed([repr(n) for n in outermost], 3)} "
+            "(give the model the Python modules they were scripted from to factor them)"
+        )
     warn(
         f"method {owner!r} attributes through the {len(layers.tracked)} "
         f"{kinds_of(layers.tracked)} layers it factors and leaves {len(others)} trainable parameter tensors out of the attribution, "
