@@ -160,6 +160,31 @@ def test_indefinite_curvature_is_refused(linear_data) -> None:
                 assert "curvature='ggn'" not in message, message
 
 
+def test_the_damping_an_indefinite_curvature_needs_counts_the_damping_given(linear_data) -> None:
+    """The smallest eigenvalue of the damped matrix already holds the damping: the damping that
+    mends it is the given one plus that eigenvalue's magnitude (a tester's damping=100 was told
+    "greater than 20.7, e.g. 40", below what it had). Ground truth: the concave loss's Hessian
+    in closed form, -(1/N) sum_i x~_i x~_i^T for each output (x~ = [x, 1])."""
+    model, (X, y) = linear_data
+    concave = infkit.Task(model, loss=lambda out, t: -0.5 * out.pow(2).sum(1))
+    X1 = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], dim=1).double()
+    needed = float(torch.linalg.eigvalsh(X1.T @ X1 / len(X))[-1])  # -(smallest eigenvalue)
+    given = 0.25 * needed
+    with pytest.raises(CurvatureError) as raised:
+        infkit.Influence(concave, "exact", l2=0.0, damping=given).fit((X, y))
+    message = str(raised.value)
+    told = re.search(
+        r"Raise damping from \S+ to greater than (\S+) \(e\.g\. damping=(\S+)\)", message
+    )
+    assert told is not None, message
+    assert float(told.group(1)) == pytest.approx(needed, rel=1e-3)  # printed to 4 digits
+    example = float(told.group(2).rstrip(")"))
+    assert example > needed
+    infkit.Influence(concave, "exact", l2=0.0, damping=example).fit((X, y))  # it mends it
+    with pytest.raises(CurvatureError):
+        infkit.Influence(concave, "exact", l2=0.0, damping=0.99 * needed).fit((X, y))
+
+
 def test_an_indefinite_matrix_is_named_by_its_smallest_and_largest_eigenvalues() -> None:
     """The largest eigenvalue, not the largest magnitude (-3 here), beside the smallest."""
     from infkit.linalg import SymmetricSolver

@@ -87,10 +87,18 @@ class SymmetricSolver:
         what: a short description of A for error messages.
         hint: what the user can change, appended to error messages.
         curvature: what A is built from, "hessian" or "ggn", for the remedy an indefinite A gets.
+        damping: the damping A holds already: an indefinite A needs more than it by the
+            magnitude of A's smallest eigenvalue.
     """
 
     def __init__(
-        self, matrix: Tensor, *, what: str = "curvature", hint: str = "", curvature: str = "hessian"
+        self,
+        matrix: Tensor,
+        *,
+        what: str = "curvature",
+        hint: str = "",
+        curvature: str = "hessian",
+        damping: float = 0.0,
     ) -> None:
         A = matrix.to(torch.float64)
         A = 0.5 * (A + A.T)
@@ -98,6 +106,7 @@ class SymmetricSolver:
         self.what = what
         self.hint = hint
         self.curvature = curvature
+        self.damping = damping
         self._chol: Tensor | None = None
         self._eig: tuple[Tensor, Tensor] | None = None
         L, info = torch.linalg.cholesky_ex(A)
@@ -114,10 +123,12 @@ class SymmetricSolver:
         lo, scale = float(evals[0]), float(evals.abs().max())
         tol = _singular_threshold(self.size, torch.float64) * scale
         if lo < -tol:
+            needed = self.damping - lo  # the damping that lifts the smallest eigenvalue to 0
             raise CurvatureError(
                 f"the {self.what} is indefinite: smallest eigenvalue {lo:.3e}, largest "
-                f"{float(evals[-1]):.3e}; influence needs a positive definite curvature. Add damping "
-                f"greater than {-lo:.3e} (e.g. damping={_round_up(-lo * 1.5)}), "
+                f"{float(evals[-1]):.3e}; influence needs a positive definite curvature. "
+                + (f"Raise damping from {self.damping:g} to " if self.damping else "Add damping ")
+                + f"greater than {needed:.3e} (e.g. damping={_round_up(self.damping - 1.5 * lo)}), "
                 f"{indefinite_remedy(self.curvature)}{self.hint}"
             )
         if lo <= tol:

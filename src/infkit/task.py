@@ -584,7 +584,9 @@ class Task:
                 return self.loss(f.reshape(1, *shape), _unsqueeze(y))[0]
 
             flat = outputs.reshape(b, -1)
-            lam = torch.func.vmap(torch.func.hessian(single))(flat, targets)
+            # forward over grad: torch.func.hessian's forward over jacrev gets layer_norm's
+            # double backward wrong (:meth:`infkit.gradients.PerExample.hessian_sum`)
+            lam = torch.func.vmap(torch.func.jacfwd(torch.func.grad(single)))(flat, targets)
         c = outputs[0].numel()
         return lam.reshape(b, c, c)
 

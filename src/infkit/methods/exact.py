@@ -139,6 +139,7 @@ class Exact(PrimalMethod):
                 what=f"damped {self.curvature.upper()} (l2={ctx.l2:g}, damping={ctx.damping:g})",
                 hint=hint,
                 curvature=self.curvature,
+                damping=ctx.damping,
             )
         return self._solvers[key]
 
@@ -159,6 +160,7 @@ class Exact(PrimalMethod):
             A,
             what=f"retained {self.curvature.upper()} after removing {n_f} example(s)",
             curvature=self.curvature,
+            damping=ctx.damping,
         )
         return solver.solve(V.to(torch.float64).T).T
 
