@@ -1217,6 +1217,25 @@ def test_the_plan_bounds_the_iterative_solves(problem: dict) -> None:
         assert sum(run.describe()["iterations"]) <= 500
         two = infkit.Influence(task, "cg", damping=1e-2).plan(train, test, world_size=2)
         assert two.at_most_passes == pytest.approx(2 * 500 * Q * PRODUCT_PASSES)
+        # the tolerance the solve runs to: a float32 model's products raise 1e-8 to what they
+        # certify, which the plan said nothing of (a tester: "CG to tol=1e-08", the run 1e-05)
+        assert "CG to tol=1e-08, at most" in str(plan_of(task, "cg"))
+        single = infkit.Task.language_modeling(TinyLM().float().eval())
+        said = str(plan_of(single, "cg"))
+        effective = infkit.Influence(single, "cg", damping=1e-2).fit(train)
+        effective.scores(test)
+        tol = effective.describe()["effective_tol"]
+        assert f"CG to tol={tol:.2g} (1e-08 asked: float32 products certify no less)" in said
+        assert f"cg to tol={tol:.2g} (1e-08 asked" in str(plan_of(single, "astra"))  # ASTRA's
+
+
+def plan_of(task: infkit.Task, method: str):  # type: ignore[no-untyped-def]
+    """The plan of ``method`` on the tiny LM problem's first sequences."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (10, LENGTH))
+    return infkit.Influence(task, method, damping=1e-2).plan(
+        lm.examples(ids[:8]), lm.examples(ids[8:])
+    )
 
 
 def test_a_layer_the_loss_never_reaches_is_planned_and_scored(problem: dict) -> None:

@@ -1243,6 +1243,7 @@ class Influence:
                 if self.task.autocast is None
                 else f", passes under autocast {dtype_name(self.task.autocast)}"
             ),
+            parameter_dtype=space.dtype,
         )
         stages = method.stages(shape, self.task, space)
         if self.checks:

@@ -206,6 +206,15 @@ def attainable_tolerance(tol: float, dtype: torch.dtype) -> float:
     return max(tol, ATTAINABLE_EPSILONS * torch.finfo(dtype).eps)
 
 
+def tolerance_note(tol: float, dtype: torch.dtype | None) -> str:
+    """The tolerance a solve asked for ``tol`` runs to with products in ``dtype``, as the plan
+    says it: ``"tol=1e-05 (1e-08 asked: float32 products certify no less)"`` when raised."""
+    if dtype is None or attainable_tolerance(tol, dtype) <= tol:
+        return f"tol={tol:g}"
+    reached = attainable_tolerance(tol, dtype)
+    return f"tol={reached:.2g} ({tol:g} asked: {dtype_name(dtype)} products certify no less)"
+
+
 #: a tolerance that the products' precision raises above this is warned about: the solve then
 #: certifies less than two significant digits (a bfloat16 model's 100 eps is 0.78)
 IMPRECISE_TOLERANCE = 1e-2

@@ -21,9 +21,12 @@ the rate of a timed matrix product.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infkit.memory import human_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 
 def sized_outputs(model: Any, tokens: int) -> int:
@@ -61,6 +64,8 @@ class RunShape:
         precision: the attributed parameters' dtype and, where the passes run under
             ``torch.autocast``, its dtype, as the plan prints them (``"float32"``,
             ``"float32, passes under autocast bfloat16"``).
+        parameter_dtype: the attributed parameters' dtype, that of the curvature products of
+            the iterative solvers (None: not known).
     """
 
     n_train: int
@@ -78,6 +83,7 @@ class RunShape:
     workdir: bool = False
     committed: str | None = None
     precision: str = ""
+    parameter_dtype: torch.dtype | None = None
 
     @property
     def snapshot_bytes(self) -> int:

@@ -50,6 +50,7 @@ from infkit.linalg import (
     block_conjugate_gradients,
     conjugate_gradients,
     imprecise_solve_warning,
+    tolerance_note,
 )
 from infkit.methods.base import KRONECKER, PRODUCT_PASSES, Fidelity, PrimalMethod, register
 from infkit.options import option
@@ -158,9 +159,9 @@ class ASTRA(PrimalMethod):
         )
         return (sum((options.maxiter + extra) * k for k in chunks) + power) * PRODUCT_PASSES
 
-    def solve_note(self) -> str:
+    def solve_note(self, shape: RunShape) -> str:
         return (
-            f"{self.options.solver} to tol={self.options.tol:g}, at most "
+            f"{self.options.solver} to {tolerance_note(self.options.tol, shape.parameter_dtype)}, at most "
             f"maxiter={self.options.maxiter} iterations after EK-FAC's"
         )
 

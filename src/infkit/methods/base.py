@@ -452,7 +452,7 @@ class Method(ABC):
         and product (0: a direct solve, priced by :meth:`solve_flops`)."""
         return 0.0
 
-    def solve_note(self) -> str:
+    def solve_note(self, shape: RunShape) -> str:
         """What the plan's queries stage says of the solve's iterations ("" for none)."""
         return ""
 
@@ -480,7 +480,7 @@ class Method(ABC):
                 0,
                 chunk + batch_gradient_bytes(shape),
                 ("a chunk's query gradients and solves, float64", chunk),
-                "; ".join(x for x in (note, self.solve_note()) if x),
+                "; ".join(x for x in (note, self.solve_note(shape)) if x),
                 float64_flops=q * solve,
                 at_most_passes=at_most,
             ),

@@ -29,6 +29,7 @@ from infkit.linalg import (
     block_conjugate_gradients,
     conjugate_gradients,
     imprecise_solve_warning,
+    tolerance_note,
 )
 from infkit.methods.base import PRODUCT_PASSES, Fidelity, PrimalMethod, Problem, register
 from infkit.options import Options, option
@@ -106,8 +107,9 @@ class ConjugateGradient(PrimalMethod):
         (per column): ``maxiter k`` vector products a chunk either way."""
         return sum(self.options.maxiter * k for k in chunks) * PRODUCT_PASSES
 
-    def solve_note(self) -> str:
-        return f"CG to tol={self.options.tol:g}, at most maxiter={self.options.maxiter} iterations"
+    def solve_note(self, shape: RunShape) -> str:
+        tol = tolerance_note(self.options.tol, shape.parameter_dtype)
+        return f"CG to {tol}, at most maxiter={self.options.maxiter} iterations"
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)

@@ -203,7 +203,7 @@ class Lissa(PrimalMethod):
         share = min(options.minibatch_size or 256, n) / n
         return sum(k for k in chunks) * options.repeats * depth * share * PRODUCT_PASSES
 
-    def solve_note(self) -> str:
+    def solve_note(self, shape: RunShape) -> str:
         depth = self.options.depth
         told = f"depth {depth}" if depth != "auto" else f"depth up to {self.options.max_depth:,}"
         return f"LiSSA, {told} minibatch products a recursion"
