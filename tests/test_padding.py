@@ -614,8 +614,10 @@ def test_token_classification_is_a_task_of_ones_own() -> None:
     ids = torch.randint(0, VOCAB, (6, 5))
     labels = torch.randint(0, 3, (6, 5))
     labels[:2, -2:] = -100
-    with pytest.raises(InvalidInputError, match=r"one class index per position.*infkit.Task"):
+    with pytest.raises(InvalidInputError, match=r"one class index per position.*infkit.Task") as e:
         infkit.Influence(infkit.Task.classification(model), "identity").fit((ids, labels))
+    # a causal LM given kind = "classification" (a tester) is pointed at its own task first
+    assert 'Task.language_modeling (infkit run: kind = "language_modeling")' in str(e.value)
 
     def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(1)

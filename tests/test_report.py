@@ -46,6 +46,12 @@ def bad_labels():
 
 def raises():
     raise RuntimeError("the data server is down")
+
+
+def reads_a_missing_file():
+    import numpy
+
+    return numpy.load("no-such-tokens.npy")
 """
 
 CONFIG = """
@@ -213,6 +219,10 @@ def test_second_run_reloads_the_saved_influence(project: Path, finished: Path) -
             lambda c: c.replace("tester_project:splits", "tester_project:raises"),
             "[data] factory = 'tester_project:raises' raised RuntimeError: the data server is down",
         ),
+        (  # the line named is the user's call, not numpy's (a tester got numpy's)
+            lambda c: c.replace("tester_project:splits", "tester_project:reads_a_missing_file"),
+            "No such file or directory: 'no-such-tokens.npy' at ",
+        ),
         (lambda c: c.replace('method = "exact"', 'method = "exactt"'), "[influence]"),
         (
             lambda c: c.replace('[model]\nfactory = "tester_project:model"\n', ""),
@@ -238,7 +248,11 @@ def test_a_broken_config_exits_2_with_a_clear_message(
     config.write_text(edit(CONFIG.format(n_loo=5)))
     shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
     assert cli.main(["run", str(config), "--out", str(tmp_path / "w"), "--quiet"]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    if message.endswith(" at "):
+        where = err.split(message)[1].split()[0]
+        assert re.fullmatch(r".*tester_project\.py:\d+", where), err
 
 
 def test_too_few_retrainings_stop_before_any_fitting(

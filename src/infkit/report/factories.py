@@ -107,8 +107,19 @@ def call(spec: str, key: str, folder: Path, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except Exception as error:
-            frames = traceback.extract_tb(error.__traceback__)
-            where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+            where = _user_line(traceback.extract_tb(error.__traceback__), folder)
             raise ConfigError(
                 f"{key} = {spec!r} raised {type(error).__name__}: {error}{where}"
             ) from error
+
+
+def _user_line(frames: traceback.StackSummary, folder: Path) -> str:
+    """" at file:line" of the last frame of ``frames`` in a file under ``folder`` (the user's
+    project: an error numpy raises reading a file names the user's call, not numpy's line),
+    else of the last frame; "" when there is none."""
+    root = folder.resolve()
+    mine = [f for f in frames if Path(f.filename).resolve().is_relative_to(root)]
+    if not (mine or frames):
+        return ""
+    frame = (mine or frames)[-1]
+    return f" at {frame.filename}:{frame.lineno}"
