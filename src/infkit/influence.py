@@ -102,6 +102,24 @@ class TopK:
     opponent_indices: Tensor
     opponent_scores: Tensor
 
+    @classmethod
+    def of(cls, scores: Tensor, k: int, higher_is_better: bool) -> TopK:
+        """The ranking of a block of scores [n_test, N] that are at hand (their dtype kept)."""
+        helpful = -scores if higher_is_better else scores
+        pro = helpful.topk(k, dim=1).indices
+        con = (-helpful).topk(k, dim=1).indices
+        return cls(pro, scores.gather(1, pro), con, scores.gather(1, con))
+
+    @classmethod
+    def joined(cls, parts: list[TopK], dtype: torch.dtype) -> TopK:
+        """The rankings of consecutive blocks of queries as one, scores in ``dtype``."""
+        return cls(
+            proponent_indices=torch.cat([part.proponent_indices for part in parts]),
+            proponent_scores=torch.cat([part.proponent_scores for part in parts]).to(dtype),
+            opponent_indices=torch.cat([part.opponent_indices for part in parts]),
+            opponent_scores=torch.cat([part.opponent_scores for part in parts]).to(dtype),
+        )
+
 
 def _count(option: str, value: object) -> int:
     """``value`` as a plan size (an integer >= 1, NumPy's included), or a refusal naming it."""
@@ -1050,20 +1068,11 @@ class Influence:
         self.method.require("scores")
         queries = self._queries(test)
         k = min(k, self.fitted.n)
-        parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        parts: list[TopK] = []
         for _, _, S in self._score_chunks(queries):  # never the whole [T, N] matrix
-            helpful = -S if self.task.higher_is_better else S
-            pro = helpful.topk(k, dim=1).indices
-            con = (-helpful).topk(k, dim=1).indices
-            parts.append((pro, S.gather(1, pro), con, S.gather(1, con)))
-            del S, helpful  # before the next chunk is computed
-        dtype = self.fitted.result_dtype
-        return TopK(
-            proponent_indices=torch.cat([part[0] for part in parts]),
-            proponent_scores=torch.cat([part[1] for part in parts]).to(dtype),
-            opponent_indices=torch.cat([part[2] for part in parts]),
-            opponent_scores=torch.cat([part[3] for part in parts]).to(dtype),
-        )
+            parts.append(TopK.of(S, k, self.task.higher_is_better))
+            del S  # before the next chunk is computed
+        return TopK.joined(parts, self.fitted.result_dtype)
 
     def leverages(self) -> Tensor:
         """Generalised leverages h_j = tr(Lambda_j J_j H^{-1} J_j^T) / N, [n_train].

@@ -115,7 +115,7 @@ def check_class_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetPro
             "as the outputs have): a label per token, which Task.classification does not "
             "score (it takes one per example). A causal language model's next-token loss "
             "(labels shifted inside it) is Task.language_modeling (infkit run: kind = "
-            "\"language_modeling\"); a label per token without the shift (token classification) "
+            '"language_modeling"); a label per token without the shift (token classification) '
             "is a task of your own: infkit.Task(model, loss) with loss(logits, labels) = "
             "F.cross_entropy(logits.transpose(1, 2), labels, reduction='none').sum(1) (-100 not "
             "scored; README, the tasks)"

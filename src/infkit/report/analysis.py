@@ -18,6 +18,7 @@ per-layer and per-token scores) and writes the workdir (docs/report.md §3):
 from __future__ import annotations
 
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,7 +45,8 @@ from infkit.errors import (
 from infkit.fingerprint import data_fingerprint, model_fingerprint
 from infkit.fitted import check_beside
 from infkit.gradients import PerExample
-from infkit.influence import Influence
+from infkit.influence import Influence, TopK
+from infkit.methods.base import PrimalMethod
 from infkit.parameters import ParameterSpace
 from infkit.progress import Stopwatch
 from infkit.report import factories
@@ -367,12 +369,22 @@ def _run(
         queries = test_losses.argsort(descending=True)[: rep["n_queries"]]
     query_set = test.part(queries)
     k = min(rep["top_k"], len(train))
+    started = time.perf_counter()
     scores = inf.scores(query_set)
-    top = inf.top_k(query_set, k=k)
+    queried = time.perf_counter() - started
+    # the rankings of the scores at hand: top_k would solve for every query (RelatIF: every
+    # training example) again
+    top = TopK.of(scores, k, task.higher_is_better)
     relatif = inf.method.supplies("relatif") and inf.estimator != "relatif"
+    asked = ["RelatIF"] if relatif else []
+    if config["self_influence"]["enabled"] and inf.method.answers("self_scores"):
+        asked.append("self-influence")
+    iterative = isinstance(inf.method, PrimalMethod) and not type(inf.method).cheap_solve
+    if asked and iterative:
+        _warn_solve_per_example(inf.method.name, asked, len(train), len(queries), queried)
     rel_inf = inf.with_estimator("relatif") if relatif else None
     rel_scores = rel_inf.scores(query_set) if rel_inf is not None else None
-    rel_top = rel_inf.top_k(query_set, k=k) if rel_inf is not None else None
+    rel_top = TopK.of(rel_scores, k, task.higher_is_better) if rel_scores is not None else None
     watch.lap("explain")
 
     train_losses = per_example(task, train, "loss", batch)
@@ -579,6 +591,21 @@ def not_converged_message(record: dict[str, Any], where: str) -> str:
         f"are not ground truth. Raise [retraining] max_iter in {where}; if the gradient norm "
         "stalls instead, loosen tolerance (a float32 model stops near its precision) or train "
         "the model closer to its optimum (retraining starts from it)"
+    )
+
+
+def _warn_solve_per_example(
+    method: str, asked: list[str], n: int, n_queries: int, seconds: float
+) -> None:
+    """Tell that each of ``asked`` (RelatIF, self-influence) solves a system per training
+    example by ``method``'s iterations, priced at the pace the queries' solves took."""
+    estimate = seconds * n / max(n_queries, 1) * len(asked)
+    warn(
+        f"{' and '.join(asked)} by {method!r} solve a system per training example by its "
+        f"iterations: {len(asked)} x {n:,} solves, where the {n_queries} queries' took "
+        f"{seconds:.1f} s (about {estimate:.0f} s more at their pace). A direct method (ekfac, "
+        "exact) answers them at once; [self_influence] enabled = false leaves that part out",
+        Notice,
     )
 
 

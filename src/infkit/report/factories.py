@@ -114,7 +114,7 @@ def call(spec: str, key: str, folder: Path, *args: Any, **kwargs: Any) -> Any:
 
 
 def _user_line(frames: traceback.StackSummary, folder: Path) -> str:
-    """" at file:line" of the last frame of ``frames`` in a file under ``folder`` (the user's
+    """ " at file:line" of the last frame of ``frames`` in a file under ``folder`` (the user's
     project: an error numpy raises reading a file names the user's call, not numpy's line),
     else of the last frame; "" when there is none."""
     root = folder.resolve()
