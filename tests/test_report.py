@@ -208,6 +208,25 @@ def test_second_run_reloads_the_saved_influence(project: Path, finished: Path) -
     assert torch.equal(before["scores"], after["scores"])
 
 
+def test_a_save_that_never_committed_is_fitted_again_with_a_notice_for_the_command(
+    project: Path, finished: Path, tmp_path: Path
+) -> None:
+    """A run killed while it saved its fit leaves an influence/ folder with nothing committed
+    in it (a tester): the next run fits again, saying so in the command's words (the library's
+    message advised inf.save(path)), with the same scores."""
+    before = load_results(finished)[1]
+    copy = tmp_path / "w"
+    shutil.copytree(finished, copy)
+    shutil.rmtree(copy / "influence")
+    (copy / "influence" / ".tmp-influence-0123").mkdir(parents=True)  # a save cut short
+    assert cli.main(["run", str(project / "infkit.toml"), "--out", str(copy), "--quiet"]) == 0
+    data, after = load_results(copy)
+    assert data["summary"]["influence"] == "fitted"
+    said = " ".join(w["message"] for w in data["warnings"])
+    assert "holds no complete saved influence" in said and "inf.save(" not in said
+    torch.testing.assert_close(after["scores"], before["scores"], rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------- bad configs
 @pytest.mark.parametrize(
     ("edit", "message"),

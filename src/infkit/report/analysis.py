@@ -52,6 +52,7 @@ from infkit.progress import Stopwatch
 from infkit.report import factories
 from infkit.report.config import MIN_RETRAININGS, RunConfig
 from infkit.report.views import Display, guess_kind
+from infkit.saved import KIND as SAVED_KIND
 from infkit.store import ArtifactStore, differences, save_csv, save_json
 from infkit.task import Task
 
@@ -210,7 +211,17 @@ def fit_or_reload(
     """Reload the influence saved in the workdir when it belongs to this model, data and
     settings; otherwise fit and save. Returns the influence and how it was obtained."""
     saved = workdir / SAVED
-    if config["influence"]["reuse"] and saved.exists():
+    if (
+        config["influence"]["reuse"]
+        and saved.is_dir()
+        and not ArtifactStore(saved).committed(SAVED_KIND)
+    ):
+        warn(  # the library's own message would advise inf.save(path)
+            f"not reusing {saved}: it holds no complete saved influence (a run stopped before its "
+            "save was committed leaves it so); fitting again",
+            Notice,
+        )
+    elif config["influence"]["reuse"] and saved.exists():
         try:
             loaded = Influence.load(saved, inf.task, train, checks=inf.checks)
         except ArtifactError as error:
