@@ -9,6 +9,7 @@ otherwise, run by ``make test-slow``).
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 import warnings
 from types import SimpleNamespace
@@ -889,11 +890,20 @@ def test_a_limit_without_room_for_one_query_is_told_at_the_fit(problem: dict, tm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)
         held = infkit.Influence(task, "ekfac", memory_limit=tight, **opts)
-        with pytest.warns(UserWarning, match=r"at rank 1.*leaves 4.0 B.*scores\(\).* will refuse"):
+        with pytest.warns(
+            UserWarning, match=r"at rank 1.*leaves 4.0 B.*scores\(\).* will refuse"
+        ) as w:
             held.fit(problem["train"])
-        with pytest.raises(ProblemTooLargeError, match="at rank 1"):
+        with pytest.raises(ProblemTooLargeError, match=r"at rank 1.*workdir"):
             held.scores(one)
-        for limit, place in ((tight + 31 * 8, {}), (tight, {"factors_dir": tmp_path / "f"})):
+        # the limit the warning names (a tester bisected for it): rank 1 of 31 numbers, exactly
+        said = " ".join(str(x.message) for x in w if "will refuse" in str(x.message))
+        told = re.search(r"memory_limit=(\d+) \(", said)
+        assert told is not None and int(told.group(1)) == tight + 31 * 8 - 4
+        for limit, place in (
+            (int(told.group(1)), {}),
+            (tight, {"factors_dir": tmp_path / "f"}),
+        ):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 inf = infkit.Influence(task, "ekfac", memory_limit=limit, **place, **opts)

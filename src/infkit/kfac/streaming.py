@@ -391,8 +391,15 @@ class StreamingScorer:
             f"one query's preconditioned gradient needs {human_bytes(per_rank)} at rank 1 "
             f"(its largest layer {human_bytes(largest)} at full rank), but memory_limit "
             f"({human_bytes(self.fitted.memory_limit)}) leaves {human_bytes(self.query_bytes)} "
-            "for the queries after the factors and a scoring pass's working memory"
+            "for the queries after the factors and a scoring pass's working memory; "
+            f"{self._limit_for(min(largest, per_rank))} holds it"
         )
+
+    def _limit_for(self, needed: int) -> str:
+        """The memory_limit whose query budget holds ``needed`` bytes, as a message says it: the
+        budget is the limit less what does not change with it (factors, a pass's working memory)."""
+        limit = int(self.fitted.memory_limit or 0) + max(needed - self.query_bytes, 0)
+        return f"memory_limit={limit} ({human_bytes(limit)})"
 
     def queries(
         self,
@@ -431,8 +438,11 @@ class StreamingScorer:
                     f"rank and {human_bytes(per_rank)} at rank 1, but memory_limit "
                     f"({human_bytes(fitted.memory_limit)}) leaves "
                     f"{human_bytes(self.query_bytes)} for them after the factors and a scoring "
-                    "pass's working memory: raise memory_limit, track fewer layers (modules=) "
-                    "or use a smaller batch_size (plan() shows the bytes of each stage)"
+                    f"pass's working memory: raise memory_limit ({self._limit_for(per_rank)} "
+                    "holds them at rank 1), give the Influence a workdir (on CPU the scoring "
+                    "pass then reads the queries back from disk and sets the factors aside), "
+                    "track fewer layers (modules=) or use a smaller batch_size (plan() shows the "
+                    "bytes of each stage)"
                 )
             warn(
                 f"the preconditioned gradient of one query takes {human_bytes(total // t_count)}"
