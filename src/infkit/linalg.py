@@ -209,9 +209,9 @@ def attainable_tolerance(tol: float, dtype: torch.dtype) -> float:
 def tolerance_note(tol: float, dtype: torch.dtype | None) -> str:
     """The tolerance a solve asked for ``tol`` runs to with products in ``dtype``, as the plan
     says it: ``"tol=1e-05 (1e-08 asked: float32 products certify no less)"`` when raised."""
-    if dtype is None or attainable_tolerance(tol, dtype) <= tol:
+    reached = tol if dtype is None else attainable_tolerance(tol, dtype)
+    if dtype is None or reached <= tol:
         return f"tol={tol:g}"
-    reached = attainable_tolerance(tol, dtype)
     return f"tol={reached:.2g} ({tol:g} asked: {dtype_name(dtype)} products certify no less)"
 
 

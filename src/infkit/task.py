@@ -149,6 +149,21 @@ def check_class_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetPro
     return None
 
 
+def _check_model(model: Any) -> None:
+    """Refuse what a task cannot run on: anything but an ``nn.Module``, and a model scripted
+    whole by TorchScript (torch.func and hooks do not reach inside it)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedError(
+            f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script "
+            "or torch.jit.trace): infkit calls the model with its parameters swapped in "
+            "(torch.func.functional_call), trains it for ground truth and reads its layers by "
+            "hooks, none of which TorchScript allows; give the task the nn.Module it was "
+            "scripted from (a TorchScript part inside a Python model works)"
+        )
+
+
 def _encoder_checks(model: nn.Module) -> dict[str, Any]:
     """The checks of a classifier's or regressor's task that read a Hugging Face encoder's
     inputs: dict inputs holding ``input_ids`` checked against its embeddings
@@ -351,16 +366,7 @@ class Task:
         check_model: Callable[[Callable[[Any], Tensor], Any, Tensor], str | None] | None = None,
         probe_example: Callable[[Any], int | None] | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(model, torch.jit.ScriptModule):
-            raise UnsupportedError(
-                f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script "
-                "or torch.jit.trace): infkit calls the model with its parameters swapped in "
-                "(torch.func.functional_call), trains it for ground truth and reads its layers by "
-                "hooks, none of which TorchScript allows; give the task the nn.Module it was "
-                "scripted from (a TorchScript part inside a Python model works)"
-            )
+        _check_model(model)
         if not callable(loss):
             raise InvalidInputError("loss must be a callable fn(outputs, targets) -> [B]")
         self.model = model
@@ -521,16 +527,7 @@ class Task:
     def with_model(self, model: nn.Module) -> Task:
         """A copy of this task on another model (a retrained copy): the same loss,
         measurement, outputs and checks."""
-        if not isinstance(model, nn.Module):
-            raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(model, torch.jit.ScriptModule):
-            raise UnsupportedError(
-                f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script "
-                "or torch.jit.trace): infkit calls the model with its parameters swapped in "
-                "(torch.func.functional_call), trains it for ground truth and reads its layers by "
-                "hooks, none of which TorchScript allows; give the task the nn.Module it was "
-                "scripted from (a TorchScript part inside a Python model works)"
-            )
+        _check_model(model)
         twin = copy.copy(self)
         twin.model = model
         return twin

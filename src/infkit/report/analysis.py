@@ -211,17 +211,14 @@ def fit_or_reload(
     """Reload the influence saved in the workdir when it belongs to this model, data and
     settings; otherwise fit and save. Returns the influence and how it was obtained."""
     saved = workdir / SAVED
-    if (
-        config["influence"]["reuse"]
-        and saved.is_dir()
-        and not ArtifactStore(saved).committed(SAVED_KIND)
-    ):
+    reuse = config["influence"]["reuse"]
+    if reuse and saved.is_dir() and not ArtifactStore(saved).committed(SAVED_KIND):
         warn(  # the library's own message would advise inf.save(path)
             f"not reusing {saved}: it holds no complete saved influence (a run stopped before its "
             "save was committed leaves it so); fitting again",
             Notice,
         )
-    elif config["influence"]["reuse"] and saved.exists():
+    elif reuse and saved.exists():
         try:
             loaded = Influence.load(saved, inf.task, train, checks=inf.checks)
         except ArtifactError as error:
@@ -387,9 +384,9 @@ def _run(
     # training example) again
     top = TopK.of(scores, k, task.higher_is_better)
     relatif = inf.method.supplies("relatif") and inf.estimator != "relatif"
-    asked = ["RelatIF"] if relatif else []
-    if config["self_influence"]["enabled"] and inf.method.answers("self_scores"):
-        asked.append("self-influence")
+    si = config["self_influence"]
+    self_influence = si["enabled"] and inf.method.answers("self_scores")
+    asked = [n for n, on in (("RelatIF", relatif), ("self-influence", self_influence)) if on]
     iterative = isinstance(inf.method, PrimalMethod) and not type(inf.method).cheap_solve
     if asked and iterative:
         _warn_solve_per_example(inf.method.name, asked, len(train), len(queries), queried)
@@ -420,8 +417,7 @@ def _run(
     watch.lap("views")
 
     # self-influence and detection
-    si = config["self_influence"]
-    if si["enabled"] and inf.method.answers("self_scores"):
+    if self_influence:
         self_scores = inf.self_scores()
         tensors["self_scores"] = self_scores
         order = self_scores.argsort(descending=True)[: si["top"]].tolist()
