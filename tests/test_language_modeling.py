@@ -2006,6 +2006,43 @@ def test_the_plan_says_above_the_limit_where_scoring_would_refuse(problem: dict)
             assert inf.scores(problem["test"]).shape == (Q, N)
 
 
+def test_decompositions_refused_for_their_larger_results_name_them_and_the_limit_that_holds_them(
+    problem: dict,
+) -> None:
+    # a tester's case: at a limit that scores the queries, the per-module and per-token
+    # results (2 layers of [Q, N]; [Q, N, T] and [Q, N]) leave the queries no room. The
+    # refusal names the result as the cause and a memory_limit that holds them: that limit
+    # scores, 8 bytes less refuses
+    task = infkit.Task.language_modeling(problem["model"])
+    opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 4, "checks": False}
+
+    def ask(call: str, limit: int) -> str | None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Notice)
+            inf = infkit.Influence(task, "ekfac", memory_limit=limit, **opts)
+            inf.fit(problem["train"])
+            if call == "module_scores":
+                assert inf.scores(problem["test"]).shape == (Q, N)  # the scores fit
+            try:
+                getattr(inf, call)(problem["test"])
+            except ProblemTooLargeError as error:
+                return str(error)
+        return None
+
+    limit = _limit_for_queries(problem, 0.5, batch_size=4)  # half a query at full rank
+    for call, result in (
+        ("module_scores", f"module_scores' 2 float64 [{Q}, {N}] results"),
+        ("token_scores", f"token_scores' float64 [{Q}, {N}, {LENGTH}] tokens"),
+    ):
+        refused = ask(call, limit)
+        assert refused is not None and result in refused, refused
+        assert "ask for fewer queries" in refused
+        named = re.search(r"memory_limit=(\d+) \(", refused)
+        assert named is not None, refused
+        assert ask(call, int(named.group(1))) is None
+        assert ask(call, int(named.group(1)) - 8) is not None
+
+
 def test_decompositions_add_up_to_the_scores_of_low_rank_queries(problem: dict) -> None:
     """With query_rank=r the scores are those of rank-r queries: the per-module and per-token
     splits decompose the same numbers (the regulariser's share at full rank, as the scores)."""

@@ -178,7 +178,12 @@ def budget_after(limit: int, resident: int, hooks: int, block: int) -> int:
     """Bytes left for the preconditioned queries: ``limit`` less the ``resident`` state (the
     factors) and a scoring pass's working memory (``WORKING_FACTOR`` x a batch's ``hooks``
     terms and largest gradient ``block``), at least 0. The run and its plan both use it."""
-    return max(0, limit - resident - WORKING_FACTOR * (hooks + block))
+    return max(0, room_after(limit, resident, hooks, block))
+
+
+def room_after(limit: int, resident: int, hooks: int, block: int) -> int:
+    """:func:`budget_after` before it is held at 0: negative by the bytes the limit lacks."""
+    return limit - resident - WORKING_FACTOR * (hooks + block)
 
 
 def factor_bytes(curvature: KroneckerCurvature) -> int:
@@ -205,7 +210,14 @@ def query_budget(fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0)
     """Bytes the preconditioned queries may take in this fitted run (:func:`budget_after` of the
     fitted factors' and theta*'s bytes, the ``scores`` bytes of the result the call fills, and
     a batch of the training set's sequence length)."""
-    return _budget(fitted, curvature, scores, factor_bytes(curvature))
+    return max(0, query_room(fitted, curvature, scores))
+
+
+def query_room(fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0) -> int:
+    """:func:`query_budget` before it is held at 0: negative by the bytes memory_limit lacks
+    for the factors, theta*, the result and a pass's working memory (a refusal's remedy adds
+    them to the limit it names)."""
+    return _room(fitted, curvature, scores, factor_bytes(curvature))
 
 
 def read_budget(fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0) -> int:
@@ -213,13 +225,13 @@ def read_budget(fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0) 
     counting the factors when the curvature sets them aside during the scoring pass
     (:meth:`KroneckerCurvature.set_aside`), the one pass the buffer is read in."""
     factors = 0 if curvature.sets_aside else factor_bytes(curvature)
-    return _budget(fitted, curvature, scores, factors)
+    return max(0, _room(fitted, curvature, scores, factors))
 
 
-def _budget(fitted: Fitted, curvature: KroneckerCurvature, scores: int, factors: int) -> int:
+def _room(fitted: Fitted, curvature: KroneckerCurvature, scores: int, factors: int) -> int:
     # the factors (or none), the run's copy of theta* and the scores
     resident = factors + fitted.theta.numel() * fitted.theta.element_size() + scores
-    return budget_after(fitted.memory_limit, resident, *pass_working_bytes(fitted, curvature))
+    return room_after(fitted.memory_limit, resident, *pass_working_bytes(fitted, curvature))
 
 
 def query_batch_size(fitted: Fitted, curvature: KroneckerCurvature) -> int:
@@ -240,6 +252,21 @@ def query_batch_size(fitted: Fitted, curvature: KroneckerCurvature) -> int:
     # at most 4x more batches: factors as large as a pass's working memory (a large model
     # with small batches) would otherwise make the queries' pass one example at a time
     return max(1, size // 4, min(size, int(size * (1.0 - spared))))
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """The result a scoring call fills, held in memory beside its preconditioned queries: its
+    bytes, which :func:`query_budget` takes from the queries' budget, and what it is, as a
+    refusal names it (a per-module or per-token result is larger than the scores: a limit
+    that scores the queries may not hold them), and how a call makes it smaller."""
+
+    nbytes: int = 0
+    what: str = "the scores"
+    smaller: str = "ask for fewer queries a call"
+
+    def __str__(self) -> str:
+        return f"{self.what} ({human_bytes(self.nbytes)})"
 
 
 #: queries [start, stop) and the indices of the tracked layers one scoring pass covers
@@ -310,6 +337,7 @@ class StreamingScorer:
             queries beyond the budget are kept there, :meth:`spills`, in place of groups).
         read_bytes: the budget of the read buffer of queries kept on disk
             (:func:`read_budget`; None: ``query_bytes``).
+        result: the call's result, counted in both budgets (named when the budget refuses).
     """
 
     def __init__(
@@ -320,8 +348,10 @@ class StreamingScorer:
         rank: int | None = None,
         scratch: Callable[[], Path] | None = None,
         read_bytes: int | None = None,
+        result: CallResult | None = None,
     ) -> None:
         self.fitted = fitted
+        self.result = CallResult() if result is None else result
         self.curvature = curvature
         self.tracked = curvature.tracked
         self.dtype = product_dtype(fitted.space.dtype)
@@ -391,14 +421,25 @@ class StreamingScorer:
             f"one query's preconditioned gradient needs {human_bytes(per_rank)} at rank 1 "
             f"(its largest layer {human_bytes(largest)} at full rank), but memory_limit "
             f"({human_bytes(self.fitted.memory_limit)}) leaves {human_bytes(self.query_bytes)} "
-            "for the queries after the factors and a scoring pass's working memory; "
-            f"{self._limit_for(min(largest, per_rank))} holds it"
+            f"for the queries after the factors, {self.result} and a scoring pass's working "
+            f"memory; {self._limit_for(min(largest, per_rank))} holds it"
         )
+
+    def _smaller_result(self, needed: int) -> str:
+        """The remedy of a smaller result, when holding none would leave ``needed`` bytes for
+        the queries (a decomposition's result can be most of the limit), else nothing."""
+        if self.result.nbytes < needed - query_room(
+            self.fitted, self.curvature, self.result.nbytes
+        ):
+            return ""
+        return f", or {self.result.smaller} (the result grows with them)"
 
     def _limit_for(self, needed: int) -> str:
         """The memory_limit whose query budget holds ``needed`` bytes, as a message says it: the
-        budget is the limit less what does not change with it (factors, a pass's working memory)."""
-        limit = int(self.fitted.memory_limit or 0) + max(needed - self.query_bytes, 0)
+        budget is the limit less what does not change with it (the factors, the call's result, a
+        pass's working memory), which may exceed the limit (:func:`query_room`)."""
+        room = query_room(self.fitted, self.curvature, self.result.nbytes)
+        limit = self.fitted.memory_limit + max(needed - room, 0)
         return f"memory_limit={limit} ({human_bytes(limit)})"
 
     def queries(
@@ -437,12 +478,13 @@ class StreamingScorer:
                     f"the preconditioned gradients of {what} need {human_bytes(total)} at full "
                     f"rank and {human_bytes(per_rank)} at rank 1, but memory_limit "
                     f"({human_bytes(fitted.memory_limit)}) leaves "
-                    f"{human_bytes(self.query_bytes)} for them after the factors and a scoring "
-                    f"pass's working memory: raise memory_limit ({self._limit_for(per_rank)} "
-                    "holds them at rank 1), give the Influence a workdir (on CPU the scoring "
-                    "pass then reads the queries back from disk and sets the factors aside), "
-                    "track fewer layers (modules=) or use a smaller batch_size (plan() shows the "
-                    "bytes of each stage)"
+                    f"{human_bytes(self.query_bytes)} for them after the factors, "
+                    f"{self.result} and a scoring pass's working memory: raise memory_limit "
+                    f"({self._limit_for(per_rank)} holds them at rank 1), give the Influence a "
+                    "workdir (on CPU the scoring pass then reads the queries back from disk and "
+                    "sets the factors aside), track fewer layers (modules=) or use a smaller "
+                    f"batch_size{self._smaller_result(per_rank)} (plan() shows the bytes of each "
+                    "stage)"
                 )
             warn(
                 f"the preconditioned gradient of one query takes {human_bytes(total // t_count)}"

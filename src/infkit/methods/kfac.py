@@ -49,6 +49,7 @@ from infkit.kfac.curvature import (
 from infkit.kfac.factors import auto_fisher
 from infkit.kfac.streaming import (
     WORKING_FACTOR,
+    CallResult,
     LayerQueries,
     StreamingScorer,
     budget_after,
@@ -171,7 +172,9 @@ class KFAC(PrimalMethod):
         rather than after the fit, at the first scoring call; the plan foresees it too."""
         if not self._scores_stream():
             return
-        reason = self._scorer(self.fitted.n * FLOAT64_BYTES).room_for_one_query()
+        n = self.fitted.n
+        one = CallResult(n * FLOAT64_BYTES, f"one query's {n} float64 scores")
+        reason = self._scorer(one).room_for_one_query()
         if reason is not None:
             warn(
                 f"{reason}: scores() will refuse (ProblemTooLargeError) even for one query, "
@@ -229,23 +232,26 @@ class KFAC(PrimalMethod):
     def scores_in_shards(self, estimator: Estimator) -> bool:
         return self._streams(estimator)
 
-    def _streaming(self, estimator: Estimator, scores: int = 0) -> StreamingScorer | None:
+    def _streaming(
+        self, estimator: Estimator, result: CallResult | None = None
+    ) -> StreamingScorer | None:
         """The layer-by-layer scorer, when it applies (:meth:`_streams`), with the query budget
-        left beside the ``scores`` bytes of the call's result."""
+        left beside the call's ``result``."""
         if not self._streams(estimator):
             return None
-        return self._scorer(scores)
+        return self._scorer(CallResult() if result is None else result)
 
-    def _scorer(self, scores: int) -> StreamingScorer:
-        """The layer-by-layer scorer with the query budget left beside ``scores`` bytes."""
+    def _scorer(self, result: CallResult) -> StreamingScorer:
+        """The layer-by-layer scorer with the query budget left beside the call's ``result``."""
         curvature, fitted = self.kronecker(), self.fitted
         return StreamingScorer(
             fitted,
             curvature,
-            query_budget(fitted, curvature, scores),
+            query_budget(fitted, curvature, result.nbytes),
             self.options.query_rank,
             self._scratch(),
-            read_budget(fitted, curvature, scores),
+            read_budget(fitted, curvature, result.nbytes),
+            result,
         )
 
     def _scratch(self) -> Callable[[], Path] | None:
@@ -262,7 +268,7 @@ class KFAC(PrimalMethod):
         return lambda: ArtifactStore(place).scratch("queries")
 
     def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
-        scorer = self._streaming(estimator, len(queries) * self.fitted.n * FLOAT64_BYTES)
+        scorer = self._streaming(estimator, _scores_result(len(queries), self.fitted.n))
         if scorer is None:
             return super().scores(queries, estimator)
         shards = self._shards(queries)
@@ -283,7 +289,7 @@ class KFAC(PrimalMethod):
         return tensors["scores"].to(self.fitted.space.device)
 
     def scores_among(self, queries: ExampleSet, estimator: Estimator, among: Tensor) -> Tensor:
-        scorer = self._streaming(estimator, len(queries) * len(among) * FLOAT64_BYTES)
+        scorer = self._streaming(estimator, _scores_result(len(queries), len(among)))
         if scorer is None:
             return super().scores_among(queries, estimator, among)
         return self._grouped_scores(queries, scorer, None, among)
@@ -369,7 +375,12 @@ class KFAC(PrimalMethod):
         groups fill their blocks of the one result (:meth:`StreamingScorer.add_module_scores`)."""
         fitted = self.fitted
         tracked = self.kronecker().tracked
-        scorer = self._streaming(estimator, len(tracked) * len(queries) * fitted.n * FLOAT64_BYTES)
+        layers, rows, n = len(tracked), len(queries), fitted.n
+        result = CallResult(
+            layers * rows * n * FLOAT64_BYTES,
+            f"module_scores' {layers} float64 [{rows}, {n}] results, one a tracked layer",
+        )
+        scorer = self._streaming(estimator, result)
         if scorer is None:
             return None
         shape, device = (len(queries), fitted.n), fitted.space.device
@@ -399,7 +410,14 @@ class KFAC(PrimalMethod):
         layout = input_layout(fitted.task, tracked, sample, self.options.mask_key)
         width = position_count(positions, set(layout.positions.values()))
         shape, device = (len(queries), len(indices)), fitted.space.device
-        scorer = self._scorer(shape[0] * shape[1] * (width + 1) * FLOAT64_BYTES)
+        scorer = self._scorer(
+            CallResult(
+                shape[0] * shape[1] * (width + 1) * FLOAT64_BYTES,
+                f"token_scores' float64 [{shape[0]}, {shape[1]}, {width}] tokens and "
+                f"[{shape[0]}, {shape[1]}] rest",
+                "ask for fewer queries or training indices a call",
+            )
+        )
         tokens = torch.zeros(*shape, width, dtype=torch.float64, device=device)
         rest = torch.zeros(shape, dtype=torch.float64, device=device)
         layers: set[str] = set()
@@ -764,6 +782,13 @@ class KFAC(PrimalMethod):
         if self.curvature_ is not None:
             out.update(self.curvature_.describe())
         return out
+
+
+def _scores_result(queries: int, columns: int) -> CallResult:
+    """The [queries, columns] float64 scores a scoring call fills."""
+    return CallResult(
+        queries * columns * FLOAT64_BYTES, f"the [{queries}, {columns}] float64 scores"
+    )
 
 
 def _passes_notice(scorer: StreamingScorer, label: str, passes: int, low: bool, disk: bool) -> str:
