@@ -13,6 +13,7 @@ import re
 import tempfile
 import warnings
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ from infkit.errors import (
 )
 from infkit.evaluate import relative_error
 from infkit.kfac.streaming import (
+    CallResult,
     StreamingScorer,
     factor_bytes,
     low_rank_groups,
@@ -724,7 +726,7 @@ def test_queries_beyond_rank_one_are_scored_in_groups_at_low_rank(problem: dict)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bounded = infkit.Influence(task, "ekfac", memory_limit=limit, **opts).fit(problem["train"])
-        scorer = bounded.method._scorer(Q * N * 8)
+        scorer = bounded.method._scorer(CallResult(Q * N * 8))
         rank_one = scorer._rank_one_bytes(scorer.tracked)
         # the case: no layer of a query fits, rank 1 of one query does, of all queries not
         assert max(scorer._layer_bytes(scorer.tracked)) > scorer.query_bytes
@@ -749,7 +751,7 @@ def test_queries_beyond_rank_one_are_scored_in_groups_at_low_rank(problem: dict)
         # 520 bytes for the queries of three (the [3, N] scores take N * 8 fewer than Q's)
         limit = _limit_for_queries(problem, (520 - 4 - N * 8) / (119 * 8))
         bounded = infkit.Influence(task, "ekfac", memory_limit=limit, **opts).fit(problem["train"])
-        scorer = bounded.method._scorer(3 * N * 8)
+        scorer = bounded.method._scorer(CallResult(3 * N * 8))
         assert scorer.groups(3) == [(0, 2, (0, 1)), (2, 3, (0, 1))], scorer.query_bytes
         S3 = bounded.scores(three)
     assert bounded.describe()["query_rank"] == 1
@@ -2189,3 +2191,78 @@ def test_the_queries_energy_ratio_reads_the_methods_own_scale(problem: dict) -> 
     with pytest.warns(UserWarning, match=r"about \d+\.\dx too large along their own"):
         scaled.scores(problem["test"])
     assert scaled.describe()["query_energy_ratio"] == pytest.approx(10 * honest, rel=1e-6)
+
+
+# ============================================================================ the first pass kept
+class _SharedInputLM(nn.Module):
+    """Two layers reading one input tensor (as q and k do), a head: [B, T, V]."""
+
+    def __init__(self, width: int = 5) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.head = nn.Linear(width, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        h = self.embed(input_ids)
+        return self.head(torch.tanh(self.q(h)) * self.k(h))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "ggn"])
+def test_ekfac_keeps_the_first_pass_for_its_eigenvalues_as_its_plan_counts(
+    problem: dict, fisher: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EK-FAC's eigenvalue pass reuses the first pass's activations and output gradients when
+    the whole pass fits ``cache_bytes``: the same eigenvalues as a second pass, and the plan
+    counts exactly the bytes held (the input q and k share counted once). A pass that will not
+    fit is dropped at its first batch, not held up to ``cache_bytes`` first."""
+    from infkit.kfac import factors as kf
+
+    torch.manual_seed(0)
+    task = infkit.Task.language_modeling(_SharedInputLM().double())
+    kept: list[int | None] = []
+    counted: list[int] = []
+    covariances, held_bytes = kf.FactorFitter._covariances, kf.held_bytes
+
+    def spy_covariances(self: Any, *args: Any, **kwargs: Any) -> Any:
+        factors, cache = covariances(self, *args, **kwargs)
+        tensors = [x for entry in cache or [] for pair in entry.values() for x in pair]
+        kept.append(None if cache is None else held_bytes(tensors))
+        return factors, cache
+
+    def spy_held_bytes(tensors: Any) -> int:
+        counted.append(held_bytes(tensors))
+        return counted[-1]
+
+    monkeypatch.setattr(kf.FactorFitter, "_covariances", spy_covariances)
+    monkeypatch.setattr(kf, "held_bytes", spy_held_bytes)
+    opts = {"fisher": fisher, "damping": 1e-2, "batch_size": 6, "checks": False}
+
+    def fit(cache: int) -> tuple[infkit.Influence, int]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Notice)
+            inf = infkit.Influence(task, "ekfac", cache_bytes=cache, **opts)
+            plan = inf.plan(problem["train"], timed=False)
+            inf.fit(problem["train"])
+        stage = next(s for s in plan.stages if s.name == "covariances A, S")
+        return inf, stage.bytes
+
+    cached, cached_plan = fit(1 << 30)
+    whole = kept[-1]
+    assert whole is not None and len(counted) == -(-N // 6)  # every batch kept
+    passed, passed_plan = fit(0)
+    assert kept[-1] is None
+    if fisher == "empirical":  # the plan counts the bytes held, to the byte
+        assert cached_plan - passed_plan == whole
+    else:  # it counts the GGN's vectors at the outputs' number, more than the LM pulls back
+        assert whole < cached_plan - passed_plan < 1.3 * whole
+    layers = cached.method.kronecker().factors.modules
+    for name, module in passed.method.kronecker().factors.modules.items():
+        assert module.Lambda is not None and layers[name].Lambda is not None
+        torch.testing.assert_close(layers[name].Lambda, module.Lambda, rtol=1e-10, atol=0)
+    counted.clear()
+    # one byte short (the GGN's batches pull back 63 to 66 vectors: half): dropped at the first
+    # batch, nothing held beyond it
+    fit(whole - 1 if fisher == "empirical" else whole // 2)
+    assert kept[-1] is None and len(counted) == 1

@@ -50,6 +50,13 @@ def batch_count(n: int, batch_size: int) -> int:
     return len(range(rank, total, size))
 
 
+def examples_in_batches(n: int, batch_size: int) -> int:
+    """How many of the ``n`` examples this process's batches (:func:`shard_batches`) hold."""
+    rank, size = world()
+    total = -(-n // batch_size)
+    return sum(min(batch_size, n - b * batch_size) for b in range(rank, total, size))
+
+
 def sum_across(*tensors: Tensor) -> None:
     """Replace each tensor by its sum over the processes, in place (nothing alone).
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -47,7 +47,13 @@ from torch import Tensor
 
 from infkit import language_modeling as lm
 from infkit.data import Batch, ExampleSet, leaves, map_tensors
-from infkit.distributed import batch_count, batch_seed, shard_batches, sum_across
+from infkit.distributed import (
+    batch_count,
+    batch_seed,
+    examples_in_batches,
+    shard_batches,
+    sum_across,
+)
 from infkit.errors import (
     ArtifactError,
     InvalidInputError,
@@ -521,8 +527,8 @@ class FactorFitter:
         # and scored visibly worse against the dense GGN).
         reuse = keep and mode != "sampled"
         cache: list[dict[str, tuple[Tensor, Tensor]]] | None = [] if reuse else None
-        cached = 0
-        for _, items in self.pass_over(examples, mode, "kfac covariances"):
+        cached, seen, local = 0, 0, examples_in_batches(n, self.batch_size)  # this process's
+        for batch_examples, items in self.pass_over(examples, mode, "kfac covariances"):
             # layers sharing an input tensor (q, k, v; gate, up) share its covariance
             shared: dict[tuple[int, int], tuple[Tensor, float]] = {}
             for name, (a, mask, ds) in items.items():
@@ -540,12 +546,11 @@ class FactorFitter:
                 S[name] += gram(ds.to(work).reshape(-1, ds.shape[-1]))
             del shared
             if cache is not None:
-                size = sum(
-                    a.numel() * a.element_size() + d.numel() * d.element_size()
-                    for a, _, d in items.values()
-                )
-                cached += size
-                if cached <= self.cache_bytes:
+                cached += held_bytes(x for a, _, d in items.values() for x in (a, d))
+                seen += batch_examples
+                # kept while the whole pass, at the examples' mean so far, fits: a pass that
+                # will not is not held up to cache_bytes first, beside the pass's own memory
+                if cached / seen * local <= self.cache_bytes:
                     cache.append({k: (a, d) for k, (a, _, d) in items.items()})
                 else:
                     cache = None
@@ -662,6 +667,13 @@ class EigenbasesOnDisk(Eigenbases):
             if first not in read:
                 read[first] = self.QA(name)
             f.QA, f.QS = read[first], self.QS(name)
+
+
+def held_bytes(tensors: Iterable[Tensor]) -> int:
+    """Bytes of the storages that ``tensors`` hold, each counted once (layers that read one
+    input share its activations)."""
+    storages = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in tensors}
+    return sum(storages.values())
 
 
 #: what a layer holds in place of its eigenbases while :class:`EigenbasesOnDisk` reads them

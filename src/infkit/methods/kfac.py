@@ -63,7 +63,7 @@ from infkit.kfac.streaming import (
 from infkit.kfac.work import KroneckerWork, backward_flops, block_rotation_flops
 from infkit.layers.capture import input_layout, position_count
 from infkit.layers.tracked import TrackedLayers, TrackedModule, find_modules
-from infkit.memory import FLOAT64_BYTES, human_bytes
+from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes
 from infkit.methods.base import (
     KRONECKER,
     Fidelity,
@@ -534,6 +534,18 @@ class KFAC(PrimalMethod):
         ops = KroneckerWork(
             tracked, frozenset(followers), positions, vectors, backward_flops(task.model, t)
         )
+        # EK-FAC keeps the first pass's activations and output gradients for the eigenvalue
+        # pass when all of them fit its cache (FactorFitter._covariances), from that pass to
+        # the correction's end; not with sampled labels, which the eigenvalue pass draws afresh.
+        # The GGN's vectors are counted at the outputs' number, an upper bound (a language
+        # model pulls back fewer, the scored positions' nonzero directions): the run may keep a
+        # pass that this count finds larger than the cache, so the cache's size is counted
+        per_example = sum(positions[x.name] * (cols[x.name] + vectors * x.d_out) for x in tracked)
+        first_pass = n * item * per_example
+        room = min(options.cache_bytes, (limit or default_memory_limit()) // 4)
+        cached = 0
+        if self.corrected and fisher != "sampled":
+            cached = first_pass if first_pass <= room else (room if fisher == "ggn" else 0)
         lam = shape.parameters * work if self.corrected else 0
         eigenvalues = sum(cols[x.name] + x.d_out for x in tracked) * work
         resident = factors + eigenvalues + lam  # held from the fit to the end of the run
@@ -567,15 +579,21 @@ class KFAC(PrimalMethod):
                 Stage(
                     "covariances A, S",
                     1,
-                    factors + WORKING_FACTOR * hooks,
+                    factors + cached + WORKING_FACTOR * hooks,
                     (f"A, S of {biggest.name!r}", factor[biggest.name]),
-                    "data split across processes, factors summed",
+                    "data split across processes, factors summed"
+                    + (
+                        f"; its activations and gradients ({human_bytes(cached)}) kept for "
+                        "the eigenvalue pass"
+                        if cached
+                        else ""
+                    ),
                     flops=ops.covariances(n),
                 ),
                 Stage(
                     "eigendecompositions",
                     0,
-                    factors + eigh,
+                    factors + cached + eigh,
                     decomposed,
                     "repeated on every process; float64 one layer at a time, each covariance "
                     "freed once decomposed"
@@ -605,7 +623,7 @@ class KFAC(PrimalMethod):
                 Stage(
                     "eigenvalue correction",
                     1,
-                    bases + eigenvalues + lam + WORKING_FACTOR * (block_bytes + hooks),
+                    bases + eigenvalues + lam + cached + WORKING_FACTOR * (block_bytes + hooks),
                     (f"a batch's gradients of {block.name!r}", block_bytes),
                     note,
                     held=resident,
