@@ -37,14 +37,18 @@ from harness import ROOT, append_section, export_source, library_worker, provena
 RESULTS = ROOT / "benchmarks" / "results" / "plan_peak.md"
 VOCAB, HIDDEN, LAYERS, LENGTH, N, Q, BATCH = 1000, 128, 2, 64, 64, 16, 8
 MIB = 1 << 20
-#: (label, checks, memory_limit in MiB or None)
+#: (label, checks, memory_limit in MiB or None, fisher): the language model's default fisher
+#: draws labels ("sampled"); with "empirical" the eigenvalue pass may reuse the first pass's
+#: activations (the cache, at most a quarter of memory_limit)
 SETTINGS = [
-    ("default", True, None),
-    ("checks=False", False, None),
-    ("memory_limit 800 MiB", True, 800),
-    ("memory_limit 600 MiB", True, 600),
-    ("memory_limit 400 MiB", True, 400),
-    ("memory_limit 200 MiB", True, 200),
+    ("default", True, None, "auto"),
+    ("checks=False", False, None, "auto"),
+    ("memory_limit 800 MiB", True, 800, "auto"),
+    ("memory_limit 600 MiB", True, 600, "auto"),
+    ("memory_limit 400 MiB", True, 400, "auto"),
+    ("memory_limit 200 MiB", True, 200, "auto"),
+    ("empirical, memory_limit 200 MiB", True, 200, "empirical"),
+    ("empirical, memory_limit 400 MiB", True, 400, "empirical"),
 ]
 
 
@@ -56,7 +60,7 @@ def _status(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def worker(checks: bool, limit_mib: int | None) -> dict:
+def worker(checks: bool, limit_mib: int | None, fisher: str = "auto") -> dict:
     import transformers
 
     import infkit
@@ -85,6 +89,7 @@ def worker(checks: bool, limit_mib: int | None) -> dict:
         damping="auto",
         batch_size=BATCH,
         checks=checks,
+        fisher=fisher,
         progress=False,
         **options,
     )
@@ -107,21 +112,21 @@ def worker(checks: bool, limit_mib: int | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", nargs=2, metavar=("CHECKS", "LIMIT"))
+    parser.add_argument("--worker", nargs=3, metavar=("CHECKS", "LIMIT", "FISHER"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--baseline", default="949665f")
     args = parser.parse_args()
     if args.worker:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        checks, limit = args.worker
-        result = worker(checks == "1", None if limit == "none" else int(limit))
+        checks, limit, fisher = args.worker
+        result = worker(checks == "1", None if limit == "none" else int(limit), fisher)
         print(json.dumps(result), flush=True)
         return
     versions = {"this tree": ROOT / "src", f"at {args.baseline}": export_source(args.baseline)}
     rows = []
-    for label, checks, limit in SETTINGS:
+    for label, checks, limit, fisher in SETTINGS:
         for version, src in versions.items():
-            arguments = [str(int(checks)), str(limit or "none")]
+            arguments = [str(int(checks)), str(limit or "none"), fisher]
             result = library_worker(__file__, arguments, src, args.threads, f"{label} ({version})")
             print(label, version, result, flush=True)
             rows.append((label, version, limit, result))
