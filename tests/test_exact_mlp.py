@@ -147,6 +147,38 @@ def test_relatif(mlp_problem: dict, dense: dict, norm: str) -> None:
         assert cosine.abs().max() <= 1 + 1e-9
 
 
+@pytest.mark.parametrize("norm", ["theta", "loss"])
+def test_relatif_and_self_scores_share_the_solves_of_an_iterative_method(
+    mlp_problem: dict, dense: dict, norm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cg's RelatIF scores and self-scores from one solve per training example: both against
+    dense float64 solves, with half the solves of the two calls apart; None for a direct method."""
+    H = dense["ggn"].mean(0) + dense["l2"] * dense["eye"]
+    U = torch.linalg.solve(H, dense["V"].T)  # u_j = H^{-1} v_j, [P, N]
+    scale = U.norm(dim=0) if norm == "theta" else (dense["V"].T * U).sum(0).sqrt()
+    task, l2, test = mlp_problem["task"], mlp_problem["l2"], mlp_problem["test"]
+    inf = infkit.Influence(task, "cg", relatif=norm, l2=l2, tol=1e-12, checks=False)
+    inf.fit(mlp_problem["train"])
+    solved: list[int] = []
+    solve = type(inf.method).solve
+
+    def counted(self: object, V: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        solved.append(V.shape[0])
+        return solve(self, V, *args, **kwargs)
+
+    monkeypatch.setattr(type(inf.method), "solve", counted)
+    together = inf.relatif_and_self_scores(test)
+    assert together is not None
+    relatif, own = together
+    shared = sum(solved)
+    assert relative_error(relatif, dense["Gt"] @ (U / scale)) < 1e-8
+    assert relative_error(own, (dense["G"] * U.T).sum(1) / dense["n"]) < 1e-8
+    solved.clear()
+    inf.with_estimator("relatif").scores(test), inf.self_scores()
+    assert shared == dense["n"] and sum(solved) == 2 * dense["n"]
+    assert _fit(mlp_problem, "if").relatif_and_self_scores(test) is None  # exact: cheap solves
+
+
 def test_with_estimator_reuses_the_fit(mlp_problem: dict) -> None:
     base = _fit(mlp_problem, "if")
     for estimator in ("rif", "newton", "relatif"):

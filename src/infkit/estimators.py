@@ -250,6 +250,27 @@ def scores(
     return S
 
 
+def relatif_and_self_scores(
+    inverse: InverseCurvature, fitted: Fitted, queries: ExampleSet, norm: RelatifNorm
+) -> tuple[Tensor, Tensor]:
+    """RelatIF scores [T, N] and the IF self-scores [N] (float64) from one solve per training
+    example: ``u_j = H^{-1} v_j`` gives both the RelatIF direction (:func:`relatif_directions`)
+    and ``(1/N) grad l_j^T u_j``, where :func:`scores` with ``"relatif"`` and
+    :func:`self_scores` with ``"if"`` each solve for every ``u_j``."""
+    Q = fitted.query_gradients(queries)
+    n = fitted.n
+    S = torch.empty(Q.shape[0], n, dtype=torch.float64)
+    own = torch.empty(n, dtype=torch.float64)
+    total = -(-n // fitted.training_gradient_batch_size)
+    batches = fitted.train.batches(fitted.training_gradient_batch_size)
+    for batch in track(batches, fitted.progress, "relatif and self-scores", total):
+        v = fitted.attributed_grads(batch)
+        u = inverse.solve(v)
+        own[batch.indices] = (fitted.loss_grads(batch) * u).sum(1).cpu() / n
+        S[:, batch.indices] = (Q @ relatif_directions(u, v, norm, batch).T).cpu()
+    return S, own
+
+
 def self_scores(inverse: InverseCurvature, fitted: Fitted, estimator: Estimator) -> Tensor:
     """Removal effect of each training example on its own loss, [N] float64."""
     out = torch.empty(fitted.n, dtype=torch.float64)

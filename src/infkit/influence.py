@@ -62,6 +62,7 @@ from infkit.memory import (
 )
 from infkit.methods.base import (
     Method,
+    PrimalMethod,
     Problem,
     batch_gradient_bytes,
     method_class,
@@ -886,6 +887,41 @@ class Influence:
         method = self.method
         method.require("self_scores")
         return self.fitted.output(method.self_scores(self._estimator))
+
+    def relatif_and_self_scores(self, test: Any) -> tuple[Tensor, Tensor] | None:
+        """``with_estimator("relatif").scores(test)`` and ``self_scores()`` together, from one
+        solve per training example where the method solves by iterations (``cg``, ``lissa``,
+        ``astra``: each call alone would solve for every ``H^{-1} v_j``); None where nothing is
+        shared (:meth:`_shares_solves`).
+        """
+        queries = self._queries(test)
+        if not self._shares_solves(queries):
+            return None
+        self.fitted.require_unchanged()
+        self.method.require("self_scores")
+        self._check_queries(queries)
+        assert isinstance(self.method, PrimalMethod)  # (_shares_solves)
+        S, own = self.method.relatif_and_self_scores(queries, self._estimator.relatif)
+        return self.fitted.output(S), self.fitted.output(own)
+
+    def _shares_solves(self, queries: ExampleSet) -> bool:
+        """Whether :meth:`relatif_and_self_scores` answers ``queries`` from shared solves: not
+        with an estimator other than ``"if"`` (its self-scores are not these solves), a method
+        with its own answers or cheap solves, or queries the memory limit splits into chunks
+        (each chunk would solve for every training example again)."""
+        method, fitted = self.method, self.fitted
+        if self._estimator.name != "if" or not isinstance(method, PrimalMethod):
+            return False
+        if type(method).cheap_solve:
+            return False
+        t, n = len(queries), fitted.n
+        relatif = Estimator("relatif", self._estimator.relatif)
+        row_bytes = method.query_row_bytes(n, fitted.space.size, relatif)
+        output_bytes = t * n * fitted.space.bytes_per_float()
+        chunks = row_chunks(
+            t, row_bytes, output_bytes, fitted.memory_limit, together=method.solves_together
+        )
+        return len(chunks) == 1 and output_bytes <= fitted.memory_limit
 
     def remove(self, indices: Sequence[int] | Tensor, *, steps: int = 1) -> RemovalEffect:
         """Predicted effect of removing the training examples ``indices`` jointly.

@@ -47,7 +47,7 @@ from infkit.errors import (
     UnsupportedError,
     warn,
 )
-from infkit.estimators import ESTIMATORS, Estimator, EstimatorName
+from infkit.estimators import ESTIMATORS, Estimator, EstimatorName, RelatifNorm
 from infkit.fingerprint import tensor_digest
 from infkit.fitted import STATIONARITY_TOLERANCE, Fitted, gradient_cache_bytes
 from infkit.gradients import PerExample, gradient_row_bytes, gradient_rows
@@ -995,6 +995,13 @@ class PrimalMethod(Method):
 
     def self_scores(self, estimator: Estimator) -> Tensor:
         return estimators.self_scores(self, self.fitted, estimator)
+
+    def relatif_and_self_scores(
+        self, queries: ExampleSet, norm: RelatifNorm
+    ) -> tuple[Tensor, Tensor]:
+        """RelatIF scores [T, N] and IF self-scores [N] from one solve per training example
+        (:func:`infkit.estimators.relatif_and_self_scores`)."""
+        return estimators.relatif_and_self_scores(self, self.fitted, queries, norm)
 
     def removal(self, indices: Tensor, estimator: Estimator) -> Tensor:
         return estimators.group_delta(self, self.fitted, estimator, indices)

@@ -388,10 +388,17 @@ def _run(
     self_influence = si["enabled"] and inf.method.answers("self_scores")
     asked = [n for n, on in (("RelatIF", relatif), ("self-influence", self_influence)) if on]
     iterative = isinstance(inf.method, PrimalMethod) and not type(inf.method).cheap_solve
+    # both from one solve per training example where the method solves by iterations
+    shared = relatif and self_influence and inf._shares_solves(query_set)
     if asked and iterative:
-        _warn_solve_per_example(inf.method.name, asked, len(train), len(queries), queried)
-    rel_inf = inf.with_estimator("relatif") if relatif else None
-    rel_scores = rel_inf.scores(query_set) if rel_inf is not None else None
+        solves = 1 if shared else len(asked)
+        _warn_solve_per_example(inf.method.name, asked, solves, len(train), len(queries), queried)
+    together = inf.relatif_and_self_scores(query_set) if shared else None
+    rel_scores: Tensor | None = None
+    if together is not None:
+        rel_scores = together[0]
+    elif relatif:
+        rel_scores = inf.with_estimator("relatif").scores(query_set)
     rel_top = TopK.of(rel_scores, k, task.higher_is_better) if rel_scores is not None else None
     watch.lap("explain")
 
@@ -418,7 +425,7 @@ def _run(
 
     # self-influence and detection
     if self_influence:
-        self_scores = inf.self_scores()
+        self_scores = inf.self_scores() if together is None else together[1]
         tensors["self_scores"] = self_scores
         order = self_scores.argsort(descending=True)[: si["top"]].tolist()
         data["self_influence"] = {
@@ -602,14 +609,16 @@ def not_converged_message(record: dict[str, Any], where: str) -> str:
 
 
 def _warn_solve_per_example(
-    method: str, asked: list[str], n: int, n_queries: int, seconds: float
+    method: str, asked: list[str], solves: int, n: int, n_queries: int, seconds: float
 ) -> None:
-    """Tell that each of ``asked`` (RelatIF, self-influence) solves a system per training
-    example by ``method``'s iterations, priced at the pace the queries' solves took."""
-    estimate = seconds * n / max(n_queries, 1) * len(asked)
+    """Tell that ``asked`` (RelatIF, self-influence) solve a system per training example by
+    ``method``'s iterations, ``solves`` times over (once when they share them), priced at the
+    pace the queries' solves took."""
+    estimate = seconds * n / max(n_queries, 1) * solves
+    shared = " (shared by both)" if solves < len(asked) else ""
     warn(
         f"{' and '.join(asked)} by {method!r} solve a system per training example by its "
-        f"iterations: {len(asked)} x {n:,} solves, where the {n_queries} queries' took "
+        f"iterations: {solves} x {n:,} solves{shared}, where the {n_queries} queries' took "
         f"{seconds:.1f} s (about {estimate:.0f} s more at their pace). A direct method (ekfac, "
         "exact) answers them at once; [self_influence] enabled = false leaves that part out",
         Notice,
