@@ -101,6 +101,14 @@ def test_a_short_solve_warns_once_per_right_hand_side(wine_logreg: dict) -> None
             small_batches.with_estimator(estimator).scores((Xte[:2], yte[:2]))
         said = [str(w.message) for w in record if "ASTRA stopped after" in str(w.message)]
         assert len(said) == 1, (estimator, said)
+    # and RelatIF with the self-scores from the same solves (a reviewer: 6 warnings, one a
+    # training batch, where the two calls apart gave one each)
+    small_batches.fit(train)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert small_batches.relatif_and_self_scores((Xte[:2], yte[:2])) is not None
+    said = [str(w.message) for w in record if "ASTRA stopped after" in str(w.message)]
+    assert len(said) == 1, said
 
 
 def test_astra_newton_step_with_the_ggn_and_the_hessian(mlp_problem: dict) -> None:

@@ -12,6 +12,7 @@ import copy
 import re
 import tempfile
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -2262,7 +2263,38 @@ def test_ekfac_keeps_the_first_pass_for_its_eigenvalues_as_its_plan_counts(
         assert module.Lambda is not None and layers[name].Lambda is not None
         torch.testing.assert_close(layers[name].Lambda, module.Lambda, rtol=1e-10, atol=0)
     counted.clear()
-    # one byte short (the GGN's batches pull back 63 to 66 vectors: half): dropped at the first
-    # batch, nothing held beyond it
-    fit(whole - 1 if fisher == "empirical" else whole // 2)
+    fit(whole // 2)  # clearly too large: let go at the first batch, nothing held beyond it
     assert kept[-1] is None and len(counted) == 1
+    fit(whole - 1)  # one byte short: not kept
+    assert kept[-1] is None
+    # the GGN's batches pull back 63 to 66 vectors, so the first batch projects the pass above
+    # its size: a cache of exactly that size still keeps it (a reviewer's case)
+    fit(whole)
+    assert kept[-1] == whole
+
+
+def test_a_resumed_ekfac_plan_counts_no_first_pass_cache(problem: dict, tmp_path: Path) -> None:
+    """EK-FAC resumed from its committed first stage (K-FAC's factors in factors_dir) has no
+    first pass, so no cache: its plan's eigenvalue stage is the same whatever cache_bytes."""
+    torch.manual_seed(0)
+    task = infkit.Task.language_modeling(_SharedInputLM().double())
+    opts = {"fisher": "empirical", "damping": 1e-2, "batch_size": 6, "checks": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        infkit.Influence(task, "kfac", factors_dir=tmp_path, **opts).fit(problem["train"])
+        stages = []
+        for cache in (1 << 30, 0):
+            inf = infkit.Influence(task, "ekfac", factors_dir=tmp_path, cache_bytes=cache, **opts)
+            plan = inf.plan(problem["train"], timed=False)
+            stages.append({s.name: s.bytes for s in plan.stages})
+    assert "covariances A, S" not in stages[0]  # read back
+    assert stages[0]["eigenvalue correction"] == stages[1]["eigenvalue correction"]
+
+
+def test_each_process_counts_the_examples_of_its_batches() -> None:
+    from infkit.distributed import examples_in_batches
+
+    # 20 examples in batches of 6 over 2 processes: rank 0 takes batches 0 and 2 (12
+    # examples), rank 1 batches 1 and 3 (6 + 2)
+    assert [examples_in_batches(20, 6, rank, 2) for rank in (0, 1)] == [12, 8]
+    assert examples_in_batches(20, 6) == 20  # alone: all of them

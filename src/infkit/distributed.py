@@ -50,9 +50,14 @@ def batch_count(n: int, batch_size: int) -> int:
     return len(range(rank, total, size))
 
 
-def examples_in_batches(n: int, batch_size: int) -> int:
-    """How many of the ``n`` examples this process's batches (:func:`shard_batches`) hold."""
-    rank, size = world()
+def examples_in_batches(
+    n: int, batch_size: int, rank: int | None = None, size: int | None = None
+) -> int:
+    """How many of the ``n`` examples the batches of process ``rank`` of ``size``
+    (:func:`shard_batches`; default: this process of its group) hold. Rank 0 holds the most."""
+    here, processes = world()
+    rank = here if rank is None else rank
+    size = processes if size is None else size
     total = -(-n // batch_size)
     return sum(min(batch_size, n - b * batch_size) for b in range(rank, total, size))
 

@@ -921,7 +921,9 @@ class Influence:
         chunks = row_chunks(
             t, row_bytes, output_bytes, fitted.memory_limit, together=method.solves_together
         )
-        return len(chunks) == 1 and output_bytes <= fitted.memory_limit
+        # (a query whose temporaries exceed a chunk's share: the scores' path warns of it)
+        within = row_bytes <= int(CHUNK_LIMIT_SHARE * fitted.memory_limit)
+        return len(chunks) == 1 and within and output_bytes <= fitted.memory_limit
 
     def remove(self, indices: Sequence[int] | Tensor, *, steps: int = 1) -> RemovalEffect:
         """Predicted effect of removing the training examples ``indices`` jointly.

@@ -548,9 +548,14 @@ class FactorFitter:
             if cache is not None:
                 cached += held_bytes(x for a, _, d in items.values() for x in (a, d))
                 seen += batch_examples
-                # kept while the whole pass, at the examples' mean so far, fits: a pass that
-                # will not is not held up to cache_bytes first, beside the pass's own memory
-                if cached / seen * local <= self.cache_bytes:
+                # kept while it fits, and let go as soon as the whole pass, at the examples'
+                # mean so far, clearly will not (CACHE_PROJECTION_MARGIN: batches vary, a
+                # language model's GGN pulls back more vectors in some): such a pass is not
+                # held up to cache_bytes first, beside its own working memory
+                projected = cached / seen * local
+                if cached <= self.cache_bytes and projected <= (
+                    CACHE_PROJECTION_MARGIN * self.cache_bytes
+                ):
                     cache.append({k: (a, d) for k, (a, _, d) in items.items()})
                 else:
                     cache = None
@@ -667,6 +672,11 @@ class EigenbasesOnDisk(Eigenbases):
             if first not in read:
                 read[first] = self.QA(name)
             f.QA, f.QS = read[first], self.QS(name)
+
+
+#: how far beyond ``cache_bytes`` the first pass's projected size may be before its cache is let
+#: go early (:meth:`FactorFitter._covariances`); below it, the cache is kept while it fits
+CACHE_PROJECTION_MARGIN = 1.25
 
 
 def held_bytes(tensors: Iterable[Tensor]) -> int:

@@ -34,7 +34,7 @@ from torch import Tensor
 from infkit.curvature import Curvature, CurvatureOperator, product_work_bytes
 from infkit.data import ExampleSet
 from infkit.errors import NotFittedError, warn
-from infkit.estimators import Estimator
+from infkit.estimators import Estimator, RelatifNorm
 from infkit.fingerprint import tensor_digest
 from infkit.fitted import Fitted
 from infkit.kfac.curvature import (
@@ -307,6 +307,12 @@ class ASTRA(PrimalMethod):
     def self_scores(self, estimator: Estimator) -> Tensor:
         with self._one_warning():
             return super().self_scores(estimator)
+
+    def relatif_and_self_scores(
+        self, queries: ExampleSet, norm: RelatifNorm
+    ) -> tuple[Tensor, Tensor]:
+        with self._one_warning():
+            return super().relatif_and_self_scores(queries, norm)
 
     def removal(self, indices: Tensor, estimator: Estimator) -> Tensor:
         with self._one_warning():

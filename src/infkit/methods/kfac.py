@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet
-from infkit.distributed import sum_across
+from infkit.distributed import examples_in_batches, sum_across
 from infkit.errors import NotFittedError, Notice, ProblemTooLargeError, warn
 from infkit.estimators import Estimator
 from infkit.fingerprint import data_fingerprint, tensor_digest
@@ -536,15 +536,17 @@ class KFAC(PrimalMethod):
         )
         # EK-FAC keeps the first pass's activations and output gradients for the eigenvalue
         # pass when all of them fit its cache (FactorFitter._covariances), from that pass to
-        # the correction's end; not with sampled labels, which the eigenvalue pass draws afresh.
-        # The GGN's vectors are counted at the outputs' number, an upper bound (a language
-        # model pulls back fewer, the scored positions' nonzero directions): the run may keep a
-        # pass that this count finds larger than the cache, so the cache's size is counted
+        # the correction's end; not with sampled labels, which the eigenvalue pass draws afresh,
+        # nor when the first stage is read back. Counted for rank 0, whose batches hold the
+        # most examples. The GGN's vectors are counted at the outputs' number, an upper bound
+        # (a language model pulls back fewer, the scored positions' nonzero directions): the
+        # run may keep a pass this count finds larger than the cache, so its size is counted
         per_example = sum(positions[x.name] * (cols[x.name] + vectors * x.d_out) for x in tracked)
-        first_pass = n * item * per_example
+        first = examples_in_batches(shape.n_train, b, 0, shape.world_size)
+        first_pass = first * item * per_example
         room = min(options.cache_bytes, (limit or default_memory_limit()) // 4)
         cached = 0
-        if self.corrected and fisher != "sampled":
+        if self.corrected and fisher != "sampled" and shape.committed is None:
             cached = first_pass if first_pass <= room else (room if fisher == "ggn" else 0)
         lam = shape.parameters * work if self.corrected else 0
         eigenvalues = sum(cols[x.name] + x.d_out for x in tracked) * work
@@ -609,10 +611,9 @@ class KFAC(PrimalMethod):
             ]
         if self.corrected and shape.committed != "factors":
             # under a memory_limit, with a store, the pass reads each layer's eigenbases back
-            # from the committed K-FAC stage (sampled labels: no cache of the first pass)
-            reread = (
-                limit is not None and reads_bases_back(self.options, limit) and fisher == "sampled"
-            )
+            # from the committed K-FAC stage where no cache of the first pass serves it (sampled
+            # labels, a pass larger than the cache, the first stage read back)
+            reread = limit is not None and reads_bases_back(self.options, limit) and not cached
             bases = factor[biggest.name] if reread else factors
             note = "data split across processes, eigenvalues summed"
             if reread:
