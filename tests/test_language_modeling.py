@@ -366,6 +366,65 @@ def test_ggn_products_in_chunks_of_directions_equal_all_at_once(problem: dict) -
     torch.testing.assert_close(chunked.matmat(V), whole, rtol=1e-12, atol=1e-14)
 
 
+class _AdaptedLM(nn.Module):
+    """TinyLM's head with a low-rank adapter beside it, as peft's LoRA layers hold one: the
+    attributes peft's layers carry (active_adapters, disable_adapters, merged), the adapter
+    called only while active and not disabled, the base frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 4)
+        self.head = nn.Linear(4, VOCAB)
+        self.lora = nn.ModuleDict({"default": nn.Linear(4, VOCAB), "other": nn.Linear(4, VOCAB)})
+        self.active_adapters = ["default"]
+        self.disable_adapters = False
+        self.merged = False
+        for p in [*self.embed.parameters(), *self.head.parameters()]:
+            p.requires_grad_(False)
+        for p in self.lora["other"].parameters():
+            p.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        h = torch.tanh(self.embed(input_ids))
+        out = self.head(h)
+        if not self.disable_adapters:
+            for name in self.active_adapters:
+                out = out + self.lora[name](h)
+        return out
+
+
+def test_adapters_switched_after_fit_are_refused_by_every_question(problem: dict) -> None:
+    """A tester's peft model: set_adapter('other') or disable_adapter() after fit left every
+    attributed weight as it was, and every score became exactly 0 with a warning about the
+    queries. Each question now names the adapters' change; set back, the answers return."""
+    torch.manual_seed(0)
+    model = _AdaptedLM().double().eval()
+    task = infkit.Task.language_modeling(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = infkit.Influence(task, "identity").fit(problem["train"])
+    before = inf.scores(problem["test"])
+    assert bool((before != 0).any())
+    questions = [
+        lambda: inf.scores(problem["test"]),
+        inf.self_scores,
+        lambda: inf.top_k(problem["test"], 3),
+        lambda: inf.remove([0, 1]),
+    ]
+    for change, said in (
+        (lambda: setattr(model, "disable_adapters", True), r"disabled \(disable_adapter\(\)\)"),
+        (lambda: setattr(model, "active_adapters", ["other"]), r"adapter\(s\) 'other' active now"),
+    ):
+        change()
+        for ask in questions:
+            with pytest.raises(InvalidInputError, match=r"the model's adapters changed since fit"):
+                ask()
+        with pytest.raises(InvalidInputError, match=said):
+            inf.scores(problem["test"])
+        model.disable_adapters, model.active_adapters = False, ["default"]
+    assert torch.equal(inf.scores(problem["test"]), before)
+
+
 def test_a_model_changed_after_fit_is_refused_by_every_question(problem: dict) -> None:
     """A weight edited after fit (attributed, or left out of the attribution like the
     embeddings under EK-FAC) is named by every question; restored, the answers come back

@@ -185,6 +185,12 @@ def test_a_mask_of_other_values_than_0_and_1_is_refused(padded: dict) -> None:
         InvalidInputError, match=r"example 3: attention_mask holds 2.0 at position 1"
     ):
         lm.examples(ids, weighted)
+    # an additive mask of 0 and -inf (a tester's): told as a mask, not as a broken input
+    additive = torch.zeros_like(weighted).masked_fill(mask == 0, float("-inf"))
+    inputs["attention_mask"] = additive
+    told = r"example \d+ has Inf in its 'attention_mask': give the tokenizer's 0/1 mask"
+    with pytest.raises(NonFiniteError, match=told):
+        _fit(padded["model"], (inputs, labels))
     reference = _scores(padded["model"], lm.examples(ids, mask))
     for kind in (torch.bool, torch.float32):
         scores = _scores(padded["model"], lm.examples(ids, mask.to(kind)))

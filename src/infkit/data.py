@@ -398,14 +398,28 @@ class ExampleSet:
         return _map_tensors(first, lambda t: tuple(t.shape[1:]))
 
     def check_finite(self, batch_size: int = 1024) -> None:
-        """Raise NonFiniteError naming the first example with NaN or Inf in a float input."""
+        """Raise NonFiniteError naming the first example with NaN or Inf in a float input; an
+        additive attention mask (0 and -inf, a dict input whose key names a mask) is told as
+        such: a mask holds 1 at a token and 0 at padding."""
         for b in self.batches(batch_size):
-            for t in leaves(b.inputs) + leaves(b.targets):
+            named_inputs = b.inputs.items() if isinstance(b.inputs, dict) else [("", b.inputs)]
+            parts = [(key, t) for key, value in named_inputs for t in leaves(value)]
+            for key, t in parts + [("", t) for t in leaves(b.targets)]:
                 if t.is_floating_point() or t.is_complex():
                     bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
                     if bad.any():
-                        named = b.example(int(bad.nonzero()[0, 0]))
-                        kind = "NaN" if torch.isnan(t[bad][0]).any() else "Inf"
+                        row = int(bad.nonzero()[0, 0])
+                        named = b.example(row)
+                        kind = "NaN" if torch.isnan(t[row]).any() else "Inf"
+                        if "mask" in key:
+                            raise NonFiniteError(
+                                f"{self.name} {named} has {kind} in its {key!r}: give the "
+                                "tokenizer's 0/1 mask (1 a token, 0 padding), which infkit "
+                                "reads; an additive mask of 0 and -inf is not finite (a "
+                                "classifier whose model adds its mask to the attention scores "
+                                "may take torch.finfo(dtype).min for -inf; the language-"
+                                "modelling task reads only the 0/1 form)"
+                            )
                         raise NonFiniteError(
                             f"{self.name} {named} contains {kind} in its inputs or targets; "
                             "remove or repair it before computing influence"

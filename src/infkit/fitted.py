@@ -114,6 +114,8 @@ class Fitted:
     def __post_init__(self) -> None:
         # digests of the model's tensors outside theta, as fit found them (changed_since_fit)
         object.__setattr__(self, "_outside", _outside_digests(self.task.model, self.space))
+        # which adapters were active (adapters_changed_since_fit)
+        object.__setattr__(self, "_adapters", adapter_state(self.task.model))
 
     def changed_since_fit(self) -> str | None:
         """The name of the first parameter or buffer of the model that differs from fit time
@@ -137,8 +139,32 @@ class Fitted:
                 return name
         return None
 
+    def adapters_changed_since_fit(self) -> str | None:
+        """What changed in the model's adapter layers since fit (peft's: which adapters are
+        active, whether disabled or merged), or None. Their weights are unchanged when
+        another adapter is set or ``disable_adapter()`` entered, but the forward pass no
+        longer calls the attributed ones: every gradient in them, and so every score, is 0."""
+        now = adapter_state(self.task.model)
+        then: dict[str, AdapterState] = self._adapters  # type: ignore[attr-defined]
+        for name in sorted(now.keys() | then.keys()):
+            if now.get(name) != then.get(name):
+                return (
+                    f"layer {name!r} had {_adapter_words(then.get(name))} at fit and has "
+                    f"{_adapter_words(now.get(name))} now"
+                )
+        return None
+
     def require_unchanged(self) -> None:
-        """Raise InvalidInputError when the model changed since fit (:meth:`changed_since_fit`)."""
+        """Raise InvalidInputError when the model changed since fit (:meth:`changed_since_fit`,
+        :meth:`adapters_changed_since_fit`)."""
+        adapters = self.adapters_changed_since_fit()
+        if adapters is not None:
+            raise InvalidInputError(
+                f"the model's adapters changed since fit: {adapters}. The attributed adapter "
+                "parameters take part in the forward pass only while their adapter is active, "
+                "so every score would be 0: set the adapters back as they were at fit "
+                "(set_adapter(...), outside disable_adapter(), unmerged), or fit again"
+            )
         name = self.changed_since_fit()
         if name is not None:
             raise InvalidInputError(
@@ -643,6 +669,35 @@ def _unlabelled(examples: ExampleSet, inputs: Any) -> InvalidInputError:
 
 
 # ---------------------------------------------------------------------------- fit-time passes
+#: an adapter layer's state: its active adapters, whether disabled, whether merged
+AdapterState = tuple[tuple[str, ...], bool, bool]
+
+
+def adapter_state(model: nn.Module) -> dict[str, AdapterState]:
+    """The state of every adapter layer of ``model`` (a module with peft's ``active_adapters``,
+    ``disable_adapters`` and ``merged``), by name; empty for a model without adapters."""
+    out: dict[str, AdapterState] = {}
+    for name, module in model.named_modules():
+        if all(hasattr(module, a) for a in ("active_adapters", "disable_adapters", "merged")):
+            active = module.active_adapters
+            names = (active,) if isinstance(active, str) else tuple(active)
+            out[name] = (names, bool(module.disable_adapters), bool(module.merged))
+    return out
+
+
+def _adapter_words(state: AdapterState | None) -> str:
+    """An adapter layer's state as a message says it."""
+    if state is None:
+        return "no adapter"
+    active, disabled, merged = state
+    words = f"adapter(s) {', '.join(repr(a) for a in active)} active"
+    if disabled:
+        words += ", disabled (disable_adapter())"
+    if merged:
+        words += ", merged"
+    return words
+
+
 def _outside_digests(model: nn.Module, space: ParameterSpace) -> dict[str, str]:
     """``tensor_digest`` of every parameter and buffer of ``model`` outside ``space``, by name
     (the frozen and unattributed parameters and the buffers the answers also depend on)."""

@@ -729,39 +729,69 @@ class Influence:
             self._check_rounding(queries)
 
     def _check_rounding(self, queries: ExampleSet) -> None:
-        """Under ``dtype=`` (autocast), how far its rounding of the gradients moves a block of
-        scores (:func:`infkit.rounding.autocast_rounding`): recorded with the call's figures as
-        ``describe()["autocast_rounding"]`` and warned above
-        :data:`~infkit.rounding.ROUNDING_WARNING`; a set of queries is measured once a fit.
-        Methods that do not precondition queries in parameter space, and blocks above a
-        quarter of ``memory_limit``, are not measured."""
+        """How far a lower precision's rounding of the gradients moves a block of scores:
+        ``dtype=``'s (autocast, :func:`infkit.rounding.autocast_rounding`), recorded as
+        ``describe()["autocast_rounding"]``, or a bfloat16 or float16 model's own against a
+        float32 copy of it (:func:`infkit.rounding.model_rounding`), recorded as
+        ``describe()["model_rounding"]``; warned above :data:`~infkit.rounding.ROUNDING_WARNING`,
+        and a set of queries measured once a fit. Methods that do not precondition queries in
+        parameter space, and blocks (with the copy) above a quarter of ``memory_limit``, are not
+        measured."""
         method, fitted = self.method, self.fitted
-        if self.task.autocast is None or not method.answers("module_scores"):
+        if not method.answers("module_scores"):
             return
-        if not rounding.measurable(fitted):
+        autocast = self.task.autocast
+        if autocast is not None:
+            measure, name, figure = rounding.autocast_rounding, dtype_name(autocast), "autocast"
+            if not rounding.measurable(fitted):
+                return
+        elif fitted.space.dtype in rounding.LOW_PRECISION:
+            measure, name, figure = rounding.model_rounding, dtype_name(fitted.space.dtype), "model"
+            if not rounding.measurable(fitted, rounding.float32_copy_bytes(fitted)):
+                return
+        else:
             return
         key = rounding.queries_key(queries)
         if key not in method.roundings:
-            method.roundings[key] = rounding.autocast_rounding(
-                fitted, method.precondition_queries, queries
-            )
+            method.roundings[key] = measure(fitted, method.precondition_queries, queries)
         change = method.roundings[key]
         if change is None:
             return
-        method.query_checks["autocast_rounding"] = change
-        if change > rounding.ROUNDING_WARNING:
-            low = dtype_name(self.task.autocast)
-            warn(
-                f"under dtype=torch.{low} the scores carry {low}'s rounding of the gradients, "
-                f"magnified by method {method.name!r}'s inverse curvature: a block of "
-                f"{rounding.QUERIES} queries x {rounding.TRAINING} training examples moved by "
-                f"{change:.0%} of its size against the same scores from the model's own "
-                f"{dtype_name(fitted.space.dtype)} gradients (the inverse weighs the directions "
-                "of small curvature, where a trained model's gradients are small and their "
-                "rounding is not). Where the scores must hold, run without dtype= or with a "
-                "larger damping (docs/methods/language_models.md §7)",
-                UserWarning,
+        method.query_checks[f"{figure}_rounding"] = change
+        if change <= rounding.ROUNDING_WARNING:
+            return
+        magnified = (
+            ""  # (no curvature to magnify it)
+            if method.curvature == "identity"
+            else f", magnified by method {method.name!r}'s inverse curvature"
+        )
+        block = (
+            f"a block of {rounding.QUERIES} queries x {rounding.TRAINING} training examples moved "
+            f"by {change:.0%} of its size against the same scores from"
+        )
+        why = (
+            ""
+            if method.curvature == "identity"
+            else " (the inverse weighs the directions of small curvature, where a trained "
+            "model's gradients are small and their rounding is not)"
+        )
+        if autocast is not None:
+            said = (
+                f"under dtype=torch.{name} the scores carry {name}'s rounding of the "
+                f"gradients{magnified}: {block} the model's own "
+                f"{dtype_name(fitted.space.dtype)} gradients{why}. Where the scores must hold, "
+                "run without dtype="
             )
+        else:
+            said = (
+                f"the model's parameters are {name}, so the scores carry {name}'s rounding of "
+                f"the gradients{magnified}: {block} a float32 copy of the model (the same "
+                f"weights){why}. Where the scores must hold, attribute a float32 copy "
+                f"(model.float(); dtype=torch.{name} then computes in {name} and measures it "
+                "too)"
+            )
+        remedy = "" if method.curvature == "identity" else " or with a larger damping"
+        warn(f"{said}{remedy} (docs/methods/language_models.md §7)", UserWarning)
 
     def _checked_queries(self, test: Any) -> ExampleSet:
         """:meth:`_queries`, their energy ratio measured (:meth:`_check_queries`)."""

@@ -182,7 +182,8 @@ def check_causal(
         return None
     return (
         f"the model is not causal: changing the token at position {last} of the sequence "
-        f"moved the logits of earlier positions by up to {moved:.3g} (of {scale:.3g}). "
+        f"moved the logits of earlier positions by up to {moved:.3g} (the largest logit's size "
+        f"{scale:.3g}). "
         "Task.language_modeling scores each position's logits against the next token, which "
         "a bidirectional model (a masked LM such as BERT) already sees: its scores measure "
         "nothing. Use a causal LM (...ForCausalLM), or pass a task of your own"
@@ -291,7 +292,8 @@ def check_padding(
     if not per_position:
         return (
             f"its {pad} padding positions before the first token change its outputs by up to "
-            f"{moved:.3g} (of {scale:.3g}) against the same sequence unpadded, so its loss and "
+            f"{moved:.3g} (the largest output's size {scale:.3g}) against the same sequence "
+            "unpadded, so its loss and "
             "every score of it depend on how much padding it has: the model reads its padding "
             "(a BERT-style classifier pools its first position, a pad token under left "
             "padding) or counts absolute positions from the padding (GPT-2, unless the inputs "
@@ -300,7 +302,8 @@ def check_padding(
         )
     return (
         f"its {pad} padding positions before the first token change the logits of its tokens "
-        f"by up to {moved:.3g} (of {scale:.3g}) against the same sequence unpadded, so its "
+        f"by up to {moved:.3g} (the largest logit's size {scale:.3g}) against the same sequence "
+        "unpadded, so its "
         "loss and every score of it depend on how much padding it has. A model with absolute "
         "position embeddings (GPT-2) counts positions from the first padding token unless the "
         "inputs carry position_ids: build the set with infkit.language_modeling.examples(ids, "

@@ -1,4 +1,5 @@
-"""How far the lower precision of ``dtype=`` moves the scores (docs/methods/language_models.md §7).
+"""How far a lower precision moves the scores (docs/methods/language_models.md §7): that of
+``dtype=`` (autocast), or of a model whose parameters are bfloat16 or float16.
 
 Under ``Influence(..., dtype=torch.bfloat16)`` the passes that take gradients run under
 ``torch.autocast``: every gradient carries bfloat16's rounding (2^-8 of each entry, about 2% of
@@ -12,10 +13,13 @@ the preconditioned queries themselves moved by 2%.
 whose measurement has a gradient against :data:`TRAINING` training examples of a fixed sample,
 each side's gradients taken once under autocast and once in the model's own precision, and the
 scores computed from each (the method's own preconditioning): the relative change of the block.
+:func:`model_rounding` measures the same block for a bfloat16 or float16 model against a float32
+copy of it (the same, rounded weights), which shows what the model's own precision costs.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -26,6 +30,7 @@ from infkit.fingerprint import data_fingerprint
 from infkit.fitted import Fitted
 from infkit.gradients import PerExample
 from infkit.memory import FLOAT64_BYTES
+from infkit.parameters import ParameterSpace
 
 #: queries (with a gradient) and training examples of the measured block of scores
 QUERIES = 4
@@ -39,14 +44,26 @@ SHARE_OF_LIMIT = 0.25
 ROUNDING_WARNING = 0.2
 
 
-def measurable(fitted: Fitted) -> bool:
+#: the parameter dtypes whose own rounding :func:`model_rounding` measures
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def measurable(fitted: Fitted, copy_bytes: int = 0) -> bool:
     """Whether the block fits :data:`SHARE_OF_LIMIT` of the fit's ``memory_limit``: the
-    queries' gradients, their preconditioning (float64, both precisions, in and out) and a
-    batch of gradients in both precisions."""
+    queries' gradients, their preconditioning (float64, both precisions, in and out), a batch
+    of gradients in both precisions and ``copy_bytes`` (a float32 copy of the model)."""
     size = fitted.space.size
     held = 4 * QUERIES * size * FLOAT64_BYTES
     batch = 2 * _batch_size(fitted) * size * FLOAT64_BYTES
-    return held + batch <= SHARE_OF_LIMIT * fitted.memory_limit
+    return held + batch + copy_bytes <= SHARE_OF_LIMIT * fitted.memory_limit
+
+
+def float32_copy_bytes(fitted: Fitted) -> int:
+    """Bytes of a float32 copy of the model's floating-point parameters and buffers, as
+    :func:`model_rounding` makes it."""
+    model = fitted.task.model
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(4 * t.numel() for t in tensors if t.is_floating_point())
 
 
 def _batch_size(fitted: Fitted) -> int:
@@ -71,6 +88,34 @@ def autocast_rounding(
     model's without it. The ``1/N`` of the scores cancels in the ratio. Gradients are taken
     :data:`QUERIES` examples at a time: ``2 (2 QUERIES + batch) P`` float64 numbers at most."""
     full = PerExample(fitted.task.with_autocast(None), fitted.space)
+    return _block_change(fitted, precondition, queries, full)
+
+
+def model_rounding(
+    fitted: Fitted, precondition: Callable[[Tensor], Tensor], queries: ExampleSet
+) -> float | None:
+    """:func:`autocast_rounding` of a model whose parameters are bfloat16 or float16
+    (:data:`LOW_PRECISION`): ``S_low`` from the model's own gradients, ``S_full`` from those
+    of a float32 copy of it, which holds the same (rounded) weights and computes in float32.
+    The copy (:func:`float32_copy_bytes`) lives for the measurement only."""
+    model = fitted.task.model
+    twin = copy.deepcopy(model).float()
+    try:
+        space = ParameterSpace(twin, fitted.space.names)
+        full = PerExample(fitted.task.with_model(twin), space)
+        return _block_change(fitted, precondition, queries, full)
+    finally:
+        del twin
+
+
+def _block_change(
+    fitted: Fitted,
+    precondition: Callable[[Tensor], Tensor],
+    queries: ExampleSet,
+    full: PerExample,
+) -> float | None:
+    """The block's relative change between ``fitted``'s gradients and ``full``'s (the same
+    parameters, in their order, computed in the higher precision)."""
     size = _batch_size(fitted)
     low_queries: list[Tensor] = []
     full_queries: list[Tensor] = []

@@ -396,6 +396,12 @@ def save(
             "to replace it, or save to another directory"
         )
     space, task = fitted.space, fitted.task
+    adapters = fitted.adapters_changed_since_fit()
+    if adapters is not None:
+        raise ArtifactError(
+            f"the model's adapters changed since fit: {adapters}. Set them back as they were "
+            "at fit (or fit again) before saving"
+        )
     changed = fitted.changed_since_fit()
     if changed is not None:
         raise ArtifactError(
