@@ -167,6 +167,90 @@ def test_factors_of_other_data_or_fisher_are_refused(mlp_problem: dict, tmp_path
         _ekfac(task32, (X.float(), y), tmp_path / "f32", fisher="empirical", dtype=torch.bfloat16)
 
 
+def test_a_fisher_change_is_named_alone(mlp_problem: dict, tmp_path: Path) -> None:
+    """A tester's refusal said 'differs in: batch_size, fisher, label_seeds, samples, seed'
+    where only the Fisher changed: the sampled Fisher's own settings are not named with it."""
+    X, y = mlp_problem["train"]
+    _ekfac(mlp_problem["task"], (X, y), tmp_path, fisher="sampled")
+    with pytest.raises(ArtifactError, match=r"differs in: fisher\)"):
+        _ekfac(mlp_problem["task"], (X, y), tmp_path, fisher="empirical")
+
+
+def test_what_a_function_reads_is_part_of_its_identity() -> None:
+    """A tester's measurement read a token id from the script (`-o[:, -1, tok]`) and an output
+    function a temperature: with the value changed, a workdir returned the old scores. The
+    module-level values and tensors a function's code names, and its defaults, count."""
+    from infkit.fingerprint import callable_identity
+
+    scope: dict = {"tok": 3, "weights": torch.ones(3)}
+    exec("def meas(o, t):\n    return -o[:, -1, tok] * weights.sum()", scope)
+    exec("out = lambda o, temp=1.0: o / temp", scope)
+    first, out = callable_identity(scope["meas"]), callable_identity(scope["out"])
+    scope["tok"] = 5
+    assert callable_identity(scope["meas"]) != first
+    scope["tok"] = 3
+    assert callable_identity(scope["meas"]) == first  # the same value: the same identity
+    scope["weights"][0] = 2.0
+    assert callable_identity(scope["meas"]) != first
+    scope["out"].__defaults__ = (2.0,)
+    assert callable_identity(scope["out"]) != out
+
+
+def test_what_a_module_is_set_to_is_part_of_the_model(mlp_problem: dict, tmp_path: Path) -> None:
+    """A tester's LoRA at lora_alpha=32 reused the factors and scores of lora_alpha=8 (a float
+    attribute, no tensor), and a GPT-2 with 8 heads those of 4. A module's plain attributes
+    count in the architecture: the factors are refused, naming it, and so is a saved fit."""
+    from infkit.fingerprint import model_fingerprint
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(64, 10)
+            self.scaling = {"default": 0.5}
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) * self.scaling["default"]
+
+    torch.manual_seed(0)
+    model = Scaled().double()
+    before = model_fingerprint(model)
+    model.scaling["default"] = 2.0
+    assert model_fingerprint(model)["architecture"] != before["architecture"]
+    model.train(), model.eval()  # the mode the passes set is not part of it
+    model.scaling["default"] = 0.5
+    assert model_fingerprint(model) == before
+    X, y = mlp_problem["train"]
+    task = infkit.Task.classification(model)
+    saved = _ekfac(task, (X, y), tmp_path / "factors", fisher="empirical")
+    saved.save(tmp_path / "saved")
+    model.scaling["default"] = 2.0
+    with pytest.raises(ArtifactError, match=r"differs in: model\.architecture"):
+        _ekfac(task, (X, y), tmp_path / "factors", fisher="empirical")
+    with pytest.raises(ArtifactError, match=r"module '\(root\)''s scaling is \{'default': 2.0\}"):
+        infkit.Influence.load(tmp_path / "saved", task)
+
+
+def test_factors_serve_another_measurement_and_the_scores_follow_it(
+    mlp_problem: dict, tmp_path: Path
+) -> None:
+    """The factors read the loss, not the measurement: a new measurement in the same workdir
+    reuses them (a tester's was refused, needing overwrite=True and a refit), and its scores
+    are its own, equal to a fresh run's."""
+    X, y = mlp_problem["train"]
+    task = mlp_problem["task"]
+    options = {"l2": L2, "damping": 1e-3, "fisher": "empirical", "workdir": tmp_path}
+    first = infkit.Influence(task, "ekfac", **options).fit((X, y))
+    old = first.scores(mlp_problem["test"])
+    other = task.with_measurement(lambda out, target: out[:, 0])
+    again = infkit.Influence(other, "ekfac", **options).fit((X, y))
+    assert again.describe()["factors_loaded"]
+    new = again.scores(mlp_problem["test"])
+    fresh = infkit.Influence(other, "ekfac", l2=L2, damping=1e-3, fisher="empirical")
+    expected = fresh.fit((X, y)).scores(mlp_problem["test"])
+    torch.testing.assert_close(new, expected, rtol=1e-9, atol=1e-12)
+    assert float((new - old).norm()) > 0.1 * float(old.norm())
+
+
 def test_factors_reload_bit_identical_and_damage_is_named(
     mlp_problem: dict, tmp_path: Path
 ) -> None:

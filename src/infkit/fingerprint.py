@@ -59,10 +59,16 @@ def _structure(h: Any, obj: Any) -> None:
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, str]:
-    """``{"architecture": ..., "parameters": ...}``: hashes of the module tree and its state."""
+    """``{"architecture": ..., "parameters": ...}``: hashes of the module tree and its state.
+
+    The architecture counts each module's class and its plain attributes (numbers, strings and
+    their lists and dicts: :func:`plain_attributes`), which set what the module computes where
+    no parameter does: a LoRA layer's ``scaling`` (``lora_alpha / r``), an attention's number
+    of heads."""
     arch = hashlib.sha256(stable_repr(model).encode())
     for name, module in model.named_modules():
         arch.update(f"{name}:{type(module).__module__}.{type(module).__qualname__};".encode())
+        _structure(arch, plain_attributes(module))
     state = hashlib.sha256()
     for name, p in model.named_parameters():
         state.update(f"{name}:{p.requires_grad};".encode())
@@ -71,6 +77,38 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
         state.update(f"{name};".encode())
         _tensor(state, b)
     return {"architecture": arch.hexdigest()[:32], "parameters": state.hexdigest()[:32]}
+
+
+#: plain values: what :func:`plain_attributes` and the values a function reads are hashed as
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    """A number, string or None, or a list, tuple or dict of them (two levels deep)."""
+    if isinstance(value, _PLAIN):
+        return True
+    if depth >= 2:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+#: plain attributes that do not change what a module computes: the mode the passes set, where a
+#: Hugging Face model was loaded from, whether its backward recomputes activations
+UNCOMPUTED_ATTRIBUTES = frozenset({"training", "name_or_path", "gradient_checkpointing"})
+
+
+def plain_attributes(module: nn.Module) -> dict[str, Any]:
+    """A module's own public attributes with plain values (:func:`_is_plain`), by name; not
+    private ones (PyTorch's bookkeeping) nor :data:`UNCOMPUTED_ATTRIBUTES`."""
+    return {
+        key: value
+        for key, value in vars(module).items()
+        if not key.startswith("_") and key not in UNCOMPUTED_ATTRIBUTES and _is_plain(value)
+    }
 
 
 def tensor_digest(t: Tensor) -> str:
@@ -121,7 +159,33 @@ def callable_identity(fn: Callable[..., Any] | None) -> str | None:
             continue
         plain = isinstance(value, (Tensor, Mapping, list, tuple))
         _structure(h, value if plain else stable_repr(value))
+    if name.startswith("infkit."):  # infkit's own: its constants are the version's, and the
+        return f"{name}#{h.hexdigest()[:12]}"  # saved identities of its tasks stay as they were
+    # the values it reads: its defaults, and the module-level plain values and tensors its code
+    # names (a measurement reading a token id, an output function a temperature)
+    for defaults in (
+        getattr(target, "__defaults__", None),
+        getattr(target, "__kwdefaults__", None),
+    ):
+        if defaults:
+            _structure(h, stable_repr(defaults))
+    scope = getattr(target, "__globals__", {})
+    for key in sorted(_names_read(code)):
+        value = scope.get(key)
+        if isinstance(value, Tensor) or (_is_plain(value) and key in scope):
+            h.update(f"{key}=".encode())
+            _structure(h, value)
     return f"{name}#{h.hexdigest()[:12]}"
+
+
+def _names_read(code: Any) -> set[str]:
+    """The global names a code object and the code nested in it (lambdas, comprehensions)
+    read."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _names_read(const)
+    return names
 
 
 def task_fingerprint(task: Task) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from infkit.fingerprint import (
     callable_identity,
     data_fingerprint,
     model_fingerprint,
+    plain_attributes,
     stable_repr,
     task_fingerprint,
     tensor_digest,
@@ -292,6 +293,10 @@ def model_details(model: nn.Module) -> dict[str, Any]:
         },
         "tensors": tensors,
         "repr": stable_repr(model),
+        "attributes": {
+            name or "(root)": {k: stable_repr(v) for k, v in plain_attributes(m).items()}
+            for name, m in model.named_modules()
+        },
     }
 
 
@@ -324,6 +329,16 @@ def _architecture_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
     ]
     if shapes:
         parts.append(listed(shapes, 3))
+    if not parts and "attributes" in saved:  # (saves before 0.2.0 have none)
+        a0, a1 = saved["attributes"], now["attributes"]
+        for name in a0:
+            if name in a1 and a0[name] != a1[name]:
+                keys = sorted(set(a0[name]) | set(a1[name]))
+                key = next(k for k in keys if a0[name].get(k) != a1[name].get(k))
+                parts.append(
+                    f"module {name!r}'s {key} is {a1[name].get(key)}, saved {a0[name].get(key)}"
+                )
+                break
     if not parts:
         lines0, lines1 = saved["repr"].splitlines(), now["repr"].splitlines()
         for a, b in zip(lines0 + [""] * len(lines1), lines1 + [""] * len(lines0)):

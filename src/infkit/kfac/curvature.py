@@ -454,7 +454,7 @@ class KroneckerCurvature:
             others = [(p, found) for p, found in store.others(FACTORS, identity) if found != stage]
             if others:
                 path, found = others[0]
-                changed = ", ".join(differences(identity, found))
+                changed = ", ".join(_changed_settings(identity, found))
                 raise ArtifactError(
                     f"{path} holds Kronecker factors fitted for another computation (differs "
                     f"in: {changed}). Pass overwrite=True (a method option: "
@@ -644,9 +644,15 @@ def factors_identity(
     the precision, and whether the eigenvalues are corrected)."""
     mode = fitter.resolve(train)
     sampled = mode == "sampled"
+    # the factors read the loss and the outputs, not the measurement the scores take
+    task = {
+        key: value
+        for key, value in task_fingerprint(fitter.task).items()
+        if key not in ("measurement", "higher_is_better")
+    }
     return {
         "model": model_fingerprint(fitter.task.model),
-        "task": task_fingerprint(fitter.task),
+        "task": task,
         "data": data_fingerprint(train),
         "modules": [t.describe() for t in fitter.tracked],
         "fisher": mode,
@@ -660,6 +666,23 @@ def factors_identity(
         "dtype": str(fitter.engine.dtype),
         "corrected": corrected,
     }
+
+
+#: the identity's keys that only a sampled Fisher sets (None otherwise)
+SAMPLED_ONLY = ("samples", "seed", "sample_targets", "batch_size", "label_seeds")
+
+
+def _changed_settings(identity: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """Where two factors' identities differ, as a refusal names it: with the Fisher changed,
+    not the sampled Fisher's own settings that only one of them has (the user changed the
+    Fisher, not the batch size)."""
+    changed = differences(identity, found)
+    if "fisher" not in changed:
+        return changed
+    one_sided = {
+        key for key in SAMPLED_ONLY if (identity.get(key) is None) != (found.get(key) is None)
+    }
+    return [key for key in changed if key not in one_sided]
 
 
 def reads_bases_back(options: KroneckerOptions, memory_limit: int) -> bool:

@@ -34,7 +34,7 @@ from infkit.data import ExampleSet
 from infkit.distributed import examples_in_batches, sum_across
 from infkit.errors import NotFittedError, Notice, ProblemTooLargeError, warn
 from infkit.estimators import Estimator
-from infkit.fingerprint import data_fingerprint, tensor_digest
+from infkit.fingerprint import data_fingerprint, task_fingerprint, tensor_digest
 from infkit.fitted import Fitted, gradient_cache_bytes
 from infkit.gradients import PerExample
 from infkit.kfac.curvature import (
@@ -452,6 +452,9 @@ class KFAC(PrimalMethod):
         options = {k: v for k, v in self.options.record().items() if k not in unchanged}
         identity = {
             "factors": curvature.factors_identity(),
+            # the measurement and the rest of the task (the factors' identity leaves the
+            # measurement out: they do not read it)
+            "task": task_fingerprint(fitted.task),
             "method": self.name,
             "options": options,
             "l2": fitted.l2,
