@@ -194,6 +194,21 @@ def test_what_a_function_reads_is_part_of_its_identity() -> None:
     assert callable_identity(scope["meas"]) != first
     scope["out"].__defaults__ = (2.0,)
     assert callable_identity(scope["out"]) != out
+    # read through a helper of the same module, or held by a callable object
+    exec("def pick(o):\n    return o[:, -1, tok]\ndef via(o, t):\n    return -pick(o)", scope)
+    exec(
+        "class Meas:\n    def __init__(self, tok):\n        self.tok = tok\n"
+        "    def __call__(self, o, t):\n        return -o[:, -1, self.tok]",
+        scope,
+    )
+    via, meas = callable_identity(scope["via"]), callable_identity(scope["Meas"](3))
+    scope["tok"] = 5
+    assert callable_identity(scope["via"]) != via
+    assert callable_identity(scope["Meas"](5)) != meas
+    assert callable_identity(scope["Meas"](3)) == meas
+    recursive: dict = {}
+    exec("def f(n):\n    return f(n - 1) if n else 0", recursive)  # (calls itself: no loop)
+    assert callable_identity(recursive["f"]) is not None
 
 
 def test_what_a_module_is_set_to_is_part_of_the_model(mlp_problem: dict, tmp_path: Path) -> None:

@@ -13,9 +13,11 @@ device or on memory layout, and any changed value changes them (docs/architectur
 
 from __future__ import annotations
 
+import dis
 import functools
 import hashlib
 import re
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -133,12 +135,19 @@ def data_fingerprint(examples: ExampleSet) -> str:
     return digest
 
 
-def callable_identity(fn: Callable[..., Any] | None) -> str | None:
-    """``module.qualname`` plus a hash of the code (and bound values) of a function."""
+#: how deep :func:`callable_identity` follows the functions a function calls from its module
+CALL_DEPTH = 4
+
+
+def callable_identity(fn: Callable[..., Any] | None, _depth: int = 0) -> str | None:
+    """``module.qualname`` plus a hash of the code of a function and of what it reads: its
+    closure, its defaults, the module-level numbers, strings and tensors its code names, and
+    the functions of its own module that it calls (to :data:`CALL_DEPTH`), each hashed the
+    same way. A callable object: its class's ``__call__`` and its plain attributes."""
     if fn is None:
         return None
     if isinstance(fn, functools.partial):
-        inner = callable_identity(fn.func)
+        inner = callable_identity(fn.func, _depth)
         h = hashlib.sha256(stable_repr((fn.args, sorted(fn.keywords.items()))).encode())
         return f"partial({inner})#{h.hexdigest()[:12]}"
     target = getattr(fn, "__func__", fn)  # bound methods: the function
@@ -147,8 +156,17 @@ def callable_identity(fn: Callable[..., Any] | None) -> str | None:
     code = getattr(target, "__code__", None)
     if code is None:  # a callable object: its class and its repr
         cls = type(fn)
-        digest = hashlib.sha256(stable_repr(fn).encode()).hexdigest()[:12]
-        return f"{cls.__module__}.{cls.__qualname__}#{digest}"
+        h = hashlib.sha256(stable_repr(fn).encode())
+        if not cls.__module__.startswith("infkit.") and _depth < CALL_DEPTH:
+            # (what it computes: its __call__'s code and the settings it holds)
+            call = next((vars(k)["__call__"] for k in cls.__mro__ if "__call__" in vars(k)), None)
+            if isinstance(call, types.FunctionType) and not (call.__module__ or "").startswith(
+                "torch"
+            ):
+                h.update(str(callable_identity(call, _depth + 1)).encode())
+            if hasattr(fn, "__dict__"):
+                _structure(h, {k: v for k, v in vars(fn).items() if _is_plain(v)})
+        return f"{cls.__module__}.{cls.__qualname__}#{h.hexdigest()[:12]}"
     h = hashlib.sha256(code.co_code)
     h.update(stable_repr(code.co_consts).encode())
     h.update(repr(code.co_names).encode())
@@ -175,13 +193,28 @@ def callable_identity(fn: Callable[..., Any] | None) -> str | None:
         if isinstance(value, Tensor) or (_is_plain(value) and key in scope):
             h.update(f"{key}=".encode())
             _structure(h, value)
+        elif _called_helper(value, scope, target) and _depth < CALL_DEPTH:
+            # a helper of its own module: what it reads counts too (a token id read there)
+            h.update(f"{key}={callable_identity(value, _depth + 1)}".encode())
     return f"{name}#{h.hexdigest()[:12]}"
+
+
+def _called_helper(value: Any, scope: dict[str, Any], caller: Any) -> bool:
+    """Whether ``value`` is another Python function defined in the module of ``caller``
+    (``scope``, its globals): a helper it calls, hashed with it."""
+    return (
+        isinstance(value, types.FunctionType) and value is not caller and value.__globals__ is scope
+    )
 
 
 def _names_read(code: Any) -> set[str]:
     """The global names a code object and the code nested in it (lambdas, comprehensions)
-    read."""
-    names = set(code.co_names)
+    load (not attribute names: ``self.tok`` reads no global ``tok``)."""
+    names = {
+        str(ins.argval)
+        for ins in dis.get_instructions(code)
+        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")
+    }
     for const in code.co_consts:
         if hasattr(const, "co_names"):
             names |= _names_read(const)
