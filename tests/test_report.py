@@ -3,9 +3,11 @@ page's content checked against the library's own answers (docs/report.md)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import textwrap
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -384,6 +386,40 @@ def test_a_refit_names_the_settings_that_changed(
     data = load_results(workdir)[0]
     assert data["origin"] == "reloaded"
     assert not any("other settings" in w["message"] for w in data["warnings"]), data["warnings"]
+
+
+def test_a_rerun_stopped_before_its_results_leaves_the_last_runs_files_together(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tester killed a rerun with another damping during its retrainings: config.toml and
+    settings.json said the new damping beside the old run's tables and page. They are written
+    with the tables once the results are committed: a rerun stopped before leaves the last
+    finished run's files, every one of them; the files are readable as a plain write's are."""
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    first = CONFIG.format(n_loo=3)
+    (tmp_path / "a.toml").write_text(first)
+    (tmp_path / "b.toml").write_text(first.replace("l2 = 1e-2", "l2 = 1e-2\ndamping = 1e-3"))
+    workdir = tmp_path / "w"
+    assert cli.main(["run", str(tmp_path / "a.toml"), "--out", str(workdir), "--quiet"]) == 0
+    written = ["config.toml", "settings.json", "top_k.csv", "loo.csv", "report.html"]
+    before = {name: (workdir / name).read_bytes() for name in written}
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (workdir / "top_k.csv").stat().st_mode & 0o777 == 0o666 & ~mask
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # as a kill during the retrainings
+
+    monkeypatch.setattr(infkit.retrain, "leave_one_out", stopped)
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli.main(["run", str(tmp_path / "b.toml"), "--out", str(workdir), "--quiet"])
+    assert {name: (workdir / name).read_bytes() for name in written} == before
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["run", str(tmp_path / "b.toml"), "--out", str(workdir), "--quiet"]) == 0
+    assert b"damping = 1e-3" in (workdir / "config.toml").read_bytes()
 
 
 def test_every_key_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:

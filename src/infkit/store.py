@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -56,9 +57,23 @@ _T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------------------- single files
+@functools.cache
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 less the process's umask
+    (read once; ``os.umask`` can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_target(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path`` to write and rename into place, with the mode a file
+    written directly would have (``mkstemp`` makes it private, 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if hasattr(os, "fchmod"):  # (POSIX)
+        os.fchmod(fd, _file_mode())
+    return fd, tmp
 
 
 def save_tensors(

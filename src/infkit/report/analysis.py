@@ -347,8 +347,6 @@ def _run(
     watch = Stopwatch()
     workdir = config.workdir(out)
     workdir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config.path, workdir / "config.toml")
-    save_json(workdir / "settings.json", config.record())
     model = build_model(config)
     train, test = build_data(config)
     check_retraining_size(config, len(train))
@@ -475,7 +473,6 @@ def _run(
     data["summary"] = _summary(inf, model, train, test, origin, workdir)
     data["summary"]["seconds"] = watch.seconds
     data["warnings"] = shown
-    _write_tables(workdir, data)
     store = ArtifactStore(workdir)
     identity = {
         "settings": config.record(),
@@ -488,6 +485,11 @@ def _run(
     )
     for path, _ in store.others(KIND, identity):  # one report per workdir: the latest
         store.remove(path)
+    # the files beside the results, once they are committed: a run killed before leaves the
+    # last finished run's configuration, tables and page together, none of them this one's
+    shutil.copyfile(config.path, workdir / "config.toml")
+    save_json(workdir / "settings.json", config.record())
+    _write_tables(workdir, data)
     return write_report(workdir)
 
 
@@ -550,20 +552,18 @@ def _retraining(
     stats = evaluate.correlation(predicted, actual)
     unconverged = not_converged(loo)
     late = {r["index"] for r in unconverged}
-    save_csv(
-        workdir / "loo.csv",
-        [
-            {
-                "train_index": j,
-                "predicted": float(p),
-                "actual": float(a),
-                "gradient_norm": float(g),
-                "converged": j not in late,
-            }
-            for j, p, a, g in zip(loo_idx.tolist(), predicted, actual, loo.gradient_norms)
-        ],
-    )
+    rows = [  # loo.csv, written with the run's other tables once its results are committed
+        {
+            "train_index": j,
+            "predicted": float(p),
+            "actual": float(a),
+            "gradient_norm": float(g),
+            "converged": j not in late,
+        }
+        for j, p, a, g in zip(loo_idx.tolist(), predicted, actual, loo.gradient_norms)
+    ]
     record = {
+        "rows": rows,
         "query": int(queries[0]),
         "n": len(loo_idx),
         "pearson": stats.pearson,
@@ -784,6 +784,8 @@ def _write_tables(workdir: Path, data: dict[str, Any]) -> None:
                         }
                     )
     save_csv(workdir / "top_k.csv", rows)
+    if "retraining" in data:
+        save_csv(workdir / "loo.csv", data["retraining"]["rows"])
     if "self_influence" in data:
         save_csv(
             workdir / "self_influence.csv",
