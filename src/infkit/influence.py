@@ -122,6 +122,13 @@ class TopK:
         )
 
 
+def solves_by_iterations(method: Method) -> bool:
+    """Whether ``method`` applies its inverse curvature by iterations (``cg``, ``lissa``,
+    ``astra``: not ``cheap_solve``), so that a question solving for every training example
+    (RelatIF, self-influence) costs a system each."""
+    return isinstance(method, PrimalMethod) and not type(method).cheap_solve
+
+
 def _count(option: str, value: object) -> int:
     """``value`` as a plan size (an integer >= 1, NumPy's included), or a refusal naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
@@ -760,20 +767,17 @@ class Influence:
         method.query_checks[f"{figure}_rounding"] = change
         if change <= rounding.ROUNDING_WARNING:
             return
-        magnified = (
-            ""  # (no curvature to magnify it)
-            if method.curvature == "identity"
-            else f", magnified by method {method.name!r}'s inverse curvature"
-        )
+        curved = method.curvature != "identity"  # (identity has no curvature to magnify it)
+        magnified = f", magnified by method {method.name!r}'s inverse curvature" if curved else ""
         block = (
             f"a block of {rounding.QUERIES} queries x {rounding.TRAINING} training examples moved "
             f"by {change:.0%} of its size against the same scores from"
         )
         why = (
-            ""
-            if method.curvature == "identity"
-            else " (the inverse weighs the directions of small curvature, where a trained "
+            " (the inverse weighs the directions of small curvature, where a trained "
             "model's gradients are small and their rounding is not)"
+            if curved
+            else ""
         )
         if autocast is not None:
             said = (
@@ -790,7 +794,7 @@ class Influence:
                 f"(model.float(); dtype=torch.{name} then computes in {name} and measures it "
                 "too)"
             )
-        remedy = "" if method.curvature == "identity" else " or with a larger damping"
+        remedy = " or with a larger damping" if curved else ""
         warn(f"{said}{remedy} (docs/methods/language_models.md §7)", UserWarning)
 
     def _checked_queries(self, test: Any) -> ExampleSet:
@@ -883,14 +887,10 @@ class Influence:
         queries of a chunk (``Method.solves_together``; :func:`infkit.memory.row_chunks`).
         """
         method, fitted = self.method, self.fitted
-        t, n, p = len(queries), fitted.n, fitted.space.size
-        row_bytes = method.query_row_bytes(n, p, self._estimator)
-        output_bytes = t * n * fitted.space.bytes_per_float()
-        chunks = row_chunks(
-            t, row_bytes, output_bytes, fitted.memory_limit, together=method.solves_together
-        )
-        share = int(CHUNK_LIMIT_SHARE * fitted.memory_limit)
-        if row_bytes > share:  # a chunk of one query is over its share: said, not silent
+        t = len(queries)
+        chunks, row_bytes = self._query_chunks(t, self._estimator)
+        if row_bytes > int(CHUNK_LIMIT_SHARE * fitted.memory_limit):
+            # a chunk of one query is over its share: said, not silent
             warn(
                 f"method {method.name!r} scores one query at a time with "
                 f"{human_bytes(row_bytes)} of temporaries, more than the quarter of memory_limit "
@@ -907,6 +907,17 @@ class Influence:
                 yield start, stop, method.scores(part, self._estimator)
             else:
                 yield start, stop, method.scores_among(part, self._estimator, among)
+
+    def _query_chunks(self, t: int, estimator: Estimator) -> tuple[list[tuple[int, int]], int]:
+        """The chunks ``[start, stop)`` of ``t`` queries that ``estimator``'s scores are taken
+        in (:func:`infkit.memory.row_chunks`), and one query's bytes of temporaries."""
+        method, fitted = self.method, self.fitted
+        row_bytes = method.query_row_bytes(fitted.n, fitted.space.size, estimator)
+        output_bytes = t * fitted.n * fitted.space.bytes_per_float()
+        chunks = row_chunks(
+            t, row_bytes, output_bytes, fitted.memory_limit, together=method.solves_together
+        )
+        return chunks, row_bytes
 
     def self_scores(self) -> Tensor:
         """Removal effect of each training example on its own loss, [n_train].
@@ -939,20 +950,15 @@ class Influence:
         with an estimator other than ``"if"`` (its self-scores are not these solves), a method
         with its own answers or cheap solves, or queries the memory limit splits into chunks
         (each chunk would solve for every training example again)."""
-        method, fitted = self.method, self.fitted
-        if self._estimator.name != "if" or not isinstance(method, PrimalMethod):
+        fitted = self.fitted
+        if self._estimator.name != "if" or not solves_by_iterations(self.method):
             return False
-        if type(method).cheap_solve:
-            return False
-        t, n = len(queries), fitted.n
+        t = len(queries)
         relatif = Estimator("relatif", self._estimator.relatif)
-        row_bytes = method.query_row_bytes(n, fitted.space.size, relatif)
-        output_bytes = t * n * fitted.space.bytes_per_float()
-        chunks = row_chunks(
-            t, row_bytes, output_bytes, fitted.memory_limit, together=method.solves_together
-        )
+        chunks, row_bytes = self._query_chunks(t, relatif)
         # (a query whose temporaries exceed a chunk's share: the scores' path warns of it)
         within = row_bytes <= int(CHUNK_LIMIT_SHARE * fitted.memory_limit)
+        output_bytes = t * fitted.n * fitted.space.bytes_per_float()
         return len(chunks) == 1 and within and output_bytes <= fitted.memory_limit
 
     def remove(self, indices: Sequence[int] | Tensor, *, steps: int = 1) -> RemovalEffect:

@@ -45,8 +45,7 @@ from infkit.errors import (
 from infkit.fingerprint import data_fingerprint, model_fingerprint
 from infkit.fitted import check_beside
 from infkit.gradients import PerExample
-from infkit.influence import Influence, TopK
-from infkit.methods.base import PrimalMethod
+from infkit.influence import Influence, TopK, solves_by_iterations
 from infkit.parameters import ParameterSpace
 from infkit.progress import Stopwatch
 from infkit.report import factories
@@ -385,7 +384,7 @@ def _run(
     si = config["self_influence"]
     self_influence = si["enabled"] and inf.method.answers("self_scores")
     asked = [n for n, on in (("RelatIF", relatif), ("self-influence", self_influence)) if on]
-    iterative = isinstance(inf.method, PrimalMethod) and not type(inf.method).cheap_solve
+    iterative = solves_by_iterations(inf.method)
     # both from one solve per training example where the method solves by iterations
     shared = relatif and self_influence and inf._shares_solves(query_set)
     if asked and iterative:
