@@ -3,6 +3,7 @@ page's content checked against the library's own answers (docs/report.md)."""
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
@@ -44,6 +45,15 @@ def model():
 
 def bad_labels():
     return [3, 5, 8, 13]
+
+
+def mlp():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10)
+    ).double()
+    infkit.train_to_optimum(infkit.Task.classification(net), splits()[0], L2, tolerance=1e-12)
+    return net
 
 
 def raises():
@@ -354,9 +364,47 @@ def test_unconverged_retrainings_are_flagged(
 
 
 def test_converged_retrainings_are_not_flagged(finished: Path) -> None:
+    """A convex model under ``exact``: every retraining converged, and each moved the
+    parameters along the estimator's step by about its length (loo.csv), so none is told
+    apart as having left the linear regime."""
     data, _ = load_results(finished)
     assert data["retraining"]["not_converged"] == []
-    assert "did not converge" not in (finished / "report.html").read_text()
+    assert data["retraining"]["moved_far"] == []
+    page = (finished / "report.html").read_text()
+    assert "did not converge" not in page and "left the linear regime" not in page
+    with (finished / "loo.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5
+    for row in rows:
+        # removing one of 150 examples of a convex objective: along the step (cosine 0.999
+        # measured), longer by about 1/(1 - h_j), the leverage first order leaves out (1.35 to
+        # 1.66 measured for these, the most influential examples)
+        assert 1.0 < float(row["moved"]) < 2.0 and float(row["cosine"]) > 0.99, row
+
+
+def test_retrainings_that_leave_the_linear_regime_are_told_apart(
+    project: Path, tmp_path: Path
+) -> None:
+    """A tanh MLP: some retrainings move the parameters several times as far as the
+    estimator's step, in another direction. Those rows (moved >= 3 or cosine < 0.5, measured
+    from the retrained parameters) are named in a warning and on the page, with the
+    correlation over the others."""
+    config = tmp_path / "mlp.toml"
+    config.write_text(CONFIG.format(n_loo=8).replace("tester_project:model", "tester_project:mlp"))
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    workdir = tmp_path / "w"
+    with pytest.warns(UserWarning, match="leave-one-out retrainings .* moved the parameters"):
+        assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
+    data, _ = load_results(workdir)
+    with (workdir / "loo.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    far = {
+        int(r["train_index"]) for r in rows if float(r["moved"]) >= 3.0 or float(r["cosine"]) < 0.5
+    }
+    assert far and len(far) < len(rows)
+    assert {r["index"] for r in data["retraining"]["moved_far"]} == far
+    page = (workdir / "report.html").read_text()
+    assert "Retrainings that left the linear regime" in page
 
 
 def test_a_refit_names_the_settings_that_changed(
@@ -558,6 +606,46 @@ def test_text_with_per_token_scores(tmp_path: Path) -> None:
         assert sum(item["view"]["token_scores"]) == pytest.approx(item["score"], rel=1e-9)
     page = (tmp_path / "runs" / "infkit" / "report.html").read_text()
     assert 'class="tok"' in page and "rgba(" in page
+
+
+def test_lists_keep_their_sign_and_tokens_add_up_with_the_rest(tmp_path: Path) -> None:
+    """top_k above N: each list holds the examples of its sign only (the proponents exactly the
+    training examples with a positive score, ranked by it), the CSV's kinds agree with the
+    signs, and a notice says top_k was taken as N. Under ``exact`` with l2 > 0 the per-token
+    split leaves the regulariser's share out of the tokens: each sequence's shown tokens plus
+    its rest add up to its score (token_scores against scores, two computations), the rest is
+    not 0 and the page shows it."""
+    text_project(
+        tmp_path,
+        settings='[influence]\nmethod = "exact"\nl2 = 0.1\ndamping = 1e-3\n'
+        "[self_influence]\nenabled = false\n[report]\nn_queries = 2\ntop_k = 41\n",
+    )
+    assert cli.main(["run", str(tmp_path / "infkit.toml"), "--quiet"]) == 0
+    workdir = tmp_path / "runs" / "infkit"
+    data, tensors = load_results(workdir)
+    said = [w["message"] for w in data["warnings"]]
+    assert any("[report] top_k = 41, but there are 40 training examples" in m for m in said), said
+    rests = []
+    for q, query in enumerate(data["queries"]):
+        for name, ranked in query["lists"].items():
+            truth = tensors["scores" if name == "if" else "relatif_scores"][q]
+            pro = [item["index"] for item in ranked["proponent"]]
+            con = [item["index"] for item in ranked["opponent"]]
+            assert set(pro) == set((truth > 0).nonzero().reshape(-1).tolist()), name
+            assert set(con) == set((truth < 0).nonzero().reshape(-1).tolist()), name
+            assert pro == sorted(pro, key=lambda j: -float(truth[j]))
+            assert 0 < len(pro) < 40 and 0 < len(con) < 40  # both signs occur here
+        for item in query["lists"]["if"]["proponent"] + query["lists"]["if"]["opponent"]:
+            view = item["view"]
+            total = sum(view["token_scores"]) + view["token_rest"]
+            assert total == pytest.approx(item["score"], rel=1e-9, abs=1e-12)
+            rests.append(abs(view["token_rest"]) / abs(item["score"]))
+    assert max(rests) > 1e-3  # the regulariser's share is in the rest
+    with (workdir / "top_k.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all((float(r["score"]) > 0) == (r["kind"] == "proponent") for r in rows)
+    page = (workdir / "report.html").read_text()
+    assert "rest (not by position)" in page
 
 
 @pytest.mark.parametrize(

@@ -374,6 +374,7 @@ def _run(
         queries = test_losses.argsort(descending=True)[: rep["n_queries"]]
     query_set = test.part(queries)
     k = min(rep["top_k"], len(train))
+    _note_clamped(config, len(train), len(test))
     started = time.perf_counter()
     scores = inf.scores(query_set)
     queried = time.perf_counter() - started
@@ -456,7 +457,7 @@ def _run(
     n_loo = min(config["retraining"]["n"], len(train))
     if n_loo:
         data["retraining"] = _retraining(
-            config, task, train, query_set, scores, queries, inf.l2, tensors, workdir, progress
+            config, inf, train, query_set, scores, queries, tensors, workdir, progress
         )
         watch.lap("retraining")
 
@@ -492,6 +493,22 @@ def _run(
     return write_report(workdir)
 
 
+def _note_clamped(config: RunConfig, n_train: int, n_test: int) -> None:
+    """Tell where ``[report] top_k`` or ``n_queries`` ask for more examples than there are
+    (the run takes what there is)."""
+    rep = config["report"]
+    for key, asked, there, what in (
+        ("top_k", rep["top_k"], n_train, "training"),
+        ("n_queries", 0 if rep["queries"] else rep["n_queries"], n_test, "test"),
+    ):
+        if asked > there:
+            warn(
+                f"{config.path.name}: [report] {key} = {asked}, but there are {there} {what} "
+                f"examples: taking {there}",
+                Notice,
+            )
+
+
 def chosen_queries(config: RunConfig, n_test: int) -> Tensor | None:
     """The test examples ``[report] queries`` names (None: the highest-loss ones are
     explained), each in range and named once, else a ConfigError."""
@@ -518,29 +535,29 @@ def check_retraining_size(config: RunConfig, n_train: int) -> None:
 
 def _retraining(
     config: RunConfig,
-    task: Task,
+    inf: Influence,
     train: ExampleSet,
     query_set: ExampleSet,
     scores: Tensor,
     queries: Tensor,
-    l2: float,
     tensors: dict[str, Tensor],
     workdir: Path,
     progress: bool | None,
 ) -> dict[str, Any]:
     """The leave-one-out check on the first query: retrain without each of the training
     examples with the largest |score|, correlate predicted with actual changes, and say
-    (a warning, and the record the page shows) which retrainings did not converge."""
+    (a warning, and the record the page shows) which retrainings did not converge, and which
+    moved the parameters far beyond the estimator's step (:func:`moved_far`)."""
     section = config["retraining"]
     loo_idx = scores[0].abs().topk(min(section["n"], len(train))).indices
     with warnings.catch_warnings():  # said below, in the configuration's terms
         warnings.simplefilter("ignore", NotConvergedWarning)
         loo = retraining.leave_one_out(
-            task,
+            inf.task,
             train,
             query_set.part([0]),
             loo_idx,
-            l2,
+            inf.l2,
             tolerance=section["tolerance"],
             max_iter=section["max_iter"],
             cache_dir=workdir / "retrain",
@@ -551,6 +568,7 @@ def _retraining(
     stats = evaluate.correlation(predicted, actual)
     unconverged = not_converged(loo)
     late = {r["index"] for r in unconverged}
+    steps = parameter_steps(inf, loo)
     rows = [  # loo.csv, written with the run's other tables once its results are committed
         {
             "train_index": j,
@@ -558,9 +576,13 @@ def _retraining(
             "actual": float(a),
             "gradient_norm": float(g),
             "converged": j not in late,
+            **(steps[k] if steps else {}),
         }
-        for j, p, a, g in zip(loo_idx.tolist(), predicted, actual, loo.gradient_norms)
+        for k, (j, p, a, g) in enumerate(
+            zip(loo_idx.tolist(), predicted, actual, loo.gradient_norms)
+        )
     ]
+    far = [r for r in rows if r["converged"] and moved_far(r)]
     record = {
         "rows": rows,
         "query": int(queries[0]),
@@ -571,10 +593,76 @@ def _retraining(
         "tolerance": section["tolerance"],
         "max_iter": section["max_iter"],
         "not_converged": unconverged,
+        "moved_far": [
+            {"index": r["train_index"], "moved": r["moved"], "cosine": r["cosine"]} for r in far
+        ],
     }
+    rest = [k for k, r in enumerate(rows) if r not in far]
+    if far and len(rest) >= MIN_RETRAININGS:
+        record["pearson_without_far"] = evaluate.correlation(predicted[rest], actual[rest]).pearson
     if unconverged:
         warn(not_converged_message(record, config.path.name))
+    if far:
+        warn(moved_far_message(record))
     return record
+
+
+#: a retraining whose parameters moved this many times the length of the estimator's step
+#: (or at less than :data:`FAR_COSINE` from its direction) is told apart: its response was
+#: not the linear one the influence function models
+FAR_MOVE = 3.0
+FAR_COSINE = 0.5
+
+
+def parameter_steps(inf: Influence, loo: retraining.LeaveOneOut) -> list[dict[str, float]]:
+    """For each retraining, how its actual parameter change compares with the estimator's
+    step ``inf.remove([j]).params``: ``moved`` (the ratio of their lengths) and ``cosine``
+    (of their directions); none where the method predicts no parameter change."""
+    if not inf.method.answers("remove") or not inf.method.supplies(inf.estimator):
+        return []
+    out = []
+    for j, actual in zip(loo.indices.tolist(), loo.params):
+        step = inf.remove([j]).params.reshape(-1).to(torch.float64)
+        moved = actual.reshape(-1).to(torch.float64)
+        length = float(step.norm())
+        both = length * float(moved.norm())
+        out.append(
+            {
+                "moved": float(moved.norm()) / length if length > 0 else float("inf"),
+                "cosine": float(step @ moved) / both if both > 0 else 0.0,
+            }
+        )
+    return out
+
+
+def moved_far(row: dict[str, Any]) -> bool:
+    """Whether a retraining's parameters moved far from the estimator's step: at least
+    :data:`FAR_MOVE` times its length, or at a cosine below :data:`FAR_COSINE` to it."""
+    return "moved" in row and (row["moved"] >= FAR_MOVE or row["cosine"] < FAR_COSINE)
+
+
+def moved_far_message(record: dict[str, Any]) -> str:
+    """What retrainings that moved far beyond the estimator's step mean for the check."""
+    far = record["moved_far"]
+    names = ", ".join(f"#{r['index']}" for r in far[:8]) + (", ..." if len(far) > 8 else "")
+    moved = [r["moved"] for r in far]
+    cosines = [r["cosine"] for r in far]
+    without = record.get("pearson_without_far")
+    rest = (
+        f"; the other {record['n'] - len(far)} correlate at Pearson {without:.3f}"
+        if without is not None
+        else ""
+    )
+    return (
+        f"{len(far)} of the {record['n']} leave-one-out retrainings ({names}) moved the "
+        f"parameters {min(moved):.1f}-{max(moved):.1f} times as far as the estimator's step, "
+        f"at a cosine of {min(cosines):.2f}-{max(cosines):.2f} to it: their response to the "
+        "removal is not the linear one the influence function models (another optimum of a "
+        "non-convex objective, or a removal too large for first order): where their predicted "
+        "and actual changes differ, it is the linearisation that fails, not the estimate of "
+        f"it{rest}. Damping keeps the answer local "
+        "(docs/conventions.md §9); loo.csv has moved and cosine for each"
+    )
 
 
 def not_converged(loo: retraining.LeaveOneOut) -> list[dict[str, Any]]:
@@ -633,7 +721,13 @@ def _explanations(
     rel_top: Any,
     predicted: list[str] | None,
 ) -> list[dict[str, Any]]:
-    """One record per explained query: its view, label, prediction and both ranked lists."""
+    """One record per explained query: its view, label, prediction and both ranked lists.
+
+    A list keeps the examples of its sign only: the proponents those whose removal is predicted
+    to make the measurement worse (a loss higher), the opponents better; where fewer than k
+    examples have that sign the list is shorter (k above the count of helpful examples would
+    otherwise rank harmful ones as proponents)."""
+    helpful_sign = -1.0 if inf.task.higher_is_better else 1.0
     token_scores = None
     if display.kind == "text" and inf.method.answers("token_scores"):
         token_scores = inf if inf.estimator == "if" else inf.with_estimator("if")
@@ -654,8 +748,9 @@ def _explanations(
                     for j, s in zip(
                         getattr(ranked, f"{kind}_indices")[q], getattr(ranked, f"{kind}_scores")[q]
                     )
+                    if float(s) * helpful_sign * sign > 0
                 ]
-                for kind in ("proponent", "opponent")
+                for kind, sign in (("proponent", 1.0), ("opponent", -1.0))
             }
         if token_scores is not None:
             _add_token_scores(token_scores, query_set.part([q]), lists["if"])
@@ -672,16 +767,24 @@ def _explanations(
 
 
 def _add_token_scores(inf: Influence, query: ExampleSet, lists: dict[str, Any]) -> None:
-    """Per-token contributions of each listed training sequence to the query's score."""
+    """Per-token contributions of each listed training sequence to the query's score, and the
+    part of the score not split by position (``token_rest``: the regulariser's share, layers
+    that do not act position by position, and positions the view leaves out), so that the two
+    add up to the score."""
     rows = lists["proponent"] + lists["opponent"]
+    if not rows:
+        return
     # (a small training set can list an example as both: its tokens are split once)
     indices = sorted({r["index"] for r in rows})
     split = inf.token_scores(query, indices)
     for r in rows:
-        tokens = split.tokens[0, indices.index(r["index"])]
+        j = indices.index(r["index"])
+        tokens = split.tokens[0, j]
         # the positions the view shows (padding left out, wherever it is; none for a text
         # given by [data] display)
-        r["view"]["token_scores"] = tokens[r["view"].get("positions", [])].tolist()
+        shown = tokens[r["view"].get("positions", [])]
+        r["view"]["token_scores"] = shown.tolist()
+        r["view"]["token_rest"] = float(split.rest[0, j] + tokens.sum() - shown.sum())
 
 
 def _groups(

@@ -192,7 +192,13 @@ def view_html(view: dict[str, Any], big: bool = False) -> str:
                 )
             else:
                 spans.append(f'<span class="{cls}">{esc(token)}</span>')
-        return f'<div class="text">{" ".join(spans)}</div>'
+        split = ""
+        if weights is not None and "token_rest" in view:
+            split = (
+                f'<div class="note">tokens sum {sum(weights):+.3e}; rest (not by position) '
+                f"{view['token_rest']:+.3e}</div>"
+            )
+        return f'<div class="text">{" ".join(spans)}</div>{split}'
     if kind == "tabular":
         names = "".join(f"<th>{esc(n)}</th>" for n in view["names"])
         values = "".join(f'<td class="num">{fmt(v)}</td>' for v in view["values"])
@@ -311,6 +317,13 @@ def summary_section(data: dict[str, Any]) -> str:
     return out
 
 
+#: what an empty list of proponents or opponents says (the lists keep their sign only)
+NONE_OF_SIGN = {
+    "proponent": "no training example is predicted to help this query",
+    "opponent": "no training example is predicted to harm this query",
+}
+
+
 def explanations_section(data: dict[str, Any], tensors: dict[str, Tensor]) -> str:
     """Each query with its proponents and opponents by IF and by RelatIF, side by side."""
     flags = _flags(tensors)
@@ -345,7 +358,9 @@ def explanations_section(data: dict[str, Any], tensors: dict[str, Tensor]) -> st
             blocks = "".join(
                 f"<h4>{title}: {kind}s</h4>"
                 + (
-                    tabular_list_html(query["view"], lists[kind], flags, kind)
+                    f'<p class="note">{NONE_OF_SIGN[kind]}</p>'
+                    if not lists[kind]
+                    else tabular_list_html(query["view"], lists[kind], flags, kind)
                     if tabular
                     else f'<div class="items {rows}">'
                     + "".join(item_html(item, flags, kind) for item in lists[kind])
@@ -445,6 +460,7 @@ def retraining_section(data: dict[str, Any], tensors: dict[str, Tensor]) -> str:
     )
     return (
         not_converged_html(r)
+        + moved_far_html(r)
         + f"<p>The {r['n']} training examples with the largest |score| for test example "
         f"#{r['query']}, each left out and the model retrained (largest final gradient norm "
         f"{fmt(r['max_gradient_norm'])}): Pearson <b>{r['pearson']:.4f}</b>, Spearman "
@@ -469,6 +485,31 @@ def not_converged_html(r: dict[str, Any]) -> str:
         "[retraining] max_iter and run again; if the gradient norm stalls instead, loosen "
         "tolerance (a float32 model stops near its precision) or train the model closer to "
         "its optimum, from which each retraining starts.</p>"
+    )
+
+
+def moved_far_html(r: dict[str, Any]) -> str:
+    """The warning of a retraining check some of whose retrainings moved the parameters far
+    beyond the estimator's step (empty when none did, or for results without the figures)."""
+    far = r.get("moved_far")
+    if not far:
+        return ""
+    names = ", ".join(f"#{x['index']}" for x in far)
+    without = r.get("pearson_without_far")
+    rest = (
+        f" Without them, Pearson <b>{without:.4f}</b> over the other {r['n'] - len(far)}."
+        if without is not None
+        else ""
+    )
+    return (
+        f'<p class="warning"><b>Retrainings that left the linear regime:</b> without {names} '
+        f"the parameters moved {min(x['moved'] for x in far):.1f}-"
+        f"{max(x['moved'] for x in far):.1f} times as far as the estimator's step, at a cosine "
+        f"of {min(x['cosine'] for x in far):.2f}-{max(x['cosine'] for x in far):.2f} to it "
+        "(loo.csv: moved, cosine). Their response is not the linear one the influence function "
+        "models (another optimum of a non-convex objective, or a removal too large for first "
+        "order): where their predicted and actual changes differ, it is the linearisation that "
+        f"fails, not the estimate of it.{rest}</p>"
     )
 
 
