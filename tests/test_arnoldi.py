@@ -122,3 +122,33 @@ def test_layer_blocks_with_the_full_space_equal_the_block_diagonal_inverse(
     V = reference["inf"].fitted.query_gradients(infkit.data.ExampleSet(test))
     expected = torch.linalg.solve(blocks + l2 * torch.eye(p, dtype=H.dtype), V.T).T
     assert relative_error(inf.method.solve(V), expected) < 1e-8
+
+
+def test_the_plan_counts_the_krylov_basis_and_says_above_the_limit_where_fit_refuses() -> None:
+    """The Krylov basis, 2 x krylov_dim x P float64 with its working copies, is arnoldi's
+    largest object: the plan's fit stage is exactly that, it keeps the rank x P Ritz vectors
+    for the later stages, and at a limit one byte short of the basis the plan says above the
+    limit where fit refuses (a tester's plan said 573 MiB within a 1.2 GiB limit at which fit
+    refused a 1.6 GiB basis), while a smaller krylov_dim is planned within it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(20, 200), torch.nn.Tanh(), torch.nn.Linear(200, 10)
+    ).double()
+    p = sum(x.numel() for x in model.parameters())
+    X = torch.randn(64, 20, dtype=torch.float64)
+    train = (X, X[:, :10].argmax(1))
+    task = infkit.Task.classification(model)
+    basis = 2 * 100 * p * 8
+    for n, within in ((100, False), (10, True)):
+        inf = infkit.Influence(
+            task, "arnoldi", l2=1e-2, rank=4, krylov_dim=n, memory_limit=basis - 1
+        )
+        plan = inf.plan(train, timed=False)
+        stage = next(s for s in plan.stages if s.name == "fit arnoldi")
+        assert stage.bytes == 2 * n * p * 8 and "Krylov basis" in stage.largest[0]
+        assert stage.held == 4 * p * 8  # the kept Ritz vectors
+        assert plan.within_limit is within, str(plan)
+    with pytest.raises(infkit.errors.ProblemTooLargeError, match="lower krylov_dim"):
+        infkit.Influence(
+            task, "arnoldi", l2=1e-2, rank=4, krylov_dim=100, memory_limit=basis - 1
+        ).fit(train)

@@ -42,6 +42,7 @@ from infkit.linalg import indefinite_remedy
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import Fidelity, PrimalMethod, Problem, register
 from infkit.options import Options, option
+from infkit.plan import RunShape
 
 
 def lanczos(
@@ -190,9 +191,23 @@ class Arnoldi(PrimalMethod):
         self.products = 0
         self._train_embeddings: Tensor | None = None
 
+    def basis_bytes(self, p: int) -> int:
+        """The Krylov basis [n, P] in float64 with its working copies, n = min(krylov_dim, P):
+        the fit's largest object (:meth:`check_memory`, the plan)."""
+        return 2 * min(self.options.krylov_dim, p) * p * FLOAT64_BYTES
+
+    def fit_objects(self, shape: RunShape) -> tuple[str, int, int]:
+        n = min(self.options.krylov_dim, shape.parameters)
+        kept = min(self.options.rank, n) * shape.parameters * FLOAT64_BYTES
+        return (
+            f"Krylov basis [{n}, P] and working copies, float64",
+            self.basis_bytes(shape.parameters),
+            kept,
+        )
+
     def check_memory(self, problem: Problem) -> None:
         n = min(self.options.krylov_dim, problem.p)
-        need = 2 * n * problem.p * FLOAT64_BYTES
+        need = self.basis_bytes(problem.p)
         if need > problem.memory_limit:
             raise ProblemTooLargeError(
                 f"method='arnoldi' keeps a Krylov basis of {n} x {problem.p:,} floats "

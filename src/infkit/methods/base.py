@@ -417,13 +417,22 @@ class Method(ABC):
                     ),
                 )
             )
-        dense = self.memory_estimate(n, p, shape.outputs)
+        label, dense, held = self.fit_objects(shape)
         passes = self.fit_passes()
         if passes or dense:
-            label = ("dense curvature or kernel", dense)
-            out.append(Stage(f"fit {self.name}", passes, dense, label))
+            out.append(Stage(f"fit {self.name}", passes, dense, (label, dense), held=held))
         out += self.generic_query_stages(shape)
         return out
+
+    def fit_objects(self, shape: RunShape) -> tuple[str, int, int]:
+        """What :meth:`fit` forms beyond a batch, as the plan's generic outline counts it: its
+        name, its bytes at the fit's peak and those it keeps for the later stages (default:
+        :meth:`memory_estimate`'s dense curvature or kernel, kept; or nothing but products
+        over batches)."""
+        dense = self.memory_estimate(shape.n_train, shape.parameters, shape.outputs)
+        if not dense:
+            return "nothing held beyond a batch", 0, 0
+        return "dense curvature or kernel", dense, dense
 
     def fit_passes(self) -> float:
         """Passes over the training data :meth:`fit` makes beyond the stationarity pass and
