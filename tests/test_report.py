@@ -314,6 +314,9 @@ def test_too_few_retrainings_stop_before_any_fitting(
         ("[40]", "[report] queries index 40 is out of range [0, 40)"),
         ("[-1]", "[report] queries index -1 is out of range"),
         ("[3, 3]", "[report] queries index"),
+        # (the groups were checked only after the fit and the scores, without the file's name)
+        ("groups", "[group_removal] groups.some index 150 is out of range [0, 150)"),
+        ("options", "[influence]: method 'exact' does not take the option(s) 'tolerance'"),
     ],
 )
 def test_bad_report_queries_stop_before_any_fitting(
@@ -327,7 +330,14 @@ def test_bad_report_queries_stop_before_any_fitting(
     """[report] queries out of range or repeated (the page would explain one example twice)
     are refused, naming the file, before the fit (they were refused only after it)."""
     config = tmp_path / "bad.toml"
-    config.write_text(CONFIG.format(n_loo=5).replace("n_queries = 2", f"queries = {queries}"))
+    text = CONFIG.format(n_loo=5)
+    if queries == "groups":
+        text = text.replace("some = [0, 1, 2, 3, 4]", "some = [0, 150]")
+    elif queries == "options":
+        text = text.replace("l2 = 1e-2", "l2 = 1e-2\noptions = {tolerance = 1e-8}")
+    else:
+        text = text.replace("n_queries = 2", f"queries = {queries}")
+    config.write_text(text)
     shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
 
     def no_fit(*args: object, **kwargs: object) -> None:
@@ -751,7 +761,7 @@ def test_groups_fall_back_to_the_run_estimator_when_newton_is_out_of_reach() -> 
         warnings.simplefilter("ignore")
         inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, batch_size=4).fit(train)
     scores = inf.scores(test)
-    (group,) = _groups(inf, {"first": [0, 1, 2]}, test, scores, 20)
+    (group,) = _groups(inf, {"first": torch.tensor([0, 1, 2])}, test, scores)
     assert group["estimator"] == "if"
     assert group["fallback"].startswith("no newton step: method 'ekfac' approximates")
     torch.testing.assert_close(

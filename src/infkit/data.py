@@ -40,6 +40,9 @@ from infkit.data_forms import (
 )
 from infkit.errors import InvalidInputError, NonFiniteError
 
+#: the position a check gives for a problem of a whole batch, not of one of its examples
+WHOLE_BATCH = -1
+
 
 @dataclass
 class Batch:
@@ -67,7 +70,12 @@ class Batch:
 
     def example(self, k: int) -> str:
         """The batch's ``k``-th example as messages name it (:func:`example_name`): its
-        position is in the set the user gave (:attr:`ExampleSet.given_at`)."""
+        position is in the set the user gave (:attr:`ExampleSet.given_at`); ``k`` =
+        :data:`WHOLE_BATCH` names the batch's examples as a range (a problem of the batch's
+        tensors as a whole, such as a mask of another shape than its token ids)."""
+        if k == WHOLE_BATCH:
+            first, last = self.number(0), self.number(len(self) - 1)
+            return f"examples {first}-{last}" if last != first else f"example {first}"
         at = self.indices if self.given_at is None else self.given_at
         return example_name(self.number(k), int(at[k]))
 

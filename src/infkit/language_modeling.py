@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from infkit.data import WHOLE_BATCH
 from infkit.errors import InvalidInputError, Notice, Suspicion, warn
 
 #: PyTorch's ignore_index, Hugging Face's label for positions that are not scored
@@ -541,7 +542,7 @@ def check_inputs(
                 "(examples(..., position_ids=True))"
             )
     if ids is not None and mask is not None and tuple(mask.shape) != tuple(ids.shape):
-        return 0, (
+        return WHOLE_BATCH, (
             f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}: the mask "
             "marks each position of input_ids (1 a token, 0 padding) and must have its shape"
         )

@@ -133,7 +133,7 @@ def build_influence(config: RunConfig, task: Task) -> Influence:
             **s["options"],
         )
     except InfkitError as error:
-        raise ConfigError(f"[influence]: {error}") from error
+        raise ConfigError(f"{config.path.name}: [influence]: {error}") from error
 
 
 def build_display(config: RunConfig, train: ExampleSet, test: ExampleSet) -> Display:
@@ -321,6 +321,20 @@ def _flagged(config: RunConfig, n: int) -> Tensor | None:
     return mask
 
 
+def _checked_groups(config: RunConfig, n: int) -> dict[str, Tensor]:
+    """``[group_removal] groups``, each a list of distinct training indices in range, else a
+    ConfigError naming the file and the group (before any fitting)."""
+    out = {}
+    for name, members in config["group_removal"]["groups"].items():
+        try:
+            out[name] = checked_indices(
+                members, n, what=f"[group_removal] groups.{name} index", unique=True
+            )
+        except InfkitError as error:
+            raise ConfigError(f"{config.path.name}: {error}") from error
+    return out
+
+
 # ---------------------------------------------------------------------------- the run
 def run(config: RunConfig, out: str | Path | None = None, progress: bool | None = None) -> Path:
     """Run the analysis ``config`` describes; write the workdir and ``report.html``.
@@ -356,6 +370,7 @@ def _run(
     rep = config["report"]
     chosen = chosen_queries(config, len(test))  # refused here, before any fitting
     flagged = _flagged(config, len(train))
+    groups = _checked_groups(config, len(train))
     # the test set checked (and a language model's padding probed) once, as a whole, before
     # the fit: the queries, a subset of it, are not probed again
     check_beside(PerExample(task, ParameterSpace(model)), train, test)
@@ -448,9 +463,8 @@ def _run(
         watch.lap("self_influence")
 
     # group removal
-    groups = config["group_removal"]["groups"]
     if groups:
-        data["groups"] = _groups(inf, groups, query_set, scores, len(train))
+        data["groups"] = _groups(inf, groups, query_set, scores)
         watch.lap("group_removal")
 
     # leave-one-out retraining check on the first query
@@ -788,7 +802,7 @@ def _add_token_scores(inf: Influence, query: ExampleSet, lists: dict[str, Any]) 
 
 
 def _groups(
-    inf: Influence, groups: dict[str, list[int]], query_set: ExampleSet, scores: Tensor, n: int
+    inf: Influence, groups: dict[str, Tensor], query_set: ExampleSet, scores: Tensor
 ) -> list[dict[str, Any]]:
     """Each group's predicted joint removal effect on the queries' measurements: by one Newton
     step on the retained objective where the method supplies it (it accounts for the group's
@@ -810,13 +824,7 @@ def _groups(
             "exact_curvature in infkit.methods() does)"
         )
     out = []
-    for name, members in groups.items():
-        try:
-            idx = checked_indices(
-                members, n, what=f"[group_removal] groups.{name} index", unique=True
-            )
-        except InfkitError as error:
-            raise ConfigError(str(error)) from error
+    for name, idx in groups.items():
         used, fallback = joint, approximate
         try:
             effect = joint.remove(idx)
