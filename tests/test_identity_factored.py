@@ -398,9 +398,55 @@ def test_queries_are_scored_together_in_one_pass_and_an_oversized_one_is_named(
         [inf.scores((test[0][i : i + 1], test[1][i : i + 1]))[0] for i in range(T)]
     )
     assert relative_error(scores, reference) < 1e-12
-    row_bytes = inf.method.query_row_bytes(N, inf.fitted.space.size)
-    tight = infkit.Influence(
-        infkit.Task.classification(model), "identity", memory_limit=3 * row_bytes
+    # the chunks are sized by the factored path's own bytes a query (its factors and score
+    # row), not by the per-example path's [P] gradients and solves: a limit whose quarter holds
+    # T factored queries scores them in one pass, where per-example rows would take T
+    p = inf.fitted.space.size
+    factored_row = inf.method.query_row_bytes(N, p)
+    # per-example rows (a query's gradient, solve and score row in float64): one a chunk here
+    assert T * factored_row // (3 * (N + p) * 8) == 1
+    fitting = infkit.Influence(
+        infkit.Task.classification(model),
+        "identity",
+        batch_size=N,
+        memory_limit=4 * T * factored_row,
     ).fit(train)
-    with pytest.warns(UserWarning, match=r"one query at a time .* runs past the limit"):
-        tight.scores(test)
+    rows.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", infkit.errors.Notice)
+        assert relative_error(fitting.scores(test), reference) < 1e-12
+    assert rows.count(N) == 1, rows
+    with monkeypatch.context() as patch:  # the per-example path: a query's [P] temporaries
+        patch.setattr(identity_module, "factored_layers", lambda engine, train: None)
+        row_bytes = 3 * (N + p) * 8
+        tight = infkit.Influence(
+            infkit.Task.classification(model), "identity", memory_limit=3 * row_bytes
+        ).fit(train)
+        with pytest.warns(UserWarning, match=r"one query at a time .* runs past the limit"):
+            tight.scores(test)
+
+
+def test_the_plan_counts_the_factored_path_and_its_check() -> None:
+    """The plan of a Linear model scored by factored products: the queries' factors
+    (T x sum(d_in + 1 + d_out), with the bias column) and the [T, N] float64 scores, not the
+    per-example path's [B, P] gradients (a tester's 0.4M-parameter MLP was planned at 1.17 GiB
+    against 0.12 measured), and the fit's check on a few examples' per-example gradients; a
+    model the products do not apply to keeps the per-example outline."""
+    train, test = data()
+    model = mlp()
+    plan = infkit.Influence(infkit.Task.classification(model), "identity").plan(
+        train, test, timed=False
+    )
+    stages = {s.name: s for s in plan.stages}
+    width = (5 + 1 + 7) + (7 + 4) + (4 + 1 + 3)  # (cols + d_out) of each layer
+    assert stages["queries"].bytes == T * width * 8
+    assert stages["scores"].largest[1] == T * N * 8
+    p = sum(x.numel() for x in model.parameters())
+    check = stages["factored products' check"].bytes
+    assert 4 * p * 8 <= check <= 4 * 8 * (5 * p + 2 * 7 * 6)
+    conv = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(6, 3))
+    X = torch.randn(N, 1, 5, dtype=torch.float64)
+    other = infkit.Influence(infkit.Task.classification(conv.double()), "identity").plan(
+        (X, train[1]), (X[:T], test[1]), timed=False
+    )
+    assert "factored products' check" not in {s.name for s in other.stages}

@@ -23,10 +23,10 @@ from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
 from infkit.errors import UnsupportedError
-from infkit.gradients import PerExample, Which
+from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, Which
 from infkit.layers.capture import layer_terms
 from infkit.layers.tracked import BlockLayout, TrackedModule, find_modules
-from infkit.parameters import product_dtype
+from infkit.parameters import ParameterSpace, product_dtype
 
 #: layer kinds whose per-example gradient is one outer product delta a^T on a [B, d_in] input
 FACTORED_KINDS = ("linear", "conv1d")
@@ -41,6 +41,24 @@ class NotFactoredError(Exception):
     """The factored products do not apply to this call: use per-example gradients."""
 
 
+def factorable_layers(model: torch.nn.Module, space: ParameterSpace) -> list[TrackedModule] | None:
+    """The layers of the factored products when every trainable parameter is the weight or
+    bias of a layer in :data:`FACTORED_KINDS` (None otherwise): what :func:`factored_layers`
+    requires before its check on examples, and what a plan can know without data."""
+    try:
+        tracked, others = find_modules(model, space)
+    except UnsupportedError:  # tied weights
+        return None
+    if others or not tracked or any(t.kind not in FACTORED_KINDS for t in tracked):
+        return None
+    return tracked
+
+
+def factored_row_bytes(layers: list[TrackedModule], itemsize: int) -> int:
+    """Bytes of one example's factors (a [cols] and delta [d_out] per layer) at ``itemsize``."""
+    return sum(t.cols + t.d_out for t in layers) * itemsize
+
+
 def factored_layers(engine: PerExample, train: ExampleSet) -> list[TrackedModule] | None:
     """The layers of the factored gradient products, or None when they do not apply.
 
@@ -51,29 +69,38 @@ def factored_layers(engine: PerExample, train: ExampleSet) -> list[TrackedModule
     layers used outside their module call and examples that interact within a batch.
     """
     space = engine.space
-    try:
-        tracked, others = find_modules(engine.task.model, space)
-    except UnsupportedError:  # tied weights
-        return None
-    if others or not tracked or any(t.kind not in FACTORED_KINDS for t in tracked):
+    tracked = factorable_layers(engine.task.model, space)
+    if tracked is None:
         return None
     batch = train.take(range(min(CHECK_EXAMPLES, len(train))))
     try:
         terms = layer_terms(engine, tracked, batch, "loss")
     except RuntimeError:  # a tracked layer that the forward pass does not call
         return None
+    if any(a.shape[1] != 1 or d.shape[1] != 1 for a, d in terms.values()):
+        return None  # several positions (tokens) per example
     G = engine.grads(batch, "loss")
-    F = torch.zeros_like(G)
+    tol = min(1e-2, 10 * torch.finfo(G.dtype).eps ** 0.5) * float(G.abs().max())
     layout = BlockLayout(space, tracked, [])
+    # layer by layer: one layer's [k, d_out, cols] block beside G at a time, not a second
+    # [k, P] (on a 6.3M-parameter MLP the whole-vector check took 0.4 GiB)
     for t in tracked:
         a, d = terms[t.name]
-        if a.shape[1] != 1 or d.shape[1] != 1:  # several positions (tokens) per example
+        outer = (d[:, 0, :, None] * a[:, 0, None, :]).to(G.dtype)
+        if not bool((outer.sub_(layout.block(G, t))).abs_().max() <= tol):
             return None
-        layout.put(F, t, (d[:, 0, :, None] * a[:, 0, None, :]).to(G.dtype))
-    tol = min(1e-2, 10 * torch.finfo(G.dtype).eps ** 0.5)
-    if not bool((F - G).abs().max() <= tol * G.abs().max()):
-        return None
+        del outer
     return tracked
+
+
+def factored_check_bytes(layers: list[TrackedModule], parameters: int, itemsize: int) -> int:
+    """The peak of :func:`factored_layers`' check beyond the model's pass: the per-example
+    gradients [k, P] of its :data:`CHECK_EXAMPLES` examples with the vmapped backward's working
+    memory (:data:`~infkit.gradients.GRADIENT_WORK_FACTOR` times their size), and one layer's
+    outer products beside its block of them (two [k, d_out, cols] blocks of the largest
+    layer)."""
+    largest = max(t.d_out * t.cols for t in layers)
+    return CHECK_EXAMPLES * itemsize * (GRADIENT_WORK_FACTOR * parameters + 2 * largest)
 
 
 class FactoredGradients:

@@ -39,15 +39,21 @@ from infkit.errors import CurvatureError, InvalidInputError
 from infkit.estimators import Estimator
 from infkit.fitted import Fitted, warn_about_still_queries
 from infkit.layers.factored import (
+    CHECK_EXAMPLES,
     FactoredGradients,
     Factors,
     NotFactoredError,
+    factorable_layers,
+    factored_check_bytes,
     factored_layers,
+    factored_row_bytes,
 )
 from infkit.layers.tracked import find_modules
+from infkit.memory import FLOAT64_BYTES, default_memory_limit, row_chunks
 from infkit.methods.base import BASIC, Fidelity, PrimalMethod, register
 from infkit.options import Options, option
-from infkit.parameters import ParameterSpace
+from infkit.parameters import ParameterSpace, product_dtype
+from infkit.plan import RunShape, Stage
 from infkit.task import Task
 
 
@@ -147,6 +153,59 @@ class Identity(PrimalMethod):
 
     def fit_passes(self) -> float:
         return 0.0  # H = I: nothing to fit beyond the layers' shapes
+
+    def query_row_bytes(self, n: int, p: int, estimator: Estimator | None = None) -> int:
+        """A query's bytes on the factored path (its factors and its float64 score row), the
+        generic path's elsewhere."""
+        if self.factored is None:
+            return super().query_row_bytes(n, p, estimator)
+        item = product_dtype(self.factored.engine.space.dtype).itemsize
+        return factored_row_bytes(self.factored.layers, item) + n * FLOAT64_BYTES
+
+    def stages(self, shape: RunShape, task: Task, space: ParameterSpace) -> list[Stage]:
+        """The generic outline, with the queries and scores of the factored products where
+        every attributed parameter belongs to a Linear layer and each example is one position
+        (fit then checks them on a few examples; a model that fails the check takes the
+        per-example gradients the generic outline counts, several times the bytes)."""
+        out = super().stages(shape, task, space)
+        layers = None if self.tracin or shape.tokens != 1 else factorable_layers(task.model, space)
+        if layers is None:
+            return out
+        n, q, b = shape.n_train, shape.n_queries, shape.batch_size
+        item = product_dtype(space.dtype).itemsize
+        width = factored_row_bytes(layers, item)
+        limit = shape.memory_limit or default_memory_limit()
+        chunks = row_chunks(
+            q, width + n * FLOAT64_BYTES, q * n * FLOAT64_BYTES, limit, together=True
+        )
+        rows = max(stop - start for start, stop in chunks)
+        held = rows * width  # a chunk's query factors, through its pass over the training data
+        scores = q * n * FLOAT64_BYTES
+        note = "if the factored products pass their check at fit (else per-example gradients)"
+        generic = [s for s in out if s.name not in ("queries", "scores")]
+        check = factored_check_bytes(layers, shape.parameters, shape.itemsize)
+        generic.append(
+            Stage(
+                "factored products' check",
+                0,
+                check,
+                (f"per-example gradients [{CHECK_EXAMPLES}, P] of the checked examples", check),
+                "fit compares the factored gradients with them on a few examples",
+            )
+        )
+        factors = ("a chunk's query factors [Q, sum(d_in + d_out)]", held)
+        return [
+            *generic,
+            Stage("queries", 0, held, factors, note),
+            Stage(
+                "scores",
+                len(chunks),
+                scores + held + b * width + rows * b * FLOAT64_BYTES,
+                ("[Q, N] scores, float64", scores),
+                f"{len(chunks)} chunks of {rows} queries, a pass each" if len(chunks) > 1 else "",
+                flops=2.0 * q * n * width / item,
+            ),
+        ]
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
