@@ -2,6 +2,11 @@
 
     python tests/distributed_worker.py OUT
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed_worker.py OUT
+    python -m torch.distributed.run ... tests/distributed_worker.py OUT WHAT
+
+With WHAT (``data``, ``damping`` or ``batch_size``) process 1 is given other training data (one
+token), another damping or another batch size than process 0; each process fits and scores
+once and writes the error it got, if any, to ``OUT/rank<r>.err``.
 
 As a user's script would, it initialises the default process group (gloo, CPU) when torchrun's
 variables are set and otherwise uses the public API unchanged: EK-FAC on a small causal LM in
@@ -53,6 +58,9 @@ def main() -> None:
     inputs, labels = lm.examples(ids, mask)
     train, queries = rows(inputs, labels, 0, N), rows(inputs, labels, N, N + Q)
     task = infkit.Task.language_modeling(model)
+    if len(sys.argv) > 2:
+        mismatch(out, sys.argv[2], task, inputs, labels)
+        return
     result: dict[str, object] = {}
     for fisher in ("sampled", "empirical"):
         inf = infkit.Influence(
@@ -82,6 +90,32 @@ def main() -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     out.mkdir(parents=True, exist_ok=True)
     torch.save(result, out / f"rank{rank}.pt")
+    leave()
+
+
+def mismatch(out: Path, what: str, task: infkit.Task, inputs: dict, labels: torch.Tensor) -> None:
+    """Process 1 differs from process 0 in ``what``; each writes the error it got."""
+    rank = dist.get_rank()
+    damping = 2e-2 if what == "damping" and rank == 1 else 1e-2
+    batch = BATCH + 1 if what == "batch_size" and rank == 1 else BATCH
+    if what == "data" and rank == 1:
+        inputs = {k: v.clone() for k, v in inputs.items()}
+        inputs["input_ids"][7, 3] = (inputs["input_ids"][7, 3] + 1) % VOCAB
+    train, queries = rows(inputs, labels, 0, N), rows(inputs, labels, N, N + Q)
+    message = ""
+    try:
+        inf = infkit.Influence(
+            task, "ekfac", l2=1e-2, damping=damping, batch_size=batch, memory_limit=MEMORY_LIMIT
+        ).fit(train)
+        inf.scores(queries)
+    except infkit.errors.InvalidInputError as error:
+        message = str(error)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.err").write_text(message)
+    leave()
+
+
+def leave() -> None:
     if dist.is_initialized():
         dist.barrier()  # every process done before the group goes
         dist.destroy_process_group()

@@ -66,3 +66,27 @@ def test_torchrun_gives_every_process_the_single_process_answer(tmp_path: Path) 
     # process alone reads (the rest is the queries and a few probes every process repeats)
     for r in ranks:
         assert r["seen"] < 0.7 * single["seen"], (r["seen"], single["seen"])
+
+
+@pytest.mark.parametrize(
+    ("what", "where", "differs"),
+    [
+        ("data", "the fit of method 'ekfac'", "data, so"),
+        ("batch_size", "the fit of method 'ekfac'", "batch_size, so"),
+        ("damping", "the scores of method 'ekfac'", "damping, ridges."),
+    ],
+)
+def test_processes_that_differ_are_refused_on_every_process(
+    tmp_path: Path, what: str, where: str, differs: str
+) -> None:
+    """A process given other training data (one token), another batch size (which splits the
+    passes otherwise) or another damping than process 0: before the first sum across them
+    every process refuses, naming the process and what differs (a tester's runs summed them
+    without a word: scores 85% off with another damping, and committed to a workdir)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    _run([*torchrun, "--nproc_per_node=2", str(WORKER), str(tmp_path), what], tmp_path)
+    for rank in (0, 1):
+        message = (tmp_path / f"rank{rank}.err").read_text()
+        assert message.startswith(f"{where}: process 1 of 2 differs from process 0 in "), message
+        assert f"in {differs}" in message, message
+        assert f"this is process {rank}" in message

@@ -14,13 +14,17 @@ for bit.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
+from infkit.errors import InvalidInputError
+from infkit.store import canonical, differences
 
 
 def world() -> tuple[int, int]:
@@ -60,6 +64,38 @@ def examples_in_batches(
     size = processes if size is None else size
     total = -(-n // batch_size)
     return sum(min(batch_size, n - b * batch_size) for b in range(rank, total, size))
+
+
+def agree(what: str, identity: Mapping[str, Any]) -> None:
+    """Refuse, on every process alike, a computation whose processes would combine different
+    things: ``identity`` (what the computation depends on: the model's and the data's
+    fingerprints, the settings) is gathered from every process and compared with process 0's
+    before the computation's first sum across them (nothing alone).
+
+    Without it a process given other data, weights or settings (a damping, a batch size that
+    splits the passes otherwise) adds its part to the others' without a word, and every
+    process, a workdir's committed shards too, holds the wrong sum.
+
+    Raises:
+        InvalidInputError: a process's identity differs from process 0's; the message names
+            the process and what differs.
+    """
+    rank, size = world()
+    if size == 1:
+        return
+    gathered: list[Any] = [None] * size
+    dist.all_gather_object(gathered, canonical(dict(identity)))
+    first = json.loads(gathered[0])
+    for other, text in enumerate(gathered):
+        if text == gathered[0]:
+            continue
+        changed = ", ".join(differences(first, json.loads(text))) or "(the identity)"
+        raise InvalidInputError(
+            f"{what}: process {other} of {size} differs from process 0 in {changed}, so their "
+            "sums would mix different computations. Every process must run the same script on "
+            "the same model, training data (in the same order), queries and settings "
+            f"(docs/distributed.md §2); this is process {rank}"
+        )
 
 
 def sum_across(*tensors: Tensor) -> None:

@@ -39,8 +39,9 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet
-from infkit.distributed import sum_across
+from infkit.distributed import agree, sum_across, world
 from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.fingerprint import data_fingerprint
 from infkit.influence import Influence
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.kfac.factors import FactorFitter, rotated
@@ -132,6 +133,15 @@ def dataset_embedding(inf: Influence, data: Any, kind: str = "profile") -> Tenso
         per_example_draws=True,  # a set's embedding does not depend on its order or batches
     )
     examples = ExampleSet(data, name="data")
+    if world()[1] > 1:  # under torchrun: the same set, factors and batches on every process
+        agree(
+            f"dataset_embedding (kind={kind!r})",
+            {
+                "data": data_fingerprint(examples),
+                "factors": method.factors_identity(),
+                "batch_size": inf.batch_size,
+            },
+        )
     size = sum(t.d_out * t.cols for t in method.tracked)
     total = torch.zeros(size, dtype=torch.float64, device=inf.fitted.space.device)
     for b, items in fitter.pass_over(examples, mode, "dataset embedding"):

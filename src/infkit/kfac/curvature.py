@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from infkit.data import ExampleSet
+from infkit.distributed import agree
 from infkit.errors import (
     ArtifactError,
     ArtifactRemovedError,
@@ -424,6 +425,11 @@ class KroneckerCurvature:
         options, fitted = self.options, self.fitted
         fitter = self._fitter()
         identity = self.identity(fitter, self.corrected)
+        # under torchrun: the same fit on every process, whose passes split by batch_size
+        agree(
+            f"the fit of method {self.owner!r}",
+            {**identity, "method": self.owner, "batch_size": fitter.batch_size},
+        )
         stage = first_stage_identity(identity)
         store = None if options.factors_dir is None else ArtifactStore(options.factors_dir)
         resume = None

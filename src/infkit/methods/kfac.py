@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet
-from infkit.distributed import examples_in_batches, sum_across
+from infkit.distributed import agree, examples_in_batches, sum_across, world
 from infkit.errors import NotFittedError, Notice, ProblemTooLargeError, warn
 from infkit.estimators import Estimator
 from infkit.fingerprint import data_fingerprint, task_fingerprint, tensor_digest
@@ -241,6 +241,30 @@ class KFAC(PrimalMethod):
             return None
         return self._scorer(CallResult() if result is None else result)
 
+    def _agree(self, call: str, queries: ExampleSet | None, **extra: Any) -> None:
+        """Under torchrun, refuse a streamed call whose processes differ in what their sums
+        combine (:func:`~infkit.distributed.agree`): the queries, the settings the scoring pass
+        reads (damping, l2, the memory limit that sets the queries' rank and groups, the
+        options) and the call's own arguments (``extra``); the factors agreed at fit."""
+        if world()[1] == 1:
+            return
+        fitted = self.fitted
+        agree(
+            f"the {call} of method {self.name!r}",
+            {
+                "call": call,
+                "queries": None if queries is None else data_fingerprint(queries),
+                "n_train": fitted.n,
+                "batch_size": fitted.batch_size,
+                "l2": fitted.l2,
+                "damping": fitted.damping,
+                "ridges": self.kronecker().ridges(),
+                "memory_limit": fitted.memory_limit,
+                "options": self.options.record(),
+                **extra,
+            },
+        )
+
     def _scorer(self, result: CallResult) -> StreamingScorer:
         """The layer-by-layer scorer with the query budget left beside the call's ``result``."""
         curvature, fitted = self.kronecker(), self.fitted
@@ -271,6 +295,7 @@ class KFAC(PrimalMethod):
         scorer = self._streaming(estimator, _scores_result(len(queries), self.fitted.n))
         if scorer is None:
             return super().scores(queries, estimator)
+        self._agree("scores", queries, part=self.shard_part)
         shards = self._shards(queries)
         if shards is None or self.shard_part is not None:  # (a part's columns are no result)
             return self._grouped_scores(queries, scorer, shards)
@@ -292,6 +317,7 @@ class KFAC(PrimalMethod):
         scorer = self._streaming(estimator, _scores_result(len(queries), len(among)))
         if scorer is None:
             return super().scores_among(queries, estimator, among)
+        self._agree("scores", queries, among=among.tolist())
         return self._grouped_scores(queries, scorer, None, among)
 
     def _grouped_scores(
@@ -383,6 +409,7 @@ class KFAC(PrimalMethod):
         scorer = self._streaming(estimator, result)
         if scorer is None:
             return None
+        self._agree("module_scores", queries)
         shape, device = (len(queries), fitted.n), fitted.space.device
         out = {t.name: torch.zeros(shape, dtype=torch.float64, device=device) for t in tracked}
 
@@ -418,6 +445,7 @@ class KFAC(PrimalMethod):
                 "ask for fewer queries or training indices a call",
             )
         )
+        self._agree("token_scores", queries, indices=indices.tolist(), positions=positions)
         tokens = torch.zeros(*shape, width, dtype=torch.float64, device=device)
         rest = torch.zeros(shape, dtype=torch.float64, device=device)
         layers: set[str] = set()
@@ -480,6 +508,7 @@ class KFAC(PrimalMethod):
         scorer = self._streaming(estimator)
         if scorer is None:
             return super().self_scores(estimator)
+        self._agree("self_scores", None)
         return scorer.self_scores()
 
     def stages(self, shape: RunShape, task: Task, space: ParameterSpace) -> list[Stage]:
