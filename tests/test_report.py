@@ -47,6 +47,15 @@ def bad_labels():
     return [3, 5, 8, 13]
 
 
+def normed():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(), torch.nn.Linear(16, 10)
+    ).double()
+    infkit.train_to_optimum(infkit.Task.classification(net), splits()[0], L2, tolerance=1e-12)
+    return net
+
+
 def mlp():
     torch.manual_seed(0)
     net = torch.nn.Sequential(
@@ -392,6 +401,33 @@ def test_converged_retrainings_are_not_flagged(finished: Path) -> None:
         assert 1.0 < float(row["moved"]) < 2.0 and float(row["cosine"]) > 0.99, row
 
 
+@pytest.mark.parametrize(
+    ("settings", "columns"),
+    [
+        # EK-FAC attributes through the Linear layers only: the step covers those, the
+        # retrainings every parameter (LayerNorm's too); compared over the attributed ones
+        ('method = "ekfac"\ndamping = 1e-3', True),
+        # RelatIF predicts no removal: no step to compare with
+        ('method = "exact"\nestimator = "relatif"', False),
+    ],
+)
+def test_the_retraining_check_runs_with_untracked_layers_and_with_relatif(
+    project: Path, tmp_path: Path, settings: str, columns: bool
+) -> None:
+    config = tmp_path / "c.toml"
+    text = CONFIG.format(n_loo=3).replace("tester_project:model", "tester_project:normed")
+    config.write_text(text.replace('method = "exact"', settings))
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    workdir = tmp_path / "w"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
+    with (workdir / "loo.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    assert all(("moved" in r and float(r["moved"]) > 0) == columns for r in rows), rows
+
+
 def test_retrainings_that_leave_the_linear_regime_are_told_apart(
     project: Path, tmp_path: Path
 ) -> None:
@@ -656,6 +692,30 @@ def test_lists_keep_their_sign_and_tokens_add_up_with_the_rest(tmp_path: Path) -
     assert rows and all((float(r["score"]) > 0) == (r["kind"] == "proponent") for r in rows)
     page = (workdir / "report.html").read_text()
     assert "rest (not by position)" in page
+
+
+def test_the_token_split_of_lists_by_another_estimator_is_said_to_be_ifs(tmp_path: Path) -> None:
+    """Lists by the Newton estimator: the per-token split is IF's, whose tokens and rest add up
+    to the IF score, not to the listed one, and the page says whose split it is."""
+    text_project(
+        tmp_path,
+        settings='[influence]\nmethod = "exact"\nestimator = "newton"\nl2 = 0.1\n'
+        "[self_influence]\nenabled = false\n[report]\nn_queries = 1\ntop_k = 3\n",
+    )
+    assert cli.main(["run", str(tmp_path / "infkit.toml"), "--quiet"]) == 0
+    workdir = tmp_path / "runs" / "infkit"
+    data, _ = load_results(workdir)
+    query = data["queries"][0]
+    items = query["lists"]["if"]["proponent"] + query["lists"]["if"]["opponent"]
+    assert items
+    for item in items:
+        view = item["view"]
+        assert view["token_estimator"] == "if"
+        total = sum(view["token_scores"]) + view["token_rest"]
+        assert total == pytest.approx(view["token_total"], rel=1e-9, abs=1e-12)
+    page = (workdir / "report.html").read_text()
+    shown = page.count("IF&#x27;s split: tokens sum") + page.count("IF's split: tokens sum")
+    assert shown == len(items), shown
 
 
 @pytest.mark.parametrize(

@@ -84,3 +84,29 @@ def test_a_file_replaced_while_read_is_refused(
         load_tensors(path)
     monkeypatch.setattr(store, "safe_open", real)
     assert load_tensors(path)["a"].sum() == 4  # the new file, read whole
+
+
+def test_a_table_without_rows_still_replaces_an_earlier_one(tmp_path: Path) -> None:
+    """save_csv with no rows writes the header of its columns (a report whose lists are all
+    empty left an earlier run's top_k.csv beside its page), and without columns nothing."""
+    from infkit.store import save_csv
+
+    path = tmp_path / "t.csv"
+    save_csv(path, [{"a": 1, "b": 0.5}])
+    save_csv(path, [], ("a", "b"))
+    assert path.read_text().splitlines() == ["a,b"]
+    save_csv(tmp_path / "none.csv", [])
+    assert not (tmp_path / "none.csv").exists()
+
+
+def test_a_problem_of_a_whole_batch_names_its_examples() -> None:
+    """A check's position WHOLE_BATCH names the batch's examples: as a range where they are
+    consecutive, else by count, first and last (a subset [30, 2] read 'examples 30-2')."""
+    from infkit.data import WHOLE_BATCH, ExampleSet
+
+    data = ExampleSet((torch.randn(40, 3), torch.zeros(40)), name="test set")
+    (whole,) = data.batches(64)
+    assert whole.example(WHOLE_BATCH) == "examples 0-39"
+    (picked,) = data.part([30, 2]).batches(64)
+    assert picked.example(WHOLE_BATCH) == "its 2 examples (30, ..., 2)"
+    assert picked.example(0) != picked.example(WHOLE_BATCH)

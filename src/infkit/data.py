@@ -74,8 +74,13 @@ class Batch:
         :data:`WHOLE_BATCH` names the batch's examples as a range (a problem of the batch's
         tensors as a whole, such as a mask of another shape than its token ids)."""
         if k == WHOLE_BATCH:
-            first, last = self.number(0), self.number(len(self) - 1)
-            return f"examples {first}-{last}" if last != first else f"example {first}"
+            numbers = [self.number(i) for i in range(len(self))]
+            first, last = numbers[0], numbers[-1]
+            if len(numbers) == 1:
+                return f"example {first}"
+            if numbers == list(range(first, last + 1)):
+                return f"examples {first}-{last}"
+            return f"its {len(numbers)} examples ({first}, ..., {last})"
         at = self.indices if self.given_at is None else self.given_at
         return example_name(self.number(k), int(at[k]))
 

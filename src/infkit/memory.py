@@ -103,7 +103,7 @@ def human_bytes(n: float) -> str:
     units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
     k = min(int(math.log(n, 1024)), len(units) - 1)
     if n >= 1024 ** len(units):  # beyond any machine: say it in powers of ten
-        return f"{n / 1024 ** (len(units) - 1):.2g} {units[-1]}"
+        return f"{n / 1024 ** (len(units) - 1):.3g} {units[-1]}"
     return f"{n / 1024**k:.1f} {units[k]}"
 
 

@@ -192,16 +192,19 @@ def save_json(path: str | Path, obj: Any) -> Path:
     return path
 
 
-def save_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+def save_csv(
+    path: str | Path, rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str] = ()
+) -> Path:
     """Write ``rows`` (mappings with the same keys) as CSV to ``path`` atomically; floats with
-    every digit (``repr``). Nothing is written for no rows."""
+    every digit (``repr``). For no rows, the header of ``fieldnames`` alone, or nothing without
+    them."""
     path = Path(path)
-    if not rows:
+    if not rows and not fieldnames:
         return path
     fd, tmp = _atomic_target(path)
     try:
         with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else list(fieldnames))
             writer.writeheader()
             writer.writerows(
                 {k: repr(v) if isinstance(v, float) else v for k, v in r.items()} for r in rows

@@ -324,6 +324,9 @@ class Task:
         check_inputs: ``fn(inputs, model) -> (position, message) | None``: why a batch of
             inputs cannot be fed to the model (a language model: token ids outside its
             vocabulary); every pass over the data checks its batches with it (None: no check).
+            The position is the batch's example the message is about, or
+            :data:`infkit.data.WHOLE_BATCH` (-1, not Python's last) for the batch's tensors as a
+            whole (a mask of another shape than the token ids).
         check_pairs: ``fn(inputs, targets) -> (position, message) | None``: why a batch's
             targets disagree with its inputs (a language model: a label scored at padding);
             checked once per set, with the targets; a message that is an

@@ -621,6 +621,9 @@ def _retraining(
     return record
 
 
+#: the columns of top_k.csv
+TOP_K_COLUMNS = ("query", "estimator", "kind", "rank", "train_index", "label", "score")
+
 #: a retraining whose parameters moved this many times the length of the estimator's step
 #: (or at less than :data:`FAR_COSINE` from its direction) is told apart: its response was
 #: not the linear one the influence function models
@@ -630,14 +633,21 @@ FAR_COSINE = 0.5
 
 def parameter_steps(inf: Influence, loo: retraining.LeaveOneOut) -> list[dict[str, float]]:
     """For each retraining, how its actual parameter change compares with the estimator's
-    step ``inf.remove([j]).params``: ``moved`` (the ratio of their lengths) and ``cosine``
-    (of their directions); none where the method predicts no parameter change."""
-    if not inf.method.answers("remove") or not inf.method.supplies(inf.estimator):
+    step ``inf.remove([j]).params``, over the parameters the method attributes: ``moved``
+    (the ratio of their lengths) and ``cosine`` (of their directions); none where the method
+    or the estimator (RelatIF) predicts no parameter change."""
+    estimator = inf.estimator_spec
+    if not (inf.method.answers("remove") and inf.method.supplies(estimator.name)):
         return []
+    if not estimator.counterfactual:  # RelatIF predicts no removal
+        return []
+    # the retrainings move every trainable parameter; the step, those the method attributes
+    everything = ParameterSpace(inf.task.model)
+    attributed = inf.fitted.space
     out = []
     for j, actual in zip(loo.indices.tolist(), loo.params):
         step = inf.remove([j]).params.reshape(-1).to(torch.float64)
-        moved = actual.reshape(-1).to(torch.float64)
+        moved = attributed.flatten(everything.unflatten(actual.reshape(-1))).to(torch.float64)
         length = float(step.norm())
         both = length * float(moved.norm())
         out.append(
@@ -670,12 +680,12 @@ def moved_far_message(record: dict[str, Any]) -> str:
     return (
         f"{len(far)} of the {record['n']} leave-one-out retrainings ({names}) moved the "
         f"parameters {min(moved):.1f}-{max(moved):.1f} times as far as the estimator's step, "
-        f"at a cosine of {min(cosines):.2f}-{max(cosines):.2f} to it: their response to the "
-        "removal is not the linear one the influence function models (another optimum of a "
-        "non-convex objective, or a removal too large for first order): where their predicted "
-        "and actual changes differ, it is the linearisation that fails, not the estimate of "
-        f"it{rest}. Damping keeps the answer local "
-        "(docs/conventions.md §9); loo.csv has moved and cosine for each"
+        f"at a cosine of {min(cosines):.2f}-{max(cosines):.2f} to it: the retrained models "
+        "are not where the estimator's step leads (another optimum of a non-convex objective, "
+        "a removal too large for first order, or a step that damping shortens or an "
+        "approximate curvature turns), so where their predicted and actual changes differ, "
+        f"the comparison does not measure the estimate alone{rest}. loo.csv has moved and "
+        "cosine for each (docs/report.md §4)"
     )
 
 
@@ -767,7 +777,7 @@ def _explanations(
                 for kind, sign in (("proponent", 1.0), ("opponent", -1.0))
             }
         if token_scores is not None:
-            _add_token_scores(token_scores, query_set.part([q]), lists["if"])
+            _add_token_scores(token_scores, query_set.part([q]), lists["if"], inf.estimator)
         record: dict[str, Any] = {
             "index": t,
             "label": display.label("test", t),
@@ -780,11 +790,14 @@ def _explanations(
     return out
 
 
-def _add_token_scores(inf: Influence, query: ExampleSet, lists: dict[str, Any]) -> None:
-    """Per-token contributions of each listed training sequence to the query's score, and the
-    part of the score not split by position (``token_rest``: the regulariser's share, layers
-    that do not act position by position, and positions the view leaves out), so that the two
-    add up to the score."""
+def _add_token_scores(
+    inf: Influence, query: ExampleSet, lists: dict[str, Any], listed_by: str
+) -> None:
+    """Per-token contributions of each listed training sequence to the query's IF score, and
+    the part of that score not split by position (``token_rest``: the regulariser's share,
+    layers that do not act position by position, and positions the view leaves out), so that
+    the two add up to the IF score: the listed score where the lists are by IF (``listed_by``,
+    the run's estimator; ``token_estimator`` says whose split it is)."""
     rows = lists["proponent"] + lists["opponent"]
     if not rows:
         return
@@ -799,6 +812,9 @@ def _add_token_scores(inf: Influence, query: ExampleSet, lists: dict[str, Any]) 
         shown = tokens[r["view"].get("positions", [])]
         r["view"]["token_scores"] = shown.tolist()
         r["view"]["token_rest"] = float(split.rest[0, j] + tokens.sum() - shown.sum())
+        r["view"]["token_estimator"] = "if"
+        if listed_by != "if":
+            r["view"]["token_total"] = float(split.rest[0, j] + tokens.sum())
 
 
 def _groups(
@@ -893,7 +909,9 @@ def _write_tables(workdir: Path, data: dict[str, Any]) -> None:
                             "score": item["score"],
                         }
                     )
-    save_csv(workdir / "top_k.csv", rows)
+    # (every list can be empty: a query no training example moves; the header still replaces
+    # an earlier run's table)
+    save_csv(workdir / "top_k.csv", rows, TOP_K_COLUMNS)
     if "retraining" in data:
         save_csv(workdir / "loo.csv", data["retraining"]["rows"])
     if "self_influence" in data:

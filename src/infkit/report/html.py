@@ -194,9 +194,10 @@ def view_html(view: dict[str, Any], big: bool = False) -> str:
                 spans.append(f'<span class="{cls}">{esc(token)}</span>')
         split = ""
         if weights is not None and "token_rest" in view:
+            whose = "IF's split: " if "token_total" in view else ""  # lists by another estimator
             split = (
-                f'<div class="note">tokens sum {sum(weights):+.3e}; rest (not by position) '
-                f"{view['token_rest']:+.3e}</div>"
+                f'<div class="note">{whose}tokens sum {sum(weights):+.3e}; rest (not by '
+                f"position) {view['token_rest']:+.3e}</div>"
             )
         return f'<div class="text">{" ".join(spans)}</div>{split}'
     if kind == "tabular":
@@ -330,8 +331,9 @@ def explanations_section(data: dict[str, Any], tensors: dict[str, Tensor]) -> st
     losses = tensors["query_losses"].tolist()
     est = data["summary"]["estimator"].upper()
     parts = [
-        "<p>A proponent's removal is predicted to raise the query's loss (it helped); an "
-        "opponent's to lower it. Scores are predicted changes of the measured quantity, 1/N "
+        "<p>A proponent's removal is predicted to make the query's measurement worse (a loss "
+        "higher: it helped); an opponent's to make it better. Scores are predicted changes of "
+        "the measured quantity, 1/N "
         "included. RelatIF normalises each training example's influence by its own, so the "
         "lists are not dominated by high-loss outliers.</p>"
     ]
@@ -506,10 +508,11 @@ def moved_far_html(r: dict[str, Any]) -> str:
         f"the parameters moved {min(x['moved'] for x in far):.1f}-"
         f"{max(x['moved'] for x in far):.1f} times as far as the estimator's step, at a cosine "
         f"of {min(x['cosine'] for x in far):.2f}-{max(x['cosine'] for x in far):.2f} to it "
-        "(loo.csv: moved, cosine). Their response is not the linear one the influence function "
-        "models (another optimum of a non-convex objective, or a removal too large for first "
-        "order): where their predicted and actual changes differ, it is the linearisation that "
-        f"fails, not the estimate of it.{rest}</p>"
+        "(loo.csv: moved, cosine). The retrained models are not where the estimator's step "
+        "leads (another optimum of a non-convex objective, a removal too large for first order, "
+        "or a step that damping shortens or an approximate curvature turns), so where their "
+        f"predicted and actual changes differ, the comparison does not measure the estimate "
+        f"alone.{rest}</p>"
     )
 
 
