@@ -338,3 +338,21 @@ def test_a_task_check_of_targets_against_inputs_runs_on_its_own() -> None:
     y[4] = -1.0
     with pytest.raises(InvalidInputError, match="training set example 4: its label's sign"):
         infkit.Influence(task, "exact", l2=0.1).fit((X, y))
+
+
+def test_only_process_0_warns_under_torch_distributed(monkeypatch) -> None:
+    """Every process of a torchrun group runs the same computation: process 0 warns, the
+    others stay quiet (a tester saw each notice and warning once per process)."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from infkit.errors import warn
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    for rank, expected in ((0, 1), (1, 0)):
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn("said once")
+        assert len(caught) == expected, (rank, caught)

@@ -83,7 +83,12 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
 
     Warnings from deep inside a computation (a solver that did not converge, a fallback taken)
     then point at the call in the user's code that triggered them, wherever they were raised.
+    Under ``torch.distributed`` only process 0 warns: every process runs the same computation
+    on the same model, data and settings (refused otherwise, :func:`infkit.distributed.agree`),
+    so the others would repeat its warnings once each.
     """
+    if _other_process():
+        return
     package = os.path.dirname(os.path.abspath(__file__))
     frame = sys._getframe(1)  # the caller of warn(): stacklevel 2
     level = 2
@@ -91,6 +96,13 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def _other_process() -> bool:
+    """Whether this is a process other than 0 of an initialised default process group."""
+    import torch.distributed as dist  # (torch's import is not this module's to pay for)
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 #: warning categories about code rather than results, which :func:`shown_warnings` leaves out
