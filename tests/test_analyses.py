@@ -3,6 +3,8 @@ memorisation score and curvature edit (docs/analyses.md §1, §4-§5)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -59,6 +61,27 @@ def test_layer_quality_decomposes_the_validation_influence(problem: dict) -> Non
     assert budget[quality.layers[heavier]] >= budget[quality.layers[1 - heavier]]
     with pytest.raises(InvalidInputError, match="by must be"):
         quality.allocate(4, by="quality")
+
+
+def test_shares_by_net_refuse_the_rounding_an_optimum_leaves(problem: dict) -> None:
+    """At the optimum of the objective the influence is fitted with, every layer's net effect
+    is 0 to rounding (helpful = harmful): shares by 'net' would split noise, and refuse."""
+    X, y = problem["train"]
+    model = copy.deepcopy(problem["model"])
+    task = infkit.Task.classification(model)
+    assert infkit.train_to_optimum(task, (X, y), 1e-2, tolerance=1e-12).converged
+    quality = layer_quality(infkit.Influence(task, "exact", l2=1e-2).fit((X, y)), problem["val"])
+    assert float(quality.net.abs().max()) < 1e-10 * float(quality.helpful.sum())
+    for call in (lambda: quality.shares("net"), lambda: quality.allocate(10, by="net")):
+        with pytest.raises(InvalidInputError, match="at rounding level"):
+            call()
+    assert sum(quality.allocate(10, by="helpful").values()) == 10
+    # away from it (the fixture's model fitted with another l2) every layer's net effect is
+    # negative here: no shares either (they were an even split), said as such
+    away = layer_quality(problem["inf"], problem["val"])
+    assert bool((away.net < -1e-3 * away.helpful.sum()).all())
+    with pytest.raises(InvalidInputError, match="no layer has a positive net effect"):
+        away.shares("net")
 
 
 def test_kfe_features_reproduce_the_ekfac_scores(problem: dict) -> None:

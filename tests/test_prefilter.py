@@ -71,6 +71,9 @@ def test_tfidf_candidates_find_the_document_sharing_a_rare_word(problem: dict) -
     assert indices[:, 0].tolist() == [5 * t + 1 for t in range(Q)]
     assert bool((similarity[:, :-1] >= similarity[:, 1:]).all())  # most similar first
     assert bool((similarity <= 1 + 1e-12).all())  # cosines of L2-normalised rows
+    # a query of stop words only matches nothing: its candidates are arbitrary, and said so
+    with pytest.warns(UserWarning, match=r"query text\(s\) 1 share no term"):
+        tfidf_candidates(problem["train_texts"], [problem["query_texts"][0], "the of and"], 4)
 
 
 def test_two_stage_scores_are_the_candidates_full_scores_and_recall_counts_hits(

@@ -125,3 +125,10 @@ def test_median_heuristic_and_bad_input(data: dict) -> None:
         Kairos(X, R, kernel="cosine")  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="pass the new examples' labels"):
         Kairos(X, R, train_labels=data["y"], reference_labels=data["ry"]).update(X[:2])
+    # labels are class indices: whole floats pass, others are refused (they matched nothing)
+    y, ry = data["y"], data["ry"]
+    whole = Kairos(X, R, train_labels=y.double(), reference_labels=ry.double()).values
+    ints = Kairos(X, R, train_labels=y, reference_labels=ry).values
+    torch.testing.assert_close(whole, ints, rtol=1e-12, atol=1e-15)
+    with pytest.raises(InvalidInputError, match=r"train_labels\[0\] is .*class indices"):
+        Kairos(X, R, train_labels=y.double() + 0.5, reference_labels=ry)

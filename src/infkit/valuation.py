@@ -222,6 +222,14 @@ def _labels(y: Tensor | None, n: int, name: str) -> Tensor | None:
     y = torch.as_tensor(y).reshape(-1)
     if len(y) != n:
         raise InvalidInputError(f"{name} has {len(y)} labels for {n} examples")
+    if y.is_floating_point() or y.is_complex():
+        whole = bool(torch.isfinite(y).all()) and bool((y == y.round()).all())
+        if not whole:
+            k = int((~torch.isfinite(y) | (y != y.round())).nonzero()[0, 0])
+            raise InvalidInputError(
+                f"{name}[{k}] is {y[k].item()!r}: labels are class indices (the kernel compares "
+                "them for equality), not a regression target or a probability"
+            )
     return y
 
 

@@ -63,6 +63,20 @@ class LayerQuality:
             raise InvalidInputError(f"by must be 'helpful', 'harmful' or 'net', got {by!r}")
         v = values[by]
         total = float(v.sum())
+        scale = float(torch.maximum(self.helpful, self.harmful).sum())
+        net = [f"{x:.2g}" for x in self.net.tolist()]
+        if by == "net" and float(self.net.abs().max()) <= NET_NOISE * scale:
+            raise InvalidInputError(
+                f"the layers' net effects ({net}) are at rounding level against their helpful "
+                f"and harmful sums ({scale:.3g}): at the training optimum the whole training "
+                "set's net effect is 0 in every layer (docs/analyses.md §1), so shares by 'net' "
+                "would split noise; use by='helpful' or 'harmful'"
+            )
+        if by == "net" and total <= 0:
+            raise InvalidInputError(
+                f"no layer has a positive net effect ({net}): shares by 'net' (its positive "
+                "parts) are not defined; use by='helpful' or 'harmful'"
+            )
         if total <= 0:
             return torch.full_like(v, 1.0 / len(v))
         return v / total
@@ -87,6 +101,11 @@ class LayerQuality:
         order = (raw - base).argsort(descending=True)
         base[order[:left]] += 1
         return {name: minimum + int(b) for name, b in zip(self.layers, base)}
+
+
+#: net effects whose positive parts sum to at most this share of the helpful and harmful sums
+#: are rounding (0 at the optimum), not a ranking of the layers
+NET_NOISE = 1e-8
 
 
 def layer_quality(inf: Influence, validation: Any) -> LayerQuality:

@@ -33,7 +33,6 @@ import torch
 from torch import Tensor, nn
 
 from infkit.analyses.similarity import kfe_coordinates, kronecker_curvature
-from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError
 from infkit.gradients import PerExample
 from infkit.influence import Influence
@@ -151,7 +150,7 @@ def memorisation_loss_change(
     task.model = edited
     engine = inf.fitted.engine
     other = PerExample(task, ParameterSpace(edited), engine.mode)
-    examples = ExampleSet(data, name="data")
+    examples = inf.fitted.examples(data, "data")
     parts = [
         (other.losses(b) - engine.losses(b)).to(torch.float64)
         for b in examples.batches(inf.batch_size)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.errors import InvalidInputError, UnsupportedError, warn
 from infkit.influence import Influence
 
 
@@ -82,6 +82,15 @@ def tfidf_candidates(
     train = tfidf.fit_transform(train_texts)  # rows L2-normalised: products are cosines
     queries = tfidf.transform(query_texts)
     similarity = torch.from_numpy((queries @ train.T).toarray()).to(torch.float64)
+    unmatched = (similarity.amax(dim=1) <= 0).nonzero().reshape(-1).tolist()
+    if unmatched:
+        shown = ", ".join(map(str, unmatched[:8])) + (", ..." if len(unmatched) > 8 else "")
+        warn(
+            f"query text(s) {shown} share no term with any training text after the "
+            "vectorizer's stop words are removed (every TF-IDF similarity is 0): their m "
+            "candidates are arbitrary, so a true proponent may be left out. Score such queries "
+            "without the prefilter, or pass vectorizer options (stop_words=None)"
+        )
     values, indices = similarity.topk(m, dim=1)
     return indices, values
 

@@ -38,7 +38,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infkit.data import ExampleSet
 from infkit.distributed import agree, sum_across, world
 from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.fingerprint import data_fingerprint
@@ -56,9 +55,14 @@ def kronecker_curvature(inf: Influence) -> KroneckerCurvature:
 
 
 def kfe_coordinates(inf: Influence, data: Any, which: str = "loss") -> dict[str, Tensor]:
-    """c_l(z) = Q_S^T DW_l(z) Q_A for every example: name -> [n, d_out, cols] float64."""
+    """c_l(z) = Q_S^T DW_l(z) Q_A for every example: name -> [n, d_out, cols] float64.
+
+    ``which``: ``"loss"`` or ``"measurement"``; ``data`` is checked as any set beside the
+    training set (finite, shaped like it, labels the task can use)."""
+    if which not in ("loss", "measurement"):
+        raise InvalidInputError(f"which must be 'loss' or 'measurement', got {which!r}")
     method = kronecker_curvature(inf)
-    examples = ExampleSet(data, name="data")
+    examples = inf.fitted.examples(data, "data", measured=which == "measurement")
     out: dict[str, list[Tensor]] = {t.name: [] for t in method.tracked}
     for batch in examples.batches(inf.batch_size):
         terms = layer_terms(inf.fitted.engine, method.tracked, batch, which, method.layers.mask_key)
@@ -132,7 +136,7 @@ def dataset_embedding(inf: Influence, data: Any, kind: str = "profile") -> Tenso
         batch_size=inf.batch_size,
         per_example_draws=True,  # a set's embedding does not depend on its order or batches
     )
-    examples = ExampleSet(data, name="data")
+    examples = inf.fitted.examples(data, "data")
     if world()[1] > 1:  # under torchrun: the same set, factors and batches on every process
         agree(
             f"dataset_embedding (kind={kind!r})",
