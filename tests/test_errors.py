@@ -356,3 +356,23 @@ def test_only_process_0_warns_under_torch_distributed(monkeypatch) -> None:
             warnings.simplefilter("always")
             warn("said once")
         assert len(caught) == expected, (rank, caught)
+
+
+def test_leverage_blocks_of_a_saturated_example_are_measured() -> None:
+    """A saturated example's leverage block (every entry near 1e-189) made LAPACK fail to
+    converge (a raw LinAlgError from rif/newton); blocks are scaled first, so its leverage is
+    ~0, while a block with an eigenvalue >= 1 is still refused at any scale."""
+    from infkit.errors import CurvatureError
+    from infkit.estimators import check_leverage
+
+    gen = torch.Generator().manual_seed(0)
+    B = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    # Lambda_j M_j of saturated softmax outputs: rank-deficient, rows from 1e-189 to 1e-225
+    # (the shape of a tester's CNN block on which eigvals failed)
+    tiny = torch.logspace(-189, -225, 10, dtype=torch.float64)[:, None] * (B @ B.T)
+    check_leverage(torch.stack([tiny, torch.zeros(10, 10, dtype=torch.float64)]), None)
+    A = torch.randn(10, 10, generator=gen, dtype=torch.float64)
+    psd = A @ A.T
+    big = psd / float(torch.linalg.eigvalsh(psd).max()) * 1.5
+    with pytest.raises(CurvatureError, match=r"leverage 1\.50"):
+        check_leverage(torch.stack([tiny, big]), torch.tensor([3, 7]))

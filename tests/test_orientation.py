@@ -74,6 +74,37 @@ def test_top_k_orientation_for_loss_and_margin() -> None:
     assert bool((top_m.proponent_indices[:, 0] == top.proponent_indices[:, 0]).all())
 
 
+def test_a_callable_measurement_takes_its_orientation() -> None:
+    """The probability of the true class, higher-is-better: with higher_is_better=True the
+    proponents are the examples whose removal lowers it (negative scores), the same examples
+    as the loss's proponents; without it the callable is taken as loss-like, with a notice (a
+    tester's proponents were the examples that lowered the probability); the loss and the
+    margin refuse an orientation that contradicts theirs."""
+    import pytest
+
+    from infkit.errors import InvalidInputError, Notice
+
+    X, y = _binary_data()
+    query = (X[:4], y[:4])
+    model, task = _fit_logreg(X, y)
+
+    def probability(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return out.softmax(-1).gather(1, target[:, None])[:, 0]
+
+    loss_top = infkit.Influence(task, l2=1e-2).fit((X, y)).top_k(query, k=3)
+    prob = infkit.Task.classification(model, measurement=probability, higher_is_better=True)
+    top = infkit.Influence(prob, l2=1e-2).fit((X, y)).top_k(query, k=3)
+    assert prob.higher_is_better and bool((top.proponent_scores < 0).all())
+    assert bool((top.proponent_indices[:, 0] == loss_top.proponent_indices[:, 0]).all())
+    with pytest.warns(Notice, match="taken as lower-is-better"):
+        loss_like = infkit.Task.classification(model, measurement=probability)
+    assert not loss_like.higher_is_better
+    with pytest.raises(InvalidInputError, match="'loss' is lower-is-better"):
+        infkit.Task.classification(model, higher_is_better=True)
+    with pytest.raises(InvalidInputError, match="'margin' is higher-is-better"):
+        infkit.Task.binary_classification(model, measurement="margin", higher_is_better=False)
+
+
 def test_upweighting_is_minus_n_times_removal() -> None:
     """Koh & Liang's upweighting derivative is -N x the removal effect (docs/conventions.md).
 

@@ -41,6 +41,8 @@ def test_training_and_retraining_reach_the_closed_form_optimum() -> None:
     np.testing.assert_allclose(r.delta.numpy(), r.theta.numpy() - theta, atol=1e-15)
     with pytest.raises(InvalidInputError, match="is given twice"):  # a duplicated column
         retrain.leave_one_out(task, data, data, [3, 3], l2)
+    with pytest.raises(InvalidInputError, match="l2 must be a finite number >= 0"):
+        infkit.train_to_optimum(task, data, -1.0)  # no minimum: it trained to inf
     # The model passed in is left untouched.
     np.testing.assert_allclose(task.model.weight.detach().reshape(-1).numpy(), theta)
     np.testing.assert_allclose(r.outputs(data).numpy()[:, 0], X @ r.theta.numpy(), rtol=1e-12)
@@ -119,6 +121,11 @@ def test_lds_is_high_for_newton_on_ridge_and_near_zero_for_noise() -> None:
     assert abs(evaluate.lds(noise, sub.masks, sub.measurements)) < 0.3
     # Sign matters: flipping the removal effects flips the LDS.
     assert evaluate.lds(-inf.scores(test), sub.masks, sub.measurements) == pytest.approx(-score)
+    # masks are kept/removed flags: 0/1 numbers read as such, fractions refused (0.3 read True)
+    ones = sub.masks.to(torch.float64)
+    assert evaluate.lds(inf.scores(test), ones, sub.measurements) == pytest.approx(score)
+    with pytest.raises(InvalidInputError, match="masks must be boolean"):
+        evaluate.lds(inf.scores(test), ones * 0.3, sub.measurements)
 
 
 def test_correlation_auc_and_fraction_found() -> None:

@@ -152,7 +152,11 @@ def check_leverage(
     ``indices`` names the training examples of the rows (None: the rows are one removed group).
     The message depends on whether the curvature holds the examples' exact curvature.
     """
-    worst = torch.linalg.eigvals(LM).real.max(dim=1).values
+    # each block scaled to entries of order 1 first (eigenvalues scale with it): a saturated
+    # example's block, all of it near 1e-189, made LAPACK fail to converge
+    scale = LM.abs().amax(dim=(1, 2))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    worst = torch.linalg.eigvals(LM / scale[:, None, None]).real.max(dim=1).values * scale
     if not bool((worst >= MAX_LEVERAGE).any()):
         return
     k = int(worst.argmax())

@@ -74,7 +74,13 @@ def lds(scores: Tensor, masks: Tensor, actual: Tensor) -> float:
 def lds_per_query(scores: Tensor, masks: Tensor, actual: Tensor) -> np.ndarray:
     """The LDS of each test example, [n_test] (NaN where the correlation is undefined, e.g. a
     constant measurement); :func:`lds` is their mean. Arguments as for :func:`lds`."""
-    S, M, Y = _np(scores), _np(masks).astype(bool), _np(actual)
+    S, raw, Y = _np(scores), _np(masks), _np(actual)
+    if raw.dtype != bool and not np.isin(raw, (0, 1)).all():
+        raise InvalidInputError(
+            "masks must be boolean (True for a kept training example) or 0/1, got values "
+            f"{np.unique(raw)[:5].tolist()}: retrain.subsets(...).masks gives them"
+        )
+    M = raw.astype(bool)
     if (
         S.ndim != 2
         or M.ndim != 2

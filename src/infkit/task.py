@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from infkit import language_modeling as lm
-from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.errors import InvalidInputError, Notice, UnsupportedError, warn
 from infkit.parameters import dtype_name
 
 AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
@@ -398,9 +398,16 @@ class Task:
 
     # ----------------------------------------------------------------- constructors
     @classmethod
-    def classification(cls, model: nn.Module, measurement: str | PerExampleFn = "loss") -> Task:
-        """Softmax cross-entropy on logits [B, C]; measurement ``"loss"`` or ``"margin"``."""
-        meas, higher = _pick_measurement(measurement, classification_margin)
+    def classification(
+        cls,
+        model: nn.Module,
+        measurement: str | PerExampleFn = "loss",
+        higher_is_better: bool | None = None,
+    ) -> Task:
+        """Softmax cross-entropy on logits [B, C]; measurement ``"loss"``, ``"margin"`` or a
+        callable ``fn(outputs, targets) -> [B]``, with ``higher_is_better`` its orientation
+        (which examples ``top_k`` calls proponents; :func:`_pick_measurement`)."""
+        meas, higher = _pick_measurement(measurement, classification_margin, higher_is_better)
         return cls(
             model,
             _cross_entropy,
@@ -416,10 +423,14 @@ class Task:
 
     @classmethod
     def binary_classification(
-        cls, model: nn.Module, measurement: str | PerExampleFn = "loss"
+        cls,
+        model: nn.Module,
+        measurement: str | PerExampleFn = "loss",
+        higher_is_better: bool | None = None,
     ) -> Task:
-        """Sigmoid cross-entropy on one logit per example, targets in {0, 1}."""
-        meas, higher = _pick_measurement(measurement, _binary_margin)
+        """Sigmoid cross-entropy on one logit per example, targets in {0, 1}; measurement as
+        :meth:`classification` takes it."""
+        meas, higher = _pick_measurement(measurement, _binary_margin, higher_is_better)
         return cls(
             model,
             _binary_cross_entropy,
@@ -632,14 +643,32 @@ def _unsqueeze(y: Any) -> Any:
 
 
 def _pick_measurement(
-    measurement: str | PerExampleFn, margin: PerExampleFn
+    measurement: str | PerExampleFn, margin: PerExampleFn, higher_is_better: bool | None = None
 ) -> tuple[PerExampleFn | None, bool]:
+    """The measurement function (None: the loss) and its orientation: the loss is
+    lower-is-better and the margin higher-is-better (``higher_is_better`` may only confirm
+    them); a callable's is ``higher_is_better``, which it needs: without it a callable is taken
+    as lower-is-better, loss-like, with a notice (a probability of the true class was, silently,
+    and ``top_k`` listed the examples that lowered it as proponents)."""
     if callable(measurement):
-        return measurement, False
-    if measurement == "loss":
-        return None, False
-    if measurement == "margin":
-        return margin, True
+        if higher_is_better is None:
+            warn(
+                "the measurement callable is taken as lower-is-better (like a loss): top_k's "
+                "proponents are the examples whose removal would raise it. Pass "
+                "higher_is_better=True for a probability, a margin or an accuracy (or False "
+                "to say it is loss-like and silence this)",
+                Notice,
+            )
+            return measurement, False
+        return measurement, bool(higher_is_better)
+    fixed = {"loss": (None, False), "margin": (margin, True)}.get(str(measurement))
+    if fixed is not None:
+        if higher_is_better is not None and bool(higher_is_better) != fixed[1]:
+            raise InvalidInputError(
+                f"measurement {measurement!r} is {'higher' if fixed[1] else 'lower'}-is-better; "
+                f"higher_is_better={higher_is_better} contradicts it (leave it out)"
+            )
+        return fixed
     raise UnsupportedError(
         f"unknown measurement {measurement!r}; use 'loss', 'margin' or a callable "
         "fn(outputs, targets) -> [B]"

@@ -16,7 +16,13 @@ from torch.overrides import TorchFunctionMode
 
 from infkit.curvature import CurvatureOperator
 from infkit.data import ExampleSet
-from infkit.errors import CurvatureError, NonFiniteError, NotConvergedWarning, warn
+from infkit.errors import (
+    CurvatureError,
+    InvalidInputError,
+    NonFiniteError,
+    NotConvergedWarning,
+    warn,
+)
 from infkit.gradients import PerExample, check_finite_rows
 from infkit.linalg import conjugate_gradients
 from infkit.parameters import ParameterSpace, dtype_name, evaluation_mode
@@ -128,6 +134,15 @@ def train_to_optimum(
     to a caller that reports it its own way (retraining, poisoning); the one that names a
     coarser part stays.
     """
+    try:
+        value = float(l2)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(l2, bool) or not 0 <= value < float("inf"):
+        raise InvalidInputError(
+            f"l2 must be a finite number >= 0, got {l2!r}: a negative one rewards large "
+            "parameters, and the objective has no minimum"
+        )
     examples = ExampleSet(train, name="training set")
     space = ParameterSpace(task.model)
     engine = PerExample(task, space)

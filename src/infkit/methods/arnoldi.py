@@ -128,8 +128,8 @@ class ArnoldiOptions(Options):
     )
     complement: Literal["drop", "ridge", "scaled"] = option(
         "scaled",
-        "the complement of the top-p subspace: dropped (the paper), inverted as 1/ridge, or as "
-        "1/(its curvature along training gradients + ridge)",
+        "the complement of the top-p subspace: 'drop' (dropped, the paper), 'ridge' (inverted "
+        "as 1/ridge) or 'scaled' (as 1/(its curvature along training gradients + ridge))",
     )
     curvature: Curvature = option(
         "ggn", "'ggn' or 'hessian' (Ritz values then ranked by magnitude)"
