@@ -4,9 +4,9 @@
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed_worker.py OUT
     python -m torch.distributed.run ... tests/distributed_worker.py OUT WHAT
 
-With WHAT (``data``, ``damping`` or ``batch_size``) process 1 is given other training data (one
-token), another damping or another batch size than process 0; each process fits and scores
-once and writes the error it got, if any, to ``OUT/rank<r>.err``.
+With WHAT (``data``, ``damping``, ``batch_size`` or ``memory_limit``) process 1 is given other
+training data (one token), another damping, batch size or memory limit than process 0; each
+process fits and scores once and writes the error it got, if any, to ``OUT/rank<r>.err``.
 
 As a user's script would, it initialises the default process group (gloo, CPU) when torchrun's
 variables are set and otherwise uses the public API unchanged: EK-FAC on a small causal LM in
@@ -98,6 +98,8 @@ def mismatch(out: Path, what: str, task: infkit.Task, inputs: dict, labels: torc
     rank = dist.get_rank()
     damping = 2e-2 if what == "damping" and rank == 1 else 1e-2
     batch = BATCH + 1 if what == "batch_size" and rank == 1 else BATCH
+    # a limit that holds the [N, P] gradient cache: process 1 would score from it, no sums
+    limit = 10**9 if what == "memory_limit" and rank == 1 else MEMORY_LIMIT
     if what == "data" and rank == 1:
         inputs = {k: v.clone() for k, v in inputs.items()}
         inputs["input_ids"][7, 3] = (inputs["input_ids"][7, 3] + 1) % VOCAB
@@ -105,7 +107,7 @@ def mismatch(out: Path, what: str, task: infkit.Task, inputs: dict, labels: torc
     message = ""
     try:
         inf = infkit.Influence(
-            task, "ekfac", l2=1e-2, damping=damping, batch_size=batch, memory_limit=MEMORY_LIMIT
+            task, "ekfac", l2=1e-2, damping=damping, batch_size=batch, memory_limit=limit
         ).fit(train)
         inf.scores(queries)
     except infkit.errors.InvalidInputError as error:

@@ -73,7 +73,10 @@ def test_torchrun_gives_every_process_the_single_process_answer(tmp_path: Path) 
     [
         ("data", "the fit of method 'ekfac'", "data, so"),
         ("batch_size", "the fit of method 'ekfac'", "batch_size, so"),
-        ("damping", "the scores of method 'ekfac'", "damping, ridges."),
+        ("damping", "the scores of method 'ekfac'", "damping, so"),
+        # the limit decides the [N, P] gradient cache, and with it whether scoring sums at all:
+        # process 1 scored from its cache while process 0 waited in the sum (a reviewer's hang)
+        ("memory_limit", "the fit of method 'ekfac'", "gradient_cache, memory_limit, so"),
     ],
 )
 def test_processes_that_differ_are_refused_on_every_process(

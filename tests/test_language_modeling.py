@@ -222,6 +222,15 @@ def test_padding_without_an_attention_mask_is_warned_of(problem: dict) -> None:
     assert _padding_warnings(_with_config(problem["model"], pad, eos=pad), (one_eos, one_eos)) == []
     assert _padding_warnings(_with_config(problem["model"], pad, eos=pad), (right, right)) != []
     assert _padding_warnings(_with_config(problem["model"], None), (right, right)) == []
+    # no pad token named, but one end token: GPT-2 and Llama are padded with it (tokenizer.
+    # pad_token = tokenizer.eos_token), counted as right padding from two on, as above
+    eos_only = _with_config(problem["model"], None, bos=1, eos=pad)
+    (found,) = _padding_warnings(eos_only, (right, right))
+    assert found.startswith("training set example 3: its last 4 tokens are the model's end token")
+    assert "config.eos_token_id = 5" in found and "tokenizer.eos_token" in found
+    assert _padding_warnings(eos_only, (one_eos, one_eos)) == []
+    (found,) = _padding_warnings(eos_only, ({"input_ids": left}, left))
+    assert found.startswith("training set example 4: its first 3 tokens are the model's end")
 
 
 class WrappedLM(nn.Module):

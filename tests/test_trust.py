@@ -714,7 +714,9 @@ def test_the_queries_check_measures_a_direction_once_and_keeps_its_figure_to_its
     def label_two(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return out[:, 2] * (y == 2).to(out.dtype)  # no gradient for the other labels
 
-    task = infkit.Task.classification(mlp_problem["model"], measurement=label_two)
+    task = infkit.Task.classification(
+        mlp_problem["model"], measurement=label_two, higher_is_better=False
+    )
     inf = infkit.Influence(task, "ekfac", l2=L2, damping=1e-3).fit(mlp_problem["train"])
     assert measured == [False]  # the post-fit ratio, along the training gradients
     X, y = mlp_problem["train"]
@@ -750,7 +752,9 @@ def test_the_queries_direction_does_not_cancel_and_a_refit_forgets_the_last_figu
     def signed(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return out[:, 0] * (1.0 - 2.0 * y.to(out.dtype))  # y = 0: +f_0, y = 1: -f_0
 
-    task = infkit.Task.classification(mlp_problem["model"], measurement=signed)
+    task = infkit.Task.classification(
+        mlp_problem["model"], measurement=signed, higher_is_better=False
+    )
     inf = infkit.Influence(task, "ekfac", l2=L2, damping=1e-3).fit(mlp_problem["train"])
     x = mlp_problem["test"][0][:1]
     inf.scores((x, torch.tensor([0])))

@@ -66,7 +66,7 @@ def examples_in_batches(
     return sum(min(batch_size, n - b * batch_size) for b in range(rank, total, size))
 
 
-def agree(what: str, identity: Mapping[str, Any]) -> None:
+def agree(what: str, identity: Mapping[str, Any], device: torch.device | None = None) -> None:
     """Refuse, on every process alike, a computation whose processes would combine different
     things: ``identity`` (what the computation depends on: the model's and the data's
     fingerprints, the settings) is gathered from every process and compared with process 0's
@@ -76,6 +76,10 @@ def agree(what: str, identity: Mapping[str, Any]) -> None:
     splits the passes otherwise) adds its part to the others' without a word, and every
     process, a workdir's committed shards too, holds the wrong sum.
 
+    Each process sends a 32-byte digest of its identity (on ``device`` under NCCL: the
+    computation's, else the current CUDA device), the identities themselves only where the
+    digests differ, to name the difference.
+
     Raises:
         InvalidInputError: a process's identity differs from process 0's; the message names
             the process and what differs.
@@ -83,8 +87,21 @@ def agree(what: str, identity: Mapping[str, Any]) -> None:
     rank, size = world()
     if size == 1:
         return
+    text = canonical(dict(identity))
+    digest = hashlib.sha256(text.encode()).digest()
+    mine = torch.tensor(
+        [int.from_bytes(digest[i : i + 8], "little", signed=True) for i in range(0, 32, 8)],
+        dtype=torch.int64,
+    )
+    if dist.get_backend() == "nccl":
+        on = device if device is not None and device.type == "cuda" else None
+        mine = mine.to(on or f"cuda:{torch.cuda.current_device()}")
+    digests = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(digests, mine)
+    if all(torch.equal(d, digests[0]) for d in digests):
+        return
     gathered: list[Any] = [None] * size
-    dist.all_gather_object(gathered, canonical(dict(identity)))
+    dist.all_gather_object(gathered, text)
     first = json.loads(gathered[0])
     for other, text in enumerate(gathered):
         if text == gathered[0]:

@@ -83,12 +83,14 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
 
     Warnings from deep inside a computation (a solver that did not converge, a fallback taken)
     then point at the call in the user's code that triggered them, wherever they were raised.
-    Under ``torch.distributed`` only process 0 warns: every process runs the same computation
-    on the same model, data and settings (refused otherwise, :func:`infkit.distributed.agree`),
-    so the others would repeat its warnings once each.
+    Under ``torch.distributed`` the processes other than 0 prefix the message with
+    ``"process r of K: "``: most warnings are process 0's again (the same computation on every
+    process), but those of a pass's batches come from the process that read them, and only
+    there, so none is held back (filter them by that prefix to keep process 0's alone).
     """
-    if _other_process():
-        return
+    other = _other_process()
+    if other is not None:
+        message = f"process {other[0]} of {other[1]}: {message}"
     package = os.path.dirname(os.path.abspath(__file__))
     frame = sys._getframe(1)  # the caller of warn(): stacklevel 2
     level = 2
@@ -98,11 +100,14 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
-def _other_process() -> bool:
-    """Whether this is a process other than 0 of an initialised default process group."""
+def _other_process() -> tuple[int, int] | None:
+    """``(rank, size)`` where this is a process other than 0 of an initialised default process
+    group, else None."""
     import torch.distributed as dist  # (torch's import is not this module's to pay for)
 
-    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        return None
+    return dist.get_rank(), dist.get_world_size()
 
 
 #: warning categories about code rather than results, which :func:`shown_warnings` leaves out

@@ -628,11 +628,23 @@ def check_label_pairs(
 
 class SpecialTokens(NamedTuple):
     """The token ids of a model's configuration that mark padding and a sequence's ends:
-    ``config.pad_token_id``, and the ``bos_token_id`` and ``eos_token_id`` (empty when unset)."""
+    ``config.pad_token_id`` (or, where it names none, its one ``eos_token_id``, which
+    ``named`` False says), and the ``bos_token_id`` and ``eos_token_id`` (empty when unset)."""
 
     pad: int
     bos: frozenset[int]
     eos: frozenset[int]
+    named: bool = True
+
+    def said(self) -> str:
+        """The padding token as a message names it."""
+        if self.named:
+            return f"the model's pad token (config.pad_token_id = {self.pad})"
+        return (
+            f"the model's end token (config.eos_token_id = {self.pad}; its configuration names "
+            "no pad token, and tokenizers pad with this one when tokenizer.pad_token = "
+            "tokenizer.eos_token, GPT-2's and Llama's usual setting)"
+        )
 
 
 def _ids(value: Any) -> frozenset[int]:
@@ -642,17 +654,19 @@ def _ids(value: Any) -> frozenset[int]:
 
 def special_tokens(model: nn.Module) -> SpecialTokens | None:
     """The padding and end tokens of a Hugging Face model's ``config``, or None when it names
-    no ``pad_token_id`` (a model that is not a Hugging Face one, or one padded with a token its
-    configuration does not name, as GPT-2 and Llama are: nothing tells its padding then)."""
+    neither one ``pad_token_id`` nor one ``eos_token_id`` (a model that is not a Hugging Face
+    one). GPT-2 and Llama name no pad token and are usually padded with their end token
+    (``tokenizer.pad_token = tokenizer.eos_token``): that token then stands for the padding,
+    counted as right padding from two on (a sequence may end with one)."""
     config = getattr(model, "config", None)
     pad = _ids(getattr(config, "pad_token_id", None))
-    if len(pad) != 1:
-        return None
-    return SpecialTokens(
-        next(iter(pad)),
-        _ids(getattr(config, "bos_token_id", None)),
-        _ids(getattr(config, "eos_token_id", None)),
-    )
+    bos = _ids(getattr(config, "bos_token_id", None))
+    eos = _ids(getattr(config, "eos_token_id", None))
+    if len(pad) == 1:
+        return SpecialTokens(next(iter(pad)), bos, eos)
+    if not pad and len(eos) == 1:
+        return SpecialTokens(next(iter(eos)), bos, eos, named=False)
+    return None
 
 
 def check_unmasked_padding(
@@ -694,15 +708,14 @@ def check_unmasked_padding(
     if bool(left[k]):
         n = int(leading[k].sum())
         what = (
-            f"its first {n} tokens are the model's pad token (config.pad_token_id = "
-            f"{special.pad}) and there is no attention_mask, so the model reads them as "
-            "tokens and every logit after them changes"
+            f"its first {n} tokens are {special.said()} and there is no attention_mask, so the "
+            "model reads them as tokens and every logit after them changes"
         )
     else:
         n = int(trailing[k].sum())
         what = (
-            f"its last {n} tokens are the model's pad token (config.pad_token_id = "
-            f"{special.pad}), scored, with no attention_mask, so its loss predicts the padding"
+            f"its last {n} tokens are {special.said()}, scored, with no attention_mask, so its "
+            "loss predicts the padding"
         )
     where = "its inputs" if isinstance(inputs, dict) else "the token ids"
     return k, Suspicion(

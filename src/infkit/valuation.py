@@ -222,7 +222,9 @@ def _labels(y: Tensor | None, n: int, name: str) -> Tensor | None:
     y = torch.as_tensor(y).reshape(-1)
     if len(y) != n:
         raise InvalidInputError(f"{name} has {len(y)} labels for {n} examples")
-    if y.is_floating_point() or y.is_complex():
+    if y.is_complex():
+        raise InvalidInputError(f"{name} are complex numbers: labels are class indices")
+    if y.is_floating_point():
         whole = bool(torch.isfinite(y).all()) and bool((y == y.round()).all())
         if not whole:
             k = int((~torch.isfinite(y) | (y != y.round())).nonzero()[0, 0])

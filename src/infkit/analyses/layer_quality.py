@@ -50,6 +50,9 @@ class LayerQuality:
     influence: Tensor
     helpful: Tensor
     harmful: Tensor
+    #: net effects up to this share of the helpful and harmful sums are rounding
+    #: (:func:`net_noise`), not a ranking of the layers
+    noise: float = 1e-8
 
     @property
     def net(self) -> Tensor:
@@ -65,7 +68,7 @@ class LayerQuality:
         total = float(v.sum())
         scale = float(torch.maximum(self.helpful, self.harmful).sum())
         net = [f"{x:.2g}" for x in self.net.tolist()]
-        if by == "net" and float(self.net.abs().max()) <= NET_NOISE * scale:
+        if by == "net" and float(self.net.abs().max()) <= self.noise * scale:
             raise InvalidInputError(
                 f"the layers' net effects ({net}) are at rounding level against their helpful "
                 f"and harmful sums ({scale:.3g}): at the training optimum the whole training "
@@ -103,9 +106,12 @@ class LayerQuality:
         return {name: minimum + int(b) for name, b in zip(self.layers, base)}
 
 
-#: net effects whose positive parts sum to at most this share of the helpful and harmful sums
-#: are rounding (0 at the optimum), not a ranking of the layers
-NET_NOISE = 1e-8
+def net_noise(dtype: torch.dtype) -> float:
+    """The share of the helpful and harmful sums up to which the layers' net effects are the
+    training's rounding (0 at the optimum): 10 sqrt(eps) of the parameters' dtype, the
+    precision to which a model in it reaches its optimum (float64 1.5e-7, float32 3.5e-3: a
+    reviewer's float32 MLP trained by train_to_optimum read 3.4e-4)."""
+    return 10 * torch.finfo(dtype).eps ** 0.5
 
 
 def layer_quality(inf: Influence, validation: Any) -> LayerQuality:
@@ -128,4 +134,5 @@ def layer_quality(inf: Influence, validation: Any) -> LayerQuality:
         influence=influence,
         helpful=influence.clamp_min(0).sum(1),
         harmful=(-influence).clamp_min(0).sum(1),
+        noise=net_noise(fitted.space.dtype),
     )

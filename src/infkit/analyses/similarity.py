@@ -142,9 +142,12 @@ def dataset_embedding(inf: Influence, data: Any, kind: str = "profile") -> Tenso
             f"dataset_embedding (kind={kind!r})",
             {
                 "data": data_fingerprint(examples),
-                "factors": method.factors_identity(),
+                # the factors were agreed at fit; the set, its batches and the labels' draws
+                "training set": data_fingerprint(inf.fitted.train),  # kept from the fit
                 "batch_size": inf.batch_size,
+                "options": {k: v for k, v in method.options.record().items() if k != "factors_dir"},
             },
+            inf.fitted.space.device,
         )
     size = sum(t.d_out * t.cols for t in method.tracked)
     total = torch.zeros(size, dtype=torch.float64, device=inf.fitted.space.device)

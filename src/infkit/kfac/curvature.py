@@ -425,10 +425,19 @@ class KroneckerCurvature:
         options, fitted = self.options, self.fitted
         fitter = self._fitter()
         identity = self.identity(fitter, self.corrected)
-        # under torchrun: the same fit on every process, whose passes split by batch_size
+        # under torchrun: the same fit on every process, whose passes split by batch_size, and
+        # the same memory limit and [N, P] gradient cache, which choose the scoring path (a
+        # process that scores from its cache makes no sum the others would wait in)
         agree(
             f"the fit of method {self.owner!r}",
-            {**identity, "method": self.owner, "batch_size": fitter.batch_size},
+            {
+                **identity,
+                "method": self.owner,
+                "batch_size": fitter.batch_size,
+                "memory_limit": fitted.memory_limit,
+                "gradient_cache": fitted.train_gradients is not None,
+            },
+            fitted.space.device,
         )
         stage = first_stage_identity(identity)
         store = None if options.factors_dir is None else ArtifactStore(options.factors_dir)

@@ -249,6 +249,10 @@ class KFAC(PrimalMethod):
         if world()[1] == 1:
             return
         fitted = self.fitted
+        # (not the ridges: with damping_scale each process computes them from its own
+        # eigendecomposition, equal to rounding; the damping and options they come from are
+        # compared, and the factors at fit; nor where each process keeps its factors)
+        options = {k: v for k, v in self.options.record().items() if k != "factors_dir"}
         agree(
             f"the {call} of method {self.name!r}",
             {
@@ -258,11 +262,12 @@ class KFAC(PrimalMethod):
                 "batch_size": fitted.batch_size,
                 "l2": fitted.l2,
                 "damping": fitted.damping,
-                "ridges": self.kronecker().ridges(),
                 "memory_limit": fitted.memory_limit,
-                "options": self.options.record(),
+                "gradient_cache": fitted.train_gradients is not None,
+                "options": options,
                 **extra,
             },
+            fitted.space.device,
         )
 
     def _scorer(self, result: CallResult) -> StreamingScorer:
