@@ -231,6 +231,9 @@ def test_padding_without_an_attention_mask_is_warned_of(problem: dict) -> None:
     assert _padding_warnings(eos_only, (one_eos, one_eos)) == []
     (found,) = _padding_warnings(eos_only, ({"input_ids": left}, left))
     assert found.startswith("training set example 4: its first 3 tokens are the model's end")
+    starts = ids.clone()
+    starts[4, 0] = pad  # one end token first: a packed document's end, not padding
+    assert _padding_warnings(eos_only, ({"input_ids": starts}, starts)) == []
 
 
 class WrappedLM(nn.Module):

@@ -696,7 +696,10 @@ def check_unmasked_padding(
     leading = pad.long().cumprod(dim=1).bool()
     trailing = pad.flip(1).long().cumprod(dim=1).flip(1).bool()
     has_token = ~pad.all(dim=1)
-    left = leading[:, 0] & has_token & (special.pad not in special.bos)
+    # (an end token standing for the padding counts from two: a packed sequence may start
+    # with the end of the document before it)
+    first = leading.sum(dim=1) >= (1 if special.named else 2)
+    left = leading[:, 0] & has_token & (special.pad not in special.bos) & first
     scored = trailing & (labels != IGNORE_INDEX) if labels is not None else trailing.clone()
     scored[:, 0] = False  # the first position is never a label
     enough = trailing.sum(dim=1) >= (2 if special.pad in special.eos else 1)
