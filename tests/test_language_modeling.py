@@ -234,6 +234,15 @@ def test_padding_without_an_attention_mask_is_warned_of(problem: dict) -> None:
     starts = ids.clone()
     starts[4, 0] = pad  # one end token first: a packed document's end, not padding
     assert _padding_warnings(eos_only, ({"input_ids": starts}, starts)) == []
+    # a sequence ending with its own end token, then one pad (the same token) whose label is
+    # -100, as examples() builds it: nothing scored at the padding (a reviewer's false warning)
+    own_end = ids.clone()
+    own_end[3, -2:] = pad
+    unscored_pad = own_end.clone()
+    unscored_pad[3, -1] = lm.IGNORE_INDEX
+    for config in (eos_only, _with_config(problem["model"], pad, eos=pad)):
+        assert _padding_warnings(config, ({"input_ids": own_end}, unscored_pad)) == []
+        assert _padding_warnings(config, ({"input_ids": starts}, starts)) == []
 
 
 class WrappedLM(nn.Module):

@@ -657,7 +657,7 @@ def special_tokens(model: nn.Module) -> SpecialTokens | None:
     neither one ``pad_token_id`` nor one ``eos_token_id`` (a model that is not a Hugging Face
     one). GPT-2 and Llama name no pad token and are usually padded with their end token
     (``tokenizer.pad_token = tokenizer.eos_token``): that token then stands for the padding,
-    counted as right padding from two on (a sequence may end with one)."""
+    counted from two on at either end (:func:`check_unmasked_padding`)."""
     config = getattr(model, "config", None)
     pad = _ids(getattr(config, "pad_token_id", None))
     bos = _ids(getattr(config, "bos_token_id", None))
@@ -683,7 +683,9 @@ def check_unmasked_padding(
     both move the loss and every score, silently (Hugging Face's models warn of the first).
     Right padding with labels of -100 changes nothing in a causal model and passes. A pad token
     that is also the model's first token (``bos``) is not read as left padding, and one that is
-    also its last (``eos``, as when padding with it) counts as right padding from two on.
+    also its last (``eos``, as when padding with it, or where the configuration names no pad
+    token, :func:`special_tokens`) counts as padding from two on at either end, the first of a
+    trailing run being the sequence's own end (scored or not).
     """
     ids = _token_ids(inputs)
     if _mask(inputs) is not None or ids is None or ids.dim() != 2 or ids.shape[1] < 2:
@@ -696,13 +698,22 @@ def check_unmasked_padding(
     leading = pad.long().cumprod(dim=1).bool()
     trailing = pad.flip(1).long().cumprod(dim=1).flip(1).bool()
     has_token = ~pad.all(dim=1)
-    # (an end token standing for the padding counts from two: a packed sequence may start
-    # with the end of the document before it)
-    first = leading.sum(dim=1) >= (1 if special.named else 2)
-    left = leading[:, 0] & has_token & (special.pad not in special.bos) & first
+    # a pad token that is also an end token counts from two at either end: a sequence ends
+    # with its own end token, and a packed one may start with the end of the document before
+    ends = special.pad in special.eos
+    left = (
+        leading[:, 0]
+        & has_token
+        & (special.pad not in special.bos)
+        & (leading.sum(dim=1) >= (2 if ends else 1))
+    )
     scored = trailing & (labels != IGNORE_INDEX) if labels is not None else trailing.clone()
+    if ends:  # the first of the trailing run is the sequence's own end, which it scores
+        width = ids.shape[1]
+        own = (width - trailing.sum(dim=1)).clamp(max=width - 1)
+        scored[torch.arange(len(ids)), own] = False
     scored[:, 0] = False  # the first position is never a label
-    enough = trailing.sum(dim=1) >= (2 if special.pad in special.eos else 1)
+    enough = trailing.sum(dim=1) >= (2 if ends else 1)
     right = scored.any(dim=1) & enough & has_token
     bad = left | right
     if not bool(bad.any()):

@@ -33,6 +33,19 @@ from infkit.decompositions import module_scores_for, require_if
 from infkit.errors import InvalidInputError
 from infkit.influence import Influence
 
+#: the most :func:`net_noise` reads as rounding: beyond it a net effect is a signal, whatever
+#: the precision (10 sqrt(eps) is 0.88 in bfloat16)
+NET_NOISE_CAP = 1e-3
+
+
+def net_noise(dtype: torch.dtype) -> float:
+    """The share of the helpful and harmful sums up to which the layers' net effects are the
+    training's rounding (0 at the optimum): 10 sqrt(eps) of the parameters' dtype, the
+    precision to which a model in it reaches its optimum, at most :data:`NET_NOISE_CAP`
+    (float64 1.5e-7; float32 and lower 1e-3: a reviewer's float32 MLP trained by
+    train_to_optimum read 3.4e-4)."""
+    return min(10 * torch.finfo(dtype).eps ** 0.5, NET_NOISE_CAP)
+
 
 @dataclass
 class LayerQuality:
@@ -52,7 +65,7 @@ class LayerQuality:
     harmful: Tensor
     #: net effects up to this share of the helpful and harmful sums are rounding
     #: (:func:`net_noise`), not a ranking of the layers
-    noise: float = 1e-8
+    noise: float = net_noise(torch.float64)
 
     @property
     def net(self) -> Tensor:
@@ -104,14 +117,6 @@ class LayerQuality:
         order = (raw - base).argsort(descending=True)
         base[order[:left]] += 1
         return {name: minimum + int(b) for name, b in zip(self.layers, base)}
-
-
-def net_noise(dtype: torch.dtype) -> float:
-    """The share of the helpful and harmful sums up to which the layers' net effects are the
-    training's rounding (0 at the optimum): 10 sqrt(eps) of the parameters' dtype, the
-    precision to which a model in it reaches its optimum (float64 1.5e-7, float32 3.5e-3: a
-    reviewer's float32 MLP trained by train_to_optimum read 3.4e-4)."""
-    return 10 * torch.finfo(dtype).eps ** 0.5
 
 
 def layer_quality(inf: Influence, validation: Any) -> LayerQuality:

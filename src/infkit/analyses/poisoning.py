@@ -818,7 +818,9 @@ def _leverage_ascent(
     with warnings.catch_warnings():
         # With earlier poisons in ``train`` the clean model is not at that set's optimum, and
         # need not be: only its curvature is used here.
-        warnings.filterwarnings("ignore", message="the model is not at a stationary point")
+        warnings.filterwarnings(
+            "ignore", message="(process [0-9]+ of [0-9]+: )?the model is not at a stationary point"
+        )
         clean = Influence(task, method, "if", l2=l2, damping=damping, progress=False).fit(train)
     inverse = clean.method.inverse()
     space = clean.fitted.space
