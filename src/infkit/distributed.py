@@ -103,10 +103,10 @@ def agree(what: str, identity: Mapping[str, Any], device: torch.device | None = 
     gathered: list[Any] = [None] * size
     dist.all_gather_object(gathered, text)
     first = json.loads(gathered[0])
-    for other, text in enumerate(gathered):
-        if text == gathered[0]:
+    for other, theirs in enumerate(gathered):
+        if theirs == gathered[0]:
             continue
-        changed = ", ".join(differences(first, json.loads(text))) or "(the identity)"
+        changed = ", ".join(differences(first, json.loads(theirs))) or "(the identity)"
         raise InvalidInputError(
             f"{what}: process {other} of {size} differs from process 0 in {changed}, so their "
             "sums would mix different computations. Every process must run the same script on "

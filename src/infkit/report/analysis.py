@@ -596,7 +596,8 @@ def _retraining(
             zip(loo_idx.tolist(), predicted, actual, loo.gradient_norms)
         )
     ]
-    far = [r for r in rows if r["converged"] and moved_far(r)]
+    far_rows = [k for k, r in enumerate(rows) if r["converged"] and moved_far(r)]
+    far = [rows[k] for k in far_rows]
     record = {
         "rows": rows,
         "query": int(queries[0]),
@@ -611,7 +612,7 @@ def _retraining(
             {"index": r["train_index"], "moved": r["moved"], "cosine": r["cosine"]} for r in far
         ],
     }
-    rest = [k for k, r in enumerate(rows) if r not in far]
+    rest = [k for k in range(len(rows)) if k not in far_rows]
     if far and len(rest) >= MIN_RETRAININGS:
         record["pearson_without_far"] = evaluate.correlation(predicted[rest], actual[rest]).pearson
     if unconverged:
@@ -631,7 +632,7 @@ FAR_MOVE = 3.0
 FAR_COSINE = 0.5
 
 
-def parameter_steps(inf: Influence, loo: retraining.LeaveOneOut) -> list[dict[str, float]]:
+def parameter_steps(inf: Influence, loo: retraining.LeaveOneOut) -> list[dict[str, float | None]]:
     """For each retraining, how its actual parameter change compares with the estimator's
     step ``inf.remove([j]).params``, over the parameters the method attributes: ``moved``
     (the ratio of their lengths) and ``cosine`` (of their directions); none where the method
@@ -644,9 +645,13 @@ def parameter_steps(inf: Influence, loo: retraining.LeaveOneOut) -> list[dict[st
     # the retrainings move every trainable parameter; the step, those the method attributes
     everything = ParameterSpace(inf.task.model)
     attributed = inf.fitted.space
-    out = []
+    out: list[dict[str, float | None]] = []
     for j, actual in zip(loo.indices.tolist(), loo.params):
-        step = inf.remove([j]).params.reshape(-1).to(torch.float64)
+        try:
+            step = inf.remove([j]).params.reshape(-1).to(torch.float64)
+        except InfkitError:  # no step for it (rif/newton at a leverage >= 1): no figures
+            out.append({"moved": None, "cosine": None})
+            continue
         moved = attributed.flatten(everything.unflatten(actual.reshape(-1))).to(torch.float64)
         length = float(step.norm())
         both = length * float(moved.norm())
@@ -662,7 +667,9 @@ def parameter_steps(inf: Influence, loo: retraining.LeaveOneOut) -> list[dict[st
 def moved_far(row: dict[str, Any]) -> bool:
     """Whether a retraining's parameters moved far from the estimator's step: at least
     :data:`FAR_MOVE` times its length, or at a cosine below :data:`FAR_COSINE` to it."""
-    return "moved" in row and (row["moved"] >= FAR_MOVE or row["cosine"] < FAR_COSINE)
+    if row.get("moved") is None:
+        return False
+    return bool(row["moved"] >= FAR_MOVE or row["cosine"] < FAR_COSINE)
 
 
 def moved_far_message(record: dict[str, Any]) -> str:
