@@ -666,16 +666,24 @@ def text_project(
     return config
 
 
+def run_text_project(folder: Path, settings: str) -> tuple[Path, dict, dict]:
+    """:func:`text_project` with ``settings``, run by ``infkit run`` (it must succeed): the
+    workdir, the report data and tensors."""
+    config = text_project(folder, settings=settings)
+    assert cli.main(["run", str(config), "--quiet"]) == 0
+    workdir = folder / "runs" / "infkit"
+    data, tensors = load_results(workdir)
+    return workdir, data, tensors
+
+
 def test_text_with_per_token_scores(tmp_path: Path) -> None:
     """A language model: texts shown token by token, each listed sequence's per-token scores
     sum to its score (the per-token split is exact for a model whose only tracked layer acts
     position by position, with l2 = 0)."""
-    text_project(
+    _, data, _ = run_text_project(
         tmp_path,
-        settings='[influence]\nmethod = "kfac"\ndamping = 1e-3\n[report]\nn_queries = 1\ntop_k = 3\n',
+        '[influence]\nmethod = "kfac"\ndamping = 1e-3\n[report]\nn_queries = 1\ntop_k = 3\n',
     )
-    assert cli.main(["run", str(tmp_path / "infkit.toml"), "--quiet"]) == 0
-    data, _ = load_results(tmp_path / "runs" / "infkit")
     assert data["display_kind"] == "text"
     query = data["queries"][0]
     assert query["view"]["scored"][:2] == [False, False]  # the prompt is not scored
@@ -694,14 +702,11 @@ def test_lists_keep_their_sign_and_tokens_add_up_with_the_rest(tmp_path: Path) -
     split leaves the regulariser's share out of the tokens: each sequence's shown tokens plus
     its rest add up to its score (token_scores against scores, two computations), the rest is
     not 0 and the page shows it."""
-    text_project(
+    workdir, data, tensors = run_text_project(
         tmp_path,
-        settings='[influence]\nmethod = "exact"\nl2 = 0.1\ndamping = 1e-3\n'
+        '[influence]\nmethod = "exact"\nl2 = 0.1\ndamping = 1e-3\n'
         "[self_influence]\nenabled = false\n[report]\nn_queries = 2\ntop_k = 41\n",
     )
-    assert cli.main(["run", str(tmp_path / "infkit.toml"), "--quiet"]) == 0
-    workdir = tmp_path / "runs" / "infkit"
-    data, tensors = load_results(workdir)
     said = [w["message"] for w in data["warnings"]]
     assert any("[report] top_k = 41, but there are 40 training examples" in m for m in said), said
     rests = []
@@ -730,14 +735,11 @@ def test_lists_keep_their_sign_and_tokens_add_up_with_the_rest(tmp_path: Path) -
 def test_the_token_split_of_lists_by_another_estimator_is_said_to_be_ifs(tmp_path: Path) -> None:
     """Lists by the Newton estimator: the per-token split is IF's, whose tokens and rest add up
     to the IF score, not to the listed one, and the page says whose split it is."""
-    text_project(
+    workdir, data, _ = run_text_project(
         tmp_path,
-        settings='[influence]\nmethod = "exact"\nestimator = "newton"\nl2 = 0.1\n'
+        '[influence]\nmethod = "exact"\nestimator = "newton"\nl2 = 0.1\n'
         "[self_influence]\nenabled = false\n[report]\nn_queries = 1\ntop_k = 3\n",
     )
-    assert cli.main(["run", str(tmp_path / "infkit.toml"), "--quiet"]) == 0
-    workdir = tmp_path / "runs" / "infkit"
-    data, _ = load_results(workdir)
     query = data["queries"][0]
     items = query["lists"]["if"]["proponent"] + query["lists"]["if"]["opponent"]
     assert items
