@@ -79,23 +79,30 @@ class LayerQuality:
             raise InvalidInputError(f"by must be 'helpful', 'harmful' or 'net', got {by!r}")
         v = values[by]
         total = float(v.sum())
+        if by == "net":
+            self._check_net(total)
+        if total <= 0:
+            return torch.full_like(v, 1.0 / len(v))
+        return v / total
+
+    def _check_net(self, positive: float) -> None:
+        """Refuse shares by 'net' where the net effects are rounding (:attr:`noise`) or none
+        is positive (``positive``, the sum of their positive parts, is 0)."""
+        net = self.net
         scale = float(torch.maximum(self.helpful, self.harmful).sum())
-        net = [f"{x:.2g}" for x in self.net.tolist()]
-        if by == "net" and float(self.net.abs().max()) <= self.noise * scale:
+        said = [f"{x:.2g}" for x in net.tolist()]
+        if float(net.abs().max()) <= self.noise * scale:
             raise InvalidInputError(
-                f"the layers' net effects ({net}) are at rounding level against their helpful "
+                f"the layers' net effects ({said}) are at rounding level against their helpful "
                 f"and harmful sums ({scale:.3g}): at the training optimum the whole training "
                 "set's net effect is 0 in every layer (docs/analyses.md §1), so shares by 'net' "
                 "would split noise; use by='helpful' or 'harmful'"
             )
-        if by == "net" and total <= 0:
+        if positive <= 0:
             raise InvalidInputError(
-                f"no layer has a positive net effect ({net}): shares by 'net' (its positive "
+                f"no layer has a positive net effect ({said}): shares by 'net' (its positive "
                 "parts) are not defined; use by='helpful' or 'harmful'"
             )
-        if total <= 0:
-            return torch.full_like(v, 1.0 / len(v))
-        return v / total
 
     def allocate(self, total: int, by: str, minimum: int = 0) -> dict[str, int]:
         """Integer budgets per layer, proportional to ``shares(by)``, summing to ``total``.

@@ -145,7 +145,7 @@ def dataset_embedding(inf: Influence, data: Any, kind: str = "profile") -> Tenso
                 # the factors were agreed at fit; the set, its batches and the labels' draws
                 "training set": data_fingerprint(inf.fitted.train),  # kept from the fit
                 "batch_size": inf.batch_size,
-                "options": {k: v for k, v in method.options.record().items() if k != "factors_dir"},
+                "options": method.options.shared_record(),
             },
             inf.fitted.space.device,
         )

@@ -144,6 +144,11 @@ class KroneckerOptions(Options):
             return HEURISTIC_DAMPING_SCALE
         return float(self.damping_scale or 0.0)
 
+    def shared_record(self) -> dict[str, Any]:
+        """:meth:`record` less where each process keeps its factors (``factors_dir``): the
+        options every process of a run must share (:func:`infkit.distributed.agree`)."""
+        return {k: v for k, v in self.record().items() if k != "factors_dir"}
+
 
 #: the fields of :class:`KroneckerOptions`, for methods whose options extend it
 KRONECKER_FIELDS = tuple(f.name for f in dataclasses.fields(KroneckerOptions))

@@ -252,7 +252,6 @@ class KFAC(PrimalMethod):
         # (not the ridges: with damping_scale each process computes them from its own
         # eigendecomposition, equal to rounding; the damping and options they come from are
         # compared, and the factors at fit; nor where each process keeps its factors)
-        options = {k: v for k, v in self.options.record().items() if k != "factors_dir"}
         agree(
             f"the {call} of method {self.name!r}",
             {
@@ -264,7 +263,7 @@ class KFAC(PrimalMethod):
                 "damping": fitted.damping,
                 "memory_limit": fitted.memory_limit,
                 "gradient_cache": fitted.train_gradients is not None,
-                "options": options,
+                "options": self.options.shared_record(),
                 **extra,
             },
             fitted.space.device,
