@@ -128,6 +128,92 @@ def test_lds_is_high_for_newton_on_ridge_and_near_zero_for_noise() -> None:
         evaluate.lds(inf.scores(test), ones * 0.3, sub.measurements)
 
 
+def test_changes_measured_from_a_model_off_its_optimum_are_warned_about() -> None:
+    """A leave-one-out or group removal measured from parameters that are not the optimum holds
+    the model's own step to it; a tester's untrained softmax regression read changes 0.67 where
+    the true ones (the optimum's without the example minus the optimum's) were 1e-4."""
+    X, y, task, data, l2 = _ridge_problem()
+    off = infkit.Task.regression(torch.nn.Linear(4, 1, bias=False).double())
+    with torch.no_grad():  # a tenth of the way from the optimum towards 0: far off for N = 60
+        off.model.weight.copy_(0.9 * task.model.weight)
+    test = (data[0][:3], data[1][:3])
+    with pytest.warns(infkit.errors.NotConvergedWarning, match=r"not at the optimum.*example \d"):
+        moved = retrain.leave_one_out(off, data, test, [2, 9], l2, tolerance=1e-13)
+    # the truth from the closed form: without example j minus with all (both optima)
+    keep = np.setdiff1d(np.arange(len(X)), [2])
+    truth = _closed_form(X[keep], y[keep], l2) - _closed_form(X, y, l2)
+    assert np.linalg.norm(moved.params[0].numpy() - truth) > 10 * np.linalg.norm(truth)
+    with pytest.warns(infkit.errors.NotConvergedWarning, match="the 3 removed examples"):
+        retrain.without(off, data, [2, 9, 33], l2, tolerance=1e-13)
+    # at the optimum: no warning, and the change is the closed form's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", infkit.errors.NotConvergedWarning)
+        at = retrain.leave_one_out(task, data, test, [2, 9], l2, tolerance=1e-13)
+        retrain.without(task, data, [2, 9, 33], l2, tolerance=1e-13)
+        retrain.without(off, data, [], l2, tolerance=1e-13)  # the step to the optimum, asked for
+    np.testing.assert_allclose(at.params[0].numpy(), truth, rtol=1e-8, atol=1e-14)
+
+
+def test_metrics_refuse_what_would_give_a_figure_of_something_else() -> None:
+    """A tester's findings: NaN measurements (a diverged retraining) left the LDS over 1 of 20
+    queries without a word, 2 subsets gave +-1 correlations read as a figure, indices out of
+    range raised IndexError (negative ones wrapped), a zero reference gave 1.7e300."""
+    gen = torch.Generator().manual_seed(0)
+    S = torch.randn(20, 30, generator=gen, dtype=torch.float64)
+    M = retrain.random_masks(30, 10, 0.5)
+    Y = torch.randn(10, 20, generator=gen, dtype=torch.float64)
+    expected = np.mean(evaluate.lds_per_query(S, M, Y))
+    assert evaluate.lds(S, M, Y) == pytest.approx(expected)
+    bad = Y.clone()
+    bad[3, 1:] = float("nan")
+    with pytest.raises(InvalidInputError, match=r"actual \(subset, query\)\[3, 1\] is nan"):
+        evaluate.lds(S, M, bad)
+    bad_scores = S.clone()
+    bad_scores[0, 5] = float("inf")
+    with pytest.raises(InvalidInputError, match=r"scores\[0, 5\] is inf"):
+        evaluate.lds_interval(bad_scores, M, Y)
+    with pytest.raises(InvalidInputError, match="at least 3 of them, got 2"):
+        evaluate.lds(S, M[:2], Y[:2])
+    constant = Y.clone()
+    constant[:, 4] = 1.0  # query 4 is undefined: the mean over the other 19, said
+    with pytest.warns(infkit.errors.Notice, match="mean over 19 of 20 queries"):
+        partial = evaluate.lds(S, M, constant)
+    assert partial == pytest.approx(np.delete(evaluate.lds_per_query(S, M, Y), 4).mean())
+    with pytest.raises(InvalidInputError, match="undefined for each of the 20 queries"):
+        evaluate.lds(S, M, torch.ones(10, 20))
+    actual = torch.randn(20, 3, generator=gen, dtype=torch.float64)
+    for indices, message in (
+        ([1, 2, 30], "training index 30 is out of range"),
+        ([1, 2, -1], "training index -1 is out of range"),
+    ):
+        with pytest.raises(InvalidInputError, match=message):
+            evaluate.loo_correlation(S, actual, indices)
+        with pytest.raises(InvalidInputError, match=message):
+            evaluate.loo_interval(S, actual, indices)
+    nan_actual = actual.clone()
+    nan_actual[2, 1] = float("nan")
+    with pytest.raises(InvalidInputError, match="diverged"):
+        evaluate.loo_correlation(S, nan_actual, [1, 2, 3])
+    with pytest.raises(InvalidInputError, match=r"\[2, 1\] is nan"):
+        evaluate.loo_interval(S, nan_actual, [1, 2, 3])
+    with pytest.raises(InvalidInputError, match="actual is zero"):
+        evaluate.relative_error(torch.ones(3), torch.zeros(3))
+    with pytest.raises(InvalidInputError, match=r"\(3, 2\) and actual \(2,\) differ in size"):
+        evaluate.relative_error(torch.ones(3, 2), torch.ones(2))
+    assert evaluate.relative_error(torch.ones(1, 2), torch.tensor([1.0, 0.0])) == 1.0
+    with pytest.raises(InvalidInputError, match="at least one flagged"):
+        evaluate.fraction_found(torch.randn(5), torch.zeros(5, dtype=torch.bool), 0.4)
+    with pytest.raises(InvalidInputError, match=r"keeps none.*at least 0\.1"):
+        retrain.random_masks(10, 3, 0.05)
+    with pytest.raises(InvalidInputError, match="n_subsets must be a whole number >= 1"):
+        retrain.random_masks(10, 0, 0.5)
+    _, _, task, data, l2 = _ridge_problem(n=12)
+    empty_row = torch.ones(3, 12, dtype=torch.bool)
+    empty_row[1] = False
+    with pytest.raises(InvalidInputError, match="mask 1 keeps no training example"):
+        retrain.subsets(task, data, data, l2, masks=empty_row)
+
+
 def test_correlation_auc_and_fraction_found() -> None:
     a = torch.arange(10.0)
     c = evaluate.correlation(a, 2 * a + 1)

@@ -69,7 +69,8 @@ class Suspicion(str):
 
 class NotConvergedWarning(UserWarning):
     """A retraining (the ground truth of leave-one-out, group removal or an LDS bank) stopped
-    at its iteration limit short of the optimum: its changes are not ground truth."""
+    at its iteration limit short of the optimum, or the model it starts from is not at its own
+    optimum: its changes are not ground truth."""
 
 
 def listed(items: list[str], limit: int = 5) -> str:

@@ -8,13 +8,15 @@ differences that are noise.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from infkit.errors import InvalidInputError
+from infkit.data import checked_indices
+from infkit.errors import InvalidInputError, Notice, warn
 from infkit.options import real_number
 
 #: the fewest pairs a correlation is computed from
@@ -32,6 +34,25 @@ def _np(x: Tensor | np.ndarray) -> np.ndarray:
     return x.detach().cpu().double().numpy() if isinstance(x, Tensor) else np.asarray(x, float)
 
 
+def _require_finite(name: str, values: np.ndarray, hint: str) -> None:
+    """Refuse a NaN or infinite entry of ``values``, naming its position and ``hint`` (where
+    such a value comes from): a correlation over the others would read as a figure of them all."""
+    bad = np.argwhere(~np.isfinite(values))
+    if len(bad):
+        where = ", ".join(str(int(i)) for i in bad[0])
+        raise InvalidInputError(
+            f"{name}[{where}] is {values[tuple(bad[0])]} ({len(bad)} entries are not finite): "
+            f"{hint}"
+        )
+
+
+#: what a non-finite predicted or actual value usually is
+_NON_FINITE_SCORE = "recompute the scores (an overflow or a failed solve), or leave the example out"
+_NON_FINITE_ACTUAL = (
+    "a retraining that diverged or a measurement that overflowed; retrain it, or leave it out"
+)
+
+
 def correlation(predicted: Tensor | np.ndarray, actual: Tensor | np.ndarray) -> Correlation:
     """Pearson and Spearman correlation of two equally long vectors (flattened)."""
     p, a = _np(predicted).reshape(-1), _np(actual).reshape(-1)
@@ -39,6 +60,8 @@ def correlation(predicted: Tensor | np.ndarray, actual: Tensor | np.ndarray) -> 
         raise InvalidInputError(f"predicted has {p.size} values but actual has {a.size}")
     if p.size < MIN_PAIRS:
         raise InvalidInputError(f"a correlation needs at least {MIN_PAIRS} pairs")
+    _require_finite("predicted (flattened)", p, _NON_FINITE_SCORE)
+    _require_finite("actual (flattened)", a, _NON_FINITE_ACTUAL)
     from scipy import stats  # imported here: scipy.stats takes seconds to import
 
     return Correlation(float(stats.pearsonr(p, a)[0]), float(stats.spearmanr(p, a)[0]), p.size)
@@ -52,8 +75,15 @@ def loo_correlation(scores: Tensor, actual: Tensor, indices: Tensor | None = Non
         actual: actual changes, [n_test, k] or [k] (``retrain.leave_one_out(...).measurement``).
         indices: the k training indices ``actual`` covers (default: all).
     """
-    pred = scores if indices is None else scores[..., torch.as_tensor(indices)]
-    return correlation(pred, actual)
+    return correlation(_at(scores, indices), actual)
+
+
+def _at(scores: Tensor, indices: Tensor | None) -> Tensor:
+    """``scores[..., indices]``, the training indices checked (in range, not negative)."""
+    scores = torch.as_tensor(scores)
+    if indices is None:
+        return scores
+    return scores[..., checked_indices(indices, scores.shape[-1], unique=True)]
 
 
 def lds(scores: Tensor, masks: Tensor, actual: Tensor) -> float:
@@ -67,8 +97,26 @@ def lds(scores: Tensor, masks: Tensor, actual: Tensor) -> float:
         scores: [n_test, n_train] removal effects.
         masks: [m, n_train] bool, True for kept examples.
         actual: [m, n_test] measurements of the models retrained on each subset.
+
+    Queries whose LDS is undefined (a measurement constant across the subsets) are left out of
+    the mean, with a :class:`~infkit.errors.Notice` saying how many; where none is defined,
+    an error.
     """
-    return float(np.nanmean(lds_per_query(scores, masks, actual)))
+    values = lds_per_query(scores, masks, actual)
+    defined = int((~np.isnan(values)).sum())
+    if defined == 0:
+        raise InvalidInputError(
+            f"the LDS is undefined for each of the {values.size} queries: their measurements "
+            "(or their predictions) are constant across the subsets"
+        )
+    if defined < values.size:
+        warn(
+            f"the LDS is the mean over {defined} of {values.size} queries: the other "
+            f"{values.size - defined} have measurements or predictions constant across the "
+            "subsets (lds_per_query gives NaN for them)",
+            Notice,
+        )
+    return float(np.mean(values[~np.isnan(values)]))
 
 
 def lds_per_query(scores: Tensor, masks: Tensor, actual: Tensor) -> np.ndarray:
@@ -91,10 +139,19 @@ def lds_per_query(scores: Tensor, masks: Tensor, actual: Tensor) -> np.ndarray:
             f"shapes do not line up: scores {S.shape}, masks {M.shape}, actual {Y.shape}; "
             "expected [T, N], [m, N], [m, T]"
         )
+    if M.shape[0] < MIN_PAIRS:
+        raise InvalidInputError(
+            f"the LDS correlates across subsets and needs at least {MIN_PAIRS} of them, got "
+            f"{M.shape[0]} (with 2 every correlation is +1 or -1): retrain on more subsets "
+            "(retrain.subsets(..., n_subsets=m); the literature uses 50 or more)"
+        )
+    _require_finite("scores", S, _NON_FINITE_SCORE)
+    _require_finite("actual (subset, query)", Y, _NON_FINITE_ACTUAL)
     from scipy import stats
 
     predicted = (~M).astype(float) @ S.T  # [m, T]
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)  # NaN says it, per query
         return np.array(
             [stats.spearmanr(predicted[:, t], Y[:, t])[0] for t in range(S.shape[0])], dtype=float
         )
@@ -206,15 +263,22 @@ def loo_interval(
         resamples: bootstrap resamples.
         seed: seed of the resampling.
     """
-    pred = _np(scores if indices is None else scores[..., torch.as_tensor(indices)])
+    pred = _np(_at(scores, indices))
     act = _np(actual)
     if pred.ndim != 2 or pred.shape != act.shape:
         raise InvalidInputError(
             f"predicted {pred.shape} and actual {act.shape} must both be [n_test, k]"
         )
+    if pred.shape[1] < MIN_PAIRS:
+        raise InvalidInputError(
+            f"a correlation needs at least {MIN_PAIRS} pairs: {pred.shape[1]} training examples"
+        )
+    _require_finite("predicted (query, example)", pred, _NON_FINITE_SCORE)
+    _require_finite("actual (query, example)", act, _NON_FINITE_ACTUAL)
     from scipy import stats
 
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)  # NaN says it, per query
         values = np.array([stats.spearmanr(p, a)[0] for p, a in zip(pred, act)], dtype=float)
     return bootstrap_mean(values, confidence=confidence, resamples=resamples, seed=seed)
 
@@ -276,6 +340,10 @@ def fraction_found(
     inspecting the top 10%).
     """
     s, y = _detection_inputs(scores, is_flagged)
+    if not y.any():
+        raise InvalidInputError(
+            "the fraction found needs at least one flagged example (is_flagged has none)"
+        )
     fraction = real_number(inspected)
     if fraction is None or not (0 < fraction <= 1):
         raise InvalidInputError(
@@ -283,13 +351,27 @@ def fraction_found(
         )
     k = max(1, round(fraction * s.size))
     top = np.argsort(-s)[:k]
-    return float(y[top].sum() / max(y.sum(), 1))
+    return float(y[top].sum() / y.sum())
 
 
 def relative_error(predicted: Tensor, actual: Tensor) -> float:
-    """||predicted - actual|| / ||actual||."""
+    """||predicted - actual|| / ||actual||, of two arrays of one shape (or one size)."""
     p, a = (
-        torch.as_tensor(predicted, dtype=torch.float64),
-        torch.as_tensor(actual, dtype=torch.float64),
+        torch.as_tensor(predicted, dtype=torch.float64).detach(),
+        torch.as_tensor(actual, dtype=torch.float64).detach(),
     )
-    return float((p - a).norm() / a.norm().clamp_min(1e-300))
+    if p.shape != a.shape:
+        if p.numel() != a.numel():
+            raise InvalidInputError(
+                f"predicted {tuple(p.shape)} and actual {tuple(a.shape)} differ in size: a "
+                "relative error compares the same quantities, entry by entry"
+            )
+        p, a = p.reshape(-1), a.reshape(-1)
+    _require_finite("predicted", p.numpy(), _NON_FINITE_SCORE)
+    _require_finite("actual", a.numpy(), _NON_FINITE_ACTUAL)
+    if float(a.norm()) == 0.0:
+        raise InvalidInputError(
+            "actual is zero, so an error relative to it is undefined: compare the absolute "
+            "error, (predicted - actual).norm()"
+        )
+    return float((p - a).norm() / a.norm())

@@ -30,12 +30,17 @@ from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError, NotConvergedWarning, warn
 from infkit.fingerprint import data_fingerprint, model_fingerprint, task_fingerprint
 from infkit.gradients import PerExample
-from infkit.parameters import ParameterSpace
+from infkit.parameters import ParameterSpace, evaluation_mode
 from infkit.progress import resolve, track
 from infkit.recipe import Replay, TrainingRun
 from infkit.store import ArtifactStore
 from infkit.task import Task
-from infkit.training import train_to_optimum
+from infkit.training import objective_and_gradient, train_to_optimum
+
+#: How large the trained model's own objective gradient may be, as a fraction of a removal's
+#: (:func:`warn_unless_optimum`), before the retrained changes are said to include the model's
+#: own step to the optimum.
+START_RESIDUAL = 0.01
 
 
 @dataclass
@@ -201,6 +206,8 @@ def without(
     examples = ExampleSet(train, name="training set")
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
     r = _retrain(task, examples, indices, l2, tolerance, max_iter, cache, run)
+    if run is None and len(r.removed):
+        warn_unless_optimum(task, examples, l2, [r.removed], "group-removal")
     if not r.converged:
         removed = f"without {len(r.removed)} example(s)"
         warn_unconverged("group-removal", [removed], [r.gradient_norm], [r.target], max_iter)
@@ -296,6 +303,63 @@ def warn_unconverged(
     )
 
 
+def warn_unless_optimum(
+    task: Task,
+    examples: ExampleSet,
+    l2: float,
+    removals: list[Tensor],
+    what: str = "leave-one-out",
+    chunk: int = 4096,
+) -> float:
+    """Warn when ``task``'s model is not at the optimum of ``L = mean_i l_i + (l2/2)||theta||^2``
+    on ``examples`` closely enough for the changes of retrainings without ``removals`` to be
+    the removals' own; returns the worst ratio below.
+
+    Warm-started at theta, a retraining without F (k examples of N) starts from the gradient
+    ``grad L_R(theta) = (N grad L(theta) - k g_F) / (N - k)``, where ``g_F`` is the mean over F of
+    ``grad l_j + l2 theta``: the removal's own part is ``k g_F``, the model's distance from its
+    optimum ``N grad L(theta)``. Their norms' ratio above :data:`START_RESIDUAL` means the change
+    ``theta_R - theta`` (and every change measured from theta) holds the model's own step to the
+    optimum besides the removal's effect. One pass over the data, and one over each removed set.
+    """
+    space = ParameterSpace(task.model)
+    engine = PerExample(task, space)
+    n = len(examples)
+    with evaluation_mode(task.model):
+        _, full = objective_and_gradient(task, space, examples, l2, None, chunk, engine)
+        own = n * float(full.norm())
+        ratios = []
+        for removed in removals:
+            _, g_removed = objective_and_gradient(task, space, examples, l2, removed, chunk, engine)
+            ratios.append(own / max(len(removed) * float(g_removed.norm()), 1e-300))
+    worst = max(ratios, default=0.0)
+    if worst > START_RESIDUAL:
+        coarse = (
+            f"; a {str(space.dtype).removeprefix('torch.')} model's gradient may go no lower "
+            "than its precision: compute the ground truth in float64 (model.double())"
+            if space.dtype != torch.float64
+            else ""
+        )
+        k = ratios.index(worst)
+        named = (
+            f"example {int(removals[k][0])}"
+            if len(removals[k]) == 1
+            else f"the {len(removals[k])} removed examples"
+        )
+        warn(
+            f"the model is not at the optimum of its objective on the training set "
+            f"(mean loss + (l2/2)||theta||^2, l2 = {l2:g}): its gradient there, times N = {n}, "
+            f"is {worst:.3g} times the removal's own (without {named}, the largest of "
+            f"{len(ratios)}), so each {what} change, measured from the model passed in, holds "
+            "the model's own step to the optimum as well as the removal's effect and is not "
+            "the removal's ground truth. Train it to the optimum first "
+            "(infkit.train_to_optimum(task, train, l2)), or retrain by the recipe that trained "
+            f"it (run=){coarse}",
+            NotConvergedWarning,
+        )
+    return worst
+
+
 def _replay(
     task: Task, examples: ExampleSet, run: TrainingRun, keep: Tensor
 ) -> tuple[Tensor, float, int]:
@@ -355,6 +419,8 @@ def leave_one_out(
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
     base = Retrained(task, idx[:0], ParameterSpace(task.model).flat(), torch.zeros(0), 0.0, 0)
     base_meas, base_loss = base.measurements(test), base.losses(test)
+    if run is None:
+        warn_unless_optimum(task, examples, l2, [idx[k : k + 1] for k in range(len(idx))])
     params, meas, loss, results = [], [], [], []
     for j in track(idx.tolist(), resolve(progress), "leave-one-out"):
         r = _retrain(task, examples, [j], l2, tolerance, max_iter, cache, run)
@@ -403,8 +469,15 @@ def random_masks(n: int, n_subsets: int, alpha: float, seed: int = 0) -> Tensor:
     """``n_subsets`` random subsets of size floor(alpha * n), as a bool mask [m, n]."""
     if not 0 < alpha < 1:
         raise InvalidInputError(f"alpha must lie in (0, 1), got {alpha}")
-    gen = torch.Generator().manual_seed(seed)
+    if isinstance(n_subsets, bool) or not isinstance(n_subsets, int) or n_subsets < 1:
+        raise InvalidInputError(f"n_subsets must be a whole number >= 1, got {n_subsets!r}")
     size = int(alpha * n)
+    if size == 0:
+        raise InvalidInputError(
+            f"alpha = {alpha:g} of N = {n} training examples keeps none (subsets of size "
+            f"floor(alpha N) = 0): raise alpha to at least {1 / n:.3g}"
+        )
+    gen = torch.Generator().manual_seed(seed)
     masks = torch.zeros(n_subsets, n, dtype=torch.bool)
     for k in range(n_subsets):
         masks[k, torch.randperm(n, generator=gen)[:size]] = True
@@ -441,6 +514,14 @@ def subsets(
         raise InvalidInputError(
             f"masks must be a boolean [m, N] tensor (True = kept) with N = {n}, got "
             f"{masks.dtype} of shape {tuple(masks.shape)}"
+        )
+    empty = (~masks.any(dim=1)).nonzero().squeeze(1)
+    if len(masks) == 0 or len(empty):
+        raise InvalidInputError(
+            "masks has no subsets"
+            if len(masks) == 0
+            else f"mask {int(empty[0])} keeps no "
+            "training example (True = kept); a retraining needs at least one"
         )
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
     rows, results = [], []
