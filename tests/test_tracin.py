@@ -62,19 +62,26 @@ def test_tracincp_equals_the_hand_computed_sum(mlp_problem: dict) -> None:
     inf = infkit.Influence(
         task, "identity", l2=l2, checkpoints=checkpoints, learning_rates=rates
     ).fit((X, y))
-    S, self_s, delta = inf.scores((Xt, yt)), inf.self_scores(), inf.remove([0, 7, 9]).params
+    S, self_s, removal = inf.scores((Xt, yt)), inf.self_scores(), inf.remove([0, 7, 9])
     expected = torch.zeros(7, 60, dtype=torch.float64)
     expected_self = torch.zeros(60, dtype=torch.float64)
     expected_delta = torch.zeros_like(final)
+    expected_loss = torch.zeros(7, dtype=torch.float64)
     for m, eta in zip(trajectory, rates):
         G, Q = autograd_gradients(m, X, y), autograd_gradients(m, Xt, yt)
         V = G + l2 * flat(m)
         expected += eta * Q @ V.T / 60
         expected_self += eta * (G * V).sum(1) / 60
         expected_delta += eta * V[[0, 7, 9]].sum(0) / 60
+        # each step's change meets the test gradient at its own checkpoint (a tester's: the
+        # summed step against the final model's gradient was 0.26 off the group's scores)
+        expected_loss += eta * Q @ V[[0, 7, 9]].sum(0) / 60
     assert relative_error(S, expected) < 1e-12
     assert relative_error(self_s, expected_self) < 1e-12
-    assert relative_error(delta, expected_delta) < 1e-12
+    assert relative_error(removal.params, expected_delta) < 1e-12
+    assert relative_error(removal.loss((Xt, yt)), expected_loss) < 1e-12
+    assert relative_error(removal.measurement((Xt, yt)), S[:, [0, 7, 9]].sum(1)) < 1e-12
+    assert removal.outputs((Xt, yt)).shape == (7, 3)
     assert torch.equal(flat(model), final)  # the model is left at its own parameters
     assert inf.describe()["checkpoints"] == 4
     # a sum over checkpoints has no inverse curvature to split: refused, pointing elsewhere
@@ -96,4 +103,23 @@ def test_tracincp_checks_its_inputs(mlp_problem: dict) -> None:
     with pytest.raises(InvalidInputError, match=r"shape \[P\] = \[75\]"):
         infkit.Influence(
             task, "identity", l2=l2, checkpoints=[torch.zeros(7)], learning_rates=1.0
+        ).fit(train)
+    # a TrainingRun's (step, theta) pairs: the message says which item and what each must be
+    # (it printed the whole list and "must be a list"); NaN rates gave NaN scores; a state dict
+    # with a tensor the model lacks was taken
+    state = mlp_problem["model"].state_dict()
+    with pytest.raises(InvalidInputError, match="item 0 is a tuple, and each must be a mapping"):
+        infkit.Influence(task, "identity", checkpoints=[(0, torch.zeros(75))], learning_rates=1.0)
+    for bad in (float("nan"), -0.1, float("inf")):
+        with pytest.raises(InvalidInputError, match="learning rate of checkpoint 1 is"):
+            infkit.Influence(
+                task, "identity", checkpoints=[state, state], learning_rates=[0.1, bad]
+            )
+    with pytest.raises(InvalidInputError, match=r"checkpoint 0 has entries .*\['extra'\]"):
+        infkit.Influence(
+            task,
+            "identity",
+            l2=l2,
+            checkpoints=[{**state, "extra": torch.zeros(1)}],
+            learning_rates=1.0,
         ).fit(train)

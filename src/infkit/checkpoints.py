@@ -30,6 +30,14 @@ def checkpoint_vector(space: ParameterSpace, checkpoint: Checkpoint, k: int = 0)
             )
         return checkpoint.detach().to(space.dtype)
     if isinstance(checkpoint, Mapping):
+        model = space.model
+        known = {*model.state_dict(), *dict(model.named_parameters()), *dict(model.named_buffers())}
+        extra = [str(n) for n in checkpoint if n not in known]
+        if extra:
+            raise InvalidInputError(
+                f"checkpoint {k} has entries the model has no tensor for: {extra[:5]}; is it "
+                "another architecture's state dict? Pass model.state_dict() copies of this model"
+            )
         missing = [n for n in space.names if n not in checkpoint]
         if missing:
             raise InvalidInputError(

@@ -201,7 +201,8 @@ def _check_value(owner: str, f: dataclasses.Field[Any], hint: Any, value: Any) -
         accepted = describe_type(hint)
         error = UnsupportedError if choices and isinstance(value, str) else InvalidInputError
         raise error(
-            f"{where} must be {accepted}, got {value!r}" + (f" ({f.name}: {doc})" if doc else "")
+            f"{where} must be {accepted}, got {_shown(value)}{_bad_item(value, hint)}"
+            + (f" ({f.name}: {doc})" if doc else "")
         )
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         low, above = f.metadata.get("minimum"), f.metadata.get("above")
@@ -209,6 +210,26 @@ def _check_value(owner: str, f: dataclasses.Field[Any], hint: Any, value: Any) -
             raise InvalidInputError(f"{where} must be >= {low}, got {value!r} ({f.name}: {doc})")
         if above is not None and not value > above:
             raise InvalidInputError(f"{where} must be > {above}, got {value!r} ({f.name}: {doc})")
+
+
+def _shown(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` for a message, cut at ``limit`` characters (a list of tensors runs on)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...]"
+
+
+def _bad_item(value: Any, hint: Any) -> str:
+    """Where a list given for an option that takes a list goes wrong: its first item that is
+    not of the item type (``''`` when ``value`` is no list or ``hint`` takes none)."""
+    if not isinstance(value, (list, tuple)):
+        return ""
+    item = _sequence_item(hint)
+    if item is None:
+        return ""
+    for k, v in enumerate(value):
+        if not conforms(v, item):
+            return f": item {k} is a {type(v).__name__}, and each must be {describe_type(item)}"
+    return ""
 
 
 def _accepts(hint: Any, kind: Any) -> bool:

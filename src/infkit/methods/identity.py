@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ from infkit.data import Batch, ExampleSet
 from infkit.errors import CurvatureError, InvalidInputError
 from infkit.estimators import Estimator
 from infkit.fitted import Fitted, warn_about_still_queries
+from infkit.gradients import directional_derivatives
 from infkit.layers.factored import (
     CHECK_EXAMPLES,
     FactoredGradients,
@@ -62,7 +64,9 @@ class IdentityOptions(Options):
     """Options of ``method="identity"``."""
 
     checkpoints: Sequence[Checkpoint] | None = option(
-        None, "checkpoints w_k (state dicts or flat [P] vectors): makes the method TracInCP"
+        None,
+        "checkpoints w_k (state dicts or flat [P] vectors): makes the method TracInCP; from a "
+        "TrainingRun's (step, theta) pairs, [theta for _, theta in run.checkpoints]",
     )
     learning_rates: Sequence[float] | float | None = option(
         None, "eta_k, one per checkpoint (a single number is used for all)"
@@ -91,6 +95,12 @@ class IdentityOptions(Options):
                 f"method 'identity': {len(self.checkpoints)} checkpoints but "
                 f"{len(self.learning_rates)} learning rates"
             )
+        for k, rate in enumerate(self.rates()):
+            if not 0 <= rate < math.inf:
+                raise InvalidInputError(
+                    f"method 'identity': the learning rate of checkpoint {k} is {rate}; each "
+                    "must be a finite number >= 0 (the step size that checkpoint stands for)"
+                )
 
     def rates(self) -> list[float]:
         """eta_k for every checkpoint."""
@@ -285,13 +295,43 @@ class Identity(PrimalMethod):
         if not self.tracin:
             return super().removal(indices, estimator)
         estimator.require_counterfactual()
-        fitted = self.fitted
-        total = fitted.zeros()
+        total = self.fitted.zeros()
         for eta, theta, at_fit in self._checkpoint_terms():
-            for batch in self._batches(at_fit, indices):
-                g = self._loss_grads(batch, at_fit).to(torch.float64)
-                total += eta / fitted.n * self._train_side(g, theta, estimator, batch).sum(0)
+            total += self._checkpoint_step(eta, theta, at_fit, indices, estimator)
         return total
+
+    def removal_change(
+        self, data: ExampleSet, indices: Tensor, estimator: Estimator, which: str
+    ) -> Tensor | None:
+        """With checkpoints, the change of ``which`` summed over the checkpoints as the scores
+        sum: ``sum_k J(w_k) Delta theta_k``, ``Delta theta_k = (eta_k/N) sum_{j in F} grad
+        l~_j(w_k)`` (docs/methods/identity.md §3); for the measurement, the sum of the group's
+        scores. ``J(theta*)`` times the summed step would mix each step with another point's
+        gradient."""
+        if not self.tracin:
+            return None
+        estimator.require_counterfactual()
+        fitted = self.fitted
+        parts = []
+        for eta, theta, at_fit in self._checkpoint_terms():
+            step = self._checkpoint_step(eta, theta, at_fit, indices, estimator)
+            batches = data.batches(fitted.gradient_batch_size)
+            parts.append(
+                torch.cat([directional_derivatives(fitted.engine, b, step, which) for b in batches])
+            )
+        return torch.stack(parts).sum(0)
+
+    def _checkpoint_step(
+        self, eta: float, theta: Tensor, at_fit: bool, indices: Tensor, estimator: Estimator
+    ) -> Tensor:
+        """The change of checkpoint k's step without ``indices``: ``(eta_k/N) sum_{j in F} grad
+        l~_j(w_k)`` [P] float64, with the model at w_k."""
+        fitted = self.fitted
+        step = fitted.zeros()
+        for batch in self._batches(at_fit, indices):
+            g = self._loss_grads(batch, at_fit).to(torch.float64)
+            step += eta / fitted.n * self._train_side(g, theta, estimator, batch).sum(0)
+        return step
 
     # ------------------------------------------------------------------ TracInCP pieces
     def _checkpoint_terms(self) -> Generator[tuple[float, Tensor, bool], None, None]:
