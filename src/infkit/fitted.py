@@ -33,7 +33,7 @@ from infkit.errors import (
     listed,
     warn,
 )
-from infkit.fingerprint import tensor_digest
+from infkit.fingerprint import tensor_attributes, tensor_digest
 from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, Which, gradient_rows
 from infkit.memory import human_bytes
 from infkit.parameters import ParameterSpace, evaluation_mode, product_dtype
@@ -699,11 +699,14 @@ def _adapter_words(state: AdapterState | None) -> str:
 
 
 def _outside_digests(model: nn.Module, space: ParameterSpace) -> dict[str, str]:
-    """``tensor_digest`` of every parameter and buffer of ``model`` outside ``space``, by name
-    (the frozen and unattributed parameters and the buffers the answers also depend on)."""
+    """``tensor_digest`` of every parameter, buffer and tensor attribute of ``model`` outside
+    ``space``, by name (the frozen and unattributed parameters, the buffers and the tensors kept
+    as plain attributes, :func:`~infkit.fingerprint.tensor_attributes`, that the answers also
+    depend on)."""
     attributed = set(space.names)
     tensors: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if n not in attributed}
     tensors.update(model.named_buffers())
+    tensors.update({f"{n} (attribute)": t for n, t in tensor_attributes(model).items()})
     return {name: tensor_digest(t) for name, t in tensors.items()}
 
 

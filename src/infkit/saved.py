@@ -57,6 +57,7 @@ from infkit.fingerprint import (
     plain_attributes,
     stable_repr,
     task_fingerprint,
+    tensor_attributes,
     tensor_digest,
 )
 from infkit.fitted import Fitted, gradient_cache_fits
@@ -280,12 +281,15 @@ def decode(
 
 # ---------------------------------------------------------------------------- the model
 def model_details(model: nn.Module) -> dict[str, Any]:
-    """The module tree and a digest of every parameter and buffer, to name what differs."""
+    """The module tree and a digest of every parameter, buffer and tensor attribute, to name
+    what differs."""
     tensors: dict[str, dict[str, Any]] = {}
     for name, p in model.named_parameters():
         tensors[name] = _tensor_details(p, p.requires_grad)
     for name, b in model.named_buffers():
         tensors[name] = _tensor_details(b, None)
+    for name, t in tensor_attributes(model).items():
+        tensors[f"{name} (attribute)"] = _tensor_details(t, None)
     return {
         "modules": {
             name or "(root)": f"{type(m).__module__}.{type(m).__qualname__}"
@@ -369,8 +373,7 @@ def _parameter_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
         else:
             items.append(f"{name} (values)")
     items += [f"{name} (not in the saved model)" for name in t1 if name not in t0]
-    kind = "parameters and buffers"
-    return f"the model's {kind} differ from the saved ones: {listed(items)}"
+    return f"the model's tensors differ from the saved ones: {listed(items)}"
 
 
 # ---------------------------------------------------------------------------- saving

@@ -178,8 +178,7 @@ class Lissa(PrimalMethod):
         damping=0.1,
         test_options={"tol": 1e-2, "minibatch_size": 256},
     )
-    #: the scale and its eigenvalue estimate, and the counters that seed the next solve's
-    #: minibatch order (so that a reloaded fit draws the same minibatches)
+    #: the scale and its eigenvalue estimate, and the counts of products, depths and solves
     fitted_state = ("lambda_max", "scale", "products", "depths", "_runs")
     options: LissaOptions
 
@@ -350,8 +349,13 @@ class Lissa(PrimalMethod):
         # (a tester's bfloat16 scores: 6.7e-2 from float64's, the other methods' 1.4e-2).
         V = V.to(torch.promote_types(self.fitted.engine.dtype, torch.float32))
         total = torch.zeros_like(V, dtype=torch.float64)
-        for _ in range(self.options.repeats):
-            gen = torch.Generator().manual_seed(self.options.seed * 1_000_003 + self._runs)
+        # Every solve draws the same minibatch order (run r's from seed and r alone): a
+        # question asked twice gets one answer, and module_scores split the very solve that
+        # scores makes (with a fresh order per solve, two calls differed by 0.10-0.14 and the
+        # modules' sum missed the scores by as much); the minibatch order does not depend on V,
+        # so neither do query chunks.
+        for r in range(self.options.repeats):
+            gen = torch.Generator().manual_seed(self.options.seed * 1_000_003 + r)
             self._runs += 1
             matmat = self._minibatch_matmat(pool, share, gen)
             estimate = lissa(
