@@ -7,6 +7,8 @@ objective converges to it (docs/estimators.md §12).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -146,6 +148,29 @@ def test_hessian_steps_converge_on_a_tanh_mlp() -> None:
     one = _relative_error(inf.remove(removed), retrained)
     three = _relative_error(inf.remove(removed, steps=3), retrained)
     assert one > 1e-2 and three < 1e-8
+
+
+def test_an_exact_first_step_is_not_called_diverging() -> None:
+    """A ridge regression's Newton step is its retraining: the later iterates sit at rounding
+    (a tester's: 2.45e-16, then 2.47e-16, was warned about as not converging)."""
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(50, 4, generator=gen, dtype=torch.float64)
+    y = X @ torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    y = y + 0.3 * torch.randn(50, 2, generator=gen, dtype=torch.float64)
+    l2 = 0.1
+    task = infkit.Task.regression(torch.nn.Linear(4, 2, bias=False).double())
+    infkit.train_to_optimum(task, (X, y), l2, tolerance=1e-13)
+    inf = infkit.Influence(task, "exact", "newton", l2=l2, progress=False).fit((X, y))
+    keep = torch.ones(50, dtype=torch.bool)
+    keep[[3, 17, 40]] = False
+    Xk, yk = X[keep], y[keep]
+    closed = torch.linalg.solve(Xk.T @ Xk / 47 + l2 * torch.eye(4, dtype=X.dtype), Xk.T @ yk / 47)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        effect = inf.remove([3, 17, 40], steps=3)
+    theta = task.model.weight.detach().T + effect.params.reshape(2, 4).T
+    assert torch.allclose(theta, closed, rtol=1e-12, atol=1e-14)
+    assert effect.gradient_norms is not None and max(effect.gradient_norms) < 1e-13
 
 
 def test_a_diverging_iteration_warns_and_the_workdir_is_left_alone(

@@ -1,7 +1,7 @@
 """Fingerprints: short hashes of what a result depends on, for the identity of artifacts.
 
 * :func:`model_fingerprint`: the architecture (module classes and their configuration) and
-  every parameter, buffer and tensor attribute (names, shapes, dtypes, trainability and values);
+  every parameter and buffer (names, shapes, dtypes, trainability and values);
 * :func:`data_fingerprint`: the full content of an example set, inputs and targets, in order;
 * :func:`callable_identity` and :func:`task_fingerprint`: which loss, measurement and output
   functions a task uses (their qualified name and the hash of their code, so two lambdas or two
@@ -78,22 +78,34 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
     for name, b in model.named_buffers():
         state.update(f"{name};".encode())
         _tensor(state, b)
-    for name, t in tensor_attributes(model).items():
-        state.update(f"{name} (attribute);".encode())
-        _tensor(state, t)
     return {"architecture": arch.hexdigest()[:32], "parameters": state.hexdigest()[:32]}
 
 
 def tensor_attributes(model: nn.Module) -> dict[str, Tensor]:
     """The tensors modules keep as plain public attributes (``self.mask = torch.ones(d)``,
-    neither parameter nor buffer), by dotted name: the forward pass may read them as it reads
-    a buffer, so a changed one changes the answers as a changed buffer does."""
+    neither parameter nor buffer), by dotted name, that hold values: not a piece of a
+    computation (a tensor that requires grad or has a graph, as legacy ``weight_norm``'s
+    ``weight`` recomputed from the parameters), nor one captured inside torch.func's transforms
+    (an activation a forward pass kept), nor one without data (meta).
+
+    They are no part of :func:`model_fingerprint`: a forward pass may write them (a cache of
+    its activations), so their values do not identify the model. The fitted state checks those
+    edited in place (:meth:`infkit.fitted.Fitted.changed_since_fit`), and a load compares
+    those of the saved model's names (:meth:`infkit.saved.SavedInfluence.check_task`)."""
     found: dict[str, Tensor] = {}
     for prefix, module in model.named_modules():
         for key, value in vars(module).items():
-            if isinstance(value, Tensor) and not key.startswith("_"):
+            if isinstance(value, Tensor) and not key.startswith("_") and _holds_values(value):
                 found[f"{prefix}.{key}" if prefix else key] = value
     return found
+
+
+def _holds_values(t: Tensor) -> bool:
+    """Whether ``t`` is a plain tensor of values (:func:`tensor_attributes`)."""
+    if t.requires_grad or t.grad_fn is not None or t.is_meta:
+        return False
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return not (wrapped is not None and wrapped(t))
 
 
 #: plain values: what :func:`plain_attributes` and the values a function reads are hashed as

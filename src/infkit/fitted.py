@@ -14,6 +14,7 @@ import difflib
 import inspect
 import itertools
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -114,12 +115,16 @@ class Fitted:
     def __post_init__(self) -> None:
         # digests of the model's tensors outside theta, as fit found them (changed_since_fit)
         object.__setattr__(self, "_outside", _outside_digests(self.task.model, self.space))
+        # the tensors kept as plain attributes, to tell one edited in place (changed_since_fit)
+        object.__setattr__(self, "_attributes", _attribute_snapshot(self.task.model))
         # which adapters were active (adapters_changed_since_fit)
         object.__setattr__(self, "_adapters", adapter_state(self.task.model))
 
     def changed_since_fit(self) -> str | None:
         """The name of the first parameter or buffer of the model that differs from fit time
-        (theta against the snapshot :attr:`theta`, the others against their digests), or None.
+        (theta against the snapshot :attr:`theta`, the others against their digests), or of a
+        tensor attribute edited in place since (:func:`~infkit.fingerprint.tensor_attributes`),
+        or None.
 
         Every answer combines the fitted state (curvature, cached gradients, theta*) with the
         model as it is when asked; a model trained further or edited after ``fit`` would give
@@ -137,6 +142,13 @@ class Fitted:
         for name in sorted(found.keys() | expected.keys()):
             if found.get(name) != expected.get(name):
                 return name
+        kept: dict[str, tuple[weakref.ref[Tensor], str]] = self._attributes  # type: ignore[attr-defined]
+        for name, value in tensor_attributes(model).items():
+            then = kept.get(name)
+            # the same tensor with other values: edited in place (a mask zeroed); a tensor put
+            # in its place is what a forward pass that keeps its activations does, and is left
+            if then is not None and then[0]() is value and tensor_digest(value) != then[1]:
+                return f"{name} (attribute)"
         return None
 
     def adapters_changed_since_fit(self) -> str | None:
@@ -699,15 +711,21 @@ def _adapter_words(state: AdapterState | None) -> str:
 
 
 def _outside_digests(model: nn.Module, space: ParameterSpace) -> dict[str, str]:
-    """``tensor_digest`` of every parameter, buffer and tensor attribute of ``model`` outside
-    ``space``, by name (the frozen and unattributed parameters, the buffers and the tensors kept
-    as plain attributes, :func:`~infkit.fingerprint.tensor_attributes`, that the answers also
-    depend on)."""
+    """``tensor_digest`` of every parameter and buffer of ``model`` outside ``space``, by name
+    (the frozen and unattributed parameters and the buffers the answers also depend on)."""
     attributed = set(space.names)
     tensors: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if n not in attributed}
     tensors.update(model.named_buffers())
-    tensors.update({f"{n} (attribute)": t for n, t in tensor_attributes(model).items()})
     return {name: tensor_digest(t) for name, t in tensors.items()}
+
+
+def _attribute_snapshot(model: nn.Module) -> dict[str, tuple[weakref.ref[Tensor], str]]:
+    """A weak reference to each of ``model``'s tensor attributes
+    (:func:`~infkit.fingerprint.tensor_attributes`) with the digest of its values: weak, so a
+    kept activation is not held alive by the snapshot."""
+    return {
+        name: (weakref.ref(t), tensor_digest(t)) for name, t in tensor_attributes(model).items()
+    }
 
 
 def gradient_cache_bytes(n: int, p: int, dtype: torch.dtype) -> int:

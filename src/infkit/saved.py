@@ -49,6 +49,7 @@ from infkit.errors import (
     InvalidInputError,
     UnsupportedError,
     listed,
+    warn,
 )
 from infkit.fingerprint import (
     callable_identity,
@@ -281,16 +282,17 @@ def decode(
 
 # ---------------------------------------------------------------------------- the model
 def model_details(model: nn.Module) -> dict[str, Any]:
-    """The module tree and a digest of every parameter, buffer and tensor attribute, to name
-    what differs."""
+    """The module tree and a digest of every parameter and buffer, to name what differs, and of
+    every tensor attribute (:func:`~infkit.fingerprint.tensor_attributes`)."""
     tensors: dict[str, dict[str, Any]] = {}
     for name, p in model.named_parameters():
         tensors[name] = _tensor_details(p, p.requires_grad)
     for name, b in model.named_buffers():
         tensors[name] = _tensor_details(b, None)
-    for name, t in tensor_attributes(model).items():
-        tensors[f"{name} (attribute)"] = _tensor_details(t, None)
     return {
+        "tensor_attributes": {
+            name: _tensor_details(t, None) for name, t in tensor_attributes(model).items()
+        },
         "modules": {
             name or "(root)": f"{type(m).__module__}.{type(m).__qualname__}"
             for name, m in model.named_modules()
@@ -373,7 +375,7 @@ def _parameter_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
         else:
             items.append(f"{name} (values)")
     items += [f"{name} (not in the saved model)" for name in t1 if name not in t0]
-    return f"the model's tensors differ from the saved ones: {listed(items)}"
+    return f"the model's parameters and buffers differ from the saved ones: {listed(items)}"
 
 
 # ---------------------------------------------------------------------------- saving
@@ -712,12 +714,33 @@ class SavedInfluence:
                 for k in changed
             ]
             problems.append("the task differs: " + "; ".join(parts))
+        if not problems:
+            self._compare_tensor_attributes(task.model)
         if problems:
             raise ArtifactError(
                 f"{self.requested_path} was saved for another model or task: "
                 + "; ".join(problems)
                 + ". Load it with the model and task it was fitted with (the same architecture, "
                 "parameter values, loss and measurement), or fit and save anew"
+            )
+
+    def _compare_tensor_attributes(self, model: nn.Module) -> None:
+        """Warn when a tensor the model keeps as a plain attribute differs from the saved
+        model's of that name: a forward pass may read it (a mask: the loaded answers are then
+        the saved model's) or write it (kept activations: nothing is wrong), so it is said,
+        not refused; names on one side only are a cache not yet written."""
+        saved = self.document("model").get("tensor_attributes", {})
+        now = {n: _tensor_details(t, None) for n, t in tensor_attributes(model).items()}
+        differ = [n for n in sorted(saved.keys() & now.keys()) if saved[n] != now[n]]
+        if differ:
+            warn(
+                f"the model's tensor attributes {listed(differ)} differ from those of the model "
+                f"{self.requested_path} was saved with (they are neither parameters nor buffers, "
+                "so no part of its identity): if its forward pass reads them (a mask), the "
+                "loaded answers are the saved model's and not this one's; register them as "
+                "buffers (module.register_buffer) to have them checked. If the forward pass "
+                "writes them (activations it keeps), nothing is wrong",
+                UserWarning,
             )
 
     def examples(self, train: Any) -> ExampleSet:
