@@ -161,16 +161,20 @@ def test_an_exact_first_step_is_not_called_diverging() -> None:
     task = infkit.Task.regression(torch.nn.Linear(4, 2, bias=False).double())
     infkit.train_to_optimum(task, (X, y), l2, tolerance=1e-13)
     inf = infkit.Influence(task, "exact", "newton", l2=l2, progress=False).fit((X, y))
-    keep = torch.ones(50, dtype=torch.bool)
-    keep[[3, 17, 40]] = False
-    Xk, yk = X[keep], y[keep]
-    closed = torch.linalg.solve(Xk.T @ Xk / 47 + l2 * torch.eye(4, dtype=X.dtype), Xk.T @ yk / 47)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        effect = inf.remove([3, 17, 40], steps=3)
-    theta = task.model.weight.detach().T + effect.params.reshape(2, 4).T
-    assert torch.allclose(theta, closed, rtol=1e-12, atol=1e-14)
-    assert effect.gradient_norms is not None and max(effect.gradient_norms) < 1e-13
+    # at rounding the later norms rise over the first by chance, about half the time here
+    for group in ([3, 17, 40], [1, 2], [10, 20, 30, 40], [11, 12]):
+        keep = torch.ones(50, dtype=torch.bool)
+        keep[group] = False
+        Xk, yk, n = X[keep], y[keep], int(keep.sum())
+        eye = torch.eye(4, dtype=X.dtype)
+        closed = torch.linalg.solve(Xk.T @ Xk / n + l2 * eye, Xk.T @ yk / n)
+        for steps in (3, 4):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)
+                effect = inf.remove(group, steps=steps)
+            theta = task.model.weight.detach().T + effect.params.reshape(2, 4).T
+            assert torch.allclose(theta, closed, rtol=1e-12, atol=1e-14)
+            assert effect.gradient_norms is not None and max(effect.gradient_norms) < 1e-13
 
 
 def test_a_diverging_iteration_warns_and_the_workdir_is_left_alone(
