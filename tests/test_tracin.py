@@ -123,3 +123,48 @@ def test_tracincp_checks_its_inputs(mlp_problem: dict) -> None:
             checkpoints=[{**state, "extra": torch.zeros(1)}],
             learning_rates=1.0,
         ).fit(train)
+
+
+def test_tracincp_over_a_recorded_run_as_the_docs_pass_it(mlp_problem: dict) -> None:
+    """docs/methods/identity.md §3: a run's checkpoints but the last, each with the summed
+    learning rates of the steps it stands for, against the sum over the run's steps computed
+    here from the recorded parameters (every step kept: record_every=1)."""
+    (X, y), (Xt, yt), l2 = mlp_problem["train"], mlp_problem["test"], mlp_problem["l2"]
+    model = copy.deepcopy(mlp_problem["model"])
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # away from the optimum, so that the run moves
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    task = infkit.Task.classification(model)
+    recipe = infkit.Recipe(steps=12, lr=0.3, l2=l2, schedule="cosine", warmup=3)
+    every = recipe.train(task, (X, y), record_every=1)
+    steps = dict(every.checkpoints)  # theta at every step, and the gradients there
+
+    def term(t: int) -> torch.Tensor:
+        at = copy.deepcopy(model)
+        torch.nn.utils.vector_to_parameters(steps[t].clone(), at.parameters())
+        G, Q = autograd_gradients(at, X, y), autograd_gradients(at, Xt, yt)
+        return Q @ (G + l2 * steps[t]).T / 60
+
+    terms = {t: term(t) for t in range(12)}
+    for c in (1, 4, 5):  # every step, then one checkpoint for several (T = 12: 0, 5, 10, 12)
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(every.initial.clone(), model.parameters())
+        run = recipe.train(task, (X, y), record_every=c)
+        pairs = run.checkpoints
+        checkpoints = [theta for _, theta in pairs[:-1]]
+        rates = [
+            sum(run.recipe.learning_rate(t) for t in range(s, s_next))
+            for (s, _), (s_next, _) in zip(pairs, pairs[1:])  # noqa: RUF007 (the docs' code)
+        ]
+        inf = infkit.Influence(
+            task, "identity", l2=l2, checkpoints=checkpoints, learning_rates=rates
+        )
+        S = inf.fit((X, y)).scores((Xt, yt))
+        starts = list(range(0, 12, c))
+        assert [s for s, _ in pairs] == [*starts, 12]
+        expected = sum(
+            sum(recipe.learning_rate(t) for t in range(s, min(s + c, 12))) * terms[s]
+            for s in starts
+        )
+        assert relative_error(S, expected) < 1e-12

@@ -367,8 +367,8 @@ def relative_error(predicted: Tensor, actual: Tensor) -> float:
                 "relative error compares the same quantities, entry by entry"
             )
         p, a = p.reshape(-1), a.reshape(-1)
-    _require_finite("predicted", p.numpy(), _NON_FINITE_SCORE)
-    _require_finite("actual", a.numpy(), _NON_FINITE_ACTUAL)
+    _require_finite("predicted", p.cpu().numpy(), _NON_FINITE_SCORE)
+    _require_finite("actual", a.cpu().numpy(), _NON_FINITE_ACTUAL)
     if float(a.norm()) == 0.0:
         raise InvalidInputError(
             "actual is zero, so an error relative to it is undefined: compare the absolute "

@@ -16,6 +16,7 @@ next call that depends on exactly the same things; a damaged file raises an erro
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,17 +31,17 @@ from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError, NotConvergedWarning, warn
 from infkit.fingerprint import data_fingerprint, model_fingerprint, task_fingerprint
 from infkit.gradients import PerExample
-from infkit.parameters import ParameterSpace, evaluation_mode
+from infkit.parameters import ParameterSpace
 from infkit.progress import resolve, track
 from infkit.recipe import Replay, TrainingRun
 from infkit.store import ArtifactStore
 from infkit.task import Task
-from infkit.training import objective_and_gradient, train_to_optimum
+from infkit.training import train_to_optimum
 
-#: How large the trained model's own objective gradient may be, as a fraction of a removal's
-#: (:func:`warn_unless_optimum`), before the retrained changes are said to include the model's
-#: own step to the optimum.
-START_RESIDUAL = 0.01
+#: How far retraining on all the data may move the model passed in, as a fraction of the median
+#: removal's change, before :func:`leave_one_out` and :func:`without` say it was not at its
+#: optimum (:func:`_base`).
+START_MOVE = 0.01
 
 
 @dataclass
@@ -48,13 +49,17 @@ class Retrained:
     """A model retrained without ``removed``.
 
     Attributes:
-        theta: retrained flat parameters [P]; ``delta``: theta - theta* [P].
+        theta: retrained flat parameters [P]; ``delta``: theta - theta-hat [P], theta-hat the
+            model passed in retrained on all the data the same way (itself at its optimum;
+            without nothing removed, theta-hat - theta, the model's own step to it).
         gradient_norm: ||grad L_R|| at the end (how tight the optimum is).
         target: the gradient norm the retraining had to reach (``tolerance`` times the norm at
             the warm start, or times 1 when that is smaller); NaN for a replayed recipe, which
             seeks no optimum.
         converged: whether it reached ``target`` (always True for a replayed recipe). A result
             that did not is not the retrained optimum, so not ground truth.
+        start_move: ``||theta-hat - theta||``, how far retraining on all the data moved the
+            model passed in (0 at its optimum; a warning says when it is not small).
     """
 
     task: Task
@@ -65,6 +70,7 @@ class Retrained:
     evaluations: int
     target: float = float("nan")
     converged: bool = True
+    start_move: float = 0.0
 
     def model(self) -> torch.nn.Module:
         clone = copy.deepcopy(self.task.model)
@@ -197,7 +203,10 @@ def without(
 ) -> Retrained:
     """Retrain without the training examples ``indices`` (warm start from the trained model).
 
-    With ``run`` (the model's :class:`~infkit.recipe.TrainingRun`), the recipe is replayed from
+    ``delta`` is measured from theta-hat, the model retrained on all the data the same way
+    (the model itself at its optimum; a warning says when it moved, :func:`_base`); without
+    any example removed it is theta-hat - theta, the model's own step to its optimum. With
+    ``run`` (the model's :class:`~infkit.recipe.TrainingRun`), the recipe is replayed from
     its initial parameters with the removed examples' weights set to 0 instead. With
     ``cache_dir`` the result is kept in an artifact store and reused by the next call that
     depends on exactly the same model, task, data, removed examples and settings. A retraining
@@ -206,11 +215,22 @@ def without(
     examples = ExampleSet(train, name="training set")
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
     r = _retrain(task, examples, indices, l2, tolerance, max_iter, cache, run)
-    if run is None and len(r.removed):
-        warn_unless_optimum(task, examples, l2, [r.removed], "group-removal")
-    if not r.converged:
-        removed = f"without {len(r.removed)} example(s)"
-        warn_unconverged("group-removal", [removed], [r.gradient_norm], [r.target], max_iter)
+    late = [r] if not r.converged else []
+    if len(r.removed):  # without nothing: the step to theta-hat itself, asked for
+        base = _base(task, examples, l2, tolerance, max_iter, cache, run)
+        r = dataclasses.replace(r, delta=r.theta - base.theta, start_move=float(base.delta.norm()))
+        _warn_if_moved(base, [r.delta], "group-removal")
+        late += [base] if not base.converged else []
+    warn_unconverged(
+        "group-removal",
+        [
+            f"without {len(x.removed)} example(s)" if len(x.removed) else "on all the data"
+            for x in late
+        ],
+        [x.gradient_norm for x in late],
+        [x.target for x in late],
+        max_iter,
+    )
     return r
 
 
@@ -303,61 +323,59 @@ def warn_unconverged(
     )
 
 
-def warn_unless_optimum(
+def _base(
     task: Task,
     examples: ExampleSet,
     l2: float,
-    removals: list[Tensor],
-    what: str = "leave-one-out",
-    chunk: int = 4096,
-) -> float:
-    """Warn when ``task``'s model is not at the optimum of ``L = mean_i l_i + (l2/2)||theta||^2``
-    on ``examples`` closely enough for the changes of retrainings without ``removals`` to be
-    the removals' own; returns the worst ratio below.
+    tolerance: float,
+    max_iter: int,
+    cache: RetrainCache | None,
+    run: TrainingRun | None,
+) -> Retrained:
+    """theta-hat, what the changes are measured from: the model passed in retrained on all the
+    data, warm-started and stopped as every removal's retraining is (docs/evaluation.md §2).
 
-    Warm-started at theta, a retraining without F (k examples of N) starts from the gradient
-    ``grad L_R(theta) = (N grad L(theta) - k g_F) / (N - k)``, where ``g_F`` is the mean over F of
-    ``grad l_j + l2 theta``: the removal's own part is ``k g_F``, the model's distance from its
-    optimum ``N grad L(theta)``. Their norms' ratio above :data:`START_RESIDUAL` means the change
-    ``theta_R - theta`` (and every change measured from theta) holds the model's own step to the
-    optimum besides the removal's effect. One pass over the data, and one over each removed set.
-    """
-    space = ParameterSpace(task.model)
-    engine = PerExample(task, space)
-    n = len(examples)
-    with evaluation_mode(task.model):
-        _, full = objective_and_gradient(task, space, examples, l2, None, chunk, engine)
-        own = n * float(full.norm())
-        ratios = []
-        for removed in removals:
-            _, g_removed = objective_and_gradient(task, space, examples, l2, removed, chunk, engine)
-            ratios.append(own / max(len(removed) * float(g_removed.norm()), 1e-300))
-    worst = max(ratios, default=0.0)
-    if worst > START_RESIDUAL:
-        coarse = (
-            f"; a {str(space.dtype).removeprefix('torch.')} model's gradient may go no lower "
-            "than its precision: compute the ground truth in float64 (model.double())"
-            if space.dtype != torch.float64
-            else ""
+    At the optimum the model passed in is theta-hat (the retraining stops at once, or polishes
+    rounding). Off it, each retraining would also carry the model's own step to the optimum,
+    which no removal causes: measured from theta-hat, the changes are the removals' own
+    (a ridge model at 0.9 theta* read changes 10x off the closed form's from theta, and equal
+    to it from theta-hat). A replayed recipe ends at the model passed in (:func:`_check_run`):
+    theta itself."""
+    theta = ParameterSpace(task.model).flat()
+    if run is not None:
+        return Retrained(
+            task, torch.zeros(0, dtype=torch.long), theta, torch.zeros_like(theta), 0.0, 0
         )
-        k = ratios.index(worst)
-        named = (
-            f"example {int(removals[k][0])}"
-            if len(removals[k]) == 1
-            else f"the {len(removals[k])} removed examples"
-        )
-        warn(
-            f"the model is not at the optimum of its objective on the training set "
-            f"(mean loss + (l2/2)||theta||^2, l2 = {l2:g}): its gradient there, times N = {n}, "
-            f"is {worst:.3g} times the removal's own (without {named}, the largest of "
-            f"{len(ratios)}), so each {what} change, measured from the model passed in, holds "
-            "the model's own step to the optimum as well as the removal's effect and is not "
-            "the removal's ground truth. Train it to the optimum first "
-            "(infkit.train_to_optimum(task, train, l2)), or retrain by the recipe that trained "
-            f"it (run=){coarse}",
-            NotConvergedWarning,
-        )
-    return worst
+    return _retrain(task, examples, [], l2, tolerance, max_iter, cache)
+
+
+def _warn_if_moved(base: Retrained, changes: list[Tensor], what: str) -> None:
+    """Warn when :func:`_base` moved the model passed in by more than :data:`START_MOVE` of the
+    median removal's change: it was not at its optimum, so answers computed at it (scores)
+    describe another point than the retrainings'."""
+    move = float(base.delta.norm())
+    rounding = 1e3 * torch.finfo(base.theta.dtype).eps * float(base.theta.norm())
+    sizes = sorted(float(c.norm()) for c in changes)
+    median = sizes[len(sizes) // 2] if sizes else 0.0
+    if move <= rounding or move <= START_MOVE * median:
+        return
+    times = f"{move / median:.3g} times" if median > 0 else "more than"
+    coarse = (
+        f"; a {str(base.theta.dtype).removeprefix('torch.')} model may go no closer than its "
+        "precision: compute the ground truth in float64 (model.double())"
+        if base.theta.dtype != torch.float64
+        else ""
+    )
+    warn(
+        f"the model passed in is not at the optimum of its objective on the training set (mean "
+        f"loss + (l2/2)||theta||^2): retraining on all of it, warm-started as each {what} "
+        f"retraining is, moved the parameters by {move:.3g}, {times} the median removal's "
+        "change. The changes are measured from that optimum, so they are the removals' own, "
+        "but answers computed at the model passed in (its scores) describe another point. "
+        "Train it to the optimum first (infkit.train_to_optimum(task, train, l2)), or "
+        f"retrain by the recipe that trained it (run=){coarse}",
+        NotConvergedWarning,
+    )
 
 
 def _replay(
@@ -384,6 +402,8 @@ class LeaveOneOut:
         targets: [k] the gradient norm each retraining had to reach (NaN for a replayed recipe).
         converged: [k] bool, whether it did; the warning :func:`leave_one_out` gives names those
             that did not.
+        start_move: ``||theta-hat - theta||``: the changes are measured from theta-hat, the
+            model passed in retrained on all the data (0 at its optimum; see :func:`_base`).
     """
 
     indices: Tensor
@@ -393,6 +413,7 @@ class LeaveOneOut:
     gradient_norms: Tensor
     targets: Tensor
     converged: Tensor
+    start_move: float = 0.0
 
 
 def leave_one_out(
@@ -408,7 +429,9 @@ def leave_one_out(
     progress: bool | None = False,
     run: TrainingRun | None = None,
 ) -> LeaveOneOut:
-    """Retrain once per index without that example; measure parameter and test changes.
+    """Retrain once per index without that example; measure parameter and test changes, from
+    theta-hat, the model retrained on all the data the same way (the model itself at its
+    optimum; a warning says when it moved, :func:`_base`).
 
     With ``run``, each retraining replays the model's recipe (see :func:`without`). Retrainings
     that stop at ``max_iter`` short of ``tolerance`` are flagged in ``converged`` and named in a
@@ -417,22 +440,24 @@ def leave_one_out(
     examples = ExampleSet(train, name="training set")
     idx = checked_indices(indices, len(examples), what="training index", unique=True)
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
-    base = Retrained(task, idx[:0], ParameterSpace(task.model).flat(), torch.zeros(0), 0.0, 0)
+    base = _base(task, examples, l2, tolerance, max_iter, cache, run)
     base_meas, base_loss = base.measurements(test), base.losses(test)
-    if run is None:
-        warn_unless_optimum(task, examples, l2, [idx[k : k + 1] for k in range(len(idx))])
     params, meas, loss, results = [], [], [], []
     for j in track(idx.tolist(), resolve(progress), "leave-one-out"):
         r = _retrain(task, examples, [j], l2, tolerance, max_iter, cache, run)
-        params.append(r.delta)
+        params.append(r.theta - base.theta)
         meas.append(r.measurements(test) - base_meas)
         loss.append(r.losses(test) - base_loss)
         results.append(r)
+    _warn_if_moved(base, params, "leave-one-out")
     converged = torch.tensor([r.converged for r in results], dtype=torch.bool)
-    late = [r for r in results if not r.converged]
+    late = [r for r in [base, *results] if not r.converged]
     warn_unconverged(
         "leave-one-out",
-        [f"without example {int(r.removed[0])}" for r in late],
+        [
+            f"without example {int(r.removed[0])}" if len(r.removed) else "on all the data"
+            for r in late
+        ],
         [r.gradient_norm for r in late],
         [r.target for r in late],
         max_iter,
@@ -445,6 +470,7 @@ def leave_one_out(
         torch.tensor([r.gradient_norm for r in results], dtype=torch.float64),
         torch.tensor([r.target for r in results], dtype=torch.float64),
         converged,
+        float(base.delta.norm()),
     )
 
 
