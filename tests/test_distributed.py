@@ -63,9 +63,10 @@ def test_torchrun_gives_every_process_the_single_process_answer(tmp_path: Path) 
                 for key, value in factors.items():
                     assert relative_error(got["factors"][name][key], value) < 1e-10, (name, key)
     # the passes over the training data were split: each process read well under what one
-    # process alone reads (the rest is the queries and a few probes every process repeats)
+    # process alone reads (the rest is the queries and a few probes every process repeats:
+    # the fit's checks, among them that the layers' hooks see their weights' every use)
     for r in ranks:
-        assert r["seen"] < 0.7 * single["seen"], (r["seen"], single["seen"])
+        assert r["seen"] < 0.75 * single["seen"], (r["seen"], single["seen"])
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ warnings of ``torch.func.vmap`` on Hugging Face attention.
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -621,3 +622,68 @@ def test_inputs_under_keys_that_are_not_strings_are_refused_by_name(lm_problem: 
     _, labels = lm.examples(ids)
     with pytest.raises(InvalidInputError, match=r"could not be called .*\(input keys: 0\)"):
         infkit.Influence(task, "identity", progress=False).fit(({0: ids}, labels))
+
+
+class _AlwaysDropout(nn.Module):
+    """Dropout on in evaluation mode too: every call a new draw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.nn.functional.dropout(x, 0.5, training=True))
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 3), nn.Linear(2, 3)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.a(a) + self.b(b)
+
+
+def test_a_testers_data_and_models_that_gave_random_scores_or_raw_errors() -> None:
+    """Functional dropout in evaluation mode gave scores 3.1 apart between two runs (largest
+    0.63), or torch's vmap RuntimeError; an IterableDataset a TypeError; outputs [B, 4, 1] were
+    called one output per example and [B, 2, 2] a label problem; ((a, b), y) was read as a
+    list of two examples; a custom measurement given [N, 1] labels was told to use
+    reduction='none'."""
+    torch.manual_seed(0)
+    X, X2 = torch.randn(20, 5, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    task = infkit.Task.classification(_AlwaysDropout().double())
+    for checks in (True, False):
+        with pytest.raises(InvalidInputError, match=r"differ between two calls.*random numbers"):
+            infkit.Influence(task, "exact", l2=0.1, checks=checks).fit((X, y))
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(X, y))
+
+    for given in (Stream(), torch.utils.data.DataLoader(Stream(), batch_size=4)):
+        with pytest.raises(InvalidInputError, match=r"iterable-style dataset \(Stream\)"):
+            ExampleSet(given)
+    for shape in ((3, 1), (1, 3)):
+        model = nn.Sequential(nn.Linear(5, 3), nn.Unflatten(1, shape)).double()
+        with pytest.raises(InvalidInputError, match=re.escape(f"per-example shape {shape}; ")):
+            infkit.Influence(infkit.Task.classification(model), "exact", l2=0.1).fit((X, y))
+    for inputs in ((X, X2), [X, X2]):
+        with pytest.raises(InvalidInputError, match=r"X is a (tuple|list) of 2 inputs.*dict"):
+            ExampleSet((inputs, y))
+    both = infkit.Task.classification(_TwoInputs().double())
+    infkit.train_to_optimum(both, ({"a": X, "b": X2}, y), 0.1)
+    assert infkit.Influence(both, "exact", l2=0.1).fit(({"a": X, "b": X2}, y)).n_params == 27
+
+    def probability(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(outputs, -1)[torch.arange(len(labels)), labels]
+
+    custom = infkit.Task.classification(
+        nn.Linear(5, 3).double(), measurement=probability, higher_is_better=True
+    )
+    inf = infkit.Influence(custom, "exact", l2=0.1).fit((X, y))
+    with pytest.raises(
+        InvalidInputError, match=r"labels as they are .*, 1\).*targets\.reshape\(-1\)"
+    ):
+        inf.scores((X[:4], y[:4, None]))

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from infkit.data_forms import (
     LABEL_KEYS,
@@ -161,6 +161,24 @@ def _is_pair(data: Any) -> bool:
     return isinstance(first, dict) and not any(key in first for key in LABEL_KEYS)
 
 
+def _is_inputs_tuple_pair(data: Any) -> bool:
+    """Whether ``data`` is ``((A, B, ...), y)``: an (X, y) pair whose X is a tuple or list of
+    batched tensors with y's example count (a model of several positional inputs), which
+    would otherwise read as a list of two examples."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        return False
+    inputs, labels = data
+    if not (isinstance(inputs, (tuple, list)) and len(inputs) >= 1):
+        return False
+    if not all(isinstance(x, Tensor) or is_array(x) for x in inputs):
+        return False
+    if not (isinstance(labels, Tensor) or is_array(labels)) or len(labels.shape) == 0:
+        return False
+    if len(inputs) == labels.shape[0]:  # as many as the examples: maybe one row each
+        return False
+    return all(len(x.shape) > 0 and x.shape[0] == labels.shape[0] for x in inputs)
+
+
 def example_name(number: int, position: int) -> str:
     """``"example 25"``, and where the example's number in the user's data differs from its
     position in the set at hand (a subset), that position too, which is what indices into
@@ -189,6 +207,14 @@ class ExampleSet:
         self._checked = False
         self._tensors: tuple[Any, Any] | None = None
         self._dataset: Any = None
+        if isinstance(getattr(data, "dataset", data), IterableDataset):
+            raise InvalidInputError(
+                f"{name} is an iterable-style dataset ({type(getattr(data, 'dataset', data)).__name__}"
+                "), which can only be read in its own order and has no length: infkit reads "
+                "examples by position (scores[:, j] is example j) and more than once. Collect "
+                "its examples into a map-style Dataset, a list of (x, y) pairs or an (X, y) pair "
+                "of tensors"
+            )
         if isinstance(data, DataLoader):
             warn_unused_loader_parts(data, name)
             data = data.dataset  # its examples, in order (its batching and shuffling do not apply)
@@ -205,6 +231,15 @@ class ExampleSet:
             self._checked = data._checked  # the same examples
         elif _is_pair(data):
             self._tensors = self._pair(data[0], data[1])
+        elif _is_inputs_tuple_pair(data):
+            kinds = ", ".join(type(x).__name__ for x in data[0])
+            raise InvalidInputError(
+                f"{name} looks like an (X, y) pair whose X is a {type(data[0]).__name__} of "
+                f"{len(data[0])} inputs ({kinds}): X goes to the model as one argument, a tensor "
+                "or a dict of tensors (called as model(**X)). Give a model of several inputs a "
+                "dict, e.g. ({'a': A, 'b': B}, y) for forward(self, a, b), or a Dataset whose "
+                "items are (x, y) pairs"
+            )
         elif isinstance(data, Tensor) or is_array(data):
             raise InvalidInputError(
                 f"{name} is a single {type(data).__name__} of shape {tuple(data.shape)}: give "

@@ -491,6 +491,27 @@ def _warn_absorbed_keys(model: nn.Module, examples: ExampleSet, inputs: Any) -> 
         )
 
 
+def deterministic_outputs(engine: PerExample, examples: ExampleSet) -> Tensor:
+    """The model's outputs on the first example, computed twice: refused when the two differ
+    beyond rounding. A model that draws random numbers in evaluation mode (``F.dropout(x, p,
+    training=True)``, added noise) makes every gradient, curvature and score one random draw:
+    a tester's scores changed by 3.1 between two runs, their largest being 0.63, with no
+    word."""
+    first = examples.take([0])
+    once, again = engine.outputs(first), engine.outputs(first)
+    scale = float(once.detach().abs().max()) if once.numel() else 0.0
+    gap = float((once - again).detach().abs().max()) if once.numel() else 0.0
+    if gap > 1e3 * torch.finfo(once.dtype).eps * max(scale, 1e-30):
+        raise InvalidInputError(
+            f"the model's outputs on {examples.name} {examples.example(0)} differ between two "
+            f"calls (by up to {gap:.3g}, the outputs being up to {scale:.3g}) in evaluation "
+            "mode: its forward pass draws random numbers (F.dropout(x, p, training=True), "
+            "added noise), so every gradient and score would be one random draw. Make it "
+            "deterministic in evaluation mode, e.g. F.dropout(x, p, training=self.training)"
+        )
+    return once
+
+
 def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = False) -> None:
     """Check that the model accepts the inputs and the task's targets are usable.
 

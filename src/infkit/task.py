@@ -90,6 +90,18 @@ def _first(mask: Tensor) -> int:
 def check_class_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetProblem | None:
     """Why a batch of classification labels is unusable (the first bad example), or None."""
     c = output_shape[-1] if output_shape else 1
+    per_position = (
+        isinstance(targets, Tensor)
+        and targets.dim() > 1
+        and tuple(targets.shape[1:]) == tuple(output_shape[:-1])
+    )
+    if len(output_shape) > 1 and not per_position:
+        return 0, (
+            f"the model's outputs have per-example shape {tuple(output_shape)}; "
+            "Task.classification takes one logit per class, [B, C]: give the model a last "
+            "layer (or an output_fn) that returns [B, C], e.g. outputs.flatten(1) or "
+            "outputs[:, 0]"
+        )
     if c == 1:
         return 0, (
             "the model has one output per example: a softmax over one class is 1 whatever the "
@@ -679,8 +691,16 @@ def _checked(fn: PerExampleFn, what: str, outputs: Tensor, targets: Any) -> Tens
     values = fn(outputs, targets)
     if not isinstance(values, Tensor) or values.shape != (outputs.shape[0],):
         got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        column = isinstance(targets, Tensor) and targets.dim() == 2 and targets.shape[1] == 1
+        hint = (
+            f" It was given the labels as they are in the data, shape {tuple(targets.shape)}: "
+            "a column of labels that built-in tasks flatten and a function of yours receives as "
+            "it is; flatten them in it (targets.reshape(-1)) or give y as [N]"
+            if column
+            else ""
+        )
         raise InvalidInputError(
             f"the task's {what} must return one value per example, shape [{outputs.shape[0]}]; "
-            f"got {got}. Use reduction='none' and sum any extra dimensions per example."
+            f"got {got}. Use reduction='none' and sum any extra dimensions per example.{hint}"
         )
     return values

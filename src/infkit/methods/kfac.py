@@ -41,6 +41,7 @@ from infkit.kfac.curvature import (
     KroneckerCurvature,
     KroneckerOptions,
     attributed_parameters,
+    check_hooks_see_every_use,
     committed_factors,
     factor_fitter,
     kronecker_layers,
@@ -161,6 +162,8 @@ class KFAC(PrimalMethod):
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
+        layers = kronecker_layers(fitted.task.model, fitted.space, self.options, self.name)
+        check_hooks_see_every_use(fitted, layers, self.name)
         self.curvature_ = KroneckerCurvature(
             fitted, self.options, corrected=self.corrected, owner=self.name
         )
