@@ -200,6 +200,9 @@ def attributed_parameters(
         shown += "; not tracked because another module uses their weights: " + ", ".join(
             f"{name!r} (with {', '.join(map(repr, users))})" for name, users in tied.items()
         )
+    reasons = _why_left_out(model, others)
+    if reasons:
+        shown += "; " + "; ".join(reasons)
     scripted = [
         name
         for name, module in model.named_modules()
@@ -289,6 +292,31 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
             "them (requires_grad=False), or use a method that takes gradients by autograd "
             "(astra, cg, exact)"
         )
+
+
+def _why_left_out(model: nn.Module, others: list[str]) -> list[str]:
+    """Why layers of a kind the Kronecker methods factor are among ``others``: a frozen weight
+    beside a trainable bias (a layer's factors cover its weight and bias together) and grouped
+    convolutions, each with the layers' names."""
+    left = set(others)
+    frozen, grouped = [], []
+    for name, module in model.named_modules():
+        own = {f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)}
+        if not own & left or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            grouped.append(repr(name))
+        elif not module.weight.requires_grad:
+            frozen.append(repr(name))
+    reasons = []
+    if frozen:
+        reasons.append(
+            f"with a frozen weight, the trainable bias of {listed(frozen, 3)} (a layer's "
+            "factors cover its weight and bias together)"
+        )
+    if grouped:
+        reasons.append(f"grouped convolutions (groups > 1): {listed(grouped, 3)}")
+    return reasons
 
 
 def rotated_blocks(a: Tensor, ds: Tensor, QS: Tensor, QA: Tensor, dtype: torch.dtype) -> Tensor:

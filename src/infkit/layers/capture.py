@@ -77,10 +77,12 @@ def _check_output(t: TrackedModule, x: Tensor, output: Any) -> None:
 
 def _not_called(name: str) -> UnsupportedError:
     return UnsupportedError(
-        f"tracked module {name!r} was not called during the forward pass: either it "
-        "takes no part in the outputs (then it has no gradient: freeze it, "
-        "requires_grad=False), or a parent module applies its weight itself, without "
-        "calling it, so its hooks never run (leave it out of modules=[...])"
+        f"tracked module {name!r} was not called during the forward pass of a batch: "
+        "either it takes no part in the outputs (then it has no gradient: freeze it, "
+        "requires_grad=False), or the model calls it for some inputs only (routing that "
+        "depends on the data: in a batch of other inputs it is skipped), or a parent module "
+        "applies its weight itself, without calling it, so its hooks never run. Leave it out "
+        "of modules=[...], or use a method that takes gradients by autograd (cg, exact, identity)"
     )
 
 
