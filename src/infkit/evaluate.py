@@ -102,21 +102,27 @@ def lds(scores: Tensor, masks: Tensor, actual: Tensor) -> float:
     the mean, with a :class:`~infkit.errors.Notice` saying how many; where none is defined,
     an error.
     """
-    values = lds_per_query(scores, masks, actual)
+    values = _defined("LDS", lds_per_query(scores, masks, actual), "across the subsets")
+    return float(np.mean(values[~np.isnan(values)]))
+
+
+def _defined(what: str, values: np.ndarray, across: str) -> np.ndarray:
+    """``values`` (per query, NaN where undefined), refused where none is defined and said in
+    a Notice where some are not (a mean over the others would read as one over all)."""
     defined = int((~np.isnan(values)).sum())
     if defined == 0:
         raise InvalidInputError(
-            f"the LDS is undefined for each of the {values.size} queries: their measurements "
-            "(or their predictions) are constant across the subsets"
+            f"the {what} is undefined for each of the {values.size} queries: their "
+            f"measurements (or their predictions) are constant {across}"
         )
     if defined < values.size:
         warn(
-            f"the LDS is the mean over {defined} of {values.size} queries: the other "
-            f"{values.size - defined} have measurements or predictions constant across the "
-            "subsets (lds_per_query gives NaN for them)",
+            f"the {what} is the mean over {defined} of {values.size} queries: the other "
+            f"{values.size - defined} have measurements or predictions constant {across} "
+            "(NaN in the per-query values)",
             Notice,
         )
-    return float(np.mean(values[~np.isnan(values)]))
+    return values
 
 
 def lds_per_query(scores: Tensor, masks: Tensor, actual: Tensor) -> np.ndarray:
@@ -239,7 +245,7 @@ def lds_interval(
         resamples: bootstrap resamples.
         seed: seed of the resampling.
     """
-    values = lds_per_query(scores, masks, actual)
+    values = _defined("LDS", lds_per_query(scores, masks, actual), "across the subsets")
     return bootstrap_mean(values, confidence=confidence, resamples=resamples, seed=seed)
 
 
@@ -280,6 +286,7 @@ def loo_interval(
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.ConstantInputWarning)  # NaN says it, per query
         values = np.array([stats.spearmanr(p, a)[0] for p, a in zip(pred, act)], dtype=float)
+    values = _defined("leave-one-out correlation", values, "across the examples")
     return bootstrap_mean(values, confidence=confidence, resamples=resamples, seed=seed)
 
 
