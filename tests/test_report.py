@@ -372,13 +372,17 @@ def test_unconverged_retrainings_are_flagged(
     )
     shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
     workdir = tmp_path / "w"
-    with pytest.warns(UserWarning, match="3 of the 3 leave-one-out retrainings did not converge"):
+    # the three, and the retraining on all the data that their changes are measured from
+    said = "3 of the 3 leave-one-out retrainings and the retraining on all the data"
+    with pytest.warns(UserWarning, match=said):
         assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
     data, _ = load_results(workdir)
     late = data["retraining"]["not_converged"]
-    assert len(late) == 3 and all(r["gradient_norm"] > r["target"] for r in late)
+    assert len(late) == 4 and all(r["gradient_norm"] > r["target"] for r in late)
+    assert [r["index"] is None for r in late].count(True) == 1
     page = (workdir / "report.html").read_text()
     assert "The retrained models did not converge:" in page
+    assert "3 of the 3 retrainings and the retraining on all the data" in page
     assert "not ground truth" in page and "Raise [retraining] max_iter" in page
     assert "converged" in (workdir / "loo.csv").read_text().splitlines()[0]
 

@@ -11,6 +11,7 @@ a directory without a save, a second save without ``overwrite``.
 from __future__ import annotations
 
 import copy
+import pickle
 import shutil
 import sys
 import warnings
@@ -430,19 +431,22 @@ class _Masked(torch.nn.Module):
         return self.inner(x * self.mask)
 
 
-def test_tensor_attributes_edited_in_place_or_differing_at_load_are_said(
+def test_tensor_attributes_are_part_of_the_identity_and_kept_activations_are_not(
     mlp_problem: dict, tmp_path: Path
 ) -> None:
     """A tester's: with half of such a mask zeroed after the save, load took the model and its
     scores were 0.40 off the saved ones, and the fitted object in memory answered for the
-    changed model. A reviewer's: such tensors in the identity broke fit where the forward pass
-    keeps its activations (inside torch.func's transforms) and legacy weight_norm's weight."""
+    changed model. Reviewers': such tensors in the identity broke fit where the forward pass
+    keeps its activations; a mask assigned anew, a retraining cache and a factors directory
+    went unchecked; a fitted object holding weak references could not be pickled."""
     model = _Masked(copy.deepcopy(mlp_problem["model"]), torch.ones(5, dtype=torch.float64))
     (X, y), test = mlp_problem["train"], mlp_problem["test"]
     inf = infkit.Influence(infkit.Task.classification(model), "exact", l2=mlp_problem["l2"])
     inf.fit((X, y)).save(tmp_path / "saved")
     model(X[:3])  # the kept activations change: nothing is wrong
+    copied = pickle.loads(pickle.dumps(inf))  # (a kept activation from inside vmap would not)
     S = inf.scores(test)
+    torch.testing.assert_close(copied.scores(test), S)
     fresh = _Masked(copy.deepcopy(mlp_problem["model"]), torch.ones(5, dtype=torch.float64))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no kept activations yet: nothing to compare
@@ -457,6 +461,19 @@ def test_tensor_attributes_edited_in_place_or_differing_at_load_are_said(
         inf.scores(test)
     model.mask[:2] = 1.0
     torch.testing.assert_close(inf.scores(test), S, rtol=0, atol=0)
+    model.mask = torch.zeros(5, dtype=torch.float64)  # assigned anew
+    with pytest.raises(InvalidInputError, match=r"'mask \(attribute\)' changed since fit"):
+        inf.scores(test)
+    model.mask = torch.ones(5, dtype=torch.float64)
+    torch.testing.assert_close(inf.scores(test), S, rtol=0, atol=0)
+    # a retraining cache keyed by the model: another mask is another model
+    task = infkit.Task.classification(model)
+    first = infkit.retrain.leave_one_out(task, (X, y), test, [0, 1, 2], 0.1, cache_dir=tmp_path)
+    model.mask[:2] = 0.0
+    other = infkit.retrain.leave_one_out(task, (X, y), test, [0, 1, 2], 0.1, cache_dir=tmp_path)
+    fresh_truth = infkit.retrain.leave_one_out(task, (X, y), test, [0, 1, 2], 0.1)
+    torch.testing.assert_close(other.measurement, fresh_truth.measurement)
+    assert not torch.allclose(other.measurement, first.measurement, rtol=1e-3)
     # legacy weight_norm keeps its weight as an attribute recomputed from the parameters
     normed = torch.nn.Sequential(torch.nn.utils.weight_norm(torch.nn.Linear(5, 3)), torch.nn.Tanh())
     normed = normed.double()
@@ -465,8 +482,8 @@ def test_tensor_attributes_edited_in_place_or_differing_at_load_are_said(
     states = [copy.deepcopy(normed.state_dict()) for _ in range(2)]
     tracin = infkit.Influence(task, "identity", checkpoints=states, learning_rates=0.1)
     tracin.fit((X, y))
-    first = tracin.scores(test)
-    torch.testing.assert_close(tracin.scores(test), first)
+    first_scores = tracin.scores(test)
+    torch.testing.assert_close(tracin.scores(test), first_scores)
 
 
 def test_a_changed_architecture_is_named(mlp_problem: dict, saved_exact: Path) -> None:

@@ -207,10 +207,10 @@ class ExampleSet:
         self._checked = False
         self._tensors: tuple[Any, Any] | None = None
         self._dataset: Any = None
-        if isinstance(getattr(data, "dataset", data), IterableDataset):
+        iterable = data.dataset if isinstance(data, DataLoader) else data
+        if isinstance(iterable, IterableDataset):
             raise InvalidInputError(
-                f"{name} is an iterable-style dataset ({type(getattr(data, 'dataset', data)).__name__}"
-                "), which can only be read in its own order and has no length: infkit reads "
+                f"{name} is an iterable-style dataset ({type(iterable).__name__}), which can only be read in its own order and has no length: infkit reads "
                 "examples by position (scores[:, j] is example j) and more than once. Collect "
                 "its examples into a map-style Dataset, a list of (x, y) pairs or an (X, y) pair "
                 "of tensors"

@@ -1,7 +1,8 @@
 """Fingerprints: short hashes of what a result depends on, for the identity of artifacts.
 
 * :func:`model_fingerprint`: the architecture (module classes and their configuration) and
-  every parameter and buffer (names, shapes, dtypes, trainability and values);
+  every parameter, buffer and tensor attribute (names, shapes, dtypes, trainability and
+  values);
 * :func:`data_fingerprint`: the full content of an example set, inputs and targets, in order;
 * :func:`callable_identity` and :func:`task_fingerprint`: which loss, measurement and output
   functions a task uses (their qualified name and the hash of their code, so two lambdas or two
@@ -18,6 +19,7 @@ import functools
 import hashlib
 import re
 import types
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -61,7 +63,9 @@ def _structure(h: Any, obj: Any) -> None:
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, str]:
-    """``{"architecture": ..., "parameters": ...}``: hashes of the module tree and its state.
+    """``{"architecture": ..., "parameters": ...}``: hashes of the module tree and its state,
+    and ``"attributes"``, of its tensor attributes (:func:`tensor_attributes`), where it has
+    any.
 
     The architecture counts each module's class and its plain attributes (numbers, strings and
     their lists and dicts: :func:`plain_attributes`), which set what the module computes where
@@ -78,20 +82,54 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
     for name, b in model.named_buffers():
         state.update(f"{name};".encode())
         _tensor(state, b)
-    return {"architecture": arch.hexdigest()[:32], "parameters": state.hexdigest()[:32]}
+    found = {"architecture": arch.hexdigest()[:32], "parameters": state.hexdigest()[:32]}
+    attributes = tensor_attributes(model)
+    if attributes:
+        kept = hashlib.sha256()
+        for name in sorted(attributes):
+            kept.update(f"{name};".encode())
+            _tensor(kept, attributes[name])
+        found["attributes"] = kept.hexdigest()[:32]
+    return found
+
+
+#: the tensor attributes a forward pass of the model was seen to write, by model
+#: (:func:`note_forward_writes`): the activations it keeps, which identify nothing
+_WRITTEN: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def attribute_objects(model: nn.Module) -> dict[str, int]:
+    """``id`` of each tensor attribute of ``model`` (all of them, before
+    :func:`note_forward_writes` leaves any out), by name."""
+    return {name: id(t) for name, t in _value_attributes(model).items()}
+
+
+def note_forward_writes(model: nn.Module, before: dict[str, int]) -> None:
+    """Record the tensor attributes that a forward pass, run since ``before``
+    (:func:`attribute_objects`), put in place: new names or other tensor objects. They are a
+    cache of what the pass computed (``self.last = h.detach()``), left out of
+    :func:`tensor_attributes` from then on."""
+    now = attribute_objects(model)
+    written = {name for name, ident in now.items() if before.get(name) != ident}
+    if written:
+        _WRITTEN.setdefault(model, set()).update(written)
 
 
 def tensor_attributes(model: nn.Module) -> dict[str, Tensor]:
     """The tensors modules keep as plain public attributes (``self.mask = torch.ones(d)``,
     neither parameter nor buffer), by dotted name, that hold values: not a piece of a
     computation (a tensor that requires grad or has a graph, as legacy ``weight_norm``'s
-    ``weight`` recomputed from the parameters), nor one captured inside torch.func's transforms
-    (an activation a forward pass kept), nor one without data (meta).
+    ``weight`` recomputed from the parameters), nor one captured inside torch.func's transforms,
+    nor one without data (meta), nor one a forward pass was seen to write
+    (:func:`note_forward_writes`: ``fit`` and the retrainings probe a pass first).
 
-    They are no part of :func:`model_fingerprint`: a forward pass may write them (a cache of
-    its activations), so their values do not identify the model. The fitted state checks those
-    edited in place (:meth:`infkit.fitted.Fitted.changed_since_fit`), and a load compares
-    those of the saved model's names (:meth:`infkit.saved.SavedInfluence.check_task`)."""
+    A forward pass may read them as it reads a buffer, so they are part of the model's
+    identity (:func:`model_fingerprint`) and of the fitted state's check for changes."""
+    written = _WRITTEN.get(model, set())
+    return {n: t for n, t in _value_attributes(model).items() if n not in written}
+
+
+def _value_attributes(model: nn.Module) -> dict[str, Tensor]:
     found: dict[str, Tensor] = {}
     for prefix, module in model.named_modules():
         for key, value in vars(module).items():

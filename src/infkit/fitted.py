@@ -14,7 +14,6 @@ import difflib
 import inspect
 import itertools
 import math
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -34,7 +33,12 @@ from infkit.errors import (
     listed,
     warn,
 )
-from infkit.fingerprint import tensor_attributes, tensor_digest
+from infkit.fingerprint import (
+    attribute_objects,
+    note_forward_writes,
+    tensor_attributes,
+    tensor_digest,
+)
 from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, Which, gradient_rows
 from infkit.memory import human_bytes
 from infkit.parameters import ParameterSpace, evaluation_mode, product_dtype
@@ -142,12 +146,9 @@ class Fitted:
         for name in sorted(found.keys() | expected.keys()):
             if found.get(name) != expected.get(name):
                 return name
-        kept: dict[str, tuple[weakref.ref[Tensor], str]] = self._attributes  # type: ignore[attr-defined]
-        for name, value in tensor_attributes(model).items():
-            then = kept.get(name)
-            # the same tensor with other values: edited in place (a mask zeroed); a tensor put
-            # in its place is what a forward pass that keeps its activations does, and is left
-            if then is not None and then[0]() is value and tensor_digest(value) != then[1]:
+        kept: dict[str, str] = self._attributes  # type: ignore[attr-defined]
+        for name, value in tensor_attributes(model).items():  # a forward pass's writes left out
+            if name in kept and tensor_digest(value) != kept[name]:
                 return f"{name} (attribute)"
         return None
 
@@ -491,14 +492,12 @@ def _warn_absorbed_keys(model: nn.Module, examples: ExampleSet, inputs: Any) -> 
         )
 
 
-def deterministic_outputs(engine: PerExample, examples: ExampleSet) -> Tensor:
-    """The model's outputs on the first example, computed twice: refused when the two differ
+def deterministic_outputs(once: Tensor, again: Tensor, examples: ExampleSet) -> None:
+    """Refuse a model whose two outputs on the first example, ``once`` and ``again``, differ
     beyond rounding. A model that draws random numbers in evaluation mode (``F.dropout(x, p,
     training=True)``, added noise) makes every gradient, curvature and score one random draw:
     a tester's scores changed by 3.1 between two runs, their largest being 0.63, with no
     word."""
-    first = examples.take([0])
-    once, again = engine.outputs(first), engine.outputs(first)
     scale = float(once.detach().abs().max()) if once.numel() else 0.0
     gap = float((once - again).detach().abs().max()) if once.numel() else 0.0
     if gap > 1e3 * torch.finfo(once.dtype).eps * max(scale, 1e-30):
@@ -509,7 +508,6 @@ def deterministic_outputs(engine: PerExample, examples: ExampleSet) -> Tensor:
             "added noise), so every gradient and score would be one random draw. Make it "
             "deterministic in evaluation mode, e.g. F.dropout(x, p, training=self.training)"
         )
-    return once
 
 
 def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = False) -> None:
@@ -740,13 +738,25 @@ def _outside_digests(model: nn.Module, space: ParameterSpace) -> dict[str, str]:
     return {name: tensor_digest(t) for name, t in tensors.items()}
 
 
-def _attribute_snapshot(model: nn.Module) -> dict[str, tuple[weakref.ref[Tensor], str]]:
-    """A weak reference to each of ``model``'s tensor attributes
-    (:func:`~infkit.fingerprint.tensor_attributes`) with the digest of its values: weak, so a
-    kept activation is not held alive by the snapshot."""
-    return {
-        name: (weakref.ref(t), tensor_digest(t)) for name, t in tensor_attributes(model).items()
-    }
+def _attribute_snapshot(model: nn.Module) -> dict[str, str]:
+    """The digest of each of ``model``'s tensor attributes
+    (:func:`~infkit.fingerprint.tensor_attributes`: those a forward pass writes left out)."""
+    return {name: tensor_digest(t) for name, t in tensor_attributes(model).items()}
+
+
+def probe_forward_writes(engine: PerExample, examples: ExampleSet) -> Tensor:
+    """The model's outputs on the first example, computed twice, and the tensor attributes
+    those passes put in place noted as a forward pass's writes
+    (:func:`~infkit.fingerprint.note_forward_writes`), so that they are no part of the
+    model's identity; refused when the two outputs differ beyond rounding
+    (:func:`deterministic_outputs`)."""
+    model = engine.task.model
+    before = attribute_objects(model)
+    first = examples.take([0])
+    once, again = engine.outputs(first), engine.outputs(first)
+    note_forward_writes(model, before)
+    deterministic_outputs(once, again, examples)
+    return once
 
 
 def gradient_cache_bytes(n: int, p: int, dtype: torch.dtype) -> int:

@@ -45,9 +45,9 @@ from infkit.fitted import (
     check_examples,
     check_parameters_take_part,
     check_weights_present,
-    deterministic_outputs,
     gradient_cache_fits,
     objective_gradient,
+    probe_forward_writes,
     training_gradients,
 )
 from infkit.gradients import MODES, PerExample, directional_derivatives
@@ -381,7 +381,7 @@ class Influence:
         warn_about_training_mode(self.task.model)
         check_examples(engine, examples)
         show = resolve_progress(self.progress)
-        c = deterministic_outputs(engine, examples)[0].numel()
+        c = probe_forward_writes(engine, examples)[0].numel()
         problem = Problem(len(examples), space.size, c, self.memory_limit, self.task.model, space)
         if self._method is not None:
             return self._fit_method(self._method, examples, engine, problem, show)

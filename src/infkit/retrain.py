@@ -30,6 +30,7 @@ from torch import Tensor
 from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError, NotConvergedWarning, warn
 from infkit.fingerprint import data_fingerprint, model_fingerprint, task_fingerprint
+from infkit.fitted import probe_forward_writes
 from infkit.gradients import PerExample
 from infkit.parameters import ParameterSpace
 from infkit.progress import resolve, track
@@ -171,6 +172,8 @@ def _cache(
         _check_run(run, task, examples, l2)
     if cache_dir is None:
         return None
+    # the attributes a forward pass writes (kept activations) are no part of the key
+    probe_forward_writes(PerExample(task, ParameterSpace(task.model)), examples)
     return RetrainCache(cache_dir, task, examples, l2, tolerance, max_iter, run)
 
 
@@ -404,6 +407,8 @@ class LeaveOneOut:
             that did not.
         start_move: ``||theta-hat - theta||``: the changes are measured from theta-hat, the
             model passed in retrained on all the data (0 at its optimum; see :func:`_base`).
+        start_converged, start_gradient_norm, start_target: that retraining's
+            ``converged``, ``gradient_norm`` and ``target``.
     """
 
     indices: Tensor
@@ -414,6 +419,9 @@ class LeaveOneOut:
     targets: Tensor
     converged: Tensor
     start_move: float = 0.0
+    start_converged: bool = True
+    start_gradient_norm: float = 0.0
+    start_target: float = float("nan")
 
 
 def leave_one_out(
@@ -471,6 +479,9 @@ def leave_one_out(
         torch.tensor([r.target for r in results], dtype=torch.float64),
         converged,
         float(base.delta.norm()),
+        base.converged,
+        base.gradient_norm,
+        base.target,
     )
 
 

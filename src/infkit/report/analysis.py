@@ -582,6 +582,10 @@ def _retraining(
     stats = evaluate.correlation(predicted, actual)
     unconverged = not_converged(loo)
     late = {r["index"] for r in unconverged}
+    if not loo.start_converged:  # the retraining on all the data the changes are measured from
+        unconverged.append(
+            {"index": None, "gradient_norm": loo.start_gradient_norm, "target": loo.start_target}
+        )
     steps = parameter_steps(inf, loo)
     rows = [  # loo.csv, written with the run's other tables once its results are committed
         {
@@ -608,6 +612,7 @@ def _retraining(
         "tolerance": section["tolerance"],
         "max_iter": section["max_iter"],
         "not_converged": unconverged,
+        "start_move": loo.start_move,
         "moved_far": [
             {"index": r["train_index"], "moved": r["moved"], "cosine": r["cosine"]} for r in far
         ],
@@ -714,8 +719,13 @@ def not_converged(loo: retraining.LeaveOneOut) -> list[dict[str, Any]]:
 def not_converged_message(record: dict[str, Any], where: str) -> str:
     """What the unconverged retrainings mean for the check, and what to change."""
     worst = max(record["not_converged"], key=lambda r: r["gradient_norm"])
+    removals = [r for r in record["not_converged"] if r["index"] is not None]
+    start = len(removals) < len(record["not_converged"])
+    counted = f"{len(removals)} of the {record['n']} leave-one-out retrainings" + (
+        " and the retraining on all the data that their changes are measured from" if start else ""
+    )
     return (
-        f"{len(record['not_converged'])} of the {record['n']} leave-one-out retrainings did not "
+        f"{counted} did not "
         f"converge ([retraining] max_iter = {record['max_iter']}; largest "
         f"final gradient norm {worst['gradient_norm']:.4g} against a target of "
         f"{worst['target']:.3g}, from tolerance = {record['tolerance']:g}): their actual "

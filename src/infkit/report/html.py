@@ -477,9 +477,15 @@ def not_converged_html(r: dict[str, Any]) -> str:
     if not late:
         return ""
     worst = max(late, key=lambda x: x["gradient_norm"])
+    removals = [x for x in late if x["index"] is not None]
+    also = (
+        " and the retraining on all the data that their changes are measured from"
+        if len(removals) < len(late)
+        else ""
+    )
     return (
-        f'<p class="warning"><b>The retrained models did not converge:</b> {len(late)} of the '
-        f"{r['n']} retrainings did not reach their tolerance ([retraining] max_iter = "
+        f'<p class="warning"><b>The retrained models did not converge:</b> {len(removals)} of '
+        f"the {r['n']} retrainings{also} did not reach their tolerance ([retraining] max_iter = "
         f"{r['max_iter']}; largest final gradient norm "
         f"{fmt(worst['gradient_norm'])} against a target of {fmt(worst['target'])}, from "
         f"tolerance = {fmt(r['tolerance'])}). Their actual changes are not those of the "
