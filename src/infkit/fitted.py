@@ -510,6 +510,34 @@ def deterministic_outputs(once: Tensor, again: Tensor, examples: ExampleSet) -> 
         )
 
 
+def _check_reads_alike(examples: ExampleSet, first: Batch) -> None:
+    """Refuse a dataset whose first example reads differently on a second read (random
+    augmentation in ``__getitem__``): infkit reads each example in several passes, which would
+    each see another example (a tester's scores moved by 0.24 between runs, without a word)."""
+    if examples._tensors is not None:  # tensors read the same every time
+        return
+    again = examples.take([0])
+    pairs = zip(
+        leaves(first.inputs) + leaves(first.targets), leaves(again.inputs) + leaves(again.targets)
+    )
+
+    def same(a: Tensor, b: Tensor) -> bool:  # NaN as NaN: a non-finite value is named later
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if torch.equal(a, b):
+            return True
+        return a.is_floating_point() and bool(torch.isclose(a, b, 0, 0, equal_nan=True).all())
+
+    if not all(same(a, b) for a, b in pairs):
+        raise InvalidInputError(
+            f"{examples.name} {examples.example(0)} reads differently each time it is read "
+            "(random augmentation or sampling in the dataset's __getitem__?): infkit reads "
+            "every example in several passes, and each would see another example. Give the "
+            "examples as they are meant to be attributed, without the randomness (e.g. the "
+            "evaluation transforms), or fix them once into tensors"
+        )
+
+
 def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = False) -> None:
     """Check that the model accepts the inputs and the task's targets are usable.
 
@@ -532,6 +560,7 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
         return
     task = engine.task
     first = examples.take([0])
+    _check_reads_alike(examples, first)
     label_checks = (task.check_targets, task.check_scored)
     labelled = any(check is not None for check in label_checks)  # the task reads labels
     if first.targets is None and labelled:
