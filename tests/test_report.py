@@ -48,6 +48,17 @@ def bad_labels():
     return [3, 5, 8, 13]
 
 
+def half_trained():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(64, 10).double()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stopped short on purpose
+        infkit.train_to_optimum(infkit.Task.classification(net), splits()[0], L2, max_iter=1)
+    return net
+
+
 def normed():
     torch.manual_seed(0)
     net = torch.nn.Sequential(
@@ -385,6 +396,44 @@ def test_unconverged_retrainings_are_flagged(
     assert "3 of the 3 retrainings and the retraining on all the data" in page
     assert "not ground truth" in page and "Raise [retraining] max_iter" in page
     assert "converged" in (workdir / "loo.csv").read_text().splitlines()[0]
+
+
+def test_a_model_off_its_optimum_is_said_by_the_retraining_check(
+    project: Path, tmp_path: Path
+) -> None:
+    """A tester's: a model trained a few steps only gave a retraining check whose actual
+    changes were measured from the model retrained on all the data (5.53 away) without a word
+    on the console or the page, while the library warned."""
+    config = tmp_path / "half.toml"
+    config.write_text(
+        CONFIG.format(n_loo=3).replace("tester_project:model", "tester_project:half_trained")
+    )
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    workdir = tmp_path / "w"
+    with pytest.warns(UserWarning, match=r"not at the optimum.*times the median leave-one-out"):
+        assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
+    data, _ = load_results(workdir)
+    record = data["retraining"]
+    assert record["start_move"] > 0 and record["start_move_ratio"] > 0.01
+    assert "The model is not at its optimum:" in (workdir / "report.html").read_text()
+    finished_data, _ = load_results(project / "out") if (project / "out").exists() else (None, 0)
+    if finished_data is not None:  # the trained model's check says nothing of the kind
+        assert finished_data["retraining"]["start_move_ratio"] < 0.01
+
+
+def test_a_rerun_without_a_section_leaves_no_table_of_it(project: Path, tmp_path: Path) -> None:
+    """A tester's: a rerun with the retraining check off kept the loo.csv of the earlier run
+    (another model and data) beside its own tables."""
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    workdir = tmp_path / "w"
+    for n, kept in ((3, True), (0, False)):
+        config = tmp_path / f"n{n}.toml"
+        config.write_text(CONFIG.format(n_loo=n).replace("l2 = 1e-2", f"l2 = {1e-2 + n * 1e-4}"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a model trained for another l2
+            assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
+        assert (workdir / "loo.csv").exists() == kept
+        assert (workdir / "top_k.csv").exists() and (workdir / "self_influence.csv").exists()
 
 
 def test_converged_retrainings_are_not_flagged(project: Path, finished: Path) -> None:

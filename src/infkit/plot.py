@@ -152,13 +152,20 @@ def proponent_grid(
     return fig
 
 
-def score_distribution(scores: Tensor | np.ndarray, *, bins: int = 60, title: str = "") -> Figure:
+def score_distribution(
+    scores: Tensor | np.ndarray,
+    *,
+    bins: int = 60,
+    title: str = "",
+    query_names: list[str] | None = None,
+) -> Figure:
     """Two panels: the histogram of all scores, and ``|score|`` against rank on log-log axes.
 
     Args:
         scores: [Q, N] (one rank curve per query) or [N].
         bins: histogram bins.
         title: the figure's title.
+        query_names: the legend's name of each query (default: ``query q``, its row).
     """
     s = _numpy(scores)
     s = s.reshape(1, -1) if s.ndim == 1 else s
@@ -174,7 +181,8 @@ def score_distribution(scores: Tensor | np.ndarray, *, bins: int = 60, title: st
     for q, row in enumerate(s[:12]):
         magnitude = np.sort(np.abs(row))[::-1]
         keep = magnitude > 0
-        rank.loglog(ranks[keep], magnitude[keep], lw=1.2, label=f"query {q}")
+        label = query_names[q] if query_names is not None else f"query {q}"
+        rank.loglog(ranks[keep], magnitude[keep], lw=1.2, label=label)
     rank.set_xlabel("rank")
     rank.set_ylabel("|score|")
     rank.set_title("|score| against rank (log-log)", fontsize=9)

@@ -613,6 +613,7 @@ def _retraining(
         "max_iter": section["max_iter"],
         "not_converged": unconverged,
         "start_move": loo.start_move,
+        "start_move_ratio": start_move_ratio(loo),
         "moved_far": [
             {"index": r["train_index"], "moved": r["moved"], "cosine": r["cosine"]} for r in far
         ],
@@ -622,9 +623,35 @@ def _retraining(
         record["pearson_without_far"] = evaluate.correlation(predicted[rest], actual[rest]).pearson
     if unconverged:
         warn(not_converged_message(record, config.path.name))
+    if record["start_move_ratio"] > retraining.START_MOVE:
+        warn(start_moved_message(record))
     if far:
         warn(moved_far_message(record))
     return record
+
+
+def start_move_ratio(loo: retraining.LeaveOneOut) -> float:
+    """How far retraining on all the data moved the model, over the median removal's change
+    (``retrain.leave_one_out`` warns above :data:`infkit.retrain.START_MOVE`; the check here
+    says it in the run's terms): 0 at the optimum."""
+    sizes = loo.params.norm(dim=1)
+    median = float(sizes.median()) if len(sizes) else 0.0
+    if loo.start_move <= 0:
+        return 0.0
+    return loo.start_move / median if median > 0 else 1e300  # (JSON has no infinity)
+
+
+def start_moved_message(record: dict[str, Any]) -> str:
+    """The model was not at its optimum: what the retraining check's actual changes are."""
+    return (
+        "the model is not at the optimum of its objective on the training set: retraining on "
+        f"all of it moved the parameters by {record['start_move']:.3g}, "
+        f"{record['start_move_ratio']:.3g} times the median leave-one-out change. The "
+        "retraining check measures each actual change from that retrained model (so they are "
+        "the removals' own), while the scores describe the model given, another point: where "
+        "they differ, train the model to its optimum (infkit.train_to_optimum) and run again "
+        "(docs/evaluation.md §2)"
+    )
 
 
 #: the columns of top_k.csv
@@ -909,6 +936,15 @@ def _summary(
     }
 
 
+#: the table each optional section of a run writes
+SECTION_TABLES = {
+    "retraining": "loo.csv",
+    "self_influence": "self_influence.csv",
+    "groups": "group_removal.csv",
+    "layers": "layers.csv",
+}
+
+
 def _write_tables(workdir: Path, data: dict[str, Any]) -> None:
     rows = []
     for q in data["queries"]:
@@ -929,6 +965,11 @@ def _write_tables(workdir: Path, data: dict[str, Any]) -> None:
     # (every list can be empty: a query no training example moves; the header still replaces
     # an earlier run's table)
     save_csv(workdir / "top_k.csv", rows, TOP_K_COLUMNS)
+    # a section this run did not compute leaves no table of an earlier run beside its own (a
+    # tester's rerun without retrainings kept the loo.csv of another model and data)
+    for section, table in SECTION_TABLES.items():
+        if section not in data:
+            (workdir / table).unlink(missing_ok=True)
     if "retraining" in data:
         save_csv(workdir / "loo.csv", data["retraining"]["rows"])
     if "self_influence" in data:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from infkit import plot
 from infkit.errors import ArtifactError
+from infkit.retrain import START_MOVE
 from infkit.store import MANIFEST, ArtifactStore
 
 KIND = "report"
@@ -375,9 +376,11 @@ def explanations_section(data: dict[str, Any], tensors: dict[str, Tensor]) -> st
     return "".join(parts)
 
 
-def distribution_section(tensors: dict[str, Tensor]) -> str:
-    """The histogram of the queries' scores and |score| against rank on log-log axes."""
-    fig = plot.score_distribution(tensors["scores"])
+def distribution_section(data: dict[str, Any], tensors: dict[str, Tensor]) -> str:
+    """The histogram of the queries' scores and |score| against rank on log-log axes, each
+    query named by its number in the user's data."""
+    names = [f"test #{q['index']}" for q in data["queries"]]
+    fig = plot.score_distribution(tensors["scores"], query_names=names)
     return (
         "<p>Scores of every training example for the explained queries. Influence is sparse: "
         "on log-log axes |score| against rank falls like a power law.</p>"
@@ -462,6 +465,7 @@ def retraining_section(data: dict[str, Any], tensors: dict[str, Tensor]) -> str:
     )
     return (
         not_converged_html(r)
+        + start_moved_html(r)
         + moved_far_html(r)
         + f"<p>The {r['n']} training examples with the largest |score| for test example "
         f"#{r['query']}, each left out and the model retrained (largest final gradient norm "
@@ -493,6 +497,21 @@ def not_converged_html(r: dict[str, Any]) -> str:
         "[retraining] max_iter and run again; if the gradient norm stalls instead, loosen "
         "tolerance (a float32 model stops near its precision) or train the model closer to "
         "its optimum, from which each retraining starts.</p>"
+    )
+
+
+def start_moved_html(r: dict[str, Any]) -> str:
+    """The warning of a retraining check on a model away from its optimum (empty when it was
+    there, or for results without the figure)."""
+    ratio = r.get("start_move_ratio")
+    if ratio is None or not ratio > START_MOVE:
+        return ""
+    return (
+        '<p class="warning"><b>The model is not at its optimum:</b> retraining on all the '
+        f"training data moved its parameters by {fmt(r['start_move'])}, {fmt(ratio)} times "
+        "the median leave-one-out change. Each actual change below is measured from that "
+        "retrained model, so it is the removal's own, while the scores describe the model "
+        "given, another point. Train the model to its optimum and run again.</p>"
     )
 
 
@@ -547,7 +566,7 @@ def render(data: dict[str, Any], tensors: dict[str, Tensor]) -> str:
     bodies = {
         "summary": summary_section(data),
         "explanations": explanations_section(data, tensors),
-        "distribution": distribution_section(tensors),
+        "distribution": distribution_section(data, tensors),
         "self-influence": self_influence_section(data, tensors),
         "group-removal": groups_section(data),
         "retraining": retraining_section(data, tensors),
