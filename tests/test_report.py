@@ -337,7 +337,7 @@ def test_too_few_retrainings_stop_before_any_fitting(
         ("[3, 3]", "[report] queries index"),
         # (the groups were checked only after the fit and the scores, without the file's name)
         ("groups", "[group_removal] groups.some index 150 is out of range [0, 150)"),
-        ("options", "[influence]: method 'exact' does not take the option(s) 'tolerance'"),
+        ("options", "[influence] options: method 'exact' does not take 'tolerance'"),
     ],
 )
 def test_bad_report_queries_stop_before_any_fitting(
@@ -434,6 +434,31 @@ def test_a_rerun_without_a_section_leaves_no_table_of_it(project: Path, tmp_path
             assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
         assert (workdir / "loo.csv").exists() == kept
         assert (workdir / "top_k.csv").exists() and (workdir / "self_influence.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (('method = "exact"', 'method = "exakt"'), "method = 'exakt' is not a registered.*'exact'"),
+        (
+            ('method = "exact"', 'method = "cg"\noptions = { tolerance = 1e-6 }'),
+            "'tolerance'.*'tol'",
+        ),
+        (("l2 = 1e-2", "l2 = -1.0"), r"l2 must be a finite number >= 0, got -1\.0"),
+    ],
+)
+def test_the_method_its_options_and_l2_are_checked_before_any_factory(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: tuple, said: str
+) -> None:
+    """A tester's: these stopped a run only after the model factory had run (17-20 s there);
+    here the model factory raises if it is called at all."""
+    config = tmp_path / "bad.toml"
+    text = CONFIG.format(n_loo=3).replace("tester_project:model", "tester_project:raises")
+    config.write_text(text.replace(*change))
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "w"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(said, err) and "data server is down" not in err, err
 
 
 def test_converged_retrainings_are_not_flagged(project: Path, finished: Path) -> None:

@@ -299,6 +299,7 @@ def _check_values(sections: dict[str, dict[str, Any]], where: str) -> None:
         if sections[section][key] < low:
             raise ConfigError(f"{where}: [{section}] {key} must be >= {low}")
     _check_retraining(sections["retraining"], where)
+    _check_method(sections["influence"], where)
     checks = sections["influence"]["checks"]
     if isinstance(checks, str) and checks != "queries":
         raise ConfigError(
@@ -318,6 +319,34 @@ def _check_values(sections: dict[str, dict[str, Any]], where: str) -> None:
                 f"{where}: [group_removal] groups.{name} must be a non-empty list of training "
                 f"indices, got {indices!r}"
             )
+
+
+def _check_method(section: dict[str, Any], where: str) -> None:
+    """The method's name, the names of its options and ``l2``, before any factory runs (the
+    model's may take long): a misspelt method or option stopped a run only after it."""
+    from infkit.methods import method_class, registered  # the registry, filled on import
+    from infkit.options import FACADE_KEYWORDS, suggest_option
+
+    name = section["method"]
+    if name != "auto" and name not in registered():
+        raise ConfigError(
+            f"{where}: [influence] method = {name!r} is not a registered method; valid: "
+            f"{', '.join(sorted(registered()))} or auto{_suggest(name, list(registered()))}"
+        )
+    l2 = section["l2"]
+    if not 0 <= l2 < float("inf"):
+        raise ConfigError(f"{where}: [influence] l2 must be a finite number >= 0, got {l2!r}")
+    if name == "auto":
+        return
+    cls = method_class(name)
+    known = [*cls.Options.names(), *cls.Options.aliases, *FACADE_KEYWORDS]
+    unknown = [k for k in section["options"] if k not in known]
+    if unknown:
+        hints = ", ".join(f"{k!r}{suggest_option(k, cls.Options.names())}" for k in unknown)
+        raise ConfigError(
+            f"{where}: [influence] options: method {name!r} does not take {hints}; its options "
+            f"are {', '.join(cls.Options.names()) or 'none'} (infkit methods --json lists them)"
+        )
 
 
 def _check_retraining(section: dict[str, Any], where: str) -> None:
