@@ -461,6 +461,23 @@ def test_the_method_its_options_and_l2_are_checked_before_any_factory(
     assert re.search(said, err) and "data server is down" not in err, err
 
 
+def test_factory_arguments_it_does_not_take_are_named(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tester's: a misspelt [model] args key raised TypeError placed at infkit's own line."""
+    config = tmp_path / "args.toml"
+    config.write_text(
+        CONFIG.format(n_loo=3).replace(
+            'factory = "tester_project:model"',
+            'factory = "tester_project:model"\nargs = { sed = 1 }',
+        )
+    )
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "w"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be called with [model] args ['sed']" in err and "unexpected keyword" in err
+
+
 def test_converged_retrainings_are_not_flagged(project: Path, finished: Path) -> None:
     """A convex model under ``exact``: every retraining converged, and each moved the
     parameters along the estimator's step by about its length (loo.csv, against a dense

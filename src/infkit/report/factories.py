@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import os
 import sys
 import traceback
@@ -103,6 +104,7 @@ def call(spec: str, key: str, folder: Path, *args: Any, **kwargs: Any) -> Any:
     """Resolve ``spec`` and call it; an exception inside it becomes a ConfigError naming it,
     with the last line of its traceback in the user's code."""
     fn = resolve(spec, key, folder)
+    _check_arguments(fn, spec, key, args, kwargs)
     with on_path(folder):
         try:
             return fn(*args, **kwargs)
@@ -111,6 +113,25 @@ def call(spec: str, key: str, folder: Path, *args: Any, **kwargs: Any) -> Any:
             raise ConfigError(
                 f"{key} = {spec!r} raised {type(error).__name__}: {error}{where}"
             ) from error
+
+
+def _check_arguments(
+    fn: Any, spec: str, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Refuse, naming them, the ``args`` of a section that ``fn`` does not take (a misspelt
+    keyword raised TypeError from the call, placed at infkit's line)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C function: let the call say it
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as error:
+        section = key.split("]")[0] + "]" if key.startswith("[") else key
+        raise ConfigError(
+            f"{key} = {spec!r} cannot be called with {section} args "
+            f"{sorted(kwargs) or '(none)'}: {error} (its parameters: {signature})"
+        ) from error
 
 
 def _user_line(frames: traceback.StackSummary, folder: Path) -> str:
