@@ -478,6 +478,28 @@ def test_factory_arguments_it_does_not_take_are_named(
     assert "cannot be called with [model] args ['sed']" in err and "unexpected keyword" in err
 
 
+def test_a_method_the_project_registers_is_found_before_any_factory_runs(
+    project: Path, tmp_path: Path
+) -> None:
+    """A reviewer's: the early check of the method's name refused a method that the project's
+    own module registers (docs/architecture.md allows it); it now imports the factory modules
+    (without calling them) before it refuses."""
+    from infkit.methods import base
+
+    module = (project / "tester_project.py").read_text() + (
+        "\n\nfrom infkit.methods import registered\nfrom infkit.methods.base import register"
+        "\n\n\n@register\nclass ProjectExact(registered()['exact']):\n"
+        "    name = 'project-exact'\n"
+    )
+    (tmp_path / "tester_project.py").write_text(module)
+    config = tmp_path / "own.toml"
+    config.write_text(CONFIG.format(n_loo=0).replace('"exact"', '"project-exact"'))
+    try:
+        assert cli.main(["run", str(config), "--out", str(tmp_path / "w"), "--quiet"]) == 0
+    finally:
+        base._REGISTRY.pop("project-exact", None)
+
+
 def test_converged_retrainings_are_not_flagged(project: Path, finished: Path) -> None:
     """A convex model under ``exact``: every retraining converged, and each moved the
     parameters along the estimator's step by about its length (loo.csv, against a dense

@@ -486,6 +486,33 @@ def test_tensor_attributes_are_part_of_the_identity_and_kept_activations_are_not
     torch.testing.assert_close(tracin.scores(test), first_scores)
 
 
+def test_kept_activations_are_found_by_every_fit_and_by_a_load(
+    mlp_problem: dict, tmp_path: Path
+) -> None:
+    """A reviewer's: the probe compared ids of tensors it no longer held, so a freed
+    activation's id reused by the next missed the write in 7 fits of 20 (then a workdir of
+    factors was refused, or answers refused); a load into a model that no pass had probed
+    refused its second answer."""
+    from infkit.fingerprint import tensor_attributes
+
+    (X, y), test = mlp_problem["train"], mlp_problem["test"]
+    for _ in range(10):
+        model = _Masked(copy.deepcopy(mlp_problem["model"]), torch.ones(5, dtype=torch.float64))
+        model(X[:2])  # an activation kept before fit, as a user's own call leaves it
+        task = infkit.Task.classification(model)
+        # (per-example gradients by a loop: activations kept outside torch.func's transforms)
+        inf = infkit.Influence(task, "exact", l2=mlp_problem["l2"], per_example="loop")
+        inf.fit((X, y))
+        assert sorted(tensor_attributes(model)) == ["mask"]
+    inf.save(tmp_path / "saved")
+    fresh = _Masked(copy.deepcopy(mlp_problem["model"]), torch.ones(5, dtype=torch.float64))
+    fresh(X[:3])  # not probed in this process
+    loaded = infkit.Influence.load(tmp_path / "saved", infkit.Task.classification(fresh))
+    first = loaded.scores(test)
+    torch.testing.assert_close(loaded.scores(test), first)
+    torch.testing.assert_close(first, inf.scores(test))
+
+
 def test_a_changed_architecture_is_named(mlp_problem: dict, saved_exact: Path) -> None:
     model = copy.deepcopy(mlp_problem["model"])
     model[1] = torch.nn.ReLU()

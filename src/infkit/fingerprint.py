@@ -98,19 +98,20 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
 _WRITTEN: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
-def attribute_objects(model: nn.Module) -> dict[str, int]:
-    """``id`` of each tensor attribute of ``model`` (all of them, before
-    :func:`note_forward_writes` leaves any out), by name."""
-    return {name: id(t) for name, t in _value_attributes(model).items()}
+def attribute_objects(model: nn.Module) -> dict[str, Tensor]:
+    """Each tensor attribute of ``model`` (all of them, before :func:`note_forward_writes`
+    leaves any out), by name: held, so that a tensor put in place since is told by identity
+    (an ``id`` alone may be a freed tensor's, reused: a reviewer saw 7 probes in 20 miss)."""
+    return dict(_value_attributes(model))
 
 
-def note_forward_writes(model: nn.Module, before: dict[str, int]) -> None:
+def note_forward_writes(model: nn.Module, before: dict[str, Tensor]) -> None:
     """Record the tensor attributes that a forward pass, run since ``before``
     (:func:`attribute_objects`), put in place: new names or other tensor objects. They are a
     cache of what the pass computed (``self.last = h.detach()``), left out of
     :func:`tensor_attributes` from then on."""
-    now = attribute_objects(model)
-    written = {name for name, ident in now.items() if before.get(name) != ident}
+    now = _value_attributes(model)
+    written = {name for name, t in now.items() if before.get(name) is not t}
     if written:
         _WRITTEN.setdefault(model, set()).update(written)
 

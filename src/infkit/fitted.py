@@ -526,7 +526,9 @@ def _check_reads_alike(examples: ExampleSet, first: Batch) -> None:
             return False
         if torch.equal(a, b):
             return True
-        return a.is_floating_point() and bool(torch.isclose(a, b, 0, 0, equal_nan=True).all())
+        # (features computed by kernels that sum in any order differ in the last bits)
+        close = torch.isclose(a, b, rtol=1e-5, atol=0, equal_nan=True)
+        return a.is_floating_point() and bool(close.all())
 
     if not all(same(a, b) for a, b in pairs):
         raise InvalidInputError(

@@ -352,17 +352,28 @@ def _base(
     return _retrain(task, examples, [], l2, tolerance, max_iter, cache)
 
 
-def _warn_if_moved(base: Retrained, changes: list[Tensor], what: str) -> None:
-    """Warn when :func:`_base` moved the model passed in by more than :data:`START_MOVE` of the
-    median removal's change: it was not at its optimum, so answers computed at it (scores)
-    describe another point than the retrainings'."""
+def moved_ratio(base: Retrained, changes: list[Tensor]) -> float:
+    """How far :func:`_base` moved the model passed in, over the median removal's change
+    (``||theta-hat - theta||`` over it; 0 where the move is rounding, 1e300 where every
+    removal's change is 0): above :data:`START_MOVE`, the model was not at its optimum."""
     move = float(base.delta.norm())
     rounding = 1e3 * torch.finfo(base.theta.dtype).eps * float(base.theta.norm())
+    if move <= rounding:
+        return 0.0
     sizes = sorted(float(c.norm()) for c in changes)
     median = sizes[len(sizes) // 2] if sizes else 0.0
-    if move <= rounding or move <= START_MOVE * median:
-        return
-    times = f"{move / median:.3g} times" if median > 0 else "more than"
+    return move / median if median > 0 else 1e300  # (a JSON record has no infinity)
+
+
+def _warn_if_moved(base: Retrained, changes: list[Tensor], what: str) -> float:
+    """Warn when :func:`moved_ratio` is above :data:`START_MOVE`: the model passed in was not
+    at its optimum, so answers computed at it (scores) describe another point than the
+    retrainings'. Returns the ratio."""
+    ratio = moved_ratio(base, changes)
+    if ratio <= START_MOVE:
+        return ratio
+    move = float(base.delta.norm())
+    times = f"{ratio:.3g} times" if ratio < 1e300 else "more than"
     coarse = (
         f"; a {str(base.theta.dtype).removeprefix('torch.')} model may go no closer than its "
         "precision: compute the ground truth in float64 (model.double())"
@@ -379,6 +390,7 @@ def _warn_if_moved(base: Retrained, changes: list[Tensor], what: str) -> None:
         f"retrain by the recipe that trained it (run=){coarse}",
         NotConvergedWarning,
     )
+    return ratio
 
 
 def _replay(
@@ -409,6 +421,8 @@ class LeaveOneOut:
             model passed in retrained on all the data (0 at its optimum; see :func:`_base`).
         start_converged, start_gradient_norm, start_target: that retraining's
             ``converged``, ``gradient_norm`` and ``target``.
+        start_move_ratio: ``start_move`` over the median removal's change (:func:`moved_ratio`;
+            above :data:`START_MOVE` the call warned).
     """
 
     indices: Tensor
@@ -422,6 +436,7 @@ class LeaveOneOut:
     start_converged: bool = True
     start_gradient_norm: float = 0.0
     start_target: float = float("nan")
+    start_move_ratio: float = 0.0
 
 
 def leave_one_out(
@@ -457,7 +472,7 @@ def leave_one_out(
         meas.append(r.measurements(test) - base_meas)
         loss.append(r.losses(test) - base_loss)
         results.append(r)
-    _warn_if_moved(base, params, "leave-one-out")
+    ratio = _warn_if_moved(base, params, "leave-one-out")
     converged = torch.tensor([r.converged for r in results], dtype=torch.bool)
     late = [r for r in [base, *results] if not r.converged]
     warn_unconverged(
@@ -482,6 +497,7 @@ def leave_one_out(
         base.converged,
         base.gradient_norm,
         base.target,
+        ratio,
     )
 
 

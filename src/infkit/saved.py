@@ -61,7 +61,7 @@ from infkit.fingerprint import (
     tensor_attributes,
     tensor_digest,
 )
-from infkit.fitted import Fitted, gradient_cache_fits
+from infkit.fitted import Fitted, gradient_cache_fits, probe_forward_writes
 from infkit.gradients import PerExample
 from infkit.methods.base import Method, method_class, registered
 from infkit.parameters import ParameterSpace, dtype_name
@@ -828,6 +828,9 @@ class SavedInfluence:
             name: decode(value, tensors, device, name) for name, value in document.items()
         }
         state_doc = self.document("state")
+        # as fit does: the attributes a forward pass writes are no part of the fitted state's
+        # check (a kept activation refused the loaded fit's second answer)
+        probe_forward_writes(engine, examples)
         fitted = Fitted(
             task=task,
             space=space,

@@ -613,7 +613,7 @@ def _retraining(
         "max_iter": section["max_iter"],
         "not_converged": unconverged,
         "start_move": loo.start_move,
-        "start_move_ratio": start_move_ratio(loo),
+        "start_move_ratio": loo.start_move_ratio,
         "moved_far": [
             {"index": r["train_index"], "moved": r["moved"], "cosine": r["cosine"]} for r in far
         ],
@@ -628,17 +628,6 @@ def _retraining(
     if far:
         warn(moved_far_message(record))
     return record
-
-
-def start_move_ratio(loo: retraining.LeaveOneOut) -> float:
-    """How far retraining on all the data moved the model, over the median removal's change
-    (``retrain.leave_one_out`` warns above :data:`infkit.retrain.START_MOVE`; the check here
-    says it in the run's terms): 0 at the optimum."""
-    sizes = loo.params.norm(dim=1)
-    median = float(sizes.median()) if len(sizes) else 0.0
-    if loo.start_move <= 0:
-        return 0.0
-    return loo.start_move / median if median > 0 else 1e300  # (JSON has no infinity)
 
 
 def start_moved_message(record: dict[str, Any]) -> str:
@@ -751,6 +740,8 @@ def not_converged_message(record: dict[str, Any], where: str) -> str:
     counted = f"{len(removals)} of the {record['n']} leave-one-out retrainings" + (
         " and the retraining on all the data that their changes are measured from" if start else ""
     )
+    if start and not removals:
+        counted = "the retraining on all the data that the leave-one-out changes are measured from"
     return (
         f"{counted} did not "
         f"converge ([retraining] max_iter = {record['max_iter']}; largest "

@@ -274,11 +274,11 @@ def check(raw: dict[str, Any], path: Path) -> RunConfig:
                     f"{spec.doc}"
                 )
         sections[section] = {key: given.get(key, spec.default) for key, spec in keys.items()}
-    _check_values(sections, where)
+    _check_values(sections, where, path.parent)
     return RunConfig(path, sections)
 
 
-def _check_values(sections: dict[str, dict[str, Any]], where: str) -> None:
+def _check_values(sections: dict[str, dict[str, Any]], where: str, folder: Path) -> None:
     """The checks a type cannot express: choices and ranges."""
     choices = {("task", "kind"): TASK_KINDS, ("data", "kind"): DISPLAY_KINDS}
     for (section, key), allowed in choices.items():
@@ -299,7 +299,7 @@ def _check_values(sections: dict[str, dict[str, Any]], where: str) -> None:
         if sections[section][key] < low:
             raise ConfigError(f"{where}: [{section}] {key} must be >= {low}")
     _check_retraining(sections["retraining"], where)
-    _check_method(sections["influence"], where)
+    _check_method(sections, where, folder)
     checks = sections["influence"]["checks"]
     if isinstance(checks, str) and checks != "queries":
         raise ConfigError(
@@ -321,13 +321,20 @@ def _check_values(sections: dict[str, dict[str, Any]], where: str) -> None:
             )
 
 
-def _check_method(section: dict[str, Any], where: str) -> None:
+def _check_method(sections: dict[str, dict[str, Any]], where: str, folder: Path) -> None:
     """The method's name, the names of its options and ``l2``, before any factory runs (the
-    model's may take long): a misspelt method or option stopped a run only after it."""
+    model's may take long): a misspelt method or option stopped a run only after it. A name
+    not registered yet is looked for again once the project's factory modules are imported
+    (not called): a module may register a method of its own."""
     from infkit.methods import method_class, registered  # the registry, filled on import
     from infkit.options import FACADE_KEYWORDS, suggest_option
+    from infkit.report import factories
 
+    section = sections["influence"]
     name = section["method"]
+    if name != "auto" and name not in registered():
+        for key in ("model", "data"):
+            factories.resolve(sections[key]["factory"], f"[{key}] factory", folder)
     if name != "auto" and name not in registered():
         raise ConfigError(
             f"{where}: [influence] method = {name!r} is not a registered method; valid: "

@@ -487,9 +487,12 @@ def not_converged_html(r: dict[str, Any]) -> str:
         if len(removals) < len(late)
         else ""
     )
+    counted = f"{len(removals)} of the {r['n']} retrainings{also}"
+    if also and not removals:
+        counted = "the retraining on all the data that the changes are measured from"
     return (
-        f'<p class="warning"><b>The retrained models did not converge:</b> {len(removals)} of '
-        f"the {r['n']} retrainings{also} did not reach their tolerance ([retraining] max_iter = "
+        f'<p class="warning"><b>The retrained models did not converge:</b> {counted} did '
+        f"not reach their tolerance ([retraining] max_iter = "
         f"{r['max_iter']}; largest final gradient norm "
         f"{fmt(worst['gradient_norm'])} against a target of {fmt(worst['target'])}, from "
         f"tolerance = {fmt(r['tolerance'])}). Their actual changes are not those of the "
