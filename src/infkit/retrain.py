@@ -29,7 +29,12 @@ from torch import Tensor
 
 from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError, NotConvergedWarning, warn
-from infkit.fingerprint import data_fingerprint, model_fingerprint, task_fingerprint
+from infkit.fingerprint import (
+    attribute_objects,
+    data_fingerprint,
+    model_fingerprint,
+    task_fingerprint,
+)
 from infkit.fitted import probe_forward_writes
 from infkit.gradients import PerExample
 from infkit.parameters import ParameterSpace
@@ -173,7 +178,8 @@ def _cache(
     if cache_dir is None:
         return None
     # the attributes a forward pass writes (kept activations) are no part of the key
-    probe_forward_writes(PerExample(task, ParameterSpace(task.model)), examples)
+    if attribute_objects(task.model):
+        probe_forward_writes(PerExample(task, ParameterSpace(task.model)), examples)
     return RetrainCache(cache_dir, task, examples, l2, tolerance, max_iter, run)
 
 

@@ -52,6 +52,7 @@ from infkit.errors import (
     warn,
 )
 from infkit.fingerprint import (
+    attribute_objects,
     callable_identity,
     data_fingerprint,
     model_fingerprint,
@@ -829,8 +830,10 @@ class SavedInfluence:
         }
         state_doc = self.document("state")
         # as fit does: the attributes a forward pass writes are no part of the fitted state's
-        # check (a kept activation refused the loaded fit's second answer)
-        probe_forward_writes(engine, examples)
+        # check (a kept activation refused the loaded fit's second answer); a model without
+        # tensor attributes is not run at all
+        if attribute_objects(task.model):
+            probe_forward_writes(engine, examples)
         fitted = Fitted(
             task=task,
             space=space,

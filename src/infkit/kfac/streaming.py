@@ -474,15 +474,20 @@ class StreamingScorer:
             rank = self.query_bytes // per_rank
             if rank < 1:
                 what = "one query" if t_count == 1 else f"{t_count} queries"
+                disk = (  # (a workdir given and still here: this call's queries stay in memory)
+                    "give the Influence a workdir (on CPU the scoring pass then reads the "
+                    "queries back from disk and sets the factors aside), "
+                    if self.scratch is None
+                    else ""
+                )
                 raise ProblemTooLargeError(
                     f"the preconditioned gradients of {what} need {human_bytes(total)} at full "
                     f"rank and {human_bytes(per_rank)} at rank 1, but memory_limit "
                     f"({human_bytes(fitted.memory_limit)}) leaves "
                     f"{human_bytes(self.query_bytes)} for them after the factors, "
                     f"{self.result} and a scoring pass's working memory: raise memory_limit "
-                    f"({self._limit_for(per_rank)} holds them at rank 1), give the Influence a "
-                    "workdir (on CPU the scoring pass then reads the queries back from disk and "
-                    "sets the factors aside), track fewer layers (modules=) or use a smaller "
+                    f"({self._limit_for(per_rank)} holds them at rank 1), {disk}track fewer "
+                    "layers (modules=) or use a smaller "
                     f"batch_size{self._smaller_result(per_rank)} (plan() shows the bytes of each "
                     "stage)"
                 )
