@@ -344,6 +344,22 @@ def _engine_and_batch(model: nn.Module, n: int, length: int):  # type: ignore[no
     return engine, ExampleSet(lm.examples(ids, torch.ones_like(ids))).take(range(n))
 
 
+def test_the_vmap_fallback_is_said_once_a_model() -> None:
+    """A tester's: every fit on an SDPA model warned again (the docs promise once a model);
+    its later engines now take the loop at once, with the same gradients."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = _tiny_bert(transformers, "sdpa")
+    engine, batch = _engine_and_batch(model, 3, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = engine.grads(batch)
+        again = PerExample(engine.task, ParameterSpace(model)).grads(batch)
+    fallbacks = [w for w in caught if "could not batch the model" in str(w.message)]
+    assert len(fallbacks) == 1
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
 def test_bert_vmap_fallback_warning_quotes_whole_sentences() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

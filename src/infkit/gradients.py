@@ -196,6 +196,10 @@ def error_summary(error: BaseException, limit: int = QUOTED_ERROR_CHARS) -> str:
     return f"{name}: {head[:limit].rstrip()} ..."
 
 
+#: the models vmap could not batch (:meth:`PerExample._run`), which take the loop from then on
+_LOOPED_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 def vmap_fallback_message(error: BaseException) -> str:
     """The warning given when vmap cannot trace a model and the exact loop takes over."""
     function = untransformable_function(error)
@@ -421,7 +425,8 @@ class PerExample:
 
     def _run(self, vmapped: Callable[[], T], looped: Callable[[], T]) -> T:
         with batching_rule_notice(self.task.model):
-            if self.mode == "loop" or self._vmap_failed:
+            model = self.task.model
+            if self.mode == "loop" or self._vmap_failed or model in _LOOPED_MODELS:
                 return looped()
             try:
                 with transforms_only():
@@ -431,6 +436,9 @@ class PerExample:
                     raise
                 result = looped()
                 self._vmap_failed = True
+                # once a model (not at every fit, retraining or load): its later engines take
+                # the loop at once, without another vmap attempt
+                _LOOPED_MODELS.add(model)
                 warn(vmap_fallback_message(exc), RuntimeWarning)
                 return result
 
