@@ -169,6 +169,7 @@ def test_a_function_no_transform_takes_is_answered_by_backward_passes_or_refused
     queries = (X[:3], y[:3])
     options = {"l2": 1e-2, "damping": 1e-2}
     answered, refused = set(), set()
+    told = 0
     for method in ("identity", "ekfac", "kfac", "datainf", "exact", "cg", "lissa", "arnoldi"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -185,10 +186,13 @@ def test_a_function_no_transform_takes_is_answered_by_backward_passes_or_refused
         assert relative_error(scores, reference) < 1e-8, method
         answered.add(method)
         text = " ".join(str(w.message) for w in caught)
-        assert "_OldStyleTanh, which defines no setup_context" in text, method
+        # said once a model, by the first method whose engine meets the function (the later
+        # methods' engines take the backward passes at once)
+        told += text.count("_OldStyleTanh, which defines no setup_context")
         if method in ("ekfac", "kfac"):  # their checks' curvature products need torch.func
             assert "post-fit checks (docs/conventions.md §9) were not run: their curvature" in text
             assert inf.method.checks == {}
+    assert told == 1, told
     assert {"identity", "ekfac", "kfac", "datainf"} <= answered, answered
     assert {"exact", "cg", "lissa", "arnoldi"} <= refused, refused
     # checks="queries" measures the queries' ratio by the same products: skipped with one

@@ -426,7 +426,8 @@ class PerExample:
     def _run(self, vmapped: Callable[[], T], looped: Callable[[], T]) -> T:
         with batching_rule_notice(self.task.model):
             model = self.task.model
-            if self.mode == "loop" or self._vmap_failed or model in _LOOPED_MODELS:
+            looped_before = self.mode != "vmap" and model in _LOOPED_MODELS  # vmap if asked
+            if self.mode == "loop" or self._vmap_failed or looped_before:
                 return looped()
             try:
                 with transforms_only():
