@@ -78,6 +78,15 @@ class Retrained:
     converged: bool = True
     start_move: float = 0.0
 
+    @property
+    def description(self) -> str:
+        """What was removed, for messages: ``"without example 4"``, ``"without 3 examples"``,
+        ``"on all the data"``."""
+        k = len(self.removed)
+        if k == 0:
+            return "on all the data"
+        return f"without example {int(self.removed[0])}" if k == 1 else f"without {k} examples"
+
     def model(self) -> torch.nn.Module:
         clone = copy.deepcopy(self.task.model)
         ParameterSpace(clone).assign_(self.theta)
@@ -224,22 +233,13 @@ def without(
     examples = ExampleSet(train, name="training set")
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
     r = _retrain(task, examples, indices, l2, tolerance, max_iter, cache, run)
-    late = [r] if not r.converged else []
+    done = [r]
     if len(r.removed):  # without nothing: the step to theta-hat itself, asked for
         base = _base(task, examples, l2, tolerance, max_iter, cache, run)
         r = dataclasses.replace(r, delta=r.theta - base.theta, start_move=float(base.delta.norm()))
         _warn_if_moved(base, [r.delta], "group-removal")
-        late += [base] if not base.converged else []
-    warn_unconverged(
-        "group-removal",
-        [
-            f"without {len(x.removed)} example(s)" if len(x.removed) else "on all the data"
-            for x in late
-        ],
-        [x.gradient_norm for x in late],
-        [x.target for x in late],
-        max_iter,
-    )
+        done.append(base)
+    _warn_late("group-removal", [(x.description, x) for x in done], max_iter)
     return r
 
 
@@ -302,6 +302,19 @@ def _retrain(
         )
     return Retrained(
         task, removed, theta, theta - theta0, gradient_norm, evaluations, target, converged
+    )
+
+
+def _warn_late(what: str, named: list[tuple[str, Retrained]], max_iter: int) -> None:
+    """:func:`warn_unconverged` for those of the ``(description, result)`` retrainings that
+    did not converge (nothing when all did)."""
+    late = [(name, r) for name, r in named if not r.converged]
+    warn_unconverged(
+        what,
+        [name for name, _ in late],
+        [r.gradient_norm for _, r in late],
+        [r.target for _, r in late],
+        max_iter,
     )
 
 
@@ -480,17 +493,7 @@ def leave_one_out(
         results.append(r)
     ratio = _warn_if_moved(base, params, "leave-one-out")
     converged = torch.tensor([r.converged for r in results], dtype=torch.bool)
-    late = [r for r in [base, *results] if not r.converged]
-    warn_unconverged(
-        "leave-one-out",
-        [
-            f"without example {int(r.removed[0])}" if len(r.removed) else "on all the data"
-            for r in late
-        ],
-        [r.gradient_norm for r in late],
-        [r.target for r in late],
-        max_iter,
-    )
+    _warn_late("leave-one-out", [(r.description, r) for r in [base, *results]], max_iter)
     return LeaveOneOut(
         idx,
         torch.stack(params),
@@ -589,13 +592,6 @@ def subsets(
         r = _retrain(task, examples, removed, l2, tolerance, max_iter, cache, run)
         rows.append(r.measurements(test))
         results.append(r)
-    late = [k for k, r in enumerate(results) if not r.converged]
-    warn_unconverged(
-        "subset",
-        [f"subset {k}" for k in late],
-        [results[k].gradient_norm for k in late],
-        [results[k].target for k in late],
-        max_iter,
-    )
+    _warn_late("subset", [(f"subset {k}", r) for k, r in enumerate(results)], max_iter)
     converged = torch.tensor([r.converged for r in results], dtype=torch.bool)
     return SubsetRetraining(masks, torch.stack(rows), converged)
