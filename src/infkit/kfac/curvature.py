@@ -57,7 +57,14 @@ from infkit.layers.capture import (
     check_rows_follow_examples,
     layer_terms,
 )
-from infkit.layers.tracked import SUPPORTED, TrackedLayers, TrackedModule, kinds_of, tied_layers
+from infkit.layers.tracked import (
+    SUPPORTED,
+    TrackedLayers,
+    TrackedModule,
+    augmented_block,
+    kinds_of,
+    tied_layers,
+)
 from infkit.memory import bounded, release_freed_memory
 from infkit.options import Options, option
 from infkit.parameters import ParameterSpace, dtype_name, evaluation_mode
@@ -254,28 +261,27 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
     # fail on them with a vaguer message
     check_rows_follow_examples(engine, layers.tracked, batch, layers.mask_key)
     terms = layer_terms(engine, layers.tracked, batch, "loss", layers.mask_key)
-    task, space = engine.task, engine.space
+    task = engine.task
     params = dict(task.model.named_parameters())
     names = [n for t in layers.tracked for n in (t.weight, t.bias) if n is not None]
     with evaluation_mode(task.model), torch.enable_grad():
         inputs, targets = engine.prepare(batch)
         loss = task.checked_loss(task.call_model(task.model, inputs), targets).sum()
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+
     by_name = dict(zip(names, grads))
-    flat = torch.cat(
-        [
-            (g if (g := by_name.get(n)) is not None else torch.zeros_like(params[n]))
-            .detach()
-            .reshape(-1)
-            .to(torch.float64)
-            for n in space.names
-        ]
-    ).unsqueeze(0)
+
+    def grad_of(name: str) -> Tensor:  # [1, numel], zeros where the loss does not reach it
+        g = by_name[name]
+        return (g if g is not None else torch.zeros_like(params[name])).detach().reshape(1, -1)
+
     missed = []
     for t in layers.tracked:
         a, ds = terms[t.name]
         hooks = block_gradient(a, ds).sum(0)
-        autograd = layers.layout.block(flat, t)[0].to(hooks)
+        # layer by layer: no [P] vector of the whole model (a float64 one is 8 GB at 1B)
+        bias = None if t.bias is None else grad_of(t.bias)
+        autograd = augmented_block(t, grad_of(t.weight), bias)[0].to(hooks)
         coarsest = max(torch.finfo(a.dtype).eps, torch.finfo(ds.dtype).eps)
         tolerance = min(0.3, 10 * coarsest**0.5)  # bfloat16 LoRA: 0.06 apart by rounding
         gap = float((hooks - autograd).norm())

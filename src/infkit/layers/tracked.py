@@ -245,6 +245,20 @@ def _owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
+def augmented_block(t: TrackedModule, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Layer ``t``'s augmented blocks ``[W | b]``, [k, d_out, cols], from its weight's entries
+    [k, weight.numel()] (in the parameter's own order) and its bias's [k, d_out] (None: no
+    bias)."""
+    k = weight.shape[0]
+    if t.kind == "conv1d":  # Hugging Face's Conv1D keeps W transposed, [d_in, d_out]
+        W = weight.reshape(k, t.d_in, t.d_out).transpose(1, 2)
+    else:
+        W = weight.reshape(k, t.d_out, t.d_in)
+    if bias is None:
+        return W
+    return torch.cat([W, bias.unsqueeze(-1)], dim=-1)
+
+
 class BlockLayout:
     """Flat vectors [k, P] <-> one [k, d_out, cols] block per tracked layer (and the rest).
 
@@ -272,15 +286,8 @@ class BlockLayout:
 
     def block(self, V: Tensor, t: TrackedModule) -> Tensor:
         """The augmented block [k, d_out, cols] of layer ``t`` in V [k, P]."""
-        k = V.shape[0]
-        w = V[:, self.slices[t.weight]]
-        if t.kind == "conv1d":
-            W = w.reshape(k, t.d_in, t.d_out).transpose(1, 2)
-        else:
-            W = w.reshape(k, t.d_out, t.d_in)
-        if t.bias is None:
-            return W
-        return torch.cat([W, V[:, self.slices[t.bias]].unsqueeze(-1)], dim=-1)
+        bias = None if t.bias is None else V[:, self.slices[t.bias]]
+        return augmented_block(t, V[:, self.slices[t.weight]], bias)
 
     def put(self, out: Tensor, t: TrackedModule, block: Tensor) -> None:
         """Write the augmented block [k, d_out, cols] of layer ``t`` into ``out`` [k, P]."""
