@@ -525,6 +525,64 @@ def test_a_changed_architecture_is_named(mlp_problem: dict, saved_exact: Path) -
         infkit.Influence.load(saved_exact, infkit.Task.classification(wider))
 
 
+class _Placeholder(torch.nn.Module):
+    """Research code's cache: an attribute set to None in ``__init__`` that the forward pass
+    fills with its activations, and an optional setting left at None."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.last, self.clip = inner, None, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        self.last = out.detach()
+        return out if self.clip is None else out.clamp(-self.clip, self.clip)
+
+
+def test_an_attribute_set_to_none_reads_as_not_set(
+    mlp_problem: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left alone at stop 49: a fresh model whose forward pass had not yet filled its None
+    placeholder was refused ("the architecture differs (module '(root)''s last is None, saved
+    None)"); a setting given where it was None is still refused, and a save made when None was
+    hashed as a value still loads into the same model."""
+    from infkit import fingerprint
+
+    (X, y), test = mlp_problem["train"], mlp_problem["test"]
+    model = _Placeholder(copy.deepcopy(mlp_problem["model"]))
+    inf = infkit.Influence(infkit.Task.classification(model), "exact", l2=mlp_problem["l2"])
+    inf.fit((X, y)).save(tmp_path / "saved")
+    fresh = _Placeholder(copy.deepcopy(mlp_problem["model"]))
+    _same_answers(
+        inf, infkit.Influence.load(tmp_path / "saved", infkit.Task.classification(fresh)), test
+    )
+    clipped = _Placeholder(copy.deepcopy(mlp_problem["model"]))
+    clipped.clip = 0.5
+    with pytest.raises(ArtifactError, match=r"'\(root\)''s clip is 0\.5, saved not set"):
+        infkit.Influence.load(tmp_path / "saved", infkit.Task.classification(clipped))
+    # a save hashed under the former rule (None a value: the placeholder's None and every
+    # optional setting's), loaded into a fresh model
+    former = fingerprint.plain_attributes
+
+    def with_none(module: torch.nn.Module) -> dict[str, Any]:
+        found = former(module)
+        found.update({k: v for k, v in vars(module).items() if v is None and k[0] != "_"})
+        return found
+
+    monkeypatch.setattr(fingerprint, "plain_attributes", with_none)
+    monkeypatch.setattr(infkit.saved, "plain_attributes", with_none)
+    legacy = _Placeholder(copy.deepcopy(mlp_problem["model"]))
+    infkit.Influence(infkit.Task.classification(legacy), "exact", l2=mlp_problem["l2"]).fit(
+        (X, y)
+    ).save(tmp_path / "legacy")
+    monkeypatch.undo()
+    fresh = _Placeholder(copy.deepcopy(mlp_problem["model"]))
+    loaded = infkit.Influence.load(tmp_path / "legacy", infkit.Task.classification(fresh))
+    _same_answers(inf, loaded, test)
+    with pytest.raises(ArtifactError, match=r"clip is 0\.5, saved not set"):
+        infkit.Influence.load(tmp_path / "legacy", infkit.Task.classification(clipped))
+
+
 def test_another_task_is_named(mlp_problem: dict, saved_exact: Path) -> None:
     with pytest.raises(ArtifactError, match=r"task differs: .*the measurement function \(given"):
         infkit.Influence.load(saved_exact, _copy_task(mlp_problem, measurement="margin"))

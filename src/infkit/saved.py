@@ -317,6 +317,8 @@ def _tensor_details(t: Tensor, trainable: bool | None) -> dict[str, Any]:
 
 
 def _architecture_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """What differs between the saved model's architecture and ``now``'s, as a message says it,
+    or "" where their details show none (their hashes differ by a rule of hashing alone)."""
     parts = []
     m0, m1 = saved["modules"], now["modules"]
     missing = [repr(n) for n in m0 if n not in m1]
@@ -337,15 +339,19 @@ def _architecture_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
     if shapes:
         parts.append(listed(shapes, 3))
     if not parts and "attributes" in saved:  # (saves before 0.2.0 have none)
-        a0, a1 = saved["attributes"], now["attributes"]
+        a0, a1 = _set_attributes(saved["attributes"]), _set_attributes(now["attributes"])
         for name in a0:
             if name in a1 and a0[name] != a1[name]:
                 keys = sorted(set(a0[name]) | set(a1[name]))
                 key = next(k for k in keys if a0[name].get(k) != a1[name].get(k))
                 parts.append(
-                    f"module {name!r}'s {key} is {a1[name].get(key)}, saved {a0[name].get(key)}"
+                    f"module {name!r}'s {key} is {a1[name].get(key, 'not set')}, saved "
+                    f"{a0[name].get(key, 'not set')}"
                 )
                 break
+        else:
+            if saved["repr"] == now["repr"]:
+                return ""  # the same modules, shapes, settings and repr: the same architecture
     if not parts:
         lines0, lines1 = saved["repr"].splitlines(), now["repr"].splitlines()
         for a, b in zip(lines0 + [""] * len(lines1), lines1 + [""] * len(lines0)):
@@ -355,6 +361,15 @@ def _architecture_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
         else:
             parts.append("the module classes")
     return "the architecture differs (" + "; ".join(parts) + ")"
+
+
+def _set_attributes(attributes: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Each module's plain attributes as :func:`~infkit.fingerprint.plain_attributes` reads
+    them: without those set to None (saves before that rule recorded them)."""
+    return {
+        name: {k: v for k, v in values.items() if v != stable_repr(None)}
+        for name, values in attributes.items()
+    }
 
 
 def _parameter_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
@@ -705,9 +720,16 @@ class SavedInfluence:
         saved = {k: v for k, v in ident["model"].items() if k != "attributes"}
         if found != saved:
             details, now = self.document("model"), model_details(task.model)
-            if found["architecture"] != saved["architecture"]:
-                problems.append(_architecture_difference(details, now))
-            else:
+            # (a save before attributes set to None read as not set hashed them: its details
+            # then show the same architecture)
+            architecture = (
+                _architecture_difference(details, now)
+                if found["architecture"] != saved["architecture"]
+                else ""
+            )
+            if architecture:
+                problems.append(architecture)
+            elif found["parameters"] != saved["parameters"]:
                 problems.append(_parameter_difference(details, now))
         saved_task, task_now = ident["task"], task_fingerprint(task)
         changed = differences(saved_task, task_now)
