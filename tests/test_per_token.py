@@ -151,3 +151,35 @@ def test_a_layer_applied_twice_keeps_its_calls_in_the_forward_order(positions, t
     if positions is None:  # the halves differ, so a swap would show
         halves = expected.tokens[..., :5], expected.tokens[..., 5:]
         assert relative_error(*halves) > 0.1
+
+
+def test_a_scalar_parameter_is_attributed_and_goes_to_the_rest() -> None:
+    """A model with a 0-dimensional parameter (a learned temperature): the fitted state's
+    check for changes reshaped its slice of theta with no shape at all and raised a raw
+    TypeError at the first per-token call."""
+    from lm_helpers import LENGTH, VOCAB, TinyLM
+
+    from infkit import language_modeling as lm
+
+    class Tempered(TinyLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.temperature = torch.nn.Parameter(torch.tensor(1.3))
+
+        def forward(self, input_ids, attention_mask=None):  # type: ignore[no-untyped-def]
+            return super().forward(input_ids, attention_mask) * self.temperature
+
+    torch.manual_seed(0)
+    model = Tempered().double().eval()
+    train = lm.examples(torch.randint(0, VOCAB, (8, LENGTH)))
+    test = lm.examples(torch.randint(0, VOCAB, (2, LENGTH)))
+    inf = infkit.Influence(infkit.Task.language_modeling(model), "exact", l2=0.1)
+    with pytest.warns(UserWarning):  # (an untrained model: not at its optimum)
+        inf.fit(train)
+    split = inf.token_scores(test)
+    scores = inf.scores(test)
+    assert relative_error(split.tokens.sum(-1) + split.rest, scores) < 1e-12
+    # the temperature's share is in the rest: its gradient by hand, the query's solved
+    modules = inf.module_scores(test)
+    assert relative_error(sum(modules.values()), scores) < 1e-12
+    assert float(modules[""].abs().max()) > 0  # the root module's own parameter

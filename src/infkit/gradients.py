@@ -396,7 +396,7 @@ class PerExample:
         for n in self.tangent_names:
             shape = point[n].shape
             k = int(torch.Size(shape).numel())
-            out[n] = vectors[..., start : start + k].reshape(*lead, *shape)
+            out[n] = vectors[..., start : start + k].reshape((*lead, *shape))
             start += k
         return out
 

@@ -105,7 +105,7 @@ class ParameterSpace:
             )
         lead = vector.shape[:-1]
         return {
-            n: vector[..., a:b].reshape(*lead, *s)
+            n: vector[..., a:b].reshape((*lead, *s))
             for n, s, a, b in zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:])
         }
 
