@@ -297,5 +297,19 @@ def test_bad_inputs_are_refused(problem: dict) -> None:
         model.group_scores(Fq, Ftr, no_members)
     with pytest.raises(InvalidInputError, match="must both be"):
         ranking_loss(torch.zeros(3, 2), torch.zeros(2, 3))
+    # a tester's: one NaN measurement (a failed retraining) made its test example's targets
+    # NaN, and the loss and the LDS left it out without a word
+    measured = bank.measurements[:, :N_SEEN].clone()
+    measured[4, 2] = float("nan")
+    with pytest.raises(InvalidInputError, match=r"the bank's measurements contain NaN"):
+        AirRep().fit(Fq[:N_SEEN], Ftr, SubsetRetraining(bank.masks, measured))
+    with pytest.raises(InvalidInputError, match=r"measurements \(subset, test example\)\[4, 2\]"):
+        ranking_targets(measured)
+    with pytest.raises(InvalidInputError, match=r"measurements \(subset, test example\)\[4, 2\]"):
+        group_lds(torch.randn_like(measured), measured)
+    with pytest.raises(InvalidInputError, match=r"targets \(subset, test example\)\[0, 1\]"):
+        ranking_loss(torch.zeros(3, 2), torch.tensor([[0.0, float("nan")], [1.0, 2.0], [0, 1]]))
+    with pytest.raises(InvalidInputError, match="at least 3 of them"):
+        group_lds(torch.randn(2, 4), torch.randn(2, 4))
     with pytest.raises(InvalidInputError, match="must map"):
         AirRep(nn.Flatten(0)).scores(Fq, Ftr)

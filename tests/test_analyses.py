@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,6 +62,12 @@ def test_layer_quality_decomposes_the_validation_influence(problem: dict) -> Non
     assert budget[quality.layers[heavier]] >= budget[quality.layers[1 - heavier]]
     with pytest.raises(InvalidInputError, match="by must be"):
         quality.allocate(4, by="quality")
+    # a tester's: a negative minimum gave a layer -4, a total of 7.5 budgets summing to 7
+    with pytest.raises(InvalidInputError, match=r"minimum must be an integer >= 0, got -5"):
+        quality.allocate(0, by="helpful", minimum=-5)
+    with pytest.raises(InvalidInputError, match=r"total must be an integer >= 0, got 7\.5"):
+        quality.allocate(7.5, by="helpful")  # type: ignore[arg-type]
+    assert sum(quality.allocate(np.int64(7), by="helpful").values()) == 7  # type: ignore[arg-type]
 
 
 def test_shares_by_net_refuse_the_rounding_an_optimum_leaves(problem: dict) -> None:
@@ -106,6 +113,8 @@ def test_kfe_features_reproduce_the_ekfac_scores(problem: dict) -> None:
     assert bool(((sparse != 0).sum(1) == 5).all())
     kept = sparse != 0
     assert torch.equal(sparse[kept], phi_val[kept])
+    with pytest.raises(InvalidInputError, match=r"top_k must be an integer >= 1, got 2\.5"):
+        kfe_features(inf, val, top_k=2.5)  # type: ignore[arg-type]
 
 
 def test_dataset_similarity(problem: dict) -> None:
@@ -165,6 +174,13 @@ def test_curvature_mask_and_edit_against_a_direct_construction(problem: dict) ->
     got = torch.cat([edited[0].weight, edited[0].bias.unsqueeze(1)], 1).detach()
     assert relative_error(got, expected) < 1e-12
     assert not torch.equal(problem["model"][0].weight, edited[0].weight)  # a copy was edited
+    # one layer's name: that layer alone (a tester's "0" was read as a list of characters, so
+    # "02" edited both layers)
+    one = curvature_edit(inf, keep_mass=0.8, layers="0")
+    assert torch.equal(one[0].weight, edited[0].weight)
+    assert torch.equal(one[2].weight, problem["model"][2].weight)
+    with pytest.raises(InvalidInputError, match=r"layers \['02'\] are not tracked"):
+        curvature_edit(inf, keep_mass=0.8, layers="02")
     # keep_mass = 1 keeps everything; memorisation shares are 0, the loss does not change.
     same = curvature_edit(inf, keep_mass=1.0)
     assert relative_error(same[2].weight.detach(), problem["model"][2].weight.detach()) < 1e-12

@@ -25,7 +25,7 @@ from infkit.analyses.behaviour import (
     train_with_mask,
 )
 from infkit.data import ExampleSet
-from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.errors import InvalidInputError, Notice, UnsupportedError
 from infkit.evaluate import relative_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
@@ -319,3 +319,42 @@ def test_bad_inputs_are_refused(tiny: dict, planted: dict) -> None:
         train_with_mask(model, train, penalty=-1.0)
     with pytest.raises(InvalidInputError, match="steps"):
         train_with_mask(model, train, steps=0)
+
+
+class _TiedLM(TinyLM):
+    """TinyLM whose head is its embedding (GPT-2's tied head): the largest parameter is an
+    embedding, which per-token scores do not split by position."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
+        h = self.embed(input_ids)
+        steps = torch.arange(1, h.shape[1] + 1, dtype=h.dtype).reshape(1, -1, 1)
+        h = torch.tanh(self.mix(h.cumsum(1) / steps))
+        return nn.functional.linear(self.norm(h), self.embed.weight)
+
+
+def test_a_split_that_leaves_most_of_the_signal_in_rest_is_said() -> None:
+    """A tester's: with 'exact' on a small GPT-2, 98% of D.total lay in rest (its tied
+    embedding and norms are attributed, not split by position), and select_tokens ranked the 2%
+    left without a word. A Kronecker fit attributes the linear layers alone and says nothing."""
+    torch.manual_seed(0)
+    model = _TiedLM(vocab=60, width=4).double().eval()
+    model.head.requires_grad_(False)  # (unused)
+    ids = torch.randint(0, VOCAB, (15, LENGTH))
+    inputs, labels = lm.examples(ids, prompt_lengths=[0] * 10 + [3] * 5)
+    split = lambda lo, hi: ({k: v[lo:hi] for k, v in inputs.items()}, labels[lo:hi])  # noqa: E731
+    task = infkit.Task.language_modeling(model)
+    behaviour, contrast = split(10, 13), split(13, 15)
+    exact = _quiet_fit(task, "exact", split(0, 10), l2=L2)
+    with pytest.warns(
+        Notice, match=r"of the differential scores' magnitude lies in D\.rest"
+    ) as said:
+        D = differential_token_scores(exact, behaviour, contrast)
+    rest, per_token = float(D.rest.abs().sum()), float(D.tokens.sum(1).abs().sum())
+    share = rest / (rest + per_token)
+    assert share > 0.7  # 0.83 measured
+    assert f"{share:.0%} of" in str(next(w.message for w in said if w.category is Notice))
+    kfac = _quiet_fit(task, "kfac", split(0, 10), l2=L2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Notice)
+        D = differential_token_scores(kfac, behaviour, contrast)
+    assert float(D.rest.abs().sum()) < 0.1 * float(D.tokens.sum(1).abs().sum())

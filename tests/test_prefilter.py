@@ -100,7 +100,17 @@ def test_two_stage_scores_are_the_candidates_full_scores_and_recall_counts_hits(
         prefiltered_scores(
             inf, problem["test"], problem["train_texts"][:-1], problem["query_texts"], 3
         )
-    with pytest.raises(InvalidInputError, match="m must be between 1 and"):
+    with pytest.raises(InvalidInputError, match=r"m \(the candidates per query.*between 1 and"):
         tfidf_candidates(problem["train_texts"], problem["query_texts"], N + 1)
     with pytest.raises(InvalidInputError, match="sequence of strings"):
         tfidf_candidates("one text", problem["query_texts"], 2)
+    # a tester's: raw scikit-learn and torch errors, and a recall of another matrix
+    with pytest.raises(InvalidInputError, match="query_texts is empty"):
+        tfidf_candidates(problem["train_texts"], [], 2)
+    with pytest.raises(InvalidInputError, match=r"m \(the candidates.*got 5\.0"):
+        tfidf_candidates(problem["train_texts"], problem["query_texts"], 5.0)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"k \(at most the candidates.*got 2\.5"):
+        pre.top_k(2.5)  # type: ignore[arg-type]
+    for wrong in (full[:, : N // 2], full.T, full[:1]):  # columns cut, transposed, a query
+        with pytest.raises(InvalidInputError, match=rf"full_scores must be \[{Q}, {N}\]"):
+            recall_at_k(pre, wrong, 3)

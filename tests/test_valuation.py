@@ -121,6 +121,9 @@ def test_median_heuristic_and_bad_input(data: dict) -> None:
         Kairos(X, R[:, :3])
     with pytest.raises(InvalidInputError, match="example 4 has NaN"):
         Kairos(torch.where(torch.arange(30)[:, None] == 4, float("nan"), X), R)
+    for bad in (float("inf"), 0.0, float("nan")):  # inf: every value 0 without a word
+        with pytest.raises(InvalidInputError, match="bandwidth must be a finite number > 0"):
+            Kairos(X, R, bandwidth=bad)
     with pytest.raises(InvalidInputError, match="kernel must be one of"):
         Kairos(X, R, kernel="cosine")  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="pass the new examples' labels"):

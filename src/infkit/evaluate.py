@@ -34,7 +34,7 @@ def _np(x: Tensor | np.ndarray) -> np.ndarray:
     return x.detach().cpu().double().numpy() if isinstance(x, Tensor) else np.asarray(x, float)
 
 
-def _require_finite(name: str, values: np.ndarray, hint: str) -> None:
+def require_finite(name: str, values: np.ndarray, hint: str) -> None:
     """Refuse a NaN or infinite entry of ``values``, naming its position and ``hint`` (where
     such a value comes from): a correlation over the others would read as a figure of them all."""
     bad = np.argwhere(~np.isfinite(values))
@@ -47,8 +47,8 @@ def _require_finite(name: str, values: np.ndarray, hint: str) -> None:
 
 
 #: what a non-finite predicted or actual value usually is
-_NON_FINITE_SCORE = "recompute the scores (an overflow or a failed solve), or leave the example out"
-_NON_FINITE_ACTUAL = (
+NON_FINITE_SCORE = "recompute the scores (an overflow or a failed solve), or leave the example out"
+NON_FINITE_ACTUAL = (
     "a retraining that diverged or a measurement that overflowed; retrain it, or leave it out"
 )
 
@@ -60,8 +60,8 @@ def correlation(predicted: Tensor | np.ndarray, actual: Tensor | np.ndarray) -> 
         raise InvalidInputError(f"predicted has {p.size} values but actual has {a.size}")
     if p.size < MIN_PAIRS:
         raise InvalidInputError(f"a correlation needs at least {MIN_PAIRS} pairs")
-    _require_finite("predicted (flattened)", p, _NON_FINITE_SCORE)
-    _require_finite("actual (flattened)", a, _NON_FINITE_ACTUAL)
+    require_finite("predicted (flattened)", p, NON_FINITE_SCORE)
+    require_finite("actual (flattened)", a, NON_FINITE_ACTUAL)
     from scipy import stats  # imported here: scipy.stats takes seconds to import
 
     return Correlation(float(stats.pearsonr(p, a)[0]), float(stats.spearmanr(p, a)[0]), p.size)
@@ -102,11 +102,11 @@ def lds(scores: Tensor, masks: Tensor, actual: Tensor) -> float:
     the mean, with a :class:`~infkit.errors.Notice` saying how many; where none is defined,
     an error.
     """
-    values = _defined("LDS", lds_per_query(scores, masks, actual), "across the subsets")
+    values = defined_values("LDS", lds_per_query(scores, masks, actual), "across the subsets")
     return float(np.mean(values[~np.isnan(values)]))
 
 
-def _defined(what: str, values: np.ndarray, across: str) -> np.ndarray:
+def defined_values(what: str, values: np.ndarray, across: str) -> np.ndarray:
     """``values`` (per query, NaN where undefined), refused where none is defined and said in
     a Notice where some are not (a mean over the others would read as one over all)."""
     defined = int((~np.isnan(values)).sum())
@@ -151,8 +151,8 @@ def lds_per_query(scores: Tensor, masks: Tensor, actual: Tensor) -> np.ndarray:
             f"{M.shape[0]} (with 2 every correlation is +1 or -1): retrain on more subsets "
             "(retrain.subsets(..., n_subsets=m); the literature uses 50 or more)"
         )
-    _require_finite("scores", S, _NON_FINITE_SCORE)
-    _require_finite("actual (subset, query)", Y, _NON_FINITE_ACTUAL)
+    require_finite("scores", S, NON_FINITE_SCORE)
+    require_finite("actual (subset, query)", Y, NON_FINITE_ACTUAL)
     from scipy import stats
 
     predicted = (~M).astype(float) @ S.T  # [m, T]
@@ -245,7 +245,7 @@ def lds_interval(
         resamples: bootstrap resamples.
         seed: seed of the resampling.
     """
-    values = _defined("LDS", lds_per_query(scores, masks, actual), "across the subsets")
+    values = defined_values("LDS", lds_per_query(scores, masks, actual), "across the subsets")
     return bootstrap_mean(values, confidence=confidence, resamples=resamples, seed=seed)
 
 
@@ -279,14 +279,14 @@ def loo_interval(
         raise InvalidInputError(
             f"a correlation needs at least {MIN_PAIRS} pairs: {pred.shape[1]} training examples"
         )
-    _require_finite("predicted (query, example)", pred, _NON_FINITE_SCORE)
-    _require_finite("actual (query, example)", act, _NON_FINITE_ACTUAL)
+    require_finite("predicted (query, example)", pred, NON_FINITE_SCORE)
+    require_finite("actual (query, example)", act, NON_FINITE_ACTUAL)
     from scipy import stats
 
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.ConstantInputWarning)  # NaN says it, per query
         values = np.array([stats.spearmanr(p, a)[0] for p, a in zip(pred, act)], dtype=float)
-    values = _defined("leave-one-out correlation", values, "across the examples")
+    values = defined_values("leave-one-out correlation", values, "across the examples")
     return bootstrap_mean(values, confidence=confidence, resamples=resamples, seed=seed)
 
 
@@ -374,8 +374,8 @@ def relative_error(predicted: Tensor, actual: Tensor) -> float:
                 "relative error compares the same quantities, entry by entry"
             )
         p, a = p.reshape(-1), a.reshape(-1)
-    _require_finite("predicted", p.cpu().numpy(), _NON_FINITE_SCORE)
-    _require_finite("actual", a.cpu().numpy(), _NON_FINITE_ACTUAL)
+    require_finite("predicted", p.cpu().numpy(), NON_FINITE_SCORE)
+    require_finite("actual", a.cpu().numpy(), NON_FINITE_ACTUAL)
     if float(a.norm()) == 0.0:
         raise InvalidInputError(
             "actual is zero, so an error relative to it is undefined: compare the absolute "

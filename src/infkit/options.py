@@ -319,6 +319,17 @@ def whole_number(value: Any) -> int | None:
     )
 
 
+def integer_argument(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """``value`` as an int in ``[low, high]`` (:func:`whole_number`: not a bool nor a float such
+    as 2.5), or an InvalidInputError naming ``name``: for arguments checked outside an
+    :class:`Options`."""
+    found = whole_number(value)
+    if found is None or found < low or (high is not None and found > high):
+        span = f">= {low}" if high is None else f"between {low} and {high}"
+        raise InvalidInputError(f"{name} must be an integer {span}, got {value!r}")
+    return found
+
+
 def literal_choices(hint: Any) -> list[Any]:
     """The ``Literal`` values a type accepts (inside unions too)."""
     origin = get_origin(hint)

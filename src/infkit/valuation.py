@@ -31,12 +31,14 @@ drawn (seeded) from the training and reference features together.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from infkit.errors import InvalidInputError
+from infkit.options import real_number
 
 Kernel = Literal["rbf", "linear"]
 KERNELS: tuple[str, ...] = ("rbf", "linear")
@@ -96,8 +98,14 @@ class Kairos:
         self.ry = _labels(reference_labels, len(R), "reference_labels")
         if bandwidth is None and kernel == "rbf":
             bandwidth = median_bandwidth(torch.cat([X, R]))
-        if bandwidth is not None and not bandwidth > 0:
-            raise InvalidInputError(f"bandwidth must be > 0, got {bandwidth!r}")
+        if bandwidth is not None:
+            width = real_number(bandwidth)
+            if width is None or not 0 < width < math.inf:
+                raise InvalidInputError(
+                    f"bandwidth must be a finite number > 0, got {bandwidth!r} (an infinite one "
+                    "makes every kernel value 1 and every example's value 0)"
+                )
+            bandwidth = width
         self.bandwidth = bandwidth
         self.X, self.R = X, R
         self._row = self._sums(X, self.y, X, self.y)  # s_i

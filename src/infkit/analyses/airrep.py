@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,13 @@ import torch
 from torch import Tensor, nn
 
 from infkit.errors import InvalidInputError, NotFittedError
+from infkit.evaluate import (
+    MIN_PAIRS,
+    NON_FINITE_ACTUAL,
+    NON_FINITE_SCORE,
+    defined_values,
+    require_finite,
+)
 from infkit.retrain import SubsetRetraining, subsets
 from infkit.task import Task
 
@@ -216,6 +224,8 @@ def ranking_targets(measurements: Tensor) -> Tensor:
         raise InvalidInputError(
             f"measurements must be [m, T] with m >= 2 subsets, got {tuple(Y.shape)}"
         )
+    # (one NaN would make its test example's whole column NaN, and the loss skip its pairs)
+    require_finite("measurements (subset, test example)", Y.cpu().numpy(), NON_FINITE_ACTUAL)
     std = Y.std(0, unbiased=False)
     std = torch.where(std > 0, std, torch.ones_like(std))
     return (-(Y - Y.mean(0)) / std).clamp(-TARGET_CLIP, TARGET_CLIP)
@@ -248,6 +258,10 @@ def ranking_loss(
         )
     if not max_weight > 0:
         raise InvalidInputError(f"max_weight must be > 0, got {max_weight!r}")
+    # (a NaN target compares false with every other: its pairs would drop out unsaid)
+    require_finite(
+        "targets (subset, test example)", targets.detach().double().cpu().numpy(), NON_FINITE_ACTUAL
+    )
     t = targets.to(group_scores.dtype)
     gap = t.unsqueeze(1) - t.unsqueeze(0)  # [m, m, T]: targets[k] - targets[l]
     better = gap > 0
@@ -265,7 +279,9 @@ def ranking_loss(
 def group_lds(group_scores: Tensor, measurements: Tensor) -> float:
     """The LDS of group scores: mean over test examples of the Spearman correlation, across
     subsets, of ``G_t(S_k)`` with minus the measured ``m_k(t)`` (a higher group score predicts
-    a lower measurement); test examples with an undefined correlation are skipped.
+    a lower measurement); test examples with an undefined correlation (constant across the
+    subsets) are left out of the mean, with a :class:`~infkit.errors.Notice` saying how many, as
+    :func:`infkit.evaluate.lds` does. NaN or infinite values are refused, naming their place.
 
     Args:
         group_scores: [m, T] group scores (:meth:`AirRep.group_scores`).
@@ -280,9 +296,18 @@ def group_lds(group_scores: Tensor, measurements: Tensor) -> float:
         raise InvalidInputError(
             f"group_scores {G.shape} and measurements {Y.shape} must both be [m, T]"
         )
-    with np.errstate(invalid="ignore"):
-        rhos = [stats.spearmanr(G[:, t], -Y[:, t])[0] for t in range(G.shape[1])]
-    return float(np.nanmean(rhos)) if not np.isnan(rhos).all() else float("nan")
+    if G.shape[0] < MIN_PAIRS:
+        raise InvalidInputError(
+            f"the LDS correlates across subsets and needs at least {MIN_PAIRS} of them, got "
+            f"{G.shape[0]} (with 2 every correlation is +1 or -1)"
+        )
+    require_finite("group_scores (subset, test example)", G, NON_FINITE_SCORE)
+    require_finite("measurements (subset, test example)", Y, NON_FINITE_ACTUAL)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)  # NaN says it, per query
+        rhos = np.array([stats.spearmanr(G[:, t], -Y[:, t])[0] for t in range(G.shape[1])])
+    values = defined_values("group LDS", rhos, "across the subsets")
+    return float(np.mean(values[~np.isnan(values)]))
 
 
 @dataclass

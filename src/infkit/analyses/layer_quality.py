@@ -32,6 +32,7 @@ from torch import Tensor
 from infkit.decompositions import module_scores_for, require_if
 from infkit.errors import InvalidInputError
 from infkit.influence import Influence
+from infkit.options import integer_argument
 
 #: the most :func:`net_noise` reads as rounding: beyond it a net effect is a signal, whatever
 #: the precision (10 sqrt(eps) is 0.88 in bfloat16)
@@ -113,6 +114,8 @@ class LayerQuality:
             minimum: every layer gets at least this much.
         """
         n = len(self.layers)
+        total = integer_argument("total", total, 0)
+        minimum = integer_argument("minimum", minimum, 0)
         if total < minimum * n:
             raise InvalidInputError(
                 f"total={total} cannot give {n} layers at least minimum={minimum} each"

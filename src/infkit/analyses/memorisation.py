@@ -103,7 +103,7 @@ def curvature_edit(
     inf: Influence,
     keep_mass: float = 0.8,
     eigenvalues: str = "kfac",
-    layers: list[str] | None = None,
+    layers: str | list[str] | None = None,
 ) -> nn.Module:
     """A copy of the model with the low-curvature weight components of tracked layers removed.
 
@@ -111,12 +111,14 @@ def curvature_edit(
         inf: an ``Influence`` fitted with ``kfac``, ``ekfac`` or ``astra``.
         keep_mass: rho, the share of the curvature mass kept (1 keeps the model unchanged).
         eigenvalues: ``"kfac"`` (Goodfire's ``lambda_i mu_j``) or ``"ekfac"``.
-        layers: edit only these tracked layers (default: all).
+        layers: edit only these tracked layers, or this one (default: all).
     """
     method = kronecker_curvature(inf)
     model = copy.deepcopy(inf.task.model)
     modules = dict(model.named_modules())
-    names = [t.name for t in method.tracked] if layers is None else layers
+    if isinstance(layers, str):  # one layer's name (a string is no list of names)
+        layers = [layers]
+    names = [t.name for t in method.tracked] if layers is None else list(layers)
     by_name = {t.name: t for t in method.tracked}
     unknown = [n for n in names if n not in by_name]
     if unknown:

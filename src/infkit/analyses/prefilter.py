@@ -26,6 +26,7 @@ from torch import Tensor
 
 from infkit.errors import InvalidInputError, UnsupportedError, warn
 from infkit.influence import Influence
+from infkit.options import integer_argument
 
 
 @dataclass(frozen=True)
@@ -37,21 +38,19 @@ class Prefiltered:
         scores: [Q, M] float64 influence scores (removal effects) of those candidates.
         similarity: [Q, M] their TF-IDF cosine similarities to the query.
         scored: how many distinct training examples stage 2 scored (the union).
+        n_train: N, the training examples the candidates were drawn from.
     """
 
     candidates: Tensor
     scores: Tensor
     similarity: Tensor
     scored: int
+    n_train: int
 
     def top_k(self, k: int, largest: bool = True) -> tuple[Tensor, Tensor]:
         """The k candidates with the largest (``largest=False``: smallest) scores per query:
         training indices [Q, k] and their scores [Q, k]."""
-        if not 1 <= k <= self.candidates.shape[1]:
-            raise InvalidInputError(
-                f"k must be between 1 and the {self.candidates.shape[1]} candidates per query, "
-                f"got {k}"
-            )
+        k = integer_argument("k (at most the candidates per query)", k, 1, self.candidates.shape[1])
         values, order = self.scores.topk(k, dim=1, largest=largest)
         return self.candidates.gather(1, order), values
 
@@ -73,10 +72,9 @@ def tfidf_candidates(
         ) from exc
     _check_texts(train_texts, "train_texts")
     _check_texts(query_texts, "query_texts")
-    if not 1 <= m <= len(train_texts):
-        raise InvalidInputError(
-            f"m must be between 1 and the {len(train_texts)} training texts, got {m}"
-        )
+    m = integer_argument(
+        "m (the candidates per query, at most the training texts)", m, 1, len(train_texts)
+    )
     options = {"stop_words": "english", "sublinear_tf": True, **vectorizer}
     tfidf = TfidfVectorizer(**options)
     train = tfidf.fit_transform(train_texts)  # rows L2-normalised: products are cosines
@@ -118,16 +116,27 @@ def prefiltered_scores(
         raise InvalidInputError(
             f"query_texts has {len(query_texts)} texts for {scores.shape[0]} queries"
         )
-    return Prefiltered(candidates, scores.gather(1, position), similarity, len(union))
+    return Prefiltered(candidates, scores.gather(1, position), similarity, len(union), inf.n_train)
 
 
 def recall_at_k(
     prefiltered: Prefiltered, full_scores: Tensor, k: int, largest: bool = True
 ) -> float:
     """Mean over queries of the share of the full scores' top k that the prefiltered top k
-    finds: ``|top_k(prefiltered) & top_k(full)| / k``."""
+    finds: ``|top_k(prefiltered) & top_k(full)| / k``.
+
+    ``full_scores``: [Q, N] the scores of the same queries against the whole training set
+    (``inf.scores(queries)``), whose column j is training example j."""
     found, _ = prefiltered.top_k(k, largest)
-    truth = full_scores.topk(k, dim=1, largest=largest).indices
+    queries = prefiltered.candidates.shape[0]
+    full = torch.as_tensor(full_scores)
+    if full.dim() != 2 or full.shape[0] != queries or full.shape[1] != prefiltered.n_train:
+        raise InvalidInputError(
+            f"full_scores must be [{queries}, {prefiltered.n_train}] (the prefiltered queries "
+            f"against every training example), got {tuple(full.shape)}: a slice of the columns "
+            "or another set of queries would make the recall another's"
+        )
+    truth = full.topk(k, dim=1, largest=largest).indices
     hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth, strict=True)]
     return sum(hits) / (k * len(hits))
 
@@ -135,3 +144,5 @@ def recall_at_k(
 def _check_texts(texts: Sequence[str], name: str) -> None:
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise InvalidInputError(f"{name} must be a sequence of strings, one per example")
+    if len(texts) == 0:
+        raise InvalidInputError(f"{name} is empty: give one string per example")

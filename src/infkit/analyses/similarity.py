@@ -45,6 +45,7 @@ from infkit.influence import Influence
 from infkit.kfac.curvature import KroneckerCurvature
 from infkit.kfac.factors import FactorFitter, rotated
 from infkit.layers.capture import block_gradients, layer_terms
+from infkit.options import integer_argument
 
 KINDS = ("profile", "second_moment", "gradient_second_moment", "mean")
 
@@ -98,8 +99,7 @@ def kfe_features(
         parts.append((coords[t.name] * scale).reshape(coords[t.name].shape[0], -1))
     phi = torch.cat(parts, dim=1)
     if top_k is not None:
-        if top_k < 1:
-            raise InvalidInputError(f"top_k must be >= 1, got {top_k}")
+        top_k = integer_argument("top_k", top_k, 1)
         keep = phi.abs().topk(min(top_k, phi.shape[1]), dim=1).indices
         sparse = torch.zeros_like(phi)
         sparse.scatter_(1, keep, phi.gather(1, keep))
