@@ -242,6 +242,17 @@ def test_correlation_auc_and_fraction_found() -> None:
     assert evaluate.detection_auc(scores, flags) == pytest.approx(1.0)
     assert evaluate.detection_auc(-scores, flags) == pytest.approx(0.0)
     assert evaluate.fraction_found(scores, flags, 0.2) == pytest.approx(2 / 3)
+    # ties at the cut count as a random choice among them would on average: by enumerating
+    # every order of the tied examples (a tester's: index order gave 1/3 for 0.44)
+    import itertools
+
+    tied = torch.tensor([0.9, 0.5, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 0.1])
+    marks = torch.tensor([0, 1, 0, 0, 1, 0, 1, 0, 0], dtype=torch.bool)
+    group = [1, 2, 3, 4, 5]
+    orders = list(itertools.permutations(group))
+    average = sum(int(marks[[0, *order[:2]]].sum()) for order in orders) / len(orders) / 3
+    assert average == pytest.approx((0 + 2 * 2 / 5) / 3)  # 0.267: the top one is unflagged
+    assert evaluate.fraction_found(tied, marks, 3 / 9) == pytest.approx(average, abs=1e-12)
     assert evaluate.relative_error(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0])) == 1.0
     with pytest.raises(InvalidInputError, match="both flagged and unflagged"):
         evaluate.detection_auc(scores, torch.ones(10, dtype=torch.bool))

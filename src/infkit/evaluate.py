@@ -344,7 +344,9 @@ def fraction_found(
 
     The share of all flagged examples that are found among the ``inspected`` fraction of
     examples with the highest scores (e.g. 0.97 = 97% of the mislabelled examples found when
-    inspecting the top 10%).
+    inspecting the top 10%). Scores tied at the cut count as a random choice among them would
+    on average (as the AUC counts ties as 1/2): a tie group of g examples, f of them flagged,
+    that r inspected places reach adds ``r f / g``, not the flagged ones first or last.
     """
     s, y = _detection_inputs(scores, is_flagged)
     if not y.any():
@@ -357,8 +359,11 @@ def fraction_found(
             f"inspected is the fraction of examples inspected, in (0, 1], got {inspected!r}"
         )
     k = max(1, round(fraction * s.size))
-    top = np.argsort(-s)[:k]
-    return float(y[top].sum() / y.sum())
+    cut = np.sort(s)[::-1][k - 1]  # the k-th highest score
+    above, tied = s > cut, s == cut
+    reach = k - int(above.sum())  # inspected places left for the examples tied at the cut
+    found = y[above].sum() + reach * y[tied].sum() / tied.sum()
+    return float(found / y.sum())
 
 
 def relative_error(predicted: Tensor, actual: Tensor) -> float:
