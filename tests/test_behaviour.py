@@ -19,6 +19,7 @@ import infkit
 from infkit import language_modeling as lm
 from infkit.analyses.behaviour import (
     DifferentialScores,
+    _warn_if_rest_dominates,
     differential_token_scores,
     masked_loss,
     select_tokens,
@@ -349,12 +350,24 @@ def test_a_split_that_leaves_most_of_the_signal_in_rest_is_said() -> None:
         Notice, match=r"of the differential scores' magnitude lies in D\.rest"
     ) as said:
         D = differential_token_scores(exact, behaviour, contrast)
-    rest, per_token = float(D.rest.abs().sum()), float(D.tokens.sum(1).abs().sum())
+    rest, per_token = float(D.rest.abs().sum()), float(D.tokens.abs().sum())
     share = rest / (rest + per_token)
-    assert share > 0.7  # 0.83 measured
+    assert share > 0.6  # 0.70 measured
+    # a reviewer's: tokens of opposite signs that cancel within a sequence are signal, not rest
+    cancelling = DifferentialScores(
+        tokens=torch.tensor([[5.0, -5.0, 3.0, -3.0]] * 4, dtype=torch.float64),
+        rest=torch.full((4,), 0.01, dtype=torch.float64),
+        indices=torch.arange(4),
+        valid=torch.ones(4, 4, dtype=torch.bool),
+        n_behaviour=1,
+        n_contrast=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Notice)
+        _warn_if_rest_dominates(cancelling, "exact")
     assert f"{share:.0%} of" in str(next(w.message for w in said if w.category is Notice))
     kfac = _quiet_fit(task, "kfac", split(0, 10), l2=L2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Notice)
         D = differential_token_scores(kfac, behaviour, contrast)
-    assert float(D.rest.abs().sum()) < 0.1 * float(D.tokens.sum(1).abs().sum())
+    assert float(D.rest.abs().sum()) < 0.1 * float(D.tokens.abs().sum())

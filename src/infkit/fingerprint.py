@@ -116,6 +116,12 @@ def note_forward_writes(model: nn.Module, before: dict[str, Tensor]) -> None:
         _WRITTEN.setdefault(model, set()).update(written)
 
 
+def forward_written(model: nn.Module) -> list[str]:
+    """The attributes a forward pass of ``model`` was seen to write
+    (:func:`note_forward_writes`), by dotted name, sorted."""
+    return sorted(_WRITTEN.get(model, set()))
+
+
 def tensor_attributes(model: nn.Module) -> dict[str, Tensor]:
     """The tensors modules keep as plain public attributes (``self.mask = torch.ones(d)``,
     neither parameter nor buffer), by dotted name, that hold values: not a piece of a
@@ -171,18 +177,11 @@ UNCOMPUTED_ATTRIBUTES = frozenset({"training", "name_or_path", "gradient_checkpo
 
 def plain_attributes(module: nn.Module) -> dict[str, Any]:
     """A module's own public attributes with plain values (:func:`_is_plain`), by name; not
-    private ones (PyTorch's bookkeeping), nor :data:`UNCOMPUTED_ATTRIBUTES`, nor those set to
-    None: None reads as not set (an optional setting left out, ``padding_idx=None``, computes
-    what an absent one does), so that a placeholder a forward pass later fills with a tensor
-    (``self.last = None`` in ``__init__``, ``self.last = h.detach()`` in ``forward``) reads the
-    same before the pass and after it."""
+    private ones (PyTorch's bookkeeping) nor :data:`UNCOMPUTED_ATTRIBUTES`."""
     return {
         key: value
         for key, value in vars(module).items()
-        if not key.startswith("_")
-        and key not in UNCOMPUTED_ATTRIBUTES
-        and value is not None
-        and _is_plain(value)
+        if not key.startswith("_") and key not in UNCOMPUTED_ATTRIBUTES and _is_plain(value)
     }
 
 

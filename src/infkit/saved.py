@@ -55,6 +55,7 @@ from infkit.fingerprint import (
     attribute_objects,
     callable_identity,
     data_fingerprint,
+    forward_written,
     model_fingerprint,
     plain_attributes,
     stable_repr,
@@ -304,6 +305,8 @@ def model_details(model: nn.Module) -> dict[str, Any]:
             name or "(root)": {k: stable_repr(v) for k, v in plain_attributes(m).items()}
             for name, m in model.named_modules()
         },
+        # (a fresh model holds None where these are written: _architecture_difference)
+        "forward_written": forward_written(model),
     }
 
 
@@ -318,7 +321,9 @@ def _tensor_details(t: Tensor, trainable: bool | None) -> dict[str, Any]:
 
 def _architecture_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
     """What differs between the saved model's architecture and ``now``'s, as a message says it,
-    or "" where their details show none (their hashes differ by a rule of hashing alone)."""
+    or "" where their details differ only in attributes the saved model's forward pass was
+    seen to write: a fresh model holds its placeholder there (``self.last = None`` until the
+    first pass, a plain value, where the saved one held a tensor, which is not)."""
     parts = []
     m0, m1 = saved["modules"], now["modules"]
     missing = [repr(n) for n in m0 if n not in m1]
@@ -339,19 +344,23 @@ def _architecture_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
     if shapes:
         parts.append(listed(shapes, 3))
     if not parts and "attributes" in saved:  # (saves before 0.2.0 have none)
-        a0, a1 = _set_attributes(saved["attributes"]), _set_attributes(now["attributes"])
+        written = saved.get("forward_written", [])
+        a0 = _without(saved["attributes"], written)
+        a1 = _without(now["attributes"], written)
         for name in a0:
             if name in a1 and a0[name] != a1[name]:
                 keys = sorted(set(a0[name]) | set(a1[name]))
                 key = next(k for k in keys if a0[name].get(k) != a1[name].get(k))
                 parts.append(
-                    f"module {name!r}'s {key} is {a1[name].get(key, 'not set')}, saved "
-                    f"{a0[name].get(key, 'not set')}"
+                    f"module {name!r}'s {key} is {a1[name].get(key, _NOT_PLAIN)}, saved "
+                    f"{a0[name].get(key, _NOT_PLAIN)}"
                 )
                 break
         else:
             if saved["repr"] == now["repr"]:
-                return ""  # the same modules, shapes, settings and repr: the same architecture
+                # the same modules, shapes, settings and repr but for attributes the saved
+                # model's forward pass wrote: a placeholder not yet filled (self.last = None)
+                return ""
     if not parts:
         lines0, lines1 = saved["repr"].splitlines(), now["repr"].splitlines()
         for a, b in zip(lines0 + [""] * len(lines1), lines1 + [""] * len(lines0)):
@@ -363,11 +372,22 @@ def _architecture_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
     return "the architecture differs (" + "; ".join(parts) + ")"
 
 
-def _set_attributes(attributes: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
-    """Each module's plain attributes as :func:`~infkit.fingerprint.plain_attributes` reads
-    them: without those set to None (saves before that rule recorded them)."""
+#: how a message says an attribute that is not among a module's plain ones
+_NOT_PLAIN = "not set or not a plain value (a function, an object)"
+
+
+def _without(
+    attributes: dict[str, dict[str, str]], written: list[str]
+) -> dict[str, dict[str, str]]:
+    """Each module's plain attributes (as :func:`model_details` records them) without those
+    named in ``written``, dotted names of attributes a forward pass writes
+    (:func:`~infkit.fingerprint.forward_written`)."""
+    left_out: dict[str, set[str]] = {}
+    for name in written:
+        module, _, key = name.rpartition(".")
+        left_out.setdefault(module or "(root)", set()).add(key)
     return {
-        name: {k: v for k, v in values.items() if v != stable_repr(None)}
+        name: {k: v for k, v in values.items() if k not in left_out.get(name, ())}
         for name, values in attributes.items()
     }
 
@@ -720,8 +740,8 @@ class SavedInfluence:
         saved = {k: v for k, v in ident["model"].items() if k != "attributes"}
         if found != saved:
             details, now = self.document("model"), model_details(task.model)
-            # (a save before attributes set to None read as not set hashed them: its details
-            # then show the same architecture)
+            # (a placeholder a forward pass fills is None in a fresh model: its details then show
+            # the same architecture)
             architecture = (
                 _architecture_difference(details, now)
                 if found["architecture"] != saved["architecture"]

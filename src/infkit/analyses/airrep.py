@@ -281,7 +281,8 @@ def group_lds(group_scores: Tensor, measurements: Tensor) -> float:
     subsets, of ``G_t(S_k)`` with minus the measured ``m_k(t)`` (a higher group score predicts
     a lower measurement); test examples with an undefined correlation (constant across the
     subsets) are left out of the mean, with a :class:`~infkit.errors.Notice` saying how many, as
-    :func:`infkit.evaluate.lds` does. NaN or infinite values are refused, naming their place.
+    :func:`infkit.evaluate.lds` does; where none is defined, an InvalidInputError. NaN or
+    infinite values are refused, naming their place.
 
     Args:
         group_scores: [m, T] group scores (:meth:`AirRep.group_scores`).

@@ -219,18 +219,20 @@ REST_SHARE = 0.5
 
 
 def _warn_if_rest_dominates(scores: DifferentialScores, method: str) -> None:
-    """A Notice when most of ``|D.total|`` lies in ``rest`` (parameters outside the layers
-    split by position, the regulariser share): the tokens selected from ``D`` then explain
-    only the smaller part of the behaviour (a tester: 98% in ``rest`` with ``exact`` on a small
+    """A Notice when ``sum_j |rest_j|`` exceeds ``sum_js |D[j, s]|`` over the real tokens
+    (parameters outside the layers split by position, the regulariser share): the tokens
+    selected from ``D`` then explain only the smaller part of the behaviour (a tester: 98% in ``rest`` with ``exact`` on a small
     GPT-2, whose embeddings and norms are attributed too)."""
-    per_token = float(scores.tokens.sum(1).abs().sum())
+    # each token's own magnitude, as select_tokens ranks them (not their sum per sequence,
+    # in which tokens of opposite signs cancel)
+    per_token = float((scores.tokens * scores.valid).abs().sum())
     rest = float(scores.rest.abs().sum())
-    if rest <= REST_SHARE * (rest + per_token) or rest == 0:
+    if not math.isfinite(per_token + rest) or rest <= REST_SHARE * (rest + per_token):
         return
     share = rest / (rest + per_token)
     warn(
         f"{share:.0%} of the differential scores' magnitude lies in D.rest, outside the "
-        f"per-token split: parameters that are not in layers applied at every position "
+        f"per-token split (sum_j |rest_j| against sum_js |D[j, s]| over real tokens): parameters that are not in layers applied at every position "
         f"(method {method!r} attributes embeddings and norms too) and the regulariser share. "
         "The tokens select_tokens picks from D explain only the rest of the behaviour: fit with "
         "'kfac' or 'ekfac' (they track the linear layers, docs/analyses.md §12), or freeze the "

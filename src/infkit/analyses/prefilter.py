@@ -38,14 +38,15 @@ class Prefiltered:
         scores: [Q, M] float64 influence scores (removal effects) of those candidates.
         similarity: [Q, M] their TF-IDF cosine similarities to the query.
         scored: how many distinct training examples stage 2 scored (the union).
-        n_train: N, the training examples the candidates were drawn from.
+        n_train: N, the training examples the candidates were drawn from (None: not
+            recorded, as in objects built before it was).
     """
 
     candidates: Tensor
     scores: Tensor
     similarity: Tensor
     scored: int
-    n_train: int
+    n_train: int | None = None
 
     def top_k(self, k: int, largest: bool = True) -> tuple[Tensor, Tensor]:
         """The k candidates with the largest (``largest=False``: smallest) scores per query:
@@ -130,11 +131,15 @@ def recall_at_k(
     found, _ = prefiltered.top_k(k, largest)
     queries = prefiltered.candidates.shape[0]
     full = torch.as_tensor(full_scores)
-    if full.dim() != 2 or full.shape[0] != queries or full.shape[1] != prefiltered.n_train:
+    n = getattr(prefiltered, "n_train", None)  # (not recorded: at least past every candidate)
+    columns_fit = (
+        full.shape[-1] == n if n is not None else full.shape[-1] > int(prefiltered.candidates.max())
+    )
+    if full.dim() != 2 or full.shape[0] != queries or not columns_fit:
         raise InvalidInputError(
-            f"full_scores must be [{queries}, {prefiltered.n_train}] (the prefiltered queries "
-            f"against every training example), got {tuple(full.shape)}: a slice of the columns "
-            "or another set of queries would make the recall another's"
+            f"full_scores must be [{queries}, {n if n is not None else 'N'}] (the prefiltered "
+            f"queries against every training example), got {tuple(full.shape)}: a slice of the "
+            "columns or another set of queries would make the recall another's"
         )
     truth = full.topk(k, dim=1, largest=largest).indices
     hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth, strict=True)]
