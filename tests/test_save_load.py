@@ -690,3 +690,96 @@ def test_a_lower_precision_models_task_says_its_outputs_reach_the_loss_in_float3
         torch.bfloat16
     )
     assert "outputs" not in task_fingerprint(mixed) and "autocast" in task_fingerprint(mixed)
+
+
+_TEMPERED = """
+import torch
+
+TEMPERATURE = {temperature}
+
+
+class Tempered(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) / TEMPERATURE{edit}
+"""
+
+
+def _tempered_module(tmp_path: Path, name: str, temperature: float, edit: str = "") -> Any:
+    """A module file defining ``Tempered`` (logits / TEMPERATURE), imported under ``name``."""
+    import importlib.util
+
+    path = tmp_path / f"{name}.py"
+    path.write_text(_TEMPERED.format(temperature=temperature, edit=edit))
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_edit_of_the_models_code_is_another_model(mlp_problem: dict, tmp_path: Path) -> None:
+    """A tester's: editing a constant the forward pass reads (logits / TEMP, 1 then 3) under
+    the same parameters, `infkit run` reloaded the saved fit (scores 8.3 off a fresh fit's, on
+    a scale of 12.4) and the retraining cache gave the old code's retrained parameters. The
+    code of the model's classes (and the module-level values it reads) is now part of its
+    identity."""
+    from infkit.fingerprint import model_fingerprint
+
+    (X, y), test = mlp_problem["train"], mlp_problem["test"]
+    one = _tempered_module(tmp_path, "tempered_a", 1.0)
+    model = one.Tempered(copy.deepcopy(mlp_problem["model"]))
+    task = infkit.Task.classification(model)
+    inf = infkit.Influence(task, "exact", l2=mlp_problem["l2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the division moves the optimum)
+        inf.fit((X, y))
+    inf.save(tmp_path / "saved")
+    same = _tempered_module(tmp_path, "tempered_a", 1.0).Tempered(
+        copy.deepcopy(mlp_problem["model"])
+    )
+    assert model_fingerprint(same) == model_fingerprint(model)  # the same code, read again
+    _same_answers(
+        inf, infkit.Influence.load(tmp_path / "saved", infkit.Task.classification(same)), test
+    )
+    one.TEMPERATURE = 3.0  # a module-level value the forward pass reads
+    with pytest.raises(ArtifactError, match=r"the model's code differs: tempered_a\.Tempered \("):
+        infkit.Influence.load(tmp_path / "saved", task)
+    one.TEMPERATURE = 1.0
+    edited = _tempered_module(tmp_path, "tempered_a", 1.0, edit=" * 1.5").Tempered(
+        copy.deepcopy(mlp_problem["model"])
+    )
+    with pytest.raises(ArtifactError, match=r"the model's code differs"):
+        infkit.Influence.load(tmp_path / "saved", infkit.Task.classification(edited))
+    # the retraining cache: the old code's retrained parameters are not reused
+    first = infkit.retrain.without(task, (X, y), [0], mlp_problem["l2"], cache_dir=tmp_path)
+    one.TEMPERATURE = 3.0
+    other = infkit.retrain.without(task, (X, y), [0], mlp_problem["l2"], cache_dir=tmp_path)
+    truth = infkit.retrain.without(task, (X, y), [0], mlp_problem["l2"])
+    torch.testing.assert_close(other.theta, truth.theta)
+    assert not torch.allclose(other.theta, first.theta, rtol=1e-3)
+
+
+def test_the_code_identity_is_the_same_in_another_process(tmp_path: Path) -> None:
+    """The code's identity must not change between processes (a saved fit would never load)."""
+    import subprocess
+
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import tempered_b; "
+        "from infkit.fingerprint import model_fingerprint; "
+        "print(model_fingerprint(tempered_b.Tempered(torch.nn.Linear(2, 2)))['code'])"
+    )
+    _tempered_module(tmp_path, "tempered_b", 2.0)
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for _ in range(2)
+    }
+    assert len(runs) == 1 and len(next(iter(runs))) == 32

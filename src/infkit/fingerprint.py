@@ -63,9 +63,10 @@ def _structure(h: Any, obj: Any) -> None:
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, str]:
-    """``{"architecture": ..., "parameters": ...}``: hashes of the module tree and its state,
-    and ``"attributes"``, of its tensor attributes (:func:`tensor_attributes`), where it has
-    any.
+    """``{"architecture": ..., "parameters": ...}``: hashes of the module tree and its state;
+    ``"code"``, of the code of its module classes outside PyTorch (:func:`code_identities`),
+    where it has any; and ``"attributes"``, of its tensor attributes
+    (:func:`tensor_attributes`), where it has any.
 
     The architecture counts each module's class and its plain attributes (numbers, strings and
     their lists and dicts: :func:`plain_attributes`), which set what the module computes where
@@ -83,6 +84,9 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
         state.update(f"{name};".encode())
         _tensor(state, b)
     found = {"architecture": arch.hexdigest()[:32], "parameters": state.hexdigest()[:32]}
+    code = code_identities(model)
+    if code:
+        found["code"] = hashlib.sha256(stable_repr(sorted(code.items())).encode()).hexdigest()[:32]
     attributes = tensor_attributes(model)
     if attributes:
         kept = hashlib.sha256()
@@ -90,6 +94,39 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
             kept.update(f"{name};".encode())
             _tensor(kept, attributes[name])
         found["attributes"] = kept.hexdigest()[:32]
+    return found
+
+
+#: modules whose classes' code :func:`code_identities` leaves out: PyTorch's own (its modules'
+#: computation is their class and settings) and infkit's
+_LIBRARY_CODE = ("torch.", "infkit.")
+
+
+def code_identities(model: nn.Module) -> dict[str, str]:
+    """What the code of each module class of ``model`` computes, by ``module.qualname``: the
+    :func:`callable_identity` of every function the class and its bases (up to PyTorch's)
+    define, its ``forward`` among them, so the code and the module-level values it reads
+    (``logits / TEMPERATURE``). An edit of a model's code under the same parameters is
+    another model: a saved fit, factors or retrainings of the old code are not reused.
+    PyTorch's and infkit's classes are left out (their computation is their class and
+    settings, in the architecture)."""
+    found: dict[str, str] = {}
+    for module in model.modules():
+        cls = type(module)
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if name in found or cls.__module__.startswith(_LIBRARY_CODE):
+            continue
+        h = hashlib.sha256()
+        for klass in cls.__mro__:
+            if klass.__module__.startswith(_LIBRARY_CODE) or klass is object:
+                continue
+            for key, value in sorted(vars(klass).items()):
+                function = (
+                    value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+                )
+                if isinstance(function, types.FunctionType):
+                    h.update(f"{klass.__qualname__}.{key}={callable_identity(function)};".encode())
+        found[name] = h.hexdigest()[:16]
     return found
 
 
@@ -279,7 +316,8 @@ def _called_helper(value: Any, scope: dict[str, Any], caller: Any) -> bool:
     )
 
 
-def _names_read(code: Any) -> set[str]:
+@functools.lru_cache(maxsize=4096)  # (code objects are immutable: the same code, the same names)
+def _names_read(code: Any) -> frozenset[str]:
     """The global names a code object and the code nested in it (lambdas, comprehensions)
     load (not attribute names: ``self.tok`` reads no global ``tok``)."""
     names = {
@@ -290,7 +328,7 @@ def _names_read(code: Any) -> set[str]:
     for const in code.co_consts:
         if hasattr(const, "co_names"):
             names |= _names_read(const)
-    return names
+    return frozenset(names)
 
 
 def task_fingerprint(task: Task) -> dict[str, Any]:

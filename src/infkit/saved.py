@@ -54,6 +54,7 @@ from infkit.errors import (
 from infkit.fingerprint import (
     attribute_objects,
     callable_identity,
+    code_identities,
     data_fingerprint,
     forward_written,
     model_fingerprint,
@@ -307,6 +308,7 @@ def model_details(model: nn.Module) -> dict[str, Any]:
         },
         # (a fresh model holds None where these are written: _architecture_difference)
         "forward_written": forward_written(model),
+        "code": code_identities(model),
     }
 
 
@@ -390,6 +392,18 @@ def _without(
         name: {k: v for k, v in values.items() if k not in left_out.get(name, ())}
         for name, values in attributes.items()
     }
+
+
+def _code_difference(saved: dict[str, str], now: dict[str, str]) -> str:
+    """Which module classes' code differs from the saved model's, as a message says it."""
+    changed = [name for name in now if name in saved and saved[name] != now[name]]
+    other = sorted(set(saved) ^ set(now))
+    named = listed(changed or other or ["its module classes"], 3)
+    return (
+        f"the model's code differs: {named} (the code of its methods, forward among them, or "
+        "a module-level value they read, such as a constant: an edit, or another version of "
+        "the library that defines it), so the saved answers are another computation's"
+    )
 
 
 def _parameter_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
@@ -751,6 +765,9 @@ class SavedInfluence:
                 problems.append(architecture)
             elif found["parameters"] != saved["parameters"]:
                 problems.append(_parameter_difference(details, now))
+            # (saves before the code was recorded have none: it cannot be compared)
+            elif "code" in saved and found.get("code") != saved["code"]:
+                problems.append(_code_difference(details.get("code", {}), now["code"]))
         saved_task, task_now = ident["task"], task_fingerprint(task)
         changed = differences(saved_task, task_now)
         if changed:
@@ -766,7 +783,7 @@ class SavedInfluence:
                 f"{self.requested_path} was saved for another model or task: "
                 + "; ".join(problems)
                 + ". Load it with the model and task it was fitted with (the same architecture, "
-                "parameter values, loss and measurement), or fit and save anew"
+                "code, parameter values, loss and measurement), or fit and save anew"
             )
 
     def _compare_tensor_attributes(self, model: nn.Module) -> None:
