@@ -293,6 +293,19 @@ def test_a_save_that_never_committed_is_fitted_again_with_a_notice_for_the_comma
             "bad.toml: [retraining] n = 2 is too few: the check correlates predicted with actual "
             "leave-one-out changes, which needs at least 3 retrainings",
         ),
+        # a tester's: these ran to a page showing class 9 as "9", or raised raw tracebacks
+        (
+            lambda c: c.replace("image_shape = [8, 8]", 'class_names = ["zero", "one"]'),
+            "[data] class_names has 2 names, but the training labels hold class 9",
+        ),
+        (
+            lambda c: c.replace("image_shape = [8, 8]", 'kind = "tabular"\nfeature_names = ["a"]'),
+            "[data] feature_names has 1 names for 64 features per example",
+        ),
+        (
+            lambda c: c.replace("[report]", '[output]\nworkdir = "tester_project.py"\n\n[report]'),
+            "[output] workdir = 'tester_project.py': ",
+        ),
     ],
 )
 def test_a_broken_config_exits_2_with_a_clear_message(
@@ -301,9 +314,10 @@ def test_a_broken_config_exits_2_with_a_clear_message(
     config = tmp_path / "bad.toml"
     config.write_text(edit(CONFIG.format(n_loo=5)))
     shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
-    assert cli.main(["run", str(config), "--out", str(tmp_path / "w"), "--quiet"]) == 2
+    out = [] if "[output]" in message else ["--out", str(tmp_path / "w")]
+    assert cli.main(["run", str(config), *out, "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert message in err
+    assert message in err, err
     if message.endswith(" at "):
         where = err.split(message)[1].split()[0]
         assert re.fullmatch(r".*tester_project\.py:\d+", where), err
@@ -897,6 +911,22 @@ def test_a_decode_that_does_not_fit_stops_before_any_fitting(
     monkeypatch.setattr(infkit.Influence, "fit", no_fit)
     assert cli.main(["run", str(tmp_path / "infkit.toml"), "--quiet"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_token_inputs_shown_as_images_stop_before_any_fitting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tester's: [data] kind = "image" on token ids raised a raw TypeError from numpy."""
+    config = text_project(tmp_path, settings="")
+    config.write_text(config.read_text().replace("[data]\n", '[data]\nkind = "image"\n'))
+
+    def no_fit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("fitted before the configuration was refused")
+
+    monkeypatch.setattr(infkit.Influence, "fit", no_fit)
+    assert cli.main(["run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "[data] kind = 'image', but an example's inputs are a dict of ['input_ids']" in err
 
 
 def test_two_projects_with_a_module_of_the_same_name_in_one_process(tmp_path: Path) -> None:

@@ -804,5 +804,5 @@ def test_the_queries_check_warns_at_the_methods_own_threshold(mlp_problem: dict)
             warnings.simplefilter("always")
             inf.scores(mlp_problem["test"])
         assert inf.describe()["query_energy_ratio"] == pytest.approx(6.0, rel=1e-6)
-        said = any("gives these queries' scores" in str(w.message) for w in caught)
+        said = any("x too large along their own gradient" in str(w.message) for w in caught)
         assert said == warns, method

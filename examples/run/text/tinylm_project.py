@@ -74,7 +74,9 @@ def trained_model(steps: int = 300) -> torch.nn.Module:
     optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(steps):
         optimiser.zero_grad()
-        loss = task.loss(model(**inputs), labels).mean()
+        # (call_model takes the logits out of what the model returns: a Hugging Face model's
+        # output object too)
+        loss = task.loss(task.call_model(model, inputs), labels).mean()
         loss.backward()
         optimiser.step()
     return model.eval()

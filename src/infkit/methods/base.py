@@ -45,6 +45,7 @@ from infkit.errors import (
     NotFittedError,
     ProblemTooLargeError,
     UnsupportedError,
+    listed,
     warn,
 )
 from infkit.estimators import ESTIMATORS, Estimator, EstimatorName, RelatifNorm
@@ -754,7 +755,10 @@ class Method(ABC):
         limit = max(QUERY_SCALE_WARNING, type(self).scale_warning or 0.0)
         if not math.isfinite(ratio) or ratio <= 0:
             warn(
-                f"method {self.name!r}: along these queries' gradients the energy ratio is "
+                f"method {self.name!r}: along the gradients of {queries.name} "
+                f"{'query' if len(queries) == 1 else 'queries'} "
+                f"{listed([str(queries.number(i)) for i in range(len(queries))], 4)} the "
+                "energy ratio is "
                 f"{ratio:.3g} (1 for an exact solve), so its inverse curvature is not positive "
                 "there (or its products overflowed) and these scores are not reliable: add "
                 "damping (damping='auto' for the Kronecker methods, or e.g. damping=1e-3) or l2, "
@@ -768,8 +772,11 @@ class Method(ABC):
                 if probes is not None
                 else ""
             )
+            numbers = listed([str(queries.number(i)) for i in range(len(queries))], 4)
+            named = f"query {numbers}" if len(queries) == 1 else f"queries {numbers}"
             warn(
-                f"method {self.name!r} gives these queries' scores about {ratio:.1f}x too large "
+                f"method {self.name!r} gives the scores of {queries.name} {named} about "
+                f"{ratio:.1f}x too large "
                 "along their own gradient directions (energy ratio u^T (H + ridge) u / u^T v on "
                 f"a curvature sample, 1 for an exact solve{beside}): the queries lie where the "
                 "approximation is poor. Rank with them if you must; for removal effects use a "

@@ -164,6 +164,7 @@ def build_display(config: RunConfig, train: ExampleSet, test: ExampleSet) -> Dis
             sample = train.take([0]).inputs
             first = sample[0] if isinstance(sample, Tensor) else sample
             kind = guess_kind(first, config["task"]["kind"], d["image_shape"])
+    _check_names(d["class_names"], d["feature_names"], kind, train, test)
     return Display(
         kind,
         train,
@@ -174,6 +175,46 @@ def build_display(config: RunConfig, train: ExampleSet, test: ExampleSet) -> Dis
         class_names=d["class_names"],
         feature_names=d["feature_names"],
     )
+
+
+def _check_names(
+    class_names: Sequence[str],
+    feature_names: Sequence[str],
+    kind: str,
+    train: ExampleSet,
+    test: ExampleSet,
+) -> None:
+    """Refuse ``[data] class_names`` that do not name every class the labels hold, and
+    ``feature_names`` that are not one per feature of a tabular example (a tester's: one name
+    for two classes showed the second as "1" on the page, without a word)."""
+    if feature_names and kind == "tabular":
+        first = train.take([0]).inputs
+        if not isinstance(first, Tensor):
+            raise ConfigError(
+                f"[data] feature_names name the features of tensor inputs, one row per example, "
+                f"but the inputs are {type(first).__name__}"
+                + (f" of {sorted(map(str, first))}" if isinstance(first, dict) else "")
+                + ": leave feature_names out (or kind = 'auto' for token ids)"
+            )
+        if first[0].numel() != len(feature_names):
+            raise ConfigError(
+                f"[data] feature_names has {len(feature_names)} names for "
+                f"{first[0].numel()} features per example: give one name per feature"
+            )
+    if not class_names:
+        return
+    for name, examples in (("training", train), ("test", test)):
+        for batch in examples.batches(4096):
+            labels = batch.targets
+            if not isinstance(labels, Tensor) or labels.is_floating_point() or not labels.numel():
+                return  # not class indices: nothing to name
+            largest = int(labels.max())
+            if largest >= len(class_names):
+                raise ConfigError(
+                    f"[data] class_names has {len(class_names)} names, but the {name} labels "
+                    f"hold class {largest}: give a name for every class (classes 0 to "
+                    f"{largest} at least)"
+                )
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -196,6 +237,11 @@ def predictions(
     outputs = per_example(task, examples, "outputs", batch_size)
     if task.name == "regression":
         return [", ".join(f"{v:.4g}" for v in row.tolist()[:4]) for row in outputs]
+    if class_names and task.name == "classification" and outputs.shape[-1] > len(class_names):
+        raise ConfigError(
+            f"[data] class_names has {len(class_names)} names for the model's "
+            f"{outputs.shape[-1]} classes: give a name for every class"
+        )
     classes = (
         (outputs.reshape(-1) > 0).long().tolist()
         if task.name == "binary_classification"

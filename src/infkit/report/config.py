@@ -194,7 +194,14 @@ class RunConfig:
         if not chosen:
             return self.folder / "runs" / self.path.stem
         path = Path(chosen)
-        return path if path.is_absolute() or override else self.folder / path
+        path = path if path.is_absolute() or override else self.folder / path
+        if path.exists() and not path.is_dir():
+            where = "--out" if override else "[output] workdir"
+            raise ConfigError(
+                f"{where} = {str(chosen)!r}: {path} is a file, not a directory; name a directory "
+                "(created when missing) for the run's results"
+            )
+        return path
 
     def record(self) -> dict[str, Any]:
         """The settings as JSON (for ``settings.json`` and the report)."""

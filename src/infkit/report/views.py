@@ -167,9 +167,16 @@ class Display:
     def _image(self, inputs: Any) -> dict[str, Any]:
         from infkit.plot import as_image
 
+        if isinstance(inputs, dict):
+            raise ConfigError(
+                f"[data] kind = 'image', but an example's inputs are a dict of "
+                f"{sorted(map(str, inputs))}: token ids are shown "
+                "with kind = 'text' (or 'auto'), images need pixel values [H, W], [C, H, W] or "
+                "flat ones with image_shape"
+            )
         try:
             image = as_image(torch.as_tensor(np.asarray(inputs)), self.image_shape or None)
-        except ValueError as error:
+        except (ValueError, TypeError, RuntimeError) as error:
             raise ConfigError(f"[data] kind = 'image': {error}") from error
         return {"kind": "image", "png": image_uri(image)}
 
