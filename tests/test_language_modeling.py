@@ -37,9 +37,11 @@ from infkit.errors import (
 )
 from infkit.evaluate import relative_error
 from infkit.kfac.streaming import (
+    KEPT_ENERGY,
     CallResult,
     StreamingScorer,
     factor_bytes,
+    kept_at_rank,
     low_rank_groups,
     plan_groups,
     query_budget,
@@ -733,14 +735,32 @@ def test_low_rank_queries(problem: dict) -> None:
         warnings.simplefilter("ignore", Notice)
         full = infkit.Influence(task, "ekfac", **options).fit(problem["train"])
         S = full.scores(problem["test"])
-        errors = []
+        errors, kept = [], []
         for rank in (1, 3, 6):  # 6 = the smallest block dimension: exact
             inf = infkit.Influence(task, "ekfac", query_rank=rank, **options).fit(problem["train"])
-            errors.append(float((inf.scores(problem["test"]) - S).norm() / S.norm()))
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                errors.append(float((inf.scores(problem["test"]) - S).norm() / S.norm()))
             # rank 6 stores no layer at low rank: its factors would be larger than the blocks
             assert inf.describe()["query_rank"] == (rank if rank < 6 else None)
+            kept.append(inf.describe()["query_kept_energy"])
+            warned = [
+                str(w.message) for w in said if "of a layer's preconditioned" in str(w.message)
+            ]
+            assert bool(warned) == (kept[-1] is not None and kept[-1] < KEPT_ENERGY), warned
+        # the share of each query's preconditioned block its top singular values hold, by numpy
+        scorer = full.method._scorer(CallResult(Q * N * 8))
+        blocks = scorer.queries(ExampleSet(problem["test"])).full
     assert errors[-1] < 1e-10
     assert errors[0] > errors[1] > errors[2]
+    for rank, figure in zip((1, 3), kept[:2], strict=True):
+        least = 1.0
+        for t in scorer.tracked:
+            if kept_at_rank(t, rank):
+                values = np.linalg.svd(blocks[t.name].double().numpy(), compute_uv=False) ** 2
+                least = min(least, float((values[:, :rank].sum(1) / values.sum(1)).min()))
+        assert figure == pytest.approx(least, rel=1e-5), (rank, figure, least)
+    assert kept[0] < 0.99 and kept[2] is None  # (rank 1 warned: a tester's was 55% off)
 
 
 def _limit_for_queries(problem: dict, k: float, batch_size: int = 64) -> int:
@@ -818,6 +838,9 @@ def test_queries_beyond_rank_one_are_scored_in_groups_at_low_rank(problem: dict)
         expected = ranked.scores(problem["test"])
     assert bounded.describe()["query_rank"] == 1
     assert bounded.describe()["query_groups"] == Q
+    # the share of the gradients rank 1 keeps, as query_rank=1 measures it (said in a warning)
+    kept = bounded.describe()["query_kept_energy"]
+    assert kept == pytest.approx(ranked.describe()["query_kept_energy"], rel=1e-6) and kept < 1
     # (float64; the top singular vector of a block amplifies the rounding of a query batch of
     # one against one of four by 1 / its singular gap: 4e-8 measured, where rank 1 against
     # full rank differs by about 1e-1, test_low_rank_queries)
@@ -979,12 +1002,16 @@ def test_a_limit_without_room_for_one_query_is_told_at_the_fit(problem: dict, tm
             held.fit(problem["train"])
         with pytest.raises(ProblemTooLargeError, match=r"at rank 1.*workdir"):
             held.scores(one)
-        # the limit the warning names (a tester bisected for it): rank 1 of 31 numbers, exactly
+        # the limits the warning names (a tester bisected for one), exactly: first the one that
+        # holds the largest layer (the head's 77 numbers) at full rank, then rank 1 of every
+        # layer (31 numbers), an approximation (another tester's was 55% off)
         said = " ".join(str(x.message) for x in w if "will refuse" in str(x.message))
-        told = re.search(r"memory_limit=(\d+) \(", said)
-        assert told is not None and int(told.group(1)) == tight + 31 * 8 - 4
+        told = [int(n) for n in re.findall(r"memory_limit=(\d+) \(", said)]
+        assert told == [tight + 77 * 8 - 4, tight + 31 * 8 - 4], said
+        assert "at full rank" in said and "at rank 1, an approximation" in said
         for limit, place in (
-            (int(told.group(1)), {}),
+            (told[0], {}),
+            (told[1], {}),
             (tight, {"factors_dir": tmp_path / "f"}),
         ):
             with warnings.catch_warnings(record=True) as caught:
@@ -2120,10 +2147,13 @@ def test_decompositions_refused_for_their_larger_results_name_them_and_the_limit
         refused = ask(call, limit)
         assert refused is not None and result in refused, refused
         assert "ask for fewer queries" in refused
-        named = re.search(r"memory_limit=(\d+) \(", refused)
-        assert named is not None, refused
-        assert ask(call, int(named.group(1))) is None
-        assert ask(call, int(named.group(1)) - 8) is not None
+        # the limits named: the least that scores (rank 1 of the queries, an approximation),
+        # exactly, and before it one that holds the queries' layers at full rank
+        named = [int(n) for n in re.findall(r"memory_limit=(\d+) \(", refused)]
+        assert named, refused
+        assert ask(call, named[-1]) is None
+        assert ask(call, named[-1] - 8) is not None
+        assert ask(call, named[0]) is None
 
 
 def test_decompositions_add_up_to_the_scores_of_low_rank_queries(problem: dict) -> None:

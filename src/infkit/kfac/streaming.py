@@ -32,6 +32,7 @@ one query exceeds the budget, or with ``query_rank``, are they kept at rank r pe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -78,6 +79,9 @@ class LayerQueries:
         shares: name -> [T] float64, each layer's part of ``shared`` (the per-module scores'
             regulariser shares; they sum to ``shared``); not in the :meth:`payload`, whose
             committed queries serve the scores, which take the sum only.
+        kept: [T] float64, the least share of a low-rank layer's ``||U_tl||_F^2`` that rank
+            keeps, per query (:func:`truncated_svd`); None where no layer is at low rank or
+            the queries were read back from a payload.
     """
 
     full: dict[str, Tensor]
@@ -86,6 +90,7 @@ class LayerQueries:
     rank: int | None
     on_disk: DiskBlocks | None = None
     shares: dict[str, Tensor] = field(default_factory=dict)
+    kept: Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -123,18 +128,29 @@ class LayerQueries:
         return cls(full, low, get("shared"), document["rank"])
 
 
+#: the share of a query's preconditioned gradient (squared Frobenius norm, in every low-rank
+#: layer) below which :meth:`StreamingScorer.queries` warns that the rank approximates it:
+#: 99% keeps all but 10% of its norm
+KEPT_ENERGY = 0.99
+
+
 def kept_at_rank(t: TrackedModule, rank: int | None) -> bool:
     """Whether layer ``t``'s queries are kept at rank ``rank``: when the rank-r factors,
     ``r (d_out + cols)`` numbers, are smaller than its block (then r is below both sides)."""
     return rank is not None and rank * (t.d_out + t.cols) < t.d_out * t.cols
 
 
-def truncated_svd(U: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """``U ~ L R^T`` per query by truncated SVD: L [T, d_out, r], R [T, cols, r]."""
+def truncated_svd(U: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``U ~ L R^T`` per query by truncated SVD: L [T, d_out, r], R [T, cols, r], and the
+    share of each query's ``||U||_F^2`` the rank keeps, [T] float64 (1 for a block of 0): how
+    much of the preconditioned gradient the scores see."""
     left, values, right_t = torch.linalg.svd(U.to(torch.float32), full_matrices=False)
     r = min(rank, values.shape[-1])
     L = left[..., :r] * values[..., None, :r]
-    return L.to(U.dtype), right_t[..., :r, :].transpose(-1, -2).to(U.dtype)
+    energy = values.to(torch.float64).square()
+    total = energy.sum(-1)
+    kept = torch.where(total > 0, energy[..., :r].sum(-1) / total.clamp_min(1e-300), 1.0)
+    return L.to(U.dtype), right_t[..., :r, :].transpose(-1, -2).to(U.dtype), kept
 
 
 def position_shares(
@@ -422,7 +438,20 @@ class StreamingScorer:
             f"(its largest layer {human_bytes(largest)} at full rank), but memory_limit "
             f"({human_bytes(self.fitted.memory_limit)}) leaves {human_bytes(self.query_bytes)} "
             f"for the queries after the factors, {self.result} and a scoring pass's working "
-            f"memory; {self._limit_for(min(largest, per_rank))} holds it"
+            f"memory; {self._limits(largest, per_rank)}"
+        )
+
+    def _limits(self, largest: int, per_rank: int) -> str:
+        """The limits that hold a query's largest layer at full rank (scored in passes by
+        layer) and, where smaller, every layer of it at rank 1, as a message says them: rank 1
+        approximates (a tester's rank-1 scores were 55% off full rank's), so the full-rank
+        limit comes first."""
+        full = f"{self._limit_for(largest)} scores it at full rank (in passes by layer)"
+        if per_rank >= largest:
+            return full
+        return (
+            f"{full}; {self._limit_for(per_rank)} at rank 1, an approximation (a warning says "
+            "how much of the gradient it keeps)"
         )
 
     def _smaller_result(self, needed: int) -> str:
@@ -486,7 +515,8 @@ class StreamingScorer:
                     f"({human_bytes(fitted.memory_limit)}) leaves "
                     f"{human_bytes(self.query_bytes)} for them after the factors, "
                     f"{self.result} and a scoring pass's working memory: raise memory_limit "
-                    f"({self._limit_for(per_rank)} holds them at rank 1), {disk}track fewer "
+                    f"({self._limits(max(self._layer_bytes(tracked)), per_rank)}), {disk}track "
+                    "fewer "
                     "layers (modules=) or use a smaller "
                     f"batch_size{self._smaller_result(per_rank)} (plan() shows the bytes of each "
                     "stage)"
@@ -519,7 +549,31 @@ class StreamingScorer:
             torch.zeros(t_count, dtype=torch.float64, device=device),
             rank if low_rank else None,
         )
-        return self._filled(prepared, queries, tracked)
+        prepared = self._filled(prepared, queries, tracked)
+        self._warn_if_rank_loses_much(prepared, queries)
+        return prepared
+
+    def _warn_if_rank_loses_much(self, prepared: LayerQueries, queries: ExampleSet) -> None:
+        """A warning when the low rank keeps less than :data:`KEPT_ENERGY` of some query's
+        preconditioned gradient in some layer: the scores then miss ``sqrt(1 - kept)`` of it
+        in norm (a tester's rank-1 queries, at the limit an error advised, were 55% off)."""
+        if prepared.kept is None or prepared.rank is None:
+            return
+        least = float(prepared.kept.min())
+        if least >= KEPT_ENERGY:
+            return
+        worst = int(prepared.kept.argmin())
+        chosen = "query_rank" if self.rank is not None else "memory_limit's budget for the queries"
+        warn(
+            f"the rank-{prepared.rank} queries ({chosen}) keep as little as {least:.0%} of a "
+            f"layer's preconditioned gradient ({queries.name} query {queries.number(worst)}; "
+            f"the scores miss up to {math.sqrt(1 - least):.0%} of it in norm), so these scores "
+            f"are an approximation: raise memory_limit to hold the layers at full rank (they are "
+            "then scored in passes by layer: plan() foresees them), or give a workdir "
+            "(queries kept on disk), or track fewer layers. describe()['query_kept_energy'] "
+            "records the share",
+            UserWarning,
+        )
 
     def _queries_on_disk(self, queries: ExampleSet, tracked: list[TrackedModule]) -> LayerQueries:
         """The preconditioned queries of ``tracked``, written to a scratch directory batch by
@@ -595,7 +649,12 @@ class StreamingScorer:
             elif name in prepared.low_rank:
                 assert prepared.rank is not None
                 L, R = prepared.low_rank[name]
-                L[rows], R[rows] = truncated_svd(U, prepared.rank)
+                L[rows], R[rows], kept = truncated_svd(U, prepared.rank)
+                if prepared.kept is None:
+                    prepared.kept = torch.ones(prepared.count, dtype=torch.float64)
+                prepared.kept[batch.indices] = torch.minimum(
+                    prepared.kept[batch.indices], kept.cpu()
+                )
             else:
                 prepared.full[name][rows] = U
             del U

@@ -113,6 +113,9 @@ class KFAC(PrimalMethod):
         self.curvature_: KroneckerCurvature | None = None
         #: the lowest rank of the preconditioned query gradients so far (None: always full)
         self.query_rank: int | None = None
+        #: the least share of a query's preconditioned gradient (in a low-rank layer) the rank
+        #: kept in this process's calls (None: none at low rank; not saved)
+        self.query_kept_energy: float | None = None
         #: the most passes over the training data one scores() call (or a split of its
         #: scores: module_scores, token_scores) took (query groups)
         self.query_groups = 0
@@ -391,6 +394,10 @@ class KFAC(PrimalMethod):
                 if prepared.rank is not None:
                     ranks = [r for r in (self.query_rank, prepared.rank) if r is not None]
                     self.query_rank = min(ranks)
+                if prepared.kept is not None:
+                    least = float(prepared.kept.min())
+                    kept = self.query_kept_energy
+                    self.query_kept_energy = least if kept is None else min(kept, least)
                 if prepared.on_disk is not None:
                     self.queries_on_disk = max(self.queries_on_disk, prepared.on_disk.nbytes)
                 scorer.curvature.set_aside()  # the pass reads the queries, not the factors
@@ -820,7 +827,7 @@ class KFAC(PrimalMethod):
         out = U.clone()
         for t in layers.tracked:
             if kept_at_rank(t, rank):
-                L, R = truncated_svd(layout.block(U, t), rank)
+                L, R, _ = truncated_svd(layout.block(U, t), rank)
                 layout.put(out, t, L @ R.transpose(-1, -2))
         return out
 
@@ -833,6 +840,7 @@ class KFAC(PrimalMethod):
     def describe(self) -> dict[str, object]:
         out: dict[str, object] = super().describe()
         out["query_rank"] = self.query_rank
+        out["query_kept_energy"] = self.query_kept_energy
         out["query_groups"] = self.query_groups
         out["queries_on_disk"] = self.queries_on_disk
         if self._fitted is not None and self._fitted.workdir is not None:
