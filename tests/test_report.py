@@ -48,6 +48,11 @@ def bad_labels():
     return [3, 5, 8, 13]
 
 
+def twelve_classes():
+    torch.manual_seed(0)
+    return torch.nn.Linear(64, 12).double()
+
+
 def half_trained():
     torch.manual_seed(0)
     net = torch.nn.Linear(64, 10).double()
@@ -297,6 +302,16 @@ def test_a_save_that_never_committed_is_fitted_again_with_a_notice_for_the_comma
         (
             lambda c: c.replace("image_shape = [8, 8]", 'class_names = ["zero", "one"]'),
             "[data] class_names has 2 names, but the training labels hold class 9",
+        ),
+        (  # (the labels hold classes 0-9, the model 12: checked before the fit)
+            lambda c: (
+                c.replace("image_shape = [8, 8]", f"class_names = {list('abcdefghij')}")
+                .replace(
+                    'factory = "tester_project:model"', 'factory = "tester_project:twelve_classes"'
+                )
+                .replace("[influence]", "[influence]\ndamping = 1e-3")
+            ),
+            "[data] class_names has 10 names for the model's 12 classes",
         ),
         (
             lambda c: c.replace("image_shape = [8, 8]", 'kind = "tabular"\nfeature_names = ["a"]'),

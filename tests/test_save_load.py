@@ -763,23 +763,62 @@ def test_an_edit_of_the_models_code_is_another_model(mlp_problem: dict, tmp_path
     assert not torch.allclose(other.theta, first.theta, rtol=1e-3)
 
 
-def test_the_code_identity_is_the_same_in_another_process(tmp_path: Path) -> None:
-    """The code's identity must not change between processes (a saved fit would never load)."""
+_VARIED = """{top}
+import torch
+
+MODES = {{"scale": 2.0}}
+
+
+class Varied(torch.nn.Module):
+    SCALE = {scale}
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+
+    @property
+    def factor(self):
+        return {factor}
+
+    def forward(self, x, mode="scale"):
+        if mode in {{"scale", "keep", "other"}}:  # a frozenset constant
+            parts = [self.lin(x) * w for w in (1.0, 2.0)]  # a comprehension: nested code
+            return sum(parts) * self.SCALE * self.factor * MODES["scale"]
+        return self.lin(x)
+"""
+
+
+def test_the_code_identity_is_the_same_in_another_process_and_place(tmp_path: Path) -> None:
+    """The code's identity must not change between processes (a saved fit would never load).
+    A reviewer's: a frozenset constant printed in the order of the process's string hashing
+    (a peft LoRA model's identity changed in every process), and a comprehension's nested code
+    named its file and line (a project moved, or a blank line added, was another model)."""
+    import os
     import subprocess
 
     script = (
-        "import sys, torch; sys.path.insert(0, sys.argv[1]); import tempered_b; "
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import varied; "
         "from infkit.fingerprint import model_fingerprint; "
-        "print(model_fingerprint(tempered_b.Tempered(torch.nn.Linear(2, 2)))['code'])"
+        "print(model_fingerprint(varied.Varied())['code'])"
     )
-    _tempered_module(tmp_path, "tempered_b", 2.0)
-    runs = {
-        subprocess.run(
-            [sys.executable, "-c", script, str(tmp_path)],
+
+    def identity(folder: Path, seed: str, **values: object) -> str:
+        folder.mkdir(exist_ok=True)
+        settings = {"top": "", "scale": 2, "factor": 1.5, **values}
+        (folder / "varied.py").write_text(_VARIED.format(**settings))
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(folder)],
             capture_output=True,
             text=True,
             check=True,
-        ).stdout.strip()
-        for _ in range(2)
-    }
-    assert len(runs) == 1 and len(next(iter(runs))) == 32
+            env=env,
+        )
+        return done.stdout.strip()
+
+    first = identity(tmp_path / "a", "1")
+    assert len(first) == 32
+    assert identity(tmp_path / "a", "2") == first  # another hash seed
+    assert identity(tmp_path / "b", "3", top="\n\n# moved") == first  # another place and line
+    assert identity(tmp_path / "c", "1", scale=3) != first  # a class constant
+    assert identity(tmp_path / "d", "1", factor=2.5) != first  # a property's body

@@ -105,11 +105,14 @@ _LIBRARY_CODE = ("torch.", "infkit.")
 def code_identities(model: nn.Module) -> dict[str, str]:
     """What the code of each module class of ``model`` computes, by ``module.qualname``: the
     :func:`callable_identity` of every function the class and its bases (up to PyTorch's)
-    define, its ``forward`` among them, so the code and the module-level values it reads
-    (``logits / TEMPERATURE``). An edit of a model's code under the same parameters is
-    another model: a saved fit, factors or retrainings of the old code are not reused.
-    PyTorch's and infkit's classes are left out (their computation is their class and
-    settings, in the architecture)."""
+    define (methods, properties, the bodies decorators wrap), its ``forward`` among them, so
+    the code, the module-level values it reads (``logits / TEMPERATURE``) and the helpers of
+    its own module it calls, and the class's own plain constants (``self.SCALE``). An edit of
+    a model's code under the same parameters is another model: a saved fit, factors or
+    retrainings of the old code are not reused. Not seen: helpers and constants of other
+    modules, functions kept on the instance (a lambda set in ``__init__``). PyTorch's and
+    infkit's classes are left out (their computation is their class and settings, in the
+    architecture)."""
     found: dict[str, str] = {}
     for module in model.modules():
         cls = type(module)
@@ -121,12 +124,31 @@ def code_identities(model: nn.Module) -> dict[str, str]:
             if klass.__module__.startswith(_LIBRARY_CODE) or klass is object:
                 continue
             for key, value in sorted(vars(klass).items()):
-                function = (
-                    value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
-                )
-                if isinstance(function, types.FunctionType):
-                    h.update(f"{klass.__qualname__}.{key}={callable_identity(function)};".encode())
+                where = f"{klass.__qualname__}.{key}="
+                if _is_plain(value) or isinstance(value, Tensor):
+                    if not key.startswith("__"):  # a class constant (self.SCALE)
+                        h.update(where.encode())
+                        _structure(h, value)
+                    continue
+                for function in _functions_of(value):
+                    h.update(f"{where}{callable_identity(function)};".encode())
         found[name] = h.hexdigest()[:16]
+    return found
+
+
+def _functions_of(value: Any) -> list[types.FunctionType]:
+    """The Python functions a class attribute runs: a method, a static or class method's
+    function, a property's getter, setter and deleter, each with the functions it wraps
+    (``functools.wraps``'s ``__wrapped__``: a decorated ``forward``'s own body)."""
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    candidates = [value.fget, value.fset, value.fdel] if isinstance(value, property) else [value]
+    found = []
+    for function in candidates:
+        seen = 0
+        while isinstance(function, types.FunctionType) and seen < 8:  # (a chain of wrappers)
+            found.append(function)
+            function, seen = getattr(function, "__wrapped__", None), seen + 1
     return found
 
 
@@ -277,7 +299,7 @@ def callable_identity(fn: Callable[..., Any] | None, _depth: int = 0) -> str | N
                 _structure(h, {k: v for k, v in vars(fn).items() if _is_plain(v)})
         return f"{cls.__module__}.{cls.__qualname__}#{h.hexdigest()[:12]}"
     h = hashlib.sha256(code.co_code)
-    h.update(stable_repr(code.co_consts).encode())
+    h.update(constants_repr(code.co_consts).encode())
     h.update(repr(code.co_names).encode())
     for cell in getattr(target, "__closure__", None) or ():
         try:
@@ -306,6 +328,28 @@ def callable_identity(fn: Callable[..., Any] | None, _depth: int = 0) -> str | N
             # a helper of its own module: what it reads counts too (a token id read there)
             h.update(f"{key}={callable_identity(value, _depth + 1)}".encode())
     return f"{name}#{h.hexdigest()[:12]}"
+
+
+def constants_repr(constants: tuple[Any, ...]) -> str:
+    """A code object's constants as text that is the same in every process and place:
+    ``stable_repr`` of them where they hold no nested code and no set (as identities were
+    always taken), else each nested code object by its own code, constants and names (not its
+    file, line numbers or address: a comprehension or lambda names them) and each set in sorted
+    order (a frozenset prints in the order of the process's string hashing)."""
+    if not any(isinstance(c, (types.CodeType, frozenset, set)) for c in constants):
+        return stable_repr(constants)
+    parts = []
+    for c in constants:
+        if isinstance(c, types.CodeType):
+            parts.append(
+                f"<code {c.co_name} {c.co_code.hex()} {constants_repr(c.co_consts)} "
+                f"{c.co_names!r} {c.co_varnames!r}>"
+            )
+        elif isinstance(c, (frozenset, set)):
+            parts.append(f"{type(c).__name__}({sorted(stable_repr(v) for v in c)!r})")
+        else:
+            parts.append(stable_repr(c))
+    return "(" + ", ".join(parts) + ")"
 
 
 def _called_helper(value: Any, scope: dict[str, Any], caller: Any) -> bool:

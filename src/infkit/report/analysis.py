@@ -227,6 +227,20 @@ def per_example(task: Task, examples: ExampleSet, which: str, batch_size: int) -
     return torch.cat([p.reshape(p.shape[0], -1) if which == "outputs" else p for p in parts])
 
 
+def _check_class_count(task: Task, test: ExampleSet, class_names: Sequence[str]) -> None:
+    """Refuse ``[data] class_names`` with fewer names than the classification model has
+    outputs (a class it predicts would show as a number), from one test example, before the
+    fit."""
+    if not class_names or task.name != "classification":
+        return
+    classes = per_example(task, test.part([0]), "outputs", 1).shape[-1]
+    if classes > len(class_names):
+        raise ConfigError(
+            f"[data] class_names has {len(class_names)} names for the model's {classes} "
+            "classes: give a name for every class it can predict"
+        )
+
+
 def predictions(
     task: Task, examples: ExampleSet, batch_size: int, class_names: Sequence[str]
 ) -> list[str] | None:
@@ -237,11 +251,6 @@ def predictions(
     outputs = per_example(task, examples, "outputs", batch_size)
     if task.name == "regression":
         return [", ".join(f"{v:.4g}" for v in row.tolist()[:4]) for row in outputs]
-    if class_names and task.name == "classification" and outputs.shape[-1] > len(class_names):
-        raise ConfigError(
-            f"[data] class_names has {len(class_names)} names for the model's "
-            f"{outputs.shape[-1]} classes: give a name for every class"
-        )
     classes = (
         (outputs.reshape(-1) > 0).long().tolist()
         if task.name == "binary_classification"
@@ -421,6 +430,7 @@ def _run(
     # the fit: the queries, a subset of it, are not probed again
     check_beside(PerExample(task, ParameterSpace(model)), train, test)
     display.view("test", 0)  # a decode that does not fit the token ids, too
+    _check_class_count(task, test, display.class_names)
     watch.lap("load")
     inf, origin = fit_or_reload(inf, config, train, workdir)
     if origin == "reloaded":
