@@ -87,6 +87,21 @@ def test_test_inputs_of_the_wrong_shape(linear_data) -> None:
         inf.scores((X[:5], y[:4]))
 
 
+def test_training_checks_the_data_as_fit_does() -> None:
+    """A tester's: targets [N, 3] for a model of one output gave fit an InvalidInputError and
+    train_to_optimum, usually the first call on new data, a raw reshape RuntimeError."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 3, dtype=torch.float64)
+    task = infkit.Task.regression(torch.nn.Linear(3, 1).double())
+    message = r"training set example 0: targets have 3 values per example but the model has 1"
+    with pytest.raises(InvalidInputError, match=message):
+        infkit.train_to_optimum(task, (X, Y), 0.1)
+    with pytest.raises(InvalidInputError, match=message):
+        infkit.Influence(task, "exact", l2=0.1).fit((X, Y))
+    with pytest.raises(InvalidInputError, match=r"the model could not be called on training set"):
+        infkit.train_to_optimum(task, (X[:, :2], Y[:, :1]), 0.1)
+
+
 def test_unknown_method_and_estimator_list_the_valid_ones(linear_data) -> None:
     model, _ = linear_data
     task = infkit.Task.classification(model)

@@ -40,9 +40,9 @@ from infkit.errors import (
     warn,
 )
 from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator
+from infkit.example_checks import check_examples
 from infkit.fitted import (
     Fitted,
-    check_examples,
     check_parameters_take_part,
     check_weights_present,
     gradient_cache_fits,

@@ -23,6 +23,7 @@ from infkit.errors import (
     NotConvergedWarning,
     warn,
 )
+from infkit.example_checks import check_examples
 from infkit.gradients import PerExample, check_finite_rows
 from infkit.linalg import conjugate_gradients
 from infkit.parameters import ParameterSpace, dtype_name, evaluation_mode
@@ -146,6 +147,8 @@ def train_to_optimum(
     examples = ExampleSet(train, name="training set")
     space = ParameterSpace(task.model)
     engine = PerExample(task, space)
+    # the inputs and labels as fit checks them: a mismatch named, not a raw reshape error
+    check_examples(engine, examples)
     params = [dict(task.model.named_parameters())[n] for n in space.names]
     idx = None if indices is None else torch.as_tensor(indices, dtype=torch.long)
     optimizer = torch.optim.LBFGS(

@@ -1,0 +1,295 @@
+"""Checks of a set of examples against a task and its model, before any pass over them.
+
+:func:`check_examples` is what ``fit``, ``scores`` and ``train_to_optimum`` run first on the data
+they are given: the inputs the model refuses, the labels the task cannot read (their shape,
+their values, none at all), a dataset that reads differently each time, keys a model ignores;
+each problem an :class:`~infkit.errors.InvalidInputError` naming the example and what to do.
+:func:`deterministic_outputs` refuses a model whose outputs are random in evaluation mode.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from infkit.data import Batch, ExampleSet, leaves, map_tensors
+from infkit.data_forms import LABEL_KEYS
+from infkit.errors import InfkitError, InvalidInputError, Suspicion, warn
+from infkit.gradients import PerExample
+from infkit.parameters import evaluation_mode
+from infkit.task import Task
+
+#: the queries with no scored label whose measurement's output gradient one forward pass
+#: takes at a time, in the check that the measurement has something to read on them
+MEASUREMENT_PROBE_BATCH = 8
+
+
+def _call_at_theta(engine: PerExample, inputs: Any) -> Tensor:
+    """The model's outputs for prepared ``inputs`` at theta*, as :meth:`PerExample.outputs`
+    computes them."""
+    with evaluation_mode(engine.task.model):
+        return engine.call(engine.params(), inputs)
+
+
+def _forward_keywords(model: nn.Module) -> tuple[set[str], bool] | None:
+    """The keyword parameters ``model.forward`` names, and whether it also takes ``**kwargs``
+    (a Hugging Face model's, which absorbs any key); None where its signature cannot be read."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = {p.name for p in parameters if p.kind in kinds}
+    return named, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _misspelt(model: nn.Module, keys: list[str], cutoff: float) -> list[tuple[str, str]]:
+    """The input ``keys`` that ``model.forward`` does not name, each with the parameter it names
+    and the inputs lack that is closest to it (:func:`difflib.get_close_matches` at
+    ``cutoff``); none where the signature cannot be read."""
+    found = _forward_keywords(model)
+    if found is None:
+        return []
+    named, _ = found
+    missing = sorted(named - set(keys))
+    out = []
+    for key in keys:
+        if isinstance(key, str) and key not in named:
+            close = difflib.get_close_matches(key, missing, n=1, cutoff=cutoff)
+            if close:
+                out.append((key, close[0]))
+    return out
+
+
+def _warn_absorbed_keys(model: nn.Module, examples: ExampleSet, inputs: Any) -> None:
+    """Warn about input keys a ``forward(..., **kwargs)`` takes without naming them, where each
+    is one letter or two from a parameter it names (``attention_masks``): the model ran, and
+    most likely ignored it (a Hugging Face model reads its mask from ``attention_mask`` only,
+    so the padding would count as tokens)."""
+    found = _forward_keywords(model)
+    if not isinstance(inputs, dict) or found is None or not found[1]:
+        return
+    for key, meant in _misspelt(model, list(inputs), cutoff=0.8):
+        warn(
+            f"the {examples.name}'s input key {key!r} is not a parameter of "
+            f"{type(model).__name__}.forward, which takes it into its **kwargs and most likely "
+            f"ignores it: the model names {meant!r}, which the inputs lack. Rename the key if "
+            "that is what it is (a mask under another name leaves the padding read as tokens)",
+            UserWarning,
+        )
+
+
+def deterministic_outputs(once: Tensor, again: Tensor, examples: ExampleSet) -> None:
+    """Refuse a model whose two outputs on the first example, ``once`` and ``again``, differ
+    beyond rounding. A model that draws random numbers in evaluation mode (``F.dropout(x, p,
+    training=True)``, added noise) makes every gradient, curvature and score one random draw:
+    a tester's scores changed by 3.1 between two runs, their largest being 0.63, with no
+    word."""
+    scale = float(once.detach().abs().max()) if once.numel() else 0.0
+    gap = float((once - again).detach().abs().max()) if once.numel() else 0.0
+    if gap > 1e3 * torch.finfo(once.dtype).eps * max(scale, 1e-30):
+        raise InvalidInputError(
+            f"the model's outputs on {examples.name} {examples.example(0)} differ between two "
+            f"calls (by up to {gap:.3g}, the outputs being up to {scale:.3g}) in evaluation "
+            "mode: its forward pass draws random numbers (F.dropout(x, p, training=True), "
+            "added noise), so every gradient and score would be one random draw. Make it "
+            "deterministic in evaluation mode, e.g. F.dropout(x, p, training=self.training)"
+        )
+
+
+def _check_reads_alike(examples: ExampleSet, first: Batch) -> None:
+    """Refuse a dataset whose first example reads differently on a second read (random
+    augmentation in ``__getitem__``): infkit reads each example in several passes, which would
+    each see another example (a tester's scores moved by 0.24 between runs, without a word)."""
+    if examples._tensors is not None:  # tensors read the same every time
+        return
+    again = examples.take([0])
+    pairs = zip(
+        leaves(first.inputs) + leaves(first.targets), leaves(again.inputs) + leaves(again.targets)
+    )
+
+    def same(a: Tensor, b: Tensor) -> bool:  # NaN as NaN: a non-finite value is named later
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if torch.equal(a, b):
+            return True
+        # (features computed by kernels that sum in any order differ in the last bits)
+        close = torch.isclose(a, b, rtol=1e-5, atol=0, equal_nan=True)
+        return a.is_floating_point() and bool(close.all())
+
+    if not all(same(a, b) for a, b in pairs):
+        raise InvalidInputError(
+            f"{examples.name} {examples.example(0)} reads differently each time it is read "
+            "(random augmentation or sampling in the dataset's __getitem__?): infkit reads "
+            "every example in several passes, and each would see another example. Give the "
+            "examples as they are meant to be attributed, without the randomness (e.g. the "
+            "evaluation transforms), or fix them once into tensors"
+        )
+
+
+def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = False) -> None:
+    """Check that the model accepts the inputs and the task's targets are usable.
+
+    The inputs batch by batch against the task's ``check_inputs`` (token ids outside a language
+    model's vocabulary), one forward pass on the first example (integer inputs to a float
+    model, an index out of an embedding's range, probabilities where logits are expected), the
+    task's ``check_model`` on the example its ``probe_example`` picks (a language model's first
+    left-padded sequence: one more forward pass or two), then the targets batch by batch
+    against the task's ``check_targets`` and ``check_scored``; every problem names the example
+    and what to do. An ExampleSet is checked once.
+
+    ``measured``: the set is read through the measurement only (queries). Under a custom
+    measurement the loss's ``check_scored`` does not refuse it then (a one-token prompt whose
+    measurement reads one logit), unless the measurement reads the labels too (its gradient in
+    the outputs is 0 on one of the examples ``check_scored`` names: a completion's
+    log-likelihood); a set let through so is not marked checked, so that a use of the same
+    ExampleSet through the loss checks it again.
+    """
+    if examples._checked:
+        return
+    task = engine.task
+    first = examples.take([0])
+    _check_reads_alike(examples, first)
+    label_checks = (task.check_targets, task.check_scored)
+    labelled = any(check is not None for check in label_checks)  # the task reads labels
+    if first.targets is None and labelled:
+        raise _unlabelled(examples, first.inputs)
+    probe: int | None = None  # the example check_model looks at (None: the first)
+    if task.check_inputs is not None or task.probe_example is not None:
+        for batch in examples.batches(4096):  # all of them, before the model sees any
+            found = task.input_problem(batch.inputs)
+            if found is not None:
+                k, message = found
+                raise InvalidInputError(f"{examples.name} {batch.example(k)}: {message}")
+            if probe is None and task.probe_example is not None:
+                picked = task.probe_example(batch.inputs)
+                probe = None if picked is None else int(batch.indices[picked])
+    try:
+        outputs = engine.outputs(first)
+    except InfkitError:  # infkit's own (an output it cannot read) say what they mean
+        raise
+    except (RuntimeError, TypeError, IndexError, ValueError, KeyError) as error:
+        integer = [
+            str(t.dtype)
+            for t in leaves(first.inputs)
+            if not (t.is_floating_point() or t.is_complex())
+        ]
+        message = str(error).splitlines()[0][:200]
+        if integer and ("dtype" in message or "Long" in message or "Int" in message):
+            raise InvalidInputError(
+                f"{examples.name}: the model refused its inputs ({message}); they are integer "
+                f"tensors ({', '.join(sorted(set(integer)))}): pass floating-point inputs, e.g. "
+                "X.float(), unless the model embeds token ids"
+            ) from error
+        given, lacking = "", ""
+        if isinstance(first.inputs, dict):
+            given = f" (input keys: {', '.join(sorted(map(str, first.inputs)))})"
+            main = getattr(task.model, "main_input_name", None)  # a Hugging Face model's
+            # named only where a given key is not a parameter of forward and is close to it
+            # (an inputs_embeds the model takes, or its own lookup's KeyError, are not this)
+            near = [
+                key
+                for key, meant in _misspelt(task.model, list(first.inputs), cutoff=0.6)
+                if meant == main
+            ]
+            if isinstance(main, str) and main not in first.inputs and near:
+                lacking = (
+                    f" The model reads its main input as {main!r} (its main_input_name), a key "
+                    f"the {examples.name}'s inputs lack: name it so (given: {near[0]!r})."
+                )
+        raise InvalidInputError(
+            f"the model could not be called on {examples.name} {examples.example(0)}{given}: "
+            f"{type(error).__name__}: {message}.{lacking} Check that the data holds the model's "
+            "inputs (a dict of inputs is passed as keyword arguments)"
+        ) from error
+    _warn_absorbed_keys(task.model, examples, first.inputs)
+    if task.check_outputs is not None:
+        problem = task.check_outputs(outputs)
+        if problem is not None:
+            raise InvalidInputError(f"{examples.name}: {problem}")
+    if task.check_model is not None:
+        probe = probe or 0
+        probed = first if probe == 0 else examples.take([probe])
+        problem = task.check_model(
+            partial(_call_at_theta, engine),
+            engine.prepare(probed)[0],
+            outputs if probe == 0 else engine.outputs(probed),  # the first's: computed above
+        )
+        if problem is not None:
+            warn(f"{examples.name} {examples.example(probe)}: {problem}", UserWarning)
+    lenient = measured and not task.measures_loss  # the loss never reads this set
+    unscored = False  # a problem check_scored found and, for this use, let pass
+    suspected = False  # a Suspicion of check_pairs warned of (once a set)
+    if labelled or task.check_pairs is not None:
+        output_shape = tuple(outputs.shape[1:])
+        for batch in examples.batches(4096):
+            found = None
+            if labelled and batch.targets is None:
+                raise _unlabelled(examples, batch.inputs)
+            if task.check_targets is not None:
+                found = task.check_targets(batch.targets, output_shape)
+            if found is None and task.check_scored is not None:
+                found = task.check_scored(batch.targets)
+                if found is not None and lenient:
+                    _check_measured_rows(engine, batch, _unscored_rows(task, batch, found[0]))
+                    found, unscored = None, True
+            if found is None and task.check_pairs is not None:  # once the targets are usable
+                found = task.check_pairs(batch.inputs, batch.targets)
+                if found is not None and isinstance(found[1], Suspicion):  # may be meant so
+                    if not suspected:
+                        warn(f"{examples.name} {batch.example(found[0])}: {found[1]}")
+                    found, suspected = None, True
+            if found is not None:
+                k, message = found
+                raise InvalidInputError(f"{examples.name} {batch.example(k)}: {message}")
+    examples._checked = not unscored
+
+
+def _unscored_rows(task: Task, batch: Batch, first: int) -> list[int]:
+    """The rows of ``batch`` whose targets the task's ``check_scored`` refuses, from ``first``
+    (the row it named) on: it names one row at a time, so it is asked again after each."""
+    assert task.check_scored is not None
+    rows, start = [first], first + 1
+    while start < len(batch):
+        rest = map_tensors(batch.targets, lambda t, start=start: t[start:])
+        found = task.check_scored(rest)
+        if found is None:
+            break
+        rows.append(start + found[0])
+        start = rows[-1] + 1
+    return rows
+
+
+def _check_measured_rows(engine: PerExample, batch: Batch, rows: list[int]) -> None:
+    """Refuse the first of ``rows`` (examples of ``batch`` with no label the loss would score)
+    on which the measurement's gradient in the model's outputs, dm/df, is 0: a measurement that
+    reads the labels has nothing to read there, and every score against it would be 0. A forward
+    pass over these rows, :data:`MEASUREMENT_PROBE_BATCH` at a time."""
+    for start in range(0, len(rows), MEASUREMENT_PROBE_BATCH):
+        chunk = rows[start : start + MEASUREMENT_PROBE_BATCH]
+        part = batch.rows(chunk)
+        moves = (engine.output_gradients(part, "measurement") != 0).reshape(len(chunk), -1)
+        still = (~moves.any(dim=1)).nonzero()
+        if len(still):
+            k = chunk[int(still[0, 0])]
+            raise InvalidInputError(
+                f"{batch.source} {batch.example(k)}: the measurement's gradient in the model's "
+                "outputs is 0 on this example, which has no label the loss would score (a "
+                "measurement that reads the labels has nothing to read here), so every score "
+                "against it would be 0. Drop it, unmask its labels, or measure what needs no "
+                "label"
+            )
+
+
+def _unlabelled(examples: ExampleSet, inputs: Any) -> InvalidInputError:
+    """The error for a set without the labels its task reads (``inputs``: a batch's)."""
+    keys = sorted(inputs) if isinstance(inputs, dict) else []
+    return InvalidInputError(
+        f"{examples.name} has no labels: a dataset of dicts needs a label key "
+        f"({', '.join(LABEL_KEYS)}); keys found: {', '.join(keys) or 'none'}"
+    )
