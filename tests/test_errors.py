@@ -393,3 +393,22 @@ def test_leverage_blocks_of_a_saturated_example_are_measured() -> None:
     big = psd / float(torch.linalg.eigvalsh(psd).max()) * 1.5
     with pytest.raises(CurvatureError, match=r"leverage 1\.50"):
         check_leverage(torch.stack([tiny, big]), torch.tensor([3, 7]))
+
+
+def test_a_relatif_direction_of_rounding_is_refused() -> None:
+    """A tester's: one training example at the optimum has v = N grad L = 0 up to rounding
+    (6.4e-16 against terms of 0.0094); RelatIF normalised that rounding into scores of 0.19
+    and 2.66 where the IF read 1e-16. Exactly 0 was refused, rounding was not."""
+    torch.manual_seed(0)
+    X, y = torch.randn(3, 10, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64)
+    task = infkit.Task.regression(torch.nn.Linear(10, 1).double())
+    infkit.train_to_optimum(task, (X[:1], y[:1]), 0.1)
+    inf = infkit.Influence(task, "exact", "relatif", l2=0.1).fit((X[:1], y[:1]))
+    with pytest.raises(
+        CurvatureError, match=r"example 0 has a zero attributed gradient to rounding"
+    ):
+        inf.scores((X[1:], y[1:]))
+    # two examples: each one's v_j is its own, far from rounding, and answered
+    infkit.train_to_optimum(task, (X[:2], y[:2]), 0.1)
+    two = infkit.Influence(task, "exact", "relatif", l2=0.1).fit((X[:2], y[:2]))
+    assert bool(two.scores((X[2:], y[2:])).abs().gt(1e-3).all())

@@ -176,15 +176,34 @@ def check_leverage(
 
 
 # ------------------------------------------------------------------------------ per example
-def relatif_directions(u: Tensor, v: Tensor, norm: RelatifNorm, batch: Batch) -> Tensor:
-    """``u_j / ||u_j||`` (``"theta"``) or ``u_j / sqrt(v_j^T u_j)`` (``"loss"``)."""
+#: an attributed gradient below this many machine epsilons of its terms' size
+#: (:meth:`~infkit.fitted.Fitted.attributed_grads_and_terms`) is zero to rounding: the
+#: gradient's own rounding follows the larger numbers it is computed from (a residual f - y of
+#: outputs near 1: a tester's single example at the optimum read 300 epsilons of its terms)
+ROUNDING_EPSILONS = 1000
+
+
+def relatif_directions(
+    u: Tensor, v: Tensor, norm: RelatifNorm, batch: Batch, terms: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """``u_j / ||u_j||`` (``"theta"``) or ``u_j / sqrt(v_j^T u_j)`` (``"loss"``); ``terms``:
+    the size of each v_j's terms, computed in ``dtype`` (the model's), below whose rounding a
+    v_j is zero: its direction would be that rounding, normalised to an O(1) score (a tester's
+    single example at the optimum, v = 3e-16: RelatIF scores 0.19 and 2.66)."""
     scale = u.norm(dim=1) if norm == "theta" else (u * v).sum(dim=1).clamp_min(0).sqrt()
-    tiny = scale <= torch.finfo(scale.dtype).tiny
-    if bool(tiny.any()):
-        i = int(batch.indices[tiny.nonzero()[0, 0]])
+    floor = ROUNDING_EPSILONS * torch.finfo(dtype).eps * terms.to(v)
+    zero = (scale <= torch.finfo(scale.dtype).tiny) | (v.norm(dim=1) <= floor)
+    if bool(zero.any()):
+        k = int(zero.nonzero()[0, 0])
+        size = float(v[k].norm())
+        exactly = (
+            ""
+            if size == 0
+            else f" to rounding ({size:.2g} against its terms' {float(terms[k]):.2g})"
+        )
         raise CurvatureError(
-            f"training example {i} has a zero attributed gradient, so its RelatIF score is 0/0; "
-            "it has no influence at all (exclude it)"
+            f"training example {int(batch.indices[k])} has a zero attributed gradient{exactly}, "
+            "so its RelatIF score is 0/0; it has no influence at all (exclude it)"
         )
     return u / scale.unsqueeze(1)
 
@@ -213,11 +232,13 @@ def removal_deltas(
     if estimator.name == "rif" or (estimator.name == "newton" and inverse.curvature != "hessian"):
         fitted.warn_jacobian_cost(estimator.name, n if indices is None else len(indices))
     for batch in fitted.train.batches(fitted.training_gradient_batch_size, indices):
-        v = fitted.attributed_grads(batch)
+        v, terms = fitted.attributed_grads_and_terms(batch)
         if estimator.name == "if":
             yield batch, inverse.solve(v) / n
         elif estimator.name == "relatif":
-            yield batch, relatif_directions(inverse.solve(v), v, estimator.relatif, batch)
+            u = inverse.solve(v)
+            dtype = fitted.space.dtype
+            yield batch, relatif_directions(u, v, estimator.relatif, batch, terms, dtype)
         elif estimator.name == "rif":
             J, lam = fitted.jacobians_and_lambdas(batch, estimator.name)
             delta, _ = downdate_solve(inverse, v, J, lam, n, 0.0, batch.indices)
@@ -268,10 +289,11 @@ def relatif_and_self_scores(
     total = -(-n // fitted.training_gradient_batch_size)
     batches = fitted.train.batches(fitted.training_gradient_batch_size)
     for batch in track(batches, fitted.progress, "relatif and self-scores", total):
-        v = fitted.attributed_grads(batch)
+        v, terms = fitted.attributed_grads_and_terms(batch)
         u = inverse.solve(v)
         own[batch.indices] = (fitted.loss_grads(batch) * u).sum(1).cpu() / n
-        S[:, batch.indices] = (Q @ relatif_directions(u, v, norm, batch).T).cpu()
+        directions = relatif_directions(u, v, norm, batch, terms, fitted.space.dtype)
+        S[:, batch.indices] = (Q @ directions.T).cpu()
     return S, own
 
 

@@ -267,6 +267,14 @@ class Fitted:
         """v_j = grad l_j + l2 (theta* - theta'), [B, P] float64."""
         return self.loss_grads(batch) + self.l2 * self.regularised_theta
 
+    def attributed_grads_and_terms(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """:meth:`attributed_grads` and the size of its two terms, ``||grad l_j|| + l2
+        ||theta* - theta'||`` [B] float64: a v_j far below them is their cancellation, zero
+        to rounding (an example the model fits exactly)."""
+        g = self.loss_grads(batch)
+        reg = self.l2 * self.regularised_theta
+        return g + reg, g.norm(dim=1) + float(reg.norm())
+
     def attributed_products(self, U: Tensor) -> Tensor:
         """U v_j^T for every training example j: [k, N] float64, for U of shape [k, P].
 
