@@ -412,3 +412,38 @@ def test_a_relatif_direction_of_rounding_is_refused() -> None:
     infkit.train_to_optimum(task, (X[:2], y[:2]), 0.1)
     two = infkit.Influence(task, "exact", "relatif", l2=0.1).fit((X[:2], y[:2]))
     assert bool(two.scores((X[2:], y[2:])).abs().gt(1e-3).all())
+
+
+def test_a_loss_with_negative_curvature_in_the_outputs_is_said_to_rif() -> None:
+    """A tester's: a Cauchy loss, log(1 + r^2), curves down in the outputs past |r| = 1, so
+    the outliers' leverages were negative (-0.014) and rif scored them without a word, where
+    docs/estimators.md says it needs a positive semidefinite curvature. The same data under
+    the squared error, and the Cauchy loss where every residual is below 1, say nothing."""
+    import warnings
+
+    torch.manual_seed(0)
+    X = torch.randn(40, 3, dtype=torch.float64)
+    y = X @ torch.tensor([[1.0], [-0.5], [0.2]], dtype=torch.float64)
+    y = y + 0.1 * torch.randn_like(y)
+    outliers = y.clone()
+    outliers[:2] += 4.0
+
+    def cauchy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.log1p((out - target).square().sum(-1))
+
+    for loss, targets, indefinite in ((cauchy, outliers, True), (cauchy, y, False)):
+        task = infkit.Task(torch.nn.Linear(3, 1).double(), loss)
+        infkit.train_to_optimum(task, (X, targets), 0.05)
+        inf = infkit.Influence(task, "exact", "rif", l2=0.05).fit((X, targets))
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            leverages = inf.leverages()
+            inf.scores((X[:2], targets[:2]))
+        told = any("is not positive semidefinite" in str(w.message) for w in said)
+        assert told == indefinite
+        assert bool((leverages < 0).any()) == indefinite  # what the warning is about
+    task = infkit.Task.regression(torch.nn.Linear(3, 1).double())
+    infkit.train_to_optimum(task, (X, outliers), 0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        infkit.Influence(task, "exact", "rif", l2=0.05).fit((X, outliers)).leverages()

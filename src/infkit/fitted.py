@@ -351,7 +351,9 @@ class Fitted:
             self.require_jacobian_room(len(batch), estimator)
         J = self.engine.jacobians(batch).to(torch.float64)
         _, _, lam = self.engine.output_derivatives(batch)
-        return J, lam.to(torch.float64)
+        lam = lam.to(torch.float64)
+        _warn_if_indefinite(lam, batch)
+        return J, lam
 
     @property
     def result_dtype(self) -> torch.dtype:
@@ -362,6 +364,31 @@ class Fitted:
     def output(self, x: Tensor) -> Tensor:
         """A result in :attr:`result_dtype`, on the CPU (what the facade returns)."""
         return x.to(self.result_dtype).cpu()
+
+
+#: Lambda_j's smallest eigenvalue below minus this share of its largest magnitude is negative
+#: beyond rounding (:func:`_warn_if_indefinite`)
+INDEFINITE_SHARE = 1e-10
+
+
+def _warn_if_indefinite(lam: Tensor, batch: Batch) -> None:
+    """Warn when a training example's ``Lambda_j`` [C, C], the loss's curvature in its outputs,
+    has a negative eigenvalue beyond rounding (a non-convex loss, a Cauchy loss past its
+    inflection): its leverage can then be negative (a tester's -0.014), and the downdates of
+    ``rif`` and ``newton`` lose the reading docs/estimators.md §3-4 give them. The message is
+    the same for every batch, so a warnings filter shows it once."""
+    values = torch.linalg.eigvalsh(0.5 * (lam + lam.transpose(1, 2)))
+    size = values.abs().amax(dim=1).clamp_min(torch.finfo(values.dtype).tiny)
+    if bool((values[:, 0] < -INDEFINITE_SHARE * size).any()):
+        warn(
+            "the loss's curvature in the outputs, Lambda_j, is not positive semidefinite at some "
+            "training examples (a non-convex loss, such as a Cauchy or Tukey loss past its "
+            "inflection): the GGN is then no Gauss-Newton matrix there, leverages can be "
+            "negative, and rif's and newton's downdates lose their reading as leave-one-out "
+            "corrections (docs/estimators.md §3-4); their numbers are the formulas'. Use "
+            "estimator 'if' or a convex loss, and check against retraining (infkit.retrain)",
+            UserWarning,
+        )
 
 
 # ---------------------------------------------------------------------------- checks
