@@ -833,7 +833,9 @@ def test_queries_beyond_rank_one_are_scored_in_groups_at_low_rank(problem: dict)
         assert max(scorer._layer_bytes(scorer.tracked)) > scorer.query_bytes
         assert rank_one <= scorer.query_bytes < Q * rank_one
         plan = bounded.plan(problem["train"], problem["test"])
-        S = bounded.scores(problem["test"])
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            S = bounded.scores(problem["test"])
         ranked = infkit.Influence(task, "ekfac", query_rank=1, **opts).fit(problem["train"])
         expected = ranked.scores(problem["test"])
     assert bounded.describe()["query_rank"] == 1
@@ -841,6 +843,8 @@ def test_queries_beyond_rank_one_are_scored_in_groups_at_low_rank(problem: dict)
     # the share of the gradients rank 1 keeps, as query_rank=1 measures it (said in a warning)
     kept = bounded.describe()["query_kept_energy"]
     assert kept == pytest.approx(ranked.describe()["query_kept_energy"], rel=1e-6) and kept < 1
+    told = [w for w in said if "of a layer's preconditioned gradient" in str(w.message)]
+    assert len(told) == (1 if kept < KEPT_ENERGY else 0)  # once for the call's Q groups
     # (float64; the top singular vector of a block amplifies the rounding of a query batch of
     # one against one of four by 1 / its singular gap: 4e-8 measured, where rank 1 against
     # full rank differs by about 1e-1, test_low_rank_queries)

@@ -550,22 +550,20 @@ class StreamingScorer:
             rank if low_rank else None,
         )
         prepared = self._filled(prepared, queries, tracked)
-        self._warn_if_rank_loses_much(prepared, queries)
         return prepared
 
-    def _warn_if_rank_loses_much(self, prepared: LayerQueries, queries: ExampleSet) -> None:
-        """A warning when the low rank keeps less than :data:`KEPT_ENERGY` of some query's
-        preconditioned gradient in some layer: the scores then miss ``sqrt(1 - kept)`` of it
-        in norm (a tester's rank-1 queries, at the limit an error advised, were 55% off)."""
-        if prepared.kept is None or prepared.rank is None:
-            return
-        least = float(prepared.kept.min())
+    def warn_if_rank_loses_much(
+        self, least: float, rank: int, queries: ExampleSet, worst: int
+    ) -> None:
+        """A warning, once a call, when the low rank kept less than :data:`KEPT_ENERGY` of a
+        query's preconditioned gradient in some layer (``least``, query ``worst`` of
+        ``queries``): the scores then miss ``sqrt(1 - kept)`` of it in norm (a tester's rank-1
+        queries, at the limit an error advised, were 55% off)."""
         if least >= KEPT_ENERGY:
             return
-        worst = int(prepared.kept.argmin())
         chosen = "query_rank" if self.rank is not None else "memory_limit's budget for the queries"
         warn(
-            f"the rank-{prepared.rank} queries ({chosen}) keep as little as {least:.0%} of a "
+            f"the rank-{rank} queries ({chosen}) keep as little as {least:.0%} of a "
             f"layer's preconditioned gradient ({queries.name} query {queries.number(worst)}; "
             f"the scores miss up to {math.sqrt(1 - least):.0%} of it in norm), so these scores "
             f"are an approximation: raise memory_limit to hold the layers at full rank (they are "

@@ -374,6 +374,7 @@ class KFAC(PrimalMethod):
         groups = scorer.groups(len(queries))
         size = groups[0][1] - groups[0][0]  # the largest group: every group at its rank
         device = self.fitted.space.device
+        worst: tuple[float, int, int] | None = None  # the least share kept, its rank and query
         for number, (start, stop, layers) in enumerate(groups):
             named = label if len(groups) == 1 else f"{label}, group {number + 1}/{len(groups)}"
             whole = stop - start == len(queries)
@@ -394,8 +395,10 @@ class KFAC(PrimalMethod):
                 if prepared.rank is not None:
                     ranks = [r for r in (self.query_rank, prepared.rank) if r is not None]
                     self.query_rank = min(ranks)
-                if prepared.kept is not None:
+                if prepared.kept is not None and prepared.rank is not None:
                     least = float(prepared.kept.min())
+                    if worst is None or least < worst[0]:
+                        worst = (least, prepared.rank, start + int(prepared.kept.argmin()))
                     kept = self.query_kept_energy
                     self.query_kept_energy = least if kept is None else min(kept, least)
                 if prepared.on_disk is not None:
@@ -406,6 +409,8 @@ class KFAC(PrimalMethod):
                 prepared.close()
             del prepared
         self.query_groups = max(self.query_groups, len(groups))
+        if worst is not None:  # said once for the call, whatever its groups
+            scorer.warn_if_rank_loses_much(worst[0], worst[1], queries, worst[2])
 
     def streamed_module_scores(
         self, queries: ExampleSet, estimator: Estimator
