@@ -771,6 +771,7 @@ MODES = {{"scale": 2.0}}
 
 class Varied(torch.nn.Module):
     SCALE = {scale}
+    calls = 0  # state, not code: the forward pass counts itself
 
     def __init__(self):
         super().__init__()
@@ -780,8 +781,9 @@ class Varied(torch.nn.Module):
     def factor(self):
         return {factor}
 
-    def forward(self, x, mode="scale"):
-        if mode in {{"scale", "keep", "other"}}:  # a frozenset constant
+    def forward(self, x, mode="scale", allowed=frozenset({{"scale", "keep", "other"}})):
+        Varied.calls += 1
+        if mode in {{"scale", "keep", "other"}} and mode in allowed:  # frozenset constants
             parts = [self.lin(x) * w for w in (1.0, 2.0)]  # a comprehension: nested code
             return sum(parts) * self.SCALE * self.factor * MODES["scale"]
         return self.lin(x)
@@ -790,16 +792,18 @@ class Varied(torch.nn.Module):
 
 def test_the_code_identity_is_the_same_in_another_process_and_place(tmp_path: Path) -> None:
     """The code's identity must not change between processes (a saved fit would never load).
-    A reviewer's: a frozenset constant printed in the order of the process's string hashing
-    (a peft LoRA model's identity changed in every process), and a comprehension's nested code
-    named its file and line (a project moved, or a blank line added, was another model)."""
+    Reviewers': a frozenset constant (and default) printed in the order of the process's string
+    hashing (a peft LoRA model's identity changed in every process), a comprehension's nested
+    code named its file and line (a project moved, or a blank line added, was another model),
+    and a class counter the forward pass increments changed it with every pass."""
     import os
     import subprocess
 
     script = (
         "import sys, torch; sys.path.insert(0, sys.argv[1]); import varied; "
-        "from infkit.fingerprint import model_fingerprint; "
-        "print(model_fingerprint(varied.Varied())['code'])"
+        "from infkit.fingerprint import model_fingerprint; m = varied.Varied(); "
+        "before = model_fingerprint(m)['code']; m(torch.ones(1, 2)); "
+        "assert model_fingerprint(m)['code'] == before, 'a counter changed it'; print(before)"
     )
 
     def identity(folder: Path, seed: str, **values: object) -> str:

@@ -181,6 +181,11 @@ def check_leverage(
 #: gradient's own rounding follows the larger numbers it is computed from (a residual f - y of
 #: outputs near 1: a tester's single example at the optimum read 300 epsilons of its terms)
 ROUNDING_EPSILONS = 1000
+#: ... and at most this share of them: below float64 a thousand epsilons is a real gradient's
+#: size (bfloat16's is 7.8 times the terms, which every v_j is below; a reviewer's float32
+#: example at 7.5e-5 of its terms was genuine), so there only a cancellation to 10 digits is
+#: taken for zero
+ROUNDING_SHARE = 1e-10
 
 
 def relatif_directions(
@@ -191,7 +196,8 @@ def relatif_directions(
     v_j is zero: its direction would be that rounding, normalised to an O(1) score (a tester's
     single example at the optimum, v = 3e-16: RelatIF scores 0.19 and 2.66)."""
     scale = u.norm(dim=1) if norm == "theta" else (u * v).sum(dim=1).clamp_min(0).sqrt()
-    floor = ROUNDING_EPSILONS * torch.finfo(dtype).eps * terms.to(v)
+    share = min(ROUNDING_EPSILONS * torch.finfo(dtype).eps, ROUNDING_SHARE)
+    floor = share * terms.to(v)
     zero = (scale <= torch.finfo(scale.dtype).tiny) | (v.norm(dim=1) <= floor)
     if bool(zero.any()):
         k = int(zero.nonzero()[0, 0])

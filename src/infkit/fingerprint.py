@@ -105,13 +105,15 @@ _LIBRARY_CODE = ("torch.", "infkit.")
 def code_identities(model: nn.Module) -> dict[str, str]:
     """What the code of each module class of ``model`` computes, by ``module.qualname``: the
     :func:`callable_identity` of every function the class and its bases (up to PyTorch's)
-    define (methods, properties, the bodies decorators wrap), its ``forward`` among them, so
-    the code, the module-level values it reads (``logits / TEMPERATURE``) and the helpers of
-    its own module it calls, and the class's own plain constants (``self.SCALE``). An edit of
-    a model's code under the same parameters is another model: a saved fit, factors or
-    retrainings of the old code are not reused. Not seen: helpers and constants of other
-    modules, functions kept on the instance (a lambda set in ``__init__``). PyTorch's and
-    infkit's classes are left out (their computation is their class and settings, in the
+    define (methods, properties, the bodies decorators wrap), with their signatures' shape, its
+    ``forward`` among them, so the code, the module-level values it reads (``logits /
+    TEMPERATURE``) and the helpers of its own module it calls; and the class constants that
+    code reads and never writes (``self.SCALE``, immutable values only: a counter the forward
+    pass increments, ``Net.calls += 1``, or a registry list it appends to is state, not code).
+    An edit of a model's code under the same parameters is another model: a saved fit,
+    factors or retrainings of the old code are not reused. Not seen: helpers and constants of
+    other modules, functions kept on the instance (a lambda set in ``__init__``). PyTorch's
+    and infkit's classes are left out (their computation is their class and settings, in the
     architecture)."""
     found: dict[str, str] = {}
     for module in model.modules():
@@ -120,20 +122,65 @@ def code_identities(model: nn.Module) -> dict[str, str]:
         if name in found or cls.__module__.startswith(_LIBRARY_CODE):
             continue
         h = hashlib.sha256()
-        for klass in cls.__mro__:
-            if klass.__module__.startswith(_LIBRARY_CODE) or klass is object:
-                continue
+        own = [
+            k for k in cls.__mro__ if not k.__module__.startswith(_LIBRARY_CODE) and k is not object
+        ]
+        functions = {
+            (klass.__qualname__, key): _functions_of(value)
+            for klass in own
+            for key, value in sorted(vars(klass).items())
+        }
+        read, written = _attributes_used([f for fs in functions.values() for f in fs])
+        for klass in own:
             for key, value in sorted(vars(klass).items()):
                 where = f"{klass.__qualname__}.{key}="
-                if _is_plain(value) or isinstance(value, Tensor):
-                    if not key.startswith("__"):  # a class constant (self.SCALE)
+                if _is_constant(value):
+                    if key in read and key not in written:  # a class constant (self.SCALE)
                         h.update(where.encode())
                         _structure(h, value)
                     continue
-                for function in _functions_of(value):
-                    h.update(f"{where}{callable_identity(function)};".encode())
+                for function in functions[(klass.__qualname__, key)]:
+                    code = function.__code__
+                    shape = (code.co_argcount, code.co_kwonlyargcount, code.co_flags)
+                    h.update(f"{where}{callable_identity(function)}{shape};".encode())
         found[name] = h.hexdigest()[:16]
     return found
+
+
+def _is_constant(value: Any) -> bool:
+    """An immutable plain value: a number, a string, None, or a tuple of them."""
+    if isinstance(value, tuple):
+        return all(_is_constant(v) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def _attributes_used(functions: list[types.FunctionType]) -> tuple[set[str], set[str]]:
+    """The attribute names ``functions`` read (``self.SCALE``) and those they write or delete
+    (``Net.calls += 1``), their nested code included."""
+    read: set[str] = set()
+    written: set[str] = set()
+    for function in functions:
+        loads, stores = _attribute_names(function.__code__)
+        read |= loads
+        written |= stores
+    return read, written
+
+
+@functools.lru_cache(maxsize=4096)  # (code objects are immutable)
+def _attribute_names(code: Any) -> tuple[frozenset[str], frozenset[str]]:
+    loads: set[str] = set()
+    stores: set[str] = set()
+    for ins in dis.get_instructions(code):
+        if ins.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+            loads.add(str(ins.argval))
+        elif ins.opname in ("STORE_ATTR", "DELETE_ATTR"):
+            stores.add(str(ins.argval))
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            inner_loads, inner_stores = _attribute_names(const)
+            loads |= inner_loads
+            stores |= inner_stores
+    return frozenset(loads), frozenset(stores)
 
 
 def _functions_of(value: Any) -> list[types.FunctionType]:
@@ -307,7 +354,7 @@ def callable_identity(fn: Callable[..., Any] | None, _depth: int = 0) -> str | N
         except ValueError:  # an empty cell
             continue
         plain = isinstance(value, (Tensor, Mapping, list, tuple))
-        _structure(h, value if plain else stable_repr(value))
+        _structure(h, value if plain and not _holds_set(value) else ordered_repr(value))
     if name.startswith("infkit."):  # infkit's own: its constants are the version's, and the
         return f"{name}#{h.hexdigest()[:12]}"  # saved identities of its tasks stay as they were
     # the values it reads: its defaults, and the module-level plain values and tensors its code
@@ -317,7 +364,7 @@ def callable_identity(fn: Callable[..., Any] | None, _depth: int = 0) -> str | N
         getattr(target, "__kwdefaults__", None),
     ):
         if defaults:
-            _structure(h, stable_repr(defaults))
+            _structure(h, ordered_repr(defaults))
     scope = getattr(target, "__globals__", {})
     for key in sorted(_names_read(code)):
         value = scope.get(key)
@@ -328,6 +375,34 @@ def callable_identity(fn: Callable[..., Any] | None, _depth: int = 0) -> str | N
             # a helper of its own module: what it reads counts too (a token id read there)
             h.update(f"{key}={callable_identity(value, _depth + 1)}".encode())
     return f"{name}#{h.hexdigest()[:12]}"
+
+
+def _holds_set(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is a set or holds one in its tuples, lists and dicts."""
+    if isinstance(value, (set, frozenset)):
+        return True
+    if depth > 4:
+        return False
+    if isinstance(value, (tuple, list)):
+        return any(_holds_set(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_set(v, depth + 1) for v in value.values())
+    return False
+
+
+def ordered_repr(value: Any) -> str:
+    """``stable_repr(value)``, but with its sets in sorted order (a set prints in the order of
+    the process's string hashing): the same text in every process for a value that holds a
+    set, and ``stable_repr``'s for one that holds none (as identities were always taken)."""
+    if not _holds_set(value):
+        return stable_repr(value)
+    if isinstance(value, (set, frozenset)):
+        return f"{type(value).__name__}({sorted(ordered_repr(v) for v in value)!r})"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(ordered_repr(v) for v in value)
+        return f"({inner},)" if isinstance(value, tuple) else f"[{inner}]"
+    assert isinstance(value, dict)
+    return "{" + ", ".join(f"{k!r}: {ordered_repr(v)}" for k, v in value.items()) + "}"
 
 
 def constants_repr(constants: tuple[Any, ...]) -> str:
@@ -343,12 +418,11 @@ def constants_repr(constants: tuple[Any, ...]) -> str:
         if isinstance(c, types.CodeType):
             parts.append(
                 f"<code {c.co_name} {c.co_code.hex()} {constants_repr(c.co_consts)} "
-                f"{c.co_names!r} {c.co_varnames!r}>"
+                f"{c.co_names!r} {c.co_varnames!r} {c.co_argcount} {c.co_kwonlyargcount} "
+                f"{c.co_flags}>"
             )
-        elif isinstance(c, (frozenset, set)):
-            parts.append(f"{type(c).__name__}({sorted(stable_repr(v) for v in c)!r})")
         else:
-            parts.append(stable_repr(c))
+            parts.append(ordered_repr(c))
     return "(" + ", ".join(parts) + ")"
 
 

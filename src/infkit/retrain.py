@@ -29,6 +29,7 @@ from torch import Tensor
 
 from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError, NotConvergedWarning, warn
+from infkit.example_checks import check_examples
 from infkit.fingerprint import (
     attribute_objects,
     data_fingerprint,
@@ -182,6 +183,9 @@ def _cache(
     max_iter: int,
     run: TrainingRun | None,
 ) -> RetrainCache | None:
+    """The retraining cache of an experiment (None without ``cache_dir``), once its data is
+    checked as fit checks it: each retraining's train_to_optimum then finds it checked."""
+    check_examples(PerExample(task, ParameterSpace(task.model)), examples)
     if run is not None:
         _check_run(run, task, examples, l2)
     if cache_dir is None:

@@ -147,10 +147,18 @@ def train_to_optimum(
     examples = ExampleSet(train, name="training set")
     space = ParameterSpace(task.model)
     engine = PerExample(task, space)
-    # the inputs and labels as fit checks them: a mismatch named, not a raw reshape error
-    check_examples(engine, examples)
-    params = [dict(task.model.named_parameters())[n] for n in space.names]
     idx = None if indices is None else torch.as_tensor(indices, dtype=torch.long)
+    # the inputs and labels as fit checks them, a mismatch named, not a raw reshape error: those
+    # of the examples trained on (indices=), once a set (a retraining's set is checked)
+    if isinstance(train, ExampleSet) and train._checked:
+        pass
+    elif idx is None:
+        check_examples(engine, examples)
+        if isinstance(train, ExampleSet):
+            train._checked = examples._checked
+    else:
+        check_examples(engine, examples.subset(idx))
+    params = [dict(task.model.named_parameters())[n] for n in space.names]
     optimizer = torch.optim.LBFGS(
         params,
         lr=1.0,

@@ -755,9 +755,7 @@ class Method(ABC):
         limit = max(QUERY_SCALE_WARNING, type(self).scale_warning or 0.0)
         if not math.isfinite(ratio) or ratio <= 0:
             warn(
-                f"method {self.name!r}: along the gradients of {queries.name} "
-                f"{'query' if len(queries) == 1 else 'queries'} "
-                f"{listed([str(queries.number(i)) for i in range(len(queries))], 4)} the "
+                f"method {self.name!r}: along the gradients of {_queries_named(queries)} the "
                 "energy ratio is "
                 f"{ratio:.3g} (1 for an exact solve), so its inverse curvature is not positive "
                 "there (or its products overflowed) and these scores are not reliable: add "
@@ -772,10 +770,8 @@ class Method(ABC):
                 if probes is not None
                 else ""
             )
-            numbers = listed([str(queries.number(i)) for i in range(len(queries))], 4)
-            named = f"query {numbers}" if len(queries) == 1 else f"queries {numbers}"
             warn(
-                f"method {self.name!r} gives the scores of {queries.name} {named} about "
+                f"method {self.name!r} gives the scores of {_queries_named(queries)} about "
                 f"{ratio:.1f}x too large "
                 "along their own gradient directions (energy ratio u^T (H + ridge) u / u^T v on "
                 f"a curvature sample, 1 for an exact solve{beside}): the queries lie where the "
@@ -1045,3 +1041,12 @@ class PrimalMethod(Method):
 
     def drift_solve(self) -> Callable[[Tensor], Tensor]:
         return self.solve
+
+
+def _queries_named(queries: ExampleSet) -> str:
+    """``"test set queries 0, 1, 2, 3 and 4 more"``, ``"behaviour queries 0, 1"``: a set of
+    queries by its name and the numbers of its first queries, as a warning names them."""
+    numbers = listed([str(queries.number(i)) for i in range(len(queries))], 4)
+    if queries.name.endswith(("queries", "query")):
+        return f"{queries.name} {numbers}"
+    return f"{queries.name} {'query' if len(queries) == 1 else 'queries'} {numbers}"
