@@ -139,7 +139,9 @@ def _block_change(
     gen = torch.Generator().manual_seed(0)
     chosen = torch.randperm(fitted.n, generator=gen)[:TRAINING].sort().values
     low_columns, full_columns = [], []
-    for batch in fitted.train.part(chosen).batches(size):
+    # (batches of the whole set at those positions: a part's batches count from 0, and the
+    # gradient cache read by their indices gave other examples than the full side's)
+    for batch in fitted.train.batches(size, chosen):
         low = fitted.attributed_grads(batch)
         high = full.grads(batch, "loss").to(torch.float64) + shift
         low_columns.append(u_low @ low.T)
