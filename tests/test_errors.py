@@ -491,3 +491,15 @@ def test_a_loss_with_negative_curvature_in_the_outputs_is_said_to_rif() -> None:
             warnings.simplefilter("always")
             inf.fit((inputs, targets)).leverages()
         assert not [w for w in said if "is not positive semidefinite" in str(w.message)]
+
+
+def test_the_meta_device_is_refused_before_the_model_moves() -> None:
+    """A tester's: device='meta' moved the caller's model there (its weights gone for good),
+    then refused it for having no values."""
+    model = torch.nn.Linear(3, 2).double()
+    before = model.weight.detach().clone()
+    with pytest.raises(InvalidInputError, match=r"device='meta' holds shapes without values"):
+        infkit.Influence(infkit.Task.classification(model), "exact", device="meta")
+    assert model.weight.device.type == "cpu" and torch.equal(model.weight.detach(), before)
+    with pytest.raises(InvalidInputError, match=r"device='gpu0' is not a device"):
+        infkit.Influence(infkit.Task.classification(model), "exact", device="gpu0")

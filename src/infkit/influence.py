@@ -209,7 +209,21 @@ class Influence:
             )
         if device is not None:
             try:
-                task.model.to(torch.device(device))
+                place = torch.device(device)
+            except (RuntimeError, TypeError) as exc:
+                raise InvalidInputError(
+                    f"device={device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'"
+                ) from exc
+            if place.type == "meta":  # (moving there would drop the caller's weights for good)
+                raise InvalidInputError(
+                    "device='meta' holds shapes without values, and moving the model there "
+                    "would drop its weights: to plan a run for a model too large for this "
+                    "machine, build it on the meta device (with torch.device('meta'): ...) and "
+                    "call plan() on an Influence of it without device= (docs/methods/"
+                    "language_models.md)"
+                )
+            try:
+                task.model.to(place)
             except (RuntimeError, TypeError, AssertionError) as exc:  # no CUDA: an assertion
                 raise InvalidInputError(
                     f"device={device!r} is not usable here ({exc}); use 'cpu', 'cuda' or "
