@@ -297,7 +297,8 @@ def relatif_and_self_scores(
     for batch in track(batches, fitted.progress, "relatif and self-scores", total):
         v, terms = fitted.attributed_grads_and_terms(batch)
         u = inverse.solve(v)
-        own[batch.indices] = (fitted.loss_grads(batch) * u).sum(1).cpu() / n
+        # grad l_j = v_j less the regulariser share (not the gradients taken a second time)
+        own[batch.indices] = ((v - fitted.l2 * fitted.regularised_theta) * u).sum(1).cpu() / n
         directions = relatif_directions(u, v, norm, batch, terms, fitted.space.dtype)
         S[:, batch.indices] = (Q @ directions.T).cpu()
     return S, own
