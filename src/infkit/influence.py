@@ -70,7 +70,7 @@ from infkit.methods.base import (
     methods_answering,
     registered,
 )
-from infkit.options import suggest_option
+from infkit.options import integer_argument, suggest_option
 from infkit.parameters import (
     ParameterSpace,
     dtype_name,
@@ -138,9 +138,7 @@ def solves_by_iterations(method: Method) -> bool:
 
 def _count(option: str, value: object) -> int:
     """``value`` as a plan size (an integer >= 1, NumPy's included), or a refusal naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
-        raise InvalidInputError(f"{option} must be an integer >= 1, got {value!r}")
-    return int(value)
+    return integer_argument(option, value, 1)
 
 
 class Influence:

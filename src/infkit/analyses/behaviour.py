@@ -57,7 +57,7 @@ from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError, Notice, UnsupportedError, warn
 from infkit.influence import Influence
 from infkit.language_modeling import IGNORE_INDEX
-from infkit.options import real_number, whole_number
+from infkit.options import integer_argument, real_number, whole_number
 from infkit.progress import track
 from infkit.task import Task
 
@@ -187,8 +187,8 @@ def differential_token_scores(
     if chunk_size is None:
         per_sequence = 8 * positions * (n_b + n_c)
         chunk_size = max(1, int(CHUNK_SHARE * fitted.memory_limit) // per_sequence)
-    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise InvalidInputError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    else:
+        chunk_size = integer_argument("chunk_size", chunk_size, 1)
     chunks = [idx[s : s + chunk_size] for s in range(0, len(idx), chunk_size)]
     tokens, rest, valid = [], [], []
     shown: Iterator[Tensor] | list[Tensor] = chunks
@@ -323,9 +323,7 @@ def select_tokens(
             f"percentile must be a number strictly between 0 and 100 (the paper uses 99), got "
             f"{percentile!r}"
         )
-    width = whole_number(window)
-    if width is None or width < 0:
-        raise InvalidInputError(f"window must be an integer >= 0, got {window!r}")
+    width = integer_argument("window", window, 0)
     centre = whole_number(offset)
     if centre not in (0, 1):
         raise InvalidInputError(
