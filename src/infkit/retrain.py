@@ -185,14 +185,15 @@ def _cache(
 ) -> RetrainCache | None:
     """The retraining cache of an experiment (None without ``cache_dir``), once its data is
     checked as fit checks it: each retraining's train_to_optimum then finds it checked."""
-    check_examples(PerExample(task, ParameterSpace(task.model)), examples)
+    engine = PerExample(task, ParameterSpace(task.model))
+    check_examples(engine, examples)
     if run is not None:
         _check_run(run, task, examples, l2)
     if cache_dir is None:
         return None
     # the attributes a forward pass writes (kept activations) are no part of the key
     if attribute_objects(task.model):
-        probe_forward_writes(PerExample(task, ParameterSpace(task.model)), examples)
+        probe_forward_writes(engine, examples)
     return RetrainCache(cache_dir, task, examples, l2, tolerance, max_iter, run)
 
 

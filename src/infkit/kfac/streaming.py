@@ -549,8 +549,7 @@ class StreamingScorer:
             torch.zeros(t_count, dtype=torch.float64, device=device),
             rank if low_rank else None,
         )
-        prepared = self._filled(prepared, queries, tracked)
-        return prepared
+        return self._filled(prepared, queries, tracked)
 
     def warn_if_rank_loses_much(
         self, least: float, rank: int, queries: ExampleSet, worst: int
