@@ -279,3 +279,61 @@ def test_a_dataloaders_sampler_and_partial_collate_are_named(problem: dict) -> N
         infkit.Influence(problem["task"], "identity", progress=False).fit(
             DataLoader(rows, shuffle=True, batch_size=2)
         )
+
+
+def test_a_pair_of_python_lists_reads_as_the_pair_of_tensors() -> None:
+    """(X.tolist(), y.tolist()) was read as a list of two examples and refused ("each item
+    must be an (x, y) pair ... got list"): it scores as the tensors do. Two rows stay two
+    examples, as before (an example is an (x, y) pair)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(12, 3)), np.arange(12) % 2
+    task = infkit.Task.classification(torch.nn.Linear(3, 2).double())
+    infkit.train_to_optimum(task, (X, y), 1e-2)
+    expected = infkit.Influence(task, "exact", l2=1e-2).fit((X, y)).scores((X[:2], y[:2]))
+    for form in (tuple, list):
+        listed = infkit.Influence(task, "exact", l2=1e-2).fit(form([X.tolist(), y.tolist()]))
+        torch.testing.assert_close(listed.scores((X[:2], y[:2])), expected, rtol=1e-12, atol=0)
+    two = ExampleSet([[X[0].tolist(), 0], [X[1].tolist(), 1]])
+    assert len(two) == 2 and two.take([1]).targets.tolist() == [1]
+
+
+def test_arrays_of_strings_or_objects_are_refused_saying_how_to_give_numbers() -> None:
+    """Labels as class names (a NumPy array of str, a list of them, a dataset's items) and a
+    NumPy array of objects (a pandas frame of mixed columns) raised torch's TypeError ("can't
+    convert np.ndarray of type numpy.str_"); each is refused naming the set and the part."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(12, 3)), np.arange(12) % 2
+    task = infkit.Task.classification(torch.nn.Linear(3, 2).double())
+
+    class Named(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+            return torch.tensor(X[i]), "ab"[y[i]]
+
+    cases = {
+        "training set: the labels is a NumPy array of <U1": (X, np.array(["a", "b"])[y]),
+        "training set: the inputs is a NumPy array of object": (X.astype(object), y),
+        r"training set: the inputs\['x'\] is a NumPy array of object": (
+            {"x": X.astype(object)},
+            y,
+        ),
+        "example 0: labels must be a tensor of class indices, got list of strings": (
+            X,
+            ["a", "b"] * 6,
+        ),
+    }
+    for message, data in cases.items():
+        with pytest.raises(InvalidInputError, match=message):
+            infkit.Influence(task, "exact", l2=1e-2).fit(data)
+    with pytest.raises(InvalidInputError, match="got list of strings; encode the classes"):
+        infkit.Influence(task, "exact", l2=1e-2).fit(Named())
+    # numbers in any NumPy dtype still read as before
+    expected = infkit.Influence(task, "exact", l2=1e-2).fit((X, y)).scores((X[:2], y[:2]))
+    as_int32 = infkit.Influence(task, "exact", l2=1e-2).fit((X, y.astype(np.int32)))
+    torch.testing.assert_close(as_int32.scores((X[:2], y[:2])), expected, rtol=1e-12, atol=0)

@@ -398,3 +398,70 @@ def test_damping_and_float32_model(classifier: dict) -> None:
     assert single.method.K.dtype == torch.float32
     assert single.describe()["options"]["kernel_dtype"] == "float32"
     assert relative_error(single.scores((test[0].float(), test[1])), ref.scores(test)) < 1e-3
+
+
+def test_a_kernel_without_ridge_names_exact_where_p_is_small() -> None:
+    """N = 40, P = 4 at l2 = damping = 0: the refusal said the GGN was singular "with P > N*C",
+    where P < N*C and exact answers; it names the kernel system and exact (a tester's)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 3, dtype=torch.float64), torch.randn(40, 1, dtype=torch.float64)
+    task = infkit.Task.regression(torch.nn.Linear(3, 1).double())
+    infkit.train_to_optimum(task, (X, y), 0.0)
+    with pytest.raises(CurvatureError, match=r"whatever P and N\*C.*method='exact'"):
+        infkit.Influence(task, "dual", l2=0.0).fit((X, y))
+    assert bool(
+        torch.isfinite(infkit.Influence(task, "exact", l2=0.0).fit((X, y)).self_scores()).all()
+    )
+
+
+def test_scores_that_overflow_are_refused_and_an_interpolant_is_not_drift() -> None:
+    """A last layer scaled by 1e306: dual gave NaN and exact Inf self-scores without a word;
+    both refused, naming the method. An interpolating least-squares fit (residuals 1.6e-15,
+    its step to the optimum 7e-16 of theta) was warned of as "not at a stationary point ...
+    100%": a step at the parameters' rounding is no drift (a tester's)."""
+    torch.manual_seed(7)
+    X, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    mlp = mlp.double()
+    with torch.no_grad():
+        mlp[2].weight.mul_(1e306)
+    task = infkit.Task.classification(mlp)
+    for method in ("dual", "exact"):
+        refused = pytest.raises(infkit.errors.NonFiniteError, match=f"method '{method}'")
+        with refused, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            infkit.Influence(task, method, l2=1e-2).fit((X, y)).self_scores()
+    torch.manual_seed(3)
+    X, y = torch.randn(10, 30, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+    model = torch.nn.Linear(30, 1).double()
+    with torch.no_grad():
+        solution = torch.linalg.lstsq(torch.cat([X, torch.ones(10, 1).double()], 1), y).solution
+        model.weight.copy_(solution[:30].T)
+        model.bias.copy_(solution[30])
+    task = infkit.Task.regression(model)
+    for method in ("dual", "exact"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*not at a stationary point")
+            inf = infkit.Influence(task, method, l2=0.0, damping=1e-6).fit((X, y))
+        assert inf.describe()["drift"]["relative_step"] < 1e-13
+
+
+def test_a_low_precision_model_off_its_optimum_is_still_warned_of() -> None:
+    """The rounding guard of the drift warning (a step below 10 epsilons of theta is none)
+    must not silence a real step: a bfloat16 model 2.4-3.6% of theta from its optimum (a
+    reviewer's; a cut-off of 1000 epsilons of bfloat16 let it pass). (In float32 the guard is
+    10 epsilons, 1.2e-6 of theta.)"""
+    torch.manual_seed(0)
+    X = torch.randn(40, 4, dtype=torch.float64)
+    w = torch.tensor([[1.0], [2.0], [-1.0], [0.5]], dtype=torch.float64)
+    y = X @ w + 0.05 * torch.randn(40, 1, dtype=torch.float64)
+    torch.manual_seed(1)
+    model = torch.nn.Linear(4, 1).double()
+    infkit.train_to_optimum(infkit.Task.regression(model), (X, y), 1e-2)
+    for dtype, moved in ((torch.bfloat16, 0.05),):
+        shifted = copy.deepcopy(model)
+        with torch.no_grad():
+            shifted.weight.add_(moved * shifted.weight.norm() * torch.randn_like(shifted.weight))
+        task = infkit.Task.regression(shifted.to(dtype))
+        with pytest.warns(UserWarning, match="not at a stationary point"):
+            infkit.Influence(task, "exact", l2=1e-2).fit((X.to(dtype), y.to(dtype)))

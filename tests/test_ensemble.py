@@ -3,6 +3,8 @@ the reason to use them, measured: a higher LDS than one model's scores on a non-
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -251,6 +253,14 @@ def test_bad_members_are_refused_with_a_reason(digits) -> None:
         Ensemble([members[0], margin])
     with pytest.warns(UserWarning, match="attribute the same model object"):
         Ensemble([members[0], members[0]])
+    # another objective: the member answers for l2 = 0.1 where its model was trained at L2
+    other_l2 = infkit.Influence(tasks[1], "exact", l2=10 * L2, progress=False)
+    with pytest.warns(UserWarning, match=rf"member 1 was fitted with l2={10 * L2!r}"):
+        Ensemble([members[0], other_l2.fit(train)])
+    rounded = infkit.Influence(tasks[1], "exact", l2=L2 * (1 + 1e-12), progress=False)
+    with warnings.catch_warnings():  # the same l2 to rounding: no word
+        warnings.filterwarnings("error", message="member 1 was fitted with l2")
+        Ensemble([members[0], rounded.fit(train)])
     with pytest.raises(InvalidInputError, match="a non-empty sequence of Task"):
         Ensemble.fit([], train, method="exact")
     with pytest.raises(InvalidInputError, match="k must be an integer >= 1"):

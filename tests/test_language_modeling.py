@@ -328,6 +328,23 @@ def test_the_causality_probe_stays_in_the_vocabulary_of_a_model_without_an_embed
         assert inf.scores(lm.examples(ids[[0, 9]])).shape == (2, 8)
 
 
+def test_the_causality_probe_is_relative_to_small_logits() -> None:
+    """A fresh model's logits of 0.22 moving 9.7e-5 at earlier positions (a tiny BERT's, a
+    tester's) passed a tolerance of 1e-4 x max(largest logit, 1); relative to the logits it is
+    named, and a causal model's exactly unmoved logits still pass, however small."""
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    logits = 0.22 * torch.rand(1, 5, VOCAB, generator=torch.Generator().manual_seed(0))
+
+    def moved_by(amount: float):  # the earlier positions move by `amount` when a token changes
+        return lambda inputs: logits + amount
+
+    assert "not causal" in (lm.check_causal(moved_by(9.7e-5), ids, logits) or "")
+    assert lm.check_causal(moved_by(0.0), ids, logits) is None
+    assert lm.check_causal(moved_by(1e-6), ids, logits) is None  # rounding's size
+    small = 1e-6 * logits
+    assert lm.check_causal(lambda inputs: small.clone(), ids, small) is None
+
+
 def test_the_causality_probe_leaves_non_finite_logits_to_the_finite_check() -> None:
     """A model whose logits are NaN (a tester's left-padded float64 Llama with eager attention)
     got "not causal ... moved by up to nan" before the finite check named the cause; the probe

@@ -102,3 +102,22 @@ def test_linearizability_separates_lazy_from_feature_learning_training() -> None
     assert 0 < lazy.max_param_distance < far.max_param_distance
     assert lazy.max_output_rmse < 0.1 * far.max_output_rmse
     assert "| step |" in far.table()
+
+
+def test_linearizability_refuses_settings_that_train_nothing() -> None:
+    """lr = -1 raised torch's "Invalid learning rate", lr = nan gave NaN curves, l2 = -1 was
+    taken (a tester's): each is named."""
+    torch.manual_seed(0)
+    X, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64)
+    task = infkit.Task.regression(torch.nn.Linear(3, 1).double())
+    for settings, message in (
+        ({"lr": -1.0}, "lr must be a finite number > 0"),
+        ({"lr": float("nan")}, "lr must be a finite number > 0"),
+        ({"l2": -1.0}, "l2 must be a finite number >= 0"),
+        ({"momentum": 1.0}, r"momentum must be a number in \[0, 1\)"),
+        ({"steps": 0}, "steps must be an integer >= 1"),
+    ):
+        with pytest.raises(infkit.InvalidInputError, match=message):
+            linearizability(task, (X, y), **settings)
+    with pytest.raises(infkit.errors.NonFiniteError, match="training set example 2"):
+        linearizability(task, (torch.where(torch.arange(12)[:, None] == 2, torch.nan, X), y))

@@ -139,3 +139,15 @@ def test_auto_chooses_among_the_methods_that_take_the_options(mlp_problem: dict)
         infkit.Influence(task, "auto", l2=l2, banana=1)
     with pytest.raises(UnsupportedError, match=r"'tool' \(did you mean 'tol'\?\)"):
         infkit.Influence(task, "auto", l2=l2, tool=1e-6)
+
+
+def test_a_dtype_option_takes_the_name_its_record_writes() -> None:
+    """describe()["options"] records a dtype option as its name ("float32"), which the option
+    refused ("must be a dtype"): a record could not be passed back (a tester's). The name is
+    taken as the dtype; another string is refused as before."""
+    cls = method_class("dual")
+    options = cls.Options.parse({"kernel_dtype": "float32"}, "method 'dual'")
+    assert options.kernel_dtype is torch.float32
+    assert cls.Options.parse(options.record(), "method 'dual'").kernel_dtype is torch.float32
+    with pytest.raises(InvalidInputError, match="option 'kernel_dtype' must be a dtype"):
+        cls.Options.parse({"kernel_dtype": "float33"}, "method 'dual'")

@@ -142,3 +142,43 @@ def test_structured_rule_covers_single_use_linear_layers_only() -> None:
     covered = sorted(n for layer in tm.layers for n in (layer.weight, layer.bias) if n)
     assert covered == ["frozen.bias", "head.bias", "head.weight"]
     assert tm.rest == ["a.weight", "a.bias"]
+
+
+def test_inputs_and_parameters_the_kernel_cannot_be_taken_at_are_named() -> None:
+    """Inputs of another width, integer inputs, a 1-d input, NaN inputs or parameters and a
+    batch_size of 0 raised PyTorch's errors or gave a NaN kernel without a word (a tester's);
+    each is named. A kernel that overflows (a weight of 1e306) is refused."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    mlp = mlp.double()
+    X = torch.randn(6, 5, dtype=torch.float64)
+    P = sum(p.numel() for p in mlp.parameters())
+    cases = {
+        "could not be called on x1 example 0": lambda: empirical_ntk(mlp, torch.randn(4, 7)),
+        "could not be called on x2 example 0": lambda: empirical_ntk(mlp, X, torch.randn(3, 7)),
+        "they are integer tensors": lambda: empirical_ntk(mlp, torch.ones(4, 5).long()),
+        "batch_size must be an integer >= 1": lambda: empirical_ntk(mlp, X, batch_size=0),
+        "x1 example 0 contains NaN": lambda: empirical_ntk(mlp, torch.full((2, 5), torch.nan)),
+        r"taken at hold NaN or Inf \(params\)": lambda: empirical_ntk(
+            mlp, X, params=torch.full((P,), torch.nan, dtype=torch.float64)
+        ),
+    }
+    for message, call in cases.items():
+        with pytest.raises(infkit.InfkitError, match=message):
+            call()
+    with torch.no_grad():
+        mlp[2].weight.mul_(1e306)
+    with pytest.raises(infkit.errors.NonFiniteError, match="the NTK holds NaN or Inf"):
+        empirical_ntk(mlp, X)
+
+
+def test_a_task_given_for_its_model_is_not_checked_for_labels() -> None:
+    """A regression Task of two outputs: the placeholder targets the kernel reads its inputs
+    with were checked against the task's loss and refused (a reviewer's): the model's inputs
+    alone are checked, and the kernel is the module's."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    mlp = mlp.double()
+    X = torch.randn(6, 3, dtype=torch.float64)
+    K = empirical_ntk(infkit.Task.regression(mlp), X)
+    torch.testing.assert_close(K, empirical_ntk(mlp, X), rtol=0, atol=0)

@@ -74,6 +74,27 @@ def test_top_k_orientation_for_loss_and_margin() -> None:
     assert bool((top_m.proponent_indices[:, 0] == top.proponent_indices[:, 0]).all())
 
 
+def test_top_k_takes_a_numpy_integer_and_refuses_a_fraction() -> None:
+    """A k computed with NumPy (an np.int64) ranks as the same int does; 2.5 and True are
+    refused by name (they used to be refused alike, the NumPy integer with them)."""
+    import numpy as np
+    import pytest
+
+    from infkit.errors import InvalidInputError
+
+    X, y = _binary_data()
+    query = (X[:3], y[:3])
+    _, task = _fit_logreg(X, y)
+    fitted = infkit.Influence(task, l2=1e-2).fit((X, y))
+    expected = fitted.top_k(query, k=4)
+    top = fitted.top_k(query, k=np.int64(4))
+    assert top.proponent_indices.shape == (3, 4)
+    assert bool((top.proponent_indices == expected.proponent_indices).all())
+    for bad in (2.5, True, 0):
+        with pytest.raises(InvalidInputError, match=r"k must be an integer >= 1, got"):
+            fitted.top_k(query, k=bad)
+
+
 def test_a_callable_measurement_takes_its_orientation() -> None:
     """The probability of the true class, higher-is-better: with higher_is_better=True the
     proponents are the examples whose removal lowers it (negative scores), the same examples

@@ -10,7 +10,7 @@ import torch
 from autograd_reference import autograd_gradients
 
 import infkit
-from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.errors import InvalidInputError, NonFiniteError, UnsupportedError
 from infkit.evaluate import relative_error
 
 
@@ -123,6 +123,61 @@ def test_tracincp_checks_its_inputs(mlp_problem: dict) -> None:
             checkpoints=[{**state, "extra": torch.zeros(1)}],
             learning_rates=1.0,
         ).fit(train)
+
+
+def test_a_checkpoint_holding_nan_is_named_not_the_query(mlp_problem: dict) -> None:
+    """A checkpoint saved after the run diverged made every score NaN, and the error blamed
+    example 0 of the test set; it names the checkpoint and its parameter (a state dict or a
+    flat vector alike)."""
+    task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
+    state = {k: v.clone() for k, v in mlp_problem["model"].state_dict().items()}
+    name = next(n for n, p in mlp_problem["model"].named_parameters() if p.dim() == 1)
+    broken = {**state, name: state[name].clone()}
+    broken[name][0] = float("nan")
+    flat = torch.cat([v.reshape(-1) for v in broken.values()])
+    assert flat.shape == (75,) and list(broken) == [n for n, _ in task.model.named_parameters()]
+    for bad in (broken, flat):
+        with pytest.raises(NonFiniteError, match=f"checkpoint 1 holds NaN or Inf .*{name!r}"):
+            infkit.Influence(
+                task, "identity", l2=l2, checkpoints=[state, bad], learning_rates=0.1
+            ).fit(train)
+
+
+def test_a_checkpoint_buffer_holding_nan_is_named() -> None:
+    """A BatchNorm's running variance NaN in a checkpoint (parameters finite) is named."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)
+    ).double()
+    X, y = torch.randn(20, 3, dtype=torch.float64), torch.arange(20) % 2
+    model.eval()
+    task = infkit.Task.classification(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    broken = {**state, "1.running_var": torch.full((4,), float("nan"), dtype=torch.float64)}
+    with pytest.raises(
+        NonFiniteError, match=r"checkpoint 1 holds NaN or Inf \(buffer '1\.running_var'"
+    ):
+        infkit.Influence(task, "identity", checkpoints=[state, broken], learning_rates=0.1).fit(
+            (X, y)
+        )
+    # the model's parameters under other running statistics are another model (they were
+    # taken as the fitted one, its statistics and gradient cache): each term as alone
+    other = {**state, "1.running_var": 4 * state["1.running_var"] + 1}
+    terms = []
+    for checkpoint in (state, other):
+        alone = copy.deepcopy(model)
+        alone.load_state_dict(checkpoint)
+        single = infkit.Influence(
+            infkit.Task.classification(alone.eval()),
+            "identity",
+            checkpoints=[checkpoint],
+            learning_rates=0.1,
+        )
+        terms.append(single.fit((X, y)).scores((X[:2], y[:2])))
+    both = infkit.Influence(task, "identity", checkpoints=[state, other], learning_rates=0.1)
+    combined = both.fit((X, y)).scores((X[:2], y[:2]))
+    assert relative_error(terms[1], terms[0]) > 0.1
+    assert relative_error(combined, terms[0] + terms[1]) < 1e-12
 
 
 def test_tracincp_over_a_recorded_run_as_the_docs_pass_it(mlp_problem: dict) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor
 
-from infkit.errors import InvalidInputError
+from infkit.errors import InvalidInputError, NonFiniteError
 from infkit.parameters import ParameterSpace
 
 Checkpoint = Mapping[str, Tensor] | Tensor
@@ -28,7 +28,7 @@ def checkpoint_vector(space: ParameterSpace, checkpoint: Checkpoint, k: int = 0)
                 f"checkpoint {k} is a tensor of shape {tuple(checkpoint.shape)}; a flat "
                 f"checkpoint must have shape [P] = [{space.size}]"
             )
-        return checkpoint.detach().to(space.dtype)
+        return _finite(checkpoint.detach().to(space.dtype), k, space)
     if isinstance(checkpoint, Mapping):
         model = space.model
         known = {*model.state_dict(), *dict(model.named_parameters()), *dict(model.named_buffers())}
@@ -53,9 +53,47 @@ def checkpoint_vector(space: ParameterSpace, checkpoint: Checkpoint, k: int = 0)
                     f"has {tuple(shape)}"
                 )
             parts.append(t.detach().reshape(-1).to(space.dtype))
-        return torch.cat(parts)
+        for n, _ in model.named_buffers():  # a BatchNorm's running statistics, as the parameters
+            value = torch.as_tensor(checkpoint[n]) if n in checkpoint else None
+            if value is not None and value.is_floating_point() and not value.isfinite().all():
+                raise NonFiniteError(
+                    f"checkpoint {k} holds NaN or Inf (buffer {n!r}): the model had diverged, "
+                    "or the checkpoint was saved from a failed run; leave it out of checkpoints"
+                )
+        return _finite(torch.cat(parts), k, space)
     raise InvalidInputError(
         f"checkpoint {k} must be a state dict or a flat [P] tensor, got {type(checkpoint).__name__}"
+    )
+
+
+def _finite(vector: Tensor, k: int, space: ParameterSpace) -> Tensor:
+    """``vector``, or a NonFiniteError naming checkpoint ``k`` and its first parameter holding
+    NaN or Inf: every score computed at it would be NaN, and the error would name a query or a
+    training example instead."""
+    if bool(torch.isfinite(vector).all()):
+        return vector
+    first = int((~torch.isfinite(vector)).nonzero()[0, 0])
+    named = next(n for n, end in zip(space.names, space.offsets[1:]) if first < end)
+    raise NonFiniteError(
+        f"checkpoint {k} holds NaN or Inf (parameter {named!r}): the model had diverged, or "
+        "the checkpoint was saved from a failed run; leave it out of checkpoints (and, for "
+        "TracInCP, its rate out of learning_rates)"
+    )
+
+
+def is_the_models(space: ParameterSpace, checkpoint: Checkpoint, vector: Tensor) -> bool:
+    """Whether ``checkpoint`` (as the flat ``vector``) is the model as it is: its parameters,
+    and the buffers a state dict carries (running statistics that differ make it another
+    model whatever its parameters)."""
+    if not torch.equal(vector, space.flat().to(vector)):
+        return False
+    if not isinstance(checkpoint, Mapping):
+        return True
+    buffers = dict(space.model.named_buffers())
+    return all(
+        torch.equal(torch.as_tensor(checkpoint[n]).to(b), b)
+        for n, b in buffers.items()
+        if n in checkpoint
     )
 
 

@@ -124,12 +124,25 @@ def map_tensors(obj: Any, fn) -> Any:
     return _map_tensors(obj, fn)
 
 
-def _as_tensors(obj: Any) -> Any:
-    """numpy arrays (also inside dicts) as tensors; everything else unchanged."""
+def _as_tensors(obj: Any, what: str) -> Any:
+    """numpy arrays (also inside dicts) as tensors; everything else unchanged. An array of
+    strings or Python objects (``what`` names it) is refused, saying how to give numbers."""
     if is_array(obj):
+        if obj.dtype.kind in "USO":  # str, bytes, object: no tensor of them
+            hint = (
+                "encode the classes as integers 0..C-1, e.g. classes, y = np.unique(y, "
+                "return_inverse=True) (in infkit run, [data] class_names shows them by name)"
+                if obj.dtype.kind in "US"
+                else "convert it to numbers, e.g. np.asarray(values, dtype=np.float64) (a "
+                "pandas frame of mixed columns gives objects: encode its text columns first)"
+            )
+            raise InvalidInputError(
+                f"{what} is a NumPy array of {obj.dtype} ({obj.dtype.kind!r} kind), and infkit "
+                f"reads numbers: {hint}"
+            )
         return torch.as_tensor(obj)
     if isinstance(obj, dict):
-        return {k: _as_tensors(v) for k, v in obj.items()}
+        return {k: _as_tensors(v, f"{what}[{k!r}]") for k, v in obj.items()}
     return obj
 
 
@@ -159,6 +172,22 @@ def _is_pair(data: Any) -> bool:
     if isinstance(first, Tensor) or is_array(first):
         return True
     return isinstance(first, dict) and not any(key in first for key in LABEL_KEYS)
+
+
+def _is_list_pair(data: Any) -> bool:
+    """Whether ``data`` is ``(X, y)`` as Python lists: two lists of one length, the first of
+    rows of numbers. (Not two examples: an example is an (x, y) pair, and X here has another
+    number of rows than 2; with 2 rows the data reads as two examples, as before.)"""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        return False
+    inputs, labels = data
+    if not (isinstance(inputs, (list, tuple)) and isinstance(labels, (list, tuple))):
+        return False
+    if len(inputs) != len(labels) or len(inputs) in (0, 2):
+        return False
+    return isinstance(numbers_as_tensor(inputs), Tensor) and isinstance(
+        numbers_as_tensor(labels), Tensor
+    )
 
 
 def _is_inputs_tuple_pair(data: Any) -> bool:
@@ -231,6 +260,8 @@ class ExampleSet:
             self._checked = data._checked  # the same examples
         elif _is_pair(data):
             self._tensors = self._pair(data[0], data[1])
+        elif _is_list_pair(data):  # (X.tolist(), y.tolist())
+            self._tensors = self._pair(numbers_as_tensor(data[0]), data[1])
         elif _is_inputs_tuple_pair(data):
             kinds = ", ".join(type(x).__name__ for x in data[0])
             raise InvalidInputError(
@@ -265,7 +296,8 @@ class ExampleSet:
         example (a list of labels, a dict's column of token ids) too; refused when a tensor
         has no example dimension, when the first dimensions differ, or when an input is a list
         that cannot be batched (texts)."""
-        x, y = _as_tensors(inputs), _as_tensors(numbers_as_tensor(labels))
+        x = _as_tensors(inputs, f"{self.name}: the inputs")
+        y = _as_tensors(numbers_as_tensor(labels), f"{self.name}: the labels")
         if any(t.dim() == 0 for t in leaves(x) + leaves(y)):
             raise InvalidInputError(
                 f"{self.name}: the tensors of an (X, y) pair need a first (example) dimension; "
@@ -445,14 +477,16 @@ class ExampleSet:
         first = self.take([0]).inputs
         return _map_tensors(first, lambda t: tuple(t.shape[1:]))
 
-    def check_finite(self, batch_size: int = 1024) -> None:
-        """Raise NonFiniteError naming the first example with NaN or Inf in a float input; an
-        additive attention mask (0 and -inf, a dict input whose key names a mask) is told as
-        such: a mask holds 1 at a token and 0 at padding."""
+    def check_finite(self, batch_size: int = 1024, targets: bool = True) -> None:
+        """Raise NonFiniteError naming the first example with NaN or Inf in a float input (or
+        target, unless ``targets`` is False: a use that reads none); an additive attention
+        mask (0 and -inf, a dict input whose key names a mask) is told as such: a mask holds 1
+        at a token and 0 at padding."""
         for b in self.batches(batch_size):
             named_inputs = b.inputs.items() if isinstance(b.inputs, dict) else [("", b.inputs)]
             parts = [(key, t) for key, value in named_inputs for t in leaves(value)]
-            for key, t in parts + [("", t) for t in leaves(b.targets)]:
+            read = leaves(b.targets) if targets else []
+            for key, t in parts + [("", t) for t in read]:
                 if t.is_floating_point() or t.is_complex():
                     bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
                     if bad.any():

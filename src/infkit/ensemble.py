@@ -22,6 +22,7 @@ accumulators, never M of them.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from infkit.errors import (
 from infkit.fingerprint import callable_identity, data_fingerprint
 from infkit.influence import Influence, TopK
 from infkit.memory import FLOAT64_BYTES, human_bytes, row_chunks
+from infkit.options import integer_argument
 from infkit.parameters import dtype_name
 from infkit.removal import Quantity, RemovalEffect
 from infkit.task import Task
@@ -261,6 +263,13 @@ class Ensemble:
                     "(e.g. a loss and a margin), whose changes cannot be averaged; give every "
                     "member the same measurement"
                 )
+            if not math.isclose(member.l2, first.l2, rel_tol=1e-9, abs_tol=0.0):
+                warn(
+                    f"member {m} was fitted with l2={member.l2!r}, member 0 with "
+                    f"l2={first.l2!r}: each answers for its own objective, and the ensemble "
+                    "averages them as one; fit every member with the l2 its model was trained with "
+                    "(one for all, when the models differ only in their seeds)"
+                )
             if callable_identity(member.task.measurement) != identity:
                 warn(
                     f"member {m} measures {callable_identity(member.task.measurement)}, member "
@@ -459,8 +468,7 @@ class Ensemble:
         negative ones for a measurement where higher is better (a margin). The test examples
         are taken in chunks, so the [T, N] mean is never held whole when it is large.
         """
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
+        k = integer_argument("k", k, 1)
         queries = ExampleSet(test, name="test set")
         t, n = len(queries), self.n_train
         k = min(k, n)

@@ -133,9 +133,11 @@ def _check_reads_alike(examples: ExampleSet, first: Batch) -> None:
 
 
 def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = False) -> None:
-    """Check that the model accepts the inputs and the task's targets are usable.
+    """Check that the data is finite, the model accepts the inputs and the task's targets are
+    usable.
 
-    The inputs batch by batch against the task's ``check_inputs`` (token ids outside a language
+    NaN or Inf in a float input or target first (:meth:`~infkit.data.ExampleSet.check_finite`,
+    naming the example), then the inputs batch by batch against the task's ``check_inputs`` (token ids outside a language
     model's vocabulary), one forward pass on the first example (integer inputs to a float
     model, an index out of an embedding's range, probabilities where logits are expected), the
     task's ``check_model`` on the example its ``probe_example`` picks (a language model's first
@@ -152,6 +154,7 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
     """
     if examples._checked:
         return
+    examples.check_finite()
     task = engine.task
     first = examples.take([0])
     _check_reads_alike(examples, first)

@@ -422,7 +422,6 @@ def check_beside(
     """Check a set to be asked about beside the training set ``train``: finite, shaped like
     its inputs, and usable by the task (:func:`check_examples`; ``measured``: read through
     the measurement only)."""
-    examples.check_finite()
     check_compatible(train, examples)
     check_examples(engine, examples, measured)
 

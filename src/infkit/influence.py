@@ -18,7 +18,7 @@ import logging
 import numbers
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +32,7 @@ from infkit.data import ExampleSet, checked_indices
 from infkit.decompositions import Svd, TokenScores
 from infkit.errors import (
     InvalidInputError,
+    NonFiniteError,
     NotFittedError,
     Notice,
     ProblemTooLargeError,
@@ -260,8 +261,7 @@ class Influence:
             ):
                 allowed = "a finite number >= 0" + (" or 'auto'" if label == "damping" else "")
                 raise InvalidInputError(f"{label} must be {allowed}, got {value!r}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise InvalidInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        batch_size = integer_argument("batch_size", batch_size, 1)
         if per_example not in MODES:
             raise UnsupportedError(
                 f"unknown per_example mode {per_example!r}; use one of {', '.join(MODES)}"
@@ -386,7 +386,6 @@ class Influence:
     def fit(self, train: Any) -> Influence:
         """Fit the method on the training set (the curvature, factors or kernel); returns ``self``."""
         examples = ExampleSet(train, name="training set")
-        examples.check_finite()
         check_weights_present(self.task.model)
         space = ParameterSpace(self.task.model)
         engine = PerExample(self.task, space, self.per_example_mode)
@@ -856,7 +855,7 @@ class Influence:
                 "raise memory_limit"
             )
         out = torch.empty(t, n, dtype=fitted.result_dtype)
-        for start, stop, S in self._score_chunks(queries, columns):
+        for start, stop, S in self._score_chunks(queries, columns):  # finite in out's dtype
             out[start:stop] = S
             del S  # before the next chunk is computed
         return out
@@ -923,9 +922,12 @@ class Influence:
         for start, stop in shown:
             part = queries if stop - start == t else queries.part(torch.arange(start, stop))
             if among is None:
-                yield start, stop, method.scores(part, self._estimator)
+                S = method.scores(part, self._estimator)
             else:
-                yield start, stop, method.scores_among(part, self._estimator, among)
+                S = method.scores_among(part, self._estimator, among)
+            named = lambda r: f"{queries.name} {queries.example(start + r)}"  # noqa: E731, B023
+            _require_finite_scores(S, method.name, named, fitted.result_dtype)
+            yield start, stop, S
 
     def _query_chunks(self, t: int, estimator: Estimator) -> tuple[list[tuple[int, int]], int]:
         """The chunks ``[start, stop)`` of ``t`` queries that ``estimator``'s scores are taken
@@ -946,7 +948,9 @@ class Influence:
         self.fitted.require_unchanged()
         method = self.method
         method.require("self_scores")
-        return self.fitted.output(method.self_scores(self._estimator))
+        out = self.fitted.output(method.self_scores(self._estimator))
+        _require_finite_scores(out[None], method.name, lambda _: "the training set's self-scores")
+        return out
 
     def relatif_and_self_scores(self, test: Any) -> tuple[Tensor, Tensor] | None:
         """``with_estimator("relatif").scores(test)`` and ``self_scores()`` together, from one
@@ -962,7 +966,11 @@ class Influence:
         self._check_queries(queries)
         assert isinstance(self.method, PrimalMethod)  # (_shares_solves)
         S, own = self.method.relatif_and_self_scores(queries, self._estimator.relatif)
-        return self.fitted.output(S), self.fitted.output(own)
+        S, own = self.fitted.output(S), self.fitted.output(own)
+        name = self.method.name
+        _require_finite_scores(S, name, lambda r: f"{queries.name} {queries.example(r)}")
+        _require_finite_scores(own[None], name, lambda _: "the training set's self-scores")
+        return S, own
 
     def _shares_solves(self, queries: ExampleSet) -> bool:
         """Whether :meth:`relatif_and_self_scores` answers ``queries`` from shared solves: not
@@ -1161,8 +1169,7 @@ class Influence:
         is taken as that number (both lists then rank the whole training set).
         """
         self.fitted.require_unchanged()
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
+        k = integer_argument("k", k, 1)
         self.method.require("scores")
         queries = self._queries(test)
         k = min(k, self.fitted.n)
@@ -1310,8 +1317,9 @@ class Influence:
         examples = None if train is None else ExampleSet(train, name="training set")
         if examples is None and (n_train is None or sequence_length is None):
             raise InvalidInputError(
-                "plan needs the training data, or n_train and sequence_length (a model on the "
-                "meta device)"
+                "plan needs the training data, inf.plan(train, test); or, for a model on the "
+                "meta device (no weights: a size to plan before renting the machines), "
+                "inf.plan(n_train=..., n_queries=..., sequence_length=...)"
             )
         n = len(examples) if examples is not None else int(n_train or 0)
         q = len(ExampleSet(test, name="test set")) if test is not None else int(n_queries or 1)
@@ -1458,6 +1466,27 @@ def _estimator(name: str, relatif: str) -> Estimator:
             f"unknown relatif norm {relatif!r}; use one of {', '.join(RELATIF_NORMS)}"
         )
     return Estimator(name, relatif)  # both checked above
+
+
+def _require_finite_scores(
+    scores: Tensor, method: str, named: Callable[[int], str], returned: torch.dtype | None = None
+) -> None:
+    """Refuse scores [rows, N] holding NaN or Inf, or beyond the range of the dtype they are
+    returned in (``returned``, checked by the rows' extremes, not a cast copy), naming the
+    first such row (``named``): the method's curvature or kernel overflowed at the model's
+    parameters (a weight of 1e306 gave NaN from dual and Inf from exact without a word)."""
+    bad = ~torch.isfinite(scores).all(dim=1)
+    if returned is not None and torch.finfo(returned).max < torch.finfo(scores.dtype).max:
+        largest = torch.finfo(returned).max
+        bad |= (scores.amax(dim=1) > largest) | (scores.amin(dim=1) < -largest)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise NonFiniteError(
+            f"the scores of {named(row)} hold NaN or Inf: method {method!r}'s solve, curvature "
+            "or kernel overflowed at the model's parameters, or the model's outputs or "
+            "gradients are not finite there. Check the parameters' size (and the model's "
+            "precision), or pass more damping"
+        )
 
 
 def _check_steps(steps: Any) -> None:

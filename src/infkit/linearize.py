@@ -37,6 +37,7 @@ from torch.func import functional_call, jvp
 
 from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError
+from infkit.options import integer_argument, real_number
 from infkit.parameters import ParameterSpace, evaluation_mode
 from infkit.task import Task, default_output_fn
 
@@ -269,7 +270,18 @@ def linearizability(
     """
     if anchor not in ("init", "zero"):
         raise InvalidInputError(f"anchor must be 'init' or 'zero', got {anchor!r}")
+    steps = integer_argument("steps", steps, 1)
+    for name, value, low, high in (("lr", lr, 0.0, math.inf), ("l2", l2, 0.0, math.inf)):
+        number = real_number(value)
+        if number is None or not low <= number < high or (name == "lr" and number == 0):
+            raise InvalidInputError(
+                f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}"
+            )
+    number = real_number(momentum)
+    if number is None or not 0 <= number < 1:
+        raise InvalidInputError(f"momentum must be a number in [0, 1), got {momentum!r}")
     examples = ExampleSet(train, name="training set")
+    examples.check_finite()
     evaluation_set = examples if evaluation is None else ExampleSet(evaluation, name="evaluation")
     net = copy.deepcopy(task.model)
     lin = linearize(copy.deepcopy(task.model), output_fn=task.output_fn)

@@ -260,8 +260,13 @@ def coerce(value: Any, hint: Any) -> Any:
 
     numpy / torch scalars become ``int`` or ``float`` where the option takes one; an array, a
     tensor or any other iterable (a generator) becomes a tuple where the option takes a
-    sequence. Everything else is returned unchanged, for the type check to judge.
+    sequence; a dtype's name (``"float32"``, as :meth:`Options.record` writes it) the dtype
+    where the option takes one. Everything else is returned unchanged, for the type check to
+    judge.
     """
+    if isinstance(value, str) and hint is torch.dtype:  # a dtype's name, as record() writes it
+        named = getattr(torch, value.removeprefix("torch."), None)
+        return named if isinstance(named, torch.dtype) else value
     if isinstance(value, (bool, str, bytes)) or value is None:
         return value
     if isinstance(value, torch.Tensor) and value.dim() == 0:

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError, NonFiniteError
+from infkit.example_checks import check_examples
 from infkit.gradients import PerExample
 from infkit.options import real_number
 from infkit.parameters import ParameterSpace, evaluation_mode, warn_about_training_mode
@@ -336,6 +337,7 @@ class Recipe:
         examples = ExampleSet(train, name="training set")
         warn_about_training_mode(task.model)
         replay = Replay(self, task, examples)
+        check_examples(replay.engine, examples)  # the data as fit checks it, before any step
         theta0 = replay.space.flat().detach().clone() if initial is None else initial
         theta0 = replay.check_vector(theta0, "initial")
         w = replay.weights(weights)

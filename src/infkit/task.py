@@ -109,9 +109,16 @@ def check_class_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetPro
             "Task.binary_classification, for a real-valued output Task.regression"
         )
     if not isinstance(targets, Tensor):
+        texts = isinstance(targets, (list, tuple)) and any(isinstance(t, str) for t in targets)
         return 0, (
-            f"labels must be a tensor of class indices, got {type(targets).__name__}; "
-            "pass (X, y) with y = torch.tensor(labels)"
+            f"labels must be a tensor of class indices, got {type(targets).__name__}"
+            + (
+                " of strings; encode the classes as integers 0..C-1 (classes, y = "
+                "np.unique(labels, return_inverse=True)); in infkit run, [data] class_names "
+                "shows them by name"
+                if texts
+                else "; pass (X, y) with y = torch.tensor(labels)"
+            )
         )
     y = targets
     if y.dim() == 2 and y.shape[1] == 1:

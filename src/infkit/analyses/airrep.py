@@ -60,6 +60,7 @@ from infkit.evaluate import (
     defined_values,
     require_finite,
 )
+from infkit.options import integer_argument
 from infkit.retrain import SubsetRetraining, subsets
 from infkit.task import Task
 
@@ -148,9 +149,9 @@ class MLPEncoder(nn.Module):
         dtype: torch.dtype = torch.float64,
     ) -> None:
         super().__init__()
-        for label, value in (("in_features", in_features), ("hidden", hidden), ("dim", dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InvalidInputError(f"{label} must be an integer >= 1, got {value!r}")
+        in_features = integer_argument("in_features", in_features, 1)
+        hidden = integer_argument("hidden", hidden, 1)
+        dim = integer_argument("dim", dim, 1)
         self.in_features = in_features
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -431,9 +432,8 @@ class AirRep:
                 f"the bank measured {Y.shape[1]} test examples but test_features has "
                 f"{len(test_x)} rows"
             )
-        for label, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise InvalidInputError(f"{label} must be an integer >= {low}, got {value!r}")
+        epochs = integer_argument("epochs", epochs, 1)
+        batch_size = integer_argument("batch_size", batch_size, 1)
         if subsets_per_step is not None and (
             not isinstance(subsets_per_step, int)
             or isinstance(subsets_per_step, bool)

@@ -135,10 +135,7 @@ class TokenSelection:
         Args:
             k: how many, between 1 and the number of scored documents.
         """
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(self.order):
-            raise InvalidInputError(
-                f"k must be an integer between 1 and {len(self.order)}, got {k!r}"
-            )
+        k = integer_argument("k", k, 1, len(self.order))
         return self.ranking[:k]
 
 
@@ -505,9 +502,8 @@ def train_with_mask(
         raise InvalidInputError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if not isinstance(penalty, (int, float)) or not 0 <= penalty < math.inf:
         raise InvalidInputError(f"penalty must be a finite number >= 0, got {penalty!r}")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InvalidInputError(f"{name} must be an integer >= 1, got {value!r}")
+    steps = integer_argument("steps", steps, 1)
+    batch_size = integer_argument("batch_size", batch_size, 1)
     trained = model if inplace else copy.deepcopy(model)
     task = Task.language_modeling(trained)
     params = [p for p in trained.parameters() if p.requires_grad]

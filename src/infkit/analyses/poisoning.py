@@ -54,6 +54,7 @@ from infkit.errors import InvalidInputError, UnsupportedError, warn
 from infkit.evaluate import detection_auc
 from infkit.influence import Influence
 from infkit.methods.base import methods_answering, methods_with_estimator
+from infkit.options import integer_argument
 from infkit.parameters import evaluation_mode
 from infkit.retrain import without
 from infkit.task import Task
@@ -215,7 +216,7 @@ class Detection:
             A number in [0, 1]: top-k recall of the planted points.
         """
         self._check(estimator)
-        _check_k(k)
+        k = integer_argument("k", k, 1)
         return float((self.ranks[estimator] <= k).double().mean())
 
     def ratio(self, estimator: str) -> float:
@@ -298,7 +299,7 @@ class SelfInfluenceDetection:
             raise InvalidInputError(
                 f"{name!r} was not part of this detection; it has {', '.join(self.scores)}"
             )
-        _check_k(k)
+        k = integer_argument("k", k, 1)
         ranks = _ranks(self.scores[name], self.is_planted)[self.is_planted]
         return float((ranks <= k).double().mean())
 
@@ -430,9 +431,8 @@ def plant_poisons(
             raise InvalidInputError(f"{name} must be a finite number >= 0, got {value!r}")
         if math.isinf(value):
             raise InvalidInputError(f"{name} must be a finite number >= 0, got {value!r}")
-    for name, count in (("copies", copies), ("steps", steps)):
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise InvalidInputError(f"{name} must be an integer >= 1, got {count!r}")
+    copies = integer_argument("copies", copies, 1)
+    steps = integer_argument("steps", steps, 1)
     able = sorted(
         set(methods_answering("leverages"))
         & set(methods_with_estimator("rif"))
@@ -591,8 +591,7 @@ def detect_by_self_influence(
     """
     _check_poisoning(poisoning)
     names = _checked_estimators(estimators, SELF_ESTIMATORS)
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise InvalidInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    batch_size = integer_argument("batch_size", batch_size, 1)
     is_planted = poisoning.is_planted
     scores: dict[str, Tensor] = {}
     for name in names:
@@ -750,11 +749,6 @@ def _target_index(poisoning: Poisoning, target: Any) -> int:
             f"got {target!r}"
         )
     return target
-
-
-def _check_k(k: Any) -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
 
 
 def _training_loss(task: Task, train: tuple[Tensor, Tensor], batch_size: int) -> Tensor:

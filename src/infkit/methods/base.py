@@ -99,6 +99,10 @@ DAMPED_CURVATURES = frozenset({"ggn", "hessian", "empirical-fisher"})
 DAMPING_WARNING = 1e6
 #: fit warns when the step to the optimum would change the training residuals this much
 DRIFT_WARNING = 0.25
+#: a step to the optimum below this many epsilons of the model's dtype, relative to theta, is
+#: the parameters' rounding: no drift is warned of, whatever the residuals' shift reads (an
+#: interpolant's step, 3 epsilons; a float32 model 1e-4 off, 1000 of them, is drift)
+STEP_ROUNDINGS = 10.0
 #: :meth:`Method.check_queries` warns when the queries' energy ratio is beyond this: their
 #: scores that many times too large
 QUERY_SCALE_WARNING = 4.0
@@ -699,7 +703,12 @@ class Method(ABC):
                 shown.update(note="drift")
                 if drift is not None:
                     checks["drift"] = drift.record()
-                    if drift.residual_shift > DRIFT_WARNING:
+                    # a step at the parameters' rounding is no step, whatever the ratio of
+                    # the residuals' roundings (an interpolant's: 7e-16 of theta, "100%")
+                    eps = torch.finfo(fitted.engine.dtype).eps
+                    # (not in bfloat16 or float16, where a few epsilons are a real step: 2.4%)
+                    rounding = STEP_ROUNDINGS * eps if eps < 1e-6 else 0.0
+                    if drift.residual_shift > DRIFT_WARNING and drift.relative_step > rounding:
                         warn(drift_message(fitted, drift), UserWarning)
 
     def check_queries(self, queries: ExampleSet, always: bool = False) -> None:

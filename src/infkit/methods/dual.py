@@ -259,8 +259,10 @@ class Dual(PrimalMethod):
         self.ridge = fitted.ridge
         if self.ridge <= 0:
             raise CurvatureError(
-                "method='dual' needs l2 + damping > 0: with P > N*C the Gauss-Newton curvature "
-                "is singular. Pass the model's l2, or damping > 0"
+                "method='dual' needs l2 + damping > 0: its kernel system (B K + mu I, "
+                "mu = l2 + damping) has no inverse without it, whatever P and N*C. Pass the "
+                "model's l2, or damping > 0; where P is small and N*C larger, method='exact' "
+                "inverts the Gauss-Newton curvature without either"
             )
         theta = space.flat().to(engine.device, options.kernel_dtype)
         anchor = self._anchor_vector(fitted.task, space)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infkit.checkpoints import Checkpoint, checkpoint_vector, parameters_at
+from infkit.checkpoints import Checkpoint, checkpoint_vector, is_the_models, parameters_at
 from infkit.data import Batch, ExampleSet
 from infkit.errors import CurvatureError, InvalidInputError
 from infkit.estimators import Estimator
@@ -340,7 +340,7 @@ class Identity(PrimalMethod):
         checkpoints = list(self.options.checkpoints or [])
         for k, (w, eta) in enumerate(zip(checkpoints, self.options.rates())):
             vector = checkpoint_vector(fitted.space, w, k).to(torch.float64)
-            if torch.equal(vector, fitted.theta.to(vector)):  # the fitted model: its cache
+            if is_the_models(fitted.space, w, vector):  # the fitted model: its cache
                 yield eta, vector, True
                 continue
             with parameters_at(fitted.space, w, k) as theta:

@@ -16,10 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from infkit.data import Batch, ExampleSet
-from infkit.errors import ProblemTooLargeError
+from infkit.errors import NonFiniteError, ProblemTooLargeError
+from infkit.example_checks import check_examples
 from infkit.gradients import PerExample
 from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes
 from infkit.ntk.structured import Features, TangentFeatures
+from infkit.options import integer_argument
 from infkit.parameters import ParameterSpace
 from infkit.progress import Mode, track
 from infkit.task import Task, default_output_fn
@@ -154,12 +156,34 @@ def empirical_ntk(
 
     Block (i, j) is ``K[i*C:(i+1)*C, j*C:(j+1)*C] = J(x1_i) J(x2_j)^T``.
     """
+    batch_size = integer_argument("batch_size", batch_size, 1)
     task = model if isinstance(model, Task) else Task(model, _no_loss, output_fn=output_fn)
-    engine = PerExample(task, ParameterSpace(task.model), at=params, dtype=dtype)
+    space = ParameterSpace(task.model)
+    at = space.flat() if params is None else params
+    values = at if isinstance(at, Tensor) else torch.cat([v.reshape(-1) for v in at.values()])
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteError(
+            "the parameters the NTK is taken at hold NaN or Inf"
+            + (" (params)" if params is not None else " (the model's own)")
+            + ": the kernel would be NaN; pass finite parameters"
+        )
+    engine = PerExample(task, space, at=params, dtype=dtype)
     tangents = TangentFeatures(engine, strategy)
     a = ExampleSet((x1, _dummy_targets(x1)), name="x1")
     b = None if x2 is None else ExampleSet((x2, _dummy_targets(x2)), name="x2")
-    return kernel_matrix(tangents, a, b, batch_size=batch_size, memory_limit=memory_limit)
+    # the inputs, then the model called on each set's first example (through a task without a
+    # loss: the placeholder targets are no labels to check against a task's)
+    unlabelled = Task(task.model, _no_loss, output_fn=task.output_fn)
+    probe = PerExample(unlabelled, space, at=params, dtype=dtype)
+    for examples in (a,) if b is None else (a, b):
+        check_examples(probe, examples)
+    K = kernel_matrix(tangents, a, b, batch_size=batch_size, memory_limit=memory_limit)
+    if not bool(torch.isfinite(K).all()):
+        raise NonFiniteError(
+            f"the NTK holds NaN or Inf (in {dtype}): the model's Jacobian overflowed at these "
+            "parameters and inputs; check their size, or take the kernel in float64"
+        )
+    return K
 
 
 def _no_loss(outputs: Tensor, targets: Any) -> Tensor:
