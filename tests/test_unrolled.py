@@ -9,6 +9,7 @@ recipe actually rerun without examples (infkit.retrain with ``run=``).
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -157,6 +158,32 @@ def test_wrong_runs_and_settings_are_refused_with_what_to_do() -> None:
         recipe.train(task, train, weights=-torch.ones(40))
 
 
+def test_recipe_train_checks_its_data_before_any_step() -> None:
+    """Recipe.train trained on an ignore_index label (a zero loss counted in the mean) and on
+    fractional labels (truncated: the same run as the integer labels), and raised PyTorch's
+    own errors on a label outside the classes or integer inputs: it checks the data as fit
+    does, naming the example, and leaves the model as it was."""
+    train, _ = _data()
+    X, y = train
+    task = infkit.Task.classification(small_mlp())
+    before = ParameterSpace(task.model).flat().clone()
+    recipe = Recipe(steps=5, lr=0.3)
+    cases = {
+        "label -100 is PyTorch's ignore_index": (X, torch.where(torch.arange(40) == 3, -100, y)),
+        "label 0.5 is not a class index": (X, y.double() + 0.5),
+        "example 3: label 9 is outside the model's 3 classes": (
+            X,
+            torch.where(torch.arange(40) == 3, 9, y),
+        ),
+        "integer tensors": (X.round().long(), y),
+        "example 2 contains NaN": (torch.where(torch.arange(40)[:, None] == 2, torch.nan, X), y),
+    }
+    for message, data in cases.items():
+        with pytest.raises(infkit.InvalidInputError, match=message):
+            recipe.train(task, data)
+    assert torch.equal(ParameterSpace(task.model).flat(), before)
+
+
 def test_retraining_by_a_run_refuses_data_and_models_that_are_not_the_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # the run's N with other labels was replayed without a word: a ground truth of -0.61 where
     # the run's own data gives -0.0095 (a tester's digits MLP)
@@ -276,7 +303,7 @@ def test_source_approaches_metagradients_as_segments_shorten() -> None:
             task, "source", l2=1e-2, run=run, segments=segments, segment_curvature="exact"
         ).fit(train)
         errors.append(relative_error(inf.scores(test), exact_metagradients))
-    # measured 0.12, 0.071, 0.048: curvature and gradients vary within a segment
+    # measured 0.118, 0.070, 0.046: curvature and gradients vary within a segment
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.06, errors
     # the matrix-free curvature: functions of the GGN by block Lanczos from the queries
     krylov = infkit.Influence(task, "source", l2=1e-2, run=run, segments=10).fit(train)
@@ -288,6 +315,99 @@ def test_source_approaches_metagradients_as_segments_shorten() -> None:
         relative_error(inf.self_scores()[:5], inf.scores((train[0][:5], train[1][:5])).diagonal())
         < 1e-10
     )
+
+
+def test_source_with_one_step_a_segment_is_the_metagradient_of_a_linear_model() -> None:
+    """Softmax regression: the GGN is the Hessian, and a segment of one step holds its own
+    curvature and gradients, so SOURCE is the run's exact metagradient. Each segment's steps are
+    taken as gradient descent takes them, prod (1 - eta_t H); gradient flow's exp(-c H) left
+    6.5e-3 between them at lr 1 however short the segments (a tester: 1.8e-3 at lr 0.05)."""
+    task, run, train, test = _digits_run(20)
+    unrolled = infkit.Influence(task, "unrolled", l2=1e-2, run=run, query_batch=10).fit(train)
+    expected = unrolled.scores(test)
+    for curvature in ("exact", "krylov"):
+        inf = infkit.Influence(
+            task, "source", l2=1e-2, run=run, segments=20, segment_curvature=curvature
+        ).fit(train)
+        assert relative_error(inf.scores(test), expected) < 1e-10, curvature
+        assert inf.describe()["segment_learning_rates"] == [1.0] * 20
+
+
+def test_segment_steps_against_their_products_and_sums() -> None:
+    """(1 - S(lambda)) / lambda is sum_t eta_t prod_{s > t} (1 - eta_s lambda), the steps'
+    summed effect: against that sum in float64 at small lambda (the rates' power series),
+    moderate (their logarithms), overshooting (a factor below 0: the product) and beyond 2 /
+    eta, where a held curvature's product grows without bound and gradient flow's form is
+    taken (and recorded); c at lambda = 0; a schedule of a thousand distinct rates."""
+    from infkit.methods.source import SegmentSteps
+
+    rates = (0.5, 0.5, 0.3, 0.2, 0.2, 0.2)
+    values = torch.tensor(
+        [0.0, 1e-12, 1e-6, 0.1, 0.99, 1.01, 1.9, 3.0, 3.99, 4.5, 9.0, -1e-9], dtype=torch.float64
+    )
+    steps = SegmentSteps(rates, discrete=True)
+    product = torch.ones_like(values)
+    summed = torch.zeros_like(values)
+    for rate in rates:  # one step: what came before decays, this step's push adds
+        summed = summed * (1 - rate * values) + rate
+        product = product * (1 - rate * values)
+    held = (values * 0.5 <= 2.0) | (product.abs() <= 2.0)  # 4.5: -1.25^2 x -0.35 x 0.1^3
+    flow_decay, flow_sum = torch.exp(-1.9 * values), -torch.expm1(-1.9 * values) / values
+    assert relative_error(steps.decay(values)[held], product[held]) < 1e-14
+    assert relative_error(steps.integrated(values)[held], summed[held]) < 1e-14
+    assert relative_error(steps.decay(values)[~held], flow_decay[~held]) < 1e-15
+    assert relative_error(steps.integrated(values)[~held], flow_sum[~held]) < 1e-15
+    assert steps.beyond == pytest.approx(4.5)
+    assert float(steps.integrated(values)[1]) == pytest.approx(sum(rates), rel=1e-11)
+    flow = SegmentSteps(rates, discrete=False)
+    assert relative_error(flow.decay(values), torch.exp(-1.9 * values)) < 1e-15
+    assert float(flow.integrated(values)[0]) == pytest.approx(1.9, rel=1e-15)
+    # a warm-up's last step beyond 2 / eta among small ones: the product stays bounded, kept
+    warm = SegmentSteps((0.001,) * 9 + (1.0,), discrete=True)
+    at = torch.tensor([2.1], dtype=torch.float64)
+    assert float(warm.decay(at)) == pytest.approx(0.9979**9 * -1.1, rel=1e-12) and not warm.beyond
+    # one step is the step itself, whatever eta lambda
+    single = SegmentSteps((0.5,), discrete=True)
+    assert relative_error(single.decay(values), 1 - 0.5 * values) < 1e-15 and not single.beyond
+    # a cosine schedule's thousand distinct rates: the series' moments, not a pass per rate
+    schedule = tuple(0.05 * (1 + math.cos(math.pi * t / 1000)) for t in range(1000))
+    spread = torch.linspace(0, 20, 501, dtype=torch.float64)
+    summed, product = torch.zeros_like(spread), torch.ones_like(spread)
+    for rate in schedule:
+        summed = summed * (1 - rate * spread) + rate
+        product = product * (1 - rate * spread)
+    cosine = SegmentSteps(schedule, discrete=True)
+    assert relative_error(cosine.integrated(spread), summed) < 1e-13
+    assert relative_error(cosine.decay(spread), product) < 1e-13
+
+
+def test_source_at_the_edge_of_stability_warns_and_stays_finite() -> None:
+    """A stable run at lr 7 whose objective settles into a two-step cycle: each segment's
+    held curvature has eta lambda 2.1-2.3, and its product over a segment's 50-100 steps grew
+    to 1e18-1e46 (a reviewer's); those directions are taken as gradient flow's, with a
+    warning. Momentum 0 is plain SGD: the same answers."""
+    torch.manual_seed(0)
+    X = torch.randn(35, 4, dtype=torch.float64)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).long() + (X[:, 2] > 0.8).long()
+    train, test = (X[:30], y[:30]), (X[30:], y[30:])
+    torch.manual_seed(1)
+    task = infkit.Task.classification(torch.nn.Linear(4, 3).double())
+    run = Recipe(steps=400, lr=7.0, l2=1e-2).train(task, train)
+    unrolled = infkit.Influence(task, "unrolled", l2=1e-2, run=run).fit(train).scores(test)
+    inf = infkit.Influence(task, "source", l2=1e-2, run=run, segments=4, segment_curvature="exact")
+    with pytest.warns(UserWarning, match=r"segment\(s\) 0 \(eta lambda up to 2\.3"):
+        scores = inf.fit(train).scores(test)
+    assert bool(torch.isfinite(scores).all()) and float(scores.abs().max()) < 3 * float(
+        unrolled.abs().max()
+    )
+    train_small, _ = _data()
+    for recipe in (Recipe(steps=20, lr=0.3), Recipe(steps=20, lr=0.3, optimizer=Momentum(0.0))):
+        task_small, run_small = _trained(recipe, train_small)
+        answer = infkit.Influence(task_small, "source", l2=0.0, run=run_small, segments=20)
+        if recipe.optimizer == "sgd":
+            sgd = answer.fit(train_small).scores(train_small)
+        else:
+            assert relative_error(answer.fit(train_small).scores(train_small), sgd) < 1e-10
 
 
 def test_source_refuses_what_it_has_no_closed_form_for() -> None:

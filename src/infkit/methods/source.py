@@ -4,8 +4,9 @@ Between the exact metagradients of ``unrolled`` and an influence function at the
 parameters: the recorded run (:mod:`infkit.recipe`) is cut into L segments; within segment l the
 curvature ``H_l`` (the GGN of the step objective, l2 included) and the per-example gradients
 ``g_{l,j}`` are held at their values at the segment's middle step, so the K_l steps of gradient
-descent with learning rates eta_t have a closed form. With ``c_l = sum_{t in l} eta_t / (1 - mu)``
-(mu the momentum; 0 for SGD) and ``S_l = exp(-c_l H_l)``:
+descent with learning rates eta_t have a closed form. With ``S_l = prod_{t in l} (I - eta_t H_l)``
+for SGD (the steps as taken) and ``S_l = exp(-c_l H_l)``, ``c_l = sum_{t in l} eta_t / (1 - mu)``,
+for momentum mu (gradient flow at the effective rate; :class:`SegmentSteps`):
 
     d theta_T / d w_j = -(1/N) sum_l (S_L ... S_{l+1}) (I - S_l) H_l^{-1} (g_{l,j} - g_l_bar)
 
@@ -19,9 +20,11 @@ EK-FAC's Kronecker eigenbasis (``"ekfac"``) or in the dense GGN's (``"exact"``, 
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -30,7 +33,7 @@ from torch import Tensor
 
 from infkit.curvature import CurvatureOperator, product_work_bytes
 from infkit.data import ExampleSet
-from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.errors import InvalidInputError, UnsupportedError, warn
 from infkit.estimators import Estimator
 from infkit.fitted import Fitted
 from infkit.gradients import PerExample
@@ -151,20 +154,126 @@ def krylov_functions(
     return [(basis.T @ (vectors @ (fn(values.clamp_min(0.0))[:, None] * coords))).T for fn in fns]
 
 
-def _integrated(c: float) -> Spectral:
-    """lambda -> (1 - exp(-c lambda)) / lambda (c at lambda = 0): the steps' summed effect."""
+#: how many times a segment's held product may grow along an eigenvalue beyond 2 / eta before
+#: gradient flow's form replaces it (:class:`SegmentSteps`)
+GROWTH = 2.0
+#: |eta lambda| up to which log prod_t (1 - eta_t lambda) is summed as its power series in
+#: lambda (the rates' moments: one term per power, whatever the number of distinct rates);
+#: 60 terms leave 0.5**60 / 60 of it out
+SERIES_REACH = 0.5
+SERIES_TERMS = 60
 
-    def fn(values: Tensor) -> Tensor:
-        safe = torch.where(values.abs() > 1e-300, values, torch.ones_like(values))
-        out = -torch.expm1(-c * values) / safe
-        return torch.where(values.abs() > 1e-300, out, torch.full_like(values, c))
 
-    return fn
+@dataclasses.dataclass
+class SegmentSteps:
+    """The steps of one segment as functions of an eigenvalue lambda of H_l.
 
+    ``rates``: each step's learning rate eta_t (over 1 - mu under momentum mu). ``discrete``:
+    the steps as gradient descent takes them, ``S_l = prod_t (1 - eta_t lambda)``, exact where
+    the curvature and the gradients are those of the segment's middle (SGD); else gradient
+    flow, ``S_l = exp(-c_l lambda)`` with ``c_l`` the rates' sum (momentum, whose steps are not
+    a function of lambda alone and are taken at their effective rate). Along an eigenvalue
+    beyond 2 / eta of a segment of several steps the held curvature's product can grow (a run
+    at the edge of stability: 1e18-1e46 over segments of 50-100 steps), where the run, whose
+    curvature moves, stayed bounded: where it grows more than :data:`GROWTH`-fold over the
+    segment the flow's form is taken, and ``beyond`` records the largest eta lambda met (0:
+    none), for a warning. (One step beyond 2 / eta among small ones, a warm-up's last, leaves
+    the product near 1: it is kept.)
+    """
 
-def _decay(c: float) -> Spectral:
-    """lambda -> exp(-c lambda): how a segment carries what came before."""
-    return lambda values: torch.exp(-c * values)
+    rates: tuple[float, ...]
+    discrete: bool
+    beyond: float = 0.0
+    #: the last eigenvalues and their parts: a segment asks decay and integrated of the same
+    #: eigenvalues in turn, which share the products
+    _last: tuple[Tensor, tuple[Tensor, Tensor]] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        rates = torch.tensor(self.rates, dtype=torch.float64)
+        self.top = float(rates.max()) if len(self.rates) else 0.0
+        #: sum_t eta_t^k for k = 1 .. SERIES_TERMS
+        self.moments = torch.stack([(rates**k).sum() for k in range(1, SERIES_TERMS + 1)])
+        self.counted = sorted(collections.Counter(self.rates).items())
+
+    @property
+    def total(self) -> float:
+        """c_l, the rates summed."""
+        return float(sum(self.rates))
+
+    def _log_product(self, values: Tensor) -> Tensor:
+        """sum_t log(1 - eta_t lambda) where every factor is positive (max eta lambda < 1): a
+        power series in the rates' moments up to ``SERIES_REACH``, a sum over the distinct
+        rates beyond it (few eigenvalues)."""
+        out = torch.empty_like(values)
+        near = (self.top * values).abs() <= SERIES_REACH
+        small = values[near]
+        power, total = torch.ones_like(small), torch.zeros_like(small)
+        for k in range(1, SERIES_TERMS + 1):  # log(1 - x) = -sum_k x^k / k, x = eta lambda
+            power = power * small
+            total = total - power * (self.moments[k - 1] / k)
+        out[near] = total
+        far = values[~near]
+        total = torch.zeros_like(far)
+        for rate, count in self.counted:
+            total = total + count * torch.log1p(-rate * far)
+        out[~near] = total
+        return out
+
+    def _product(self, values: Tensor) -> Tensor:
+        """prod_t (1 - eta_t lambda), directly (where a factor is not positive)."""
+        out = torch.ones_like(values)
+        for rate, count in self.counted:
+            out = out * (1.0 - rate * values) ** count
+        return out
+
+    def _parts(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """(S_l(lambda), 1 - S_l(lambda)), elementwise (the last call's, for its eigenvalues)."""
+        last = self._last
+        if last is not None and last[0].shape == values.shape and torch.equal(last[0], values):
+            return last[1]
+        parts = self._computed_parts(values)
+        self._last = (values.clone(), parts)
+        return parts
+
+    def _computed_parts(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        flow = torch.exp(-self.total * values), -torch.expm1(-self.total * values)
+        if not self.discrete:
+            return flow
+        reach = self.top * values
+        unstable = (
+            reach > 2.0 if len(self.rates) > 1 else torch.zeros_like(values, dtype=torch.bool)
+        )
+        if bool(unstable.any()):  # of those, the ones whose product grows (|S_l| > 2)
+            beyond = values[unstable]
+            grows = torch.zeros_like(beyond)
+            for rate, count in self.counted:
+                grows = grows + count * torch.log((1.0 - rate * beyond).abs())
+            unstable[unstable.clone()] = grows > math.log(GROWTH)
+        if bool(unstable.any()):
+            self.beyond = max(self.beyond, float(reach[unstable].max()))
+        positive = reach < 1.0
+        decay, gone = flow[0].clone(), flow[1].clone()
+        logs = self._log_product(values[positive])
+        decay[positive], gone[positive] = torch.exp(logs), -torch.expm1(logs)
+        other = ~positive & ~unstable
+        product = self._product(values[other])
+        decay[other], gone[other] = product, 1.0 - product
+        return decay, gone
+
+    def decay(self, values: Tensor) -> Tensor:
+        """S_l(lambda): how the segment carries what came before."""
+        return self._parts(values)[0]
+
+    def integrated(self, values: Tensor) -> Tensor:
+        """(1 - S_l(lambda)) / lambda (c_l at lambda = 0): the steps' summed effect. Where
+        every factor 1 - eta_t lambda is positive, ``1 - S_l`` is ``-expm1`` of the factors'
+        summed logarithms: no cancellation at small lambda."""
+        gone = self._parts(values)[1]
+        nonzero = values.abs() > 1e-300
+        out = gone / torch.where(nonzero, values, torch.ones_like(values))
+        return torch.where(nonzero, out, torch.full_like(values, self.total))
 
 
 @register
@@ -185,7 +294,7 @@ class Source(Method):
     def __init__(self, options: SourceOptions | None = None, /, **values: Any) -> None:
         super().__init__(options, **values)
         self.curvature = "trajectory"
-        self.parts: list[tuple[SegmentCurvature, float]] = []
+        self.parts: list[tuple[SegmentCurvature, SegmentSteps]] = []
         self.mean_gradients: list[Tensor] = []
 
     @property
@@ -227,9 +336,11 @@ class Source(Method):
         self.parts, self.mean_gradients = [], []
         for middle in sorted(middles):
             a, b = middles[middle]
-            c = scale * sum(run.recipe.learning_rate(t) for t in range(a, b))
+            rates = tuple(scale * run.recipe.learning_rate(t) for t in range(a, b))
+            plain = isinstance(update, SGD) or scale == 1.0  # momentum 0 is SGD
+            steps_of = SegmentSteps(rates, discrete=plain)
             segment = self._record_at(fitted, states[middle])
-            self.parts.append((SegmentCurvature(segment, self.options), c))
+            self.parts.append((SegmentCurvature(segment, self.options), steps_of))
             self.mean_gradients.append(self._mean_gradient(segment, run))
 
     def _record_at(self, fitted: Fitted, theta: Tensor) -> Fitted:
@@ -266,13 +377,30 @@ class Source(Method):
         fitted = self.fitted
         U = U.to(torch.float64)
         out = torch.zeros(U.shape[0], fitted.n, dtype=torch.float64)
-        for (part, c), mean in zip(reversed(self.parts), reversed(self.mean_gradients)):
-            V, carried = part.apply_many(U, [_integrated(c), _decay(c)])
+        for (part, steps), mean in zip(reversed(self.parts), reversed(self.mean_gradients)):
+            V, carried = part.apply_many(U, [steps.integrated, steps.decay])
             for batch in part.fitted.train.batches(part.fitted.training_gradient_batch_size):
                 out[:, batch.indices] += V @ part.fitted.loss_grads(batch).T
             out -= (V @ mean)[:, None]
             U = carried
+        self._warn_beyond_stability()
         return out / fitted.n
+
+    def _warn_beyond_stability(self) -> None:
+        """Say where a segment's held curvature had eigenvalues beyond 2 / eta (taken as
+        gradient flow's there, :class:`SegmentSteps`)."""
+        beyond = [(k, steps.beyond) for k, (_, steps) in enumerate(self.parts) if steps.beyond]
+        if beyond:
+            named = ", ".join(f"{k} (eta lambda up to {reach:.3g})" for k, reach in beyond[:4])
+            named += f" and {len(beyond) - 4} more" if len(beyond) > 4 else ""
+            warn(
+                f"method 'source': the curvature held in segment(s) {named} has eigenvalues "
+                "beyond 2 / eta: gradient descent with it held diverges along them over the "
+                "segment's steps, where the run, whose curvature moves, stayed bounded (the "
+                "edge of stability). Those directions are taken as gradient flow's, an "
+                "approximation of the run's oscillation there: use more segments (one step "
+                "each is exact) or method='unrolled'"
+            )
 
     def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
         return self._effects(self.fitted.query_gradients(queries, "measurement"))
@@ -291,12 +419,13 @@ class Source(Method):
     def removal(self, indices: Tensor, estimator: Estimator) -> Tensor:
         fitted = self.fitted
         delta = torch.zeros(1, fitted.space.size, dtype=torch.float64)
-        for (part, c), mean in zip(self.parts, self.mean_gradients):
+        for (part, steps), mean in zip(self.parts, self.mean_gradients):
             removed = part.fitted.loss_grads(part.fitted.train.take(indices)).sum(0)
             push = (removed - len(indices) * mean)[None] / fitted.n
             both = torch.cat([delta, push])
-            decayed, integrated = part.apply_many(both, [_decay(c), _integrated(c)])
+            decayed, integrated = part.apply_many(both, [steps.decay, steps.integrated])
             delta = decayed[:1] + integrated[1:]
+        self._warn_beyond_stability()
         return delta[0]
 
     def state(self) -> dict[str, Any]:
@@ -310,5 +439,5 @@ class Source(Method):
         run = self.options.run
         if run is not None:
             record["recipe"] = run.recipe.record()
-        record["segment_learning_rates"] = [round(c, 6) for _, c in self.parts]
+        record["segment_learning_rates"] = [round(steps.total, 6) for _, steps in self.parts]
         return record
