@@ -7,6 +7,7 @@ eigenvalues and the damping that would fix it, instead of returning a silently w
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -420,6 +421,63 @@ def block_conjugate_gradients(
         beta = torch.cholesky_solve(AP.T @ Z, L)
         P = orthonormal_basis(Z - P @ beta, rank_tol)
     return ConjugateGradientResult(X * scale, iterations, residuals, residuals <= tol)
+
+
+@dataclasses.dataclass(frozen=True)
+class Extremes:
+    """The smallest and largest Ritz values of a Lanczos run, each with its residual bound:
+    an eigenvalue lies within ``low_residual`` of ``low`` (and of ``high`` likewise). A Ritz
+    value is an inner bound (``low`` at least the smallest eigenvalue); where it has not
+    converged, the smallest eigenvalue may lie further out than the residual says, but a
+    residual that is not small says the run has not settled."""
+
+    low: float
+    high: float
+    low_residual: float
+    high_residual: float
+
+
+def lanczos_extremes(
+    matmat: Callable[[Tensor], Tensor],
+    size: int,
+    *,
+    steps: int = 30,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> Extremes:
+    """The smallest and largest Ritz values of a symmetric operator after ``steps`` Lanczos
+    steps (rows in, rows out) from a seeded random start, with their residual bounds
+    ``beta_m |s_m|`` (:class:`Extremes`).
+
+    No reorthogonalisation: three vectors are held whatever the size. Lost orthogonality only
+    repeats converged Ritz values; well-separated extremes converge first, but an extreme inside
+    a dense spectrum converges slowly, which its residual shows.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(size, generator=gen, dtype=dtype).to(device)
+    q = q / q.norm()
+    previous = torch.zeros_like(q)
+    beta = 0.0
+    alphas: list[float] = []
+    betas: list[float] = []
+    for _ in range(min(steps, size)):
+        w = matmat(q[None])[0].to(dtype) - beta * previous
+        alpha = float(w @ q)
+        w = w - alpha * q
+        alphas.append(alpha)
+        beta = float(w.norm())
+        if not math.isfinite(beta) or beta <= 1e-12 * max(abs(a) for a in alphas):
+            beta = 0.0  # an invariant subspace: its Ritz values are eigenvalues
+            break
+        betas.append(beta)
+        previous, q = q, w / beta
+    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+    tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+    values, vectors = torch.linalg.eigh(tridiagonal)
+    last = vectors[-1].abs() * beta  # the residual of each Ritz pair
+    return Extremes(float(values[0]), float(values[-1]), float(last[0]), float(last[-1]))
 
 
 def power_iteration(
