@@ -66,6 +66,128 @@ def test_identity_projection_is_the_one_step_newton_surrogate(mlp_problem: dict)
     assert relative_error(G_t @ delta, -tau[:, [4, 11]].sum(1)) < 1e-9
 
 
+def test_features_with_null_directions_are_inverted_on_their_span() -> None:
+    """Softmax regression of 4 inputs and 3 classes (P = 15, N = 80): the margin does not
+    change when every logit moves together, so the gradients span 10 of the 15 dimensions and
+    the default (k = P, lambda_reg = 0) raised a singular-Gram CurvatureError (a tester's).
+    Inverted on the span: the dense pseudo-inverse's answer (queries share the null
+    directions), with a Notice; a float64 and a float32 model alike."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(90, 4, generator=gen, dtype=torch.float64)
+    y = (X @ torch.randn(4, 3, generator=gen, dtype=torch.float64)).argmax(1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    task = infkit.Task.classification(model, measurement="margin")
+    infkit.train_to_optimum(task, (X[:80], y[:80]), 1e-2)
+    Phi = per_example_gradients(model, X[:80], y[:80], classification_margin)
+    F = per_example_gradients(model, X[80:], y[80:], classification_margin)
+    assert int(torch.linalg.matrix_rank(Phi)) == 10
+    q = 1 - torch.softmax(model(X[:80]), -1).gather(1, y[:80, None]).squeeze(1).detach()
+    tau = F @ torch.linalg.pinv(Phi.T @ Phi) @ Phi.T * q
+    for projection in ("identity", "gaussian"):
+        inf = infkit.Influence(task, "trak", projection=projection, normalise=False)
+        with pytest.warns(Notice, match=r"span 10 of their 15 dimensions"):
+            scores = inf.fit((X[:80], y[:80])).scores((X[80:], y[80:]))
+        if projection == "identity":
+            assert relative_error(scores, -tau) < 1e-8
+        else:  # a projection of full rank k = P keeps the span: the same answer
+            assert relative_error(scores, -tau) < 1e-6
+    single = copy.deepcopy(model).float()
+    single_task = infkit.Task.classification(single, measurement="margin")
+    with pytest.warns(Notice, match=r"span 10 of their 15 dimensions"):
+        inf = infkit.Influence(single_task, "trak", projection="identity", normalise=False)
+        scores = inf.fit((X[:80].float(), y[:80])).scores((X[80:].float(), y[80:]))
+    assert relative_error(scores.double(), -tau) < 1e-3
+
+
+def test_a_float32_removal_along_null_directions_is_the_pseudo_inverses() -> None:
+    """A float32 4-5-3 tanh MLP: the removal's parameter change was 87% off the dense
+    pseudo-inverse's when the null directions were inverted with a ridge of 1e-10 of the
+    largest eigenvalue (rounding along them amplified 1e10 times, a reviewer's); with the
+    largest eigenvalue as theirs, 3e-8. A full-rank Gram matrix with a direction 1.9e-14 of
+    the largest (two inputs 3e-7 apart, float64) is inverted as it is, without a Notice."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(90, 4, generator=gen, dtype=torch.float64)
+    noise = 0.5 * torch.randn(90, 3, generator=gen, dtype=torch.float64)
+    y = (X @ torch.randn(4, 3, generator=gen, dtype=torch.float64) + noise).argmax(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    task = infkit.Task.classification(model.float())
+    train = (X[:80].float(), y[:80])
+    infkit.train_to_optimum(task, train, 1e-2)
+    with pytest.warns(Notice, match=r"span \d+ of their 43 dimensions"):
+        inf = infkit.Influence(task, "trak", projection="identity").fit(train)
+    Phi, _, _ = inf.method._models_data[0]
+    group = torch.tensor([3, 7, 11])
+    pinv = torch.linalg.pinv(Phi.T @ Phi, hermitian=True, rtol=1e-8)
+    expected = -(pinv @ (Phi[group].T @ inf.method.weights[group]))
+    assert relative_error(inf.remove(group).params.double(), expected) < 1e-6
+
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(220, 4, generator=gen, dtype=torch.float64)
+    X[:, 1] = X[:, 0] + 3e-7 * torch.randn(220, generator=gen, dtype=torch.float64)
+    y = (X[:, 0] + X[:, 2] + 0.7 * torch.randn(220, generator=gen, dtype=torch.float64)) > 0
+    torch.manual_seed(0)
+    binary = torch.nn.Sequential(torch.nn.Linear(4, 1), torch.nn.Flatten(0)).double()
+    task = infkit.Task.binary_classification(binary)
+    train, test = (X[:200], y[:200].double()), (X[200:], y[200:].double())
+    infkit.train_to_optimum(task, train, 1e-2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=Notice, message=".*span")
+        inf = infkit.Influence(task, "trak", projection="identity").fit(train)
+    Phi, _, _ = inf.method._models_data[0]
+    gram = Phi.T @ Phi
+    values = torch.linalg.eigvalsh(gram)
+    assert float(values[0] / values[-1]) < 1e-13
+    F = inf.method.features(test).double()
+    expected = -(F @ torch.linalg.solve(gram, Phi.T)) * inf.method.weights
+    assert relative_error(inf.scores(test), expected) < 1e-2  # 0.59 on the span path
+
+
+def test_repeated_examples_leave_null_directions_whatever_k() -> None:
+    """80 training rows of 5 distinct inputs, k = 7 of P = 15: the Gram matrix has rank 5 and
+    pivots at rounding's level, which Cholesky took (normalised scores near 1e-14, a divisor of
+    1.2e13: a reviewer's); the span is found as for a small model, with the dense pseudo-inverse's
+    answer."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(5, 4, generator=gen, dtype=torch.float64)[torch.arange(80) % 5]
+    y = (X @ torch.randn(4, 3, generator=gen, dtype=torch.float64)).argmax(1)
+    test = (torch.randn(4, 4, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
+    torch.manual_seed(0)
+    task = infkit.Task.classification(torch.nn.Linear(4, 3).double())
+    infkit.train_to_optimum(task, (X, y), 1e-2)
+    with pytest.warns(Notice, match="span 5 of their 7 dimensions"):
+        inf = infkit.Influence(task, "trak", proj_dim=7, normalise=False).fit((X, y))
+    Phi, _, _ = inf.method._models_data[0]
+    features = inf.method.features(test).double()
+    pinv = torch.linalg.pinv(Phi.T @ Phi, hermitian=True, rtol=1e-10)
+    expected = -(features @ pinv @ Phi.T) * inf.method.weights
+    assert relative_error(inf.scores(test), expected) < 1e-8
+
+
+def test_a_small_spanned_direction_of_a_large_float64_model_is_kept() -> None:
+    """P = 259, k = 12, two inputs 1e-4 apart: the Gram's smallest eigenvalue is 2.7e-14 of the
+    largest, a direction the features span (the exact inverse moves 5.5e-4 under float64's
+    rounding); a cut-off of 10 k epsilons lifted it and the scores were 1.0 off (a
+    reviewer's). Kept: the exact inverse's answer, without a Notice."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(12, 4, generator=gen, dtype=torch.float64)
+    y = X[:, :3].argmax(1)
+    y[1] = y[0]
+    X[1] = X[0] + 1e-4
+    test = (torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1]))
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    task = infkit.Task.classification(mlp.double())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=Notice, message=".*span")
+        inf = infkit.Influence(task, "trak", proj_dim=12, normalise=False).fit((X, y))
+    Phi, _, _ = inf.method._models_data[0]
+    features = inf.method.features(test).double()
+    expected = -(features @ torch.linalg.inv(Phi.T @ Phi) @ Phi.T) * inf.method.weights
+    assert relative_error(inf.scores(test), expected) < 2e-3
+
+
 @pytest.mark.parametrize("projection", ["gaussian", "rademacher"])
 def test_random_projection_and_ensemble(mlp_problem: dict, projection: str) -> None:
     model, l2 = mlp_problem["model"], mlp_problem["l2"]

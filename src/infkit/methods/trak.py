@@ -74,6 +74,12 @@ Projection = Literal["rademacher", "gaussian", "identity"]
 CHUNK_ROWS = 1024
 #: the largest automatic projection dimension (trak's default proj_dim)
 TRAK_DEFAULT_DIM = 2048
+#: a Gram matrix's direction is null (:meth:`Trak._span_factor`) below this many epsilons
+#: squared of the model's dtype times the largest eigenvalue (float32 3.6e-16-1.9e-15 measured)
+NULL_ROUNDINGS = 10.0
+#: a Cholesky factor whose smallest pivot, squared, is this small against its largest is
+#: looked at for null directions (repeated examples) whatever k
+SUSPECT = 1e-8
 #: ``proj_dim="auto"`` stays at or below N / this
 AUTO_DIM_DIVISOR = 4
 #: an automatic projection narrower than this (and than P) is told as a Notice: few examples
@@ -475,14 +481,66 @@ class Trak(Method):
         lam = self.options.lambda_reg
         gram = Phi.T @ Phi + lam * torch.eye(k, dtype=Phi.dtype, device=Phi.device)
         L, info = torch.linalg.cholesky_ex(gram)
-        if int(info) != 0:
+        pivots = L.diagonal().abs()
+        # a small model (k near P: a margin's null directions), a singular Gram, or a pivot
+        # at rounding's level (repeated examples): the span is looked for
+        suspect = 2 * k >= self.fitted.space.size or int(info) != 0
+        suspect = suspect or float(pivots.min() / pivots.max().clamp_min(1e-300)) ** 2 < SUSPECT
+        found = self._span_factor(gram, m) if lam == 0 and suspect else None
+        if found is not None:
+            L, inverse = found
+        elif int(info) != 0:
             raise CurvatureError(
                 f"TRAK's feature Gram matrix Phi^T Phi + lambda I of model {m} is singular or "
                 f"numerically indefinite (lambda_reg={lam:g}, proj_dim={k}, "
                 f"N={Phi.shape[0]}): raise lambda_reg or lower proj_dim"
             )
-        divisor = float(torch.cholesky_inverse(L).abs().mean()) if self.options.normalise else 1.0
+        else:
+            inverse = torch.cholesky_inverse(L)
+        divisor = float(inverse.abs().mean()) if self.options.normalise else 1.0
         return Phi, L, divisor
+
+    def _span_factor(self, gram: Tensor, m: int) -> tuple[Tensor, Tensor] | None:
+        """For a Gram matrix ``Phi^T Phi`` whose features span fewer directions than k: the
+        Cholesky factor of ``Phi^T Phi + top * P_null`` and its pseudo-inverse; None where
+        every direction is spanned.
+
+        A softmax classifier's margin does not change when every logit moves together, so its
+        gradients are orthogonal to those moves, the queries' as the training examples' (a
+        softmax regression of 4 inputs and 3 classes spans 10 of its 15 parameters); repeated
+        examples span fewer directions than k too. A direction is null where its eigenvalue is
+        at rounding's level: :data:`NULL_ROUNDINGS` epsilons squared of the model's dtype (the
+        features' own rounding: a float32 model's null directions read 4e-16 to 2e-15 of the
+        largest, which an exact inverse would amplify to the scores' size), or ten epsilons of
+        the Gram's (a float64 softmax's null directions read up to 2.3e-16 of the largest, and a
+        float64 direction above it amplifies its own rounding by at most 1e-7), times the
+        largest; a small but spanned direction (two inputs 3e-6 apart in float32: 1.9e-12 of
+        the largest; 3e-5 apart in float64: 2.4e-15) is kept. The null directions get the
+        largest eigenvalue as their own, so what rounding leaves along them is not amplified,
+        and the solves are the pseudo-inverse's on the span.
+        """
+        values, vectors = torch.linalg.eigh(gram)
+        top = float(values[-1])
+        features = torch.finfo(self.fitted.space.dtype).eps  # the gradients' precision
+        gram_rounding = 10 * torch.finfo(gram.dtype).eps  # float64's nulls read <= 2.3e-16
+        floor = max(gram_rounding, NULL_ROUNDINGS * features**2)
+        null = values <= floor * top
+        if not top > 0 or not bool(null.any()):
+            return None
+        rank = int((~null).sum())
+        warn(
+            f"TRAK's projected features of model {m} span {rank} of their {gram.shape[0]} "
+            "dimensions (their gradients have null directions: a softmax margin does not change "
+            "when every logit moves together, and repeated inputs or examples leave others): "
+            "the Gram matrix is inverted on the features' span (its pseudo-inverse); "
+            f"proj_dim <= {rank} avoids the null directions",
+            Notice,
+        )
+        spanned = vectors[:, ~null]
+        lifted = torch.where(null, torch.full_like(values, top), values)
+        L = torch.linalg.cholesky((vectors * lifted) @ vectors.T)
+        inverse = (spanned / values[~null]) @ spanned.T
+        return L, inverse
 
     @staticmethod
     def _inverse_times(X: Tensor, L: Tensor, divisor: float) -> Tensor:
