@@ -32,6 +32,19 @@ def test_full_krylov_space_equals_exact(
     assert relative_error(inf.remove(group).params, reference["inf"].remove(group).params) < 1e-8
 
 
+def test_a_rank_above_p_is_noted_and_equals_the_full_space(
+    mlp_problem: dict, reference: dict
+) -> None:
+    """rank 90 of P = 59 ran with all 59 Ritz pairs and no word (a tester's): a Notice, and the
+    answer is the full space's, exact."""
+    task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
+    p = reference["H"].shape[0]
+    with pytest.warns(infkit.errors.Notice, match=rf"rank {p + 31} is more Ritz pairs .* \({p}:"):
+        inf = infkit.Influence(task, "arnoldi", l2=l2, rank=p + 31, krylov_dim=p + 31).fit(train)
+    assert inf.describe()["kept_rank"] == p
+    assert relative_error(inf.scores(test), reference["scores"]) < 1e-8
+
+
 def test_ritz_values_and_embeddings(mlp_problem: dict, reference: dict) -> None:
     task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
     inf = infkit.Influence(task, "arnoldi", l2=l2, rank=5, krylov_dim=40, complement="drop").fit(

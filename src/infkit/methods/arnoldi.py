@@ -35,7 +35,14 @@ from torch import Tensor
 
 from infkit.blocks import BlockMode, block_diagonal, layer_slices
 from infkit.curvature import Curvature, CurvatureOperator, product_work_bytes
-from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, ProblemTooLargeError
+from infkit.errors import (
+    CurvatureError,
+    InvalidInputError,
+    NotFittedError,
+    Notice,
+    ProblemTooLargeError,
+    warn,
+)
 from infkit.fitted import Fitted
 from infkit.gradients import Which
 from infkit.linalg import indefinite_remedy
@@ -235,6 +242,13 @@ class Arnoldi(PrimalMethod):
         self.products = operator.products
         evals, evecs = torch.linalg.eigh(T)
         key = evals.abs() if self.curvature == "hessian" else evals
+        if options.rank > len(evals):
+            warn(
+                f"method 'arnoldi': rank {options.rank} is more Ritz pairs than the Krylov basis "
+                f"holds ({len(evals)}: krylov_dim {options.krylov_dim}, capped at P = {p:,}); "
+                f"all {len(evals)} are kept (describe()['kept_rank'])",
+                Notice,
+            )
         top = key.argsort(descending=True)[: min(options.rank, len(evals))]
         self.eigenvalues = evals[top]
         self.vectors = (evecs[:, top].T @ Q).to(fitted.space.device)  # [p, P]
@@ -331,6 +345,7 @@ class Arnoldi(PrimalMethod):
         out: dict[str, object] = super().describe()
         out.update(
             curvature_products=self.products,
+            kept_rank=None if self.eigenvalues is None else len(self.eigenvalues),
             top_eigenvalue=None if self.eigenvalues is None else float(self.eigenvalues[0]),
             smallest_kept_eigenvalue=(
                 None if self.eigenvalues is None else float(self.eigenvalues[-1])
