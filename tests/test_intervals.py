@@ -3,6 +3,8 @@ independent computations: ranks by hand, scipy's own bootstrap, and the coverage
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -99,6 +101,18 @@ def test_undefined_queries_are_skipped_and_bad_input_is_refused(bank) -> None:
     with pytest.warns(Notice, match=rf"mean over {scores.shape[0] - 1} of {scores.shape[0]}"):
         interval = evaluate.lds_interval(scores, masks, actual)
     assert np.isnan(interval.values[0]) and interval.n == scores.shape[0] - 1
+    # the interval warned once (the LDS's own Notice), not again from the bootstrap
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate.lds_interval(scores, masks, actual)
+    assert len([w for w in caught if issubclass(w.category, Notice)]) == 1
+    # bootstrap_mean skipped NaN without a word, and took an Inf into the mean
+    values = np.array([0.2, np.nan, 0.4, 0.6])
+    with pytest.warns(Notice, match="the mean is over 3 of 4 values: the other 1 are NaN"):
+        skipped = evaluate.bootstrap_mean(values)
+    assert skipped.mean == pytest.approx(0.4, abs=1e-15) and skipped.n == 3
+    with pytest.raises(InvalidInputError, match=r"values\[2\] is inf: NaN is skipped"):
+        evaluate.bootstrap_mean([0.1, 0.2, np.inf])
     with pytest.raises(InvalidInputError, match="confidence"):
         evaluate.bootstrap_mean([0.1, 0.2], confidence=1.5)
     with pytest.raises(InvalidInputError, match="at least 2 queries"):

@@ -48,6 +48,105 @@ def test_training_and_retraining_reach_the_closed_form_optimum() -> None:
     np.testing.assert_allclose(r.outputs(data).numpy()[:, 0], X @ r.theta.numpy(), rtol=1e-12)
 
 
+def test_the_test_set_is_checked_before_any_retraining(monkeypatch) -> None:
+    """A NaN query came back as a NaN measurement of every retraining (converged, no word), a
+    label outside the classes or inputs of another width as PyTorch's own tracebacks after the
+    retrainings: each is named as scores names it, before anything is retrained."""
+    rng = np.random.default_rng(1)
+    X = torch.as_tensor(rng.normal(size=(30, 3)))
+    y = torch.as_tensor((rng.normal(size=30) > 0).astype(np.int64))
+    task = infkit.Task.classification(torch.nn.Linear(3, 2).double())
+    data, l2 = (X, y), 1e-2
+    infkit.train_to_optimum(task, data, l2)
+    nan_query = (torch.full((1, 3), float("nan"), dtype=torch.float64), y[:1])
+    narrow = (X[:2, :2], y[:2])
+    outside = (X[:2], torch.tensor([0, 5]))
+    with_model = retrain.without(task, data, [1], l2)
+
+    def must_not_retrain(*args, **kwargs):
+        raise AssertionError("retrained before the test set was checked")
+
+    monkeypatch.setattr(retrain, "train_to_optimum", must_not_retrain)
+    calls = {
+        "leave_one_out": lambda t: retrain.leave_one_out(task, data, t, [1], l2),
+        "subsets": lambda t: retrain.subsets(task, data, t, l2, n_subsets=3, alpha=0.9),
+        "losses": with_model.losses,
+        "measurements": with_model.measurements,
+    }
+    for name, call in calls.items():
+        source = "data" if name in ("losses", "measurements") else "test set"
+        with pytest.raises(infkit.errors.NonFiniteError, match=f"{source} example 0 contains NaN"):
+            call(nan_query)
+        with pytest.raises(InvalidInputError, match=f"could not be called on {source} example 0"):
+            call(narrow)
+        with pytest.raises(InvalidInputError, match=f"{source} example 1: label 5 is outside"):
+            call(outside)
+    with pytest.raises(infkit.errors.NonFiniteError, match="data example 0 contains NaN"):
+        with_model.outputs(nan_query)  # the outputs read no label: the inputs are checked
+    placeholder = (X[:3], torch.full((3,), float("nan"), dtype=torch.float64))
+    assert with_model.outputs(placeholder).shape == (3, 2)  # NaN labels it never reads
+    # a query the retrained model itself gives NaN on is named with the retraining
+    diverged = retrain.Retrained(
+        task,
+        torch.tensor([1]),
+        torch.full((8,), float("nan"), dtype=torch.float64),
+        torch.zeros(8, dtype=torch.float64),
+        0.0,
+        0,
+    )
+    with pytest.raises(
+        infkit.errors.NonFiniteError, match="loss by the model retrained without example 1"
+    ):
+        diverged.losses(data)
+
+
+def test_queries_scores_accepts_are_measured_once_checked(monkeypatch) -> None:
+    """A language model's one-token prompts under a measurement reading one logit: scores
+    takes them (no label is read), and leave_one_out refused them through the loss's check (a
+    reviewer's); the test set is checked once for a whole bank, not once per retraining."""
+    from lm_helpers import VOCAB, TinyLM
+
+    from infkit import example_checks
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (12, 7), generator=gen)
+    train = ({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids.clone())
+    prompts = torch.randint(0, VOCAB, (3, 1), generator=gen)
+    queries = ({"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}, prompts)
+
+    def last_logit(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return outputs[:, -1, 3]
+
+    task = infkit.Task.language_modeling(TinyLM().double())
+    task = task.with_measurement(last_logit, higher_is_better=True)
+    run = infkit.Recipe(steps=5, lr=0.1).train(task, train)
+    calls = []
+    original = example_checks.check_examples
+    monkeypatch.setattr(
+        retrain, "check_examples", lambda *a, **k: calls.append(a[1].name) or original(*a, **k)
+    )
+    loo = retrain.leave_one_out(task, train, queries, [0, 1], 0.0, run=run)
+    assert loo.measurement.shape == (3, 2) and bool((loo.loss == 0).all())
+    for j in (0, 1):  # the recipe replayed without example j against the run's model, by hand
+        without = retrain.without(task, train, [j], 0.0, run=run).model().eval()
+        full = task.model.eval()
+        with torch.no_grad():
+            expected = [
+                float(m(input_ids=prompts, attention_mask=torch.ones_like(prompts))[q, -1, 3])
+                for m in (without, full)
+                for q in range(3)
+            ]
+        change = torch.tensor(expected[:3], dtype=torch.float64) - torch.tensor(
+            expected[3:], dtype=torch.float64
+        )
+        torch.testing.assert_close(loo.measurement[:, j], change, rtol=1e-10, atol=1e-12)
+    calls.clear()
+    bank = retrain.subsets(task, train, queries, 0.0, n_subsets=6, run=run)
+    assert bank.measurements.shape == (6, 3)
+    assert calls.count("test set") == 1, calls
+
+
 def test_leave_one_out_resumes_from_its_artifacts(tmp_path, monkeypatch) -> None:
     X, y, task, data, l2 = _ridge_problem()
     test = (data[0][:5], data[1][:5])
@@ -237,6 +336,10 @@ def test_correlation_auc_and_fraction_found() -> None:
     a = torch.arange(10.0)
     c = evaluate.correlation(a, 2 * a + 1)
     assert c.pearson == pytest.approx(1.0) and c.spearman == pytest.approx(1.0) and c.n == 10
+    # a constant vector: NaN with scipy's warning only; infkit says which is constant
+    with pytest.warns(infkit.errors.Notice, match=r"actual is constant \(3\): the correlation"):
+        undefined = evaluate.correlation(a, torch.full((10,), 3.0))
+    assert np.isnan(undefined.pearson) and np.isnan(undefined.spearman) and undefined.n == 10
     flags = torch.tensor([0, 0, 0, 1, 1, 0, 0, 0, 0, 1], dtype=torch.bool)
     scores = torch.tensor([0.1, 0.2, 0.0, 0.9, 0.8, 0.3, 0.1, 0.2, 0.05, 0.7])
     assert evaluate.detection_auc(scores, flags) == pytest.approx(1.0)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from infkit.data import checked_indices
 from infkit.errors import InvalidInputError, Notice, warn
-from infkit.options import real_number
+from infkit.options import integer_argument, real_number
 
 #: the fewest pairs a correlation is computed from
 MIN_PAIRS = 3
@@ -62,6 +62,15 @@ def correlation(predicted: Tensor | np.ndarray, actual: Tensor | np.ndarray) -> 
         raise InvalidInputError(f"a correlation needs at least {MIN_PAIRS} pairs")
     require_finite("predicted (flattened)", p, NON_FINITE_SCORE)
     require_finite("actual (flattened)", a, NON_FINITE_ACTUAL)
+    constant = [name for name, x in (("predicted", p), ("actual", a)) if np.ptp(x) == 0]
+    if constant:  # scipy's ConstantInputWarning, said in infkit's words
+        warn(
+            f"{' and '.join(constant)} {'is' if len(constant) == 1 else 'are'} constant "
+            f"({', '.join(f'{x[0]:.6g}' for x in (p, a) if np.ptp(x) == 0)}): the correlation "
+            "is undefined (NaN)",
+            Notice,
+        )
+        return Correlation(float("nan"), float("nan"), p.size)
     from scipy import stats  # imported here: scipy.stats takes seconds to import
 
     return Correlation(float(stats.pearsonr(p, a)[0]), float(stats.spearmanr(p, a)[0]), p.size)
@@ -195,9 +204,9 @@ def bootstrap_mean(
     resamples: int = 2000,
     seed: int = 0,
 ) -> Interval:
-    """The mean of ``values`` (NaN skipped) with a percentile-bootstrap interval: the queries
-    are resampled with replacement ``resamples`` times and the interval is the central
-    ``confidence`` share of the resampled means.
+    """The mean of ``values`` (NaN skipped, with a Notice saying how many) with a
+    percentile-bootstrap interval: the queries are resampled with replacement ``resamples``
+    times and the interval is the central ``confidence`` share of the resampled means.
 
     Args:
         values: [n] per-query values.
@@ -205,11 +214,34 @@ def bootstrap_mean(
         resamples: bootstrap resamples (at least 100).
         seed: seed of the resampling.
     """
+    resamples = _resamples(confidence, resamples)  # before any word on the values
+    all_values = _np(values).reshape(-1)
+    infinite = np.argwhere(np.isinf(all_values))
+    if len(infinite):
+        raise InvalidInputError(
+            f"values[{int(infinite[0, 0])}] is {all_values[infinite[0, 0]]}: NaN is skipped as "
+            "undefined, an infinite value is not; recompute it or leave it out"
+        )
+    defined = int((~np.isnan(all_values)).sum())
+    if 2 <= defined < all_values.size:
+        warn(
+            f"the mean is over {defined} of {all_values.size} values: the other "
+            f"{all_values.size - defined} are NaN, left out",
+            Notice,
+        )
+    return _bootstrap(all_values, confidence, resamples, seed)
+
+
+def _resamples(confidence: float, resamples: int) -> int:
+    """The number of resamples, once it and ``confidence`` are checked."""
     if not 0.0 < confidence < 1.0:
         raise InvalidInputError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence!r}")
-    if not isinstance(resamples, int) or resamples < 100:
-        raise InvalidInputError(f"resamples must be an integer >= 100, got {resamples!r}")
-    all_values = _np(values).reshape(-1)
+    return integer_argument("resamples", resamples, 100)
+
+
+def _bootstrap(all_values: np.ndarray, confidence: float, resamples: int, seed: int) -> Interval:
+    """:func:`bootstrap_mean` of finite-or-NaN ``all_values`` whose NaN were said already."""
+    resamples = _resamples(confidence, resamples)
     defined = all_values[~np.isnan(all_values)]
     if defined.size < 2:
         raise InvalidInputError(
@@ -246,7 +278,7 @@ def lds_interval(
         seed: seed of the resampling.
     """
     values = defined_values("LDS", lds_per_query(scores, masks, actual), "across the subsets")
-    return bootstrap_mean(values, confidence=confidence, resamples=resamples, seed=seed)
+    return _bootstrap(values, confidence, resamples, seed)
 
 
 def loo_interval(
@@ -287,7 +319,7 @@ def loo_interval(
         warnings.simplefilter("ignore", stats.ConstantInputWarning)  # NaN says it, per query
         values = np.array([stats.spearmanr(p, a)[0] for p, a in zip(pred, act)], dtype=float)
     values = defined_values("leave-one-out correlation", values, "across the examples")
-    return bootstrap_mean(values, confidence=confidence, resamples=resamples, seed=seed)
+    return _bootstrap(values, confidence, resamples, seed)
 
 
 def _detection_inputs(

@@ -37,7 +37,7 @@ from infkit.fingerprint import (
     task_fingerprint,
 )
 from infkit.fitted import probe_forward_writes
-from infkit.gradients import PerExample
+from infkit.gradients import PerExample, check_finite_rows
 from infkit.parameters import ParameterSpace
 from infkit.progress import resolve, track
 from infkit.recipe import Replay, TrainingRun
@@ -94,15 +94,29 @@ class Retrained:
         return clone
 
     def _evaluate(self, data: Any, which: str) -> Tensor:
+        examples = data if isinstance(data, ExampleSet) else ExampleSet(data, name="data")
+        if which == "outputs":  # the outputs read no label: their inputs alone are checked
+            examples.check_finite(targets=False)
+        else:
+            checked_queries(self.task, examples, measured=which == "measurement")
+        return self.values(examples, which)
+
+    def values(self, examples: ExampleSet, which: str) -> Tensor:
+        """The retrained model's ``which`` (``"outputs"``, ``"loss"``, ``"measurement"``) on
+        ``examples`` as they are (checked by the caller, :func:`checked_queries`); a value
+        that is not finite names this retraining."""
         model = self.model()
         task = Task(model, self.task.loss, self.task.measurement, output_fn=self.task.output_fn)
         engine = PerExample(task, ParameterSpace(model))
-        examples = ExampleSet(data, name="data")
         fn = {"outputs": engine.outputs, "loss": engine.losses, "measurement": engine.measurements}[
             which
         ]
-        parts = [fn(b) for b in examples.batches(1024)]
-        return torch.cat([p.reshape(p.shape[0], -1) if which == "outputs" else p for p in parts])
+        parts = []
+        for batch in examples.batches(1024):
+            part = fn(batch)
+            check_finite_rows(part, batch, f"{which} by the model retrained {self.description}")
+            parts.append(part.reshape(part.shape[0], -1) if which == "outputs" else part)
+        return torch.cat(parts)
 
     def outputs(self, data: Any) -> Tensor:
         """Outputs of the retrained model, [n, C]."""
@@ -195,6 +209,17 @@ def _cache(
     if attribute_objects(task.model):
         probe_forward_writes(engine, examples)
     return RetrainCache(cache_dir, task, examples, l2, tolerance, max_iter, run)
+
+
+def checked_queries(task: Task, test: Any, measured: bool = False) -> ExampleSet:
+    """The test set as checked examples, before a retraining measures on it: NaN or Inf in
+    its data, inputs the model refuses and labels the task cannot read, each named
+    (:func:`~infkit.example_checks.check_examples`; ``measured``: read through the measurement
+    alone), as ``scores`` checks its queries."""
+    queries = test if isinstance(test, ExampleSet) else ExampleSet(test, name="test set")
+    if not queries._checked:
+        check_examples(PerExample(task, ParameterSpace(task.model)), queries, measured=measured)
+    return queries
 
 
 def _check_run(run: TrainingRun, task: Task, examples: ExampleSet, l2: float) -> None:
@@ -487,14 +512,17 @@ def leave_one_out(
     examples = ExampleSet(train, name="training set")
     idx = checked_indices(indices, len(examples), what="training index", unique=True)
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
+    # checked before any retraining, as scores checks its queries (read through the
+    # measurement: a query scores accept has the losses its labels give, 0 where none is read)
+    test = checked_queries(task, test, measured=True)
     base = _base(task, examples, l2, tolerance, max_iter, cache, run)
-    base_meas, base_loss = base.measurements(test), base.losses(test)
+    base_meas, base_loss = base.values(test, "measurement"), base.values(test, "loss")
     params, meas, loss, results = [], [], [], []
     for j in track(idx.tolist(), resolve(progress), "leave-one-out"):
         r = _retrain(task, examples, [j], l2, tolerance, max_iter, cache, run)
         params.append(r.theta - base.theta)
-        meas.append(r.measurements(test) - base_meas)
-        loss.append(r.losses(test) - base_loss)
+        meas.append(r.values(test, "measurement") - base_meas)
+        loss.append(r.values(test, "loss") - base_loss)
         results.append(r)
     ratio = _warn_if_moved(base, params, "leave-one-out")
     converged = torch.tensor([r.converged for r in results], dtype=torch.bool)
@@ -591,11 +619,12 @@ def subsets(
             "training example (True = kept); a retraining needs at least one"
         )
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
+    test = checked_queries(task, test, measured=True)  # before any retraining
     rows, results = [], []
     for mask in track(masks, resolve(progress), "subsets", len(masks)):
         removed = (~mask).nonzero().squeeze(1)
         r = _retrain(task, examples, removed, l2, tolerance, max_iter, cache, run)
-        rows.append(r.measurements(test))
+        rows.append(r.values(test, "measurement"))
         results.append(r)
     _warn_late("subset", [(f"subset {k}", r) for k, r in enumerate(results)], max_iter)
     converged = torch.tensor([r.converged for r in results], dtype=torch.bool)
