@@ -19,8 +19,11 @@ status 2 and a message saying what to change.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 
 def _positive_int(text: str) -> int:
@@ -130,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         config = DemoConfig.create(args.out, seed=args.seed, quick=args.quick, threads=args.threads)
-        run_demo(config)
+        with _plain_warnings("infkit demo"):
+            run_demo(config)
     elif args.command == "methods":
         print_methods(args.json)
     elif args.command in ("run", "report"):
@@ -155,15 +159,36 @@ def _run_or_report(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        if args.command == "report":
-            path = report.write_report(args.workdir, args.out)
-        else:
-            config = report.parse(args.config)
-            if args.threads is not None:
-                torch.set_num_threads(args.threads)
-            path = report.run(config, args.out, progress=False if args.quiet else None)
+        with _plain_warnings(f"infkit {args.command}"):
+            if args.command == "report":
+                path = report.write_report(args.workdir, args.out)
+            else:
+                config = report.parse(args.config)
+                if args.threads is not None:
+                    torch.set_num_threads(args.threads)
+                path = report.run(config, args.out, progress=False if args.quiet else None)
     except InfkitError as error:
         print(f"infkit {args.command}: error: {error}", file=sys.stderr)
         return 2
     print(f"report: {path}")
     return 0
+
+
+@contextlib.contextmanager
+def _plain_warnings(command: str) -> Iterator[None]:
+    """Warnings shown as ``infkit run: warning: ...`` (a Notice as ``notice``) while a command
+    runs: Python's form names the first frame outside infkit, which under ``python -m`` is
+    runpy's (``<frozen runpy>:88: UserWarning: ...``). Filters (``-W``, ``PYTHONWARNINGS``)
+    apply as before."""
+    from infkit.errors import Notice
+
+    def plain(message: Any, category: type[Warning], *_: Any, **__: Any) -> str:
+        kind = "notice" if issubclass(category, Notice) else "warning"
+        return f"{command}: {kind}: {message}\n"
+
+    python_form = warnings.formatwarning  # (catch_warnings does not restore this one)
+    warnings.formatwarning = plain  # the form only: a recorder (pytest's) still records
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_form

@@ -50,7 +50,7 @@ from infkit.parameters import ParameterSpace
 from infkit.progress import Stopwatch
 from infkit.report import factories
 from infkit.report.config import MIN_RETRAININGS, RunConfig
-from infkit.report.views import Display, guess_kind
+from infkit.report.views import Display, guess_kind, value_range
 from infkit.saved import KIND as SAVED_KIND
 from infkit.store import ArtifactStore, differences, save_csv, save_json
 from infkit.task import Task
@@ -564,16 +564,17 @@ def _run(
 
 
 def _note_clamped(config: RunConfig, n_train: int, n_test: int) -> None:
-    """Tell where ``[report] top_k`` or ``n_queries`` ask for more examples than there are
-    (the run takes what there is)."""
-    rep = config["report"]
-    for key, asked, there, what in (
-        ("top_k", rep["top_k"], n_train, "training"),
-        ("n_queries", 0 if rep["queries"] else rep["n_queries"], n_test, "test"),
+    """Tell where ``[report] top_k`` or ``n_queries`` or ``[self_influence] top`` ask for more
+    examples than there are (the run takes what there is)."""
+    rep, si = config["report"], config["self_influence"]
+    for section, key, asked, there, what in (
+        ("report", "top_k", rep["top_k"], n_train, "training"),
+        ("report", "n_queries", 0 if rep["queries"] else rep["n_queries"], n_test, "test"),
+        ("self_influence", "top", si["top"] if si["enabled"] else 0, n_train, "training"),
     ):
         if asked > there:
             warn(
-                f"{config.path.name}: [report] {key} = {asked}, but there are {there} {what} "
+                f"{config.path.name}: [{section}] {key} = {asked}, but there are {there} {what} "
                 f"examples: taking {there}",
                 Notice,
             )
@@ -763,8 +764,8 @@ def moved_far_message(record: dict[str, Any]) -> str:
     )
     return (
         f"{len(far)} of the {record['n']} leave-one-out retrainings ({names}) moved the "
-        f"parameters {min(moved):.1f}-{max(moved):.1f} times as far as the estimator's step, "
-        f"at a cosine of {min(cosines):.2f}-{max(cosines):.2f} to it: the retrained models "
+        f"parameters {value_range(moved, '.1f')} times as far as the estimator's step, "
+        f"at a cosine of {value_range(cosines, '.2f')} to it: the retrained models "
         "are not where the estimator's step leads (another optimum of a non-convex objective, "
         "a removal too large for first order, or a step that damping shortens or an "
         "approximate curvature turns), so where their predicted and actual changes differ, "
@@ -821,7 +822,8 @@ def _warn_solve_per_example(
     warn(
         f"{' and '.join(asked)} by {method!r} solve a system per training example by its "
         f"iterations: {solves} x {n:,} solves{shared}, where the {n_queries} queries' took "
-        f"{seconds:.1f} s (about {estimate:.0f} s more at their pace). A direct method (ekfac, "
+        f"{seconds:.1f} s (up to about {estimate:.0f} s more at their pace; less where the solves "
+        "run in larger blocks). A direct method (ekfac, "
         "exact) answers them at once; [self_influence] enabled = false leaves that part out",
         Notice,
     )

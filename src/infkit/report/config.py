@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from infkit.errors import ConfigError
+from infkit.estimators import RELATIF_NORMS
 from infkit.evaluate import MIN_PAIRS
 
 if sys.version_info >= (3, 11):
@@ -40,6 +41,8 @@ MIN_RETRAININGS = MIN_PAIRS
 
 TASK_KINDS = ("classification", "binary_classification", "regression", "language_modeling")
 DISPLAY_KINDS = ("auto", "image", "text", "tabular")
+#: the estimators a report's tables are of (RelatIF's scores are shown beside IF's in every one)
+REPORTED_ESTIMATORS = ("if", "rif", "newton")
 
 #: section -> key -> :class:`Key`; the order is the order of ``infkit run --help``
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -287,13 +290,23 @@ def check(raw: dict[str, Any], path: Path) -> RunConfig:
 
 def _check_values(sections: dict[str, dict[str, Any]], where: str, folder: Path) -> None:
     """The checks a type cannot express: choices and ranges."""
-    choices = {("task", "kind"): TASK_KINDS, ("data", "kind"): DISPLAY_KINDS}
+    choices = {
+        ("task", "kind"): TASK_KINDS,
+        ("data", "kind"): DISPLAY_KINDS,
+        ("influence", "estimator"): REPORTED_ESTIMATORS,
+        ("influence", "relatif"): RELATIF_NORMS,
+    }
     for (section, key), allowed in choices.items():
         value = sections[section][key]
         if value not in allowed:
+            shown = (  # RelatIF's scores are no counterfactual: the page shows them beside IF's
+                " (RelatIF is shown beside IF in every report; set [influence] relatif = "
+                '"theta" or "loss" for its normalisation)'
+                if (section, key) == ("influence", "estimator") and value == "relatif"
+                else _suggest(value, list(allowed))
+            )
             raise ConfigError(
-                f"{where}: [{section}] {key} = {value!r} is not one of {', '.join(allowed)}"
-                f"{_suggest(value, list(allowed))}"
+                f"{where}: [{section}] {key} = {value!r} is not one of {', '.join(allowed)}{shown}"
             )
     for section, key, low in (
         ("report", "n_queries", 1),
@@ -317,6 +330,19 @@ def _check_values(sections: dict[str, dict[str, Any]], where: str, folder: Path)
         raise ConfigError(
             f'{where}: [influence] damping must be a number or "auto", got {damping!r}'
         )
+    kind, custom = sections["task"]["kind"], sections["task"]["factory"]
+    if (
+        sections["data"]["class_names"]
+        and kind in ("regression", "language_modeling")
+        and not custom
+    ):
+        raise ConfigError(
+            f"{where}: [data] class_names names classes, and [task] kind = {kind!r} has none: "
+            "remove it (a regression's targets are shown as numbers)"
+            if kind == "regression"
+            else f"{where}: [data] class_names names classes, and [task] kind = {kind!r} has "
+            "none: remove it (text is shown as tokens; [data] decode maps their ids to strings)"
+        )
     shape = sections["data"]["image_shape"]
     if shape and len(shape) not in (2, 3):
         raise ConfigError(f"{where}: [data] image_shape must be (H, W) or (C, H, W), got {shape}")
@@ -326,6 +352,20 @@ def _check_values(sections: dict[str, dict[str, Any]], where: str, folder: Path)
                 f"{where}: [group_removal] groups.{name} must be a non-empty list of training "
                 f"indices, got {indices!r}"
             )
+        _refuse_repeated(indices, f"[group_removal] groups.{name}", where)
+    _refuse_repeated(sections["report"]["queries"], "[report] queries", where)
+
+
+def _refuse_repeated(indices: list[int], option: str, where: str) -> None:
+    """A list of indices naming one twice, refused before any factory runs (the ranges need
+    the data, and were checked only after the model's factory had trained it)."""
+    seen: set[int] = set()
+    for index in indices:
+        if index in seen:
+            raise ConfigError(
+                f"{where}: {option} index {index} is given twice: name each example once"
+            )
+        seen.add(index)
 
 
 def _check_method(sections: dict[str, dict[str, Any]], where: str, folder: Path) -> None:

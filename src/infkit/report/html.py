@@ -22,6 +22,7 @@ from torch import Tensor
 
 from infkit import plot
 from infkit.errors import ArtifactError
+from infkit.report.views import value_range
 from infkit.retrain import START_MOVE
 from infkit.store import MANIFEST, ArtifactStore
 
@@ -97,7 +98,10 @@ def find_results(workdir: str | Path) -> Path:
             f"{workdir} holds no finished infkit run (no {KIND}-* directory with a manifest): "
             "run `infkit run CONFIG.toml` first, or give its workdir"
         )
-    return max(found, key=lambda p: (p / MANIFEST).stat().st_mtime)
+    # the newest; one without its manifest (damaged) by its own time, for verify to name it
+    return max(
+        found, key=lambda p: (p / MANIFEST if (p / MANIFEST).exists() else p).stat().st_mtime
+    )
 
 
 def load_results(workdir: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -131,6 +135,8 @@ def write_report(workdir: str | Path, out: str | Path | None = None) -> Path:
     """
     path = find_results(workdir)
     data, tensors = load_results(path)
+    # the footer names the workdir the page is built from (a copy's, not the run's own)
+    data["summary"]["workdir"] = str(path.parent)
     target = Path(out) if out is not None else path.parent / "report.html"
     page = render(data, tensors)
     tmp = target.with_name(f".{target.name}.tmp")
@@ -533,9 +539,9 @@ def moved_far_html(r: dict[str, Any]) -> str:
     )
     return (
         f'<p class="warning"><b>Retrainings that left the linear regime:</b> without {names} '
-        f"the parameters moved {min(x['moved'] for x in far):.1f}-"
-        f"{max(x['moved'] for x in far):.1f} times as far as the estimator's step, at a cosine "
-        f"of {min(x['cosine'] for x in far):.2f}-{max(x['cosine'] for x in far):.2f} to it "
+        f"the parameters moved {value_range([x['moved'] for x in far], '.1f')} times as far "
+        "as the estimator's step, at a cosine of "
+        f"{value_range([x['cosine'] for x in far], '.2f')} to it "
         "(loo.csv: moved, cosine). The retrained models are not where the estimator's step "
         "leads (another optimum of a non-convex objective, a removal too large for first order, "
         "or a step that damping shortens or an approximate curvature turns), so where their "

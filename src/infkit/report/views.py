@@ -203,3 +203,10 @@ class Display:
                 "map a list of ids to one string per id"
             )
         return tokens
+
+
+def value_range(values: list[float], spec: str) -> str:
+    """``"lo-hi"`` of ``values`` in the format ``spec``, or the one value where both read
+    alike (a range of one retraining read "4.4-4.4")."""
+    low, high = format(min(values), spec), format(max(values), spec)
+    return low if low == high else f"{low}-{high}"
