@@ -70,10 +70,12 @@ def test_bad_attacks_are_refused(problem: dict) -> None:
     inf = problem["inf"]
     with pytest.raises(InvalidInputError, match="norm must be"):
         training_set_attack(inf, problem["test"], k=1, epsilon=0.1, norm="l1")  # type: ignore[arg-type]
-    with pytest.raises(InvalidInputError, match="epsilon must be > 0"):
-        training_set_attack(inf, problem["test"], k=1, epsilon=0.0)
-    with pytest.raises(InvalidInputError, match="k must be between 1 and 150"):
-        training_set_attack(inf, problem["test"], k=151, epsilon=0.1)
+    for epsilon in (0.0, float("inf"), float("nan"), "0.1"):  # inf gave infinite inputs
+        with pytest.raises(InvalidInputError, match="epsilon must be a finite number > 0"):
+            training_set_attack(inf, problem["test"], k=1, epsilon=epsilon)  # type: ignore[arg-type]
+    for k in (151, 2.5, 0):  # 2.5 reached torch.topk's TypeError
+        with pytest.raises(InvalidInputError, match="k must be an integer between 1 and 150"):
+            training_set_attack(inf, problem["test"], k=k, epsilon=0.1)  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="candidate indexes"):  # said "between 1 and 0"
         training_set_attack(inf, problem["test"], k=1, epsilon=0.1, candidates=[])
     with pytest.raises(InvalidInputError, match="is given twice"):

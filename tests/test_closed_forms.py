@@ -54,6 +54,38 @@ def test_ols_influence_and_leverage_match_closed_form() -> None:
             assert relative_error(inf_e.remove([j]).params, torch.as_tensor(refit - beta)) < 1e-9
 
 
+def test_newton_scores_linearise_the_measurement_and_its_model_is_retraining() -> None:
+    """OLS: Newton's parameter change is leave-one-out's exactly, and its self-score is the
+    measurement linearised along it, grad l_j^T (beta_-j - beta), which misses the loss's
+    curvature term (1/2) (x_j^T Delta)^2 (a tester read the score as the retrained loss change:
+    11% apart on a high-leverage ridge example); the model remove([j]).model() returns gives
+    the retrained loss change itself (docs/estimators.md §5)."""
+    X, y = _ols_problem(n=30, d=4, seed=3)
+    n, d = X.shape
+    beta = np.linalg.lstsq(X, y, rcond=None)[0]
+    model = _linear_model(d)
+    with torch.no_grad():
+        model.weight.copy_(torch.as_tensor(beta).reshape(1, d))
+    task = infkit.Task.regression(model)
+    data = (torch.as_tensor(X), torch.as_tensor(y).reshape(n, 1))
+    inf = infkit.Influence(task, "exact", "newton", l2=0.0).fit(data)
+    own = inf.self_scores()
+    hat = np.einsum("ij,jk,ik->i", X, np.linalg.inv(X.T @ X), X)
+    j = int(np.argmax(hat))  # the most leveraged: the largest curvature term
+    keep = np.delete(np.arange(n), j)
+    step = np.linalg.lstsq(X[keep], y[keep], rcond=None)[0] - beta
+    residual = X[j] @ beta - y[j]
+    linearised = residual * (X[j] @ step)  # grad l_j^T Delta, l_j = (1/2) residual^2
+    retrained = 0.5 * (X[j] @ (beta + step) - y[j]) ** 2 - 0.5 * residual**2
+    assert retrained - linearised == pytest.approx(0.5 * (X[j] @ step) ** 2, rel=1e-12)
+    assert retrained - linearised > 0.05 * abs(retrained)  # the term matters here
+    assert float(own[j]) == pytest.approx(linearised, rel=1e-9)
+    moved = inf.remove([j]).model()
+    with torch.no_grad():
+        after = 0.5 * (float(moved(torch.as_tensor(X[j : j + 1]))[0, 0]) - y[j]) ** 2
+    assert after - 0.5 * residual**2 == pytest.approx(retrained, rel=1e-9)
+
+
 def _ridge(X: np.ndarray, Y: np.ndarray, l2: float) -> np.ndarray:
     """argmin (1/n) sum 0.5 ||W^T x~ - y||^2 + (l2/2)||W||^2 with x~ = [x, 1] (bias penalised)."""
     Xa = np.hstack([X, np.ones((len(X), 1))])

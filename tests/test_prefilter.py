@@ -114,3 +114,9 @@ def test_two_stage_scores_are_the_candidates_full_scores_and_recall_counts_hits(
     for wrong in (full[:, : N // 2], full.T, full[:1]):  # columns cut, transposed, a query
         with pytest.raises(InvalidInputError, match=rf"full_scores must be \[{Q}, {N}\]"):
             recall_at_k(pre, wrong, 3)
+    # a NaN column ranked first in the truth's top k (topk takes NaN as the largest): the
+    # recall read 0.767 for 0.933 without a word
+    broken = full.clone()
+    broken[1, 4] = float("nan")
+    with pytest.raises(InvalidInputError, match=r"full_scores\[1, 4\] is nan"):
+        recall_at_k(pre, broken, 3)

@@ -4,6 +4,7 @@ median heuristic equals its definition (docs/analyses.md §9)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +136,15 @@ def test_median_heuristic_and_bad_input(data: dict) -> None:
     torch.testing.assert_close(whole, ints, rtol=1e-12, atol=1e-15)
     with pytest.raises(InvalidInputError, match=r"train_labels\[0\] is .*class indices"):
         Kairos(X, R, train_labels=y.double() + 0.5, reference_labels=ry)
+    # class names and one-hot rows (a raw TypeError from torch, and "90 labels for 30 examples")
+    names = np.array(["abc"[int(k) % 3] for k in y])
+    for given in (names, names.tolist()):
+        with pytest.raises(InvalidInputError, match=r"train_labels cannot be read.*np\.unique"):
+            Kairos(X, R, train_labels=given, reference_labels=ry)  # type: ignore[arg-type]
+    one_hot = torch.nn.functional.one_hot(y.long(), 3)
+    with pytest.raises(
+        InvalidInputError, match=r"\[n\] class indices, got shape \(30, 3\).*argmax"
+    ):
+        Kairos(X, R, train_labels=one_hot, reference_labels=ry)
+    with pytest.raises(InvalidInputError, match="reference_features cannot be read as numbers"):
+        Kairos(X, [["a", "b"]] * 20)  # type: ignore[arg-type]

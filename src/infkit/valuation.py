@@ -210,9 +210,19 @@ def median_bandwidth(points: Tensor, seed: int = 0) -> float:
     return median
 
 
+def _as_numbers(x: Tensor, name: str, hint: str) -> Tensor:
+    """``x`` as a tensor, or an InvalidInputError naming ``name`` (strings, objects, ragged
+    rows) with ``hint``."""
+    if isinstance(x, Tensor):
+        return x
+    try:
+        return torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InvalidInputError(f"{name} cannot be read as numbers ({error}): {hint}") from None
+
+
 def _features(x: Tensor, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        x = torch.as_tensor(x)
+    x = _as_numbers(x, name, "give a tensor or array of numbers, one row per example")
     if x.dim() < 2 or len(x) == 0:
         raise InvalidInputError(
             f"{name} must be [n, d] (one row per example), got {tuple(x.shape)}"
@@ -227,7 +237,17 @@ def _features(x: Tensor, name: str) -> Tensor:
 def _labels(y: Tensor | None, n: int, name: str) -> Tensor | None:
     if y is None:
         return None
-    y = torch.as_tensor(y).reshape(-1)
+    hint = (
+        "labels are class indices; encode class names as integers 0..C-1, e.g. classes, y = "
+        "np.unique(labels, return_inverse=True)"
+    )
+    y = _as_numbers(y, name, hint)
+    if y.dim() > 1 and y[0].numel() > 1:
+        raise InvalidInputError(
+            f"{name} must be [n] class indices, got shape {tuple(y.shape)}; for one-hot rows "
+            "give y.argmax(1)"
+        )
+    y = y.reshape(-1)
     if len(y) != n:
         raise InvalidInputError(f"{name} has {len(y)} labels for {n} examples")
     if y.is_complex():

@@ -19,6 +19,7 @@ returns the actual change, the ground truth the prediction is judged against
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ from torch import Tensor
 from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError
 from infkit.influence import Influence
+from infkit.options import integer_argument, real_number
 from infkit.task import Task
 from infkit.training import train_to_optimum
 
@@ -107,16 +109,17 @@ def training_set_attack(
     ``k`` training inputs (among ``candidates``, default all) moved by ``epsilon`` in ``norm``."""
     if norm not in ("l2", "linf"):
         raise InvalidInputError(f"norm must be 'l2' or 'linf', got {norm!r}")
-    if not epsilon > 0:
-        raise InvalidInputError(f"epsilon must be > 0, got {epsilon!r}")
+    size = real_number(epsilon)
+    if size is None or not 0 < size < math.inf:
+        raise InvalidInputError(
+            f"epsilon must be a finite number > 0 (the perturbation's norm), got {epsilon!r}"
+        )
     pool = (
         torch.arange(inf.n_train)
         if candidates is None
         else checked_indices(candidates, inf.n_train, what="candidate index", unique=True)
     )
-    if not 1 <= k <= len(pool):
-        among = "the candidates" if candidates is not None else "the training examples"
-        raise InvalidInputError(f"k must be between 1 and {len(pool)} ({among}), got {k}")
+    k = integer_argument("k", k, 1, len(pool))  # at most the candidates, or N
     g = inf.input_influence(test, pool).to(torch.float64)  # [T, n_pool, *x_shape]
     G = g.sum(0).reshape(len(pool), -1)
     strength = G.norm(dim=1) if norm == "l2" else G.abs().sum(1)
@@ -126,7 +129,7 @@ def training_set_attack(
         direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-300)
     else:
         direction = direction.sign()
-    delta = (epsilon * direction).reshape(k, *g.shape[2:])
+    delta = (size * direction).reshape(k, *g.shape[2:])
     predicted = (g[:, chosen].reshape(g.shape[0], k, -1) * delta.reshape(1, k, -1)).sum((1, 2))
     indices = pool[chosen]
     originals = inf.fitted.train.take(indices).inputs

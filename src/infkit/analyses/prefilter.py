@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from infkit.errors import InvalidInputError, UnsupportedError, warn
+from infkit.evaluate import NON_FINITE_SCORE, require_finite
 from infkit.influence import Influence
 from infkit.options import integer_argument
 
@@ -141,6 +142,8 @@ def recall_at_k(
             f"queries against every training example), got {tuple(full.shape)}: a slice of the "
             "columns or another set of queries would make the recall another's"
         )
+    # topk ranks NaN above every number: the truth would fill with the broken entries
+    require_finite("full_scores", full.detach().cpu().numpy(), NON_FINITE_SCORE)
     truth = full.topk(k, dim=1, largest=largest).indices
     hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth, strict=True)]
     return sum(hits) / (k * len(hits))
