@@ -242,7 +242,7 @@ def _labels(y: Tensor | None, n: int, name: str) -> Tensor | None:
         "np.unique(labels, return_inverse=True)"
     )
     y = _as_numbers(y, name, hint)
-    if y.dim() > 1 and y[0].numel() > 1:
+    if y.dim() > 1 and math.prod(y.shape[1:]) > 1:
         raise InvalidInputError(
             f"{name} must be [n] class indices, got shape {tuple(y.shape)}; for one-hot rows "
             "give y.argmax(1)"
