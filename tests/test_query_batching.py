@@ -69,3 +69,24 @@ def test_query_batching_needs_tracked_layers_only() -> None:
     inf = infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
     with pytest.raises(UnsupportedError, match="freeze"):
         inf.batched_scores((X[:3], y[:3]))
+
+
+def test_query_rank_truncates_a_float64_models_queries_in_float64() -> None:
+    """query_rank=1 and batched_scores(rank=1) keep the same rank-1 part of each layer's
+    preconditioned query (both layers here are wider than 1 + 1 / min side), by an SVD each:
+    query_rank's ran in float32 whatever the model, 1e-7 from batched_scores' float64 one
+    (a tester's); now both are the float64 model's to rounding."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 5)
+    ).double()
+    X, y = torch.randn(60, 6, dtype=torch.float64), torch.randint(0, 5, (60,))
+    task = infkit.Task.classification(model)
+    options = {"l2": 1e-2, "damping": 1e-3, "fisher": "ggn", "progress": False}
+    full = infkit.Influence(task, "kfac", **options).fit((X, y))
+    ranked = infkit.Influence(task, "kfac", query_rank=1, **options).fit((X, y))
+    queries = (X[:4] + 0.1, y[:4])
+    S = ranked.scores(queries)
+    assert ranked.describe()["query_rank"] == 1
+    assert relative_error(S, full.scores(queries)) > 1e-3  # the truncation matters
+    assert relative_error(S, full.batched_scores(queries, rank=1)) < 1e-12

@@ -143,8 +143,11 @@ def kept_at_rank(t: TrackedModule, rank: int | None) -> bool:
 def truncated_svd(U: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """``U ~ L R^T`` per query by truncated SVD: L [T, d_out, r], R [T, cols, r], and the
     share of each query's ``||U||_F^2`` the rank keeps, [T] float64 (1 for a block of 0): how
-    much of the preconditioned gradient the scores see."""
-    left, values, right_t = torch.linalg.svd(U.to(torch.float32), full_matrices=False)
+    much of the preconditioned gradient the scores see. The SVD runs in U's precision, float32
+    for a half-precision block (which ``torch.linalg.svd`` does not take): a float64 model's
+    queries kept at rank r as ``batched_scores(rank=r)`` keeps them, not 1e-7 off."""
+    work = U if U.dtype in (torch.float32, torch.float64) else U.to(torch.float32)
+    left, values, right_t = torch.linalg.svd(work, full_matrices=False)
     r = min(rank, values.shape[-1])
     L = left[..., :r] * values[..., None, :r]
     energy = values.to(torch.float64).square()
