@@ -176,6 +176,46 @@ def test_selection_threshold_ranking_and_mask_follow_the_rules() -> None:
     assert int(capped.mask.sum()) == 4
 
 
+def test_the_mask_is_in_the_training_sets_rows_and_its_scored_labels(tiny: dict) -> None:
+    """A tester's: with indices=, the mask's rows followed indices while train_with_mask reads
+    them as training sequences 0..N-1 (reversed indices marked another sequence's labels,
+    padding among them, without a word); and labels no position predicts (-100: a prompt's, a
+    left-padded sequence's first real token) were marked and counted against max_tokens."""
+    inf, behaviour, contrast, train = (
+        tiny["inf"],
+        tiny["behaviour"],
+        tiny["contrast"],
+        tiny["train"],
+    )
+    D = differential_token_scores(inf, behaviour, contrast)
+    whole = select_tokens(D, 60.0)
+    backwards = select_tokens(
+        differential_token_scores(inf, behaviour, contrast, indices=range(9, -1, -1)), 60.0
+    )
+    assert whole.mask.shape == backwards.mask.shape == (10, LENGTH)
+    assert whole.mask.any() and torch.equal(backwards.mask, whole.mask)
+    assert backwards.ranking.tolist() == whole.ranking.tolist()
+    some = select_tokens(differential_token_scores(inf, behaviour, contrast, indices=[7, 2]), 60.0)
+    assert some.mask.shape == (10, LENGTH) and not some.mask[[0, 1, 3, 4, 5, 6, 8, 9]].any()
+    assert some.mask[[7, 2]].any()
+    train_with_mask(TinyLM().double(), train, some.mask, steps=1, batch_size=4)  # accepted
+    # a training set with prompts (labels -100 at the first 3 tokens) and a left-padded sequence
+    ids = torch.randint(0, VOCAB, (10, LENGTH), generator=torch.Generator().manual_seed(5))
+    attention = torch.ones_like(ids)
+    attention[4, :2] = 0
+    inputs, labels = lm.examples(ids, attention, prompt_lengths=[3] * 4 + [0] * 6)
+    prompted = _quiet_fit(inf.task, "kfac", (inputs, labels), l2=L2, damping=1e-3)
+    D = differential_token_scores(prompted, behaviour, contrast)
+    expected = labels != lm.IGNORE_INDEX
+    expected[:, 0] = False
+    assert D.scored is not None and torch.equal(D.scored, expected)
+    assert not bool(expected[4, 2])  # the first real token of the left-padded sequence
+    chosen = select_tokens(D, 50.0, window=2, offset=0)
+    assert chosen.mask.any() and not bool((chosen.mask & ~expected).any())
+    capped = select_tokens(D, 50.0, window=2, offset=0, max_tokens=7)
+    assert 0 < int((capped.mask & expected).sum()) == int(capped.mask.sum()) <= 7
+
+
 # ============================================================================ (b), (c) planted
 def test_planted_documents_rank_first(planted: dict) -> None:
     sel = select_tokens(planted["scores"])  # the paper's 99th percentile

@@ -337,3 +337,19 @@ def test_arrays_of_strings_or_objects_are_refused_saying_how_to_give_numbers() -
     expected = infkit.Influence(task, "exact", l2=1e-2).fit((X, y)).scores((X[:2], y[:2]))
     as_int32 = infkit.Influence(task, "exact", l2=1e-2).fit((X, y.astype(np.int32)))
     torch.testing.assert_close(as_int32.scores((X[:2], y[:2])), expected, rtol=1e-12, atol=0)
+
+
+def test_a_pair_of_lists_of_tensors_is_refused_saying_how_to_stack_them() -> None:
+    """([x_0, ...], [y_0, ...]) read as a list of two examples: "each item must be an (x, y)
+    pair ... got list" for what is an (x, y) pair (a tester's), with no word of stacking or,
+    for sequences of several lengths, of padding."""
+    rows = [torch.randint(0, 9, (5,)) for _ in range(4)]
+    with pytest.raises(InvalidInputError, match=r"lists of 4 tensors each.*torch\.stack\(X\)"):
+        ExampleSet((rows, list(rows)), name="training set")
+    ragged = [torch.randint(0, 9, (k,)) for k in (3, 5, 4)]
+    with pytest.raises(
+        InvalidInputError, match=r"3 shapes.*padding=True.*language_modeling\.examples"
+    ):
+        ExampleSet([ragged, list(ragged)], name="training set")
+    pairs = ExampleSet([(x, x) for x in rows])  # a list of (x, y) pairs: four examples
+    assert len(pairs) == 4

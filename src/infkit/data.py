@@ -190,6 +190,19 @@ def _is_list_pair(data: Any) -> bool:
     )
 
 
+def _is_tensor_lists_pair(data: Any) -> bool:
+    """Whether ``data`` is ``([x_0, x_1, ...], [y_0, y_1, ...])``: two lists of one length
+    (not 2, where it reads as two examples) of tensors, which no form reads."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        return False
+    inputs, labels = data
+    if not (isinstance(inputs, (list, tuple)) and isinstance(labels, (list, tuple))):
+        return False
+    if len(inputs) != len(labels) or len(inputs) in (0, 2):
+        return False
+    return all(isinstance(t, Tensor) for t in [*inputs, *labels])
+
+
 def _is_inputs_tuple_pair(data: Any) -> bool:
     """Whether ``data`` is ``((A, B, ...), y)``: an (X, y) pair whose X is a tuple or list of
     batched tensors with y's example count (a model of several positional inputs), which
@@ -262,6 +275,20 @@ class ExampleSet:
             self._tensors = self._pair(data[0], data[1])
         elif _is_list_pair(data):  # (X.tolist(), y.tolist())
             self._tensors = self._pair(numbers_as_tensor(data[0]), data[1])
+        elif _is_tensor_lists_pair(data):
+            shapes = {tuple(t.shape) for t in data[0]}
+            remedy = (
+                "stack each: (torch.stack(X), torch.stack(y))"
+                if len(shapes) == 1
+                else f"the inputs have {len(shapes)} shapes: pad them to one shape and stack (for "
+                "token ids of texts, tokenizer(texts, padding=True, return_tensors='pt'), then "
+                f"{LM_EXAMPLES} labels them)"
+            )
+            raise InvalidInputError(
+                f"{name} looks like an (X, y) pair of Python lists of {len(data[0])} tensors "
+                f"each, which infkit does not read as examples: {remedy}; or give a list of "
+                "(x, y) pairs"
+            )
         elif _is_inputs_tuple_pair(data):
             kinds = ", ".join(type(x).__name__ for x in data[0])
             raise InvalidInputError(

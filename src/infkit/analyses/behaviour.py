@@ -80,6 +80,10 @@ class DifferentialScores:
         valid: [n, T] bool, the real tokens (``attention_mask``, or every position).
         n_behaviour: the number of behaviour queries.
         n_contrast: the number of contrast queries.
+        n_train: N, the training sequences the scores were fitted on (None: the largest of
+            ``indices`` plus one), the rows of :attr:`TokenSelection.mask`.
+        scored: [n, T] bool, the labels a position predicts (not -100, not the first), the
+            only ones a mask marks (None: the real tokens but the first).
     """
 
     tokens: Tensor
@@ -88,6 +92,8 @@ class DifferentialScores:
     valid: Tensor
     n_behaviour: int
     n_contrast: int
+    n_train: int | None = None
+    scored: Tensor | None = None
 
     @property
     def total(self) -> Tensor:
@@ -111,8 +117,10 @@ class TokenSelection:
             and sum.
         order: [n] rows, best first.
         indices: [n] the training index of each row.
-        mask: [n, T] bool in the labels' positions: ``mask[j, k]`` suppresses the prediction of
-            token k of sequence j (made at position k - 1), as :func:`train_with_mask` reads it.
+        mask: [N, T] bool over the whole training set, in the labels' positions, as
+            :func:`train_with_mask` reads it: ``mask[i, k]`` suppresses the prediction of token
+            k of training sequence i (made at position k - 1); rows follow the training
+            indices, not ``indices`` (sequences not scored mark none).
     """
 
     threshold: float
@@ -187,7 +195,7 @@ def differential_token_scores(
     else:
         chunk_size = integer_argument("chunk_size", chunk_size, 1)
     chunks = [idx[s : s + chunk_size] for s in range(0, len(idx), chunk_size)]
-    tokens, rest, valid = [], [], []
+    tokens, rest, valid, scored = [], [], [], []
     shown: Iterator[Tensor] | list[Tensor] = chunks
     if len(chunks) > 1:
         shown = track(chunks, fitted.progress, "behaviour token scores", len(chunks))
@@ -196,7 +204,9 @@ def differential_token_scores(
         c = inf.token_scores(contrast_set, chunk, positions=positions)
         tokens.append(b.tokens.mean(0) - c.tokens.mean(0))
         rest.append(b.rest.mean(0) - c.rest.mean(0))
-        valid.append(_real_tokens(fitted.train.take(chunk).inputs, len(chunk), positions))
+        batch = fitted.train.take(chunk)
+        valid.append(_real_tokens(batch.inputs, len(chunk), positions))
+        scored.append(_scored_labels(batch.targets, len(chunk), positions))
         del b, c
     found = DifferentialScores(
         tokens=torch.cat(tokens).to(torch.float64),
@@ -205,6 +215,8 @@ def differential_token_scores(
         valid=torch.cat(valid),
         n_behaviour=n_b,
         n_contrast=n_c,
+        n_train=fitted.n,
+        scored=torch.cat(scored),
     )
     _warn_if_rest_dominates(found, inf.method.name)
     return found
@@ -247,6 +259,14 @@ def _check_language_model(inf: Any) -> None:
             f"model; this Influence has a {inf.task.name!r} task: build it with "
             "Task.language_modeling(model)"
         )
+
+
+def _scored_labels(labels: Any, n: int, positions: int) -> Tensor:
+    """[n, positions] bool: the labels a position predicts, ``labels != -100`` past the first
+    (a left-padded sequence's first real token and a prompt's are predicted by nothing)."""
+    out = torch.as_tensor(labels).reshape(n, positions).cpu() != IGNORE_INDEX
+    out[:, 0] = False
+    return out
 
 
 def _real_tokens(inputs: Any, n: int, positions: int) -> Tensor:
@@ -295,6 +315,8 @@ def select_tokens(
             raise InvalidInputError("valid comes with DifferentialScores already; pass none")
         table, real, idx = scores.tokens, scores.valid, scores.indices
         tiebreak = scores.total
+        n_train = scores.n_train if scores.n_train is not None else int(idx.max()) + 1
+        labels = scores.scored
     elif isinstance(scores, Tensor):
         if scores.dim() != 2 or scores.numel() == 0:
             raise InvalidInputError(
@@ -310,6 +332,7 @@ def select_tokens(
         real = real.to(torch.bool)
         idx = torch.arange(table.shape[0])
         tiebreak = (table * real).sum(1)
+        n_train, labels = table.shape[0], None
     else:
         raise InvalidInputError(
             f"scores must be DifferentialScores or a tensor [N, T], got {type(scores).__name__}"
@@ -342,7 +365,12 @@ def select_tokens(
     rank_score = _harmonic_mean(_min_max(count.to(torch.float64)), _min_max(total))
     by_tiebreak = torch.argsort(-tiebreak, stable=True)
     order = by_tiebreak[torch.argsort(-rank_score[by_tiebreak], stable=True)]
-    mask = _mask(selected, real, order, width, centre, limit)
+    if labels is None:  # the real tokens but the first, which no position predicts
+        labels = real.clone()
+        labels[:, 0] = False
+    rows = _mask(selected, labels & real, order, width, centre, limit)
+    mask = torch.zeros(n_train, rows.shape[1], dtype=torch.bool)
+    mask[idx] = rows  # in the training set's rows, as train_with_mask reads them
     return TokenSelection(
         threshold=threshold,
         selected=selected,
@@ -388,17 +416,16 @@ def _windows(selected: Tensor, window: int, offset: int) -> Tensor:
 
 def _mask(
     selected: Tensor,
-    real: Tensor,
+    labels: Tensor,
     order: Tensor,
     window: int,
     offset: int,
     max_tokens: int | None,
 ) -> Tensor:
-    """The labels to suppress: the windows at real labels (never label 0, which no position
-    predicts), whole documents in rank order while ``max_tokens`` allows, then window by window
-    in the first document that would exceed it (the paper's stopping rule)."""
-    labels = real.clone()
-    labels[:, 0] = False
+    """The labels to suppress, [n, T] in the rows of ``selected``: the windows at ``labels``
+    (those a position predicts: scored, real, never label 0), whole documents in rank order
+    while ``max_tokens`` allows, then window by window in the first document that would exceed
+    it (the paper's stopping rule)."""
     full = _windows(selected, window, offset) & labels
     if max_tokens is None or int(full.sum()) <= max_tokens:
         return full
