@@ -411,3 +411,30 @@ def test_a_split_that_leaves_most_of_the_signal_in_rest_is_said() -> None:
         warnings.simplefilter("error", Notice)
         D = differential_token_scores(kfac, behaviour, contrast)
     assert float(D.rest.abs().sum()) < 0.1 * float(D.tokens.abs().sum())
+
+
+def test_hand_built_differential_scores_are_checked_before_the_mask() -> None:
+    """DifferentialScores built by hand: without n_train the mask reaches the largest index;
+    an n_train short of it, or scored labels of another shape or dtype, are refused (a
+    reviewer's raw IndexError and RuntimeError, and a [T] table broadcast to every row)."""
+    tokens = torch.tensor([[0.0, 4.0, 0.0, 1.0], [0.0, 0.0, 3.0, 0.0]], dtype=torch.float64)
+    built = {
+        "tokens": tokens,
+        "rest": torch.zeros(2, dtype=torch.float64),
+        "indices": torch.tensor([5, 1]),
+        "valid": torch.ones(2, 4, dtype=torch.bool),
+        "n_behaviour": 1,
+        "n_contrast": 1,
+    }
+    plain = select_tokens(DifferentialScores(**built), 60.0, window=0)
+    assert plain.mask.shape == (6, 4)
+    assert plain.mask.nonzero().tolist() == [[1, 3], [5, 2]]  # rows 5 and 1, offset 1
+    scored = torch.ones(2, 4, dtype=torch.bool)
+    scored[0, 2] = False  # the label sequence 5's selected position predicts: not scored
+    given = select_tokens(DifferentialScores(**built, n_train=8, scored=scored), 60.0, window=0)
+    assert given.mask.shape == (8, 4) and given.mask.nonzero().tolist() == [[1, 3]]
+    with pytest.raises(InvalidInputError, match=r"n_train must be .* at least 6.*got 4"):
+        select_tokens(DifferentialScores(**built, n_train=4), 60.0)
+    for wrong in (scored[0], scored.long()):
+        with pytest.raises(InvalidInputError, match=r"scored must be a bool tensor shaped"):
+            select_tokens(DifferentialScores(**built, scored=wrong), 60.0)

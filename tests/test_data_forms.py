@@ -351,5 +351,10 @@ def test_a_pair_of_lists_of_tensors_is_refused_saying_how_to_stack_them() -> Non
         InvalidInputError, match=r"3 shapes.*padding=True.*language_modeling\.examples"
     ):
         ExampleSet([ragged, list(ragged)], name="training set")
+    with pytest.raises(InvalidInputError, match=r"lists of 4 tensors.*torch\.tensor\(y\)"):
+        ExampleSet((rows, [0, 1, 0, 1]), name="training set")  # the labels as numbers
+    triples = [tuple(rows[:3]), tuple(rows[1:])]  # two examples of three items each
+    with pytest.raises(InvalidInputError, match="two examples of 3 items each"):
+        ExampleSet(triples, name="training set")
     pairs = ExampleSet([(x, x) for x in rows])  # a list of (x, y) pairs: four examples
     assert len(pairs) == 4

@@ -192,7 +192,8 @@ def _is_list_pair(data: Any) -> bool:
 
 def _is_tensor_lists_pair(data: Any) -> bool:
     """Whether ``data`` is ``([x_0, x_1, ...], [y_0, y_1, ...])``: two lists of one length
-    (not 2, where it reads as two examples) of tensors, which no form reads."""
+    (not 2, where it reads as two examples) of tensor inputs and of tensor or number labels,
+    which no form reads. (Two examples of that many items each look the same.)"""
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         return False
     inputs, labels = data
@@ -200,7 +201,11 @@ def _is_tensor_lists_pair(data: Any) -> bool:
         return False
     if len(inputs) != len(labels) or len(inputs) in (0, 2):
         return False
-    return all(isinstance(t, Tensor) for t in [*inputs, *labels])
+    if not all(isinstance(t, Tensor) for t in inputs):
+        return False
+    return all(isinstance(t, Tensor) for t in labels) or isinstance(
+        numbers_as_tensor(list(labels)), Tensor
+    )
 
 
 def _is_inputs_tuple_pair(data: Any) -> bool:
@@ -278,7 +283,7 @@ class ExampleSet:
         elif _is_tensor_lists_pair(data):
             shapes = {tuple(t.shape) for t in data[0]}
             remedy = (
-                "stack each: (torch.stack(X), torch.stack(y))"
+                "stack each: (torch.stack(X), torch.stack(y)), or torch.tensor(y) for numbers"
                 if len(shapes) == 1
                 else f"the inputs have {len(shapes)} shapes: pad them to one shape and stack (for "
                 "token ids of texts, tokenizer(texts, padding=True, return_tensors='pt'), then "
@@ -287,7 +292,8 @@ class ExampleSet:
             raise InvalidInputError(
                 f"{name} looks like an (X, y) pair of Python lists of {len(data[0])} tensors "
                 f"each, which infkit does not read as examples: {remedy}; or give a list of "
-                "(x, y) pairs"
+                f"(x, y) pairs (were these two examples of {len(data[0])} items each: an "
+                "example is an (x, y) pair)"
             )
         elif _is_inputs_tuple_pair(data):
             kinds = ", ".join(type(x).__name__ for x in data[0])

@@ -106,7 +106,8 @@ class DifferentialScores:
 class TokenSelection:
     """The selected tokens, the ranking of the documents and the suppression mask.
 
-    Rows follow ``indices`` (the scored training sequences).
+    Rows follow ``indices`` (the scored training sequences), but the mask's, which are the
+    training set's.
 
     Attributes:
         threshold: ``tau``, the percentile of the differential scores over the real tokens.
@@ -315,8 +316,7 @@ def select_tokens(
             raise InvalidInputError("valid comes with DifferentialScores already; pass none")
         table, real, idx = scores.tokens, scores.valid, scores.indices
         tiebreak = scores.total
-        n_train = scores.n_train if scores.n_train is not None else int(idx.max()) + 1
-        labels = scores.scored
+        n_train, labels = _checked_rows(scores)
     elif isinstance(scores, Tensor):
         if scores.dim() != 2 or scores.numel() == 0:
             raise InvalidInputError(
@@ -368,9 +368,9 @@ def select_tokens(
     if labels is None:  # the real tokens but the first, which no position predicts
         labels = real.clone()
         labels[:, 0] = False
-    rows = _mask(selected, labels & real, order, width, centre, limit)
-    mask = torch.zeros(n_train, rows.shape[1], dtype=torch.bool)
-    mask[idx] = rows  # in the training set's rows, as train_with_mask reads them
+    rows = _mask(selected, labels.to(real.device) & real, order, width, centre, limit)
+    mask = rows.new_zeros(n_train, rows.shape[1])
+    mask[idx.to(rows.device)] = rows  # in the training set's rows, as train_with_mask reads them
     return TokenSelection(
         threshold=threshold,
         selected=selected,
@@ -381,6 +381,28 @@ def select_tokens(
         indices=idx,
         mask=mask,
     )
+
+
+def _checked_rows(scores: DifferentialScores) -> tuple[int, Tensor | None]:
+    """N, the mask's rows, and the scored labels of ``scores`` (built by hand, they may lack
+    them or hold others): N at least past every index, ``scored`` a bool [n, T] table."""
+    largest = int(scores.indices.max()) + 1
+    n_train = largest if scores.n_train is None else whole_number(scores.n_train)
+    if n_train is None or n_train < largest:
+        raise InvalidInputError(
+            f"DifferentialScores.n_train must be the training set's size, at least {largest} "
+            f"(its largest index plus one), got {scores.n_train!r}"
+        )
+    scored = scores.scored
+    if scored is not None and (
+        scored.dtype != torch.bool or tuple(scored.shape) != tuple(scores.tokens.shape)
+    ):
+        raise InvalidInputError(
+            f"DifferentialScores.scored must be a bool tensor shaped like its tokens "
+            f"{tuple(scores.tokens.shape)} (True: a label some position predicts), got "
+            f"{scored.dtype} of shape {tuple(scored.shape)}"
+        )
+    return n_train, scored
 
 
 def _percentile(values: Tensor, percentile: float) -> float:

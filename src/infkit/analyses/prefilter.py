@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from infkit.errors import InvalidInputError, UnsupportedError, warn
-from infkit.evaluate import NON_FINITE_SCORE, require_finite
+from infkit.evaluate import NON_FINITE_SCORE
 from infkit.influence import Influence
 from infkit.options import integer_argument
 
@@ -143,7 +143,13 @@ def recall_at_k(
             "columns or another set of queries would make the recall another's"
         )
     # topk ranks NaN above every number: the truth would fill with the broken entries
-    require_finite("full_scores", full.detach().cpu().numpy(), NON_FINITE_SCORE)
+    broken = torch.isnan(full).nonzero()
+    if len(broken):
+        q, j = broken[0].tolist()
+        raise InvalidInputError(
+            f"full_scores[{q}, {j}] is nan ({len(broken)} entries are NaN, which topk ranks "
+            f"first): {NON_FINITE_SCORE}"
+        )
     truth = full.topk(k, dim=1, largest=largest).indices
     hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth, strict=True)]
     return sum(hits) / (k * len(hits))
