@@ -438,3 +438,10 @@ def test_hand_built_differential_scores_are_checked_before_the_mask() -> None:
     for wrong in (scored[0], scored.long()):
         with pytest.raises(InvalidInputError, match=r"scored must be a bool tensor shaped"):
             select_tokens(DifferentialScores(**built, scored=wrong), 60.0)
+    # an attention mask of 0 and 1 as valid: its entries read as row numbers (a threshold of
+    # 8.0 and nothing selected, where the bools give 2.6 and a mask), without a word
+    with pytest.raises(InvalidInputError, match=r"valid must be a bool tensor.*\.bool\(\)"):
+        select_tokens(DifferentialScores(**{**built, "valid": built["valid"].long()}), 60.0)
+    for indices in ([-1, 1], [1, 1], [1.0, 5.0], [5], []):  # wrapped, repeated, ...
+        with pytest.raises(InvalidInputError, match=r"indices must be 2 distinct training"):
+            select_tokens(DifferentialScores(**{**built, "indices": torch.tensor(indices)}), 60.0)

@@ -128,3 +128,11 @@ def test_two_stage_scores_are_the_candidates_full_scores_and_recall_counts_hits(
     low = full.clone()
     low[0, int(full[0].argmin())] = float("-inf")
     assert recall_at_k(pre, low, 3) == pytest.approx(expected)
+    # but the infinity a top k takes first fills the truth as NaN did (a reviewer's: 0.1667
+    # for 0.333)
+    with pytest.raises(InvalidInputError, match=r"full_scores\[0, \d+\] is -inf.*smallest"):
+        recall_at_k(pre, low, 3, largest=False)
+    high = full.clone()
+    high[0, 2] = float("inf")
+    with pytest.raises(InvalidInputError, match=r"full_scores\[0, 2\] is inf.*largest"):
+        recall_at_k(pre, high, 3)

@@ -385,24 +385,40 @@ def select_tokens(
 
 def _checked_rows(scores: DifferentialScores) -> tuple[int, Tensor | None]:
     """N, the mask's rows, and the scored labels of ``scores`` (built by hand, they may lack
-    them or hold others): N at least past every index, ``scored`` a bool [n, T] table."""
-    largest = int(scores.indices.max()) + 1
+    them or hold others): ``indices`` n distinct training indices, N at least past every one,
+    ``valid`` and ``scored`` bool [n, T] tables."""
+    rows = scores.tokens.shape[0]
+    idx = scores.indices
+    if (
+        not isinstance(idx, Tensor)
+        or idx.dim() != 1
+        or len(idx) != rows
+        or rows == 0
+        or idx.is_floating_point()
+        or bool((idx < 0).any())
+        or len(torch.unique(idx)) != rows
+    ):
+        raise InvalidInputError(
+            f"DifferentialScores.indices must be {rows} distinct training indices >= 0, one "
+            f"per row of its tokens {tuple(scores.tokens.shape)}, got {idx!r}"
+        )
+    for name, table in (("valid", scores.valid), ("scored", scores.scored)):
+        if table is not None and (
+            table.dtype != torch.bool or tuple(table.shape) != tuple(scores.tokens.shape)
+        ):
+            raise InvalidInputError(
+                f"DifferentialScores.{name} must be a bool tensor shaped like its tokens "
+                f"{tuple(scores.tokens.shape)}, got {table.dtype} of shape {tuple(table.shape)}"
+                + (": an attention mask as .bool()" if name == "valid" else "")
+            )
+    largest = int(idx.max()) + 1
     n_train = largest if scores.n_train is None else whole_number(scores.n_train)
     if n_train is None or n_train < largest:
         raise InvalidInputError(
             f"DifferentialScores.n_train must be the training set's size, at least {largest} "
             f"(its largest index plus one), got {scores.n_train!r}"
         )
-    scored = scores.scored
-    if scored is not None and (
-        scored.dtype != torch.bool or tuple(scored.shape) != tuple(scores.tokens.shape)
-    ):
-        raise InvalidInputError(
-            f"DifferentialScores.scored must be a bool tensor shaped like its tokens "
-            f"{tuple(scores.tokens.shape)} (True: a label some position predicts), got "
-            f"{scored.dtype} of shape {tuple(scored.shape)}"
-        )
-    return n_train, scored
+    return n_train, scores.scored
 
 
 def _percentile(values: Tensor, percentile: float) -> float:

@@ -142,12 +142,15 @@ def recall_at_k(
             f"queries against every training example), got {tuple(full.shape)}: a slice of the "
             "columns or another set of queries would make the recall another's"
         )
-    # topk ranks NaN above every number: the truth would fill with the broken entries
-    broken = torch.isnan(full).nonzero()
+    # topk ranks NaN first, and the infinity of the side it takes: the truth would fill with
+    # the broken entries (the other infinity, last in that order, is never among them)
+    first = float("inf") if largest else float("-inf")
+    broken = (torch.isnan(full) | (full == first)).nonzero()
     if len(broken):
         q, j = broken[0].tolist()
         raise InvalidInputError(
-            f"full_scores[{q}, {j}] is nan ({len(broken)} entries are NaN, which topk ranks "
+            f"full_scores[{q}, {j}] is {float(full[q, j])} ({len(broken)} entries are NaN or "
+            f"{first}, which a top k of the {'largest' if largest else 'smallest'} ranks "
             f"first): {NON_FINITE_SCORE}"
         )
     truth = full.topk(k, dim=1, largest=largest).indices
