@@ -174,35 +174,34 @@ def _is_pair(data: Any) -> bool:
     return isinstance(first, dict) and not any(key in first for key in LABEL_KEYS)
 
 
-def _is_list_pair(data: Any) -> bool:
-    """Whether ``data`` is ``(X, y)`` as Python lists: two lists of one length, the first of
-    rows of numbers. (Not two examples: an example is an (x, y) pair, and X here has another
-    number of rows than 2; with 2 rows the data reads as two examples, as before.)"""
+def _two_lists(data: Any) -> tuple[Sequence[Any], Sequence[Any]] | None:
+    """``(X, y)`` when ``data`` is two Python lists (or tuples) of one length, neither 0 nor 2
+    (with 2 the data reads as two examples, an example being an (x, y) pair); else None."""
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        return False
+        return None
     inputs, labels = data
     if not (isinstance(inputs, (list, tuple)) and isinstance(labels, (list, tuple))):
-        return False
+        return None
     if len(inputs) != len(labels) or len(inputs) in (0, 2):
-        return False
-    return isinstance(numbers_as_tensor(inputs), Tensor) and isinstance(
-        numbers_as_tensor(labels), Tensor
-    )
+        return None
+    return inputs, labels
+
+
+def _is_list_pair(data: Any) -> bool:
+    """Whether ``data`` is ``(X, y)`` as Python lists (:func:`_two_lists`), X rows of numbers
+    and y numbers."""
+    pair = _two_lists(data)
+    return pair is not None and all(isinstance(numbers_as_tensor(part), Tensor) for part in pair)
 
 
 def _is_tensor_lists_pair(data: Any) -> bool:
-    """Whether ``data`` is ``([x_0, x_1, ...], [y_0, y_1, ...])``: two lists of one length
-    (not 2, where it reads as two examples) of tensor inputs and of tensor or number labels,
-    which no form reads. (Two examples of that many items each look the same.)"""
-    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+    """Whether ``data`` is ``([x_0, x_1, ...], [y_0, y_1, ...])`` (:func:`_two_lists`) of tensor
+    inputs and of tensor or number labels, which no form reads. (Two examples of that many
+    items each look the same.)"""
+    pair = _two_lists(data)
+    if pair is None or not all(isinstance(t, Tensor) for t in pair[0]):
         return False
-    inputs, labels = data
-    if not (isinstance(inputs, (list, tuple)) and isinstance(labels, (list, tuple))):
-        return False
-    if len(inputs) != len(labels) or len(inputs) in (0, 2):
-        return False
-    if not all(isinstance(t, Tensor) for t in inputs):
-        return False
+    labels = pair[1]
     return all(isinstance(t, Tensor) for t in labels) or isinstance(
         numbers_as_tensor(list(labels)), Tensor
     )
