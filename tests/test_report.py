@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import os
 import re
 import shutil
@@ -79,6 +80,21 @@ def mlp():
         torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10)
     ).double()
     infkit.train_to_optimum(infkit.Task.classification(net), splits()[0], L2, tolerance=1e-12)
+    return net
+
+
+def diabetes():
+    from sklearn.datasets import load_diabetes
+
+    X, y = load_diabetes(return_X_y=True)
+    X, y = torch.tensor(X), torch.tensor((y - y.mean()) / y.std()).unsqueeze(1)
+    return (X[:120], y[:120]), (X[120:130], y[120:130])
+
+
+def regressor():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(10, 1).double()
+    infkit.train_to_optimum(infkit.Task.regression(net), diabetes()[0], L2)
     return net
 
 
@@ -1329,3 +1345,37 @@ def test_an_iterative_method_is_told_to_solve_per_training_example(
     alone = inf.with_estimator("relatif").scores(queries)
     torch.testing.assert_close(tensors["relatif_scores"], alone, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(tensors["self_scores"], inf.self_scores(), rtol=1e-6, atol=1e-9)
+
+
+def test_the_tables_keep_a_regression_target_in_full(project: Path, tmp_path: Path) -> None:
+    """top_k.csv and self_influence.csv hold each training target as it is (the page shows 4
+    digits: a tester's target of 1.66048 read 1.66 in the tables); read back, each label is the
+    training target of its row's index."""
+    config = tmp_path / "regression.toml"
+    config.write_text(
+        '[model]\nfactory = "tester_project:regressor"\n'
+        + '[data]\nfactory = "tester_project:diabetes"\n'
+        + '[task]\nkind = "regression"\n'
+        + '[influence]\nmethod = "exact"\nl2 = 1e-2\n'
+        + "[report]\ntop_k = 3\nn_queries = 2\n[retraining]\nn = 0\n"
+    )
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    workdir = tmp_path / "w"
+    assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
+    spec = importlib.util.spec_from_file_location(
+        "regression_project", project / "tester_project.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    targets = module.diabetes()[0][1].reshape(-1)
+    for table, column in (("top_k.csv", "train_index"), ("self_influence.csv", "index")):
+        with (workdir / table).open() as f:
+            rows = list(csv.DictReader(f))
+        assert rows, table
+        for row in rows:
+            assert float(row["label"]) == float(targets[int(row[column])]), (table, row)
+        assert any(len(row["label"]) > 8 for row in rows)  # more than the page's 4 digits
+    page = (workdir / "report.html").read_text()
+    shown = float(targets[int(rows[0]["index"])])
+    assert f"{shown:.4g}" in page

@@ -504,6 +504,7 @@ def _run(
                     "score": float(self_scores[j]),
                     "loss": float(train_losses[j]),
                     "label": display.label("train", j),
+                    "target": display.label("train", j, exact=True),
                     "flagged": bool(flagged[j]) if flagged is not None else None,
                     "view": display.view("train", j),
                 }
@@ -860,6 +861,7 @@ def _explanations(
                         "index": int(j),
                         "score": float(s),
                         "label": display.label("train", int(j)),
+                        "target": display.label("train", int(j), exact=True),
                         "view": display.view("train", int(j)),
                     }
                     for j, s in zip(
@@ -994,6 +996,14 @@ SECTION_TABLES = {
 }
 
 
+def _table_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A self-influence row as its CSV table keeps it: no view, the label in full precision
+    (the page shows 4 digits: a regression target of 1.66048 read 1.66)."""
+    out = {k: v for k, v in row.items() if k not in ("view", "target")}
+    out["label"] = row.get("target", row["label"])
+    return out
+
+
 def _write_tables(workdir: Path, data: dict[str, Any]) -> None:
     rows = []
     for q in data["queries"]:
@@ -1007,7 +1017,7 @@ def _write_tables(workdir: Path, data: dict[str, Any]) -> None:
                             "kind": kind,
                             "rank": rank,
                             "train_index": item["index"],
-                            "label": item["label"],
+                            "label": item.get("target", item["label"]),
                             "score": item["score"],
                         }
                     )
@@ -1024,7 +1034,7 @@ def _write_tables(workdir: Path, data: dict[str, Any]) -> None:
     if "self_influence" in data:
         save_csv(
             workdir / "self_influence.csv",
-            [{k: v for k, v in r.items() if k != "view"} for r in data["self_influence"]["rows"]],
+            [_table_row(r) for r in data["self_influence"]["rows"]],
         )
     if "groups" in data:
         save_csv(

@@ -108,15 +108,18 @@ class Display:
         """The label (or target) of one example, as the data gives it."""
         return self._examples(split).take([index]).targets
 
-    def label(self, split: str, index: int) -> str:
-        """The label of one example as text: a class name, a class number or target values."""
+    def label(self, split: str, index: int, exact: bool = False) -> str:
+        """The label of one example as text: a class name, a class number or target values.
+
+        Target values show 4 significant digits on the page; ``exact`` writes each in full
+        (the shortest text that reads back as the same float), as the CSV tables keep them."""
         y = self.target(split, index)
         if isinstance(y, Tensor) and y.numel() == 1 and not y.is_floating_point():
             c = int(y)
             return self.class_names[c] if 0 <= c < len(self.class_names) else str(c)
         if isinstance(y, Tensor) and y.numel() <= 4 and self.kind != "text":
             values = y.reshape(-1).tolist()
-            return ", ".join(f"{v:.4g}" for v in values)
+            return ", ".join(repr(float(v)) if exact else f"{v:.4g}" for v in values)
         return ""
 
     def view(self, split: str, index: int) -> dict[str, Any]:
