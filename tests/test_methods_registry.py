@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import fit_registered
@@ -58,6 +60,44 @@ def test_option_values_are_checked_at_construction(mlp_problem: dict) -> None:
         infkit.Influence(task, "cg", maxiter=2.5)
     with pytest.raises(InvalidInputError, match=r"krylov_dim \(5\) must be >= rank \(10\)"):
         infkit.Influence(task, "arnoldi", rank=10, krylov_dim=5)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        # a residual tolerance of 1 or more: the zero vector meets it, 0 iterations and every
+        # score 0 without a word (a tester's cg with tol=1.0: |S| 0 for 0.147)
+        ("cg", {"tol": 1.0}, r"option 'tol' must be < 1, got 1\.0"),
+        ("astra", {"tol": 2.0}, r"option 'tol' must be < 1, got 2\.0"),
+        ("dual", {"solver": "cg", "tol": 1}, r"option 'tol' must be < 1, got 1"),
+        # an infinite bound passed the bounds: scale_factor=inf fitted and reached a
+        # ZeroDivisionError at the first scores()
+        ("lissa", {"scale_factor": math.inf}, r"option 'scale_factor' must be a finite number"),
+        ("trak", {"lambda_reg": math.inf}, r"option 'lambda_reg' must be a finite number"),
+        ("ekfac", {"damping_scale": math.nan}, r"option 'damping_scale' must be a finite number"),
+        ("datainf", {"layer_damping": -math.inf}, r"option 'layer_damping' must be a finite"),
+    ],
+)
+def test_numbers_outside_an_options_range_or_not_finite_are_refused(
+    mlp_problem: dict, method: str, options: dict, message: str
+) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        infkit.Influence(mlp_problem["task"], method, l2=mlp_problem["l2"], **options)
+
+
+@pytest.mark.parametrize("values", [[math.nan, 0.0], [math.inf, 0.0]])
+def test_datainf_refuses_a_layer_damping_not_finite_by_block(
+    mlp_problem: dict, values: list[float]
+) -> None:
+    """Per-block values are read at fit, where the blocks are known; NaN and infinity are
+    refused there as a negative value is."""
+    blocks = len(list(mlp_problem["task"].model.parameters()))  # a block per tensor
+    given = (values * blocks)[:blocks]
+    bad = infkit.Influence(
+        mlp_problem["task"], "datainf", l2=mlp_problem["l2"], layer_damping=given
+    )
+    with pytest.raises(InvalidInputError, match="layer_damping must be finite numbers >= 0"):
+        bad.fit(mlp_problem["train"])
 
 
 def test_renamed_options_still_work_with_a_warning(mlp_problem: dict) -> None:

@@ -43,6 +43,9 @@ def test_training_and_retraining_reach_the_closed_form_optimum() -> None:
         retrain.leave_one_out(task, data, data, [3, 3], l2)
     with pytest.raises(InvalidInputError, match="l2 must be a finite number >= 0"):
         infkit.train_to_optimum(task, data, -1.0)  # no minimum: it trained to inf
+    with pytest.raises(InvalidInputError, match=r"got nan: the objective's weight decay") as nan:
+        retrain.without(task, data, [3], float("nan"))
+    assert "negative" not in str(nan.value)  # (it said a negative one rewards large parameters)
     # The model passed in is left untouched.
     np.testing.assert_allclose(task.model.weight.detach().reshape(-1).numpy(), theta)
     np.testing.assert_allclose(r.outputs(data).numpy()[:, 0], X @ r.theta.numpy(), rtol=1e-12)

@@ -1,14 +1,14 @@
 """Typed options: each method declares its options once, one validator checks them all.
 
 A method's options are a frozen dataclass deriving from :class:`Options`. Each field is declared
-with :func:`option`, which carries its one-line documentation and, where needed, a lower bound;
+with :func:`option`, which carries its one-line documentation and, where needed, its bounds;
 choices are ``Literal`` types. :meth:`Options.parse` turns user keyword arguments into an
 instance, and every problem is reported the same way, naming the owner (``method 'cg'``), the
 option, what it accepts and what was given:
 
 * an unknown option (with the closest valid names and the full list);
 * a value of the wrong type, or outside its ``Literal`` choices;
-* a number below its bound.
+* a number outside its bounds, or not finite (NaN, infinity).
 
 Renamed options keep working for a while through ``aliases`` (old name -> new name), with a
 ``DeprecationWarning``. ``Options.record()`` gives a JSON-friendly dict for ``describe()`` and for
@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import math
 import numbers
 import types
 import typing
@@ -94,17 +95,21 @@ def option(
     *,
     minimum: float | None = None,
     above: float | None = None,
+    below: float | None = None,
 ) -> Any:
-    """A documented option field.
+    """A documented option field. A number given for it must be finite (NaN and infinity are
+    refused whatever the bounds).
 
     Args:
         default: the default value (immutable; lists are given as tuples).
         doc: one line saying what the option does.
         minimum: numbers must be ``>= minimum``.
         above: numbers must be ``> above``.
+        below: numbers must be ``< below``.
     """
     return dataclasses.field(
-        default=default, metadata={"doc": doc, "minimum": minimum, "above": above}
+        default=default,
+        metadata={"doc": doc, "minimum": minimum, "above": above, "below": below},
     )
 
 
@@ -205,11 +210,20 @@ def _check_value(owner: str, f: dataclasses.Field[Any], hint: Any, value: Any) -
             + (f" ({f.name}: {doc})" if doc else "")
         )
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # (an infinite tol or scale_factor passed the bounds and reached a ZeroDivisionError
+        # or a run of 0 iterations)
+        if not math.isfinite(value):
+            raise InvalidInputError(
+                f"{where} must be a finite number, got {value!r} ({f.name}: {doc})"
+            )
         low, above = f.metadata.get("minimum"), f.metadata.get("above")
+        below = f.metadata.get("below")
         if low is not None and not value >= low:
             raise InvalidInputError(f"{where} must be >= {low}, got {value!r} ({f.name}: {doc})")
         if above is not None and not value > above:
             raise InvalidInputError(f"{where} must be > {above}, got {value!r} ({f.name}: {doc})")
+        if below is not None and not value < below:
+            raise InvalidInputError(f"{where} must be < {below}, got {value!r} ({f.name}: {doc})")
 
 
 def _shown(value: Any, limit: int = 120) -> str:

@@ -140,10 +140,12 @@ def train_to_optimum(
     except (TypeError, ValueError):
         value = float("nan")
     if isinstance(l2, bool) or not 0 <= value < float("inf"):
-        raise InvalidInputError(
-            f"l2 must be a finite number >= 0, got {l2!r}: a negative one rewards large "
-            "parameters, and the objective has no minimum"
+        why = (
+            "a negative one rewards large parameters, and the objective has no minimum"
+            if value < 0
+            else "the objective's weight decay, in the units of docs/conventions.md §2"
         )
+        raise InvalidInputError(f"l2 must be a finite number >= 0, got {l2!r}: {why}")
     examples = ExampleSet(train, name="training set")
     space = ParameterSpace(task.model)
     engine = PerExample(task, space)

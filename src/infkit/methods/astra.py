@@ -74,7 +74,9 @@ class AstraOptions(KroneckerOptions):
     solver: Literal["cg", "neumann"] = option(
         "cg", "preconditioned (block) CG, or ASTRA's preconditioned Neumann series"
     )
-    tol: float = option(1e-8, "stop a right-hand side when ||v - A x|| <= tol ||v||", above=0)
+    tol: float = option(
+        1e-8, "stop a right-hand side when ||v - A x|| <= tol ||v|| (below 1)", above=0, below=1
+    )
     maxiter: int = option(
         200, "iterations after the first (EK-FAC) one; 0 returns EK-FAC's answer", minimum=0
     )

@@ -47,7 +47,9 @@ class CGOptions(Options):
     """Options of ``method="cg"``."""
 
     curvature: Curvature = option("ggn", "per-example curvature: 'ggn' (PSD) or 'hessian'")
-    tol: float = option(1e-8, "stop a right-hand side when ||v - A x|| <= tol ||v||", above=0)
+    tol: float = option(
+        1e-8, "stop a right-hand side when ||v - A x|| <= tol ||v|| (below 1)", above=0, below=1
+    )
     maxiter: int = option(500, "iteration cap (block iterations for block CG)", minimum=1)
     preconditioner: Literal["diagonal"] | Callable[[Tensor], Tensor] | None = option(
         None, "None, 'diagonal' (Jacobi with the exact GGN diagonal), or R [P, k] -> M^{-1} R"

@@ -29,6 +29,7 @@ Training gradients are kept in memory (in the model's dtype) when they fit in
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -175,8 +176,10 @@ class DataInf(PrimalMethod):
                     f"layer_damping has {len(values)} values but there are {count} blocks "
                     f"({self.names})"
                 )
-        if any(v < 0 for v in values):
-            raise InvalidInputError(f"layer_damping must be >= 0, got {values}")
+        if not all(0 <= v < math.inf for v in values):  # (NaN and infinity too)
+            raise InvalidInputError(
+                f"method 'datainf': layer_damping must be finite numbers >= 0, got {values}"
+            )
         return torch.tensor(values, dtype=torch.float64)
 
     def _fitted_norms(self) -> tuple[Tensor, Tensor]:

@@ -122,7 +122,7 @@ class DualOptions(Options):
         "default: push-through, or woodbury with solver='cg'",
     )
     solver: Solver = option("direct", "'direct' or 'cg' (conjugate gradients on the woodbury form)")
-    tol: float = option(1e-10, "relative residual of solver='cg'", above=0)
+    tol: float = option(1e-10, "relative residual of solver='cg' (below 1)", above=0, below=1)
     maxiter: int | None = option(
         None, "iteration cap of solver='cg' (default max(10 N C, 100))", minimum=1
     )
