@@ -4,8 +4,9 @@
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed_worker.py OUT
     python -m torch.distributed.run ... tests/distributed_worker.py OUT WHAT
 
-With WHAT (``data``, ``damping``, ``batch_size`` or ``memory_limit``) process 1 is given other
-training data (one token), another damping, batch size or memory limit than process 0; each
+With WHAT (``data``, ``damping``, ``batch_size``, ``memory_limit`` or ``estimator``) process 1
+is given other training data (one token), another damping, batch size, memory limit or
+estimator (RelatIF) than process 0; each
 process fits and scores once and writes the error it got, if any, to ``OUT/rank<r>.err``.
 
 As a user's script would, it initialises the default process group (gloo, CPU) when torchrun's
@@ -106,8 +107,15 @@ def mismatch(out: Path, what: str, task: infkit.Task, inputs: dict, labels: torc
     train, queries = rows(inputs, labels, 0, N), rows(inputs, labels, N, N + Q)
     message = ""
     try:
+        estimator = "relatif" if what == "estimator" and rank == 1 else "if"
         inf = infkit.Influence(
-            task, "ekfac", l2=1e-2, damping=damping, batch_size=batch, memory_limit=limit
+            task,
+            "ekfac",
+            estimator,
+            l2=1e-2,
+            damping=damping,
+            batch_size=batch,
+            memory_limit=limit,
         ).fit(train)
         inf.scores(queries)
     except infkit.errors.InvalidInputError as error:

@@ -78,13 +78,16 @@ def test_torchrun_gives_every_process_the_single_process_answer(tmp_path: Path) 
         # the limit decides the [N, P] gradient cache, and with it whether scoring sums at all:
         # process 1 scored from its cache while process 0 waited in the sum (a reviewer's hang)
         ("memory_limit", "the fit of method 'ekfac'", "gradient_cache, memory_limit, so"),
+        # only the IF's scores stream with sums: process 1, asking for RelatIF, finished alone
+        # while process 0 waited in the sum, then met a raw gloo error (a tester's run)
+        ("estimator", "the scores of method 'ekfac'", "estimator, so"),
     ],
 )
 def test_processes_that_differ_are_refused_on_every_process(
     tmp_path: Path, what: str, where: str, differs: str
 ) -> None:
     """A process given other training data (one token), another batch size (which splits the
-    passes otherwise) or another damping than process 0: before the first sum across them
+    passes otherwise), another damping or another estimator than process 0: before the first sum across them
     every process refuses, naming the process and what differs (a tester's runs summed them
     without a word: scores 85% off with another damping, and committed to a workdir)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]

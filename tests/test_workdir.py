@@ -15,8 +15,10 @@ from lm_helpers import LENGTH, VOCAB, TinyLM, rows
 
 import infkit
 from infkit import language_modeling as lm
+from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError, Notice, UnsupportedError
 from infkit.evaluate import relative_error
+from infkit.fingerprint import data_fingerprint
 
 N, Q, BATCH, SHARD = 26, 3, 2, 3  # 13 batches: shards of 3 batches, the last of one
 OPTIONS = {"l2": 1e-2, "damping": 1e-2, "batch_size": BATCH, "shard_batches": SHARD}
@@ -143,6 +145,34 @@ def test_the_shards_of_every_chunk_of_queries_are_counted(problem: dict, tmp_pat
     inf.scores(many)
     assert inf.describe()["score_shards"] == {"computed": 4, "reused": 6}
     assert len(list(tmp_path.glob("score-shard-*"))) == 10
+
+
+def test_a_call_scored_in_chunks_of_queries_is_read_back_as_one_run(
+    problem: dict, tmp_path: Path
+) -> None:
+    """Under a memory limit the facade scores a call's queries in chunks, each committed alone;
+    read_scores gives the call as one run, its rows in order (a tester's 7 queries read as two
+    runs of 4 and 3, the latest the last 3 queries alone), and a call missing a chunk as no
+    finished run."""
+    many = rows(*lm.examples(torch.randint(0, VOCAB, (50, LENGTH))), 0, 50)
+    inf = _influence(problem, workdir=tmp_path, memory_limit=120_000)
+    scores = inf.scores(many)
+    first = inf.scores(rows(*many, 0, 7))  # a call of its own, not one of the chunks
+    (call, alone) = infkit.read_scores(tmp_path)
+    assert len(call.parts) > 1 and call.path == call.parts[0]
+    assert call.info == {"method": "ekfac", "n_queries": 50, "n_train": N, "chunks": 2}
+    assert torch.equal(call.scores, scores.double())
+    # the call's identity names all its queries, as an unchunked call's does
+    assert call.identity["queries"] == data_fingerprint(ExampleSet(many))
+    assert "rows" not in call.identity and "call" not in call.identity
+    assert alone.info == {"method": "ekfac", "n_queries": 7, "n_train": N}
+    assert torch.equal(alone.scores, first.double()) and alone.parts == (alone.path,)
+    shutil.rmtree(call.parts[-1])  # the call's last chunk never committed
+    (left,) = infkit.read_scores(tmp_path)
+    assert left.info["n_queries"] == 7
+    again = inf.scores(many)  # the missing chunk from its shards: the call is finished again
+    assert torch.equal(again, scores)
+    assert [s.info["n_queries"] for s in infkit.read_scores(tmp_path)] == [7, 50]
 
 
 def test_a_stage_left_beside_the_final_factors_is_removed(problem: dict, tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from infkit.errors import (
 )
 from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator
 from infkit.example_checks import check_examples
+from infkit.fingerprint import data_fingerprint
 from infkit.fitted import (
     Fitted,
     check_parameters_take_part,
@@ -83,6 +84,7 @@ from infkit.plan import Plan, RunShape, Stage, sized_outputs
 from infkit.progress import Mode, track
 from infkit.progress import resolve as resolve_progress
 from infkit.removal import Quantity, RemovalEffect
+from infkit.shards import QueryRows
 from infkit.task import Task
 from infkit.training import objective_and_gradient
 
@@ -919,12 +921,18 @@ class Influence:
             )
         self._check_queries(queries)
         shown = track(chunks, fitted.progress, "scores", len(chunks)) if len(chunks) > 1 else chunks
+        # where a chunk sits in the call, for what the method commits to a workdir
+        call = data_fingerprint(queries) if len(chunks) > 1 and fitted.workdir else None
         for start, stop in shown:
             part = queries if stop - start == t else queries.part(torch.arange(start, stop))
-            if among is None:
-                S = method.scores(part, self._estimator)
-            else:
-                S = method.scores_among(part, self._estimator, among)
+            method.query_rows = None if call is None else QueryRows(call, start, stop, t)
+            try:
+                if among is None:
+                    S = method.scores(part, self._estimator)
+                else:
+                    S = method.scores_among(part, self._estimator, among)
+            finally:
+                method.query_rows = None
             named = lambda r: f"{queries.name} {queries.example(start + r)}"  # noqa: E731, B023
             _require_finite_scores(S, method.name, named, fitted.result_dtype)
             yield start, stop, S

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from infkit.distributed import world
 from infkit.errors import InvalidInputError
-from infkit.store import ArtifactStore
+from infkit.store import ArtifactStore, canonical
 
 #: artifact kinds
 SCORE_SHARD = "score-shard"
@@ -32,6 +33,26 @@ QUERIES = "preconditioned-queries"
 SCORES = "scores"
 #: batches of training examples per shard
 SHARD_BATCHES = 16
+
+
+@dataclass(frozen=True)
+class QueryRows:
+    """Where a chunk of queries sits in its ``scores()`` call: ``Influence`` takes a call's
+    queries in chunks under its memory budget, and each chunk's scores are committed alone.
+
+    Attributes:
+        call: the fingerprint of the call's queries, all of them.
+        start, stop: the chunk's rows ``[start, stop)`` of the call's result.
+        total: the call's queries.
+    """
+
+    call: str
+    start: int
+    stop: int
+    total: int
+
+    def record(self) -> dict[str, Any]:
+        return {"call": self.call, "rows": [self.start, self.stop], "of": self.total}
 
 
 @dataclass(frozen=True)
@@ -43,34 +64,76 @@ class SavedScores:
             (``Influence.scores`` returned them in the model's precision, at least float32).
         info: the method, the numbers of queries and training examples.
         identity: everything they depend on (model, data, task, method options, queries).
-        path: the artifact's directory.
+        path: the artifact's directory (of a call committed in chunks of queries, the first's).
+        parts: the directories of a call's chunks, in row order (one: ``path``).
     """
 
     scores: Tensor
     info: dict[str, Any]
     identity: dict[str, Any]
     path: Path
+    parts: tuple[Path, ...] = ()
 
 
 def read_scores(workdir: str | Path) -> list[SavedScores]:
     """The scores of every finished scoring run in ``workdir``, verified (checksums), without
-    the model or a refit; oldest first. A damaged artifact raises ArtifactError naming it."""
+    the model or a refit; oldest first. A call whose queries were scored in chunks (under its
+    memory budget) is one run, its chunks' rows together, once every chunk is committed (a
+    call stopped between them is not finished). A damaged artifact raises ArtifactError
+    naming it."""
     if not Path(workdir).is_dir():
         raise InvalidInputError(f"workdir {workdir} does not exist or is not a directory")
     store = ArtifactStore(workdir)
-    out = []
+    whole: list[SavedScores] = []
+    chunks: dict[str, list[SavedScores]] = {}
     for path in store.committed(SCORES):
         remedy = (
             f"Delete {path} and run the scores() call that made it again: it reads the "
             "committed shards back, with no pass over the data where they are intact"
         )
         artifact = store.verify(path, SCORES, remedy=remedy)
-        out.append(
-            SavedScores(
-                artifact.tensors()["scores"], artifact.json("meta"), artifact.identity, path
-            )
+        saved = SavedScores(
+            artifact.tensors()["scores"], artifact.json("meta"), artifact.identity, path, (path,)
         )
-    return sorted(out, key=lambda s: (s.path / "manifest.json").stat().st_mtime)
+        if "call" not in saved.info:
+            whole.append(saved)
+            continue
+        # the chunks of one call: the same call and everything else alike but their queries
+        rest = {k: v for k, v in saved.identity.items() if k not in ("queries", "rows")}
+        chunks.setdefault(canonical(rest), []).append(saved)
+    out = [(max(_committed_at(p) for p in s.parts), s) for s in whole]
+    for parts in chunks.values():
+        call = _one_call(parts)
+        if call is not None:
+            out.append((max(_committed_at(p) for p in call.parts), call))
+    return [s for _, s in sorted(out, key=lambda pair: pair[0])]
+
+
+def _committed_at(path: Path) -> float:
+    return (path / "manifest.json").stat().st_mtime
+
+
+def _one_call(parts: list[SavedScores]) -> SavedScores | None:
+    """The chunks of one scores() call as one run (None: a chunk is missing)."""
+    parts = sorted(parts, key=lambda s: s.info["rows"][0])
+    total, row = parts[0].info["of"], 0
+    for part in parts:
+        if part.info["rows"][0] != row:
+            return None
+        row = part.info["rows"][1]
+    if row != total:
+        return None
+    first = parts[0]
+    info = {k: v for k, v in first.info.items() if k not in ("call", "rows", "of")}
+    identity = {k: v for k, v in first.identity.items() if k not in ("rows", "call")}
+    identity["queries"] = first.info["call"]
+    return SavedScores(
+        torch.cat([s.scores for s in parts]),
+        {**info, "n_queries": total, "chunks": len(parts)},
+        identity,
+        first.path,
+        tuple(s.path for s in parts),
+    )
 
 
 @dataclass

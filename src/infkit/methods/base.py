@@ -60,6 +60,7 @@ from infkit.options import Options as BaseOptions
 from infkit.parameters import ParameterSpace, dtype_name
 from infkit.plan import RunShape, Stage
 from infkit.progress import Progress
+from infkit.shards import QueryRows
 from infkit.task import Task
 
 #: passes' worth of work one curvature product of one vector over the training data takes (a
@@ -282,6 +283,9 @@ class Method(ABC):
     takes_autocast: ClassVar[bool] = True
     shard_part: tuple[int, int] | None = None
     shard_tally: dict[str, int]
+    #: where the queries of a scores() call taken in chunks sit in the call, set by the facade
+    #: around each chunk (None: the call's queries whole), for what it commits
+    query_rows: QueryRows | None = None
     #: what the contract test checks and a user may expect
     fidelity: ClassVar[Fidelity] = Fidelity()
     #: priority for ``method="auto"`` (lower first; None: never chosen automatically)

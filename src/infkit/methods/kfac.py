@@ -247,6 +247,20 @@ class KFAC(PrimalMethod):
             return None
         return self._scorer(CallResult() if result is None else result)
 
+    def _same_call(self, call: str, estimator: Estimator) -> None:
+        """Under torchrun, refuse a call whose processes ask for different estimators (or make
+        different calls) before any of them takes a path the others do not: the IF's scores
+        stream, with sums across processes, and the other estimators' are computed whole by
+        each process (a process asking for RelatIF beside one asking for IF finished alone and
+        left the other in its sum, then a raw gloo error)."""
+        if world()[1] == 1:
+            return
+        agree(
+            f"the {call} of method {self.name!r}",
+            {"call": call, "estimator": estimator.name, "relatif": estimator.relatif},
+            self.fitted.space.device,
+        )
+
     def _agree(self, call: str, queries: ExampleSet | None, **extra: Any) -> None:
         """Under torchrun, refuse a streamed call whose processes differ in what their sums
         combine (:func:`~infkit.distributed.agree`): the queries, the settings the scoring pass
@@ -302,6 +316,7 @@ class KFAC(PrimalMethod):
         return lambda: ArtifactStore(place).scratch("queries")
 
     def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
+        self._same_call("scores", estimator)
         scorer = self._streaming(estimator, _scores_result(len(queries), self.fitted.n))
         if scorer is None:
             return super().scores(queries, estimator)
@@ -309,8 +324,11 @@ class KFAC(PrimalMethod):
         shards = self._shards(queries)
         if shards is None or self.shard_part is not None:  # (a part's columns are no result)
             return self._grouped_scores(queries, scorer, shards)
-        # the whole result is committed too: the same call again reads it back, no pass
-        info = {"method": self.name, "n_queries": len(queries), "n_train": self.fitted.n}
+        # the whole result is committed too: the same call again reads it back, no pass. A
+        # chunk of a call's queries says where it sits, so that read_scores puts the call's
+        # chunks together (a tester read the last 3 of 7 queries as the latest finished run)
+        rows = {} if self.query_rows is None else self.query_rows.record()
+        info = {"method": self.name, "n_queries": len(queries), "n_train": self.fitted.n, **rows}
         computed = False
 
         def compute() -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -318,12 +336,13 @@ class KFAC(PrimalMethod):
             computed = True
             return {"scores": self._grouped_scores(queries, scorer, shards)}, info
 
-        tensors, _ = shards.piece(SCORES, {}, compute)
+        tensors, _ = shards.piece(SCORES, rows, compute)
         if not computed:  # read back whole: this process's shards count as reused
             self.shard_tally["reused"] += len(shards.mine()) * len(scorer.groups(len(queries)))
         return tensors["scores"].to(self.fitted.space.device)
 
     def scores_among(self, queries: ExampleSet, estimator: Estimator, among: Tensor) -> Tensor:
+        self._same_call("scores", estimator)
         scorer = self._streaming(estimator, _scores_result(len(queries), len(among)))
         if scorer is None:
             return super().scores_among(queries, estimator, among)
@@ -418,6 +437,7 @@ class KFAC(PrimalMethod):
         """The per-module scores in the passes of :meth:`scores` (one, with the queries kept
         on disk; one per group of queries and layers otherwise), where the scores stream; the
         groups fill their blocks of the one result (:meth:`StreamingScorer.add_module_scores`)."""
+        self._same_call("module_scores", estimator)
         fitted = self.fitted
         tracked = self.kronecker().tracked
         layers, rows, n = len(tracked), len(queries), fitted.n
@@ -449,6 +469,7 @@ class KFAC(PrimalMethod):
         scores stream (:meth:`StreamingScorer.add_token_scores`), their positions those of the
         first training example's layers (``positions`` is checked against them before any
         pass)."""
+        self._same_call("token_scores", estimator)
         if not self._streams(estimator):
             return None
         fitted, tracked = self.fitted, self.kronecker().tracked
@@ -524,6 +545,7 @@ class KFAC(PrimalMethod):
         )
 
     def self_scores(self, estimator: Estimator) -> Tensor:
+        self._same_call("self_scores", estimator)
         scorer = self._streaming(estimator)
         if scorer is None:
             return super().self_scores(estimator)
