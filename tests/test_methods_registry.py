@@ -74,8 +74,8 @@ def test_option_values_are_checked_at_construction(mlp_problem: dict) -> None:
         # ZeroDivisionError at the first scores()
         ("lissa", {"scale_factor": math.inf}, r"option 'scale_factor' must be a finite number"),
         ("trak", {"lambda_reg": math.inf}, r"option 'lambda_reg' must be a finite number"),
-        ("ekfac", {"damping_scale": math.nan}, r"option 'damping_scale' must be a finite number"),
-        ("datainf", {"layer_damping": -math.inf}, r"option 'layer_damping' must be a finite"),
+        ("ekfac", {"damping_scale": math.inf}, r"option 'damping_scale' must be a finite number"),
+        ("datainf", {"layer_damping": math.inf}, r"option 'layer_damping' must be a finite"),
     ],
 )
 def test_numbers_outside_an_options_range_or_not_finite_are_refused(

@@ -46,6 +46,13 @@ def test_training_and_retraining_reach_the_closed_form_optimum() -> None:
     with pytest.raises(InvalidInputError, match=r"got nan: the objective's weight decay") as nan:
         retrain.without(task, data, [3], float("nan"))
     assert "negative" not in str(nan.value)  # (it said a negative one rewards large parameters)
+    # the target is tolerance x the starting gradient norm (at least 1): 1 or more is met before
+    # the first step (a reviewer's untrained model read converged=True), NaN never
+    for tolerance in (1.0, 2.0, float("inf"), float("nan"), -1e-3):
+        with pytest.raises(InvalidInputError, match="tolerance must be >= 0 and below 1"):
+            infkit.train_to_optimum(task, data, l2, tolerance=tolerance)
+        with pytest.raises(InvalidInputError, match="tolerance must be >= 0 and below 1"):
+            retrain.without(task, data, [3], l2, tolerance=tolerance)
     # The model passed in is left untouched.
     np.testing.assert_allclose(task.model.weight.detach().reshape(-1).numpy(), theta)
     np.testing.assert_allclose(r.outputs(data).numpy()[:, 0], X @ r.theta.numpy(), rtol=1e-12)

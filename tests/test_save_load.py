@@ -192,6 +192,26 @@ def test_a_dual_fit_saved_with_a_precision_it_never_took_loads_without_it(
     assert torch.equal(loaded.scores(test), original.scores(test))
 
 
+def test_a_fit_saved_with_an_option_value_now_refused_is_refused_naming_the_file(
+    mlp_problem: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cg's tol of 1 or more is refused now (the zero vector meets it: every score 0); a save
+    from before (made here by lifting the check) is refused at load as an artifact of a fit
+    not to be trusted, naming the file and the remedy, not as an argument given to load."""
+    from infkit import options
+
+    with monkeypatch.context() as old:
+        old.setattr(options, "_check_value", lambda *args: None)
+        original = _fit(mlp_problem, "cg", tol=1.0)
+        original.save(tmp_path)
+    assert float(original.scores(mlp_problem["test"]).abs().max()) == 0.0  # what it gave
+    with pytest.raises(ArtifactError, match=r"fitted with an option value this version") as got:
+        infkit.Influence.load(tmp_path, _copy_task(mlp_problem))
+    message = str(got.value)
+    assert str(tmp_path) in message and "option 'tol' must be < 1, got 1.0" in message
+    assert "Fit it again" in message
+
+
 # ============================================================================ options and data
 def _checkpoints(problem: dict) -> list[dict[str, torch.Tensor]]:
     """Two perturbed copies of the trained parameters, as state dicts."""

@@ -43,7 +43,7 @@ from infkit.progress import resolve, track
 from infkit.recipe import Replay, TrainingRun
 from infkit.store import ArtifactStore
 from infkit.task import Task
-from infkit.training import train_to_optimum
+from infkit.training import check_tolerance, train_to_optimum
 
 #: How far retraining on all the data may move the model passed in, as a fraction of the median
 #: removal's change, before :func:`leave_one_out` and :func:`without` say it was not at its
@@ -199,6 +199,7 @@ def _cache(
 ) -> RetrainCache | None:
     """The retraining cache of an experiment (None without ``cache_dir``), once its data is
     checked as fit checks it: each retraining's train_to_optimum then finds it checked."""
+    check_tolerance(tolerance)
     engine = PerExample(task, ParameterSpace(task.model))
     check_examples(engine, examples)
     if run is not None:

@@ -723,6 +723,7 @@ class SavedInfluence:
                 f"(method {self.method!r} was fitted with {sorted(options) or 'none'}); load "
                 "takes only its function options again"
             )
+        self._check_options(options)
         choice = self.document("state").get("choice")
         workdir = ident.get("workdir")
         return Settings(
@@ -741,6 +742,19 @@ class SavedInfluence:
             method_options=options,
             choice=None if choice is None else Choice(**choice),
         )
+
+    def _check_options(self, options: dict[str, Any]) -> None:
+        """Refuse a fit whose method options this version refuses (a ``cg`` saved with
+        ``tol=1.0``, whose every score was 0), naming the file and the remedy rather than
+        reading as an argument given to load."""
+        try:
+            method_class(self.method).Options.parse(options, f"method {self.method!r}")
+        except InvalidInputError as error:
+            raise ArtifactError(
+                f"{self.path} was fitted with an option value this version of infkit refuses "
+                f"({error}); the answers of such a fit are not to be trusted. Fit it again with "
+                "a valid value and save it in a new place"
+            ) from error
 
     # ------------------------------------------------------------------ checks
     def check_task(self, task: Task) -> None:

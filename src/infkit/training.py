@@ -103,6 +103,22 @@ def _name_non_finite_outputs(
             check_finite_rows(engine.outputs(batch), batch, "model output", engine.precision)
 
 
+def check_tolerance(tolerance: Any) -> None:
+    """Refuse a training tolerance outside [0, 1): the target gradient norm is ``tolerance``
+    times the starting one (at least 1), which a tolerance of 1 or more meets before the first
+    step (a reviewer's model, never trained, read converged=True), NaN never."""
+    try:
+        value = float(tolerance)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(tolerance, bool) or not 0 <= value < 1:
+        raise InvalidInputError(
+            f"tolerance must be >= 0 and below 1, got {tolerance!r}: training stops when the "
+            "gradient norm falls below tolerance x its starting value (at least 1), which 1 or "
+            "more meets before the first step (the default is 1e-10)"
+        )
+
+
 def train_to_optimum(
     task: Task,
     train: Any,
@@ -119,8 +135,8 @@ def train_to_optimum(
     """Minimise ``mean_{i in indices} l_i + (l2/2) ||theta||^2`` in place, full batch, L-BFGS.
 
     Starts from the model's current parameters (a warm start when retraining). Stops when
-    ``||grad L||`` falls below ``tolerance`` times its value at the start (or at 1.0 if that is
-    smaller), or after ``max_iter`` iterations. When L-BFGS stalls at float precision, up to
+    ``||grad L||`` falls below ``tolerance`` (in [0, 1)) times its value at the start (or at 1.0
+    if that is smaller), or after ``max_iter`` iterations. When L-BFGS stalls at float precision, up to
     ``newton_polish`` matrix-free Newton-CG steps (Hessian-vector products) finish the job.
 
     A float64 run that stops short of its target before ``max_iter`` looks for a part of the
@@ -146,6 +162,7 @@ def train_to_optimum(
             else "the objective's weight decay, in the units of docs/conventions.md §2"
         )
         raise InvalidInputError(f"l2 must be a finite number >= 0, got {l2!r}: {why}")
+    check_tolerance(tolerance)
     examples = ExampleSet(train, name="training set")
     space = ParameterSpace(task.model)
     engine = PerExample(task, space)

@@ -9,6 +9,7 @@ it (an unknown section or key, a value of the wrong type, a missing required key
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +276,10 @@ def check(raw: dict[str, Any], path: Path) -> RunConfig:
                     f"{where}: [{section}] {key} must be {spec.type.replace('|', ' or ')}, got "
                     f"{value!r}"
                 )
+            if isinstance(value, float) and not math.isfinite(value):  # (TOML's nan and inf)
+                raise ConfigError(
+                    f"{where}: [{section}] {key} must be a finite number, got {value!r}"
+                )
         for key, spec in keys.items():
             if spec.required and key not in given:
                 raise ConfigError(
@@ -412,9 +417,11 @@ def _check_retraining(section: dict[str, Any], where: str) -> None:
             f"actual leave-one-out changes, which needs at least {MIN_RETRAININGS} retrainings; "
             f"set n >= {MIN_RETRAININGS} (20 is a good start) or n = 0 to turn the check off"
         )
-    if section["tolerance"] < 0:
+    if not 0 <= section["tolerance"] < 1:
         raise ConfigError(
-            f"{where}: [retraining] tolerance must be >= 0, got {section['tolerance']!r}"
+            f"{where}: [retraining] tolerance must be >= 0 and below 1, got "
+            f"{section['tolerance']!r} (relative to each retraining's starting gradient norm: "
+            "1 or more stops before the first step)"
         )
 
 

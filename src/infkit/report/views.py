@@ -77,6 +77,16 @@ def guess_kind(sample: Any, task_kind: str, image_shape: Sequence[int]) -> str:
     return "tabular"
 
 
+def shortest_text(values: Tensor) -> list[str]:
+    """Each value as the shortest text that reads back as the same number in its own precision
+    (NumPy's float16, float32 and float64 texts; bfloat16 through float32, which holds it)."""
+    if not values.is_floating_point():
+        return [str(v) for v in values.tolist()]
+    if values.dtype not in (torch.float16, torch.float64):
+        values = values.float()
+    return [str(v) for v in values.cpu().numpy()]
+
+
 @dataclass
 class Display:
     """What the data is and how its examples are shown.
@@ -112,14 +122,16 @@ class Display:
         """The label of one example as text: a class name, a class number or target values.
 
         Target values show 4 significant digits on the page; ``exact`` writes each in full
-        (the shortest text that reads back as the same float), as the CSV tables keep them."""
+        (the shortest text that reads back as the same number in the target's precision: a
+        float32 1.66048 as 1.66048), as the CSV tables keep them."""
         y = self.target(split, index)
         if isinstance(y, Tensor) and y.numel() == 1 and not y.is_floating_point():
             c = int(y)
             return self.class_names[c] if 0 <= c < len(self.class_names) else str(c)
         if isinstance(y, Tensor) and y.numel() <= 4 and self.kind != "text":
-            values = y.reshape(-1).tolist()
-            return ", ".join(repr(float(v)) if exact else f"{v:.4g}" for v in values)
+            if exact:
+                return ", ".join(shortest_text(y.reshape(-1)))
+            return ", ".join(f"{v:.4g}" for v in y.reshape(-1).tolist())
         return ""
 
     def view(self, split: str, index: int) -> dict[str, Any]:
