@@ -353,6 +353,8 @@ def test_a_pair_of_lists_of_tensors_is_refused_saying_how_to_stack_them() -> Non
         ExampleSet([ragged, list(ragged)], name="training set")
     with pytest.raises(InvalidInputError, match=r"lists of 4 tensors.*torch\.tensor\(y\)"):
         ExampleSet((rows, [0, 1, 0, 1]), name="training set")  # the labels as numbers
+    with pytest.raises(InvalidInputError, match=r"lists of 1 tensor each.*of 1 item each"):
+        ExampleSet(([rows[0]], [rows[1]]), name="training set")  # (it said "1 tensors")
     triples = [tuple(rows[:3]), tuple(rows[1:])]  # two examples of three items each
     with pytest.raises(InvalidInputError, match="two examples of 3 items each"):
         ExampleSet(triples, name="training set")

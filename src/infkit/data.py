@@ -288,10 +288,12 @@ class ExampleSet:
                 "token ids of texts, tokenizer(texts, padding=True, return_tensors='pt'), then "
                 f"{LM_EXAMPLES} labels them)"
             )
+            count = len(data[0])
+            tensors, items = ("tensor", "item") if count == 1 else ("tensors", "items")
             raise InvalidInputError(
-                f"{name} looks like an (X, y) pair of Python lists of {len(data[0])} tensors "
+                f"{name} looks like an (X, y) pair of Python lists of {count} {tensors} "
                 f"each, which infkit does not read as examples: {remedy}; or give a list of "
-                f"(x, y) pairs (were these two examples of {len(data[0])} items each: an "
+                f"(x, y) pairs (were these two examples of {count} {items} each: an "
                 "example is an (x, y) pair)"
             )
         elif _is_inputs_tuple_pair(data):
