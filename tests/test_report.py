@@ -440,6 +440,12 @@ def test_bad_report_queries_stop_before_any_fitting(
             lambda c: c.replace("l2 = 1e-2", "l2 = 1e-2\ndamping = nan"),
             "[influence] damping must be a finite number, got nan",
         ),
+        (  # in a table: refused by the method only after the factories had run
+            lambda c: c.replace(
+                'method = "exact"', 'method = "ekfac"\noptions = { damping_scale = inf }'
+            ),
+            "[influence] options.damping_scale must be a finite number, got inf",
+        ),
         (  # 1 or more: each retraining stops before its first step
             lambda c: c.replace("n = 5", "n = 5\ntolerance = 1.0"),
             "[retraining] tolerance must be >= 0 and below 1, got 1.0",

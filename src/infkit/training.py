@@ -111,7 +111,7 @@ def check_tolerance(tolerance: Any) -> None:
         value = float(tolerance)
     except (TypeError, ValueError):
         value = float("nan")
-    if isinstance(tolerance, bool) or not 0 <= value < 1:
+    if isinstance(tolerance, (bool, str, bytes)) or not 0 <= value < 1:
         raise InvalidInputError(
             f"tolerance must be >= 0 and below 1, got {tolerance!r}: training stops when the "
             "gradient norm falls below tolerance x its starting value (at least 1), which 1 or "

@@ -217,6 +217,25 @@ def _suggest(name: str, valid: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _not_finite(value: Any) -> tuple[str, float] | None:
+    """Where ``value`` holds TOML's ``nan`` or ``inf`` (``""``, ``".key"`` or ``"[i]"`` below
+    it) and that number, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "", value
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for k, v in items:
+        found = _not_finite(v)
+        if found is not None:
+            return (f".{k}" if isinstance(k, str) else f"[{k}]") + found[0], found[1]
+    return None
+
+
 def _type_ok(value: Any, kind: str) -> bool:
     for alternative in kind.split("|"):
         if alternative == "str" and isinstance(value, str):
@@ -276,9 +295,11 @@ def check(raw: dict[str, Any], path: Path) -> RunConfig:
                     f"{where}: [{section}] {key} must be {spec.type.replace('|', ' or ')}, got "
                     f"{value!r}"
                 )
-            if isinstance(value, float) and not math.isfinite(value):  # (TOML's nan and inf)
+            place = _not_finite(value)  # (TOML's nan and inf, in tables and arrays too)
+            if place is not None:
                 raise ConfigError(
-                    f"{where}: [{section}] {key} must be a finite number, got {value!r}"
+                    f"{where}: [{section}] {key}{place[0]} must be a finite number, got "
+                    f"{place[1]!r}"
                 )
         for key, spec in keys.items():
             if spec.required and key not in given:
