@@ -446,6 +446,12 @@ def test_bad_report_queries_stop_before_any_fitting(
             ),
             "[influence] options.damping_scale must be a finite number, got inf",
         ),
+        (  # inside an array of a table, the key's path named
+            lambda c: c.replace(
+                "some = [0, 1, 2, 3, 4]", 'some = [0, 1, 2, 3, 4], "a.b" = [1, nan]'
+            ),
+            "[group_removal] groups['a.b'][1] must be a finite number, got nan",
+        ),
         (  # 1 or more: each retraining stops before its first step
             lambda c: c.replace("n = 5", "n = 5\ntolerance = 1.0"),
             "[retraining] tolerance must be >= 0 and below 1, got 1.0",
@@ -468,6 +474,19 @@ def test_what_the_config_alone_shows_wrong_is_refused_before_any_factory(
     err = capsys.readouterr().err
     assert f"bad.toml: {message}" in err, err
     assert "imported" not in err
+
+
+def test_a_factorys_own_arguments_may_hold_infinity(tmp_path: Path) -> None:
+    """infkit reads no number of a factory's args: infinity there can mean "no limit", and the
+    check of nan and inf everywhere else leaves them to the factory."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        CONFIG.format(n_loo=5).replace(
+            'factory = "tester_project:model"',
+            'factory = "tester_project:model"\nargs = { m = inf }',
+        )
+    )
+    assert run_config.parse(config)["model"]["args"] == {"m": float("inf")}
 
 
 def test_a_range_of_one_value_reads_as_that_value() -> None:

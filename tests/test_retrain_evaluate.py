@@ -48,7 +48,7 @@ def test_training_and_retraining_reach_the_closed_form_optimum() -> None:
     assert "negative" not in str(nan.value)  # (it said a negative one rewards large parameters)
     # the target is tolerance x the starting gradient norm (at least 1): 1 or more is met before
     # the first step (a reviewer's untrained model read converged=True), NaN never
-    for tolerance in (1.0, 2.0, float("inf"), float("nan"), -1e-3, "0.1"):
+    for tolerance in (1.0, 2.0, float("inf"), float("nan"), -1e-3, "0.1", bytearray(b"0.1")):
         with pytest.raises(InvalidInputError, match="tolerance must be >= 0 and below 1"):
             infkit.train_to_optimum(task, data, l2, tolerance=tolerance)
         with pytest.raises(InvalidInputError, match="tolerance must be >= 0 and below 1"):

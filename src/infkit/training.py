@@ -6,6 +6,7 @@ Influence functions describe an optimum of ``L(theta) = mean_i l_i + (l2/2) ||th
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -111,7 +112,8 @@ def check_tolerance(tolerance: Any) -> None:
         value = float(tolerance)
     except (TypeError, ValueError):
         value = float("nan")
-    if isinstance(tolerance, (bool, str, bytes)) or not 0 <= value < 1:
+    number = isinstance(tolerance, (numbers.Real, Tensor)) or type(tolerance).__module__ == "numpy"
+    if isinstance(tolerance, bool) or not number or not 0 <= value < 1:
         raise InvalidInputError(
             f"tolerance must be >= 0 and below 1, got {tolerance!r}: training stops when the "
             "gradient norm falls below tolerance x its starting value (at least 1), which 1 or "

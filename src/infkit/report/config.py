@@ -232,7 +232,9 @@ def _not_finite(value: Any) -> tuple[str, float] | None:
     for k, v in items:
         found = _not_finite(v)
         if found is not None:
-            return (f".{k}" if isinstance(k, str) else f"[{k}]") + found[0], found[1]
+            plain = isinstance(k, str) and k.isidentifier()
+            step = f".{k}" if plain else f"[{k!r}]" if isinstance(k, str) else f"[{k}]"
+            return step + found[0], found[1]
     return None
 
 
@@ -295,7 +297,9 @@ def check(raw: dict[str, Any], path: Path) -> RunConfig:
                     f"{where}: [{section}] {key} must be {spec.type.replace('|', ' or ')}, got "
                     f"{value!r}"
                 )
-            place = _not_finite(value)  # (TOML's nan and inf, in tables and arrays too)
+            # (TOML's nan and inf, in tables and arrays too; not in the factories' own keyword
+            # arguments, where infinity can mean "no limit")
+            place = None if key == "args" else _not_finite(value)
             if place is not None:
                 raise ConfigError(
                     f"{where}: [{section}] {key}{place[0]} must be a finite number, got "
