@@ -116,6 +116,7 @@ def test_linearizability_refuses_settings_that_train_nothing() -> None:
         ({"l2": -1.0}, "l2 must be a finite number >= 0"),
         ({"momentum": 1.0}, r"momentum must be a number in \[0, 1\)"),
         ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"record_every": -2}, "record_every must be an integer >= 1"),
     ):
         with pytest.raises(infkit.InvalidInputError, match=message):
             linearizability(task, (X, y), **settings)

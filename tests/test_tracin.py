@@ -202,7 +202,10 @@ def test_tracincp_over_a_recorded_run_as_the_docs_pass_it(mlp_problem: dict) -> 
         return Q @ (G + l2 * steps[t]).T / 60
 
     terms = {t: term(t) for t in range(12)}
-    for c in (1, 4, 5):  # every step, then one checkpoint for several (T = 12: 0, 5, 10, 12)
+    # every step, then one checkpoint for several (T = 12: 0, 5, 10, 12), then None: theta_0
+    # and the final parameters, as Recipe.train says (it kept the final alone, and the docs'
+    # rates had no checkpoint to pair with: "checkpoints is empty")
+    for c in (1, 4, 5, None):
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(every.initial.clone(), model.parameters())
         run = recipe.train(task, (X, y), record_every=c)
@@ -216,10 +219,16 @@ def test_tracincp_over_a_recorded_run_as_the_docs_pass_it(mlp_problem: dict) -> 
             task, "identity", l2=l2, checkpoints=checkpoints, learning_rates=rates
         )
         S = inf.fit((X, y)).scores((Xt, yt))
-        starts = list(range(0, 12, c))
+        span = 12 if c is None else c
+        starts = list(range(0, 12, span))
         assert [s for s, _ in pairs] == [*starts, 12]
         expected = sum(
-            sum(recipe.learning_rate(t) for t in range(s, min(s + c, 12))) * terms[s]
+            sum(recipe.learning_rate(t) for t in range(s, min(s + span, 12))) * terms[s]
             for s in starts
         )
         assert relative_error(S, expected) < 1e-12
+    for bad in (0, -2, 2.5):  # (0: a raw ZeroDivisionError; -2 a schedule of no meaning)
+        with pytest.raises(
+            InvalidInputError, match=f"record_every must be an integer >= 1, got {bad}"
+        ):
+            recipe.train(task, (X, y), record_every=bad)

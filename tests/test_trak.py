@@ -254,6 +254,14 @@ def test_trak_defaults_work_when_n_is_below_p(mlp_problem: dict) -> None:
     assert correlation(S, exact.scores(mlp_problem["test"])).pearson > 0.3
 
 
+def test_a_proj_dim_above_p_is_told_as_capped(mlp_problem: dict) -> None:
+    """proj_dim=100 of P = 75 parameters projects to k = 75: said (describe() alone said it)."""
+    task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
+    with pytest.warns(Notice, match=r"proj_dim=100 exceeds the 75 attributed parameters: .*k = 75"):
+        inf = infkit.Influence(task, "trak", l2=l2, proj_dim=100, lambda_reg=1.0).fit(train)
+    assert inf.describe()["proj_dim"] == 75
+
+
 @pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
 def test_trak_warns_when_the_projection_is_close_to_n(mlp_problem: dict) -> None:
     task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]

@@ -158,6 +158,23 @@ def test_wrong_runs_and_settings_are_refused_with_what_to_do() -> None:
         recipe.train(task, train, weights=-torch.ones(40))
 
 
+@pytest.mark.parametrize("method", ["unrolled", "source"])
+def test_a_run_of_single_example_steps_under_the_retained_mean_is_refused(method: str) -> None:
+    """batch_size=1 and normalise='retained': each step's loss w_i l_i / w_i does not depend on
+    the weight, so every metagradient is 0 (a tester's scores, all 0, with a warning that
+    blamed a piecewise-constant optimiser), while leaving an example out skips its steps and
+    moves the model: refused, naming the normaliser that differentiates."""
+    train, test = _data()
+    task, run = _trained(Recipe(steps=40, lr=0.1, l2=1e-2, batch_size=1), train)  # an epoch
+    assert float(infkit.retrain.without(task, train, [3], 1e-2, run=run).delta.norm()) > 1e-3
+    with pytest.raises(infkit.InvalidInputError, match=r"batch_size=1\) with normalise='retained'"):
+        infkit.Influence(task, method, l2=1e-2, run=run).fit(train)
+    nominal = Recipe(steps=20, lr=0.1, l2=1e-2, batch_size=1, normalise="nominal")
+    task, run = _trained(nominal, train)
+    S = infkit.Influence(task, "unrolled", l2=1e-2, run=run).fit(train).scores(test)
+    assert float(S.abs().max()) > 0
+
+
 def test_recipe_train_checks_its_data_before_any_step() -> None:
     """Recipe.train trained on an ignore_index label (a zero loss counted in the mean) and on
     fractional labels (truncated: the same run as the integer labels), and raised PyTorch's

@@ -271,6 +271,8 @@ def linearizability(
     if anchor not in ("init", "zero"):
         raise InvalidInputError(f"anchor must be 'init' or 'zero', got {anchor!r}")
     steps = integer_argument("steps", steps, 1)
+    if record_every is not None:
+        record_every = integer_argument("record_every", record_every, 1)
     for name, value, low, high in (("lr", lr, 0.0, math.inf), ("l2", l2, 0.0, math.inf)):
         number = real_number(value)
         if number is None or not low <= number < high or (name == "lr" and number == 0):

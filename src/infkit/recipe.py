@@ -36,7 +36,7 @@ from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError, NonFiniteError
 from infkit.example_checks import check_examples
 from infkit.gradients import PerExample
-from infkit.options import real_number
+from infkit.options import integer_argument, real_number
 from infkit.parameters import ParameterSpace, evaluation_mode, warn_about_training_mode
 from infkit.task import Task
 
@@ -331,9 +331,10 @@ class Recipe:
             train: the training set (any form :class:`~infkit.data.ExampleSet` accepts).
             weights: the data weights w [N] (default: all 1).
             initial: theta_0 as a flat [P] vector (default: the model's current parameters).
-            record_every: keep the parameters every this many steps in ``run.checkpoints``
-                (TracInCP, SOURCE); None: only theta_0 and the final parameters.
+            record_every: keep the parameters every this many steps (an integer >= 1) in
+                ``run.checkpoints`` (TracInCP); None: only theta_0 and the final parameters.
         """
+        every = None if record_every is None else integer_argument("record_every", record_every, 1)
         examples = ExampleSet(train, name="training set")
         warn_about_training_mode(task.model)
         replay = Replay(self, task, examples)
@@ -345,7 +346,9 @@ class Recipe:
         losses: list[float] = []
         theta = theta0
         for t, theta, _buffers, loss in replay.trajectory(theta0, w):
-            if record_every is not None and t % record_every == 0:
+            # (None kept the final parameters alone, where this docstring says theta_0 too:
+            # the TracInCP rates of docs/methods/identity.md §3 then had no checkpoint)
+            if t == 0 if every is None else t % every == 0:
                 kept.append((t, theta))
             if loss is not None:
                 losses.append(loss)

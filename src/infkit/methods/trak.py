@@ -385,6 +385,13 @@ class Trak(Method):
                     Notice,
                 )
             return k
+        if int(options.proj_dim) > p:  # (capped without a word: describe() alone said k)
+            warn(
+                f"TRAK's proj_dim={options.proj_dim} exceeds the {p:,} attributed parameters: "
+                f"projected to k = {p}, the gradients whole (projection='identity' says so "
+                "without a random projection)",
+                Notice,
+            )
         if options.lambda_reg == 0 and k > n:
             raise CurvatureError(
                 f"with lambda_reg=0, Phi^T Phi ({k} x {k}) is singular because proj_dim {k} "

@@ -49,7 +49,18 @@ def checked_replay(name: str, run: TrainingRun | None, fitted: Fitted) -> tuple[
             "infkit.Recipe(...).train(task, train) (docs/methods/unrolled.md)"
         )
     run.require_model(f"method {name!r}", fitted.n, fitted.l2, fitted.space.flat().detach())
-    replay = Replay(run.recipe, fitted.task, fitted.train)
+    recipe = run.recipe
+    if recipe.batch_size == 1 and recipe.normalise == "retained" and fitted.n > 1:
+        # (a tester's every score was 0, with a warning that blamed a piecewise-constant
+        # optimiser, where leaving an example out moved the test losses by up to 0.15)
+        raise InvalidInputError(
+            f"method {name!r}: the run took one example a step (batch_size=1) with "
+            "normalise='retained', so each step's loss w_i l_i / w_i does not depend on the "
+            "example's weight: every metagradient is 0, though leaving the example out skips "
+            "its steps. Record the run with normalise='nominal' (each step's loss w_i l_i), "
+            "or retrain for removals (infkit.retrain with run=)"
+        )
+    replay = Replay(recipe, fitted.task, fitted.train)
     return replay, run.weights.to(fitted.space.dtype)
 
 
