@@ -400,7 +400,8 @@ class TrainingRun:
         weights: the data weights it was trained with [N] (all 1 normally).
         n: N, the number of training examples.
         losses: the training objective before each step [steps].
-        checkpoints: (step, theta_step) pairs kept by ``record_every`` (and the final one).
+        checkpoints: (step, theta_step) pairs kept by ``record_every`` (and the final one;
+            theta_0 and the final one without it).
     """
 
     recipe: Recipe

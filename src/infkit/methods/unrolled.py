@@ -34,7 +34,7 @@ from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
 from infkit.plan import RunShape, Stage
 from infkit.progress import track
-from infkit.recipe import Replay, TrainingRun
+from infkit.recipe import Recipe, Replay, TrainingRun
 from infkit.task import Task
 from infkit.unroll import Checkpoints, checkpoint, default_interval, metagradients, tangent
 
@@ -49,19 +49,57 @@ def checked_replay(name: str, run: TrainingRun | None, fitted: Fitted) -> tuple[
             "infkit.Recipe(...).train(task, train) (docs/methods/unrolled.md)"
         )
     run.require_model(f"method {name!r}", fitted.n, fitted.l2, fitted.space.flat().detach())
-    recipe = run.recipe
-    if recipe.batch_size == 1 and recipe.normalise == "retained" and fitted.n > 1:
-        # (a tester's every score was 0, with a warning that blamed a piecewise-constant
-        # optimiser, where leaving an example out moved the test losses by up to 0.15)
-        raise InvalidInputError(
-            f"method {name!r}: the run took one example a step (batch_size=1) with "
-            "normalise='retained', so each step's loss w_i l_i / w_i does not depend on the "
-            "example's weight: every metagradient is 0, though leaving the example out skips "
-            "its steps. Record the run with normalise='nominal' (each step's loss w_i l_i), "
-            "or retrain for removals (infkit.retrain with run=)"
-        )
-    replay = Replay(recipe, fitted.task, fitted.train)
+    replay = Replay(run.recipe, fitted.task, fitted.train)
     return replay, run.weights.to(fitted.space.dtype)
+
+
+def single_example_steps(recipe: Recipe, weights: Tensor) -> Tensor:
+    """[steps] bool: the steps whose batch holds one example of positive weight, whose loss
+    under ``normalise="retained"``, ``w_i l_i / w_i``, does not depend on that weight (the last
+    batch of an epoch when N % batch_size == 1, every step at batch_size=1, zero weights)."""
+    n, positive = len(weights), weights > 0
+    out = torch.zeros(recipe.steps, dtype=torch.bool)
+    if recipe.batch(n, 0) is None:  # full batch: every step alike
+        return out | (int(positive.sum()) == 1)
+    for t in range(recipe.steps):
+        batch = recipe.batch(n, t)
+        out[t] = batch is not None and int(positive[batch].sum()) == 1
+    return out
+
+
+def check_weight_dependence(run: TrainingRun) -> None:
+    """Refuse a run whose every step is of one weighted example under the retained mean (every
+    metagradient 0: a tester's scores, all 0, with a warning that blamed the optimiser, where
+    leaving an example out moved the test losses by up to 0.15); warn where some steps are (a
+    reviewer's example 7, alone in an epoch's last batch: score 0, retraining moved it 0.72)."""
+    recipe = run.recipe
+    if recipe.normalise != "retained" or run.n < 2:
+        return
+    single = single_example_steps(recipe, run.weights)
+    if not bool(single.any()):
+        return
+    why = (
+        "under normalise='retained' such a step's loss w_i l_i / w_i does not depend on the "
+        "example's weight"
+    )
+    remedy = (
+        "record the run with normalise='nominal' (each step's loss w_i l_i / |B_t|), or "
+        "retrain for removals (infkit.retrain with run=)"
+    )
+    if bool(single.all()):
+        raise InvalidInputError(
+            f"method 'unrolled': every step of the run trains on one example of positive "
+            f"weight (batch_size={recipe.batch_size}), and {why}: every metagradient is 0, "
+            f"though leaving an example out skips its steps. To attribute, {remedy}"
+        )
+    steps = single.nonzero().reshape(-1).tolist()
+    warn(
+        f"method 'unrolled': {len(steps)} of the run's {recipe.steps} steps (the first: step "
+        f"{steps[0]}) train on one example of positive weight (an epoch's last batch when N % "
+        f"batch_size == 1, or zero weights), and {why}: the scores leave out what those steps "
+        f"do for their example. For scores that count them, {remedy}",
+        UserWarning,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +168,7 @@ class Unrolled(Method):
                 f"got {fitted.damping}"
             )
         replay, weights = checked_replay(self.name, self.run, fitted)
+        check_weight_dependence(self.run)
         kept = checkpoint(replay, self.run.initial, weights, self.options.checkpoint_every)
         self.run.require_replayed(f"method {self.name!r}", kept.final)
         self.replay, self.checkpoints, self.weights = replay, kept, weights
