@@ -386,7 +386,7 @@ def test_too_few_retrainings_stop_before_any_fitting(
     ("queries", "message"),
     [
         ("[40]", "[report] queries index 40 is out of range [0, 40)"),
-        ("[-1]", "[report] queries index -1 is out of range"),
+        ("[-1]", "[report] queries index -1 is negative"),
         ("[3, 3]", "[report] queries index"),
         # (the groups were checked only after the fit and the scores, without the file's name)
         ("groups", "[group_removal] groups.some index 150 is out of range [0, 150)"),
@@ -446,6 +446,14 @@ def test_bad_report_queries_stop_before_any_fitting(
             ),
             "[influence] options.damping_scale must be a finite number, got inf",
         ),
+        (  # (refused by Influence after the model's factory had trained it)
+            lambda c: c.replace("l2 = 1e-2", "l2 = 1e-2\ndamping = -1.0"),
+            '[influence] damping must be >= 0 or "auto", got -1.0',
+        ),
+        (
+            lambda c: c.replace('flagged = "tester_project:bad_labels"', "flagged = [1, 1]"),
+            "[self_influence] flagged index 1 is given twice",
+        ),
         (  # inside an array of a table, the key's path named
             lambda c: c.replace(
                 "some = [0, 1, 2, 3, 4]", 'some = [0, 1, 2, 3, 4], "a.b" = [1, nan]'
@@ -474,6 +482,41 @@ def test_what_the_config_alone_shows_wrong_is_refused_before_any_factory(
     err = capsys.readouterr().err
     assert f"bad.toml: {message}" in err, err
     assert "imported" not in err
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (
+            lambda c: c.replace("tester_project:splits", "tester_project:no_splits"),
+            "[data] factory",
+        ),
+        (
+            lambda c: c.replace("image_shape = [8, 8]", 'decode = "tester_project:nope"'),
+            "[data] decode",
+        ),
+        (
+            lambda c: c.replace("tester_project:bad_labels", "tester_project:no_labels"),
+            "[self_influence] flagged",
+        ),
+    ],
+)
+def test_every_named_function_is_found_before_the_model_is_built(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], edit, key: str
+) -> None:
+    """docs/report.md §2: a missing function stops the run before any computation (a tester's
+    missing data factory, decode or flagged function was found after the model's factory had
+    built and trained the model)."""
+    (tmp_path / "tester_project.py").write_text(
+        (project / "tester_project.py").read_text()
+        + "\n\ndef model():\n    raise RuntimeError('the model factory ran')\n"
+    )
+    config = tmp_path / "c.toml"
+    config.write_text(edit(CONFIG.format(n_loo=5)))
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "w"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{key} = " in err and "has no attribute" in err, err
+    assert "the model factory ran" not in err
 
 
 def test_a_factorys_own_arguments_may_hold_infinity(tmp_path: Path) -> None:
@@ -982,6 +1025,70 @@ def test_text_with_per_token_scores(tmp_path: Path) -> None:
         assert sum(item["view"]["token_scores"]) == pytest.approx(item["score"], rel=1e-9)
     page = (tmp_path / "runs" / "infkit" / "report.html").read_text()
     assert 'class="tok"' in page and "rgba(" in page
+
+
+POOLED_PROJECT = """
+import torch
+
+import infkit
+
+WORDS = [f"w{i}" for i in range(10)]
+
+
+def splits():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 10, (36, 6), generator=g)
+    y = ((ids < 5).sum(1) > 3).long()
+    return (ids[:28], y[:28]), (ids[28:], y[28:])
+
+
+def decode(ids):
+    return [WORDS[i] for i in ids]
+
+
+class Bag(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.out = torch.nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.embed(ids)).mean(1))
+
+
+def model():
+    torch.manual_seed(0)
+    net = Bag().double()
+    infkit.train_to_optimum(infkit.Task.classification(net), splits()[0], 1e-2)
+    return net
+"""
+
+
+def test_a_classifier_that_pools_its_tokens_is_shown_without_a_per_token_split(
+    tmp_path: Path,
+) -> None:
+    """Token ids shown as text, a classifier whose layers act after the sequence is pooled: the
+    per-token split has one position per example for six tokens (a tester's run stopped on an
+    IndexError). The run finishes with the lists as the API ranks them, no token scores, and a
+    notice saying why."""
+    (tmp_path / "pooled.py").write_text(POOLED_PROJECT)
+    config = tmp_path / "pooled.toml"
+    config.write_text(
+        '[model]\nfactory = "pooled:model"\n[data]\nfactory = "pooled:splits"\n'
+        'decode = "pooled:decode"\n[influence]\nmethod = "exact"\nl2 = 1e-2\n'
+        "[report]\nn_queries = 1\ntop_k = 3\n[retraining]\nn = 0\n"
+    )
+    workdir = tmp_path / "w"
+    with pytest.warns(Notice, match=r"the per-token split finds 1 position\(s\) per example"):
+        assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
+    data, tensors = load_results(workdir)
+    assert any("per-token split finds 1" in w["message"] for w in data["warnings"])  # on the page
+    assert data["display_kind"] == "text"
+    query = data["queries"][0]
+    items = query["lists"]["if"]["proponent"] + query["lists"]["if"]["opponent"]
+    assert items and all("token_scores" not in item["view"] for item in items)
+    for item in items:
+        assert item["score"] == pytest.approx(float(tensors["scores"][0, item["index"]]), rel=1e-12)
 
 
 def test_lists_keep_their_sign_and_tokens_add_up_with_the_rest(tmp_path: Path) -> None:

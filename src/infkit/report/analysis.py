@@ -63,6 +63,24 @@ FIT_WARNINGS = "fit-warnings"
 
 
 # ---------------------------------------------------------------------------- inputs
+def _resolve_factories(config: RunConfig) -> None:
+    """Find every function the configuration names before calling any (docs/report.md §2: a
+    missing one stops before any computation; a tester's missing [data] factory or decode was
+    found only after the model factory had built and trained the model)."""
+    d = config["data"]
+    named = [
+        (config["model"]["factory"], "[model] factory"),
+        (d["factory"], "[data] factory"),
+        (d["display"], "[data] display"),
+        (d["decode"], "[data] decode"),
+        (config["task"]["factory"], "[task] factory"),
+        (config["self_influence"]["flagged"], "[self_influence] flagged"),
+    ]
+    for spec, key in named:
+        if isinstance(spec, str) and spec:
+            factories.resolve(spec, key, config.folder)
+
+
 def build_model(config: RunConfig) -> nn.Module:
     """The trained model from ``[model] factory``."""
     section = config["model"]
@@ -415,6 +433,7 @@ def _run(
     watch = Stopwatch()
     workdir = config.workdir(out)
     workdir.mkdir(parents=True, exist_ok=True)
+    _resolve_factories(config)
     model = build_model(config)
     train, test = build_data(config)
     check_retraining_size(config, len(train))
@@ -899,6 +918,19 @@ def _add_token_scores(
     # (a small training set can list an example as both: its tokens are split once)
     indices = sorted({r["index"] for r in rows})
     split = inf.token_scores(query, indices)
+    width = split.tokens.shape[-1]
+    longest = max((max(r["view"].get("positions", []), default=-1) for r in rows), default=-1)
+    if longest >= width:
+        # (a tester's classifier pooled its token embeddings before its layers: an IndexError,
+        # and the run stopped)
+        warn(
+            f"the per-token split finds {width} position(s) per example where the texts have "
+            f"up to {longest + 1} tokens: the layers it decomposes act after the sequence is "
+            "pooled, not on each token, so the lists are shown without per-token scores (a "
+            "model whose layers act on each token, as a language model's, has them)",
+            Notice,
+        )
+        return
     for r in rows:
         j = indices.index(r["index"])
         tokens = split.tokens[0, j]

@@ -384,13 +384,21 @@ def _check_values(sections: dict[str, dict[str, Any]], where: str, folder: Path)
             )
         _refuse_repeated(indices, f"[group_removal] groups.{name}", where)
     _refuse_repeated(sections["report"]["queries"], "[report] queries", where)
+    flagged = sections["self_influence"]["flagged"]
+    if isinstance(flagged, list):
+        _refuse_repeated(flagged, "[self_influence] flagged", where)
+    if not isinstance(damping, str) and damping < 0:
+        raise ConfigError(f'{where}: [influence] damping must be >= 0 or "auto", got {damping!r}')
 
 
 def _refuse_repeated(indices: list[int], option: str, where: str) -> None:
-    """A list of indices naming one twice, refused before any factory runs (the ranges need
-    the data, and were checked only after the model's factory had trained it)."""
+    """A list of indices naming one twice or a negative one, refused before any factory runs
+    (the ranges need the data, and were checked only after the model's factory had trained
+    it)."""
     seen: set[int] = set()
     for index in indices:
+        if index < 0:  # (a negative index counts from the end nowhere in infkit)
+            raise ConfigError(f"{where}: {option} index {index} is negative: indices start at 0")
         if index in seen:
             raise ConfigError(
                 f"{where}: {option} index {index} is given twice: name each example once"
