@@ -291,11 +291,14 @@ class Recipe:
         """The training indices of step t (None: all of them, full batch)."""
         if self.batch_size is None or self.batch_size >= n:
             return None
-        per_epoch = self.batches_per_epoch(n)
-        epoch, k = divmod(t, per_epoch)
+        epoch, k = divmod(t, self.batches_per_epoch(n))
+        return self.epoch_order(n, epoch)[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def epoch_order(self, n: int, epoch: int) -> Tensor:
+        """The order in which epoch ``epoch`` visits the ``n`` training examples (its batches
+        are consecutive slices of ``batch_size``)."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=gen)
-        return order[k * self.batch_size : (k + 1) * self.batch_size]
+        return torch.randperm(n, generator=gen)
 
     def record(self) -> dict[str, Any]:
         """The recipe as JSON values (fingerprints, describe())."""

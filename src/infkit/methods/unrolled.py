@@ -57,14 +57,17 @@ def single_example_steps(recipe: Recipe, weights: Tensor) -> Tensor:
     """[steps] bool: the steps whose batch holds one example of positive weight, whose loss
     under ``normalise="retained"``, ``w_i l_i / w_i``, does not depend on that weight (the last
     batch of an epoch when N % batch_size == 1, every step at batch_size=1, zero weights)."""
-    n, positive = len(weights), weights > 0
-    out = torch.zeros(recipe.steps, dtype=torch.bool)
+    n, positive = len(weights), (weights > 0).long()
     if recipe.batch(n, 0) is None:  # full batch: every step alike
-        return out | (int(positive.sum()) == 1)
-    for t in range(recipe.steps):
-        batch = recipe.batch(n, t)
-        out[t] = batch is not None and int(positive[batch].sum()) == 1
-    return out
+        return torch.full((recipe.steps,), int(positive.sum()) == 1)
+    size, per_epoch = int(recipe.batch_size or n), recipe.batches_per_epoch(n)
+    epochs = -(-recipe.steps // per_epoch)
+    counts = []  # positive weights in each batch, an epoch at a time (one permutation each)
+    for epoch in range(epochs):
+        padded = torch.zeros(per_epoch * size, dtype=torch.long)
+        padded[:n] = positive[recipe.epoch_order(n, epoch)]
+        counts.append(padded.reshape(per_epoch, size).sum(1))
+    return torch.cat(counts)[: recipe.steps] == 1
 
 
 def check_weight_dependence(run: TrainingRun) -> None:
