@@ -519,6 +519,32 @@ def test_every_named_function_is_found_before_the_model_is_built(
     assert "the model factory ran" not in err
 
 
+def test_a_function_a_factory_sets_is_looked_up_where_it_is_used(
+    project: Path, tmp_path: Path
+) -> None:
+    """Only the module and the first name of a dotted function are found before the factories
+    run: a decode of a tokenizer the data factory loads (``tokenizer = None`` at import) works
+    (a reviewer's run, refused by the earlier lookup)."""
+    (tmp_path / "lazy.py").write_text(
+        POOLED_PROJECT.replace(
+            "def splits():",
+            "tokenizer = None\n\n\ndef splits():\n    global tokenizer\n    tokenizer = Words()",
+        )
+        + "\n\nclass Words:\n    def decode(self, ids):\n        return [WORDS[i] for i in ids]\n"
+    )
+    config = tmp_path / "lazy.toml"
+    config.write_text(
+        '[model]\nfactory = "lazy:model"\n[data]\nfactory = "lazy:splits"\n'
+        'decode = "lazy:tokenizer.decode"\n[influence]\nmethod = "exact"\nl2 = 1e-2\n'
+        "[report]\nn_queries = 1\ntop_k = 2\n[retraining]\nn = 0\n"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)  # (its pooled tokens: no per-token split)
+        assert cli.main(["run", str(config), "--out", str(tmp_path / "w"), "--quiet"]) == 0
+    data, _ = load_results(tmp_path / "w")
+    assert set(data["queries"][0]["view"]["tokens"]) <= {f"w{i}" for i in range(10)}
+
+
 def test_a_factorys_own_arguments_may_hold_infinity(tmp_path: Path) -> None:
     """infkit reads no number of a factory's args: infinity there can mean "no limit", and the
     check of nan and inf everywhere else leaves them to the factory."""

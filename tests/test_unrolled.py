@@ -177,6 +177,15 @@ def test_steps_of_one_weighted_example_under_the_retained_mean_are_said() -> Non
     task, run = _trained(nominal, train)
     S = infkit.Influence(task, "unrolled", l2=1e-2, run=run).fit(train).scores(test)
     assert float(S.abs().max()) > 0
+    # one weighted example beside zero-weight ones: theirs keep their metagradients
+    # ((l_j - l_i) / w_i), so the run is scored, with the warning (a reviewer's, refused)
+    weights = torch.zeros(40, dtype=torch.float64)
+    weights[0] = 1.0
+    task = infkit.Task.classification(small_mlp())
+    run = Recipe(steps=5, lr=0.1, l2=1e-2).train(task, train, weights=weights)
+    with pytest.warns(UserWarning, match=r"5 of the run's 5 steps \(the first: step 0\)"):
+        S = infkit.Influence(task, "unrolled", l2=1e-2, run=run).fit(train).scores(test)
+    assert float(S[:, 0].abs().max()) == 0.0 and float(S[:, 1:].abs().min()) > 0
     # 41 examples in batches of 20: the third step of each epoch holds one
     wide = (torch.cat([train[0], test[0][:1]]), torch.cat([train[1], test[1][:1]]))
     recipe = Recipe(steps=3, lr=0.3, l2=1e-2, batch_size=20)

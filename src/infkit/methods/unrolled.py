@@ -89,7 +89,9 @@ def check_weight_dependence(run: TrainingRun) -> None:
         "record the run with normalise='nominal' (each step's loss w_i l_i / |B_t|), or "
         "retrain for removals (infkit.retrain with run=)"
     )
-    if bool(single.all()):
+    # (with zero weights beside it, a step's zero-weight examples keep their metagradients,
+    # (l_j - l_i) / w_i: a reviewer's full batch of weights [1, 0, ...] scored them right)
+    if bool(single.all()) and bool((run.weights > 0).all()):
         raise InvalidInputError(
             f"method 'unrolled': every step of the run trains on one example of positive "
             f"weight (batch_size={recipe.batch_size}), and {why}: every metagradient is 0, "
@@ -100,7 +102,7 @@ def check_weight_dependence(run: TrainingRun) -> None:
         f"method 'unrolled': {len(steps)} of the run's {recipe.steps} steps (the first: step "
         f"{steps[0]}) train on one example of positive weight (an epoch's last batch when N % "
         f"batch_size == 1, or zero weights), and {why}: the scores leave out what those steps "
-        f"do for their example. For scores that count them, {remedy}",
+        f"do for their example of positive weight. For scores that count them, {remedy}",
         UserWarning,
     )
 

@@ -64,9 +64,11 @@ FIT_WARNINGS = "fit-warnings"
 
 # ---------------------------------------------------------------------------- inputs
 def _resolve_factories(config: RunConfig) -> None:
-    """Find every function the configuration names before calling any (docs/report.md §2: a
-    missing one stops before any computation; a tester's missing [data] factory or decode was
-    found only after the model factory had built and trained the model)."""
+    """Find the module and the first name of every function the configuration names before
+    calling any (docs/report.md §2: a missing one stops before any computation; a tester's
+    missing [data] factory or decode was found only after the model factory had built and
+    trained the model). The rest of a dotted name is looked up where it is used: a factory may
+    set it (``tokenizer.decode`` of a module's ``tokenizer = None``)."""
     d = config["data"]
     named = [
         (config["model"]["factory"], "[model] factory"),
@@ -78,7 +80,7 @@ def _resolve_factories(config: RunConfig) -> None:
     ]
     for spec, key in named:
         if isinstance(spec, str) and spec:
-            factories.resolve(spec, key, config.folder)
+            factories.resolve(spec, key, config.folder, first_only=True)
 
 
 def build_model(config: RunConfig) -> nn.Module:

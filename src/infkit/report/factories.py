@@ -16,7 +16,7 @@ import inspect
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +70,16 @@ def forget_other_copy(module_name: str, folder: Path) -> None:
     _FROM_CONFIGS[top] = here
 
 
-def resolve(spec: str, key: str, folder: Path) -> Callable[..., Any]:
+def resolve(spec: str, key: str, folder: Path, *, first_only: bool = False) -> Any:
     """The callable named by ``spec`` (``"module:attribute"``, dots allowed in both parts).
 
     Args:
         spec: ``"module:callable"``.
         key: the config key that named it, e.g. ``"[model] factory"`` (for the message).
         folder: the config's folder, searched first for the module.
+        first_only: find the module and the attribute's first name only, whatever it holds
+            (before the factories run: ``tokenizer.decode`` of a ``tokenizer = None`` that the
+            data factory sets).
     """
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
@@ -91,10 +94,12 @@ def resolve(spec: str, key: str, folder: Path) -> Callable[..., Any]:
                 f"({type(error).__name__}: {error}); it is looked for in {folder} and on "
                 "sys.path"
             ) from error
-    for part in attribute.split("."):
+    for part in attribute.split(".")[:1] if first_only else attribute.split("."):
         if not hasattr(target, part):
             raise ConfigError(f"{key} = {spec!r}: {module_name} has no attribute {attribute!r}")
         target = getattr(target, part)
+    if first_only:
+        return target
     if not callable(target):
         raise ConfigError(f"{key} = {spec!r} is not callable ({type(target).__name__})")
     return target
