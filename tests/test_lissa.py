@@ -226,5 +226,5 @@ def test_minibatches_above_twice_the_scale_are_warned_of_and_tol_below_one() -> 
         wide = infkit.Influence(task, "lissa", l2=1e-2, minibatch_size=30).fit(small)
     assert wide.describe()["minibatch_lambda_max"] < 2 * wide.describe()["scale"]
     for tol in (1.0, 2.0):
-        with pytest.raises(InvalidInputError, match=r"tol is the share .* below 1"):
+        with pytest.raises(InvalidInputError, match=r"tol' must be < 1, got .* the share of the"):
             infkit.Influence(task, "lissa", l2=1e-2, tol=tol)

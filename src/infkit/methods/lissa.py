@@ -141,7 +141,13 @@ class LissaOptions(Options):
     depth: int | Literal["auto"] = option(
         "auto", "recursion depth J; 'auto': the slowest direction's error below tol", minimum=0
     )
-    tol: float = option(1e-2, "target truncation error of depth='auto' (below 1)", above=0)
+    tol: float = option(
+        1e-2,
+        "target truncation error of depth='auto': the share of the slowest direction's answer "
+        "the series may leave out (below 1: at 1 no step would be taken)",
+        above=0,
+        below=1,
+    )
     max_depth: int = option(
         10_000, "cap of the automatic depth (a warning says when it binds)", minimum=1
     )
@@ -162,13 +168,6 @@ class LissaOptions(Options):
         minimum=1,
     )
     seed: int = option(0, "seeds the minibatch order and the power iteration")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.tol, (int, float)) and self.tol >= 1:
-            raise InvalidInputError(
-                f"method 'lissa': tol is the share of the slowest direction's answer the "
-                f"series may leave out, below 1; got {self.tol!r} (0 steps would do)"
-            )
 
 
 @register
