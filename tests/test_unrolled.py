@@ -198,6 +198,34 @@ def test_steps_of_one_weighted_example_under_the_retained_mean_are_said() -> Non
     assert float(S[:, alone].abs().max()) == 0.0  # that step's part is what the scores leave out
 
 
+@pytest.mark.parametrize(
+    ("n", "batch_size", "steps", "zeros"),
+    [
+        (41, 20, 7, ()),  # the last batch of each epoch holds one example
+        (10, 1, 23, ()),  # every step one example
+        (12, 5, 9, (0, 1, 2, 3, 4, 5, 6, 7)),  # zero weights leave some batches with one
+        (9, None, 3, (0, 1, 2, 3, 4, 5, 6, 7)),  # full batch of one weighted example
+        (9, 4, 5, tuple(range(9))),  # no positive weight: no step of one
+    ],
+)
+def test_single_example_steps_reads_the_batches_recipe_batch_draws(
+    n: int, batch_size: int | None, steps: int, zeros: tuple[int, ...]
+) -> None:
+    """single_example_steps counts each epoch's batches from one permutation: the same steps,
+    step by step, as counting the positive weights of recipe.batch(n, t) for every t."""
+    from infkit.methods.unrolled import single_example_steps
+
+    recipe = Recipe(steps=steps, lr=0.1, batch_size=batch_size, seed=5)
+    weights = torch.ones(n, dtype=torch.float64)
+    weights[list(zeros)] = 0.0
+    expected = []
+    for t in range(steps):
+        idx = recipe.batch(n, t)
+        batch = weights if idx is None else weights[idx]
+        expected.append(int((batch > 0).sum()) == 1)
+    assert single_example_steps(recipe, weights).tolist() == expected
+
+
 def test_recipe_train_checks_its_data_before_any_step() -> None:
     """Recipe.train trained on an ignore_index label (a zero loss counted in the mean) and on
     fractional labels (truncated: the same run as the integer labels), and raised PyTorch's
