@@ -4,6 +4,7 @@ memorisation score and curvature edit (docs/analyses.md §1, §4-§5)."""
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -191,6 +192,24 @@ def test_curvature_mask_and_edit_against_a_direct_construction(problem: dict) ->
     per_layer = memorisation_scores(inf, train, keep_mass=0.5, per_layer=True)
     assert set(per_layer) == {"0", "2"}
     assert memorisation_loss_change(inf, train, keep_mass=0.3).shape == (60,)
+    # a tester's: a keep_mass not a number and an unknown layer were raw TypeError / KeyError
+    for rho in ("0.8", None, 1.5, float("nan"), True):
+        message = rf"keep_mass must be a number in \[0, 1\].*got {re.escape(repr(rho))}"
+        for function, args in (
+            (curvature_mask, (inf, t.name, rho)),
+            (curvature_edit, (inf, rho)),
+            (memorisation_scores, (inf, train, rho)),
+            (memorisation_loss_change, (inf, train, rho)),
+        ):
+            with pytest.raises(InvalidInputError, match=message):
+                function(*args)
+    assert torch.equal(curvature_mask(inf, t.name, np.float32(0.8)), keep)
+    with pytest.raises(
+        InvalidInputError, match=r"layer 'zz' is not tracked; tracked: \['0', '2'\]"
+    ):
+        curvature_mask(inf, "zz", 0.5)
+    with pytest.raises(InvalidInputError, match=r"layers must be a tracked layer's name or a list"):
+        curvature_edit(inf, 0.5, layers=0)  # type: ignore[arg-type]
 
 
 def test_analyses_need_a_kronecker_method(problem: dict) -> None:

@@ -36,9 +36,24 @@ from infkit.analyses.similarity import kfe_coordinates, kronecker_curvature
 from infkit.errors import InvalidInputError
 from infkit.gradients import PerExample
 from infkit.influence import Influence
+from infkit.options import real_number
 from infkit.parameters import ParameterSpace
 
 EIGENVALUES = ("kfac", "ekfac")
+
+
+def _check_edit(keep_mass: Any, eigenvalues: Any) -> float:
+    """``keep_mass`` as a number in [0, 1], and ``eigenvalues`` one of :data:`EIGENVALUES`,
+    checked before any pass over the data."""
+    rho = real_number(keep_mass)
+    if rho is None or not 0 <= rho <= 1:
+        raise InvalidInputError(
+            f"keep_mass must be a number in [0, 1] (the share of each layer's curvature mass "
+            f"kept), got {keep_mass!r}"
+        )
+    if eigenvalues not in EIGENVALUES:
+        raise InvalidInputError(f"eigenvalues must be one of {EIGENVALUES}, got {eigenvalues!r}")
+    return rho
 
 
 def curvature_mask(
@@ -48,11 +63,11 @@ def curvature_mask(
 
     The smallest set of the largest ``pi_ij`` whose sum reaches ``keep_mass x sum(pi)``.
     """
-    if not 0 <= keep_mass <= 1:
-        raise InvalidInputError(f"keep_mass must be in [0, 1], got {keep_mass}")
-    if eigenvalues not in EIGENVALUES:
-        raise InvalidInputError(f"eigenvalues must be one of {EIGENVALUES}, got {eigenvalues!r}")
+    keep_mass = _check_edit(keep_mass, eigenvalues)
     method = kronecker_curvature(inf)
+    if layer not in method.factors.modules:
+        tracked = sorted(t.name for t in method.tracked)
+        raise InvalidInputError(f"layer {layer!r} is not tracked; tracked: {tracked}")
     f = method.factors.modules[layer]
     pi = f.eigenvalues(eigenvalues == "ekfac")
     flat = pi.reshape(-1)
@@ -81,6 +96,7 @@ def memorisation_scores(
 
     With ``per_layer=True``, name -> [n] for each tracked layer instead of the pooled share.
     """
+    _check_edit(keep_mass, eigenvalues)
     method = kronecker_curvature(inf)
     coords = kfe_coordinates(inf, data)
     low = torch.zeros((), dtype=torch.float64)
@@ -113,11 +129,18 @@ def curvature_edit(
         eigenvalues: ``"kfac"`` (Goodfire's ``lambda_i mu_j``) or ``"ekfac"``.
         layers: edit only these tracked layers, or this one (default: all).
     """
+    _check_edit(keep_mass, eigenvalues)
     method = kronecker_curvature(inf)
     model = copy.deepcopy(inf.task.model)
     modules = dict(model.named_modules())
     if isinstance(layers, str):  # one layer's name (a string is no list of names)
         layers = [layers]
+    if layers is not None and (
+        not isinstance(layers, (list, tuple)) or not all(isinstance(n, str) for n in layers)
+    ):
+        raise InvalidInputError(
+            f"layers must be a tracked layer's name or a list of them, got {layers!r}"
+        )
     names = [t.name for t in method.tracked] if layers is None else list(layers)
     by_name = {t.name: t for t in method.tracked}
     unknown = [n for n in names if n not in by_name]
