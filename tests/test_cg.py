@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import small_mlp
 from torch import Tensor
 
 import infkit
@@ -86,6 +87,44 @@ def test_cg_warns_when_it_does_not_converge(mlp_problem: dict) -> None:
     inf = infkit.Influence(task, "cg", l2=l2, maxiter=2).fit(train)
     with pytest.warns(UserWarning, match="CG stopped after 2 iterations"):
         inf.scores(test)
+
+
+def test_cg_refuses_a_singular_curvature_as_exact_does(mlp_problem: dict) -> None:
+    """A tester's: with l2 = damping = 0 on a softmax MLP with more parameters than its GGN's
+    rank N (C - 1), exact refused the singular curvature and cg returned scores 19.5x the
+    pseudo-inverse's, with a warning. It refuses too, as the README's errors section says:
+    where its residual ends no smaller than the right-hand side (an answer no better than 0;
+    at a ridge of 1e-8 too) and where an undamped solve stops short; a damped solve of the same
+    models still matches exact."""
+    from sklearn.datasets import load_digits
+
+    pixels, digits = load_digits(return_X_y=True)
+    X, y = torch.tensor(pixels[:60] / 16.0), torch.tensor(digits[:60])
+    test = (torch.tensor(pixels[60:63] / 16.0), torch.tensor(digits[60:63]))
+    task = infkit.Task.classification(small_mlp(64, 16, 10))  # P = 1210 > N (C - 1) = 540
+    assert infkit.train_to_optimum(task, (X, y), 1e-2, tolerance=1e-6).converged
+    with pytest.raises(CurvatureError, match=r"singular"):
+        infkit.Influence(task, "exact", l2=0.0, damping=0.0).fit((X, y))
+    for l2 in (0.0, 1e-8):
+        for block in (True, False):
+            inf = infkit.Influence(task, "cg", l2=l2, damping=0.0, checks=False, block=block)
+            inf.fit((X, y))
+            with pytest.raises(
+                CurvatureError,
+                match=r"method 'cg': CG stopped after 500 iterations with a relative residual "
+                r"of [1-9].*e\+0[01] .*no closer to the answer than zero .*singular or too",
+            ):
+                inf.scores(test)
+    damped = infkit.Influence(task, "cg", l2=0.0, damping=1e-3).fit((X, y)).scores(test)
+    exact = infkit.Influence(task, "exact", l2=0.0, damping=1e-3).fit((X, y)).scores(test)
+    assert relative_error(damped, exact) < 1e-6
+    # a residual below 1 after 500 iterations, but no ridge at all: refused as well
+    X, y = mlp_problem["train"]
+    task = infkit.Task.classification(small_mlp(hidden=40))  # P = 403 > N (C - 1) = 120
+    assert infkit.train_to_optimum(task, (X, y), 1e-2, tolerance=1e-6).converged
+    with pytest.raises(CurvatureError, match=r"residual of [1-9]\.\de-0[1-9] .*with l2 = 0 and"):
+        inf = infkit.Influence(task, "cg", l2=0.0, damping=0.0, checks=False).fit((X, y))
+        inf.scores(mlp_problem["test"])
 
 
 def _spd(n: int, low: float, high: float, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
