@@ -346,6 +346,44 @@ def test_a_layer_without_curvature_under_auto_damping_is_named() -> None:
         infkit.Influence(task, "ekfac", damping="auto").fit((X, y))
 
 
+class _UnreadPooler(torch.nn.Module):
+    """A body, a head and a pooler whose output the head never reads (MiniLM's, under a head on
+    the mean of the last hidden states)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(4, 5)
+        self.pooler = torch.nn.Linear(5, 5)
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.body(x))
+        self.pooler(hidden)  # computed, never read
+        return self.head(hidden)
+
+
+def test_a_layer_the_loss_does_not_reach_is_warned_of_before_the_fit() -> None:
+    """A tester's: a MiniLM classifier's pooler, trainable and unread, was refused for its zero
+    curvature only after 21 s of passes. It is warned of at once where nothing damps it (the fit
+    still refuses at its end); with a number for damping its scores are those of leaving the
+    layer out, as its training gradients are 0."""
+    torch.manual_seed(0)
+    model = _UnreadPooler().double().eval()
+    X, y = torch.randn(30, 4).double(), torch.randint(0, 3, (30,))
+    task = infkit.Task.classification(model)
+    with (
+        pytest.warns(UserWarning, match=r"tracked layer\(s\) 'pooler' does not reach the loss"),
+        pytest.raises(CurvatureError, match=r"layer 'pooler' has no curvature at all"),
+    ):
+        infkit.Influence(task, "ekfac", damping="auto").fit((X, y))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*does not reach the loss")
+        kept = infkit.Influence(task, "ekfac", damping=1e-3).fit((X, y)).scores((X[:4], y[:4]))
+    left = infkit.Influence(task, "ekfac", damping=1e-3, modules=["body", "head"])
+    S = left.fit((X, y)).scores((X[:4], y[:4]))
+    assert float((kept - S).abs().max()) <= 1e-12 * float(S.abs().max())
+
+
 def test_a_task_check_of_targets_against_inputs_runs_on_its_own() -> None:
     """Task(check_pairs=...) without check_targets still checks every set, naming the example."""
     model = torch.nn.Linear(3, 1).double()

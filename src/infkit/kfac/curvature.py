@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -274,6 +274,7 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
 
     by_name = dict(zip(names, grads))
+    _warn_unreached(fitted, layers, by_name, len(batch), owner)
 
     def grad_of(name: str) -> Tensor:  # [1, numel], zeros where the loss does not reach it
         g = by_name[name]
@@ -303,6 +304,38 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
             "gradients would be wrong. Leave those layers out (modules= the others), freeze "
             "them (requires_grad=False), or use a method that takes gradients by autograd "
             "(astra, cg, exact)"
+        )
+
+
+def _warn_unreached(
+    fitted: Fitted,
+    layers: TrackedLayers,
+    grads: Mapping[str, Tensor | None],
+    examples: int,
+    owner: str,
+) -> None:
+    """Warn, before any pass, of tracked layers whose output the loss does not reach on the
+    first examples (autograd finds no path: a pooler whose output the head does not read) where
+    nothing damps them: if no example reaches them, their factors are 0 and the fit ends in
+    :meth:`KroneckerCurvature._check_conditioning`'s refusal (a tester's MiniLM pooler, after
+    21 s of passes). A warning, not a refusal: a layer that only some examples reach (an
+    expert a router did not pick) has curvature from those."""
+    if fitted.ridge > 0:
+        return
+    unreached = [
+        repr(t.name)
+        for t in layers.tracked
+        if all(grads[n] is None for n in (t.weight, t.bias) if n is not None)
+    ]
+    if unreached:
+        warn(
+            f"method {owner!r}: the output of the tracked layer(s) {listed(unreached, 5)} does "
+            f"not reach the loss on the first {examples} training examples (a pooler or head "
+            "whose output the model's outputs do not read). If no example reaches them, their "
+            "curvature is 0 and, with l2 + damping = 0 (damping='auto' scales with each "
+            "layer's own curvature), the fit will stop at its end with a CurvatureError: leave "
+            "them out (modules=...) or freeze them (requires_grad=False) before fitting, or "
+            "give a number (damping=1e-3)"
         )
 
 
