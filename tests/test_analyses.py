@@ -208,8 +208,26 @@ def test_curvature_mask_and_edit_against_a_direct_construction(problem: dict) ->
         InvalidInputError, match=r"layer 'zz' is not tracked; tracked: \['0', '2'\]"
     ):
         curvature_mask(inf, "zz", 0.5)
-    with pytest.raises(InvalidInputError, match=r"layers must be a tracked layer's name or a list"):
-        curvature_edit(inf, 0.5, layers=0)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"layer \['0'\] is not tracked; tracked"):
+        curvature_mask(inf, ["0"], 0.5)  # type: ignore[arg-type]
+    for wrong in (0, ["0", 2], b"0"):
+        with pytest.raises(InvalidInputError, match=r"layers must be a tracked layer's name or"):
+            curvature_edit(inf, 0.5, layers=wrong)  # type: ignore[arg-type]
+    # (a reviewer's: any collection of names, as the list before; the per-layer shares' keys)
+    for names in (
+        per_layer,
+        per_layer.keys(),
+        {"0", "2"},
+        (n for n in ("0", "2")),
+        np.array(["0", "2"]),
+    ):
+        assert torch.equal(curvature_edit(inf, 0.8, layers=names)[2].weight, edited[2].weight)
+    # refused before the data are read (a reviewer's: the data's own error came first)
+    with pytest.raises(InvalidInputError, match=r"keep_mass must be a number"):
+        memorisation_scores(inf, "not data", "0.8")
+    for function in (memorisation_scores, memorisation_loss_change):
+        with pytest.raises(InvalidInputError, match=r"eigenvalues must be one of"):
+            function(inf, "not data", 0.8, "kfc")
 
 
 def test_analyses_need_a_kronecker_method(problem: dict) -> None:

@@ -206,6 +206,9 @@ def test_steps_of_one_weighted_example_under_the_retained_mean_are_said() -> Non
         (12, 5, 9, (0, 1, 2, 3, 4, 5, 6, 7)),  # zero weights leave some batches with one
         (9, None, 3, (0, 1, 2, 3, 4, 5, 6, 7)),  # full batch of one weighted example
         (9, 4, 5, tuple(range(9))),  # no positive weight: no step of one
+        (9, None, 3, ()),  # full batch of nine
+        (9, 9, 4, ()),  # a batch_size of N: full batch
+        (9, 20, 4, (0, 1, 2, 3, 4, 5, 6, 7)),  # a batch_size above N, one weighted example
     ],
 )
 def test_single_example_steps_reads_the_batches_recipe_batch_draws(

@@ -27,6 +27,7 @@ on the model at hand (docs/analyses.md §5).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -65,7 +66,7 @@ def curvature_mask(
     """
     keep_mass = _check_edit(keep_mass, eigenvalues)
     method = kronecker_curvature(inf)
-    if layer not in method.factors.modules:
+    if not isinstance(layer, str) or layer not in method.factors.modules:
         tracked = sorted(t.name for t in method.tracked)
         raise InvalidInputError(f"layer {layer!r} is not tracked; tracked: {tracked}")
     f = method.factors.modules[layer]
@@ -115,11 +116,25 @@ def memorisation_scores(
     return low / total.clamp_min(torch.finfo(torch.float64).tiny)
 
 
+def _layer_names(layers: Any) -> list[str]:
+    """``layers`` as a list of names: one name, or any collection of them (a list, a set,
+    ``memorisation_scores(..., per_layer=True)``'s dictionary or its keys)."""
+    if isinstance(layers, str):  # one layer's name (a string is no list of names)
+        return [layers]
+    if isinstance(layers, Iterable) and not isinstance(layers, bytes):
+        names = list(layers.tolist() if hasattr(layers, "tolist") else layers)
+        if all(isinstance(n, str) for n in names):
+            return names
+    raise InvalidInputError(
+        f"layers must be a tracked layer's name or a collection of them, got {layers!r}"
+    )
+
+
 def curvature_edit(
     inf: Influence,
     keep_mass: float = 0.8,
     eigenvalues: str = "kfac",
-    layers: str | list[str] | None = None,
+    layers: str | Iterable[str] | None = None,
 ) -> nn.Module:
     """A copy of the model with the low-curvature weight components of tracked layers removed.
 
@@ -131,21 +146,13 @@ def curvature_edit(
     """
     _check_edit(keep_mass, eigenvalues)
     method = kronecker_curvature(inf)
-    model = copy.deepcopy(inf.task.model)
-    modules = dict(model.named_modules())
-    if isinstance(layers, str):  # one layer's name (a string is no list of names)
-        layers = [layers]
-    if layers is not None and (
-        not isinstance(layers, (list, tuple)) or not all(isinstance(n, str) for n in layers)
-    ):
-        raise InvalidInputError(
-            f"layers must be a tracked layer's name or a list of them, got {layers!r}"
-        )
-    names = [t.name for t in method.tracked] if layers is None else list(layers)
     by_name = {t.name: t for t in method.tracked}
+    names = list(by_name) if layers is None else _layer_names(layers)
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise InvalidInputError(f"layers {unknown} are not tracked; tracked: {sorted(by_name)}")
+    model = copy.deepcopy(inf.task.model)
+    modules = dict(model.named_modules())
     theta = inf.fitted.theta.to(torch.float64).unsqueeze(0)
     with torch.no_grad():
         for name in names:
@@ -170,12 +177,13 @@ def memorisation_loss_change(
     inf: Influence, data: Any, keep_mass: float = 0.8, eigenvalues: str = "kfac"
 ) -> Tensor:
     """l(z; edited model) - l(z; model) for every example, [n]: high = fitted by low curvature."""
+    _check_edit(keep_mass, eigenvalues)
+    examples = inf.fitted.examples(data, "data")
     edited = curvature_edit(inf, keep_mass, eigenvalues)
     task = copy.copy(inf.task)
     task.model = edited
     engine = inf.fitted.engine
     other = PerExample(task, ParameterSpace(edited), engine.mode)
-    examples = inf.fitted.examples(data, "data")
     parts = [
         (other.losses(b) - engine.losses(b)).to(torch.float64)
         for b in examples.batches(inf.batch_size)
