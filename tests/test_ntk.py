@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,10 +163,17 @@ def test_inputs_and_parameters_the_kernel_cannot_be_taken_at_are_named() -> None
         r"taken at hold NaN or Inf \(params\)": lambda: empirical_ntk(
             mlp, X, params=torch.full((P,), torch.nan, dtype=torch.float64)
         ),
+        # (a tester's: a list or a NumPy array was a raw AttributeError; both are taken below)
+        r"x1 must be the inputs of N examples: .*got str": lambda: empirical_ntk(mlp, "x"),
+        r"x2 must be the inputs of N examples: .*got float": lambda: empirical_ntk(mlp, X, 1.0),
+        r"x1 is a NumPy array of <U1": lambda: empirical_ntk(mlp, np.array(["a", "b"])),
     }
     for message, call in cases.items():
         with pytest.raises(infkit.InfkitError, match=message):
             call()
+    K = empirical_ntk(mlp, X, X[:2])
+    for rows, columns in ((X.tolist(), X[:2].numpy()), (X.numpy(), X[:2].tolist())):
+        assert torch.equal(empirical_ntk(mlp, rows, columns), K)
     with torch.no_grad():
         mlp[2].weight.mul_(1e306)
     with pytest.raises(infkit.errors.NonFiniteError, match="the NTK holds NaN or Inf"):

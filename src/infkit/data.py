@@ -124,7 +124,7 @@ def map_tensors(obj: Any, fn) -> Any:
     return _map_tensors(obj, fn)
 
 
-def _as_tensors(obj: Any, what: str) -> Any:
+def arrays_as_tensors(obj: Any, what: str) -> Any:
     """numpy arrays (also inside dicts) as tensors; everything else unchanged. An array of
     strings or Python objects (``what`` names it) is refused, saying how to give numbers."""
     if is_array(obj):
@@ -142,7 +142,7 @@ def _as_tensors(obj: Any, what: str) -> Any:
             )
         return torch.as_tensor(obj)
     if isinstance(obj, dict):
-        return {k: _as_tensors(v, f"{what}[{k!r}]") for k, v in obj.items()}
+        return {k: arrays_as_tensors(v, f"{what}[{k!r}]") for k, v in obj.items()}
     return obj
 
 
@@ -330,8 +330,8 @@ class ExampleSet:
         example (a list of labels, a dict's column of token ids) too; refused when a tensor
         has no example dimension, when the first dimensions differ, or when an input is a list
         that cannot be batched (texts)."""
-        x = _as_tensors(inputs, f"{self.name}: the inputs")
-        y = _as_tensors(numbers_as_tensor(labels), f"{self.name}: the labels")
+        x = arrays_as_tensors(inputs, f"{self.name}: the inputs")
+        y = arrays_as_tensors(numbers_as_tensor(labels), f"{self.name}: the labels")
         if any(t.dim() == 0 for t in leaves(x) + leaves(y)):
             raise InvalidInputError(
                 f"{self.name}: the tensors of an (X, y) pair need a first (example) dimension; "

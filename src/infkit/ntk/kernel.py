@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from infkit.data import Batch, ExampleSet
-from infkit.errors import NonFiniteError, ProblemTooLargeError
+from infkit.data import Batch, ExampleSet, arrays_as_tensors
+from infkit.data_forms import numbers_as_tensor
+from infkit.errors import InvalidInputError, NonFiniteError, ProblemTooLargeError
 from infkit.example_checks import check_examples
 from infkit.gradients import PerExample
 from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes
@@ -144,7 +145,8 @@ def empirical_ntk(
 
     Args:
         model: a module (or a Task); its trainable parameters are theta.
-        x1: inputs (a tensor [N, ...] or a dict of them).
+        x1: inputs (a tensor [N, ...], a NumPy array or a list of rows of numbers, or a dict
+            of them).
         x2: inputs of the columns; None means ``x2 = x1``.
         params: where to evaluate J (flat [P] or a dict by name); default the current values.
         dtype: working dtype.
@@ -167,6 +169,8 @@ def empirical_ntk(
             + (" (params)" if params is not None else " (the model's own)")
             + ": the kernel would be NaN; pass finite parameters"
         )
+    x1 = _inputs(x1, "x1")
+    x2 = None if x2 is None else _inputs(x2, "x2")
     engine = PerExample(task, space, at=params, dtype=dtype)
     tangents = TangentFeatures(engine, strategy)
     a = ExampleSet((x1, _dummy_targets(x1)), name="x1")
@@ -188,6 +192,21 @@ def empirical_ntk(
 
 def _no_loss(outputs: Tensor, targets: Any) -> Tensor:
     return outputs.reshape(outputs.shape[0], -1).sum(1) * 0
+
+
+def _inputs(x: Any, name: str) -> Tensor | dict[str, Tensor]:
+    """The kernel's inputs as tensors: a tensor [N, ...], a NumPy array or a list of rows of
+    numbers (as ``Influence`` takes an (X, y) pair's), or a dict of them (a tokenizer's batch)."""
+    if isinstance(x, Mapping):
+        x = {key: numbers_as_tensor(value) for key, value in x.items()}
+    x = arrays_as_tensors(numbers_as_tensor(x), name)
+    parts = list(x.values()) if isinstance(x, dict) else [x]
+    if not parts or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in parts):
+        raise InvalidInputError(
+            f"{name} must be the inputs of N examples: a tensor [N, ...] (a NumPy array or a "
+            f"list of rows of numbers), or a dict of them; got {type(x).__name__}"
+        )
+    return x
 
 
 def _dummy_targets(x: Any) -> Tensor:
