@@ -4,6 +4,7 @@ the reason to use them, measured: a higher LDS than one model's scores on a non-
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -240,6 +241,18 @@ def test_bad_members_are_refused_with_a_reason(digits) -> None:
     with pytest.raises(InvalidInputError, match="member 1 was fitted on other training data"):
         Ensemble([members[0], shuffled])
     Ensemble([members[0], shuffled], check_data=False)  # the caller's responsibility then
+    assert "precision" not in _refusal(lambda: Ensemble([members[0], shuffled]))
+    # the same numbers cast to float32 are other data, and the refusal says that is the
+    # difference (a tester's float32 copy read as "different inputs, targets or order")
+    rounded = infkit.Influence(tasks[1], "exact", l2=L2, progress=False).fit(
+        (train[0].float(), train[1])
+    )
+    with pytest.raises(
+        InvalidInputError,
+        match=r"other training data .*its tensors are float32, int64 where member 0's are "
+        r"float64, int64: the same numbers in another precision",
+    ):
+        Ensemble([members[0], rounded])
 
     with pytest.raises(UnsupportedError, match=r"member 2 uses estimator 'newton', member 0 'if'"):
         Ensemble([members[0], members[1], members[2].with_estimator("newton")])
@@ -265,3 +278,9 @@ def test_bad_members_are_refused_with_a_reason(digits) -> None:
         Ensemble.fit([], train, method="exact")
     with pytest.raises(InvalidInputError, match="k must be an integer >= 1"):
         Ensemble(members[:2]).top_k(digits["test"], k=0)
+
+
+def _refusal(call: Callable[[], object]) -> str:
+    with pytest.raises(InvalidInputError) as raised:
+        call()
+    return str(raised.value)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infkit.data import ExampleSet, checked_indices
+from infkit.data import ExampleSet, checked_indices, leaves
 from infkit.errors import (
     InvalidInputError,
     NotFittedError,
@@ -292,7 +292,8 @@ class Ensemble:
             if data_fingerprint(member.fitted.train) != reference:
                 raise InvalidInputError(
                     f"member {m} was fitted on other training data than member 0 (same number "
-                    f"of examples, {n}, but different inputs, targets or order): fit every "
+                    f"of examples, {n}, but different inputs, targets or order"
+                    f"{_precisions(first.fitted.train, member.fitted.train)}): fit every "
                     "member on the same training set, in the same order"
                 )
 
@@ -523,3 +524,21 @@ def _estimator_label(member: Influence) -> str:
     if member.estimator == "relatif":
         return f"'relatif' ({member.relatif!r})"
     return repr(member.estimator)
+
+
+def _precisions(reference: ExampleSet, other: ExampleSet) -> str:
+    """Where two sets' first examples hold tensors of other dtypes, saying so: the same numbers
+    cast to another precision are other data (a tester's float32 copy of a float64 set, for a
+    float32 member beside a float64 one, which takes the float64 set as it is)."""
+    ours, theirs = (
+        [dtype_name(t.dtype) for t in leaves(examples.take([0]).inputs)]
+        + [dtype_name(t.dtype) for t in leaves(examples.take([0]).targets)]
+        for examples in (reference, other)
+    )
+    if ours == theirs:
+        return ""
+    return (
+        f"; its tensors are {', '.join(theirs)} where member 0's are {', '.join(ours)}: the "
+        "same numbers in another precision differ by its rounding, and a float32 model takes "
+        "float64 data as it is"
+    )
