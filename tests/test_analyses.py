@@ -210,7 +210,7 @@ def test_curvature_mask_and_edit_against_a_direct_construction(problem: dict) ->
         curvature_mask(inf, "zz", 0.5)
     with pytest.raises(InvalidInputError, match=r"layer \['0'\] is not tracked; tracked"):
         curvature_mask(inf, ["0"], 0.5)  # type: ignore[arg-type]
-    for wrong in (0, ["0", 2], b"0"):
+    for wrong in (0, ["0", 2], b"0", [], set(), np.array([])):
         with pytest.raises(InvalidInputError, match=r"layers must be a tracked layer's name or"):
             curvature_edit(inf, 0.5, layers=wrong)  # type: ignore[arg-type]
     # (a reviewer's: any collection of names, as the list before; the per-layer shares' keys)
@@ -222,6 +222,7 @@ def test_curvature_mask_and_edit_against_a_direct_construction(problem: dict) ->
         np.array(["0", "2"]),
     ):
         assert torch.equal(curvature_edit(inf, 0.8, layers=names)[2].weight, edited[2].weight)
+    assert torch.equal(curvature_edit(inf, 0.8, layers=np.array("0"))[0].weight, one[0].weight)
     # refused before the data are read (a reviewer's: the data's own error came first)
     with pytest.raises(InvalidInputError, match=r"keep_mass must be a number"):
         memorisation_scores(inf, "not data", "0.8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -89,13 +90,14 @@ def test_cg_warns_when_it_does_not_converge(mlp_problem: dict) -> None:
         inf.scores(test)
 
 
-def test_cg_refuses_a_singular_curvature_as_exact_does(mlp_problem: dict) -> None:
+def test_cg_says_when_its_answer_is_not_to_be_trusted(mlp_problem: dict) -> None:
     """A tester's: with l2 = damping = 0 on a softmax MLP with more parameters than its GGN's
-    rank N (C - 1), exact refused the singular curvature and cg returned scores 19.5x the
-    pseudo-inverse's, with a warning. It refuses too, as the README's errors section says:
-    where its residual ends no smaller than the right-hand side (an answer no better than 0;
-    at a ridge of 1e-8 too) and where an undamped solve stops short; a damped solve of the same
-    models still matches exact."""
+    rank N (C - 1), exact refused the singular curvature and cg returned scores at a relative
+    error of 19.5 from the pseudo-inverse's under a plain "ill-conditioned" warning. CG cannot
+    tell a singular curvature from an ill-conditioned one (a reviewer's: refusing refused a
+    full-rank least-squares problem at l2 = 0, the default, that CG had solved to 1.2e-4), so
+    it warns, and says where its residual ended above the right-hand side and where nothing
+    damps the curvature; a damped solve of the same model matches exact."""
     from sklearn.datasets import load_digits
 
     pixels, digits = load_digits(return_X_y=True)
@@ -105,26 +107,36 @@ def test_cg_refuses_a_singular_curvature_as_exact_does(mlp_problem: dict) -> Non
     assert infkit.train_to_optimum(task, (X, y), 1e-2, tolerance=1e-6).converged
     with pytest.raises(CurvatureError, match=r"singular"):
         infkit.Influence(task, "exact", l2=0.0, damping=0.0).fit((X, y))
-    for l2 in (0.0, 1e-8):
-        for block in (True, False):
-            inf = infkit.Influence(task, "cg", l2=l2, damping=0.0, checks=False, block=block)
-            inf.fit((X, y))
-            with pytest.raises(
-                CurvatureError,
-                match=r"method 'cg': CG stopped after 500 iterations with a relative residual "
-                r"of [1-9].*e\+0[01] .*no closer to the answer than zero .*singular or too",
-            ):
-                inf.scores(test)
+    for block in (True, False):
+        inf = infkit.Influence(task, "cg", l2=0.0, damping=0.0, checks=False, block=block)
+        with pytest.warns(
+            UserWarning,
+            match=r"CG stopped after 500 iterations with a relative residual of [1-9].*e\+0[01] "
+            r".*; the residual is larger than the right-hand side.*; with l2 = 0 and damping = 0 "
+            r"the curvature may be singular",
+        ):
+            inf.fit((X, y)).scores(test)
     damped = infkit.Influence(task, "cg", l2=0.0, damping=1e-3).fit((X, y)).scores(test)
     exact = infkit.Influence(task, "exact", l2=0.0, damping=1e-3).fit((X, y)).scores(test)
     assert relative_error(damped, exact) < 1e-6
-    # a residual below 1 after 500 iterations, but no ridge at all: refused as well
-    X, y = mlp_problem["train"]
-    task = infkit.Task.classification(small_mlp(hidden=40))  # P = 403 > N (C - 1) = 120
-    assert infkit.train_to_optimum(task, (X, y), 1e-2, tolerance=1e-6).converged
-    with pytest.raises(CurvatureError, match=r"residual of [1-9]\.\de-0[1-9] .*with l2 = 0 and"):
-        inf = infkit.Influence(task, "cg", l2=0.0, damping=0.0, checks=False).fit((X, y))
-        inf.scores(mlp_problem["test"])
+    # full-rank least squares at l2 = 0 (the default): positive definite, stopped short by
+    # maxiter, warned without the singular case's words, and its answer near exact's
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(200, 20, generator=gen, dtype=torch.float64)
+    features = features * torch.logspace(0, -3, 20, dtype=torch.float64)
+    targets = features @ torch.randn(20, generator=gen, dtype=torch.float64)
+    targets = targets + 0.1 * torch.randn(200, generator=gen, dtype=torch.float64)
+    task = infkit.Task.regression(torch.nn.Linear(20, 1).double())
+    assert infkit.train_to_optimum(task, (features, targets), 0.0).converged
+    queries = (features[:4], targets[:4])
+    exact = infkit.Influence(task, "exact").fit((features, targets)).scores(queries)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        short = infkit.Influence(task, "cg", maxiter=8, checks=False)
+        short = short.fit((features, targets)).scores(queries)
+    stopped = [str(w.message) for w in seen if "CG stopped" in str(w.message)]
+    assert stopped and all("larger than the right-hand side" not in m for m in stopped)
+    assert relative_error(short, exact) < 1e-6
 
 
 def _spd(n: int, low: float, high: float, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -262,8 +274,6 @@ def test_the_drift_check_of_an_iterative_solve_is_the_exact_solves() -> None:
     sample, whose inverse stretches the gradient's share outside the sample's span by 1/ridge
     (19x too long on a small Llama: a false warning of 7348%). Their own solve gives exact's
     step (here P = 4,810 > 256 examples x 10 classes: 4% off before)."""
-    import warnings
-
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)

@@ -250,7 +250,7 @@ def test_bad_members_are_refused_with_a_reason(digits) -> None:
     with pytest.raises(
         InvalidInputError,
         match=r"other training data .*its tensors are float32, int64 where member 0's are "
-        r"float64, int64: the same numbers in another precision",
+        r"float64, int64: give every member the same tensors",
     ):
         Ensemble([members[0], rounded])
 

@@ -167,11 +167,24 @@ def test_inputs_and_parameters_the_kernel_cannot_be_taken_at_are_named() -> None
         r"x1 must be the inputs of N examples: .*got str": lambda: empirical_ntk(mlp, "x"),
         r"x2 must be the inputs of N examples: .*got float": lambda: empirical_ntk(mlp, X, 1.0),
         r"x1 is a NumPy array of <U1": lambda: empirical_ntk(mlp, np.array(["a", "b"])),
+        r"x1 must be .* got a 0-d tensor": lambda: empirical_ntk(mlp, torch.tensor(1.0)),
     }
     for message, call in cases.items():
         with pytest.raises(infkit.InfkitError, match=message):
             call()
     K = empirical_ntk(mlp, X, X[:2])
+
+    class Keywords(torch.nn.Module):  # a tokenizer-style model: keyword inputs, an optional one
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = mlp
+
+        def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+            return self.mlp(features if mask is None else features * mask)
+
+    keywords = {"features": X.numpy(), "mask": None}  # (None was refused by 25a775a)
+    by_keywords = empirical_ntk(Keywords(), keywords, {"features": X[:2].tolist()})
+    assert float((by_keywords - K).abs().max()) <= 1e-12 * float(K.abs().max())
     for rows, columns in ((X.tolist(), X[:2].numpy()), (X.numpy(), X[:2].tolist())):
         assert torch.equal(empirical_ntk(mlp, rows, columns), K)
     with torch.no_grad():

@@ -527,9 +527,10 @@ def _estimator_label(member: Influence) -> str:
 
 
 def _precisions(reference: ExampleSet, other: ExampleSet) -> str:
-    """Where two sets' first examples hold tensors of other dtypes, saying so: the same numbers
-    cast to another precision are other data (a tester's float32 copy of a float64 set, for a
-    float32 member beside a float64 one, which takes the float64 set as it is)."""
+    """Where two sets' first examples hold tensors of other dtypes, saying so: the fingerprint
+    reads the dtypes, and a set cast to another precision holds other numbers (a tester's
+    float32 copy of a float64 set, for a float32 member beside a float64 one, which takes the
+    float64 set as it is)."""
     ours, theirs = (
         [dtype_name(t.dtype) for t in leaves(examples.take([0]).inputs)]
         + [dtype_name(t.dtype) for t in leaves(examples.take([0]).targets)]
@@ -538,7 +539,6 @@ def _precisions(reference: ExampleSet, other: ExampleSet) -> str:
     if ours == theirs:
         return ""
     return (
-        f"; its tensors are {', '.join(theirs)} where member 0's are {', '.join(ours)}: the "
-        "same numbers in another precision differ by its rounding, and a float32 model takes "
-        "float64 data as it is"
+        f"; its tensors are {', '.join(theirs)} where member 0's are {', '.join(ours)}: give "
+        "every member the same tensors (a float32 model takes float64 data as it is)"
     )

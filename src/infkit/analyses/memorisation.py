@@ -119,14 +119,17 @@ def memorisation_scores(
 def _layer_names(layers: Any) -> list[str]:
     """``layers`` as a list of names: one name, or any collection of them (a list, a set,
     ``memorisation_scores(..., per_layer=True)``'s dictionary or its keys)."""
+    if hasattr(layers, "tolist") and not isinstance(layers, str):  # an array (0-d: one name)
+        layers = layers.tolist()
     if isinstance(layers, str):  # one layer's name (a string is no list of names)
         return [layers]
     if isinstance(layers, Iterable) and not isinstance(layers, bytes):
-        names = list(layers.tolist() if hasattr(layers, "tolist") else layers)
-        if all(isinstance(n, str) for n in names):
+        names = list(layers)
+        if names and all(isinstance(n, str) for n in names):
             return names
     raise InvalidInputError(
-        f"layers must be a tracked layer's name or a collection of them, got {layers!r}"
+        f"layers must be a tracked layer's name or a collection of them (None: every tracked "
+        f"layer), got {layers!r}"
     )
 
 

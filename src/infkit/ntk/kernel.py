@@ -194,21 +194,23 @@ def _no_loss(outputs: Tensor, targets: Any) -> Tensor:
     return outputs.reshape(outputs.shape[0], -1).sum(1) * 0
 
 
-def _inputs(x: Any, name: str) -> Tensor | dict[str, Tensor]:
+def _inputs(x: Any, name: str) -> Any:
     """The kernel's inputs as tensors: a tensor [N, ...], a NumPy array or a list of rows of
-    numbers (as ``Influence`` takes an (X, y) pair's), or a dict of them (a tokenizer's batch)."""
+    numbers (as ``Influence`` takes an (X, y) pair's), or a dict of them (a tokenizer's batch;
+    other values, a None or a flag, passed on as they are)."""
     if isinstance(x, Mapping):
         x = {key: numbers_as_tensor(value) for key, value in x.items()}
     x = arrays_as_tensors(numbers_as_tensor(x), name)
-    parts = list(x.values()) if isinstance(x, dict) else [x]
-    if not parts or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in parts):
+    rows = [t for t in (x.values() if isinstance(x, dict) else [x]) if isinstance(t, Tensor)]
+    if not rows or any(t.dim() == 0 for t in rows):
+        shown = f"a 0-d tensor {x}" if isinstance(x, Tensor) else type(x).__name__
         raise InvalidInputError(
             f"{name} must be the inputs of N examples: a tensor [N, ...] (a NumPy array or a "
-            f"list of rows of numbers), or a dict of them; got {type(x).__name__}"
+            f"list of rows of numbers), or a dict of them; got {shown}"
         )
     return x
 
 
 def _dummy_targets(x: Any) -> Tensor:
-    lead = x if isinstance(x, Tensor) else next(iter(x.values()))
+    lead = x if isinstance(x, Tensor) else next(t for t in x.values() if isinstance(t, Tensor))
     return torch.zeros(lead.shape[0])
