@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CITATION = re.compile(r"docs/([\w/]+\.md)((?:[ ,]*§\d+(?:-§\d+)?)*)")
@@ -60,3 +63,23 @@ def test_every_built_in_method_has_a_page_whose_options_table_is_its_options() -
         known = set().union(*(method_class(other).Options.names() for other in sharing))
         stale = set(rows) - known
         assert not stale, f"{page}.md documents options {sorted(stale)} that {sharing} lack"
+
+
+def test_every_name_the_readme_gives_is_reached_from_import_infkit() -> None:
+    """A tester's: ``infkit.valuation.kairos``, ``infkit.analyses.poisoning``, ``infkit.plot``
+    and ``infkit.ArtifactError``, as the README writes them, were AttributeErrors after
+    ``import infkit``: the submodules are imported when first read, the errors exported."""
+    import infkit
+
+    text = (ROOT / "README.md").read_text()
+    names = set(re.findall(r"(?<![\w./])(infkit(?:\.[A-Za-z_]\w*)+)", text)) - {"infkit.toml"}
+    errors = set(re.findall(r"`(\w*(?:Error|Notice|Warning))`", text)) - set(dir(builtins))
+    names |= {f"infkit.{e}" for e in errors}
+    assert {"infkit.valuation.kairos", "infkit.analyses.poisoning", "infkit.Notice"} <= names
+    for name in sorted(names):
+        found: object = infkit
+        for part in name.split(".")[1:]:
+            assert hasattr(found, part), f"the README's {name}: no {part!r}"
+            found = getattr(found, part)
+    with pytest.raises(AttributeError, match="has no attribute 'nosuch'"):
+        infkit.analyses.nosuch  # noqa: B018

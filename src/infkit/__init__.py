@@ -1,14 +1,26 @@
-"""infkit: influence functions and training-data attribution for PyTorch models."""
+"""infkit: influence functions and training-data attribution for PyTorch models.
+
+The submodules the docs name (``infkit.analyses.poisoning``, ``infkit.valuation.kairos``,
+``infkit.plot``, ...) are imported when first read, so ``import infkit`` stays light.
+"""
+
+import importlib
+from types import ModuleType
 
 from infkit import evaluate, retrain
 from infkit._version import __version__
 from infkit.ensemble import Ensemble
 from infkit.errors import (
+    ArtifactError,
+    ArtifactRemovedError,
+    ConfigError,
     CurvatureError,
     InfkitError,
     InvalidInputError,
     NonFiniteError,
+    NotConvergedWarning,
     NotFittedError,
+    Notice,
     ProblemTooLargeError,
     UnsupportedError,
 )
@@ -23,13 +35,18 @@ from infkit.task import Task
 from infkit.training import train_to_optimum
 
 __all__ = [
+    "ArtifactError",
+    "ArtifactRemovedError",
+    "ConfigError",
     "CurvatureError",
     "Ensemble",
     "InfkitError",
     "Influence",
     "InvalidInputError",
     "NonFiniteError",
+    "NotConvergedWarning",
     "NotFittedError",
+    "Notice",
     "ProblemTooLargeError",
     "Recipe",
     "RemovalEffect",
@@ -48,3 +65,23 @@ __all__ = [
     "retrain",
     "train_to_optimum",
 ]
+
+#: submodules read as attributes of the package, imported on first use
+SUBMODULES = frozenset(
+    {
+        "analyses",
+        "decompositions",
+        "distributed",
+        "language_modeling",
+        "plot",
+        "report",
+        "valuation",
+    }
+)
+
+
+def __getattr__(name: str) -> ModuleType:
+    """``infkit.analyses``, ``infkit.valuation``, ``infkit.plot``, ... imported when first read."""
+    if name in SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

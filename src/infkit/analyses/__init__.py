@@ -15,3 +15,27 @@
 * :mod:`~infkit.analyses.airrep`: AirRep, attribution by a learned encoder (dot products of
   embeddings, attention pooling over groups) trained to rank retrained subsets.
 """
+
+import importlib
+from types import ModuleType
+
+#: the analyses, each read as an attribute (``infkit.analyses.poisoning``) and imported then
+SUBMODULES = frozenset(
+    {
+        "airrep",
+        "attacks",
+        "behaviour",
+        "layer_quality",
+        "memorisation",
+        "poisoning",
+        "prefilter",
+        "similarity",
+    }
+)
+
+
+def __getattr__(name: str) -> ModuleType:
+    """``infkit.analyses.poisoning`` and the others, imported when first read."""
+    if name in SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
