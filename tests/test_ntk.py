@@ -168,6 +168,10 @@ def test_inputs_and_parameters_the_kernel_cannot_be_taken_at_are_named() -> None
         r"x2 must be the inputs of N examples: .*got float": lambda: empirical_ntk(mlp, X, 1.0),
         r"x1 is a NumPy array of <U1": lambda: empirical_ntk(mlp, np.array(["a", "b"])),
         r"x1 must be .* got a 0-d tensor": lambda: empirical_ntk(mlp, torch.tensor(1.0)),
+        r"got a dict whose 'flag' is a 0-d tensor": lambda: empirical_ntk(
+            mlp, {"features": X, "flag": torch.tensor(True)}
+        ),
+        r"got a dict without a tensor \(keys 'mask'\)": lambda: empirical_ntk(mlp, {"mask": None}),
     }
     for message, call in cases.items():
         with pytest.raises(infkit.InfkitError, match=message):

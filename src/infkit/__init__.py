@@ -4,8 +4,9 @@ The submodules the docs name (``infkit.analyses.poisoning``, ``infkit.valuation.
 ``infkit.plot``, ...) are imported when first read, so ``import infkit`` stays light.
 """
 
-import importlib
+import importlib as _importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from infkit import evaluate, retrain
 from infkit._version import __version__
@@ -66,22 +67,37 @@ __all__ = [
     "train_to_optimum",
 ]
 
-#: submodules read as attributes of the package, imported on first use
-SUBMODULES = frozenset(
-    {
-        "analyses",
-        "decompositions",
-        "distributed",
-        "language_modeling",
-        "plot",
-        "report",
-        "valuation",
-    }
+#: submodules read as attributes of the package (``infkit.valuation.kairos``): those that
+#: ``import infkit`` does not load already are imported on first read
+_SUBMODULES = (
+    "analyses",
+    "decompositions",
+    "distributed",
+    "language_modeling",
+    "plot",
+    "report",
+    "valuation",
 )
 
+if TYPE_CHECKING:  # type checkers and IDEs see the submodules and their signatures
+    from infkit import (  # noqa: F401
+        analyses,
+        decompositions,
+        distributed,
+        language_modeling,
+        plot,
+        report,
+        valuation,
+    )
+else:
 
-def __getattr__(name: str) -> ModuleType:
-    """``infkit.analyses``, ``infkit.valuation``, ``infkit.plot``, ... imported when first read."""
-    if name in SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str) -> ModuleType:
+        """``infkit.analyses``, ``infkit.valuation``, ``infkit.plot``, ... imported when first
+        read."""
+        if name in _SUBMODULES:
+            return _importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULES})

@@ -16,26 +16,41 @@
   embeddings, attention pooling over groups) trained to rank retrained subsets.
 """
 
-import importlib
+import importlib as _importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 #: the analyses, each read as an attribute (``infkit.analyses.poisoning``) and imported then
-SUBMODULES = frozenset(
-    {
-        "airrep",
-        "attacks",
-        "behaviour",
-        "layer_quality",
-        "memorisation",
-        "poisoning",
-        "prefilter",
-        "similarity",
-    }
+_SUBMODULES = (
+    "airrep",
+    "attacks",
+    "behaviour",
+    "layer_quality",
+    "memorisation",
+    "poisoning",
+    "prefilter",
+    "similarity",
 )
 
+if TYPE_CHECKING:  # type checkers and IDEs see the analyses and their signatures
+    from infkit.analyses import (  # noqa: F401
+        airrep,
+        attacks,
+        behaviour,
+        layer_quality,
+        memorisation,
+        poisoning,
+        prefilter,
+        similarity,
+    )
+else:
 
-def __getattr__(name: str) -> ModuleType:
-    """``infkit.analyses.poisoning`` and the others, imported when first read."""
-    if name in SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str) -> ModuleType:
+        """``infkit.analyses.poisoning`` and the others, imported when first read."""
+        if name in _SUBMODULES:
+            return _importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULES})

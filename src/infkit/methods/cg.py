@@ -185,11 +185,14 @@ class ConjugateGradient(PrimalMethod):
                     "model's GGN is, its logits shifting together: exact refuses it), and CG "
                     "cannot tell"
                 )
-            warn(
-                f"{stopped}{why}; the curvature is ill-conditioned: raise maxiter, add damping or "
-                "use preconditioner='diagonal'",
-                UserWarning,
+            remedy = (
+                "add damping (e.g. damping=1e-3, a small share of the curvature's largest "
+                "eigenvalue) before raising maxiter"
+                if why
+                else "the curvature is ill-conditioned: raise maxiter, add damping or use "
+                "preconditioner='diagonal'"
             )
+            warn(f"{stopped}{why}; {remedy}", UserWarning)
         return result.X.T
 
     def _operator(self) -> CurvatureOperator:

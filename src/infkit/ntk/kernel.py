@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from infkit.data import Batch, ExampleSet, arrays_as_tensors
 from infkit.data_forms import numbers_as_tensor
-from infkit.errors import InvalidInputError, NonFiniteError, ProblemTooLargeError
+from infkit.errors import InvalidInputError, NonFiniteError, ProblemTooLargeError, listed
 from infkit.example_checks import check_examples
 from infkit.gradients import PerExample
 from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes
@@ -203,7 +203,18 @@ def _inputs(x: Any, name: str) -> Any:
     x = arrays_as_tensors(numbers_as_tensor(x), name)
     rows = [t for t in (x.values() if isinstance(x, dict) else [x]) if isinstance(t, Tensor)]
     if not rows or any(t.dim() == 0 for t in rows):
-        shown = f"a 0-d tensor {x}" if isinstance(x, Tensor) else type(x).__name__
+        if isinstance(x, Tensor):
+            shown = f"a 0-d tensor {x}"
+        elif isinstance(x, dict):
+            scalars = [k for k, t in x.items() if isinstance(t, Tensor) and t.dim() == 0]
+            shown = (
+                f"a dict whose {listed([repr(k) for k in scalars])} "
+                f"{'is a 0-d tensor' if len(scalars) == 1 else 'are 0-d tensors'}"
+                if scalars
+                else f"a dict without a tensor (keys {listed([repr(k) for k in x])})"
+            )
+        else:
+            shown = type(x).__name__
         raise InvalidInputError(
             f"{name} must be the inputs of N examples: a tensor [N, ...] (a NumPy array or a "
             f"list of rows of numbers), or a dict of them; got {shown}"
