@@ -783,6 +783,51 @@ def test_an_edit_of_the_models_code_is_another_model(mlp_problem: dict, tmp_path
     assert not torch.allclose(other.theta, first.theta, rtol=1e-3)
 
 
+def test_an_edit_of_a_helper_in_another_module_of_the_users_is_another_model(
+    tmp_path: Path,
+) -> None:
+    """A tester's: a forward pass calling helpers.act (another file of the project) reloaded
+    the saved fit and retrainings of the old act after an edit of it (scores 0.347 off a fresh
+    fit's on a scale of 0.874). The user's other modules that the code reads count: a helper by
+    module attribute or imported by name, and a value read from the module; an installed
+    package's do not (torch's)."""
+    import importlib
+
+    from infkit.fingerprint import code_identities
+
+    (tmp_path / "shared_helpers.py").write_text(
+        "import torch\nSCALE = 1.0\n\ndef act(x):\n    return torch.tanh(x)\n"
+    )
+    (tmp_path / "helped.py").write_text(
+        "import torch\nimport shared_helpers\nfrom shared_helpers import act as named_act\n\n"
+        "class ByModule(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(2, 2)\n\n    def forward(self, x):\n"
+        "        return shared_helpers.act(self.lin(x)) * shared_helpers.SCALE\n\n"
+        "class ByName(ByModule):\n    def forward(self, x):\n        return named_act(self.lin(x))\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        helped = importlib.import_module("helped")
+        shared = importlib.import_module("shared_helpers")
+        by_module, by_name = helped.ByModule(), helped.ByName()
+        before = code_identities(by_module), code_identities(by_name)
+        shared.SCALE = 2.0  # a value the forward pass reads from the module
+        assert code_identities(by_module) != before[0]
+        shared.SCALE = 1.0
+        assert (code_identities(by_module), code_identities(by_name)) == before
+        (tmp_path / "shared_helpers.py").write_text(
+            "import torch\nSCALE = 1.0\n\ndef act(x):\n    return torch.tanh(x) * 1.5\n"
+        )
+        importlib.reload(shared)
+        helped = importlib.reload(helped)  # (its named_act: the edited function)
+        after = code_identities(helped.ByModule()), code_identities(helped.ByName())
+        assert after[0] != before[0] and after[1] != before[1]
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("helped", None)
+        sys.modules.pop("shared_helpers", None)
+
+
 _VARIED = """{top}
 import torch
 

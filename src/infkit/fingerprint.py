@@ -17,7 +17,10 @@ from __future__ import annotations
 import dis
 import functools
 import hashlib
+import os
 import re
+import site
+import sysconfig
 import types
 import weakref
 from collections.abc import Callable, Mapping
@@ -111,8 +114,10 @@ def code_identities(model: nn.Module) -> dict[str, str]:
     code reads and never writes (``self.SCALE``, immutable values only: a counter the forward
     pass increments, ``Net.calls += 1``, or a registry list it appends to is state, not code).
     An edit of a model's code under the same parameters is another model: a saved fit,
-    factors or retrainings of the old code are not reused. Not seen: helpers and constants of
-    other modules, functions kept on the instance (a lambda set in ``__init__``). PyTorch's
+    factors or retrainings of the old code are not reused. The helpers and values of the
+    user's other modules that the code reads (``helpers.act``, ``from helpers import act``) count
+    too; those of installed packages do not. Not seen: functions kept on the instance (a lambda
+    set in ``__init__``). PyTorch's
     and infkit's classes are left out (their computation is their class and settings, in the
     architecture)."""
     found: dict[str, str] = {}
@@ -320,8 +325,8 @@ CALL_DEPTH = 4
 def callable_identity(fn: Callable[..., Any] | None, _depth: int = 0) -> str | None:
     """``module.qualname`` plus a hash of the code of a function and of what it reads: its
     closure, its defaults, the module-level numbers, strings and tensors its code names, and
-    the functions of its own module that it calls (to :data:`CALL_DEPTH`), each hashed the
-    same way. A callable object: its class's ``__call__`` and its plain attributes."""
+    the functions of its own module and of the user's other modules that it calls, and the
+    values it reads from those modules (to :data:`CALL_DEPTH`), each hashed the same way. A callable object: its class's ``__call__`` and its plain attributes."""
     if fn is None:
         return None
     if isinstance(fn, functools.partial):
@@ -371,10 +376,54 @@ def callable_identity(fn: Callable[..., Any] | None, _depth: int = 0) -> str | N
         if isinstance(value, Tensor) or (_is_plain(value) and key in scope):
             h.update(f"{key}=".encode())
             _structure(h, value)
-        elif _called_helper(value, scope, target) and _depth < CALL_DEPTH:
-            # a helper of its own module: what it reads counts too (a token id read there)
+        elif _depth >= CALL_DEPTH:
+            continue
+        elif _called_helper(value, scope, target) or (
+            isinstance(value, types.FunctionType)
+            and _is_user_code(value.__module__, value.__code__.co_filename)
+        ):
+            # a helper of its own module, or of another module of the user's (from helpers
+            # import act): what it reads counts too (a token id read there)
             h.update(f"{key}={callable_identity(value, _depth + 1)}".encode())
+        elif isinstance(value, types.ModuleType) and _is_user_code(
+            value.__name__, getattr(value, "__file__", None)
+        ):
+            # a module of the user's: what the code reads from it (helpers.act, helpers.SCALE;
+            # a tester's edit of helpers.act reused a fit of the old code without a word)
+            members = vars(value)
+            for attribute in sorted(_attribute_names(code)[0] & set(members)):
+                member = members[attribute]
+                if isinstance(member, Tensor) or _is_plain(member):
+                    h.update(f"{key}.{attribute}=".encode())
+                    _structure(h, member)
+                elif isinstance(member, types.FunctionType):
+                    identity = callable_identity(member, _depth + 1)
+                    h.update(f"{key}.{attribute}={identity}".encode())
     return f"{name}#{h.hexdigest()[:12]}"
+
+
+@functools.lru_cache(maxsize=1)
+def _library_roots() -> tuple[str, ...]:
+    """The folders installed code lives in: the standard library and the site-packages."""
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    roots.update(site.getsitepackages() if hasattr(site, "getsitepackages") else [])
+    roots.add(site.getusersitepackages())
+    return tuple(os.path.realpath(r) + os.sep for r in roots if r)
+
+
+def _is_user_code(module: str, path: str | None) -> bool:
+    """Whether the code of module ``module``, in file ``path``, is the user's own (a file
+    outside the standard library and the installed packages, not infkit's nor PyTorch's): its
+    functions and values are part of what a model's or a task's code computes."""
+    if not path or module.split(".")[0] in ("infkit", "torch", "numpy", "builtins"):
+        return False
+    return not _real_path(path).startswith(_library_roots())
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_path(path: str) -> str:
+    return os.path.realpath(path)
 
 
 def _holds_set(value: Any, depth: int = 0) -> bool:
