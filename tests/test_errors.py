@@ -541,3 +541,68 @@ def test_the_meta_device_is_refused_before_the_model_moves() -> None:
     assert model.weight.device.type == "cpu" and torch.equal(model.weight.detach(), before)
     with pytest.raises(InvalidInputError, match=r"device='gpu0' is not a device"):
         infkit.Influence(infkit.Task.classification(model), "exact", device="gpu0")
+
+
+def test_an_output_fn_or_output_hessian_that_does_not_fit_is_named() -> None:
+    """A tester's: an output_fn failing on the model's output was reported as the model's call
+    failing on the data, one returning a list was a raw AttributeError, and an output_hessian of
+    shape [B, C] a raw RuntimeError of a reshape: each names the function and what it must
+    return."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    X, y = torch.randn(20, 4).double(), torch.randint(0, 3, (20,))
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out, target, reduction="none")
+
+    cases = {
+        r"the task's output_fn failed on the model's output, a Tensor: IndexError": (
+            lambda out: out["logits"]
+        ),
+        r"the task's output_fn returned a list, not the output tensor": lambda out: [out],
+    }
+    for message, output_fn in cases.items():
+        task = infkit.Task(model, loss, output_fn=output_fn)
+        with pytest.raises(InvalidInputError, match=message):
+            infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+
+    def diagonal_only(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        p = out.softmax(-1)
+        return p * (1 - p)  # [B, C]: the diagonal, not the [B, C, C] blocks
+
+    task = infkit.Task(model, loss, output_hessian=diagonal_only)
+    with pytest.raises(
+        InvalidInputError, match=r"output_hessian returned \(\d+, 3\) .*\[\d+, 3, 3\]"
+    ):
+        infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+
+
+class _Centred(torch.nn.Module):
+    """A layer and the batch's mean taken off its output: no per-example loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return h - h.mean(0)
+
+
+def test_a_model_that_mixes_the_examples_of_a_batch_is_warned_of() -> None:
+    """A tester's: a forward pass returning h - h.mean(0) scored 0 everywhere (each example
+    differentiated alone), with warnings that blamed the measurement and the curvature
+    products. The first example's output alone and in a batch are compared at fit; an
+    ordinary model, in float64 and in bfloat16, gets no such warning."""
+    torch.manual_seed(0)
+    X, y = torch.randn(20, 4).double(), torch.randint(0, 3, (20,))
+    task = infkit.Task.classification(_Centred().double())
+    with pytest.warns(UserWarning, match=r"alone differs from its output in a batch of 4"):
+        infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+    for model, inputs in (
+        (torch.nn.Linear(4, 3).double(), X),
+        (torch.nn.Linear(4, 3).to(torch.bfloat16), X.to(torch.bfloat16)),
+    ):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*mixes the examples")
+            infkit.Influence(infkit.Task.classification(model), "identity").fit((inputs, y))

@@ -255,3 +255,33 @@ def _rows(call, theta: torch.Tensor, X: torch.Tensor, y: torch.Tensor, l2: float
         th = theta.clone().requires_grad_(True)
         loss = torch.nn.functional.cross_entropy(call(th, X[i : i + 1]), y[i : i + 1])
         yield torch.autograd.grad(loss, th)[0] + l2 * theta
+
+
+def test_a_loss_without_a_forward_mode_derivative_has_its_output_hessian_by_reverse_mode() -> None:
+    """A tester's: F.huber_loss has no forward-mode derivative in PyTorch, and every method
+    that reads the output Hessian Lambda (exact's GGN, cg, dual, the Kronecker methods) stopped
+    on a raw NotImplementedError. Lambda is taken by reverse over reverse then: the scores equal
+    those of the same loss written with torch.where, whose Lambda is 1 inside delta, else 0."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    Y = X @ torch.randn(3, 1, generator=gen, dtype=torch.float64)
+    Y = Y + 0.3 * torch.randn(40, 1, generator=gen, dtype=torch.float64)
+    model = torch.nn.Linear(3, 1).double()
+
+    def huber(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.huber_loss(outputs, targets, reduction="none", delta=0.5).sum(1)
+
+    def by_hand(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        r = (outputs - targets).abs()
+        return torch.where(r < 0.5, 0.5 * r**2, 0.5 * (r - 0.25)).sum(1)
+
+    infkit.train_to_optimum(infkit.Task(model, huber), (X, Y), 1e-2)
+    queries = (X[:5], Y[:5])
+    expected = infkit.Influence(infkit.Task(model, by_hand), "exact", l2=1e-2).fit((X, Y))
+    S = expected.scores(queries)
+    assert int(((model(X) - Y).abs() < 0.5).sum()) not in (0, 40)  # both sides of delta
+    for method in ("exact", "cg", "dual"):
+        inf = infkit.Influence(infkit.Task(model, huber), method, l2=1e-2).fit((X, Y))
+        assert relative_error(inf.scores(queries), S) < 1e-9, method

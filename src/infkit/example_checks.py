@@ -102,6 +102,48 @@ def deterministic_outputs(once: Tensor, again: Tensor, examples: ExampleSet) -> 
         )
 
 
+#: examples of the batch :func:`warn_batch_mixing` compares the first one's output in
+MIXING_PROBE = 4
+
+
+def warn_batch_mixing(engine: PerExample, examples: ExampleSet, alone: Tensor) -> None:
+    """Warn where the first example's output ``alone`` differs from its output in a batch of
+    the first :data:`MIXING_PROBE` examples beyond rounding, its inputs being the same there
+    (no padding added): a forward pass that mixes a batch's examples (``h - h.mean(0)``, batch
+    statistics of its own) has no per-example loss, and infkit differentiates each example
+    alone. A tester's model scored 0 everywhere, with warnings that blamed the measurement and
+    the curvature products."""
+    if len(examples) < 2:
+        return
+    batch = examples.take(range(min(MIXING_PROBE, len(examples))))
+    first = examples.take([0])
+    ours, theirs = leaves(first.inputs), leaves(batch.inputs)
+    if len(ours) != len(theirs) or not all(
+        b.shape[1:] == a.shape[1:] and torch.equal(b[:1], a) for a, b in zip(ours, theirs)
+    ):
+        return  # (padded otherwise: the padding's own effect is checked elsewhere)
+    together = engine.outputs(batch)[:1]
+    if together.shape != alone.shape:
+        return
+    if not alone.numel():
+        return
+    scale = max(float(alone.detach().abs().max()), float(together.detach().abs().max()))
+    gap = float((together - alone).detach().abs().max())
+    # the coarsest precision the outputs were computed in (a bfloat16 model's, autocast's)
+    dtypes = [alone.dtype, engine.dtype] + [d for d in (engine.task.autocast,) if d is not None]
+    eps = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
+    if gap > min(0.1, 1e3 * eps) * max(scale, 1e-30):
+        warn(
+            f"the model's output on {examples.name} {examples.example(0)} alone differs from "
+            f"its output in a batch of {len(batch)} (by up to {gap:.3g}, the outputs being up "
+            f"to {scale:.3g}): its forward pass mixes the examples of a batch (batch "
+            "statistics, h - h.mean(0)), while infkit differentiates each example alone, so "
+            "every gradient and score is that of a batch of one (0 where the mixing cancels "
+            "it). Make the forward pass act on each example alone in evaluation mode",
+            UserWarning,
+        )
+
+
 def _check_reads_alike(examples: ExampleSet, first: Batch) -> None:
     """Refuse a dataset whose first example reads differently on a second read (random
     augmentation in ``__getitem__``): infkit reads each example in several passes, which would

@@ -28,7 +28,7 @@ from infkit.errors import (
     listed,
     warn,
 )
-from infkit.example_checks import check_examples, deterministic_outputs
+from infkit.example_checks import check_examples, deterministic_outputs, warn_batch_mixing
 from infkit.fingerprint import (
     attribute_objects,
     note_forward_writes,
@@ -549,13 +549,15 @@ def probe_forward_writes(engine: PerExample, examples: ExampleSet) -> Tensor:
     those passes put in place noted as a forward pass's writes
     (:func:`~infkit.fingerprint.note_forward_writes`), so that they are no part of the
     model's identity; refused when the two outputs differ beyond rounding
-    (:func:`deterministic_outputs`)."""
+    (:func:`deterministic_outputs`), warned of when the first example's output in a batch is
+    not its output alone (:func:`warn_batch_mixing`)."""
     model = engine.task.model
     before = attribute_objects(model)
     first = examples.take([0])
     once, again = engine.outputs(first), engine.outputs(first)
     note_forward_writes(model, before)
     deterministic_outputs(once, again, examples)
+    warn_batch_mixing(engine, examples, once)
     return once
 
 

@@ -47,7 +47,7 @@ def default_output_fn(raw: Any) -> Tensor:
         return raw[0]
     raise InvalidInputError(
         f"cannot find the output tensor in a model output of type {type(raw).__name__}; "
-        "pass Task(..., output_fn=lambda out: out.<field>)"
+        'pass Task(..., output_fn=lambda out: out.<field>), or out["<key>"] for a dict'
     )
 
 
@@ -525,7 +525,16 @@ class Task:
         """``output_fn(raw)``; a model body's hidden states (a Hugging Face ``...Model``
         without its head) refused by the default with the head to use."""
         try:
-            return self.output_fn(raw)
+            out = self.output_fn(raw)
+        except (KeyError, IndexError, AttributeError, TypeError) as error:
+            if self.output_fn is default_output_fn:
+                raise
+            # (a tester's: the model's call was blamed, and the data's)
+            raise InvalidInputError(
+                f"the task's output_fn failed on the model's output, a {type(raw).__name__}: "
+                f"{type(error).__name__}: {str(error)[:200]}; it takes what the model returns "
+                "and returns the output tensor [B, ...] the loss reads"
+            ) from error
         except InvalidInputError as error:
             if self.output_fn is not default_output_fn or not hasattr(raw, "last_hidden_state"):
                 raise
@@ -541,6 +550,13 @@ class Task:
                 f"Hugging Face ...Model is a model's body, without its head). Use {head}, or "
                 "pass Task(..., output_fn=lambda out: ...) returning the outputs"
             ) from error
+        if not isinstance(out, Tensor):
+            raise InvalidInputError(
+                f"the task's output_fn returned a {type(out).__name__}, not the output tensor "
+                "[B, ...] the loss reads (for a model returning several, pick the one the loss "
+                "takes: output_fn=lambda out: out[0])"
+            )
+        return out
 
     @contextlib.contextmanager
     def mixed_precision(self) -> Iterator[None]:
@@ -608,8 +624,16 @@ class Task:
     def lambda_blocks(self, outputs: Tensor, targets: Any) -> Tensor:
         """Lambda_i for each example of the batch: [B, C, C] (C = flattened output size)."""
         b = outputs.shape[0]
+        c = outputs[0].numel()
         if self.output_hessian is not None:
             lam = self.output_hessian(outputs, targets)
+            if not isinstance(lam, Tensor) or lam.numel() != b * c * c:
+                got = tuple(lam.shape) if isinstance(lam, Tensor) else type(lam).__name__
+                raise InvalidInputError(
+                    f"the task's output_hessian returned {got} for a batch of {b} outputs of "
+                    f"{c} numbers each: it must return each example's Hessian of the loss in "
+                    f"its outputs, [{b}, {c}, {c}]"
+                )
         else:
             shape = outputs.shape[1:]
 
@@ -619,8 +643,12 @@ class Task:
             flat = outputs.reshape(b, -1)
             # forward over grad: torch.func.hessian's forward over jacrev gets layer_norm's
             # double backward wrong (:meth:`infkit.gradients.PerExample.hessian_sum`)
-            lam = torch.func.vmap(torch.func.jacfwd(torch.func.grad(single)))(flat, targets)
-        c = outputs[0].numel()
+            try:
+                lam = torch.func.vmap(torch.func.jacfwd(torch.func.grad(single)))(flat, targets)
+            except NotImplementedError:
+                # a loss PyTorch has no forward-mode derivative of (a tester's F.huber_loss:
+                # "Trying to use forward AD with huber_loss_backward"): reverse over reverse
+                lam = torch.func.vmap(torch.func.jacrev(torch.func.grad(single)))(flat, targets)
         return lam.reshape(b, c, c)
 
     def hessian_product(self, outputs: Tensor, targets: Any, vectors: Tensor) -> Tensor:
