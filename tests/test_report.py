@@ -391,6 +391,9 @@ def test_too_few_retrainings_stop_before_any_fitting(
         # (the groups were checked only after the fit and the scores, without the file's name)
         ("groups", "[group_removal] groups.some index 150 is out of range [0, 150)"),
         ("options", "[influence] options: method 'exact' does not take 'tolerance'"),
+        # a tester's: refused after the fit naming no key, and drawn as a table, exit 0
+        ("all", "[group_removal] groups.some holds every one of the 150 training examples"),
+        ("shape", "[data] image_shape = [3, 3] holds 9 numbers, and the training set's "),
     ],
 )
 def test_bad_report_queries_stop_before_any_fitting(
@@ -409,6 +412,10 @@ def test_bad_report_queries_stop_before_any_fitting(
         text = text.replace("some = [0, 1, 2, 3, 4]", "some = [0, 150]")
     elif queries == "options":
         text = text.replace("l2 = 1e-2", "l2 = 1e-2\noptions = {tolerance = 1e-8}")
+    elif queries == "all":
+        text = text.replace("some = [0, 1, 2, 3, 4]", f"some = {list(range(150))}")
+    elif queries == "shape":
+        text = text.replace("image_shape = [8, 8]", "image_shape = [3, 3]")
     else:
         text = text.replace("n_queries = 2", f"queries = {queries}")
     config.write_text(text)
@@ -890,7 +897,11 @@ def test_a_rerun_stopped_before_its_results_leaves_the_last_runs_files_together(
     before = {name: (workdir / name).read_bytes() for name in written}
     mask = os.umask(0o022)
     os.umask(mask)
-    assert (workdir / "top_k.csv").stat().st_mode & 0o777 == 0o666 & ~mask
+    # every file as a plain open() would make it (a tester's safetensors files were 0600)
+    modes = {p.relative_to(workdir): p.stat().st_mode & 0o777 for p in workdir.rglob("*")}
+    files = {p: m for p, m in modes.items() if (workdir / p).is_file()}
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p: m for p, m in files.items() if m != 0o666 & ~mask} == {}
 
     def stopped(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt  # as a kill during the retrainings
@@ -1173,6 +1184,14 @@ def test_the_token_split_of_lists_by_another_estimator_is_said_to_be_ifs(tmp_pat
     page = (workdir / "report.html").read_text()
     shown = page.count("IF&#x27;s split: tokens sum") + page.count("IF's split: tokens sum")
     assert shown == len(items), shown
+    # top_k.csv names the lists' estimator (a tester's rif run read "if" there)
+    with (workdir / "top_k.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["estimator"] for r in rows} == {"newton", "relatif"}
+    listed = {
+        (int(r["train_index"]), float(r["score"])) for r in rows if r["estimator"] != "relatif"
+    }
+    assert listed == {(item["index"], item["score"]) for item in items}
 
 
 @pytest.mark.parametrize(

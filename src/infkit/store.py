@@ -87,6 +87,9 @@ def save_tensors(
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata
         )
+        # (safetensors writes a file of its own in tmp's place, private: a tester's
+        # scores.safetensors was 0600 beside 0644 files)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -437,6 +440,7 @@ class ArtifactStore:
             for name, values in (tensors or {}).items():
                 target = tensors_file(tmp, name)
                 save_file({k: v.detach().contiguous().cpu() for k, v in values.items()}, target)
+                os.chmod(target, _file_mode())  # (safetensors makes its files private, 0600)
                 _sync_file(target)
                 files[target.name] = _describe(target)
             for name, value in (documents or {}).items():

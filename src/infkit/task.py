@@ -47,7 +47,7 @@ def default_output_fn(raw: Any) -> Tensor:
         return raw[0]
     raise InvalidInputError(
         f"cannot find the output tensor in a model output of type {type(raw).__name__}; "
-        'pass Task(..., output_fn=lambda out: out.<field>), or out["<key>"] for a dict'
+        "pass Task(..., output_fn=lambda out: out.<field>)"
     )
 
 

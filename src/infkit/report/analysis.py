@@ -17,6 +17,7 @@ per-layer and per-token scores) and writes the workdir (docs/report.md §3):
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 import warnings
@@ -176,6 +177,18 @@ def build_display(config: RunConfig, train: ExampleSet, test: ExampleSet) -> Dis
     decode: Callable[[list[int]], Sequence[str]] | None = None
     if d["decode"]:
         decode = factories.resolve(d["decode"], "[data] decode", config.folder)
+    if d["image_shape"] and items is None:  # (a tester's [3, 3] for 4 features drew a table)
+        sample = train.take([0]).inputs
+        numbers = sample[0].numel() if isinstance(sample, Tensor) else None
+        wanted = math.prod(d["image_shape"])
+        if numbers != wanted:
+            held = "inputs that are no single tensor" if numbers is None else f"{numbers} numbers"
+            raise ConfigError(
+                f"{config.path.name}: [data] image_shape = {list(d['image_shape'])} holds "
+                f"{wanted} numbers, and the "
+                f"training set's examples hold {held}: give the shape of one example's inputs, "
+                "or leave it out"
+            )
     kind = d["kind"]
     if kind == "auto":
         if items is not None:
@@ -407,6 +420,12 @@ def _checked_groups(config: RunConfig, n: int) -> dict[str, Tensor]:
             )
         except InfkitError as error:
             raise ConfigError(f"{config.path.name}: {error}") from error
+        if len(out[name]) == n:  # (a tester's was refused after the fit, naming no key)
+            raise ConfigError(
+                f"{config.path.name}: [group_removal] groups.{name} holds every one of the "
+                f"{n} training examples: removing them all leaves nothing to retrain on; "
+                "give a group of some of them"
+            )
     return out
 
 
@@ -586,13 +605,14 @@ def _run(
 
 
 def _note_clamped(config: RunConfig, n_train: int, n_test: int) -> None:
-    """Tell where ``[report] top_k`` or ``n_queries`` or ``[self_influence] top`` ask for more
-    examples than there are (the run takes what there is)."""
+    """Tell where ``[report] top_k`` or ``n_queries``, ``[self_influence] top`` or
+    ``[retraining] n`` ask for more examples than there are (the run takes what there is)."""
     rep, si = config["report"], config["self_influence"]
     for section, key, asked, there, what in (
         ("report", "top_k", rep["top_k"], n_train, "training"),
         ("report", "n_queries", 0 if rep["queries"] else rep["n_queries"], n_test, "test"),
         ("self_influence", "top", si["top"] if si["enabled"] else 0, n_train, "training"),
+        ("retraining", "n", config["retraining"]["n"], n_train, "training"),
     ):
         if asked > there:
             warn(
@@ -1040,8 +1060,12 @@ def _table_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def _write_tables(workdir: Path, data: dict[str, Any]) -> None:
     rows = []
+    # the lists are kept as "if" (the run's estimator's: RIF's scores under estimator = "rif",
+    # a tester's table said "if") and "relatif" (RelatIF's beside it)
+    run = data["summary"]["estimator"]
     for q in data["queries"]:
-        for estimator, lists in q["lists"].items():
+        for listed_as, lists in q["lists"].items():
+            estimator = run if listed_as == "if" else listed_as
             for kind, items in lists.items():
                 for rank, item in enumerate(items, start=1):
                     rows.append(
