@@ -822,10 +822,31 @@ def test_an_edit_of_a_helper_in_another_module_of_the_users_is_another_model(
         helped = importlib.reload(helped)  # (its named_act: the edited function)
         after = code_identities(helped.ByModule()), code_identities(helped.ByName())
         assert after[0] != before[0] and after[1] != before[1]
+        # a reviewer's: the state those modules keep is no code (a counter the forward pass
+        # moves, by attribute or by a global statement, a run's log dict), nor is a function
+        # exec'd without a module (sympy's lambdify), nor does a recursive helper loop
+        (tmp_path / "kept_state.py").write_text(
+            "import torch\nCALLS = 0\nRUN = {'step': 0}\n\ndef counted(x):\n"
+            "    global CALLS\n    CALLS += 1\n    RUN['step'] += 1\n    return x\n\n"
+            "def recursive(x, n=2):\n    return x if n == 0 else recursive(x, n - 1)\n"
+        )
+        (tmp_path / "stateful.py").write_text(
+            "import torch\nimport kept_state\nfrom kept_state import counted\n"
+            "made = {}\nexec('def lifted(x):\\n    return x * 2', made)\nlifted = made['lifted']\n\n"
+            "class Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+            "        self.lin = torch.nn.Linear(2, 2)\n\n    def forward(self, x):\n"
+            "        kept_state.CALLS += 1\n"
+            "        return lifted(kept_state.recursive(counted(self.lin(x))))\n"
+        )
+        stateful = importlib.import_module("stateful")
+        net = stateful.Net()
+        first = code_identities(net)
+        net(torch.ones(1, 2))
+        assert code_identities(net) == first
     finally:
         sys.path.remove(str(tmp_path))
-        sys.modules.pop("helped", None)
-        sys.modules.pop("shared_helpers", None)
+        for name in ("helped", "shared_helpers", "kept_state", "stateful"):
+            sys.modules.pop(name, None)
 
 
 _VARIED = """{top}

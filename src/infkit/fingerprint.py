@@ -322,7 +322,9 @@ def data_fingerprint(examples: ExampleSet) -> str:
 CALL_DEPTH = 4
 
 
-def callable_identity(fn: Callable[..., Any] | None, _depth: int = 0) -> str | None:
+def callable_identity(
+    fn: Callable[..., Any] | None, _depth: int = 0, *, _foreign: bool = False
+) -> str | None:
     """``module.qualname`` plus a hash of the code of a function and of what it reads: its
     closure, its defaults, the module-level numbers, strings and tensors its code names, and
     the functions of its own module and of the user's other modules that it calls, and the
@@ -371,33 +373,44 @@ def callable_identity(fn: Callable[..., Any] | None, _depth: int = 0) -> str | N
         if defaults:
             _structure(h, ordered_repr(defaults))
     scope = getattr(target, "__globals__", {})
-    for key in sorted(_names_read(code)):
+    written = _globals_written(code)  # a counter the code keeps (global CALLS) is state
+    for key in sorted(_names_read(code) - written):
         value = scope.get(key)
         if isinstance(value, Tensor) or (_is_plain(value) and key in scope):
+            if _foreign and not _is_constant(value):
+                continue  # another module's state (a run's log dict), not what it computes
             h.update(f"{key}=".encode())
             _structure(h, value)
         elif _depth >= CALL_DEPTH:
             continue
-        elif _called_helper(value, scope, target) or (
+        elif _called_helper(value, scope, target):
+            # a helper of its own module: what it reads counts too (a token id read there)
+            h.update(f"{key}={callable_identity(value, _depth + 1, _foreign=_foreign)}".encode())
+        elif (
             isinstance(value, types.FunctionType)
+            and value is not target
             and _is_user_code(value.__module__, value.__code__.co_filename)
         ):
-            # a helper of its own module, or of another module of the user's (from helpers
-            # import act): what it reads counts too (a token id read there)
-            h.update(f"{key}={callable_identity(value, _depth + 1)}".encode())
+            # a function of another module of the user's (from helpers import act): its code and
+            # the constants it reads (a tester's edit of helpers.act reused the old code's fit)
+            h.update(f"{key}={callable_identity(value, _depth + 1, _foreign=True)}".encode())
         elif isinstance(value, types.ModuleType) and _is_user_code(
             value.__name__, getattr(value, "__file__", None)
         ):
-            # a module of the user's: what the code reads from it (helpers.act, helpers.SCALE;
-            # a tester's edit of helpers.act reused a fit of the old code without a word)
+            # a module of the user's: the functions and constants the code reads from it
+            # (helpers.act, helpers.SCALE), not those it writes (helpers.CALLS += 1)
             members = vars(value)
-            for attribute in sorted(_attribute_names(code)[0] & set(members)):
+            for attribute in sorted(_module_attributes(code, key) & set(members)):
                 member = members[attribute]
-                if isinstance(member, Tensor) or _is_plain(member):
+                if _is_constant(member):
                     h.update(f"{key}.{attribute}=".encode())
                     _structure(h, member)
-                elif isinstance(member, types.FunctionType):
-                    identity = callable_identity(member, _depth + 1)
+                elif (
+                    isinstance(member, types.FunctionType)
+                    and member is not target
+                    and _is_user_code(member.__module__, member.__code__.co_filename)
+                ):
+                    identity = callable_identity(member, _depth + 1, _foreign=True)
                     h.update(f"{key}.{attribute}={identity}".encode())
     return f"{name}#{h.hexdigest()[:12]}"
 
@@ -412,11 +425,13 @@ def _library_roots() -> tuple[str, ...]:
     return tuple(os.path.realpath(r) + os.sep for r in roots if r)
 
 
-def _is_user_code(module: str, path: str | None) -> bool:
+def _is_user_code(module: str | None, path: str | None) -> bool:
     """Whether the code of module ``module``, in file ``path``, is the user's own (a file
     outside the standard library and the installed packages, not infkit's nor PyTorch's): its
     functions and values are part of what a model's or a task's code computes."""
-    if not path or module.split(".")[0] in ("infkit", "torch", "numpy", "builtins"):
+    if not module or not path or path.startswith("<"):  # (exec'd code: sympy's lambdify)
+        return False
+    if module.split(".")[0] in ("infkit", "torch", "numpy", "builtins"):
         return False
     return not _real_path(path).startswith(_library_roots())
 
@@ -481,6 +496,43 @@ def _called_helper(value: Any, scope: dict[str, Any], caller: Any) -> bool:
     return (
         isinstance(value, types.FunctionType) and value is not caller and value.__globals__ is scope
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _globals_written(code: Any) -> frozenset[str]:
+    """The global names a code object (and the code nested in it) stores or deletes
+    (``global CALLS; CALLS += 1``): state it keeps, not a value that defines it."""
+    names = {
+        str(ins.argval)
+        for ins in dis.get_instructions(code)
+        if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL")
+    }
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _globals_written(const)
+    return frozenset(names)
+
+
+@functools.lru_cache(maxsize=4096)
+def _module_attributes(code: Any, module: str) -> frozenset[str]:
+    """The attributes a code object (and the code nested in it) reads from the global
+    ``module`` (``helpers.act``: a LOAD_GLOBAL of it, then LOAD_ATTR or LOAD_METHOD), less
+    those it writes there (``helpers.CALLS += 1``)."""
+    read: set[str] = set()
+    previous = None
+    for ins in dis.get_instructions(code):
+        if (
+            previous is not None
+            and previous.opname in ("LOAD_GLOBAL", "LOAD_NAME")
+            and previous.argval == module
+            and ins.opname in ("LOAD_ATTR", "LOAD_METHOD")
+        ):
+            read.add(str(ins.argval))
+        previous = ins
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            read |= _module_attributes(const, module)
+    return frozenset(read - _attribute_names(code)[1])
 
 
 @functools.lru_cache(maxsize=4096)  # (code objects are immutable: the same code, the same names)
