@@ -600,6 +600,10 @@ def test_a_model_that_mixes_the_examples_of_a_batch_is_warned_of() -> None:
     task = infkit.Task.classification(_Centred().double())
     with pytest.warns(UserWarning, match=r"alone differs from its output in a batch of 2"):
         infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+    copied = X.clone()
+    copied[1] = copied[0]  # (a reviewer's: a copy of example 0 beside it hid the mean)
+    with pytest.warns(UserWarning, match=r"alone differs from its output in a batch of 2"):
+        infkit.Influence(task, "exact", l2=1e-2).fit((copied, y))
 
     class Mixed(torch.nn.Module):
         def __init__(self) -> None:

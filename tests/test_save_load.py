@@ -827,7 +827,8 @@ def test_an_edit_of_a_helper_in_another_module_of_the_users_is_another_model(
         # exec'd without a module (sympy's lambdify), nor does a recursive helper loop
         (tmp_path / "kept_state.py").write_text(
             "import torch\nCALLS = 0\nRUN = {'step': 0}\n\ndef counted(x):\n"
-            "    global CALLS\n    CALLS += 1\n    RUN['step'] += 1\n    return x\n\n"
+            "    global CALLS\n    CALLS += 1\n    RUN['step'] += 1\n    return x * warm()\n\n"
+            "def warm():\n    return min(1.0, CALLS / 10)\n\n"
             "def recursive(x, n=2):\n    return x if n == 0 else recursive(x, n - 1)\n"
         )
         (tmp_path / "stateful.py").write_text(

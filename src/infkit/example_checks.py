@@ -117,8 +117,19 @@ def warn_batch_mixing(engine: PerExample, examples: ExampleSet, alone: Tensor) -
     the curvature products."""
     if len(examples) < 2:
         return
-    batch = examples.take(range(min(MIXING_PROBE, len(examples))))
     first = examples.take([0])
+    # beside example 0 the first example whose inputs differ from its (a copy of it would hide
+    # a batch's mean: a reviewer's duplicated first example), else the last
+    other = len(examples) - 1
+    reference = leaves(first.inputs)
+    for j in range(1, min(len(examples), 64)):
+        candidate = leaves(examples.take([j]).inputs)
+        if len(candidate) != len(reference) or any(
+            a.shape != b.shape or not torch.equal(a, b) for a, b in zip(candidate, reference)
+        ):
+            other = j
+            break
+    batch = examples.take([0, other])
     ours, theirs = leaves(first.inputs), leaves(batch.inputs)
     if len(ours) != len(theirs) or not all(
         b.shape[1:] == a.shape[1:] and torch.equal(b[:1], a) for a, b in zip(ours, theirs)
@@ -139,8 +150,9 @@ def warn_batch_mixing(engine: PerExample, examples: ExampleSet, alone: Tensor) -
     dtypes = {alone.dtype, engine.dtype, *(t.dtype for t in tensors)}
     dtypes |= {engine.task.autocast} if engine.task.autocast is not None else set()
     eps = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
-    if any(t.is_cuda for t in tensors) and torch.get_float32_matmul_precision() != "highest":
-        eps = max(eps, 2.0**-10)  # TF32's 10 bits of mantissa
+    if any(t.is_cuda for t in tensors):
+        eps = max(eps, 2.0**-10)  # TF32's 10 bits of mantissa, which CUDA may take (cuDNN's
+        # convolutions by default; matrix products by a setting of one of two APIs)
     if gap > min(0.1, 1e3 * eps) * max(scale, 1e-30):
         warn(
             f"the model's output on {examples.name} {examples.example(0)} alone differs from "

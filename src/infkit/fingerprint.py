@@ -373,11 +373,13 @@ def callable_identity(
         if defaults:
             _structure(h, ordered_repr(defaults))
     scope = getattr(target, "__globals__", {})
-    written = _globals_written(code)  # a counter the code keeps (global CALLS) is state
+    # a counter the code keeps (global CALLS) is state; in another module of the user's, so is
+    # every global that any of its functions writes (a STEP one function moves, another reads)
+    written = _globals_written(code) | (_module_state(scope) if _foreign else frozenset())
     for key in sorted(_names_read(code) - written):
         value = scope.get(key)
         if isinstance(value, Tensor) or (_is_plain(value) and key in scope):
-            if _foreign and not _is_constant(value):
+            if _foreign and not (_is_constant(value) or isinstance(value, Tensor)):
                 continue  # another module's state (a run's log dict), not what it computes
             h.update(f"{key}=".encode())
             _structure(h, value)
@@ -400,9 +402,10 @@ def callable_identity(
             # a module of the user's: the functions and constants the code reads from it
             # (helpers.act, helpers.SCALE), not those it writes (helpers.CALLS += 1)
             members = vars(value)
-            for attribute in sorted(_module_attributes(code, key) & set(members)):
+            state = _module_state(members)
+            for attribute in sorted((_module_attributes(code, key) & set(members)) - state):
                 member = members[attribute]
-                if _is_constant(member):
+                if _is_constant(member) or isinstance(member, Tensor):
                     h.update(f"{key}.{attribute}=".encode())
                     _structure(h, member)
                 elif (
@@ -511,6 +514,16 @@ def _globals_written(code: Any) -> frozenset[str]:
         if isinstance(const, types.CodeType):
             names |= _globals_written(const)
     return frozenset(names)
+
+
+def _module_state(scope: Mapping[str, Any]) -> frozenset[str]:
+    """The globals of a module (its ``scope``) that any of its own functions writes (``global
+    STEP; STEP += 1``): state the module keeps, whichever function reads it."""
+    written: set[str] = set()
+    for value in list(scope.values()):
+        if isinstance(value, types.FunctionType) and value.__globals__ is scope:
+            written |= _globals_written(value.__code__)
+    return frozenset(written)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -627,7 +627,7 @@ class Task:
         c = outputs[0].numel()
         if self.output_hessian is not None:
             lam = self.output_hessian(outputs, targets)
-            if not isinstance(lam, Tensor) or lam.numel() != b * c * c or lam.shape[0] != b:
+            if not isinstance(lam, Tensor) or lam.numel() != b * c * c or lam.shape[:1] != (b,):
                 got = tuple(lam.shape) if isinstance(lam, Tensor) else type(lam).__name__
                 raise InvalidInputError(
                     f"the task's output_hessian returned {got} for a batch of {b} outputs of "
