@@ -102,16 +102,11 @@ def deterministic_outputs(once: Tensor, again: Tensor, examples: ExampleSet) -> 
         )
 
 
-#: examples of the batch :func:`warn_batch_mixing` compares the first one's output in (two:
-#: enough to see a mean taken over the batch, and little memory beside a language model's
-#: [B, T, V] outputs at batch_size=1)
-MIXING_PROBE = 2
-
-
 def warn_batch_mixing(engine: PerExample, examples: ExampleSet, alone: Tensor) -> None:
     """Warn where the first example's output ``alone`` differs from its output in a batch of
-    the first :data:`MIXING_PROBE` examples beyond rounding, its inputs being the same there
-    (no padding added): a forward pass that mixes a batch's examples (``h - h.mean(0)``, batch
+    two beyond rounding (beside the first example whose inputs differ from its; a batch of two
+    is enough to see a mean taken over the batch, and little memory beside a language model's
+    [B, T, V] outputs), its inputs being the same there (no padding added): a forward pass that mixes a batch's examples (``h - h.mean(0)``, batch
     statistics of its own) has no per-example loss, and infkit differentiates each example
     alone. A tester's model scored 0 everywhere, with warnings that blamed the measurement and
     the curvature products."""

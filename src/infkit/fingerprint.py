@@ -117,9 +117,8 @@ def code_identities(model: nn.Module) -> dict[str, str]:
     factors or retrainings of the old code are not reused. The helpers and values of the
     user's other modules that the code reads (``helpers.act``, ``from helpers import act``) count
     too; those of installed packages do not. Not seen: functions kept on the instance (a lambda
-    set in ``__init__``). PyTorch's
-    and infkit's classes are left out (their computation is their class and settings, in the
-    architecture)."""
+    set in ``__init__``). PyTorch's and infkit's classes are left out (their computation is
+    their class and settings, in the architecture)."""
     found: dict[str, str] = {}
     for module in model.modules():
         cls = type(module)
@@ -328,7 +327,9 @@ def callable_identity(
     """``module.qualname`` plus a hash of the code of a function and of what it reads: its
     closure, its defaults, the module-level numbers, strings and tensors its code names, and
     the functions of its own module and of the user's other modules that it calls, and the
-    values it reads from those modules (to :data:`CALL_DEPTH`), each hashed the same way. A callable object: its class's ``__call__`` and its plain attributes."""
+    values it reads from those modules (to :data:`CALL_DEPTH`), each hashed the same way; not
+    the globals the code writes (state). A callable object: its class's ``__call__`` and its
+    plain attributes."""
     if fn is None:
         return None
     if isinstance(fn, functools.partial):
