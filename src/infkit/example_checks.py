@@ -21,7 +21,7 @@ from infkit.data import Batch, ExampleSet, leaves, map_tensors
 from infkit.data_forms import LABEL_KEYS
 from infkit.errors import InfkitError, InvalidInputError, Suspicion, warn
 from infkit.gradients import PerExample
-from infkit.parameters import evaluation_mode
+from infkit.parameters import coarsest_dtype, evaluation_mode
 from infkit.task import Task
 
 #: the queries with no scored label whose measurement's output gradient one forward pass
@@ -141,11 +141,9 @@ def warn_batch_mixing(engine: PerExample, examples: ExampleSet, alone: Tensor) -
     # (a float32 body under a float64 head: 3.6e-8 apart on a scale of 0.12), autocast's, and
     # TensorFloat-32 where CUDA's matrix products may take it
     model = engine.task.model
-    tensors = [*model.parameters(), *model.buffers()]
-    dtypes = {alone.dtype, engine.dtype, *(t.dtype for t in tensors)}
-    dtypes |= {engine.task.autocast} if engine.task.autocast is not None else set()
-    eps = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
-    if any(t.is_cuda for t in tensors):
+    dtypes = {alone.dtype, engine.dtype, coarsest_dtype(model), engine.task.autocast}
+    eps = max(torch.finfo(d).eps for d in dtypes if d is not None and d.is_floating_point)
+    if any(t.is_cuda for t in (*model.parameters(), *model.buffers())):
         eps = max(eps, 2.0**-10)  # TF32's 10 bits of mantissa, which CUDA may take (cuDNN's
         # convolutions by default; matrix products by a setting of one of two APIs)
     if gap > min(0.1, 1e3 * eps) * max(scale, 1e-30):

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from infkit.data import WHOLE_BATCH
 from infkit.errors import InvalidInputError, Notice, Suspicion, warn
+from infkit.parameters import coarsest_dtype
 
 #: PyTorch's ignore_index, Hugging Face's label for positions that are not scored
 IGNORE_INDEX = -100
@@ -313,13 +314,6 @@ def check_padding(
         "mask, position_ids=True); a model that reads its padding (one without attention-mask "
         "support) needs padding on the right (tokenizer.padding_side = 'right')"
     )
-
-
-def coarsest_dtype(model: nn.Module) -> torch.dtype | None:
-    """The floating-point dtype of ``model``'s parameters with the largest rounding (bfloat16
-    before float16 before float32), or None when it has none."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=None)
 
 
 def check_model(

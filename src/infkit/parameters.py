@@ -31,6 +31,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def coarsest_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating-point dtype of ``model``'s parameters and buffers with the largest rounding
+    (bfloat16 before float16 before float32), or None when it has none: the precision its
+    outputs are computed in at best (a float32 body under a float64 head rounds as float32)."""
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=None)
+
+
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """Run with ``model.eval()`` (deterministic dropout / batch-norm), restoring the mode after."""

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from infkit import language_modeling as lm
 from infkit.errors import InvalidInputError, Notice, UnsupportedError, warn
-from infkit.parameters import dtype_name
+from infkit.parameters import coarsest_dtype, dtype_name
 
 AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
 """Precisions of ``Task(autocast=...)``: off, bfloat16, float16."""
@@ -190,7 +190,7 @@ def _encoder_checks(model: nn.Module) -> dict[str, Any]:
     when its padding is removed (:func:`lm.check_padding`)."""
     return {
         "check_inputs": partial(lm.check_encoder_inputs, positions=lm.learned_positions(model)),
-        "check_model": partial(lm.check_padding, precision=lm.coarsest_dtype(model)),
+        "check_model": partial(lm.check_padding, precision=coarsest_dtype(model)),
         "probe_example": lm.first_left_padded,
     }
 
