@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 import shutil
 import sys
 import warnings
@@ -913,3 +914,159 @@ def test_the_code_identity_is_the_same_in_another_process_and_place(tmp_path: Pa
     assert identity(tmp_path / "b", "3", top="\n\n# moved") == first  # another place and line
     assert identity(tmp_path / "c", "1", scale=3) != first  # a class constant
     assert identity(tmp_path / "d", "1", factor=2.5) != first  # a property's body
+
+
+_CONFIGURED = """
+import dataclasses
+import types
+
+import torch
+
+import bound_helpers
+
+
+class Settings:
+    SHIFT = 0.0
+
+    def __init__(self):
+        self.scale = 1.0
+
+
+@dataclasses.dataclass
+class Extra:
+    gain: float = 1.0
+
+
+class Configured(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.cfg = Settings()
+        self.extra = Extra()
+        self.ns = types.SimpleNamespace(bias=0.0)
+
+    def forward(self, x):
+        h = bound_helpers.LEAK(self.inner(x)) * self.cfg.scale * self.extra.gain
+        return h + self.cfg.SHIFT + self.ns.bias
+"""
+
+
+def test_settings_objects_and_bound_helpers_are_part_of_the_model(
+    mlp_problem: dict, tmp_path: Path
+) -> None:
+    """A tester's: a forward pass reading self.cfg.scale (a settings object), a Hugging Face
+    model's config.final_logit_softcapping, or helpers.LEAK = partial(F.leaky_relu,
+    negative_slope=0.01) reloaded a save, and reused a workdir's factors and `infkit run`'s
+    retrainings, after an edit of the value (scores 0.204 off a fresh fit's on a scale of
+    0.47). The settings such an object holds and a partial's bound arguments count."""
+    import functools
+    import importlib
+
+    from infkit.fingerprint import model_fingerprint, plain_attributes
+
+    (tmp_path / "bound_helpers.py").write_text(
+        "import functools\nimport torch.nn.functional as F\n"
+        "LEAK = functools.partial(F.leaky_relu, negative_slope=0.01)\n"
+    )
+    (tmp_path / "configured.py").write_text(_CONFIGURED)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        configured = importlib.import_module("configured")
+        helpers = importlib.import_module("bound_helpers")
+        model = configured.Configured(copy.deepcopy(mlp_problem["model"]))
+        before = model_fingerprint(model)
+        assert model_fingerprint(configured.Configured(copy.deepcopy(model.inner))) == before
+        changes = [
+            (model.cfg, "scale", 1.5),  # an instance's setting
+            (configured.Settings, "SHIFT", 0.5),  # its class's constant
+            (model.extra, "gain", 2.0),  # a dataclass's field
+            (model.ns, "bias", 0.1),  # a namespace's
+        ]
+        for holder, name, value in changes:
+            old = getattr(holder, name)
+            setattr(holder, name, value)
+            assert model_fingerprint(model)["architecture"] != before["architecture"], name
+            setattr(holder, name, old)
+        assert model_fingerprint(model) == before
+        bound = helpers.LEAK
+        helpers.LEAK = functools.partial(bound.func, negative_slope=0.5)
+        assert model_fingerprint(model)["code"] != before["code"]
+        helpers.LEAK = functools.partial(bound.func, negative_slope=0.01)
+        assert model_fingerprint(model) == before
+        # one object held by several modules is counted at the first
+        model.inner[0].cfg = model.cfg
+        seen: set[int] = set()
+        keys = [k for m in model.modules() for k in plain_attributes(m, seen)]
+        assert keys.count("cfg.scale") == 1
+        del model.inner[0].cfg
+        # a save refuses the edited settings, naming them
+        task = infkit.Task.classification(model)
+        infkit.Influence(task, "identity", l2=mlp_problem["l2"]).fit(mlp_problem["train"]).save(
+            tmp_path / "saved"
+        )
+        model.cfg.scale = 1.5
+        with pytest.raises(
+            ArtifactError, match=r"module '\(root\)''s cfg\.scale is 1\.5, saved 1\.0"
+        ):
+            infkit.Influence.load(tmp_path / "saved", task)
+        model.cfg.scale = 1.0
+        infkit.Influence.load(tmp_path / "saved", task)
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("configured", "bound_helpers"):
+            sys.modules.pop(name, None)
+
+
+def test_a_hugging_face_models_configuration_is_part_of_it() -> None:
+    """Its forward pass reads its config (Gemma 2's final_logit_softcapping): a setting changed
+    there is another model; the library's version that wrote it and the generation cache's
+    switch are not, and two models built alike are the same one."""
+    transformers = pytest.importorskip("transformers")
+    from infkit.fingerprint import model_fingerprint
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2,
+        )  # fmt: skip
+        return transformers.LlamaForCausalLM(config)
+
+    model = build()
+    before = model_fingerprint(model)
+    assert model_fingerprint(build()) == before
+    model.config.use_cache = not model.config.use_cache
+    model.config.transformers_version = "0.0.1"
+    assert model_fingerprint(model) == before
+    model.config.rope_theta = 5.0
+    assert model_fingerprint(model)["architecture"] != before["architecture"]
+
+
+def test_a_save_of_another_version_loads_with_a_notice(
+    mlp_problem: dict, saved_exact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save's identity holds the infkit version that wrote it; another version loads it (the
+    same layout) and says whose answers they are."""
+    import infkit.saved
+
+    monkeypatch.setattr(infkit.saved, "__version__", "0.9.0")
+    saved_by = re.escape(f"saved by infkit {infkit.__version__}, and this is infkit 0.9.0")
+    with pytest.warns(Notice, match=saved_by):
+        infkit.Influence.load(saved_exact, _copy_task(mlp_problem))
+
+
+def test_a_directory_of_two_saves_loads_the_newest_and_names_the_other(
+    mlp_problem: dict, saved_exact: Path, tmp_path: Path
+) -> None:
+    """A tester's: two saves in one directory (copied in, or an overwrite interrupted between
+    its two steps) loaded one of them without a word. The newest loads, and a warning names
+    the other and how to load it."""
+    (older,) = saved_exact.glob(f"{KIND}-*")
+    newer = _fit(mlp_problem, "exact", curvature="hessian")
+    artifact = newer.save(tmp_path / "newer")
+    shutil.copytree(artifact, saved_exact / artifact.name)
+    with pytest.warns(UserWarning, match=rf"holds 2 saved Influences: loading the newest, "
+                      rf"{artifact.name} \(saved .* UTC\); also there: {older.name}"):  # fmt: skip
+        loaded = infkit.Influence.load(saved_exact, _copy_task(mlp_problem))
+    test = mlp_problem["test"]
+    assert torch.equal(loaded.scores(test), newer.scores(test))

@@ -14,12 +14,14 @@ device or on memory layout, and any changed value changes them (docs/architectur
 
 from __future__ import annotations
 
+import dataclasses
 import dis
 import functools
 import hashlib
 import os
 import re
 import site
+import sys
 import sysconfig
 import types
 import weakref
@@ -72,13 +74,14 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
     (:func:`tensor_attributes`), where it has any.
 
     The architecture counts each module's class and its plain attributes (numbers, strings and
-    their lists and dicts: :func:`plain_attributes`), which set what the module computes where
-    no parameter does: a LoRA layer's ``scaling`` (``lora_alpha / r``), an attention's number
-    of heads."""
+    their lists and dicts, and those a settings object it holds keeps: :func:`plain_attributes`),
+    which set what the module computes where no parameter does: a LoRA layer's ``scaling``
+    (``lora_alpha / r``), an attention's number of heads, a configuration's logit cap."""
     arch = hashlib.sha256(stable_repr(model).encode())
+    seen: set[int] = set()
     for name, module in model.named_modules():
         arch.update(f"{name}:{type(module).__module__}.{type(module).__qualname__};".encode())
-        _structure(arch, plain_attributes(module))
+        _structure(arch, plain_attributes(module, seen))
     state = hashlib.sha256()
     for name, p in model.named_parameters():
         state.update(f"{name}:{p.requires_grad};".encode())
@@ -281,18 +284,90 @@ def _is_plain(value: Any, depth: int = 0) -> bool:
 
 
 #: plain attributes that do not change what a module computes: the mode the passes set, where a
-#: Hugging Face model was loaded from, whether its backward recomputes activations
-UNCOMPUTED_ATTRIBUTES = frozenset({"training", "name_or_path", "gradient_checkpointing"})
-
-
-def plain_attributes(module: nn.Module) -> dict[str, Any]:
-    """A module's own public attributes with plain values (:func:`_is_plain`), by name; not
-    private ones (PyTorch's bookkeeping) nor :data:`UNCOMPUTED_ATTRIBUTES`."""
-    return {
-        key: value
-        for key, value in vars(module).items()
-        if not key.startswith("_") and key not in UNCOMPUTED_ATTRIBUTES and _is_plain(value)
+#: Hugging Face model was loaded from, whether its backward recomputes activations; and in a
+#: settings object, the library version that wrote a Hugging Face configuration, whether its
+#: model keeps a cache for generation, and the loss kind its classifier writes there at its
+#: first call with labels (infkit's task takes the loss)
+UNCOMPUTED_ATTRIBUTES = frozenset(
+    {
+        "training",
+        "name_or_path",
+        "gradient_checkpointing",
+        "transformers_version",
+        "use_cache",
+        "problem_type",
     }
+)
+
+
+def plain_attributes(module: nn.Module, seen: set[int] | None = None) -> dict[str, Any]:
+    """A module's own public attributes with plain values (:func:`_is_plain`), by name; not
+    private ones (PyTorch's bookkeeping) nor :data:`UNCOMPUTED_ATTRIBUTES`. The settings held
+    by a settings object (:func:`_is_settings`: ``self.cfg = Config()``, a Hugging Face
+    model's ``config``), which its forward pass may read as it reads a plain attribute, count
+    too, by dotted name (``cfg.scale``, ``config.final_logit_softcapping``): where ``seen``
+    (the ids of the objects met so far in the model) is given, each object at its first module
+    only (every layer of a Hugging Face model holds its one ``config``)."""
+    found: dict[str, Any] = {}
+    for key, value in vars(module).items():
+        if key.startswith("_") or key in UNCOMPUTED_ATTRIBUTES:
+            continue
+        if _is_plain(value):
+            found[key] = value
+        elif _is_settings(value) and (seen is None or id(value) not in seen):
+            if seen is not None:
+                seen.add(id(value))
+            found.update(_settings(value, key))
+    return found
+
+
+def _is_settings(value: Any) -> bool:
+    """Whether ``value`` is an object that holds settings as attributes: an instance of a class
+    of the user's own code, a dataclass, a namespace (``types.SimpleNamespace``,
+    ``argparse.Namespace``) or a Hugging Face configuration (``PretrainedConfig``); not a
+    module, tensor, function or class, nor another library's object (a tokenizer)."""
+    if isinstance(value, (nn.Module, Tensor, type, types.ModuleType)) or callable(value):
+        return False
+    if not hasattr(value, "__dict__"):
+        return False
+    cls = type(value)
+    if (
+        dataclasses.is_dataclass(value)
+        or cls.__name__ == "Namespace"
+        or any(k.__name__ == "PretrainedConfig" for k in cls.__mro__)
+    ):
+        return True
+    return isinstance(value, types.SimpleNamespace) or _is_user_class(cls)
+
+
+def _is_user_class(cls: type) -> bool:
+    """Whether ``cls`` is defined by the user's own code (:func:`_is_user_code`), a script's or
+    a notebook's (``__main__``, which has no file) included."""
+    if cls.__module__ == "__main__":
+        return True
+    module = sys.modules.get(cls.__module__)
+    return _is_user_code(cls.__module__, getattr(module, "__file__", None))
+
+
+def _settings(value: Any, prefix: str, depth: int = 0) -> dict[str, Any]:
+    """The plain settings a settings object holds, by dotted name under ``prefix``: its public
+    plain attributes, the immutable constants its class (the user's own) defines, and those of
+    the settings objects it holds (a composite configuration's ``text_config``), two deep."""
+    found: dict[str, Any] = {}
+    cls = type(value)
+    if _is_user_class(cls):
+        for klass in reversed(cls.__mro__[:-1]):  # (a subclass's constant wins)
+            for key, member in vars(klass).items():
+                if not key.startswith("_") and _is_constant(member):
+                    found[f"{prefix}.{key}"] = member
+    for key, member in sorted(vars(value).items()):
+        if key.startswith("_") or key in UNCOMPUTED_ATTRIBUTES:
+            continue
+        if _is_plain(member):
+            found[f"{prefix}.{key}"] = member
+        elif depth < 1 and _is_settings(member):
+            found.update(_settings(member, f"{prefix}.{key}", depth + 1))
+    return found
 
 
 def tensor_digest(t: Tensor) -> str:
@@ -386,6 +461,9 @@ def callable_identity(
             _structure(h, value)
         elif _depth >= CALL_DEPTH:
             continue
+        elif isinstance(value, functools.partial):
+            # a function with settings bound (ACT = partial(F.leaky_relu, negative_slope=0.01))
+            h.update(f"{key}={callable_identity(value, _depth + 1)}".encode())
         elif _called_helper(value, scope, target):
             # a helper of its own module: what it reads counts too (a token id read there)
             h.update(f"{key}={callable_identity(value, _depth + 1, _foreign=_foreign)}".encode())
@@ -409,6 +487,8 @@ def callable_identity(
                 if _is_constant(member) or isinstance(member, Tensor):
                     h.update(f"{key}.{attribute}=".encode())
                     _structure(h, member)
+                elif isinstance(member, functools.partial):  # (helpers.LEAK, settings bound)
+                    h.update(f"{key}.{attribute}={callable_identity(member, _depth + 1)}".encode())
                 elif (
                     isinstance(member, types.FunctionType)
                     and member is not target

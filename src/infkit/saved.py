@@ -30,6 +30,7 @@ tuples, dicts (their order kept), dtypes, paths and functions.
 
 from __future__ import annotations
 
+import datetime
 import numbers
 import time
 import uuid
@@ -47,6 +48,7 @@ from infkit.errors import (
     ArtifactError,
     InfkitError,
     InvalidInputError,
+    Notice,
     UnsupportedError,
     listed,
     warn,
@@ -292,6 +294,7 @@ def model_details(model: nn.Module) -> dict[str, Any]:
         tensors[name] = _tensor_details(p, p.requires_grad)
     for name, b in model.named_buffers():
         tensors[name] = _tensor_details(b, None)
+    seen: set[int] = set()  # (a settings object at the first module that holds it)
     return {
         "tensor_attributes": {
             name: _tensor_details(t, None) for name, t in tensor_attributes(model).items()
@@ -303,7 +306,7 @@ def model_details(model: nn.Module) -> dict[str, Any]:
         "tensors": tensors,
         "repr": stable_repr(model),
         "attributes": {
-            name or "(root)": {k: stable_repr(v) for k, v in plain_attributes(m).items()}
+            name or "(root)": {k: stable_repr(v) for k, v in plain_attributes(m, seen).items()}
             for name, m in model.named_modules()
         },
         # (a fresh model holds None where these are written: _architecture_difference)
@@ -645,6 +648,17 @@ class SavedInfluence:
             )
         self.identity = identity
         self._tensors: dict[str, dict[str, Tensor]] = {}
+        version = identity.get("infkit")
+        if version != __version__:
+            # the layout reads the same; the answers are the saved fit's, those of its version
+            warn(
+                f"{self.path} was saved by infkit {version}, and this is infkit "
+                f"{__version__}: its fit is loaded as it was computed then (the layout is "
+                "the same), so its answers are that version's. Where the method changed since "
+                "(CHANGELOG.md), a fit with this version may differ: fit and save anew to "
+                "have this version's",
+                Notice,
+            )
 
     # ------------------------------------------------------------------ parts
     def tensors(self, name: str) -> dict[str, Tensor]:
@@ -970,7 +984,28 @@ def read(path: str | Path) -> SavedInfluence:
             "inf.save(path) and load that directory"
         )
     newest = max(candidates, key=_saved_at)  # an interrupted overwrite: the new save
+    older = [p for p in candidates if p != newest]
+    if older:  # (an overwrite interrupted between its two steps, or saves copied in)
+        shown = listed([f"{p.name} ({_saved_when(p)})" for p in older], 3)
+        warn(
+            f"{given} holds {len(candidates)} saved Influences: loading the newest, "
+            f"{newest.name} ({_saved_when(newest)}); also there: {shown}. To load another, "
+            f"give its own directory (Influence.load({str(older[0])!r}, task)); delete the "
+            "saves you do not want (an overwrite=True save interrupted between writing the new "
+            "save and removing the old one leaves both)",
+            UserWarning,
+        )
     return SavedInfluence(store.verify(newest, KIND, remedy=remedy), given)
+
+
+def _saved_when(path: Path) -> str:
+    """When the save at ``path`` was written, as a message says it (UTC), or that it is not
+    known (a save without its time, or one whose manifest does not read)."""
+    stamp = _saved_at(path)[0]
+    if stamp < 0:
+        return "saved at an unknown time"
+    moment = datetime.datetime.fromtimestamp(stamp / 1e9, tz=datetime.timezone.utc)
+    return f"saved {moment:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def _saved_at(path: Path) -> tuple[int, str]:
