@@ -66,7 +66,8 @@ class IdentityOptions(Options):
     checkpoints: Sequence[Checkpoint] | None = option(
         None,
         "checkpoints w_k (state dicts or flat [P] vectors): makes the method TracInCP; a "
-        "TrainingRun's are (step, theta) pairs (docs/methods/identity.md §3)",
+        "TrainingRun's checkpoints are (step, theta) pairs: pass their thetas, [theta for _, "
+        "theta in run.checkpoints] (docs/methods/identity.md §3)",
     )
     learning_rates: Sequence[float] | float | None = option(
         None, "eta_k, one per checkpoint (a single number is used for all)"
