@@ -25,10 +25,11 @@ import infkit
 from infkit.memory import human_bytes
 
 CONFIGS = {
-    # hidden, intermediate, layers, heads, kv heads, vocabulary
-    "1B": (2048, 8192, 16, 32, 8, 128256),
-    "8B": (4096, 14336, 32, 32, 8, 128256),
-    "70B": (8192, 28672, 80, 64, 8, 128256),
+    # hidden, intermediate, layers, heads, kv heads, vocabulary, tied embeddings (Llama 3.2 1B
+    # ties its output layer to the token embeddings; without it the model is 1.50B, 2.8 GiB)
+    "1B": (2048, 8192, 16, 32, 8, 128256, True),
+    "8B": (4096, 14336, 32, 32, 8, 128256, False),
+    "70B": (8192, 28672, 80, 64, 8, 128256, False),
 }
 N_TRAIN, N_QUERIES, LENGTH, BATCH = 100_000, 64, 2048, 1
 LIMIT = 64 * 2**30  # per process: an 80 GB GPU, less the bf16 model of the 8B and room to work
@@ -37,8 +38,9 @@ LIMIT = 64 * 2**30  # per process: an 80 GB GPU, less the bf16 model of the 8B a
 def meta_model(name: str) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, intermediate, layers, heads, kv, vocab = CONFIGS[name]
+    hidden, intermediate, layers, heads, kv, vocab, tied = CONFIGS[name]
     config = LlamaConfig(
+        tie_word_embeddings=tied,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -83,15 +85,16 @@ def main() -> None:
                     f"{human_bytes(stages['covariances A, S'])} | "
                     f"{human_bytes(stages['eigenvalue correction'])} | "
                     f"{human_bytes(stages['queries'])} | {human_bytes(stages['scores'])} | "
-                    f"{human_bytes(plan.peak_bytes)} | {plan.passes:g} x {plan.shape.batches:,} | "
+                    f"{human_bytes(plan.shape.batch_output_bytes)} | {human_bytes(plan.peak_bytes)} | "
+                    f"{plan.passes:g} x {plan.shape.batches:,} | "
                     f"{largest} ({human_bytes(size)}) |"
                 )
     table = "\n".join(
         [
             "| model | tracked P | processes | model (bf16) | covariances | eigenvalue "
-            "correction | queries | scores | peak per process | passes x batches | largest "
-            "object |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "correction | queries | scores | a batch's outputs | peak per process | passes x "
+            "batches | largest object |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]
     )
@@ -100,7 +103,9 @@ def main() -> None:
         f"{provenance()}\n\n"
         f"N = {N_TRAIN:,} sequences of {LENGTH:,} tokens, {N_QUERIES} queries, batch {BATCH} per "
         "process, every nn.Linear of the decoder layers tracked; bytes per process beyond the "
-        "model; `benchmarks/plan_llama.py`.\n\n"
+        "model (the stages: its own objects and those held before it; the peak adds the model, "
+        "theta*'s copy and a batch's outputs with their gradients, which the logits of 2,048 "
+        "tokens over 128,256 words make 3.4 GiB); `benchmarks/plan_llama.py`.\n\n"
         f"{table}\n"
     )
     (ROOT / "benchmarks" / "results" / "plan_llama.md").write_text(text)

@@ -91,6 +91,17 @@ class RunShape:
         return self.parameters * self.itemsize
 
     @property
+    def batch_output_bytes(self) -> int:
+        """A batch's outputs and their gradients while a pass runs the model on it: the
+        ``[B, C]`` outputs in the model's precision and three float32 copies (the loss's
+        log-probabilities, kept for the backward pass, their gradient and the outputs'), which
+        a language model's vocabulary makes large (a batch of 8 sequences of 256 tokens over
+        32,000 words: 1.0 GiB, where a tester's run rose 1.03 GiB). The model's own
+        activations beside them are not counted (the tracked layers' inputs and output
+        gradients are, in the stages that take them)."""
+        return self.batch_size * self.outputs * (self.itemsize + 3 * 4)
+
+    @property
     def batches(self) -> int:
         """Batches of training data per process per pass."""
         return -(-self.examples_per_process // self.batch_size)
@@ -187,9 +198,12 @@ class Plan:
 
     @property
     def peak_bytes(self) -> int:
-        """The model, the copy of theta* and the largest stage, per process."""
+        """The model, the copy of theta*, the largest stage and a batch's outputs with their
+        gradients (:attr:`RunShape.batch_output_bytes`: every stage that holds much runs
+        batches through the model), per process."""
         largest = max(self.stage_bytes, default=0)
-        return self.shape.model_bytes + self.shape.snapshot_bytes + largest
+        shape = self.shape
+        return shape.model_bytes + shape.snapshot_bytes + largest + shape.batch_output_bytes
 
     @property
     def within_limit(self) -> bool:
@@ -198,7 +212,10 @@ class Plan:
         limit = self.shape.memory_limit
         if limit is None:
             return True
-        over = self.peak_bytes - self.shape.model_bytes > limit
+        # (a batch's outputs are the model's passes', which the limit does not bound: said
+        # apart by __str__)
+        shape = self.shape
+        over = self.peak_bytes - shape.model_bytes - shape.batch_output_bytes > limit
         return not over and not any(stage.refused for stage in self.stages)
 
     @property
@@ -253,6 +270,7 @@ class Plan:
                 for s, total in zip(self.stages, self.stage_bytes, strict=True)
             ],
             "passes": self.passes,
+            "batch_output_bytes": self.shape.batch_output_bytes,
             "peak_bytes": self.peak_bytes,
             "within_limit": self.within_limit,
             "largest": self.largest,
@@ -279,13 +297,26 @@ class Plan:
                 f"{name} ({human_bytes(size)})" + (f"; {stage.note}" if stage.note else "")
             )
         rows.append(
-            f"  model {human_bytes(s.model_bytes)}, theta* copy {human_bytes(s.snapshot_bytes)}; "
-            "peak per process about "
+            f"  model {human_bytes(s.model_bytes)}, theta* copy {human_bytes(s.snapshot_bytes)}, "
+            f"a batch's outputs and their gradients {human_bytes(s.batch_output_bytes)} "
+            f"({s.batch_size} x {s.outputs:,} outputs); peak per process about "
             f"{human_bytes(self.peak_bytes)}; {self.passes:g} passes of {s.batches:,} batches"
         )
+        limit = s.memory_limit
+        outputs = human_bytes(s.batch_output_bytes)
         if not self.within_limit:
-            limit = human_bytes(s.memory_limit or 0)
-            rows.append(f"  above memory_limit ({limit} per process): {self.remedy}")
+            remedy = self.remedy
+            if s.batch_output_bytes > (limit or 0) // 4:
+                remedy += f"; a batch's outputs and their gradients take {outputs}: a smaller "
+                remedy += "batch_size lowers them"
+            rows.append(f"  above memory_limit ({human_bytes(limit or 0)} per process): {remedy}")
+        elif limit is not None and self.peak_bytes - s.model_bytes > limit:
+            rows.append(
+                f"  a batch's outputs and their gradients ({outputs}) take the peak past "
+                f"memory_limit ({human_bytes(limit)} per process), which bounds infkit's own "
+                "objects, not the model's forward and backward passes: a smaller batch_size "
+                "lowers them"
+            )
         if self.seconds is not None:
             seconds = self.seconds
             took = _duration(seconds)
