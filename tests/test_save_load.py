@@ -830,7 +830,9 @@ def test_an_edit_of_a_helper_in_another_module_of_the_users_is_another_model(
             "import torch\nCALLS = 0\nRUN = {'step': 0}\n\ndef counted(x):\n"
             "    global CALLS\n    CALLS += 1\n    RUN['step'] += 1\n    return x * warm()\n\n"
             "def warm():\n    return min(1.0, CALLS / 10)\n\n"
-            "def recursive(x, n=2):\n    return x if n == 0 else recursive(x, n - 1)\n"
+            "def recursive(x, n=2):\n    return x if n == 0 else recursive(x, n - 1)\n\n"
+            "def scaled(x, s):\n    return x * s * min(1.0, CALLS / 10)\n\n"
+            "import functools\nBOUND = functools.partial(scaled, s=2.0)\n"
         )
         (tmp_path / "stateful.py").write_text(
             "import torch\nimport kept_state\nfrom kept_state import counted\n"
@@ -838,7 +840,7 @@ def test_an_edit_of_a_helper_in_another_module_of_the_users_is_another_model(
             "class Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
             "        self.lin = torch.nn.Linear(2, 2)\n\n    def forward(self, x):\n"
             "        kept_state.CALLS += 1\n"
-            "        return lifted(kept_state.recursive(counted(self.lin(x))))\n"
+            "        return kept_state.BOUND(lifted(kept_state.recursive(counted(self.lin(x)))))\n"
         )
         stateful = importlib.import_module("stateful")
         net = stateful.Net()
@@ -852,9 +854,13 @@ def test_an_edit_of_a_helper_in_another_module_of_the_users_is_another_model(
 
 
 _VARIED = """{top}
+import functools
+
 import torch
 
 MODES = {{"scale": 2.0}}
+# a partial with a set bound (printed in the order of the process's string hashing)
+PICK = functools.partial(max, default=frozenset({{"scale", "keep", "other"}}))
 
 
 class Varied(torch.nn.Module):
@@ -873,7 +879,7 @@ class Varied(torch.nn.Module):
         Varied.calls += 1
         if mode in {{"scale", "keep", "other"}} and mode in allowed:  # frozenset constants
             parts = [self.lin(x) * w for w in (1.0, 2.0)]  # a comprehension: nested code
-            return sum(parts) * self.SCALE * self.factor * MODES["scale"]
+            return sum(parts) * self.SCALE * self.factor * MODES["scale"] * PICK([1.0])
         return self.lin(x)
 """
 
@@ -937,6 +943,27 @@ class Extra:
     gain: float = 1.0
 
 
+class Stats:
+    def __init__(self):
+        self.calls = 0
+        self.seen = {}  # a cache its methods fill
+
+    def note(self, x):
+        self.seen[len(self.seen)] = tuple(x.shape)
+
+
+class Proxy:  # an object whose attributes raise
+    def __getattribute__(self, name):
+        if name == "__class__":
+            return object.__getattribute__(self, name)
+        raise RuntimeError(name)
+
+
+@dataclasses.dataclass
+class Kept:  # a forward pass's output, kept
+    last: object = None
+
+
 class Configured(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
@@ -944,9 +971,14 @@ class Configured(torch.nn.Module):
         self.cfg = Settings()
         self.extra = Extra()
         self.ns = types.SimpleNamespace(bias=0.0)
+        self.stats = Stats()
+        self.proxy = Proxy()
 
     def forward(self, x):
+        self.stats.calls += 1  # state the forward pass keeps in a settings object
         h = bound_helpers.LEAK(self.inner(x)) * self.cfg.scale * self.extra.gain
+        self.stats.note(h)
+        self.kept = Kept(h.detach())
         return h + self.cfg.SHIFT + self.ns.bias
 """
 
@@ -987,6 +1019,9 @@ def test_settings_objects_and_bound_helpers_are_part_of_the_model(
             setattr(holder, name, value)
             assert model_fingerprint(model)["architecture"] != before["architecture"], name
             setattr(holder, name, old)
+        assert model_fingerprint(model) == before
+        # the state the forward pass keeps (a counter, a cache, its output) is no setting
+        model(mlp_problem["train"][0][:2])
         assert model_fingerprint(model) == before
         bound = helpers.LEAK
         helpers.LEAK = functools.partial(bound.func, negative_slope=0.5)

@@ -410,6 +410,9 @@ def test_krylov_functions_of_several_vectors_are_each_ones_own() -> None:
     for block in (torch.cat([torch.zeros_like(v), v]), torch.cat([v, 2 * v])):
         ours = krylov_functions(lambda X: X @ A, block, 8, [inverse])[0]
         assert relative_error(ours[-1:], alone * block[-1, 0] / v[0, 0]) < 1e-12
+    # a block of zeros (a saturated query's gradient): zeros, as f(A) 0 is
+    zero = krylov_functions(lambda X: X @ A, torch.zeros(2, 300, dtype=torch.float64), 8, [inverse])
+    assert not bool(zero[0].any()) and zero[0].shape == (2, 300)
     values, vectors = torch.linalg.eigh(A)  # and with enough steps, the dense answer
     dense = (v @ vectors) * inverse(values) @ vectors.T
     assert relative_error(krylov_functions(lambda X: X @ A, v, 80, [inverse])[0], dense) < 1e-8

@@ -14,7 +14,6 @@ device or on memory layout, and any changed value changes them (docs/architectur
 
 from __future__ import annotations
 
-import dataclasses
 import dis
 import functools
 import hashlib
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from infkit.data import ExampleSet
+from infkit.data import ExampleSet, leaves
 from infkit.parameters import dtype_name
 from infkit.task import Task
 
@@ -305,10 +304,13 @@ def plain_attributes(module: nn.Module, seen: set[int] | None = None) -> dict[st
     private ones (PyTorch's bookkeeping) nor :data:`UNCOMPUTED_ATTRIBUTES`. The settings held
     by a settings object (:func:`_is_settings`: ``self.cfg = Config()``, a Hugging Face
     model's ``config``), which its forward pass may read as it reads a plain attribute, count
-    too, by dotted name (``cfg.scale``, ``config.final_logit_softcapping``): where ``seen``
-    (the ids of the objects met so far in the model) is given, each object at its first module
-    only (every layer of a Hugging Face model holds its one ``config``)."""
+    too, by dotted name (``cfg.scale``, ``config.final_logit_softcapping``): not an object the
+    module's forward pass assigns (``self.last = ...``: what a pass computed) nor a setting it
+    writes (``self.stats.calls += 1``: state, :func:`_forward_writes`); where ``seen`` (the ids of
+    the objects met so far in the model) is given, each object at its first module only
+    (every layer of a Hugging Face model holds its one ``config``)."""
     found: dict[str, Any] = {}
+    written: frozenset[str] | None = None
     for key, value in vars(module).items():
         if key.startswith("_") or key in UNCOMPUTED_ATTRIBUTES:
             continue
@@ -317,27 +319,31 @@ def plain_attributes(module: nn.Module, seen: set[int] | None = None) -> dict[st
         elif _is_settings(value) and (seen is None or id(value) not in seen):
             if seen is not None:
                 seen.add(id(value))
-            found.update(_settings(value, key))
+            written = _forward_writes(type(module)) if written is None else written
+            if key not in written:
+                found.update(_settings(value, key, written))
     return found
 
 
 def _is_settings(value: Any) -> bool:
     """Whether ``value`` is an object that holds settings as attributes: an instance of a class
-    of the user's own code, a dataclass, a namespace (``types.SimpleNamespace``,
-    ``argparse.Namespace``) or a Hugging Face configuration (``PretrainedConfig``); not a
-    module, tensor, function or class, nor another library's object (a tokenizer)."""
-    if isinstance(value, (nn.Module, Tensor, type, types.ModuleType)) or callable(value):
+    of the user's own code (a dataclass of theirs among them), a namespace
+    (``types.SimpleNamespace``, ``argparse.Namespace``) or a Hugging Face configuration
+    (``PretrainedConfig``); not a module, tensor, function or class, nor another library's
+    object (a tokenizer, a model's output dataclass a forward pass kept)."""
+    try:
+        if isinstance(value, (nn.Module, Tensor, type, types.ModuleType)) or callable(value):
+            return False
+        cls = type(value)
+        if isinstance(value, types.SimpleNamespace) or (
+            cls.__name__ == "Namespace" and cls.__module__ == "argparse"
+        ):
+            return True
+        if any(k.__name__ in ("PretrainedConfig", "PreTrainedConfig") for k in cls.__mro__):
+            return True
+        return _is_user_class(cls) and isinstance(vars(value), dict)
+    except Exception:  # (an object whose attributes raise: a proxy, __getattr__ on __slots__)
         return False
-    if not hasattr(value, "__dict__"):
-        return False
-    cls = type(value)
-    if (
-        dataclasses.is_dataclass(value)
-        or cls.__name__ == "Namespace"
-        or any(k.__name__ == "PretrainedConfig" for k in cls.__mro__)
-    ):
-        return True
-    return isinstance(value, types.SimpleNamespace) or _is_user_class(cls)
 
 
 def _is_user_class(cls: type) -> bool:
@@ -349,24 +355,39 @@ def _is_user_class(cls: type) -> bool:
     return _is_user_code(cls.__module__, getattr(module, "__file__", None))
 
 
-def _settings(value: Any, prefix: str, depth: int = 0) -> dict[str, Any]:
-    """The plain settings a settings object holds, by dotted name under ``prefix``: its public
-    plain attributes, the immutable constants its class (the user's own) defines, and those of
-    the settings objects it holds (a composite configuration's ``text_config``), two deep."""
+def _forward_writes(cls: type) -> frozenset[str]:
+    """The attribute names the ``forward`` of module class ``cls`` (its bases' outside PyTorch
+    and infkit included, and the bodies decorators wrap) assigns or deletes: ``self.last = h``,
+    ``self.stats.calls += 1``, state a pass keeps, not settings. (A setter method elsewhere
+    writes a setting: ``set_scale`` is not read so.)"""
+    own = [k for k in cls.__mro__ if not k.__module__.startswith(_LIBRARY_CODE) and k is not object]
+    functions = [f for klass in own for f in _functions_of(vars(klass).get("forward"))]
+    return frozenset(_attributes_used(functions)[1])
+
+
+def _settings(value: Any, prefix: str, written: frozenset[str], depth: int = 0) -> dict[str, Any]:
+    """The plain settings a settings object holds, by dotted name under ``prefix``, less those
+    named in ``written`` (state a forward pass keeps there): its public attributes, immutable
+    constants for a class of the user's (a dict or list it holds may be a cache its methods
+    fill) and plain values for a configuration; the immutable constants its class (the
+    user's own) defines; and those of the settings objects it holds (a composite
+    configuration's ``text_config``), two deep."""
     found: dict[str, Any] = {}
     cls = type(value)
-    if _is_user_class(cls):
+    users = _is_user_class(cls)
+    if users:
         for klass in reversed(cls.__mro__[:-1]):  # (a subclass's constant wins)
             for key, member in vars(klass).items():
-                if not key.startswith("_") and _is_constant(member):
+                if not key.startswith("_") and key not in written and _is_constant(member):
                     found[f"{prefix}.{key}"] = member
+    settled = _is_constant if users else _is_plain
     for key, member in sorted(vars(value).items()):
-        if key.startswith("_") or key in UNCOMPUTED_ATTRIBUTES:
+        if key.startswith("_") or key in UNCOMPUTED_ATTRIBUTES or key in written:
             continue
-        if _is_plain(member):
+        if settled(member):
             found[f"{prefix}.{key}"] = member
         elif depth < 1 and _is_settings(member):
-            found.update(_settings(member, f"{prefix}.{key}", depth + 1))
+            found.update(_settings(member, f"{prefix}.{key}", written, depth + 1))
     return found
 
 
@@ -408,8 +429,13 @@ def callable_identity(
     if fn is None:
         return None
     if isinstance(fn, functools.partial):
-        inner = callable_identity(fn.func, _depth)
-        h = hashlib.sha256(stable_repr((fn.args, sorted(fn.keywords.items()))).encode())
+        inner = callable_identity(fn.func, _depth, _foreign=_foreign)
+        bound = (fn.args, sorted(fn.keywords.items()))
+        # (sets in sorted order: the same text in every process; a bound tensor by its values,
+        # which its repr elides)
+        h = hashlib.sha256(ordered_repr(bound).encode())
+        for t in leaves(bound):
+            _tensor(h, t)
         return f"partial({inner})#{h.hexdigest()[:12]}"
     target = getattr(fn, "__func__", fn)  # bound methods: the function
     qualname = getattr(target, "__qualname__", type(fn).__name__)
@@ -462,8 +488,10 @@ def callable_identity(
         elif _depth >= CALL_DEPTH:
             continue
         elif isinstance(value, functools.partial):
-            # a function with settings bound (ACT = partial(F.leaky_relu, negative_slope=0.01))
-            h.update(f"{key}={callable_identity(value, _depth + 1)}".encode())
+            # a function with settings bound (ACT = partial(F.leaky_relu, negative_slope=0.01)),
+            # of another module: what that module keeps is state there too
+            foreign = _foreign or getattr(value.func, "__globals__", scope) is not scope
+            h.update(f"{key}={callable_identity(value, _depth + 1, _foreign=foreign)}".encode())
         elif _called_helper(value, scope, target):
             # a helper of its own module: what it reads counts too (a token id read there)
             h.update(f"{key}={callable_identity(value, _depth + 1, _foreign=_foreign)}".encode())
@@ -487,9 +515,7 @@ def callable_identity(
                 if _is_constant(member) or isinstance(member, Tensor):
                     h.update(f"{key}.{attribute}=".encode())
                     _structure(h, member)
-                elif isinstance(member, functools.partial):  # (helpers.LEAK, settings bound)
-                    h.update(f"{key}.{attribute}={callable_identity(member, _depth + 1)}".encode())
-                elif (
+                elif isinstance(member, functools.partial) or (  # (helpers.LEAK: bound)
                     isinstance(member, types.FunctionType)
                     and member is not target
                     and _is_user_code(member.__module__, member.__code__.co_filename)

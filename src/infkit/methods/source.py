@@ -150,6 +150,8 @@ def krylov_functions(
         rows.append(directions[keep])
         block = product(rows[-1])
         scale = max(float(scale), float(block.norm(dim=1).max()))
+    if not rows:  # every vector 0 (a saturated query's gradient): so is every function of it
+        return [torch.zeros_like(V) for _ in fns]
     basis = torch.cat(rows)
     T = basis @ product(basis).T
     values, vectors = torch.linalg.eigh(0.5 * (T + T.T))
