@@ -22,8 +22,9 @@ $(DEV): $(STAMP)
 demo: $(STAMP)
 	$(PY) -m infkit demo
 
+# a worker per core (at most 4: each holds its own torch and test data), one thread each
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal
 
 test-slow: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,hf]'
