@@ -854,13 +854,19 @@ def test_an_edit_of_a_helper_in_another_module_of_the_users_is_another_model(
 
 
 _VARIED = """{top}
+import dataclasses
 import functools
 
 import torch
 
 MODES = {{"scale": 2.0}}
 # a partial with a set bound (printed in the order of the process's string hashing)
-PICK = functools.partial(max, default=frozenset({{"scale", "keep", "other"}}))
+@dataclasses.dataclass(frozen=True)
+class Opts:
+    keep: frozenset = frozenset({{"scale", "keep", "other"}})
+
+
+PICK = functools.partial(max, default=(frozenset({{"scale", "keep", "other"}}), Opts()))
 
 
 class Varied(torch.nn.Module):
@@ -946,6 +952,7 @@ class Extra:
 class Stats:
     def __init__(self):
         self.calls = 0
+        self.ticks = 0
         self.seen = {}  # a cache its methods fill
 
     def note(self, x):
@@ -974,8 +981,12 @@ class Configured(torch.nn.Module):
         self.stats = Stats()
         self.proxy = Proxy()
 
+    def _tick(self):
+        self.stats.ticks += 1
+
     def forward(self, x):
         self.stats.calls += 1  # state the forward pass keeps in a settings object
+        self._tick()  # and through a method of its class
         h = bound_helpers.LEAK(self.inner(x)) * self.cfg.scale * self.extra.gain
         self.stats.note(h)
         self.kept = Kept(h.detach())
@@ -1023,6 +1034,19 @@ def test_settings_objects_and_bound_helpers_are_part_of_the_model(
         # the state the forward pass keeps (a counter, a cache, its output) is no setting
         model(mlp_problem["train"][0][:2])
         assert model_fingerprint(model) == before
+        # a tensor bound to a partial counts by its values, not by how it prints
+        from infkit.fingerprint import callable_identity
+
+        weights = torch.linspace(0, 1, 2000)
+        tied = functools.partial(torch.nn.functional.linear, weight=weights)
+        first = callable_identity(tied)
+        try:
+            torch.set_printoptions(precision=2)
+            assert callable_identity(tied) == first
+        finally:
+            torch.set_printoptions(profile="default")
+        weights[1000] = 7.0  # (elided from its repr)
+        assert callable_identity(tied) != first
         bound = helpers.LEAK
         helpers.LEAK = functools.partial(bound.func, negative_slope=0.5)
         assert model_fingerprint(model)["code"] != before["code"]

@@ -14,6 +14,7 @@ device or on memory layout, and any changed value changes them (docs/architectur
 
 from __future__ import annotations
 
+import dataclasses
 import dis
 import functools
 import hashlib
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from infkit.data import ExampleSet, leaves
+from infkit.data import ExampleSet, leaves, map_tensors
 from infkit.parameters import dtype_name
 from infkit.task import Task
 
@@ -78,9 +79,10 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
     (``lora_alpha / r``), an attention's number of heads, a configuration's logit cap."""
     arch = hashlib.sha256(stable_repr(model).encode())
     seen: set[int] = set()
+    written = forward_writes(model)
     for name, module in model.named_modules():
         arch.update(f"{name}:{type(module).__module__}.{type(module).__qualname__};".encode())
-        _structure(arch, plain_attributes(module, seen))
+        _structure(arch, plain_attributes(module, seen, written))
     state = hashlib.sha256()
     for name, p in model.named_parameters():
         state.update(f"{name}:{p.requires_grad};".encode())
@@ -299,18 +301,20 @@ UNCOMPUTED_ATTRIBUTES = frozenset(
 )
 
 
-def plain_attributes(module: nn.Module, seen: set[int] | None = None) -> dict[str, Any]:
+def plain_attributes(
+    module: nn.Module, seen: set[int] | None = None, written: frozenset[str] | None = None
+) -> dict[str, Any]:
     """A module's own public attributes with plain values (:func:`_is_plain`), by name; not
     private ones (PyTorch's bookkeeping) nor :data:`UNCOMPUTED_ATTRIBUTES`. The settings held
     by a settings object (:func:`_is_settings`: ``self.cfg = Config()``, a Hugging Face
     model's ``config``), which its forward pass may read as it reads a plain attribute, count
     too, by dotted name (``cfg.scale``, ``config.final_logit_softcapping``): not an object the
     module's forward pass assigns (``self.last = ...``: what a pass computed) nor a setting it
-    writes (``self.stats.calls += 1``: state, :func:`_forward_writes`); where ``seen`` (the ids of
+    writes (``self.stats.calls += 1``: state, ``written``, by default what the module's own
+    class writes: :func:`forward_writes` gives the whole model's); where ``seen`` (the ids of
     the objects met so far in the model) is given, each object at its first module only
     (every layer of a Hugging Face model holds its one ``config``)."""
     found: dict[str, Any] = {}
-    written: frozenset[str] | None = None
     for key, value in vars(module).items():
         if key.startswith("_") or key in UNCOMPUTED_ATTRIBUTES:
             continue
@@ -357,12 +361,26 @@ def _is_user_class(cls: type) -> bool:
 
 def _forward_writes(cls: type) -> frozenset[str]:
     """The attribute names the ``forward`` of module class ``cls`` (its bases' outside PyTorch
-    and infkit included, and the bodies decorators wrap) assigns or deletes: ``self.last = h``,
-    ``self.stats.calls += 1``, state a pass keeps, not settings. (A setter method elsewhere
-    writes a setting: ``set_scale`` is not read so.)"""
+    and infkit included, the bodies decorators wrap, and the methods of the class it calls,
+    ``self._tick()``) assigns or deletes: ``self.last = h``, ``self.stats.calls += 1``, state a
+    pass keeps, not settings. (A setter method the pass does not call writes a setting:
+    ``set_scale`` is not read so.)"""
     own = [k for k in cls.__mro__ if not k.__module__.startswith(_LIBRARY_CODE) and k is not object]
-    functions = [f for klass in own for f in _functions_of(vars(klass).get("forward"))]
+    members = {key: value for klass in reversed(own) for key, value in vars(klass).items()}
+    forward = _functions_of(members.get("forward"))
+    called = _attributes_used(forward)[0]  # (the names forward reads: self._tick among them)
+    functions = forward + [
+        f for key in sorted(called) if key != "forward" for f in _functions_of(members.get(key))
+    ]
     return frozenset(_attributes_used(functions)[1])
+
+
+def forward_writes(model: nn.Module) -> frozenset[str]:
+    """What the forward passes of every module class of ``model`` write
+    (:func:`_forward_writes`): a settings object shared by several modules (a Hugging Face
+    ``config``) is counted at the first, and another's pass may write it."""
+    classes = {type(m) for m in model.modules()}
+    return frozenset().union(*(_forward_writes(cls) for cls in classes))
 
 
 def _settings(value: Any, prefix: str, written: frozenset[str], depth: int = 0) -> dict[str, Any]:
@@ -431,9 +449,9 @@ def callable_identity(
     if isinstance(fn, functools.partial):
         inner = callable_identity(fn.func, _depth, _foreign=_foreign)
         bound = (fn.args, sorted(fn.keywords.items()))
-        # (sets in sorted order: the same text in every process; a bound tensor by its values,
-        # which its repr elides)
-        h = hashlib.sha256(ordered_repr(bound).encode())
+        # (sets in sorted order: the same text in every process; a bound tensor by its values
+        # alone, which its repr elides and prints by the print options and device)
+        h = hashlib.sha256(ordered_repr(map_tensors(bound, lambda t: "<tensor>")).encode())
         for t in leaves(bound):
             _tensor(h, t)
         return f"partial({inner})#{h.hexdigest()[:12]}"
@@ -461,6 +479,9 @@ def callable_identity(
         try:
             value = cell.cell_contents
         except ValueError:  # an empty cell
+            continue
+        if isinstance(value, functools.partial):  # (its bound values, in one order)
+            h.update(str(callable_identity(value, _depth + 1, _foreign=_foreign)).encode())
             continue
         plain = isinstance(value, (Tensor, Mapping, list, tuple))
         _structure(h, value if plain and not _holds_set(value) else ordered_repr(value))
@@ -552,11 +573,13 @@ def _real_path(path: str) -> str:
 
 
 def _holds_set(value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` is a set or holds one in its tuples, lists and dicts."""
+    """Whether ``value`` is a set or holds one in its tuples, lists, dicts and dataclasses."""
     if isinstance(value, (set, frozenset)):
         return True
     if depth > 4:
         return False
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(_holds_set(v, depth + 1) for v in _fields(value).values())
     if isinstance(value, (tuple, list)):
         return any(_holds_set(v, depth + 1) for v in value)
     if isinstance(value, dict):
@@ -575,8 +598,16 @@ def ordered_repr(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         inner = ", ".join(ordered_repr(v) for v in value)
         return f"({inner},)" if isinstance(value, tuple) else f"[{inner}]"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = ", ".join(f"{k}={ordered_repr(v)}" for k, v in _fields(value).items())
+        return f"{type(value).__qualname__}({fields})"
     assert isinstance(value, dict)
     return "{" + ", ".join(f"{k!r}: {ordered_repr(v)}" for k, v in value.items()) + "}"
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    """A dataclass instance's fields, by name."""
+    return {f.name: getattr(value, f.name, None) for f in dataclasses.fields(value)}
 
 
 def constants_repr(constants: tuple[Any, ...]) -> str:

@@ -58,6 +58,7 @@ from infkit.fingerprint import (
     callable_identity,
     code_identities,
     data_fingerprint,
+    forward_writes,
     forward_written,
     model_fingerprint,
     plain_attributes,
@@ -295,6 +296,7 @@ def model_details(model: nn.Module) -> dict[str, Any]:
     for name, b in model.named_buffers():
         tensors[name] = _tensor_details(b, None)
     seen: set[int] = set()  # (a settings object at the first module that holds it)
+    written = forward_writes(model)
     return {
         "tensor_attributes": {
             name: _tensor_details(t, None) for name, t in tensor_attributes(model).items()
@@ -306,7 +308,9 @@ def model_details(model: nn.Module) -> dict[str, Any]:
         "tensors": tensors,
         "repr": stable_repr(model),
         "attributes": {
-            name or "(root)": {k: stable_repr(v) for k, v in plain_attributes(m, seen).items()}
+            name or "(root)": {
+                k: stable_repr(v) for k, v in plain_attributes(m, seen, written).items()
+            }
             for name, m in model.named_modules()
         },
         # (a fresh model holds None where these are written: _architecture_difference)
