@@ -1505,6 +1505,10 @@ def test_the_plan_sizes_a_language_models_outputs_from_its_configuration() -> No
     assert sized_outputs(model, LENGTH) == LENGTH  # no configuration: positions only
     model.config = SimpleNamespace(vocab_size=VOCAB)  # as a transformers model carries it
     assert sized_outputs(model, LENGTH) == LENGTH * VOCAB
+    # a sequence classifier's vocabulary is its inputs': its outputs are its labels (a
+    # reviewer's meta BERT classifier was planned 1.9 GiB of outputs a batch for 2 labels)
+    model.config = SimpleNamespace(vocab_size=VOCAB, num_labels=2)
+    assert sized_outputs(model, LENGTH, language_model=False) == 2
 
 
 def test_the_plan_lists_the_checks_the_fit_runs(problem: dict) -> None:

@@ -1558,12 +1558,12 @@ def _sample_inputs(task: Task, space: ParameterSpace, examples: ExampleSet | Non
 
 def _outputs_per_example(task: Task, inputs: Any, tokens: int) -> int:
     """C, the outputs of one example (T x V for a language model): from a forward pass of
-    the sample ``inputs`` when there are some, else ``tokens`` x the configuration's
-    ``vocab_size`` where the model has one (a model on the meta device), else ``tokens``."""
+    the sample ``inputs`` when there are some, else from the sizes of a model on the meta
+    device (:func:`~infkit.plan.sized_outputs`)."""
     if inputs is not None:
         with torch.no_grad(), evaluation_mode(task.model):
             return task.call_model(task.model, inputs).numel()
-    return sized_outputs(task.model, tokens)
+    return sized_outputs(task.model, tokens, task.name == "language_modeling")
 
 
 def _product_rate(dtype: torch.dtype, device: torch.device, size: int = 512) -> float:

@@ -29,12 +29,18 @@ if TYPE_CHECKING:
     import torch
 
 
-def sized_outputs(model: Any, tokens: int) -> int:
+def sized_outputs(model: Any, tokens: int, language_model: bool = True) -> int:
     """C, the outputs of one example of ``tokens`` positions, from sizes alone (a model on the
-    meta device): ``tokens`` x the configuration's ``vocab_size`` where the model has one (a
-    ``transformers`` language model), else ``tokens``."""
-    vocabulary = getattr(getattr(model, "config", None), "vocab_size", None)
-    return tokens * vocabulary if isinstance(vocabulary, int) else tokens
+    meta device): for a language model, ``tokens`` x the configuration's ``vocab_size`` where
+    the model has one (a ``transformers`` model); for another task, the configuration's
+    ``num_labels`` where it has one (a sequence classifier, whose vocabulary is its inputs');
+    else ``tokens``."""
+    config = getattr(model, "config", None)
+    if language_model:
+        vocabulary = getattr(config, "vocab_size", None)
+        return tokens * vocabulary if isinstance(vocabulary, int) else tokens
+    labels = getattr(config, "num_labels", None)
+    return labels if isinstance(labels, int) and labels > 0 else tokens
 
 
 @dataclass(frozen=True)
