@@ -84,14 +84,34 @@ def _warn_absorbed_keys(model: nn.Module, examples: ExampleSet, inputs: Any) -> 
         )
 
 
+def _scale_and_gap(a: Tensor, b: Tensor) -> tuple[float, float]:
+    """The largest magnitude of either of two outputs of one shape, and their largest
+    difference (0 and 0 for empty outputs)."""
+    if not a.numel():
+        return 0.0, 0.0
+    a, b = a.detach(), b.detach()
+    return max(float(a.abs().max()), float(b.abs().max())), float((a - b).abs().max())
+
+
+def _same_leaves(ours: list[Tensor], theirs: list[Tensor], *, leading: bool = False) -> bool:
+    """Whether two examples' input tensors are the same, exactly: each pair of one shape and
+    values, or with ``leading``, each of ``ours`` the first row of its batch in ``theirs``."""
+    if len(ours) != len(theirs):
+        return False
+    if leading:
+        return all(
+            b.shape[1:] == a.shape[1:] and torch.equal(b[:1], a) for a, b in zip(ours, theirs)
+        )
+    return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
 def deterministic_outputs(once: Tensor, again: Tensor, examples: ExampleSet) -> None:
     """Refuse a model whose two outputs on the first example, ``once`` and ``again``, differ
     beyond rounding. A model that draws random numbers in evaluation mode (``F.dropout(x, p,
     training=True)``, added noise) makes every gradient, curvature and score one random draw:
     a tester's scores changed by 3.1 between two runs, their largest being 0.63, with no
     word."""
-    scale = float(once.detach().abs().max()) if once.numel() else 0.0
-    gap = float((once - again).detach().abs().max()) if once.numel() else 0.0
+    scale, gap = _scale_and_gap(once, again)
     if gap > 1e3 * torch.finfo(once.dtype).eps * max(scale, 1e-30):
         raise InvalidInputError(
             f"the model's outputs on {examples.name} {examples.example(0)} differ between two "
@@ -106,37 +126,28 @@ def warn_batch_mixing(engine: PerExample, examples: ExampleSet, alone: Tensor) -
     """Warn where the first example's output ``alone`` differs from its output in a batch of
     two beyond rounding (beside the first example whose inputs differ from its; a batch of two
     is enough to see a mean taken over the batch, and little memory beside a language model's
-    [B, T, V] outputs), its inputs being the same there (no padding added): a forward pass that mixes a batch's examples (``h - h.mean(0)``, batch
-    statistics of its own) has no per-example loss, and infkit differentiates each example
-    alone. A tester's model scored 0 everywhere, with warnings that blamed the measurement and
-    the curvature products."""
+    [B, T, V] outputs), its inputs being the same there (no padding added): a forward pass
+    that mixes a batch's examples (``h - h.mean(0)``, batch statistics of its own) has no
+    per-example loss, and infkit differentiates each example alone. A tester's model scored 0
+    everywhere, with warnings that blamed the measurement and the curvature products."""
     if len(examples) < 2:
         return
     first = examples.take([0])
     # beside example 0 the first example whose inputs differ from its (a copy of it would hide
     # a batch's mean: a reviewer's duplicated first example), else the last
     other = len(examples) - 1
-    reference = leaves(first.inputs)
+    ours = leaves(first.inputs)
     for j in range(1, min(len(examples), 64)):
-        candidate = leaves(examples.take([j]).inputs)
-        if len(candidate) != len(reference) or any(
-            a.shape != b.shape or not torch.equal(a, b) for a, b in zip(candidate, reference)
-        ):
+        if not _same_leaves(ours, leaves(examples.take([j]).inputs)):
             other = j
             break
     batch = examples.take([0, other])
-    ours, theirs = leaves(first.inputs), leaves(batch.inputs)
-    if len(ours) != len(theirs) or not all(
-        b.shape[1:] == a.shape[1:] and torch.equal(b[:1], a) for a, b in zip(ours, theirs)
-    ):
+    if not _same_leaves(ours, leaves(batch.inputs), leading=True):
         return  # (padded otherwise: the padding's own effect is checked elsewhere)
     together = engine.outputs(batch)[:1]
-    if together.shape != alone.shape:
+    if together.shape != alone.shape or not alone.numel():
         return
-    if not alone.numel():
-        return
-    scale = max(float(alone.detach().abs().max()), float(together.detach().abs().max()))
-    gap = float((together - alone).detach().abs().max())
+    scale, gap = _scale_and_gap(alone, together)
     # the coarsest precision the outputs were computed in: the model's parameters and buffers
     # (a float32 body under a float64 head: 3.6e-8 apart on a scale of 0.12), autocast's, and
     # TensorFloat-32 where CUDA's matrix products may take it

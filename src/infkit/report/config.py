@@ -382,16 +382,16 @@ def _check_values(sections: dict[str, dict[str, Any]], where: str, folder: Path)
                 f"{where}: [group_removal] groups.{name} must be a non-empty list of training "
                 f"indices, got {indices!r}"
             )
-        _refuse_repeated(indices, f"[group_removal] groups.{name}", where)
-    _refuse_repeated(sections["report"]["queries"], "[report] queries", where)
+        _check_index_list(indices, f"[group_removal] groups.{name}", where)
+    _check_index_list(sections["report"]["queries"], "[report] queries", where)
     flagged = sections["self_influence"]["flagged"]
     if isinstance(flagged, list):
-        _refuse_repeated(flagged, "[self_influence] flagged", where)
+        _check_index_list(flagged, "[self_influence] flagged", where)
     if not isinstance(damping, str) and damping < 0:
         raise ConfigError(f'{where}: [influence] damping must be >= 0 or "auto", got {damping!r}')
 
 
-def _refuse_repeated(indices: list[int], option: str, where: str) -> None:
+def _check_index_list(indices: list[int], option: str, where: str) -> None:
     """A list of indices naming one twice or a negative one, refused before any factory runs
     (the ranges need the data, and were checked only after the model's factory had trained
     it)."""
