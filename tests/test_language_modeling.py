@@ -1511,6 +1511,47 @@ def test_the_plan_sizes_a_language_models_outputs_from_its_configuration() -> No
     assert sized_outputs(model, LENGTH, language_model=False) == 2
 
 
+def test_the_plan_sizes_a_meta_models_outputs_by_a_pass_on_the_meta_device() -> None:
+    """A reviewer's: every Hugging Face configuration has num_labels (2 by default), so a
+    causal LM on the meta device under a task of the user's was planned 2 outputs an example
+    (a Llama's 4 MB of logits a batch as 256 bytes), and a token classifier its labels, not
+    T x its labels. A pass of token ids on the meta device computes the shapes alone; a model
+    that takes other inputs is sized from its configuration."""
+
+    def planned_outputs(model: nn.Module, task: infkit.Task | None = None) -> int:
+        task = task or infkit.Task(model, custom_loss)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Notice)
+            plan = infkit.Influence(task, "ekfac", damping=1e-3).plan(
+                n_train=64, n_queries=2, sequence_length=LENGTH
+            )
+        return plan.shape.outputs
+
+    def custom_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+
+    class TokenClassifier(nn.Module):
+        def __init__(self, labels: int) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, 8)
+            self.head = nn.Linear(8, labels)
+            self.config = SimpleNamespace(vocab_size=VOCAB, num_labels=labels)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(input_ids))  # [B, T, labels]
+
+    with torch.device("meta"):
+        lm_model = TinyLM()  # (its forward makes a tensor without naming a device)
+        lm_model.config = SimpleNamespace(vocab_size=VOCAB, num_labels=2)
+        tagger = TokenClassifier(5)
+        features = nn.Sequential(nn.Linear(7, 4), nn.Tanh(), nn.Linear(4, 3))
+    features.config = SimpleNamespace(num_labels=3)  # takes no token ids: sized from this
+    assert planned_outputs(lm_model, infkit.Task(lm_model, custom_loss)) == LENGTH * VOCAB
+    assert planned_outputs(lm_model, infkit.Task.language_modeling(lm_model)) == LENGTH * VOCAB
+    assert planned_outputs(tagger) == LENGTH * 5
+    assert planned_outputs(features) == 3
+
+
 def test_the_plan_lists_the_checks_the_fit_runs(problem: dict) -> None:
     """The post-fit checks are in the plan exactly when fit runs them; checks=False skips
     both (and their figures in describe())."""

@@ -13,6 +13,7 @@ j helped t.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import numbers
@@ -1558,12 +1559,23 @@ def _sample_inputs(task: Task, space: ParameterSpace, examples: ExampleSet | Non
 
 def _outputs_per_example(task: Task, inputs: Any, tokens: int) -> int:
     """C, the outputs of one example (T x V for a language model): from a forward pass of
-    the sample ``inputs`` when there are some, else from the sizes of a model on the meta
-    device (:func:`~infkit.plan.sized_outputs`)."""
-    if inputs is not None:
-        with torch.no_grad(), evaluation_mode(task.model):
-            return task.call_model(task.model, inputs).numel()
-    return sized_outputs(task.model, tokens, task.name == "language_modeling")
+    the sample ``inputs`` when there are some; else of one sequence of ``tokens`` token ids
+    (zeros) where the model takes them (on the meta device a pass computes shapes alone: a
+    causal LM under a task of the user's, a token classifier's T x labels); else from its
+    configuration's sizes (:func:`~infkit.plan.sized_outputs`)."""
+    if inputs is None:
+        model = task.model
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        inputs = torch.zeros(1, tokens, dtype=torch.long, device=device)
+        # (on the meta device, so is what the pass creates without naming a device: torch.arange)
+        where = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
+        try:
+            with torch.no_grad(), evaluation_mode(model), where:
+                return task.call_model(model, inputs).numel()
+        except Exception:  # (inputs of another kind: the sizes tell)
+            return sized_outputs(model, tokens, task.name == "language_modeling")
+    with torch.no_grad(), evaluation_mode(task.model):
+        return task.call_model(task.model, inputs).numel()
 
 
 def _product_rate(dtype: torch.dtype, device: torch.device, size: int = 512) -> float:
