@@ -1031,9 +1031,23 @@ def test_settings_objects_and_bound_helpers_are_part_of_the_model(
             assert model_fingerprint(model)["architecture"] != before["architecture"], name
             setattr(holder, name, old)
         assert model_fingerprint(model) == before
-        # the state the forward pass keeps (a counter, a cache, its output) is no setting
+        # the state the forward pass keeps (a counter, a cache, its output) is no setting,
+        # once a pass is probed as fit probes one
+        from infkit.data import ExampleSet
+        from infkit.fitted import probe_forward_writes
+        from infkit.gradients import PerExample
+        from infkit.parameters import ParameterSpace
+
+        probed = infkit.Task.classification(model)
+        probe_forward_writes(
+            PerExample(probed, ParameterSpace(model)), ExampleSet(mlp_problem["train"])
+        )
+        before = model_fingerprint(model)
         model(mlp_problem["train"][0][:2])
         assert model_fingerprint(model) == before
+        model.cfg.scale = 1.5  # (a setting still counts)
+        assert model_fingerprint(model)["architecture"] != before["architecture"]
+        model.cfg.scale = 1.0
         # a tensor bound to a partial counts by its values, not by how it prints
         from infkit.fingerprint import callable_identity
 
@@ -1074,6 +1088,205 @@ def test_settings_objects_and_bound_helpers_are_part_of_the_model(
         sys.path.remove(str(tmp_path))
         for name in ("configured", "bound_helpers"):
             sys.modules.pop(name, None)
+
+
+_WRITTEN_STATE = """
+import dataclasses
+import functools
+import types
+
+import torch
+from torch import nn
+
+
+class Cfg:
+    def __init__(self):
+        self.scale = 1.0
+        self.calls = 0
+
+
+class PropNet(nn.Module):  # forward reads a property whose setter (never called) writes cfg
+    def __init__(self):
+        super().__init__()
+        self.lin, self.cfg = nn.Linear(2, 2), Cfg()
+
+    @property
+    def scale(self):
+        return self.cfg.scale
+
+    @scale.setter
+    def scale(self, value):
+        self.cfg.scale = value
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+class Attn(nn.Module):  # keeps a scale of its own, under the name of its parent's setting
+    def __init__(self):
+        super().__init__()
+        self.lin, self.scale = nn.Linear(2, 2), None
+
+    def forward(self, x):
+        self.scale = torch.tensor(x.shape[-1] ** -0.5)
+        return self.lin(x) * self.scale
+
+
+class Collide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.cfg = Attn(), Cfg()
+
+    def forward(self, x):
+        return self.attn(x) * self.cfg.scale
+
+
+def bump(cfg):
+    cfg.calls += 1
+
+
+class Counters(nn.Module):  # counters moved two calls deep, by a helper, by setattr, its own
+    def __init__(self):
+        super().__init__()
+        self.lin, self.cfg, self.other, self.calls = nn.Linear(2, 2), Cfg(), Cfg(), 0
+
+    def _tick(self):
+        self.cfg.calls += 1
+
+    def _step(self):
+        self._tick()
+
+    def forward(self, x):
+        self._step()
+        bump(self.other)
+        setattr(self.other, "seen", getattr(self.other, "seen", 0) + 1)
+        self.calls += 1
+        return self.lin(x) * self.cfg.scale * self.other.scale
+
+
+@dataclasses.dataclass
+class Opts:
+    w: torch.Tensor = None
+    gain: float = dataclasses.field(default=1.0, repr=False)
+
+
+def act(x, **settings):
+    return x
+
+
+BOUND = {
+    "names": functools.partial(act, opts=types.SimpleNamespace(keep={"alpha", "beta", "gamma"})),
+    "keys": functools.partial(act, table={frozenset({"alpha", "beta", "gamma"}): 1.0}),
+    "object": functools.partial(act, cfg=Cfg()),
+    "fields": functools.partial(act, opts=Opts(w=torch.linspace(0, 1, 2000))),
+}
+
+
+def bound_net(key):
+    bound = BOUND[key]
+
+    class Bound(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return bound(self.lin(x))
+
+    return Bound()
+"""
+
+_WRITTEN_LOAD = """
+import json, sys, warnings
+import torch, infkit
+sys.path.insert(0, sys.argv[1])
+import written_state
+from infkit.fingerprint import model_fingerprint
+
+warnings.simplefilter("ignore")
+X, y = torch.load(sys.argv[1] + "/data.pt")
+found = {}
+for name in ("PropNet", "Collide", "Counters"):
+    for edit in (None, 3.0):
+        torch.manual_seed(0)
+        model = getattr(written_state, name)()
+        if edit is not None:
+            model.cfg.scale = edit
+        task = infkit.Task.classification(model)
+        try:
+            infkit.Influence.load(f"{sys.argv[1]}/{name}", task, (X, y))
+            found[f"{name} {edit}"] = "loaded"
+        except infkit.ArtifactError as error:
+            found[f"{name} {edit}"] = str(error)
+for key in ("names", "keys"):
+    found[key] = model_fingerprint(written_state.bound_net(key))["code"]
+print(json.dumps(found))
+"""
+
+
+def test_what_a_forward_pass_writes_is_state_wherever_it_writes_it(tmp_path: Path) -> None:
+    """A reviewer's, of saves loaded in a fresh process: what a probed pass changed is state
+    (a counter moved two calls deep, by a helper of the module, by setattr, a module's own),
+    so the same model loads; a setting no pass writes is a setting, whatever else bears its
+    name (a child's own ``scale``) or could write it (a property's setter): its edit is refused
+    (the static reading of the code took both for state, and the fit of scale 1.0 loaded for
+    scale 3.0: scores 0.0052 against 0.0198). A partial's bound values count by their values,
+    the same in every process (a namespace or a dict key holding a set was another model in
+    each; an object's setting, an elided tensor value and a repr=False field were missed)."""
+    import json
+    import os
+    import subprocess
+
+    (tmp_path / "written_state.py").write_text(_WRITTEN_STATE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import written_state
+
+        g = torch.Generator().manual_seed(1)
+        X, y = torch.randn(12, 2, generator=g, dtype=torch.float64), torch.arange(12) % 2
+        torch.save((X.float(), y), tmp_path / "data.pt")
+        for name in ("PropNet", "Collide", "Counters"):
+            torch.manual_seed(0)
+            task = infkit.Task.classification(getattr(written_state, name)())
+            fitted = infkit.Influence(task, "identity", l2=0.1).fit((X.float(), y))
+            fitted.save(tmp_path / name)
+        identities = {}
+        for key in ("object", "fields"):
+            net = written_state.bound_net(key)
+            identities[key] = model_fingerprint_code(net)
+        written_state.BOUND["object"].keywords["cfg"].scale = 5.0
+        written_state.BOUND["fields"].keywords["opts"].w[1000] = 7.0  # (elided in its repr)
+        assert model_fingerprint_code(written_state.bound_net("object")) != identities["object"]
+        edited = model_fingerprint_code(written_state.bound_net("fields"))
+        assert edited != identities["fields"]
+        written_state.BOUND["fields"].keywords["opts"].gain = 3.0  # a field its repr leaves out
+        assert model_fingerprint_code(written_state.bound_net("fields")) != edited
+        here = {
+            key: model_fingerprint_code(written_state.bound_net(key)) for key in ("names", "keys")
+        }
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("written_state", None)
+    seed = "7" if os.environ.get("PYTHONHASHSEED") != "7" else "8"
+    done = subprocess.run(
+        [sys.executable, "-c", _WRITTEN_LOAD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in ("PropNet", "Collide", "Counters"):
+        assert found[f"{name} None"] == "loaded", found[f"{name} None"]
+        assert "cfg.scale is 3.0, saved 1.0" in found[f"{name} 3.0"], found[f"{name} 3.0"]
+    assert found["names"] == here["names"] and found["keys"] == here["keys"]
+
+
+def model_fingerprint_code(model: torch.nn.Module) -> str:
+    """The code part of a model's identity."""
+    from infkit.fingerprint import model_fingerprint
+
+    return model_fingerprint(model)["code"]
 
 
 def test_a_hugging_face_models_configuration_is_part_of_it() -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from infkit.data import ExampleSet, leaves, map_tensors
+from infkit.data import ExampleSet
 from infkit.parameters import dtype_name
 from infkit.task import Task
 
@@ -79,10 +79,10 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
     (``lora_alpha / r``), an attention's number of heads, a configuration's logit cap."""
     arch = hashlib.sha256(stable_repr(model).encode())
     seen: set[int] = set()
-    written = forward_writes(model)
+    written = frozenset(_WRITTEN.get(model, ()))
     for name, module in model.named_modules():
         arch.update(f"{name}:{type(module).__module__}.{type(module).__qualname__};".encode())
-        _structure(arch, plain_attributes(module, seen, written))
+        _structure(arch, plain_attributes(module, seen, written, name))
     state = hashlib.sha256()
     for name, p in model.named_parameters():
         state.update(f"{name}:{p.requires_grad};".encode())
@@ -207,8 +207,9 @@ def _functions_of(value: Any) -> list[types.FunctionType]:
     return found
 
 
-#: the tensor attributes a forward pass of the model was seen to write, by model
-#: (:func:`note_forward_writes`): the activations it keeps, which identify nothing
+#: the tensor attributes, plain attributes and settings a forward pass of the model was seen to
+#: write, by model and dotted name (:func:`note_forward_writes`): the activations it keeps, a
+#: counter it moves, a size it notes, which identify nothing
 _WRITTEN: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
@@ -219,15 +220,41 @@ def attribute_objects(model: nn.Module) -> dict[str, Tensor]:
     return dict(_value_attributes(model))
 
 
-def note_forward_writes(model: nn.Module, before: dict[str, Tensor]) -> None:
-    """Record the tensor attributes that a forward pass, run since ``before``
-    (:func:`attribute_objects`), put in place: new names or other tensor objects. They are a
-    cache of what the pass computed (``self.last = h.detach()``), left out of
-    :func:`tensor_attributes` from then on."""
+def settings_values(model: nn.Module) -> dict[str, str]:
+    """Each plain attribute and setting of ``model``'s modules (:func:`plain_attributes`, none
+    left out), by dotted name (``cfg.scale``, ``layers.0.calls``), as text: what
+    :func:`note_forward_writes` compares after a pass."""
+    seen: set[int] = set()
+    return {
+        _dotted(prefix, key): ordered_repr(value)
+        for prefix, module in model.named_modules()
+        for key, value in plain_attributes(module, seen, frozenset(), prefix).items()
+    }
+
+
+def note_forward_writes(
+    model: nn.Module, before: dict[str, Tensor], settings: dict[str, str] | None = None
+) -> None:
+    """Record what a forward pass, run since ``before`` (:func:`attribute_objects`) and
+    ``settings`` (:func:`settings_values`) were taken, wrote: tensor attributes put in place
+    (new names or other tensor objects: a cache of what the pass computed, ``self.last =
+    h.detach()``), and plain attributes and settings whose values it changed (a counter,
+    ``self.stats.calls += 1``, wherever the pass moves it: a method it calls, a child's pass, a
+    helper of another module, ``setattr``). They are state, no part of the model's identity
+    (:func:`tensor_attributes`, :func:`plain_attributes`) from then on: ``fit``, ``load``
+    (where the identity differs), the retrainings' cache and the plan probe a pass first."""
     now = _value_attributes(model)
     written = {name for name, t in now.items() if before.get(name) is not t}
+    if settings is not None:
+        after = settings_values(model)
+        written |= {n for n in after.keys() | settings.keys() if after.get(n) != settings.get(n)}
     if written:
         _WRITTEN.setdefault(model, set()).update(written)
+
+
+def _dotted(prefix: str, key: str) -> str:
+    """The dotted name of attribute ``key`` of the module named ``prefix`` ("" the root)."""
+    return f"{prefix}.{key}" if prefix else key
 
 
 def forward_written(model: nn.Module) -> list[str]:
@@ -255,7 +282,7 @@ def _value_attributes(model: nn.Module) -> dict[str, Tensor]:
     for prefix, module in model.named_modules():
         for key, value in vars(module).items():
             if isinstance(value, Tensor) and not key.startswith("_") and _holds_values(value):
-                found[f"{prefix}.{key}" if prefix else key] = value
+                found[_dotted(prefix, key)] = value
     return found
 
 
@@ -302,18 +329,20 @@ UNCOMPUTED_ATTRIBUTES = frozenset(
 
 
 def plain_attributes(
-    module: nn.Module, seen: set[int] | None = None, written: frozenset[str] | None = None
+    module: nn.Module,
+    seen: set[int] | None = None,
+    written: frozenset[str] = frozenset(),
+    prefix: str = "",
 ) -> dict[str, Any]:
     """A module's own public attributes with plain values (:func:`_is_plain`), by name; not
     private ones (PyTorch's bookkeeping) nor :data:`UNCOMPUTED_ATTRIBUTES`. The settings held
     by a settings object (:func:`_is_settings`: ``self.cfg = Config()``, a Hugging Face
     model's ``config``), which its forward pass may read as it reads a plain attribute, count
-    too, by dotted name (``cfg.scale``, ``config.final_logit_softcapping``): not an object the
-    module's forward pass assigns (``self.last = ...``: what a pass computed) nor a setting it
-    writes (``self.stats.calls += 1``: state, ``written``, by default what the module's own
-    class writes: :func:`forward_writes` gives the whole model's); where ``seen`` (the ids of
-    the objects met so far in the model) is given, each object at its first module only
-    (every layer of a Hugging Face model holds its one ``config``)."""
+    too, by dotted name (``cfg.scale``, ``config.final_logit_softcapping``). Not those a
+    forward pass was seen to write (:func:`note_forward_writes`: ``self.calls += 1``, state),
+    ``written``, by their dotted names in the model, the module being named ``prefix``; where
+    ``seen`` (the ids of the objects met so far in the model) is given, each settings object
+    at its first module only (every layer of a Hugging Face model holds its one ``config``)."""
     found: dict[str, Any] = {}
     for key, value in vars(module).items():
         if key.startswith("_") or key in UNCOMPUTED_ATTRIBUTES:
@@ -323,10 +352,8 @@ def plain_attributes(
         elif _is_settings(value) and (seen is None or id(value) not in seen):
             if seen is not None:
                 seen.add(id(value))
-            written = _forward_writes(type(module)) if written is None else written
-            if key not in written:
-                found.update(_settings(value, key, written))
-    return found
+            found.update(_settings(value, key))
+    return {key: value for key, value in found.items() if _dotted(prefix, key) not in written}
 
 
 def _is_settings(value: Any) -> bool:
@@ -359,53 +386,28 @@ def _is_user_class(cls: type) -> bool:
     return _is_user_code(cls.__module__, getattr(module, "__file__", None))
 
 
-def _forward_writes(cls: type) -> frozenset[str]:
-    """The attribute names the ``forward`` of module class ``cls`` (its bases' outside PyTorch
-    and infkit included, the bodies decorators wrap, and the methods of the class it calls,
-    ``self._tick()``) assigns or deletes: ``self.last = h``, ``self.stats.calls += 1``, state a
-    pass keeps, not settings. (A setter method the pass does not call writes a setting:
-    ``set_scale`` is not read so.)"""
-    own = [k for k in cls.__mro__ if not k.__module__.startswith(_LIBRARY_CODE) and k is not object]
-    members = {key: value for klass in reversed(own) for key, value in vars(klass).items()}
-    forward = _functions_of(members.get("forward"))
-    called = _attributes_used(forward)[0]  # (the names forward reads: self._tick among them)
-    functions = forward + [
-        f for key in sorted(called) if key != "forward" for f in _functions_of(members.get(key))
-    ]
-    return frozenset(_attributes_used(functions)[1])
-
-
-def forward_writes(model: nn.Module) -> frozenset[str]:
-    """What the forward passes of every module class of ``model`` write
-    (:func:`_forward_writes`): a settings object shared by several modules (a Hugging Face
-    ``config``) is counted at the first, and another's pass may write it."""
-    classes = {type(m) for m in model.modules()}
-    return frozenset().union(*(_forward_writes(cls) for cls in classes))
-
-
-def _settings(value: Any, prefix: str, written: frozenset[str], depth: int = 0) -> dict[str, Any]:
-    """The plain settings a settings object holds, by dotted name under ``prefix``, less those
-    named in ``written`` (state a forward pass keeps there): its public attributes, immutable
-    constants for a class of the user's (a dict or list it holds may be a cache its methods
-    fill) and plain values for a configuration; the immutable constants its class (the
-    user's own) defines; and those of the settings objects it holds (a composite
-    configuration's ``text_config``), two deep."""
+def _settings(value: Any, prefix: str, depth: int = 0) -> dict[str, Any]:
+    """The plain settings a settings object holds, by dotted name under ``prefix``: its public
+    attributes, immutable constants for a class of the user's (a dict or list it holds may be
+    a cache its methods fill) and plain values for a configuration; the immutable constants
+    its class (the user's own) defines; and those of the settings objects it holds (a
+    composite configuration's ``text_config``), two deep."""
     found: dict[str, Any] = {}
     cls = type(value)
     users = _is_user_class(cls)
     if users:
         for klass in reversed(cls.__mro__[:-1]):  # (a subclass's constant wins)
             for key, member in vars(klass).items():
-                if not key.startswith("_") and key not in written and _is_constant(member):
+                if not key.startswith("_") and _is_constant(member):
                     found[f"{prefix}.{key}"] = member
     settled = _is_constant if users else _is_plain
     for key, member in sorted(vars(value).items()):
-        if key.startswith("_") or key in UNCOMPUTED_ATTRIBUTES or key in written:
+        if key.startswith("_") or key in UNCOMPUTED_ATTRIBUTES:
             continue
         if settled(member):
             found[f"{prefix}.{key}"] = member
         elif depth < 1 and _is_settings(member):
-            found.update(_settings(member, f"{prefix}.{key}", written, depth + 1))
+            found.update(_settings(member, f"{prefix}.{key}", depth + 1))
     return found
 
 
@@ -448,13 +450,8 @@ def callable_identity(
         return None
     if isinstance(fn, functools.partial):
         inner = callable_identity(fn.func, _depth, _foreign=_foreign)
-        bound = (fn.args, sorted(fn.keywords.items()))
-        # (sets in sorted order: the same text in every process; a bound tensor by its values
-        # alone, which its repr elides and prints by the print options and device)
-        h = hashlib.sha256(ordered_repr(map_tensors(bound, lambda t: "<tensor>")).encode())
-        for t in leaves(bound):
-            _tensor(h, t)
-        return f"partial({inner})#{h.hexdigest()[:12]}"
+        bound = canonical_text((fn.args, sorted(fn.keywords.items())))
+        return f"partial({inner})#{hashlib.sha256(bound.encode()).hexdigest()[:12]}"
     target = getattr(fn, "__func__", fn)  # bound methods: the function
     qualname = getattr(target, "__qualname__", type(fn).__name__)
     name = f"{getattr(target, '__module__', '?')}.{qualname}"
@@ -482,9 +479,10 @@ def callable_identity(
             continue
         if isinstance(value, functools.partial):  # (its bound values, in one order)
             h.update(str(callable_identity(value, _depth + 1, _foreign=_foreign)).encode())
-            continue
-        plain = isinstance(value, (Tensor, Mapping, list, tuple))
-        _structure(h, value if plain and not _holds_set(value) else ordered_repr(value))
+        elif _is_structure(value):  # tensors and plain values in lists, tuples and dicts
+            _structure(h, value)
+        else:  # (a set, an object: its values, the same in every process)
+            h.update(canonical_text(value).encode())
     if name.startswith("infkit."):  # infkit's own: its constants are the version's, and the
         return f"{name}#{h.hexdigest()[:12]}"  # saved identities of its tasks stay as they were
     # the values it reads: its defaults, and the module-level plain values and tensors its code
@@ -570,6 +568,57 @@ def _is_user_code(module: str | None, path: str | None) -> bool:
 @functools.lru_cache(maxsize=4096)
 def _real_path(path: str) -> str:
     return os.path.realpath(path)
+
+
+def _is_structure(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is what :func:`_structure` hashes by value alone: a tensor, a plain
+    value (:data:`_PLAIN`), or a list, tuple or dict (of string keys) of them."""
+    if isinstance(value, (Tensor, *_PLAIN)):
+        return True
+    if depth > 4:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_is_structure(v, depth + 1) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_structure(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def canonical_text(value: Any, depth: int = 0) -> str:
+    """``value`` as text that is the same in every process and changes with any of its values:
+    a tensor by its digest (its repr elides values and follows the print options), sets and
+    dict keys in sorted order (a set prints in the order of the process's string hashing),
+    a dataclass by all its fields (``repr=False`` ones too), a namespace or another settings
+    object (:func:`_is_settings`) by its public attributes; other objects by
+    :func:`stable_repr` (a module, a function: their repr, as they were always taken)."""
+    if isinstance(value, Tensor):
+        return f"tensor({tensor_digest(value)})"
+    if isinstance(value, _PLAIN) or depth > 6:
+        return stable_repr(value)
+    inner = depth + 1
+    if isinstance(value, (set, frozenset)):
+        items = sorted(canonical_text(v, inner) for v in value)
+        return f"{type(value).__name__}({', '.join(items)})"
+    if isinstance(value, (list, tuple)):
+        items = [canonical_text(v, inner) for v in value]
+        return f"{type(value).__name__}({', '.join(items)})"
+    if isinstance(value, Mapping):
+        pairs = sorted(
+            f"{canonical_text(k, inner)}: {canonical_text(v, inner)}" for k, v in value.items()
+        )
+        return f"{type(value).__name__}{{{', '.join(pairs)}}}"
+    cls = type(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = _fields(value)
+    elif _is_settings(value):
+        try:
+            fields = {k: v for k, v in sorted(vars(value).items()) if not k.startswith("_")}
+        except Exception:  # (attributes that raise: its repr)
+            return stable_repr(value)
+    else:
+        return stable_repr(value)
+    parts = [f"{k}={canonical_text(v, inner)}" for k, v in fields.items()]
+    return f"{cls.__module__}.{cls.__qualname__}({', '.join(parts)})"
 
 
 def _holds_set(value: Any, depth: int = 0) -> bool:

@@ -648,9 +648,9 @@ class Influence:
         check_weights_present(task.model)
         record = saved.read(path)
         task = record.task_as_fitted(task)
-        record.check_task(task)
-        settings = record.settings(options)
         examples = record.examples(train)
+        record.check_task(task, examples)
+        settings = record.settings(options)
         autocast = settings.autocast
         if autocast is not None and not method_class(settings.method).takes_autocast:
             # saved before such a run was refused: the precision changed none of its answers
@@ -1345,6 +1345,8 @@ class Influence:
         committed = None
         if examples is not None and space.device.type != "meta":
             engine = PerExample(self.task, space, self.per_example_mode)
+            # as fit probes a pass first: what it writes is no part of the factors' identity
+            probe_forward_writes(engine, examples)
             committed = method.committed_fit(engine, examples, self.batch_size)
         shape = RunShape(
             n_train=n,

@@ -31,7 +31,6 @@ from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError, NotConvergedWarning, warn
 from infkit.example_checks import check_examples
 from infkit.fingerprint import (
-    attribute_objects,
     data_fingerprint,
     model_fingerprint,
     task_fingerprint,
@@ -206,9 +205,8 @@ def _cache(
         _check_run(run, task, examples, l2)
     if cache_dir is None:
         return None
-    # the attributes a forward pass writes (kept activations) are no part of the key
-    if attribute_objects(task.model):
-        probe_forward_writes(engine, examples)
+    # what a forward pass writes (kept activations, a counter) is no part of the key
+    probe_forward_writes(engine, examples)
     return RetrainCache(cache_dir, task, examples, l2, tolerance, max_iter, run)
 
 

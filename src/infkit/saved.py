@@ -30,6 +30,7 @@ tuples, dicts (their order kept), dtypes, paths and functions.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import numbers
 import time
@@ -58,7 +59,6 @@ from infkit.fingerprint import (
     callable_identity,
     code_identities,
     data_fingerprint,
-    forward_writes,
     forward_written,
     model_fingerprint,
     plain_attributes,
@@ -296,7 +296,7 @@ def model_details(model: nn.Module) -> dict[str, Any]:
     for name, b in model.named_buffers():
         tensors[name] = _tensor_details(b, None)
     seen: set[int] = set()  # (a settings object at the first module that holds it)
-    written = forward_writes(model)
+    written = frozenset(forward_written(model))
     return {
         "tensor_attributes": {
             name: _tensor_details(t, None) for name, t in tensor_attributes(model).items()
@@ -309,7 +309,7 @@ def model_details(model: nn.Module) -> dict[str, Any]:
         "repr": stable_repr(model),
         "attributes": {
             name or "(root)": {
-                k: stable_repr(v) for k, v in plain_attributes(m, seen, written).items()
+                k: stable_repr(v) for k, v in plain_attributes(m, seen, written, name).items()
             }
             for name, m in model.named_modules()
         },
@@ -393,8 +393,11 @@ def _without(
     (:func:`~infkit.fingerprint.forward_written`)."""
     left_out: dict[str, set[str]] = {}
     for name in written:
-        module, _, key = name.rpartition(".")
-        left_out.setdefault(module or "(root)", set()).add(key)
+        # (the module whose name is the longest prefix: a setting's key has dots, cfg.scale)
+        holders = [m for m in attributes if m != "(root)" and name.startswith(m + ".")]
+        module = max(holders, key=len, default="(root)")
+        key = name if module == "(root)" else name[len(module) + 1 :]
+        left_out.setdefault(module, set()).add(key)
     return {
         name: {k: v for k, v in values.items() if k not in left_out.get(name, ())}
         for name, values in attributes.items()
@@ -775,15 +778,27 @@ class SavedInfluence:
             ) from error
 
     # ------------------------------------------------------------------ checks
-    def check_task(self, task: Task) -> None:
+    def check_task(self, task: Task, examples: ExampleSet | None = None) -> None:
         """Raise ArtifactError naming what differs when ``task`` is not the saved one's (its
-        model's architecture or parameter values, its loss or measurement functions)."""
+        model's architecture or parameter values, its loss or measurement functions). Where
+        the architecture differs, a forward pass of ``examples`` is probed first, as fit
+        probes one (:func:`~infkit.fitted.probe_forward_writes`): a counter its passes move
+        is state, no setting (a fresh process's model holds its initial value)."""
         ident = self.identity
         problems = []
-        # the tensor attributes are compared by name below, and said, not refused: one that a
-        # forward pass writes and no pass of this process has yet shown to be so is no mask
-        found = {k: v for k, v in model_fingerprint(task.model).items() if k != "attributes"}
+
+        def fingerprint() -> dict[str, str]:
+            # the tensor attributes are compared by name below, and said, not refused: one that
+            # a forward pass writes and no pass of this process has yet shown to be so is no mask
+            return {k: v for k, v in model_fingerprint(task.model).items() if k != "attributes"}
+
+        found = fingerprint()
         saved = {k: v for k, v in ident["model"].items() if k != "attributes"}
+        if examples is not None and found["architecture"] != saved["architecture"]:
+            # (a model that cannot take them: the difference says why)
+            with contextlib.suppress(Exception):
+                probe_forward_writes(PerExample(task, ParameterSpace(task.model)), examples)
+            found = fingerprint()
         if found != saved:
             details, now = self.document("model"), model_details(task.model)
             # (a placeholder a forward pass fills is None in a fresh model: its details then show
@@ -922,7 +937,7 @@ class SavedInfluence:
         state_doc = self.document("state")
         # as fit does: the attributes a forward pass writes are no part of the fitted state's
         # check (a kept activation refused the loaded fit's second answer); a model without
-        # tensor attributes is not run at all
+        # tensor attributes is not run here
         if attribute_objects(task.model):
             probe_forward_writes(engine, examples)
         fitted = Fitted(
