@@ -28,6 +28,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -232,22 +233,33 @@ def settings_values(model: nn.Module) -> dict[str, str]:
     }
 
 
-def note_forward_writes(
-    model: nn.Module, before: dict[str, Tensor], settings: dict[str, str] | None = None
-) -> None:
-    """Record what a forward pass, run since ``before`` (:func:`attribute_objects`) and
-    ``settings`` (:func:`settings_values`) were taken, wrote: tensor attributes put in place
-    (new names or other tensor objects: a cache of what the pass computed, ``self.last =
-    h.detach()``), and plain attributes and settings whose values it changed (a counter,
-    ``self.stats.calls += 1``, wherever the pass moves it: a method it calls, a child's pass, a
-    helper of another module, ``setattr``). They are state, no part of the model's identity
-    (:func:`tensor_attributes`, :func:`plain_attributes`) from then on: ``fit``, ``load``
-    (where the identity differs), the retrainings' cache and the plan probe a pass first."""
+#: what :func:`forward_snapshot` takes: the tensor attributes (by object) and the settings (as
+#: text), by dotted name
+Snapshot = tuple[dict[str, Tensor], dict[str, str]]
+
+
+def forward_snapshot(model: nn.Module) -> Snapshot:
+    """The model's tensor attributes (:func:`attribute_objects`) and settings
+    (:func:`settings_values`) as they are now, for :func:`note_forward_writes` after a pass."""
+    return attribute_objects(model), settings_values(model)
+
+
+def note_forward_writes(model: nn.Module, before: Snapshot) -> None:
+    """Record what the forward passes run since the snapshot ``before`` wrote: tensor
+    attributes put in place (new names or other tensor objects: a cache of what the pass
+    computed, ``self.last = h.detach()``), and plain attributes and settings whose values they
+    changed (a counter, ``self.stats.calls += 1``, wherever the pass moves it: a method it
+    calls, a child's pass, a helper of another module, ``setattr``; a size it notes). They are
+    state, no part of the model's identity (:func:`tensor_attributes`,
+    :func:`plain_attributes`) from then on. Taken after a first pass (the probe's: ``fit``,
+    ``load`` where the identity differs, the retrainings' cache and the plan probe one), so a
+    value a first pass fills and none changes later (``if cfg.scale is None: cfg.scale = ...``)
+    is a setting, the same in every process whatever ran before."""
+    tensors, settings = before
     now = _value_attributes(model)
-    written = {name for name, t in now.items() if before.get(name) is not t}
-    if settings is not None:
-        after = settings_values(model)
-        written |= {n for n in after.keys() | settings.keys() if after.get(n) != settings.get(n)}
+    written = {name for name, t in now.items() if tensors.get(name) is not t}
+    after = settings_values(model)
+    written |= {n for n in after.keys() | settings.keys() if after.get(n) != settings.get(n)}
     if written:
         _WRITTEN.setdefault(model, set()).update(written)
 
@@ -593,6 +605,9 @@ def canonical_text(value: Any, depth: int = 0) -> str:
     :func:`stable_repr` (a module, a function: their repr, as they were always taken)."""
     if isinstance(value, Tensor):
         return f"tensor({tensor_digest(value)})"
+    if isinstance(value, np.ndarray) and value.dtype != object:  # (its repr elides values too)
+        digest = hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()[:32]
+        return f"ndarray({value.dtype}, {value.shape}, {digest})"
     if isinstance(value, _PLAIN) or depth > 6:
         return stable_repr(value)
     inner = depth + 1
@@ -610,6 +625,10 @@ def canonical_text(value: Any, depth: int = 0) -> str:
     cls = type(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = _fields(value)
+    elif _is_user_class(cls) and not hasattr(value, "__dict__") and not callable(value):
+        # (a class of the project's with __slots__: its repr holds no values)
+        slots = [n for k in cls.__mro__ for n in _slot_names(k) if not n.startswith("_")]
+        fields = {n: getattr(value, n, "<unset>") for n in sorted(set(slots))}
     elif _is_settings(value):
         try:
             fields = {k: v for k, v in sorted(vars(value).items()) if not k.startswith("_")}
@@ -619,6 +638,12 @@ def canonical_text(value: Any, depth: int = 0) -> str:
         return stable_repr(value)
     parts = [f"{k}={canonical_text(v, inner)}" for k, v in fields.items()]
     return f"{cls.__module__}.{cls.__qualname__}({', '.join(parts)})"
+
+
+def _slot_names(cls: type) -> tuple[str, ...]:
+    """The attribute names class ``cls`` itself declares in ``__slots__``."""
+    slots = vars(cls).get("__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(slots)
 
 
 def _holds_set(value: Any, depth: int = 0) -> bool:

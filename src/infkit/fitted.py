@@ -30,9 +30,8 @@ from infkit.errors import (
 )
 from infkit.example_checks import check_examples, deterministic_outputs, warn_batch_mixing
 from infkit.fingerprint import (
-    attribute_objects,
+    forward_snapshot,
     note_forward_writes,
-    settings_values,
     tensor_attributes,
     tensor_digest,
 )
@@ -547,19 +546,21 @@ def _attribute_snapshot(model: nn.Module) -> dict[str, str]:
 
 def probe_forward_writes(engine: PerExample, examples: ExampleSet) -> Tensor:
     """The model's outputs on the first example, computed twice, and the tensor attributes
-    those passes and the batch-mixing check's put in place, and the plain attributes and
+    the second pass and the batch-mixing check's put in place, and the plain attributes and
     settings they changed, noted as a forward pass's writes
     (:func:`~infkit.fingerprint.note_forward_writes`), so that they are no part of the
     model's identity; refused when the two outputs differ beyond rounding
     (:func:`deterministic_outputs`), warned of when the first example's output in a batch is
     not its output alone (:func:`warn_batch_mixing`)."""
     model = engine.task.model
-    before, settings = attribute_objects(model), settings_values(model)
     first = examples.take([0])
-    once, again = engine.outputs(first), engine.outputs(first)
+    once = engine.outputs(first)
+    # (after a first pass: what it fills once, and no pass changes again, is a setting)
+    settled = forward_snapshot(model)
+    again = engine.outputs(first)
     deterministic_outputs(once, again, examples)
     warn_batch_mixing(engine, examples, once)
-    note_forward_writes(model, before, settings)
+    note_forward_writes(model, settled)
     return once
 
 

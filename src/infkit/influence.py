@@ -43,7 +43,7 @@ from infkit.errors import (
 )
 from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator
 from infkit.example_checks import check_examples
-from infkit.fingerprint import data_fingerprint
+from infkit.fingerprint import data_fingerprint, forward_snapshot, note_forward_writes
 from infkit.fitted import (
     Fitted,
     check_parameters_take_part,
@@ -397,14 +397,20 @@ class Influence:
         show = resolve_progress(self.progress)
         c = probe_forward_writes(engine, examples)[0].numel()
         problem = Problem(len(examples), space.size, c, self.memory_limit, self.task.model, space)
-        if self._method is not None:
-            return self._fit_method(self._method, examples, engine, problem, show)
-        while True:  # method="auto": its choice, or the next when a Kronecker method refuses
-            method = self._auto(problem)
-            try:
-                return self._fit_method(method, examples, engine, problem, show)
-            except UnassignedRowsError as error:
-                self._pass_over(method.name, problem, error)
+        # what the fit's own passes change beyond the probe's (a size noted only of batches
+        # larger than its) is state too, as a save records it
+        settled = forward_snapshot(self.task.model)
+        try:
+            if self._method is not None:
+                return self._fit_method(self._method, examples, engine, problem, show)
+            while True:  # method="auto": its choice, or the next when a Kronecker method refuses
+                method = self._auto(problem)
+                try:
+                    return self._fit_method(method, examples, engine, problem, show)
+                except UnassignedRowsError as error:
+                    self._pass_over(method.name, problem, error)
+        finally:
+            note_forward_writes(self.task.model, settled)
 
     def _fit_method(
         self,
@@ -1563,17 +1569,27 @@ def _outputs_per_example(task: Task, inputs: Any, tokens: int) -> int:
     """C, the outputs of one example (T x V for a language model): from a forward pass of
     the sample ``inputs`` when there are some; else of one sequence of ``tokens`` token ids
     (zeros) where the model takes them (on the meta device a pass computes shapes alone: a
-    causal LM under a task of the user's, a token classifier's T x labels); else from its
-    configuration's sizes (:func:`~infkit.plan.sized_outputs`)."""
+    causal LM under a task of the user's, a token classifier's T x labels; a model with weights
+    is passed one and two positions, and C extrapolated); else from its configuration's sizes
+    (:func:`~infkit.plan.sized_outputs`)."""
     if inputs is None:
         model = task.model
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        inputs = torch.zeros(1, tokens, dtype=torch.long, device=device)
-        # (on the meta device, so is what the pass creates without naming a device: torch.arange)
-        where = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
-        try:
+
+        def outputs(length: int) -> int:
+            ids = torch.zeros(1, length, dtype=torch.long, device=device)
+            # (on the meta device, so is what the pass creates without naming one: arange)
+            where = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
             with torch.no_grad(), evaluation_mode(model), where:
-                return task.call_model(model, inputs).numel()
+                return task.call_model(model, ids).numel()
+
+        try:
+            if device.type == "meta" or tokens <= 2:  # (shapes alone: no memory, no time)
+                return outputs(tokens)
+            # a model with weights: C = a + b T from one and two positions (per position, b;
+            # pooled, a), not T positions' outputs allocated to count them
+            one, two = outputs(1), outputs(2)
+            return one + (two - one) * (tokens - 1)
         except Exception:  # (inputs of another kind: the sizes tell)
             return sized_outputs(model, tokens, task.name == "language_modeling")
     with torch.no_grad(), evaluation_mode(task.model):

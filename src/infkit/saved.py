@@ -330,9 +330,10 @@ def _tensor_details(t: Tensor, trainable: bool | None) -> dict[str, Any]:
 
 def _architecture_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
     """What differs between the saved model's architecture and ``now``'s, as a message says it,
-    or "" where their details differ only in attributes the saved model's forward pass was
-    seen to write: a fresh model holds its placeholder there (``self.last = None`` until the
-    first pass, a plain value, where the saved one held a tensor, which is not)."""
+    or "" where their details differ only in attributes a forward pass of either was seen to
+    write: a fresh model holds its placeholder there (``self.last = None`` until the first
+    pass, a plain value, where the saved one held a tensor, which is not), or the value a
+    pass of the saved fit's larger batches noted."""
     parts = []
     m0, m1 = saved["modules"], now["modules"]
     missing = [repr(n) for n in m0 if n not in m1]
@@ -353,7 +354,9 @@ def _architecture_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
     if shapes:
         parts.append(listed(shapes, 3))
     if not parts and "attributes" in saved:  # (saves before 0.2.0 have none)
-        written = saved.get("forward_written", [])
+        # (what either side's passes were seen to write: the saved fit's passes may have
+        # shown more, a size noted only of its batches)
+        written = sorted(set(saved.get("forward_written", [])) | set(now["forward_written"]))
         a0 = _without(saved["attributes"], written)
         a1 = _without(now["attributes"], written)
         for name in a0:
