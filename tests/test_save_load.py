@@ -1074,9 +1074,17 @@ def test_settings_objects_and_bound_helpers_are_part_of_the_model(
         del model.inner[0].cfg
         # a save refuses the edited settings, naming them
         task = infkit.Task.classification(model)
-        infkit.Influence(task, "identity", l2=mlp_problem["l2"]).fit(mlp_problem["train"]).save(
-            tmp_path / "saved"
-        )
+        fitted = infkit.Influence(task, "identity", l2=mlp_problem["l2"]).fit(mlp_problem["train"])
+        # a setting edited after fit: the fitted state is the old model's (the answers and a
+        # save would have mixed the two without a word)
+        fitted.scores(mlp_problem["test"])  # (its passes move the counters: state)
+        model.cfg.scale = 1.5
+        with pytest.raises(InvalidInputError, match=r"'cfg\.scale \(setting\)' changed since fit"):
+            fitted.scores(mlp_problem["test"])
+        with pytest.raises(ArtifactError, match=r"'cfg\.scale \(setting\)' changed since fit"):
+            fitted.save(tmp_path / "edited")
+        model.cfg.scale = 1.0
+        fitted.save(tmp_path / "saved")
         model.cfg.scale = 1.5
         with pytest.raises(
             ArtifactError, match=r"module '\(root\)''s cfg\.scale is 1\.5, saved 1\.0"

@@ -31,7 +31,9 @@ from infkit.errors import (
 from infkit.example_checks import check_examples, deterministic_outputs, warn_batch_mixing
 from infkit.fingerprint import (
     forward_snapshot,
+    forward_written,
     note_forward_writes,
+    settings_values,
     tensor_attributes,
     tensor_digest,
 )
@@ -114,6 +116,8 @@ class Fitted:
         object.__setattr__(self, "_outside", _outside_digests(self.task.model, self.space))
         # the tensors kept as plain attributes, to tell one edited in place (changed_since_fit)
         object.__setattr__(self, "_attributes", _attribute_snapshot(self.task.model))
+        # the plain attributes and settings (changed_since_fit)
+        object.__setattr__(self, "_settings", settings_values(self.task.model))
         # which adapters were active (adapters_changed_since_fit)
         object.__setattr__(self, "_adapters", adapter_state(self.task.model))
 
@@ -121,6 +125,8 @@ class Fitted:
         """The name of the first parameter or buffer of the model that differs from fit time
         (theta against the snapshot :attr:`theta`, the others against their digests), or of a
         tensor attribute edited in place since (:func:`~infkit.fingerprint.tensor_attributes`),
+        or of a plain attribute or setting (:func:`~infkit.fingerprint.settings_values`: a
+        LoRA layer's ``scaling``, ``cfg.scale``) set anew, what a forward pass writes left out,
         or None.
 
         Every answer combines the fitted state (curvature, cached gradients, theta*) with the
@@ -143,6 +149,11 @@ class Fitted:
         for name, value in tensor_attributes(model).items():  # a forward pass's writes left out
             if name in kept and tensor_digest(value) != kept[name]:
                 return f"{name} (attribute)"
+        settings: dict[str, str] = self._settings  # type: ignore[attr-defined]
+        values, written = settings_values(model), set(forward_written(model))
+        for name in sorted((settings.keys() | values.keys()) - written):
+            if settings.get(name) != values.get(name):
+                return f"{name} (setting)"
         return None
 
     def adapters_changed_since_fit(self) -> str | None:
@@ -176,7 +187,7 @@ class Fitted:
             raise InvalidInputError(
                 f"the model's {name!r} changed since fit: the fitted state (curvature, training "
                 "gradients, theta*) describes the model as it was, and answers would mix it with "
-                "the new values. Restore the model's parameters, or fit again"
+                "the new values. Restore the model's parameters and settings, or fit again"
             )
 
     # ------------------------------------------------------------------ sizes and ridges

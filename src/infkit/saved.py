@@ -489,7 +489,7 @@ def save(
     if changed is not None:
         raise ArtifactError(
             f"the model's {changed!r} changed since fit: the fitted state describes the model at "
-            "fit time. Restore its parameters (or fit again) before saving"
+            "fit time. Restore its parameters and settings (or fit again) before saving"
         )
     owner = f"method {method.name!r}'s fitted state"
     state_writer = _Writer(space.device)
