@@ -1552,6 +1552,30 @@ def test_the_plan_sizes_a_meta_models_outputs_by_a_pass_on_the_meta_device() -> 
     assert planned_outputs(features) == 3
 
 
+def test_a_plan_from_sizes_counts_a_real_models_outputs_without_a_pass_of_every_position() -> None:
+    """A reviewer's: a plan from sizes alone passed a model with weights all T positions to
+    count its outputs (GPT-2 at T = 40,000: 1.2 GB of logits, the memory the plan foresees).
+    Short passes give C where it is affine in T, checked on a third; a model whose outputs are
+    not so (padded to a multiple of 8, a T x T map) takes the pass, not a plan 10-19 times low."""
+    from infkit.influence import _outputs_per_example
+
+    class Padded(TinyLM):
+        def forward(self, input_ids: torch.Tensor, attention_mask: Any = None) -> torch.Tensor:
+            tail = (-input_ids.shape[1]) % 8
+            return super().forward(nn.functional.pad(input_ids, (0, tail)))
+
+    class Mapped(TinyLM):
+        def forward(self, input_ids: torch.Tensor, attention_mask: Any = None) -> torch.Tensor:
+            h = self.embed(input_ids)
+            return torch.cat([super().forward(input_ids).flatten(1), (h @ h.mT).flatten(1)], 1)
+
+    for model in (TinyLM(), Padded(), Mapped()):
+        task = infkit.Task(model, lambda outputs, targets: outputs.flatten(1).sum(1))
+        for tokens in (30, 100, 333):
+            real = model(torch.zeros(1, tokens, dtype=torch.long)).numel()
+            assert _outputs_per_example(task, None, tokens) == real, (type(model), tokens)
+
+
 def test_the_plan_lists_the_checks_the_fit_runs(problem: dict) -> None:
     """The post-fit checks are in the plan exactly when fit runs them; checks=False skips
     both (and their figures in describe())."""

@@ -356,16 +356,37 @@ def plain_attributes(
     ``seen`` (the ids of the objects met so far in the model) is given, each settings object
     at its first module only (every layer of a Hugging Face model holds its one ``config``)."""
     found: dict[str, Any] = {}
+    private = _is_user_class(type(module))  # (a class of the project's: its _temp too)
     for key, value in vars(module).items():
-        if key.startswith("_") or key in UNCOMPUTED_ATTRIBUTES:
+        if key in UNCOMPUTED_ATTRIBUTES or not _counted_name(key, private, _MODULE_BOOKKEEPING):
             continue
         if _is_plain(value):
             found[key] = value
-        elif _is_settings(value) and (seen is None or id(value) not in seen):
-            if seen is not None:
-                seen.add(id(value))
-            found.update(_settings(value, key))
+        else:  # a settings object, or a list or tuple of them (self.heads = [Cfg(), Cfg()])
+            several = isinstance(value, (list, tuple)) and len(value) <= _HELD_SETTINGS
+            held = list(enumerate(value)) if several else [(None, value)]
+            for index, item in held:
+                if _is_settings(item) and (seen is None or id(item) not in seen):
+                    if seen is not None:
+                        seen.add(id(item))
+                    found.update(_settings(item, key if index is None else f"{key}.{index}"))
     return {key: value for key, value in found.items() if _dotted(prefix, key) not in written}
+
+
+#: the longest list or tuple of settings objects a module's attribute is read as
+_HELD_SETTINGS = 64
+
+#: the attributes PyTorch keeps on every module (its parameters, buffers, submodules, hooks)
+_MODULE_BOOKKEEPING = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
+
+
+def _counted_name(key: str, private: bool, bookkeeping: frozenset[str] = frozenset()) -> bool:
+    """Whether attribute ``key`` may hold a setting: a public name, or, in an object of a class
+    of the project's (``private``), a private one (``self._temp``) that is neither a special
+    name nor PyTorch's ``bookkeeping``."""
+    if not key.startswith("_"):
+        return True
+    return private and not key.startswith("__") and key not in bookkeeping
 
 
 def _is_settings(value: Any) -> bool:
@@ -399,11 +420,11 @@ def _is_user_class(cls: type) -> bool:
 
 
 def _settings(value: Any, prefix: str, depth: int = 0) -> dict[str, Any]:
-    """The plain settings a settings object holds, by dotted name under ``prefix``: its public
-    attributes, immutable constants for a class of the user's (a dict or list it holds may be
-    a cache its methods fill) and plain values for a configuration; the immutable constants
-    its class (the user's own) defines; and those of the settings objects it holds (a
-    composite configuration's ``text_config``), two deep."""
+    """The plain settings a settings object holds, by dotted name under ``prefix``: its plain
+    attributes (:func:`_is_plain`: what a forward pass fills or moves there is left out by
+    :func:`note_forward_writes`), private ones too for a class of the user's; the immutable
+    constants its class (the user's own) defines; and those of the settings objects it holds
+    (a composite configuration's ``text_config``), two deep."""
     found: dict[str, Any] = {}
     cls = type(value)
     users = _is_user_class(cls)
@@ -412,11 +433,10 @@ def _settings(value: Any, prefix: str, depth: int = 0) -> dict[str, Any]:
             for key, member in vars(klass).items():
                 if not key.startswith("_") and _is_constant(member):
                     found[f"{prefix}.{key}"] = member
-    settled = _is_constant if users else _is_plain
     for key, member in sorted(vars(value).items()):
-        if key.startswith("_") or key in UNCOMPUTED_ATTRIBUTES:
+        if key in UNCOMPUTED_ATTRIBUTES or not _counted_name(key, users):
             continue
-        if settled(member):
+        if _is_plain(member):
             found[f"{prefix}.{key}"] = member
         elif depth < 1 and _is_settings(member):
             found.update(_settings(member, f"{prefix}.{key}", depth + 1))

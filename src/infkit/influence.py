@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import numbers
 import time
@@ -22,7 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -143,6 +144,28 @@ def solves_by_iterations(method: Method) -> bool:
 def _count(option: str, value: object) -> int:
     """``value`` as a plan size (an integer >= 1, NumPy's included), or a refusal naming it."""
     return integer_argument(option, value, 1)
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _noting_writes(answer: Callable[_P, _R]) -> Callable[_P, _R]:
+    """An answer of a fitted :class:`Influence` whose forward passes' writes to the model (a
+    statistic its forward pass keeps over the queries, a rotary cache grown for longer ones) are
+    noted as state (:func:`~infkit.fingerprint.note_forward_writes`), not taken at the next
+    answer for a setting edited since fit (:meth:`~infkit.fitted.Fitted.changed_since_fit`)."""
+
+    @functools.wraps(answer)
+    def noted(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        model = args[0].task.model  # type: ignore[attr-defined]
+        before = forward_snapshot(model)
+        try:
+            return answer(*args, **kwargs)
+        finally:
+            note_forward_writes(model, before)
+
+    return noted
 
 
 class Influence:
@@ -831,6 +854,7 @@ class Influence:
         return queries
 
     # ------------------------------------------------------------------ questions
+    @_noting_writes
     def scores(self, test: Any, among: Sequence[int] | Tensor | None = None) -> Tensor:
         """Removal effect of each training example on each test measurement, [n_test, n_train].
 
@@ -869,6 +893,7 @@ class Influence:
             del S  # before the next chunk is computed
         return out
 
+    @_noting_writes
     def score_shards(self, test: Any, part: tuple[int, int]) -> dict[str, int]:
         """Compute and commit only part ``i`` of ``K`` of the score shards of ``test`` in the
         workdir, returning nothing but a count: the share of one job of an array (a SLURM array
@@ -955,6 +980,7 @@ class Influence:
         )
         return chunks, row_bytes
 
+    @_noting_writes
     def self_scores(self) -> Tensor:
         """Removal effect of each training example on its own loss, [n_train].
 
@@ -967,6 +993,7 @@ class Influence:
         _require_finite_scores(out[None], method.name, lambda _: "the training set's self-scores")
         return out
 
+    @_noting_writes
     def relatif_and_self_scores(self, test: Any) -> tuple[Tensor, Tensor] | None:
         """``with_estimator("relatif").scores(test)`` and ``self_scores()`` together, from one
         solve per training example where the method solves by iterations (``cg``, ``lissa``,
@@ -1003,6 +1030,7 @@ class Influence:
         output_bytes = t * fitted.n * fitted.space.bytes_per_float()
         return len(chunks) == 1 and within and output_bytes <= fitted.memory_limit
 
+    @_noting_writes
     def remove(self, indices: Sequence[int] | Tensor, *, steps: int = 1) -> RemovalEffect:
         """Predicted effect of removing the training examples ``indices`` jointly.
 
@@ -1175,6 +1203,7 @@ class Influence:
         ]
         return torch.cat(parts).to(fitted.result_dtype)
 
+    @_noting_writes
     def top_k(self, test: Any, k: int = 10) -> TopK:
         """The k strongest proponents and opponents of each test example.
 
@@ -1194,6 +1223,7 @@ class Influence:
             del S  # before the next chunk is computed
         return TopK.joined(parts, self.fitted.result_dtype)
 
+    @_noting_writes
     def leverages(self) -> Tensor:
         """Generalised leverages h_j = tr(Lambda_j J_j H^{-1} J_j^T) / N, [n_train].
 
@@ -1206,6 +1236,7 @@ class Influence:
         method.require("leverages")
         return self.fitted.output(method.leverages())
 
+    @_noting_writes
     def input_influence(self, test: Any, indices: Sequence[int] | Tensor) -> Tensor:
         """Koh & Liang's input-perturbation influence, [n_test, len(indices), *x_shape].
 
@@ -1220,6 +1251,7 @@ class Influence:
         )
         return self.fitted.output(result)
 
+    @_noting_writes
     def module_scores(self, test: Any) -> dict[str, Tensor]:
         """IF scores split by module: module name -> [n_test, n_train], summing to ``scores``.
 
@@ -1230,6 +1262,7 @@ class Influence:
         parts = decompositions.per_module_scores(self.method, self.fitted, queries, self._estimator)
         return {name: self.fitted.output(s) for name, s in parts.items()}
 
+    @_noting_writes
     def token_scores(
         self,
         test: Any,
@@ -1257,6 +1290,7 @@ class Influence:
             positions,
         )
 
+    @_noting_writes
     def batched_scores(
         self,
         test: Any,
@@ -1570,8 +1604,8 @@ def _outputs_per_example(task: Task, inputs: Any, tokens: int) -> int:
     the sample ``inputs`` when there are some; else of one sequence of ``tokens`` token ids
     (zeros) where the model takes them (on the meta device a pass computes shapes alone: a
     causal LM under a task of the user's, a token classifier's T x labels; a model with weights
-    is passed one and two positions, and C extrapolated); else from its configuration's sizes
-    (:func:`~infkit.plan.sized_outputs`)."""
+    is passed a few short sequences, and C extrapolated where it is affine in T); else from its
+    configuration's sizes (:func:`~infkit.plan.sized_outputs`)."""
     if inputs is None:
         model = task.model
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -1584,12 +1618,17 @@ def _outputs_per_example(task: Task, inputs: Any, tokens: int) -> int:
                 return task.call_model(model, ids).numel()
 
         try:
-            if device.type == "meta" or tokens <= 2:  # (shapes alone: no memory, no time)
+            if device.type == "meta" or tokens <= 64:  # (shapes alone, or a short pass)
                 return outputs(tokens)
-            # a model with weights: C = a + b T from one and two positions (per position, b;
-            # pooled, a), not T positions' outputs allocated to count them
-            one, two = outputs(1), outputs(2)
-            return one + (two - one) * (tokens - 1)
+            # a model with weights: C = a + b T (per position, b; pooled, a) from two short
+            # passes, checked on a third, not T positions' outputs allocated to count them; a
+            # model whose outputs are not so (padded to a multiple, a T x T map) takes the pass
+            lengths = (17, 33, 50)
+            c1, c2, c3 = (outputs(length) for length in lengths)
+            slope = (c2 - c1) / (lengths[1] - lengths[0])
+            if c1 + slope * (lengths[2] - lengths[0]) == c3 and slope == int(slope):
+                return int(c1 + slope * (tokens - lengths[0]))
+            return outputs(tokens)
         except Exception:  # (inputs of another kind: the sizes tell)
             return sized_outputs(model, tokens, task.name == "language_modeling")
     with torch.no_grad(), evaluation_mode(task.model):
