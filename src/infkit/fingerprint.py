@@ -346,11 +346,13 @@ def plain_attributes(
     written: frozenset[str] = frozenset(),
     prefix: str = "",
 ) -> dict[str, Any]:
-    """A module's own public attributes with plain values (:func:`_is_plain`), by name; not
-    private ones (PyTorch's bookkeeping) nor :data:`UNCOMPUTED_ATTRIBUTES`. The settings held
+    """A module's own attributes with plain values (:func:`_is_plain`), by name: its public
+    ones, and in a class of the project's its private ones (``self._temp``; not PyTorch's
+    bookkeeping, :func:`_counted_name`); not :data:`UNCOMPUTED_ATTRIBUTES`. The settings held
     by a settings object (:func:`_is_settings`: ``self.cfg = Config()``, a Hugging Face
-    model's ``config``), which its forward pass may read as it reads a plain attribute, count
-    too, by dotted name (``cfg.scale``, ``config.final_logit_softcapping``). Not those a
+    model's ``config``), alone or in a list or tuple (``self.heads = [Cfg(), Cfg()]``), which
+    its forward pass may read as it reads a plain attribute, count too, by dotted name
+    (``cfg.scale``, ``heads.0.scale``, ``config.final_logit_softcapping``). Not those a
     forward pass was seen to write (:func:`note_forward_writes`: ``self.calls += 1``, state),
     ``written``, by their dotted names in the model, the module being named ``prefix``; where
     ``seen`` (the ids of the objects met so far in the model) is given, each settings object
