@@ -1346,13 +1346,16 @@ def test_a_setting_set_anew_after_fit_is_refused_and_the_answers_own_writes_are_
         def __init__(self) -> None:
             super().__init__()
             self.lin, self.cfg, self._temp, self.heads = nn.Linear(5, 3), Cfg(), 1.0, [Cfg()]
-            self.largest = 0.0
+            self.by_name, self.many = {"a": Cfg()}, tuple(Cfg() for _ in range(70))
+            self.largest, self._clipped, self._global_step = 0.0, 0, 0
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if not torch._C._functorch.is_functorch_wrapped_tensor(x):
                 self.largest = max(self.largest, float(x.abs().max()))
+                self._clipped += int(x.abs().max() > 20)  # (only on the removal's inputs)
             weights = torch.tensor(self.cfg.weights, dtype=x.dtype)
-            return self.lin(x) * weights * self.cfg.scale / self._temp * self.heads[0].scale
+            h = self.lin(x.clamp(-20, 20)) * weights * self.cfg.scale / self._temp
+            return h * self.heads[0].scale * self.by_name["a"].scale * self.many[0].scale
 
     torch.manual_seed(0)
     model = Kept().double()
@@ -1362,19 +1365,28 @@ def test_a_setting_set_anew_after_fit_is_refused_and_the_answers_own_writes_are_
     first = fitted.scores(queries)
     assert torch.equal(fitted.scores(queries), first)  # (its own passes moved model.largest)
     fitted.top_k(queries, 3)
+    far = (30 * torch.ones(2, 5, dtype=torch.float64), torch.arange(2))
+    fitted.remove([0, 1]).outputs(far)  # (the removal's passes, run after remove() returned)
+    model._global_step += 1  # a training loop's counter, which no code of the model reads
+    assert torch.equal(fitted.scores(queries), first)
     edits = [
         ("cfg.weights", lambda: model.cfg.weights.__setitem__(0, 5.0)),
         ("_temp", lambda: setattr(model, "_temp", 3.0)),
         ("heads.0.scale", lambda: setattr(model.heads[0], "scale", 3.0)),
+        ("by_name.a.scale", lambda: setattr(model.by_name["a"], "scale", 3.0)),
+        ("many.0.scale", lambda: setattr(model.many[0], "scale", 3.0)),
     ]
     before = model_fingerprint_arch(model)
     for name, edit in edits:
-        kept = copy.deepcopy((model.cfg.weights, model._temp, model.heads[0].scale))
+        held = [model.heads[0], model.by_name["a"], model.many[0]]
+        kept = copy.deepcopy((model.cfg.weights, model._temp, [c.scale for c in held]))
         edit()
         assert model_fingerprint_arch(model) != before, name
         with pytest.raises(InvalidInputError, match=re.escape(f"'{name} (setting)' changed")):
             fitted.scores(queries)
-        model.cfg.weights, model._temp, model.heads[0].scale = kept
+        model.cfg.weights, model._temp = kept[0], kept[1]
+        for c, scale in zip(held, kept[2], strict=True):
+            c.scale = scale
     assert torch.equal(fitted.scores(queries), first)
 
 
@@ -1415,6 +1427,43 @@ def test_a_hugging_face_models_configuration_is_part_of_it() -> None:
     assert model_fingerprint(model) == before
     model.config.rope_theta = 5.0
     assert model_fingerprint(model)["architecture"] != before["architecture"]
+
+
+def test_a_hugging_face_model_saved_and_loaded_again_loads_its_fit(tmp_path: Path) -> None:
+    """A reviewer's: a model saved with save_pretrained and loaded again with from_pretrained
+    (the usual way to another process) was refused for what the configuration records of the
+    model, not of what it computes (config.dtype, model_type); a setting it computes with is
+    refused still. A subclass of the project's does not bring the library's private
+    attributes into the identity (_tp_plan, _use_kernels: from_pretrained's only)."""
+    transformers = pytest.importorskip("transformers")
+    from infkit import language_modeling as lm
+
+    class Mine(transformers.GPT2LMHeadModel):
+        pass
+
+    ids = torch.randint(0, 50, (8, 6), generator=torch.Generator().manual_seed(0))
+    for cls in (transformers.GPT2LMHeadModel, Mine):
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(
+            n_layer=1, n_head=2, n_embd=8, vocab_size=50, n_positions=16, bos_token_id=0,
+            eos_token_id=0,
+        )  # fmt: skip
+        model = cls(config).double().eval()
+        model.save_pretrained(tmp_path / cls.__name__)
+        task = infkit.Task.language_modeling(model)
+        fitted = infkit.Influence(task, "identity", l2=1e-2).fit(lm.examples(ids))
+        fitted.save(tmp_path / f"fit-{cls.__name__}")
+        again = cls.from_pretrained(tmp_path / cls.__name__, dtype=torch.float64).eval()
+        loaded = infkit.Influence.load(
+            tmp_path / f"fit-{cls.__name__}", infkit.Task.language_modeling(again)
+        )
+        queries = lm.examples(ids[:2])
+        assert torch.allclose(loaded.scores(queries), fitted.scores(queries), rtol=0, atol=1e-12)
+        again.config.layer_norm_epsilon = 1e-3
+        with pytest.raises(ArtifactError, match=r"config\.layer_norm_epsilon is 0\.001"):
+            infkit.Influence.load(
+                tmp_path / f"fit-{cls.__name__}", infkit.Task.language_modeling(again)
+            )
 
 
 def test_a_save_of_another_version_loads_with_a_notice(

@@ -80,10 +80,10 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
     (``lora_alpha / r``), an attention's number of heads, a configuration's logit cap."""
     arch = hashlib.sha256(stable_repr(model).encode())
     seen: set[int] = set()
-    written = frozenset(_WRITTEN.get(model, ()))
+    written, reads = frozenset(_WRITTEN.get(model, ())), names_read(model)
     for name, module in model.named_modules():
         arch.update(f"{name}:{type(module).__module__}.{type(module).__qualname__};".encode())
-        _structure(arch, plain_attributes(module, seen, written, name))
+        _structure(arch, plain_attributes(module, seen, written, name, reads))
     state = hashlib.sha256()
     for name, p in model.named_parameters():
         state.update(f"{name}:{p.requires_grad};".encode())
@@ -226,10 +226,11 @@ def settings_values(model: nn.Module) -> dict[str, str]:
     left out), by dotted name (``cfg.scale``, ``layers.0.calls``), as text: what
     :func:`note_forward_writes` compares after a pass."""
     seen: set[int] = set()
+    reads = names_read(model)
     return {
         _dotted(prefix, key): ordered_repr(value)
         for prefix, module in model.named_modules()
-        for key, value in plain_attributes(module, seen, frozenset(), prefix).items()
+        for key, value in plain_attributes(module, seen, frozenset(), prefix, reads).items()
     }
 
 
@@ -339,16 +340,25 @@ UNCOMPUTED_ATTRIBUTES = frozenset(
     }
 )
 
+#: what a Hugging Face configuration records of its model and not of what it computes: the
+#: model's classes, type and dtype (its class and its parameters' dtype are in the identity),
+#: which ``from_pretrained`` and ``.to(dtype)`` write there (a model saved with
+#: ``save_pretrained`` and loaded again was refused for ``config.dtype``, ``model_type``)
+CONFIGURATION_RECORDS = frozenset({"architectures", "dtype", "model_type", "torch_dtype"})
+
 
 def plain_attributes(
     module: nn.Module,
     seen: set[int] | None = None,
     written: frozenset[str] = frozenset(),
     prefix: str = "",
+    reads: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     """A module's own attributes with plain values (:func:`_is_plain`), by name: its public
-    ones, and in a class of the project's its private ones (``self._temp``; not PyTorch's
-    bookkeeping, :func:`_counted_name`); not :data:`UNCOMPUTED_ATTRIBUTES`. The settings held
+    ones, and in a class of the project's the private ones the project's code reads
+    (``self._temp``, ``reads``: :func:`names_read`, by default the module's class's; not a
+    ``self._global_step`` a training loop keeps, nor PyTorch's or another library's
+    bookkeeping); not :data:`UNCOMPUTED_ATTRIBUTES`. The settings held
     by a settings object (:func:`_is_settings`: ``self.cfg = Config()``, a Hugging Face
     model's ``config``), alone or in a list or tuple (``self.heads = [Cfg(), Cfg()]``), which
     its forward pass may read as it reads a plain attribute, count too, by dotted name
@@ -358,37 +368,74 @@ def plain_attributes(
     ``seen`` (the ids of the objects met so far in the model) is given, each settings object
     at its first module only (every layer of a Hugging Face model holds its one ``config``)."""
     found: dict[str, Any] = {}
-    private = _is_user_class(type(module))  # (a class of the project's: its _temp too)
+    cls = type(module)
+    if reads is None:
+        reads = _class_reads(cls)
+    private = reads if _is_user_class(cls) else frozenset()  # (a class of the project's)
     for key, value in vars(module).items():
-        if key in UNCOMPUTED_ATTRIBUTES or not _counted_name(key, private, _MODULE_BOOKKEEPING):
+        if key in UNCOMPUTED_ATTRIBUTES or not _counted_name(key, private):
             continue
         if _is_plain(value):
             found[key] = value
-        else:  # a settings object, or a list or tuple of them (self.heads = [Cfg(), Cfg()])
-            several = isinstance(value, (list, tuple)) and len(value) <= _HELD_SETTINGS
-            held = list(enumerate(value)) if several else [(None, value)]
-            for index, item in held:
-                if _is_settings(item) and (seen is None or id(item) not in seen):
-                    if seen is not None:
-                        seen.add(id(item))
-                    found.update(_settings(item, key if index is None else f"{key}.{index}"))
+            continue
+        # a settings object, or a list, tuple or dict of them (self.heads = [Cfg(), Cfg()])
+        for name, item in _held(key, value):
+            if _is_settings(item) and (seen is None or id(item) not in seen):
+                if seen is not None:
+                    seen.add(id(item))
+                found.update(_settings(item, name, reads))
     return {key: value for key, value in found.items() if _dotted(prefix, key) not in written}
 
 
-#: the longest list or tuple of settings objects a module's attribute is read as
+def _held(key: str, value: Any) -> list[tuple[str, Any]]:
+    """What attribute ``key`` holding ``value`` may hold settings objects in, by dotted name:
+    ``value`` itself, or the items of a list, tuple or dict (of string keys) of them, all of
+    them where the first is one (a long list of no settings is not walked)."""
+    if isinstance(value, (list, tuple)):
+        items = [(f"{key}.{index}", item) for index, item in enumerate(value)]
+    elif isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = [(f"{key}.{name}", item) for name, item in value.items()]
+    else:
+        return [(key, value)]
+    if len(items) > _HELD_SETTINGS and not (items and _is_settings(items[0][1])):
+        return []
+    return items
+
+
+#: the longest list, tuple or dict a module's attribute is searched for settings objects in,
+#: where its first item is none
 _HELD_SETTINGS = 64
 
-#: the attributes PyTorch keeps on every module (its parameters, buffers, submodules, hooks)
-_MODULE_BOOKKEEPING = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
 
-
-def _counted_name(key: str, private: bool, bookkeeping: frozenset[str] = frozenset()) -> bool:
-    """Whether attribute ``key`` may hold a setting: a public name, or, in an object of a class
-    of the project's (``private``), a private one (``self._temp``) that is neither a special
-    name nor PyTorch's ``bookkeeping``."""
+def _counted_name(key: str, private: frozenset[str]) -> bool:
+    """Whether attribute ``key`` may hold a setting: a public name, or a private one among
+    ``private`` (those the project's code reads, in an object of a class of its own) that is
+    no special name (``__dict__``)."""
     if not key.startswith("_"):
         return True
-    return private and not key.startswith("__") and key not in bookkeeping
+    return key in private and not key.startswith("__")
+
+
+#: :func:`_class_reads` by class (a class's code does not change while it lives)
+_CLASS_READS: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def _class_reads(cls: type) -> frozenset[str]:
+    """The attribute names the code of ``cls`` and of its bases of the project's own reads
+    (``self._temp``; its methods, properties and the bodies decorators wrap)."""
+    found = _CLASS_READS.get(cls)
+    if found is None:
+        own = [k for k in cls.__mro__ if _is_user_class(k)]
+        functions = [f for k in own for value in vars(k).values() for f in _functions_of(value)]
+        found = _CLASS_READS[cls] = frozenset(_attributes_used(functions)[0])
+    return found
+
+
+def names_read(model: nn.Module) -> frozenset[str]:
+    """The attribute names the code of the model's module classes of the project's own reads
+    (:func:`_class_reads`): a private attribute is a setting where that code reads it, a
+    parent's ``self.child._temp`` too."""
+    return frozenset().union(*(_class_reads(cls) for cls in {type(m) for m in model.modules()}))
 
 
 def _is_settings(value: Any) -> bool:
@@ -405,11 +452,17 @@ def _is_settings(value: Any) -> bool:
             cls.__name__ == "Namespace" and cls.__module__ == "argparse"
         ):
             return True
-        if any(k.__name__ in ("PretrainedConfig", "PreTrainedConfig") for k in cls.__mro__):
+        if _is_configuration(cls):
             return True
         return _is_user_class(cls) and isinstance(vars(value), dict)
     except Exception:  # (an object whose attributes raise: a proxy, __getattr__ on __slots__)
         return False
+
+
+def _is_configuration(cls: type) -> bool:
+    """Whether ``cls`` is a Hugging Face configuration class (``PreTrainedConfig``, as
+    transformers 5 names it, or ``PretrainedConfig``), a subclass of the project's included."""
+    return any(k.__name__ in ("PretrainedConfig", "PreTrainedConfig") for k in cls.__mro__)
 
 
 def _is_user_class(cls: type) -> bool:
@@ -421,10 +474,13 @@ def _is_user_class(cls: type) -> bool:
     return _is_user_code(cls.__module__, getattr(module, "__file__", None))
 
 
-def _settings(value: Any, prefix: str, depth: int = 0) -> dict[str, Any]:
+def _settings(
+    value: Any, prefix: str, reads: frozenset[str] = frozenset(), depth: int = 0
+) -> dict[str, Any]:
     """The plain settings a settings object holds, by dotted name under ``prefix``: its plain
     attributes (:func:`_is_plain`: what a forward pass fills or moves there is left out by
-    :func:`note_forward_writes`), private ones too for a class of the user's; the immutable
+    :func:`note_forward_writes`), for a class of the user's the private ones its code or the
+    model's reads (``reads``) too; the immutable
     constants its class (the user's own) defines; and those of the settings objects it holds
     (a composite configuration's ``text_config``), two deep."""
     found: dict[str, Any] = {}
@@ -435,13 +491,17 @@ def _settings(value: Any, prefix: str, depth: int = 0) -> dict[str, Any]:
             for key, member in vars(klass).items():
                 if not key.startswith("_") and _is_constant(member):
                     found[f"{prefix}.{key}"] = member
+    private = reads | _class_reads(cls) if users else frozenset()
+    left_out = UNCOMPUTED_ATTRIBUTES
+    if _is_configuration(cls):
+        left_out = left_out | CONFIGURATION_RECORDS
     for key, member in sorted(vars(value).items()):
-        if key in UNCOMPUTED_ATTRIBUTES or not _counted_name(key, users):
+        if key in left_out or not _counted_name(key, private):
             continue
         if _is_plain(member):
             found[f"{prefix}.{key}"] = member
         elif depth < 1 and _is_settings(member):
-            found.update(_settings(member, f"{prefix}.{key}", depth + 1))
+            found.update(_settings(member, f"{prefix}.{key}", reads, depth + 1))
     return found
 
 

@@ -184,10 +184,16 @@ class Fitted:
             )
         name = self.changed_since_fit()
         if name is not None:
+            kept = (
+                " (if the forward pass keeps that value itself, a statistic that a pass of "
+                "yours moved since, set it back as it was)"
+                if name.endswith("(setting)")
+                else ""
+            )
             raise InvalidInputError(
                 f"the model's {name!r} changed since fit: the fitted state (curvature, training "
                 "gradients, theta*) describes the model as it was, and answers would mix it with "
-                "the new values. Restore the model's parameters and settings, or fit again"
+                "the new values. Restore the model's parameters and settings, or fit again" + kept
             )
 
     # ------------------------------------------------------------------ sizes and ridges

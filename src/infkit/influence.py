@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from infkit import decompositions, diagnostics, registry, rounding, saved
 from infkit import language_modeling as lm
@@ -158,14 +158,21 @@ def _noting_writes(answer: Callable[_P, _R]) -> Callable[_P, _R]:
 
     @functools.wraps(answer)
     def noted(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        model = args[0].task.model  # type: ignore[attr-defined]
-        before = forward_snapshot(model)
-        try:
+        with _writes_noted(args[0].task.model):  # type: ignore[attr-defined]
             return answer(*args, **kwargs)
-        finally:
-            note_forward_writes(model, before)
 
     return noted
+
+
+@contextlib.contextmanager
+def _writes_noted(model: nn.Module) -> Iterator[None]:
+    """Note what the model's forward passes in the block write as state
+    (:func:`~infkit.fingerprint.note_forward_writes`)."""
+    before = forward_snapshot(model)
+    try:
+        yield
+    finally:
+        note_forward_writes(model, before)
 
 
 class Influence:
@@ -1083,7 +1090,8 @@ class Influence:
         delta = self.fitted.output(method.removal(idx, self._estimator))
 
         def predict(data: Any, which: Quantity) -> Tensor:
-            return self._predicted_change(data, delta, which, idx)
+            with _writes_noted(self.task.model):  # (passes run later, as an answer's do)
+                return self._predicted_change(data, delta, which, idx)
 
         return RemovalEffect(
             idx, delta, self.estimator, predict, self.task.model, names=self.fitted.space.names

@@ -61,6 +61,7 @@ from infkit.fingerprint import (
     data_fingerprint,
     forward_written,
     model_fingerprint,
+    names_read,
     plain_attributes,
     stable_repr,
     task_fingerprint,
@@ -296,7 +297,7 @@ def model_details(model: nn.Module) -> dict[str, Any]:
     for name, b in model.named_buffers():
         tensors[name] = _tensor_details(b, None)
     seen: set[int] = set()  # (a settings object at the first module that holds it)
-    written = frozenset(forward_written(model))
+    written, reads = frozenset(forward_written(model)), names_read(model)
     return {
         "tensor_attributes": {
             name: _tensor_details(t, None) for name, t in tensor_attributes(model).items()
@@ -309,7 +310,8 @@ def model_details(model: nn.Module) -> dict[str, Any]:
         "repr": stable_repr(model),
         "attributes": {
             name or "(root)": {
-                k: stable_repr(v) for k, v in plain_attributes(m, seen, written, name).items()
+                k: stable_repr(v)
+                for k, v in plain_attributes(m, seen, written, name, reads).items()
             }
             for name, m in model.named_modules()
         },
