@@ -311,16 +311,22 @@ def _holds_values(t: Tensor) -> bool:
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 
 
-def _is_plain(value: Any, depth: int = 0) -> bool:
+def _is_plain(value: Any) -> bool:
     """A number, string or None, or a list, tuple or dict of them (two levels deep)."""
-    if isinstance(value, _PLAIN):
+    return _nested(value, _PLAIN, 2)
+
+
+def _nested(value: Any, leaves: tuple[type, ...], levels: int) -> bool:
+    """Whether ``value`` is one of ``leaves``, or a list, tuple or dict (of string keys) of
+    them, ``levels`` of containers deep at most."""
+    if isinstance(value, leaves):
         return True
-    if depth >= 2:
+    if levels <= 0:
         return False
     if isinstance(value, (list, tuple)):
-        return all(_is_plain(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
+        return all(_nested(v, leaves, levels - 1) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _nested(v, leaves, levels - 1) for k, v in value.items())
     return False
 
 
@@ -664,18 +670,10 @@ def _real_path(path: str) -> str:
     return os.path.realpath(path)
 
 
-def _is_structure(value: Any, depth: int = 0) -> bool:
+def _is_structure(value: Any) -> bool:
     """Whether ``value`` is what :func:`_structure` hashes by value alone: a tensor, a plain
     value (:data:`_PLAIN`), or a list, tuple or dict (of string keys) of them."""
-    if isinstance(value, (Tensor, *_PLAIN)):
-        return True
-    if depth > 4:
-        return False
-    if isinstance(value, (list, tuple)):
-        return all(_is_structure(v, depth + 1) for v in value)
-    if isinstance(value, Mapping):
-        return all(isinstance(k, str) and _is_structure(v, depth + 1) for k, v in value.items())
-    return False
+    return _nested(value, (Tensor, *_PLAIN), 5)
 
 
 def canonical_text(value: Any, depth: int = 0) -> str:
