@@ -1552,6 +1552,24 @@ def test_the_plan_sizes_a_meta_models_outputs_by_a_pass_on_the_meta_device() -> 
     assert planned_outputs(features) == 3
 
 
+def test_gradient_checkpointing_is_refused_by_name() -> None:
+    """A reviewer's: after Hugging Face's gradient_checkpointing_enable(), whose hook on the
+    input embeddings calls requires_grad_() in every forward pass, fit and scores stopped on
+    PyTorch's raw error from inside torch.func; the refusal says what to call."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config()).eval()
+    ids = torch.randint(0, 40, (4, 6))
+    model.gradient_checkpointing_enable()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(InvalidInputError, match=r"gradient_checkpointing_disable\(\)"):
+            infkit.Influence(infkit.Task.language_modeling(model), "ekfac", damping=1e-3).fit(
+                lm.examples(ids)
+            )
+
+
 def test_a_plan_from_sizes_counts_a_real_models_outputs_without_a_pass_of_every_position() -> None:
     """A reviewer's: a plan from sizes alone passed a model with weights all T positions to
     count its outputs (GPT-2 at T = 40,000: 1.2 GB of logits, the memory the plan foresees).

@@ -1459,6 +1459,8 @@ def test_a_hugging_face_model_saved_and_loaded_again_loads_its_fit(tmp_path: Pat
         )
         queries = lm.examples(ids[:2])
         assert torch.allclose(loaded.scores(queries), fitted.scores(queries), rtol=0, atol=1e-12)
+        again.config.output_hidden_states = True  # (features besides: the logits as they were)
+        assert torch.allclose(loaded.scores(queries), fitted.scores(queries), rtol=0, atol=1e-12)
         again.config.layer_norm_epsilon = 1e-3
         with pytest.raises(ArtifactError, match=r"config\.layer_norm_epsilon is 0\.001"):
             infkit.Influence.load(

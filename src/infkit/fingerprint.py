@@ -349,8 +349,19 @@ UNCOMPUTED_ATTRIBUTES = frozenset(
 #: what a Hugging Face configuration records of its model and not of what it computes: the
 #: model's classes, type and dtype (its class and its parameters' dtype are in the identity),
 #: which ``from_pretrained`` and ``.to(dtype)`` write there (a model saved with
-#: ``save_pretrained`` and loaded again was refused for ``config.dtype``, ``model_type``)
-CONFIGURATION_RECORDS = frozenset({"architectures", "dtype", "model_type", "torch_dtype"})
+#: ``save_pretrained`` and loaded again was refused for ``config.dtype``, ``model_type``); and
+#: what it asks the model to return beside its outputs (features taken with
+#: ``output_hidden_states=True`` refused every answer after)
+CONFIGURATION_RECORDS = frozenset(
+    {
+        "architectures",
+        "dtype",
+        "model_type",
+        "torch_dtype",
+        "output_attentions",
+        "output_hidden_states",
+    }
+)
 
 
 def plain_attributes(

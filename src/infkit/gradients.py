@@ -196,6 +196,26 @@ def error_summary(error: BaseException, limit: int = QUOTED_ERROR_CHARS) -> str:
     return f"{name}: {head[:limit].rstrip()} ..."
 
 
+def transformable_call(
+    module: nn.Module, state: dict[str, Tensor], args: Any, kwargs: dict[str, Any]
+) -> Any:
+    """``torch.func.functional_call``, where a forward pass that calls autograd itself (which no
+    ``torch.func`` transform runs) is refused by name, not by PyTorch's raw error."""
+    try:
+        return functional_call(module, state, args, kwargs)
+    except RuntimeError as error:
+        if "being transformed by a functorch transform" not in str(error):
+            raise
+        raise InvalidInputError(
+            "the model's forward pass calls requires_grad_() or torch.autograd itself (a hook: "
+            "Hugging Face's gradient_checkpointing_enable() registers one on the input "
+            "embeddings), which torch.func's per-example gradients cannot run: call "
+            "model.gradient_checkpointing_disable() (where it was enabled, also "
+            "model.disable_input_require_grads()) before infkit's passes, or remove the hook. "
+            f"The error: {error_summary(error)}"
+        ) from error
+
+
 #: the models vmap could not batch (:meth:`PerExample._run`), which take the loop from then on
 _LOOPED_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
@@ -360,7 +380,7 @@ class PerExample:
         model = self.task.model
 
         def fn(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(model, state, args, kwargs)
+            return transformable_call(model, state, args, kwargs)
 
         return self.task.call_model(fn, inputs)
 
@@ -377,7 +397,7 @@ class PerExample:
         module = self.tangent_module
 
         def fn(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(module, state, args, kwargs)
+            return transformable_call(module, state, args, kwargs)
 
         raw = fn(**inputs) if isinstance(inputs, dict) else fn(inputs)
         out = at_least_float32(self._tangent_output_fn(raw))
