@@ -1594,6 +1594,23 @@ def test_a_plan_from_sizes_counts_a_real_models_outputs_without_a_pass_of_every_
             assert _outputs_per_example(task, None, tokens) == real, (type(model), tokens)
 
 
+def test_a_plan_after_fit_takes_the_fitted_training_set(problem: dict) -> None:
+    """A reviewer's: after fit, plan(test=queries) asked for the training data again; the
+    fitted set is its default, the same plan as with it given."""
+    task = infkit.Task.language_modeling(problem["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2)
+        with pytest.raises(InvalidInputError, match=r"inf\.plan\(test=queries\)"):
+            inf.plan(test=problem["test"], timed=False)
+        inf.fit(problem["train"])
+        given = inf.plan(problem["train"], problem["test"], timed=False)
+        fitted = inf.plan(test=problem["test"], timed=False)
+    sizes = [dataclasses.replace(p.shape, sample_inputs=None) for p in (fitted, given)]
+    assert sizes[0] == sizes[1] and fitted.shape.n_train == len(problem["train"][1])
+    assert [s.bytes for s in fitted.stages] == [s.bytes for s in given.stages]
+
+
 def test_the_plan_lists_the_checks_the_fit_runs(problem: dict) -> None:
     """The post-fit checks are in the plan exactly when fit runs them; checks=False skips
     both (and their figures in describe())."""

@@ -1358,7 +1358,8 @@ class Influence:
         Passes over the data, bytes per stage and process, the largest object and, when the model
         is real and ``timed``, the time from one timed forward and backward pass of a batch.
         Give the data, or for a model on the meta device (no weights) its size: ``n_train``,
-        ``n_queries`` and ``sequence_length``. Needs a named method (not ``"auto"``).
+        ``n_queries`` and ``sequence_length``; after ``fit``, the fitted training set is the
+        default (``inf.plan(test=queries)``). Needs a named method (not ``"auto"``).
         """
         if self._method is None:
             raise UnsupportedError("plan needs a named method; method='auto' chooses at fit")
@@ -1371,12 +1372,15 @@ class Influence:
         method = self._method
         model = self.task.model
         space = self._attributed_space(method, ParameterSpace(model))
+        if train is None and n_train is None and self._fitted is not None:
+            train = self._fitted.train  # (what fit took: its plan for more queries)
         examples = None if train is None else ExampleSet(train, name="training set")
         if examples is None and (n_train is None or sequence_length is None):
             raise InvalidInputError(
-                "plan needs the training data, inf.plan(train, test); or, for a model on the "
-                "meta device (no weights: a size to plan before renting the machines), "
-                "inf.plan(n_train=..., n_queries=..., sequence_length=...)"
+                "plan needs the training data, inf.plan(train, test) (after fit, the fitted "
+                "set: inf.plan(test=queries)); or, for a model on the meta device (no weights: "
+                "a size to plan before renting the machines), inf.plan(n_train=..., "
+                "n_queries=..., sequence_length=...)"
             )
         n = len(examples) if examples is not None else int(n_train or 0)
         q = len(ExampleSet(test, name="test set")) if test is not None else int(n_queries or 1)
