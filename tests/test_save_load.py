@@ -1292,23 +1292,23 @@ def test_what_a_forward_pass_writes_is_state_wherever_it_writes_it(tmp_path: Pat
         identities = {}
         for key in ("object", "fields"):
             net = written_state.bound_net(key)
-            identities[key] = model_fingerprint_code(net)
+            identities[key] = identity_part(net, "code")
         written_state.BOUND["object"].keywords["cfg"].scale = 5.0
         written_state.BOUND["fields"].keywords["opts"].w[1000] = 7.0  # (elided in its repr)
-        assert model_fingerprint_code(written_state.bound_net("object")) != identities["object"]
-        edited = model_fingerprint_code(written_state.bound_net("fields"))
+        assert identity_part(written_state.bound_net("object"), "code") != identities["object"]
+        edited = identity_part(written_state.bound_net("fields"), "code")
         assert edited != identities["fields"]
         written_state.BOUND["fields"].keywords["opts"].gain = 3.0  # a field its repr leaves out
-        assert model_fingerprint_code(written_state.bound_net("fields")) != edited
+        assert identity_part(written_state.bound_net("fields"), "code") != edited
         for key, edit in (("array", lambda a: a.__setitem__(1000, 7.0)), ("slots", None)):
-            before = model_fingerprint_code(written_state.bound_net(key))
+            before = identity_part(written_state.bound_net(key), "code")
             if edit is None:
                 written_state.BOUND[key].keywords["s"].a = 2  # (a __slots__ object's value)
             else:
                 edit(written_state.BOUND[key].keywords["a"])  # (elided in its repr)
-            assert model_fingerprint_code(written_state.bound_net(key)) != before, key
+            assert identity_part(written_state.bound_net(key), "code") != before, key
         here = {
-            key: model_fingerprint_code(written_state.bound_net(key)) for key in ("names", "keys")
+            key: identity_part(written_state.bound_net(key), "code") for key in ("names", "keys")
         }
     finally:
         sys.path.remove(str(tmp_path))
@@ -1376,12 +1376,12 @@ def test_a_setting_set_anew_after_fit_is_refused_and_the_answers_own_writes_are_
         ("by_name.a.scale", lambda: setattr(model.by_name["a"], "scale", 3.0)),
         ("many.0.scale", lambda: setattr(model.many[0], "scale", 3.0)),
     ]
-    before = model_fingerprint_arch(model)
+    before = identity_part(model, "architecture")
     for name, edit in edits:
         held = [model.heads[0], model.by_name["a"], model.many[0]]
         kept = copy.deepcopy((model.cfg.weights, model._temp, [c.scale for c in held]))
         edit()
-        assert model_fingerprint_arch(model) != before, name
+        assert identity_part(model, "architecture") != before, name
         with pytest.raises(InvalidInputError, match=re.escape(f"'{name} (setting)' changed")):
             fitted.scores(queries)
         model.cfg.weights, model._temp = kept[0], kept[1]
@@ -1390,18 +1390,11 @@ def test_a_setting_set_anew_after_fit_is_refused_and_the_answers_own_writes_are_
     assert torch.equal(fitted.scores(queries), first)
 
 
-def model_fingerprint_arch(model: torch.nn.Module) -> str:
-    """The architecture part of a model's identity."""
+def identity_part(model: torch.nn.Module, part: str) -> str:
+    """One part of a model's identity: its ``"architecture"`` or its ``"code"``."""
     from infkit.fingerprint import model_fingerprint
 
-    return model_fingerprint(model)["architecture"]
-
-
-def model_fingerprint_code(model: torch.nn.Module) -> str:
-    """The code part of a model's identity."""
-    from infkit.fingerprint import model_fingerprint
-
-    return model_fingerprint(model)["code"]
+    return model_fingerprint(model)[part]
 
 
 def test_a_hugging_face_models_configuration_is_part_of_it() -> None:

@@ -1618,33 +1618,35 @@ def _outputs_per_example(task: Task, inputs: Any, tokens: int) -> int:
     causal LM under a task of the user's, a token classifier's T x labels; a model with weights
     is passed a few short sequences, and C extrapolated where it is affine in T); else from its
     configuration's sizes (:func:`~infkit.plan.sized_outputs`)."""
-    if inputs is None:
-        model = task.model
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model = task.model
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
-        def outputs(length: int) -> int:
-            ids = torch.zeros(1, length, dtype=torch.long, device=device)
-            # (on the meta device, so is what the pass creates without naming one: arange)
-            where = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
-            with torch.no_grad(), evaluation_mode(model), where:
-                return task.call_model(model, ids).numel()
+    def outputs(given: Any) -> int:
+        # (on the meta device, so is what the pass creates without naming one: arange)
+        where = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
+        with torch.no_grad(), evaluation_mode(model), where:
+            return task.call_model(model, given).numel()
 
-        try:
-            if device.type == "meta" or tokens <= 64:  # (shapes alone, or a short pass)
-                return outputs(tokens)
-            # a model with weights: C = a + b T (per position, b; pooled, a) from two short
-            # passes, checked on a third, not T positions' outputs allocated to count them; a
-            # model whose outputs are not so (padded to a multiple, a T x T map) takes the pass
-            lengths = (17, 33, 50)
-            c1, c2, c3 = (outputs(length) for length in lengths)
-            slope = (c2 - c1) / (lengths[1] - lengths[0])
-            if c1 + slope * (lengths[2] - lengths[0]) == c3 and slope == int(slope):
-                return int(c1 + slope * (tokens - lengths[0]))
-            return outputs(tokens)
-        except Exception:  # (inputs of another kind: the sizes tell)
-            return sized_outputs(model, tokens, task.name == "language_modeling")
-    with torch.no_grad(), evaluation_mode(task.model):
-        return task.call_model(task.model, inputs).numel()
+    if inputs is not None:
+        return outputs(inputs)
+
+    def of_length(length: int) -> int:
+        return outputs(torch.zeros(1, length, dtype=torch.long, device=device))
+
+    try:
+        if device.type == "meta" or tokens <= 64:  # (shapes alone, or a short pass)
+            return of_length(tokens)
+        # a model with weights: C = a + b T (per position, b; pooled, a) from two short
+        # passes, checked on a third, not T positions' outputs allocated to count them; a
+        # model whose outputs are not so (padded to a multiple, a T x T map) takes the pass
+        lengths = (17, 33, 50)
+        c1, c2, c3 = (of_length(length) for length in lengths)
+        slope = (c2 - c1) / (lengths[1] - lengths[0])
+        if c1 + slope * (lengths[2] - lengths[0]) == c3 and slope == int(slope):
+            return int(c1 + slope * (tokens - lengths[0]))
+        return of_length(tokens)
+    except Exception:  # (inputs of another kind: the sizes tell)
+        return sized_outputs(model, tokens, task.name == "language_modeling")
 
 
 def _product_rate(dtype: torch.dtype, device: torch.device, size: int = 512) -> float:
