@@ -293,3 +293,42 @@ def test_the_drift_check_of_an_iterative_solve_is_the_exact_solves() -> None:
     for method in ("cg", "astra"):
         for key in ("step", "residual_shift"):
             assert drifts[method][key] == pytest.approx(drifts["exact"][key], rel=1e-6)
+
+
+def test_slow_solves_per_training_example_are_said_after_the_first_batch(
+    mlp_problem: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tester's RIF scores by lissa on 300 examples ran for minutes with nothing but progress
+    lines (cg: 17 s): an iterative method's pass of solves per training example now says, after
+    its first batch, how long the rest takes at that pace, and what answers at once."""
+    from infkit import estimators
+
+    task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
+    cg = infkit.Influence(task, "cg", "rif", l2=l2, tol=1e-6, batch_size=20).fit(train)
+    exact = infkit.Influence(task, "exact", "rif", l2=l2, batch_size=20).fit(train)
+    n = len(train[1])
+
+    def notices(inf: infkit.Influence, answer: str) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if answer == "scores":
+                inf.scores(test)
+            elif answer == "self_scores":
+                inf.with_estimator("if").self_scores()
+            else:
+                inf.leverages()
+        return [str(w.message) for w in caught if "per training example" in str(w.message)]
+
+    assert notices(cg, "scores") == []  # at this size the rest takes well under a minute
+    monkeypatch.setattr(estimators, "SLOW_SOLVES_SECONDS", -1.0)  # any pace is slow
+    for answer, what in (
+        ("scores", "estimator 'rif'"),
+        ("self_scores", "estimator 'if'"),
+        ("leverages", "leverages"),
+    ):
+        said = notices(cg, answer)
+        assert len(said) == 1, (answer, said)  # once a pass, not once a batch
+        assert said[0].startswith(f"{what} by 'cg': a system per training example")
+        assert f"the first 20 of {n:,} examples took" in said[0]
+        assert "A direct method (exact, dual, ekfac, kfac) answers them at once" in said[0]
+        assert notices(exact, answer) == []  # a direct method's solves are not iterations

@@ -94,6 +94,25 @@ def test_loo_interval_per_query_is_spearman_of_each_row(bank) -> None:
     assert interval.low <= interval.mean <= interval.high
 
 
+def test_loo_correlation_pools_several_queries_and_says_so() -> None:
+    """A tester read docs/evaluation.md §6 as loo_correlation being the per-query mean: it pools
+    the pairs. Two queries whose own correlations are -1, with effects of different scales:
+    the pooled Spearman is +11/21 (the scales alone), the per-query mean -1; pooled, it says so."""
+    scores = torch.tensor([[1.0, 2.0, 3.0, 4.0], [11.0, 12.0, 13.0, 14.0]], dtype=torch.float64)
+    actual = torch.tensor([[4.0, 3.0, 2.0, 1.0], [14.0, 13.0, 12.0, 11.0]], dtype=torch.float64)
+    with pytest.warns(Notice, match=r"pooled the pairs of 2 test examples.*loo_interval"):
+        pooled = evaluate.loo_correlation(scores, actual)
+    flat = stats.spearmanr(scores.reshape(-1).numpy(), actual.reshape(-1).numpy())[0]
+    assert pooled.spearman == pytest.approx(flat, abs=1e-12)
+    assert pooled.spearman == pytest.approx(11 / 21, abs=1e-12) and pooled.n == 8
+    assert evaluate.loo_interval(scores, actual).mean == pytest.approx(-1.0, abs=1e-12)
+    with warnings.catch_warnings():  # one query (or a vector): its own correlation, quiet
+        warnings.simplefilter("error")
+        single = evaluate.loo_correlation(scores[:1], actual[:1])
+        vector = evaluate.loo_correlation(scores[0], actual[0])
+    assert single.spearman == pytest.approx(-1.0) and vector.spearman == pytest.approx(-1.0)
+
+
 def test_undefined_queries_are_skipped_and_bad_input_is_refused(bank) -> None:
     scores, masks, actual = bank
     actual = actual.clone()

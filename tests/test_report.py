@@ -180,6 +180,10 @@ def test_run_writes_the_workdir_and_a_self_contained_report(finished: Path) -> N
     assert all(src.startswith("data:") for src in re.findall(r'src="([^"]+)"', page))
     assert "<link" not in page and "<script" not in page
     assert "default-src 'none'" in page
+    # the model is one nn.Linear, the root module, whose name is empty: a tester's layers.csv
+    # read ",1.0"
+    with (finished / "layers.csv").open() as f:
+        assert list(csv.DictReader(f)) == [{"layer": "(root)", "share": "1.0"}]
 
 
 def test_proponents_match_influence_top_k(project: Path, finished: Path) -> None:

@@ -24,6 +24,7 @@ downdate is an approximation too, and a leverage >= 1 says so.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
-from infkit.errors import CurvatureError, UnsupportedError
+from infkit.errors import CurvatureError, Notice, UnsupportedError, warn
 from infkit.fitted import Fitted
 from infkit.progress import track
 
@@ -42,6 +43,9 @@ RelatifNorm = Literal["theta", "loss"]
 RELATIF_NORMS: tuple[RelatifNorm, ...] = ("theta", "loss")
 #: largest leverage (eigenvalue of Lambda_j M_j / N) accepted before RIF/Newton blow up
 MAX_LEVERAGE = 1.0 - 1e-8
+#: seconds the rest of a pass of solves per training example must be expected to take, at the
+#: first batch's pace, before :class:`SolvePace` says so
+SLOW_SOLVES_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,43 @@ def _retained_or_raise(inverse: InverseCurvature, V: Tensor, group: Tensor) -> T
     return out
 
 
+class SolvePace:
+    """Times the first batch of a pass that solves a system per training example and, where
+    the method solves by iterations (``cg``, ``lissa``, ``astra``: not ``cheap_solve``) and the
+    rest is expected to take over :data:`SLOW_SOLVES_SECONDS`, says so once with the way out:
+    a tester's RIF scores by ``lissa`` on 300 examples ran for minutes (cg: 17 s) with nothing
+    but progress lines, where a direct method answers the same at once."""
+
+    def __init__(self, inverse: InverseCurvature, what: str, examples: int) -> None:
+        self.iterative = not getattr(inverse, "cheap_solve", True)
+        self.method, self.what, self.examples = inverse.name, what, examples
+        self.started: float | None = None
+        self.told = False
+
+    def start(self) -> None:
+        """Mark the start of a batch (only the first is timed)."""
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def done(self, size: int) -> None:
+        """After the first batch of ``size`` examples: the notice, if the rest is slow."""
+        if self.told or self.started is None or not self.iterative:
+            return
+        self.told = True
+        seconds = time.perf_counter() - self.started
+        rest = seconds * (self.examples - size) / max(size, 1)
+        if rest <= SLOW_SOLVES_SECONDS:
+            return
+        warn(
+            f"{self.what} by {self.method!r}: a system per training example, each solved by "
+            f"its iterations; the first {size} of {self.examples:,} examples took "
+            f"{seconds:.1f} s, so the rest takes about {rest / 60:.0f} min more. A direct "
+            "method (exact, dual, ekfac, kfac) answers them at once; scores with estimator "
+            "'if' solve one system per query",
+            Notice,
+        )
+
+
 def removal_deltas(
     inverse: InverseCurvature,
     fitted: Fitted,
@@ -235,33 +276,44 @@ def removal_deltas(
     For ``"relatif"`` the rows are the normalised directions instead (no units).
     """
     n = fitted.n
+    examples = n if indices is None else len(indices)
     if estimator.name == "rif" or (estimator.name == "newton" and inverse.curvature != "hessian"):
-        fitted.warn_jacobian_cost(estimator.name, n if indices is None else len(indices))
+        fitted.warn_jacobian_cost(estimator.name, examples)
+    pace = SolvePace(inverse, f"estimator {estimator.name!r}", examples)
     for batch in fitted.train.batches(fitted.training_gradient_batch_size, indices):
-        v, terms = fitted.attributed_grads_and_terms(batch)
-        if estimator.name == "if":
-            yield batch, inverse.solve(v) / n
-        elif estimator.name == "relatif":
-            u = inverse.solve(v)
-            dtype = fitted.space.dtype
-            yield batch, relatif_directions(u, v, estimator.relatif, batch, terms, dtype)
-        elif estimator.name == "rif":
-            J, lam = fitted.jacobians_and_lambdas(batch, estimator.name)
-            delta, _ = downdate_solve(inverse, v, J, lam, n, 0.0, batch.indices)
-            yield batch, delta / n
-        else:  # newton
-            if fitted.objective_gradient is not None:
-                v = v - n * fitted.objective_gradient
-            if inverse.curvature == "hessian":
-                rows = [
-                    _retained_or_raise(inverse, v[k : k + 1] / n, batch.indices[k : k + 1])
-                    for k in range(len(batch))
-                ]
-                yield batch, torch.cat(rows)
-            else:
-                J, lam = fitted.jacobians_and_lambdas(batch, estimator.name)
-                delta, _ = downdate_solve(inverse, v, J, lam, n, -fitted.l2 / n, batch.indices)
-                yield batch, delta / n
+        pace.start()
+        delta = _removal_delta(inverse, fitted, estimator, batch)
+        pace.done(len(batch))
+        yield batch, delta
+
+
+def _removal_delta(
+    inverse: InverseCurvature, fitted: Fitted, estimator: Estimator, batch: Batch
+) -> Tensor:
+    """:func:`removal_deltas` of one batch of training examples."""
+    n = fitted.n
+    v, terms = fitted.attributed_grads_and_terms(batch)
+    if estimator.name == "if":
+        return inverse.solve(v) / n
+    if estimator.name == "relatif":
+        u = inverse.solve(v)
+        return relatif_directions(u, v, estimator.relatif, batch, terms, fitted.space.dtype)
+    if estimator.name == "rif":
+        J, lam = fitted.jacobians_and_lambdas(batch, estimator.name)
+        delta, _ = downdate_solve(inverse, v, J, lam, n, 0.0, batch.indices)
+        return delta / n
+    # newton
+    if fitted.objective_gradient is not None:
+        v = v - n * fitted.objective_gradient
+    if inverse.curvature == "hessian":
+        rows = [
+            _retained_or_raise(inverse, v[k : k + 1] / n, batch.indices[k : k + 1])
+            for k in range(len(batch))
+        ]
+        return torch.cat(rows)
+    J, lam = fitted.jacobians_and_lambdas(batch, estimator.name)
+    delta, _ = downdate_solve(inverse, v, J, lam, n, -fitted.l2 / n, batch.indices)
+    return delta / n
 
 
 # ------------------------------------------------------------------------------ answers
@@ -294,13 +346,16 @@ def relatif_and_self_scores(
     own = torch.empty(n, dtype=torch.float64)
     total = -(-n // fitted.training_gradient_batch_size)
     batches = fitted.train.batches(fitted.training_gradient_batch_size)
+    pace = SolvePace(inverse, "RelatIF and self-scores", n)
     for batch in track(batches, fitted.progress, "relatif and self-scores", total):
+        pace.start()
         v, terms = fitted.attributed_grads_and_terms(batch)
         u = inverse.solve(v)
         # grad l_j = v_j less the regulariser share (not the gradients taken a second time)
         own[batch.indices] = ((v - fitted.l2 * fitted.regularised_theta) * u).sum(1).cpu() / n
         directions = relatif_directions(u, v, norm, batch, terms, fitted.space.dtype)
         S[:, batch.indices] = (Q @ directions.T).cpu()
+        pace.done(len(batch))
     return S, own
 
 
@@ -365,10 +420,13 @@ def leverages(inverse: InverseCurvature, fitted: Fitted) -> Tensor:
     For ordinary least squares this is the diagonal of the hat matrix; RIF divides by 1 - h_j.
     """
     out = torch.empty(fitted.n, dtype=torch.float64)
+    pace = SolvePace(inverse, "leverages", fitted.n)
     for batch in fitted.train.batches(fitted.batch_size):
+        pace.start()
         J, lam = fitted.jacobians_and_lambdas(batch, "rif")
         b, c, p = J.shape
         W = inverse.solve(J.reshape(b * c, p)).reshape(b, c, p)
         M = torch.einsum("bcp,bdp->bcd", J, W)
         out[batch.indices] = torch.diagonal(lam @ M, dim1=1, dim2=2).sum(-1).cpu() / fitted.n
+        pace.done(len(batch))
     return out

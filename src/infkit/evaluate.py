@@ -77,14 +77,30 @@ def correlation(predicted: Tensor | np.ndarray, actual: Tensor | np.ndarray) -> 
 
 
 def loo_correlation(scores: Tensor, actual: Tensor, indices: Tensor | None = None) -> Correlation:
-    """Correlation of predicted removal effects with actual leave-one-out changes.
+    """Correlation of predicted removal effects with actual leave-one-out changes: one
+    correlation of all the (test example, training example) pairs, pooled.
+
+    With several test examples the pooled figure mixes their scales (a query with large
+    effects dominates it, and the differences between queries alone can make it high), so it
+    says so in a :class:`~infkit.errors.Notice`; :func:`loo_interval` gives the mean over the
+    test examples of each one's correlation (docs/evaluation.md §6).
 
     Args:
         scores: predicted changes, [n_test, n_train] (``Influence.scores``) or [n_train].
         actual: actual changes, [n_test, k] or [k] (``retrain.leave_one_out(...).measurement``).
         indices: the k training indices ``actual`` covers (default: all).
     """
-    return correlation(_at(scores, indices), actual)
+    predicted = _at(scores, indices)
+    found = correlation(predicted, actual)
+    if predicted.dim() == 2 and predicted.shape[0] > 1:
+        warn(
+            f"loo_correlation pooled the pairs of {predicted.shape[0]} test examples into one "
+            "correlation, where each test example's effects have a scale of their own: "
+            "evaluate.loo_interval(scores, actual, indices) gives the mean of the per-example "
+            "correlations, with an interval",
+            Notice,
+        )
+    return found
 
 
 def _at(scores: Tensor, indices: Tensor | None) -> Tensor:

@@ -578,7 +578,8 @@ def _run(
         parts = base.module_scores(query_set)
         mass = {name: float(part.abs().sum()) for name, part in parts.items()}
         total = sum(mass.values()) or 1.0
-        data["layers"] = {name: m / total for name, m in mass.items()}
+        # (a model that is one layer has the empty name: "(root)", as saved fits name it)
+        data["layers"] = {name or "(root)": m / total for name, m in mass.items()}
         watch.lap("layers")
 
     data["summary"] = _summary(inf, model, train, test, origin, workdir)
