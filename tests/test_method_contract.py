@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -244,3 +245,27 @@ def test_a_method_from_outside_the_package_answers_through_the_facade() -> None:
         infkit.Influence(p["task"], "diagonal_ggn", "rif", l2=p["l2"])
     with pytest.raises(infkit.UnsupportedError, match=r"did you mean 'floor'"):
         infkit.Influence(p["task"], "diagonal_ggn", l2=p["l2"], flor=1.0)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n for n in infkit.methods() if method_class(n).fidelity.reference != "trajectory"],
+)
+def test_the_plan_after_fit_plans_the_scoring_alone(name: str) -> None:
+    """After fit, ``plan(test=queries)`` plans scoring more queries: the stages before the
+    first that scoring runs are marked run (a tester's plan listed the whole fit again), and
+    every method's stages name one that scoring runs (else the plan warns and lists all)."""
+    from infkit.plan import SCORING_STAGES
+
+    p = _problem("float64-loss")
+    inf = _fitted("float64-loss", name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", infkit.errors.Notice)
+        after = inf.plan(test=p["test"], timed=False)
+    whole = inf.plan(p["train"], p["test"], timed=False)
+    names = [s.name for s in after.stages]
+    assert names == [s.name for s in whole.stages]
+    first = min(names.index(n) for n in SCORING_STAGES if n in names)
+    assert [s.done for s in after.stages] == [k < first for k in range(len(names))], names
+    assert after.passes == sum(s.passes for s in whole.stages[first:]) <= whole.passes
+    assert after.peak_bytes <= whole.peak_bytes

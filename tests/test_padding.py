@@ -129,6 +129,24 @@ def test_a_prompt_counts_from_the_first_token_after_left_padding(padded: dict) -
         assert bool((labels[i, start + k :] != lm.IGNORE_INDEX).all())
     with pytest.raises(InvalidInputError, match=r"prompt_lengths\[5\] = 2 is not in \[0, 1\]"):
         lm.examples(ids, mask, prompt_lengths=[2] * len(LENGTHS))  # sequence 5 has 2 tokens
+    # right padding: the range is the sequence's own tokens, not the padded width (a tester's
+    # 6 tokens padded to 16 were told [0, 15], and 6 to 15 then failed as "no token to score")
+    ids, mask = padded["sides"]["right"]
+    i = min(range(len(LENGTHS)), key=lambda j: LENGTHS[j])
+    n = LENGTHS[i]
+    assert n < LENGTH - 1  # (padded on the right)
+    for too_long in (n, LENGTH - 1):
+        prompts = [0] * len(LENGTHS)
+        prompts[i] = too_long
+        with pytest.raises(
+            InvalidInputError,
+            match=rf"prompt_lengths\[{i}\] = {too_long} is not in \[0, {n - 1}\]: .* sequence's "
+            rf"{n} tokens",
+        ):
+            lm.examples(ids, mask, prompt_lengths=prompts)
+    prompts[i] = n - 1  # the last token alone is the completion
+    _, labels = lm.examples(ids, mask, prompt_lengths=prompts)
+    assert (labels[i] != lm.IGNORE_INDEX).nonzero().flatten().tolist() == [n - 1]
 
 
 def _fit(model: nn.Module, train: tuple) -> infkit.Influence:

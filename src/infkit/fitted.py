@@ -331,7 +331,8 @@ class Fitted:
             return
         raise UnsupportedError(
             f"estimator {estimator!r} needs each training example's output Jacobian J_j "
-            f"[C, P] in float64, with C = {self._outputs_text()} outputs and P = {p} parameters: "
+            f"[C, P], its solve H^-1 J_j^T [P, C] and Lambda_j [C, C] in float64, with C = "
+            f"{self._outputs_text()} outputs and P = {p} parameters: "
             f"{human_bytes(need)} for {rows} example(s), more than memory_limit "
             f"({human_bytes(self.memory_limit)}). Use estimator 'if' (its scores, self-influence "
             "and group removals need no Jacobian; a group's joint effect under 'if' is the sum "

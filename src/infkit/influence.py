@@ -82,7 +82,7 @@ from infkit.parameters import (
     product_dtype,
     warn_about_training_mode,
 )
-from infkit.plan import Plan, RunShape, Stage, sized_outputs
+from infkit.plan import Plan, RunShape, Stage, mark_fitted, sized_outputs
 from infkit.progress import Mode, track
 from infkit.progress import resolve as resolve_progress
 from infkit.removal import Quantity, RemovalEffect
@@ -1358,8 +1358,10 @@ class Influence:
         Passes over the data, bytes per stage and process, the largest object and, when the model
         is real and ``timed``, the time from one timed forward and backward pass of a batch.
         Give the data, or for a model on the meta device (no weights) its size: ``n_train``,
-        ``n_queries`` and ``sequence_length``; after ``fit``, the fitted training set is the
-        default (``inf.plan(test=queries)``). Needs a named method (not ``"auto"``).
+        ``n_queries`` and ``sequence_length``. After ``fit``, the fitted training set is the
+        default, and ``inf.plan(test=queries)`` plans scoring them: the fit's stages are listed
+        as run already (:attr:`~infkit.plan.Stage.done`), what they hold counted, their passes
+        and time not. Needs a named method (not ``"auto"``).
         """
         if self._method is None:
             raise UnsupportedError("plan needs a named method; method='auto' chooses at fit")
@@ -1372,8 +1374,9 @@ class Influence:
         method = self._method
         model = self.task.model
         space = self._attributed_space(method, ParameterSpace(model))
-        if train is None and n_train is None and self._fitted is not None:
-            train = self._fitted.train  # (what fit took: its plan for more queries)
+        more_queries = train is None and n_train is None and self._fitted is not None
+        if more_queries:
+            train = self.fitted.train  # (what fit took: its plan for more queries)
         examples = None if train is None else ExampleSet(train, name="training set")
         if examples is None and (n_train is None or sequence_length is None):
             raise InvalidInputError(
@@ -1393,9 +1396,11 @@ class Influence:
         cached = type(method).uses_training_gradients and gradient_cache_fits(
             n, space.size, space.dtype, self.memory_limit, self.batch_size
         )
+        if more_queries:  # (whether fit kept the cache, not whether it would)
+            cached = self.fitted.train_gradients is not None
         sample = _sample_inputs(self.task, space, examples)
         committed = None
-        if examples is not None and space.device.type != "meta":
+        if examples is not None and space.device.type != "meta" and not more_queries:
             engine = PerExample(self.task, space, self.per_example_mode)
             # as fit probes a pass first: what it writes is no part of the factors' identity
             probe_forward_writes(engine, examples)
@@ -1479,6 +1484,8 @@ class Influence:
                         float64_flops=method.solve_flops(self.task, space),
                     ),
                 )
+        if more_queries:  # the fit's stages ran: what they hold stays, their passes do not
+            stages = mark_fitted(stages)
         out = Plan(method.name, shape, stages, remedy=method.plan_advice(stages))
         if timed and examples is not None and space.device.type != "meta":
             out.seconds_per_batch = _time_batch(self.task, space, examples, self.batch_size)

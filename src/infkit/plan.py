@@ -20,9 +20,10 @@ the rate of a timed matrix product.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from infkit.errors import Notice, warn
 from infkit.memory import human_bytes
 
 if TYPE_CHECKING:
@@ -149,6 +150,9 @@ class Stage:
         at_most_passes: passes' worth of curvature products an iterative solve may add, up
             to its iteration cap (CG's and ASTRA's ``maxiter``, LiSSA's depth): how many it
             takes depends on the curvature's conditioning, known only as it runs.
+        done: run already (the fit's stages, in the plan of more queries after ``fit``): its
+            passes, operations and own bytes are not the plan's; what it holds (``held``: the
+            factors, the gradient cache) stays for the stages after it.
     """
 
     name: str
@@ -161,6 +165,27 @@ class Stage:
     flops: float = 0.0
     float64_flops: float = 0.0
     at_most_passes: float = 0.0
+    done: bool = False
+
+
+#: the stages that a ``scores()`` call runs, by the names the methods give them; the stages
+#: before the first of them are the fit's (:func:`mark_fitted`)
+SCORING_STAGES = ("queries' check", "queries", "scores", "reverse passes")
+
+
+def mark_fitted(stages: list[Stage]) -> list[Stage]:
+    """``stages`` with the fit's (those before the first of :data:`SCORING_STAGES`) marked
+    :attr:`Stage.done`: the plan of scoring more queries after ``fit``."""
+    names = [stage.name for stage in stages]
+    first = min((names.index(name) for name in SCORING_STAGES if name in names), default=None)
+    if first is None:  # (a method registered elsewhere, its stages named otherwise)
+        warn(
+            f"the plan's stages ({', '.join(names)}) name none that scoring runs "
+            f"({', '.join(SCORING_STAGES)}): the whole run is planned, the fit's stages too",
+            Notice,
+        )
+        return stages
+    return [replace(stage, done=True) if k < first else stage for k, stage in enumerate(stages)]
 
 
 @dataclass
@@ -188,17 +213,23 @@ class Plan:
     remedy: str = "attribute fewer parameters or score fewer queries per call"
 
     @property
+    def to_run(self) -> list[Stage]:
+        """The stages this plan runs: those not :attr:`Stage.done`."""
+        return [s for s in self.stages if not s.done]
+
+    @property
     def passes(self) -> float:
         """Passes over the training data in all."""
-        return sum(s.passes for s in self.stages)
+        return sum(s.passes for s in self.to_run)
 
     @property
     def stage_bytes(self) -> list[int]:
         """What the process holds in each stage beyond the model and theta*: the stage's own
-        bytes and what the stages before it hold (:attr:`Stage.held`)."""
+        bytes and what the stages before it hold (:attr:`Stage.held`; a stage
+        :attr:`Stage.done` holds those alone)."""
         out, held = [], 0
         for stage in self.stages:
-            out.append(held + stage.bytes)
+            out.append(held + (stage.held if stage.done else stage.bytes))
             held += stage.held
         return out
 
@@ -207,7 +238,10 @@ class Plan:
         """The model, the copy of theta*, the largest stage and a batch's outputs with their
         gradients (:attr:`RunShape.batch_output_bytes`: every stage that holds much runs
         batches through the model), per process."""
-        largest = max(self.stage_bytes, default=0)
+        largest = max(
+            (b for s, b in zip(self.stages, self.stage_bytes, strict=True) if not s.done),
+            default=0,
+        )
         shape = self.shape
         return shape.model_bytes + shape.snapshot_bytes + largest + shape.batch_output_bytes
 
@@ -222,23 +256,23 @@ class Plan:
         # apart by __str__)
         shape = self.shape
         over = self.peak_bytes - shape.model_bytes - shape.batch_output_bytes > limit
-        return not over and not any(stage.refused for stage in self.stages)
+        return not over and not any(stage.refused for stage in self.to_run)
 
     @property
     def largest(self) -> tuple[str, int]:
         """The largest single object of the run."""
-        return max((s.largest for s in self.stages), key=lambda item: item[1], default=("", 0))
+        return max((s.largest for s in self.to_run), key=lambda item: item[1], default=("", 0))
 
     @property
     def flops(self) -> float:
         """Floating-point operations per process beyond the passes' forward and backward work
         in the model's precision (:attr:`float64_flops` apart)."""
-        return sum(s.flops for s in self.stages)
+        return sum(s.flops for s in self.to_run)
 
     @property
     def float64_flops(self) -> float:
         """Floating-point operations per process taken in float64 (:attr:`Stage.float64_flops`)."""
-        return sum(s.float64_flops for s in self.stages)
+        return sum(s.float64_flops for s in self.to_run)
 
     @property
     def seconds(self) -> float | None:
@@ -256,7 +290,7 @@ class Plan:
     @property
     def at_most_passes(self) -> float:
         """Passes' worth of curvature products the iterative solves may add, at most."""
-        return sum(s.at_most_passes for s in self.stages)
+        return sum(s.at_most_passes for s in self.to_run)
 
     @property
     def at_most_seconds(self) -> float | None:
@@ -295,8 +329,18 @@ class Plan:
             f"{s.world_size} process{'es' if s.world_size > 1 else ''}"
             + (f", {s.precision}" if s.precision else "")
         )
-        rows = [head, f"  {'stage':<28} {'passes':>6} {'bytes/process':>14}  largest object"]
+        rows = [head]
+        done = [stage for stage in self.stages if stage.done]
+        if done:
+            kept = sum(stage.held for stage in done)
+            rows.append(
+                f"  fitted already, not run again: {', '.join(stage.name for stage in done)}"
+                + (f" (they hold {human_bytes(kept)} through the stages below)" if kept else "")
+            )
+        rows.append(f"  {'stage':<28} {'passes':>6} {'bytes/process':>14}  largest object")
         for stage, total in zip(self.stages, self.stage_bytes, strict=True):
+            if stage.done:
+                continue
             name, size = stage.largest
             rows.append(
                 f"  {stage.name:<28} {stage.passes:>6g} {human_bytes(total):>14}  "
