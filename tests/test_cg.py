@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -300,7 +301,8 @@ def test_slow_solves_per_training_example_are_said_after_the_first_batch(
 ) -> None:
     """A tester's RIF scores by lissa on 300 examples ran for minutes with nothing but progress
     lines (cg: 17 s): an iterative method's pass of solves per training example now says, after
-    its first batch, how long the rest takes at that pace, and what answers at once."""
+    its first batch, how long the rest of the answer takes at that pace, and what answers at
+    once; once an answer, whose chunks of queries (a pass each) count in the rest."""
     from infkit import estimators
 
     task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
@@ -308,11 +310,13 @@ def test_slow_solves_per_training_example_are_said_after_the_first_batch(
     exact = infkit.Influence(task, "exact", "rif", l2=l2, batch_size=20).fit(train)
     n = len(train[1])
 
-    def notices(inf: infkit.Influence, answer: str) -> list[str]:
+    def notices(inf: infkit.Influence, answer: str, queries: object = test) -> list[str]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if answer == "scores":
-                inf.scores(test)
+                inf.scores(queries)
+            elif answer == "relatif":
+                inf.with_estimator("relatif").scores(queries)
             elif answer == "self_scores":
                 inf.with_estimator("if").self_scores()
             else:
@@ -321,14 +325,49 @@ def test_slow_solves_per_training_example_are_said_after_the_first_batch(
 
     assert notices(cg, "scores") == []  # at this size the rest takes well under a minute
     monkeypatch.setattr(estimators, "SLOW_SOLVES_SECONDS", -1.0)  # any pace is slow
-    for answer, what in (
-        ("scores", "estimator 'rif'"),
-        ("self_scores", "estimator 'if'"),
-        ("leverages", "leverages"),
+    per_query = "scores with estimator 'if' solve one system per query"
+    for answer, what, direct in (
+        ("scores", "estimator 'rif'", "exact, dual, ekfac, kfac"),
+        ("relatif", "estimator 'relatif'", "exact, ekfac, kfac"),  # (dual answers no RelatIF)
+        ("self_scores", "estimator 'if'", "exact, dual, ekfac, kfac"),
+        ("leverages", "leverages", "exact, dual, ekfac, kfac"),
     ):
         said = notices(cg, answer)
         assert len(said) == 1, (answer, said)  # once a pass, not once a batch
-        assert said[0].startswith(f"{what} by 'cg': a system per training example")
-        assert f"the first 20 of {n:,} examples took" in said[0]
-        assert "A direct method (exact, dual, ekfac, kfac) answers them at once" in said[0]
+        assert said[0].startswith(f"{what} by 'cg': a system per training example, each")
+        assert f"the first 20 of {n:,} took" in said[0]
+        assert f"A direct method ({direct}) answers them at once" in said[0]
+        assert said[0].endswith(per_query) == (answer in ("scores", "relatif")), said[0]
         assert notices(exact, answer) == []  # a direct method's solves are not iterations
+    # a call the memory limit takes in chunks of queries solves for every example in each:
+    # one notice for the call, its rest counting every chunk (a reviewer's 25 chunks of 55 s
+    # each had run silent, each chunk's rest under the threshold)
+    tight = infkit.Influence(
+        task, "cg", "rif", l2=l2, tol=1e-6, batch_size=20, memory_limit=160_000
+    ).fit(train)
+    many = (test[0].repeat(6, 1), test[1].repeat(6))
+    chunks = len(tight._query_chunks(len(many[1]), tight.estimator_spec)[0])
+    assert chunks > 2
+    said = notices(tight, "scores", many)
+    assert len(said) == 1, said
+    assert f"in each of {chunks} chunks of queries" in said[0]
+    assert re.search(rf"the first \d+ of {n * chunks:,} took", said[0]), said[0]
+
+
+def test_a_groups_jacobian_refusal_names_its_joint_lambda(mlp_problem: dict) -> None:
+    """A Newton step of a group downdates one joint [kC, kC] Lambda: the refusal beyond
+    memory_limit names it, and the bytes it gives are that count (a reviewer's 30-example group
+    was told of a Lambda_j [C, C] each, for bytes of the joint block)."""
+    from infkit.errors import UnsupportedError
+    from infkit.memory import human_bytes
+
+    task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
+    inf = infkit.Influence(
+        task, "ekfac", "newton", l2=l2, damping=1e-3, memory_limit=150_000, batch_size=10
+    ).fit(train)
+    c, p, k = 3, inf.n_params, 30
+    with pytest.raises(UnsupportedError) as refused:
+        inf.remove(list(range(k)))
+    message = str(refused.value)
+    assert f"the group's joint Lambda [{k} C, {k} C]" in message and "Lambda_j" not in message
+    assert f"{human_bytes((k * 2 * c * p + (k * c) ** 2) * 8)} for {k} example(s)" in message

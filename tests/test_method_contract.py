@@ -269,3 +269,10 @@ def test_the_plan_after_fit_plans_the_scoring_alone(name: str) -> None:
     assert [s.done for s in after.stages] == [k < first for k in range(len(names))], names
     assert after.passes == sum(s.passes for s in whole.stages[first:]) <= whole.passes
     assert after.peak_bytes <= whole.peak_bytes
+    # the largest object counts what the fit keeps (a reviewer's dual plan named a 22 KiB
+    # query chunk beside its 759 KiB kernel, held)
+    kept = [s for s in after.stages if s.done and s.held]
+    if kept:
+        assert after.largest[1] >= max(min(s.largest[1], s.held) for s in kept)
+    if name == "dual":
+        assert after.largest == whole.largest and after.largest[0] == "dense curvature or kernel"

@@ -140,13 +140,21 @@ def test_a_prompt_counts_from_the_first_token_after_left_padding(padded: dict) -
         prompts[i] = too_long
         with pytest.raises(
             InvalidInputError,
-            match=rf"prompt_lengths\[{i}\] = {too_long} is not in \[0, {n - 1}\]: .* sequence's "
-            rf"{n} tokens",
+            match=rf"prompt_lengths\[{i}\] = {too_long} is not in \[0, {n - 1}\]: .* last "
+            rf"scored token \(position {n - 1}, {n - 1} after its first\)",
         ):
             lm.examples(ids, mask, prompt_lengths=prompts)
     prompts[i] = n - 1  # the last token alone is the completion
     _, labels = lm.examples(ids, mask, prompt_lengths=prompts)
     assert (labels[i] != lm.IGNORE_INDEX).nonzero().flatten().tolist() == [n - 1]
+    # a mask with a hole: the token after it is no label, so the room ends before it (a
+    # reviewer's [1, 1, 1, 0, 0, 1] was told [0, 3] where 3 left nothing to score)
+    holed = torch.tensor([[1, 1, 1, 0, 0, 1]])
+    with pytest.raises(InvalidInputError, match=r"= 3 is not in \[0, 2\]: .*position 2"):
+        lm.examples(torch.arange(6)[None], holed, prompt_lengths=[3])
+    # a sequence of padding alone has no token to score, whatever its prompt
+    with pytest.raises(InvalidInputError, match="sequence 1 has no token to score"):
+        lm.examples(torch.arange(12).reshape(2, 6), [[1] * 6, [0] * 6], prompt_lengths=[0, 0])
 
 
 def _fit(model: nn.Module, train: tuple) -> infkit.Influence:

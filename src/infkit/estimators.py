@@ -228,39 +228,61 @@ def _retained_or_raise(inverse: InverseCurvature, V: Tensor, group: Tensor) -> T
     return out
 
 
+@dataclass
+class SolveCall:
+    """One answer's passes of solves per training example, as the facade takes it: a pass per
+    chunk of queries (``Influence.scores`` in chunks under ``memory_limit``), told once."""
+
+    passes: int = 1
+    told: bool = False
+
+
 class SolvePace:
     """Times the first batch of a pass that solves a system per training example and, where
     the method solves by iterations (``cg``, ``lissa``, ``astra``: not ``cheap_solve``) and the
-    rest is expected to take over :data:`SLOW_SOLVES_SECONDS`, says so once with the way out:
-    a tester's RIF scores by ``lissa`` on 300 examples ran for minutes (cg: 17 s) with nothing
-    but progress lines, where a direct method answers the same at once."""
+    rest of the answer (every pass of its :class:`SolveCall`, the method's ``solve_call``) is
+    expected to take over :data:`SLOW_SOLVES_SECONDS`, says so once with the way out: a
+    tester's RIF scores by ``lissa`` on 300 examples ran for minutes (cg: 17 s) with nothing
+    but progress lines, where a direct method answers the same at once.
 
-    def __init__(self, inverse: InverseCurvature, what: str, examples: int) -> None:
+    ``direct``: the methods that answer the question directly; ``also``: another way out."""
+
+    def __init__(
+        self,
+        inverse: InverseCurvature,
+        what: str,
+        examples: int,
+        direct: str = "exact, dual, ekfac, kfac",
+        also: str = "",
+    ) -> None:
         self.iterative = not getattr(inverse, "cheap_solve", True)
+        self.call: SolveCall = getattr(inverse, "solve_call", None) or SolveCall()
         self.method, self.what, self.examples = inverse.name, what, examples
+        self.direct, self.also = direct, also
         self.started: float | None = None
-        self.told = False
 
     def start(self) -> None:
-        """Mark the start of a batch (only the first is timed)."""
+        """Mark the start of a batch (only the answer's first is timed)."""
         if self.started is None:
             self.started = time.perf_counter()
 
     def done(self, size: int) -> None:
-        """After the first batch of ``size`` examples: the notice, if the rest is slow."""
-        if self.told or self.started is None or not self.iterative:
+        """After the answer's first batch of ``size`` examples: the notice, if the rest is
+        slow."""
+        if self.call.told or self.started is None or not self.iterative:
             return
-        self.told = True
+        self.call.told = True
         seconds = time.perf_counter() - self.started
-        rest = seconds * (self.examples - size) / max(size, 1)
+        total = self.examples * self.call.passes
+        rest = seconds * (total - size) / max(size, 1)
         if rest <= SLOW_SOLVES_SECONDS:
             return
+        passes = f" in each of {self.call.passes} chunks of queries" if self.call.passes > 1 else ""
         warn(
-            f"{self.what} by {self.method!r}: a system per training example, each solved by "
-            f"its iterations; the first {size} of {self.examples:,} examples took "
-            f"{seconds:.1f} s, so the rest takes about {rest / 60:.0f} min more. A direct "
-            "method (exact, dual, ekfac, kfac) answers them at once; scores with estimator "
-            "'if' solve one system per query",
+            f"{self.what} by {self.method!r}: a system per training example{passes}, each "
+            f"solved by its iterations; the first {size} of {total:,} took {seconds:.1f} s, so "
+            f"the rest takes about {rest / 60:.0f} min more. A direct method ({self.direct}) "
+            "answers them at once" + (f"; {self.also}" if self.also else ""),
             Notice,
         )
 
@@ -270,16 +292,20 @@ def removal_deltas(
     fitted: Fitted,
     estimator: Estimator,
     indices: Tensor | None = None,
+    also: str = "",
 ) -> Iterator[tuple[Batch, Tensor]]:
     """Per-example removal parameter changes ``Delta theta_j`` ([B, P] float64), batch by batch.
 
-    For ``"relatif"`` the rows are the normalised directions instead (no units).
+    For ``"relatif"`` the rows are the normalised directions instead (no units). ``also``:
+    another way out for :class:`SolvePace`'s notice.
     """
     n = fitted.n
     examples = n if indices is None else len(indices)
     if estimator.name == "rif" or (estimator.name == "newton" and inverse.curvature != "hessian"):
         fitted.warn_jacobian_cost(estimator.name, examples)
-    pace = SolvePace(inverse, f"estimator {estimator.name!r}", examples)
+    # (dual answers no RelatIF)
+    direct = "exact, ekfac, kfac" if estimator.name == "relatif" else "exact, dual, ekfac, kfac"
+    pace = SolvePace(inverse, f"estimator {estimator.name!r}", examples, direct, also)
     for batch in fitted.train.batches(fitted.training_gradient_batch_size, indices):
         pace.start()
         delta = _removal_delta(inverse, fitted, estimator, batch)
@@ -327,7 +353,8 @@ def scores(
         return fitted.attributed_products(U) / fitted.n
     S = torch.empty(Q.shape[0], fitted.n, dtype=torch.float64)
     total = -(-fitted.n // fitted.training_gradient_batch_size)
-    deltas = removal_deltas(inverse, fitted, estimator)
+    also = "scores with estimator 'if' solve one system per query"
+    deltas = removal_deltas(inverse, fitted, estimator, also=also)
     for batch, delta in track(deltas, fitted.progress, estimator.name, total):
         S[:, batch.indices] = (Q @ delta.T).cpu()
     return S
@@ -346,7 +373,7 @@ def relatif_and_self_scores(
     own = torch.empty(n, dtype=torch.float64)
     total = -(-n // fitted.training_gradient_batch_size)
     batches = fitted.train.batches(fitted.training_gradient_batch_size)
-    pace = SolvePace(inverse, "RelatIF and self-scores", n)
+    pace = SolvePace(inverse, "RelatIF and self-scores", n, "exact, ekfac, kfac")
     for batch in track(batches, fitted.progress, "relatif and self-scores", total):
         pace.start()
         v, terms = fitted.attributed_grads_and_terms(batch)

@@ -329,9 +329,10 @@ class Fitted:
         need = (rows * 2 * c * p + (rows * c) ** 2 if joint else rows * (2 * c * p + c * c)) * 8
         if need <= self.memory_limit:
             return
+        lam = f"the group's joint Lambda [{rows} C, {rows} C]" if joint else "Lambda_j [C, C]"
         raise UnsupportedError(
             f"estimator {estimator!r} needs each training example's output Jacobian J_j "
-            f"[C, P], its solve H^-1 J_j^T [P, C] and Lambda_j [C, C] in float64, with C = "
+            f"[C, P], its solve H^-1 J_j^T [P, C] and {lam} in float64, with C = "
             f"{self._outputs_text()} outputs and P = {p} parameters: "
             f"{human_bytes(need)} for {rows} example(s), more than memory_limit "
             f"({human_bytes(self.memory_limit)}). Use estimator 'if' (its scores, self-influence "

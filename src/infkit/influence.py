@@ -42,7 +42,7 @@ from infkit.errors import (
     listed,
     warn,
 )
-from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator
+from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator, SolveCall
 from infkit.example_checks import check_examples
 from infkit.fingerprint import data_fingerprint, forward_snapshot, note_forward_writes
 from infkit.fitted import (
@@ -962,16 +962,18 @@ class Influence:
         shown = track(chunks, fitted.progress, "scores", len(chunks)) if len(chunks) > 1 else chunks
         # where a chunk sits in the call, for what the method commits to a workdir
         call = data_fingerprint(queries) if len(chunks) > 1 and fitted.workdir else None
+        solves = SolveCall(len(chunks))  # (a chunk's pass of solves per example: one pace told)
         for start, stop in shown:
             part = queries if stop - start == t else queries.part(torch.arange(start, stop))
             method.query_rows = None if call is None else QueryRows(call, start, stop, t)
+            method.solve_call = solves
             try:
                 if among is None:
                     S = method.scores(part, self._estimator)
                 else:
                     S = method.scores_among(part, self._estimator, among)
             finally:
-                method.query_rows = None
+                method.query_rows = method.solve_call = None
             named = lambda r: f"{queries.name} {queries.example(start + r)}"  # noqa: E731, B023
             _require_finite_scores(S, method.name, named, fitted.result_dtype)
             yield start, stop, S

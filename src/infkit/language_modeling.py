@@ -861,7 +861,6 @@ def examples(
     labels = ids.clone().long()
     inputs = {"input_ids": ids}
     start = torch.zeros(n, dtype=torch.long)  # each sequence's first token
-    real = torch.full((n,), t, dtype=torch.long)  # and its tokens, padding left out
     if attention_mask is not None:
         mask = torch.as_tensor(attention_mask)
         if tuple(mask.shape) != (n, t):
@@ -877,7 +876,6 @@ def examples(
         labels[:, 1:][padding[:, :-1]] = IGNORE_INDEX  # predicted from a padding position
         inputs["attention_mask"] = mask
         start = (~padding).long().argmax(dim=1)  # after the left padding, if any
-        real = (~padding).long().sum(dim=1)
         if position_ids:
             inputs["position_ids"] = ((~padding).long().cumsum(1) - 1).clamp_min(0)
     elif position_ids:
@@ -889,15 +887,20 @@ def examples(
                 f"prompt_lengths must be {n} integers, one per sequence, got "
                 f"{len(lengths)} of dtype {lengths.dtype}"
             )
-        # (a tester's sequence of 6 tokens padded to 16 was told [0, 15], where 6 to 15
-        # then failed otherwise: the range is of the sequence's own tokens)
-        outside = (lengths < 0) | (lengths >= real)
+        # a prompt leaves the sequence's last scored position (a label after position 0; a
+        # tester's 6 tokens padded to 16 were told [0, 15], where 6 to 15 then failed as "no
+        # token to score"); a sequence with none is refused below
+        scored = labels != IGNORE_INDEX
+        scored[:, 0] = False
+        last = torch.where(scored, torch.arange(t), -1).amax(dim=1)
+        room = last - start
+        outside = (last >= 0) & ((lengths < 0) | (lengths > room))
         if bool(outside.any()):
             i = int(outside.nonzero()[0, 0])
             raise InvalidInputError(
-                f"prompt_lengths[{i}] = {int(lengths[i])} is not in [0, {int(real[i]) - 1}]: a "
-                f"prompt must leave at least one of the sequence's {int(real[i])} tokens "
-                "(its padding left out) to score as the completion"
+                f"prompt_lengths[{i}] = {int(lengths[i])} is not in [0, {int(room[i])}]: a "
+                f"prompt must leave the sequence's last scored token (position {int(last[i])}, "
+                f"{int(room[i])} after its first) to score as the completion"
             )
         positions = torch.arange(t).unsqueeze(0)
         labels[positions < (start + lengths).unsqueeze(1)] = IGNORE_INDEX

@@ -260,8 +260,11 @@ class Plan:
 
     @property
     def largest(self) -> tuple[str, int]:
-        """The largest single object of the run."""
-        return max((s.largest for s in self.to_run), key=lambda item: item[1], default=("", 0))
+        """The largest single object of the run: of the stages it runs, or kept from one run
+        already (a fitted kernel, the factors: at most what that stage holds)."""
+        kept = [(s.largest[0], min(s.largest[1], s.held)) for s in self.stages if s.done and s.held]
+        candidates = [s.largest for s in self.to_run] + kept
+        return max(candidates, key=lambda item: item[1], default=("", 0))
 
     @property
     def flops(self) -> float:

@@ -48,7 +48,7 @@ from infkit.errors import (
     listed,
     warn,
 )
-from infkit.estimators import ESTIMATORS, Estimator, EstimatorName, RelatifNorm
+from infkit.estimators import ESTIMATORS, Estimator, EstimatorName, RelatifNorm, SolveCall
 from infkit.fingerprint import tensor_digest
 from infkit.fitted import STATIONARITY_TOLERANCE, Fitted, gradient_cache_bytes
 from infkit.gradients import PerExample, gradient_row_bytes, gradient_rows
@@ -286,6 +286,10 @@ class Method(ABC):
     #: where the queries of a scores() call taken in chunks sit in the call, set by the facade
     #: around each chunk (None: the call's queries whole), for what it commits
     query_rows: QueryRows | None = None
+    #: the passes of solves per training example of one scores() call taken in chunks (a pass
+    #: a chunk), set by the facade around the call, for the pace it tells
+    #: (:class:`~infkit.estimators.SolvePace`)
+    solve_call: SolveCall | None = None
     #: what the contract test checks and a user may expect
     fidelity: ClassVar[Fidelity] = Fidelity()
     #: priority for ``method="auto"`` (lower first; None: never chosen automatically)
