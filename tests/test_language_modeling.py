@@ -1036,6 +1036,10 @@ def test_a_limit_without_room_for_one_query_is_told_at_the_fit(problem: dict, tm
         told = [int(n) for n in re.findall(r"memory_limit=(\d+) \(", said)]
         assert told == [tight + 77 * 8 - 4, tight + 31 * 8 - 4], said
         assert "at full rank" in said and "at rank 1, an approximation" in said
+        # they are one query's: each more of a call takes its score row (a tester scored 16
+        # queries a call at the full-rank figure, at rank 1 and 30% off)
+        assert f"for one query a call: each more query of a call adds its {N} float64 " in said
+        assert f"scores, {human_bytes(N * 8)}, and may lower the rank" in said
         for limit, place in (
             (told[0], {}),
             (told[1], {}),

@@ -175,7 +175,13 @@ class RetrainCache:
         }
 
     def load(self, removed: Tensor) -> dict[str, Tensor] | None:
-        artifact = self.store.load(self.KIND, self.identity(removed))
+        identity = self.identity(removed)
+        # (no overwrite option here: a tester was told to pass one, which no caller takes)
+        remedy = (
+            f"Delete {self.store.path(self.KIND, identity)}: that retraining then runs again "
+            "(the other results in the cache are kept)"
+        )
+        artifact = self.store.load(self.KIND, identity, remedy)
         return None if artifact is None else artifact.tensors()
 
     def save(self, removed: Tensor, values: dict[str, Tensor]) -> None:

@@ -319,8 +319,10 @@ class ArtifactStore:
         )
 
     # ------------------------------------------------------------------ reading
-    def load(self, kind: str, identity: Mapping[str, Any]) -> Artifact | None:
+    def load(self, kind: str, identity: Mapping[str, Any], remedy: str = "") -> Artifact | None:
         """The verified artifact of this kind and identity, or None when there is none.
+
+        ``remedy``: what to do about a damaged one (:meth:`verify`'s default otherwise).
 
         Raises:
             ArtifactError: the directory exists but is damaged, or was made for another
@@ -329,7 +331,7 @@ class ArtifactStore:
         path = self.path(kind, identity)
         if not path.exists():
             return None
-        return self.verify(path, kind, dict(identity))
+        return self.verify(path, kind, dict(identity), remedy)
 
     def verify(
         self,
@@ -373,7 +375,7 @@ class ArtifactStore:
             changed = ", ".join(differences(identity, manifest.get("identity")))
             raise ArtifactError(
                 f"{path} was made for another computation (differs in: {changed}): its manifest "
-                "does not match its name. Delete it or pass overwrite=True"
+                "does not match its name. " + remedy
             )
         files = manifest.get("files")
         if not isinstance(files, dict):

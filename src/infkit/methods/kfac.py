@@ -182,6 +182,13 @@ class KFAC(PrimalMethod):
         one = CallResult(n * FLOAT64_BYTES, f"one query's {n} float64 scores")
         reason = self._scorer(one).room_for_one_query()
         if reason is not None:
+            # (a tester fitted at the full-rank figure and scored 16 queries a call at rank 1,
+            # 30% off: the figures are for one query a call)
+            reason += (
+                f" (for one query a call: each more query of a call adds its {n} float64 "
+                f"scores, {human_bytes(n * FLOAT64_BYTES)}, and may lower the rank; scores() "
+                "names the limit for its own call)"
+            )
             warn(
                 f"{reason}: scores() will refuse (ProblemTooLargeError) even for one query, "
                 "and module_scores() and token_scores(), whose results are larger, as plan() "
