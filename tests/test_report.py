@@ -922,6 +922,77 @@ def test_a_rerun_stopped_before_its_results_leaves_the_last_runs_files_together(
     assert b"damping = 1e-3" in (workdir / "config.toml").read_bytes()
 
 
+def test_a_run_killed_after_its_fit_resumes_from_the_committed_factors(
+    project: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tester's language-model run killed 12 s into its EK-FAC fit left the workdir empty,
+    and a kill after it refitted everything: influence/ is saved only once the fit is done.
+    A method that commits its work (the Kronecker methods' factors, score shards) now does so
+    in the workdir's partial/ as the run goes: the rerun fits no factors and gives the scores
+    of a run never stopped; what another computation's killed run left there is removed, said;
+    a finished run leaves no partial/."""
+    from infkit.kfac.factors import FactorFitter
+    from infkit.report.analysis import PARTIAL
+
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    text = CONFIG.format(n_loo=3).replace('method = "exact"', 'method = "ekfac"\ndamping = 1e-3')
+    (tmp_path / "a.toml").write_text(text)
+    (tmp_path / "b.toml").write_text(text.replace("tester_project:model", "tester_project:mlp"))
+    fits: list[int] = []
+    fit = FactorFitter.fit
+    monkeypatch.setattr(FactorFitter, "fit", lambda *a, **k: fits.append(1) or fit(*a, **k))
+
+    def run(config: str, workdir: Path) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return cli.main(["run", str(tmp_path / config), "--out", str(workdir), "--quiet"])
+            finally:  # (a killed run's too)
+                said.extend(str(w.message) for w in caught)
+
+    said: list[str] = []
+    assert run("a.toml", tmp_path / "fresh") == 0  # a run never stopped
+    assert not (tmp_path / "fresh" / PARTIAL).exists()
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # as a kill between the fit and its save
+
+    workdir = tmp_path / "w"
+    for config in ("b.toml", "a.toml"):  # another computation's leftovers, then this one's
+        monkeypatch.setattr(infkit.Influence, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(config, workdir)
+        monkeypatch.undo()
+        monkeypatch.setattr(FactorFitter, "fit", lambda *a, **k: fits.append(1) or fit(*a, **k))
+        assert not (workdir / "influence").exists()
+        assert any(p.name.startswith("kronecker-factors") for p in (workdir / PARTIAL).iterdir())
+    # a's run found b's factors there: removed, said, and a fitted afresh
+    told = [m for m in said if m.startswith(f"not resuming from {workdir / PARTIAL}: it holds")]
+    assert len(told) == 1, said
+    assert "(differs in: model.architecture" in told[0] and "overwrite" not in told[0]
+    fits.clear()
+    said.clear()
+    assert run("a.toml", workdir) == 0
+    assert fits == []  # the factors committed before the kill, read back
+    assert not (workdir / PARTIAL).exists()
+    _, resumed = load_results(workdir)
+    _, fresh = load_results(tmp_path / "fresh")
+    torch.testing.assert_close(resumed["scores"], fresh["scores"], rtol=1e-10, atol=0)
+    # b's factors, left by its killed run, were found by a's killed run and removed, said
+    monkeypatch.setattr(infkit.Influence, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run("b.toml", workdir)
+    monkeypatch.undo()
+    monkeypatch.setattr(FactorFitter, "fit", lambda *a, **k: fits.append(1) or fit(*a, **k))
+    fits.clear()
+    assert run("a.toml", workdir) == 0  # influence/ holds a's fit: b's leftovers are not read
+    assert not (workdir / PARTIAL).exists() and fits == []
+    _, again = load_results(workdir)
+    torch.testing.assert_close(again["scores"], fresh["scores"], rtol=1e-10, atol=0)
+
+
 def test_every_key_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["run", "--help"])

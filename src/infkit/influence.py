@@ -639,6 +639,7 @@ class Influence:
         memory_limit: int | None = None,
         device: str | torch.device | None = None,
         checks: bool | Literal["queries"] = True,
+        workdir: str | Path | None = None,
     ) -> Influence:
         """An Influence saved by :meth:`save`, fitted again without any pass over the data.
 
@@ -666,6 +667,9 @@ class Influence:
             checks: the checks of the ``scores()`` calls (as for ``Influence``: ``"queries"``
                 measures the queries' energy ratio at any size, False none); the fit's own
                 checks are not run again, their saved figures are restored.
+            workdir: where the loaded Influence commits what it computes next (a Kronecker
+                method's score shards), so that a call after a crash reuses them (None: the
+                saved ``workdir``).
 
         Returns:
             The fitted Influence; ``describe()`` adds ``"loaded_from"``.
@@ -711,7 +715,7 @@ class Influence:
             memory_limit=memory_limit or settings.memory_limit,
             device=device,
             dtype=autocast,
-            workdir=settings.workdir,
+            workdir=settings.workdir if workdir is None else workdir,
             checks=checks,
             **settings.method_options,
         )

@@ -18,6 +18,7 @@ per-layer and per-token scores) and writes the workdir (docs/report.md §3):
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import time
 import warnings
@@ -47,6 +48,7 @@ from infkit.fingerprint import data_fingerprint, model_fingerprint
 from infkit.fitted import check_beside
 from infkit.gradients import PerExample
 from infkit.influence import Influence, TopK, solves_by_iterations
+from infkit.methods import method_class
 from infkit.parameters import ParameterSpace
 from infkit.progress import Stopwatch
 from infkit.report import factories
@@ -59,6 +61,9 @@ from infkit.task import Task
 #: the artifact kind of a run's results
 KIND = "report"
 SAVED = "influence"
+#: where a method that keeps artifacts commits them while the run computes (its factors, its
+#: score shards), so that a killed run resumes there; removed when the run has finished
+PARTIAL = "partial"
 #: the store kind of the warnings the fit of the saved influence gave
 FIT_WARNINGS = "fit-warnings"
 
@@ -138,10 +143,13 @@ def build_task(config: RunConfig, model: nn.Module) -> Task:
         raise ConfigError(f"[task]: {error}") from error
 
 
-def build_influence(config: RunConfig, task: Task) -> Influence:
-    """An unfitted Influence with the ``[influence]`` settings (checked at construction)."""
+def build_influence(config: RunConfig, task: Task, partial: Path | None = None) -> Influence:
+    """An unfitted Influence with the ``[influence]`` settings (checked at construction),
+    committing what it computes to ``partial`` (:func:`resumable_in`)."""
     s = config["influence"]
     try:
+        where = resumable_in(s["method"], s["options"], partial)
+        place: dict[str, Any] = {} if where is None else {"workdir": where}
         return Influence(
             task,
             s["method"],
@@ -151,10 +159,22 @@ def build_influence(config: RunConfig, task: Task) -> Influence:
             relatif=s["relatif"],
             batch_size=s["batch_size"],
             checks=s["checks"],
+            **place,
             **s["options"],
         )
     except InfkitError as error:
         raise ConfigError(f"{config.path.name}: [influence]: {error}") from error
+
+
+def resumable_in(method: str, options: dict[str, Any], partial: Path | None) -> Path | None:
+    """``partial`` where the method commits its work as it goes (the Kronecker methods' and
+    ASTRA's factors, streamed score shards: a run killed in its fit or scores resumes there,
+    where ``influence/`` is saved only once the fit is done) and the options name no place of
+    their own (``workdir``, ``factors_dir``); else None."""
+    if partial is None or method == "auto" or {"workdir", "factors_dir"} & set(options):
+        return None
+    kind = method_class(method)
+    return partial if kind.shards_scores or "factors_dir" in kind.Options.names() else None
 
 
 def build_display(config: RunConfig, train: ExampleSet, test: ExampleSet) -> Display:
@@ -307,7 +327,8 @@ def fit_or_reload(
         )
     elif reuse and saved.exists():
         try:
-            loaded = Influence.load(saved, inf.task, train, checks=inf.checks)
+            # (scoring commits its shards where this run's influence would: a kill resumes)
+            loaded = Influence.load(saved, inf.task, train, checks=inf.checks, workdir=inf.workdir)
         except ArtifactError as error:
             warn(f"not reusing the saved influence in {saved}: {error}; fitting again", Notice)
         else:
@@ -322,12 +343,36 @@ def fit_or_reload(
             )
     with shown_warnings() as said:  # the fit's own (also shown and recorded by the run)
         try:
-            inf.fit(train)
+            inf = _fit_resuming(inf, config, train)
         except InfkitError as error:
             raise type(error)(f"fitting the influence: {error}") from error
     inf.save(saved, overwrite=True)
     keep_fit_warnings(inf, train, workdir, said)
     return inf, "fitted"
+
+
+def _fit_resuming(inf: Influence, config: RunConfig, train: ExampleSet) -> Influence:
+    """``inf`` fitted, resuming from what a killed run committed in its ``partial`` workdir;
+    what another computation left there (a run of another config or data, killed) is removed,
+    said in a Notice, and the fit starts afresh."""
+    try:
+        return inf.fit(train)
+    except ArtifactError as error:
+        partial = inf.workdir
+        if partial is None or partial.name != PARTIAL:
+            raise
+        # (the error's own remedy, overwrite=True, is the library's: the run removes them)
+        found = re.search(r"differs in: [^)]*", str(error))
+        what = f" ({found.group(0)})" if found else f" ({error})"
+        warn(
+            f"not resuming from {partial}: it holds what a stopped run of another model, data "
+            f"or settings committed{what}, removed; fitting afresh",
+            Notice,
+        )
+        shutil.rmtree(partial, ignore_errors=True)
+        fresh = build_influence(config, inf.task, partial)
+        fresh.progress = inf.progress
+        return fresh.fit(train)
 
 
 def _fit_identity(inf: Influence, train: ExampleSet) -> dict[str, Any]:
@@ -460,7 +505,7 @@ def _run(
     check_retraining_size(config, len(train))
     task = build_task(config, model)
     display = build_display(config, train, test)
-    inf = build_influence(config, task)
+    inf = build_influence(config, task, workdir / PARTIAL)
     inf.progress = progress
     rep = config["report"]
     chosen = chosen_queries(config, len(test))  # refused here, before any fitting
@@ -602,7 +647,11 @@ def _run(
     shutil.copyfile(config.path, workdir / "config.toml")
     save_json(workdir / "settings.json", config.record())
     _write_tables(workdir, data)
-    return write_report(workdir)
+    page = write_report(workdir)
+    # the work committed for a resume is in influence/ and the results now (the factors, a
+    # copy as large as the model's layers, would stay beside them)
+    shutil.rmtree(workdir / PARTIAL, ignore_errors=True)
+    return page
 
 
 def _note_clamped(config: RunConfig, n_train: int, n_test: int) -> None:
