@@ -987,10 +987,36 @@ def test_a_run_killed_after_its_fit_resumes_from_the_committed_factors(
     monkeypatch.undo()
     monkeypatch.setattr(FactorFitter, "fit", lambda *a, **k: fits.append(1) or fit(*a, **k))
     fits.clear()
+    said.clear()
     assert run("a.toml", workdir) == 0  # influence/ holds a's fit: b's leftovers are not read
     assert not (workdir / PARTIAL).exists() and fits == []
     _, again = load_results(workdir)
     torch.testing.assert_close(again["scores"], fresh["scores"], rtol=1e-10, atol=0)
+    # said when found, not kept with the fit's warnings: a reloaded run does not repeat it
+    said.clear()
+    assert run("a.toml", workdir) == 0
+    assert not [m for m in said if "not resuming" in m], said
+    # influence/ is saved without the run's partial/: a library load of it scores nowhere
+    # else (a reviewer's load wrote shards into the removed, or another machine's, path)
+    inf, _ = _reference(project, method="ekfac", damping=1e-3)
+    loaded = infkit.Influence.load(workdir / "influence", inf.task)
+    assert loaded.workdir is None
+    # a place the options name is the user's: never emptied, even one named partial (a
+    # reviewer's notes and another model's factors there were removed)
+    own = tmp_path / "mine" / PARTIAL
+    for name in ("a", "b"):
+        options = f'options = {{ workdir = "{own}" }}\n'
+        config = (
+            (tmp_path / f"{name}.toml")
+            .read_text()
+            .replace("damping = 1e-3\n", "damping = 1e-3\n" + options)
+        )
+        (tmp_path / f"{name}-own.toml").write_text(config)
+    assert run("b-own.toml", tmp_path / "w2") == 0
+    (own / "notes.txt").write_text("mine")
+    kept = sorted(p.name for p in own.iterdir())
+    assert run("a-own.toml", tmp_path / "w2") == 2  # the library's refusal: another computation
+    assert sorted(p.name for p in own.iterdir()) == kept
 
 
 def test_every_key_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,7 +18,6 @@ per-layer and per-token scores) and writes the workdir (docs/report.md §3):
 from __future__ import annotations
 
 import math
-import re
 import shutil
 import time
 import warnings
@@ -64,6 +63,8 @@ SAVED = "influence"
 #: where a method that keeps artifacts commits them while the run computes (its factors, its
 #: score shards), so that a killed run resumes there; removed when the run has finished
 PARTIAL = "partial"
+#: the artifact in ``partial/`` that says whose work it holds (:func:`_prepare_partial`)
+PARTIAL_KIND = "partial-run"
 #: the store kind of the warnings the fit of the saved influence gave
 FIT_WARNINGS = "fit-warnings"
 
@@ -319,6 +320,8 @@ def fit_or_reload(
     settings; otherwise fit and save. Returns the influence and how it was obtained."""
     saved = workdir / SAVED
     reuse = config["influence"]["reuse"]
+    # (before a reload too: its scores commit their shards there)
+    _prepare_partial(inf, train, reuse, own_partial(inf, config, workdir))
     if reuse and saved.is_dir() and not ArtifactStore(saved).committed(SAVED_KIND):
         warn(  # the library's own message would advise inf.save(path)
             f"not reusing {saved}: it holds no complete saved influence (a run stopped before its "
@@ -343,36 +346,60 @@ def fit_or_reload(
             )
     with shown_warnings() as said:  # the fit's own (also shown and recorded by the run)
         try:
-            inf = _fit_resuming(inf, config, train)
+            inf.fit(train)
         except InfkitError as error:
             raise type(error)(f"fitting the influence: {error}") from error
-    inf.save(saved, overwrite=True)
+    # saved with no workdir: partial/ goes with the run (a rerun that reloads gives its own;
+    # a library load of influence/ had scored into the removed, or another machine's, path)
+    kept, inf.workdir = inf.workdir, None
+    try:
+        inf.save(saved, overwrite=True)
+    finally:
+        inf.workdir = kept
     keep_fit_warnings(inf, train, workdir, said)
     return inf, "fitted"
 
 
-def _fit_resuming(inf: Influence, config: RunConfig, train: ExampleSet) -> Influence:
-    """``inf`` fitted, resuming from what a killed run committed in its ``partial`` workdir;
-    what another computation left there (a run of another config or data, killed) is removed,
-    said in a Notice, and the fit starts afresh."""
-    try:
-        return inf.fit(train)
-    except ArtifactError as error:
-        partial = inf.workdir
-        if partial is None or partial.name != PARTIAL:
-            raise
-        # (the error's own remedy, overwrite=True, is the library's: the run removes them)
-        found = re.search(r"differs in: [^)]*", str(error))
-        what = f" ({found.group(0)})" if found else f" ({error})"
-        warn(
-            f"not resuming from {partial}: it holds what a stopped run of another model, data "
-            f"or settings committed{what}, removed; fitting afresh",
-            Notice,
-        )
-        shutil.rmtree(partial, ignore_errors=True)
-        fresh = build_influence(config, inf.task, partial)
-        fresh.progress = inf.progress
-        return fresh.fit(train)
+def own_partial(inf: Influence, config: RunConfig, workdir: Path) -> Path | None:
+    """The run's own ``partial/`` where ``inf`` commits its work (:func:`resumable_in`), or
+    None: a method that commits nothing, or options that name a place of their own, which the
+    run never empties."""
+    expected = workdir / PARTIAL
+    given = {"workdir", "factors_dir"} & set(config["influence"]["options"])
+    return expected if inf.workdir == expected and not given else None
+
+
+def _prepare_partial(inf: Influence, train: ExampleSet, reuse: bool, partial: Path | None) -> None:
+    """Keep the run's own ``partial/`` (:func:`own_partial`) for a fit of this model, data
+    and settings, which resumes from what a stopped run committed there; empty it otherwise
+    (said in a Notice where a stopped run of another left work there), and with ``reuse``
+    off. The identity it holds is kept in it, so that a killed fit's factors are never read by
+    a fit of another config or data."""
+    if partial is None:
+        return
+    identity = {
+        "infkit": __version__,
+        "settings": influence_settings(inf),
+        "model": model_fingerprint(inf.task.model),
+        "train": data_fingerprint(train),
+    }
+    store = ArtifactStore(partial)
+    if reuse and partial.is_dir():
+        try:
+            if store.load(PARTIAL_KIND, identity) is not None:
+                return  # (its work is this fit's: resumed)
+        except ArtifactError:
+            pass  # (damaged: emptied below)
+        others = store.others(PARTIAL_KIND, identity)
+        if others or any(partial.iterdir()):
+            changed = ", ".join(differences(identity, others[0][1])) if others else "unknown"
+            warn(
+                f"not resuming from {partial}: it holds what a stopped run of another model, "
+                f"data or settings committed (differs in: {changed}), removed; fitting afresh",
+                Notice,
+            )
+    shutil.rmtree(partial, ignore_errors=True)
+    store.save(PARTIAL_KIND, identity, documents={"run": {"note": "a run's work, kept to resume"}})
 
 
 def _fit_identity(inf: Influence, train: ExampleSet) -> dict[str, Any]:
@@ -650,7 +677,9 @@ def _run(
     page = write_report(workdir)
     # the work committed for a resume is in influence/ and the results now (the factors, a
     # copy as large as the model's layers, would stay beside them)
-    shutil.rmtree(workdir / PARTIAL, ignore_errors=True)
+    partial = own_partial(inf, config, workdir)
+    if partial is not None:
+        shutil.rmtree(partial, ignore_errors=True)
     return page
 
 
