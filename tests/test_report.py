@@ -926,6 +926,7 @@ def test_a_run_killed_after_its_fit_resumes_from_the_committed_factors(
     project: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A tester's language-model run killed 12 s into its EK-FAC fit left the workdir empty,
     and a kill after it refitted everything: influence/ is saved only once the fit is done.
@@ -1015,8 +1016,49 @@ def test_a_run_killed_after_its_fit_resumes_from_the_committed_factors(
     assert run("b-own.toml", tmp_path / "w2") == 0
     (own / "notes.txt").write_text("mine")
     kept = sorted(p.name for p in own.iterdir())
-    assert run("a-own.toml", tmp_path / "w2") == 2  # the library's refusal: another computation
+    capsys.readouterr()
+    assert run("a-own.toml", tmp_path / "w2") == 2
+    assert "holds Kronecker factors fitted for another computation" in capsys.readouterr().err
     assert sorted(p.name for p in own.iterdir()) == kept
+    # nor a folder named partial in the workdir that infkit did not write (a reviewer's
+    # chapter1.txt was removed), with reuse on or off: refused, naming it
+    for config, text in (("a.toml", ""), ("a-noreuse.toml", "reuse = false\n")):
+        if text:
+            body = (tmp_path / "a.toml").read_text()
+            (tmp_path / config).write_text(body.replace("[influence]\n", "[influence]\n" + text))
+        user = tmp_path / "w3" / PARTIAL
+        user.mkdir(parents=True, exist_ok=True)
+        (user / "chapter1.txt").write_text("draft")
+        assert run(config, tmp_path / "w3") == 2
+        err = capsys.readouterr().err
+        assert f"{user} holds files infkit did not write (chapter1.txt)" in err, err
+        assert (user / "chapter1.txt").read_text() == "draft"
+    # the identity of partial/ holds the task: a killed run's factors under another loss are
+    # removed, said, where the library's refusal (overwrite=True) stopped every rerun
+    (tmp_path / "tasks_extra.py").write_text(
+        "import torch.nn.functional as F\nimport infkit\n\n\ndef smoothed(model):\n"
+        "    return infkit.Task(model, lambda o, t: F.cross_entropy(o, t, reduction='none', "
+        "label_smoothing=0.1))\n"
+    )
+    body = (tmp_path / "a.toml").read_text()
+    (tmp_path / "t.toml").write_text(body + '\n[task]\nfactory = "tasks_extra:smoothed"\n')
+    monkeypatch.setattr(infkit.Influence, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run("a.toml", tmp_path / "w4")
+    monkeypatch.undo()
+    said.clear()
+    assert run("t.toml", tmp_path / "w4") == 0, capsys.readouterr().err
+    told = [m for m in said if m.startswith("not resuming from")]
+    assert len(told) == 1 and "task." in told[0], said
+    # a finished run removes a stopped run's partial/ whatever its own method
+    monkeypatch.setattr(infkit.Influence, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run("a.toml", tmp_path / "w5")
+    monkeypatch.undo()
+    assert (tmp_path / "w5" / PARTIAL).is_dir()
+    (tmp_path / "exact.toml").write_text(CONFIG.format(n_loo=3))
+    assert run("exact.toml", tmp_path / "w5") == 0
+    assert not (tmp_path / "w5" / PARTIAL).exists()
 
 
 def test_every_key_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:

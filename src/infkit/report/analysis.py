@@ -43,7 +43,7 @@ from infkit.errors import (
     shown_warnings,
     warn,
 )
-from infkit.fingerprint import data_fingerprint, model_fingerprint
+from infkit.fingerprint import data_fingerprint, model_fingerprint, task_fingerprint
 from infkit.fitted import check_beside
 from infkit.gradients import PerExample
 from infkit.influence import Influence, TopK, solves_by_iterations
@@ -365,22 +365,34 @@ def own_partial(inf: Influence, config: RunConfig, workdir: Path) -> Path | None
     None: a method that commits nothing, or options that name a place of their own, which the
     run never empties."""
     expected = workdir / PARTIAL
-    given = {"workdir", "factors_dir"} & set(config["influence"]["options"])
-    return expected if inf.workdir == expected and not given else None
+    return expected if inf.workdir == expected and not _options_place(config) else None
+
+
+def _options_place(config: RunConfig) -> bool:
+    """Whether ``[influence] options`` name a place of their own (``workdir``, ``factors_dir``)."""
+    return bool({"workdir", "factors_dir"} & set(config["influence"]["options"]))
 
 
 def _prepare_partial(inf: Influence, train: ExampleSet, reuse: bool, partial: Path | None) -> None:
-    """Keep the run's own ``partial/`` (:func:`own_partial`) for a fit of this model, data
-    and settings, which resumes from what a stopped run committed there; empty it otherwise
-    (said in a Notice where a stopped run of another left work there), and with ``reuse``
-    off. The identity it holds is kept in it, so that a killed fit's factors are never read by
-    a fit of another config or data."""
+    """Keep the run's own ``partial/`` (:func:`own_partial`) for a fit of this model, task,
+    data and settings, which resumes from what a stopped run committed there; empty it
+    otherwise (said in a Notice where a stopped run of another left work there), and with
+    ``reuse`` off. The identity it holds is kept in it, so that a killed fit's factors are
+    never read by a fit of another config or data. A folder of that name that infkit did not
+    write (:func:`_runs_own`) is refused, never emptied."""
     if partial is None:
         return
+    if partial.is_dir() and not _runs_own(partial):
+        raise ConfigError(
+            f"{partial} holds files infkit did not write ({', '.join(_listed(partial))}): a run "
+            f"keeps its work in progress there and empties it. Move them, or run with another "
+            "workdir (--out)"
+        )
     identity = {
         "infkit": __version__,
         "settings": influence_settings(inf),
         "model": model_fingerprint(inf.task.model),
+        "task": task_fingerprint(inf.task),
         "train": data_fingerprint(train),
     }
     store = ArtifactStore(partial)
@@ -395,11 +407,33 @@ def _prepare_partial(inf: Influence, train: ExampleSet, reuse: bool, partial: Pa
             changed = ", ".join(differences(identity, others[0][1])) if others else "unknown"
             warn(
                 f"not resuming from {partial}: it holds what a stopped run of another model, "
-                f"data or settings committed (differs in: {changed}), removed; fitting afresh",
+                f"task, data or settings committed (differs in: {changed}); removed",
                 Notice,
             )
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_partial(partial)
     store.save(PARTIAL_KIND, identity, documents={"run": {"note": "a run's work, kept to resume"}})
+
+
+def _runs_own(partial: Path) -> bool:
+    """Whether ``partial`` is a run's (:func:`_prepare_partial` records whose work it holds;
+    a run killed while it wrote that record leaves a temporary entry alone) or empty."""
+    names = [p.name for p in partial.iterdir()]
+    return any(n.startswith(f"{PARTIAL_KIND}-") for n in names) or all(
+        n.startswith(".") for n in names
+    )
+
+
+def _listed(folder: Path, most: int = 3) -> list[str]:
+    """The first ``most`` entries of ``folder`` by name, and how many more."""
+    names = sorted(p.name for p in folder.iterdir())
+    return names[:most] + ([f"{len(names) - most} more"] if len(names) > most else [])
+
+
+def remove_partial(partial: Path) -> None:
+    """Remove a run's ``partial/`` (:func:`_runs_own`; a folder of that name infkit did not
+    write is left alone)."""
+    if partial.is_dir() and _runs_own(partial):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _fit_identity(inf: Influence, train: ExampleSet) -> dict[str, Any]:
@@ -677,9 +711,12 @@ def _run(
     page = write_report(workdir)
     # the work committed for a resume is in influence/ and the results now (the factors, a
     # copy as large as the model's layers, would stay beside them)
-    partial = own_partial(inf, config, workdir)
-    if partial is not None:
-        shutil.rmtree(partial, ignore_errors=True)
+    # (whatever the method: a stopped run's of another may be there, as large as the model;
+    # not a place the options name)
+    options = config["influence"]["options"]
+    places = [Path(options[k]).resolve() for k in ("workdir", "factors_dir") if k in options]
+    if (workdir / PARTIAL).resolve() not in places:
+        remove_partial(workdir / PARTIAL)
     return page
 
 
