@@ -931,9 +931,9 @@ def test_a_run_killed_after_its_fit_resumes_from_the_committed_factors(
     """A tester's language-model run killed 12 s into its EK-FAC fit left the workdir empty,
     and a kill after it refitted everything: influence/ is saved only once the fit is done.
     A method that commits its work (the Kronecker methods' factors, score shards) now does so
-    in the workdir's partial/ as the run goes: the rerun fits no factors and gives the scores
+    in the workdir's infkit-partial/ as the run goes: the rerun fits no factors and gives the scores
     of a run never stopped; what another computation's killed run left there is removed, said;
-    a finished run leaves no partial/."""
+    a finished run leaves no infkit-partial/."""
     from infkit.kfac.factors import FactorFitter
     from infkit.report.analysis import PARTIAL
 
@@ -997,7 +997,7 @@ def test_a_run_killed_after_its_fit_resumes_from_the_committed_factors(
     said.clear()
     assert run("a.toml", workdir) == 0
     assert not [m for m in said if "not resuming" in m], said
-    # influence/ is saved without the run's partial/: a library load of it scores nowhere
+    # influence/ is saved without the run's infkit-partial/: a library load of it scores nowhere
     # else (a reviewer's load wrote shards into the removed, or another machine's, path)
     inf, _ = _reference(project, method="ekfac", damping=1e-3)
     loaded = infkit.Influence.load(workdir / "influence", inf.task)
@@ -1033,7 +1033,7 @@ def test_a_run_killed_after_its_fit_resumes_from_the_committed_factors(
         err = capsys.readouterr().err
         assert f"{user} holds files infkit did not write (chapter1.txt)" in err, err
         assert (user / "chapter1.txt").read_text() == "draft"
-    # the identity of partial/ holds the task: a killed run's factors under another loss are
+    # the identity of infkit-partial/ holds the task: a killed run's factors under another loss are
     # removed, said, where the library's refusal (overwrite=True) stopped every rerun
     (tmp_path / "tasks_extra.py").write_text(
         "import torch.nn.functional as F\nimport infkit\n\n\ndef smoothed(model):\n"
@@ -1050,7 +1050,7 @@ def test_a_run_killed_after_its_fit_resumes_from_the_committed_factors(
     assert run("t.toml", tmp_path / "w4") == 0, capsys.readouterr().err
     told = [m for m in said if m.startswith("not resuming from")]
     assert len(told) == 1 and "task." in told[0], said
-    # a finished run removes a stopped run's partial/ whatever its own method
+    # a finished run removes a stopped run's infkit-partial/ whatever its own method
     monkeypatch.setattr(infkit.Influence, "save", killed)
     with pytest.raises(KeyboardInterrupt):
         run("a.toml", tmp_path / "w5")
@@ -1059,6 +1059,19 @@ def test_a_run_killed_after_its_fit_resumes_from_the_committed_factors(
     (tmp_path / "exact.toml").write_text(CONFIG.format(n_loo=3))
     assert run("exact.toml", tmp_path / "w5") == 0
     assert not (tmp_path / "w5" / PARTIAL).exists()
+    # a project's own partial/ is none of the run's (a reviewer's ekfac runs stopped there),
+    # and a folder of the run's name holding only a hidden file is not the run's either (a
+    # reviewer's .gitkeep was removed at the end of an exact run)
+    project_own = tmp_path / "w6" / "partial"
+    project_own.mkdir(parents=True)
+    (project_own / "shard0.txt").write_text("mine")
+    assert run("a.toml", tmp_path / "w6") == 0
+    assert (project_own / "shard0.txt").read_text() == "mine"
+    hidden = tmp_path / "w7" / PARTIAL
+    hidden.mkdir(parents=True)
+    (hidden / ".gitkeep").write_text("")
+    assert run("exact.toml", tmp_path / "w7") == 0
+    assert (hidden / ".gitkeep").exists()
 
 
 def test_every_key_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:

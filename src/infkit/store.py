@@ -50,6 +50,8 @@ MANIFEST = "manifest.json"
 STALE_SECONDS = 24 * 3600
 _TMP = ".tmp-"
 _TRASH = ".trash-"
+#: the prefixes of the store's own temporary entries (a writer's staging, a removal's)
+STORE_TEMPORARY = (_TMP, _TRASH)
 #: how long ``save(..., overwrite=True)`` retries reading back an artifact another writer
 #: replaces at the same time (writers of one run replacing one piece: torchrun's ranks)
 OVERWRITE_WAITS, OVERWRITE_WAIT_SECONDS = 100, 0.05

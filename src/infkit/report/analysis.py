@@ -54,7 +54,7 @@ from infkit.report import factories
 from infkit.report.config import MIN_RETRAININGS, RunConfig
 from infkit.report.views import Display, guess_kind, value_range
 from infkit.saved import KIND as SAVED_KIND
-from infkit.store import ArtifactStore, differences, save_csv, save_json
+from infkit.store import STORE_TEMPORARY, ArtifactStore, differences, save_csv, save_json
 from infkit.task import Task
 
 #: the artifact kind of a run's results
@@ -62,8 +62,8 @@ KIND = "report"
 SAVED = "influence"
 #: where a method that keeps artifacts commits them while the run computes (its factors, its
 #: score shards), so that a killed run resumes there; removed when the run has finished
-PARTIAL = "partial"
-#: the artifact in ``partial/`` that says whose work it holds (:func:`_prepare_partial`)
+PARTIAL = "infkit-partial"  # (a name of the tool's: a reviewer's project had a partial/)
+#: the artifact in ``infkit-partial/`` that says whose work it holds (:func:`_prepare_partial`)
 PARTIAL_KIND = "partial-run"
 #: the store kind of the warnings the fit of the saved influence gave
 FIT_WARNINGS = "fit-warnings"
@@ -349,7 +349,7 @@ def fit_or_reload(
             inf.fit(train)
         except InfkitError as error:
             raise type(error)(f"fitting the influence: {error}") from error
-    # saved with no workdir: partial/ goes with the run (a rerun that reloads gives its own;
+    # saved with no workdir: infkit-partial/ goes with the run (a rerun that reloads gives its own;
     # a library load of influence/ had scored into the removed, or another machine's, path)
     kept, inf.workdir = inf.workdir, None
     try:
@@ -361,7 +361,7 @@ def fit_or_reload(
 
 
 def own_partial(inf: Influence, config: RunConfig, workdir: Path) -> Path | None:
-    """The run's own ``partial/`` where ``inf`` commits its work (:func:`resumable_in`), or
+    """The run's own ``infkit-partial/`` where ``inf`` commits its work (:func:`resumable_in`), or
     None: a method that commits nothing, or options that name a place of their own, which the
     run never empties."""
     expected = workdir / PARTIAL
@@ -374,7 +374,7 @@ def _options_place(config: RunConfig) -> bool:
 
 
 def _prepare_partial(inf: Influence, train: ExampleSet, reuse: bool, partial: Path | None) -> None:
-    """Keep the run's own ``partial/`` (:func:`own_partial`) for a fit of this model, task,
+    """Keep the run's own ``infkit-partial/`` (:func:`own_partial`) for a fit of this model, task,
     data and settings, which resumes from what a stopped run committed there; empty it
     otherwise (said in a Notice where a stopped run of another left work there), and with
     ``reuse`` off. The identity it holds is kept in it, so that a killed fit's factors are
@@ -415,11 +415,12 @@ def _prepare_partial(inf: Influence, train: ExampleSet, reuse: bool, partial: Pa
 
 
 def _runs_own(partial: Path) -> bool:
-    """Whether ``partial`` is a run's (:func:`_prepare_partial` records whose work it holds;
-    a run killed while it wrote that record leaves a temporary entry alone) or empty."""
+    """Whether ``partial`` is a run's: it holds the record :func:`_prepare_partial` writes
+    first, or nothing but the store's temporary entries (a run killed while it wrote that
+    record), or nothing (a reviewer's ``.gitkeep`` and ``.git/`` were not a run's)."""
     names = [p.name for p in partial.iterdir()]
     return any(n.startswith(f"{PARTIAL_KIND}-") for n in names) or all(
-        n.startswith(".") for n in names
+        n.startswith(STORE_TEMPORARY) or (n.startswith(".") and n.endswith(".tmp")) for n in names
     )
 
 
@@ -430,7 +431,7 @@ def _listed(folder: Path, most: int = 3) -> list[str]:
 
 
 def remove_partial(partial: Path) -> None:
-    """Remove a run's ``partial/`` (:func:`_runs_own`; a folder of that name infkit did not
+    """Remove a run's ``infkit-partial/`` (:func:`_runs_own`; a folder of that name infkit did not
     write is left alone)."""
     if partial.is_dir() and _runs_own(partial):
         shutil.rmtree(partial, ignore_errors=True)
