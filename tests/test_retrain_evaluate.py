@@ -333,8 +333,11 @@ def test_metrics_refuse_what_would_give_a_figure_of_something_else() -> None:
         evaluate.fraction_found(torch.randn(5), torch.zeros(5, dtype=torch.bool), 0.4)
     with pytest.raises(InvalidInputError, match=r"keeps none.*at least 0\.1"):
         retrain.random_masks(10, 3, 0.05)
-    with pytest.raises(InvalidInputError, match="n_subsets must be a whole number >= 1"):
-        retrain.random_masks(10, 0, 0.5)
+    for bad in (0, 2.0, True):
+        with pytest.raises(InvalidInputError, match="n_subsets must be an integer >= 1"):
+            retrain.random_masks(10, bad, 0.5)
+    # numpy's integers are integers (the check written out beside integer_argument refused them)
+    assert retrain.random_masks(10, np.int64(3), 0.5).shape == (3, 10)
     _, _, task, data, l2 = _ridge_problem(n=12)
     empty_row = torch.ones(3, 12, dtype=torch.bool)
     empty_row[1] = False

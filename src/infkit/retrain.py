@@ -37,6 +37,7 @@ from infkit.fingerprint import (
 )
 from infkit.fitted import probe_forward_writes
 from infkit.gradients import PerExample, check_finite_rows
+from infkit.options import integer_argument
 from infkit.parameters import ParameterSpace
 from infkit.progress import resolve, track
 from infkit.recipe import Replay, TrainingRun
@@ -569,8 +570,7 @@ def random_masks(n: int, n_subsets: int, alpha: float, seed: int = 0) -> Tensor:
     """``n_subsets`` random subsets of size floor(alpha * n), as a bool mask [m, n]."""
     if not 0 < alpha < 1:
         raise InvalidInputError(f"alpha must lie in (0, 1), got {alpha}")
-    if isinstance(n_subsets, bool) or not isinstance(n_subsets, int) or n_subsets < 1:
-        raise InvalidInputError(f"n_subsets must be a whole number >= 1, got {n_subsets!r}")
+    n_subsets = integer_argument("n_subsets", n_subsets, 1)  # (numpy's integers too)
     size = int(alpha * n)
     if size == 0:
         raise InvalidInputError(
