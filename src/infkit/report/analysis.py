@@ -172,7 +172,7 @@ def resumable_in(method: str, options: dict[str, Any], partial: Path | None) -> 
     ASTRA's factors, streamed score shards: a run killed in its fit or scores resumes there,
     where ``influence/`` is saved only once the fit is done) and the options name no place of
     their own (``workdir``, ``factors_dir``); else None."""
-    if partial is None or method == "auto" or {"workdir", "factors_dir"} & set(options):
+    if partial is None or method == "auto" or _names_a_place(options):
         return None
     kind = method_class(method)
     return partial if kind.shards_scores or "factors_dir" in kind.Options.names() else None
@@ -365,12 +365,17 @@ def own_partial(inf: Influence, config: RunConfig, workdir: Path) -> Path | None
     None: a method that commits nothing, or options that name a place of their own, which the
     run never empties."""
     expected = workdir / PARTIAL
-    return expected if inf.workdir == expected and not _options_place(config) else None
+    placed = _names_a_place(config["influence"]["options"])
+    return expected if inf.workdir == expected and not placed else None
 
 
-def _options_place(config: RunConfig) -> bool:
-    """Whether ``[influence] options`` name a place of their own (``workdir``, ``factors_dir``)."""
-    return bool({"workdir", "factors_dir"} & set(config["influence"]["options"]))
+#: the ``[influence] options`` that name a place of the user's own, which a run never empties
+PLACE_OPTIONS = ("workdir", "factors_dir")
+
+
+def _names_a_place(options: dict[str, Any]) -> bool:
+    """Whether ``options`` name a place of their own (:data:`PLACE_OPTIONS`)."""
+    return any(key in options for key in PLACE_OPTIONS)
 
 
 def _prepare_partial(inf: Influence, train: ExampleSet, reuse: bool, partial: Path | None) -> None:
@@ -710,12 +715,11 @@ def _run(
     save_json(workdir / "settings.json", config.record())
     _write_tables(workdir, data)
     page = write_report(workdir)
-    # the work committed for a resume is in influence/ and the results now (the factors, a
-    # copy as large as the model's layers, would stay beside them)
-    # (whatever the method: a stopped run's of another may be there, as large as the model;
-    # not a place the options name)
+    # the work committed for a resume is in influence/ and the results now (the factors, as
+    # large as the model's layers, would stay beside them), whatever this run's method (a
+    # stopped run's of another may be there), unless the options name that place
     options = config["influence"]["options"]
-    places = [Path(options[k]).resolve() for k in ("workdir", "factors_dir") if k in options]
+    places = [Path(options[key]).resolve() for key in PLACE_OPTIONS if key in options]
     if (workdir / PARTIAL).resolve() not in places:
         remove_partial(workdir / PARTIAL)
     return page
