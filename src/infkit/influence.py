@@ -1399,11 +1399,12 @@ class Influence:
         model_bytes = sum(t.numel() * t.element_size() for t in model.parameters()) + sum(
             t.numel() * t.element_size() for t in model.buffers()
         )
-        cached = type(method).uses_training_gradients and gradient_cache_fits(
-            n, space.size, space.dtype, self.memory_limit, self.batch_size
-        )
         if more_queries:  # (whether fit kept the cache, not whether it would)
             cached = self.fitted.train_gradients is not None
+        else:
+            cached = type(method).uses_training_gradients and gradient_cache_fits(
+                n, space.size, space.dtype, self.memory_limit, self.batch_size
+            )
         sample = _sample_inputs(self.task, space, examples)
         committed = None
         if examples is not None and space.device.type != "meta" and not more_queries:
