@@ -218,3 +218,25 @@ def test_the_scoring_progress_counts_batches_in_shards_computed_and_reused(
     # 13 batches: shards of 3, 3, 3, 3 and 1 batches; shards 0, 2 and 4 reused (one step each)
     assert (desc, total) == ("scores", 13)
     assert counts == [3, 4, 5, 6, 9, 10, 11, 12, 13]
+
+
+def test_a_save_keeps_its_workdir_unless_told_not_to(problem: dict, tmp_path: Path) -> None:
+    """``save`` records the workdir a load commits into next; ``keep_workdir=False`` records none
+    (``infkit run``'s, whose scratch place is removed at the end), and ``load(workdir=)`` still
+    names one."""
+    inf = _influence(problem, workdir=tmp_path / "run")
+    inf.save(tmp_path / "kept")
+    inf.save(tmp_path / "bare", keep_workdir=False)
+    assert inf.workdir == tmp_path / "run"  # the Influence itself keeps it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = infkit.Influence.load(tmp_path / "kept", problem["task"])
+        bare = infkit.Influence.load(tmp_path / "bare", problem["task"])
+        placed = infkit.Influence.load(tmp_path / "bare", problem["task"], workdir=tmp_path / "b")
+    assert kept.workdir == tmp_path / "run"
+    assert placed.workdir == tmp_path / "b"
+    expected = inf.scores(problem["test"])
+    assert relative_error(bare.scores(problem["test"]), expected) < 1e-12
+    assert bare.workdir is None and "score_shards" not in bare.describe()  # nothing committed
+    placed.scores(problem["test"])
+    assert placed.describe()["score_shards"] == {"computed": 5, "reused": 0}

@@ -575,7 +575,14 @@ class Influence:
         return other
 
     # ------------------------------------------------------------------ save and load
-    def save(self, path: str | Path, *, overwrite: bool = False, data: bool = True) -> Path:
+    def save(
+        self,
+        path: str | Path,
+        *,
+        overwrite: bool = False,
+        data: bool = True,
+        keep_workdir: bool = True,
+    ) -> Path:
         """Save the fitted Influence to the directory ``path``, to reload it without refitting.
 
         One artifact of the artifact store (docs/saving.md): the fit's identity (model, task and
@@ -591,6 +598,9 @@ class Influence:
                 first, then the old one removed); without it a second save there is refused.
             data: save the training data when it is made of tensors; with False (or data of
                 other objects) :meth:`load` needs ``train=``.
+            keep_workdir: save this Influence's ``workdir`` with it, where a load commits what
+                it computes next unless its own ``workdir=`` says otherwise; False saves none
+                (for a workdir that will not outlive this run, or that is this machine's only).
 
         Returns:
             The artifact's directory inside ``path``.
@@ -613,7 +623,7 @@ class Influence:
             per_example=self.per_example_mode,
             memory_limit=self.memory_limit,
             autocast=self.task.autocast,
-            workdir=self.workdir,
+            workdir=self.workdir if keep_workdir else None,
             method_options=self.method_options,
             choice=self._choice,
         )

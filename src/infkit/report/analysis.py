@@ -351,11 +351,7 @@ def fit_or_reload(
             raise type(error)(f"fitting the influence: {error}") from error
     # saved with no workdir: infkit-partial/ goes with the run (a rerun that reloads gives its own;
     # a library load of influence/ had scored into the removed, or another machine's, path)
-    kept, inf.workdir = inf.workdir, None
-    try:
-        inf.save(saved, overwrite=True)
-    finally:
-        inf.workdir = kept
+    inf.save(saved, overwrite=True, keep_workdir=False)
     keep_fit_warnings(inf, train, workdir, said)
     return inf, "fitted"
 
