@@ -222,6 +222,59 @@ def test_random_projection_and_ensemble(mlp_problem: dict, projection: str) -> N
 
 
 @pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
+def test_an_ensembles_removal_meets_each_model_at_its_own_parameters(mlp_problem: dict) -> None:
+    """Three models: a group's change of the measurement is the sum of its scores, and the loss
+    and outputs change by each model's own Jacobian times its own step, averaged; they were
+    J(theta*) times the models' mean step (off 40-400% from the scores: a tester's)."""
+    model, (X, y) = mlp_problem["model"], mlp_problem["train"]
+    test = mlp_problem["test"]
+    margin = infkit.Task.classification(model, measurement="margin")
+    gen = torch.Generator().manual_seed(5)
+    models = []
+    for _ in range(3):
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        models.append(other)
+    checkpoints = [m.state_dict() for m in models]
+    inf = infkit.Influence(
+        margin, "trak", projection="identity", lambda_reg=0.1, checkpoints=checkpoints
+    ).fit((X, y))
+    group = [7, 11, 30]
+    removal = inf.remove(group)
+    scores = inf.scores(test)
+    assert relative_error(removal.measurement(test), scores[:, group].sum(1)) < 1e-12
+    steps = inf.method._model_steps(torch.tensor(group))
+    assert relative_error(removal.params, sum(steps) / 3) < 1e-12
+    loss_change = torch.zeros(len(test[1]), dtype=torch.float64)
+    output_change = torch.zeros(len(test[1]), 3, dtype=torch.float64)
+    Xt, yt = test
+    for m, step in zip(models, steps):  # each model's own Jacobian, by plain autograd
+        G = per_example_gradients(m, Xt, yt, cross_entropy)
+        loss_change += G @ step / 3
+        for c in range(3):
+            Gc = per_example_gradients(m, Xt, yt, lambda logits, _y, c=c: logits[:, c])
+            output_change[:, c] += Gc @ step / 3
+    assert relative_error(removal.loss(test), loss_change) < 1e-10
+    assert relative_error(removal.outputs(test), output_change) < 1e-10
+
+
+def test_the_identity_projection_is_held_to_n_as_a_projection_is(mlp_problem: dict) -> None:
+    """k = P = 75 against N = 60 examples and no ridge: refused as proj_dim=75 is (the span's
+    inverse attributed each training example to itself alone, with a Notice blaming the
+    margin: a tester's); at N = 100 > k the inflation is warned of."""
+    task, (X, y), l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
+    with pytest.raises(
+        CurvatureError, match=r"projection='identity' \(k = P = 75\) exceeds the 60 training"
+    ):
+        infkit.Influence(task, "trak", l2=l2, projection="identity").fit((X, y))
+    more = (torch.cat([X, X[:40] + 0.01]), torch.cat([y, y[:40]]))
+    with pytest.warns(UserWarning, match=r"projection='identity' \(k = P = 75\) is close to"):
+        infkit.Influence(task, "trak", l2=l2, projection="identity").fit(more)
+
+
+@pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
 def test_trak_refusals(mlp_problem: dict) -> None:
     task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
     with pytest.raises(CurvatureError, match=r"lower proj_dim below N .*or set lambda_reg"):

@@ -46,7 +46,13 @@ import torch
 from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
-from infkit.errors import CurvatureError, InvalidInputError, NotFittedError, UnsupportedError
+from infkit.errors import (
+    CurvatureError,
+    InvalidInputError,
+    NonFiniteError,
+    NotFittedError,
+    UnsupportedError,
+)
 from infkit.estimators import Estimator, EstimatorName, check_leverage
 from infkit.fitted import Fitted
 from infkit.gradients import PerExample, Which
@@ -389,6 +395,14 @@ class Dual(PrimalMethod):
                     raise InvalidInputError(
                         f"method 'dual': option {label!r} has no value for the trainable "
                         f"parameter(s) {missing[:5]}"
+                    )
+            named = {f" ({n})": value[n] for n in space.names} if isinstance(value, Mapping) else {}
+            for name, part in named.items() if named else [("", value)]:
+                if isinstance(part, Tensor) and not bool(torch.isfinite(part).all()):
+                    # (a NaN anchor dropped out of the representer's residual without a word)
+                    raise NonFiniteError(
+                        f"method 'dual': option {label!r}{name} holds NaN or Inf; pass the "
+                        "finite parameters it stands for"
                     )
         self._anchor_vector(task, space)  # anchor="init" needs an expansion point
 

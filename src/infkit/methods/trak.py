@@ -55,7 +55,7 @@ from infkit.errors import (
 )
 from infkit.estimators import Estimator
 from infkit.fitted import Fitted, warn_about_still_queries
-from infkit.gradients import PerExample, Which
+from infkit.gradients import PerExample, Which, directional_derivatives
 from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes, row_chunks
 from infkit.methods.base import (
     Fidelity,
@@ -371,9 +371,8 @@ class Trak(Method):
         given one leaves ``Phi^T Phi`` singular without a ridge."""
         options = self.options
         k = self.projection_dim(n, p)
-        if options.projection == "identity":
-            return k
-        if options.proj_dim == "auto":
+        identity = options.projection == "identity"  # k = P: the checks against N hold too
+        if not identity and options.proj_dim == "auto":
             if k < min(FEW_DIMENSIONS, p):
                 warn(
                     f"TRAK's proj_dim='auto' projects the {p:,} gradient coordinates to k = {k} "
@@ -385,23 +384,29 @@ class Trak(Method):
                     Notice,
                 )
             return k
-        if int(options.proj_dim) > p:  # (capped without a word: describe() alone said k)
+        if not identity and int(options.proj_dim) > p:  # (capped: describe() alone said k)
             warn(
                 f"TRAK's proj_dim={options.proj_dim} exceeds the {p:,} attributed parameters: "
                 f"projected to k = {p}, the gradients whole (projection='identity' says so "
                 "without a random projection)",
                 Notice,
             )
+        dimension = f"projection='identity' (k = P = {k})" if identity else f"proj_dim {k}"
+        lower = (
+            "project them (projection='rademacher' with proj_dim='auto' picks N // 4)"
+            if identity
+            else "lower proj_dim below N (proj_dim='auto' picks N // 4)"
+        )
         if options.lambda_reg == 0 and k > n:
+            # (the span's inverse would make every training example attribute to itself alone)
             raise CurvatureError(
-                f"with lambda_reg=0, Phi^T Phi ({k} x {k}) is singular because proj_dim {k} "
-                f"exceeds the {n} training examples: lower proj_dim below N (proj_dim='auto' "
-                "picks N // 4) or set lambda_reg > 0"
+                f"with lambda_reg=0, Phi^T Phi ({k} x {k}) is singular because {dimension} "
+                f"exceeds the {n} training examples: {lower} or set lambda_reg > 0"
             )
         if options.lambda_reg == 0 and k > n / 2:
             inflation = f"{n / (n - k):.1f}" if k < n else "an unbounded factor"
             warn(
-                f"TRAK's proj_dim {k} is close to the {n} training examples: with lambda_reg=0 "
+                f"TRAK's {dimension} is close to the {n} training examples: with lambda_reg=0 "
                 f"(Phi^T Phi)^-1 inflates by about N / (N - k) = {inflation} and the scores "
                 "become noisy; use proj_dim='auto' (N // 4), a smaller proj_dim or lambda_reg > 0",
                 UserWarning,
@@ -590,14 +595,41 @@ class Trak(Method):
 
     def removal(self, indices: Tensor, estimator: Estimator) -> Tensor:
         estimator.require_counterfactual()
+        return torch.stack(self._model_steps(indices)).mean(0)
+
+    def _model_steps(self, indices: Tensor) -> list[Tensor]:
+        """Each model's parameter change for removing ``indices``, ``Delta theta_{m,F} = -R
+        (Phi_m^T Phi_m + lambda I)^-1 Phi_{m,F}^T Q_bar_F`` [P] float64, one per model."""
         projector, weights = self._fitted_parts()
-        total: Tensor | None = None
+        steps = []
         for Phi, L, divisor in self._models_data:
             q = weights[indices].to(Phi.device)
             part = self._inverse_times((Phi[indices].T @ q).unsqueeze(0), L, divisor)[0]
-            total = part if total is None else total + part
-        assert total is not None  # at least one model
-        return -projector.back(total / len(self._models_data))
+            steps.append(-projector.back(part))
+        return steps
+
+    def removal_change(
+        self, data: ExampleSet, indices: Tensor, estimator: Estimator, which: str
+    ) -> Tensor | None:
+        """With checkpoints, the change of ``which`` averaged over the models as the scores
+        average: ``(1/M) sum_m J(theta_m) Delta theta_{m,F}``, each model's change met at its own
+        parameters (docs/methods/trak.md §3), so that a group's change of the measurement is the
+        sum of its scores. ``J(theta*)`` times the models' mean change would meet each with
+        another model's gradient (independently trained models share no coordinates)."""
+        if self.options.checkpoints is None:
+            return None
+        estimator.require_counterfactual()
+        fitted = self.fitted
+        parts = []
+        for step, at in zip(self._model_steps(indices), self._models()):
+            with at:
+                batches = data.batches(fitted.gradient_batch_size)
+                parts.append(
+                    torch.cat(
+                        [directional_derivatives(fitted.engine, b, step, which) for b in batches]
+                    )
+                )
+        return torch.stack(parts).mean(0)
 
     def features(self, data: Any, which: str = "measurement", model: int = 0) -> Tensor:
         """Projected gradients R^T grad [n, k] of ``which`` ("measurement", "loss" or "output")."""
