@@ -399,6 +399,14 @@ def test_correlation_auc_and_fraction_found() -> None:
             evaluate.fraction_found(scores, flags, inspected)
     with pytest.raises(InvalidInputError, match="predicted has 3 values but actual has 4"):
         evaluate.correlation(torch.ones(3), torch.ones(4))
+    # indices of another length: named, where the pooled sizes were compared ("predicted has
+    # 50 values but actual has 800", a tester's)
+    S, actual = torch.randn(16, 100), torch.randn(16, 50)
+    for compare in (evaluate.loo_correlation, evaluate.loo_interval):
+        with pytest.raises(InvalidInputError, match="indices= names 40 training examples, but"):
+            compare(S, actual, list(range(40)))
+        with pytest.raises(InvalidInputError, match="no indices= say which 50 of them"):
+            compare(S, actual)
 
 
 def test_store_writes_atomically_and_round_trips(tmp_path) -> None:

@@ -516,3 +516,101 @@ def test_source_refuses_what_it_has_no_closed_form_for() -> None:
     task, run = _trained(Recipe(steps=5, lr=0.01, optimizer="adam"), train)
     with pytest.raises(infkit.UnsupportedError, match="use method='unrolled'"):
         infkit.Influence(task, "source", run=run).fit(train)
+
+
+@pytest.mark.filterwarnings("ignore:method 'unrolled'")
+def test_source_refuses_weighted_runs_and_damping() -> None:
+    """A run trained with weights 0 and 2.5 read 0.06-0.23 from the metagradients where one
+    step a segment is exact (the segments' curvature and pushes are the unweighted set's), and a
+    damping moved the scores 34-43% without a word: both refused, naming what to do (a
+    tester's)."""
+    train, _ = _data()
+    weights = torch.ones(40, dtype=torch.float64)
+    weights[:5], weights[5:10] = 0.0, 2.5
+    task = infkit.Task.classification(small_mlp())
+    run = Recipe(steps=5, lr=0.1, l2=1e-3).train(task, train, weights=weights)
+    with pytest.raises(infkit.UnsupportedError, match=r"weights other than 1 \(10 of 40\)"):
+        infkit.Influence(task, "source", l2=1e-3, run=run).fit(train)
+    task, run = _trained(Recipe(steps=5, lr=0.1, l2=1e-3), train)
+    with pytest.raises(infkit.InvalidInputError, match=r"damping must be 0, got 0\.1"):
+        infkit.Influence(task, "source", l2=1e-3, damping=0.1, run=run).fit(train)
+
+
+def test_weights_that_train_on_nothing_are_refused() -> None:
+    """All weights 0 trained on the ridge alone; a minibatch of weight 0 under the retained mean
+    gave metagradients of 0 / 0, refused with advice to damp more (a tester's): both named."""
+    train, test = _data()
+    task = infkit.Task.classification(small_mlp())
+    before = ParameterSpace(task.model).flat().clone()
+    with pytest.raises(infkit.InvalidInputError, match="weights are all 0: the run would train"):
+        Recipe(steps=3, lr=0.1).train(task, train, weights=torch.zeros(40))
+    assert torch.equal(ParameterSpace(task.model).flat(), before)
+    recipe = Recipe(steps=6, lr=0.1, batch_size=8, seed=2)
+    weights = torch.ones(40, dtype=torch.float64)
+    weights[recipe.batch(40, 3)] = 0.0  # step 3's batch (and only it, in the first epoch)
+    run = recipe.train(task, train, weights=weights)
+    with pytest.raises(infkit.InvalidInputError, match=r"step 3 of the run trains on a batch"):
+        infkit.Influence(task, "unrolled", run=run).fit(train)
+    nominal = Recipe(steps=6, lr=0.1, batch_size=8, seed=2, normalise="nominal")
+    task = infkit.Task.classification(small_mlp())
+    run = nominal.train(task, train, weights=weights)
+    scores = infkit.Influence(task, "unrolled", run=run).fit(train).scores(test)
+    assert bool(torch.isfinite(scores).all())
+
+
+def test_a_replay_that_diverges_is_no_ground_truth() -> None:
+    """lr 0.3 is stable on all the data; on the four large inputs with few others it diverged,
+    and retraining returned parameters of 1e180 (or measurements of 1e218) without a word, or
+    an error blaming the test data (a tester's): refused, naming what was left out."""
+    gen = torch.Generator().manual_seed(0)
+    X = 0.1 * torch.randn(40, 4, generator=gen, dtype=torch.float64)
+    X[:4] *= 30
+    y = (X @ torch.tensor([1.0, -1.0, 0.5, 2.0], dtype=torch.float64))[:, None]
+    torch.manual_seed(1)
+    task = infkit.Task.regression(torch.nn.Linear(4, 1).double())
+    run = Recipe(steps=300, lr=0.3).train(task, (X, y))
+    assert float(run.losses[-1]) < 1e-3  # trained, stable
+    kept = infkit.retrain.without(task, (X, y), [5, 6], 0.0, run=run)  # stable without these
+    assert bool(torch.isfinite(kept.theta).all())
+    named = r"example\(s\) \[4, 5, 6, 7, 8, 9, 10, 11, \.\.\.\] \(36 of 40\) diverged"
+    with pytest.raises(infkit.NonFiniteError, match=named):
+        infkit.retrain.without(task, (X, y), list(range(4, 40)), 0.0, run=run)
+    masks = torch.ones(2, 40, dtype=torch.bool)
+    masks[1, 8:] = False
+    with pytest.raises(infkit.NonFiniteError, match="diverged: the training objective is"):
+        subsets(task, (X, y), (X[:3], y[:3]), 0.0, masks=masks, run=run)
+
+
+def test_an_optimiser_of_ones_own_is_the_same_recipe_in_every_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Its repr (an address) keyed the retraining cache, which a second process never reused
+    (a tester's); its identity is its class, its code and its settings."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "optimiser.py"
+    body = """
+import infkit, torch
+class RMSprop:
+    def __init__(self, decay=0.99):
+        self.decay = decay
+    def init(self, theta):
+        return (torch.zeros_like(theta),)
+    def update(self, theta, buffers, gradient, lr, t):
+        v, = buffers
+        v = self.decay * v + (1 - self.decay) * gradient * gradient
+        return theta - lr * gradient / torch.sqrt(v + 1e-16), (v,)
+print(infkit.Recipe(steps=3, lr=1e-3, optimizer=RMSprop(DECAY)).record()["optimizer"])
+"""
+
+    def identity(decay: str, code: str = body) -> str:
+        script.write_text(code.replace("DECAY", decay))
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    first = identity("0.99")
+    assert first.startswith("__main__.RMSprop#") and "0x" not in first
+    assert identity("0.99") == first  # another process
+    assert identity("0.9") != first  # another setting
+    assert identity("0.99", body.replace("1e-16", "1e-12")) != first  # other code

@@ -90,7 +90,7 @@ def loo_correlation(scores: Tensor, actual: Tensor, indices: Tensor | None = Non
         actual: actual changes, [n_test, k] or [k] (``retrain.leave_one_out(...).measurement``).
         indices: the k training indices ``actual`` covers (default: all).
     """
-    predicted = _at(scores, indices)
+    predicted = _at(scores, indices, actual)
     found = correlation(predicted, actual)
     if predicted.dim() == 2 and predicted.shape[0] > 1:
         warn(
@@ -103,12 +103,28 @@ def loo_correlation(scores: Tensor, actual: Tensor, indices: Tensor | None = Non
     return found
 
 
-def _at(scores: Tensor, indices: Tensor | None) -> Tensor:
-    """``scores[..., indices]``, the training indices checked (in range, not negative)."""
+def _at(scores: Tensor, indices: Tensor | None, actual: Tensor | None = None) -> Tensor:
+    """``scores[..., indices]``, the training indices checked (in range, not negative) and, with
+    ``actual``, as many as its last axis holds."""
     scores = torch.as_tensor(scores)
-    if indices is None:
-        return scores
-    return scores[..., checked_indices(indices, scores.shape[-1], unique=True)]
+    picked = (
+        scores
+        if indices is None
+        else scores[..., checked_indices(indices, scores.shape[-1], unique=True)]
+    )
+    actual = None if actual is None else torch.as_tensor(actual)
+    if actual is not None and actual.dim() and picked.shape[-1] != actual.shape[-1]:
+        # (the pooled sizes were compared: "predicted has 50 values but actual has 800")
+        held = actual.shape[-1]
+        raise InvalidInputError(
+            f"scores cover {picked.shape[-1]} training examples and actual {held}, and no "
+            f"indices= say which {held} of them actual holds: pass leave_one_out(...).indices"
+            if indices is None
+            else f"indices= names {picked.shape[-1]} training examples, but actual covers "
+            f"{held} (its last axis): pass the training indices its columns belong to "
+            "(leave_one_out(...).indices)"
+        )
+    return picked
 
 
 def lds(scores: Tensor, masks: Tensor, actual: Tensor) -> float:
@@ -317,7 +333,7 @@ def loo_interval(
         resamples: bootstrap resamples.
         seed: seed of the resampling.
     """
-    pred = _np(_at(scores, indices))
+    pred = _np(_at(scores, indices, actual))
     act = _np(actual)
     if pred.ndim != 2 or pred.shape != act.shape:
         raise InvalidInputError(

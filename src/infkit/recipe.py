@@ -24,6 +24,7 @@ differentiate through them.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from torch import Tensor
 from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError, NonFiniteError
 from infkit.example_checks import check_examples
+from infkit.fingerprint import callable_identity, canonical_text
 from infkit.gradients import PerExample
 from infkit.options import integer_argument, real_number
 from infkit.parameters import ParameterSpace, evaluation_mode, warn_about_training_mode
@@ -124,6 +126,23 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 DEFAULT_MOMENTUM, DEFAULT_BETAS, DEFAULT_EPS = 0.9, (0.9, 0.999), 1e-8
 
 
+def optimizer_identity(optimizer: Any) -> str:
+    """An optimiser of the user's (docs/methods/unrolled.md §5) as text that is the same in every
+    process and changes with its code or its settings: its class's name, and a hash of its
+    ``init`` and ``update`` (their code and what it reads) and of its attributes. (Its repr,
+    ``<__main__.RMSprop object at 0x7f...>``, changed with every process: a retraining cache
+    was never reused.)"""
+    cls = type(optimizer)
+    settings = vars(optimizer) if hasattr(optimizer, "__dict__") else {}
+    parts = [
+        str(callable_identity(getattr(optimizer, "init", None))),
+        str(callable_identity(getattr(optimizer, "update", None))),
+        canonical_text(settings),
+    ]
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+    return f"{cls.__module__}.{cls.__qualname__}#{digest}"
+
+
 def _real(name: str, value: Any) -> float:
     """``value`` as a float: a real number (numpy's too) or a one-number tensor, else an error
     naming the setting."""
@@ -150,8 +169,9 @@ class Recipe:
         momentum: mu of ``"momentum"``.
         betas: Adam's (beta1, beta2).
         eps: Adam's epsilon (inside the square root, see :class:`Adam`).
-        schedule: ``"constant"``, ``"cosine"`` (to 0 at the last step) or ``"linear"`` (to 0),
-            after ``warmup`` steps of linear warm-up.
+        schedule: ``"constant"``, ``"cosine"`` or ``"linear"``, after ``warmup`` steps of linear
+            warm-up: the decaying ones reach 0 at step ``steps``, one past the last step taken
+            (eta_t = eta (1 + cos(pi p)) / 2 or eta (1 - p), p = (t - warmup) / (steps - warmup)).
         warmup: steps of linear warm-up from eta / warmup.
         seed: the data order of minibatches (a new permutation each epoch).
         normalise: ``"retained"`` (a batch's loss is the weighted mean over its examples: removing
@@ -302,11 +322,11 @@ class Recipe:
 
     def record(self) -> dict[str, Any]:
         """The recipe as JSON values (fingerprints, describe())."""
-        optimizer = self.optimizer if isinstance(self.optimizer, str) else repr(self.optimizer)
+        optimizer = self.optimizer
         return {
             "steps": self.steps,
             "lr": float(self.lr),
-            "optimizer": optimizer,
+            "optimizer": optimizer if isinstance(optimizer, str) else optimizer_identity(optimizer),
             "batch_size": self.batch_size,
             "l2": float(self.l2),
             "momentum": float(self.momentum),
@@ -451,8 +471,10 @@ class TrainingRun:
                 f"{owner}: replaying the run on this training set ends {drift:.2e} (relative) "
                 "from the run's final parameters: these are not the examples and labels it was "
                 "trained on (or not in its order), the model is not the one it trained (another "
-                "architecture holding its parameters), or training is not deterministic; pass "
-                "the run's own data and model"
+                "architecture holding its parameters), or training is not deterministic (an "
+                "optimiser of your own that keeps state outside its arguments: buffers go "
+                "through init() and update(), docs/methods/unrolled.md §5); pass the run's own "
+                "data and model"
             )
 
     def __repr__(self) -> str:
@@ -496,6 +518,11 @@ class Replay:
             raise InvalidInputError(
                 f"weights must be {self.n} finite numbers >= 0 (one per training example), got "
                 f"shape {tuple(w.shape)}"
+            )
+        if not bool((w > 0).any()):  # (trained on the ridge alone, without a word)
+            raise InvalidInputError(
+                f"weights are all 0: the run would train on none of the {self.n} training "
+                "examples; give the examples to train on weights > 0"
             )
         return w
 

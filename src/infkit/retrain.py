@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import inf
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet, checked_indices
-from infkit.errors import InvalidInputError, NotConvergedWarning, warn
+from infkit.errors import InvalidInputError, NonFiniteError, NotConvergedWarning, warn
 from infkit.example_checks import check_examples
 from infkit.fingerprint import (
     data_fingerprint,
@@ -49,6 +50,10 @@ from infkit.training import check_tolerance, train_to_optimum
 #: removal's change, before :func:`leave_one_out` and :func:`without` say it was not at its
 #: optimum (:func:`_base`).
 START_MOVE = 0.01
+#: How many times its objective at step 0 (and 1) a retraining's replay of the run may reach
+#: before it counts as diverged (:func:`_replay`): gradient descent that grows its objective a
+#: million-fold is not training.
+DIVERGED = 1e6
 
 
 @dataclass
@@ -452,11 +457,37 @@ def _replay(
     task: Task, examples: ExampleSet, run: TrainingRun, keep: Tensor
 ) -> tuple[Tensor, float, int]:
     """The run's recipe replayed from its initial parameters with the removed weights at 0:
-    theta_T, nan (no optimum is sought) and the number of steps."""
+    theta_T, nan (no optimum is sought) and the number of steps. A replay whose objective
+    leaves the finite numbers, or grows :data:`DIVERGED` times beyond its start (and 1), is
+    refused: it is no ground truth (a tester's ended at parameters of 1e180 without a word)."""
     replay = Replay(run.recipe, task, examples)
     weights = run.weights.to(replay.space.dtype) * keep.to(replay.space.dtype)
-    theta, _ = replay.final(run.initial.to(replay.space.dtype), weights)
+    start: float | None = None
+    theta = theta0 = run.initial.to(replay.space.dtype)
+    for t, state, _buffers, objective in replay.trajectory(theta0, weights):
+        theta = state  # the last item is the state after the final step
+        if objective is None:
+            continue
+        start = objective if start is None else start
+        if not math.isfinite(objective) or abs(objective) > DIVERGED * max(abs(start), 1.0):
+            reached = f"the training objective is {objective:.4g} before step {t}"
+            raise _diverged_replay(run, keep, f"{reached} ({start:.4g} at step 0)")
+    if not bool(torch.isfinite(theta).all()):
+        raise _diverged_replay(run, keep, "its final parameters hold NaN or Inf")
     return theta.detach().clone(), float("nan"), run.recipe.steps
+
+
+def _diverged_replay(run: TrainingRun, keep: Tensor, what: str) -> NonFiniteError:
+    """The error of a retraining by the run that diverged, naming what it left out."""
+    removed = (~keep).nonzero().squeeze(1).tolist()
+    named = ", ".join(str(i) for i in removed[:8]) + (", ..." if len(removed) > 8 else "")
+    return NonFiniteError(
+        f"retraining by the run without training example(s) [{named}] ({len(removed)} of "
+        f"{len(keep)}) diverged: {what}. The recipe is unstable on the data left, so this "
+        "retraining is no ground truth: lower the recipe's lr (now "
+        f"{run.recipe.lr}) or add warm-up steps, train the model by it again and retrain (or "
+        "retrain to the optimum, without run=)"
+    )
 
 
 @dataclass

@@ -53,13 +53,11 @@ def checked_replay(name: str, run: TrainingRun | None, fitted: Fitted) -> tuple[
     return replay, run.weights.to(fitted.space.dtype)
 
 
-def single_example_steps(recipe: Recipe, weights: Tensor) -> Tensor:
-    """[steps] bool: the steps whose batch holds one example of positive weight, whose loss
-    under ``normalise="retained"``, ``w_i l_i / w_i``, does not depend on that weight (the last
-    batch of an epoch when N % batch_size == 1, every step at batch_size=1, zero weights)."""
+def positive_counts(recipe: Recipe, weights: Tensor) -> Tensor:
+    """[steps] long: how many examples of positive weight each step's batch holds."""
     n, positive = len(weights), (weights > 0).long()
     if recipe.batch(n, 0) is None:  # full batch: every step alike
-        return torch.full((recipe.steps,), int(positive.sum()) == 1)
+        return torch.full((recipe.steps,), int(positive.sum()))
     size, per_epoch = int(recipe.batch_size or n), recipe.batches_per_epoch(n)
     epochs = -(-recipe.steps // per_epoch)
     counts = []  # positive weights in each batch, an epoch at a time (one permutation each)
@@ -67,7 +65,14 @@ def single_example_steps(recipe: Recipe, weights: Tensor) -> Tensor:
         padded = torch.zeros(per_epoch * size, dtype=torch.long)
         padded[:n] = positive[recipe.epoch_order(n, epoch)]
         counts.append(padded.reshape(per_epoch, size).sum(1))
-    return torch.cat(counts)[: recipe.steps] == 1
+    return torch.cat(counts)[: recipe.steps]
+
+
+def single_example_steps(recipe: Recipe, weights: Tensor) -> Tensor:
+    """[steps] bool: the steps whose batch holds one example of positive weight, whose loss
+    under ``normalise="retained"``, ``w_i l_i / w_i``, does not depend on that weight (the last
+    batch of an epoch when N % batch_size == 1, every step at batch_size=1, zero weights)."""
+    return positive_counts(recipe, weights) == 1
 
 
 def check_weight_dependence(run: TrainingRun) -> None:
@@ -76,10 +81,19 @@ def check_weight_dependence(run: TrainingRun) -> None:
     leaving an example out moved the test losses by up to 0.15); warn where some steps are (a
     reviewer's example 7, alone in an epoch's last batch: score 0, retraining moved it 0.72)."""
     recipe = run.recipe
-    if recipe.normalise != "retained" or run.n < 2:
+    if recipe.normalise != "retained":
         return
-    single = single_example_steps(recipe, run.weights)
-    if not bool(single.any()):
+    counts = positive_counts(recipe, run.weights)
+    if not bool(counts.all()):  # (its derivative overflowed, and the error advised damping)
+        step = int((counts == 0).nonzero()[0])
+        raise InvalidInputError(
+            f"method 'unrolled': step {step} of the run trains on a batch whose every weight is "
+            "0, and under normalise='retained' its loss, sum_i w_i l_i / sum_i w_i, is then 0 / "
+            "0: its metagradients have no value. Record the run with normalise='nominal' (each "
+            "step's loss sum_i w_i l_i / |B_t|), or give those examples weights > 0"
+        )
+    single = counts == 1
+    if run.n < 2 or not bool(single.any()):
         return
     why = (
         "under normalise='retained' such a step's loss w_i l_i / w_i does not depend on the "
