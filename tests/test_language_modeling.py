@@ -635,6 +635,16 @@ def test_queries_read_only_through_a_custom_measurement_need_no_scored_token(
     task = infkit.Task.language_modeling(model).with_measurement(last_logit, higher_is_better=True)
     ids = torch.randint(0, VOCAB, (3, 1), generator=torch.Generator().manual_seed(1))
     one_token = ({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids.clone())
+    # the builder the docs recommend refused them, blaming a mask or prompt never given (a
+    # tester's): it names the one token and takes allow_unscored=True
+    with pytest.raises(
+        InvalidInputError,
+        match=r"it has one token, which nothing predicts.*"
+        "allow_unscored=True",
+    ):
+        lm.examples(ids)
+    built = lm.examples(ids, torch.ones_like(ids), allow_unscored=True)
+    assert torch.equal(built[1], ids)  # a first token is never scored: nothing predicts it
     inputs, labels = problem["test"]
     masked = (inputs, torch.full_like(labels, lm.IGNORE_INDEX))
 
@@ -651,7 +661,7 @@ def test_queries_read_only_through_a_custom_measurement_need_no_scored_token(
     losses = lm.next_token_loss(logits, train_labels)
     G = torch.stack([flat_gradient(losses[j]) for j in range(N)])
     inf = infkit.Influence(task, "identity", l2=0.0).fit(problem["train"])
-    for queries in (one_token, masked):
+    for queries in (one_token, masked, built):
         m = last_logit(model(**queries[0]), queries[1])
         expected = torch.stack([flat_gradient(m[t]) for t in range(len(m))]) @ G.T / N
         torch.testing.assert_close(inf.scores(queries), expected, rtol=1e-10, atol=1e-12)

@@ -825,6 +825,7 @@ def examples(
     attention_mask: Tensor | None = None,
     prompt_lengths: Tensor | list[int] | None = None,
     position_ids: bool = False,
+    allow_unscored: bool = False,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """An ``(inputs, labels)`` pair for :meth:`infkit.Task.language_modeling`.
 
@@ -837,7 +838,10 @@ def examples(
     respects its mask and, under left padding, positions counted from each sequence's first
     token: with ``position_ids=True`` the inputs carry them (``attention_mask.cumsum(1) - 1``,
     0 at padding), which models with absolute position embeddings (GPT-2) need under left
-    padding; rotary ones (Llama) do not, and take them too.
+    padding; rotary ones (Llama) do not, and take them too. ``allow_unscored=True`` keeps
+    sequences with no scored token (labels all -100, a sequence of one token): queries read only
+    through a custom measurement (``task.with_measurement(fn)``, the logit of a chosen token at
+    the last position say) need none; read through the loss they are refused when scored.
 
     Raises:
         InvalidInputError: ids that are not an integer [N, T] tensor (or a list of sequences
@@ -907,11 +911,26 @@ def examples(
     unscored = (
         (labels[:, 1:] == IGNORE_INDEX).all(dim=1) if t > 1 else torch.ones(n, dtype=torch.bool)
     )
-    if bool(unscored.any()):
+    if bool(unscored.any()) and not allow_unscored:
         i = int(unscored.nonzero()[0, 0])
+        masks = [
+            name
+            for name, given in (
+                ("attention_mask", attention_mask),
+                ("prompt length", prompt_lengths),
+            )
+            if given is not None
+        ]
+        cause = (
+            "it has one token, which nothing predicts"
+            if t == 1
+            else f"every label after position 0 is masked (by its {' or '.join(masks)})"
+        )
         raise InvalidInputError(
-            f"sequence {i} has no token to score: every label after position 0 is masked (by "
-            "its attention_mask or prompt length), so its loss is 0 and every score against it "
-            "would be 0. Drop it, or shorten its prompt"
+            f"sequence {i} has no token to score: {cause}, so its loss is 0 and every score "
+            "against it would be 0. Drop it"
+            + (", or shorten its prompt" if prompt_lengths is not None else "")
+            + "; a query read only through a custom measurement (task.with_measurement(fn)) needs "
+            "no scored token: pass allow_unscored=True"
         )
     return inputs, labels
