@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import textwrap
+import types
 import warnings
 from html.parser import HTMLParser
 from pathlib import Path
@@ -96,6 +97,22 @@ def regressor(dtype="float64"):
     torch.manual_seed(0)
     net = torch.nn.Linear(10, 1).to(getattr(torch, dtype))
     infkit.train_to_optimum(infkit.Task.regression(net), diabetes(dtype)[0], L2, tolerance=1e-6)
+    return net
+
+
+def cancer():
+    from sklearn.datasets import load_breast_cancer
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X = torch.tensor(X[:, :5])
+    X, y = (X - X.mean(0)) / X.std(0), torch.tensor(y).double()
+    return (X[:100], y[:100]), (X[100:110], y[100:110])
+
+
+def binary():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 1), torch.nn.Flatten(0)).double()
+    infkit.train_to_optimum(infkit.Task.binary_classification(net), cancer()[0], L2)
     return net
 
 
@@ -344,6 +361,17 @@ def test_a_save_that_never_committed_is_fitted_again_with_a_notice_for_the_comma
         (
             lambda c: c.replace("image_shape = [8, 8]", 'kind = "tabular"\nfeature_names = ["a"]'),
             "[data] feature_names has 1 names for 64 features per example",
+        ),
+        (  # (one name, or three, were taken and labels 0 and 1 shown as numbers: a tester's)
+            lambda c: (
+                c.replace('"tester_project:model"', '"tester_project:binary"')
+                .replace('"tester_project:splits"', '"tester_project:cancer"')
+                .replace(
+                    "image_shape = [8, 8]",
+                    'class_names = ["only"]\n[task]\nkind = "binary_classification"',
+                )
+            ),
+            "[data] class_names has 1 name(s), but a binary classifier has two classes",
         ),
         (
             lambda c: c.replace("[report]", '[output]\nworkdir = "tester_project.py"\n\n[report]'),
@@ -620,13 +648,20 @@ def test_unconverged_retrainings_are_flagged(
     workdir = tmp_path / "w"
     # the three, and the retraining on all the data that their changes are measured from
     said = "3 of the 3 leave-one-out retrainings and the retraining on all the data"
-    with pytest.warns(UserWarning, match=said):
+    with pytest.warns(UserWarning, match=said) as caught:
         assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
     data, _ = load_results(workdir)
     late = data["retraining"]["not_converged"]
     assert len(late) == 4 and all(r["gradient_norm"] > r["target"] for r in late)
     assert [r["index"] is None for r in late].count(True) == 1
+    # the largest final gradient norm is named (the page's own figure counts the removals
+    # alone, and two figures read as one: a tester's)
+    worst = max(late, key=lambda r: r["gradient_norm"])
+    which = "on all the data" if worst["index"] is None else f"without #{worst['index']}"
+    told = [str(w.message) for w in caught if "did not converge" in str(w.message)]
+    assert f"{worst['gradient_norm']:.4g}, {which}, against a target" in told[0]
     page = (workdir / "report.html").read_text()
+    assert f", {which}, against a target of" in page
     assert "The retrained models did not converge:" in page
     assert "3 of the 3 retrainings and the retraining on all the data" in page
     assert "not ground truth" in page and "Raise [retraining] max_iter" in page
@@ -853,6 +888,19 @@ def test_retrainings_that_leave_the_linear_regime_are_told_apart(
     assert {r["index"] for r in data["retraining"]["moved_far"]} == far
     page = (workdir / "report.html").read_text()
     assert "Retrainings that left the linear regime" in page
+    # retrainings that stop short are told apart too, marked so (a tester's float32 ones, all
+    # stopped at its precision, moved 6.7-8.9 times the step, said only as "raise max_iter")
+    config.write_text(
+        config.read_text().replace("n = 8", "n = 8\ntolerance = 1e-30\nmax_iter = 400")
+    )
+    workdir = tmp_path / "late"
+    with pytest.warns(UserWarning, match=r"moved the parameters") as said:
+        assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
+    data, _ = load_results(workdir)
+    assert all(not r["converged"] for r in data["retraining"]["moved_far"])
+    assert {r["index"] for r in data["retraining"]["moved_far"]} == far
+    assert any("(not converged)" in str(w.message) for w in said)
+    assert " (not converged)" in (workdir / "report.html").read_text()
 
 
 def test_a_refit_names_the_settings_that_changed(
@@ -882,6 +930,17 @@ def test_a_refit_names_the_settings_that_changed(
     data = load_results(workdir)[0]
     assert data["origin"] == "reloaded"
     assert not any("other settings" in w["message"] for w in data["warnings"]), data["warnings"]
+    # other data: said without the library's remedy (no train= to leave out in a run)
+    (tmp_path / "c.toml").write_text(
+        (tmp_path / "b.toml")
+        .read_text()
+        .replace('"tester_project:splits"', '"tester_project:splits"\nargs = { n_train = 140 }')
+    )
+    with pytest.warns(Notice, match="not reusing the saved influence") as caught:
+        assert cli.main(["run", str(tmp_path / "c.toml"), "--out", workdir, "--quiet"]) == 0
+    (message,) = [str(w.message) for w in caught if "not reusing" in str(w.message)]
+    assert "the training data differs from the data" in message and "(140 examples" in message
+    assert "train" + "=" not in message and "leave train out" not in message, message
 
 
 def test_a_rerun_stopped_before_its_results_leaves_the_last_runs_files_together(
@@ -1478,6 +1537,11 @@ def test_groups_fall_back_to_the_run_estimator_when_newton_is_out_of_reach() -> 
         rtol=1e-9,
         atol=1e-12,
     )
+    # a method without a newton step at all says so too (the row read "if" without a note)
+    plain = infkit.Influence(task, "identity", l2=1e-2).fit(train)
+    (group,) = _groups(plain, {"first": torch.tensor([0, 1, 2])}, test, plain.scores(test))
+    assert group["estimator"] == "if"
+    assert group["fallback"].startswith("no newton step: method 'identity' does not supply one")
 
 
 # ---------------------------------------------------------------------------- a real browser
@@ -1708,13 +1772,7 @@ def test_the_tables_keep_a_regression_target_in_full(
     shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
     workdir = tmp_path / "w"
     assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
-    spec = importlib.util.spec_from_file_location(
-        "regression_project", project / "tester_project.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    targets = module.diabetes(dtype)[0][1].reshape(-1)
+    targets = _tester_module(project).diabetes(dtype)[0][1].reshape(-1)
     for table, column in (("top_k.csv", "train_index"), ("self_influence.csv", "index")):
         with (workdir / table).open() as f:
             rows = list(csv.DictReader(f))
@@ -1728,3 +1786,61 @@ def test_the_tables_keep_a_regression_target_in_full(
     page = (workdir / "report.html").read_text()
     shown = float(targets[int(rows[0]["index"])])
     assert f"{shown:.4g}" in page
+
+
+def _tester_module(project: Path) -> types.ModuleType:
+    """The tester's project module, imported from its file (its factories' data)."""
+    spec = importlib.util.spec_from_file_location("tester_module", project / "tester_project.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_binary_classifiers_labels_are_named_and_a_tabular_page_fits_800_pixels(
+    project: Path, tmp_path: Path
+) -> None:
+    """A binary classifier's float labels 0.0 and 1.0 showed as numbers beside a named
+    prediction (a tester's "y = 0 · predicted benign"); its tables and lists name them. At 800
+    pixels the tabular page scrolled sideways (840-1233 px: the self-influence table with its
+    feature row spilled past its card) and long class names were cut: every table scrolls in
+    its own box, and names wrap."""
+    config = tmp_path / "binary.toml"
+    names = ["malignant_with_a_really_really_long_name", "benign"]
+    config.write_text(
+        '[model]\nfactory = "tester_project:binary"\n'
+        '[data]\nfactory = "tester_project:cancer"\nkind = "tabular"\n'
+        f"class_names = {names}\n"
+        'feature_names = ["radius", "texture", "perimeter", "area", "smoothness"]\n'
+        '[task]\nkind = "binary_classification"\n'
+        '[influence]\nmethod = "exact"\nl2 = 1e-2\n'
+        "[report]\ntop_k = 3\nn_queries = 2\n[retraining]\nn = 0\n"
+    )
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    workdir = tmp_path / "w"
+    assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
+    train, _ = _tester_module(project).cancer()
+    for table, column in (("top_k.csv", "train_index"), ("self_influence.csv", "index")):
+        with (workdir / table).open() as f:
+            rows = list(csv.DictReader(f))
+        assert rows and all(r["label"] == names[int(train[1][int(r[column])])] for r in rows)
+    browser_path = _chromium()
+    if browser_path is None or importlib.util.find_spec("playwright") is None:
+        warnings.warn(
+            "the page's width at 800 px was not checked: no Chromium or playwright", stacklevel=1
+        )
+        return
+    from playwright import sync_api
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 800, "height": 1200})
+        page.goto((workdir / "report.html").resolve().as_uri())
+        page.wait_for_load_state("load")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        clipped = page.evaluate(
+            "[...document.querySelectorAll('.item .meta')]"
+            ".filter(m => m.scrollWidth > m.clientWidth).length"
+        )
+        browser.close()
+    assert width <= 800 and clipped == 0, (width, clipped)

@@ -515,3 +515,24 @@ def test_a_float64_model_that_rounds_in_float32_inside_is_named_when_training_st
         assert not stalled.converged and stalled.evaluations < 1500, seed  # stalled: probed
         assert not stalled.coarse_objective, seed
         assert not any("coarser precision" in str(w.message) for w in caught), seed
+
+
+def test_the_detection_curve_draws_the_fraction_found_and_refuses_a_list_of_indices() -> None:
+    """plot.detection_curve's line at each inspected fraction is evaluate.fraction_found's
+    there; a list of indices (the form [self_influence] flagged takes) raised numpy's
+    IndexError: refused, saying how to make the mask."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from infkit import plot
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(40, generator=gen, dtype=torch.float64)
+    flagged = torch.zeros(40, dtype=torch.bool)
+    flagged[[1, 5, 9, 30]] = True
+    figure = plot.detection_curve({"self-influence": scores}, flagged)
+    xs, ys = figure.axes[0].lines[0].get_data()
+    for k in (4, 10, 40):
+        assert abs(ys[k - 1] - evaluate.fraction_found(scores, flagged, xs[k - 1])) < 1e-12
+    with pytest.raises(InvalidInputError, match=r"is_flagged has 4: is_flagged is a mask"):
+        plot.detection_curve({"self-influence": scores}, [1, 5, 9, 30])

@@ -46,7 +46,12 @@ class ProblemTooLargeError(InfkitError, MemoryError):
 
 class ArtifactError(InfkitError, ValueError):
     """An artifact on disk that cannot be used: damaged, incomplete, or made for another
-    computation; the message names the file and says what to do."""
+    computation; the message names the file and says what to do. ``cause`` is the message
+    without the library's remedy, for a caller that gives its own (``infkit run``)."""
+
+    def __init__(self, message: str, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.cause = message if cause is None else cause
 
 
 class ArtifactRemovedError(ArtifactError):

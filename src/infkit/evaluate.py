@@ -354,7 +354,7 @@ def loo_interval(
     return _bootstrap(values, confidence, resamples, seed)
 
 
-def _detection_inputs(
+def detection_inputs(
     scores: Tensor | np.ndarray, is_flagged: Tensor | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """``scores`` as finite floats and ``is_flagged`` as booleans (given as bool, or 0 and 1),
@@ -373,7 +373,11 @@ def _detection_inputs(
         arrays.append(values)
     s, flags = arrays
     if s.shape != flags.shape:
-        raise InvalidInputError(f"scores has {s.size} values but is_flagged has {flags.size}")
+        raise InvalidInputError(
+            f"scores has {s.size} values but is_flagged has {flags.size}: is_flagged is a mask, "
+            "one boolean per example (for a list of indices: mask = torch.zeros(N, "
+            "dtype=torch.bool); mask[indices] = True)"
+        )
     if not np.isfinite(s).all():
         bad = int(np.flatnonzero(~np.isfinite(s))[0])
         raise InvalidInputError(
@@ -390,7 +394,7 @@ def _detection_inputs(
 
 def detection_auc(scores: Tensor | np.ndarray, is_flagged: Tensor | np.ndarray) -> float:
     """ROC AUC of ranking examples by ``scores`` (higher = more suspicious) against the truth."""
-    s, y = _detection_inputs(scores, is_flagged)
+    s, y = detection_inputs(scores, is_flagged)
     if y.all() or not y.any():
         raise InvalidInputError("detection AUC needs both flagged and unflagged examples")
     from scipy.stats import rankdata
@@ -412,7 +416,7 @@ def fraction_found(
     on average (as the AUC counts ties as 1/2): a tie group of g examples, f of them flagged,
     that r inspected places reach adds ``r f / g``, not the flagged ones first or last.
     """
-    s, y = _detection_inputs(scores, is_flagged)
+    s, y = detection_inputs(scores, is_flagged)
     if not y.any():
         raise InvalidInputError(
             "the fraction found needs at least one flagged example (is_flagged has none)"

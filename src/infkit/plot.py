@@ -248,20 +248,25 @@ def detection_curve(
     Args:
         rankings: name -> [N] scores, inspected from the highest; names ending in ``" loss"``
             (baselines) are drawn dotted.
-        flagged: [N] the examples to find (e.g. flipped labels).
+        flagged: [N] the examples to find, a mask (e.g. the flipped labels): True or 1 for
+            each; a list of indices is refused, naming how to make the mask.
         inspect: a fraction to mark with a vertical line.
         max_fraction: the x axis ends here.
         title: the figure's title.
     """
-    flags = _numpy(np.asarray(flagged, dtype=float) if not isinstance(flagged, Tensor) else flagged)
+    from infkit.evaluate import detection_inputs
+
+    # (a list of indices, the form [self_influence] flagged takes, raised numpy's IndexError)
+    truth = flagged if isinstance(flagged, (Tensor, np.ndarray)) else np.asarray(flagged)
+    checked = {name: detection_inputs(scores, truth) for name, scores in rankings.items()}
     fig = Figure(figsize=(5.5, 4.2))
     ax = fig.subplots()
-    n = len(flags)
-    xs = np.arange(1, n + 1) / n
-    for name, scores in rankings.items():
-        order = np.argsort(-_numpy(scores), kind="stable")
+    for name, (scores, flags) in checked.items():
+        n = len(flags)
+        xs = np.arange(1, n + 1) / n
+        order = np.argsort(-scores, kind="stable")
         style = ":" if name.endswith(" loss") else "-"
-        ax.plot(xs, np.cumsum(flags[order]) / max(flags.sum(), 1.0), style, label=name)
+        ax.plot(xs, np.cumsum(flags[order]) / max(int(flags.sum()), 1), style, label=name)
     ax.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="random")
     if inspect is not None:
         ax.axvline(inspect, color="gray", lw=0.8, ls=":")

@@ -890,10 +890,13 @@ class SavedInfluence:
                     else f"the same number of examples ({n}) but other content or order"
                 )
                 keep = ", or leave train out to use the saved copy" if data_doc.get("saved") else ""
-                raise ArtifactError(
+                cause = (
                     f"the training data given as train= differs from the data {self.requested_path}"
-                    f" was fitted on ({size}; content fingerprint {found}, saved {saved_fp}): "
-                    f"pass the same examples in the same order{keep}"
+                    f" was fitted on ({size}; content fingerprint {found}, saved {saved_fp})"
+                )
+                raise ArtifactError(
+                    f"{cause}: pass the same examples in the same order{keep}",
+                    cause=cause.replace(" given as train=", ""),
                 )
         examples._checked = True  # checked at fit
         return examples

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from infkit import plot
 from infkit.errors import ArtifactError
-from infkit.report.views import value_range
+from infkit.report.views import retraining_name, value_range, worst_norm
 from infkit.retrain import START_MOVE
 from infkit.store import MANIFEST, ArtifactStore
 
@@ -70,7 +70,7 @@ tr.query-row td{background:#eef3f8;font-weight:600}
 .item{border:1px solid #ddd;border-radius:4px;padding:4px;background:#fff;font-size:12px;max-width:100%}
 .item.flagged{border:2px solid #d62728}
 .items:not(.rows) .item{width:92px;font-size:11px}
-.item .meta{color:#333}
+.item .meta{color:#333;overflow-wrap:anywhere}
 .item.flagged .meta,tr.flagged td{color:#d62728}
 img.thumb{width:64px;height:64px;min-width:64px;image-rendering:pixelated;display:block}
 .query img.thumb.big{width:96px;height:96px}
@@ -258,7 +258,7 @@ def tabular_list_html(
 def table(rows: list[tuple[str, Any]]) -> str:
     """A two-column key/value table."""
     body = "".join(f"<tr><th>{esc(k)}</th><td>{fmt(v)}</td></tr>" for k, v in rows)
-    return f"<table>{body}</table>"
+    return f'<div class="scroll"><table>{body}</table></div>'
 
 
 def warnings_list(shown: list[dict[str, str]]) -> str:
@@ -422,9 +422,10 @@ def self_influence_section(data: dict[str, Any], tensors: dict[str, Tensor]) -> 
     )
     out += (
         "<p>The training examples whose removal would most raise their own loss: candidates "
-        "for mislabelled or atypical examples.</p><table><tr><th>rank</th><th>index</th>"
+        'for mislabelled or atypical examples.</p><div class="scroll"><table><tr><th>rank</th>'
+        "<th>index</th>"
         "<th>label</th><th>self-influence</th><th>training loss</th><th>flagged</th>"
-        f"<th>example</th></tr>{rows}</table>"
+        f"<th>example</th></tr>{rows}</table></div>"
     )
     return out
 
@@ -454,7 +455,8 @@ def groups_section(data: dict[str, Any]) -> str:
     return (
         "<p>Predicted change of each query's measurement when the whole group is removed, by "
         "the estimator named in its row, above the sum of the members' single scores.</p>"
-        f"<table><tr><th>group</th><th>size</th><th>estimator</th>{head}</tr>{rows}</table>" + notes
+        '<div class="scroll"><table><tr><th>group</th><th>size</th><th>estimator</th>'
+        f"{head}</tr>{rows}</table></div>" + notes
     )
 
 
@@ -486,7 +488,7 @@ def not_converged_html(r: dict[str, Any]) -> str:
     late = r.get("not_converged")
     if not late:
         return ""
-    worst = max(late, key=lambda x: x["gradient_norm"])
+    worst, which = worst_norm(late)
     removals = [x for x in late if x["index"] is not None]
     also = (
         " and the retraining on all the data that their changes are measured from"
@@ -500,7 +502,7 @@ def not_converged_html(r: dict[str, Any]) -> str:
         f'<p class="warning"><b>The retrained models did not converge:</b> {counted} did '
         f"not reach their tolerance ([retraining] max_iter = "
         f"{r['max_iter']}; largest final gradient norm "
-        f"{fmt(worst['gradient_norm'])} against a target of {fmt(worst['target'])}, from "
+        f"{fmt(worst['gradient_norm'])}, {which}, against a target of {fmt(worst['target'])}, from "
         f"tolerance = {fmt(r['tolerance'])}). Their actual changes are not those of the "
         "retrained optimum, so the correlations below are <b>not ground truth</b>. Raise "
         "[retraining] max_iter and run again; if the gradient norm stalls instead, loosen "
@@ -530,7 +532,7 @@ def moved_far_html(r: dict[str, Any]) -> str:
     far = r.get("moved_far")
     if not far:
         return ""
-    names = ", ".join(f"#{x['index']}" for x in far)
+    names = ", ".join(retraining_name(x) for x in far)
     without = r.get("pearson_without_far")
     rest = (
         f" Without them, Pearson <b>{without:.4f}</b> over the other {r['n'] - len(far)}."

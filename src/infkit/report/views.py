@@ -128,6 +128,8 @@ class Display:
         if isinstance(y, Tensor) and y.numel() == 1 and not y.is_floating_point():
             c = int(y)
             return self.class_names[c] if 0 <= c < len(self.class_names) else str(c)
+        if isinstance(y, Tensor) and y.numel() == 1 and self.class_names and float(y) in (0, 1):
+            return self.class_names[int(y)]  # a binary classifier's float label 0.0 or 1.0
         if isinstance(y, Tensor) and y.numel() <= 4 and self.kind != "text":
             if exact:
                 return ", ".join(shortest_text(y.reshape(-1)))
@@ -225,3 +227,16 @@ def value_range(values: list[float], spec: str) -> str:
     alike (a range of one retraining read "4.4-4.4")."""
     low, high = format(min(values), spec), format(max(values), spec)
     return low if low == high else f"{low}-{high}"
+
+
+def retraining_name(row: dict[str, Any]) -> str:
+    """A leave-one-out retraining as the messages name it: ``#7``, ``#7 (not converged)``."""
+    return f"#{row['index']}" + ("" if row.get("converged", True) else " (not converged)")
+
+
+def worst_norm(late: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """The unconverged retraining with the largest final gradient norm, and which it is (the
+    page's own figure counts the removals alone)."""
+    worst = max(late, key=lambda r: r["gradient_norm"])
+    which = "on all the data" if worst["index"] is None else f"without #{worst['index']}"
+    return worst, which
