@@ -260,18 +260,31 @@ def test_an_ensembles_removal_meets_each_model_at_its_own_parameters(mlp_problem
     assert relative_error(removal.outputs(test), output_change) < 1e-10
 
 
-def test_the_identity_projection_is_held_to_n_as_a_projection_is(mlp_problem: dict) -> None:
-    """k = P = 75 against N = 60 examples and no ridge: refused as proj_dim=75 is (the span's
-    inverse attributed each training example to itself alone, with a Notice blaming the
-    margin: a tester's); at N = 100 > k the inflation is warned of."""
+def test_the_identity_projection_is_held_to_n_by_the_span_of_its_features(
+    mlp_problem: dict,
+) -> None:
+    """k = P = 75 against 20 examples and no ridge: the gradients span 20 directions, and the
+    pseudo-inverse attributed each training example to itself alone (train x train scores
+    diagonal, with a Notice blaming the margin: a tester's): refused. The span, not P, is what
+    counts: a softmax regression's 15 parameters span 10 directions, and 12 examples invert
+    them exactly (the dense pseudo-inverse's scores, a reviewer's), with the inflation warned
+    of (10 > N / 2)."""
     task, (X, y), l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
-    with pytest.raises(
-        CurvatureError, match=r"projection='identity' \(k = P = 75\) exceeds the 60 training"
-    ):
-        infkit.Influence(task, "trak", l2=l2, projection="identity").fit((X, y))
-    more = (torch.cat([X, X[:40] + 0.01]), torch.cat([y, y[:40]]))
-    with pytest.warns(UserWarning, match=r"projection='identity' \(k = P = 75\) is close to"):
-        infkit.Influence(task, "trak", l2=l2, projection="identity").fit(more)
+    with pytest.raises(CurvatureError, match=r"span 20 directions, as many as the 20 training"):
+        infkit.Influence(task, "trak", l2=l2, projection="identity").fit((X[:20], y[:20]))
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(16, 4, generator=gen, dtype=torch.float64)
+    y = (X @ torch.randn(4, 3, generator=gen, dtype=torch.float64)).argmax(1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    margin = infkit.Task.classification(model, measurement="margin")
+    with pytest.warns(UserWarning, match=r"span 10 directions, close to the 12 .* = 6\.0"):
+        inf = infkit.Influence(margin, "trak", projection="identity").fit((X[:12], y[:12]))
+    Phi = per_example_gradients(model, X[:12], y[:12], classification_margin)
+    F = per_example_gradients(model, X[12:], y[12:], classification_margin)
+    q = 1 - torch.softmax(model(X[:12]), -1).gather(1, y[:12, None]).squeeze(1).detach()
+    tau = F @ torch.linalg.pinv(Phi.T @ Phi, hermitian=True, rtol=1e-10) @ Phi.T * q
+    assert relative_error(inf.scores((X[12:], y[12:])), -tau) < 1e-8
 
 
 @pytest.mark.filterwarnings("ignore:the model is not at a stationary point")

@@ -579,11 +579,22 @@ def test_a_replay_that_diverges_is_no_ground_truth() -> None:
     masks[1, 8:] = False
     with pytest.raises(infkit.NonFiniteError, match="diverged: the training objective is"):
         subsets(task, (X, y), (X[:3], y[:3]), 0.0, masks=masks, run=run)
+    # a stable run whose removal leaves step 0's batch empty (its objective the ridge alone,
+    # 0) is measured against the run's own objectives, not that 0 (a reviewer's was refused)
+    y = 2000 + 500 * X[:, :1] / X[:, :1].std()
+    recipe = Recipe(steps=60, lr=0.05, batch_size=2, seed=0)
+    torch.manual_seed(0)
+    task = infkit.Task.regression(torch.nn.Linear(4, 1).double())
+    run = recipe.train(task, (X, y))
+    first = recipe.batch(40, 0).tolist()
+    again = infkit.retrain.without(task, (X, y), first, 0.0, run=run)
+    assert bool(torch.isfinite(again.theta).all())
 
 
 def test_an_optimiser_of_ones_own_is_the_same_recipe_in_every_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Its repr (an address) keyed the retraining cache, which a second process never reused
-    (a tester's); its identity is its class, its code and its settings."""
+    (a tester's); its identity is its class, its code and its settings: a class attribute and
+    a helper method its update reads included (a reviewer's changed neither)."""
     import subprocess
     import sys
 
@@ -591,14 +602,17 @@ def test_an_optimiser_of_ones_own_is_the_same_recipe_in_every_process(tmp_path) 
     body = """
 import infkit, torch
 class RMSprop:
+    FLOOR = 1e-16
     def __init__(self, decay=0.99):
         self.decay = decay
     def init(self, theta):
         return (torch.zeros_like(theta),)
+    def _square(self, gradient):
+        return gradient * gradient
     def update(self, theta, buffers, gradient, lr, t):
         v, = buffers
-        v = self.decay * v + (1 - self.decay) * gradient * gradient
-        return theta - lr * gradient / torch.sqrt(v + 1e-16), (v,)
+        v = self.decay * v + (1 - self.decay) * self._square(gradient)
+        return theta - lr * gradient / torch.sqrt(v + self.FLOOR), (v,)
 print(infkit.Recipe(steps=3, lr=1e-3, optimizer=RMSprop(DECAY)).record()["optimizer"])
 """
 
@@ -613,4 +627,5 @@ print(infkit.Recipe(steps=3, lr=1e-3, optimizer=RMSprop(DECAY)).record()["optimi
     assert first.startswith("__main__.RMSprop#") and "0x" not in first
     assert identity("0.99") == first  # another process
     assert identity("0.9") != first  # another setting
-    assert identity("0.99", body.replace("1e-16", "1e-12")) != first  # other code
+    assert identity("0.99", body.replace("FLOOR = 1e-16", "FLOOR = 1e-12")) != first
+    assert identity("0.99", body.replace("gradient * gradient", "gradient.abs()")) != first

@@ -655,6 +655,39 @@ def callable_identity(
     return f"{name}#{h.hexdigest()[:12]}"
 
 
+def object_identity(value: Any, _depth: int = 0) -> str:
+    """An object of the user's own class (a custom optimiser) as text that is the same in every
+    process and changes with what it computes: its class's name, every function its own
+    classes define (by :func:`callable_identity`: the code, and what it reads) and their plain
+    class attributes, and its instance attributes: functions by their identity, objects of
+    the user's classes the same way (to :data:`CALL_DEPTH`), the rest by
+    :func:`canonical_text`. (A class attribute or helper method its ``update`` reads, or a
+    lambda it holds, are part of it: a reviewer changed each without changing the identity.)"""
+    cls = type(value)
+    parts = []
+    for klass in cls.__mro__:
+        if not _is_user_class(klass):
+            continue
+        for name, member in sorted(vars(klass).items()):
+            if name.startswith("__") and name.endswith("__"):
+                continue
+            function = getattr(member, "__func__", member)  # static and class methods
+            if isinstance(function, types.FunctionType):
+                parts.append(f"{klass.__qualname__}.{name}={callable_identity(function)}")
+            elif not callable(member) and not isinstance(member, property):
+                parts.append(f"{klass.__qualname__}.{name}={canonical_text(member)}")
+    for name, member in sorted(getattr(value, "__dict__", {}).items()):
+        if isinstance(member, (types.FunctionType, functools.partial)):
+            text = str(callable_identity(member))
+        elif _is_user_class(type(member)) and _depth < CALL_DEPTH:
+            text = object_identity(member, _depth + 1)
+        else:
+            text = canonical_text(member)
+        parts.append(f"{name}={text}")
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+    return f"{cls.__module__}.{cls.__qualname__}#{digest}"
+
+
 @functools.lru_cache(maxsize=1)
 def _library_roots() -> tuple[str, ...]:
     """The folders installed code lives in: the standard library and the site-packages."""

@@ -24,7 +24,6 @@ differentiate through them.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from torch import Tensor
 from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError, NonFiniteError
 from infkit.example_checks import check_examples
-from infkit.fingerprint import callable_identity, canonical_text
+from infkit.fingerprint import object_identity
 from infkit.gradients import PerExample
 from infkit.options import integer_argument, real_number
 from infkit.parameters import ParameterSpace, evaluation_mode, warn_about_training_mode
@@ -124,23 +123,6 @@ class Adam:
 OPTIMIZERS = ("sgd", "momentum", "adam")
 #: the defaults of the settings that one built-in optimiser reads (:class:`Recipe`)
 DEFAULT_MOMENTUM, DEFAULT_BETAS, DEFAULT_EPS = 0.9, (0.9, 0.999), 1e-8
-
-
-def optimizer_identity(optimizer: Any) -> str:
-    """An optimiser of the user's (docs/methods/unrolled.md §5) as text that is the same in every
-    process and changes with its code or its settings: its class's name, and a hash of its
-    ``init`` and ``update`` (their code and what it reads) and of its attributes. (Its repr,
-    ``<__main__.RMSprop object at 0x7f...>``, changed with every process: a retraining cache
-    was never reused.)"""
-    cls = type(optimizer)
-    settings = vars(optimizer) if hasattr(optimizer, "__dict__") else {}
-    parts = [
-        str(callable_identity(getattr(optimizer, "init", None))),
-        str(callable_identity(getattr(optimizer, "update", None))),
-        canonical_text(settings),
-    ]
-    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
-    return f"{cls.__module__}.{cls.__qualname__}#{digest}"
 
 
 def _real(name: str, value: Any) -> float:
@@ -326,7 +308,7 @@ class Recipe:
         return {
             "steps": self.steps,
             "lr": float(self.lr),
-            "optimizer": optimizer if isinstance(optimizer, str) else optimizer_identity(optimizer),
+            "optimizer": optimizer if isinstance(optimizer, str) else object_identity(optimizer),
             "batch_size": self.batch_size,
             "l2": float(self.l2),
             "momentum": float(self.momentum),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import inf
@@ -50,9 +49,10 @@ from infkit.training import check_tolerance, train_to_optimum
 #: removal's change, before :func:`leave_one_out` and :func:`without` say it was not at its
 #: optimum (:func:`_base`).
 START_MOVE = 0.01
-#: How many times its objective at step 0 (and 1) a retraining's replay of the run may reach
-#: before it counts as diverged (:func:`_replay`): gradient descent that grows its objective a
-#: million-fold is not training.
+#: How many times the largest objective of the run itself (and 1) a retraining's replay of it
+#: may reach before it counts as diverged (:func:`_replay`): a removal changes a step's batch by
+#: a factor of its size at most, and gradient descent that grows its objective a million-fold
+#: beyond its run's is not training.
 DIVERGED = 1e6
 
 
@@ -458,20 +458,23 @@ def _replay(
 ) -> tuple[Tensor, float, int]:
     """The run's recipe replayed from its initial parameters with the removed weights at 0:
     theta_T, nan (no optimum is sought) and the number of steps. A replay whose objective
-    leaves the finite numbers, or grows :data:`DIVERGED` times beyond its start (and 1), is
-    refused: it is no ground truth (a tester's ended at parameters of 1e180 without a word)."""
+    leaves the finite numbers, or grows :data:`DIVERGED` times beyond the largest the run's own
+    reached (and 1), is refused: it is no ground truth (a tester's ended at parameters of 1e180
+    without a word)."""
     replay = Replay(run.recipe, task, examples)
     weights = run.weights.to(replay.space.dtype) * keep.to(replay.space.dtype)
-    start: float | None = None
+    # the run's own objectives bound a replay's: a step's batch may lose most of its examples
+    # (under the retained mean, a batch of one outlier; the ridge alone, 0, when all go), so
+    # the replay's own first objective is no scale (a reviewer's stable runs were refused)
+    largest = max(float(run.losses.abs().max()) if len(run.losses) else 0.0, 1.0)
     theta = theta0 = run.initial.to(replay.space.dtype)
     for t, state, _buffers, objective in replay.trajectory(theta0, weights):
         theta = state  # the last item is the state after the final step
-        if objective is None:
-            continue
-        start = objective if start is None else start
-        if not math.isfinite(objective) or abs(objective) > DIVERGED * max(abs(start), 1.0):
+        if objective is not None and not abs(objective) <= DIVERGED * largest:  # (NaN too)
             reached = f"the training objective is {objective:.4g} before step {t}"
-            raise _diverged_replay(run, keep, f"{reached} ({start:.4g} at step 0)")
+            raise _diverged_replay(
+                run, keep, f"{reached}, where the run's stayed within {largest:.4g}"
+            )
     if not bool(torch.isfinite(theta).all()):
         raise _diverged_replay(run, keep, "its final parameters hold NaN or Inf")
     return theta.detach().clone(), float("nan"), run.recipe.steps

@@ -371,8 +371,9 @@ class Trak(Method):
         given one leaves ``Phi^T Phi`` singular without a ridge."""
         options = self.options
         k = self.projection_dim(n, p)
-        identity = options.projection == "identity"  # k = P: the checks against N hold too
-        if not identity and options.proj_dim == "auto":
+        if options.projection == "identity":
+            return k  # its features' span is held to N once known (:meth:`_check_span`)
+        if options.proj_dim == "auto":
             if k < min(FEW_DIMENSIONS, p):
                 warn(
                     f"TRAK's proj_dim='auto' projects the {p:,} gradient coordinates to k = {k} "
@@ -384,34 +385,54 @@ class Trak(Method):
                     Notice,
                 )
             return k
-        if not identity and int(options.proj_dim) > p:  # (capped: describe() alone said k)
+        if int(options.proj_dim) > p:  # (capped without a word: describe() alone said k)
             warn(
                 f"TRAK's proj_dim={options.proj_dim} exceeds the {p:,} attributed parameters: "
                 f"projected to k = {p}, the gradients whole (projection='identity' says so "
                 "without a random projection)",
                 Notice,
             )
-        dimension = f"projection='identity' (k = P = {k})" if identity else f"proj_dim {k}"
-        lower = (
-            "project them (projection='rademacher' with proj_dim='auto' picks N // 4)"
-            if identity
-            else "lower proj_dim below N (proj_dim='auto' picks N // 4)"
-        )
         if options.lambda_reg == 0 and k > n:
-            # (the span's inverse would make every training example attribute to itself alone)
             raise CurvatureError(
-                f"with lambda_reg=0, Phi^T Phi ({k} x {k}) is singular because {dimension} "
-                f"exceeds the {n} training examples: {lower} or set lambda_reg > 0"
+                f"with lambda_reg=0, Phi^T Phi ({k} x {k}) is singular because proj_dim {k} "
+                f"exceeds the {n} training examples: lower proj_dim below N (proj_dim='auto' "
+                "picks N // 4) or set lambda_reg > 0"
             )
         if options.lambda_reg == 0 and k > n / 2:
             inflation = f"{n / (n - k):.1f}" if k < n else "an unbounded factor"
             warn(
-                f"TRAK's {dimension} is close to the {n} training examples: with lambda_reg=0 "
+                f"TRAK's proj_dim {k} is close to the {n} training examples: with lambda_reg=0 "
                 f"(Phi^T Phi)^-1 inflates by about N / (N - k) = {inflation} and the scores "
                 "become noisy; use proj_dim='auto' (N // 4), a smaller proj_dim or lambda_reg > 0",
                 UserWarning,
             )
         return k
+
+    def _check_span(self, rank: int, n: int, m: int) -> None:
+        """Hold ``projection="identity"`` without a ridge to N by the directions its features
+        span (``rank``; k = P alone says nothing: a softmax regression's margin gradients span 10
+        of its 15 parameters, and 12 examples invert them exactly): refused where they span as
+        many as there are examples (the pseudo-inverse then attributes every training example
+        to itself alone: a tester's train x train scores came out diagonal), warned of above
+        N / 2, as a projection of k dimensions is (:meth:`_dimension`)."""
+        if self.options.projection != "identity" or self.options.lambda_reg != 0:
+            return
+        if rank >= n:
+            raise CurvatureError(
+                f"with lambda_reg=0 and projection='identity', the gradients of model {m} span "
+                f"{rank} directions, as many as the {n} training examples: their pseudo-inverse "
+                "attributes every training example to itself alone. Project them "
+                "(projection='rademacher' with proj_dim='auto' picks N // 4) or set "
+                "lambda_reg > 0"
+            )
+        if rank > n / 2:
+            warn(
+                f"TRAK's projection='identity': the gradients of model {m} span {rank} "
+                f"directions, close to the {n} training examples: with lambda_reg=0 the inverse "
+                f"inflates by about N / (N - rank) = {n / (n - rank):.1f} and the scores become "
+                "noisy; project them (proj_dim='auto' picks N // 4) or set lambda_reg > 0",
+                UserWarning,
+            )
 
     def check(self, task: Task, space: ParameterSpace) -> None:
         self._functions(task)
@@ -499,23 +520,24 @@ class Trak(Method):
         suspect = 2 * k >= self.fitted.space.size or int(info) != 0
         suspect = suspect or float(pivots.min() / pivots.max().clamp_min(1e-300)) ** 2 < SUSPECT
         found = self._span_factor(gram, m) if lam == 0 and suspect else None
-        if found is not None:
-            L, inverse = found
-        elif int(info) != 0:
+        if found is None and int(info) != 0:
             raise CurvatureError(
                 f"TRAK's feature Gram matrix Phi^T Phi + lambda I of model {m} is singular or "
                 f"numerically indefinite (lambda_reg={lam:g}, proj_dim={k}, "
                 f"N={Phi.shape[0]}): raise lambda_reg or lower proj_dim"
             )
+        self._check_span(k if found is None else found[2], Phi.shape[0], m)
+        if found is not None:
+            L, inverse, _ = found
         else:
             inverse = torch.cholesky_inverse(L)
         divisor = float(inverse.abs().mean()) if self.options.normalise else 1.0
         return Phi, L, divisor
 
-    def _span_factor(self, gram: Tensor, m: int) -> tuple[Tensor, Tensor] | None:
+    def _span_factor(self, gram: Tensor, m: int) -> tuple[Tensor, Tensor, int] | None:
         """For a Gram matrix ``Phi^T Phi`` whose features span fewer directions than k: the
-        Cholesky factor of ``Phi^T Phi + top * P_null`` and its pseudo-inverse; None where
-        every direction is spanned.
+        Cholesky factor of ``Phi^T Phi + top * P_null``, its pseudo-inverse and the span's
+        dimension; None where every direction is spanned.
 
         A softmax classifier's margin does not change when every logit moves together, so its
         gradients are orthogonal to those moves, the queries' as the training examples' (a
@@ -552,7 +574,7 @@ class Trak(Method):
         lifted = torch.where(null, torch.full_like(values, top), values)
         L = torch.linalg.cholesky((vectors * lifted) @ vectors.T)
         inverse = (spanned / values[~null]) @ spanned.T
-        return L, inverse
+        return L, inverse, rank
 
     @staticmethod
     def _inverse_times(X: Tensor, L: Tensor, divisor: float) -> Tensor:
