@@ -99,3 +99,13 @@ def test_bad_attacks_are_refused(problem: dict) -> None:
     plain = Attack(attack.indices, attack.delta, attack.predicted, len(X), standard[attack.indices])
     moved = plain.apply(standard.float())
     assert moved.dtype == torch.float32 and not torch.equal(standard.float().double(), standard)
+
+
+def test_the_attacked_retraining_takes_a_dataset(problem: dict) -> None:
+    """A TensorDataset (the README's data forms) raised "too many values to unpack" (a
+    tester's): the same retraining as the pair's."""
+    attack = training_set_attack(problem["inf"], problem["test"], k=3, epsilon=0.05)
+    pair = retrained_change(problem["task"], problem["train"], attack, problem["test"], L2)
+    dataset = torch.utils.data.TensorDataset(*problem["train"])
+    given = retrained_change(problem["task"], dataset, attack, problem["test"], L2)
+    assert torch.equal(given, pair)

@@ -349,3 +349,21 @@ def test_detect_poison_on_one_of_several_targets(problem: dict, several: Poisoni
     # RIF / actual 0.994, IF / actual 0.489).
     assert detection.ratio("rif") == pytest.approx(1.0, abs=0.05)
     assert detection.ratio("if") < 0.6
+
+
+def test_float32_data_for_a_float64_model_is_taken_as_influence_takes_it(problem: dict) -> None:
+    """The model's call on the raw inputs raised "mat1 and mat2 must have the same dtype" (a
+    tester's): float32 data is cast to the float64 model's dtype, and the poison is the one
+    planted from the float64 data's rounding."""
+    X, y = problem["train"]
+    x_t, y_t = target(problem, 0)
+    single = (X.float(), y.float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cast = plant_poison(problem["task"], single, (x_t.float(), y_t.float()), L2, steps=3)
+        wide = plant_poison(
+            problem["task"], (X.float().double(), y), (x_t.float().double(), y_t), L2, steps=3
+        )
+    assert cast.train[0].dtype == torch.float64
+    torch.testing.assert_close(cast.delta, wide.delta, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(cast.leverages, wide.leverages, rtol=1e-12, atol=1e-14)

@@ -136,3 +136,15 @@ def test_two_stage_scores_are_the_candidates_full_scores_and_recall_counts_hits(
     high[0, 2] = float("inf")
     with pytest.raises(InvalidInputError, match=r"full_scores\[0, 2\] is inf.*largest"):
         recall_at_k(pre, high, 3)
+
+
+def test_the_vectorizers_refusals_are_named() -> None:
+    """An unknown vectorizer option and a corpus of stop words alone came through as
+    scikit-learn's TypeError and ValueError (a tester's)."""
+    texts = ["the cat sat", "a dog ran far", "birds sing at dawn"]
+    with pytest.raises(InvalidInputError, match="Check the TfidfVectorizer options given as"):
+        tfidf_candidates(texts, ["cat"], 1, no_such_option=1)
+    with pytest.raises(InvalidInputError, match="stop words alone needs stop_words=None"):
+        tfidf_candidates(["the", "a", "and"], ["the"], 1)
+    (found,), _ = tfidf_candidates(["the", "a", "and"], ["the"], 1, stop_words=None)
+    assert found.tolist() == [0]

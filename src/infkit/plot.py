@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from infkit.evaluate import detection_inputs
+
 try:
     from matplotlib.figure import Figure
 except ImportError as error:  # pragma: no cover - the message is the point
@@ -254,8 +256,6 @@ def detection_curve(
         max_fraction: the x axis ends here.
         title: the figure's title.
     """
-    from infkit.evaluate import detection_inputs
-
     # (a list of indices, the form [self_influence] flagged takes, raised numpy's IndexError)
     truth = flagged if isinstance(flagged, (Tensor, np.ndarray)) else np.asarray(flagged)
     checked = {name: detection_inputs(scores, truth) for name, scores in rankings.items()}

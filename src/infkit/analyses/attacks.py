@@ -142,10 +142,17 @@ def training_set_attack(
     )
 
 
-def retrain_attacked(task: Task, train: tuple[Tensor, Tensor], attack: Attack, l2: float) -> Task:
+def retrain_attacked(task: Task, train: Any, attack: Attack, l2: float) -> Task:
     """A copy of the task's model retrained (warm start, ``mean_i l_i + (l2/2)||theta||^2``)
-    on the training set with the attack applied, as a task."""
-    inputs, targets = train
+    on the training set with the attack applied, as a task. ``train`` is any form
+    :class:`~infkit.data.ExampleSet` takes whose inputs are one tensor (a pair ``(X, y)``, a
+    ``TensorDataset``)."""
+    if isinstance(train, (tuple, list)) and len(train) == 2:
+        inputs, targets = train
+    else:  # (a TensorDataset raised "too many values to unpack")
+        whole = ExampleSet(train, name="training set")
+        batch = whole.take(torch.arange(len(whole)))
+        inputs, targets = batch.inputs, batch.targets
     attacked = task.with_model(copy.deepcopy(task.model))
     train_to_optimum(attacked, (attack.apply(inputs), targets), l2)
     return attacked
@@ -163,9 +170,7 @@ def measurement_change(task: Task, retrained: Task, test: Any) -> Tensor:
     return (after - before).to(torch.float64)
 
 
-def retrained_change(
-    task: Task, train: tuple[Tensor, Tensor], attack: Attack, test: Any, l2: float
-) -> Tensor:
+def retrained_change(task: Task, train: Any, attack: Attack, test: Any, l2: float) -> Tensor:
     """The actual change of each test measurement when the model is retrained on the attacked
     training set (:func:`retrain_attacked`, :func:`measurement_change`)."""
     return measurement_change(task, retrain_attacked(task, train, attack, l2), test)

@@ -55,7 +55,7 @@ from infkit.evaluate import detection_auc
 from infkit.influence import Influence
 from infkit.methods.base import methods_answering, methods_with_estimator
 from infkit.options import integer_argument
-from infkit.parameters import evaluation_mode
+from infkit.parameters import ParameterSpace, evaluation_mode
 from infkit.retrain import without
 from infkit.task import Task
 from infkit.training import train_to_optimum
@@ -425,6 +425,9 @@ def plant_poisons(
     """
     X, y = _checked_train(train)
     xs, ys = _checked_targets(targets, X)
+    if isinstance(task, Task):  # float32 data for a float64 model, as Influence takes it
+        dtype = ParameterSpace(task.model).dtype  # (the model's call raised on it)
+        X, y, xs, ys = (t.to(dtype) if t.is_floating_point() else t for t in (X, y, xs, ys))
     _check_task(task, xs[:1])
     for name, value in (("l2", l2), ("epsilon", epsilon), ("damping", damping)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:

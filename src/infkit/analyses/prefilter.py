@@ -78,8 +78,16 @@ def tfidf_candidates(
         "m (the candidates per query, at most the training texts)", m, 1, len(train_texts)
     )
     options = {"stop_words": "english", "sublinear_tf": True, **vectorizer}
-    tfidf = TfidfVectorizer(**options)
-    train = tfidf.fit_transform(train_texts)  # rows L2-normalised: products are cosines
+    try:  # (an unknown option, or a corpus of stop words alone, came through raw)
+        tfidf = TfidfVectorizer(**options)
+        train = tfidf.fit_transform(train_texts)  # rows L2-normalised: products are cosines
+    except (TypeError, ValueError) as error:
+        raise InvalidInputError(
+            f"the TF-IDF prefilter's vectorizer (scikit-learn's TfidfVectorizer with "
+            f"{sorted(options)}) refused the training texts or its options: {error}. Check the "
+            "TfidfVectorizer options given as keywords; a corpus of stop words alone needs "
+            "stop_words=None"
+        ) from error
     queries = tfidf.transform(query_texts)
     similarity = torch.from_numpy((queries @ train.T).toarray()).to(torch.float64)
     unmatched = (similarity.amax(dim=1) <= 0).nonzero().reshape(-1).tolist()
