@@ -210,6 +210,7 @@ def test_scores_and_group_scores_are_dot_products_of_embeddings(problem: dict) -
     assert torch.equal(model.embed(Fq), e_q)
     # group score = <e_t, r_t(S)>, r_t(S) the attention-weighted sum of the members' embeddings
     G = model.group_scores(Fq, Ftr, masks)
+    assert torch.equal(model.group_scores(Fq, Ftr, masks.long()), G)  # 0/1, as lds takes them
     for k in range(len(masks)):
         members = masks[k].nonzero().squeeze(1)
         for t in range(len(Fq)):

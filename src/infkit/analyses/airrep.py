@@ -616,6 +616,8 @@ def _check_pooling(scores: Tensor, masks: Tensor, temperature: float) -> None:
 
 def _masks(masks: Any) -> Tensor:
     M = torch.as_tensor(masks)
+    if M.dtype != torch.bool and not M.is_floating_point() and bool(((M == 0) | (M == 1)).all()):
+        M = M.bool()  # 0 and 1, as evaluate.lds takes them
     if M.dim() != 2 or M.dtype != torch.bool or len(M) == 0:
         raise InvalidInputError(
             f"masks must be a boolean [m, N] tensor (True = member) with m >= 1, got {M.dtype} "
