@@ -116,6 +116,22 @@ def binary():
     return net
 
 
+def cancer_regression():
+    (X, y), (Xt, yt) = cancer()
+    return (X, y.unsqueeze(1)), (Xt, yt.unsqueeze(1))
+
+
+def regression_task(model):
+    return infkit.Task.regression(model)
+
+
+def linear():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 1).double()
+    infkit.train_to_optimum(infkit.Task.regression(net), cancer_regression()[0], L2)
+    return net
+
+
 def raises():
     raise RuntimeError("the data server is down")
 
@@ -899,8 +915,10 @@ def test_retrainings_that_leave_the_linear_regime_are_told_apart(
     data, _ = load_results(workdir)
     assert all(not r["converged"] for r in data["retraining"]["moved_far"])
     assert {r["index"] for r in data["retraining"]["moved_far"]} == far
-    assert any("(not converged)" in str(w.message) for w in said)
-    assert " (not converged)" in (workdir / "report.html").read_text()
+    told = [str(w.message) for w in said if "(not converged)" in str(w.message)]
+    assert told and "a retraining stopped short of its optimum" in told[0]
+    page = (workdir / "report.html").read_text()
+    assert " (not converged)" in page and "a retraining stopped short of its optimum" in page
 
 
 def test_a_refit_names_the_settings_that_changed(
@@ -1819,6 +1837,14 @@ def test_a_binary_classifiers_labels_are_named_and_a_tabular_page_fits_800_pixel
     shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
     workdir = tmp_path / "w"
     assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
+    images = tmp_path / "images.toml"  # example cards, whose long class names were cut
+    long = [f"digit_{c}_with_a_really_really_long_name" for c in range(10)]
+    images.write_text(
+        CONFIG.format(n_loo=0).replace(
+            "image_shape = [8, 8]", f"image_shape = [8, 8]\nclass_names = {long}"
+        )
+    )
+    assert cli.main(["run", str(images), "--out", str(tmp_path / "i"), "--quiet"]) == 0
     train, _ = _tester_module(project).cancer()
     for table, column in (("top_k.csv", "train_index"), ("self_influence.csv", "index")):
         with (workdir / table).open() as f:
@@ -1832,15 +1858,44 @@ def test_a_binary_classifiers_labels_are_named_and_a_tabular_page_fits_800_pixel
         return
     from playwright import sync_api
 
+    measured = []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 800, "height": 1200})
-        page.goto((workdir / "report.html").resolve().as_uri())
-        page.wait_for_load_state("load")
-        width = page.evaluate("document.documentElement.scrollWidth")
-        clipped = page.evaluate(
-            "[...document.querySelectorAll('.item .meta')]"
-            ".filter(m => m.scrollWidth > m.clientWidth).length"
-        )
+        for folder in (workdir, tmp_path / "i"):
+            page.goto((folder / "report.html").resolve().as_uri())
+            page.wait_for_load_state("load")
+            cards = "[...document.querySelectorAll('.item .meta')]"
+            measured.append(
+                (
+                    page.evaluate("document.documentElement.scrollWidth"),
+                    page.evaluate(f"{cards}.length"),
+                    page.evaluate(f"{cards}.filter(m => m.scrollWidth > m.clientWidth).length"),
+                )
+            )
         browser.close()
-    assert width <= 800 and clipped == 0, (width, clipped)
+    (width, _, _), (image_width, cards, clipped) = measured
+    assert width <= 800 and image_width <= 800 and cards > 0 and clipped == 0, measured
+
+
+def test_class_names_with_a_task_of_ones_own_keep_its_float_targets_as_numbers(
+    project: Path, tmp_path: Path
+) -> None:
+    """A custom task factory (a regression on 0/1 targets) with one class name: the page named
+    float labels by index and raised IndexError (a reviewer's); a float target is named only
+    with the two names of a binary classifier."""
+    config = tmp_path / "custom.toml"
+    config.write_text(
+        '[model]\nfactory = "tester_project:linear"\n'
+        '[data]\nfactory = "tester_project:cancer_regression"\nkind = "tabular"\n'
+        'class_names = ["malignant"]\n'
+        '[task]\nfactory = "tester_project:regression_task"\n'
+        '[influence]\nmethod = "exact"\nl2 = 1e-2\n'
+        "[report]\ntop_k = 3\nn_queries = 2\n[retraining]\nn = 0\n"
+    )
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    workdir = tmp_path / "w"
+    assert cli.main(["run", str(config), "--out", str(workdir), "--quiet"]) == 0
+    with (workdir / "top_k.csv").open() as f:
+        labels = {r["label"] for r in csv.DictReader(f)}
+    assert labels and labels <= {"0.0", "1.0", "0", "1"}, labels

@@ -519,7 +519,7 @@ def test_a_float64_model_that_rounds_in_float32_inside_is_named_when_training_st
 
 def test_the_detection_curve_draws_the_fraction_found_and_refuses_a_list_of_indices() -> None:
     """plot.detection_curve's line at each inspected fraction is evaluate.fraction_found's
-    there; a list of indices (the form [self_influence] flagged takes) raised numpy's
+    there (scores without ties: the curve takes a tie in index order, the fraction averages it); a list of indices (the form [self_influence] flagged takes) raised numpy's
     IndexError: refused, saying how to make the mask."""
     import matplotlib
 

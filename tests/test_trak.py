@@ -166,23 +166,28 @@ def test_repeated_examples_leave_null_directions_whatever_k() -> None:
 
 
 def test_a_small_spanned_direction_of_a_large_float64_model_is_kept() -> None:
-    """P = 259, k = 12, two inputs 1e-4 apart: the Gram's smallest eigenvalue is 2.7e-14 of the
-    largest, a direction the features span (the exact inverse moves 5.5e-4 under float64's
-    rounding); a cut-off of 10 k epsilons lifted it and the scores were 1.0 off (a
-    reviewer's). Kept: the exact inverse's answer, without a Notice."""
+    """P = 259, k = 11 of N = 12 (a repeated example among them), two inputs 4e-6 apart: the
+    Gram's smallest eigenvalue is 1.3e-14 of the largest, a direction the features span (the
+    exact inverse moves under float64's rounding); a cut-off of 10 k epsilons (2.4e-14) lifted
+    such a direction and the scores were 1.0 off (a reviewer's, at k = N = 12, which is now
+    refused). Kept: the exact inverse's answer, without a Notice."""
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(12, 4, generator=gen, dtype=torch.float64)
     y = X[:, :3].argmax(1)
     y[1] = y[0]
-    X[1] = X[0] + 1e-4
+    X[1] = X[0] + 4e-6
+    X[3], y[3] = X[2], y[2]
     test = (torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1]))
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
     task = infkit.Task.classification(mlp.double())
     with warnings.catch_warnings():
         warnings.filterwarnings("error", category=Notice, message=".*span")
-        inf = infkit.Influence(task, "trak", proj_dim=12, normalise=False).fit((X, y))
+        warnings.filterwarnings("ignore", message=".*close to the 12 training examples")
+        inf = infkit.Influence(task, "trak", proj_dim=11, normalise=False).fit((X, y))
     Phi, _, _ = inf.method._models_data[0]
+    values = torch.linalg.eigvalsh(Phi.T @ Phi)
+    assert 10 * 2.2e-16 < float(values[0] / values[-1]) < 10 * 11 * 2.2e-16  # the case
     features = inf.method.features(test).double()
     expected = -(features @ torch.linalg.inv(Phi.T @ Phi) @ Phi.T) * inf.method.weights
     assert relative_error(inf.scores(test), expected) < 2e-3
@@ -270,7 +275,11 @@ def test_the_identity_projection_is_held_to_n_by_the_span_of_its_features(
     them exactly (the dense pseudo-inverse's scores, a reviewer's), with the inflation warned
     of (10 > N / 2)."""
     task, (X, y), l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
-    with pytest.raises(CurvatureError, match=r"span 20 directions, as many as the 20 training"):
+    with (
+        pytest.raises(CurvatureError, match=r"span 20 directions, as many as the 20 training"),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("error", Notice)  # (a notice blaming the margin came first)
         infkit.Influence(task, "trak", l2=l2, projection="identity").fit((X[:20], y[:20]))
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(16, 4, generator=gen, dtype=torch.float64)
@@ -292,6 +301,10 @@ def test_trak_refusals(mlp_problem: dict) -> None:
     task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
     with pytest.raises(CurvatureError, match=r"lower proj_dim below N .*or set lambda_reg"):
         infkit.Influence(task, "trak", l2=l2, proj_dim=70).fit(train)
+    # k = N: Phi square, each training example attributed to itself alone (a reviewer's
+    # train x train scores were diagonal to 6e-14): refused, as k > N is
+    with pytest.raises(CurvatureError, match=r"to itself alone because proj_dim 60 equals"):
+        infkit.Influence(task, "trak", l2=l2, proj_dim=60).fit(train)
     with pytest.raises(UnsupportedError, match="'trak' cannot compute estimator 'rif'"):
         infkit.Influence(task, "trak", "rif", l2=l2).fit(train)
     regression = infkit.Task.regression(mlp_problem["model"])

@@ -629,3 +629,39 @@ print(infkit.Recipe(steps=3, lr=1e-3, optimizer=RMSprop(DECAY)).record()["optimi
     assert identity("0.9") != first  # another setting
     assert identity("0.99", body.replace("FLOOR = 1e-16", "FLOOR = 1e-12")) != first
     assert identity("0.99", body.replace("gradient * gradient", "gradient.abs()")) != first
+
+
+def test_an_optimisers_identity_reads_slots_class_callables_and_held_objects() -> None:
+    """Settings in __slots__ (its own or a held object's), a class-level partial and a callable
+    object held by the class were left out of the identity (a reviewer's): each counts."""
+    import functools
+
+    from infkit.fingerprint import object_identity
+
+    class Slotted:
+        __slots__ = ("decay",)
+
+        def __init__(self, decay: float) -> None:
+            self.decay = decay
+
+    class Clip:
+        def __init__(self, c: float) -> None:
+            self.c = c
+
+        def __call__(self, g: torch.Tensor) -> torch.Tensor:
+            return g.clamp(-self.c, self.c)
+
+    def made(decay: float, scale: float, limit: float) -> str:
+        class Holder:
+            SHRINK = functools.partial(torch.mul, other=scale)
+            CLIP = Clip(limit)
+
+            def __init__(self) -> None:
+                self.inner = Slotted(decay)
+
+        return object_identity(Holder())
+
+    first = made(0.9, 0.5, 1.0)
+    assert made(0.9, 0.5, 1.0) == first
+    assert len({first, made(0.5, 0.5, 1.0), made(0.9, 0.8, 1.0), made(0.9, 0.5, 2.0)}) == 4
+    assert object_identity(Slotted(0.9)) != object_identity(Slotted(0.5))

@@ -49,7 +49,7 @@ class ArtifactError(InfkitError, ValueError):
     computation; the message names the file and says what to do. ``cause`` is the message
     without the library's remedy, for a caller that gives its own (``infkit run``)."""
 
-    def __init__(self, message: str, cause: str | None = None) -> None:
+    def __init__(self, message: str = "", cause: str | None = None) -> None:
         super().__init__(message)
         self.cause = message if cause is None else cause
 

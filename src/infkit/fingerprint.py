@@ -657,35 +657,48 @@ def callable_identity(
 
 def object_identity(value: Any, _depth: int = 0) -> str:
     """An object of the user's own class (a custom optimiser) as text that is the same in every
-    process and changes with what it computes: its class's name, every function its own
-    classes define (by :func:`callable_identity`: the code, and what it reads) and their plain
-    class attributes, and its instance attributes: functions by their identity, objects of
-    the user's classes the same way (to :data:`CALL_DEPTH`), the rest by
-    :func:`canonical_text`. (A class attribute or helper method its ``update`` reads, or a
-    lambda it holds, are part of it: a reviewer changed each without changing the identity.)"""
+    process and changes with what it computes: its class's name, the members its own classes
+    define (functions and ``__call__`` by :func:`callable_identity`: the code and what it
+    reads; properties by their getters; values, partials and objects as its attributes are)
+    and its attributes, in ``__dict__`` or ``__slots__``: functions by their identity, objects
+    of the user's classes the same way (to :data:`CALL_DEPTH`), the rest by
+    :func:`canonical_text`. (A class attribute or helper method ``update`` reads, a held
+    lambda, a slotted setting are part of it: a reviewer changed each without changing the
+    identity.)"""
     cls = type(value)
     parts = []
     for klass in cls.__mro__:
         if not _is_user_class(klass):
             continue
         for name, member in sorted(vars(klass).items()):
-            if name.startswith("__") and name.endswith("__"):
+            if name.startswith("__") and name.endswith("__") and name != "__call__":
                 continue
-            function = getattr(member, "__func__", member)  # static and class methods
-            if isinstance(function, types.FunctionType):
-                parts.append(f"{klass.__qualname__}.{name}={callable_identity(function)}")
-            elif not callable(member) and not isinstance(member, property):
-                parts.append(f"{klass.__qualname__}.{name}={canonical_text(member)}")
-    for name, member in sorted(getattr(value, "__dict__", {}).items()):
-        if isinstance(member, (types.FunctionType, functools.partial)):
-            text = str(callable_identity(member))
-        elif _is_user_class(type(member)) and _depth < CALL_DEPTH:
-            text = object_identity(member, _depth + 1)
-        else:
-            text = canonical_text(member)
-        parts.append(f"{name}={text}")
+            if isinstance(member, property):
+                member = member.fget
+            parts.append(f"{klass.__qualname__}.{name}={_member_text(member, _depth)}")
+    slots = [n for klass in cls.__mro__ for n in _slot_names(klass) if not n.startswith("__")]
+    held = dict(getattr(value, "__dict__", {}) or {})
+    for name in slots:
+        try:
+            held[name] = getattr(value, name)
+        except AttributeError:  # (a slot not set)
+            continue
+    for name, member in sorted(held.items()):
+        parts.append(f"{name}={_member_text(member, _depth)}")
     digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
     return f"{cls.__module__}.{cls.__qualname__}#{digest}"
+
+
+def _member_text(member: Any, depth: int) -> str:
+    """One member or attribute of :func:`object_identity`'s object, as text."""
+    function = getattr(member, "__func__", member)  # static and class methods
+    if isinstance(function, (types.FunctionType, functools.partial)):
+        return str(callable_identity(function))
+    if isinstance(member, type):
+        return f"{member.__module__}.{member.__qualname__}"
+    if _is_user_class(type(member)) and depth < CALL_DEPTH:
+        return object_identity(member, depth + 1)
+    return canonical_text(member)
 
 
 @functools.lru_cache(maxsize=1)

@@ -248,8 +248,9 @@ def detection_curve(
     """Share of flagged examples found against the share of the training set inspected.
 
     Args:
-        rankings: name -> [N] scores, inspected from the highest; names ending in ``" loss"``
-            (baselines) are drawn dotted.
+        rankings: name -> [N] scores, inspected from the highest (tied scores in index order,
+            where :func:`infkit.evaluate.fraction_found` averages over the tie); names ending in
+            ``" loss"`` (baselines) are drawn dotted.
         flagged: [N] the examples to find, a mask (e.g. the flipped labels): True or 1 for
             each; a list of indices is refused, naming how to make the mask.
         inspect: a fraction to mark with a vertical line.

@@ -831,11 +831,14 @@ class SavedInfluence:
         if not problems:
             self._compare_tensor_attributes(task.model)
         if problems:
+            cause = f"{self.requested_path} was saved for another model or task: " + "; ".join(
+                problems
+            )
             raise ArtifactError(
-                f"{self.requested_path} was saved for another model or task: "
-                + "; ".join(problems)
+                cause
                 + ". Load it with the model and task it was fitted with (the same architecture, "
-                "code, parameter values, loss and measurement), or fit and save anew"
+                "code, parameter values, loss and measurement), or fit and save anew",
+                cause=cause,
             )
 
     def _compare_tensor_attributes(self, model: nn.Module) -> None:
@@ -890,13 +893,14 @@ class SavedInfluence:
                     else f"the same number of examples ({n}) but other content or order"
                 )
                 keep = ", or leave train out to use the saved copy" if data_doc.get("saved") else ""
-                cause = (
-                    f"the training data given as train= differs from the data {self.requested_path}"
-                    f" was fitted on ({size}; content fingerprint {found}, saved {saved_fp})"
+                differs = (
+                    f"differs from the data {self.requested_path} was fitted on ({size}; "
+                    f"content fingerprint {found}, saved {saved_fp})"
                 )
                 raise ArtifactError(
-                    f"{cause}: pass the same examples in the same order{keep}",
-                    cause=cause.replace(" given as train=", ""),
+                    f"the training data given as train= {differs}: pass the same examples in "
+                    f"the same order{keep}",
+                    cause=f"the training data {differs}",
                 )
         examples._checked = True  # checked at fit
         return examples

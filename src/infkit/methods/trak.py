@@ -392,18 +392,25 @@ class Trak(Method):
                 "without a random projection)",
                 Notice,
             )
-        if options.lambda_reg == 0 and k > n:
+        if options.lambda_reg == 0 and k >= n:
+            # (k = N: Phi is square, Phi (Phi^T Phi)^-1 Phi^T the identity, and every training
+            # example attributed to itself alone, as a reviewer's diagonal scores showed)
+            why = (
+                "is singular because proj_dim {k} exceeds"
+                if k > n
+                else "makes every training example attribute to itself alone because proj_dim "
+                "{k} equals"
+            ).format(k=k)
             raise CurvatureError(
-                f"with lambda_reg=0, Phi^T Phi ({k} x {k}) is singular because proj_dim {k} "
-                f"exceeds the {n} training examples: lower proj_dim below N (proj_dim='auto' "
-                "picks N // 4) or set lambda_reg > 0"
+                f"with lambda_reg=0, Phi^T Phi ({k} x {k}) {why} the {n} training examples: "
+                "lower proj_dim below N (proj_dim='auto' picks N // 4) or set lambda_reg > 0"
             )
         if options.lambda_reg == 0 and k > n / 2:
-            inflation = f"{n / (n - k):.1f}" if k < n else "an unbounded factor"
             warn(
                 f"TRAK's proj_dim {k} is close to the {n} training examples: with lambda_reg=0 "
-                f"(Phi^T Phi)^-1 inflates by about N / (N - k) = {inflation} and the scores "
-                "become noisy; use proj_dim='auto' (N // 4), a smaller proj_dim or lambda_reg > 0",
+                f"(Phi^T Phi)^-1 inflates by about N / (N - k) = {n / (n - k):.1f} and the "
+                "scores become noisy; use proj_dim='auto' (N // 4), a smaller proj_dim or "
+                "lambda_reg > 0",
                 UserWarning,
             )
         return k
@@ -526,18 +533,18 @@ class Trak(Method):
                 f"numerically indefinite (lambda_reg={lam:g}, proj_dim={k}, "
                 f"N={Phi.shape[0]}): raise lambda_reg or lower proj_dim"
             )
-        self._check_span(k if found is None else found[2], Phi.shape[0], m)
-        if found is not None:
-            L, inverse, _ = found
-        else:
+        if found is not None:  # (its span held to N there)
+            L, inverse = found
+        else:  # every direction spanned
+            self._check_span(k, Phi.shape[0], m)
             inverse = torch.cholesky_inverse(L)
         divisor = float(inverse.abs().mean()) if self.options.normalise else 1.0
         return Phi, L, divisor
 
-    def _span_factor(self, gram: Tensor, m: int) -> tuple[Tensor, Tensor, int] | None:
+    def _span_factor(self, gram: Tensor, m: int) -> tuple[Tensor, Tensor] | None:
         """For a Gram matrix ``Phi^T Phi`` whose features span fewer directions than k: the
-        Cholesky factor of ``Phi^T Phi + top * P_null``, its pseudo-inverse and the span's
-        dimension; None where every direction is spanned.
+        Cholesky factor of ``Phi^T Phi + top * P_null`` and its pseudo-inverse, the span held
+        to N first (:meth:`_check_span`); None where every direction is spanned.
 
         A softmax classifier's margin does not change when every logit moves together, so its
         gradients are orthogonal to those moves, the queries' as the training examples' (a
@@ -562,19 +569,24 @@ class Trak(Method):
         if not top > 0 or not bool(null.any()):
             return None
         rank = int((~null).sum())
+        self._check_span(rank, self.fitted.n, m)  # (before the notice: it blamed the margin)
+        avoid = (
+            ""
+            if self.options.projection == "identity"
+            else f"; proj_dim <= {rank} avoids the null directions"
+        )
         warn(
             f"TRAK's projected features of model {m} span {rank} of their {gram.shape[0]} "
             "dimensions (their gradients have null directions: a softmax margin does not change "
             "when every logit moves together, and repeated inputs or examples leave others): "
-            "the Gram matrix is inverted on the features' span (its pseudo-inverse); "
-            f"proj_dim <= {rank} avoids the null directions",
+            f"the Gram matrix is inverted on the features' span (its pseudo-inverse){avoid}",
             Notice,
         )
         spanned = vectors[:, ~null]
         lifted = torch.where(null, torch.full_like(values, top), values)
         L = torch.linalg.cholesky((vectors * lifted) @ vectors.T)
         inverse = (spanned / values[~null]) @ spanned.T
-        return L, inverse, rank
+        return L, inverse
 
     @staticmethod
     def _inverse_times(X: Tensor, L: Tensor, divisor: float) -> Tensor:

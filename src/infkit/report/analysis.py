@@ -52,7 +52,14 @@ from infkit.parameters import ParameterSpace
 from infkit.progress import Stopwatch
 from infkit.report import factories
 from infkit.report.config import MIN_RETRAININGS, RunConfig
-from infkit.report.views import Display, guess_kind, retraining_name, value_range, worst_norm
+from infkit.report.views import (
+    Display,
+    guess_kind,
+    retraining_name,
+    unfinished_cause,
+    value_range,
+    worst_norm,
+)
 from infkit.saved import KIND as SAVED_KIND
 from infkit.store import STORE_TEMPORARY, ArtifactStore, differences, save_csv, save_json
 from infkit.task import Task
@@ -943,7 +950,8 @@ def moved_far_message(record: dict[str, Any]) -> str:
         f"at a cosine of {value_range(cosines, '.2f')} to it: the retrained models "
         "are not where the estimator's step leads (another optimum of a non-convex objective, "
         "a removal too large for first order, or a step that damping shortens or an "
-        "approximate curvature turns), so where their predicted and actual changes differ, "
+        f"approximate curvature turns{unfinished_cause(far)}), so where their predicted and "
+        "actual changes differ, "
         f"the comparison does not measure the estimate alone{rest}. loo.csv has moved and "
         "cosine for each (docs/report.md §4)"
     )
@@ -1117,7 +1125,7 @@ def _groups(
     approximate = None
     if not method.supplies("newton"):  # (said for EK-FAC alone, not for identity or trak)
         approximate = (
-            f"no newton step: method {method.name!r} does not supply one (`infkit methods` lists "
+            f"no newton step: method {method.name!r} does not supply one (infkit.methods() lists "
             "the estimators each method supplies)"
         )
     elif not newton:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from infkit import plot
 from infkit.errors import ArtifactError
-from infkit.report.views import retraining_name, value_range, worst_norm
+from infkit.report.views import retraining_name, unfinished_cause, value_range, worst_norm
 from infkit.retrain import START_MOVE
 from infkit.store import MANIFEST, ArtifactStore
 
@@ -546,7 +546,8 @@ def moved_far_html(r: dict[str, Any]) -> str:
         f"{value_range([x['cosine'] for x in far], '.2f')} to it "
         "(loo.csv: moved, cosine). The retrained models are not where the estimator's step "
         "leads (another optimum of a non-convex objective, a removal too large for first order, "
-        "or a step that damping shortens or an approximate curvature turns), so where their "
+        f"or a step that damping shortens or an approximate curvature turns{unfinished_cause(far)}"
+        "), so where their "
         f"predicted and actual changes differ, the comparison does not measure the estimate "
         f"alone.{rest}</p>"
     )

@@ -128,8 +128,13 @@ class Display:
         if isinstance(y, Tensor) and y.numel() == 1 and not y.is_floating_point():
             c = int(y)
             return self.class_names[c] if 0 <= c < len(self.class_names) else str(c)
-        if isinstance(y, Tensor) and y.numel() == 1 and self.class_names and float(y) in (0, 1):
-            return self.class_names[int(y)]  # a binary classifier's float label 0.0 or 1.0
+        if (  # a binary classifier's float label 0.0 or 1.0 (two names, checked by the run)
+            isinstance(y, Tensor)
+            and y.numel() == 1
+            and len(self.class_names) == 2
+            and float(y) in (0.0, 1.0)
+        ):
+            return self.class_names[int(y)]
         if isinstance(y, Tensor) and y.numel() <= 4 and self.kind != "text":
             if exact:
                 return ", ".join(shortest_text(y.reshape(-1)))
@@ -232,6 +237,13 @@ def value_range(values: list[float], spec: str) -> str:
 def retraining_name(row: dict[str, Any]) -> str:
     """A leave-one-out retraining as the messages name it: ``#7``, ``#7 (not converged)``."""
     return f"#{row['index']}" + ("" if row.get("converged", True) else " (not converged)")
+
+
+def unfinished_cause(far: list[dict[str, Any]]) -> str:
+    """The cause the moved-far warning adds where some of its retrainings did not converge."""
+    if all(row.get("converged", True) for row in far):
+        return ""
+    return "; or, for those marked not converged, a retraining stopped short of its optimum"
 
 
 def worst_norm(late: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
