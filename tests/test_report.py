@@ -959,6 +959,14 @@ def test_a_refit_names_the_settings_that_changed(
     (message,) = [str(w.message) for w in caught if "not reusing" in str(w.message)]
     assert "the training data differs from the data" in message and "(140 examples" in message
     assert "train" + "=" not in message and "leave train out" not in message, message
+    # another model: the same, without "load it with the model it was fitted with"
+    (tmp_path / "d.toml").write_text(
+        (tmp_path / "c.toml").read_text().replace("tester_project:model", "tester_project:mlp")
+    )
+    with pytest.warns(Notice, match="not reusing the saved influence") as caught:
+        assert cli.main(["run", str(tmp_path / "d.toml"), "--out", workdir, "--quiet"]) == 0
+    (message,) = [str(w.message) for w in caught if "not reusing" in str(w.message)]
+    assert "was saved for another model or task" in message and "Load it with" not in message
 
 
 def test_a_rerun_stopped_before_its_results_leaves_the_last_runs_files_together(
