@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from functools import partial
 
 import pytest
@@ -18,7 +19,7 @@ from kfac_helpers import (
 )
 
 import infkit
-from infkit.errors import ArtifactError, ArtifactRemovedError
+from infkit.errors import ArtifactError, ArtifactRemovedError, Notice
 from infkit.evaluate import relative_error
 from infkit.memory import default_memory_limit
 from infkit.store import TensorFile
@@ -517,3 +518,35 @@ def test_kfac_factors_set_aside_are_read_back_after_an_ekfac_fit_replaced_them(t
     reference = infkit.Influence(task, "kfac", damping=1e-3).fit((X, y))
     assert relative_error(again, reference.scores((X[3:6], y[3:6]))) < 1e-10
     assert relative_error(first, reference.scores((X[:3], y[:3]))) < 1e-10
+
+
+def test_a_splits_larger_result_is_named_when_it_lowers_the_queries_rank() -> None:
+    """A tester's CNN at memory_limit=610,000: the scores kept the queries at full rank in
+    groups, the module scores (a [Q, N] result per module, held beside the queries) only at rank
+    1, 18% from the scores; said, and the notice that sets the rank names the result."""
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X, y = torch.tensor(X[:85] / 16.0).reshape(-1, 1, 8, 8), torch.tensor(y[:85])
+    train, test = (X[:80], y[:80]), (X[80:], y[80:])
+
+    class CNN(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.fc = torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Linear(48, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(F.avg_pool2d(torch.tanh(self.conv(x)), 2).flatten(1))
+
+    task = infkit.Task.classification(CNN().double())
+    infkit.train_to_optimum(task, train, 1e-2)
+    options = {"l2": 1e-2, "damping": 0.01, "batch_size": 7, "memory_limit": 610_000}
+    inf = infkit.Influence(task, "ekfac", **options).fit(train)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        inf.scores(test)  # full rank, in groups
+    assert not [w for w in said if "kept at rank" in str(w.message)]
+    with pytest.warns(Notice, match=r"less the factors, module_scores' 2 float64 \[5, 80\]"):
+        inf.module_scores(test)

@@ -9,7 +9,7 @@ from kfac_helpers import TinySequenceModel, sequence_data, sequence_loss
 import infkit
 from infkit.data import ExampleSet
 from infkit.decompositions import low_rank_queries
-from infkit.errors import UnsupportedError
+from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.estimators import Estimator
 from infkit.evaluate import correlation, relative_error
 
@@ -57,6 +57,12 @@ def test_full_rank_and_refinement_are_exact(wide: dict) -> None:
     keep = torch.ones_like(changed)
     keep.scatter_(1, chosen, False)
     assert torch.equal(refined[keep], coarse[keep])
+    # ranks and refinements that are not counts are refused by name (a tester's: refine=-1
+    # passed as 0, rank=True as 1, 2.5 and 1.5 raised Python's and torch's TypeErrors)
+    for bad in ({"rank": 2.5}, {"rank": True}, {"rank": 0}, {"refine": -1}, {"refine": 1.5}):
+        name = next(iter(bad))
+        with pytest.raises(InvalidInputError, match=rf"{name} must be an integer >= "):
+            inf.batched_scores(test, **({"rank": 4} | bad))  # type: ignore[arg-type]
 
 
 def test_query_batching_needs_tracked_layers_only() -> None:

@@ -30,13 +30,14 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet, checked_indices
-from infkit.errors import InvalidInputError, UnsupportedError
+from infkit.errors import UnsupportedError
 from infkit.estimators import Estimator
 from infkit.fitted import Fitted
 from infkit.layers.capture import layer_terms, position_count
 from infkit.layers.tracked import TrackedLayers
 from infkit.memory import FLOAT64_BYTES, row_chunks
 from infkit.methods.base import Method
+from infkit.options import integer_argument
 from infkit.parameters import ParameterSpace
 
 Svd = Literal["exact", "randomized"]
@@ -297,8 +298,7 @@ def low_rank_queries(
         seed: seed of the randomized SVD.
     """
     require_if(method, estimator, "query_batching", "batched query scores")
-    if rank < 1:
-        raise InvalidInputError(f"rank must be >= 1, got {rank}")
+    rank = integer_argument("rank", rank, 1)  # (2.5 raised a TypeError, True passed as 1)
     if svd not in ("exact", "randomized"):
         raise UnsupportedError(f"unknown svd {svd!r}; use 'exact' or 'randomized'")
     layers = method.tracked_layers()
@@ -352,7 +352,9 @@ def batched_scores(
         svd: ``"exact"`` or ``"randomized"``.
         indices: training examples to score (default: all).
     """
+    refine = integer_argument("refine", refine, 0)  # (-1 passed as 0, 1.5 raised in topk)
     low = low_rank_queries(method, fitted, queries, estimator, rank, svd)
+    rank = low.rank
     layers = method.tracked_layers()
     idx = _indices(fitted, indices)
     reg = (fitted.l2 * (low.full @ fitted.regularised_theta)).cpu()  # [q]

@@ -1021,7 +1021,11 @@ class Influence:
         """``with_estimator("relatif").scores(test)`` and ``self_scores()`` together, from one
         solve per training example where the method solves by iterations (``cg``, ``lissa``,
         ``astra``: each call alone would solve for every ``H^{-1} v_j``); None where nothing is
-        shared (:meth:`_shares_solves`).
+        shared (:meth:`_shares_solves`), then ask the two apart.
+
+        Ask it of the IF Influence (``estimator="if"``, the default; RelatIF's normalisation
+        is its ``relatif=`` setting): IF's self-scores are what these solves give, so on an
+        Influence of another estimator, ``estimator="relatif"`` included, it returns None.
         """
         queries = self._queries(test)
         if not self._shares_solves(queries):

@@ -524,12 +524,14 @@ class StreamingScorer:
                     f"batch_size{self._smaller_result(per_rank)} (plan() shows the bytes of each "
                     "stage)"
                 )
+            result = f", {self.result}" if self.result.nbytes else ""  # (a split's is larger)
             warn(
                 f"the preconditioned gradient of one query takes {human_bytes(total // t_count)}"
                 f", more than the budget of {human_bytes(self.query_bytes)} (memory_limit "
-                f"less the factors and a pass's working memory): each layer's is kept at rank "
-                f"{rank} (SVD), which approximates the scores; raise memory_limit, track fewer "
-                "layers, or set query_rank explicitly (describe()['query_rank'] reports it)",
+                f"less the factors{result} and a pass's working memory): each layer's is kept "
+                f"at rank {rank} (SVD), which approximates the scores; raise memory_limit, track "
+                "fewer layers, or set query_rank explicitly (describe()['query_rank'] reports "
+                "it)",
                 Notice,
             )
         low = {t.name for t in tracked if kept_at_rank(t, rank)}
