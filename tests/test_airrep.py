@@ -75,6 +75,10 @@ def test_attention_pooling_equals_its_closed_form() -> None:
     mean = pooled_scores(s, masks, pooling="mean")
     expected_mean = torch.tensor([[-0.5, 1.5], [-0.75, 1.0]], dtype=torch.float64)
     assert torch.allclose(mean, expected_mean, rtol=0, atol=1e-15)
+    # masks of 0 and 1 (integers or floats), as evaluate.lds takes them
+    for numbers in (masks.long(), masks.double()):
+        assert torch.equal(attention_weights(s, numbers), w)
+        assert torch.equal(pooled_scores(s, numbers, pooling="mean"), mean)
 
 
 def test_targets_are_negated_standardised_measurements_clipped_at_ten() -> None:
@@ -210,7 +214,8 @@ def test_scores_and_group_scores_are_dot_products_of_embeddings(problem: dict) -
     assert torch.equal(model.embed(Fq), e_q)
     # group score = <e_t, r_t(S)>, r_t(S) the attention-weighted sum of the members' embeddings
     G = model.group_scores(Fq, Ftr, masks)
-    assert torch.equal(model.group_scores(Fq, Ftr, masks.long()), G)  # 0/1, as lds takes them
+    for numbers in (masks.long(), masks.double()):  # 0/1, as lds takes them
+        assert torch.equal(model.group_scores(Fq, Ftr, numbers), G)
     for k in range(len(masks)):
         members = masks[k].nonzero().squeeze(1)
         for t in range(len(Fq)):

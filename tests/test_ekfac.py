@@ -548,5 +548,5 @@ def test_a_splits_larger_result_is_named_when_it_lowers_the_queries_rank() -> No
         warnings.simplefilter("always")
         inf.scores(test)  # full rank, in groups
     assert not [w for w in said if "kept at rank" in str(w.message)]
-    with pytest.warns(Notice, match=r"less the factors, module_scores' 2 float64 \[5, 80\]"):
+    with pytest.warns(Notice, match=r"and less the call's result: module_scores' 2 float64 \["):
         inf.module_scores(test)

@@ -301,10 +301,25 @@ def test_trak_refusals(mlp_problem: dict) -> None:
     task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
     with pytest.raises(CurvatureError, match=r"lower proj_dim below N .*or set lambda_reg"):
         infkit.Influence(task, "trak", l2=l2, proj_dim=70).fit(train)
-    # k = N: Phi square, each training example attributed to itself alone (a reviewer's
-    # train x train scores were diagonal to 6e-14): refused, as k > N is
-    with pytest.raises(CurvatureError, match=r"to itself alone because proj_dim 60 equals"):
-        infkit.Influence(task, "trak", l2=l2, proj_dim=60).fit(train)
+    # k = N features spanning N directions: each training example attributed to itself alone
+    # (a reviewer's train x train scores were diagonal to 6e-14): refused, by the span
+    X, y = train
+    with pytest.raises(CurvatureError, match=r"span 20 directions, as many as the 20 training"):
+        infkit.Influence(task, "trak", l2=l2, proj_dim=20).fit((X[:20], y[:20]))
+    # ... and only by it: a softmax regression's 15 parameters span 10 directions, and k = N =
+    # 15 inverts them exactly, as the identity projection does (another reviewer's, refused by
+    # k alone)
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(15, 4, generator=gen, dtype=torch.float64)
+    y = (X @ torch.randn(4, 3, generator=gen, dtype=torch.float64)).argmax(1)
+    softmax = infkit.Task.classification(torch.nn.Linear(4, 3).double(), measurement="margin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        projected = infkit.Influence(softmax, "trak", proj_dim=15).fit((X, y)).scores((X, y))
+        whole = infkit.Influence(softmax, "trak", projection="identity").fit((X, y)).scores((X, y))
+    assert relative_error(projected, whole) < 1e-8
+    off = projected - torch.diag(torch.diagonal(projected))
+    assert float(off.abs().max() / torch.diagonal(projected).abs().max()) > 0.05
     with pytest.raises(UnsupportedError, match="'trak' cannot compute estimator 'rif'"):
         infkit.Influence(task, "trak", "rif", l2=l2).fit(train)
     regression = infkit.Task.regression(mlp_problem["model"])

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import dis
+import enum
 import functools
 import hashlib
+import inspect
 import os
 import re
 import site
@@ -655,16 +657,19 @@ def callable_identity(
     return f"{name}#{h.hexdigest()[:12]}"
 
 
-def object_identity(value: Any, _depth: int = 0) -> str:
+def object_identity(value: Any, _depth: int = 0, _seen: set[int] | None = None) -> str:
     """An object of the user's own class (a custom optimiser) as text that is the same in every
     process and changes with what it computes: its class's name, the members its own classes
-    define (functions and ``__call__`` by :func:`callable_identity`: the code and what it
-    reads; properties by their getters; values, partials and objects as its attributes are)
-    and its attributes, in ``__dict__`` or ``__slots__``: functions by their identity, objects
-    of the user's classes the same way (to :data:`CALL_DEPTH`), the rest by
+    define (functions and ``__call__`` by :func:`callable_identity`, through their decorators:
+    the code, and what it reads; properties by their getters; values, partials and objects as
+    its attributes are) and its attributes, in ``__dict__`` or ``__slots__``: functions by
+    their identity, objects of the user's classes the same way (each once in the walk, to
+    :data:`CALL_DEPTH`; an enum member by its name and value), the rest by
     :func:`canonical_text`. (A class attribute or helper method ``update`` reads, a held
-    lambda, a slotted setting are part of it: a reviewer changed each without changing the
+    lambda, a slotted setting are part of it: reviewers changed each without changing the
     identity.)"""
+    seen = set() if _seen is None else _seen  # one set for the whole walk: each object once
+    seen.add(id(value))
     cls = type(value)
     parts = []
     for klass in cls.__mro__:
@@ -675,29 +680,37 @@ def object_identity(value: Any, _depth: int = 0) -> str:
                 continue
             if isinstance(member, property):
                 member = member.fget
-            parts.append(f"{klass.__qualname__}.{name}={_member_text(member, _depth)}")
-    slots = [n for klass in cls.__mro__ for n in _slot_names(klass) if not n.startswith("__")]
+            parts.append(f"{klass.__qualname__}.{name}={_member_text(member, _depth, seen)}")
     held = dict(getattr(value, "__dict__", {}) or {})
-    for name in slots:
-        try:
-            held[name] = getattr(value, name)
-        except AttributeError:  # (a slot not set)
-            continue
+    for klass in cls.__mro__:
+        for name in _slot_names(klass):
+            if name.startswith("__") and name.endswith("__"):
+                continue  # (__dict__, __weakref__)
+            if name.startswith("__"):  # a private slot, stored under its mangled name
+                name = f"_{klass.__name__.lstrip('_')}{name}"
+            try:
+                held[name] = getattr(value, name)
+            except AttributeError:  # (a slot not set)
+                continue
     for name, member in sorted(held.items()):
-        parts.append(f"{name}={_member_text(member, _depth)}")
+        parts.append(f"{name}={_member_text(member, _depth, seen)}")
     digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
     return f"{cls.__module__}.{cls.__qualname__}#{digest}"
 
 
-def _member_text(member: Any, depth: int) -> str:
+def _member_text(member: Any, depth: int, seen: set[int]) -> str:
     """One member or attribute of :func:`object_identity`'s object, as text."""
-    function = getattr(member, "__func__", member)  # static and class methods
+    function = inspect.unwrap(getattr(member, "__func__", member))  # (static, class, decorated)
     if isinstance(function, (types.FunctionType, functools.partial)):
         return str(callable_identity(function))
     if isinstance(member, type):
         return f"{member.__module__}.{member.__qualname__}"
-    if _is_user_class(type(member)) and depth < CALL_DEPTH:
-        return object_identity(member, depth + 1)
+    if isinstance(member, enum.Enum):  # (each member lists every other: expanded, n^4 ways)
+        return f"{type(member).__qualname__}.{member.name}={canonical_text(member.value)}"
+    if _is_user_class(type(member)) and depth < CALL_DEPTH and id(member) not in seen:
+        return object_identity(member, depth + 1, seen)
+    if id(member) in seen:  # (an object met earlier in the walk: named, not expanded again)
+        return f"<{type(member).__qualname__} above>"
     return canonical_text(member)
 
 

@@ -182,6 +182,7 @@ def attention_weights(scores: Tensor, masks: Tensor, temperature: float = 1.0) -
         masks: [m, N] bool, True for the members of each subset.
         temperature: divides the magnitudes before the softmax (> 0).
     """
+    masks = _as_bool(masks)
     _check_pooling(scores, masks, temperature)
     logits = (scores.abs() / temperature).unsqueeze(0).expand(len(masks), -1, -1)
     logits = logits.masked_fill(~masks.unsqueeze(1), float("-inf"))
@@ -201,6 +202,7 @@ def pooled_scores(
         temperature: the attention's temperature (> 0).
         pooling: ``"attention"`` or ``"mean"``.
     """
+    masks = _as_bool(masks)
     if pooling == "mean":
         _check_pooling(scores, masks, temperature)
         member = masks.to(scores.dtype)
@@ -605,8 +607,8 @@ def _check_pooling(scores: Tensor, masks: Tensor, temperature: float) -> None:
         raise InvalidInputError(f"scores must be [T, N], got shape {tuple(scores.shape)}")
     if masks.dim() != 2 or masks.dtype != torch.bool or masks.shape[1] != scores.shape[1]:
         raise InvalidInputError(
-            f"masks must be a boolean [m, N] tensor with N = {scores.shape[1]} (the scores' "
-            f"columns), got {masks.dtype} of shape {tuple(masks.shape)}"
+            f"masks must be a boolean (or 0/1) [m, N] tensor with N = {scores.shape[1]} (the "
+            f"scores' columns), got {masks.dtype} of shape {tuple(masks.shape)}"
         )
     if not bool(masks.any(1).all()):
         raise InvalidInputError(f"subset {int((~masks.any(1)).nonzero()[0])} has no members")
@@ -614,14 +616,21 @@ def _check_pooling(scores: Tensor, masks: Tensor, temperature: float) -> None:
         raise InvalidInputError(f"temperature must be > 0, got {temperature!r}")
 
 
-def _masks(masks: Any) -> Tensor:
+def _as_bool(masks: Any) -> Tensor:
+    """``masks`` as a tensor, boolean where it holds numbers 0 and 1 (as :func:`evaluate.lds`
+    takes them); other values are left for the caller's check to refuse."""
     M = torch.as_tensor(masks)
-    if M.dtype != torch.bool and not M.is_floating_point() and bool(((M == 0) | (M == 1)).all()):
-        M = M.bool()  # 0 and 1, as evaluate.lds takes them
+    if M.dtype != torch.bool and M.numel() and bool(((M == 0) | (M == 1)).all()):
+        return M.bool()
+    return M
+
+
+def _masks(masks: Any) -> Tensor:
+    M = _as_bool(masks)
     if M.dim() != 2 or M.dtype != torch.bool or len(M) == 0:
         raise InvalidInputError(
-            f"masks must be a boolean [m, N] tensor (True = member) with m >= 1, got {M.dtype} "
-            f"of shape {tuple(M.shape)}"
+            f"masks must be a boolean (or 0/1) [m, N] tensor (True = member) with m >= 1, got "
+            f"{M.dtype} of shape {tuple(M.shape)}"
         )
     empty = (~M.any(1)).nonzero()
     if len(empty):

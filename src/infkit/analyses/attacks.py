@@ -147,9 +147,10 @@ def retrain_attacked(task: Task, train: Any, attack: Attack, l2: float) -> Task:
     on the training set with the attack applied, as a task. ``train`` is any form
     :class:`~infkit.data.ExampleSet` takes whose inputs are one tensor (a pair ``(X, y)``, a
     ``TensorDataset``)."""
-    if isinstance(train, (tuple, list)) and len(train) == 2:
+    pair = isinstance(train, (tuple, list)) and len(train) == 2
+    if pair and all(isinstance(t, Tensor) for t in train):
         inputs, targets = train
-    else:  # (a TensorDataset raised "too many values to unpack")
+    else:  # (a TensorDataset raised "too many values to unpack"; numpy arrays, pairs of rows)
         whole = ExampleSet(train, name="training set")
         batch = whole.take(torch.arange(len(whole)))
         inputs, targets = batch.inputs, batch.targets

@@ -82,11 +82,14 @@ def tfidf_candidates(
         tfidf = TfidfVectorizer(**options)
         train = tfidf.fit_transform(train_texts)  # rows L2-normalised: products are cosines
     except (TypeError, ValueError) as error:
+        remedy = (
+            "a corpus of stop words alone needs stop_words=None"
+            if "empty vocabulary" in str(error)
+            else "Check the TfidfVectorizer options given as keywords"
+        )
         raise InvalidInputError(
             f"the TF-IDF prefilter's vectorizer (scikit-learn's TfidfVectorizer with "
-            f"{sorted(options)}) refused the training texts or its options: {error}. Check the "
-            "TfidfVectorizer options given as keywords; a corpus of stop words alone needs "
-            "stop_words=None"
+            f"{sorted(options)}) refused the training texts or its options: {error}. {remedy}"
         ) from error
     queries = tfidf.transform(query_texts)
     similarity = torch.from_numpy((queries @ train.T).toarray()).to(torch.float64)

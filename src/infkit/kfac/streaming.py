@@ -524,11 +524,12 @@ class StreamingScorer:
                     f"batch_size{self._smaller_result(per_rank)} (plan() shows the bytes of each "
                     "stage)"
                 )
-            result = f", {self.result}" if self.result.nbytes else ""  # (a split's is larger)
+            # (a split's result is larger than the scores': it takes the queries' room)
+            result = f"; and less the call's result: {self.result}" if self.result.nbytes else ""
             warn(
                 f"the preconditioned gradient of one query takes {human_bytes(total // t_count)}"
                 f", more than the budget of {human_bytes(self.query_bytes)} (memory_limit "
-                f"less the factors{result} and a pass's working memory): each layer's is kept "
+                f"less the factors and a pass's working memory{result}): each layer's is kept "
                 f"at rank {rank} (SVD), which approximates the scores; raise memory_limit, track "
                 "fewer layers, or set query_rank explicitly (describe()['query_rank'] reports "
                 "it)",

@@ -392,47 +392,45 @@ class Trak(Method):
                 "without a random projection)",
                 Notice,
             )
-        if options.lambda_reg == 0 and k >= n:
-            # (k = N: Phi is square, Phi (Phi^T Phi)^-1 Phi^T the identity, and every training
-            # example attributed to itself alone, as a reviewer's diagonal scores showed)
-            why = (
-                "is singular because proj_dim {k} exceeds"
-                if k > n
-                else "makes every training example attribute to itself alone because proj_dim "
-                "{k} equals"
-            ).format(k=k)
+        if options.lambda_reg == 0 and k > n:
             raise CurvatureError(
-                f"with lambda_reg=0, Phi^T Phi ({k} x {k}) {why} the {n} training examples: "
-                "lower proj_dim below N (proj_dim='auto' picks N // 4) or set lambda_reg > 0"
+                f"with lambda_reg=0, Phi^T Phi ({k} x {k}) is singular because proj_dim {k} "
+                f"exceeds the {n} training examples: lower proj_dim below N (proj_dim='auto' "
+                "picks N // 4) or set lambda_reg > 0"
             )
         if options.lambda_reg == 0 and k > n / 2:
+            inflation = f"{n / (n - k):.1f}" if k < n else "an unbounded factor"
             warn(
                 f"TRAK's proj_dim {k} is close to the {n} training examples: with lambda_reg=0 "
-                f"(Phi^T Phi)^-1 inflates by about N / (N - k) = {n / (n - k):.1f} and the "
-                "scores become noisy; use proj_dim='auto' (N // 4), a smaller proj_dim or "
-                "lambda_reg > 0",
+                f"(Phi^T Phi)^-1 inflates by about N / (N - k) = {inflation} and the scores "
+                "become noisy; use proj_dim='auto' (N // 4), a smaller proj_dim or lambda_reg > 0",
                 UserWarning,
             )
         return k
 
     def _check_span(self, rank: int, n: int, m: int) -> None:
-        """Hold ``projection="identity"`` without a ridge to N by the directions its features
-        span (``rank``; k = P alone says nothing: a softmax regression's margin gradients span 10
-        of its 15 parameters, and 12 examples invert them exactly): refused where they span as
-        many as there are examples (the pseudo-inverse then attributes every training example
-        to itself alone: a tester's train x train scores came out diagonal), warned of above
-        N / 2, as a projection of k dimensions is (:meth:`_dimension`)."""
-        if self.options.projection != "identity" or self.options.lambda_reg != 0:
+        """Hold the features without a ridge to N by the directions they span (``rank``, known
+        once factorised): refused where they span as many as there are training examples, for
+        the pseudo-inverse (or inverse) then attributes every training example to itself alone
+        (a tester's identity projection, train x train scores diagonal to 2.6e-16; a reviewer's
+        proj_dim = N). k alone says nothing of it: a softmax regression's margin gradients span
+        10 of its 15 parameters, and 12 examples invert them exactly. The identity projection is
+        warned of above N / 2 by its span too (a projection is, by k: :meth:`_dimension`)."""
+        if self.options.lambda_reg != 0:
             return
+        identity = self.options.projection == "identity"
         if rank >= n:
-            raise CurvatureError(
-                f"with lambda_reg=0 and projection='identity', the gradients of model {m} span "
-                f"{rank} directions, as many as the {n} training examples: their pseudo-inverse "
-                "attributes every training example to itself alone. Project them "
-                "(projection='rademacher' with proj_dim='auto' picks N // 4) or set "
-                "lambda_reg > 0"
+            remedy = (
+                "project them (projection='rademacher' with proj_dim='auto' picks N // 4)"
+                if identity
+                else "lower proj_dim below N (proj_dim='auto' picks N // 4)"
             )
-        if rank > n / 2:
+            raise CurvatureError(
+                f"with lambda_reg=0, the features of model {m} span {rank} directions, as many "
+                f"as the {n} training examples: their inverse attributes every training example "
+                f"to itself alone. {remedy[0].upper()}{remedy[1:]} or set lambda_reg > 0"
+            )
+        if identity and rank > n / 2:
             warn(
                 f"TRAK's projection='identity': the gradients of model {m} span {rank} "
                 f"directions, close to the {n} training examples: with lambda_reg=0 the inverse "
