@@ -281,7 +281,19 @@ def test_report_rebuilds_without_recomputing(
     shutil.copytree(finished, broken)
     next(broken.glob("report-*/manifest.json")).unlink()
     assert cli.main(["report", str(broken)]) == 2
-    assert "manifest" in capsys.readouterr().err
+    # named as the results without their manifest (it said the workdir held no finished run)
+    err = capsys.readouterr().err
+    assert "has no manifest.json: these results were not committed" in err, err
+    # results copied in beside the run's own: drawn from the newest, with a warning naming the
+    # others (a tester's stale copy was drawn without a word)
+    twice = tmp_path / "twice"
+    shutil.copytree(finished, twice)
+    (own,) = twice.glob("report-*")
+    stale = twice / "report-0123456789abcdef0123456789abcdef"
+    shutil.copytree(own, stale)
+    os.utime(stale / "manifest.json", (1e9, 1e9))  # the older of the two
+    with pytest.warns(UserWarning, match=rf"holds 2 runs' results: drawing the newest.*{own.name}"):
+        assert cli.main(["report", str(twice)]) == 0
     # a damaged result is refused, naming the file
     scores = next(copy.glob("report-*/scores.safetensors"))
     raw = bytearray(scores.read_bytes())

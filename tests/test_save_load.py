@@ -96,6 +96,7 @@ def test_a_reloaded_influence_answers_bit_for_bit(
     if method_class(name).fidelity.reference == "trajectory":
         with pytest.raises(infkit.UnsupportedError, match="keep the TrainingRun"):
             original.save(tmp_path / "saved")
+        assert not (tmp_path / "saved").exists()  # (an empty folder was left, a tester's)
         return
     artifact = original.save(tmp_path / "saved")
     assert artifact.parent == tmp_path / "saved" and artifact.name.startswith(f"{KIND}-")
@@ -1489,3 +1490,61 @@ def test_a_directory_of_two_saves_loads_the_newest_and_names_the_other(
         loaded = infkit.Influence.load(saved_exact, _copy_task(mlp_problem))
     test = mlp_problem["test"]
     assert torch.equal(loaded.scores(test), newer.scores(test))
+
+
+def test_a_save_replaced_while_it_is_read_is_read_again_from_its_replacement(
+    mlp_problem: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's overwrite=True commits its save, then removes the one being read: the
+    load read the removed files and failed, calling the save damaged (24 loads in 82 beside a
+    tester's writer); it reads the replacing save instead ("a reader at any moment finds the old
+    save or the new one"). A save named by its own directory is not substituted."""
+    first = _fit(mlp_problem, "exact")
+    second = _fit(mlp_problem, "exact", curvature="hessian")
+    first.save(tmp_path)
+    from infkit import saved as saved_module
+
+    settings = saved_module.SavedInfluence.settings
+    replaced: list[int] = []
+
+    def replaced_meanwhile(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not replaced:  # the other process's overwrite, between this read's steps
+            replaced.append(1)
+            second.save(tmp_path, overwrite=True)
+        return settings(self, *args, **kwargs)
+
+    monkeypatch.setattr(saved_module.SavedInfluence, "settings", replaced_meanwhile)
+    loaded = infkit.Influence.load(tmp_path, _copy_task(mlp_problem))
+    assert replaced and loaded.method.curvature == "hessian"
+    assert torch.equal(loaded.scores(mlp_problem["test"]), second.scores(mlp_problem["test"]))
+    (artifact,) = tmp_path.glob(f"{KIND}-*")
+    replaced.clear()
+    monkeypatch.setattr(saved_module.SavedInfluence, "settings", replaced_meanwhile)
+    with pytest.raises((ArtifactError, OSError, RuntimeError)):
+        infkit.Influence.load(artifact, _copy_task(mlp_problem))
+
+
+@pytest.mark.parametrize("name", ["astra", "cg", "lissa"])
+def test_describe_round_trips_after_questions_were_answered(
+    mlp_problem: dict, tmp_path: Path, name: str
+) -> None:
+    """An iterative method's record of its solves (ASTRA's iterations and residuals, saved
+    entry for entry: the residuals were dropped, so a loaded describe() read [] beside [21], a
+    tester's) is the original's after a scores() call too."""
+    original = _fit(mlp_problem, name)
+    original.scores(mlp_problem["test"])
+    original.save(tmp_path)
+    loaded = infkit.Influence.load(tmp_path, _copy_task(mlp_problem))
+    assert _without_origin(loaded.describe()) == original.describe()
+
+
+def test_a_damaged_manifest_of_a_save_gives_a_saves_remedy(
+    mlp_problem: dict, tmp_path: Path
+) -> None:
+    """A manifest.json that does not read advised "delete it (or pass overwrite=True) to
+    recompute it", which load cannot do (a tester's): it gives a save's remedy."""
+    artifact = _fit(mlp_problem, "exact").save(tmp_path)
+    (artifact / "manifest.json").write_text("{ not json")
+    with pytest.raises(ArtifactError, match=r"cannot be read as JSON.*save it again") as caught:
+        infkit.Influence.load(tmp_path, _copy_task(mlp_problem))
+    assert "recompute it" not in str(caught.value)

@@ -33,6 +33,7 @@ from infkit import language_modeling as lm
 from infkit.data import ExampleSet, checked_indices
 from infkit.decompositions import Svd, TokenScores
 from infkit.errors import (
+    ArtifactError,
     InvalidInputError,
     NonFiniteError,
     NotFittedError,
@@ -98,6 +99,9 @@ logger = logging.getLogger("infkit")
 #: iterates there diverging (a ridge model solved exactly by the first step read 2.45e-16,
 #: then 2.47e-16)
 ROUNDING_GRADIENTS = 1000
+
+#: how many times :meth:`Influence.load` reads a save that another process replaces meanwhile
+READ_ATTEMPTS = 3
 
 __all__ = ["Influence", "TopK", "default_memory_limit"]
 
@@ -690,6 +694,46 @@ class Influence:
                 ``train`` that is not the saved training data.
             UnsupportedError: the saved method is not registered in this process.
         """
+        # a save replaced while it was read (another process's overwrite=True commits the new
+        # save, then removes the old one) is read again, from the save that replaced it: "a
+        # reader at any moment finds the old save or the new one" (a tester's concurrent loads
+        # failed 24 times in 82, with messages calling the save damaged)
+        for attempt in range(READ_ATTEMPTS):
+            before = saved.committed_saves(path)
+            try:
+                return cls._load_once(
+                    path,
+                    task,
+                    train,
+                    options=options,
+                    progress=progress,
+                    memory_limit=memory_limit,
+                    device=device,
+                    checks=checks,
+                    workdir=workdir,
+                )
+            except (ArtifactError, OSError, RuntimeError):
+                replaced = before and saved.committed_saves(path) != before
+                if not replaced or attempt + 1 == READ_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @classmethod
+    @classmethod
+    def _load_once(
+        cls,
+        path: str | Path,
+        task: Task,
+        train: Any = None,
+        *,
+        options: dict[str, Any] | None = None,
+        progress: bool | None = None,
+        memory_limit: int | None = None,
+        device: str | torch.device | None = None,
+        checks: bool | Literal["queries"] = True,
+        workdir: str | Path | None = None,
+    ) -> Influence:
+        """:meth:`load`, one reading of the save (which another process may replace meanwhile)."""
         if not isinstance(task, Task):
             raise InvalidInputError(
                 f"task must be an infkit.Task (the one the Influence was fitted with), got "

@@ -473,6 +473,7 @@ def save(
         UnsupportedError: the method's fitted state (or an option) cannot be saved.
     """
     root = Path(path)
+    state = method.state()  # (a method that cannot be saved refuses before the folder exists)
     store = ArtifactStore(root)
     existing = store.committed(KIND)
     if existing and not overwrite:
@@ -496,7 +497,7 @@ def save(
     owner = f"method {method.name!r}'s fitted state"
     state_writer = _Writer(space.device)
     state_doc = {
-        "method": encode(method.state(), state_writer, "state", owner),
+        "method": encode(state, state_writer, "state", owner),
         "checks": encode(method.checks, state_writer, "checks", f"method {method.name!r}'s checks"),
         "stationarity": fitted.stationarity,
         "choice": None if settings.choice is None else settings.choice.record(),
@@ -854,7 +855,8 @@ class SavedInfluence:
                 f"the model's tensor attributes {listed(differ)} differ from those of the model "
                 f"{self.requested_path} was saved with (they are neither parameters nor buffers, "
                 "so no part of its identity): if its forward pass reads them (a mask), the "
-                "loaded answers are the saved model's and not this one's; register them as "
+                "loaded answers mix the saved model's fit (its curvature) with this model's "
+                "gradients, and are neither model's; register them as "
                 "buffers (module.register_buffer) to have them checked. If the forward pass "
                 "writes them (activations it keeps), nothing is wrong",
                 UserWarning,
@@ -981,6 +983,18 @@ class SavedInfluence:
             ) from error
         method.checks = decode(state_doc["checks"], tensors, device, "checks")
         return fitted
+
+
+def committed_saves(path: str | Path) -> list[str]:
+    """The names of the saved Influences committed in the directory ``path`` (empty for an
+    artifact directory itself, or a path that is none): what a concurrent overwrite changes."""
+    given = Path(path)
+    if not given.is_dir() or (given / MANIFEST).exists():
+        return []
+    try:
+        return sorted(p.name for p in ArtifactStore(given).committed(KIND))
+    except OSError:  # (listed while another process removes a save)
+        return []
 
 
 def read(path: str | Path) -> SavedInfluence:

@@ -221,15 +221,17 @@ def save_csv(
     return path
 
 
-def load_json(path: str | Path) -> Any:
-    """Read a JSON file; a damaged or missing file raises ArtifactError naming it."""
+def load_json(path: str | Path, remedy: str = "") -> Any:
+    """Read a JSON file; a damaged or missing file raises ArtifactError naming it, ended by
+    ``remedy`` (default: delete it, or recompute it with ``overwrite=True``)."""
     try:
         with open(path) as fh:
             return json.load(fh)
     except (OSError, ValueError) as error:
+        remedy = remedy or "delete it (or pass overwrite=True) to recompute it"
         raise ArtifactError(
             f"{path} cannot be read as JSON ({type(error).__name__}: {error}); the file is "
-            "damaged or incomplete: delete it (or pass overwrite=True) to recompute it"
+            f"damaged or incomplete: {remedy[0].lower()}{remedy[1:]}"
         ) from error
 
 
@@ -354,7 +356,7 @@ class ArtifactStore:
                 f"{path} has no {MANIFEST}: it was not committed (an older infkit, or files "
                 "copied by hand). " + remedy
             )
-        manifest = load_json(manifest_path)
+        manifest = load_json(manifest_path, remedy)  # (a save's: "save it again", not overwrite)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             found = manifest.get("format") if isinstance(manifest, dict) else None
             raise ArtifactError(

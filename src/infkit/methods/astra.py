@@ -117,7 +117,7 @@ class ASTRA(PrimalMethod):
     fidelity = Fidelity(reference="ggn", rtol=1e-6, test_options={"tol": 1e-11})
     #: the Neumann steps and iteration counts; :meth:`state` adds the EK-FAC preconditioner
     #: (the curvature operator is rebuilt on restore: it holds no data)
-    fitted_state = ("steps", "iterations")
+    fitted_state = ("steps", "iterations", "residuals")
     options: AstraOptions
     plan_remedy = (
         "track fewer layers (modules=, the EK-FAC preconditioner's factors) or use a smaller "
@@ -132,7 +132,7 @@ class ASTRA(PrimalMethod):
         self.steps: dict[float, float] = {}
         self.iterations: list[int] = []
         #: the largest relative residual ||v - (H + ridge) x|| / ||v|| of each solve (NaN when
-        #: maxiter=0 skips the iteration; not saved: a loaded influence starts a new record)
+        #: maxiter=0 skips the iteration; saved beside ``iterations``, entry for entry)
         self.residuals: list[float] = []
         #: right-hand sides (digest, shift, ridge) whose short solve was warned about: the
         #: same queries solved again (module or token scores after the scores) warn once

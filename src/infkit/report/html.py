@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from infkit import plot
-from infkit.errors import ArtifactError
+from infkit.errors import ArtifactError, warn
 from infkit.report.views import retraining_name, unfinished_cause, value_range, worst_norm
 from infkit.retrain import START_MOVE
 from infkit.store import MANIFEST, ArtifactStore
@@ -92,6 +92,12 @@ def find_results(workdir: str | Path) -> Path:
         return workdir
     if not workdir.is_dir():
         raise ArtifactError(f"{workdir} is not a directory: give the workdir of an infkit run")
+    if workdir.name.startswith(f"{KIND}-"):  # the results themselves, their manifest gone
+        raise ArtifactError(
+            f"{workdir} has no {MANIFEST}: these results were not committed (a run stopped "
+            "while writing them) or the file was removed, so they cannot be verified: run "
+            f"`infkit run {_run_config(workdir.parent)} --out {workdir.parent}` again"
+        )
     found = ArtifactStore(workdir).committed(KIND)
     if not found:
         raise ArtifactError(
@@ -99,9 +105,20 @@ def find_results(workdir: str | Path) -> Path:
             "run `infkit run CONFIG.toml` first, or give its workdir"
         )
     # the newest; one without its manifest (damaged) by its own time, for verify to name it
-    return max(
+    newest = max(
         found, key=lambda p: (p / MANIFEST if (p / MANIFEST).exists() else p).stat().st_mtime
     )
+    if len(found) > 1:  # (a run removes its older results: these were copied in, a tester's)
+        others = ", ".join(p.name for p in found if p != newest)
+        warn(
+            f"{workdir} holds {len(found)} runs' results: drawing the newest by its files' time, "
+            f"{newest.name}; also there: {others}. A run keeps one: the others were copied in "
+            "(or left by a run stopped between committing its results and removing the last "
+            "ones); delete those you do not want, or give the one to draw (infkit report "
+            f"{workdir / newest.name})",
+            UserWarning,
+        )
+    return newest
 
 
 def load_results(workdir: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
