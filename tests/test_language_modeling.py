@@ -1481,6 +1481,44 @@ def test_plan_on_the_meta_device_equals_the_real_model_and_splits_across_process
         assert inf.plan(n_train=np.int64(10), sequence_length=np.int64(12)).shape.n_train == 10
 
 
+def test_the_plan_holds_batches_and_processes_to_the_data_and_takes_data_or_sizes(
+    problem: dict,
+) -> None:
+    """A tester's: batch_size=1000 on N sequences was planned (and budgeted by the scoring
+    pass) as 1000-sequence batches, 15x over, and refused at scores() after the fit; 1,000
+    processes over 8 batches were planned 10,002 passes (each repeats the whole cache, 8
+    batches); the data and sizes given together were mixed (N of the data, T of the argument)."""
+    from infkit.kfac.streaming import pass_working_bytes
+
+    task = infkit.Task.language_modeling(problem["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        plans = {
+            b: infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, batch_size=b).plan(
+                problem["train"], problem["test"], timed=False
+            )
+            for b in (N, 1000)
+        }
+        fitted = {
+            b: infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, batch_size=b).fit(
+                problem["train"]
+            )
+            for b in (N, 1000)
+        }
+    assert plans[1000].peak_bytes == plans[N].peak_bytes
+    assert plans[1000].stage_bytes == plans[N].stage_bytes
+    working = {b: pass_working_bytes(f.fitted, f.method.kronecker()) for b, f in fitted.items()}
+    assert working[1000] == working[N]
+    identity = infkit.Influence(task, "identity", l2=1e-2, batch_size=2)
+    passes = {
+        w: identity.plan(n_train=16, n_queries=2, sequence_length=LENGTH, world_size=w, timed=False)
+        for w in (8, 16, 1000)
+    }
+    assert passes[8].passes == passes[16].passes == passes[1000].passes  # 8 batches, each once
+    with pytest.raises(InvalidInputError, match=r"the data or their sizes, not both: n_train"):
+        identity.plan(problem["train"], problem["test"], n_train=10**5, sequence_length=4)
+
+
 def test_the_plan_counts_a_batchs_outputs_and_their_gradients(problem: dict) -> None:
     """A tester's: a 32,000-word model's run rose 1.0 GiB while its plan counted 46 MiB: the
     [B, T, V] logits of a batch, kept with their float32 log-probabilities and both gradients

@@ -384,6 +384,14 @@ def test_the_plan_of_trak_counts_what_its_fit_keeps(
         Phi.nbytes + L.nbytes for Phi, L, _ in method._models_data
     )
     assert stages["fit trak"].held == kept and stages["fit trak"].passes == 2
+    # the projections are priced (the plan said 0 GFLOP: a tester's fit took 70-615 times it),
+    # R's draws at every batch where it is regenerated chunk by chunk
+    n, p = len(train[1]), 75
+    assert stages["fit trak"].flops >= 2 * n * p * 10 * 2 and stages["queries"].flops > 0
+    streamed = infkit.Influence(
+        task, "trak", l2=l2, proj_dim=10, checkpoints=checkpoints, projection_memory=0
+    ).plan(train, mlp_problem["test"], timed=False)
+    assert streamed.stages[0].flops > stages["fit trak"].flops
     assert stages["queries"].passes == stages["scores"].passes == 0
     training = inf.fitted.train
     read: list[int] = []

@@ -1442,6 +1442,21 @@ class Influence:
         if more_queries:
             train = self.fitted.train  # (what fit took: its plan for more queries)
         examples = None if train is None else ExampleSet(train, name="training set")
+        given = [
+            f"{name} ({what})"
+            for name, value, what, data in (
+                ("n_train", n_train, "the training data's length", examples),
+                ("sequence_length", sequence_length, "the training data's", examples),
+                ("n_queries", n_queries, "the test set's length", test),
+            )
+            if value is not None and data is not None
+        ]
+        if given:  # (data and sizes together were mixed: N of the data, T of the argument)
+            raise InvalidInputError(
+                f"plan takes the data or their sizes, not both: {', '.join(given)} beside the "
+                "data given. Leave the sizes out to plan these data, or the data out to plan "
+                "those sizes"
+            )
         if examples is None and (n_train is None or sequence_length is None):
             raise InvalidInputError(
                 "plan needs the training data, inf.plan(train, test) (after fit, the fitted "
@@ -1453,6 +1468,9 @@ class Influence:
         q = len(ExampleSet(test, name="test set")) if test is not None else int(n_queries or 1)
         tokens = sequence_length or (1 if examples is None else examples.positions())
         self._check_sequence_length(sequence_length)
+        # the largest batch a pass holds: a batch_size beyond the data fills none (a tester's
+        # batch_size=1000 on 64 sequences was planned, and budgeted, 15x over)
+        batch = min(self.batch_size, max(-(-n // world_size), q))
         itemsize = torch.empty(0, dtype=space.dtype).element_size()
         model_bytes = sum(t.numel() * t.element_size() for t in model.parameters()) + sum(
             t.numel() * t.element_size() for t in model.buffers()
@@ -1461,7 +1479,7 @@ class Influence:
             cached = self.fitted.train_gradients is not None
         else:
             cached = type(method).uses_training_gradients and gradient_cache_fits(
-                n, space.size, space.dtype, self.memory_limit, self.batch_size
+                n, space.size, space.dtype, self.memory_limit, batch
             )
         sample = _sample_inputs(self.task, space, examples)
         committed = None
@@ -1475,7 +1493,7 @@ class Influence:
             n_queries=q,
             tokens=tokens,
             outputs=_outputs_per_example(self.task, sample, tokens),
-            batch_size=self.batch_size,
+            batch_size=batch,
             world_size=world_size,
             parameters=space.size,
             itemsize=itemsize,
@@ -1503,7 +1521,7 @@ class Influence:
                 held = diagnostics.check_bytes(
                     space.size,
                     shape.outputs,
-                    self.batch_size,
+                    shape.batch_size,
                     itemsize,
                     self.memory_limit,
                     energy=bool(energy),
@@ -1515,7 +1533,9 @@ class Influence:
                 checks = Stage(
                     "post-fit checks",
                     # every process runs them whole: passes of its share of the batches
-                    round(products * diagnostics.PRODUCT_PASS_COST * world_size / max(n, 1), 2),
+                    round(
+                        products * diagnostics.PRODUCT_PASS_COST * shape.whole_passes / max(n, 1), 2
+                    ),
                     held,
                     ("probe directions, float64", probes),
                     f"{products:,} curvature products of single examples (checks=False skips them)",
@@ -1537,9 +1557,11 @@ class Influence:
                     stages,
                     Stage(
                         "queries' check",
-                        round(query_sample * diagnostics.PRODUCT_PASS_COST * world_size / n, 2),
+                        round(
+                            query_sample * diagnostics.PRODUCT_PASS_COST * shape.whole_passes / n, 2
+                        ),
                         diagnostics.query_check_bytes(
-                            space.size, shape.outputs, self.batch_size, itemsize, self.memory_limit
+                            space.size, shape.outputs, shape.batch_size, itemsize, self.memory_limit
                         )
                         + batch_gradient_bytes(shape),
                         ("the direction, its answer and product, float64", 3 * space.size * 8),

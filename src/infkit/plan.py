@@ -114,6 +114,14 @@ class RunShape:
         return -(-self.examples_per_process // self.batch_size)
 
     @property
+    def whole_passes(self) -> float:
+        """What a pass over the whole training set costs one process, in its own passes (work
+        every process repeats: the gradient cache, the checks): ``world_size`` where each
+        process has batches of its own, fewer where processes outnumber the batches (a
+        tester's 1,000 processes over 8 batches were planned 10,002 passes)."""
+        return -(-self.n_train // self.batch_size) / self.batches
+
+    @property
     def query_batches(self) -> int:
         """Batches of queries, every process computing all of them (their gradients)."""
         return -(-self.n_queries // self.batch_size)
@@ -357,18 +365,22 @@ class Plan:
         )
         limit = s.memory_limit
         outputs = human_bytes(s.batch_output_bytes)
+        # (at batch_size=1 only shorter sequences lower them: the docs' own 1B plan said so)
+        lower = (
+            "a smaller batch_size lowers them"
+            if s.batch_size > 1
+            else "at batch_size=1, shorter sequences lower them"
+        )
         if not self.within_limit:
             remedy = self.remedy
             if s.batch_output_bytes > (limit or 0) // 4:
-                remedy += f"; a batch's outputs and their gradients take {outputs}: a smaller "
-                remedy += "batch_size lowers them"
+                remedy += f"; a batch's outputs and their gradients take {outputs}: {lower}"
             rows.append(f"  above memory_limit ({human_bytes(limit or 0)} per process): {remedy}")
         elif limit is not None and self.peak_bytes - s.model_bytes > limit:
             rows.append(
                 f"  a batch's outputs and their gradients ({outputs}) take the peak past "
                 f"memory_limit ({human_bytes(limit)} per process), which bounds infkit's own "
-                "objects, not the model's forward and backward passes: a smaller batch_size "
-                "lowers them"
+                f"objects, not the model's forward and backward passes: {lower}"
             )
         if self.seconds is not None:
             seconds = self.seconds

@@ -220,8 +220,9 @@ def pass_working_bytes(fitted: Fitted, curvature: KroneckerCurvature) -> tuple[i
     scoring pass's working memory (:func:`budget_after`)."""
     tracked = curvature.tracked
     item = product_dtype(fitted.space.dtype).itemsize
-    hooks = fitted.batch_size * fitted.train.positions() * sum(t.d_out + t.cols for t in tracked)
-    block = fitted.batch_size * max(t.d_out * t.cols for t in tracked)
+    size = min(fitted.batch_size, fitted.n)  # (a batch_size beyond the data fills none)
+    hooks = size * fitted.train.positions() * sum(t.d_out + t.cols for t in tracked)
+    block = size * max(t.d_out * t.cols for t in tracked)
     return hooks * item, block * item
 
 
@@ -449,7 +450,12 @@ class StreamingScorer:
         layer) and, where smaller, every layer of it at rank 1, as a message says them: rank 1
         approximates (a tester's rank-1 scores were 55% off full rank's), so the full-rank
         limit comes first."""
-        full = f"{self._limit_for(largest)} scores it at full rank (in passes by layer)"
+        how = (  # (with a place for them, that limit keeps them on disk: one pass, a tester's)
+            "the queries kept on disk, in one pass"
+            if self.scratch is not None
+            else "in passes by layer"
+        )
+        full = f"{self._limit_for(largest)} scores it at full rank ({how})"
         if per_rank >= largest:
             return full
         return (

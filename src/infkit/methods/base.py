@@ -489,7 +489,7 @@ class Method(ABC):
         row = self.query_row_bytes(n, p)
         chunks = row_chunks(q, row, q * n * FLOAT64_BYTES, limit, together=self.solves_together)
         # the solves' products run whole on every process (docs/distributed.md §1)
-        at_most = shape.world_size * self.solve_passes_at_most(
+        at_most = shape.whole_passes * self.solve_passes_at_most(
             shape, [stop - start for start, stop in chunks]
         )
         rows = max(stop - start for start, stop in chunks)

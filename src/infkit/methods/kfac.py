@@ -598,7 +598,7 @@ class KFAC(PrimalMethod):
             out.append(
                 Stage(
                     "training gradients",
-                    shape.world_size,  # every process computes the whole cache
+                    shape.whole_passes,  # every process computes the whole cache
                     cache + batch_gradient_bytes(shape),
                     ("[N, P] gradient cache", cache),
                     "repeated on every process, held to the end of the run; the energy-ratio "

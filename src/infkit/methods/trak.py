@@ -72,6 +72,10 @@ from infkit.task import Task, classification_margin
 Projection = Literal["rademacher", "gaussian", "identity"]
 #: rows of R generated per seeded chunk (fixes R independently of how it is used)
 CHUNK_ROWS = 1024
+#: floating-point operations one entry of R costs to draw, as the plan prices it (torch's
+#: generator and the conversion to float: about 300 times a matrix product's operation on a
+#: CPU core), for a projection regenerated chunk by chunk at every batch
+RANDOM_COST = 300.0
 #: the largest automatic projection dimension (trak's default proj_dim)
 TRAK_DEFAULT_DIM = 2048
 #: a Gram matrix's direction is null (:meth:`Trak._span_factor`) below this many epsilons
@@ -320,6 +324,11 @@ class Trak(Method):
             (f"R [P, {k}]" + (", kept" if kept else ", a chunk at a time"), projection),
             (f"a batch's per-example gradients [{rows}, P]", gradients),
         ]
+        # the projections (2 P k a gradient), R drawn once when kept, else at every batch (a
+        # tester's streamed fit took 615 times a plan that counted neither), the Gram matrices
+        draw = p * k * RANDOM_COST
+        train_batches = -(-n // shape.batch_size) * models
+        query_batches = -(-q // shape.batch_size) * models
         fit = Stage(
             "fit trak",
             models,
@@ -327,6 +336,8 @@ class Trak(Method):
             max(objects, key=lambda o: o[1]),
             "one pass per model (checkpoint)",
             held=features - 2 * k * k * FLOAT64_BYTES + factors + (projection if kept else 0),
+            flops=2.0 * n * p * k * models + (draw if kept else draw * train_batches),
+            float64_flops=(n * k * k + k**3 / 3) * models,
         )
         row = self.query_row_bytes(n, p)
         chunks = row_chunks(q, row, q * n * FLOAT64_BYTES, limit)
@@ -338,6 +349,7 @@ class Trak(Method):
             gradients + chunk + (0 if kept else projection),
             (f"a batch's per-example gradients [{rows}, P]", gradients),
             f"{len(chunks)} chunks of queries" if len(chunks) > 1 else "",
+            flops=2.0 * q * p * k * models + (0 if kept else draw * query_batches),
         )
         scores = Stage(
             "scores",
