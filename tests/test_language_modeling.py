@@ -1376,8 +1376,16 @@ def test_the_plan_bounds_the_iterative_solves(problem: dict) -> None:
         run = infkit.Influence(task, "cg", damping=1e-2).fit(train)
         run.scores(test)
         assert sum(run.describe()["iterations"]) <= 500
-        two = infkit.Influence(task, "cg", damping=1e-2).plan(train, test, world_size=2)
+        # on two processes each runs the solves whole: two passes of its share of 10 batches
+        # (one batch of all N, which torchrun deals whole to one process, is one pass of it)
+        two = infkit.Influence(task, "cg", damping=1e-2, batch_size=2).plan(
+            train, test, world_size=2
+        )
         assert two.at_most_passes == pytest.approx(2 * 500 * Q * PRODUCT_PASSES)
+        one_batch = infkit.Influence(task, "cg", damping=1e-2, batch_size=N).plan(
+            train, test, world_size=2
+        )
+        assert one_batch.at_most_passes == pytest.approx(500 * Q * PRODUCT_PASSES)
         # the tolerance the solve runs to: a float32 model's products raise 1e-8 to what they
         # certify, which the plan said nothing of (a tester: "CG to tol=1e-08", the run 1e-05)
         assert "CG to tol=1e-08, at most" in str(plan_of(task, "cg"))
@@ -1515,8 +1523,21 @@ def test_the_plan_holds_batches_and_processes_to_the_data_and_takes_data_or_size
         for w in (8, 16, 1000)
     }
     assert passes[8].passes == passes[16].passes == passes[1000].passes  # 8 batches, each once
+    # torchrun deals whole batches: a batch_size the data fill is planned whole whatever the
+    # processes (a reviewer's: planned N / K, 4x under, where rank 0 holds all 64)
+    whole = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, batch_size=N)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        shards = {
+            w: whole.plan(problem["train"], problem["test"], world_size=w, timed=False)
+            for w in (1, 4)
+        }
+    assert shards[4].shape.batch_size == shards[1].shape.batch_size == N
     with pytest.raises(InvalidInputError, match=r"the data or their sizes, not both: n_train"):
         identity.plan(problem["train"], problem["test"], n_train=10**5, sequence_length=4)
+    identity.fit(problem["train"])
+    with pytest.raises(InvalidInputError, match=r"beside the fitted training set"):
+        identity.plan(test=problem["test"], sequence_length=4)
 
 
 def test_the_plan_counts_a_batchs_outputs_and_their_gradients(problem: dict) -> None:

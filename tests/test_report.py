@@ -289,6 +289,10 @@ def test_report_rebuilds_without_recomputing(
     twice = tmp_path / "twice"
     shutil.copytree(finished, twice)
     (own,) = twice.glob("report-*")
+    # a workdir named like results is a workdir (a reviewer's report-jan was refused)
+    named = tmp_path / "report-jan"
+    shutil.copytree(finished, named)
+    assert cli.main(["report", str(named)]) == 0
     stale = twice / "report-0123456789abcdef0123456789abcdef"
     shutil.copytree(own, stale)
     os.utime(stale / "manifest.json", (1e9, 1e9))  # the older of the two

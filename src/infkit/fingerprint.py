@@ -14,6 +14,7 @@ device or on memory layout, and any changed value changes them (docs/architectur
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import dis
 import enum
@@ -657,19 +658,22 @@ def callable_identity(
     return f"{name}#{h.hexdigest()[:12]}"
 
 
-def object_identity(value: Any, _depth: int = 0, _seen: set[int] | None = None) -> str:
+def object_identity(value: Any, _depth: int = 0, _seen: dict[int, int] | None = None) -> str:
     """An object of the user's own class (a custom optimiser) as text that is the same in every
     process and changes with what it computes: its class's name, the members its own classes
     define (functions and ``__call__`` by :func:`callable_identity`, through their decorators:
     the code, and what it reads; properties by their getters; values, partials and objects as
     its attributes are) and its attributes, in ``__dict__`` or ``__slots__``: functions by
-    their identity, objects of the user's classes the same way (each once in the walk, to
-    :data:`CALL_DEPTH`; an enum member by its name and value), the rest by
+    their identity, objects of the user's classes the same way (to :data:`CALL_DEPTH`, each
+    once at the shallowest depth the walk meets it, where its children are read furthest; an
+    enum member by its name and value), the rest by
     :func:`canonical_text`. (A class attribute or helper method ``update`` reads, a held
     lambda, a slotted setting are part of it: reviewers changed each without changing the
     identity.)"""
-    seen = set() if _seen is None else _seen  # one set for the whole walk: each object once
-    seen.add(id(value))
+    # one record for the whole walk: the depth each object was read at (once, or again where
+    # met shallower: one first read at the cap left its children out, a reviewer's)
+    seen = {} if _seen is None else _seen
+    seen[id(value)] = _depth
     cls = type(value)
     parts = []
     for klass in cls.__mro__:
@@ -698,18 +702,28 @@ def object_identity(value: Any, _depth: int = 0, _seen: set[int] | None = None) 
     return f"{cls.__module__}.{cls.__qualname__}#{digest}"
 
 
-def _member_text(member: Any, depth: int, seen: set[int]) -> str:
+def _member_text(member: Any, depth: int, seen: dict[int, int]) -> str:
     """One member or attribute of :func:`object_identity`'s object, as text."""
-    function = inspect.unwrap(getattr(member, "__func__", member))  # (static, class, decorated)
+    methods = (staticmethod, classmethod, types.MethodType)
+    function = member.__func__ if isinstance(member, methods) else member
+    # through decorators (functools.wraps, lru_cache) to the body; an object answering every
+    # attribute, __wrapped__ too, is a loop, left as it is
+    with contextlib.suppress(ValueError):
+        function = inspect.unwrap(function)
     if isinstance(function, (types.FunctionType, functools.partial)):
         return str(callable_identity(function))
     if isinstance(member, type):
         return f"{member.__module__}.{member.__qualname__}"
     if isinstance(member, enum.Enum):  # (each member lists every other: expanded, n^4 ways)
         return f"{type(member).__qualname__}.{member.name}={canonical_text(member.value)}"
-    if _is_user_class(type(member)) and depth < CALL_DEPTH and id(member) not in seen:
+    read_at = seen.get(id(member))
+    if (
+        _is_user_class(type(member))
+        and depth < CALL_DEPTH
+        and (read_at is None or read_at > depth + 1)
+    ):
         return object_identity(member, depth + 1, seen)
-    if id(member) in seen:  # (an object met earlier in the walk: named, not expanded again)
+    if read_at is not None:  # (read elsewhere in the walk, as deep or deeper: named only)
         return f"<{type(member).__qualname__} above>"
     return canonical_text(member)
 

@@ -719,7 +719,6 @@ class Influence:
         raise AssertionError("unreachable")  # pragma: no cover
 
     @classmethod
-    @classmethod
     def _load_once(
         cls,
         path: str | Path,
@@ -1452,10 +1451,15 @@ class Influence:
             if value is not None and data is not None
         ]
         if given:  # (data and sizes together were mixed: N of the data, T of the argument)
+            where, instead = (
+                ("the fitted training set (plan() after fit plans it)", "give n_train= too")
+                if more_queries
+                else ("the data given", "leave the data out")
+            )
             raise InvalidInputError(
-                f"plan takes the data or their sizes, not both: {', '.join(given)} beside the "
-                "data given. Leave the sizes out to plan these data, or the data out to plan "
-                "those sizes"
+                f"plan takes the data or their sizes, not both: {', '.join(given)} beside "
+                f"{where}. Leave the sizes out to plan these data, or {instead} to plan those "
+                "sizes"
             )
         if examples is None and (n_train is None or sequence_length is None):
             raise InvalidInputError(
@@ -1470,7 +1474,7 @@ class Influence:
         self._check_sequence_length(sequence_length)
         # the largest batch a pass holds: a batch_size beyond the data fills none (a tester's
         # batch_size=1000 on 64 sequences was planned, and budgeted, 15x over)
-        batch = min(self.batch_size, max(-(-n // world_size), q))
+        batch = min(self.batch_size, max(n, q))  # (torchrun deals whole batches: not N / K)
         itemsize = torch.empty(0, dtype=space.dtype).element_size()
         model_bytes = sum(t.numel() * t.element_size() for t in model.parameters()) + sum(
             t.numel() * t.element_size() for t in model.buffers()

@@ -473,9 +473,10 @@ def save(
         UnsupportedError: the method's fitted state (or an option) cannot be saved.
     """
     root = Path(path)
-    state = method.state()  # (a method that cannot be saved refuses before the folder exists)
-    store = ArtifactStore(root)
-    existing = store.committed(KIND)
+    state = method.state()
+    # (the folder is made at the commit: a save refused below, a method's state or an option
+    # that cannot be saved included, leaves none)
+    existing = ArtifactStore(root).committed(KIND) if root.is_dir() else []
     if existing and not overwrite:
         raise ArtifactError(
             f"{root} already holds a saved Influence ({existing[0].name}): pass overwrite=True "
@@ -552,6 +553,7 @@ def save(
         )
         if writer.tensors
     }
+    store = ArtifactStore(root)
     artifact = store.save(
         KIND,
         identity,

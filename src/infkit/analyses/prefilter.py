@@ -82,11 +82,12 @@ def tfidf_candidates(
         tfidf = TfidfVectorizer(**options)
         train = tfidf.fit_transform(train_texts)  # rows L2-normalised: products are cosines
     except (TypeError, ValueError) as error:
-        remedy = (
-            "a corpus of stop words alone needs stop_words=None"
-            if "empty vocabulary" in str(error)
-            else "Check the TfidfVectorizer options given as keywords"
-        )
+        if "empty vocabulary" not in str(error):
+            remedy = "Check the TfidfVectorizer options given as keywords"
+        elif options.get("stop_words") is not None:
+            remedy = "A corpus of stop words alone needs stop_words=None"
+        else:  # (one-letter words: the default token_pattern keeps two letters or more)
+            remedy = "Pass a token_pattern that keeps the corpus's words (r'(?u)\\b\\w+\\b')"
         raise InvalidInputError(
             f"the TF-IDF prefilter's vectorizer (scikit-learn's TfidfVectorizer with "
             f"{sorted(options)}) refused the training texts or its options: {error}. {remedy}"

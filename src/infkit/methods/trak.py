@@ -326,7 +326,9 @@ class Trak(Method):
         ]
         # the projections (2 P k a gradient), R drawn once when kept, else at every batch (a
         # tester's streamed fit took 615 times a plan that counted neither), the Gram matrices
-        draw = p * k * RANDOM_COST
+        identity = self.options.projection == "identity"  # (no product, no draw: a cast)
+        draw = 0.0 if identity else p * k * RANDOM_COST
+        project = 0.0 if identity else 2.0 * p * k * models
         train_batches = -(-n // shape.batch_size) * models
         query_batches = -(-q // shape.batch_size) * models
         fit = Stage(
@@ -336,8 +338,10 @@ class Trak(Method):
             max(objects, key=lambda o: o[1]),
             "one pass per model (checkpoint)",
             held=features - 2 * k * k * FLOAT64_BYTES + factors + (projection if kept else 0),
-            flops=2.0 * n * p * k * models + (draw if kept else draw * train_batches),
-            float64_flops=(n * k * k + k**3 / 3) * models,
+            flops=n * project + (draw if kept else draw * train_batches),
+            # the Gram, its Cholesky factor and, where k is near P (the identity's k = P), the
+            # eigendecomposition that looks for the features' span (about 9 k^3)
+            float64_flops=(n * k * k + k**3 / 3 + (9.0 * k**3 if 2 * k >= p else 0.0)) * models,
         )
         row = self.query_row_bytes(n, p)
         chunks = row_chunks(q, row, q * n * FLOAT64_BYTES, limit)
@@ -349,7 +353,7 @@ class Trak(Method):
             gradients + chunk + (0 if kept else projection),
             (f"a batch's per-example gradients [{rows}, P]", gradients),
             f"{len(chunks)} chunks of queries" if len(chunks) > 1 else "",
-            flops=2.0 * q * p * k * models + (0 if kept else draw * query_batches),
+            flops=q * project + (0 if kept else draw * query_batches),
         )
         scores = Stage(
             "scores",

@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import math
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def find_results(workdir: str | Path) -> Path:
         return workdir
     if not workdir.is_dir():
         raise ArtifactError(f"{workdir} is not a directory: give the workdir of an infkit run")
-    if workdir.name.startswith(f"{KIND}-"):  # the results themselves, their manifest gone
+    if re.fullmatch(rf"{KIND}-[0-9a-f]{{32}}", workdir.name):  # results, their manifest gone
         raise ArtifactError(
             f"{workdir} has no {MANIFEST}: these results were not committed (a run stopped "
             "while writing them) or the file was removed, so they cannot be verified: run "
