@@ -1536,8 +1536,10 @@ def test_the_plan_holds_batches_and_processes_to_the_data_and_takes_data_or_size
     with pytest.raises(InvalidInputError, match=r"the data or their sizes, not both: n_train"):
         identity.plan(problem["train"], problem["test"], n_train=10**5, sequence_length=4)
     identity.fit(problem["train"])
-    with pytest.raises(InvalidInputError, match=r"beside the fitted training set"):
+    with pytest.raises(InvalidInputError, match=r"sequence_length beside the fitted training"):
         identity.plan(test=problem["test"], sequence_length=4)
+    with pytest.raises(InvalidInputError, match=r"not both: n_queries beside the test set given"):
+        identity.plan(test=problem["test"], n_queries=5)
 
 
 def test_the_plan_counts_a_batchs_outputs_and_their_gradients(problem: dict) -> None:

@@ -144,7 +144,12 @@ def test_the_vectorizers_refusals_are_named() -> None:
     texts = ["the cat sat", "a dog ran far", "birds sing at dawn"]
     with pytest.raises(InvalidInputError, match="Check the TfidfVectorizer options given as"):
         tfidf_candidates(texts, ["cat"], 1, no_such_option=1)
-    with pytest.raises(InvalidInputError, match="stop words alone needs stop_words=None"):
+    with pytest.raises(InvalidInputError, match=r"its stop words \(stop_words=None keeps them"):
         tfidf_candidates(["the", "a", "and"], ["the"], 1)
+    # one-letter words: the token pattern drops them, not the stop words (a reviewer's)
+    with pytest.raises(InvalidInputError, match=r"set by its token_pattern \(by default"):
+        tfidf_candidates(["x y", "z w"], ["x"], 1, stop_words=None)
+    (found,), _ = tfidf_candidates(["x y", "z w"], ["x"], 1, token_pattern=r"(?u)\b\w+\b")
+    assert found.tolist() == [0]
     (found,), _ = tfidf_candidates(["the", "a", "and"], ["the"], 1, stop_words=None)
     assert found.tolist() == [0]

@@ -394,10 +394,15 @@ def test_the_plan_of_trak_counts_what_its_fit_keeps(
     assert streamed.stages[0].flops > stages["fit trak"].flops
     # the identity projection neither projects nor draws (its plan priced both: a reviewer's
     # 10.6 s for a 1.9 s run), and its Gram is decomposed for its span
-    whole = infkit.Influence(task, "trak", l2=l2, projection="identity", lambda_reg=1.0)
-    plan = whole.plan(train, mlp_problem["test"], timed=False)
-    assert plan.stages[0].flops == 0 and plan.stages[1].flops == 0
-    assert plan.stages[0].float64_flops >= 9 * p**3
+    plans = {
+        lam: infkit.Influence(task, "trak", l2=l2, projection="identity", lambda_reg=lam).plan(
+            train, mlp_problem["test"], timed=False
+        )
+        for lam in (0.0, 1.0)
+    }
+    assert plans[0.0].stages[0].flops == 0 and plans[0.0].stages[1].flops == 0
+    assert plans[0.0].stages[0].float64_flops >= 9 * p**3  # the span looked for, as fit does
+    assert plans[1.0].stages[0].float64_flops < 9 * p**3  # with a ridge it is not (a reviewer's)
     assert stages["queries"].passes == stages["scores"].passes == 0
     training = inf.fitted.train
     read: list[int] = []

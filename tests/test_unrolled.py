@@ -706,6 +706,16 @@ def test_an_optimisers_identity_reads_slots_class_callables_and_held_objects() -
 
     assert object_identity(Configured()) == object_identity(Configured())  # (it raised)
 
+    class AttrDict(dict):  # __getattr__ raising KeyError, not AttributeError (it raised)
+        def __getattr__(self, name: str) -> object:
+            return self[name]
+
+    class Held:
+        def __init__(self, lr: float) -> None:
+            self.config = AttrDict(lr=lr)
+
+    assert object_identity(Held(0.1)) != object_identity(Held(0.2))
+
 
 def test_an_optimisers_identity_reads_decorated_code_and_walks_each_object_once(
     monkeypatch: pytest.MonkeyPatch,
@@ -754,8 +764,26 @@ def test_an_optimisers_identity_reads_decorated_code_and_walks_each_object_once(
         walked.append(type(value).__name__)
         return counted(value, *args)  # type: ignore[arg-type]
 
+    texts = []
+    canonical = fingerprint.canonical_text
+    monkeypatch.setattr(
+        fingerprint,
+        "canonical_text",
+        lambda value, *args: texts.append(1) or canonical(value, *args),  # type: ignore[func-returns-value]
+    )
+
+    class Node:  # seven objects each holding all seven: read at the depth cap, they were
+        def __init__(self, i: int) -> None:  # walked six levels deep each anew (14 s)
+            self.i = i
+
+    nodes = [Node(i) for i in range(7)]
+    for a in nodes:
+        for j, b in enumerate(nodes):
+            setattr(a, f"n{j}", b)
+    Holder.nodes = nodes[0]  # type: ignore[attr-defined]
     monkeypatch.setattr(fingerprint, "object_identity", counting)
     first = fingerprint.object_identity(Holder())
+    assert len(texts) < 10_000, len(texts)  # (1.17M before)
     # the holder, each preset at most once a depth (read again only where met shallower, to
     # the depth cap of 4), no enum member: linear, where it was 16^3-fold
     assert len(walked) <= 1 + 16 * 4, walked

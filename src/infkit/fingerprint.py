@@ -698,6 +698,8 @@ def object_identity(value: Any, _depth: int = 0, _seen: dict[int, int] | None = 
                 continue
     for name, member in sorted(held.items()):
         parts.append(f"{name}={_member_text(member, _depth, seen)}")
+    if isinstance(value, (Mapping, list, tuple, set, frozenset)):  # (an attribute dict's values)
+        parts.append(f"<contents>={canonical_text(value)}")  # (sets and keys sorted)
     digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
     return f"{cls.__module__}.{cls.__qualname__}#{digest}"
 
@@ -707,8 +709,9 @@ def _member_text(member: Any, depth: int, seen: dict[int, int]) -> str:
     methods = (staticmethod, classmethod, types.MethodType)
     function = member.__func__ if isinstance(member, methods) else member
     # through decorators (functools.wraps, lru_cache) to the body; an object answering every
-    # attribute, __wrapped__ too, is a loop, left as it is
-    with contextlib.suppress(ValueError):
+    # attribute (a loop), or one whose __getattr__ raises other than AttributeError (an
+    # attribute dict's KeyError), is left as it is
+    with contextlib.suppress(Exception):
         function = inspect.unwrap(function)
     if isinstance(function, (types.FunctionType, functools.partial)):
         return str(callable_identity(function))
@@ -725,6 +728,14 @@ def _member_text(member: Any, depth: int, seen: dict[int, int]) -> str:
         return object_identity(member, depth + 1, seen)
     if read_at is not None:  # (read elsewhere in the walk, as deep or deeper: named only)
         return f"<{type(member).__qualname__} above>"
+    if _is_user_class(type(member)):  # at the depth cap: its plain values, not its objects
+        # (canonical_text would walk its objects six levels deep, each anew: mutually
+        # referencing objects took 14 s, a reviewer's)
+        held = getattr(member, "__dict__", None) or {}
+        plain = ", ".join(
+            f"{k}={canonical_text(v)}" for k, v in sorted(held.items()) if _is_plain(v)
+        )
+        return f"{type(member).__qualname__}({plain})"
     return canonical_text(member)
 
 

@@ -1441,25 +1441,25 @@ class Influence:
         if more_queries:
             train = self.fitted.train  # (what fit took: its plan for more queries)
         examples = None if train is None else ExampleSet(train, name="training set")
-        given = [
-            f"{name} ({what})"
-            for name, value, what, data in (
-                ("n_train", n_train, "the training data's length", examples),
-                ("sequence_length", sequence_length, "the training data's", examples),
-                ("n_queries", n_queries, "the test set's length", test),
+        training = (
+            "the fitted training set (plan() after fit plans it)"
+            if more_queries
+            else ("the training data given")
+        )
+        clashes = [
+            f"{name} beside {where}"
+            for name, value, where, data in (
+                ("n_train", n_train, training, examples),
+                ("sequence_length", sequence_length, training, examples),
+                ("n_queries", n_queries, "the test set given", test),
             )
             if value is not None and data is not None
         ]
-        if given:  # (data and sizes together were mixed: N of the data, T of the argument)
-            where, instead = (
-                ("the fitted training set (plan() after fit plans it)", "give n_train= too")
-                if more_queries
-                else ("the data given", "leave the data out")
-            )
+        if clashes:  # (data and sizes together were mixed: N of the data, T of the argument)
             raise InvalidInputError(
-                f"plan takes the data or their sizes, not both: {', '.join(given)} beside "
-                f"{where}. Leave the sizes out to plan these data, or {instead} to plan those "
-                "sizes"
+                f"plan takes the data or their sizes, not both: {'; '.join(clashes)}. Leave "
+                "the sizes out to plan those data, or the data out to plan these sizes (after "
+                "fit, n_train= with sequence_length= plans other training sizes)"
             )
         if examples is None and (n_train is None or sequence_length is None):
             raise InvalidInputError(

@@ -128,8 +128,17 @@ class RunShape:
 
     @property
     def examples_per_process(self) -> int:
-        """Training examples one process reads per pass."""
-        return -(-self.n_train // self.world_size)
+        """Training examples the most loaded process (rank 0) reads per pass: torchrun deals
+        whole batches in turn (:func:`infkit.distributed.shard_batches`), so rank 0 holds
+        ``ceil(ceil(N / B) / K)`` batches, the last one short where it is the data's last (a
+        reviewer's: N / K counted 16 examples where rank 0 of 4 held one batch of all 64).
+        The closed form of :func:`infkit.distributed.examples_in_batches`, without its loop
+        over every batch."""
+        total = -(-self.n_train // self.batch_size)
+        held = -(-total // self.world_size) * self.batch_size
+        if (total - 1) % self.world_size == 0:  # the data's last batch, short, is rank 0's
+            held -= total * self.batch_size - self.n_train
+        return held
 
 
 @dataclass(frozen=True)

@@ -476,6 +476,8 @@ def save(
     state = method.state()
     # (the folder is made at the commit: a save refused below, a method's state or an option
     # that cannot be saved included, leaves none)
+    if root.exists() and not root.is_dir():  # (refused before the encodes, as it was)
+        raise InvalidInputError(f"{root} is a file, not a directory to save the Influence in")
     existing = ArtifactStore(root).committed(KIND) if root.is_dir() else []
     if existing and not overwrite:
         raise ArtifactError(

@@ -82,12 +82,15 @@ def tfidf_candidates(
         tfidf = TfidfVectorizer(**options)
         train = tfidf.fit_transform(train_texts)  # rows L2-normalised: products are cosines
     except (TypeError, ValueError) as error:
-        if "empty vocabulary" not in str(error):
-            remedy = "Check the TfidfVectorizer options given as keywords"
-        elif options.get("stop_words") is not None:
-            remedy = "A corpus of stop words alone needs stop_words=None"
-        else:  # (one-letter words: the default token_pattern keeps two letters or more)
-            remedy = "Pass a token_pattern that keeps the corpus's words (r'(?u)\\b\\w+\\b')"
+        remedy = "Check the TfidfVectorizer options given as keywords"
+        if "empty vocabulary" in str(error):  # (stop words, or words the pattern drops)
+            keeps = (
+                "its token_pattern (by default words of two characters or more; "
+                "r'(?u)\\b\\w+\\b' keeps one-letter words)"
+            )
+            if options.get("stop_words") is not None:
+                keeps = f"its stop words (stop_words=None keeps them) and {keeps}"
+            remedy = f"The texts hold no word the vectorizer keeps; what it keeps is set by {keeps}"
         raise InvalidInputError(
             f"the TF-IDF prefilter's vectorizer (scikit-learn's TfidfVectorizer with "
             f"{sorted(options)}) refused the training texts or its options: {error}. {remedy}"

@@ -327,6 +327,7 @@ class Trak(Method):
         # the projections (2 P k a gradient), R drawn once when kept, else at every batch (a
         # tester's streamed fit took 615 times a plan that counted neither), the Gram matrices
         identity = self.options.projection == "identity"  # (no product, no draw: a cast)
+        span = 2 * k >= p and self.options.lambda_reg == 0
         draw = 0.0 if identity else p * k * RANDOM_COST
         project = 0.0 if identity else 2.0 * p * k * models
         train_batches = -(-n // shape.batch_size) * models
@@ -339,9 +340,10 @@ class Trak(Method):
             "one pass per model (checkpoint)",
             held=features - 2 * k * k * FLOAT64_BYTES + factors + (projection if kept else 0),
             flops=n * project + (draw if kept else draw * train_batches),
-            # the Gram, its Cholesky factor and, where k is near P (the identity's k = P), the
-            # eigendecomposition that looks for the features' span (about 9 k^3)
-            float64_flops=(n * k * k + k**3 / 3 + (9.0 * k**3 if 2 * k >= p else 0.0)) * models,
+            # the Gram, its Cholesky factor and, where k is near P without a ridge (the
+            # identity's k = P), the eigendecomposition that looks for the features' span (about
+            # 9 k^3; _factorise's "suspect", a pivot at rounding's level aside)
+            float64_flops=(n * k * k + k**3 / 3 + (9.0 * k**3 if span else 0.0)) * models,
         )
         row = self.query_row_bytes(n, p)
         chunks = row_chunks(q, row, q * n * FLOAT64_BYTES, limit)
