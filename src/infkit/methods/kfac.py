@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet
-from infkit.distributed import agree, examples_in_batches, sum_across, world
+from infkit.distributed import agree, sum_across, world
 from infkit.errors import NotFittedError, Notice, ProblemTooLargeError, warn
 from infkit.estimators import Estimator
 from infkit.fingerprint import data_fingerprint, task_fingerprint, tensor_digest
@@ -622,7 +622,7 @@ class KFAC(PrimalMethod):
         # (a language model pulls back fewer, the scored positions' nonzero directions): the
         # run may keep a pass this count finds larger than the cache, so its size is counted
         per_example = sum(positions[x.name] * (cols[x.name] + vectors * x.d_out) for x in tracked)
-        first = examples_in_batches(shape.n_train, b, 0, shape.world_size)
+        first = shape.examples_per_process  # (examples_in_batches in closed form: no loop)
         first_pass = first * item * per_example
         room = min(options.cache_bytes, (limit or default_memory_limit()) // 4)
         cached = 0
