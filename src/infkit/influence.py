@@ -33,7 +33,6 @@ from infkit import language_modeling as lm
 from infkit.data import ExampleSet, checked_indices
 from infkit.decompositions import Svd, TokenScores
 from infkit.errors import (
-    ArtifactError,
     InvalidInputError,
     NonFiniteError,
     NotFittedError,
@@ -99,9 +98,6 @@ logger = logging.getLogger("infkit")
 #: iterates there diverging (a ridge model solved exactly by the first step read 2.45e-16,
 #: then 2.47e-16)
 ROUNDING_GRADIENTS = 1000
-
-#: how many times :meth:`Influence.load` reads a save that another process replaces meanwhile
-READ_ATTEMPTS = 3
 
 __all__ = ["Influence", "TopK", "default_memory_limit"]
 
@@ -694,97 +690,65 @@ class Influence:
                 ``train`` that is not the saved training data.
             UnsupportedError: the saved method is not registered in this process.
         """
-        # a save replaced while it was read (another process's overwrite=True commits the new
-        # save, then removes the old one) is read again, from the save that replaced it: "a
-        # reader at any moment finds the old save or the new one" (a tester's concurrent loads
-        # failed 24 times in 82, with messages calling the save damaged)
-        for attempt in range(READ_ATTEMPTS):
-            before = saved.committed_saves(path)
-            try:
-                return cls._load_once(
-                    path,
-                    task,
-                    train,
-                    options=options,
-                    progress=progress,
-                    memory_limit=memory_limit,
-                    device=device,
-                    checks=checks,
-                    workdir=workdir,
-                )
-            except (ArtifactError, OSError, RuntimeError):
-                replaced = before and saved.committed_saves(path) != before
-                if not replaced or attempt + 1 == READ_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    @classmethod
-    def _load_once(
-        cls,
-        path: str | Path,
-        task: Task,
-        train: Any = None,
-        *,
-        options: dict[str, Any] | None = None,
-        progress: bool | None = None,
-        memory_limit: int | None = None,
-        device: str | torch.device | None = None,
-        checks: bool | Literal["queries"] = True,
-        workdir: str | Path | None = None,
-    ) -> Influence:
-        """:meth:`load`, one reading of the save (which another process may replace meanwhile)."""
         if not isinstance(task, Task):
             raise InvalidInputError(
                 f"task must be an infkit.Task (the one the Influence was fitted with), got "
                 f"{type(task).__name__}"
             )
         check_weights_present(task.model)
-        record = saved.read(path)
-        task = record.task_as_fitted(task)
-        examples = record.examples(train)
-        record.check_task(task, examples)
-        settings = record.settings(options)
-        autocast = settings.autocast
-        if autocast is not None and not method_class(settings.method).takes_autocast:
-            # saved before such a run was refused: the precision changed none of its answers
-            warn(
-                f"{record.requested_path} was fitted with dtype=torch."
-                f"{dtype_name(autocast)}, which method {settings.method!r} "
-                "does not take (its products run in the model's own dtype, so the answers are "
-                "those without it): loaded without it",
-                Notice,
+
+        def reading() -> Influence:
+            """One reading of the save, which another process may replace meanwhile."""
+            record = saved.read(path)
+            as_fitted = record.task_as_fitted(task)
+            examples = record.examples(train)
+            record.check_task(as_fitted, examples)
+            settings = record.settings(options)
+            autocast = settings.autocast
+            if autocast is not None and not method_class(settings.method).takes_autocast:
+                # saved before such a run was refused: the precision changed none of its answers
+                warn(
+                    f"{record.requested_path} was fitted with dtype=torch."
+                    f"{dtype_name(autocast)}, which method {settings.method!r} "
+                    "does not take (its products run in the model's own dtype, so the answers are "
+                    "those without it): loaded without it",
+                    Notice,
+                )
+                as_fitted, autocast = as_fitted.with_autocast(None), None
+            inf = cls(
+                as_fitted,
+                settings.method,
+                settings.estimator,
+                settings.l2,
+                "auto" if settings.auto_damping else settings.damping,
+                relatif=settings.relatif,
+                batch_size=settings.batch_size,
+                per_example=settings.per_example,
+                progress=progress,
+                memory_limit=memory_limit or settings.memory_limit,
+                device=device,
+                dtype=autocast,
+                workdir=settings.workdir if workdir is None else workdir,
+                checks=checks,
+                **settings.method_options,
             )
-            task, autocast = task.with_autocast(None), None
-        inf = cls(
-            task,
-            settings.method,
-            settings.estimator,
-            settings.l2,
-            "auto" if settings.auto_damping else settings.damping,
-            relatif=settings.relatif,
-            batch_size=settings.batch_size,
-            per_example=settings.per_example,
-            progress=progress,
-            memory_limit=memory_limit or settings.memory_limit,
-            device=device,
-            dtype=autocast,
-            workdir=settings.workdir if workdir is None else workdir,
-            checks=checks,
-            **settings.method_options,
-        )
-        inf.method_name, inf._choice = settings.requested, settings.choice
-        method = inf._method
-        assert method is not None  # a named method is created at construction
-        inf._fitted = record.restore(
-            method,
-            inf.task,
-            examples,
-            progress=resolve_progress(progress),
-            memory_limit=inf.memory_limit,
-            workdir=inf.workdir,
-        )
-        inf._loaded_from = record.path
-        return inf
+            inf.method_name, inf._choice = settings.requested, settings.choice
+            method = inf._method
+            assert method is not None  # a named method is created at construction
+            inf._fitted = record.restore(
+                method,
+                inf.task,
+                examples,
+                progress=resolve_progress(progress),
+                memory_limit=inf.memory_limit,
+                workdir=inf.workdir,
+            )
+            inf._loaded_from = record.path
+            return inf
+
+        # a save replaced while it was read (another process's overwrite=True commits the new
+        # save, then removes the old one) is read again, from the save that replaced it
+        return saved.read_again_if_replaced(path, reading)
 
     # ------------------------------------------------------------------ state
     @property

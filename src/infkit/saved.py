@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -989,7 +989,31 @@ class SavedInfluence:
         return fitted
 
 
-def committed_saves(path: str | Path) -> list[str]:
+#: how many times :func:`read_again_if_replaced` reads a save another process replaces meanwhile
+READ_ATTEMPTS = 3
+
+_T = TypeVar("_T")
+
+
+def read_again_if_replaced(path: str | Path, reading: Callable[[], _T]) -> _T:
+    """``reading()`` of the save in the directory ``path``, once more (up to
+    :data:`READ_ATTEMPTS` in all) where it failed because another process's ``overwrite=True``
+    replaced the save meanwhile (it commits the new save, then removes the old one): "a reader
+    at any moment finds the old save or the new one" (a tester's concurrent loads failed 24
+    times in 82, the messages calling the save damaged). A failure with the saves unchanged (a
+    damaged file), or of a save named by its own directory, is raised at once."""
+    for attempt in range(READ_ATTEMPTS):
+        before = _committed_saves(path)
+        try:
+            return reading()
+        except (ArtifactError, OSError, RuntimeError):
+            replaced = bool(before) and _committed_saves(path) != before
+            if not replaced or attempt + 1 == READ_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _committed_saves(path: str | Path) -> list[str]:
     """The names of the saved Influences committed in the directory ``path`` (empty for an
     artifact directory itself, or a path that is none): what a concurrent overwrite changes."""
     given = Path(path)
