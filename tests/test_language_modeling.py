@@ -1534,14 +1534,17 @@ def test_the_plan_holds_batches_and_processes_to_the_data_and_takes_data_or_size
             for w in (1, 4)
         }
     assert shards[4].shape.batch_size == shards[1].shape.batch_size == N
-    # rank 0's share, in closed form (the plan looped over every batch: minutes at a
-    # pretraining's N), equals the batches torchrun deals it, for every split
+    # a process's share, in closed form (the plan looped over every batch: minutes at a
+    # pretraining's N), equals the batches torchrun deals it (batch i to process i mod K),
+    # counted one by one here, for every split and rank
     from infkit.distributed import examples_in_batches
 
     base = shards[1].shape
     for n, b, k in itertools.product(range(1, 40), range(1, 45), range(1, 9)):
+        dealt = [sum(min(b, n - i * b) for i in range(r, -(-n // b), k)) for r in range(k)]
         shape = dataclasses.replace(base, n_train=n, batch_size=b, world_size=k)
-        assert shape.examples_per_process == examples_in_batches(n, b, 0, k), (n, b, k)
+        assert shape.examples_per_process == dealt[0], (n, b, k)
+        assert [examples_in_batches(n, b, r, k) for r in range(k)] == dealt, (n, b, k)
     with pytest.raises(InvalidInputError, match=r"the data or their sizes, not both: n_train"):
         identity.plan(problem["train"], problem["test"], n_train=10**5, sequence_length=4)
     identity.fit(problem["train"])

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
 from infkit.errors import InvalidInputError
+from infkit.plan import dealt_examples
 from infkit.store import canonical, differences
 
 
@@ -62,8 +63,7 @@ def examples_in_batches(
     here, processes = world()
     rank = here if rank is None else rank
     size = processes if size is None else size
-    total = -(-n // batch_size)
-    return sum(min(batch_size, n - b * batch_size) for b in range(rank, total, size))
+    return dealt_examples(n, batch_size, rank, size)
 
 
 def agree(what: str, identity: Mapping[str, Any], device: torch.device | None = None) -> None:

@@ -44,6 +44,20 @@ def sized_outputs(model: Any, tokens: int, language_model: bool = True) -> int:
     return labels if isinstance(labels, int) and labels > 0 else tokens
 
 
+def dealt_examples(n: int, batch_size: int, rank: int, size: int) -> int:
+    """How many of ``n`` examples in batches of ``batch_size`` process ``rank`` of ``size``
+    holds when the batches are dealt in turn (batch b to process b mod size, as
+    :func:`infkit.distributed.shard_batches` deals them), in closed form: a plan of a
+    pretraining's N looped over every batch (1e12 examples, over 100 s)."""
+    total = -(-n // batch_size)
+    if rank >= total:
+        return 0
+    held = -(-(total - rank) // size) * batch_size
+    if (total - 1) % size == rank:  # the data's last batch, short, is this process's
+        held -= total * batch_size - n
+    return held
+
+
 @dataclass(frozen=True)
 class RunShape:
     """The size of a run.
@@ -129,16 +143,9 @@ class RunShape:
     @property
     def examples_per_process(self) -> int:
         """Training examples the most loaded process (rank 0) reads per pass: torchrun deals
-        whole batches in turn (:func:`infkit.distributed.shard_batches`), so rank 0 holds
-        ``ceil(ceil(N / B) / K)`` batches, the last one short where it is the data's last (a
-        reviewer's: N / K counted 16 examples where rank 0 of 4 held one batch of all 64).
-        The closed form of :func:`infkit.distributed.examples_in_batches`, without its loop
-        over every batch."""
-        total = -(-self.n_train // self.batch_size)
-        held = -(-total // self.world_size) * self.batch_size
-        if (total - 1) % self.world_size == 0:  # the data's last batch, short, is rank 0's
-            held -= total * self.batch_size - self.n_train
-        return held
+        whole batches in turn (a reviewer's: N / K counted 16 examples where rank 0 of 4 held
+        one batch of all 64)."""
+        return dealt_examples(self.n_train, self.batch_size, 0, self.world_size)
 
 
 @dataclass(frozen=True)
