@@ -211,12 +211,12 @@ def test_steps_of_one_weighted_example_under_the_retained_mean_are_said() -> Non
         (9, 20, 4, (0, 1, 2, 3, 4, 5, 6, 7)),  # a batch_size above N, one weighted example
     ],
 )
-def test_single_example_steps_reads_the_batches_recipe_batch_draws(
+def test_positive_counts_read_the_batches_recipe_batch_draws(
     n: int, batch_size: int | None, steps: int, zeros: tuple[int, ...]
 ) -> None:
-    """single_example_steps counts each epoch's batches from one permutation: the same steps,
+    """positive_counts counts each epoch's batches from one permutation: the same counts,
     step by step, as counting the positive weights of recipe.batch(n, t) for every t."""
-    from infkit.methods.unrolled import single_example_steps
+    from infkit.methods.unrolled import positive_counts
 
     recipe = Recipe(steps=steps, lr=0.1, batch_size=batch_size, seed=5)
     weights = torch.ones(n, dtype=torch.float64)
@@ -225,8 +225,8 @@ def test_single_example_steps_reads_the_batches_recipe_batch_draws(
     for t in range(steps):
         idx = recipe.batch(n, t)
         batch = weights if idx is None else weights[idx]
-        expected.append(int((batch > 0).sum()) == 1)
-    assert single_example_steps(recipe, weights).tolist() == expected
+        expected.append(int((batch > 0).sum()))
+    assert positive_counts(recipe, weights).tolist() == expected
 
 
 def test_recipe_train_checks_its_data_before_any_step() -> None:

@@ -54,7 +54,10 @@ def checked_replay(name: str, run: TrainingRun | None, fitted: Fitted) -> tuple[
 
 
 def positive_counts(recipe: Recipe, weights: Tensor) -> Tensor:
-    """[steps] long: how many examples of positive weight each step's batch holds."""
+    """[steps] long: how many examples of positive weight each step's batch holds (one: the
+    step's loss under ``normalise="retained"``, ``w_i l_i / w_i``, does not depend on that
+    weight, as the last batch of an epoch when N % batch_size == 1, every step at
+    batch_size=1, or zero weights beside it; none: 0 / 0)."""
     n, positive = len(weights), (weights > 0).long()
     if recipe.batch(n, 0) is None:  # full batch: every step alike
         return torch.full((recipe.steps,), int(positive.sum()))
@@ -66,13 +69,6 @@ def positive_counts(recipe: Recipe, weights: Tensor) -> Tensor:
         padded[:n] = positive[recipe.epoch_order(n, epoch)]
         counts.append(padded.reshape(per_epoch, size).sum(1))
     return torch.cat(counts)[: recipe.steps]
-
-
-def single_example_steps(recipe: Recipe, weights: Tensor) -> Tensor:
-    """[steps] bool: the steps whose batch holds one example of positive weight, whose loss
-    under ``normalise="retained"``, ``w_i l_i / w_i``, does not depend on that weight (the last
-    batch of an epoch when N % batch_size == 1, every step at batch_size=1, zero weights)."""
-    return positive_counts(recipe, weights) == 1
 
 
 def check_weight_dependence(run: TrainingRun) -> None:
