@@ -1830,6 +1830,19 @@ def test_the_tables_keep_a_regression_target_in_full(
     assert f"{shown:.4g}" in page
 
 
+def _tabular_config(model: str, data: str, names: str, task: str) -> str:
+    """An exact run's config on a tabular factory of the tester's project, without retraining:
+    the ``model`` and ``data`` factories, the ``[data]`` lines ``names`` and the ``[task]`` line
+    ``task``."""
+    return (
+        f'[model]\nfactory = "tester_project:{model}"\n'
+        f'[data]\nfactory = "tester_project:{data}"\nkind = "tabular"\n{names}'
+        f"[task]\n{task}\n"
+        '[influence]\nmethod = "exact"\nl2 = 1e-2\n'
+        "[report]\ntop_k = 3\nn_queries = 2\n[retraining]\nn = 0\n"
+    )
+
+
 def _tester_module(project: Path) -> types.ModuleType:
     """The tester's project module, imported from its file (its factories' data)."""
     spec = importlib.util.spec_from_file_location("tester_module", project / "tester_project.py")
@@ -1850,13 +1863,13 @@ def test_a_binary_classifiers_labels_are_named_and_a_tabular_page_fits_800_pixel
     config = tmp_path / "binary.toml"
     names = ["malignant_with_a_really_really_long_name", "benign"]
     config.write_text(
-        '[model]\nfactory = "tester_project:binary"\n'
-        '[data]\nfactory = "tester_project:cancer"\nkind = "tabular"\n'
-        f"class_names = {names}\n"
-        'feature_names = ["radius", "texture", "perimeter", "area", "smoothness"]\n'
-        '[task]\nkind = "binary_classification"\n'
-        '[influence]\nmethod = "exact"\nl2 = 1e-2\n'
-        "[report]\ntop_k = 3\nn_queries = 2\n[retraining]\nn = 0\n"
+        _tabular_config(
+            "binary",
+            "cancer",
+            f"class_names = {names}\n"
+            'feature_names = ["radius", "texture", "perimeter", "area", "smoothness"]\n',
+            'kind = "binary_classification"',
+        )
     )
     shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
     workdir = tmp_path / "w"
@@ -1910,12 +1923,12 @@ def test_class_names_with_a_task_of_ones_own_keep_its_float_targets_as_numbers(
     with the two names of a binary classifier."""
     config = tmp_path / "custom.toml"
     config.write_text(
-        '[model]\nfactory = "tester_project:linear"\n'
-        '[data]\nfactory = "tester_project:cancer_regression"\nkind = "tabular"\n'
-        'class_names = ["malignant"]\n'
-        '[task]\nfactory = "tester_project:regression_task"\n'
-        '[influence]\nmethod = "exact"\nl2 = 1e-2\n'
-        "[report]\ntop_k = 3\nn_queries = 2\n[retraining]\nn = 0\n"
+        _tabular_config(
+            "linear",
+            "cancer_regression",
+            'class_names = ["malignant"]\n',
+            'factory = "tester_project:regression_task"',
+        )
     )
     shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
     workdir = tmp_path / "w"

@@ -39,6 +39,18 @@ def newton_attribution(model, X, y, Xt, yt, lam, R=None, measurement=classificat
     return F @ torch.linalg.solve(gram, Phi.T) * q
 
 
+def softmax_margin(n: int) -> tuple[torch.nn.Linear, infkit.Task, torch.Tensor, torch.Tensor]:
+    """A float64 softmax regression of 4 inputs and 3 classes read through its margin (its 15
+    parameters' margin gradients span 10 directions), and n examples labelled by a random
+    linear map: the model, its task, X and y."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 4, generator=gen, dtype=torch.float64)
+    y = (X @ torch.randn(4, 3, generator=gen, dtype=torch.float64)).argmax(1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    return model, infkit.Task.classification(model, measurement="margin"), X, y
+
+
 def test_identity_projection_is_the_one_step_newton_surrogate(mlp_problem: dict) -> None:
     model = mlp_problem["model"]
     (X, y), (Xt, yt) = mlp_problem["train"], mlp_problem["test"]
@@ -72,12 +84,7 @@ def test_features_with_null_directions_are_inverted_on_their_span() -> None:
     the default (k = P, lambda_reg = 0) raised a singular-Gram CurvatureError (a tester's).
     Inverted on the span: the dense pseudo-inverse's answer (queries share the null
     directions), with a Notice; a float64 and a float32 model alike."""
-    gen = torch.Generator().manual_seed(0)
-    X = torch.randn(90, 4, generator=gen, dtype=torch.float64)
-    y = (X @ torch.randn(4, 3, generator=gen, dtype=torch.float64)).argmax(1)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3).double()
-    task = infkit.Task.classification(model, measurement="margin")
+    model, task, X, y = softmax_margin(90)
     infkit.train_to_optimum(task, (X[:80], y[:80]), 1e-2)
     Phi = per_example_gradients(model, X[:80], y[:80], classification_margin)
     F = per_example_gradients(model, X[80:], y[80:], classification_margin)
@@ -281,12 +288,7 @@ def test_the_identity_projection_is_held_to_n_by_the_span_of_its_features(
     ):
         warnings.simplefilter("error", Notice)  # (a notice blaming the margin came first)
         infkit.Influence(task, "trak", l2=l2, projection="identity").fit((X[:20], y[:20]))
-    gen = torch.Generator().manual_seed(0)
-    X = torch.randn(16, 4, generator=gen, dtype=torch.float64)
-    y = (X @ torch.randn(4, 3, generator=gen, dtype=torch.float64)).argmax(1)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3).double()
-    margin = infkit.Task.classification(model, measurement="margin")
+    model, margin, X, y = softmax_margin(16)
     with pytest.warns(UserWarning, match=r"span 10 directions, close to the 12 .* = 6\.0"):
         inf = infkit.Influence(margin, "trak", projection="identity").fit((X[:12], y[:12]))
     Phi = per_example_gradients(model, X[:12], y[:12], classification_margin)
@@ -309,10 +311,7 @@ def test_trak_refusals(mlp_problem: dict) -> None:
     # ... and only by it: a softmax regression's 15 parameters span 10 directions, and k = N =
     # 15 inverts them exactly, as the identity projection does (another reviewer's, refused by
     # k alone)
-    gen = torch.Generator().manual_seed(0)
-    X = torch.randn(15, 4, generator=gen, dtype=torch.float64)
-    y = (X @ torch.randn(4, 3, generator=gen, dtype=torch.float64)).argmax(1)
-    softmax = infkit.Task.classification(torch.nn.Linear(4, 3).double(), measurement="margin")
+    _, softmax, X, y = softmax_margin(15)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         projected = infkit.Influence(softmax, "trak", proj_dim=15).fit((X, y)).scores((X, y))
