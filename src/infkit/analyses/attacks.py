@@ -147,15 +147,11 @@ def retrain_attacked(task: Task, train: Any, attack: Attack, l2: float) -> Task:
     on the training set with the attack applied, as a task. ``train`` is any form
     :class:`~infkit.data.ExampleSet` takes whose inputs are one tensor (a pair ``(X, y)``, a
     ``TensorDataset``)."""
-    pair = isinstance(train, (tuple, list)) and len(train) == 2
-    if pair and all(isinstance(t, Tensor) for t in train):
-        inputs, targets = train
-    else:  # (a TensorDataset raised "too many values to unpack"; numpy arrays, pairs of rows)
-        whole = ExampleSet(train, name="training set")
-        batch = whole.take(torch.arange(len(whole)))
-        inputs, targets = batch.inputs, batch.targets
+    # (unpacked as a pair, a TensorDataset raised "too many values to unpack")
+    whole = ExampleSet(train, name="training set")
+    batch = whole.take(torch.arange(len(whole)))
     attacked = task.with_model(copy.deepcopy(task.model))
-    train_to_optimum(attacked, (attack.apply(inputs), targets), l2)
+    train_to_optimum(attacked, (attack.apply(batch.inputs), batch.targets), l2)
     return attacked
 
 

@@ -396,8 +396,12 @@ class Dual(PrimalMethod):
                         f"method 'dual': option {label!r} has no value for the trainable "
                         f"parameter(s) {missing[:5]}"
                     )
-            named = {f" ({n})": value[n] for n in space.names} if isinstance(value, Mapping) else {}
-            for name, part in named.items() if named else [("", value)]:
+            parts = (
+                [(f" ({n})", value[n]) for n in space.names]
+                if isinstance(value, Mapping)
+                else [("", value)]
+            )
+            for name, part in parts:
                 if isinstance(part, Tensor) and not bool(torch.isfinite(part).all()):
                     # (a NaN anchor dropped out of the representer's residual without a word)
                     raise NonFiniteError(
