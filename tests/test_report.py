@@ -365,6 +365,10 @@ def test_a_save_that_never_committed_is_fitted_again_with_a_notice_for_the_comma
             "the section [model] with its key factory is required",
         ),
         (lambda c: "top_k = 3\n" + c, "top_k = 3 is outside any section (it belongs in [report])"),
+        (  # a key under another section than its own (it said only "unknown key")
+            lambda c: c.replace("l2 = 1e-2", "l2 = 1e-2\ntop_k = 3"),
+            "unknown key 'top_k' in [influence] (it belongs in [report])",
+        ),
         (lambda c: c.replace("n = 5", "n = -1"), "[retraining] n must be >= 0"),
         (
             lambda c: c.replace("l2 = 1e-2", 'l2 = 1e-2\nchecks = "all"'),

@@ -536,3 +536,21 @@ def test_the_detection_curve_draws_the_fraction_found_and_refuses_a_list_of_indi
         assert abs(ys[k - 1] - evaluate.fraction_found(scores, flagged, xs[k - 1])) < 1e-12
     with pytest.raises(InvalidInputError, match=r"is_flagged has 4: is_flagged is a mask"):
         plot.detection_curve({"self-influence": scores}, [1, 5, 9, 30])
+
+
+def test_the_proponent_grid_title_holds_for_any_measurement() -> None:
+    """The grid shows top_k's proponents, the examples that helped each query whatever its
+    measurement (top_k reads higher_is_better); its default title said removal raises the
+    query's loss, false for a margin, where removing a proponent lowers the margin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from infkit import plot
+
+    images = torch.rand(6, 4, 4, generator=torch.Generator().manual_seed(0))
+    figure = plot.proponent_grid(
+        images[:2], images, torch.tensor([[0, 1], [2, 3]]), torch.tensor([[4, 5], [5, 4]])
+    )
+    title = figure.get_suptitle()
+    assert "proponents (they helped it)" in title and "opponents (they hurt it)" in title
+    assert "loss" not in title

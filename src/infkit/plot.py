@@ -146,7 +146,7 @@ def proponent_grid(
                 _show(ax, as_image(train_images[j], image_shape), text, flag)
     fig.suptitle(
         title
-        or f"each query, its {k} proponents (removal raises its loss), then {k} opponents"
+        or f"each query, its {k} proponents (they helped it), then {k} opponents (they hurt it)"
         + ("; red = flagged" if flags is not None else ""),
         fontsize=9,
     )

@@ -287,8 +287,14 @@ def check(raw: dict[str, Any], path: Path) -> RunConfig:
         given = dict(raw.get(section, {}))
         for key, value in given.items():
             if key not in keys:
+                owners = [s for s, other in SCHEMA.items() if key in other]
+                hint = (
+                    f" (it belongs in {', '.join(f'[{s}]' for s in owners)})"
+                    if owners
+                    else _suggest(key, list(keys))
+                )
                 raise ConfigError(
-                    f"{where}: unknown key {key!r} in [{section}]{_suggest(key, list(keys))}; "
+                    f"{where}: unknown key {key!r} in [{section}]{hint}; "
                     f"[{section}] takes: {', '.join(keys)}"
                 )
             spec = keys[key]
