@@ -323,6 +323,53 @@ def test_second_run_reloads_the_saved_influence(project: Path, finished: Path) -
     assert torch.equal(before["scores"], after["scores"])
 
 
+def test_a_second_run_in_a_workdir_in_use_is_refused_until_the_first_ends(
+    project: Path, finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Two runs at once in one workdir took each other's work in progress for a stopped run's
+    and replaced each other's results: a run started while another process holds the workdir
+    is refused before it builds anything, naming that process; once the holder is killed (its
+    lock goes with it) the workdir runs again."""
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "w"
+    shutil.copytree(finished, workdir)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from infkit.report import lock\n"
+            "with lock.held(Path(sys.argv[1])):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(120)\n",
+            str(workdir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+
+        def no_build(*args: object, **kwargs: object) -> None:
+            raise AssertionError("built the model in a workdir another run holds")
+
+        with monkeypatch.context() as patched:
+            patched.setattr("infkit.report.analysis.build_model", no_build)
+            run = ["run", str(project / "infkit.toml"), "--out", str(workdir), "--quiet"]
+            assert cli.main(run) == 2
+        err = capsys.readouterr().err
+        assert f"another infkit run is using the workdir {workdir} (process {holder.pid} on " in err
+        assert "another workdir (--out)" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli.main(run) == 0
+    assert load_results(workdir)[0]["summary"]["influence"] == "reloaded"
+
+
 def test_a_save_that_never_committed_is_fitted_again_with_a_notice_for_the_command(
     project: Path, finished: Path, tmp_path: Path
 ) -> None:

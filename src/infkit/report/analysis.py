@@ -50,7 +50,7 @@ from infkit.influence import Influence, TopK, solves_by_iterations
 from infkit.methods import method_class
 from infkit.parameters import ParameterSpace
 from infkit.progress import Stopwatch
-from infkit.report import factories
+from infkit.report import factories, lock
 from infkit.report.config import MIN_RETRAININGS, RunConfig
 from infkit.report.views import (
     Display,
@@ -564,19 +564,20 @@ def run(config: RunConfig, out: str | Path | None = None, progress: bool | None 
     Returns:
         the path of ``report.html``.
     """
-    with shown_warnings() as shown:
-        return _run(config, out, progress, shown)
+    workdir = config.workdir(out)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with lock.held(workdir), shown_warnings() as shown:
+        return _run(config, workdir, progress, shown)
 
 
 def _run(
-    config: RunConfig, out: str | Path | None, progress: bool | None, shown: list[dict[str, str]]
+    config: RunConfig, workdir: Path, progress: bool | None, shown: list[dict[str, str]]
 ) -> Path:
-    """:func:`run`, with ``shown`` the warnings shown so far (the page lists them)."""
+    """:func:`run` in ``workdir`` (made, its lock held), with ``shown`` the warnings shown so
+    far (the page lists them)."""
     from infkit.report.html import write_report
 
     watch = Stopwatch()
-    workdir = config.workdir(out)
-    workdir.mkdir(parents=True, exist_ok=True)
     _resolve_factories(config)
     model = build_model(config)
     train, test = build_data(config)
