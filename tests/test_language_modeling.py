@@ -782,6 +782,9 @@ def test_low_rank_queries(problem: dict) -> None:
                 str(w.message) for w in said if "of a layer's preconditioned" in str(w.message)
             ]
             assert bool(warned) == (kept[-1] is not None and kept[-1] < KEPT_ENERGY), warned
+            # (a rank asked for: memory played no part, so its remedy is the rank; a tester's
+            # was told to raise memory_limit)
+            assert all("raise query_rank" in w and "memory_limit to" not in w for w in warned)
         # the share of each query's preconditioned block its top singular values hold, by numpy
         scorer = full.method._scorer(CallResult(Q * N * 8))
         blocks = scorer.queries(ExampleSet(problem["test"])).full
@@ -879,6 +882,7 @@ def test_queries_beyond_rank_one_are_scored_in_groups_at_low_rank(problem: dict)
     assert kept == pytest.approx(ranked.describe()["query_kept_energy"], rel=1e-6) and kept < 1
     told = [w for w in said if "of a layer's preconditioned gradient" in str(w.message)]
     assert len(told) == (1 if kept < KEPT_ENERGY else 0)  # once for the call's Q groups
+    assert all("raise memory_limit to hold" in str(w.message) for w in told)
     # (float64; the top singular vector of a block amplifies the rounding of a query batch of
     # one against one of four by 1 / its singular gap: 4e-8 measured, where rank 1 against
     # full rank differs by about 1e-1, test_low_rank_queries)

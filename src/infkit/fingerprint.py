@@ -224,6 +224,12 @@ def attribute_objects(model: nn.Module) -> dict[str, Tensor]:
     return dict(_value_attributes(model))
 
 
+def module_classes(model: nn.Module) -> dict[str, str]:
+    """Each module's class by name (``""`` the model's own): a module replaced by one of
+    another class, which a parameter-free one (an activation) changes nothing else of."""
+    return {name: type(module).__qualname__ for name, module in model.named_modules()}
+
+
 def settings_values(model: nn.Module) -> dict[str, str]:
     """Each plain attribute and setting of ``model``'s modules (:func:`plain_attributes`, none
     left out), by dotted name (``cfg.scale``, ``layers.0.calls``), as text: what

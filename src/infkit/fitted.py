@@ -32,6 +32,7 @@ from infkit.example_checks import check_examples, deterministic_outputs, warn_ba
 from infkit.fingerprint import (
     forward_snapshot,
     forward_written,
+    module_classes,
     note_forward_writes,
     settings_values,
     tensor_attributes,
@@ -120,6 +121,8 @@ class Fitted:
         object.__setattr__(self, "_settings", settings_values(self.task.model))
         # which adapters were active (adapters_changed_since_fit)
         object.__setattr__(self, "_adapters", adapter_state(self.task.model))
+        # each module's class, to tell a parameter-free module replaced (changed_since_fit)
+        object.__setattr__(self, "_classes", module_classes(self.task.model))
 
     def changed_since_fit(self) -> str | None:
         """The name of the first parameter or buffer of the model that differs from fit time
@@ -127,7 +130,8 @@ class Fitted:
         tensor attribute edited in place since (:func:`~infkit.fingerprint.tensor_attributes`),
         or of a plain attribute or setting (:func:`~infkit.fingerprint.settings_values`: a
         LoRA layer's ``scaling``, ``cfg.scale``) set anew, what a forward pass writes left out,
-        or None.
+        of a parameter of theta frozen since, or of a module replaced by one of another class
+        (an activation, which has no parameter), or None.
 
         Every answer combines the fitted state (curvature, cached gradients, theta*) with the
         model as it is when asked; a model trained further or edited after ``fit`` would give
@@ -140,6 +144,14 @@ class Fitted:
             now = current.get(name)
             if now is None or not torch.equal(now.detach(), snapshot[name]):
                 return name
+            if not now.requires_grad:  # (its gradients, and so the queries', are left out)
+                return f"{name} (frozen since fit)"
+        classes: dict[str, str] = self._classes  # type: ignore[attr-defined]
+        found_classes = module_classes(model)
+        for name in sorted(found_classes.keys() | classes.keys()):
+            if found_classes.get(name) != classes.get(name):
+                then, now_class = classes.get(name, "nothing"), found_classes.get(name, "nothing")
+                return f"{name or 'model'} (module: {then} at fit, {now_class} now)"
         found = _outside_digests(model, self.space)
         expected: dict[str, str] = self._outside  # type: ignore[attr-defined]
         for name in sorted(found.keys() | expected.keys()):

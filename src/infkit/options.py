@@ -131,12 +131,18 @@ class Options:
         return [f.name for f in cls.fields()]
 
     @classmethod
-    def parse(cls: type[OptionsT], values: Mapping[str, Any], owner: str) -> OptionsT:
+    def parse(
+        cls: type[OptionsT], values: Mapping[str, Any], owner: str, refuse_unread: bool = True
+    ) -> OptionsT:
         """An instance from keyword arguments, or an error naming ``owner`` and the option.
+
+        ``refuse_unread=False`` takes options that the others leave unread (:meth:`unread`),
+        as a saved fit's, whose answers they did not change.
 
         Raises:
             UnsupportedError: an unknown option, or a value outside an option's choices.
-            InvalidInputError: a value of the wrong type or out of range.
+            InvalidInputError: a value of the wrong type or out of range, or an option the
+                others leave unread.
         """
         given = dict(values)
         for old, new in cls.aliases.items():
@@ -176,7 +182,20 @@ class Options:
             if f.name in given:
                 given[f.name] = coerce(given[f.name], hints_by_name[f.name])
                 _check_value(owner, f, hints_by_name[f.name], given[f.name])
-        return cls(**given)
+        options = cls(**given)
+        unread = options.unread(frozenset(given)) if refuse_unread else []
+        if unread:
+            raise InvalidInputError(
+                f"{owner}: " + "; ".join(unread) + ": the method would ignore it, which reads as a "
+                "setting it honoured. Leave it out, or set the option that reads it"
+            )
+        return options
+
+    def unread(self, given: frozenset[str]) -> list[str]:
+        """Of the options ``given`` (passed, not defaulted), each that these options' other
+        values leave unread, with the reason: :meth:`parse` refuses them. The base leaves
+        none unread; subclasses add theirs (``samples`` with ``fisher='ggn'``)."""
+        return []
 
     def record(self) -> dict[str, Any]:
         """The options as JSON-friendly values (tensors and callables summarised)."""

@@ -779,7 +779,9 @@ class SavedInfluence:
         ``tol=1.0``, whose every score was 0), naming the file and the remedy rather than
         reading as an argument given to load."""
         try:
-            method_class(self.method).Options.parse(options, f"method {self.method!r}")
+            method_class(self.method).Options.parse(
+                options, f"method {self.method!r}", refuse_unread=False
+            )
         except InvalidInputError as error:
             raise ArtifactError(
                 f"{self.path} was fitted with an option value this version of infkit refuses "

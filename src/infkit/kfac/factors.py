@@ -358,8 +358,9 @@ class FactorFitter:
             if mode == "ggn" and c > self.max_exact_outputs:
                 block = c * c * self.batch_size * self.engine.space.dtype.itemsize
                 warn(
-                    f"fisher='ggn' pulls back every one of the {c:,} outputs of an example (a "
-                    f"language model's positions x vocabulary): {c:,} backward directions per "
+                    f"fisher='ggn' pulls back every one of the {c:,} outputs of an example"
+                    + (" (a language model's positions x vocabulary)" if c > 1024 else "")
+                    + f": {c:,} backward directions per "
                     f"example and a [{c:,}, B, {c:,}] block of output vectors per batch "
                     f"({human_bytes(block)} at batch_size={self.batch_size}), where "
                     "fisher='sampled' takes one per sample. Use fisher='sampled' (more samples= "

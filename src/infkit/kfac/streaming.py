@@ -572,15 +572,24 @@ class StreamingScorer:
         queries, at the limit an error advised, were 55% off)."""
         if least >= KEPT_ENERGY:
             return
-        chosen = "query_rank" if self.rank is not None else "memory_limit's budget for the queries"
+        if self.rank is not None:  # (asked for: memory played no part)
+            chosen = "query_rank"
+            remedy = (
+                "raise query_rank, or leave it out to hold the layers at full rank (in passes "
+                "by layer where memory_limit needs them: plan() foresees them)"
+            )
+        else:
+            chosen = "memory_limit's budget for the queries"
+            remedy = (
+                "raise memory_limit to hold the layers at full rank (they are then scored in "
+                "passes by layer: plan() foresees them), or give a workdir (queries kept on "
+                "disk), or track fewer layers"
+            )
         warn(
             f"the rank-{rank} queries ({chosen}) keep as little as {least:.0%} of a "
             f"layer's preconditioned gradient ({queries.name} query {queries.number(worst)}; "
             f"the scores miss up to {math.sqrt(1 - least):.0%} of it in norm), so these scores "
-            f"are an approximation: raise memory_limit to hold the layers at full rank (they are "
-            "then scored in passes by layer: plan() foresees them), or give a workdir "
-            "(queries kept on disk), or track fewer layers. describe()['query_kept_energy'] "
-            "records the share",
+            f"are an approximation: {remedy}. describe()['query_kept_energy'] records the share",
             UserWarning,
         )
 

@@ -64,6 +64,16 @@ class DataInfOptions(Options):
         "tensor", "one block per parameter 'tensor' (the authors' code), or per 'module'"
     )
 
+    def unread(self, given: frozenset[str]) -> list[str]:
+        """``damping_scale`` beside a ``layer_damping`` of one's own."""
+        found = super().unread(given)
+        if self.layer_damping != "auto" and "damping_scale" in given:
+            found.append(
+                "option 'damping_scale' scales layer_damping='auto', not a layer_damping of "
+                "one's own"
+            )
+        return found
+
 
 @register
 class DataInf(PrimalMethod):
@@ -167,6 +177,12 @@ class DataInf(PrimalMethod):
             if missing:
                 raise InvalidInputError(
                     f"layer_damping has no value for the block(s) {missing}; blocks: {self.names}"
+                )
+            unknown = [n for n in option if n not in self.names]
+            if unknown:  # (a misspelt block's value was ignored)
+                raise InvalidInputError(
+                    f"layer_damping names block(s) {unknown} that the model does not have; "
+                    f"blocks: {self.names}"
                 )
             values = [float(option[n]) for n in self.names]
         else:
