@@ -279,6 +279,25 @@ def test_a_dataloaders_sampler_and_partial_collate_are_named(problem: dict) -> N
         infkit.Influence(problem["task"], "identity", progress=False).fit(
             DataLoader(rows, shuffle=True, batch_size=2)
         )
+    # a tester's: a batch_sampler of one's own over some examples, and drop_last, went unsaid
+    # (loader.sampler is then the default: the batch sampler holds the one it uses)
+    n = len(rows)
+    some = torch.utils.data.BatchSampler(
+        torch.utils.data.SubsetRandomSampler(range(n - 1)), 2, drop_last=False
+    )
+    with pytest.warns(UserWarning, match=r"sampler \(SubsetRandomSampler\) is not used"):
+        infkit.Influence(problem["task"], "identity", progress=False).fit(
+            DataLoader(rows, batch_sampler=some)
+        )
+    with pytest.warns(UserWarning, match=r"batch_sampler \(list\) is not used"):
+        infkit.Influence(problem["task"], "identity", progress=False).fit(
+            DataLoader(rows, batch_sampler=[[0, 1], [2]])
+        )
+    assert n > 2
+    with pytest.warns(UserWarning, match=rf"drops the last 1 of its {n} examples"):
+        infkit.Influence(problem["task"], "identity", progress=False).fit(
+            DataLoader(rows, batch_size=n - 1, drop_last=True)
+        )
 
 
 def test_a_pair_of_python_lists_reads_as_the_pair_of_tensors() -> None:
@@ -297,6 +316,14 @@ def test_a_pair_of_python_lists_reads_as_the_pair_of_tensors() -> None:
         torch.testing.assert_close(listed.scores((X[:2], y[:2])), expected, rtol=1e-12, atol=0)
     two = ExampleSet([[X[0].tolist(), 0], [X[1].tolist(), 1]])
     assert len(two) == 2 and two.take([1]).targets.tolist() == [1]
+    # two rows and their labels: read as two examples, the second's input a label, a raw
+    # TypeError refused a tester's training set; the pair it is, as training data and queries
+    pair = ExampleSet((X[:2].tolist(), y[:2].tolist()))
+    assert len(pair) == 2 and pair.take([1]).targets.tolist() == [int(y[1])]
+    two_rows = infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+    torch.testing.assert_close(
+        two_rows.scores((X[:2].tolist(), y[:2].tolist())), expected, rtol=1e-12, atol=0
+    )
 
 
 def test_arrays_of_strings_or_objects_are_refused_saying_how_to_give_numbers() -> None:
@@ -360,3 +387,49 @@ def test_a_pair_of_lists_of_tensors_is_refused_saying_how_to_stack_them() -> Non
         ExampleSet(triples, name="training set")
     pairs = ExampleSet([(x, x) for x in rows])  # a list of (x, y) pairs: four examples
     assert len(pairs) == 4
+
+
+def test_items_of_several_forms_and_a_len_beyond_the_items_name_the_item() -> None:
+    """A tester's: a dataset whose item 50 is a dict among (x, y) pairs raised
+    default_collate's TypeError, one whose __len__ counts 5 items more than it has a bare
+    IndexError; each names the items. Queries given as (X, None) were told about dicts' label
+    keys, and a float64 model asked for float32 passes was told of raising a float32 model's
+    precision: each names its own case."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (60,), generator=gen)
+
+    class Mixed(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 60
+
+        def __getitem__(self, i: int) -> Any:
+            return {"x": X[i], "labels": y[i]} if i == 50 else (X[i], y[i])
+
+    class TooLong(Mixed):
+        def __len__(self) -> int:
+            return 65
+
+        def __getitem__(self, i: int) -> Any:
+            return X[i], y[i]
+
+    task = infkit.Task.classification(torch.nn.Linear(4, 3).double())
+    with pytest.raises(
+        InvalidInputError,
+        match=r"examples 0 and 50 have inputs of different forms \(a tensor or number against "
+        r"a dict\)",
+    ):
+        infkit.Influence(task, "exact", l2=1e-2).fit(Mixed())
+    with pytest.raises(
+        InvalidInputError,
+        match=r"reading its item 60 raised IndexError: .*its __len__ gives 65: does it count "
+        "more items",
+    ):
+        infkit.Influence(task, "exact", l2=1e-2).fit(TooLong())
+    inf = infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+    with pytest.raises(InvalidInputError, match=r"test set has no labels, which the task reads"):
+        inf.scores((X[:3], None))
+    with pytest.raises(
+        InvalidInputError, match=r"to compute a float64 model in float32, give a float32 copy"
+    ):
+        infkit.Influence(task, "exact", l2=1e-2, dtype=torch.float32)

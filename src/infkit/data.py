@@ -29,6 +29,7 @@ from infkit.data_forms import (
     LM_EXAMPLES,
     is_array,
     is_map_style,
+    is_ragged,
     is_tokenizer_pair,
     label_key,
     mapping_pair,
@@ -38,7 +39,7 @@ from infkit.data_forms import (
     unbatched_input,
     warn_unused_loader_parts,
 )
-from infkit.errors import InvalidInputError, NonFiniteError
+from infkit.errors import InfkitError, InvalidInputError, NonFiniteError
 
 #: the position a check gives for a problem of a whole batch, not of one of its examples
 WHOLE_BATCH = -1
@@ -175,16 +176,31 @@ def _is_pair(data: Any) -> bool:
 
 
 def _two_lists(data: Any) -> tuple[Sequence[Any], Sequence[Any]] | None:
-    """``(X, y)`` when ``data`` is two Python lists (or tuples) of one length, neither 0 nor 2
-    (with 2 the data reads as two examples, an example being an (x, y) pair); else None."""
+    """``(X, y)`` when ``data`` is two Python lists (or tuples) of one length, not 0; else
+    None. With 2 the data reads as two examples, an example being an (x, y) pair, unless
+    their inputs ``X[0]`` and ``y[0]`` would be of two shapes (a row and a label: two rows and
+    their labels, which a tester's training set of two was, refused by a TypeError)."""
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         return None
     inputs, labels = data
     if not (isinstance(inputs, (list, tuple)) and isinstance(labels, (list, tuple))):
         return None
-    if len(inputs) != len(labels) or len(inputs) in (0, 2):
+    if len(inputs) != len(labels) or not inputs:
         return None
+    if len(inputs) == 2:
+        first_input, second_input = (_number_shape(part[0]) for part in (inputs, labels))
+        if first_input is None or second_input is None or first_input == second_input:
+            return None
     return inputs, labels
+
+
+def _number_shape(value: Any) -> tuple[int, ...] | None:
+    """The shape of a Python number (``()``), a rectangular list of them or a tensor, else
+    None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return ()
+    tensor = numbers_as_tensor(value)
+    return tuple(tensor.shape) if isinstance(tensor, Tensor) else None
 
 
 def _is_list_pair(data: Any) -> bool:
@@ -223,6 +239,21 @@ def _is_inputs_tuple_pair(data: Any) -> bool:
     if len(inputs) == labels.shape[0]:  # as many as the examples: maybe one row each
         return False
     return all(len(x.shape) > 0 and x.shape[0] == labels.shape[0] for x in inputs)
+
+
+def _item_form(value: Any) -> str:
+    """The structure of an item's inputs or labels, in words: ``"a tensor or number"`` (they
+    collate alike), ``"a list of numbers"``, ``"a dict"``, ``"a tuple of 2"``, else the type's
+    name."""
+    if isinstance(value, (Tensor, int, float)) or is_array(value):
+        return "a tensor or number"
+    if isinstance(value, Mapping):
+        return "a dict"
+    if isinstance(value, (tuple, list)):
+        if is_ragged(value) or isinstance(numbers_as_tensor(value), Tensor):
+            return "a list of numbers"  # (of several lengths: a shape, named after collation)
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__}"
 
 
 def example_name(number: int, position: int) -> str:
@@ -388,12 +419,32 @@ class ExampleSet:
                 self.name,
                 *self._numbers_of(idx),
             )
-        pairs = [self._item_pair(self._dataset[int(i)], int(i)) for i in idx]
+        pairs = [self._item_pair(self._read(int(i)), int(i)) for i in idx]
         inputs = self._collate([p[0] for p in pairs], idx, "inputs")
         targets = (
             None if pairs[0][1] is None else self._collate([p[1] for p in pairs], idx, "labels")
         )
         return Batch(idx, inputs, targets, self.name, *self._numbers_of(idx))
+
+    def _read(self, i: int) -> Any:
+        """Item ``i`` of the dataset; what reading it raised (an ``IndexError`` where
+        ``__len__`` counts more items than ``__getitem__`` reads, a transform's error) names
+        the item, with the error chained."""
+        try:
+            return self._dataset[i]
+        except InfkitError:
+            raise
+        except Exception as error:  # (the user's __getitem__: what it raised is the news)
+            hint = (
+                f"; its __len__ gives {len(self._dataset)}: does it count more items than "
+                "__getitem__ reads?"
+                if isinstance(error, IndexError)
+                else ""
+            )
+            raise InvalidInputError(
+                f"{self.name}: reading its item {i} raised {type(error).__name__}: "
+                f"{str(error)[:200]}{hint}"
+            ) from error
 
     def _numbers_of(self, idx: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """The numbers and positions (as messages give them) of the examples at ``idx``."""
@@ -427,6 +478,15 @@ class ExampleSet:
                     "example of a set needs the same keys (give each an attention_mask, all "
                     "ones where nothing is padded)"
                 )
+        forms = [_item_form(v) for v in values]
+        other = next((k for k in range(1, len(values)) if forms[k] != forms[0]), None)
+        if other is not None:  # (default_collate's TypeError named no example, torch's index)
+            raise InvalidInputError(
+                f"{self.name} examples {self.number(int(idx[0]))} and "
+                f"{self.number(int(idx[other]))} have {what} of different forms ({forms[0]} "
+                f"against {forms[other]}): every example of a set needs one form (its __getitem__ "
+                "returning an (x, y) pair for each, or a dict with the same keys for each)"
+            )
         try:
             return default_collate(values)
         except RuntimeError as error:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import (
+    BatchSampler,
     DataLoader,
     RandomSampler,
     SequentialSampler,
@@ -190,7 +191,16 @@ def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
             "every example in one batch: collate_fn([dataset[i] for i in range(len(dataset))]) "
             "(a dict holding the labels, or an (inputs, labels) pair)"
         )
-    sampler = loader.sampler
+    batches = loader.batch_sampler
+    if batches is not None and not isinstance(batches, BatchSampler):
+        warn(
+            f"{name}: the DataLoader's batch_sampler ({_callable_name(batches)}) is not used: "
+            "infkit reads every example of its dataset once, in the dataset's order. To "
+            "attribute to some of them, give those: torch.utils.data.Subset(dataset, indices)"
+        )
+        return
+    # (a batch_sampler of one's own holds the sampler; loader.sampler is then the default)
+    sampler = batches.sampler if isinstance(batches, BatchSampler) else loader.sampler
     whole = isinstance(sampler, SequentialSampler) or (
         isinstance(sampler, RandomSampler)
         and not sampler.replacement
@@ -202,6 +212,16 @@ def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
             "reads every example of its dataset once. To attribute to some of them, give "
             "those: torch.utils.data.Subset(dataset, indices)"
         )
+    elif isinstance(batches, BatchSampler) and batches.drop_last:
+        n = len(sampler)  # type: ignore[arg-type]
+        dropped = n % batches.batch_size
+        if dropped:
+            warn(
+                f"{name}: the DataLoader drops the last {dropped} of its {n} examples each "
+                f"epoch (drop_last=True, batch_size={batches.batch_size}); infkit reads every "
+                "example of its dataset, those too. To attribute to fewer, give those: "
+                "torch.utils.data.Subset(dataset, indices)"
+            )
 
 
 def is_map_style(data: Any) -> bool:

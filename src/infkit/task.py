@@ -603,7 +603,7 @@ class Task:
                 if isinstance(dtype, torch.dtype)
                 and dtype.is_floating_point
                 and floating
-                and dtype.itemsize > floating[0].itemsize
+                and dtype != floating[0]
                 else ""
             )
             raise InvalidInputError(
