@@ -83,3 +83,51 @@ def test_every_name_the_readme_gives_is_reached_from_import_infkit() -> None:
             found = getattr(found, part)
     with pytest.raises(AttributeError, match="has no attribute 'nosuch'"):
         infkit.analyses.nosuch  # noqa: B018
+
+
+def _resolves(name: str) -> bool:
+    """Whether the dotted ``infkit...`` name is a module or an attribute path, importing
+    submodules on the way (``infkit.methods.arnoldi``, where ``infkit.methods`` is also a
+    function) as the API pages' references do."""
+    import importlib
+
+    parts = name.split(".")
+    found: object = importlib.import_module(parts[0])
+    for k in range(2, len(parts) + 1):
+        try:
+            found = importlib.import_module(".".join(parts[:k]))
+            continue
+        except ImportError:
+            pass
+        if not hasattr(found, parts[k - 1]):
+            return False
+        found = getattr(found, parts[k - 1])
+    return True
+
+
+def test_every_name_the_docs_give_is_reached_and_every_code_block_closes() -> None:
+    """A tester's: docs/distributed.md named ``analyses.dataset_embedding`` (it is
+    ``analyses.similarity.dataset_embedding``), and a closing fence with text after it on
+    docs/methods/identity.md made the rest of the block a paragraph, which the strict docs
+    build passes. Every ``infkit.`` name, and every name under a submodule written without
+    the prefix (``analyses.x.y``, ``retrain.x``), resolves; every closing fence is bare."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    prefixes = "analyses|retrain|evaluate|plot|valuation|language_modeling|distributed"
+    checked = 0
+    for page in pages:
+        text = page.read_text()
+        names = set(re.findall(r"(?<![\w./-])(infkit(?:\.[A-Za-z_]\w*)+)", text)) - {"infkit.toml"}
+        names |= {f"infkit.{m}" for m in re.findall(rf"`((?:{prefixes})(?:\.[A-Za-z_]\w*)+)", text)}
+        for name in sorted(names):
+            assert _resolves(name), f"{page.relative_to(ROOT)} names {name}, which does not exist"
+            checked += 1
+        inside = False
+        for number, line in enumerate(text.splitlines(), start=1):
+            fence = line.strip()
+            if fence.startswith("```"):
+                assert not inside or fence == "```", (
+                    f"{page.relative_to(ROOT)}:{number}: text after a closing fence"
+                )
+                inside = not inside
+        assert not inside, f"{page.relative_to(ROOT)}: a code block never closes"
+    assert checked > 100

@@ -68,12 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit an influence on your own model and data (factories named in the "
         "config), explain test examples, rank self-influence, predict group removals, check "
         "against retraining; write a workdir with the scores, CSV tables and report.html. "
-        "Paths are relative to the config file; its folder is on sys.path.",
+        "Paths in the config are relative to the config file (--out, to the current "
+        "directory); its folder is on sys.path.",
         epilog=_config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("config", help="the TOML configuration file")
-    run.add_argument("--out", default=None, help="the workdir (default: [output] workdir)")
+    run.add_argument(
+        "--out",
+        default=None,
+        help="the workdir, relative to the current directory (default: [output] workdir)",
+    )
     run.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     report = sub.add_parser(
