@@ -14,7 +14,7 @@ from torch import Tensor
 import infkit
 from infkit.curvature import CurvatureOperator
 from infkit.data import ExampleSet
-from infkit.errors import CurvatureError, UnsupportedError
+from infkit.errors import CurvatureError, Notice, UnsupportedError
 from infkit.evaluate import correlation, relative_error
 from infkit.gradients import PerExample
 from infkit.linalg import block_conjugate_gradients, conjugate_gradients, orthonormal_basis
@@ -60,7 +60,36 @@ def test_cg_newton_with_the_hessian(mlp_problem: dict) -> None:
     reference = infkit.Influence(task, "exact", "newton", **options).fit(train)
     inf = infkit.Influence(task, "cg", "newton", tol=1e-10, **options).fit(train)
     group = list(range(0, 60, 4))
-    assert relative_error(inf.remove(group).params, reference.remove(group).params) < 1e-7
+    with pytest.warns(Notice, match=r"without checking it \(the Hessian less the removed"):
+        assert relative_error(inf.remove(group).params, reference.remove(group).params) < 1e-7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Notice)  # once
+        inf.remove([1])
+        # the GGN with a ridge: positive definite, nothing to say
+        ggn = {**options, "curvature": "ggn"}
+        infkit.Influence(task, "cg", "newton", tol=1e-10, **ggn).fit(train).remove(group)
+
+
+def test_a_retained_curvature_refused_names_its_removal_and_cg_says_it_cannot_check() -> None:
+    """A tester's: exact refused the retained curvature of a Newton step "after removing 1
+    example(s)", not saying which of the N an answer removed; cg returned the step of an
+    indefinite or singular retained curvature without a word (docs/methods/cg.md §7 said CG
+    raises). Least squares at l2 = 0 without 8 of its 12 examples, 11 parameters: singular."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(12, 10, generator=gen, dtype=torch.float64)
+    y = torch.randn(12, generator=gen, dtype=torch.float64)
+    task = infkit.Task.regression(torch.nn.Linear(10, 1).double())
+    infkit.train_to_optimum(task, (X, y), 0.0)
+    exact = infkit.Influence(task, "exact", "newton", l2=0.0).fit((X, y))
+    with pytest.raises(
+        CurvatureError,
+        match=r"after removing 8 example\(s\) \(example 0, example 1, example 2, example 3, "
+        r"example 4 and 3 more\)",
+    ):
+        exact.remove(list(range(8)))
+    cg = infkit.Influence(task, "cg", "newton", l2=0.0).fit((X, y))
+    with pytest.warns(Notice, match=r"with no ridge, the retained curvature can be singular"):
+        cg.remove(list(range(8)))
 
 
 def test_conjugate_gradients_stop_cleanly_and_report() -> None:

@@ -1264,7 +1264,10 @@ class Influence:
 
         For C outputs an example, h_j is the sum of the eigenvalues of its leverage block
         ``Lambda_j J_j H^{-1} J_j^T / N``; rif and newton need each eigenvalue below 1 (their
-        CurvatureError reports the largest), not the sum.
+        CurvatureError reports the largest), not the sum. With ``curvature="hessian"`` H is the
+        Hessian but the example's block stays its GGN part ``J_j^T Lambda_j J_j`` (its own
+        Hessian can be indefinite: a leverage of it could be negative, which is why ``rif``
+        refuses the Hessian; docs/estimators.md §4).
         """
         self.fitted.require_unchanged()
         method = self.method

@@ -156,9 +156,12 @@ class Exact(PrimalMethod):
         ridge = ctx.retained_ridge(n_f)
         A = H - C_F / n
         A = A + ridge * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        shown = ", ".join(ctx.train.example(int(j)) for j in group[:5])
+        more = f" and {n_f - 5} more" if n_f > 5 else ""
         solver = SymmetricSolver(
             A,
-            what=f"retained {self.curvature.upper()} after removing {n_f} example(s)",
+            what=f"retained {self.curvature.upper()} after removing {n_f} example(s) "
+            f"({shown}{more})",
             curvature=self.curvature,
             damping=ctx.damping,
         )
