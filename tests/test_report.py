@@ -370,6 +370,27 @@ def test_a_second_run_in_a_workdir_in_use_is_refused_until_the_first_ends(
     assert load_results(workdir)[0]["summary"]["influence"] == "reloaded"
 
 
+def test_a_workdir_without_locks_runs_unguarded_with_a_notice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reviewer's: a file system without flock (NFS mounted nolock) raises OSError(ENOLCK),
+    not BlockingIOError, which ended the run in a traceback where it ran before the lock."""
+    import errno
+    import fcntl
+
+    from infkit.report import lock
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = False
+    said = r"on a file system without locks \(No locks available\)"
+    with pytest.warns(Notice, match=said), lock.held(tmp_path):
+        ran = True
+    assert ran
+
+
 def test_a_save_that_never_committed_is_fitted_again_with_a_notice_for_the_command(
     project: Path, finished: Path, tmp_path: Path
 ) -> None:

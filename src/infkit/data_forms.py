@@ -193,11 +193,15 @@ def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
         )
     batches = loader.batch_sampler
     if batches is not None and not isinstance(batches, BatchSampler):
-        warn(
-            f"{name}: the DataLoader's batch_sampler ({_callable_name(batches)}) is not used: "
-            "infkit reads every example of its dataset once, in the dataset's order. To "
-            "attribute to some of them, give those: torch.utils.data.Subset(dataset, indices)"
-        )
+        # (one of one's own, length bucketing: what it covers is seen by drawing its indices)
+        drawn = _drawn_indices(batches, len(loader.dataset))  # type: ignore[arg-type]
+        if drawn != "every example once":
+            warn(
+                f"{name}: the DataLoader's batch_sampler ({_callable_name(batches)}) draws "
+                f"{drawn}, and is not used: infkit reads every example of its dataset once, in "
+                "the dataset's order. To attribute to some of them, give those: "
+                "torch.utils.data.Subset(dataset, indices)"
+            )
         return
     # (a batch_sampler of one's own holds the sampler; loader.sampler is then the default)
     sampler = batches.sampler if isinstance(batches, BatchSampler) else loader.sampler
@@ -212,16 +216,36 @@ def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
             "reads every example of its dataset once. To attribute to some of them, give "
             "those: torch.utils.data.Subset(dataset, indices)"
         )
-    elif isinstance(batches, BatchSampler) and batches.drop_last:
-        n = len(sampler)  # type: ignore[arg-type]
+    elif (
+        isinstance(sampler, SequentialSampler)  # (shuffled, another few each epoch: all trained)
+        and isinstance(batches, BatchSampler)
+        and batches.drop_last
+    ):
+        n = len(sampler)
         dropped = n % batches.batch_size
         if dropped:
             warn(
-                f"{name}: the DataLoader drops the last {dropped} of its {n} examples each "
-                f"epoch (drop_last=True, batch_size={batches.batch_size}); infkit reads every "
-                "example of its dataset, those too. To attribute to fewer, give those: "
-                "torch.utils.data.Subset(dataset, indices)"
+                f"{name}: the DataLoader drops its last {dropped} of {n} examples (drop_last="
+                f"True, batch_size={batches.batch_size}, not shuffled, so never trained on); "
+                "infkit reads every example of its dataset, those too. To attribute to the "
+                f"others, give them: torch.utils.data.Subset(dataset, range({n - dropped}))"
             )
+
+
+def _drawn_indices(batches: Any, n: int) -> str:
+    """What a batch sampler draws of ``n`` examples, in words: ``"every example once"``, or
+    how many of them and whether it repeats any (its first 2n indices at most: a sampler
+    may never end)."""
+    seen: list[int] = []
+    for batch in batches:
+        seen.extend(int(i) for i in batch)
+        if len(seen) > 2 * n:
+            return "more than twice as many indices as examples"
+    distinct = set(seen)
+    if len(seen) == n and distinct == set(range(n)):
+        return "every example once"
+    repeated = " and repeats some" if len(distinct) < len(seen) else ""
+    return f"{len(distinct & set(range(n)))} of the {n} examples{repeated}"
 
 
 def is_map_style(data: Any) -> bool:

@@ -148,10 +148,10 @@ class Fitted:
                 return f"{name} (frozen since fit)"
         classes: dict[str, str] = self._classes  # type: ignore[attr-defined]
         found_classes = module_classes(model)
-        for name in sorted(found_classes.keys() | classes.keys()):
-            if found_classes.get(name) != classes.get(name):
-                then, now_class = classes.get(name, "nothing"), found_classes.get(name, "nothing")
-                return f"{name or 'model'} (module: {then} at fit, {now_class} now)"
+        for name in sorted(classes):  # (a module a forward pass makes, a reviewer's per batch
+            if found_classes.get(name) != classes[name]:  # size, is none of fit's: left out)
+                now_class = found_classes.get(name, "nothing")
+                return f"{name or 'model'} (module: {classes[name]} at fit, {now_class} now)"
         found = _outside_digests(model, self.space)
         expected: dict[str, str] = self._outside  # type: ignore[attr-defined]
         for name in sorted(found.keys() | expected.keys()):
@@ -195,6 +195,13 @@ class Fitted:
                 "(set_adapter(...), outside disable_adapter(), unmerged), or fit again"
             )
         name = self.changed_since_fit()
+        if name is not None and name.endswith("(frozen since fit)"):
+            parameter = name.removesuffix(" (frozen since fit)")
+            raise InvalidInputError(
+                f"the model's parameter {parameter!r} was frozen since fit (requires_grad=False):"
+                " the fitted state attributes through it, the queries' gradients would leave it "
+                f"out. Set it trainable again ({parameter}.requires_grad_(True)), or fit again"
+            )
         if name is not None:
             kept = (
                 " (if the forward pass keeps that value itself, a statistic that a pass of "

@@ -136,8 +136,8 @@ class Options:
     ) -> OptionsT:
         """An instance from keyword arguments, or an error naming ``owner`` and the option.
 
-        ``refuse_unread=False`` takes options that the others leave unread (:meth:`unread`),
-        as a saved fit's, whose answers they did not change.
+        ``refuse_unread=False`` takes options that the others leave unread (:meth:`unread`):
+        a saved fit's, whose answers they did not change.
 
         Raises:
             UnsupportedError: an unknown option, or a value outside an option's choices.
@@ -183,19 +183,29 @@ class Options:
                 given[f.name] = coerce(given[f.name], hints_by_name[f.name])
                 _check_value(owner, f, hints_by_name[f.name], given[f.name])
         options = cls(**given)
-        unread = options.unread(frozenset(given)) if refuse_unread else []
-        if unread:
-            raise InvalidInputError(
-                f"{owner}: " + "; ".join(unread) + ": the method would ignore it, which reads as a "
-                "setting it honoured. Leave it out, or set the option that reads it"
-            )
+        if refuse_unread:
+            unread = options.unread_of(given)
+            if unread:
+                raise InvalidInputError(
+                    f"{owner}: "
+                    + "; ".join(unread.values())
+                    + ": the method would ignore it, which reads as a setting it honoured. "
+                    "Leave it out, or set the option that reads it"
+                )
         return options
 
-    def unread(self, given: frozenset[str]) -> list[str]:
-        """Of the options ``given`` (passed, not defaulted), each that these options' other
-        values leave unread, with the reason: :meth:`parse` refuses them. The base leaves
-        none unread; subclasses add theirs (``samples`` with ``fisher='ggn'``)."""
-        return []
+    def unread_of(self, given: Mapping[str, Any]) -> dict[str, str]:
+        """:meth:`unread` of the options in ``given`` set to other than their defaults."""
+        defaults = {f.name: f.default for f in self.fields()}
+        return self.unread(frozenset(k for k in given if _differs(given[k], defaults[k])))
+
+    def unread(self, given: frozenset[str]) -> dict[str, str]:
+        """Of the options ``given`` (set to other than their defaults), each that these
+        options' other values leave unread, with the reason: :meth:`parse` refuses them (a
+        default given is taken: a fit's own options given back, a shared dict of options).
+        The base leaves none unread; subclasses add theirs (``samples`` with
+        ``fisher='ggn'``)."""
+        return {}
 
     def record(self) -> dict[str, Any]:
         """The options as JSON-friendly values (tensors and callables summarised)."""
@@ -217,6 +227,15 @@ class NoOptions(Options):
 
 
 # ------------------------------------------------------------------------------ validation
+def _differs(value: Any, default: Any) -> bool:
+    """Whether an option's value is other than its default (what cannot be compared, a
+    tensor against a number, is)."""
+    try:
+        return bool(value != default)
+    except (TypeError, ValueError, RuntimeError):
+        return True
+
+
 def _check_value(owner: str, f: dataclasses.Field[Any], hint: Any, value: Any) -> None:
     doc = f.metadata.get("doc", "")
     where = f"{owner}: option {f.name!r}"

@@ -71,6 +71,7 @@ from infkit.fingerprint import (
 from infkit.fitted import Fitted, gradient_cache_fits, probe_forward_writes
 from infkit.gradients import PerExample
 from infkit.methods.base import Method, method_class, registered
+from infkit.options import Options
 from infkit.parameters import ParameterSpace, dtype_name
 from infkit.progress import Mode
 from infkit.registry import Choice
@@ -754,7 +755,8 @@ class SavedInfluence:
                 f"(method {self.method!r} was fitted with {sorted(options) or 'none'}); load "
                 "takes only its function options again"
             )
-        self._check_options(options)
+        for name in self._check_options(options).unread_of(options):
+            del options[name]  # (left unread: they changed nothing, and construction refuses them)
         choice = self.document("state").get("choice")
         workdir = ident.get("workdir")
         return Settings(
@@ -774,13 +776,14 @@ class SavedInfluence:
             choice=None if choice is None else Choice(**choice),
         )
 
-    def _check_options(self, options: dict[str, Any]) -> None:
-        """Refuse a fit whose method options this version refuses (a ``cg`` saved with
-        ``tol=1.0``, whose every score was 0), naming the file and the remedy rather than
-        reading as an argument given to load."""
+    def _check_options(self, options: dict[str, Any]) -> Options:
+        """The saved method options, parsed; refuse a fit whose options this version refuses
+        (a ``cg`` saved with ``tol=1.0``, whose every score was 0), naming the file and the
+        remedy rather than reading as an argument given to load. Options the others leave
+        unread (``samples`` saved beside ``fisher='ggn'`` before they were refused) are taken."""
         try:
-            method_class(self.method).Options.parse(
-                options, f"method {self.method!r}", refuse_unread=False
+            return method_class(self.method).Options.parse(
+                options, f"method {self.method!r}", False
             )
         except InvalidInputError as error:
             raise ArtifactError(

@@ -156,16 +156,16 @@ class KroneckerOptions(Options):
             return HEURISTIC_DAMPING_SCALE
         return float(self.damping_scale or 0.0)
 
-    def unread(self, given: frozenset[str]) -> list[str]:
+    def unread(self, given: frozenset[str]) -> dict[str, str]:
         """``samples`` and ``sample_targets`` with a ``fisher`` that draws no labels."""
         found = super().unread(given)
         if self.fisher in ("ggn", "empirical"):
-            found += [
-                f"option {name!r} is read by fisher='sampled' (or 'auto' where it samples), "
-                f"not by fisher={self.fisher!r}"
+            found |= {
+                name: f"option {name!r} is read by fisher='sampled' (or 'auto' where it "
+                f"samples), not by fisher={self.fisher!r}"
                 for name in ("samples", "sample_targets")
                 if name in given
-            ]
+            }
         return found
 
     def shared_record(self) -> dict[str, Any]:

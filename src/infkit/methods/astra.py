@@ -92,18 +92,20 @@ class AstraOptions(KroneckerOptions):
         minimum=1,
     )
 
-    def unread(self, given: frozenset[str]) -> list[str]:
+    def unread(self, given: frozenset[str]) -> dict[str, str]:
         """The Neumann series' ``step`` and ``power_iterations`` with ``solver='cg'``, and
         ``power_iterations`` beside a ``step`` of one's own."""
         found = super().unread(given)
         if self.solver == "cg":
-            found += [
-                f"option {name!r} is read by solver='neumann' only, not by solver='cg'"
+            found |= {
+                name: f"option {name!r} is read by solver='neumann' only, not by solver='cg'"
                 for name in ("step", "power_iterations")
                 if name in given
-            ]
+            }
         elif self.step != "auto" and "power_iterations" in given:
-            found.append(f"option 'power_iterations' estimates step='auto', not step={self.step!r}")
+            found["power_iterations"] = (
+                f"option 'power_iterations' estimates step='auto', not step={self.step!r}"
+            )
         return found
 
     def preconditioner(self) -> KroneckerOptions:

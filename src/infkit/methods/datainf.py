@@ -64,11 +64,11 @@ class DataInfOptions(Options):
         "tensor", "one block per parameter 'tensor' (the authors' code), or per 'module'"
     )
 
-    def unread(self, given: frozenset[str]) -> list[str]:
+    def unread(self, given: frozenset[str]) -> dict[str, str]:
         """``damping_scale`` beside a ``layer_damping`` of one's own."""
         found = super().unread(given)
         if self.layer_damping != "auto" and "damping_scale" in given:
-            found.append(
+            found["damping_scale"] = (
                 "option 'damping_scale' scales layer_damping='auto', not a layer_damping of "
                 "one's own"
             )
@@ -178,7 +178,11 @@ class DataInf(PrimalMethod):
                 raise InvalidInputError(
                     f"layer_damping has no value for the block(s) {missing}; blocks: {self.names}"
                 )
-            unknown = [n for n in option if n not in self.names]
+            model = self.fitted.task.model  # (a frozen parameter's value is moot, a typo's not)
+            known = {name for name, _ in model.named_parameters()} | {
+                name for name, _ in model.named_modules()
+            }
+            unknown = [n for n in option if n not in self.names and n not in known]
             if unknown:  # (a misspelt block's value was ignored)
                 raise InvalidInputError(
                     f"layer_damping names block(s) {unknown} that the model does not have; "
