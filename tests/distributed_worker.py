@@ -108,6 +108,9 @@ def mismatch(out: Path, what: str, task: infkit.Task, inputs: dict, labels: torc
     message = ""
     try:
         estimator = "relatif" if what == "estimator" and rank == 1 else "if"
+        # a store on process 1 alone sets its factors aside as it scores, grouping the queries
+        # otherwise (a tester's run aborted in gloo, sums of two sizes)
+        store = {"factors_dir": str(out / "store1")} if what == "store" and rank == 1 else {}
         inf = infkit.Influence(
             task,
             "ekfac",
@@ -116,6 +119,7 @@ def mismatch(out: Path, what: str, task: infkit.Task, inputs: dict, labels: torc
             damping=damping,
             batch_size=batch,
             memory_limit=limit,
+            **store,
         ).fit(train)
         inf.scores(queries)
     except infkit.errors.InvalidInputError as error:

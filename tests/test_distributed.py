@@ -81,6 +81,7 @@ def test_torchrun_gives_every_process_the_single_process_answer(tmp_path: Path) 
         # only the IF's scores stream with sums: process 1, asking for RelatIF, finished alone
         # while process 0 waited in the sum, then met a raw gloo error (a tester's run)
         ("estimator", "the scores of method 'ekfac'", "estimator, so"),
+        ("store", "the fit of method 'ekfac'", "factors_store, so"),
     ],
 )
 def test_processes_that_differ_are_refused_on_every_process(

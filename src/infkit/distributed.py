@@ -66,7 +66,12 @@ def examples_in_batches(
     return dealt_examples(n, batch_size, rank, size)
 
 
-def agree(what: str, identity: Mapping[str, Any], device: torch.device | None = None) -> None:
+def agree(
+    what: str,
+    identity: Mapping[str, Any],
+    device: torch.device | None = None,
+    hints: Mapping[str, str] | None = None,
+) -> None:
     """Refuse, on every process alike, a computation whose processes would combine different
     things: ``identity`` (what the computation depends on: the model's and the data's
     fingerprints, the settings) is gathered from every process and compared with process 0's
@@ -79,6 +84,9 @@ def agree(what: str, identity: Mapping[str, Any], device: torch.device | None = 
     Each process sends a 32-byte digest of its identity (on ``device`` under NCCL: the
     computation's, else the current CUDA device), the identities themselves only where the
     digests differ, to name the difference.
+
+    ``hints``: what to do where a field differs (``{"factors_store": "give every process
+    ..."}``), said beside the general remedy.
 
     Raises:
         InvalidInputError: a process's identity differs from process 0's; the message names
@@ -106,12 +114,14 @@ def agree(what: str, identity: Mapping[str, Any], device: torch.device | None = 
     for other, theirs in enumerate(gathered):
         if theirs == gathered[0]:
             continue
-        changed = ", ".join(differences(first, json.loads(theirs))) or "(the identity)"
+        fields = differences(first, json.loads(theirs))
+        changed = ", ".join(fields) or "(the identity)"
+        told = [hints[f] for f in fields if hints and f in hints]
         raise InvalidInputError(
             f"{what}: process {other} of {size} differs from process 0 in {changed}, so their "
             "sums would mix different computations. Every process must run the same script on "
             "the same model, training data (in the same order), queries and settings "
-            f"(docs/distributed.md §2); this is process {rank}"
+            f"(docs/distributed.md §2){''.join('; ' + t for t in told)}; this is process {rank}"
         )
 
 

@@ -582,38 +582,16 @@ class KroneckerCurvature:
         options, fitted = self.options, self.fitted
         fitter = self._fitter()
         identity = self.identity(fitter, self.corrected)
-        # under torchrun: the same fit on every process, whose passes split by batch_size, and
-        # the same memory limit and [N, P] gradient cache, which choose the scoring path (a
-        # process that scores from its cache makes no sum the others would wait in)
-        agree(
-            f"the fit of method {self.owner!r}",
-            {
-                **identity,
-                "method": self.owner,
-                "batch_size": fitter.batch_size,
-                "memory_limit": fitted.memory_limit,
-                "gradient_cache": fitted.train_gradients is not None,
-            },
-            fitted.space.device,
-        )
         stage = first_stage_identity(identity)
         store = None if options.factors_dir is None else ArtifactStore(options.factors_dir)
-        resume = None
+        found, resume = None, None
         if store is not None and not options.overwrite:
             # K-FAC can reuse EK-FAC factors (the same eigenbases, and the correction on top)
             wanted = reusable_identities(identity, self.corrected)
-            for candidate in wanted:
-                artifact = store.load(FACTORS, candidate)
-                if artifact is not None:
-                    self.loaded = True
-                    self._source = (store, [dict(c) for c in wanted])
-                    logger.info(
-                        "Kronecker factors reused from %s (no pass over the data)", artifact.path
-                    )
-                    if self.corrected:  # a stage a killed run left beside the final factors
-                        self._remove_stage(store, stage)
-                    return self._from_artifact(artifact)
-            if self.corrected:
+            found = next(
+                (a for a in (store.load(FACTORS, c) for c in wanted) if a is not None), None
+            )
+            if found is None and self.corrected:
                 artifact = store.load(FACTORS, stage)
                 if artifact is not None:
                     self.resumed = True
@@ -623,10 +601,51 @@ class KroneckerCurvature:
                         artifact.path,
                     )
                     resume = self._from_artifact(artifact)
-            others = [(p, found) for p, found in store.others(FACTORS, identity) if found != stage]
+        # under torchrun: the same fit on every process, whose passes split by batch_size, and
+        # the same memory limit and [N, P] gradient cache, which choose the scoring path (a
+        # process that scores from its cache makes no sum the others would wait in); a store
+        # or none on every process (one sets its factors aside as it scores, which groups the
+        # queries otherwise), holding the same committed factors (a process that loads them
+        # makes none of the fit's sums: a tester's torchrun hung, rank 0 resuming, rank 1 not)
+        agree(
+            f"the fit of method {self.owner!r}",
+            {
+                **identity,
+                "method": self.owner,
+                "batch_size": fitter.batch_size,
+                "memory_limit": fitted.memory_limit,
+                "gradient_cache": fitted.train_gradients is not None,
+                "factors_store": store is not None,
+                "committed_factors": (
+                    "final"
+                    if found is not None
+                    else "first stage"
+                    if resume is not None
+                    else "none"
+                ),
+            },
+            fitted.space.device,
+            hints={
+                "factors_store": "give every process a workdir (or factors_dir), or none",
+                "committed_factors": "give every process the same workdir (a shared one), or "
+                "each its own in the same state, or pass overwrite=True to fit again",
+            },
+        )
+        if found is not None:
+            self.loaded = True
+            assert store is not None
+            self._source = (store, [dict(c) for c in reusable_identities(identity, self.corrected)])
+            logger.info("Kronecker factors reused from %s (no pass over the data)", found.path)
+            if self.corrected:  # a stage a killed run left beside the final factors
+                self._remove_stage(store, stage)
+            return self._from_artifact(found)
+        if store is not None and not options.overwrite:
+            others = [
+                (p, theirs) for p, theirs in store.others(FACTORS, identity) if theirs != stage
+            ]
             if others:
-                path, found = others[0]
-                changed = ", ".join(_changed_settings(identity, found))
+                path, theirs = others[0]
+                changed = ", ".join(_changed_settings(identity, theirs))
                 raise ArtifactError(
                     f"{path} holds Kronecker factors fitted for another computation (differs "
                     f"in: {changed}). Pass overwrite=True (a method option: "

@@ -291,9 +291,16 @@ class KFAC(PrimalMethod):
                 "memory_limit": fitted.memory_limit,
                 "gradient_cache": fitted.train_gradients is not None,
                 "options": self.options.shared_record(),
+                # (where each keeps them may differ, not whether: a store groups the queries)
+                "factors_store": self.options.factors_dir is not None,
+                "workdir": fitted.workdir is not None,
                 **extra,
             },
             fitted.space.device,
+            hints={
+                "factors_store": "give every process a factors_dir (or workdir), or none",
+                "workdir": "give every process a workdir (Influence.load(..., workdir=)), or none",
+            },
         )
 
     def _scorer(self, result: CallResult) -> StreamingScorer:
