@@ -550,3 +550,38 @@ def test_a_splits_larger_result_is_named_when_it_lowers_the_queries_rank() -> No
     assert not [w for w in said if "kept at rank" in str(w.message)]
     with pytest.warns(Notice, match=r"and less the call's result: module_scores' 2 float64 \["):
         inf.module_scores(test)
+
+
+def test_the_plan_counts_no_pass_for_an_eigenvalue_correction_from_the_kept_first_pass(
+    mlp_problem: dict,
+) -> None:
+    """A tester's: where the first pass's activations and gradients fit EK-FAC's cache, the
+    eigenvalue correction reads no data, yet the plan counted a pass for it. The examples the
+    model reads, counted: without the cache the fit reads one pass more."""
+    X, y = mlp_problem["train"]
+    model = mlp_problem["model"]
+    seen = [0]
+
+    def count(module: torch.nn.Module, args: tuple) -> None:
+        seen[0] += args[0].shape[0]
+
+    options = {"l2": mlp_problem["l2"], "fisher": "ggn", "checks": False, "progress": False}
+    read, stages = {}, {}
+    for cache in (1 << 30, 0):
+        handle = model.register_forward_pre_hook(count)
+        try:
+            seen[0] = 0
+            inf = infkit.Influence(mlp_problem["task"], "ekfac", cache_bytes=cache, **options)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                inf.fit((X, y))
+            read[cache] = seen[0]
+        finally:
+            handle.remove()
+        plan = infkit.Influence(mlp_problem["task"], "ekfac", cache_bytes=cache, **options).plan(
+            (X, y), timed=False
+        )
+        stages[cache] = {s.name: s for s in plan.stages}["eigenvalue correction"]
+    assert read[0] - read[1 << 30] == len(X)  # one pass more without the cache
+    assert stages[1 << 30].passes == 0 and "no data read" in stages[1 << 30].note
+    assert stages[0].passes == 1

@@ -742,3 +742,131 @@ def test_a_dataset_that_reads_an_example_differently_each_time_is_refused() -> N
         torch.manual_seed(seed)
         with pytest.raises(InvalidInputError, match="reads differently each time"):
             infkit.Influence(task, "exact", l2=0.1).fit(Flipped())
+
+
+# ------------------------------------------------ a tester of the Task: models and losses
+def _regression_data(n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return (
+        torch.randn(n, 4, generator=gen, dtype=torch.float64),
+        torch.randn(n, generator=gen, dtype=torch.float64),
+    )
+
+
+def test_a_loss_that_mixes_the_examples_of_a_batch_is_refused_where_it_trains() -> None:
+    """A tester's: ((outputs - targets) ** 2).mean(1) on outputs [B, 1] and targets [B]
+    broadcasts to [B, B]; per example it is right, so scores were the per-example losses',
+    while train_to_optimum and retraining (whole batches) optimised another objective and
+    the fit blamed the optimisation. Refused by train_to_optimum and fit, naming the loss; a
+    loss that fails on the labels (cross-entropy on float labels) raised PyTorch's own error."""
+    X, y = _regression_data()
+    model = nn.Linear(4, 1).double()
+
+    def mixing(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return ((outputs - targets) ** 2).mean(1)
+
+    def per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs.reshape(-1) - targets) ** 2
+
+    said = r"the task's loss of training set example 0 is .* alone and .* in a batch beside"
+    with pytest.raises(InvalidInputError, match=said):
+        infkit.train_to_optimum(infkit.Task(model, mixing), (X, y), 1e-2)
+    with pytest.raises(InvalidInputError, match=said):
+        infkit.Influence(infkit.Task(model, mixing), "exact", l2=1e-2).fit((X, y))
+    task = infkit.Task(model, per_example)
+    infkit.train_to_optimum(task, (X, y), 1e-2)
+    infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+    classes = (y > 0).double()  # float labels, which F.cross_entropy refuses
+
+    def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+    with pytest.raises(
+        InvalidInputError,
+        match=r"the task's loss failed on training set example 0: RuntimeError: expected "
+        r"target dtype .*a tensor of torch\.float64, per example \(\)",
+    ):
+        infkit.Influence(infkit.Task(nn.Linear(4, 2).double(), cross_entropy), "exact").fit(
+            (X, classes)
+        )
+
+
+def test_a_forward_pass_that_updates_a_buffer_is_named() -> None:
+    """A tester's: a forward pass adding to a counter buffer in evaluation mode met PyTorch's
+    'mutate a captured Tensor' (identity ran, moving the user's buffer), and one rescaling by
+    a running buffer was blamed on random numbers: each names what the forward pass does."""
+    X, y = _regression_data()
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = nn.Linear(4, 1)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls.add_(1)
+            return self.out(x)
+
+    class Rescaling(Counting):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.out(x) / (1 + self.calls)
+            with torch.no_grad():
+                self.calls.add_(0.1)
+            return out
+
+    for method in ("exact", "identity"):
+        task = infkit.Task.regression(Counting().double())
+        with pytest.raises(InvalidInputError, match=r"writes into a tensor of its own in place"):
+            infkit.Influence(task, method, l2=1e-2).fit((X, y))
+    task = infkit.Task.regression(Rescaling().double())
+    with pytest.raises(InvalidInputError, match=r"updates its buffer\(s\) calls"):
+        infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+
+
+def test_outputs_the_default_picker_cannot_take_are_named_and_output_fn_is_taken() -> None:
+    """A tester's: a model returning (aux_loss, logits) met an IndexError (the first item, a
+    scalar, taken as the outputs), a dict of logits was advised out.<field>, which a dict
+    has not, and the ready-made tasks took no output_fn; a binary classifier ending in a
+    Sigmoid was scored on its probabilities as logits, 0.84 off, without a word; a custom
+    Task took measurement='margin' and failed at scores()."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,), generator=gen)
+    plain = nn.Linear(4, 3).double()
+
+    class Auxiliary(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = plain
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.body(x)
+            return logits.square().mean(), logits
+
+    class Keyed(Auxiliary):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+            return {"logits": self.body(x)}
+
+    class Scores(Auxiliary):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+            return {"scores": self.body(x)}
+
+    expected = infkit.Influence(infkit.Task.classification(plain), "exact", l2=1e-2).fit((X, y))
+    with pytest.raises(InvalidInputError, match=r"first item, .* is a scalar \(items: \[0\] \(\)"):
+        infkit.Influence(infkit.Task.classification(Auxiliary()), "exact", l2=1e-2).fit((X, y))
+    with pytest.raises(InvalidInputError, match=r"a dict with keys 'scores': pass output_fn="):
+        infkit.Influence(infkit.Task.classification(Scores()), "exact", l2=1e-2).fit((X, y))
+    for task in (
+        infkit.Task.classification(Auxiliary(), output_fn=lambda out: out[1]),
+        infkit.Task.classification(Keyed()),
+        infkit.Task.classification(Scores(), output_fn=lambda out: out["scores"]),
+    ):
+        got = infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+        torch.testing.assert_close(got.scores((X[:3], y[:3])), expected.scores((X[:3], y[:3])))
+    sigmoid = nn.Sequential(nn.Linear(4, 1), nn.Sequential(nn.Sigmoid())).double()
+    with pytest.raises(InvalidInputError, match=r"ends in Sigmoid: .*needs the logit"):
+        infkit.Task.binary_classification(sigmoid)
+    with pytest.raises(InvalidInputError, match=r"measurement must be a callable .* got 'margin'"):
+        infkit.Task(
+            plain, lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"), "margin"
+        )  # type: ignore[arg-type]

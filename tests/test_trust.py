@@ -399,6 +399,25 @@ def test_training_mode_modules_warn_once_naming_them(digits: dict) -> None:
         infkit.Recipe(steps=1, lr=0.1, l2=L2).train(task, digits["train"])
 
 
+def test_each_module_comes_back_in_its_own_mode(digits: dict) -> None:
+    """A tester's: a model in training mode holding a backbone put in evaluation mode (a frozen
+    backbone, its dropout off) came back from train_to_optimum and fit with every module in
+    training mode (model.train(was) sets every submodule alike), its outputs random after."""
+    backbone = nn.Sequential(nn.Linear(64, 16), nn.Dropout(0.5), nn.Tanh()).double().eval()
+    backbone.requires_grad_(False)
+    model = nn.Sequential(backbone, nn.Linear(16, 10).double()).train()
+    backbone.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert not modes["0"] and not modes["0.1"] and modes[""] and modes["1"]
+    task = infkit.Task.classification(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (the training-mode notice: not the point)
+        infkit.train_to_optimum(task, digits["train"], L2)
+        assert {name: m.training for name, m in model.named_modules()} == modes
+        infkit.Influence(task, "exact", l2=L2).fit(digits["train"]).scores(digits["test"])
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
 # ============================================================================ 3. indices
 @pytest.fixture(scope="module")
 def fitted_exact(digits: dict) -> infkit.Influence:

@@ -65,6 +65,9 @@ def test_a_finished_run_is_read_back_and_not_recomputed(
     other = again.scores((problem["test"][0], problem["test"][1].flip(0)))
     assert again.describe()["score_shards"] == {"computed": 5, "reused": 0}
     assert not torch.equal(other, scores)
+    # top_k's call is counted afresh too (a tester read 10 reused after scores then top_k)
+    again.top_k(problem["test"], k=2)
+    assert again.describe()["score_shards"] == {"computed": 0, "reused": 5}
 
 
 def test_array_jobs_commit_their_parts_and_a_last_call_assembles_them(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from infkit.data import Batch, ExampleSet, leaves, map_tensors
 from infkit.data_forms import LABEL_KEYS
 from infkit.errors import InfkitError, InvalidInputError, Suspicion, warn
-from infkit.gradients import PerExample
+from infkit.gradients import PerExample, error_summary
 from infkit.parameters import coarsest_dtype, evaluation_mode
 from infkit.task import Task
 
@@ -105,13 +106,24 @@ def _same_leaves(ours: list[Tensor], theirs: list[Tensor], *, leading: bool = Fa
     return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
-def deterministic_outputs(once: Tensor, again: Tensor, examples: ExampleSet) -> None:
+def deterministic_outputs(
+    once: Tensor, again: Tensor, examples: ExampleSet, updated: Sequence[str] = ()
+) -> None:
     """Refuse a model whose two outputs on the first example, ``once`` and ``again``, differ
     beyond rounding. A model that draws random numbers in evaluation mode (``F.dropout(x, p,
     training=True)``, added noise) makes every gradient, curvature and score one random draw:
     a tester's scores changed by 3.1 between two runs, their largest being 0.63, with no
-    word."""
+    word. ``updated``: the buffers the second call changed, where the forward pass updates
+    its own state (a running scale: a tester's was blamed on random numbers)."""
     scale, gap = _scale_and_gap(once, again)
+    if gap > 1e3 * torch.finfo(once.dtype).eps * max(scale, 1e-30) and updated:
+        raise InvalidInputError(
+            f"the model's outputs on {examples.name} {examples.example(0)} differ between two "
+            f"calls (by up to {gap:.3g}, the outputs being up to {scale:.3g}) in evaluation "
+            f"mode: its forward pass updates its buffer(s) {', '.join(updated[:5])} (a running "
+            "scale or statistic), so each pass would see another model. Update them only while "
+            "self.training (infkit evaluates in evaluation mode), or keep them out of forward"
+        )
     if gap > 1e3 * torch.finfo(once.dtype).eps * max(scale, 1e-30):
         raise InvalidInputError(
             f"the model's outputs on {examples.name} {examples.example(0)} differ between two "
@@ -133,14 +145,8 @@ def warn_batch_mixing(engine: PerExample, examples: ExampleSet, alone: Tensor) -
     if len(examples) < 2:
         return
     first = examples.take([0])
-    # beside example 0 the first example whose inputs differ from its (a copy of it would hide
-    # a batch's mean: a reviewer's duplicated first example), else the last
-    other = len(examples) - 1
     ours = leaves(first.inputs)
-    for j in range(1, min(len(examples), 64)):
-        if not _same_leaves(ours, leaves(examples.take([j]).inputs)):
-            other = j
-            break
+    other = _partner(examples, ours)
     batch = examples.take([0, other])
     if not _same_leaves(ours, leaves(batch.inputs), leading=True):
         return  # (padded otherwise: the padding's own effect is checked elsewhere)
@@ -151,12 +157,7 @@ def warn_batch_mixing(engine: PerExample, examples: ExampleSet, alone: Tensor) -
     # the coarsest precision the outputs were computed in: the model's parameters and buffers
     # (a float32 body under a float64 head: 3.6e-8 apart on a scale of 0.12), autocast's, and
     # TensorFloat-32 where CUDA's matrix products may take it
-    model = engine.task.model
-    dtypes = {alone.dtype, engine.dtype, coarsest_dtype(model), engine.task.autocast}
-    eps = max(torch.finfo(d).eps for d in dtypes if d is not None and d.is_floating_point)
-    if any(t.is_cuda for t in (*model.parameters(), *model.buffers())):
-        eps = max(eps, 2.0**-10)  # TF32's 10 bits of mantissa, which CUDA may take (cuDNN's
-        # convolutions by default; matrix products by a setting of one of two APIs)
+    eps = _output_eps(engine, alone)
     if gap > min(0.1, 1e3 * eps) * max(scale, 1e-30):
         warn(
             f"the model's output on {examples.name} {examples.example(0)} alone differs from "
@@ -166,6 +167,91 @@ def warn_batch_mixing(engine: PerExample, examples: ExampleSet, alone: Tensor) -
             "every gradient and score is that of a batch of one (0 where the mixing cancels "
             "it). Make the forward pass act on each example alone in evaluation mode",
             UserWarning,
+        )
+
+
+def _partner(examples: ExampleSet, ours: list[Tensor]) -> int:
+    """The example a batch-mixing check pairs with example 0 (inputs ``ours``): the first
+    whose inputs differ from its (a copy of it would hide a batch's mean: a reviewer's
+    duplicated first example), else the last."""
+    for j in range(1, min(len(examples), 64)):
+        if not _same_leaves(ours, leaves(examples.take([j]).inputs)):
+            return j
+    return len(examples) - 1
+
+
+def _output_eps(engine: PerExample, outputs: Tensor) -> float:
+    """The rounding of the coarsest precision ``outputs`` were computed in: the model's
+    parameters and buffers (a float32 body under a float64 head: 3.6e-8 apart on a scale of
+    0.12), autocast's, and TensorFloat-32 where CUDA's matrix products may take it."""
+    model = engine.task.model
+    dtypes = {outputs.dtype, engine.dtype, coarsest_dtype(model), engine.task.autocast}
+    eps = max(torch.finfo(d).eps for d in dtypes if d is not None and d.is_floating_point)
+    if any(t.is_cuda for t in (*model.parameters(), *model.buffers())):
+        eps = max(eps, 2.0**-10)  # TF32's 10 bits of mantissa, which CUDA may take (cuDNN's
+        # convolutions by default; matrix products by a setting of one of two APIs)
+    return eps
+
+
+def check_loss_alone(engine: PerExample, examples: ExampleSet) -> None:
+    """Refuse a task loss that mixes the examples of a batch: the losses of example 0 and its
+    partner (:func:`_partner`) in a batch of the two against each alone, where the model's
+    outputs do not mix (:func:`warn_batch_mixing` says that). A tester's regression loss
+    ``((outputs - targets) ** 2).mean(1)`` on outputs [B, 1] and targets [B] broadcast to
+    [B, B]: per example it was right, so scores were the per-example losses', while training
+    and retraining, which take the loss of whole batches, optimised another objective, and
+    the fit's only word blamed the optimisation (not at a stationary point)."""
+    if len(examples) < 2:
+        return
+    task = engine.task
+    first = examples.take([0])
+    other = _partner(examples, leaves(first.inputs))
+    batch, second = examples.take([0, other]), examples.take([other])
+    if batch.targets is None or not _same_leaves(
+        leaves(first.inputs), leaves(batch.inputs), leading=True
+    ):
+        return  # (no labels, or padded otherwise: a padding's own effect is checked elsewhere)
+    both = engine.outputs(batch)
+    alone = torch.cat([engine.outputs(first), engine.outputs(second)])
+    try:
+        losses = [
+            task.loss(alone[:1], first.targets),
+            task.loss(alone[1:], second.targets),
+            task.loss(both, batch.targets),
+        ]
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        labels = batch.targets
+        described = (
+            f"a tensor of {labels.dtype}, per example {tuple(labels.shape[1:])}"
+            if isinstance(labels, Tensor)
+            else type(labels).__name__
+        )
+        raise InvalidInputError(
+            f"the task's loss failed on {examples.name} {examples.example(0)}: "
+            f"{error_summary(error)}. It is given the model's outputs and the labels as they "
+            f"are in the data ({described}): convert them in the loss (e.g. targets.long(), "
+            "targets.reshape(-1)) or give them so"
+        ) from error
+    shapes = [tuple(v.shape) if isinstance(v, Tensor) else None for v in losses]
+    if shapes != [(1,), (1,), (2,)]:
+        return  # (a loss of another shape, a batch's mean: named by the checks that follow)
+    single, in_batch = torch.cat(losses[:2]), losses[2]
+    eps = _output_eps(engine, both)
+    scale, gap = _scale_and_gap(alone, both)
+    if gap > min(0.1, 1e3 * eps) * max(scale, 1e-30):
+        return  # (the model's outputs mix: warned of by warn_batch_mixing)
+    # (losses near 0, an interpolating model's 6e-31 alone and 1.2e-30 in a batch, differ in
+    # their rounding alone: measured against a loss of 1 at least)
+    scale, gap = _scale_and_gap(single.to(in_batch.dtype), in_batch)
+    if gap > min(0.1, 1e3 * eps) * max(scale, 1.0):
+        raise InvalidInputError(
+            f"the task's loss of {examples.name} {examples.example(0)} is {float(single[0]):.6g} "
+            f"alone and {float(in_batch[0]):.6g} in a batch beside "
+            f"{examples.example(other)}: the loss mixes the examples of a batch (a broadcast: "
+            "outputs [B, 1] against targets [B] make [B, B]; a mean over the batch), so "
+            "training and retraining, which take it on whole batches, optimise another "
+            "objective than the per-example losses infkit attributes. Make it return each "
+            "example's own loss (e.g. ((outputs.reshape(-1) - targets) ** 2))"
         )
 
 
@@ -332,6 +418,8 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
             if found is not None:
                 k, message = found
                 raise InvalidInputError(f"{examples.name} {batch.example(k)}: {message}")
+    if not measured:  # (a training set: its loss trains the model and is attributed)
+        check_loss_alone(engine, examples)
     examples._checked = not unscored
 
 

@@ -595,8 +595,14 @@ def probe_forward_writes(engine: PerExample, examples: ExampleSet) -> Tensor:
     once = engine.outputs(first)
     # (after a first pass: what it fills once, and no pass changes again, is a setting)
     settled = forward_snapshot(model)
+    between = {name: b.detach().clone() for name, b in model.named_buffers()}
     again = engine.outputs(first)
-    deterministic_outputs(once, again, examples)
+    updated = [
+        name
+        for name, b in model.named_buffers()
+        if name in between and not torch.equal(b.detach(), between[name])
+    ]
+    deterministic_outputs(once, again, examples, updated)
     warn_batch_mixing(engine, examples, once)
     note_forward_writes(model, settled)
     return once

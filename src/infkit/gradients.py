@@ -54,7 +54,7 @@ from infkit.errors import (
 )
 from infkit.linearize import LinearizedModel
 from infkit.parameters import ParameterSpace, evaluation_mode
-from infkit.task import Task, at_least_float32
+from infkit.task import Task, at_least_float32, pick_outputs
 
 #: how per-example quantities are computed
 Mode = Literal["auto", "vmap", "loop"]
@@ -204,6 +204,15 @@ def transformable_call(
     try:
         return functional_call(module, state, args, kwargs)
     except RuntimeError as error:
+        if "mutate a captured Tensor" in str(error):  # (a tester's got PyTorch's own words)
+            raise InvalidInputError(
+                "the model's forward pass writes into a tensor of its own in place (a buffer "
+                "it updates: a call counter, a running scale or statistic), which torch.func's "
+                "per-example gradients cannot run, and which would make each pass see another "
+                "model. Keep such state out of the forward pass in evaluation mode (update it "
+                "only while self.training), or out of the model. The error: "
+                f"{error_summary(error)}"
+            ) from error
         if "being transformed by a functorch transform" not in str(error):
             raise
         raise InvalidInputError(
@@ -400,7 +409,7 @@ class PerExample:
             return transformable_call(module, state, args, kwargs)
 
         raw = fn(**inputs) if isinstance(inputs, dict) else fn(inputs)
-        out = at_least_float32(self._tangent_output_fn(raw))
+        out = at_least_float32(pick_outputs(self._tangent_output_fn, raw))
         return out.reshape(out.shape[0], -1)
 
     def flatten_tangent(self, tensors: Mapping[str, Tensor], batch_dims: int) -> Tensor:

@@ -900,8 +900,6 @@ class Influence:
         self.method.require("scores")
         queries = self._queries(test)
         fitted = self.fitted
-        if type(self.method).shards_scores:  # describe() counts this call's shards
-            self.method.shard_tally.update(computed=0, reused=0)
         columns = None
         if among is not None:
             columns = checked_indices(among, fitted.n, what="training index", unique=True)
@@ -967,6 +965,8 @@ class Influence:
         queries of a chunk (``Method.solves_together``; :func:`infkit.memory.row_chunks`).
         """
         method, fitted = self.method, self.fitted
+        if type(method).shards_scores:  # describe() counts this call's shards (top_k's too)
+            method.shard_tally.update(computed=0, reused=0)
         t = len(queries)
         chunks, row_bytes = self._query_chunks(t, self._estimator)
         if row_bytes > int(CHUNK_LIMIT_SHARE * fitted.memory_limit):

@@ -39,7 +39,7 @@ from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError
 from infkit.options import integer_argument, real_number
 from infkit.parameters import ParameterSpace, evaluation_mode
-from infkit.task import Task, default_output_fn
+from infkit.task import Task, default_output_fn, pick_outputs
 
 
 class LinearizedModel(nn.Module):
@@ -138,7 +138,9 @@ class LinearizedModel(nn.Module):
         consts = self.base_constants()
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            return self.output_fn(functional_call(self.base, {**p, **consts}, args, kwargs))
+            return pick_outputs(
+                self.output_fn, functional_call(self.base, {**p, **consts}, args, kwargs)
+            )
 
         out0, tangent = jvp(f, (p0,), (self.delta(),))[:2]
         return out0 + tangent

@@ -41,13 +41,25 @@ def coarsest_dtype(model: nn.Module) -> torch.dtype | None:
 
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Run with ``model.eval()`` (deterministic dropout / batch-norm), restoring the mode after."""
-    was_training = model.training
-    model.eval()
+    """Run with ``model.eval()`` (deterministic dropout / batch-norm), restoring the mode after
+    (:func:`in_mode`)."""
+    with in_mode(model, training=False):
+        yield
+
+
+@contextlib.contextmanager
+def in_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Run with every module of ``model`` in training mode or evaluation mode, restoring each
+    module's own mode after: ``model.train(was)`` sets every submodule alike, and a frozen
+    backbone the user had put in evaluation mode inside a model in training mode came back
+    in training mode, its dropout on (a tester's)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.train(training)
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, was in modes:
+            module.training = was
 
 
 class ParameterSpace:

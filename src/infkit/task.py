@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -49,6 +49,41 @@ def default_output_fn(raw: Any) -> Tensor:
         f"cannot find the output tensor in a model output of type {type(raw).__name__}; "
         "pass Task(..., output_fn=lambda out: out.<field>)"
     )
+
+
+def pick_outputs(output_fn: Callable[[Any], Tensor], raw: Any) -> Tensor:
+    """``output_fn(raw)``, the default's choice with what it cannot read named
+    (:func:`_default_outputs`)."""
+    return _default_outputs(raw) if output_fn is default_output_fn else output_fn(raw)
+
+
+def _default_outputs(raw: Any) -> Tensor:
+    """:func:`default_output_fn`'s choice (its code, saved in every artifact's identity, kept
+    as it was), with what it cannot read named: a dict's ``"logits"`` is taken, a dict without
+    them and a tuple whose first item is a scalar (an auxiliary loss: a tester's
+    ``(aux, logits)`` model met an IndexError) are refused, naming their items."""
+    if isinstance(raw, Mapping) and not isinstance(getattr(raw, "logits", None), Tensor):
+        if isinstance(raw.get("logits"), Tensor):
+            return raw["logits"]
+        keys = ", ".join(repr(k) for k in list(raw)[:6])
+        raise InvalidInputError(
+            f"cannot find the output tensor in the model's output, a dict with keys {keys}: "
+            "pass output_fn= picking it, e.g. Task.classification(model, output_fn=lambda out: "
+            "out['<key>']) (or Task(..., output_fn=...))"
+        )
+    if isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], Tensor) and not raw[0].dim():
+        items = ", ".join(
+            f"[{k}] {tuple(item.shape)}"
+            if isinstance(item, Tensor)
+            else f"[{k}] a {type(item).__name__}"
+            for k, item in enumerate(raw[:4])
+        )
+        raise InvalidInputError(
+            f"the model returns a {type(raw).__name__} whose first item, the output infkit "
+            f"takes by default, is a scalar (items: {items}): pass output_fn= picking the "
+            "outputs, e.g. Task.classification(model, output_fn=lambda out: out[1])"
+        )
+    return default_output_fn(raw)
 
 
 def at_least_float32(outputs: Tensor) -> Tensor:
@@ -209,6 +244,22 @@ def check_class_outputs(outputs: Tensor) -> str | None:
             "remove the final Softmax (a LogSoftmax is fine)"
         )
     return None
+
+
+def _refuse_final(model: nn.Module, kind: type[nn.Module], task: str, needed: str) -> None:
+    """Refuse a model whose last layer, as an ``nn.Sequential`` (nested) runs them, is a
+    ``kind`` (a Sigmoid after a binary classifier's logit): the task applies it itself, and a
+    tester's Sigmoid model was scored as if its probabilities were logits, 0.84 off, with no
+    word (a probability inside (0, 1) is a valid logit; the values cannot tell)."""
+    last: nn.Module = model
+    while isinstance(last, nn.Sequential) and len(last):
+        last = last[-1]
+    if isinstance(last, kind):
+        raise InvalidInputError(
+            f"the model ends in {type(last).__name__}: Task.{task} applies it itself and needs "
+            f"the {needed}; remove the final {type(last).__name__} (train with "
+            "BCEWithLogitsLoss on the logit)"
+        )
 
 
 def check_binary_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetProblem | None:
@@ -391,6 +442,12 @@ class Task:
         _check_model(model)
         if not callable(loss):
             raise InvalidInputError("loss must be a callable fn(outputs, targets) -> [B]")
+        if measurement is not None and not callable(measurement):  # (a tester's "margin")
+            raise InvalidInputError(
+                f"measurement must be a callable fn(outputs, targets) -> [B] or None (the loss), "
+                f"got {measurement!r}; the names 'loss' and 'margin' are the ready-made tasks' "
+                "(Task.classification(model, measurement='margin'))"
+            )
         self.model = model
         self.loss = loss
         self.measurement = measurement if measurement is not None else loss
@@ -422,15 +479,20 @@ class Task:
         model: nn.Module,
         measurement: str | PerExampleFn = "loss",
         higher_is_better: bool | None = None,
+        *,
+        output_fn: Callable[[Any], Tensor] = default_output_fn,
     ) -> Task:
         """Softmax cross-entropy on logits [B, C]; measurement ``"loss"``, ``"margin"`` or a
         callable ``fn(outputs, targets) -> [B]``, with ``higher_is_better`` its orientation
-        (which examples ``top_k`` calls proponents; :func:`_pick_measurement`)."""
+        (which examples ``top_k`` calls proponents; :func:`_pick_measurement`). ``output_fn``
+        picks the logits out of what the model returns (default: itself, its ``.logits``, or
+        the first item of a tuple)."""
         meas, higher = _pick_measurement(measurement, classification_margin, higher_is_better)
         return cls(
             model,
             _cross_entropy,
             meas,
+            output_fn=output_fn,
             output_hessian=_softmax_hessian,
             output_hessian_factor=_softmax_factor,
             higher_is_better=higher,
@@ -446,14 +508,19 @@ class Task:
         model: nn.Module,
         measurement: str | PerExampleFn = "loss",
         higher_is_better: bool | None = None,
+        *,
+        output_fn: Callable[[Any], Tensor] = default_output_fn,
     ) -> Task:
-        """Sigmoid cross-entropy on one logit per example, targets in {0, 1}; measurement as
-        :meth:`classification` takes it."""
+        """Sigmoid cross-entropy on one logit per example, targets in {0, 1}; measurement and
+        ``output_fn`` as :meth:`classification` takes them. A model ending in ``nn.Sigmoid``
+        (probabilities, not the logit) is refused."""
+        _refuse_final(model, nn.Sigmoid, "binary_classification", "logit")
         meas, higher = _pick_measurement(measurement, _binary_margin, higher_is_better)
         return cls(
             model,
             _binary_cross_entropy,
             meas,
+            output_fn=output_fn,
             output_hessian=_binary_hessian,
             output_hessian_factor=_binary_factor,
             higher_is_better=higher,
@@ -492,11 +559,15 @@ class Task:
         )
 
     @classmethod
-    def regression(cls, model: nn.Module) -> Task:
-        """Per-example loss 0.5 * ||f(x) - y||^2 (Lambda_i = I)."""
+    def regression(
+        cls, model: nn.Module, *, output_fn: Callable[[Any], Tensor] = default_output_fn
+    ) -> Task:
+        """Per-example loss 0.5 * ||f(x) - y||^2 (Lambda_i = I); ``output_fn`` as
+        :meth:`classification` takes it."""
         return cls(
             model,
             _squared_error,
+            output_fn=output_fn,
             output_hessian=_identity_hessian,
             output_hessian_factor=_identity_factor,
             name="regression",
@@ -525,7 +596,7 @@ class Task:
         """``output_fn(raw)``; a model body's hidden states (a Hugging Face ``...Model``
         without its head) refused by the default with the head to use."""
         try:
-            out = self.output_fn(raw)
+            out = pick_outputs(self.output_fn, raw)
         except (KeyError, IndexError, AttributeError, TypeError) as error:
             if self.output_fn is default_output_fn:
                 raise

@@ -61,6 +61,7 @@ from infkit.evaluate import (
     require_finite,
 )
 from infkit.options import integer_argument
+from infkit.parameters import evaluation_mode
 from infkit.retrain import SubsetRetraining, subsets
 from infkit.task import Task
 
@@ -471,9 +472,7 @@ class AirRep:
         losses: list[float] = []
         steps = 0
         start = time.perf_counter()
-        was_training = encoder.training
-        encoder.eval()
-        try:
+        with evaluation_mode(encoder):
             for _ in range(epochs):
                 total, count = 0.0, 0
                 for rows in torch.randperm(T, generator=gen).split(batch_size):
@@ -500,8 +499,6 @@ class AirRep:
                     count += 1
                     steps += 1
                 losses.append(total / max(count, 1))
-        finally:
-            encoder.train(was_training)
         self.record = TrainingRecord(losses, time.perf_counter() - start, steps)
         return self
 
@@ -570,13 +567,8 @@ class AirRep:
         if grad:
             out = encoder(x)
         else:
-            was_training = encoder.training
-            encoder.eval()
-            try:
-                with torch.no_grad():
-                    out = torch.cat([encoder(part) for part in x.split(EMBED_ROWS)])
-            finally:
-                encoder.train(was_training)
+            with evaluation_mode(encoder), torch.no_grad():
+                out = torch.cat([encoder(part) for part in x.split(EMBED_ROWS)])
         if not isinstance(out, Tensor) or out.dim() != 2 or len(out) != len(x):
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise InvalidInputError(

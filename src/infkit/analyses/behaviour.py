@@ -58,6 +58,7 @@ from infkit.errors import InvalidInputError, Notice, UnsupportedError, warn
 from infkit.influence import Influence
 from infkit.language_modeling import IGNORE_INDEX
 from infkit.options import integer_argument, real_number, whole_number
+from infkit.parameters import in_mode
 from infkit.progress import track
 from infkit.task import Task
 
@@ -580,12 +581,10 @@ def train_with_mask(
         if optimizer is not None
         else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     )
-    was_training = trained.training
     order = torch.Generator().manual_seed(seed)
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), in_mode(trained, training=True):
         torch.manual_seed(seed)
-        trained.train()
         batches = _batch_order(n, batch_size, steps, order)
         for batch_idx in batches:
             batch = examples.take(batch_idx)
@@ -598,7 +597,6 @@ def train_with_mask(
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
-    trained.train(was_training)
     return trained
 
 

@@ -300,6 +300,8 @@ class KFAC(PrimalMethod):
             hints={
                 "factors_store": "give every process a factors_dir (or workdir), or none",
                 "workdir": "give every process a workdir (Influence.load(..., workdir=)), or none",
+                "part": "under torchrun call scores(), whose processes share the shards; "
+                "score_shards(part=) is for arrays of jobs without a process group",
             },
         )
 
@@ -707,10 +709,14 @@ class KFAC(PrimalMethod):
                 note += (
                     "; the eigenbases read back from the committed K-FAC stage, a layer's at a time"
                 )
+            # (the first pass kept whole, the pass reads no data: a tester's run read none)
+            whole = bool(cached) and cached >= first_pass
+            if whole:
+                note += "; from the first pass's kept activations and gradients, no data read"
             out.append(
                 Stage(
                     "eigenvalue correction",
-                    1,
+                    0 if whole else 1,
                     bases + eigenvalues + lam + cached + WORKING_FACTOR * (block_bytes + hooks),
                     (f"a batch's gradients of {block.name!r}", block_bytes),
                     note,
