@@ -301,6 +301,21 @@ def test_a_dataloaders_sampler_and_partial_collate_are_named(problem: dict) -> N
     # (a reviewer's: shuffled, drop_last drops another few each epoch, every example trained
     # on; a batch sampler of one's own over every example, length bucketing: nothing to say)
     buckets = [list(range(n))[::-1][k : k + 2] for k in range(0, n, 2)]
+
+    class Shuffled(torch.utils.data.Sampler[list[int]]):  # draws from the global generator
+        def __iter__(self) -> Any:
+            return iter(torch.randperm(n).split(2))
+
+        def __len__(self) -> int:
+            return -(-n // 2)
+
+    torch.manual_seed(5)
+    expected = torch.rand(())
+    torch.manual_seed(5)
+    infkit.Influence(problem["task"], "identity", progress=False).fit(
+        DataLoader(rows, batch_sampler=Shuffled())
+    )
+    assert torch.equal(torch.rand(()), expected)  # (a reviewer's: drawing moved it)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for loader in (

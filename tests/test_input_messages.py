@@ -768,7 +768,8 @@ def test_a_loss_that_mixes_the_examples_of_a_batch_is_refused_where_it_trains() 
     def per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return (outputs.reshape(-1) - targets) ** 2
 
-    said = r"the task's loss of training set example 0 is .* alone and .* in a batch beside"
+    said = r"the task's loss of training set example \d+ is .* on its outputs alone and .* on the "
+    said += r"same outputs in a batch of two"
     with pytest.raises(InvalidInputError, match=said):
         infkit.train_to_optimum(infkit.Task(model, mixing), (X, y), 1e-2)
     with pytest.raises(InvalidInputError, match=said):
@@ -776,6 +777,18 @@ def test_a_loss_that_mixes_the_examples_of_a_batch_is_refused_where_it_trains() 
     task = infkit.Task(model, per_example)
     infkit.train_to_optimum(task, (X, y), 1e-2)
     infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+    # a reviewer's: a float32 model of outputs near 2e5 rounds its outputs alone and in a batch
+    # 0.016 apart, which the residuals of 30 made a loss gap: the same outputs are compared
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 1))
+    inputs = torch.randn(64, 256)
+    with torch.no_grad():
+        wide[2].weight.mul_(1e5)
+        wide[2].bias.fill_(2e5)
+        prices = wide(inputs).squeeze(1) + 30 * torch.randn(64).sign()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (far from an optimum: not the point)
+        infkit.Influence(infkit.Task.regression(wide), "identity").fit((inputs, prices))
     classes = (y > 0).double()  # float labels, which F.cross_entropy refuses
 
     def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -789,6 +802,41 @@ def test_a_loss_that_mixes_the_examples_of_a_batch_is_refused_where_it_trains() 
         infkit.Influence(infkit.Task(nn.Linear(4, 2).double(), cross_entropy), "exact").fit(
             (X, classes)
         )
+
+
+def test_the_loss_check_gives_the_loss_its_targets_on_the_models_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reviewer's: the check handed the loss the data's targets, not those moved to the
+    model's device as every other loss call has them; on a GPU every built-in loss would
+    have mixed devices and every fit been refused. The move is marked here (no GPU needed):
+    a loss refusing targets that did not go through it, as a device mismatch would."""
+    from infkit.gradients import PerExample
+
+    cast = PerExample._cast_state
+    moved: set[int] = set()
+
+    def marked(self: PerExample, t: torch.Tensor) -> torch.Tensor:
+        out = cast(self, t).clone()
+        moved.add(out.untyped_storage().data_ptr())
+        return out
+
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        try:
+            pointer: int | None = targets.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # (a batched tensor under vmap)
+            pointer = None
+        if pointer is not None and pointer not in moved:
+            raise RuntimeError("Expected all tensors to be on the same device")
+        return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+    monkeypatch.setattr(PerExample, "_cast_state", marked)
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,), generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        infkit.Influence(infkit.Task(nn.Linear(4, 3).double(), loss), "identity").fit((X, y))
 
 
 def test_a_forward_pass_that_updates_a_buffer_is_named() -> None:
@@ -863,9 +911,30 @@ def test_outputs_the_default_picker_cannot_take_are_named_and_output_fn_is_taken
     ):
         got = infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
         torch.testing.assert_close(got.scores((X[:3], y[:3])), expected.scores((X[:3], y[:3])))
+
+    class HiddenFirst(Auxiliary):  # (a tester's: scored as a 3-class classifier, no word)
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.body(x)
+            return logits.tanh(), logits
+
+    task = infkit.Task.classification(HiddenFirst())
+    with pytest.warns(Notice, match=r"returns a tuple of 2 items \(\[0\] \(20, 3\), \[1\]"):
+        task.call_model(task.model, X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Notice)  # once a task
+        task.call_model(task.model, X)
     sigmoid = nn.Sequential(nn.Linear(4, 1), nn.Sequential(nn.Sigmoid())).double()
     with pytest.raises(InvalidInputError, match=r"ends in Sigmoid: .*needs the logit"):
         infkit.Task.binary_classification(sigmoid)
+
+    class Classifier(nn.Sequential):  # (a reviewer's: forward returns the logit)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return self[0](x)
+
+        def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+            return self[1](self(x))
+
+    infkit.Task.binary_classification(Classifier(nn.Linear(4, 1), nn.Sigmoid()).double())
     with pytest.raises(InvalidInputError, match=r"measurement must be a callable .* got 'margin'"):
         infkit.Task(
             plain, lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"), "margin"

@@ -418,6 +418,36 @@ def test_each_module_comes_back_in_its_own_mode(digits: dict) -> None:
     assert {name: m.training for name, m in model.named_modules()} == modes
 
 
+def test_a_module_the_forward_pass_makes_takes_the_models_mode_back() -> None:
+    """A reviewer's: flags restored from a snapshot left a module the forward pass made
+    meanwhile (a dropout per batch size) in training mode inside a model in evaluation mode:
+    the user's own predictions were random after fit."""
+
+    class PerShape(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = nn.Linear(4, 3)
+            self.drops = nn.ModuleDict()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            key = f"b{x.shape[0]}"
+            if key not in self.drops:
+                self.drops[key] = nn.Dropout(0.5)
+            return self.out(self.drops[key](x))
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=gen)
+    model = PerShape().double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        infkit.Influence(infkit.Task.classification(model), "exact", l2=1e-2).fit((X, y))
+    assert len(model.drops) > 1  # (fit's passes made them)
+    assert not any(m.training for m in model.modules())
+    for probe in (X[:1], X[:2]):  # (batch sizes fit's checks took, their dropouts made then)
+        assert torch.equal(model(probe), model(probe))
+
+
 # ============================================================================ 3. indices
 @pytest.fixture(scope="module")
 def fitted_exact(digits: dict) -> infkit.Influence:

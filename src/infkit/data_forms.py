@@ -18,9 +18,11 @@ What cannot be read so is refused, saying what it looks like and what to give in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import (
@@ -232,15 +234,31 @@ def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
             )
 
 
+@contextlib.contextmanager
+def _random_states_kept() -> Iterator[None]:
+    """Draw within, leaving torch's, Python's and NumPy's global random states as they were
+    (a sampler of one's own draws from any of them)."""
+    import random
+
+    python, generator = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(generator)
+
+
 def _drawn_indices(batches: Any, n: int) -> str:
     """What a batch sampler draws of ``n`` examples, in words: ``"every example once"``, or
     how many of them and whether it repeats any (its first 2n indices at most: a sampler
     may never end)."""
     seen: list[int] = []
-    for batch in batches:
-        seen.extend(int(i) for i in batch)
-        if len(seen) > 2 * n:
-            return "more than twice as many indices as examples"
+    with _random_states_kept():  # (a reviewer's: drawing moved the user's random numbers)
+        for batch in batches:
+            seen.extend(int(i) for i in batch)
+            if len(seen) > 2 * n:
+                return "more than twice as many indices as examples"
     distinct = set(seen)
     if len(seen) == n and distinct == set(range(n)):
         return "every example once"

@@ -194,31 +194,30 @@ def _output_eps(engine: PerExample, outputs: Tensor) -> float:
 
 
 def check_loss_alone(engine: PerExample, examples: ExampleSet) -> None:
-    """Refuse a task loss that mixes the examples of a batch: the losses of example 0 and its
-    partner (:func:`_partner`) in a batch of the two against each alone, where the model's
-    outputs do not mix (:func:`warn_batch_mixing` says that). A tester's regression loss
+    """Refuse a task loss that mixes the examples of a batch: on the outputs of a batch of
+    example 0 and its partner (:func:`_partner`), the loss of the two together against the
+    loss of each one's row alone (the same outputs: the model's own rounding, or its mixing,
+    which :func:`warn_batch_mixing` says, plays no part). A tester's regression loss
     ``((outputs - targets) ** 2).mean(1)`` on outputs [B, 1] and targets [B] broadcast to
     [B, B]: per example it was right, so scores were the per-example losses', while training
     and retraining, which take the loss of whole batches, optimised another objective, and
-    the fit's only word blamed the optimisation (not at a stationary point)."""
+    the fit's only word blamed the optimisation (not at a stationary point). A loss that fails
+    on the labels is named here too."""
     if len(examples) < 2:
         return
     task = engine.task
     first = examples.take([0])
     other = _partner(examples, leaves(first.inputs))
-    batch, second = examples.take([0, other]), examples.take([other])
+    batch = examples.take([0, other])
     if batch.targets is None or not _same_leaves(
         leaves(first.inputs), leaves(batch.inputs), leading=True
     ):
         return  # (no labels, or padded otherwise: a padding's own effect is checked elsewhere)
     both = engine.outputs(batch)
-    alone = torch.cat([engine.outputs(first), engine.outputs(second)])
+    targets = engine.prepare(batch)[1]  # (on the model's device, as every loss call has them)
+    rows = [map_tensors(targets, lambda t, k=k: t[k : k + 1]) for k in (0, 1)]
     try:
-        losses = [
-            task.loss(alone[:1], first.targets),
-            task.loss(alone[1:], second.targets),
-            task.loss(both, batch.targets),
-        ]
+        losses = [task.loss(both, targets), *(task.loss(both[k : k + 1], rows[k]) for k in (0, 1))]
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         labels = batch.targets
         described = (
@@ -233,25 +232,25 @@ def check_loss_alone(engine: PerExample, examples: ExampleSet) -> None:
             "targets.reshape(-1)) or give them so"
         ) from error
     shapes = [tuple(v.shape) if isinstance(v, Tensor) else None for v in losses]
-    if shapes != [(1,), (1,), (2,)]:
+    if shapes != [(2,), (1,), (1,)]:
         return  # (a loss of another shape, a batch's mean: named by the checks that follow)
-    single, in_batch = torch.cat(losses[:2]), losses[2]
+    in_batch, single = losses[0], torch.cat(losses[1:]).to(losses[0].dtype)
+    # (the same outputs: only the loss's own rounding differs; measured against a loss of 1
+    # at least, where losses near 0, an interpolating model's, differ in their last bits)
     eps = _output_eps(engine, both)
-    scale, gap = _scale_and_gap(alone, both)
-    if gap > min(0.1, 1e3 * eps) * max(scale, 1e-30):
-        return  # (the model's outputs mix: warned of by warn_batch_mixing)
-    # (losses near 0, an interpolating model's 6e-31 alone and 1.2e-30 in a batch, differ in
-    # their rounding alone: measured against a loss of 1 at least)
-    scale, gap = _scale_and_gap(single.to(in_batch.dtype), in_batch)
-    if gap > min(0.1, 1e3 * eps) * max(scale, 1.0):
+    gaps = (single - in_batch).abs()
+    k = int(gaps.argmax())
+    if float(gaps[k]) > min(0.1, 1e3 * eps) * max(float(single.abs().max()), 1.0):
+        name = examples.example(0 if k == 0 else other)
         raise InvalidInputError(
-            f"the task's loss of {examples.name} {examples.example(0)} is {float(single[0]):.6g} "
-            f"alone and {float(in_batch[0]):.6g} in a batch beside "
-            f"{examples.example(other)}: the loss mixes the examples of a batch (a broadcast: "
-            "outputs [B, 1] against targets [B] make [B, B]; a mean over the batch), so "
-            "training and retraining, which take it on whole batches, optimise another "
-            "objective than the per-example losses infkit attributes. Make it return each "
-            "example's own loss (e.g. ((outputs.reshape(-1) - targets) ** 2))"
+            f"the task's loss of {examples.name} {name} is {float(single[k]):.6g} on its "
+            f"outputs alone and {float(in_batch[k]):.6g} on the same outputs in a batch of two "
+            f"({examples.example(0)} and {examples.example(other)}): the loss mixes the "
+            "examples of a batch (a broadcast: outputs [B, 1] against targets [B] make [B, B]; "
+            "a mean over the batch), so training and retraining, which take it on whole "
+            "batches, optimise another objective than the per-example losses infkit "
+            "attributes. Make it return each example's own loss (e.g. "
+            "((outputs.reshape(-1) - targets) ** 2))"
         )
 
 

@@ -53,13 +53,17 @@ def in_mode(model: nn.Module, training: bool) -> Iterator[None]:
     module's own mode after: ``model.train(was)`` sets every submodule alike, and a frozen
     backbone the user had put in evaluation mode inside a model in training mode came back
     in training mode, its dropout on (a tester's)."""
+    was = model.training
     modes = [(module, module.training) for module in model.modules()]
     model.train(training)
     try:
         yield
     finally:
-        for module, was in modes:
-            module.training = was
+        # the model's own mode first: a module its forward made meanwhile (one per shape) takes
+        # it, as model.train(was) gave it (a reviewer's, left in training mode, drew dropout)
+        model.train(was)
+        for module, mode in modes:
+            module.training = mode
 
 
 class ParameterSpace:

@@ -252,7 +252,13 @@ def _refuse_final(model: nn.Module, kind: type[nn.Module], task: str, needed: st
     tester's Sigmoid model was scored as if its probabilities were logits, 0.84 off, with no
     word (a probability inside (0, 1) is a valid logit; the values cannot tell)."""
     last: nn.Module = model
-    while isinstance(last, nn.Sequential) and len(last):
+    # (a Sequential whose forward is its own runs its layers otherwise: a reviewer's returned
+    # the logit and kept the Sigmoid for predict_proba)
+    while (
+        isinstance(last, nn.Sequential)
+        and type(last).forward is nn.Sequential.forward
+        and len(last)
+    ):
         last = last[-1]
     if isinstance(last, kind):
         raise InvalidInputError(
@@ -471,6 +477,7 @@ class Task:
             )
         self.autocast = autocast
         self._mixed = False
+        self._told_first = False  # (the default took a tuple's first of several: said once)
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -626,6 +633,26 @@ class Task:
                 f"the task's output_fn returned a {type(out).__name__}, not the output tensor "
                 "[B, ...] the loss reads (for a model returning several, pick the one the loss "
                 "takes: output_fn=lambda out: out[0])"
+            )
+        if (
+            self.output_fn is default_output_fn
+            and not self._told_first
+            and isinstance(raw, (tuple, list))
+            and sum(isinstance(t, Tensor) and t.dim() > 0 for t in raw) > 1
+        ):
+            self._told_first = True  # (a tester's (hidden, logits) was a 5-class classifier)
+            shapes = ", ".join(
+                f"[{k}] {tuple(t.shape)}"
+                if isinstance(t, Tensor)
+                else f"[{k}] a {type(t).__name__}"
+                for k, t in enumerate(raw[:4])
+            )
+            warn(
+                f"the model returns a {type(raw).__name__} of {len(raw)} items ({shapes}); "
+                f"infkit takes the first, {tuple(out.shape)}, as the outputs the loss reads: "
+                "where another holds them, pass output_fn= (e.g. Task.classification(model, "
+                "output_fn=lambda out: out[1]))",
+                Notice,
             )
         return out
 
