@@ -249,7 +249,7 @@ def vmap_fallback_message(error: BaseException) -> str:
         "default) typically refuse vmap, as their attention code branches on the data; loaded "
         'with attn_implementation="eager" they usually batch. Influence(..., '
         'per_example="loop") takes the loop from the start, without trying vmap and without '
-        "this warning"
+        'this warning (in an infkit run config: [influence] options = { per_example = "loop" })'
     )
 
 

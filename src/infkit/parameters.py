@@ -183,29 +183,31 @@ MODE_DEPENDENT = (
 
 
 def warn_about_training_mode(model: nn.Module) -> None:
-    """Warn (once per fit or training run) when a model in training mode has mode-dependent
-    modules, naming them.
+    """Warn (once per fit or training run) when mode-dependent modules of the model are in
+    training mode, naming them (a model in evaluation mode holding one in training mode too).
 
     infkit evaluates every quantity, and replays every recipe, in evaluation mode: dropout off,
     batch normalisation on its running statistics, which is the deterministic function the
     scores describe.
     """
-    if not model.training:
-        return
-    names = [
+    names = [  # (those in training mode: a backbone the user put in evaluation mode is not)
         f"{name!r} ({type(module).__name__})" if name else type(module).__name__
         for name, module in model.named_modules()
-        if isinstance(module, MODE_DEPENDENT)
-        or (
-            isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
+        if module.training
+        and (
+            isinstance(module, MODE_DEPENDENT)
+            or (
+                isinstance(module, nn.modules.instancenorm._InstanceNorm)
+                and module.track_running_stats
+            )
         )
     ]
     if names:
         shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
         warn(
-            f"the model is in training mode and has modules that behave differently in "
-            f"evaluation mode ({shown}); infkit runs it in evaluation mode (dropout off, "
-            "batch norm on its running statistics). Call model.eval() first to make that "
-            "explicit (and silence this warning)",
+            f"the model has modules in training mode that behave differently in evaluation "
+            f"mode ({shown}); infkit runs it in evaluation mode (dropout off, batch norm on its "
+            "running statistics). Call model.eval() first to make that explicit (and silence "
+            "this warning)",
             UserWarning,
         )

@@ -53,6 +53,9 @@ class TrainResult:
     #: a float64 run that stalled short of ``target`` on a model that computes a part of its
     #: loss in a coarser precision (float32 inside: :func:`coarser_part`)
     coarse_objective: bool = False
+    #: a float32 (or coarser) run stopped within :data:`PRECISION_FLOOR` machine epsilons of
+    #: its starting gradient norm: as far as its precision goes (not warned of)
+    at_precision: bool = False
 
 
 def objective_and_gradient(
@@ -280,7 +283,14 @@ def train_to_optimum(
             NotConvergedWarning,
         )
     return TrainResult(
-        space.flat().clone(), value, norm, iterations, norm <= target, target, coarse is not None
+        space.flat().clone(),
+        value,
+        norm,
+        iterations,
+        norm <= target,
+        target,
+        coarse is not None,
+        norm > target and bool(at_floor),
     )
 
 
