@@ -316,6 +316,20 @@ def test_a_dataloaders_sampler_and_partial_collate_are_named(problem: dict) -> N
         DataLoader(rows, batch_sampler=Shuffled())
     )
     assert torch.equal(torch.rand(()), expected)  # (a reviewer's: drawing moved it)
+
+    class Seeded(Shuffled):  # its own generator (a third reviewer's: drawing moved it too)
+        def __init__(self) -> None:
+            self.generator = torch.Generator().manual_seed(0)
+
+        def __iter__(self) -> Any:
+            return iter(torch.randperm(n, generator=self.generator).split(2))
+
+    first = [b.tolist() for b in Seeded()]
+    seeded = Seeded()
+    infkit.Influence(problem["task"], "identity", progress=False).fit(
+        DataLoader(rows, batch_sampler=seeded)
+    )
+    assert [b.tolist() for b in seeded] == first
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for loader in (

@@ -774,6 +774,15 @@ def test_a_loss_that_mixes_the_examples_of_a_batch_is_refused_where_it_trains() 
         infkit.train_to_optimum(infkit.Task(model, mixing), (X, y), 1e-2)
     with pytest.raises(InvalidInputError, match=said):
         infkit.Influence(infkit.Task(model, mixing), "exact", l2=1e-2).fit((X, y))
+    # a third reviewer's: targets near 1e-2 (losses of 3e-5) and a bfloat16 model passed, the
+    # tolerance floored at a loss of 1, or taken at the model's precision, not the loss's
+    for small in (nn.Linear(4, 1), nn.Linear(4, 1).to(torch.bfloat16)):
+        with torch.no_grad():
+            small.weight.mul_(1e-2)
+        with pytest.raises(InvalidInputError, match=said):
+            infkit.Influence(infkit.Task(small, mixing), "identity").fit(
+                (X.float(), 1e-2 * y.float())
+            )
     task = infkit.Task(model, per_example)
     infkit.train_to_optimum(task, (X, y), 1e-2)
     infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
@@ -918,11 +927,13 @@ def test_outputs_the_default_picker_cannot_take_are_named_and_output_fn_is_taken
             return logits.tanh(), logits
 
     task = infkit.Task.classification(HiddenFirst())
+    copied = task.with_autocast(torch.bfloat16)  # (as each fit with dtype= makes, before use)
     with pytest.warns(Notice, match=r"returns a tuple of 2 items \(\[0\] \(20, 3\), \[1\]"):
-        task.call_model(task.model, X)
+        copied.call_model(task.model, X)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Notice)  # once a task
+        warnings.simplefilter("error", Notice)  # once a task, for its copies too
         task.call_model(task.model, X)
+        copied.call_model(task.model, X)
     sigmoid = nn.Sequential(nn.Linear(4, 1), nn.Sequential(nn.Sigmoid())).double()
     with pytest.raises(InvalidInputError, match=r"ends in Sigmoid: .*needs the logit"):
         infkit.Task.binary_classification(sigmoid)

@@ -19,6 +19,7 @@ What cannot be read so is refused, saying what it looks like and what to give in
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -196,7 +197,7 @@ def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
     batches = loader.batch_sampler
     if batches is not None and not isinstance(batches, BatchSampler):
         # (one of one's own, length bucketing: what it covers is seen by drawing its indices)
-        drawn = _drawn_indices(batches, len(loader.dataset))  # type: ignore[arg-type]
+        drawn = _drawn_indices(batches, loader.dataset)
         if drawn != "every example once":
             warn(
                 f"{name}: the DataLoader's batch_sampler ({_callable_name(batches)}) draws "
@@ -249,11 +250,16 @@ def _random_states_kept() -> Iterator[None]:
             np.random.set_state(generator)
 
 
-def _drawn_indices(batches: Any, n: int) -> str:
-    """What a batch sampler draws of ``n`` examples, in words: ``"every example once"``, or
-    how many of them and whether it repeats any (its first 2n indices at most: a sampler
-    may never end)."""
+def _drawn_indices(batches: Any, dataset: Any) -> str:
+    """What a batch sampler draws of ``dataset``'s n examples, in words: ``"every example
+    once"``, or how many of them and whether it repeats any (its first 2n indices at most: a
+    sampler may never end)."""
+    n = len(dataset)
     seen: list[int] = []
+    # a copy is drawn (drawing moved a sampler's own generator, a reviewer's, and its epoch),
+    # the dataset it may hold not copied; one that cannot be copied is drawn itself
+    with contextlib.suppress(Exception):
+        batches = copy.deepcopy(batches, {id(dataset): dataset})
     with _random_states_kept():  # (a reviewer's: drawing moved the user's random numbers)
         for batch in batches:
             seen.extend(int(i) for i in batch)

@@ -477,7 +477,9 @@ class Task:
             )
         self.autocast = autocast
         self._mixed = False
-        self._told_first = False  # (the default took a tuple's first of several: said once)
+        # (the default took a tuple's first of several: said once, for the copies too, which
+        # share the cell: with_autocast's, made by every fit with dtype=; a reviewer's)
+        self._told_first = [False]
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -636,11 +638,11 @@ class Task:
             )
         if (
             self.output_fn is default_output_fn
-            and not self._told_first
+            and not self._told_first[0]
             and isinstance(raw, (tuple, list))
             and sum(isinstance(t, Tensor) and t.dim() > 0 for t in raw) > 1
         ):
-            self._told_first = True  # (a tester's (hidden, logits) was a 5-class classifier)
+            self._told_first[0] = True  # (a tester's (hidden, logits): a 3-class classifier)
             shapes = ", ".join(
                 f"[{k}] {tuple(t.shape)}"
                 if isinstance(t, Tensor)
