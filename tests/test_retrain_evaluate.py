@@ -590,3 +590,19 @@ def test_float32_retrainings_at_their_precision_are_ground_truth() -> None:
         tolerance=1e-12,
     )
     assert evaluate.relative_error(single.measurement.double(), reference.measurement) < 1e-3
+
+
+def test_a_float32_run_cut_by_max_iter_is_not_at_its_precision() -> None:
+    """A reviewer's: a float32 run stopped by max_iter with a gradient norm under the precision
+    floor (100 eps of its large starting norm: raw pixels) counted as at its precision, so a
+    retraining 71% from the full one was 'converged' without a word. Only a run that stalled
+    there is; one cut by max_iter warns and is not converged."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X, y = torch.tensor(X[:300] * 16, dtype=torch.float32), torch.tensor(y[:300])
+    torch.manual_seed(0)
+    task = infkit.Task.classification(torch.nn.Linear(64, 10))
+    with pytest.warns(infkit.errors.NotConvergedWarning, match="max_iter=40 reached"):
+        cut = infkit.train_to_optimum(task, (X, y), 1e-3, tolerance=1e-10, max_iter=40)
+    assert not cut.at_precision and not cut.done

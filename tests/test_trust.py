@@ -12,6 +12,7 @@ import copy
 import logging
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -397,6 +398,32 @@ def test_training_mode_modules_warn_once_naming_them(digits: dict) -> None:
     # a recipe replayed in evaluation mode says so when it trains
     with pytest.warns(UserWarning, match=r"training mode .*'2' \(Dropout\)"):
         infkit.Recipe(steps=1, lr=0.1, l2=L2).train(task, digits["train"])
+
+
+def test_attention_dropout_and_drop_path_in_training_mode_are_named(digits: dict) -> None:
+    """A reviewer's: attention with dropout and a timm-style DropPath in training mode draw
+    random numbers, yet the training-mode warning did not name them."""
+
+    class DropPath(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * (torch.rand(x.shape[0], 1) > 0.1) if self.training else x
+
+    class Attending(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(64, 4, dropout=0.5, batch_first=True)
+            self.path = DropPath()
+            self.out = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x[:, None, :]
+            return self.out(self.path(self.attention(h, h, h)[0][:, 0]))
+
+    task = infkit.Task.classification(Attending().double().train())
+    with pytest.warns(
+        UserWarning, match=r"'attention' \(MultiheadAttention\), 'path' \(DropPath\)"
+    ):
+        infkit.Influence(task, "identity", l2=L2).fit(digits["train"])
 
 
 def test_each_module_comes_back_in_its_own_mode(digits: dict) -> None:
@@ -908,6 +935,8 @@ def test_a_parameter_frozen_or_an_activation_replaced_after_fit_is_refused(metho
         match=r"parameter 'out\.weight' was frozen since fit \(requires_grad=False\)",
     ):
         inf.scores(test)
+    with pytest.raises(infkit.errors.ArtifactError, match=r"requires_grad_\(True\)\) \(or fit"):
+        inf.save(Path(tempfile.mkdtemp()) / "saved")  # (save said 'restore the values')
     model.out.weight.requires_grad_(True)
     model.act = nn.Sigmoid()
     with pytest.raises(
@@ -988,12 +1017,16 @@ def test_an_option_the_others_leave_unread_is_refused() -> None:
         # (a default given is taken: a fit's own options given back, a shared dict; a reviewer's)
         ("ekfac", {"fisher": "ggn", "samples": 1, "sample_targets": None}),
         ("astra", {"solver": "cg", "step": "auto"}),
+        ("ekfac", {"fisher": "ggn", "seed": 3}),  # (a script's one options dict for a sweep)
         ("ekfac", {"fisher": "sampled", "samples": 5}),
         ("ekfac", {"fisher": "auto", "samples": 5}),  # (auto samples above max_exact_outputs)
         ("astra", {"solver": "neumann", "step": 0.5}),
         ("datainf", {"damping_scale": 0.3}),
     ]:
         infkit.Influence(task, method, l2=1e-2, **options)
+    from infkit.methods.datainf import DataInfOptions
+
+    assert DataInfOptions().unread_of({"lambda_factor": 0.3}) == {}  # (an old alias: no field)
     gen = torch.Generator().manual_seed(1)
     X = torch.randn(30, 4, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (30,), generator=gen)

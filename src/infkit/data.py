@@ -442,7 +442,7 @@ class ExampleSet:
                 else ""
             )
             raise InvalidInputError(
-                f"{self.name}: reading its item {i} raised {type(error).__name__}: "
+                f"{self.name}: reading {self.example(i)} raised {type(error).__name__}: "
                 f"{str(error)[:200]}{hint}"
             ) from error
 

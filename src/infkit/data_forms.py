@@ -19,7 +19,6 @@ What cannot be read so is refused, saying what it looks like and what to give in
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -183,8 +182,10 @@ def _callable_name(fn: Any) -> str:
 def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
     """Warn about what of a DataLoader infkit does not use, beyond its batching and order: a
     ``collate_fn`` of its own (one that pads the examples, or makes or masks their labels, makes
-    other examples than infkit reads) and a sampler that draws other than every example once (a
-    subset, weights, draws with replacement: infkit reads every example of the dataset)."""
+    other examples than infkit reads), a sampler or batch sampler that draws other than every
+    example once (a subset, weights, draws with replacement: infkit reads every example of the
+    dataset; one of one's own is drawn, a copy of it, to see) and a ``drop_last`` that drops
+    examples of a loader that does not shuffle (shuffled, every example is trained on)."""
     collate = loader.collate_fn
     if collate not in (default_collate, default_convert):
         warn(
@@ -195,17 +196,7 @@ def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
             "(a dict holding the labels, or an (inputs, labels) pair)"
         )
     batches = loader.batch_sampler
-    if batches is not None and not isinstance(batches, BatchSampler):
-        # (one of one's own, length bucketing: what it covers is seen by drawing its indices)
-        drawn = _drawn_indices(batches, loader.dataset)
-        if drawn != "every example once":
-            warn(
-                f"{name}: the DataLoader's batch_sampler ({_callable_name(batches)}) draws "
-                f"{drawn}, and is not used: infkit reads every example of its dataset once, in "
-                "the dataset's order. To attribute to some of them, give those: "
-                "torch.utils.data.Subset(dataset, indices)"
-            )
-        return
+    own_batches = batches is not None and not isinstance(batches, BatchSampler)
     # (a batch_sampler of one's own holds the sampler; loader.sampler is then the default)
     sampler = batches.sampler if isinstance(batches, BatchSampler) else loader.sampler
     whole = isinstance(sampler, SequentialSampler) or (
@@ -213,12 +204,16 @@ def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
         and not sampler.replacement
         and sampler.num_samples == len(sampler.data_source)
     )
-    if not whole:
-        warn(
-            f"{name}: the DataLoader's sampler ({_callable_name(sampler)}) is not used: infkit "
-            "reads every example of its dataset once. To attribute to some of them, give "
-            "those: torch.utils.data.Subset(dataset, indices)"
-        )
+    drawing, what = (batches, "batch_sampler") if own_batches else (sampler, "sampler")
+    if own_batches or not whole:
+        drawn = _drawn_indices(drawing, loader.dataset, batched=own_batches)
+        if drawn is not None:
+            warn(
+                f"{name}: the DataLoader's {what} ({_callable_name(drawing)}) draws {drawn}, "
+                "and is not used: infkit reads every example of its dataset once, in the "
+                "dataset's order. To attribute to some of them, give those: "
+                "torch.utils.data.Subset(dataset, indices)"
+            )
     elif (
         isinstance(sampler, SequentialSampler)  # (shuffled, another few each epoch: all trained)
         and isinstance(batches, BatchSampler)
@@ -236,38 +231,80 @@ def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
 
 
 @contextlib.contextmanager
-def _random_states_kept() -> Iterator[None]:
-    """Draw within, leaving torch's, Python's and NumPy's global random states as they were
-    (a sampler of one's own draws from any of them)."""
+def _random_states_kept(owner: Any) -> Iterator[None]:
+    """Draw within, leaving torch's, Python's and NumPy's global random states as they were,
+    and those of the generators ``owner`` holds (in its attributes, two levels down: a batch
+    sampler's sampler's), which a sampler of one's own draws from."""
     import random
 
     python, generator = random.getstate(), np.random.get_state()
+    held = _generators(owner)
+    states = [(g, g.get_state() if isinstance(g, torch.Generator) else g.getstate()) for g in held]
     with torch.random.fork_rng(devices=[]):
         try:
             yield
         finally:
             random.setstate(python)
             np.random.set_state(generator)
+            for g, state in states:
+                if isinstance(g, torch.Generator):
+                    g.set_state(state)
+                else:
+                    g.setstate(state)
 
 
-def _drawn_indices(batches: Any, dataset: Any) -> str:
-    """What a batch sampler draws of ``dataset``'s n examples, in words: ``"every example
-    once"``, or how many of them and whether it repeats any (its first 2n indices at most: a
-    sampler may never end)."""
+def _generators(owner: Any, depth: int = 2) -> list[Any]:
+    """The torch generators and ``random.Random`` objects ``owner`` holds in its attributes,
+    ``depth`` levels down (NumPy's keep their state in ``bit_generator``: saved as Random's)."""
+    import random
+
+    found: list[Any] = []
+    try:
+        values = list(vars(owner).values())
+    except TypeError:  # (no __dict__)
+        return found
+    for value in values:
+        if isinstance(value, (torch.Generator, random.Random)):
+            found.append(value)
+        elif isinstance(value, np.random.Generator):
+            found.append(_NumpyState(value))
+        elif depth > 1 and not isinstance(value, (Tensor, np.ndarray, str, bytes, int, float)):
+            found += _generators(value, depth - 1)
+    return found
+
+
+class _NumpyState:
+    """A NumPy generator's state behind ``getstate`` / ``setstate``, as ``random.Random``'s."""
+
+    def __init__(self, generator: np.random.Generator) -> None:
+        self.generator = generator
+
+    def getstate(self) -> Any:
+        return self.generator.bit_generator.state
+
+    def setstate(self, state: Any) -> None:
+        self.generator.bit_generator.state = state
+
+
+def _drawn_indices(drawing: Any, dataset: Any, batched: bool) -> str | None:
+    """What a sampler (``batched``: a batch sampler) draws of ``dataset``'s n examples, in
+    words (how many of them, and whether it repeats any), or None for every example once; its
+    first 2n indices at most (a sampler may never end). It is drawn with the global random
+    states and its own generators kept (:func:`_random_states_kept`; not copied: a reviewer's
+    sampler held a memory-mapped corpus), a counter of its own (an epoch) excepted."""
     n = len(dataset)
     seen: list[int] = []
-    # a copy is drawn (drawing moved a sampler's own generator, a reviewer's, and its epoch),
-    # the dataset it may hold not copied; one that cannot be copied is drawn itself
-    with contextlib.suppress(Exception):
-        batches = copy.deepcopy(batches, {id(dataset): dataset})
-    with _random_states_kept():  # (a reviewer's: drawing moved the user's random numbers)
-        for batch in batches:
-            seen.extend(int(i) for i in batch)
+    with _random_states_kept(drawing):
+        for item in drawing:
+            if batched:
+                seen.extend(int(i) for i in item)
+            else:
+                seen.append(int(item))
             if len(seen) > 2 * n:
                 return "more than twice as many indices as examples"
     distinct = set(seen)
     if len(seen) == n and distinct == set(range(n)):
-        return "every example once"
+        return None
     repeated = " and repeats some" if len(distinct) < len(seen) else ""
     return f"{len(distinct & set(range(n)))} of the {n} examples{repeated}"
 

@@ -66,6 +66,11 @@ def examples_in_batches(
     return dealt_examples(n, batch_size, rank, size)
 
 
+#: what to do where processes differ in whether they keep their factors in a store (the
+#: Kronecker fit's and scoring calls' agreements)
+STORE_HINT = "give every process a workdir (or factors_dir), or none"
+
+
 def agree(
     what: str,
     identity: Mapping[str, Any],
@@ -116,7 +121,7 @@ def agree(
             continue
         fields = differences(first, json.loads(theirs))
         changed = ", ".join(fields) or "(the identity)"
-        told = [hints[f] for f in fields if hints and f in hints]
+        told = list(dict.fromkeys(hints[f] for f in fields if hints and f in hints))
         raise InvalidInputError(
             f"{what}: process {other} of {size} differs from process 0 in {changed}, so their "
             "sums would mix different computations. Every process must run the same script on "

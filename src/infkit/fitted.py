@@ -195,25 +195,8 @@ class Fitted:
                 "(set_adapter(...), outside disable_adapter(), unmerged), or fit again"
             )
         name = self.changed_since_fit()
-        if name is not None and name.endswith("(frozen since fit)"):
-            parameter = name.removesuffix(" (frozen since fit)")
-            raise InvalidInputError(
-                f"the model's parameter {parameter!r} was frozen since fit (requires_grad=False):"
-                " the fitted state attributes through it, the queries' gradients would leave it "
-                f"out. Set it trainable again ({parameter}.requires_grad_(True)), or fit again"
-            )
         if name is not None:
-            kept = (
-                " (if the forward pass keeps that value itself, a statistic that a pass of "
-                "yours moved since, set it back as it was)"
-                if name.endswith("(setting)")
-                else ""
-            )
-            raise InvalidInputError(
-                f"the model's {name!r} changed since fit: the fitted state (curvature, training "
-                "gradients, theta*) describes the model as it was, and answers would mix it with "
-                "the new values. Restore the model's parameters and settings, or fit again" + kept
-            )
+            raise InvalidInputError(changed_message(name, ", or fit again"))
 
     # ------------------------------------------------------------------ sizes and ridges
     @property
@@ -580,6 +563,30 @@ def _attribute_snapshot(model: nn.Module) -> dict[str, str]:
     """The digest of each of ``model``'s tensor attributes
     (:func:`~infkit.fingerprint.tensor_attributes`: those a forward pass writes left out)."""
     return {name: tensor_digest(t) for name, t in tensor_attributes(model).items()}
+
+
+def changed_message(name: str, then: str) -> str:
+    """What to say of ``name``, as :meth:`Fitted.changed_since_fit` found it changed, and what
+    to do (``then``: ``", or fit again"``, ``" (or fit again) before saving"``)."""
+    if name.endswith(" (frozen since fit)"):
+        parameter = name.removesuffix(" (frozen since fit)")
+        return (
+            f"the model's parameter {parameter!r} was frozen since fit (requires_grad=False): "
+            "the fitted state attributes through it, the queries' gradients would leave it out. "
+            f"Set it trainable again (model.get_parameter({parameter!r}).requires_grad_(True))"
+            f"{then}"
+        )
+    kept = (
+        " (if the forward pass keeps that value itself, a statistic that a pass of yours moved "
+        "since, set it back as it was)"
+        if name.endswith("(setting)")
+        else ""
+    )
+    return (
+        f"the model's {name!r} changed since fit: the fitted state (curvature, training "
+        "gradients, theta*) describes the model as it was, and answers would mix it with the new "
+        f"values. Restore the model's parameters, modules and settings{then}{kept}"
+    )
 
 
 def probe_forward_writes(engine: PerExample, examples: ExampleSet) -> Tensor:

@@ -197,7 +197,9 @@ class Options:
     def unread_of(self, given: Mapping[str, Any]) -> dict[str, str]:
         """:meth:`unread` of the options in ``given`` set to other than their defaults."""
         defaults = {f.name: f.default for f in self.fields()}
-        return self.unread(frozenset(k for k in given if _differs(given[k], defaults[k])))
+        return self.unread(  # (a name that is no field, an old alias, is none of them)
+            frozenset(k for k in given if k in defaults and _differs(given[k], defaults[k]))
+        )
 
     def unread(self, given: frozenset[str]) -> dict[str, str]:
         """Of the options ``given`` (set to other than their defaults), each that these

@@ -47,6 +47,22 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
         yield
 
 
+def _every_module(model: nn.Module) -> list[nn.Module]:
+    """``model.modules()``, and those of a module one of them holds outside its submodules
+    (a ``LinearizedModel``'s base network, whose ``train`` it sets too: a reviewer's
+    evaluation-mode submodule came back in training mode)."""
+    found: dict[int, nn.Module] = {}
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in found:
+            continue
+        found[id(module)] = module
+        stack += list(module.children())
+        stack += [v for v in vars(module).values() if isinstance(v, nn.Module)]
+    return list(found.values())
+
+
 @contextlib.contextmanager
 def in_mode(model: nn.Module, training: bool) -> Iterator[None]:
     """Run with every module of ``model`` in training mode or evaluation mode, restoring each
@@ -54,7 +70,7 @@ def in_mode(model: nn.Module, training: bool) -> Iterator[None]:
     backbone the user had put in evaluation mode inside a model in training mode came back
     in training mode, its dropout on (a tester's)."""
     was = model.training
-    modes = [(module, module.training) for module in model.modules()]
+    modes = [(module, module.training) for module in _every_module(model)]
     model.train(training)
     try:
         yield
@@ -182,6 +198,19 @@ MODE_DEPENDENT = (
 )
 
 
+def _mode_dependent(module: nn.Module) -> bool:
+    """Whether ``module`` computes otherwise in training mode: batch norms, dropouts, instance
+    norms that track statistics, attention with dropout, and modules named for dropping
+    (DropPath, DropBlock: a reviewer's timm-style DropPath and attention dropout went unnamed)."""
+    if isinstance(module, MODE_DEPENDENT):
+        return True
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return bool(module.track_running_stats)
+    if isinstance(module, nn.MultiheadAttention):
+        return module.dropout > 0
+    return type(module).__name__.startswith("Drop")
+
+
 def warn_about_training_mode(model: nn.Module) -> None:
     """Warn (once per fit or training run) when mode-dependent modules of the model are in
     training mode, naming them (a model in evaluation mode holding one in training mode too).
@@ -193,14 +222,7 @@ def warn_about_training_mode(model: nn.Module) -> None:
     names = [  # (those in training mode: a backbone the user put in evaluation mode is not)
         f"{name!r} ({type(module).__name__})" if name else type(module).__name__
         for name, module in model.named_modules()
-        if module.training
-        and (
-            isinstance(module, MODE_DEPENDENT)
-            or (
-                isinstance(module, nn.modules.instancenorm._InstanceNorm)
-                and module.track_running_stats
-            )
-        )
+        if module.training and _mode_dependent(module)
     ]
     if names:
         shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")

@@ -68,8 +68,10 @@ class Retrained:
         target: the gradient norm the retraining had to reach (``tolerance`` times the norm at
             the warm start, or times 1 when that is smaller); NaN for a replayed recipe, which
             seeks no optimum.
-        converged: whether it reached ``target`` (always True for a replayed recipe). A result
-            that did not is not the retrained optimum, so not ground truth.
+        converged: whether it reached ``target``, or a float32 (or coarser) retraining its
+            precision's floor (:attr:`~infkit.training.TrainResult.done`); always True for a
+            replayed recipe. A result that did not is not the retrained optimum, so not ground
+            truth.
         start_move: ``||theta-hat - theta||``, how far retraining on all the data moved the
             model passed in (0 at its optimum; a warning says when it is not small).
     """
@@ -159,7 +161,9 @@ class RetrainCache:
     ) -> None:
         self.store = ArtifactStore(cache_dir)
         self.base = {
-            "result": "theta, gradient_norm, evaluations, target, converged",
+            # (converged counts a float32 retraining at its precision's floor since 0.2.0: a
+            # result cached before, flagged otherwise, is computed again)
+            "result": "theta, gradient_norm, evaluations, target, converged at precision",
             "model": model_fingerprint(task.model),
             "task": task_fingerprint(task),
             "data": data_fingerprint(examples),
@@ -331,7 +335,7 @@ def _retrain(
         theta, gradient_norm, evaluations = result.theta, result.gradient_norm, result.evaluations
         # (a float32 retraining at its precision's floor went as far as it goes, as
         # train_to_optimum counts it: a tester's matched float64's to 2e-5, "not ground truth")
-        target, converged = result.target, result.converged or result.at_precision
+        target, converged = result.target, result.done
     if cache is not None:
         cache.save(
             removed,

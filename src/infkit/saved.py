@@ -68,7 +68,7 @@ from infkit.fingerprint import (
     tensor_attributes,
     tensor_digest,
 )
-from infkit.fitted import Fitted, gradient_cache_fits, probe_forward_writes
+from infkit.fitted import Fitted, changed_message, gradient_cache_fits, probe_forward_writes
 from infkit.gradients import PerExample
 from infkit.methods.base import Method, method_class, registered
 from infkit.options import Options
@@ -494,10 +494,7 @@ def save(
         )
     changed = fitted.changed_since_fit()
     if changed is not None:
-        raise ArtifactError(
-            f"the model's {changed!r} changed since fit: the fitted state describes the model at "
-            "fit time. Restore its parameters and settings (or fit again) before saving"
-        )
+        raise ArtifactError(changed_message(changed, " (or fit again) before saving"))
     owner = f"method {method.name!r}'s fitted state"
     state_writer = _Writer(space.device)
     state_doc = {

@@ -72,18 +72,22 @@ def _default_outputs(raw: Any) -> Tensor:
             "out['<key>']) (or Task(..., output_fn=...))"
         )
     if isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], Tensor) and not raw[0].dim():
-        items = ", ".join(
-            f"[{k}] {tuple(item.shape)}"
-            if isinstance(item, Tensor)
-            else f"[{k}] a {type(item).__name__}"
-            for k, item in enumerate(raw[:4])
-        )
         raise InvalidInputError(
             f"the model returns a {type(raw).__name__} whose first item, the output infkit "
-            f"takes by default, is a scalar (items: {items}): pass output_fn= picking the "
+            f"takes by default, is a scalar (items: {_items(raw)}): pass output_fn= picking the "
             "outputs, e.g. Task.classification(model, output_fn=lambda out: out[1])"
         )
     return default_output_fn(raw)
+
+
+def _items(raw: tuple[Any, ...] | list[Any]) -> str:
+    """The first items of a model's tuple output, for a message: ``[0] (), [1] (20, 3)``."""
+    return ", ".join(
+        f"[{k}] {tuple(item.shape)}"
+        if isinstance(item, Tensor)
+        else f"[{k}] a {type(item).__name__}"
+        for k, item in enumerate(raw[:4])
+    )
 
 
 def at_least_float32(outputs: Tensor) -> Tensor:
@@ -246,11 +250,22 @@ def check_class_outputs(outputs: Tensor) -> str | None:
     return None
 
 
-def _refuse_final(model: nn.Module, kind: type[nn.Module], task: str, needed: str) -> None:
-    """Refuse a model whose last layer, as an ``nn.Sequential`` (nested) runs them, is a
-    ``kind`` (a Sigmoid after a binary classifier's logit): the task applies it itself, and a
-    tester's Sigmoid model was scored as if its probabilities were logits, 0.84 off, with no
-    word (a probability inside (0, 1) is a valid logit; the values cannot tell)."""
+def _check_measurement(measurement: Any) -> None:
+    """Refuse a measurement that is not a function (``Task`` and :meth:`Task.with_measurement`
+    take the ready-made ones' names nowhere)."""
+    if not callable(measurement):
+        raise InvalidInputError(
+            f"measurement must be a callable fn(outputs, targets) -> [B], got {measurement!r}; "
+            "the names 'loss' and 'margin' are the ready-made tasks' "
+            "(Task.classification(model, measurement='margin'))"
+        )
+
+
+def _refuse_final_sigmoid(model: nn.Module) -> None:
+    """Refuse a binary classifier whose last layer, as an ``nn.Sequential`` (nested) runs
+    them, is a Sigmoid: the task applies it itself, and a tester's Sigmoid model was scored
+    as if its probabilities were logits, 0.84 off, with no word (a probability inside (0, 1)
+    is a valid logit; the values cannot tell)."""
     last: nn.Module = model
     # (a Sequential whose forward is its own runs its layers otherwise: a reviewer's returned
     # the logit and kept the Sigmoid for predict_proba)
@@ -260,11 +275,10 @@ def _refuse_final(model: nn.Module, kind: type[nn.Module], task: str, needed: st
         and len(last)
     ):
         last = last[-1]
-    if isinstance(last, kind):
+    if isinstance(last, nn.Sigmoid):
         raise InvalidInputError(
-            f"the model ends in {type(last).__name__}: Task.{task} applies it itself and needs "
-            f"the {needed}; remove the final {type(last).__name__} (train with "
-            "BCEWithLogitsLoss on the logit)"
+            "the model ends in Sigmoid: Task.binary_classification applies it itself and needs "
+            "the logit; remove the final Sigmoid (train with BCEWithLogitsLoss on the logit)"
         )
 
 
@@ -448,12 +462,8 @@ class Task:
         _check_model(model)
         if not callable(loss):
             raise InvalidInputError("loss must be a callable fn(outputs, targets) -> [B]")
-        if measurement is not None and not callable(measurement):  # (a tester's "margin")
-            raise InvalidInputError(
-                f"measurement must be a callable fn(outputs, targets) -> [B] or None (the loss), "
-                f"got {measurement!r}; the names 'loss' and 'margin' are the ready-made tasks' "
-                "(Task.classification(model, measurement='margin'))"
-            )
+        if measurement is not None:  # (a tester's "margin" failed at scores())
+            _check_measurement(measurement)
         self.model = model
         self.loss = loss
         self.measurement = measurement if measurement is not None else loss
@@ -523,7 +533,7 @@ class Task:
         """Sigmoid cross-entropy on one logit per example, targets in {0, 1}; measurement and
         ``output_fn`` as :meth:`classification` takes them. A model ending in ``nn.Sigmoid``
         (probabilities, not the logit) is refused."""
-        _refuse_final(model, nn.Sigmoid, "binary_classification", "logit")
+        _refuse_final_sigmoid(model)
         meas, higher = _pick_measurement(measurement, _binary_margin, higher_is_better)
         return cls(
             model,
@@ -643,14 +653,8 @@ class Task:
             and sum(isinstance(t, Tensor) and t.dim() > 0 for t in raw) > 1
         ):
             self._told_first[0] = True  # (a tester's (hidden, logits): a 3-class classifier)
-            shapes = ", ".join(
-                f"[{k}] {tuple(t.shape)}"
-                if isinstance(t, Tensor)
-                else f"[{k}] a {type(t).__name__}"
-                for k, t in enumerate(raw[:4])
-            )
             warn(
-                f"the model returns a {type(raw).__name__} of {len(raw)} items ({shapes}); "
+                f"the model returns a {type(raw).__name__} of {len(raw)} items ({_items(raw)}); "
                 f"infkit takes the first, {tuple(out.shape)}, as the outputs the loss reads: "
                 "where another holds them, pass output_fn= (e.g. Task.classification(model, "
                 "output_fn=lambda out: out[1]))",
@@ -684,8 +688,7 @@ class Task:
     def with_measurement(self, measurement: PerExampleFn, higher_is_better: bool = False) -> Task:
         """A copy of this task measuring ``measurement`` (``fn(outputs, targets) -> [B]``)
         instead: the same model, loss, curvature and checks."""
-        if not callable(measurement):
-            raise InvalidInputError("measurement must be a callable fn(outputs, targets) -> [B]")
+        _check_measurement(measurement)
         twin = copy.copy(self)
         twin.measurement = measurement
         twin.higher_is_better = higher_is_better

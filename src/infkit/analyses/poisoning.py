@@ -475,7 +475,7 @@ def plant_poisons(
     result = train_to_optimum(
         poisoned, poisoned_train, l2, tolerance=tolerance, max_iter=max_iter, warn_unconverged=False
     )
-    if not (result.converged or result.at_precision):
+    if not result.done:
         warn(
             f"the poisoned model did not reach the optimum (||grad L|| = "
             f"{result.gradient_norm:.2e}); raise max_iter or loosen tolerance: the influence "

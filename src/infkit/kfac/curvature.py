@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from infkit.data import ExampleSet
-from infkit.distributed import agree
+from infkit.distributed import STORE_HINT, agree
 from infkit.errors import (
     ArtifactError,
     ArtifactRemovedError,
@@ -157,7 +157,9 @@ class KroneckerOptions(Options):
         return float(self.damping_scale or 0.0)
 
     def unread(self, given: frozenset[str]) -> dict[str, str]:
-        """``samples`` and ``sample_targets`` with a ``fisher`` that draws no labels."""
+        """The label sampler's ``samples`` and ``sample_targets`` with a ``fisher`` that draws
+        no labels (not ``seed``, a reproducibility setting a script passes whatever it runs:
+        one options dict for a sweep over ``fisher``, a test's)."""
         found = super().unread(given)
         if self.fisher in ("ggn", "empirical"):
             found |= {
@@ -626,9 +628,9 @@ class KroneckerCurvature:
             },
             fitted.space.device,
             hints={
-                "factors_store": "give every process a workdir (or factors_dir), or none",
+                "factors_store": STORE_HINT,
                 "committed_factors": "give every process the same workdir (a shared one), or "
-                "each its own in the same state, or pass overwrite=True to fit again",
+                "each its own factors_dir in the same state, or pass overwrite=True to fit again",
             },
         )
         if found is not None:

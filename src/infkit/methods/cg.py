@@ -116,6 +116,7 @@ class ConjugateGradient(PrimalMethod):
 
     def fit(self, fitted: Fitted) -> None:
         super().fit(fitted)
+        self._told_unchecked = False  # (said once a fit)
         imprecise_solve_warning(self.name, self.options.tol, fitted.engine.dtype)
         self.operator = self._curvature_operator(fitted)
         if self.options.preconditioner == "diagonal":
@@ -213,17 +214,19 @@ class ConjugateGradient(PrimalMethod):
         ridge = self.fitted.retained_ridge(len(group))
         if not self._told_unchecked and (self.curvature == "hessian" or ridge == 0):
             self._told_unchecked = True
-            what = "the Hessian less the removed examples' can be indefinite" + (
-                ", and with no ridge singular" if ridge == 0 else ""
-            )
             if self.curvature != "hessian":
                 what = "with no ridge, the retained curvature can be singular"
+            else:
+                what = "the Hessian less the removed examples' can be indefinite" + (
+                    ", and with no ridge singular" if ridge == 0 else ""
+                )
             warn(
                 f"method 'cg' solves the retained curvature of each Newton step without "
                 f"checking it ({what}): CG refuses only where its iterations meet non-positive "
                 "curvature, which a direction the step barely excites escapes, and then returns "
                 "the step to a saddle or one of many minimisers. Method 'exact' checks each by "
-                "its eigenvalues; damping keeps it positive definite",
+                "its eigenvalues; a damping above its most negative eigenvalue keeps it "
+                "positive definite",
                 Notice,
             )
         return self._apply(self._operator().retained(group), ridge, V)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import ExampleSet
-from infkit.distributed import agree, sum_across, world
+from infkit.distributed import STORE_HINT, agree, sum_across, world
 from infkit.errors import NotFittedError, Notice, ProblemTooLargeError, warn
 from infkit.estimators import Estimator
 from infkit.fingerprint import data_fingerprint, task_fingerprint, tensor_digest
@@ -298,8 +298,8 @@ class KFAC(PrimalMethod):
             },
             fitted.space.device,
             hints={
-                "factors_store": "give every process a factors_dir (or workdir), or none",
-                "workdir": "give every process a workdir (Influence.load(..., workdir=)), or none",
+                "factors_store": STORE_HINT,
+                "workdir": STORE_HINT,
                 "part": "under torchrun call scores(), whose processes share the shards; "
                 "score_shards(part=) is for arrays of jobs without a process group",
             },
