@@ -17,6 +17,7 @@ import warnings
 from collections import UserDict
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from lm_helpers import LENGTH, VOCAB, TinyLM
@@ -324,6 +325,31 @@ def test_a_dataloaders_sampler_and_partial_collate_are_named(problem: dict) -> N
         def __iter__(self) -> Any:
             return iter(torch.randperm(n, generator=self.generator).split(2))
 
+    # (a sixth reviewer's: a sampler of lists with batching off raised int()'s TypeError, and
+    # one holding NumPy's legacy RandomState was moved)
+    lists = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(rows), 2, False)
+    with pytest.warns(UserWarning, match=r"sampler \(BatchSampler\) draws items that are not"):
+        infkit.Influence(problem["task"], "identity", progress=False).fit(
+            DataLoader(rows, sampler=lists, batch_size=None)
+        )
+
+    class Legacy(torch.utils.data.Sampler[int]):
+        def __init__(self) -> None:
+            self.state = np.random.RandomState(0)
+
+        def __iter__(self) -> Any:
+            return iter(self.state.permutation(n)[: n - 1].tolist())
+
+        def __len__(self) -> int:
+            return n - 1
+
+    legacy = Legacy()
+    expected_order = list(Legacy())
+    with pytest.warns(UserWarning, match=r"sampler \(.*Legacy\) draws"):
+        infkit.Influence(problem["task"], "identity", progress=False).fit(
+            DataLoader(rows, sampler=legacy)
+        )
+    assert list(legacy) == expected_order
     first = [b.tolist() for b in Seeded()]
     seeded = Seeded()
     infkit.Influence(problem["task"], "identity", progress=False).fit(

@@ -814,6 +814,11 @@ def test_a_loss_that_mixes_the_examples_of_a_batch_is_refused_where_it_trains() 
         low = outputs.to(torch.bfloat16) - targets.to(torch.bfloat16)
         return (low**2).mean(1).float()
 
+    def by_size(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (a sixth's)
+        return (outputs.reshape(-1) - targets) ** 2 * 32 / outputs.shape[0]
+
+    with pytest.raises(InvalidInputError, match=r"in a batch of three: the loss depends on the"):
+        infkit.Influence(infkit.Task(nn.Linear(4, 1).double(), by_size), "identity").fit((X, y))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         infkit.Influence(infkit.Task(coded, reconstruction), "identity").fit((codes, images))

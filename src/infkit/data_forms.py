@@ -268,9 +268,24 @@ def _generators(owner: Any, depth: int = 2) -> list[Any]:
             found.append(value)
         elif isinstance(value, np.random.Generator):
             found.append(_NumpyState(value))
+        elif isinstance(value, np.random.RandomState):  # (NumPy's legacy: a reviewer's)
+            found.append(_LegacyNumpyState(value))
         elif depth > 1 and not isinstance(value, (Tensor, np.ndarray, str, bytes, int, float)):
             found += _generators(value, depth - 1)
     return found
+
+
+class _LegacyNumpyState:
+    """A legacy ``np.random.RandomState``'s state behind ``getstate`` / ``setstate``."""
+
+    def __init__(self, generator: np.random.RandomState) -> None:
+        self.generator = generator
+
+    def getstate(self) -> Any:
+        return self.generator.get_state()
+
+    def setstate(self, state: Any) -> None:
+        self.generator.set_state(state)
 
 
 class _NumpyState:
@@ -295,13 +310,16 @@ def _drawn_indices(drawing: Any, dataset: Any, batched: bool) -> str | None:
     n = len(dataset)
     seen: list[int] = []
     with _random_states_kept(drawing):
-        for item in drawing:
-            if batched:
-                seen.extend(int(i) for i in item)
-            else:
-                seen.append(int(item))
-            if len(seen) > 2 * n:
-                return "more than twice as many indices as examples"
+        try:
+            for item in drawing:
+                if batched:
+                    seen.extend(int(i) for i in item)
+                else:
+                    seen.append(int(item))
+                if len(seen) > 2 * n:
+                    return "more than twice as many indices as examples"
+        except (TypeError, ValueError):  # (a sampler of lists with batching off, keys: a
+            return "items that are not single indices"  # reviewer's BatchSampler as sampler)
     distinct = set(seen)
     if len(seen) == n and distinct == set(range(n)):
         return None

@@ -214,9 +214,12 @@ def check_loss_alone(engine: PerExample, examples: ExampleSet) -> None:
         return  # (no labels, or padded otherwise: a padding's own effect is checked elsewhere)
     both = engine.outputs(batch)
     targets = engine.prepare(batch)[1]  # (on the model's device, as every loss call has them)
-    twice = map_tensors(targets, lambda t: torch.cat([t[:1], t[:1]]))
+    copies = [
+        (torch.cat([both[:1]] * k), map_tensors(targets, lambda t, k=k: torch.cat([t[:1]] * k)))
+        for k in (2, 3)
+    ]
     try:
-        losses = [task.loss(both, targets), task.loss(torch.cat([both[:1], both[:1]]), twice)]
+        losses = [task.loss(both, targets), *(task.loss(o, t) for o, t in copies)]
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         labels = batch.targets
         described = (
@@ -230,11 +233,23 @@ def check_loss_alone(engine: PerExample, examples: ExampleSet) -> None:
             f"are in the data ({described}): convert them in the loss (e.g. targets.long(), "
             "targets.reshape(-1)) or give them so"
         ) from error
-    if [tuple(v.shape) if isinstance(v, Tensor) else None for v in losses] != [(2,), (2,)]:
+    if [tuple(v.shape) if isinstance(v, Tensor) else None for v in losses] != [(2,), (2,), (3,)]:
         return  # (a loss of another shape, a batch's mean: named by the checks that follow)
     # (the same computation on the same row: equal, whatever the loss's precision; 1e-5 of
     # room for kernels that reduce in another order from call to call, atomics on a GPU)
     beside, alone = float(losses[0][0]), float(losses[1][0])
+    in_three = float(losses[2][0])
+    # (a batch of three against one of two: another shape, so rounding may differ, by far less
+    # than 1%; a loss scaled by the batch's size, a reviewer's 32 / B, moves by a third)
+    if abs(in_three - alone) > 1e-2 * max(abs(in_three), abs(alone)):
+        raise InvalidInputError(
+            f"the task's loss of {examples.name} {examples.example(0)} is {alone:.6g} in a batch "
+            f"of two copies of it and {in_three:.6g} in a batch of three: the loss depends on "
+            "the batch's size (a division by it, a mean over the batch), so each example's loss "
+            "is not its own and training on batches optimises another objective than the "
+            "per-example losses infkit attributes. Make it return each example's own loss, "
+            "with reduction='none' and no division by the batch's size"
+        )
     if abs(beside - alone) > 1e-5 * max(abs(beside), abs(alone)):
         raise InvalidInputError(
             f"the task's loss of {examples.name} {examples.example(0)} is {beside:.6g} in a batch "
