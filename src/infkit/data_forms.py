@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -237,68 +238,46 @@ def _random_states_kept(owner: Any) -> Iterator[None]:
     sampler's sampler's), which a sampler of one's own draws from."""
     import random
 
-    python, generator = random.getstate(), np.random.get_state()
-    held = _generators(owner)
-    states = [(g, g.get_state() if isinstance(g, torch.Generator) else g.getstate()) for g in held]
+    accessors: list[StateAccess] = [
+        (random.getstate, random.setstate),
+        (np.random.get_state, np.random.set_state),
+        *_generator_states(owner),
+    ]
+    kept = [(put, get()) for get, put in accessors]
     with torch.random.fork_rng(devices=[]):
         try:
             yield
         finally:
-            random.setstate(python)
-            np.random.set_state(generator)
-            for g, state in states:
-                if isinstance(g, torch.Generator):
-                    g.set_state(state)
-                else:
-                    g.setstate(state)
+            for put, state in kept:
+                put(state)
 
 
-def _generators(owner: Any, depth: int = 2) -> list[Any]:
-    """The torch generators and ``random.Random`` objects ``owner`` holds in its attributes,
-    ``depth`` levels down (NumPy's keep their state in ``bit_generator``: saved as Random's)."""
+#: how to read and set back a generator's state
+StateAccess = tuple[Callable[[], Any], Callable[[Any], Any]]
+
+
+def _generator_states(owner: Any, depth: int = 2) -> list[StateAccess]:
+    """How to read and set back the state of each generator ``owner`` holds in its
+    attributes, ``depth`` levels down: torch's, ``random.Random``, NumPy's ``Generator``
+    (its ``bit_generator``'s) and its legacy ``RandomState`` (a reviewer's)."""
     import random
 
-    found: list[Any] = []
+    found: list[StateAccess] = []
     try:
         values = list(vars(owner).values())
     except TypeError:  # (no __dict__)
         return found
     for value in values:
-        if isinstance(value, (torch.Generator, random.Random)):
-            found.append(value)
+        if isinstance(value, (torch.Generator, np.random.RandomState)):
+            found.append((value.get_state, value.set_state))
+        elif isinstance(value, random.Random):
+            found.append((value.getstate, value.setstate))
         elif isinstance(value, np.random.Generator):
-            found.append(_NumpyState(value))
-        elif isinstance(value, np.random.RandomState):  # (NumPy's legacy: a reviewer's)
-            found.append(_LegacyNumpyState(value))
+            bits = value.bit_generator
+            found.append((partial(getattr, bits, "state"), partial(setattr, bits, "state")))
         elif depth > 1 and not isinstance(value, (Tensor, np.ndarray, str, bytes, int, float)):
-            found += _generators(value, depth - 1)
+            found += _generator_states(value, depth - 1)
     return found
-
-
-class _LegacyNumpyState:
-    """A legacy ``np.random.RandomState``'s state behind ``getstate`` / ``setstate``."""
-
-    def __init__(self, generator: np.random.RandomState) -> None:
-        self.generator = generator
-
-    def getstate(self) -> Any:
-        return self.generator.get_state()
-
-    def setstate(self, state: Any) -> None:
-        self.generator.set_state(state)
-
-
-class _NumpyState:
-    """A NumPy generator's state behind ``getstate`` / ``setstate``, as ``random.Random``'s."""
-
-    def __init__(self, generator: np.random.Generator) -> None:
-        self.generator = generator
-
-    def getstate(self) -> Any:
-        return self.generator.bit_generator.state
-
-    def setstate(self, state: Any) -> None:
-        self.generator.bit_generator.state = state
 
 
 def _drawn_indices(drawing: Any, dataset: Any, batched: bool) -> str | None:
