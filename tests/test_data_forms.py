@@ -499,3 +499,25 @@ def test_items_of_several_forms_and_a_len_beyond_the_items_name_the_item() -> No
         InvalidInputError, match=r"to compute a float64 model in float32, give a float32 copy"
     ):
         infkit.Influence(task, "exact", l2=1e-2, dtype=torch.float32)
+
+
+def test_data_on_the_meta_device_is_refused_naming_the_set_and_key() -> None:
+    """Examples on PyTorch's meta device (shapes without values) raised PyTorch's own
+    "Tensor.item() cannot be called on meta tensors" from the finiteness check: refused as an
+    InfkitError naming the set and the key, pointing at plan's sizes."""
+    torch.manual_seed(0)
+    X, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    task = infkit.Task.classification(torch.nn.Linear(3, 2).double())
+    infkit.train_to_optimum(task, (X, y), 0.1)
+    inf = infkit.Influence(task, method="exact", l2=0.1).fit((X, y))
+    meta = (X[:2].to("meta"), y[:2].to("meta"))
+    with pytest.raises(
+        InvalidInputError, match=r"test set example 0 has a tensor on PyTorch's meta"
+    ):
+        inf.scores(meta)
+    with pytest.raises(InvalidInputError, match=r"meta device.*plan\(n_train="):
+        infkit.Influence(task, method="exact", l2=0.1).fit(meta)
+    tokens = {"input_ids": torch.zeros(2, 4, dtype=torch.long)}
+    tokens["attention_mask"] = torch.ones(2, 4, device="meta")
+    with pytest.raises(InvalidInputError, match=r"in its 'attention_mask'"):
+        ExampleSet((tokens, torch.zeros(2, dtype=torch.long)), name="queries").check_finite()

@@ -519,8 +519,11 @@ def test_a_float64_model_that_rounds_in_float32_inside_is_named_when_training_st
 
 def test_the_detection_curve_draws_the_fraction_found_and_refuses_a_list_of_indices() -> None:
     """plot.detection_curve's line at each inspected fraction is evaluate.fraction_found's
-    there (scores without ties: the curve takes a tie in index order, the fraction averages it); a list of indices (the form [self_influence] flagged takes) raised numpy's
-    IndexError: refused, saying how to make the mask."""
+    there, ties included: the curve took a tie in index order (constant scores with the
+    flagged examples first in the data drew all found at the first places, where a random
+    order among the tied finds them along the diagonal), the fraction averaged it; a list of
+    indices (the form [self_influence] flagged takes) raised numpy's IndexError: refused,
+    saying how to make the mask."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -528,12 +531,17 @@ def test_the_detection_curve_draws_the_fraction_found_and_refuses_a_list_of_indi
 
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(40, generator=gen, dtype=torch.float64)
+    scores[20:30] = scores[20]  # a tie group of 10, one of them flagged
     flagged = torch.zeros(40, dtype=torch.bool)
-    flagged[[1, 5, 9, 30]] = True
+    flagged[[1, 5, 9, 25]] = True
     figure = plot.detection_curve({"self-influence": scores}, flagged)
     xs, ys = figure.axes[0].lines[0].get_data()
-    for k in (4, 10, 40):
+    for k in range(1, 41):
         assert abs(ys[k - 1] - evaluate.fraction_found(scores, flagged, xs[k - 1])) < 1e-12
+    # constant scores, the flagged first: the diagonal (k / N found), not all at once
+    constant = plot.detection_curve({"constant": torch.zeros(40)}, flagged.sort(descending=True)[0])
+    xs, ys = constant.axes[0].lines[0].get_data()
+    assert np.abs(ys - xs).max() < 1e-12
     with pytest.raises(InvalidInputError, match=r"is_flagged has 4: is_flagged is a mask"):
         plot.detection_curve({"self-influence": scores}, [1, 5, 9, 30])
 

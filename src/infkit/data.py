@@ -581,6 +581,14 @@ class ExampleSet:
             parts = [(key, t) for key, value in named_inputs for t in leaves(value)]
             read = leaves(b.targets) if targets else []
             for key, t in parts + [("", t) for t in read]:
+                if t.is_meta:  # (isfinite's answer on it has no value to read)
+                    where = f" in its {key!r}" if key else ""
+                    raise InvalidInputError(
+                        f"{self.name} {b.example(0)} has a tensor on PyTorch's meta device"
+                        f"{where} (a shape without values): give the data itself; a plan of "
+                        "a model on the meta device takes sizes instead (Influence.plan(n_train=..., "
+                        "n_queries=..., sequence_length=...))"
+                    )
                 if t.is_floating_point() or t.is_complex():
                     bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
                     if bad.any():

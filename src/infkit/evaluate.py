@@ -414,7 +414,8 @@ def fraction_found(
     examples with the highest scores (e.g. 0.97 = 97% of the mislabelled examples found when
     inspecting the top 10%). Scores tied at the cut count as a random choice among them would
     on average (as the AUC counts ties as 1/2): a tie group of g examples, f of them flagged,
-    that r inspected places reach adds ``r f / g``, not the flagged ones first or last.
+    that r inspected places reach adds ``r f / g``, not the flagged ones first or last
+    (:func:`found_curve`).
     """
     s, y = detection_inputs(scores, is_flagged)
     if not y.any():
@@ -427,11 +428,21 @@ def fraction_found(
             f"inspected is the fraction of examples inspected, in (0, 1], got {inspected!r}"
         )
     k = max(1, round(fraction * s.size))
-    cut = np.sort(s)[::-1][k - 1]  # the k-th highest score
-    above, tied = s > cut, s == cut
-    reach = k - int(above.sum())  # inspected places left for the examples tied at the cut
-    found = y[above].sum() + reach * y[tied].sum() / tied.sum()
-    return float(found / y.sum())
+    return float(found_curve(s, y)[k - 1] / y.sum())
+
+
+def found_curve(scores: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """The expected number of flagged examples found after inspecting the top 1, 2, ..., N
+    of ``scores`` (checked finite, :func:`detection_inputs`), ties counted as a random order
+    among them would on average: inside a tie group of g examples, f of them flagged, each
+    place adds ``f / g`` (so a ranking of constant scores is the diagonal, not the flagged
+    ones first because they come first in the data)."""
+    order = np.argsort(-scores, kind="stable")
+    ranked, hits = scores[order], flags[order].astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    sizes = np.diff(np.r_[starts, ranked.size])
+    group_hits = np.add.reduceat(hits, starts)
+    return np.cumsum(np.repeat(group_hits / sizes, sizes))
 
 
 def relative_error(predicted: Tensor, actual: Tensor) -> float:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from infkit.evaluate import detection_inputs
+from infkit.evaluate import detection_inputs, found_curve
 
 try:
     from matplotlib.figure import Figure
@@ -248,8 +248,9 @@ def detection_curve(
     """Share of flagged examples found against the share of the training set inspected.
 
     Args:
-        rankings: name -> [N] scores, inspected from the highest (tied scores in index order,
-            where :func:`infkit.evaluate.fraction_found` averages over the tie); names ending in
+        rankings: name -> [N] scores, inspected from the highest (tied scores counted as a
+            random order among them would on average, as
+            :func:`infkit.evaluate.fraction_found` does); names ending in
             ``" loss"`` (baselines) are drawn dotted.
         flagged: [N] the examples to find, a mask (e.g. the flipped labels): True or 1 for
             each; a list of indices is refused, naming how to make the mask.
@@ -265,9 +266,8 @@ def detection_curve(
     for name, (scores, flags) in checked.items():
         n = len(flags)
         xs = np.arange(1, n + 1) / n
-        order = np.argsort(-scores, kind="stable")
         style = ":" if name.endswith(" loss") else "-"
-        ax.plot(xs, np.cumsum(flags[order]) / max(int(flags.sum()), 1), style, label=name)
+        ax.plot(xs, found_curve(scores, flags) / max(int(flags.sum()), 1), style, label=name)
     ax.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="random")
     if inspect is not None:
         ax.axvline(inspect, color="gray", lw=0.8, ls=":")
