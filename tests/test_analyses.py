@@ -26,6 +26,7 @@ from infkit.analyses.similarity import (
 )
 from infkit.errors import InvalidInputError, UnsupportedError
 from infkit.evaluate import relative_error
+from infkit.influence import TopK
 
 pytestmark = pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
 
@@ -69,6 +70,30 @@ def test_layer_quality_decomposes_the_validation_influence(problem: dict) -> Non
     with pytest.raises(InvalidInputError, match=r"total must be an integer >= 0, got 7\.5"):
         quality.allocate(7.5, by="helpful")  # type: ignore[arg-type]
     assert sum(quality.allocate(np.int64(7), by="helpful").values()) == 7  # type: ignore[arg-type]
+
+
+def test_layer_quality_reads_a_margin_as_higher_is_better(problem: dict) -> None:
+    """For a margin (higher is better) a positive removal effect means the example hurt: the
+    helpful sum is over the negative parts (the model is away from its optimum: the fixture's
+    l2 differs from the influence's, so help and harm differ). It summed the positive parts,
+    the harm, as help."""
+    inf = problem["inf"]
+    margin_task = infkit.Task.classification(problem["model"], measurement="margin")
+    margin = infkit.Influence(margin_task, "ekfac", l2=0.0, damping=1e-2).fit(problem["train"])
+    quality = layer_quality(margin, problem["val"])
+    assert relative_error(quality.influence.sum(0), margin.scores(problem["val"]).mean(0)) < 1e-10
+    # independent reading: each example's help is minus its removal effect on the margin
+    helped = -quality.influence
+    assert torch.allclose(quality.helpful, helped.clamp_min(0).sum(1))
+    assert torch.allclose(quality.harmful, (-helped).clamp_min(0).sum(1))
+    assert torch.allclose(quality.net, -quality.influence.sum(1))
+    # the example with the most help is top_k's first proponent of the mean validation margin
+    mean_margin = margin.scores(problem["val"]).mean(0, keepdim=True)
+    top = TopK.of(mean_margin, 1, margin_task.higher_is_better)
+    assert int(helped.sum(0).argmax()) == int(top.proponent_indices[0, 0])
+    # and for the loss the helpful sum is that of the positive parts, as before
+    loss_quality = layer_quality(inf, problem["val"])
+    assert torch.allclose(loss_quality.helpful, loss_quality.influence.clamp_min(0).sum(1))
 
 
 def test_shares_by_net_refuse_the_rounding_an_optimum_leaves(problem: dict) -> None:

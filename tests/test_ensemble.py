@@ -100,6 +100,31 @@ def test_answers_are_the_means_of_the_members_answers(digits) -> None:
     assert repr(ens) == "Ensemble(4 members, method='exact', estimator='if', n_train=300)"
 
 
+def test_removal_takes_newton_steps_like_its_members(digits) -> None:
+    """Ensemble.remove(F, steps=K) is each member's remove(F, steps=K), averaged (it took no
+    steps= and raised a TypeError). Two convex members (logistic regressions with and without
+    a bias): exact curvature's Newton steps reach each member's retrained optimum, so each
+    member's parameter change matches retraining it (float64, to 1e-6 of its norm) where the
+    one-step answer is measurably off."""
+    train, test = digits["train"], digits["test"]
+    members = []
+    for bias in (True, False):
+        task = infkit.Task.classification(torch.nn.Linear(64, 10, bias=bias).double())
+        assert infkit.train_to_optimum(task, train, L2, tolerance=1e-12).converged
+        members.append(infkit.Influence(task, "exact", l2=L2, progress=False).fit(train))
+    removed = [3, 17, 40, 41, 120, 250]
+    effect = Ensemble(members).remove(removed, steps=3)
+    for member, own in zip(members, effect.members):
+        retrained = retrain.without(member.task, train, removed, L2, tolerance=1e-12)
+        assert retrained.converged
+        truth = retrained.delta
+        assert float((own.params - truth).norm()) < 1e-6 * float(truth.norm())
+        one_step = member.remove(removed).params
+        assert float((one_step - truth).norm()) > 1e-3 * float(truth.norm())
+    by_hand = torch.stack([e.loss(test) for e in effect.members]).mean(0)
+    _close(effect.loss(test), by_hand)
+
+
 def test_an_ensemble_of_one_is_that_member(digits) -> None:
     member, test = digits["members"][0], digits["test"]
     ens = Ensemble([member])

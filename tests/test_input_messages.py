@@ -13,6 +13,7 @@ import re
 import warnings
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from lm_helpers import LENGTH, VOCAB, TinyLM, llama_config
@@ -418,6 +419,8 @@ def test_out_of_vocabulary_ids_for_a_llama(lm_problem: dict) -> None:
             rf"prompt_lengths\[2\] = {LENGTH} is not in \[0, {LENGTH - 1}\]",
         ),
         (lambda ids: lm.examples(ids, prompt_lengths=[-3] * 4), r"prompt_lengths\[0\] = -3"),
+        (lambda ids: lm.examples(ids, prompt_lengths=True), r"got 4 of dtype torch\.bool"),
+        (lambda ids: lm.examples(ids, prompt_lengths=[2]), r"4 integers, one per sequence \(or"),
         (
             lambda ids: lm.examples(ids, torch.tensor([[1] * LENGTH] * 3 + [[1] + [0] * 6])),
             "sequence 3 has no token to score",
@@ -432,6 +435,10 @@ def test_examples_refuse_what_would_score_nothing_or_fail_later(call, message: s
         call(ids)
     _, labels = lm.examples(ids, prompt_lengths=[LENGTH - 1] * 4)  # the last token scored
     assert bool((labels[:, -1] == ids[:, -1]).all()) and bool((labels[:, :-1] == -100).all())
+    # one integer is every sequence's prompt length (a tester's natural reading; refused before)
+    for one in (2, torch.tensor(2), np.int64(2)):
+        _, same = lm.examples(ids, prompt_lengths=one)  # type: ignore[arg-type]
+        assert torch.equal(same, lm.examples(ids, prompt_lengths=[2] * 4)[1])
 
 
 def test_one_token_sequences_given_as_they_are_are_refused(lm_problem: dict) -> None:

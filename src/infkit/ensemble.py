@@ -492,11 +492,13 @@ class Ensemble:
             opponent_scores=torch.cat([p[3] for p in parts]).to(self._dtype),
         )
 
-    def remove(self, indices: Sequence[int] | Tensor) -> EnsembleRemoval:
+    def remove(self, indices: Sequence[int] | Tensor, *, steps: int = 1) -> EnsembleRemoval:
         """Predicted effect of removing the training examples ``indices`` jointly, averaged
         over the members: ``.loss(data)``, ``.outputs(data)``, ``.measurement(data)``, and
-        each member's :class:`~infkit.removal.RemovalEffect` in ``.members``."""
-        effects = [member.remove(indices) for member in self._members]
+        each member's :class:`~infkit.removal.RemovalEffect` in ``.members``. ``steps``
+        is :meth:`Influence.remove`'s, taken by each member (``steps=K > 1``: K - 1 Newton
+        steps on each member's retained objective after its one-step answer)."""
+        effects = [member.remove(indices, steps=steps) for member in self._members]
         return EnsembleRemoval(effects[0].indices, self.estimator, effects, self._dtype)
 
     def describe(self) -> dict[str, Any]:

@@ -823,7 +823,7 @@ def _stacked(rows: Any, name: str) -> Any:
 def examples(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
-    prompt_lengths: Tensor | list[int] | None = None,
+    prompt_lengths: Tensor | list[int] | int | None = None,
     position_ids: bool = False,
     allow_unscored: bool = False,
 ) -> tuple[dict[str, Tensor], Tensor]:
@@ -832,8 +832,9 @@ def examples(
     Labels are the input ids, with -100 at padding (``attention_mask == 0``) and at a token
     that follows padding (the first token of a left-padded sequence: nothing but padding
     predicts it, as nothing predicts the first token of an unpadded one), and, for completions,
-    at the first ``prompt_lengths[i]`` tokens of sequence i, counted from its first token (after
-    any left padding), so that only the completion's tokens are scored. A sequence padded on
+    at the first ``prompt_lengths[i]`` tokens of sequence i (one integer: the same prompt
+    length for every sequence), counted from its first token (after any left padding), so that
+    only the completion's tokens are scored. A sequence padded on
     either side then has the loss and scores of the same sequence unpadded, with a model that
     respects its mask and, under left padding, positions counted from each sequence's first
     token: with ``position_ids=True`` the inputs carry them (``attention_mask.cumsum(1) - 1``,
@@ -885,11 +886,13 @@ def examples(
     elif position_ids:
         inputs["position_ids"] = torch.arange(t).expand(n, t).clone()
     if prompt_lengths is not None:
-        lengths = torch.as_tensor(prompt_lengths).reshape(-1)
-        if len(lengths) != n or lengths.is_floating_point():
+        given = torch.as_tensor(prompt_lengths)
+        # (one integer, not in a list: the one prompt length of every sequence)
+        lengths = given.expand(n) if given.dim() == 0 else given.reshape(-1)
+        if len(lengths) != n or lengths.is_floating_point() or lengths.dtype == torch.bool:
             raise InvalidInputError(
-                f"prompt_lengths must be {n} integers, one per sequence, got "
-                f"{len(lengths)} of dtype {lengths.dtype}"
+                f"prompt_lengths must be {n} integers, one per sequence (or one integer for "
+                f"all), got {len(lengths)} of dtype {lengths.dtype}"
             )
         # a prompt leaves the sequence's last scored position (a label after position 0; a
         # tester's 6 tokens padded to 16 were told [0, 15], where 6 to 15 then failed as "no

@@ -9,12 +9,15 @@ of i on the mean validation measurement (default: the validation loss),
 computed with the block-diagonal curvature of ``kfac`` / ``ekfac`` (a layer's influence in
 isolation), or as the layer's share of the full score for other methods (:mod:`infkit.decompositions`).
 Units and sign are infkit's: ``> 0`` means removing i would raise the validation loss (i helps).
+A measurement where higher is better (a margin, ``task.higher_is_better``) turns the reading
+round: there ``> 0`` means removing i would raise the margin (i hurt).
 
-Aggregates per layer:
+Aggregates per layer, with ``h_i = I_l(z_i)`` for a loss and ``-I_l(z_i)`` for a measurement
+where higher is better (each example's help):
 
-* ``helpful[l] = sum_i max(I_l(z_i), 0)``: total help the layer's training signal gives;
-* ``harmful[l] = sum_i max(-I_l(z_i), 0)``: total harm. LayerIF's ``S^(l)`` (Koh-Liang sign,
-  "aggregated positives") is ``N x harmful[l]`` in these units.
+* ``helpful[l] = sum_i max(h_i, 0)``: total help the layer's training signal gives;
+* ``harmful[l] = sum_i max(-h_i, 0)``: total harm. LayerIF's ``S^(l)`` (Koh-Liang sign,
+  "aggregated positives", on the validation loss) is ``N x harmful[l]`` in these units.
 
 ``allocate(total, by=...)`` turns one of them into integer per-layer budgets (LoRA experts,
 pruning sparsity) by largest remainders. The paper's exact mapping from S^(l) to budgets and its
@@ -55,9 +58,10 @@ class LayerQuality:
     Attributes:
         layers: layer names, in model order.
         influence: [L, N], per-layer removal effect of each training example on the mean
-            validation measurement.
-        helpful: [L], sum over examples of the positive parts.
-        harmful: [L], sum over examples of the negative parts (as positive numbers).
+            validation measurement (in its units and sign).
+        helpful: [L], sum over examples of the help (the positive parts of ``influence`` for
+            a loss, the negative parts for a measurement where higher is better).
+        harmful: [L], sum over examples of the harm (as positive numbers).
     """
 
     layers: list[str]
@@ -70,7 +74,8 @@ class LayerQuality:
 
     @property
     def net(self) -> Tensor:
-        """[L], the layer's net removal effect of the whole training set: helpful - harmful."""
+        """[L], the layer's net help of the whole training set: helpful - harmful (for a
+        loss, the removal effect of the whole set through the layer)."""
         return self.helpful - self.harmful
 
     def shares(self, by: str) -> Tensor:
@@ -144,10 +149,13 @@ def layer_quality(inf: Influence, validation: Any) -> LayerQuality:
     parts = module_scores_for(fitted, method.precondition_queries(Q))
     layers = list(parts)
     influence = torch.stack([parts[name][0] for name in layers])
+    # (removing a helpful example raises a loss and lowers a margin: the help is the score's
+    # sign for the loss, minus it for a measurement where higher is better, as top_k reads it)
+    help_of_each = -influence if inf.task.higher_is_better else influence
     return LayerQuality(
         layers=layers,
         influence=influence,
-        helpful=influence.clamp_min(0).sum(1),
-        harmful=(-influence).clamp_min(0).sum(1),
+        helpful=help_of_each.clamp_min(0).sum(1),
+        harmful=(-help_of_each).clamp_min(0).sum(1),
         noise=net_noise(fitted.space.dtype),
     )
