@@ -285,6 +285,11 @@ def test_questions_before_fit_and_bad_indices(linear_data) -> None:
         inf.remove([30])
     with pytest.raises(InvalidInputError, match="training index 1 is given twice"):
         inf.remove([1, 1])
+    # a 0/1 mask of every example (a tester's [self_influence] flagged) is told as a mask is
+    mask = [0] * 30
+    mask[4] = 1
+    with pytest.raises(InvalidInputError, match=r"given twice; .*a 0/1 mask of the examples\?"):
+        inf.remove(mask)
     with pytest.raises(InvalidInputError, match="every training example"):
         inf.remove(list(range(30)))
 

@@ -125,6 +125,10 @@ def regression_task(model):
     return infkit.Task.regression(model)
 
 
+def task_of_another_model(model):
+    return infkit.Task.classification(torch.nn.Linear(64, 10).double())
+
+
 def linear():
     torch.manual_seed(0)
     net = torch.nn.Linear(5, 1).double()
@@ -410,6 +414,63 @@ def test_a_save_that_never_committed_is_fitted_again_with_a_notice_for_the_comma
     torch.testing.assert_close(after["scores"], before["scores"], rtol=1e-10, atol=1e-12)
 
 
+def test_a_damaged_record_of_the_fits_warnings_is_fitted_again_as_a_damaged_save(
+    project: Path, finished: Path, tmp_path: Path
+) -> None:
+    """A damaged influence/ is fitted again with a notice; a damaged record of the fit's
+    warnings beside it stopped the run with status 2 (a tester): fitted again the same way,
+    with the same scores."""
+    before = load_results(finished)[1]
+    copy = tmp_path / "w"
+    shutil.copytree(finished, copy)
+    (record,) = copy.glob("fit-warnings-*/warnings.json")
+    with record.open("a") as fh:
+        fh.write(" ")
+    assert cli.main(["run", str(project / "infkit.toml"), "--out", str(copy), "--quiet"]) == 0
+    data, after = load_results(copy)
+    assert data["summary"]["influence"] == "fitted"
+    said = " ".join(w["message"] for w in data["warnings"])
+    assert "the record of its fit's warnings is damaged" in said
+    torch.testing.assert_close(after["scores"], before["scores"], rtol=1e-10, atol=1e-12)
+    # and the record written again: the next run reloads
+    assert cli.main(["run", str(project / "infkit.toml"), "--out", str(copy), "--quiet"]) == 0
+    assert load_results(copy)[0]["summary"]["influence"] == "reloaded"
+
+
+def test_the_page_names_what_the_scores_measure(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tester's margin run: "margin" appeared nowhere on the page, whose text said a
+    proponent's removal makes "a loss higher", beside proponents with negative scores (right
+    for a margin). The summary names the measurement and its orientation, and the text says
+    which way is worse. A rerun that reloads the fit says the fit's warnings on the console too,
+    not on the page alone (the model here is off its optimum)."""
+    shutil.copy(project / "tester_project.py", tmp_path / "tester_project.py")
+    config = (
+        CONFIG.format(n_loo=0)
+        .replace(
+            "[influence]", '[task]\nkind = "classification"\nmeasurement = "margin"\n\n[influence]'
+        )
+        .replace('"tester_project:model"', '"tester_project:half_trained"')
+    )
+    (tmp_path / "m.toml").write_text(config)
+    workdir = tmp_path / "w"
+    with pytest.warns(UserWarning, match="stationary point"):  # (shown, so recorded)
+        assert cli.main(["run", str(tmp_path / "m.toml"), "--out", str(workdir), "--quiet"]) == 0
+    page = (workdir / "report.html").read_text()
+    assert "margin (higher is better)" in page
+    assert "(its margin lower: it helped)" in page and "a loss higher" not in page
+    data, _ = load_results(workdir)
+    assert data["summary"]["measurement"] == "margin" and data["summary"]["higher_is_better"]
+    stationarity = [w for w in data["warnings"] if "stationary point" in w["message"]]
+    assert stationarity, data["warnings"]
+    capsys.readouterr()
+    assert cli.main(["run", str(tmp_path / "m.toml"), "--out", str(workdir), "--quiet"]) == 0
+    assert load_results(workdir)[0]["summary"]["influence"] == "reloaded"
+    err = capsys.readouterr().err
+    assert "(given by the saved fit): the model is not at a stationary point" in err, err
+
+
 # ---------------------------------------------------------------------------- bad configs
 @pytest.mark.parametrize(
     ("edit", "message"),
@@ -480,6 +541,18 @@ def test_a_save_that_never_committed_is_fitted_again_with_a_notice_for_the_comma
         (
             lambda c: c.replace("[report]", '[output]\nworkdir = "tester_project.py"\n\n[report]'),
             "[output] workdir = 'tester_project.py': ",
+        ),
+        (  # a directory that cannot be made (a tester's /proc/nope/run: a traceback, status 1)
+            lambda c: c.replace(
+                "[report]", '[output]\nworkdir = "tester_project.py/run"\n\n[report]'
+            ),
+            "[output] workdir: ",
+        ),
+        (  # a Task around another model (a tester's: every number on the page was its)
+            lambda c: c.replace(
+                "[report]", '[task]\nfactory = "tester_project:task_of_another_model"\n\n[report]'
+            ),
+            "returned a Task around a model that is not the one [model] factory built",
         ),
     ],
 )
@@ -1089,10 +1162,25 @@ def test_a_rerun_stopped_before_its_results_leaves_the_last_runs_files_together(
         cli.main(["run", str(tmp_path / "b.toml"), "--out", str(workdir), "--quiet"])
     assert {name: (workdir / name).read_bytes() for name in written} == before
     monkeypatch.undo()
+    # a tester's: stopped while its page rendered, after its results were committed, the rerun
+    # had replaced top_k.csv and config.toml beside the last run's page: they are written in a
+    # folder of their own and moved in at the end
+    from infkit.report import html
+
+    def render_stopped(*args: object, **kwargs: object) -> str:
+        raise KeyboardInterrupt  # as a kill while the page renders
+
+    monkeypatch.setattr(html, "render", render_stopped)
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli.main(["run", str(tmp_path / "b.toml"), "--out", str(workdir), "--quiet"])
+    assert {name: (workdir / name).read_bytes() for name in written} == before
+    monkeypatch.undo()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert cli.main(["run", str(tmp_path / "b.toml"), "--out", str(workdir), "--quiet"]) == 0
     assert b"damping = 1e-3" in (workdir / "config.toml").read_bytes()
+    assert not (workdir / ".infkit-outputs").exists()  # (the stopped run's folder removed)
 
 
 def test_a_run_killed_after_its_fit_resumes_from_the_committed_factors(

@@ -56,8 +56,16 @@ def _copy_task(problem: dict, **kwargs: Any) -> infkit.Task:
 
 
 def _forward_calls(model: torch.nn.Module) -> list[int]:
+    """A list that grows by one at each forward pass of ``model`` (its forward wrapped on the
+    instance: a hook of the test's code would be part of the model's identity)."""
     calls: list[int] = []
-    model.register_forward_hook(lambda *_: calls.append(1))
+    forward = model.forward
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    model.forward = counted  # type: ignore[method-assign]
     return calls
 
 
@@ -438,6 +446,145 @@ def test_a_changed_parameter_is_named(mlp_problem: dict, saved_exact: Path) -> N
         task.model[2].bias[1] += 1e-6
     with pytest.raises(ArtifactError, match=r"parameters and buffers differ.*2\.bias \(values\)"):
         infkit.Influence.load(saved_exact, task)
+
+
+def _halve_output(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    return output * 0.5  # (a temperature applied by a hook)
+
+
+def test_hooks_of_the_users_code_are_part_of_the_model(
+    mlp_problem: dict, saved_exact: Path, tmp_path: Path
+) -> None:
+    """A tester's: a fit saved without a forward hook that halves the logits loaded into the
+    model with it (and the other way round), its scores 56% off a fresh fit's, and the
+    retrainings' cache reused results across the hook (91% off). Now a hook of the user's code
+    is part of the model's identity: the load is refused naming it, the cache computes again,
+    and the fitted object refuses to answer after one is added since fit."""
+    task = _copy_task(mlp_problem)
+    handle = task.model[2].register_forward_hook(_halve_output)
+    with pytest.raises(
+        ArtifactError, match=r"the model's hooks differ: 2:forward_hooks\[0\] \(added\)"
+    ):
+        infkit.Influence.load(saved_exact, task)
+    hooked = infkit.Influence(task, "exact", l2=mlp_problem["l2"]).fit(mlp_problem["train"])
+    hooked.save(tmp_path / "hooked")
+    handle.remove()
+    with pytest.raises(ArtifactError, match=r"2:forward_hooks\[0\] \(removed\)"):
+        infkit.Influence.load(tmp_path / "hooked", task)
+    # with the same hook registered again (a fresh process's), it loads and answers as fitted
+    handle = task.model[2].register_forward_hook(_halve_output)
+    loaded = infkit.Influence.load(tmp_path / "hooked", task)
+    test = mlp_problem["test"]
+    assert torch.equal(loaded.scores(test), hooked.scores(test))
+    handle.remove()
+    with pytest.raises(InvalidInputError, match=r"'2 \(hook: forward_hooks\)' changed since fit"):
+        hooked.scores(test)
+    # the retrainings' cache: one entry per hook state, each equal to retraining afresh
+    cache, which = tmp_path / "cache", [0, 5]
+    plain = infkit.retrain.leave_one_out(
+        task, mlp_problem["train"], test, which, 1e-2, cache_dir=cache
+    )
+    handle = task.model[2].register_forward_hook(_halve_output)
+    warnings.simplefilter("ignore", infkit.errors.NotConvergedWarning)  # (off its optimum)
+    fresh = infkit.retrain.leave_one_out(task, mlp_problem["train"], test, which, 1e-2)
+    cached = infkit.retrain.leave_one_out(
+        task, mlp_problem["train"], test, which, 1e-2, cache_dir=cache
+    )
+    handle.remove()
+    assert torch.equal(cached.measurement, fresh.measurement)
+    assert float((plain.measurement - fresh.measurement).abs().max()) > 1e-3
+
+
+def test_a_hugging_face_models_own_hooks_are_not_part_of_it() -> None:
+    """transformers installs its output-capturing hooks at a model's first forward pass: a
+    model that ran once and one that did not (a fresh process's) are the same model."""
+    transformers = pytest.importorskip("transformers")
+    from infkit.fingerprint import model_fingerprint, user_hooks
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    before = model_fingerprint(model)
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    assert model_fingerprint(model) == before and not user_hooks(model), hooks
+
+
+class _WeightedLoss:
+    """A loss object of the user's holding class weights."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(outputs, targets, self.weight, reduction="none")
+
+
+@pytest.mark.parametrize("kind", ["torch module", "user class"])
+def test_a_loss_objects_tensors_are_part_of_the_task(
+    mlp_problem: dict, tmp_path: Path, kind: str
+) -> None:
+    """A tester's: a fit with nn.CrossEntropyLoss(weight=w1) (class weights a buffer, not in
+    its repr) loaded into a task with other weights, 18% off a fresh fit; a loss object of the
+    user's holding self.weight the same. Its tensors are part of the task's identity now."""
+
+    def loss(weight: torch.Tensor) -> Any:
+        if kind == "torch module":
+            return torch.nn.CrossEntropyLoss(weight=weight, reduction="none")
+        return _WeightedLoss(weight)
+
+    ones = torch.ones(3, dtype=torch.float64)
+    heavier = ones.clone()
+    heavier[2] = 5.0
+    model = copy.deepcopy(mlp_problem["model"])
+    fitted = infkit.Influence(infkit.Task(model, loss(ones)), "exact", l2=mlp_problem["l2"])
+    fitted.fit(mlp_problem["train"]).save(tmp_path / "saved")
+    with pytest.raises(ArtifactError, match=r"the task differs: the loss function"):
+        infkit.Influence.load(tmp_path / "saved", infkit.Task(model, loss(heavier)))
+    loaded = infkit.Influence.load(tmp_path / "saved", infkit.Task(model, loss(ones.clone())))
+    test = mlp_problem["test"]
+    assert torch.equal(loaded.scores(test), fitted.scores(test))
+
+
+class _Frozen(torch.nn.Module):
+    """A head over a frozen backbone it keeps in a list, out of its parameters()."""
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.frozen, self.head = [backbone], head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.frozen[0](x)))
+
+
+def test_a_module_held_outside_the_tree_is_part_of_the_model(
+    mlp_problem: dict, tmp_path: Path
+) -> None:
+    """A tester's: a backbone kept in a list (no child of the model), its weights scaled by 1.5
+    after the save, loaded, 22% off a fresh fit. Its tensors are part of the identity now:
+    the load is refused naming one, and the fitted object refuses to answer."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(5, 4).double().requires_grad_(False)
+    model = _Frozen(backbone, torch.nn.Linear(4, 3).double())
+    task = infkit.Task.classification(model)
+    X, y = mlp_problem["train"]
+    infkit.train_to_optimum(task, (X, y), 1e-2)
+    fitted = infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+    fitted.save(tmp_path / "saved")
+    with torch.no_grad():
+        backbone.weight *= 1.5
+    with pytest.raises(
+        ArtifactError, match=r"holds outside its module tree differ: frozen\[0\]\.weight"
+    ):
+        infkit.Influence.load(tmp_path / "saved", task)
+    with pytest.raises(
+        InvalidInputError, match=r"frozen\[0\]\.weight \(held outside the module tree\)"
+    ):
+        fitted.scores(mlp_problem["test"])
 
 
 class _Masked(torch.nn.Module):

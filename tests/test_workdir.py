@@ -176,6 +176,11 @@ def test_a_call_scored_in_chunks_of_queries_is_read_back_as_one_run(
     again = inf.scores(many)  # the missing chunk from its shards: the call is finished again
     assert torch.equal(again, scores)
     assert [s.info["n_queries"] for s in infkit.read_scores(tmp_path)] == [7, 50]
+    # a call that reads its committed scores back is the latest run (a tester's: queries A,
+    # then B, then A again, read B last; read_scores(wd)[-1] is documented as the latest)
+    assert torch.equal(inf.scores(rows(*many, 0, 7)), first)
+    latest = infkit.read_scores(tmp_path)[-1]
+    assert latest.info["n_queries"] == 7 and torch.equal(latest.scores, first.double())
 
 
 def test_a_stage_left_beside_the_final_factors_is_removed(problem: dict, tmp_path: Path) -> None:

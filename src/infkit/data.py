@@ -787,7 +787,11 @@ def checked_indices(
         )
     if unique and len(torch.unique(idx)) != len(idx):
         values, counts = torch.unique(idx, return_counts=True)
+        # (a 0/1 mask of the examples, which a boolean one is told to be)
+        mask = len(idx) == n and bool(((idx == 0) | (idx == 1)).all())
+        hint = "; a 0/1 mask of the examples? pass positions, e.g. mask.nonzero().squeeze(1)"
         raise InvalidInputError(
             f"{what} {int(values[counts > 1][0])} is given twice; pass each index once"
+            + (hint if mask else "")
         )
     return idx

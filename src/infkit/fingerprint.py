@@ -2,7 +2,7 @@
 
 * :func:`model_fingerprint`: the architecture (module classes and their configuration) and
   every parameter, buffer and tensor attribute (names, shapes, dtypes, trainability and
-  values);
+  values), those of modules held outside the module tree, and the hooks of the user's code;
 * :func:`data_fingerprint`: the full content of an example set, inputs and targets, in order;
 * :func:`callable_identity` and :func:`task_fingerprint`: which loss, measurement and output
   functions a task uses (their qualified name and the hash of their code, so two lambdas or two
@@ -15,12 +15,14 @@ device or on memory layout, and any changed value changes them (docs/architectur
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import dis
 import enum
 import functools
 import hashlib
 import inspect
+import itertools
 import os
 import re
 import site
@@ -74,8 +76,10 @@ def _structure(h: Any, obj: Any) -> None:
 def model_fingerprint(model: nn.Module) -> dict[str, str]:
     """``{"architecture": ..., "parameters": ...}``: hashes of the module tree and its state;
     ``"code"``, of the code of its module classes outside PyTorch (:func:`code_identities`),
-    where it has any; and ``"attributes"``, of its tensor attributes
-    (:func:`tensor_attributes`), where it has any.
+    where it has any; ``"attributes"``, of its tensor attributes (:func:`tensor_attributes`),
+    ``"held"``, of the tensors of modules it holds unregistered (:func:`held_module_tensors`),
+    and ``"hooks"``, of the hooks of the user's code on its modules (:func:`user_hooks`), each
+    where it has any (so the identities of models without them are those of earlier versions).
 
     The architecture counts each module's class and its plain attributes (numbers, strings and
     their lists and dicts, and those a settings object it holds keeps: :func:`plain_attributes`),
@@ -105,6 +109,106 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
             kept.update(f"{name};".encode())
             _tensor(kept, attributes[name])
         found["attributes"] = kept.hexdigest()[:32]
+    held = held_module_tensors(model)
+    if held:
+        kept = hashlib.sha256()
+        for name in sorted(held):
+            kept.update(f"{name};".encode())
+            _tensor(kept, held[name])
+        found["held"] = kept.hexdigest()[:32]
+    hooks = user_hooks(model)
+    if hooks:
+        found["hooks"] = hashlib.sha256(stable_repr(sorted(hooks.items())).encode()).hexdigest()[
+            :32
+        ]
+    return found
+
+
+#: the hooks a module runs around its forward and backward passes, by the attribute that holds
+#: them (torch.nn.Module's)
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def user_hooks(model: nn.Module) -> dict[str, str]:
+    """The hooks of the user's own code registered on ``model``'s modules, by
+    ``module name:kind[position]``, as :func:`callable_identity` reads them (the lists, dicts
+    and sets they hold or read by their type: what a hook logs is state): a forward hook
+    that scales an output (``lambda m, i, o: o * 0.5``) changes what the model computes under
+    the same parameters. Hooks of installed packages and of infkit are left out: transformers
+    installs its output-capturing hooks at a model's first forward pass (present in one process,
+    not yet in another), infkit its own while it runs, and PyTorch's (``weight_norm``'s) go with
+    parameters the fingerprint counts."""
+    found: dict[str, str] = {}
+    token = _CONTAINERS_ARE_STATE.set(True)
+    try:
+        for name, module in model.named_modules():
+            for kind in _HOOK_DICTS:
+                for position, hook in enumerate(getattr(module, kind, {}).values()):
+                    if _is_users_callable(hook):
+                        where = f"{name or '(root)'}:{kind.strip('_')}[{position}]"
+                        found[where] = str(callable_identity(hook))
+    finally:
+        _CONTAINERS_ARE_STATE.reset(token)
+    return found
+
+
+#: while set, :func:`callable_identity` reads the lists, dicts and sets a function holds (in a
+#: closure, a global it reads, an attribute of a callable object) by their type alone: a hook
+#: that logs what it sees (``lambda m, i, o: rows.append(len(i[0]))``) is the same hook after
+#: each pass
+_CONTAINERS_ARE_STATE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "containers_are_state", default=False
+)
+
+
+def _is_kept_state(value: Any) -> bool:
+    """Whether ``value`` is a container read as state (:data:`_CONTAINERS_ARE_STATE`)."""
+    return _CONTAINERS_ARE_STATE.get() and isinstance(value, (list, dict, set, bytearray))
+
+
+def _is_users_callable(fn: Any) -> bool:
+    """Whether ``fn`` (a function, a bound method, a partial, a callable object) is the user's
+    own code (:func:`_is_user_code`)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    target = getattr(fn, "__func__", fn)
+    code = getattr(target, "__code__", None)
+    module: str | None = getattr(target, "__module__", None)
+    if code is None:  # a callable object: its class's __call__
+        call = next(
+            (vars(k)["__call__"] for k in type(target).__mro__ if "__call__" in vars(k)), None
+        )
+        code = getattr(call, "__code__", None)
+        module = type(target).__module__
+    return code is not None and _is_user_code(module, code.co_filename)
+
+
+def held_module_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters and buffers of modules that ``model``'s modules hold without registering
+    them (``self.frozen = [backbone]``, a dict or tuple of modules, or one set past
+    ``nn.Module.__setattr__``), by dotted name (``frozen[0].weight``): their forward passes
+    read them, though ``named_parameters`` does not list them."""
+    registered = {id(m) for m in model.modules()}
+    found: dict[str, Tensor] = {}
+    for prefix, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key.startswith("_"):
+                continue
+            if isinstance(value, nn.Module):
+                items: list[tuple[str, Any]] = [("", value)]
+            elif isinstance(value, (list, tuple)):
+                items = [(f"[{i}]", v) for i, v in enumerate(value)]
+            elif isinstance(value, dict):
+                items = [(f"[{k!r}]", v) for k, v in value.items()]
+            else:
+                continue
+            for where, held in items:
+                if not isinstance(held, nn.Module) or id(held) in registered:
+                    continue
+                base = _dotted(prefix, key) + where
+                tensors = itertools.chain(held.named_parameters(), held.named_buffers())
+                for name, t in tensors:
+                    found[f"{base}.{name}"] = t
     return found
 
 
@@ -564,8 +668,9 @@ def callable_identity(
     closure, its defaults, the module-level numbers, strings and tensors its code names, and
     the functions of its own module and of the user's other modules that it calls, and the
     values it reads from those modules (to :data:`CALL_DEPTH`), each hashed the same way; not
-    the globals the code writes (state). A callable object: its class's ``__call__`` and its
-    plain attributes."""
+    the globals the code writes (state). A callable object: its class's ``__call__``, its
+    plain attributes and the tensors it holds (a module's parameters and buffers among them:
+    ``nn.CrossEntropyLoss(weight=w)``)."""
     if fn is None:
         return None
     if isinstance(fn, functools.partial):
@@ -587,7 +692,12 @@ def callable_identity(
             ):
                 h.update(str(callable_identity(call, _depth + 1)).encode())
             if hasattr(fn, "__dict__"):
-                _structure(h, {k: v for k, v in vars(fn).items() if _is_plain(v)})
+                # its settings and the tensors it holds (class weights: self.w = w)
+                held = {k: v for k, v in vars(fn).items() if not _is_kept_state(v)}
+                _structure(h, {k: v for k, v in held.items() if _is_structure(v)})
+        if isinstance(fn, nn.Module):  # (a loss module: its weight is a buffer, not in repr)
+            _structure(h, dict(fn.named_parameters()))
+            _structure(h, dict(fn.named_buffers()))
         return f"{cls.__module__}.{cls.__qualname__}#{h.hexdigest()[:12]}"
     h = hashlib.sha256(code.co_code)
     h.update(constants_repr(code.co_consts).encode())
@@ -597,7 +707,9 @@ def callable_identity(
             value = cell.cell_contents
         except ValueError:  # an empty cell
             continue
-        if isinstance(value, functools.partial):  # (its bound values, in one order)
+        if _is_kept_state(value):  # (a hook's log of what it saw: state, not a setting)
+            h.update(f"<{type(value).__name__}>".encode())
+        elif isinstance(value, functools.partial):  # (its bound values, in one order)
             h.update(str(callable_identity(value, _depth + 1, _foreign=_foreign)).encode())
         elif _is_structure(value):  # tensors and plain values in lists, tuples and dicts
             _structure(h, value)
@@ -619,6 +731,8 @@ def callable_identity(
     written = _globals_written(code) | (_module_state(scope) if _foreign else frozenset())
     for key in sorted(_names_read(code) - written):
         value = scope.get(key)
+        if _is_kept_state(value):
+            continue
         if isinstance(value, Tensor) or (_is_plain(value) and key in scope):
             if _foreign and not (_is_constant(value) or isinstance(value, Tensor)):
                 continue  # another module's state (a run's log dict), not what it computes

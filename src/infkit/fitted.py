@@ -32,11 +32,13 @@ from infkit.example_checks import check_examples, deterministic_outputs, warn_ba
 from infkit.fingerprint import (
     forward_snapshot,
     forward_written,
+    held_module_tensors,
     module_classes,
     note_forward_writes,
     settings_values,
     tensor_attributes,
     tensor_digest,
+    user_hooks,
 )
 from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, Which, gradient_rows
 from infkit.memory import human_bytes
@@ -123,6 +125,9 @@ class Fitted:
         object.__setattr__(self, "_adapters", adapter_state(self.task.model))
         # each module's class, to tell a parameter-free module replaced (changed_since_fit)
         object.__setattr__(self, "_classes", module_classes(self.task.model))
+        # the hooks of the user's code and the modules held outside the tree (changed_since_fit)
+        object.__setattr__(self, "_hooks", user_hooks(self.task.model))
+        object.__setattr__(self, "_held", _held_snapshot(self.task.model))
 
     def changed_since_fit(self) -> str | None:
         """The name of the first parameter or buffer of the model that differs from fit time
@@ -130,8 +135,10 @@ class Fitted:
         tensor attribute edited in place since (:func:`~infkit.fingerprint.tensor_attributes`),
         or of a plain attribute or setting (:func:`~infkit.fingerprint.settings_values`: a
         LoRA layer's ``scaling``, ``cfg.scale``) set anew, what a forward pass writes left out,
-        of a parameter of theta frozen since, or of a module replaced by one of another class
-        (an activation, which has no parameter), or None.
+        of a parameter of theta frozen since, of a module replaced by one of another class
+        (an activation, which has no parameter), of a module whose hooks of the user's code
+        changed (:func:`~infkit.fingerprint.user_hooks`), or of a tensor of a module held
+        outside the module tree (:func:`~infkit.fingerprint.held_module_tensors`), or None.
 
         Every answer combines the fitted state (curvature, cached gradients, theta*) with the
         model as it is when asked; a model trained further or edited after ``fit`` would give
@@ -152,6 +159,17 @@ class Fitted:
             if found_classes.get(name) != classes[name]:  # size, is none of fit's: left out)
                 now_class = found_classes.get(name, "nothing")
                 return f"{name or 'model'} (module: {classes[name]} at fit, {now_class} now)"
+        hooks: dict[str, str] = self._hooks  # type: ignore[attr-defined]
+        found_hooks = user_hooks(model)
+        for name in sorted(hooks.keys() | found_hooks.keys()):
+            if hooks.get(name) != found_hooks.get(name):
+                module, kind = name.split(":", 1)
+                return f"{module or 'model'} (hook: {kind.split('[')[0]})"
+        held: dict[str, str] = self._held  # type: ignore[attr-defined]
+        found_held = _held_snapshot(model)
+        for name in sorted(held.keys() | found_held.keys()):
+            if held.get(name) != found_held.get(name):
+                return f"{name} (held outside the module tree)"
         found = _outside_digests(model, self.space)
         expected: dict[str, str] = self._outside  # type: ignore[attr-defined]
         for name in sorted(found.keys() | expected.keys()):
@@ -559,6 +577,12 @@ def _outside_digests(model: nn.Module, space: ParameterSpace) -> dict[str, str]:
     return {name: tensor_digest(t) for name, t in tensors.items()}
 
 
+def _held_snapshot(model: nn.Module) -> dict[str, str]:
+    """The digest of each tensor of the modules ``model`` holds unregistered
+    (:func:`~infkit.fingerprint.held_module_tensors`)."""
+    return {name: tensor_digest(t) for name, t in held_module_tensors(model).items()}
+
+
 def _attribute_snapshot(model: nn.Module) -> dict[str, str]:
     """The digest of each of ``model``'s tensor attributes
     (:func:`~infkit.fingerprint.tensor_attributes`: those a forward pass writes left out)."""
@@ -585,7 +609,7 @@ def changed_message(name: str, then: str) -> str:
     return (
         f"the model's {name!r} changed since fit: the fitted state (curvature, training "
         "gradients, theta*) describes the model as it was, and answers would mix it with the new "
-        f"values. Restore the model's parameters, modules and settings{then}{kept}"
+        f"values. Restore the model's parameters, modules, hooks and settings{then}{kept}"
     )
 
 

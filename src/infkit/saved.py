@@ -60,6 +60,7 @@ from infkit.fingerprint import (
     code_identities,
     data_fingerprint,
     forward_written,
+    held_module_tensors,
     model_fingerprint,
     names_read,
     plain_attributes,
@@ -67,6 +68,7 @@ from infkit.fingerprint import (
     task_fingerprint,
     tensor_attributes,
     tensor_digest,
+    user_hooks,
 )
 from infkit.fitted import Fitted, changed_message, gradient_cache_fits, probe_forward_writes
 from infkit.gradients import PerExample
@@ -319,6 +321,8 @@ def model_details(model: nn.Module) -> dict[str, Any]:
         # (a fresh model holds None where these are written: _architecture_difference)
         "forward_written": forward_written(model),
         "code": code_identities(model),
+        "hooks": user_hooks(model),
+        "held": {name: _tensor_details(t, None) for name, t in held_module_tensors(model).items()},
     }
 
 
@@ -419,6 +423,30 @@ def _code_difference(saved: dict[str, str], now: dict[str, str]) -> str:
         f"the model's code differs: {named} (the code of its methods, forward among them, or "
         "a module-level value they read, such as a constant: an edit, or another version of "
         "the library that defines it), so the saved answers are another computation's"
+    )
+
+
+def _held_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """Which tensors of the modules the model holds outside its module tree differ."""
+    changed = sorted(name for name in now.keys() | saved.keys() if now.get(name) != saved.get(name))
+    return (
+        f"the tensors of modules the model holds outside its module tree differ: "
+        f"{listed(changed or ['their values'], 3)} (a module kept in a list or dict attribute, "
+        "not registered: its forward pass reads them, so the saved answers are another model's)"
+    )
+
+
+def _hook_difference(saved: dict[str, str], now: dict[str, str]) -> str:
+    """Which hooks of the user's code on the model's modules differ from the saved model's."""
+    changed = sorted(name for name in now.keys() | saved.keys() if now.get(name) != saved.get(name))
+    said = [
+        f"{name} ({'added' if name not in saved else 'removed' if name not in now else 'changed'})"
+        for name in changed
+    ]
+    return (
+        f"the model's hooks differ: {listed(said or ['its hooks'], 3)} (a forward or backward "
+        "hook of your code can change what the model computes under the same parameters): "
+        "register the same hooks as at save, or fit again"
     )
 
 
@@ -827,6 +855,10 @@ class SavedInfluence:
             # (saves before the code was recorded have none: it cannot be compared)
             elif "code" in saved and found.get("code") != saved["code"]:
                 problems.append(_code_difference(details.get("code", {}), now["code"]))
+            elif found.get("held") != saved.get("held"):
+                problems.append(_held_difference(details.get("held", {}), now["held"]))
+            elif found.get("hooks") != saved.get("hooks"):
+                problems.append(_hook_difference(details.get("hooks", {}), now["hooks"]))
         saved_task, task_now = ident["task"], task_fingerprint(task)
         changed = differences(saved_task, task_now)
         if changed:

@@ -225,6 +225,7 @@ class ScoreShards:
         identity = {**self.identity, **extra}
         artifact = None if self.overwrite else self.store.load(kind, identity)
         if artifact is not None:
+            self.store.mark_used(artifact.path)  # (read_scores lists this run as the latest)
             return artifact.tensors(), artifact.json("meta")
         tensors, document = compute()
         self.store.save(

@@ -322,6 +322,13 @@ class ArtifactStore:
             p for p in self.root.glob(f"{kind}-*") if p.is_dir() and not p.name.startswith(".")
         )
 
+    def mark_used(self, path: Path) -> None:
+        """Set the commit time of the artifact at ``path`` (its manifest's modification time,
+        which orders :func:`~infkit.shards.read_scores`) to now: a call that reads it back is
+        the latest run of it. Contents untouched; a read-only workdir is left as it is."""
+        with contextlib.suppress(OSError):
+            os.utime(path / MANIFEST)
+
     # ------------------------------------------------------------------ reading
     def load(self, kind: str, identity: Mapping[str, Any], remedy: str = "") -> Artifact | None:
         """The verified artifact of this kind and identity, or None when there is none.

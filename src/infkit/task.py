@@ -351,6 +351,10 @@ def _binary_margin(outputs: Tensor, targets: Tensor) -> Tensor:
     return (2 * targets.to(z.dtype).reshape(z.shape) - 1) * z
 
 
+#: the ready-made tasks' margins (``measurement="margin"``), as a report names them
+MARGINS = (classification_margin, _binary_margin)
+
+
 def _binary_hessian(outputs: Tensor, targets: Tensor) -> Tensor:
     p = torch.sigmoid(outputs.reshape(outputs.shape[0], -1))
     return torch.diag_embed(p * (1 - p))

@@ -18,7 +18,9 @@ per-layer and per-token scores) and writes the workdir (docs/report.md §3):
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -62,7 +64,7 @@ from infkit.report.views import (
 )
 from infkit.saved import KIND as SAVED_KIND
 from infkit.store import STORE_TEMPORARY, ArtifactStore, differences, save_csv, save_json
-from infkit.task import Task
+from infkit.task import MARGINS, Task
 
 #: the artifact kind of a run's results
 KIND = "report"
@@ -70,6 +72,8 @@ SAVED = "influence"
 #: where a method that keeps artifacts commits them while the run computes (its factors, its
 #: score shards), so that a killed run resumes there; removed when the run has finished
 PARTIAL = "infkit-partial"  # (a name of the tool's: a reviewer's project had a partial/)
+#: where a run writes its configuration, tables and page before moving them into the workdir
+STAGING = ".infkit-outputs"
 #: the artifact in ``infkit-partial/`` that says whose work it holds (:func:`_prepare_partial`)
 PARTIAL_KIND = "partial-run"
 #: the store kind of the warnings the fit of the saved influence gave
@@ -135,6 +139,14 @@ def build_task(config: RunConfig, model: nn.Module) -> Task:
                 f"[task] factory = {section['factory']!r} returned {type(task).__name__}, not an "
                 "infkit.Task"
             )
+        # (a tester's factory built its Task around another trained model: every number on
+        # the page was that model's, with nothing said)
+        if not any(module is model for module in task.model.modules()):
+            raise ConfigError(
+                f"[task] factory = {section['factory']!r} returned a Task around a model that is "
+                "not the one [model] factory built (nor holds it as a module): build the Task "
+                "around the model it is given as its argument"
+            )
         return task
     kind, measurement = section["kind"], section["measurement"]
     try:
@@ -149,6 +161,17 @@ def build_task(config: RunConfig, model: nn.Module) -> Task:
         raise
     except InfkitError as error:
         raise ConfigError(f"[task]: {error}") from error
+
+
+def measurement_name(task: Task) -> str:
+    """What the task's scores measure, as the page names it: ``"loss"``, ``"margin"`` (the
+    ready-made classifiers'), or a function's name."""
+    fn = task.measurement
+    if fn is None:
+        return "loss"
+    if fn in MARGINS:
+        return "margin"
+    return str(getattr(fn, "__qualname__", getattr(fn, "__name__", type(fn).__name__)))
 
 
 def build_influence(config: RunConfig, task: Task, partial: Path | None = None) -> Influence:
@@ -351,14 +374,24 @@ def fit_or_reload(
             )
         else:
             changed = setting_changes(loaded, inf)
-            if not changed:
-                return loaded, "reloaded"
-            warn(
-                f"the influence saved in {saved} was fitted with other settings ("
-                + "; ".join(changed)
-                + "); fitting again with the config's ([influence] reuse = false always refits)",
-                Notice,
-            )
+            if changed:
+                warn(
+                    f"the influence saved in {saved} was fitted with other settings ("
+                    + "; ".join(changed)
+                    + "); fitting again with the config's ([influence] reuse = false always "
+                    "refits)",
+                    Notice,
+                )
+            else:
+                damaged = _damaged_fit_warnings(loaded, train, workdir)
+                if damaged is None:
+                    return loaded, "reloaded"
+                # (as a damaged save: fitted again, where it stopped the run with status 2)
+                warn(
+                    f"not reusing the saved influence in {saved}: the record of its fit's "
+                    f"warnings is damaged ({damaged}); fitting again",
+                    Notice,
+                )
     with shown_warnings() as said:  # the fit's own (also shown and recorded by the run)
         try:
             inf.fit(train)
@@ -475,6 +508,16 @@ def keep_fit_warnings(
         store.remove(path)
 
 
+def _damaged_fit_warnings(inf: Influence, train: ExampleSet, workdir: Path) -> str | None:
+    """What is wrong with the record of the reloaded influence's fit warnings
+    (:func:`saved_fit_warnings`), or None when it is intact or absent."""
+    try:
+        saved_fit_warnings(inf, train, workdir)
+    except ArtifactError as error:
+        return error.cause
+    return None
+
+
 def saved_fit_warnings(inf: Influence, train: ExampleSet, workdir: Path) -> list[dict[str, str]]:
     """The warnings the fit of the reloaded influence gave, marked ``"from": "the saved fit"``
     (none for a workdir from before they were kept)."""
@@ -565,7 +608,20 @@ def run(config: RunConfig, out: str | Path | None = None, progress: bool | None 
         the path of ``report.html``.
     """
     workdir = config.workdir(out)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # (a tester's /proc/nope/run, or a path under a file: a traceback)
+        where = (
+            "--out"
+            if out is not None
+            else "[output] workdir"
+            if config["output"]["workdir"]
+            else "the default workdir (set [output] workdir or --out)"
+        )
+        raise ConfigError(
+            f"{where}: {workdir} cannot be created ({error.strerror or error}): name a "
+            "directory you can write (created when missing) for the run's results"
+        ) from error
     with lock.held(workdir), shown_warnings() as shown:
         return _run(config, workdir, progress, shown)
 
@@ -598,7 +654,12 @@ def _run(
     watch.lap("load")
     inf, origin = fit_or_reload(inf, config, train, workdir)
     if origin == "reloaded":
-        shown += saved_fit_warnings(inf, train, workdir)
+        again = saved_fit_warnings(inf, train, workdir)
+        for said in again:  # (on the console too: a tester's rerun said nothing there)
+            print(
+                f"{said['category']} (given by the saved fit): {said['message']}", file=sys.stderr
+            )
+        shown += again
     watch.lap("fit")
 
     batch = config["influence"]["batch_size"]
@@ -721,12 +782,24 @@ def _run(
     )
     for path, _ in store.others(KIND, identity):  # one report per workdir: the latest
         store.remove(path)
-    # the files beside the results, once they are committed: a run killed before leaves the
-    # last finished run's configuration, tables and page together, none of them this one's
-    shutil.copyfile(config.path, workdir / "config.toml")
-    save_json(workdir / "settings.json", config.record())
-    _write_tables(workdir, data)
-    page = write_report(workdir)
+    # the files beside the results, once they are committed, written whole in a folder of
+    # their own and then moved in, one rename each: a run killed before (its page rendering
+    # included: a tester's kill there left this run's tables beside the last run's page)
+    # leaves the last finished run's configuration, tables and page together
+    staging = workdir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    shutil.copyfile(config.path, staging / "config.toml")
+    save_json(staging / "settings.json", config.record())
+    _write_tables(staging, data)
+    write_report(workdir, out=staging / "report.html")
+    for table in SECTION_TABLES.values():  # (a section this run did not compute)
+        if not (staging / table).exists():
+            (workdir / table).unlink(missing_ok=True)
+    for written in sorted(staging.iterdir(), key=lambda p: p.name == "report.html"):
+        os.replace(written, workdir / written.name)  # (the page last)
+    staging.rmdir()
+    page = workdir / "report.html"
     # the work committed for a resume is in influence/ and the results now (the factors, as
     # large as the model's layers, would stay beside them), whatever this run's method (a
     # stopped run's of another may be there), unless the options name that place
@@ -1176,6 +1249,8 @@ def _summary(
         "n_train": len(train),
         "n_test": len(test),
         "task": inf.task.name,
+        "measurement": measurement_name(inf.task),
+        "higher_is_better": inf.task.higher_is_better,
         "method": described.get("method", inf.method.name),
         "estimator": inf.estimator,
         "l2": inf.l2,

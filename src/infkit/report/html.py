@@ -325,9 +325,11 @@ def summary_section(data: dict[str, Any]) -> str:
         ("fitted or reloaded", s["influence"]),
         ("infkit / torch", f"{s['infkit']} / {s['torch']}"),
     ]
+    if "measurement" in s:  # (results of runs before it was kept: the loss, or unsaid)
+        rows.insert(5, ("measurement (what the scores change)", _measured(s)))
     auto = s["describe"].get("auto")
     if auto:
-        rows.insert(6, ("method=auto chose", auto.get("reason", auto)))
+        rows.insert(7 if "measurement" in s else 6, ("method=auto chose", auto.get("reason", auto)))
     diag = s.get("diagnostics") or {}
     diag_rows = [
         (k, v if not isinstance(v, dict) else ", ".join(f"{a}={fmt(b)}" for a, b in v.items()))
@@ -343,6 +345,12 @@ def summary_section(data: dict[str, Any]) -> str:
     return out
 
 
+def _measured(summary: dict[str, Any]) -> str:
+    """The run's measurement as the page names it: ``margin (higher is better)``."""
+    better = "higher" if summary.get("higher_is_better") else "lower"
+    return f"{summary.get('measurement', 'loss')} ({better} is better)"
+
+
 #: what an empty list of proponents or opponents says (the lists keep their sign only)
 NONE_OF_SIGN = {
     "proponent": "no training example is predicted to help this query",
@@ -354,11 +362,14 @@ def explanations_section(data: dict[str, Any], tensors: dict[str, Tensor]) -> st
     """Each query with its proponents and opponents by IF and by RelatIF, side by side."""
     flags = _flags(tensors)
     losses = tensors["query_losses"].tolist()
-    est = data["summary"]["estimator"].upper()
+    summary = data["summary"]
+    est = summary["estimator"].upper()
+    name = summary.get("measurement", "loss")
+    worse = "lower" if summary.get("higher_is_better") else "higher"
     parts = [
-        "<p>A proponent's removal is predicted to make the query's measurement worse (a loss "
-        "higher: it helped); an opponent's to make it better. Scores are predicted changes of "
-        "the measured quantity, 1/N "
+        "<p>A proponent's removal is predicted to make the query's measurement worse (its "
+        f"{esc(name)} {worse}: it helped); an opponent's to make it better. Scores are predicted "
+        f"changes of the measured quantity, the {esc(_measured(summary))}, 1/N "
         "included. RelatIF normalises each training example's influence by its own, so the "
         "lists are not dominated by high-loss outliers.</p>"
     ]
