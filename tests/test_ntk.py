@@ -65,6 +65,20 @@ class _Tied(torch.nn.Module):
         return self.head(torch.tanh(self.a(torch.tanh(self.a(self.frozen(x))))))
 
 
+class _TiedDecoder(torch.nn.Module):
+    """A tied autoencoder (the decoder reads the encoder's weight, transposed, outside its
+    call) and a head reading a slice of its own weight besides its call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.nn.Linear(6, 4)
+        self.head = torch.nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        decoded = torch.nn.functional.linear(torch.tanh(self.enc(x)), self.enc.weight.t())
+        return self.head(decoded) + decoded[:, :4] @ self.head.weight[:, :4].T
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_train_and_cross_kernels_equal_explicit_jacobians(strategy: str) -> None:
     model = _mlp()
@@ -129,6 +143,32 @@ def test_memory_is_checked_before_allocation() -> None:
     with pytest.raises(ProblemTooLargeError, match=r"150 x 150.*scales with N") as info:
         empirical_ntk(model, X, memory_limit=100_000)
     assert "memory limit" in str(info.value)
+
+
+def test_a_weight_read_outside_its_layers_call_takes_the_explicit_jacobian() -> None:
+    """A tester's tied autoencoder: the structured rule took the encoder's weight through its
+    one call, its kernel 0.32 off J J^T and dual's scores 0.95 off a dense solve, unsaid (auto
+    picked dual for a wide one). Checked on the first batch, such a weight is left to the
+    explicit Jacobians: the kernel is J J^T, and the layers read by their call alone keep the
+    rule."""
+    torch.manual_seed(2)
+    model = _TiedDecoder().double()
+    X = torch.randn(7, 6, dtype=torch.float64)
+    J = _explicit(model, X)
+    for strategy in ("auto", "structured"):
+        K = empirical_ntk(model, X, strategy=strategy, batch_size=3)
+        torch.testing.assert_close(K, J @ J.T, rtol=1e-11, atol=1e-12)
+    engine = PerExample(infkit.Task.regression(model), ParameterSpace(model))
+    features = TangentFeatures(engine)
+    features.resolved_strategy(ExampleSet((X, torch.zeros(7, 2))).take(torch.arange(7)))
+    assert features.layers == [] and features.rest == [n for n, _ in model.named_parameters()]
+    # the dual method on it against a dense solve with the same kernel
+    y = torch.randn(7, 2, dtype=torch.float64)
+    task = infkit.Task.regression(model)
+    dual = infkit.Influence(task, "dual", l2=1e-2).fit((X, y))
+    exact = infkit.Influence(task, "exact", l2=1e-2, curvature="ggn").fit((X, y))
+    test = (X[:3] + 0.1, y[:3])
+    assert infkit.evaluate.relative_error(dual.scores(test), exact.scores(test)) < 1e-8
 
 
 def test_structured_rule_covers_single_use_linear_layers_only() -> None:

@@ -233,6 +233,50 @@ def test_random_projection_and_ensemble(mlp_problem: dict, projection: str) -> N
     assert relative_error(streamed.scores((Xt, yt)), kept.scores((Xt, yt))) < 1e-10
 
 
+def test_checkpoints_bring_their_own_frozen_parameters() -> None:
+    """A tester's checkpoints of two independently initialised models, each with its own frozen
+    random first layer: the ensemble took their trainable parameters and buffers but scored both
+    with the task model's frozen layer, 0.75 off TRAK's formula at each model as its state dict
+    loads it (TracInCP the same). Each checkpoint's frozen parameters are loaded as its buffers
+    are."""
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    y = (X @ torch.randn(4, 3, generator=gen, dtype=torch.float64)).argmax(1)
+    Xt, yt = X[:5] + 0.1, y[:5]
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+        ).double()
+        net[0].requires_grad_(False)
+        models.append(net)
+    assert float((models[0][0].weight - models[1][0].weight).abs().max()) > 0.1
+    task = infkit.Task.classification(copy.deepcopy(models[0]), measurement="margin")
+    checkpoints = [m.state_dict() for m in models]
+    inf = infkit.Influence(
+        task, "trak", projection="identity", lambda_reg=1e-3, checkpoints=checkpoints
+    ).fit((X, y))
+
+    def grads(m: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        trainable = [p for p in m.parameters() if p.requires_grad]
+        rows = []
+        for i in range(len(labels)):
+            value = classification_margin(m(inputs[i : i + 1]), labels[i : i + 1])[0]
+            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, trainable)]))
+        return torch.stack(rows)
+
+    parts, qs = [], []
+    for m in models:  # TRAK's ensemble: the mean of the models' products, times the mean Q
+        Phi, F = grads(m, X, y), grads(m, Xt, yt)
+        gram = Phi.T @ Phi + 1e-3 * torch.eye(Phi.shape[1], dtype=torch.float64)
+        parts.append(F @ torch.linalg.solve(gram, Phi.T))
+        qs.append(1 - torch.softmax(m(X), -1).gather(1, y[:, None]).squeeze(1).detach())
+    expected = -(parts[0] + parts[1]) / 2 * (qs[0] + qs[1]) / 2
+    assert relative_error(inf.scores((Xt, yt)), expected) < 1e-9
+    assert torch.equal(task.model[0].weight, models[0][0].weight)  # (the model left as it was)
+
+
 @pytest.mark.filterwarnings("ignore:the model is not at a stationary point")
 def test_an_ensembles_removal_meets_each_model_at_its_own_parameters(mlp_problem: dict) -> None:
     """Three models: a group's change of the measurement is the sum of its scores, and the loss

@@ -53,11 +53,17 @@ def checkpoint_vector(space: ParameterSpace, checkpoint: Checkpoint, k: int = 0)
                     f"has {tuple(shape)}"
                 )
             parts.append(t.detach().reshape(-1).to(space.dtype))
-        for n, _ in model.named_buffers():  # a BatchNorm's running statistics, as the parameters
+        for n, t in _carried(space).items():  # running statistics, frozen parameters
             value = torch.as_tensor(checkpoint[n]) if n in checkpoint else None
+            if value is not None and tuple(value.shape) != tuple(t.shape):
+                raise InvalidInputError(
+                    f"checkpoint {k}: {n!r} has shape {tuple(value.shape)}, the model's has "
+                    f"{tuple(t.shape)}"
+                )
             if value is not None and value.is_floating_point() and not value.isfinite().all():
+                kind = "buffer" if n in dict(model.named_buffers()) else "frozen parameter"
                 raise NonFiniteError(
-                    f"checkpoint {k} holds NaN or Inf (buffer {n!r}): the model had diverged, "
+                    f"checkpoint {k} holds NaN or Inf ({kind} {n!r}): the model had diverged, "
                     "or the checkpoint was saved from a failed run; leave it out of checkpoints"
                 )
         return _finite(torch.cat(parts), k, space)
@@ -99,25 +105,39 @@ def is_the_models(space: ParameterSpace, checkpoint: Checkpoint, vector: Tensor)
 
 @contextlib.contextmanager
 def parameters_at(space: ParameterSpace, checkpoint: Checkpoint, k: int = 0) -> Iterator[Tensor]:
-    """Temporarily load a checkpoint's parameters (and the buffers it carries) into the model.
+    """Temporarily load a checkpoint's parameters (and the buffers and frozen parameters it
+    carries) into the model.
 
     Yields the checkpoint as a float64 [P] vector.
     """
     vector = checkpoint_vector(space, checkpoint, k)
     saved = space.flat().clone()
-    buffers = dict(space.model.named_buffers())
-    saved_buffers = {}
+    carried = _carried(space)
+    saved_carried = {}
     if isinstance(checkpoint, Mapping):
-        saved_buffers = {n: b.clone() for n, b in buffers.items() if n in checkpoint}
+        saved_carried = {n: t.detach().clone() for n, t in carried.items() if n in checkpoint}
     try:
         space.assign_(vector.to(space.device))
         with torch.no_grad():
-            for n in saved_buffers:
+            for n in saved_carried:
                 assert isinstance(checkpoint, Mapping)
-                buffers[n].copy_(torch.as_tensor(checkpoint[n]))
+                carried[n].copy_(torch.as_tensor(checkpoint[n]))
         yield vector.to(torch.float64)
     finally:
         space.assign_(saved)
         with torch.no_grad():
-            for n, b in saved_buffers.items():
-                buffers[n].copy_(b)
+            for n, t in saved_carried.items():
+                carried[n].copy_(t)
+
+
+def _carried(space: ParameterSpace) -> dict[str, Tensor]:
+    """The model's tensors outside the attributed parameters that a state dict checkpoint
+    carries and the model at it computes with: buffers (a BatchNorm's running statistics) and
+    frozen parameters (a tester's checkpoints of independently initialised models, each with its
+    own frozen random first layer, were scored with the task model's: 0.75 off TRAK's formula)."""
+    attributed = set(space.names)
+    carried: dict[str, Tensor] = {
+        n: p for n, p in space.model.named_parameters() if n not in attributed
+    }
+    carried.update(space.model.named_buffers())
+    return carried
