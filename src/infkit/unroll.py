@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from infkit.parameters import evaluation_mode
-from infkit.recipe import Buffers, Replay
+from infkit.recipe import Buffers, Replay, relative_drift
 
 
 @dataclass
@@ -56,6 +56,20 @@ def checkpoint(replay: Replay, theta0: Tensor, w: Tensor, every: int | None = No
     return Checkpoints(every, states, final)
 
 
+def segment_drift(replay: Replay, checkpoints: Checkpoints, w: Tensor) -> float:
+    """How far (relative) the run's last segment, replayed again from its kept start as the
+    reverse pass recomputes every segment, ends from where the first replay ended: 0 for an
+    update that is a function of its arguments. An optimiser that keeps state of its own (a
+    step counter on ``self``, which ``init`` resets at the first replay alone) recomputes other
+    states there: a tester's scores were 0.75 off finite differences, with nothing said."""
+    s = max(checkpoints.states)
+    theta, buffers = checkpoints.states[s]
+    with torch.no_grad():
+        for t in range(s, replay.recipe.steps):
+            theta, buffers = replay.step(theta, buffers, w, t)
+    return relative_drift(theta, checkpoints.final)
+
+
 def _segment(replay: Replay, start: tuple[Tensor, Buffers], w: Tensor, s: int, e: int) -> list:
     """The states of steps s .. e-1 recomputed from the state at step s."""
     theta, buffers = start
@@ -68,13 +82,19 @@ def _segment(replay: Replay, start: tuple[Tensor, Buffers], w: Tensor, s: int, e
 
 
 def metagradients(
-    replay: Replay, checkpoints: Checkpoints, w: Tensor, cotangents: Tensor
+    replay: Replay,
+    checkpoints: Checkpoints,
+    w: Tensor,
+    cotangents: Tensor,
+    growth: list[float] | None = None,
 ) -> Tensor:
     """d (c_q^T theta_T) / d w for each row c_q of ``cotangents`` [Q, P]: [Q, N].
 
     Reverse mode through every step of the replay (module docstring), states recomputed from
-    ``checkpoints`` one segment at a time.
-    """
+    ``checkpoints`` one segment at a time. ``growth``, when given, gets the largest factor by
+    which an adjoint's norm grew over the run, ``max_q ||a_0|| / ||c_q||`` (``d theta_T / d
+    theta_0`` applied to the query directions): beyond a few orders of magnitude the run is
+    unstable in its initial state, and so in its data weights beyond a first-order reach."""
     steps = replay.recipe.steps
     a_theta = cotangents.to(replay.space.dtype)
     q = a_theta.shape[0]
@@ -94,6 +114,10 @@ def metagradients(
                 pullback = torch.func.vjp(phi, theta, buffers, w)[1]
                 a_theta, a_buffers, d_w = torch.func.vmap(pullback)((a_theta, a_buffers))
                 a_w += d_w
+    if growth is not None:
+        start = cotangents.to(a_theta).norm(dim=1)
+        ratio = a_theta.norm(dim=1) / start.clamp_min(torch.finfo(start.dtype).tiny)
+        growth.append(float(ratio[start > 0].max()) if bool((start > 0).any()) else 0.0)
     return a_w
 
 

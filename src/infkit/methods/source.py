@@ -348,8 +348,8 @@ class Source(Method):
         bounds = sorted(set(bounds))
         middles = {(a + b) // 2: (a, b) for a, b in itertools.pairwise(bounds)}
         states: dict[int, Tensor] = {}
-        final = run.initial
-        for t, theta, _buffers, _loss in replay.trajectory(run.initial, weights):
+        final = initial = run.initial.to(weights.dtype)  # (a float32 run, a float64 model)
+        for t, theta, _buffers, _loss in replay.trajectory(initial, weights):
             if t in middles:
                 states[t] = theta
             final = theta

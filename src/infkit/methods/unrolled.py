@@ -4,10 +4,11 @@ Where influence functions assume an optimum, this method differentiates the reco
 run itself (:mod:`infkit.recipe`, :mod:`infkit.unroll`): with data weights ``w`` (1 when trained
 normally) entering every step's loss, the score of training example j for test example t is
 
-    scores[t, j] = - d m_t(theta_T(w)) / d w_j   at w = 1,
+    scores[t, j] = - w_j d m_t(theta_T(w)) / d w_j   at the run's weights (1 when trained normally),
 
-the first-order change of m_t when j's weight goes from 1 to 0, that is, when j is removed and
-the same recipe is rerun from the same initial parameters (docs/methods/unrolled.md). The 1/N of the
+the first-order change of m_t when j's weight goes from w_j to 0, that is, when j is removed and
+the same recipe is rerun from the same initial parameters (docs/methods/unrolled.md); 0 for an
+example of weight 0, which the run leaves out. The 1/N of the
 mean-form objective is inside the derivative (``normalise="retained"``: a batch's loss is the
 weighted mean over its examples). A group removal ``remove(F)`` is the forward-mode derivative
 of theta_T along ``-1_F``.
@@ -34,9 +35,16 @@ from infkit.options import Options, option
 from infkit.parameters import ParameterSpace
 from infkit.plan import RunShape, Stage
 from infkit.progress import track
-from infkit.recipe import Recipe, Replay, TrainingRun
+from infkit.recipe import Recipe, Replay, TrainingRun, replay_tolerance
 from infkit.task import Task
-from infkit.unroll import Checkpoints, checkpoint, default_interval, metagradients, tangent
+from infkit.unroll import (
+    Checkpoints,
+    checkpoint,
+    default_interval,
+    metagradients,
+    segment_drift,
+    tangent,
+)
 
 
 def checked_replay(name: str, run: TrainingRun | None, fitted: Fitted) -> tuple[Replay, Tensor]:
@@ -71,14 +79,15 @@ def positive_counts(recipe: Recipe, weights: Tensor) -> Tensor:
     return torch.cat(counts)[: recipe.steps]
 
 
-def check_weight_dependence(run: TrainingRun) -> None:
+def check_weight_dependence(run: TrainingRun) -> bool:
     """Refuse a run whose every step is of one weighted example under the retained mean (every
     metagradient 0: a tester's scores, all 0, with a warning that blamed the optimiser, where
     leaving an example out moved the test losses by up to 0.15); warn where some steps are (a
-    reviewer's example 7, alone in an epoch's last batch: score 0, retraining moved it 0.72)."""
+    reviewer's example 7, alone in an epoch's last batch: score 0, retraining moved it 0.72);
+    returns whether it warned."""
     recipe = run.recipe
     if recipe.normalise != "retained":
-        return
+        return False
     counts = positive_counts(recipe, run.weights)
     if not bool(counts.all()):  # (its derivative overflowed, and the error advised damping)
         step = int((counts == 0).nonzero()[0])
@@ -90,7 +99,7 @@ def check_weight_dependence(run: TrainingRun) -> None:
         )
     single = counts == 1
     if run.n < 2 or not bool(single.any()):
-        return
+        return False
     why = (
         "under normalise='retained' such a step's loss w_i l_i / w_i does not depend on the "
         "example's weight"
@@ -99,7 +108,7 @@ def check_weight_dependence(run: TrainingRun) -> None:
         "record the run with normalise='nominal' (each step's loss w_i l_i / |B_t|), or "
         "retrain for removals (infkit.retrain with run=)"
     )
-    # (with zero weights beside it, a step's zero-weight examples keep their metagradients,
+    # (with zero weights beside it, a step's zero-weight examples have their metagradients,
     # (l_j - l_i) / w_i: a reviewer's full batch of weights [1, 0, ...] scored them right)
     if bool(single.all()) and bool((run.weights > 0).all()):
         raise InvalidInputError(
@@ -115,6 +124,31 @@ def check_weight_dependence(run: TrainingRun) -> None:
         f"do for their example of positive weight. For scores that count them, {remedy}",
         UserWarning,
     )
+    return True
+
+
+#: the growth of an adjoint over the run (:func:`~infkit.unroll.metagradients`) beyond which
+#: the run is told unstable: a tester's tanh MLP under full-batch descent grew them 0.5 and 1.3
+#: at learning rates 0.5 and 1 (scores within 0.97-0.999 Pearson of retraining), 6.6e5 and 8e19
+#: at 2 and 3 (scores 1e5-1e19 against removal effects below 5, Pearson -0.56 and -0.42)
+UNSTABLE_GROWTH = 1e3
+
+
+def warn_unstable(growth: float, name: str) -> None:
+    """Warn where the run amplified a perturbation of its state by more than
+    :data:`UNSTABLE_GROWTH`: its derivatives are exact, and describe a removal only within a
+    region that small a change of the weights stays in."""
+    if growth > UNSTABLE_GROWTH:
+        warn(
+            f"method {name!r}: the run amplifies a change of its parameters {growth:.3g}-fold "
+            "from its first step to its last (the adjoint's growth): it is unstable (a learning "
+            "rate past the edge of stability, a chaotic trajectory), and its metagradients, "
+            "exact as derivatives, are no first-order prediction of a removal (a tester's "
+            "scores of 1e5 where removing the example moved the test loss by 0.7). Retrain by "
+            "the recipe for removals (infkit.retrain with run=), or record a stable run (a "
+            "smaller learning rate)",
+            UserWarning,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +184,7 @@ class Unrolled(Method):
         self.replay: Replay | None = None
         self.checkpoints: Checkpoints | None = None
         self.weights: Tensor | None = None
+        self.weight_steps_said = False  # (check_weight_dependence warned of steps it leaves out)
         self.curvature = "trajectory"
 
     @property
@@ -183,9 +218,22 @@ class Unrolled(Method):
                 f"got {fitted.damping}"
             )
         replay, weights = checked_replay(self.name, self.run, fitted)
-        check_weight_dependence(self.run)
-        kept = checkpoint(replay, self.run.initial, weights, self.options.checkpoint_every)
+        self.weight_steps_said = check_weight_dependence(self.run)
+        initial = self.run.initial.to(fitted.space.dtype)  # (a float32 run, a float64 model)
+        kept = checkpoint(replay, initial, weights, self.options.checkpoint_every)
         self.run.require_replayed(f"method {self.name!r}", kept.final)
+        drift = segment_drift(replay, kept, weights)
+        if drift > replay_tolerance(weights.dtype):
+            raise InvalidInputError(
+                f"method {self.name!r}: the run's last segment, replayed again from its kept "
+                f"state (as the reverse pass recomputes every segment), ends {drift:.3g} "
+                "(relative) from where the replay from the start ended: the optimiser's update "
+                "is not a function of its arguments alone (state kept on self or in a global, "
+                "a step counter of its own, a buffer changed in place, randomness). Keep its "
+                "state in the buffers init() returns, return new tensors (m = mu * m + g, not "
+                "m.mul_(mu).add_(g)), and read the step from the t update() is given "
+                "(infkit.recipe.Optimizer, docs/methods/unrolled.md)"
+            )
         self.replay, self.checkpoints, self.weights = replay, kept, weights
 
     # ------------------------------------------------------------------ answers
@@ -195,21 +243,29 @@ class Unrolled(Method):
         return self.replay, self.checkpoints, self.weights
 
     def _removal_effects(self, cotangents: Tensor) -> Tensor:
-        """-d(c_q^T theta_T)/dw for the rows of ``cotangents`` [Q, P]: [Q, N] float64."""
+        """-w_j d(c_q^T theta_T)/dw_j for the rows of ``cotangents`` [Q, P]: [Q, N] float64,
+        the first-order change when j's weight goes from w_j to 0 (its removal, as
+        :meth:`removal` takes it): -d/dw_j at a weight of 1, 0 for an example of weight 0 (not
+        in the run; a tester's excluded example read a self-score of 0.28, and a weight-2
+        example's column half its removal's change)."""
         replay, kept, weights = self._parts()
         size = self.options.query_batch
         chunks = list(torch.split(cotangents, size))
+        growth: list[float] = []
         rows = [
-            -metagradients(replay, kept, weights, c).to(torch.float64)
+            -metagradients(replay, kept, weights, c, growth).to(torch.float64)
             for c in track(chunks, self.fitted.progress, "unrolled queries", len(chunks))
         ]
-        return torch.cat(rows) if rows else torch.zeros(0, self.fitted.n, dtype=torch.float64)
+        warn_unstable(max(growth, default=0.0), self.name)
+        if not rows:
+            return torch.zeros(0, self.fitted.n, dtype=torch.float64)
+        return torch.cat(rows) * weights.to(torch.float64).cpu()
 
     def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
         gradients = self.fitted.query_gradients(queries, "measurement")  # warns where it is 0
         S = self._removal_effects(gradients)
         flat = (gradients != 0).any(dim=1).cpu() & ~(S != 0).any(dim=1)
-        if bool(flat.any()):
+        if bool(flat.any()) and not self.weight_steps_said:  # (those steps said, at fit)
             k, count = int(flat.nonzero()[0, 0]), int(flat.sum())
             more = f" and {count - 1} more" if count > 1 else ""
             warn(
@@ -237,7 +293,8 @@ class Unrolled(Method):
         replay, _, weights = self._parts()
         direction = torch.zeros_like(weights)
         direction[indices] = -weights[indices]
-        return tangent(replay, self.run.initial, weights, direction).to(torch.float64)
+        initial = self.run.initial.to(weights.dtype)
+        return tangent(replay, initial, weights, direction).to(torch.float64)
 
     def state(self) -> dict[str, Any]:
         raise UnsupportedError(
