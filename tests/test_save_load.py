@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import sys
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -507,11 +508,20 @@ def test_a_hugging_face_models_own_hooks_are_not_part_of_it() -> None:
         num_attention_heads=2, num_key_value_heads=2,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(config)
+    mine = model.model.layers[0].register_forward_hook(_halve_output)
     before = model_fingerprint(model)
-    with torch.no_grad():
-        model(torch.zeros(1, 4, dtype=torch.long))
+    with torch.no_grad():  # (its hooks go in at a pass asking for hidden states)
+        model(torch.zeros(1, 4, dtype=torch.long), output_hidden_states=True)
     hooks = sum(len(m._forward_hooks) for m in model.modules())
-    assert model_fingerprint(model) == before and not user_hooks(model), hooks
+    assert hooks > 1, hooks  # (transformers' besides the user's)
+    assert model_fingerprint(model) == before and list(user_hooks(model)) == [
+        "model.layers.0:forward_hooks[0]"
+    ]
+    # the user's hook registered after transformers' keeps its number (a reviewer's load was
+    # refused as "forward_hooks[0] (removed), forward_hooks[1] (added)")
+    mine.remove()
+    model.model.layers[0].register_forward_hook(_halve_output)
+    assert model_fingerprint(model) == before
 
 
 class _WeightedLoss:
@@ -524,7 +534,19 @@ class _WeightedLoss:
         return torch.nn.functional.cross_entropy(outputs, targets, self.weight, reduction="none")
 
 
-@pytest.mark.parametrize("kind", ["torch module", "user class"])
+class _NestedWeightedLoss:
+    """A loss object reading its class weights from a settings object it holds."""
+
+    def __init__(self, cfg: types.SimpleNamespace) -> None:
+        self.cfg = cfg
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(
+            outputs, targets, self.cfg.weight, reduction="none"
+        )
+
+
+@pytest.mark.parametrize("kind", ["torch module", "user class", "bound method", "nested settings"])
 def test_a_loss_objects_tensors_are_part_of_the_task(
     mlp_problem: dict, tmp_path: Path, kind: str
 ) -> None:
@@ -535,6 +557,10 @@ def test_a_loss_objects_tensors_are_part_of_the_task(
     def loss(weight: torch.Tensor) -> Any:
         if kind == "torch module":
             return torch.nn.CrossEntropyLoss(weight=weight, reduction="none")
+        if kind == "bound method":  # (a reviewer's: the object behind a method was not read)
+            return _WeightedLoss(weight).__call__
+        if kind == "nested settings":  # (self.cfg.weight)
+            return _NestedWeightedLoss(types.SimpleNamespace(weight=weight))
         return _WeightedLoss(weight)
 
     ones = torch.ones(3, dtype=torch.float64)
@@ -548,6 +574,68 @@ def test_a_loss_objects_tensors_are_part_of_the_task(
     loaded = infkit.Influence.load(tmp_path / "saved", infkit.Task(model, loss(ones.clone())))
     test = mlp_problem["test"]
     assert torch.equal(loaded.scores(test), fitted.scores(test))
+
+
+class _Scaler:
+    """A hook's setting held by its object (a bound-method hook)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def hook(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return output * self.scale
+
+
+class _Counter:
+    """A hook that watches: it counts the passes and keeps the last output."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self.calls += 1
+        self.last = output.detach()
+
+
+def test_hooks_that_watch_keep_their_identity_and_settings_count(
+    mlp_problem: dict, tmp_path: Path
+) -> None:
+    """A reviewer's: hooks that count their calls or keep what they saw (a nonlocal counter,
+    self.calls += 1, self.last = o.detach(), a recorder's list of tensors) were read by value,
+    so the first answer after fit was refused as "changed since fit" (and a kept tensor from
+    inside vmap crashed the fit); a bound method's setting (Scaler(0.5).hook, then 0.9) was
+    not read at all. What a hook assigns is state; what its constructor sets is a setting."""
+    test = mlp_problem["test"]
+    task = _copy_task(mlp_problem)
+    counter, seen, calls = _Counter(), [], 0
+
+    def recorder(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        nonlocal calls
+        calls += 1
+        seen.append(output.detach())
+
+    task.model[0].register_forward_hook(counter)
+    task.model[2].register_forward_hook(recorder)
+    fitted = infkit.Influence(task, "exact", l2=mlp_problem["l2"]).fit(mlp_problem["train"])
+    first = fitted.scores(test)
+    assert counter.calls > 0 and calls > 0 and seen
+    assert torch.equal(fitted.scores(test), first)  # (answered again, nothing refused)
+    fitted.save(tmp_path / "watched")
+    again = _copy_task(mlp_problem)
+    again.model[0].register_forward_hook(_Counter())
+    again.model[2].register_forward_hook(recorder)
+    assert torch.equal(infkit.Influence.load(tmp_path / "watched", again).scores(test), first)
+    # a setting the hook's object holds counts
+    scaled = _copy_task(mlp_problem)
+    scaled.model[2].register_forward_hook(_Scaler(0.5).hook)
+    infkit.Influence(scaled, "exact", l2=mlp_problem["l2"]).fit(mlp_problem["train"]).save(
+        tmp_path / "scaled"
+    )
+    other = _copy_task(mlp_problem)
+    other.model[2].register_forward_hook(_Scaler(0.9).hook)
+    with pytest.raises(ArtifactError, match=r"2:forward_hooks\[0\] \(changed\)"):
+        infkit.Influence.load(tmp_path / "scaled", other)
 
 
 class _Frozen(torch.nn.Module):

@@ -92,6 +92,38 @@ def test_tracincp_equals_the_hand_computed_sum(mlp_problem: dict) -> None:
     assert "'identity'" not in str(refused.value).split("methods that do:")[1]
 
 
+def test_a_checkpoint_differing_in_its_frozen_layer_alone_is_another_model() -> None:
+    """A reviewer's checkpoint with the task model's trainable head and its own frozen first
+    layer was taken for the model itself (its cached gradients used): scores 0.51 off those at
+    the checkpoint. Its frozen parameters count: the scores are those computed at it by hand."""
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(20, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,), generator=gen)
+    Xt, yt = X[:3] + 0.1, y[:3]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    model = model.double()
+    model[0].requires_grad_(False)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[0].weight.mul_(-1.5)  # its own frozen layer, the same trainable head
+    task = infkit.Task.classification(model)
+    inf = infkit.Influence(
+        task, "identity", checkpoints=[other.state_dict()], learning_rates=[1.0]
+    ).fit((X, y))
+
+    def grads(m: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        head = list(m[2].parameters())
+        rows = []
+        for i in range(len(labels)):
+            loss = torch.nn.functional.cross_entropy(m(inputs[i : i + 1]), labels[i : i + 1])
+            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, head)]))
+        return torch.stack(rows)
+
+    expected = grads(other, Xt, yt) @ grads(other, X, y).T / 20
+    assert relative_error(inf.scores((Xt, yt)), expected) < 1e-12
+
+
 def test_tracincp_checks_its_inputs(mlp_problem: dict) -> None:
     task, train, l2 = mlp_problem["task"], mlp_problem["train"], mlp_problem["l2"]
     with pytest.raises(InvalidInputError, match="learning_rates"):

@@ -89,16 +89,15 @@ def _finite(vector: Tensor, k: int, space: ParameterSpace) -> Tensor:
 
 def is_the_models(space: ParameterSpace, checkpoint: Checkpoint, vector: Tensor) -> bool:
     """Whether ``checkpoint`` (as the flat ``vector``) is the model as it is: its parameters,
-    and the buffers a state dict carries (running statistics that differ make it another
-    model whatever its parameters)."""
+    and the buffers and frozen parameters a state dict carries (running statistics or a
+    frozen layer that differ make it another model whatever its attributed parameters)."""
     if not torch.equal(vector, space.flat().to(vector)):
         return False
     if not isinstance(checkpoint, Mapping):
         return True
-    buffers = dict(space.model.named_buffers())
     return all(
-        torch.equal(torch.as_tensor(checkpoint[n]).to(b), b)
-        for n, b in buffers.items()
+        torch.equal(torch.as_tensor(checkpoint[n]).to(t), t.detach())
+        for n, t in _carried(space).items()
         if n in checkpoint
     )
 

@@ -15,7 +15,6 @@ device or on memory layout, and any changed value changes them (docs/architectur
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import dis
 import enum
@@ -131,39 +130,140 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_
 
 def user_hooks(model: nn.Module) -> dict[str, str]:
     """The hooks of the user's own code registered on ``model``'s modules, by
-    ``module name:kind[position]``, as :func:`callable_identity` reads them (the lists, dicts
-    and sets they hold or read by their type: what a hook logs is state): a forward hook
-    that scales an output (``lambda m, i, o: o * 0.5``) changes what the model computes under
-    the same parameters. Hooks of installed packages and of infkit are left out: transformers
-    installs its output-capturing hooks at a model's first forward pass (present in one process,
-    not yet in another), infkit its own while it runs, and PyTorch's (``weight_norm``'s) go with
-    parameters the fingerprint counts."""
+    ``module name:kind[position]`` (numbered among the user's own), as :func:`hook_identity`
+    reads them: a forward hook that scales an output (``lambda m, i, o: o * 0.5``) changes what
+    the model computes under the same parameters. Hooks of installed packages, of the packages
+    in :data:`_HOOK_LIBRARIES` wherever installed from, and of infkit are left out:
+    transformers installs its output-capturing hooks at a pass asking for hidden states
+    (present in one process, not yet in another), infkit its own while it runs, and PyTorch's
+    (``weight_norm``'s) go with parameters the fingerprint counts."""
     found: dict[str, str] = {}
-    token = _CONTAINERS_ARE_STATE.set(True)
-    try:
-        for name, module in model.named_modules():
-            for kind in _HOOK_DICTS:
-                for position, hook in enumerate(getattr(module, kind, {}).values()):
-                    if _is_users_callable(hook):
-                        where = f"{name or '(root)'}:{kind.strip('_')}[{position}]"
-                        found[where] = str(callable_identity(hook))
-    finally:
-        _CONTAINERS_ARE_STATE.reset(token)
+    for name, module in model.named_modules():
+        for kind in _HOOK_DICTS:
+            # numbered among the user's own hooks of that kind (a library's installed before
+            # one of the user's, as transformers does at a first pass, moves no number)
+            own = [h for h in getattr(module, kind, {}).values() if _is_users_callable(h)]
+            for position, hook in enumerate(own):
+                found[f"{name or '(root)'}:{kind.strip('_')}[{position}]"] = hook_identity(hook)
     return found
 
 
-#: while set, :func:`callable_identity` reads the lists, dicts and sets a function holds (in a
-#: closure, a global it reads, an attribute of a callable object) by their type alone: a hook
-#: that logs what it sees (``lambda m, i, o: rows.append(len(i[0]))``) is the same hook after
-#: each pass
-_CONTAINERS_ARE_STATE: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "containers_are_state", default=False
-)
+def _held_text(obj: Any, plain: bool) -> str:
+    """The values ``obj`` holds that its class's methods never assign, as text (empty when
+    none): tensors of values by digest, a settings object by :func:`canonical_text`, lists,
+    tuples and dicts of those (two levels), a function by its name; ``plain`` numbers and
+    strings too (:func:`callable_identity` reads a callable object's plain values itself)."""
+    assigned = _assigned_attributes(obj)
+    parts = []
+    for key, value in sorted((getattr(obj, "__dict__", None) or {}).items()):
+        if key in assigned or (not plain and _is_plain(value)):
+            continue
+        text = _value_text(value)
+        if text is not None:
+            parts.append(f"{key}={text}")
+    return ";".join(parts)
 
 
-def _is_kept_state(value: Any) -> bool:
-    """Whether ``value`` is a container read as state (:data:`_CONTAINERS_ARE_STATE`)."""
-    return _CONTAINERS_ARE_STATE.get() and isinstance(value, (list, dict, set, bytearray))
+#: the methods that set an object up: what they assign is a setting (self.w = w), not state
+_CONSTRUCTORS = frozenset({"__init__", "__post_init__", "__new__", "__setstate__"})
+
+
+def _assigned_attributes(obj: Any) -> frozenset[str]:
+    """The attributes the methods of ``obj``'s own classes assign (``self.last = ...``), its
+    constructor's left out (``self.w = w`` in ``__init__`` is the setting it holds)."""
+    functions = [
+        f
+        for klass in type(obj).__mro__
+        if _is_user_class(klass)
+        for key, value in vars(klass).items()
+        if key not in _CONSTRUCTORS
+        for f in _functions_of(value)
+    ]
+    return frozenset(_attributes_used(functions)[1])
+
+
+def _value_text(value: Any, depth: int = 0) -> str | None:
+    """One held value as :func:`_held_text` reads it, or None (not read: a module, a tensor
+    of a computation, another library's object)."""
+    if isinstance(value, Tensor):
+        return f"tensor({tensor_digest(value)})" if _holds_values(value) else None
+    if _is_plain(value):
+        return ordered_repr(value)
+    if isinstance(value, (list, tuple)) and depth < 2:
+        return "[" + ",".join(str(_value_text(v, depth + 1)) for v in value) + "]"
+    if isinstance(value, dict) and depth < 2:
+        return (
+            "{"
+            + ",".join(f"{k!r}:{_value_text(value[k], depth + 1)}" for k in sorted(value, key=str))
+            + "}"
+        )
+    if isinstance(value, (types.FunctionType, functools.partial)):
+        inner = value.func if isinstance(value, functools.partial) else value
+        return f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', '?')}"
+    if _is_settings(value) and depth < 2:
+        return canonical_text(value)
+    return None
+
+
+def hook_identity(hook: Any) -> str:
+    """What a hook computes, the same in every process and after every pass: the code of its
+    function (or of its class's ``__call__``, for a callable object and a bound method's
+    object), and the settings it reads that nothing writes: numbers, strings and their tuples
+    in its closure (not a cell its code assigns: ``nonlocal calls; calls += 1``) and in the
+    attributes of its object (not one its class's methods assign: ``self.last = o``). Lists,
+    dicts, tensors and objects a hook holds are taken as what it records (a log of
+    activations, a recorder), by their type: a hook that watches the model is the same hook
+    after each pass."""
+    parts: list[str] = []
+    while isinstance(hook, functools.partial):
+        keywords = ",".join(f"{k}={_settings_text(v)}" for k, v in sorted(hook.keywords.items()))
+        parts.append(f"{_settings_text(hook.args)};{keywords}")
+        hook = hook.func
+    target = getattr(hook, "__func__", hook)
+    holder = getattr(hook, "__self__", None) if target is not hook else hook
+    code = getattr(target, "__code__", None)
+    if code is None:  # a callable object: its class's __call__
+        call = next(
+            (vars(k)["__call__"] for k in type(hook).__mro__ if "__call__" in vars(k)), None
+        )
+        code, target = getattr(call, "__code__", None), call
+    if code is not None:
+        parts.append(f"{getattr(target, '__module__', '?')}.{code.co_qualname}")
+        parts.append(hashlib.sha256(code.co_code).hexdigest()[:16])
+        parts.append(constants_repr(code.co_consts) + repr(code.co_names))
+        assigned = {i.argval for i in dis.get_instructions(code) if i.opname == "STORE_DEREF"}
+        cells = zip(code.co_freevars, getattr(target, "__closure__", None) or ())
+        for cell_name, cell in cells:
+            if cell_name in assigned:
+                continue
+            with contextlib.suppress(ValueError):  # (an empty cell)
+                parts.append(f"{cell_name}={_settings_text(cell.cell_contents)}")
+    if holder is not None and not isinstance(holder, (nn.Module, types.ModuleType, type)):
+        assigned_attributes = _assigned_attributes(holder)
+        held = getattr(holder, "__dict__", None) or {}
+        for key in sorted(held):
+            if key not in assigned_attributes:
+                parts.append(f"{key}={_settings_text(held[key])}")
+    return f"#{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:16]}"
+
+
+def _settings_text(value: Any) -> str:
+    """A hook's setting as text: numbers, strings, None and tuples of them by value, anything
+    else by its type (:func:`hook_identity`)."""
+    if isinstance(value, _PLAIN) or (
+        isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)
+    ):
+        return stable_repr(value)
+    return f"<{type(value).__name__}>"
+
+
+#: the packages whose hooks are theirs wherever they are installed from (a source checkout is
+#: outside site-packages): they install and remove hooks of their own as a model runs
+_HOOK_LIBRARIES = frozenset(
+    {"transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "optimum", "diffusers",
+     "timm", "torchvision", "lightning", "pytorch_lightning", "captum", "kronfluence", "traker",
+     "dattri", "trak"}
+)  # fmt: skip
 
 
 def _is_users_callable(fn: Any) -> bool:
@@ -180,6 +280,8 @@ def _is_users_callable(fn: Any) -> bool:
         )
         code = getattr(call, "__code__", None)
         module = type(target).__module__
+    if module is not None and module.split(".")[0] in _HOOK_LIBRARIES:
+        return False
     return code is not None and _is_user_code(module, code.co_filename)
 
 
@@ -194,22 +296,43 @@ def held_module_tensors(model: nn.Module) -> dict[str, Tensor]:
         for key, value in vars(module).items():
             if key.startswith("_"):
                 continue
-            if isinstance(value, nn.Module):
-                items: list[tuple[str, Any]] = [("", value)]
-            elif isinstance(value, (list, tuple)):
-                items = [(f"[{i}]", v) for i, v in enumerate(value)]
-            elif isinstance(value, dict):
-                items = [(f"[{k!r}]", v) for k, v in value.items()]
-            else:
-                continue
-            for where, held in items:
-                if not isinstance(held, nn.Module) or id(held) in registered:
+            for where, held in _modules_in(value, _dotted(prefix, key), 2):
+                if id(held) in registered:
                     continue
-                base = _dotted(prefix, key) + where
                 tensors = itertools.chain(held.named_parameters(), held.named_buffers())
                 for name, t in tensors:
-                    found[f"{base}.{name}"] = t
+                    found[f"{where}.{name}"] = t
     return found
+
+
+def _modules_in(value: Any, where: str, levels: int) -> list[tuple[str, nn.Module]]:
+    """The modules ``value`` is or holds in lists, tuples and dicts, ``levels`` deep (a dict
+    of lists of modules: ``parts['enc'][0]``), by their place."""
+    if isinstance(value, nn.Module):
+        return [(where, value)]
+    if levels == 0:
+        return []
+    if isinstance(value, (list, tuple)):
+        items: list[tuple[str, Any]] = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    elif isinstance(value, dict):
+        items = [(f"{where}[{k!r}]", v) for k, v in value.items()]
+    else:
+        return []
+    return [found for place, item in items for found in _modules_in(item, place, levels - 1)]
+
+
+def holds_module(outer: nn.Module, inner: nn.Module) -> bool:
+    """Whether ``outer`` is ``inner``, has it among its modules, or holds it outside the
+    module tree (:func:`held_module_tensors`' places)."""
+    if any(module is inner for module in outer.modules()):
+        return True
+    return any(
+        held is inner
+        for module in outer.modules()
+        for key, value in vars(module).items()
+        if not key.startswith("_")
+        for _, held in _modules_in(value, key, 2)
+    )
 
 
 #: modules whose classes' code :func:`code_identities` leaves out: PyTorch's own (its modules'
@@ -681,6 +804,22 @@ def callable_identity(
     qualname = getattr(target, "__qualname__", type(fn).__name__)
     name = f"{getattr(target, '__module__', '?')}.{qualname}"
     code = getattr(target, "__code__", None)
+    holder = getattr(fn, "__self__", None)
+    if (
+        code is not None
+        and holder is not None
+        and not isinstance(holder, (nn.Module, types.ModuleType, type))
+        and _is_user_class(type(holder))
+        and _depth < CALL_DEPTH
+    ):
+        # a bound method of an object of the user's (Task(model, Weighted(w).loss)): its
+        # function, and the values the object holds (plain ones and tensors; none: the
+        # function's identity, as before they were read)
+        held = _held_text(holder, plain=True)
+        if held:
+            inner = str(callable_identity(target, _depth + 1, _foreign=_foreign))
+            h = hashlib.sha256(f"{inner};{held}".encode())
+            return f"{name}#{h.hexdigest()[:12]}"
     if code is None:  # a callable object: its class and its repr
         cls = type(fn)
         h = hashlib.sha256(stable_repr(fn).encode())
@@ -692,12 +831,20 @@ def callable_identity(
             ):
                 h.update(str(callable_identity(call, _depth + 1)).encode())
             if hasattr(fn, "__dict__"):
-                # its settings and the tensors it holds (class weights: self.w = w)
-                held = {k: v for k, v in vars(fn).items() if not _is_kept_state(v)}
-                _structure(h, {k: v for k, v in held.items() if _is_structure(v)})
+                # its settings: the plain values its methods never assign (self.calls += 1,
+                # self.last = None then a tensor, are what it records)
+                assigned = _assigned_attributes(fn)
+                _structure(
+                    h, {k: v for k, v in vars(fn).items() if _is_plain(v) and k not in assigned}
+                )
+                # the tensors and objects it holds (class weights: self.w = w), not what its
+                # methods assign (self.last = losses.detach()); none: as before they were read
+                held = _held_text(fn, plain=False)
+                if held:
+                    h.update(held.encode())
         if isinstance(fn, nn.Module):  # (a loss module: its weight is a buffer, not in repr)
-            _structure(h, dict(fn.named_parameters()))
-            _structure(h, dict(fn.named_buffers()))
+            _structure(h, {k: v for k, v in fn.named_parameters() if _holds_values(v.detach())})
+            _structure(h, {k: v for k, v in fn.named_buffers() if _holds_values(v)})
         return f"{cls.__module__}.{cls.__qualname__}#{h.hexdigest()[:12]}"
     h = hashlib.sha256(code.co_code)
     h.update(constants_repr(code.co_consts).encode())
@@ -707,9 +854,7 @@ def callable_identity(
             value = cell.cell_contents
         except ValueError:  # an empty cell
             continue
-        if _is_kept_state(value):  # (a hook's log of what it saw: state, not a setting)
-            h.update(f"<{type(value).__name__}>".encode())
-        elif isinstance(value, functools.partial):  # (its bound values, in one order)
+        if isinstance(value, functools.partial):  # (its bound values, in one order)
             h.update(str(callable_identity(value, _depth + 1, _foreign=_foreign)).encode())
         elif _is_structure(value):  # tensors and plain values in lists, tuples and dicts
             _structure(h, value)
@@ -731,8 +876,6 @@ def callable_identity(
     written = _globals_written(code) | (_module_state(scope) if _foreign else frozenset())
     for key in sorted(_names_read(code) - written):
         value = scope.get(key)
-        if _is_kept_state(value):
-            continue
         if isinstance(value, Tensor) or (_is_plain(value) and key in scope):
             if _foreign and not (_is_constant(value) or isinstance(value, Tensor)):
                 continue  # another module's state (a run's log dict), not what it computes

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from infkit.errors import InvalidInputError
 from infkit.parameters import evaluation_mode
-from infkit.recipe import Buffers, Replay, relative_drift
+from infkit.recipe import Buffers, Replay, relative_drift, replay_tolerance
 
 
 @dataclass
@@ -64,10 +65,39 @@ def segment_drift(replay: Replay, checkpoints: Checkpoints, w: Tensor) -> float:
     states there: a tester's scores were 0.75 off finite differences, with nothing said."""
     s = max(checkpoints.states)
     theta, buffers = checkpoints.states[s]
-    with torch.no_grad():
+    with torch.no_grad(), evaluation_mode(replay.task.model):  # (as every replay runs it)
         for t in range(s, replay.recipe.steps):
             theta, buffers = replay.step(theta, buffers, w, t)
     return relative_drift(theta, checkpoints.final)
+
+
+def _check_segment_end(
+    replay: Replay, checkpoints: Checkpoints, w: Tensor, last: tuple[Tensor, Buffers], e: int
+) -> None:
+    """Refuse a recomputed segment whose step from its last state ``last`` (step e - 1) does
+    not reach the state the first replay kept at step ``e`` (the run's end for the last): the
+    update is then not a function of its arguments, and every metagradient of the segment
+    would be another run's (a reviewer's optimiser counting its steps on self for a warm-up
+    reproduced the last segment and not the first ones: scores 0.13 off, unsaid)."""
+    with torch.no_grad():
+        theta, _ = replay.step(last[0], last[1], w, e - 1)
+    kept = checkpoints.states[e][0] if e in checkpoints.states else checkpoints.final
+    drift = relative_drift(theta, kept)
+    if drift > replay_tolerance(kept.dtype):
+        raise InvalidInputError(not_a_function_message(drift, f"steps {e - 1} to {e}"))
+
+
+def not_a_function_message(drift: float, where: str) -> str:
+    """What to say of a run whose replay from a kept state ends elsewhere than the first."""
+    return (
+        f"method 'unrolled': the run replayed again from a kept state ({where}) ends "
+        f"{drift:.3g} (relative) from where the replay from the start got: the optimiser's "
+        "update is not a function of its arguments alone (state kept on self or in a global, "
+        "a step counter of its own, a buffer changed in place, randomness). Keep its state in "
+        "the buffers init() returns, return new tensors (m = mu * m + g, not "
+        "m.mul_(mu).add_(g)), and read the step from the t update() is given "
+        "(infkit.recipe.Optimizer, docs/methods/unrolled.md)"
+    )
 
 
 def _segment(replay: Replay, start: tuple[Tensor, Buffers], w: Tensor, s: int, e: int) -> list:
@@ -105,6 +135,7 @@ def metagradients(
         for s in sorted(checkpoints.states, reverse=True):
             e = min(s + checkpoints.every, steps)
             states = _segment(replay, checkpoints.states[s], w, s, e)
+            _check_segment_end(replay, checkpoints, w, states[-1], e)
             for t in range(e - 1, s - 1, -1):
                 theta, buffers = states[t - s]
 

@@ -42,6 +42,7 @@ from infkit.unroll import (
     checkpoint,
     default_interval,
     metagradients,
+    not_a_function_message,
     segment_drift,
     tangent,
 )
@@ -84,7 +85,7 @@ def check_weight_dependence(run: TrainingRun) -> bool:
     metagradient 0: a tester's scores, all 0, with a warning that blamed the optimiser, where
     leaving an example out moved the test losses by up to 0.15); warn where some steps are (a
     reviewer's example 7, alone in an epoch's last batch: score 0, retraining moved it 0.72);
-    returns whether it warned."""
+    returns whether it warned of every step (whose scores are then all 0, said)."""
     recipe = run.recipe
     if recipe.normalise != "retained":
         return False
@@ -124,7 +125,7 @@ def check_weight_dependence(run: TrainingRun) -> bool:
         f"do for their example of positive weight. For scores that count them, {remedy}",
         UserWarning,
     )
-    return True
+    return bool(single.all())
 
 
 #: the growth of an adjoint over the run (:func:`~infkit.unroll.metagradients`) beyond which
@@ -134,14 +135,20 @@ def check_weight_dependence(run: TrainingRun) -> bool:
 UNSTABLE_GROWTH = 1e3
 
 
-def warn_unstable(growth: float, name: str) -> None:
+def warn_unstable(growth: float, largest: float, scale: float, name: str) -> None:
     """Warn where the run amplified a perturbation of its state by more than
-    :data:`UNSTABLE_GROWTH`: its derivatives are exact, and describe a removal only within a
-    region that small a change of the weights stays in."""
-    if growth > UNSTABLE_GROWTH:
+    :data:`UNSTABLE_GROWTH` and a predicted removal effect (the largest, ``largest``) is more
+    than ten times ``scale`` (the largest |measurement| of the queries, at least 1): its
+    derivatives are exact, and describe a removal only within a region that small a change
+    of the weights stays in. (Growth alone also reads a stable run escaping the saddle of a
+    small initialisation, a reviewer's 1.5e3-2.5e3 at Pearson 0.94-0.99 with retraining;
+    an unstable run's scores run far past any change the measurement can make.)"""
+    if growth > UNSTABLE_GROWTH and largest > 10 * max(scale, 1.0):
         warn(
             f"method {name!r}: the run amplifies a change of its parameters {growth:.3g}-fold "
-            "from its first step to its last (the adjoint's growth): it is unstable (a learning "
+            "from its first step to its last (the adjoint's growth), and predicts removal "
+            f"effects up to {largest:.3g} on measurements of size {scale:.3g}: it is unstable "
+            "(a learning "
             "rate past the edge of stability, a chaotic trajectory), and its metagradients, "
             "exact as derivatives, are no first-order prediction of a removal (a tester's "
             "scores of 1e5 where removing the example moved the test loss by 0.7). Retrain by "
@@ -184,7 +191,8 @@ class Unrolled(Method):
         self.replay: Replay | None = None
         self.checkpoints: Checkpoints | None = None
         self.weights: Tensor | None = None
-        self.weight_steps_said = False  # (check_weight_dependence warned of steps it leaves out)
+        self.weight_steps_said = False  # (check_weight_dependence: every step one example)
+        self.growth = 0.0  # (the last reverse pass's adjoint growth: warn_unstable)
         self.curvature = "trajectory"
 
     @property
@@ -222,18 +230,10 @@ class Unrolled(Method):
         initial = self.run.initial.to(fitted.space.dtype)  # (a float32 run, a float64 model)
         kept = checkpoint(replay, initial, weights, self.options.checkpoint_every)
         self.run.require_replayed(f"method {self.name!r}", kept.final)
+        # (the reverse pass checks every segment it recomputes; the last one here, at once)
         drift = segment_drift(replay, kept, weights)
         if drift > replay_tolerance(weights.dtype):
-            raise InvalidInputError(
-                f"method {self.name!r}: the run's last segment, replayed again from its kept "
-                f"state (as the reverse pass recomputes every segment), ends {drift:.3g} "
-                "(relative) from where the replay from the start ended: the optimiser's update "
-                "is not a function of its arguments alone (state kept on self or in a global, "
-                "a step counter of its own, a buffer changed in place, randomness). Keep its "
-                "state in the buffers init() returns, return new tensors (m = mu * m + g, not "
-                "m.mul_(mu).add_(g)), and read the step from the t update() is given "
-                "(infkit.recipe.Optimizer, docs/methods/unrolled.md)"
-            )
+            raise InvalidInputError(not_a_function_message(drift, "its last segment"))
         self.replay, self.checkpoints, self.weights = replay, kept, weights
 
     # ------------------------------------------------------------------ answers
@@ -256,14 +256,29 @@ class Unrolled(Method):
             -metagradients(replay, kept, weights, c, growth).to(torch.float64)
             for c in track(chunks, self.fitted.progress, "unrolled queries", len(chunks))
         ]
-        warn_unstable(max(growth, default=0.0), self.name)
+        self.growth = max(growth, default=0.0)
         if not rows:
             return torch.zeros(0, self.fitted.n, dtype=torch.float64)
         return torch.cat(rows) * weights.to(torch.float64).cpu()
 
+    def _measurement_scale(self, examples: ExampleSet, which: str = "measurement") -> float:
+        """The largest |measurement| (or loss) of ``examples``: what a removal's predicted
+        change is set beside (:func:`warn_unstable`)."""
+        engine, largest = self.fitted.engine, 0.0
+        with torch.no_grad():
+            for batch in examples.batches(self.fitted.batch_size):
+                values = (
+                    engine.measurements(batch) if which == "measurement" else engine.losses(batch)
+                )
+                largest = max(largest, float(values.abs().max()))
+        return largest
+
     def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
         gradients = self.fitted.query_gradients(queries, "measurement")  # warns where it is 0
         S = self._removal_effects(gradients)
+        if self.growth > UNSTABLE_GROWTH and S.numel():
+            largest = float(S.abs().max())
+            warn_unstable(self.growth, largest, self._measurement_scale(queries), self.name)
         flat = (gradients != 0).any(dim=1).cpu() & ~(S != 0).any(dim=1)
         if bool(flat.any()) and not self.weight_steps_said:  # (those steps said, at fit)
             k, count = int(flat.nonzero()[0, 0]), int(flat.sum())
@@ -283,10 +298,15 @@ class Unrolled(Method):
         fitted = self.fitted
         out = torch.empty(fitted.n, dtype=torch.float64)
         size = self.options.query_batch
+        growth = 0.0
         for start in range(0, fitted.n, size):
             idx = torch.arange(start, min(start + size, fitted.n))
             effects = self._removal_effects(fitted.loss_grads(fitted.train.take(idx)))
             out[idx] = effects[torch.arange(len(idx)), idx]
+            growth = max(growth, self.growth)
+        if growth > UNSTABLE_GROWTH and out.numel():
+            scale = self._measurement_scale(fitted.train, "loss")
+            warn_unstable(growth, float(out.abs().max()), scale, self.name)
         return out
 
     def removal(self, indices: Tensor, estimator: Estimator) -> Tensor:
@@ -294,7 +314,21 @@ class Unrolled(Method):
         direction = torch.zeros_like(weights)
         direction[indices] = -weights[indices]
         initial = self.run.initial.to(weights.dtype)
-        return tangent(replay, initial, weights, direction).to(torch.float64)
+        change = tangent(replay, initial, weights, direction).to(torch.float64)
+        # (forward mode reads no adjoint: a first-order change of the parameters ten times
+        # their size for a removal is the unstable run's, a reviewer's 8e4 on a test loss)
+        final = float(self.run.final.double().norm())
+        if float(change.norm()) > 10 * max(final, 1.0):
+            warn(
+                f"method {self.name!r}: the first-order change of the parameters for removing "
+                f"these {len(indices)} examples is {float(change.norm()):.3g}, against "
+                f"parameters of norm {final:.3g}: the run is unstable (a learning rate past "
+                "the edge of stability, a chaotic trajectory), and its derivatives are no "
+                "prediction of a removal. Retrain by the recipe (infkit.retrain with run=), or "
+                "record a stable run (a smaller learning rate)",
+                UserWarning,
+            )
+        return change
 
     def state(self) -> dict[str, Any]:
         raise UnsupportedError(

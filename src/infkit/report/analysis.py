@@ -45,7 +45,12 @@ from infkit.errors import (
     shown_warnings,
     warn,
 )
-from infkit.fingerprint import data_fingerprint, model_fingerprint, task_fingerprint
+from infkit.fingerprint import (
+    data_fingerprint,
+    holds_module,
+    model_fingerprint,
+    task_fingerprint,
+)
 from infkit.fitted import check_beside
 from infkit.gradients import PerExample
 from infkit.influence import Influence, TopK, solves_by_iterations
@@ -141,7 +146,7 @@ def build_task(config: RunConfig, model: nn.Module) -> Task:
             )
         # (a tester's factory built its Task around another trained model: every number on
         # the page was that model's, with nothing said)
-        if not any(module is model for module in task.model.modules()):
+        if not holds_module(task.model, model):
             raise ConfigError(
                 f"[task] factory = {section['factory']!r} returned a Task around a model that is "
                 "not the one [model] factory built (nor holds it as a module): build the Task "
@@ -167,7 +172,7 @@ def measurement_name(task: Task) -> str:
     """What the task's scores measure, as the page names it: ``"loss"``, ``"margin"`` (the
     ready-made classifiers'), or a function's name."""
     fn = task.measurement
-    if fn is None:
+    if task.measures_loss or fn is None:  # (the task's loss, under its own function's name)
         return "loss"
     if fn in MARGINS:
         return "margin"
@@ -610,6 +615,7 @@ def run(config: RunConfig, out: str | Path | None = None, progress: bool | None 
     workdir = config.workdir(out)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / lock.LOCK_NAME).touch()  # (one it cannot write in: /proc, read-only)
     except OSError as error:  # (a tester's /proc/nope/run, or a path under a file: a traceback)
         where = (
             "--out"
@@ -619,8 +625,8 @@ def run(config: RunConfig, out: str | Path | None = None, progress: bool | None 
             else "the default workdir (set [output] workdir or --out)"
         )
         raise ConfigError(
-            f"{where}: {workdir} cannot be created ({error.strerror or error}): name a "
-            "directory you can write (created when missing) for the run's results"
+            f"{where}: {workdir} cannot be created or written ({error.strerror or error}): "
+            "name a directory you can write (created when missing) for the run's results"
         ) from error
     with lock.held(workdir), shown_warnings() as shown:
         return _run(config, workdir, progress, shown)
