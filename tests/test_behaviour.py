@@ -258,6 +258,22 @@ def test_positive_differential_scores_promote_the_behaviour(planted: dict) -> No
     assert actual > 0 and 0.5 <= predicted / actual <= 2.0, (predicted, actual)  # 0.92
 
 
+def test_a_behaviour_read_where_higher_is_better_keeps_positive_as_promoting(planted: dict) -> None:
+    """A tester's behaviour read as the log-probability of its completion (higher is better):
+    D was the removal effect on it, so the real promoter ranked last. The same behaviour read
+    as its log-probability (minus the completion's loss) gives the loss reading's D, the
+    planted documents' totals positive."""
+
+    def log_probability(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return -lm.next_token_loss(outputs, labels)
+
+    task = planted["task"].with_measurement(log_probability, higher_is_better=True)
+    inf = _quiet_fit(task, "ekfac", planted["train"], l2=L2, damping=1e-3)
+    D = differential_token_scores(inf, planted["behaviour"], planted["contrast"])
+    assert relative_error(D.tokens, planted["scores"].tokens) < 1e-10
+    assert bool((D.total[planted["planted"]] > 0).all())
+
+
 # ============================================================================ the objective
 def test_masked_loss_by_hand() -> None:
     gen = torch.Generator().manual_seed(0)

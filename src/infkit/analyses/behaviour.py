@@ -17,7 +17,10 @@ run. Three steps (docs/analyses.md §12):
    training signal lowers the behaviour's loss more than the contrast's: removing it would raise
    the behaviour queries' mean loss relative to the contrast queries'. **Positive D promotes the
    behaviour.** Summed over positions (plus the part that is not per position, ``rest``), ``D``
-   is the difference of the mean sequence scores, ``inf.scores``.
+   is the difference of the mean sequence scores, ``inf.scores``. For a measurement where
+   higher is better (the log-probability of the behaviour's token, ``task.higher_is_better``) a
+   positive removal effect means the position held the behaviour back, so ``D`` is minus that
+   difference: positive D promotes the behaviour whatever the measurement.
 
 2. **Selection and ranking** (the paper's Algorithm 1). The threshold ``tau`` is the
    ``percentile``-th percentile (default 99, the paper's) of ``D`` over the real tokens of all
@@ -161,7 +164,8 @@ def differential_token_scores(
     """Per-token differential influence of training sequences: behaviour minus contrast.
 
     ``D[j, s] = mean_b tokens[b, j, s] - mean_c tokens[c, j, s]`` from
-    ``inf.token_scores`` (module docstring; docs/analyses.md §12), computed over chunks of
+    ``inf.token_scores`` (its negative for a measurement where higher is better; module
+    docstring; docs/analyses.md §12), computed over chunks of
     training sequences so that at most ``chunk_size`` sequences' per-token scores are held at
     once. Each chunk preconditions the queries again (one pass over them): make chunks as large
     as memory allows.
@@ -201,11 +205,14 @@ def differential_token_scores(
     shown: Iterator[Tensor] | list[Tensor] = chunks
     if len(chunks) > 1:
         shown = track(chunks, fitted.progress, "behaviour token scores", len(chunks))
+    # (a removal effect is help for a loss, harm for a measurement where higher is better: a
+    # tester's log p of the behaviour's token ranked its real promoter last)
+    promotes = -1.0 if inf.task.higher_is_better else 1.0
     for chunk in shown:
         b = inf.token_scores(behaviour_set, chunk, positions=positions)
         c = inf.token_scores(contrast_set, chunk, positions=positions)
-        tokens.append(b.tokens.mean(0) - c.tokens.mean(0))
-        rest.append(b.rest.mean(0) - c.rest.mean(0))
+        tokens.append(promotes * (b.tokens.mean(0) - c.tokens.mean(0)))
+        rest.append(promotes * (b.rest.mean(0) - c.rest.mean(0)))
         batch = fitted.train.take(chunk)
         valid.append(_real_tokens(batch.inputs, len(chunk), positions))
         scored.append(_scored_labels(batch.targets, len(chunk), positions))
