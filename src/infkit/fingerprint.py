@@ -150,9 +150,10 @@ def user_hooks(model: nn.Module) -> dict[str, str]:
 
 def _held_text(obj: Any, plain: bool) -> str:
     """The values ``obj`` holds that its class's methods never assign, as text (empty when
-    none): tensors of values by digest, a settings object by :func:`canonical_text`, lists,
-    tuples and dicts of those (two levels), a function by its name; ``plain`` numbers and
-    strings too (:func:`callable_identity` reads a callable object's plain values itself)."""
+    none): tensors of values by digest, a settings object by :func:`canonical_text`, tuples of
+    those (two levels), a function by its name, a list or dict of anything but plain values by
+    its type (what it appends to: a log); ``plain`` numbers and strings too
+    (:func:`callable_identity` reads a callable object's plain values itself)."""
     assigned = _assigned_attributes(obj)
     parts = []
     for key, value in sorted((getattr(obj, "__dict__", None) or {}).items()):
@@ -189,14 +190,10 @@ def _value_text(value: Any, depth: int = 0) -> str | None:
         return f"tensor({tensor_digest(value)})" if _holds_values(value) else None
     if _is_plain(value):
         return ordered_repr(value)
-    if isinstance(value, (list, tuple)) and depth < 2:
-        return "[" + ",".join(str(_value_text(v, depth + 1)) for v in value) + "]"
-    if isinstance(value, dict) and depth < 2:
-        return (
-            "{"
-            + ",".join(f"{k!r}:{_value_text(value[k], depth + 1)}" for k in sorted(value, key=str))
-            + "}"
-        )
+    if isinstance(value, (list, dict, set)):  # (of tensors or objects: what it logs, appended)
+        return f"<{type(value).__name__}>"
+    if isinstance(value, tuple) and depth < 2:
+        return "(" + ",".join(str(_value_text(v, depth + 1)) for v in value) + ")"
     if isinstance(value, (types.FunctionType, functools.partial)):
         inner = value.func if isinstance(value, functools.partial) else value
         return f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', '?')}"
