@@ -15,6 +15,7 @@ device or on memory layout, and any changed value changes them (docs/architectur
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import dis
 import enum
@@ -148,110 +149,99 @@ def user_hooks(model: nn.Module) -> dict[str, str]:
     return found
 
 
-def _held_text(obj: Any, plain: bool) -> str:
-    """The values ``obj`` holds that its class's methods never assign, as text (empty when
-    none): tensors of values by digest, a settings object by :func:`canonical_text`, tuples of
-    those (two levels), a function by its name, a list or dict of anything but plain values by
-    its type (what it appends to: a log); ``plain`` numbers and strings too
+def _held_text(obj: Any, assigned: frozenset[str], plain: bool) -> str:
+    """The values ``obj`` holds that its call never assigns (``assigned``), as text (empty
+    when none): :func:`_value_text`'s; ``plain`` numbers and strings too
     (:func:`callable_identity` reads a callable object's plain values itself)."""
-    assigned = _assigned_attributes(obj)
     parts = []
     for key, value in sorted((getattr(obj, "__dict__", None) or {}).items()):
         if key in assigned or (not plain and _is_plain(value)):
             continue
-        text = _value_text(value)
+        text = _value_text(value, assigned)
         if text is not None:
             parts.append(f"{key}={text}")
     return ";".join(parts)
 
 
-#: the methods that set an object up: what they assign is a setting (self.w = w), not state
-_CONSTRUCTORS = frozenset({"__init__", "__post_init__", "__new__", "__setstate__"})
-
-
-def _assigned_attributes(obj: Any) -> frozenset[str]:
-    """The attributes the methods of ``obj``'s own classes assign (``self.last = ...``), its
-    constructor's left out (``self.w = w`` in ``__init__`` is the setting it holds)."""
-    functions = [
-        f
-        for klass in type(obj).__mro__
-        if _is_user_class(klass)
-        for key, value in vars(klass).items()
-        if key not in _CONSTRUCTORS
-        for f in _functions_of(value)
-    ]
+def _assigned_by(function: Any) -> frozenset[str]:
+    """The attribute names a call of ``function`` (a method, with its wrapped bodies and nested
+    code) assigns, on whatever object (``self.last = ...``, ``self.state.last = ...``): what
+    the object records as it runs. A setter that another method is (``to()``,
+    ``set_alpha()``) sets a setting, read."""
+    functions = _functions_of(function) if isinstance(function, types.FunctionType) else []
     return frozenset(_attributes_used(functions)[1])
 
 
-def _value_text(value: Any, depth: int = 0) -> str | None:
-    """One held value as :func:`_held_text` reads it, or None (not read: a module, a tensor
-    of a computation, another library's object)."""
+def _value_text(value: Any, assigned: frozenset[str], depth: int = 0) -> str | None:
+    """One held value as :func:`_held_text` reads it, or None (not read: a module, a tensor of
+    a computation, another library's object): a tensor or NumPy array by its values, a
+    settings object by its attributes that the call does not assign (two objects deep, each
+    object once), a tuple by its items, a list, dict or set of anything but plain values by its
+    type (what the object appends to: a log), a function by its name."""
     if isinstance(value, Tensor):
         return f"tensor({tensor_digest(value)})" if _holds_values(value) else None
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return canonical_text(value)
     if _is_plain(value):
         return ordered_repr(value)
     if isinstance(value, (list, dict, set)):  # (of tensors or objects: what it logs, appended)
         return f"<{type(value).__name__}>"
     if isinstance(value, tuple) and depth < 2:
-        return "(" + ",".join(str(_value_text(v, depth + 1)) for v in value) + ")"
+        return "(" + ",".join(str(_value_text(v, assigned, depth + 1)) for v in value) + ")"
     if isinstance(value, (types.FunctionType, functools.partial)):
         inner = value.func if isinstance(value, functools.partial) else value
         return f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', '?')}"
     if _is_settings(value) and depth < 2:
-        return canonical_text(value)
+        held = getattr(value, "__dict__", None) or {}
+        fields = [
+            f"{k}={_value_text(v, assigned, depth + 1)}"
+            for k, v in sorted(held.items())
+            if k not in assigned and not isinstance(v, nn.Module)
+        ]
+        return f"{type(value).__qualname__}({','.join(fields)})"
     return None
 
 
 def hook_identity(hook: Any) -> str:
-    """What a hook computes, the same in every process and after every pass: the code of its
-    function (or of its class's ``__call__``, for a callable object and a bound method's
-    object), and the settings it reads that nothing writes: numbers, strings and their tuples
-    in its closure (not a cell its code assigns: ``nonlocal calls; calls += 1``) and in the
-    attributes of its object (not one its class's methods assign: ``self.last = o``). Lists,
-    dicts, tensors and objects a hook holds are taken as what it records (a log of
-    activations, a recorder), by their type: a hook that watches the model is the same hook
-    after each pass."""
-    parts: list[str] = []
-    while isinstance(hook, functools.partial):
-        keywords = ",".join(f"{k}={_settings_text(v)}" for k, v in sorted(hook.keywords.items()))
-        parts.append(f"{_settings_text(hook.args)};{keywords}")
-        hook = hook.func
-    target = getattr(hook, "__func__", hook)
-    holder = getattr(hook, "__self__", None) if target is not hook else hook
-    code = getattr(target, "__code__", None)
-    if code is None:  # a callable object: its class's __call__
-        call = next(
-            (vars(k)["__call__"] for k in type(hook).__mro__ if "__call__" in vars(k)), None
-        )
-        code, target = getattr(call, "__code__", None), call
-    if code is not None:
-        parts.append(f"{getattr(target, '__module__', '?')}.{code.co_qualname}")
-        parts.append(hashlib.sha256(code.co_code).hexdigest()[:16])
-        parts.append(constants_repr(code.co_consts) + repr(code.co_names))
-        assigned = {i.argval for i in dis.get_instructions(code) if i.opname == "STORE_DEREF"}
-        cells = zip(code.co_freevars, getattr(target, "__closure__", None) or ())
-        for cell_name, cell in cells:
-            if cell_name in assigned:
-                continue
-            with contextlib.suppress(ValueError):  # (an empty cell)
-                parts.append(f"{cell_name}={_settings_text(cell.cell_contents)}")
-    if holder is not None and not isinstance(holder, (nn.Module, types.ModuleType, type)):
-        assigned_attributes = _assigned_attributes(holder)
-        held = getattr(holder, "__dict__", None) or {}
-        for key in sorted(held):
-            if key not in assigned_attributes:
-                parts.append(f"{key}={_settings_text(held[key])}")
-    return f"#{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:16]}"
+    """What a hook computes, the same in every process and after every pass:
+    :func:`callable_identity` read as a hook's (:data:`_AS_HOOK`): its code, the helpers it
+    calls and the module-level values it reads, the settings its closure and its object hold,
+    and not what it records: a closure cell its code assigns (``nonlocal calls; calls += 1``),
+    an attribute its call assigns (``self.last = o``), and the lists, dicts and sets it holds
+    or reads (a log of activations), read by their type; a tensor by its values where it holds
+    values (an ablation mask, a steering vector), by its type where it is a piece of a
+    computation; another object by its type (a recorder). A hook that watches the model is the
+    same hook after each pass."""
+    token = _AS_HOOK.set(True)
+    try:
+        return str(callable_identity(hook))
+    finally:
+        _AS_HOOK.reset(token)
 
 
-def _settings_text(value: Any) -> str:
-    """A hook's setting as text: numbers, strings, None and tuples of them by value, anything
-    else by its type (:func:`hook_identity`)."""
-    if isinstance(value, _PLAIN) or (
-        isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)
-    ):
-        return stable_repr(value)
-    return f"<{type(value).__name__}>"
+#: while set, :func:`callable_identity` reads a hook (:func:`hook_identity`)
+_AS_HOOK: contextvars.ContextVar[bool] = contextvars.ContextVar("as_hook", default=False)
+
+
+@functools.lru_cache(maxsize=4096)  # (code objects are immutable)
+def _cells_assigned(code: Any) -> frozenset[str]:
+    """The closure cells ``code`` assigns (``nonlocal calls; calls += 1``)."""
+    return frozenset(
+        str(i.argval) for i in dis.get_instructions(code) if i.opname in ("STORE_DEREF",)
+    )
+
+
+def _kept_by_type(value: Any) -> bool:
+    """Whether a hook's (:data:`_AS_HOOK`) ``value`` is read by its type alone: a list, dict,
+    set or bytearray (what it records), or an object that is no plain value, tensor, function
+    or settings structure."""
+    if not _AS_HOOK.get():
+        return False
+    if isinstance(value, (list, dict, set, bytearray)):
+        return True
+    if isinstance(value, (Tensor, functools.partial, types.FunctionType)) or _is_plain(value):
+        return False
+    return not (isinstance(value, tuple) and _is_structure(value))
 
 
 #: the packages whose hooks are theirs wherever they are installed from (a source checkout is
@@ -812,14 +802,16 @@ def callable_identity(
         # a bound method of an object of the user's (Task(model, Weighted(w).loss)): its
         # function, and the values the object holds (plain ones and tensors; none: the
         # function's identity, as before they were read)
-        held = _held_text(holder, plain=True)
+        held = _held_text(holder, _assigned_by(target), plain=True)
         if held:
             inner = str(callable_identity(target, _depth + 1, _foreign=_foreign))
             h = hashlib.sha256(f"{inner};{held}".encode())
             return f"{name}#{h.hexdigest()[:12]}"
     if code is None:  # a callable object: its class and its repr
         cls = type(fn)
-        h = hashlib.sha256(stable_repr(fn).encode())
+        # (a hook's repr can show what it records: a dataclass's log)
+        shown = f"{cls.__module__}.{cls.__qualname__}" if _AS_HOOK.get() else stable_repr(fn)
+        h = hashlib.sha256(shown.encode())
         if not cls.__module__.startswith("infkit.") and _depth < CALL_DEPTH:
             # (what it computes: its __call__'s code and the settings it holds)
             call = next((vars(k)["__call__"] for k in cls.__mro__ if "__call__" in vars(k)), None)
@@ -828,15 +820,20 @@ def callable_identity(
             ):
                 h.update(str(callable_identity(call, _depth + 1)).encode())
             if hasattr(fn, "__dict__"):
-                # its settings: the plain values its methods never assign (self.calls += 1,
+                # its settings: the plain values its call never assigns (self.calls += 1,
                 # self.last = None then a tensor, are what it records)
-                assigned = _assigned_attributes(fn)
+                assigned = _assigned_by(call)
                 _structure(
-                    h, {k: v for k, v in vars(fn).items() if _is_plain(v) and k not in assigned}
+                    h,
+                    {
+                        k: v
+                        for k, v in vars(fn).items()
+                        if _is_plain(v) and k not in assigned and not _kept_by_type(v)
+                    },
                 )
                 # the tensors and objects it holds (class weights: self.w = w), not what its
-                # methods assign (self.last = losses.detach()); none: as before they were read
-                held = _held_text(fn, plain=False)
+                # call assigns (self.last = losses.detach()); none: as before they were read
+                held = _held_text(fn, assigned, plain=False)
                 if held:
                     h.update(held.encode())
         if isinstance(fn, nn.Module):  # (a loss module: its weight is a buffer, not in repr)
@@ -846,12 +843,20 @@ def callable_identity(
     h = hashlib.sha256(code.co_code)
     h.update(constants_repr(code.co_consts).encode())
     h.update(repr(code.co_names).encode())
-    for cell in getattr(target, "__closure__", None) or ():
+    # (a hook's: the cells its code assigns are what it counts, not settings)
+    assigned = _cells_assigned(code) if _AS_HOOK.get() else frozenset()
+    for cell_name, cell in zip(code.co_freevars, getattr(target, "__closure__", None) or ()):
         try:
             value = cell.cell_contents
         except ValueError:  # an empty cell
             continue
-        if isinstance(value, functools.partial):  # (its bound values, in one order)
+        if cell_name in assigned:
+            continue
+        if _kept_by_type(value):
+            h.update(f"<{type(value).__name__}>".encode())
+        elif isinstance(value, Tensor) and not _holds_values(value):
+            h.update(b"<Tensor>")
+        elif isinstance(value, functools.partial):  # (its bound values, in one order)
             h.update(str(callable_identity(value, _depth + 1, _foreign=_foreign)).encode())
         elif _is_structure(value):  # tensors and plain values in lists, tuples and dicts
             _structure(h, value)
@@ -873,6 +878,8 @@ def callable_identity(
     written = _globals_written(code) | (_module_state(scope) if _foreign else frozenset())
     for key in sorted(_names_read(code) - written):
         value = scope.get(key)
+        if _kept_by_type(value) and isinstance(value, (list, dict, set, bytearray)):
+            continue  # (a hook's log kept at module level: ACTS.append(o))
         if isinstance(value, Tensor) or (_is_plain(value) and key in scope):
             if _foreign and not (_is_constant(value) or isinstance(value, Tensor)):
                 continue  # another module's state (a run's log dict), not what it computes

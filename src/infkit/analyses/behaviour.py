@@ -102,7 +102,9 @@ class DifferentialScores:
     @property
     def total(self) -> Tensor:
         """[n]: ``mean_b scores[b, j] - mean_c scores[c, j]`` for ``j`` in ``indices``, the
-        predicted change of (mean behaviour loss - mean contrast loss) when j is removed."""
+        predicted change of (mean behaviour loss - mean contrast loss) when j is removed; for
+        a measurement where higher is better, minus the predicted change of (mean behaviour
+        measurement - mean contrast measurement): positive promotes the behaviour."""
         return self.tokens.sum(-1) + self.rest
 
 
