@@ -702,6 +702,34 @@ def test_hooks_that_watch_keep_their_identity_and_settings_count(
         _HOOK_SCALE = 0.5
 
 
+class _LoggingLoss:
+    """Cross-entropy that appends each batch's losses to a list it holds (a log)."""
+
+    def __init__(self) -> None:
+        self.history: list[torch.Tensor] = []
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses = torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+        self.history.append(losses.detach())
+        return losses
+
+
+def test_a_loss_that_logs_into_a_list_loads_with_a_fresh_one(
+    mlp_problem: dict, tmp_path: Path
+) -> None:
+    """A loss object's list of tensors is what it logs, read by its type: a fit saved with one
+    that had logged every batch loads with a fresh one (its list read item by item, a vmapped
+    loss among them, made the two identities differ)."""
+    model = copy.deepcopy(mlp_problem["model"])
+    logging = _LoggingLoss()
+    fitted = infkit.Influence(infkit.Task(model, logging), "exact", l2=mlp_problem["l2"])
+    fitted.fit(mlp_problem["train"]).save(tmp_path / "saved")
+    assert logging.history
+    test = mlp_problem["test"]
+    loaded = infkit.Influence.load(tmp_path / "saved", infkit.Task(model, _LoggingLoss()))
+    assert torch.equal(loaded.scores(test), fitted.scores(test))
+
+
 class _Frozen(torch.nn.Module):
     """A head over a frozen backbone it keeps in a list, out of its parameters()."""
 

@@ -155,7 +155,7 @@ def _held_text(obj: Any, assigned: frozenset[str], plain: bool) -> str:
     (:func:`callable_identity` reads a callable object's plain values itself)."""
     parts = []
     for key, value in sorted((getattr(obj, "__dict__", None) or {}).items()):
-        if key in assigned or (not plain and _is_plain(value)):
+        if key in assigned or (not plain and _is_plain(value) and not _empty_container(value)):
             continue
         text = _value_text(value, assigned)
         if text is not None:
@@ -182,7 +182,7 @@ def _value_text(value: Any, assigned: frozenset[str], depth: int = 0) -> str | N
         return f"tensor({tensor_digest(value)})" if _holds_values(value) else None
     if isinstance(value, np.ndarray) and value.dtype != object:
         return canonical_text(value)
-    if _is_plain(value):
+    if _is_plain(value) and not _empty_container(value):
         return ordered_repr(value)
     if isinstance(value, (list, dict, set)):  # (of tensors or objects: what it logs, appended)
         return f"<{type(value).__name__}>"
@@ -221,6 +221,12 @@ def hook_identity(hook: Any) -> str:
 
 #: while set, :func:`callable_identity` reads a hook (:func:`hook_identity`)
 _AS_HOOK: contextvars.ContextVar[bool] = contextvars.ContextVar("as_hook", default=False)
+
+
+def _empty_container(value: Any) -> bool:
+    """An empty list, dict or set: a log not yet written (read by type, as a full one of
+    tensors is), not a setting."""
+    return isinstance(value, (list, dict, set)) and not value
 
 
 @functools.lru_cache(maxsize=4096)  # (code objects are immutable)
@@ -828,7 +834,10 @@ def callable_identity(
                     {
                         k: v
                         for k, v in vars(fn).items()
-                        if _is_plain(v) and k not in assigned and not _kept_by_type(v)
+                        if _is_plain(v)
+                        and not _empty_container(v)
+                        and k not in assigned
+                        and not _kept_by_type(v)
                     },
                 )
                 # the tensors and objects it holds (class weights: self.w = w), not what its
