@@ -102,20 +102,16 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
     code = code_identities(model)
     if code:
         found["code"] = hashlib.sha256(stable_repr(sorted(code.items())).encode()).hexdigest()[:32]
-    attributes = tensor_attributes(model)
-    if attributes:
-        kept = hashlib.sha256()
-        for name in sorted(attributes):
-            kept.update(f"{name};".encode())
-            _tensor(kept, attributes[name])
-        found["attributes"] = kept.hexdigest()[:32]
-    held = held_module_tensors(model)
-    if held:
-        kept = hashlib.sha256()
-        for name in sorted(held):
-            kept.update(f"{name};".encode())
-            _tensor(kept, held[name])
-        found["held"] = kept.hexdigest()[:32]
+    for key, tensors in (
+        ("attributes", tensor_attributes(model)),
+        ("held", held_module_tensors(model)),
+    ):
+        if tensors:
+            kept = hashlib.sha256()
+            for name in sorted(tensors):
+                kept.update(f"{name};".encode())
+                _tensor(kept, tensors[name])
+            found[key] = kept.hexdigest()[:32]
     hooks = user_hooks(model)
     if hooks:
         found["hooks"] = hashlib.sha256(stable_repr(sorted(hooks.items())).encode()).hexdigest()[

@@ -139,27 +139,8 @@ class TangentFeatures:
         ``h @ layer.weight[:, :3]``) gets more than the call's share: a tester's tied
         autoencoder's kernel was 0.32 off, its dual scores 0.95, with nothing said. Those are
         left to the explicit Jacobians."""
-        engine = self.engine
-        inputs, _ = engine.prepare(batch)
-        captured: dict[int, tuple[Tensor, Tensor]] = {}
-        handles = []
-        for k, layer in enumerate(layers):
-
-            def hook(mod: nn.Module, args: tuple[Any, ...], out: Tensor, k: int = k) -> None:
-                captured[k] = (args[0].detach(), out)
-
-            handles.append(layer.module.register_forward_hook(hook))
         names = [n for layer in layers for n in (layer.weight, layer.bias) if n]
-        params = {
-            n: t.detach().clone().requires_grad_(n in names)
-            for n, t in engine.tangent_params().items()
-        }
-        try:
-            with torch.enable_grad(), evaluation_mode(engine.tangent_module):
-                out = engine.tangent_call(params, inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        out, params, captured = self._hooked_pass(layers, batch)
         projection = torch.randn(
             out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64
         ).to(out)
@@ -187,20 +168,12 @@ class TangentFeatures:
                 kept.append(layer)
         return kept
 
-    def resolved_strategy(self, batch: Batch) -> str:
-        """The strategy actually used: ``"auto"`` resolved on the first batch."""
-        if self.strategy in ("structured", "auto"):
-            if self.layers is None:
-                self.discover(batch)
-            if self.layers or self.strategy == "structured":
-                return "structured"
-        return "jacobian" if self.strategy == "auto" else self.strategy
-
-    def _structured(self, batch: Batch) -> Features:
+    def _hooked_pass(
+        self, layers: list[StructuredLayer], batch: Batch
+    ) -> tuple[Tensor, dict[str, Tensor], dict[int, tuple[Tensor, Tensor]]]:
+        """One forward pass of the batch with the layers' weights and biases requiring grad:
+        the outputs, the parameters it ran at, and each layer k's (input, output)."""
         engine = self.engine
-        layers = self.layers or []
-        if not layers:  # (none the rule covers: every parameter's explicit Jacobian)
-            return Features(len(batch), rest=engine.jacobians(batch, self.rest))
         inputs, _ = engine.prepare(batch)
         captured: dict[int, tuple[Tensor, Tensor]] = {}
         handles = []
@@ -221,6 +194,23 @@ class TangentFeatures:
         finally:
             for h in handles:
                 h.remove()
+        return out, params, captured
+
+    def resolved_strategy(self, batch: Batch) -> str:
+        """The strategy actually used: ``"auto"`` resolved on the first batch."""
+        if self.strategy in ("structured", "auto"):
+            if self.layers is None:
+                self.discover(batch)
+            if self.layers or self.strategy == "structured":
+                return "structured"
+        return "jacobian" if self.strategy == "auto" else self.strategy
+
+    def _structured(self, batch: Batch) -> Features:
+        engine = self.engine
+        layers = self.layers or []
+        if not layers:  # (none the rule covers: every parameter's explicit Jacobian)
+            return Features(len(batch), rest=engine.jacobians(batch, self.rest))
+        out, _, captured = self._hooked_pass(layers, batch)
         bsz, c = out.shape
         zs = [captured[k][1] for k in range(len(layers))]
         deltas = [
