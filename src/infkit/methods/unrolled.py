@@ -151,8 +151,8 @@ def warn_unstable(growth: float, largest: float, scale: float, name: str) -> Non
             f"method {name!r}: the run amplifies a change of its parameters {growth:.3g}-fold "
             "from its first step to its last (the adjoint's growth), and predicts removal "
             f"effects up to {largest:.3g} on measurements of size {scale:.3g}: it is unstable "
-            "(a learning "
-            "rate past the edge of stability, a chaotic trajectory), and its metagradients, "
+            "(a learning rate past the edge of stability, a chaotic trajectory), and its "
+            "metagradients, "
             "exact as derivatives, are no first-order prediction of a removal (a tester's "
             "scores of 1e5 where removing the example moved the test loss by 0.7). Retrain by "
             "the recipe for removals (infkit.retrain with run=), or record a stable run (a "
@@ -195,7 +195,6 @@ class Unrolled(Method):
         self.checkpoints: Checkpoints | None = None
         self.weights: Tensor | None = None
         self.weight_steps_said = False  # (check_weight_dependence: every step one example)
-        self.growth = 0.0  # (the last reverse pass's adjoint growth: warn_unstable)
         self.curvature = "trajectory"
 
     @property
@@ -245,12 +244,13 @@ class Unrolled(Method):
             raise NotFittedError("method 'unrolled' is not fitted: call fit(fitted) first")
         return self.replay, self.checkpoints, self.weights
 
-    def _removal_effects(self, cotangents: Tensor) -> Tensor:
+    def _removal_effects(self, cotangents: Tensor) -> tuple[Tensor, float]:
         """-w_j d(c_q^T theta_T)/dw_j for the rows of ``cotangents`` [Q, P]: [Q, N] float64,
         the first-order change when j's weight goes from w_j to 0 (its removal, as
         :meth:`removal` takes it): -d/dw_j at a weight of 1, 0 for an example of weight 0 (not
         in the run; a tester's excluded example read a self-score of 0.28, and a weight-2
-        example's column half its removal's change)."""
+        example's column half its removal's change); and the reverse passes' largest adjoint
+        growth (:func:`warn_unstable`)."""
         replay, kept, weights = self._parts()
         size = self.options.query_batch
         chunks = list(torch.split(cotangents, size))
@@ -259,10 +259,10 @@ class Unrolled(Method):
             -metagradients(replay, kept, weights, c, growth).to(torch.float64)
             for c in track(chunks, self.fitted.progress, "unrolled queries", len(chunks))
         ]
-        self.growth = max(growth, default=0.0)
+        largest_growth = max(growth, default=0.0)
         if not rows:
-            return torch.zeros(0, self.fitted.n, dtype=torch.float64)
-        return torch.cat(rows) * weights.to(torch.float64).cpu()
+            return torch.zeros(0, self.fitted.n, dtype=torch.float64), largest_growth
+        return torch.cat(rows) * weights.to(torch.float64).cpu(), largest_growth
 
     def _measurement_scale(self, examples: ExampleSet, which: str = "measurement") -> float:
         """The largest |measurement| (or loss) of ``examples``: what a removal's predicted
@@ -278,10 +278,10 @@ class Unrolled(Method):
 
     def scores(self, queries: ExampleSet, estimator: Estimator) -> Tensor:
         gradients = self.fitted.query_gradients(queries, "measurement")  # warns where it is 0
-        S = self._removal_effects(gradients)
-        if self.growth > UNSTABLE_GROWTH and S.numel():
+        S, growth = self._removal_effects(gradients)
+        if growth > UNSTABLE_GROWTH and S.numel():
             largest = float(S.abs().max())
-            warn_unstable(self.growth, largest, self._measurement_scale(queries), self.name)
+            warn_unstable(growth, largest, self._measurement_scale(queries), self.name)
         flat = (gradients != 0).any(dim=1).cpu() & ~(S != 0).any(dim=1)
         if bool(flat.any()) and not self.weight_steps_said:  # (those steps said, at fit)
             k, count = int(flat.nonzero()[0, 0]), int(flat.sum())
@@ -304,9 +304,9 @@ class Unrolled(Method):
         growth = 0.0
         for start in range(0, fitted.n, size):
             idx = torch.arange(start, min(start + size, fitted.n))
-            effects = self._removal_effects(fitted.loss_grads(fitted.train.take(idx)))
+            effects, grown = self._removal_effects(fitted.loss_grads(fitted.train.take(idx)))
             out[idx] = effects[torch.arange(len(idx)), idx]
-            growth = max(growth, self.growth)
+            growth = max(growth, grown)
         if growth > UNSTABLE_GROWTH and out.numel():
             scale = self._measurement_scale(fitted.train, "loss")
             warn_unstable(growth, float(out.abs().max()), scale, self.name)

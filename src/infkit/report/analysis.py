@@ -356,9 +356,11 @@ def predictions(
 
 def fit_or_reload(
     inf: Influence, config: RunConfig, train: ExampleSet, workdir: Path
-) -> tuple[Influence, str]:
+) -> tuple[Influence, str, list[dict[str, str]]]:
     """Reload the influence saved in the workdir when it belongs to this model, data and
-    settings; otherwise fit and save. Returns the influence and how it was obtained."""
+    settings; otherwise fit and save. Returns the influence, how it was obtained, and the
+    warnings its saved fit gave (:func:`saved_fit_warnings`; none for a fit now, whose own
+    are shown as it runs)."""
     saved = workdir / SAVED
     reuse = config["influence"]["reuse"]
     # (before a reload too: its scores commit their shards there)
@@ -388,15 +390,15 @@ def fit_or_reload(
                     Notice,
                 )
             else:
-                damaged = _damaged_fit_warnings(loaded, train, workdir)
-                if damaged is None:
-                    return loaded, "reloaded"
-                # (as a damaged save: fitted again, where it stopped the run with status 2)
-                warn(
-                    f"not reusing the saved influence in {saved}: the record of its fit's "
-                    f"warnings is damaged ({damaged}); fitting again",
-                    Notice,
-                )
+                try:
+                    return loaded, "reloaded", saved_fit_warnings(loaded, train, workdir)
+                except ArtifactError as error:
+                    # (as a damaged save: fitted again, where it stopped the run with status 2)
+                    warn(
+                        f"not reusing the saved influence in {saved}: the record of its fit's "
+                        f"warnings is damaged ({error.cause}); fitting again",
+                        Notice,
+                    )
     with shown_warnings() as said:  # the fit's own (also shown and recorded by the run)
         try:
             inf.fit(train)
@@ -406,7 +408,7 @@ def fit_or_reload(
     # a library load of influence/ had scored into the removed, or another machine's, path)
     inf.save(saved, overwrite=True, keep_workdir=False)
     keep_fit_warnings(inf, train, workdir, said)
-    return inf, "fitted"
+    return inf, "fitted", []
 
 
 def own_partial(inf: Influence, config: RunConfig, workdir: Path) -> Path | None:
@@ -511,16 +513,6 @@ def keep_fit_warnings(
     store.save(FIT_WARNINGS, identity, documents={"warnings": said}, overwrite=True)
     for path, _ in store.others(FIT_WARNINGS, identity):
         store.remove(path)
-
-
-def _damaged_fit_warnings(inf: Influence, train: ExampleSet, workdir: Path) -> str | None:
-    """What is wrong with the record of the reloaded influence's fit warnings
-    (:func:`saved_fit_warnings`), or None when it is intact or absent."""
-    try:
-        saved_fit_warnings(inf, train, workdir)
-    except ArtifactError as error:
-        return error.cause
-    return None
 
 
 def saved_fit_warnings(inf: Influence, train: ExampleSet, workdir: Path) -> list[dict[str, str]]:
@@ -658,14 +650,10 @@ def _run(
     display.view("test", 0)  # a decode that does not fit the token ids, too
     _check_class_count(task, test, display.class_names)
     watch.lap("load")
-    inf, origin = fit_or_reload(inf, config, train, workdir)
-    if origin == "reloaded":
-        again = saved_fit_warnings(inf, train, workdir)
-        for said in again:  # (on the console too: a tester's rerun said nothing there)
-            print(
-                f"{said['category']} (given by the saved fit): {said['message']}", file=sys.stderr
-            )
-        shown += again
+    inf, origin, again = fit_or_reload(inf, config, train, workdir)
+    for said in again:  # (on the console too: a tester's rerun said nothing there)
+        print(f"{said['category']} (given by the saved fit): {said['message']}", file=sys.stderr)
+    shown += again
     watch.lap("fit")
 
     batch = config["influence"]["batch_size"]
@@ -799,7 +787,9 @@ def _run(
     save_json(staging / "settings.json", config.record())
     _write_tables(staging, data)
     write_report(workdir, out=staging / "report.html")
-    for table in SECTION_TABLES.values():  # (a section this run did not compute)
+    # a section this run did not compute leaves no table of an earlier run beside its own (a
+    # tester's rerun without retrainings kept the loo.csv of another model and data)
+    for table in SECTION_TABLES.values():
         if not (staging / table).exists():
             (workdir / table).unlink(missing_ok=True)
     for written in sorted(staging.iterdir(), key=lambda p: p.name == "report.html"):
@@ -1310,11 +1300,6 @@ def _write_tables(workdir: Path, data: dict[str, Any]) -> None:
     # (every list can be empty: a query no training example moves; the header still replaces
     # an earlier run's table)
     save_csv(workdir / "top_k.csv", rows, TOP_K_COLUMNS)
-    # a section this run did not compute leaves no table of an earlier run beside its own (a
-    # tester's rerun without retrainings kept the loo.csv of another model and data)
-    for section, table in SECTION_TABLES.items():
-        if section not in data:
-            (workdir / table).unlink(missing_ok=True)
     if "retraining" in data:
         save_csv(workdir / "loo.csv", data["retraining"]["rows"])
     if "self_influence" in data:
