@@ -621,3 +621,20 @@ def test_a_float32_run_cut_by_max_iter_is_not_at_its_precision() -> None:
         infkit.Task.classification(torch.nn.Linear(64, 10)), (X * 16, y), 1e-3
     )
     assert stalled.gradient_norm > 1e-3 and not stalled.at_precision and not stalled.done
+
+
+def test_subsets_take_masks_of_zeros_and_ones_as_lds_does() -> None:
+    """A tester's 0/1 integer masks, taken by evaluate.lds, were refused by retrain.subsets
+    ("must be a boolean [m, N] tensor"): the same masks now give the same retrainings as their
+    boolean form, and values other than 0 and 1 are refused by name in both."""
+    _, _, task, data, l2 = _ridge_problem(n=12)
+    test = (data[0][:3], data[1][:3])
+    flags = retrain.random_masks(12, 4, 0.75, seed=2)
+    by_bool = retrain.subsets(task, data, test, l2, masks=flags)
+    for form in (flags.to(torch.int64), flags.to(torch.float32), flags.int().numpy()):
+        got = retrain.subsets(task, data, test, l2, masks=form)
+        assert got.masks.dtype == torch.bool and torch.equal(got.masks, flags)
+        torch.testing.assert_close(got.measurements, by_bool.measurements, rtol=1e-9, atol=1e-12)
+    for bad in (flags.to(torch.int64) * 2, flags.double() * 0.5):
+        with pytest.raises(InvalidInputError, match=r"0/1, got values \[0"):
+            retrain.subsets(task, data, test, l2, masks=bad)

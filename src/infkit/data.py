@@ -747,6 +747,24 @@ def check_compatible(reference: ExampleSet, other: ExampleSet) -> None:
         raise InvalidInputError(problem)
 
 
+def kept_masks(masks: Any, hint: str) -> Tensor:
+    """``masks`` ([m, N], True or 1 where an example is kept) as a boolean tensor, or a clear
+    error naming the values that are neither; ``hint`` says where such masks come from."""
+    try:
+        raw = torch.as_tensor(masks)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InvalidInputError(
+            f"masks must be a boolean or 0/1 array or tensor, got {type(masks).__name__}"
+        ) from error
+    if raw.dtype != torch.bool and not bool(((raw == 0) | (raw == 1)).all()):
+        values = torch.unique(raw.reshape(-1))[:5].tolist()
+        raise InvalidInputError(
+            f"masks must be boolean (True for a kept training example) or 0/1, got values "
+            f"{values}: {hint}"
+        )
+    return raw.to(torch.bool)
+
+
 def checked_indices(
     indices: Any,
     n: int,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from infkit.data import checked_indices
+from infkit.data import checked_indices, kept_masks
 from infkit.errors import InvalidInputError, Notice, warn
 from infkit.options import integer_argument, real_number
 
@@ -169,13 +169,8 @@ def defined_values(what: str, values: np.ndarray, across: str) -> np.ndarray:
 def lds_per_query(scores: Tensor, masks: Tensor, actual: Tensor) -> np.ndarray:
     """The LDS of each test example, [n_test] (NaN where the correlation is undefined, e.g. a
     constant measurement); :func:`lds` is their mean. Arguments as for :func:`lds`."""
-    S, raw, Y = _np(scores), _np(masks), _np(actual)
-    if raw.dtype != bool and not np.isin(raw, (0, 1)).all():
-        raise InvalidInputError(
-            "masks must be boolean (True for a kept training example) or 0/1, got values "
-            f"{np.unique(raw)[:5].tolist()}: retrain.subsets(...).masks gives them"
-        )
-    M = raw.astype(bool)
+    S, Y = _np(scores), _np(actual)
+    M = kept_masks(masks, "retrain.subsets(...).masks gives them").cpu().numpy()
     if (
         S.ndim != 2
         or M.ndim != 2

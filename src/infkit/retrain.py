@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infkit.data import ExampleSet, checked_indices
+from infkit.data import ExampleSet, checked_indices, kept_masks
 from infkit.errors import InvalidInputError, NonFiniteError, NotConvergedWarning, warn
 from infkit.example_checks import check_examples
 from infkit.fingerprint import (
@@ -649,11 +649,11 @@ def subsets(
     """
     examples = ExampleSet(train, name="training set")
     n = len(examples)
-    masks = random_masks(n, n_subsets, alpha, seed) if masks is None else torch.as_tensor(masks)
-    if masks.dim() != 2 or masks.shape[1] != n or masks.dtype != torch.bool:
+    hint = "random_masks(N, m, alpha) draws them"
+    masks = random_masks(n, n_subsets, alpha, seed) if masks is None else kept_masks(masks, hint)
+    if masks.dim() != 2 or masks.shape[1] != n:
         raise InvalidInputError(
-            f"masks must be a boolean [m, N] tensor (True = kept) with N = {n}, got "
-            f"{masks.dtype} of shape {tuple(masks.shape)}"
+            f"masks must be [m, N] (True or 1 = kept) with N = {n}, got shape {tuple(masks.shape)}"
         )
     empty = (~masks.any(dim=1)).nonzero().squeeze(1)
     if len(masks) == 0 or len(empty):

@@ -52,6 +52,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from infkit.data import kept_masks
 from infkit.errors import InvalidInputError, NotFittedError
 from infkit.evaluate import (
     MIN_PAIRS,
@@ -73,6 +74,8 @@ TARGET_CLIP = 10.0
 EMBED_ROWS = 4096
 #: elements of the [m, T, N] attention weights formed at once by :meth:`AirRep.group_scores`
 POOL_ELEMENTS = 1 << 24
+#: where masks of subsets come from, told beside a mask that is not boolean or 0/1
+MASKS_HINT = "True or 1 marks a member of the subset, as retrain.subsets(...).masks does"
 
 
 def retraining_bank(
@@ -183,7 +186,7 @@ def attention_weights(scores: Tensor, masks: Tensor, temperature: float = 1.0) -
         masks: [m, N] bool, True for the members of each subset.
         temperature: divides the magnitudes before the softmax (> 0).
     """
-    masks = _as_bool(masks)
+    masks = kept_masks(masks, MASKS_HINT)
     _check_pooling(scores, masks, temperature)
     logits = (scores.abs() / temperature).unsqueeze(0).expand(len(masks), -1, -1)
     logits = logits.masked_fill(~masks.unsqueeze(1), float("-inf"))
@@ -203,7 +206,7 @@ def pooled_scores(
         temperature: the attention's temperature (> 0).
         pooling: ``"attention"`` or ``"mean"``.
     """
-    masks = _as_bool(masks)
+    masks = kept_masks(masks, MASKS_HINT)
     if pooling == "mean":
         _check_pooling(scores, masks, temperature)
         member = masks.to(scores.dtype)
@@ -608,17 +611,8 @@ def _check_pooling(scores: Tensor, masks: Tensor, temperature: float) -> None:
         raise InvalidInputError(f"temperature must be > 0, got {temperature!r}")
 
 
-def _as_bool(masks: Any) -> Tensor:
-    """``masks`` as a tensor, boolean where it holds numbers 0 and 1 (as :func:`evaluate.lds`
-    takes them); other values are left for the caller's check to refuse."""
-    M = torch.as_tensor(masks)
-    if M.dtype != torch.bool and M.numel() and bool(((M == 0) | (M == 1)).all()):
-        return M.bool()
-    return M
-
-
 def _masks(masks: Any) -> Tensor:
-    M = _as_bool(masks)
+    M = kept_masks(masks, MASKS_HINT)
     if M.dim() != 2 or M.dtype != torch.bool or len(M) == 0:
         raise InvalidInputError(
             f"masks must be a boolean (or 0/1) [m, N] tensor (True = member) with m >= 1, got "
