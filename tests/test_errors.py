@@ -629,3 +629,39 @@ def test_a_model_that_mixes_the_examples_of_a_batch_is_warned_of() -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*mixes the examples")
             infkit.Influence(infkit.Task.classification(model), "identity").fit((inputs, y))
+
+
+def test_a_data_parallel_wrapper_is_read_through_to_its_module() -> None:
+    """A tester's nn.DataParallel was refused by every method with torch's "stateless API can't
+    be used with nn.DataParallel" told as a data problem, and a DistributedDataParallel model
+    fit by 'exact' was refused at scores() as changed since fit (its forward sets its own
+    flags). A task reads the module inside the wrapper: the bare model's numbers, exactly."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    base = base.double()
+    X, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    test = (X[:3], y[:3])
+    bare = infkit.Influence(infkit.Task.classification(base), "exact", l2=0.01).fit((X, y))
+    expected = bare.scores(test)
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped_models = (
+            torch.nn.DataParallel(base),
+            torch.nn.parallel.DistributedDataParallel(base),
+        )
+        for wrapped in wrapped_models:
+            for task in (
+                infkit.Task.classification(wrapped),
+                infkit.Task(
+                    wrapped,
+                    lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none"),
+                ),
+            ):
+                assert task.model is base
+            inf = infkit.Influence(infkit.Task.classification(wrapped), "exact", l2=0.01)
+            assert torch.equal(inf.fit((X, y)).scores(test), expected)
+    finally:
+        dist.destroy_process_group()

@@ -10,6 +10,12 @@ same function, differentiable to any order); when forward mode is still refused,
 ``H v`` is always reverse-over-reverse (the Hessian is symmetric). The mode that worked is
 remembered, so a model pays a refusal once.
 
+An embedding's padding row (``nn.Embedding(padding_idx=k)``) is a constant of the lookup to
+PyTorch's backward pass (its gradient there is zero) but not to its forward mode, so ``J v`` by
+``jvp`` and ``J^T u`` by ``vjp`` were not transposes of each other whenever ``v`` had a padding
+row (``l2 theta``, or a tied output head's gradient): :func:`padding_rows_constant` makes the
+forward mode read the row as the backward pass does.
+
 A custom ``torch.autograd.Function`` written the old way (``forward(ctx, ...)``, no
 ``setup_context``; Bloom's GELU is one) has ordinary backward passes but no ``torch.func``
 transform at all: :func:`untransformable_function` recognises PyTorch's refusal and names the
@@ -21,16 +27,20 @@ from __future__ import annotations
 
 import contextlib
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import nn
 from torch.func import jvp, vjp, vmap
 
 from infkit.errors import UnsupportedError
 
 #: the product modes, tried in this order
 MODES = ("forward", "forward-math", "reverse-math")
+#: PyTorch's warning when its forward mode loads its decompositions (torch.jit.script)
+JIT_DEPRECATION = r"`torch\.jit\.script` is deprecated"
 
 
 def forward_mode_refused(error: BaseException) -> bool:
@@ -98,6 +108,32 @@ def composite_attention(enabled: bool) -> Iterator[None]:
         yield
 
 
+def _lookup_constant_at_padding(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
+) -> torch.Tensor:
+    ids = args[0] if args else kwargs["input"]
+    padding = (ids == module.padding_idx).unsqueeze(-1)
+    return torch.where(padding, output.detach(), output)
+
+
+@contextlib.contextmanager
+def padding_rows_constant(model: nn.Module) -> Iterator[None]:
+    """Within it, the output of each ``nn.Embedding`` of ``model`` with a ``padding_idx`` is
+    detached at the padding positions: the same values, and the padding row a constant of the
+    lookup in every mode of differentiation, as PyTorch's backward pass reads it (its forward
+    mode did not). The row stays a parameter wherever else it is used (a tied output head)."""
+    handles = [
+        m.register_forward_hook(_lookup_constant_at_padding, with_kwargs=True)
+        for m in model.modules()
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def transforms_only() -> contextlib.AbstractContextManager[None]:
     """Ordinary autograd off around ``torch.func`` transforms, which ignore it (a transform's
     result does not depend on the grad mode outside it). Without it, parameters outside the
@@ -110,12 +146,17 @@ def transforms_only() -> contextlib.AbstractContextManager[None]:
 class Pushforward:
     """``J_f(primal) t`` and ``H t`` for tangents t, by the first mode of :data:`MODES` that works.
 
+    Args:
+        model: the module whose embeddings' padding rows the forward mode reads as constants
+            (:func:`padding_rows_constant`), as the reverse modes do.
+
     Attributes:
         mode: the mode in use (``"forward"`` until an operation refuses it).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module | None = None) -> None:
         self.mode = MODES[0]
+        self.model = model
 
     def _attempt(self, compute: Callable[[str], Any]) -> Any:
         while True:
@@ -142,7 +183,15 @@ class Pushforward:
                 out, pullback = vjp(fn, primal)[:2]
                 transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))[1]
                 push = lambda t: transpose(t)[0]  # noqa: E731
-            return vmap(push)(tangents) if batched else push(tangents)
+            model = self.model if mode.startswith("forward") else None
+            with (
+                padding_rows_constant(model) if model is not None else contextlib.nullcontext(),
+                warnings.catch_warnings(),
+            ):
+                # PyTorch scripts its forward-mode decompositions at their first use, with a
+                # deprecation warning per function (18 on a cg fit): its own, not the user's
+                warnings.filterwarnings("ignore", JIT_DEPRECATION, DeprecationWarning)
+                return vmap(push)(tangents) if batched else push(tangents)
 
         return self._attempt(compute)
 

@@ -97,7 +97,8 @@ class CurvatureOperator:
         self.size = engine.space.size
         self.work_bytes = work_bytes
         self.products = 0  # number of vectors multiplied so far (a cost counter)
-        self.pushforward = Pushforward()  # forward mode, or reverse mode where it is refused
+        # forward mode, or reverse mode where it is refused
+        self.pushforward = Pushforward(engine.task.model)
 
     def retained(self, group: Tensor) -> CurvatureOperator:
         """The curvature of the retained examples (all but ``group``), still divided by N.

@@ -305,8 +305,6 @@ class PerExample:
         #: the precision the backpropagated passes run in: the task's autocast one, else this
         #: engine's dtype (error messages name float16's range)
         self.precision: torch.dtype = task.autocast or self.dtype
-        #: forward-mode products, or their reverse-mode stand-in where an operation refuses it
-        self.pushforward = Pushforward()
         model = task.model
         # The tangent side: the module, its parameter names and point, and its output function.
         self._fixed_point: dict[str, Tensor] | None
@@ -326,6 +324,8 @@ class PerExample:
             self._tangent_output_fn = task.output_fn
             self._fixed_point = None if at is None else self._cast_all(self._point(at))
             self._tangent_consts = None
+        #: forward-mode products, or their reverse-mode stand-in where an operation refuses it
+        self.pushforward = Pushforward(self.tangent_module)
         sizes = [
             int(torch.Size(self.tangent_params()[n].shape).numel()) for n in self.tangent_names
         ]

@@ -207,9 +207,18 @@ def check_class_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetPro
     return None
 
 
-def _check_model(model: Any) -> None:
-    """Refuse what a task cannot run on: anything but an ``nn.Module``, and a model scripted
-    whole by TorchScript (torch.func and hooks do not reach inside it)."""
+#: wrappers for data-parallel training, whose ``module`` is the model they run
+_PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def _checked_model(model: Any) -> nn.Module:
+    """The model a task runs on: ``model``, or the module inside a data-parallel wrapper
+    (``nn.DataParallel``, ``DistributedDataParallel``: the same function, whose forward refuses
+    ``functional_call`` or writes its own flags on every call; infkit's runs across processes
+    need no wrapper). Refused: anything but an ``nn.Module``, and a model scripted whole by
+    TorchScript (torch.func and hooks do not reach inside it)."""
+    while isinstance(model, _PARALLEL_WRAPPERS):
+        model = model.module
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
@@ -220,6 +229,7 @@ def _check_model(model: Any) -> None:
             "hooks, none of which TorchScript allows; give the task the nn.Module it was "
             "scripted from (a TorchScript part inside a Python model works)"
         )
+    return model
 
 
 def _encoder_checks(model: nn.Module) -> dict[str, Any]:
@@ -463,7 +473,7 @@ class Task:
         check_model: Callable[[Callable[[Any], Tensor], Any, Tensor], str | None] | None = None,
         probe_example: Callable[[Any], int | None] | None = None,
     ) -> None:
-        _check_model(model)
+        model = _checked_model(model)
         if not callable(loss):
             raise InvalidInputError("loss must be a callable fn(outputs, targets) -> [B]")
         if measurement is not None:  # (a tester's "margin" failed at scores())
@@ -510,6 +520,7 @@ class Task:
         (which examples ``top_k`` calls proponents; :func:`_pick_measurement`). ``output_fn``
         picks the logits out of what the model returns (default: itself, its ``.logits``, or
         the first item of a tuple)."""
+        model = _checked_model(model)
         meas, higher = _pick_measurement(measurement, classification_margin, higher_is_better)
         return cls(
             model,
@@ -537,6 +548,7 @@ class Task:
         """Sigmoid cross-entropy on one logit per example, targets in {0, 1}; measurement and
         ``output_fn`` as :meth:`classification` takes them. A model ending in ``nn.Sigmoid``
         (probabilities, not the logit) is refused."""
+        model = _checked_model(model)
         _refuse_final_sigmoid(model)
         meas, higher = _pick_measurement(measurement, _binary_margin, higher_is_better)
         return cls(
@@ -566,6 +578,7 @@ class Task:
         loss of a completion given its prompt). ``output_fn`` picks the logits out of what the
         model returns (default: itself, its ``.logits``, or the first item of a tuple).
         """
+        model = _checked_model(model)
         return cls(
             model,
             lm.next_token_loss,
@@ -587,6 +600,7 @@ class Task:
     ) -> Task:
         """Per-example loss 0.5 * ||f(x) - y||^2 (Lambda_i = I); ``output_fn`` as
         :meth:`classification` takes it."""
+        model = _checked_model(model)
         return cls(
             model,
             _squared_error,
@@ -684,7 +698,7 @@ class Task:
     def with_model(self, model: nn.Module) -> Task:
         """A copy of this task on another model (a retrained copy): the same loss,
         measurement, outputs and checks."""
-        _check_model(model)
+        model = _checked_model(model)
         twin = copy.copy(self)
         twin.model = model
         return twin
