@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -165,3 +167,56 @@ def test_the_plan_counts_the_krylov_basis_and_says_above_the_limit_where_fit_ref
         infkit.Influence(
             task, "arnoldi", l2=1e-2, rank=4, krylov_dim=100, memory_limit=basis - 1
         ).fit(train)
+
+
+def test_ritz_values_that_show_a_singular_or_indefinite_curvature_are_refused() -> None:
+    """Two of a tester's silent answers. (1) Least squares with P = 65 > N = 40 at l2 = 0: the
+    GGN has rank 40 and the default rank 50 kept Ritz values of 1e-31 to 1e-16, dividing by them
+    (scores 3.8e12 times the pseudo-inverse's). (2) A Hessian away from a minimum whose negative
+    eigenvalues were not among the top-p by magnitude: scores 0.99 off, no word, where exact,
+    cg, lissa and astra refuse. Every Ritz value is a Rayleigh quotient of the curvature, so a
+    negative one proves the damped curvature indefinite."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 64, generator=gen, dtype=torch.float64)
+    y = torch.randn(40, 1, generator=gen, dtype=torch.float64)
+    model = torch.nn.Linear(64, 1).double()
+    task = infkit.Task.regression(model)
+    infkit.train_to_optimum(task, (X, y), 0.0)
+    Xa = torch.cat([X, torch.ones(40, 1, dtype=torch.float64)], 1)
+    assert int(torch.linalg.matrix_rank(Xa.T @ Xa)) == 40
+    with pytest.raises(infkit.CurvatureError, match=r"singular along it.*rank <= 40"):
+        infkit.Influence(task, "arnoldi", l2=0.0).fit((X, y))
+    # Damped, the same subspace answers: the kept directions hold the whole range.
+    inf = infkit.Influence(task, "arnoldi", l2=0.0, damping=1e-3, rank=40).fit((X, y))
+    assert inf.method.eigenvalues is not None and len(inf.method.eigenvalues) == 40
+
+    torch.manual_seed(1)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    mlp = mlp.double()
+    Xm = torch.randn(60, 6, generator=gen, dtype=torch.float64)
+    ym = torch.randint(0, 4, (60,), generator=gen)
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.5)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(mlp(Xm), ym).backward()
+        opt.step()
+    mlp_task = infkit.Task.classification(mlp)
+    theta = torch.cat([p.detach().reshape(-1) for p in mlp.parameters()])
+    names = [n for n, _ in mlp.named_parameters()]
+    shapes = [p.shape for p in mlp.parameters()]
+
+    def mean_loss(flat: torch.Tensor) -> torch.Tensor:
+        params, start = {}, 0
+        for n, shape in zip(names, shapes):
+            params[n] = flat[start : start + shape.numel()].view(shape)
+            start += shape.numel()
+        out = torch.func.functional_call(mlp, params, (Xm,))
+        return torch.nn.functional.cross_entropy(out, ym)
+
+    lowest = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(mean_loss, theta))[0])
+    assert lowest + 1e-3 < 0  # the damped Hessian is indefinite
+    options = {"rank": 3, "krylov_dim": 20, "curvature": "hessian"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # away from its optimum: said, and not the question
+        with pytest.raises(infkit.CurvatureError, match="a Ritz value of the HESSIAN is -"):
+            infkit.Influence(mlp_task, "arnoldi", l2=1e-3, **options).fit((Xm, ym))

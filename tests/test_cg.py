@@ -400,3 +400,21 @@ def test_a_groups_jacobian_refusal_names_its_joint_lambda(mlp_problem: dict) -> 
     message = str(refused.value)
     assert f"the group's joint Lambda [{k} C, {k} C]" in message and "Lambda_j" not in message
     assert f"{human_bytes((k * 2 * c * p + (k * c) ** 2) * 8)} for {k} example(s)" in message
+
+
+def test_a_singular_curvature_is_told_as_singular_not_as_a_loss_to_check() -> None:
+    """A tester's least squares at l2 = 0 with P = 65 > N = 40 (the built-in squared error, its
+    GGN singular): cg refused with "check the task's loss: a custom Task whose loss is not
+    convex", the wrong cause. A direction whose curvature is zero to rounding is told as a
+    singular curvature with its remedy; a negative one keeps the indefinite one's."""
+    gen = torch.Generator().manual_seed(0)
+    Xa = torch.randn(40, 65, generator=gen, dtype=torch.float64)
+    singular = Xa.T @ Xa / 40  # rank 40 of 65
+    _, vectors = torch.linalg.eigh(singular)
+    flat = vectors[:, :2]  # two directions it does not have
+    indefinite = singular - 0.5 * torch.eye(65, dtype=torch.float64)
+    for solve in (conjugate_gradients, block_conjugate_gradients):
+        with pytest.raises(CurvatureError, match=r"zero curvature.*singular.*damping > 0"):
+            solve(lambda V: singular @ V, flat, curvature="ggn")
+        with pytest.raises(CurvatureError, match=r"non-positive curvature.*check the task's"):
+            solve(lambda V: indefinite @ V, flat, curvature="ggn")

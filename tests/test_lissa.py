@@ -228,3 +228,20 @@ def test_minibatches_above_twice_the_scale_are_warned_of_and_tol_below_one() -> 
     for tol in (1.0, 2.0):
         with pytest.raises(InvalidInputError, match=r"tol' must be < 1, got .* the share of the"):
             infkit.Influence(task, "lissa", l2=1e-2, tol=tol)
+
+
+def test_a_scale_of_ones_own_is_checked_against_the_top_eigenvalue(mlp_problem: dict) -> None:
+    """A tester's fixed scale s = 0.99 (lambda_max + ridge) / 2 on the full data: the series
+    diverges along the top direction, and gave scores 5 to 318 times the dense solve's with no
+    word (the power iteration ran for scale='auto' only, minibatch probes for minibatches
+    smaller than N); at 0.9999 of the bound the depth, chosen for the ridge alone, left the
+    answer 0.3 off. Now refused, and a scale just above the bound answers to tol."""
+    task, train, test, l2 = (mlp_problem[k] for k in ("task", "train", "test", "l2"))
+    reference = infkit.Influence(task, "exact", l2=l2).fit(train)
+    top = float(torch.linalg.eigvalsh(reference.method.data_curvature)[-1]) + l2
+    for fraction in (0.5, 0.99, 0.9999):
+        with pytest.raises(CurvatureError, match=r"scale s = .* is too small.*scale >= "):
+            infkit.Influence(task, "lissa", l2=l2, scale=fraction * top / 2).fit(train)
+    near = infkit.Influence(task, "lissa", l2=l2, scale=1.03 * top / 2, tol=1e-3).fit(train)
+    assert relative_error(near.scores(test), reference.scores(test)) < 2e-3
+    assert near.describe()["lambda_max"] == pytest.approx(top - l2, rel=1e-2)

@@ -71,7 +71,9 @@ def wide_inner(X: Tensor, Y: Tensor) -> Tensor:
     return out
 
 
-def _singular_threshold(size: int, dtype: torch.dtype) -> float:
+def singular_threshold(size: int, dtype: torch.dtype) -> float:
+    """The smallest eigenvalue, relative to the largest, of a symmetric matrix of ``size`` rows
+    computed in ``dtype`` below which it is singular in that precision."""
     return RCOND_FLOOR * size * torch.finfo(dtype).eps
 
 
@@ -114,7 +116,7 @@ class SymmetricSolver:
         if int(info) == 0:
             self._chol = L
             lo, hi = self._extreme_eigenvalues(A, L)
-            if lo <= _singular_threshold(self.size, torch.float64) * hi:
+            if lo <= singular_threshold(self.size, torch.float64) * hi:
                 self._use_eigh(A)
         else:
             self._use_eigh(A)
@@ -122,7 +124,7 @@ class SymmetricSolver:
     def _use_eigh(self, A: Tensor) -> None:
         evals, evecs = torch.linalg.eigh(A)
         lo, scale = float(evals[0]), float(evals.abs().max())
-        tol = _singular_threshold(self.size, torch.float64) * scale
+        tol = singular_threshold(self.size, torch.float64) * scale
         if lo < -tol:
             needed = self.damping - lo  # the damping that lifts the smallest eigenvalue to 0
             raise CurvatureError(
@@ -242,6 +244,29 @@ NOT_POSITIVE_DEFINITE = (
     "conjugate gradients met a direction of non-positive curvature: the damped curvature is not "
     "positive definite. Increase damping"
 )
+#: p^T A p / (||p||^2 ||A||) above minus this reads as a curvature zero to rounding (singular)
+ZERO_CURVATURE = 1e-8
+
+
+def not_positive_definite(
+    matmat: Callable[[Tensor], Tensor], P: Tensor, pap: Tensor, curvature: str
+) -> CurvatureError:
+    """The refusal of conjugate-gradient directions P (columns) with ``p^T A p <= 0``: singular
+    where the lowest ``p^T A p / (||p||^2 ||A||)`` is zero to rounding (a least-squares fit at
+    l2 = 0 with P > N was told to check its loss, the built-in squared error), else not
+    positive definite with :func:`indefinite_remedy`. ``||A||`` by a few power iterations (a
+    refusal's cost only)."""
+    norm = power_iteration(lambda X: matmat(X.T).T, P.shape[0], iterations=10, dtype=P.dtype)
+    ratios = pap / ((P * P).sum(0) * max(norm, torch.finfo(P.dtype).tiny))
+    lowest = float(ratios.min())
+    if lowest >= -ZERO_CURVATURE:
+        return CurvatureError(
+            "conjugate gradients met a direction of zero curvature (p^T A p / (||p||^2 ||A||) = "
+            f"{lowest:.1e}, rounding): the damped curvature is singular along it and influence "
+            "is undefined there. Pass damping > 0 (about 1e-3 of the largest eigenvalue, "
+            f"{norm:.2e}) or the l2 the model was trained with"
+        )
+    return CurvatureError(f"{NOT_POSITIVE_DEFINITE}, {indefinite_remedy(curvature)}")
 
 
 def indefinite_remedy(curvature: str = "hessian") -> str:
@@ -304,8 +329,9 @@ def conjugate_gradients(
         iterations += 1
         AP = matmat(Pdir)
         pap = (Pdir * AP).sum(0)
-        if bool((active & (pap <= 0)).any()):
-            raise CurvatureError(f"{NOT_POSITIVE_DEFINITE}, {indefinite_remedy(curvature)}")
+        bad = active & (pap <= 0)
+        if bool(bad.any()):
+            raise not_positive_definite(matmat, Pdir[:, bad], pap[bad], curvature)
         alpha = torch.where(active, rz / torch.where(active, pap, 1.0), 0.0)
         X += alpha * Pdir
         R -= alpha * AP
@@ -408,7 +434,8 @@ def block_conjugate_gradients(
         PAP = P.T @ AP
         L, info = torch.linalg.cholesky_ex(0.5 * (PAP + PAP.T))
         if int(info) != 0:
-            raise CurvatureError(f"{NOT_POSITIVE_DEFINITE}, {indefinite_remedy(curvature)}")
+            lowest, vectors = torch.linalg.eigh(0.5 * (PAP + PAP.T))
+            raise not_positive_definite(matmat, P @ vectors[:, :1], lowest[:1], curvature)
         alpha = torch.cholesky_solve(P.T @ R, L)
         X += P @ alpha
         R -= AP @ alpha

@@ -45,7 +45,7 @@ from infkit.errors import (
 )
 from infkit.fitted import Fitted
 from infkit.gradients import Which
-from infkit.linalg import indefinite_remedy
+from infkit.linalg import indefinite_remedy, singular_threshold
 from infkit.memory import FLOAT64_BYTES, human_bytes
 from infkit.methods.base import Fidelity, PrimalMethod, Problem, register
 from infkit.options import Options, option
@@ -250,20 +250,49 @@ class Arnoldi(PrimalMethod):
                 Notice,
             )
         top = key.argsort(descending=True)[: min(options.rank, len(evals))]
+        self._check_ritz_values(evals, evals[top], fitted)
         self.eigenvalues = evals[top]
         self.vectors = (evecs[:, top].T @ Q).to(fitted.space.device)  # [p, P]
-        ridge = fitted.ridge
-        if bool((self.eigenvalues + ridge <= 0).any()):
-            worst = float(self.eigenvalues.min())
-            raise CurvatureError(
-                f"a kept Ritz value of the {self.curvature.upper()} is {worst:.3e} and the ridge "
-                f"l2 + damping is {ridge:.3e}: the projected curvature is not positive definite. "
-                f"Add damping greater than {-worst:.3e}, {indefinite_remedy(self.curvature)}"
-            )
         self.complement_curvature = 0.0
         if options.complement == "scaled":
             self.complement_curvature = self._complement_curvature(fitted, matmat)
         self._train_embeddings = None
+
+    def _check_ritz_values(self, evals: Tensor, kept: Tensor, fitted: Fitted) -> None:
+        """Refuse a damped curvature that the Ritz values show to be indefinite or singular.
+
+        Every Ritz value is a Rayleigh quotient of the curvature, so one with ``lambda + ridge
+        < 0``, kept or not, proves the damped curvature indefinite (a tester's Hessian away from
+        a minimum, its negative values outside the top-p by magnitude: scores 0.99 off, no
+        word). A kept one with ``lambda + ridge`` at the rounding of the products (a rank-40
+        GGN at l2 = 0 with p = 50) is a direction the curvature does not have: dividing by it
+        gave scores 3.8e12 times the pseudo-inverse's.
+        """
+        ridge = fitted.ridge
+        scale = float((evals.abs() + abs(ridge)).max())
+        # (the rounding of one product in float32 at least: a float16 model's Ritz values are
+        # read from float32 outputs, and its 1.2% of the largest is a real one)
+        precision = torch.promote_types(fitted.engine.precision, torch.float32)
+        tol = singular_threshold(1, precision) * scale
+        worst = float(evals.min())
+        if worst + ridge < -tol:
+            raise CurvatureError(
+                f"a Ritz value of the {self.curvature.upper()} is {worst:.3e} and the ridge "
+                f"l2 + damping is {ridge:.3e}: the damped curvature is not positive definite "
+                f"(largest Ritz value {float(evals.max()):.3e}). Add damping greater than "
+                f"{-worst:.3e}, {indefinite_remedy(self.curvature)}"
+            )
+        low = float(kept.min()) + ridge
+        if low <= tol:
+            nonzero = int((evals + ridge > tol).sum())
+            raise CurvatureError(
+                f"a kept Ritz value of the {self.curvature.upper()} plus the ridge l2 + damping "
+                f"({ridge:.3e}) is {low:.3e}, at the rounding of its products against the "
+                f"largest {scale:.3e}: the curvature is singular along it and influence is "
+                f"undefined there. Pass damping > 0 (e.g. damping={1e-3 * scale:.1e}, 1e-3 x the "
+                f"largest), the l2 the model was trained with, or rank <= {nonzero} (the Ritz "
+                "values above rounding)"
+            )
 
     def _complement_curvature(self, fitted: Fitted, matmat: Callable[[Tensor], Tensor]) -> float:
         """The curvature of the complement along training gradients: the Rayleigh quotient
