@@ -2682,3 +2682,22 @@ def test_each_process_counts_the_examples_of_its_batches() -> None:
     # examples), rank 1 batches 1 and 3 (6 + 2)
     assert [examples_in_batches(20, 6, rank, 2) for rank in (0, 1)] == [12, 8]
     assert examples_in_batches(20, 6) == 20  # alone: all of them
+
+
+def test_a_plan_whose_checks_hold_the_peak_names_checks_false(problem: dict) -> None:
+    """A tester's EK-FAC plan above memory_limit because of the post-fit checks advised
+    fewer layers, query_rank or a smaller batch, none of which touch them; checks=False does."""
+    task = infkit.Task.language_modeling(problem["model"])
+    options = {"damping": 1e-2, "fisher": "empirical", "batch_size": 8, "memory_limit": 32768}
+    shape = {"n_train": N, "n_queries": Q, "sequence_length": LENGTH, "timed": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        plan = infkit.Influence(task, "ekfac", **options).plan(**shape)
+        skipped = infkit.Influence(task, "ekfac", checks=False, **options).plan(**shape)
+    held = dict(zip([s.name for s in plan.stages], plan.stage_bytes, strict=True))
+    assert plan.peak_stage == "post-fit checks" == max(held, key=held.__getitem__)
+    assert not plan.within_limit
+    assert "the post-fit checks hold the peak: checks=False skips them; or track" in str(plan)
+    assert skipped.peak_stage != "post-fit checks" and "checks=False skips them;" not in str(
+        skipped
+    )

@@ -82,7 +82,7 @@ from infkit.parameters import (
     product_dtype,
     warn_about_training_mode,
 )
-from infkit.plan import Plan, RunShape, Stage, mark_fitted, sized_outputs
+from infkit.plan import CHECKS_STAGE, Plan, RunShape, Stage, mark_fitted, sized_outputs
 from infkit.progress import Mode, track
 from infkit.progress import resolve as resolve_progress
 from infkit.removal import Quantity, RemovalEffect
@@ -1502,7 +1502,7 @@ class Influence:
                 )
                 probes = directions * space.size * FLOAT64_BYTES
                 checks = Stage(
-                    "post-fit checks",
+                    CHECKS_STAGE,
                     # every process runs them whole: passes of its share of the batches
                     round(
                         products * diagnostics.PRODUCT_PASS_COST * shape.whole_passes / max(n, 1), 2

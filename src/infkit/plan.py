@@ -192,6 +192,8 @@ class Stage:
     done: bool = False
 
 
+#: the stage of the checks at the end of fit (``checks=False`` skips it)
+CHECKS_STAGE = "post-fit checks"
 #: the stages that a ``scores()`` call runs, by the names the methods give them; the stages
 #: before the first of them are the fit's (:func:`mark_fitted`)
 SCORING_STAGES = ("queries' check", "queries", "scores", "reverse passes")
@@ -268,6 +270,14 @@ class Plan:
         )
         shape = self.shape
         return shape.model_bytes + shape.snapshot_bytes + largest + shape.batch_output_bytes
+
+    @property
+    def peak_stage(self) -> str | None:
+        """The name of the stage that holds the most (:attr:`stage_bytes`) of those it runs."""
+        running = [
+            (b, s.name) for s, b in zip(self.stages, self.stage_bytes, strict=True) if not s.done
+        ]
+        return max(running, default=(0, None))[1]
 
     @property
     def within_limit(self) -> bool:
@@ -389,6 +399,8 @@ class Plan:
         )
         if not self.within_limit:
             remedy = self.remedy
+            if self.peak_stage == CHECKS_STAGE:  # (a tester's: the levers named could not help)
+                remedy = f"the {CHECKS_STAGE} hold the peak: checks=False skips them; or {remedy}"
             if s.batch_output_bytes > (limit or 0) // 4:
                 remedy += f"; a batch's outputs and their gradients take {outputs}: {lower}"
             rows.append(f"  above memory_limit ({human_bytes(limit or 0)} per process): {remedy}")
