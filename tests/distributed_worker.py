@@ -23,6 +23,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,6 +60,8 @@ def main() -> None:
     inputs, labels = lm.examples(ids, mask)
     train, queries = rows(inputs, labels, 0, N), rows(inputs, labels, N, N + Q)
     task = infkit.Task.language_modeling(model)
+    if len(sys.argv) > 2 and sys.argv[2] == "alone":
+        alone(out, task, train, queries)
     if len(sys.argv) > 2:
         mismatch(out, sys.argv[2], task, inputs, labels)
         return
@@ -105,6 +108,10 @@ def mismatch(out: Path, what: str, task: infkit.Task, inputs: dict, labels: torc
         inputs = {k: v.clone() for k, v in inputs.items()}
         inputs["input_ids"][7, 3] = (inputs["input_ids"][7, 3] + 1) % VOCAB
     train, queries = rows(inputs, labels, 0, N), rows(inputs, labels, N, N + Q)
+    if what == "measurement" and rank == 1:  # the log-probability, as IF-Guide measures it
+        task = task.with_measurement(
+            lambda out, t: -lm.next_token_loss(out, t), higher_is_better=True
+        )
     message = ""
     try:
         estimator = "relatif" if what == "estimator" and rank == 1 else "if"
@@ -127,6 +134,26 @@ def mismatch(out: Path, what: str, task: infkit.Task, inputs: dict, labels: torc
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.err").write_text(message)
     leave()
+
+
+def alone(out: Path, task: infkit.Task, train: Any, queries: Any) -> None:
+    """Every process fits and scores; then process 1 exits and process 0 asks again, alone."""
+    inf = infkit.Influence(
+        task, "ekfac", l2=1e-2, damping=1e-2, batch_size=BATCH, memory_limit=MEMORY_LIMIT
+    ).fit(train)
+    inf.scores(queries)
+    rank = dist.get_rank()
+    out.mkdir(parents=True, exist_ok=True)
+    message = ""
+    if rank == 0:
+        try:
+            inf.top_k(queries, k=2)
+        except infkit.errors.InfkitError as error:
+            message = f"{type(error).__name__}: {error}"
+    (out / f"rank{rank}.err").write_text(message)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def leave() -> None:

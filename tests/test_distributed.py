@@ -82,6 +82,13 @@ def test_torchrun_gives_every_process_the_single_process_answer(tmp_path: Path) 
         # while process 0 waited in the sum, then met a raw gloo error (a tester's run)
         ("estimator", "the scores of method 'ekfac'", "estimator, so"),
         ("store", "the fit of method 'ekfac'", "factors_store, so"),
+        # a process measuring another quantity had its columns summed with process 0's (a
+        # tester's margin beside the loss: 2.37 and 0.85 off, committed to the workdir)
+        (
+            "measurement",
+            "the scores of method 'ekfac'",
+            "task.higher_is_better, task.measurement, so",
+        ),
     ],
 )
 def test_processes_that_differ_are_refused_on_every_process(
@@ -98,3 +105,37 @@ def test_processes_that_differ_are_refused_on_every_process(
         assert message.startswith(f"{where}: process 1 of 2 differs from process 0 in "), message
         assert f"in {differs}" in message, message
         assert f"this is process {rank}" in message
+
+
+def test_a_question_asked_by_one_process_alone_is_told_not_a_raw_backend_error(
+    tmp_path: Path,
+) -> None:
+    """A tester's rank 0 asked top_k for its report after the other process had exited (the
+    docs had said rank 0 could): gloo's raw "Connection closed by peer" RuntimeError. The
+    calls are collective; a process left alone says so, as an InfkitError."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    _run([*torchrun, "--nproc_per_node=2", str(WORKER), str(tmp_path), "alone"], tmp_path)
+    message = (tmp_path / "rank0.err").read_text()
+    assert message.startswith("InfkitError: the scores of method 'ekfac': process 0 of 2 could")
+    assert "Every call of a run across processes is collective" in message
+
+
+def test_a_torchrun_process_without_a_process_group_is_told_it_runs_alone() -> None:
+    """A tester's script under torchrun that never initialised the process group ran the whole
+    problem on every process, no speed-up, no word: said once a process."""
+    script = (
+        "import warnings, torch, infkit\n"
+        "warnings.simplefilter('always')\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))\n"
+        "X, y = torch.randn(12, 4), torch.randint(0, 3, (12,))\n"
+        "inf = infkit.Influence(infkit.Task.classification(m), 'ekfac', damping=0.1).fit((X, y))\n"
+        "inf.scores((X[:2], y[:2]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")}
+    for size, told in (("2", 1), ("1", 0)):
+        env["WORLD_SIZE"] = size
+        run = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stderr
+        assert run.stderr.count("no process group is initialised") == told, run.stderr

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -23,15 +24,32 @@ import torch.distributed as dist
 from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
-from infkit.errors import InvalidInputError
+from infkit.errors import InfkitError, InvalidInputError, Notice, warn
 from infkit.plan import dealt_examples
 from infkit.store import canonical, differences
 
+#: whether this process was told it runs alone under torchrun (one notice a process)
+_TOLD_UNINITIALISED: list[bool] = []
+
 
 def world() -> tuple[int, int]:
-    """``(rank, size)`` of the default process group; ``(0, 1)`` when none is initialised."""
+    """``(rank, size)`` of the default process group; ``(0, 1)`` when none is initialised.
+
+    Under torchrun (``WORLD_SIZE`` above 1) without a process group, each process runs the
+    whole problem alone: said once a process (a tester's script that never initialised the
+    group ran twice the work with no speed-up and no word)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    started = os.environ.get("WORLD_SIZE", "1")
+    if started.isdigit() and int(started) > 1 and not _TOLD_UNINITIALISED:
+        _TOLD_UNINITIALISED.append(True)
+        warn(
+            f"torchrun started {started} processes (WORLD_SIZE={started}), but no process group "
+            "is initialised: each process runs the whole problem alone, with no speed-up. Call "
+            "torch.distributed.init_process_group() before infkit's calls to split the passes "
+            "(docs/distributed.md §2)",
+            Notice,
+        )
     return 0, 1
 
 
@@ -110,7 +128,18 @@ def agree(
         on = device if device is not None and device.type == "cuda" else None
         mine = mine.to(on or f"cuda:{torch.cuda.current_device()}")
     digests = [torch.empty_like(mine) for _ in range(size)]
-    dist.all_gather(digests, mine)
+    try:
+        dist.all_gather(digests, mine)
+    except (RuntimeError, dist.DistBackendError) as error:
+        # (a tester's rank 0 asked top_k alone after the others had exited: gloo's
+        # "Connection closed by peer ... GLHF!")
+        raise InfkitError(
+            f"{what}: process {rank} of {size} could not reach the other processes ({error}). "
+            "Every call of a run across processes is collective: each process must make it, in "
+            "the same order (docs/distributed.md §1); a process that asks alone, after the "
+            "others have exited or while they wait elsewhere, is left alone. Write reports "
+            "from the answers every process computed"
+        ) from error
     if all(torch.equal(d, digests[0]) for d in digests):
         return
     gathered: list[Any] = [None] * size

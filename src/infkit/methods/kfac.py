@@ -270,9 +270,10 @@ class KFAC(PrimalMethod):
 
     def _agree(self, call: str, queries: ExampleSet | None, **extra: Any) -> None:
         """Under torchrun, refuse a streamed call whose processes differ in what their sums
-        combine (:func:`~infkit.distributed.agree`): the queries, the settings the scoring pass
-        reads (damping, l2, the memory limit that sets the queries' rank and groups, the
-        options) and the call's own arguments (``extra``); the factors agreed at fit."""
+        combine (:func:`~infkit.distributed.agree`): the queries, the task (its measurement and
+        loss), the settings the scoring pass reads (damping, l2, the memory limit that sets
+        the queries' rank and groups, the options) and the call's own arguments (``extra``);
+        the factors agreed at fit."""
         if world()[1] == 1:
             return
         fitted = self.fitted
@@ -284,6 +285,9 @@ class KFAC(PrimalMethod):
             {
                 "call": call,
                 "queries": None if queries is None else data_fingerprint(queries),
+                # the measurement the queries' gradients take (a process measuring the margin
+                # beside one measuring the loss summed their columns: 2.37 off, no word)
+                "task": task_fingerprint(fitted.task),
                 "n_train": fitted.n,
                 "batch_size": fitted.batch_size,
                 "l2": fitted.l2,
