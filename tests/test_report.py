@@ -2096,3 +2096,30 @@ def test_class_names_with_a_task_of_ones_own_keep_its_float_targets_as_numbers(
     with (workdir / "top_k.csv").open() as f:
         labels = {r["label"] for r in csv.DictReader(f)}
     assert labels and labels <= {"0.0", "1.0", "0", "1"}, labels
+
+
+def test_a_model_factory_returning_a_data_parallel_wrapper_runs(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reviewer's [model] factory returning nn.DataParallel(model): with a [task] factory the
+    run was refused as "a Task around a model that is not the one [model] factory built" (the
+    task reads through the wrapper), with [task] kind a raw AttributeError. Both run, with the
+    bare model's top proponents."""
+    source = (project / "tester_project.py").read_text()
+    (tmp_path / "tester_project.py").write_text(
+        source + "\n\ndef wrapped():\n    return torch.nn.DataParallel(model())\n\n\n"
+        "def task_of(net):\n    return infkit.Task.classification(net)\n"
+    )
+    plain = CONFIG.format(n_loo=0)
+    wrapped = plain.replace('"tester_project:model"', '"tester_project:wrapped"')
+    with_task = wrapped.replace(
+        "[report]", '[task]\nfactory = "tester_project:task_of"\n\n[report]'
+    )
+    tables = {}
+    for name, body in (("plain", plain), ("kind", wrapped), ("factory", with_task)):
+        (tmp_path / f"{name}.toml").write_text(body)
+        out = tmp_path / name
+        code = cli.main(["run", str(tmp_path / f"{name}.toml"), "--out", str(out), "--quiet"])
+        assert code == 0, capsys.readouterr().err
+        tables[name] = (out / "top_k.csv").read_text()
+    assert tables["kind"] == tables["plain"] == tables["factory"]

@@ -631,7 +631,9 @@ def test_subsets_take_masks_of_zeros_and_ones_as_lds_does() -> None:
     test = (data[0][:3], data[1][:3])
     flags = retrain.random_masks(12, 4, 0.75, seed=2)
     by_bool = retrain.subsets(task, data, test, l2, masks=flags)
-    for form in (flags.to(torch.int64), flags.to(torch.float32), flags.int().numpy()):
+    # (a list of per-subset rows too, which evaluate.lds read before: a reviewer's)
+    rows = list(flags.int())
+    for form in (flags.to(torch.int64), flags.to(torch.float32), flags.int().numpy(), rows):
         got = retrain.subsets(task, data, test, l2, masks=form)
         assert got.masks.dtype == torch.bool and torch.equal(got.masks, flags)
         torch.testing.assert_close(got.measurements, by_bool.measurements, rtol=1e-9, atol=1e-12)

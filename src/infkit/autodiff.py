@@ -14,7 +14,8 @@ An embedding's padding row (``nn.Embedding(padding_idx=k)``) is a constant of th
 PyTorch's backward pass (its gradient there is zero) but not to its forward mode, so ``J v`` by
 ``jvp`` and ``J^T u`` by ``vjp`` were not transposes of each other whenever ``v`` had a padding
 row (``l2 theta``, or a tied output head's gradient): :func:`padding_rows_constant` makes the
-forward mode read the row as the backward pass does.
+forward mode read the row as the backward pass does where the two are paired (curvature
+products, kernels); a directional derivative of the model's function keeps the function's own.
 
 A custom ``torch.autograd.Function`` written the old way (``forward(ctx, ...)``, no
 ``setup_context``; Bloom's GELU is one) has ordinary backward passes but no ``torch.func``
@@ -34,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import jvp, vjp, vmap
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from infkit.errors import UnsupportedError
 
@@ -108,30 +111,54 @@ def composite_attention(enabled: bool) -> Iterator[None]:
         yield
 
 
-def _lookup_constant_at_padding(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
-) -> torch.Tensor:
-    ids = args[0] if args else kwargs["input"]
-    padding = (ids == module.padding_idx).unsqueeze(-1)
-    return torch.where(padding, output.detach(), output)
+class _PaddingConstant(TorchFunctionMode):
+    """``F.embedding`` with a ``padding_idx`` returns its output detached at the padding
+    positions (the same values): the padding row is then a constant of the lookup, whatever
+    module calls it (``nn.Embedding``, peft's LoRA embedding, a module of one's own)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is not F.embedding:
+            return out
+        named = dict(zip(("input", "weight", "padding_idx"), args, strict=False)) | kwargs
+        padding = named.get("padding_idx")
+        if padding is None:
+            return out
+        if padding < 0:
+            padding += named["weight"].shape[0]
+        at_padding = (named["input"] == padding).unsqueeze(-1)
+        return torch.where(at_padding, out.detach(), out)
+
+
+def padding_rows_constant(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """Within it, an embedding lookup with a ``padding_idx`` (``F.embedding``) is detached at the
+    padding positions where ``model`` has such an embedding: the same values, and the padding
+    row a constant of the lookup in forward mode, as PyTorch's backward pass reads it. The row
+    stays a parameter wherever else it is used (a tied output head). Only for products that
+    pair forward mode with backward passes (``J^T H J``, ``J J^T``): a directional derivative
+    of the model's function is the function's own."""
+    padded = any(isinstance(m, nn.Embedding) and m.padding_idx is not None for m in model.modules())
+    return _PaddingConstant() if padded else contextlib.nullcontext()
+
+
+#: whether this process has loaded PyTorch's forward-mode decompositions
+_FORWARD_MODE_LOADED: list[bool] = []
 
 
 @contextlib.contextmanager
-def padding_rows_constant(model: nn.Module) -> Iterator[None]:
-    """Within it, the output of each ``nn.Embedding`` of ``model`` with a ``padding_idx`` is
-    detached at the padding positions: the same values, and the padding row a constant of the
-    lookup in every mode of differentiation, as PyTorch's backward pass reads it (its forward
-    mode did not). The row stays a parameter wherever else it is used (a tied output head)."""
-    handles = [
-        m.register_forward_hook(_lookup_constant_at_padding, with_kwargs=True)
-        for m in model.modules()
-        if isinstance(m, nn.Embedding) and m.padding_idx is not None
-    ]
-    try:
+def _quiet_first_forward_mode() -> Iterator[None]:
+    """Around the process's first forward-mode product: PyTorch scripts its decompositions
+    then, with a deprecation warning per function (18 on a cg fit), its own and not the
+    user's. Only the first: a filter set around every product reset Python's record of the
+    warnings shown, and a user's own warning came back after every product (36 times, not 3)."""
+    if _FORWARD_MODE_LOADED:
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", JIT_DEPRECATION, DeprecationWarning)
+        yield
+    _FORWARD_MODE_LOADED.append(True)
 
 
 def transforms_only() -> contextlib.AbstractContextManager[None]:
@@ -171,10 +198,18 @@ class Pushforward:
                 self.mode = MODES[position + 1]
 
     def __call__(
-        self, fn: Callable[[Any], torch.Tensor], primal: Any, tangents: Any, *, batched: bool = True
+        self,
+        fn: Callable[[Any], torch.Tensor],
+        primal: Any,
+        tangents: Any,
+        *,
+        batched: bool = True,
+        paired: bool = True,
     ) -> torch.Tensor:
         """J t for ``fn`` returning one tensor; with ``batched`` the tangents carry a leading
-        dimension k and so does J t."""
+        dimension k and so does J t. ``paired``: J as the backward passes read it, to pair with
+        their ``J^T`` (an embedding's padding row constant, :func:`padding_rows_constant`);
+        else the function's own derivative (a removal's change of the outputs)."""
 
         def compute(mode: str) -> torch.Tensor:
             if mode.startswith("forward"):
@@ -183,14 +218,13 @@ class Pushforward:
                 out, pullback = vjp(fn, primal)[:2]
                 transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))[1]
                 push = lambda t: transpose(t)[0]  # noqa: E731
-            model = self.model if mode.startswith("forward") else None
+            model = self.model if paired and mode.startswith("forward") else None
             with (
                 padding_rows_constant(model) if model is not None else contextlib.nullcontext(),
-                warnings.catch_warnings(),
+                _quiet_first_forward_mode()
+                if mode.startswith("forward")
+                else contextlib.nullcontext(),
             ):
-                # PyTorch scripts its forward-mode decompositions at their first use, with a
-                # deprecation warning per function (18 on a cg fit): its own, not the user's
-                warnings.filterwarnings("ignore", JIT_DEPRECATION, DeprecationWarning)
                 return vmap(push)(tangents) if batched else push(tangents)
 
         return self._attempt(compute)

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
@@ -752,10 +753,14 @@ def kept_masks(masks: Any, hint: str) -> Tensor:
     error naming the values that are neither; ``hint`` says where such masks come from."""
     try:
         raw = torch.as_tensor(masks)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise InvalidInputError(
-            f"masks must be a boolean or 0/1 array or tensor, got {type(masks).__name__}"
-        ) from error
+    except (TypeError, ValueError, RuntimeError):
+        try:  # a list of per-subset rows (tensors), which numpy stacks
+            raw = torch.as_tensor(np.asarray(masks))
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise InvalidInputError(
+                "masks must be a boolean or 0/1 array or tensor [m, N] (or a list of m rows), "
+                f"got {type(masks).__name__}"
+            ) from error
     if raw.dtype != torch.bool and not bool(((raw == 0) | (raw == 1)).all()):
         values = torch.unique(raw.reshape(-1))[:5].tolist()
         raise InvalidInputError(

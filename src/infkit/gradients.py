@@ -804,4 +804,6 @@ def directional_derivatives(
         return engine.task.checked_measurement(out, targets)
 
     with evaluation_mode(engine.task.model), batching_rule_notice(engine.task.model):
-        return engine.pushforward(quantity, params, tangent, batched=False).detach()
+        # (the function's own derivative, an embedding's padding row included: a removal's
+        # change of the outputs is that of the model it predicts, inf.remove(...).model())
+        return engine.pushforward(quantity, params, tangent, batched=False, paired=False).detach()

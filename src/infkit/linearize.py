@@ -35,7 +35,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from infkit.autodiff import padding_rows_constant
 from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError
 from infkit.options import integer_argument, real_number
@@ -143,8 +142,7 @@ class LinearizedModel(nn.Module):
                 self.output_fn, functional_call(self.base, {**p, **consts}, args, kwargs)
             )
 
-        with padding_rows_constant(self.base):
-            out0, tangent = jvp(f, (p0,), (self.delta(),))[:2]
+        out0, tangent = jvp(f, (p0,), (self.delta(),))[:2]
         return out0 + tangent
 
     def extra_repr(self) -> str:

@@ -211,14 +211,21 @@ def check_class_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetPro
 _PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
+def unwrapped(model: Any) -> Any:
+    """``model``, or the module inside its data-parallel wrappers (``nn.DataParallel``,
+    ``DistributedDataParallel``), which a task runs on (:func:`_checked_model`)."""
+    while isinstance(model, _PARALLEL_WRAPPERS):
+        model = model.module
+    return model
+
+
 def _checked_model(model: Any) -> nn.Module:
     """The model a task runs on: ``model``, or the module inside a data-parallel wrapper
     (``nn.DataParallel``, ``DistributedDataParallel``: the same function, whose forward refuses
     ``functional_call`` or writes its own flags on every call; infkit's runs across processes
     need no wrapper). Refused: anything but an ``nn.Module``, and a model scripted whole by
     TorchScript (torch.func and hooks do not reach inside it)."""
-    while isinstance(model, _PARALLEL_WRAPPERS):
-        model = model.module
+    model = unwrapped(model)
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):

@@ -69,7 +69,7 @@ from infkit.report.views import (
 )
 from infkit.saved import KIND as SAVED_KIND
 from infkit.store import STORE_TEMPORARY, ArtifactStore, differences, save_csv, save_json
-from infkit.task import MARGINS, Task
+from infkit.task import MARGINS, Task, unwrapped
 
 #: the artifact kind of a run's results
 KIND = "report"
@@ -146,7 +146,7 @@ def build_task(config: RunConfig, model: nn.Module) -> Task:
             )
         # (a tester's factory built its Task around another trained model: every number on
         # the page was that model's, with nothing said)
-        if not holds_module(task.model, model):
+        if not holds_module(task.model, unwrapped(model)):  # (a task reads through wrappers)
             raise ConfigError(
                 f"[task] factory = {section['factory']!r} returned a Task around a model that is "
                 "not the one [model] factory built (nor holds it as a module): build the Task "
@@ -646,7 +646,7 @@ def _run(
     groups = _checked_groups(config, len(train))
     # the test set checked (and a language model's padding probed) once, as a whole, before
     # the fit: the queries, a subset of it, are not probed again
-    check_beside(PerExample(task, ParameterSpace(model)), train, test)
+    check_beside(PerExample(task, ParameterSpace(task.model)), train, test)
     display.view("test", 0)  # a decode that does not fit the token ids, too
     _check_class_count(task, test, display.class_names)
     watch.lap("load")
