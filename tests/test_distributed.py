@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import infkit
 from infkit.evaluate import relative_error
+from infkit.fingerprint import task_fingerprint
 
 HERE = Path(__file__).parent
 WORKER = HERE / "distributed_worker.py"
@@ -139,3 +141,21 @@ def test_a_torchrun_process_without_a_process_group_is_told_it_runs_alone() -> N
         )
         assert run.returncode == 0, run.stderr
         assert run.stderr.count("no process group is initialised") == told, run.stderr
+
+
+def test_a_closure_holding_each_processs_own_device_is_the_same_task() -> None:
+    """A reviewer's measurement moving targets to the process's own GPU (torch.device("cuda",
+    LOCAL_RANK), as docs/distributed.md sets them) hashed differently on every process, and
+    the scoring calls refused identical tasks: a device counts by its kind, not its index."""
+
+    def measurement_on(device: torch.device):
+        return lambda out, t: (
+            -torch.nn.functional.cross_entropy(out, t.to(device), reduction="none")
+        )
+
+    def identity(device: torch.device) -> str:
+        task = infkit.Task.classification(torch.nn.Linear(3, 2), measurement_on(device))
+        return task_fingerprint(task)["measurement"]
+
+    assert identity(torch.device("cuda", 0)) == identity(torch.device("cuda", 1))
+    assert identity(torch.device("cuda", 0)) != identity(torch.device("cpu"))

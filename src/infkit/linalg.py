@@ -244,22 +244,37 @@ NOT_POSITIVE_DEFINITE = (
     "conjugate gradients met a direction of non-positive curvature: the damped curvature is not "
     "positive definite. Increase damping"
 )
-#: p^T A p / (||p||^2 ||A||) above minus this reads as a curvature zero to rounding (singular)
+#: p^T A p / (||p||^2 ||A||) above minus this reads as a curvature zero to rounding (singular),
+#: for products in float32 or float64 (:func:`product_rounding`)
 ZERO_CURVATURE = 1e-8
 
 
+def product_rounding(precision: torch.dtype) -> float:
+    """The ``rounding`` of :func:`not_positive_definite` for products in ``precision``: a
+    bfloat16 GGN's null directions read -5e-5 of its norm (a reviewer's), float32's -7e-9."""
+    return (
+        max(ZERO_CURVATURE, 10 * torch.finfo(precision).eps)
+        if precision.is_floating_point
+        else ZERO_CURVATURE
+    )
+
+
 def not_positive_definite(
-    matmat: Callable[[Tensor], Tensor], P: Tensor, pap: Tensor, curvature: str
+    matmat: Callable[[Tensor], Tensor],
+    P: Tensor,
+    pap: Tensor,
+    curvature: str,
+    rounding: float = ZERO_CURVATURE,
 ) -> CurvatureError:
     """The refusal of conjugate-gradient directions P (columns) with ``p^T A p <= 0``: singular
     where the lowest ``p^T A p / (||p||^2 ||A||)`` is zero to rounding (a least-squares fit at
     l2 = 0 with P > N was told to check its loss, the built-in squared error), else not
     positive definite with :func:`indefinite_remedy`. ``||A||`` by a few power iterations (a
-    refusal's cost only)."""
+    refusal's cost only); ``rounding``: the products' (:func:`product_rounding`)."""
     norm = power_iteration(lambda X: matmat(X.T).T, P.shape[0], iterations=10, dtype=P.dtype)
     ratios = pap / ((P * P).sum(0) * max(norm, torch.finfo(P.dtype).tiny))
     lowest = float(ratios.min())
-    if lowest >= -ZERO_CURVATURE:
+    if lowest >= -rounding:
         return CurvatureError(
             "conjugate gradients met a direction of zero curvature (p^T A p / (||p||^2 ||A||) = "
             f"{lowest:.1e}, rounding): the damped curvature is singular along it and influence "
@@ -300,6 +315,7 @@ def conjugate_gradients(
     precondition=None,
     callback: Callable[[int, float], None] | None = None,
     curvature: str = "hessian",
+    rounding: float = ZERO_CURVATURE,
 ) -> ConjugateGradientResult:
     """Solve A X = B for symmetric positive definite A, all columns of B at once.
 
@@ -315,6 +331,8 @@ def conjugate_gradients(
         precondition: optional R [n, k] -> M^{-1} R, with M symmetric positive definite.
         callback: called after every iteration with (iteration, largest relative residual).
         curvature: what A is built from, "hessian" or "ggn", for the remedy an indefinite A gets.
+        rounding: the relative curvature a direction of zero curvature reads in the products'
+            precision (:func:`product_rounding`).
     """
     B = B.to(torch.float64)
     X = torch.zeros_like(B)
@@ -331,7 +349,7 @@ def conjugate_gradients(
         pap = (Pdir * AP).sum(0)
         bad = active & (pap <= 0)
         if bool(bad.any()):
-            raise not_positive_definite(matmat, Pdir[:, bad], pap[bad], curvature)
+            raise not_positive_definite(matmat, Pdir[:, bad], pap[bad], curvature, rounding)
         alpha = torch.where(active, rz / torch.where(active, pap, 1.0), 0.0)
         X += alpha * Pdir
         R -= alpha * AP
@@ -388,6 +406,7 @@ def block_conjugate_gradients(
     rank_tol: float = BLOCK_RANK_TOL,
     callback: Callable[[int, float], None] | None = None,
     curvature: str = "hessian",
+    rounding: float = ZERO_CURVATURE,
 ) -> ConjugateGradientResult:
     """Solve A X = B for symmetric positive definite A by breakdown-free block CG.
 
@@ -417,6 +436,8 @@ def block_conjugate_gradients(
         rank_tol: relative singular-value threshold of the rank truncation.
         callback: called after every iteration with (iteration, largest relative residual).
         curvature: what A is built from, "hessian" or "ggn", for the remedy an indefinite A gets.
+        rounding: the relative curvature a direction of zero curvature reads in the products'
+            precision (:func:`product_rounding`).
     """
     B = B.to(torch.float64)
     b_norm = B.norm(dim=0)
@@ -435,7 +456,7 @@ def block_conjugate_gradients(
         L, info = torch.linalg.cholesky_ex(0.5 * (PAP + PAP.T))
         if int(info) != 0:
             lowest, vectors = torch.linalg.eigh(0.5 * (PAP + PAP.T))
-            raise not_positive_definite(matmat, P @ vectors[:, :1], lowest[:1], curvature)
+            raise not_positive_definite(matmat, P @ vectors[:, :1], lowest[:1], curvature, rounding)
         alpha = torch.cholesky_solve(P.T @ R, L)
         X += P @ alpha
         R -= AP @ alpha

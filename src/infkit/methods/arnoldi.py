@@ -270,17 +270,21 @@ class Arnoldi(PrimalMethod):
         """
         ridge = fitted.ridge
         scale = float((evals.abs() + abs(ridge)).max())
-        # (the rounding of one product in float32 at least: a float16 model's Ritz values are
-        # read from float32 outputs, and its 1.2% of the largest is a real one)
-        precision = torch.promote_types(fitted.engine.precision, torch.float32)
-        tol = singular_threshold(1, precision) * scale
+        # Negative only beyond the rounding of the products in their own precision (a
+        # bfloat16 GGN's null directions read -5.2e-5 of the largest: PSD, not indefinite, a
+        # reviewer's); at the rounding of one product in float32 at least for a kept value (a
+        # float16 model's Ritz values are read from float32 outputs, its 1.2% a real one).
+        negative = singular_threshold(1, fitted.engine.precision) * scale
+        tol = singular_threshold(1, torch.promote_types(fitted.engine.precision, torch.float32))
+        tol *= scale
         worst = float(evals.min())
-        if worst + ridge < -tol:
+        if worst + ridge < -negative:
+            needed = -worst - fitted.l2  # (the ridge holds l2 already)
             raise CurvatureError(
                 f"a Ritz value of the {self.curvature.upper()} is {worst:.3e} and the ridge "
                 f"l2 + damping is {ridge:.3e}: the damped curvature is not positive definite "
-                f"(largest Ritz value {float(evals.max()):.3e}). Add damping greater than "
-                f"{-worst:.3e}, {indefinite_remedy(self.curvature)}"
+                f"(largest Ritz value {float(evals.max()):.3e}). Pass damping greater than "
+                f"{needed:.3e} (it is {fitted.damping:g}), {indefinite_remedy(self.curvature)}"
             )
         low = float(kept.min()) + ridge
         if low <= tol:
@@ -289,9 +293,10 @@ class Arnoldi(PrimalMethod):
                 f"a kept Ritz value of the {self.curvature.upper()} plus the ridge l2 + damping "
                 f"({ridge:.3e}) is {low:.3e}, at the rounding of its products against the "
                 f"largest {scale:.3e}: the curvature is singular along it and influence is "
-                f"undefined there. Pass damping > 0 (e.g. damping={1e-3 * scale:.1e}, 1e-3 x the "
-                f"largest), the l2 the model was trained with, or rank <= {nonzero} (the Ritz "
-                "values above rounding)"
+                f"undefined there. Pass a damping well above that rounding (e.g. "
+                f"damping={1e-3 * scale:.1e}, 1e-3 x the largest; it is {fitted.damping:g}), the "
+                f"l2 the model was trained with, or rank <= {nonzero} (the Ritz values above "
+                "rounding)"
             )
 
     def _complement_curvature(self, fitted: Fitted, matmat: Callable[[Tensor], Tensor]) -> float:

@@ -29,6 +29,7 @@ from infkit.linalg import (
     block_conjugate_gradients,
     conjugate_gradients,
     imprecise_solve_warning,
+    product_rounding,
     tolerance_note,
 )
 from infkit.methods.base import PRODUCT_PASSES, Fidelity, PrimalMethod, Problem, register
@@ -162,6 +163,7 @@ class ConjugateGradient(PrimalMethod):
                 precondition=precondition,
                 callback=lambda _, residual: shown.update(note=f"residual {residual:.1e}"),
                 curvature=self.curvature,
+                rounding=product_rounding(self.fitted.engine.precision),
             )
         self.iterations.append(result.iterations)
         self.solvers.append("block" if use_block else "single")
