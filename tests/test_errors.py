@@ -621,10 +621,23 @@ def test_a_model_that_mixes_the_examples_of_a_batch_is_warned_of() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.body(x.float()).double())
 
+    class RoundsInBatches(torch.nn.Module):
+        """A batch's kernel rounding otherwise than one example's (BLAS does, by 1e-16)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3, bias=False).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) + (1e-16 if len(x) > 1 else 0.0)
+
+    at_zero = X.clone()
+    at_zero[0] = 0.0  # (a tester's example 0 fitted exactly: its output 1e-16, a false warning)
     for model, inputs in (
         (torch.nn.Linear(4, 3).double(), X),
         (torch.nn.Linear(4, 3).to(torch.bfloat16), X.to(torch.bfloat16)),
         (Mixed(), X),
+        (RoundsInBatches(), at_zero),
     ):
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*mixes the examples")

@@ -289,7 +289,7 @@ def test_method_auto_takes_the_next_method_when_its_choice_refuses_the_model() -
     CG named does (a tester's DeBERTa stopped at the refusal)."""
     torch.manual_seed(0)
     model = SharedPositionsClassifier().double()
-    model.dropout = torch.nn.Dropout(0.0)  # in training mode: the data's checks warn, once
+    model.dropout = torch.nn.Dropout(0.1)  # in training mode: the data's checks warn, once
     task = infkit.Task.classification(model)
     X, y = {"input_ids": torch.randint(0, VOCAB, (6, 5))}, torch.randint(0, 2, (6,))
     with warnings.catch_warnings(record=True) as caught:

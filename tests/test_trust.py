@@ -426,6 +426,35 @@ def test_attention_dropout_and_drop_path_in_training_mode_are_named(digits: dict
         infkit.Influence(task, "identity", l2=L2).fit(digits["train"])
 
 
+def test_a_dropout_that_drops_nothing_is_no_training_mode_module(digits: dict) -> None:
+    """A tester's nn.Dropout(0.0) in training mode (configs switch dropout off so) drew the
+    training-mode warning, though it computes the same in both modes; a DropPath whose
+    drop_prob is 0 likewise. One that drops is still named."""
+
+    class DropPath(nn.Module):
+        def __init__(self, drop_prob: float) -> None:
+            super().__init__()
+            self.drop_prob = drop_prob
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            keep = torch.rand(x.shape[0], 1) >= self.drop_prob
+            return x * keep if self.training else x
+
+    for silent in (nn.Dropout(0.0), DropPath(0.0)):
+        model = nn.Sequential(nn.Linear(64, 10), silent).double().train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            warnings.filterwarnings("ignore", "the model is not at a stationary point")
+            infkit.Influence(infkit.Task.classification(model), "identity", l2=L2).fit(
+                digits["train"]
+            )
+    dropping = nn.Sequential(nn.Linear(64, 10), nn.Dropout(0.2)).double().train()
+    with pytest.warns(UserWarning, match=r"training mode .*'1' \(Dropout\)"):
+        infkit.Influence(infkit.Task.classification(dropping), "identity", l2=L2).fit(
+            digits["train"]
+        )
+
+
 def test_each_module_comes_back_in_its_own_mode(digits: dict) -> None:
     """A tester's: a model in training mode holding a backbone put in evaluation mode (a frozen
     backbone, its dropout off) came back from train_to_optimum and fit with every module in

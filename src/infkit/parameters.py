@@ -201,7 +201,12 @@ MODE_DEPENDENT = (
 def _mode_dependent(module: nn.Module) -> bool:
     """Whether ``module`` computes otherwise in training mode: batch norms, dropouts, instance
     norms that track statistics, attention with dropout, and modules named for dropping
-    (DropPath, DropBlock: a reviewer's timm-style DropPath and attention dropout went unnamed)."""
+    (DropPath, DropBlock: a reviewer's timm-style DropPath and attention dropout went unnamed).
+    A dropout that drops nothing (``p`` or ``drop_prob`` 0: a tester's ``nn.Dropout(0.0)``,
+    as configs switch dropout off) computes the same in both modes."""
+    rate = getattr(module, "p", getattr(module, "drop_prob", None))
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate == 0:
+        return False
     if isinstance(module, MODE_DEPENDENT):
         return True
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
