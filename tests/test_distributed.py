@@ -148,14 +148,16 @@ def test_a_closure_holding_each_processs_own_device_is_the_same_task() -> None:
     LOCAL_RANK), as docs/distributed.md sets them) hashed differently on every process, and
     the scoring calls refused identical tasks: a device counts by its kind, not its index."""
 
-    def measurement_on(device: torch.device):
+    def measurement_on(device: torch.device | str):
         return lambda out, t: (
             -torch.nn.functional.cross_entropy(out, t.to(device), reduction="none")
         )
 
-    def identity(device: torch.device) -> str:
+    def identity(device: torch.device | str) -> str:
         task = infkit.Task.classification(torch.nn.Linear(3, 2), measurement_on(device))
         return task_fingerprint(task)["measurement"]
 
     assert identity(torch.device("cuda", 0)) == identity(torch.device("cuda", 1))
     assert identity(torch.device("cuda", 0)) != identity(torch.device("cpu"))
+    # a device held by its name, as docs/distributed.md writes it (f"cuda:{rank}")
+    assert identity("cuda:0") == identity("cuda:1") == identity(torch.device("cuda", 3))

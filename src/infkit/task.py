@@ -213,10 +213,15 @@ _PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 def unwrapped(model: Any) -> Any:
     """``model``, or the module inside its data-parallel wrappers (``nn.DataParallel``,
-    ``DistributedDataParallel``), which a task runs on (:func:`_checked_model`)."""
-    while isinstance(model, _PARALLEL_WRAPPERS):
+    ``DistributedDataParallel``), which a task runs on (:func:`_checked_model`); a compiled
+    wrapper (``torch.compile(DDP(model))``, PyTorch's documented order) likewise."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # (torch.compile's OptimizedModule)
+        if isinstance(inner, _PARALLEL_WRAPPERS):
+            model = inner
+        if not isinstance(model, _PARALLEL_WRAPPERS):
+            return model
         model = model.module
-    return model
 
 
 def _checked_model(model: Any) -> nn.Module:

@@ -270,13 +270,16 @@ class Arnoldi(PrimalMethod):
         """
         ridge = fitted.ridge
         scale = float((evals.abs() + abs(ridge)).max())
-        # Negative only beyond the rounding of the products in their own precision (a
-        # bfloat16 GGN's null directions read -5.2e-5 of the largest: PSD, not indefinite, a
-        # reviewer's); at the rounding of one product in float32 at least for a kept value (a
-        # float16 model's Ritz values are read from float32 outputs, its 1.2% a real one).
-        negative = singular_threshold(1, fitted.engine.precision) * scale
+        # The rounding of one product in float32 at least (a float16 model's Ritz values are
+        # read from float32 outputs, its 1.2% of the largest a real one). A GGN is positive
+        # semidefinite for every convex loss, so a negative value of it counts only beyond
+        # the rounding of the products' own precision (a bfloat16 GGN's null directions read
+        # -5.2e-5 of the largest, a reviewer's); a Hessian's counts beyond float32's (a
+        # bfloat16 Hessian at -4.1% is indefinite, another reviewer's).
         tol = singular_threshold(1, torch.promote_types(fitted.engine.precision, torch.float32))
         tol *= scale
+        psd = self.curvature == "ggn"
+        negative = singular_threshold(1, fitted.engine.precision) * scale if psd else tol
         worst = float(evals.min())
         if worst + ridge < -negative:
             needed = -worst - fitted.l2  # (the ridge holds l2 already)
@@ -284,7 +287,10 @@ class Arnoldi(PrimalMethod):
                 f"a Ritz value of the {self.curvature.upper()} is {worst:.3e} and the ridge "
                 f"l2 + damping is {ridge:.3e}: the damped curvature is not positive definite "
                 f"(largest Ritz value {float(evals.max()):.3e}). Pass damping greater than "
-                f"{needed:.3e} (it is {fitted.damping:g}), {indefinite_remedy(self.curvature)}"
+                f"{needed:.3e}, at least (it is {fitted.damping:g}; the lowest Ritz value "
+                "bounds the lowest eigenvalue from above, so more is needed where the Krylov "
+                f"basis has not reached it: e.g. damping={1.5 * needed:.2e}, or a larger "
+                f"krylov_dim to read it closer), {indefinite_remedy(self.curvature)}"
             )
         low = float(kept.min()) + ridge
         if low <= tol:

@@ -25,6 +25,7 @@ from infkit.curvature import Curvature, CurvatureOperator, ggn_diagonal, product
 from infkit.errors import NotFittedError, Notice, warn
 from infkit.fitted import Fitted
 from infkit.linalg import (
+    ZERO_CURVATURE,
     attainable_tolerance,
     block_conjugate_gradients,
     conjugate_gradients,
@@ -163,7 +164,11 @@ class ConjugateGradient(PrimalMethod):
                 precondition=precondition,
                 callback=lambda _, residual: shown.update(note=f"residual {residual:.1e}"),
                 curvature=self.curvature,
-                rounding=product_rounding(self.fitted.engine.precision),
+                # (the GGN's null directions read at the products' rounding; a Hessian's
+                # negative ones are real beyond float64's)
+                rounding=product_rounding(self.fitted.engine.precision)
+                if self.curvature == "ggn"
+                else ZERO_CURVATURE,
             )
         self.iterations.append(result.iterations)
         self.solvers.append("block" if use_block else "single")

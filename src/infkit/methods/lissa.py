@@ -225,8 +225,8 @@ class Lissa(PrimalMethod):
 
     def fit_passes(self) -> float:
         """At most: the power iteration's products over the full data (the automatic scale, or
-        the check of one's own) and the Lanczos steps of the Hessian's lowest eigenvalue (the minibatches' probes are a
-        few minibatches each, not counted)."""
+        the check of one's own) and the Lanczos steps of the Hessian's lowest eigenvalue (the
+        minibatches' probes are a few minibatches each, not counted)."""
         options = self.options
         products = options.power_iterations
         if options.curvature == "hessian":
@@ -466,12 +466,17 @@ class Lissa(PrimalMethod):
                     UserWarning,
                 )
             return depth
-        factor = self._contraction(ridge)
-        if factor >= 1.0:
+        slowest = self._slowest(ridge)
+        top = TOP_MARGIN * ((self.lambda_max or 0.0) + ridge) / scale - 1.0
+        if slowest <= 0 or top >= 1.0:
             depth = options.max_depth
         else:
-            rate = -math.log(max(factor, 1e-300))
-            depth = max(1, math.ceil(math.log(1.0 / options.tol) / rate))
+            # the lowest direction's rate by log1p (a damping of 1e-17 s still asks for a
+            # depth, capped with a warning), the top one's where it is the slower
+            rate = -math.log1p(-min(slowest / scale, 1.0 - 1e-16))
+            if top > 0:
+                rate = min(rate, -math.log(top))
+            depth = math.ceil(math.log(1.0 / options.tol) / rate)
         if depth > options.max_depth:
             warn(
                 f"LiSSA needs depth {depth:,} to reach tol={options.tol:g} with scale "
