@@ -414,7 +414,7 @@ def test_a_singular_curvature_is_told_as_singular_not_as_a_loss_to_check() -> No
     flat = vectors[:, :2]  # two directions it does not have
     indefinite = singular - 0.5 * torch.eye(65, dtype=torch.float64)
     for solve in (conjugate_gradients, block_conjugate_gradients):
-        with pytest.raises(CurvatureError, match=r"zero curvature.*singular.*damping > 0"):
+        with pytest.raises(CurvatureError, match=r"zero curvature.*singular.*e.g. damping="):
             solve(lambda V: singular @ V, flat, curvature="ggn")
         with pytest.raises(CurvatureError, match=r"non-positive curvature.*check the task's"):
             solve(lambda V: indefinite @ V, flat, curvature="ggn")

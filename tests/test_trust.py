@@ -453,6 +453,12 @@ def test_a_dropout_that_drops_nothing_is_no_training_mode_module(digits: dict) -
         infkit.Influence(infkit.Task.classification(dropping), "identity", l2=L2).fit(
             digits["train"]
         )
+    # a rate of 0 exempts dropouts only (a batch norm holding some p = 0 is still named)
+    norm = nn.BatchNorm1d(10).double()
+    norm.p = 0.0
+    normed = nn.Sequential(nn.Linear(64, 10), norm).double().train()
+    with pytest.warns(UserWarning, match=r"training mode .*'1' \(BatchNorm1d\)"):
+        infkit.Influence(infkit.Task.classification(normed), "identity", l2=L2).fit(digits["train"])
 
 
 def test_each_module_comes_back_in_its_own_mode(digits: dict) -> None:

@@ -113,10 +113,17 @@ def composite_attention(enabled: bool) -> Iterator[None]:
 
 class _PaddingConstant(TorchFunctionMode):
     """``F.embedding`` with a ``padding_idx`` returns its output detached at the padding
-    positions (the same values): the padding row is then a constant of the lookup, whatever
-    module calls it (``nn.Embedding``, peft's LoRA embedding, a module of one's own)."""
+    positions (the same values): the padding row is then a constant of the lookup, whichever
+    module calls it (``nn.Embedding``, peft's LoRA embedding beside it). Entered where the model
+    has a padded ``nn.Embedding`` (:func:`padding_rows_constant`)."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func is not F.embedding:
@@ -147,11 +154,12 @@ _FORWARD_MODE_LOADED: list[bool] = []
 
 
 @contextlib.contextmanager
-def _quiet_first_forward_mode() -> Iterator[None]:
-    """Around the process's first forward-mode product: PyTorch scripts its decompositions
-    then, with a deprecation warning per function (18 on a cg fit), its own and not the
-    user's. Only the first: a filter set around every product reset Python's record of the
-    warnings shown, and a user's own warning came back after every product (36 times, not 3)."""
+def quiet_forward_mode() -> Iterator[None]:
+    """Around forward-mode derivatives (``jvp``, ``jacfwd``); it acts at the process's first
+    only, where PyTorch scripts its decompositions with a deprecation warning per function (18
+    on a cg fit), its own and not the user's. Only the first: a filter set around every product
+    reset Python's record of the warnings shown, and a user's own warning came back after every
+    product (36 times, not 3)."""
     if _FORWARD_MODE_LOADED:
         yield
         return
@@ -181,7 +189,7 @@ class Pushforward:
         mode: the mode in use (``"forward"`` until an operation refuses it).
     """
 
-    def __init__(self, model: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.mode = MODES[0]
         self.model = model
 
@@ -209,7 +217,8 @@ class Pushforward:
         """J t for ``fn`` returning one tensor; with ``batched`` the tangents carry a leading
         dimension k and so does J t. ``paired``: J as the backward passes read it, to pair with
         their ``J^T`` (an embedding's padding row constant, :func:`padding_rows_constant`);
-        else the function's own derivative (a removal's change of the outputs)."""
+        else the function's own derivative (a removal's change of the outputs) where forward
+        mode runs; after a fallback to the reverse modes, the backward passes' J either way."""
 
         def compute(mode: str) -> torch.Tensor:
             if mode.startswith("forward"):
@@ -218,12 +227,12 @@ class Pushforward:
                 out, pullback = vjp(fn, primal)[:2]
                 transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))[1]
                 push = lambda t: transpose(t)[0]  # noqa: E731
+            # (the reverse modes' products hold the padding row constant whatever ``paired``
+            # says: PyTorch's backward does; a model that refuses forward mode gets that)
             model = self.model if paired and mode.startswith("forward") else None
             with (
                 padding_rows_constant(model) if model is not None else contextlib.nullcontext(),
-                _quiet_first_forward_mode()
-                if mode.startswith("forward")
-                else contextlib.nullcontext(),
+                quiet_forward_mode() if mode.startswith("forward") else contextlib.nullcontext(),
             ):
                 return vmap(push)(tangents) if batched else push(tangents)
 

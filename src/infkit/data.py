@@ -20,7 +20,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
@@ -752,15 +751,19 @@ def kept_masks(masks: Any, hint: str) -> Tensor:
     """``masks`` ([m, N], True or 1 where an example is kept) as a boolean tensor, or a clear
     error naming the values that are neither; ``hint`` says where such masks come from."""
     try:
-        raw = torch.as_tensor(masks)
-    except (TypeError, ValueError, RuntimeError):
-        try:  # a list of per-subset rows (tensors), which numpy stacks
-            raw = torch.as_tensor(np.asarray(masks))
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise InvalidInputError(
-                "masks must be a boolean or 0/1 array or tensor [m, N] (or a list of m rows), "
-                f"got {type(masks).__name__}"
-            ) from error
+        if (
+            isinstance(masks, (list, tuple))
+            and masks
+            and all(isinstance(row, Tensor) for row in masks)
+        ):
+            raw = torch.stack([row.detach() for row in masks])  # (a list of per-subset rows)
+        else:
+            raw = torch.as_tensor(masks)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InvalidInputError(
+            "masks must be a boolean or 0/1 array or tensor [m, N] (or a list of m rows of one "
+            f"length), got {type(masks).__name__}"
+        ) from error
     if raw.dtype != torch.bool and not bool(((raw == 0) | (raw == 1)).all()):
         values = torch.unique(raw.reshape(-1))[:5].tolist()
         raise InvalidInputError(

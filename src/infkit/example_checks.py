@@ -159,9 +159,9 @@ def warn_batch_mixing(engine: PerExample, examples: ExampleSet, alone: Tensor) -
     # (a hundredth of the batch's outputs sets a floor: example 0 fitted exactly, its output
     # 1e-16, read a rounding difference of 8.9e-16 as mixing, a tester's plain nn.Linear; the
     # whole of them hid a mixing that moved a small output 32 times its size, a reviewer's)
-    scale = max(scale, 1e-2 * float(both.detach().abs().max()))
+    floor = max(scale, 1e-2 * float(both.detach().abs().max()))
     eps = _output_eps(engine, alone)
-    if gap > min(0.1, 1e3 * eps) * max(scale, 1e-30):
+    if gap > min(0.1, 1e3 * eps) * max(floor, 1e-30):
         warn(
             f"the model's output on {examples.name} {examples.example(0)} alone differs from "
             f"its output in a batch of {len(batch)} (by up to {gap:.3g}, the outputs being up "

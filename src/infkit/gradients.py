@@ -38,6 +38,8 @@ from torch.func import functional_call, grad, jacrev, vjp, vmap
 
 from infkit.autodiff import (
     Pushforward,
+    padding_rows_constant,
+    quiet_forward_mode,
     refuse_untransformable,
     transforms_only,
     untransformable_function,
@@ -567,8 +569,11 @@ class PerExample:
         def vmapped() -> Tensor:
             # forward over grad, not torch.func.hessian (forward over jacrev): nested in jacrev's
             # vmap, layer_norm's double backward is wrong in torch 2.13 (0.2 off on a 4-wide
-            # LayerNorm with a weight, and not symmetric), where jacfwd(grad) is exact
-            return torch.func.jacfwd(grad(total))(flat0)
+            # LayerNorm with a weight, and not symmetric), where jacfwd(grad) is exact; an
+            # embedding's padding row held constant as the backward passes hold it (the Hessian
+            # products' reverse-over-reverse; a reviewer's: 16% apart without it)
+            with padding_rows_constant(self.task.model), quiet_forward_mode():
+                return torch.func.jacfwd(grad(total))(flat0)
 
         def looped() -> Tensor:
             x = flat0.clone().requires_grad_(True)

@@ -244,19 +244,16 @@ NOT_POSITIVE_DEFINITE = (
     "conjugate gradients met a direction of non-positive curvature: the damped curvature is not "
     "positive definite. Increase damping"
 )
-#: p^T A p / (||p||^2 ||A||) above minus this reads as a curvature zero to rounding (singular),
-#: for products in float32 or float64 (:func:`product_rounding`)
+#: p^T A p / (||p||^2 ||A||) above minus this reads as a curvature zero to rounding (singular):
+#: float64 and float32 products (a float32 GGN's null directions read -7e-9) and any Hessian's
 ZERO_CURVATURE = 1e-8
 
 
 def product_rounding(precision: torch.dtype) -> float:
-    """The ``rounding`` of :func:`not_positive_definite` for products in ``precision``: a
-    bfloat16 GGN's null directions read -5e-5 of its norm (a reviewer's), float32's -7e-9."""
-    return (
-        max(ZERO_CURVATURE, 10 * torch.finfo(precision).eps)
-        if precision.is_floating_point
-        else ZERO_CURVATURE
-    )
+    """The ``rounding`` of :func:`not_positive_definite` for a GGN's products in ``precision``
+    (:data:`ZERO_CURVATURE`, or 10 eps of a coarser one: a bfloat16 GGN's null directions read
+    -5e-5 of its norm, a reviewer's)."""
+    return max(ZERO_CURVATURE, 10 * torch.finfo(precision).eps)
 
 
 def not_positive_definite(
@@ -271,15 +268,18 @@ def not_positive_definite(
     l2 = 0 with P > N was told to check its loss, the built-in squared error), else not
     positive definite with :func:`indefinite_remedy`. ``||A||`` by a few power iterations (a
     refusal's cost only); ``rounding``: the products' (:func:`product_rounding`)."""
-    norm = power_iteration(lambda X: matmat(X.T).T, P.shape[0], iterations=10, dtype=P.dtype)
+    norm = power_iteration(
+        lambda X: matmat(X.T).T, P.shape[0], iterations=10, dtype=P.dtype, device=P.device
+    )
     ratios = pap / ((P * P).sum(0) * max(norm, torch.finfo(P.dtype).tiny))
     lowest = float(ratios.min())
     if lowest >= -rounding:
         return CurvatureError(
             "conjugate gradients met a direction of zero curvature (p^T A p / (||p||^2 ||A||) = "
             f"{lowest:.1e}, rounding): the damped curvature is singular along it and influence "
-            "is undefined there. Pass damping > 0 (about 1e-3 of the largest eigenvalue, "
-            f"{norm:.2e}) or the l2 the model was trained with"
+            f"is undefined there. Pass a damping well above that rounding (e.g. damping="
+            f"{1e-3 * norm:.1e}, 1e-3 of its largest eigenvalue {norm:.2e}) or the l2 the model "
+            "was trained with"
         )
     return CurvatureError(f"{NOT_POSITIVE_DEFINITE}, {indefinite_remedy(curvature)}")
 

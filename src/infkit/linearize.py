@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from infkit.autodiff import padding_rows_constant
+from infkit.autodiff import padding_rows_constant, quiet_forward_mode
 from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError
 from infkit.options import integer_argument, real_number
@@ -146,7 +146,7 @@ class LinearizedModel(nn.Module):
         # an embedding's padding row a constant of the lookup, as the backward pass through
         # this jvp reads it: otherwise the model's gradient is not its function's (a
         # reviewer's tied, padded lookup: 0.87 against 1.43 on that row)
-        with padding_rows_constant(self.base):
+        with padding_rows_constant(self.base), quiet_forward_mode():
             out0, tangent = jvp(f, (p0,), (self.delta(),))[:2]
         return out0 + tangent
 

@@ -204,16 +204,20 @@ def _mode_dependent(module: nn.Module) -> bool:
     (DropPath, DropBlock: a reviewer's timm-style DropPath and attention dropout went unnamed).
     A dropout that drops nothing (``p`` or ``drop_prob`` 0: a tester's ``nn.Dropout(0.0)``,
     as configs switch dropout off) computes the same in both modes."""
-    rate = getattr(module, "p", getattr(module, "drop_prob", None))
-    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate == 0:
-        return False
+    dropping = isinstance(module, nn.modules.dropout._DropoutNd) or type(
+        module
+    ).__name__.startswith("Drop")
+    if dropping:
+        rate = getattr(module, "p", getattr(module, "drop_prob", None))
+        numeric = isinstance(rate, (int, float)) and not isinstance(rate, bool)
+        return not (numeric and rate == 0)
     if isinstance(module, MODE_DEPENDENT):
         return True
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
         return bool(module.track_running_stats)
     if isinstance(module, nn.MultiheadAttention):
         return module.dropout > 0
-    return type(module).__name__.startswith("Drop")
+    return False
 
 
 def warn_about_training_mode(model: nn.Module) -> None:

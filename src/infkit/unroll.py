@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from infkit.autodiff import quiet_forward_mode
 from infkit.errors import InvalidInputError
 from infkit.parameters import evaluation_mode
 from infkit.recipe import Buffers, Replay, relative_drift, replay_tolerance
@@ -161,6 +162,6 @@ def tangent(replay: Replay, theta0: Tensor, w: Tensor, direction: Tensor) -> Ten
             theta, buffers = replay.step(theta, buffers, weights, t)
         return theta
 
-    with evaluation_mode(replay.task.model):
+    with evaluation_mode(replay.task.model), quiet_forward_mode():
         derivative = torch.func.jvp(run, (w,), (direction.to(w.dtype),))[1]
     return derivative

@@ -600,10 +600,10 @@ def _tensor(x: Any, name: str) -> Tensor:
 def _check_pooling(scores: Tensor, masks: Tensor, temperature: float) -> None:
     if scores.dim() != 2:
         raise InvalidInputError(f"scores must be [T, N], got shape {tuple(scores.shape)}")
-    if masks.dim() != 2 or masks.dtype != torch.bool or masks.shape[1] != scores.shape[1]:
+    if masks.dim() != 2 or masks.shape[1] != scores.shape[1]:
         raise InvalidInputError(
-            f"masks must be a boolean (or 0/1) [m, N] tensor with N = {scores.shape[1]} (the "
-            f"scores' columns), got {masks.dtype} of shape {tuple(masks.shape)}"
+            f"masks must be [m, N] with N = {scores.shape[1]} (the scores' columns), got shape "
+            f"{tuple(masks.shape)}"
         )
     if not bool(masks.any(1).all()):
         raise InvalidInputError(f"subset {int((~masks.any(1)).nonzero()[0])} has no members")
@@ -613,10 +613,9 @@ def _check_pooling(scores: Tensor, masks: Tensor, temperature: float) -> None:
 
 def _masks(masks: Any) -> Tensor:
     M = kept_masks(masks, MASKS_HINT)
-    if M.dim() != 2 or M.dtype != torch.bool or len(M) == 0:
+    if M.dim() != 2 or len(M) == 0:
         raise InvalidInputError(
-            f"masks must be a boolean (or 0/1) [m, N] tensor (True = member) with m >= 1, got "
-            f"{M.dtype} of shape {tuple(M.shape)}"
+            f"masks must be [m, N] (True or 1 = member) with m >= 1, got shape {tuple(M.shape)}"
         )
     empty = (~M.any(1)).nonzero()
     if len(empty):

@@ -430,9 +430,10 @@ class Lissa(PrimalMethod):
     def _contraction(self, ridge: float) -> float:
         """The series' slowest factor per step, ``max |1 - (lambda + ridge) / s|`` over the
         curvature's eigenvalues: the lowest one's ``1 - mu/s`` (mu the damped curvature's lowest
-        eigenvalue), or the top one's ``(lambda_max + ridge)/s - 1`` where a scale of one's own
-        lies near ``(lambda_max + ridge) / 2`` (a tester's 0.999 of it: scores 0.49 off after a
-        depth chosen for the ridge alone). 1 where the series does not converge."""
+        eigenvalue), or the top one's ``TOP_MARGIN (lambda_max + ridge)/s - 1`` where a scale of
+        one's own lies just above the bound the fit checks (a tester's scale at 0.9999 of it,
+        refused now, left the answer 0.3 off after a depth chosen for the ridge alone). 1 where
+        the series does not converge. :meth:`_depth` takes the same two factors."""
         scale, slowest = self._scale(), self._slowest(ridge)
         if slowest <= 0:
             return 1.0

@@ -637,6 +637,7 @@ def _run(
     train, test = build_data(config)
     check_retraining_size(config, len(train))
     task = build_task(config, model)
+    model = unwrapped(model)  # (the page names and fingerprints the model a task runs on)
     display = build_display(config, train, test)
     inf = build_influence(config, task, workdir / PARTIAL)
     inf.progress = progress
