@@ -387,3 +387,39 @@ def test_a_users_warning_is_not_shown_again_after_every_product() -> None:
     # (a few: the fit's own checks record warnings apart, as before the filter came; 36-48
     # with it around every product)
     assert len(own) <= 3, len(own)
+
+
+class PaddedLookupWithoutForwardMode(PaddedTiedLookup):
+    """The padded, tied lookup through a tanh that refuses forward mode (reverse modes only)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        looked_up = self.emb(ids) + torch.nn.functional.embedding(ids, self.adapter, padding_idx=0)
+        h = ReverseOnlyTanh.apply(self.mix(looked_up)).mean(1)
+        return h @ self.emb.weight.T
+
+
+def test_the_reverse_modes_give_the_functions_own_derivative_where_asked() -> None:
+    """Two reviewers': where forward mode is refused, a directional derivative (a removal's
+    change of the outputs) came from backward passes, which hold the padding row constant:
+    2.1e-2 off central differences on a tied, padded model. The reverse modes run the lookup
+    without its padding index there (the same values); paired products keep the convention."""
+    torch.manual_seed(0)
+    model = PaddedLookupWithoutForwardMode().double()
+    ids = torch.randint(1, 7, (8, 5))
+    ids[:3, -2:] = 0
+    y = torch.randint(0, 7, (8,))
+    space = ParameterSpace(model)
+    engine = PerExample(infkit.Task.classification(model), space)
+    batch = next(ExampleSet((ids, y)).batches(8))
+    theta = space.flat().detach().clone()
+
+    def logits(flat: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, space.unflatten(flat), (ids,))
+
+    step, h = torch.randn(space.size, dtype=torch.float64), 1e-5
+    central = (logits(theta + h * step) - logits(theta - h * step)) / (2 * h)
+    along = directional_derivatives(engine, batch, step, "outputs")
+    assert engine.pushforward.mode == "reverse-math"
+    assert relative_error(along.reshape(-1), central.reshape(-1)) < 1e-8
+    J = torch.autograd.functional.jacobian(logits, theta).reshape(8 * 7, -1)  # backward's J
+    assert relative_error(engine.jvp(batch, step).reshape(-1), J @ step) < 1e-12

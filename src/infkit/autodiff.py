@@ -138,6 +138,39 @@ class _PaddingConstant(TorchFunctionMode):
         return torch.where(at_padding, out.detach(), out)
 
 
+class _PaddingVariable(TorchFunctionMode):
+    """``F.embedding`` called without its ``padding_idx`` (the same values): the padding row is
+    then a parameter of the lookup in backward passes too, as it is of the function."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            if len(args) > 2:  # (padding_idx given by position)
+                args = (*args[:2], None, *args[3:])
+            else:
+                kwargs = {**kwargs, "padding_idx": None}
+        return func(*args, **kwargs)
+
+
+def _padded(model: nn.Module) -> bool:
+    """Whether ``model`` has an ``nn.Embedding`` with a ``padding_idx``."""
+    return any(isinstance(m, nn.Embedding) and m.padding_idx is not None for m in model.modules())
+
+
+def padding_rows_variable(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """Within it, an embedding lookup with a ``padding_idx`` runs without it where ``model`` has
+    such an embedding: the same values, and backward passes read the padding row as the
+    function does (the reverse modes' stand-in for a directional derivative of the function,
+    where forward mode is refused: a reviewer's 2.1e-2 off central differences without it)."""
+    return _PaddingVariable() if _padded(model) else contextlib.nullcontext()
+
+
 def padding_rows_constant(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
     """Within it, an embedding lookup with a ``padding_idx`` (``F.embedding``) is detached at the
     padding positions where ``model`` has such an embedding: the same values, and the padding
@@ -145,8 +178,7 @@ def padding_rows_constant(model: nn.Module) -> contextlib.AbstractContextManager
     stays a parameter wherever else it is used (a tied output head). Only for products that
     pair forward mode with backward passes (``J^T H J``, ``J J^T``): a directional derivative
     of the model's function is the function's own."""
-    padded = any(isinstance(m, nn.Embedding) and m.padding_idx is not None for m in model.modules())
-    return _PaddingConstant() if padded else contextlib.nullcontext()
+    return _PaddingConstant() if _padded(model) else contextlib.nullcontext()
 
 
 #: whether this process has loaded PyTorch's forward-mode decompositions
@@ -217,23 +249,24 @@ class Pushforward:
         """J t for ``fn`` returning one tensor; with ``batched`` the tangents carry a leading
         dimension k and so does J t. ``paired``: J as the backward passes read it, to pair with
         their ``J^T`` (an embedding's padding row constant, :func:`padding_rows_constant`);
-        else the function's own derivative (a removal's change of the outputs) where forward
-        mode runs; after a fallback to the reverse modes, the backward passes' J either way."""
+        else the function's own derivative (a removal's change of the outputs), in the reverse
+        modes too (:func:`padding_rows_variable`)."""
 
         def compute(mode: str) -> torch.Tensor:
-            if mode.startswith("forward"):
-                push = lambda t: jvp(fn, (primal,), (t,))[1]  # noqa: E731
-            else:
-                out, pullback = vjp(fn, primal)[:2]
-                transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))[1]
-                push = lambda t: transpose(t)[0]  # noqa: E731
-            # (the reverse modes' products hold the padding row constant whatever ``paired``
-            # says: PyTorch's backward does; a model that refuses forward mode gets that)
-            model = self.model if paired and mode.startswith("forward") else None
-            with (
-                padding_rows_constant(model) if model is not None else contextlib.nullcontext(),
-                quiet_forward_mode() if mode.startswith("forward") else contextlib.nullcontext(),
-            ):
+            # paired: forward mode holds the padding row as backward passes do; else the
+            # reverse modes' stand-in reads it as the function does (around the pass that
+            # records the graph too)
+            forward = mode.startswith("forward")
+            padding: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if paired == forward:
+                padding = (padding_rows_constant if paired else padding_rows_variable)(self.model)
+            with padding, quiet_forward_mode() if forward else contextlib.nullcontext():
+                if forward:
+                    push = lambda t: jvp(fn, (primal,), (t,))[1]  # noqa: E731
+                else:
+                    out, pullback = vjp(fn, primal)[:2]
+                    transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))[1]
+                    push = lambda t: transpose(t)[0]  # noqa: E731
                 return vmap(push)(tangents) if batched else push(tangents)
 
         return self._attempt(compute)
