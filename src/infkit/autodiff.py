@@ -111,11 +111,18 @@ def composite_attention(enabled: bool) -> Iterator[None]:
         yield
 
 
-class _PaddingConstant(TorchFunctionMode):
-    """``F.embedding`` with a ``padding_idx`` returns its output detached at the padding
-    positions (the same values): the padding row is then a constant of the lookup, whichever
-    module calls it (``nn.Embedding``, peft's LoRA embedding beside it). Entered where the model
-    has a padded ``nn.Embedding`` (:func:`padding_rows_constant`)."""
+class _PaddingRows(TorchFunctionMode):
+    """``F.embedding`` with a ``padding_idx``, the same values either way: with ``constant``,
+    its output detached at the padding positions (the padding row a constant of the lookup in
+    forward mode, as backward passes read it), whichever module calls it (``nn.Embedding``,
+    peft's LoRA embedding beside it); else called without its ``padding_idx`` (the row a
+    parameter of the lookup in backward passes too, as it is of the function). Entered where
+    the model has a padded ``nn.Embedding`` (:func:`padding_rows_constant`,
+    :func:`padding_rows_variable`)."""
+
+    def __init__(self, constant: bool) -> None:
+        super().__init__()
+        self.constant = constant
 
     def __torch_function__(
         self,
@@ -125,37 +132,21 @@ class _PaddingConstant(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         if func is not F.embedding:
-            return out
+            return func(*args, **kwargs)
         named = dict(zip(("input", "weight", "padding_idx"), args, strict=False)) | kwargs
         padding = named.get("padding_idx")
         if padding is None:
-            return out
+            return func(*args, **kwargs)
+        if not self.constant:
+            if len(args) > 2:  # (padding_idx given by position)
+                return func(*args[:2], None, *args[3:], **kwargs)
+            return func(*args, **{**kwargs, "padding_idx": None})
+        out = func(*args, **kwargs)
         if padding < 0:
             padding += named["weight"].shape[0]
         at_padding = (named["input"] == padding).unsqueeze(-1)
         return torch.where(at_padding, out.detach(), out)
-
-
-class _PaddingVariable(TorchFunctionMode):
-    """``F.embedding`` called without its ``padding_idx`` (the same values): the padding row is
-    then a parameter of the lookup in backward passes too, as it is of the function."""
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is F.embedding:
-            if len(args) > 2:  # (padding_idx given by position)
-                args = (*args[:2], None, *args[3:])
-            else:
-                kwargs = {**kwargs, "padding_idx": None}
-        return func(*args, **kwargs)
 
 
 def _padded(model: nn.Module) -> bool:
@@ -168,7 +159,7 @@ def padding_rows_variable(model: nn.Module) -> contextlib.AbstractContextManager
     such an embedding: the same values, and backward passes read the padding row as the
     function does (the reverse modes' stand-in for a directional derivative of the function,
     where forward mode is refused: a reviewer's 2.1e-2 off central differences without it)."""
-    return _PaddingVariable() if _padded(model) else contextlib.nullcontext()
+    return _PaddingRows(constant=False) if _padded(model) else contextlib.nullcontext()
 
 
 def padding_rows_constant(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
@@ -178,7 +169,7 @@ def padding_rows_constant(model: nn.Module) -> contextlib.AbstractContextManager
     stays a parameter wherever else it is used (a tied output head). Only for products that
     pair forward mode with backward passes (``J^T H J``, ``J J^T``): a directional derivative
     of the model's function is the function's own."""
-    return _PaddingConstant() if _padded(model) else contextlib.nullcontext()
+    return _PaddingRows(constant=True) if _padded(model) else contextlib.nullcontext()
 
 
 #: whether this process has loaded PyTorch's forward-mode decompositions

@@ -473,14 +473,14 @@ class Ensemble:
         queries = ExampleSet(test, name="test set")
         t, n = len(queries), self.n_train
         k = min(k, n)
-        higher_is_better = self._members[0].task.higher_is_better
+        helpful_sign = self._members[0].task.helpful_sign
         row_bytes = 2 * n * FLOAT64_BYTES  # the running sum and one member's rows
         chunks = row_chunks(t, row_bytes, t * n * FLOAT64_BYTES, self.memory_limit)
         parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         for start, stop in chunks:
             part = queries if stop - start == t else queries.part(torch.arange(start, stop))
             S = self._scores(part, None, False).mean()
-            helpful = -S if higher_is_better else S
+            helpful = helpful_sign * S
             pro = helpful.topk(k, dim=1).indices
             con = (-helpful).topk(k, dim=1).indices
             parts.append((pro, S.gather(1, pro), con, S.gather(1, con)))

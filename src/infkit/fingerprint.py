@@ -30,7 +30,7 @@ import sys
 import sysconfig
 import types
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -266,14 +266,18 @@ def _is_users_callable(fn: Any) -> bool:
     code = getattr(target, "__code__", None)
     module: str | None = getattr(target, "__module__", None)
     if code is None:  # a callable object: its class's __call__
-        call = next(
-            (vars(k)["__call__"] for k in type(target).__mro__ if "__call__" in vars(k)), None
-        )
+        call = _class_call(type(target))
         code = getattr(call, "__code__", None)
         module = type(target).__module__
     if module is not None and module.split(".")[0] in _HOOK_LIBRARIES:
         return False
     return code is not None and _is_user_code(module, code.co_filename)
+
+
+def _class_call(cls: type) -> Any:
+    """The ``__call__`` a callable object of class ``cls`` runs (the first in its MRO), or
+    None."""
+    return next((vars(k)["__call__"] for k in cls.__mro__ if "__call__" in vars(k)), None)
 
 
 def held_module_tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -283,17 +287,21 @@ def held_module_tensors(model: nn.Module) -> dict[str, Tensor]:
     read them, though ``named_parameters`` does not list them."""
     registered = {id(m) for m in model.modules()}
     found: dict[str, Tensor] = {}
+    for where, held in _held_modules(model):
+        if id(held) in registered:
+            continue
+        for name, t in itertools.chain(held.named_parameters(), held.named_buffers()):
+            found[f"{where}.{name}"] = t
+    return found
+
+
+def _held_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The modules ``model``'s modules hold in their public attributes, directly or in lists,
+    tuples and dicts two deep (:func:`_modules_in`), by dotted place; registered ones too."""
     for prefix, module in model.named_modules():
         for key, value in vars(module).items():
-            if key.startswith("_"):
-                continue
-            for where, held in _modules_in(value, _dotted(prefix, key), 2):
-                if id(held) in registered:
-                    continue
-                tensors = itertools.chain(held.named_parameters(), held.named_buffers())
-                for name, t in tensors:
-                    found[f"{where}.{name}"] = t
-    return found
+            if not key.startswith("_"):
+                yield from _modules_in(value, _dotted(prefix, key), 2)
 
 
 def _modules_in(value: Any, where: str, levels: int) -> list[tuple[str, nn.Module]]:
@@ -317,13 +325,7 @@ def holds_module(outer: nn.Module, inner: nn.Module) -> bool:
     module tree (:func:`held_module_tensors`' places)."""
     if any(module is inner for module in outer.modules()):
         return True
-    return any(
-        held is inner
-        for module in outer.modules()
-        for key, value in vars(module).items()
-        if not key.startswith("_")
-        for _, held in _modules_in(value, key, 2)
-    )
+    return any(held is inner for _, held in _held_modules(outer))
 
 
 #: modules whose classes' code :func:`code_identities` leaves out: PyTorch's own (its modules'
@@ -487,9 +489,15 @@ def note_forward_writes(model: nn.Module, before: Snapshot) -> None:
     now = _value_attributes(model)
     written = {name for name, t in now.items() if tensors.get(name) is not t}
     after = settings_values(model)
-    written |= {n for n in after.keys() | settings.keys() if after.get(n) != settings.get(n)}
+    written.update(changed_keys(settings, after))
     if written:
         _WRITTEN.setdefault(model, set()).update(written)
+
+
+def changed_keys(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """The keys, sorted, whose values differ between two flat records of one model (or that
+    one of them lacks): what changed between a snapshot and now."""
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
 def _dotted(prefix: str, key: str) -> str:
@@ -818,7 +826,7 @@ def callable_identity(
         h = hashlib.sha256(shown.encode())
         if not cls.__module__.startswith("infkit.") and _depth < CALL_DEPTH:
             # (what it computes: its __call__'s code and the settings it holds)
-            call = next((vars(k)["__call__"] for k in cls.__mro__ if "__call__" in vars(k)), None)
+            call = _class_call(cls)
             if isinstance(call, types.FunctionType) and not (call.__module__ or "").startswith(
                 "torch"
             ):
@@ -1054,9 +1062,10 @@ def canonical_text(value: Any, depth: int = 0) -> str:
     a tensor by its digest (its repr elides values and follows the print options), sets and
     dict keys in sorted order (a set prints in the order of the process's string hashing),
     a ``torch.device`` or a device's name by its kind (``cuda``, not ``cuda:1``: each process
-    of a run keeps its own), a dataclass by all its fields (``repr=False`` ones too), a namespace or another settings
-    object (:func:`_is_settings`) by its public attributes; other objects by
-    :func:`stable_repr` (a module, a function: their repr, as they were always taken)."""
+    of a run keeps its own), a dataclass by all its fields (``repr=False`` ones too), a
+    namespace or another settings object (:func:`_is_settings`) by its public attributes;
+    other objects by :func:`stable_repr` (a module, a function: their repr, as they were always
+    taken)."""
     if isinstance(value, Tensor):
         return f"tensor({tensor_digest(value)})"
     if isinstance(value, torch.device):

@@ -30,6 +30,7 @@ from infkit.errors import (
 )
 from infkit.example_checks import check_examples, deterministic_outputs, warn_batch_mixing
 from infkit.fingerprint import (
+    changed_keys,
     forward_snapshot,
     forward_written,
     held_module_tensors,
@@ -161,29 +162,29 @@ class Fitted:
                 return f"{name or 'model'} (module: {classes[name]} at fit, {now_class} now)"
         hooks: dict[str, str] = self._hooks  # type: ignore[attr-defined]
         found_hooks = user_hooks(model)
-        for name in sorted(hooks.keys() | found_hooks.keys()):
-            if hooks.get(name) != found_hooks.get(name):
-                module, kind = name.split(":", 1)
-                return f"{module or 'model'} (hook: {kind.split('[')[0]})"
+        changed = changed_keys(hooks, found_hooks)
+        if changed:
+            module, kind = changed[0].split(":", 1)
+            return f"{module or 'model'} (hook: {kind.split('[')[0]})"
         held: dict[str, str] = self._held  # type: ignore[attr-defined]
         found_held = _held_snapshot(model)
-        for name in sorted(held.keys() | found_held.keys()):
-            if held.get(name) != found_held.get(name):
-                return f"{name} (held outside the module tree)"
+        changed = changed_keys(held, found_held)
+        if changed:
+            return f"{changed[0]} (held outside the module tree)"
         found = _outside_digests(model, self.space)
         expected: dict[str, str] = self._outside  # type: ignore[attr-defined]
-        for name in sorted(found.keys() | expected.keys()):
-            if found.get(name) != expected.get(name):
-                return name
+        changed = changed_keys(expected, found)
+        if changed:
+            return changed[0]
         kept: dict[str, str] = self._attributes  # type: ignore[attr-defined]
         for name, value in tensor_attributes(model).items():  # a forward pass's writes left out
             if name in kept and tensor_digest(value) != kept[name]:
                 return f"{name} (attribute)"
         settings: dict[str, str] = self._settings  # type: ignore[attr-defined]
         values, written = settings_values(model), set(forward_written(model))
-        for name in sorted((settings.keys() | values.keys()) - written):
-            if settings.get(name) != values.get(name):
-                return f"{name} (setting)"
+        changed = [n for n in changed_keys(settings, values) if n not in written]
+        if changed:
+            return f"{changed[0]} (setting)"
         return None
 
     def adapters_changed_since_fit(self) -> str | None:
@@ -193,12 +194,13 @@ class Fitted:
         longer calls the attributed ones: every gradient in them, and so every score, is 0."""
         now = adapter_state(self.task.model)
         then: dict[str, AdapterState] = self._adapters  # type: ignore[attr-defined]
-        for name in sorted(now.keys() | then.keys()):
-            if now.get(name) != then.get(name):
-                return (
-                    f"layer {name!r} had {_adapter_words(then.get(name))} at fit and has "
-                    f"{_adapter_words(now.get(name))} now"
-                )
+        changed = changed_keys(then, now)
+        if changed:
+            name = changed[0]
+            return (
+                f"layer {name!r} had {_adapter_words(then.get(name))} at fit and has "
+                f"{_adapter_words(now.get(name))} now"
+            )
         return None
 
     def require_unchanged(self) -> None:

@@ -57,6 +57,7 @@ from infkit.errors import (
 from infkit.fingerprint import (
     attribute_objects,
     callable_identity,
+    changed_keys,
     code_identities,
     data_fingerprint,
     forward_written,
@@ -428,7 +429,7 @@ def _code_difference(saved: dict[str, str], now: dict[str, str]) -> str:
 
 def _held_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
     """Which tensors of the modules the model holds outside its module tree differ."""
-    changed = sorted(name for name in now.keys() | saved.keys() if now.get(name) != saved.get(name))
+    changed = changed_keys(saved, now)
     return (
         f"the tensors of modules the model holds outside its module tree differ: "
         f"{listed(changed or ['their values'], 3)} (a module kept in a list or dict attribute, "
@@ -438,7 +439,7 @@ def _held_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
 
 def _hook_difference(saved: dict[str, str], now: dict[str, str]) -> str:
     """Which hooks of the user's code on the model's modules differ from the saved model's."""
-    changed = sorted(name for name in now.keys() | saved.keys() if now.get(name) != saved.get(name))
+    changed = changed_keys(saved, now)
     said = [
         f"{name} ({'added' if name not in saved else 'removed' if name not in now else 'changed'})"
         for name in changed

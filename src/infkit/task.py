@@ -715,6 +715,12 @@ class Task:
         twin.model = model
         return twin
 
+    @property
+    def helpful_sign(self) -> float:
+        """+1, or -1 for a measurement where higher is better: a removal effect times it is
+        the example's help (removing a helpful example raises a loss and lowers a margin)."""
+        return -1.0 if self.higher_is_better else 1.0
+
     def with_measurement(self, measurement: PerExampleFn, higher_is_better: bool = False) -> Task:
         """A copy of this task measuring ``measurement`` (``fn(outputs, targets) -> [B]``)
         instead: the same model, loss, curvature and checks."""

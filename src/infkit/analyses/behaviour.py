@@ -209,7 +209,7 @@ def differential_token_scores(
         shown = track(chunks, fitted.progress, "behaviour token scores", len(chunks))
     # (a removal effect is help for a loss, harm for a measurement where higher is better: a
     # tester's log p of the behaviour's token ranked its real promoter last)
-    promotes = -1.0 if inf.task.higher_is_better else 1.0
+    promotes = inf.task.helpful_sign
     for chunk in shown:
         b = inf.token_scores(behaviour_set, chunk, positions=positions)
         c = inf.token_scores(contrast_set, chunk, positions=positions)

@@ -151,7 +151,7 @@ def layer_quality(inf: Influence, validation: Any) -> LayerQuality:
     influence = torch.stack([parts[name][0] for name in layers])
     # (removing a helpful example raises a loss and lowers a margin: the help is the score's
     # sign for the loss, minus it for a measurement where higher is better, as top_k reads it)
-    help_of_each = -influence if inf.task.higher_is_better else influence
+    help_of_each = inf.task.helpful_sign * influence
     return LayerQuality(
         layers=layers,
         influence=influence,

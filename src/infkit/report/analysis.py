@@ -1098,7 +1098,7 @@ def _explanations(
     to make the measurement worse (a loss higher), the opponents better; where fewer than k
     examples have that sign the list is shorter (k above the count of helpful examples would
     otherwise rank harmful ones as proponents)."""
-    helpful_sign = -1.0 if inf.task.higher_is_better else 1.0
+    helpful_sign = inf.task.helpful_sign
     token_scores = None
     if display.kind == "text" and inf.method.answers("token_scores"):
         token_scores = inf if inf.estimator == "if" else inf.with_estimator("if")
