@@ -17,17 +17,36 @@ import infkit
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _register_example_method() -> None:
-    """Import examples/diagonal_ggn.py, a method defined outside the package: it registers
-    itself, and the contract test (collected from infkit.methods()) then covers it."""
-    spec = importlib.util.spec_from_file_location("diagonal_ggn", EXAMPLES / "diagonal_ggn.py")
+def _import_method_file(path: Path) -> None:
+    """Import a file that registers a method (under its stem's module name): the contract test,
+    collected from infkit.methods(), then covers that method too."""
+    if not path.is_file():
+        raise pytest.UsageError(f"--method-file {path}: no such file")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["diagonal_ggn"] = module
+    sys.modules[path.stem] = module
     spec.loader.exec_module(module)
 
 
-_register_example_method()
+# examples/diagonal_ggn.py, a method defined outside the package, is covered in every run
+_import_method_file(EXAMPLES / "diagonal_ggn.py")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--method-file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a Python file that registers a method of your own: the contract test "
+        "(tests/test_method_contract.py) covers it beside the built-in ones (CONTRIBUTING.md)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for path in config.getoption("--method-file"):
+        _import_method_file(Path(path).resolve())
 
 
 @pytest.fixture(autouse=True)

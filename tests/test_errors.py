@@ -694,3 +694,211 @@ def test_a_data_parallel_wrapper_is_read_through_to_its_module() -> None:
             assert torch.equal(inf.fit((X, y)).scores(test), expected)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["exact", "cg", "kfac", "identity"])
+def test_a_loss_or_measurement_with_no_gradient_is_named(linear_data, method: str) -> None:
+    """A tester's: a detached loss, a 0/1 error and a boolean measurement passed every check and
+    met PyTorch's "element 0 of tensors does not require grad" in a different place per method
+    (the boolean measurement gave zeros under exact and cg); each is refused at its set's check."""
+    model, (X, y) = linear_data
+
+    def loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(o, t, reduction="none")
+
+    bad_losses = {
+        "torch.float64": lambda o, t: loss(o, t).detach(),
+        "torch.int64": lambda o, t: (o.argmax(1) != t).long(),
+    }
+    for dtype, bad in bad_losses.items():
+        with pytest.raises(
+            InvalidInputError, match=f"loss of training set example 0 carries no gradient.*{dtype}"
+        ):
+            infkit.Influence(infkit.Task(model, bad), method, l2=1e-2).fit((X, y))
+    task = infkit.Task(model, loss, lambda o, t: o.argmax(1) == t, higher_is_better=True)
+    inf = infkit.Influence(task, method, l2=1e-2).fit((X, y))
+    with pytest.raises(
+        InvalidInputError, match="measurement of test set example 0 carries no gradient"
+    ):
+        inf.scores((X[:3], y[:3]))
+    # the same task with a differentiable measurement answers (the check refuses only the graphless)
+    good = infkit.Task(
+        model, loss, lambda o, t: o.gather(1, t[:, None])[:, 0], higher_is_better=True
+    )
+    assert (
+        infkit.Influence(good, method, l2=1e-2).fit((X, y)).scores((X[:3], y[:3])).abs().max() > 0
+    )
+
+
+def test_an_output_hessian_factor_of_the_wrong_shape_is_named(linear_data) -> None:
+    """A tester's: a factor [B, C] met "permute(sparse_coo)" and one [B, 3, 1] for C = 2 a
+    reshape error inside K-FAC; both are named, and a right one gives the closed form's scores."""
+    model, data = linear_data
+
+    def loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(o, t, reduction="none")
+
+    def factor(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # L L^T = diag(p) - p p^T
+        p = o.softmax(1).to(torch.float64)
+        return (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) @ torch.diag_embed(p.rsqrt())
+
+    for bad, got in [
+        (lambda o, t: o.softmax(1), r"\(30, 2\)"),
+        (lambda o, t: torch.ones(o.shape[0], 3, 1, dtype=o.dtype), r"\(30, 3, 1\)"),
+    ]:
+        task = infkit.Task(model, loss, output_hessian_factor=bad)
+        with pytest.raises(
+            InvalidInputError, match=f"output_hessian_factor returned {got}.*\\[30, 2, K\\]"
+        ):
+            infkit.Influence(task, "kfac", l2=1e-2, batch_size=30).fit(data)
+    mine = infkit.Influence(infkit.Task(model, loss, output_hessian_factor=factor), "kfac", l2=1e-2)
+    built = infkit.Influence(infkit.Task.classification(model), "kfac", l2=1e-2)
+    test = (data[0][:4], data[1][:4])
+    expected = built.fit(data).scores(test)
+    assert relative_error(mine.fit(data).scores(test), expected) < 1e-10
+
+
+def test_one_corrupted_target_does_not_hide_the_models_distance_from_its_optimum() -> None:
+    """A tester's: a ridge regression at its optimum, then one target set to 100 (typical
+    |y| about 2): scores 100% off leave-one-out retraining (Pearson 0.035), yet no warning, the
+    pooled residual shift reading 0.24 for targets of 10, 100 and 1000 alike (the one huge
+    residual dominating both its sums). The typical example's shift is read too: warned."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 5, generator=gen, dtype=torch.float64)
+    y = X.sum(1) + 0.1 * torch.randn(40, generator=gen, dtype=torch.float64)
+    model = torch.nn.Linear(5, 1).double()
+    task = infkit.Task.regression(model)
+    infkit.train_to_optimum(task, (X, y), 1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # at its optimum: no word
+        infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+    for outlier in (10.0, 100.0, 1000.0):
+        corrupted = y.clone()
+        corrupted[4] = outlier
+        with pytest.warns(UserWarning, match="not at a stationary point"):
+            inf = infkit.Influence(task, "exact", l2=1e-2).fit((X, corrupted))
+        assert inf.describe()["drift"]["residual_shift"] > 1.0
+    corrupted[4] = 1e160  # the squares overflow: no figure to compare, said so
+    with pytest.warns(UserWarning, match="gradient at theta\\* overflows"):
+        inf = infkit.Influence(task, "exact", l2=1e-2).fit((X, corrupted))
+    assert inf.describe()["stationarity"] == float("inf")
+
+
+def test_an_example_the_model_or_loss_cannot_take_past_the_first_is_named() -> None:
+    """A tester's: the checks read example 0 (and a partner), so a token id outside the
+    embedding at example 7, a label a loss of one's own refuses at example 7, and 1-D inputs a
+    batch cannot take met PyTorch's raw errors from inside a pass, in fit, scores and
+    train_to_optimum alike. The failing example (or batch) is named, the error chained."""
+    torch.manual_seed(0)
+    embedding = torch.nn.Sequential(
+        torch.nn.Embedding(10, 3), torch.nn.Flatten(), torch.nn.Linear(6, 2)
+    )
+    embedding.double()
+    ids = torch.randint(0, 10, (20, 2))
+    y = torch.randint(0, 2, (20,))
+    bad = ids.clone()
+    bad[7, 1] = 10
+    task = infkit.Task.classification(embedding)
+    for call in (
+        lambda: infkit.Influence(task, "exact", l2=1e-2).fit((bad, y)),
+        lambda: infkit.train_to_optimum(task, (bad, y), 1e-2),
+    ):
+        with pytest.raises(
+            InvalidInputError, match="failed on training set example 7: IndexError"
+        ) as caught:
+            call()
+        assert isinstance(caught.value.__cause__, IndexError)
+    with pytest.warns(UserWarning):
+        inf = infkit.Influence(task, "exact", l2=1e-2).fit((ids, y))
+    with pytest.raises(
+        InvalidInputError, match="measurement failed on test set example 7: IndexError"
+    ):
+        inf.scores((bad[:10], y[:10]))
+
+    def loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(o, t, reduction="none")
+
+    linear = torch.nn.Linear(4, 3).double()
+    X = torch.randn(20, 4, dtype=torch.float64)
+    labels = torch.randint(0, 3, (20,))
+    labels[7] = 3
+    with pytest.raises(
+        InvalidInputError, match="loss failed on training set example 7: IndexError"
+    ):
+        infkit.Influence(infkit.Task(linear, loss), "exact", l2=1e-2).fit((X, labels))
+
+    one_feature = torch.nn.Linear(1, 1).double()
+    x = torch.randn(20, dtype=torch.float64)
+    for call in (
+        lambda: infkit.Influence(infkit.Task.regression(one_feature), "exact", l2=1e-2).fit(
+            (x, 2 * x)
+        ),
+        lambda: infkit.retrain.without(infkit.Task.regression(one_feature), (x, 2 * x), [0], 1e-2),
+    ):
+        with pytest.raises(
+            InvalidInputError, match=r"a batch of training set examples 0-19 .*X\.reshape\(-1, 1\)"
+        ):
+            call()
+
+
+def test_odd_arguments_at_the_entry_points_are_taken_or_named(linear_data, tmp_path) -> None:
+    """A tester's: raw Python and PyTorch errors at the entry points. A reversed numpy view is
+    read (the same scores as its copy); a float128 array, a sparse tensor, a string l2 or
+    max_iter, a path of None, load's options as a string and an integer dtype for the removed
+    model are named; numpy's float32 l2 and damping are taken like float64's."""
+    model, (X, y) = linear_data
+    task = infkit.Task.classification(model)
+    inf = infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+    Xr, yr = X.numpy()[::-1], y.numpy()[::-1]
+    reversed_fit = infkit.Influence(task, "exact", l2=1e-2).fit((Xr, yr))
+    expected = inf.scores((X[:5], y[:5]))
+    assert relative_error(reversed_fit.scores((X[:5], y[:5])), expected.flip(1)) < 1e-12
+    assert (
+        relative_error(inf.scores((X.numpy()[::-1][-5:], y.numpy()[::-1][-5:])), expected.flip(0))
+        < 1e-12
+    )
+    refused = {
+        "NumPy array of float128": lambda: infkit.Influence(task, "exact", l2=1e-2).fit(
+            (X.numpy().astype(np.longdouble), y.numpy())
+        ),
+        "sparse": lambda: infkit.Influence(task, "exact", l2=1e-2).fit((X.to_sparse(), y)),
+        "l2 must be a finite number >= 0, got '0.01'": lambda: infkit.train_to_optimum(
+            task, (X, y), "0.01"
+        ),
+        "max_iter must be an integer >= 1, got '10'": lambda: infkit.train_to_optimum(
+            task, (X, y), 1e-2, max_iter="10"
+        ),
+        "l2 must be a finite number >= 0, got '0.5'": lambda: infkit.retrain.without(
+            task, (X, y), [0], "0.5"
+        ),
+        "path must be a directory's path": lambda: inf.save(None),
+        "options must be a dict": lambda: infkit.Influence.load(
+            inf.save(tmp_path / "s"), task, options="x"
+        ),
+        "dtype must be a floating-point torch.dtype": lambda: inf.remove([1]).model(
+            dtype=torch.int32
+        ),
+    }
+    for message, call in refused.items():
+        with pytest.raises(InvalidInputError, match=re.escape(message)):
+            call()
+    with pytest.raises(InvalidInputError, match="dtype must be a floating-point"):
+        inf.remove([1]).model(dtype="float32")  # type: ignore[arg-type]
+    single = infkit.Influence(task, "exact", l2=np.float32(1e-2), damping=np.float32(0.0))
+    assert single.l2 == pytest.approx(1e-2) and isinstance(single.l2, float)
+
+
+def test_ragged_rows_and_a_built_in_tasks_own_refusal_are_told_plainly(linear_data) -> None:
+    """A tester's: an (X, y) pair of lists with one short row was told "each item must be an
+    (x, y) pair ...; got list", and binary_classification's own refusal of two logits was
+    wrapped in advice for a loss of one's own ("convert them in the loss")."""
+    model, (X, y) = linear_data
+    rows = [X[i].tolist()[: 4 - (i == 5)] for i in range(len(X))]
+    with pytest.raises(InvalidInputError, match="row 0 has 4 numbers, row 5 has 3"):
+        infkit.Influence(infkit.Task.classification(model), "exact", l2=1e-2).fit(
+            (rows, y.tolist())
+        )
+    two_logits = infkit.Task.binary_classification(torch.nn.Linear(4, 2).double())
+    with pytest.raises(InvalidInputError, match="one logit per example") as caught:
+        infkit.Influence(two_logits, "exact", l2=1e-2).fit((X, y))
+    assert "convert them in the loss" not in str(caught.value)

@@ -122,3 +122,40 @@ def test_linearizability_refuses_settings_that_train_nothing() -> None:
             linearizability(task, (X, y), **settings)
     with pytest.raises(infkit.errors.NonFiniteError, match="training set example 2"):
         linearizability(task, (torch.where(torch.arange(12)[:, None] == 2, torch.nan, X), y))
+
+
+def test_a_network_in_training_mode_is_expanded_in_evaluation_mode() -> None:
+    """A tester's: a freshly built network with BatchNorm (in training mode) failed inside the
+    jvp ("in-place operation ... would mutate a captured Tensor"), one with dropout gave two calls
+    1.69 apart, and ``lin.eval()`` set the user's network's mode. The network is now expanded in
+    evaluation mode whatever either module's, as empirical_ntk takes it: the outputs are
+    f(x; theta_0) + J(x) delta of the evaluation-mode network (its dense Jacobian), the same on
+    every call, and the user's network keeps its mode."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 8),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.Tanh(),
+        torch.nn.Dropout(0.5),
+        torch.nn.Linear(8, 2),
+    ).double()
+    with torch.no_grad():  # running statistics of its own, so evaluation mode is not identity
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    assert net.training
+    X = torch.randn(7, 3, dtype=torch.float64)
+    lin = linearize(net)
+    with torch.no_grad():
+        for t in lin.theta:
+            t.add_(0.01 * torch.randn_like(t))
+    first, second = lin(X), lin(X)
+    assert torch.equal(first, second)
+    evaluated = copy.deepcopy(net).eval()
+    delta = torch.cat([d.reshape(-1) for d in lin.delta().values()]).detach()
+    expected = evaluated(X) + _jacobian(evaluated, X) @ delta
+    assert relative_error(first.detach(), expected.detach()) < 1e-12
+    lin.eval()
+    assert net.training and all(m.training for m in net.modules())
+    lin.train()
+    assert torch.equal(lin(X), first)
+    assert float(net[1].num_batches_tracked) == 0  # running statistics untouched

@@ -141,7 +141,15 @@ def arrays_as_tensors(obj: Any, what: str) -> Any:
                 f"{what} is a NumPy array of {obj.dtype} ({obj.dtype.kind!r} kind), and infkit "
                 f"reads numbers: {hint}"
             )
-        return torch.as_tensor(obj)
+        if any(stride < 0 for stride in obj.strides):  # a reversed view (X[::-1], np.flip)
+            obj = obj.copy()  # (C order: torch takes no negative stride)
+        try:
+            return torch.as_tensor(obj)
+        except TypeError as error:  # a dtype torch has not: float128 (longdouble), ...
+            raise InvalidInputError(
+                f"{what} is a NumPy array of {obj.dtype}, which PyTorch does not take: convert "
+                "it, e.g. X.astype(np.float64)"
+            ) from error
     if isinstance(obj, dict):
         return {k: arrays_as_tensors(v, f"{what}[{k!r}]") for k, v in obj.items()}
     return obj
@@ -269,6 +277,18 @@ def example_name(number: int, position: int) -> str:
 DEFAULT_NAME = "data"
 
 
+def _is_ragged_pair(data: Any) -> bool:
+    """Whether ``data`` is an ``(X, y)`` pair of Python lists whose rows of X are lists of
+    numbers of several lengths."""
+    return (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and isinstance(data[1], (list, tuple))
+        and is_ragged(data[0])
+        and len(data[0]) == len(data[1])
+    )
+
+
 class ExampleSet:
     """A finite, indexable collection of (inputs, targets) examples."""
 
@@ -342,6 +362,15 @@ class ExampleSet:
                 "the inputs together with their labels, as a pair (X, y); for a language model, "
                 f"{LM_EXAMPLES} builds the pair from the token ids"
             )
+        elif _is_ragged_pair(data):
+            lengths = [len(row) for row in data[0]]
+            odd = next(k for k, length in enumerate(lengths) if length != lengths[0])
+            raise InvalidInputError(
+                f"{name} looks like an (X, y) pair of Python lists whose rows of X differ in "
+                f"length: row 0 has {lengths[0]} numbers, row {odd} has {lengths[odd]}. Every "
+                "example's input needs one shape: fix that row, or pad the rows to one length "
+                "(token ids of texts: tokenizer(texts, padding=True))"
+            )
         elif isinstance(data, (Dataset, Sequence)) and hasattr(data, "__getitem__"):
             self._dataset = data
         elif is_map_style(data):
@@ -363,6 +392,12 @@ class ExampleSet:
         that cannot be batched (texts)."""
         x = arrays_as_tensors(inputs, f"{self.name}: the inputs")
         y = arrays_as_tensors(numbers_as_tensor(labels), f"{self.name}: the labels")
+        sparse = [t for t in leaves(x) + leaves(y) if t.layout != torch.strided]
+        if sparse:
+            raise InvalidInputError(
+                f"{self.name}: a tensor of the (X, y) pair is {sparse[0].layout} (sparse), which "
+                "infkit does not index by example: give it dense (X.to_dense())"
+            )
         if any(t.dim() == 0 for t in leaves(x) + leaves(y)):
             raise InvalidInputError(
                 f"{self.name}: the tensors of an (X, y) pair need a first (example) dimension; "

@@ -9,16 +9,17 @@ each problem an :class:`~infkit.errors.InvalidInputError` naming the example and
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from infkit.data import Batch, ExampleSet, leaves, map_tensors
+from infkit.data import WHOLE_BATCH, Batch, ExampleSet, leaves, map_tensors
 from infkit.data_forms import LABEL_KEYS
 from infkit.errors import InfkitError, InvalidInputError, Suspicion, warn
 from infkit.gradients import PerExample, error_summary
@@ -28,6 +29,13 @@ from infkit.task import Task
 #: the queries with no scored label whose measurement's output gradient one forward pass
 #: takes at a time, in the check that the measurement has something to read on them
 MEASUREMENT_PROBE_BATCH = 8
+
+#: the examples one forward pass takes while :func:`naming_failures` looks for the example a
+#: pass failed on
+LOCATING_BATCH = 64
+
+#: what a model or a loss of the user's raises on data it cannot take (PyTorch's own included)
+CALL_ERRORS = (RuntimeError, TypeError, IndexError, ValueError, KeyError)
 
 
 def _call_at_theta(engine: PerExample, inputs: Any) -> Tensor:
@@ -225,6 +233,8 @@ def check_loss_alone(engine: PerExample, examples: ExampleSet) -> None:
     ]
     try:
         losses = [task.loss(both, targets), *(task.loss(o, t) for o, t in copies)]
+    except InfkitError:  # a built-in task's own words (a binary task given two logits)
+        raise
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         labels = batch.targets
         described = (
@@ -234,7 +244,7 @@ def check_loss_alone(engine: PerExample, examples: ExampleSet) -> None:
         )
         raise InvalidInputError(
             f"the task's loss failed on {examples.name} {examples.example(0)}: "
-            f"{error_summary(error)}. It is given the model's outputs and the labels as they "
+            f"{error_summary(error).rstrip('.')}. It is given the model's outputs and the labels as they "
             f"are in the data ({described}): convert them in the loss (e.g. targets.long(), "
             "targets.reshape(-1)) or give them so"
         ) from error
@@ -334,6 +344,12 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
     """
     if examples._checked:
         return
+    with naming_failures(engine, examples, measured):  # (a later example the model cannot take)
+        _check_examples(engine, examples, measured)
+
+
+def _check_examples(engine: PerExample, examples: ExampleSet, measured: bool) -> None:
+    """:func:`check_examples`'s checks."""
     examples.check_finite()
     task = engine.task
     first = examples.take([0])
@@ -430,9 +446,129 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
             if found is not None:
                 k, message = found
                 raise InvalidInputError(f"{examples.name} {batch.example(k)}: {message}")
+    _check_differentiable(engine, examples, outputs, measured)
     if not measured:  # (a training set: its loss trains the model and is attributed)
         check_loss_alone(engine, examples)
     examples._checked = not unscored
+
+
+@contextlib.contextmanager
+def naming_failures(
+    engine: PerExample, examples: ExampleSet, measured: bool = False
+) -> Iterator[None]:
+    """Name the example a failure of the passes in the block came from
+    (:func:`located_failure`), or let the failure go on as it was."""
+    try:
+        yield
+    except InfkitError:
+        raise
+    except CALL_ERRORS as error:
+        named = located_failure(engine, error, [(examples, measured)])
+        if named is None:
+            raise
+        raise named from error
+
+
+def located_failure(
+    engine: PerExample, error: BaseException, sets: Sequence[tuple[ExampleSet, bool]]
+) -> InvalidInputError | None:
+    """The error naming the example ``error`` (raised by a pass over ``sets``, each with
+    whether it is read through the measurement) came from, or None where none fails alone.
+
+    The checks before the passes call the model and the task on example 0 (and a partner) only:
+    a tester's token id outside the embedding's range at example 7, a loss refusing example
+    7's label and 1-D inputs a batch of two cannot take met PyTorch's raw errors from somewhere
+    in a pass. Each set is run again, forward and loss (measurement) only, a batch at a time,
+    and example by example in the batch that fails (:func:`_failing_example`); the cost falls on
+    a failed call only."""
+    for examples, measured in sets:
+        found = _failing_example(engine, examples, measured)
+        if found is not None:
+            where, culprit, advice = found
+            what = "measurement" if measured else "loss"
+            return InvalidInputError(
+                f"the model or the task's {what} failed on {where}: "
+                f"{error_summary(culprit).rstrip('.')}. {advice}"
+            )
+    return None
+
+
+def _failing_example(
+    engine: PerExample, examples: ExampleSet, measured: bool
+) -> tuple[str, BaseException, str] | None:
+    """The first example (or batch) of ``examples`` that the model's forward pass and the
+    task's loss (measurement) fail on, with the error and a hint; None where every batch
+    passes. One forward pass over the set at most, and one per example of the failing batch."""
+    task = engine.task
+
+    def attempt(batch: Batch) -> BaseException | None:
+        try:
+            with torch.no_grad():
+                inputs, targets = engine.prepare(batch)
+                with evaluation_mode(task.model):
+                    outputs = engine.call(engine.params(), inputs)
+                (task.checked_measurement if measured else task.checked_loss)(outputs, targets)
+        except InfkitError:
+            return None  # (a problem infkit names itself: not the failure looked for)
+        except CALL_ERRORS as error:
+            return error
+        return None
+
+    for batch in examples.batches(LOCATING_BATCH):
+        failed = attempt(batch)
+        if failed is None:
+            continue
+        for k in range(len(batch)):
+            alone = attempt(batch.rows([k]))
+            if alone is not None:
+                return (
+                    f"{examples.name} {batch.example(k)}",
+                    alone,
+                    "The checks before the passes read example 0 only: fix or drop that example",
+                )
+        where = f"a batch of {examples.name} {batch.example(WHOLE_BATCH)} (each alone passes)"
+        if all(t.dim() == 1 for t in leaves(batch.inputs)):  # [B]: an example is a number
+            return (
+                where,
+                failed,
+                (
+                    "Each example's input is a single number (the data is 1-D, [N]): give it as "
+                    "[N, 1] (X.reshape(-1, 1)) where the model takes one feature"
+                ),
+            )
+        return where, failed, "The model mixes or misreads a batch of examples"
+    return None
+
+
+def _check_differentiable(
+    engine: PerExample, examples: ExampleSet, outputs: Tensor, measured: bool
+) -> None:
+    """Refuse a loss (or, for a set read through it, a measurement) with no gradient in the
+    model's outputs on example 0: computed from detached outputs, integers or booleans (an
+    accuracy, a ``.detach()``), it carries no autograd graph. A tester's detached loss met
+    PyTorch's "element 0 of tensors does not require grad" somewhere else in each method, and
+    a boolean measurement gave zeros with one method and that error with another. One call of
+    the function on example 0's outputs (no pass over the model)."""
+    task = engine.task
+    fn, what = (task.measurement, "measurement") if measured else (task.loss, "loss")
+    targets = engine.prepare(examples.take([0]))[1]
+    probe = outputs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        try:
+            value = fn(probe, targets)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            return  # (a loss that fails on the labels is named by check_loss_alone)
+    if not isinstance(value, Tensor) or value.shape != (outputs.shape[0],):
+        return  # (a value of another shape is named where the answers call it)
+    if value.requires_grad:
+        return
+    raise InvalidInputError(
+        f"the task's {what} of {examples.name} {examples.example(0)} carries no gradient in the "
+        f"model's outputs (a {value.dtype} tensor outside autograd's graph: the outputs were "
+        "detached, or it is computed from integers or booleans, such as an accuracy), so no "
+        f"removal effect can be taken through it. Compute it from the outputs by differentiable "
+        "operations (a cross-entropy rather than a 0/1 error, a margin rather than an accuracy)"
+    )
 
 
 def _unscored_rows(task: Task, batch: Batch, first: int) -> list[int]:

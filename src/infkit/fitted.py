@@ -28,7 +28,12 @@ from infkit.errors import (
     listed,
     warn,
 )
-from infkit.example_checks import check_examples, deterministic_outputs, warn_batch_mixing
+from infkit.example_checks import (
+    check_examples,
+    deterministic_outputs,
+    naming_failures,
+    warn_batch_mixing,
+)
 from infkit.fingerprint import (
     changed_keys,
     forward_snapshot,
@@ -249,7 +254,8 @@ class Fitted:
         with targets the task can use (:func:`check_examples`; ``measured``: a set read
         through the measurement only, the queries)."""
         examples = ExampleSet(data, name=name)
-        check_beside(self.engine, self.train, examples, measured)
+        with naming_failures(self.engine, examples, measured):
+            check_beside(self.engine, self.train, examples, measured)
         return examples
 
     def query_gradients(self, examples: ExampleSet, which: Which = "measurement") -> Tensor:
@@ -726,5 +732,16 @@ def objective_gradient(fitted: Fitted, summary: GradientSummary | None) -> tuple
     reg_theta = fitted.regularised_theta
     gradient = summary.mean_gradient + fitted.l2 * reg_theta
     scale = summary.mean_norm + fitted.l2 * float(reg_theta.norm())
-    stationarity = float(gradient.norm()) / max(scale, 1e-300)
+    size = float(gradient.norm())
+    if not (math.isfinite(size) and math.isfinite(scale)):
+        # a tester's target of 1e160: the squares overflowed to a NaN figure no comparison
+        # warned of, while every score was 1e157
+        warn(
+            "the training objective's gradient at theta* overflows (its norm or the per-example "
+            "gradients' is not finite in float64): the losses are too large for the optimum to "
+            "be checked or the scores to be trusted; rescale the targets or inputs",
+            UserWarning,
+        )
+        return gradient.to(product_dtype(fitted.space.dtype)), math.inf
+    stationarity = size / max(scale, 1e-300)
     return gradient.to(product_dtype(fitted.space.dtype)), stationarity

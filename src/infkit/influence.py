@@ -18,9 +18,10 @@ import copy
 import functools
 import logging
 import numbers
+import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
@@ -33,6 +34,7 @@ from infkit import language_modeling as lm
 from infkit.data import ExampleSet, checked_indices
 from infkit.decompositions import Svd, TokenScores
 from infkit.errors import (
+    InfkitError,
     InvalidInputError,
     NonFiniteError,
     NotFittedError,
@@ -43,7 +45,7 @@ from infkit.errors import (
     warn,
 )
 from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator, SolveCall
-from infkit.example_checks import check_examples
+from infkit.example_checks import CALL_ERRORS, check_examples, located_failure, naming_failures
 from infkit.fingerprint import data_fingerprint, forward_snapshot, note_forward_writes
 from infkit.fitted import (
     Fitted,
@@ -74,7 +76,7 @@ from infkit.methods.base import (
     methods_answering,
     registered,
 )
-from infkit.options import integer_argument, suggest_option
+from infkit.options import integer_argument, nonnegative_number, suggest_option
 from infkit.parameters import (
     ParameterSpace,
     dtype_name,
@@ -158,8 +160,23 @@ def _noting_writes(answer: Callable[_P, _R]) -> Callable[_P, _R]:
 
     @functools.wraps(answer)
     def noted(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with _writes_noted(args[0].task.model):  # type: ignore[attr-defined]
-            return answer(*args, **kwargs)
+        inf: Influence = args[0]  # type: ignore[assignment]
+        inf._asked = []
+        try:
+            with _writes_noted(inf.task.model):
+                return answer(*args, **kwargs)
+        except InfkitError:
+            raise
+        except CALL_ERRORS as error:  # the example a pass failed on, named where one fails alone
+            if inf._fitted is None:
+                raise
+            sets = [(queries, True) for queries in inf._asked] + [(inf.fitted.train, False)]
+            named = located_failure(inf.fitted.engine, error, sets)
+            if named is None:
+                raise
+            raise named from error
+        finally:
+            inf._asked = []
 
     return noted
 
@@ -173,6 +190,14 @@ def _writes_noted(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         note_forward_writes(model, before)
+
+
+def _check_directory(path: Any) -> None:
+    """Refuse a ``path`` of :meth:`Influence.save` / :meth:`Influence.load` that is no path."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise InvalidInputError(
+            f"path must be a directory's path (a str or pathlib.Path), got {path!r}"
+        )
 
 
 class Influence:
@@ -285,15 +310,8 @@ class Influence:
                 raise InvalidInputError(
                     "damping='auto' sets the method's damping_scale; pass one or the other"
                 )
-        for label, value in (("l2", l2), ("damping", damping)):
-            if (
-                not isinstance(value, (int, float))
-                or isinstance(value, bool)
-                or not value >= 0
-                or value == float("inf")
-            ):
-                allowed = "a finite number >= 0" + (" or 'auto'" if label == "damping" else "")
-                raise InvalidInputError(f"{label} must be {allowed}, got {value!r}")
+        l2 = nonnegative_number("l2", l2)
+        damping = nonnegative_number("damping", damping, alternative=" or 'auto'")
         batch_size = integer_argument("batch_size", batch_size, 1)
         if per_example not in MODES:
             raise UnsupportedError(
@@ -339,6 +357,7 @@ class Influence:
         self._method: Method | None = None
         self._choice: registry.Choice | None = None  # what method="auto" picked, and why
         self._fitted: Fitted | None = None
+        self._asked: list[ExampleSet] = []  # the query sets of the answer being computed
         self._told: set[str] = set()  # methods whose attributed-parameters notice was given
         self._candidates: list[str] = []
         #: methods method="auto" chose that refused the model in their fit, with why
@@ -424,6 +443,13 @@ class Influence:
         engine = PerExample(self.task, space, self.per_example_mode)
         warn_about_training_mode(self.task.model)
         check_examples(engine, examples)
+        with naming_failures(engine, examples):  # (a later example the model cannot take)
+            return self._fit_checked(examples, space, engine)
+
+    def _fit_checked(
+        self, examples: ExampleSet, space: ParameterSpace, engine: PerExample
+    ) -> Influence:
+        """``fit`` after its checks of the data: the method's (``"auto"``'s choice's) fit."""
         show = resolve_progress(self.progress)
         c = probe_forward_writes(engine, examples)[0].numel()
         problem = Problem(len(examples), space.size, c, self.memory_limit, self.task.model, space)
@@ -610,6 +636,7 @@ class Influence:
                 the model's parameters changed since ``fit``.
             UnsupportedError: the method (or a method option) cannot be saved.
         """
+        _check_directory(path)
         method, fitted = self.method, self.fitted
         settings = saved.Settings(
             method=method.name,
@@ -696,6 +723,12 @@ class Influence:
                 f"{type(task).__name__}"
             )
         check_weights_present(task.model)
+        _check_directory(path)
+        if options is not None and not isinstance(options, Mapping):
+            raise InvalidInputError(
+                f"options must be a dict of the method options that are functions (by name), "
+                f"got {type(options).__name__}"
+            )
 
         def reading() -> Influence:
             """One reading of the save, which another process may replace meanwhile."""
@@ -803,8 +836,11 @@ class Influence:
         return idx
 
     def _queries(self, test: Any) -> ExampleSet:
-        """The test set, checked as a set read through the measurement only."""
-        return self.fitted.examples(test, "test set", measured=True)
+        """The test set, checked as a set read through the measurement only (noted for the
+        answer's account of a failed pass: :func:`_noting_writes`)."""
+        queries = self.fitted.examples(test, "test set", measured=True)
+        self._asked.append(queries)
+        return queries
 
     def _check_queries(self, queries: ExampleSet) -> None:
         """The queries' energy ratio (``Method.check_queries``) as ``checks`` says: where the

@@ -368,6 +368,19 @@ def real_number(value: Any) -> float | None:
     return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
 
 
+def nonnegative_number(name: str, value: Any, why: str = "", alternative: str = "") -> float:
+    """``value`` as a float when it is a finite real number >= 0 (:func:`real_number`: numpy's
+    and one-number tensors too; not a bool nor a string), or an InvalidInputError naming
+    ``name`` (``alternative``: what else it may be, e.g. " or 'auto'"; ``why``: a reason added)."""
+    found = real_number(value)
+    if found is None or not 0 <= found < math.inf:
+        reason = f": {why}" if why else ""
+        raise InvalidInputError(
+            f"{name} must be a finite number >= 0{alternative}, got {value!r}{reason}"
+        )
+    return found
+
+
 def whole_number(value: Any) -> int | None:
     """``value`` as an int when it is an integer (Python's or numpy's, or a one-number integer
     tensor; not a bool, nor a float such as 1.0), else None."""

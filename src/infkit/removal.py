@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from infkit.errors import warn
+from infkit.errors import InvalidInputError, warn
 from infkit.parameters import ParameterSpace, dtype_name
 
 #: the least part of Delta theta (1 - relative error) an edited copy must hold without a warning
@@ -92,6 +92,11 @@ class RemovalEffect:
                 copy holds less than :data:`HELD_FRACTION` of Delta theta a warning says how
                 much, and names the wider dtype that keeps it.
         """
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InvalidInputError(
+                f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, ...) "
+                f"or None for the model's own, got {dtype!r}"
+            )
         clone = copy.deepcopy(self._model)
         if dtype is not None:
             clone.to(dtype)

@@ -311,7 +311,10 @@ def check_binary_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetPr
     if targets.numel() != targets.shape[0]:
         return 0, (
             f"binary labels must be one 0/1 value per example, got per-example shape "
-            f"{tuple(targets.shape[1:])}"
+            f"{tuple(targets.shape[1:])}; for several 0/1 labels an example (multi-label), "
+            "give a Task of your own whose loss sums them, e.g. "
+            "F.binary_cross_entropy_with_logits(outputs, targets.float(), "
+            "reduction='none').sum(1) (docs/api/task.md)"
         )
     bad = (targets != 0) & (targets != 1)
     if bool(bad.any()):
@@ -806,7 +809,16 @@ class Task:
         in every example of the batch.
         """
         if self.output_hessian_factor is not None and outputs.dim() == 2:
-            return self.output_hessian_factor(outputs, targets)
+            factor = self.output_hessian_factor(outputs, targets)
+            b, c = outputs.shape
+            if not isinstance(factor, Tensor) or factor.dim() != 3 or factor.shape[:2] != (b, c):
+                got = tuple(factor.shape) if isinstance(factor, Tensor) else type(factor).__name__
+                raise InvalidInputError(
+                    f"the task's output_hessian_factor returned {got} for a batch of {b} outputs "
+                    f"of {c} numbers each: it must return each example's factor L_i of the loss's "
+                    f"Hessian in its outputs (L_i L_i^T = Lambda_i), [{b}, {c}, K] for any K"
+                )
+            return factor
         lam = self.lambda_blocks(outputs, targets).to(torch.float64)
         lam = 0.5 * (lam + lam.transpose(1, 2))
         ev, U = torch.linalg.eigh(lam)  # ascending

@@ -24,9 +24,10 @@ from infkit.errors import (
     NotConvergedWarning,
     warn,
 )
-from infkit.example_checks import check_examples
+from infkit.example_checks import check_examples, naming_failures
 from infkit.gradients import PerExample, check_finite_rows
 from infkit.linalg import conjugate_gradients
+from infkit.options import integer_argument, nonnegative_number, real_number
 from infkit.parameters import ParameterSpace, dtype_name, evaluation_mode
 from infkit.progress import Mode, track
 from infkit.task import Task
@@ -131,6 +132,17 @@ def check_tolerance(tolerance: Any) -> None:
         )
 
 
+def checked_l2(l2: Any) -> float:
+    """The objective's ``l2`` as a float, or an InvalidInputError saying what it must be."""
+    given = real_number(l2)
+    why = (
+        "a negative one rewards large parameters, and the objective has no minimum"
+        if given is not None and given < 0
+        else "the objective's weight decay, in the units of docs/conventions.md §2"
+    )
+    return nonnegative_number("l2", l2, why)
+
+
 def train_to_optimum(
     task: Task,
     train: Any,
@@ -164,17 +176,8 @@ def train_to_optimum(
     to a caller that reports it its own way (retraining, poisoning); the one that names a
     coarser part stays.
     """
-    try:
-        value = float(l2)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if isinstance(l2, bool) or not 0 <= value < float("inf"):
-        why = (
-            "a negative one rewards large parameters, and the objective has no minimum"
-            if value < 0
-            else "the objective's weight decay, in the units of docs/conventions.md §2"
-        )
-        raise InvalidInputError(f"l2 must be a finite number >= 0, got {l2!r}: {why}")
+    l2 = checked_l2(l2)
+    max_iter = integer_argument("max_iter", max_iter, 1)
     check_tolerance(tolerance)
     examples = ExampleSet(train, name="training set")
     space = ParameterSpace(task.model)
@@ -182,14 +185,13 @@ def train_to_optimum(
     idx = None if indices is None else torch.as_tensor(indices, dtype=torch.long)
     # the inputs and labels as fit checks them, a mismatch named, not a raw reshape error: those
     # of the examples trained on (indices=), once a set (a retraining's set is checked)
+    trained = examples if idx is None else examples.subset(idx)
     if isinstance(train, ExampleSet) and train._checked:
         pass
-    elif idx is None:
-        check_examples(engine, examples)
-        if isinstance(train, ExampleSet):
-            train._checked = examples._checked
     else:
-        check_examples(engine, examples.subset(idx))
+        check_examples(engine, trained)
+        if idx is None and isinstance(train, ExampleSet):
+            train._checked = examples._checked
     params = [dict(task.model.named_parameters())[n] for n in space.names]
     optimizer = torch.optim.LBFGS(
         params,
@@ -200,7 +202,7 @@ def train_to_optimum(
         history_size=history_size,
         line_search_fn="strong_wolfe",
     )
-    with evaluation_mode(task.model):
+    with evaluation_mode(task.model), naming_failures(engine, trained):
         _, g0 = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
         target = tolerance * max(float(g0.norm()), 1.0) if tolerance > 0 else 0.0
         iterations = 0

@@ -3,14 +3,18 @@
 ``Influence.input_influence(test, indices)`` is the derivative of each test measurement, after
 retraining, with respect to each training input: ``g_tj = d m_t / d x_j``
 (docs/estimators.md §8). An attacker who may move k training inputs within a norm budget eps
-raises the summed test measurement ``sum_t m_t`` (a loss: the model gets the test examples
-wrong) most, to first order, by
+worsens the summed test measurement ``sum_t m_t`` (the model gets the test examples wrong:
+raises a loss, lowers a measurement where higher is better, such as a margin) most, to first
+order, by
 
-* choosing the k training examples whose summed derivative ``G_j = sum_t g_tj`` has the largest
-  dual norm (``||G_j||_2`` for an L2 budget, ``||G_j||_1`` for an L-infinity one), and
+* choosing the k training examples whose summed derivative ``G_j = s sum_t g_tj`` has the
+  largest dual norm (``||G_j||_2`` for an L2 budget, ``||G_j||_1`` for an L-infinity one), and
 * moving each by ``eps G_j / ||G_j||_2`` (L2) or ``eps sign(G_j)`` (L-infinity),
 
-with the predicted change of measurement t ``sum_j <g_tj, delta_j>``. :func:`retrained_change`
+where ``s`` is the task's :attr:`~infkit.task.Task.helpful_sign` (+1 for a loss, -1 where
+higher is better: a tester's margin task was "attacked" towards a larger margin, +1.59 when
+retrained), with the predicted change of measurement t ``sum_j <g_tj, delta_j>`` (positive for
+a loss, negative for a margin). :func:`retrained_change`
 retrains a copy of the model on the perturbed training set (warm start, the same objective) and
 returns the actual change, the ground truth the prediction is judged against
 (docs/analyses.md §10).
@@ -105,8 +109,9 @@ def training_set_attack(
     norm: Norm = "l2",
     candidates: Tensor | None = None,
 ) -> Attack:
-    """The first-order attack on the summed test measurement of ``test`` (module docstring):
-    ``k`` training inputs (among ``candidates``, default all) moved by ``epsilon`` in ``norm``."""
+    """The first-order attack that worsens the summed test measurement of ``test`` (module
+    docstring: raises a loss, lowers a margin): ``k`` training inputs (among ``candidates``,
+    default all) moved by ``epsilon`` in ``norm``."""
     if norm not in ("l2", "linf"):
         raise InvalidInputError(f"norm must be 'l2' or 'linf', got {norm!r}")
     size = real_number(epsilon)
@@ -121,7 +126,7 @@ def training_set_attack(
     )
     k = integer_argument("k", k, 1, len(pool))  # at most the candidates, or N
     g = inf.input_influence(test, pool).to(torch.float64)  # [T, n_pool, *x_shape]
-    G = g.sum(0).reshape(len(pool), -1)
+    G = inf.task.helpful_sign * g.sum(0).reshape(len(pool), -1)  # the direction that harms
     strength = G.norm(dim=1) if norm == "l2" else G.abs().sum(1)
     chosen = strength.topk(k).indices
     direction = G[chosen]

@@ -111,12 +111,15 @@ class LayerQuality:
             )
 
     def allocate(self, total: int, by: str, minimum: int = 0) -> dict[str, int]:
-        """Integer budgets per layer, proportional to ``shares(by)``, summing to ``total``.
+        """Integer budgets per layer summing to ``total``: ``minimum`` each, and the rest,
+        ``total - L minimum``, in proportion to ``shares(by)`` by largest remainders (so a
+        ``minimum`` moves the budgets even where no share would fall below it: shares
+        0.6/0.3/0.1 of 10 give 6/3/1, and 5/3/2 with ``minimum=1``).
 
         Args:
             total: the budget to distribute (e.g. the number of LoRA experts).
             by: ``"helpful"``, ``"harmful"`` or ``"net"``: what the budget follows.
-            minimum: every layer gets at least this much.
+            minimum: what every layer gets before the proportional share.
         """
         n = len(self.layers)
         total = integer_argument("total", total, 0)

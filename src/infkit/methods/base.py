@@ -197,8 +197,27 @@ def register(cls: type[M]) -> type[M]:
         )
     if not (isinstance(cls.Options, type) and issubclass(cls.Options, BaseOptions)):
         raise InvalidInputError(f"method {name!r}: Options must derive from infkit.options.Options")
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        raise InvalidInputError(
+            f"method {name!r} ({cls.__qualname__}) does not implement {', '.join(missing)}: a "
+            "PrimalMethod implements solve(V, shift) (and fit, calling super().fit(fitted), "
+            "where it builds what solve needs from the data); CONTRIBUTING.md walks through one"
+        )
+    taken = _REGISTRY.get(name)
+    if taken is not None and _class_path(taken) != _class_path(cls):
+        # (the same class again, its module reloaded in a notebook, takes its place)
+        raise InvalidInputError(
+            f"method name {name!r} is taken by {_class_path(taken)}; {_class_path(cls)} would "
+            "replace it for every Influence(..., method) in this process: give it another name"
+        )
     _REGISTRY[name] = cls
     return cls
+
+
+def _class_path(cls: type) -> str:
+    """``module.QualifiedName`` of a class, as registration tells two classes apart."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def registered() -> dict[str, type[Method]]:
@@ -393,6 +412,12 @@ class Method(ABC):
 
     def _why_not(self, question: str) -> str:
         """Extra words for :meth:`require`'s message (e.g. which option disables it)."""
+        if question == "leverages" and "rif" not in type(self).estimators:
+            return (
+                " (its curvature does not contain each example's own block, so "
+                "tr(Lambda_j J_j H^-1 J_j^T)/N is no leverage: a tester's DataInf read 2.96, "
+                "where a leverage lies in [0, 1))"
+            )
         return ""
 
     def stages(self, shape: RunShape, task: Task, space: ParameterSpace) -> list[Stage]:
@@ -598,6 +623,13 @@ class Method(ABC):
                 "override state() and restore() (CONTRIBUTING.md)"
             )
         self.fitted  # noqa: B018 - raises NotFittedError before fit
+        unset = [name for name in names if not hasattr(self, name)]
+        if unset:
+            raise UnsupportedError(
+                f"method {self.name!r} names {', '.join(map(repr, unset))} in its fitted_state, "
+                f"but its fit set no such attribute: fitted_state must name the attributes fit "
+                f"sets (it names {list(names)})"
+            )
         return {name: getattr(self, name) for name in names}
 
     def restore(self, fitted: Fitted, state: Mapping[str, Any]) -> None:
@@ -1010,6 +1042,11 @@ class PrimalMethod(Method):
 
     estimators: ClassVar[tuple[EstimatorName, ...]] = ("if", "rif", "newton", "relatif")
     questions: ClassVar[frozenset[Question]] = PRIMAL
+
+    def fit(self, fitted: Fitted) -> None:
+        """Keep the record; a method that builds something from the training data (a
+        curvature, factors) overrides this and calls ``super().fit(fitted)`` first."""
+        super().fit(fitted)
 
     @abstractmethod
     def solve(self, V: Tensor, shift: float = 0.0) -> Tensor:

@@ -52,7 +52,7 @@ from infkit.layers.factored import (
 )
 from infkit.layers.tracked import find_modules
 from infkit.memory import FLOAT64_BYTES, default_memory_limit, row_chunks
-from infkit.methods.base import BASIC, Fidelity, PrimalMethod, register
+from infkit.methods.base import BASIC, PRIMAL, Fidelity, PrimalMethod, register
 from infkit.options import Options, option
 from infkit.parameters import ParameterSpace, product_dtype
 from infkit.plan import RunShape, Stage
@@ -117,6 +117,8 @@ class Identity(PrimalMethod):
 
     name = "identity"
     estimators = ("if", "relatif")
+    # no leverages: the curvature does not contain each example's own block (docs/estimators.md §10)
+    questions = PRIMAL - {"leverages"}
     summary = (
         "gradient dot product (H = I); with relatif, gradient cosine; TracInCP over checkpoints"
     )
@@ -155,7 +157,7 @@ class Identity(PrimalMethod):
 
     def _why_not(self, question: str) -> str:
         if not self.tracin:
-            return ""
+            return super()._why_not(question)
         return " with checkpoints (TracInCP sums over a trajectory; without them it does)"
 
     def check(self, task: Task, space: ParameterSpace) -> None:
