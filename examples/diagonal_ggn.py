@@ -44,8 +44,6 @@ class DiagonalGGN(PrimalMethod):
     # The diagonal does not contain each example's own curvature block, so the RIF and Newton
     # downdates would mix exact and approximate curvature: supply the IF and RelatIF only.
     estimators = ("if", "relatif")
-    # nor leverages, for the same reason (a "leverage" of the diagonal can exceed 1)
-    questions = PrimalMethod.questions - {"leverages"}
     scales = True
     fidelity = Fidelity(rtol=None, min_correlation=0.45, removal_correlation=0.3, scale=(0.5, 10.0))
     # What fit computes and the answers need: saved by inf.save, set back by Influence.load.

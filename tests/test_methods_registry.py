@@ -215,6 +215,7 @@ def test_register_refuses_a_taken_name_and_an_unfinished_class(mlp_problem: dict
 
     class Unfinished(PrimalMethod):
         name = "unfinished-test-method"
+        summary = "no solve"
 
     with pytest.raises(InvalidInputError, match="does not implement solve"):
         register(Unfinished)
@@ -327,6 +328,7 @@ def test_a_fitted_state_naming_an_attribute_fit_never_set_is_named(
     @register
     class Misnamed(PrimalMethod):
         name = "misnamed-state-test-method"
+        summary = "V / (1 + ridge)"
         fitted_state = ("HH",)
 
         def fit(self, fitted):  # type: ignore[no-untyped-def]
@@ -363,3 +365,85 @@ def test_methods_without_each_examples_block_give_no_leverages(
     assert "leverages" not in infkit.methods()[method]["quantities"]
     h = fit_registered(mlp_problem, "exact").leverages()
     assert float(h.min()) >= 0 and float(h.max()) < 1
+
+
+def test_one_file_imported_under_two_names_registers_once(tmp_path) -> None:
+    """A reviewer's: the taken-name check compared module names, so a file run as __main__ and
+    imported by name, or given to --method-file and imported by its package, was refused as
+    another class. The same file's class takes its place; another file's is refused."""
+    import importlib.util
+    import sys
+
+    from infkit.methods.base import _REGISTRY
+
+    source = (
+        "import torch\nfrom infkit.methods import PrimalMethod, register\n\n\n@register\n"
+        "class Twice(PrimalMethod):\n    name = 'twice-test-method'\n    summary = 'V / ridge'\n\n"
+        "    def solve(self, V, shift=0.0):\n"
+        "        return V.to(torch.float64) / (self.fitted.ridge + shift)\n"
+    )
+    path = tmp_path / "twice.py"
+    path.write_text(source)
+    other = tmp_path / "elsewhere" / "twice.py"
+    other.parent.mkdir()
+    other.write_text(source)
+
+    def load(name: str, file) -> type:  # type: ignore[no-untyped-def]
+        spec = importlib.util.spec_from_file_location(name, file)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module.Twice
+
+    try:
+        load("twice", path)
+        again = load("package.twice", path)  # the same file, by another name
+        assert method_class("twice-test-method") is again
+        with pytest.raises(
+            InvalidInputError, match=r"'twice-test-method' is taken by package\.twice"
+        ):
+            load("elsewhere_twice", other)
+    finally:
+        _REGISTRY.pop("twice-test-method", None)
+        for name in ("twice", "package.twice", "elsewhere_twice"):
+            sys.modules.pop(name, None)
+
+
+def test_a_method_without_rif_gets_no_leverages_and_a_summary_is_required(
+    mlp_problem: dict,
+) -> None:
+    """A reviewer's: a method of one's own written from the earlier CONTRIBUTING (no RIF, no
+    questions line) still gave "leverages" up to 2.98; register now drops them wherever RIF is
+    not declared (one rule, not a line in each method). A class without a summary registered
+    and then broke infkit.methods() for every caller: refused."""
+    from infkit.methods import PrimalMethod, register
+    from infkit.methods.base import _REGISTRY
+
+    @register
+    class NoBlock(PrimalMethod):
+        name = "no-block-test-method"
+        summary = "V / ridge"
+        estimators = ("if", "relatif")
+
+        def solve(self, V: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+            return V.to(torch.float64) / (self.fitted.ridge + shift)
+
+    try:
+        assert "leverages" not in infkit.methods()["no-block-test-method"]["quantities"]
+        p = mlp_problem
+        inf = infkit.Influence(p["task"], NoBlock.name, l2=p["l2"]).fit(p["train"])
+        with pytest.raises(UnsupportedError, match="does not contain each example's own block"):
+            inf.leverages()
+    finally:
+        _REGISTRY.pop(NoBlock.name, None)
+
+    class Unsaid(PrimalMethod):
+        name = "unsaid-test-method"
+
+        def solve(self, V: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+            return V
+
+    with pytest.raises(InvalidInputError, match="needs a class attribute summary"):
+        register(Unsaid)
+    assert "unsaid-test-method" not in _REGISTRY

@@ -280,12 +280,14 @@ DEFAULT_NAME = "data"
 def _is_ragged_pair(data: Any) -> bool:
     """Whether ``data`` is an ``(X, y)`` pair of Python lists whose rows of X are lists of
     numbers of several lengths."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and is_ragged(data[0])):
+        return False
+    labels = data[1]
+    # (labels as a list, a tensor or an array: one per row)
     return (
-        isinstance(data, tuple)
-        and len(data) == 2
-        and isinstance(data[1], (list, tuple))
-        and is_ragged(data[0])
-        and len(data[0]) == len(data[1])
+        hasattr(labels, "__len__")
+        and not isinstance(labels, (str, bytes))
+        and len(labels) == len(data[0])
     )
 
 

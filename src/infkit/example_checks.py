@@ -30,12 +30,35 @@ from infkit.task import Task
 #: takes at a time, in the check that the measurement has something to read on them
 MEASUREMENT_PROBE_BATCH = 8
 
-#: the examples one forward pass takes while :func:`naming_failures` looks for the example a
-#: pass failed on
+#: the examples one forward pass takes at most while :func:`located_failure` looks for the
+#: example a pass failed on (fewer where the run's own batches are smaller)
 LOCATING_BATCH = 64
+
+#: the examples of a set :func:`located_failure` reads at most (a failure past them is left
+#: as it was raised: a reviewer's failed call read 20,000 training rows before it said so)
+LOCATING_LIMIT = 4096
 
 #: what a model or a loss of the user's raises on data it cannot take (PyTorch's own included)
 CALL_ERRORS = (RuntimeError, TypeError, IndexError, ValueError, KeyError)
+
+#: errors of the machine, not of an example: out of memory (a batch larger than the run's
+#: fails where the run's did not), and an accelerator's error, which every later call on the
+#: device raises again (a device-side assert would have named example 0)
+MACHINE_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,) + (
+    (torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()
+)
+
+
+def _clause(summary: str) -> str:
+    """An :func:`~infkit.gradients.error_summary` without its closing full stop (a sentence
+    follows it), keeping the " ..." of one cut short."""
+    return summary[:-1] if summary.endswith(".") and not summary.endswith("...") else summary
+
+
+def _of_the_machine(error: BaseException) -> bool:
+    """Whether ``error`` is the machine's (:data:`MACHINE_ERRORS`, or a CUDA error by its
+    words), which no example of the data explains."""
+    return isinstance(error, MACHINE_ERRORS) or "CUDA error" in str(error)
 
 
 def _call_at_theta(engine: PerExample, inputs: Any) -> Tensor:
@@ -244,7 +267,7 @@ def check_loss_alone(engine: PerExample, examples: ExampleSet) -> None:
         )
         raise InvalidInputError(
             f"the task's loss failed on {examples.name} {examples.example(0)}: "
-            f"{error_summary(error).rstrip('.')}. It is given the model's outputs and the labels as they "
+            f"{_clause(error_summary(error))}. It is given the model's outputs and the labels as they "
             f"are in the data ({described}): convert them in the loss (e.g. targets.long(), "
             "targets.reshape(-1)) or give them so"
         ) from error
@@ -449,12 +472,16 @@ def _check_examples(engine: PerExample, examples: ExampleSet, measured: bool) ->
     _check_differentiable(engine, examples, outputs, measured)
     if not measured:  # (a training set: its loss trains the model and is attributed)
         check_loss_alone(engine, examples)
+        _check_hessian_factor(engine, examples, outputs)
     examples._checked = not unscored
 
 
 @contextlib.contextmanager
 def naming_failures(
-    engine: PerExample, examples: ExampleSet, measured: bool = False
+    engine: PerExample,
+    examples: ExampleSet,
+    measured: bool = False,
+    batch_size: int = LOCATING_BATCH,
 ) -> Iterator[None]:
     """Name the example a failure of the passes in the block came from
     (:func:`located_failure`), or let the failure go on as it was."""
@@ -463,14 +490,17 @@ def naming_failures(
     except InfkitError:
         raise
     except CALL_ERRORS as error:
-        named = located_failure(engine, error, [(examples, measured)])
+        named = located_failure(engine, error, [(examples, measured)], batch_size)
         if named is None:
             raise
         raise named from error
 
 
 def located_failure(
-    engine: PerExample, error: BaseException, sets: Sequence[tuple[ExampleSet, bool]]
+    engine: PerExample,
+    error: BaseException,
+    sets: Sequence[tuple[ExampleSet, bool]],
+    batch_size: int = LOCATING_BATCH,
 ) -> InvalidInputError | None:
     """The error naming the example ``error`` (raised by a pass over ``sets``, each with
     whether it is read through the measurement) came from, or None where none fails alone.
@@ -478,27 +508,35 @@ def located_failure(
     The checks before the passes call the model and the task on example 0 (and a partner) only:
     a tester's token id outside the embedding's range at example 7, a loss refusing example
     7's label and 1-D inputs a batch of two cannot take met PyTorch's raw errors from somewhere
-    in a pass. Each set is run again, forward and loss (measurement) only, a batch at a time,
-    and example by example in the batch that fails (:func:`_failing_example`); the cost falls on
-    a failed call only."""
+    in a pass. Each set is run again, forward and loss (measurement) only, in batches of at most
+    ``batch_size`` (the run's: a larger one may fail where the run's did not) over its first
+    :data:`LOCATING_LIMIT` examples, and example by example in the batch that fails
+    (:func:`_failing_example`); the cost falls on a failed call only. An error of the machine
+    (out of memory, a CUDA error: :func:`_of_the_machine`), whether raised or met on the way,
+    is left as it was."""
+    if _of_the_machine(error):
+        return None
     for examples, measured in sets:
-        found = _failing_example(engine, examples, measured)
+        found = _failing_example(engine, examples, measured, min(batch_size, LOCATING_BATCH))
+        if found is not None and _of_the_machine(found[1]):
+            return None
         if found is not None:
             where, culprit, advice = found
             what = "measurement" if measured else "loss"
             return InvalidInputError(
                 f"the model or the task's {what} failed on {where}: "
-                f"{error_summary(culprit).rstrip('.')}. {advice}"
+                f"{_clause(error_summary(culprit))}. {advice}"
             )
     return None
 
 
 def _failing_example(
-    engine: PerExample, examples: ExampleSet, measured: bool
+    engine: PerExample, examples: ExampleSet, measured: bool, batch_size: int
 ) -> tuple[str, BaseException, str] | None:
     """The first example (or batch) of ``examples`` that the model's forward pass and the
-    task's loss (measurement) fail on, with the error and a hint; None where every batch
-    passes. One forward pass over the set at most, and one per example of the failing batch."""
+    task's loss (measurement) fail on, with the error and a hint; None where every batch of
+    ``batch_size`` passes. One forward pass over the set's first :data:`LOCATING_LIMIT`
+    examples at most, and one per example of the failing batch."""
     task = engine.task
 
     def attempt(batch: Batch) -> BaseException | None:
@@ -514,10 +552,13 @@ def _failing_example(
             return error
         return None
 
-    for batch in examples.batches(LOCATING_BATCH):
+    read = torch.arange(min(len(examples), LOCATING_LIMIT))
+    for batch in examples.batches(batch_size, read):
         failed = attempt(batch)
         if failed is None:
             continue
+        if _of_the_machine(failed):
+            return "", failed, ""
         for k in range(len(batch)):
             alone = attempt(batch.rows([k]))
             if alone is not None:
@@ -540,6 +581,43 @@ def _failing_example(
     return None
 
 
+#: outputs per example up to which :func:`_check_hessian_factor` forms example 0's Hessian
+FACTOR_CHECK_OUTPUTS = 4096
+
+
+def _check_hessian_factor(engine: PerExample, examples: ExampleSet, outputs: Tensor) -> None:
+    """Refuse a task's ``output_hessian_factor`` L_i that does not factor its loss's Hessian in
+    the outputs on example 0: ``L_0 L_0^T`` against ``Lambda_0`` (the task's ``output_hessian``,
+    or the loss's by autodiff). A reviewer's factor returning Lambda_i itself put K-FAC's scores
+    142% off, one returning 2 L_i 69%; only the shape was checked. One example's C x C
+    Hessian (none above :data:`FACTOR_CHECK_OUTPUTS` outputs)."""
+    task = engine.task
+    factor_fn = task.output_hessian_factor
+    if factor_fn is None or outputs.dim() != 2 or outputs.shape[1] > FACTOR_CHECK_OUTPUTS:
+        return
+    if getattr(factor_fn, "__module__", None) == Task.__module__:
+        return  # a built-in task's closed form (tested against autodiff in the suite)
+    first = outputs[:1].detach()
+    targets = engine.prepare(examples.take([0]))[1]
+    factor = task.lambda_factor(first, targets).to(torch.float64)[0]
+    hessian = task.lambda_blocks(first, targets).to(torch.float64)[0]
+    hessian = 0.5 * (hessian + hessian.T)
+    gap = float((factor @ factor.T - hessian).norm())
+    size = float(hessian.norm())
+    coarsest = [d for d in (task.autocast, coarsest_dtype(task.model), outputs.dtype) if d]
+    tolerance = max(1e-6, 100 * max(torch.finfo(d).eps for d in coarsest))
+    if gap <= tolerance * max(size, float(factor.square().sum()), 1e-30):
+        return
+    source = "its output_hessian" if task.output_hessian is not None else "the loss, by autodiff"
+    raise InvalidInputError(
+        f"the task's output_hessian_factor does not factor the loss's Hessian in the outputs on "
+        f"{examples.name} {examples.example(0)}: ||L L^T - Lambda|| is {gap:.3g} against "
+        f"||Lambda|| = {size:.3g} (Lambda from {source}). It must return L_i with "
+        "L_i L_i^T = Lambda_i, [B, C, K] (not Lambda_i itself), e.g. the eigenvectors of "
+        "Lambda_i scaled by the square roots of its eigenvalues"
+    )
+
+
 def _check_differentiable(
     engine: PerExample, examples: ExampleSet, outputs: Tensor, measured: bool
 ) -> None:
@@ -549,6 +627,8 @@ def _check_differentiable(
     PyTorch's "element 0 of tensors does not require grad" somewhere else in each method, and
     a boolean measurement gave zeros with one method and that error with another. One call of
     the function on example 0's outputs (no pass over the model)."""
+    if torch.is_inference_mode_enabled():
+        return  # (no tensor made here can require grad: nothing to tell from the graph)
     task = engine.task
     fn, what = (task.measurement, "measurement") if measured else (task.loss, "loss")
     targets = engine.prepare(examples.take([0]))[1]

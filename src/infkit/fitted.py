@@ -254,7 +254,7 @@ class Fitted:
         with targets the task can use (:func:`check_examples`; ``measured``: a set read
         through the measurement only, the queries)."""
         examples = ExampleSet(data, name=name)
-        with naming_failures(self.engine, examples, measured):
+        with naming_failures(self.engine, examples, measured, self.batch_size):
             check_beside(self.engine, self.train, examples, measured)
         return examples
 

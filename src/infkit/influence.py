@@ -167,11 +167,13 @@ def _noting_writes(answer: Callable[_P, _R]) -> Callable[_P, _R]:
                 return answer(*args, **kwargs)
         except InfkitError:
             raise
-        except CALL_ERRORS as error:  # the example a pass failed on, named where one fails alone
-            if inf._fitted is None:
+        except CALL_ERRORS as error:  # the query a pass failed on, named where one fails alone
+            # (the queries read: fit passed over the training set already, and a call that
+            # failed before reading any, a mistyped argument, costs no pass)
+            if inf._fitted is None or not inf._asked:
                 raise
-            sets = [(queries, True) for queries in inf._asked] + [(inf.fitted.train, False)]
-            named = located_failure(inf.fitted.engine, error, sets)
+            sets = [(queries, True) for queries in inf._asked]
+            named = located_failure(inf.fitted.engine, error, sets, inf.fitted.batch_size)
             if named is None:
                 raise
             raise named from error
@@ -443,7 +445,9 @@ class Influence:
         engine = PerExample(self.task, space, self.per_example_mode)
         warn_about_training_mode(self.task.model)
         check_examples(engine, examples)
-        with naming_failures(engine, examples):  # (a later example the model cannot take)
+        with naming_failures(
+            engine, examples, batch_size=self.batch_size
+        ):  # (a later example the model cannot take)
             return self._fit_checked(examples, space, engine)
 
     def _fit_checked(

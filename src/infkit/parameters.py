@@ -49,8 +49,8 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
 
 def _every_module(model: nn.Module) -> list[nn.Module]:
     """``model.modules()``, and those of a module one of them holds outside its submodules
-    (a ``LinearizedModel``'s base network, whose ``train`` it sets too: a reviewer's
-    evaluation-mode submodule came back in training mode)."""
+    (a ``LinearizedModel``'s base network: a reviewer's evaluation-mode submodule came back in
+    training mode)."""
     found: dict[int, nn.Module] = {}
     stack = [model]
     while stack:

@@ -43,7 +43,7 @@ from infkit.progress import resolve, track
 from infkit.recipe import Replay, TrainingRun
 from infkit.store import ArtifactStore
 from infkit.task import Task
-from infkit.training import check_tolerance, checked_l2, train_to_optimum
+from infkit.training import check_tolerance, checked_l2, checked_max_iter, train_to_optimum
 
 #: How far retraining on all the data may move the model passed in, as a fraction of the median
 #: removal's change, before :func:`leave_one_out` and :func:`without` say it was not at its
@@ -276,7 +276,7 @@ def without(
     that stops at ``max_iter`` short of ``tolerance`` is flagged (``converged``) and warned about.
     """
     examples = ExampleSet(train, name="training set")
-    l2, max_iter = checked_l2(l2), integer_argument("max_iter", max_iter, 1)
+    l2, max_iter = checked_l2(l2), checked_max_iter(max_iter)
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
     r = _retrain(task, examples, indices, l2, tolerance, max_iter, cache, run)
     done = [r]
@@ -558,7 +558,7 @@ def leave_one_out(
     """
     examples = ExampleSet(train, name="training set")
     idx = checked_indices(indices, len(examples), what="training index", unique=True)
-    l2, max_iter = checked_l2(l2), integer_argument("max_iter", max_iter, 1)
+    l2, max_iter = checked_l2(l2), checked_max_iter(max_iter)
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
     # checked before any retraining, as scores checks its queries (read through the
     # measurement: a query scores accept has the losses its labels give, 0 where none is read)
@@ -665,7 +665,7 @@ def subsets(
             else f"mask {int(empty[0])} keeps no "
             "training example (True = kept); a retraining needs at least one"
         )
-    l2, max_iter = checked_l2(l2), integer_argument("max_iter", max_iter, 1)
+    l2, max_iter = checked_l2(l2), checked_max_iter(max_iter)
     cache = _cache(cache_dir, task, examples, l2, tolerance, max_iter, run)
     test = checked_queries(task, test, measured=True)  # before any retraining
     rows, results = [], []

@@ -314,7 +314,7 @@ def check_binary_labels(targets: Any, output_shape: tuple[int, ...]) -> TargetPr
             f"{tuple(targets.shape[1:])}; for several 0/1 labels an example (multi-label), "
             "give a Task of your own whose loss sums them, e.g. "
             "F.binary_cross_entropy_with_logits(outputs, targets.float(), "
-            "reduction='none').sum(1) (docs/api/task.md)"
+            "reduction='none').sum(1) (README.md, \"Any other loss\")"
         )
     bad = (targets != 0) & (targets != 1)
     if bool(bad.any()):
@@ -853,8 +853,8 @@ def _pick_measurement(
             warn(
                 "the measurement callable is taken as lower-is-better (like a loss): top_k's "
                 "proponents are the examples whose removal would raise it. Pass "
-                "higher_is_better=True for a probability, a margin or an accuracy (or False "
-                "to say it is loss-like and silence this)",
+                "higher_is_better=True for a probability, a margin or a log-likelihood (or "
+                "False to say it is loss-like and silence this)",
                 Notice,
             )
             return measurement, False

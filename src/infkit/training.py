@@ -143,6 +143,13 @@ def checked_l2(l2: Any) -> float:
     return nonnegative_number("l2", l2, why)
 
 
+def checked_max_iter(max_iter: Any) -> int:
+    """``max_iter`` as an int >= 1 (a whole float such as 1e3 too), or an InvalidInputError."""
+    if isinstance(max_iter, float) and max_iter.is_integer():
+        max_iter = int(max_iter)
+    return integer_argument("max_iter", max_iter, 1)
+
+
 def train_to_optimum(
     task: Task,
     train: Any,
@@ -176,8 +183,7 @@ def train_to_optimum(
     to a caller that reports it its own way (retraining, poisoning); the one that names a
     coarser part stays.
     """
-    l2 = checked_l2(l2)
-    max_iter = integer_argument("max_iter", max_iter, 1)
+    l2, max_iter = checked_l2(l2), checked_max_iter(max_iter)
     check_tolerance(tolerance)
     examples = ExampleSet(train, name="training set")
     space = ParameterSpace(task.model)
@@ -202,7 +208,7 @@ def train_to_optimum(
         history_size=history_size,
         line_search_fn="strong_wolfe",
     )
-    with evaluation_mode(task.model), naming_failures(engine, trained):
+    with evaluation_mode(task.model), naming_failures(engine, trained, batch_size=chunk):
         _, g0 = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
         target = tolerance * max(float(g0.norm()), 1.0) if tolerance > 0 else 0.0
         iterations = 0

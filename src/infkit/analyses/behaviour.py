@@ -60,7 +60,7 @@ from infkit.data import ExampleSet, checked_indices
 from infkit.errors import InvalidInputError, Notice, UnsupportedError, warn
 from infkit.influence import Influence
 from infkit.language_modeling import IGNORE_INDEX
-from infkit.options import integer_argument, real_number, whole_number
+from infkit.options import integer_argument, nonnegative_number, real_number, whole_number
 from infkit.parameters import in_mode
 from infkit.progress import track
 from infkit.task import Task
@@ -575,8 +575,7 @@ def train_with_mask(
         mask = mask.to(torch.bool)
     if objective not in OBJECTIVES:
         raise InvalidInputError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if not isinstance(penalty, (int, float)) or not 0 <= penalty < math.inf:
-        raise InvalidInputError(f"penalty must be a finite number >= 0, got {penalty!r}")
+    penalty = nonnegative_number("penalty", penalty)
     steps = integer_argument("steps", steps, 1)
     batch_size = integer_argument("batch_size", batch_size, 1)
     trained = model if inplace else copy.deepcopy(model)

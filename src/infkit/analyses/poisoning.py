@@ -54,7 +54,7 @@ from infkit.errors import InvalidInputError, UnsupportedError, warn
 from infkit.evaluate import detection_auc
 from infkit.influence import Influence
 from infkit.methods.base import methods_answering, methods_with_estimator
-from infkit.options import integer_argument
+from infkit.options import integer_argument, nonnegative_number
 from infkit.parameters import ParameterSpace, evaluation_mode
 from infkit.retrain import without
 from infkit.task import Task
@@ -429,11 +429,10 @@ def plant_poisons(
         dtype = ParameterSpace(task.model).dtype  # (the model's call raised on it)
         X, y, xs, ys = (t.to(dtype) if t.is_floating_point() else t for t in (X, y, xs, ys))
     _check_task(task, xs[:1])
-    for name, value in (("l2", l2), ("epsilon", epsilon), ("damping", damping)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise InvalidInputError(f"{name} must be a finite number >= 0, got {value!r}")
-        if math.isinf(value):
-            raise InvalidInputError(f"{name} must be a finite number >= 0, got {value!r}")
+    l2, epsilon, damping = (
+        nonnegative_number(name, value)
+        for name, value in (("l2", l2), ("epsilon", epsilon), ("damping", damping))
+    )
     copies = integer_argument("copies", copies, 1)
     steps = integer_argument("steps", steps, 1)
     able = sorted(

@@ -47,7 +47,7 @@ from infkit.fitted import Fitted
 from infkit.gradients import Which
 from infkit.linalg import indefinite_remedy, singular_threshold
 from infkit.memory import FLOAT64_BYTES, human_bytes
-from infkit.methods.base import PRIMAL, Fidelity, PrimalMethod, Problem, register
+from infkit.methods.base import Fidelity, PrimalMethod, Problem, register
 from infkit.options import Options, option
 from infkit.plan import RunShape
 
@@ -174,8 +174,6 @@ class Arnoldi(PrimalMethod):
 
     name = "arnoldi"
     estimators = ("if", "relatif")
-    # no leverages: the curvature does not contain each example's own block (docs/estimators.md §10)
-    questions = PRIMAL - {"leverages"}
     summary = "top-p Ritz subspace of the GGN by Lanczos; projected inverse and p-dim embeddings"
     Options = ArnoldiOptions
     scales = True

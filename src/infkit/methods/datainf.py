@@ -39,7 +39,7 @@ from torch import Tensor
 from infkit.blocks import BlockMode, layer_slices
 from infkit.errors import CurvatureError, InvalidInputError, NotFittedError
 from infkit.fitted import Fitted
-from infkit.methods.base import PRIMAL, Fidelity, PrimalMethod, register
+from infkit.methods.base import Fidelity, PrimalMethod, register
 from infkit.options import Options, option
 
 #: gradients are cached up to this many bytes (and at most a quarter of the memory limit)
@@ -84,8 +84,6 @@ class DataInf(PrimalMethod):
 
     name = "datainf"
     estimators = ("if", "relatif")
-    # no leverages: the curvature does not contain each example's own block (docs/estimators.md §10)
-    questions = PRIMAL - {"leverages"}
     summary = "DataInf: layer-wise empirical Fisher, closed-form inverse-of-average (no solver)"
     Options = DataInfOptions
     scales = True

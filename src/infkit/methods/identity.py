@@ -117,8 +117,6 @@ class Identity(PrimalMethod):
 
     name = "identity"
     estimators = ("if", "relatif")
-    # no leverages: the curvature does not contain each example's own block (docs/estimators.md §10)
-    questions = PRIMAL - {"leverages"}
     summary = (
         "gradient dot product (H = I); with relatif, gradient cosine; TracInCP over checkpoints"
     )
@@ -156,7 +154,7 @@ class Identity(PrimalMethod):
         return super().answers(question)
 
     def _why_not(self, question: str) -> str:
-        if not self.tracin:
+        if not self.tracin or question not in PRIMAL - BASIC - {"leverages"}:
             return super()._why_not(question)
         return " with checkpoints (TracInCP sums over a trajectory; without them it does)"
 
