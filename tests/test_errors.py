@@ -984,3 +984,31 @@ def test_a_whole_max_iter_given_as_a_float_is_taken(linear_data) -> None:
     assert infkit.retrain.without(task, data, [0], 1e-2, max_iter=500.0).theta.shape == (10,)
     with pytest.raises(InvalidInputError, match=r"max_iter must be an integer >= 1, got 2\.5"):
         infkit.train_to_optimum(task, data, 1e-2, max_iter=2.5)
+
+
+def test_a_singular_curvature_names_the_parameters_no_output_depends_on(linear_data) -> None:
+    """A tester's: exact at l2 = 0 on a model with a head its forward pass never calls was
+    refused as singular with a damping to add, though the answer without that head is well
+    defined (cg gives it). The refusal names the head; frozen, it answers as the model without."""
+    _, (X, _) = linear_data
+
+    class Unused(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = torch.nn.Linear(4, 1).double()
+            self.unused = torch.nn.Linear(4, 2).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    model = Unused()
+    targets = X.sum(1, keepdim=True)
+    with pytest.raises(
+        CurvatureError, match=r"depends on 'unused\.weight', 'unused\.bias' \(zero curvature"
+    ):
+        infkit.Influence(infkit.Task.regression(model), "exact", l2=0.0).fit((X, targets))
+    model.unused.requires_grad_(False)
+    frozen = infkit.Influence(infkit.Task.regression(model), "exact", l2=0.0).fit((X, targets))
+    alone = infkit.Influence(infkit.Task.regression(model.used), "exact", l2=0.0).fit((X, targets))
+    test = (X[:3], targets[:3])
+    assert relative_error(frozen.scores(test), alone.scores(test)) < 1e-10

@@ -1103,3 +1103,101 @@ def test_a_fit_saved_with_an_option_left_unread_loads(tmp_path: Path, monkeypatc
         expected = infkit.Influence(task, "ekfac", **options).fit((X, y)).scores((X[:3], y[:3]))
     assert "samples" not in loaded.method_options
     torch.testing.assert_close(loaded.scores((X[:3], y[:3])), expected, rtol=1e-12, atol=0)
+
+
+def _ridge_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    y = X @ torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=torch.float64)
+    y = y + 0.1 * torch.randn(30, generator=gen, dtype=torch.float64)
+    model = nn.Linear(4, 1).double()
+    infkit.train_to_optimum(infkit.Task.regression(model), (X, y), 0.0)
+    return model, X, y
+
+
+@pytest.mark.parametrize("method", ["exact", "kfac", "ekfac", "arnoldi", "astra"])
+def test_a_refit_that_fails_leaves_the_previous_fit_answering_as_before(method: str) -> None:
+    """A tester's: a refit raising CurvatureError (a singular curvature at l2 = 0) left kfac,
+    ekfac, arnoldi and astra answering from a half-refitted method beside the old record (scores
+    1.3 off, no word; a raw size error where the refit had another N), and exact raising the
+    refit's error again. A refit now fits a method of its own, kept only once it has fitted."""
+    model, X, y = _ridge_problem()
+    task = infkit.Task.regression(model)
+    options = {"rank": 5} if method == "arnoldi" else {}
+    inf = infkit.Influence(task, method, l2=0.0, **options).fit((X, y))
+    test = (X[:4], y[:4])
+    before, own = inf.scores(test), inf.self_scores()
+    for n in (30, 12):  # the same N, and another
+        singular = X[:n].clone()
+        singular[:, 3] = 0.0  # no example moves the last weight: the curvature is singular
+        with pytest.raises(InfkitError):
+            inf.fit((singular, y[:n]))
+        assert torch.equal(inf.scores(test), before)
+        assert torch.equal(inf.self_scores(), own)
+
+
+def test_with_estimator_and_a_removal_keep_their_fit_when_the_parent_refits() -> None:
+    """A tester's: with_estimator shared its parent's method, so a parent refit at other weights
+    (the weights then restored) left the derived Influence answering from the refit's curvature
+    (0.23 off its own earlier answer, no word), and on other data from that data's fit. A removal
+    effect's answers, likewise made from the Influence, follow its fit too."""
+    model, X, y = _ridge_problem()
+    task = infkit.Task.regression(model)
+    parent = infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+    child = parent.with_estimator("newton")
+    effect = parent.remove([0, 1])
+    test = (X[:4], y[:4])
+    own, loss = child.scores(test), effect.loss(test)
+    parent.fit((X[5:], y[5:]))  # other data
+    assert torch.equal(child.scores(test), own)
+    assert torch.equal(effect.loss(test), loss)
+    theta = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+    parent.fit((X, y))  # at other weights, which then come back
+    with torch.no_grad():
+        for p, t in zip(model.parameters(), theta):
+            p.copy_(t)
+    assert torch.equal(child.scores(test), own)
+
+
+def test_a_removal_effect_refuses_a_model_changed_since_its_fit() -> None:
+    """A tester's: after a weight changed in place, inf.scores refused but the removal effect
+    answered: model() returned the new weights plus the old step (1.13 from theta* + Delta
+    theta), loss() mixed new gradients with the old step. Each now refuses, as the Influence
+    does, and answers again once the weights are back."""
+    model, X, y = _ridge_problem()
+    inf = infkit.Influence(infkit.Task.regression(model), "exact", l2=1e-2).fit((X, y))
+    effect = inf.remove([1, 2, 3])
+    test = (X[:4], y[:4])
+    loss, edited = effect.loss(test), effect.model()
+    weight = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(0.05)
+    for call in (
+        lambda: effect.loss(test),
+        lambda: effect.outputs(test),
+        lambda: effect.measurement(test),
+        effect.model,
+    ):
+        with pytest.raises(InvalidInputError, match="changed since fit"):
+            call()
+    with torch.no_grad():
+        model.weight.copy_(weight)
+    assert torch.allclose(effect.loss(test), loss, rtol=0, atol=1e-15)
+    assert torch.allclose(effect.model().weight, edited.weight, rtol=0, atol=1e-15)
+
+
+def test_train_to_optimum_shows_its_progress(capsys) -> None:
+    """A tester's: a CNN trained to its optimum for minutes without a word. The optimiser's
+    evaluations are shown with the gradient norm (a bar where asked; none with False)."""
+    model, X, y = _ridge_problem()
+    with torch.no_grad():
+        model.weight.zero_()
+    infkit.train_to_optimum(infkit.Task.regression(model), (X, y), 1e-2, progress=True)
+    assert "train to optimum" in capsys.readouterr().err
+    with torch.no_grad():
+        model.weight.zero_()
+    infkit.train_to_optimum(infkit.Task.regression(model), (X, y), 1e-2, progress=False)
+    assert "train to optimum" not in capsys.readouterr().err

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from infkit.errors import InvalidInputError
+from infkit.errors import InvalidInputError, NonFiniteError
 from infkit.evaluate import relative_error
 from infkit.valuation import Kairos, kairos, median_bandwidth
 
@@ -120,7 +120,7 @@ def test_median_heuristic_and_bad_input(data: dict) -> None:
         Kairos(X, R, train_labels=data["y"])
     with pytest.raises(InvalidInputError, match="same encoder"):
         Kairos(X, R[:, :3])
-    with pytest.raises(InvalidInputError, match="example 4 has NaN"):
+    with pytest.raises(NonFiniteError, match="example 4 has NaN"):  # (README's Errors)
         Kairos(torch.where(torch.arange(30)[:, None] == 4, float("nan"), X), R)
     for bad in (float("inf"), 0.0, float("nan")):  # inf: every value 0 without a word
         with pytest.raises(InvalidInputError, match="bandwidth must be a finite number > 0"):

@@ -161,7 +161,10 @@ def _noting_writes(answer: Callable[_P, _R]) -> Callable[_P, _R]:
     @functools.wraps(answer)
     def noted(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         inf: Influence = args[0]  # type: ignore[assignment]
-        inf._asked = []
+        outermost = inf._answering == 0  # (an answer asks others: top_k, the report's)
+        if outermost:
+            inf._asked = []
+        inf._answering += 1
         try:
             with _writes_noted(inf.task.model):
                 return answer(*args, **kwargs)
@@ -178,7 +181,9 @@ def _noting_writes(answer: Callable[_P, _R]) -> Callable[_P, _R]:
                 raise
             raise named from error
         finally:
-            inf._asked = []
+            inf._answering -= 1
+            if outermost:
+                inf._asked = []
 
     return noted
 
@@ -360,6 +365,7 @@ class Influence:
         self._choice: registry.Choice | None = None  # what method="auto" picked, and why
         self._fitted: Fitted | None = None
         self._asked: list[ExampleSet] = []  # the query sets of the answer being computed
+        self._answering = 0  # answers under way (one may ask others)
         self._told: set[str] = set()  # methods whose attributed-parameters notice was given
         self._candidates: list[str] = []
         #: methods method="auto" chose that refused the model in their fit, with why
@@ -438,7 +444,11 @@ class Influence:
 
     # ------------------------------------------------------------------ fit
     def fit(self, train: Any) -> Influence:
-        """Fit the method on the training set (the curvature, factors or kernel); returns ``self``."""
+        """Fit the method on the training set (the curvature, factors or kernel); returns ``self``.
+
+        A fit that raises leaves the Influence as it was: unfitted, or answering from its
+        previous fit (a refit fits a method of its own, kept only once it has fitted).
+        """
         examples = ExampleSet(train, name="training set")
         check_weights_present(self.task.model)
         space = ParameterSpace(self.task.model)
@@ -462,7 +472,11 @@ class Influence:
         settled = forward_snapshot(self.task.model)
         try:
             if self._method is not None:
-                return self._fit_method(self._method, examples, engine, problem, show)
+                # a refit fits a method of its own: the fitted one stays as it is until the new
+                # one has fitted, for this Influence (a failed refit changes nothing) and for
+                # those with_estimator made from it (a tester's answered from a mix of the two)
+                method = self._method if self._fitted is None else self._create(self._method.name)
+                return self._fit_method(method, examples, engine, problem, show)
             while True:  # method="auto": its choice, or the next when a Kronecker method refuses
                 method = self._auto(problem)
                 try:
@@ -595,7 +609,8 @@ class Influence:
         """The same fitted method with another estimator (no refit).
 
         ``inf.with_estimator("newton").scores(test)`` reuses the factorisation, the cached
-        training gradients and everything else ``fit`` computed.
+        training gradients and everything else ``fit`` computed. The two share that fit: a
+        later ``fit`` of either fits a method of its own and leaves the other as it was.
         """
         method = self.method
         choice = _estimator(estimator, relatif or self._estimator.relatif)
@@ -1155,13 +1170,22 @@ class Influence:
         if steps > 1:
             return self._remove_in_steps(idx, steps)
         delta = self.fitted.output(method.removal(idx, self._estimator))
+        # (this fit's method and record, whatever a later refit of this Influence does)
+        snapshot = copy.copy(self)
 
         def predict(data: Any, which: Quantity) -> Tensor:
             with _writes_noted(self.task.model):  # (passes run later, as an answer's do)
-                return self._predicted_change(data, delta, which, idx)
+                return snapshot._predicted_change(data, delta, which, idx)
 
+        fitted = self.fitted  # (the record Delta theta belongs to, whatever a refit does)
         return RemovalEffect(
-            idx, delta, self.estimator, predict, self.task.model, names=self.fitted.space.names
+            idx,
+            delta,
+            self.estimator,
+            predict,
+            self.task.model,
+            names=fitted.space.names,
+            unchanged=fitted.require_unchanged,
         )
 
     def _remove_in_steps(self, idx: Tensor, steps: int) -> RemovalEffect:
@@ -1222,7 +1246,8 @@ class Influence:
             self.task.model,
             steps=steps,
             gradient_norms=norms,
-            names=self.fitted.space.names,
+            names=fitted.space.names,
+            unchanged=fitted.require_unchanged,
         )
 
     def _refit_at(self, task: Task, retained: ExampleSet) -> Influence:

@@ -44,6 +44,10 @@ class RemovalEffect:
             the retained optimum; None for ``steps=1`` (not computed).
         names: the parameters ``params`` covers (None: every trainable parameter), e.g. the
             tracked layers of a Kronecker method; ``model()`` leaves the others as they are.
+        unchanged: raises where the model changed since the fit Delta theta was computed from
+            (:meth:`infkit.fitted.Fitted.require_unchanged`); called before every answer, as the
+            Influence's own are (a tester's ``model()`` after a fine-tuning step returned the
+            new weights plus the old step, 1.13 from theta* + Delta theta). None: not checked.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class RemovalEffect:
         steps: int = 1,
         gradient_norms: list[float] | None = None,
         names: list[str] | None = None,
+        unchanged: Callable[[], None] | None = None,
     ) -> None:
         self.indices = indices
         self.params = params
@@ -66,20 +71,28 @@ class RemovalEffect:
         self._predict = predict
         self._model = model
         self._names = names
+        self._unchanged = unchanged
+
+    def _require_unchanged(self) -> None:
+        if self._unchanged is not None:
+            self._unchanged()
 
     def outputs(self, data: Any) -> Tensor:
         """Predicted change of the model outputs, [n, C]: J(x) Delta theta (``steps=1``), the
         actual change at theta* + Delta theta (``steps > 1``)."""
+        self._require_unchanged()
         return self._predict(data, "outputs")
 
     def loss(self, data: Any) -> Tensor:
         """Predicted change of the per-example loss (no regulariser), [n]: grad l^T Delta theta
         (``steps=1``), the actual change at theta* + Delta theta (``steps > 1``)."""
+        self._require_unchanged()
         return self._predict(data, "loss")
 
     def measurement(self, data: Any) -> Tensor:
         """Predicted change of the task's measurement, [n]; ``scores`` columns sum to this for IF
         (``steps=1``); the actual change at theta* + Delta theta for ``steps > 1``."""
+        self._require_unchanged()
         return self._predict(data, "measurement")
 
     def model(self, dtype: torch.dtype | None = None) -> nn.Module:
@@ -97,6 +110,7 @@ class RemovalEffect:
                 f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, ...) "
                 f"or None for the model's own, got {dtype!r}"
             )
+        self._require_unchanged()
         clone = copy.deepcopy(self._model)
         if dtype is not None:
             clone.to(dtype)

@@ -332,6 +332,7 @@ def _retrain(
             max_iter=max_iter,
             tolerance=tolerance,
             warn_unconverged=False,  # the retrainings are reported together (warn_unconverged)
+            progress=False,  # (their own count is shown)
         )
         theta, gradient_norm, evaluations = result.theta, result.gradient_norm, result.evaluations
         # (a float32 retraining at its precision's floor went as far as it goes, as

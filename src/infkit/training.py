@@ -29,7 +29,7 @@ from infkit.gradients import PerExample, check_finite_rows
 from infkit.linalg import conjugate_gradients
 from infkit.options import integer_argument, nonnegative_number, real_number
 from infkit.parameters import ParameterSpace, dtype_name, evaluation_mode
-from infkit.progress import Mode, track
+from infkit.progress import Mode, Progress, resolve, track
 from infkit.task import Task
 
 #: L-BFGS hands over to Newton-CG polishing below this relative gradient norm.
@@ -162,6 +162,7 @@ def train_to_optimum(
     chunk: int = 4096,
     newton_polish: int = 8,
     warn_unconverged: bool = True,
+    progress: bool | None = None,
 ) -> TrainResult:
     """Minimise ``mean_{i in indices} l_i + (l2/2) ||theta||^2`` in place, full batch, L-BFGS.
 
@@ -181,7 +182,9 @@ def train_to_optimum(
     precision goes (``converged`` stays False, the default target being float64's); in the
     latter case :attr:`TrainResult.at_precision` is True and a retraining counts as converged. ``warn_unconverged=False`` leaves that warning
     to a caller that reports it its own way (retraining, poisoning); the one that names a
-    coarser part stays.
+    coarser part stays. ``progress`` shows the optimiser's evaluations with the gradient norm
+    (None: a bar where someone watches, else a line after a few seconds; False: nothing, as the
+    retrainings run it).
     """
     l2, max_iter = checked_l2(l2), checked_max_iter(max_iter)
     check_tolerance(tolerance)
@@ -208,7 +211,14 @@ def train_to_optimum(
         history_size=history_size,
         line_search_fn="strong_wolfe",
     )
-    with evaluation_mode(task.model), naming_failures(engine, trained, batch_size=chunk):
+    # (the optimiser's evaluations with the gradient norm: a tester's CNN trained for minutes
+    # without a word; a bar where someone watches, else a line after LOG_AFTER seconds)
+    shown = Progress(resolve(progress), None, "train to optimum")
+    with (
+        evaluation_mode(task.model),
+        naming_failures(engine, trained, batch_size=chunk),
+        shown,
+    ):
         _, g0 = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
         target = tolerance * max(float(g0.norm()), 1.0) if tolerance > 0 else 0.0
         iterations = 0
@@ -228,6 +238,7 @@ def train_to_optimum(
                 )
             for p, g in zip(params, space.unflatten(grad).values()):
                 p.grad = g.clone()
+            shown.update(note=f"||grad L|| {float(grad.norm()):.2e}")
             if float(grad.norm()) <= stop_at:
                 # Reached: report a zero gradient so L-BFGS stops without another line search.
                 for p in params:

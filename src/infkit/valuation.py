@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from infkit.errors import InvalidInputError
+from infkit.errors import InvalidInputError, NonFiniteError
 from infkit.options import real_number
 
 Kernel = Literal["rbf", "linear"]
@@ -230,7 +230,9 @@ def _features(x: Tensor, name: str) -> Tensor:
     x = x.reshape(len(x), -1).to(torch.float64)
     bad = (~torch.isfinite(x)).any(1).nonzero()
     if len(bad):
-        raise InvalidInputError(f"{name}: example {int(bad[0])} has NaN or Inf features")
+        raise NonFiniteError(
+            f"{name}: example {int(bad[0])} has NaN or Inf features; drop or impute them"
+        )
     return x
 
 

@@ -156,7 +156,7 @@ def retrain_attacked(task: Task, train: Any, attack: Attack, l2: float) -> Task:
     whole = ExampleSet(train, name="training set")
     batch = whole.take(torch.arange(len(whole)))
     attacked = task.with_model(copy.deepcopy(task.model))
-    train_to_optimum(attacked, (attack.apply(batch.inputs), batch.targets), l2)
+    train_to_optimum(attacked, (attack.apply(batch.inputs), batch.targets), l2, progress=False)
     return attacked
 
 

@@ -472,7 +472,13 @@ def plant_poisons(
 
     poisoned = task.with_model(copy.deepcopy(task.model)).with_measurement(logit)
     result = train_to_optimum(
-        poisoned, poisoned_train, l2, tolerance=tolerance, max_iter=max_iter, warn_unconverged=False
+        poisoned,
+        poisoned_train,
+        l2,
+        tolerance=tolerance,
+        max_iter=max_iter,
+        warn_unconverged=False,
+        progress=False,
     )
     if not result.done:
         warn(

@@ -391,4 +391,6 @@ class Arnoldi(PrimalMethod):
                 None if self.eigenvalues is None else float(self.eigenvalues[-1])
             ),
         )
+        if self.options.complement == "scaled":  # mu: from 16 examples, by position
+            out["complement_curvature"] = self.complement_curvature
         return out

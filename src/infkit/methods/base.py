@@ -849,7 +849,8 @@ class Method(ABC):
                 f"method {self.name!r} gives the scores of {_queries_named(queries)} about "
                 f"{ratio:.1f}x too large "
                 "along their own gradient directions (energy ratio u^T (H + ridge) u / u^T v on "
-                f"a curvature sample, 1 for an exact solve{beside}): the queries lie where the "
+                f"a curvature sample, 1 for an exact solve{beside}; the order of magnitude: the "
+                "scores' own excess can be a few times smaller): the queries lie where the "
                 "approximation is poor. Rank with them if you must; for removal effects use a "
                 "method that solves (cg, exact), or check them against retraining "
                 "(infkit.retrain)",

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from infkit.data import Batch
-from infkit.errors import NotFittedError
+from infkit.errors import CurvatureError, NotFittedError, listed
 from infkit.fitted import Fitted
 from infkit.linalg import SymmetricSolver
 from infkit.memory import FLOAT64_BYTES, human_bytes
@@ -99,7 +99,34 @@ class Exact(PrimalMethod):
             H += self.batch_curvature(batch)
         self.data_curvature = H / fitted.n
         self._solvers.clear()
-        self._solver(0.0)  # factorise now: a singular or indefinite curvature fails at fit
+        try:
+            self._solver(0.0)  # factorise now: a singular or indefinite curvature fails at fit
+        except CurvatureError as error:
+            unused = self._flat_parameters()
+            if unused:  # (a tester's unused head at l2 = 0: told as a damping to add)
+                raise CurvatureError(f"{str(error).rstrip('.')}. {unused}") from error
+            raise
+
+    def _flat_parameters(self) -> str:
+        """Words naming the parameters along which the data's curvature is exactly 0 on every
+        training example (no output the loss reads depends on them: an unused head, a pooler),
+        or "" where there are none. Their flat directions make the curvature singular at
+        ``l2 = damping = 0`` whatever the rest."""
+        H = self._data_curvature()
+        space = self.fitted.space
+        zero = (H == 0).all(dim=1)
+        flat = [
+            name
+            for name, span in space.module_slices().items()
+            if span.stop > span.start and bool(zero[span].all())
+        ]
+        if not flat:
+            return ""
+        return (
+            f"No output the loss reads depends on {listed([repr(n) for n in flat], 4)} (zero "
+            "curvature on every training example): freeze them (requires_grad=False) to "
+            "attribute through the rest"
+        )
 
     def restore(self, fitted: Fitted, state: Mapping[str, Any]) -> None:
         super().restore(fitted, state)
