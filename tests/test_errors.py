@@ -965,15 +965,25 @@ def test_errors_of_the_machine_and_of_the_library_are_not_told_as_the_datas(line
     assert not isinstance(caught.value, InvalidInputError)
 
 
-def test_scores_under_inference_mode_are_taken(linear_data) -> None:
-    """A reviewer's: the check that a measurement carries a gradient refused every query under
-    torch.inference_mode() (where no tensor can require grad), which answered before."""
-    model, data = linear_data
-    inf = infkit.Influence(infkit.Task.classification(model), "exact", l2=1e-2).fit(data)
-    expected = inf.scores((data[0][:3], data[1][:3]))
+@pytest.mark.parametrize("method", ["exact", "identity", "dual", "kfac"])
+def test_fit_and_scores_under_inference_mode_are_taken(linear_data, method: str) -> None:
+    """Two reviewers': the check that a measurement carries a gradient refused every query under
+    torch.inference_mode() (answered before); stepping aside there let a graphless accuracy
+    give zeros, and identity and dual met PyTorch's raw errors. Fit and answers now leave a
+    caller's inference mode: the same answers, and the same refusal of an accuracy."""
+    model, (X, y) = linear_data
+    task = infkit.Task.classification(model)
+    test = (X[:3], y[:3])
+    expected = infkit.Influence(task, method, l2=1e-2).fit((X, y)).scores(test)
     with torch.inference_mode():
-        got = inf.scores((data[0][:3], data[1][:3]))
-    assert relative_error(got, expected) < 1e-12
+        inf = infkit.Influence(task, method, l2=1e-2).fit((X, y))
+        assert relative_error(inf.scores(test), expected) < 1e-12
+    accuracy = infkit.Task.classification(
+        model, measurement=lambda o, t: (o.argmax(1) == t).double(), higher_is_better=True
+    )
+    fitted = infkit.Influence(accuracy, method, l2=1e-2).fit((X, y))
+    with torch.inference_mode(), pytest.raises(InvalidInputError, match="carries no gradient"):
+        fitted.scores(test)
 
 
 def test_a_whole_max_iter_given_as_a_float_is_taken(linear_data) -> None:
@@ -1012,3 +1022,39 @@ def test_a_singular_curvature_names_the_parameters_no_output_depends_on(linear_d
     alone = infkit.Influence(infkit.Task.regression(model.used), "exact", l2=0.0).fit((X, targets))
     test = (X[:3], targets[:3])
     assert relative_error(frozen.scores(test), alone.scores(test)) < 1e-10
+
+
+def test_a_right_factor_is_taken_on_a_confident_float32_model_and_an_untransformable_loss() -> None:
+    """A reviewer's: the factor check formed the reference Hessian in float32, where a confident
+    prediction's diag(p) - p p^T loses its digits (5.4e-5 off a right factor: refused as "not
+    Lambda itself"), and it ran torch.func over a loss that cannot take it (a raw vmap error,
+    where the factor is there to spare that). Both are taken, and answer as the built-in task."""
+    torch.manual_seed(0)
+    X = torch.randn(40, 4)
+    y = torch.randint(0, 3, (40,))
+    y[0] = 2
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.mul_(0.1)
+        model.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))  # example 0 predicted at p > 0.999
+
+    def factor(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        p = o.softmax(1).to(torch.float64)
+        return (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) @ torch.diag_embed(p.rsqrt())
+
+    weights = [1.0, 1.0, 1.0]
+
+    def untransformable(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        w = torch.tensor([weights[int(c)] for c in t], dtype=o.dtype)  # int(): no vmap
+        return w * torch.nn.functional.cross_entropy(o, t, reduction="none")
+
+    def plain(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(o, t, reduction="none")
+
+    assert float(model(X[:1]).softmax(1).max()) > 0.999
+    built = infkit.Influence(infkit.Task.classification(model), "kfac", l2=1e-2).fit((X, y))
+    test = (X[:3], y[:3])
+    for loss in (plain, untransformable):
+        mine = infkit.Task(model, loss, output_hessian_factor=factor)
+        scores = infkit.Influence(mine, "kfac", l2=1e-2, checks=False).fit((X, y)).scores(test)
+        assert relative_error(scores.double(), built.scores(test).double()) < 1e-4

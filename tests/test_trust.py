@@ -28,6 +28,7 @@ from infkit.errors import (
     ArtifactError,
     InfkitError,
     InvalidInputError,
+    NotFittedError,
     ProblemTooLargeError,
 )
 from infkit.methods import registered
@@ -1116,11 +1117,13 @@ def _ridge_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", ["exact", "kfac", "ekfac", "arnoldi", "astra"])
-def test_a_refit_that_fails_leaves_the_previous_fit_answering_as_before(method: str) -> None:
+def test_a_refit_that_fails_leaves_the_influence_unfitted(method: str) -> None:
     """A tester's: a refit raising CurvatureError (a singular curvature at l2 = 0) left kfac,
     ekfac, arnoldi and astra answering from a half-refitted method beside the old record (scores
     1.3 off, no word; a raw size error where the refit had another N), and exact raising the
-    refit's error again. A refit now fits a method of its own, kept only once it has fitted."""
+    refit's error again. A refit lets the previous fit go and fits a method of its own: a failed
+    one leaves the Influence refusing as unfitted, and a successful one answers as a fresh
+    object would."""
     model, X, y = _ridge_problem()
     task = infkit.Task.regression(model)
     options = {"rank": 5} if method == "arnoldi" else {}
@@ -1132,6 +1135,11 @@ def test_a_refit_that_fails_leaves_the_previous_fit_answering_as_before(method: 
         singular[:, 3] = 0.0  # no example moves the last weight: the curvature is singular
         with pytest.raises(InfkitError):
             inf.fit((singular, y[:n]))
+        with pytest.raises(NotFittedError):
+            inf.scores(test)
+        with pytest.raises(NotFittedError):
+            inf.self_scores()
+        inf.fit((X, y))
         assert torch.equal(inf.scores(test), before)
         assert torch.equal(inf.self_scores(), own)
 

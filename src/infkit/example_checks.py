@@ -9,19 +9,19 @@ each problem an :class:`~infkit.errors.InvalidInputError` naming the example and
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from infkit.data import WHOLE_BATCH, Batch, ExampleSet, leaves, map_tensors
+from infkit.data import Batch, ExampleSet, leaves, map_tensors
 from infkit.data_forms import LABEL_KEYS
 from infkit.errors import InfkitError, InvalidInputError, Suspicion, warn
+from infkit.failures import CALL_ERRORS, clause, naming_failures
 from infkit.gradients import PerExample, error_summary
 from infkit.parameters import coarsest_dtype, evaluation_mode
 from infkit.task import Task
@@ -29,36 +29,6 @@ from infkit.task import Task
 #: the queries with no scored label whose measurement's output gradient one forward pass
 #: takes at a time, in the check that the measurement has something to read on them
 MEASUREMENT_PROBE_BATCH = 8
-
-#: the examples one forward pass takes at most while :func:`located_failure` looks for the
-#: example a pass failed on (fewer where the run's own batches are smaller)
-LOCATING_BATCH = 64
-
-#: the examples of a set :func:`located_failure` reads at most (a failure past them is left
-#: as it was raised: a reviewer's failed call read 20,000 training rows before it said so)
-LOCATING_LIMIT = 4096
-
-#: what a model or a loss of the user's raises on data it cannot take (PyTorch's own included)
-CALL_ERRORS = (RuntimeError, TypeError, IndexError, ValueError, KeyError)
-
-#: errors of the machine, not of an example: out of memory (a batch larger than the run's
-#: fails where the run's did not), and an accelerator's error, which every later call on the
-#: device raises again (a device-side assert would have named example 0)
-MACHINE_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,) + (
-    (torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()
-)
-
-
-def _clause(summary: str) -> str:
-    """An :func:`~infkit.gradients.error_summary` without its closing full stop (a sentence
-    follows it), keeping the " ..." of one cut short."""
-    return summary[:-1] if summary.endswith(".") and not summary.endswith("...") else summary
-
-
-def _of_the_machine(error: BaseException) -> bool:
-    """Whether ``error`` is the machine's (:data:`MACHINE_ERRORS`, or a CUDA error by its
-    words), which no example of the data explains."""
-    return isinstance(error, MACHINE_ERRORS) or "CUDA error" in str(error)
 
 
 def _call_at_theta(engine: PerExample, inputs: Any) -> Tensor:
@@ -267,7 +237,7 @@ def check_loss_alone(engine: PerExample, examples: ExampleSet) -> None:
         )
         raise InvalidInputError(
             f"the task's loss failed on {examples.name} {examples.example(0)}: "
-            f"{_clause(error_summary(error))}. It is given the model's outputs and the labels as they "
+            f"{clause(error_summary(error))}. It is given the model's outputs and the labels as they "
             f"are in the data ({described}): convert them in the loss (e.g. targets.long(), "
             "targets.reshape(-1)) or give them so"
         ) from error
@@ -476,113 +446,14 @@ def _check_examples(engine: PerExample, examples: ExampleSet, measured: bool) ->
     examples._checked = not unscored
 
 
-@contextlib.contextmanager
-def naming_failures(
-    engine: PerExample,
-    examples: ExampleSet,
-    measured: bool = False,
-    batch_size: int = LOCATING_BATCH,
-) -> Iterator[None]:
-    """Name the example a failure of the passes in the block came from
-    (:func:`located_failure`), or let the failure go on as it was."""
-    try:
-        yield
-    except InfkitError:
-        raise
-    except CALL_ERRORS as error:
-        named = located_failure(engine, error, [(examples, measured)], batch_size)
-        if named is None:
-            raise
-        raise named from error
+#: outputs per example up to which :func:`_check_hessian_factor` forms example 0's Hessian (a
+#: reviewer's 4,096 cost 5 s and 650 MB a call, paid by every fit and retraining)
+FACTOR_CHECK_OUTPUTS = 256
 
-
-def located_failure(
-    engine: PerExample,
-    error: BaseException,
-    sets: Sequence[tuple[ExampleSet, bool]],
-    batch_size: int = LOCATING_BATCH,
-) -> InvalidInputError | None:
-    """The error naming the example ``error`` (raised by a pass over ``sets``, each with
-    whether it is read through the measurement) came from, or None where none fails alone.
-
-    The checks before the passes call the model and the task on example 0 (and a partner) only:
-    a tester's token id outside the embedding's range at example 7, a loss refusing example
-    7's label and 1-D inputs a batch of two cannot take met PyTorch's raw errors from somewhere
-    in a pass. Each set is run again, forward and loss (measurement) only, in batches of at most
-    ``batch_size`` (the run's: a larger one may fail where the run's did not) over its first
-    :data:`LOCATING_LIMIT` examples, and example by example in the batch that fails
-    (:func:`_failing_example`); the cost falls on a failed call only. An error of the machine
-    (out of memory, a CUDA error: :func:`_of_the_machine`), whether raised or met on the way,
-    is left as it was."""
-    if _of_the_machine(error):
-        return None
-    for examples, measured in sets:
-        found = _failing_example(engine, examples, measured, min(batch_size, LOCATING_BATCH))
-        if found is not None and _of_the_machine(found[1]):
-            return None
-        if found is not None:
-            where, culprit, advice = found
-            what = "measurement" if measured else "loss"
-            return InvalidInputError(
-                f"the model or the task's {what} failed on {where}: "
-                f"{_clause(error_summary(culprit))}. {advice}"
-            )
-    return None
-
-
-def _failing_example(
-    engine: PerExample, examples: ExampleSet, measured: bool, batch_size: int
-) -> tuple[str, BaseException, str] | None:
-    """The first example (or batch) of ``examples`` that the model's forward pass and the
-    task's loss (measurement) fail on, with the error and a hint; None where every batch of
-    ``batch_size`` passes. One forward pass over the set's first :data:`LOCATING_LIMIT`
-    examples at most, and one per example of the failing batch."""
-    task = engine.task
-
-    def attempt(batch: Batch) -> BaseException | None:
-        try:
-            with torch.no_grad():
-                inputs, targets = engine.prepare(batch)
-                with evaluation_mode(task.model):
-                    outputs = engine.call(engine.params(), inputs)
-                (task.checked_measurement if measured else task.checked_loss)(outputs, targets)
-        except InfkitError:
-            return None  # (a problem infkit names itself: not the failure looked for)
-        except CALL_ERRORS as error:
-            return error
-        return None
-
-    read = torch.arange(min(len(examples), LOCATING_LIMIT))
-    for batch in examples.batches(batch_size, read):
-        failed = attempt(batch)
-        if failed is None:
-            continue
-        if _of_the_machine(failed):
-            return "", failed, ""
-        for k in range(len(batch)):
-            alone = attempt(batch.rows([k]))
-            if alone is not None:
-                return (
-                    f"{examples.name} {batch.example(k)}",
-                    alone,
-                    "The checks before the passes read example 0 only: fix or drop that example",
-                )
-        where = f"a batch of {examples.name} {batch.example(WHOLE_BATCH)} (each alone passes)"
-        if all(t.dim() == 1 for t in leaves(batch.inputs)):  # [B]: an example is a number
-            return (
-                where,
-                failed,
-                (
-                    "Each example's input is a single number (the data is 1-D, [N]): give it as "
-                    "[N, 1] (X.reshape(-1, 1)) where the model takes one feature"
-                ),
-            )
-        return where, failed, "The model mixes or misreads a batch of examples"
-    return None
-
-
-#: outputs per example up to which :func:`_check_hessian_factor` forms example 0's Hessian
-FACTOR_CHECK_OUTPUTS = 4096
+#: the relative gap of ``L L^T`` from the loss's Hessian above which a factor is refused: far
+#: above rounding (a reviewer's right factor of a confident float32 prediction read 5.4e-5, the
+#: Hessian's own cancellation), far below the mistakes it is for (Lambda itself 0.66, 2 L 3)
+FACTOR_TOLERANCE = 1e-2
 
 
 def _check_hessian_factor(engine: PerExample, examples: ExampleSet, outputs: Tensor) -> None:
@@ -600,13 +471,14 @@ def _check_hessian_factor(engine: PerExample, examples: ExampleSet, outputs: Ten
     first = outputs[:1].detach()
     targets = engine.prepare(examples.take([0]))[1]
     factor = task.lambda_factor(first, targets).to(torch.float64)[0]
-    hessian = task.lambda_blocks(first, targets).to(torch.float64)[0]
+    try:
+        hessian = _loss_hessian(task, first, targets)
+    except CALL_ERRORS:  # a loss torch.func cannot take: the factor is there to spare that
+        return
     hessian = 0.5 * (hessian + hessian.T)
     gap = float((factor @ factor.T - hessian).norm())
     size = float(hessian.norm())
-    coarsest = [d for d in (task.autocast, coarsest_dtype(task.model), outputs.dtype) if d]
-    tolerance = max(1e-6, 100 * max(torch.finfo(d).eps for d in coarsest))
-    if gap <= tolerance * max(size, float(factor.square().sum()), 1e-30):
+    if gap <= FACTOR_TOLERANCE * max(size, float(factor.square().sum()), 1e-30):
         return
     source = "its output_hessian" if task.output_hessian is not None else "the loss, by autodiff"
     raise InvalidInputError(
@@ -618,6 +490,16 @@ def _check_hessian_factor(engine: PerExample, examples: ExampleSet, outputs: Ten
     )
 
 
+def _loss_hessian(task: Task, outputs: Tensor, targets: Any) -> Tensor:
+    """Example 0's Hessian of the loss in its outputs, [C, C] float64: on float64 outputs where
+    the loss takes them (a confident float32 prediction's Hessian loses its digits to
+    cancellation), else in the outputs' own dtype."""
+    try:
+        return task.lambda_blocks(outputs.to(torch.float64), targets).to(torch.float64)[0]
+    except CALL_ERRORS:  # (a loss holding float32 weights of its own)
+        return task.lambda_blocks(outputs, targets).to(torch.float64)[0]
+
+
 def _check_differentiable(
     engine: PerExample, examples: ExampleSet, outputs: Tensor, measured: bool
 ) -> None:
@@ -627,13 +509,14 @@ def _check_differentiable(
     PyTorch's "element 0 of tensors does not require grad" somewhere else in each method, and
     a boolean measurement gave zeros with one method and that error with another. One call of
     the function on example 0's outputs (no pass over the model)."""
-    if torch.is_inference_mode_enabled():
-        return  # (no tensor made here can require grad: nothing to tell from the graph)
     task = engine.task
     fn, what = (task.measurement, "measurement") if measured else (task.loss, "loss")
-    targets = engine.prepare(examples.take([0]))[1]
-    probe = outputs.detach().requires_grad_(True)
-    with torch.enable_grad():
+    # (out of inference mode, on copies that are ordinary tensors: under a caller's
+    # torch.inference_mode() no tensor could require grad, and a reviewer's graphless accuracy
+    # then gave zeros)
+    with torch.inference_mode(False), torch.enable_grad():
+        targets = map_tensors(engine.prepare(examples.take([0]))[1], lambda t: t.clone())
+        probe = outputs.detach().clone().requires_grad_(True)
         try:
             value = fn(probe, targets)
         except (RuntimeError, TypeError, ValueError, IndexError):

@@ -28,12 +28,8 @@ from infkit.errors import (
     listed,
     warn,
 )
-from infkit.example_checks import (
-    check_examples,
-    deterministic_outputs,
-    naming_failures,
-    warn_batch_mixing,
-)
+from infkit.example_checks import check_examples, deterministic_outputs, warn_batch_mixing
+from infkit.failures import naming_failures
 from infkit.fingerprint import (
     changed_keys,
     forward_snapshot,

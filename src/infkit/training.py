@@ -24,7 +24,8 @@ from infkit.errors import (
     NotConvergedWarning,
     warn,
 )
-from infkit.example_checks import check_examples, naming_failures
+from infkit.example_checks import check_examples
+from infkit.failures import naming_failures
 from infkit.gradients import PerExample, check_finite_rows
 from infkit.linalg import conjugate_gradients
 from infkit.options import integer_argument, nonnegative_number, real_number

@@ -47,5 +47,5 @@ def trained_mlp(hidden: int = 16) -> torch.nn.Module:
     model = torch.nn.Sequential(
         torch.nn.Linear(64, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10)
     ).double()
-    infkit.train_to_optimum(infkit.Task.classification(model), splits()[0], L2)
+    infkit.train_to_optimum(infkit.Task.classification(model), splits()[0], L2, progress=False)
     return model

@@ -33,5 +33,7 @@ def trained_logreg() -> torch.nn.Module:
     """Logistic regression trained to its optimum."""
     torch.manual_seed(0)
     model = torch.nn.Linear(30, 1).double()
-    infkit.train_to_optimum(infkit.Task.binary_classification(model), splits()[0], L2)
+    infkit.train_to_optimum(
+        infkit.Task.binary_classification(model), splits()[0], L2, progress=False
+    )
     return model

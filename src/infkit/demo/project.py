@@ -47,7 +47,9 @@ def trained(name: str = "mlp", seed: int = 0) -> nn.Module:
     optimum of its objective."""
     spec = SPECS[name]
     model = build_model(spec, seed)
-    train_to_optimum(Task.classification(model), digits(seed).train, spec.l2, tolerance=1e-10)
+    train_to_optimum(
+        Task.classification(model), digits(seed).train, spec.l2, tolerance=1e-10, progress=False
+    )
     return model
 
 

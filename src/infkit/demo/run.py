@@ -96,7 +96,9 @@ def detection(
 def train_model(spec: ModelSpec, data: DigitsData, config: DemoConfig) -> tuple[Task, TrainResult]:
     """Build and train the model of ``spec`` to a tight optimum of its objective."""
     task = Task.classification(build_model(spec, config.seed))
-    trained = train_to_optimum(task, data.train, spec.l2, tolerance=config.train_tolerance)
+    trained = train_to_optimum(
+        task, data.train, spec.l2, tolerance=config.train_tolerance, progress=False
+    )
     n_params = sum(p.numel() for p in task.model.parameters())
     print(
         f"\n== {spec.name}: {n_params} parameters, l2={spec.l2:g}, damping={spec.damping:g}; "

@@ -449,8 +449,10 @@ class KroneckerCurvature:
             else:
                 raise ArtifactError(
                     f"the Kronecker factors committed in {store.root} were removed after they "
-                    "were set aside for a scoring pass (another run's overwrite=True, or the "
-                    "directory deleted): fit again, and keep the directory for the run's length"
+                    "were set aside for a scoring pass (a later fit with overwrite=True in this "
+                    "workdir, another run's or this Influence's own refit when this one was made "
+                    "by with_estimator or is a removal effect's, or the directory deleted): fit "
+                    "again, and keep the directory for the run's length"
                 )
         return self._factors
 
