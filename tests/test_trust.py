@@ -1209,3 +1209,18 @@ def test_train_to_optimum_shows_its_progress(capsys) -> None:
         model.weight.zero_()
     infkit.train_to_optimum(infkit.Task.regression(model), (X, y), 1e-2, progress=False)
     assert "train to optimum" not in capsys.readouterr().err
+
+
+def test_a_refit_refused_before_it_begins_keeps_the_previous_fit() -> None:
+    """A reviewer's: letting the previous fit go at the start of a refit cost it where the refit
+    was then refused before any pass (its memory plan), which needed no memory. The previous fit
+    goes once the new one passes its checks: a refit refused by them leaves it answering."""
+    torch.manual_seed(0)
+    X, y = torch.randn(3000, 5), torch.randint(0, 3, (3000,))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    task = infkit.Task.classification(model)
+    inf = infkit.Influence(task, "dual", l2=1e-2, memory_limit=8 * 2**20).fit((X[:100], y[:100]))
+    before = inf.scores((X[:4], y[:4]))
+    with pytest.raises(ProblemTooLargeError):
+        inf.fit((X, y))  # a 9,000 x 9,000 kernel, over the limit
+    assert torch.equal(inf.scores((X[:4], y[:4])), before)

@@ -449,9 +449,11 @@ class Influence:
     def fit(self, train: Any) -> Influence:
         """Fit the method on the training set (the curvature, factors or kernel); returns ``self``.
 
-        A refit lets the previous fit go first and fits a method object of its own: a fit that
-        raises leaves the Influence unfitted (fit again), and an Influence made from it by
-        :meth:`with_estimator`, or a :meth:`remove` effect, keeps the fit it was made from.
+        A refit fits a method object of its own. One refused before it begins (by the checks
+        of its data or of its memory) leaves the previous fit answering; once it begins, the
+        previous fit is let go (so that the peak is the new fit's), and a refit that then fails
+        leaves the Influence unfitted (fit again). An Influence made by :meth:`with_estimator`,
+        or a :meth:`remove` effect, keeps the fit it was made from.
         """
         with torch.inference_mode(False):  # (a fit differentiates, whatever the caller's mode)
             examples = ExampleSet(train, name="training set")
@@ -477,13 +479,12 @@ class Influence:
         settled = forward_snapshot(self.task.model)
         try:
             if self._method is not None:
-                if self._fitted is not None:
-                    # a refit lets the previous fit go first (its memory is the new one's: the
-                    # plan's peak) and fits a method of its own: a refit that fails leaves this
-                    # Influence unfitted, not answering from half of each (a tester's scores were
-                    # 1.3 off), and those with_estimator made from it keep theirs
-                    self._method, self._fitted = self._create(self._method.name), None
-                return self._fit_method(self._method, examples, engine, problem, show)
+                # a refit fits a method of its own (those with_estimator made from this one keep
+                # theirs), and lets the previous fit go once the new one passes its checks
+                # (_fit_method): a refit that fails then leaves this Influence unfitted, not
+                # answering from half of each (a tester's scores were 1.3 off)
+                method = self._method if self._fitted is None else self._create(self._method.name)
+                return self._fit_method(method, examples, engine, problem, show)
             while True:  # method="auto": its choice, or the next when a Kronecker method refuses
                 method = self._auto(problem)
                 try:
@@ -510,6 +511,8 @@ class Influence:
             problem = replace(problem, p=space.size, space=space)
         check_parameters_take_part(engine, examples)
         method.check_memory(problem)  # before any pass over the data
+        if self._fitted is not None:  # a refit that begins: its memory is the new fit's alone
+            self._method, self._fitted = method, None  # (a reviewer's exact refit: +2 P^2)
         kind = type(method)
         keeps = kind.shards_scores or "factors_dir" in kind.Options.names()
         if self.workdir is not None and not keeps:
