@@ -439,10 +439,11 @@ def _check_examples(engine: PerExample, examples: ExampleSet, measured: bool) ->
             if found is not None:
                 k, message = found
                 raise InvalidInputError(f"{examples.name} {batch.example(k)}: {message}")
-    _check_differentiable(engine, examples, outputs, measured)
+    targets = engine.prepare(first)[1]  # example 0's, as the loss reads them (on its device)
+    _check_differentiable(engine, examples, outputs, targets, measured)
     if not measured:  # (a training set: its loss trains the model and is attributed)
         check_loss_alone(engine, examples)
-        _check_hessian_factor(engine, examples, outputs)
+        _check_hessian_factor(engine, examples, outputs, targets)
     examples._checked = not unscored
 
 
@@ -456,7 +457,9 @@ FACTOR_CHECK_OUTPUTS = 256
 FACTOR_TOLERANCE = 1e-2
 
 
-def _check_hessian_factor(engine: PerExample, examples: ExampleSet, outputs: Tensor) -> None:
+def _check_hessian_factor(
+    engine: PerExample, examples: ExampleSet, outputs: Tensor, targets: Any
+) -> None:
     """Refuse a task's ``output_hessian_factor`` L_i that does not factor its loss's Hessian in
     the outputs on example 0: ``L_0 L_0^T`` against ``Lambda_0`` (the task's ``output_hessian``,
     or the loss's by autodiff). A reviewer's factor returning Lambda_i itself put K-FAC's scores
@@ -469,7 +472,6 @@ def _check_hessian_factor(engine: PerExample, examples: ExampleSet, outputs: Ten
     if getattr(factor_fn, "__module__", None) == Task.__module__:
         return  # a built-in task's closed form (tested against autodiff in the suite)
     first = outputs[:1].detach()
-    targets = engine.prepare(examples.take([0]))[1]
     factor = task.lambda_factor(first, targets).to(torch.float64)[0]
     try:
         hessian = _loss_hessian(task, first, targets)
@@ -501,7 +503,7 @@ def _loss_hessian(task: Task, outputs: Tensor, targets: Any) -> Tensor:
 
 
 def _check_differentiable(
-    engine: PerExample, examples: ExampleSet, outputs: Tensor, measured: bool
+    engine: PerExample, examples: ExampleSet, outputs: Tensor, targets: Any, measured: bool
 ) -> None:
     """Refuse a loss (or, for a set read through it, a measurement) with no gradient in the
     model's outputs on example 0: computed from detached outputs, integers or booleans (an
@@ -515,7 +517,7 @@ def _check_differentiable(
     # torch.inference_mode() no tensor could require grad, and a reviewer's graphless accuracy
     # then gave zeros)
     with torch.inference_mode(False), torch.enable_grad():
-        targets = map_tensors(engine.prepare(examples.take([0]))[1], lambda t: t.clone())
+        targets = map_tensors(targets, lambda t: t.clone())
         probe = outputs.detach().clone().requires_grad_(True)
         try:
             value = fn(probe, targets)
