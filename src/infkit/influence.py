@@ -89,6 +89,7 @@ from infkit.plan import CHECKS_STAGE, Plan, RunShape, Stage, mark_fitted, sized_
 from infkit.progress import Mode, track
 from infkit.progress import resolve as resolve_progress
 from infkit.removal import Quantity, RemovalEffect
+from infkit.serial import one_at_a_time
 from infkit.shards import QueryRows
 from infkit.task import Task
 from infkit.training import objective_and_gradient
@@ -160,6 +161,7 @@ def _noting_writes(answer: Callable[_P, _R]) -> Callable[_P, _R]:
     answer for a setting edited since fit (:meth:`~infkit.fitted.Fitted.changed_since_fit`)."""
 
     @functools.wraps(answer)
+    @one_at_a_time
     def noted(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         inf: Influence = args[0]  # type: ignore[assignment]
         outermost = inf._answering == 0  # (an answer asks others: top_k, the report's)
@@ -446,6 +448,7 @@ class Influence:
         return names
 
     # ------------------------------------------------------------------ fit
+    @one_at_a_time
     def fit(self, train: Any) -> Influence:
         """Fit the method on the training set (the curvature, factors or kernel); returns ``self``.
 
@@ -615,6 +618,7 @@ class Influence:
         self._told.add(method.name)
         return space if names is None else ParameterSpace(self.task.model, names)
 
+    @one_at_a_time
     def with_estimator(self, estimator: str, relatif: str | None = None) -> Influence:
         """The same fitted method with another estimator (no refit).
 
@@ -632,6 +636,7 @@ class Influence:
         return other
 
     # ------------------------------------------------------------------ save and load
+    @one_at_a_time
     def save(
         self,
         path: str | Path,
@@ -696,6 +701,7 @@ class Influence:
         )
 
     @classmethod
+    @one_at_a_time
     def load(
         cls,
         path: str | Path,
@@ -1449,6 +1455,7 @@ class Influence:
                 "(examples(..., position_ids=True)), give plan the data itself"
             )
 
+    @one_at_a_time
     def plan(
         self,
         train: Any = None,

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from infkit.errors import InvalidInputError, warn
 from infkit.parameters import ParameterSpace, dtype_name
+from infkit.serial import one_at_a_time
 
 #: the least part of Delta theta (1 - relative error) an edited copy must hold without a warning
 HELD_FRACTION = 0.9
@@ -77,24 +78,28 @@ class RemovalEffect:
         if self._unchanged is not None:
             self._unchanged()
 
+    @one_at_a_time
     def outputs(self, data: Any) -> Tensor:
         """Predicted change of the model outputs, [n, C]: J(x) Delta theta (``steps=1``), the
         actual change at theta* + Delta theta (``steps > 1``)."""
         self._require_unchanged()
         return self._predict(data, "outputs")
 
+    @one_at_a_time
     def loss(self, data: Any) -> Tensor:
         """Predicted change of the per-example loss (no regulariser), [n]: grad l^T Delta theta
         (``steps=1``), the actual change at theta* + Delta theta (``steps > 1``)."""
         self._require_unchanged()
         return self._predict(data, "loss")
 
+    @one_at_a_time
     def measurement(self, data: Any) -> Tensor:
         """Predicted change of the task's measurement, [n]; ``scores`` columns sum to this for IF
         (``steps=1``); the actual change at theta* + Delta theta for ``steps > 1``."""
         self._require_unchanged()
         return self._predict(data, "measurement")
 
+    @one_at_a_time
     def model(self, dtype: torch.dtype | None = None) -> nn.Module:
         """A copy of the model with theta + Delta theta: the predicted retrained (unlearned) model
         (the parameters left out of the attribution unchanged).

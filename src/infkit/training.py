@@ -31,6 +31,7 @@ from infkit.linalg import conjugate_gradients
 from infkit.options import integer_argument, nonnegative_number, real_number
 from infkit.parameters import ParameterSpace, dtype_name, evaluation_mode
 from infkit.progress import Mode, Progress, resolve, track
+from infkit.serial import one_at_a_time
 from infkit.task import Task
 
 #: L-BFGS hands over to Newton-CG polishing below this relative gradient norm.
@@ -151,6 +152,7 @@ def checked_max_iter(max_iter: Any) -> int:
     return integer_argument("max_iter", max_iter, 1)
 
 
+@one_at_a_time
 def train_to_optimum(
     task: Task,
     train: Any,

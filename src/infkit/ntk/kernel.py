@@ -25,6 +25,7 @@ from infkit.ntk.structured import Features, TangentFeatures
 from infkit.options import integer_argument
 from infkit.parameters import ParameterSpace
 from infkit.progress import Mode, track
+from infkit.serial import one_at_a_time
 from infkit.task import Task, default_output_fn
 
 
@@ -129,6 +130,7 @@ def _span(batch: Batch, c: int) -> slice:
     return slice(start, start + len(batch) * c)
 
 
+@one_at_a_time
 def empirical_ntk(
     model: nn.Module | Task,
     x1: Any,
