@@ -289,8 +289,8 @@ class FunctionallyTied(torch.nn.Module):
 def test_a_weight_used_outside_its_layer_is_refused_for_the_kronecker_answers() -> None:
     """A tester's: kfac and ekfac tracked such a layer without a word, and their scores with a
     workdir (gradients from the hooks) and without (by autograd) differed by 0.23 and 0.27.
-    The hooks' gradient on the first examples misses the other use: refused, naming the layer
-    and the gap; left out by modules=, the rest is attributed; astra, which solves with
+    The forward pass is watched: refused, naming the layer and the function that took its
+    weight outside it (test_outside_uses: a use the first examples leave at zero); left out by modules=, the rest is attributed; astra, which solves with
     autograd's gradients, answers the exact solve."""
     torch.manual_seed(0)
     X = torch.randn(40, 5, dtype=torch.float64)
@@ -298,7 +298,9 @@ def test_a_weight_used_outside_its_layer_is_refused_for_the_kronecker_answers() 
     model = FunctionallyTied().double()
     task = infkit.Task.classification(model)
     for method in ("kfac", "ekfac"):
-        with pytest.raises(UnsupportedError, match=r"layer\(s\) 'a' \(0\.\d+\) take part"):
+        with pytest.raises(
+            UnsupportedError, match=r"layer\(s\) 'a' \(taken by torch's t outside it\) take part"
+        ):
             infkit.Influence(task, method, l2=1e-2, damping=1e-2).fit((X, y))
     with pytest.warns(Notice, match=r"a\.weight, a\.bias"):
         kept = infkit.Influence(task, "ekfac", l2=1e-2, damping=1e-2, modules=["inp", "out"])
@@ -333,7 +335,9 @@ def test_the_check_of_every_use_compares_passes_of_one_precision(method: str) ->
     Xt = torch.randn(40, 5)
     yt = (Xt[:, 0] > 0).long() + (Xt[:, 1] > 0.5).long()
     tied = infkit.Task.classification(FunctionallyTied())
-    with pytest.raises(UnsupportedError, match=r"layer\(s\) 'a' \(0\.\d+\) take part"):
+    with pytest.raises(
+        UnsupportedError, match=r"layer\(s\) 'a' \(taken by torch's t outside it\) take part"
+    ):
         infkit.Influence(tied, method, l2=1e-2, damping=1e-2, dtype=torch.bfloat16).fit((Xt, yt))
 
 

@@ -540,7 +540,7 @@ def test_ekfac_leaves_unsupported_parameters_out_with_a_notice(problem: dict) ->
     assert inf.n_params == sum(
         p.numel() for m in (task.model.mix, task.model.head) for p in m.parameters()
     )
-    with pytest.raises(UnsupportedError, match="outside them"):
+    with pytest.raises(UnsupportedError, match="not in a layer it tracks"):
         infkit.Influence(task, "ekfac", l2=1e-2, unsupported="error")
 
 

@@ -57,6 +57,7 @@ from infkit.layers.capture import (
     check_rows_follow_examples,
     layer_terms,
 )
+from infkit.layers.outside import uses_outside_calls
 from infkit.layers.tracked import (
     SUPPORTED,
     TrackedLayers,
@@ -196,10 +197,10 @@ def kronecker_layers(
         )
     others = layers.others
     if others and options.unsupported == "error":
-        shown = ", ".join(others[:8]) + (" ..." if len(others) > 8 else "")
+        shown = _left_out(model, others)
         raise UnsupportedError(
-            f"method {owner!r} factors {SUPPORTED} layers only; these trainable "
-            f"parameters are outside them: {shown}. Freeze them (requires_grad=False) to "
+            f"method {owner!r} factors {SUPPORTED} layers only, each applied by its own "
+            f"calls; these trainable parameters are not in a layer it tracks: {shown}. Freeze them (requires_grad=False) to "
             "attribute through the supported layers only, or pass unsupported='identity' to "
             "give them no data curvature (only the l2 + damping ridge)"
         )
@@ -215,29 +216,7 @@ def attributed_parameters(
     if options.unsupported != "skip" or not layers.others:
         return None
     others = layers.others
-    shown = listed(others, 6)
-    tied = tied_layers(model)
-    if tied:
-        shown += "; not tracked because another module uses their weights: " + ", ".join(
-            f"{name!r} (with {', '.join(map(repr, users))})" for name, users in tied.items()
-        )
-    reasons = _why_left_out(model, others)
-    if reasons:
-        shown += "; " + "; ".join(reasons)
-    scripted = [
-        name
-        for name, module in model.named_modules()
-        if name
-        and isinstance(module, torch.jit.ScriptModule)
-        and any(other.startswith(name + ".") for other in others)
-    ]
-    outermost = [n for n in scripted if not any(n.startswith(m + ".") for m in scripted)]
-    if outermost:
-        shown += (
-            "; inside TorchScript modules, whose layers take no hooks: "
-            f"{listed([repr(n) for n in outermost], 3)} "
-            "(give the model the Python modules they were scripted from to factor them)"
-        )
+    shown = _left_out(model, others)
     warn(
         f"method {owner!r} attributes through the {len(layers.tracked)} "
         f"{kinds_of(layers.tracked)} layers it factors and leaves {len(others)} trainable parameter tensors out of the attribution, "
@@ -268,7 +247,10 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
     On the first :data:`HOOK_CHECK_EXAMPLES` training examples, each layer's gradient of their
     summed loss from its hooks (``sum_j sum_t Ds_jt a_jt^T``) is compared with autograd's, from
     a pass in the same precision (under the task's autocast, as the terms'); a relative
-    difference above ``min(0.3, 10 sqrt(eps))`` of the terms' precision is refused.
+    difference above ``min(0.3, 10 sqrt(eps))`` of the terms' precision is refused. That pass is
+    watched too (:func:`~infkit.layers.outside.uses_outside_calls`): a torch function taking a
+    tracked weight outside its layer's call is refused, whatever values flow through it there
+    (a use that the first examples' data leave at zero shows in no gradient).
     """
     engine = fitted.engine
     batch = fitted.train.take(range(min(HOOK_CHECK_EXAMPLES, fitted.n)))
@@ -282,10 +264,19 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
     # (under autocast, as the terms' passes ran: a float32 pass beside the terms' bfloat16
     # ones differed by the whole passes' rounding, 0.38 and 0.42 of a trained Llama's query
     # and key projections, refused as a use outside their calls)
+    losses: list[Tensor] = []
     with evaluation_mode(task.model), task.mixed_precision(), torch.enable_grad():
         inputs, targets = engine.prepare(batch)
-        loss = task.checked_loss(task.call_model(task.model, inputs), targets).sum()
-        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        # the uses themselves, watched in the same pass: a use the first examples' values
+        # leave at zero shows in no gradient (a tester's gated F.linear, scores 34% off)
+        outside = uses_outside_calls(
+            task.model,
+            layers.tracked,
+            lambda: losses.append(
+                task.checked_loss(task.call_model(task.model, inputs), targets).sum()
+            ),
+        )
+        grads = torch.autograd.grad(losses[0], [params[n] for n in names], allow_unused=True)
 
     by_name = dict(zip(names, grads))
     _warn_unreached(fitted, layers, by_name, len(batch), owner)
@@ -294,8 +285,10 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
         g = by_name[name]
         return (g if g is not None else torch.zeros_like(params[name])).detach().reshape(1, -1)
 
-    missed = []
+    missed = [f"{name!r} (taken by torch's {func} outside it)" for name, func in outside.items()]
     for t in layers.tracked:
+        if t.name in outside:
+            continue
         a, ds = terms[t.name]
         hooks = block_gradient(a, ds).sum(0)
         # layer by layer: no [P] vector of the whole model (a float64 one is 8 GB at 1B)
@@ -311,9 +304,9 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
     if missed:
         raise UnsupportedError(
             f"method {owner!r}: the weights of the tracked layer(s) {listed(missed, 5)} take part "
-            "in the forward pass outside the layers' own calls (the relative gap between the "
-            "gradient their hooks see and autograd's on the first training examples in "
-            "brackets), as with F.linear(h, layer.weight.t()) or a parent module applying the "
+            "in the forward pass outside the layers' own calls (in brackets, the function that "
+            "took them, or the relative gap between the gradient their hooks see and "
+            "autograd's on the first training examples), as with F.linear(h, layer.weight.t()) or a parent module applying the "
             "weight itself: the hooks see only the layer's calls, so its Kronecker factors and "
             "gradients would be wrong. Leave those layers out (modules= the others), freeze "
             "them (requires_grad=False), or use a method that takes gradients by autograd "
@@ -351,6 +344,38 @@ def _warn_unreached(
             "them out (modules=...) or freeze them (requires_grad=False) before fitting, or "
             "give a number (damping=1e-3)"
         )
+
+
+def _left_out(model: nn.Module, others: list[str]) -> str:
+    """The trainable parameters outside the tracked layers, named, and why layers of a kind the
+    Kronecker methods factor are among them (a weight another module uses, a frozen weight
+    beside a trainable bias, groups, TorchScript): for the notice of ``unsupported="skip"`` and
+    the refusal of ``"error"`` alike (a tester's refusal named an nn.Linear's tied weight as
+    outside the nn.Linear layers it factors, the reason told by the notice only)."""
+    shown = listed(others, 6)
+    tied = tied_layers(model)
+    if tied:
+        shown += "; not tracked because another module uses their weights: " + ", ".join(
+            f"{name!r} (with {', '.join(map(repr, users))})" for name, users in tied.items()
+        )
+    reasons = _why_left_out(model, others)
+    if reasons:
+        shown += "; " + "; ".join(reasons)
+    scripted = [
+        name
+        for name, module in model.named_modules()
+        if name
+        and isinstance(module, torch.jit.ScriptModule)
+        and any(other.startswith(name + ".") for other in others)
+    ]
+    outermost = [n for n in scripted if not any(n.startswith(m + ".") for m in scripted)]
+    if outermost:
+        shown += (
+            "; inside TorchScript modules, whose layers take no hooks: "
+            f"{listed([repr(n) for n in outermost], 3)} "
+            "(give the model the Python modules they were scripted from to factor them)"
+        )
+    return shown
 
 
 def _why_left_out(model: nn.Module, others: list[str]) -> list[str]:

@@ -25,8 +25,9 @@ from infkit.data import Batch, ExampleSet
 from infkit.errors import UnsupportedError
 from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, Which
 from infkit.layers.capture import layer_terms
+from infkit.layers.outside import uses_outside_calls
 from infkit.layers.tracked import BlockLayout, TrackedModule, find_modules
-from infkit.parameters import ParameterSpace, product_dtype
+from infkit.parameters import ParameterSpace, evaluation_mode, product_dtype
 
 #: layer kinds whose per-example gradient is one outer product delta a^T on a [B, d_in] input
 FACTORED_KINDS = ("linear", "conv1d")
@@ -59,6 +60,20 @@ def factored_row_bytes(layers: list[TrackedModule], itemsize: int) -> int:
     return sum(t.cols + t.d_out for t in layers) * itemsize
 
 
+def _used_outside_calls(engine: PerExample, tracked: list[TrackedModule], batch: Batch) -> bool:
+    """Whether the forward pass and loss of ``batch`` take a weight of ``tracked`` outside
+    its layer's call."""
+    task = engine.task
+    with evaluation_mode(task.model), torch.enable_grad():
+        inputs, targets = engine.prepare(batch)
+        found = uses_outside_calls(
+            task.model,
+            tracked,
+            lambda: task.checked_loss(task.call_model(task.model, inputs), targets),
+        )
+    return bool(found)
+
+
 def factored_layers(engine: PerExample, train: ExampleSet) -> list[TrackedModule] | None:
     """The layers of the factored gradient products, or None when they do not apply.
 
@@ -66,16 +81,26 @@ def factored_layers(engine: PerExample, train: ExampleSet) -> list[TrackedModule
     :data:`FACTORED_KINDS` called once per example on a [B, d_in] input, and the factored
     per-example gradients of the first :data:`CHECK_EXAMPLES` training examples, from one
     batched pass, equal the per-example gradients (within the dtype's precision): that catches
-    layers used outside their module call and examples that interact within a batch.
+    layers used outside their module call and examples that interact within a batch. A torch
+    function taking a layer's weight outside its call, in a forward pass of those examples,
+    rules them out too, whatever values flow through it there
+    (:func:`~infkit.layers.outside.uses_outside_calls`: a use gated off on the first examples
+    was unseen by the gradients, and the products 34% off).
     """
+
     space = engine.space
     tracked = factorable_layers(engine.task.model, space)
     if tracked is None:
         return None
     batch = train.take(range(min(CHECK_EXAMPLES, len(train))))
+    if _used_outside_calls(engine, tracked, batch):
+        return None
     try:
         terms = layer_terms(engine, tracked, batch, "loss")
-    except RuntimeError:  # a tracked layer that the forward pass does not call
+    except (RuntimeError, UnsupportedError):
+        # a tracked layer the forward pass does not call, or one applied to rows that do not
+        # follow the examples (routing): per-example gradients, as docs/methods/identity.md
+        # §4 says (a tester's unused layer and routed expert were refused instead)
         return None
     if any(a.shape[1] != 1 or d.shape[1] != 1 for a, d in terms.values()):
         return None  # several positions (tokens) per example
@@ -121,11 +146,16 @@ class FactoredGradients:
     def factors(self, data: ExampleSet, which: Which) -> Iterator[tuple[Batch, Factors]]:
         """Per batch of ``data``: each layer's (a [B, cols], delta [B, d_out]) of ``which``.
 
-        Raises NotFactoredError when an example has several positions (tokens).
+        Raises NotFactoredError when an example has several positions (tokens), or a batch's
+        pass skips a layer or routes rows that do not follow its examples (routing that the
+        examples :func:`factored_layers` checked did not show: per-example gradients answer).
         """
         dtype = product_dtype(self.engine.space.dtype)
         for batch in data.batches(self.batch_size):
-            terms = layer_terms(self.engine, self.layers, batch, which)
+            try:
+                terms = layer_terms(self.engine, self.layers, batch, which)
+            except UnsupportedError as error:
+                raise NotFactoredError from error
             parts = []
             for t in self.layers:
                 a, d = terms[t.name]

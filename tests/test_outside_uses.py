@@ -1,0 +1,136 @@
+"""A tracked layer's weight used outside the layer's own calls, a layer the forward pass skips
+and one applied to routed rows: the hooks see none of these, so the Kronecker methods refuse
+them and `identity` answers by per-example gradients, against plain autograd's (a tester's gated
+use, its unused layer and its routed expert; infkit.layers.outside)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from autograd_reference import autograd_gradients
+from torch import Tensor, nn
+
+import infkit
+from infkit.errors import UnsupportedError
+from infkit.evaluate import relative_error
+
+N, T, L2 = 40, 6, 1e-2
+
+
+@pytest.fixture(autouse=True)
+def _no_stationarity_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the models here are not trained
+        yield
+
+
+def _data(gate: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Six features and a seventh, the gate, 0 or 1 per training example; the queries' gates 1."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(N + T, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (N + T,), generator=g)
+    gates = torch.cat([gate.double(), torch.ones(T, dtype=torch.float64)])
+    X = torch.cat([X, gates[:, None]], 1)
+    return (X[:N], y[:N]), (X[N:], y[N:])
+
+
+class Gated(nn.Module):
+    """``a``'s weight is applied outside ``a``'s call too, on the examples whose gate is 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z, gate = x[:, :6], x[:, 6:]
+        outside = torch.tanh(F.linear(z * gate, self.a.weight.t()))
+        return self.head(torch.tanh(self.a(z)) + outside)
+
+
+class Spare(nn.Module):
+    """A Linear layer the forward pass never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(7, 6)
+        self.spare = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.a(x)))
+
+
+class Routed(nn.Module):
+    """An expert Linear applied to the rows whose gate is 1 only (mixture-of-experts style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.expert = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z, routed = x[:, :6], x[:, 6] > 0.5
+        h = torch.tanh(self.a(z)).clone()
+        h[routed] = h[routed] + torch.tanh(self.expert(h[routed]))
+        return self.head(h)
+
+
+def _products(model: nn.Module, train, test) -> Tensor:
+    """identity's IF scores by plain autograd: g_t . (g_j + l2 theta) / N."""
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    G, Q = autograd_gradients(model, *train), autograd_gradients(model, *test)
+    return Q @ (G + L2 * theta).T / N
+
+
+def _first_five_off() -> Tensor:
+    return torch.arange(N) >= 5
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+@pytest.mark.parametrize("workdir", [False, True])
+def test_kronecker_methods_refuse_a_weight_used_outside_its_layer_off_on_first_examples(
+    method: str, workdir: bool, tmp_path
+) -> None:
+    """The first examples' gate is 0, so no gradient of theirs shows the outside use (the check
+    by gradients passed, and scores from the hooks were 34% off): the use itself is refused."""
+    torch.manual_seed(0)
+    train, _ = _data(_first_five_off())
+    task = infkit.Task.classification(Gated().double())
+    options = {"workdir": str(tmp_path)} if workdir else {}
+    with pytest.raises(UnsupportedError, match=r"'a' \(taken by torch's t outside it\)"):
+        infkit.Influence(task, method, l2=L2, damping=1.0, progress=False, **options).fit(train)
+
+
+@pytest.mark.parametrize(
+    ("model_class", "gate"),
+    [
+        (Gated, _first_five_off()),
+        (Spare, torch.ones(N, dtype=torch.bool)),
+        # routed: the first examples all, later ones every other: batches of 8 from example 8 on
+        (Routed, (torch.arange(N) < 8) | (torch.arange(N) % 2 == 0)),
+    ],
+)
+def test_identity_answers_by_per_example_gradients_where_hooks_do_not_see_every_use(
+    model_class: type[nn.Module], gate: Tensor
+) -> None:
+    torch.manual_seed(0)
+    train, test = _data(gate)
+    model = model_class().double()
+    task = infkit.Task.classification(model)
+    inf = infkit.Influence(task, "identity", l2=L2, batch_size=8, progress=False).fit(train)
+    assert relative_error(inf.scores(test), _products(model, train, test)) < 1e-10
+
+
+def test_the_refusal_of_unsupported_error_says_why_a_linear_layer_is_not_tracked() -> None:
+    """Two Linear layers sharing one weight: the refusal names the sharing, not only the
+    parameters "outside" the nn.Linear layers it factors."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[2].weight = model[0].weight
+    task = infkit.Task.classification(model.double())
+    with pytest.raises(UnsupportedError, match="another module uses their weights: '0'"):
+        infkit.Influence(task, "kfac", unsupported="error")
