@@ -309,3 +309,47 @@ def _refusal(call: Callable[[], object]) -> str:
     with pytest.raises(InvalidInputError) as raised:
         call()
     return str(raised.value)
+
+
+def test_module_scores_and_with_estimator_are_the_members_own_averaged(digits, tmp_path) -> None:
+    """A tester's wish: per-module scores (per-layer analysis across seeds) and another
+    estimator on the same fits; and an ensemble saved as its members loads bit for bit."""
+    members, test, tasks = digits["members"], digits["test"], digits["tasks"]
+    ens = Ensemble(members[:2])
+    parts = ens.module_scores(test)
+    own = [m.module_scores(test) for m in members[:2]]
+    assert list(parts) == list(own[0]) == ["0", "2"]
+    for name, part in parts.items():
+        _close(part, (own[0][name] + own[1][name]) / 2)
+    _close(sum(parts.values()), ens.scores(test), rtol=1e-10)
+
+    newton = ens.with_estimator("newton")
+    assert newton.estimator == "newton" and ens.estimator == "if"
+    by_hand = torch.stack([m.with_estimator("newton").scores(test) for m in members[:2]])
+    _close(newton.scores(test), by_hand.mean(0))
+
+    for m, member in enumerate(members[:2]):
+        member.save(tmp_path / str(m))
+    loaded = Ensemble(
+        [infkit.Influence.load(tmp_path / str(m), tasks[m], digits["train"]) for m in range(2)]
+    )
+    assert torch.equal(loaded.scores(test), ens.scores(test))
+
+
+def test_module_scores_of_members_tracking_other_modules_are_refused(digits) -> None:
+    train, test = digits["train"], digits["test"]
+    torch.manual_seed(0)
+    deeper = torch.nn.Sequential(
+        torch.nn.Linear(64, 8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 10),
+    ).double()
+    task = infkit.Task.classification(deeper)
+    infkit.train_to_optimum(task, train, L2, tolerance=1e-6)
+    other = infkit.Influence(task, "cg", l2=L2, progress=False).fit(train)
+    with pytest.raises(
+        InvalidInputError, match=r"member 1's .*missing: none; not in member 0's: '4'"
+    ):
+        Ensemble([digits["members"][0], other]).module_scores(test)

@@ -854,6 +854,39 @@ def test_low_rank_groups_by_hand() -> None:
     assert low_rank_groups(4, 10, 2, 9) == ([(i, i + 1, (0, 1)) for i in range(4)], 0)
 
 
+def test_an_asked_query_rank_keeps_memory_limit_in_groups_of_queries(problem: dict) -> None:
+    """query_rank=1 under a limit whose budget holds one query at rank 1, not all: a pass per
+    query, the scores query_rank=1 gives unbounded, the plan foreseeing the passes (a tester's
+    query_rank=2 scored every query in one pass at a limit that refused them without it); a
+    limit that holds not even one query at rank 1 is warned of at fit and refused by scores()."""
+    task = infkit.Task.language_modeling(problem["model"])
+    opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 64, "query_rank": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = infkit.Influence(task, "ekfac", **opts).fit(problem["train"])
+        expected = expected.scores(problem["test"])
+        limit = _limit_for_queries(problem, 0.39)  # 46 numbers; rank 1 of a query: 31
+        bounded = infkit.Influence(task, "ekfac", memory_limit=limit, **opts)
+        plan = bounded.plan(problem["train"], problem["test"], timed=False)
+        S = bounded.fit(problem["train"]).scores(problem["test"])
+    assert bounded.describe()["query_groups"] == Q and bounded.describe()["query_rank"] == 1
+    assert relative_error(S, expected) < 1e-6
+    scores = next(stage for stage in plan.stages if stage.name == "scores")
+    assert scores.passes == Q and not any(stage.refused for stage in plan.stages)
+
+    # a call of one query holds 3 x N = 60 numbers fewer scores: 24 numbers left for it
+    tight = _limit_for_queries(problem, -0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Notice)
+        refused = infkit.Influence(task, "ekfac", memory_limit=tight, **opts)
+        plan = refused.plan(problem["train"], problem["test"], timed=False)
+        with pytest.warns(UserWarning, match="at query_rank=1"):
+            refused.fit(problem["train"])
+        with pytest.raises(ProblemTooLargeError, match="at query_rank=1"):
+            refused.scores(problem["test"])
+    assert any(stage.refused for stage in plan.stages if stage.name == "queries")
+
+
 def test_queries_beyond_rank_one_are_scored_in_groups_at_low_rank(problem: dict) -> None:
     """A budget below one layer of one query and below rank 1 of every query, above rank 1 of
     one: each query at rank 1 in its own pass (a tester's 8 queries were refused there, while
@@ -1142,8 +1175,8 @@ def test_module_and_token_scores_under_a_limit_take_the_passes_of_the_scores(
     problem: dict, tmp_path, where: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under a memory_limit the per-module and per-token scores of EK-FAC come from the passes
-    of its scores: one with the queries kept on disk or at a low rank, one per group of queries
-    (and of layers, when one query does not fit) otherwise; a tester measured 39 to 54 passes,
+    of its scores: one with the queries kept on disk, one per group of queries (and of layers,
+    when one query does not fit) otherwise, at a low rank too; a tester measured 39 to 54 passes,
     a pass per small chunk of float64 queries, where the scores took one. They equal the
     decompositions of the unbounded fit's float64 preconditioned queries."""
     task = infkit.Task.language_modeling(problem["model"])
@@ -1172,7 +1205,7 @@ def test_module_and_token_scores_under_a_limit_take_the_passes_of_the_scores(
     # each call under a limit with room for `fraction` queries beside its result ([Q, N] for
     # the scores, one per module, [Q, 3, LENGTH + 1] for the tokens and their rest): the same
     # passes, two queries a pass, or with 0.75 of one by layer (mix: two queries a pass, 42
-    # numbers each; head: one, 77); one on disk or at rank 2
+    # numbers each; head: one, 77); one on disk; at rank 2, as many queries a pass as fit
     fraction = 0.75 if where == "layers" else 2
     answers: list = []
     counts = []
@@ -1192,7 +1225,10 @@ def test_module_and_token_scores_under_a_limit_take_the_passes_of_the_scores(
             answers.append(call(bounded))
             counts.append(len(passes))
     S, parts, tokens = answers
-    assert counts == {"groups": [2, 2, 2], "layers": [6, 6, 6]}.get(where, [1, 1, 1])
+    # (at rank 2 a query takes 62 numbers, 26 + 36: three fit the room of two at full rank)
+    assert counts == {"groups": [2, 2, 2], "layers": [6, 6, 6], "rank": [2, 2, 2]}.get(
+        where, [1, 1, 1]
+    )
     assert len(filled) == 1
     # the reference: the decompositions of the float64 preconditioned queries, a pass each
     for name in ("streamed_module_scores", "streamed_token_scores"):

@@ -1875,3 +1875,26 @@ def test_a_damaged_manifest_of_a_save_gives_a_saves_remedy(
     with pytest.raises(ArtifactError, match=r"cannot be read as JSON.*save it again") as caught:
         infkit.Influence.load(tmp_path, _copy_task(mlp_problem))
     assert "recompute it" not in str(caught.value)
+
+
+def test_a_smaller_memory_limit_at_load_is_held_as_a_fresh_fit_holds_it(
+    mlp_problem: dict, tmp_path: Path
+) -> None:
+    """A tester's exact save loaded at a fifth of its curvature's bytes answered, holding them,
+    where a fresh fit at that limit refused: the load refuses as the fit does (3 P^2 float64
+    numbers, P = 75: 135,000 bytes), and a limit that holds them loads the same answers."""
+    from infkit.errors import ProblemTooLargeError
+
+    inf = _fit(mlp_problem, "exact")
+    inf.save(tmp_path)
+    test = mlp_problem["test"]
+    with pytest.raises(ProblemTooLargeError) as fresh:
+        infkit.Influence(
+            mlp_problem["task"], "exact", l2=mlp_problem["l2"], memory_limit=100_000
+        ).fit(mlp_problem["train"])
+    with pytest.raises(ProblemTooLargeError, match=r"loaded with memory_limit=100000") as loaded:
+        infkit.Influence.load(tmp_path, _copy_task(mlp_problem), memory_limit=100_000)
+    assert str(fresh.value) in str(loaded.value)
+    roomy = infkit.Influence.load(tmp_path, _copy_task(mlp_problem), memory_limit=140_000)
+    # (another limit chunks the queries otherwise: equal to rounding, not bit for bit)
+    torch.testing.assert_close(roomy.scores(test), inf.scores(test), rtol=1e-12, atol=1e-15)

@@ -36,6 +36,7 @@ from infkit.errors import (
     NotFittedError,
     ProblemTooLargeError,
     UnsupportedError,
+    listed,
     warn,
 )
 from infkit.fingerprint import callable_identity, data_fingerprint
@@ -491,6 +492,41 @@ class Ensemble:
             opponent_indices=torch.cat([p[2] for p in parts]),
             opponent_scores=torch.cat([p[3] for p in parts]).to(self._dtype),
         )
+
+    def module_scores(self, test: Any) -> dict[str, Tensor]:
+        """Mean over the members of their per-module scores (:meth:`Influence.module_scores`),
+        module name -> [n_test, n_train]: they sum to :meth:`scores` as each member's do.
+
+        Raises:
+            InvalidInputError: members whose scores split into different modules (other
+                architectures, other tracked layers): their shares have no common key.
+        """
+        sums: dict[str, Tensor] = {}
+        first: list[str] = []
+        for m, member in enumerate(self._members):
+            parts = member.module_scores(test)
+            if m == 0:
+                first = list(parts)
+            elif set(parts) != set(first):
+                missing, extra = sorted(set(first) - set(parts)), sorted(set(parts) - set(first))
+                raise InvalidInputError(
+                    f"member {m}'s scores split into other modules than member 0's (missing: "
+                    f"{listed([repr(x) for x in missing], 4) or 'none'}; not in member 0's: "
+                    f"{listed([repr(x) for x in extra], 4) or 'none'}): the mean of per-module "
+                    "scores needs members of one architecture tracking the same layers; "
+                    "average each member's module_scores yourself over the modules they share"
+                )
+            for name, part in parts.items():
+                part64 = part.to(torch.float64)
+                sums[name] = part64 if name not in sums else sums[name].add_(part64)
+            del parts
+        return {name: (sums[name] / len(self)).to(self._dtype) for name in first}
+
+    def with_estimator(self, estimator: str, relatif: str | None = None) -> Ensemble:
+        """The same members answering with another estimator (each member's
+        :meth:`Influence.with_estimator`: its fit reused, no pass over the data)."""
+        members = [member.with_estimator(estimator, relatif) for member in self._members]
+        return Ensemble(members, check_data=False)  # (the same training sets, checked once)
 
     def remove(self, indices: Sequence[int] | Tensor, *, steps: int = 1) -> EnsembleRemoval:
         """Predicted effect of removing the training examples ``indices`` jointly, averaged

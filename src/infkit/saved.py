@@ -50,6 +50,7 @@ from infkit.errors import (
     InfkitError,
     InvalidInputError,
     Notice,
+    ProblemTooLargeError,
     UnsupportedError,
     listed,
     warn,
@@ -73,7 +74,8 @@ from infkit.fingerprint import (
 )
 from infkit.fitted import Fitted, changed_message, gradient_cache_fits, probe_forward_writes
 from infkit.gradients import PerExample
-from infkit.methods.base import Method, method_class, registered
+from infkit.memory import human_bytes
+from infkit.methods.base import Method, Problem, method_class, registered
 from infkit.options import Options
 from infkit.parameters import ParameterSpace, dtype_name
 from infkit.progress import Mode
@@ -972,6 +974,9 @@ class SavedInfluence:
         space = ParameterSpace(task.model, list(ident["parameters"]))
         engine = PerExample(task, space, ident["per_example"])
         device = space.device
+        saved_limit = int(ident["memory_limit"])
+        if memory_limit < saved_limit:  # (the saved limit held at fit)
+            self._check_memory(method, engine, examples, memory_limit, saved_limit)
         # the [N, P] gradient cache is read when it fits this memory_limit (as fit decides);
         # otherwise it stays on disk and the gradients are computed again batch by batch
         fits = gradient_cache_fits(
@@ -1022,6 +1027,30 @@ class SavedInfluence:
             ) from error
         method.checks = decode(state_doc["checks"], tensors, device, "checks")
         return fitted
+
+    def _check_memory(
+        self,
+        method: Method,
+        engine: PerExample,
+        examples: ExampleSet,
+        memory_limit: int,
+        saved_limit: int,
+    ) -> None:
+        """Refuse a ``memory_limit`` below the saved one that a fresh fit would refuse
+        (:meth:`~infkit.methods.base.Method.check_memory`): a tester's ``exact`` save loaded
+        at a fifth of its curvature's bytes answered, holding them."""
+        c = probe_forward_writes(engine, examples)[0].numel()
+        space = engine.space
+        problem = Problem(len(examples), space.size, c, memory_limit, engine.task.model, space)
+        try:
+            method.check_memory(problem)
+        except ProblemTooLargeError as error:
+            raise ProblemTooLargeError(
+                f"{self.path} loaded with memory_limit={memory_limit} "
+                f"({human_bytes(memory_limit)}), below the {human_bytes(saved_limit)} it was "
+                f"fitted under, which a fresh fit refuses: {error} (load's memory_limit=None "
+                "keeps the saved limit)"
+            ) from error
 
 
 #: how many times :func:`read_again_if_replaced` reads a save another process replaces meanwhile

@@ -328,6 +328,26 @@ def plan_groups(count: int, layer_bytes: list[int], budget: int | None) -> list[
     return out
 
 
+def rank_bytes(tracked: list[TrackedModule], rank: int, itemsize: int) -> int:
+    """Bytes of one query's preconditioned gradient with each of ``tracked`` kept at ``rank``
+    (:func:`kept_at_rank`; a layer whose block is smaller kept whole)."""
+    return itemsize * sum(
+        rank * (t.d_out + t.cols) if kept_at_rank(t, rank) else t.d_out * t.cols for t in tracked
+    )
+
+
+def fixed_rank_groups(count: int, query_bytes: int, layers: int, budget: int) -> list[Group]:
+    """Passes that score ``count`` queries of ``query_bytes`` each (at a rank asked for,
+    ``query_rank``) within ``budget``: every query in one pass when they fit, else groups of as
+    many as fit, every layer each; empty when not even one query fits (a tester's
+    ``query_rank=2`` scored 8 queries in one pass at a limit that refused them without it)."""
+    step = min(count, budget // max(query_bytes, 1))
+    if step < 1:
+        return []
+    everything = tuple(range(layers))
+    return [(start, min(start + step, count), everything) for start in range(0, count, step)]
+
+
 def low_rank_groups(
     count: int, rank_one_bytes: int, layers: int, budget: int
 ) -> tuple[list[Group], int]:
@@ -395,11 +415,16 @@ class StreamingScorer:
 
     # ------------------------------------------------------------------ queries
     def groups(self, count: int) -> list[Group]:
-        """The scoring passes for ``count`` queries (:func:`plan_groups`); one pass over every
-        layer when ``rank`` is set or when the queries are kept on disk (:meth:`spills`); when
+        """The scoring passes for ``count`` queries (:func:`plan_groups`); with ``rank`` set,
+        as many queries a pass as fit at that rank (:func:`fixed_rank_groups`); one pass over
+        every layer when the queries are kept on disk (:meth:`spills`); when
         one layer of one query does not fit the budget, :meth:`queries` keeps them at low rank,
         in groups of queries if not even rank 1 of them all fits (:func:`low_rank_groups`)."""
-        if self.rank is not None or self.spills(count):
+        if self.rank is not None:
+            asked = self._asked_rank_bytes()
+            groups = fixed_rank_groups(count, asked, len(self.tracked), self.query_bytes)
+            return groups or [(0, count, tuple(range(len(self.tracked))))]  # queries() refuses
+        if self.spills(count):
             return [(0, count, tuple(range(len(self.tracked))))]
         planned = plan_groups(count, self._layer_bytes(self.tracked), self.query_bytes)
         if planned is not None:
@@ -410,6 +435,11 @@ class StreamingScorer:
     def _layer_bytes(self, tracked: list[TrackedModule]) -> list[int]:
         """Bytes of one query's preconditioned block of each of ``tracked``."""
         return [t.d_out * t.cols * self.dtype.itemsize for t in tracked]
+
+    def _asked_rank_bytes(self) -> int:
+        """Bytes of one query's preconditioned gradient at the ``rank`` asked for."""
+        assert self.rank is not None
+        return rank_bytes(self.tracked, self.rank, self.dtype.itemsize)
 
     def _rank_one_bytes(self, tracked: list[TrackedModule]) -> int:
         """Bytes of one query's rank-1 factors (``d_out + cols`` numbers) of all ``tracked``."""
@@ -431,7 +461,19 @@ class StreamingScorer:
         (the passes by layer of :meth:`groups`) nor rank 1 of every layer (:meth:`queries`)
         fits :attr:`query_bytes`. The fit says so (:meth:`infkit.methods.kfac.KFAC.fit`),
         before a scoring call refuses."""
-        if self.rank is not None or self.spills(1):
+        if self.rank is not None:
+            asked = self._asked_rank_bytes()
+            if asked <= self.query_bytes:
+                return None
+            return (
+                f"one query's preconditioned gradient needs {human_bytes(asked)} at "
+                f"query_rank={self.rank}, but memory_limit "
+                f"({human_bytes(self.fitted.memory_limit)}) leaves "
+                f"{human_bytes(self.query_bytes)} for the queries after the factors, "
+                f"{self.result} and a scoring pass's working memory; {self._limit_for(asked)} "
+                "holds it, or a lower query_rank"
+            )
+        if self.spills(1):
             return None
         largest = max(self._layer_bytes(self.tracked))
         per_rank = self._rank_one_bytes(self.tracked)
@@ -496,7 +538,7 @@ class StreamingScorer:
 
         Raises:
             ProblemTooLargeError: the budget does not hold even rank 1 of every query (and
-                ``rank`` is not set): ``memory_limit`` cannot be met.
+                ``rank`` is not set), or one query at ``rank``: ``memory_limit`` cannot be met.
         """
         fitted = self.fitted
         device = fitted.space.device
@@ -506,6 +548,10 @@ class StreamingScorer:
             return self._queries_on_disk(queries, tracked)
         total = t_count * sum(t.d_out * t.cols for t in tracked) * item
         rank = self.rank
+        if rank is not None:  # (its groups hold as many queries as fit: one, at least)
+            reason = self.room_for_one_query()
+            if reason is not None:
+                raise ProblemTooLargeError(f"{reason} (plan() shows the bytes of each stage)")
         if rank is None and total > self.query_bytes:
             # the largest rank whose factors fit: sum over layers of T r (d_out + cols) items
             per_rank = max(t_count, group_size or 0) * self._rank_one_bytes(tracked)

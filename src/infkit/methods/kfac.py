@@ -54,10 +54,12 @@ from infkit.kfac.streaming import (
     LayerQueries,
     StreamingScorer,
     budget_after,
+    fixed_rank_groups,
     kept_at_rank,
     low_rank_groups,
     plan_groups,
     query_budget,
+    rank_bytes,
     read_budget,
     truncated_svd,
 )
@@ -775,7 +777,18 @@ class KFAC(PrimalMethod):
             )
         elif groups is None:  # low rank: every query and layer in one pass, or query groups
             note = ""
-            if rank is None:
+            if rank is not None:  # asked for: as many queries a pass as fit at that rank
+                asked = rank_bytes(tracked, rank, work)
+                groups = fixed_rank_groups(local, asked, len(tracked), budget or 0)
+                if budget is None or len(groups) == 1:
+                    groups = None
+                elif not groups:  # StreamingScorer.queries refuses: the limit cannot be met
+                    refused, groups = True, None
+                    note = (
+                        f"no room for one query at rank {rank} after the factors and a pass's "
+                        "working memory: scoring would refuse (ProblemTooLargeError); "
+                    )
+            else:
                 groups, rank = low_rank_groups(local, per_rank, len(tracked), budget or 0)
                 if len(groups) == 1:
                     groups = None
