@@ -1648,7 +1648,7 @@ def test_the_plan_sizes_a_meta_models_outputs_by_a_pass_on_the_meta_device() -> 
     causal LM on the meta device under a task of the user's was planned 2 outputs an example
     (a Llama's 4 MB of logits a batch as 256 bytes), and a token classifier its labels, not
     T x its labels. A pass of token ids on the meta device computes the shapes alone; a model
-    that takes other inputs is sized from its configuration."""
+    of feature vectors by a pass of zeros its first Linear takes, else from its configuration."""
 
     def planned_outputs(model: nn.Module, task: infkit.Task | None = None) -> int:
         task = task or infkit.Task(model, custom_loss)
@@ -1677,11 +1677,17 @@ def test_the_plan_sizes_a_meta_models_outputs_by_a_pass_on_the_meta_device() -> 
         lm_model.config = SimpleNamespace(vocab_size=VOCAB, num_labels=2)
         tagger = TokenClassifier(5)
         features = nn.Sequential(nn.Linear(7, 4), nn.Tanh(), nn.Linear(4, 3))
+        plain = nn.Sequential(nn.Linear(7, 4), nn.Tanh(), nn.Linear(4, 5))
     features.config = SimpleNamespace(num_labels=3)  # takes no token ids: sized from this
     assert planned_outputs(lm_model, infkit.Task(lm_model, custom_loss)) == LENGTH * VOCAB
     assert planned_outputs(lm_model, infkit.Task.language_modeling(lm_model)) == LENGTH * VOCAB
     assert planned_outputs(tagger) == LENGTH * 5
     assert planned_outputs(features) == 3
+    # without a configuration, by a pass of [1, 7] zeros, its first Linear's inputs (a tester's
+    # meta MLP of 3 classes was planned 1 output an example)
+    assert planned_outputs(plain, infkit.Task.classification(plain)) == 5
+    with pytest.raises(InvalidInputError, match=r"here without sequence_length: .*\(1 for a model"):
+        infkit.Influence(infkit.Task.classification(plain), "exact").plan(n_train=8, n_queries=2)
 
 
 def test_gradient_checkpointing_is_refused_by_name() -> None:

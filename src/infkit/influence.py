@@ -562,6 +562,12 @@ class Influence:
         # Trajectory and surrogate methods (TracInCP, TRAK) neither assume an optimum nor use
         # grad L(theta*): no pass over the data for them.
         if method.assumes_optimum and (summary is not None or type(method).stationarity_pass):
+            if self.task.autocast is not None:
+                # grad L(theta*) by a pass in the model's own precision: summed from gradients
+                # under dtype=, it is their rounding (a tester's bfloat16 figure 2.3e-3 for a
+                # float32 optimum at 2.9e-7), which the Newton step took for a step to the
+                # optimum (group removals 40% off) and the drift check for a distance to it
+                summary = None
             gradient, stationarity = objective_gradient(fitted, summary)
             fitted = replace(fitted, objective_gradient=gradient, stationarity=stationarity)
         method.clear_checks()  # a refit's figures are its own, with or without checks
@@ -1513,11 +1519,15 @@ class Influence:
                 "fit, n_train= with sequence_length= plans other training sizes)"
             )
         if examples is None and (n_train is None or sequence_length is None):
+            given = {"n_train": n_train, "sequence_length": sequence_length}
+            missing = ", ".join(name for name, value in given.items() if value is None)
             raise InvalidInputError(
                 "plan needs the training data, inf.plan(train, test) (after fit, the fitted "
                 "set: inf.plan(test=queries)); or, for a model on the meta device (no weights: "
                 "a size to plan before renting the machines), inf.plan(n_train=..., "
-                "n_queries=..., sequence_length=...)"
+                "n_queries=..., sequence_length=...), here without "
+                f"{missing}: sequence_length is the positions of one example, the tokens of a "
+                "sequence (1 for a model of vectors, an MLP or a CNN)"
             )
         n = len(examples) if examples is not None else int(n_train or 0)
         q = len(ExampleSet(test, name="test set")) if test is not None else int(n_queries or 1)
@@ -1784,7 +1794,14 @@ def _outputs_per_example(task: Task, inputs: Any, tokens: int) -> int:
 
     try:
         if device.type == "meta" or tokens <= 64:  # (shapes alone, or a short pass)
-            return of_length(tokens)
+            try:
+                return of_length(tokens)
+            except Exception:
+                vector = _vector_input(model, device)
+                if vector is None:
+                    raise
+                # (a tester's meta MLP of 8 features, 3 classes, was sized 1 output an example)
+                return outputs(vector)
         # a model with weights: C = a + b T (per position, b; pooled, a) from two short
         # passes, checked on a third, not T positions' outputs allocated to count them; a
         # model whose outputs are not so (padded to a multiple, a T x T map) takes the pass
@@ -1796,6 +1813,16 @@ def _outputs_per_example(task: Task, inputs: Any, tokens: int) -> int:
         return of_length(tokens)
     except Exception:  # (inputs of another kind: the sizes tell)
         return sized_outputs(model, tokens, task.name == "language_modeling")
+
+
+def _vector_input(model: nn.Module, device: torch.device) -> Tensor | None:
+    """One example for a model of feature vectors, ``[1, d]`` zeros with d the first
+    ``nn.Linear``'s inputs (an MLP's), or None without one: the plan sizes its outputs by a pass
+    of it where token ids do not go through."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+    if first is None:
+        return None
+    return torch.zeros(1, first.in_features, dtype=first.weight.dtype, device=device)
 
 
 def _product_rate(dtype: torch.dtype, device: torch.device, size: int = 512) -> float:
