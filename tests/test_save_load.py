@@ -412,9 +412,9 @@ def test_a_smaller_memory_limit_at_load_drops_the_gradient_cache(
 #: under CPython 3.11): editing one of these functions orphans every saved Influence, factor
 #: cache and retraining cache made with the task. Change a pin only for a change of behaviour.
 READY_MADE_TASKS = {
-    "classification": ("infkit.task._cross_entropy#c8c963f7d03a", "_softmax_hessian#17fc2b013619"),
+    "classification": ("infkit.task._cross_entropy#8486645e68ba", "_softmax_hessian#17fc2b013619"),
     "binary_classification": (
-        "infkit.task._binary_cross_entropy#8bd0dc7d755e",
+        "infkit.task._binary_cross_entropy#be86f2c7071a",
         "_binary_hessian#a3d92e0a897a",
     ),
     "regression": ("infkit.task._squared_error#01376cf1e710", "_identity_hessian#e74c742200ce"),

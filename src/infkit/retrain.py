@@ -74,6 +74,7 @@ class Retrained:
             truth.
         start_move: ``||theta-hat - theta||``, how far retraining on all the data moved the
             model passed in (0 at its optimum; a warning says when it is not small).
+        cached: whether the result was read from ``cache_dir`` rather than computed.
     """
 
     task: Task
@@ -85,6 +86,7 @@ class Retrained:
     target: float = float("nan")
     converged: bool = True
     start_move: float = 0.0
+    cached: bool = False
 
     @property
     def description(self) -> str:
@@ -317,6 +319,7 @@ def _retrain(
             int(saved["evaluations"]),
             float(saved["target"]),
             bool(saved["converged"]),
+            cached=True,
         )
     clone = copy.deepcopy(task.model)
     clone_task = task.with_model(clone)
@@ -520,6 +523,7 @@ class LeaveOneOut:
             ``converged``, ``gradient_norm`` and ``target``.
         start_move_ratio: ``start_move`` over the median removal's change (:func:`moved_ratio`;
             above :data:`START_MOVE` the call warned).
+        reused: how many of the k retrainings were read from ``cache_dir``, not computed.
     """
 
     indices: Tensor
@@ -534,6 +538,7 @@ class LeaveOneOut:
     start_gradient_norm: float = 0.0
     start_target: float = float("nan")
     start_move_ratio: float = 0.0
+    reused: int = 0
 
 
 def leave_one_out(
@@ -589,6 +594,7 @@ def leave_one_out(
         base.gradient_norm,
         base.target,
         ratio,
+        sum(r.cached for r in results),
     )
 
 

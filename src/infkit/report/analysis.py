@@ -61,9 +61,9 @@ from infkit.report import factories, lock
 from infkit.report.config import MIN_RETRAININGS, RunConfig
 from infkit.report.views import (
     Display,
+    far_reading,
     guess_kind,
     retraining_name,
-    unfinished_cause,
     value_range,
     worst_norm,
 )
@@ -391,7 +391,13 @@ def fit_or_reload(
                 )
             else:
                 try:
-                    return loaded, "reloaded", saved_fit_warnings(loaded, train, workdir)
+                    said = saved_fit_warnings(loaded, train, workdir)
+                    warn(  # (a tester's rerun said nothing of the fit it reused)
+                        f"reusing the influence saved in {saved}, fitted by an earlier run of "
+                        "the same model, data and settings ([influence] reuse = false refits)",
+                        Notice,
+                    )
+                    return loaded, "reloaded", said
                 except ArtifactError as error:
                     # (as a damaged save: fitted again, where it stopped the run with status 2)
                     warn(
@@ -567,6 +573,12 @@ def _flagged(config: RunConfig, n: int) -> Tensor | None:
         idx = checked_indices(spec, n, what="[self_influence] flagged index", unique=True)
     except InfkitError as error:
         raise ConfigError(f"{config.path.name}: {error}") from error
+    if len(idx) == n:  # (a tester's run then showed no detection and said nothing)
+        raise ConfigError(
+            f"{config.path.name}: [self_influence] flagged names every one of the {n} training "
+            "examples: a detection AUC ranks the flagged against the others, so it needs both; "
+            "flag the known-bad examples only"
+        )
     mask = torch.zeros(n, dtype=torch.bool)
     mask[idx] = True
     return mask
@@ -577,6 +589,11 @@ def _checked_groups(config: RunConfig, n: int) -> dict[str, Tensor]:
     ConfigError naming the file and the group (before any fitting)."""
     out = {}
     for name, members in config["group_removal"]["groups"].items():
+        if not name.strip():  # (a tester's "" named rows of the page and the CSV blank)
+            raise ConfigError(
+                f"{config.path.name}: [group_removal] groups has a group with an empty name "
+                f"({name!r}): name each group, as the page and group_removal.csv show it"
+            )
         try:
             out[name] = checked_indices(
                 members, n, what=f"[group_removal] groups.{name} index", unique=True
@@ -879,6 +896,13 @@ def _retraining(
             cache_dir=workdir / "retrain",
             progress=progress,
         )
+    if loo.reused:  # (a tester's rerun said nothing of the work it reused)
+        warn(
+            f"{loo.reused} of the {len(loo_idx)} leave-one-out retrainings were read from "
+            f"{workdir / 'retrain'}, computed by an earlier run of the same model, data and "
+            "settings (delete that directory to compute them again)",
+            Notice,
+        )
     predicted, actual = scores[0, loo_idx], loo.measurement[0]
     tensors.update(loo_indices=loo_idx, loo_predicted=predicted, loo_actual=actual)
     stats = evaluate.correlation(predicted, actual)
@@ -1011,20 +1035,15 @@ def moved_far_message(record: dict[str, Any]) -> str:
     cosines = [r["cosine"] for r in far]
     without = record.get("pearson_without_far")
     rest = (
-        f"; the other {record['n'] - len(far)} correlate at Pearson {without:.3f}"
+        f" The other {record['n'] - len(far)} correlate at Pearson {without:.3f}."
         if without is not None
         else ""
     )
     return (
         f"{len(far)} of the {record['n']} leave-one-out retrainings ({names}) moved the "
         f"parameters {value_range(moved, '.1f')} times as far as the estimator's step, "
-        f"at a cosine of {value_range(cosines, '.2f')} to it: the retrained models "
-        "are not where the estimator's step leads (another optimum of a non-convex objective, "
-        "a removal too large for first order, or a step that damping shortens or an "
-        f"approximate curvature turns{unfinished_cause(far)}), so where their predicted and "
-        "actual changes differ, "
-        f"the comparison does not measure the estimate alone{rest}. loo.csv has moved and "
-        "cosine for each (docs/report.md §4)"
+        f"at a cosine of {value_range(cosines, '.2f')} to it. {far_reading(far)}{rest} "
+        "loo.csv has moved and cosine for each (docs/report.md §4)"
     )
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from infkit import plot
 from infkit.errors import ArtifactError, warn
-from infkit.report.views import retraining_name, unfinished_cause, value_range, worst_norm
+from infkit.report.views import far_reading, retraining_name, value_range, worst_norm
 from infkit.retrain import START_MOVE
 from infkit.store import MANIFEST, ArtifactStore
 
@@ -573,12 +573,7 @@ def moved_far_html(r: dict[str, Any]) -> str:
         f"the parameters moved {value_range([x['moved'] for x in far], '.1f')} times as far "
         "as the estimator's step, at a cosine of "
         f"{value_range([x['cosine'] for x in far], '.2f')} to it "
-        "(loo.csv: moved, cosine). The retrained models are not where the estimator's step "
-        "leads (another optimum of a non-convex objective, a removal too large for first order, "
-        f"or a step that damping shortens or an approximate curvature turns{unfinished_cause(far)}"
-        "), so where their "
-        f"predicted and actual changes differ, the comparison does not measure the estimate "
-        f"alone.{rest}</p>"
+        f"(loo.csv: moved, cosine). {html.escape(far_reading(far))}{rest}</p>"
     )
 
 

@@ -246,6 +246,36 @@ def unfinished_cause(far: list[dict[str, Any]]) -> str:
     return "; or, for those marked not converged, a retraining stopped short of its optimum"
 
 
+#: retrainings that moved far at cosines of at least this to the estimator's step all went
+#: its way, further: the first-order estimate's own error (:func:`far_reading`)
+ALONG_COSINE = 0.9
+
+
+def far_reading(far: list[dict[str, Any]]) -> str:
+    """What retrainings that moved far beyond the estimator's step mean for the check, as the
+    warning and the page say it. Along the step (every cosine at least :data:`ALONG_COSINE`)
+    the gap is the estimate's own error, as of a removal too large for first order; else the
+    retrained models may be elsewhere altogether (a tester's convex softmax regression, two
+    examples of leverage 1.22 and 1.34 moving 3.2x and 3.4x at cosines 0.96 and 0.99, was told
+    of another optimum of a non-convex objective; estimator='newton' predicted them at
+    1.00-1.18x)."""
+    if min(row["cosine"] for row in far) >= ALONG_COSINE:
+        return (
+            "The retrained models lie along the estimator's step, further, as where a removal "
+            "is too large for first order: an example of high leverage (inf.leverages()), "
+            "whose removal the influence function underestimates and estimator='newton' takes "
+            f"into account, or a step that damping shortens{unfinished_cause(far)}. Their gap "
+            "is the estimate's own error."
+        )
+    return (
+        "The retrained models are not where the estimator's step leads (another optimum of a "
+        "non-convex objective, a removal too large for first order, or a step that damping "
+        f"shortens or an approximate curvature turns{unfinished_cause(far)}), so where their "
+        "predicted and actual changes differ, the comparison does not measure the estimate "
+        "alone."
+    )
+
+
 def worst_norm(late: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     """The unconverged retraining with the largest final gradient norm, and which it is (the
     page's own figure counts the removals alone)."""
