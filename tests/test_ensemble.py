@@ -353,3 +353,7 @@ def test_module_scores_of_members_tracking_other_modules_are_refused(digits) -> 
         InvalidInputError, match=r"member 1's .*missing: none; not in member 0's: '4'"
     ):
         Ensemble([digits["members"][0], other]).module_scores(test)
+    # a member's own refusal names the member (a reviewer's named neither)
+    identity = infkit.Influence(digits["tasks"][1], "identity", l2=L2, progress=False).fit(train)
+    with pytest.raises(UnsupportedError, match=r"^ensemble member 1: method 'identity'"):
+        Ensemble([digits["members"][0], identity]).with_estimator("newton")

@@ -854,7 +854,9 @@ def test_low_rank_groups_by_hand() -> None:
     assert low_rank_groups(4, 10, 2, 9) == ([(i, i + 1, (0, 1)) for i in range(4)], 0)
 
 
-def test_an_asked_query_rank_keeps_memory_limit_in_groups_of_queries(problem: dict) -> None:
+def test_an_asked_query_rank_keeps_memory_limit_in_groups_of_queries(
+    problem: dict, tmp_path
+) -> None:
     """query_rank=1 under a limit whose budget holds one query at rank 1, not all: a pass per
     query, the scores query_rank=1 gives unbounded, the plan foreseeing the passes (a tester's
     query_rank=2 scored every query in one pass at a limit that refused them without it); a
@@ -871,6 +873,12 @@ def test_an_asked_query_rank_keeps_memory_limit_in_groups_of_queries(problem: di
         S = bounded.fit(problem["train"]).scores(problem["test"])
     assert bounded.describe()["query_groups"] == Q and bounded.describe()["query_rank"] == 1
     assert relative_error(S, expected) < 1e-6
+    # the figures are kept with a save, the share kept too (a reviewer's came back None)
+    kept = bounded.describe()["query_kept_energy"]
+    assert kept is not None and 0 < kept < 1
+    bounded.save(tmp_path / "saved")
+    loaded = infkit.Influence.load(tmp_path / "saved", task)
+    assert loaded.describe()["query_kept_energy"] == kept
     scores = next(stage for stage in plan.stages if stage.name == "scores")
     assert scores.passes == Q and not any(stage.refused for stage in plan.stages)
 
@@ -1686,6 +1694,14 @@ def test_the_plan_sizes_a_meta_models_outputs_by_a_pass_on_the_meta_device() -> 
     # without a configuration, by a pass of [1, 7] zeros, its first Linear's inputs (a tester's
     # meta MLP of 3 classes was planned 1 output an example)
     assert planned_outputs(plain, infkit.Task.classification(plain)) == 5
+    # a model neither pass goes through, without a configuration: counted as its positions,
+    # said (a reviewer's meta CNN of 100 classes was planned 1 output an example, unsaid)
+    with torch.device("meta"):
+        cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 100))
+    with pytest.warns(Notice, match="could not size one example's outputs"):
+        infkit.Influence(infkit.Task.classification(cnn), "exact").plan(
+            n_train=8, n_queries=2, sequence_length=1
+        )
     with pytest.raises(InvalidInputError, match=r"here without sequence_length: .*\(1 for a model"):
         infkit.Influence(infkit.Task.classification(plain), "exact").plan(n_train=8, n_queries=2)
 

@@ -363,3 +363,9 @@ def test_newton_under_autocast_takes_the_optimum_from_the_models_own_precision()
         got = under.remove(removed).loss((Xt.float(), yt))
     assert relative_error(got.double(), expected) < 0.1
     assert under.describe()["stationarity"] < 3 * plain.describe()["stationarity"] + 1e-6
+    # that pass is planned (a reviewer's plan under dtype= said one pass fewer than the fit ran)
+    stages = [s.name for s in under.plan((X.float(), y), timed=False).stages]
+    assert "objective gradient" in stages
+    assert "objective gradient" not in [
+        s.name for s in plain.plan((X.float(), y), timed=False).stages
+    ]

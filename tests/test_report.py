@@ -2152,7 +2152,13 @@ def test_retrainings_that_moved_far_along_the_step_are_read_as_the_estimates_err
         {"index": 365, "moved": 3.23, "cosine": 0.96},
         {"index": 89, "moved": 3.38, "cosine": 0.99},
     ]
-    assert "lie along the estimator's step" in far_reading(along)
-    assert "estimator='newton'" in far_reading(along) and "non-convex" not in far_reading(along)
+    plain = {"estimator": "if", "damping": 0.0}
+    assert "lie along the estimator's step" in far_reading(along, plain)
+    assert "estimator='newton'" in far_reading(along, plain)
+    assert "non-convex" not in far_reading(along, plain)
+    assert "damping" not in far_reading(along, plain)
+    # a reviewer's: a damped Newton run was advised Newton; the damping is what shortens it
+    damped = far_reading(along, {"estimator": "newton", "damping": 0.003})
+    assert "the damping (0.003) shortens" in damped and "estimator='newton'" not in damped
     astray = [*along, {"index": 7, "moved": 12.9, "cosine": 0.14}]
-    assert "another optimum of a non-convex objective" in far_reading(astray)
+    assert "another optimum of a non-convex objective" in far_reading(astray, plain)

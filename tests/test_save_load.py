@@ -1898,3 +1898,20 @@ def test_a_smaller_memory_limit_at_load_is_held_as_a_fresh_fit_holds_it(
     roomy = infkit.Influence.load(tmp_path, _copy_task(mlp_problem), memory_limit=140_000)
     # (another limit chunks the queries otherwise: equal to rounding, not bit for bit)
     torch.testing.assert_close(roomy.scores(test), inf.scores(test), rtol=1e-12, atol=1e-15)
+
+
+def test_a_trak_save_loaded_below_its_features_is_refused(
+    mlp_problem: dict, tmp_path: Path
+) -> None:
+    """A reviewer's: TRAK refused its features beyond the limit inside fit, which a load does
+    not run, so its save loaded at 4 KiB answered where a fresh fit refuses."""
+    from infkit.errors import ProblemTooLargeError
+
+    _fit(mlp_problem, "trak").save(tmp_path)
+    with pytest.raises(ProblemTooLargeError, match="projected features") as fresh:
+        infkit.Influence(mlp_problem["task"], "trak", memory_limit=4096).fit(mlp_problem["train"])
+    with pytest.raises(
+        ProblemTooLargeError, match="the saved method 'trak' does not hold"
+    ) as loaded:
+        infkit.Influence.load(tmp_path, _copy_task(mlp_problem), memory_limit=4096)
+    assert str(fresh.value) in str(loaded.value)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import infkit
+from infkit import serial
 
 N_THREADS = 4
 ROUNDS = 3
@@ -82,3 +83,42 @@ def test_a_thread_refitting_while_others_answer_gives_whole_fits() -> None:
     assert not errors, errors[:2]
     worst = max(float((a - alone).abs().max()) for a in answers)
     assert worst <= 1e-8 * float(alone.abs().max()), worst
+
+
+def test_a_child_forked_while_a_thread_holds_the_lock_takes_its_own() -> None:
+    """A reviewer's: a process forked while another thread ran a fit inherited the lock held,
+    and its first infkit call waited for ever."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    task, train, _ = _problem()
+    started, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with serial.PROCESS_LOCK:
+            started.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    started.wait(10)
+    try:
+        child = multiprocessing.get_context("fork").Process(target=_fit_quietly, args=(task, train))
+        child.start()
+        child.join(60)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+    finally:
+        release.set()
+        holder.join()
+    assert not alive and child.exitcode == 0
+
+
+def _fit_quietly(task: infkit.Task, train: tuple[Tensor, Tensor]) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        infkit.Influence(task, "exact", l2=0.1, progress=False).fit(train)

@@ -21,9 +21,10 @@ accumulators, never M of them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -504,7 +505,8 @@ class Ensemble:
         sums: dict[str, Tensor] = {}
         first: list[str] = []
         for m, member in enumerate(self._members):
-            parts = member.module_scores(test)
+            with _naming_member(m):
+                parts = member.module_scores(test)
             if m == 0:
                 first = list(parts)
             elif set(parts) != set(first):
@@ -525,7 +527,10 @@ class Ensemble:
     def with_estimator(self, estimator: str, relatif: str | None = None) -> Ensemble:
         """The same members answering with another estimator (each member's
         :meth:`Influence.with_estimator`: its fit reused, no pass over the data)."""
-        members = [member.with_estimator(estimator, relatif) for member in self._members]
+        members = []
+        for m, member in enumerate(self._members):
+            with _naming_member(m):
+                members.append(member.with_estimator(estimator, relatif))
         return Ensemble(members, check_data=False)  # (the same training sets, checked once)
 
     def remove(self, indices: Sequence[int] | Tensor, *, steps: int = 1) -> EnsembleRemoval:
@@ -548,6 +553,22 @@ class Ensemble:
             "dtype": dtype_name(self._dtype),
             "members": [member.describe() for member in self._members],
         }
+
+
+@contextlib.contextmanager
+def _naming_member(m: int) -> Iterator[None]:
+    """A member's refusal (an error of its method's) raised as the ensemble's, naming member
+    ``m`` (a reviewer's read as the member's alone, naming neither)."""
+    kinds = (InvalidInputError, UnsupportedError, ProblemTooLargeError)
+    try:
+        yield
+    except kinds as error:
+        message = f"ensemble member {m}: {error}"
+        try:
+            named = type(error)(message)
+        except TypeError:  # (a subclass that takes more than a message: its base's kind)
+            named = next(kind for kind in kinds if isinstance(error, kind))(message)
+        raise named from error
 
 
 def _need_two(m: int, what: str) -> None:

@@ -692,6 +692,18 @@ def training_gradients(
 def _summary_by_pass(fitted: Fitted) -> GradientSummary:
     """The gradient summary without a cache: one objective pass over the data in batches, and
     the per-example gradients of the first batch's examples (their mean norm)."""
+    mean_gradient = mean_gradient_by_pass(fitted)
+    # the typical per-example gradient from the first batch's examples, one at a time (a
+    # [B, P] block of a language model's gradients would be the run's largest object)
+    first = range(min(fitted.batch_size, fitted.n))
+    norms = [float(fitted.engine.grads(fitted.train.take([i])).norm()) for i in first]
+    return GradientSummary(mean_gradient, sum(norms) / len(norms))
+
+
+def mean_gradient_by_pass(fitted: Fitted) -> Tensor:
+    """``(1/N) sum_i grad l_i`` [P] float64 by one objective pass over the data in batches, in
+    the model's own precision (outside any ``dtype=`` autocast); a non-finite one names its
+    example."""
     with evaluation_mode(fitted.task.model):
         _, full = objective_and_gradient(
             fitted.task,
@@ -706,11 +718,7 @@ def _summary_by_pass(fitted: Fitted) -> GradientSummary:
     if not bool(torch.isfinite(mean_gradient).all()):
         for batch in fitted.train.batches(fitted.batch_size):
             fitted.engine.grads(batch)  # raises NonFiniteError naming the example
-    # the typical per-example gradient from the first batch's examples, one at a time (a
-    # [B, P] block of a language model's gradients would be the run's largest object)
-    first = range(min(fitted.batch_size, fitted.n))
-    norms = [float(fitted.engine.grads(fitted.train.take([i])).norm()) for i in first]
-    return GradientSummary(mean_gradient, sum(norms) / len(norms))
+    return mean_gradient
 
 
 def objective_gradient(fitted: Fitted, summary: GradientSummary | None) -> tuple[Tensor, float]:

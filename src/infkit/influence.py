@@ -53,6 +53,7 @@ from infkit.fitted import (
     check_parameters_take_part,
     check_weights_present,
     gradient_cache_fits,
+    mean_gradient_by_pass,
     objective_gradient,
     probe_forward_writes,
     training_gradients,
@@ -562,12 +563,13 @@ class Influence:
         # Trajectory and surrogate methods (TracInCP, TRAK) neither assume an optimum nor use
         # grad L(theta*): no pass over the data for them.
         if method.assumes_optimum and (summary is not None or type(method).stationarity_pass):
-            if self.task.autocast is not None:
+            if self.task.autocast is not None and summary is not None:
                 # grad L(theta*) by a pass in the model's own precision: summed from gradients
                 # under dtype=, it is their rounding (a tester's bfloat16 figure 2.3e-3 for a
                 # float32 optimum at 2.9e-7), which the Newton step took for a step to the
-                # optimum (group removals 40% off) and the drift check for a distance to it
-                summary = None
+                # optimum (group removals 40% off) and the drift check for a distance to it;
+                # the typical gradient's size, a scale, stays the cache's (a reviewer's)
+                summary = replace(summary, mean_gradient=mean_gradient_by_pass(fitted))
             gradient, stationarity = objective_gradient(fitted, summary)
             fitted = replace(fitted, objective_gradient=gradient, stationarity=stationarity)
         method.clear_checks()  # a refit's figures are its own, with or without checks
@@ -1575,6 +1577,7 @@ class Influence:
                 else f", passes under autocast {dtype_name(self.task.autocast)}"
             ),
             parameter_dtype=space.dtype,
+            autocast=self.task.autocast is not None,
         )
         stages = method.stages(shape, self.task, space)
         if self.checks:
@@ -1812,6 +1815,17 @@ def _outputs_per_example(task: Task, inputs: Any, tokens: int) -> int:
             return int(c1 + slope * (tokens - lengths[0]))
         return of_length(tokens)
     except Exception:  # (inputs of another kind: the sizes tell)
+        config = getattr(model, "config", None)
+        if not any(isinstance(getattr(config, k, None), int) for k in ("num_labels", "vocab_size")):
+            # (a reviewer's meta CNN of 100 classes was planned 1 output an example, unsaid)
+            warn(
+                f"plan could not size one example's outputs on the meta device (a pass of token "
+                f"ids or of vectors did not go through the model, and it has no configuration's "
+                f"num_labels or vocab_size): it counts {tokens} (sequence_length), which may be "
+                "low; a plan of the data itself, or of the model with its weights, sizes them "
+                "by a pass",
+                Notice,
+            )
         return sized_outputs(model, tokens, task.name == "language_modeling")
 
 

@@ -40,6 +40,7 @@ from infkit.data import ExampleSet
 from infkit.errors import InvalidInputError
 from infkit.options import integer_argument, real_number
 from infkit.parameters import ParameterSpace, evaluation_mode, in_mode
+from infkit.serial import one_at_a_time
 from infkit.task import Task, default_output_fn, pick_outputs
 
 
@@ -250,6 +251,7 @@ def _objective(
     return loss
 
 
+@one_at_a_time
 def linearizability(
     task: Task,
     train: Any,

@@ -87,6 +87,8 @@ class RunShape:
             ``"float32, passes under autocast bfloat16"``).
         parameter_dtype: the attributed parameters' dtype, that of the curvature products of
             the iterative solvers (None: not known).
+        autocast: whether the passes run under ``torch.autocast`` (``dtype=``): the fit then
+            takes grad L(theta*) by a pass of its own, in the model's precision.
     """
 
     n_train: int
@@ -105,6 +107,7 @@ class RunShape:
     committed: str | None = None
     precision: str = ""
     parameter_dtype: torch.dtype | None = None
+    autocast: bool = False
 
     @property
     def snapshot_bytes(self) -> int:

@@ -41,6 +41,7 @@ from infkit.options import integer_argument
 from infkit.parameters import ParameterSpace
 from infkit.progress import resolve, track
 from infkit.recipe import Replay, TrainingRun
+from infkit.serial import one_at_a_time
 from infkit.store import ArtifactStore
 from infkit.task import Task
 from infkit.training import check_tolerance, checked_l2, checked_max_iter, train_to_optimum
@@ -255,6 +256,7 @@ def _check_run(run: TrainingRun, task: Task, examples: ExampleSet, l2: float) ->
     run.require_replayed(owner, final)
 
 
+@one_at_a_time
 def without(
     task: Task,
     train: Any,
@@ -541,6 +543,7 @@ class LeaveOneOut:
     reused: int = 0
 
 
+@one_at_a_time
 def leave_one_out(
     task: Task,
     train: Any,
@@ -633,6 +636,7 @@ def random_masks(n: int, n_subsets: int, alpha: float, seed: int = 0) -> Tensor:
     return masks
 
 
+@one_at_a_time
 def subsets(
     task: Task,
     train: Any,

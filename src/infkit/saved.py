@@ -869,6 +869,20 @@ class SavedInfluence:
                 f"{TASK_PARTS.get(k, k)} (given {task_now.get(k)!r}, saved {saved_task.get(k)!r})"
                 for k in changed
             ]
+            # (a reviewer's: a save of Task.classification from before its loss was taken in
+            # float64 was refused as if another task were given)
+            ours = [
+                k
+                for k in changed
+                if str(saved_task.get(k)).split("#")[0] == str(task_now.get(k)).split("#")[0]
+                and str(task_now.get(k)).startswith("infkit.")
+            ]
+            if ours:
+                parts.append(
+                    f"{listed([repr(TASK_PARTS.get(k, k)) for k in ours])}: infkit's own function "
+                    f"of that name changed since the save (infkit {self.identity.get('infkit')} "
+                    "then): the same task now computes otherwise, so fit and save anew"
+                )
             problems.append("the task differs: " + "; ".join(parts))
         if not problems:
             self._compare_tensor_attributes(task.model)
@@ -1045,11 +1059,14 @@ class SavedInfluence:
         try:
             method.check_memory(problem)
         except ProblemTooLargeError as error:
+            # (not "a fresh fit refuses": method="auto" would choose another that fits, a
+            # reviewer's; the saved method's own objects do not fit, as its fit would be refused)
             raise ProblemTooLargeError(
                 f"{self.path} loaded with memory_limit={memory_limit} "
                 f"({human_bytes(memory_limit)}), below the {human_bytes(saved_limit)} it was "
-                f"fitted under, which a fresh fit refuses: {error} (load's memory_limit=None "
-                "keeps the saved limit)"
+                f"fitted under: the saved method {method.name!r} does not hold within it, as its "
+                f"fit would be refused there ({error}). Load with memory_limit=None (the saved "
+                "limit) or a limit that holds it; the advice in brackets is for a new fit"
             ) from error
 
 

@@ -10,13 +10,17 @@ error, and `identity` raised PyTorch's errors from inside its hooks.
 
 :func:`one_at_a_time` makes every such entry point take one lock of the process, re-entrant, so
 that a question asking another (``top_k`` asks ``scores``) goes on and a second thread waits
-for the first's answer. Threads then give the same answers as one thread, one after the other,
+for the first's answer. The functions outside the facade that pass over a model take it too
+(``train_to_optimum``, the retrainings, ``empirical_ntk``, ``linearizability``: a reviewer's
+``linearizability`` beside a thread's ``cg`` scores failed 231 times). A forked child starts
+with a lock of its own. Threads then give the same answers as one thread, one after the other,
 not faster; processes are the way to run in parallel (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
@@ -26,6 +30,17 @@ _R = TypeVar("_R")
 
 PROCESS_LOCK = threading.RLock()
 """Held by a thread while it runs an infkit computation that passes over a model."""
+
+
+def _fresh_lock() -> None:
+    """A forked child's own lock: the parent's, copied while another of its threads held it,
+    would stay held in the child, whose first infkit call then waited for ever (a reviewer's)."""
+    global PROCESS_LOCK
+    PROCESS_LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows, which does not fork)
+    os.register_at_fork(after_in_child=_fresh_lock)
 
 
 def one_at_a_time(call: Callable[_P, _R]) -> Callable[_P, _R]:

@@ -247,10 +247,11 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
     On the first :data:`HOOK_CHECK_EXAMPLES` training examples, each layer's gradient of their
     summed loss from its hooks (``sum_j sum_t Ds_jt a_jt^T``) is compared with autograd's, from
     a pass in the same precision (under the task's autocast, as the terms'); a relative
-    difference above ``min(0.3, 10 sqrt(eps))`` of the terms' precision is refused. That pass is
-    watched too (:func:`~infkit.layers.outside.uses_outside_calls`): a torch function taking a
-    tracked weight outside its layer's call is refused, whatever values flow through it there
-    (a use that the first examples' data leave at zero shows in no gradient).
+    difference above ``min(0.3, 10 sqrt(eps))`` of the terms' precision is refused. That pass's
+    graph is read too (:func:`~infkit.layers.outside.uses_outside_calls`): a tracked weight
+    used in the loss's graph more often than its layer was called is refused, whatever values
+    flow through the other use there (a use the first examples' data leave at zero shows in no
+    gradient).
     """
     engine = fitted.engine
     batch = fitted.train.take(range(min(HOOK_CHECK_EXAMPLES, fitted.n)))
@@ -267,15 +268,14 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
     losses: list[Tensor] = []
     with evaluation_mode(task.model), task.mixed_precision(), torch.enable_grad():
         inputs, targets = engine.prepare(batch)
+
         # the uses themselves, watched in the same pass: a use the first examples' values
         # leave at zero shows in no gradient (a tester's gated F.linear, scores 34% off)
-        outside = uses_outside_calls(
-            task.model,
-            layers.tracked,
-            lambda: losses.append(
-                task.checked_loss(task.call_model(task.model, inputs), targets).sum()
-            ),
-        )
+        def loss_of_batch() -> Tensor:
+            losses.append(task.checked_loss(task.call_model(task.model, inputs), targets).sum())
+            return losses[0]
+
+        outside = uses_outside_calls(task.model, layers.tracked, loss_of_batch)
         grads = torch.autograd.grad(losses[0], [params[n] for n in names], allow_unused=True)
 
     by_name = dict(zip(names, grads))
@@ -285,7 +285,7 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
         g = by_name[name]
         return (g if g is not None else torch.zeros_like(params[name])).detach().reshape(1, -1)
 
-    missed = [f"{name!r} (taken by torch's {func} outside it)" for name, func in outside.items()]
+    missed = [f"{name!r} ({uses})" for name, uses in outside.items()]
     for t in layers.tracked:
         if t.name in outside:
             continue
@@ -304,9 +304,9 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
     if missed:
         raise UnsupportedError(
             f"method {owner!r}: the weights of the tracked layer(s) {listed(missed, 5)} take part "
-            "in the forward pass outside the layers' own calls (in brackets, the function that "
-            "took them, or the relative gap between the gradient their hooks see and "
-            "autograd's on the first training examples), as with F.linear(h, layer.weight.t()) or a parent module applying the "
+            "in the forward pass outside the layers' own calls (in brackets, their uses in the "
+            "autograd graph of the first training examples' loss against the layer's calls, or "
+            "the relative gap between the gradient their hooks see and autograd's there), as with F.linear(h, layer.weight.t()) or a parent module applying the "
             "weight itself: the hooks see only the layer's calls, so its Kronecker factors and "
             "gradients would be wrong. Leave those layers out (modules= the others), freeze "
             "them (requires_grad=False), or use a method that takes gradients by autograd "

@@ -471,7 +471,9 @@ class StreamingScorer:
                 f"({human_bytes(self.fitted.memory_limit)}) leaves "
                 f"{human_bytes(self.query_bytes)} for the queries after the factors, "
                 f"{self.result} and a scoring pass's working memory; {self._limit_for(asked)} "
-                "holds it, or a lower query_rank"
+                "holds it"
+                + ("" if self.rank == 1 else ", or a lower query_rank")
+                + ", or fewer queries a call (each adds its scores to the call's result)"
             )
         if self.spills(1):
             return None

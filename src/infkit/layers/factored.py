@@ -69,7 +69,7 @@ def _used_outside_calls(engine: PerExample, tracked: list[TrackedModule], batch:
         found = uses_outside_calls(
             task.model,
             tracked,
-            lambda: task.checked_loss(task.call_model(task.model, inputs), targets),
+            lambda: task.checked_loss(task.call_model(task.model, inputs), targets).sum(),
         )
     return bool(found)
 
@@ -81,9 +81,9 @@ def factored_layers(engine: PerExample, train: ExampleSet) -> list[TrackedModule
     :data:`FACTORED_KINDS` called once per example on a [B, d_in] input, and the factored
     per-example gradients of the first :data:`CHECK_EXAMPLES` training examples, from one
     batched pass, equal the per-example gradients (within the dtype's precision): that catches
-    layers used outside their module call and examples that interact within a batch. A torch
-    function taking a layer's weight outside its call, in a forward pass of those examples,
-    rules them out too, whatever values flow through it there
+    layers used outside their module call and examples that interact within a batch. A layer's
+    weight used in the graph of those examples' loss more often than the layer was called rules
+    them out too, whatever values flow through the other use there
     (:func:`~infkit.layers.outside.uses_outside_calls`: a use gated off on the first examples
     was unseen by the gradients, and the products 34% off).
     """

@@ -1,109 +1,84 @@
-"""Uses of a tracked layer's weight outside the layer's own calls, found by watching a forward
-pass.
+"""Uses of a tracked layer's weight outside the layer's own calls, found in the autograd graph
+of a forward pass.
 
 The hooks of a tracked layer see the layer's calls only. A forward pass that also applies the
-weight itself (``F.linear(h, layer.weight.t())``, a parent module multiplying by it) gives the
-weight gradient terms no hook sees: the Kronecker factors and the per-example gradients taken
-from the hooks miss them. Comparing the hooks' gradient with autograd's on a few examples finds
-such a use only where those examples exercise it; a use gated by the data (an input feature that
-is 0 on the first examples) went unseen, and the scores taken from the hooks were 34% off
-(a tester's). :func:`uses_outside_calls` finds the use itself: every torch function the forward
-pass calls is watched (:class:`torch.overrides.TorchFunctionMode`), and one that takes a tracked
-weight or bias while that layer's call is not running is a use outside it, whatever values
-flow through it.
+weight itself (``F.linear(h, layer.weight.t())``, a parent module multiplying by it, a fused
+kernel's ``autograd.Function`` taking it) gives the weight gradient terms no hook sees: the
+Kronecker factors and the per-example gradients taken from the hooks miss them. Comparing the
+hooks' gradient with autograd's on a few examples finds such a use only where those examples
+exercise it; a use gated by the data (an input feature that is 0 on the first examples) went
+unseen, and the scores taken from the hooks were 34% off (a tester's).
+
+:func:`uses_outside_calls` finds the use itself, whatever values flow through it: in the
+autograd graph of the loss, each call of a layer consumes its weight (and bias) once, so a
+tensor consumed by more nodes than the layer had calls is used elsewhere too. Only uses on the
+loss's graph count: a weight read for logging (``self.a.weight.norm().item()``) adds no
+gradient term, and a first version that watched torch functions refused it (a reviewer's), while
+it missed a custom ``autograd.Function``, whose inner operations run without gradients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections import Counter
+from collections.abc import Callable, Sequence
 
-import torch
-from torch import nn
-from torch.overrides import TorchFunctionMode
+from torch import Tensor, nn
 
 from infkit.layers.tracked import TrackedModule
 
 
-def _leaves(value: Any) -> Iterator[Any]:
-    """The values of nested tuples, lists and dicts of a call's arguments."""
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _leaves(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _leaves(item)
-    else:
-        yield value
-
-
-class _Watch(TorchFunctionMode):
-    """Notes the torch functions that take a watched parameter while its layer's call is not
-    running and give a tensor that gradients flow through (a use under ``torch.no_grad()``,
-    or a read of the weight's dtype, adds no gradient term)."""
-
-    def __init__(self, owners: dict[int, str]) -> None:
-        super().__init__()
-        self.owners = owners  # id of a tracked weight or bias -> its layer's name
-        self.running: list[str] = []  # the tracked layers whose call is under way
-        self.found: dict[str, str] = {}  # layer -> the first function that used it outside
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
-        # a use that gradients flow through: a tensor out that requires them (reading the
-        # weight's dtype or device goes through here too, as a property's __get__)
-        if torch.is_grad_enabled() and any(
-            isinstance(value, torch.Tensor) and value.requires_grad for value in _leaves(result)
-        ):
-            for value in _leaves((args, kwargs)):
-                layer = self.owners.get(id(value))
-                if layer is not None and layer not in self.running and layer not in self.found:
-                    self.found[layer] = getattr(func, "__name__", repr(func))
-        return result
-
-
 def uses_outside_calls(
-    model: nn.Module, layers: Sequence[TrackedModule], forward: Callable[[], object]
+    model: nn.Module, layers: Sequence[TrackedModule], forward: Callable[[], Tensor]
 ) -> dict[str, str]:
-    """Run ``forward()`` (a forward pass of ``model``, and its loss if wanted) and return, for
-    each of ``layers`` whose weight or bias a torch function took outside the layer's own calls,
-    that function's name (``{"a": "t"}`` for ``F.linear(h, self.a.weight.t())``).
+    """Run ``forward()`` (a forward pass of ``model`` and its loss, a tensor) and return, for
+    each of ``layers`` whose weight or bias the loss's graph uses more often than the layer was
+    called, how often and by which autograd nodes (``{"a": "2 uses in the loss's graph for 1
+    call(s): TBackward0"}``).
 
-    A use that Python control flow skips on the examples of this pass (``if`` on the data) is
-    not seen; a use whose values are zero there is.
+    Not seen: a use that Python control flow skips on the examples of this pass (an ``if`` on
+    the data); one that shares a node with a call of the layer (autocast's cached cast of the
+    weight, a view of it taken once and used by the layer and beside it).
     """
     params = dict(model.named_parameters())
     owners = {id(params[n]): t.name for t in layers for n in (t.weight, t.bias) if n is not None}
-    watch = _Watch(owners)
+    calls: Counter[str] = Counter()
 
-    def enter(name: str) -> Callable[..., None]:
+    def counting(name: str) -> Callable[..., None]:
         def entered(*_: object) -> None:
-            watch.running.append(name)
+            calls[name] += 1
 
         return entered
 
-    def leave(name: str) -> Callable[..., None]:
-        def left(*_: object) -> None:
-            if name in watch.running:
-                watch.running.remove(name)
-
-        return left
-
-    handles = []
+    handles = [t.module.register_forward_pre_hook(counting(t.name)) for t in layers]
     try:
-        for t in layers:
-            handles.append(t.module.register_forward_pre_hook(enter(t.name)))
-            handles.append(t.module.register_forward_hook(leave(t.name), always_call=True))
-        with watch:
-            forward()
+        loss = forward()
     finally:
         for handle in handles:
             handle.remove()
-    return watch.found
+    if loss.grad_fn is None:
+        return {}
+    consumers: dict[int, set[object]] = {}  # a tracked tensor's id -> the nodes that take it
+    seen = {id(loss.grad_fn)}
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)  # an AccumulateGrad: a leaf tensor
+            if variable is not None and id(variable) in owners:
+                consumers.setdefault(id(variable), set()).add(node)
+            if id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
+    found: dict[str, str] = {}
+    for key, nodes in consumers.items():
+        name = owners[key]
+        # (a layer its hooks never saw called is left to the check of calls, Capture's: a
+        # compiled module's graph node takes every weight while hooks may not run there)
+        if 0 < calls[name] < len(nodes) and name not in found:
+            kinds = ", ".join(sorted({type(node).__name__ for node in nodes}))
+            found[name] = (
+                f"{len(nodes)} uses in the loss's graph for {calls[name]} call(s): {kinds}"
+            )
+    return found

@@ -281,6 +281,32 @@ def gradient_batch_rows(shape: RunShape) -> int:
     return gradient_rows(shape.batch_size, shape.parameters, shape.itemsize, limit)
 
 
+def objective_gradient_stage(shape: RunShape, note: str) -> Stage:
+    """The pass that takes grad L(theta*) [P] by itself: the parameters' gradients and a
+    float64 sum."""
+    p = shape.parameters
+    mean = p * FLOAT64_BYTES
+    return Stage(
+        "objective gradient",
+        1,
+        mean + 2 * p * shape.itemsize,
+        ("grad L(theta*) [P], float64", mean),
+        note,
+    )
+
+
+def autocast_gradient_stage(shape: RunShape) -> list[Stage]:
+    """Under ``dtype=`` beside a gradient cache: grad L(theta*) by a pass of its own in the
+    model's precision (the cache's sum carries autocast's rounding), none otherwise."""
+    if not shape.autocast:
+        return []
+    return [
+        objective_gradient_stage(
+            shape, "in the model's own precision: the cache's gradients are under dtype="
+        )
+    ]
+
+
 def batch_gradient_bytes(shape: RunShape) -> int:
     """A batch's per-example gradients (vmap over the model) with their working memory and
     float64 copies, as the plan counts them: B of :func:`gradient_batch_rows` rows of
@@ -463,16 +489,14 @@ class Method(ABC):
                     held=cache,
                 )
             )
+            if self.assumes_optimum:
+                out += autocast_gradient_stage(shape)
         elif self.assumes_optimum and type(self).stationarity_pass:
             # grad L(theta*) by its own pass: the parameters' gradients, a float64 sum, and one
             # example's gradient at a time for the typical size
-            mean = p * FLOAT64_BYTES
             out.append(
-                Stage(
-                    "objective gradient",
-                    1,
-                    mean + 2 * p * shape.itemsize,
-                    ("grad L(theta*) [P], float64", mean),
+                objective_gradient_stage(
+                    shape,
                     "the stationarity check ("
                     + (
                         "no [N, P] gradient cache: it does not fit)"

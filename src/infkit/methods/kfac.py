@@ -72,6 +72,7 @@ from infkit.methods.base import (
     Fidelity,
     PrimalMethod,
     Problem,
+    autocast_gradient_stage,
     batch_gradient_bytes,
     register,
 )
@@ -107,7 +108,13 @@ class KFAC(PrimalMethod):
     #: whether the eigenvalues are EK-FAC's corrected ones
     corrected: ClassVar[bool] = False
     #: the counters describe() reports; :meth:`state` adds the Kronecker curvature
-    fitted_state = ("query_rank", "query_groups", "queries_on_disk", "shard_tally")
+    fitted_state = (
+        "query_rank",
+        "query_kept_energy",
+        "query_groups",
+        "queries_on_disk",
+        "shard_tally",
+    )
     options: KroneckerOptions
 
     def __init__(self, options: KroneckerOptions | None = None, /, **values: object) -> None:
@@ -204,8 +211,8 @@ class KFAC(PrimalMethod):
         return {**super().state(), "curvature": self.kronecker().state()}
 
     def restore(self, fitted: Fitted, state: Mapping[str, Any]) -> None:
-        # (a counter that saves written before it was kept lack)
-        super().restore(fitted, {"queries_on_disk": 0, **state})
+        # (counters that saves written before they were kept lack)
+        super().restore(fitted, {"queries_on_disk": 0, "query_kept_energy": None, **state})
         self.curvature_ = KroneckerCurvature.restored(
             fitted, self.options, state["curvature"], corrected=self.corrected, owner=self.name
         )
@@ -621,6 +628,7 @@ class KFAC(PrimalMethod):
                     held=cache,
                 )
             )
+            out += autocast_gradient_stage(shape)
         options, n = self.options, shape.examples_per_process
         fisher = options.fisher
         if fisher == "auto":
@@ -926,6 +934,18 @@ def _passes_notice(scorer: StreamingScorer, label: str, passes: int, low: bool, 
     than one, :meth:`StreamingScorer.groups`; ``low``: at low rank) says, with the levers that
     would help it (the queries on disk where they could be and ``disk``: not refused by
     ``queries_on_disk``)."""
+    if scorer.rank is not None:  # asked for: groups of as many queries as fit at that rank
+        # (a reviewer's: the notice offered queries on disk, which an asked rank never takes,
+        # and said memory had chosen the rank)
+        levers = (
+            "raise memory_limit, score fewer queries a call or ask for a lower query_rank "
+            "(queries kept at a rank stay in memory)"
+        )
+        return (
+            f"{label}: the queries at query_rank={scorer.rank} exceed memory_limit's budget for "
+            f"them all at once, so they are scored in groups of queries, in {passes} passes "
+            f"over the training data (plan() foresees them): {levers}"
+        )
     if low:  # one layer of one query exceeds the budget
         levers = "raise memory_limit, track fewer layers (modules=) or use a smaller batch_size"
         why = "at low rank, in groups of queries"

@@ -60,6 +60,7 @@ from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes, row_
 from infkit.methods.base import (
     Fidelity,
     Method,
+    Problem,
     batch_gradient_bytes,
     gradient_batch_rows,
     register,
@@ -91,8 +92,10 @@ FEW_DIMENSIONS = 64
 
 
 def _softmax_out_to_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    p = torch.softmax(outputs, dim=-1)
-    return 1.0 - p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    """``1 - p_y``, in float64 (in float32 it is 0 once ``1 - p_y < 6e-8``: a reviewer's 84 of
+    140 training weights of a confident float32 model), returned in the outputs' dtype."""
+    p = torch.softmax(outputs.double(), dim=-1)
+    return (1.0 - p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)).to(outputs.dtype)
 
 
 def _binary_margin(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -101,7 +104,8 @@ def _binary_margin(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def _binary_out_to_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    return 1.0 - torch.sigmoid(_binary_margin(outputs, targets))
+    """``1 - sigmoid(m)`` as ``sigmoid(-m)``: exact where the difference rounds to 0."""
+    return torch.sigmoid(-_binary_margin(outputs, targets))
 
 
 def keeps_projection(size: int, dim: int, itemsize: int, memory: int) -> bool:
@@ -281,6 +285,25 @@ class Trak(Method):
         if options.proj_dim == "auto":
             return default_projection_dim(n, p)
         return min(int(options.proj_dim), p)
+
+    def check_memory(self, problem: Problem) -> None:
+        """The projected features TRAK keeps, before any pass (and at a load under a smaller
+        limit, which restores them without a fit: a reviewer's load at a limit a fit refuses
+        answered)."""
+        super().check_memory(problem)
+        self._check_features(
+            problem.n, self.projection_dim(problem.n, problem.p), problem.memory_limit
+        )
+
+    def _check_features(self, n: int, k: int, limit: int) -> None:
+        """Refuse features [M, N, k] (with the Gram) beyond ``limit``."""
+        need = self._feature_bytes(n, k)
+        if need > limit:
+            raise ProblemTooLargeError(
+                f"method='trak' keeps {self._model_count()} x {n:,} x {k:,} projected features "
+                f"({human_bytes(need)}), above the memory limit of {human_bytes(limit)}; lower "
+                "proj_dim"
+            )
 
     def _model_count(self) -> int:
         return 1 if self.options.checkpoints is None else len(self.options.checkpoints)
@@ -471,14 +494,7 @@ class Trak(Method):
         for k, w in enumerate(options.checkpoints or []):
             checkpoint_vector(space, w, k)
         k = self._dimension(n, space.size)
-        models = self._model_count()
-        need = self._feature_bytes(n, k)
-        if need > fitted.memory_limit:
-            raise ProblemTooLargeError(
-                f"method='trak' keeps {models} x {n:,} x {k:,} projected features "
-                f"({human_bytes(need)}), above the memory limit of "
-                f"{human_bytes(fitted.memory_limit)}; lower proj_dim"
-            )
+        self._check_features(n, k, fitted.memory_limit)
         self.projector = Projector(
             space.size,
             k,

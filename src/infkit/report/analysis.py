@@ -899,8 +899,9 @@ def _retraining(
     if loo.reused:  # (a tester's rerun said nothing of the work it reused)
         warn(
             f"{loo.reused} of the {len(loo_idx)} leave-one-out retrainings were read from "
-            f"{workdir / 'retrain'}, computed by an earlier run of the same model, data and "
-            "settings (delete that directory to compute them again)",
+            f"{workdir / 'retrain'}, computed by an earlier run with the same model, data, l2 "
+            "and stopping rule (a retraining does not depend on the method or its options; "
+            "delete that directory to compute them again)",
             Notice,
         )
     predicted, actual = scores[0, loo_idx], loo.measurement[0]
@@ -942,6 +943,8 @@ def _retraining(
         "not_converged": unconverged,
         "start_move": loo.start_move,
         "start_move_ratio": loo.start_move_ratio,
+        "estimator": inf.estimator,
+        "damping": float(inf.fitted.damping),
         "moved_far": [
             {
                 "index": r["train_index"],
@@ -1042,7 +1045,7 @@ def moved_far_message(record: dict[str, Any]) -> str:
     return (
         f"{len(far)} of the {record['n']} leave-one-out retrainings ({names}) moved the "
         f"parameters {value_range(moved, '.1f')} times as far as the estimator's step, "
-        f"at a cosine of {value_range(cosines, '.2f')} to it. {far_reading(far)}{rest} "
+        f"at a cosine of {value_range(cosines, '.2f')} to it. {far_reading(far, record)}{rest} "
         "loo.csv has moved and cosine for each (docs/report.md §4)"
     )
 

@@ -573,7 +573,7 @@ def moved_far_html(r: dict[str, Any]) -> str:
         f"the parameters moved {value_range([x['moved'] for x in far], '.1f')} times as far "
         "as the estimator's step, at a cosine of "
         f"{value_range([x['cosine'] for x in far], '.2f')} to it "
-        f"(loo.csv: moved, cosine). {html.escape(far_reading(far))}{rest}</p>"
+        f"(loo.csv: moved, cosine). {html.escape(far_reading(far, r))}{rest}</p>"
     )
 
 

@@ -251,21 +251,36 @@ def unfinished_cause(far: list[dict[str, Any]]) -> str:
 ALONG_COSINE = 0.9
 
 
-def far_reading(far: list[dict[str, Any]]) -> str:
+def far_reading(far: list[dict[str, Any]], record: dict[str, Any]) -> str:
     """What retrainings that moved far beyond the estimator's step mean for the check, as the
-    warning and the page say it. Along the step (every cosine at least :data:`ALONG_COSINE`)
-    the gap is the estimate's own error, as of a removal too large for first order; else the
-    retrained models may be elsewhere altogether (a tester's convex softmax regression, two
-    examples of leverage 1.22 and 1.34 moving 3.2x and 3.4x at cosines 0.96 and 0.99, was told
-    of another optimum of a non-convex objective; estimator='newton' predicted them at
-    1.00-1.18x)."""
+    warning and the page say it; ``record`` is the check's (its ``estimator`` and ``damping``,
+    where a run recorded them). Along the step (every cosine at least :data:`ALONG_COSINE`)
+    the gap is the estimate's own: a damped step, shortened (a reviewer's Newton run with
+    damping 0.003 moved 2.6-3.4x, 0.97-1.02x undamped), or first order's on high-leverage
+    removals (a tester's convex softmax regression, two examples of leverage 1.22 and 1.34
+    moving 3.2x and 3.4x at cosines 0.96 and 0.99, was told of another optimum of a
+    non-convex objective; ``estimator="newton"`` predicted them at 1.00-1.18x). Off the step the
+    retrained models may be elsewhere altogether."""
     if min(row["cosine"] for row in far) >= ALONG_COSINE:
+        causes = []
+        damping = record.get("damping")
+        if damping:
+            causes.append(
+                f"a step that the damping ({damping:g}) shortens: the step solves with the "
+                "damped curvature, the retraining does not"
+            )
+        if record.get("estimator", "if") == "if":
+            causes.append(
+                "a removal too large for first order: an example of high leverage "
+                "(inf.leverages()), whose removal the influence function underestimates and "
+                "estimator='newton' takes into account"
+            )
+        elif not damping:
+            causes.append("a removal beyond what one Newton step reaches")
         return (
-            "The retrained models lie along the estimator's step, further, as where a removal "
-            "is too large for first order: an example of high leverage (inf.leverages()), "
-            "whose removal the influence function underestimates and estimator='newton' takes "
-            f"into account, or a step that damping shortens{unfinished_cause(far)}. Their gap "
-            "is the estimate's own error."
+            "The retrained models lie along the estimator's step, further: "
+            + "; or ".join(causes)
+            + f"{unfinished_cause(far)}. Their gap is the estimate's own error."
         )
     return (
         "The retrained models are not where the estimator's step leads (another optimum of a "
