@@ -86,7 +86,15 @@ from infkit.parameters import (
     product_dtype,
     warn_about_training_mode,
 )
-from infkit.plan import CHECKS_STAGE, Plan, RunShape, Stage, mark_fitted, sized_outputs
+from infkit.plan import (
+    CHECKS_STAGE,
+    Plan,
+    RunShape,
+    Stage,
+    has_sizes,
+    mark_fitted,
+    sized_outputs,
+)
 from infkit.progress import Mode, track
 from infkit.progress import resolve as resolve_progress
 from infkit.removal import Quantity, RemovalEffect
@@ -1815,11 +1823,10 @@ def _outputs_per_example(task: Task, inputs: Any, tokens: int) -> int:
             return int(c1 + slope * (tokens - lengths[0]))
         return of_length(tokens)
     except Exception:  # (inputs of another kind: the sizes tell)
-        config = getattr(model, "config", None)
-        if not any(isinstance(getattr(config, k, None), int) for k in ("num_labels", "vocab_size")):
+        if not has_sizes(model):
             # (a reviewer's meta CNN of 100 classes was planned 1 output an example, unsaid)
             warn(
-                f"plan could not size one example's outputs on the meta device (a pass of token "
+                f"plan could not size one example's outputs from sizes alone (a pass of token "
                 f"ids or of vectors did not go through the model, and it has no configuration's "
                 f"num_labels or vocab_size): it counts {tokens} (sequence_length), which may be "
                 "low; a plan of the data itself, or of the model with its weights, sizes them "

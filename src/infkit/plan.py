@@ -44,6 +44,13 @@ def sized_outputs(model: Any, tokens: int, language_model: bool = True) -> int:
     return labels if isinstance(labels, int) and labels > 0 else tokens
 
 
+def has_sizes(model: Any) -> bool:
+    """Whether ``model``'s configuration gives :func:`sized_outputs` a size of its own
+    (``num_labels`` or ``vocab_size``), not the positions alone."""
+    config = getattr(model, "config", None)
+    return any(isinstance(getattr(config, k, None), int) for k in ("num_labels", "vocab_size"))
+
+
 def dealt_examples(n: int, batch_size: int, rank: int, size: int) -> int:
     """How many of ``n`` examples in batches of ``batch_size`` process ``rank`` of ``size``
     holds when the batches are dealt in turn (batch b to process b mod size, as

@@ -87,7 +87,6 @@ def factored_layers(engine: PerExample, train: ExampleSet) -> list[TrackedModule
     (:func:`~infkit.layers.outside.uses_outside_calls`: a use gated off on the first examples
     was unseen by the gradients, and the products 34% off).
     """
-
     space = engine.space
     tracked = factorable_layers(engine.task.model, space)
     if tracked is None:
