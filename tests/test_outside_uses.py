@@ -80,6 +80,27 @@ class FusedGated(Gated):
         return self.head(torch.tanh(self.a(z)) + outside)
 
 
+class GatedUnviewed(Gated):
+    """The gated use taking the weight itself (no view): under autocast it shares the layer's
+    cached cast of it, one graph node for both (a reviewer's, unseen under bfloat16)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        z, gate = x[:, :6], x[:, 6:]
+        outside = torch.tanh(F.linear(z * gate, self.a.weight))
+        return self.head(torch.tanh(self.a(z)) + outside)
+
+
+class GatedDetachedCall(Gated):
+    """The gated use beside a second call of the layer whose output is detached: that call
+    uses nothing on the loss's graph (a reviewer's: counted, it hid the use)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        z, gate = x[:, :6], x[:, 6:]
+        outside = torch.tanh(F.linear(z * gate, self.a.weight.t()))
+        stopped = torch.tanh(self.a(z.flip(0))).detach()
+        return self.head(torch.tanh(self.a(z)) + outside + stopped)
+
+
 class Logged(nn.Module):
     """Reads a tracked weight for a statistic it keeps: no use on the loss's graph."""
 
@@ -133,7 +154,7 @@ def _first_five_off() -> Tensor:
     return torch.arange(N) >= 5
 
 
-@pytest.mark.parametrize("model_class", [Gated, FusedGated])
+@pytest.mark.parametrize("model_class", [Gated, FusedGated, GatedDetachedCall])
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
 @pytest.mark.parametrize("workdir", [False, True])
 def test_kronecker_methods_refuse_a_weight_used_outside_its_layer_off_on_first_examples(
@@ -198,3 +219,15 @@ def test_a_weight_read_off_the_losss_graph_is_no_use() -> None:
     inf = infkit.Influence(infkit.Task.classification(logged), "identity", l2=L2).fit(train)
     assert inf.method.factored is not None
     assert relative_error(inf.scores(test), _products(logged, train, test)) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_a_use_outside_is_refused_under_autocast_too(method: str) -> None:
+    """Under dtype=torch.bfloat16 the layer's call and a use of the weight beside it share
+    autocast's cast of the weight; the graph is read outside autocast."""
+    torch.manual_seed(0)
+    train, _ = _data(_first_five_off())
+    train = (train[0].float(), train[1])
+    task = infkit.Task.classification(GatedUnviewed())
+    with pytest.raises(UnsupportedError, match=r"'a' \(2 uses in the loss's graph for 1 call"):
+        infkit.Influence(task, method, l2=L2, damping=1.0, dtype=torch.bfloat16).fit(train)

@@ -2160,5 +2160,9 @@ def test_retrainings_that_moved_far_along_the_step_are_read_as_the_estimates_err
     # a reviewer's: a damped Newton run was advised Newton; the damping is what shortens it
     damped = far_reading(along, {"estimator": "newton", "damping": 0.003})
     assert "the damping (0.003) shortens" in damped and "estimator='newton'" not in damped
+    # and a Kronecker method's "auto" damping is a damping too (a reviewer's read as none)
+    assert "the damping (auto) shortens" in far_reading(
+        along, {"estimator": "if", "damping": "auto"}
+    )
     astray = [*along, {"index": 7, "moved": 12.9, "cosine": 0.14}]
     assert "another optimum of a non-convex objective" in far_reading(astray, plain)

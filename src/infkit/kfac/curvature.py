@@ -266,17 +266,22 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
     # ones differed by the whole passes' rounding, 0.38 and 0.42 of a trained Llama's query
     # and key projections, refused as a use outside their calls)
     losses: list[Tensor] = []
-    with evaluation_mode(task.model), task.mixed_precision(), torch.enable_grad():
+
+    def loss_of_batch() -> Tensor:
+        losses.append(task.checked_loss(task.call_model(task.model, inputs), targets).sum())
+        return losses[-1]
+
+    # the uses themselves, read from a pass's graph: a use the first examples' values leave at
+    # zero shows in no gradient (a tester's gated F.linear, 34% off); outside autocast, whose
+    # cached cast of a weight is one node for the layer's call and a use beside it (a
+    # reviewer's, unseen under dtype=torch.bfloat16: 0.52 off)
+    with evaluation_mode(task.model), torch.enable_grad():
         inputs, targets = engine.prepare(batch)
-
-        # the uses themselves, read from the same pass's graph: a use the first examples'
-        # values leave at zero shows in no gradient (a tester's gated F.linear, 34% off)
-        def loss_of_batch() -> Tensor:
-            losses.append(task.checked_loss(task.call_model(task.model, inputs), targets).sum())
-            return losses[0]
-
         outside = uses_outside_calls(task.model, layers.tracked, loss_of_batch)
-        grads = torch.autograd.grad(losses[0], [params[n] for n in names], allow_unused=True)
+        if task.autocast is not None:
+            with task.mixed_precision():  # (the terms' precision, for the gradients below)
+                loss_of_batch()
+        grads = torch.autograd.grad(losses[-1], [params[n] for n in names], allow_unused=True)
 
     by_name = dict(zip(names, grads))
     _warn_unreached(fitted, layers, by_name, len(batch), owner)

@@ -31,25 +31,31 @@ def uses_outside_calls(
     model: nn.Module, layers: Sequence[TrackedModule], forward: Callable[[], Tensor]
 ) -> dict[str, str]:
     """Run ``forward()`` (a forward pass of ``model`` and its loss, a tensor) and return, for
-    each of ``layers`` whose weight or bias the loss's graph uses more often than the layer was
-    called, how often and by which autograd nodes (``{"a": "2 uses in the loss's graph for 1
+    each of ``layers`` whose weight or bias the loss's graph uses more often than the layer's
+    calls on that graph (those whose output it reaches), how often and by which autograd nodes (``{"a": "2 uses in the loss's graph for 1
     call(s): TBackward0"}``).
 
     Not seen: a use that Python control flow skips on the examples of this pass (an ``if`` on
-    the data); one that shares a node with a call of the layer (autocast's cached cast of the
-    weight, a view of it taken once and used by the layer and beside it).
+    the data); one that shares a node with a call of the layer (a view of the weight taken once
+    and used by the layer and beside it; autocast's cached cast of the weight, so run it outside
+    autocast).
     """
     params = dict(model.named_parameters())
     owners = {id(params[n]): t.name for t in layers for n in (t.weight, t.bias) if n is not None}
-    calls: Counter[str] = Counter()
+    # each call's output node (held: ids of live nodes only); a call whose output is not on
+    # the loss's graph (detached, under no_grad) uses nothing there (a reviewer's detached
+    # extra call hid a use outside)
+    outputs: dict[str, list[object]] = {t.name: [] for t in layers}
 
-    def counting(name: str) -> Callable[..., None]:
-        def entered(*_: object) -> None:
-            calls[name] += 1
+    def recording(name: str) -> Callable[..., None]:
+        def left(_module: object, _inputs: object, output: object) -> None:
+            node = output.grad_fn if isinstance(output, Tensor) else None
+            if node is not None:
+                outputs[name].append(node)
 
-        return entered
+        return left
 
-    handles = [t.module.register_forward_pre_hook(counting(t.name)) for t in layers]
+    handles = [t.module.register_forward_hook(recording(t.name)) for t in layers]
     try:
         loss = forward()
     finally:
@@ -59,6 +65,7 @@ def uses_outside_calls(
         return {}
     consumers: dict[int, set[object]] = {}  # a tracked tensor's id -> the nodes that take it
     seen = {id(loss.grad_fn)}
+    kept = [loss.grad_fn]  # (every node visited stays alive: its id is not reused)
     stack = [loss.grad_fn]
     while stack:
         node = stack.pop()
@@ -70,12 +77,17 @@ def uses_outside_calls(
                 consumers.setdefault(id(variable), set()).add(node)
             if id(child) not in seen:
                 seen.add(id(child))
+                kept.append(child)
                 stack.append(child)
+    calls = Counter(
+        {name: sum(id(node) in seen for node in nodes) for name, nodes in outputs.items()}
+    )
     found: dict[str, str] = {}
     for key, nodes in consumers.items():
         name = owners[key]
-        # (a layer its hooks never saw called is left to the check of calls, Capture's: a
-        # compiled module's graph node takes every weight while hooks may not run there)
+        # (a layer its hooks never saw called on the graph is left to the check of calls,
+        # Capture's: a compiled module's graph node takes every weight while hooks may not
+        # run there)
         if 0 < calls[name] < len(nodes) and name not in found:
             kinds = ", ".join(sorted({type(node).__name__ for node in nodes}))
             found[name] = (

@@ -944,7 +944,9 @@ def _retraining(
         "start_move": loo.start_move,
         "start_move_ratio": loo.start_move_ratio,
         "estimator": inf.estimator,
-        "damping": float(inf.fitted.damping),
+        # ("auto" and a Kronecker method's per-module damping count: a reviewer's kfac at
+        # damping="auto" was read as undamped)
+        "damping": _damping_of(inf),
         "moved_far": [
             {
                 "index": r["train_index"],
@@ -1020,6 +1022,18 @@ def parameter_steps(inf: Influence, loo: retraining.LeaveOneOut) -> list[dict[st
             }
         )
     return out
+
+
+def _damping_of(inf: Influence) -> float | str:
+    """The run's damping as the retraining check's reading names it: its number, ``"auto"``,
+    or the largest of a Kronecker method's per-module dampings where those are set."""
+    described = inf.describe()
+    per_module = described.get("module_damping")
+    if isinstance(per_module, dict) and per_module and described["damping"] != "auto":
+        largest = max(float(v) for v in per_module.values())
+        return max(float(described["damping"]), largest)
+    damping = described["damping"]
+    return damping if isinstance(damping, str) else float(damping)
 
 
 def moved_far(row: dict[str, Any]) -> bool:

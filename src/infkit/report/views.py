@@ -265,18 +265,20 @@ def far_reading(far: list[dict[str, Any]], record: dict[str, Any]) -> str:
         causes = []
         damping = record.get("damping")
         if damping:
+            shown = damping if isinstance(damping, str) else format(damping, "g")
             causes.append(
-                f"a step that the damping ({damping:g}) shortens: the step solves with the "
+                f"a step that the damping ({shown}) shortens: the step solves with the "
                 "damped curvature, the retraining does not"
             )
-        if record.get("estimator", "if") == "if":
+        estimator = record.get("estimator", "if")
+        if estimator == "if":
             causes.append(
                 "a removal too large for first order: an example of high leverage "
                 "(inf.leverages()), whose removal the influence function underestimates and "
                 "estimator='newton' takes into account"
             )
         elif not damping:
-            causes.append("a removal beyond what one Newton step reaches")
+            causes.append(f"a removal beyond what the {estimator} step reaches")
         return (
             "The retrained models lie along the estimator's step, further: "
             + "; or ".join(causes)
