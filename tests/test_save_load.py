@@ -1915,3 +1915,26 @@ def test_a_trak_save_loaded_below_its_features_is_refused(
     ) as loaded:
         infkit.Influence.load(tmp_path, _copy_task(mlp_problem), memory_limit=4096)
     assert str(fresh.value) in str(loaded.value)
+
+
+def test_a_save_of_a_changed_built_in_loss_says_infkit_changed(
+    wine_logreg: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reviewer's: a save made before the built-in classification loss was taken in float64
+    was refused as if another task were given ("load it with the model and task it was fitted
+    with": the user had). The refusal says infkit's own function changed since the save."""
+    from infkit import task as task_module
+
+    original = task_module._cross_entropy
+
+    def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return original(outputs, targets) * 1.0  # (another code: another identity)
+
+    _cross_entropy.__module__, _cross_entropy.__qualname__ = "infkit.task", "_cross_entropy"
+    infkit.Influence(wine_logreg["task"], "exact", l2=wine_logreg["l2"]).fit(
+        wine_logreg["train"]
+    ).save(tmp_path)
+    monkeypatch.setattr(task_module, "_cross_entropy", _cross_entropy)
+    changed = infkit.Task.classification(copy.deepcopy(wine_logreg["model"]))
+    with pytest.raises(ArtifactError, match=r"infkit's own function of that name changed since"):
+        infkit.Influence.load(tmp_path, changed, wine_logreg["train"])

@@ -864,6 +864,7 @@ class SavedInfluence:
                 problems.append(_hook_difference(details.get("hooks", {}), now["hooks"]))
         saved_task, task_now = ident["task"], task_fingerprint(task)
         changed = differences(saved_task, task_now)
+        ours: list[str] = []
         if changed:
             parts = [
                 f"{TASK_PARTS.get(k, k)} (given {task_now.get(k)!r}, saved {saved_task.get(k)!r})"
@@ -881,7 +882,7 @@ class SavedInfluence:
                 parts.append(
                     f"{listed([repr(TASK_PARTS.get(k, k)) for k in ours])}: infkit's own function "
                     f"of that name changed since the save (infkit {self.identity.get('infkit')} "
-                    "then): the same task now computes otherwise, so fit and save anew"
+                    "then): the same task now computes otherwise"
                 )
             problems.append("the task differs: " + "; ".join(parts))
         if not problems:
@@ -890,12 +891,13 @@ class SavedInfluence:
             cause = f"{self.requested_path} was saved for another model or task: " + "; ".join(
                 problems
             )
-            raise ArtifactError(
-                cause
-                + ". Load it with the model and task it was fitted with (the same architecture, "
-                "code, parameter values, loss and measurement), or fit and save anew",
-                cause=cause,
+            remedy = (
+                ". Fit and save anew"
+                if ours and len(problems) == 1 and len(ours) == len(changed)
+                else ". Load it with the model and task it was fitted with (the same "
+                "architecture, code, parameter values, loss and measurement), or fit and save anew"
             )
+            raise ArtifactError(cause + remedy, cause=cause)
 
     def _compare_tensor_attributes(self, model: nn.Module) -> None:
         """Warn when a tensor the model keeps as a plain attribute differs from the saved
