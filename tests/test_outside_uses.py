@@ -166,7 +166,9 @@ def test_kronecker_methods_refuse_a_weight_used_outside_its_layer_off_on_first_e
     train, _ = _data(_first_five_off())
     task = infkit.Task.classification(model_class().double())
     options = {"workdir": str(tmp_path)} if workdir else {}
-    with pytest.raises(UnsupportedError, match=r"'a' \(2 uses in the loss's graph for 1 call\(s\)"):
+    with pytest.raises(
+        UnsupportedError, match=r"'a' \(1 use in the loss's graph beside [12] calls?"
+    ):
         infkit.Influence(task, method, l2=L2, damping=1.0, progress=False, **options).fit(train)
 
 
@@ -229,5 +231,5 @@ def test_a_use_outside_is_refused_under_autocast_too(method: str) -> None:
     train, _ = _data(_first_five_off())
     train = (train[0].float(), train[1])
     task = infkit.Task.classification(GatedUnviewed())
-    with pytest.raises(UnsupportedError, match=r"'a' \(2 uses in the loss's graph for 1 call"):
+    with pytest.raises(UnsupportedError, match=r"'a' \(1 use in the loss's graph beside 1 call"):
         infkit.Influence(task, method, l2=L2, damping=1.0, dtype=torch.bfloat16).fit(train)

@@ -249,8 +249,8 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
     a pass in the same precision (under the task's autocast, as the terms'); a relative
     difference above ``min(0.3, 10 sqrt(eps))`` of the terms' precision is refused. That pass's
     graph is read too (:func:`~infkit.layers.outside.uses_outside_calls`): a tracked weight
-    used in the loss's graph more often than its layer was called is refused, whatever values
-    flow through the other use there (a use the first examples' data leave at zero shows in no
+    taken in the loss's graph by a node none of its layer's calls made is refused, whatever
+    values flow through that use there (a use the first examples' data leave at zero shows in no
     gradient).
     """
     engine = fitted.engine
@@ -310,8 +310,9 @@ def check_hooks_see_every_use(fitted: Fitted, layers: TrackedLayers, owner: str)
         raise UnsupportedError(
             f"method {owner!r}: the weights of the tracked layer(s) {listed(missed, 5)} take part "
             "in the forward pass outside the layers' own calls (in brackets, their uses in the "
-            "autograd graph of the first training examples' loss against the layer's calls, or "
-            "the relative gap between the gradient their hooks see and autograd's there), as with F.linear(h, layer.weight.t()) or a parent module applying the "
+            "autograd graph of the first training examples' loss that no call of the layer made, "
+            "or the relative gap between the gradient their hooks see and autograd's there), as "
+            "with F.linear(h, layer.weight.t()) or a parent module applying the "
             "weight itself: the hooks see only the layer's calls, so its Kronecker factors and "
             "gradients would be wrong. Leave those layers out (modules= the others), freeze "
             "them (requires_grad=False), or use a method that takes gradients by autograd "

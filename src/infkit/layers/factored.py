@@ -82,8 +82,8 @@ def factored_layers(engine: PerExample, train: ExampleSet) -> list[TrackedModule
     per-example gradients of the first :data:`CHECK_EXAMPLES` training examples, from one
     batched pass, equal the per-example gradients (within the dtype's precision): that catches
     layers used outside their module call and examples that interact within a batch. A layer's
-    weight used in the graph of those examples' loss more often than the layer was called rules
-    them out too, whatever values flow through the other use there
+    weight taken in the graph of those examples' loss by a node none of its calls made rules
+    them out too, whatever values flow through that use there
     (:func:`~infkit.layers.outside.uses_outside_calls`: a use gated off on the first examples
     was unseen by the gradients, and the products 34% off).
     """
