@@ -292,6 +292,11 @@ def test_questions_before_fit_and_bad_indices(linear_data) -> None:
         inf.remove(mask)
     with pytest.raises(InvalidInputError, match="every training example"):
         inf.remove(list(range(30)))
+    # a [2, 2] tensor was flattened silently (a tester's); a [k, 1] column, nonzero()'s, is taken
+    with pytest.raises(InvalidInputError, match=r"one list of positions, got .* shape \(2, 2\)"):
+        inf.remove(torch.tensor([[1, 2], [3, 4]]))
+    column = torch.tensor([[1], [2]])
+    assert torch.equal(inf.remove(column).params, inf.remove([1, 2]).params)
 
 
 def test_bad_hyperparameters_and_task(linear_data) -> None:

@@ -829,6 +829,11 @@ def checked_indices(
         raise InvalidInputError(
             f"{what}es must be integers (a list, array or tensor), got {type(indices).__name__}"
         ) from error
+    if sum(size > 1 for size in raw.shape) > 1:  # (a tester's [2, 2] was flattened silently)
+        raise InvalidInputError(
+            f"{what}es must be one list of positions, got a tensor of shape "
+            f"{tuple(raw.shape)}; pass them flat (a [k] or [k, 1] tensor, a list)"
+        )
     raw = raw.reshape(-1)
     if raw.dtype == torch.bool:
         raise InvalidInputError(
