@@ -101,6 +101,22 @@ class GatedDetachedCall(Gated):
         return self.head(torch.tanh(self.a(z)) + outside + stopped)
 
 
+class UpstreamKeyword(nn.Module):
+    """A use of a layer's weight upstream of the layer, which is given that input by keyword:
+    the search of the call's own nodes stops at keyword inputs too (else it would walk into the
+    use upstream and take it for the call's own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z, gate = x[:, :6], x[:, 6:]
+        up = F.linear(z * gate, self.a.weight.t())
+        return self.head(torch.tanh(self.a(input=up)))
+
+
 class Logged(nn.Module):
     """Reads a tracked weight for a statistic it keeps: no use on the loss's graph."""
 
@@ -233,3 +249,16 @@ def test_a_use_outside_is_refused_under_autocast_too(method: str) -> None:
     task = infkit.Task.classification(GatedUnviewed())
     with pytest.raises(UnsupportedError, match=r"'a' \(1 use in the loss's graph beside 1 call"):
         infkit.Influence(task, method, l2=L2, damping=1.0, dtype=torch.bfloat16).fit(train)
+
+
+def test_a_use_upstream_of_a_layer_given_its_input_by_keyword_is_found() -> None:
+    from infkit.layers.outside import uses_outside_calls
+    from infkit.layers.tracked import find_modules
+    from infkit.parameters import ParameterSpace
+
+    torch.manual_seed(0)
+    train, _ = _data(torch.ones(N, dtype=torch.bool))
+    model = UpstreamKeyword().double()
+    tracked, _ = find_modules(model, ParameterSpace(model))
+    found = uses_outside_calls(model, tracked, lambda: model(train[0]).sum())
+    assert found == {"a": "1 use in the loss's graph beside 1 call: TBackward0"}

@@ -81,8 +81,9 @@ def uses_outside_calls(
     Not seen: a use that Python control flow skips on the examples of this pass (an ``if`` on
     the data); one that shares a node with a call of the layer (a view of the weight taken once
     and used by the layer and beside it; autocast's cached cast of the weight, so run it outside
-    autocast); one upstream of a layer given its input by keyword (the search of the call's own
-    nodes stops at its positional inputs). A layer whose calls made no node (a compiled module,
+    autocast); one upstream of a layer given its input inside another structure than tuples,
+    lists and keywords (the search of the call's own nodes stops at its inputs). A layer whose
+    calls made no node (a compiled module,
     whose graph node takes every weight) is left to the check of calls.
     """
     params = dict(model.named_parameters())
@@ -92,8 +93,9 @@ def uses_outside_calls(
     calls = dict.fromkeys((t.name for t in layers), 0)
 
     def recording(name: str, tensors: set[int]) -> Callable[..., None]:
-        def left(_module: object, inputs: object, output: object) -> None:
-            stop = {id(t.grad_fn) for t in _tensors(inputs) if t.grad_fn is not None}
+        def left(_module: object, args: object, kwargs: dict[str, object], output: object) -> None:
+            given = (args, list(kwargs.values()))
+            stop = {id(t.grad_fn) for t in _tensors(given) if t.grad_fn is not None}
             for out in _tensors(output):
                 if out.grad_fn is None:
                     continue
@@ -108,7 +110,8 @@ def uses_outside_calls(
     handles = []
     for t in layers:
         tensors = {id(params[n]) for n in (t.weight, t.bias) if n is not None}
-        handles.append(t.module.register_forward_hook(recording(t.name, tensors)))
+        hook = recording(t.name, tensors)
+        handles.append(t.module.register_forward_hook(hook, with_kwargs=True))
     try:
         loss = forward()
     finally:
