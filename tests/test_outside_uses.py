@@ -262,3 +262,29 @@ def test_a_use_upstream_of_a_layer_given_its_input_by_keyword_is_found() -> None
     tracked, _ = find_modules(model, ParameterSpace(model))
     found = uses_outside_calls(model, tracked, lambda: model(train[0]).sum())
     assert found == {"a": "1 use in the loss's graph beside 1 call: TBackward0"}
+
+
+def test_a_layer_given_its_input_by_keyword_is_tracked() -> None:
+    """A tracked layer called as self.a(input=h) met a raw IndexError in the Kronecker
+    methods' hooks, which read the positional input: it scores as its positional twin."""
+
+    class ByKeyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(7, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(input=torch.tanh(self.a(input=x)))
+
+    torch.manual_seed(0)
+    train, test = _data(torch.ones(N, dtype=torch.bool))
+    keyword = ByKeyword().double()
+    positional = nn.Sequential(keyword.a, nn.Tanh(), keyword.head)
+    scores = [
+        infkit.Influence(infkit.Task.classification(model), "ekfac", l2=L2, damping=0.1)
+        .fit(train)
+        .scores(test)
+        for model in (keyword, positional)
+    ]
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-12, atol=1e-15)

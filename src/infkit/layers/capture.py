@@ -313,7 +313,8 @@ class Capture:
 
     def __enter__(self) -> Capture:
         for t in self.tracked:
-            self._handles.append(t.module.register_forward_hook(self._hook(t)))
+            hook = self._hook(t)
+            self._handles.append(t.module.register_forward_hook(hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -329,12 +330,18 @@ class Capture:
         self._inputs = {}
 
     def _hook(self, t: TrackedModule) -> Callable[..., Tensor | None]:
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        def hook(
+            module: torch.nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            output: Tensor,
+        ) -> Tensor | None:
             if self._in_backward:  # recomputed by activation checkpointing: already recorded
                 return None
             if self._forward_with_grad and not torch.is_grad_enabled():
                 raise _called_without_grad(t.name)
-            x = args[0].detach()
+            # (the input by keyword too: `self.a(input=h)` met a raw IndexError here)
+            x = (args[0] if args else next(iter(kwargs.values()))).detach()
             _check_output(t, x, output)
             rows = x.shape[0]
             b = self._examples(rows)
