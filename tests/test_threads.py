@@ -85,13 +85,14 @@ def test_a_thread_refitting_while_others_answer_gives_whole_fits() -> None:
     assert worst <= 1e-8 * float(alone.abs().max()), worst
 
 
-def test_a_child_forked_while_a_thread_holds_the_lock_takes_its_own() -> None:
+def test_a_child_forked_while_a_thread_holds_the_lock_takes_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A reviewer's: a process forked while another thread ran a fit inherited the lock held,
-    and its first infkit call waited for ever."""
+    and its first infkit call waited for ever. The child's hook (serial._fresh_lock) gives it a
+    lock it can take at once; where the platform forks, a forked child fits."""
     import multiprocessing
 
-    if "fork" not in multiprocessing.get_all_start_methods():
-        pytest.skip("no fork on this platform")
     task, train, _ = _problem()
     started, release = threading.Event(), threading.Event()
 
@@ -103,17 +104,27 @@ def test_a_child_forked_while_a_thread_holds_the_lock_takes_its_own() -> None:
     holder = threading.Thread(target=hold)
     holder.start()
     started.wait(10)
+    alive, exitcode = False, 0
     try:
-        child = multiprocessing.get_context("fork").Process(target=_fit_quietly, args=(task, train))
-        child.start()
-        child.join(60)
-        alive = child.is_alive()
-        if alive:
-            child.kill()
+        held = serial.PROCESS_LOCK
+        assert not held.acquire(blocking=False)  # another thread holds it
+        monkeypatch.setattr(serial, "PROCESS_LOCK", held)  # restored after the test
+        serial._fresh_lock()  # what register_at_fork runs in a child
+        assert serial.PROCESS_LOCK is not held and serial.PROCESS_LOCK.acquire(blocking=False)
+        serial.PROCESS_LOCK.release()
+        monkeypatch.setattr(serial, "PROCESS_LOCK", held)
+        if "fork" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("fork")
+            child = context.Process(target=_fit_quietly, args=(task, train))
+            child.start()
+            child.join(60)
+            alive, exitcode = child.is_alive(), child.exitcode
+            if alive:
+                child.kill()
     finally:
         release.set()
         holder.join()
-    assert not alive and child.exitcode == 0
+    assert not alive and exitcode == 0
 
 
 def _fit_quietly(task: infkit.Task, train: tuple[Tensor, Tensor]) -> None:
