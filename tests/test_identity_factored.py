@@ -26,11 +26,8 @@ factored_module = importlib.import_module("infkit.layers.factored")
 N, T, L2 = 40, 6, 1e-2
 
 
-@pytest.fixture(autouse=True)
-def _no_stationarity_warning():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the models here are not trained
-        yield
+# the models here are not trained: their stationarity warnings are not the point
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def data(d_in: int = 5, seed: int = 0):

@@ -5,8 +5,6 @@ use, its unused layer and its routed expert; infkit.layers.outside)."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,11 +18,8 @@ from infkit.evaluate import relative_error
 N, T, L2 = 40, 6, 1e-2
 
 
-@pytest.fixture(autouse=True)
-def _no_stationarity_warning():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the models here are not trained
-        yield
+# the models here are not trained: their stationarity warnings are not the point
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _data(gate: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -47,8 +42,11 @@ class Gated(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         z, gate = x[:, :6], x[:, 6:]
-        outside = torch.tanh(F.linear(z * gate, self.a.weight.t()))
-        return self.head(torch.tanh(self.a(z)) + outside)
+        return self.head(torch.tanh(self.a(z)) + self.beside(z, gate))
+
+    def beside(self, z: Tensor, gate: Tensor) -> Tensor:
+        """The use of ``a``'s weight beside its call (the subclasses' variants of it)."""
+        return torch.tanh(F.linear(z * gate, self.a.weight.t()))
 
 
 class _Product(torch.autograd.Function):
@@ -74,42 +72,31 @@ class FusedGated(Gated):
     """The gated use through a custom autograd.Function (a reviewer's: unseen by a watch of
     torch functions, identity 0.25 off)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        z, gate = x[:, :6], x[:, 6:]
-        outside = torch.tanh(_Product.apply(z * gate, self.a.weight))
-        return self.head(torch.tanh(self.a(z)) + outside)
+    def beside(self, z: Tensor, gate: Tensor) -> Tensor:
+        return torch.tanh(_Product.apply(z * gate, self.a.weight))
 
 
 class GatedUnviewed(Gated):
     """The gated use taking the weight itself (no view): under autocast it shares the layer's
     cached cast of it, one graph node for both (a reviewer's, unseen under bfloat16)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        z, gate = x[:, :6], x[:, 6:]
-        outside = torch.tanh(F.linear(z * gate, self.a.weight))
-        return self.head(torch.tanh(self.a(z)) + outside)
+    def beside(self, z: Tensor, gate: Tensor) -> Tensor:
+        return torch.tanh(F.linear(z * gate, self.a.weight))
 
 
 class GatedDetachedCall(Gated):
     """The gated use beside a second call of the layer whose output is detached: that call
     uses nothing on the loss's graph (a reviewer's: counted, it hid the use)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        z, gate = x[:, :6], x[:, 6:]
-        outside = torch.tanh(F.linear(z * gate, self.a.weight.t()))
+    def beside(self, z: Tensor, gate: Tensor) -> Tensor:
         stopped = torch.tanh(self.a(z.flip(0))).detach()
-        return self.head(torch.tanh(self.a(z)) + outside + stopped)
+        return super().beside(z, gate) + stopped
 
 
-class UpstreamKeyword(nn.Module):
-    """A use of a layer's weight upstream of the layer, which is given that input by keyword:
-    the search of the call's own nodes stops at keyword inputs too (else it would walk into the
-    use upstream and take it for the call's own)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 3)
+class UpstreamKeyword(Gated):
+    """The gated use upstream of the layer, which is given that input by keyword: the search of
+    the call's own nodes stops at keyword inputs too (else it would walk into the use upstream
+    and take it for the call's own)."""
 
     def forward(self, x: Tensor) -> Tensor:
         z, gate = x[:, :6], x[:, 6:]
@@ -117,8 +104,8 @@ class UpstreamKeyword(nn.Module):
         return self.head(torch.tanh(self.a(input=up)))
 
 
-class Logged(nn.Module):
-    """Reads a tracked weight for a statistic it keeps: no use on the loss's graph."""
+class Plain(nn.Module):
+    """A 7-6-3 tanh MLP of the features and the gate, every weight used by its layer alone."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,21 +113,23 @@ class Logged(nn.Module):
         self.head = nn.Linear(6, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        self.stats = {"a_norm": self.a.weight.norm().item()}
         return self.head(torch.tanh(self.a(x)))
 
 
-class Spare(nn.Module):
+class Logged(Plain):
+    """Reads a tracked weight for a statistic it keeps: no use on the loss's graph."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.stats = {"a_norm": self.a.weight.norm().item()}
+        return super().forward(x)
+
+
+class Spare(Plain):
     """A Linear layer the forward pass never calls."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a = nn.Linear(7, 6)
         self.spare = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.tanh(self.a(x)))
 
 
 class Routed(nn.Module):
@@ -164,6 +153,18 @@ def _products(model: nn.Module, train, test) -> Tensor:
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     G, Q = autograd_gradients(model, *train), autograd_gradients(model, *test)
     return Q @ (G + L2 * theta).T / N
+
+
+def _scores_equal_its_twin(model: Plain, method: str, train, test) -> None:
+    """``model``'s scores by ``method`` equal those of the same layers as a plain Sequential."""
+    twin = nn.Sequential(model.a, nn.Tanh(), model.head)
+    scores = [
+        infkit.Influence(infkit.Task.classification(m), method, l2=L2, damping=0.1)
+        .fit(train)
+        .scores(test)
+        for m in (model, twin)
+    ]
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-12, atol=1e-15)
 
 
 def _first_five_off() -> Tensor:
@@ -226,14 +227,7 @@ def test_a_weight_read_off_the_losss_graph_is_no_use() -> None:
     torch.manual_seed(0)
     train, test = _data(torch.ones(N, dtype=torch.bool))
     logged = Logged().double()
-    plain = nn.Sequential(logged.a, nn.Tanh(), logged.head)
-    scores = [
-        infkit.Influence(infkit.Task.classification(model), "kfac", l2=L2, damping=0.1)
-        .fit(train)
-        .scores(test)
-        for model in (logged, plain)
-    ]
-    torch.testing.assert_close(scores[0], scores[1], rtol=1e-12, atol=1e-15)
+    _scores_equal_its_twin(logged, "kfac", train, test)
     inf = infkit.Influence(infkit.Task.classification(logged), "identity", l2=L2).fit(train)
     assert inf.method.factored is not None
     assert relative_error(inf.scores(test), _products(logged, train, test)) < 1e-10
@@ -268,23 +262,10 @@ def test_a_layer_given_its_input_by_keyword_is_tracked() -> None:
     """A tracked layer called as self.a(input=h) met a raw IndexError in the Kronecker
     methods' hooks, which read the positional input: it scores as its positional twin."""
 
-    class ByKeyword(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(7, 6)
-            self.head = nn.Linear(6, 3)
-
+    class ByKeyword(Plain):
         def forward(self, x: Tensor) -> Tensor:
             return self.head(input=torch.tanh(self.a(input=x)))
 
     torch.manual_seed(0)
     train, test = _data(torch.ones(N, dtype=torch.bool))
-    keyword = ByKeyword().double()
-    positional = nn.Sequential(keyword.a, nn.Tanh(), keyword.head)
-    scores = [
-        infkit.Influence(infkit.Task.classification(model), "ekfac", l2=L2, damping=0.1)
-        .fit(train)
-        .scores(test)
-        for model in (keyword, positional)
-    ]
-    torch.testing.assert_close(scores[0], scores[1], rtol=1e-12, atol=1e-15)
+    _scores_equal_its_twin(ByKeyword().double(), "ekfac", train, test)
