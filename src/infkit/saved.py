@@ -991,7 +991,8 @@ class SavedInfluence:
         engine = PerExample(task, space, ident["per_example"])
         device = space.device
         saved_limit = int(ident["memory_limit"])
-        if memory_limit < saved_limit:  # (the saved limit held at fit)
+        probed = memory_limit < saved_limit  # (the saved limit held at fit)
+        if probed:
             self._check_memory(method, engine, examples, memory_limit, saved_limit)
         # the [N, P] gradient cache is read when it fits this memory_limit (as fit decides);
         # otherwise it stays on disk and the gradients are computed again batch by batch
@@ -1011,8 +1012,8 @@ class SavedInfluence:
         state_doc = self.document("state")
         # as fit does: the attributes a forward pass writes are no part of the fitted state's
         # check (a kept activation refused the loaded fit's second answer); a model without
-        # tensor attributes is not run here
-        if attribute_objects(task.model):
+        # tensor attributes is not run here (nor again after the memory check's probe)
+        if attribute_objects(task.model) and not probed:
             probe_forward_writes(engine, examples)
         fitted = Fitted(
             task=task,
@@ -1054,7 +1055,9 @@ class SavedInfluence:
     ) -> None:
         """Refuse a ``memory_limit`` below the saved one that a fresh fit would refuse
         (:meth:`~infkit.methods.base.Method.check_memory`): a tester's ``exact`` save loaded
-        at a fifth of its curvature's bytes answered, holding them."""
+        at a fifth of its curvature's bytes answered, holding them. Its probe of example 0
+        (:func:`~infkit.fitted.probe_forward_writes`, for the outputs' size) is the one a
+        restore notes the forward pass's writes by."""
         c = probe_forward_writes(engine, examples)[0].numel()
         space = engine.space
         problem = Problem(len(examples), space.size, c, memory_limit, engine.task.model, space)

@@ -200,9 +200,10 @@ def kronecker_layers(
         shown = _left_out(model, others)
         raise UnsupportedError(
             f"method {owner!r} factors {SUPPORTED} layers only, each applied by its own "
-            f"calls; these trainable parameters are not in a layer it tracks: {shown}. Freeze them (requires_grad=False) to "
-            "attribute through the supported layers only, or pass unsupported='identity' to "
-            "give them no data curvature (only the l2 + damping ridge)"
+            f"calls; these trainable parameters are not in a layer it tracks: {shown}. Freeze "
+            "them (requires_grad=False) to attribute through the supported layers only, or pass "
+            "unsupported='identity' to give them no data curvature (only the l2 + damping "
+            "ridge)"
         )
     return layers
 

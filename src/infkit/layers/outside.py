@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from torch import Tensor, nn
 
+from infkit.data import leaves
 from infkit.layers.tracked import TrackedModule
 
 #: nodes a call's own search visits at most, from its output towards its inputs
@@ -61,15 +62,6 @@ def _takers(
                 stack.append(child)
 
 
-def _tensors(value: object) -> Iterator[Tensor]:
-    """The tensors of a call's arguments (nested tuples and lists)."""
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _tensors(item)
-
-
 def uses_outside_calls(
     model: nn.Module, layers: Sequence[TrackedModule], forward: Callable[[], Tensor]
 ) -> dict[str, str]:
@@ -82,7 +74,7 @@ def uses_outside_calls(
     the data); one that shares a node with a call of the layer (a view of the weight taken once
     and used by the layer and beside it; autocast's cached cast of the weight, so run it outside
     autocast); one upstream of a layer given its input inside another structure than tuples,
-    lists and keywords (the search of the call's own nodes stops at its inputs). A layer whose
+    lists, dicts and keywords (the search of the call's own nodes stops at its inputs). A layer whose
     calls made no node (a compiled module,
     whose graph node takes every weight) is left to the check of calls.
     """
@@ -94,9 +86,8 @@ def uses_outside_calls(
 
     def recording(name: str, tensors: set[int]) -> Callable[..., None]:
         def left(_module: object, args: object, kwargs: dict[str, object], output: object) -> None:
-            given = (args, list(kwargs.values()))
-            stop = {id(t.grad_fn) for t in _tensors(given) if t.grad_fn is not None}
-            for out in _tensors(output):
+            stop = {id(t.grad_fn) for t in leaves((args, kwargs)) if t.grad_fn is not None}
+            for out in leaves(output):
                 if out.grad_fn is None:
                     continue
                 made = [node for node, key in _takers(out.grad_fn, owners, stop) if key in tensors]
