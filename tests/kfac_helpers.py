@@ -106,6 +106,29 @@ def conv_problem() -> dict:
     return {"model": model, "task": infkit.Task.classification(model), "train": (X, y)}
 
 
+def signal_problem() -> dict:
+    """A 1-D convolutional classifier of signals (``nn.Conv1d``: reflect padding with dilation,
+    then a strided one without bias), trained to an optimum (||grad L|| 1e-8 of its start),
+    with 6 test signals."""
+    torch.manual_seed(13)
+    model = torch.nn.Sequential(
+        torch.nn.Conv1d(2, 3, 3, padding=2, dilation=2, padding_mode="reflect"),
+        torch.nn.Tanh(),
+        torch.nn.Conv1d(3, 2, 2, stride=2, bias=False),
+        torch.nn.Flatten(),
+        torch.nn.Linear(2 * 4, 3),
+    ).double()
+    gen = torch.Generator().manual_seed(14)
+    X = torch.randn(36, 2, 9, generator=gen, dtype=torch.float64)
+    y = (X[:, 0, :3].sum(1) > 0).long() + (X[:, 1, 4:].mean(1) > 0.3).long()
+    task = infkit.Task.classification(model)
+    l2 = 1e-2
+    assert infkit.train_to_optimum(task, (X, y), l2, tolerance=1e-8).converged
+    Xt = torch.randn(6, 2, 9, generator=gen, dtype=torch.float64)
+    yt = torch.randint(0, 3, (6,), generator=gen)
+    return {"model": model, "task": task, "l2": l2, "train": (X, y), "test": (Xt, yt)}
+
+
 class Conv1D(nn.Module):
     """The layout of Hugging Face's GPT-2 ``Conv1D`` (weight [d_in, d_out]), without transformers."""
 

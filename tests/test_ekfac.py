@@ -16,6 +16,7 @@ from kfac_helpers import (
     sequence_data,
     sequence_loss,
     shared_input_problem,
+    signal_problem,
 )
 
 import infkit
@@ -44,7 +45,7 @@ def sequence_problem(conv1d: bool = True) -> dict:
 def _layers(model: torch.nn.Module) -> list[tuple[str, bool]]:
     out = []
     for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d)):
             out.append((name, False))
         elif type(module).__name__ == "Conv1D":
             out.append((name, True))
@@ -79,7 +80,9 @@ def per_example_gradients(model: torch.nn.Module, X: torch.Tensor, y: torch.Tens
 
 
 @pytest.mark.parametrize("fisher", ["ggn", "empirical"])
-@pytest.mark.parametrize("which", ["one_layer", "mlp", "conv", "sequence", "shared_input"])
+@pytest.mark.parametrize(
+    "which", ["one_layer", "mlp", "conv", "signal", "sequence", "shared_input"]
+)
 def test_ekfac_eigenvalues_are_the_ggn_diagonal_in_the_eigenbasis(
     which: str, fisher: str, wine_logreg: dict, mlp_problem: dict
 ) -> None:
@@ -87,6 +90,7 @@ def test_ekfac_eigenvalues_are_the_ggn_diagonal_in_the_eigenbasis(
         "one_layer": wine_logreg,
         "mlp": mlp_problem,
         "conv": conv_problem(),
+        "signal": signal_problem(),
         "sequence": sequence_problem(),
         "shared_input": shared_input_problem(),
     }[which]
@@ -220,10 +224,13 @@ def test_a_stage_another_run_replaces_mid_pass_gives_way_to_its_final_factors(
     assert not isinstance(missing.value, ArtifactRemovedError)
 
 
-def test_ekfac_scores_equal_the_dense_ekfac_curvature(mlp_problem: dict) -> None:
-    """The whole pipeline against a dense matrix built from the explicit GGN's KFE diagonal."""
-    model, task, train, test = (mlp_problem[k] for k in ("model", "task", "train", "test"))
-    l2, damping = mlp_problem["l2"], 1e-3
+@pytest.mark.parametrize("which", ["mlp", "signal"])
+def test_ekfac_scores_equal_the_dense_ekfac_curvature(which: str, mlp_problem: dict) -> None:
+    """The whole pipeline against a dense matrix built from the explicit GGN's KFE diagonal: a
+    tanh MLP, and a 1-D convolutional network (``nn.Conv1d`` with padding, dilation, stride)."""
+    problem = mlp_problem if which == "mlp" else signal_problem()
+    model, task, train, test = (problem[k] for k in ("model", "task", "train", "test"))
+    l2, damping = problem["l2"], 1e-3
     X, y = train
     inf = infkit.Influence(task, "ekfac", l2=l2, damping=damping).fit(train)
     H = dense_ekfac(model, inf, X, y, l2 + damping)

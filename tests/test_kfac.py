@@ -8,12 +8,19 @@ import warnings
 
 import pytest
 import torch
-from kfac_helpers import TinySequenceModel, conv_problem, sequence_data, sequence_loss
+from kfac_helpers import (
+    TinySequenceModel,
+    conv_problem,
+    sequence_data,
+    sequence_loss,
+    signal_problem,
+)
 
 import infkit
 from infkit.data import ExampleSet
 from infkit.errors import ArtifactError, CurvatureError, Notice, UnsupportedError
 from infkit.evaluate import relative_error
+from infkit.kfac.streaming import pass_working_bytes
 from infkit.layers.capture import block_gradients, layer_terms, stream_block_gradients
 from infkit.task import _cross_entropy
 
@@ -47,7 +54,7 @@ def padded_conv_problem() -> dict:
     return {"model": model, "task": infkit.Task.classification(model), "train": (X, y)}
 
 
-@pytest.mark.parametrize("which", ["mlp", "conv", "padded_conv", "sequence", "conv1d"])
+@pytest.mark.parametrize("which", ["mlp", "conv", "padded_conv", "signal", "sequence", "conv1d"])
 def test_layer_terms_sum_to_the_per_example_gradients(which: str, mlp_problem: dict) -> None:
     if which == "mlp":
         problem, loss = mlp_problem, _cross_entropy
@@ -55,6 +62,8 @@ def test_layer_terms_sum_to_the_per_example_gradients(which: str, mlp_problem: d
         problem, loss = conv_problem(), _cross_entropy
     elif which == "padded_conv":
         problem, loss = padded_conv_problem(), _cross_entropy
+    elif which == "signal":  # nn.Conv1d
+        problem, loss = signal_problem(), _cross_entropy
     else:
         model = TinySequenceModel(conv1d=which == "conv1d").double()
         problem = {
@@ -633,3 +642,37 @@ def test_blocks_rotated_into_the_eigenbasis_by_either_order(positions: int) -> N
         ]
     )
     assert relative_error(rotated_blocks(a, ds, QS, QA, torch.float64), expected) < 1e-13
+
+
+def test_one_dimensional_convolutions_are_factored_and_their_positions_sized() -> None:
+    """``nn.Conv1d`` layers are tracked, one position per output step (the per-example
+    gradients and EK-FAC against dense references: test_layer_terms_sum_to_the_per_example_
+    gradients, tests/test_ekfac.py). A signal [B, 1, 32] has 1 position by its shape (its
+    channels), but the layers see 28 and 13: a scoring pass's hook terms are sized by those,
+    counted here by hand (at 1 position they were 9x under)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv1d(1, 4, 5),
+        torch.nn.Tanh(),
+        torch.nn.Conv1d(4, 2, 3, stride=2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(26, 3),
+    ).double()
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(10, 1, 32, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,), generator=gen)
+    inf = infkit.Influence(infkit.Task.classification(model), "ekfac", damping=1e-2)
+    inf.fit((X, y))
+    curvature = inf.method.kronecker()
+    assert [(t.name, t.kind, t.d_out, t.cols) for t in curvature.tracked] == [
+        ("0", "nn_conv1d", 4, 6),
+        ("2", "nn_conv1d", 2, 13),
+        ("4", "linear", 3, 27),
+    ]
+    assert curvature.positions == {"0": 28.0, "2": 13.0, "4": 1.0}
+    by_hand = 10 * (28 * (4 + 6) + 13 * (2 + 13) + 1 * (3 + 27)) * 8
+    assert pass_working_bytes(inf.fitted, curvature)[0] == by_hand
+    # per-token scores split the first convolution's 28 steps; they sum to the scores
+    split = inf.token_scores((X[:2], y[:2]), range(4))
+    assert split.tokens.shape == (2, 4, 28)
+    assert relative_error(split.total, inf.scores((X[:2], y[:2]))[:, :4]) < 1e-10

@@ -188,7 +188,7 @@ def per_token_scores(
     require_if(method, estimator, "token_scores", "per-token scores")
     layers = method.tracked_layers()
     if not layers.tracked:
-        raise UnsupportedError("per-token scores need nn.Linear / Conv2d / Conv1D layers")
+        raise UnsupportedError("per-token scores need nn.Linear / Conv2d / Conv1d / Conv1D layers")
     idx = _indices(fitted, indices)
     dtype = fitted.result_dtype  # the scores' (the model's, at least float32)
     streamed = method.streamed_token_scores(queries, estimator, idx, positions)

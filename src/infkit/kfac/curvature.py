@@ -1,7 +1,7 @@
 """The fitted Kronecker-factored curvature: K-FAC or EK-FAC blocks, inverted in their eigenbasis.
 
-Each tracked layer (``nn.Linear``, ``nn.Conv2d``, Hugging Face ``Conv1D``; weight and bias as one
-augmented block ``[W | b]``) gets the curvature ``S (x) A`` of :mod:`infkit.kfac.factors`, which
+Each tracked layer (``nn.Linear``, ``nn.Conv2d``, ``nn.Conv1d``, Hugging Face ``Conv1D``; weight
+and bias as one augmented block ``[W | b]``) gets the curvature ``S (x) A`` of :mod:`infkit.kfac.factors`, which
 approximates that layer's block of the mean-form GGN ``(1/N) sum_i J_i^T Lambda_i J_i``. Blocks
 are independent. :meth:`KroneckerCurvature.solve` rotates each block of a flat vector into the
 Kronecker eigenbasis, divides by the eigenvalues plus the ridge and rotates back
@@ -393,9 +393,9 @@ def _why_left_out(model: nn.Module, others: list[str]) -> list[str]:
     frozen, grouped = [], []
     for name, module in model.named_modules():
         own = {f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)}
-        if not own & left or not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not own & left or not isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)):
             continue
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
+        if isinstance(module, (nn.Conv2d, nn.Conv1d)) and module.groups != 1:
             grouped.append(repr(name))
         elif not module.weight.requires_grad:
             frozen.append(repr(name))
@@ -456,6 +456,11 @@ class KroneckerCurvature:
         self._factors: KroneckerFactors | None = self._load_or_fit() if factors is None else factors
         #: the Fisher the factors were fitted with (kept: describe() need not read them back)
         self.fisher: Fisher = self.factors.meta["fisher"]
+        #: positions per example each layer's factor A counted (kept: a scoring pass's memory
+        #: is sized by them, and the data's shape need not tell them: a signal [B, C, L])
+        self.positions = {
+            name: f.tokens / max(fitted.n, 1) for name, f in self.factors.modules.items()
+        }
         scale = options.module_damping_scale
         self.module_damping = {
             t.name: float(scale * self.eigenvalues(t.name).mean()) for t in self.tracked

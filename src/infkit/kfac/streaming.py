@@ -221,7 +221,13 @@ def pass_working_bytes(fitted: Fitted, curvature: KroneckerCurvature) -> tuple[i
     tracked = curvature.tracked
     item = product_dtype(fitted.space.dtype).itemsize
     size = min(fitted.batch_size, fitted.n)  # (a batch_size beyond the data fills none)
-    hooks = size * fitted.train.positions() * sum(t.d_out + t.cols for t in tracked)
+    # each layer's positions: as many as its factor counted per example, at least as many as
+    # the data's shape gives (padding the factor does not count; a signal's length it may)
+    given = fitted.train.positions()
+    hooks = size * sum(
+        max(given, math.ceil(curvature.positions.get(t.name, 0.0))) * (t.d_out + t.cols)
+        for t in tracked
+    )
     block = size * max(t.d_out * t.cols for t in tracked)
     return hooks * item, block * item
 

@@ -1,7 +1,8 @@
 """The layers Kronecker factors, factored gradient products and per-token scores work through.
 
-* :mod:`~infkit.layers.tracked`: which layers are tracked (``nn.Linear``, ``nn.Conv2d``, Hugging
-  Face ``Conv1D``) and the [W | b] block layout of their parameters in flat vectors;
+* :mod:`~infkit.layers.tracked`: which layers are tracked (``nn.Linear``, ``nn.Conv2d``,
+  ``nn.Conv1d``, Hugging Face ``Conv1D``) and the [W | b] block layout of their parameters in
+  flat vectors;
 * :mod:`~infkit.layers.capture`: their input activations and pre-activation gradients, through
   forward hooks on the real model.
 """

@@ -31,7 +31,7 @@ from torch import Tensor
 from infkit.data import Batch, leaves, map_tensors
 from infkit.errors import InvalidInputError, Notice, UnsupportedError, listed, warn
 from infkit.gradients import PerExample, batching_rule_notice, check_finite_rows
-from infkit.layers.tracked import TrackedModule
+from infkit.layers.tracked import CONVOLUTIONS, TrackedModule
 from infkit.parameters import evaluation_mode
 from infkit.scratch import ScratchSpace
 from infkit.task import Task
@@ -56,9 +56,10 @@ def _check_output(t: TrackedModule, x: Tensor, output: Any) -> None:
         UnsupportedError: a subclass returned something else (a slice, a reshape, a tuple),
             naming the layer and what to do.
     """
-    if t.kind == "conv2d":
-        expected = f"[B, {t.d_out}, H, W]"
-        fits = isinstance(output, Tensor) and output.dim() == 4 and output.shape[1] == t.d_out
+    if t.kind in CONVOLUTIONS:
+        dims = 4 if t.kind == "conv2d" else 3
+        expected = f"[B, {t.d_out}, H, W]" if dims == 4 else f"[B, {t.d_out}, L]"
+        fits = isinstance(output, Tensor) and output.dim() == dims and output.shape[1] == t.d_out
     else:
         shape = (*x.shape[:-1], t.d_out)
         expected = str(list(shape))
@@ -129,8 +130,10 @@ class _Anchored(torch.autograd.Function):
 _CHANGED_IN_PLACE: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
-def _conv_patches(module: torch.nn.Conv2d, x: Tensor) -> Tensor:
-    """Unfolded patches [B, L, C_in*kh*kw] for the output positions of ``module`` on ``x``."""
+def _conv_patches(module: torch.nn.Conv2d | torch.nn.Conv1d, x: Tensor) -> Tensor:
+    """Unfolded patches [B, L, C_in*kh*kw] for the output positions of ``module`` on ``x``
+    (windows [B, L, C_in*k] of an ``nn.Conv1d``: its input [B, C_in, T] unfolded as an image of
+    height 1)."""
     padding: Any = module.padding
     if module.padding_mode != "zeros":
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
@@ -145,14 +148,25 @@ def _conv_patches(module: torch.nn.Conv2d, x: Tensor) -> Tensor:
                 pads += [total // 2, total - total // 2]
             x = F.pad(x, pads)
             padding = 0
-    cols = F.unfold(
-        x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
-    )
+    if isinstance(module, torch.nn.Conv1d):
+        padding = padding if isinstance(padding, int) else padding[0]
+        cols = F.unfold(
+            x.unsqueeze(2),
+            (1, module.kernel_size[0]),
+            dilation=(1, module.dilation[0]),
+            padding=(0, padding),
+            stride=(1, module.stride[0]),
+        )
+    else:
+        cols = F.unfold(
+            x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+        )
     return cols.transpose(1, 2)
 
 
 def _conv_tokens(b: int, c_out: int) -> Callable[[Tensor], Tensor]:
-    """[K, B, C_out, H, W] pre-activation gradients -> [K, B, H*W, C_out] positions."""
+    """[K, B, C_out, H, W] pre-activation gradients -> [K, B, H*W, C_out] positions ([K, B,
+    C_out, L] -> [K, B, L, C_out] for a 1-D convolution)."""
     return lambda g: g.reshape(g.shape[0], b, c_out, -1).transpose(-1, -2)
 
 
@@ -349,8 +363,8 @@ class Capture:
                 self._unassigned.setdefault(t.name, rows)
                 return None
             mask = None
-            if t.kind == "conv2d":
-                assert isinstance(module, torch.nn.Conv2d)
+            if t.kind in CONVOLUTIONS:
+                assert isinstance(module, (torch.nn.Conv2d, torch.nn.Conv1d))
                 a = _conv_patches(module, x)
                 if t.bias is not None:
                     a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)

@@ -6,6 +6,8 @@ patch, or a single position for a plain [B, d] input):
 * ``nn.Linear``: weight [d_out, d_in], input [B, ..., d_in];
 * ``nn.Conv2d`` (``groups=1``): weight [C_out, C_in, kh, kw] as a [C_out, C_in*kh*kw] matrix
   acting on unfolded patches, one position per output pixel;
+* ``nn.Conv1d`` (``groups=1``): weight [C_out, C_in, k] as a [C_out, C_in*k] matrix acting on
+  unfolded windows, one position per output step (a signal's or a sequence's);
 * Hugging Face ``Conv1D`` (GPT-2 style, detected by class name, transformers is never imported):
   weight [d_in, d_out], ``s = a W + b``.
 
@@ -28,7 +30,11 @@ from infkit.errors import UnsupportedError
 from infkit.parameters import ParameterSpace
 
 #: what infkit can factor, for error messages
-SUPPORTED = "nn.Linear, nn.Conv2d (groups=1) and Hugging Face Conv1D"
+SUPPORTED = "nn.Linear, nn.Conv2d and nn.Conv1d (groups=1), and Hugging Face Conv1D"
+
+#: the kinds of tracked convolutions: their inputs are unfolded into patches (windows), one
+#: position per output pixel (step)
+CONVOLUTIONS = ("conv2d", "nn_conv1d")
 
 
 @dataclass
@@ -38,7 +44,8 @@ class TrackedModule:
     Attributes:
         name: the module's name in ``model.named_modules()``.
         module: the module itself.
-        kind: ``"linear"``, ``"conv2d"`` or ``"conv1d"`` (Hugging Face Conv1D).
+        kind: ``"linear"``, ``"conv2d"``, ``"nn_conv1d"`` (``nn.Conv1d``) or ``"conv1d"``
+            (Hugging Face Conv1D).
         weight: the weight's name in the parameter space.
         bias: the bias's name when the bias is trainable, else None (no ones-column).
         d_out, d_in: the block's rows and its columns before the bias column.
@@ -72,7 +79,12 @@ class TrackedModule:
 
 
 #: how each kind of tracked layer is named in messages
-KIND_NAMES = {"linear": "nn.Linear", "conv2d": "nn.Conv2d", "conv1d": "Hugging Face Conv1D"}
+KIND_NAMES = {
+    "linear": "nn.Linear",
+    "conv2d": "nn.Conv2d",
+    "nn_conv1d": "nn.Conv1d",
+    "conv1d": "Hugging Face Conv1D",
+}
 
 
 def kinds_of(tracked: list[TrackedModule]) -> str:
@@ -87,6 +99,8 @@ def _kind(module: nn.Module) -> str | None:
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "nn_conv1d"
     if type(module).__name__ == "Conv1D" and hasattr(module, "weight") and hasattr(module, "nf"):
         return "conv1d"
     return None
@@ -99,7 +113,7 @@ def _dims(module: nn.Module, kind: str) -> tuple[int, int]:
         return int(w.shape[0]), int(w.shape[1])
     if kind == "conv1d":
         return int(w.shape[1]), int(w.shape[0])
-    return int(w.shape[0]), int(w[0].numel())  # conv2d: C_out, C_in * kh * kw
+    return int(w.shape[0]), int(w[0].numel())  # convolutions: C_out, C_in * kh * kw (C_in * k)
 
 
 def find_modules(
@@ -141,7 +155,7 @@ def find_modules(
                 "scores, module scores and self-scores, a method that takes its gradients by "
                 "autograd (identity, exact, cg, arnoldi)"
             )
-        if kind == "conv2d" and module.groups != 1:
+        if kind in CONVOLUTIONS and module.groups != 1:
             if wanted is not None:
                 raise UnsupportedError(
                     f"module {name!r} is a grouped convolution (groups={module.groups}); Kronecker "

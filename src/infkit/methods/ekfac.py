@@ -23,7 +23,7 @@ class EKFAC(KFAC):
     """EK-FAC: the K-FAC eigenbasis with the GGN's exact diagonal in it as eigenvalues."""
 
     name = "ekfac"
-    summary = "eigenvalue-corrected K-FAC (Grosse et al. 2023); Linear/Conv2d/Conv1D; scales"
+    summary = "eigenvalue-corrected K-FAC (Grosse et al. 2023); Linear/Conv1d/Conv2d/Conv1D; scales"
     corrected = True
     fidelity = Fidelity(
         rtol=None, min_correlation=0.8, removal_correlation=0.5, scale=(0.8, 4.0), damping=0.1
@@ -50,10 +50,10 @@ class EKFAC(KFAC):
         if too_large is not None:
             return f"its factors do not fit: {too_large}"
         if share == 1.0:
-            return "every trainable parameter is in a layer it factors (Linear, Conv2d, Conv1D)"
+            return "every trainable parameter is in a layer it factors (Linear, Conv2d, Conv1d, Conv1D)"
         if share >= AUTO_TRACKED_SHARE:
             return (
-                f"the layers it factors (Linear, Conv2d, Conv1D) hold {share:.0%} of the "
+                f"the layers it factors (Linear, Conv2d, Conv1d, Conv1D) hold {share:.0%} of the "
                 "trainable parameters; the rest are left out of the attribution with a notice"
             )
         return (

@@ -90,7 +90,9 @@ class KFAC(PrimalMethod):
     """K-FAC: layerwise Kronecker-factored GGN ``S (x) A``, inverted in its eigenbasis."""
 
     name = "kfac"
-    summary = "layerwise Kronecker-factored GGN (K-FAC), Linear/Conv2d/Conv1D; scales to LLMs"
+    summary = (
+        "layerwise Kronecker-factored GGN (K-FAC), Linear/Conv1d/Conv2d/Conv1D; scales to LLMs"
+    )
     Options = KroneckerOptions
     questions = KRONECKER
     scales = True
@@ -609,7 +611,8 @@ class KFAC(PrimalMethod):
             if eigh > factor[biggest.name]
             else (f"A, S of {biggest.name!r}", factor[biggest.name])
         )
-        hooks = b * t * sum(x.cols + x.d_out for x in tracked) * item
+        # (a layer may see more positions than the data's shape tells: a signal's length)
+        hooks = b * sum(max(t, positions[x.name]) * (x.cols + x.d_out) for x in tracked) * item
         block = max(tracked, key=lambda x: x.cols * x.d_out)
         block_bytes = b * block.cols * block.d_out * work
         out = []
