@@ -19,6 +19,7 @@ sequences its model saw, to ``OUT/rank<r>.pt``.
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 import warnings
@@ -35,6 +36,8 @@ from infkit import language_modeling as lm
 N, Q, BATCH = 22, 3, 3  # 8 batches, the last of one sequence
 #: below the [N, P] training-gradient cache, holding the queries: the scores stream
 MEMORY_LIMIT = 60_000
+#: the settings every process fits EK-FAC with (the streamed path)
+STREAMED = {"l2": 1e-2, "damping": 1e-2, "batch_size": BATCH, "memory_limit": MEMORY_LIMIT}
 
 
 class Counting(TinyLM):
@@ -49,8 +52,8 @@ class Counting(TinyLM):
 
 def main() -> None:
     out = Path(sys.argv[1])
-    if "RANK" in os.environ:
-        dist.init_process_group("gloo")
+    if "RANK" in os.environ:  # (a process left waiting by the other's error stops in a minute)
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     model = Counting().double().eval()
@@ -62,21 +65,28 @@ def main() -> None:
     task = infkit.Task.language_modeling(model)
     if len(sys.argv) > 2 and sys.argv[2] == "alone":
         alone(out, task, train, queries)
+    if len(sys.argv) > 2 and sys.argv[2] == "overwrite":
+        refit(out, task, train, queries)
+        return
+    if len(sys.argv) > 2 and sys.argv[2] == "saves":  # (a plain TinyLM: a test loads it)
+        torch.manual_seed(0)
+        task = infkit.Task.language_modeling(TinyLM().double().eval())
+        inf = infkit.Influence(task, "kfac", l2=1e-2, damping=1e-2, batch_size=BATCH).fit(train)
+        path = inf.save(out / "saved")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{dist.get_rank()}.path").write_text(str(path))
+        torch.save(inf.scores(queries), out / f"rank{dist.get_rank()}.pt")
+        leave()
+        return
+    if len(sys.argv) > 2 and sys.argv[2] == "overflows":
+        overflows(out, inputs, labels)
+        return
     if len(sys.argv) > 2:
         mismatch(out, sys.argv[2], task, inputs, labels)
         return
     result: dict[str, object] = {}
     for fisher in ("sampled", "empirical"):
-        inf = infkit.Influence(
-            task,
-            "ekfac",
-            l2=1e-2,
-            damping=1e-2,
-            batch_size=BATCH,
-            memory_limit=MEMORY_LIMIT,
-            fisher=fisher,
-            seed=5,
-        ).fit(train)
+        inf = infkit.Influence(task, "ekfac", **STREAMED, fisher=fisher, seed=5).fit(train)
         assert inf.fitted.train_gradients is None  # the streamed path
         factors = inf.method.kronecker().factors.modules
         split = inf.token_scores(queries, [0, 2, 5, 21])  # the padded sequence among them
@@ -136,11 +146,65 @@ def mismatch(out: Path, what: str, task: infkit.Task, inputs: dict, labels: torc
     leave()
 
 
+def refit(out: Path, task: infkit.Task, train: Any, queries: Any) -> None:
+    """Every process fits and scores three times in one shared workdir with overwrite=True, the
+    factors set aside as they score (the memory limit); each writes its scores, or its error,
+    and stops at the first."""
+    rank = dist.get_rank()
+    out.mkdir(parents=True, exist_ok=True)
+    scores, message = [], ""
+    for _ in range(3):
+        try:
+            inf = infkit.Influence(
+                task, "ekfac", **STREAMED, workdir=out / "work", overwrite=True
+            ).fit(train)
+            scores.append(inf.scores(queries))
+        except infkit.errors.InfkitError as error:
+            message = f"{type(error).__name__}: {error}"
+            break
+    torch.save(scores, out / f"rank{rank}.pt")
+    (out / f"rank{rank}.err").write_text(message)
+    if message:  # the other process may wait in a sum: leave without the barrier
+        sys.stdout.flush()
+        os._exit(0)
+    leave()
+
+
+class Overflowing(TinyLM):
+    """TinyLM whose logits are infinite on the sequence ``marked`` (and only there)."""
+
+    marked: torch.Tensor | None = None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        logits = super().forward(input_ids, attention_mask)
+        assert self.marked is not None
+        hit = (input_ids == self.marked).all(dim=1)
+        return logits.masked_fill(hit[:, None, None], float("inf"))
+
+
+def overflows(out: Path, inputs: dict, labels: torch.Tensor) -> None:
+    """A model that overflows on training sequence 13 only, past the checks of the first
+    examples: the process whose batch holds it stops there, naming it; each process writes its
+    error and leaves without waiting for the other."""
+    torch.manual_seed(0)
+    model = Overflowing().double().eval()
+    model.marked = inputs["input_ids"][13]
+    train = rows(inputs, labels, 0, N)
+    task = infkit.Task.language_modeling(model)
+    message = ""
+    try:
+        infkit.Influence(task, "ekfac", **STREAMED).fit(train)
+    except infkit.errors.InfkitError as error:
+        message = f"{type(error).__name__}: {error}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{dist.get_rank()}.err").write_text(message)
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def alone(out: Path, task: infkit.Task, train: Any, queries: Any) -> None:
     """Every process fits and scores; then process 1 exits and process 0 asks again, alone."""
-    inf = infkit.Influence(
-        task, "ekfac", l2=1e-2, damping=1e-2, batch_size=BATCH, memory_limit=MEMORY_LIMIT
-    ).fit(train)
+    inf = infkit.Influence(task, "ekfac", **STREAMED).fit(train)
     inf.scores(queries)
     rank = dist.get_rank()
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, default_collate
 import infkit
 from infkit import language_modeling as lm
 from infkit.data import ExampleSet
-from infkit.errors import InvalidInputError
+from infkit.errors import ArtifactError, InvalidInputError, Notice
 
 N = 6
 
@@ -410,8 +410,8 @@ def test_arrays_of_strings_or_objects_are_refused_saying_how_to_give_numbers() -
             return torch.tensor(X[i]), "ab"[y[i]]
 
     cases = {
-        "training set: the labels is a NumPy array of <U1": (X, np.array(["a", "b"])[y]),
-        "training set: the inputs is a NumPy array of object": (X.astype(object), y),
+        "training set: the labels are a NumPy array of <U1": (X, np.array(["a", "b"])[y]),
+        "training set: the inputs are a NumPy array of object": (X.astype(object), y),
         r"training set: the inputs\['x'\] is a NumPy array of object": (
             {"x": X.astype(object)},
             y,
@@ -521,3 +521,99 @@ def test_data_on_the_meta_device_is_refused_naming_the_set_and_key() -> None:
     tokens["attention_mask"] = torch.ones(2, 4, device="meta")
     with pytest.raises(InvalidInputError, match=r"in its 'attention_mask'"):
         ExampleSet((tokens, torch.zeros(2, dtype=torch.long)), name="queries").check_finite()
+
+
+def _wine() -> tuple[torch.Tensor, torch.Tensor, infkit.Task]:
+    from sklearn.datasets import load_wine
+
+    X, y = load_wine(return_X_y=True)
+    X = torch.tensor((X - X.mean(0)) / X.std(0))[:100]
+    torch.manual_seed(0)
+    return X, torch.tensor(y)[:100], infkit.Task.classification(torch.nn.Linear(13, 3).double())
+
+
+def test_loaders_drawing_by_weight_or_with_replacement_and_query_loaders_are_told_apart() -> None:
+    """A tester's: a WeightedRandomSampler (oversampling) was told to give a Subset, with a
+    count drawn anew at every call; a sampler with replacement the same, though it trains the
+    plain mean in expectation; a test set's loader dropping its last batch was told of queries
+    "never trained on". Each is told what fits it."""
+    X, y, task = _wine()
+    data = torch.utils.data.TensorDataset(X, y)
+    inf = infkit.Influence(task, "identity", progress=False)
+    weighted = torch.utils.data.WeightedRandomSampler(torch.rand(100, dtype=torch.float64), 100)
+    with pytest.warns(UserWarning, match=r"draws examples by weight.*weight the loss by it"):
+        inf.fit(DataLoader(data, sampler=weighted))
+    with pytest.warns(Notice, match="draws with replacement.*in expectation"):
+        inf.fit(DataLoader(data, sampler=torch.utils.data.RandomSampler(data, replacement=True)))
+    inf.fit(data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inf.scores(DataLoader(data, batch_size=30, drop_last=True))
+    said = [str(w.message) for w in caught if "drops its last" in str(w.message)]
+    assert len(said) == 1 and "To score the others" in said[0], said
+    assert "never trained on" not in said[0]
+
+
+def test_the_forms_of_several_inputs_and_of_class_names_say_what_to_give() -> None:
+    """A tester's model of two inputs: a Dataset of ((a, b), y) items met the model's "missing 1
+    required positional argument", TensorDataset(A, B, y) "got tuple"; class names in a
+    Python list read as two examples, "got list". Each says what to give."""
+    X, y, task = _wine()
+
+    class Two(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(5, 3), torch.nn.Linear(8, 3, bias=False)
+
+        def forward(self, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+            return self.a(xa) + self.b(xb)
+
+    two = infkit.Task.classification(Two().double())
+    A, B = X[:, :5], X[:, 5:]
+    items = [((A[i], B[i]), y[i]) for i in range(len(y))]
+    with pytest.raises(InvalidInputError, match=r"inputs are a \w+ of 2, .*give a dict of them"):
+        infkit.Influence(two, "exact", l2=1e-2).fit(items)
+    stacked = torch.utils.data.TensorDataset(A, B, y)
+    with pytest.raises(InvalidInputError, match=r"got a tuple of 3\. For a model of several"):
+        infkit.Influence(two, "exact", l2=1e-2).fit(stacked)
+    names = [["barolo", "grignolino", "barbera"][int(c)] for c in y]
+    with pytest.raises(InvalidInputError, match=r"the labels are .*encode the classes"):
+        infkit.Influence(task, "exact", l2=1e-2).fit((X.tolist(), names))
+
+
+def test_a_subsets_example_is_named_by_its_number_in_the_dataset_too() -> None:
+    """The README says an example of a subset is named by its number in the data it was taken
+    from and its position in the subset; a torch Subset's was named by its position alone
+    (a tester's bad label at index 40 of the dataset was "example 10")."""
+    X, y, task = _wine()
+    bad = y.clone()
+    bad[40] = 5
+    inner = torch.utils.data.Subset(torch.utils.data.TensorDataset(X, bad), range(20, 100))
+    subset = torch.utils.data.Subset(inner, list(range(10, 80)))
+    with pytest.raises(InvalidInputError, match=r"example 40 \(position 10 of the subset given\)"):
+        infkit.Influence(task, "exact", l2=1e-2).fit(subset)
+
+
+def test_a_load_given_labels_of_another_dtype_says_so(tmp_path) -> None:
+    """A tester's int32 labels (which fit takes as the int64 ones) given to load were refused as
+    "other content or order": the message now names the dtype and shape that differ."""
+    X, y, task = _wine()
+    infkit.Influence(task, "exact", l2=1e-2).fit((X, y)).save(tmp_path / "saved")
+    for labels, said in (
+        (y.int(), r"labels int32 \[100\] given, int64 \[100\] saved"),
+        (y[:, None], r"labels int64 \[100, 1\] given, int64 \[100\] saved"),
+    ):
+        with pytest.raises(ArtifactError, match=rf"the same values in other dtypes.*{said}"):
+            infkit.Influence.load(tmp_path / "saved", task, train=(X, labels))
+
+
+def test_a_recipe_given_a_loader_of_another_batch_size_says_whose_batches_it_trains_by() -> None:
+    """A tester's loader of 16 given to a full-batch recipe trained full-batch, without a word
+    (for attribution a loader's batching changes nothing; for training it is the run)."""
+    X, y, task = _wine()
+    loader = DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=16, shuffle=True)
+    with pytest.warns(UserWarning, match=r"recipe's batches \(full batch\).*batch_size=16"):
+        infkit.Recipe(steps=2, lr=0.1).train(task, loader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        infkit.Recipe(steps=2, lr=0.1, batch_size=16).train(task, loader)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -118,8 +119,66 @@ def test_a_question_asked_by_one_process_alone_is_told_not_a_raw_backend_error(
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     _run([*torchrun, "--nproc_per_node=2", str(WORKER), str(tmp_path), "alone"], tmp_path)
     message = (tmp_path / "rank0.err").read_text()
-    assert message.startswith("InfkitError: the scores of method 'ekfac': process 0 of 2 could")
+    assert message.startswith(
+        "ProcessesUnreachableError: the scores of method 'ekfac': process 0 of 2 could"
+    )
     assert "Every call of a run across processes is collective" in message
+
+
+def test_processes_refitting_in_one_workdir_with_overwrite_keep_each_others_factors(
+    tmp_path: Path,
+) -> None:
+    """A tester's torchrun refitting EK-FAC in a shared workdir with overwrite=True, its factors
+    set aside as it scored: each process replaced the factors the other had committed and was
+    reading back, one raised ("replaced while its tensors were read") and the other waited in
+    its next sum until the group's timeout. What was there before a fit is removed before it;
+    three rounds give both processes the same scores."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    _run([*torchrun, "--nproc_per_node=2", str(WORKER), str(tmp_path), "overwrite"], tmp_path)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.err").read_text() == ""
+    rounds = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [len(r) for r in rounds] == [3, 3]
+    for got in (*rounds[0], *rounds[1]):
+        assert relative_error(got, rounds[0][0]) < 1e-10
+
+
+def test_a_fit_saved_by_every_process_is_one_save(tmp_path: Path) -> None:
+    """A tester's torchrun saved from every process to one directory: two saves of the one fit,
+    and every later load warned that the directory holds two. The processes' saves are one
+    artifact now; it loads in a single process with their scores."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    _run([*torchrun, "--nproc_per_node=2", str(WORKER), str(tmp_path), "saves"], tmp_path)
+    paths = {(tmp_path / f"rank{rank}.path").read_text() for rank in (0, 1)}
+    assert len(paths) == 1
+    assert [p.name for p in (tmp_path / "saved").iterdir() if not p.name.startswith(".")] == [
+        Path(paths.pop()).name
+    ]
+    from lm_helpers import TinyLM  # (the worker's model, as its processes built it)
+
+    torch.manual_seed(0)
+    model = TinyLM().double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no word of a second save
+        loaded = infkit.Influence.load(tmp_path / "saved", infkit.Task.language_modeling(model))
+    assert loaded.method_name == "kfac"
+    scores = torch.load(tmp_path / "rank0.pt")
+    assert relative_error(torch.load(tmp_path / "rank1.pt"), scores) < 1e-10
+
+
+def test_a_process_left_in_a_sum_by_another_that_stopped_is_told_so(tmp_path: Path) -> None:
+    """A tester's model overflowing on one training example past the first examples' checks:
+    the process whose batch held it stopped, naming it; the other, waiting for it in the
+    factors' sum, met gloo's raw "Connection closed by peer ... GLHF!" (or waited out the
+    group's timeout). It is told that another process stopped first, as an InfkitError."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    _run([*torchrun, "--nproc_per_node=2", str(WORKER), str(tmp_path), "overflows"], tmp_path)
+    errors = sorted((tmp_path / f"rank{rank}.err").read_text() for rank in (0, 1))
+    assert errors[0].startswith("NonFiniteError: the model output of example 13 "), errors
+    assert errors[1].startswith(
+        "ProcessesUnreachableError: a sum over the processes' passes: process "
+    ), errors
+    assert "Another process stopped first (its own error" in errors[1]
 
 
 def test_a_torchrun_process_without_a_process_group_is_told_it_runs_alone() -> None:

@@ -738,8 +738,8 @@ def test_a_loss_or_measurement_with_no_gradient_is_named(linear_data, method: st
 def test_an_output_hessian_factor_of_the_wrong_shape_or_values_is_named(linear_data) -> None:
     """A tester's: a factor [B, C] met "permute(sparse_coo)" and one [B, 3, 1] for C = 2 a
     reshape error inside K-FAC; a reviewer's Lambda_i itself (K-FAC 142% off) and 2 L_i (69%)
-    were taken. Each is named at the training set's check (on example 0), and a right factor
-    gives the built-in task's scores."""
+    were taken. Each is named at the training set's check (on examples spread over it), and a
+    right factor gives the built-in task's scores."""
     model, data = linear_data
 
     def loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -753,10 +753,10 @@ def test_an_output_hessian_factor_of_the_wrong_shape_or_values_is_named(linear_d
         return hessian(o, t) @ torch.diag_embed(o.softmax(1).to(torch.float64).rsqrt())
 
     for bad, said in [
-        (lambda o, t: o.softmax(1), r"returned \(1, 2\) .*\[1, 2, K\]"),
-        (lambda o, t: torch.ones(o.shape[0], 3, 1, dtype=o.dtype), r"returned \(1, 3, 1\)"),
-        (hessian, r"does not factor the loss's Hessian .*not Lambda_i itself"),
-        (lambda o, t: 2 * factor(o, t), r"does not factor the loss's Hessian"),
+        (lambda o, t: o.softmax(1), r"returned \(8, 2\) .*\[8, 2, K\]"),
+        (lambda o, t: torch.ones(o.shape[0], 3, 1, dtype=o.dtype), r"returned \(8, 3, 1\)"),
+        (hessian, r"does not give the loss's Hessian .*not Lambda_i itself"),
+        (lambda o, t: 2 * factor(o, t), r"does not give the loss's Hessian"),
     ]:
         task = infkit.Task(model, loss, output_hessian_factor=bad)
         with pytest.raises(InvalidInputError, match=f"output_hessian_factor {said}"):

@@ -955,14 +955,16 @@ def test_outputs_the_default_picker_cannot_take_are_named_and_output_fn_is_taken
             logits = self.body(x)
             return logits.tanh(), logits
 
-    task = infkit.Task.classification(HiddenFirst())
+    hidden = HiddenFirst()
+    hidden.body = nn.Linear(4, 3)  # float32 (autocast lowers float32), plain left as it is
+    task = infkit.Task.classification(hidden)
     copied = task.with_autocast(torch.bfloat16)  # (as each fit with dtype= makes, before use)
     with pytest.warns(Notice, match=r"returns a tuple of 2 items \(\[0\] \(20, 3\), \[1\]"):
-        copied.call_model(task.model, X)
+        copied.call_model(task.model, X.float())
     with warnings.catch_warnings():
         warnings.simplefilter("error", Notice)  # once a task, for its copies too
-        task.call_model(task.model, X)
-        copied.call_model(task.model, X)
+        task.call_model(task.model, X.float())
+        copied.call_model(task.model, X.float())
     sigmoid = nn.Sequential(nn.Linear(4, 1), nn.Sequential(nn.Sigmoid())).double()
     with pytest.raises(InvalidInputError, match=r"ends in Sigmoid: .*needs the logit"):
         infkit.Task.binary_classification(sigmoid)

@@ -23,6 +23,7 @@ from infkit.errors import (
     NotFittedError,
     Notice,
     ProblemTooLargeError,
+    ProcessesUnreachableError,
     UnsupportedError,
 )
 from infkit.influence import Influence, TopK
@@ -49,6 +50,7 @@ __all__ = [
     "NotFittedError",
     "Notice",
     "ProblemTooLargeError",
+    "ProcessesUnreachableError",
     "Recipe",
     "RemovalEffect",
     "SavedScores",

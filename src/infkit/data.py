@@ -20,9 +20,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
 
 from infkit.data_forms import (
     LABEL_KEYS,
@@ -137,9 +138,10 @@ def arrays_as_tensors(obj: Any, what: str) -> Any:
                 else "convert it to numbers, e.g. np.asarray(values, dtype=np.float64) (a "
                 "pandas frame of mixed columns gives objects: encode its text columns first)"
             )
+            verb = "are" if what.endswith("s") else "is"  # ("the labels are": a tester's)
             raise InvalidInputError(
-                f"{what} is a NumPy array of {obj.dtype} ({obj.dtype.kind!r} kind), and infkit "
-                f"reads numbers: {hint}"
+                f"{what} {verb} a NumPy array of {obj.dtype} ({obj.dtype.kind!r} kind), and "
+                f"infkit reads numbers: {hint}"
             )
         if any(stride < 0 for stride in obj.strides):  # a reversed view (X[::-1], np.flip)
             obj = obj.copy()  # (C order: torch takes no negative stride)
@@ -218,6 +220,21 @@ def _is_list_pair(data: Any) -> bool:
     return pair is not None and all(isinstance(numbers_as_tensor(part), Tensor) for part in pair)
 
 
+def _is_text_labelled_pair(data: Any) -> bool:
+    """Whether ``data`` is ``(X, y)`` as Python lists (:func:`_two_lists`) whose labels are
+    strings (class names), which a tester's pair was: read as two examples, "got list"."""
+    pair = _two_lists(data) or (
+        (data[0], data[1])
+        if isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[1], (list, tuple))
+        and hasattr(data[0], "__len__")
+        and len(data[0]) == len(data[1]) > 0
+        else None
+    )
+    return pair is not None and all(isinstance(label, str) for label in pair[1])
+
+
 def _is_tensor_lists_pair(data: Any) -> bool:
     """Whether ``data`` is ``([x_0, x_1, ...], [y_0, y_1, ...])`` (:func:`_two_lists`) of tensor
     inputs and of tensor or number labels, which no form reads. (Two examples of that many
@@ -262,6 +279,22 @@ def _item_form(value: Any) -> str:
             return "a list of numbers"  # (of several lengths: a shape, named after collation)
         return f"a {type(value).__name__} of {len(value)}"
     return f"a {type(value).__name__}"
+
+
+def _numbers_in_dataset(data: Any) -> Tensor | None:
+    """The numbers of a torch ``Subset``'s examples in the dataset it was taken from (through
+    Subsets of Subsets, to the first that is none); None for any other set, or indices that
+    are not whole numbers in range."""
+    if not isinstance(data, Subset):
+        return None
+    try:
+        numbers = torch.as_tensor(list(data.indices), dtype=torch.long).reshape(-1)
+        inner = _numbers_in_dataset(data.dataset)
+        if inner is not None:
+            numbers = inner[numbers]
+    except (TypeError, ValueError, IndexError, RuntimeError):
+        return None
+    return numbers if len(numbers) == len(data) else None
 
 
 def example_name(number: int, position: int) -> str:
@@ -330,6 +363,8 @@ class ExampleSet:
             self._checked = data._checked  # the same examples
         elif _is_pair(data):
             self._tensors = self._pair(data[0], data[1])
+        elif _is_text_labelled_pair(data):  # (rows, ["barolo", ...]): a list of class names
+            arrays_as_tensors(np.asarray(data[1]), f"{name}: the labels")  # (says how to encode)
         elif _is_list_pair(data):  # (X.tolist(), y.tolist())
             self._tensors = self._pair(numbers_as_tensor(data[0]), data[1])
         elif _is_tensor_lists_pair(data):
@@ -356,7 +391,7 @@ class ExampleSet:
                 f"{len(data[0])} inputs ({kinds}): X goes to the model as one argument, a tensor "
                 "or a dict of tensors (called as model(**X)). Give a model of several inputs a "
                 "dict, e.g. ({'a': A, 'b': B}, y) for forward(self, a, b), or a Dataset whose "
-                "items are (x, y) pairs"
+                "items are pairs ({'a': a, 'b': b}, y)"
             )
         elif isinstance(data, Tensor) or is_array(data):
             raise InvalidInputError(
@@ -375,6 +410,9 @@ class ExampleSet:
             )
         elif isinstance(data, (Dataset, Sequence)) and hasattr(data, "__getitem__"):
             self._dataset = data
+            # a torch Subset's examples are named by their numbers in the dataset it was taken
+            # from too (a tester's bad label at index 40 was "example 10" alone)
+            self.numbers = _numbers_in_dataset(data)
         elif is_map_style(data):
             self._dataset = data  # a Hugging Face datasets.Dataset, or any sized, indexable set
         else:
@@ -439,9 +477,19 @@ class ExampleSet:
         if isinstance(item, (tuple, list)) and len(item) == 2:
             x = plain_mapping(item[0]) if isinstance(item[0], Mapping) else item[0]
             return x, item[1]
+        got = type(item).__name__
+        several = ""
+        if isinstance(item, (tuple, list)):
+            got = f"a {got} of {len(item)}"
+            if len(item) > 2:  # (TensorDataset(A, B, y): a tester's model of two inputs)
+                several = (
+                    ". For a model of several inputs (forward(self, a, b)) make each item a pair "
+                    "of a dict of them and the label, ({'a': a, 'b': b}, y), or give the pair "
+                    "({'a': A, 'b': B}, y) of the whole set"
+                )
         raise InvalidInputError(
             f"{self.name}: each item must be an (x, y) pair or a dict with a 'labels' key; "
-            f"got {type(item).__name__}"
+            f"got {got}{several}"
         )
 
     def take(self, indices: Tensor | Sequence[int]) -> Batch:

@@ -31,11 +31,12 @@ from torch.utils.data import (
     DataLoader,
     RandomSampler,
     SequentialSampler,
+    WeightedRandomSampler,
     default_collate,
     default_convert,
 )
 
-from infkit.errors import InvalidInputError, warn
+from infkit.errors import InvalidInputError, Notice, warn
 
 #: the keys under which a dict example (or a dict of batched inputs) holds its labels
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
@@ -206,7 +207,26 @@ def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
         and sampler.num_samples == len(sampler.data_source)
     )
     drawing, what = (batches, "batch_sampler") if own_batches else (sampler, "sampler")
-    if own_batches or not whole:
+    if not own_batches and isinstance(sampler, WeightedRandomSampler):
+        # (a tester's oversampling sampler was told to use a Subset, with a count drawn anew
+        # at every call: the objective it trains is a weighted one)
+        warn(
+            f"{name}: the DataLoader's sampler (WeightedRandomSampler) draws examples by weight, "
+            "and is not used: infkit reads every example of its dataset once, in the dataset's "
+            "order, and attributes the plain mean of their losses. A model trained with it "
+            "minimises the weighted mean: give each example's weight beside its label and "
+            "weight the loss by it (README, Quick start: examples weighted in training), so "
+            "that infkit's objective "
+            "is the one trained"
+        )
+    elif not own_batches and isinstance(sampler, RandomSampler) and sampler.replacement:
+        warn(
+            f"{name}: the DataLoader's sampler draws with replacement, and is not used: "
+            "infkit reads every example of its dataset once, whose mean loss is the "
+            "objective such draws train in expectation",
+            Notice,
+        )
+    elif own_batches or not whole:
         drawn = _drawn_indices(drawing, loader.dataset, batched=own_batches)
         if drawn is not None:
             warn(
@@ -222,12 +242,16 @@ def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
     ):
         n = len(sampler)
         dropped = n % batches.batch_size
+        # (a test set's loader was told of examples "never trained on": a tester's)
+        trained = name.startswith("training")
         if dropped:
             warn(
                 f"{name}: the DataLoader drops its last {dropped} of {n} examples (drop_last="
-                f"True, batch_size={batches.batch_size}, not shuffled, so never trained on); "
-                "infkit reads every example of its dataset, those too. To attribute to the "
-                f"others, give them: torch.utils.data.Subset(dataset, range({n - dropped}))"
+                f"True, batch_size={batches.batch_size}, not shuffled"
+                + (", so never trained on" if trained else "")
+                + "); infkit reads every example of its dataset, those too. To "
+                + ("attribute to" if trained else "score")
+                + f" the others, give them: torch.utils.data.Subset(dataset, range({n - dropped}))"
             )
 
 

@@ -24,7 +24,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from infkit.data import Batch, ExampleSet
-from infkit.errors import InfkitError, InvalidInputError, Notice, warn
+from infkit.errors import (
+    InvalidInputError,
+    Notice,
+    ProcessesUnreachableError,
+    warn,
+)
 from infkit.plan import dealt_examples
 from infkit.store import canonical, differences
 
@@ -135,13 +140,7 @@ def agree(
     except RuntimeError as error:  # (DistBackendError among them)
         # (a tester's rank 0 asked top_k alone after the others had exited: gloo's
         # "Connection closed by peer ... GLHF!")
-        raise InfkitError(
-            f"{what}: process {rank} of {size} could not reach the other processes ({error}). "
-            "Every call of a run across processes is collective: each process must make it, in "
-            "the same order (docs/distributed.md §1); a process that asks alone, after the "
-            "others have exited or while they wait elsewhere, is left alone. Write reports "
-            "from the answers every process computed"
-        ) from error
+        raise _unreachable(what, error) from error
     if all(torch.equal(d, digests[0]) for d in digests):
         return
     gathered: list[Any] = [None] * size
@@ -170,13 +169,33 @@ def sum_across(*tensors: Tensor) -> None:
     if world()[1] == 1:
         return
     nccl = dist.get_backend() == "nccl"
-    for t in tensors:
-        if nccl and t.device.type != "cuda":
-            on_device = t.to(f"cuda:{torch.cuda.current_device()}")
-            dist.all_reduce(on_device)
-            t.copy_(on_device)
-        else:
-            dist.all_reduce(t)
+    try:
+        for t in tensors:
+            if nccl and t.device.type != "cuda":
+                on_device = t.to(f"cuda:{torch.cuda.current_device()}")
+                dist.all_reduce(on_device)
+                t.copy_(on_device)
+            else:
+                dist.all_reduce(t)
+    except RuntimeError as error:  # (DistBackendError among them)
+        # (a tester's process 1 stopped at an example it could not take, named there; process
+        # 0, waiting in this sum, met gloo's raw "Connection closed by peer", or the group's
+        # timeout where process 1 went on)
+        raise _unreachable("a sum over the processes' passes", error) from error
+
+
+def _unreachable(what: str, error: BaseException) -> ProcessesUnreachableError:
+    """The error of a process that a collective call could not join with the others."""
+    rank, size = world()
+    said = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    return ProcessesUnreachableError(
+        f"{what}: process {rank} of {size} could not reach the other processes ({said}). "
+        "Another process stopped first (its own error, in its output, says why: an example it "
+        "could not take, a refusal) or exited. Every call of a run across processes is "
+        "collective: each process must make it, in the same order (docs/distributed.md §1); a "
+        "process that asks alone, after the others have exited or while they wait elsewhere, "
+        "is left alone. Write reports from the answers every process computed"
+    )
 
 
 def batch_seed(seed: int, stream: int, number: int) -> int:

@@ -63,6 +63,13 @@ class NotFittedError(InfkitError, RuntimeError):
     """A question asked of an ``Influence`` before ``fit``."""
 
 
+class ProcessesUnreachableError(InfkitError, RuntimeError):
+    """A collective call of a run across processes (torchrun) that could not reach the other
+    processes: one of them stopped first (its own error says why) or exited, or a process asked
+    alone. Where the pass it stopped would have failed here too, on an example of this
+    process's data, that example is named instead."""
+
+
 class Notice(UserWarning):
     """Something infkit decided for you that you may want to know (filter it to silence it)."""
 

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from infkit import language_modeling as lm
 from infkit.data import Batch, ExampleSet, leaves, map_tensors
 from infkit.data_forms import LABEL_KEYS
 from infkit.errors import InfkitError, InvalidInputError, Suspicion, warn
 from infkit.failures import CALL_ERRORS, clause, naming_failures
 from infkit.gradients import PerExample, error_summary
-from infkit.parameters import coarsest_dtype, evaluation_mode
+from infkit.parameters import coarsest_dtype, dtype_name, evaluation_mode
 from infkit.task import Task
 
 #: the queries with no scored label whose measurement's output gradient one forward pass
@@ -174,14 +175,23 @@ def warn_batch_mixing(engine: PerExample, examples: ExampleSet, alone: Tensor) -
         )
 
 
-def _partner(examples: ExampleSet, ours: list[Tensor]) -> int:
+def _partner(examples: ExampleSet, ours: list[Tensor], labels: bool = False) -> int:
     """The example a batch-mixing check pairs with example 0 (inputs ``ours``): the first
     whose inputs differ from its (a copy of it would hide a batch's mean: a reviewer's
-    duplicated first example), else the last."""
+    duplicated first example), and with ``labels`` whose targets differ too where one does
+    (a loss weighting classes by their counts in the batch mixed nothing beside a partner of
+    example 0's class: a tester's), else the last."""
+    first = examples.take([0])
+    theirs = leaves(first.targets) if labels and first.targets is not None else None
+    found = None
     for j in range(1, min(len(examples), 64)):
-        if not _same_leaves(ours, leaves(examples.take([j]).inputs)):
+        other = examples.take([j])
+        if _same_leaves(ours, leaves(other.inputs)):
+            continue
+        if theirs is None or not _same_leaves(theirs, leaves(other.targets)):
             return j
-    return len(examples) - 1
+        found = j if found is None else found
+    return len(examples) - 1 if found is None else found
 
 
 def _output_eps(engine: PerExample, outputs: Tensor) -> float:
@@ -212,7 +222,7 @@ def check_loss_alone(engine: PerExample, examples: ExampleSet) -> None:
         return
     task = engine.task
     first = examples.take([0])
-    other = _partner(examples, leaves(first.inputs))
+    other = _partner(examples, leaves(first.inputs), labels=True)
     batch = examples.take([0, other])
     if batch.targets is None or not _same_leaves(
         leaves(first.inputs), leaves(batch.inputs), leading=True
@@ -394,6 +404,14 @@ def _check_examples(engine: PerExample, examples: ExampleSet, measured: bool) ->
                     f" The model reads its main input as {main!r} (its main_input_name), a key "
                     f"the {examples.name}'s inputs lack: name it so (given: {near[0]!r})."
                 )
+        if isinstance(first.inputs, (tuple, list)) and "argument" in message:
+            # (a Dataset of ((a, b), y) items for forward(self, a, b): a tester's)
+            lacking += (
+                f" An example's inputs are a {type(first.inputs).__name__} of "
+                f"{len(first.inputs)}, which the model takes as one argument: for a model of "
+                "several inputs give a dict of them, ({'a': a, 'b': b}, y) items for "
+                "forward(self, a, b)."
+            )
         raise InvalidInputError(
             f"the model could not be called on {examples.name} {examples.example(0)}{given}: "
             f"{type(error).__name__}: {message}.{lacking} Check that the data holds the model's "
@@ -443,63 +461,197 @@ def _check_examples(engine: PerExample, examples: ExampleSet, measured: bool) ->
     _check_differentiable(engine, examples, outputs, targets, measured)
     if not measured:  # (a training set: its loss trains the model and is attributed)
         check_loss_alone(engine, examples)
-        _check_hessian_factor(engine, examples, outputs, targets)
+        _check_output_curvature(engine, examples)
+    _check_loss_precision(engine, examples, measured)
     examples._checked = not unscored
 
 
-#: outputs per example up to which :func:`_check_hessian_factor` forms example 0's Hessian (a
-#: reviewer's 4,096 cost 5 s and 650 MB a call, paid by every fit and retraining)
+#: outputs per example up to which :func:`_check_output_curvature` forms the loss's Hessians
+#: and :func:`_check_loss_precision` its gradients in float64 (a reviewer's 4,096 cost 5 s and
+#: 650 MB a call, paid by every fit and retraining)
 FACTOR_CHECK_OUTPUTS = 256
 
-#: the relative gap of ``L L^T`` from the loss's Hessian above which a factor is refused: far
-#: above rounding (a reviewer's right factor of a confident float32 prediction read 5.4e-5, the
-#: Hessian's own cancellation), far below the mistakes it is for (Lambda itself 0.66, 2 L 3)
+#: the relative gap of a task's ``output_hessian``, or of ``L L^T``, from the loss's Hessian
+#: above which it is refused: far above rounding (a reviewer's right factor of a confident
+#: float32 prediction read 5.4e-5, the Hessian's own cancellation), far below the mistakes it
+#: is for (Lambda itself 0.66, 2 L 3, a Hessian without the example's weight 0.26)
 FACTOR_TOLERANCE = 1e-2
 
+#: training examples, spread over the set, on which a task's own ``output_hessian`` and
+#: ``output_hessian_factor`` are checked (a factor right on example 0 and wrong on the
+#: examples of another class, a tester's class-weighted loss, put K-FAC 11% off, EK-FAC 32%)
+CURVATURE_CHECK_EXAMPLES = 8
 
-def _check_hessian_factor(
-    engine: PerExample, examples: ExampleSet, outputs: Tensor, targets: Any
-) -> None:
-    """Refuse a task's ``output_hessian_factor`` L_i that does not factor its loss's Hessian in
-    the outputs on example 0: ``L_0 L_0^T`` against ``Lambda_0`` (the task's ``output_hessian``,
-    or the loss's by autodiff). A reviewer's factor returning Lambda_i itself put K-FAC's scores
-    142% off, one returning 2 L_i 69%; only the shape was checked. One example's C x C
-    Hessian (none above :data:`FACTOR_CHECK_OUTPUTS` outputs)."""
-    task = engine.task
-    factor_fn = task.output_hessian_factor
-    if factor_fn is None or outputs.dim() != 2 or outputs.shape[1] > FACTOR_CHECK_OUTPUTS:
-        return
-    if getattr(factor_fn, "__module__", None) == Task.__module__:
-        return  # a built-in task's closed form (tested against autodiff in the suite)
-    first = outputs[:1].detach()
-    factor = task.lambda_factor(first, targets).to(torch.float64)[0]
+#: examples, spread over a set, whose loss (or measurement) gradients in the outputs are
+#: compared with the same function's on the outputs in float64 (:func:`_check_loss_precision`)
+PRECISION_CHECK_EXAMPLES = 64
+
+#: the relative gap of those gradients above which the loss is said to lose its precision:
+#: float32's rounding is 1e-7, the error it is for 0.5-0.9 (a probability within 6e-8 of 1
+#: rounded to 1: cross-entropy's ``p - onehot`` lost its true class's entry)
+PRECISION_TOLERANCE = 1e-2
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """Up to ``k`` positions spread evenly over ``n`` examples, the first and the last among
+    them (data sorted by class meets every class)."""
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(min(n, k))})
+
+
+def _builtin(fn: Any) -> bool:
+    """Whether ``fn`` is one of infkit's own (tested against autodiff in the suite)."""
+    return getattr(fn, "__module__", None) in (Task.__module__, lm.__name__)
+
+
+def _float64_or_own(fn: Any, outputs: Tensor, *args: Any) -> tuple[Tensor, torch.dtype]:
+    """``fn(outputs, *args)`` on the outputs in float64 where ``fn`` takes them (a confident
+    float32 prediction's Hessian loses its digits to cancellation), else in their own dtype;
+    with the dtype it ran in."""
     try:
-        hessian = _loss_hessian(task, first, targets)
-    except CALL_ERRORS:  # a loss torch.func cannot take: the factor is there to spare that
+        return fn(outputs.to(torch.float64), *args).to(torch.float64), torch.float64
+    except CALL_ERRORS:  # (a loss holding float32 weights of its own)
+        return fn(outputs, *args).to(torch.float64), outputs.dtype
+
+
+def _check_output_curvature(engine: PerExample, examples: ExampleSet) -> None:
+    """Refuse a task's own ``output_hessian`` that is not its loss's Hessian in the outputs,
+    and an ``output_hessian_factor`` L_i whose ``L_i L_i^T`` is not that Hessian, on
+    :data:`CURVATURE_CHECK_EXAMPLES` training examples spread over the set (against autodiff,
+    or against the task's checked ``output_hessian``). Reviewers' and testers' mistakes went
+    through with only their shapes checked: a factor returning Lambda_i (K-FAC 142% off), 2 L_i
+    (69%), one right on example 0 only (11%, EK-FAC 32%); a Hessian without the examples'
+    weights (25.7% off), doubled (44%), asymmetric (dual 2.8x). None above
+    :data:`FACTOR_CHECK_OUTPUTS` outputs per example."""
+    task = engine.task
+    hessian_fn, factor_fn = task.output_hessian, task.output_hessian_factor
+    own_hessian = hessian_fn is not None and not _builtin(hessian_fn)
+    own_factor = factor_fn is not None and not _builtin(factor_fn)
+    if not (own_hessian or own_factor):
         return
-    hessian = 0.5 * (hessian + hessian.T)
-    gap = float((factor @ factor.T - hessian).norm())
-    size = float(hessian.norm())
-    if gap <= FACTOR_TOLERANCE * max(size, float(factor.square().sum()), 1e-30):
+    batch = examples.take(_spread(len(examples), CURVATURE_CHECK_EXAMPLES))
+    outputs = engine.outputs(batch).detach()
+    if outputs[0].numel() > FACTOR_CHECK_OUTPUTS:
         return
-    source = "its output_hessian" if task.output_hessian is not None else "the loss, by autodiff"
-    raise InvalidInputError(
-        f"the task's output_hessian_factor does not factor the loss's Hessian in the outputs on "
-        f"{examples.name} {examples.example(0)}: ||L L^T - Lambda|| is {gap:.3g} against "
-        f"||Lambda|| = {size:.3g} (Lambda from {source}). It must return L_i with "
-        "L_i L_i^T = Lambda_i, [B, C, K] (not Lambda_i itself), e.g. the eigenvectors of "
-        "Lambda_i scaled by the square roots of its eigenvalues"
+    targets = engine.prepare(batch)[1]
+    try:  # the loss's own, by autodiff
+        autodiff, ran_in = _float64_or_own(task.loss_hessians, outputs, targets)
+    except CALL_ERRORS:  # a loss torch.func cannot take: what the given curvature spares
+        autodiff, ran_in = None, outputs.dtype
+    reference, source = autodiff, "the loss, by autodiff"
+    if own_hessian and autodiff is not None:
+        given, given_in = _float64_or_own(task.lambda_blocks, outputs, targets)
+        _refuse_gap(
+            examples,
+            batch,
+            given,
+            autodiff,
+            (ran_in, given_in),
+            "output_hessian",
+            ". It must return each example's Hessian of its loss in the outputs, Lambda_i = "
+            "d^2 l_i / d f^2 [B, C, C], symmetric (the examples' weights, class weights, a "
+            "temperature as the loss has them), or be left out: infkit then takes it from the "
+            "loss by autodiff",
+        )
+    if hessian_fn is not None:
+        reference, source = (
+            _float64_or_own(task.lambda_blocks, outputs, targets)[0],
+            ("its output_hessian"),
+        )
+    if not own_factor or reference is None or outputs.dim() != 2:
+        return  # (the factor serves outputs [B, C] only: Task.lambda_factor)
+    factor = task.lambda_factor(outputs, targets).to(torch.float64)
+    _refuse_gap(
+        examples,
+        batch,
+        factor @ factor.transpose(1, 2),
+        0.5 * (reference + reference.mT),
+        (ran_in, outputs.dtype),
+        "output_hessian_factor",
+        f" (Lambda from {source}). It must return L_i with L_i L_i^T = Lambda_i, [B, C, K] (not "
+        "Lambda_i itself), e.g. the eigenvectors of Lambda_i scaled by the square roots of its "
+        "eigenvalues",
+        product=True,
     )
 
 
-def _loss_hessian(task: Task, outputs: Tensor, targets: Any) -> Tensor:
-    """Example 0's Hessian of the loss in its outputs, [C, C] float64: on float64 outputs where
-    the loss takes them (a confident float32 prediction's Hessian loses its digits to
-    cancellation), else in the outputs' own dtype."""
+def _refuse_gap(
+    examples: ExampleSet,
+    batch: Batch,
+    given: Tensor,
+    reference: Tensor,
+    dtypes: tuple[torch.dtype, torch.dtype],
+    option: str,
+    remedy: str,
+    product: bool = False,
+) -> None:
+    """Refuse ``given`` [K, C, C] where an example's block is further from ``reference``'s
+    than :data:`FACTOR_TOLERANCE` of their size, beyond the rounding of the coarser of
+    ``dtypes`` (on the scale of the examples' largest block: a confident example's Hessian is
+    near 0, its float32 cancellation as large as it)."""
+    gap = (given - reference).flatten(1).norm(dim=1)
+    size = torch.maximum(given.flatten(1).norm(dim=1), reference.flatten(1).norm(dim=1))
+    eps = max(torch.finfo(d).eps for d in dtypes)
+    floor = 100 * eps * float(size.max())
+    bad = (gap > FACTOR_TOLERANCE * size + floor).nonzero().flatten().tolist()
+    if not bad:
+        return
+    k = bad[0]
+    what = "L L^T" if product else "it"
+    raise InvalidInputError(
+        f"the task's {option} does not give the loss's Hessian in the outputs on "
+        f"{examples.name} {batch.example(k)} ({len(bad)} of the {len(gap)} examples checked, "
+        f"spread over the set): ||{what} - Lambda|| is {float(gap[k]):.3g} against ||Lambda|| "
+        f"= {float(reference[k].norm()):.3g}{remedy}"
+    )
+
+
+def _check_loss_precision(engine: PerExample, examples: ExampleSet, measured: bool) -> None:
+    """Warn where a task's own loss (its measurement, for queries) loses its precision in the
+    outputs' dtype: its gradient in the outputs of :data:`PRECISION_CHECK_EXAMPLES` examples
+    spread over the set against the same function's on the outputs in float64. A tester's
+    float32 softmax regression with a plain ``F.cross_entropy``: its confident queries (``1 -
+    p_y < 6e-8``, ``p_y`` rounded to 1) scored 64-72% off a float64 solve, with no word. The
+    built-in tasks take their loss in float64 (the language-modelling loss excepted,
+    docs/methods/language_models.md §7); none above :data:`FACTOR_CHECK_OUTPUTS` outputs."""
+    task = engine.task
+    fn = task.measurement if measured else task.loss
+    if _builtin(fn):
+        return
+    batch = examples.take(_spread(len(examples), PRECISION_CHECK_EXAMPLES))
+    outputs = engine.outputs(batch).detach()
+    if outputs.dtype == torch.float64 or outputs[0].numel() > FACTOR_CHECK_OUTPUTS:
+        return
+    targets = engine.prepare(batch)[1]
+    grads = []
     try:
-        return task.lambda_blocks(outputs.to(torch.float64), targets).to(torch.float64)[0]
-    except CALL_ERRORS:  # (a loss holding float32 weights of its own)
-        return task.lambda_blocks(outputs, targets).to(torch.float64)[0]
+        for dtype in (outputs.dtype, torch.float64):
+            at = outputs.to(dtype).requires_grad_()
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(fn(at, targets).sum(), at)
+            grads.append(grad.to(torch.float64).flatten(1))
+    except CALL_ERRORS:  # (a loss that takes no float64 outputs: nothing to compare)
+        return
+    low, exact = grads
+    size = exact.norm(dim=1)
+    gap = (low - exact).norm(dim=1) / size.clamp_min(1e-300)
+    tolerance = max(PRECISION_TOLERANCE, 100 * torch.finfo(outputs.dtype).eps)
+    bad = ((gap > tolerance) & (size > 0)).nonzero().flatten().tolist()
+    if not bad:
+        return
+    k = max(bad, key=lambda i: float(gap[i]))
+    name = "measurement" if measured and not task.measures_loss else "loss"
+    warn(
+        f"the task's {name} loses its precision in {dtype_name(outputs.dtype)} on "
+        f"{examples.name} {batch.example(k)}: its gradient in the outputs is {float(gap[k]):.0%} "
+        f"off the same {name}'s on the outputs in float64 ({len(bad)} of the {len(gap)} examples "
+        "checked, spread over the set, more than 1% off), and every score and curvature "
+        "reads that gradient. A confident prediction rounds its probability to 1 (1 - p < "
+        "6e-8 in float32), and cross-entropy's p - onehot loses its true class's entry. "
+        f"Compute the {name} in float64 and return it in the outputs' dtype, e.g. "
+        "F.cross_entropy(outputs.double(), y, reduction='none').to(outputs.dtype), as the "
+        "built-in tasks do",
+        UserWarning,
+    )
 
 
 def _check_differentiable(

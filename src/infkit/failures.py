@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from infkit.data import WHOLE_BATCH, Batch, ExampleSet, leaves
-from infkit.errors import InfkitError, InvalidInputError
+from infkit.errors import InfkitError, InvalidInputError, ProcessesUnreachableError
 from infkit.gradients import PerExample, error_summary
 from infkit.parameters import evaluation_mode
 
@@ -63,9 +63,12 @@ def naming_failures(
     (:func:`located_failure`), or let the failure go on as it was."""
     try:
         yield
-    except InfkitError:
-        raise
-    except CALL_ERRORS as error:
+    except (InfkitError, *CALL_ERRORS) as error:
+        # (infkit's own errors say what they mean, but for a process whose sum another one
+        # left, stopped first: where its batch fails here too, a model raising on an example,
+        # that example is named on this process as well)
+        if isinstance(error, InfkitError) and not isinstance(error, ProcessesUnreachableError):
+            raise
         named = located_failure(engine, error, [(examples, measured)], batch_size)
         if named is None:
             raise

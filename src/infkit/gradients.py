@@ -598,9 +598,16 @@ class PerExample:
         """
         inputs, targets = self.prepare(batch)
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+            # (a dict of float tensors has a gradient, which the message denied: a tester's)
+            if isinstance(inputs, dict):
+                given = "a dict of inputs, which it does not take (give the model one tensor)"
+            elif isinstance(inputs, Tensor):
+                given = f"{inputs.dtype} (token ids), which have no gradient with respect to them"
+            else:
+                given = f"a {type(inputs).__name__}"
             raise UnsupportedError(
-                "input influence needs continuous (floating-point tensor) inputs; token ids and "
-                "dict inputs have no gradient with respect to the input"
+                "input influence needs one continuous (floating-point) tensor as each example's "
+                f"input; these are {given}"
             )
         params = self.params()
         U = self.space.unflatten(directions.to(self.dtype))

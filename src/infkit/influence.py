@@ -40,6 +40,7 @@ from infkit.errors import (
     NotFittedError,
     Notice,
     ProblemTooLargeError,
+    ProcessesUnreachableError,
     UnsupportedError,
     listed,
     warn,
@@ -182,11 +183,13 @@ def _noting_writes(answer: Callable[_P, _R]) -> Callable[_P, _R]:
             # identity and dual met PyTorch's "Inference tensors do not track version counter")
             with torch.inference_mode(False), _writes_noted(inf.task.model):
                 return answer(*args, **kwargs)
-        except InfkitError:
-            raise
-        except CALL_ERRORS as error:  # the query a pass failed on, named where one fails alone
-            # (the queries read: fit passed over the training set already, and a call that
-            # failed before reading any, a mistyped argument, costs no pass)
+        except (InfkitError, *CALL_ERRORS) as error:
+            # the query a pass failed on, named where one fails alone (the queries read: fit
+            # passed over the training set already, and a call that failed before reading any,
+            # a mistyped argument, costs no pass); infkit's own errors say what they mean, but
+            # a process's whose sum another process left (failures.naming_failures)
+            if isinstance(error, InfkitError) and not isinstance(error, ProcessesUnreachableError):
+                raise
             if inf._fitted is None or not inf._asked:
                 raise
             sets = [(queries, True) for queries in inf._asked]
@@ -312,17 +315,6 @@ class Influence:
             model_dtype = next(iter(trainable or task.model.parameters()), torch.empty(0)).dtype
             if dtype != model_dtype:
                 task = task.with_autocast(dtype)
-                floating = [p.dtype for p in task.model.parameters() if p.is_floating_point()]
-                if floating and all(d == torch.float64 for d in floating):
-                    precision = dtype_name(dtype)
-                    raise InvalidInputError(
-                        f"dtype=torch.{precision} runs the passes under torch.autocast, which "
-                        "lowers float32 operations only, and every parameter of this model is "
-                        f"float64: nothing would run in {precision}. Cast the model to float32 "
-                        f"first (model.float()), or to {precision} itself "
-                        f"(model.to(torch.{precision})) to run it in that precision throughout, "
-                        "or leave dtype out"
-                    )
         self._estimator = _estimator(estimator, relatif)
         self.auto_damping = damping == "auto"
         if self.auto_damping:

@@ -31,9 +31,10 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from infkit.data import ExampleSet
-from infkit.errors import InvalidInputError, NonFiniteError
+from infkit.errors import InvalidInputError, NonFiniteError, warn
 from infkit.example_checks import check_examples
 from infkit.fingerprint import object_identity
 from infkit.gradients import PerExample
@@ -320,6 +321,23 @@ class Recipe:
             "normalise": self.normalise,
         }
 
+    def _warn_loader_batching(self, train: Any) -> None:
+        """Warn where ``train`` is a DataLoader whose batch size is not the recipe's: the recipe
+        trains by its own (a tester's loader of 16 trained full-batch, without a word; for
+        attribution a loader's batching changes nothing, for training it changes the run)."""
+        if not isinstance(train, DataLoader) or train.batch_size == self.batch_size:
+            return
+        if train.batch_size is None:  # (a batch_sampler of one's own: its batches are its)
+            return
+        mine = "full batch" if self.batch_size is None else f"batch_size={self.batch_size}"
+        warn(
+            f"Recipe.train trains by the recipe's batches ({mine}), not by the DataLoader's "
+            f"(batch_size={train.batch_size}): it reads the loader's dataset, in its order, and "
+            "draws its own minibatches (seed=). Give Recipe(batch_size="
+            f"{train.batch_size}) to train on batches of that size",
+            UserWarning,
+        )
+
     def train(
         self,
         task: Task,
@@ -340,6 +358,7 @@ class Recipe:
                 ``run.checkpoints`` (TracInCP); None: only theta_0 and the final parameters.
         """
         every = None if record_every is None else integer_argument("record_every", record_every, 1)
+        self._warn_loader_batching(train)
         examples = ExampleSet(train, name="training set")
         warn_about_training_mode(task.model)
         replay = Replay(self, task, examples)

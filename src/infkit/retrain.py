@@ -116,7 +116,13 @@ class Retrained:
         ``examples`` as they are (checked by the caller, :func:`checked_queries`); a value
         that is not finite names this retraining."""
         model = self.model()
-        task = Task(model, self.task.loss, self.task.measurement, output_fn=self.task.output_fn)
+        task = Task(
+            model,
+            self.task.loss,
+            self.task.measurement,
+            output_fn=self.task.output_fn,
+            higher_is_better=self.task.higher_is_better,
+        )
         engine = PerExample(task, ParameterSpace(model))
         fn = {"outputs": engine.outputs, "loss": engine.losses, "measurement": engine.measurements}[
             which

@@ -44,7 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from infkit._version import __version__
-from infkit.data import ExampleSet
+from infkit.data import ExampleSet, leaves
+from infkit.distributed import world
 from infkit.errors import (
     ArtifactError,
     InfkitError,
@@ -511,11 +512,12 @@ def save(
     if root.exists() and not root.is_dir():  # (refused before the encodes, as it was)
         raise InvalidInputError(f"{root} is a file, not a directory to save the Influence in")
     existing = ArtifactStore(root).committed(KIND) if root.is_dir() else []
-    if existing and not overwrite:
-        raise ArtifactError(
-            f"{root} already holds a saved Influence ({existing[0].name}): pass overwrite=True "
-            "to replace it, or save to another directory"
-        )
+    # under torchrun every process holds the same fit, and a script saving from each of them
+    # commits one save, the first (the others' are the same artifact: a tester's run left two
+    # saves, and every later load warned of them)
+    processes = world()[1]
+    if existing and not overwrite and processes == 1:
+        raise _already_saved(root, existing)
     space, task = fitted.space, fitted.task
     adapters = fitted.adapters_changed_since_fit()
     if adapters is not None:
@@ -571,9 +573,19 @@ def save(
         "per_example": settings.per_example,
         "memory_limit": settings.memory_limit,
         "workdir": None if settings.workdir is None else str(settings.workdir),
-        # each save is an artifact of its own: a new one is committed by one rename
-        "save": {"id": uuid.uuid4().hex, "time_ns": time.time_ns()},
+        # each save is an artifact of its own: a new one is committed by one rename; under
+        # torchrun the processes' saves of their one fit are one artifact (the same key)
+        "save": (
+            {"id": uuid.uuid4().hex, "time_ns": time.time_ns()}
+            if processes == 1
+            else {"processes": processes}
+        ),
     }
+    store = ArtifactStore(root)
+    if existing and not overwrite:  # (a process of a torchrun: its fit saved already?)
+        if store.path(KIND, identity) not in existing:
+            raise _already_saved(root, existing)
+        return store.verify(store.path(KIND, identity), KIND, identity).path
     tensors = {
         name: writer.tensors
         for name, writer in (
@@ -584,7 +596,6 @@ def save(
         )
         if writer.tensors
     }
-    store = ArtifactStore(root)
     artifact = store.save(
         KIND,
         identity,
@@ -608,6 +619,13 @@ def save(
         if old != artifact.path:
             store.remove(old)
     return artifact.path
+
+
+def _already_saved(root: Path, existing: list[Path]) -> ArtifactError:
+    return ArtifactError(
+        f"{root} already holds a saved Influence ({existing[0].name}): pass overwrite=True "
+        "to replace it, or save to another directory"
+    )
 
 
 def _normalised_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -946,10 +964,15 @@ class SavedInfluence:
             examples = ExampleSet(train, name="training set")
             found = data_fingerprint(examples)
             if found != saved_fp:
+                kinds = None if len(examples) != n else self._kinds_differ(examples, data_doc)
                 size = (
                     f"{len(examples)} examples given, {n} saved"
                     if len(examples) != n
-                    else f"the same number of examples ({n}) but other content or order"
+                    else f"the same values in other dtypes or shapes, {kinds}: convert them as "
+                    "they were at fit"
+                    if kinds
+                    else f"the same number of examples ({n}) but other content or order (a "
+                    "tensor's dtype and shape count: int32 labels are not int64 ones)"
                 )
                 keep = ", or leave train out to use the saved copy" if data_doc.get("saved") else ""
                 differs = (
@@ -963,6 +986,37 @@ class SavedInfluence:
                 )
         examples._checked = True  # checked at fit
         return examples
+
+    def _kinds_differ(self, given: ExampleSet, data_doc: dict[str, Any]) -> str | None:
+        """Where the saved copy of the training data is there, how the given set's tensors
+        differ from it in dtype or shape alone, their values the same (a tester's int32 labels,
+        which fit takes as the int64 ones, read as "other content or order"); else None."""
+        if not data_doc.get("saved"):
+            return None
+        saved = _rebuilt(data_doc["structure"], self.tensors("data"))
+        if saved is None or len(saved) != len(given):
+            return None
+        ours, theirs = given.take(range(len(given))), saved.take(range(len(saved)))
+        told = []
+        for what, a, b in (
+            ("inputs", ours.inputs, theirs.inputs),
+            ("labels", ours.targets, theirs.targets),
+        ):
+            mine, kept = leaves(a), leaves(b)
+            if len(mine) != len(kept):
+                return None
+            for x, z in zip(mine, kept, strict=True):
+                if (x.dtype, x.shape) == (z.dtype, z.shape):
+                    continue
+                if x.numel() != z.numel() or not torch.equal(
+                    x.reshape(-1).to(torch.float64), z.reshape(-1).to(torch.float64)
+                ):
+                    return None
+                told.append(
+                    f"{what} {dtype_name(x.dtype)} {list(x.shape)} given, "
+                    f"{dtype_name(z.dtype)} {list(z.shape)} saved"
+                )
+        return "; ".join(told) or None
 
     # ------------------------------------------------------------------ restoring
     def restore(

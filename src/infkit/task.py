@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from infkit import language_modeling as lm
+from infkit.autodiff import quiet_forward_mode
+from infkit.data import map_tensors
 from infkit.errors import InvalidInputError, Notice, UnsupportedError, warn
 from infkit.parameters import coarsest_dtype, dtype_name
 
@@ -426,17 +428,28 @@ class Task:
 
     Args:
         model: the trained model; its trainable parameters (``requires_grad=True``) are theta.
-        loss: ``fn(outputs [B, ...], targets) -> [B]``, the per-example training loss l_i.
+        loss: ``fn(outputs [B, ...], targets) -> [B]``, the per-example training loss l_i. For
+            a float32 model take it on ``outputs.double()`` and return it in the outputs'
+            dtype, as the built-in tasks do: in float32 a confident example's probability
+            rounds to 1 and cross-entropy's gradient ``p - onehot`` loses its true class's
+            entry. Each set's check compares the loss's gradient in the outputs with its
+            gradient on the outputs in float64, on examples spread over the set, and warns
+            where it is more than 1% off (outputs up to 256 numbers an example).
         measurement: ``fn(outputs, targets) -> [B]``, the quantity m whose change scores predict
             (default: ``loss``).
         output_hessian: ``fn(outputs, targets) -> [B, C, C]``, Lambda_i = d^2 l_i / d f^2 over
-            the flattened outputs; computed by autodiff when omitted.
+            the flattened outputs; computed by autodiff when omitted. Checked at fit against
+            the loss's by autodiff on 8 training examples spread over the set (where autodiff
+            takes the loss and C <= 256): more than 1% off is refused, naming the example.
         output_hessian_factor: ``fn(outputs, targets) -> [B, C, K]``, a factor L_i with
             ``L_i L_i^T = Lambda_i`` (Kronecker factors pull its K columns back through the
-            network); from an eigendecomposition of Lambda_i when omitted.
+            network); from an eigendecomposition of Lambda_i when omitted. Checked the same
+            way, ``L_i L_i^T`` against Lambda_i.
         output_fn: extracts the output tensor from what ``model(...)`` returns.
-        higher_is_better: whether a larger measurement is a better prediction (a margin); it
-            only decides which examples ``top_k`` calls proponents.
+        higher_is_better: whether a larger measurement is a better prediction (a margin, a
+            probability of the true class); it only decides which examples ``top_k`` calls
+            proponents. None (not said): False, the loss's orientation, with a notice when a
+            ``measurement`` is given.
         check_targets: ``fn(targets, output_shape) -> (position, message) | None``: why a batch
             of targets is unusable (the ready-made tasks check their labels; None: no check).
         check_scored: ``fn(targets) -> (position, message) | None``: why the loss of a batch of
@@ -484,7 +497,7 @@ class Task:
         output_hessian: PerExampleFn | None = None,
         output_hessian_factor: PerExampleFn | None = None,
         output_fn: Callable[[Any], Tensor] = default_output_fn,
-        higher_is_better: bool = False,
+        higher_is_better: bool | None = None,
         name: str = "custom",
         check_targets: Callable[[Any, tuple[int, ...]], TargetProblem | None] | None = None,
         check_scored: Callable[[Any], TargetProblem | None] | None = None,
@@ -501,13 +514,16 @@ class Task:
             raise InvalidInputError("loss must be a callable fn(outputs, targets) -> [B]")
         if measurement is not None:  # (a tester's "margin" failed at scores())
             _check_measurement(measurement)
+            # (told as Task.classification tells it: a probability measured without it had
+            # top_k's proponents and opponents swapped, silently; a tester's)
+            measurement, higher_is_better = _pick_measurement(measurement, loss, higher_is_better)
         self.model = model
         self.loss = loss
         self.measurement = measurement if measurement is not None else loss
         self.output_hessian = output_hessian
         self.output_hessian_factor = output_hessian_factor
         self.output_fn = output_fn
-        self.higher_is_better = higher_is_better
+        self.higher_is_better = bool(higher_is_better)
         self.measures_loss = measurement is None
         self.name = name
         self.check_targets = check_targets
@@ -522,6 +538,7 @@ class Task:
             raise InvalidInputError(
                 f"autocast must be torch.bfloat16, torch.float16 or None, got {autocast!r}"
             )
+        _check_autocast_lowers(model, autocast, "autocast")
         self.autocast = autocast
         self._mixed = False
         # (the default took a tuple's first of several: said once, for the copies too, which
@@ -732,13 +749,17 @@ class Task:
         the example's help (removing a helpful example raises a loss and lowers a margin)."""
         return -1.0 if self.higher_is_better else 1.0
 
-    def with_measurement(self, measurement: PerExampleFn, higher_is_better: bool = False) -> Task:
+    def with_measurement(
+        self, measurement: PerExampleFn, higher_is_better: bool | None = None
+    ) -> Task:
         """A copy of this task measuring ``measurement`` (``fn(outputs, targets) -> [B]``)
-        instead: the same model, loss, curvature and checks."""
+        instead: the same model, loss, curvature and checks. ``higher_is_better`` as for
+        :class:`Task` (None: lower is better, with a notice)."""
         _check_measurement(measurement)
+        _, higher = _pick_measurement(measurement, self.loss, higher_is_better)
         twin = copy.copy(self)
         twin.measurement = measurement
-        twin.higher_is_better = higher_is_better
+        twin.higher_is_better = higher
         twin.measures_loss = False
         return twin
 
@@ -761,6 +782,7 @@ class Task:
                 f"{dtype!r}: it runs the passes under torch.autocast, which lowers a float32 "
                 f"model's precision and cannot raise it{raise_to}"
             )
+        _check_autocast_lowers(self.model, dtype, "dtype")
         twin = copy.copy(self)
         twin.autocast = dtype
         return twin
@@ -772,33 +794,45 @@ class Task:
         return _checked(self.measurement, "measurement", outputs, targets)
 
     def lambda_blocks(self, outputs: Tensor, targets: Any) -> Tensor:
-        """Lambda_i for each example of the batch: [B, C, C] (C = flattened output size)."""
+        """Lambda_i for each example of the batch: [B, C, C] (C = flattened output size), the
+        task's ``output_hessian`` (at least in the outputs' precision) or the loss's by
+        autodiff (:meth:`loss_hessians`)."""
         b = outputs.shape[0]
         c = outputs[0].numel()
-        if self.output_hessian is not None:
-            lam = self.output_hessian(outputs, targets)
-            if not isinstance(lam, Tensor) or lam.numel() != b * c * c or lam.shape[:1] != (b,):
-                got = tuple(lam.shape) if isinstance(lam, Tensor) else type(lam).__name__
-                raise InvalidInputError(
-                    f"the task's output_hessian returned {got} for a batch of {b} outputs of "
-                    f"{c} numbers each: it must return each example's Hessian of the loss in "
-                    f"its outputs, [{b}, {c}, {c}]"
-                )
-        else:
-            shape = outputs.shape[1:]
+        if self.output_hessian is None:
+            return self.loss_hessians(outputs, targets)
+        lam = self.output_hessian(outputs, targets)
+        if not isinstance(lam, Tensor) or lam.numel() != b * c * c or lam.shape[:1] != (b,):
+            got = tuple(lam.shape) if isinstance(lam, Tensor) else type(lam).__name__
+            raise InvalidInputError(
+                f"the task's output_hessian returned {got} for a batch of {b} outputs of "
+                f"{c} numbers each: it must return each example's Hessian of the loss in "
+                f"its outputs, [{b}, {c}, {c}]"
+            )
+        # (a float32 torch.eye of a float64 model's Hessian: dual's kernel met a raw "expected
+        # scalar type Double", where the other methods took it; a tester's)
+        return lam.reshape(b, c, c).to(torch.promote_types(lam.dtype, outputs.dtype))
 
-            def single(f: Tensor, y: Any) -> Tensor:
-                return self.loss(f.reshape(1, *shape), _unsqueeze(y))[0]
+    def loss_hessians(self, outputs: Tensor, targets: Any) -> Tensor:
+        """Each example's Hessian of the loss in its outputs by autodiff, [B, C, C], whatever
+        ``output_hessian`` the task was given (what a given one is checked against)."""
+        b = outputs.shape[0]
+        c = outputs[0].numel()
+        shape = outputs.shape[1:]
 
-            flat = outputs.reshape(b, -1)
-            # forward over grad: torch.func.hessian's forward over jacrev gets layer_norm's
-            # double backward wrong (:meth:`infkit.gradients.PerExample.hessian_sum`)
-            try:
+        def single(f: Tensor, y: Any) -> Tensor:
+            return self.loss(f.reshape(1, *shape), _unsqueeze(y))[0]
+
+        flat = outputs.reshape(b, -1)
+        # forward over grad: torch.func.hessian's forward over jacrev gets layer_norm's
+        # double backward wrong (:meth:`infkit.gradients.PerExample.hessian_sum`)
+        try:
+            with quiet_forward_mode():  # (PyTorch's deprecation warnings, 18 of them, leaked)
                 lam = torch.func.vmap(torch.func.jacfwd(torch.func.grad(single)))(flat, targets)
-            except NotImplementedError:
-                # a loss PyTorch has no forward-mode derivative of (a tester's F.huber_loss:
-                # "Trying to use forward AD with huber_loss_backward"): reverse over reverse
-                lam = torch.func.vmap(torch.func.jacrev(torch.func.grad(single)))(flat, targets)
+        except NotImplementedError:
+            # a loss PyTorch has no forward-mode derivative of (a tester's F.huber_loss:
+            # "Trying to use forward AD with huber_loss_backward"): reverse over reverse
+            lam = torch.func.vmap(torch.func.jacrev(torch.func.grad(single)))(flat, targets)
         return lam.reshape(b, c, c)
 
     def hessian_product(self, outputs: Tensor, targets: Any, vectors: Tensor) -> Tensor:
@@ -840,12 +874,28 @@ class Task:
         return f"Task({self.name}, model={type(self.model).__name__})"
 
 
+def _check_autocast_lowers(model: nn.Module, dtype: torch.dtype | None, option: str) -> None:
+    """Refuse autocast to ``dtype`` (given as ``option``) for a model whose every parameter is
+    float64: autocast lowers float32 operations only, and nothing would run in ``dtype`` (a
+    tester's Task(autocast=torch.bfloat16) on a float64 model said bfloat16 in describe() and
+    ran in float64, its outputs cast to float32)."""
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    if dtype is None or not floating or any(d != torch.float64 for d in floating):
+        return
+    precision = dtype_name(dtype)
+    raise InvalidInputError(
+        f"{option}=torch.{precision} runs the passes under torch.autocast, which lowers float32 "
+        f"operations only, and every parameter of this model is float64: nothing would run in "
+        f"{precision}. Cast the model to float32 first (model.float()), or to {precision} "
+        f"itself (model.to(torch.{precision})) to run it in that precision throughout, or leave "
+        f"{option} out"
+    )
+
+
 def _unsqueeze(y: Any) -> Any:
-    if isinstance(y, Tensor):
-        return y.unsqueeze(0)
-    if isinstance(y, dict):
-        return {k: _unsqueeze(v) for k, v in y.items()}
-    return y
+    """One example's targets as a batch of one: every tensor of a dict, tuple or list of them
+    (a tuple of labels and weights met a raw "target batch_size (0)" inside the loss)."""
+    return map_tensors(y, lambda t: t.unsqueeze(0))
 
 
 def _pick_measurement(

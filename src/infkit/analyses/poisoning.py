@@ -470,7 +470,9 @@ def plant_poisons(
     planted = torch.arange(len(X), len(poisoned_train[0]))
     owners = torch.arange(len(xs)).repeat_interleave(copies)
 
-    poisoned = task.with_model(copy.deepcopy(task.model)).with_measurement(logit)
+    poisoned = task.with_model(copy.deepcopy(task.model)).with_measurement(
+        logit, higher_is_better=True
+    )
     result = train_to_optimum(
         poisoned,
         poisoned_train,

@@ -642,6 +642,16 @@ class KroneckerCurvature:
                         artifact.path,
                     )
                     resume = self._from_artifact(artifact)
+        if store is not None and options.overwrite:
+            # what overwrite=True replaces is what was there before this fit: removed now, by
+            # every process before any of them fits (the agreement below waits for them all),
+            # and the fit's factors then committed as any are, the first commit standing. (Each
+            # process replacing the others' commits as it committed its own had one read its
+            # set-aside factors while another replaced them: a tester's torchrun raised on one
+            # rank and hung the other)
+            for path, _ in store.others(FACTORS, identity):
+                store.remove(path)
+            store.remove(store.path(FACTORS, identity))
         # under torchrun: the same fit on every process, whose passes split by batch_size, and
         # the same memory limit and [N, P] gradient cache, which choose the scoring path (a
         # process that scores from its cache makes no sum the others would wait in); a store
@@ -693,9 +703,6 @@ class KroneckerCurvature:
                     "Influence(..., overwrite=True)) to refit them there, or use another "
                     "factors_dir (or workdir)"
                 )
-        if store is not None and options.overwrite:
-            for path, _ in store.others(FACTORS, identity):
-                store.remove(path)
 
         def commit(factors: KroneckerFactors, identity: dict[str, Any]) -> None:
             if store is None:
@@ -708,7 +715,6 @@ class KroneckerCurvature:
                 tensors={"tensors": tensors},
                 documents={"meta": document},
                 info={"method": self.owner, "options": options.record()},
-                overwrite=options.overwrite,
             )
 
         # under a memory_limit the eigenvalue pass reads the eigenbases back from the committed

@@ -54,7 +54,7 @@ from infkit.errors import (
     UnsupportedError,
 )
 from infkit.estimators import Estimator, EstimatorName, check_leverage
-from infkit.fitted import Fitted
+from infkit.fitted import Fitted, warn_about_still_queries
 from infkit.gradients import PerExample, Which
 from infkit.kernel_linalg import Form, KernelSystem, Solver
 from infkit.linearize import LinearizedModel
@@ -548,10 +548,14 @@ class Dual(PrimalMethod):
         S = torch.empty(len(queries), n, dtype=torch.float64)
         per_query = c * m * FLOAT64_BYTES * 3
         chunk = max(1, min(len(queries), self.fitted.memory_limit // 8 // per_query))
+        # queries whose measurement's gradient in the outputs is not 0 (a 0 one is 0 in the
+        # parameters too: said, as the other methods say it; dual's zeros went unsaid)
+        moved = torch.zeros(len(queries), dtype=torch.bool)
         for batch in queries.batches(chunk):
             t = len(batch)
             Ktx = self._kernel_to_train(batch)  # [t*C, m]
             h = engine.output_gradients(batch, "measurement")  # [t, C]
+            moved[batch.indices] = (h != 0).any(dim=1).cpu()
             W = torch.einsum("tc,tcm->tm", h, Ktx.reshape(t, c, m))
             del Ktx
             U = setup.system.solve_t(W.T)  # [m, t]
@@ -560,6 +564,7 @@ class Dual(PrimalMethod):
             if self.r is not None:
                 const = const + setup.c_r * (h * engine.jvp(batch, self.r)).sum(1)
             S[batch.indices] = (block + const.unsqueeze(1)).cpu().to(torch.float64)
+        warn_about_still_queries(queries, moved, self.fitted.engine.precision)
         return S
 
     def self_scores(self, estimator: Estimator) -> Tensor:

@@ -522,7 +522,9 @@ class Trak(Method):
         """The engine of the output function's gradients (the features)."""
         task = fitted.task
         output, _ = self._functions(task)
-        output_task = Task(task.model, task.loss, output, output_fn=task.output_fn)
+        output_task = Task(
+            task.model, task.loss, output, output_fn=task.output_fn, higher_is_better=True
+        )
         return PerExample(output_task, fitted.space, fitted.engine.mode)
 
     def state(self) -> dict[str, Any]:
