@@ -317,6 +317,12 @@ def test_report_rebuilds_without_recomputing(
     assert Path(command.group(2)) == copy
     assert cli.main(["run", command.group(1), "--out", command.group(2), "--quiet"]) == 0
     assert cli.main(["report", str(copy)]) == 0
+    # a page that cannot be written is told, with the option that writes it elsewhere (a
+    # tester's unwritable workdir met a traceback)
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["report", str(copy), "--out", str(tmp_path / "file" / "page.html")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the report to" in err and "give --out FILE" in err, err
 
 
 def test_second_run_reloads_the_saved_influence(project: Path, finished: Path) -> None:

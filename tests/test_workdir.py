@@ -248,3 +248,79 @@ def test_a_save_keeps_its_workdir_unless_told_not_to(problem: dict, tmp_path: Pa
     assert bare.workdir is None and "score_shards" not in bare.describe()  # nothing committed
     placed.scores(problem["test"])
     assert placed.describe()["score_shards"] == {"computed": 5, "reused": 0}
+
+
+def test_data_changed_after_fit_is_refused_and_never_committed(
+    problem: dict, tmp_path: Path
+) -> None:
+    """A tester's training rows reordered after fit: the scores, read in a pass over the data,
+    were 87% off with no word, and committed to the workdir under the fit's data key, so a
+    later run on the restored data got the same wrong scores. Every read of an example is now
+    checked against what its first read noted: the changed data is refused, nothing is
+    committed, and the restored data's run equals a fresh one. A save after such an edit is
+    refused the same way (it kept no data and gave another reason)."""
+    inputs, labels = problem["train"]
+    ids = inputs["input_ids"].clone()
+    train = ({**inputs, "input_ids": ids}, labels.clone())
+    expected = _influence(problem, memory_limit=60_000).scores(problem["test"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = infkit.Influence(problem["task"], "ekfac", **OPTIONS, workdir=tmp_path).fit(train)
+    ids[[3, 4]] = ids[[4, 3]].clone()  # two sequences swapped, in place
+    with pytest.raises(InvalidInputError, match=r"training set example 3 reads otherwise than"):
+        inf.scores(problem["test"])
+    with pytest.raises(InvalidInputError, match="changed in place since"):
+        inf.save(tmp_path / "saved")
+    ids[[3, 4]] = ids[[4, 3]].clone()  # restored
+    again = _influence(problem, workdir=tmp_path)
+    assert relative_error(again.scores(problem["test"]), expected) < 1e-12
+
+
+def test_a_dataset_whose_file_is_replaced_is_refused() -> None:
+    """The same for a Dataset reading a file replaced between fit and a later pass."""
+
+    class FromArray(torch.utils.data.Dataset):
+        def __init__(self, store: dict) -> None:
+            self.store = store
+
+        def __len__(self) -> int:
+            return len(self.store["y"])
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.store["X"][i].clone(), self.store["y"][i].clone()
+
+    gen = torch.Generator().manual_seed(0)
+    store = {"X": torch.randn(30, 4, generator=gen, dtype=torch.float64)}
+    store["y"] = torch.randint(0, 3, (30,), generator=gen)
+    task = infkit.Task.classification(torch.nn.Linear(4, 3).double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = infkit.Influence(task, "cg", l2=1e-2, memory_limit=10_000).fit(FromArray(store))
+        assert inf.fitted.train_gradients is None  # the data is read again to score
+        store["X"] = torch.randn(30, 4, generator=gen, dtype=torch.float64)  # "replaced"
+        with pytest.raises(InvalidInputError, match=r"the data the dataset reads changed since"):
+            inf.scores((store["X"][:2], store["y"][:2]))
+
+
+def test_unwritable_folders_and_a_moved_workdir_are_told(problem: dict, tmp_path: Path) -> None:
+    """A workdir or save path under a file met raw OSErrors (an unwritable one a
+    PermissionError after the whole factor pass); a load of a save whose recorded workdir moved
+    made that folder again, without a word, and committed there: said now, and a workdir given
+    to the load is taken."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(infkit.ArtifactError, match=r"cannot write in .*file/sub .*Give a dir"):
+        _influence(problem, workdir=tmp_path / "file" / "sub")  # (before any pass)
+    inf = _influence(problem, workdir=tmp_path / "run")
+    with pytest.raises(infkit.ArtifactError, match=r"cannot write in .*file/sub"):
+        inf.save(tmp_path / "file" / "sub")
+    inf.save(tmp_path / "run" / "saved")
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    with pytest.warns(Notice, match=r"saved with the workdir .*run, which is not there"):
+        infkit.Influence.load(tmp_path / "moved" / "saved", problem["task"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Notice)  # the folder it moved to, named: no word
+        moved = infkit.Influence.load(
+            tmp_path / "moved" / "saved", problem["task"], workdir=tmp_path / "moved"
+        )
+    moved.scores(problem["test"])
+    assert not (tmp_path / "run").exists()

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
 
+from infkit import content
 from infkit.data_forms import (
     LABEL_KEYS,
     LM_EXAMPLES,
@@ -281,6 +282,13 @@ def _item_form(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+def _unreadable(t: Tensor) -> bool:
+    """Whether a batch's tensor has no values to note: on the meta device (refused by name
+    where it is read), or a torch.func transform's (the data weights a training run's
+    metagradients differentiate)."""
+    return t.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _numbers_in_dataset(data: Any) -> Tensor | None:
     """The numbers of a torch ``Subset``'s examples in the dataset it was taken from (through
     Subsets of Subsets, to the first that is none); None for any other set, or indices that
@@ -339,6 +347,13 @@ class ExampleSet:
         self._checked = False
         self._tensors: tuple[Any, Any] | None = None
         self._dataset: Any = None
+        #: what each example's first read noted of its content (:mod:`infkit.content`), which
+        #: every later read is checked against: whether noted, the notes, which are floats
+        #: (NumPy arrays: a read inside a torch.func transform, a training run's replay, may
+        #: not write into a tensor it did not make)
+        self._noted: np.ndarray | None = None
+        self._notes: tuple[np.ndarray, np.ndarray] = (np.empty(0), np.empty(0))
+        self._floats: Tensor = torch.empty(0, dtype=torch.bool)
         iterable = data.dataset if isinstance(data, DataLoader) else data
         if isinstance(iterable, IterableDataset):
             raise InvalidInputError(
@@ -492,24 +507,78 @@ class ExampleSet:
             f"got {got}{several}"
         )
 
-    def take(self, indices: Tensor | Sequence[int]) -> Batch:
-        """The examples at ``indices``, collated into one batch."""
+    def take(self, indices: Tensor | Sequence[int], *, checked: bool = True) -> Batch:
+        """The examples at ``indices``, collated into one batch; each checked against what its
+        first read noted of it (:meth:`_check_content`; ``checked=False``: neither checked nor
+        noted, for a check of its own that reads again)."""
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         if self._tensors is not None:
             x, y = self._tensors
-            return Batch(
+            batch = Batch(
                 idx,
                 _map_tensors(x, lambda t: t[idx]),
                 _map_tensors(y, lambda t: t[idx]),
                 self.name,
                 *self._numbers_of(idx),
             )
-        pairs = [self._item_pair(self._read(int(i)), int(i)) for i in idx]
-        inputs = self._collate([p[0] for p in pairs], idx, "inputs")
-        targets = (
-            None if pairs[0][1] is None else self._collate([p[1] for p in pairs], idx, "labels")
+        else:
+            pairs = [self._item_pair(self._read(int(i)), int(i)) for i in idx]
+            inputs = self._collate([p[0] for p in pairs], idx, "inputs")
+            targets = (
+                None if pairs[0][1] is None else self._collate([p[1] for p in pairs], idx, "labels")
+            )
+            batch = Batch(idx, inputs, targets, self.name, *self._numbers_of(idx))
+        if checked:
+            self._check_content(batch)
+        return batch
+
+    def _check_content(self, batch: Batch) -> None:
+        """Note the content of the batch's examples read for the first time, and refuse one
+        that reads otherwise than its first read (:mod:`infkit.content`): the data changed
+        while this set was in use (after fit, a tester's reordered rows scored 87% off, and a
+        workdir kept those scores for the restored data)."""
+        tensors = leaves(batch.inputs) + leaves(batch.targets)
+        if not tensors or not len(batch) or any(_unreadable(t) for t in tensors):
+            return
+        exact, rough = (part.numpy() for part in content.notes(tensors))
+        if self._noted is None:
+            n, width = len(self), len(tensors)
+            self._noted = np.zeros(n, dtype=bool)
+            self._notes = (np.zeros((n, width), np.int64), np.zeros((n, width, 2), np.float64))
+            self._floats = torch.tensor([t.is_floating_point() for t in tensors])
+        idx = batch.indices.cpu().numpy()
+        if exact.shape[1] != self._notes[0].shape[1]:
+            raise self._changed(batch, 0)
+        seen = self._noted[idx]
+        if seen.any():
+            rows = seen.nonzero()[0]
+            first = (
+                torch.from_numpy(self._notes[0][idx[rows]]),
+                torch.from_numpy(self._notes[1][idx[rows]]),
+            )
+            again = (torch.from_numpy(exact[rows]), torch.from_numpy(rough[rows]))
+            moved = content.differ(first, again, self._floats, self._tensors is not None)
+            if bool(moved.any()):
+                raise self._changed(batch, int(rows[int(moved.nonzero()[0, 0])]))
+        fresh = (~seen).nonzero()[0]
+        self._notes[0][idx[fresh]] = exact[fresh]
+        self._notes[1][idx[fresh]] = rough[fresh]
+        self._noted[idx[fresh]] = True
+
+    def _changed(self, batch: Batch, k: int) -> InvalidInputError:
+        how = (
+            "its tensors were changed in place since"
+            if self._tensors is not None
+            else "the data the dataset reads changed since (a file replaced or rewritten), or "
+            "its __getitem__ reads otherwise from one read to the next"
         )
-        return Batch(idx, inputs, targets, self.name, *self._numbers_of(idx))
+        return InvalidInputError(
+            f"{self.name} {batch.example(k)} reads otherwise than at its first read in this "
+            f"run: {how}. What was computed from it (at fit: the curvature, cached gradients, "
+            "a workdir's factors and scores) is of the data as it was read first, so the "
+            "answers would mix two sets of data. Restore the data as it was, or fit again on "
+            "it as it is now (a new Influence, or fit() again)"
+        )
 
     def _read(self, i: int) -> Any:
         """Item ``i`` of the dataset; what reading it raised (an ``IndexError`` where
@@ -595,7 +664,11 @@ class ExampleSet:
         arrays as tensors), or the items of a dataset collated like the batches of
         :meth:`take`, so that ``ExampleSet(set.collated())`` gives the same batches when the
         items collate to tensors."""
-        if self._tensors is not None:
+        if self._tensors is not None:  # (checked as read: a save after an in-place edit
+            # kept no data and gave a wrong reason, a tester's)
+            x, y = self._tensors
+            every = torch.arange(len(self))
+            self._check_content(Batch(every, x, y, self.name, *self._numbers_of(every)))
             return self._tensors
         batch = self.take(torch.arange(len(self)))
         return batch.inputs, batch.targets

@@ -207,7 +207,15 @@ def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
         and sampler.num_samples == len(sampler.data_source)
     )
     drawing, what = (batches, "batch_sampler") if own_batches else (sampler, "sampler")
-    if not own_batches and isinstance(sampler, WeightedRandomSampler):
+    trained = name.startswith("training")  # (a test set's loader is told of queries)
+    if not own_batches and isinstance(sampler, WeightedRandomSampler) and not trained:
+        warn(
+            f"{name}: the DataLoader's sampler (WeightedRandomSampler) draws examples by weight, "
+            "and is not used: infkit reads every example of its dataset once, in the dataset's "
+            "order. To ask about some of them, give those: torch.utils.data.Subset(dataset, "
+            "indices)"
+        )
+    elif not own_batches and isinstance(sampler, WeightedRandomSampler):
         # (a tester's oversampling sampler was told to use a Subset, with a count drawn anew
         # at every call: the objective it trains is a weighted one)
         warn(
@@ -243,7 +251,6 @@ def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
         n = len(sampler)
         dropped = n % batches.batch_size
         # (a test set's loader was told of examples "never trained on": a tester's)
-        trained = name.startswith("training")
         if dropped:
             warn(
                 f"{name}: the DataLoader drops its last {dropped} of {n} examples (drop_last="

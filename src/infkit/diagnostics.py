@@ -298,8 +298,9 @@ def drift(
     pooled = _ratio(float(shift.square().sum()) ** 0.5, float(residual.square().sum()) ** 0.5)
     # the typical example's too: one residual far larger than the others (a corrupted target)
     # dominates both pooled sums, and a tester's read 0.24 while every other example's score
-    # moved by 100%
-    typical = _ratio(float(shift.median()), float(residual.median()))
+    # moved by 100%; not at kinks, where most residuals are 0 (a hinge's examples beyond the
+    # margin: the typical ratio read "inf%", a reviewer's)
+    typical = 0.0 if kinked else _ratio(float(shift.median()), float(residual.median()))
     theta = float(fitted.theta.norm())
     return Drift(
         step=step,

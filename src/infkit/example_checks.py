@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from infkit import language_modeling as lm
 from infkit.data import Batch, ExampleSet, leaves, map_tensors
 from infkit.data_forms import LABEL_KEYS
-from infkit.errors import InfkitError, InvalidInputError, Suspicion, warn
+from infkit.errors import InfkitError, InvalidInputError, Notice, Suspicion, warn
 from infkit.failures import CALL_ERRORS, clause, naming_failures
 from infkit.gradients import PerExample, error_summary
 from infkit.parameters import coarsest_dtype, dtype_name, evaluation_mode
@@ -180,11 +180,16 @@ def _partner(examples: ExampleSet, ours: list[Tensor], labels: bool = False) -> 
     whose inputs differ from its (a copy of it would hide a batch's mean: a reviewer's
     duplicated first example), and with ``labels`` whose targets differ too where one does
     (a loss weighting classes by their counts in the batch mixed nothing beside a partner of
-    example 0's class: a tester's), else the last."""
+    example 0's class: a tester's), among the first 15 and 48 spread over the set; else the
+    last."""
     first = examples.take([0])
     theirs = leaves(first.targets) if labels and first.targets is not None else None
     found = None
-    for j in range(1, min(len(examples), 64)):
+    # the first examples, then examples spread over the set (data sorted by class, as
+    # ImageFolder gives it, holds example 0's class first: a reviewer's 100 of them)
+    n = len(examples)
+    candidates = [*range(1, min(n, 16)), *(j for j in _spread(n, 48) if j >= 16)]
+    for j in candidates:
         other = examples.take([j])
         if _same_leaves(ours, leaves(other.inputs)):
             continue
@@ -309,9 +314,9 @@ def _check_reads_alike(examples: ExampleSet, first: Batch) -> None:
         return a.is_floating_point() and bool(close.all())
 
     for position in positions:
-        read = first if position == 0 else examples.take([position])
+        read = first if position == 0 else examples.take([position], checked=False)
         for _ in range(READ_AGAIN_TIMES):
-            again = examples.take([position])
+            again = examples.take([position], checked=False)
             before = leaves(read.inputs) + leaves(read.targets)
             after = leaves(again.inputs) + leaves(again.targets)
             if len(before) != len(after) or not all(map(same, before, after)):
@@ -353,10 +358,12 @@ def check_examples(engine: PerExample, examples: ExampleSet, measured: bool = Fa
 
 def _check_examples(engine: PerExample, examples: ExampleSet, measured: bool) -> None:
     """:func:`check_examples`'s checks."""
+    # (whether the set reads alike first, on reads it keeps no note of: the notes of its first
+    # reads, check_finite's, then check every later read, a pass's)
+    _check_reads_alike(examples, examples.take([0], checked=False))
     examples.check_finite()
     task = engine.task
     first = examples.take([0])
-    _check_reads_alike(examples, first)
     label_checks = (task.check_targets, task.check_scored)
     labelled = any(check is not None for check in label_checks)  # the task reads labels
     if first.targets is None and labelled:
@@ -461,8 +468,8 @@ def _check_examples(engine: PerExample, examples: ExampleSet, measured: bool) ->
     _check_differentiable(engine, examples, outputs, targets, measured)
     if not measured:  # (a training set: its loss trains the model and is attributed)
         check_loss_alone(engine, examples)
-        _check_output_curvature(engine, examples)
-    _check_loss_precision(engine, examples, measured)
+        _check_output_curvature(engine, examples, outputs)
+    _check_loss_precision(engine, examples, measured, outputs)
     examples._checked = not unscored
 
 
@@ -471,15 +478,22 @@ def _check_examples(engine: PerExample, examples: ExampleSet, measured: bool) ->
 #: 650 MB a call, paid by every fit and retraining)
 FACTOR_CHECK_OUTPUTS = 256
 
-#: the relative gap of a task's ``output_hessian``, or of ``L L^T``, from the loss's Hessian
-#: above which it is refused: far above rounding (a reviewer's right factor of a confident
-#: float32 prediction read 5.4e-5, the Hessian's own cancellation), far below the mistakes it
-#: is for (Lambda itself 0.66, 2 L 3, a Hessian without the example's weight 0.26)
+#: the relative gap of a task's ``output_hessian``, its product or ``L L^T`` from the loss's
+#: Hessian above which it is refused: far above rounding (a reviewer's right factor of a
+#: confident float32 prediction read 5.4e-5, the Hessian's own cancellation), far below the
+#: mistakes it is for (Lambda itself 0.66, 2 L 3, a Hessian without the examples' weight 0.26)
 FACTOR_TOLERANCE = 1e-2
 
-#: training examples, spread over the set, on which a task's own ``output_hessian`` and
-#: ``output_hessian_factor`` are checked (a factor right on example 0 and wrong on the
-#: examples of another class, a tester's class-weighted loss, put K-FAC 11% off, EK-FAC 32%)
+#: the gap below which a curvature block is taken as the loss's whatever its size: near-certain
+#: examples' Hessians are near 0, where PyTorch's own autodiff rounds (binary cross-entropy on
+#: sigmoid probabilities clamps its division: 8.7e-15 for 9.4e-14), and such curvature weighs
+#: nothing beside any damping (a reviewer's right Hessians were refused at gaps of 1e-15)
+CURVATURE_FLOOR = 1e-9
+
+#: training examples, spread over the set, on which a task's own ``output_hessian``,
+#: ``output_hessian_product`` and ``output_hessian_factor`` are checked (a factor right on
+#: example 0 and wrong on the examples of another class, a tester's class-weighted loss, put
+#: K-FAC 11% off, EK-FAC 32%)
 CURVATURE_CHECK_EXAMPLES = 8
 
 #: examples, spread over a set, whose loss (or measurement) gradients in the outputs are
@@ -491,16 +505,33 @@ PRECISION_CHECK_EXAMPLES = 64
 #: rounded to 1: cross-entropy's ``p - onehot`` lost its true class's entry)
 PRECISION_TOLERANCE = 1e-2
 
+#: examples a check's forward pass takes at a time (without gradients): a language model's
+#: [B, T, V] logits of 64 examples at once were a reviewer's 12 GiB
+CHECK_BATCH = 8
+
 
 def _spread(n: int, k: int) -> list[int]:
     """Up to ``k`` positions spread evenly over ``n`` examples, the first and the last among
-    them (data sorted by class meets every class)."""
-    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(min(n, k))})
+    them (data sorted by class meets every class); all of them when ``n <= k``."""
+    count = min(n, k)
+    return sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(count)})
 
 
 def _builtin(fn: Any) -> bool:
     """Whether ``fn`` is one of infkit's own (tested against autodiff in the suite)."""
     return getattr(fn, "__module__", None) in (Task.__module__, lm.__name__)
+
+
+def _spread_outputs(engine: PerExample, examples: ExampleSet, k: int) -> tuple[Tensor, Any, Batch]:
+    """The outputs (detached) and targets of ``k`` examples spread over the set, forwarded
+    :data:`CHECK_BATCH` at a time without gradients, and their batch (for naming them)."""
+    batch = examples.take(_spread(len(examples), k))
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(batch), CHECK_BATCH):
+            rows = batch.rows(range(start, min(start + CHECK_BATCH, len(batch))))
+            parts.append(engine.outputs(rows).detach())
+    return torch.cat(parts), engine.prepare(batch)[1], batch
 
 
 def _float64_or_own(fn: Any, outputs: Tensor, *args: Any) -> tuple[Tensor, torch.dtype]:
@@ -513,26 +544,26 @@ def _float64_or_own(fn: Any, outputs: Tensor, *args: Any) -> tuple[Tensor, torch
         return fn(outputs, *args).to(torch.float64), outputs.dtype
 
 
-def _check_output_curvature(engine: PerExample, examples: ExampleSet) -> None:
-    """Refuse a task's own ``output_hessian`` that is not its loss's Hessian in the outputs,
-    and an ``output_hessian_factor`` L_i whose ``L_i L_i^T`` is not that Hessian, on
-    :data:`CURVATURE_CHECK_EXAMPLES` training examples spread over the set (against autodiff,
-    or against the task's checked ``output_hessian``). Reviewers' and testers' mistakes went
-    through with only their shapes checked: a factor returning Lambda_i (K-FAC 142% off), 2 L_i
-    (69%), one right on example 0 only (11%, EK-FAC 32%); a Hessian without the examples'
-    weights (25.7% off), doubled (44%), asymmetric (dual 2.8x). None above
-    :data:`FACTOR_CHECK_OUTPUTS` outputs per example."""
+def _check_output_curvature(engine: PerExample, examples: ExampleSet, first: Tensor) -> None:
+    """Refuse a task's own ``output_hessian`` that is not its loss's Hessian in the outputs, an
+    ``output_hessian_product`` that does not multiply by it, and an ``output_hessian_factor``
+    L_i whose ``L_i L_i^T`` is not that Hessian's non-negative part (what infkit's own factor
+    keeps of an indefinite one), on :data:`CURVATURE_CHECK_EXAMPLES` training examples spread
+    over the set, against autodiff (or the task's checked ``output_hessian``). Reviewers' and
+    testers' mistakes went through with only their shapes checked: a factor returning Lambda_i
+    (K-FAC 142% off), 2 L_i (69%), one right on example 0 only (11%, EK-FAC 32%); a Hessian
+    without the examples' weights (25.7% off; as a product, cg 61.6%), doubled (44%),
+    asymmetric (dual 2.8x). None above :data:`FACTOR_CHECK_OUTPUTS` outputs an example
+    (``first``: example 0's)."""
     task = engine.task
     hessian_fn, factor_fn = task.output_hessian, task.output_hessian_factor
+    product_fn = task.output_hessian_product
     own_hessian = hessian_fn is not None and not _builtin(hessian_fn)
     own_factor = factor_fn is not None and not _builtin(factor_fn)
-    if not (own_hessian or own_factor):
+    own_product = product_fn is not None and not _builtin(product_fn)
+    if not (own_hessian or own_factor or own_product) or first[0].numel() > FACTOR_CHECK_OUTPUTS:
         return
-    batch = examples.take(_spread(len(examples), CURVATURE_CHECK_EXAMPLES))
-    outputs = engine.outputs(batch).detach()
-    if outputs[0].numel() > FACTOR_CHECK_OUTPUTS:
-        return
-    targets = engine.prepare(batch)[1]
+    outputs, targets, batch = _spread_outputs(engine, examples, CURVATURE_CHECK_EXAMPLES)
     try:  # the loss's own, by autodiff
         autodiff, ran_in = _float64_or_own(task.loss_hessians, outputs, targets)
     except CALL_ERRORS:  # a loss torch.func cannot take: what the given curvature spares
@@ -553,24 +584,55 @@ def _check_output_curvature(engine: PerExample, examples: ExampleSet) -> None:
             "loss by autodiff",
         )
     if hessian_fn is not None:
-        reference, source = (
-            _float64_or_own(task.lambda_blocks, outputs, targets)[0],
-            ("its output_hessian"),
+        reference = _float64_or_own(task.lambda_blocks, outputs, targets)[0]
+        source = "its output_hessian"
+    if reference is None:
+        return
+    b, c = outputs.shape[0], outputs[0].numel()
+    if own_product and product_fn is not None:
+        vectors = torch.randn(2, *outputs.shape, generator=torch.Generator().manual_seed(0))
+        try:
+            done = product_fn(outputs.to(torch.float64), targets, vectors.double())
+            done_in: torch.dtype = torch.float64
+        except CALL_ERRORS:
+            done = product_fn(outputs, targets, vectors.to(outputs.dtype))
+            done_in = outputs.dtype
+        flat = vectors.to(torch.float64).reshape(2, b, c)
+        expected = torch.einsum("bcd,kbd->bkc", reference, flat)
+        _refuse_gap(
+            examples,
+            batch,
+            done.to(torch.float64).reshape(2, b, c).transpose(0, 1),
+            expected,
+            (ran_in, done_in),
+            "output_hessian_product",
+            f" (Lambda from {source}). It must return Lambda_i v for each example's block of "
+            "the vectors V [K, *outputs.shape], in V's shape",
+            what="the products",
         )
-    if not own_factor or reference is None or outputs.dim() != 2:
+    if not own_factor or outputs.dim() != 2:
         return  # (the factor serves outputs [B, C] only: Task.lambda_factor)
     factor = task.lambda_factor(outputs, targets).to(torch.float64)
+    values, vectors_ = torch.linalg.eigh(0.5 * (reference + reference.mT))
+    kept = (vectors_ * values.clamp_min(0).unsqueeze(1)) @ vectors_.mT  # its non-negative part
+    indefinite = bool((values.min(dim=1).values < -FACTOR_TOLERANCE * values.abs().amax(1)).any())
     _refuse_gap(
         examples,
         batch,
         factor @ factor.transpose(1, 2),
-        0.5 * (reference + reference.mT),
+        kept,
         (ran_in, outputs.dtype),
         "output_hessian_factor",
-        f" (Lambda from {source}). It must return L_i with L_i L_i^T = Lambda_i, [B, C, K] (not "
-        "Lambda_i itself), e.g. the eigenvectors of Lambda_i scaled by the square roots of its "
-        "eigenvalues",
-        product=True,
+        f" (Lambda from {source}"
+        + (
+            "; indefinite there, so its non-negative part, as infkit's own factor keeps"
+            if indefinite
+            else ""
+        )
+        + "). It must return L_i with L_i L_i^T = Lambda_i, [B, C, K] (not Lambda_i itself), "
+        "e.g. the eigenvectors of Lambda_i scaled by the square roots of its eigenvalues, or be "
+        "left out: infkit then factors Lambda_i itself",
+        what="L L^T",
     )
 
 
@@ -582,21 +644,20 @@ def _refuse_gap(
     dtypes: tuple[torch.dtype, torch.dtype],
     option: str,
     remedy: str,
-    product: bool = False,
+    what: str = "it",
 ) -> None:
-    """Refuse ``given`` [K, C, C] where an example's block is further from ``reference``'s
-    than :data:`FACTOR_TOLERANCE` of their size, beyond the rounding of the coarser of
-    ``dtypes`` (on the scale of the examples' largest block: a confident example's Hessian is
-    near 0, its float32 cancellation as large as it)."""
+    """Refuse ``given`` [K, ...] where an example's block is further from ``reference``'s than
+    :data:`FACTOR_TOLERANCE` of their size, beyond the rounding of the coarser of ``dtypes``
+    (on the scale of the examples' largest block: a confident example's Hessian is near 0, its
+    float32 cancellation as large as it) and :data:`CURVATURE_FLOOR`."""
     gap = (given - reference).flatten(1).norm(dim=1)
     size = torch.maximum(given.flatten(1).norm(dim=1), reference.flatten(1).norm(dim=1))
     eps = max(torch.finfo(d).eps for d in dtypes)
-    floor = 100 * eps * float(size.max())
+    floor = max(100 * eps * float(size.max()), CURVATURE_FLOOR)
     bad = (gap > FACTOR_TOLERANCE * size + floor).nonzero().flatten().tolist()
     if not bad:
         return
     k = bad[0]
-    what = "L L^T" if product else "it"
     raise InvalidInputError(
         f"the task's {option} does not give the loss's Hessian in the outputs on "
         f"{examples.name} {batch.example(k)} ({len(bad)} of the {len(gap)} examples checked, "
@@ -605,49 +666,64 @@ def _refuse_gap(
     )
 
 
-def _check_loss_precision(engine: PerExample, examples: ExampleSet, measured: bool) -> None:
+def _check_loss_precision(
+    engine: PerExample, examples: ExampleSet, measured: bool, first: Tensor
+) -> None:
     """Warn where a task's own loss (its measurement, for queries) loses its precision in the
     outputs' dtype: its gradient in the outputs of :data:`PRECISION_CHECK_EXAMPLES` examples
-    spread over the set against the same function's on the outputs in float64. A tester's
-    float32 softmax regression with a plain ``F.cross_entropy``: its confident queries (``1 -
-    p_y < 6e-8``, ``p_y`` rounded to 1) scored 64-72% off a float64 solve, with no word. The
-    built-in tasks take their loss in float64 (the language-modelling loss excepted,
-    docs/methods/language_models.md §7); none above :data:`FACTOR_CHECK_OUTPUTS` outputs."""
+    spread over the set against the same function's on the outputs in float64 (a query's
+    against its own gradient, which its scores scale with; a training example's against the
+    set's typical one, as its share of the curvature and the scores is: a reviewer's confident
+    training examples, 75% off their own tiny gradients, moved no score). A tester's float32
+    softmax regression with a plain ``F.cross_entropy``: its confident queries (``1 - p_y <
+    6e-8``, ``p_y`` rounded to 1) scored 64-72% off a float64 solve, with no word. A function
+    that takes no float64 outputs (float32 class weights of its own) is told of, once, as not
+    checked. The built-in tasks take their loss in float64 (the language-modelling loss
+    excepted, docs/methods/language_models.md §7); none above :data:`FACTOR_CHECK_OUTPUTS`
+    outputs an example (``first``: example 0's)."""
     task = engine.task
     fn = task.measurement if measured else task.loss
-    if _builtin(fn):
+    if _builtin(fn) or first.dtype == torch.float64 or first[0].numel() > FACTOR_CHECK_OUTPUTS:
         return
-    batch = examples.take(_spread(len(examples), PRECISION_CHECK_EXAMPLES))
-    outputs = engine.outputs(batch).detach()
-    if outputs.dtype == torch.float64 or outputs[0].numel() > FACTOR_CHECK_OUTPUTS:
-        return
-    targets = engine.prepare(batch)[1]
+    outputs, targets, batch = _spread_outputs(engine, examples, PRECISION_CHECK_EXAMPLES)
+    name = "measurement" if measured and not task.measures_loss else "loss"
     grads = []
-    try:
-        for dtype in (outputs.dtype, torch.float64):
-            at = outputs.to(dtype).requires_grad_()
+    for dtype in (outputs.dtype, torch.float64):
+        at = outputs.to(dtype).requires_grad_()
+        try:
             with torch.enable_grad():
                 (grad,) = torch.autograd.grad(fn(at, targets).sum(), at)
-            grads.append(grad.to(torch.float64).flatten(1))
-    except CALL_ERRORS:  # (a loss that takes no float64 outputs: nothing to compare)
-        return
+        except CALL_ERRORS as error:
+            if dtype == torch.float64:  # (the outputs' own dtype worked: the loss's own tensors)
+                warn(
+                    f"the task's {name} takes no float64 outputs ({clause(error_summary(error))}), "
+                    f"so its precision in {dtype_name(outputs.dtype)} is not checked: a confident "
+                    "example's probability rounds to 1 there (1 - p < 6e-8 in float32), and "
+                    "cross-entropy's p - onehot loses its true class's entry. Take it in "
+                    "float64, its own tensors too (class weights: w.double()), and return it in "
+                    "the outputs' dtype",
+                    Notice,
+                )
+            return
+        grads.append(grad.to(torch.float64).flatten(1))
     low, exact = grads
     size = exact.norm(dim=1)
-    gap = (low - exact).norm(dim=1) / size.clamp_min(1e-300)
+    scale = size if measured else size.median().expand_as(size)
+    gap = (low - exact).norm(dim=1) / scale.clamp_min(1e-300)
     tolerance = max(PRECISION_TOLERANCE, 100 * torch.finfo(outputs.dtype).eps)
-    bad = ((gap > tolerance) & (size > 0)).nonzero().flatten().tolist()
+    bad = ((gap > tolerance) & (scale > 0)).nonzero().flatten().tolist()
     if not bad:
         return
     k = max(bad, key=lambda i: float(gap[i]))
-    name = "measurement" if measured and not task.measures_loss else "loss"
+    against = "its own gradient" if measured else "the set's typical gradient"
     warn(
         f"the task's {name} loses its precision in {dtype_name(outputs.dtype)} on "
         f"{examples.name} {batch.example(k)}: its gradient in the outputs is {float(gap[k]):.0%} "
-        f"off the same {name}'s on the outputs in float64 ({len(bad)} of the {len(gap)} examples "
-        "checked, spread over the set, more than 1% off), and every score and curvature "
-        "reads that gradient. A confident prediction rounds its probability to 1 (1 - p < "
-        "6e-8 in float32), and cross-entropy's p - onehot loses its true class's entry. "
-        f"Compute the {name} in float64 and return it in the outputs' dtype, e.g. "
+        f"({against}) off the same {name}'s on the outputs in float64 ({len(bad)} of the "
+        f"{len(gap)} examples checked, spread over the set, more than 1% off), and every score "
+        "and curvature reads that gradient. A confident prediction rounds its probability to 1 "
+        "(1 - p < 6e-8 in float32), and cross-entropy's p - onehot loses its true class's "
+        f"entry. Compute the {name} in float64 and return it in the outputs' dtype, e.g. "
         "F.cross_entropy(outputs.double(), y, reduction='none').to(outputs.dtype), as the "
         "built-in tasks do",
         UserWarning,

@@ -781,7 +781,7 @@ class Influence:
             as_fitted = record.task_as_fitted(task)
             examples = record.examples(train)
             record.check_task(as_fitted, examples)
-            settings = record.settings(options)
+            settings = record.settings(options, workdir_given=workdir is not None)
             autocast = settings.autocast
             if autocast is not None and not method_class(settings.method).takes_autocast:
                 # saved before such a run was refused: the precision changed none of its answers

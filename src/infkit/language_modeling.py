@@ -841,8 +841,8 @@ def examples(
     0 at padding), which models with absolute position embeddings (GPT-2) need under left
     padding; rotary ones (Llama) do not, and take them too. ``allow_unscored=True`` keeps
     sequences with no scored token (labels all -100, a sequence of one token): queries read only
-    through a custom measurement (``task.with_measurement(fn)``, the logit of a chosen token at
-    the last position say) need none; read through the loss they are refused when scored.
+    through a custom measurement (``task.with_measurement(fn, higher_is_better=True)``, the
+    logit of a chosen token at the last position say) need none; read through the loss they are refused when scored.
 
     Raises:
         InvalidInputError: ids that are not an integer [N, T] tensor (or a list of sequences
@@ -933,7 +933,7 @@ def examples(
             f"sequence {i} has no token to score: {cause}, so its loss is 0 and every score "
             "against it would be 0. Drop it"
             + (", or shorten its prompt" if prompt_lengths is not None else "")
-            + "; a query read only through a custom measurement (task.with_measurement(fn)) needs "
-            "no scored token: pass allow_unscored=True"
+            + "; a query read only through a custom measurement (task.with_measurement(fn, "
+            "higher_is_better=True) for a logit) needs no scored token: pass allow_unscored=True"
         )
     return inputs, labels

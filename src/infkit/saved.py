@@ -572,7 +572,9 @@ def save(
         "batch_size": settings.batch_size,
         "per_example": settings.per_example,
         "memory_limit": settings.memory_limit,
-        "workdir": None if settings.workdir is None else str(settings.workdir),
+        # (absolute: a relative one was resolved against the loading process's directory, a
+        # tester's load from elsewhere made a new folder there)
+        "workdir": None if settings.workdir is None else str(Path(settings.workdir).absolute()),
         # each save is an artifact of its own: a new one is committed by one rename; under
         # torchrun the processes' saves of their one fit are one artifact (the same key)
         "save": (
@@ -613,6 +615,8 @@ def save(
             "n_train": fitted.n,
             "n_params": space.size,
             "data_saved": data_doc["saved"],
+            # (a load says so where a workdir that was there is not: moved with its save)
+            "workdir_made": settings.workdir is not None and Path(settings.workdir).is_dir(),
         },
     )
     for old in existing:
@@ -755,9 +759,12 @@ class SavedInfluence:
             return task.with_autocast(self.autocast)
         return task
 
-    def settings(self, functions: Mapping[str, Any] | None = None) -> Settings:
+    def settings(
+        self, functions: Mapping[str, Any] | None = None, *, workdir_given: bool = False
+    ) -> Settings:
         """The facade's settings, the method options decoded (``functions``: the callable
-        options, given again).
+        options, given again); a recorded workdir that was there at the save and is not now is
+        said (unless ``workdir_given``: the load names another).
 
         Raises:
             UnsupportedError: the method is not registered in this process.
@@ -805,6 +812,18 @@ class SavedInfluence:
             del options[name]  # (left unread: they changed nothing, and construction refuses them)
         choice = self.document("state").get("choice")
         workdir = ident.get("workdir")
+        made = bool(self.artifact.info.get("workdir_made", True))
+        if workdir is not None and made and not workdir_given and not Path(workdir).is_dir():
+            # (a tester's save moved with its run's folder: the load made the old folder again
+            # and committed there, without a word)
+            warn(
+                f"{self.requested_path} was saved with the workdir {workdir}, which is not there "
+                "now (moved or removed since the save): this load makes it again when it "
+                "commits what it computes. Pass Influence.load(..., workdir=PATH) to commit "
+                "elsewhere (the folder the workdir moved to), or save with keep_workdir=False "
+                "for none",
+                Notice,
+            )
         return Settings(
             method=self.method,
             requested=str(ident["requested"]),

@@ -58,6 +58,16 @@ OVERWRITE_WAITS, OVERWRITE_WAIT_SECONDS = 100, 0.05
 _T = TypeVar("_T")
 
 
+def unwritable(root: Path, error: OSError) -> ArtifactError:
+    """The refusal of a directory of artifacts this process cannot make or write in."""
+    said = error.strerror or type(error).__name__
+    return ArtifactError(
+        f"cannot write in {root} ({said}): infkit commits its artifacts there (a workdir, "
+        "factors_dir or save path). Give a directory this process can write in, or make it "
+        "writable"
+    )
+
+
 # ---------------------------------------------------------------------------- single files
 @functools.cache
 def _file_mode() -> int:
@@ -302,8 +312,21 @@ class ArtifactStore:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise InvalidInputError(f"{self.root} is a file, not a directory of artifacts")
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # (a path under a file, a folder one may not write in)
+            raise unwritable(self.root, error) from error
         self.clean()
+
+    def check_writable(self) -> None:
+        """Refuse a store this process cannot write in, before a computation that commits to
+        it (a tester's unwritable workdir raised a raw PermissionError after the whole factor
+        pass). A store one only reads (a finished run's) is not checked."""
+        try:
+            probe = Path(tempfile.mkdtemp(prefix=f"{_TMP}probe-", dir=self.root))
+        except OSError as error:
+            raise unwritable(self.root, error) from error
+        shutil.rmtree(probe, ignore_errors=True)
 
     # ------------------------------------------------------------------ naming
     @staticmethod
@@ -447,7 +470,10 @@ class ArtifactStore:
         """
         final = self.path(kind, identity)
         tmp = self.root / f"{_TMP}{kind}-{self.key(kind, identity)}-{_writer()}"
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as error:
+            raise unwritable(self.root, error) from error
         try:
             files: dict[str, dict[str, Any]] = {}
             for name, values in (tensors or {}).items():

@@ -609,6 +609,7 @@ class KroneckerCurvature:
             fitted.batch_size,
             progress=fitted.progress,
             cache_bytes=min(options.cache_bytes, fitted.memory_limit // 4),
+            memory_limit=fitted.memory_limit,
         )
 
     def factors_identity(self) -> dict[str, Any]:
@@ -703,6 +704,9 @@ class KroneckerCurvature:
                     "Influence(..., overwrite=True)) to refit them there, or use another "
                     "factors_dir (or workdir)"
                 )
+
+        if store is not None:  # (before the pass whose factors it commits)
+            store.check_writable()
 
         def commit(factors: KroneckerFactors, identity: dict[str, Any]) -> None:
             if store is None:
@@ -857,6 +861,7 @@ def factor_fitter(
     batch_size: int,
     progress: Mode = "off",
     cache_bytes: int = 0,
+    memory_limit: int | None = None,
 ) -> FactorFitter:
     """The :class:`FactorFitter` of a Kronecker method with these options."""
     return FactorFitter(
@@ -871,6 +876,7 @@ def factor_fitter(
         batch_size=batch_size,
         progress=progress,
         cache_bytes=cache_bytes,
+        memory_limit=memory_limit,
     )
 
 

@@ -58,6 +58,14 @@ def _check_output(t: TrackedModule, x: Tensor, output: Any) -> None:
     """
     if t.kind in CONVOLUTIONS:
         dims = 4 if t.kind == "conv2d" else 3
+        if x.dim() == dims - 1:  # (PyTorch's unbatched call: [C, L], [C, H, W]; a reviewer's)
+            raise UnsupportedError(
+                f"tracked layer {t.name!r} ({type(t.module).__name__}) is called on one "
+                f"unbatched input of shape {list(x.shape)}, an example at a time: its hooks "
+                "read a batch's examples along the first dimension. Call it on the batch "
+                "(x rather than each x[i]), or leave it out of the attribution: modules=[...] "
+                "without it, or a method that takes gradients by autograd (cg, exact, identity)"
+            )
         expected = f"[B, {t.d_out}, H, W]" if dims == 4 else f"[B, {t.d_out}, L]"
         fits = isinstance(output, Tensor) and output.dim() == dims and output.shape[1] == t.d_out
     else:
@@ -372,13 +380,12 @@ class Capture:
                 if rows != b:  # images folded into the batch (a video's frames): batch-major
                     a = a.reshape(b, -1, a.shape[-1])
                     to_tokens = _regrouped(to_tokens, b)
+                if t.kind == "nn_conv1d":  # over a sequence's tokens (SqueezeBERT's): masked
+                    mask = self._sequence_mask(t, a)  # as a Linear's (a reviewer's pads, 47%)
             else:
                 a = self._sequence_input(x, t.bias is not None, b)
                 to_tokens = _sequence_tokens(b, output.shape[-1])
-                if self._mask is not None and self._mask.shape == a.shape[:2]:
-                    mask = self._mask_as(a.dtype)
-                elif self._mask is not None and self._shortened(int(a.shape[1])):
-                    self._unmasked.setdefault(t.name, int(a.shape[1]))
+                mask = self._sequence_mask(t, a)
             if self.consume is not None and torch.is_grad_enabled():
                 # nothing kept here: the hook holds the terms until it hands them over
                 self._called[t.name] = self._called.get(t.name, 0) + 1
@@ -493,6 +500,18 @@ class Capture:
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
         self._inputs[key] = (x, a)
         return a
+
+    def _sequence_mask(self, t: TrackedModule, a: Tensor) -> Tensor | None:
+        """The attention mask of a layer's positions ``a`` [B, L, cols] where it marks them (L
+        the mask's T), else None, noting a layer that sees the sequence shortened
+        (:meth:`_shortened`) for the warning of :meth:`_warn_unmasked`."""
+        if self._mask is None:
+            return None
+        if self._mask.shape == a.shape[:2]:
+            return self._mask_as(a.dtype)
+        if self._shortened(int(a.shape[1])):
+            self._unmasked.setdefault(t.name, int(a.shape[1]))
+        return None
 
     def _shortened(self, positions: int) -> bool:
         """Whether a layer seeing ``positions`` positions per example where the mask marks T

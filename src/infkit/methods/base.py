@@ -1073,14 +1073,15 @@ def drift_message(fitted: Fitted, drift: diagnostics.Drift) -> str:
         return (
             "the loss has no curvature in the model's outputs on any training example checked "
             "(Lambda_i = 0: a loss piecewise linear in the outputs, as a hinge or an absolute "
-            f"error), and its gradient is not 0 (||grad L|| is {fitted.stationarity:.2g} of "
-            "the typical per-example gradient, at a kink even at the optimum): the step to the "
-            f"optimum the curvature gives ({drift.relative_step:.2g} of ||theta*||) changes the "
-            f"training residuals dl/df by {drift.residual_shift:.0%}, at the loss's kinks, which "
-            "the influence function, a first-order expansion, does not see (a tester's SVM at "
-            "its optimum: scores 10x the leave-one-out changes, r = 0.47). For attribution, "
-            "train with a smooth loss (squared hinge, logistic, Huber), or compare with "
-            "retraining (infkit.retrain.leave_one_out)"
+            f"error), and ||grad L|| is {fitted.stationarity:.2g} of the typical per-example "
+            "gradient (not 0 at a kink, even at the optimum): the step to the optimum the "
+            f"curvature gives ({drift.relative_step:.2g} of ||theta*||) changes the training "
+            f"residuals dl/df by {drift.residual_shift:.0%}, across the loss's kinks, which the "
+            "influence function, a first-order expansion, does not see (a tester's SVM at its "
+            "optimum: scores 10x the leave-one-out changes, r = 0.47). Check that the model is "
+            "at its optimum (trained to it, with the l2 it was trained with passed), and for "
+            "attribution train with a smooth loss (squared hinge, logistic, Huber), or compare "
+            "with retraining (infkit.retrain.leave_one_out)"
         )
     return (
         f"the model is not at a stationary point of mean_i l_i + (l2/2)||theta||^2 with "

@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor
 
 from infkit import plot
-from infkit.errors import ArtifactError, warn
+from infkit.errors import ArtifactError, InvalidInputError, warn
 from infkit.report.views import far_reading, retraining_name, value_range, worst_norm
 from infkit.retrain import START_MOVE
 from infkit.store import MANIFEST, ArtifactStore
@@ -158,8 +158,14 @@ def write_report(workdir: str | Path, out: str | Path | None = None) -> Path:
     target = Path(out) if out is not None else path.parent / "report.html"
     page = render(data, tensors)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(target)
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(target)
+    except OSError as error:  # (a workdir one may read, not write: a tester's traceback)
+        raise InvalidInputError(
+            f"cannot write the report to {target} ({error.strerror or type(error).__name__}): "
+            "give --out FILE (out= in Python) in a folder this process can write in"
+        ) from error
     return target
 
 
