@@ -324,3 +324,35 @@ def test_unwritable_folders_and_a_moved_workdir_are_told(problem: dict, tmp_path
         )
     moved.scores(problem["test"])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_rounding_its_features_otherwise_each_read_is_taken() -> None:
+    """A dataset computing float features on the fly may round their last bits otherwise from
+    read to read (the check that a dataset reads alike allows a relative 1e-5): its later reads
+    are taken, where one moved beyond that is refused."""
+
+    class Rounding(torch.utils.data.Dataset):
+        def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+            self.X, self.y, self.reads, self.moved = X, y, 0, 0.0
+
+        def __len__(self) -> int:
+            return len(self.y)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            self.reads += 1
+            noise = 1 + 1e-9 * (-1) ** self.reads  # the last bits, otherwise each read
+            return self.X[i] * noise + self.moved, self.y[i]
+
+    gen = torch.Generator().manual_seed(2)
+    data = Rounding(
+        torch.randn(30, 4, generator=gen, dtype=torch.float64),
+        torch.randint(0, 3, (30,), generator=gen),
+    )
+    task = infkit.Task.classification(torch.nn.Linear(4, 3).double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = infkit.Influence(task, "cg", l2=1e-2, memory_limit=10_000).fit(data)
+        inf.scores((data.X[:2], data.y[:2]))  # read again, rounded otherwise: taken
+        data.moved = 1e-3
+        with pytest.raises(InvalidInputError, match="reads otherwise than at its first read"):
+            inf.scores((data.X[:2], data.y[:2]))

@@ -348,12 +348,13 @@ class ExampleSet:
         self._tensors: tuple[Any, Any] | None = None
         self._dataset: Any = None
         #: what each example's first read noted of its content (:mod:`infkit.content`), which
-        #: every later read is checked against: whether noted, the notes, which are floats
+        #: every later read is checked against: whether noted, the notes, how many tensors
         #: (NumPy arrays: a read inside a torch.func transform, a training run's replay, may
         #: not write into a tensor it did not make)
         self._noted: np.ndarray | None = None
-        self._notes: tuple[np.ndarray, np.ndarray] = (np.empty(0), np.empty(0))
-        self._floats: Tensor = torch.empty(0, dtype=torch.bool)
+        self._exact: np.ndarray = np.empty(0, np.int64)
+        self._rough: np.ndarray | None = None
+        self._width = 0
         iterable = data.dataset if isinstance(data, DataLoader) else data
         if isinstance(iterable, IterableDataset):
             raise InvalidInputError(
@@ -540,29 +541,30 @@ class ExampleSet:
         tensors = leaves(batch.inputs) + leaves(batch.targets)
         if not tensors or not len(batch) or any(_unreadable(t) for t in tensors):
             return
-        exact, rough = (part.numpy() for part in content.notes(tensors))
+        exactly = self._tensors is not None
+        exact, rough = content.notes(tensors, exactly)
         if self._noted is None:
-            n, width = len(self), len(tensors)
+            n = len(self)
             self._noted = np.zeros(n, dtype=bool)
-            self._notes = (np.zeros((n, width), np.int64), np.zeros((n, width, 2), np.float64))
-            self._floats = torch.tensor([t.is_floating_point() for t in tensors])
+            self._exact = np.zeros(n, np.int64)
+            self._rough = None if rough is None else np.zeros((n, 2), np.float64)
+            self._width = len(tensors)
         idx = batch.indices.cpu().numpy()
-        if exact.shape[1] != self._notes[0].shape[1]:
+        if len(tensors) != self._width or (rough is None) != (self._rough is None):
             raise self._changed(batch, 0)
         seen = self._noted[idx]
         if seen.any():
             rows = seen.nonzero()[0]
-            first = (
-                torch.from_numpy(self._notes[0][idx[rows]]),
-                torch.from_numpy(self._notes[1][idx[rows]]),
-            )
-            again = (torch.from_numpy(exact[rows]), torch.from_numpy(rough[rows]))
-            moved = content.differ(first, again, self._floats, self._tensors is not None)
+            kept = None if self._rough is None else torch.from_numpy(self._rough[idx[rows]])
+            first = (torch.from_numpy(self._exact[idx[rows]]), kept)
+            again = (exact[rows], None if rough is None else rough[rows])
+            moved = content.differ(first, again)
             if bool(moved.any()):
                 raise self._changed(batch, int(rows[int(moved.nonzero()[0, 0])]))
         fresh = (~seen).nonzero()[0]
-        self._notes[0][idx[fresh]] = exact[fresh]
-        self._notes[1][idx[fresh]] = rough[fresh]
+        self._exact[idx[fresh]] = exact.numpy()[fresh]
+        if self._rough is not None and rough is not None:
+            self._rough[idx[fresh]] = rough.numpy()[fresh]
         self._noted[idx[fresh]] = True
 
     def _changed(self, batch: Batch, k: int) -> InvalidInputError:
