@@ -7,10 +7,10 @@ the same wrong scores from the workdir).
 
 Each example gets two notes of its tensors:
 
-* ``exact``: weighted sums of their bytes, ``sum_j w_j b_j`` in int64 with fixed weights
-  ``w_j`` in [1, 2^20] (no overflow below 2^35 bytes an example, and the same whatever the
-  batch), combined modulo a prime of 31 bits: any change of a byte changes it but once in 2^31,
-  reordered examples move it;
+* ``exact``: weighted sums of their bytes read as 64-bit words, ``sum_j w_j b_j`` modulo 2^64
+  with fixed odd weights ``w_j`` (integer products and sums wrap alike in any order: the same
+  whatever the batch), combined modulo a prime of 31 bits: any change of a byte changes it but
+  once in 2^31, reordered examples move it;
 * ``rough``: ``sum_j v_j x_j`` and ``sum_j |v_j x_j|`` in float64 over the floating-point
   tensors, ``v_j`` fixed in [-1, 1]: compared within a relative 1e-5, as a dataset computing
   features on the fly may round its last bits otherwise from read to read (infkit's check that
@@ -32,9 +32,25 @@ ROUGH_TOLERANCE = 1e-5
 
 
 @functools.cache
-def _byte_weights(count: int, device: torch.device) -> Tensor:
+def _word_weights(count: int, device: torch.device) -> Tensor:
+    """Odd int64 weights: a word's product with one is a bijection modulo 2^64."""
     generator = torch.Generator().manual_seed(count)
-    return torch.randint(1, 2**20, (count,), generator=generator, dtype=torch.int64).to(device)
+    drawn = torch.randint(0, 2**62, (count,), generator=generator, dtype=torch.int64)
+    return (drawn * 2 + 1).to(device)
+
+
+def _words(rows: Tensor) -> Tensor:
+    """The bytes of ``rows`` [B, k] as int64 words, [B, k'], the widest that divide a row."""
+    raw = rows.contiguous()
+    if raw.dtype == torch.bool:
+        raw = raw.view(torch.uint8)
+    size = raw.shape[1] * raw.element_size()
+    for dtype, width in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2), (torch.uint8, 1)):
+        if size % width == 0:
+            return (
+                raw.view(torch.uint8).view(dtype).to(torch.int64) if size else raw.to(torch.int64)
+            )
+    raise AssertionError("a byte always divides")
 
 
 @functools.cache
@@ -65,10 +81,11 @@ def notes(tensors: list[Tensor], exactly: bool) -> tuple[Tensor, Tensor | None]:
             rows = torch.view_as_real(rows).reshape(b, -1)
         floating = rows.is_floating_point()
         if exactly or not floating:
-            raw = rows.contiguous().view(torch.uint8) if rows.dtype != torch.uint8 else rows
-            weights = _byte_weights(raw.shape[1], raw.device)
-            total = (raw.to(torch.int64) * weights).sum(dim=1).cpu() % MODULUS
-            exact = (exact * MIX + total + raw.shape[1]) % MODULUS  # (its size counts too)
+            words = _words(rows)
+            # (products and sums wrap modulo 2^64, whatever their order: exact, as a batch of
+            # any size gives them)
+            total = (words * _word_weights(words.shape[1], words.device)).sum(dim=1).cpu()
+            exact = (exact * MIX + total % MODULUS + words.shape[1]) % MODULUS
         if floating and not exactly:
             values = rows.to(torch.float64) * _value_weights(rows.shape[1], rows.device)
             if rough is None:
