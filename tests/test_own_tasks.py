@@ -400,3 +400,48 @@ def test_right_curvature_of_near_certain_examples_and_sorted_data_are_taken_as_t
     task = infkit.Task(torch.nn.Linear(13, 3).double(), batch_balanced)
     with pytest.raises(InvalidInputError, match="mixes the examples of a batch"):
         infkit.Influence(task, "exact", l2=L2).fit((Xw, yw))
+
+
+def test_a_wrong_hessian_is_refused_though_most_examples_are_near_certain() -> None:
+    """A reviewer's class-weighted binary loss whose Hessian forgets the weights, on data 90%
+    near certain: the 8 examples checked were all near certain and an absolute floor of 1e-9
+    let the wrong Hessian through (exact 181% off). 64 examples are checked, the floor relative
+    to the largest block among them: refused; the right one taken."""
+    gen = torch.Generator().manual_seed(6)
+    X = torch.randn(200, 3, generator=gen, dtype=torch.float64)
+    y = (X[:, 0] > 0).to(torch.float64)
+    model = torch.nn.Linear(3, 1).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[60.0, 0.0, 0.0]], dtype=torch.float64))
+        model.bias.zero_()
+        z = model(X)[:, 0]
+    sure = (z.sigmoid() * (1 - z.sigmoid())) < 1e-12  # (gaps below the old floor of 1e-9)
+    # the near-certain examples where 8 spread examples are read, the others among the 64
+    eight = [round(i * 199 / 7) for i in range(8)]
+    order = torch.empty(200, dtype=torch.long)
+    certain, other = torch.nonzero(sure)[:, 0].tolist(), torch.nonzero(~sure)[:, 0].tolist()
+    order[eight] = torch.tensor(certain[:8])
+    rest = [i for i in range(200) if i not in eight]
+    order[rest] = torch.tensor(certain[8:] + other)
+    X, y = X[order], y[order]
+    weight = torch.tensor([1.0, 5.0], dtype=torch.float64)
+
+    def loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        w = weight[t.long()]
+        return w * F.binary_cross_entropy_with_logits(o[:, 0], t, reduction="none")
+
+    def unweighted(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(o)
+        return (p * (1 - p))[:, :, None]
+
+    def right(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return weight[t.long()][:, None, None] * unweighted(o, t)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        infkit.Influence(infkit.Task(model, loss, output_hessian=right), "exact", l2=1e-2).fit(
+            (X, y)
+        )
+        with pytest.raises(InvalidInputError, match="output_hessian does not give"):
+            task = infkit.Task(model, loss, output_hessian=unweighted)
+            infkit.Influence(task, "exact", l2=1e-2).fit((X, y))

@@ -356,3 +356,45 @@ def test_a_dataset_rounding_its_features_otherwise_each_read_is_taken() -> None:
         data.moved = 1e-3
         with pytest.raises(InvalidInputError, match="reads otherwise than at its first read"):
             inf.scores((data.X[:2], data.y[:2]))
+
+
+def test_a_datasets_examples_read_through_a_part_and_in_any_key_order_are_checked() -> None:
+    """A reviewer's: a Newton removal in steps reads the kept examples through a part of the
+    set, which kept no notes for a Dataset (labels changed after fit: 140x off, no word); and a
+    Dataset of dict items in two key orders (records merged from two sources) was refused as
+    read otherwise, default_collate ordering a batch by its first item's keys."""
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+            self.X, self.y = X, y
+
+        def __len__(self) -> int:
+            return len(self.y)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            row = {"x": self.X[i].clone(), "labels": self.y[i].clone()}
+            return row if i % 2 else dict(reversed(row.items()))  # two key orders
+
+    gen = torch.Generator().manual_seed(5)
+    data = Rows(
+        torch.randn(40, 4, generator=gen, dtype=torch.float64),
+        torch.randint(0, 3, (40,), generator=gen),
+    )
+
+    class Keyed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    task = infkit.Task.classification(Keyed().double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        infkit.train_to_optimum(task, data, 1e-2)
+        inf = infkit.Influence(task, "exact", l2=1e-2).fit(data)  # both key orders: taken
+        assert inf.remove([1, 2, 3], steps=3).params.isfinite().all()
+        data.y[20:30] = (data.y[20:30] + 1) % 3  # labels changed after fit
+        with pytest.raises(InvalidInputError, match=r"example 2\d reads otherwise than"):
+            _ = inf.remove([1, 2, 3], steps=3).params

@@ -484,17 +484,19 @@ FACTOR_CHECK_OUTPUTS = 256
 #: mistakes it is for (Lambda itself 0.66, 2 L 3, a Hessian without the examples' weight 0.26)
 FACTOR_TOLERANCE = 1e-2
 
-#: the gap below which a curvature block is taken as the loss's whatever its size: near-certain
-#: examples' Hessians are near 0, where PyTorch's own autodiff rounds (binary cross-entropy on
-#: sigmoid probabilities clamps its division: 8.7e-15 for 9.4e-14), and such curvature weighs
-#: nothing beside any damping (a reviewer's right Hessians were refused at gaps of 1e-15)
+#: the gap, relative to the largest block among the examples checked, below which a block is
+#: taken as the loss's whatever its own size: near-certain examples' Hessians are near 0, where
+#: PyTorch's own autodiff rounds (binary cross-entropy on sigmoid probabilities clamps its
+#: division: 8.7e-15 for 9.4e-14), and such curvature weighs nothing beside the set's (a
+#: reviewer's right Hessians were refused at gaps of 1e-15; an absolute floor of 1e-9 let
+#: another's wrong one through where the 8 examples checked were all near certain)
 CURVATURE_FLOOR = 1e-9
 
 #: training examples, spread over the set, on which a task's own ``output_hessian``,
 #: ``output_hessian_product`` and ``output_hessian_factor`` are checked (a factor right on
 #: example 0 and wrong on the examples of another class, a tester's class-weighted loss, put
-#: K-FAC 11% off, EK-FAC 32%)
-CURVATURE_CHECK_EXAMPLES = 8
+#: K-FAC 11% off, EK-FAC 32%; 64, so that some carry curvature where most are near certain)
+CURVATURE_CHECK_EXAMPLES = 64
 
 #: examples, spread over a set, whose loss (or measurement) gradients in the outputs are
 #: compared with the same function's on the outputs in float64 (:func:`_check_loss_precision`)
@@ -649,11 +651,11 @@ def _refuse_gap(
     """Refuse ``given`` [K, ...] where an example's block is further from ``reference``'s than
     :data:`FACTOR_TOLERANCE` of their size, beyond the rounding of the coarser of ``dtypes``
     (on the scale of the examples' largest block: a confident example's Hessian is near 0, its
-    float32 cancellation as large as it) and :data:`CURVATURE_FLOOR`."""
+    float32 cancellation as large as it) and :data:`CURVATURE_FLOOR` of it."""
     gap = (given - reference).flatten(1).norm(dim=1)
     size = torch.maximum(given.flatten(1).norm(dim=1), reference.flatten(1).norm(dim=1))
     eps = max(torch.finfo(d).eps for d in dtypes)
-    floor = max(100 * eps * float(size.max()), CURVATURE_FLOOR)
+    floor = max(100 * eps, CURVATURE_FLOOR) * float(size.max())
     bad = (gap > FACTOR_TOLERANCE * size + floor).nonzero().flatten().tolist()
     if not bad:
         return

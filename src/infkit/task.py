@@ -439,7 +439,7 @@ class Task:
             (default: ``loss``).
         output_hessian: ``fn(outputs, targets) -> [B, C, C]``, Lambda_i = d^2 l_i / d f^2 over
             the flattened outputs; computed by autodiff when omitted. Checked at fit against
-            the loss's by autodiff on 8 training examples spread over the set (where autodiff
+            the loss's by autodiff on 64 training examples spread over the set (where autodiff
             takes the loss and C <= 256): more than 1% off is refused, naming the example.
         output_hessian_factor: ``fn(outputs, targets) -> [B, C, K]``, a factor L_i with
             ``L_i L_i^T = Lambda_i`` (Kronecker factors pull its K columns back through the
