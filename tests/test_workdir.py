@@ -276,6 +276,42 @@ def test_data_changed_after_fit_is_refused_and_never_committed(
     assert relative_error(again.scores(problem["test"]), expected) < 1e-12
 
 
+def test_sign_flips_and_small_target_changes_are_refused() -> None:
+    """A reviewer's: two sign bits flipped in one example cancelled in the notes' weighted sum
+    (each added 2^63: scores 18% off, no word); a dataset's float targets changed by 0.01 hid in
+    its large features' tolerance (8.7% off). Both refused."""
+    gen = torch.Generator().manual_seed(7)
+    X = torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=gen)
+    task = infkit.Task.classification(torch.nn.Linear(8, 3).double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = infkit.Influence(task, "cg", l2=1e-2, memory_limit=10_000).fit((X, y))
+    X[7, :2] = -X[7, :2]
+    with pytest.raises(InvalidInputError, match="example 7 reads otherwise"):
+        inf.scores((X[:2], y[:2]))
+
+    class Targets(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.X = 255 * torch.rand(40, 64, generator=gen, dtype=torch.float64)
+            self.t = torch.randn(40, 1, generator=gen, dtype=torch.float64)
+
+        def __len__(self) -> int:
+            return 40
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.X[i].clone(), self.t[i].clone()
+
+    data = Targets()
+    squared = infkit.Task.regression(torch.nn.Linear(64, 1).double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = infkit.Influence(squared, "cg", l2=1e-2, memory_limit=10_000).fit(data)
+    data.t[10:] += 0.01
+    with pytest.raises(InvalidInputError, match="example 10 reads otherwise"):
+        inf.scores((data.X[:2], data.t[:2]))
+
+
 def test_a_dataset_whose_file_is_replaced_is_refused() -> None:
     """The same for a Dataset reading a file replaced between fit and a later pass."""
 

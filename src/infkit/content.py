@@ -39,6 +39,27 @@ def _word_weights(count: int, device: torch.device) -> Tensor:
     return (drawn * 2 + 1).to(device)
 
 
+def _shifted(x: Tensor, bits: int) -> Tensor:
+    """``x >> bits`` as a logical shift of int64 words (torch's is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+#: splitmix64's multipliers, as signed int64
+_MIX_A = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX_B = 0x94D049BB133111EB - (1 << 64)
+
+
+def _scrambled(words: Tensor) -> Tensor:
+    """Each int64 word through splitmix64's finaliser (products wrap modulo 2^64): a bit
+    flipped anywhere changes the whole word, so that flips cannot cancel in a weighted sum (the
+    sign bits of two float64 values did, a reviewer's: each flip added 2^63)."""
+    x = words ^ _shifted(words, 30)
+    x = x * _MIX_A
+    x = x ^ _shifted(x, 27)
+    x = x * _MIX_B
+    return x ^ _shifted(x, 31)
+
+
 def _words(rows: Tensor) -> Tensor:
     """The bytes of ``rows`` [B, k] as int64 words, [B, k'], the widest that divide a row."""
     raw = rows.contiguous()
@@ -73,36 +94,34 @@ CHUNK = 256
 
 
 def notes(tensors: list[Tensor], exactly: bool) -> tuple[Tensor, Tensor | None]:
-    """``(exact [B] int64, rough [B, 2] float64 or None)`` of the tensors ``[B, ...]`` of a
+    """``(exact [B] int64, rough [B, F, 2] float64 or None)`` of the tensors ``[B, ...]`` of a
     batch, on the CPU: ``exact`` combines every integer tensor's byte sum (every tensor's, with
-    ``exactly``), ``rough`` the floating-point tensors' value sums otherwise (None without
-    one). 8 bytes an example, 24 with ``rough``: a corpus of ten million sequences notes 80 MB.
-    :data:`CHUNK` examples at a time."""
+    ``exactly``), ``rough`` each of the F floating-point tensors' value sums otherwise (None
+    without one). 8 bytes an example, 16 more a float tensor of a dataset's: a corpus of ten
+    million sequences notes 80 MB. :data:`CHUNK` examples at a time."""
     b = tensors[0].shape[0] if tensors else 0
     if b > CHUNK:
         parts = [notes([t[s : s + CHUNK] for t in tensors], exactly) for s in range(0, b, CHUNK)]
-        roughs = [p[1] for p in parts if p[1] is not None]
-        return torch.cat([p[0] for p in parts]), torch.cat(roughs) if roughs else None
+        chunks = [p[1] for p in parts if p[1] is not None]
+        return torch.cat([p[0] for p in parts]), torch.cat(chunks) if chunks else None
     exact = torch.zeros(b, dtype=torch.int64)
-    rough: Tensor | None = None
+    roughs: list[Tensor] = []  # [B, 2] a float tensor: each on its own scale (a dataset's float
+    # targets changed by 0.01 hid in its features' tolerance when they were summed together)
     for tensor in tensors:
         rows = tensor.detach().reshape(b, -1)
         if rows.is_complex():
             rows = torch.view_as_real(rows).reshape(b, -1)
         floating = rows.is_floating_point()
         if exactly or not floating:
-            words = _words(rows)
+            words = _scrambled(_words(rows))
             # (products and sums wrap modulo 2^64, whatever their order: exact, as a batch of
             # any size gives them)
             total = (words * _word_weights(words.shape[1], words.device)).sum(dim=1).cpu()
             exact = (exact * MIX + total % MODULUS + words.shape[1]) % MODULUS
         if floating and not exactly:
             values = rows.to(torch.float64) * _value_weights(rows.shape[1], rows.device)
-            if rough is None:
-                rough = torch.zeros(b, 2, dtype=torch.float64)
-            rough[:, 0] += values.sum(dim=1).cpu()
-            rough[:, 1] += values.abs().sum(dim=1).cpu()
-    return exact, rough
+            roughs.append(torch.stack([values.sum(dim=1), values.abs().sum(dim=1)], 1).cpu())
+    return exact, torch.stack(roughs, 1) if roughs else None
 
 
 def differ(first: tuple[Tensor, Tensor | None], again: tuple[Tensor, Tensor | None]) -> Tensor:
@@ -111,7 +130,9 @@ def differ(first: tuple[Tensor, Tensor | None], again: tuple[Tensor, Tensor | No
     moved = first[0] != again[0]
     if first[1] is None or again[1] is None:
         return moved | ((first[1] is None) != (again[1] is None))
-    gap = (first[1][:, 0] - again[1][:, 0]).abs()
-    scale = torch.maximum(first[1][:, 1], again[1][:, 1])
-    both_nan = first[1][:, 0].isnan() & again[1][:, 0].isnan()
-    return moved | (~(gap <= ROUGH_TOLERANCE * scale) & ~both_nan)
+    if first[1].shape != again[1].shape:
+        return torch.ones_like(moved)
+    gap = (first[1][..., 0] - again[1][..., 0]).abs()
+    scale = torch.maximum(first[1][..., 1], again[1][..., 1])
+    both_nan = first[1][..., 0].isnan() & again[1][..., 0].isnan()
+    return moved | (~(gap <= ROUGH_TOLERANCE * scale) & ~both_nan).any(dim=1)

@@ -558,10 +558,18 @@ class ExampleSet:
             n = len(self)
             self._noted = np.zeros(n, dtype=bool)
             self._exact = np.zeros(n, np.int64)
-            self._rough = None if rough is None else np.zeros((n, 2), np.float64)
+            self._rough = None if rough is None else np.zeros((n, *rough.shape[1:]), np.float64)
             self._width = len(tensors)
         idx = batch.indices.cpu().numpy()
-        if len(tensors) != self._width or (rough is None) != (self._rough is None):
+        if (
+            len(tensors) != self._width
+            or (rough is None) != (self._rough is None)
+            or (
+                rough is not None
+                and self._rough is not None
+                and rough.shape[1:] != self._rough.shape[1:]
+            )
+        ):
             raise self._changed(batch, 0)
         seen = self._noted[idx]
         if seen.any():

@@ -484,8 +484,9 @@ FACTOR_CHECK_OUTPUTS = 256
 #: mistakes it is for (Lambda itself 0.66, 2 L 3, a Hessian without the examples' weight 0.26)
 FACTOR_TOLERANCE = 1e-2
 
-#: the gap, relative to the largest block among the examples checked, below which a block is
-#: taken as the loss's whatever its own size: near-certain examples' Hessians are near 0, where
+#: the gap, relative to the largest block among the examples checked (and absolute: 1e-9 of
+#: curvature weighs nothing beside any damping), below which a block is taken as the loss's
+#: whatever its own size: near-certain examples' Hessians are near 0, where
 #: PyTorch's own autodiff rounds (binary cross-entropy on sigmoid probabilities clamps its
 #: division: 8.7e-15 for 9.4e-14), and such curvature weighs nothing beside the set's (a
 #: reviewer's right Hessians were refused at gaps of 1e-15; an absolute floor of 1e-9 let
@@ -655,7 +656,10 @@ def _refuse_gap(
     gap = (given - reference).flatten(1).norm(dim=1)
     size = torch.maximum(given.flatten(1).norm(dim=1), reference.flatten(1).norm(dim=1))
     eps = max(torch.finfo(d).eps for d in dtypes)
-    floor = max(100 * eps, CURVATURE_FLOOR) * float(size.max())
+    # (relative to the largest block checked, and absolute: curvature of 1e-9 weighs nothing
+    # beside any damping, where autodiff's own rounding of near-certain examples is larger than
+    # them: a reviewer's right Hessian was refused at 2e-16 against blocks of 5e-20)
+    floor = max(100 * eps, CURVATURE_FLOOR) * float(size.max()) + CURVATURE_FLOOR
     bad = (gap > FACTOR_TOLERANCE * size + floor).nonzero().flatten().tolist()
     if not bad:
         return

@@ -172,6 +172,17 @@ def _conv_patches(module: torch.nn.Conv2d | torch.nn.Conv1d, x: Tensor) -> Tenso
     return cols.transpose(1, 2)
 
 
+def _conv1d_padding(module: torch.nn.Conv1d) -> tuple[int, int]:
+    """The zeros (or other padding) a 1-D convolution adds before and after its input."""
+    padding: Any = module.padding
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":
+        total = module.dilation[0] * (module.kernel_size[0] - 1)
+        return total // 2, total - total // 2
+    return int(padding[0]), int(padding[0])
+
+
 def _conv_tokens(b: int, c_out: int) -> Callable[[Tensor], Tensor]:
     """[K, B, C_out, H, W] pre-activation gradients -> [K, B, H*W, C_out] positions ([K, B,
     C_out, L] -> [K, B, L, C_out] for a 1-D convolution)."""
@@ -322,6 +333,8 @@ class Capture:
         #: masks of the positions a 1-D convolution's output has, by their count, derived from
         #: the mask of its input's (an audio model's frames from its samples' mask)
         self._derived: dict[int, Tensor] = {}
+        #: position counts of convolutions' outputs that the inputs have as sizes of their own
+        self._ambiguous: set[int] = set()
         # (storage, layout, version, bias) of this forward pass's layer inputs -> (x, a)
         self._inputs: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
         #: the model of the last forward pass (whose notice about batching rules is given)
@@ -521,34 +534,48 @@ class Capture:
         if self._mask.shape == a.shape[:2]:
             return self._mask_as(a.dtype)
         derived = self._derived.get(int(a.shape[1]))
-        if derived is not None and derived.shape[0] == a.shape[0]:
+        if derived is not None and derived.shape[0] == a.shape[0] and a.shape[1] not in self._spans:
             return derived.to(a.dtype)
-        if self._shortened(int(a.shape[1])) and not bool(self._mask.bool().all()):
-            self._unmasked.setdefault(t.name, int(a.shape[1]))
+        count = int(a.shape[1])
+        if (self._shortened(count) or count in self._ambiguous) and not bool(self._mask.all()):
+            self._unmasked.setdefault(t.name, count)
         return None
 
     def _convolved_mask(self, module: torch.nn.Conv1d, x: Tensor, a: Tensor) -> Tensor | None:
         """The mask of a 1-D convolution's output positions ``a`` [B, L_out, cols]: the
-        positions whose window holds no padding of its input [B, C, L_in], whose mask is the
-        attention mask (L_in = T) or one derived so before; registered by L_out for the layers
-        after it. The convolution's own padding counts as data (a frame at the edge is one);
-        None where the input's mask is not known."""
+        positions whose window lies within the example's data, stretched by the convolution's
+        own padding on each side (a frame at the data's edge reads the padding the model zeroed
+        as the convolution's own zeros: a reviewer's padded convolutions moved by 9e-3 where the
+        edge frames were dropped), as Hugging Face's feature encoders count frames from a
+        length; the input's [B, C, L_in] mask is the attention mask (L_in = T) or one derived
+        so before. Registered by L_out for the layers after it, unless the inputs have that
+        size of their own (a text beside the audio); None where the input's mask is not
+        known."""
         if self._mask is None or x.dim() != 3 or x.shape[0] != a.shape[0]:
             return None
-        length = int(x.shape[-1])
+        length, out = int(x.shape[-1]), int(a.shape[1])
         if length == int(self._mask.shape[1]):
             given: Tensor | None = self._mask
         else:
             given = self._derived.get(length)
         if given is None or given.shape[0] != x.shape[0]:
             return None
-        padding = (1 - given.to(torch.float64)).unsqueeze(1)  # 1 at padding, [B, 1, L_in]
-        windows = _conv_patches(module, padding)  # [B, L_out, k]: the padding each window holds
-        if windows.shape[1] != a.shape[1]:
+        kept = given.to(torch.bool)
+        spans = torch.arange(length, device=kept.device)
+        first = torch.where(kept, spans, length).amin(dim=1)  # [B] the data's first position
+        last = torch.where(kept, spans, -1).amax(dim=1)  # and its last
+        (kernel,), (stride,), (dilation,) = module.kernel_size, module.stride, module.dilation
+        before, after = _conv1d_padding(module)
+        starts = torch.arange(out, device=kept.device) * stride - before  # in the input's positions
+        ends = starts + dilation * (kernel - 1)
+        if int(ends[-1]) > length - 1 + after:  # (not this convolution's layout)
             return None
-        mask = (windows.amax(dim=-1) == 0).to(a.dtype)
-        if int(a.shape[1]) != int(self._mask.shape[1]):
-            self._derived.setdefault(int(a.shape[1]), mask)
+        inside = (starts[None] >= first[:, None] - before) & (ends[None] <= last[:, None] + after)
+        mask = inside.to(a.dtype)
+        if out in self._spans:  # (which of the layers with as many positions see frames
+            self._ambiguous.add(out)  # cannot be told: they are warned of, not masked)
+        elif out != int(self._mask.shape[1]):
+            self._derived.setdefault(out, mask)
         return mask
 
     def _shortened(self, positions: int) -> bool:
@@ -624,7 +651,7 @@ class Capture:
         self._call_positions = {}
         self._inputs = {}
         self._mask = None
-        self._derived = {}
+        self._derived, self._ambiguous = {}, set()
         self._model = task.model
         if self.mask_key is not None and isinstance(inputs, dict):
             self._mask = _padding_marks(inputs.get(self.mask_key), inputs.get("input_ids"))
