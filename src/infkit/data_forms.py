@@ -208,24 +208,22 @@ def warn_unused_loader_parts(loader: DataLoader, name: str) -> None:
     )
     drawing, what = (batches, "batch_sampler") if own_batches else (sampler, "sampler")
     trained = name.startswith("training")  # (a test set's loader is told of queries)
-    if not own_batches and isinstance(sampler, WeightedRandomSampler) and not trained:
-        warn(
-            f"{name}: the DataLoader's sampler (WeightedRandomSampler) draws examples by weight, "
-            "and is not used: infkit reads every example of its dataset once, in the dataset's "
-            "order. To ask about some of them, give those: torch.utils.data.Subset(dataset, "
-            "indices)"
-        )
-    elif not own_batches and isinstance(sampler, WeightedRandomSampler):
+    if not own_batches and isinstance(sampler, WeightedRandomSampler):
         # (a tester's oversampling sampler was told to use a Subset, with a count drawn anew
         # at every call: the objective it trains is a weighted one)
+        remedy = (
+            ", and attributes the plain mean of their losses. A model trained with it minimises "
+            "the weighted mean: give each example's weight beside its label and weight the loss "
+            "by it (README, Quick start: examples weighted in training), so that infkit's "
+            "objective is the one trained"
+            if trained
+            else ". To ask about some of them, give those: torch.utils.data.Subset(dataset, "
+            "indices)"
+        )
         warn(
             f"{name}: the DataLoader's sampler (WeightedRandomSampler) draws examples by weight, "
             "and is not used: infkit reads every example of its dataset once, in the dataset's "
-            "order, and attributes the plain mean of their losses. A model trained with it "
-            "minimises the weighted mean: give each example's weight beside its label and "
-            "weight the loss by it (README, Quick start: examples weighted in training), so "
-            "that infkit's objective "
-            "is the one trained"
+            f"order{remedy}"
         )
     elif not own_batches and isinstance(sampler, RandomSampler) and sampler.replacement:
         warn(

@@ -149,7 +149,7 @@ def warn_batch_mixing(engine: PerExample, examples: ExampleSet, alone: Tensor) -
         return
     first = examples.take([0])
     ours = leaves(first.inputs)
-    other = _partner(examples, ours)
+    other = _partner(examples, first)
     batch = examples.take([0, other])
     if not _same_leaves(ours, leaves(batch.inputs), leading=True):
         return  # (padded otherwise: the padding's own effect is checked elsewhere)
@@ -175,14 +175,14 @@ def warn_batch_mixing(engine: PerExample, examples: ExampleSet, alone: Tensor) -
         )
 
 
-def _partner(examples: ExampleSet, ours: list[Tensor], labels: bool = False) -> int:
-    """The example a batch-mixing check pairs with example 0 (inputs ``ours``): the first
+def _partner(examples: ExampleSet, first: Batch, labels: bool = False) -> int:
+    """The example a batch-mixing check pairs with example 0 (read as ``first``): the first
     whose inputs differ from its (a copy of it would hide a batch's mean: a reviewer's
     duplicated first example), and with ``labels`` whose targets differ too where one does
     (a loss weighting classes by their counts in the batch mixed nothing beside a partner of
     example 0's class: a tester's), among the first 15 and 48 spread over the set; else the
     last."""
-    first = examples.take([0])
+    ours = leaves(first.inputs)
     theirs = leaves(first.targets) if labels and first.targets is not None else None
     found = None
     # the first examples, then examples spread over the set (data sorted by class, as
@@ -227,7 +227,7 @@ def check_loss_alone(engine: PerExample, examples: ExampleSet) -> None:
         return
     task = engine.task
     first = examples.take([0])
-    other = _partner(examples, leaves(first.inputs), labels=True)
+    other = _partner(examples, first, labels=True)
     batch = examples.take([0, other])
     if batch.targets is None or not _same_leaves(
         leaves(first.inputs), leaves(batch.inputs), leading=True
@@ -300,9 +300,7 @@ def _check_reads_alike(examples: ExampleSet, first: Batch) -> None:
     example read once more let a tester's through for two seeds in six."""
     if examples._tensors is not None:  # tensors read the same every time
         return
-    n = len(examples)
-    count = min(READ_AGAIN_EXAMPLES, n)
-    positions = sorted({round(k * (n - 1) / max(count - 1, 1)) for k in range(count)})
+    positions = _spread(len(examples), READ_AGAIN_EXAMPLES)
 
     def same(a: Tensor, b: Tensor) -> bool:  # NaN as NaN: a non-finite value is named later
         if a.shape != b.shape or a.dtype != b.dtype:
@@ -572,8 +570,9 @@ def _check_output_curvature(engine: PerExample, examples: ExampleSet, first: Ten
     except CALL_ERRORS:  # a loss torch.func cannot take: what the given curvature spares
         autodiff, ran_in = None, outputs.dtype
     reference, source = autodiff, "the loss, by autodiff"
-    if own_hessian and autodiff is not None:
+    if hessian_fn is not None:  # (the task's own, or a built-in's: what the rest is held to)
         given, given_in = _float64_or_own(task.lambda_blocks, outputs, targets)
+    if own_hessian and autodiff is not None:
         _refuse_gap(
             examples,
             batch,
@@ -587,25 +586,21 @@ def _check_output_curvature(engine: PerExample, examples: ExampleSet, first: Ten
             "loss by autodiff",
         )
     if hessian_fn is not None:
-        reference = _float64_or_own(task.lambda_blocks, outputs, targets)[0]
-        source = "its output_hessian"
+        reference, source = given, "its output_hessian"
     if reference is None:
         return
     b, c = outputs.shape[0], outputs[0].numel()
     if own_product and product_fn is not None:
         vectors = torch.randn(2, *outputs.shape, generator=torch.Generator().manual_seed(0))
-        try:
-            done = product_fn(outputs.to(torch.float64), targets, vectors.double())
-            done_in: torch.dtype = torch.float64
-        except CALL_ERRORS:
-            done = product_fn(outputs, targets, vectors.to(outputs.dtype))
-            done_in = outputs.dtype
+        done, done_in = _float64_or_own(
+            lambda o, t: product_fn(o, t, vectors.to(o.dtype)), outputs, targets
+        )
         flat = vectors.to(torch.float64).reshape(2, b, c)
         expected = torch.einsum("bcd,kbd->bkc", reference, flat)
         _refuse_gap(
             examples,
             batch,
-            done.to(torch.float64).reshape(2, b, c).transpose(0, 1),
+            done.reshape(2, b, c).transpose(0, 1),
             expected,
             (ran_in, done_in),
             "output_hessian_product",

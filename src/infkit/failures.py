@@ -52,6 +52,14 @@ def _of_the_machine(error: BaseException) -> bool:
     return isinstance(error, MACHINE_ERRORS) or "CUDA error" in str(error)
 
 
+def from_an_example(error: BaseException) -> bool:
+    """Whether a failure of a pass may come from one of its examples, to be named
+    (:func:`located_failure`): a call's error, not infkit's own, which says what it means, but
+    for a process whose sum another one left, stopped first (where its batch fails here too, a
+    model raising on an example, that example is named on this process as well)."""
+    return not isinstance(error, InfkitError) or isinstance(error, ProcessesUnreachableError)
+
+
 @contextlib.contextmanager
 def naming_failures(
     engine: PerExample,
@@ -64,10 +72,7 @@ def naming_failures(
     try:
         yield
     except (InfkitError, *CALL_ERRORS) as error:
-        # (infkit's own errors say what they mean, but for a process whose sum another one
-        # left, stopped first: where its batch fails here too, a model raising on an example,
-        # that example is named on this process as well)
-        if isinstance(error, InfkitError) and not isinstance(error, ProcessesUnreachableError):
+        if not from_an_example(error):
             raise
         named = located_failure(engine, error, [(examples, measured)], batch_size)
         if named is None:

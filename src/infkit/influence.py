@@ -40,14 +40,13 @@ from infkit.errors import (
     NotFittedError,
     Notice,
     ProblemTooLargeError,
-    ProcessesUnreachableError,
     UnsupportedError,
     listed,
     warn,
 )
 from infkit.estimators import ESTIMATORS, RELATIF_NORMS, Estimator, SolveCall
 from infkit.example_checks import check_examples
-from infkit.failures import CALL_ERRORS, located_failure, naming_failures
+from infkit.failures import CALL_ERRORS, from_an_example, located_failure, naming_failures
 from infkit.fingerprint import data_fingerprint, forward_snapshot, note_forward_writes
 from infkit.fitted import (
     Fitted,
@@ -186,9 +185,8 @@ def _noting_writes(answer: Callable[_P, _R]) -> Callable[_P, _R]:
         except (InfkitError, *CALL_ERRORS) as error:
             # the query a pass failed on, named where one fails alone (the queries read: fit
             # passed over the training set already, and a call that failed before reading any,
-            # a mistyped argument, costs no pass); infkit's own errors say what they mean, but
-            # a process's whose sum another process left (failures.naming_failures)
-            if isinstance(error, InfkitError) and not isinstance(error, ProcessesUnreachableError):
+            # a mistyped argument, costs no pass)
+            if not from_an_example(error):
                 raise
             if inf._fitted is None or not inf._asked:
                 raise

@@ -516,7 +516,7 @@ class Task:
             _check_measurement(measurement)
             # (told as Task.classification tells it: a probability measured without it had
             # top_k's proponents and opponents swapped, silently; a tester's)
-            measurement, higher_is_better = _pick_measurement(measurement, loss, higher_is_better)
+            higher_is_better = _callable_orientation(higher_is_better)
         self.model = model
         self.loss = loss
         self.measurement = measurement if measurement is not None else loss
@@ -756,7 +756,7 @@ class Task:
         instead: the same model, loss, curvature and checks. ``higher_is_better`` as for
         :class:`Task` (None: lower is better, with a notice)."""
         _check_measurement(measurement)
-        _, higher = _pick_measurement(measurement, self.loss, higher_is_better)
+        higher = _callable_orientation(higher_is_better)
         twin = copy.copy(self)
         twin.measurement = measurement
         twin.higher_is_better = higher
@@ -898,6 +898,22 @@ def _unsqueeze(y: Any) -> Any:
     return map_tensors(y, lambda t: t.unsqueeze(0))
 
 
+def _callable_orientation(higher_is_better: bool | None) -> bool:
+    """A measurement callable's orientation: ``higher_is_better``, which it needs; not said
+    (None), lower-is-better, loss-like, with a notice (a probability of the true class was
+    taken so, silently, and ``top_k`` listed the examples that lowered it as proponents)."""
+    if higher_is_better is None:
+        warn(
+            "the measurement callable is taken as lower-is-better (like a loss): top_k's "
+            "proponents are the examples whose removal would raise it. Pass "
+            "higher_is_better=True for a probability, a margin or a log-likelihood (or "
+            "False to say it is loss-like and silence this)",
+            Notice,
+        )
+        return False
+    return bool(higher_is_better)
+
+
 def _pick_measurement(
     measurement: str | PerExampleFn, margin: PerExampleFn, higher_is_better: bool | None = None
 ) -> tuple[PerExampleFn | None, bool]:
@@ -907,16 +923,7 @@ def _pick_measurement(
     as lower-is-better, loss-like, with a notice (a probability of the true class was, silently,
     and ``top_k`` listed the examples that lowered it as proponents)."""
     if callable(measurement):
-        if higher_is_better is None:
-            warn(
-                "the measurement callable is taken as lower-is-better (like a loss): top_k's "
-                "proponents are the examples whose removal would raise it. Pass "
-                "higher_is_better=True for a probability, a margin or a log-likelihood (or "
-                "False to say it is loss-like and silence this)",
-                Notice,
-            )
-            return measurement, False
-        return measurement, bool(higher_is_better)
+        return measurement, _callable_orientation(higher_is_better)
     fixed = {"loss": (None, False), "margin": (margin, True)}.get(str(measurement))
     if fixed is not None:
         if higher_is_better is not None and bool(higher_is_better) != fixed[1]:

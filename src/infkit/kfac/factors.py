@@ -555,11 +555,10 @@ class FactorFitter:
         reuse = keep and mode != "sampled"
         cache: list[dict[str, tuple[Tensor, Tensor]]] | None = [] if reuse else None
         cached, seen, local = 0, 0, examples_in_batches(n, self.batch_size)  # this process's
-        first = True
-        for batch_examples, items in self.pass_over(examples, mode, "kfac covariances"):
-            if first:
+        passed = self.pass_over(examples, mode, "kfac covariances")
+        for number, (batch_examples, items) in enumerate(passed):
+            if number == 0:
                 self._warn_batch_beyond_limit(items, batch_examples)
-                first = False
             # layers sharing an input tensor (q, k, v; gate, up) share its covariance
             shared: dict[tuple[int, int], tuple[Tensor, float]] = {}
             for name, (a, mask, ds) in items.items():

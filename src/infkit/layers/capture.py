@@ -147,15 +147,9 @@ def _conv_patches(module: torch.nn.Conv2d | torch.nn.Conv1d, x: Tensor) -> Tenso
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         padding = 0
     elif isinstance(padding, str):  # "same" / "valid"
-        if padding == "valid":
-            padding = 0
-        else:
-            pads = []
-            for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
-                total = d * (k - 1)
-                pads += [total // 2, total - total // 2]
-            x = F.pad(x, pads)
-            padding = 0
+        if padding == "same":
+            x = F.pad(x, _same_pads(module))
+        padding = 0
     if isinstance(module, torch.nn.Conv1d):
         padding = padding if isinstance(padding, int) else padding[0]
         cols = F.unfold(
@@ -172,14 +166,24 @@ def _conv_patches(module: torch.nn.Conv2d | torch.nn.Conv1d, x: Tensor) -> Tenso
     return cols.transpose(1, 2)
 
 
+def _same_pads(module: torch.nn.Conv2d | torch.nn.Conv1d) -> list[int]:
+    """The zeros ``padding="same"`` adds, in ``F.pad``'s order (the last dimension first,
+    before then after): ``d (k - 1)`` a dimension, the odd one after."""
+    pads = []
+    for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
+        total = d * (k - 1)
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
 def _conv1d_padding(module: torch.nn.Conv1d) -> tuple[int, int]:
     """The zeros (or other padding) a 1-D convolution adds before and after its input."""
     padding: Any = module.padding
     if padding == "valid":
         return 0, 0
     if padding == "same":
-        total = module.dilation[0] * (module.kernel_size[0] - 1)
-        return total // 2, total - total // 2
+        before, after = _same_pads(module)
+        return before, after
     return int(padding[0]), int(padding[0])
 
 
