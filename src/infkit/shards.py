@@ -25,7 +25,7 @@ from torch import Tensor
 
 from infkit.distributed import world
 from infkit.errors import InvalidInputError
-from infkit.store import ArtifactStore, canonical
+from infkit.store import Artifact, ArtifactStore, canonical
 
 #: artifact kinds
 SCORE_SHARD = "score-shard"
@@ -193,7 +193,7 @@ class ScoreShards:
     def columns(self, start: int, stop: int, compute: Callable[[], Tensor]) -> Tensor:
         """The committed scores of columns ``[start, stop)``, or ``compute()``'s, committed."""
         identity = self._shard_identity(start, stop)
-        artifact = None if self.overwrite else self.store.load(SCORE_SHARD, identity)
+        artifact = self._replaced_or_loaded(SCORE_SHARD, identity)
         if artifact is not None:
             self.tally["reused"] += 1
             return artifact.tensors()["scores"]
@@ -203,7 +203,6 @@ class ScoreShards:
             identity,
             tensors={"tensors": {"scores": block}},
             info={"columns": [start, stop], "shape": list(block.shape)},
-            overwrite=self.overwrite,
         )
         self.tally["computed"] += 1
         return block
@@ -223,7 +222,7 @@ class ScoreShards:
         """A committed piece of this computation (tensors and a JSON document) named by
         ``kind`` and ``extra``, or ``compute()``'s, committed."""
         identity = {**self.identity, **extra}
-        artifact = None if self.overwrite else self.store.load(kind, identity)
+        artifact = self._replaced_or_loaded(kind, identity)
         if artifact is not None:
             self.store.mark_used(artifact.path)  # (read_scores lists this run as the latest)
             return artifact.tensors(), artifact.json("meta")
@@ -233,6 +232,16 @@ class ScoreShards:
             identity,
             tensors={"tensors": tensors},
             documents={"meta": document},
-            overwrite=self.overwrite,
         )
         return tensors, document
+
+    def _replaced_or_loaded(self, kind: str, identity: dict[str, Any]) -> Artifact | None:
+        """The committed piece to reuse, or None to compute it; with ``overwrite`` none, and
+        what was there is removed before the computation, whose sum across processes waits for
+        every process's removal, so that their commits then stand as one (each replacing the
+        other's as it committed had one read back a piece another was replacing: a torchrun
+        under CI, as the Kronecker factors before)."""
+        if not self.overwrite:
+            return self.store.load(kind, identity)
+        self.store.remove(self.store.path(kind, identity))
+        return None
