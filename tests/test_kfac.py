@@ -672,6 +672,11 @@ def test_one_dimensional_convolutions_are_factored_and_their_positions_sized() -
     assert curvature.positions == {"0": 28.0, "2": 13.0, "4": 1.0}
     by_hand = 10 * (28 * (4 + 6) + 13 * (2 + 13) + 1 * (3 + 27)) * 8
     assert pass_working_bytes(inf.fitted, curvature)[0] == by_hand
+    # the plan says what the data's shape gives (1 position: the channels) and what the
+    # layers see (its header had said "x 1 tokens" alone)
+    plan = str(inf.plan((X, y)))
+    assert "N = 10 examples x 1 position," in plan
+    assert "its layers see 1 to 28 positions an example (the data's shape: 1 position)" in plan
     # per-token scores split the first convolution's 28 steps; they sum to the scores
     split = inf.token_scores((X[:2], y[:2]), range(4))
     assert split.tokens.shape == (2, 4, 28)

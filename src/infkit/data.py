@@ -698,17 +698,23 @@ class ExampleSet:
         """Positions per example: the length of the first example's token ids (``input_ids``
         of dict inputs, or integer inputs [B, T]), the second axis of float sequences
         [B, T, d], the pixels of images [B, C, H, W]; 1 for feature vectors [B, d]."""
+        return self.positions_and_unit()[0]
+
+    def positions_and_unit(self) -> tuple[int, str]:
+        """:meth:`positions` and what they count, as a plan prints it: ``"tokens"`` for token
+        ids, ``"positions"`` for the rest (the second axis of ``[B, T, d]`` can as well be a
+        signal's channels ``[B, C, L]``, which the shape alone does not tell apart)."""
         inputs = self.take([0]).inputs
         if isinstance(inputs, dict):
             inputs = inputs.get("input_ids", next(iter(inputs.values())))
         shape = tuple(inputs.shape)
         if len(shape) == 2 and not inputs.is_floating_point():
-            return int(shape[1])  # token ids
+            return int(shape[1]), "tokens"
         if len(shape) == 3:
-            return int(shape[1])
+            return int(shape[1]), "positions"
         if len(shape) == 4:
-            return int(shape[2] * shape[3])
-        return 1
+            return int(shape[2] * shape[3]), "positions"
+        return 1, "positions"
 
     def batches(
         self, batch_size: int, indices: Tensor | Sequence[int] | None = None

@@ -1531,7 +1531,11 @@ class Influence:
             )
         n = len(examples) if examples is not None else int(n_train or 0)
         q = len(ExampleSet(test, name="test set")) if test is not None else int(n_queries or 1)
-        tokens = sequence_length or (1 if examples is None else examples.positions())
+        tokens, unit = (
+            (sequence_length or 1, "tokens")
+            if sequence_length or examples is None
+            else examples.positions_and_unit()
+        )
         self._check_sequence_length(sequence_length)
         # the largest batch a pass holds: a batch_size beyond the data fills none (a tester's
         # batch_size=1000 on 64 sequences was planned, and budgeted, 15x over)
@@ -1576,6 +1580,7 @@ class Influence:
             ),
             parameter_dtype=space.dtype,
             autocast=self.task.autocast is not None,
+            unit=unit,
         )
         stages = method.stages(shape, self.task, space)
         if self.checks:

@@ -65,6 +65,11 @@ def dealt_examples(n: int, batch_size: int, rank: int, size: int) -> int:
     return held
 
 
+def counted(count: int, unit: str) -> str:
+    """``count`` and its plural ``unit`` (``"tokens"``, ``"positions"``), singular for 1."""
+    return f"{count:,} {unit.removesuffix('s') if count == 1 else unit}"
+
+
 @dataclass(frozen=True)
 class RunShape:
     """The size of a run.
@@ -72,7 +77,8 @@ class RunShape:
     Attributes:
         n_train: training examples N.
         n_queries: query examples Q.
-        tokens: positions per example T (1 for non-sequence models).
+        tokens: positions per example T (1 for non-sequence models), as the data's shape
+            gives them (:meth:`infkit.data.ExampleSet.positions`).
         outputs: flattened outputs per example C (T x V for a language model).
         batch_size: examples per batch.
         world_size: processes sharing the work.
@@ -96,6 +102,9 @@ class RunShape:
             the iterative solvers (None: not known).
         autocast: whether the passes run under ``torch.autocast`` (``dtype=``): the fit then
             takes grad L(theta*) by a pass of its own, in the model's precision.
+        unit: what the ``tokens`` positions are, as the plan prints them: ``"tokens"`` for
+            token ids (and sizes alone), ``"positions"`` for other data (a sequence of
+            vectors, an image's pixels, a signal's first axis after its batch).
     """
 
     n_train: int
@@ -115,6 +124,7 @@ class RunShape:
     precision: str = ""
     parameter_dtype: torch.dtype | None = None
     autocast: bool = False
+    unit: str = "tokens"
 
     @property
     def snapshot_bytes(self) -> int:
@@ -371,7 +381,7 @@ class Plan:
     def __str__(self) -> str:
         s = self.shape
         head = (
-            f"plan of method {self.method!r}: N = {s.n_train:,} examples x {s.tokens} tokens, "
+            f"plan of method {self.method!r}: N = {s.n_train:,} examples x {counted(s.tokens, s.unit)}, "
             f"{s.n_queries:,} queries, P = {s.parameters:,}, batch {s.batch_size}, "
             f"{s.world_size} process{'es' if s.world_size > 1 else ''}"
             + (f", {s.precision}" if s.precision else "")

@@ -77,7 +77,7 @@ from infkit.methods.base import (
     register,
 )
 from infkit.parameters import ParameterSpace, product_dtype
-from infkit.plan import RunShape, Stage
+from infkit.plan import RunShape, Stage, counted
 from infkit.shards import QUERIES, SCORES, ScoreShards
 from infkit.store import ArtifactStore
 from infkit.task import Task
@@ -695,7 +695,8 @@ class KFAC(PrimalMethod):
                         "the eigenvalue pass"
                         if cached
                         else ""
-                    ),
+                    )
+                    + _seen_positions(positions, t, shape.unit),
                     flops=ops.covariances(n),
                 ),
                 Stage(
@@ -1025,3 +1026,16 @@ def tracked_share(problem: Problem) -> float:
     space = problem.space
     inside = sum(k for name, k in zip(space.names, space.numels, strict=True) if name in covered)
     return inside / max(space.size, 1)
+
+
+def _seen_positions(positions: dict[str, int], given: int, unit: str) -> str:
+    """The positions an example the tracked layers see, where they are not the ``given`` count
+    the plan's header reads from the data's shape (a signal ``[B, C, L]``, whose layers see
+    L or fewer steps; a strided layer fewer than the data): "" where they all see ``given``."""
+    seen = sorted(set(positions.values()))
+    if seen == [given]:
+        return ""
+    span = f"{seen[0]:,}" if len(seen) == 1 else f"{seen[0]:,} to {seen[-1]:,}"
+    return (
+        f"; its layers see {span} positions an example (the data's shape: {counted(given, unit)})"
+    )
