@@ -412,6 +412,9 @@ def test_arrays_of_strings_or_objects_are_refused_saying_how_to_give_numbers() -
     cases = {
         "training set: the labels are a NumPy array of <U1": (X, np.array(["a", "b"])[y]),
         "training set: the inputs are a NumPy array of object": (X.astype(object), y),
+        # (features as strings were told to encode classes, a tester's)
+        r"the inputs are a NumPy array of <U1 .* encode text features as numbers .*"
+        r"OneHotEncoder": (np.array(["a", "b"])[(X > 0).astype(int)], y),
         r"training set: the inputs\['x'\] is a NumPy array of object": (
             {"x": X.astype(object)},
             y,

@@ -132,13 +132,22 @@ def arrays_as_tensors(obj: Any, what: str) -> Any:
     strings or Python objects (``what`` names it) is refused, saying how to give numbers."""
     if is_array(obj):
         if obj.dtype.kind in "USO":  # str, bytes, object: no tensor of them
-            hint = (
-                "encode the classes as integers 0..C-1, e.g. classes, y = np.unique(y, "
-                "return_inverse=True) (in infkit run, [data] class_names shows them by name)"
-                if obj.dtype.kind in "US"
-                else "convert it to numbers, e.g. np.asarray(values, dtype=np.float64) (a "
-                "pandas frame of mixed columns gives objects: encode its text columns first)"
-            )
+            if obj.dtype.kind not in "US":
+                hint = (
+                    "convert it to numbers, e.g. np.asarray(values, dtype=np.float64) (a "
+                    "pandas frame of mixed columns gives objects: encode its text columns first)"
+                )
+            elif "labels" in what:
+                hint = (
+                    "encode the classes as integers 0..C-1, e.g. classes, y = np.unique(y, "
+                    "return_inverse=True) (in infkit run, [data] class_names shows them by name)"
+                )
+            else:  # (strings as features: a tester's were told to encode classes)
+                hint = (
+                    "encode text features as numbers the model reads, e.g. categories by "
+                    "sklearn.preprocessing.OneHotEncoder or OrdinalEncoder, text by a tokenizer "
+                    "into integer ids"
+                )
             verb = "are" if what.endswith("s") else "is"  # ("the labels are": a tester's)
             raise InvalidInputError(
                 f"{what} {verb} a NumPy array of {obj.dtype} ({obj.dtype.kind!r} kind), and "
