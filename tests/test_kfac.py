@@ -822,3 +822,44 @@ def test_the_frames_of_padded_clips_are_left_out_as_the_model_leaves_them(paddin
                 inf = infkit.Influence(task, method, damping=1e-3, l2=1e-2).fit(train)
             got[extra] = inf.scores(({k: v[:3] for k, v in train[0].items()}, y[:3]))
         assert relative_error(got[40], got[0]) < 1e-10, method
+
+
+def test_scoring_takes_smaller_batches_where_the_limit_leaves_no_room_for_a_query() -> None:
+    """A tester's 32,000-word Llama at a quarter of the unbounded peak was refused at scores():
+    a scoring pass's working memory (twice a batch's hook terms and gradient block) over the
+    fit's batches of 8 left no room for one query, where batches of 4 scored the same numbers
+    within the limit. The scoring passes take the largest smaller batch (halved) that scores
+    the queries at full rank, said once (a Notice), and the plan foresees it; the scores are
+    the unbounded run's. Here a batch's largest gradient block (64 x 32 x 65 float64, 1 MiB,
+    counted twice) alone passes the limit, where a query's largest block is 16.6 KiB."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 64, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (64,), generator=gen)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
+    ).double()
+    task = infkit.Task.classification(model)
+    test = (X[:5], y[:5])
+    options = {"l2": 1e-2, "damping": 1e-3, "batch_size": 64, "checks": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (not trained: the stationarity warning)
+        unbounded = infkit.Influence(task, "ekfac", **options).fit((X, y)).scores(test)
+    for limit, size in ((1_000_000, 16), (300_000, 4)):
+        bounded = infkit.Influence(task, "ekfac", memory_limit=limit, **options)
+        plan = {stage.name: stage for stage in bounded.plan((X, y), test).stages}
+        assert not plan["queries"].refused
+        assert plan["scores"].note.endswith(
+            f"in batches of {size}: memory_limit leaves no room for the queries beside a pass "
+            "over batches of 64"
+        )
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            bounded.fit((X, y))
+            scores = bounded.scores(test)
+            bounded.scores(test)
+        told = [w for w in said if "leaves no room for the queries" in str(w.message)]
+        assert len(told) == 1 and told[0].category is Notice
+        assert f"the scoring passes take batches of {size}, the same scores" in str(told[0].message)
+        assert bounded.describe()["query_rank"] is None  # full rank
+        assert relative_error(scores, unbounded) < 1e-12

@@ -882,8 +882,9 @@ def test_an_asked_query_rank_keeps_memory_limit_in_groups_of_queries(
     scores = next(stage for stage in plan.stages if stage.name == "scores")
     assert scores.passes == Q and not any(stage.refused for stage in plan.stages)
 
-    # a call of one query holds 3 x N = 60 numbers fewer scores: 24 numbers left for it
-    tight = _limit_for_queries(problem, -0.3)
+    # a call of one query holds 3 x N = 60 numbers fewer scores: 24 numbers left for it, even
+    # beside a scoring pass over batches of one (which smaller batches would otherwise take)
+    tight = _limit_for_queries(problem, -0.3, batch_size=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)
         refused = infkit.Influence(task, "ekfac", memory_limit=tight, **opts)

@@ -215,12 +215,16 @@ def factor_bytes(curvature: KroneckerCurvature) -> int:
     return sum(held.values())
 
 
-def pass_working_bytes(fitted: Fitted, curvature: KroneckerCurvature) -> tuple[int, int]:
-    """(hook terms, largest gradient block) of one training batch, in bytes: the terms of a
-    scoring pass's working memory (:func:`budget_after`)."""
+def pass_working_bytes(
+    fitted: Fitted, curvature: KroneckerCurvature, batch_size: int | None = None
+) -> tuple[int, int]:
+    """(hook terms, largest gradient block) of one training batch of ``batch_size`` examples
+    (default the fit's), in bytes: the terms of a scoring pass's working memory
+    (:func:`budget_after`)."""
     tracked = curvature.tracked
     item = product_dtype(fitted.space.dtype).itemsize
-    size = min(fitted.batch_size, fitted.n)  # (a batch_size beyond the data fills none)
+    # (a batch_size beyond the data fills none)
+    size = min(fitted.batch_size if batch_size is None else batch_size, fitted.n)
     # each layer's positions: as many as its factor counted per example, at least as many as
     # the data's shape gives (padding the factor does not count; a signal's length it may)
     given = fitted.train.positions()
@@ -232,37 +236,67 @@ def pass_working_bytes(fitted: Fitted, curvature: KroneckerCurvature) -> tuple[i
     return hooks * item, block * item
 
 
-def query_budget(fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0) -> int:
+def query_budget(
+    fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0, batch_size: int | None = None
+) -> int:
     """Bytes the preconditioned queries may take in this fitted run (:func:`budget_after` of the
     fitted factors' and theta*'s bytes, the ``scores`` bytes of the result the call fills, and
-    a batch of the training set's sequence length)."""
-    return max(0, query_room(fitted, curvature, scores))
+    a scoring batch of ``batch_size`` examples, default the fit's, of the training set's
+    sequence length)."""
+    return max(0, query_room(fitted, curvature, scores, batch_size))
 
 
-def query_room(fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0) -> int:
+def query_room(
+    fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0, batch_size: int | None = None
+) -> int:
     """:func:`query_budget` before it is held at 0: negative by the bytes memory_limit lacks
     for the factors, theta*, the result and a pass's working memory (a refusal's remedy adds
     them to the limit it names)."""
-    return _room(fitted, curvature, scores, factor_bytes(curvature))
+    return _room(fitted, curvature, scores, factor_bytes(curvature), batch_size)
 
 
-def read_budget(fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0) -> int:
+def read_budget(
+    fitted: Fitted, curvature: KroneckerCurvature, scores: int = 0, batch_size: int | None = None
+) -> int:
     """Bytes the read buffer of queries kept on disk may take: :func:`query_budget`, without
     counting the factors when the curvature sets them aside during the scoring pass
     (:meth:`KroneckerCurvature.set_aside`), the one pass the buffer is read in."""
     factors = 0 if curvature.sets_aside else factor_bytes(curvature)
-    return max(0, _room(fitted, curvature, scores, factors))
+    return max(0, _room(fitted, curvature, scores, factors, batch_size))
 
 
-def _room(fitted: Fitted, curvature: KroneckerCurvature, scores: int, factors: int) -> int:
+def _room(
+    fitted: Fitted,
+    curvature: KroneckerCurvature,
+    scores: int,
+    factors: int,
+    batch_size: int | None = None,
+) -> int:
     # the factors (or none), the run's copy of theta* and the scores
     resident = factors + fitted.theta.numel() * fitted.theta.element_size() + scores
-    return room_after(fitted.memory_limit, resident, *pass_working_bytes(fitted, curvature))
+    working = pass_working_bytes(fitted, curvature, batch_size)
+    return room_after(fitted.memory_limit, resident, *working)
 
 
-def query_batch_size(fitted: Fitted, curvature: KroneckerCurvature) -> int:
-    """The batch size of the queries' pass: the training batch size, less when the factors are
-    set aside during the scoring pass (:meth:`KroneckerCurvature.set_aside`).
+def smaller_batches(batch_size: int) -> list[int]:
+    """The scoring batch sizes tried, largest first, when ``memory_limit`` leaves no room for
+    one query beside a scoring pass's working memory at ``batch_size`` (which grows with the
+    batch: a 32,000-word Llama's batch of 8 sequences of 128 tokens takes 0.7 GiB, a tester's
+    quarter of the unbounded peak): halved down to 1."""
+    sizes = []
+    size = batch_size
+    while size > 1:
+        size = -(-size // 2)
+        sizes.append(size)
+    return sizes
+
+
+def query_batch_size(
+    fitted: Fitted, curvature: KroneckerCurvature, batch_size: int | None = None
+) -> int:
+    """The batch size of the queries' pass: the scoring passes' (``batch_size``, default the
+    fit's), less when the factors are set aside during the scoring pass
+    (:meth:`KroneckerCurvature.set_aside`).
 
     The queries' pass is then the one stage that holds the factors and the preconditioned
     queries together; its batches are made smaller by the factors' share of a pass's working
@@ -270,10 +304,10 @@ def query_batch_size(fitted: Fitted, curvature: KroneckerCurvature) -> int:
     the scoring pass's, down to a quarter of the batch size. It passes over the queries only: a
     few batches more cost little.
     """
-    size = fitted.batch_size
+    size = fitted.batch_size if batch_size is None else batch_size
     if not curvature.sets_aside:
         return size
-    working = WORKING_FACTOR * sum(pass_working_bytes(fitted, curvature))
+    working = WORKING_FACTOR * sum(pass_working_bytes(fitted, curvature, size))
     spared = factor_bytes(curvature) / max(working, 1)
     # at most 4x more batches: factors as large as a pass's working memory (a large model
     # with small batches) would otherwise make the queries' pass one example at a time
@@ -384,6 +418,10 @@ class StreamingScorer:
         read_bytes: the budget of the read buffer of queries kept on disk
             (:func:`read_budget`; None: ``query_bytes``).
         result: the call's result, counted in both budgets (named when the budget refuses).
+        batch_size: the examples of a batch of the scoring passes over the training data and
+            of the queries' pass (None: the fit's); smaller where ``memory_limit`` leaves no
+            room for one query beside a pass at the fit's (:func:`smaller_batches`). The
+            scores do not depend on it (but for the rounding of sums over another split).
     """
 
     def __init__(
@@ -395,8 +433,10 @@ class StreamingScorer:
         scratch: Callable[[], Path] | None = None,
         read_bytes: int | None = None,
         result: CallResult | None = None,
+        batch_size: int | None = None,
     ) -> None:
         self.fitted = fitted
+        self.batch_size = fitted.batch_size if batch_size is None else batch_size
         self.result = CallResult() if result is None else result
         self.curvature = curvature
         self.tracked = curvature.tracked
@@ -495,6 +535,13 @@ class StreamingScorer:
             f"memory; {self._limits(largest, per_rank)}"
         )
 
+    def at_full_rank(self) -> bool:
+        """Whether one query is scored at full rank within the budget (kept on disk, or its
+        largest layer's block held in a pass by layer), or at the ``rank`` asked for."""
+        if self.rank is not None:
+            return self.room_for_one_query() is None
+        return self.spills(1) or max(self._layer_bytes(self.tracked)) <= self.query_bytes
+
     def _limits(self, largest: int, per_rank: int) -> str:
         """The limits that hold a query's largest layer at full rank (scored in passes by
         layer) and, where smaller, every layer of it at rank 1, as a message says them: rank 1
@@ -517,7 +564,7 @@ class StreamingScorer:
         """The remedy of a smaller result, when holding none would leave ``needed`` bytes for
         the queries (a decomposition's result can be most of the limit), else nothing."""
         if self.result.nbytes < needed - query_room(
-            self.fitted, self.curvature, self.result.nbytes
+            self.fitted, self.curvature, self.result.nbytes, self.batch_size
         ):
             return ""
         return f", or {self.result.smaller} (the result grows with them)"
@@ -526,7 +573,7 @@ class StreamingScorer:
         """The memory_limit whose query budget holds ``needed`` bytes, as a message says it: the
         budget is the limit less what does not change with it (the factors, the call's result, a
         pass's working memory), which may exceed the limit (:func:`query_room`)."""
-        room = query_room(self.fitted, self.curvature, self.result.nbytes)
+        room = query_room(self.fitted, self.curvature, self.result.nbytes, self.batch_size)
         limit = self.fitted.memory_limit + max(needed - room, 0)
         return f"memory_limit={limit} ({human_bytes(limit)})"
 
@@ -679,7 +726,8 @@ class StreamingScorer:
         moved = torch.zeros(prepared.count, dtype=torch.bool)  # a query's gradient is not 0
         try:
             theta, ridges = self._theta_blocks(), self.curvature.ridges()
-            for batch in queries.batches(query_batch_size(self.fitted, self.curvature)):
+            size = query_batch_size(self.fitted, self.curvature, self.batch_size)
+            for batch in queries.batches(size):
                 self._precondition_batch(batch, tracked, prepared, theta, ridges, moved)
         except BaseException:
             prepared.close()
@@ -755,7 +803,7 @@ class StreamingScorer:
         else:
             # this process's shards; the others' columns are filled in by the sum below
             S = torch.zeros(prepared.count, n, dtype=torch.float64, device=fitted.space.device)
-            mine, size = shards.mine(), fitted.batch_size
+            mine, size = shards.mine(), self.batch_size
             # the process that owns a shard computes every batch of it
             batches = [-(-(stop - start) // size) for start, stop in mine]
             total = sum(batches)
@@ -807,7 +855,7 @@ class StreamingScorer:
         (:func:`~infkit.distributed.shard_batches`) with their progress named ``label``;
         without, every batch (a shard's), each counted in ``shown`` when given."""
         fitted = self.fitted
-        size = fitted.batch_size
+        size = self.batch_size
         if split:
             batches = track(
                 shard_batches(fitted.train, size, indices),

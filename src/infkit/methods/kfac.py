@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -61,6 +62,7 @@ from infkit.kfac.streaming import (
     query_budget,
     rank_bytes,
     read_budget,
+    smaller_batches,
     truncated_svd,
 )
 from infkit.kfac.work import KroneckerWork, backward_flops, block_rotation_flops
@@ -137,6 +139,8 @@ class KFAC(PrimalMethod):
         self.shard_part = None
         #: score shards computed and reused from the workdir by the last scores() call
         self.shard_tally = {"computed": 0, "reused": 0}
+        #: the smaller scoring batch sizes said so far (:meth:`_scorer`)
+        self._smaller_batches_said: set[int] = set()
 
     def check(self, task: Task, space: ParameterSpace) -> None:
         kronecker_layers(task.model, space, self.options, self.name)
@@ -321,17 +325,50 @@ class KFAC(PrimalMethod):
         )
 
     def _scorer(self, result: CallResult) -> StreamingScorer:
-        """The layer-by-layer scorer with the query budget left beside the call's ``result``."""
+        """The layer-by-layer scorer with the query budget left beside the call's ``result``.
+
+        Where ``memory_limit`` leaves no room for one query beside a scoring pass at the fit's
+        batch size (:meth:`StreamingScorer.room_for_one_query`), the scoring passes take
+        smaller batches (:func:`smaller_batches`; a pass's working memory grows with its
+        batch): the largest that scores the queries at full rank, else the largest that scores
+        them at all. A tester's 32,000-word Llama at a quarter of the unbounded peak was
+        refused at the fit's 8 sequences a batch, where 4 scored the same numbers within the
+        limit. The scores do not depend on the batches (but for rounding); where no batch
+        makes room the refusal stands, as the fit's warning says."""
         curvature, fitted = self.kronecker(), self.fitted
-        return StreamingScorer(
-            fitted,
-            curvature,
-            query_budget(fitted, curvature, result.nbytes),
-            self.options.query_rank,
-            self._scratch(),
-            read_budget(fitted, curvature, result.nbytes),
-            result,
-        )
+        scratch = self._scratch()
+
+        def scorer(batch_size: int) -> StreamingScorer:
+            return StreamingScorer(
+                fitted,
+                curvature,
+                query_budget(fitted, curvature, result.nbytes, batch_size),
+                self.options.query_rank,
+                scratch,
+                read_budget(fitted, curvature, result.nbytes, batch_size),
+                result,
+                batch_size,
+            )
+
+        given = min(fitted.batch_size, fitted.n)
+        first = scorer(given)
+        if fitted.memory_limit is None or first.room_for_one_query() is None:
+            return first
+        taken = [s for s in map(scorer, smaller_batches(given)) if s.room_for_one_query() is None]
+        chosen = next((s for s in taken if s.at_full_rank()), taken[0] if taken else None)
+        if chosen is None:
+            return first  # (it refuses, naming the limit that holds one query)
+        if chosen.batch_size not in self._smaller_batches_said:  # (the fit's check, then a call)
+            self._smaller_batches_said.add(chosen.batch_size)
+            warn(
+                f"memory_limit ({human_bytes(fitted.memory_limit)}) leaves no room for the "
+                f"queries beside a scoring pass over batches of {given} (its hooks' working "
+                f"memory grows with the batch): the scoring passes take batches of "
+                f"{chosen.batch_size}, the same scores at more batches"
+                + ("" if chosen.at_full_rank() else ", the queries kept at low rank (SVD)"),
+                Notice,
+            )
+        return chosen
 
     def _scratch(self) -> Callable[[], Path] | None:
         """Where queries beyond their budget are kept on disk (``queries_on_disk``): a scratch
@@ -744,120 +781,145 @@ class KFAC(PrimalMethod):
             )
         if self._generic_scores(shape.gradient_cache, shape.workdir, bool(layers.others)):
             return out + self.generic_query_stages(shape, self.solve_flops(task, space))
-        # the preconditioned queries (all of them on every process): full rank in groups of
-        # queries and layers that fit memory_limit less the factors and a pass's working memory
-        # (query_budget, plan_groups), one pass over the data each; rank r per layer when one
-        # layer of one query does not fit or query_rank is set (as StreamingScorer decides)
-        local = shape.n_queries
-        sizes = [x.d_out * x.cols * work for x in tracked]
-        per_rank = sum(x.d_out + x.cols for x in tracked) * work
-        scores = shape.n_queries * shape.n_train * FLOAT64_BYTES
-        # factors committed to a store are set aside during the scoring pass (set_aside): a
-        # fitted curvature knows whether it has one (factors restored with a saved Influence
-        # have none, whatever factors_dir says); before the fit, factors_dir decides
-        fitted = self.curvature_
-        sets_aside = self.options.factors_dir is not None if fitted is None else fitted.sets_aside
-        aside = resident if sets_aside else 0
-        kept = resident + shape.snapshot_bytes + scores  # as query_budget counts them
-        budget = None if limit is None else budget_after(limit, kept, hooks, block_bytes)
-        rank = self.options.query_rank
-        groups = None if rank is not None else plan_groups(local, sizes, budget)
-        refused = False
-        # kept on disk instead of groups or a low rank (as StreamingScorer.spills decides),
-        # read back in a buffer that may take the room of the factors set aside (read_budget)
-        place = shape.workdir or self.options.factors_dir is not None
-        read = None if limit is None else budget_after(limit, kept - aside, hooks, block_bytes)
-        spilled = (
-            rank is None
-            and budget is not None
-            and read is not None
-            and local * sum(sizes) > budget
-            and max(sizes) <= read
-            and _keeps_queries_on_disk(self.options.queries_on_disk, place, space.device.type)
-        )
-        buffer = 0  # the read buffer of queries kept on disk, in the scoring pass only
-        low_rank = None  # the rank of queries kept at low rank
-        if spilled:
-            assert read is not None
-            groups = [(0, local, tuple(range(len(tracked))))]
-            buffer = max(min(local, read // size) * size for size in sizes)
-            queries = min(b, local) * max(sizes)  # a query batch's block, written once made
-            passes = 1
-            note = (
-                f"full rank, {human_bytes(local * sum(sizes))} kept on disk and read back "
-                f"layer by layer for every batch (a read buffer of {human_bytes(buffer)})"
+
+        def scoring(size: int) -> tuple[list[Stage], bool, bool]:
+            """The queries' and scores' stages with scoring batches of ``size`` examples, whether
+            scoring would refuse, and whether it scores at full rank (or the rank asked for)."""
+            hooks_at, block_at = hooks * size // b, block_bytes * size // b
+            made: list[Stage] = []
+            # the preconditioned queries (all of them on every process): full rank in groups of
+            # queries and layers that fit memory_limit less the factors and a pass's working memory
+            # (query_budget, plan_groups), one pass over the data each; rank r per layer when one
+            # layer of one query does not fit or query_rank is set (as StreamingScorer decides)
+            local = shape.n_queries
+            sizes = [x.d_out * x.cols * work for x in tracked]
+            per_rank = sum(x.d_out + x.cols for x in tracked) * work
+            scores = shape.n_queries * shape.n_train * FLOAT64_BYTES
+            # factors committed to a store are set aside during the scoring pass (set_aside): a
+            # fitted curvature knows whether it has one (factors restored with a saved Influence
+            # have none, whatever factors_dir says); before the fit, factors_dir decides
+            fitted = self.curvature_
+            sets_aside = (
+                self.options.factors_dir is not None if fitted is None else fitted.sets_aside
             )
-        elif groups is None:  # low rank: every query and layer in one pass, or query groups
-            note = ""
-            if rank is not None:  # asked for: as many queries a pass as fit at that rank
-                asked = rank_bytes(tracked, rank, work)
-                groups = fixed_rank_groups(local, asked, len(tracked), budget or 0)
-                if budget is None or len(groups) == 1:
-                    groups = None
-                elif not groups:  # StreamingScorer.queries refuses: the limit cannot be met
-                    refused, groups = True, None
-                    note = (
-                        f"no room for one query at rank {rank} after the factors and a pass's "
-                        "working memory: scoring would refuse (ProblemTooLargeError); "
-                    )
+            aside = resident if sets_aside else 0
+            kept = resident + shape.snapshot_bytes + scores  # as query_budget counts them
+            budget = None if limit is None else budget_after(limit, kept, hooks_at, block_at)
+            rank = self.options.query_rank
+            groups = None if rank is not None else plan_groups(local, sizes, budget)
+            refused = False
+            # kept on disk instead of groups or a low rank (as StreamingScorer.spills decides),
+            # read back in a buffer that may take the room of the factors set aside (read_budget)
+            place = shape.workdir or self.options.factors_dir is not None
+            read = None if limit is None else budget_after(limit, kept - aside, hooks_at, block_at)
+            spilled = (
+                rank is None
+                and budget is not None
+                and read is not None
+                and local * sum(sizes) > budget
+                and max(sizes) <= read
+                and _keeps_queries_on_disk(self.options.queries_on_disk, place, space.device.type)
+            )
+            buffer = 0  # the read buffer of queries kept on disk, in the scoring pass only
+            low_rank = None  # the rank of queries kept at low rank
+            if spilled:
+                assert read is not None
+                groups = [(0, local, tuple(range(len(tracked))))]
+                buffer = max(min(local, read // size) * size for size in sizes)
+                queries = min(size, local) * max(sizes)  # a query batch's block, written once made
+                passes = 1
+                note = (
+                    f"full rank, {human_bytes(local * sum(sizes))} kept on disk and read back "
+                    f"layer by layer for every batch (a read buffer of {human_bytes(buffer)})"
+                )
+            elif groups is None:  # low rank: every query and layer in one pass, or query groups
+                note = ""
+                if rank is not None:  # asked for: as many queries a pass as fit at that rank
+                    asked = rank_bytes(tracked, rank, work)
+                    groups = fixed_rank_groups(local, asked, len(tracked), budget or 0)
+                    if budget is None or len(groups) == 1:
+                        groups = None
+                    elif not groups:  # StreamingScorer.queries refuses: the limit cannot be met
+                        refused, groups = True, None
+                        note = (
+                            f"no room for one query at rank {rank} after the factors and a pass's "
+                            "working memory: scoring would refuse (ProblemTooLargeError); "
+                        )
+                else:
+                    groups, rank = low_rank_groups(local, per_rank, len(tracked), budget or 0)
+                    if len(groups) == 1:
+                        groups = None
+                    if rank < 1:  # StreamingScorer.queries refuses: the limit cannot be met
+                        refused, groups = True, None
+                        rank, note = (
+                            1,
+                            (
+                                "no room even at rank 1 after the factors and a pass's working memory: "
+                                "scoring would refuse (ProblemTooLargeError); "
+                            ),
+                        )
+                held = local if groups is None else groups[0][1]  # the queries of a pass
+                queries = held * sum(
+                    min(b, rank * (x.d_out + x.cols) * work)
+                    for b, x in zip(sizes, tracked, strict=True)
+                )
+                low_rank = rank
+                passes, note = 1, note + f"rank {rank} per layer (SVD)"
+                if groups is not None:
+                    passes = len(groups)
+                    note += f", {passes} passes over groups of {held} queries"
             else:
-                groups, rank = low_rank_groups(local, per_rank, len(tracked), budget or 0)
-                if len(groups) == 1:
-                    groups = None
-                if rank < 1:  # StreamingScorer.queries refuses: the limit cannot be met
-                    refused, groups = True, None
-                    rank, note = (
-                        1,
-                        (
-                            "no room even at rank 1 after the factors and a pass's working memory: "
-                            "scoring would refuse (ProblemTooLargeError); "
-                        ),
-                    )
-            held = local if groups is None else groups[0][1]  # the queries of a pass
-            queries = held * sum(
-                min(b, rank * (x.d_out + x.cols) * work)
-                for b, x in zip(sizes, tracked, strict=True)
-            )
-            low_rank = rank
-            passes, note = 1, note + f"rank {rank} per layer (SVD)"
-            if groups is not None:
+                queries = max(
+                    (stop - start) * sum(sizes[i] for i in ls) for start, stop, ls in groups
+                )
                 passes = len(groups)
-                note += f", {passes} passes over groups of {held} queries"
-        else:
-            queries = max((stop - start) * sum(sizes[i] for i in ls) for start, stop, ls in groups)
-            passes = len(groups)
-            note = "full rank"
-            if passes > 1:
-                note = f"full rank, {passes} passes over groups of queries and layers"
-        largest = (
-            ("queries' read buffer", buffer) if spilled else ("preconditioned queries", queries)
-        )
-        out.append(
-            Stage(
-                "queries",
-                0,
-                queries,
-                largest,
-                note + "; repeated on every process",
-                refused,
-                flops=ops.queries(local, low_rank),
+                note = "full rank"
+                if passes > 1:
+                    note = f"full rank, {passes} passes over groups of queries and layers"
+            largest = (
+                ("queries' read buffer", buffer) if spilled else ("preconditioned queries", queries)
             )
-        )
-        out.append(
-            Stage(
-                "scores",
-                passes,
-                (buffer if spilled else queries)
-                + scores
-                + WORKING_FACTOR * (block_bytes + hooks)
-                - aside,
-                ("[Q, N] scores", scores),
-                "data split across processes, score columns summed"
-                + ("; the factors set aside on disk" if aside else ""),
-                flops=ops.scores(n, local, groups, low_rank),
+            made.append(
+                Stage(
+                    "queries",
+                    0,
+                    queries,
+                    largest,
+                    note + "; repeated on every process",
+                    refused,
+                    flops=ops.queries(local, low_rank),
+                )
             )
-        )
-        return out
+            made.append(
+                Stage(
+                    "scores",
+                    passes,
+                    (buffer if spilled else queries)
+                    + scores
+                    + WORKING_FACTOR * (block_at + hooks_at)
+                    - aside,
+                    ("[Q, N] scores", scores),
+                    "data split across processes, score columns summed"
+                    + ("; the factors set aside on disk" if aside else ""),
+                    flops=ops.scores(n, local, groups, low_rank),
+                )
+            )
+            full = low_rank is None or (self.options.query_rank is not None and not refused)
+            return made, refused, full
+
+        made, refused, _ = scoring(b)
+        if refused:  # as KFAC._scorer: smaller scoring batches, where they make room
+            tried = [(size, *scoring(size)) for size in smaller_batches(min(b, shape.n_train))]
+            taken = [t for t in tried if not t[2]]
+            chosen = next((t for t in taken if t[3]), taken[0] if taken else None)
+            if chosen is not None:
+                size, made = chosen[0], chosen[1]
+                made[-1] = replace(
+                    made[-1],
+                    note=made[-1].note + f"; in batches of {size}: memory_limit leaves no room "
+                    f"for the queries beside a pass over batches of {b}",
+                )
+        return out + made
 
     def solve_flops(self, task: Task, space: ParameterSpace) -> float:
         """Each tracked layer's block rotated into the Kronecker eigenbasis and back,
