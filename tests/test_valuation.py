@@ -116,6 +116,13 @@ def test_median_heuristic_and_bad_input(data: dict) -> None:
     expected = d[torch.triu_indices(50, 50, offset=1).unbind()].median()
     assert median_bandwidth(points) == pytest.approx(float(expected))
     assert Kairos(X, R).bandwidth == pytest.approx(float(expected))
+    # a median of 0 from duplicates is said as such (a tester's 50 copies of one row among 59
+    # were told the features were all identical), and from identical rows as that
+    copies = torch.cat([torch.zeros(50, 3, dtype=X.dtype), X[:9, :3]])
+    with pytest.raises(InvalidInputError, match=r"1,\d+ of the 1,711 pairs of rows are identical"):
+        median_bandwidth(copies)
+    with pytest.raises(InvalidInputError, match="the features are all identical, so the median"):
+        median_bandwidth(torch.ones(5, 3, dtype=X.dtype))
     with pytest.raises(InvalidInputError, match="together"):
         Kairos(X, R, train_labels=data["y"])
     with pytest.raises(InvalidInputError, match="same encoder"):

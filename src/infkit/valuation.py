@@ -203,9 +203,16 @@ def median_bandwidth(points: Tensor, seed: int = 0) -> float:
     upper = d[torch.triu_indices(len(points), len(points), offset=1).unbind()]
     median = float(upper.median()) if len(upper) else 0.0
     if not median > 0:
+        same = int((upper == 0).sum())
+        what = (  # (a tester's 50 copies of one row among 59 were told all were identical)
+            "the features are all identical"
+            if same == len(upper)
+            else f"{same:,} of the {len(upper):,} pairs of rows are identical (duplicates), "
+            "more than half"
+        )
         raise InvalidInputError(
-            "the features are all identical (median distance 0): pass bandwidth=... or "
-            "features that vary"
+            f"{what}, so the median pairwise distance, the default bandwidth, is 0: pass "
+            "bandwidth=... or features that vary (duplicates removed)"
         )
     return median
 
