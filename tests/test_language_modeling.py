@@ -1071,11 +1071,11 @@ def test_a_limit_without_room_for_one_query_is_told_at_the_fit(problem: dict, tm
     """A limit whose query budget holds not even rank 1 of one query (31 numbers) warns at the
     fit that the scores will refuse (a tester's run fitted, then refused at scores()); with room
     for it, or with a factors_dir whose scoring pass reads the queries back from disk, the fit
-    says nothing and one query is scored."""
+    says nothing and one query is scored. (Batches of one: no smaller scoring batch makes room.)"""
     task = infkit.Task.language_modeling(problem["model"])
-    opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 2}
+    opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 1}
     # the query budget at the fit counts one query's [1, N] scores; 4 bytes are left beside them
-    tight = _limit_for_queries(problem, 0, batch_size=2) - (Q - 1) * N * 8
+    tight = _limit_for_queries(problem, 0, batch_size=1) - (Q - 1) * N * 8
     one = ExampleSet(problem["test"]).subset([0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)
@@ -2426,11 +2426,12 @@ def test_the_plan_says_above_the_limit_where_scoring_would_refuse(problem: dict)
     # the plan's verdict against the run's: at a limit that leaves the queries no room the
     # scoring refuses, and the plan says so even where its peak is under the limit; with room
     # for the queries in two groups both go through (the post-fit checks, whose probe
-    # directions would be this tiny run's largest object, are left out)
+    # directions would be this tiny run's largest object, are left out; batches of one, which
+    # no smaller scoring batch relieves)
     task = infkit.Task.language_modeling(problem["model"])
-    opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 4, "checks": False}
+    opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 1, "checks": False}
     for k, refuses in ((0.0, True), (2.5, False)):
-        limit = _limit_for_queries(problem, k, batch_size=4)
+        limit = _limit_for_queries(problem, k, batch_size=1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Notice)
             inf = infkit.Influence(task, "ekfac", memory_limit=limit, **opts)
@@ -2453,9 +2454,9 @@ def test_decompositions_refused_for_their_larger_results_name_them_and_the_limit
     # a tester's case: at a limit that scores the queries, the per-module and per-token
     # results (2 layers of [Q, N]; [Q, N, T] and [Q, N]) leave the queries no room. The
     # refusal names the result as the cause and a memory_limit that holds them: that limit
-    # scores, 8 bytes less refuses
+    # scores, 8 bytes less refuses (batches of one, which no smaller scoring batch relieves)
     task = infkit.Task.language_modeling(problem["model"])
-    opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 4, "checks": False}
+    opts = {"l2": 1e-2, "damping": 1e-2, "batch_size": 1, "checks": False}
 
     def ask(call: str, limit: int) -> str | None:
         with warnings.catch_warnings():
@@ -2470,7 +2471,7 @@ def test_decompositions_refused_for_their_larger_results_name_them_and_the_limit
                 return str(error)
         return None
 
-    limit = _limit_for_queries(problem, 0.5, batch_size=4)  # half a query at full rank
+    limit = _limit_for_queries(problem, 0.5, batch_size=1)  # half a query at full rank
     for call, result in (
         ("module_scores", f"module_scores' 2 float64 [{Q}, {N}] results"),
         ("token_scores", f"token_scores' float64 [{Q}, {N}, {LENGTH}] tokens"),

@@ -208,11 +208,11 @@ def median_bandwidth(points: Tensor, seed: int = 0) -> float:
             "the features are all identical"
             if same == len(upper)
             else f"{same:,} of the {len(upper):,} pairs of rows are identical (duplicates), "
-            "more than half"
+            "half or more"
         )
         raise InvalidInputError(
             f"{what}, so the median pairwise distance, the default bandwidth, is 0: pass "
-            "bandwidth=... or features that vary (duplicates removed)"
+            "bandwidth=..., or remove the duplicates"
         )
     return median
 
