@@ -122,6 +122,12 @@ def test_lanczos_on_an_explicit_matrix_with_repeated_eigenvalues() -> None:
     basis, T = lanczos(lambda X: X @ A, 30, 30)  # breaks down, continues in fresh directions
     assert relative_error(basis @ basis.T, torch.eye(30, dtype=torch.float64)) < 1e-12
     assert relative_error(torch.linalg.eigvalsh(T), eig.sort().values) < 1e-10
+    # at any scale of the operator: a fresh direction is kept by its own norm, not the
+    # operator's (a tester's GGN of scale 1e15 refused every fresh one: the loop never ended)
+    for scale in (1e-12, 1e15):
+        basis, T = lanczos(lambda X, s=scale: s * (X @ A), 30, 30, block=4)
+        assert relative_error(basis @ basis.T, torch.eye(30, dtype=torch.float64)) < 1e-12
+        assert relative_error(torch.linalg.eigvalsh(T), scale * eig.sort().values) < 1e-10
 
 
 def test_layer_blocks_with_the_full_space_equal_the_block_diagonal_inverse(

@@ -233,6 +233,72 @@ def test_a_function_no_transform_takes_is_answered_by_backward_passes_or_refused
         forced.grads(batch)
 
 
+class _Bags(torch.nn.Module):
+    """Token ids -> ``nn.EmbeddingBag`` (a mean) -> tanh -> two outputs: PyTorch implements the
+    bag's backward but not that backward's derivative."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = torch.nn.EmbeddingBag(7, 3, mode="mean")
+        self.out = torch.nn.Linear(3, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.bag(ids)))
+
+
+def test_an_operation_without_a_second_derivative_is_refused_by_name() -> None:
+    """A tester's nn.EmbeddingBag met PyTorch's raw "the derivative for
+    '_embedding_bag_backward' is not implemented" in every curvature product (cg, dual, arnoldi,
+    datainf's checks, train_to_optimum's Newton polish). The products refuse it by name, with
+    the methods that answer; the training keeps L-BFGS's answer and says why; those methods
+    answer, exact (the GGN, from first derivatives) to a dense solve of its own."""
+    torch.manual_seed(0)
+    model = _Bags().double()
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randint(0, 7, (30, 4), generator=gen)
+    Y = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    task = infkit.Task.regression(model)
+    with pytest.warns(infkit.Notice, match="_embedding_bag_backward.*L-BFGS's answer is kept"):
+        warnings.simplefilter("ignore", infkit.errors.NotConvergedWarning)
+        infkit.train_to_optimum(task, (X, Y), 1e-2)
+    for method in ("cg", "dual", "arnoldi"):
+        with (
+            pytest.raises(
+                infkit.UnsupportedError,
+                match=r"no derivative of '_embedding_bag_backward'.*'exact' \(with the GGN",
+            ),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore")
+            infkit.Influence(task, method, l2=1e-2).fit((X, Y)).scores((X[:2], Y[:2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for method in ("exact", "identity", "kfac"):
+            scores = infkit.Influence(task, method, l2=1e-2).fit((X, Y)).scores((X[:2], Y[:2]))
+            assert scores.shape == (2, 30) and bool(torch.isfinite(scores).all()), method
+        exact = infkit.Influence(task, "exact", l2=1e-2).fit((X, Y))
+    # exact against a dense GGN solve by finite differences of the gradients: the model is
+    # linear in its head, J from torch.func's jacrev of the outputs (first derivatives only)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    flat = torch.cat([v.reshape(-1) for v in params.values()])
+
+    def outputs(theta: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        shaped, start = {}, 0
+        for name, value in params.items():
+            shaped[name] = theta[start : start + value.numel()].view_as(value)
+            start += value.numel()
+        return torch.func.functional_call(model, shaped, (ids,))
+
+    J = torch.autograd.functional.jacobian(lambda t: outputs(t, X), flat)  # [N, 2, P]
+    residual = (outputs(flat, X) - Y).detach()
+    H = torch.einsum("ncp,ncq->pq", J, J) / 30 + 1e-2 * torch.eye(len(flat), dtype=torch.float64)
+    G = torch.einsum("nc,ncp->np", residual, J) + 1e-2 * flat
+    Jq = torch.autograd.functional.jacobian(lambda t: outputs(t, X[:2]), flat)
+    Gq = torch.einsum("nc,ncp->np", (outputs(flat, X[:2]) - Y[:2]).detach(), Jq)
+    expected = Gq @ torch.linalg.solve(H, G.T) / 30
+    assert relative_error(exact.scores((X[:2], Y[:2])), expected) < 1e-10
+
+
 class PaddedTiedLookup(torch.nn.Module):
     """Token ids -> an embedding with a padding row -> mean -> logits over the vocabulary by the
     embedding itself (a tied head): the padding row is a constant of the lookup (PyTorch's

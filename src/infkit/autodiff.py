@@ -27,6 +27,7 @@ which methods differentiate it.
 from __future__ import annotations
 
 import contextlib
+import re
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -70,9 +71,32 @@ def untransformable_function(error: BaseException | None) -> str | None:
     return name
 
 
+def missing_derivative(error: BaseException | None) -> str | None:
+    """The operation whose derivative PyTorch does not implement, as ``error`` names it (the
+    backward of ``nn.EmbeddingBag``, ``'_embedding_bag_backward'``, has none: a second
+    derivative through it is refused), or None when ``error`` is another error."""
+    if not isinstance(error, NotImplementedError):
+        return None
+    found = re.search(r"the derivative for '([^']+)' is not implemented", str(error))
+    return None if found is None else found.group(1)
+
+
 def refuse_untransformable(error: BaseException) -> None:
     """Raise an :class:`UnsupportedError` from ``error`` when it is ``torch.func`` refusing a
-    custom ``torch.autograd.Function`` (:func:`untransformable_function`); else return."""
+    custom ``torch.autograd.Function`` (:func:`untransformable_function`), or PyTorch missing
+    the derivative of an operation the computation differentiates (:func:`missing_derivative`:
+    a tester's ``nn.EmbeddingBag`` met a raw NotImplementedError in every curvature product);
+    else return."""
+    operation = missing_derivative(error)
+    if operation is not None:
+        raise UnsupportedError(
+            f"PyTorch implements no derivative of {operation!r} (an operation of the model's, "
+            "or its backward), which this computation's curvature products differentiate: a "
+            "second derivative of the model. Methods that take first derivatives only answer: "
+            "'exact' (with the GGN, from per-example Jacobians), 'identity', 'trak', 'kfac' "
+            "and 'ekfac'; or replace the operation (nn.EmbeddingBag by nn.Embedding and a "
+            "mean or sum over the bag)"
+        ) from error
     name = untransformable_function(error)
     if name is None:
         return
@@ -94,7 +118,7 @@ def untransformable_refused() -> Iterator[None]:
     error passes unchanged."""
     try:
         yield
-    except RuntimeError as error:
+    except (NotImplementedError, RuntimeError) as error:
         refuse_untransformable(error)
         raise
 

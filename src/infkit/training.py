@@ -22,6 +22,8 @@ from infkit.errors import (
     InvalidInputError,
     NonFiniteError,
     NotConvergedWarning,
+    Notice,
+    UnsupportedError,
     warn,
 )
 from infkit.example_checks import check_examples
@@ -260,16 +262,29 @@ def train_to_optimum(
         def polish(value: float, grad: Tensor) -> tuple[float, Tensor]:
             # Near the optimum L-BFGS's line search stalls at float precision of the objective;
             # Newton-CG steps use gradients only and converge quadratically.
-            for _ in range(newton_polish):
+            nonlocal polished
+            for _ in range(newton_polish if polished else 0):
                 if float(grad.norm()) <= target:
                     break
-                if not _newton_cg_step(task, space, examples, l2, idx, chunk, engine, grad):
+                try:
+                    stepped = _newton_cg_step(task, space, examples, l2, idx, chunk, engine, grad)
+                except UnsupportedError as error:  # (no second derivative: nn.EmbeddingBag)
+                    polished = False
+                    warn(
+                        "train_to_optimum polishes L-BFGS's answer by Newton-CG steps, whose "
+                        f"curvature products this model does not allow ({error}): L-BFGS's "
+                        "answer is kept, without them",
+                        Notice,
+                    )
+                    break
+                if not stepped:
                     break
                 value, grad = objective_and_gradient(task, space, examples, l2, idx, chunk, engine)
             return value, grad
 
         # L-BFGS to a moderate gradient, Newton-CG from there; L-BFGS again if Newton cannot
         # finish (a nonconvex region), then one more polish.
+        polished = True  # (until the model refuses the curvature products)
         stop_at = max(target, POLISH_FROM * max(float(g0.norm()), 1.0))
         value, grad = polish(*run_lbfgs())
         if float(grad.norm()) > target and iterations < max_iter:

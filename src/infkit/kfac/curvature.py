@@ -64,6 +64,7 @@ from infkit.layers.tracked import (
     TrackedModule,
     augmented_block,
     kinds_of,
+    layer_kind,
     tied_layers,
 )
 from infkit.memory import bounded, release_freed_memory
@@ -386,14 +387,20 @@ def _left_out(model: nn.Module, others: list[str]) -> str:
 
 
 def _why_left_out(model: nn.Module, others: list[str]) -> list[str]:
-    """Why layers of a kind the Kronecker methods factor are among ``others``: a frozen weight
-    beside a trainable bias (a layer's factors cover its weight and bias together) and grouped
-    convolutions, each with the layers' names."""
+    """Why the layers holding ``others`` are left out: of a kind the Kronecker methods factor, a
+    frozen weight beside a trainable bias (a layer's factors cover its weight and bias
+    together) or grouped convolutions; else their kind, which they do not factor (a tester's
+    ConvTranspose2d and Conv3d were named without a reason). Each with the layers' names."""
     left = set(others)
-    frozen, grouped = [], []
+    frozen, grouped, kinds = [], [], []
     for name, module in model.named_modules():
         own = {f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)}
-        if not own & left or not isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)):
+        if not own & left:
+            continue
+        if layer_kind(module) is None:
+            kinds.append(f"{name!r} ({type(module).__name__})")
+            continue
+        if not isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)):
             continue
         if isinstance(module, (nn.Conv2d, nn.Conv1d)) and module.groups != 1:
             grouped.append(repr(name))
@@ -407,6 +414,8 @@ def _why_left_out(model: nn.Module, others: list[str]) -> list[str]:
         )
     if grouped:
         reasons.append(f"grouped convolutions (groups > 1): {listed(grouped, 3)}")
+    if kinds:
+        reasons.append(f"layers of kinds they do not factor: {listed(kinds, 4)}")
     return reasons
 
 

@@ -94,7 +94,9 @@ def kinds_of(tracked: list[TrackedModule]) -> str:
     return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
-def _kind(module: nn.Module) -> str | None:
+def layer_kind(module: nn.Module) -> str | None:
+    """The kind the Kronecker methods factor ``module`` as (``"linear"``, ``"conv2d"``,
+    ``"nn_conv1d"``, Hugging Face's ``"conv1d"``), or None for a module of another kind."""
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv2d):
@@ -138,7 +140,7 @@ def find_modules(
     wanted = None if modules is None else set(modules)
     dora = dora_adapters(model)
     for name, module in model.named_modules():
-        kind = _kind(module)
+        kind = layer_kind(module)
         if kind is None or (wanted is not None and name not in wanted):
             continue
         weight = getattr(module, "weight", None)
@@ -217,7 +219,7 @@ def _why_not_tracked(
             close = difflib.get_close_matches(name, list(modules), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             reasons.append(f"{name!r} is no module of the model{hint}")
-        elif _kind(module) is None:
+        elif layer_kind(module) is None:
             reasons.append(f"{name!r} is a {type(module).__name__}, not a supported layer")
         else:
             weight = getattr(module, "weight", None)
@@ -240,7 +242,7 @@ def tied_layers(model: nn.Module) -> dict[str, list[str]]:
     out = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if _kind(module) is not None and isinstance(weight, nn.Parameter):
+        if layer_kind(module) is not None and isinstance(weight, nn.Parameter):
             tied = [other for other in owners[id(weight)] if other != name]
             if tied:
                 out[name] = tied

@@ -69,7 +69,10 @@ def lanczos(
         steps: basis size n (capped at ``size``).
         block: vectors per product (1: plain Lanczos).
         tol: a new direction whose norm falls below ``tol`` times the operator scale is an
-            invariant subspace (breakdown); the basis is continued with a fresh random direction.
+            invariant subspace (breakdown); the basis is continued with a fresh random direction,
+            taken where its part orthogonal to the basis keeps ``tol`` of its own norm (not of the
+            operator's scale: a GGN of scale 1e15 refused every fresh direction, a tester's
+            weight-normed MLP, and the loop never ended).
 
     Returns:
         Q [n, size] with orthonormal rows and T = Q A Q^T [n, n] (symmetric), in float64.
@@ -83,10 +86,13 @@ def lanczos(
     def fresh(count: int) -> Tensor:
         return torch.randn(count, size, generator=gen, dtype=torch.float64)
 
-    def orthonormal_rows(W: Tensor, count: int) -> Tensor:
-        """Up to ``count`` orthonormal rows spanning W's part orthogonal to the basis."""
+    def orthonormal_rows(W: Tensor, count: int, fresh_rows: bool = False) -> Tensor:
+        """Up to ``count`` orthonormal rows spanning W's part orthogonal to the basis: of the
+        operator's products, those above ``tol`` of its scale; of ``fresh_rows`` (random
+        directions), those above ``tol`` of their own norm."""
         rows: list[Tensor] = []
         for w in W:
+            floor = tol * (float(w.norm()) if fresh_rows else max(scale, 1.0))
             for _ in range(2):  # twice is enough (Kahan-Parlett)
                 if len(basis):
                     w = w - (basis @ w) @ basis
@@ -94,18 +100,18 @@ def lanczos(
                     R = torch.stack(rows)
                     w = w - (R @ w) @ R
             norm = float(w.norm())
-            if norm > tol * max(scale, 1.0):
+            if norm > floor:
                 rows.append(w / norm)
             if len(rows) == count:
                 break
         return torch.stack(rows) if rows else torch.empty(0, size, dtype=torch.float64)
 
-    current = orthonormal_rows(fresh(block), block)
+    current = orthonormal_rows(fresh(block), block, fresh_rows=True)
     while len(basis) < steps:
         need = min(block, steps - len(basis))
         current = current[:need]
         while len(current) < need:  # breakdown: continue in a random direction
-            extra = orthonormal_rows(fresh(need - len(current)), need - len(current))
+            extra = orthonormal_rows(fresh(need - len(current)), need - len(current), True)
             if len(current):
                 extra = extra - (extra @ current.T) @ current
             current = torch.cat([current, extra])
