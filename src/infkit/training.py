@@ -259,6 +259,8 @@ def train_to_optimum(
                     break
             return value, grad
 
+        polished = True  # (until the model refuses the curvature products)
+
         def polish(value: float, grad: Tensor) -> tuple[float, Tensor]:
             # Near the optimum L-BFGS's line search stalls at float precision of the objective;
             # Newton-CG steps use gradients only and converge quadratically.
@@ -284,7 +286,6 @@ def train_to_optimum(
 
         # L-BFGS to a moderate gradient, Newton-CG from there; L-BFGS again if Newton cannot
         # finish (a nonconvex region), then one more polish.
-        polished = True  # (until the model refuses the curvature products)
         stop_at = max(target, POLISH_FROM * max(float(g0.norm()), 1.0))
         value, grad = polish(*run_lbfgs())
         if float(grad.norm()) > target and iterations < max_iter:
