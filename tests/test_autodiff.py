@@ -299,6 +299,47 @@ def test_an_operation_without_a_second_derivative_is_refused_by_name() -> None:
     assert relative_error(exact.scores((X[:2], Y[:2])), expected) < 1e-10
 
 
+class _Segments(torch.nn.Module):
+    """A hidden layer whose units are summed in segments of 3 by ``torch.segment_reduce``, whose
+    backward PyTorch does not differentiate (its other wording: a RuntimeError naming
+    ``aten::_segment_reduce_backward``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(4, 6)
+        self.out = torch.nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.hidden(x)).reshape(-1)
+        lengths = torch.full((len(h) // 3,), 3)
+        return self.out(torch.segment_reduce(h, "sum", lengths=lengths).reshape(len(x), 2))
+
+
+def test_the_other_wording_of_a_missing_derivative_is_refused_by_name_too() -> None:
+    """A reviewer's: segment_reduce's missing second derivative comes as a RuntimeError, "the
+    derivative for aten::_segment_reduce_backward is not implemented", and met every method's
+    curvature products raw (kfac's and ekfac's post-fit checks too). Refused by name as the
+    other wording; the Kronecker methods answer with their checks skipped, said. (Fused
+    attention's forward-mode refusal has the same words and still falls back: the refusal
+    comes only once every mode met it; tests/test_transformers.py.)"""
+    torch.manual_seed(0)
+    model = _Segments().double()
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    Y = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    task = infkit.Task.regression(model)
+    with (
+        pytest.raises(infkit.UnsupportedError, match="'aten::_segment_reduce_backward'"),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        infkit.Influence(task, "cg", l2=1e-2).fit((X, Y)).scores((X[:2], Y[:2]))
+    with pytest.warns(UserWarning, match="post-fit checks .* were not run.*_segment_reduce_back"):
+        warnings.simplefilter("ignore", infkit.Notice)
+        scores = infkit.Influence(task, "kfac", l2=1e-2).fit((X, Y)).scores((X[:2], Y[:2]))
+    assert scores.shape == (2, 30) and bool(torch.isfinite(scores).all())
+
+
 class PaddedTiedLookup(torch.nn.Module):
     """Token ids -> an embedding with a padding row -> mean -> logits over the vocabulary by the
     embedding itself (a tied head): the padding row is a constant of the lookup (PyTorch's

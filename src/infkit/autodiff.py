@@ -72,13 +72,30 @@ def untransformable_function(error: BaseException | None) -> str | None:
 
 
 def missing_derivative(error: BaseException | None) -> str | None:
-    """The operation whose derivative PyTorch does not implement, as ``error`` names it (the
-    backward of ``nn.EmbeddingBag``, ``'_embedding_bag_backward'``, has none: a second
-    derivative through it is refused), or None when ``error`` is another error."""
-    if not isinstance(error, NotImplementedError):
+    """The backward operation whose derivative PyTorch does not implement, as ``error`` names
+    it in either of PyTorch's wordings (``nn.EmbeddingBag``'s ``'_embedding_bag_backward'``,
+    ``aten::segment_reduce_backward``): a second derivative of the model that PyTorch cannot
+    take. None for another error, and for an operation of the forward pass without a
+    derivative (``'igamma: input'``), which no method differentiates."""
+    if not isinstance(error, (NotImplementedError, RuntimeError)):
         return None
-    found = re.search(r"the derivative for '([^']+)' is not implemented", str(error))
-    return None if found is None else found.group(1)
+    found = re.search(r"derivative for (?:'([^']+)'|(aten::\S+?)) is not implemented", str(error))
+    if found is None:
+        return None
+    operation = found.group(1) or found.group(2)
+    return operation if operation.endswith("_backward") else None
+
+
+def untaken(error: BaseException | None) -> str | None:
+    """What of the model ``torch.func``'s curvature products cannot take, as a message says it
+    (:func:`untransformable_function`, :func:`missing_derivative`), or None."""
+    function = untransformable_function(error)
+    if function is not None:
+        return f"{function} (it defines no setup_context)"
+    operation = missing_derivative(error)
+    if operation is not None:
+        return f"{operation!r}, whose derivative PyTorch does not implement"
+    return None
 
 
 def refuse_untransformable(error: BaseException) -> None:
@@ -246,9 +263,14 @@ class Pushforward:
                 with transforms_only(), composite_attention(self.mode != "forward"):
                     return compute(self.mode)
             except (NotImplementedError, RuntimeError) as error:
-                refuse_untransformable(error)
+                if untransformable_function(error) is not None:
+                    refuse_untransformable(error)
                 position = MODES.index(self.mode)
                 if not forward_mode_refused(error) or position == len(MODES) - 1:
+                    # (a missing derivative only once every mode has met it: PyTorch's fused
+                    # attention words its forward mode's refusal alike, and the next mode takes
+                    # it)
+                    refuse_untransformable(error)
                     raise
                 self.mode = MODES[position + 1]
 

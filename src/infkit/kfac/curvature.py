@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from infkit.data import ExampleSet
 from infkit.distributed import STORE_HINT, agree
@@ -392,15 +393,16 @@ def _why_left_out(model: nn.Module, others: list[str]) -> list[str]:
     together) or grouped convolutions; else their kind, which they do not factor (a tester's
     ConvTranspose2d and Conv3d were named without a reason). Each with the layers' names."""
     left = set(others)
-    frozen, grouped, kinds = [], [], []
+    frozen, grouped, kinds, parametrized = [], [], [], []
     for name, module in model.named_modules():
         own = {f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)}
         if not own & left:
             continue
+        if isinstance(module, parametrize.ParametrizationList):  # (a reviewer's read its kind)
+            parametrized.append(repr(name.rsplit(".parametrizations.", 1)[0]))
+            continue
         if layer_kind(module) is None:
             kinds.append(f"{name!r} ({type(module).__name__})")
-            continue
-        if not isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)):
             continue
         if isinstance(module, (nn.Conv2d, nn.Conv1d)) and module.groups != 1:
             grouped.append(repr(name))
@@ -416,6 +418,11 @@ def _why_left_out(model: nn.Module, others: list[str]) -> list[str]:
         reasons.append(f"grouped convolutions (groups > 1): {listed(grouped, 3)}")
     if kinds:
         reasons.append(f"layers of kinds they do not factor: {listed(kinds, 4)}")
+    if parametrized:
+        reasons.append(
+            "weights computed by torch.nn.utils.parametrize (their layers' hooks see the "
+            f"computed weight, not the parameters): {listed(parametrized, 3)}"
+        )
     return reasons
 
 

@@ -68,8 +68,10 @@ def lanczos(
         size: dimension of the space.
         steps: basis size n (capped at ``size``).
         block: vectors per product (1: plain Lanczos).
-        tol: a new direction whose norm falls below ``tol`` times the operator scale is an
-            invariant subspace (breakdown); the basis is continued with a fresh random direction,
+        tol: a new direction whose norm falls below ``tol`` times the operator scale (its
+            largest product's norm so far: a reviewer's operator of scale 1e-12 broke down at
+            every step under an absolute floor of 1e-10) is an invariant subspace (breakdown);
+            the basis is continued with a fresh random direction,
             taken where its part orthogonal to the basis keeps ``tol`` of its own norm (not of the
             operator's scale: a GGN of scale 1e15 refused every fresh direction, a tester's
             weight-normed MLP, and the loop never ended).
@@ -86,13 +88,17 @@ def lanczos(
     def fresh(count: int) -> Tensor:
         return torch.randn(count, size, generator=gen, dtype=torch.float64)
 
-    def orthonormal_rows(W: Tensor, count: int, fresh_rows: bool = False) -> Tensor:
-        """Up to ``count`` orthonormal rows spanning W's part orthogonal to the basis: of the
-        operator's products, those above ``tol`` of its scale; of ``fresh_rows`` (random
-        directions), those above ``tol`` of their own norm."""
-        rows: list[Tensor] = []
+    def orthonormal_rows(
+        W: Tensor, count: int, fresh_rows: bool = False, beside: Tensor | None = None
+    ) -> Tensor:
+        """Up to ``count`` orthonormal rows spanning W's part orthogonal to the basis (and to
+        the orthonormal rows ``beside``): of the operator's products, those above ``tol`` of
+        its scale; of ``fresh_rows`` (random directions), those above ``tol`` of their own
+        norm."""
+        rows: list[Tensor] = [] if beside is None else list(beside)
+        taken = len(rows)
         for w in W:
-            floor = tol * (float(w.norm()) if fresh_rows else max(scale, 1.0))
+            floor = tol * float(w.norm()) if fresh_rows else tol * scale
             for _ in range(2):  # twice is enough (Kahan-Parlett)
                 if len(basis):
                     w = w - (basis @ w) @ basis
@@ -102,8 +108,9 @@ def lanczos(
             norm = float(w.norm())
             if norm > floor:
                 rows.append(w / norm)
-            if len(rows) == count:
+            if len(rows) - taken == count:
                 break
+        rows = rows[taken:]
         return torch.stack(rows) if rows else torch.empty(0, size, dtype=torch.float64)
 
     current = orthonormal_rows(fresh(block), block, fresh_rows=True)
@@ -111,9 +118,12 @@ def lanczos(
         need = min(block, steps - len(basis))
         current = current[:need]
         while len(current) < need:  # breakdown: continue in a random direction
-            extra = orthonormal_rows(fresh(need - len(current)), need - len(current), True)
-            if len(current):
-                extra = extra - (extra @ current.T) @ current
+            # (orthogonal to the block's rows too, and normalised after: projected after
+            # normalising, a reviewer's fresh rows fell 0.99 inside the block's span and entered
+            # the basis at norms of 1e-9)
+            extra = orthonormal_rows(
+                fresh(need - len(current)), need - len(current), True, beside=current
+            )
             current = torch.cat([current, extra])
         start = len(basis)
         basis = torch.cat([basis, current])

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from infkit import diagnostics, estimators
-from infkit.autodiff import untransformable_function
+from infkit.autodiff import untaken
 from infkit.data import ExampleSet
 from infkit.errors import (
     CurvatureError,
@@ -717,14 +717,14 @@ class Method(ABC):
         try:
             self._run_checks(checks)
         except UnsupportedError as error:  # a model no torch.func transform takes
-            function = untransformable_function(error.__cause__)
-            if function is None:
+            what = untaken(error.__cause__)
+            if what is None:
                 raise
             warn(
                 f"the post-fit checks (docs/conventions.md §9) were not run: their curvature "
-                f"products need torch.func's transforms, which cannot take {function} (it "
-                "defines no setup_context). The answers of identity, trak, datainf, kfac, "
-                "ekfac and exact with curvature='hessian' do not depend on them; the methods "
+                f"products need torch.func's transforms, which cannot take {what}. The answers "
+                "of identity, trak, datainf, kfac, ekfac and exact do not depend on them (exact "
+                "with curvature='hessian' where the model has a custom function); the methods "
                 "whose answers need the transforms refuse at their first question",
                 UserWarning,
             )
@@ -838,14 +838,14 @@ class Method(ABC):
                     fitted, self.inverse(), directions=direction[None], sample=sample
                 )
             except UnsupportedError as error:
-                function = untransformable_function(error.__cause__)
-                if function is None:
+                what = untaken(error.__cause__)
+                if what is None:
                     raise
                 self._queries_unchecked = True
                 warn(
                     "the queries' energy ratio (docs/conventions.md §9) is not measured: its "
                     f"curvature products need torch.func's transforms, which cannot take "
-                    f"{function} (it defines no setup_context); the scores do not depend on it",
+                    f"{what}; the scores do not depend on it",
                     UserWarning,
                 )
                 return
