@@ -33,11 +33,11 @@ one query exceeds the budget, or with ``query_rank``, are they kept at rank r pe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -64,6 +64,8 @@ from infkit.parameters import product_dtype
 from infkit.progress import Progress, track
 from infkit.scratch import ScratchSpace
 from infkit.shards import ScoreShards
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -289,6 +291,24 @@ def smaller_batches(batch_size: int) -> list[int]:
         size = -(-size // 2)
         sizes.append(size)
     return sizes
+
+
+def preferred_batch(
+    candidates: Iterable[_T], scores: Callable[[_T], bool], full_rank: Callable[[_T], bool]
+) -> _T | None:
+    """Of ``candidates`` (the scoring passes at :func:`smaller_batches`, largest first), the
+    first that ``scores`` the queries at ``full_rank``, else the first that scores them at all;
+    None where none does. The one rule of the run (:meth:`KFAC._scorer`) and of its plan, read
+    lazily: no candidate is made past the first at full rank."""
+    fallback = None
+    for candidate in candidates:
+        if not scores(candidate):
+            continue
+        if full_rank(candidate):
+            return candidate
+        if fallback is None:
+            fallback = candidate
+    return fallback
 
 
 def query_batch_size(

@@ -59,6 +59,7 @@ from infkit.kfac.streaming import (
     kept_at_rank,
     low_rank_groups,
     plan_groups,
+    preferred_batch,
     query_budget,
     rank_bytes,
     read_budget,
@@ -354,8 +355,11 @@ class KFAC(PrimalMethod):
         first = scorer(given)
         if fitted.memory_limit is None or first.room_for_one_query() is None:
             return first
-        taken = [s for s in map(scorer, smaller_batches(given)) if s.room_for_one_query() is None]
-        chosen = next((s for s in taken if s.at_full_rank()), taken[0] if taken else None)
+        chosen = preferred_batch(
+            map(scorer, smaller_batches(given)),
+            lambda s: s.room_for_one_query() is None,
+            StreamingScorer.at_full_rank,
+        )
         if chosen is None:
             return first  # (it refuses, naming the limit that holds one query)
         if chosen.batch_size not in self._smaller_batches_said:  # (the fit's check, then a call)
@@ -909,9 +913,11 @@ class KFAC(PrimalMethod):
 
         made, refused, _ = scoring(b)
         if refused:  # as KFAC._scorer: smaller scoring batches, where they make room
-            tried = [(size, *scoring(size)) for size in smaller_batches(min(b, shape.n_train))]
-            taken = [t for t in tried if not t[2]]
-            chosen = next((t for t in taken if t[3]), taken[0] if taken else None)
+            chosen = preferred_batch(
+                ((size, *scoring(size)) for size in smaller_batches(min(b, shape.n_train))),
+                lambda t: not t[2],
+                lambda t: t[3],
+            )
             if chosen is not None:
                 size, made = chosen[0], chosen[1]
                 made[-1] = replace(
