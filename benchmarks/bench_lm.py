@@ -80,12 +80,12 @@ VOCAB, LENGTH, BATCH = 2048, 128, 8
 
 
 # ============================================================================ problem
-def make_config(size: str):  # type: ignore[no-untyped-def]
+def make_config(size: str, vocab: int = VOCAB):  # type: ignore[no-untyped-def]
     from transformers import LlamaConfig
 
     hidden, intermediate, layers, heads = SIZES[size]
     return LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
@@ -122,23 +122,25 @@ def benchmark_influence(model: torch.nn.Module, **options: Any):  # type: ignore
     )
 
 
-def write_problem(directory: Path, size: str, n_train: int, n_query: int) -> None:
+def write_problem(
+    directory: Path, size: str, n_train: int, n_query: int, vocab: int = VOCAB
+) -> None:
     """Model weights and token data, written once for every worker."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(make_config(size))
+    model = LlamaForCausalLM(make_config(size, vocab))
     gen = torch.Generator().manual_seed(0)
     # a random bigram chain: each token has 8 likely successors
-    successors = torch.randint(0, VOCAB, (VOCAB, 8), generator=gen)
+    successors = torch.randint(0, vocab, (vocab, 8), generator=gen)
     total = n_train + n_query
     ids = torch.empty(total, LENGTH, dtype=torch.long)
-    ids[:, 0] = torch.randint(0, VOCAB, (total,), generator=gen)
+    ids[:, 0] = torch.randint(0, vocab, (total,), generator=gen)
     for t in range(1, LENGTH):
         pick = torch.randint(0, 8, (total,), generator=gen)
         ids[:, t] = successors[ids[:, t - 1], pick]
     torch.save({"state": model.state_dict(), "ids": ids}, directory / "problem.pt")
-    config = {"size": size, "n_train": n_train, "n_query": n_query}
+    config = {"size": size, "n_train": n_train, "n_query": n_query, "vocab": vocab}
     (directory / "config.json").write_text(json.dumps(config))
 
 
@@ -147,7 +149,7 @@ def load_problem(directory: Path):  # type: ignore[no-untyped-def]
 
     config = json.loads((directory / "config.json").read_text())
     data = torch.load(directory / "problem.pt")
-    model = LlamaForCausalLM(make_config(config["size"]))
+    model = LlamaForCausalLM(make_config(config["size"], config.get("vocab", VOCAB)))
     model.load_state_dict(data["state"])
     model.eval()
     ids = data["ids"]

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lm import BATCH, load_problem, run, tracked_modules, write_problem
+from bench_lm import BATCH, VOCAB, load_problem, run, tracked_modules, write_problem
 from harness import ROOT, provenance
 
 RESULTS = ROOT / "benchmarks" / "results" / "lm_budget.md"
@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--split", choices=["scores", "modules", "tokens"], default="scores")
+    parser.add_argument(
+        "--vocab", type=int, default=VOCAB, help="the vocabulary (default bench_lm.py's)"
+    )
     args = parser.parse_args()
     if args.worker:
         kind, directory = args.worker
@@ -146,7 +149,7 @@ def main() -> None:
         return
     os.environ["BUDGET_SPLIT"] = args.split
     directory = Path(tempfile.mkdtemp(prefix="bench-lm-budget-"))
-    write_problem(directory, args.size, args.train, args.queries)
+    write_problem(directory, args.size, args.train, args.queries, args.vocab)
     model, *_ = load_problem(directory)
     tracked = sum(m.weight.numel() for n, m in model.named_modules() if n in tracked_modules(model))
     results = {}
@@ -170,6 +173,7 @@ def report(args: argparse.Namespace, tracked: int, results: dict, directory: Pat
     lines = [
         f"## {args.size}: {tracked / 1e6:.1f}M tracked parameters, N = {args.train} sequences of 128 tokens, "
         f"{args.queries} queries, batch {BATCH}, {args.threads} threads"
+        + ("" if args.vocab == VOCAB else f", vocabulary {args.vocab:,}")
         + ("" if args.split == "scores" else f", {args.split[:-1]} scores"),
         "",
         provenance(),

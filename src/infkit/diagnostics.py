@@ -166,7 +166,7 @@ def _sample_curvature(
         fitted.engine,
         fitted.train,
         "ggn",
-        batch_size=fitted.batch_size,
+        batch_size=fitted.pass_batch_size,
         indices=indices,
         work_bytes=product_work_bytes(fitted.memory_limit),
     )
@@ -278,7 +278,7 @@ def drift(
     d = solve(fitted.objective_gradient.reshape(1, -1)).reshape(-1).to(torch.float64)
     indices = _sample(fitted, sample)
     shifts, residuals = [], []  # per example: ||Lambda_i J_i d||, ||dl_i/df||
-    for batch in fitted.train.batches(fitted.batch_size, indices):
+    for batch in fitted.train.batches(fitted.pass_batch_size, indices):
         g, lam_jd = _residual_and_shift(fitted, batch, d)
         shifts.append(lam_jd.to(torch.float64).reshape(len(lam_jd), -1).norm(dim=1))
         residuals.append(g.to(torch.float64).reshape(len(g), -1).norm(dim=1))
@@ -292,7 +292,7 @@ def drift(
         shift = torch.cat(
             [
                 _residual_jump(fitted, batch, d)
-                for batch in fitted.train.batches(fitted.batch_size, indices)
+                for batch in fitted.train.batches(fitted.pass_batch_size, indices)
             ]
         )
     pooled = _ratio(float(shift.square().sum()) ** 0.5, float(residual.square().sum()) ** 0.5)

@@ -43,7 +43,7 @@ from infkit.fingerprint import (
     user_hooks,
 )
 from infkit.gradients import GRADIENT_WORK_FACTOR, PerExample, Which, gradient_rows
-from infkit.memory import human_bytes
+from infkit.memory import human_bytes, output_rows
 from infkit.parameters import ParameterSpace, evaluation_mode, product_dtype
 from infkit.progress import Mode, track
 from infkit.task import Task
@@ -278,12 +278,30 @@ class Fitted:
         return track(batches, self.progress, desc, -(-count // size))
 
     @property
+    def pass_batch_size(self) -> int:
+        """Examples a batch of the passes whose batches infkit chooses (the post-fit checks,
+        the objective's pass): :attr:`batch_size`, lowered so that a batch's outputs and their
+        gradients take at most a quarter of :attr:`memory_limit`
+        (:func:`~infkit.memory.output_rows`). A language model's logits over a large
+        vocabulary make them the largest objects of such a pass: a tiny model over 32,000 words
+        checked its fit at 5.6 times its limit of 150 MiB in batches of 8 sequences of 64
+        tokens. The fit's statistics passes keep :attr:`batch_size` (a sampled Fisher draws its
+        labels per batch); the scoring passes count the outputs in their own budget
+        (:func:`~infkit.kfac.streaming.pass_output_bytes`)."""
+        return output_rows(
+            self.batch_size,
+            math.prod(self.output_shape),
+            self.space.dtype.itemsize,
+            self.memory_limit,
+        )
+
+    @property
     def gradient_batch_size(self) -> int:
         """Examples a batch where per-example gradients [B, P] are formed by vmap over the model:
-        :attr:`batch_size`, lowered to keep them within a quarter of :attr:`memory_limit`
+        :attr:`pass_batch_size`, lowered to keep them within a quarter of :attr:`memory_limit`
         (:func:`~infkit.gradients.gradient_rows`)."""
         return gradient_rows(
-            self.batch_size, self.space.size, self.space.bytes_per_float(), self.memory_limit
+            self.pass_batch_size, self.space.size, self.space.bytes_per_float(), self.memory_limit
         )
 
     @property
@@ -677,7 +695,12 @@ def training_gradients(
     dtype = product_dtype(engine.space.dtype)
     if not gradient_cache_fits(n, p, engine.space.dtype, memory_limit, batch_size):
         return None, None
-    rows = gradient_rows(batch_size, p, engine.space.dtype.itemsize, memory_limit)
+    # batches whose outputs take at most a quarter of the limit (Fitted.pass_batch_size)
+    outputs = math.prod(engine.outputs(train.take([0])).shape[1:])
+    itemsize = engine.space.dtype.itemsize
+    rows = gradient_rows(
+        output_rows(batch_size, outputs, itemsize, memory_limit), p, itemsize, memory_limit
+    )
     out = torch.empty(n, p, dtype=dtype, device=engine.device)
     total_gradient = torch.zeros(p, dtype=torch.float64, device=engine.device)
     total_norm = 0.0
@@ -710,13 +733,13 @@ def mean_gradient_by_pass(fitted: Fitted) -> Tensor:
             fitted.space,
             fitted.train,
             0.0,
-            chunk=fitted.batch_size,
+            chunk=fitted.pass_batch_size,
             engine=fitted.engine,
             progress=fitted.progress,
         )
     mean_gradient = full.to(torch.float64)
     if not bool(torch.isfinite(mean_gradient).all()):
-        for batch in fitted.train.batches(fitted.batch_size):
+        for batch in fitted.train.batches(fitted.pass_batch_size):
             fitted.engine.grads(batch)  # raises NonFiniteError naming the example
     return mean_gradient
 

@@ -23,6 +23,31 @@ def default_memory_limit() -> int:
         return 8 << 30
 
 
+def batch_output_bytes(batch_size: int, outputs: int, itemsize: int) -> int:
+    """A batch's outputs and their gradients while a pass runs the model on ``batch_size``
+    examples of ``outputs`` outputs each (C: T x V for a language model): the ``[B, C]``
+    outputs in the model's precision (``itemsize`` bytes) and three float32 copies (the
+    loss's log-probabilities, kept for the backward pass, their gradient and the outputs'),
+    which a language model's vocabulary makes large (a batch of 8 sequences of 256 tokens over
+    32,000 words: 1.0 GiB, where a tester's run rose 1.03 GiB). The model's own activations
+    beside them are not counted."""
+    return batch_size * outputs * (itemsize + 3 * 4)
+
+
+#: the share of ``memory_limit`` a batch's outputs may take in the passes whose batches infkit
+#: chooses (:func:`output_rows`)
+OUTPUT_SHARE = 4
+
+
+def output_rows(batch_size: int, outputs: int, itemsize: int, memory_limit: int) -> int:
+    """Examples a batch of a pass whose batches infkit chooses (the post-fit checks, the
+    training gradients' and the objective's passes): ``batch_size``, lowered so that the
+    batch's outputs and their gradients (:func:`batch_output_bytes`) take at most
+    1/:data:`OUTPUT_SHARE` of ``memory_limit``; at least 1."""
+    per_example = batch_output_bytes(1, outputs, itemsize)
+    return max(1, min(batch_size, memory_limit // OUTPUT_SHARE // max(per_example, 1)))
+
+
 def bounded(memory_limit: int) -> bool:
     """Whether ``memory_limit`` is tighter than :func:`default_memory_limit`: the user bounds
     memory, and a run trades some time for keeping to it (:func:`map_large_allocations`, EK-FAC

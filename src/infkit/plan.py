@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from infkit.errors import Notice, warn
-from infkit.memory import human_bytes
+from infkit.memory import batch_output_bytes, human_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -133,14 +133,11 @@ class RunShape:
 
     @property
     def batch_output_bytes(self) -> int:
-        """A batch's outputs and their gradients while a pass runs the model on it: the
-        ``[B, C]`` outputs in the model's precision and three float32 copies (the loss's
-        log-probabilities, kept for the backward pass, their gradient and the outputs'), which
-        a language model's vocabulary makes large (a batch of 8 sequences of 256 tokens over
-        32,000 words: 1.0 GiB, where a tester's run rose 1.03 GiB). The model's own
-        activations beside them are not counted (the tracked layers' inputs and output
-        gradients are, in the stages that take them)."""
-        return self.batch_size * self.outputs * (self.itemsize + 3 * 4)
+        """A batch's outputs and their gradients while a pass runs the model on it
+        (:func:`~infkit.memory.batch_output_bytes`). The model's own activations beside them
+        are not counted (the tracked layers' inputs and output gradients are, in the stages
+        that take them)."""
+        return batch_output_bytes(self.batch_size, self.outputs, self.itemsize)
 
     @property
     def batches(self) -> int:

@@ -69,7 +69,7 @@ from infkit.kfac.streaming import (
 from infkit.kfac.work import KroneckerWork, backward_flops, block_rotation_flops
 from infkit.layers.capture import input_layout, position_count
 from infkit.layers.tracked import TrackedLayers, TrackedModule, find_modules
-from infkit.memory import FLOAT64_BYTES, default_memory_limit, human_bytes
+from infkit.memory import FLOAT64_BYTES, batch_output_bytes, default_memory_limit, human_bytes
 from infkit.methods.base import (
     KRONECKER,
     Fidelity,
@@ -790,6 +790,7 @@ class KFAC(PrimalMethod):
             """The queries' and scores' stages with scoring batches of ``size`` examples, whether
             scoring would refuse, and whether it scores at full rank (or the rank asked for)."""
             hooks_at, block_at = hooks * size // b, block_bytes * size // b
+            outputs_at = batch_output_bytes(size, shape.outputs, shape.itemsize)
             made: list[Stage] = []
             # the preconditioned queries (all of them on every process): full rank in groups of
             # queries and layers that fit memory_limit less the factors and a pass's working memory
@@ -808,14 +809,20 @@ class KFAC(PrimalMethod):
             )
             aside = resident if sets_aside else 0
             kept = resident + shape.snapshot_bytes + scores  # as query_budget counts them
-            budget = None if limit is None else budget_after(limit, kept, hooks_at, block_at)
+            budget = (
+                None if limit is None else budget_after(limit, kept, hooks_at, block_at, outputs_at)
+            )
             rank = self.options.query_rank
             groups = None if rank is not None else plan_groups(local, sizes, budget)
             refused = False
             # kept on disk instead of groups or a low rank (as StreamingScorer.spills decides),
             # read back in a buffer that may take the room of the factors set aside (read_budget)
             place = shape.workdir or self.options.factors_dir is not None
-            read = None if limit is None else budget_after(limit, kept - aside, hooks_at, block_at)
+            read = (
+                None
+                if limit is None
+                else budget_after(limit, kept - aside, hooks_at, block_at, outputs_at)
+            )
             spilled = (
                 rank is None
                 and budget is not None
