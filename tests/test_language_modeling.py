@@ -2227,6 +2227,50 @@ def test_a_bfloat16_models_scores_follow_its_float64_copy_when_it_is_confident()
     assert relative < 0.1
 
 
+def test_float32_queries_predicted_beyond_float32s_resolution_are_warned_of() -> None:
+    """The language-modelling loss keeps the logits' float32 (a [B, T, V] copy in float64 is
+    too large), where a probability within 6e-8 of 1 rounds to 1 and ``p - onehot`` loses its
+    true token's entry. A tester's float32 Llama scored memorised one-token completions 13-91%
+    off float64, with no word (a task's own loss had the check; the built-in one skipped it).
+    Queries whose every scored token is predicted at a margin of about 25 nats (1 - p about
+    1e-10, which float64 resolves): warned of,
+    naming the set and the remedy, with identity's scores indeed moved (beyond float32's
+    rounding) from the float64 model's;
+    a training set of ordinary sequences, and the same queries on the float64 model, are not."""
+    vocab, n = 8, 16
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = Bigram(vocab).eval()
+    with torch.no_grad():
+        model.embed.weight.copy_(3 * torch.eye(vocab))
+        model.mix.weight.copy_(torch.eye(vocab))
+        model.mix.bias.zero_()
+        model.head.weight.copy_(25 * torch.roll(torch.eye(vocab), 1, 0))
+        model.head.bias.zero_()
+    train = lm.examples(torch.randint(0, vocab, (n, 6), generator=gen))
+    start = torch.randint(0, vocab, (4, 1), generator=gen)
+    queries = lm.examples((start + torch.arange(4)) % vocab, prompt_lengths=[2] * 4)
+    scores, said = {}, {}
+    for dtype in (torch.float32, torch.float64):
+        task = infkit.Task.language_modeling(model.to(dtype))
+        inf = infkit.Influence(task, "identity", progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            inf.fit(train)
+            fitted = [str(w.message) for w in caught if "loses its precision" in str(w.message)]
+            scores[dtype] = inf.scores(queries).double()
+        said[dtype] = [str(w.message) for w in caught if "loses its precision" in str(w.message)]
+        assert not fitted, fitted  # (the training set's gradients are not rounding)
+    assert not said[torch.float64]
+    assert len(said[torch.float32]) == 1, said
+    message = said[torch.float32][0]
+    assert "the task's loss loses its precision in float32 on test set example" in message
+    assert "(4 of the 4 examples checked" in message and "model.double()" in message
+    # (the scores move by far more than float32's rounding: 0.7% here, the tester's 13-91%)
+    relative = (scores[torch.float32] - scores[torch.float64]).norm(dim=1)
+    assert float((relative / scores[torch.float64].norm(dim=1)).max()) > 1e-3
+
+
 def test_auto_passes_over_ekfac_when_its_factors_do_not_fit(problem: dict) -> None:
     """method='auto' takes EK-FAC for a language model only when its factors fit memory_limit
     (the reason is recorded); below that it takes the matrix-free cg instead of failing."""

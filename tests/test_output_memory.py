@@ -171,3 +171,59 @@ def test_a_scoring_run_over_a_large_vocabulary_stays_within_its_limit(tmp_path: 
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     assert measured["finite"]
     assert measured["rise_mib"] < limit / (1 << 20), measured
+
+
+def _scoring_batches(said: list[str], planned: str) -> tuple[int | None, int | None]:
+    """The scoring batch size the plan's note and the run's last Notice name (None: the fit's)."""
+    plan = (
+        int(planned.split("in batches of ")[1].split(":")[0])
+        if "in batches of" in planned
+        else None
+    )
+    told = [m for m in said if "the scoring passes take batches of" in m]
+    run = int(told[-1].split("take batches of ")[1].split(",")[0]) if told else None
+    return plan, run
+
+
+@pytest.mark.parametrize(
+    ("dtype", "n", "q", "share"),
+    [
+        (torch.float64, 4, 12, 1.0),  # more queries than training examples
+        (torch.float64, 4, 12, 0.5),
+        (torch.bfloat16, 16, 3, 0.25),  # hook terms in float32, outputs in bfloat16 and float32
+        (torch.float64, 16, 3, 0.6),
+    ],
+)
+def test_the_plan_and_the_run_take_the_same_scoring_batches(
+    tmp_path: Path, dtype: torch.dtype, n: int, q: int, share: float
+) -> None:
+    """The plan foresees the scoring passes' batches as the run takes them, at a share of the
+    room the unbounded run's budget takes. A reviewer's: with more queries than training
+    examples the plan counted a batch of 8 (the queries') where the run's is the training
+    set's 4, and said batches of 2 where the run scored at 4; a bfloat16 model's hook terms
+    were planned at 2 bytes where the run counts them at float32's 4 (plan 2, run 1)."""
+    torch.manual_seed(0)
+    model = TinyLM(vocab=WORDS, width=8).eval().to(dtype)
+    ids = torch.randint(0, WORDS, (n + q, LENGTH), generator=torch.Generator().manual_seed(1))
+    inputs, labels = lm.examples(ids, torch.ones_like(ids))
+    part = lambda lo, hi: ({k: v[lo:hi] for k, v in inputs.items()}, labels[lo:hi])  # noqa: E731
+    train, test = part(0, n), part(n, n + q)
+    task = infkit.Task.language_modeling(model)
+    options = {"l2": 1e-2, "damping": 1e-2, "batch_size": BATCH, "checks": False}
+    options |= {"progress": False, "modules": ["mix"]}
+    big = 1 << 36
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        free = infkit.Influence(task, "ekfac", memory_limit=big, workdir=tmp_path / "f", **options)
+        free.fit(train)
+        taken = big - query_room(free.fitted, free.method.kronecker(), q * n * 8)
+        bounded = infkit.Influence(
+            task, "ekfac", memory_limit=int(taken * share), workdir=tmp_path / "b", **options
+        )
+        planned = {stage.name: stage for stage in bounded.plan(train, test).stages}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bounded.fit(train)
+        bounded.scores(test)
+    plan, run = _scoring_batches([str(w.message) for w in caught], planned["scores"].note)
+    assert plan == run, planned["scores"].note

@@ -391,7 +391,8 @@ def _check_examples(engine: PerExample, examples: ExampleSet, measured: bool) ->
             raise InvalidInputError(
                 f"{examples.name}: the model refused its inputs ({message}); they are integer "
                 f"tensors ({', '.join(sorted(set(integer)))}): pass floating-point inputs, e.g. "
-                "X.float(), unless the model embeds token ids"
+                "X.float(), or, where the model embeds token ids, int64 ones (ids.long(): "
+                "an embedding takes int32 or int64 indices only)"
             ) from error
         given, lacking = "", ""
         if isinstance(first.inputs, dict):
@@ -500,6 +501,10 @@ CURVATURE_CHECK_EXAMPLES = 64
 #: examples, spread over a set, whose loss (or measurement) gradients in the outputs are
 #: compared with the same function's on the outputs in float64 (:func:`_check_loss_precision`)
 PRECISION_CHECK_EXAMPLES = 64
+
+#: sequences of a language-modelling set whose loss's precision is checked, one at a time
+#: (a [T, V] gradient each, in float64 a few positions at a time)
+LM_PRECISION_EXAMPLES = 8
 
 #: the relative gap of those gradients above which the loss is said to lose its precision:
 #: float32's rounding is 1e-7, the error it is for 0.5-0.9 (a probability within 6e-8 of 1
@@ -679,15 +684,77 @@ def _check_loss_precision(
     softmax regression with a plain ``F.cross_entropy``: its confident queries (``1 - p_y <
     6e-8``, ``p_y`` rounded to 1) scored 64-72% off a float64 solve, with no word. A function
     that takes no float64 outputs (float32 class weights of its own) is told of, once, as not
-    checked. The built-in tasks take their loss in float64 (the language-modelling loss
-    excepted, docs/methods/language_models.md §7); none above :data:`FACTOR_CHECK_OUTPUTS`
-    outputs an example (``first``: example 0's)."""
+    checked. The built-in tasks take their loss in float64, but for the language-modelling
+    loss (its ``[B, T, V]`` logits too large to copy, docs/methods/language_models.md §7),
+    which is checked on :data:`LM_PRECISION_EXAMPLES` sequences, a few positions at a time
+    (:func:`~infkit.language_modeling.next_token_gradient_gap`): a tester's float32 Llama
+    scored memorised one-token completions 13-91% off float64 with no word. Other functions
+    are checked up to :data:`FACTOR_CHECK_OUTPUTS` outputs an example (``first``: example
+    0's)."""
     task = engine.task
     fn = task.measurement if measured else task.loss
-    if _builtin(fn) or first.dtype == torch.float64 or first[0].numel() > FACTOR_CHECK_OUTPUTS:
+    if first.dtype == torch.float64:
         return
-    outputs, targets, batch = _spread_outputs(engine, examples, PRECISION_CHECK_EXAMPLES)
     name = "measurement" if measured and not task.measures_loss else "loss"
+    low = first.dtype  # the dtype the loss takes its gradient in
+    if fn is lm.next_token_loss:
+        low = torch.promote_types(first.dtype, torch.float32)
+        batch = examples.take(_spread(len(examples), LM_PRECISION_EXAMPLES))
+        gaps, sizes = [], []
+        with torch.no_grad():
+            for i in range(len(batch)):
+                rows = batch.rows(range(i, i + 1))
+                gap, size = lm.next_token_gradient_gap(
+                    engine.outputs(rows), engine.prepare(rows)[1]
+                )
+                gaps.append(gap)
+                sizes.append(size)
+        distance, size = torch.cat(gaps), torch.cat(sizes)
+        remedy = (
+            "score such sequences with the model in float64 (model.double()): the "
+            "language-modelling loss keeps the logits' float32, a [B, T, V] copy in float64 "
+            "being too large (docs/methods/language_models.md §7)"
+        )
+    elif _builtin(fn) or first[0].numel() > FACTOR_CHECK_OUTPUTS:
+        return
+    else:
+        found = _own_loss_gaps(engine, examples, fn, name)
+        if found is None:
+            return
+        distance, size, batch = found
+        remedy = (
+            f"compute the {name} in float64 and return it in the outputs' dtype, e.g. "
+            "F.cross_entropy(outputs.double(), y, reduction='none').to(outputs.dtype), as the "
+            "built-in tasks do"
+        )
+    scale = size if measured else size.median().expand_as(size)
+    gap = distance / scale.clamp_min(1e-300)
+    tolerance = max(PRECISION_TOLERANCE, 100 * torch.finfo(low).eps)
+    bad = ((gap > tolerance) & (scale > 0)).nonzero().flatten().tolist()
+    if not bad:
+        return
+    k = max(bad, key=lambda i: float(gap[i]))
+    against = "its own gradient" if measured else "the set's typical gradient"
+    warn(
+        f"the task's {name} loses its precision in {dtype_name(low)} on "
+        f"{examples.name} {batch.example(k)}: its gradient in the outputs is {float(gap[k]):.0%} "
+        f"({against}) off the same {name}'s on the outputs in float64 ({len(bad)} of the "
+        f"{len(gap)} examples checked, spread over the set, more than 1% off), and every score "
+        "and curvature reads that gradient. A confident prediction rounds its probability to 1 "
+        "(1 - p < 6e-8 in float32), and cross-entropy's p - onehot loses its true class's "
+        f"entry. To score them, {remedy}",
+        UserWarning,
+    )
+
+
+def _own_loss_gaps(
+    engine: PerExample, examples: ExampleSet, fn: Any, name: str
+) -> tuple[Tensor, Tensor, Batch] | None:
+    """``(||g~_i - g_i||, ||g_i||, batch)`` of a task's own loss (or measurement) ``fn`` on
+    :data:`PRECISION_CHECK_EXAMPLES` examples spread over the set: its gradient in the outputs
+    in their dtype (g~_i) and in float64 (g_i); None, with a Notice, where ``fn`` takes no
+    float64 outputs (:func:`_check_loss_precision`)."""
+    outputs, targets, batch = _spread_outputs(engine, examples, PRECISION_CHECK_EXAMPLES)
     grads = []
     for dtype in (outputs.dtype, torch.float64):
         at = outputs.to(dtype).requires_grad_()
@@ -705,30 +772,10 @@ def _check_loss_precision(
                     "the outputs' dtype",
                     Notice,
                 )
-            return
+            return None
         grads.append(grad.to(torch.float64).flatten(1))
     low, exact = grads
-    size = exact.norm(dim=1)
-    scale = size if measured else size.median().expand_as(size)
-    gap = (low - exact).norm(dim=1) / scale.clamp_min(1e-300)
-    tolerance = max(PRECISION_TOLERANCE, 100 * torch.finfo(outputs.dtype).eps)
-    bad = ((gap > tolerance) & (scale > 0)).nonzero().flatten().tolist()
-    if not bad:
-        return
-    k = max(bad, key=lambda i: float(gap[i]))
-    against = "its own gradient" if measured else "the set's typical gradient"
-    warn(
-        f"the task's {name} loses its precision in {dtype_name(outputs.dtype)} on "
-        f"{examples.name} {batch.example(k)}: its gradient in the outputs is {float(gap[k]):.0%} "
-        f"({against}) off the same {name}'s on the outputs in float64 ({len(bad)} of the "
-        f"{len(gap)} examples checked, spread over the set, more than 1% off), and every score "
-        "and curvature reads that gradient. A confident prediction rounds its probability to 1 "
-        "(1 - p < 6e-8 in float32), and cross-entropy's p - onehot loses its true class's "
-        f"entry. Compute the {name} in float64 and return it in the outputs' dtype, e.g. "
-        "F.cross_entropy(outputs.double(), y, reduction='none').to(outputs.dtype), as the "
-        "built-in tasks do",
-        UserWarning,
-    )
+    return (low - exact).norm(dim=1), exact.norm(dim=1), batch
 
 
 def _check_differentiable(

@@ -355,7 +355,8 @@ class Fitted:
     @cached_property
     def output_shape(self) -> tuple[int, ...]:
         """The shape of one training example's output f(x) (C = its product)."""
-        return tuple(self.engine.outputs(self.train.take([0])).shape[1:])
+        with torch.no_grad():
+            return tuple(self.engine.outputs(self.train.take([0])).shape[1:])
 
     def require_jacobian_room(self, rows: int, estimator: str, *, joint: bool = False) -> None:
         """Raise UnsupportedError before ``rows`` examples' output Jacobians would overflow.
@@ -696,7 +697,8 @@ def training_gradients(
     if not gradient_cache_fits(n, p, engine.space.dtype, memory_limit, batch_size):
         return None, None
     # batches whose outputs take at most a quarter of the limit (Fitted.pass_batch_size)
-    outputs = math.prod(engine.outputs(train.take([0])).shape[1:])
+    with torch.no_grad():
+        outputs = math.prod(engine.outputs(train.take([0])).shape[1:])
     itemsize = engine.space.dtype.itemsize
     rows = gradient_rows(
         output_rows(batch_size, outputs, itemsize, memory_limit), p, itemsize, memory_limit

@@ -1592,7 +1592,7 @@ class Influence:
                 held = diagnostics.check_bytes(
                     space.size,
                     shape.outputs,
-                    shape.batch_size,
+                    shape.pass_batch_size,
                     itemsize,
                     self.memory_limit,
                     energy=bool(energy),
@@ -1632,7 +1632,11 @@ class Influence:
                             query_sample * diagnostics.PRODUCT_PASS_COST * shape.whole_passes / n, 2
                         ),
                         diagnostics.query_check_bytes(
-                            space.size, shape.outputs, shape.batch_size, itemsize, self.memory_limit
+                            space.size,
+                            shape.outputs,
+                            shape.pass_batch_size,
+                            itemsize,
+                            self.memory_limit,
                         )
                         + batch_gradient_bytes(shape),
                         ("the direction, its answer and product, float64", 3 * space.size * 8),

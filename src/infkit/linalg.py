@@ -92,6 +92,7 @@ class SymmetricSolver:
         curvature: what A is built from, "hessian" or "ggn", for the remedy an indefinite A gets.
         damping: the damping A holds already: an indefinite A needs more than it by the
             magnitude of A's smallest eigenvalue.
+        symmetric: A is symmetric already, in float64 (it is taken as it is, not copied).
     """
 
     def __init__(
@@ -102,9 +103,11 @@ class SymmetricSolver:
         hint: str = "",
         curvature: str = "hessian",
         damping: float = 0.0,
+        symmetric: bool = False,
     ) -> None:
         A = matrix.to(torch.float64)
-        A = 0.5 * (A + A.T)
+        if not symmetric:
+            A = 0.5 * (A + A.T)
         self.size = A.shape[0]
         self.what = what
         self.hint = hint

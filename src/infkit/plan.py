@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from infkit.errors import Notice, warn
-from infkit.memory import batch_output_bytes, human_bytes
+from infkit.memory import batch_output_bytes, default_memory_limit, human_bytes, output_rows
 
 if TYPE_CHECKING:
     import torch
@@ -138,6 +138,15 @@ class RunShape:
         are not counted (the tracked layers' inputs and output gradients are, in the stages
         that take them)."""
         return batch_output_bytes(self.batch_size, self.outputs, self.itemsize)
+
+    @property
+    def pass_batch_size(self) -> int:
+        """Examples a batch of the passes whose batches infkit chooses (the post-fit checks,
+        the objective's pass, the per-example gradients' batches), as the run takes them
+        (:attr:`infkit.fitted.Fitted.pass_batch_size`): :attr:`batch_size`, lowered so that a
+        batch's outputs take at most a quarter of the memory limit."""
+        limit = self.memory_limit or default_memory_limit()
+        return output_rows(self.batch_size, self.outputs, self.itemsize, limit)
 
     @property
     def batches(self) -> int:

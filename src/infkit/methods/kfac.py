@@ -209,8 +209,9 @@ class KFAC(PrimalMethod):
                 f"{reason}: scores() will refuse (ProblemTooLargeError) even for one query, "
                 "and module_scores() and token_scores(), whose results are larger, as plan() "
                 "foresees; self_scores() and the removal effects need no queries. Raise "
-                "memory_limit, track fewer layers (modules=) or use a smaller batch_size; on "
-                "CPU a factors_dir or workdir lets the scoring pass set the factors aside and "
+                "memory_limit (the limits named are those of scoring batches of one example: "
+                "with more room the passes take larger ones) or track fewer layers (modules=); "
+                "on CPU a factors_dir or workdir lets the scoring pass set the factors aside and "
                 "read the queries back from disk"
             )
 
@@ -361,13 +362,16 @@ class KFAC(PrimalMethod):
             StreamingScorer.at_full_rank,
         )
         if chosen is None:
-            return first  # (it refuses, naming the limit that holds one query)
+            # it refuses, naming the limits that hold one query at batches of one example (a
+            # reviewer's named those of the fit's batches: 9.8 MiB, where 2.0 MiB scored)
+            return scorer(1) if given > 1 else first
         if chosen.batch_size not in self._smaller_batches_said:  # (the fit's check, then a call)
             self._smaller_batches_said.add(chosen.batch_size)
             warn(
                 f"memory_limit ({human_bytes(fitted.memory_limit)}) leaves no room for the "
-                f"queries beside a scoring pass over batches of {given} (its hooks' working "
-                f"memory grows with the batch): the scoring passes take batches of "
+                f"queries beside a scoring pass over batches of {given} (its working memory, "
+                "the layers' hook terms and the batch's outputs, grows with the batch): the "
+                f"scoring passes take batches of "
                 f"{chosen.batch_size}, the same scores at more batches"
                 + ("" if chosen.at_full_rank() else ", the queries kept at low rank (SVD)"),
                 Notice,
@@ -789,7 +793,8 @@ class KFAC(PrimalMethod):
         def scoring(size: int) -> tuple[list[Stage], bool, bool]:
             """The queries' and scores' stages with scoring batches of ``size`` examples, whether
             scoring would refuse, and whether it scores at full rank (or the rank asked for)."""
-            hooks_at, block_at = hooks * size // b, block_bytes * size // b
+            # (the run counts the hook terms in the product precision, as the blocks)
+            hooks_at, block_at = hooks // item * work * size // b, block_bytes * size // b
             outputs_at = batch_output_bytes(size, shape.outputs, shape.itemsize)
             made: list[Stage] = []
             # the preconditioned queries (all of them on every process): full rank in groups of
@@ -918,10 +923,12 @@ class KFAC(PrimalMethod):
             full = low_rank is None or (self.options.query_rank is not None and not refused)
             return made, refused, full
 
-        made, refused, _ = scoring(b)
+        # the scoring passes' batches: at most the training set (b may be the queries')
+        given = min(b, shape.n_train)
+        made, refused, _ = scoring(given)
         if refused:  # as KFAC._scorer: smaller scoring batches, where they make room
             chosen = preferred_batch(
-                ((size, *scoring(size)) for size in smaller_batches(min(b, shape.n_train))),
+                ((size, *scoring(size)) for size in smaller_batches(given)),
                 lambda t: not t[2],
                 lambda t: t[3],
             )
@@ -930,7 +937,7 @@ class KFAC(PrimalMethod):
                 made[-1] = replace(
                     made[-1],
                     note=made[-1].note + f"; in batches of {size}: memory_limit leaves no room "
-                    f"for the queries beside a pass over batches of {b}",
+                    f"for the queries beside a pass over batches of {given}",
                 )
         return out + made
 
