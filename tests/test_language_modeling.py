@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -2227,6 +2228,31 @@ def test_a_bfloat16_models_scores_follow_its_float64_copy_when_it_is_confident()
     assert relative < 0.1
 
 
+def test_the_next_token_gradient_gap_is_autograds_in_two_precisions() -> None:
+    """``next_token_gradient_gap`` in closed form, a few positions at a time: ||g_i|| is the
+    float64 autograd gradient's norm of the summed next-token loss in the logits, and the gap
+    the distance of float32 autograd's from it (labels -100 not scored), on logits of one
+    ordinary and one confident sequence, in chunks of 3 positions."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 9, 50, generator=gen)
+    labels = torch.randint(0, 50, (2, 9), generator=gen)
+    labels[0, 4:6] = -100
+    logits[1, :-1].scatter_(-1, labels[1, 1:].unsqueeze(-1), 24.0)  # 1 - p about 1e-9
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        at = logits.to(dtype).requires_grad_()
+        (grad,) = torch.autograd.grad(lm.next_token_loss(at, labels).sum(), at)
+        grads.append(grad.to(torch.float64).flatten(1))
+    size, gap = grads[1].norm(dim=1), (grads[0] - grads[1]).norm(dim=1)
+    with mock.patch.object(lm, "GAP_CHUNK_BYTES", 2 * 50 * 8 * 3):
+        got_gap, got_size = lm.next_token_gradient_gap(logits, labels)
+    torch.testing.assert_close(got_size, size, rtol=1e-12, atol=0)
+    assert float(got_gap[0]) < 1e-6 * float(size[0])  # float32's rounding
+    # the confident sequence: its true tokens' entries lost in float32, by both ways alike
+    assert float(got_gap[1]) > 0.5 * float(got_size[1])
+    torch.testing.assert_close(got_gap[1], gap[1], rtol=1e-3, atol=0)
+
+
 def test_float32_queries_predicted_beyond_float32s_resolution_are_warned_of() -> None:
     """The language-modelling loss keeps the logits' float32 (a [B, T, V] copy in float64 is
     too large), where a probability within 6e-8 of 1 rounds to 1 and ``p - onehot`` loses its
@@ -2792,9 +2818,11 @@ def test_each_process_counts_the_examples_of_its_batches() -> None:
 
 def test_a_plan_whose_checks_hold_the_peak_names_checks_false(problem: dict) -> None:
     """A tester's EK-FAC plan above memory_limit because of the post-fit checks advised
-    fewer layers, query_rank or a smaller batch, none of which touch them; checks=False does."""
+    fewer layers, query_rank or a smaller batch, none of which touch them; checks=False does.
+    (Batches of 2: the checks' batches take the outputs' share of the limit, so at the fit's
+    batches of 8 the eigenvalue pass holds the peak.)"""
     task = infkit.Task.language_modeling(problem["model"])
-    options = {"damping": 1e-2, "fisher": "empirical", "batch_size": 8, "memory_limit": 32768}
+    options = {"damping": 1e-2, "fisher": "empirical", "batch_size": 2, "memory_limit": 16384}
     shape = {"n_train": N, "n_queries": Q, "sequence_length": LENGTH, "timed": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Notice)

@@ -727,7 +727,11 @@ def _check_loss_precision(
             "F.cross_entropy(outputs.double(), y, reduction='none').to(outputs.dtype), as the "
             "built-in tasks do"
         )
-    scale = size if measured else size.median().expand_as(size)
+    # (a training set's typical gradient among its scored examples: a set of mostly unscored
+    # sequences would otherwise have a typical gradient of 0 and no example named)
+    scored = size[size > 0]
+    typical = scored.median() if len(scored) else size.new_zeros(())
+    scale = size if measured else typical.expand_as(size)
     gap = distance / scale.clamp_min(1e-300)
     tolerance = max(PRECISION_TOLERANCE, 100 * torch.finfo(low).eps)
     bad = ((gap > tolerance) & (scale > 0)).nonzero().flatten().tolist()
@@ -737,7 +741,8 @@ def _check_loss_precision(
     against = "its own gradient" if measured else "the set's typical gradient"
     warn(
         f"the task's {name} loses its precision in {dtype_name(low)} on "
-        f"{examples.name} {batch.example(k)}: its gradient in the outputs is {float(gap[k]):.0%} "
+        f"{examples.name} {batch.example(k)}: its gradient in the outputs is "
+        f"{float(gap[k]):.{0 if gap[k] >= 0.1 else 1}%} "
         f"({against}) off the same {name}'s on the outputs in float64 ({len(bad)} of the "
         f"{len(gap)} examples checked, spread over the set, more than 1% off), and every score "
         "and curvature reads that gradient. A confident prediction rounds its probability to 1 "

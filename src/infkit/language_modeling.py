@@ -68,17 +68,20 @@ def next_token_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     return losses.reshape(labels.shape).sum(dim=1)
 
 
-#: bytes of float64 logits :func:`next_token_gradient_gap` takes at a time
-GAP_CHUNK_BYTES = 64 << 20
+#: bytes of float64 logits :func:`next_token_gradient_gap` takes at a time (its peak is a few
+#: times this: the chunk's float64 probabilities and their float32 twin)
+GAP_CHUNK_BYTES = 4 << 20
 
 
 def next_token_gradient_gap(outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """``(||g~_i - g_i||, ||g_i||)`` [B] float64: the gradient g_i of each sequence's summed
-    next-token loss in its logits, as :func:`next_token_loss` takes it (in the logits' dtype,
-    at least float32: g~_i) and in float64 (g_i), a few positions at a time (a ``[B, T, V]``
-    float64 copy of a large vocabulary's logits would be a run's largest object). In float32
-    a probability within 6e-8 of 1 rounds to 1, and ``p - onehot`` loses its true token's
-    entry: a sequence every token of which is predicted that surely has g~_i mostly rounding."""
+    next-token loss in its logits, ``p_t - onehot(y_t)`` at each scored position t, as
+    :func:`next_token_loss`'s backward takes it (``exp(log_softmax) - onehot`` in the logits'
+    dtype, at least float32: g~_i) and in float64 (g_i), a few positions at a time (a
+    ``[B, T, V]`` float64 copy of a large vocabulary's logits would be a run's largest
+    object). In float32 a probability within 6e-8 of 1 rounds to 1, and ``p - onehot`` loses
+    its true token's entry: a sequence every token of which is predicted that surely has g~_i
+    mostly rounding."""
     logits, labels = _shifted(outputs.detach(), targets)
     batch, steps, words = logits.shape
     chunk = max(1, GAP_CHUNK_BYTES // max(batch * words * 8, 1))
@@ -86,21 +89,16 @@ def next_token_gradient_gap(outputs: Tensor, targets: Tensor) -> tuple[Tensor, T
     size = torch.zeros_like(gap)
     for start in range(0, steps, chunk):
         part, scored = logits[:, start : start + chunk], labels[:, start : start + chunk]
+        picked = scored.clamp_min(0).unsqueeze(-1)
+        kept = (scored != IGNORE_INDEX).unsqueeze(-1)
         grads = []
         for dtype in (logits.dtype, torch.float64):
-            at = part.to(dtype).requires_grad_()
-            with torch.enable_grad():
-                loss = F.cross_entropy(
-                    at.reshape(-1, words),
-                    scored.reshape(-1),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-                (grad,) = torch.autograd.grad(loss, at)
-            grads.append(grad.to(torch.float64))
+            grad = torch.log_softmax(part.to(dtype), -1).exp_()
+            grad.scatter_add_(-1, picked, torch.full(picked.shape, -1.0, dtype=dtype))
+            grads.append(grad.mul_(kept))
         low, exact = grads
-        gap += (low - exact).square().sum(dim=(1, 2))
-        size += exact.square().sum(dim=(1, 2))
+        gap += (low.to(torch.float64) - exact).square_().sum(dim=(1, 2))
+        size += exact.square_().sum(dim=(1, 2))
     return gap.sqrt(), size.sqrt()
 
 
