@@ -7,33 +7,21 @@ resident memory read in a fresh process, as ``tests/test_store_memory.py`` reads
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from resident_memory import READS_PROC, run_child
 
-pytestmark = pytest.mark.skipif(
-    not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc"
-)
+pytestmark = pytest.mark.skipif(not READS_PROC, reason="reads resident memory from /proc")
 
 #: the child: an exact fit of an MLP on digits (P = 3,010: 69 MiB a P x P float64 copy) under
 #: the limit its own plan names, after the same run on a tiny model; prints the peak's rise
 #: above the resident memory before the measured run, and the limit
 CHILD = """
-import json, os, sys, warnings
+import json, warnings
 import torch
 import infkit
+from resident_memory import high_water, resident
 from sklearn.datasets import load_digits
 torch.set_num_threads(1)
-def resident():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-def high_water():
-    with open("/proc/self/status") as f:
-        return int(next(l for l in f if l.startswith("VmHWM:")).split()[1]) * 1024
 X, y = load_digits(return_X_y=True)
 X, y = torch.tensor(X / 16.0)[:300], torch.tensor(y)[:300]
 train, test = (X[:280], y[:280]), (X[280:], y[280:])
@@ -55,14 +43,6 @@ print(json.dumps({"rise": high_water() - before, "limit": limit}))
 
 
 def test_an_exact_fit_stays_within_the_limit_its_plan_names() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    measured = run_child(CHILD)
     # (before: 428 MiB against a plan of 226; 290 against 283 at 4 copies counted)
     assert measured["rise"] < measured["limit"], measured

@@ -7,16 +7,13 @@ against its limit, in a fresh process (as ``tests/test_store_memory.py`` reads i
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from lm_helpers import TinyLM
+from resident_memory import READS_PROC, run_child
 
 import infkit
 from infkit import language_modeling as lm
@@ -104,20 +101,14 @@ def test_scoring_counts_a_batch_of_outputs_and_takes_smaller_batches(tmp_path: P
 #: imports every module the run takes), and prints how far its peak resident memory rose above
 #: the resident memory before the measured run, in MiB
 CHILD = """
-import json, os, sys, warnings
-sys.path.insert(0, sys.argv[3])
+import json, sys, warnings
 import torch
 import infkit
+from resident_memory import high_water, resident
 from test_output_memory import _problem
 torch.set_num_threads(1)
-def resident():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-def high_water():
-    with open("/proc/self/status") as f:
-        return int(next(l for l in f if l.startswith("VmHWM:")).split()[1]) * 1024
 def run(words, limit, factors):
-    model, train, test = _problem(words, int(sys.argv[4]))
+    model, train, test = _problem(words, int(sys.argv[3]))
     inf = infkit.Influence(
         infkit.Task.language_modeling(model), "ekfac", damping=1e-3, batch_size=8,
         memory_limit=limit, factors_dir=factors, progress=False, modules=["mix"],
@@ -129,15 +120,13 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     run(50, limit, None)
     before = resident()
-    scores = run(int(sys.argv[5]), limit, sys.argv[1])
+    scores = run(int(sys.argv[4]), limit, sys.argv[1])
 rise = high_water() - before
 print(json.dumps({"rise_mib": rise / (1 << 20), "finite": bool(torch.isfinite(scores).all())}))
 """
 
 
-@pytest.mark.skipif(
-    not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc"
-)
+@pytest.mark.skipif(not READS_PROC, reason="reads resident memory from /proc")
 def test_a_scoring_run_over_a_large_vocabulary_stays_within_its_limit(tmp_path: Path) -> None:
     """A tiny model over 16,000 words (the logits of a batch of 8 sequences of 32 tokens and
     their float32 copies: 62.5 MiB) under a limit of 48 MiB: the fit (its factors read back),
@@ -158,17 +147,7 @@ def test_a_scoring_run_over_a_large_vocabulary_stays_within_its_limit(tmp_path: 
             progress=False,
             modules=["mix"],  # (the head's [16,000, 16,000] factor: the run would be its)
         ).fit(train)
-    here = str(Path(__file__).resolve().parent)
-    sizes = [str(length), str(words)]
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "factors"), str(limit), here, *sizes],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    measured = run_child(CHILD, str(tmp_path / "factors"), str(limit), str(length), str(words))
     assert measured["finite"]
     assert measured["rise_mib"] < limit / (1 << 20), measured
 

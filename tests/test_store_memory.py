@@ -6,34 +6,25 @@ refused."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from resident_memory import READS_PROC, run_child
 
 from infkit import store
 from infkit.errors import ArtifactError
 from infkit.store import load_tensors, save_tensors
 
-pytestmark = pytest.mark.skipif(
-    not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc"
-)
+pytestmark = pytest.mark.skipif(not READS_PROC, reason="reads resident memory from /proc")
 
 #: the child: loads the file and prints how far its peak resident memory rose above the resident
-#: memory before the load, in MiB. The peak is VmHWM, the high-water mark of the process's own
-#: memory: getrusage's ru_maxrss would also hold the parent's, forked before the exec
+#: memory before the load, in MiB (:mod:`resident_memory`)
 CHILD = """
-import json, os, sys
+import json, sys
 from infkit.store import load_tensors
-def resident():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-def high_water():
-    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
+from resident_memory import high_water, resident
 before = resident()
 tensors = load_tensors(sys.argv[1])
 peak = high_water()
@@ -46,14 +37,7 @@ def test_loading_tensors_takes_their_bytes_once(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     tensors = {f"t{i}": torch.randn(1 << 21, generator=gen) for i in range(8)}  # 8 x 8 MiB
     path = save_tensors(tmp_path / "tensors.safetensors", tensors)
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    measured = run_child(CHILD, str(path), timeout=120)
     assert measured["loaded_mib"] == 64.0
     # the tensors' 64 MiB and a tensor's mapped pages (8 MiB), with room for the allocator; a
     # load that kept every mapped page until the end rose by 128 MiB

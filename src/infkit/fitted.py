@@ -280,12 +280,12 @@ class Fitted:
     @property
     def pass_batch_size(self) -> int:
         """Examples a batch of the passes whose batches infkit chooses (the post-fit checks,
-        the objective's pass): :attr:`batch_size`, lowered so that a batch's outputs and their
-        gradients take at most a quarter of :attr:`memory_limit`
-        (:func:`~infkit.memory.output_rows`). A language model's logits over a large
-        vocabulary make them the largest objects of such a pass: a tiny model over 32,000 words
-        checked its fit at 5.6 times its limit of 150 MiB in batches of 8 sequences of 64
-        tokens. The fit's statistics passes keep :attr:`batch_size` (a sampled Fisher draws its
+        the objective's pass, the per-example gradients' batches): :attr:`batch_size`, lowered
+        so that a batch's outputs and their gradients take at most a quarter of
+        :attr:`memory_limit` (:func:`~infkit.memory.output_rows`). A language model's logits
+        over a large vocabulary make them the largest objects of such a pass: a tiny model over
+        32,000 words rose by 744 MiB under a limit of 150 MiB in its checks at batches of 8
+        sequences of 64 tokens (92 MiB now). The fit's statistics passes keep :attr:`batch_size` (a sampled Fisher draws its
         labels per batch); the scoring passes count the outputs in their own budget
         (:func:`~infkit.kfac.streaming.pass_output_bytes`)."""
         return output_rows(
