@@ -445,3 +445,37 @@ def test_a_wrong_hessian_is_refused_though_most_examples_are_near_certain() -> N
         with pytest.raises(InvalidInputError, match="output_hessian does not give"):
             task = infkit.Task(model, loss, output_hessian=unweighted)
             infkit.Influence(task, "exact", l2=1e-2).fit((X, y))
+
+
+def test_a_loss_that_differentiates_in_the_outputs_is_taken() -> None:
+    """A reviewer's: cross-entropy plus a gradient penalty in the outputs (``autograd.grad`` of
+    the loss in them, ``create_graph=True``) was refused by the check that a loss keeps each
+    example's own, which gave it outputs without a graph: "the task's loss failed ... element 0
+    of tensors does not require grad", its labels blamed. The passes give it outputs that carry
+    a graph: it fits, and scores as the same loss written to make its own leaf does."""
+    torch.manual_seed(0)
+    X = torch.randn(40, 3, dtype=torch.float64)
+    y = (X[:, 0] > 0).long() + (X[:, 1] > 0).long()
+
+    def penalised(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        losses = F.cross_entropy(o, t, reduction="none")
+        (g,) = torch.autograd.grad(losses.sum(), o, create_graph=True)
+        return losses + 0.1 * g.pow(2).sum(1)
+
+    def own_leaf(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            if not o.requires_grad:
+                o = o.detach().requires_grad_()
+            return penalised(o, t)
+
+    scores = []
+    for loss in (penalised, own_leaf):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+        ).double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (not trained: the stationarity warning)
+            inf = infkit.Influence(infkit.Task(model, loss), "exact", l2=1e-2).fit((X, y))
+        scores.append(inf.scores((X[:4], y[:4])))
+    assert relative_error(scores[0], scores[1]) < 1e-12

@@ -235,15 +235,18 @@ def check_loss_alone(engine: PerExample, examples: ExampleSet) -> None:
         leaves(first.inputs), leaves(batch.inputs), leading=True
     ):
         return  # (no labels, or padded otherwise: a padding's own effect is checked elsewhere)
-    with torch.no_grad():  # (values only: no graph of the outputs or the losses)
+    with torch.no_grad():  # (the outputs' values: no graph of the model's)
         both = engine.outputs(batch)
     targets = engine.prepare(batch)[1]  # (on the model's device, as every loss call has them)
+    # (outputs that carry a graph of their own, as the passes give them: a loss that
+    # differentiates in them, a gradient penalty, was refused here, its labels blamed)
+    both = both.detach().requires_grad_()
     copies = [
         (torch.cat([both[:1]] * k), map_tensors(targets, lambda t, k=k: torch.cat([t[:1]] * k)))
         for k in (2, 3)
     ]
     try:
-        with torch.no_grad():
+        with torch.enable_grad():
             losses = [task.loss(both, targets), *(task.loss(o, t) for o, t in copies)]
     except InfkitError:  # a built-in task's own words (a binary task given two logits)
         raise
@@ -262,6 +265,7 @@ def check_loss_alone(engine: PerExample, examples: ExampleSet) -> None:
         ) from error
     if [tuple(v.shape) if isinstance(v, Tensor) else None for v in losses] != [(2,), (2,), (3,)]:
         return  # (a loss of another shape, a batch's mean: named by the checks that follow)
+    losses = [v.detach() for v in losses]  # (their values)
     # (the same computation on the same row: equal, whatever the loss's precision; 1e-5 of
     # room for kernels that reduce in another order from call to call, atomics on a GPU)
     beside, alone = float(losses[0][0]), float(losses[1][0])

@@ -81,7 +81,8 @@ def next_token_gradient_gap(outputs: Tensor, targets: Tensor) -> tuple[Tensor, T
     ``[B, T, V]`` float64 copy of a large vocabulary's logits would be a run's largest
     object). In float32 a probability within 6e-8 of 1 rounds to 1, and ``p - onehot`` loses
     its true token's entry: a sequence every token of which is predicted that surely has g~_i
-    mostly rounding."""
+    mostly rounding. The labels are the task's, checked (:func:`check_labels`): token ids,
+    or -100 where a position is not scored."""
     logits, labels = _shifted(outputs.detach(), targets)
     batch, steps, words = logits.shape
     chunk = max(1, GAP_CHUNK_BYTES // max(batch * words * 8, 1))
