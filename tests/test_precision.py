@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import infkit
-from infkit.errors import NonFiniteError
+from infkit.errors import NonFiniteError, Notice
 from infkit.evaluate import relative_error
 
 N, T, D, C = 200, 20, 10, 3
@@ -369,3 +369,19 @@ def test_newton_under_autocast_takes_the_optimum_from_the_models_own_precision()
     assert "objective gradient" not in [
         s.name for s in plain.plan((X.float(), y), timed=False).stages
     ]
+
+
+def test_a_dtype_that_is_the_models_own_is_said_to_change_nothing() -> None:
+    """A tester's bfloat16 model given ``dtype=torch.bfloat16``: the option was dropped without a
+    word (``describe()['autocast']`` None). Said by a Notice; a float32 model's is taken."""
+    model = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    task = infkit.Task.classification(model)
+    with pytest.warns(Notice, match=r"dtype=torch.bfloat16 is the model's own precision"):
+        inf = infkit.Influence(task, "identity", dtype=torch.bfloat16)
+    assert inf.task.autocast is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Notice)
+        lowered = infkit.Influence(
+            infkit.Task.classification(torch.nn.Linear(3, 2)), "identity", dtype=torch.bfloat16
+        )
+    assert lowered.task.autocast == torch.bfloat16

@@ -313,6 +313,13 @@ class Influence:
             model_dtype = next(iter(trainable or task.model.parameters()), torch.empty(0)).dtype
             if dtype != model_dtype:
                 task = task.with_autocast(dtype)
+            else:  # (a tester's bfloat16 model given dtype=torch.bfloat16: dropped unsaid)
+                warn(
+                    f"dtype=torch.{dtype_name(dtype)} is the model's own precision: its passes "
+                    "run in it as they are, without torch.autocast (describe()['autocast'] is "
+                    "None); dtype= lowers a float32 model's passes",
+                    Notice,
+                )
         self._estimator = _estimator(estimator, relatif)
         self.auto_damping = damping == "auto"
         if self.auto_damping:
