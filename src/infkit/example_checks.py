@@ -707,17 +707,7 @@ def _check_loss_precision(
     low = first.dtype  # the dtype the loss takes its gradient in
     if fn is lm.next_token_loss:
         low = torch.promote_types(first.dtype, torch.float32)
-        batch = examples.take(_spread(len(examples), LM_PRECISION_EXAMPLES))
-        gaps, sizes = [], []
-        with torch.no_grad():
-            for i in range(len(batch)):
-                rows = batch.rows(range(i, i + 1))
-                gap, size = lm.next_token_gradient_gap(
-                    engine.outputs(rows), engine.prepare(rows)[1]
-                )
-                gaps.append(gap)
-                sizes.append(size)
-        distance, size = torch.cat(gaps), torch.cat(sizes)
+        distance, size, batch = _next_token_gaps(engine, examples)
         remedy = (
             "score such sequences with the model in float64 (model.double()): the "
             "language-modelling loss keeps the logits' float32, a [B, T, V] copy in float64 "
@@ -758,6 +748,21 @@ def _check_loss_precision(
         f"entry. To score them, {remedy}",
         UserWarning,
     )
+
+
+def _next_token_gaps(engine: PerExample, examples: ExampleSet) -> tuple[Tensor, Tensor, Batch]:
+    """``(||g~_i - g_i||, ||g_i||, batch)`` of the language-modelling loss on
+    :data:`LM_PRECISION_EXAMPLES` sequences spread over the set, forwarded one at a time
+    (:func:`~infkit.language_modeling.next_token_gradient_gap`; :func:`_check_loss_precision`)."""
+    batch = examples.take(_spread(len(examples), LM_PRECISION_EXAMPLES))
+    gaps, sizes = [], []
+    with torch.no_grad():
+        for i in range(len(batch)):
+            rows = batch.rows(range(i, i + 1))
+            gap, size = lm.next_token_gradient_gap(engine.outputs(rows), engine.prepare(rows)[1])
+            gaps.append(gap)
+            sizes.append(size)
+    return torch.cat(gaps), torch.cat(sizes), batch
 
 
 def _own_loss_gaps(

@@ -285,8 +285,9 @@ class Fitted:
         :attr:`memory_limit` (:func:`~infkit.memory.output_rows`). A language model's logits
         over a large vocabulary make them the largest objects of such a pass: a tiny model over
         32,000 words rose by 744 MiB under a limit of 150 MiB in its checks at batches of 8
-        sequences of 64 tokens (92 MiB now). The fit's statistics passes keep :attr:`batch_size` (a sampled Fisher draws its
-        labels per batch); the scoring passes count the outputs in their own budget
+        sequences of 64 tokens (92 MiB now). The fit's statistics passes keep
+        :attr:`batch_size` (a sampled Fisher draws its labels per batch); the scoring passes
+        count the outputs in their own budget
         (:func:`~infkit.kfac.streaming.pass_output_bytes`)."""
         return output_rows(
             self.batch_size,

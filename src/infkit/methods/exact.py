@@ -60,19 +60,25 @@ class Exact(PrimalMethod):
         self.data_curvature: Tensor | None = None
         self._solvers: dict[float, SymmetricSolver] = {}
 
+    #: P x P float64 copies at the factorisation's peak: the curvature, its symmetrised and
+    #: damped copy, the Cholesky factor and LAPACK's column-major working copy, and the
+    #: allocator's share (measured: 4.4 copies at P = 3,010 and 3,610; a tester's run rose by 6.4
+    #: of them before the damped copy was made in one, where 3 were counted)
+    PEAK_COPIES = 5
+    #: those kept after it: the curvature and its Cholesky factor
+    KEPT_COPIES = 2
+
     @classmethod
     def memory_estimate(cls, n: int, p: int, c: int) -> int:
-        # at the factorisation's peak, in float64: the curvature, its symmetrised and damped
-        # copy, the Cholesky factor and LAPACK's column-major working copy, and the
-        # allocator's share (measured: 4.4 copies at P = 3,010 and 3,610; a tester's run rose
-        # by 6.4 of them before the damped copy was made in one, where 3 were counted)
-        return 5 * p * p * FLOAT64_BYTES
+        return cls.PEAK_COPIES * p * p * FLOAT64_BYTES
 
     def fit_objects(self, shape: RunShape) -> tuple[str, int, int]:
-        """The dense curvature at the factorisation's peak (:meth:`memory_estimate`); kept
-        after it, the curvature and its Cholesky factor."""
-        dense = self.memory_estimate(shape.n_train, shape.parameters, shape.outputs)
-        return "dense curvature, its damped copy and Cholesky factor", dense, 2 * dense // 5
+        """The dense curvature at the factorisation's peak (:meth:`memory_estimate`), and the
+        :data:`KEPT_COPIES` kept after it."""
+        p = shape.parameters
+        dense = self.memory_estimate(shape.n_train, p, shape.outputs)
+        kept = self.KEPT_COPIES * p * p * FLOAT64_BYTES
+        return "dense curvature, its damped copy and Cholesky factor", dense, kept
 
     @classmethod
     def suits(cls, problem: Problem) -> bool:
@@ -167,9 +173,9 @@ class Exact(PrimalMethod):
             ctx = self.fitted
             H = self._data_curvature()
             ridge = ctx.ridge + key
-            # symmetrised and damped in one P x P copy: beside the curvature and the Cholesky
-            # factor, the three copies memory_estimate counts (a tester's run held six: the
-            # identity, its multiple, their sum and the solver's own symmetrised copies)
+            # symmetrised and damped in one P x P copy, one of the PEAK_COPIES (a tester's run
+            # made four for it: the identity, its multiple, their sum and the solver's own
+            # symmetrised copy)
             A = H + H.T
             A.mul_(0.5).diagonal().add_(ridge)
             hint = (
